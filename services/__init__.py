@@ -1,0 +1,1 @@
+"""The ML core: job specs, datasets, backbones (timm), methods, extraction, training and inference."""

@@ -1,0 +1,34 @@
+"""The method registry: one package per method under services/methods/<name>/, found by discovery.
+
+Each package exports `Config` (a torch-free pydantic model whose `name` field is the method's name) from its
+`__init__.py`, and a `model.py` with `build(config, info) -> nn.Module`. Adding a method touches one folder.
+The configs form the discriminated union that the API validates jobs against; `model.py` (torch) is imported
+only by the workers and the inference routes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, Field
+
+
+def _discover() -> dict[str, type[BaseModel]]:
+    configs: dict[str, type[BaseModel]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            config = importlib.import_module(f"{__name__}.{info.name}").Config
+            configs[config.model_fields["name"].default] = config
+    return configs
+
+
+CONFIGS = _discover()
+METHOD_NAMES = tuple(sorted(CONFIGS))
+MethodConfig = Annotated[Union[tuple(CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
+
+
+def build(config: BaseModel, info: Any):
+    """Build the trainable module for `config` (imports torch)."""
+    return importlib.import_module(f"{__name__}.{config.name}.model").build(config, info)

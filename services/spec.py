@@ -1,0 +1,96 @@
+"""The job spec: what a user submits to `POST /jobs`. Torch-free, so the API validates it without loading ML
+code. Method-specific fields live in each method's config (services/methods/<name>/config.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.methods import MethodConfig
+
+
+class DatasetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="Dataset location on the server, inside an allowed root: an ImageFolder directory (one "
+        "subfolder per class) or a CSV manifest with columns `path,label` (paths relative to the CSV).",
+    )
+    format: Literal["auto", "imagefolder", "csv"] = Field(
+        "auto", description="`auto` picks `csv` for a .csv file and `imagefolder` for a directory."
+    )
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Fraction of each class held out for validation (seeded, stratified)."
+    )
+    split_seed: int = Field(0, ge=0, description="Seed of the validation split.")
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail",
+        description="An image that cannot be decoded fails the job (`fail`, naming the file), or is skipped and "
+        "counted (`skip`).",
+    )
+
+
+class BackboneSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200, description="A timm ViT name, e.g. vit_base_patch16_224."
+    )
+    pretrained: bool = Field(True, description="Load timm's pretrained weights (a tag may follow the name: `.tag`).")
+    checkpoint: str | None = Field(
+        None, description="A local safetensors checkpoint inside an allowed root; overrides `pretrained`."
+    )
+    image_size: int | None = Field(
+        None, ge=16, le=1024, description="Input size in pixels; default: the backbone's own (position embeddings "
+        "are resampled)."
+    )  # fmt: skip
+    init_seed: int = Field(0, ge=0, description="Seed of the random initialisation when no weights are loaded.")
+
+
+class ExtractionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per backbone forward; also the cache's row chunk.")
+    codec: Literal["none", "zstd"] = Field("none", description="Compression of the cached activations.")
+
+
+class TrainingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1, le=10_000, description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Mini-batch size.")
+    optimizer: Literal["auto", "sgd", "adamw"] = Field(
+        "auto", description="`auto`: the method's default from its paper (LoSA: SGD momentum 0.9; linear: AdamW)."
+    )
+    lr: float | Literal["auto"] = Field("auto", description="Peak learning rate, or the method's default.")
+    weight_decay: float | Literal["auto"] = Field("auto", description="Weight decay, or the method's default.")
+    warmup_epochs: float | Literal["auto"] = Field(
+        "auto", description="Linear warmup length in epochs before the cosine decay, or the method's default."
+    )
+    seed: int = Field(0, ge=0, description="Seed of initialisation and batch order.")
+
+    def resolved(self, defaults: dict) -> dict:
+        """Fill `auto` fields from the method's defaults."""
+        out = self.model_dump()
+        for key, value in defaults.items():
+            if out.get(key) == "auto":
+                out[key] = value
+        for key in ("lr", "weight_decay", "warmup_epochs"):
+            if isinstance(out[key], float | int) and out[key] < 0:
+                raise ValueError(f"training.{key} must be >= 0")
+        return out
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=200, description="A label for the job and its model.")
+    dataset: DatasetSpec = Field(..., description="Where the images are and how to split them.")
+    backbone: BackboneSpec = Field(..., description="The frozen ViT to adapt.")
+    method: MethodConfig = Field(..., description="The adaptation method; `name` selects it.")
+    extraction: ExtractionSpec = Field(default_factory=ExtractionSpec, description="How features are cached.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")

@@ -1,0 +1,2 @@
+"""Storage: settings, the feature cache (Zarr), the artifact store (safetensors + JSON) and the job store
+(Redis). Nothing here knows about HTTP or Celery."""

@@ -1,0 +1,169 @@
+"""The job store: job records, their event logs and the model registry, in Redis.
+
+Job state lives here, not in Celery's result backend, so it survives worker crashes and Redis restarts
+(AOF) and can be read by the API without Celery. Records are JSON strings; updates are optimistic
+transactions (WATCH/MULTI), so a cancel from the API and a status change from a worker never clobber
+each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+STATUSES = ("queued", "extracting", "training", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class NotFound(KeyError):
+    """No record with that id."""
+
+
+def new_id(prefix: str) -> str:
+    """Time-ordered ids (`job_<ms hex><random hex>`), so the id order is the creation order."""
+    return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(5).hex()}"
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    @classmethod
+    def from_url(cls, url: str) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True))
+
+    # ---- jobs -------------------------------------------------------------------------------------
+    def create_job(self, spec: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
+        job = {
+            "id": new_id("job"),
+            "object": "job",
+            "status": "queued",
+            "created_at": now(),
+            "updated_at": now(),
+            "owner": owner,
+            "spec": spec,
+            "progress": None,
+            "metrics": {},
+            "error": None,
+            "model_id": None,
+            "cancel_requested": False,
+        }
+        pipe = self.r.pipeline()
+        pipe.set(f"job:{job['id']}", json.dumps(job))
+        pipe.zadd("jobs", {job["id"]: job["created_at"]})
+        pipe.execute()
+        return job
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        raw = self.r.get(f"job:{job_id}")
+        if raw is None:
+            raise NotFound(job_id)
+        return json.loads(raw)
+
+    def list_jobs(self, limit: int = 20, after: str | None = None, owner: str | None = None) -> list[dict]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        start = 0
+        if after is not None:
+            rank = self.r.zrevrank("jobs", after)
+            if rank is None:
+                raise NotFound(after)
+            start = rank + 1
+        out: list[dict] = []
+        while len(out) < limit:
+            ids = self.r.zrevrange("jobs", start, start + limit * 2)
+            if not ids:
+                break
+            start += len(ids)
+            for raw in self.r.mget([f"job:{i}" for i in ids]):
+                if raw is None:
+                    continue
+                job = json.loads(raw)
+                if owner is None or job.get("owner") == owner:
+                    out.append(job)
+                    if len(out) == limit:
+                        break
+        return out
+
+    def update_job(self, job_id: str, change: Callable[[dict], dict | None]) -> dict[str, Any]:
+        """Apply `change` to the stored record atomically; it may edit in place or return a new dict."""
+        key = f"job:{job_id}"
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise NotFound(job_id)
+                    job = json.loads(raw)
+                    job = change(job) or job
+                    job["updated_at"] = now()
+                    pipe.multi()
+                    pipe.set(key, json.dumps(job))
+                    pipe.execute()
+                    return job
+                except redis.WatchError:
+                    continue
+
+    def set_fields(self, job_id: str, **fields: Any) -> dict[str, Any]:
+        return self.update_job(job_id, lambda job: job.update(fields))
+
+    def request_cancel(self, job_id: str) -> dict[str, Any]:
+        """Queued jobs are cancelled at once; running ones at the task's next check (cooperative)."""
+
+        def change(job: dict) -> None:
+            if job["status"] in TERMINAL:
+                return
+            job["cancel_requested"] = True
+            if job["status"] == "queued":
+                job["status"] = "cancelled"
+
+        job = self.update_job(job_id, change)
+        if job["status"] == "cancelled":
+            self.add_event(job_id, "cancelled", level="warning")
+        return job
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.get_job(job_id).get("cancel_requested"))
+
+    # ---- events -----------------------------------------------------------------------------------
+    def add_event(
+        self, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None
+    ) -> int:
+        """Append an event; its sequence number (1-based) is its position in the list."""
+        event = {"created_at": now(), "level": level, "type": type, "message": message, "data": data}
+        return self.r.rpush(f"job:{job_id}:events", json.dumps(event))
+
+    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        raw = self.r.lrange(f"job:{job_id}:events", after, after + limit - 1)
+        return [{"seq": after + i + 1, **json.loads(e)} for i, e in enumerate(raw)]
+
+    # ---- models -----------------------------------------------------------------------------------
+    def register_model(self, model: dict[str, Any]) -> dict[str, Any]:
+        pipe = self.r.pipeline()
+        pipe.set(f"model:{model['id']}", json.dumps(model))
+        pipe.zadd("models", {model["id"]: model["created_at"]})
+        pipe.execute()
+        return model
+
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        raw = self.r.get(f"model:{model_id}")
+        if raw is None:
+            raise NotFound(model_id)
+        return json.loads(raw)
+
+    def list_models(self, limit: int = 100, owner: str | None = None) -> list[dict[str, Any]]:
+        ids = self.r.zrevrange("models", 0, -1)
+        models = [json.loads(raw) for raw in self.r.mget([f"model:{i}" for i in ids]) if raw] if ids else []
+        return [m for m in models if owner is None or m.get("owner") == owner][:limit]
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())

