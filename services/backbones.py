@@ -1,0 +1,134 @@
+"""Frozen timm ViT backbones: creation (pretrained tag, local safetensors checkpoint, or seeded random init),
+the eval transform from the model's own data config, and per-layer token activations through timm's
+`forward_intermediates` (prefix tokens included), the stable way to tap a ViT's blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+
+from services.spec import BackboneSpec
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be created or used; the message names the cause."""
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _layer_norm(module: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
+    if isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine:
+        return {f"{prefix}.weight": module.weight.detach().float().cpu().numpy(),
+                f"{prefix}.bias": module.bias.detach().float().cpu().numpy()}  # fmt: skip
+    if isinstance(module, torch.nn.Identity):
+        return {}
+    raise BackboneError(f"unsupported final norm {type(module).__name__}; sidetune supports LayerNorm ViTs")
+
+
+@dataclass
+class Backbone:
+    spec: BackboneSpec
+    model: torch.nn.Module
+    device: torch.device
+    data_config: dict[str, Any]
+    weights_hash: str
+    transform: Any = field(repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def tokens(self) -> int:
+        return self.model.patch_embed.num_patches + self.num_prefix_tokens
+
+    def info(self) -> dict[str, Any]:
+        """What a trainer or predictor needs to know about the activations, JSON-serialisable."""
+        return {
+            "backbone": self.spec.name,
+            "weights_hash": self.weights_hash,
+            "num_layers": self.num_layers,
+            "tokens": self.tokens,
+            "dim": self.dim,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "global_pool": self.model.global_pool,
+            "norm_eps": float(getattr(self.model.norm, "eps", getattr(self.model.fc_norm, "eps", 1e-6))),
+            "data_config": self.data_config,
+        }
+
+    def readout_tensors(self) -> dict[str, np.ndarray]:
+        """The final norm (before pooling) and fc_norm (after pooling), frozen parts of every head."""
+        return {**_layer_norm(self.model.norm, "norm"), **_layer_norm(self.model.fc_norm, "fc_norm")}
+
+    @torch.inference_mode()
+    def intermediates(self, images: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """Block outputs (before the final norm) as [B, len(layers), T, D], prefix tokens first."""
+        out = self.model.forward_intermediates(
+            images.to(self.device), indices=layers, norm=False, output_fmt="NLC",
+            intermediates_only=True, return_prefix_tokens=True,
+        )  # fmt: skip
+        return torch.stack([torch.cat([prefix, spatial], dim=1) for spatial, prefix in out], dim=1)
+
+
+def load_backbone(spec: BackboneSpec, device: str = "cpu", checkpoint: Path | None = None) -> Backbone:
+    """Create the frozen backbone; `checkpoint` is the resolved path of `spec.checkpoint`, if any."""
+    base = spec.name.split(".")[0]
+    if not timm.is_model(base):
+        raise BackboneError(f"unknown backbone {spec.name!r}: not a timm model name (see timm.list_models('vit*'))")
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if spec.image_size is not None:
+        kwargs["img_size"] = spec.image_size
+    pretrained = spec.pretrained and checkpoint is None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)  # pretrained=False models are reproducible, so caches are reused
+            model = timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        what = "load pretrained weights for" if pretrained else "create"
+        raise BackboneError(f"cannot {what} backbone {spec.name!r}: {type(e).__name__}: {e}") from e
+    if not (hasattr(model, "forward_intermediates") and hasattr(model, "blocks") and hasattr(model, "patch_embed")):
+        raise BackboneError(f"backbone {spec.name!r} is not a plain ViT (no blocks/forward_intermediates)")
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(checkpoint))
+        except Exception as e:
+            raise BackboneError(f"checkpoint {checkpoint}: not a readable safetensors file ({e})") from e
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BackboneError(
+                f"checkpoint {checkpoint} does not fit {spec.name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+    model.eval().requires_grad_(False)
+    data_config = resolve_data_config({}, model=model)
+    if spec.image_size is not None:
+        data_config["input_size"] = (3, spec.image_size, spec.image_size)
+    data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
+    transform = create_transform(**data_config, is_training=False)
+    digest = weights_hash(model)
+    dev = torch.device(device)
+    return Backbone(spec, model.to(dev), dev, data_config, digest, transform)

@@ -1,0 +1,62 @@
+"""LoSA side network (Mercea et al., CVPR 2024, Eq. 3-5), as DESIGN.md reads the paper.
+
+a_0 = z_L (the last block's output); a_l = a_{l-1} + g_l(z_l + a_{l-1}) over the selected layers in order;
+g(x) = s * W_up GeLU(W_down x + b_down) + b_up, along channels for the 1st, 3rd, ... side layer and along
+tokens for the 2nd, 4th, ... (MLP-Mixer). W_up and b_up start at zero, so step 0 equals the linear probe.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.methods.losa.config import LosaConfig
+from services.methods.readout import Classifier, FeatureInfo, Readout
+
+
+class LowRankMLP(nn.Module):
+    """g(x) = s * W_up GeLU(W_down x + b_down) + b_up on the last dimension (size n)."""
+
+    def __init__(self, n: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(n, rank)
+        self.up = nn.Linear(rank, n)
+        self.scale = nn.Parameter(torch.ones(()))
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # s scales W_up x only; b_up is added after, as in g(x) above.
+        return self.scale * F.linear(F.gelu(self.down(x)), self.up.weight) + self.up.bias
+
+
+class LosaSideNetwork(Classifier):
+    def __init__(self, config: LosaConfig, info: FeatureInfo) -> None:
+        super().__init__()
+        self.side_layers = config.select_layers(info.num_layers)
+        last = info.num_layers - 1
+        self.input_layers = sorted(set(self.side_layers) | {last})
+        self._slot = {layer: i for i, layer in enumerate(self.input_layers)}
+        # side layer i (0-based) mixes channels when i is even (l = i + 1 odd), tokens when i is odd.
+        self.mixers = nn.ModuleList(
+            LowRankMLP(info.dim if i % 2 == 0 else info.tokens, config.rank) for i in range(len(self.side_layers))
+        )
+        self.readout = Readout(info, config.pool)
+        self.head = nn.Linear(info.dim, info.num_classes)
+
+    def refine(self, feats: torch.Tensor) -> torch.Tensor:
+        """The side network's output a_L, [B, T, D]."""
+        feats = feats.float()
+        a = feats[:, self._slot[self.input_layers[-1]]]
+        for i, (layer, g) in enumerate(zip(self.side_layers, self.mixers, strict=True)):
+            x = feats[:, self._slot[layer]] + a
+            a = a + (g(x) if i % 2 == 0 else g(x.transpose(1, 2)).transpose(1, 2))
+        return a
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(self.readout(self.refine(feats)))
+
+
+def build(config: LosaConfig, info: FeatureInfo) -> LosaSideNetwork:
+    return LosaSideNetwork(config, info)

@@ -1,0 +1,74 @@
+"""What every classification method shares: the backbone's frozen final norm, token pooling, fc_norm, and the
+FeatureInfo that describes cached activations to a method's `build`.
+
+The norms are buffers, not parameters: they are saved with the model (so inference needs no extra file)
+but never trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    num_layers: int
+    tokens: int
+    dim: int
+    num_prefix_tokens: int
+    global_pool: str
+    norm_eps: float
+    num_classes: int
+    readout: dict[str, np.ndarray]
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], readout: dict[str, np.ndarray], num_classes: int) -> FeatureInfo:
+        keys = ("num_layers", "tokens", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
+        return cls(**{k: meta[k] for k in keys}, num_classes=num_classes, readout=readout)
+
+
+class Readout(nn.Module):
+    """[B, T, D] block output -> [B, D] features, exactly as the backbone's own head would compute them."""
+
+    def __init__(self, info: FeatureInfo, pool: str = "auto") -> None:
+        super().__init__()
+        if pool == "auto":
+            pool = "cls" if info.global_pool == "token" else "mean"
+        if pool == "cls" and info.num_prefix_tokens == 0:
+            raise ValueError("pool='cls' needs a class token; this backbone has none (use 'mean')")
+        self.pool = pool
+        self.num_prefix_tokens = info.num_prefix_tokens
+        self.eps = info.norm_eps
+        for name in ("norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias"):
+            value = info.readout.get(name)
+            tensor = torch.from_numpy(np.array(value, dtype=np.float32)) if value is not None else torch.empty(0)
+            self.register_buffer(name.replace(".", "_"), tensor)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        if weight.numel() == 0:
+            return x
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._norm(x, self.norm_weight, self.norm_bias)
+        x = x[:, 0] if self.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        return self._norm(x, self.fc_norm_weight, self.fc_norm_bias)
+
+
+class Classifier(nn.Module):
+    """Base of cache-trained methods: `input_layers` are the cached layers `forward` receives, in order, as
+    [B, len(input_layers), T, D]; `head` is the classifier (excluded from parameter counts)."""
+
+    input_layers: list[int]
+    head: nn.Linear
+
+    def side_parameters(self) -> int:
+        """Trainable parameters outside the classifier (the papers' convention)."""
+        head = {id(p) for p in self.head.parameters()}
+        return sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in head)
