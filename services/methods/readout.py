@@ -36,6 +36,8 @@ class FeatureInfo:
 class Readout(nn.Module):
     """[B, T, D] block output -> [B, D] features, exactly as the backbone's own head would compute them."""
 
+    NAMES = ("norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias")
+
     def __init__(self, info: FeatureInfo, pool: str = "auto") -> None:
         super().__init__()
         if pool == "auto":
@@ -45,10 +47,16 @@ class Readout(nn.Module):
         self.pool = pool
         self.num_prefix_tokens = info.num_prefix_tokens
         self.eps = info.norm_eps
-        for name in ("norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias"):
+        for name in self.NAMES:
             value = info.readout.get(name)
             tensor = torch.from_numpy(np.array(value, dtype=np.float32)) if value is not None else torch.empty(0)
             self.register_buffer(name.replace(".", "_"), tensor)
+
+    @classmethod
+    def tensors_from_state(cls, state: dict[str, np.ndarray], prefix: str = "readout.") -> dict[str, np.ndarray]:
+        """The backbone norms saved inside a trained model's state dict, as FeatureInfo.readout wants them."""
+        found = {name: state.get(prefix + name.replace(".", "_")) for name in cls.NAMES}
+        return {name: v for name, v in found.items() if v is not None and v.size}
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         if weight.numel() == 0:

@@ -1,0 +1,99 @@
+"""Inference: load adapted models from the artifact store and predict on images.
+
+Backbones are shared: models on the same backbone (same name and weights hash) reuse one loaded backbone,
+and `predict_many` runs that backbone once per image for all of them. The backbone's weights are checked
+against the hash recorded at training time, so a model never silently runs on other weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import TypeAdapter
+
+from services import methods
+from services.backbones import Backbone, load_backbone
+from services.datasets import check_path, load_image
+from services.methods.readout import FeatureInfo, Readout
+from services.spec import BackboneSpec
+from storage.artifacts import ArtifactStore
+from storage.settings import Settings
+
+
+class LoadedModel:
+    def __init__(self, model_id: str, module: torch.nn.Module, config: dict[str, Any]) -> None:
+        self.id, self.module, self.config = model_id, module, config
+        self.classes: list[str] = config["classes"]
+        self.backbone_key = (config["backbone"]["name"], config["weights_hash"], str(config["data_config"]))
+
+
+class Predictor:
+    """Thread-safe; keeps up to `max_models` models and their backbones loaded (least recently used out)."""
+
+    def __init__(self, settings: Settings, max_models: int = 16) -> None:
+        self.settings = settings
+        self.artifacts = ArtifactStore(settings.artifacts_dir)
+        self.device = settings.torch_device()
+        self.max_models = max_models
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._backbones: dict[tuple, Backbone] = {}
+        self._lock = threading.Lock()
+
+    def _backbone(self, config: dict[str, Any]) -> Backbone:
+        spec = BackboneSpec.model_validate(config["backbone"])
+        key = (spec.name, config["weights_hash"], str(config["data_config"]))
+        if key not in self._backbones:
+            ckpt = check_path(spec.checkpoint, self.settings.roots) if spec.checkpoint else None
+            backbone = load_backbone(spec, self.device, ckpt)
+            if backbone.weights_hash != config["weights_hash"]:
+                raise RuntimeError(f"backbone {spec.name} now has other weights than the model was trained on")
+            self._backbones[key] = backbone
+        return self._backbones[key]
+
+    def load(self, model_id: str) -> LoadedModel:
+        with self._lock:
+            if model_id in self._models:
+                self._models.move_to_end(model_id)
+                return self._models[model_id]
+            weights, config = self.artifacts.load_model(model_id)
+            method_config = TypeAdapter(methods.MethodConfig).validate_python(config["method"])
+            info = FeatureInfo(**config["feature_info"], readout=Readout.tensors_from_state(weights))
+            module = methods.build(method_config, info)
+            module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            loaded = LoadedModel(model_id, module.to(self.device).eval(), config)
+            self._backbone(config)
+            self._models[model_id] = loaded
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+            return loaded
+
+    def predict_many(self, model_ids: list[str], images: list[bytes]) -> dict[str, list[dict[str, Any]]]:
+        """Decode once, run each distinct backbone once, apply every model; returns predictions per model."""
+        models = [self.load(m) for m in model_ids]
+        decoded = [load_image(b) for b in images]  # DatasetError names an undecodable image
+        out: dict[str, list[dict[str, Any]]] = {}
+        groups: dict[tuple, list[LoadedModel]] = {}
+        for m in models:
+            groups.setdefault(m.backbone_key, []).append(m)
+        for group in groups.values():
+            backbone = self._backbone(group[0].config)
+            layers = sorted({layer for m in group for layer in m.config["input_layers"]})
+            x = torch.stack([backbone.transform(im) for im in decoded])
+            feats = backbone.intermediates(x, layers)
+            with torch.inference_mode():
+                for m in group:
+                    slots = [layers.index(layer) for layer in m.config["input_layers"]]
+                    probs = m.module(feats[:, slots]).softmax(-1).cpu().numpy()
+                    out[m.id] = [
+                        {"label": m.classes[int(p.argmax())], "scores": {c: round(float(s), 6) for c, s in
+                                                                         zip(m.classes, p, strict=True)}}
+                        for p in probs
+                    ]  # fmt: skip
+        return out
+
+    def predict(self, model_id: str, images: list[bytes]) -> list[dict[str, Any]]:
+        return self.predict_many([model_id], images)[model_id]
