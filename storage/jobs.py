@@ -165,5 +165,16 @@ class JobStore:
         models = [json.loads(raw) for raw in self.r.mget([f"model:{i}" for i in ids]) if raw] if ids else []
         return [m for m in models if owner is None or m.get("owner") == owner][:limit]
 
+    # ---- worker heartbeats (for /readyz) -----------------------------------------------------------
+    def heartbeat(self, queue: str, worker: str, ttl_s: int = 15) -> None:
+        self.r.set(f"worker:{queue}:{worker}", now(), ex=ttl_s)
+
+    def live_workers(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for key in self.r.scan_iter("worker:*"):
+            queue = key.split(":")[1]
+            counts[queue] = counts.get(queue, 0) + 1
+        return counts
+
     def ping(self) -> bool:
         return bool(self.r.ping())

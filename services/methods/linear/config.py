@@ -22,4 +22,4 @@ class LinearConfig(BaseModel):
     )
 
     def training_defaults(self) -> dict:
-        return {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0}
+        return {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 1e-4, "warmup_epochs": 1.0}

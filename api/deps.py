@@ -1,0 +1,43 @@
+"""Dependencies shared by the routes: settings, the job store, the Celery app, and the caller's identity."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+
+from api.errors import ApiError
+from storage.jobs import JobStore
+from storage.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def get_celery(request: Request) -> Celery:
+    return request.app.state.celery
+
+
+def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+    """With API keys configured, a valid Bearer token is required; its hash identifies the owner of jobs and
+    models. Without keys the API is open (and `sidetune api` binds to loopback)."""
+    if not settings.api_keys:
+        return None
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in settings.api_keys):
+        raise ApiError(401, "unauthorized", "a valid API key is required as `Authorization: Bearer <key>`")
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+OwnerDep = Annotated[str | None, Depends(get_owner)]

@@ -1,0 +1,104 @@
+"""Jobs: submit, read, list, cancel, and follow their events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep
+from api.errors import ApiError
+from api.schemas import ErrorBody, EventList, Job, JobList
+from services.datasets import check_path, resolve_format
+from services.spec import JobSpec
+from storage.jobs import JobStore, NotFound
+from storage.settings import Settings
+from worker.celery_app import enqueue_job
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+
+
+def own_job(store: JobStore, job_id: str, owner: str | None) -> dict:
+    try:
+        job = store.get_job(job_id)
+    except NotFound:
+        raise ApiError(404, "not_found", f"no job {job_id!r}") from None
+    if job.get("owner") != owner:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")  # other keys' jobs do not exist for you
+    return job
+
+
+def _check_paths(spec: JobSpec, settings: Settings) -> None:
+    """Refuse at submission what would certainly fail later: paths outside the roots, or missing."""
+    for field, path in (("dataset.path", spec.dataset.path), ("backbone.checkpoint", spec.backbone.checkpoint)):
+        if path is None:
+            continue
+        try:
+            resolved = check_path(path, settings.roots)
+        except PermissionError as e:
+            raise ApiError(403, "forbidden_path", f"{field}: {e}") from None
+        except FileNotFoundError as e:
+            raise ApiError(422, "not_found", f"{field}: {e}") from None
+        if field == "dataset.path":
+            fmt = resolve_format(resolved, spec.dataset.format)
+            if fmt == "imagefolder" and not resolved.is_dir():
+                raise ApiError(422, "invalid_dataset", f"{field}: {path!r} is not a directory (ImageFolder layout)")
+            if fmt == "csv" and not resolved.is_file():
+                raise ApiError(422, "invalid_dataset", f"{field}: {path!r} is not a CSV file")
+
+
+@router.post("", status_code=201, response_model=Job, responses={403: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+def create_job(spec: JobSpec, store: StoreDep, celery: CeleryDep, settings: SettingsDep, owner: OwnerDep) -> dict:
+    """Validate the spec, record the job (`queued`) and enqueue extract -> train."""
+    _check_paths(spec, settings)
+    job = store.create_job(spec.model_dump(mode="json"), owner=owner)
+    store.add_event(job["id"], "job queued")
+    try:
+        enqueue_job(celery, job["id"])
+    except Exception as e:
+        store.set_fields(job["id"], status="failed", error={"code": "queue_unavailable", "message": str(e)})
+        raise ApiError(503, "queue_unavailable", f"could not enqueue the job: {e}") from None
+    return job
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    store: StoreDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    after: Annotated[str | None, Query(description="Id of the last job of the previous page.")] = None,
+) -> dict:
+    """Jobs, newest first, paginated by cursor."""
+    if after is not None:
+        own_job(store, after, owner)
+    try:
+        jobs = store.list_jobs(limit=limit + 1, after=after, owner=owner)
+    except NotFound:
+        raise ApiError(404, "not_found", f"no job {after!r}") from None
+    return {"object": "list", "data": jobs[:limit], "has_more": len(jobs) > limit}
+
+
+@router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorBody}})
+def get_job(job_id: str, store: StoreDep, owner: OwnerDep) -> dict:
+    """One job with its status, progress, metrics and error."""
+    return own_job(store, job_id, owner)
+
+
+@router.post("/{job_id}/cancel", response_model=Job, responses={404: {"model": ErrorBody}})
+def cancel_job(job_id: str, store: StoreDep, owner: OwnerDep) -> dict:
+    """Queued jobs are cancelled at once; running ones stop at their next check (between batches)."""
+    own_job(store, job_id, owner)
+    return store.request_cancel(job_id)
+
+
+@router.get("/{job_id}/events", response_model=EventList, responses={404: {"model": ErrorBody}})
+def job_events(
+    job_id: str,
+    store: StoreDep,
+    owner: OwnerDep,
+    after: Annotated[int, Query(ge=0, description="Return events with `seq` greater than this.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="Most events returned.")] = 100,
+) -> dict:
+    """Progress messages and per-epoch metrics, oldest first."""
+    own_job(store, job_id, owner)
+    return {"object": "list", "data": store.events(job_id, after=after, limit=limit)}

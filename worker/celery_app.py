@@ -1,0 +1,47 @@
+"""The Celery app: Redis broker, queues `extract` and `train`, late acks.
+
+Imported by the API to enqueue jobs by task name, so it must not import torch or the tasks' code (the
+workers load `worker.tasks` through `include`). Job state lives in the job store, not in a result backend.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, chain
+
+from storage.settings import Settings
+
+EXTRACT, TRAIN = "extract", "train"
+TASK_EXTRACT, TASK_TRAIN = "sidetune.extract", "sidetune.train"
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings()
+    app = Celery("sidetune", broker=settings.broker_url, include=["worker.tasks"])
+    # A late-acked task is redelivered after the visibility timeout; keep it above the longest job so
+    # long jobs do not run twice (celery#5935, #3430). Every step is idempotent anyway.
+    transport = {"visibility_timeout": settings.job_timeout_s}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_routes={TASK_EXTRACT: {"queue": EXTRACT}, TASK_TRAIN: {"queue": TRAIN}},
+        task_default_queue=TRAIN,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+app = make_app()
+
+
+def enqueue_job(celery: Celery, job_id: str) -> None:
+    """Extract, then train: a chain of immutable signatures, routed by task name to the two queues."""
+    chain(
+        celery.signature(TASK_EXTRACT, args=[job_id], immutable=True, queue=EXTRACT),
+        celery.signature(TASK_TRAIN, args=[job_id], immutable=True, queue=TRAIN),
+    ).apply_async()

@@ -1,0 +1,159 @@
+"""The `sidetune` command line: run the stack (serve, api, worker), talk to it (submit, jobs, predict), and
+the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from storage.settings import Settings
+
+
+def _client(args: argparse.Namespace):
+    from worker.client import Client
+
+    settings = Settings()
+    return Client(args.url or os.environ.get("SIDETUNE_API_URL") or f"http://{settings.api_host}:{settings.api_port}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from worker.launcher import Stack
+
+    settings = Settings()
+    stack = Stack(settings)
+    print(f"starting Redis ({settings.redis_url or 'embedded'}), extract and train workers, API; logs in "
+          f"{stack.log_dir}")  # fmt: skip
+    with stack:
+        print(f"sidetune is ready at {stack.api_url} (docs: {stack.api_url}/docs); Ctrl-C stops everything")
+        try:
+            while all(p.poll() is None for p in stack.procs.values()):
+                time.sleep(0.5)
+            print("a process exited; stopping", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nstopping...")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = Settings()
+    if not settings.api_keys and settings.api_host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"refusing to listen on {settings.api_host} without API keys: set SIDETUNE_API_KEYS", file=sys.stderr)
+        return 2
+    if not settings.api_keys:
+        print("no API keys configured: listening on loopback only, without authentication", file=sys.stderr)
+    uvicorn.run("api.main:app", host=settings.api_host, port=settings.api_port, log_level="info")
+    return 0
+
+
+def _heartbeat(queues: list[str]) -> None:
+    from storage.jobs import JobStore
+
+    store = JobStore.from_url(Settings().broker_url)
+    name = f"{socket.gethostname()}-{os.getpid()}"
+    while True:
+        try:
+            for q in queues:
+                store.heartbeat(q, name)
+        except Exception:
+            pass  # Redis restarting: the next beat will do
+        time.sleep(5)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import app
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    threading.Thread(target=_heartbeat, args=(queues,), daemon=True).start()
+    # The solo pool keeps CUDA in this process (CUDA does not survive a fork) and runs one task at a time.
+    app.worker_main(["worker", "-Q", ",".join(queues), "-P", "solo", "-n", f"{'+'.join(queues)}@%h-{os.getpid()}",
+                     "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"])  # fmt: skip
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = _client(args)
+    spec = json.loads(Path(args.spec).read_text())
+    job = client.submit(spec)
+    print(f"submitted {job['id']}")
+    if not args.wait:
+        return 0
+    from worker.progress_view import follow
+
+    job = follow(client, [job["id"]])[0]
+    print(json.dumps({k: job[k] for k in ("id", "status", "model_id", "error", "metrics")}, indent=2))
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "status", "method", "backbone", "val acc", "model")
+    for job in _client(args).jobs(limit=args.limit):
+        acc = job["metrics"].get("val_accuracy")
+        table.add_row(job["id"], job["status"], job["spec"]["method"]["name"], job["spec"]["backbone"]["name"],
+                      f"{acc:.4f}" if acc is not None else "", job.get("model_id") or "")  # fmt: skip
+    Console().print(table)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    predictions = _client(args).predict(args.model_id, [Path(p) for p in args.images])
+    for path, p in zip(args.images, predictions, strict=True):
+        print(f"{path}\t{p['label']}\t{p['scores'][p['label']]:.4f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(epochs=args.epochs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sidetune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run Redis (embedded unless SIDETUNE_REDIS_URL), both workers and the API")
+    sub.add_parser("api", help="run the API only (uvicorn)")
+    p = sub.add_parser("worker", help="run one Celery worker")
+    p.add_argument("--queues", default="extract,train", help="comma-separated: extract, train")
+    p.add_argument("--loglevel", default="INFO")
+    for name, help_text in (("submit", "submit a job spec (JSON file)"), ("jobs", "list jobs"),
+                            ("predict", "classify image files with a model")):  # fmt: skip
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--url", help="API URL (default: SIDETUNE_API_URL or the configured host:port)")
+        if name == "submit":
+            p.add_argument("spec")
+            p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+        elif name == "jobs":
+            p.add_argument("--limit", type=int, default=20)
+        else:
+            p.add_argument("model_id")
+            p.add_argument("images", nargs="+")
+    p = sub.add_parser("demo", help="embedded stack + digits: a linear probe and a LoSA job, end to end")
+    p.add_argument("--epochs", type=int, default=15)
+    args = parser.parse_args(argv)
+    handlers = {"serve": cmd_serve, "api": cmd_api, "worker": cmd_worker, "submit": cmd_submit, "jobs": cmd_jobs,
+                "predict": cmd_predict, "demo": cmd_demo}  # fmt: skip
+    try:
+        return handlers[args.command](args)
+    except Exception as e:
+        from worker.client import ApiError
+
+        if isinstance(e, ApiError | FileNotFoundError | json.JSONDecodeError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

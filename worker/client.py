@@ -1,0 +1,69 @@
+"""A small HTTP client for the sidetune API, used by the CLI and the demo."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, body: Any) -> None:
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        super().__init__(f"HTTP {status}: {err.get('message', body)}")
+        self.status, self.body = status, body
+
+
+class Client:
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 120.0) -> None:
+        key = api_key or os.environ.get("SIDETUNE_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout_s)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = self.http.request(method, path, **kwargs)
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, body)
+        return body
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/jobs", json=spec)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/jobs/{job_id}")
+
+    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        return self._call("GET", "/jobs", params={"limit": limit})["data"]
+
+    def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        return self._call("GET", f"/jobs/{job_id}/events", params={"after": after})["data"]
+
+    def wait(
+        self, job_id: str, on_update: Callable[[dict], None] | None = None, timeout_s: float = 3600, poll_s: float = 0.5
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if on_update:
+                on_update(job)
+            if job["status"] in TERMINAL:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
+            time.sleep(poll_s)
+
+    def predict(self, model_id: str, images: list[bytes | Path]) -> list[dict[str, Any]]:
+        raw = [Path(i).read_bytes() if isinstance(i, Path | str) else i for i in images]
+        instances = [{"image_b64": base64.b64encode(b).decode()} for b in raw]
+        return self._call("POST", f"/v1/models/{model_id}:predict", json={"instances": instances})["predictions"]
+
+    def ready(self) -> dict[str, Any]:
+        return self._call("GET", "/readyz")

@@ -1,0 +1,102 @@
+"""The embedded stack: Redis (unless SIDETUNE_REDIS_URL is set), an extract worker, a train worker and the
+API, each a separate process on 127.0.0.1, as docker-compose.yml runs them. Used by `sidetune serve`,
+`sidetune demo` and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from storage.redis_server import RedisServer
+from storage.settings import Settings
+
+
+class Stack:
+    def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.log_dir = log_dir or settings.data_path / "logs"
+        self.redis: RedisServer | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SIDETUNE_REDIS_URL"] = self.redis.url if self.redis else self.settings.broker_url
+        env["SIDETUNE_DATA_DIR"] = str(self.settings.data_path)
+        env["SIDETUNE_API_HOST"] = self.settings.api_host
+        env["SIDETUNE_API_PORT"] = str(self.settings.api_port)
+        env["SIDETUNE_ALLOWED_ROOTS"] = ",".join(str(r) for r in self.settings.roots)
+        env["SIDETUNE_DEVICE"] = self.settings.device
+        if self.settings.api_keys:
+            env["SIDETUNE_API_KEYS"] = ",".join(self.settings.api_keys)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+        """Start `sidetune <args>` as a child in its own session (so a terminal's Ctrl-C reaches us first)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=self.env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.procs[name] = proc
+        return proc
+
+    def start(self, timeout_s: float = 120.0) -> Stack:
+        if not self.settings.redis_url:
+            self.redis = RedisServer(self.settings.redis_dir, self.settings.embedded_redis_port).start()
+        self.spawn("extract-worker", "worker", "--queues", "extract")
+        self.spawn("train-worker", "worker", "--queues", "train")
+        self.spawn("api", "api")
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    tail = (self.log_dir / f"{name}.log").read_text()[-3000:]
+                    self.stop()
+                    raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
+            try:
+                if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"the stack was not ready within {timeout_s}s; see logs in {self.log_dir}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        # Workers get SIGQUIT (Celery's cold shutdown returns unacknowledged tasks to the queue); every
+        # step resumes from what it finished, so nothing is lost. The API gets SIGTERM.
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if name == "api" else signal.SIGQUIT)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if self.redis:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
