@@ -94,15 +94,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
+
+    from worker.progress_view import console
 
     table = Table("id", "status", "method", "backbone", "val acc", "model")
     for job in _client(args).jobs(limit=args.limit):
         acc = job["metrics"].get("val_accuracy")
         table.add_row(job["id"], job["status"], job["spec"]["method"]["name"], job["spec"]["backbone"]["name"],
                       f"{acc:.4f}" if acc is not None else "", job.get("model_id") or "")  # fmt: skip
-    Console().print(table)
+    console().print(table)
     return 0
 
 

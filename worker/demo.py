@@ -10,12 +10,12 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from storage.settings import Settings
 from worker.client import Client
 from worker.launcher import Stack
+from worker.progress_view import console as wide_console
 from worker.progress_view import follow
 
 BACKBONE = "vit_tiny_patch16_224"
@@ -41,9 +41,7 @@ def pretrained_reachable(name: str, timeout_s: float = 3.0) -> bool:
 
 
 def run_demo(epochs: int = 15) -> int:
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=150)  # logs and CI: keep the table on one line per row
+    console = wide_console()
     settings = Settings()
     from services.digits import write_digits
 

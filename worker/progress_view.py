@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import time
 
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from worker.client import TERMINAL, Client
+
+
+def console() -> Console:
+    """A console that never truncates tables when output goes to a file or a pipe."""
+    c = Console()
+    return c if c.is_terminal else Console(width=200)
 
 
 def follow(client: Client, job_ids: list[str], poll_s: float = 0.5) -> list[dict]:

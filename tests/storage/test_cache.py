@@ -114,7 +114,9 @@ def test_mark_complete_refuses_while_batches_missing(tmp_path: Path, acts: np.nd
 
 
 @pytest.mark.parametrize(
-    "change", [{"dim": D + 1}, {"num_layers": L + 1}, {"tokens": T + 1}, {"batch_size": BS + 1}, {"labels": np.arange(N + 1)}]
+    "change",
+    [{"dim": D + 1}, {"num_layers": L + 1}, {"tokens": T + 1}, {"batch_size": BS + 1}, {"labels": np.arange(N + 1)}],
+    ids=["dim", "layers", "tokens", "batch_size", "rows"],
 )
 def test_create_on_existing_entry_with_other_shape_raises(tmp_path: Path, change: dict) -> None:
     make_entry(tmp_path / "k")

@@ -12,8 +12,8 @@ from storage.jobs import JobStore, NotFound
 
 @pytest.fixture
 def store(redis_url: str) -> JobStore:
-    """A JobStore on an emptied database (the Redis server is shared by the whole session)."""
-    s = JobStore.from_url(redis_url)
+    """A JobStore on an emptied database of its own (db 15: the session's Redis server is shared)."""
+    s = JobStore.from_url(redis_url.rsplit("/", 1)[0] + "/15")
     s.r.flushdb()
     return s
 

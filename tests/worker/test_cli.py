@@ -1,0 +1,41 @@
+"""The `sidetune` CLI against the running stack: submit --wait, jobs, predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_cli(stack, *args: str) -> subprocess.CompletedProcess:
+    running, _ = stack
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args, "--url", running.api_url],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_submit_wait_then_jobs_and_predict(stack, tmp_path):
+    running, _ = stack
+    digits = running.settings.data_path / "datasets" / "digits"
+    spec = {"name": "cli", "dataset": {"path": str(digits / "train")}, "method": {"name": "linear"},
+            "backbone": {"name": "test_vit", "pretrained": False}, "training": {"epochs": 2}}  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    done = run_cli(stack, "submit", str(tmp_path / "spec.json"), "--wait")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout[done.stdout.index("{") :])
+    assert result["status"] == "succeeded" and result["model_id"].startswith("model_")
+
+    listing = run_cli(stack, "jobs")
+    assert result["id"] in listing.stdout
+
+    images = sorted((digits / "holdout").glob("*/*.png"))[:3]
+    predicted = run_cli(stack, "predict", result["model_id"], *map(str, images))
+    assert predicted.returncode == 0, predicted.stderr
+    lines = predicted.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.split("\t")[1].isdigit() for line in lines)
+
+
+def test_submit_reports_a_bad_spec(stack, tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"dataset": {"path": "/etc"}, "backbone": {"name": "test_vit"},
+                                                   "method": {"name": "linear"}}))  # fmt: skip
+    r = run_cli(stack, "submit", str(tmp_path / "bad.json"))
+    assert r.returncode == 1 and "HTTP 403" in r.stderr and "outside the allowed roots" in r.stderr
