@@ -20,8 +20,8 @@ def write_digits(root: Path, holdout_fraction: float = 0.1, size: int = 32, limi
 
     digits = load_digits()
     images, labels = digits.images, digits.target
-    if limit is not None:
-        keep, _ = stratified_split(labels, 1 - min(1.0, limit / len(labels)) or 1e-9, 0)
+    if limit is not None and limit < len(labels):
+        keep, _ = stratified_split(labels, 1 - limit / len(labels), 0)
         keep = keep[:limit]
         images, labels = images[keep], labels[keep]
     train, holdout = stratified_split(labels, holdout_fraction, seed=1234)

@@ -95,7 +95,7 @@ def run_extraction(spec: JobSpec, settings: Settings, reporter: Reporter) -> dic
 
     layers = list(range(backbone.num_layers))
     skip = spec.dataset.on_corrupt == "skip"
-    forwards, images_done, skipped = 0, 0, list(entry.summary.get("skipped", []))
+    forwards, images_done = 0, 0
     t_fwd = time.perf_counter()
     with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
         next_load: Future | None = None
@@ -115,7 +115,6 @@ def run_extraction(spec: JobSpec, settings: Settings, reporter: Reporter) -> dic
                 forwards += 1
             for msg in bad:
                 reporter.event(f"skipped a corrupt image: {msg}", level="warning")
-            skipped.extend(bad)
             if write is not None:
                 write.result()  # one write in flight at most (double buffering)
             write = writer.submit(entry.write_batch, batch_index, acts, valid)
@@ -125,6 +124,8 @@ def run_extraction(spec: JobSpec, settings: Settings, reporter: Reporter) -> dic
         if write is not None:
             write.result()
     seconds = time.perf_counter() - t_fwd
+    # From the stored `valid` flags, not this run's list: a resumed extraction keeps earlier batches' skips.
+    skipped = [str(dataset.paths[i]) for i in np.flatnonzero(~entry.valid())]
     summary = {"skipped": skipped, "bytes": entry.nbytes(), "bytes_per_image": entry.nbytes() // max(1, len(dataset))}
     entry.mark_complete(summary)
     reporter.event(f"extracted {images_done} images in {seconds:.1f}s ({images_done / max(seconds, 1e-9):.1f} img/s)")

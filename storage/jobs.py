@@ -25,7 +25,7 @@ class NotFound(KeyError):
 
 
 def new_id(prefix: str) -> str:
-    """Time-ordered ids (`job_<ms hex><random hex>`), so the id order is the creation order."""
+    """Ids that sort roughly by creation time (`job_<ms hex><random hex>`)."""
     return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(5).hex()}"
 
 
@@ -57,9 +57,10 @@ class JobStore:
             "model_id": None,
             "cancel_requested": False,
         }
+        seq = self.r.incr("jobs:seq")  # the listing order: ids alone tie within a millisecond
         pipe = self.r.pipeline()
         pipe.set(f"job:{job['id']}", json.dumps(job))
-        pipe.zadd("jobs", {job["id"]: job["created_at"]})
+        pipe.zadd("jobs", {job["id"]: seq})
         pipe.execute()
         return job
 
@@ -119,15 +120,19 @@ class JobStore:
     def request_cancel(self, job_id: str) -> dict[str, Any]:
         """Queued jobs are cancelled at once; running ones at the task's next check (cooperative)."""
 
+        cancelled_now = False
+
         def change(job: dict) -> None:
+            nonlocal cancelled_now
             if job["status"] in TERMINAL:
                 return
             job["cancel_requested"] = True
             if job["status"] == "queued":
                 job["status"] = "cancelled"
+                cancelled_now = True
 
         job = self.update_job(job_id, change)
-        if job["status"] == "cancelled":
+        if cancelled_now:
             self.add_event(job_id, "cancelled", level="warning")
         return job
 

@@ -245,3 +245,13 @@ def test_predictor_round_trip(settings: Settings, digits: Path, tmp_path: Path) 
     assert len(both["model_linear"]) == 3
     with pytest.raises(DatasetError, match="uploaded image"):
         predictor.predict("model_losa", [b"not an image"])
+
+
+def test_skipped_images_survive_a_resumed_extraction(settings: Settings, corrupt_digits: tuple[Path, Path]) -> None:
+    root, bad = corrupt_digits
+    spec = job_spec(root, on_corrupt="skip")
+    with pytest.raises(Cancelled):
+        run_extraction(spec, settings, CrashAfter(n_batches(len(read_imagefolder(root))) - 1, Cancelled("x")))
+    result = run_extraction(spec, settings, NullReporter())
+    assert result["skipped"] == [str(bad)]
+    assert entry_of(settings, result).summary["skipped"] == [str(bad)]

@@ -186,3 +186,15 @@ def test_empty_store(store: JobStore) -> None:
     assert store.ping() is True
     assert store.list_jobs() == []
     assert store.list_models() == []
+
+
+def test_cancel_twice_logs_one_event(store: JobStore) -> None:
+    job = store.create_job({})
+    store.request_cancel(job["id"])
+    store.request_cancel(job["id"])
+    assert [e["message"] for e in store.events(job["id"])] == ["cancelled"]
+
+
+def test_newest_first_even_within_one_millisecond(store: JobStore) -> None:
+    ids = [store.create_job({})["id"] for _ in range(50)]
+    assert [j["id"] for j in store.list_jobs(limit=50)] == ids[::-1]
