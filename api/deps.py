@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
 
 from api.errors import ApiError
-from storage.jobs import JobStore
+from storage.jobs import JobStore, NotFound
 from storage.settings import Settings
 
 
@@ -35,6 +36,17 @@ def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settin
     if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in settings.api_keys):
         raise ApiError(401, "unauthorized", "a valid API key is required as `Authorization: Bearer <key>`")
     return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def owned(fetch: Callable[[str], dict], kind: str, record_id: str, owner: str | None) -> dict:
+    """A job or model record visible to `owner`: records of other keys do not exist for the caller (404)."""
+    try:
+        record = fetch(record_id)
+    except NotFound:
+        record = None
+    if record is None or record.get("owner") != owner:
+        raise ApiError(404, "not_found", f"no {kind} {record_id!r}")
+    return record
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

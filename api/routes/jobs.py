@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep
+from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.schemas import ErrorBody, EventList, Job, JobList
 from services.datasets import check_path, resolve_format
@@ -19,13 +19,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], responses={401: {"model": Erro
 
 
 def own_job(store: JobStore, job_id: str, owner: str | None) -> dict:
-    try:
-        job = store.get_job(job_id)
-    except NotFound:
-        raise ApiError(404, "not_found", f"no job {job_id!r}") from None
-    if job.get("owner") != owner:
-        raise ApiError(404, "not_found", f"no job {job_id!r}")  # other keys' jobs do not exist for you
-    return job
+    return owned(store.get_job, "job", job_id, owner)
 
 
 def _check_paths(spec: JobSpec, settings: Settings) -> None:

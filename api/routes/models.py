@@ -6,22 +6,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.deps import OwnerDep, StoreDep
-from api.errors import ApiError
+from api.deps import OwnerDep, StoreDep, owned
 from api.schemas import ErrorBody, Model, ModelList
-from storage.jobs import JobStore, NotFound
+from storage.jobs import JobStore
 
 router = APIRouter(prefix="/models", tags=["models"], responses={401: {"model": ErrorBody}})
 
 
 def own_model(store: JobStore, model_id: str, owner: str | None) -> dict:
-    try:
-        model = store.get_model(model_id)
-    except NotFound:
-        raise ApiError(404, "not_found", f"no model {model_id!r}") from None
-    if model.get("owner") != owner:
-        raise ApiError(404, "not_found", f"no model {model_id!r}")
-    return model
+    return owned(store.get_model, "model", model_id, owner)
 
 
 @router.get("", response_model=ModelList)
