@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from services import methods
 from services.backbones import Backbone, load_backbone
-from services.datasets import check_path, load_image
+from services.datasets import DatasetError, check_path, load_image
 from services.methods.readout import FeatureInfo, Readout
 from services.spec import BackboneSpec
 from storage.artifacts import ArtifactStore
@@ -74,7 +74,12 @@ class Predictor:
     def predict_many(self, model_ids: list[str], images: list[bytes]) -> dict[str, list[dict[str, Any]]]:
         """Decode once, run each distinct backbone once, apply every model; returns predictions per model."""
         models = [self.load(m) for m in model_ids]
-        decoded = [load_image(b) for b in images]  # DatasetError names an undecodable image
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(load_image(data))
+            except DatasetError as e:
+                raise DatasetError(f"instance {i}: {e}") from None
         out: dict[str, list[dict[str, Any]]] = {}
         groups: dict[tuple, list[LoadedModel]] = {}
         for m in models:

@@ -32,14 +32,12 @@ def _predictor(request: Request):
 def _run(request: Request, model_id: str, images: list[bytes], limit: int) -> dict:
     if len(images) > limit:
         raise ApiError(413, "too_many_images", f"{len(images)} images; at most {limit} per request")
-    from services.datasets import DatasetError, load_image
+    from services.datasets import DatasetError
 
-    for i, data in enumerate(images):
-        try:
-            load_image(data)
-        except DatasetError as e:
-            raise ApiError(400, "invalid_image", f"instance {i}: {e}") from None
-    predictions = _predictor(request).predict(model_id, images)
+    try:
+        predictions = _predictor(request).predict(model_id, images)
+    except DatasetError as e:
+        raise ApiError(400, "invalid_image", str(e)) from None
     return {"model_id": model_id, "predictions": predictions}
 
 
