@@ -126,7 +126,8 @@ def run_extraction(spec: JobSpec, settings: Settings, reporter: Reporter) -> dic
     seconds = time.perf_counter() - t_fwd
     # From the stored `valid` flags, not this run's list: a resumed extraction keeps earlier batches' skips.
     skipped = [str(dataset.paths[i]) for i in np.flatnonzero(~entry.valid())]
-    summary = {"skipped": skipped, "bytes": entry.nbytes(), "bytes_per_image": entry.nbytes() // max(1, len(dataset))}
+    size = entry.nbytes()
+    summary = {"skipped": skipped, "bytes": size, "bytes_per_image": size // max(1, len(dataset))}
     entry.mark_complete(summary)
     reporter.event(f"extracted {images_done} images in {seconds:.1f}s ({images_done / max(seconds, 1e-9):.1f} img/s)")
     return {"cache_key": prep.key, "cache_hit": False, "backbone_forwards": forwards, "images": len(dataset),

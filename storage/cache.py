@@ -41,6 +41,7 @@ class CacheEntry:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.features = self.path / "features.zarr"
+        self._meta: dict[str, Any] | None = None  # immutable once written, so read once
 
     # ---- state ------------------------------------------------------------------------------------
     def _group(self, mode: str = "r") -> zarr.Group:
@@ -56,9 +57,11 @@ class CacheEntry:
 
     @property
     def meta(self) -> dict[str, Any]:
-        if not self.exists:
-            raise CacheError(f"no cache entry at {self.path}")
-        return dict(self._group().attrs["meta"])
+        if self._meta is None:
+            if not self.exists:
+                raise CacheError(f"no cache entry at {self.path}")
+            self._meta = dict(self._group().attrs["meta"])
+        return dict(self._meta)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -105,8 +108,8 @@ class CacheEntry:
         return [int(i) for i in np.flatnonzero(~done)]
 
     def batch_range(self, batch: int) -> tuple[int, int]:
-        bs = self.meta["batch_size"]
-        n = self.meta["shape"][0]
+        meta = self.meta
+        bs, n = meta["batch_size"], meta["shape"][0]
         return batch * bs, min(n, (batch + 1) * bs)
 
     def write_batch(self, batch: int, acts: np.ndarray, valid: np.ndarray) -> None:
