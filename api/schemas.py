@@ -68,6 +68,7 @@ class Model(BaseModel):
     job_id: str = Field(..., description="The job that trained it.")
     name: str | None = Field(None, description="The job's name, if given.")
     method: str = Field(..., description="Adaptation method.")
+    mode: str = Field("cache", description="Execution mode it was trained in: cache, images, tail or online.")
     backbone: str = Field(..., description="timm backbone name.")
     classes: list[str] = Field(..., description="Class labels, in output order.")
     metrics: dict[str, Any] = Field(..., description="Validation accuracy, parameter counts, timings.")

@@ -78,13 +78,23 @@ class Backbone:
             "data_config": self.data_config,
         }
 
+    def train_transform(self) -> Any:
+        """The augmented training transform: timm's random resized crop, flip and colour jitter at the eval size
+        and normalisation (no AutoAugment or random erasing: small datasets and simple images suffer from them)."""
+        dc = self.data_config
+        return create_transform(
+            input_size=dc["input_size"], is_training=True, interpolation=dc["interpolation"], mean=dc["mean"],
+            std=dc["std"], scale=(0.5, 1.0), hflip=0.5, color_jitter=0.2,
+        )  # fmt: skip
+
     def readout_tensors(self) -> dict[str, np.ndarray]:
         """The final norm (before pooling) and fc_norm (after pooling), frozen parts of every head."""
         return {**_layer_norm(self.model.norm, "norm"), **_layer_norm(self.model.fc_norm, "fc_norm")}
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def intermediates(self, images: torch.Tensor, layers: list[int]) -> torch.Tensor:
-        """Block outputs (before the final norm) as [B, len(layers), T, D], prefix tokens first."""
+        """Block outputs (before the final norm) as [B, len(layers), T, D], prefix tokens first. Under no_grad,
+        not inference_mode: `online` training feeds them to a side network that autograd must record."""
         out = self.model.forward_intermediates(
             images.to(self.device), indices=layers, norm=False, output_fmt="NLC",
             intermediates_only=True, return_prefix_tokens=True,

@@ -1,12 +1,15 @@
 """Inference: load adapted models from the artifact store and predict on images.
 
 Backbones are shared: models on the same backbone (same name and weights hash) reuse one loaded backbone,
-and `predict_many` runs that backbone once per image for all of them. The backbone's weights are checked
-against the hash recorded at training time, so a model never silently runs on other weights.
+and `predict_many` runs that backbone once per image for all side models (linear, LoSA) on it. Adapted models
+(APLA, ARC, LoRA, full) are merged into a plain ViT at load time, so each costs one backbone forward and
+nothing more. The backbone's weights are checked against the hash recorded at training time, so a model never
+silently runs on other weights.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -28,6 +31,7 @@ class LoadedModel:
     def __init__(self, model_id: str, module: torch.nn.Module, config: dict[str, Any]) -> None:
         self.id, self.module, self.config = model_id, module, config
         self.classes: list[str] = config["classes"]
+        self.kind: str = config.get("kind", "side")
         self.backbone_key = (config["backbone"]["name"], config["weights_hash"], str(config["data_config"]))
 
 
@@ -61,11 +65,18 @@ class Predictor:
                 return self._models[model_id]
             weights, config = self.artifacts.load_model(model_id)
             method_config = TypeAdapter(methods.MethodConfig).validate_python(config["method"])
-            info = FeatureInfo(**config["feature_info"], readout=Readout.tensors_from_state(weights))
-            module = methods.build(method_config, info)
-            module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+            state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+            backbone = self._backbone(config)
+            if config.get("kind", "side") == "side":
+                info = FeatureInfo(**config["feature_info"], readout=Readout.tensors_from_state(weights))
+                module = methods.build(method_config, info)
+                module.load_trainable(state)
+            else:
+                vit = copy.deepcopy(backbone.model)
+                adapted = methods.build(method_config, vit, len(config["classes"]), config["tail_blocks"])
+                adapted.load_trainable({k: v.to(self.device) for k, v in state.items()})
+                module = adapted.merge()  # a plain ViT: inference costs one backbone forward
             loaded = LoadedModel(model_id, module.to(self.device).eval(), config)
-            self._backbone(config)
             self._models[model_id] = loaded
             while len(self._models) > self.max_models:
                 self._models.popitem(last=False)
@@ -86,13 +97,17 @@ class Predictor:
             groups.setdefault(m.backbone_key, []).append(m)
         for group in groups.values():
             backbone = self._backbone(group[0].config)
-            layers = sorted({layer for m in group for layer in m.config["input_layers"]})
-            x = torch.stack([backbone.transform(im) for im in decoded])
-            feats = backbone.intermediates(x, layers)
+            x = torch.stack([backbone.transform(im) for im in decoded]).to(self.device)
+            side = [m for m in group if m.kind == "side"]
+            layers = sorted({layer for m in side for layer in m.config["input_layers"]})
+            feats = backbone.intermediates(x, layers) if side else None
             with torch.inference_mode():
                 for m in group:
-                    slots = [layers.index(layer) for layer in m.config["input_layers"]]
-                    probs = m.module(feats[:, slots]).softmax(-1).cpu().numpy()
+                    if m.kind == "side":
+                        logits = m.module(feats[:, [layers.index(layer) for layer in m.config["input_layers"]]])
+                    else:
+                        logits = m.module(x)
+                    probs = logits.float().softmax(-1).cpu().numpy()
                     out[m.id] = [
                         {"label": m.classes[int(p.argmax())], "scores": {c: round(float(s), 6) for c, s in
                                                                          zip(m.classes, p, strict=True)}}

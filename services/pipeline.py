@@ -13,7 +13,7 @@ from services.datasets import DatasetError
 from services.progress import Cancelled, JobReporter
 from services.spec import JobSpec
 from storage.artifacts import ArtifactStore, read_json
-from storage.cache import CacheError, FeatureCache
+from storage.cache import CacheError
 from storage.jobs import TERMINAL, JobStore, now
 from storage.settings import Settings
 
@@ -53,32 +53,37 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> None:
     from services.extraction import run_extraction
 
     job = store.get_job(job_id)
-    if job["status"] in TERMINAL or job.get("cache_key"):
+    if job["status"] in TERMINAL or job.get("extracted"):
         return  # finished, failed, cancelled, or extracted already (a redelivered task)
     if job.get("cancel_requested"):
         return _cancelled(store, job_id)
+    spec = JobSpec.model_validate(job["spec"])
+    if not spec.needs_cache:
+        store.add_event(job_id, f"mode {spec.mode}: trains on images, no feature cache needed")
+        store.set_fields(job_id, extracted=True, started_at=job.get("started_at") or now())
+        return
     store.set_fields(job_id, status="extracting", started_at=job.get("started_at") or now())
     store.add_event(job_id, "extraction started")
     try:
-        spec = JobSpec.model_validate(job["spec"])
         result = run_extraction(spec, settings, JobReporter(store, job_id))
     except Cancelled:
         return _cancelled(store, job_id)
     except Exception as e:
         return _fail(store, job_id, e)
-    store.update_job(job_id, lambda j: j.update(cache_key=result["cache_key"], metrics={**j["metrics"], **result}))
+    store.update_job(job_id, lambda j: j.update(cache_key=result["cache_key"], extracted=True,
+                                                metrics={**j["metrics"], **result}))  # fmt: skip
 
 
 def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
-    from services.training import train_from_cache
+    from services.training import train_job
 
     job = store.get_job(job_id)
     if job["status"] in TERMINAL:
         return
     if job.get("cancel_requested"):
         return _cancelled(store, job_id)
-    if not job.get("cache_key"):
-        return _fail(store, job_id, RuntimeError("the extraction step did not finish; no cached features"))
+    if not job.get("extracted"):
+        return _fail(store, job_id, RuntimeError("the extraction step did not finish"))
     artifacts = ArtifactStore(settings.artifacts_dir)
     model_id = model_id_for(job_id)
     store.set_fields(job_id, status="training")
@@ -86,10 +91,8 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
     try:
         spec = JobSpec.model_validate(job["spec"])
         if not artifacts.has_model(model_id):
-            entry = FeatureCache(settings.cache_dir).entry(job["cache_key"])
-            device = settings.torch_device()
             ckpt = artifacts.checkpoint_dir(job_id)
-            out = train_from_cache(entry, spec, JobReporter(store, job_id), ckpt, device, settings.train_memory_mb)
+            out = train_job(spec, settings, job.get("cache_key"), JobReporter(store, job_id), ckpt)
             artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
         config = artifacts.load_model(model_id)[1]
         metrics = read_json(artifacts.model_dir(model_id) / "metrics.json")
@@ -99,7 +102,8 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         return _fail(store, job_id, e)
     store.register_model({
         "id": model_id, "object": "model", "created_at": now(), "job_id": job_id, "owner": job.get("owner"),
-        "name": spec.name, "method": spec.method.name, "backbone": spec.backbone.name, "classes": config["classes"],
+        "name": spec.name, "method": spec.method.name, "mode": spec.mode, "backbone": spec.backbone.name,
+        "classes": config["classes"],
         "metrics": metrics,
     })  # fmt: skip
     store.update_job(job_id, lambda j: j.update(status="succeeded", model_id=model_id, finished_at=now(),

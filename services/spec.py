@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.methods import MethodConfig
+
+Mode = Literal["cache", "images", "tail", "online"]
 
 
 class DatasetSpec(BaseModel):
@@ -58,6 +60,26 @@ class ExtractionSpec(BaseModel):
     codec: Literal["none", "zstd"] = Field("none", description="Compression of the cached activations.")
 
 
+class ExecutionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "cache", "images", "tail", "online"] = Field(
+        "auto",
+        description="How the method sees the data. `cache`: from the feature cache, no backbone forward while "
+        "training (linear, losa). `images`: forward and backward through the backbone on images, augmentation "
+        "possible (apla, arc, lora, full). `tail`: only the last `tail_blocks` blocks are adapted, trained from the "
+        "cached input of the first of them, so the frozen prefix never runs (apla, arc, lora). `online`: the "
+        "backbone runs under no_grad on every step, as the LoSA paper trains, which allows augmentation "
+        "(linear, losa). `auto`: the method's first mode (`cache` for linear and losa, `images` for the others).",
+    )
+    tail_blocks: int = Field(2, ge=1, le=1000, description="In `tail` mode, how many final blocks are adapted.")
+    augment: bool = Field(
+        False,
+        description="Random resized crops, flips and colour jitter on training images (`images` and `online` "
+        "modes only: a cache holds fixed features).",
+    )
+
+
 class TrainingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -93,4 +115,27 @@ class JobSpec(BaseModel):
     backbone: BackboneSpec = Field(..., description="The frozen ViT to adapt.")
     method: MethodConfig = Field(..., description="The adaptation method; `name` selects it.")
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec, description="How features are cached.")
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="Where the method's inputs come from.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> JobSpec:
+        modes = type(self.method).modes
+        mode = self.execution.mode
+        if mode != "auto" and mode not in modes:
+            name, choices = self.method.name, " or ".join(modes)
+            raise ValueError(f"execution.mode {mode!r} is not available for method {name!r} (choose {choices})")
+        if self.execution.augment and self.mode not in ("images", "online"):
+            raise ValueError(
+                f"execution.augment needs mode images or online; mode {self.mode!r} trains on fixed cached features"
+            )
+        return self
+
+    @property
+    def mode(self) -> Mode:
+        """The execution mode, `auto` resolved to the method's default."""
+        return type(self.method).modes[0] if self.execution.mode == "auto" else self.execution.mode
+
+    @property
+    def needs_cache(self) -> bool:
+        return self.mode in ("cache", "tail")

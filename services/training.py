@@ -1,8 +1,9 @@
-"""Training a cache-fed method (linear probe, LoSA): mini-batches of cached activations, SGD or AdamW with
-linear warmup and cosine decay, validation accuracy every epoch, the best weights kept.
+"""Training, shared by every method and execution mode: mini-batches from a source (cached features, images,
+or images through the frozen backbone), SGD or AdamW with linear warmup and cosine decay, validation accuracy
+every epoch, the best weights kept.
 
-A checkpoint (current and best weights, optimizer state, epoch) is written after every epoch, so a
-killed train worker resumes from the last finished epoch.
+A checkpoint (current and best trainable weights, optimizer state, epoch) is written after every epoch, so a
+killed train worker resumes from the last finished epoch. Frozen backbone weights are never checkpointed.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ import torch
 from torch import nn
 
 from services import methods
-from services.datasets import DatasetError, stratified_split
+from services.backbones import load_backbone
+from services.datasets import DatasetError, check_path, read_dataset, stratified_split
 from services.methods.readout import FeatureInfo
 from services.progress import Reporter
+from services.sources import CacheSource, ImageSource, OnlineSource, Source, prefetch
 from services.spec import JobSpec
 from storage.artifacts import read_json, read_tensors, write_json, write_tensors
-from storage.cache import CacheEntry
+from storage.cache import FeatureCache
+from storage.settings import Settings
+
+FEATURE_KEYS = ("num_layers", "tokens", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
 
 
 def to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -40,23 +46,8 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class Features:
-    """Cached activations of some samples: held in memory when they fit the budget, else read per batch."""
-
-    def __init__(self, entry: CacheEntry, indices: np.ndarray, layers: list[int], budget_bytes: int) -> None:
-        self.entry, self.indices, self.layers = entry, indices, layers
-        n, _, t, d = entry.meta["shape"]
-        self.in_memory = len(indices) * len(layers) * t * d * 2 <= budget_bytes
-        self.data = torch.from_numpy(entry.read(indices, layers)) if self.in_memory else None
-
-    def batch(self, positions: np.ndarray) -> torch.Tensor:
-        if self.data is not None:
-            return self.data[torch.from_numpy(positions)]
-        return torch.from_numpy(self.entry.read(self.indices[positions], self.layers))
-
-
 def _save_checkpoint(d: Path, epoch: int, model: nn.Module, best: dict, opt: torch.optim.Optimizer, log: dict):
-    state = {f"model.{k}": v for k, v in to_numpy(model.state_dict()).items()}
+    state = {f"model.{k}": v for k, v in to_numpy(model.trainable_state()).items()}
     state |= {f"best.{k}": v for k, v in best.items()}
     opt_state = opt.state_dict()
     for pid, s in opt_state["state"].items():
@@ -76,7 +67,7 @@ def _load_checkpoint(d: Path, model: nn.Module, opt: torch.optim.Optimizer) -> t
         return None
     info = read_json(d / "checkpoint.json")
     state = read_tensors(d / "checkpoint.safetensors")
-    model.load_state_dict(to_torch({k[6:]: v for k, v in state.items() if k.startswith("model.")}))
+    model.load_trainable(to_torch({k[6:]: v for k, v in state.items() if k.startswith("model.")}))
     best = {k[5:]: v for k, v in state.items() if k.startswith("best.")}
     opt_state: dict[int, dict] = {int(pid): dict(s) for pid, s in info["opt_scalars"].items()}
     for k, v in state.items():
@@ -87,57 +78,55 @@ def _load_checkpoint(d: Path, model: nn.Module, opt: torch.optim.Optimizer) -> t
     return info["epoch"], best, info
 
 
-def evaluate(model: nn.Module, feats: Features, labels: np.ndarray, batch_size: int, device: str) -> float:
+def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
+def evaluate(model: nn.Module, source: Source, labels: np.ndarray, batch_size: int, device: str) -> float:
     if len(labels) == 0:
         return float("nan")
     model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for s in range(0, len(labels), batch_size):
-            pos = np.arange(s, min(s + batch_size, len(labels)))
-            logits = model(feats.batch(pos).to(device))
-            correct += int((logits.argmax(1).cpu().numpy() == labels[pos]).sum())
-    return correct / len(labels)
+    correct, seen = 0, 0
+    with torch.inference_mode(), _autocast(device):
+        for x, kept in prefetch(source, _batches(np.arange(len(labels)), batch_size)):
+            if len(kept):
+                correct += int((model(x.to(device)).argmax(1).cpu().numpy() == labels[kept]).sum())
+                seen += len(kept)
+    return correct / max(seen, 1)
 
 
-def train_from_cache(
-    entry: CacheEntry, spec: JobSpec, reporter: Reporter, checkpoint_dir: Path, device: str, budget_mb: int
-) -> dict[str, Any]:
-    """Returns {"weights", "config", "metrics"} for the artifact store."""
-    meta = entry.meta
-    labels_all, valid = entry.labels(), entry.valid()
-    if not valid.all() and spec.dataset.on_corrupt == "fail":
-        bad = entry.summary.get("skipped", [])[:3]
-        raise DatasetError(f"{int((~valid).sum())} images in the cache could not be decoded (e.g. {bad}); "
-                           "set dataset.on_corrupt='skip' to train without them")  # fmt: skip
-    usable = np.flatnonzero(valid)
-    train_pos, val_pos = stratified_split(labels_all[usable], spec.dataset.val_fraction, spec.dataset.split_seed)
-    train_idx, val_idx = usable[train_pos], usable[val_pos]
-    classes = meta["classes"]
-    info = FeatureInfo.from_meta(meta, entry.readout(), len(classes))
-    hp = spec.training.resolved(spec.method.training_defaults())
+def _autocast(device: str):
+    # bfloat16 autocast on a GPU (no loss scaling needed); full precision on the CPU.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
-    torch.manual_seed(hp["seed"])
-    model = methods.build(spec.method, info).to(device)
-    layers = model.input_layers
-    budget = budget_mb * 2**20
-    train_feats = Features(entry, train_idx, layers, budget // 2)
-    val_feats = Features(entry, val_idx, layers, budget // 2)
-    y_train, y_val = labels_all[train_idx], labels_all[val_idx]
 
+def fit(
+    model: nn.Module,
+    train: Source,
+    val: Source,
+    y_train: np.ndarray,
+    y_val: np.ndarray,
+    hp: dict[str, Any],
+    reporter: Reporter,
+    checkpoint_dir: Path,
+    device: str,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The training loop shared by every method and mode; returns (best weights, metrics)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if hp["optimizer"] == "sgd":
         opt = torch.optim.SGD(params, lr=hp["lr"], momentum=0.9, weight_decay=hp["weight_decay"])
     else:
         opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    bs = min(hp["batch_size"], len(train_idx))
-    steps_per_epoch = -(-len(train_idx) // bs)
+    n = len(y_train)
+    bs = min(hp["batch_size"], n)
+    steps_per_epoch = -(-n // bs)
     total = steps_per_epoch * hp["epochs"]
     warmup = min(total, max(1, round(hp["warmup_epochs"] * steps_per_epoch)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
     loss_fn = nn.CrossEntropyLoss()
 
-    start_epoch, best, best_acc, best_epoch, seconds, seen = 0, to_numpy(model.state_dict()), -1.0, 0, 0.0, 0
+    start_epoch, best_acc, best_epoch, seconds, seen = 0, -1.0, 0, 0.0, 0
+    best = to_numpy(model.trainable_state())
     resumed = _load_checkpoint(checkpoint_dir, model, opt)
     if resumed:
         start_epoch, best, log = resumed
@@ -145,34 +134,30 @@ def train_from_cache(
         sched.last_epoch = start_epoch * steps_per_epoch - 1
         sched.step()
         reporter.event(f"resumed training from the checkpoint of epoch {start_epoch}")
-    reporter.event(
-        f"training {spec.method.name} ({model.side_parameters():,} side parameters) on {len(train_idx)} images, "
-        f"validating on {len(val_idx)}; features {'in memory' if train_feats.in_memory else 'streamed'}",
-        data={"hyperparameters": hp},
-    )
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     for epoch in range(start_epoch, hp["epochs"]):
         model.train()
-        rng = np.random.default_rng(hp["seed"] * 100_003 + epoch)
-        order = rng.permutation(len(train_idx))
-        t0, loss_sum = time.perf_counter(), 0.0
-        for step in range(steps_per_epoch):
-            pos = order[step * bs : (step + 1) * bs]
-            x = train_feats.batch(pos).to(device)
-            y = torch.from_numpy(y_train[pos]).to(device)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
+        t0, loss_sum, count = time.perf_counter(), 0.0, 0
+        for step, (x, kept) in enumerate(prefetch(train, _batches(order, bs))):
+            if len(kept):
+                y = torch.from_numpy(y_train[kept]).to(device)
+                with _autocast(device):
+                    loss = loss_fn(model(x.to(device)), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum, count = loss_sum + loss.item() * len(kept), count + len(kept)
             sched.step()
-            loss_sum += loss.item() * len(pos)
             if step % 20 == 0:
                 reporter.check_cancel()
         seconds += time.perf_counter() - t0
-        seen += len(train_idx)
-        acc = evaluate(model, val_feats, y_val, 256, device)
+        seen += count
+        acc = evaluate(model, val, y_val, max(bs, 64), device)
         if acc > best_acc:
-            best_acc, best_epoch, best = acc, epoch + 1, to_numpy(model.state_dict())
-        metrics = {"epoch": epoch + 1, "train_loss": round(loss_sum / len(train_idx), 5), "val_accuracy": round(acc, 5),
+            best_acc, best_epoch, best = acc, epoch + 1, to_numpy(model.trainable_state())
+        metrics = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(count, 1), 5), "val_accuracy": round(acc, 5),
                    "lr": round(sched.get_last_lr()[0], 6)}  # fmt: skip
         reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: loss {metrics['train_loss']:.4f}, "
                        f"val acc {acc:.4f}", type="metrics", data=metrics)  # fmt: skip
@@ -180,27 +165,102 @@ def train_from_cache(
         log = {"best_acc": best_acc, "best_epoch": best_epoch, "seconds": seconds, "seen": seen}
         _save_checkpoint(checkpoint_dir, epoch + 1, model, best, opt, log)
         reporter.check_cancel()
-
     metrics = {
         "val_accuracy": round(best_acc, 5),
         "best_epoch": best_epoch,
         "epochs": hp["epochs"],
-        "train_images": int(len(train_idx)),
-        "val_images": int(len(val_idx)),
-        "trainable_params": model.side_parameters() + sum(p.numel() for p in model.head.parameters()),
+        "train_images": int(n),
+        "val_images": int(len(y_val)),
+        "trainable_params": sum(p.numel() for p in params),
         "side_params": model.side_parameters(),
         "train_seconds": round(seconds, 3),
         "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
     }
+    if device.startswith("cuda"):
+        metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return best, metrics
+
+
+def _split(labels: np.ndarray, usable: np.ndarray, spec: JobSpec) -> tuple[np.ndarray, np.ndarray]:
+    train_pos, val_pos = stratified_split(labels[usable], spec.dataset.val_fraction, spec.dataset.split_seed)
+    return usable[train_pos], usable[val_pos]
+
+
+def train_job(
+    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Path
+) -> dict[str, Any]:
+    """Build the job's model and input sources for its execution mode, train; returns {"weights", "config",
+    "metrics"} for the artifact store."""
+    mode, kind, device = spec.mode, type(spec.method).kind, settings.torch_device()
+    budget = settings.train_memory_mb * 2**20
+    entry = backbone = dataset = None
+    if spec.needs_cache:
+        if not cache_key:
+            raise RuntimeError(f"mode {mode!r} needs the feature cache, and the extraction step left none")
+        entry = FeatureCache(settings.cache_dir).entry(cache_key)
+        meta = entry.meta
+        labels, valid, classes = entry.labels(), entry.valid(), meta["classes"]
+        if not valid.all() and spec.dataset.on_corrupt == "fail":
+            bad = entry.summary.get("skipped", [])[:3]
+            raise DatasetError(f"{int((~valid).sum())} images in the cache could not be decoded (e.g. {bad}); "
+                               "set dataset.on_corrupt='skip' to train without them")  # fmt: skip
+        usable = np.flatnonzero(valid)
+    else:
+        dataset = read_dataset(check_path(spec.dataset.path, settings.roots), spec.dataset.format)
+        labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
+    if mode != "cache":
+        ckpt = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
+        backbone = load_backbone(spec.backbone, device, ckpt)
+        meta = backbone.info()
+        if entry is not None and backbone.weights_hash != entry.meta["weights_hash"]:
+            raise RuntimeError("the backbone's weights changed since the features were cached")
+    train_idx, val_idx = _split(labels, usable, spec)
+    hp = spec.training.resolved(spec.method.training_defaults())
+
+    torch.manual_seed(hp["seed"])
+    if kind == "side":
+        readout = entry.readout() if mode == "cache" else backbone.readout_tensors()
+        info = FeatureInfo.from_meta(meta, readout, len(classes))
+        model = methods.build(spec.method, info)
+    else:
+        tail = spec.execution.tail_blocks if mode == "tail" else None
+        model = methods.build(spec.method, backbone.model, len(classes), tail)
+    model = model.to(device)
+
+    if entry is not None:
+        train_src = CacheSource(entry, train_idx, model.input_layers, budget // 2)
+        val_src = CacheSource(entry, val_idx, model.input_layers, budget // 2)
+        where = "cached features " + ("in memory" if train_src.in_memory else "streamed from the cache")
+    else:
+        skip = spec.dataset.on_corrupt == "skip"
+        augment = backbone.train_transform() if spec.execution.augment else backbone.transform
+        train_src = ImageSource(dataset, train_idx, augment, skip)
+        val_src = ImageSource(dataset, val_idx, backbone.transform, skip)
+        if mode == "online":
+            train_src = OnlineSource(train_src, backbone, model.input_layers)
+            val_src = OnlineSource(val_src, backbone, model.input_layers)
+        where = f"images{' (augmented)' if spec.execution.augment else ''}" + (
+            ", backbone forward every step" if mode == "online" else ", through the backbone"
+        )
+    reporter.event(
+        f"training {spec.method.name} in mode {mode} ({model.side_parameters():,} side parameters) on "
+        f"{len(train_idx)} images, validating on {len(val_idx)}; inputs: {where}",
+        data={"hyperparameters": hp},
+    )
+    weights, metrics = fit(model, train_src, val_src, labels[train_idx], labels[val_idx], hp, reporter,
+                           checkpoint_dir, device)  # fmt: skip
     config = {
         "method": spec.method.model_dump(),
+        "kind": kind,
+        "mode": mode,
+        "tail_blocks": spec.execution.tail_blocks if mode == "tail" else None,
         "backbone": spec.backbone.model_dump(),
         "weights_hash": meta["weights_hash"],
         "data_config": meta["data_config"],
-        "feature_info": {k: v for k, v in info.__dict__.items() if k != "readout"},
-        "input_layers": layers,
+        "feature_info": {**{k: meta[k] for k in FEATURE_KEYS}, "num_classes": len(classes)},
+        "input_layers": model.input_layers if kind == "side" else None,
         "classes": classes,
         "hyperparameters": hp,
-        "cache_key": entry.path.name,
+        "cache_key": cache_key if entry is not None else None,
     }
-    return {"weights": best, "config": config, "metrics": metrics}
+    return {"weights": weights, "config": config, "metrics": metrics}

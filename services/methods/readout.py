@@ -80,3 +80,10 @@ class Classifier(nn.Module):
         """Trainable parameters outside the classifier (the papers' convention)."""
         head = {id(p) for p in self.head.parameters()}
         return sum(p.numel() for p in self.parameters() if p.requires_grad and id(p) not in head)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The whole state: side network, classifier and the (small) frozen norm buffers."""
+        return self.state_dict()
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)

@@ -18,7 +18,7 @@ from services.inference import Predictor
 from services.methods.readout import FeatureInfo
 from services.progress import Cancelled, NullReporter
 from services.spec import JobSpec
-from services.training import to_torch, train_from_cache
+from services.training import to_torch, train_job
 from storage.artifacts import ArtifactStore
 from storage.cache import CacheEntry, FeatureCache
 from storage.settings import Settings
@@ -36,6 +36,11 @@ def job_spec(path: Path, method: dict | None = None, training: dict | None = Non
         "extraction": {"batch_size": BATCH},
         "training": {"epochs": 2, "batch_size": 32, **(training or {})},
     })  # fmt: skip
+
+
+def train(settings: Settings, spec: JobSpec, entry: CacheEntry, reporter, ckpt: Path, budget_mb: int = 512) -> dict:
+    """Train from a cache entry as the train step does, with a feature memory budget of `budget_mb`."""
+    return train_job(spec, settings.model_copy(update={"train_memory_mb": budget_mb}), entry.path.name, reporter, ckpt)
 
 
 def entry_of(settings: Settings, result: dict) -> CacheEntry:
@@ -98,7 +103,7 @@ def test_extract_then_train(
     assert entry.valid().all()
     assert entry.meta["classes"] == [str(i) for i in range(10)]
 
-    out = train_from_cache(entry, spec, NullReporter(), tmp_path / "ckpt", "cpu", 512)
+    out = train(settings, spec, entry, NullReporter(), tmp_path / "ckpt", 512)
     metrics = out["metrics"]
     assert metrics["train_images"] + metrics["val_images"] == n
     assert metrics["val_accuracy"] > min_accuracy  # chance is 0.1
@@ -176,11 +181,11 @@ def test_corrupt_image_is_skipped_and_counted(
     assert int((~valid).sum()) == 1
     assert dataset.paths[int(np.flatnonzero(~valid)[0])].name == bad.name
 
-    out = train_from_cache(entry, spec, NullReporter(), tmp_path / "ckpt", "cpu", 512)
+    out = train(settings, spec, entry, NullReporter(), tmp_path / "ckpt", 512)
     assert out["metrics"]["train_images"] + out["metrics"]["val_images"] == n - 1
     strict = job_spec(root, on_corrupt="fail")  # same cache (on_corrupt is not part of the key)
     with pytest.raises(DatasetError, match="could not be decoded"):
-        train_from_cache(entry, strict, NullReporter(), tmp_path / "ckpt2", "cpu", 512)
+        train(settings, strict, entry, NullReporter(), tmp_path / "ckpt2", 512)
 
 
 def test_training_streams_features_when_over_the_memory_budget(
@@ -188,9 +193,9 @@ def test_training_streams_features_when_over_the_memory_budget(
 ) -> None:
     spec = job_spec(digits, {"name": "losa", "rank": 4, "layers": 2}, {"epochs": 2})
     entry = entry_of(settings, run_extraction(spec, settings, NullReporter()))
-    in_memory = train_from_cache(entry, spec, NullReporter(), tmp_path / "a", "cpu", 512)
+    in_memory = train(settings, spec, entry, NullReporter(), tmp_path / "a", 512)
     reporter = NullReporter()
-    streamed = train_from_cache(entry, spec, reporter, tmp_path / "b", "cpu", 0)
+    streamed = train(settings, spec, entry, reporter, tmp_path / "b", 0)
     assert any("streamed" in e["message"] for e in reporter.events)
     assert streamed["metrics"]["val_accuracy"] == in_memory["metrics"]["val_accuracy"]
     for k, v in in_memory["weights"].items():
@@ -206,11 +211,11 @@ def png_bytes(path: Path) -> bytes:
 def test_predictor_round_trip(settings: Settings, digits: Path, tmp_path: Path) -> None:
     spec = job_spec(digits, {"name": "losa", "rank": 4}, {"epochs": 10})
     entry = entry_of(settings, run_extraction(spec, settings, NullReporter()))
-    out = train_from_cache(entry, spec, NullReporter(), tmp_path / "ckpt", "cpu", 512)
+    out = train(settings, spec, entry, NullReporter(), tmp_path / "ckpt", 512)
     artifacts = ArtifactStore(settings.artifacts_dir)
     artifacts.save_model("model_losa", out["weights"], out["config"], out["metrics"])
     linear_spec = job_spec(digits, {"name": "linear"}, {"epochs": 2})
-    lin = train_from_cache(entry, linear_spec, NullReporter(), tmp_path / "ckpt_lin", "cpu", 512)
+    lin = train(settings, linear_spec, entry, NullReporter(), tmp_path / "ckpt_lin", 512)
     artifacts.save_model("model_linear", lin["weights"], lin["config"], lin["metrics"])
 
     dataset = read_imagefolder(digits)
@@ -220,7 +225,7 @@ def test_predictor_round_trip(settings: Settings, digits: Path, tmp_path: Path) 
     # the same module, applied to the cached (float16) activations of those images
     classes = out["config"]["classes"]
     module = methods.build(spec.method, FeatureInfo.from_meta(entry.meta, entry.readout(), len(classes)))
-    module.load_state_dict(to_torch(out["weights"]))
+    module.load_trainable(to_torch(out["weights"]))
     module.eval()
     with torch.inference_mode():
         probs = module(torch.from_numpy(entry.read(indices, out["config"]["input_layers"]))).softmax(-1).numpy()

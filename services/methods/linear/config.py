@@ -4,7 +4,7 @@ The standard baseline of every adaptation paper (e.g. LoSA, Mercea et al., CVPR 
 Trained from the feature cache; needs only the last layer.
 """
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +13,8 @@ Pool = Literal["auto", "cls", "mean"]
 
 class LinearConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    kind: ClassVar[str] = "side"  # trained on backbone activations; build(config, info: FeatureInfo)
+    modes: ClassVar[tuple[str, ...]] = ("cache", "online")  # the first is the default
 
     name: Literal["linear"] = Field("linear", description="Method name: a linear probe.")
     pool: Pool = Field(

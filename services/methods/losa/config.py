@@ -8,7 +8,7 @@ g(x) = s * W_up GeLU(W_down x + b_down) + b_up, applied along channels on odd l 
 Trainable parameters (classifier excluded) for ViT-B/16: r=16 -> 191,262 (+1 scale per layer).
 """
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +17,8 @@ from services.methods.linear.config import Pool
 
 class LosaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    kind: ClassVar[str] = "side"  # trained on backbone activations; build(config, info: FeatureInfo)
+    modes: ClassVar[tuple[str, ...]] = ("cache", "online")  # the first is the default
 
     name: Literal["losa"] = Field("losa", description="Method name: a LoSA side network.")
     rank: int = Field(16, ge=1, le=4096, description="Bottleneck rank r of every side layer (paper: 4, 8, 16, 64).")

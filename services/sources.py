@@ -1,0 +1,92 @@
+"""Where a training step's inputs come from, one class per execution mode's input:
+
+- `CacheSource`: cached activations of some layers (modes `cache` and `tail`), held in memory when they fit
+  the budget, else read from the cache per batch;
+- `ImageSource`: decoded, transformed images (mode `images`), augmented or not;
+- `OnlineSource`: images through the frozen backbone under no_grad on every batch (mode `online`, the LoSA
+  paper's way of training, and the baseline the cache is measured against).
+
+Every source answers `batch(positions) -> (inputs, kept)`: `kept` are the positions actually in the batch
+(an undecodable image is dropped when the job says `on_corrupt="skip"`). `prefetch` loads the next batch in a
+thread while the current one trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from services.backbones import Backbone
+from services.datasets import Dataset, DatasetError, load_image
+from storage.cache import CacheEntry
+
+
+class Source(Protocol):
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]: ...
+
+
+class CacheSource:
+    def __init__(self, entry: CacheEntry, indices: np.ndarray, layers: list[int], budget_bytes: int) -> None:
+        self.entry, self.indices, self.layers = entry, indices, layers
+        _, _, t, d = entry.meta["shape"]
+        self.in_memory = len(indices) * len(layers) * t * d * 2 <= budget_bytes
+        self.data = torch.from_numpy(entry.read(indices, layers)) if self.in_memory else None
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        if self.data is not None:
+            return self.data[torch.from_numpy(positions)], positions
+        return torch.from_numpy(self.entry.read(self.indices[positions], self.layers)), positions
+
+
+class ImageSource:
+    in_memory = False
+
+    def __init__(self, dataset: Dataset, indices: np.ndarray, transform: Any, skip_corrupt: bool) -> None:
+        self.dataset, self.indices, self.transform, self.skip_corrupt = dataset, indices, transform, skip_corrupt
+        self.skipped: set[str] = set()
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        images, kept = [], []
+        for pos in positions:
+            path = self.dataset.paths[self.indices[pos]]
+            try:
+                images.append(self.transform(load_image(path)))
+            except DatasetError:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped.add(str(path))
+                continue
+            kept.append(pos)
+        if not images:
+            return torch.empty(0), np.array([], dtype=np.int64)
+        return torch.stack(images), np.array(kept, dtype=np.int64)
+
+
+class OnlineSource:
+    in_memory = False
+
+    def __init__(self, images: ImageSource, backbone: Backbone, layers: list[int]) -> None:
+        self.images, self.backbone, self.layers = images, backbone, layers
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        x, kept = self.images.batch(positions)
+        if len(kept) == 0:
+            return x, kept
+        return self.backbone.intermediates(x, self.layers), kept
+
+
+def prefetch(source: Source, batches: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """Yield `source.batch(b)` for each b, loading the next one in a thread meanwhile."""
+    if not batches:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(source.batch, batches[0])
+        for i in range(len(batches)):
+            out = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(source.batch, batches[i + 1])
+            yield out
