@@ -114,6 +114,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layers(spec: str) -> str | int | list[int]:
+    """`all`, a count (`4`), or 0-based block indices (`0,5,11`; `5,` is the single index 5)."""
+    spec = spec.strip()
+    try:
+        if spec == "all":
+            return spec
+        if "," in spec:
+            return [int(i) for i in spec.split(",") if i.strip()]
+        return int(spec)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not `all`, a count, or a comma-separated index list") from None
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value  # a bare string, e.g. pool=mean
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from services.params import count_parameters
+
+    options = dict(args.option)
+    for key in ("rank", "layers"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    try:
+        n = count_parameters(args.backbone, args.method, options, image_size=args.image_size,
+                             tail_blocks=args.tail_blocks, num_classes=args.num_classes)  # fmt: skip
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"backbone    {n.backbone}: {n.num_layers} blocks, {n.tokens} tokens, dim {n.dim}, "
+          f"{n.backbone_params:,} parameters")  # fmt: skip
+    print(f"method      {n.method} {json.dumps(n.config)}")
+    print(f"trainable   {n.side:,} (classifier excluded), of which {n.scalars} single scalars (e.g. per-layer "
+          f"scales): {n.side - n.scalars:,} without them")  # fmt: skip
+    print(f"classifier  {n.classifier:,} for {args.num_classes} classes (not counted); model total {n.total:,}")
+    print(n.side)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -140,11 +186,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("model_id")
             p.add_argument("images", nargs="+")
+    from services.methods import METHOD_NAMES
+
+    p = sub.add_parser("params", help="count a method's trainable parameters on a backbone (meta device, no memory)")
+    p.add_argument("--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224")
+    p.add_argument("--method", required=True, choices=METHOD_NAMES)
+    p.add_argument("--rank", type=int, help="the method's rank (methods that have one)")
+    p.add_argument("--layers", type=_layers, metavar="SPEC", help="`all`, a count n, or block indices `0,5,11`")
+    p.add_argument("--tail-blocks", type=int, help="adapt only the last k blocks (methods with a tail mode)")
+    p.add_argument("--image-size", type=int, help="input resolution (default: the backbone's)")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier size (excluded from the count)")
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="another config field, JSON value (repeatable)")  # fmt: skip
     p = sub.add_parser("demo", help="embedded stack + digits: a linear probe and a LoSA job, end to end")
     p.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "api": cmd_api, "worker": cmd_worker, "submit": cmd_submit, "jobs": cmd_jobs,
-                "predict": cmd_predict, "demo": cmd_demo}  # fmt: skip
+                "predict": cmd_predict, "params": cmd_params, "demo": cmd_demo}  # fmt: skip
     try:
         return handlers[args.command](args)
     except Exception as e:

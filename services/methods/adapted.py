@@ -33,12 +33,16 @@ class AdaptedViT(nn.Module):
         vit.requires_grad_(False)
         vit.reset_classifier(num_classes)
         self.vit = vit
-        self.head = vit.head
         self.head.requires_grad_(True)
         self.tail_blocks = tail_blocks
         self.first_block = 0 if tail_blocks is None else num_layers - tail_blocks
         # tail mode reads the output of the block before the first adapted one from the cache
         self.input_layers = None if tail_blocks is None else [self.first_block - 1]
+
+    @property
+    def head(self) -> nn.Module:
+        """The new classifier (a property, not a second registration, so its weights are saved once)."""
+        return self.vit.head
 
     @property
     def adapted_blocks(self) -> range:
@@ -75,5 +79,6 @@ class AdaptedViT(nn.Module):
             raise ValueError(f"saved weights do not fit this model: missing {lost[:5]}, unexpected {unexpected[:5]}")
 
     def merge(self) -> nn.Module:
-        """A plain timm ViT with the method folded in (images -> logits). Default: the ViT as it is."""
+        """A plain timm ViT with the method folded in (images -> logits), made in place: save the trainable state
+        first. Default: the ViT as it is."""
         return self.vit

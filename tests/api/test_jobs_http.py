@@ -64,6 +64,34 @@ def test_job_end_to_end_then_cache_reuse_and_predict(stack):
     assert [p["label"] for p in r.json()["predictions"]] == [p["label"] for p in predictions]
 
 
+def test_every_method_trains_and_predicts_through_the_job_api(stack):
+    running, client = stack
+    runs = [
+        ({"name": "losa", "rank": 4, "layers": 2}, {"mode": "online"}),
+        ({"name": "apla", "rank": 4}, {"mode": "images", "augment": True}),
+        ({"name": "arc", "rank": 8}, {"mode": "tail", "tail_blocks": 2}),
+        ({"name": "lora", "rank": 4}, {"mode": "images"}),
+        ({"name": "full"}, {"mode": "images"}),
+    ]
+    ids = [client.submit(spec(stack, method, execution=execution, training={"epochs": 1}))["id"]
+           for method, execution in runs]  # fmt: skip
+    paths = holdout_images(stack, n=3)
+    for job_id, (method, execution) in zip(ids, runs, strict=True):
+        job = client.wait(job_id, timeout_s=300)
+        assert job["status"] == "succeeded", (method["name"], job["error"])
+        model = httpx.get(f"{running.api_url}/models/{job['model_id']}").json()
+        assert (model["method"], model["mode"]) == (method["name"], execution["mode"])
+        assert job["metrics"]["side_params"] > 0
+        predictions = client.predict(job["model_id"], paths)
+        assert len(predictions) == 3 and all(abs(sum(p["scores"].values()) - 1) < 1e-3 for p in predictions)
+
+
+def test_mode_that_does_not_suit_the_method_is_422(stack):
+    r = post(stack, spec(stack, {"name": "full"}, execution={"mode": "cache"}))
+    assert r.status_code == 422
+    assert "execution.mode 'cache' is not available for method 'full' (choose images)" in r.json()["error"]["message"]
+
+
 def test_missing_dataset_path_is_422_naming_the_field(stack):
     running, _ = stack
     r = post(stack, spec(stack, path=running.settings.data_path / "datasets" / "nope"))

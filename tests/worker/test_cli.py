@@ -1,10 +1,14 @@
-"""The `sidetune` CLI against the running stack: submit --wait, jobs, predict."""
+"""The `sidetune` CLI against the running stack: submit --wait, jobs, predict; and `params`, offline."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
+
+from worker.cli import main
 
 
 def run_cli(stack, *args: str) -> subprocess.CompletedProcess:
@@ -39,3 +43,22 @@ def test_submit_reports_a_bad_spec(stack, tmp_path):
                                                    "method": {"name": "linear"}}))  # fmt: skip
     r = run_cli(stack, "submit", str(tmp_path / "bad.json"))
     assert r.returncode == 1 and "HTTP 403" in r.stderr and "outside the allowed roots" in r.stderr
+
+
+def test_params_prints_the_trainable_count_last(capsys):
+    assert main(["params", "--backbone", "vit_base_patch16_224", "--method", "losa", "--rank", "8"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert int(out[-1]) == 98_526 + 12  # the paper's count plus LoSA's 12 per-layer scales
+    assert "98,526 without them" in out[-3]
+
+
+def test_params_vit_g_with_fewer_layers(capsys):
+    args = ["params", "--backbone", "vit_giant_patch14_224", "--method", "losa", "--rank", "64", "--layers", "4"]
+    assert main(args) == 0
+    assert int(capsys.readouterr().out.strip().splitlines()[-1]) - 4 == pytest.approx(431_000, rel=0.01)
+
+
+def test_params_reports_a_bad_option(capsys):
+    assert main(["params", "--backbone", "vit_base_patch16_224", "--method", "linear", "--rank", "4"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "rank" in captured.err and "Extra inputs" in captured.err
