@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.methods import MethodConfig
+from services.methods import CONFIGS, METHOD_NAMES, MethodConfig
 
 Mode = Literal["cache", "images", "tail", "online"]
 
@@ -80,18 +80,31 @@ class ExecutionSpec(BaseModel):
     )
 
 
+def _defaults(key: str) -> str:
+    """Every method's default for a training field, for the API docs (from the methods' own configs)."""
+    return ", ".join(f"{name} {CONFIGS[name]().training_defaults()[key]}" for name in METHOD_NAMES)
+
+
 class TrainingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(10, ge=1, le=10_000, description="Passes over the training split.")
     batch_size: int = Field(64, ge=1, le=65_536, description="Mini-batch size.")
     optimizer: Literal["auto", "sgd", "adamw"] = Field(
-        "auto", description="`auto`: the method's default from its paper (LoSA: SGD momentum 0.9; linear: AdamW)."
+        "auto",
+        description="`sgd` (momentum 0.9) or `adamw`; `auto`: the method's default from its paper and official code "
+        f"({_defaults('optimizer')}).",
     )
-    lr: float | Literal["auto"] = Field("auto", description="Peak learning rate, or the method's default.")
-    weight_decay: float | Literal["auto"] = Field("auto", description="Weight decay, or the method's default.")
+    lr: float | Literal["auto"] = Field(
+        "auto", description=f"Peak learning rate; `auto`: the method's default ({_defaults('lr')})."
+    )
+    weight_decay: float | Literal["auto"] = Field(
+        "auto", description=f"Weight decay; `auto`: the method's default ({_defaults('weight_decay')})."
+    )
     warmup_epochs: float | Literal["auto"] = Field(
-        "auto", description="Linear warmup length in epochs before the cosine decay, or the method's default."
+        "auto",
+        description="Linear warmup length in epochs before the cosine decay; `auto`: the method's default "
+        f"({_defaults('warmup_epochs')}).",
     )
     seed: int = Field(0, ge=0, description="Seed of initialisation and batch order.")
 

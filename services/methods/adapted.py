@@ -73,7 +73,10 @@ class AdaptedViT(nn.Module):
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         frozen = self.frozen_names()
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shapes differ: saved with another rank or backbone
+            raise ValueError(f"saved weights do not fit this model: {e}") from None
         lost = [k for k in missing if k not in frozen]
         if lost or unexpected:
             raise ValueError(f"saved weights do not fit this model: missing {lost[:5]}, unexpected {unexpected[:5]}")
