@@ -24,6 +24,7 @@ from services.datasets import DatasetError, check_path, load_image
 from services.methods.readout import FeatureInfo, Readout
 from services.spec import BackboneSpec
 from storage.artifacts import ArtifactStore
+from storage.cache import pool_tokens
 from storage.settings import Settings
 
 
@@ -104,7 +105,9 @@ class Predictor:
             with torch.inference_mode():
                 for m in group:
                     if m.kind == "side":
-                        logits = m.module(feats[:, [layers.index(layer) for layer in m.config["input_layers"]]])
+                        x_m = feats[:, [layers.index(layer) for layer in m.config["input_layers"]]]
+                        tokens = m.config.get("input_tokens") or "all"  # as the model was trained
+                        logits = m.module(pool_tokens(x_m, tokens, backbone.num_prefix_tokens))
                     else:
                         logits = m.module(x)
                     probs = logits.float().softmax(-1).cpu().numpy()

@@ -30,15 +30,31 @@ class Source(Protocol):
 
 
 class CacheSource:
-    def __init__(self, entry: CacheEntry, indices: np.ndarray, layers: list[int], budget_bytes: int) -> None:
+    """Held in host memory when it fits `budget_bytes`, and then on the accelerator too when it fits
+    `device_budget_bytes` (batches are then gathered on the device: no host-to-device copy per step);
+    otherwise random mini-batches are read from the cache (chunks of about 1 MiB) in a prefetch thread."""
+
+    def __init__(
+        self,
+        entry: CacheEntry,
+        indices: np.ndarray,
+        layers: list[int],
+        budget_bytes: int,
+        device: str = "cpu",
+        device_budget_bytes: int = 0,
+    ) -> None:
         self.entry, self.indices, self.layers = entry, indices, layers
         _, _, t, d = entry.meta["shape"]
-        self.in_memory = len(indices) * len(layers) * t * d * 2 <= budget_bytes
+        nbytes = len(indices) * len(layers) * t * d * 2
+        self.in_memory = nbytes <= budget_bytes
         self.data = torch.from_numpy(entry.read(indices, layers)) if self.in_memory else None
+        self.on_device = self.data is not None and device != "cpu" and nbytes <= device_budget_bytes
+        if self.on_device:
+            self.data = self.data.to(device)
 
     def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         if self.data is not None:
-            return self.data[torch.from_numpy(positions)], positions
+            return self.data[torch.from_numpy(positions).to(self.data.device)], positions
         return torch.from_numpy(self.entry.read(self.indices[positions], self.layers)), positions
 
 

@@ -4,7 +4,7 @@ code. Method-specific fields live in each method's config (services/methods/<nam
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -53,11 +53,65 @@ class BackboneSpec(BaseModel):
     init_seed: int = Field(0, ge=0, description="Seed of the random initialisation when no weights are loaded.")
 
 
+class EveryKth(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(..., ge=1, description="Cache every k-th block, ending at the last one.")
+
+
+class LastK(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    last: int = Field(..., ge=1, description="Cache the last k blocks.")
+
+
+LayerChoice = Literal["auto", "all"] | EveryKth | LastK | list[Annotated[int, Field(ge=0)]]
+
+
+def select_cached_layers(choice: LayerChoice, num_layers: int) -> list[int]:
+    """The 0-based blocks a layer choice names (`auto` is resolved by the caller from the method's needs)."""
+    if choice == "all":
+        return list(range(num_layers))
+    if isinstance(choice, EveryKth):
+        return sorted(range(num_layers - 1, -1, -choice.every))
+    if isinstance(choice, LastK):
+        return list(range(max(0, num_layers - choice.last), num_layers))
+    if isinstance(choice, list):
+        bad = [i for i in choice if i >= num_layers]
+        if bad:
+            raise ValueError(f"extraction.layers {bad} do not exist: the backbone has {num_layers} blocks")
+        return sorted(set(choice))
+    raise ValueError(f"cannot select layers from {choice!r}")
+
+
 class ExtractionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(32, ge=1, le=4096, description="Images per backbone forward; also the cache's row chunk.")
-    codec: Literal["none", "zstd"] = Field("none", description="Compression of the cached activations.")
+    batch_size: int = Field(
+        32, ge=1, le=4096, description="Images per backbone forward; also the rows of one cache shard (write unit)."
+    )
+    layers: LayerChoice = Field(
+        "auto",
+        description="Which blocks' outputs are cached: `auto` (what the method needs: the last block for linear, "
+        'the side layers for losa, the input of the adapted blocks in tail mode), `all`, `{"every": k}`, '
+        '`{"last": k}`, or a list of 0-based block indices. Fewer layers: a smaller cache, fewer later jobs '
+        "that can reuse it.",
+    )
+    tokens: Literal["auto", "all", "cls", "mean"] = Field(
+        "auto",
+        description="Which tokens are cached per layer: `all` (needed by losa and tail mode; T x D per layer), "
+        "`cls` (the class token only, 1 x D: exact for a linear probe on a class-token backbone) or `mean` (the "
+        "mean of the patch tokens, 1 x D; a linear probe then normalises the mean rather than averaging normalised "
+        "tokens). `auto`: `all` when the method needs it, else the pooled token the linear probe reads.",
+    )
+    codec: Literal["none", "zstd", "blosc"] = Field(
+        "none", description="Lossless compression of the cached activations (blosc: zstd with bit shuffling)."
+    )
+    keepbits: int | None = Field(
+        None,
+        ge=1,
+        le=10,
+        description="Lossy: round float16 mantissas to this many bits (numcodecs BitRound, of 10) before the codec; "
+        "fewer bits compress better at some cost in accuracy (see bench/cache.py). None: exact.",
+    )
 
 
 class ExecutionSpec(BaseModel):
@@ -152,3 +206,27 @@ class JobSpec(BaseModel):
     @property
     def needs_cache(self) -> bool:
         return self.mode in ("cache", "tail")
+
+    def method_needs(self, num_layers: int, global_pool: str) -> tuple[list[int], tuple[str, ...]]:
+        """The cached layers the method reads and the token modes it accepts (smallest first)."""
+        if self.mode == "tail":
+            if not 1 <= self.execution.tail_blocks < num_layers:
+                raise ValueError(f"execution.tail_blocks must be between 1 and {num_layers - 1} for this backbone")
+            return [num_layers - self.execution.tail_blocks - 1], ("all",)
+        return self.method.needs(num_layers, global_pool)
+
+    def cached_layers_and_tokens(self, num_layers: int, global_pool: str) -> tuple[list[int], str]:
+        """What the extraction step caches for this job: `extraction.layers/tokens`, `auto` resolved to what the
+        method needs; an explicit choice must include it."""
+        needed, accepted = self.method_needs(num_layers, global_pool)
+        choice = self.extraction.layers
+        layers = needed if choice == "auto" else select_cached_layers(choice, num_layers)
+        missing = sorted(set(needed) - set(layers))
+        if missing:
+            raise ValueError(f"extraction.layers caches {layers} but {self.method.name} in mode {self.mode} also reads "
+                             f"blocks {missing}; add them or use `auto`")  # fmt: skip
+        tokens = accepted[0] if self.extraction.tokens == "auto" else self.extraction.tokens
+        if tokens not in accepted:
+            raise ValueError(f"extraction.tokens {tokens!r} does not suit {self.method.name} in mode {self.mode} "
+                             f"(choose {' or '.join(accepted)})")  # fmt: skip
+        return layers, tokens

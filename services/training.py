@@ -28,7 +28,7 @@ from storage.artifacts import read_json, read_tensors, write_json, write_tensors
 from storage.cache import FeatureCache
 from storage.settings import Settings
 
-FEATURE_KEYS = ("num_layers", "tokens", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
+FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
 
 
 def to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -218,9 +218,10 @@ def train_job(
     hp = spec.training.resolved(spec.method.training_defaults())
 
     torch.manual_seed(hp["seed"])
+    tokens = entry.meta["token_mode"] if entry is not None else "all"  # what the cache holds, else live tokens
     if kind == "side":
         readout = entry.readout() if mode == "cache" else backbone.readout_tensors()
-        info = FeatureInfo.from_meta(meta, readout, len(classes))
+        info = FeatureInfo.from_meta(meta, readout, len(classes), tokens)
         model = methods.build(spec.method, info)
     else:
         tail = spec.execution.tail_blocks if mode == "tail" else None
@@ -228,9 +229,12 @@ def train_job(
     model = model.to(device)
 
     if entry is not None:
-        train_src = CacheSource(entry, train_idx, model.input_layers, budget // 2)
-        val_src = CacheSource(entry, val_idx, model.input_layers, budget // 2)
-        where = "cached features " + ("in memory" if train_src.in_memory else "streamed from the cache")
+        entry.touch()
+        gpu_budget = settings.gpu_cache_mb * 2**20
+        train_src = CacheSource(entry, train_idx, model.input_layers, budget // 2, device, gpu_budget // 2)
+        val_src = CacheSource(entry, val_idx, model.input_layers, budget // 2, device, gpu_budget // 2)
+        where = "cached features " + ("on the GPU" if train_src.on_device else "in memory" if train_src.in_memory
+                                      else "streamed from the cache")  # fmt: skip
     else:
         skip = spec.dataset.on_corrupt == "skip"
         augment = backbone.train_transform() if spec.execution.augment else backbone.transform
@@ -257,8 +261,14 @@ def train_job(
         "backbone": spec.backbone.model_dump(),
         "weights_hash": meta["weights_hash"],
         "data_config": meta["data_config"],
-        "feature_info": {**{k: meta[k] for k in FEATURE_KEYS}, "num_classes": len(classes)},
+        "feature_info": {
+            **{k: meta[k] for k in FEATURE_KEYS},
+            "tokens": meta["tokens"] if tokens == "all" else 1,
+            "num_classes": len(classes),
+            "token_mode": tokens,
+        },
         "input_layers": model.input_layers if kind == "side" else None,
+        "input_tokens": tokens if kind == "side" else None,
         "classes": classes,
         "hyperparameters": hp,
         "cache_key": cache_key if entry is not None else None,

@@ -1,11 +1,18 @@
-"""The feature cache: per-layer token activations of a frozen backbone, one Zarr v3 group per cache key.
+"""The feature cache: activations of a frozen backbone's blocks, one Zarr v3 group per cache entry.
 
-Layout of one entry, `<cache_dir>/<key>/`:
-    features.zarr/   acts [N, L, T, D] float16 (chunk = one extraction batch x one layer, so a reader of
-                     one layer decodes only that layer), labels [N] int64, valid [N] bool (False for
-                     images that could not be decoded), batch_done [n_batches] bool (one chunk each, so
-                     distinct writers never touch the same chunk); attrs: meta, then `complete` last.
+Entries are grouped by family, `<cache_dir>/<family>/<variant>/`: a family is one (dataset, backbone, weights,
+preprocessing); its variants differ in what they hold (which layers, which tokens) and how (codec, shard rows).
+A job reuses any complete variant of its family that covers what it reads, so a linear probe after a LoSA job
+on the same data runs no backbone forward. Layout of one entry:
+    features.zarr/   acts [N, L', T', D] float16 for the cached blocks `meta.layers` (L' of them) and tokens
+                     `meta.token_mode` (`all`: T' = every token; `cls`, `mean`: T' = 1). Sharded: one shard = one
+                     extraction batch x all cached layers (the write unit, written whole); inside it, chunks of
+                     about 1 MiB x one layer (the read unit, so a reader of one layer decodes only that layer).
+                     labels [N] int64, valid [N] bool (False: undecodable image), batch_done [n_batches] bool
+                     (one chunk each, so distinct writers never touch the same chunk); attrs: meta, then
+                     `summary` and `complete` last.
     readout.safetensors  the backbone's final norm(s), needed to turn a cached last layer into features.
+    last_used        touched by every reader (least-recently-used eviction).
 
 The interface speaks numpy and hides zarr: callers never import zarr. Arrays are opened inside the
 calling process and never kept across a fork (zarr runs an asyncio loop in a background thread).
@@ -16,15 +23,23 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs.numcodecs import BitRound
 
 from storage.artifacts import read_tensors, write_tensors
 
-CODECS = ("none", "zstd")
+# BitRound is a numcodecs codec, outside the Zarr v3 spec: only sidetune reads these arrays, so that is fine.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
+CODECS = ("none", "zstd", "blosc")
+TOKEN_MODES = ("all", "cls", "mean")
+CHUNK_BYTES = 1 << 20  # the read unit: large enough for sequential disk reads, small enough for random batches
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -33,13 +48,34 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def pool_tokens(x: Any, mode: str, num_prefix_tokens: int) -> Any:
+    """[B, L, T, D] -> the tokens `mode` keeps ([B, L, 1, D] for cls/mean), for numpy arrays and torch tensors
+    alike, so the extractor, the cache reader and the predictor pool the same way."""
+    if mode == "all":
+        return x
+    if mode == "cls":
+        return x[:, :, :1]
+    if mode == "mean":
+        return x[:, :, num_prefix_tokens:].mean(axis=2, keepdims=True)
+    raise ValueError(f"unknown token mode {mode!r}; choose one of {', '.join(TOKEN_MODES)}")
+
+
+def _rows_per_chunk(batch_size: int, row_bytes: int) -> int:
+    """The smallest divisor of the shard's rows whose chunk reaches CHUNK_BYTES (else the whole shard)."""
+    for rows in range(1, batch_size + 1):
+        if batch_size % rows == 0 and rows * row_bytes >= CHUNK_BYTES:
+            return rows
+    return batch_size
+
+
 class CacheError(RuntimeError):
     pass
 
 
 class CacheEntry:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: str | None = None) -> None:
         self.path = Path(path)
+        self.key = key or self.path.name
         self.features = self.path / "features.zarr"
         self._meta: dict[str, Any] | None = None  # immutable once written, so read once
 
@@ -67,41 +103,75 @@ class CacheEntry:
     def summary(self) -> dict[str, Any]:
         return dict(self._group().attrs.get("summary", {}))
 
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    def covers(self, layers: list[int], tokens: str) -> bool:
+        """Whether this entry holds `layers` with `tokens` (all tokens can be pooled to cls or mean on read)."""
+        meta = self.meta
+        return set(layers) <= set(meta["layers"]) and meta["token_mode"] in (tokens, "all")
+
+    def touch(self) -> None:
+        (self.path / "last_used").write_text(str(time.time()))
+
+    @property
+    def last_used(self) -> float:
+        try:
+            return float((self.path / "last_used").read_text())
+        except (OSError, ValueError):
+            return 0.0
+
     # ---- writing ----------------------------------------------------------------------------------
     def create(
         self,
         *,
         labels: np.ndarray,
-        num_layers: int,
-        tokens: int,
+        layers: list[int],
+        tokens: str,
+        token_count: int,
         dim: int,
         batch_size: int,
         meta: dict[str, Any],
         codec: str = "none",
+        keepbits: int | None = None,
     ) -> None:
-        """Create the arrays, or keep an existing entry of the same shape so extraction can resume."""
+        """Create the arrays, or keep an existing entry of the same shape so extraction can resume.
+        `token_count` is the backbone's token count T (stored: T for `all`, 1 for `cls`/`mean`)."""
         n = len(labels)
-        shape = [n, num_layers, tokens, dim]
+        stored_tokens = token_count if tokens == "all" else 1
+        shape = [n, len(layers), stored_tokens, dim]
         if self.exists:
             stored = self.meta
             if stored.get("shape") != shape or stored.get("batch_size") != batch_size:
-                raise CacheError(f"cache entry {self.path.name} exists with another shape; remove it to rebuild")
+                raise CacheError(f"cache entry {self.key} exists with another shape; remove it to rebuild")
             return
         if codec not in CODECS:
             raise CacheError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
-        compressors = None if codec == "none" else zarr.codecs.ZstdCodec(level=1)
+        if tokens not in TOKEN_MODES:
+            raise CacheError(f"unknown token mode {tokens!r}; choose one of {', '.join(TOKEN_MODES)}")
+        compressors = {
+            "none": None,
+            "zstd": zarr.codecs.ZstdCodec(level=1),
+            "blosc": zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),
+        }[codec]
+        filters = [BitRound(keepbits=keepbits)] if keepbits is not None else None
+        rows = _rows_per_chunk(batch_size, stored_tokens * dim * 2)
         self.path.mkdir(parents=True, exist_ok=True)
         g = self._group("w")
         g.create_array(
-            "acts", shape=shape, chunks=(batch_size, 1, tokens, dim), dtype="float16",
-            compressors=compressors, fill_value=0,
+            "acts", shape=shape, shards=(batch_size, len(layers), stored_tokens, dim),
+            chunks=(rows, 1, stored_tokens, dim), dtype="float16", compressors=compressors, filters=filters,
+            fill_value=0,
         )  # fmt: skip
         g.create_array("labels", data=np.asarray(labels, dtype="int64"), chunks=(max(n, 1),))
         g.create_array("valid", shape=(n,), chunks=(batch_size,), dtype="bool", fill_value=False)
         n_batches = -(-n // batch_size)
         g.create_array("batch_done", shape=(n_batches,), chunks=(1,), dtype="bool", fill_value=False)
         # Meta last: an entry without meta is treated as absent, so a crash above leaves no half entry.
-        g.attrs.update({"meta": {**meta, "shape": shape, "batch_size": batch_size, "codec": codec}})
+        g.attrs.update({"meta": {**meta, "shape": shape, "layers": list(layers), "token_mode": tokens,
+                                 "batch_size": batch_size, "chunk_rows": rows, "codec": codec,
+                                 "keepbits": keepbits}})  # fmt: skip
 
     def pending_batches(self) -> list[int]:
         done = self._group()["batch_done"][:]
@@ -142,16 +212,28 @@ class CacheEntry:
     def readout(self) -> dict[str, np.ndarray]:
         return read_tensors(self.path / "readout.safetensors")
 
-    def read(self, indices: np.ndarray | None = None, layers: list[int] | None = None) -> np.ndarray:
-        """float16 activations [len(indices), len(layers), T, D]; indices are read in sorted order."""
+    def read(
+        self, indices: np.ndarray | None = None, layers: list[int] | None = None, tokens: str | None = None
+    ) -> np.ndarray:
+        """float16 activations [len(indices), len(layers), T', D] of the given blocks (0-based backbone block
+        indices; default: every cached one), pooled to `tokens` when the entry holds all tokens."""
+        meta = self.meta
         acts = self._group()["acts"]
-        n, num_layers = acts.shape[:2]
-        rows = np.arange(n) if indices is None else np.asarray(indices)
-        cols = list(range(num_layers)) if layers is None else list(layers)
-        order = np.argsort(rows, kind="stable")
-        out = acts.oindex[rows[order], cols]
+        stored = meta["layers"]
+        wanted = stored if layers is None else list(layers)
+        missing = [layer for layer in wanted if layer not in stored]
+        if missing:
+            raise CacheError(f"cache entry {self.key} holds blocks {stored}, not {missing}")
+        rows = np.arange(acts.shape[0]) if indices is None else np.asarray(indices)
+        order = np.argsort(rows, kind="stable")  # ascending rows read chunk by chunk
+        out = acts.oindex[rows[order], [stored.index(layer) for layer in wanted]]
         result = np.empty_like(out)
         result[order] = out
+        tokens = tokens or meta["token_mode"]
+        if tokens != meta["token_mode"]:
+            if meta["token_mode"] != "all":
+                raise CacheError(f"cache entry {self.key} holds {meta['token_mode']} tokens, not {tokens}")
+            result = pool_tokens(result.astype(np.float32), tokens, meta["num_prefix_tokens"]).astype(np.float16)
         return result
 
     def nbytes(self) -> int:
@@ -159,13 +241,27 @@ class CacheEntry:
 
 
 class FeatureCache:
-    """All cache entries under one directory."""
+    """All cache entries under one directory; a key is `<family>/<variant>`."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
     def entry(self, key: str) -> CacheEntry:
-        return CacheEntry(self.root / key)
+        return CacheEntry(self.root / key, key)
+
+    def family(self, family: str) -> list[CacheEntry]:
+        d = self.root / family
+        return [self.entry(f"{family}/{p.name}") for p in sorted(d.iterdir()) if p.is_dir()] if d.is_dir() else []
+
+    def entries(self) -> list[CacheEntry]:
+        if not self.root.is_dir():
+            return []
+        return [e for d in sorted(self.root.iterdir()) if d.is_dir() for e in self.family(d.name)]
+
+    def find(self, family: str, layers: list[int], tokens: str) -> CacheEntry | None:
+        """The smallest complete entry of `family` that covers `layers` and `tokens`, if any."""
+        found = [e for e in self.family(family) if e.is_complete and e.covers(layers, tokens)]
+        return min(found, key=lambda e: int(np.prod(e.meta["shape"]))) if found else None
 
     def remove(self, key: str) -> None:
         shutil.rmtree(self.root / key, ignore_errors=True)

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     train_memory_mb: int = Field(
         4096, description="Training holds the cached features in memory up to this size, else streams them."
     )
+    gpu_cache_mb: int = Field(
+        8192, description="Cached features that fit this size are moved onto the GPU for training (GPU-resident)."
+    )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
 
     @field_validator("allowed_roots", "api_keys", mode="before")

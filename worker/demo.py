@@ -1,8 +1,8 @@
 """`sidetune demo`: the embedded stack end to end on real data (scikit-learn's handwritten digits).
 
-Starts Redis, both workers and the API as processes, submits a linear-probe job and a LoSA job on the same
-small timm ViT (the second reuses the first's feature cache), follows them, predicts the held-out digits over
-HTTP and prints a table.
+Starts Redis, both workers and the API as processes, submits a LoSA job and a linear-probe job on the same
+small timm ViT (the second reads the last block's class token from the first's feature cache, so it runs no
+backbone forward), follows them, predicts the held-out digits over HTTP and prints a table.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def run_demo(epochs: int = 15) -> int:
     backbone = {"name": BACKBONE, "pretrained": pretrained, "image_size": IMAGE_SIZE}
     dataset = {"path": str(root / "train")}
     specs = [
-        {"name": "demo-linear", "dataset": dataset, "backbone": backbone, "method": {"name": "linear"},
-         "training": {"epochs": epochs}},
         {"name": "demo-losa", "dataset": dataset, "backbone": backbone, "method": {"name": "losa", "rank": 8},
+         "training": {"epochs": epochs}},
+        {"name": "demo-linear", "dataset": dataset, "backbone": backbone, "method": {"name": "linear"},
          "training": {"epochs": epochs}},
     ]  # fmt: skip
     stack = Stack(settings)

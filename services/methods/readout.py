@@ -26,11 +26,16 @@ class FeatureInfo:
     norm_eps: float
     num_classes: int
     readout: dict[str, np.ndarray]
+    token_mode: str = "all"  # the tokens the module receives: all of them, or pooled (`cls`, `mean`: tokens == 1)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], readout: dict[str, np.ndarray], num_classes: int) -> FeatureInfo:
-        keys = ("num_layers", "tokens", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
-        return cls(**{k: meta[k] for k in keys}, num_classes=num_classes, readout=readout)
+    def from_meta(
+        cls, meta: dict[str, Any], readout: dict[str, np.ndarray], num_classes: int, token_mode: str = "all"
+    ) -> FeatureInfo:
+        keys = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
+        tokens = meta["tokens"] if token_mode == "all" else 1
+        return cls(**{k: meta[k] for k in keys}, tokens=tokens, num_classes=num_classes, readout=readout,
+                   token_mode=token_mode)  # fmt: skip
 
 
 class Readout(nn.Module):
@@ -44,7 +49,10 @@ class Readout(nn.Module):
             pool = "cls" if info.global_pool == "token" else "mean"
         if pool == "cls" and info.num_prefix_tokens == 0:
             raise ValueError("pool='cls' needs a class token; this backbone has none (use 'mean')")
+        if info.token_mode != "all" and pool != info.token_mode:
+            raise ValueError(f"pool {pool!r} cannot read features cached as the {info.token_mode} token")
         self.pool = pool
+        self.pre_pooled = info.token_mode != "all"  # one token per layer, pooled at extraction
         self.num_prefix_tokens = info.num_prefix_tokens
         self.eps = info.norm_eps
         for name in self.NAMES:
@@ -65,7 +73,8 @@ class Readout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._norm(x, self.norm_weight, self.norm_bias)
-        x = x[:, 0] if self.pool == "cls" else x[:, self.num_prefix_tokens :].mean(dim=1)
+        # pooled at extraction: the one token left (the final norm then normalises the mean token for `mean`)
+        x = x[:, 0] if self.pool == "cls" or self.pre_pooled else x[:, self.num_prefix_tokens :].mean(dim=1)
         return self._norm(x, self.fc_norm_weight, self.fc_norm_bias)
 
 

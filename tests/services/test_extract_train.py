@@ -40,7 +40,7 @@ def job_spec(path: Path, method: dict | None = None, training: dict | None = Non
 
 def train(settings: Settings, spec: JobSpec, entry: CacheEntry, reporter, ckpt: Path, budget_mb: int = 512) -> dict:
     """Train from a cache entry as the train step does, with a feature memory budget of `budget_mb`."""
-    return train_job(spec, settings.model_copy(update={"train_memory_mb": budget_mb}), entry.path.name, reporter, ckpt)
+    return train_job(spec, settings.model_copy(update={"train_memory_mb": budget_mb}), entry.key, reporter, ckpt)
 
 
 def entry_of(settings: Settings, result: dict) -> CacheEntry:
@@ -99,7 +99,8 @@ def test_extract_then_train(
     assert result["skipped"] == []
     entry = entry_of(settings, result)
     assert entry.is_complete
-    assert entry.meta["shape"] == [n, 6, 101, 64]
+    # what the method reads: every layer and token for LoSA; the last block's pooled token for a linear probe
+    assert entry.meta["shape"] == ([n, 1, 1, 64] if method["name"] == "linear" else [n, 6, 101, 64])
     assert entry.valid().all()
     assert entry.meta["classes"] == [str(i) for i in range(10)]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.cache import CacheEntry, CacheError, FeatureCache, cache_key
+from storage.cache import CacheEntry, CacheError, FeatureCache, _rows_per_chunk, cache_key, pool_tokens
 
 N, L, T, D, BS = 10, 3, 4, 5, 4  # 3 batches: rows 0-3, 4-7, 8-9
 
@@ -19,7 +19,8 @@ def acts() -> np.ndarray:
 
 def make_entry(path: Path, **overrides) -> CacheEntry:
     entry = CacheEntry(path)
-    kwargs = dict(labels=np.arange(N) % 3, num_layers=L, tokens=T, dim=D, batch_size=BS, meta={"backbone": "x"})
+    kwargs = dict(labels=np.arange(N) % 3, layers=list(range(L)), tokens="all", token_count=T, dim=D, batch_size=BS,
+                  meta={"backbone": "x", "num_prefix_tokens": 1})  # fmt: skip
     entry.create(**{**kwargs, **overrides})
     return entry
 
@@ -98,7 +99,8 @@ def test_resume_on_a_new_object_sees_only_missing_batches(tmp_path: Path, acts: 
     reopened = CacheEntry(tmp_path / "k")
     assert reopened.exists and not reopened.is_complete
     # create() with the same shape keeps the entry (and its data) so extraction can resume
-    reopened.create(labels=np.arange(N) % 3, num_layers=L, tokens=T, dim=D, batch_size=BS, meta={"backbone": "x"})
+    reopened.create(labels=np.arange(N) % 3, layers=list(range(L)), tokens="all", token_count=T, dim=D,
+                    batch_size=BS, meta={"backbone": "x"})  # fmt: skip
     assert reopened.pending_batches() == [1]
     write(reopened, acts, 1)
     reopened.mark_complete({})
@@ -115,7 +117,8 @@ def test_mark_complete_refuses_while_batches_missing(tmp_path: Path, acts: np.nd
 
 @pytest.mark.parametrize(
     "change",
-    [{"dim": D + 1}, {"num_layers": L + 1}, {"tokens": T + 1}, {"batch_size": BS + 1}, {"labels": np.arange(N + 1)}],
+    [{"dim": D + 1}, {"layers": list(range(L + 1))}, {"token_count": T + 1}, {"batch_size": BS + 1},
+     {"labels": np.arange(N + 1)}],  # fmt: skip
     ids=["dim", "layers", "tokens", "batch_size", "rows"],
 )
 def test_create_on_existing_entry_with_other_shape_raises(tmp_path: Path, change: dict) -> None:
@@ -168,3 +171,86 @@ def test_cache_key_is_stable() -> None:
     assert cache_key(dict(parts)) == key
     assert cache_key({**parts, "rows": 64}) != key
     assert cache_key({**parts, "dataset": "fp2"}) != key
+
+
+def fill(entry: CacheEntry, acts: np.ndarray) -> None:
+    for b in range(3):
+        write(entry, acts, b)
+    entry.mark_complete({})
+
+
+def test_one_shard_per_batch_and_chunks_of_about_a_mebibyte(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k")
+    fill(entry, acts)
+    shard_files = [p for p in (entry.features / "acts" / "c").rglob("*") if p.is_file()]
+    assert len(shard_files) == 3  # the write unit: one file per extraction batch, all layers inside
+    assert _rows_per_chunk(32, 197 * 768 * 2) == 4  # ViT-B/16 all tokens: 4 rows x 1 layer = 1.2 MB per chunk
+    assert _rows_per_chunk(32, 768 * 2) == 32  # pooled tokens: the whole shard is one chunk per layer
+    assert _rows_per_chunk(6, 10**7) == 1
+
+
+def test_layers_are_addressed_by_block_index(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k", layers=[2, 5, 11])  # three cached blocks of a 12-block backbone
+    fill(entry, acts)
+    np.testing.assert_array_equal(entry.read([1, 0], [11, 2]), acts[[1, 0]][:, [2, 0]])
+    with pytest.raises(CacheError, match="not \\[3\\]"):
+        entry.read([0], [3])
+    assert entry.covers([2, 11], "all") and entry.covers([11], "cls") and not entry.covers([3], "all")
+
+
+def test_all_tokens_pool_to_cls_or_mean_on_read(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k")
+    fill(entry, acts)
+    np.testing.assert_array_equal(entry.read([4], [1], "cls"), acts[[4]][:, [1], :1])
+    expected = acts[[4]][:, [1], 1:].astype(np.float32).mean(axis=2, keepdims=True)
+    np.testing.assert_allclose(entry.read([4], [1], "mean").astype(np.float32), expected, atol=2e-3)
+    np.testing.assert_array_equal(pool_tokens(acts, "cls", 1), acts[:, :, :1])
+
+
+def test_pooled_entry_holds_one_token_and_covers_only_its_mode(tmp_path: Path, acts: np.ndarray) -> None:
+    entry = make_entry(tmp_path / "k", tokens="cls")
+    assert entry.meta["shape"] == [N, L, 1, D]
+    fill(entry, acts[:, :, :1])
+    assert entry.covers([0], "cls") and not entry.covers([0], "mean") and not entry.covers([0], "all")
+    with pytest.raises(CacheError, match="holds cls tokens"):
+        entry.read([0], [0], "mean")
+
+
+def test_find_picks_the_smallest_complete_covering_variant(tmp_path: Path, acts: np.ndarray) -> None:
+    cache = FeatureCache(tmp_path)
+    full = make_entry(tmp_path / "fam" / "full")
+    fill(full, acts)
+    small = make_entry(tmp_path / "fam" / "small", layers=[2], tokens="cls")
+    fill(small, acts[:, 2:, :1])
+    make_entry(tmp_path / "fam" / "incomplete", layers=[2], tokens="cls")  # never completed: ignored
+    assert cache.find("fam", [2], "cls").key == "fam/small"
+    assert cache.find("fam", [0, 2], "all").key == "fam/full"
+    assert cache.find("fam", [2], "mean").key == "fam/full"  # pooled on read from all tokens
+    assert cache.find("other", [2], "cls") is None
+    assert {e.key for e in cache.entries()} == {"fam/full", "fam/small", "fam/incomplete"}
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc"])
+def test_lossless_codecs_round_trip(tmp_path: Path, acts: np.ndarray, codec: str) -> None:
+    entry = make_entry(tmp_path / "k", codec=codec)
+    fill(entry, acts)
+    np.testing.assert_array_equal(entry.read(), acts)
+
+
+def test_bitround_is_lossy_within_its_kept_bits_and_smaller(tmp_path: Path) -> None:
+    smooth = np.random.default_rng(1).standard_normal((N, L, 64, 64)).astype(np.float16)
+    exact = make_entry(tmp_path / "exact", token_count=64, dim=64, codec="zstd")
+    rounded = make_entry(tmp_path / "rounded", token_count=64, dim=64, codec="zstd", keepbits=4)
+    for entry in (exact, rounded):
+        fill(entry, smooth)
+    got = rounded.read().astype(np.float32)
+    rel = np.abs(got - smooth.astype(np.float32)) / np.maximum(np.abs(smooth.astype(np.float32)), 1e-3)
+    assert rel.max() <= 2.0**-4  # 4 of 10 mantissa bits kept: relative error at most half a unit of the 4th bit
+    assert rounded.nbytes() < 0.8 * exact.nbytes()
+
+
+def test_touch_records_last_use(tmp_path: Path) -> None:
+    entry = make_entry(tmp_path / "k")
+    assert entry.last_used == 0.0
+    entry.touch()
+    assert entry.last_used > 0

@@ -23,5 +23,16 @@ class LinearConfig(BaseModel):
         "or `auto` (the backbone's own pooling).",
     )
 
+    def resolved_pool(self, global_pool: str) -> str:
+        """`auto` -> the backbone's own pooling (`token` means the class token)."""
+        if self.pool != "auto":
+            return self.pool
+        return "cls" if global_pool == "token" else "mean"
+
+    def needs(self, num_layers: int, global_pool: str) -> tuple[list[int], tuple[str, ...]]:
+        """The cached layers it reads and the token modes it accepts, smallest first: the last block's pooled
+        token suffices, so a linear probe never forces a per-layer, per-token cache."""
+        return [num_layers - 1], (self.resolved_pool(global_pool), "all")
+
     def training_defaults(self) -> dict:
         return {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 1e-4, "warmup_epochs": 1.0}

@@ -53,6 +53,10 @@ class LosaConfig(BaseModel):
             raise ValueError(f"layers {bad} do not exist: the backbone has {num_layers} blocks (0..{num_layers - 1})")
         return sorted(self.layers)
 
+    def needs(self, num_layers: int, global_pool: str) -> tuple[list[int], tuple[str, ...]]:
+        """The cached layers it reads (its side layers and the last block, a_0 = z_L), every token (it mixes them)."""
+        return sorted(set(self.select_layers(num_layers)) | {num_layers - 1}), ("all",)
+
     def training_defaults(self) -> dict:
         # The paper: SGD with momentum 0.9, cosine schedule with linear warmup (Appendix D, Table 12).
         return {"optimizer": "sgd", "lr": 0.05, "weight_decay": 0.0, "warmup_epochs": 1.0}
