@@ -117,8 +117,13 @@ def test_mark_complete_refuses_while_batches_missing(tmp_path: Path, acts: np.nd
 
 @pytest.mark.parametrize(
     "change",
-    [{"dim": D + 1}, {"layers": list(range(L + 1))}, {"token_count": T + 1}, {"batch_size": BS + 1},
-     {"labels": np.arange(N + 1)}],  # fmt: skip
+    [
+        {"dim": D + 1},
+        {"layers": list(range(L + 1))},
+        {"token_count": T + 1},
+        {"batch_size": BS + 1},
+        {"labels": np.arange(N + 1)},
+    ],  # fmt: skip
     ids=["dim", "layers", "tokens", "batch_size", "rows"],
 )
 def test_create_on_existing_entry_with_other_shape_raises(tmp_path: Path, change: dict) -> None:
