@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     train_memory_mb: int = Field(
         4096, description="Training holds the cached features in memory up to this size, else streams them."
     )
+    cache_quota_gb: float | None = Field(
+        None,
+        description="Most disk space the feature cache may use; least recently used entries not in use are evicted "
+        "to stay under it, and a job whose cache cannot fit is refused at submission. None: the free disk space.",
+    )
     gpu_cache_mb: int = Field(
         8192, description="Cached features that fit this size are moved onto the GPU for training (GPU-resident)."
     )
