@@ -20,13 +20,17 @@ calling process and never kept across a fork (zarr runs an asyncio loop in a bac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import time
+import uuid
 import warnings
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import zarr
@@ -70,6 +74,30 @@ def _rows_per_chunk(batch_size: int, row_bytes: int) -> int:
 
 class CacheError(RuntimeError):
     pass
+
+
+class EvictionGuard(Protocol):
+    """What makes eviction safe across processes (storage.locks.Pins): entered around a whole eviction (one
+    evictor at a time); `begin_eviction(key)` atomically refuses a key in use and otherwise keeps new users off
+    it until `end_eviction(key)`."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> Any: ...
+
+    def begin_eviction(self, key: str) -> bool: ...
+
+    def end_eviction(self, key: str) -> None: ...
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes of the files under `path`; files vanishing meanwhile (a concurrent eviction) count as 0."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(folder, name)).st_size
+    return total
 
 
 class CacheEntry:
@@ -251,17 +279,90 @@ class FeatureCache:
 
     def family(self, family: str) -> list[CacheEntry]:
         d = self.root / family
-        return [self.entry(f"{family}/{p.name}") for p in sorted(d.iterdir()) if p.is_dir()] if d.is_dir() else []
+        if not d.is_dir():
+            return []
+        return [self.entry(f"{family}/{p.name}") for p in sorted(d.iterdir()) if p.is_dir() and p.name[0] != "."]
 
     def entries(self) -> list[CacheEntry]:
+        """Every entry, complete or not (dot-names, like evicted entries on their way out, are not entries)."""
         if not self.root.is_dir():
             return []
-        return [e for d in sorted(self.root.iterdir()) if d.is_dir() for e in self.family(d.name)]
+        return [e for d in sorted(self.root.iterdir()) if d.is_dir() and d.name[0] != "." for e in self.family(d.name)]
 
     def find(self, family: str, layers: list[int], tokens: str) -> CacheEntry | None:
         """The smallest complete entry of `family` that covers `layers` and `tokens`, if any."""
-        found = [e for e in self.family(family) if e.is_complete and e.covers(layers, tokens)]
+        found = [e for e in self.family(family) if self._usable(e, layers, tokens)]
         return min(found, key=lambda e: int(np.prod(e.meta["shape"]))) if found else None
 
     def remove(self, key: str) -> None:
         shutil.rmtree(self.root / key, ignore_errors=True)
+
+    def total_bytes(self) -> int:
+        """Bytes on disk of all entries, complete or not."""
+        return sum(_disk_bytes(e.path) for e in self.entries())
+
+    def evict(
+        self, max_bytes: int, keep: Collection[str] = (), reserve: int = 0, guard: EvictionGuard | None = None
+    ) -> list[str]:
+        """Remove least recently used complete entries until all entries + `reserve` bytes fit in `max_bytes`;
+        returns the keys this call removed (possibly not enough to fit: kept, in-use and incomplete entries stay).
+
+        Candidates: complete entries whose key is not in `keep` (pass e.g. the caller's own entry). Incomplete
+        entries are never evicted (an extraction may be writing them). Recency is `last_used` (touch()), or the
+        entry's completion time if it was never touched. Each removal renames the entry to a `.trash-*` name
+        first (atomic: readers see the whole entry or none), then deletes it, so evictors running at once never
+        remove anything twice or by halves. With a `guard` (storage.locks.Pins): evictors take turns across
+        processes, so the quota is met exactly, and an entry pinned by any process is skipped, atomically with
+        the decision to remove it. Without one, two evictors at once may remove a little more than needed.
+        """
+        for stale in self.root.glob(".trash-*"):  # left by an evictor that died before deleting
+            shutil.rmtree(stale, ignore_errors=True)
+        evicted: list[str] = []
+        trash: list[Path] = []
+        with guard if guard is not None else contextlib.nullcontext():
+            entries = self.entries()
+            sizes = {e.key: _disk_bytes(e.path) for e in entries}
+            keep = set(keep)
+            candidates = sorted((self._recency(e), e.key) for e in entries if e.key not in keep and self._complete(e))
+            for _, key in candidates:
+                sizes = {k: n for k, n in sizes.items() if (self.root / k).is_dir()}  # drop what others removed
+                if sum(sizes.values()) + reserve <= max_bytes:
+                    break
+                if key not in sizes or (guard is not None and not guard.begin_eviction(key)):
+                    continue  # gone already, or in use
+                path = self.root / f".trash-{uuid.uuid4().hex}"
+                try:
+                    os.rename(self.root / key, path)
+                    evicted.append(key)
+                    trash.append(path)
+                except FileNotFoundError:
+                    pass  # another evictor took it meanwhile
+                finally:
+                    if guard is not None:
+                        guard.end_eviction(key)
+        for path in trash:  # outside the guard: deleting a large entry takes a while
+            shutil.rmtree(path, ignore_errors=True)
+        return evicted
+
+    @staticmethod
+    def _usable(entry: CacheEntry, layers: list[int], tokens: str) -> bool:
+        try:
+            return entry.is_complete and entry.covers(layers, tokens)
+        except (CacheError, OSError):  # vanished meanwhile (evicted by another process)
+            return False
+
+    @staticmethod
+    def _complete(entry: CacheEntry) -> bool:
+        try:
+            return entry.is_complete
+        except OSError:  # vanished meanwhile (evicted by another process)
+            return False
+
+    @staticmethod
+    def _recency(entry: CacheEntry) -> float:
+        if entry.last_used:
+            return entry.last_used
+        try:
+            return (entry.features / "zarr.json").stat().st_mtime  # attrs, rewritten by mark_complete
+        except OSError:
+            return 0.0
