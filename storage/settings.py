@@ -59,6 +59,15 @@ class Settings(BaseSettings):
         8192, description="Cached features that fit this size are moved onto the GPU for training (GPU-resident)."
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
+    planner_gpu_tflops: float = Field(
+        50.0, gt=0, description="Backbone throughput (TFLOP/s) the planner assumes on a GPU, for extraction time."
+    )
+    planner_cpu_tflops: float = Field(
+        0.2, gt=0, description="Backbone throughput (TFLOP/s) the planner assumes with `device=cpu`."
+    )
+    planner_disk_mb_s: float = Field(
+        1000.0, gt=0, description="Feature cache write bandwidth (MB/s) the planner assumes."
+    )
 
     @field_validator("allowed_roots", "api_keys", mode="before")
     @classmethod

@@ -37,6 +37,10 @@ class Client:
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/jobs", json=spec)
 
+    def plan(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The server's plan of a job spec (`POST /jobs?dry_run=true`): creates no job."""
+        return self._call("POST", "/jobs", params={"dry_run": "true"}, json=spec)
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}")
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
 
 from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
-from api.schemas import ErrorBody, EventList, Job, JobList
-from services.datasets import check_path, resolve_format
+from api.schemas import ErrorBody, EventList, Job, JobList, Plan
+from services import planner
+from services.datasets import DatasetError, check_path, resolve_format
 from services.spec import JobSpec
 from storage.jobs import JobStore, NotFound
 from storage.settings import Settings
@@ -41,10 +43,45 @@ def _check_paths(spec: JobSpec, settings: Settings) -> None:
                 raise ApiError(422, "invalid_dataset", f"{field}: {path!r} is not a CSV file")
 
 
-@router.post("", status_code=201, response_model=Job, responses={403: {"model": ErrorBody}, 503: {"model": ErrorBody}})
-def create_job(spec: JobSpec, store: StoreDep, celery: CeleryDep, settings: SettingsDep, owner: OwnerDep) -> dict:
-    """Validate the spec, record the job (`queued`) and enqueue extract -> train."""
+def _plan(spec: JobSpec, settings: Settings) -> Plan:
+    try:
+        return planner.plan(spec, settings)
+    except DatasetError as e:
+        raise ApiError(422, "invalid_dataset", f"dataset.path: {e}") from None
+    except ValueError as e:  # cached layers or tokens that the backbone or the method rule out
+        raise ApiError(422, "invalid_request", str(e)) from None
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Job,
+    responses={
+        200: {"model": Plan, "description": "`dry_run=true`: the job's plan; no job is created."},
+        403: {"model": ErrorBody},
+        503: {"model": ErrorBody},
+    },
+)
+def create_job(
+    spec: JobSpec,
+    store: StoreDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    dry_run: Annotated[
+        bool, Query(description="Return the plan (cache size, quota and memory fit, extraction time); create no job.")
+    ] = False,
+) -> dict | JSONResponse:
+    """Validate and plan the spec, record the job (`queued`) and enqueue extract -> train. A job whose feature cache
+    cannot fit the cache quota, even after evicting every evictable entry, is refused (`cache_over_quota`)."""
     _check_paths(spec, settings)
+    plan = _plan(spec, settings)
+    if dry_run:
+        return JSONResponse(plan.model_dump(mode="json"))
+    if plan.fits is False:
+        # 422, not 413 (the request body is small) nor 507 (a 5xx blames the server and invites a retry): this spec
+        # asks for more than the server allows, and only changing the spec (or the quota) helps, as the message says.
+        raise ApiError(422, "cache_over_quota", plan.message)
     job = store.create_job(spec.model_dump(mode="json"), owner=owner)
     store.add_event(job["id"], "job queued")
     try:

@@ -1,0 +1,427 @@
+"""The planner: what a job will cost before it runs. How large its feature cache is, whether that fits the cache
+quota (after evicting least recently used entries), whether its training features fit in memory and on the GPU,
+and about how long extraction takes. `sidetune plan SPEC.json` prints it, `POST /jobs?dry_run=true` returns it,
+and `POST /jobs` refuses a job whose cache cannot fit, saying what to change.
+
+Torch-free, so the API can plan: the backbone's shape comes from a table of timm's plain ViT families (checked
+against timm in the tests), not from building the model. A backbone outside the table is planned without sizes
+("unknown until extraction") and never refused. Sizes are decimal (1 GB = 10^9 bytes); the `*_mb` budgets of
+the settings are MiB, as the trainer reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from services.datasets import check_path, read_dataset, stratified_split
+from services.spec import JobSpec
+from storage.settings import Settings
+
+GB = 10**9
+MIB = 2**20
+
+# timm's plain ViT sizes: blocks, width, MLP hidden width (fc1 -> fc2 of a GELU MLP).
+_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (12, 192, 768),
+    "small": (12, 384, 1536),
+    "base": (12, 768, 3072),
+    "large": (24, 1024, 4096),
+    "huge": (32, 1280, 5120),
+    "giant": (40, 1408, 6144),
+    "gigantic": (48, 1664, 8192),
+}
+_PLAIN = re.compile(
+    r"^vit_(?P<size>tiny|small|base|large|huge|giant|gigantic)_patch(?P<patch>\d+)(?:_clip|_clip_quickgelu)?"
+    r"_(?P<img>\d+)$"
+)
+_DINOV2 = re.compile(r"^vit_(?P<size>small|base|large|giant)_patch14(?:_reg(?P<reg>\d+))?_dinov2$")
+
+
+class Architecture(BaseModel):
+    """The shape of a ViT backbone as the cache sees it."""
+
+    name: str = Field(..., description="timm model name (a pretrained tag after `.` is ignored).")
+    num_layers: int = Field(..., description="Transformer blocks.")
+    dim: int = Field(..., description="Embedding width D.")
+    tokens: int = Field(..., description="Tokens per image T: patches plus prefix tokens.")
+    num_prefix_tokens: int = Field(..., description="Class and register tokens before the patches.")
+    image_size: int = Field(..., description="Input size in pixels (`backbone.image_size` or the model's own).")
+    patch_size: int = Field(..., description="Patch size in pixels.")
+    mlp_macs: int = Field(..., description="Multiply-accumulates of one block's MLP per token (fc1 + fc2).")
+    global_pool: str = Field(..., description="timm's pooling of the final tokens (`token`: the class token).")
+
+
+def architecture(name: str, image_size: int | None = None) -> Architecture | None:
+    """The shape of timm ViT `name` at `image_size` (default: its own), or None outside the known families."""
+    base = name.split(".")[0]
+    if base == "test_vit":  # timm's test model: 6 blocks, width 64, MLP 192, 160 px
+        layers, dim, hidden, mlp_macs, patch, img, prefix = 6, 64, 192, 2 * 64 * 192, 16, 160, 1
+    elif m := _PLAIN.match(base):
+        layers, dim, hidden = _SIZES[m["size"]]
+        mlp_macs, patch, img, prefix = 2 * dim * hidden, int(m["patch"]), int(m["img"]), 1
+    elif m := _DINOV2.match(base):
+        layers, dim, hidden = _SIZES[m["size"]]
+        mlp_macs = 2 * dim * hidden
+        if m["size"] == "giant":  # DINOv2-g: width 1536 and a SwiGLU MLP (fc1 1536 -> 8192, fc2 4096 -> 1536)
+            dim, mlp_macs = 1536, 1536 * 8192 + 4096 * 1536
+        patch, img, prefix = 14, 518, 1 + int(m["reg"] or 0)
+    else:
+        return None
+    img = image_size or img
+    return Architecture(
+        name=name, num_layers=layers, dim=dim, tokens=(img // patch) ** 2 + prefix, num_prefix_tokens=prefix,
+        image_size=img, patch_size=patch, mlp_macs=mlp_macs, global_pool="token",
+    )  # fmt: skip
+
+
+def forward_flops(arch: Architecture, images: int) -> float:
+    """FLOPs of full backbone forwards (2 per multiply-accumulate): per block and token, qkv and proj (4 D^2)
+    and the MLP; per block, attention scores and their weighted sum (2 T^2 D); and the patch embedding.
+    Extraction runs every block even when it caches fewer (timm's forward_intermediates without stop_early)."""
+    t, d = arch.tokens, arch.dim
+    patches = t - arch.num_prefix_tokens
+    block = t * (4 * d * d + arch.mlp_macs) + 2 * t * t * d
+    return 2.0 * images * (arch.num_layers * block + patches * 3 * arch.patch_size**2 * d)
+
+
+def lossy_fraction(codec: str, keepbits: int | None) -> float | None:
+    """A rough size ratio of a cache whose float16 mantissas are rounded to `keepbits` bits (of 10) and then
+    compressed: the dropped bits compress away, sign and exponent are counted whole, (6 + keepbits) / 16. Measured
+    with blosc on ViT activations it overestimates by 5-20%. None: no lossy reduction (lossless codecs save ~10%,
+    not counted, or BitRound without a codec, which saves nothing)."""
+    if keepbits is None or codec == "none":
+        return None
+    return (6 + keepbits) / 16
+
+
+def gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", GB), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def human_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+class Plan(BaseModel):
+    """What a job will cost, computed before it runs."""
+
+    backbone: str = Field(..., description="The backbone's timm name.")
+    method: str = Field(..., description="The adaptation method.")
+    mode: str = Field(..., description="The execution mode, `auto` resolved.")
+    needs_cache: bool = Field(..., description="The mode trains from the feature cache (`cache`, `tail`).")
+    images: int = Field(..., description="Images in the dataset (every file is counted; corrupt ones too).")
+    train_images: int = Field(..., description="Images in the training split.")
+    val_images: int = Field(..., description="Images in the validation split.")
+    classes: int = Field(..., description="Classes in the dataset.")
+    architecture: Architecture | None = Field(
+        None, description="The backbone's shape; null for a backbone outside the planner's table (sizes unknown)."
+    )
+    cached_layers: list[int] | None = Field(None, description="The 0-based blocks the cache would hold.")
+    cached_token_mode: str | None = Field(None, description="Tokens cached per layer: `all`, `cls` or `mean`.")
+    cached_tokens: int | None = Field(None, description="Tokens stored per layer and image (T for `all`, else 1).")
+    bytes_per_image: int | None = Field(None, description="Uncompressed cache bytes per image: L' x T' x D x 2.")
+    cache_bytes: int | None = Field(
+        None, description="Uncompressed cache size N x L' x T' x D x 2 bytes, an upper bound (codecs shrink it)."
+    )
+    expected_cache_bytes: int | None = Field(
+        None,
+        description="The size the fit is judged on: a rough estimate with a lossy codec (`keepbits`), else the "
+        "upper bound.",
+    )
+    quota_bytes: int | None = Field(None, description="The cache quota (SIDETUNE_CACHE_QUOTA_GB); null: none.")
+    free_disk_bytes: int = Field(..., description="Free space on the disk that holds the cache directory.")
+    cache_used_bytes: int = Field(..., description="Space the feature cache uses now.")
+    cache_evictable_bytes: int = Field(
+        ..., description="Of that, complete entries that least-recently-used eviction may remove."
+    )
+    available_bytes: int = Field(
+        ..., description="The most the job's cache may take: quota and free disk, after evicting every evictable entry."
+    )
+    fits: bool | None = Field(
+        None,
+        description="The cache fits (after eviction if needed); true when the mode needs no cache; null when the "
+        "size is unknown until extraction. A job with `false` is refused.",
+    )
+    evict_bytes: int = Field(0, description="Bytes of least recently used entries to evict before extraction.")
+    evict_entries: int = Field(0, description="How many entries that eviction removes.")
+    train_feature_bytes: int | None = Field(
+        None, description="Cached features the training split reads (its layers and tokens), in bytes."
+    )
+    train_in_memory: bool | None = Field(
+        None, description="They fit half of SIDETUNE_TRAIN_MEMORY_MB (the training split's share): held in RAM, "
+        "else streamed from the cache."
+    )  # fmt: skip
+    train_on_gpu: bool | None = Field(
+        None, description="They also fit half of SIDETUNE_GPU_CACHE_MB: GPU-resident training (on a GPU device)."
+    )
+    train_memory_budget_bytes: int = Field(
+        ..., description="The training split's share of SIDETUNE_TRAIN_MEMORY_MB (half), in bytes."
+    )
+    gpu_budget_bytes: int = Field(
+        ..., description="The training split's share of SIDETUNE_GPU_CACHE_MB (half), in bytes."
+    )
+    extraction_flops: float | None = Field(None, description="FLOPs of the backbone forwards over every image.")
+    extraction_compute_s: float | None = Field(None, description="Forward time at the assumed throughput.")
+    extraction_write_s: float | None = Field(None, description="Cache write time at the assumed disk bandwidth.")
+    extraction_s: float | None = Field(
+        None, description="Estimated extraction time: the larger of compute and write (they overlap)."
+    )
+    assumed_tflops: float = Field(
+        ..., description="Throughput assumed (SIDETUNE_PLANNER_GPU_TFLOPS, or _CPU_TFLOPS with device=cpu)."
+    )
+    assumed_disk_mb_s: float = Field(..., description="Write bandwidth assumed (SIDETUNE_PLANNER_DISK_MB_S).")
+    message: str = Field(..., description="A summary; when the cache cannot fit, what to change.")
+    notes: list[str] = Field(default_factory=list, description="What the plan assumes or leaves out.")
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes of the files under `path`; files that vanish meanwhile (a concurrent eviction) count as 0."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(folder, name)).st_size
+    return total
+
+
+class _Disk:
+    """The cache directory's state: usage, evictable entries (least recently used first), quota, free space."""
+
+    def __init__(self, settings: Settings) -> None:
+        root = settings.cache_dir
+        self.dir = root
+        probe = root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        self.free = shutil.disk_usage(probe).free
+        self.used = _disk_bytes(root)
+        self.entries: list[tuple[float, int]] = []  # (recency, bytes) of complete entries, least recently used first
+        if root.is_dir():
+            from storage.cache import FeatureCache  # zarr, not torch; only when there is a cache
+
+            for entry in FeatureCache(root).entries():
+                try:  # an incomplete entry is being written (or resumed): in use, never evicted
+                    if entry.is_complete:
+                        recency = entry.last_used or (entry.features / "zarr.json").stat().st_mtime
+                        self.entries.append((recency, _disk_bytes(entry.path)))
+                except OSError:  # evicted by another process meanwhile
+                    continue
+            self.entries.sort()
+        self.evictable = sum(size for _, size in self.entries)
+        self.quota = None if settings.cache_quota_gb is None else int(settings.cache_quota_gb * GB)
+
+    def space_now(self) -> int:
+        room = self.free if self.quota is None else min(self.quota - self.used, self.free)
+        return max(0, room)
+
+    def space_max(self) -> int:
+        """After evicting every evictable entry."""
+        room = self.free + self.evictable
+        return max(0, room if self.quota is None else min(self.quota - self.used + self.evictable, room))
+
+    @property
+    def quota_limits(self) -> bool:
+        return self.quota is not None and self.quota - self.used <= self.free
+
+    def to_evict(self, nbytes: int) -> tuple[int, int]:
+        """(bytes, entries) of least recently used entries to evict so that `nbytes` fit."""
+        need, freed, count = nbytes - self.space_now(), 0, 0
+        for _, size in self.entries:
+            if freed >= need:
+                break
+            freed, count = freed + size, count + 1
+        return (freed, count) if need > 0 else (0, 0)
+
+
+def _remedies(spec: JobSpec, arch: Architecture, n: int, layers: list[int], tokens: str, room: int,
+              disk: _Disk, expected: int) -> list[str]:  # fmt: skip
+    """The changes that would make the cache fit, with the size each gives; only those that apply."""
+    needed, accepted = spec.method_needs(arch.num_layers, arch.global_pool)
+    stored = arch.tokens if tokens == "all" else 1
+    frac = lossy_fraction(spec.extraction.codec, spec.extraction.keepbits) or 1.0
+    per_layer = n * stored * arch.dim * 2  # uncompressed bytes of one cached layer
+
+    def size(n_layers: int, n_tokens: int = stored, f: float = frac) -> str:
+        return gb(n * n_layers * n_tokens * arch.dim * 2 * f)
+
+    out = []
+    if len(layers) > len(needed):
+        out.append(f'cache only the blocks the method reads (extraction.layers "auto": {len(needed)} layers instead '
+                   f"of {len(layers)}, {size(len(needed))})")  # fmt: skip
+    if spec.method.name == "losa" and spec.mode == "cache":
+        k = int(room // (per_layer * frac))
+        if 1 <= k < len(needed):
+            auto = "" if spec.extraction.layers == "auto" else ' with extraction.layers "auto"'
+            out.append(f"fewer LoSA side layers (method.layers {k}: {k} blocks evenly spaced, ending at the last, "
+                       f"{size(k)}{auto})")  # fmt: skip
+    pooled = [a for a in accepted if a != "all"]
+    if tokens == "all" and pooled:
+        out.append(f'fewer tokens (extraction.tokens "{pooled[0]}": 1 token per layer instead of {arch.tokens}, '
+                   f"{size(len(layers), 1)})")  # fmt: skip
+    upper = n * len(layers) * stored * arch.dim * 2
+    bits = min(9, math.floor(16 * room / upper) - 6)  # (6 + keepbits) / 16 of the upper bound must fit
+    current = spec.extraction.keepbits
+    if bits >= 1 and (current is None or spec.extraction.codec == "none" or bits < current):
+        codec = spec.extraction.codec if spec.extraction.codec != "none" else "blosc"
+        out.append(f'a lossy codec (extraction.codec "{codec}" with extraction.keepbits {bits}: about '
+                   f"{gb(upper * (6 + bits) / 16)}, a rough estimate)")  # fmt: skip
+    others = [m for m in type(spec.method).modes if m not in ("cache", "tail")]
+    for mode in others[:1]:
+        what = "the backbone runs under no_grad on every step" if mode == "online" else "trains through the backbone"
+        out.append(f'no cache at all (execution.mode "{mode}": {what})')
+    reserved = disk.used - disk.evictable  # entries that cannot be evicted stay
+    if disk.quota is not None and disk.quota_limits and disk.free + disk.evictable >= expected:
+        out.append(f"raise SIDETUNE_CACHE_QUOTA_GB to at least {math.ceil((expected + reserved) / GB * 100) / 100:.2f} "
+                   "(GB)")  # fmt: skip
+    elif disk.quota is None or not disk.quota_limits:
+        out.append(f"free disk space under {disk.dir} or put SIDETUNE_DATA_DIR on a larger disk")
+    return out
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else "; ".join(items[:-1]) + "; or " + items[-1]
+
+
+def plan(spec: JobSpec, settings: Settings) -> Plan:
+    """Plan `spec` under `settings`. Raises PermissionError or FileNotFoundError for a dataset path outside the
+    allowed roots or missing, DatasetError (a ValueError) for an unusable dataset, and ValueError for cached layers
+    or tokens the backbone or method rule out."""
+    dataset = read_dataset(check_path(spec.dataset.path, settings.roots), spec.dataset.format)
+    n = len(dataset)
+    train_idx, val_idx = stratified_split(dataset.labels, spec.dataset.val_fraction, spec.dataset.split_seed)
+    arch = architecture(spec.backbone.name, spec.backbone.image_size)
+    cpu = settings.device == "cpu"
+    tflops = settings.planner_cpu_tflops if cpu else settings.planner_gpu_tflops
+    disk = _Disk(settings)
+    notes: list[str] = []
+    base = dict(
+        backbone=spec.backbone.name, method=spec.method.name, mode=spec.mode, needs_cache=spec.needs_cache, images=n,
+        train_images=len(train_idx), val_images=len(val_idx), classes=len(dataset.classes), architecture=arch,
+        quota_bytes=disk.quota, free_disk_bytes=disk.free, cache_used_bytes=disk.used,
+        cache_evictable_bytes=disk.evictable, available_bytes=disk.space_max(), assumed_tflops=tflops,
+        assumed_disk_mb_s=settings.planner_disk_mb_s, train_memory_budget_bytes=settings.train_memory_mb * MIB // 2,
+        gpu_budget_bytes=settings.gpu_cache_mb * MIB // 2,
+    )  # fmt: skip
+    if not spec.needs_cache:
+        msg = f"mode {spec.mode} trains on images and needs no feature cache; nothing is extracted"
+        return Plan(**base, fits=True, message=msg, notes=notes)
+    if arch is None:
+        msg = (f"the cache size for {spec.backbone.name} is unknown until extraction (the planner knows timm's plain "
+               "ViT families only); the job is not refused for it")  # fmt: skip
+        return Plan(**base, fits=None, message=msg, notes=notes)
+
+    layers, tokens = spec.cached_layers_and_tokens(arch.num_layers, arch.global_pool)
+    needed, _ = spec.method_needs(arch.num_layers, arch.global_pool)
+    stored = arch.tokens if tokens == "all" else 1
+    per_image = len(layers) * stored * arch.dim * 2
+    upper = n * per_image
+    frac = lossy_fraction(spec.extraction.codec, spec.extraction.keepbits)
+    expected = upper if frac is None else int(upper * frac)
+    train_bytes = len(train_idx) * len(needed) * stored * arch.dim * 2
+    in_memory = train_bytes <= base["train_memory_budget_bytes"]  # as services/training.py splits the budgets
+    on_gpu = in_memory and not cpu and train_bytes <= base["gpu_budget_bytes"]
+    flops = forward_flops(arch, n)
+    compute_s = flops / (tflops * 1e12)
+    write_s = expected / (settings.planner_disk_mb_s * 1e6)
+    room = disk.space_max()
+    fits = expected <= room
+    evict_bytes, evict_entries = disk.to_evict(expected) if fits else (0, 0)
+
+    shape = f"{n} images x {len(layers)} layers x {stored} tokens x {arch.dim} x 2 B"
+    if frac is not None:
+        shape += f"; about {gb(expected)} with keepbits {spec.extraction.keepbits}, a rough estimate"
+    elif spec.extraction.codec != "none":
+        shape += f"; an upper bound, {spec.extraction.codec} compresses it somewhat"
+    limit = (f"the cache quota is {gb(disk.quota)} (SIDETUNE_CACHE_QUOTA_GB)" if disk.quota_limits
+             else f"the disk under {disk.dir} has {gb(disk.free)} free")  # fmt: skip
+    if disk.used:
+        limit += f"; the cache uses {gb(disk.used)}, {gb(disk.evictable)} of it evictable"
+    if fits:
+        msg = f"the feature cache for this job needs {gb(upper)} ({shape}); it fits: {limit}"
+        if evict_entries:
+            msg += f"; fits after evicting {gb(evict_bytes)} ({evict_entries} least recently used entries)"
+    else:
+        remedies = _remedies(spec, arch, n, layers, tokens, room, disk, expected)
+        msg = (f"the feature cache for this job needs {gb(upper)} ({shape}); {limit}, so at most {gb(room)} can be "
+               f"made available. Change one of: {_join(remedies)}.")  # fmt: skip
+    notes.append("sizes are for a fresh extraction: a complete cache of the same dataset and weights would be reused "
+                 "instead, which the planner does not check (that needs the weights' hash)")  # fmt: skip
+    notes.append(f"extraction time assumes {tflops:g} TFLOP/s ({'device cpu' if cpu else 'a GPU'}) and "
+                 f"{settings.planner_disk_mb_s:g} MB/s of disk writes; image decoding is not counted")  # fmt: skip
+    if settings.device == "auto":
+        notes.append("device auto: a GPU is assumed for the time and GPU-resident training")
+    return Plan(
+        **base, cached_layers=layers, cached_token_mode=tokens, cached_tokens=stored, bytes_per_image=per_image,
+        cache_bytes=upper, expected_cache_bytes=expected, fits=fits, evict_bytes=evict_bytes,
+        evict_entries=evict_entries, train_feature_bytes=train_bytes, train_in_memory=in_memory, train_on_gpu=on_gpu,
+        extraction_flops=flops, extraction_compute_s=round(compute_s, 3), extraction_write_s=round(write_s, 3),
+        extraction_s=round(max(compute_s, write_s), 3), message=msg, notes=notes,
+    )  # fmt: skip
+
+
+def describe(p: Plan) -> str:
+    """The plan as readable lines, for `sidetune plan`."""
+    split = f"{p.images} images, {p.classes} classes ({p.train_images} train, {p.val_images} val)"
+    rows = [("job", f"{p.method} on {p.backbone}, mode {p.mode}"), ("dataset", split)]
+    a = p.architecture
+    if a is not None:
+        rows.append(("backbone", f"{a.num_layers} blocks, {a.tokens} tokens ({a.num_prefix_tokens} prefix), dim "
+                                 f"{a.dim}, {a.image_size} px, patch {a.patch_size}"))  # fmt: skip
+    if p.cache_bytes is not None:
+        rows.append(("cache", f"blocks {_ranges(p.cached_layers or [])}, {p.cached_token_mode} tokens: "
+                              f"{human_bytes(p.bytes_per_image or 0)} per image, {gb(p.cache_bytes)} in all "
+                              "(uncompressed, an upper bound)"))  # fmt: skip
+        if p.expected_cache_bytes != p.cache_bytes:
+            rows.append(("", f"about {gb(p.expected_cache_bytes or 0)} with the lossy codec (a rough estimate)"))
+    quota = "none (the free disk space)" if p.quota_bytes is None else gb(p.quota_bytes)
+    rows.append(("disk", f"quota {quota}; cache uses {gb(p.cache_used_bytes)} ({gb(p.cache_evictable_bytes)} "
+                         f"evictable); {gb(p.free_disk_bytes)} free; available {gb(p.available_bytes)}"))  # fmt: skip
+    verdict = {True: "yes", False: "NO", None: "unknown"}[p.fits]
+    if p.fits and p.evict_entries:
+        verdict += f", after evicting {gb(p.evict_bytes)} ({p.evict_entries} entries)"
+    rows.append(("fits", verdict))
+    if p.train_feature_bytes is not None:
+        where = ("GPU-resident" if p.train_on_gpu else "in memory" if p.train_in_memory
+                 else "streamed from the cache")  # fmt: skip
+        rows.append(("training", f"{gb(p.train_feature_bytes)} of features for {p.train_images} images: {where} "
+                                 f"(budgets: {gb(p.train_memory_budget_bytes)} in memory, {gb(p.gpu_budget_bytes)} "
+                                 "on the GPU)"))  # fmt: skip
+    if p.extraction_s is not None:
+        rows.append(("extraction", f"~{human_seconds(p.extraction_s)}: {p.extraction_flops or 0:.3g} FLOPs, "
+                                   f"{human_seconds(p.extraction_compute_s or 0)} at an assumed {p.assumed_tflops:g} "
+                                   f"TFLOP/s; writes {human_seconds(p.extraction_write_s or 0)} at an assumed "
+                                   f"{p.assumed_disk_mb_s:g} MB/s"))  # fmt: skip
+    lines = [f"{k:<11} {v}" for k, v in rows]
+    lines.append(p.message)
+    lines += [f"note: {note}" for note in p.notes]
+    return "\n".join(lines)
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, arr = [], np.asarray(sorted(values))
+    if not len(arr):
+        return "none"
+    breaks = np.flatnonzero(np.diff(arr) != 1)
+    for start, stop in zip(np.r_[0, breaks + 1], np.r_[breaks, len(arr) - 1], strict=True):
+        out.append(str(arr[start]) if start == stop else f"{arr[start]}-{arr[stop]}")
+    return ", ".join(out)

@@ -1,0 +1,72 @@
+"""`POST /jobs?dry_run=true` returns the plan and creates no job; `POST /jobs` refuses a job whose feature cache
+cannot fit the quota, with a message that says what to change (the real app in-process, a real Redis)."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from storage.settings import Settings
+
+
+def client_for(tmp_path, redis_url, digits_root, **settings) -> tuple[TestClient, dict]:
+    key = f"key-{uuid.uuid4().hex}"  # a fresh owner: the session's Redis holds other tests' jobs
+    app = create_app(Settings(data_dir=tmp_path, redis_url=redis_url, api_keys=[key], allowed_roots=[digits_root],
+                              **settings))  # fmt: skip
+    return TestClient(app, headers={"Authorization": f"Bearer {key}"}), {
+        "dataset": {"path": str(digits_root / "train")},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "losa", "rank": 4},
+    }
+
+
+def test_dry_run_returns_the_plan_and_creates_no_job(tmp_path, redis_url, digits_root):
+    client, body = client_for(tmp_path, redis_url, digits_root)
+    r = client.post("/jobs", params={"dry_run": "true"}, json=body)
+    assert r.status_code == 200, r.text
+    plan = r.json()
+    n = plan["images"]
+    assert n > 100 and plan["classes"] == 10 and plan["fits"] is True
+    assert plan["architecture"]["tokens"] == 101 and plan["cached_layers"] == list(range(6))
+    assert plan["cache_bytes"] == n * 6 * 101 * 64 * 2 and plan["extraction_s"] > 0
+    assert client.get("/jobs").json()["data"] == []
+
+    online = client.post("/jobs", params={"dry_run": "true"}, json={**body, "execution": {"mode": "online"}}).json()
+    assert online["needs_cache"] is False and online["cache_bytes"] is None
+
+    bad = client.post("/jobs", params={"dry_run": "true"}, json={**body, "extraction": {"layers": [7]}})
+    assert bad.status_code == 422 and "do not exist" in bad.json()["error"]["message"]
+
+
+def test_a_job_over_the_cache_quota_is_refused_with_what_to_change(tmp_path, redis_url, digits_root):
+    client, body = client_for(tmp_path, redis_url, digits_root, cache_quota_gb=0.0005)
+    r = client.post("/jobs", json=body)
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["code"] == "cache_over_quota"
+    assert "the feature cache for this job needs" in error["message"] and "Change one of" in error["message"]
+    assert "SIDETUNE_CACHE_QUOTA_GB" in error["message"] and 'execution.mode "online"' in error["message"]
+    assert client.get("/jobs").json()["data"] == []
+
+    plan = client.post("/jobs", params={"dry_run": "true"}, json=body).json()
+    assert plan["fits"] is False and plan["message"] == error["message"]
+
+    # a linear probe caches one pooled token per image: it fits, and is queued
+    job = client.post("/jobs", json={**body, "method": {"name": "linear"}})
+    assert job.status_code == 201 and job.json()["status"] == "queued"
+    assert client.post(f"/jobs/{job.json()['id']}/cancel").json()["status"] == "cancelled"
+    # a mode without a cache is never refused for it
+    online = client.post("/jobs", json={**body, "execution": {"mode": "online"}})
+    assert online.status_code == 201
+    client.post(f"/jobs/{online.json()['id']}/cancel")
+
+
+def test_openapi_documents_the_plan(tmp_path, redis_url, digits_root):
+    client, _ = client_for(tmp_path, redis_url, digits_root)
+    doc = client.get("/openapi.json").json()
+    post = doc["paths"]["/jobs"]["post"]
+    assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Plan")
+    assert any(p["name"] == "dry_run" and p["description"] for p in post["parameters"])
+    assert all(prop.get("description") for prop in doc["components"]["schemas"]["Plan"]["properties"].values())
