@@ -7,6 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+# The plan of `POST /jobs?dry_run=true`: its schema (every field described) lives with the planner, which the CLI
+# also uses (the CLI must not import the API); re-exported here so the API's bodies are all found in this module.
+from services.planner import Architecture, Plan  # noqa: F401
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(..., description="Machine-readable error code, e.g. `invalid_request`, `not_found`.")
@@ -39,6 +43,9 @@ class Job(BaseModel):
     model_id: str | None = Field(None, description="The adapted model, once the job succeeded.")
     cancel_requested: bool = Field(False, description="A cancel was requested; running steps stop at a check.")
     cache_key: str | None = Field(None, description="The feature cache entry the job trains from.")
+    extract_shards: int | None = Field(
+        None, description="Shard tasks the extraction was split into (several extract workers write in parallel)."
+    )
 
 
 class JobList(BaseModel):

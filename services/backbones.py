@@ -97,7 +97,7 @@ class Backbone:
         not inference_mode: `online` training feeds them to a side network that autograd must record."""
         out = self.model.forward_intermediates(
             images.to(self.device), indices=layers, norm=False, output_fmt="NLC",
-            intermediates_only=True, return_prefix_tokens=True,
+            intermediates_only=True, return_prefix_tokens=True, stop_early=True,  # no block after the last asked
         )  # fmt: skip
         return torch.stack([torch.cat([prefix, spatial], dim=1) for spatial, prefix in out], dim=1)
 

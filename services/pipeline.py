@@ -6,15 +6,20 @@ from what was finished (cache batches, training checkpoints).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import traceback
+from contextlib import nullcontext
+from typing import Any
 
 from services.backbones import BackboneError
 from services.datasets import DatasetError
 from services.progress import Cancelled, JobReporter
 from services.spec import JobSpec
 from storage.artifacts import ArtifactStore, read_json
-from storage.cache import CacheError
+from storage.cache import CacheError, FeatureCache
 from storage.jobs import TERMINAL, JobStore, now
+from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
 from storage.settings import Settings
 
 log = logging.getLogger("sidetune.pipeline")
@@ -49,29 +54,180 @@ def _cancelled(store: JobStore, job_id: str) -> None:
     store.add_event(job_id, "cancelled", level="warning")
 
 
-def extract_step(store: JobStore, settings: Settings, job_id: str) -> None:
-    from services.extraction import run_extraction
+# What a step asks the task layer to enqueue next: the train step, n extraction shards, or nothing.
+TRAIN_NEXT = "train"
+Next = str | tuple[str, int] | None
+
+
+def _mark_extracted(store: JobStore, job_id: str, **fields: Any) -> bool:
+    """Set `extracted` once; True for the one caller that flipped it (so the train step is enqueued once)."""
+    flipped = False
+    metrics = fields.pop("metrics", {})
+
+    def change(job: dict) -> None:
+        nonlocal flipped
+        flipped = not job.get("extracted") and job["status"] not in TERMINAL
+        if flipped:
+            job.update(extracted=True, **fields, metrics={**job["metrics"], **metrics})
+
+    store.update_job(job_id, change)
+    return flipped
+
+
+def _shard_count(store: JobStore, spec: JobSpec) -> int:
+    if spec.extraction.shards != "auto":
+        return spec.extraction.shards
+    return max(1, store.live_workers().get("extract", 1))  # one shard per live extract worker
+
+
+class _LockedReporter(JobReporter):
+    """Stops the extraction if its cache lock was lost (Redis unreachable for a whole lease): another job may
+    have taken the entry over, and two writers must never write the same batches."""
+
+    def __init__(self, store: JobStore, job_id: str, lock: LeaseLock) -> None:
+        super().__init__(store, job_id)
+        self.lock = lock
+
+    def check_cancel(self) -> None:
+        super().check_cancel()
+        if self.lock.lost:
+            raise CacheError("lost the lock of the cache entry being written; retry the job")
+
+
+def _cache_lock(store: JobStore, key: str, job_id: str) -> LeaseLock:
+    return LeaseLock(store.r, f"cache-lock:{key}", token=job_id)
+
+
+def _wait_notice(reporter: JobReporter, key: str):
+    said = False
+
+    def on_wait(waited_s: float) -> None:
+        nonlocal said
+        if not said:
+            reporter.event(f"another job is extracting the same cache entry {key}; waiting for it")
+            said = True
+        reporter.check_cancel()
+
+    return on_wait
+
+
+def _make_room(store: JobStore, settings: Settings, prep: Any, reporter: JobReporter) -> None:
+    """Evict least recently used entries (never one in use) so the new entry fits the cache quota."""
+    from services.extraction import planned_bytes
+
+    if settings.cache_quota_gb is None:
+        return
+    need = max(0, planned_bytes(prep) - (prep.entry.nbytes() if prep.entry.exists else 0))
+    evicted = FeatureCache(settings.cache_dir).evict(int(settings.cache_quota_gb * 1e9), keep={prep.key},
+                                                     reserve=need, guard=Pins(store.r))  # fmt: skip
+    if evicted:
+        reporter.event(f"evicted {len(evicted)} least recently used cache entries to stay under the quota")
+
+
+def _hit(store: JobStore, job_id: str, prep: Any, reporter: JobReporter) -> Next:
+    prep.entry.touch()
+    reporter.event(f"reusing the feature cache {prep.key}: no backbone forward needed", data={"cache": prep.key})
+    hit = {"cache_key": prep.key, "cache_hit": True, "backbone_forwards": 0, "images": len(prep.dataset),
+           **prep.entry.summary}  # fmt: skip
+    return TRAIN_NEXT if _mark_extracted(store, job_id, cache_key=prep.key, metrics=hit) else None
+
+
+def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
+    """Reuse a covering cache entry, or extract it: in this task (one shard), or split into shard tasks that
+    every extract worker can run (`extraction.shards`). Jobs that need the same entry at the same time extract
+    it once: the first takes its lock, the others wait and reuse it."""
+    from services.extraction import begin_extraction, prepare, run_extraction
 
     job = store.get_job(job_id)
     if job["status"] in TERMINAL or job.get("extracted"):
-        return  # finished, failed, cancelled, or extracted already (a redelivered task)
+        return None  # finished, failed, cancelled, or extracted already (a redelivered task)
     if job.get("cancel_requested"):
         return _cancelled(store, job_id)
-    spec = JobSpec.model_validate(job["spec"])
-    if not spec.needs_cache:
-        store.add_event(job_id, f"mode {spec.mode}: trains on images, no feature cache needed")
-        store.set_fields(job_id, extracted=True, started_at=job.get("started_at") or now())
-        return
-    store.set_fields(job_id, status="extracting", started_at=job.get("started_at") or now())
-    store.add_event(job_id, "extraction started")
     try:
-        result = run_extraction(spec, settings, JobReporter(store, job_id))
+        spec = JobSpec.model_validate(job["spec"])
+        if not spec.needs_cache:
+            store.add_event(job_id, f"mode {spec.mode}: trains on images, no feature cache needed")
+            return TRAIN_NEXT if _mark_extracted(store, job_id, started_at=job.get("started_at") or now()) else None
+        store.set_fields(job_id, status="extracting", started_at=job.get("started_at") or now())
+        if job.get("extract_key"):  # redelivered after splitting: send the shards again (finished ones no-op)
+            return ("shards", job["extract_shards"])
+        store.add_event(job_id, "extraction started")
+        reporter = JobReporter(store, job_id)
+        prep = prepare(spec, settings)
+        lock = _cache_lock(store, prep.key, job_id)
+        if prep.entry.is_complete or not acquire_or_wait(
+            lock, lambda: prep.entry.is_complete, on_wait=_wait_notice(reporter, prep.key)
+        ):
+            return _hit(store, job_id, prep, reporter)
+        try:
+            _make_room(store, settings, prep, reporter)
+            locked = _LockedReporter(store, job_id, lock)
+            shards = _shard_count(store, spec)
+            if shards > 1:
+                begin_extraction(spec, settings, locked, prep=prep)
+                store.set_fields(job_id, extract_key=prep.key, extract_shards=shards, extract_started_at=now())
+                reporter.event(f"extracting {len(prep.dataset)} images into cache {prep.key} as {shards} shard "
+                               f"tasks ({len(prep.entry.pending_batches())} batches to write)")  # fmt: skip
+                lock.detach()  # held on for the shard tasks, which adopt and renew it
+                return ("shards", shards)
+            result = run_extraction(spec, settings, locked, prep=prep)
+        finally:
+            lock.release()  # a no-op once detached
+        return TRAIN_NEXT if _mark_extracted(store, job_id, cache_key=result["cache_key"], metrics=result) else None
     except Cancelled:
         return _cancelled(store, job_id)
     except Exception as e:
         return _fail(store, job_id, e)
-    store.update_job(job_id, lambda j: j.update(cache_key=result["cache_key"], extracted=True,
-                                                metrics={**j["metrics"], **result}))  # fmt: skip
+
+
+def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: int, count: int) -> Next:
+    """Write shard `index` of `count` of the job's cache entry; whichever shard finds every batch written
+    completes the entry and hands the job to the train step."""
+    from services.extraction import begin_extraction, extract_batches, finish_extraction, shard_batches
+
+    job = store.get_job(job_id)
+    if job["status"] in TERMINAL or job.get("extracted"):
+        return None
+    if job.get("cancel_requested"):
+        return _cancelled(store, job_id)
+    lock = _cache_lock(store, job["extract_key"], job_id)
+    try:
+        spec = JobSpec.model_validate(job["spec"])
+        reporter = JobReporter(store, job_id)
+        prep = begin_extraction(spec, settings, reporter, key=job["extract_key"])
+        # Join this job's lock; if its lease lapsed (every shard worker died or stalled), take it again, or wait
+        # for the job that took the entry over in the meantime.
+        complete = lambda: prep.entry.is_complete  # noqa: E731
+        if not complete() and not lock.adopt() and not acquire_or_wait(lock, complete, on_wait=_wait_notice(
+                reporter, prep.key)):  # fmt: skip
+            return _hit(store, job_id, prep, reporter)
+        batches = shard_batches(prep.entry.pending_batches(), index, count)
+        if batches:
+            run = extract_batches(prep, spec, _LockedReporter(store, job_id, lock), batches)
+            store.update_job(job_id, lambda j: j.update(
+                metrics={**j["metrics"], "backbone_forwards": j["metrics"].get("backbone_forwards", 0)
+                         + run["backbone_forwards"]}))  # fmt: skip
+            reporter.event(f"shard {index + 1}/{count}: wrote {len(batches)} batches ({run['images_extracted']} "
+                           f"images) in {run['seconds']:.1f}s on {socket.gethostname()}-{os.getpid()}")  # fmt: skip
+        if prep.entry.pending_batches():
+            lock.detach()  # the shards still writing renew it
+            return None
+        summary = finish_extraction(prep)
+        lock.release()
+        seconds = now() - store.get_job(job_id).get("extract_started_at", now())
+        result = {"cache_key": prep.key, "cache_hit": False, "images": len(prep.dataset),
+                  "extract_seconds": round(seconds, 3), "extract_images_per_s": round(len(prep.dataset) / max(
+                      seconds, 1e-9), 2), **summary}  # fmt: skip
+        if _mark_extracted(store, job_id, cache_key=prep.key, metrics=result):
+            reporter.event(f"extraction complete: {len(prep.dataset)} images in {seconds:.1f}s over {count} shards")
+            return TRAIN_NEXT
+        return None
+    except Cancelled:
+        lock.release()
+        return _cancelled(store, job_id)
+    except Exception as e:
+        lock.release()
+        return _fail(store, job_id, e)
 
 
 def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
@@ -92,7 +248,13 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         spec = JobSpec.model_validate(job["spec"])
         if not artifacts.has_model(model_id):
             ckpt = artifacts.checkpoint_dir(job_id)
-            out = train_job(spec, settings, job.get("cache_key"), JobReporter(store, job_id), ckpt)
+            key = job.get("cache_key")
+            # Pinned while training reads it, so eviction never removes it underneath.
+            with Pin(store.r, key, holder=job_id) if key else nullcontext() as pin:
+                if key and not (pin.held and FeatureCache(settings.cache_dir).entry(key).is_complete):
+                    raise CacheError(f"the feature cache entry {key} was evicted before training; submit the job "
+                                     "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB")  # fmt: skip
+                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt)
             artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
         config = artifacts.load_model(model_id)[1]
         metrics = read_json(artifacts.model_dir(model_id) / "metrics.json")

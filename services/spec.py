@@ -105,6 +105,11 @@ class ExtractionSpec(BaseModel):
     codec: Literal["none", "zstd", "blosc"] = Field(
         "none", description="Lossless compression of the cached activations (blosc: zstd with bit shuffling)."
     )
+    shards: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        "auto",
+        description="Split the extraction into this many shard tasks, which extract workers on any machine run in "
+        "parallel, each writing its own cache shards. `auto`: one per live extract worker.",
+    )
     keepbits: int | None = Field(
         None,
         ge=1,

@@ -6,12 +6,12 @@ workers load `worker.tasks` through `include`). Job state lives in the job store
 
 from __future__ import annotations
 
-from celery import Celery, chain
+from celery import Celery, group
 
 from storage.settings import Settings
 
 EXTRACT, TRAIN = "extract", "train"
-TASK_EXTRACT, TASK_TRAIN = "sidetune.extract", "sidetune.train"
+TASK_EXTRACT, TASK_EXTRACT_SHARD, TASK_TRAIN = "sidetune.extract", "sidetune.extract_shard", "sidetune.train"
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -28,7 +28,11 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        task_routes={TASK_EXTRACT: {"queue": EXTRACT}, TASK_TRAIN: {"queue": TRAIN}},
+        task_routes={
+            TASK_EXTRACT: {"queue": EXTRACT},
+            TASK_EXTRACT_SHARD: {"queue": EXTRACT},
+            TASK_TRAIN: {"queue": TRAIN},
+        },  # fmt: skip
         task_default_queue=TRAIN,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -40,8 +44,17 @@ app = make_app()
 
 
 def enqueue_job(celery: Celery, job_id: str) -> None:
-    """Extract, then train: a chain of immutable signatures, routed by task name to the two queues."""
-    chain(
-        celery.signature(TASK_EXTRACT, args=[job_id], immutable=True, queue=EXTRACT),
-        celery.signature(TASK_TRAIN, args=[job_id], immutable=True, queue=TRAIN),
+    """The extract step; it enqueues what follows (shard tasks, then the train step) when it is done, so a step
+    that fails or is cancelled enqueues nothing."""
+    celery.signature(TASK_EXTRACT, args=[job_id], queue=EXTRACT).apply_async()
+
+
+def enqueue_shards(celery: Celery, job_id: str, count: int) -> None:
+    """A group of `count` shard tasks on the extract queue, run by whichever extract workers are free."""
+    group(
+        celery.signature(TASK_EXTRACT_SHARD, args=[job_id, i, count], queue=EXTRACT) for i in range(count)
     ).apply_async()
+
+
+def enqueue_train(celery: Celery, job_id: str) -> None:
+    celery.signature(TASK_TRAIN, args=[job_id], queue=TRAIN).apply_async()

@@ -69,10 +69,17 @@ def _heartbeat(queues: list[str]) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from celery.signals import worker_ready
+
     from worker.celery_app import app
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    threading.Thread(target=_heartbeat, args=(queues,), daemon=True).start()
+
+    # Heartbeats (what /readyz and `shards: auto` count) start once the worker consumes, not while it boots.
+    @worker_ready.connect(weak=False)
+    def _start_heartbeat(**_: object) -> None:
+        threading.Thread(target=_heartbeat, args=(queues,), daemon=True).start()
+
     # The solo pool keeps CUDA in this process (CUDA does not survive a fork) and runs one task at a time.
     app.worker_main(["worker", "-Q", ",".join(queues), "-P", "solo", "-n", f"{'+'.join(queues)}@%h-{os.getpid()}",
                      "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"])  # fmt: skip
@@ -160,6 +167,26 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The plan of a job spec, computed here (no server) under the settings of this environment."""
+    from pydantic import ValidationError
+
+    from services.planner import describe, plan
+    from services.spec import JobSpec
+
+    try:
+        job_plan = plan(JobSpec.model_validate(json.loads(Path(args.spec).read_text())), Settings())
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
+        print(f"error: invalid job spec: {problems}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # DatasetError and JSONDecodeError are ValueErrors; a missing file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(job_plan.model_dump_json(indent=2) if args.json else describe(job_plan))
+    return 1 if job_plan.fits is False else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -198,11 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=10, help="classifier size (excluded from the count)")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="another config field, JSON value (repeatable)")  # fmt: skip
+    p = sub.add_parser("plan", help="a job spec's cache size, quota and memory fit and extraction time (no server); "
+                       "exit code 1 when its cache cannot fit")  # fmt: skip
+    p.add_argument("spec", help="job spec (JSON file)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("demo", help="embedded stack + digits: a linear probe and a LoSA job, end to end")
     p.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "api": cmd_api, "worker": cmd_worker, "submit": cmd_submit, "jobs": cmd_jobs,
-                "predict": cmd_predict, "params": cmd_params, "demo": cmd_demo}  # fmt: skip
+                "predict": cmd_predict, "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo}  # fmt: skip
     try:
         return handlers[args.command](args)
     except Exception as e:

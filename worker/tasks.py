@@ -1,13 +1,14 @@
-"""Celery tasks: parse, call the service step, report. All logic lives in services/pipeline.py."""
+"""Celery tasks: parse, call the service step, enqueue what it asks for next. All logic lives in
+services/pipeline.py."""
 
 from __future__ import annotations
 
 from functools import cache
 
-from services.pipeline import extract_step, train_step
+from services.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, train_step
 from storage.jobs import JobStore
 from storage.settings import Settings
-from worker.celery_app import TASK_EXTRACT, TASK_TRAIN, app
+from worker.celery_app import TASK_EXTRACT, TASK_EXTRACT_SHARD, TASK_TRAIN, app, enqueue_shards, enqueue_train
 
 
 @cache
@@ -16,10 +17,23 @@ def _context() -> tuple[JobStore, Settings]:
     return JobStore.from_url(settings.broker_url), settings
 
 
+def _follow(job_id: str, next_step: Next) -> None:
+    if next_step == TRAIN_NEXT:
+        enqueue_train(app, job_id)
+    elif isinstance(next_step, tuple):
+        enqueue_shards(app, job_id, next_step[1])
+
+
 @app.task(name=TASK_EXTRACT, acks_late=True, reject_on_worker_lost=True)
 def extract(job_id: str) -> None:
     store, settings = _context()
-    extract_step(store, settings, job_id)
+    _follow(job_id, extract_step(store, settings, job_id))
+
+
+@app.task(name=TASK_EXTRACT_SHARD, acks_late=True, reject_on_worker_lost=True)
+def extract_shard(job_id: str, index: int, count: int) -> None:
+    store, settings = _context()
+    _follow(job_id, extract_shard_step(store, settings, job_id, index, count))
 
 
 @app.task(name=TASK_TRAIN, acks_late=True, reject_on_worker_lost=True)

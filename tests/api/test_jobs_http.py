@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import shutil
+import signal
 import time
 
 import httpx
 import pytest
+
+from storage.jobs import JobStore
 
 BACKBONE = {"name": "test_vit", "pretrained": False}
 
@@ -85,6 +88,31 @@ def test_every_method_trains_and_predicts_through_the_job_api(stack):
         assert job["metrics"]["side_params"] > 0
         predictions = client.predict(job["model_id"], paths)
         assert len(predictions) == 3 and all(abs(sum(p["scores"].values()) - 1) < 1e-3 for p in predictions)
+
+
+def test_extraction_shards_run_on_two_extract_workers(stack):
+    running, client = stack
+    store = JobStore.from_url(running.redis.url)
+    extra = running.spawn("extract-worker-2", "worker", "--queues", "extract")
+    try:
+        deadline = time.monotonic() + 60
+        while store.live_workers().get("extract", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert store.live_workers().get("extract", 0) >= 2, "the second extract worker did not start"
+        # another image size: a cache family no earlier test filled, so this job must extract
+        body = spec(stack, {"name": "losa", "rank": 4}, extraction={"batch_size": 16, "shards": "auto"})
+        body["backbone"] = {**BACKBONE, "image_size": 96}
+        job = client.wait(client.submit(body)["id"], timeout_s=300)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["extract_shards"] == 2 and job["metrics"]["cache_hit"] is False
+        shard_events = [e["message"] for e in client.events(job["id"]) if e["message"].startswith("shard ")]
+        assert len(shard_events) == 2
+        workers = {m.rsplit(" on ", 1)[1] for m in shard_events}
+        assert len(workers) == 2, shard_events  # each extract worker wrote its own shards
+    finally:
+        extra.send_signal(signal.SIGQUIT)
+        extra.wait(timeout=30)
+        running.procs.pop("extract-worker-2", None)
 
 
 def test_mode_that_does_not_suit_the_method_is_422(stack):
