@@ -45,7 +45,7 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     family = cache_key({"dataset": dataset.fingerprint, "backbone": spec.backbone.name,
                         "weights": backbone.weights_hash, "preprocessing": backbone.data_config})  # fmt: skip
     layers, tokens = spec.cached_layers_and_tokens(backbone.num_layers, backbone.model.global_pool)
-    cache = FeatureCache(settings.cache_dir)
+    cache = FeatureCache(settings.cache_location)
     if key is not None:
         return Prepared(dataset, backbone, key, cache.entry(key), layers, tokens)
     needed, _ = spec.method_needs(backbone.num_layers, backbone.model.global_pool)
@@ -92,7 +92,7 @@ def begin_extraction(
     entry.create(labels=dataset.labels, layers=prep.layers, tokens=prep.tokens, token_count=backbone.tokens,
                  dim=backbone.dim, batch_size=spec.extraction.batch_size, meta=meta, codec=spec.extraction.codec,
                  keepbits=spec.extraction.keepbits)  # fmt: skip
-    if not (entry.path / "readout.safetensors").exists():
+    if not entry.has_readout:
         entry.save_readout(backbone.readout_tensors())
     return prep
 

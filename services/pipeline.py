@@ -118,7 +118,7 @@ def _make_room(store: JobStore, settings: Settings, prep: Any, reporter: JobRepo
     if settings.cache_quota_gb is None:
         return
     need = max(0, planned_bytes(prep) - (prep.entry.nbytes() if prep.entry.exists else 0))
-    evicted = FeatureCache(settings.cache_dir).evict(int(settings.cache_quota_gb * 1e9), keep={prep.key},
+    evicted = FeatureCache(settings.cache_location).evict(int(settings.cache_quota_gb * 1e9), keep={prep.key},
                                                      reserve=need, guard=Pins(store.r))  # fmt: skip
     if evicted:
         reporter.event(f"evicted {len(evicted)} least recently used cache entries to stay under the quota")
@@ -251,7 +251,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
             key = job.get("cache_key")
             # Pinned while training reads it, so eviction never removes it underneath.
             with Pin(store.r, key, holder=job_id) if key else nullcontext() as pin:
-                if key and not (pin.held and FeatureCache(settings.cache_dir).entry(key).is_complete):
+                if key and not (pin.held and FeatureCache(settings.cache_location).entry(key).is_complete):
                     raise CacheError(f"the feature cache entry {key} was evicted before training; submit the job "
                                      "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB")  # fmt: skip
                 out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt)

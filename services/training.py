@@ -197,7 +197,7 @@ def train_job(
     if spec.needs_cache:
         if not cache_key:
             raise RuntimeError(f"mode {mode!r} needs the feature cache, and the extraction step left none")
-        entry = FeatureCache(settings.cache_dir).entry(cache_key)
+        entry = FeatureCache(settings.cache_location).entry(cache_key)
         meta = entry.meta
         labels, valid, classes = entry.labels(), entry.valid(), meta["classes"]
         if not valid.all() and spec.dataset.on_corrupt == "fail":

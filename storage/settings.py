@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     train_memory_mb: int = Field(
         4096, description="Training holds the cached features in memory up to this size, else streams them."
     )
+    cache_url: str | None = Field(
+        None,
+        description="Where the feature cache lives when not under the data dir: any fsspec URL, e.g. "
+        "`s3://bucket/sidetune-cache` (install s3fs), so extract workers on several machines share it.",
+    )
     cache_quota_gb: float | None = Field(
         None,
         description="Most disk space the feature cache may use; least recently used entries not in use are evicted "
@@ -81,6 +86,11 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_path / "cache"
+
+    @property
+    def cache_location(self) -> str:
+        """The feature cache's root: `cache_url`, else the local cache directory."""
+        return self.cache_url or str(self.cache_dir)
 
     @property
     def artifacts_dir(self) -> Path:

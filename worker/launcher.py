@@ -37,6 +37,8 @@ class Stack:
         env["SIDETUNE_API_PORT"] = str(self.settings.api_port)
         env["SIDETUNE_ALLOWED_ROOTS"] = ",".join(str(r) for r in self.settings.roots)
         env["SIDETUNE_DEVICE"] = self.settings.device
+        if self.settings.cache_url:
+            env["SIDETUNE_CACHE_URL"] = self.settings.cache_url
         if self.settings.api_keys:
             env["SIDETUNE_API_KEYS"] = ",".join(self.settings.api_keys)
         env.setdefault("PYTHONUNBUFFERED", "1")

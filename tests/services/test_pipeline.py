@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from services.extraction import run_extraction
 from services.pipeline import TRAIN_NEXT, extract_shard_step, extract_step, train_step
@@ -25,7 +26,12 @@ def spec_dict(digits: Path, **extraction) -> dict:
             "training": {"epochs": 1}}  # fmt: skip
 
 
-def test_sharded_extraction_equals_one_process_and_trains(settings: Settings, digits_root: Path) -> None:
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_sharded_extraction_equals_one_process_and_trains(
+    settings: Settings, digits_root: Path, tmp_path: Path, where: str
+) -> None:
+    if where == "fsspec":  # a shared store every extract worker reaches by URL, as s3:// would be
+        settings = settings.model_copy(update={"cache_url": f"file://{tmp_path}/shared-cache"})
     store = JobStore.from_url(settings.broker_url)
     digits = digits_root / "train"
     job = store.create_job(spec_dict(digits, shards=3))
@@ -44,7 +50,8 @@ def test_sharded_extraction_equals_one_process_and_trains(settings: Settings, di
     assert record["metrics"]["backbone_forwards"] == -(-n // 32)
     assert sum("shard" in e["message"] for e in store.events(job["id"])) >= 3
 
-    sharded = FeatureCache(settings.cache_dir).entry(record["cache_key"])
+    sharded = FeatureCache(settings.cache_location).entry(record["cache_key"])
+    assert sharded.native == (where == "local")
     clean = Settings(data_dir=settings.data_dir / "clean", allowed_roots=settings.allowed_roots)
     spec = JobSpec.model_validate(spec_dict(digits, shards=1))
     single = FeatureCache(clean.cache_dir).entry(run_extraction(spec, clean, NullReporter())["cache_key"])

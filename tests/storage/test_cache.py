@@ -259,3 +259,22 @@ def test_touch_records_last_use(tmp_path: Path) -> None:
     assert entry.last_used == 0.0
     entry.touch()
     assert entry.last_used > 0
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_cache_on_an_fsspec_url(tmp_path: Path, acts: np.ndarray, scheme: str) -> None:
+    root = f"file://{tmp_path}/remote" if scheme == "file" else f"memory://sidetune-test-{tmp_path.name}"
+    cache = FeatureCache(root)
+    assert not cache.native  # zarr's FsspecStore, as for s3://
+    entry = cache.entry("fam/v1")
+    entry.create(labels=np.arange(N) % 3, layers=list(range(L)), tokens="all", token_count=T, dim=D,
+                 batch_size=BS, meta={"backbone": "x", "num_prefix_tokens": 1}, codec="zstd")  # fmt: skip
+    entry.save_readout({"norm.weight": np.ones(D, np.float32)})
+    fill(entry, acts)
+    entry.touch()
+    again = FeatureCache(root).find("fam", [1], "cls")
+    assert again is not None and again.key == "fam/v1" and again.is_complete and again.last_used > 0
+    np.testing.assert_array_equal(again.read([3, 1], [2, 0]), acts[[3, 1]][:, [2, 0]])
+    np.testing.assert_array_equal(again.readout()["norm.weight"], np.ones(D, np.float32))
+    assert again.nbytes() > 0 and cache.total_bytes() == again.nbytes()
+    assert cache.evict(0) == ["fam/v1"] and cache.entries() == []

@@ -1,0 +1,131 @@
+"""All cache entries under one root: lookup of a covering entry, and least-recently-used eviction."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from storage.cache import files
+from storage.cache.entry import CacheEntry, CacheError
+
+
+class EvictionGuard(Protocol):
+    """What makes eviction safe across processes (storage.locks.Pins): entered around a whole eviction (one
+    evictor at a time); `begin_eviction(key)` atomically refuses a key in use and otherwise keeps new users off
+    it until `end_eviction(key)`."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> Any: ...
+
+    def begin_eviction(self, key: str) -> bool: ...
+
+    def end_eviction(self, key: str) -> None: ...
+
+
+class FeatureCache:
+    """All cache entries under one root, a local directory or an fsspec URL; a key is `<family>/<variant>`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.fs, self.root, self.native = files.filesystem(root)
+
+    def entry(self, key: str) -> CacheEntry:
+        return CacheEntry(files.join(self.root, key), key, self.fs, self.native)
+
+    def _dirs(self, path: str) -> list[str]:
+        """Names of the subdirectories of `path`, sorted; dot-names (evicted entries on their way out) skipped."""
+        try:
+            listing = self.fs.ls(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        names = (item["name"].rstrip("/").rsplit("/", 1)[-1] for item in listing if item["type"] == "directory")
+        return sorted(n for n in names if not n.startswith("."))
+
+    def family(self, family: str) -> list[CacheEntry]:
+        return [self.entry(f"{family}/{name}") for name in self._dirs(files.join(self.root, family))]
+
+    def entries(self) -> list[CacheEntry]:
+        """Every entry, complete or not."""
+        return [e for name in self._dirs(self.root) for e in self.family(name)]
+
+    def find(self, family: str, layers: list[int], tokens: str) -> CacheEntry | None:
+        """The smallest complete entry of `family` that covers `layers` and `tokens`, if any."""
+        found = [e for e in self.family(family) if self._usable(e, layers, tokens)]
+        return min(found, key=lambda e: int(np.prod(e.meta["shape"]))) if found else None
+
+    def remove(self, key: str) -> None:
+        self._rm(files.join(self.root, key))
+
+    def _rm(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.fs.rm(path, recursive=True)
+
+    def total_bytes(self) -> int:
+        """Bytes on disk of all entries, complete or not."""
+        return sum(e.nbytes() for e in self.entries())
+
+    def evict(
+        self, max_bytes: int, keep: Collection[str] = (), reserve: int = 0, guard: EvictionGuard | None = None
+    ) -> list[str]:
+        """Remove least recently used complete entries until all entries + `reserve` bytes fit in `max_bytes`;
+        returns the keys this call removed (possibly not enough to fit: kept, in-use and incomplete entries stay).
+
+        Candidates: complete entries whose key is not in `keep` (pass e.g. the caller's own entry). Incomplete
+        entries are never evicted (an extraction may be writing them). Recency is `last_used` (touch()), or the
+        entry's completion time if it was never touched. Each removal renames the entry to a `.trash-*` name
+        first (atomic: readers see the whole entry or none), then deletes it, so evictors running at once never
+        remove anything twice or by halves. With a `guard` (storage.locks.Pins): evictors take turns across
+        processes, so the quota is met exactly, and an entry pinned by any process is skipped, atomically with
+        the decision to remove it. Without one, two evictors at once may remove a little more than needed.
+        """
+        for stale in self.fs.glob(files.join(self.root, ".trash-*")):  # left by an evictor that died midway
+            self._rm(stale)
+        evicted: list[str] = []
+        trash: list[str] = []
+        with guard if guard is not None else contextlib.nullcontext():
+            entries = self.entries()
+            sizes = {e.key: e.nbytes() for e in entries}
+            keep = set(keep)
+            candidates = sorted((self._recency(e), e.key) for e in entries if e.key not in keep and self._complete(e))
+            for _, key in candidates:
+                sizes = {k: n for k, n in sizes.items() if self.fs.isdir(files.join(self.root, k))}  # others' removals
+                if sum(sizes.values()) + reserve <= max_bytes:
+                    break
+                if key not in sizes or (guard is not None and not guard.begin_eviction(key)):
+                    continue  # gone already, or in use
+                path = files.join(self.root, f".trash-{uuid.uuid4().hex}")
+                try:
+                    self.fs.mv(files.join(self.root, key), path, recursive=True)
+                    evicted.append(key)
+                    trash.append(path)
+                except FileNotFoundError:
+                    pass  # another evictor took it meanwhile
+                finally:
+                    if guard is not None:
+                        guard.end_eviction(key)
+        for path in trash:  # outside the guard: deleting a large entry takes a while
+            self._rm(path)
+        return evicted
+
+    @staticmethod
+    def _usable(entry: CacheEntry, layers: list[int], tokens: str) -> bool:
+        try:
+            return entry.is_complete and entry.covers(layers, tokens)
+        except (CacheError, OSError):  # vanished meanwhile (evicted by another process)
+            return False
+
+    @staticmethod
+    def _complete(entry: CacheEntry) -> bool:
+        try:
+            return entry.is_complete
+        except OSError:  # vanished meanwhile (evicted by another process)
+            return False
+
+    @staticmethod
+    def _recency(entry: CacheEntry) -> float:
+        return entry.last_used or entry.created  # the metadata is rewritten by mark_complete

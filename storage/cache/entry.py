@@ -1,0 +1,268 @@
+"""One cache entry: the activations of one backbone on one dataset, as a sharded Zarr v3 group (layout in
+storage/cache/__init__.py), plus the small helpers the extractor and readers share."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+from zarr.codecs.numcodecs import BitRound
+
+from storage.cache import files
+
+# BitRound is a numcodecs codec, outside the Zarr v3 spec: only sidetune reads these arrays, so that is fine.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
+CODECS = ("none", "zstd", "blosc")
+TOKEN_MODES = ("all", "cls", "mean")
+CHUNK_BYTES = 1 << 20  # the read unit: large enough for sequential disk reads, small enough for random batches
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """A stable key for everything that determines the cached activations."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def pool_tokens(x: Any, mode: str, num_prefix_tokens: int) -> Any:
+    """[B, L, T, D] -> the tokens `mode` keeps ([B, L, 1, D] for cls/mean), for numpy arrays and torch tensors
+    alike, so the extractor, the cache reader and the predictor pool the same way."""
+    if mode == "all":
+        return x
+    if mode == "cls":
+        return x[:, :, :1]
+    if mode == "mean":
+        return x[:, :, num_prefix_tokens:].mean(axis=2, keepdims=True)
+    raise ValueError(f"unknown token mode {mode!r}; choose one of {', '.join(TOKEN_MODES)}")
+
+
+def _rows_per_chunk(batch_size: int, row_bytes: int) -> int:
+    """The smallest divisor of the shard's rows whose chunk reaches CHUNK_BYTES (else the whole shard)."""
+    for rows in range(1, batch_size + 1):
+        if batch_size % rows == 0 and rows * row_bytes >= CHUNK_BYTES:
+            return rows
+    return batch_size
+
+
+class CacheError(RuntimeError):
+    pass
+
+
+class CacheEntry:
+    def __init__(
+        self, path: str | Path, key: str | None = None, fs: fsspec.AbstractFileSystem | None = None, native: bool = True
+    ) -> None:
+        """`path` on `fs` (default: the local filesystem, where `path` and `features` are usable Paths)."""
+        self.fs = fs or files.filesystem(path)[0]
+        self.native = native
+        self.root = str(path) if fs is not None else files.filesystem(path)[1]
+        self.path = Path(self.root)
+        self.key = key or self.path.name
+        self.features = self.path / "features.zarr"
+        self._meta: dict[str, Any] | None = None  # immutable once written, so read once
+
+    def _file(self, name: str) -> str:
+        return files.join(self.root, name)
+
+    # ---- state ------------------------------------------------------------------------------------
+    def _group(self, mode: str = "r") -> zarr.Group:
+        return files.open_group(self.fs, self._file("features.zarr"), self.native, mode)
+
+    @property
+    def exists(self) -> bool:
+        return self.fs.exists(self._file("features.zarr/zarr.json"))
+
+    @property
+    def is_complete(self) -> bool:
+        return self.exists and bool(self._group().attrs.get("complete", False))
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            if not self.exists:
+                raise CacheError(f"no cache entry at {self.path}")
+            self._meta = dict(self._group().attrs["meta"])
+        return dict(self._meta)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return dict(self._group().attrs.get("summary", {}))
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    def covers(self, layers: list[int], tokens: str) -> bool:
+        """Whether this entry holds `layers` with `tokens` (all tokens can be pooled to cls or mean on read)."""
+        meta = self.meta
+        return set(layers) <= set(meta["layers"]) and meta["token_mode"] in (tokens, "all")
+
+    def touch(self) -> None:
+        files.write_bytes(self.fs, self._file("last_used"), str(time.time()).encode())
+
+    @property
+    def last_used(self) -> float:
+        try:
+            return float(files.read_bytes(self.fs, self._file("last_used")))
+        except (OSError, ValueError):
+            return 0.0
+
+    @property
+    def created(self) -> float:
+        """When the metadata was last written (completion, for a complete entry)."""
+        try:
+            return float(self.fs.modified(self._file("features.zarr/zarr.json")).timestamp())
+        except (OSError, NotImplementedError, AttributeError):
+            return 0.0
+
+    # ---- writing ----------------------------------------------------------------------------------
+    def create(
+        self,
+        *,
+        labels: np.ndarray,
+        layers: list[int],
+        tokens: str,
+        token_count: int,
+        dim: int,
+        batch_size: int,
+        meta: dict[str, Any],
+        codec: str = "none",
+        keepbits: int | None = None,
+    ) -> None:
+        """Create the arrays, or keep an existing entry of the same shape so extraction can resume.
+        `token_count` is the backbone's token count T (stored: T for `all`, 1 for `cls`/`mean`)."""
+        n = len(labels)
+        stored_tokens = token_count if tokens == "all" else 1
+        shape = [n, len(layers), stored_tokens, dim]
+        if self.exists:
+            stored = self.meta
+            if stored.get("shape") != shape or stored.get("batch_size") != batch_size:
+                raise CacheError(f"cache entry {self.key} exists with another shape; remove it to rebuild")
+            return
+        if codec not in CODECS:
+            raise CacheError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+        if tokens not in TOKEN_MODES:
+            raise CacheError(f"unknown token mode {tokens!r}; choose one of {', '.join(TOKEN_MODES)}")
+        compressors = {
+            "none": None,
+            "zstd": zarr.codecs.ZstdCodec(level=1),
+            "blosc": zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),
+        }[codec]
+        filters = [BitRound(keepbits=keepbits)] if keepbits is not None else None
+        rows = _rows_per_chunk(batch_size, stored_tokens * dim * 2)
+        self.fs.makedirs(self.root, exist_ok=True)
+        g = self._group("w")
+        g.create_array(
+            "acts", shape=shape, shards=(batch_size, len(layers), stored_tokens, dim),
+            chunks=(rows, 1, stored_tokens, dim), dtype="float16", compressors=compressors, filters=filters,
+            fill_value=0,
+        )  # fmt: skip
+        g.create_array("labels", data=np.asarray(labels, dtype="int64"), chunks=(max(n, 1),))
+        g.create_array("valid", shape=(n,), chunks=(batch_size,), dtype="bool", fill_value=False)
+        n_batches = -(-n // batch_size)
+        g.create_array("batch_done", shape=(n_batches,), chunks=(1,), dtype="bool", fill_value=False)
+        # Meta last: an entry without meta is treated as absent, so a crash above leaves no half entry.
+        g.attrs.update({"meta": {**meta, "shape": shape, "layers": list(layers), "token_mode": tokens,
+                                 "batch_size": batch_size, "chunk_rows": rows, "codec": codec,
+                                 "keepbits": keepbits}})  # fmt: skip
+
+    def pending_batches(self) -> list[int]:
+        done = self._group()["batch_done"][:]
+        return [int(i) for i in np.flatnonzero(~done)]
+
+    def batch_range(self, batch: int) -> tuple[int, int]:
+        meta = self.meta
+        bs, n = meta["batch_size"], meta["shape"][0]
+        return batch * bs, min(n, (batch + 1) * bs)
+
+    def write_batch(self, batch: int, acts: np.ndarray, valid: np.ndarray) -> None:
+        """Write one whole batch; its done flag is written after the data, so a crash redoes it."""
+        g = self._group("r+")
+        start, stop = self.batch_range(batch)
+        if acts.shape[0] != stop - start:
+            raise CacheError(f"batch {batch} needs {stop - start} rows, got {acts.shape[0]}")
+        g["acts"][start:stop] = acts.astype(np.float16, copy=False)
+        g["valid"][start:stop] = valid
+        g["batch_done"][batch] = True
+
+    def save_readout(self, tensors: dict[str, np.ndarray]) -> None:
+        data = save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+        files.write_bytes(self.fs, self._file("readout.safetensors"), data)
+
+    @property
+    def has_readout(self) -> bool:
+        return self.fs.exists(self._file("readout.safetensors"))
+
+    def mark_complete(self, summary: dict[str, Any]) -> None:
+        if self.pending_batches():
+            raise CacheError("cannot mark a cache entry complete while batches are missing")
+        g = self._group("r+")
+        g.attrs.update({"summary": summary})
+        g.attrs.update({"complete": True})
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def labels(self) -> np.ndarray:
+        return self._group()["labels"][:]
+
+    def valid(self) -> np.ndarray:
+        return self._group()["valid"][:]
+
+    def readout(self) -> dict[str, np.ndarray]:
+        return load_tensors(files.read_bytes(self.fs, self._file("readout.safetensors")))
+
+    def read(
+        self, indices: np.ndarray | None = None, layers: list[int] | None = None, tokens: str | None = None
+    ) -> np.ndarray:
+        """float16 activations [len(indices), len(layers), T', D] of the given blocks (0-based backbone block
+        indices; default: every cached one), pooled to `tokens` when the entry holds all tokens."""
+        meta = self.meta
+        acts = self._group()["acts"]
+        stored = meta["layers"]
+        wanted = stored if layers is None else list(layers)
+        missing = [layer for layer in wanted if layer not in stored]
+        if missing:
+            raise CacheError(f"cache entry {self.key} holds blocks {stored}, not {missing}")
+        cols = [stored.index(layer) for layer in wanted]
+        col_index = cols if cols != list(range(acts.shape[1])) else slice(None)
+        n = acts.shape[0]
+        if indices is None:
+            return self._pooled(acts.oindex[:, col_index], tokens)
+        rows = np.asarray(indices, dtype=np.int64)
+        result = np.empty((len(rows), len(cols), *acts.shape[2:]), dtype=np.float16)
+        # Read runs of whole chunks with plain slices (zarr then decodes each needed chunk once; integer-array
+        # indexing would decode a shard per row), and pick the rows in numpy.
+        chunk = meta.get("chunk_rows") or meta["batch_size"]
+        ids = np.unique(rows // chunk)
+        # Runs of consecutive chunks, each at most ~64 MiB, so a read never holds much more than its result.
+        row_bytes = int(np.prod(acts.shape[2:])) * len(cols) * 2
+        most = max(1, (64 << 20) // max(1, row_bytes * chunk))
+        breaks = np.flatnonzero((np.diff(ids) != 1) | (np.arange(1, len(ids)) % most == 0)) + 1
+        runs = np.split(ids, breaks) if len(ids) else []
+        for run in runs:
+            start, stop = int(run[0]) * chunk, min(n, (int(run[-1]) + 1) * chunk)
+            block = acts.oindex[start:stop, col_index]
+            inside = (rows >= start) & (rows < stop)
+            result[inside] = block[rows[inside] - start]
+        return self._pooled(result, tokens)
+
+    def _pooled(self, acts: np.ndarray, tokens: str | None) -> np.ndarray:
+        """`acts` as stored, pooled to `tokens` when the entry holds all tokens."""
+        meta = self.meta
+        tokens = tokens or meta["token_mode"]
+        if tokens != meta["token_mode"]:
+            if meta["token_mode"] != "all":
+                raise CacheError(f"cache entry {self.key} holds {meta['token_mode']} tokens, not {tokens}")
+            acts = pool_tokens(acts.astype(np.float32), tokens, meta["num_prefix_tokens"]).astype(np.float16)
+        return acts
+
+    def nbytes(self) -> int:
+        return files.tree_bytes(self.fs, self.root)
