@@ -162,7 +162,8 @@ class TrainingSpec(BaseModel):
     )
     warmup_epochs: float | Literal["auto"] = Field(
         "auto",
-        description="Linear warmup length in epochs before the cosine decay; `auto`: the method's default "
+        description="Linear warmup length in epochs before the cosine decay (at most half the run); `auto`: the "
+        "method's default "
         f"({_defaults('warmup_epochs')}).",
     )
     seed: int = Field(0, ge=0, description="Seed of initialisation and batch order.")

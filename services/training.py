@@ -121,7 +121,11 @@ def fit(
     bs = min(hp["batch_size"], n)
     steps_per_epoch = -(-n // bs)
     total = steps_per_epoch * hp["epochs"]
-    warmup = min(total, max(1, round(hp["warmup_epochs"] * steps_per_epoch)))
+    warmup = max(1, round(hp["warmup_epochs"] * steps_per_epoch))
+    if warmup > total // 2 and total > 1:
+        # e.g. ARC's 10 warmup epochs (from 100-epoch runs) in a 10-epoch job would never reach the decay
+        reporter.event(f"warmup of {hp['warmup_epochs']} epochs capped at half of this {hp['epochs']}-epoch run")
+        warmup = max(1, total // 2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
     loss_fn = nn.CrossEntropyLoss()
 
