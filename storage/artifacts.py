@@ -36,7 +36,9 @@ def read_json(path: Path) -> Any:
 def write_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    # np.ascontiguousarray turns a 0-d array into shape (1,): keep scalars (e.g. LoSA's scales) 0-d
+    save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(tmp),
+              metadata=metadata)  # fmt: skip
     os.replace(tmp, path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,11 @@ class NotFound(KeyError):
 def new_id(prefix: str) -> str:
     """Ids that sort roughly by creation time (`job_<ms hex><random hex>`)."""
     return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(5).hex()}"
+
+
+def worker_name() -> str:
+    """This process as a worker: what its heartbeats and running steps are keyed by."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def now() -> float:
@@ -170,9 +176,36 @@ class JobStore:
         models = [json.loads(raw) for raw in self.r.mget([f"model:{i}" for i in ids]) if raw] if ids else []
         return [m for m in models if owner is None or m.get("owner") == owner][:limit]
 
-    # ---- worker heartbeats (for /readyz) -----------------------------------------------------------
+    # ---- worker heartbeats (for /readyz, shard counts and the watchdog) ------------------------------
     def heartbeat(self, queue: str, worker: str, ttl_s: int = 15) -> None:
         self.r.set(f"worker:{queue}:{worker}", now(), ex=ttl_s)
+
+    def worker_alive(self, worker: str) -> bool:
+        return any(True for _ in self.r.scan_iter(f"worker:*:{worker}"))
+
+    # ---- running steps (which worker runs which step of which job; the watchdog requeues dead ones) --------
+    def step_started(self, job_id: str, step: dict[str, Any]) -> None:
+        self.r.hset(f"running:{job_id}", worker_name(), json.dumps(step))
+        self.r.sadd("running", job_id)
+        self.set_fields(job_id, requeued_at=None)  # picked up (again)
+
+    def step_finished(self, job_id: str) -> None:
+        self.r.hdel(f"running:{job_id}", worker_name())
+
+    def running_steps(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """{job_id: {worker: step}} of every step in progress."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for job_id in self.r.smembers("running"):
+            steps = self.r.hgetall(f"running:{job_id}")
+            if steps:
+                out[job_id] = {w: json.loads(v) for w, v in steps.items()}
+            else:
+                self.r.srem("running", job_id)
+        return out
+
+    def drop_step(self, job_id: str, worker: str) -> bool:
+        """Forget a dead worker's step; True for the one caller that removed it (so it is requeued once)."""
+        return bool(self.r.hdel(f"running:{job_id}", worker))
 
     def live_workers(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     train_memory_mb: int = Field(
         4096, description="Training holds the cached features in memory up to this size, else streams them."
     )
+    worker_lost_timeout_s: float = Field(
+        600.0,
+        description="A step whose worker died is requeued at once; if no worker takes it up within this time, the "
+        "job fails with the reason.",
+    )
+    max_worker_losses: int = Field(3, description="A job whose workers died more often than this fails.")
     cache_url: str | None = Field(
         None,
         description="Where the feature cache lives when not under the data dir: any fsspec URL, e.g. "

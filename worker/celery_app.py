@@ -58,3 +58,13 @@ def enqueue_shards(celery: Celery, job_id: str, count: int) -> None:
 
 def enqueue_train(celery: Celery, job_id: str) -> None:
     celery.signature(TASK_TRAIN, args=[job_id], queue=TRAIN).apply_async()
+
+
+def requeue_step(celery: Celery, job_id: str, step: dict) -> None:
+    """Send a step of a job again (the watchdog, after its worker died); steps are idempotent and resumable."""
+    if step["task"] == "extract":
+        enqueue_job(celery, job_id)
+    elif step["task"] == "extract_shard":
+        celery.signature(TASK_EXTRACT_SHARD, args=[job_id, step["index"], step["count"]], queue=EXTRACT).apply_async()
+    else:
+        enqueue_train(celery, job_id)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -55,16 +54,30 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def _heartbeat(queues: list[str]) -> None:
-    from storage.jobs import JobStore
+    """Beat every 5 s, and take turns with the other workers running the watchdog (services/watchdog.py)."""
+    import logging
 
-    store = JobStore.from_url(Settings().broker_url)
-    name = f"{socket.gethostname()}-{os.getpid()}"
+    from services import watchdog
+    from storage.jobs import JobStore, worker_name
+    from storage.locks import LeaseLock
+    from worker.celery_app import app, requeue_step
+
+    settings = Settings()
+    store = JobStore.from_url(settings.broker_url)
+    log = logging.getLogger("sidetune.watchdog")
     while True:
         try:
             for q in queues:
-                store.heartbeat(q, name)
-        except Exception:
-            pass  # Redis restarting: the next beat will do
+                store.heartbeat(q, worker_name())
+            lock = LeaseLock(store.r, "watchdog", lease_s=10.0)
+            if lock.acquire():
+                try:
+                    for line in watchdog.check(store, settings, lambda job_id, step: requeue_step(app, job_id, step)):
+                        log.warning("watchdog: %s", line)
+                finally:
+                    lock.release()
+        except Exception as e:  # Redis restarting: the next beat will do
+            log.debug("heartbeat failed: %s", e)
         time.sleep(5)
 
 

@@ -3,6 +3,8 @@ services/pipeline.py."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 from services.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, train_step
@@ -24,19 +26,32 @@ def _follow(job_id: str, next_step: Next) -> None:
         enqueue_shards(app, job_id, next_step[1])
 
 
+@contextmanager
+def _running(store: JobStore, job_id: str, step: dict) -> Iterator[None]:
+    """Recorded while it runs, so the watchdog can requeue it if this worker dies (a SIGKILL skips `finally`)."""
+    store.step_started(job_id, step)
+    try:
+        yield
+    finally:
+        store.step_finished(job_id)
+
+
 @app.task(name=TASK_EXTRACT, acks_late=True, reject_on_worker_lost=True)
 def extract(job_id: str) -> None:
     store, settings = _context()
-    _follow(job_id, extract_step(store, settings, job_id))
+    with _running(store, job_id, {"task": "extract"}):
+        _follow(job_id, extract_step(store, settings, job_id))
 
 
 @app.task(name=TASK_EXTRACT_SHARD, acks_late=True, reject_on_worker_lost=True)
 def extract_shard(job_id: str, index: int, count: int) -> None:
     store, settings = _context()
-    _follow(job_id, extract_shard_step(store, settings, job_id, index, count))
+    with _running(store, job_id, {"task": "extract_shard", "index": index, "count": count}):
+        _follow(job_id, extract_shard_step(store, settings, job_id, index, count))
 
 
 @app.task(name=TASK_TRAIN, acks_late=True, reject_on_worker_lost=True)
 def train(job_id: str) -> None:
     store, settings = _context()
-    train_step(store, settings, job_id)
+    with _running(store, job_id, {"task": "train"}):
+        train_step(store, settings, job_id)

@@ -195,7 +195,7 @@ class CacheEntry:
         g["batch_done"][batch] = True
 
     def save_readout(self, tensors: dict[str, np.ndarray]) -> None:
-        data = save_tensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+        data = save_tensors({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()})
         files.write_bytes(self.fs, self._file("readout.safetensors"), data)
 
     @property

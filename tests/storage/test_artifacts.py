@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.artifacts import ArtifactStore, read_json, write_json
+from storage.artifacts import ArtifactStore, read_json, read_tensors, write_json, write_tensors
 
 
 def test_save_and_load_model_round_trip(tmp_path: Path) -> None:
@@ -50,3 +50,9 @@ def test_drop_checkpoints(tmp_path: Path) -> None:
     store.drop_checkpoints("job_1")
     assert not ckpt.exists()
     store.drop_checkpoints("job_1")  # idempotent
+
+
+def test_scalars_stay_scalars(tmp_path: Path) -> None:
+    # LoSA's per-layer scales are 0-d: a resumed optimizer broke when they came back with shape (1,)
+    write_tensors(tmp_path / "t.safetensors", {"scale": np.array(0.5, np.float32)})
+    assert read_tensors(tmp_path / "t.safetensors")["scale"].shape == ()

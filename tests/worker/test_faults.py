@@ -1,0 +1,94 @@
+"""Faults with real processes: a worker SIGKILLed mid-step. The watchdog (in every worker) sees its heartbeat
+expire and requeues the step; a new worker resumes it from what was finished (cache batches, training
+checkpoints), and the job succeeds. A stack of its own, so killing workers disturbs no other test."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from services.digits import write_digits
+from storage.cache import FeatureCache
+from storage.jobs import JobStore
+from storage.settings import Settings
+from worker.client import Client
+from worker.launcher import Stack
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fault_stack(tmp_path_factory: pytest.TempPathFactory):
+    data = tmp_path_factory.mktemp("faults")
+    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(), device="cpu")
+    write_digits(data / "datasets" / "digits", limit=120)
+    with Stack(settings) as running:
+        yield running, Client(running.api_url), JobStore.from_url(running.redis.url)
+
+
+def _wait_for(predicate, timeout_s: float = 120.0, every_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every_s)
+
+
+def _kill_and_replace(running: Stack, name: str, queue: str) -> None:
+    running.procs[name].send_signal(signal.SIGKILL)
+    running.procs[name].wait()
+    running.spawn(name, "worker", "--queues", queue)
+
+
+def _spec(running: Stack, method: dict, **extra) -> dict:
+    dataset = {"path": str(running.settings.data_path / "datasets" / "digits" / "train")}
+    backbone = {"name": "test_vit", "pretrained": False, "image_size": 224}
+    return {"dataset": dataset, "backbone": backbone, "method": method, **extra}
+
+
+def test_sigkilled_extract_worker_resumes_and_the_cache_equals_a_clean_run(fault_stack) -> None:
+    running, client, store = fault_stack
+    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, extraction={"batch_size": 2, "shards": 1},
+                 training={"epochs": 1})  # fmt: skip
+    job_id = client.submit(body)["id"]
+    _wait_for(lambda: (store.get_job(job_id).get("progress") or {}).get("done", 0) >= 3)
+    _kill_and_replace(running, "extract-worker", "extract")
+    job = client.wait(job_id, timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    messages = [e["message"] for e in client.events(job_id)]
+    assert any("stopped (no heartbeat) during extraction" in m for m in messages), messages
+    assert any("resuming extraction" in m for m in messages), messages
+    n_batches = -(-job["metrics"]["images"] // 2)
+    assert 0 < job["metrics"]["backbone_forwards"] < n_batches  # the resumed run forwarded only what was missing
+
+    clean = Settings(data_dir=running.settings.data_path / "clean", allowed_roots=running.settings.roots)
+    from services.extraction import run_extraction
+    from services.progress import NullReporter
+    from services.spec import JobSpec
+
+    result = run_extraction(JobSpec.model_validate(body), clean, NullReporter())
+    resumed = FeatureCache(running.settings.cache_dir).entry(job["cache_key"])
+    np.testing.assert_array_equal(resumed.read(), FeatureCache(clean.cache_dir).entry(result["cache_key"]).read())
+
+
+def test_sigkilled_train_worker_resumes_from_the_last_checkpoint(fault_stack) -> None:
+    running, client, store = fault_stack
+    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, execution={"mode": "online"},
+                 training={"epochs": 8, "batch_size": 16})  # fmt: skip
+    job_id = client.submit(body)["id"]
+    _wait_for(lambda: (store.get_job(job_id).get("progress") or {}).get("done", 0) >= 2)
+    _kill_and_replace(running, "train-worker", "train")
+    job = client.wait(job_id, timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    messages = [e["message"] for e in client.events(job_id)]
+    assert any("stopped (no heartbeat) during training" in m for m in messages), messages
+    resumed = [m for m in messages if m.startswith("resumed training from the checkpoint of epoch")]
+    assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 2, messages
+    assert sum(e["type"] == "metrics" for e in client.events(job_id)) >= 8
