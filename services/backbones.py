@@ -95,10 +95,12 @@ class Backbone:
     def intermediates(self, images: torch.Tensor, layers: list[int]) -> torch.Tensor:
         """Block outputs (before the final norm) as [B, len(layers), T, D], prefix tokens first. Under no_grad,
         not inference_mode: `online` training feeds them to a side network that autograd must record."""
-        out = self.model.forward_intermediates(
-            images.to(self.device), indices=layers, norm=False, output_fmt="NLC",
-            intermediates_only=True, return_prefix_tokens=True, stop_early=True,  # no block after the last asked
-        )  # fmt: skip
+        # bfloat16 autocast on a GPU (here, not by the caller: this also runs in prefetch threads); fp32 on a CPU
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model.forward_intermediates(
+                images.to(self.device), indices=layers, norm=False, output_fmt="NLC",
+                intermediates_only=True, return_prefix_tokens=True, stop_early=True,  # no block after the last asked
+            )  # fmt: skip
         return torch.stack([torch.cat([prefix, spatial], dim=1) for spatial, prefix in out], dim=1)
 
 

@@ -47,10 +47,10 @@ class LosaSideNetwork(Classifier):
 
     def refine(self, feats: torch.Tensor) -> torch.Tensor:
         """The side network's output a_L, [B, T, D]."""
-        feats = feats.float()
-        a = feats[:, self._slot[self.input_layers[-1]]]
+        # one layer at a time to float32 (a float16 cache), not the whole [B, L, T, D] input at once
+        a = feats[:, self._slot[self.input_layers[-1]]].float()
         for i, (layer, g) in enumerate(zip(self.side_layers, self.mixers, strict=True)):
-            x = feats[:, self._slot[layer]] + a
+            x = feats[:, self._slot[layer]].float() + a
             a = a + (g(x) if i % 2 == 0 else g(x.transpose(1, 2)).transpose(1, 2))
         return a
 
