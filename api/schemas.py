@@ -9,7 +9,8 @@ from pydantic import BaseModel, Field
 
 # The plan of `POST /jobs?dry_run=true`: its schema (every field described) lives with the planner, which the CLI
 # also uses (the CLI must not import the API); re-exported here so the API's bodies are all found in this module.
-from services.planner import Architecture, Plan  # noqa: F401
+from services.architectures import Architecture  # noqa: F401
+from services.planner import Plan  # noqa: F401
 
 
 class ErrorDetail(BaseModel):

@@ -11,85 +11,19 @@ the settings are MiB, as the trainer reads them.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+from services.architectures import Architecture, architecture, forward_flops
 from services.datasets import check_path, read_dataset, stratified_split
 from services.spec import JobSpec
 from storage.settings import Settings
 
 GB = 10**9
 MIB = 2**20
-
-# timm's plain ViT sizes: blocks, width, MLP hidden width (fc1 -> fc2 of a GELU MLP).
-_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (12, 192, 768),
-    "small": (12, 384, 1536),
-    "base": (12, 768, 3072),
-    "large": (24, 1024, 4096),
-    "huge": (32, 1280, 5120),
-    "giant": (40, 1408, 6144),
-    "gigantic": (48, 1664, 8192),
-}
-_PLAIN = re.compile(
-    r"^vit_(?P<size>tiny|small|base|large|huge|giant|gigantic)_patch(?P<patch>\d+)(?:_clip|_clip_quickgelu)?"
-    r"_(?P<img>\d+)$"
-)
-_DINOV2 = re.compile(r"^vit_(?P<size>small|base|large|giant)_patch14(?:_reg(?P<reg>\d+))?_dinov2$")
-
-
-class Architecture(BaseModel):
-    """The shape of a ViT backbone as the cache sees it."""
-
-    name: str = Field(..., description="timm model name (a pretrained tag after `.` is ignored).")
-    num_layers: int = Field(..., description="Transformer blocks.")
-    dim: int = Field(..., description="Embedding width D.")
-    tokens: int = Field(..., description="Tokens per image T: patches plus prefix tokens.")
-    num_prefix_tokens: int = Field(..., description="Class and register tokens before the patches.")
-    image_size: int = Field(..., description="Input size in pixels (`backbone.image_size` or the model's own).")
-    patch_size: int = Field(..., description="Patch size in pixels.")
-    mlp_macs: int = Field(..., description="Multiply-accumulates of one block's MLP per token (fc1 + fc2).")
-    global_pool: str = Field(..., description="timm's pooling of the final tokens (`token`: the class token).")
-
-
-def architecture(name: str, image_size: int | None = None) -> Architecture | None:
-    """The shape of timm ViT `name` at `image_size` (default: its own), or None outside the known families."""
-    base = name.split(".")[0]
-    if base == "test_vit":  # timm's test model: 6 blocks, width 64, MLP 192, 160 px
-        layers, dim, hidden, mlp_macs, patch, img, prefix = 6, 64, 192, 2 * 64 * 192, 16, 160, 1
-    elif m := _PLAIN.match(base):
-        layers, dim, hidden = _SIZES[m["size"]]
-        mlp_macs, patch, img, prefix = 2 * dim * hidden, int(m["patch"]), int(m["img"]), 1
-    elif m := _DINOV2.match(base):
-        layers, dim, hidden = _SIZES[m["size"]]
-        mlp_macs = 2 * dim * hidden
-        if m["size"] == "giant":  # DINOv2-g: width 1536 and a SwiGLU MLP (fc1 1536 -> 8192, fc2 4096 -> 1536)
-            dim, mlp_macs = 1536, 1536 * 8192 + 4096 * 1536
-        patch, img, prefix = 14, 518, 1 + int(m["reg"] or 0)
-    else:
-        return None
-    img = image_size or img
-    return Architecture(
-        name=name, num_layers=layers, dim=dim, tokens=(img // patch) ** 2 + prefix, num_prefix_tokens=prefix,
-        image_size=img, patch_size=patch, mlp_macs=mlp_macs, global_pool="token",
-    )  # fmt: skip
-
-
-def forward_flops(arch: Architecture, images: int) -> float:
-    """FLOPs of full backbone forwards (2 per multiply-accumulate): per block and token, qkv and proj (4 D^2)
-    and the MLP; per block, attention scores and their weighted sum (2 T^2 D); and the patch embedding.
-    Extraction runs every block even when it caches fewer (timm's forward_intermediates without stop_early)."""
-    t, d = arch.tokens, arch.dim
-    patches = t - arch.num_prefix_tokens
-    block = t * (4 * d * d + arch.mlp_macs) + 2 * t * t * d
-    return 2.0 * images * (arch.num_layers * block + patches * 3 * arch.patch_size**2 * d)
 
 
 def lossy_fraction(codec: str, keepbits: int | None) -> float | None:
@@ -193,39 +127,31 @@ class Plan(BaseModel):
     notes: list[str] = Field(default_factory=list, description="What the plan assumes or leaves out.")
 
 
-def _disk_bytes(path: Path) -> int:
-    """Bytes of the files under `path`; files that vanish meanwhile (a concurrent eviction) count as 0."""
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(folder, name)).st_size
-    return total
-
-
 class _Disk:
     """The cache directory's state: usage, evictable entries (least recently used first), quota, free space."""
 
     def __init__(self, settings: Settings) -> None:
-        root = settings.cache_dir
-        self.dir = root
-        probe = root
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        self.free = shutil.disk_usage(probe).free
-        self.used = _disk_bytes(root)
-        self.entries: list[tuple[float, int]] = []  # (recency, bytes) of complete entries, least recently used first
-        if root.is_dir():
-            from storage.cache import FeatureCache  # zarr, not torch; only when there is a cache
+        from storage.cache import FeatureCache  # zarr, not torch
 
-            for entry in FeatureCache(root).entries():
-                try:  # an incomplete entry is being written (or resumed): in use, never evicted
-                    if entry.is_complete:
-                        recency = entry.last_used or (entry.features / "zarr.json").stat().st_mtime
-                        self.entries.append((recency, _disk_bytes(entry.path)))
-                except OSError:  # evicted by another process meanwhile
-                    continue
-            self.entries.sort()
+        root = settings.cache_dir
+        self.dir = settings.cache_location
+        if settings.cache_url:  # an object store: no local disk limit, only the quota
+            self.free = 2**62
+        else:
+            probe = root
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            self.free = shutil.disk_usage(probe).free
+        cache = FeatureCache(settings.cache_location)
+        self.used = cache.total_bytes()
+        self.entries: list[tuple[float, int]] = []  # (recency, bytes) of complete entries, least recently used first
+        for entry in cache.entries():
+            try:  # an incomplete entry is being written (or resumed): in use, never evicted
+                if entry.is_complete:
+                    self.entries.append((entry.last_used or entry.created, entry.nbytes()))
+            except OSError:  # evicted by another process meanwhile
+                continue
+        self.entries.sort()
         self.evictable = sum(size for _, size in self.entries)
         self.quota = None if settings.cache_quota_gb is None else int(settings.cache_quota_gb * GB)
 

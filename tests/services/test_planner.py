@@ -13,7 +13,8 @@ import timm
 import torch
 from PIL import Image
 
-from services.planner import GB, MIB, architecture, forward_flops, plan
+from services.architectures import architecture, forward_flops
+from services.planner import GB, MIB, plan
 from services.spec import JobSpec
 from storage.cache import CacheEntry
 from storage.settings import Settings

@@ -1,0 +1,72 @@
+"""The shapes of timm's plain ViT families without building them (no torch), for the planner and the API: blocks,
+width, tokens, MLP size, by model name. Checked against timm on the meta device in tests/services/test_planner.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, Field
+
+# timm's plain ViT sizes: blocks, width, MLP hidden width (fc1 -> fc2 of a GELU MLP).
+_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (12, 192, 768),
+    "small": (12, 384, 1536),
+    "base": (12, 768, 3072),
+    "large": (24, 1024, 4096),
+    "huge": (32, 1280, 5120),
+    "giant": (40, 1408, 6144),
+    "gigantic": (48, 1664, 8192),
+}
+_PLAIN = re.compile(
+    r"^vit_(?P<size>tiny|small|base|large|huge|giant|gigantic)_patch(?P<patch>\d+)(?:_clip|_clip_quickgelu)?"
+    r"_(?P<img>\d+)$"
+)
+_DINOV2 = re.compile(r"^vit_(?P<size>small|base|large|giant)_patch14(?:_reg(?P<reg>\d+))?_dinov2$")
+
+
+class Architecture(BaseModel):
+    """The shape of a ViT backbone as the cache sees it."""
+
+    name: str = Field(..., description="timm model name (a pretrained tag after `.` is ignored).")
+    num_layers: int = Field(..., description="Transformer blocks.")
+    dim: int = Field(..., description="Embedding width D.")
+    tokens: int = Field(..., description="Tokens per image T: patches plus prefix tokens.")
+    num_prefix_tokens: int = Field(..., description="Class and register tokens before the patches.")
+    image_size: int = Field(..., description="Input size in pixels (`backbone.image_size` or the model's own).")
+    patch_size: int = Field(..., description="Patch size in pixels.")
+    mlp_macs: int = Field(..., description="Multiply-accumulates of one block's MLP per token (fc1 + fc2).")
+    global_pool: str = Field(..., description="timm's pooling of the final tokens (`token`: the class token).")
+
+
+def architecture(name: str, image_size: int | None = None) -> Architecture | None:
+    """The shape of timm ViT `name` at `image_size` (default: its own), or None outside the known families."""
+    base = name.split(".")[0]
+    if base == "test_vit":  # timm's test model: 6 blocks, width 64, MLP 192, 160 px
+        layers, dim, hidden, mlp_macs, patch, img, prefix = 6, 64, 192, 2 * 64 * 192, 16, 160, 1
+    elif m := _PLAIN.match(base):
+        layers, dim, hidden = _SIZES[m["size"]]
+        mlp_macs, patch, img, prefix = 2 * dim * hidden, int(m["patch"]), int(m["img"]), 1
+    elif m := _DINOV2.match(base):
+        layers, dim, hidden = _SIZES[m["size"]]
+        mlp_macs = 2 * dim * hidden
+        if m["size"] == "giant":  # DINOv2-g: width 1536 and a SwiGLU MLP (fc1 1536 -> 8192, fc2 4096 -> 1536)
+            dim, mlp_macs = 1536, 1536 * 8192 + 4096 * 1536
+        patch, img, prefix = 14, 518, 1 + int(m["reg"] or 0)
+    else:
+        return None
+    img = image_size or img
+    return Architecture(
+        name=name, num_layers=layers, dim=dim, tokens=(img // patch) ** 2 + prefix, num_prefix_tokens=prefix,
+        image_size=img, patch_size=patch, mlp_macs=mlp_macs, global_pool="token",
+    )  # fmt: skip
+
+
+def forward_flops(arch: Architecture, images: int) -> float:
+    """FLOPs of full backbone forwards (2 per multiply-accumulate): per block and token, qkv and proj (4 D^2)
+    and the MLP; per block, attention scores and their weighted sum (2 T^2 D); and the patch embedding.
+    An upper bound for extraction, which stops after the last block it caches (forward_intermediates' stop_early)."""
+    t, d = arch.tokens, arch.dim
+    patches = t - arch.num_prefix_tokens
+    block = t * (4 * d * d + arch.mlp_macs) + 2 * t * t * d
+    return 2.0 * images * (arch.num_layers * block + patches * 3 * arch.patch_size**2 * d)
