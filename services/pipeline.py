@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
 from contextlib import nullcontext
 from typing import Any
@@ -124,11 +125,11 @@ def _make_room(store: JobStore, settings: Settings, prep: Any, reporter: JobRepo
         reporter.event(f"evicted {len(evicted)} least recently used cache entries to stay under the quota")
 
 
-def _hit(store: JobStore, job_id: str, prep: Any, reporter: JobReporter) -> Next:
+def _hit(store: JobStore, job_id: str, prep: Any, reporter: JobReporter, t0: float) -> Next:
     prep.entry.touch()
     reporter.event(f"reusing the feature cache {prep.key}: no backbone forward needed", data={"cache": prep.key})
     hit = {"cache_key": prep.key, "cache_hit": True, "backbone_forwards": 0, "images": len(prep.dataset),
-           **prep.entry.summary}  # fmt: skip
+           "extract_seconds": round(time.perf_counter() - t0, 3), **prep.entry.summary}  # fmt: skip
     return TRAIN_NEXT if _mark_extracted(store, job_id, cache_key=prep.key, metrics=hit) else None
 
 
@@ -153,12 +154,13 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
             return ("shards", job["extract_shards"])
         store.add_event(job_id, "extraction started")
         reporter = JobReporter(store, job_id)
+        t0 = time.perf_counter()
         prep = prepare(spec, settings)
         lock = _cache_lock(store, prep.key, job_id)
         if prep.entry.is_complete or not acquire_or_wait(
             lock, lambda: prep.entry.is_complete, on_wait=_wait_notice(reporter, prep.key)
         ):
-            return _hit(store, job_id, prep, reporter)
+            return _hit(store, job_id, prep, reporter, t0)
         try:
             _make_room(store, settings, prep, reporter)
             locked = _LockedReporter(store, job_id, lock)
@@ -194,13 +196,14 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
     try:
         spec = JobSpec.model_validate(job["spec"])
         reporter = JobReporter(store, job_id)
+        t0 = time.perf_counter()
         prep = begin_extraction(spec, settings, reporter, key=job["extract_key"])
         # Join this job's lock; if its lease lapsed (every shard worker died or stalled), take it again, or wait
         # for the job that took the entry over in the meantime.
         complete = lambda: prep.entry.is_complete  # noqa: E731
         if not complete() and not lock.adopt() and not acquire_or_wait(lock, complete, on_wait=_wait_notice(
                 reporter, prep.key)):  # fmt: skip
-            return _hit(store, job_id, prep, reporter)
+            return _hit(store, job_id, prep, reporter, t0)
         batches = shard_batches(prep.entry.pending_batches(), index, count)
         if batches:
             run = extract_batches(prep, spec, _LockedReporter(store, job_id, lock), batches)
