@@ -55,13 +55,14 @@ def check(store: JobStore, settings: Settings, requeue: Requeue) -> list[str]:
                                     "and resumes from what was finished", level="warning")  # fmt: skip
             requeue(job_id, step)
             done.append(f"{job_id}: {what} requeued from {worker}")
+    running = store.running_steps()
     for job_id in store.r.smembers("requeued"):
         try:
             job = store.get_job(job_id)
         except NotFound:
             store.r.srem("requeued", job_id)
             continue
-        picked_up = job_id in store.running_steps() or job["status"] in TERMINAL or not job.get("requeued_at")
+        picked_up = job_id in running or job["status"] in TERMINAL or not job.get("requeued_at")
         if picked_up:
             store.r.srem("requeued", job_id)
         elif now() - job["requeued_at"] > (limit := settings.worker_lost_timeout_s):

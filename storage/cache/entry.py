@@ -62,9 +62,11 @@ class CacheEntry:
         self, path: str | Path, key: str | None = None, fs: fsspec.AbstractFileSystem | None = None, native: bool = True
     ) -> None:
         """`path` on `fs` (default: the local filesystem, where `path` and `features` are usable Paths)."""
-        self.fs = fs or files.filesystem(path)[0]
-        self.native = native
-        self.root = str(path) if fs is not None else files.filesystem(path)[1]
+        if fs is None:
+            fs, root, native = files.filesystem(path)
+        else:
+            root = str(path)
+        self.fs, self.root, self.native = fs, root, native
         self.path = Path(self.root)
         self.key = key or self.path.name
         self.features = self.path / "features.zarr"

@@ -47,6 +47,18 @@ def _kill_and_replace(running: Stack, name: str, queue: str) -> None:
     running.spawn(name, "worker", "--queues", queue)
 
 
+def _kill_midway(fault_stack, body: dict, worker: str, queue: str, after: int) -> tuple[dict, list[str]]:
+    """Submit `body`, SIGKILL `worker` once `after` progress steps are done, start a new one; the ended job and
+    its event messages."""
+    running, client, store = fault_stack
+    job_id = client.submit(body)["id"]
+    _wait_for(lambda: (store.get_job(job_id).get("progress") or {}).get("done", 0) >= after)
+    _kill_and_replace(running, worker, queue)
+    job = client.wait(job_id, timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    return job, [e["message"] for e in client.events(job_id)]
+
+
 def _spec(running: Stack, method: dict, **extra) -> dict:
     dataset = {"path": str(running.settings.data_path / "datasets" / "digits" / "train")}
     backbone = {"name": "test_vit", "pretrained": False, "image_size": 224}
@@ -54,15 +66,10 @@ def _spec(running: Stack, method: dict, **extra) -> dict:
 
 
 def test_sigkilled_extract_worker_resumes_and_the_cache_equals_a_clean_run(fault_stack) -> None:
-    running, client, store = fault_stack
+    running = fault_stack[0]
     body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, extraction={"batch_size": 2, "shards": 1},
                  training={"epochs": 1})  # fmt: skip
-    job_id = client.submit(body)["id"]
-    _wait_for(lambda: (store.get_job(job_id).get("progress") or {}).get("done", 0) >= 3)
-    _kill_and_replace(running, "extract-worker", "extract")
-    job = client.wait(job_id, timeout_s=300)
-    assert job["status"] == "succeeded", job["error"]
-    messages = [e["message"] for e in client.events(job_id)]
+    job, messages = _kill_midway(fault_stack, body, "extract-worker", "extract", after=3)
     assert any("stopped (no heartbeat) during extraction" in m for m in messages), messages
     assert any("resuming extraction" in m for m in messages), messages
     n_batches = -(-job["metrics"]["images"] // 2)
@@ -79,16 +86,11 @@ def test_sigkilled_extract_worker_resumes_and_the_cache_equals_a_clean_run(fault
 
 
 def test_sigkilled_train_worker_resumes_from_the_last_checkpoint(fault_stack) -> None:
-    running, client, store = fault_stack
+    running, client, _ = fault_stack
     body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, execution={"mode": "online"},
                  training={"epochs": 8, "batch_size": 16})  # fmt: skip
-    job_id = client.submit(body)["id"]
-    _wait_for(lambda: (store.get_job(job_id).get("progress") or {}).get("done", 0) >= 2)
-    _kill_and_replace(running, "train-worker", "train")
-    job = client.wait(job_id, timeout_s=300)
-    assert job["status"] == "succeeded", job["error"]
-    messages = [e["message"] for e in client.events(job_id)]
+    job, messages = _kill_midway(fault_stack, body, "train-worker", "train", after=2)
     assert any("stopped (no heartbeat) during training" in m for m in messages), messages
     resumed = [m for m in messages if m.startswith("resumed training from the checkpoint of epoch")]
     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 2, messages
-    assert sum(e["type"] == "metrics" for e in client.events(job_id)) >= 8
+    assert sum(e["type"] == "metrics" for e in client.events(job["id"])) >= 8
