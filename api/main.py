@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors
+from api.limits import BodySizeLimit
 from api.routes import health, jobs, models, predict
 from storage.jobs import JobStore
 from storage.settings import Settings
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_app(settings)
     app.state.predictor = None
     errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
     for module in (jobs, models, predict, health):
         app.include_router(module.router)
     return app

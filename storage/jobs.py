@@ -8,6 +8,7 @@ each other.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -23,6 +24,10 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 class NotFound(KeyError):
     """No record with that id."""
+
+
+class IdempotencyConflict(ValueError):
+    """An idempotency key reused with a different request."""
 
 
 def new_id(prefix: str) -> str:
@@ -48,9 +53,9 @@ class JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True))
 
     # ---- jobs -------------------------------------------------------------------------------------
-    def create_job(self, spec: dict[str, Any], owner: str | None = None) -> dict[str, Any]:
+    def create_job(self, spec: dict[str, Any], owner: str | None = None, job_id: str | None = None) -> dict[str, Any]:
         job = {
-            "id": new_id("job"),
+            "id": job_id or new_id("job"),
             "object": "job",
             "status": "queued",
             "created_at": now(),
@@ -69,6 +74,31 @@ class JobStore:
         pipe.zadd("jobs", {job["id"]: seq})
         pipe.execute()
         return job
+
+    def create_job_once(
+        self, key: str, spec: dict[str, Any], owner: str | None = None, ttl_s: int = 24 * 3600
+    ) -> tuple[dict[str, Any], bool]:
+        """The job this owner created with idempotency `key` (and the same spec) in the last `ttl_s`, or a new
+        one; returns (job, created). The key is claimed with SET NX before the job exists, so two concurrent
+        retries create one job. Raises IdempotencyConflict if the key was used with another spec."""
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        slot = f"idem:{owner or '-'}:{hashlib.sha256(key.encode()).hexdigest()}"
+        job_id = new_id("job")
+        if self.r.set(slot, json.dumps({"job": job_id, "spec": digest}), nx=True, ex=ttl_s):
+            return self.create_job(spec, owner, job_id=job_id), True
+        claim = json.loads(self.r.get(slot) or "null")
+        if claim is None:  # expired in between: claim it afresh
+            return self.create_job_once(key, spec, owner, ttl_s)
+        if claim["spec"] != digest:
+            raise IdempotencyConflict(key)
+        deadline = time.monotonic() + 5.0
+        while True:  # the first request may still be writing the record it claimed
+            try:
+                return self.get_job(claim["job"]), False
+            except NotFound:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         raw = self.r.get(f"job:{job_id}")

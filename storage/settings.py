@@ -70,6 +70,9 @@ class Settings(BaseSettings):
         8192, description="Cached features that fit this size are moved onto the GPU for training (GPU-resident)."
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
+    max_request_mb: float = Field(
+        32.0, gt=0, description="Largest request body (MB) the API reads; larger ones get 413. Not dataset uploads."
+    )
     planner_gpu_tflops: float = Field(
         50.0, gt=0, description="Backbone throughput (TFLOP/s) the planner assumes on a GPU, for extraction time."
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned
@@ -13,7 +13,7 @@ from api.schemas import ErrorBody, EventList, Job, JobList, Plan
 from services import planner
 from services.datasets import DatasetError, check_path, resolve_format
 from services.spec import JobSpec
-from storage.jobs import JobStore, NotFound
+from storage.jobs import IdempotencyConflict, JobStore, NotFound
 from storage.settings import Settings
 from worker.celery_app import enqueue_job
 
@@ -59,6 +59,7 @@ def _plan(spec: JobSpec, settings: Settings) -> Plan:
     responses={
         200: {"model": Plan, "description": "`dry_run=true`: the job's plan; no job is created."},
         403: {"model": ErrorBody},
+        409: {"model": ErrorBody},
         503: {"model": ErrorBody},
     },
 )
@@ -68,9 +69,19 @@ def create_job(
     celery: CeleryDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    response: Response,
     dry_run: Annotated[
         bool, Query(description="Return the plan (cache size, quota and memory fit, extraction time); create no job.")
     ] = False,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=255,
+            description="Retry-safe submission: a retry with the same key and spec within 24 h returns the job the "
+            "first request created (header `Idempotent-Replayed: true`) instead of a new one.",
+        ),
+    ] = None,
 ) -> dict | JSONResponse:
     """Validate and plan the spec, record the job (`queued`) and enqueue extract -> train. A job whose feature cache
     cannot fit the cache quota, even after evicting every evictable entry, is refused (`cache_over_quota`)."""
@@ -82,7 +93,20 @@ def create_job(
         # 422, not 413 (the request body is small) nor 507 (a 5xx blames the server and invites a retry): this spec
         # asks for more than the server allows, and only changing the spec (or the quota) helps, as the message says.
         raise ApiError(422, "cache_over_quota", plan.message)
-    job = store.create_job(spec.model_dump(mode="json"), owner=owner)
+    if idempotency_key is None:
+        job = store.create_job(spec.model_dump(mode="json"), owner=owner)
+    else:
+        try:
+            job, created = store.create_job_once(idempotency_key, spec.model_dump(mode="json"), owner=owner)
+        except IdempotencyConflict:
+            raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used with another job spec; "
+                           "use a new key for a new job") from None  # fmt: skip
+        except NotFound:
+            raise ApiError(409, "idempotency_in_progress", "a request with this Idempotency-Key is still being "
+                           "processed; retry shortly") from None  # fmt: skip
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+            return job
     store.add_event(job["id"], "job queued")
     try:
         enqueue_job(celery, job["id"])
