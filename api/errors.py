@@ -1,9 +1,11 @@
-"""Every error leaves the API as `{"error": {"code": ..., "message": ...}}` with a 4xx status naming the cause."""
+"""Every error leaves the API as `{"error": {"code": ..., "message": ...}}` with a 4xx status naming the cause
+(503 `store_unavailable` while Redis is down)."""
 
 from __future__ import annotations
 
 import logging
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -46,6 +48,14 @@ def install(app: FastAPI) -> None:
             exc.status_code, "http_error"
         )
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        # The job store retried for about 30 s: Redis is down or restarting, nothing was lost; a retry may succeed.
+        log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
+        message = "the job store (Redis) is unavailable; retry shortly"
+        return JSONResponse(error_body("store_unavailable", message), status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

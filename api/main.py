@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, metrics
 from api.limits import BodySizeLimit
-from api.routes import health, jobs, models, predict
+from api.routes import datasets, health, jobs, models, predict
 from storage.jobs import JobStore
 from storage.settings import Settings
 from worker.celery_app import make_app
@@ -27,8 +27,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.predictor = None
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
-    for module in (jobs, models, predict, health):
+    for module in (jobs, datasets, models, predict, health):
         app.include_router(module.router)
+    metrics.install(app)  # /metrics; its middleware is added last, so it is outermost and counts every request
     return app
 
 

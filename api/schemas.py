@@ -113,3 +113,21 @@ class Ready(BaseModel):
     status: Literal["ready", "not_ready"] = Field(..., description="`ready` when Redis and both queues have workers.")
     redis: bool = Field(..., description="Redis answered a ping.")
     workers: dict[str, int] = Field(..., description="Live workers per queue (heartbeats).")
+
+
+class Dataset(BaseModel):
+    id: str = Field(..., description="Dataset id (`ds_...`); a job uses it as `dataset.id`.")
+    object: Literal["dataset"] = Field("dataset", description="Always `dataset`.")
+    name: str | None = Field(None, description="The uploaded archive's file name (or the `name` form field).")
+    format: Literal["imagefolder", "csv"] = Field(
+        ..., description="`imagefolder` (one folder per class) or `csv` (a manifest `path,label` at the top)."
+    )
+    num_images: int = Field(..., description="Images found (files with an image suffix; not decoded yet).")
+    classes: list[str] = Field(..., description="Class labels, sorted.")
+    size_bytes: int = Field(..., description="Bytes of the extracted files on the server.")
+    created: float = Field(..., description="Unix time of the upload.")
+
+
+class DatasetList(BaseModel):
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[Dataset] = Field(..., description="Datasets, newest first.")

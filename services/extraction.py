@@ -162,7 +162,8 @@ def extract_batches(prep: Prepared, spec: JobSpec, reporter: Reporter, batches: 
             write = writer.submit(_write, entry, batch_index, acts, event, valid)
             images_done += stop - start
             done = n_batches - total + k + 1  # across every shard, approximately: others write concurrently
-            reporter.progress("extracting", done, n_batches, images=images_done)
+            rate = round(images_done / max(time.perf_counter() - t0, 1e-9), 2)  # this task's, for /metrics
+            reporter.progress("extracting", done, n_batches, images=images_done, images_per_s=rate)
             reporter.check_cancel()
         if write is not None:
             write.result()

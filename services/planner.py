@@ -231,6 +231,9 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     """Plan `spec` under `settings`. Raises PermissionError or FileNotFoundError for a dataset path outside the
     allowed roots or missing, DatasetError (a ValueError) for an unusable dataset, and ValueError for cached layers
     or tokens the backbone or method rule out."""
+    if spec.dataset.path is None:  # the API resolves `dataset.id` to the uploaded dataset's path before planning
+        raise FileNotFoundError(f"dataset.id {spec.dataset.id!r} is an uploaded dataset: plan the job with the API "
+                                "(POST /jobs?dry_run=true)")  # fmt: skip
     dataset = read_dataset(check_path(spec.dataset.path, settings.roots), spec.dataset.format)
     n = len(dataset)
     train_idx, val_idx = stratified_split(dataset.labels, spec.dataset.val_fraction, spec.dataset.split_seed)

@@ -16,11 +16,18 @@ Mode = Literal["cache", "images", "tail", "online"]
 class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(
-        ...,
+    path: str | None = Field(
+        None,
         min_length=1,
         description="Dataset location on the server, inside an allowed root: an ImageFolder directory (one "
-        "subfolder per class) or a CSV manifest with columns `path,label` (paths relative to the CSV).",
+        "subfolder per class) or a CSV manifest with columns `path,label` (paths relative to the CSV). Give this "
+        "or `id`, not both.",
+    )
+    id: str | None = Field(
+        None,
+        pattern=r"^ds_[0-9a-f]+$",
+        description="An uploaded dataset (`POST /datasets`) of the same API key, instead of `path`; the stored "
+        "spec then shows both (the API fills `path` in with the dataset's location).",
     )
     format: Literal["auto", "imagefolder", "csv"] = Field(
         "auto", description="`auto` picks `csv` for a .csv file and `imagefolder` for a directory."
@@ -34,6 +41,14 @@ class DatasetSpec(BaseModel):
         description="An image that cannot be decoded fails the job (`fail`, naming the file), or is skipped and "
         "counted (`skip`).",
     )
+
+    @model_validator(mode="after")
+    def _path_or_id(self) -> DatasetSpec:
+        # Both together only in a stored spec, where the API put the uploaded dataset's path next to its id; a
+        # submission with both is refused by the API (api/routes/datasets.py: resolve_dataset).
+        if self.path is None and self.id is None:
+            raise ValueError("give `dataset.path` (a folder or CSV on the server) or `dataset.id` (an upload)")
+        return self
 
 
 class BackboneSpec(BaseModel):

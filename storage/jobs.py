@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
 STATUSES = ("queued", "extracting", "training", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -45,12 +47,19 @@ def now() -> float:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, probe: redis.Redis | None = None) -> None:
         self.r = client
+        self._probe = probe or client
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True))
+        # Ride out a Redis restart (about 30 s of retries) instead of failing the step that was writing: the
+        # record it writes is what the job's progress depends on.
+        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=40)
+        errors = [redis.ConnectionError, redis.TimeoutError]
+        client = redis.Redis.from_url(url, decode_responses=True, retry=retry, retry_on_error=errors)
+        probe = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+        return cls(client, probe)
 
     # ---- jobs -------------------------------------------------------------------------------------
     def create_job(self, spec: dict[str, Any], owner: str | None = None, job_id: str | None = None) -> dict[str, Any]:
@@ -72,6 +81,7 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.set(f"job:{job['id']}", json.dumps(job))
         pipe.zadd("jobs", {job["id"]: seq})
+        pipe.sadd(f"jobs:status:{job['status']}", job["id"])
         pipe.execute()
         return job
 
@@ -141,10 +151,14 @@ class JobStore:
                     if raw is None:
                         raise NotFound(job_id)
                     job = json.loads(raw)
+                    before = job["status"]
                     job = change(job) or job
                     job["updated_at"] = now()
                     pipe.multi()
                     pipe.set(key, json.dumps(job))
+                    if job["status"] != before:  # the per-status sets that /metrics counts change with the record
+                        pipe.srem(f"jobs:status:{before}", job_id)
+                        pipe.sadd(f"jobs:status:{job['status']}", job_id)
                     pipe.execute()
                     return job
                 except redis.WatchError:
@@ -152,6 +166,42 @@ class JobStore:
 
     def set_fields(self, job_id: str, **fields: Any) -> dict[str, Any]:
         return self.update_job(job_id, lambda job: job.update(fields))
+
+    # ---- jobs by status (for /metrics): a set of ids per status, changed in the record's own transaction ----
+    def count_by_status(self) -> dict[str, int]:
+        if not self.r.exists("jobs:status:indexed"):
+            self._index_statuses()
+        pipe = self.r.pipeline(transaction=False)
+        for status in STATUSES:
+            pipe.scard(f"jobs:status:{status}")
+        return dict(zip(STATUSES, pipe.execute(), strict=True))
+
+    def job_ids_with_status(self, status: str) -> list[str]:
+        return sorted(self.r.smembers(f"jobs:status:{status}"))
+
+    def _index_statuses(self) -> None:
+        """Once, for jobs recorded before the sets existed: file each under its status, under WATCH like
+        `update_job`, so a concurrent status change is never undone."""
+        for job_id in self.r.zrange("jobs", 0, -1):
+            key = f"job:{job_id}"
+            with self.r.pipeline() as pipe:
+                while True:
+                    try:
+                        pipe.watch(key)
+                        raw = pipe.get(key)
+                        if raw is None:
+                            break
+                        status = json.loads(raw)["status"]
+                        pipe.multi()
+                        for other in STATUSES:
+                            if other != status:
+                                pipe.srem(f"jobs:status:{other}", job_id)
+                        pipe.sadd(f"jobs:status:{status}", job_id)
+                        pipe.execute()
+                        break
+                    except redis.WatchError:
+                        continue
+        self.r.set("jobs:status:indexed", 1)
 
     def request_cancel(self, job_id: str) -> dict[str, Any]:
         """Queued jobs are cancelled at once; running ones at the task's next check (cooperative)."""
@@ -245,4 +295,5 @@ class JobStore:
         return counts
 
     def ping(self) -> bool:
-        return bool(self.r.ping())
+        """Whether Redis answers now (no retries: for health checks)."""
+        return bool(self._probe.ping())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -39,7 +39,7 @@ class Settings(BaseSettings):
         description="Dataset paths must lie under one of these (comma-separated). Empty: the data dir.",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Accepted Bearer tokens (comma-separated). Empty: no auth."
+        default_factory=list, description="Accepted Bearer tokens (comma-separated). Empty: no auth.", repr=False
     )
     device: str = Field("auto", description="Torch device for workers and inference: auto, cpu, cuda, cuda:N.")
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
@@ -70,8 +70,30 @@ class Settings(BaseSettings):
         8192, description="Cached features that fit this size are moved onto the GPU for training (GPU-resident)."
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
+    predict_max_batch: int = Field(
+        32, ge=1, description="Predict requests arriving together are run as one backbone pass of up to this many "
+        "images (a larger request runs alone)."
+    )
+    predict_max_wait_ms: float = Field(
+        5.0, ge=0, description="Under load, how long a predict request may wait for others to join its batch; a "
+        "request that finds the batcher idle runs at once."
+    )
+    predict_max_models: int = Field(
+        16, ge=1, description="Adapted models kept loaded for predict (least recently used out; backbones stay)."
+    )
     max_request_mb: float = Field(
         32.0, gt=0, description="Largest request body (MB) the API reads; larger ones get 413. Not dataset uploads."
+    )
+    max_upload_mb: float = Field(
+        1024.0, gt=0, description="Largest dataset archive (MB) `POST /datasets` accepts; a larger upload is cut off "
+        "with 413 as soon as it passes this size."
+    )
+    max_dataset_mb: float = Field(
+        4096.0, gt=0, description="Largest uploaded dataset once extracted (MB, bytes actually written, so a zip bomb "
+        "stops here)."
+    )
+    max_dataset_files: int = Field(
+        200_000, ge=1, description="Most members (files and folders) in an uploaded dataset archive."
     )
     planner_gpu_tflops: float = Field(
         50.0, gt=0, description="Backbone throughput (TFLOP/s) the planner assumes on a GPU, for extraction time."
@@ -81,6 +103,14 @@ class Settings(BaseSettings):
     )
     planner_disk_mb_s: float = Field(
         1000.0, gt=0, description="Feature cache write bandwidth (MB/s) the planner assumes."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines of the API and workers: `json` (one object per line, with `job_id`) or `text`."
+    )
+    metrics_public: bool = Field(
+        False,
+        description="Serve `/metrics` without an API key. With keys configured and this false, a scrape needs any "
+        "valid key (`Authorization: Bearer <key>`); without keys `/metrics` is open, like the rest of the API.",
     )
 
     @field_validator("allowed_roots", "api_keys", mode="before")
@@ -110,8 +140,16 @@ class Settings(BaseSettings):
         return self.data_path / "redis"
 
     @property
+    def datasets_dir(self) -> Path:
+        """Uploaded datasets (`POST /datasets`), one folder per dataset id."""
+        return self.data_path / "datasets"
+
+    @property
     def roots(self) -> list[Path]:
-        return [p.expanduser().resolve() for p in self.allowed_roots] or [self.data_path]
+        # Uploaded datasets stay readable when other roots are configured: a job names one by id, and the API
+        # stores its path (under datasets_dir) in the spec, which the workers check against these roots.
+        roots = [p.expanduser().resolve() for p in self.allowed_roots]
+        return [*roots, self.datasets_dir] if roots else [self.data_path]
 
     @property
     def broker_url(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -19,6 +20,13 @@ def _client(args: argparse.Namespace):
 
     settings = Settings()
     return Client(args.url or os.environ.get("SIDETUNE_API_URL") or f"http://{settings.api_host}:{settings.api_port}")
+
+
+def _configure_logging(settings: Settings, level: str) -> logging.Logger:
+    from storage.logs import configure_logging
+
+    configure_logging(settings.log_format == "json", level=level.upper(), secrets=settings.api_keys)
+    return logging.getLogger("sidetune.cli")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -44,12 +52,14 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = Settings()
+    log = _configure_logging(settings, "INFO")
     if not settings.api_keys and settings.api_host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"refusing to listen on {settings.api_host} without API keys: set SIDETUNE_API_KEYS", file=sys.stderr)
+        log.error("refusing to listen on %s without API keys: set SIDETUNE_API_KEYS", settings.api_host)
         return 2
     if not settings.api_keys:
-        print("no API keys configured: listening on loopback only, without authentication", file=sys.stderr)
-    uvicorn.run("api.main:app", host=settings.api_host, port=settings.api_port, log_level="info")
+        log.warning("no API keys configured: listening on loopback only, without authentication")
+    # log_config=None keeps our handler: uvicorn's loggers (access lines included) propagate to it.
+    uvicorn.run("api.main:app", host=settings.api_host, port=settings.api_port, log_level="info", log_config=None)
     return 0
 
 
@@ -82,11 +92,27 @@ def _heartbeat(queues: list[str]) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from celery.signals import worker_ready
+    from celery.signals import setup_logging, worker_ready
 
     from worker.celery_app import app
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    settings = Settings()
+    _configure_logging(settings, args.loglevel)
+    if settings.log_format == "json":
+        import celery.apps.worker
+
+        from storage.logs import json_line
+
+        # Celery's signal handlers write their shutdown notices straight to the terminal: as JSON lines too.
+        celery.apps.worker.safe_say = lambda msg, f=sys.__stderr__: os.write(
+            f.fileno(), (json_line("celery.worker", logging.WARNING, msg) + "\n").encode())
+
+    # A receiver of `setup_logging` tells Celery to leave logging alone (its handlers, task loggers and stdout
+    # redirection), so its lines go through our root handler too.
+    @setup_logging.connect(weak=False)
+    def _keep_our_logging(loglevel: int | str | None = None, **_: object) -> None:
+        logging.getLogger().setLevel(loglevel or args.loglevel.upper())
 
     # Heartbeats (what /readyz and `shards: auto` count) start once the worker consumes, not while it boots.
     @worker_ready.connect(weak=False)
@@ -94,7 +120,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         threading.Thread(target=_heartbeat, args=(queues,), daemon=True).start()
 
     # The solo pool keeps CUDA in this process (CUDA does not survive a fork) and runs one task at a time.
-    app.worker_main(["worker", "-Q", ",".join(queues), "-P", "solo", "-n", f"{'+'.join(queues)}@%h-{os.getpid()}",
+    argv = (["--quiet"] if settings.log_format == "json" else []) + ["worker"]  # the startup banner is not JSON
+    app.worker_main([*argv, "-Q", ",".join(queues), "-P", "solo", "-n", f"{'+'.join(queues)}@%h-{os.getpid()}",
                      "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"])  # fmt: skip
     return 0
 

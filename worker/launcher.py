@@ -41,6 +41,8 @@ class Stack:
             env["SIDETUNE_CACHE_URL"] = self.settings.cache_url
         if self.settings.api_keys:
             env["SIDETUNE_API_KEYS"] = ",".join(self.settings.api_keys)
+        env["SIDETUNE_LOG_FORMAT"] = self.settings.log_format
+        env["SIDETUNE_METRICS_PUBLIC"] = str(self.settings.metrics_public).lower()
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
+from api.routes.datasets import record_use, resolve_dataset
 from api.schemas import ErrorBody, EventList, Job, JobList, Plan
 from services import planner
 from services.datasets import DatasetError, check_path, resolve_format
@@ -85,6 +86,7 @@ def create_job(
 ) -> dict | JSONResponse:
     """Validate and plan the spec, record the job (`queued`) and enqueue extract -> train. A job whose feature cache
     cannot fit the cache quota, even after evicting every evictable entry, is refused (`cache_over_quota`)."""
+    spec = resolve_dataset(spec, store, owner, settings)  # `dataset.id` -> the caller's uploaded dataset's path
     _check_paths(spec, settings)
     plan = _plan(spec, settings)
     if dry_run:
@@ -107,6 +109,7 @@ def create_job(
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
             return job
+    record_use(store, spec, job["id"])  # before it runs: deleting its dataset is refused from now on
     store.add_event(job["id"], "job queued")
     try:
         enqueue_job(celery, job["id"])

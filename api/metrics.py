@@ -1,0 +1,164 @@
+"""Prometheus metrics at `GET /metrics`, and the middleware that measures requests and tags their log lines.
+
+Scraped from Redis at scrape time (so every API replica reports the same numbers): jobs by status, queue depth
+per Celery queue, live workers per queue, and the extraction rate of each extracting job. Measured in this
+process: requests by method, route template and status, and predict latency by route. Route templates, not
+paths, label the series, so ids never multiply them.
+
+With API keys configured, a scrape needs a valid key unless `SIDETUNE_METRICS_PUBLIC=true`; without keys it is
+open, like the rest of the API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.deps import SettingsDep, get_owner
+from api.schemas import ErrorBody
+from storage.jobs import JobStore
+from storage.logs import bind_scope, reset_scope
+from worker.celery_app import EXTRACT, TRAIN
+
+log = logging.getLogger("sidetune.api")
+
+QUEUES = (EXTRACT, TRAIN)
+# kombu's Redis transport keeps a list per queue and one per non-zero priority step (`<queue>\x06\x16<step>`).
+_PRIORITY_LISTS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+# From a small CPU batch to a large GPU-less one.
+PREDICT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class StoreCollector(Collector):
+    """Gauges read from Redis on each scrape: a few SCARD/LLEN calls and one MGET of the extracting jobs."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("sidetune_redis_up", "Whether Redis answered this scrape (the gauges below need it).")
+        try:
+            families = self._families()
+        except Exception as e:  # a scrape while Redis restarts says so instead of failing with a 500
+            log.warning("metrics: Redis unavailable: %s", e)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self) -> list[GaugeMetricFamily]:
+        r = self.store.r
+        jobs = GaugeMetricFamily("sidetune_jobs", "Jobs by status.", labels=["status"])
+        for status, n in self.store.count_by_status().items():
+            jobs.add_metric([status], n)
+
+        pipe = r.pipeline(transaction=False)
+        for queue in QUEUES:
+            for suffix in _PRIORITY_LISTS:
+                pipe.llen(queue + suffix)
+        lengths = pipe.execute()
+        depth = GaugeMetricFamily("sidetune_queue_depth", "Tasks waiting in each Celery queue.", labels=["queue"])
+        for i, queue in enumerate(QUEUES):
+            depth.add_metric([queue], sum(lengths[i * len(_PRIORITY_LISTS) : (i + 1) * len(_PRIORITY_LISTS)]))
+
+        live = {queue: 0 for queue in QUEUES} | self.store.live_workers()
+        workers = GaugeMetricFamily("sidetune_live_workers", "Workers with a fresh heartbeat, by queue.",
+                                    labels=["queue"])  # fmt: skip
+        for queue, n in sorted(live.items()):
+            workers.add_metric([queue], n)
+
+        rate = GaugeMetricFamily(
+            "sidetune_extract_images_per_second",
+            "Backbone extraction rate of each extracting job, as its latest progress report gives it (with "
+            "shards, the reporting shard's). Sum over job_id for the total.",
+            labels=["job_id"],
+        )
+        ids = self.store.job_ids_with_status("extracting")
+        for job_id, raw in zip(ids, r.mget([f"job:{i}" for i in ids]) if ids else [], strict=True):
+            progress = _progress(raw)
+            if progress.get("stage") == "extracting" and isinstance(progress.get("images_per_s"), int | float):
+                rate.add_metric([job_id], progress["images_per_s"])
+        return [jobs, depth, workers, rate]
+
+
+def _progress(raw: str | None) -> dict:
+    return (json.loads(raw).get("progress") or {}) if raw else {}
+
+
+class RequestMetrics:
+    """Counts every request by method, route template and status, times predict routes, and binds the request
+    to the log context (its `job_id` or `model_id` path parameter tags the lines written while it runs, the
+    access line included). A plain ASGI middleware: it never buffers a body."""
+
+    def __init__(self, app: ASGIApp, requests: Counter, predict_latency: Histogram) -> None:
+        self.app = app
+        self.requests = requests
+        self.predict_latency = predict_latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        token = bind_scope(scope)
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - t0
+            route = getattr(scope.get("route"), "path", None) or "unmatched"  # set by the router once it matched
+            self.requests.labels(scope["method"], route, str(status)).inc()
+            if ":predict" in route:
+                self.predict_latency.labels(route).observe(seconds)
+            reset_scope(token)
+
+
+router = APIRouter(tags=["health"])
+
+
+def _scrape_auth(request: Request, settings: SettingsDep) -> None:
+    if not settings.metrics_public:
+        get_owner(request, settings)  # 401 without a valid key, when keys are configured
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."},
+               401: {"model": ErrorBody}},
+)
+def metrics(request: Request, _: Annotated[None, Depends(_scrape_auth)]) -> Response:
+    """Prometheus metrics: jobs by status, queue depth, live workers, extraction rate, requests and predict
+    latency. Needs an API key when keys are configured, unless `SIDETUNE_METRICS_PUBLIC=true`."""
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def install(app: FastAPI) -> None:
+    """A registry per app (tests build several apps in one process); call after the other middleware, so that
+    requests they refuse (413) are counted too."""
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(app.state.store))
+    requests = Counter("sidetune_http_requests", "HTTP requests by method, route template and status.",
+                       ["method", "route", "status"], registry=registry)  # fmt: skip
+    latency = Histogram("sidetune_predict_latency_seconds", "Predict request latency by route, in seconds.",
+                        ["route"], buckets=PREDICT_BUCKETS, registry=registry)  # fmt: skip
+    app.state.metrics_registry = registry
+    app.add_middleware(RequestMetrics, requests=requests, predict_latency=latency)
+    app.include_router(router)

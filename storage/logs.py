@@ -1,0 +1,135 @@
+"""Structured logs for every process: one JSON object per line (`ts`, `level`, `logger`, `message`, and the job's
+`job_id`, `task` and `worker` while a step of a job runs), or plain text; and API keys scrubbed from every line.
+
+It lives in storage/ (the bottom of the chain api -> worker -> services -> storage) so that every layer can tag
+its lines. The worker's task wrapper binds the job with `log_context`; the API binds the request's ASGI scope
+(`bind_scope`), whose path parameters (`job_id`, `model_id`) are read when a line is written, after routing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+CONTEXT_FIELDS = ("job_id", "task", "worker", "model_id")
+_context: ContextVar[dict[str, Any] | None] = ContextVar("sidetune_log_context", default=None)
+_scope: ContextVar[MutableMapping[str, Any] | None] = ContextVar("sidetune_log_scope", default=None)
+
+# A credential after `Bearer`, `Authorization:` or `api_key=`: whatever a line carries, even a key this process
+# does not know (a wrong one), is never written.
+_CREDENTIAL = re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?|\bbearer\s+|"
+                         r"\bapi[_-]?keys?[\"']?\s*[:=]\s*[\"']?)[^\s\"',;)\]}]+")  # fmt: skip
+REDACTED = "[redacted]"
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Tag every line written in this block (and in threads started with a copy of its context)."""
+    token = _context.set({**(_context.get() or {}), **{k: v for k, v in fields.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def bind_scope(scope: MutableMapping[str, Any]) -> Any:
+    """The API's middleware binds each request's scope; returns the token to reset it with."""
+    return _scope.set(scope)
+
+
+def reset_scope(token: Any) -> None:
+    _scope.reset(token)
+
+
+def current_context() -> dict[str, Any]:
+    fields = dict(_context.get() or {})
+    scope = _scope.get()
+    if scope is not None:  # path parameters exist once the router matched, so they are read per line
+        params = scope.get("path_params") or {}
+        fields.update({k: params[k] for k in ("job_id", "model_id") if k in params and k not in fields})
+    return fields
+
+
+class Redactor:
+    """Replaces configured keys and anything that looks like a credential with `[redacted]`."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # Longest first, so a key that contains another is replaced whole; also their JSON-escaped forms.
+        forms = {f for s in secrets if s for f in (s, json.dumps(s)[1:-1])}
+        self.secrets = sorted(forms, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return _CREDENTIAL.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            # uvicorn's access line: (client, method, path with query, HTTP version, status)
+            out.update(method=record.args[1], path=record.args[2], status=record.args[4])
+        out.update(current_context())
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return self.redact(json.dumps(out, default=str, ensure_ascii=False))
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = current_context()
+        if context:
+            line += " [" + " ".join(f"{k}={context[k]}" for k in CONTEXT_FIELDS if k in context) + "]"
+        return self.redact(line)
+
+
+def configure_logging(json_lines: bool = True, level: int | str = logging.INFO, secrets: Iterable[str] = ()) -> None:
+    """One handler on the root logger, on stderr; every other logger (uvicorn's, Celery's) propagates to it.
+    `secrets`: strings never written (the API keys)."""
+    redact = Redactor(secrets)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(redact) if json_lines else TextFormatter(redact))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # uvicorn's and Celery's own handlers would write a second, unformatted copy of their lines.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task", "celery.redirected"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.captureWarnings(True)  # warnings become log lines too, not raw stderr
+
+
+def json_line(logger: str, level: int, message: str) -> str:
+    """One line as the JSON handler writes it, for text that bypasses logging (Celery's signal-handler notices)."""
+    record = logging.LogRecord(logger, level, "", 0, message.strip(), None, None)
+    return JsonFormatter(Redactor()).format(record)
