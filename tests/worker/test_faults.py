@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 
+import httpx
 import numpy as np
 import pytest
 
@@ -94,3 +95,45 @@ def test_sigkilled_train_worker_resumes_from_the_last_checkpoint(fault_stack) ->
     resumed = [m for m in messages if m.startswith("resumed training from the checkpoint of epoch")]
     assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 2, messages
     assert sum(e["type"] == "metrics" for e in client.events(job["id"])) >= 8
+
+
+def test_redis_restart_mid_job_loses_nothing(fault_stack) -> None:
+    """Redis (AOF on) restarts while a job trains: the workers and the API reconnect, the job finishes, and every
+    record written before the restart (jobs, events, models) is still there."""
+    running, client, store = fault_stack
+    done = client.wait(client.submit(_spec(running, {"name": "linear"}, training={"epochs": 1}))["id"])
+    assert done["status"] == "succeeded", done["error"]
+    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, execution={"mode": "online"},
+                 training={"epochs": 6, "batch_size": 16})  # fmt: skip
+    job_id = client.submit(body)["id"]
+    _wait_for(lambda: store.get_job(job_id)["status"] == "training" and (store.get_job(job_id).get("progress") or
+                                                                          {}).get("done", 0) >= 1)  # fmt: skip
+    events_before = client.events(done["id"])
+    running.redis.stop()
+    ready = httpx.get(f"{running.api_url}/readyz", timeout=10)
+    assert ready.status_code == 503 and ready.json()["redis"] is False
+    time.sleep(3.0)  # steps writing to Redis meanwhile wait (the job store retries) instead of failing
+    running.redis.start()
+
+    job = client.wait(job_id, timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert sum(e["type"] == "metrics" for e in client.events(job_id)) == 6
+    assert client.job(done["id"])["status"] == "succeeded"
+    assert client.events(done["id"]) == events_before
+    paths = sorted((running.settings.data_path / "datasets" / "digits" / "holdout").glob("*/*.png"))[:2]
+    assert len(client.predict(done["model_id"], paths)) == 2  # the model registered before the restart serves
+
+
+def test_api_restart_loses_nothing(fault_stack) -> None:
+    """The API process is SIGKILLed while a job runs and started again: the job goes on and is visible."""
+    running, client, store = fault_stack
+    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, execution={"mode": "online"},
+                 training={"epochs": 4, "batch_size": 16})  # fmt: skip
+    job_id = client.submit(body)["id"]
+    running.procs["api"].send_signal(signal.SIGKILL)
+    running.procs["api"].wait()
+    running.spawn("api", "api")
+    running.wait_ready(60)
+    job = client.wait(job_id, timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert any(j["id"] == job_id for j in client.jobs(limit=100))
