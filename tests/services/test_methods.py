@@ -10,7 +10,7 @@ from pydantic import TypeAdapter, ValidationError
 from services import methods
 from services.methods.linear.config import LinearConfig
 from services.methods.losa.config import LosaConfig
-from services.methods.losa.model import LosaSideNetwork
+from services.methods.losa.model import LosaSideNetwork, LowRankMLP
 from services.methods.readout import FeatureInfo
 from services.spec import JobSpec
 
@@ -73,6 +73,22 @@ def test_losa_at_step_zero_equals_linear_probe() -> None:
     with torch.no_grad():
         losa.mixers[0].up.weight.normal_()
     assert not torch.allclose(losa(feats), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("over_tokens", [False, True])
+def test_fused_mixer_equals_the_papers_form(over_tokens: bool) -> None:
+    """`add_to` (scale, bias and residual folded into the GEMMs) is a + g(x) of Eq. 3-5, values and gradients."""
+    torch.manual_seed(0)
+    g = LowRankMLP(7 if over_tokens else 12, rank=3)
+    with torch.no_grad():
+        g.up.weight.normal_(), g.up.bias.normal_(), g.scale.fill_(0.7)
+    a, x = torch.randn(2, 7, 12), torch.randn(2, 7, 12)
+    expected = a + (g(x.transpose(1, 2)).transpose(1, 2) if over_tokens else g(x))
+    grads = torch.autograd.grad(expected.square().sum(), list(g.parameters()))
+    fused = g.add_to(a, x, over_tokens=over_tokens)
+    torch.testing.assert_close(fused, expected)
+    for got, want in zip(torch.autograd.grad(fused.square().sum(), list(g.parameters())), grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_readout_uses_the_backbone_norm() -> None:
