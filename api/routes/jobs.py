@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
@@ -15,8 +16,11 @@ from services import planner
 from services.datasets import DatasetError, check_path, resolve_format
 from services.spec import JobSpec
 from storage.jobs import IdempotencyConflict, JobStore, NotFound
+from storage.logs import log_context
 from storage.settings import Settings
 from worker.celery_app import enqueue_job
+
+log = logging.getLogger("sidetune.api")
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}})
 
@@ -116,6 +120,8 @@ def create_job(
     except Exception as e:
         store.set_fields(job["id"], status="failed", error={"code": "queue_unavailable", "message": str(e)})
         raise ApiError(503, "queue_unavailable", f"could not enqueue the job: {e}") from None
+    with log_context(job_id=job["id"]):
+        log.info("job queued: %s on %s", spec.method.name, spec.backbone.name)
     return job
 
 

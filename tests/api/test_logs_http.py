@@ -86,6 +86,7 @@ def test_keys_never_logged_and_lines_carry_the_job_id(keyed_stack):
     assert any(r.get("job_id") == job["id"] and r["path"] == f"/jobs/{job['id']}" for r in access)
     assert any(r.get("model_id") == job["model_id"] and r["status"] == 200 for r in access)
     assert any(r["status"] == 401 for r in access)
+    assert any(r.get("job_id") == job["id"] and r["message"].startswith("job queued") for r in api)
 
 
 def test_redactor_scrubs_keys_and_credentials(capsys):
