@@ -1,10 +1,11 @@
 """Inference: load adapted models from the artifact store and predict on images.
 
-Backbones are shared: models on the same backbone (same name and weights hash) reuse one loaded backbone,
-and `predict_many` runs that backbone once per image for all side models (linear, LoSA) on it. Adapted models
-(APLA, ARC, LoRA, full) are merged into a plain ViT at load time, so each costs one backbone forward and
-nothing more. The backbone's weights are checked against the hash recorded at training time, so a model never
-silently runs on other weights.
+Backbones are shared: models on the same backbone (same name and weights hash) reuse one loaded backbone, and
+`run` passes the images of many requests through that backbone once for all side models (linear, LoSA) on it, each
+side model reading only its own requests' rows (services/batching.py gathers concurrent requests for it; the
+`predict_many` of one request for several models runs each image once). Adapted models (APLA, ARC, LoRA, full) are
+merged into a plain ViT at load time, so each costs one backbone forward and nothing more. The backbone's weights
+are checked against the hash recorded at training time, so a model never silently runs on other weights.
 """
 
 from __future__ import annotations
@@ -36,14 +37,18 @@ class LoadedModel:
         self.backbone_key = (config["backbone"]["name"], config["weights_hash"], str(config["data_config"]))
 
 
-class Predictor:
-    """Thread-safe; keeps up to `max_models` models and their backbones loaded (least recently used out)."""
+Request = tuple[LoadedModel, torch.Tensor]  # a model and its images, transformed: [n, 3, H, W] on the CPU
 
-    def __init__(self, settings: Settings, max_models: int = 16) -> None:
+
+class Predictor:
+    """Thread-safe; keeps up to `max_models` (default: `settings.predict_max_models`) models and their backbones
+    loaded (least recently used model out; backbones stay)."""
+
+    def __init__(self, settings: Settings, max_models: int | None = None) -> None:
         self.settings = settings
         self.artifacts = ArtifactStore(settings.artifacts_dir)
         self.device = settings.torch_device()
-        self.max_models = max_models
+        self.max_models = max_models or settings.predict_max_models
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._backbones: dict[tuple, Backbone] = {}
         self._lock = threading.Lock()
@@ -83,40 +88,114 @@ class Predictor:
                 self._models.popitem(last=False)
             return loaded
 
-    def predict_many(self, model_ids: list[str], images: list[bytes]) -> dict[str, list[dict[str, Any]]]:
-        """Decode once, run each distinct backbone once, apply every model; returns predictions per model."""
-        models = [self.load(m) for m in model_ids]
+    def backbone_of(self, model: LoadedModel) -> Backbone:
+        return self._backbones[model.backbone_key]  # loaded with the model; backbones are never unloaded
+
+    def decode(self, images: list[bytes]) -> list[Any]:
+        """PIL images; a DatasetError names the instance that could not be decoded."""
         decoded = []
         for i, data in enumerate(images):
             try:
                 decoded.append(load_image(data))
             except DatasetError as e:
                 raise DatasetError(f"instance {i}: {e}") from None
-        out: dict[str, list[dict[str, Any]]] = {}
-        groups: dict[tuple, list[LoadedModel]] = {}
-        for m in models:
-            groups.setdefault(m.backbone_key, []).append(m)
-        for group in groups.values():
-            backbone = self._backbone(group[0].config)
-            x = torch.stack([backbone.transform(im) for im in decoded]).to(self.device)
-            side = [m for m in group if m.kind == "side"]
-            layers = sorted({layer for m in side for layer in m.config["input_layers"]})
-            feats = backbone.intermediates(x, layers) if side else None
-            with torch.inference_mode():
-                for m in group:
-                    if m.kind == "side":
-                        x_m = feats[:, [layers.index(layer) for layer in m.config["input_layers"]]]
+        return decoded
+
+    def prepare(self, model_id: str, images: list[bytes]) -> Request:
+        """Decode the images, load the model and transform them into its input batch."""
+        return self.inputs(model_id, self.decode(images))
+
+    def inputs(self, model_id: str, decoded: list[Any]) -> Request:
+        """Load the model and transform decoded images into its backbone's input batch [n, 3, H, W] on the CPU."""
+        model = self.load(model_id)
+        transform = self.backbone_of(model).transform
+        return model, torch.stack([transform(im) for im in decoded])
+
+    def run(self, requests: list[Request]) -> list[np.ndarray]:
+        """Class probabilities [n_i, classes] for each (model, images [n_i, 3, H, W]) request. Per backbone, the
+        images of all requests for side models go through ONE backbone pass that taps the union of their layers,
+        and each side model reads only its own requests' rows; an adapted model (a merged ViT) runs once on the
+        images of its own requests."""
+        out: list[np.ndarray] = [np.empty(0)] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, (m, _) in enumerate(requests):
+            groups.setdefault(m.backbone_key, []).append(i)
+        with torch.inference_mode():
+            for key, members in groups.items():
+                backbone = self._backbones[key]
+                side = [i for i in members if requests[i][0].kind == "side"]
+                if side:
+                    x, first = self._stack(requests, side)
+                    layers = sorted({layer for i in side for layer in requests[i][0].config["input_layers"]})
+                    feats = backbone.intermediates(x, layers)
+                    for m, idx in self._by_model(requests, side).items():
+                        f = feats
+                        if m.config["input_layers"] != layers:
+                            f = f[:, [layers.index(layer) for layer in m.config["input_layers"]]]
                         tokens = m.config.get("input_tokens") or "all"  # as the model was trained
-                        logits = m.module(pool_tokens(x_m, tokens, backbone.num_prefix_tokens))
-                    else:
-                        logits = m.module(x)
-                    probs = logits.float().softmax(-1).cpu().numpy()
-                    out[m.id] = [
-                        {"label": m.classes[int(p.argmax())], "scores": {c: round(float(s), 6) for c, s in
-                                                                         zip(m.classes, p, strict=True)}}
-                        for p in probs
-                    ]  # fmt: skip
+                        f = pool_tokens(f, tokens, backbone.num_prefix_tokens)
+                        self._apply(m.module, f, requests, [(i, first[i]) for i in idx], out)
+                adapted = [i for i in members if requests[i][0].kind != "side"]
+                for m, idx in self._by_model(requests, adapted).items():
+                    x, first = self._stack(requests, idx)
+                    self._apply(m.module, x, requests, [(i, first[i]) for i in idx], out)
         return out
 
+    def _stack(self, requests: list[Request], idx: list[int]) -> tuple[torch.Tensor, dict[int, int]]:
+        """The images of requests `idx` as one batch on the device, and each request's first row in it. A tensor that
+        several requests share (`predict_many` gives every model the same images) is in the batch once."""
+        parts: list[torch.Tensor] = []
+        start: dict[int, int] = {}
+        rows = 0
+        for i in idx:
+            images = requests[i][1]
+            if id(images) not in start:
+                start[id(images)], rows = rows, rows + len(images)
+                parts.append(images)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return x.to(self.device), {i: start[id(requests[i][1])] for i in idx}
+
+    @staticmethod
+    def _by_model(requests: list[Request], idx: list[int]) -> dict[LoadedModel, list[int]]:
+        groups: dict[LoadedModel, list[int]] = {}
+        for i in idx:
+            groups.setdefault(requests[i][0], []).append(i)
+        return groups
+
+    @staticmethod
+    def _apply(module: torch.nn.Module, x: torch.Tensor, requests: list[Request], where: list[tuple[int, int]],
+               out: list[np.ndarray]) -> None:  # fmt: skip
+        """Run `module` on the rows of x that the requests in `where` ((request, first row) pairs) own, and hand
+        each request its own rows' probabilities."""
+        spans = [(i, first, len(requests[i][1])) for i, first in where]
+        rows = [r for _, first, n in spans for r in range(first, first + n)]
+        probs = module(x if rows == list(range(len(x))) else x[rows]).float().softmax(-1).cpu().numpy()
+        done = 0
+        for i, _, n in spans:
+            out[i], done = probs[done : done + n], done + n
+
+    @staticmethod
+    def format(model: LoadedModel, probs: np.ndarray) -> list[dict[str, Any]]:
+        """One {"label", "scores"} per image."""
+        return [
+            {"label": model.classes[int(p.argmax())],
+             "scores": {c: round(float(s), 6) for c, s in zip(model.classes, p, strict=True)}}
+            for p in probs
+        ]  # fmt: skip
+
+    def predict_many(self, model_ids: list[str], images: list[bytes]) -> dict[str, list[dict[str, Any]]]:
+        """Decode once, run each distinct backbone once, apply every model; returns predictions per model."""
+        models = [self.load(m) for m in model_ids]
+        decoded = self.decode(images)
+        batches: dict[tuple, torch.Tensor] = {}  # one per backbone: their transforms may differ
+        for m in models:
+            if m.backbone_key not in batches:
+                transform = self.backbone_of(m).transform
+                batches[m.backbone_key] = torch.stack([transform(im) for im in decoded])
+        probs = self.run([(m, batches[m.backbone_key]) for m in models])
+        return {m.id: self.format(m, p) for m, p in zip(models, probs, strict=True)}
+
     def predict(self, model_id: str, images: list[bytes]) -> list[dict[str, Any]]:
-        return self.predict_many([model_id], images)[model_id]
+        """One request on its own (the API goes through services.batching.Batcher, which batches requests)."""
+        model, x = self.prepare(model_id, images)
+        return self.format(model, self.run([(model, x)])[0])

@@ -1,12 +1,14 @@
 """Predict with an adapted model: JSON with base64 images, or a multipart upload of image files.
 
-The only routes that load torch, and only on first use: the control plane stays light.
+The only routes that load torch, and only on first use: the control plane stays light. Requests go through one
+Batcher (services/batching.py), which runs concurrent requests as one backbone pass.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import threading
 from typing import Annotated
 
 from fastapi import APIRouter, File, Request, UploadFile
@@ -20,13 +22,20 @@ ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413)}
 router = APIRouter(prefix="/v1/models", tags=["predict"], responses=ERRORS)
 
 
-def _predictor(request: Request):
-    state = request.app.state
-    if getattr(state, "predictor", None) is None:
-        from services.inference import Predictor  # torch is imported here, on the first prediction
+_create = threading.Lock()  # two first requests at once must not load two Predictors
 
-        state.predictor = Predictor(state.settings)
-    return state.predictor
+
+def _batcher(request: Request):
+    state = request.app.state
+    if getattr(state, "batcher", None) is None:
+        with _create:
+            if getattr(state, "batcher", None) is None:
+                from services.batching import Batcher  # torch is imported here, on the first prediction
+                from services.inference import Predictor
+
+                state.predictor = Predictor(state.settings)
+                state.batcher = Batcher.from_settings(state.predictor)
+    return state.batcher
 
 
 def _run(request: Request, model_id: str, images: list[bytes], limit: int) -> dict:
@@ -35,7 +44,7 @@ def _run(request: Request, model_id: str, images: list[bytes], limit: int) -> di
     from services.datasets import DatasetError
 
     try:
-        predictions = _predictor(request).predict(model_id, images)
+        predictions = _batcher(request).predict(model_id, images)
     except DatasetError as e:
         raise ApiError(400, "invalid_image", str(e)) from None
     return {"model_id": model_id, "predictions": predictions}
