@@ -141,8 +141,10 @@ def _scrape_auth(request: Request, settings: SettingsDep) -> None:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."},
-               401: {"model": ErrorBody}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."},
+        401: {"model": ErrorBody},
+    },
 )
 def metrics(request: Request, _: Annotated[None, Depends(_scrape_auth)]) -> Response:
     """Prometheus metrics: jobs by status, queue depth, live workers, extraction rate, requests and predict

@@ -71,12 +71,16 @@ class Settings(BaseSettings):
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
     predict_max_batch: int = Field(
-        32, ge=1, description="Predict requests arriving together are run as one backbone pass of up to this many "
-        "images (a larger request runs alone)."
+        32,
+        ge=1,
+        description="Predict requests arriving together are run as one backbone pass of up to this many "
+        "images (a larger request runs alone).",
     )
     predict_max_wait_ms: float = Field(
-        5.0, ge=0, description="Under load, how long a predict request may wait for others to join its batch; a "
-        "request that finds the batcher idle runs at once."
+        5.0,
+        ge=0,
+        description="Under load, how long a predict request may wait for others to join its batch; a "
+        "request that finds the batcher idle runs at once.",
     )
     predict_max_models: int = Field(
         16, ge=1, description="Adapted models kept loaded for predict (least recently used out; backbones stay)."
@@ -85,12 +89,15 @@ class Settings(BaseSettings):
         32.0, gt=0, description="Largest request body (MB) the API reads; larger ones get 413. Not dataset uploads."
     )
     max_upload_mb: float = Field(
-        1024.0, gt=0, description="Largest dataset archive (MB) `POST /datasets` accepts; a larger upload is cut off "
-        "with 413 as soon as it passes this size."
+        1024.0,
+        gt=0,
+        description="Largest dataset archive (MB) `POST /datasets` accepts; a larger upload is cut off "
+        "with 413 as soon as it passes this size.",
     )
     max_dataset_mb: float = Field(
-        4096.0, gt=0, description="Largest uploaded dataset once extracted (MB, bytes actually written, so a zip bomb "
-        "stops here)."
+        4096.0,
+        gt=0,
+        description="Largest uploaded dataset once extracted (MB, bytes actually written, so a zip bomb stops here).",
     )
     max_dataset_files: int = Field(
         200_000, ge=1, description="Most members (files and folders) in an uploaded dataset archive."

@@ -106,7 +106,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         # Celery's signal handlers write their shutdown notices straight to the terminal: as JSON lines too.
         celery.apps.worker.safe_say = lambda msg, f=sys.__stderr__: os.write(
-            f.fileno(), (json_line("celery.worker", logging.WARNING, msg) + "\n").encode())
+            f.fileno(), (json_line("celery.worker", logging.WARNING, msg) + "\n").encode()
+        )
 
     # A receiver of `setup_logging` tells Celery to leave logging alone (its handlers, task loggers and stdout
     # redirection), so its lines go through our root handler too.

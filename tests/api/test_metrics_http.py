@@ -36,8 +36,9 @@ def test_metrics_after_a_job_and_a_predict(stack):
     m = scrape(running)
     assert m["sidetune_redis_up"][()] == 1
     assert m["sidetune_jobs"][(("status", "succeeded"),)] >= 1
-    assert set(m["sidetune_jobs"]) == {(("status", s),) for s in
-                                       ("queued", "extracting", "training", "succeeded", "failed", "cancelled")}
+    assert set(m["sidetune_jobs"]) == {
+        (("status", s),) for s in ("queued", "extracting", "training", "succeeded", "failed", "cancelled")
+    }
     assert m["sidetune_live_workers"][(("queue", "extract"),)] >= 1
     assert m["sidetune_live_workers"][(("queue", "train"),)] >= 1
     assert set(m["sidetune_queue_depth"]) == {(("queue", "extract"),), (("queue", "train"),)}
@@ -56,8 +57,11 @@ def test_extraction_rate_of_an_extracting_job(stack):
     store = JobStore.from_url(running.redis.url)
     # A record only (nothing enqueued), as an extract worker leaves it mid-extraction.
     job = store.create_job({"note": "metrics test"})
-    store.set_fields(job["id"], status="extracting",
-                     progress={"stage": "extracting", "done": 3, "total": 9, "images": 48, "images_per_s": 12.5})
+    store.set_fields(
+        job["id"],
+        status="extracting",
+        progress={"stage": "extracting", "done": 3, "total": 9, "images": 48, "images_per_s": 12.5},
+    )
     m = scrape(running)
     assert m["sidetune_extract_images_per_second"][(("job_id", job["id"]),)] == 12.5
     assert m["sidetune_jobs"][(("status", "extracting"),)] >= 1
