@@ -56,7 +56,8 @@ def test_extraction_rate_of_an_extracting_job(stack):
     running, _ = stack
     store = JobStore.from_url(running.redis.url)
     # A record only (nothing enqueued), as an extract worker leaves it mid-extraction.
-    job = store.create_job({"note": "metrics test"})
+    spec = {"dataset": {"path": "digits"}, "backbone": {"name": "test_vit"}, "method": {"name": "linear"}}
+    job = store.create_job(spec)  # a well-formed record: other tests on this stack list every job
     store.set_fields(
         job["id"],
         status="extracting",
