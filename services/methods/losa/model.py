@@ -39,8 +39,12 @@ class LowRankMLP(nn.Module):
         if not over_tokens:
             h = F.pad(F.gelu(self.down(x)), (0, 1), value=1.0)  # [B, T, r+1]
             return torch.addmm(a.flatten(0, 1), h.flatten(0, 1), w_up.t()).view_as(a)
-        h = F.pad(F.gelu(torch.matmul(x.transpose(1, 2), self.down.weight.t()) + self.down.bias), (0, 1), value=1.0)
-        return torch.baddbmm(a, w_up.expand(a.shape[0], -1, -1), h.transpose(1, 2))  # [B, T, D]
+        # Along tokens as W x (W [r, T] times x [T, D] per image), never transposing x: a transposed [B, D, T] input
+        # would be copied to contiguous memory in the forward and again in the backward.
+        w_down = self.down.weight.expand(x.shape[0], -1, -1)  # bmm, not matmul: matmul would transpose x to fold it
+        h = F.gelu(torch.baddbmm(self.down.bias[:, None], w_down, x))  # [B, r, D]
+        h = F.pad(h, (0, 0, 0, 1), value=1.0)  # [B, r+1, D]
+        return torch.baddbmm(a, w_up.expand(a.shape[0], -1, -1), h)  # [B, T, D]
 
 
 class LosaSideNetwork(Classifier):
