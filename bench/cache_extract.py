@@ -66,7 +66,7 @@ def bare_forward(backbone, dataset, layers: list[int], batch_size: int, device: 
     """Images/s of `Backbone.intermediates` over the dataset in extraction batches: with `decoded` (a list of ready
     batches) the forward alone; without, images decoded by extraction's own loader one batch ahead in a thread, as
     `run_extraction` does. No pooling, no fp16 copy, no cache writes."""
-    from services.extraction import _load_batch
+    from services.extraction import _as_input, _load_batch
 
     n = len(dataset)
     ranges = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
@@ -82,7 +82,7 @@ def bare_forward(backbone, dataset, layers: list[int], batch_size: int, device: 
                 images, _, _ = pending.result()
                 if k + 1 < len(ranges):
                     pending = loader.submit(_load_batch, dataset, backbone.transform, *ranges[k + 1], False)
-                backbone.intermediates(images, layers)
+                backbone.intermediates(_as_input(backbone.transform, images), layers)
     sync(device)
     return n / (time.perf_counter() - t0)
 
@@ -110,7 +110,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from services.backbones import load_backbone
     from services.datasets import read_dataset
-    from services.extraction import _load_batch, run_extraction
+    from services.extraction import _as_input, _load_batch, run_extraction
     from services.progress import NullReporter
     from services.spec import BackboneSpec
 
@@ -119,7 +119,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     backbone = load_backbone(BackboneSpec(name=args.backbone, pretrained=False, image_size=args.image_size), device)
     all_layers, last = list(range(backbone.num_layers)), [backbone.num_layers - 1]
     n, bs = len(dataset), args.batch_size
-    decoded = [_load_batch(dataset, backbone.transform, s, min(n, s + bs), False)[0] for s in range(0, n, bs)]
+    loaded = [_load_batch(dataset, backbone.transform, s, min(n, s + bs), False)[0] for s in range(0, n, bs)]
+    decoded = [_as_input(backbone.transform, x) for x in loaded]
     for x in decoded[:2]:  # warm-up: kernels, allocator, thread pools
         backbone.intermediates(x, all_layers)
     sync(device)

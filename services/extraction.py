@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.backbones import Backbone, load_backbone
+from services.backbones import Backbone, SplitTransform, load_backbone
 from services.datasets import Dataset, DatasetError, check_path, load_image, read_dataset
 from services.progress import Reporter
 from services.spec import JobSpec
@@ -60,10 +60,15 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
 
 
 def _load_batch(dataset: Dataset, transform: Any, start: int, stop: int, skip_corrupt: bool):
+    """Decode images [start, stop) in a loader thread; returns (batch or None if every image was corrupt, valid
+    flags, messages for the corrupt ones). With a `SplitTransform` layout the batch is uint8 and `_as_input` makes it
+    a tensor in the model's thread; otherwise the whole transform runs here."""
+    split = SplitTransform.of(transform)
     images, valid, bad = [], [], []
     for i in range(start, stop):
         try:
-            images.append(transform(load_image(dataset.paths[i])))
+            image = load_image(dataset.paths[i])
+            images.append(split.load(image) if split else transform(image))
             valid.append(True)
         except DatasetError as e:
             if not skip_corrupt:
@@ -71,11 +76,18 @@ def _load_batch(dataset: Dataset, transform: Any, start: int, stop: int, skip_co
             images.append(None)
             valid.append(False)
             bad.append(str(e))
-    shape = next((im.shape for im in images if im is not None), None)
-    if shape is None:
+    ok = next((im for im in images if im is not None), None)
+    if ok is None:
         return None, np.array(valid), bad
-    batch = torch.stack([im if im is not None else torch.zeros(shape) for im in images])
-    return batch, np.array(valid), bad
+    if split:
+        return np.stack([im if im is not None else np.zeros_like(ok) for im in images]), np.array(valid), bad
+    return torch.stack([im if im is not None else torch.zeros_like(ok) for im in images]), np.array(valid), bad
+
+
+def _as_input(transform: Any, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A batch from `_load_batch` as the model's input (this runs in the model's thread)."""
+    split = SplitTransform.of(transform)
+    return split.to_input(batch) if split and isinstance(batch, np.ndarray) else batch
 
 
 def begin_extraction(
@@ -152,7 +164,10 @@ def extract_batches(prep: Prepared, spec: JobSpec, reporter: Reporter, batches: 
             if images is None:
                 acts, event = torch.zeros((stop - start, *shape[1:]), dtype=torch.float16), None
             else:
-                feats = pool_tokens(backbone.intermediates(images, layers), tokens, backbone.num_prefix_tokens)
+                # all tokens: stored as they come, so float16 straight from the forward; pooled ones in full precision
+                dtype = torch.float16 if tokens == "all" else None
+                feats = backbone.intermediates(_as_input(backbone.transform, images), layers, dtype)
+                feats = pool_tokens(feats, tokens, backbone.num_prefix_tokens)
                 acts, event = host.copy(feats)
                 forwards += 1
             for msg in bad:

@@ -6,9 +6,11 @@
 - `OnlineSource`: images through the frozen backbone under no_grad on every batch (mode `online`, the LoSA
   paper's way of training, and the baseline the cache is measured against).
 
-Every source answers `batch(positions) -> (inputs, kept)`: `kept` are the positions actually in the batch
-(an undecodable image is dropped when the job says `on_corrupt="skip"`). `prefetch` loads the next batch in a
-thread while the current one trains.
+Every source answers `batch(positions) -> (raw, kept)`, which may run in a loader thread, and `ready(raw)`, which
+runs in the training thread and gives the model's input: `kept` are the positions actually in the batch (an
+undecodable image is dropped when the job says `on_corrupt="skip"`). Torch work stays in the training thread (see
+`SplitTransform`): images are decoded and cropped in the loader, made tensors and run through the backbone in
+`ready`. `prefetch` loads the next batch in a thread while the current one trains.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from services.backbones import Backbone
+from services.backbones import Backbone, SplitTransform
 from services.datasets import Dataset, DatasetError, load_image
 from storage.cache import CacheEntry
 
 
 class Source(Protocol):
-    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]: ...
+    def batch(self, positions: np.ndarray) -> tuple[Any, np.ndarray]: ...
+
+    def ready(self, raw: Any) -> torch.Tensor: ...
 
 
 class CacheSource:
@@ -57,20 +61,25 @@ class CacheSource:
             return self.data[torch.from_numpy(positions).to(self.data.device)], positions
         return torch.from_numpy(self.entry.read(self.indices[positions], self.layers)), positions
 
+    def ready(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
+
 
 class ImageSource:
     in_memory = False
 
     def __init__(self, dataset: Dataset, indices: np.ndarray, transform: Any, skip_corrupt: bool) -> None:
         self.dataset, self.indices, self.transform, self.skip_corrupt = dataset, indices, transform, skip_corrupt
+        self.split = SplitTransform.of(transform)
         self.skipped: set[str] = set()
 
-    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def batch(self, positions: np.ndarray) -> tuple[Any, np.ndarray]:
         images, kept = [], []
         for pos in positions:
             path = self.dataset.paths[self.indices[pos]]
             try:
-                images.append(self.transform(load_image(path)))
+                image = load_image(path)
+                images.append(self.split.load(image) if self.split else self.transform(image))
             except DatasetError:
                 if not self.skip_corrupt:
                     raise
@@ -79,7 +88,10 @@ class ImageSource:
             kept.append(pos)
         if not images:
             return torch.empty(0), np.array([], dtype=np.int64)
-        return torch.stack(images), np.array(kept, dtype=np.int64)
+        return (np.stack(images) if self.split else torch.stack(images)), np.array(kept, dtype=np.int64)
+
+    def ready(self, raw: Any) -> torch.Tensor:
+        return self.split.to_input(raw) if isinstance(raw, np.ndarray) else raw
 
 
 class OnlineSource:
@@ -88,25 +100,29 @@ class OnlineSource:
     def __init__(self, images: ImageSource, backbone: Backbone, layers: list[int]) -> None:
         self.images, self.backbone, self.layers = images, backbone, layers
 
-    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        x, kept = self.images.batch(positions)
-        if len(kept) == 0:
-            return x, kept
-        return self.backbone.intermediates(x, self.layers), kept
+    def batch(self, positions: np.ndarray) -> tuple[Any, np.ndarray]:
+        return self.images.batch(positions)
+
+    def ready(self, raw: Any) -> torch.Tensor:
+        # the backbone here, in the training thread: in the loader thread its OpenMP team and the side network's
+        # would share the cores (online LoSA on 2 cores: 206 img/s here, 156-196 there)
+        return self.backbone.intermediates(self.images.ready(raw), self.layers)
 
 
 def prefetch(source: Source, batches: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """Yield `source.batch(b)` for each b, loading the next one in a thread meanwhile when loading means I/O or a
-    backbone forward; a gather from memory stays in this thread (a thread only adds contention there: -20%)."""
+    """Yield each batch of `batches` ready for the model, loading the next one in a thread meanwhile when loading
+    means I/O or decoding; a gather from memory stays in this thread (a thread only adds contention there: -20%)."""
     if not batches:
         return
     if getattr(source, "in_memory", False):
-        yield from (source.batch(b) for b in batches)
+        for b in batches:
+            raw, kept = source.batch(b)
+            yield source.ready(raw), kept
         return
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(source.batch, batches[0])
         for i in range(len(batches)):
-            out = pending.result()
+            raw, kept = pending.result()
             if i + 1 < len(batches):
                 pending = pool.submit(source.batch, batches[i + 1])
-            yield out
+            yield (source.ready(raw) if len(kept) else raw), kept

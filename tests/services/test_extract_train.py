@@ -261,3 +261,18 @@ def test_skipped_images_survive_a_resumed_extraction(settings: Settings, corrupt
     result = run_extraction(spec, settings, NullReporter())
     assert result["skipped"] == [str(bad)]
     assert entry_of(settings, result).summary["skipped"] == [str(bad)]
+
+
+def test_cached_activations_are_the_backbones_on_its_own_transform(settings: Settings, digits: Path) -> None:
+    """The loader's split transform (PIL steps in its thread, ToTensor + Normalize batched in the model's) and the
+    float16 stacking give exactly what the whole eval transform and a float32 forward give, rounded once."""
+    from services.backbones import load_backbone
+    from services.datasets import load_image
+
+    spec = job_spec(digits, {"name": "losa", "rank": 4})
+    entry = entry_of(settings, run_extraction(spec, settings, NullReporter()))
+    backbone = load_backbone(spec.backbone)
+    paths = read_imagefolder(digits).paths[:5]
+    images = torch.stack([backbone.transform(load_image(p)) for p in paths])
+    expected = backbone.intermediates(images, entry.layers).to(torch.float16).numpy()
+    np.testing.assert_array_equal(entry.read(np.arange(5)), expected)
