@@ -17,6 +17,8 @@
     backbone under no_grad on every step, the paper's way), same hyperparameters and epochs, from `train_job`'s
     `train_images_per_s` (the training loop only; validation and setup excluded). Then the peak training memory at
     batch size 1 (the paper's convention) with vit_base_patch16_224 at 224 px, each mode in its own subprocess.
+(d) Codec accuracy (bench/cache_codecs.py): LoSA trained from each codec's entry of (a), validation accuracy against
+    codec none's.
 
 Timed rows are repeated `--repeats` times, interleaved, and the median is reported (the values are listed too).
 The last line of the output is `key=value` pairs for scripts.
@@ -29,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import cache_codecs
 import cache_extract
 import cache_reads
 import cache_training
@@ -51,7 +54,7 @@ def print_header(args: argparse.Namespace, info: dict) -> None:
     )
 
 
-def report(args: argparse.Namespace, a: dict, b: dict, c: dict, mem: dict | None) -> None:
+def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, mem: dict | None) -> None:
     """Prints the three parts, the targets' verdicts and the `key=value` line."""
     info = a["info"]
     print_header(args, info)
@@ -62,6 +65,8 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, mem: dict | None
     print()
     extract_seconds = a["ext"]["losa none"][-1]["extract_seconds"]
     train_speedup = cache_training.report_speed(args, c, info, extract_seconds)
+    print()
+    codec_kv = cache_codecs.report(args, d, a)
     mem_kv: dict[str, str] = {}
     ratios = {"train_mem_ratio": None, "train_mem_ratio_inmem": None}
     if mem is not None:
@@ -106,7 +111,7 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, mem: dict | None
         ("train_mem_ratio_inmem", ratios["train_mem_ratio_inmem"], 3),
     ]:
         common.put(kv, key, value, digits)
-    kv |= extraction["kv"] | mem_kv
+    kv |= extraction["kv"] | codec_kv | mem_kv
     kv |= {
         "targets_met": ",".join(k for k, v in met.items() if v) or "none",
         "targets_missed": ",".join(k for k, v in met.items() if not v) or "none",
@@ -129,6 +134,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="extraction and training batch (default: 32 on CPU, 64 on CUDA)")
     p.add_argument("--epochs", type=int, default=2, help="LoSA training epochs, both modes")
     p.add_argument("--rank", type=int, default=8, help="LoSA rank")
+    p.add_argument("--codec-epochs", type=int, default=10, help="LoSA epochs per codec entry in part (d)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every timed row (median)")
     p.add_argument("--read-batch", type=int, default=64, help="rows per random mini-batch read")
     p.add_argument("--read-batches", type=int, default=5, help="random mini-batches read per round")
@@ -167,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         a = cache_extract.measure(args)
         b = cache_reads.measure(args, a)
         c = cache_training.measure_speed(args, a)
+        d = cache_codecs.measure(args, a)
         mem = None if args.no_memory else cache_training.measure_memory(args, __file__)
-        report(args, a, b, c, mem)
+        report(args, a, b, c, d, mem)
     return 0
 
 
