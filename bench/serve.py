@@ -83,6 +83,8 @@ class Api:
     """`sidetune api` in a subprocess on a free loopback port, with the bench's settings and `overrides`."""
 
     def __init__(self, args: argparse.Namespace, redis_url: str, name: str, **overrides: object) -> None:
+        from worker.launcher import free_port
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | {
@@ -172,6 +174,7 @@ def measure(args: argparse.Namespace) -> dict:
     from services.spec import BackboneSpec
     from storage.jobs import JobStore
     from storage.redis_server import RedisServer
+    from worker.launcher import free_port
 
     settings = common.make_settings(args.work, args.work, args.device)
     pngs = []
@@ -239,14 +242,6 @@ def measure(args: argparse.Namespace) -> dict:
         for api in apis:
             api.stop()
         redis.stop()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------- report

@@ -5,7 +5,6 @@ Everything runs on CPU without network access: backbones in the tests use timm m
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,13 +13,7 @@ import pytest
 from services.digits import write_digits
 from storage.redis_server import RedisServer
 from storage.settings import Settings
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from worker.launcher import free_port
 
 
 @pytest.fixture(scope="session")

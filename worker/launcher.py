@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,13 @@ import httpx
 
 from storage.redis_server import RedisServer
 from storage.settings import Settings
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for stacks started side by side: tests, benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Stack:

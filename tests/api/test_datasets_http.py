@@ -8,7 +8,6 @@ over real HTTP (uvicorn on loopback) where streaming matters (the upload limit),
 from __future__ import annotations
 
 import io
-import socket
 import tarfile
 import threading
 import time
@@ -27,14 +26,9 @@ from api.main import create_app
 from services.digits import write_digits
 from storage.datasets import STAGING
 from storage.settings import Settings
+from worker.launcher import free_port
 
 A, B = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(value: int) -> bytes:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 
 import httpx
 import pytest
@@ -15,16 +14,10 @@ from services.digits import write_digits
 from storage.logs import Redactor, configure_logging, log_context
 from storage.settings import Settings
 from worker.client import Client
-from worker.launcher import Stack
+from worker.launcher import Stack, free_port
 
 KEYS = ["alpha-KEY-7f3a9c", "beta-KEY-2b8e41"]
 WRONG = "wrong-KEY-d00d55"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

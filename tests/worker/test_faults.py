@@ -5,7 +5,6 @@ checkpoints), and the job succeeds. A stack of its own, so killing workers distu
 from __future__ import annotations
 
 import signal
-import socket
 import time
 
 import httpx
@@ -17,13 +16,7 @@ from storage.cache import FeatureCache
 from storage.jobs import JobStore
 from storage.settings import Settings
 from worker.client import Client
-from worker.launcher import Stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from worker.launcher import Stack, free_port
 
 
 @pytest.fixture(scope="module")
