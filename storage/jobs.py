@@ -140,8 +140,9 @@ class JobStore:
                         break
         return out
 
-    def update_job(self, job_id: str, change: Callable[[dict], dict | None]) -> dict[str, Any]:
-        """Apply `change` to the stored record atomically; it may edit in place or return a new dict."""
+    def _job_transaction(self, job_id: str, write: Callable[[Any, dict], Any]) -> Any:
+        """Read the job's record under WATCH and run `write(pipe, job)`, which queues the writes in a MULTI;
+        retried when another client changed the record meanwhile. Returns what `write` returned."""
         key = f"job:{job_id}"
         with self.r.pipeline() as pipe:
             while True:
@@ -150,19 +151,28 @@ class JobStore:
                     raw = pipe.get(key)
                     if raw is None:
                         raise NotFound(job_id)
-                    job = json.loads(raw)
-                    before = job["status"]
-                    job = change(job) or job
-                    job["updated_at"] = now()
+                    record = json.loads(raw)
                     pipe.multi()
-                    pipe.set(key, json.dumps(job))
-                    if job["status"] != before:  # the per-status sets that /metrics counts change with the record
-                        pipe.srem(f"jobs:status:{before}", job_id)
-                        pipe.sadd(f"jobs:status:{job['status']}", job_id)
+                    result = write(pipe, record)
                     pipe.execute()
-                    return job
+                    return result
                 except redis.WatchError:
                     continue
+
+    def update_job(self, job_id: str, change: Callable[[dict], dict | None]) -> dict[str, Any]:
+        """Apply `change` to the stored record atomically; it may edit in place or return a new dict."""
+
+        def write(pipe: Any, job: dict) -> dict:
+            before = job["status"]
+            job = change(job) or job
+            job["updated_at"] = now()
+            pipe.set(f"job:{job_id}", json.dumps(job))
+            if job["status"] != before:  # the per-status sets that /metrics counts change with the record
+                pipe.srem(f"jobs:status:{before}", job_id)
+                pipe.sadd(f"jobs:status:{job['status']}", job_id)
+            return job
+
+        return self._job_transaction(job_id, write)
 
     def set_fields(self, job_id: str, **fields: Any) -> dict[str, Any]:
         return self.update_job(job_id, lambda job: job.update(fields))
@@ -180,27 +190,20 @@ class JobStore:
         return sorted(self.r.smembers(f"jobs:status:{status}"))
 
     def _index_statuses(self) -> None:
-        """Once, for jobs recorded before the sets existed: file each under its status, under WATCH like
-        `update_job`, so a concurrent status change is never undone."""
+        """Once, for jobs recorded before the sets existed: file each under its status, in a transaction like
+        `update_job`'s, so a concurrent status change is never undone."""
+
+        def file(pipe: Any, job: dict) -> None:
+            for status in STATUSES:
+                if status != job["status"]:
+                    pipe.srem(f"jobs:status:{status}", job["id"])
+            pipe.sadd(f"jobs:status:{job['status']}", job["id"])
+
         for job_id in self.r.zrange("jobs", 0, -1):
-            key = f"job:{job_id}"
-            with self.r.pipeline() as pipe:
-                while True:
-                    try:
-                        pipe.watch(key)
-                        raw = pipe.get(key)
-                        if raw is None:
-                            break
-                        status = json.loads(raw)["status"]
-                        pipe.multi()
-                        for other in STATUSES:
-                            if other != status:
-                                pipe.srem(f"jobs:status:{other}", job_id)
-                        pipe.sadd(f"jobs:status:{status}", job_id)
-                        pipe.execute()
-                        break
-                    except redis.WatchError:
-                        continue
+            try:
+                self._job_transaction(job_id, file)
+            except NotFound:  # deleted meanwhile
+                continue
         self.r.set("jobs:status:indexed", 1)
 
     def request_cancel(self, job_id: str) -> dict[str, Any]:
