@@ -27,6 +27,7 @@ class LowRankMLP(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """g(x) as the paper writes it: the reference `add_to` (what the side network runs) is tested against."""
         # s scales W_up x only; b_up is added after, as in g(x) above.
         return self.scale * F.linear(F.gelu(self.down(x)), self.up.weight) + self.up.bias
 
