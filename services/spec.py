@@ -66,6 +66,13 @@ class BackboneSpec(BaseModel):
         "are resampled)."
     )  # fmt: skip
     init_seed: int = Field(0, ge=0, description="Seed of the random initialisation when no weights are loaded.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Precision of the frozen backbone's forward where it only runs forward (extraction, `online` mode, "
+        "predict): its weights cast once. `auto`: bf16 on a GPU, fp32 on a CPU. Part of the feature cache's key; "
+        "bench/cache.py reports bf16's relative error against fp32. Methods trained through the backbone (apla, arc, "
+        "lora, full) keep fp32 weights under bf16 autocast on a GPU.",
+    )
 
 
 class EveryKth(BaseModel):
