@@ -20,7 +20,7 @@ import torch
 
 from services.backbones import Backbone, load_backbone
 from services.datasets import Dataset, check_path, read_dataset
-from services.loading import BatchReader, iterate, loader_workers
+from services.loading import BatchReader, EncodedReader, decode_on_device, iterate, loader_workers
 from services.progress import Reporter
 from services.spec import JobSpec
 from storage.cache import CacheEntry, FeatureCache, cache_key, pool_tokens
@@ -46,8 +46,9 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     dataset = read_dataset(root, spec.dataset.format)
     checkpoint = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
     backbone = load_backbone(spec.backbone, settings.torch_device(), checkpoint)
+    preprocessing = {**backbone.data_config, "decode": spec.extraction.decode}
     family = cache_key({"dataset": dataset.fingerprint, "backbone": spec.backbone.name,
-                        "weights": backbone.weights_hash, "preprocessing": backbone.data_config,
+                        "weights": backbone.weights_hash, "preprocessing": preprocessing,
                         "precision": backbone.precision})  # fmt: skip
     layers, tokens = spec.cached_layers_and_tokens(backbone.num_layers, backbone.model.global_pool)
     cache = FeatureCache(settings.cache_location)
@@ -131,7 +132,8 @@ def extract_batches(
     total = len(entry.pending_batches()) if batches else 0
     n_batches = -(-shape[0] // entry.meta["batch_size"])
     rows = [np.arange(*entry.batch_range(b)) for b in batches]
-    reader = BatchReader(dataset.paths, rows, backbone.split.pil, spec.dataset.on_corrupt == "skip")
+    skip, on_device = spec.dataset.on_corrupt == "skip", spec.extraction.decode == "device"
+    reader = (EncodedReader if on_device else BatchReader)(dataset.paths, rows, backbone.split.pil, skip)
     workers = loader_workers(settings, len(dataset))
     writer = ShardWriter(entry, settings.cache_writers)
     host = _HostBuffers(backbone.device, settings.cache_writers + 1)
@@ -140,6 +142,8 @@ def extract_batches(
     with writer, contextlib.closing(iterate(reader, workers, pin_memory=backbone.device.type == "cuda")) as loaded:
         for k, (batch_index, batch) in enumerate(zip(batches, loaded, strict=True)):
             start, stop = entry.batch_range(batch_index)
+            if on_device:
+                batch = decode_on_device(batch, dataset.paths, backbone.split.pil, backbone.device, skip)
             if batch.images is None:
                 acts, ready, done = torch.zeros((stop - start, *shape[1:]), dtype=torch.float16), None, None
             else:
@@ -208,4 +212,4 @@ def run_extraction(
     reporter.event(f"extracted {run['images_extracted']} images in {run['seconds']:.1f}s ({rate:.1f} img/s)")
     return {**base, "cache_hit": False, "backbone_forwards": run["backbone_forwards"],
             "extract_seconds": round(time.perf_counter() - t0, 3), "extract_images_per_s": round(rate, 2),
-            **summary}  # fmt: skip
+            "loader_workers": run["loader_workers"], "writer": run["writer"], **summary}  # fmt: skip

@@ -169,7 +169,9 @@ class Predictor:
         each request its own rows' probabilities."""
         spans = [(i, first, len(requests[i][1])) for i, first in where]
         rows = [r for _, first, n in spans for r in range(first, first + n)]
-        probs = module(x if rows == list(range(len(x))) else x[rows]).float().softmax(-1).cpu().numpy()
+        x = x if rows == list(range(len(x))) else x[rows]
+        dtype = next(module.parameters()).dtype  # a merged ViT runs in its backbone's precision (bf16 on a GPU)
+        probs = module(x.to(dtype) if x.is_floating_point() else x).float().softmax(-1).cpu().numpy()
         done = 0
         for i, _, n in spans:
             out[i], done = probs[done : done + n], done + n

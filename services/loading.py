@@ -3,9 +3,9 @@ uint8 tensors (pinned on a GPU), normalised on the device.
 
 A loader process (a `torch.utils.data.DataLoader` worker, started through a forkserver) decodes one whole batch at
 a time with Pillow and runs the transform's PIL steps (resize, crop, flips, jitter), so decoding scales with the
-machine's cores while the process that runs the model keeps its own. Each worker runs one torch thread and dies
-with its parent (PR_SET_PDEATHSIG on Linux), so a SIGKILLed extract or train worker leaves no loader behind; a
-cancelled or failed run shuts its workers down when its iterator is dropped. With `workers == 0` one thread of
+machine's cores while the process that runs the model keeps its own. Each worker runs one torch thread and ends as
+soon as the process that iterates it ends (a pidfd), so a SIGKILLed extract or train worker leaves no loader behind;
+a cancelled or failed run shuts its workers down when its iterator is closed. With `workers == 0` one thread of
 this process decodes one batch ahead instead (what a 2-core machine gets by default: no core is left over).
 
 Batches are uint8 [B, H, W, 3]: a quarter of the bytes of float32 to move between processes and to the device.
@@ -14,14 +14,15 @@ Batches are uint8 [B, H, W, 3]: a quarter of the bytes of float32 to move betwee
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
-import sys
+import select
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,16 @@ class ImageBatch:
     """One decoded batch: `images` uint8 [B, H, W, 3] (None when no image of it could be decoded), `valid` which
     rows hold an image (a corrupt one is a zero row when the job skips corrupt images), `errors` their messages."""
 
-    images: torch.Tensor | None
+    images: torch.Tensor | list[torch.Tensor] | None
     valid: np.ndarray
     errors: list[str] = field(default_factory=list)
     positions: np.ndarray | None = None  # the dataset positions of the rows, as asked
 
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader's pin-memory thread (a documented hook of custom batch types)."""
-        if self.images is not None:
+        if isinstance(self.images, list):  # encoded files (EncodedReader)
+            self.images = [im.pin_memory() for im in self.images]
+        elif self.images is not None:
             self.images = self.images.pin_memory()
         return self
 
@@ -93,13 +96,97 @@ class BatchReader(torch.utils.data.Dataset):
         return ImageBatch(torch.from_numpy(stacked), valid, errors, positions)
 
 
-def _die_with_parent(_: int) -> None:
-    """DataLoader worker init: one torch thread (the DataLoader sets it too) and, on Linux, a SIGKILL when the
-    process that forked this worker dies, however it dies."""
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class EncodedReader(BatchReader):
+    """For decoding on the device (`extraction.decode = "device"`): item k holds batch k's JPEG files as their bytes
+    (uint8 tensors, decoded later by nvJPEG, batched) and any other image decoded here by Pillow at full size
+    ([3, H, W] uint8); `images` is a list of those, resized on the device by `decode_on_device`."""
+
+    def __getitem__(self, k: int) -> ImageBatch:
+        positions = np.asarray(self.batches[k])
+        items: list[torch.Tensor | None] = []
+        errors: list[str] = []
+        for i in positions:
+            try:
+                data = Path(self.paths[i]).read_bytes()
+                if data.startswith(JPEG_MAGIC):
+                    items.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                else:
+                    items.append(torch.from_numpy(np.array(load_image(data), np.uint8)).permute(2, 0, 1))
+            except (DatasetError, OSError) as e:
+                if not self.skip_corrupt:
+                    return ImageBatch(None, np.zeros(len(positions), bool), [f"{self.paths[i]}: {e}"], positions)
+                items.append(None)
+                errors.append(f"{self.paths[i]}: {e}")
+        valid = np.array([it is not None for it in items])
+        return ImageBatch([it for it in items if it is not None] or None, valid, errors, positions)
+
+
+def decode_on_device(
+    batch: ImageBatch, paths: Sequence[Path], resize: Any, device: torch.device, skip_corrupt: bool
+) -> ImageBatch:
+    """An EncodedReader batch -> the uint8 [B, H, W, 3] batch on `device`: JPEGs decoded there in one call, every
+    image resized and cropped there by `resize` (the eval transform's torchvision Resize and CenterCrop, which take
+    [3, H, W] tensors); a row that holds no image is zeros, as the loaders' batches have it. A JPEG that does not
+    decode is corrupt like any unreadable file: named in `errors`, or a DatasetError without `skip_corrupt`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if batch.images is None:
+        return batch
+    items, rows = list(batch.images), np.flatnonzero(batch.valid)
+    encoded = [j for j, it in enumerate(items) if it.dim() == 1]
+    decoded: dict[int, torch.Tensor] = {}
+    try:
+        decoded = dict(zip(encoded, decode_jpeg([items[j] for j in encoded], mode=ImageReadMode.RGB, device=device),
+                           strict=True))  # fmt: skip
+    except RuntimeError:  # one bad file fails the batched call: decode one by one to name it
+        for j in encoded:
+            try:
+                decoded[j] = decode_jpeg(items[j], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as e:
+                message = f"{paths[batch.positions[rows[j]]]}: not a readable JPEG ({e})"
+                if not skip_corrupt:
+                    raise DatasetError(message) from None
+                batch.valid[rows[j]] = False
+                batch.errors.append(message)
+    resized = {rows[j]: resize(decoded[j] if it.dim() == 1 else it.to(device, non_blocking=True))
+               for j, it in enumerate(items) if it.dim() != 1 or j in decoded}  # fmt: skip
+    if not resized:
+        batch.images = None
+        return batch
+    first = next(iter(resized.values()))
+    out = torch.zeros((len(batch.valid), *first.shape), dtype=torch.uint8, device=device)
+    for row, image in resized.items():
+        out[row] = image
+    batch.images = out.permute(0, 2, 3, 1)
+    return batch
+
+
+def _exit_with(owner: int, _worker_id: int) -> None:
+    """DataLoader worker init: one torch thread (the DataLoader sets it too), and a thread that ends this worker as
+    soon as `owner` (the process that iterates the loader) ends, however it ends. Neither the DataLoader's own check
+    (its parent's pid) nor PR_SET_PDEATHSIG sees that here: the parent is the forkserver, which in turn lives as long
+    as any worker holds its liveness pipe, so after a SIGKILL of the owner all of them would live on."""
     torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    threading.Thread(target=_wait_for_exit, args=(owner,), daemon=True, name="owner-watch").start()
+
+
+def _wait_for_exit(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)  # Linux: readable once the process has ended
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (another OS, an old kernel): poll
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            time.sleep(0.5)
+    select.select([fd], [], [])
+    os._exit(1)  # no cleanup: the owner is gone, and nobody reads what this worker would still produce
 
 
 def _context() -> multiprocessing.context.BaseContext:
@@ -133,7 +220,7 @@ def _raw(reader: BatchReader, workers: int, pin_memory: bool) -> Iterator[ImageB
         return
     loader = DataLoader(
         reader, batch_size=None, shuffle=False, num_workers=min(workers, len(reader)), pin_memory=pin_memory,
-        worker_init_fn=_die_with_parent, multiprocessing_context=_context(), prefetch_factor=2,
+        worker_init_fn=partial(_exit_with, os.getpid()), multiprocessing_context=_context(), prefetch_factor=2,
     )  # fmt: skip
     batches = iter(loader)
     try:

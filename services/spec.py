@@ -132,6 +132,13 @@ class ExtractionSpec(BaseModel):
         description="Split the extraction into this many shard tasks, which extract workers on any machine run in "
         "parallel, each writing its own cache shards. `auto`: one per live extract worker.",
     )
+    decode: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="Where images are decoded and resized. `cpu`: Pillow in the loader processes (the backbone's "
+        "own eval transform, exactly). `device`: JPEG files decoded on the GPU (nvJPEG, batched) and every image "
+        "resized there by torchvision (other formats decoded by Pillow first); for loaders that cannot keep up "
+        "with the GPU. A different preprocessing (pixels differ slightly), so a cache entry of its own.",
+    )
     keepbits: int | None = Field(
         None,
         ge=1,
@@ -189,6 +196,11 @@ class TrainingSpec(BaseModel):
         f"({_defaults('warmup_epochs')}).",
     )
     seed: int = Field(0, ge=0, description="Seed of initialisation and batch order.")
+    compile: bool = Field(
+        False,
+        description="Run the trained module through `torch.compile` (side networks gain most: many small ops). The "
+        "first step then includes the compilation; the job's metrics report it as `first_step_seconds`.",
+    )
 
     def resolved(self, defaults: dict) -> dict:
         """Fill `auto` fields from the method's defaults."""
