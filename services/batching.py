@@ -56,9 +56,9 @@ class Batcher:
         s = predictor.settings
         return cls(predictor, s.predict_max_batch, s.predict_max_wait_ms / 1000)
 
-    def predict(self, model_id: str, images: list[bytes]) -> list[dict[str, Any]]:
+    def predict(self, model_id: str, images: list[bytes], video: bool | None = None) -> list[dict[str, Any]]:
         """Like `Predictor.predict`, run in a batch with the requests that arrive together with this one."""
-        pending = _Pending(model_id, self.predictor.decode(images))  # a DatasetError fails this request only
+        pending = _Pending(model_id, self.predictor.decode(images, model_id, video))  # a DatasetError: this one only
         with self._cond:
             if self._closed:
                 raise RuntimeError("the predict batcher is closed")

@@ -1,4 +1,5 @@
-"""Inference: load adapted models from the artifact store and predict on images.
+"""Inference: load adapted models from the artifact store and predict on images, or on videos for a model trained on
+clips (services/video/serving.py decodes them as its training data was).
 
 Backbones are shared: models on the same backbone (same name and weights hash) reuse one loaded backbone, and
 `run` passes the images of many requests through that backbone once for all side models (linear, LoSA) on it, each
@@ -24,7 +25,7 @@ from services.backbones import Backbone, load_backbone
 from services.datasets import DatasetError, check_path, load_image
 from services.methods.readout import FeatureInfo, Readout
 from services.spec import BackboneSpec
-from storage.artifacts import ArtifactStore
+from storage.artifacts import ArtifactStore, read_json
 from storage.cache import pool_tokens
 from storage.settings import Settings
 
@@ -37,7 +38,8 @@ class LoadedModel:
         self.backbone_key = (config["backbone"]["name"], config["weights_hash"], str(config["data_config"]))
 
 
-Request = tuple[LoadedModel, torch.Tensor]  # a model and its images, transformed: [n, 3, H, W] on the CPU
+Request = tuple[LoadedModel, torch.Tensor]  # a model and its images, transformed: [n, 3, H, W] on the CPU (clips:
+# [n, T*3, H, W])
 
 
 class Predictor:
@@ -51,6 +53,7 @@ class Predictor:
         self.max_models = max_models or settings.predict_max_models
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._backbones: dict[tuple, Backbone] = {}
+        self._decoders: dict[str, Any] = {}  # model id -> its clip decoder (None: an image model)
         self._lock = threading.Lock()
 
     def _backbone(self, config: dict[str, Any]) -> Backbone:
@@ -91,25 +94,33 @@ class Predictor:
     def backbone_of(self, model: LoadedModel) -> Backbone:
         return self._backbones[model.backbone_key]  # loaded with the model; backbones are never unloaded
 
-    def decode(self, images: list[bytes]) -> list[Any]:
-        """PIL images; a DatasetError names the instance that could not be decoded."""
-        decoded = []
-        for i, data in enumerate(images):
-            try:
-                decoded.append(load_image(data))
-            except DatasetError as e:
-                raise DatasetError(f"instance {i}: {e}") from None
-        return decoded
+    def decode(self, images: list[bytes], model_id: str | None = None, video: bool | None = None) -> list[Any]:
+        """PIL images, or for a model trained on videos its clips (uint8 [T, H, W, 3]); `video` is what the client
+        said it sent (None: as the model expects). A DatasetError names the instance that could not be decoded."""
+        if model_id is None:
+            return [_image(i, data) for i, data in enumerate(images)]
+        if model_id not in self._decoders:
+            from services.video.serving import clip_decoder
+
+            path = self.artifacts.model_dir(model_id) / "config.json"
+            config = read_json(path) if path.exists() else {"backbone": {}}  # unknown: fails later, when loaded
+            self._decoders[model_id] = clip_decoder(config, self.settings.max_predict_video_s)
+        from services.video.serving import decode_inputs
+
+        return decode_inputs(images, self._decoders[model_id], video, model_id, _image)
 
     def prepare(self, model_id: str, images: list[bytes]) -> Request:
         """Decode the images, load the model and transform them into its input batch."""
-        return self.inputs(model_id, self.decode(images))
+        return self.inputs(model_id, self.decode(images, model_id))
 
     def inputs(self, model_id: str, decoded: list[Any]) -> Request:
-        """Load the model and transform decoded images into its backbone's input batch [n, 3, H, W] on the CPU."""
+        """Load the model and transform decoded images into its backbone's input batch [n, 3, H, W] on the CPU
+        (decoded clips: normalised into [n, T*3, H, W])."""
         model = self.load(model_id)
-        transform = self.backbone_of(model).transform
-        return model, torch.stack([transform(im) for im in decoded])
+        backbone = self.backbone_of(model)
+        if decoded and isinstance(decoded[0], np.ndarray):
+            return model, backbone.split.to_input(np.stack(decoded))
+        return model, torch.stack([backbone.transform(im) for im in decoded])
 
     def run(self, requests: list[Request]) -> list[np.ndarray]:
         """Class probabilities [n_i, classes] for each (model, images [n_i, 3, H, W]) request. Per backbone, the
@@ -197,7 +208,14 @@ class Predictor:
         probs = self.run([(m, batches[m.backbone_key]) for m in models])
         return {m.id: self.format(m, p) for m, p in zip(models, probs, strict=True)}
 
-    def predict(self, model_id: str, images: list[bytes]) -> list[dict[str, Any]]:
+    def predict(self, model_id: str, images: list[bytes], video: bool | None = None) -> list[dict[str, Any]]:
         """One request on its own (the API goes through services.batching.Batcher, which batches requests)."""
-        model, x = self.prepare(model_id, images)
+        model, x = self.inputs(model_id, self.decode(images, model_id, video))
         return self.format(model, self.run([(model, x)])[0])
+
+
+def _image(i: int, data: bytes) -> Any:
+    try:
+        return load_image(data)
+    except DatasetError as e:
+        raise DatasetError(f"instance {i}: {e}") from None

@@ -288,8 +288,8 @@ def train_job(
         if mode == "online":
             train_src = OnlineSource(train_src, backbone, model.input_layers)
             val_src = OnlineSource(val_src, backbone, model.input_layers)
-        kind = "clips (jittered in time)" if spec.backbone.video is not None else "images"
-        where = f"{kind}{' (augmented)' if spec.execution.augment else ''}" + (
+        inputs = "clips (jittered in time)" if spec.backbone.video is not None else "images"
+        where = f"{inputs}{' (augmented)' if spec.execution.augment else ''}" + (
             ", backbone forward every step" if mode == "online" else ", through the backbone"
         )
     reporter.event(

@@ -93,8 +93,9 @@ class Settings(BaseSettings):
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
     max_predict_video_mb: float = Field(
-        64.0, gt=0, description="Largest video (MB) one predict instance or file may be; larger ones get 413."
-    )
+        16.0, gt=0, description="Largest video (MB) one predict instance or file may be; larger ones get 413 (the "
+        "whole request is also limited by `max_request_mb`)."
+    )  # fmt: skip
     max_predict_video_s: float = Field(
         60.0, gt=0, description="Longest video (seconds) predict decodes; longer ones get 400."
     )

@@ -238,7 +238,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(epochs=args.epochs)
+    return run_demo(epochs=args.epochs, video=args.video, per_class=args.per_class)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("demo", help="embedded stack + digits: a linear probe and a LoSA job, end to end")
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--video", action="store_true", help="synthetic motion videos and a ViViT instead of digits")
+    p.add_argument("--per-class", type=int, default=40, help="with --video: training videos per class")
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "api": cmd_api, "worker": cmd_worker, "submit": cmd_submit, "jobs": cmd_jobs,
                 "predict": cmd_predict, "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo}  # fmt: skip
