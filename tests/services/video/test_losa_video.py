@@ -30,7 +30,8 @@ def test_fused_mixer_equals_the_reference_form() -> None:
     assert torch.allclose(fused, reference, atol=1e-5)
     grad = torch.randn_like(reference)
     inputs = [a, x, *mixer.parameters()]
-    for r, f in zip(torch.autograd.grad(reference, inputs, grad), torch.autograd.grad(fused, inputs, grad), strict=True):
+    want, got = torch.autograd.grad(reference, inputs, grad), torch.autograd.grad(fused, inputs, grad)
+    for r, f in zip(want, got, strict=True):
         assert torch.allclose(f, r, atol=1e-4, rtol=1e-4)
     # the reference really is Eq. 6: a spatial MLP per temporal index plus a temporal one per spatial position
     grid = x.detach().view(2, 4, 9, 5)

@@ -58,8 +58,8 @@ def accuracies(motion: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     out = {}
     for name, (method, training) in runs.items():
         spec = JobSpec.model_validate({
-            "dataset": {"path": str(motion), "val_fraction": 0.3}, "backbone": {**BACKBONE, "video": VIDEO}, "method": method,
-            "training": {"batch_size": 16, **training},
+            "dataset": {"path": str(motion), "val_fraction": 0.3}, "backbone": {**BACKBONE, "video": VIDEO},
+            "method": method, "training": {"batch_size": 16, **training},
         })  # fmt: skip
         key = run_extraction(spec, settings, NullReporter())["cache_key"]
         out[name] = train_job(spec, settings, key, NullReporter(), data / name)["metrics"]["val_accuracy"]
