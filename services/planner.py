@@ -43,7 +43,7 @@ def gb(n: float) -> str:
 
 
 def human_bytes(n: float) -> str:
-    for unit, size in (("GB", GB), ("MB", 10**6), ("kB", 10**3)):
+    for unit, size in (("TB", 10**12), ("GB", GB), ("MB", 10**6), ("kB", 10**3)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
@@ -321,10 +321,11 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         msg = (f"the feature cache for this job needs {gb(upper)} ({shape}); {limit}, so at most {gb(room)} can be "
                f"made available. Change one of: {_join(remedies)}.")  # fmt: skip
     if arch.num_frames:
+        kinetics = human_bytes(240_000 * per_image)
         notes.append(f"a video cache is large: {human_bytes(per_image)} per clip here (Kinetics-400's 240k clips "
-                     f"would take {gb(240_000 * per_image)}); layer subsets (method.layers, extraction.layers), a "
-                     'lossy codec (extraction.keepbits) or execution.mode "online" (no cache, the backbone on every '
-                     "step) need less")  # fmt: skip
+                     f"would take {kinetics}); layer subsets (method.layers, extraction.layers), a lossy codec "
+                     '(extraction.keepbits) or execution.mode "online" (no cache, the backbone on every step) need '
+                     "less")  # fmt: skip
     notes.append("sizes are for a fresh extraction: a complete cache of the same dataset and weights would be reused "
                  "instead, which the planner does not check (that needs the weights' hash)")  # fmt: skip
     notes.append(f"extraction time assumes {tflops:g} TFLOP/s ({'device cpu' if cpu else 'a GPU'}) and "
