@@ -303,7 +303,8 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     fits = expected <= room
     evict_bytes, evict_entries = disk.to_evict(expected) if fits else (0, 0)
 
-    shape = f"{n} images x {len(layers)} layers x {stored} tokens x {arch.dim} x 2 B"
+    items = "clips" if dataset.kind == "video" else "images"
+    shape = f"{n} {items} x {len(layers)} layers x {stored} tokens x {arch.dim} x 2 B"
     if frac is not None:
         shape += f"; about {gb(expected)} with keepbits {spec.extraction.keepbits}, a rough estimate"
     elif spec.extraction.codec != "none":
@@ -375,7 +376,7 @@ def describe(p: Plan) -> str:
             where = "in memory, GPU-resident if the worker's device has room"
         gpu = "the device's free memory" if p.gpu_budget_bytes is None else gb(p.gpu_budget_bytes)
         budgets = f"budgets: {gb(p.train_memory_budget_bytes)} in memory, {gpu} on the GPU"
-        rows.append(("training", f"{gb(p.train_feature_bytes)} of features for {p.train_images} images: {where} "
+        rows.append(("training", f"{gb(p.train_feature_bytes)} of features for {p.train_images} {item}: {where} "
                                  f"({budgets})"))  # fmt: skip
     if p.extraction_s is not None:
         rows.append(("extraction", f"~{human_seconds(p.extraction_s)}: {p.extraction_flops or 0:.3g} FLOPs, "

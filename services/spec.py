@@ -21,7 +21,8 @@ class DatasetSpec(BaseModel):
         None,
         min_length=1,
         description="Dataset location on the server, inside an allowed root: an ImageFolder directory (one "
-        "subfolder per class) or a CSV manifest with columns `path,label` (paths relative to the CSV). Give this "
+        "subfolder per class) or a CSV manifest with columns `path,label` (paths relative to the CSV), of images or "
+        "of videos (.mp4, .avi, .mkv, .webm, .mov; a manifest may add `start,end` in seconds), not both. Give this "
         "or `id`, not both.",
     )
     id: str | None = Field(
@@ -39,8 +40,8 @@ class DatasetSpec(BaseModel):
     split_seed: int = Field(0, ge=0, description="Seed of the validation split.")
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail",
-        description="An image that cannot be decoded fails the job (`fail`, naming the file), or is skipped and "
-        "counted (`skip`).",
+        description="An image or video that cannot be decoded fails the job (`fail`, naming the file), or is skipped "
+        "and counted (`skip`).",
     )
 
     @model_validator(mode="after")
