@@ -94,3 +94,14 @@ def test_table_2_counts_are_about_317_d_above_eq_6() -> None:
         assert 310 < (paper - ours) / d < 325
     n = count_parameters("vit_huge_patch14_224", "losa", {"rank": 64}, video={"num_frames": 32})
     assert n.tokens == 4096 + 1 and n.side == 3_206_448  # ViViT-H: 3.21M by Eq. 6, 3.61M in Table 2
+
+
+def test_params_command_with_frames(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.cli import main
+
+    argv = ["params", "--backbone", "vit_base_patch16_224", "--method", "losa", "--rank", "16", "--frames", "16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "192762" and "ViViT of 16 frames, tubelet 2, 12 blocks, 1569 tokens" in out[0]
+    assert main(["params", "--backbone", "eva02_tiny_patch14_224", "--method", "losa", "--frames", "8"]) == 2
+    assert "cannot be made a ViViT" in capsys.readouterr().err

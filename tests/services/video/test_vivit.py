@@ -119,3 +119,26 @@ def test_load_backbone_builds_the_vivit_and_normalises_clips_as_frames() -> None
     assert torch.equal(x, per_frame)
     feats = backbone.intermediates(x, [5])
     assert feats.shape == (2, 1, 9, 64)
+
+
+@pytest.mark.parametrize(("name", "frames", "tubelet"), [("vit_base_patch16_224", 16, 2), ("test_vit", 8, 4)])
+def test_planner_shapes_of_vivits_match_the_built_model(name: str, frames: int, tubelet: int) -> None:
+    from services.architectures import architecture, forward_flops
+    from services.spec import extraction_rows
+
+    video = VideoSpec(num_frames=frames, tubelet=tubelet)
+    with torch.device("meta"):
+        vivit = to_vivit(timm.create_model(name, pretrained=False, num_classes=0), video)
+    arch = architecture(name, None, video)
+    assert arch.tokens == vivit.patch_embed.num_patches + vivit.num_prefix_tokens
+    assert arch.global_pool == vivit.global_pool == "avg" and arch.temporal_positions == frames // tubelet
+    # FLOPs: every block on T' S + 1 tokens, and the Conv3d's 3 t p^2 multiply-adds per patch token and channel
+    t, d, p = arch.tokens, arch.dim, arch.patch_size
+    blocks = arch.num_layers * (t * (4 * d * d + arch.mlp_macs) + 2 * t * t * d)
+    assert forward_flops(arch, 1) == 2 * (blocks + (t - 1) * 3 * tubelet * p * p * d)
+    conv = vivit.patch_embed.proj
+    assert conv.weight[0].numel() == 3 * tubelet * p * p  # the Conv3d's multiply-adds per output
+    # `auto` extraction batches: 32 images; clips by bytes (ViViT-B/16, 16 frames, every layer: 28.9 MB -> 4)
+    assert extraction_rows("auto", 12 * 1569 * 768 * 2, video=True) == 4
+    assert extraction_rows("auto", 12 * 197 * 768 * 2, video=False) == 32
+    assert extraction_rows(7, 12 * 1569 * 768 * 2, video=True) == 7
