@@ -1,5 +1,6 @@
 """Every error leaves the API as `{"error": {"code": ..., "message": ...}}` with a 4xx status naming the cause
-(503 `store_unavailable` while Redis is down)."""
+(503 `store_unavailable` while Redis is down, `storage_unavailable` while the store of models and datasets is, and
+`store_incomplete` for a model or dataset that is not whole on it)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
+from storage.store import Incomplete, StoreUnavailable
 
 log = logging.getLogger("sidetune.api")
 
@@ -56,6 +59,17 @@ def install(app: FastAPI) -> None:
         log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
         message = "the job store (Redis) is unavailable; retry shortly"
         return JSONResponse(error_body("store_unavailable", message), status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(StoreUnavailable)
+    async def _storage_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(error_body("storage_unavailable", f"{exc}; retry shortly"), status_code=503,
+                            headers={"Retry-After": "5"})  # fmt: skip
+
+    @app.exception_handler(Incomplete)
+    async def _incomplete(request: Request, exc: Incomplete) -> JSONResponse:
+        # Written last, the marker is missing only while a writer is at work or after one was cut off: retry later.
+        return JSONResponse(error_body("store_incomplete", str(exc)), status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

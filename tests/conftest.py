@@ -1,13 +1,19 @@
-"""Shared pytest fixtures: a real Redis server, a small digits ImageFolder, and per-test Settings.
+"""Shared pytest fixtures: a real Redis server, a real S3-compatible server (moto), a small digits ImageFolder, and
+per-test Settings.
 
 Everything runs on CPU without network access: backbones in the tests use timm models with pretrained=False.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services.digits import write_digits
@@ -24,6 +30,44 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A bucket on a real S3-compatible server: moto in server mode, a process on a loopback port for the whole
+    session. The `AWS_*` variables that s3fs (and every process the tests start) read point at it. Yields
+    `s3://<bucket>`; tests take a prefix of their own (`s3_url`)."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "2"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    httpx.get(endpoint, timeout=2)
+                    break
+                except httpx.HTTPError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                    time.sleep(0.1)
+            httpx.put(f"{endpoint}/sidetune-test", timeout=10).raise_for_status()  # create the bucket
+            yield "s3://sidetune-test"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            log.close()
+
+
+@pytest.fixture
+def s3_url(s3_server: str) -> str:
+    """A fresh prefix in the test bucket."""
+    return f"{s3_server}/{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture(scope="session")

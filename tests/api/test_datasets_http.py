@@ -235,7 +235,7 @@ def test_datasets_are_private_to_their_key(tmp_path, redis_url):
     status, code, message = error(client.post("/jobs", json=body, headers=B))
     assert (status, code) == (404, "not_found") and "dataset.id" in message
     # nor by its path: uploaded datasets are reached by id only, which checks the key
-    by_path = {**body, "dataset": {"path": str(settings.datasets_dir / ds["id"] / "pets")}}
+    by_path = {**body, "dataset": {"path": str(settings.datasets_dir / ds["id"] / "files" / "pets")}}
     assert error(client.post("/jobs", json=by_path, headers=B))[:2] == (403, "forbidden_path")
     # key A plans it, though the allowed roots leave out the data dir: the uploads folder is always readable
     plan = client.post("/jobs", params={"dry_run": "true"}, json=body, headers=A)
