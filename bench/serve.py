@@ -54,7 +54,7 @@ def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], 
     from storage.artifacts import ArtifactStore
     from storage.jobs import now
 
-    artifacts = ArtifactStore(settings.artifacts_dir)
+    artifacts = ArtifactStore.from_settings(settings)
     ids, key, config = [], None, {}
     for seed in range(args.models):
         spec = JobSpec.model_validate({

@@ -52,7 +52,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, redis_url: str, digits_roo
     """Settings whose artifact store holds MODELS, each trained for an epoch by `train_job` as the train step does."""
     data = tmp_path_factory.mktemp("batching")
     settings = Settings(data_dir=data, redis_url=redis_url, allowed_roots=[data, digits_root.parent], device="cpu")
-    artifacts = ArtifactStore(settings.artifacts_dir)
+    artifacts = ArtifactStore.from_settings(settings)
     digits = digits_root / "train"
     for model_id, (method, mode) in MODELS.items():
         spec = job_spec(digits, method, mode)
@@ -80,7 +80,7 @@ class Gate:
     def __init__(self, predictor: Predictor, model_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[int] = []
         self._open = threading.Event()
-        model = predictor.backbone_of(predictor.load(model_id)).model
+        model = predictor.load(model_id).backbone.model
         original = model.forward_intermediates
 
         def counted(x, *args, **kwargs):
@@ -197,7 +197,7 @@ def test_bad_input_fails_only_its_request(
     results = send_together(batcher, gate, requests)
     batcher.close()
     assert isinstance(results[2], DatasetError) and "instance 1: uploaded image" in str(results[2])
-    # raised by the batcher's thread while loading, handed to that request alone (Predictor.predict raises the same)
+    # raised while loading, before the request joins a batch (Predictor.predict raises the same)
     assert isinstance(results[3], FileNotFoundError)
     reference = Predictor(trained)
     for i in (0, 1, 4):
