@@ -87,13 +87,14 @@ def settings(tmp_path: Path, redis_url: str, digits_root: Path) -> Settings:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     """The real topology as processes on loopback: an embedded Redis server, the extract worker, the train
-    worker and the API under uvicorn (worker.launcher.Stack, as `sidetune serve` runs it). Yields
+    worker, the inference service and the API under uvicorn (worker.launcher.Stack, as `sidetune serve` runs it). Yields
     (stack, client); datasets go under `stack.settings.data_path / "datasets"`."""
     from worker.client import Client
     from worker.launcher import Stack
 
     data = tmp_path_factory.mktemp("stack")
-    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(), device="cpu")
+    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
+                        inference_port=free_port(), device="cpu")  # fmt: skip
     write_digits(data / "datasets" / "digits", limit=150)
     with Stack(settings) as running:
         yield running, Client(running.api_url)

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import io
 import tarfile
-import threading
-import time
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -26,7 +22,7 @@ from api.main import create_app
 from services.digits import write_digits
 from storage.datasets import STAGING
 from storage.settings import Settings
-from worker.launcher import free_port
+from tests.helpers import serve
 
 A, B = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
 
@@ -90,23 +86,6 @@ def small(tmp_path, redis_url) -> Settings:
 @pytest.fixture
 def client(small) -> TestClient:
     return TestClient(create_app(small))
-
-
-@contextmanager
-def serve(settings: Settings) -> Iterator[str]:
-    """The app under uvicorn on a loopback port, in a thread: real HTTP, streamed bodies."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_upload_zip_and_tar_then_a_job_trains_on_it(stack, tmp_path):
@@ -181,7 +160,7 @@ def test_zip_bomb_is_413_and_leaves_nothing(client, small):
 
 def test_upload_over_the_limit_is_cut_off_with_413(small):
     too_big = bytes(3 << 20)  # 3 MB against max_upload_mb 1
-    with serve(small) as url:
+    with serve(create_app(small)) as url:
         r = httpx.post(f"{url}/datasets", files={"file": ("big.zip", too_big)}, timeout=30)
         assert error(r)[:2] == (413, "upload_too_large")
 

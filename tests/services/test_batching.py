@@ -221,10 +221,10 @@ def test_a_lone_request_does_not_wait(trained: Settings, images: list[bytes]) ->
     batcher.close()
 
 
-def test_api_predict_goes_through_the_batcher(trained: Settings, images: list[bytes]) -> None:
+def test_the_inference_service_predicts_through_the_batcher(trained: Settings, images: list[bytes]) -> None:
     import base64
 
-    from api.main import create_app
+    from api.inference import create_inference_app
 
     settings = trained.model_copy(update={"predict_max_batch": 8})
     JobStore.from_url(settings.broker_url).register_model({
@@ -232,17 +232,18 @@ def test_api_predict_goes_through_the_batcher(trained: Settings, images: list[by
         "method": "losa", "mode": "cache", "backbone": "test_vit", "classes": [str(i) for i in range(10)],
         "metrics": {},
     })  # fmt: skip
-    app = create_app(settings)
-    client = TestClient(app)
+    app = create_inference_app(settings)
 
     def body(imgs: list[bytes]) -> dict:
         return {"instances": [{"image_b64": base64.b64encode(b).decode()} for b in imgs]}
 
-    r = client.post("/v1/models/model_losa3:predict", json=body(images[:2]))
-    assert r.status_code == 200, r.text
-    assert_same(r.json()["predictions"], Predictor(trained).predict("model_losa3", images[:2]))
-    assert app.state.batcher.max_batch == 8 and app.state.batcher.predictor is app.state.predictor
-    r = client.post("/v1/models/model_losa3:predict", json=body([images[0], b"\x89PNG broken"]))
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
-    assert "instance 1" in r.json()["error"]["message"]
-    app.state.batcher.close()
+    with TestClient(app) as client:  # runs the lifespan: Predictor and Batcher up, then the batcher stopped
+        r = client.post("/v1/models/model_losa3:predict", json=body(images[:2]))
+        assert r.status_code == 200, r.text
+        assert_same(r.json()["predictions"], Predictor(trained).predict("model_losa3", images[:2]))
+        assert app.state.batcher.max_batch == 8 and app.state.batcher.predictor is app.state.predictor
+        r = client.post("/v1/models/model_losa3:predict", json=body([images[0], b"\x89PNG broken"]))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
+        assert "instance 1" in r.json()["error"]["message"]
+        batcher = app.state.batcher
+    assert batcher._closed and (batcher._thread is None or not batcher._thread.is_alive())
