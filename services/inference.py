@@ -158,7 +158,8 @@ class Predictor:
         """What is loaded and what it holds, in bytes."""
         with self._lock:
             return {"models": {m.id: m.nbytes for m in self._models.values()},
-                    "backbones": {k[0]: tensor_bytes(b.model) for k, b in self._backbones.items()},
+                    "backbones": {f"{b.spec.name}@{b.data_config['input_size'][-1]}px:{b.weights_hash[:8]}":
+                                  tensor_bytes(b.model) for b in self._backbones.values()},
                     "total": self.memory_used(), "budget": self.memory_bytes}  # fmt: skip
 
     def _backbone(self, config: dict[str, Any]) -> Backbone:

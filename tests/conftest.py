@@ -78,6 +78,44 @@ def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, redis_url: str, digits_root: Path) -> Settings:
+    """Settings whose store holds tests.helpers.MODELS, each trained for an epoch by `train_job` as the train step
+    does (for the serving tests)."""
+    from services.extraction import run_extraction
+    from services.progress import NullReporter
+    from services.training import train_job
+    from storage.artifacts import ArtifactStore
+    from tests.helpers import MODELS, job_spec
+
+    data = tmp_path_factory.mktemp("served")
+    settings = Settings(data_dir=data, redis_url=redis_url, allowed_roots=[data, digits_root.parent], device="cpu")
+    artifacts = ArtifactStore.from_settings(settings)
+    for model_id, (method, mode) in MODELS.items():
+        spec = job_spec(digits_root / "train", method, mode)
+        key = run_extraction(spec, settings, NullReporter())["cache_key"] if spec.needs_cache else None
+        out = train_job(spec, settings, key, NullReporter(), data / "ckpt" / model_id)
+        artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
+    return settings
+
+
+@pytest.fixture(scope="session")
+def images(digits_root: Path) -> list[bytes]:
+    """Ten digits as PNG files, spread over the classes."""
+    import io
+
+    from PIL import Image
+
+    from services.datasets import read_imagefolder
+
+    out = []
+    for p in read_imagefolder(digits_root / "train").paths[::17][:10]:
+        buf = io.BytesIO()
+        Image.open(p).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
 @pytest.fixture
 def settings(tmp_path: Path, redis_url: str, digits_root: Path) -> Settings:
     """Settings with a fresh data dir per test; datasets may lie under tmp_path or next to the digits."""

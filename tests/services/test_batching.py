@@ -8,69 +8,20 @@ timm's)."""
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from services.batching import Batcher
-from services.datasets import DatasetError, read_imagefolder
-from services.extraction import run_extraction
+from services.datasets import DatasetError
 from services.inference import Predictor
-from services.progress import NullReporter
-from services.spec import JobSpec
-from services.training import train_job
-from storage.artifacts import ArtifactStore
 from storage.jobs import JobStore, now
 from storage.settings import Settings
-
-# three side models on one backbone (different layers, so the batch taps their union) and an adapted (merged) one
-MODELS = {
-    "model_losa3": ({"name": "losa", "rank": 4, "layers": 3}, "cache"),
-    "model_losa_all": ({"name": "losa", "rank": 8}, "cache"),
-    "model_linear": ({"name": "linear"}, "cache"),
-    "model_lora": ({"name": "lora", "rank": 4}, "tail"),
-}
-
-
-def job_spec(path: Path, method: dict, mode: str) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path)}, "backbone": {"name": "test_vit", "pretrained": False}, "method": method,
-        "execution": {"mode": mode, **({"tail_blocks": 2} if mode == "tail" else {})},
-        "extraction": {"batch_size": 64}, "training": {"epochs": 1, "batch_size": 32, "lr": 1e-2},
-    })  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, redis_url: str, digits_root: Path) -> Settings:
-    """Settings whose artifact store holds MODELS, each trained for an epoch by `train_job` as the train step does."""
-    data = tmp_path_factory.mktemp("batching")
-    settings = Settings(data_dir=data, redis_url=redis_url, allowed_roots=[data, digits_root.parent], device="cpu")
-    artifacts = ArtifactStore.from_settings(settings)
-    digits = digits_root / "train"
-    for model_id, (method, mode) in MODELS.items():
-        spec = job_spec(digits, method, mode)
-        key = run_extraction(spec, settings, NullReporter())["cache_key"] if spec.needs_cache else None
-        out = train_job(spec, settings, key, NullReporter(), data / "ckpt" / model_id)
-        artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
-    return settings
-
-
-@pytest.fixture(scope="module")
-def images(digits_root: Path) -> list[bytes]:
-    dataset = read_imagefolder(digits_root / "train")
-    out = []
-    for p in dataset.paths[::17][:10]:  # spread over the classes
-        buf = io.BytesIO()
-        Image.open(p).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+from tests.helpers import MODELS
 
 
 class Gate:
