@@ -23,6 +23,7 @@ from services.digits import write_digits
 from storage.datasets import STAGING
 from storage.settings import Settings
 from tests.helpers import serve
+from worker.launcher import free_port
 
 A, B = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
 
@@ -191,6 +192,23 @@ def test_unusable_uploads_are_4xx_naming_the_cause(client, small, data, code, ne
     status, got, message = error(upload(client, data))
     assert (status, got) == (422, code) and needle in message, message
     assert_no_trace(small)
+
+
+def test_an_upload_while_the_store_is_unreachable_is_503_and_leaves_nothing(tmp_path, redis_url, s3_server,
+                                                                              monkeypatch):  # fmt: skip
+    from s3fs import S3FileSystem
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    S3FileSystem.clear_instance_cache()
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, store_url="s3://down/sidetune")
+    try:
+        r = upload(TestClient(create_app(settings)), zip_bytes(folder()))
+    finally:
+        S3FileSystem.clear_instance_cache()
+    assert error(r)[:2] == (503, "storage_unavailable") and "s3://down/sidetune" in error(r)[2], r.text
+    assert r.headers["retry-after"] == "5"
+    assert_no_trace(settings)
 
 
 def test_multipart_without_a_file_field_is_422(client):
