@@ -105,6 +105,9 @@ class Batcher:
         under_load = False
         while batch := self._next_batch(under_load):
             under_load = len(batch) > 1
+            # A future whose caller went away (its awaiting task cancelled) is dropped; the others can no longer be
+            # cancelled, so setting their result below cannot fail.
+            batch = [p for p in batch if p.result.set_running_or_notify_cancel()]
             ready, requests = [], []
             try:
                 for p in batch:

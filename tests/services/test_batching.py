@@ -198,3 +198,21 @@ def test_the_inference_service_predicts_through_the_batcher(trained: Settings, i
         assert "instance 1" in r.json()["error"]["message"]
         batcher = app.state.batcher
     assert batcher._closed and (batcher._thread is None or not batcher._thread.is_alive())
+
+
+def test_a_request_whose_caller_went_away_is_dropped(
+    trained: Settings, images: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    predictor = Predictor(trained)
+    batcher = Batcher(predictor, max_batch=64, max_wait_s=0.0)
+    gate = Gate(predictor, "model_losa3", monkeypatch)
+    model, decoded = predictor.load("model_losa3"), predictor.decode(images[:2])
+    first = batcher.submit(model, decoded[:1])
+    wait_for(lambda: len(gate.calls) == 1)
+    gone = batcher.submit(model, decoded)  # queued behind the first batch, then its caller is cancelled
+    assert gone.cancel()
+    gate.open()
+    assert first.result(60).shape == (1, 10)
+    assert batcher.submit(model, decoded[1:]).result(60).shape == (1, 10)  # the batcher lives on
+    assert gate.calls == [1, 1]  # the cancelled request's 2 images never ran
+    batcher.close()
