@@ -263,7 +263,8 @@ def memory(settings, device: str, losa: list[str], merged: str) -> dict:
         steps[name], base = now - base, now
     held = predictor.memory()
     backbone = next(iter(held["backbones"].values()))
-    return {"measured": steps, "models": held["models"], "backbone": backbone, "dtype": str(predictor.dtype)}
+    dtype = str(predictor.load(losa[0]).backbone.dtype)
+    return {"measured": steps, "models": held["models"], "backbone": backbone, "dtype": dtype}
 
 
 def timed(fn, n: int, device: str) -> list[float]:
@@ -282,7 +283,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     from services.backbones import load_backbone
     from services.datasets import read_imagefolder
-    from services.inference import Predictor, serving_dtype
+    from services.inference import Predictor
     from services.spec import BackboneSpec
     from storage.jobs import JobStore
     from storage.redis_server import RedisServer
@@ -314,10 +315,9 @@ def measure(args: argparse.Namespace) -> dict:
 
         common.say("memory of the models ...")
         mem = memory(settings, args.device, ids, merged)
-        dtype = serving_dtype(args.device)
         backbone = load_backbone(BackboneSpec(name=args.backbone, pretrained=False, image_size=args.image_size),
-                                 args.device)  # fmt: skip
-        backbone.model.to(dtype)
+                                 args.device)  # in the serving precision: bf16 weights on CUDA  # fmt: skip
+        dtype = backbone.dtype
         x = backbone.transform(Image.open(io.BytesIO(pngs[0])).convert("RGB"))[None].to(args.device, dtype)
         predictor = Predictor(settings)
         predictor.predict(ids[0], pngs[:1])

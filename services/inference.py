@@ -1,7 +1,8 @@
 """Inference: adapted models loaded from the artifact store, predicting on images in the serving dtype.
 
-- Serving dtype: bfloat16 on CUDA, float32 on the CPU (`settings.predict_dtype`), for the backbones and the merged
-  models; side models (linear, LoSA: small) keep float32 weights and run under bfloat16 autocast on CUDA.
+- Serving dtype: bfloat16 on CUDA, float32 on the CPU (the backbone's `precision`, `auto` by default, unless
+  `settings.predict_precision` sets one), for the backbones and the merged models; side models (linear, LoSA: small)
+  keep float32 weights and run under bfloat16 autocast where the backbone is bfloat16, as in training.
 - One frozen backbone per (name, weights hash, preprocessing) serves every model on it. `run` passes the images of
   many requests through a backbone once for all side models on it, each reading only its own requests' rows
   (services/batching.py gathers concurrent requests for it; `predict_many` runs each image once for several models).
@@ -26,6 +27,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -34,7 +36,7 @@ import torch
 from pydantic import TypeAdapter
 
 from services import methods
-from services.backbones import Backbone, load_backbone
+from services.backbones import PRECISIONS, Backbone, load_backbone, resolve_precision
 from services.datasets import DatasetError, check_path, load_image
 from services.methods.readout import FeatureInfo, Readout
 from services.spec import BackboneSpec
@@ -45,11 +47,9 @@ from storage.settings import Settings
 log = logging.getLogger("sidetune.inference")
 
 
-def serving_dtype(device: str, setting: str = "auto") -> torch.dtype:
+def serving_dtype(device: str, precision: str = "auto") -> torch.dtype:
     """The dtype backbones and merged models are served in: bfloat16 on CUDA and float32 on the CPU for `auto`."""
-    if setting != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return PRECISIONS[resolve_precision(precision, device)]
 
 
 def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -62,15 +62,22 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 class LoadedModel:
     def __init__(self, model_id: str, module: torch.nn.Module, config: dict[str, Any], backbone: Backbone,
-                 nbytes: int) -> None:  # fmt: skip
+                 backbone_key: tuple, nbytes: int) -> None:  # fmt: skip
         self.id, self.module, self.config, self.backbone = model_id, module, config, backbone
         self.classes: list[str] = config["classes"]
         self.kind: str = config.get("kind", "side")
-        self.backbone_key = (config["backbone"]["name"], config["weights_hash"], str(config["data_config"]))
+        self.backbone_key = backbone_key  # (name, weights hash, preprocessing, precision)
         self.nbytes = nbytes  # what the model holds beyond its backbone
 
 
 Request = tuple[LoadedModel, torch.Tensor]  # a model and its images, transformed: [n, 3, H, W] on the CPU
+
+
+def _side(module: torch.nn.Module, device_type: str, bf16: bool, features: torch.Tensor) -> torch.Tensor:
+    """A side model on float32 features: float32 weights, bfloat16 matmuls where the backbone is bfloat16, as in
+    training."""
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        return module(features)
 
 
 def format_predictions(model: LoadedModel, probs: np.ndarray) -> list[dict[str, Any]]:
@@ -89,7 +96,7 @@ class Predictor:
         self.settings = settings
         self.artifacts = ArtifactStore.from_settings(settings)
         self.device = settings.torch_device()
-        self.dtype = serving_dtype(self.device, settings.predict_dtype)
+        self.precision = None if settings.predict_precision == "auto" else settings.predict_precision  # None: spec's
         self.memory_bytes = memory_bytes or int(settings.predict_memory_mb * 2**20)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._backbones: dict[tuple, Backbone] = {}  # held: counted against the budget
@@ -157,38 +164,38 @@ class Predictor:
     def memory(self) -> dict[str, Any]:
         """What is loaded and what it holds, in bytes."""
         with self._lock:
-            return {"models": {m.id: m.nbytes for m in self._models.values()},
-                    "backbones": {f"{b.spec.name}@{b.data_config['input_size'][-1]}px:{b.weights_hash[:8]}":
-                                  tensor_bytes(b.model) for b in self._backbones.values()},
+            backbones = {f"{b.spec.name}@{b.data_config['input_size'][-1]}px:{b.weights_hash[:8]}:{b.precision}":
+                         tensor_bytes(b.model) for b in self._backbones.values()}  # fmt: skip
+            return {"models": {m.id: m.nbytes for m in self._models.values()}, "backbones": backbones,
                     "total": self.memory_used(), "budget": self.memory_bytes}  # fmt: skip
 
-    def _backbone(self, config: dict[str, Any]) -> Backbone:
+    def _backbone(self, config: dict[str, Any]) -> tuple[tuple, Backbone]:
         spec = BackboneSpec.model_validate(config["backbone"])
-        key = (spec.name, config["weights_hash"], str(config["data_config"]))
+        precision = resolve_precision(self.precision or spec.precision, self.device)
+        key = (spec.name, config["weights_hash"], str(config["data_config"]), precision)
         with self._backbone_lock:
             backbone = self._alive.get(key)
             if backbone is None:
                 ckpt = check_path(spec.checkpoint, self.settings.roots) if spec.checkpoint else None
-                backbone = load_backbone(spec, self.device, ckpt)
+                backbone = load_backbone(spec, self.device, ckpt, precision)  # weights cast to the serving dtype
                 if backbone.weights_hash != config["weights_hash"]:
                     raise RuntimeError(f"backbone {spec.name} now has other weights than the model was trained on")
-                backbone.model.to(self.dtype)
                 self._alive[key] = backbone
-            return backbone
+            return key, backbone
 
     def _load(self, model_id: str) -> LoadedModel:
         weights, config = self.artifacts.load_model(model_id)
         method_config = TypeAdapter(methods.MethodConfig).validate_python(config["method"])
         state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-        backbone = self._backbone(config)
+        key, backbone = self._backbone(config)
         if config.get("kind", "side") == "side":
             info = FeatureInfo(**config["feature_info"], readout=Readout.tensors_from_state(weights))
             module = methods.build(method_config, info)
             module.load_trainable(state)
             module = module.to(self.device).eval()
-            return LoadedModel(model_id, module, config, backbone, tensor_bytes(module))
+            return LoadedModel(model_id, module, config, backbone, key, tensor_bytes(module))
         module, nbytes = self._merged(backbone, method_config, config, state)
-        return LoadedModel(model_id, module, config, backbone, nbytes)
+        return LoadedModel(model_id, module, config, backbone, key, nbytes)
 
     def _merged(self, backbone: Backbone, method_config: Any, config: dict[str, Any],
                 state: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, int]:  # fmt: skip
@@ -213,7 +220,7 @@ class Predictor:
             if ref is not None and ref.shape == t.shape and torch.equal(ref.detach().to("cpu", t.dtype), t.detach()):
                 tensor = ref  # unchanged: the backbone's own tensor, on the device in the serving dtype
             else:
-                tensor = t.detach().to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+                tensor = t.detach().to(self.device, backbone.dtype if t.is_floating_point() else t.dtype)
                 owned += tensor.numel() * tensor.element_size()
             owner_name, _, leaf = name.rpartition(".")
             owner = merged.get_submodule(owner_name) if owner_name else merged
@@ -252,13 +259,13 @@ class Predictor:
         groups: dict[tuple, list[int]] = {}
         for i, (m, _) in enumerate(requests):
             groups.setdefault(m.backbone_key, []).append(i)
-        bf16 = self.dtype == torch.bfloat16
         with torch.inference_mode():
             for members in groups.values():
                 backbone = requests[members[0]][0].backbone
+                bf16 = backbone.dtype == torch.bfloat16
                 side = [i for i in members if requests[i][0].kind == "side"]
                 if side:
-                    x, first = self._stack(requests, side)
+                    x, first = self._stack(requests, side, backbone.dtype)
                     layers = sorted({layer for i in side for layer in requests[i][0].config["input_layers"]})
                     feats = backbone.intermediates(x, layers)
                     for m, idx in self._by_model(requests, side).items():
@@ -267,23 +274,19 @@ class Predictor:
                             f = f[:, [layers.index(layer) for layer in m.config["input_layers"]]]
                         tokens = m.config.get("input_tokens") or "all"  # as the model was trained
                         f = pool_tokens(f.float(), tokens, backbone.num_prefix_tokens)
-
-                        def side_model(rows: torch.Tensor, module: torch.nn.Module = m.module,
-                                       device_type: str = backbone.device.type) -> torch.Tensor:  # fmt: skip
-                            # float32 weights; bfloat16 matmuls on CUDA, as in training
-                            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-                                return module(rows)
-
+                        side_model = partial(_side, m.module, backbone.device.type, bf16)
                         self._apply(side_model, f, requests, [(i, first[i]) for i in idx], out)
                 adapted = [i for i in members if requests[i][0].kind != "side"]
                 for m, idx in self._by_model(requests, adapted).items():
-                    x, first = self._stack(requests, idx)
+                    x, first = self._stack(requests, idx, backbone.dtype)
                     self._apply(m.module, x, requests, [(i, first[i]) for i in idx], out)
         return out
 
-    def _stack(self, requests: list[Request], idx: list[int]) -> tuple[torch.Tensor, dict[int, int]]:
-        """The images of requests `idx` as one batch on the device in the serving dtype, and each request's first
-        row in it. A tensor that several requests share (`predict_many` gives every model the same images) is in
+    def _stack(
+        self, requests: list[Request], idx: list[int], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, dict[int, int]]:
+        """The images of requests `idx` as one batch on the device in `dtype` (the serving dtype), and each request's
+        first row in it. A tensor that several requests share (`predict_many` gives every model the same images) is in
         the batch once."""
         parts: list[torch.Tensor] = []
         start: dict[int, int] = {}
@@ -294,7 +297,7 @@ class Predictor:
                 start[id(images)], rows = rows, rows + len(images)
                 parts.append(images)
         x = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return x.to(self.device, self.dtype), {i: start[id(requests[i][1])] for i in idx}
+        return x.to(self.device, dtype), {i: start[id(requests[i][1])] for i in idx}
 
     @staticmethod
     def _by_model(requests: list[Request], idx: list[int]) -> dict[LoadedModel, list[int]]:

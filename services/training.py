@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from services import methods
-from services.backbones import load_backbone
+from services.backbones import SplitTransform, load_backbone
 from services.datasets import DatasetError, check_path, read_dataset, stratified_split
+from services.loading import loader_workers
 from services.methods.readout import FeatureInfo
 from services.progress import Reporter
-from services.sources import CacheSource, ImageSource, OnlineSource, Source, prefetch
+from services.sources import CacheSource, ImageSource, OnlineSource, Source
 from services.spec import JobSpec
 from storage.artifacts import as_folder, tensors_from_bytes, tensors_to_bytes
 from storage.cache import FeatureCache
@@ -87,17 +88,18 @@ def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[s : s + size] for s in range(0, len(order), size)]
 
 
-def evaluate(model: nn.Module, source: Source, labels: np.ndarray, batch_size: int, device: str) -> float:
-    if len(labels) == 0:
+def evaluate(model: nn.Module, source: Source, n: int, batch_size: int, device: str) -> float:
+    """Accuracy on the `n` items of `source`, counted on the device and read once."""
+    if n == 0:
         return float("nan")
     model.eval()
-    correct, seen = 0, 0
+    correct, seen = torch.zeros((), dtype=torch.int64, device=device), 0
     with torch.inference_mode(), _autocast(device):
-        for x, kept in prefetch(source, _batches(np.arange(len(labels)), batch_size)):
-            if len(kept):
-                correct += int((model(x.to(device)).argmax(1).cpu().numpy() == labels[kept]).sum())
-                seen += len(kept)
-    return correct / max(seen, 1)
+        for x, y in source.iterate(_batches(np.arange(n), batch_size)):
+            if len(y):
+                correct += (model(x).argmax(1) == y).sum()
+                seen += len(y)
+    return correct.item() / max(seen, 1)
 
 
 def _autocast(device: str):
@@ -109,20 +111,20 @@ def fit(
     model: nn.Module,
     train: Source,
     val: Source,
-    y_train: np.ndarray,
-    y_val: np.ndarray,
+    n: int,
+    n_val: int,
     hp: dict[str, Any],
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
     device: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The training loop shared by every method and mode; returns (best weights, metrics)."""
+    """The training loop shared by every method and mode, over `n` training and `n_val` validation items of the
+    sources; returns (best weights, metrics)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if hp["optimizer"] == "sgd":
         opt = torch.optim.SGD(params, lr=hp["lr"], momentum=0.9, weight_decay=hp["weight_decay"])
     else:
         opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    n = len(y_train)
     bs = min(hp["batch_size"], n)
     steps_per_epoch = -(-n // bs)
     total = steps_per_epoch * hp["epochs"]
@@ -144,29 +146,38 @@ def fit(
         sched.step()
         reporter.event(f"resumed training from the checkpoint of epoch {start_epoch}")
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
+    forward = torch.compile(model) if hp.get("compile") else model  # shares the parameters: saved as `model`
+    first_step_s: float | None = None
     for epoch in range(start_epoch, hp["epochs"]):
         model.train()
         order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
-        t0, loss_sum, count = time.perf_counter(), 0.0, 0
-        for step, (x, kept) in enumerate(prefetch(train, _batches(order, bs))):
-            if len(kept):
-                y = torch.from_numpy(y_train[kept]).to(device)
+        # the loss is summed on the device and read once per epoch: no step waits for the device to catch up
+        t0, loss_sum, count = time.perf_counter(), torch.zeros((), device=device), 0
+        for step, (x, y) in enumerate(train.iterate(_batches(order, bs))):
+            if len(y):
                 with _autocast(device):
-                    loss = loss_fn(model(x.to(device)), y)
+                    loss = loss_fn(forward(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_sum, count = loss_sum + loss.item() * len(kept), count + len(kept)
+                loss_sum += loss.detach().float() * len(y)
+                count += len(y)
+                if first_step_s is None:  # the one step that waits for the device: with compile, it compiles
+                    loss.item()
+                    first_step_s = time.perf_counter() - t0
             sched.step()
             if step % 20 == 0:
                 reporter.check_cancel()
-        seconds += time.perf_counter() - t0
+        train_loss = loss_sum.item() / max(count, 1)
+        epoch_s = time.perf_counter() - t0
+        seconds += epoch_s
         seen += count
-        acc = evaluate(model, val, y_val, max(bs, 64), device)
+        acc = evaluate(forward, val, n_val, max(bs, 64), device)
         if acc > best_acc:
             best_acc, best_epoch, best = acc, epoch + 1, to_numpy(model.trainable_state())
-        metrics = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(count, 1), 5), "val_accuracy": round(acc, 5),
+        metrics = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_accuracy": round(acc, 5),
+                   "train_seconds": round(epoch_s, 3),
                    "lr": round(sched.get_last_lr()[0], 6)}  # fmt: skip
         reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: loss {metrics['train_loss']:.4f}, "
                        f"val acc {acc:.4f}", type="metrics", data=metrics)  # fmt: skip
@@ -179,15 +190,32 @@ def fit(
         "best_epoch": best_epoch,
         "epochs": hp["epochs"],
         "train_images": int(n),
-        "val_images": int(len(y_val)),
+        "val_images": int(n_val),
         "trainable_params": sum(p.numel() for p in params),
         "side_params": model.side_parameters(),
         "train_seconds": round(seconds, 3),
         "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
+        "compiled": bool(hp.get("compile")),
     }
+    if first_step_s is not None:
+        metrics["first_step_seconds"] = round(first_step_s, 3)
     if device.startswith("cuda"):
-        metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return best, metrics
+
+
+def memory_budgets(settings: Settings, device: str) -> tuple[int, int]:
+    """(host, device) bytes that cached features may take while training: half the RAM available now and the device's
+    free memory less a reserve for the model, activations and the allocator (a fifth of the device or 2 GiB, the
+    larger), each capped by its setting when set."""
+    host = settings.train_host_budget_bytes()
+    if not device.startswith("cuda"):
+        return host, 0
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    dev = max(0, free - max(total // 5, 2 * 2**30))
+    if settings.gpu_cache_mb is not None:
+        dev = min(dev, settings.gpu_cache_mb * 2**20)
+    return host, dev
 
 
 def _split(labels: np.ndarray, usable: np.ndarray, spec: JobSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +229,6 @@ def train_job(
     """Build the job's model and input sources for its execution mode, train; returns {"weights", "config",
     "metrics"} for the artifact store."""
     mode, kind, device = spec.mode, type(spec.method).kind, settings.torch_device()
-    budget = settings.train_memory_mb * 2**20
     entry = backbone = dataset = None
     if spec.needs_cache:
         if not cache_key:
@@ -219,7 +246,8 @@ def train_job(
         labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
     if mode != "cache":
         ckpt = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
-        backbone = load_backbone(spec.backbone, device, ckpt)
+        # frozen in online mode (its forward's precision); trained through in images and tail modes (fp32 weights)
+        backbone = load_backbone(spec.backbone, device, ckpt, precision=None if mode == "online" else "fp32")
         meta = backbone.info()
         if entry is not None and backbone.weights_hash != entry.meta["weights_hash"]:
             raise RuntimeError("the backbone's weights changed since the features were cached")
@@ -239,16 +267,20 @@ def train_job(
 
     if entry is not None:
         entry.touch()
-        gpu_budget = settings.gpu_cache_mb * 2**20
-        train_src = CacheSource(entry, train_idx, model.input_layers, budget // 2, device, gpu_budget // 2)
-        val_src = CacheSource(entry, val_idx, model.input_layers, budget // 2, device, gpu_budget // 2)
+        host, dev = memory_budgets(settings, device)
+        layers = model.input_layers
+        train_src = CacheSource(entry, train_idx, labels[train_idx], layers, host // 2, device, dev // 2)
+        val_src = CacheSource(entry, val_idx, labels[val_idx], layers, host // 2, device, dev // 2)
         where = "cached features " + ("on the GPU" if train_src.on_device else "in memory" if train_src.in_memory
                                       else "streamed from the cache")  # fmt: skip
     else:
         skip = spec.dataset.on_corrupt == "skip"
-        augment = backbone.train_transform() if spec.execution.augment else backbone.transform
-        train_src = ImageSource(dataset, train_idx, augment, skip)
-        val_src = ImageSource(dataset, val_idx, backbone.transform, skip)
+        augment = SplitTransform.of(backbone.train_transform()) if spec.execution.augment else backbone.split
+        workers = loader_workers(settings, len(train_idx))
+        # inputs in the frozen forward's dtype online; fp32 for methods trained through the backbone (autocast)
+        dtype = backbone.dtype if mode == "online" else torch.float32
+        train_src = ImageSource(dataset, train_idx, augment, skip, device, workers, dtype)
+        val_src = ImageSource(dataset, val_idx, backbone.split, skip, device, workers, dtype)
         if mode == "online":
             train_src = OnlineSource(train_src, backbone, model.input_layers)
             val_src = OnlineSource(val_src, backbone, model.input_layers)
@@ -260,8 +292,8 @@ def train_job(
         f"{len(train_idx)} images, validating on {len(val_idx)}; inputs: {where}",
         data={"hyperparameters": hp},
     )
-    weights, metrics = fit(model, train_src, val_src, labels[train_idx], labels[val_idx], hp, reporter,
-                           checkpoint_dir, device)  # fmt: skip
+    weights, metrics = fit(model, train_src, val_src, len(train_idx), len(val_idx), hp, reporter, checkpoint_dir,
+                           device)  # fmt: skip
     config = {
         "method": spec.method.model_dump(),
         "kind": kind,

@@ -27,7 +27,7 @@ from tests.helpers import job_spec
 def test_serving_dtype() -> None:
     assert serving_dtype("cuda") == serving_dtype("cuda:1") == torch.bfloat16
     assert serving_dtype("cpu") == torch.float32
-    assert serving_dtype("cuda", "float32") == torch.float32 and serving_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert serving_dtype("cuda", "fp32") == torch.float32 and serving_dtype("cpu", "bf16") == torch.bfloat16
 
 
 def test_a_merged_model_shares_what_it_did_not_change(trained: Settings, images: list[bytes]) -> None:
@@ -130,7 +130,8 @@ def test_an_incomplete_artifact_is_never_loaded(trained: Settings) -> None:
 def test_bfloat16_serving(trained: Settings, images: list[bytes]) -> None:
     """What CUDA serves in, run on the CPU: backbone and merged tensors in bfloat16 (half the bytes), side models in
     float32 under bfloat16 autocast; predictions close to float32's."""
-    fp32, bf16 = Predictor(trained), Predictor(trained.model_copy(update={"predict_dtype": "bfloat16"}))
+    fp32 = Predictor(trained)
+    bf16 = Predictor(trained.model_copy(update={"predict_precision": "bf16"}))
     for model_id in ("model_lora", "model_losa_all", "model_linear"):
         a, b = fp32.load(model_id), bf16.load(model_id)
         if model_id == "model_lora":
@@ -148,7 +149,7 @@ def test_bfloat16_serving(trained: Settings, images: list[bytes]) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (serving in bfloat16 on the GPU)")
 def test_cuda_serving_matches_the_cpu(trained: Settings, images: list[bytes]) -> None:
     cpu, gpu = Predictor(trained), Predictor(trained.model_copy(update={"device": "cuda"}))
-    assert gpu.dtype == torch.bfloat16
+    assert gpu.load("model_lora").backbone.dtype == torch.bfloat16
     for model_id in ("model_lora", "model_losa_all"):
         pa = np.array([[p["scores"][c] for c in p["scores"]] for p in cpu.predict(model_id, images)])
         pb = np.array([[p["scores"][c] for c in p["scores"]] for p in gpu.predict(model_id, images)])
