@@ -111,7 +111,7 @@ def test_adapted_methods_train_and_serve_merged(
     paths = read_imagefolder(digits).paths[:6]
     predictor = Predictor(settings)
     preds = predictor.predict("model_x", [png_bytes(p) for p in paths])
-    backbone = predictor._backbone(out["config"])
+    backbone = predictor.load("model_x").backbone
     images = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths])
     expected = _unmerged_logits(settings, out, images).softmax(-1).numpy()
     classes = out["config"]["classes"]
