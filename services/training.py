@@ -27,9 +27,10 @@ from services.sources import CacheSource, ImageSource, OnlineSource, Source
 from services.spec import JobSpec
 from services.video.loading import clip_transform, epoch_reader
 from services.video.spec import check_inputs
-from storage.artifacts import read_json, read_tensors, write_json, write_tensors
+from storage.artifacts import as_folder, tensors_from_bytes, tensors_to_bytes
 from storage.cache import FeatureCache
 from storage.settings import Settings
+from storage.store import Folder
 
 FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
 
@@ -49,7 +50,9 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _save_checkpoint(d: Path, epoch: int, model: nn.Module, best: dict, opt: torch.optim.Optimizer, log: dict):
+def _save_checkpoint(where: Folder | Path, epoch: int, model: nn.Module, best: dict, opt: torch.optim.Optimizer,
+                     log: dict):  # fmt: skip
+    d = as_folder(where)  # on the store: a train worker on another machine resumes from it
     state = {f"model.{k}": v for k, v in to_numpy(model.trainable_state()).items()}
     state |= {f"best.{k}": v for k, v in best.items()}
     opt_state = opt.state_dict()
@@ -57,19 +60,21 @@ def _save_checkpoint(d: Path, epoch: int, model: nn.Module, best: dict, opt: tor
         for name, value in s.items():
             if torch.is_tensor(value):
                 state[f"opt.{pid}.{name}"] = value.detach().cpu().numpy().reshape(value.shape)
-    write_tensors(d / "checkpoint.safetensors", state)
+    d.write_bytes("checkpoint.safetensors", tensors_to_bytes(state))
     scalars = {pid: {k: v for k, v in s.items() if not torch.is_tensor(v)} for pid, s in opt_state["state"].items()}
-    write_json(
-        d / "checkpoint.json",
+    d.write_json(
+        "checkpoint.json",
         {"epoch": epoch, "param_groups": opt_state["param_groups"], "opt_scalars": scalars, **log},
     )
 
 
-def _load_checkpoint(d: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict, dict] | None:
-    if not (d / "checkpoint.json").exists():
+def _load_checkpoint(where: Folder | Path, model: nn.Module, opt: torch.optim.Optimizer
+                     ) -> tuple[int, dict, dict] | None:  # fmt: skip
+    d = as_folder(where)
+    if not d.exists("checkpoint.json"):
         return None
-    info = read_json(d / "checkpoint.json")
-    state = read_tensors(d / "checkpoint.safetensors")
+    info = d.read_json("checkpoint.json")
+    state = tensors_from_bytes(d.read_bytes("checkpoint.safetensors"))
     model.load_trainable(to_torch({k[6:]: v for k, v in state.items() if k.startswith("model.")}))
     best = {k[5:]: v for k, v in state.items() if k.startswith("best.")}
     opt_state: dict[int, dict] = {int(pid): dict(s) for pid, s in info["opt_scalars"].items()}
@@ -112,7 +117,7 @@ def fit(
     n_val: int,
     hp: dict[str, Any],
     reporter: Reporter,
-    checkpoint_dir: Path,
+    checkpoint_dir: Folder | Path,
     device: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The training loop shared by every method and mode, over `n` training and `n_val` validation items of the
@@ -221,7 +226,7 @@ def _split(labels: np.ndarray, usable: np.ndarray, spec: JobSpec) -> tuple[np.nd
 
 
 def train_job(
-    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Path
+    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Folder | Path
 ) -> dict[str, Any]:
     """Build the job's model and input sources for its execution mode, train; returns {"weights", "config",
     "metrics"} for the artifact store."""

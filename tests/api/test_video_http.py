@@ -68,11 +68,33 @@ def test_upload_videos_train_and_predict_on_video(stack, tmp_path: Path) -> None
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_video"
     assert "instance 0: not a readable video" in r.json()["error"]["message"]
     r = post([{"image_b64": b64(held_out[0].read_bytes())}])
-    assert r.status_code == 400 and "trained on videos: send `video_b64`" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "trained on videos: send videos" in r.json()["error"]["message"]
     r = post([{"video_b64": b64(held_out[0].read_bytes()), "image_b64": "AAAA"}])
     assert r.status_code == 422
     r = post([{"video_b64": b64(held_out[0].read_bytes())}, {"image_b64": "AAAA"}])
     assert r.status_code == 400 and "images or videos, not both" in r.json()["error"]["message"]
+
+    # Open Inference Protocol v2: the model takes one input, `video` (BYTES: encoded video files)
+    meta = httpx.get(f"{api}/v2/models/{model_id}").json()
+    assert [i["name"] for i in meta["inputs"]] == ["video"] and meta["parameters"]["classes"] == ds["classes"]
+
+    def infer(name: str, data: list[bytes]) -> httpx.Response:
+        tensor = {"name": name, "datatype": "BYTES", "shape": [len(data)], "data": [b64(d) for d in data]}
+        return httpx.post(f"{api}/v2/models/{model_id}/infer", json={"inputs": [tensor]}, timeout=60)
+
+    r = infer("video", [p.read_bytes() for p in held_out])
+    assert r.status_code == 200, r.text
+    outputs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outputs["label"]["data"] == [p["label"] for p in by_json]  # as v1 answered
+    probs = np.array(outputs["probabilities"]["data"]).reshape(outputs["probabilities"]["shape"])
+    want = np.array([[p["scores"][c] for c in ds["classes"]] for p in by_json])
+    assert np.allclose(probs, want, atol=1e-5)
+    r = infer("image", [held_out[0].read_bytes()])
+    assert r.status_code == 400 and "trained on videos; send the input `video`" in r.json()["error"]
+    r = infer("video", [b"garbage"])
+    assert r.status_code == 400 and "input 'video': instance 0: not a readable video" in r.json()["error"]
+    r = infer("video", [long.read_bytes()])
+    assert r.status_code == 400 and "at most 60 s" in r.json()["error"]
 
 
 def planner_client(tmp_path: Path, redis_url: str, **settings) -> TestClient:

@@ -77,7 +77,7 @@ def test_methods_train_on_clips_and_predict_on_video_files(
     assert out["config"]["mode"] == mode and out["config"]["backbone"]["video"]["num_frames"] == 4
     if not job.needs_cache:
         assert any("clips (jittered in time)" in e["message"] for e in reporter.events)
-    ArtifactStore(settings.artifacts_dir).save_model("model_v", out["weights"], out["config"], out["metrics"])
+    ArtifactStore.from_settings(settings).save_model("model_v", out["weights"], out["config"], out["metrics"])
     paths = read_dataset(videos).paths[:3]
     predictor = Predictor(settings)
     preds = predictor.predict("model_v", [p.read_bytes() for p in paths], video=True)
@@ -89,7 +89,7 @@ def test_methods_train_on_clips_and_predict_on_video_files(
         frames = clip_transform(backbone.data_config, backbone.split.pil).for_clip(None)
         clips = np.stack([read_clip(p, VideoSpec(**BACKBONE["video"]), frames).frames for p in paths])
         np.testing.assert_allclose(got, unmerged_probs(out, backbone.input(clips)), atol=1e-4)
-    with pytest.raises(DatasetError, match="trained on videos: send `video_b64`"):
+    with pytest.raises(DatasetError, match="trained on videos: send videos"):
         predictor.predict("model_v", [paths[0].read_bytes()], video=False)
     with pytest.raises(DatasetError, match="instance 0: not a readable video"):
         predictor.predict("model_v", [b"not a video"])
