@@ -1,4 +1,5 @@
-"""Dataset readers: an ImageFolder directory (one subfolder per class) or a CSV manifest (`path,label`).
+"""Dataset readers: an ImageFolder directory (one subfolder per class) or a CSV manifest (`path,label`), of images
+or of videos (`path,label[,start,end]`, seconds), never both.
 
 A dataset is read into a `Dataset` (sorted sample list and class names) with a fingerprint over its file
 list, sizes and modification times, so a changed dataset gets a new cache entry. Torch-free: the API uses
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: larger images are rejected, not decoded
 
 
@@ -30,6 +32,8 @@ class Dataset:
     labels: np.ndarray  # int64 class index per sample
     classes: list[str]
     fingerprint: str
+    kind: str = "image"  # or "video"
+    spans: np.ndarray | None = None  # videos of a manifest with start,end: float [N, 2] seconds, NaN where not given
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,24 +56,38 @@ def resolve_format(path: Path, fmt: str) -> str:
     return "csv" if path.is_file() and path.suffix.lower() == ".csv" else "imagefolder"
 
 
-def _fingerprint(root: Path, paths: list[Path], labels: list[str]) -> str:
+def _fingerprint(root: Path, paths: list[Path], labels: list[str], spans: np.ndarray | None = None) -> str:
     h = hashlib.sha256()
-    for p, label in zip(paths, labels, strict=True):
+    for i, (p, label) in enumerate(zip(paths, labels, strict=True)):
         st = p.stat()
         rel = p.relative_to(root) if p.is_relative_to(root) else p
-        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        span = "" if spans is None else f"\0{spans[i, 0]!r}\0{spans[i, 1]!r}"  # images' fingerprints are unchanged
+        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}{span}\n".encode())
     return h.hexdigest()[:32]
 
 
-def _finish(root: Path, paths: list[Path], names: list[str]) -> Dataset:
+def media_kind(paths: list[Path], where: Path) -> str:
+    """`image` or `video` by the files' suffixes; a dataset mixing both is refused."""
+    videos = sum(p.suffix.lower() in VIDEO_SUFFIXES for p in paths)
+    if videos and videos < len(paths):
+        raise DatasetError(f"dataset {where} mixes images ({len(paths) - videos}) and videos ({videos}); a dataset "
+                           "holds one or the other")  # fmt: skip
+    return "video" if videos else "image"
+
+
+def _finish(root: Path, paths: list[Path], names: list[str], spans: np.ndarray | None = None) -> Dataset:
     classes = sorted(set(names))
     if len(paths) == 0:
-        raise DatasetError(f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DatasetError(f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
+                           f"({', '.join(sorted(VIDEO_SUFFIXES))})")  # fmt: skip
     if len(classes) < 2:
         raise DatasetError(f"dataset {root} has {len(classes)} class; at least 2 are needed")
+    kind = media_kind(paths, root)
+    if spans is not None and kind != "video":
+        raise DatasetError(f"{root}: `start`/`end` columns apply to videos only")
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[n] for n in names], dtype=np.int64)
-    return Dataset(root, paths, labels, classes, _fingerprint(root, paths, names))
+    return Dataset(root, paths, labels, classes, _fingerprint(root, paths, names, spans), kind, spans)
 
 
 def read_imagefolder(root: Path) -> Dataset:
@@ -81,7 +99,7 @@ def read_imagefolder(root: Path) -> Dataset:
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames.sort()
             for f in sorted(filenames):
-                if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                if Path(f).suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
                     paths.append(Path(dirpath) / f)
                     names.append(class_dir.name)
     return _finish(root, paths, names)
@@ -91,10 +109,14 @@ def read_csv(manifest: Path) -> Dataset:
     root = manifest.parent
     paths: list[Path] = []
     names: list[str] = []
+    spans: list[tuple[float, float]] = []
     with open(manifest, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise DatasetError(f"{manifest} needs a header with columns `path,label`, got {reader.fieldnames}")
+        timed = {"start", "end"} & set(reader.fieldnames)
+        if len(timed) == 1:
+            raise DatasetError(f"{manifest}: give both `start` and `end` columns (seconds), or neither")
         for line, row in enumerate(reader, start=2):
             rel = (row["path"] or "").strip()
             label = (row["label"] or "").strip()
@@ -107,7 +129,23 @@ def read_csv(manifest: Path) -> Dataset:
                 raise DatasetError(f"{manifest} line {line}: {rel!r} does not exist")
             paths.append(p)
             names.append(label)
-    return _finish(root, paths, names)
+            if timed:
+                spans.append(_span(row, manifest, line))
+    return _finish(root, paths, names, np.array(spans, dtype=np.float64).reshape(-1, 2) if timed else None)
+
+
+def _span(row: dict, manifest: Path, line: int) -> tuple[float, float]:
+    """(start, end) seconds of a manifest row; both empty: the whole video (NaN)."""
+    start, end = (row.get("start") or "").strip(), (row.get("end") or "").strip()
+    if not start and not end:
+        return float("nan"), float("nan")
+    try:
+        a, b = float(start), float(end)
+    except ValueError:
+        raise DatasetError(f"{manifest} line {line}: start {start!r} and end {end!r} must both be seconds") from None
+    if not (0 <= a < b) or not np.isfinite(b):
+        raise DatasetError(f"{manifest} line {line}: need 0 <= start < end, got start {a:g}, end {b:g}")
+    return a, b
 
 
 def read_dataset(path: Path, fmt: str = "auto") -> Dataset:
