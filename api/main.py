@@ -55,7 +55,7 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         served = create_inference_app(settings).openapi()
         for path, operations in served["paths"].items():
-            if path.startswith(("/v1/", "/v2")):
+            if path.startswith(("/v1/", "/v2")) or path.endswith("/export"):
                 schema["paths"][path] = operations
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, component in served.get("components", {}).get("schemas", {}).items():

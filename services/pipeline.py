@@ -20,7 +20,7 @@ from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
 from storage.cache import CacheError, FeatureCache
 from storage.datasets import DatasetFiles
-from storage.jobs import TERMINAL, JobStore, now
+from storage.jobs import TERMINAL, JobStore, model_id_for, now
 from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
 from storage.settings import Settings
 from storage.store import Incomplete, StoreUnavailable
@@ -38,11 +38,6 @@ USER_ERRORS: dict[type[Exception], str] = {
     Incomplete: "store_incomplete",
     ValueError: "invalid_value",
 }
-
-
-def model_id_for(job_id: str) -> str:
-    """One model per job, with an id derived from the job's, so a repeated train step writes the same model."""
-    return "model_" + job_id.removeprefix("job_")
 
 
 def _fail(store: JobStore, job_id: str, exc: Exception) -> None:
@@ -291,4 +286,5 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
     store.update_job(job_id, lambda j: j.update(status="succeeded", model_id=model_id, finished_at=now(),
                                                 metrics={**j["metrics"], **metrics}))  # fmt: skip
     store.add_event(job_id, f"succeeded: model {model_id}, val accuracy {metrics['val_accuracy']:.4f}")
-    artifacts.drop_checkpoints(job_id)
+    if settings.checkpoint_retention_h == 0:
+        artifacts.drop_checkpoints(job_id)  # else kept for the retention (services/retention.py removes it)
