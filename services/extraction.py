@@ -39,7 +39,7 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     of an extraction in progress), else a complete entry of the same family that covers what the job reads,
     else the entry this job's extraction will write."""
     root = check_path(spec.dataset.path, settings.roots)
-    dataset = read_dataset(root, spec.dataset.format)
+    dataset = read_dataset(root, spec.dataset.format, spec.dataset.multi_label, spec.dataset.on_corrupt)
     checkpoint = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
     backbone = load_backbone(spec.backbone, settings.torch_device(), checkpoint)
     family = cache_key({"dataset": dataset.fingerprint, "backbone": spec.backbone.name,

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
         8192, description="Cached features that fit this size are moved onto the GPU for training (GPU-resident)."
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
+    max_sweep_configs: int = Field(
+        64, ge=1, description="Most configurations one job's sweep may train (a larger grid is refused with 422)."
+    )
     predict_max_batch: int = Field(
         32,
         ge=1,
