@@ -56,7 +56,7 @@ class Batcher:
         s = predictor.settings
         return cls(predictor, s.predict_max_batch, s.predict_max_wait_ms / 1000)
 
-    def predict(self, model_id: str, images: list[bytes]) -> list[dict[str, Any]]:
+    def predict(self, model_id: str, images: list[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
         """Like `Predictor.predict`, run in a batch with the requests that arrive together with this one."""
         pending = _Pending(model_id, self.predictor.decode(images))  # a DatasetError fails this request only
         with self._cond:
@@ -70,7 +70,7 @@ class Batcher:
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
-        return self.predictor.format(pending.model, pending.probs)
+        return self.predictor.format(pending.model, pending.probs, threshold)
 
     def close(self) -> None:
         with self._cond:

@@ -34,6 +34,8 @@ class LoadedModel:
         self.id, self.module, self.config = model_id, module, config
         self.classes: list[str] = config["classes"]
         self.kind: str = config.get("kind", "side")
+        self.multi_label: bool = config.get("multi_label", False)
+        self.threshold: float | None = config.get("threshold")
         self.backbone_key = (config["backbone"]["name"], config["weights_hash"], str(config["data_config"]))
 
 
@@ -134,11 +136,11 @@ class Predictor:
                             f = f[:, [layers.index(layer) for layer in m.config["input_layers"]]]
                         tokens = m.config.get("input_tokens") or "all"  # as the model was trained
                         f = pool_tokens(f, tokens, backbone.num_prefix_tokens)
-                        self._apply(m.module, f, requests, [(i, first[i]) for i in idx], out)
+                        self._apply(m, f, requests, [(i, first[i]) for i in idx], out)
                 adapted = [i for i in members if requests[i][0].kind != "side"]
                 for m, idx in self._by_model(requests, adapted).items():
                     x, first = self._stack(requests, idx)
-                    self._apply(m.module, x, requests, [(i, first[i]) for i in idx], out)
+                    self._apply(m, x, requests, [(i, first[i]) for i in idx], out)
         return out
 
     def _stack(self, requests: list[Request], idx: list[int]) -> tuple[torch.Tensor, dict[int, int]]:
@@ -163,25 +165,31 @@ class Predictor:
         return groups
 
     @staticmethod
-    def _apply(module: torch.nn.Module, x: torch.Tensor, requests: list[Request], where: list[tuple[int, int]],
+    def _apply(model: LoadedModel, x: torch.Tensor, requests: list[Request], where: list[tuple[int, int]],
                out: list[np.ndarray]) -> None:  # fmt: skip
-        """Run `module` on the rows of x that the requests in `where` ((request, first row) pairs) own, and hand
+        """Run the model on the rows of x that the requests in `where` ((request, first row) pairs) own, and hand
         each request its own rows' probabilities."""
         spans = [(i, first, len(requests[i][1])) for i, first in where]
         rows = [r for _, first, n in spans for r in range(first, first + n)]
-        probs = module(x if rows == list(range(len(x))) else x[rows]).float().softmax(-1).cpu().numpy()
+        probs = probabilities(model, model.module(x if rows == list(range(len(x))) else x[rows])).cpu().numpy()
         done = 0
         for i, _, n in spans:
             out[i], done = probs[done : done + n], done + n
 
     @staticmethod
-    def format(model: LoadedModel, probs: np.ndarray) -> list[dict[str, Any]]:
-        """One {"label", "scores"} per image."""
-        return [
+    def format(model: LoadedModel, probs: np.ndarray, threshold: float | None = None) -> list[dict[str, Any]]:
+        """One {"label", "scores"} per image; a multi-label model adds "labels", the tags whose score reaches
+        `threshold` (default: the model's, chosen on validation)."""
+        out = [
             {"label": model.classes[int(p.argmax())],
              "scores": {c: round(float(s), 6) for c, s in zip(model.classes, p, strict=True)}}
             for p in probs
         ]  # fmt: skip
+        if model.multi_label:
+            t = model.threshold if threshold is None else threshold
+            for pred, p in zip(out, probs, strict=True):
+                pred["labels"] = [c for c, s in zip(model.classes, p, strict=True) if s >= t]
+        return out
 
     def predict_many(self, model_ids: list[str], images: list[bytes]) -> dict[str, list[dict[str, Any]]]:
         """Decode once, run each distinct backbone once, apply every model; returns predictions per model."""
@@ -195,7 +203,12 @@ class Predictor:
         probs = self.run([(m, batches[m.backbone_key]) for m in models])
         return {m.id: self.format(m, p) for m, p in zip(models, probs, strict=True)}
 
-    def predict(self, model_id: str, images: list[bytes]) -> list[dict[str, Any]]:
+    def predict(self, model_id: str, images: list[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
         """One request on its own (the API goes through services.batching.Batcher, which batches requests)."""
         model, x = self.prepare(model_id, images)
-        return self.format(model, self.run([(model, x)])[0])
+        return self.format(model, self.run([(model, x)])[0], threshold)
+
+
+def probabilities(model: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the classes, or a sigmoid per tag for a multi-label model."""
+    return torch.sigmoid(logits.float()) if model.multi_label else logits.float().softmax(-1)

@@ -4,7 +4,8 @@
   the budget, else read from the cache per batch;
 - `ImageSource`: decoded, transformed images (mode `images`), augmented or not;
 - `OnlineSource`: images through the frozen backbone under no_grad on every batch (mode `online`, the LoSA
-  paper's way of training, and the baseline the cache is measured against).
+  paper's way of training, and the baseline the cache is measured against);
+- `PooledSource`: another source's activations pooled to one token per layer, as a pooled cache holds them.
 
 Every source answers `batch(positions) -> (raw, kept)`, which may run in a loader thread, and `ready(raw)`, which
 runs in the training thread and gives the model's input: `kept` are the positions actually in the batch (an
@@ -24,7 +25,7 @@ import torch
 
 from services.backbones import Backbone, SplitTransform
 from services.datasets import Dataset, DatasetError, load_image
-from storage.cache import CacheEntry
+from storage.cache import CacheEntry, pool_tokens
 
 
 class Source(Protocol):
@@ -107,6 +108,22 @@ class OnlineSource:
         # the backbone here, in the training thread: in the loader thread its OpenMP team and the side network's
         # would share the cores (online LoSA on 2 cores: 206 img/s here, 156-196 there)
         return self.backbone.intermediates(self.images.ready(raw), self.layers)
+
+
+class PooledSource:
+    """Another source's activations pooled to one token per layer (`cls` or `mean`), as a cache of pooled tokens
+    holds them: live activations for a model trained on such a cache (a separate test set)."""
+
+    in_memory = False
+
+    def __init__(self, source: Source, mode: str, num_prefix_tokens: int) -> None:
+        self.source, self.mode, self.num_prefix_tokens = source, mode, num_prefix_tokens
+
+    def batch(self, positions: np.ndarray) -> tuple[Any, np.ndarray]:
+        return self.source.batch(positions)
+
+    def ready(self, raw: Any) -> torch.Tensor:
+        return pool_tokens(self.source.ready(raw), self.mode, self.num_prefix_tokens)
 
 
 def prefetch(source: Source, batches: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, np.ndarray]]:

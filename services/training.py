@@ -1,42 +1,44 @@
 """Training, shared by every method and execution mode: mini-batches from a source (cached features, images,
-or images through the frozen backbone), SGD or AdamW with linear warmup and cosine decay, validation accuracy
-every epoch, the best weights kept.
+or images through the frozen backbone), SGD or AdamW with linear warmup and cosine decay, validation every epoch,
+the best weights kept; then the selected model is evaluated once on the test split.
 
-A checkpoint (current and best trainable weights, optimizer state, epoch) is written after every epoch, so a
-killed train worker resumes from the last finished epoch. Frozen backbone weights are never checkpointed.
+A job trains one configuration, or every configuration of its sweep (services/sweeps/): each mini-batch is read
+once and fed to all of them, and the best on validation becomes the job's model. The linear probe in cache mode
+is solved instead (services/methods/linear/solver.py).
+
+A checkpoint (current and best trainable weights, optimizer state, epoch, curves) is written after every epoch, so
+a killed train worker resumes from the last finished epoch. Frozen backbone weights are never checkpointed.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from services import methods
 from services.backbones import load_backbone
-from services.datasets import DatasetError, check_path, read_dataset, stratified_split
+from services.datasets import DatasetError, check_path, check_validation, read_dataset, split
+from services.evaluation import validation_score
 from services.methods.readout import FeatureInfo
+from services.objectives import Objective
 from services.progress import Reporter
-from services.sources import CacheSource, ImageSource, OnlineSource, Source, prefetch
+from services.runs import Runs, autocast, to_numpy, to_torch  # noqa: F401 - to_numpy/to_torch: the tests' helpers
+from services.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source, prefetch
 from services.spec import JobSpec
+from services.sweeps.grid import check_size
+from services.sweeps.stacked import make_runs
 from storage.artifacts import read_json, read_tensors, write_json, write_tensors
 from storage.cache import FeatureCache
 from storage.settings import Settings
 
 FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
-
-
-def to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
-
-
-def to_torch(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -46,77 +48,116 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _save_checkpoint(d: Path, epoch: int, model: nn.Module, best: dict, opt: torch.optim.Optimizer, log: dict):
-    state = {f"model.{k}": v for k, v in to_numpy(model.trainable_state()).items()}
-    state |= {f"best.{k}": v for k, v in best.items()}
-    opt_state = opt.state_dict()
-    for pid, s in opt_state["state"].items():
-        for name, value in s.items():
-            if torch.is_tensor(value):
-                state[f"opt.{pid}.{name}"] = value.detach().cpu().numpy().reshape(value.shape)
-    write_tensors(d / "checkpoint.safetensors", state)
-    scalars = {pid: {k: v for k, v in s.items() if not torch.is_tensor(v)} for pid, s in opt_state["state"].items()}
-    write_json(
-        d / "checkpoint.json",
-        {"epoch": epoch, "param_groups": opt_state["param_groups"], "opt_scalars": scalars, **log},
-    )
-
-
-def _load_checkpoint(d: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict, dict] | None:
-    if not (d / "checkpoint.json").exists():
-        return None
-    info = read_json(d / "checkpoint.json")
-    state = read_tensors(d / "checkpoint.safetensors")
-    model.load_trainable(to_torch({k[6:]: v for k, v in state.items() if k.startswith("model.")}))
-    best = {k[5:]: v for k, v in state.items() if k.startswith("best.")}
-    opt_state: dict[int, dict] = {int(pid): dict(s) for pid, s in info["opt_scalars"].items()}
-    for k, v in state.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = torch.from_numpy(np.array(v))
-    opt.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
-    return info["epoch"], best, info
-
-
 def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[s : s + size] for s in range(0, len(order), size)]
 
 
-def evaluate(model: nn.Module, source: Source, labels: np.ndarray, batch_size: int, device: str) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    model.eval()
-    correct, seen = 0, 0
-    with torch.inference_mode(), _autocast(device):
-        for x, kept in prefetch(source, _batches(np.arange(len(labels)), batch_size)):
-            if len(kept):
-                correct += int((model(x.to(device)).argmax(1).cpu().numpy() == labels[kept]).sum())
-                seen += len(kept)
-    return correct / max(seen, 1)
+@dataclass
+class Result:
+    """One configuration's outcome: its best weights on validation, that epoch's figures, its curve."""
+
+    state: dict[str, np.ndarray] = field(repr=False)
+    score: float = -1.0  # val accuracy, or val mAP (multi-label)
+    loss: float = math.inf  # plain validation loss at the best epoch
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _autocast(device: str):
-    # bfloat16 autocast on a GPU (no loss scaling needed); full precision on the CPU.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+def select(results: list[Result]) -> int:
+    """The configuration with the best validation figure; ties: the lower validation loss, then the first."""
+    return max(range(len(results)), key=lambda j: (results[j].score, -results[j].loss, -j))
+
+
+def _inputs(x: torch.Tensor, runs: Runs, layers: list[int] | None) -> torch.Tensor:
+    """The batch as `runs` reads it: its own cached layers out of the union that was read."""
+    if layers is None or runs.input_layers is None or runs.input_layers == layers:
+        return x
+    return x[:, [layers.index(layer) for layer in runs.input_layers]]
+
+
+def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
+            device: str) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
+    """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the positions of
+    their rows (all n, unless images that cannot be decoded are skipped)."""
+    out: list[list[torch.Tensor]] = [[] for r in runs for _ in range(r.count)]
+    rows: list[np.ndarray] = []
+    for r in runs:
+        r.train(False)
+    with torch.inference_mode():
+        for x, kept in prefetch(source, _batches(np.arange(n), batch_size)):
+            if not len(kept):
+                continue
+            x, j = x.to(device), 0
+            rows.append(kept)
+            for r in runs:
+                logits = r.logits(_inputs(x, r, layers))
+                for k in range(r.count):
+                    out[j + k].append(logits[k])
+                j += r.count
+    logits = [torch.cat(p).cpu().numpy() if p else np.empty((0, 0), np.float32) for p in out]
+    return logits, np.concatenate(rows) if rows else np.empty(0, np.int64)
+
+
+def evaluate(runs: list[Runs], source: Source, targets: np.ndarray, batch_size: int, layers: list[int] | None,
+             objective: Objective) -> list[tuple[float, float]]:  # fmt: skip
+    """(validation figure, plain validation loss) of every configuration."""
+    if len(targets) == 0:
+        raise DatasetError("the validation split is empty")  # refused at submission; the cache lost images since
+    all_logits, rows = predict(runs, source, len(targets), batch_size, layers, objective.device)
+    y = objective.targets(targets[rows])
+    scores = []
+    for logits in all_logits:
+        loss = float(objective.plain(torch.from_numpy(logits).to(y.device)[None], y)[0])
+        scores.append((validation_score(targets[rows], objective.probabilities(logits)), loss))
+    return scores
+
+
+def _save_checkpoint(d: Path, epoch: int, runs: list[Runs], results: list[Result], log: dict) -> None:
+    tensors, infos = {}, []
+    for i, r in enumerate(runs):
+        t, info = r.checkpoint()
+        tensors |= {f"runs{i}.{k}": v for k, v in t.items()}
+        infos.append(info)
+    for j, res in enumerate(results):
+        tensors |= {f"best{j}.{k}": v for k, v in res.state.items()}
+    meta = [{"score": r.score, "loss": r.loss, "epoch": r.epoch, "history": r.history} for r in results]
+    write_tensors(d / "checkpoint.safetensors", tensors)
+    write_json(d / "checkpoint.json", {"epoch": epoch, "runs": infos, "results": meta, **log})
+
+
+def _load_checkpoint(d: Path, runs: list[Runs], results: list[Result]) -> tuple[int, dict] | None:
+    if not (d / "checkpoint.json").exists():
+        return None
+    info = read_json(d / "checkpoint.json")
+    tensors = read_tensors(d / "checkpoint.safetensors")
+    for i, r in enumerate(runs):
+        prefix = f"runs{i}."
+        r.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, info["runs"][i])
+    for j, (res, saved) in enumerate(zip(results, info["results"], strict=True)):
+        prefix = f"best{j}."
+        res.state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        res.score, res.loss, res.epoch, res.history = saved["score"], saved["loss"], saved["epoch"], saved["history"]
+    return info["epoch"], info
 
 
 def fit(
-    model: nn.Module,
+    runs: list[Runs],
+    where: list[tuple[int, int]],
     train: Source,
     val: Source,
     y_train: np.ndarray,
     y_val: np.ndarray,
     hp: dict[str, Any],
+    objective: Objective,
     reporter: Reporter,
     checkpoint_dir: Path,
-    device: str,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The training loop shared by every method and mode; returns (best weights, metrics)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if hp["optimizer"] == "sgd":
-        opt = torch.optim.SGD(params, lr=hp["lr"], momentum=0.9, weight_decay=hp["weight_decay"])
-    else:
-        opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    layers: list[int] | None = None,
+) -> tuple[list[Result], dict[str, Any]]:
+    """The training loop shared by every method, mode and sweep: configuration j is `where[j]` = (runs, index in
+    it); every batch is read once for all of them. `layers`: the cached layers the sources read (each Runs takes
+    its own). Returns each configuration's Result and the timings. The loop never waits for the device: losses
+    are summed on it and read once per epoch."""
+    device = objective.device
     n = len(y_train)
     bs = min(hp["batch_size"], n)
     steps_per_epoch = -(-n // bs)
@@ -126,77 +167,78 @@ def fit(
         # e.g. ARC's 10 warmup epochs (from 100-epoch runs) in a 10-epoch job would never reach the decay
         reporter.event(f"warmup of {hp['warmup_epochs']} epochs capped at half of this {hp['epochs']}-epoch run")
         warmup = max(1, total // 2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
-    loss_fn = nn.CrossEntropyLoss()
-
-    start_epoch, best_acc, best_epoch, seconds, seen = 0, -1.0, 0, 0.0, 0
-    best = to_numpy(model.trainable_state())
-    resumed = _load_checkpoint(checkpoint_dir, model, opt)
+    results = [Result(state=runs[i].state(k)) for i, k in where]
+    start_epoch, seconds, seen = 0, 0.0, 0
+    resumed = _load_checkpoint(checkpoint_dir, runs, results)
     if resumed:
-        start_epoch, best, log = resumed
-        best_acc, best_epoch, seconds, seen = log["best_acc"], log["best_epoch"], log["seconds"], log["seen"]
-        sched.last_epoch = start_epoch * steps_per_epoch - 1
-        sched.step()
+        start_epoch, log = resumed
+        seconds, seen = log["seconds"], log["seen"]
         reporter.event(f"resumed training from the checkpoint of epoch {start_epoch}")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    flat = [j for i, r in enumerate(runs) for k in range(r.count) for j in [where.index((i, k))]]  # runs -> config
+    metric = objective.metric
     for epoch in range(start_epoch, hp["epochs"]):
-        model.train()
+        for r in runs:
+            r.train(True)
         order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
-        t0, loss_sum, count = time.perf_counter(), 0.0, 0
+        t0, count = time.perf_counter(), 0
+        loss_sums = [torch.zeros(r.count, device=device) for r in runs]
         for step, (x, kept) in enumerate(prefetch(train, _batches(order, bs))):
             if len(kept):
-                y = torch.from_numpy(y_train[kept]).to(device)
-                with _autocast(device):
-                    loss = loss_fn(model(x.to(device)), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum, count = loss_sum + loss.item() * len(kept), count + len(kept)
-            sched.step()
+                x, y = x.to(device), objective.targets(y_train[kept])
+                scale = warmup_cosine(epoch * steps_per_epoch + step, warmup, total)
+                for r, sums in zip(runs, loss_sums, strict=True):
+                    sums += r.step(_inputs(x, r, layers), y, scale) * len(kept)
+                count += len(kept)
             if step % 20 == 0:
                 reporter.check_cancel()
         seconds += time.perf_counter() - t0
         seen += count
-        acc = evaluate(model, val, y_val, max(bs, 64), device)
-        if acc > best_acc:
-            best_acc, best_epoch, best = acc, epoch + 1, to_numpy(model.trainable_state())
-        metrics = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(count, 1), 5), "val_accuracy": round(acc, 5),
-                   "lr": round(sched.get_last_lr()[0], 6)}  # fmt: skip
-        reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: loss {metrics['train_loss']:.4f}, "
-                       f"val acc {acc:.4f}", type="metrics", data=metrics)  # fmt: skip
-        reporter.progress("training", epoch + 1, hp["epochs"], **metrics)
-        log = {"best_acc": best_acc, "best_epoch": best_epoch, "seconds": seconds, "seen": seen}
-        _save_checkpoint(checkpoint_dir, epoch + 1, model, best, opt, log)
+        train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
+        lr_scale = warmup_cosine(min((epoch + 1) * steps_per_epoch, total) - 1, warmup, total)
+        scores = evaluate(runs, val, y_val, max(bs, 64), layers, objective)
+        for pos, j in enumerate(flat):
+            res, (score, loss) = results[j], scores[pos]
+            lr = float(f"{runs[where[j][0]].base_lrs[where[j][1]] * lr_scale:.4g}")
+            res.history.append({"epoch": epoch + 1, "train_loss": round(train_loss[pos], 5), metric: round(score, 5),
+                                "val_loss": round(loss, 5), "lr": lr})  # fmt: skip
+            if score > res.score:
+                i, k = where[j]
+                res.state, res.score, res.loss, res.epoch = runs[i].state(k), score, loss, epoch + 1
+        lead = results[select(results)]
+        last = lead.history[-1]
+        label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
+        reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
+                       f"{metric.replace('_', ' ')} {last[metric]:.4f}", type="metrics",
+                       data=last if len(results) == 1 else {**last, "configurations": [
+                           r.history[-1] for r in results]})  # fmt: skip
+        reporter.progress("training", epoch + 1, hp["epochs"], **last)
+        _save_checkpoint(checkpoint_dir, epoch + 1, runs, results, {"seconds": seconds, "seen": seen})
         reporter.check_cancel()
-    metrics = {
-        "val_accuracy": round(best_acc, 5),
-        "best_epoch": best_epoch,
-        "epochs": hp["epochs"],
-        "train_images": int(n),
-        "val_images": int(len(y_val)),
-        "trainable_params": sum(p.numel() for p in params),
-        "side_params": model.side_parameters(),
-        "train_seconds": round(seconds, 3),
-        "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
-    }
+    timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1)}
     if device.startswith("cuda"):
-        metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return best, metrics
+        timing["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return results, timing
 
 
-def _split(labels: np.ndarray, usable: np.ndarray, spec: JobSpec) -> tuple[np.ndarray, np.ndarray]:
-    train_pos, val_pos = stratified_split(labels[usable], spec.dataset.val_fraction, spec.dataset.split_seed)
-    return usable[train_pos], usable[val_pos]
+@dataclass
+class Data:
+    """What a job trains from: the cache entry (cache, tail), the dataset (images, online), the backbone (modes
+    that run it), and the labels of every image with the indices that can be used."""
+
+    meta: dict[str, Any]
+    labels: np.ndarray
+    classes: list[str]
+    usable: np.ndarray
+    tokens: str  # the tokens the inputs hold: what the cache holds, else every token
+    entry: Any = None
+    dataset: Any = None
+    backbone: Any = None
 
 
-def train_job(
-    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Path
-) -> dict[str, Any]:
-    """Build the job's model and input sources for its execution mode, train; returns {"weights", "config",
-    "metrics"} for the artifact store."""
-    mode, kind, device = spec.mode, type(spec.method).kind, settings.torch_device()
-    budget = settings.train_memory_mb * 2**20
+def _data(spec: JobSpec, settings: Settings, cache_key: str | None) -> Data:
+    mode, device = spec.mode, settings.torch_device()
     entry = backbone = dataset = None
     if spec.needs_cache:
         if not cache_key:
@@ -210,71 +252,256 @@ def train_job(
                                "set dataset.on_corrupt='skip' to train without them")  # fmt: skip
         usable = np.flatnonzero(valid)
     else:
-        dataset = read_dataset(check_path(spec.dataset.path, settings.roots), spec.dataset.format)
+        ds = spec.dataset
+        dataset = read_dataset(check_path(ds.path, settings.roots), ds.format, ds.multi_label, ds.on_corrupt)
         labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
-    if mode != "cache":
+    if mode != "cache" or spec.dataset.test:  # a separate test set runs through the backbone, whatever the mode
         ckpt = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
         backbone = load_backbone(spec.backbone, device, ckpt)
-        meta = backbone.info()
-        if entry is not None and backbone.weights_hash != entry.meta["weights_hash"]:
+        if entry is None:
+            meta = backbone.info()
+        elif backbone.weights_hash != entry.meta["weights_hash"]:
             raise RuntimeError("the backbone's weights changed since the features were cached")
-    train_idx, val_idx = _split(labels, usable, spec)
-    hp = spec.training.resolved(spec.method.training_defaults())
+    tokens = entry.meta["token_mode"] if entry is not None else "all"
+    return Data(meta, labels, classes, usable, tokens, entry, dataset, backbone)
+
+
+def _build(spec: JobSpec, data: Data, vit: torch.nn.Module | None) -> torch.nn.Module:
+    if type(spec.method).kind == "side":
+        readout = data.entry.readout() if spec.mode == "cache" else data.backbone.readout_tensors()
+        info = FeatureInfo.from_meta(data.meta, readout, len(data.classes), data.tokens)
+        return methods.build(spec.method, info)
+    tail = spec.execution.tail_blocks if spec.mode == "tail" else None
+    return methods.build(spec.method, vit, len(data.classes), tail)
+
+
+def _sources(spec: JobSpec, settings: Settings, data: Data, parts: list[np.ndarray], layers: list[int] | None):
+    """One input source per index array of `parts`, and a description of where the inputs come from."""
+    budget, gpu_budget = settings.train_memory_mb * 2**20 // 2, settings.gpu_cache_mb * 2**20 // 2
+    device, mode = settings.torch_device(), spec.mode
+    if data.entry is not None:
+        sources = [CacheSource(data.entry, idx, layers, budget, device, gpu_budget) for idx in parts]
+        first = sources[0]
+        where = "cached features " + ("on the GPU" if first.on_device else "in memory" if first.in_memory
+                                      else "streamed from the cache")  # fmt: skip
+        return sources, where
+    skip = spec.dataset.on_corrupt == "skip"
+    backbone = data.backbone
+    augment = backbone.train_transform() if spec.execution.augment else backbone.transform
+    sources = [ImageSource(data.dataset, idx, augment if i == 0 else backbone.transform, skip)
+               for i, idx in enumerate(parts)]  # fmt: skip
+    if mode == "online":
+        sources = [OnlineSource(s, backbone, layers) for s in sources]
+    where = f"images{' (augmented)' if spec.execution.augment else ''}" + (
+        ", backbone forward every step" if mode == "online" else ", through the backbone"
+    )
+    return sources, where
+
+
+def _test_set(spec: JobSpec, settings: Settings, data: Data, layers: list[int] | None) -> tuple[Source, np.ndarray]:
+    """`dataset.test`: its images through the backbone (and pooled as the cache pools them), and its labels in the
+    training set's class order."""
+    ds = spec.dataset
+    test = read_dataset(check_path(ds.test, settings.roots), "auto", ds.multi_label, ds.on_corrupt)
+    unknown = sorted(set(test.classes) - set(data.classes))
+    if unknown:
+        raise DatasetError(f"dataset.test has {'tags' if ds.multi_label else 'classes'} the training set does not "
+                           f"have: {unknown[:5]}")  # fmt: skip
+    order = [data.classes.index(c) for c in test.classes]
+    if test.multi_label:
+        targets = np.zeros((len(test), len(data.classes)), dtype=np.int64)
+        targets[:, order] = test.labels
+    else:
+        targets = np.asarray(order, dtype=np.int64)[test.labels]
+    source: Source = ImageSource(test, np.arange(len(test)), data.backbone.transform, ds.on_corrupt == "skip")
+    if layers is not None:  # side models and tail mode read activations
+        source = OnlineSource(source, data.backbone, layers)
+        if data.tokens != "all":
+            source = PooledSource(source, data.tokens, data.backbone.num_prefix_tokens)
+    return source, targets
+
+
+def _solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models: list[torch.nn.Module],
+                  sources: list[Source], targets: list[np.ndarray], objective: Objective,
+                  reporter: Reporter) -> tuple[list[Result], list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """The L-BFGS linear probe of every configuration (services/methods/linear/solver.py): the pooled features of
+    every distinct pooling from one pass over the cache, then one path over the L2 strengths per pooling (the sweep's
+    `weight_decay` values, the job's own, or the default grid when it is `auto`). Returns one Result per point of
+    the paths, each point's figures and the timings."""
+    from services.methods.linear import solver
+
+    t0 = time.perf_counter()
+    auto = spec.training.weight_decay == "auto" and not (spec.sweep and spec.sweep.weight_decay)
+    grids = [list(solver.L2_GRID) if auto else [h["weight_decay"]] for h in hps]
+    by_pool: dict[str, list[int]] = {}
+    for j, c in enumerate(configs):
+        by_pool.setdefault(c.method.pool, []).append(j)
+    probes = [models[js[0]] for js in by_pool.values()]
+    feats = []
+    for source, y in zip(sources, targets, strict=True):
+        n, device = len(y), objective.device
+        per_probe: list[list[torch.Tensor]] = [[] for _ in probes]
+        with torch.no_grad():  # not inference_mode: the features enter the solver's autograd graph
+            for x, _ in prefetch(source, _batches(np.arange(n), 1024)):  # cached rows: all kept
+                last = x.to(device)[:, -1].float()
+                for out, probe in zip(per_probe, probes, strict=True):
+                    out.append(probe.readout(last))
+        feats.append([torch.cat(f) for f in per_probe])
+    y_train = objective.targets(targets[0])
+    results, points = [], []
+    iterations = 0
+    for p, (pool, js) in enumerate(by_pool.items()):
+        grid = sorted({l2 for j in js for l2 in grids[j]}, reverse=True)
+        path = solver.solve_path(feats[0][p], y_train, feats[1][p], targets[1], grid, objective,
+                                 configs[js[0]].method.max_iter)  # fmt: skip
+        base = {k: v.detach().cpu().numpy() for k, v in probes[p].state_dict().items()}
+        for j in js:
+            for point in (pt for pt in path if pt.l2 in grids[j]):
+                state = {**base, "head.weight": point.weight, "head.bias": point.bias}
+                results.append(Result(state=state, score=point.score, loss=point.loss))
+                points.append(
+                    {
+                        "config": j,
+                        "pool": pool,
+                        "weight_decay": point.l2,
+                        objective.metric: round(point.score, 5),
+                        "val_loss": round(point.loss, 5),
+                        "iterations": point.iterations,
+                    }
+                )
+        iterations += sum(pt.iterations for pt in path)
+        reporter.check_cancel()
+    seconds = time.perf_counter() - t0
+    reporter.event(f"L-BFGS linear probe: {len(points)} L2 strengths solved ({iterations} iterations) in "
+                   f"{seconds:.2f}s", data={"l2_path": points})  # fmt: skip
+    timing = {"train_seconds": round(seconds, 3),
+              "train_images_per_s": round(len(targets[0]) * len(points) / max(seconds, 1e-9), 1)}  # fmt: skip
+    return results, points, timing
+
+
+def train_job(
+    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Path
+) -> dict[str, Any]:
+    """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train,
+    select on validation, evaluate the selected model once on the test split (else on validation, named so);
+    returns {"weights", "config", "metrics", "evaluation", "plots"} for the artifact store."""
+    from services import evaluation, plots
+
+    check_size(spec.sweep, settings.max_sweep_configs)
+    device, kind, ds = settings.torch_device(), type(spec.method).kind, spec.dataset
+    data = _data(spec, settings, cache_key)
+    parts = split(data.labels[data.usable], ds.val_fraction, ds.test_fraction, ds.split_seed)
+    train_idx, val_idx, test_idx = (data.usable[p] for p in parts)
+    check_validation(data.labels[data.usable], val_idx, data.classes)
+    configs = spec.configurations()
+    hps = [c.training.resolved(c.method.training_defaults()) for c in configs]
+    hp = hps[0]
+    objective = Objective(data.labels[train_idx], len(data.classes), hp["label_smoothing"], hp["class_weights"],
+                          device)  # fmt: skip
 
     torch.manual_seed(hp["seed"])
-    tokens = entry.meta["token_mode"] if entry is not None else "all"  # what the cache holds, else live tokens
-    if kind == "side":
-        readout = entry.readout() if mode == "cache" else backbone.readout_tensors()
-        info = FeatureInfo.from_meta(meta, readout, len(classes), tokens)
-        model = methods.build(spec.method, info)
-    else:
-        tail = spec.execution.tail_blocks if mode == "tail" else None
-        model = methods.build(spec.method, backbone.model, len(classes), tail)
-    model = model.to(device)
-
-    if entry is not None:
-        entry.touch()
-        gpu_budget = settings.gpu_cache_mb * 2**20
-        train_src = CacheSource(entry, train_idx, model.input_layers, budget // 2, device, gpu_budget // 2)
-        val_src = CacheSource(entry, val_idx, model.input_layers, budget // 2, device, gpu_budget // 2)
-        where = "cached features " + ("on the GPU" if train_src.on_device else "in memory" if train_src.in_memory
-                                      else "streamed from the cache")  # fmt: skip
-    else:
-        skip = spec.dataset.on_corrupt == "skip"
-        augment = backbone.train_transform() if spec.execution.augment else backbone.transform
-        train_src = ImageSource(dataset, train_idx, augment, skip)
-        val_src = ImageSource(dataset, val_idx, backbone.transform, skip)
-        if mode == "online":
-            train_src = OnlineSource(train_src, backbone, model.input_layers)
-            val_src = OnlineSource(val_src, backbone, model.input_layers)
-        where = f"images{' (augmented)' if spec.execution.augment else ''}" + (
-            ", backbone forward every step" if mode == "online" else ", through the backbone"
-        )
+    # every adapted configuration adapts its own copy of the backbone (copied before the first one changes it)
+    vits = [None] * len(configs) if kind == "side" else [data.backbone.model, *(
+        copy.deepcopy(data.backbone.model) for _ in configs[1:])]  # fmt: skip
+    models = [_build(c, data, vit).to(device) for c, vit in zip(configs, vits, strict=True)]
+    layers = sorted({layer for m in models for layer in (m.input_layers or [])}) or None
+    (train_src, val_src), inputs = _sources(spec, settings, data, [train_idx, val_idx], layers)
+    if data.entry is not None:
+        data.entry.touch()
+    what = f"{len(configs)} configurations ({spec.sweep.describe()})" if spec.sweep else spec.method.name
     reporter.event(
-        f"training {spec.method.name} in mode {mode} ({model.side_parameters():,} side parameters) on "
-        f"{len(train_idx)} images, validating on {len(val_idx)}; inputs: {where}",
-        data={"hyperparameters": hp},
-    )
-    weights, metrics = fit(model, train_src, val_src, labels[train_idx], labels[val_idx], hp, reporter,
-                           checkpoint_dir, device)  # fmt: skip
+        f"training {what} in mode {spec.mode} ({models[0].side_parameters():,} side parameters) on {len(train_idx)} "
+        f"images, validating on {len(val_idx)}{f', testing on {len(test_idx)}' if len(test_idx) else ''}; inputs: "
+        f"{inputs}", data={"hyperparameters": hp},
+    )  # fmt: skip
+    y_train, y_val = data.labels[train_idx], data.labels[val_idx]
+    lbfgs = spec.linear_solver == "lbfgs"
+    if lbfgs:
+        results, points, timing = _solve_probes(spec, configs, hps, models, [train_src, val_src], [y_train, y_val],
+                                                objective, reporter)  # fmt: skip
+        owner = [p["config"] for p in points]
+    else:
+        runs, where = make_runs(models, [c.method.model_dump() for c in configs], hps, objective, device)
+        results, timing = fit(runs, where, train_src, val_src, y_train, y_val, hp, objective, reporter,
+                              checkpoint_dir, layers)  # fmt: skip
+        owner = list(range(len(configs)))
+    chosen = select(results)
+    j = owner[chosen]
+    best, best_hp, model, res = configs[j], dict(hps[j]), models[j], results[chosen]
+    if lbfgs:
+        best_hp["weight_decay"] = points[chosen]["weight_decay"]
+    model.load_trainable(to_torch(res.state))
+    final = make_runs([model], [best.method.model_dump()], [best_hp], objective, device)[0]
+
+    # the selected model, once: the multi-label threshold on validation, the report on the test split
+    threshold = None
+    if objective.multi_label:
+        logits, rows = predict(final, val_src, len(y_val), 256, layers, device)
+        threshold = evaluation.choose_threshold(y_val[rows], objective.probabilities(logits[0]))
+    name = "test" if len(test_idx) or ds.test else "val"
+    own = model.input_layers
+    if ds.test:
+        source, targets = _test_set(spec, settings, data, own)
+    elif len(test_idx):
+        source, targets = _sources(spec, settings, data, [test_idx], own)[0][0], data.labels[test_idx]
+    else:
+        source, targets = val_src, y_val
+    logits, rows = predict(final, source, len(targets), 256, own if source is not val_src else layers, device)
+    report = evaluation.report(targets[rows], objective.probabilities(logits[0]), data.classes, name, threshold)
+    reporter.event(f"selected model on the {'test' if name == 'test' else 'validation'} split: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in report["metrics"].items()), type="metrics", data=report["metrics"])  # fmt: skip
+
+    metric = objective.metric
+    metrics: dict[str, Any] = {
+        metric: round(res.score, 5),
+        "val_loss": round(res.loss, 5),
+        "train_images": int(len(train_idx)),
+        "val_images": int(len(val_idx)),
+        "test_images": int(len(rows)) if name == "test" else 0,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "side_params": model.side_parameters(),
+        **timing,
+    }
+    if lbfgs:
+        metrics |= {"solver": "lbfgs", "weight_decay": best_hp["weight_decay"],
+                    "iterations": points[chosen]["iterations"], "l2_path": points}  # fmt: skip
+    else:
+        metrics |= {"best_epoch": res.epoch, "epochs": hp["epochs"], "history": res.history}
+    if spec.sweep:
+        overrides = spec.sweep.configurations()
+        entries = [{"config": overrides[owner[i]], metric: round(r.score, 5), "val_loss": round(r.loss, 5),
+                    **({"weight_decay": points[i]["weight_decay"]} if lbfgs else
+                       {"best_epoch": r.epoch, "history": r.history})} for i, r in enumerate(results)]  # fmt: skip
+        metrics |= {"configurations": len(configs), "selected": overrides[j], "sweep": entries}
+    if name == "test":
+        metrics |= report["metrics"]
+
     config = {
-        "method": spec.method.model_dump(),
+        "method": best.method.model_dump(),
         "kind": kind,
-        "mode": mode,
-        "tail_blocks": spec.execution.tail_blocks if mode == "tail" else None,
+        "mode": spec.mode,
+        "tail_blocks": spec.execution.tail_blocks if spec.mode == "tail" else None,
         "backbone": spec.backbone.model_dump(),
-        "weights_hash": meta["weights_hash"],
-        "data_config": meta["data_config"],
+        "weights_hash": data.meta["weights_hash"],
+        "data_config": data.meta["data_config"],
         "feature_info": {
-            **{k: meta[k] for k in FEATURE_KEYS},
-            "tokens": meta["tokens"] if tokens == "all" else 1,
-            "num_classes": len(classes),
-            "token_mode": tokens,
+            **{k: data.meta[k] for k in FEATURE_KEYS},
+            "tokens": data.meta["tokens"] if data.tokens == "all" else 1,
+            "num_classes": len(data.classes),
+            "token_mode": data.tokens,
         },
         "input_layers": model.input_layers if kind == "side" else None,
-        "input_tokens": tokens if kind == "side" else None,
-        "classes": classes,
-        "hyperparameters": hp,
-        "cache_key": cache_key if entry is not None else None,
+        "input_tokens": data.tokens if kind == "side" else None,
+        "classes": data.classes,
+        "multi_label": objective.multi_label,
+        "threshold": threshold,
+        "hyperparameters": best_hp,
+        "cache_key": cache_key if data.entry is not None else None,
     }
-    return {"weights": weights, "config": config, "metrics": metrics}
+    return {
+        "weights": res.state,
+        "config": config,
+        "metrics": metrics,
+        "evaluation": report,
+        "plots": plots.for_job(metrics, report, metric),
+    }

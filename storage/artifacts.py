@@ -1,12 +1,13 @@
-"""The artifact store: one folder per model (weights as safetensors, config and metrics as JSON) and one per
-running job's checkpoints. Writes go to a temporary name and are renamed into place, so a crash never
-leaves a half-written file under a final name.
+"""The artifact store: one folder per model (weights as safetensors, config and metrics as JSON, and named files
+such as the evaluation report and plots) and one per running job's checkpoints. Writes go to a temporary name and
+are renamed into place, so a crash never leaves a half-written file under a final name.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
 
 
 class ArtifactStore:
-    """`models/<model_id>/{weights.safetensors, config.json, metrics.json}`, `checkpoints/<job_id>/`."""
+    """`models/<model_id>/{weights.safetensors, config.json, metrics.json, <named files>}`, `checkpoints/<job_id>/`."""
+
+    FILE_NAME = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)?\.(json|png)$")  # e.g. `evaluation.json`, `plots/curves.png`
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -59,13 +62,28 @@ class ArtifactStore:
         return self.root / "checkpoints" / job_id
 
     def save_model(
-        self, model_id: str, weights: dict[str, np.ndarray], config: dict[str, Any], metrics: dict[str, Any]
-    ) -> Path:
+        self, model_id: str, weights: dict[str, np.ndarray], config: dict[str, Any], metrics: dict[str, Any],
+        files: dict[str, bytes] | None = None,
+    ) -> Path:  # fmt: skip
+        """`files`: other named files of the model (see `FILE_NAME`)."""
         d = self.model_dir(model_id)
         write_tensors(d / "weights.safetensors", weights)
         write_json(d / "metrics.json", metrics)
+        for name, data in (files or {}).items():
+            atomic_write_bytes(d / self._checked(name), data)
         write_json(d / "config.json", config)  # last: a model folder without config.json is incomplete
         return d
+
+    def _checked(self, name: str) -> str:
+        if not self.FILE_NAME.match(name):
+            raise ValueError(f"invalid model file name {name!r}")
+        return name
+
+    def read_file(self, model_id: str, name: str) -> bytes:
+        """A named file of a complete model; FileNotFoundError when the model or the file does not exist."""
+        if not self.has_model(model_id):
+            raise FileNotFoundError(f"no model {model_id!r}")
+        return (self.model_dir(model_id) / self._checked(name)).read_bytes()
 
     def has_model(self, model_id: str) -> bool:
         return (self.model_dir(model_id) / "config.json").exists()

@@ -64,10 +64,26 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
             time.sleep(poll_s)
 
-    def predict(self, model_id: str, images: list[bytes | Path]) -> list[dict[str, Any]]:
+    def predict(
+        self, model_id: str, images: list[bytes | Path], threshold: float | None = None
+    ) -> list[dict[str, Any]]:
         raw = [Path(i).read_bytes() if isinstance(i, Path | str) else i for i in images]
-        instances = [{"image_b64": base64.b64encode(b).decode()} for b in raw]
-        return self._call("POST", f"/v1/models/{model_id}:predict", json={"instances": instances})["predictions"]
+        body: dict[str, Any] = {"instances": [{"image_b64": base64.b64encode(b).decode()} for b in raw]}
+        if threshold is not None:
+            body["threshold"] = threshold
+        return self._call("POST", f"/v1/models/{model_id}:predict", json=body)["predictions"]
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/models/{model_id}")
+
+    def evaluation(self, model_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/models/{model_id}/evaluation")
+
+    def plot(self, model_id: str, name: str) -> bytes:
+        r = self.http.get(f"/models/{model_id}/plots/{name}.png")
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, r.json())
+        return r.content
 
     def ready(self) -> dict[str, Any]:
         return self._call("GET", "/readyz")

@@ -11,7 +11,7 @@ import binascii
 import threading
 from typing import Annotated
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 
 from api.deps import OwnerDep, SettingsDep, StoreDep
 from api.errors import ApiError
@@ -38,13 +38,13 @@ def _batcher(request: Request):
     return state.batcher
 
 
-def _run(request: Request, model_id: str, images: list[bytes], limit: int) -> dict:
+def _run(request: Request, model_id: str, images: list[bytes], limit: int, threshold: float | None = None) -> dict:
     if len(images) > limit:
         raise ApiError(413, "too_many_images", f"{len(images)} images; at most {limit} per request")
     from services.datasets import DatasetError
 
     try:
-        predictions = _batcher(request).predict(model_id, images)
+        predictions = _batcher(request).predict(model_id, images, threshold)
     except DatasetError as e:
         raise ApiError(400, "invalid_image", str(e)) from None
     return {"model_id": model_id, "predictions": predictions}
@@ -61,7 +61,7 @@ def predict(model_id: str, body: PredictRequest, request: Request, store: StoreD
             images.append(base64.b64decode(inst.image_b64, validate=True))
         except (binascii.Error, ValueError):
             raise ApiError(400, "invalid_image", f"instances.{i}.image_b64: not valid base64") from None
-    return _run(request, model_id, images, settings.max_predict_images)
+    return _run(request, model_id, images, settings.max_predict_images, body.threshold)
 
 
 @router.post("/{model_id}:predict-files", response_model=PredictResponse)
@@ -72,10 +72,13 @@ async def predict_files(
     store: StoreDep,
     owner: OwnerDep,
     settings: SettingsDep,
+    threshold: Annotated[
+        float | None, Query(ge=0.0, le=1.0, description="Multi-label models: the tag threshold (default: the model's).")
+    ] = None,
 ) -> dict:
     """Classify uploaded image files (multipart/form-data)."""
     own_model(store, model_id, owner)
     images = [await f.read() for f in files]
     from starlette.concurrency import run_in_threadpool
 
-    return await run_in_threadpool(_run, request, model_id, images, settings.max_predict_images)
+    return await run_in_threadpool(_run, request, model_id, images, settings.max_predict_images, threshold)
