@@ -232,6 +232,7 @@ class Data:
     classes: list[str]
     usable: np.ndarray
     tokens: str  # the tokens the inputs hold: what the cache holds, else every token
+    skipped_rows: int = 0  # multi-label manifest rows without a tag, left out (on_corrupt=skip)
     entry: Any = None
     dataset: Any = None
     backbone: Any = None
@@ -263,7 +264,8 @@ def _data(spec: JobSpec, settings: Settings, cache_key: str | None) -> Data:
         elif backbone.weights_hash != entry.meta["weights_hash"]:
             raise RuntimeError("the backbone's weights changed since the features were cached")
     tokens = entry.meta["token_mode"] if entry is not None else "all"
-    return Data(meta, labels, classes, usable, tokens, entry, dataset, backbone)
+    skipped = len(entry.meta.get("skipped_rows", [])) if entry is not None else len(dataset.skipped_rows)
+    return Data(meta, labels, classes, usable, tokens, skipped, entry, dataset, backbone)
 
 
 def _build(spec: JobSpec, data: Data, vit: torch.nn.Module | None) -> torch.nn.Module:
@@ -399,11 +401,13 @@ def train_job(
     objective = Objective(data.labels[train_idx], len(data.classes), hp["label_smoothing"], hp["class_weights"],
                           device)  # fmt: skip
 
-    torch.manual_seed(hp["seed"])
     # every adapted configuration adapts its own copy of the backbone (copied before the first one changes it)
     vits = [None] * len(configs) if kind == "side" else [data.backbone.model, *(
         copy.deepcopy(data.backbone.model) for _ in configs[1:])]  # fmt: skip
-    models = [_build(c, data, vit).to(device) for c, vit in zip(configs, vits, strict=True)]
+    models = []
+    for c, vit in zip(configs, vits, strict=True):
+        torch.manual_seed(hp["seed"])  # each configuration starts as it would in a job of its own
+        models.append(_build(c, data, vit).to(device))
     layers = sorted({layer for m in models for layer in (m.input_layers or [])}) or None
     (train_src, val_src), inputs = _sources(spec, settings, data, [train_idx, val_idx], layers)
     if data.entry is not None:
@@ -458,6 +462,7 @@ def train_job(
         "train_images": int(len(train_idx)),
         "val_images": int(len(val_idx)),
         "test_images": int(len(rows)) if name == "test" else 0,
+        "skipped_rows": data.skipped_rows,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "side_params": model.side_parameters(),
         **timing,

@@ -71,8 +71,8 @@ class StackedOptimizer:
             v = self.buffers.setdefault(f"{name}.sq", torch.zeros_like(p))
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / math.sqrt(1 - b2**self.steps)).add_(self.eps)
-            p.sub_(lr_k / (1 - b1**self.steps) * m / denom)
+            denom = v.sqrt().div_(math.sqrt(1 - b2**self.steps)).add_(self.eps)
+            p.addcdiv_(m * (lr_k / -(1 - b1**self.steps)), denom)
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {k: v.detach().cpu().numpy() for k, v in self.buffers.items()}, {"steps": self.steps}

@@ -1,7 +1,9 @@
 """Side-network configurations of one architecture (linear probes, LoSA networks that differ only in lr and weight
 decay) trained as one set of tensors: each parameter is stacked over the configurations, [K, ...], and the module's
-forward runs for all K at once under `torch.vmap` (`torch.func.functional_call` with the stacked parameters), on a
-mini-batch that every configuration shares. One optimizer step updates all K (sweeps/optim.py).
+forward runs for all K at once on a mini-batch that every configuration shares: the method's own
+`forward_stacked(params, x)` where it has one (linear: K heads as one matrix product; losa: batched matrix products
+per side layer), else `torch.vmap` over `torch.func.functional_call` with the stacked parameters. One optimizer step
+updates all K (sweeps/optim.py).
 
 `make_runs` groups a sweep's configurations: one `StackedRuns` per side architecture with several configurations,
 a plain `ModuleRuns` (services/runs.py) for any other configuration, adapted backbones included.
@@ -37,7 +39,8 @@ class StackedRuns:
         self.clip = hps[0].get("clip_grad_norm")  # a training setting that sweeps do not vary
         self.opt = StackedOptimizer(self.params, decayed_names(template), hps[0]["optimizer"],
                                     [h["lr"] for h in hps], [h["weight_decay"] for h in hps])  # fmt: skip
-        self._forward = torch.vmap(self._one, in_dims=(0, None))
+        own = getattr(template, "forward_stacked", None)
+        self._forward = own if own is not None else torch.vmap(self._one, in_dims=(0, None))
 
     def _one(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, (params, self.fixed), (x,))
