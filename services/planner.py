@@ -248,6 +248,9 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     tflops = settings.planner_cpu_tflops if cpu else settings.planner_gpu_tflops
     disk = _Disk(settings)
     notes: list[str] = []
+    if dataset.skipped_rows:
+        notes.append(f"{len(dataset.skipped_rows)} manifest rows without a tag are left out (on_corrupt=skip), e.g. "
+                     f"{dataset.skipped_rows[0]}")  # fmt: skip
     base = dict(
         backbone=spec.backbone.name, method=spec.method.name, mode=spec.mode, needs_cache=spec.needs_cache, images=n,
         train_images=len(train_idx), val_images=len(val_idx), test_images=len(test_idx), classes=len(dataset.classes),

@@ -169,8 +169,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     out.print(f"{model['id']}: {model['method']} on {model['backbone']}, evaluated on {split[report['split']]}, "
               f"{report['images']} images")  # fmt: skip
     table = Table("metric", "value")
-    for key, value in {**{k: v for k, v in model["metrics"].items() if k.startswith("val_")},
-                       **report["metrics"]}.items():  # fmt: skip
+    validation = {k: v for k, v in model["metrics"].items() if k in ("val_accuracy", "val_map", "val_loss")}
+    for key, value in {**validation, **report["metrics"]}.items():
         table.add_row(key, f"{value:.4f}")
     out.print(table)
     per = report["per_class"]

@@ -107,8 +107,9 @@ def test_a_multi_label_row_without_tags_fails_the_job_naming_it(stack) -> None:
     lines = [f"{p.relative_to(root)},{'|' if i == 2 else tags_of(int(p.parent.name))}" for i, p in enumerate(first)]
     (root / "bad_tags.csv").write_text("path,label\n" + "\n".join(lines) + "\n")
     running, _ = stack
-    r = httpx.post(f"{running.api_url}/jobs", json={"dataset": {"path": str(root / "bad_tags.csv"), "multi_label": True},
-                   "backbone": BACKBONE, "method": {"name": "linear"}}, timeout=30)  # fmt: skip
+    body = {"dataset": {"path": str(root / "bad_tags.csv"), "multi_label": True}, "backbone": BACKBONE,
+            "method": {"name": "linear"}}  # fmt: skip
+    r = httpx.post(f"{running.api_url}/jobs", json=body, timeout=30)
     assert r.status_code == 422 and "line 4: empty tag list" in r.json()["error"]["message"]
 
 

@@ -87,8 +87,11 @@ def test_multi_label_report_by_hand() -> None:
 def test_plots_are_pngs() -> None:
     targets, probs = from_confusion(CONFUSION)
     history = [{"epoch": e, "train_loss": 1 / e, "val_accuracy": 0.5 + e / 10, "lr": 0.1 / e} for e in (1, 2, 3)]
-    metrics = {"history": history, "sweep": [{"config": {"lr": 0.1}, "history": history},
-                                             {"config": {"lr": 0.3}, "history": history}], "selected": {"lr": 0.3}}
+    metrics = {
+        "history": history,
+        "sweep": [{"config": {"lr": 0.1}, "history": history}, {"config": {"lr": 0.3}, "history": history}],
+        "selected": {"lr": 0.3},
+    }
     made = plots.for_job(metrics, report(targets, probs, list("abcd"), "test"), "val_accuracy")
     for name in ("curves", "confusion"):
         assert made[name].startswith(b"\x89PNG"), name
@@ -139,7 +142,12 @@ def test_no_weight_decay_on_biases_norms_scales_and_position_embeddings() -> Non
     info = FeatureInfo(num_layers=2, tokens=5, dim=8, num_prefix_tokens=1, global_pool="token", norm_eps=1e-6,
                        num_classes=3, readout={})  # fmt: skip
     assert decayed_names(methods.build(LosaConfig(rank=2), info)) == {
-        "mixers.0.down.weight", "mixers.0.up.weight", "mixers.1.down.weight", "mixers.1.up.weight", "head.weight"}
+        "mixers.0.down.weight",
+        "mixers.0.up.weight",
+        "mixers.1.down.weight",
+        "mixers.1.up.weight",
+        "head.weight",
+    }
     assert decayed_names(methods.build(LinearConfig(), info)) == {"head.weight"}
 
 
