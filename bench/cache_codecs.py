@@ -16,8 +16,8 @@ from common import fmt, render, say, train_fresh
 def measure(args: argparse.Namespace, extraction: dict[str, Any]) -> dict[str, Any]:
     """Best val accuracy of LoSA trained `--codec-epochs` from each LoSA entry of part (a)."""
     out: dict[str, Any] = {}
-    for name, method, codec, keepbits in EXTRACT_ROWS:
-        if method != "losa":
+    for name, dataset, method, codec, keepbits in EXTRACT_ROWS:
+        if method != "losa" or dataset != "digits":
             continue
         key = extraction["ext"][name][-1]["cache_key"]
         spec = job_spec(args, "losa", codec=codec, keepbits=keepbits, epochs=args.codec_epochs)

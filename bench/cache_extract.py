@@ -1,5 +1,15 @@
-"""bench/cache.py, part (a): extraction images/s with cache writing against the bare backbone forward fed by the same
-loader, per codec, and the disk's write bandwidth; plus the job specs and settings that every part of it uses.
+"""bench/cache.py, part (a): extraction against its ceiling. Each stage is measured alone, then the whole extraction:
+
+- decode: the production loader (services/loading.py) decoding and resizing every image, no model;
+- forward: the bare forward (`Backbone.intermediates` of the cached layers, float16 out) on batches already normalised
+  in device memory;
+- writer: the cache writer (storage/cache/writer.py) writing those activations into a fresh entry, against the raw
+  sequential write bandwidth of the same disk (files of the shard's size, each fsync'd, as tensorstore fsyncs);
+- whole: `run_extraction`'s own images/s.
+
+Ceiling: on a GPU box the stages use different resources (the loader the CPU cores, the forward the GPU, the writer
+the disk), so the slowest stage; on a CPU they share the cores, so `1 / sum(1 / stage)`, with each stage measured on
+the whole machine (decode on one loader process per core). `pipeline_efficiency` = whole / ceiling.
 """
 
 from __future__ import annotations
@@ -8,20 +18,21 @@ import argparse
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from common import MB, fmt, make_settings, median, put, ratio, render, say, spread, sync
 
-# (row name, method, codec, keepbits): every extraction row. The first is the headline (the default codec).
+# (row, dataset, method, codec, keepbits): every extraction row. The first of each dataset gets the stage rows.
 EXTRACT_ROWS = [
-    ("losa none", "losa", "none", None),
-    ("losa zstd", "losa", "zstd", None),
-    ("losa blosc", "losa", "blosc", None),
-    ("losa zstd+keepbits6", "losa", "zstd", 6),
-    ("linear none", "linear", "none", None),
+    ("photos losa none", "photos", "losa", "none", None),
+    ("losa none", "digits", "losa", "none", None),
+    ("losa zstd", "digits", "losa", "zstd", None),
+    ("losa blosc", "digits", "losa", "blosc", None),
+    ("losa zstd+keepbits6", "digits", "losa", "zstd", 6),
+    ("linear none", "digits", "linear", "none", None),
 ]
+DATASETS = ("photos", "digits")
 
 
 def job_spec(args: argparse.Namespace, method: str, mode: str = "cache", **kw: Any):
@@ -39,6 +50,7 @@ def job_spec(args: argparse.Namespace, method: str, mode: str = "cache", **kw: A
                 "name": kw.get("backbone", args.backbone),
                 "pretrained": False,
                 "image_size": kw.get("image_size", args.image_size),
+                "precision": args.precision,
             },
             "method": method_cfg,
             "execution": {"mode": mode},
@@ -50,7 +62,8 @@ def job_spec(args: argparse.Namespace, method: str, mode: str = "cache", **kw: A
             "training": {
                 "epochs": kw.get("epochs", args.epochs),
                 "batch_size": kw.get("train_batch", args.batch_size),
-                "seed": 0,
+                "seed": kw.get("seed", 0),
+                "compile": kw.get("compile", False),
             },
         }
     )
@@ -59,181 +72,235 @@ def job_spec(args: argparse.Namespace, method: str, mode: str = "cache", **kw: A
 def settings_for(args: argparse.Namespace, name: str, train_memory_mb: int | None = None):
     """Settings whose data dir (cache, checkpoints) is private to `name`: `prepare` reuses any complete entry of the
     same family that covers a job, so each extraction row needs a cache of its own to really extract."""
-    return make_settings(args.work / "runs" / name.replace(" ", "-"), args.work, args.device, train_memory_mb)
+    s = make_settings(args.work / "runs" / name.replace(" ", "-"), args.work, args.device, train_memory_mb)
+    return s.model_copy(update={"loader_workers": args.loader_workers, "cache_writers": args.cache_writers})
 
 
-def bare_forward(backbone, dataset, layers: list[int], batch_size: int, device: str, decoded=None) -> float:
-    """Images/s of `Backbone.intermediates` over the dataset in extraction batches: with `decoded` (a list of ready
-    batches) the forward alone; without, images decoded by extraction's own loader one batch ahead in a thread, as
-    `run_extraction` does. No pooling, no fp16 copy, no cache writes."""
-    from services.extraction import _as_input, _load_batch
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_rate(dataset, split, batch_size: int, workers: int) -> float:
+    from services.loading import BatchReader, iterate
 
     n = len(dataset)
-    ranges = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+    batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+    iterate_all = iterate(BatchReader(dataset.paths, batches, split.pil, False), workers)
+    t0 = time.perf_counter()
+    count = sum(len(b.valid) for b in iterate_all)
+    return count / (time.perf_counter() - t0)
+
+
+def forward_rate(backbone, ready: list, layers: list[int], device: str) -> float:
+    import torch
+
     sync(device)
     t0 = time.perf_counter()
-    if decoded is not None:
-        for x in decoded:
-            backbone.intermediates(x, layers)
-    else:
-        with ThreadPoolExecutor(1) as loader:
-            pending = loader.submit(_load_batch, dataset, backbone.transform, *ranges[0], False)
-            for k in range(len(ranges)):
-                images, _, _ = pending.result()
-                if k + 1 < len(ranges):
-                    pending = loader.submit(_load_batch, dataset, backbone.transform, *ranges[k + 1], False)
-                backbone.intermediates(_as_input(backbone.transform, images), layers)
+    for x in ready:
+        backbone.intermediates(x, layers, torch.float16)
     sync(device)
-    return n / (time.perf_counter() - t0)
+    return sum(len(x) for x in ready) / (time.perf_counter() - t0)
 
 
-def disk_write_mb_s(directory: Path, size_mb: int) -> float:
-    """Sequential write bandwidth of the data dir's disk: `size_mb` in 4 MiB blocks, fsync included."""
+def writer_rate(args: argparse.Namespace, acts: list, codec: str, keepbits: int | None, tag: str) -> tuple[float, int]:
+    """(images/s, bytes written) of ShardWriter writing `acts` (one host array per extraction batch) into a fresh
+    entry with `codec`."""
     import numpy as np
 
-    block = np.random.default_rng(0).integers(0, 256, 4 * MB, dtype=np.uint8).tobytes()
-    path = directory / "disk-write-probe.bin"
+    from storage.cache import FeatureCache
+    from storage.cache.writer import ShardWriter
+
+    root = args.work / "writer" / tag
+    shutil.rmtree(root, ignore_errors=True)
+    entry = FeatureCache(root).entry("stage/writer")
+    n = sum(len(a) for a in acts)
+    _, layers, tokens, dim = acts[0].shape
+    entry.create(labels=np.zeros(n, np.int64), layers=list(range(layers)), tokens="all", token_count=tokens, dim=dim,
+                 batch_size=len(acts[0]), meta={"num_prefix_tokens": 1}, codec=codec, keepbits=keepbits)  # fmt: skip
     t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(max(1, size_mb // 4)):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
+    with ShardWriter(entry, args.cache_writers) as writer:
+        for b, a in enumerate(acts):
+            writer.submit(b, a, np.ones(len(a), bool))
     seconds = time.perf_counter() - t0
-    path.unlink()
-    return max(1, size_mb // 4) * 4 / seconds
+    written = entry.nbytes()
+    shutil.rmtree(root, ignore_errors=True)
+    return n / seconds, written
+
+
+def disk_mb_s(directory: Path, file_bytes: int, files: int) -> float:
+    """Raw sequential write bandwidth: `files` files of `file_bytes` (random bytes), each fsync'd, one after another."""
+    import numpy as np
+
+    data = np.random.default_rng(0).integers(0, 256, file_bytes, dtype=np.uint8).tobytes()
+    d = directory / "disk-probe"
+    d.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(files):
+        with open(d / f"{i}", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(d, ignore_errors=True)
+    return files * file_bytes / MB / seconds
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Every extraction row and the bare forwards, `--repeats` interleaved rounds."""
+    """Stages and whole extractions for every dataset and row, `--repeats` interleaved rounds."""
+    import numpy as np
     import torch
 
     from services.backbones import load_backbone
     from services.datasets import read_dataset
-    from services.extraction import _as_input, _load_batch, run_extraction
+    from services.extraction import run_extraction
+    from services.loading import BatchReader, iterate, loader_workers
     from services.progress import NullReporter
     from services.spec import BackboneSpec
 
-    device = args.device
-    dataset = read_dataset(args.dataset)
-    backbone = load_backbone(BackboneSpec(name=args.backbone, pretrained=False, image_size=args.image_size), device)
-    all_layers, last = list(range(backbone.num_layers)), [backbone.num_layers - 1]
-    n, bs = len(dataset), args.batch_size
-    loaded = [_load_batch(dataset, backbone.transform, s, min(n, s + bs), False)[0] for s in range(0, n, bs)]
-    decoded = [_as_input(backbone.transform, x) for x in loaded]
-    for x in decoded[:2]:  # warm-up: kernels, allocator, thread pools
-        backbone.intermediates(x, all_layers)
-    sync(device)
+    device, bs = args.device, args.batch_size
+    gpu = device.startswith("cuda")
+    spec = BackboneSpec(name=args.backbone, pretrained=False, image_size=args.image_size, precision=args.precision)
+    backbone = load_backbone(spec, device)
+    all_layers = list(range(backbone.num_layers))
+    prod_workers = loader_workers(settings_for(args, "probe"), 10**6)
+    stage_workers = prod_workers if gpu else max(prod_workers, cores())
+    data: dict[str, Any] = {}
+    for name in DATASETS:
+        dataset = read_dataset(args.datasets[name])
+        n = len(dataset)
+        batches = [list(range(s, min(n, s + bs))) for s in range(0, n, bs)]
+        ready = [backbone.input(b.images) for b in iterate(BatchReader(dataset.paths, batches, backbone.split.pil,
+                                                                       False), 0)]  # fmt: skip
+        for x in ready[:2]:  # warm-up: kernels, allocator, thread pools
+            backbone.intermediates(x, all_layers, torch.float16)
+        acts = [backbone.intermediates(x, all_layers, torch.float16).cpu().numpy() for x in ready]
+        data[name] = {"dataset": dataset, "ready": ready, "acts": acts, "n": n}
+    decode_rate(data["digits"]["dataset"], backbone.split, bs, stage_workers)  # starts the forkserver, untimed
 
-    bare: dict[str, list[float]] = {"decoded": [], "loader_all": [], "loader_last": []}
-    ext: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in EXTRACT_ROWS}
-
-    def extract(name: str, method: str, codec: str, keepbits: int | None) -> None:
-        shutil.rmtree(args.work / "runs" / name.replace(" ", "-"), ignore_errors=True)  # no cache hit
-        spec = job_spec(args, method, codec=codec, keepbits=keepbits)
-        t0 = time.perf_counter()
-        res = run_extraction(spec, settings_for(args, name), NullReporter())
-        assert not res["cache_hit"], res
-        res["call_seconds"] = time.perf_counter() - t0
-        ext[name].append(res)
-        say(f"  {name}: {res['extract_images_per_s']} img/s, {res['bytes_per_image'] / 1024:.1f} KiB/image")
-
-    def bare_row(key: str, layers: list[int], label: str, ready=None) -> None:
-        bare[key].append(bare_forward(backbone, dataset, layers, bs, device, ready))
-        say(f"  bare forward, {label}: {bare[key][-1]:.1f} img/s")
-
+    stages: dict[str, dict[str, list[float]]] = {
+        name: {"decode": [], "forward": [], "writer": [], "disk": []} for name in DATASETS
+    }
+    writer_bytes: dict[str, int] = {}
+    ext: dict[str, list[dict[str, Any]]] = {row: [] for row, *_ in EXTRACT_ROWS}
     for rep in range(args.repeats):
         say(f"(a) extraction, round {rep + 1}/{args.repeats}")
-        bare_row("decoded", all_layers, "decoded beforehand", decoded)
-        bare_row("loader_all", all_layers, "same loader")
-        for name, method, codec, keepbits in EXTRACT_ROWS:
-            if method == "linear":
-                bare_row("loader_last", last, "same loader, last layer")
-            extract(name, method, codec, keepbits)
+        for name in DATASETS:
+            d, st = data[name], stages[name]
+            st["decode"].append(decode_rate(d["dataset"], backbone.split, bs, stage_workers))
+            st["forward"].append(forward_rate(backbone, d["ready"], all_layers, device))
+            rate, written = writer_rate(args, d["acts"], "none", None, name)
+            st["writer"].append(rate)
+            writer_bytes[name] = written
+            shard = d["acts"][0].nbytes
+            st["disk"].append(disk_mb_s(args.work, shard, max(8, len(d["acts"]))))
+            say(f"  {name}: decode {st['decode'][-1]:.1f} img/s ({stage_workers} loaders), forward "
+                f"{st['forward'][-1]:.1f} img/s, writer {rate:.1f} img/s, disk {st['disk'][-1]:.0f} MB/s")  # fmt: skip
+        for row, name, method, codec, keepbits in EXTRACT_ROWS:
+            shutil.rmtree(args.work / "runs" / row.replace(" ", "-"), ignore_errors=True)  # no cache hit
+            spec = job_spec(args, method, codec=codec, keepbits=keepbits, dataset=args.datasets[name])
+            res = run_extraction(spec, settings_for(args, row), NullReporter())
+            assert not res["cache_hit"], res
+            ext[row].append(res)
+            say(f"  extract {row}: {res['extract_images_per_s']} img/s ({res['loader_workers']} loader processes, "
+                f"{res['writer']}), {res['bytes_per_image'] / 1024:.1f} KiB/image")  # fmt: skip
     info = {
         "num_layers": backbone.num_layers,
         "tokens": backbone.tokens,
         "dim": backbone.dim,
-        "images": n,
+        "images": data["digits"]["n"],
+        "photos": data["photos"]["n"],
         "params": sum(p.numel() for p in backbone.model.parameters()),
+        "precision": backbone.precision,
+        "prod_workers": prod_workers,
+        "stage_workers": stage_workers,
+        "cores": cores(),
+        "bytes_per_image_raw": int(np.prod(data["digits"]["acts"][0].shape[1:])) * 2,
     }
-    decoded = backbone = None  # freed before the disk probe
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    disk = disk_write_mb_s(args.work, args.disk_probe_mb)
-    return {"bare": bare, "ext": ext, "info": info, "disk_write_mb_s": disk}
+    bf16 = bf16_error(args, backbone, data["digits"]["ready"][0], all_layers)
+    return {"stages": stages, "ext": ext, "info": info, "writer_bytes": writer_bytes, "bf16_rel_error": bf16}
+
+
+def bf16_error(args: argparse.Namespace, backbone, x, layers: list[int]) -> float:
+    """Relative error (Frobenius) of the bf16 forward's activations against the fp32 forward, on one batch."""
+    import torch
+
+    from services.backbones import load_backbone
+
+    other = "fp32" if backbone.precision == "bf16" else "bf16"
+    twin = load_backbone(backbone.spec, args.device, precision=other)
+    a = backbone.intermediates(x, layers, torch.float32).float()
+    b = twin.intermediates(x, layers, torch.float32).float()
+    ref, low = (a, b) if backbone.precision == "fp32" else (b, a)
+    return ((low - ref).norm() / ref.norm()).item()
 
 
 def report(args: argparse.Namespace, a: dict[str, Any]) -> dict[str, Any]:
-    """Prints part (a); returns its headline figures and its per-row `key=value` pairs ("kv")."""
-    info, bare, ext = a["info"], a["bare"], a["ext"]
+    """Prints part (a); returns its headline figures and `key=value` pairs ("kv")."""
+    info, stages, ext = a["info"], a["stages"], a["ext"]
+    gpu = args.device.startswith("cuda")
     kv: dict[str, str] = {}
     print(
-        "(a) extraction images/s: run_extraction's extract_images_per_s (timed from the first batch's decode to the "
-        "last write, excluding backbone creation, weight hashing and the dataset scan) against the bare forward "
-        "(Backbone.intermediates of the same layers) fed by the same loader (extraction's _load_batch one batch "
-        "ahead in a thread); ratios use the medians"
+        "(a) extraction against its ceiling: each stage alone, then run_extraction's own img/s (first decode to "
+        f"last write). decode: the loader with {info['stage_workers']} processes ({info['cores']} cores; "
+        f"extraction itself uses {info['prod_workers']} loader processes, {'' if info['prod_workers'] else 'i.e. a '}"
+        f"{'' if info['prod_workers'] else 'loader thread, '}by `auto`); forward: Backbone.intermediates of all "
+        f"{info['num_layers']} blocks on batches already normalised in device memory ({info['precision']}); writer: "
+        f"ShardWriter ({args.cache_writers} shards in flight) of those activations, codec none; ceiling = "
+        f"{'the slowest stage (GPU box: separate resources)' if gpu else '1 / sum(1 / stage) (CPU: shared cores)'}"
     )
-    headers = ["row", "img/s", "vs bare (same loader)", "vs bare (decoded beforehand)", "bytes/image"]
-    headers += ["vs raw fp16", "write MB/s", "whole call s"]
-    loader_vs_decoded = fmt(ratio(median(bare["loader_all"]), median(bare["decoded"])), 2)
-    rows = [
-        ["bare forward, decoded beforehand", spread(bare["decoded"]), "-", "1.00"] + ["-"] * 4,
-        ["bare forward, same loader", spread(bare["loader_all"]), "1.00", loader_vs_decoded] + ["-"] * 4,
-        ["bare forward, same loader, last layer", spread(bare["loader_last"])] + ["-"] * 6,
-    ]
-    for name, method, *_ in EXTRACT_ROWS:
-        runs = ext[name]
+    headers = ["dataset", "decode img/s", "forward img/s", "writer img/s", "ceiling", "extract img/s", "efficiency"]
+    headers += ["vs forward"]
+    rows, out = [], {}
+    for name in DATASETS:
+        st = stages[name]
+        dec, fwd, wri = median(st["decode"]), median(st["forward"]), median(st["writer"])
+        ceiling = min(dec, fwd, wri) if gpu else 1 / (1 / dec + 1 / fwd + 1 / wri)
+        row = "photos losa none" if name == "photos" else "losa none"
+        whole = median([r["extract_images_per_s"] for r in ext[row]])
+        eff = ratio(whole, ceiling)
+        out[name] = {"efficiency": eff, "extract_ratio": ratio(whole, fwd), "whole": whole}
+        rows.append([name, spread(st["decode"]), spread(st["forward"]), spread(st["writer"]), fmt(ceiling, 1),
+                     spread([r["extract_images_per_s"] for r in ext[row]]), fmt(eff, 3),
+                     fmt(ratio(whole, fwd), 3)])  # fmt: skip
+        put(kv, f"decode_img_s_{name}", dec, 1)
+        put(kv, f"forward_img_s_{name}", fwd, 1)
+        put(kv, f"writer_img_s_{name}", wri, 1)
+        put(kv, f"extract_img_s_{name}", whole, 1)
+    print(render(headers, rows))
+
+    shard_mb = info["bytes_per_image_raw"] * args.batch_size / MB
+    writer_mb_s = median(stages["digits"]["writer"]) * info["bytes_per_image_raw"] / MB
+    disk = median(stages["digits"]["disk"])
+    writer_vs_disk = ratio(writer_mb_s, disk)
+    print(
+        f"writer: {writer_mb_s:,.0f} MB/s of activations ({shard_mb:.1f} MB shards, fsync'd by tensorstore) against "
+        f"the disk's raw sequential writes of the same file size, each fsync'd: {disk:,.0f} MB/s "
+        f"({spread(stages['digits']['disk'], 0)}); writer_vs_disk {fmt(writer_vs_disk, 3)}"
+    )
+    print(f"bf16 forward against fp32, relative error of the activations (all layers, one batch): "
+          f"{a['bf16_rel_error']:.2e}")  # fmt: skip
+
+    headers = ["row", "img/s", "vs forward (ready)", "bytes/image", "vs raw fp16", "loaders", "writer"]
+    rows = []
+    for row, name, method, *_ in EXTRACT_ROWS:
+        runs = ext[row]
         rate = median([r["extract_images_per_s"] for r in runs])
-        denom = median(bare["loader_last"] if method == "linear" else bare["loader_all"])
         bpi = runs[-1]["bytes_per_image"]
         full = info["dim"] * 2 * (1 if method == "linear" else info["num_layers"] * info["tokens"])
-        r_loader = ratio(rate, denom)
-        r_decoded = ratio(rate, median(bare["decoded"])) if method == "losa" else None
-        rows.append(
-            [
-                f"extract {name}",
-                spread([r["extract_images_per_s"] for r in runs]),
-                fmt(r_loader, 2),
-                fmt(r_decoded, 2),
-                f"{bpi:,}",
-                fmt(bpi / full, 3),
-                fmt(rate * bpi / MB, 1),
-                spread([r["call_seconds"] for r in runs], 2),
-            ]
-        )
-        slug = name.replace(" ", "_").replace("+", "_")
-        put(kv, f"extract_ratio_{slug}", r_loader)
+        rows.append([f"extract {row}", spread([r["extract_images_per_s"] for r in runs]),
+                     fmt(ratio(rate, median(stages[name]["forward"])), 2) if method == "losa" else "-",
+                     f"{bpi:,}", fmt(bpi / full, 3), str(runs[-1]["loader_workers"]), runs[-1]["writer"]])  # fmt: skip
+        slug = row.replace(" ", "_").replace("+", "_")
         put(kv, f"bytes_per_image_{slug}", float(bpi), 0)
     print(render(headers, rows))
-    if median(bare["decoded"]) < median(bare["loader_all"]):
-        print(
-            "note: the forward on batches decoded beforehand is slower than the loader-fed one here. With no second "
-            "busy thread in the process, libgomp's spinning OpenMP workers lose the shared CPUs to other processes "
-            "(with OMP_WAIT_POLICY=PASSIVE both run at the same speed); the ratios use the loader-fed forward, which "
-            "has the same threads as run_extraction"
-        )
-    head = ext["losa none"]
-    extract_img_s = median([r["extract_images_per_s"] for r in head])
-    write_mb_s = extract_img_s * head[-1]["bytes_per_image"] / MB
-    stored_rows = -(-info["images"] // args.batch_size) * args.batch_size
-    raw_fp16 = info["num_layers"] * info["tokens"] * info["dim"] * 2
-    disk = a["disk_write_mb_s"]
-    print(
-        f"bytes/image = all of the entry's files / images, including the fill of the last, partial shard "
-        f"({stored_rows} rows stored for {info['images']} images: x{stored_rows / info['images']:.3f}), "
-        "metadata included"
-    )
-    print(
-        f"raw fp16 per image (all layers, all tokens): {raw_fp16:,} bytes; disk write bandwidth of the data dir: "
-        f"{disk:.0f} MB/s ({args.disk_probe_mb} MB, 4 MiB blocks, fsync); extraction (losa none) writes "
-        f"{write_mb_s:.1f} MB/s, {100 * write_mb_s / disk:.1f}% of it, so the disk "
-        f"{'binds' if write_mb_s > 0.9 * disk else 'does not bind'}"
-    )
+    put(kv, "disk_write_mb_s", disk, 0)
+    put(kv, "writer_mb_s", writer_mb_s, 0)
+    put(kv, "bf16_rel_error", a["bf16_rel_error"], 5)
     return {
-        "extract_ratio": ratio(extract_img_s, median(bare["loader_all"])),
-        "extract_ratio_decoded": ratio(extract_img_s, median(bare["decoded"])),
-        "extract_img_s": extract_img_s,
-        "write_mb_s": write_mb_s,
+        "pipeline_efficiency_photos": out["photos"]["efficiency"],
+        "pipeline_efficiency_digits": out["digits"]["efficiency"],
+        "extract_ratio": out["digits"]["extract_ratio"],
+        "extract_ratio_photos": out["photos"]["extract_ratio"],
+        "writer_vs_disk": writer_vs_disk,
         "kv": kv,
     }

@@ -70,8 +70,8 @@ def measure(args: argparse.Namespace, extraction: dict[str, Any]) -> dict[str, A
     from storage.cache import FeatureCache
 
     entries = {}
-    for name, method, *_ in EXTRACT_ROWS:
-        if method == "losa":
+    for name, dataset, method, *_ in EXTRACT_ROWS:
+        if method == "losa" and dataset == "digits":
             key = extraction["ext"][name][-1]["cache_key"]
             entries[name] = FeatureCache(settings_for(args, name).cache_dir).entry(key)
     rows: dict[str, dict[str, Any]] = {}

@@ -139,7 +139,7 @@ def bare_backbone(args: argparse.Namespace) -> dict[str, Any]:
     batches = infer_batches(args)
 
     def tensors(batch: list[bytes]) -> torch.Tensor:
-        return torch.stack([backbone.transform(load_image(b)) for b in batch]).to(device)
+        return torch.stack([backbone.transform(load_image(b)) for b in batch]).to(device, backbone.dtype)
 
     xs = [tensors(b) for b in batches]
     with torch.inference_mode():

@@ -69,10 +69,25 @@ class SplitTransform:
         """An RGB PIL image -> uint8 [H, W, 3] after the PIL steps."""
         return np.asarray(self.pil(image), dtype=np.uint8)
 
-    def to_input(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> the normalised float batch [B, 3, H, W], as ToTensor and Normalize compute it."""
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
-        return x.sub_(self.mean).div_(self.std)
+    def to_input(
+        self, images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> the normalised batch [B, 3, H, W] on `device` in `dtype`: normalised there (a quarter
+        of the bytes travel), in float32 as ToTensor and Normalize compute it (bit-equal on the CPU), then cast."""
+        images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        return x if dtype == torch.float32 else x.to(dtype)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """`auto`: bf16 on a GPU (the frozen forward's activations are stored as float16 anyway), fp32 on a CPU."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
 @dataclass
@@ -83,6 +98,23 @@ class Backbone:
     data_config: dict[str, Any]
     weights_hash: str
     transform: Any = field(repr=False)
+    precision: str = "fp32"  # of the frozen forward: the weights are cast once (fp32 weights are hashed)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    @property
+    def split(self) -> SplitTransform:
+        """The eval transform's PIL steps (loader side) and normalisation (device side)."""
+        split = SplitTransform.of(self.transform)
+        if split is None:  # timm's eval transforms are all [Resize, CenterCrop, ToTensor, Normalize]
+            raise BackboneError(f"backbone {self.spec.name!r}: unexpected eval transform {self.transform}")
+        return split
+
+    def input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A uint8 batch [B, H, W, 3] from a loader -> the normalised input on the device, in the forward's dtype."""
+        return self.split.to_input(images, self.device, self.dtype)
 
     @property
     def num_layers(self) -> int:
@@ -105,6 +137,7 @@ class Backbone:
         return {
             "backbone": self.spec.name,
             "weights_hash": self.weights_hash,
+            "precision": self.precision,
             "num_layers": self.num_layers,
             "tokens": self.tokens,
             "dim": self.dim,
@@ -131,11 +164,10 @@ class Backbone:
     def intermediates(self, images: torch.Tensor, layers: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
         """Block outputs (before the final norm) as [B, len(layers), T, D], prefix tokens first, in `dtype` (default:
         the forward's). Under no_grad, not inference_mode: `online` training feeds them to a side network that
-        autograd must record."""
-        # bfloat16 autocast on a GPU (here, not by the caller: this also runs in prefetch threads); fp32 on a CPU
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        autograd must record. No autocast: the weights are in the forward's precision already."""
+        with torch.autocast(self.device.type, enabled=False):  # a caller's autocast must not re-cast the weights
             out = self.model.forward_intermediates(
-                images.to(self.device), indices=layers, norm=False, output_fmt="NLC",
+                images.to(self.device, self.dtype), indices=layers, norm=False, output_fmt="NLC",
                 intermediates_only=True, return_prefix_tokens=True, stop_early=True,  # no block after the last asked
             )  # fmt: skip
         # One copy of each layer into its slot (converting on the way) instead of cat, stack and a cast: the three
@@ -150,8 +182,12 @@ class Backbone:
         return stacked
 
 
-def load_backbone(spec: BackboneSpec, device: str = "cpu", checkpoint: Path | None = None) -> Backbone:
-    """Create the frozen backbone; `checkpoint` is the resolved path of `spec.checkpoint`, if any."""
+def load_backbone(
+    spec: BackboneSpec, device: str = "cpu", checkpoint: Path | None = None, precision: str | None = None
+) -> Backbone:
+    """Create the frozen backbone; `checkpoint` is the resolved path of `spec.checkpoint`, if any; `precision` of
+    the frozen forward (default: `spec.precision`, `auto` resolved for the device). Methods that train inside the
+    backbone take `model` in fp32 (`precision="fp32"`) and run it under autocast."""
     base = spec.name.split(".")[0]
     if not timm.is_model(base):
         raise BackboneError(f"unknown backbone {spec.name!r}: not a timm model name (see timm.list_models('vit*'))")
@@ -187,6 +223,7 @@ def load_backbone(spec: BackboneSpec, device: str = "cpu", checkpoint: Path | No
         data_config["input_size"] = (3, spec.image_size, spec.image_size)
     data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
     transform = create_transform(**data_config, is_training=False)
-    digest = weights_hash(model)
+    digest = weights_hash(model)  # of the fp32 weights, whatever the forward's precision
     dev = torch.device(device)
-    return Backbone(spec, model.to(dev), dev, data_config, digest, transform)
+    precision = resolve_precision(precision or spec.precision, dev)
+    return Backbone(spec, model.to(dev, PRECISIONS[precision]), dev, data_config, digest, transform, precision)

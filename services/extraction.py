@@ -1,26 +1,30 @@
 """Feature extraction: run the frozen backbone once per image and write per-layer activations to the cache.
 
 Skips entirely when the cache entry for the same key is complete (no backbone forward). Otherwise writes
-the batches still missing, so a crashed extraction resumes from the last complete batch. Image decoding
-runs one batch ahead in a thread, and cache writes run one batch behind in another, so the backbone does
-not wait on either.
+the batches still missing, so a crashed extraction resumes from the last complete batch. Loader processes decode
+ahead of the backbone and the writer writes behind it, several batches at a time, so the backbone waits on neither
+while they keep up (bench/cache.py measures each stage alone against the whole).
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from services.backbones import Backbone, SplitTransform, load_backbone
-from services.datasets import Dataset, DatasetError, check_path, load_image, read_dataset
+from services.backbones import Backbone, load_backbone
+from services.datasets import Dataset, check_path, read_dataset
+from services.loading import BatchReader, EncodedReader, decode_on_device, iterate, loader_workers
 from services.progress import Reporter
 from services.spec import JobSpec
 from storage.cache import CacheEntry, FeatureCache, cache_key, pool_tokens
+from storage.cache.writer import ShardWriter
 from storage.settings import Settings
 
 
@@ -42,8 +46,10 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     dataset = read_dataset(root, spec.dataset.format, spec.dataset.multi_label, spec.dataset.on_corrupt)
     checkpoint = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
     backbone = load_backbone(spec.backbone, settings.torch_device(), checkpoint)
+    preprocessing = {**backbone.data_config, "decode": spec.extraction.decode}
     family = cache_key({"dataset": dataset.fingerprint, "backbone": spec.backbone.name,
-                        "weights": backbone.weights_hash, "preprocessing": backbone.data_config})  # fmt: skip
+                        "weights": backbone.weights_hash, "preprocessing": preprocessing,
+                        "precision": backbone.precision})  # fmt: skip
     layers, tokens = spec.cached_layers_and_tokens(backbone.num_layers, backbone.model.global_pool)
     cache = FeatureCache(settings.cache_location)
     if key is not None:
@@ -57,37 +63,6 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
                          "codec": ext.codec, "keepbits": ext.keepbits})  # fmt: skip
     key = f"{family}/{variant}"
     return Prepared(dataset, backbone, key, cache.entry(key), layers, tokens)
-
-
-def _load_batch(dataset: Dataset, transform: Any, start: int, stop: int, skip_corrupt: bool):
-    """Decode images [start, stop) in a loader thread; returns (batch or None if every image was corrupt, valid
-    flags, messages for the corrupt ones). With a `SplitTransform` layout the batch is uint8 and `_as_input` makes it
-    a tensor in the model's thread; otherwise the whole transform runs here."""
-    split = SplitTransform.of(transform)
-    images, valid, bad = [], [], []
-    for i in range(start, stop):
-        try:
-            image = load_image(dataset.paths[i])
-            images.append(split.load(image) if split else transform(image))
-            valid.append(True)
-        except DatasetError as e:
-            if not skip_corrupt:
-                raise
-            images.append(None)
-            valid.append(False)
-            bad.append(str(e))
-    ok = next((im for im in images if im is not None), None)
-    if ok is None:
-        return None, np.array(valid), bad
-    if split:
-        return np.stack([im if im is not None else np.zeros_like(ok) for im in images]), np.array(valid), bad
-    return torch.stack([im if im is not None else torch.zeros_like(ok) for im in images]), np.array(valid), bad
-
-
-def _as_input(transform: Any, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A batch from `_load_batch` as the model's input (this runs in the model's thread)."""
-    split = SplitTransform.of(transform)
-    return split.to_input(batch) if split and isinstance(batch, np.ndarray) else batch
 
 
 def begin_extraction(
@@ -113,80 +88,84 @@ def begin_extraction(
 
 
 class _HostBuffers:
-    """Device -> host copies of the activations: on a GPU into two alternating pinned buffers, asynchronously
-    (the writer thread waits on the copy's event), so the next forward starts while the last batch is copied
-    and written; on the CPU a plain conversion."""
+    """Device -> host copies of the activations. On a GPU: into a ring of pinned buffers, on a side stream of the
+    activations' own device (so the next forward is not queued behind the copy), with an event recorded on that
+    stream that the writer thread waits on before reading; a buffer is reused once the writer has let it go. On the
+    CPU: the float16 tensor itself (a new one per batch)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, slots: int) -> None:
         self.cuda = device.type == "cuda"
-        self.buffers: list[torch.Tensor] = []
-        self.turn = 0
+        self.slots = slots
+        self.free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        self.shape: tuple[int, ...] | None = None
+        self.rows = 0
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
 
-    def copy(self, feats: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def copy(self, feats: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None] | None, Callable[[], None] | None]:
+        """(host tensor, wait for it to be filled, give it back) for `feats`."""
         feats = feats.to(torch.float16)
         if not self.cuda:
-            return feats, None
-        if not self.buffers or self.buffers[0].shape[1:] != feats.shape[1:] or self.buffers[0].shape[0] < len(feats):
-            self.buffers = [torch.empty(feats.shape, dtype=torch.float16, pin_memory=True) for _ in range(2)]
-        host = self.buffers[self.turn][: len(feats)]
-        self.turn ^= 1
-        host.copy_(feats, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
+            return feats, None, None
+        if self.shape != tuple(feats.shape[1:]) or self.rows < len(feats):
+            self.shape, self.rows = tuple(feats.shape[1:]), len(feats)
+            self.free = queue.SimpleQueue()
+            for _ in range(self.slots):
+                self.free.put(torch.empty(feats.shape, dtype=torch.float16, pin_memory=True))
+        buffer = self.free.get()  # blocks while every buffer is still being written
+        host = buffer[: len(feats)]
+        with torch.cuda.device(feats.device):
+            self.stream.wait_stream(torch.cuda.current_stream(feats.device))  # the forward that made feats
+            with torch.cuda.stream(self.stream):
+                host.copy_(feats, non_blocking=True)
+                feats.record_stream(self.stream)  # not reused by the allocator before the copy ends
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        return host, event.synchronize, lambda: self.free.put(buffer)
 
 
-def _write(entry: CacheEntry, batch_index: int, host: torch.Tensor, event: Any, valid: np.ndarray) -> None:
-    if event is not None:
-        event.synchronize()
-    entry.write_batch(batch_index, host.numpy(), valid)
-
-
-def extract_batches(prep: Prepared, spec: JobSpec, reporter: Reporter, batches: list[int]) -> dict[str, Any]:
-    """Run the backbone on `batches` (indices of the entry's extraction batches) and write each one whole.
-    Decoding runs one batch ahead in a thread and writing one batch behind in another (double buffering)."""
+def extract_batches(
+    prep: Prepared, spec: JobSpec, reporter: Reporter, batches: list[int], settings: Settings | None = None
+) -> dict[str, Any]:
+    """Run the backbone on `batches` (indices of the entry's extraction batches) and write each one whole. Loader
+    processes decode ahead (services/loading.py) and the writer writes several batches at once behind the forward
+    (storage/cache/writer.py), so the backbone waits on neither while they keep up."""
+    settings = settings or Settings()
     entry, backbone, dataset = prep.entry, prep.backbone, prep.dataset
     layers, tokens, shape = entry.layers, entry.meta["token_mode"], entry.meta["shape"]
-    skip = spec.dataset.on_corrupt == "skip"
     total = len(entry.pending_batches()) if batches else 0
     n_batches = -(-shape[0] // entry.meta["batch_size"])
-    host = _HostBuffers(backbone.device)
+    rows = [np.arange(*entry.batch_range(b)) for b in batches]
+    skip, on_device = spec.dataset.on_corrupt == "skip", spec.extraction.decode == "device"
+    reader = (EncodedReader if on_device else BatchReader)(dataset.paths, rows, backbone.split.pil, skip)
+    workers = loader_workers(settings, len(dataset))
+    writer = ShardWriter(entry, settings.cache_writers)
+    host = _HostBuffers(backbone.device, settings.cache_writers + 1)
     forwards, images_done = 0, 0
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer:
-        next_load: Future | None = None
-        write: Future | None = None
-        for k, batch_index in enumerate(batches):
+    with writer, contextlib.closing(iterate(reader, workers, pin_memory=backbone.device.type == "cuda")) as loaded:
+        for k, (batch_index, batch) in enumerate(zip(batches, loaded, strict=True)):
             start, stop = entry.batch_range(batch_index)
-            if next_load is None:
-                next_load = loader.submit(_load_batch, dataset, backbone.transform, start, stop, skip)
-            images, valid, bad = next_load.result()
-            if k + 1 < len(batches):  # decode the next batch while this one runs
-                s2, e2 = entry.batch_range(batches[k + 1])
-                next_load = loader.submit(_load_batch, dataset, backbone.transform, s2, e2, skip)
-            if images is None:
-                acts, event = torch.zeros((stop - start, *shape[1:]), dtype=torch.float16), None
+            if on_device:
+                batch = decode_on_device(batch, dataset.paths, backbone.split.pil, backbone.device, skip)
+            if batch.images is None:
+                acts, ready, done = torch.zeros((stop - start, *shape[1:]), dtype=torch.float16), None, None
             else:
                 # all tokens: stored as they come, so float16 straight from the forward; pooled ones in full precision
                 dtype = torch.float16 if tokens == "all" else None
-                feats = backbone.intermediates(_as_input(backbone.transform, images), layers, dtype)
-                feats = pool_tokens(feats, tokens, backbone.num_prefix_tokens)
-                acts, event = host.copy(feats)
+                feats = backbone.intermediates(backbone.input(batch.images), layers, dtype)
+                acts, ready, done = host.copy(pool_tokens(feats, tokens, backbone.num_prefix_tokens))
                 forwards += 1
-            for msg in bad:
+            for msg in batch.errors:
                 reporter.event(f"skipped a corrupt image: {msg}", level="warning")
-            if write is not None:
-                write.result()  # one write in flight at most
-            write = writer.submit(_write, entry, batch_index, acts, event, valid)
+            writer.submit(batch_index, acts, batch.valid, ready, done)
             images_done += stop - start
-            done = n_batches - total + k + 1  # across every shard, approximately: others write concurrently
+            done_batches = n_batches - total + k + 1  # across every shard, approximately: others write concurrently
             rate = round(images_done / max(time.perf_counter() - t0, 1e-9), 2)  # this task's, for /metrics
-            reporter.progress("extracting", done, n_batches, images=images_done, images_per_s=rate)
+            reporter.progress("extracting", done_batches, n_batches, images=images_done, images_per_s=rate)
             reporter.check_cancel()
-        if write is not None:
-            write.result()
     seconds = time.perf_counter() - t0
-    return {"backbone_forwards": forwards, "images_extracted": images_done, "seconds": seconds}
+    return {"backbone_forwards": forwards, "images_extracted": images_done, "seconds": seconds,
+            "loader_workers": workers, "writer": writer.engine}  # fmt: skip
 
 
 def finish_extraction(prep: Prepared) -> dict[str, Any]:
@@ -230,10 +209,10 @@ def run_extraction(
     if len(pending) < n_batches:
         reporter.event(f"resuming extraction: {n_batches - len(pending)} of {n_batches} batches already cached")
     reporter.event(f"extracting {len(prep.dataset)} images with {spec.backbone.name} into cache {prep.key}")
-    run = extract_batches(prep, spec, reporter, pending)
+    run = extract_batches(prep, spec, reporter, pending, settings)
     summary = finish_extraction(prep)
     rate = run["images_extracted"] / max(run["seconds"], 1e-9)
     reporter.event(f"extracted {run['images_extracted']} images in {run['seconds']:.1f}s ({rate:.1f} img/s)")
     return {**base, "cache_hit": False, "backbone_forwards": run["backbone_forwards"],
             "extract_seconds": round(time.perf_counter() - t0, 3), "extract_images_per_s": round(rate, 2),
-            **summary}  # fmt: skip
+            "loader_workers": run["loader_workers"], "writer": run["writer"], **summary}  # fmt: skip

@@ -171,7 +171,9 @@ class Predictor:
         each request its own rows' probabilities."""
         spans = [(i, first, len(requests[i][1])) for i, first in where]
         rows = [r for _, first, n in spans for r in range(first, first + n)]
-        probs = probabilities(model, model.module(x if rows == list(range(len(x))) else x[rows])).cpu().numpy()
+        x = x if rows == list(range(len(x))) else x[rows]
+        dtype = next(model.module.parameters()).dtype  # a merged ViT runs in its backbone's precision (bf16 on a GPU)
+        probs = probabilities(model, model.module(x.to(dtype) if x.is_floating_point() else x)).cpu().numpy()
         done = 0
         for i, _, n in spans:
             out[i], done = probs[done : done + n], done + n

@@ -44,6 +44,10 @@ class Objective:
         t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
         return (torch.sigmoid(t) if self.multi_label else t.softmax(-1)).numpy()
 
+    def cast(self, y: torch.Tensor) -> torch.Tensor:
+        """Labels as a source yields them (int64) -> what the loss takes: class indices, or float 0/1 per tag."""
+        return y.float() if self.multi_label else y
+
     def targets(self, y: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(y))
         return (t.float() if self.multi_label else t.long()).to(self.device, non_blocking=True)

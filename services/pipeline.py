@@ -209,7 +209,7 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
             return _hit(store, job_id, prep, reporter, t0)
         batches = shard_batches(prep.entry.pending_batches(), index, count)
         if batches:
-            run = extract_batches(prep, spec, _LockedReporter(store, job_id, lock), batches)
+            run = extract_batches(prep, spec, _LockedReporter(store, job_id, lock), batches, settings)
             store.update_job(job_id, lambda j: j.update(
                 metrics={**j["metrics"], "backbone_forwards": j["metrics"].get("backbone_forwards", 0)
                          + run["backbone_forwards"]}))  # fmt: skip

@@ -104,18 +104,21 @@ class Plan(BaseModel):
         None, description="Cached features the training split reads (its layers and tokens), in bytes."
     )
     train_in_memory: bool | None = Field(
-        None, description="They fit half of SIDETUNE_TRAIN_MEMORY_MB (the training split's share): held in RAM, "
-        "else streamed from the cache."
+        None, description="They fit the training split's share of the host memory budget: held in RAM, else streamed "
+        "from the cache."
     )  # fmt: skip
     train_on_gpu: bool | None = Field(
-        None, description="They also fit half of SIDETUNE_GPU_CACHE_MB: GPU-resident training (on a GPU device)."
-    )
+        None, description="They also fit the training split's share of the device budget: GPU-resident training (on "
+        "a GPU device); null when the budget is only known on the worker's device (no SIDETUNE_GPU_CACHE_MB cap)."
+    )  # fmt: skip
     train_memory_budget_bytes: int = Field(
-        ..., description="The training split's share of SIDETUNE_TRAIN_MEMORY_MB (half), in bytes."
-    )
-    gpu_budget_bytes: int = Field(
-        ..., description="The training split's share of SIDETUNE_GPU_CACHE_MB (half), in bytes."
-    )
+        ..., description="The training split's share (half) of the host budget: half the RAM available here now, "
+        "capped by SIDETUNE_TRAIN_MEMORY_MB."
+    )  # fmt: skip
+    gpu_budget_bytes: int | None = Field(
+        None, description="The training split's share (half) of SIDETUNE_GPU_CACHE_MB; null: no cap, the worker "
+        "derives it from its device's free memory."
+    )  # fmt: skip
     extraction_flops: float | None = Field(None, description="FLOPs of the backbone forwards over every image.")
     extraction_compute_s: float | None = Field(None, description="Forward time at the assumed throughput.")
     extraction_write_s: float | None = Field(None, description="Cache write time at the assumed disk bandwidth.")
@@ -257,8 +260,8 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         configurations=spec.sweep.size() if spec.sweep else 1, architecture=arch,
         quota_bytes=disk.quota, free_disk_bytes=disk.free, cache_used_bytes=disk.used,
         cache_evictable_bytes=disk.evictable, available_bytes=disk.space_max(), assumed_tflops=tflops,
-        assumed_disk_mb_s=settings.planner_disk_mb_s, train_memory_budget_bytes=settings.train_memory_mb * MIB // 2,
-        gpu_budget_bytes=settings.gpu_cache_mb * MIB // 2,
+        assumed_disk_mb_s=settings.planner_disk_mb_s, train_memory_budget_bytes=settings.train_host_budget_bytes() // 2,
+        gpu_budget_bytes=None if settings.gpu_cache_mb is None else settings.gpu_cache_mb * MIB // 2,
     )  # fmt: skip
     if not spec.needs_cache:
         msg = f"mode {spec.mode} trains on images and needs no feature cache; nothing is extracted"
@@ -277,7 +280,8 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     expected = upper if frac is None else int(upper * frac)
     train_bytes = len(train_idx) * len(needed) * stored * arch.dim * 2
     in_memory = train_bytes <= base["train_memory_budget_bytes"]  # as services/training.py splits the budgets
-    on_gpu = in_memory and not cpu and train_bytes <= base["gpu_budget_bytes"]
+    gpu_budget = base["gpu_budget_bytes"]  # unknown here without a cap: the worker reads its device's free memory
+    on_gpu = None if gpu_budget is None and not cpu else (in_memory and not cpu and train_bytes <= gpu_budget)
     flops = forward_flops(arch, n)
     compute_s = flops / (tflops * 1e12)
     write_s = expected / (settings.planner_disk_mb_s * 1e6)
@@ -344,9 +348,12 @@ def describe(p: Plan) -> str:
     if p.train_feature_bytes is not None:
         where = ("GPU-resident" if p.train_on_gpu else "in memory" if p.train_in_memory
                  else "streamed from the cache")  # fmt: skip
+        if p.train_on_gpu is None and p.train_in_memory:
+            where = "in memory, GPU-resident if the worker's device has room"
+        gpu = "the device's free memory" if p.gpu_budget_bytes is None else gb(p.gpu_budget_bytes)
+        budgets = f"budgets: {gb(p.train_memory_budget_bytes)} in memory, {gpu} on the GPU"
         rows.append(("training", f"{gb(p.train_feature_bytes)} of features for {p.train_images} images: {where} "
-                                 f"(budgets: {gb(p.train_memory_budget_bytes)} in memory, {gb(p.gpu_budget_bytes)} "
-                                 "on the GPU)"))  # fmt: skip
+                                 f"({budgets})"))  # fmt: skip
     if p.extraction_s is not None:
         rows.append(("extraction", f"~{human_seconds(p.extraction_s)}: {p.extraction_flops or 0:.3g} FLOPs, "
                                    f"{human_seconds(p.extraction_compute_s or 0)} at an assumed {p.assumed_tflops:g} "

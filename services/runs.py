@@ -82,6 +82,8 @@ class ModuleRuns:
             self.opt = torch.optim.AdamW(groups, lr=hp["lr"])
         self.base_lr = hp["lr"]
         self.base_lrs = [hp["lr"]]
+        # torch.compile (training.compile) shares the module's parameters: the state is still saved from `model`
+        self.forward = torch.compile(model) if hp.get("compile") else model
 
     def train(self, mode: bool) -> None:
         self.model.train(mode)
@@ -90,7 +92,7 @@ class ModuleRuns:
         for group in self.opt.param_groups:
             group["lr"] = self.base_lr * lr_scale
         with autocast(self.device):
-            loss = self.objective(self.model(x)[None], y)
+            loss = self.objective(self.forward(x)[None], y)
         self.opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         if self.clip:
@@ -100,7 +102,7 @@ class ModuleRuns:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.device):
-            return self.model(x)[None].float()
+            return self.forward(x)[None].float()
 
     def state(self, k: int = 0) -> dict[str, np.ndarray]:
         return to_numpy(self.model.trainable_state())

@@ -1,145 +1,140 @@
 """Where a training step's inputs come from, one class per execution mode's input:
 
-- `CacheSource`: cached activations of some layers (modes `cache` and `tail`), held in memory when they fit
-  the budget, else read from the cache per batch;
+- `CacheSource`: cached activations of some layers (modes `cache` and `tail`), held on the device or in host memory
+  when they fit the budgets, else read from the cache per batch;
 - `ImageSource`: decoded, transformed images (mode `images`), augmented or not;
 - `OnlineSource`: images through the frozen backbone under no_grad on every batch (mode `online`, the LoSA
   paper's way of training, and the baseline the cache is measured against);
 - `PooledSource`: another source's activations pooled to one token per layer, as a pooled cache holds them.
 
-Every source answers `batch(positions) -> (raw, kept)`, which may run in a loader thread, and `ready(raw)`, which
-runs in the training thread and gives the model's input: `kept` are the positions actually in the batch (an
-undecodable image is dropped when the job says `on_corrupt="skip"`). Torch work stays in the training thread (see
-`SplitTransform`): images are decoded and cropped in the loader, made tensors and run through the backbone in
-`ready`. `prefetch` loads the next batch in a thread while the current one trains.
+Every source answers `iterate(batches)`: for each batch of positions (into its indices), `(x, y)` on the device,
+ready for the model. Nothing in it waits for the device: labels travel with their inputs (gathered on the device
+when the features live there), so a training step never synchronises with the host. Images are decoded and resized
+by loader processes (services/loading.py) and normalised on the device; an undecodable image is dropped from its
+batch when the job says `on_corrupt="skip"` (a batch may then come out empty).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from services.backbones import Backbone, SplitTransform
-from services.datasets import Dataset, DatasetError, load_image
+from services.datasets import Dataset
+from services.loading import BatchReader, iterate
 from storage.cache import CacheEntry, pool_tokens
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), both on the device
 
 
 class Source(Protocol):
-    def batch(self, positions: np.ndarray) -> tuple[Any, np.ndarray]: ...
-
-    def ready(self, raw: Any) -> torch.Tensor: ...
+    def iterate(self, batches: Sequence[np.ndarray]) -> Iterator[Batch]: ...
 
 
 class CacheSource:
-    """Held in host memory when it fits `budget_bytes`, and then on the accelerator too when it fits
-    `device_budget_bytes` (batches are then gathered on the device: no host-to-device copy per step);
-    otherwise random mini-batches are read from the cache (chunks of about 1 MiB) in a prefetch thread."""
+    """Held in host memory when it fits `budget_bytes`, and then on the device too when it fits
+    `device_budget_bytes` (batches are then gathered there: no host-to-device copy per step); otherwise random
+    mini-batches are read from the cache (chunks of about 1 MiB) in a prefetch thread."""
 
     def __init__(
         self,
         entry: CacheEntry,
         indices: np.ndarray,
+        labels: np.ndarray,
         layers: list[int],
         budget_bytes: int,
         device: str = "cpu",
         device_budget_bytes: int = 0,
     ) -> None:
-        self.entry, self.indices, self.layers = entry, indices, layers
+        self.entry, self.indices, self.layers, self.device = entry, indices, layers, torch.device(device)
         _, _, t, d = entry.meta["shape"]
         nbytes = len(indices) * len(layers) * t * d * 2
         self.in_memory = nbytes <= budget_bytes
         self.data = torch.from_numpy(entry.read(indices, layers)) if self.in_memory else None
-        self.on_device = self.data is not None and device != "cpu" and nbytes <= device_budget_bytes
+        self.on_device = self.data is not None and self.device.type != "cpu" and nbytes <= device_budget_bytes
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         if self.on_device:
-            self.data = self.data.to(device)
+            self.data, self.labels = self.data.to(self.device), self.labels.to(self.device)
 
-    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        if self.data is not None:
-            return self.data[torch.from_numpy(positions).to(self.data.device)], positions
-        return torch.from_numpy(self.entry.read(self.indices[positions], self.layers)), positions
-
-    def ready(self, raw: torch.Tensor) -> torch.Tensor:
-        return raw
+    def iterate(self, batches: Sequence[np.ndarray]) -> Iterator[Batch]:
+        if not batches:
+            return
+        if self.on_device:  # the epoch's order moves once; every batch is a slice of it
+            order = torch.from_numpy(np.concatenate(batches)).to(self.device, non_blocking=True)
+            start = 0
+            for b in batches:
+                idx = order[start : start + len(b)]
+                start += len(b)
+                yield self.data[idx], self.labels[idx]
+        elif self.data is not None:  # a gather in this thread: a loader thread only adds contention (-20%)
+            for b in batches:
+                idx = torch.from_numpy(b)
+                yield self.data[idx].to(self.device, non_blocking=True), self.labels[idx].to(self.device)
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(self.entry.read, self.indices[batches[0]], self.layers)
+                for i, b in enumerate(batches):
+                    raw = pending.result()
+                    if i + 1 < len(batches):
+                        pending = pool.submit(self.entry.read, self.indices[batches[i + 1]], self.layers)
+                    yield torch.from_numpy(raw).to(self.device), self.labels[torch.from_numpy(b)].to(self.device)
 
 
 class ImageSource:
-    in_memory = False
+    """`split` is the transform's loader side (PIL steps) and device side (normalisation), `dtype` the input's."""
 
-    def __init__(self, dataset: Dataset, indices: np.ndarray, transform: Any, skip_corrupt: bool) -> None:
-        self.dataset, self.indices, self.transform, self.skip_corrupt = dataset, indices, transform, skip_corrupt
-        self.split = SplitTransform.of(transform)
-        self.skipped: set[str] = set()
+    def __init__(
+        self,
+        dataset: Dataset,
+        indices: np.ndarray,
+        split: SplitTransform,
+        skip_corrupt: bool,
+        device: str = "cpu",
+        workers: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.dataset, self.indices, self.split, self.skip_corrupt = dataset, indices, split, skip_corrupt
+        self.device, self.workers, self.dtype = torch.device(device), workers, dtype
+        self.labels = dataset.labels
 
-    def batch(self, positions: np.ndarray) -> tuple[Any, np.ndarray]:
-        images, kept = [], []
-        for pos in positions:
-            path = self.dataset.paths[self.indices[pos]]
-            try:
-                image = load_image(path)
-                images.append(self.split.load(image) if self.split else self.transform(image))
-            except DatasetError:
-                if not self.skip_corrupt:
-                    raise
-                self.skipped.add(str(path))
-                continue
-            kept.append(pos)
-        if not images:
-            return torch.empty(0), np.array([], dtype=np.int64)
-        return (np.stack(images) if self.split else torch.stack(images)), np.array(kept, dtype=np.int64)
-
-    def ready(self, raw: Any) -> torch.Tensor:
-        return self.split.to_input(raw) if isinstance(raw, np.ndarray) else raw
+    def iterate(self, batches: Sequence[np.ndarray]) -> Iterator[Batch]:
+        reader = BatchReader(self.dataset.paths, [self.indices[b] for b in batches], self.split.pil,
+                             self.skip_corrupt)  # fmt: skip
+        pin = self.device.type == "cuda"
+        with contextlib.closing(iterate(reader, self.workers, pin)) as loaded:
+            for batch in loaded:
+                rows = batch.positions[batch.valid]
+                y = torch.from_numpy(self.labels[rows]).to(self.device)
+                if batch.images is None:
+                    yield torch.empty(0, device=self.device), y
+                    continue
+                images = batch.images if batch.valid.all() else batch.images[torch.from_numpy(batch.valid)]
+                yield self.split.to_input(images, self.device, self.dtype), y
 
 
 class OnlineSource:
-    in_memory = False
-
     def __init__(self, images: ImageSource, backbone: Backbone, layers: list[int]) -> None:
         self.images, self.backbone, self.layers = images, backbone, layers
 
-    def batch(self, positions: np.ndarray) -> tuple[Any, np.ndarray]:
-        return self.images.batch(positions)
-
-    def ready(self, raw: Any) -> torch.Tensor:
-        # the backbone here, in the training thread: in the loader thread its OpenMP team and the side network's
-        # would share the cores (online LoSA on 2 cores: 206 img/s here, 156-196 there)
-        return self.backbone.intermediates(self.images.ready(raw), self.layers)
+    def iterate(self, batches: Sequence[np.ndarray]) -> Iterator[Batch]:
+        for x, y in self.images.iterate(batches):
+            # the backbone here, in the training thread: in a loader thread its OpenMP team and the side network's
+            # would share the cores (online LoSA on 2 cores: 206 img/s here, 156-196 there)
+            yield (self.backbone.intermediates(x, self.layers) if len(y) else x), y
 
 
 class PooledSource:
     """Another source's activations pooled to one token per layer (`cls` or `mean`), as a cache of pooled tokens
     holds them: live activations for a model trained on such a cache (a separate test set)."""
 
-    in_memory = False
-
     def __init__(self, source: Source, mode: str, num_prefix_tokens: int) -> None:
         self.source, self.mode, self.num_prefix_tokens = source, mode, num_prefix_tokens
 
-    def batch(self, positions: np.ndarray) -> tuple[Any, np.ndarray]:
-        return self.source.batch(positions)
-
-    def ready(self, raw: Any) -> torch.Tensor:
-        return pool_tokens(self.source.ready(raw), self.mode, self.num_prefix_tokens)
-
-
-def prefetch(source: Source, batches: Sequence[np.ndarray]) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """Yield each batch of `batches` ready for the model, loading the next one in a thread meanwhile when loading
-    means I/O or decoding; a gather from memory stays in this thread (a thread only adds contention there: -20%)."""
-    if not batches:
-        return
-    if getattr(source, "in_memory", False):
-        for b in batches:
-            raw, kept = source.batch(b)
-            yield source.ready(raw), kept
-        return
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(source.batch, batches[0])
-        for i in range(len(batches)):
-            raw, kept = pending.result()
-            if i + 1 < len(batches):
-                pending = pool.submit(source.batch, batches[i + 1])
-            yield (source.ready(raw) if len(kept) else raw), kept
+    def iterate(self, batches: Sequence[np.ndarray]) -> Iterator[Batch]:
+        for x, y in self.source.iterate(batches):
+            yield (pool_tokens(x, self.mode, self.num_prefix_tokens) if len(y) else x), y

@@ -101,6 +101,13 @@ class BackboneSpec(BaseModel):
         "are resampled)."
     )  # fmt: skip
     init_seed: int = Field(0, ge=0, description="Seed of the random initialisation when no weights are loaded.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Precision of the frozen backbone's forward where it only runs forward (extraction, `online` mode, "
+        "predict): its weights cast once. `auto`: bf16 on a GPU, fp32 on a CPU. Part of the feature cache's key; "
+        "bench/cache.py reports bf16's relative error against fp32. Methods trained through the backbone (apla, arc, "
+        "lora, full) keep fp32 weights under bf16 autocast on a GPU.",
+    )
 
 
 class EveryKth(BaseModel):
@@ -159,6 +166,13 @@ class ExtractionSpec(BaseModel):
         "auto",
         description="Split the extraction into this many shard tasks, which extract workers on any machine run in "
         "parallel, each writing its own cache shards. `auto`: one per live extract worker.",
+    )
+    decode: Literal["cpu", "device"] = Field(
+        "cpu",
+        description="Where images are decoded and resized. `cpu`: Pillow in the loader processes (the backbone's "
+        "own eval transform, exactly). `device`: JPEG files decoded on the GPU (nvJPEG, batched) and every image "
+        "resized there by torchvision (other formats decoded by Pillow first); for loaders that cannot keep up "
+        "with the GPU. A different preprocessing (pixels differ slightly), so a cache entry of its own.",
     )
     keepbits: int | None = Field(
         None,
@@ -240,6 +254,11 @@ class TrainingSpec(BaseModel):
         "its negatives / positives (BCE pos_weight).",
     )
     seed: int = Field(0, ge=0, description="Seed of initialisation and batch order.")
+    compile: bool = Field(
+        False,
+        description="Run the trained module through `torch.compile` (side networks gain most: many small ops). The "
+        "first step then includes the compilation; the job's metrics report it as `first_step_seconds`.",
+    )
 
     def resolved(self, defaults: dict) -> dict:
         """Fill `auto` fields from the method's defaults. A default learning rate given for a reference batch

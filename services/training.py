@@ -13,6 +13,7 @@ a killed train worker resumes from the last finished epoch. Frozen backbone weig
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,14 +24,15 @@ import numpy as np
 import torch
 
 from services import methods
-from services.backbones import load_backbone
+from services.backbones import SplitTransform, load_backbone
 from services.datasets import DatasetError, check_path, check_validation, read_dataset, split
 from services.evaluation import validation_score
+from services.loading import loader_workers
 from services.methods.readout import FeatureInfo
 from services.objectives import Objective
 from services.progress import Reporter
 from services.runs import Runs, autocast, to_numpy, to_torch  # noqa: F401 - to_numpy/to_torch: the tests' helpers
-from services.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source, prefetch
+from services.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.sweeps.stacked import make_runs
@@ -77,38 +79,39 @@ def _inputs(x: torch.Tensor, runs: Runs, layers: list[int] | None) -> torch.Tens
 
 def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
             device: str) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
-    """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the positions of
-    their rows (all n, unless images that cannot be decoded are skipped)."""
+    """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the labels of their
+    rows (all n, unless images that cannot be decoded are skipped). One read of the device, at the end."""
     out: list[list[torch.Tensor]] = [[] for r in runs for _ in range(r.count)]
-    rows: list[np.ndarray] = []
+    labels: list[torch.Tensor] = []
     for r in runs:
         r.train(False)
     with torch.inference_mode():
-        for x, kept in prefetch(source, _batches(np.arange(n), batch_size)):
-            if not len(kept):
+        for x, y in source.iterate(_batches(np.arange(n), batch_size)):
+            if not len(y):
                 continue
-            x, j = x.to(device), 0
-            rows.append(kept)
+            labels.append(y)
+            j = 0
             for r in runs:
                 logits = r.logits(_inputs(x, r, layers))
                 for k in range(r.count):
                     out[j + k].append(logits[k])
                 j += r.count
-    logits = [torch.cat(p).cpu().numpy() if p else np.empty((0, 0), np.float32) for p in out]
-    return logits, np.concatenate(rows) if rows else np.empty(0, np.int64)
+    if not labels:
+        return [np.empty((0, 0), np.float32) for _ in out], np.empty(0, np.int64)
+    return [torch.cat(p).cpu().numpy() for p in out], torch.cat(labels).cpu().numpy()
 
 
-def evaluate(runs: list[Runs], source: Source, targets: np.ndarray, batch_size: int, layers: list[int] | None,
+def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
              objective: Objective) -> list[tuple[float, float]]:  # fmt: skip
     """(validation figure, plain validation loss) of every configuration."""
-    if len(targets) == 0:
+    if n == 0:
         raise DatasetError("the validation split is empty")  # refused at submission; the cache lost images since
-    all_logits, rows = predict(runs, source, len(targets), batch_size, layers, objective.device)
-    y = objective.targets(targets[rows])
+    all_logits, targets = predict(runs, source, n, batch_size, layers, objective.device)
+    y = objective.targets(targets)
     scores = []
     for logits in all_logits:
         loss = float(objective.plain(torch.from_numpy(logits).to(y.device)[None], y)[0])
-        scores.append((validation_score(targets[rows], objective.probabilities(logits)), loss))
+        scores.append((validation_score(targets, objective.probabilities(logits)), loss))
     return scores
 
 
@@ -145,20 +148,19 @@ def fit(
     where: list[tuple[int, int]],
     train: Source,
     val: Source,
-    y_train: np.ndarray,
-    y_val: np.ndarray,
+    n: int,
+    n_val: int,
     hp: dict[str, Any],
     objective: Objective,
     reporter: Reporter,
     checkpoint_dir: Path,
     layers: list[int] | None = None,
 ) -> tuple[list[Result], dict[str, Any]]:
-    """The training loop shared by every method, mode and sweep: configuration j is `where[j]` = (runs, index in
-    it); every batch is read once for all of them. `layers`: the cached layers the sources read (each Runs takes
-    its own). Returns each configuration's Result and the timings. The loop never waits for the device: losses
-    are summed on it and read once per epoch."""
+    """The training loop shared by every method, mode and sweep, over `n` training and `n_val` validation items of
+    the sources: configuration j is `where[j]` = (runs, index in it); every batch is read once for all of them.
+    `layers`: the cached layers the sources read (each Runs takes its own). Returns each configuration's Result and
+    the timings. The loop never waits for the device: losses are summed on it and read once per epoch."""
     device = objective.device
-    n = len(y_train)
     bs = min(hp["batch_size"], n)
     steps_per_epoch = -(-n // bs)
     total = steps_per_epoch * hp["epochs"]
@@ -175,7 +177,8 @@ def fit(
         seconds, seen = log["seconds"], log["seen"]
         reporter.event(f"resumed training from the checkpoint of epoch {start_epoch}")
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
+    first_step_s: float | None = None
     flat = [j for i, r in enumerate(runs) for k in range(r.count) for j in [where.index((i, k))]]  # runs -> config
     metric = objective.metric
     for epoch in range(start_epoch, hp["epochs"]):
@@ -184,25 +187,29 @@ def fit(
         order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
         t0, count = time.perf_counter(), 0
         loss_sums = [torch.zeros(r.count, device=device) for r in runs]
-        for step, (x, kept) in enumerate(prefetch(train, _batches(order, bs))):
-            if len(kept):
-                x, y = x.to(device), objective.targets(y_train[kept])
+        for step, (x, y) in enumerate(train.iterate(_batches(order, bs))):
+            if len(y):
+                y = objective.cast(y)
                 scale = warmup_cosine(epoch * steps_per_epoch + step, warmup, total)
                 for r, sums in zip(runs, loss_sums, strict=True):
-                    sums += r.step(_inputs(x, r, layers), y, scale) * len(kept)
-                count += len(kept)
+                    sums += r.step(_inputs(x, r, layers), y, scale) * len(y)
+                count += len(y)
+                if first_step_s is None:  # the one step that waits for the device: with compile, it compiles
+                    loss_sums[0].sum().item()
+                    first_step_s = time.perf_counter() - t0
             if step % 20 == 0:
                 reporter.check_cancel()
-        seconds += time.perf_counter() - t0
-        seen += count
         train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
+        epoch_s = time.perf_counter() - t0
+        seconds += epoch_s
+        seen += count
         lr_scale = warmup_cosine(min((epoch + 1) * steps_per_epoch, total) - 1, warmup, total)
-        scores = evaluate(runs, val, y_val, max(bs, 64), layers, objective)
+        scores = evaluate(runs, val, n_val, max(bs, 64), layers, objective)
         for pos, j in enumerate(flat):
             res, (score, loss) = results[j], scores[pos]
             lr = float(f"{runs[where[j][0]].base_lrs[where[j][1]] * lr_scale:.4g}")
             res.history.append({"epoch": epoch + 1, "train_loss": round(train_loss[pos], 5), metric: round(score, 5),
-                                "val_loss": round(loss, 5), "lr": lr})  # fmt: skip
+                                "val_loss": round(loss, 5), "lr": lr, "train_seconds": round(epoch_s, 3)})  # fmt: skip
             if score > res.score:
                 i, k = where[j]
                 res.state, res.score, res.loss, res.epoch = runs[i].state(k), score, loss, epoch + 1
@@ -216,10 +223,27 @@ def fit(
         reporter.progress("training", epoch + 1, hp["epochs"], **last)
         _save_checkpoint(checkpoint_dir, epoch + 1, runs, results, {"seconds": seconds, "seen": seen})
         reporter.check_cancel()
-    timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1)}
+    timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
+              "compiled": bool(hp.get("compile"))}  # fmt: skip
+    if first_step_s is not None:
+        timing["first_step_seconds"] = round(first_step_s, 3)
     if device.startswith("cuda"):
-        timing["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        timing["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return results, timing
+
+
+def memory_budgets(settings: Settings, device: str) -> tuple[int, int]:
+    """(host, device) bytes that cached features may take while training: half the RAM available now and the device's
+    free memory less a reserve for the model, activations and the allocator (a fifth of the device or 2 GiB, the
+    larger), each capped by its setting when set."""
+    host = settings.train_host_budget_bytes()
+    if not device.startswith("cuda"):
+        return host, 0
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    dev = max(0, free - max(total // 5, 2 * 2**30))
+    if settings.gpu_cache_mb is not None:
+        dev = min(dev, settings.gpu_cache_mb * 2**20)
+    return host, dev
 
 
 @dataclass
@@ -258,7 +282,10 @@ def _data(spec: JobSpec, settings: Settings, cache_key: str | None) -> Data:
         labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
     if mode != "cache" or spec.dataset.test:  # a separate test set runs through the backbone, whatever the mode
         ckpt = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
-        backbone = load_backbone(spec.backbone, device, ckpt)
+        # frozen (its forward's precision, as the cache was written) in cache and online modes; trained through in
+        # images and tail modes (fp32 weights, autocast)
+        precision = None if mode in ("cache", "online") else "fp32"
+        backbone = load_backbone(spec.backbone, device, ckpt, precision=precision)
         if entry is None:
             meta = backbone.info()
         elif backbone.weights_hash != entry.meta["weights_hash"]:
@@ -279,18 +306,21 @@ def _build(spec: JobSpec, data: Data, vit: torch.nn.Module | None) -> torch.nn.M
 
 def _sources(spec: JobSpec, settings: Settings, data: Data, parts: list[np.ndarray], layers: list[int] | None):
     """One input source per index array of `parts`, and a description of where the inputs come from."""
-    budget, gpu_budget = settings.train_memory_mb * 2**20 // 2, settings.gpu_cache_mb * 2**20 // 2
     device, mode = settings.torch_device(), spec.mode
     if data.entry is not None:
-        sources = [CacheSource(data.entry, idx, layers, budget, device, gpu_budget) for idx in parts]
+        host, dev = memory_budgets(settings, device)
+        sources = [CacheSource(data.entry, idx, data.labels[idx], layers, host // 2, device, dev // 2) for idx in parts]
         first = sources[0]
         where = "cached features " + ("on the GPU" if first.on_device else "in memory" if first.in_memory
                                       else "streamed from the cache")  # fmt: skip
         return sources, where
     skip = spec.dataset.on_corrupt == "skip"
     backbone = data.backbone
-    augment = backbone.train_transform() if spec.execution.augment else backbone.transform
-    sources = [ImageSource(data.dataset, idx, augment if i == 0 else backbone.transform, skip)
+    augment = SplitTransform.of(backbone.train_transform()) if spec.execution.augment else backbone.split
+    workers = loader_workers(settings, len(parts[0]))
+    # inputs in the frozen forward's dtype online; fp32 for methods trained through the backbone (autocast)
+    dtype = backbone.dtype if mode == "online" else torch.float32
+    sources = [ImageSource(data.dataset, idx, augment if i == 0 else backbone.split, skip, device, workers, dtype)
                for i, idx in enumerate(parts)]  # fmt: skip
     if mode == "online":
         sources = [OnlineSource(s, backbone, layers) for s in sources]
@@ -315,11 +345,15 @@ def _test_set(spec: JobSpec, settings: Settings, data: Data, layers: list[int] |
         targets[:, order] = test.labels
     else:
         targets = np.asarray(order, dtype=np.int64)[test.labels]
-    source: Source = ImageSource(test, np.arange(len(test)), data.backbone.transform, ds.on_corrupt == "skip")
+    backbone, device = data.backbone, settings.torch_device()
+    dtype = torch.float32 if layers is None or spec.mode == "tail" else backbone.dtype  # as the model was trained
+    relabelled = dataclasses.replace(test, labels=targets)
+    source: Source = ImageSource(relabelled, np.arange(len(test)), backbone.split, ds.on_corrupt == "skip", device,
+                                 loader_workers(settings, len(test)), dtype)  # fmt: skip
     if layers is not None:  # side models and tail mode read activations
-        source = OnlineSource(source, data.backbone, layers)
+        source = OnlineSource(source, backbone, layers)
         if data.tokens != "all":
-            source = PooledSource(source, data.tokens, data.backbone.num_prefix_tokens)
+            source = PooledSource(source, data.tokens, backbone.num_prefix_tokens)
     return source, targets
 
 
@@ -341,13 +375,11 @@ def _solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models
     probes = [models[js[0]] for js in by_pool.values()]
     feats = []
     for source, y in zip(sources, targets, strict=True):
-        n, device = len(y), objective.device
         per_probe: list[list[torch.Tensor]] = [[] for _ in probes]
         with torch.no_grad():  # not inference_mode: the features enter the solver's autograd graph
-            for x, _ in prefetch(source, _batches(np.arange(n), 1024)):  # cached rows: all kept
-                last = x.to(device)[:, -1].float()
+            for x, _ in source.iterate(_batches(np.arange(len(y)), 1024)):  # cached rows, in order: all kept
                 for out, probe in zip(per_probe, probes, strict=True):
-                    out.append(probe.readout(last))
+                    out.append(probe.features(x))
         feats.append([torch.cat(f) for f in per_probe])
     y_train = objective.targets(targets[0])
     results, points = [], []
@@ -426,7 +458,7 @@ def train_job(
         owner = [p["config"] for p in points]
     else:
         runs, where = make_runs(models, [c.method.model_dump() for c in configs], hps, objective, device)
-        results, timing = fit(runs, where, train_src, val_src, y_train, y_val, hp, objective, reporter,
+        results, timing = fit(runs, where, train_src, val_src, len(y_train), len(y_val), hp, objective, reporter,
                               checkpoint_dir, layers)  # fmt: skip
         owner = list(range(len(configs)))
     chosen = select(results)
@@ -440,8 +472,8 @@ def train_job(
     # the selected model, once: the multi-label threshold on validation, the report on the test split
     threshold = None
     if objective.multi_label:
-        logits, rows = predict(final, val_src, len(y_val), 256, layers, device)
-        threshold = evaluation.choose_threshold(y_val[rows], objective.probabilities(logits[0]))
+        logits, targets = predict(final, val_src, len(y_val), 256, layers, device)
+        threshold = evaluation.choose_threshold(targets, objective.probabilities(logits[0]))
     name = "test" if len(test_idx) or ds.test else "val"
     own = model.input_layers
     if ds.test:
@@ -450,8 +482,8 @@ def train_job(
         source, targets = _sources(spec, settings, data, [test_idx], own)[0][0], data.labels[test_idx]
     else:
         source, targets = val_src, y_val
-    logits, rows = predict(final, source, len(targets), 256, own if source is not val_src else layers, device)
-    report = evaluation.report(targets[rows], objective.probabilities(logits[0]), data.classes, name, threshold)
+    logits, targets = predict(final, source, len(targets), 256, own if source is not val_src else layers, device)
+    report = evaluation.report(targets, objective.probabilities(logits[0]), data.classes, name, threshold)
     reporter.event(f"selected model on the {'test' if name == 'test' else 'validation'} split: " + ", ".join(
         f"{k} {v:.4f}" for k, v in report["metrics"].items()), type="metrics", data=report["metrics"])  # fmt: skip
 
@@ -461,7 +493,7 @@ def train_job(
         "val_loss": round(res.loss, 5),
         "train_images": int(len(train_idx)),
         "val_images": int(len(val_idx)),
-        "test_images": int(len(rows)) if name == "test" else 0,
+        "test_images": int(len(targets)) if name == "test" else 0,
         "skipped_rows": data.skipped_rows,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "side_params": model.side_parameters(),

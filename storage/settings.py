@@ -47,8 +47,11 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(
         48 * 3600, description="Longest a job may run; also the broker's visibility timeout (celery#5935)."
     )
-    train_memory_mb: int = Field(
-        4096, description="Training holds the cached features in memory up to this size, else streams them."
+    train_memory_mb: int | None = Field(
+        None,
+        ge=0,
+        description="Cap on the host memory (MB) that training holds cached features in; beyond it they are streamed "
+        "from the cache. Unset: half the RAM available when training starts.",
     )
     worker_lost_timeout_s: float = Field(
         600.0,
@@ -66,8 +69,20 @@ class Settings(BaseSettings):
         description="Most disk space the feature cache may use; least recently used entries not in use are evicted "
         "to stay under it, and a job whose cache cannot fit is refused at submission. None: the free disk space.",
     )
-    gpu_cache_mb: int = Field(
-        8192, description="Cached features that fit this size are moved onto the GPU for training (GPU-resident)."
+    loader_workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = Field(
+        "auto",
+        description="Processes that decode and resize images for extraction and image-mode training. `auto`: the "
+        "cores left after the model's thread and the cache writer (none on 2 cores: a thread then decodes), and "
+        "none for datasets under 256 images.",
+    )
+    cache_writers: int = Field(
+        3, ge=1, le=64, description="Extraction batches (cache shards) being written at once behind the backbone."
+    )
+    gpu_cache_mb: int | None = Field(
+        None,
+        ge=0,
+        description="Cap on the device memory (MB) that cached features may take for GPU-resident training. Unset: "
+        "the device's free memory when training starts, less a fifth of the device (at least 2 GiB) for the rest.",
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
     max_sweep_configs: int = Field(
@@ -164,6 +179,14 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    def train_host_budget_bytes(self) -> int:
+        """Host memory cached features may take while training: half the RAM available now, capped by
+        `train_memory_mb` when set."""
+        import psutil
+
+        budget = psutil.virtual_memory().available // 2
+        return budget if self.train_memory_mb is None else min(budget, self.train_memory_mb * 2**20)
 
     def torch_device(self) -> str:
         """Resolve `auto` lazily so that importing settings never imports torch."""

@@ -6,21 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import numpy as np
 import zarr
+from numcodecs import BitRound
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
-from zarr.codecs.numcodecs import BitRound
 
 from storage.cache import files
-
-# BitRound is a numcodecs codec, outside the Zarr v3 spec: only sidetune reads these arrays, so that is fine.
-warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 CODECS = ("none", "zstd", "blosc")
 TOKEN_MODES = ("all", "cls", "mean")
@@ -159,14 +155,12 @@ class CacheEntry:
             "zstd": zarr.codecs.ZstdCodec(level=1),
             "blosc": zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle"),
         }[codec]
-        filters = [BitRound(keepbits=keepbits)] if keepbits is not None else None
         rows = _rows_per_chunk(batch_size, stored_tokens * dim * 2)
         self.fs.makedirs(self.root, exist_ok=True)
         g = self._group("w")
         g.create_array(
             "acts", shape=shape, shards=(batch_size, len(layers), stored_tokens, dim),
-            chunks=(rows, 1, stored_tokens, dim), dtype="float16", compressors=compressors, filters=filters,
-            fill_value=0,
+            chunks=(rows, 1, stored_tokens, dim), dtype="float16", compressors=compressors, fill_value=0,
         )  # fmt: skip
         labels = np.asarray(labels, dtype="int64")  # [n] classes, or [n, tags] 0/1 for multi-label datasets
         g.create_array("labels", data=labels, chunks=(max(n, 1), *labels.shape[1:]))
@@ -187,15 +181,32 @@ class CacheEntry:
         bs, n = meta["batch_size"], meta["shape"][0]
         return batch * bs, min(n, (batch + 1) * bs)
 
-    def write_batch(self, batch: int, acts: np.ndarray, valid: np.ndarray) -> None:
-        """Write one whole batch; its done flag is written after the data, so a crash redoes it."""
-        g = self._group("r+")
+    def stored(self, batch: int, acts: np.ndarray) -> np.ndarray:
+        """Batch `batch`'s activations as they are stored: float16, mantissas rounded to `keepbits` (numcodecs'
+        BitRound, applied before writing rather than as a filter, so the arrays stay within the Zarr v3 spec)."""
         start, stop = self.batch_range(batch)
         if acts.shape[0] != stop - start:
             raise CacheError(f"batch {batch} needs {stop - start} rows, got {acts.shape[0]}")
+        data = np.ascontiguousarray(acts, dtype=np.float16)
+        keepbits = self.meta.get("keepbits")
+        if keepbits is not None:
+            data = BitRound(keepbits=keepbits).encode(data).view(np.float16)
+        return data
+
+    def write_batch(self, batch: int, acts: np.ndarray, valid: np.ndarray) -> None:
+        """Write one whole batch with zarr-python (storage/cache/writer.py writes many at once); its done flag is
+        written after the data, so a crash redoes it."""
+        data = self.stored(batch, acts)
+        start, stop = self.batch_range(batch)
         # write_empty_chunks: skip zarr's scan of every chunk for the fill value (activations are never all zero;
         # a chunk that is, of rows whose images were corrupt, reads back the same either way): -30% writer CPU
-        g["acts"].with_config({"write_empty_chunks": True})[start:stop] = acts.astype(np.float16, copy=False)
+        self._group("r+")["acts"].with_config({"write_empty_chunks": True})[start:stop] = data
+        self.mark_batch(batch, valid)
+
+    def mark_batch(self, batch: int, valid: np.ndarray) -> None:
+        """Once batch `batch`'s activations are written: its `valid` rows, then its done flag."""
+        g = self._group("r+")
+        start, stop = self.batch_range(batch)
         g["valid"][start:stop] = valid
         g["batch_done"][batch] = True
 

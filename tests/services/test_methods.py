@@ -91,6 +91,40 @@ def test_fused_mixer_equals_the_papers_form(over_tokens: bool) -> None:
         torch.testing.assert_close(got, want)
 
 
+def test_losa_under_bf16_autocast_keeps_the_residual_stream_in_float32() -> None:
+    """Under autocast the low-rank GEMMs run in bf16 but a_l stays float32: at step 0 a_L is z_L exactly, so LoSA
+    equals the linear probe (a fused addmm would round z_L to bf16 at every side layer), and once trained a_L is
+    within bf16 rounding of the float32 paper form a + g(x)."""
+    rng = np.random.default_rng(0)
+    readout = {"norm.weight": rng.standard_normal(16).astype(np.float32),
+               "norm.bias": rng.standard_normal(16).astype(np.float32)}  # fmt: skip
+    fi = info(num_layers=6, tokens=9, dim=16, num_classes=3, readout=readout)
+    torch.manual_seed(0)
+    linear = methods.build(LinearConfig(), fi)
+    losa = methods.build(LosaConfig(rank=4), fi)
+    losa.head.load_state_dict(linear.head.state_dict())
+    feats = torch.randn(5, 6, 9, 16) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a_l, logits, probe = losa.refine(feats), losa(feats), linear(feats[:, [5]])
+    assert a_l.dtype == torch.float32
+    torch.testing.assert_close(a_l, feats[:, 5], rtol=0, atol=0)
+    torch.testing.assert_close(logits.float(), probe.float(), rtol=1e-6, atol=0)
+
+    with torch.no_grad():
+        for g in losa.mixers:
+            g.up.weight.normal_(0, 0.5), g.up.bias.normal_(0, 0.5)
+    # the float32 paper form: a_l = a_{l-1} + g_l(z_l + a_{l-1}), g along channels, then tokens, ...
+    a = feats[:, losa._slot[5]]
+    for i, (layer, g) in enumerate(zip(losa.side_layers, losa.mixers, strict=True)):
+        x = a + feats[:, losa._slot[layer]]
+        a = a + (g(x.transpose(1, 2)).transpose(1, 2) if i % 2 else g(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = losa.refine(feats)
+    assert got.dtype == torch.float32
+    rel = ((got - a).norm() / a.norm()).item()
+    assert 0 < rel < 1e-2, rel  # bf16 GEMMs: a few 1e-3, never the 0.2 of a stream rounded at every layer
+
+
 def test_readout_uses_the_backbone_norm() -> None:
     fi = info(num_layers=2, tokens=3, dim=4, num_classes=2,
               readout={"norm.weight": np.full(4, 2.0, np.float32), "norm.bias": np.ones(4, np.float32)})  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from services.architectures import architecture, forward_flops
-from services.planner import GB, MIB, plan
+from services.planner import GB, MIB, describe, plan
 from services.spec import JobSpec
 from storage.cache import CacheEntry
 from storage.settings import Settings
@@ -157,7 +157,10 @@ def test_layers_the_backbone_lacks_are_a_value_error(folder, settings):
 def test_memory_budgets_decide_where_training_features_live(folder, settings):
     spec = job(folder, {"name": "losa"})
     assert plan(spec, settings).train_feature_bytes == 18 * 6 * 101 * 64 * 2  # 1.4 MB
-    p = plan(spec, settings)  # 4 GiB RAM, 8 GiB GPU
+    p = plan(spec, settings)  # no caps: half the available RAM; the device budget is the worker's to find out
+    assert p.train_in_memory and p.train_on_gpu is None and p.gpu_budget_bytes is None
+    assert "GPU-resident if the worker's device has room" in describe(p)
+    p = plan(spec, with_(settings, gpu_cache_mb=8192))  # a cap: the planner judges against it
     assert p.train_in_memory and p.train_on_gpu
     p = plan(spec, with_(settings, gpu_cache_mb=2))  # the split gets half: 1 MiB
     assert p.train_in_memory and not p.train_on_gpu and p.gpu_budget_bytes == MIB

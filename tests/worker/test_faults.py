@@ -9,6 +9,7 @@ import time
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from services.digits import write_digits
@@ -77,6 +78,41 @@ def test_sigkilled_extract_worker_resumes_and_the_cache_equals_a_clean_run(fault
     result = run_extraction(JobSpec.model_validate(body), clean, NullReporter())
     resumed = FeatureCache(running.settings.cache_dir).entry(job["cache_key"])
     np.testing.assert_array_equal(resumed.read(), FeatureCache(clean.cache_dir).entry(result["cache_key"]).read())
+
+
+def test_sigkilled_extract_worker_with_loader_processes_leaves_none_and_resumes_bit_identical(
+    fault_stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loader processes and parallel shard writers (as on a GPU box): the extract worker is SIGKILLed mid-extraction;
+    its forkserver and loader processes end with it, and a new one resumes the cache, equal to a clean run."""
+    running, client, store = fault_stack
+    monkeypatch.setenv("SIDETUNE_LOADER_WORKERS", "2")
+    monkeypatch.setenv("SIDETUNE_CACHE_WRITERS", "3")
+    _kill_and_replace(running, "extract-worker", "extract")  # both this worker and its replacement use them
+    body = _spec(running, {"name": "losa", "rank": 4, "layers": 3}, extraction={"batch_size": 2, "shards": 1},
+                 training={"epochs": 1})  # fmt: skip
+    job_id = client.submit(body)["id"]
+    _wait_for(lambda: (store.get_job(job_id).get("progress") or {}).get("done", 0) >= 3)
+    family = psutil.Process(running.procs["extract-worker"].pid).children(recursive=True)
+    assert len(family) >= 4, family  # forkserver, resource tracker, 2 loader processes
+    _kill_and_replace(running, "extract-worker", "extract")
+    _wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in family), timeout_s=20)
+    job = client.wait(job_id, timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    messages = [e["message"] for e in client.events(job_id)]
+    assert any("resuming extraction" in m for m in messages), messages
+
+    clean = Settings(data_dir=running.settings.data_path / "clean-loaders", allowed_roots=running.settings.roots,
+                     loader_workers=0, cache_writers=1)  # fmt: skip
+    from services.extraction import run_extraction
+    from services.progress import NullReporter
+    from services.spec import JobSpec
+
+    result = run_extraction(JobSpec.model_validate(body), clean, NullReporter())
+    resumed = FeatureCache(running.settings.cache_dir).entry(job["cache_key"])
+    np.testing.assert_array_equal(resumed.read(), FeatureCache(clean.cache_dir).entry(result["cache_key"]).read())
+    monkeypatch.undo()
+    _kill_and_replace(running, "extract-worker", "extract")  # the module's other tests get a plain worker again
 
 
 def test_sigkilled_train_worker_resumes_from_the_last_checkpoint(fault_stack) -> None:

@@ -1,0 +1,238 @@
+"""Image loading for extraction and training: batches decoded and resized in loader processes, handed over as
+uint8 tensors (pinned on a GPU), normalised on the device.
+
+A loader process (a `torch.utils.data.DataLoader` worker, started through a forkserver) decodes one whole batch at
+a time with Pillow and runs the transform's PIL steps (resize, crop, flips, jitter), so decoding scales with the
+machine's cores while the process that runs the model keeps its own. Each worker runs one torch thread and ends as
+soon as the process that iterates it ends (a pidfd), so a SIGKILLed extract or train worker leaves no loader behind;
+a cancelled or failed run shuts its workers down when its iterator is closed. With `workers == 0` one thread of
+this process decodes one batch ahead instead (what a 2-core machine gets by default: no core is left over).
+
+Batches are uint8 [B, H, W, 3]: a quarter of the bytes of float32 to move between processes and to the device.
+`to_input` makes the model's float input from them on the device, as ToTensor + Normalize would on the CPU.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from services.datasets import DatasetError, load_image
+from storage.settings import Settings
+
+
+def loader_workers(settings: Settings, images: int) -> int:
+    """Loader processes for `images` images: `settings.loader_workers`, where `auto` is the cores left after the
+    thread that runs the model and the cache writer, and none for fewer than 256 images (starting processes would
+    cost more than decoding them). 0 means a loader thread in this process."""
+    if settings.loader_workers != "auto":
+        return int(settings.loader_workers)
+    if images < 256:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores - 2)
+
+
+@dataclass
+class ImageBatch:
+    """One decoded batch: `images` uint8 [B, H, W, 3] (None when no image of it could be decoded), `valid` which
+    rows hold an image (a corrupt one is a zero row when the job skips corrupt images), `errors` their messages."""
+
+    images: torch.Tensor | list[torch.Tensor] | None
+    valid: np.ndarray
+    errors: list[str] = field(default_factory=list)
+    positions: np.ndarray | None = None  # the dataset positions of the rows, as asked
+
+    def pin_memory(self) -> ImageBatch:
+        """Called by the DataLoader's pin-memory thread (a documented hook of custom batch types)."""
+        if isinstance(self.images, list):  # encoded files (EncodedReader)
+            self.images = [im.pin_memory() for im in self.images]
+        elif self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """Item k is batch k of `batches` (arrays of indices into `paths`), decoded and put through `pil` (a callable on
+    an RGB PIL image returning an array [H, W, 3]). Picklable: it travels to the loader processes."""
+
+    def __init__(self, paths: Sequence[Path], batches: Sequence[np.ndarray], pil: Any, skip_corrupt: bool) -> None:
+        self.paths, self.batches, self.pil, self.skip_corrupt = paths, batches, pil, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> ImageBatch:
+        positions = np.asarray(self.batches[k])
+        images: list[np.ndarray | None] = []
+        errors: list[str] = []
+        for i in positions:
+            try:
+                images.append(np.asarray(self.pil(load_image(self.paths[i])), dtype=np.uint8))
+            except DatasetError as e:
+                if not self.skip_corrupt:
+                    # returned, not raised: the DataLoader would wrap it in a traceback of the worker
+                    return ImageBatch(None, np.zeros(len(positions), bool), [str(e)], positions)
+                images.append(None)
+                errors.append(str(e))
+        valid = np.array([im is not None for im in images])
+        ok = next((im for im in images if im is not None), None)
+        if ok is None:
+            return ImageBatch(None, valid, errors, positions)
+        stacked = np.stack([im if im is not None else np.zeros_like(ok) for im in images])
+        return ImageBatch(torch.from_numpy(stacked), valid, errors, positions)
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class EncodedReader(BatchReader):
+    """For decoding on the device (`extraction.decode = "device"`): item k holds batch k's JPEG files as their bytes
+    (uint8 tensors, decoded later by nvJPEG, batched) and any other image decoded here by Pillow at full size
+    ([3, H, W] uint8); `images` is a list of those, resized on the device by `decode_on_device`."""
+
+    def __getitem__(self, k: int) -> ImageBatch:
+        positions = np.asarray(self.batches[k])
+        items: list[torch.Tensor | None] = []
+        errors: list[str] = []
+        for i in positions:
+            try:
+                data = Path(self.paths[i]).read_bytes()
+                if data.startswith(JPEG_MAGIC):
+                    items.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                else:
+                    items.append(torch.from_numpy(np.array(load_image(data), np.uint8)).permute(2, 0, 1))
+            except (DatasetError, OSError) as e:
+                if not self.skip_corrupt:
+                    return ImageBatch(None, np.zeros(len(positions), bool), [f"{self.paths[i]}: {e}"], positions)
+                items.append(None)
+                errors.append(f"{self.paths[i]}: {e}")
+        valid = np.array([it is not None for it in items])
+        return ImageBatch([it for it in items if it is not None] or None, valid, errors, positions)
+
+
+def decode_on_device(
+    batch: ImageBatch, paths: Sequence[Path], resize: Any, device: torch.device, skip_corrupt: bool
+) -> ImageBatch:
+    """An EncodedReader batch -> the uint8 [B, H, W, 3] batch on `device`: JPEGs decoded there in one call, every
+    image resized and cropped there by `resize` (the eval transform's torchvision Resize and CenterCrop, which take
+    [3, H, W] tensors); a row that holds no image is zeros, as the loaders' batches have it. A JPEG that does not
+    decode is corrupt like any unreadable file: named in `errors`, or a DatasetError without `skip_corrupt`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if batch.images is None:
+        return batch
+    items, rows = list(batch.images), np.flatnonzero(batch.valid)
+    encoded = [j for j, it in enumerate(items) if it.dim() == 1]
+    decoded: dict[int, torch.Tensor] = {}
+    try:
+        decoded = dict(zip(encoded, decode_jpeg([items[j] for j in encoded], mode=ImageReadMode.RGB, device=device),
+                           strict=True))  # fmt: skip
+    except RuntimeError:  # one bad file fails the batched call: decode one by one to name it
+        for j in encoded:
+            try:
+                decoded[j] = decode_jpeg(items[j], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError as e:
+                message = f"{paths[batch.positions[rows[j]]]}: not a readable JPEG ({e})"
+                if not skip_corrupt:
+                    raise DatasetError(message) from None
+                batch.valid[rows[j]] = False
+                batch.errors.append(message)
+    resized = {rows[j]: resize(decoded[j] if it.dim() == 1 else it.to(device, non_blocking=True))
+               for j, it in enumerate(items) if it.dim() != 1 or j in decoded}  # fmt: skip
+    if not resized:
+        batch.images = None
+        return batch
+    first = next(iter(resized.values()))
+    out = torch.zeros((len(batch.valid), *first.shape), dtype=torch.uint8, device=device)
+    for row, image in resized.items():
+        out[row] = image
+    batch.images = out.permute(0, 2, 3, 1)
+    return batch
+
+
+def _exit_with(owner: int, _worker_id: int) -> None:
+    """DataLoader worker init: one torch thread (the DataLoader sets it too), and a thread that ends this worker as
+    soon as `owner` (the process that iterates the loader) ends, however it ends. Neither the DataLoader's own check
+    (its parent's pid) nor PR_SET_PDEATHSIG sees that here: the parent is the forkserver, which in turn lives as long
+    as any worker holds its liveness pipe, so after a SIGKILL of the owner all of them would live on."""
+    torch.set_num_threads(1)
+    threading.Thread(target=_wait_for_exit, args=(owner,), daemon=True, name="owner-watch").start()
+
+
+def _wait_for_exit(pid: int) -> None:
+    try:
+        fd = os.pidfd_open(pid)  # Linux: readable once the process has ended
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (another OS, an old kernel): poll
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            time.sleep(0.5)
+    select.select([fd], [], [])
+    os._exit(1)  # no cleanup: the owner is gone, and nobody reads what this worker would still produce
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """A forkserver: forking this process would copy its threads' state (zarr's event loop, CUDA, locks held by
+    other threads); the server is forked once, clean, with torch and Pillow imported, and forks each worker."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision.transforms", "timm.data", "PIL.Image", "services.loading"])
+    return ctx
+
+
+def iterate(reader: BatchReader, workers: int, pin_memory: bool = False) -> Iterator[ImageBatch]:
+    """The reader's batches in order, loaded by `workers` processes (0: one thread, one batch ahead). A corrupt image
+    under `skip_corrupt=False` raises DatasetError naming it, here, with no worker traceback around it."""
+    for batch in _raw(reader, workers, pin_memory):
+        if batch.images is None and not batch.valid.any() and batch.errors and not reader.skip_corrupt:
+            raise DatasetError(batch.errors[0])
+        yield batch
+
+
+def _raw(reader: BatchReader, workers: int, pin_memory: bool) -> Iterator[ImageBatch]:
+    if len(reader) == 0:
+        return
+    if workers <= 0:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(reader.__getitem__, 0)
+            for k in range(len(reader)):
+                batch = pending.result()
+                if k + 1 < len(reader):
+                    pending = pool.submit(reader.__getitem__, k + 1)
+                yield batch.pin_memory() if pin_memory else batch
+        return
+    loader = DataLoader(
+        reader, batch_size=None, shuffle=False, num_workers=min(workers, len(reader)), pin_memory=pin_memory,
+        worker_init_fn=partial(_exit_with, os.getpid()), multiprocessing_context=_context(), prefetch_factor=2,
+    )  # fmt: skip
+    batches = iter(loader)
+    try:
+        yield from batches
+    finally:
+        del batches  # the DataLoader's iterator shuts its workers down when it is collected
+
+
+def to_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """uint8 [B, H, W, 3] -> the normalised batch [B, 3, H, W] on `device` in `dtype`, computed in float32 as
+    ToTensor + Normalize compute it (bit-equal on the CPU), then cast."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    x = x.sub_(mean.to(device)).div_(std.to(device))
+    return x if dtype == torch.float32 else x.to(dtype)
