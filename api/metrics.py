@@ -2,7 +2,8 @@
 
 Scraped from Redis at scrape time (so every API replica reports the same numbers): jobs by status, queue depth
 per Celery queue, live workers per queue, and the extraction rate of each extracting job. Measured in this
-process: requests by method, route template and status, and predict latency by route. Route templates, not
+process (the API, and the inference service, which serves the same `/metrics` without the Redis gauges): requests
+by method, route template and status, and predict latency by route (v1 predict and v2 infer). Route templates, not
 paths, label the series, so ids never multiply them.
 
 With API keys configured, a scrape needs a valid key unless `SIDETUNE_METRICS_PUBLIC=true`; without keys it is
@@ -125,7 +126,7 @@ class RequestMetrics:
             seconds = time.perf_counter() - t0
             route = getattr(scope.get("route"), "path", None) or "unmatched"  # set by the router once it matched
             self.requests.labels(scope["method"], route, str(status)).inc()
-            if ":predict" in route:
+            if ":predict" in route or route.endswith("/infer"):
                 self.predict_latency.labels(route).observe(seconds)
             reset_scope(token)
 
@@ -152,11 +153,13 @@ def metrics(request: Request, _: Annotated[None, Depends(_scrape_auth)]) -> Resp
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, job_gauges: bool = True) -> None:
     """A registry per app (tests build several apps in one process); call after the other middleware, so that
-    requests they refuse (413) are counted too."""
+    requests they refuse (413) are counted too. `job_gauges`: the gauges read from Redis (the API's; the inference
+    service measures its requests only)."""
     registry = CollectorRegistry()
-    registry.register(StoreCollector(app.state.store))
+    if job_gauges:
+        registry.register(StoreCollector(app.state.store))
     requests = Counter("sidetune_http_requests", "HTTP requests by method, route template and status.",
                        ["method", "route", "status"], registry=registry)  # fmt: skip
     latency = Histogram("sidetune_predict_latency_seconds", "Predict request latency by route, in seconds.",

@@ -226,7 +226,7 @@ def phase_serving(args: argparse.Namespace, res: Results, ext: dict[str, Any]) -
     t0 = time.perf_counter()
     digits = ext["digits"]
     settings = digits["settings"].model_copy(update={"predict_max_batch": 32})
-    store = ArtifactStore(settings.artifacts_dir)
+    store = ArtifactStore.from_settings(settings)
     ids = []
     for i in range(8):
         spec = cache_extract.job_spec(args, "losa", epochs=1, seed=i)
@@ -237,7 +237,7 @@ def phase_serving(args: argparse.Namespace, res: Results, ext: dict[str, Any]) -
     blobs = [p.read_bytes() for p in paths]
     predictor = Predictor(settings)
     predictor.predict(ids[0], blobs[:1])  # loads the backbone and the model
-    backbone = predictor.backbone_of(predictor.load(ids[0]))
+    backbone = predictor.load(ids[0]).backbone
     x = backbone.transform(Image.open(io.BytesIO(blobs[0])).convert("RGB"))[None].to(backbone.device, backbone.dtype)
 
     def timed(fn, reps: int) -> list[float]:

@@ -1,35 +1,49 @@
-"""Serving benchmark: predict latency and throughput over HTTP, against the bare backbone forward in the same run.
+"""Serving benchmark: predict latency and throughput over HTTP against the bare backbone forward in the serving dtype,
+many models on one backbone, /healthz under load, and the memory an extra model costs, all measured in one run.
 
     .venv/bin/python bench/serve.py                          # CPU: vit_small_patch16_224 at 224 px, 8 LoSA models
     .venv/bin/python bench/serve.py --device cuda --requests 640 --concurrency 32
 
 Setup: scikit-learn digits are written, the backbone (RANDOM INIT, pretrained=False) extracts their features once
-(`run_extraction`), and `--models` LoSA models (rank `--rank`, all layers, seeds 0..n-1) are each trained for
-`--epochs` epochs from that cache by `train_job`, saved in the artifact store and registered in Redis, as the train
-step does. A real Redis server (storage/redis_server.py) and the API (`sidetune api`: uvicorn in a subprocess, with its
-settings from SIDETUNE_* variables) run on loopback; a second API with `predict_max_batch=1` (batching off) serves
-as a reference.
+(`run_extraction`), `--models` LoSA models (rank `--rank`, all layers, seeds 0..n-1) are each trained for `--epochs`
+epochs from that cache, and a LoRA model (rank 8 on every block, `images` mode: a merged model whose every linear layer
+differs from the backbone's) for one epoch, all by `train_job`, saved in the store and registered in Redis as the train
+step does. A real Redis server, the inference service (`sidetune inference`) and the API (`sidetune api`, forwarding
+predict to it) run as subprocesses on loopback, with their settings from SIDETUNE_* variables; a second inference
+service with `predict_max_batch=1` (batching off) is the reference for the batching gain.
 
-Rows, interleaved over `--repeats` rounds (latency percentiles pool every round's requests; throughput is the median
-of the rounds, each round's value listed):
-- bare forward: `model(x)` of the backbone on one ready image tensor, in this process, same device, precision
-  (bfloat16 autocast on CUDA, fp32 on CPU) and torch threads as the API (which is idle meanwhile): the baseline.
+Rows, interleaved over `--repeats` rounds (latency percentiles pool every round's requests; throughput is the median of
+the rounds, each round's value listed):
+- bare forward: `model(x)` of the backbone in the serving dtype (bfloat16 weights on CUDA, float32 on the CPU) on one
+  ready image tensor, in this process, same device and torch threads as the service (idle meanwhile): the baseline.
 - Predictor.predict in this process, one PNG: decoding, transform, backbone, side network; no HTTP, no batcher.
-- HTTP, 1 client: one image per request, one request at a time (keep-alive), model 1.
-- HTTP, `--concurrency` clients, `--requests` requests of one image, on 1 model and spread over all models (request
-  i to model i mod n); with batching off for 1 model.
+- HTTP, 1 client, one image per request, one request at a time (keep-alive), model 1: through the API (forwarded to
+  the inference service: what clients get at the public URL), and directly to the inference service.
+- HTTP, `--concurrency` clients, `--requests` requests of one image, straight to the inference service: on 1 model and
+  spread over all models (request i to model i mod n); with batching off for 1 model.
+Then, once: /healthz of the API and of the inference service, probed every 20 ms from this process while a separate
+process keeps `--health-load` predicts in flight through the API for `--health-seconds` (so the probe shares no GIL or
+client with the load); and the memory of a Predictor in this process as it loads the backbone with a first LoSA model,
+a second LoSA model, and the merged LoRA model (resident set after garbage collection and malloc_trim on the CPU,
+allocated device memory on CUDA), against the backbone's size in the serving dtype.
 
-latency_ratio = p50 of "HTTP, 1 client" / p50 of the bare forward (target <= 1.2); multi_model_cost_ratio = images/s
-on 1 model / images/s spread over the models (cost per image, target <= 1.3). Last line: `key=value` pairs.
+Targets (DESIGN.md, issue 11): latency_ratio = p50 of "HTTP, 1 client" through the API / p50 of the bare forward
+<= 1.2; multi_model_cost_ratio = images/s on 1 model / images/s spread over the models <= 1.3; health_p99_ms (the
+higher of the two services' p99) <= 50; extra_model_mb_losa <= 0.1 x backbone_mb; extra_model_mb_merged <= 1.05 x
+backbone_mb. Last line: `key=value` pairs.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import ctypes
+import gc
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -40,28 +54,38 @@ import common
 import numpy as np
 from common import fmt, median, spread
 
-TARGETS = {"latency_ratio": 1.2, "multi_model_cost_ratio": 1.3}  # DESIGN.md, "Targets"
+TARGETS = {"latency_ratio": 1.2, "multi_model_cost_ratio": 1.3, "health_p99_ms": 50.0}  # DESIGN.md, "Targets"
+EXTRA_LOSA_OF_BACKBONE, EXTRA_MERGED_OF_BACKBONE = 0.1, 1.05
 
 
 # ------------------------------------------------------------------------------------------------- setup
 
 
-def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], list[str]]:
-    """`--models` LoSA models trained from one feature cache, saved and registered; returns their ids and classes."""
+def _register(store, model_id: str, out: dict, method: str, mode: str, backbone: str) -> None:
+    from storage.jobs import now
+
+    store.register_model({
+        "id": model_id, "object": "model", "created_at": now(), "job_id": f"job_{model_id}", "owner": None,
+        "name": None, "method": method, "mode": mode, "backbone": backbone, "classes": out["config"]["classes"],
+        "metrics": out["metrics"],
+    })  # fmt: skip
+
+
+def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], str, list[str]]:
+    """`--models` LoSA models trained from one feature cache and a LoRA model, saved and registered; returns the LoSA
+    ids, the LoRA id and the classes."""
     from services.extraction import run_extraction
     from services.progress import NullReporter
     from services.spec import JobSpec
     from storage.artifacts import ArtifactStore
-    from storage.jobs import now
 
-    artifacts = ArtifactStore(settings.artifacts_dir)
+    artifacts = ArtifactStore.from_settings(settings)
+    backbone = {"name": args.backbone, "pretrained": False, "image_size": args.image_size}
     ids, key, config = [], None, {}
     for seed in range(args.models):
         spec = JobSpec.model_validate({
-            "dataset": {"path": str(args.dataset)},
-            "backbone": {"name": args.backbone, "pretrained": False, "image_size": args.image_size},
-            "method": {"name": "losa", "rank": args.rank}, "extraction": {"batch_size": 16},
-            "training": {"epochs": args.epochs, "batch_size": 16, "seed": seed},
+            "dataset": {"path": str(args.dataset)}, "backbone": backbone, "method": {"name": "losa", "rank": args.rank},
+            "extraction": {"batch_size": 16}, "training": {"epochs": args.epochs, "batch_size": 16, "seed": seed},
         })  # fmt: skip
         if key is None:
             common.say("extracting the features once for every model ...")
@@ -69,34 +93,39 @@ def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], 
         out, _ = common.train_fresh(spec, settings, key, args.work / "ckpt")
         model_id, config = f"model_bench_losa_{seed}", out["config"]
         artifacts.save_model(model_id, out["weights"], config, out["metrics"])
-        store.register_model({
-            "id": model_id, "object": "model", "created_at": now(), "job_id": f"job_bench_{seed}", "owner": None,
-            "name": None, "method": "losa", "mode": "cache", "backbone": args.backbone, "classes": config["classes"],
-            "metrics": out["metrics"],
-        })  # fmt: skip
+        _register(store, model_id, out, "losa", "cache", args.backbone)
         ids.append(model_id)
         common.say(f"trained {model_id}: val accuracy {out['metrics']['val_accuracy']:.3f}")
-    return ids, config["classes"]
+    spec = JobSpec.model_validate({
+        "dataset": {"path": str(args.dataset)}, "backbone": backbone, "method": {"name": "lora", "rank": 8},
+        "execution": {"mode": "images"}, "training": {"epochs": 1, "batch_size": 16},
+    })  # fmt: skip
+    out, _ = common.train_fresh(spec, settings, None, args.work / "ckpt")
+    artifacts.save_model("model_bench_lora", out["weights"], out["config"], out["metrics"])
+    _register(store, "model_bench_lora", out, "lora", "images", args.backbone)
+    common.say(f"trained model_bench_lora (merged): val accuracy {out['metrics']['val_accuracy']:.3f}")
+    return ids, "model_bench_lora", config["classes"]
 
 
-class Api:
-    """`sidetune api` in a subprocess on a free loopback port, with the bench's settings and `overrides`."""
+class Service:
+    """`sidetune <command>` (api or inference) in a subprocess on a free loopback port, with the bench's settings."""
 
-    def __init__(self, args: argparse.Namespace, redis_url: str, name: str, **overrides: object) -> None:
+    def __init__(self, args: argparse.Namespace, redis_url: str, command: str, name: str, **overrides: object) -> None:
         from worker.launcher import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        which = "API" if command == "api" else "INFERENCE"
         env = os.environ | {
             "SIDETUNE_REDIS_URL": redis_url, "SIDETUNE_DATA_DIR": str(args.work), "SIDETUNE_DEVICE": args.device,
-            "SIDETUNE_API_HOST": "127.0.0.1", "SIDETUNE_API_PORT": str(self.port),
-            "SIDETUNE_ALLOWED_ROOTS": str(args.work), "PYTHONUNBUFFERED": "1",
+            f"SIDETUNE_{which}_HOST": "127.0.0.1", f"SIDETUNE_{which}_PORT": str(self.port),
+            "SIDETUNE_ALLOWED_ROOTS": str(args.work), "PYTHONUNBUFFERED": "1", "SIDETUNE_LOG_FORMAT": "text",
         } | {f"SIDETUNE_{k.upper()}": str(v) for k, v in overrides.items()}  # fmt: skip
-        if args.threads:  # torch's intra-op threads in the API, as torch.set_num_threads in this process
+        if args.threads:  # torch's intra-op threads in the service, as torch.set_num_threads in this process
             env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-        self.log = args.work / f"api-{name}.log"
+        self.log = args.work / f"{command}-{name}.log"
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "api"], cwd=common.ROOT, env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", command], cwd=common.ROOT, env=env,
                                          stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
 
     def wait(self, timeout_s: float = 120.0) -> None:
@@ -105,14 +134,16 @@ class Api:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the API exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"{self.log.name} exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"the API did not answer within {timeout_s}s; see {self.log}")
+        raise RuntimeError(f"{self.log.name} did not answer within {timeout_s}s")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -154,6 +185,88 @@ def drive(url: str, models: list[str], bodies: list[bytes], total: int, clients:
     return {"latencies": latencies, "wall_s": time.perf_counter() - t0, "failures": failures}
 
 
+def load_process(url: str, model: str, body: bytes, concurrency: int, started, stop, results) -> None:
+    """A separate process keeping `concurrency` predicts in flight (asyncio) until `stop` is set."""
+    import httpx
+
+    async def run() -> tuple[int, int]:
+        done = failed = 0
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=300, limits=limits, headers={"content-type": "application/json"}) as c:
+
+            async def one() -> None:
+                nonlocal done, failed
+                while not stop.is_set():
+                    r = await c.post(f"{url}/v1/models/{model}:predict", content=body)
+                    done, failed = done + (r.status_code == 200), failed + (r.status_code != 200)
+
+            started.set()
+            await asyncio.gather(*(one() for _ in range(concurrency)))
+        return done, failed
+
+    results.put(asyncio.run(run()))
+
+
+def health_under_load(args: argparse.Namespace, api_url: str, inference_url: str, model: str, body: bytes) -> dict:
+    """/healthz latencies of both services while `--health-load` predicts run through the API."""
+    import httpx
+
+    ctx = multiprocessing.get_context("spawn")
+    started, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=load_process, args=(api_url, model, body, args.health_load, started, stop, results))
+    proc.start()
+    latencies: dict[str, list[float]] = {"api": [], "inference": []}
+    try:
+        assert started.wait(60), "the load process did not start"
+        time.sleep(1.0)  # every request in flight
+        deadline = time.monotonic() + args.health_seconds
+        with httpx.Client(timeout=30) as c:
+            while time.monotonic() < deadline:
+                for name, url in (("api", api_url), ("inference", inference_url)):
+                    t0 = time.perf_counter()
+                    assert c.get(f"{url}/healthz").status_code == 200
+                    latencies[name].append(time.perf_counter() - t0)
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        done, failed = results.get(timeout=300)
+        proc.join(60)
+    return {"latencies": latencies, "predicts": done, "failed": failed, "seconds": args.health_seconds}
+
+
+def _trim() -> None:
+    gc.collect()
+    if common.glibc():
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so the resident set shows what is held
+
+
+def memory(settings, device: str, losa: list[str], merged: str) -> dict:
+    """Bytes a Predictor holds as it loads a first LoSA model (with the backbone), a second one, then the merged
+    model: measured (resident set on the CPU, allocated memory on CUDA) and accounted (its tensors)."""
+    import torch
+
+    from services.inference import Predictor
+
+    def used() -> int:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        _trim()
+        return common.current_rss()
+
+    predictor = Predictor(settings)
+    steps = {}
+    base = used()
+    for name, model_id in (("backbone + first LoSA", losa[0]), ("extra LoSA", losa[1]), ("extra merged", merged)):
+        predictor.load(model_id)
+        now = used()
+        steps[name], base = now - base, now
+    held = predictor.memory()
+    backbone = next(iter(held["backbones"].values()))
+    dtype = str(predictor.load(losa[0]).backbone.dtype)
+    return {"measured": steps, "models": held["models"], "backbone": backbone, "dtype": dtype}
+
+
 def timed(fn, n: int, device: str) -> list[float]:
     out = []
     for _ in range(n):
@@ -185,28 +298,32 @@ def measure(args: argparse.Namespace) -> dict:
     bodies = [json.dumps({"instances": [{"image_b64": base64.b64encode(b).decode()}]}).encode() for b in pngs]
 
     redis = RedisServer(args.work / "redis", free_port()).start()
-    apis: list[Api] = []
+    services: list[Service] = []
     try:
         store = JobStore.from_url(redis.url)
-        ids, classes = train_models(args, settings, store)
-        apis = [Api(args, redis.url, "batched", predict_max_batch=args.max_batch, predict_max_wait_ms=args.max_wait_ms),
-                Api(args, redis.url, "unbatched", predict_max_batch=1)]  # fmt: skip
-        for api in apis:
-            api.wait()
-        common.say("warming up: every model loaded in both APIs ...")
-        for api in apis:
-            drive(api.url, ids, bodies, 2 * len(ids), 1)
+        ids, merged, classes = train_models(args, settings, store)
+        batched = Service(args, redis.url, "inference", "batched", predict_max_batch=args.max_batch,
+                          predict_max_wait_ms=args.max_wait_ms)  # fmt: skip
+        unbatched = Service(args, redis.url, "inference", "unbatched", predict_max_batch=1)
+        api = Service(args, redis.url, "api", "api", inference_url=batched.url)
+        services = [batched, unbatched, api]
+        for service in services:
+            service.wait()
+        common.say("warming up: every model loaded in both inference services ...")
+        for url in (api.url, unbatched.url):
+            drive(url, ids, bodies, 2 * len(ids), 1)
 
+        common.say("memory of the models ...")
+        mem = memory(settings, args.device, ids, merged)
         backbone = load_backbone(BackboneSpec(name=args.backbone, pretrained=False, image_size=args.image_size),
-                                 args.device)  # fmt: skip
-        x = backbone.transform(Image.open(io.BytesIO(pngs[0])).convert("RGB"))[None].to(args.device)
+                                 args.device)  # in the serving precision: bf16 weights on CUDA  # fmt: skip
+        dtype = backbone.dtype
+        x = backbone.transform(Image.open(io.BytesIO(pngs[0])).convert("RGB"))[None].to(args.device, dtype)
         predictor = Predictor(settings)
         predictor.predict(ids[0], pngs[:1])
 
         def bare() -> None:
-            # the precision predict runs the backbone in (Backbone.intermediates: bfloat16 autocast on CUDA only)
-            cuda = backbone.device.type == "cuda"
-            with torch.inference_mode(), torch.autocast(backbone.device.type, torch.bfloat16, enabled=cuda):
+            with torch.inference_mode():
                 backbone.model(x)
 
         rows: dict[str, dict[str, list]] = {}
@@ -223,24 +340,27 @@ def measure(args: argparse.Namespace) -> dict:
         for r in range(args.repeats):
             common.say(f"round {r + 1}/{args.repeats}")
             lat = timed(bare, n, args.device)
-            add("bare forward model(x), 1 image", lat, 1 / median(lat))
+            add(f"bare forward model(x), 1 image, {str(dtype).removeprefix('torch.')}", lat, 1 / median(lat))
             lat = timed(lambda: predictor.predict(ids[0], pngs[:1]), n, args.device)
             add("Predictor.predict in process, 1 PNG", lat, 1 / median(lat))
-            for name, api, models, total, clients in [
-                ("HTTP, 1 client, 1 model", apis[0], ids[:1], n, 1),
-                (f"HTTP, {c} clients, 1 model", apis[0], ids[:1], *load),
-                (f"HTTP, {c} clients, {len(ids)} models", apis[0], ids, *load),
-                (f"HTTP, {c} clients, 1 model, batching off", apis[1], ids[:1], *load),
+            for name, url, models, total, clients in [
+                ("HTTP via the API, 1 client, 1 model", api.url, ids[:1], n, 1),
+                ("HTTP to inference, 1 client, 1 model", batched.url, ids[:1], n, 1),
+                (f"HTTP to inference, {c} clients, 1 model", batched.url, ids[:1], *load),
+                (f"HTTP to inference, {c} clients, {len(ids)} models", batched.url, ids, *load),
+                (f"HTTP to inference, {c} clients, 1 model, batching off", unbatched.url, ids[:1], *load),
             ]:  # fmt: skip
-                d = drive(api.url, models, bodies, total, clients)
+                d = drive(url, models, bodies, total, clients)
                 add(name, d["latencies"], total / d["wall_s"], len(d["failures"]))
                 if d["failures"]:
                     common.say(f"{name}: {len(d['failures'])} failed, e.g. {d['failures'][0]}")
+        common.say(f"/healthz while {args.health_load} predicts run through the API for {args.health_seconds}s ...")
+        health = health_under_load(args, api.url, batched.url, ids[0], bodies[0])
         params = sum(p.numel() for p in backbone.model.parameters())
-        return {"rows": rows, "classes": classes, "models": ids, "params": params}
+        return {"rows": rows, "classes": classes, "models": ids, "params": params, "health": health, "memory": mem}
     finally:
-        for api in apis:
-            api.stop()
+        for service in services:
+            service.stop()
         redis.stop()
 
 
@@ -253,17 +373,20 @@ def report(args: argparse.Namespace, m: dict) -> None:
     rows = m["rows"]
     names = list(rows)
     bare_p50 = median(rows[names[0]]["lat"])
+    mem, health = m["memory"], m["health"]
     print(
         f"sidetune serve benchmark: {args.backbone} at {args.image_size} px ({m['params']:,} params, RANDOM INIT), "
-        f"device {args.device}; {len(m['models'])} LoSA models (rank {args.rank}, all layers, {len(m['classes'])} "
-        f"classes), each trained {args.epochs} epoch(s) by train_job from one feature cache of {args.train_images} "
-        "digits, saved and registered as the train step does"
+        f"device {args.device}, serving dtype {mem['dtype'].removeprefix('torch.')}; {len(m['models'])} LoSA models "
+        f"(rank {args.rank}, all layers, {len(m['classes'])} classes), each trained {args.epochs} epoch(s), and a LoRA "
+        f"model (rank 8, every block, merged), by train_job from {args.train_images} digits, saved and registered as "
+        "the train step does"
     )
     print(common.machine_line(args.load_start))
     print(
-        f"API: `sidetune api` (uvicorn) in a subprocess with real Redis; predict_max_batch {args.max_batch}, "
-        f"predict_max_wait_ms {args.max_wait_ms}; one 32x32 PNG digit per request (JSON, base64); {args.repeats} "
-        "interleaved rounds: latency percentiles over every round's requests, images/s median (rounds listed)"
+        f"services: `sidetune inference` and `sidetune api` (forwarding predict) in subprocesses with real Redis; "
+        f"predict_max_batch {args.max_batch}, predict_max_wait_ms {args.max_wait_ms}; one 32x32 PNG digit per request "
+        f"(JSON, base64); {args.repeats} interleaved rounds: latency percentiles over every round's requests, images/s "
+        "median (rounds listed)"
     )
     print()
     table = []
@@ -273,31 +396,63 @@ def report(args: argparse.Namespace, m: dict) -> None:
             name, str(len(lat)), fmt(float(np.percentile(lat, 50)), 1), fmt(float(np.percentile(lat, 99)), 1),
             fmt(np.median(lat) / 1000 / bare_p50, 2), spread(rows[name]["rate"]), str(sum(rows[name]["failures"])),
         ])  # fmt: skip
+    for service, lat in health["latencies"].items():
+        ms = np.array(lat) * 1000
+        p50, p99 = (fmt(float(np.percentile(ms, q)), 1) for q in (50, 99))
+        table.append([f"/healthz of the {service} under {args.health_load} predicts", str(len(ms)), p50, p99, "", "",
+                      "0"])  # fmt: skip
     print(common.render(["row", "requests", "p50 ms", "p99 ms", "p50 / bare", "images/s", "failed"], table))
+    print(f"(the load: {health['predicts']} predicts in {health['seconds']:.0f}s, {health['failed']} failed)")
 
-    single, one, many, off = names[2:6]
+    mb = 2**20
+    backbone_mb = mem["backbone"] / mb
+    print()
+    memory_rows = [
+        [name, fmt(delta / mb, 2), fmt(delta / mem["backbone"], 3)] for name, delta in mem["measured"].items()
+    ]
+    memory_rows.append([f"backbone tensors ({mem['dtype'].removeprefix('torch.')})", fmt(backbone_mb, 2), "1.000"])
+    for model_id, nbytes in mem["models"].items():
+        memory_rows.append(
+            [f"{model_id}: own tensors (accounted)", fmt(nbytes / mb, 2), fmt(nbytes / mem["backbone"], 3)]
+        )
+    what = "allocated device memory" if args.device.startswith("cuda") else "resident set after gc + malloc_trim"
+    print(common.render([f"memory ({what})", "MB", "/ backbone"], memory_rows))
+
+    single, direct, one, many, off = names[2:7]
     latency_ratio = median(rows[single]["lat"]) / bare_p50
     rate_one, rate_many, rate_off = (median(rows[k]["rate"]) for k in (one, many, off))
     cost_ratio = common.ratio(rate_one, rate_many)
+    health_p99 = max(float(np.percentile(v, 99)) * 1000 for v in health["latencies"].values())
+    extra_losa, extra_merged = mem["measured"]["extra LoSA"] / mb, mem["measured"]["extra merged"] / mb
     print()
     met = {
         "latency_ratio": latency_ratio <= TARGETS["latency_ratio"],
         "multi_model_cost_ratio": cost_ratio is not None and cost_ratio <= TARGETS["multi_model_cost_ratio"],
+        "health_p99_ms": health_p99 <= TARGETS["health_p99_ms"],
+        "extra_model_mb_losa": extra_losa <= EXTRA_LOSA_OF_BACKBONE * backbone_mb,
+        "extra_model_mb_merged": extra_merged <= EXTRA_MERGED_OF_BACKBONE * backbone_mb,
     }
     verdict = {k: "met" if v else "MISSED" for k, v in met.items()}
     print(
-        f"targets (DESIGN.md): latency_ratio {fmt(latency_ratio, 3)} <= 1.2: {verdict['latency_ratio']}; "
-        f"multi_model_cost_ratio {fmt(cost_ratio, 3)} <= 1.3: {verdict['multi_model_cost_ratio']}; batching gain "
-        f"(1 model, {args.concurrency} clients, against predict_max_batch 1) {fmt(common.ratio(rate_one, rate_off), 2)}"
-        "x"
+        f"targets: latency_ratio {fmt(latency_ratio, 3)} <= 1.2: {verdict['latency_ratio']}; multi_model_cost_ratio "
+        f"{fmt(cost_ratio, 3)} <= 1.3: {verdict['multi_model_cost_ratio']}; health_p99_ms {fmt(health_p99, 1)} <= 50: "
+        f"{verdict['health_p99_ms']}; extra_model_mb_losa {fmt(extra_losa, 2)} <= 0.1 x {fmt(backbone_mb, 1)}: "
+        f"{verdict['extra_model_mb_losa']}; extra_model_mb_merged {fmt(extra_merged, 2)} <= 1.05 x "
+        f"{fmt(backbone_mb, 1)}: {verdict['extra_model_mb_merged']}; batching gain ({args.concurrency} clients, "
+        f"against predict_max_batch 1) {fmt(common.ratio(rate_one, rate_off), 2)}x"
     )
     kv: dict[str, str] = {}
     for key, value, digits in [
         ("latency_ratio", latency_ratio, 3),
         ("multi_model_cost_ratio", cost_ratio, 3),
+        ("health_p99_ms", health_p99, 1),
+        ("extra_model_mb_losa", extra_losa, 2),
+        ("extra_model_mb_merged", extra_merged, 2),
+        ("backbone_mb", backbone_mb, 2),
         ("bare_ms", bare_p50 * 1000, 2),
         ("predict_p50_ms", median(rows[single]["lat"]) * 1000, 2),
         ("predict_p99_ms", float(np.percentile(rows[single]["lat"], 99)) * 1000, 2),
+        ("direct_p50_ms", median(rows[direct]["lat"]) * 1000, 2),
         ("inprocess_p50_ms", median(rows[names[1]]["lat"]) * 1000, 2),
         ("load_p50_ms", median(rows[one]["lat"]) * 1000, 1),
         ("load_p99_ms", float(np.percentile(rows[one]["lat"], 99)) * 1000, 1),
@@ -310,10 +465,12 @@ def report(args: argparse.Namespace, m: dict) -> None:
     kv |= {
         "targets_met": ",".join(k for k, v in met.items() if v) or "none",
         "targets_missed": ",".join(k for k, v in met.items() if not v) or "none",
-        "failed": str(sum(sum(r["failures"]) for r in rows.values())),
+        "failed": str(sum(sum(r["failures"]) for r in rows.values()) + health["failed"]),
         "models": str(len(m["models"])), "concurrency": str(args.concurrency), "requests": str(args.requests),
-        "backbone": args.backbone, "image_size": str(args.image_size), "device": args.device,
-        "torch_threads": str(torch.get_num_threads()), "wall_s": f"{time.perf_counter() - args.t_start:.0f}",
+        "health_load": str(args.health_load), "backbone": args.backbone, "image_size": str(args.image_size),
+        "device": args.device, "dtype": mem["dtype"].removeprefix("torch."),
+        "torch_threads": str(torch.get_num_threads()),
+        "wall_s": f"{time.perf_counter() - args.t_start:.0f}",
     }  # fmt: skip
     common.print_kv(kv)
 
@@ -322,25 +479,29 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="vit_small_patch16_224", help="timm ViT, random init")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (the API's and the baseline's)")
-    p.add_argument("--models", type=int, default=8, help="LoSA models on the backbone")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (the services' and the baseline's)")
+    p.add_argument("--models", type=int, default=8, help="LoSA models on the backbone (at least 2)")
     p.add_argument("--rank", type=int, default=16, help="LoSA rank")
-    p.add_argument("--epochs", type=int, default=1, help="training epochs per model")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs per LoSA model")
     p.add_argument("--train-images", type=int, default=40, help="digits written (10%% held out, unused)")
     p.add_argument("--requests", type=int, help="requests per load row (default: 96 on CPU, 640 on CUDA)")
     p.add_argument("--concurrency", type=int, default=8, help="concurrent clients of the load rows")
     p.add_argument("--single-requests", type=int, default=30, help="requests per round of the 1-client rows")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--max-batch", type=int, default=32, help="the API's predict_max_batch")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="the API's predict_max_wait_ms")
+    p.add_argument("--health-load", type=int, default=64, help="predicts in flight while /healthz is probed")
+    p.add_argument("--health-seconds", type=float, default=15.0, help="how long /healthz is probed under that load")
+    p.add_argument("--max-batch", type=int, default=32, help="the inference service's predict_max_batch")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="the inference service's predict_max_wait_ms")
     p.add_argument(
         "--threads",
         type=int,
-        help="torch threads of the API and of the baseline (default: torch's, one per core); "
+        help="torch threads of the services and of the baseline (default: torch's, one per core); "
         "1 is steadier on a machine whose cores other processes use too",
     )
     p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after)")
     args = p.parse_args(argv)
+    if args.models < 2:
+        p.error("--models: at least 2 (the memory of an extra LoSA model is measured on the second)")
     if args.device == "auto":
         import torch
 

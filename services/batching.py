@@ -1,9 +1,12 @@
 """Dynamic micro-batching for predict: concurrent requests are gathered and run as one `Predictor.run`.
 
-One thread per Predictor runs the batches (a device computes one batch at a time anyway). The caller's thread only
-decodes the images (Pillow, no torch), so a bad image fails that request before it joins a batch; the batcher's
-thread does all the torch work: it loads each request's model and transforms its images (an unknown model fails
-that request alone), then runs the batch, and each caller gets its own rows of the result. Torch runs on that one
+One thread per Predictor runs the batches (a device computes one batch at a time anyway). `submit` takes a loaded
+model and decoded images and returns a future: the inference service decodes (Pillow, no torch) and loads the model
+(a cold load: in a loader thread) before it submits, so a bad image or an unknown model fails that request before it
+joins a batch, and a cold load never stalls the batches of warm models; it awaits the future without parking a
+thread. The batcher's thread does the torch work: it transforms each request's images (a failure there fails that
+request alone), then runs the batch, and each future gets its own rows of the result. `predict` is the same for a
+caller that blocks (decoding and loading on its own thread). Torch runs on that one
 thread only because each thread that runs torch ops gets its own OpenMP team, and with more OpenMP threads than
 cores libgomp stops spin-waiting between parallel regions: one more team (the transforms in the callers' threads)
 made every backbone forward 15-20% slower on 2 cores. The transforms (resize, crop, normalise: about 1 ms an
@@ -22,27 +25,24 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from services.inference import LoadedModel, Predictor
 
 
 @dataclass(eq=False)
 class _Pending:
-    model_id: str
+    model: LoadedModel
     images: list[Any]  # decoded (PIL) images
     arrived: float = field(default_factory=time.monotonic)
-    model: LoadedModel | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    probs: np.ndarray | None = None
-    error: Exception | None = None
+    result: Future = field(default_factory=Future)  # class probabilities [n, classes]
 
 
 class Batcher:
-    """`predict(model_id, images)` from any number of threads; `close()` runs what is queued and stops the thread."""
+    """`submit(model, images)` (a future) or `predict(model_id, images)` from any number of threads; `close()` runs
+    what is queued and stops the thread."""
 
     def __init__(self, predictor: Predictor, max_batch: int = 32, max_wait_s: float = 0.005) -> None:
         self.predictor, self.max_batch, self.max_wait_s = predictor, max_batch, max_wait_s
@@ -56,9 +56,9 @@ class Batcher:
         s = predictor.settings
         return cls(predictor, s.predict_max_batch, s.predict_max_wait_ms / 1000)
 
-    def predict(self, model_id: str, images: list[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
-        """Like `Predictor.predict`, run in a batch with the requests that arrive together with this one."""
-        pending = _Pending(model_id, self.predictor.decode(images))  # a DatasetError fails this request only
+    def submit(self, model: LoadedModel, images: list[Any]) -> Future:
+        """Queue decoded images for a loaded model; the future gets their class probabilities [n, classes]."""
+        pending = _Pending(model, images)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the predict batcher is closed")
@@ -67,10 +67,13 @@ class Batcher:
                 self._thread.start()
             self._queue.append(pending)
             self._cond.notify()
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return self.predictor.format(pending.model, pending.probs, threshold)
+        return pending.result
+
+    def predict(self, model_id: str, images: list[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
+        """Like `Predictor.predict`, run in a batch with the requests that arrive together with this one."""
+        decoded = self.predictor.decode(images)  # a DatasetError fails this request only
+        model = self.predictor.load(model_id)  # so does an unknown model
+        return self.predictor.format(model, self.submit(model, decoded).result(), threshold)
 
     def close(self) -> None:
         with self._cond:
@@ -102,21 +105,21 @@ class Batcher:
         under_load = False
         while batch := self._next_batch(under_load):
             under_load = len(batch) > 1
+            # A future whose caller went away (its awaiting task cancelled) is dropped; the others can no longer be
+            # cancelled, so setting their result below cannot fail.
+            batch = [p for p in batch if p.result.set_running_or_notify_cancel()]
             ready, requests = [], []
             try:
                 for p in batch:
                     try:
-                        requests.append(self.predictor.inputs(p.model_id, p.images))
-                        p.model = requests[-1][0]
+                        requests.append(self.predictor.inputs(p.model, p.images))
                         ready.append(p)
-                    except Exception as e:  # noqa: BLE001 - this request's own failure (unknown model), raised by its caller
-                        p.error = e
+                    except Exception as e:  # noqa: BLE001 - this request's own failure, raised by its caller
+                        p.result.set_exception(e)
                 if ready:
                     for p, probs in zip(ready, self.predictor.run(requests), strict=True):
-                        p.probs = probs
+                        p.result.set_result(probs)
             except Exception as e:  # noqa: BLE001 - handed to every request of the batch, whose callers raise it
                 for p in ready:
-                    p.error = e
-            finally:
-                for p in batch:
-                    p.done.set()
+                    if not p.result.done():
+                        p.result.set_exception(e)

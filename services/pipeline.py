@@ -18,11 +18,13 @@ from services.backbones import BackboneError
 from services.datasets import DatasetError
 from services.progress import Cancelled, JobReporter
 from services.spec import JobSpec
-from storage.artifacts import ArtifactStore, read_json
+from storage.artifacts import ArtifactStore
 from storage.cache import CacheError, FeatureCache
+from storage.datasets import DatasetFiles
 from storage.jobs import TERMINAL, JobStore, now
 from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
 from storage.settings import Settings
+from storage.store import Incomplete, StoreUnavailable
 
 log = logging.getLogger("sidetune.pipeline")
 
@@ -35,6 +37,8 @@ USER_ERRORS: dict[type[Exception], str] = {
     PermissionError: "forbidden_path",
     BackboneError: "invalid_backbone",
     CacheError: "cache_error",
+    StoreUnavailable: "storage_unavailable",
+    Incomplete: "store_incomplete",
     ValueError: "invalid_value",
 }
 
@@ -56,6 +60,15 @@ def _fail(store: JobStore, job_id: str, exc: Exception) -> None:
 def _cancelled(store: JobStore, job_id: str) -> None:
     store.set_fields(job_id, status="cancelled", finished_at=now())
     store.add_event(job_id, "cancelled", level="warning")
+
+
+def _on_this_machine(spec: JobSpec, settings: Settings) -> JobSpec:
+    """The spec reading an uploaded dataset (`dataset.id`) from this machine's copy of it, fetched from the store
+    the first time (the path the API stored is where the API's machine reads it)."""
+    if spec.dataset.id is None:
+        return spec
+    path, fmt = DatasetFiles.from_settings(settings).dataset_path(spec.dataset.id)
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": str(path), "format": fmt})})
 
 
 # What a step asks the task layer to enqueue next: the train step, n extraction shards, or nothing.
@@ -158,6 +171,7 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         store.add_event(job_id, "extraction started")
         reporter = JobReporter(store, job_id)
         t0 = time.perf_counter()
+        spec = _on_this_machine(spec, settings)
         prep = prepare(spec, settings)
         lock = _cache_lock(store, prep.key, job_id)
         if prep.entry.is_complete or not acquire_or_wait(
@@ -197,7 +211,7 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
         return _cancelled(store, job_id)
     lock = _cache_lock(store, job["extract_key"], job_id)
     try:
-        spec = JobSpec.model_validate(job["spec"])
+        spec = _on_this_machine(JobSpec.model_validate(job["spec"]), settings)
         reporter = JobReporter(store, job_id)
         t0 = time.perf_counter()
         prep = begin_extraction(spec, settings, reporter, key=job["extract_key"])
@@ -246,14 +260,16 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         return _cancelled(store, job_id)
     if not job.get("extracted"):
         return _fail(store, job_id, RuntimeError("the extraction step did not finish"))
-    artifacts = ArtifactStore(settings.artifacts_dir)
+    artifacts = ArtifactStore.from_settings(settings)
     model_id = model_id_for(job_id)
     store.set_fields(job_id, status="training")
     store.add_event(job_id, "training started")
     try:
         spec = JobSpec.model_validate(job["spec"])
         if not artifacts.has_model(model_id):
-            ckpt = artifacts.checkpoint_dir(job_id)
+            if not spec.needs_cache:  # trains on images: read from this machine's copy
+                spec = _on_this_machine(spec, settings)
+            ckpt = artifacts.checkpoints(job_id)
             key = job.get("cache_key")
             # Pinned while training reads it, so eviction never removes it underneath.
             with Pin(store.r, key, holder=job_id) if key else nullcontext() as pin:
@@ -264,9 +280,10 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
             files = {"evaluation.json": json.dumps(out["evaluation"], indent=2).encode()}
             files |= {f"plots/{name}.png": png for name, png in out["plots"].items()}
             artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"], files)
-        config = artifacts.load_model(model_id)[1]
-        metrics = read_json(artifacts.model_dir(model_id) / "metrics.json")
-        report = json.loads(artifacts.read_file(model_id, "evaluation.json"))
+        artifacts.check_model(model_id)
+        config = artifacts.read_json(model_id, "config.json")
+        metrics = artifacts.read_json(model_id, "metrics.json")
+        report = artifacts.read_json(model_id, "evaluation.json")
     except Cancelled:
         return _cancelled(store, job_id)
     except Exception as e:

@@ -14,12 +14,16 @@ from services.sweeps.grid import SweepSpec, check_sweep
 Mode = Literal["cache", "images", "tail", "online"]
 
 
+NO_NUL = r"^[^\x00]*$"  # a file path: no NUL byte (the OS refuses it)
+
+
 class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str | None = Field(
         None,
         min_length=1,
+        pattern=NO_NUL,
         description="Dataset location on the server, inside an allowed root: an ImageFolder directory (one "
         "subfolder per class) or a CSV manifest with columns `path,label` (paths relative to the CSV). Give this "
         "or `id`, not both.",
@@ -94,8 +98,9 @@ class BackboneSpec(BaseModel):
     )
     pretrained: bool = Field(True, description="Load timm's pretrained weights (a tag may follow the name: `.tag`).")
     checkpoint: str | None = Field(
-        None, description="A local safetensors checkpoint inside an allowed root; overrides `pretrained`."
-    )
+        None, pattern=NO_NUL, description="A local safetensors checkpoint inside an allowed root; overrides "
+        "`pretrained`."
+    )  # fmt: skip
     image_size: int | None = Field(
         None, ge=16, le=1024, description="Input size in pixels; default: the backbone's own (position embeddings "
         "are resampled)."

@@ -36,9 +36,10 @@ from services.sources import CacheSource, ImageSource, OnlineSource, PooledSourc
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.sweeps.stacked import make_runs
-from storage.artifacts import read_json, read_tensors, write_json, write_tensors
+from storage.artifacts import as_folder, tensors_from_bytes, tensors_to_bytes
 from storage.cache import FeatureCache
 from storage.settings import Settings
+from storage.store import Folder
 
 FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
 
@@ -115,7 +116,8 @@ def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: 
     return scores
 
 
-def _save_checkpoint(d: Path, epoch: int, runs: list[Runs], results: list[Result], log: dict) -> None:
+def _save_checkpoint(where: Folder | Path, epoch: int, runs: list[Runs], results: list[Result], log: dict) -> None:
+    d = as_folder(where)  # on the store: a train worker on another machine resumes from it
     tensors, infos = {}, []
     for i, r in enumerate(runs):
         t, info = r.checkpoint()
@@ -124,15 +126,16 @@ def _save_checkpoint(d: Path, epoch: int, runs: list[Runs], results: list[Result
     for j, res in enumerate(results):
         tensors |= {f"best{j}.{k}": v for k, v in res.state.items()}
     meta = [{"score": r.score, "loss": r.loss, "epoch": r.epoch, "history": r.history} for r in results]
-    write_tensors(d / "checkpoint.safetensors", tensors)
-    write_json(d / "checkpoint.json", {"epoch": epoch, "runs": infos, "results": meta, **log})
+    d.write_bytes("checkpoint.safetensors", tensors_to_bytes(tensors))
+    d.write_json("checkpoint.json", {"epoch": epoch, "runs": infos, "results": meta, **log})
 
 
-def _load_checkpoint(d: Path, runs: list[Runs], results: list[Result]) -> tuple[int, dict] | None:
-    if not (d / "checkpoint.json").exists():
+def _load_checkpoint(where: Folder | Path, runs: list[Runs], results: list[Result]) -> tuple[int, dict] | None:
+    d = as_folder(where)
+    if not d.exists("checkpoint.json"):
         return None
-    info = read_json(d / "checkpoint.json")
-    tensors = read_tensors(d / "checkpoint.safetensors")
+    info = d.read_json("checkpoint.json")
+    tensors = tensors_from_bytes(d.read_bytes("checkpoint.safetensors"))
     for i, r in enumerate(runs):
         prefix = f"runs{i}."
         r.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, info["runs"][i])
@@ -153,7 +156,7 @@ def fit(
     hp: dict[str, Any],
     objective: Objective,
     reporter: Reporter,
-    checkpoint_dir: Path,
+    checkpoint_dir: Folder | Path,
     layers: list[int] | None = None,
 ) -> tuple[list[Result], dict[str, Any]]:
     """The training loop shared by every method, mode and sweep, over `n` training and `n_val` validation items of
@@ -414,7 +417,7 @@ def _solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models
 
 
 def train_job(
-    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Path
+    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Folder | Path
 ) -> dict[str, Any]:
     """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train,
     select on validation, evaluate the selected model once on the test split (else on validation, named so);

@@ -1,21 +1,39 @@
-"""The artifact store: one folder per model (weights as safetensors, config and metrics as JSON, and named files
-such as the evaluation report and plots) and one per running job's checkpoints. Writes go to a temporary name and
-are renamed into place, so a crash never leaves a half-written file under a final name.
+"""The artifact store, on the store (storage/store.py): one folder per model and one per running job's checkpoints.
+
+    models/<model_id>/       weights.safetensors, config.json, metrics.json, any further files of the model
+                             (`write_file`: an evaluation report, plots/...), and the completion marker last
+    checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/training.py)
+
+Every file is written atomically (a temporary key, then the final one). A model is there once its completion
+marker is: `save_model` writes it after every other file, and `load_model` checks it and every file's size, so a
+model whose upload was cut short is `Incomplete`, never half-loaded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, load_file, save, save_file
+
+from storage.store import Folder, Incomplete, Store
+
+__all__ = ["ArtifactStore", "Incomplete", "as_folder", "tensors_from_bytes", "tensors_to_bytes"]
 
 
+def tensors_to_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    # np.ascontiguousarray turns a 0-d array into shape (1,): keep scalars (e.g. LoSA's scales) 0-d
+    return save({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, metadata=metadata)
+
+
+def tensors_from_bytes(data: bytes) -> dict[str, np.ndarray]:
+    return load(data)
+
+
+# ---- single local files (tests and benchmarks write these directly) ----------------------------------------------
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -37,7 +55,6 @@ def read_json(path: Path) -> Any:
 def write_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    # np.ascontiguousarray turns a 0-d array into shape (1,): keep scalars (e.g. LoSA's scales) 0-d
     save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}, str(tmp),
               metadata=metadata)  # fmt: skip
     os.replace(tmp, path)
@@ -47,50 +64,85 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 
 
+def as_folder(where: Folder | str | Path) -> Folder:
+    """A store folder, or a local directory (or URL) as one."""
+    return where if isinstance(where, Folder) else Store(where).folder()
+
+
 class ArtifactStore:
-    """`models/<model_id>/{weights.safetensors, config.json, metrics.json, <named files>}`, `checkpoints/<job_id>/`."""
+    """Models and checkpoints under `root` (a local directory or an fsspec URL: `settings.artifacts_location`)."""
 
-    FILE_NAME = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)?\.(json|png)$")  # e.g. `evaluation.json`, `plots/curves.png`
+    def __init__(self, root: str | Path) -> None:
+        self.root = Store(root).folder()
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    @classmethod
+    def from_settings(cls, settings: Any) -> ArtifactStore:
+        return cls(settings.artifacts_location)
 
-    def model_dir(self, model_id: str) -> Path:
-        return self.root / "models" / model_id
-
-    def checkpoint_dir(self, job_id: str) -> Path:
-        return self.root / "checkpoints" / job_id
+    # ---- models ---------------------------------------------------------------------------------------------
+    def model(self, model_id: str) -> Folder:
+        return self.root.child("models", model_id)
 
     def save_model(
-        self, model_id: str, weights: dict[str, np.ndarray], config: dict[str, Any], metrics: dict[str, Any],
+        self,
+        model_id: str,
+        weights: dict[str, np.ndarray],
+        config: dict[str, Any],
+        metrics: dict[str, Any],
         files: dict[str, bytes] | None = None,
-    ) -> Path:  # fmt: skip
-        """`files`: other named files of the model (see `FILE_NAME`)."""
-        d = self.model_dir(model_id)
-        write_tensors(d / "weights.safetensors", weights)
-        write_json(d / "metrics.json", metrics)
+    ) -> Folder:
+        """Write the model's files (weights, config, metrics, and `files`: name -> bytes), then its marker."""
+        d = self.model(model_id)
+        d.write_bytes("weights.safetensors", tensors_to_bytes(weights))
+        d.write_json("metrics.json", metrics)
+        d.write_json("config.json", config)
         for name, data in (files or {}).items():
-            atomic_write_bytes(d / self._checked(name), data)
-        write_json(d / "config.json", config)  # last: a model folder without config.json is incomplete
+            d.write_bytes(name, data)
+        d.seal({"model_id": model_id})
         return d
 
-    def _checked(self, name: str) -> str:
-        if not self.FILE_NAME.match(name):
-            raise ValueError(f"invalid model file name {name!r}")
-        return name
-
-    def read_file(self, model_id: str, name: str) -> bytes:
-        """A named file of a complete model; FileNotFoundError when the model or the file does not exist."""
-        if not self.has_model(model_id):
-            raise FileNotFoundError(f"no model {model_id!r}")
-        return (self.model_dir(model_id) / self._checked(name)).read_bytes()
-
     def has_model(self, model_id: str) -> bool:
-        return (self.model_dir(model_id) / "config.json").exists()
+        """Whether the model is complete (its marker written; the files it lists are checked on load)."""
+        return self.model(model_id).sealed() is not None
+
+    def check_model(self, model_id: str) -> None:
+        """FileNotFoundError for a model that was never saved, Incomplete for one that is not whole."""
+        d = self.model(model_id)
+        if d.sealed() is None and not d.files():
+            raise FileNotFoundError(f"model {model_id} has no artifact in the store {self.root.url}")
+        d.check()
 
     def load_model(self, model_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        d = self.model_dir(model_id)
-        return read_tensors(d / "weights.safetensors"), read_json(d / "config.json")
+        """(weights, config) of a complete model; FileNotFoundError or Incomplete otherwise."""
+        self.check_model(model_id)
+        d = self.model(model_id)
+        return tensors_from_bytes(d.read_bytes("weights.safetensors")), d.read_json("config.json")
+
+    def write_file(self, model_id: str, name: str, data: bytes) -> None:
+        """Add or replace a file of a complete model (e.g. `evaluation.json`, `plots/confusion.png`) and update its
+        marker; before `save_model`, pass files to it instead."""
+        d = self.model(model_id)
+        d.write_bytes(name, data)
+        if d.sealed() is not None:
+            d.seal({"model_id": model_id})
+
+    def read_file(self, model_id: str, name: str) -> bytes:
+        """A file of a complete model (FileNotFoundError if it has no such file)."""
+        d = self.model(model_id)
+        if d.sealed() is None:
+            raise Incomplete(f"model {model_id} is incomplete in the store {self.root.url}")
+        return d.read_bytes(name)
+
+    def read_json(self, model_id: str, name: str) -> Any:
+        return json.loads(self.read_file(model_id, name))
+
+    def list_files(self, model_id: str) -> list[str]:
+        """The model's files (relative names, sorted), the marker left out."""
+        return sorted(self.model(model_id).files())
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def checkpoints(self, job_id: str) -> Folder:
+        return self.root.child("checkpoints", job_id)
 
     def drop_checkpoints(self, job_id: str) -> None:
-        shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)
+        self.checkpoints(job_id).remove()

@@ -1,61 +1,34 @@
-"""Uploaded datasets: safe extraction of zip and tar archives, and their records in Redis.
-
-An archive is extracted member by member with our own checks, never with `extractall`: absolute names, `..`
-components, links, devices and names that resolve outside the target are refused, and the bytes actually
-written (not the sizes the headers claim) count against the size limit, so a zip bomb stops at the limit.
-Everything is written into a staging folder that is renamed into place only once the caller's validation
-passed, so a failure leaves nothing half-extracted. Knows nothing of HTTP: failures are `ArchiveError`s
-with a code the API maps to a status.
+"""Uploaded datasets: an archive extracted safely (storage/archives.py) into a staging folder, published to the
+store only once the caller's validation passed (so a failure leaves nothing half-extracted), each machine's local
+copy of it (`DatasetFiles`), and their records in Redis. Knows nothing of HTTP: failures are `ArchiveError`s with
+a code the API maps to a status.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import lzma
 import os
 import re
 import shutil
-import stat
-import tarfile
 import time
-import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import redis
 
+from storage.archives import ArchiveError, Limits, extract, member_parts
 from storage.jobs import NotFound, new_id, now
+from storage.store import MARKER, Folder, Incomplete, Store
+
+__all__ = [
+    "STAGING", "ArchiveError", "DatasetFiles", "DatasetRecords", "Limits", "disk_usage", "extract", "is_dataset_id",
+    "locate", "member_parts", "new_dataset_id", "staging_dir", "sweep_staging", "unpack",
+]  # fmt: skip
 
 T = TypeVar("T")
-CHUNK = 1 << 20
 STAGING = ".staging"
-SKIPPED_TOP = {"__MACOSX"}  # resource forks that macOS's archiver adds; never part of a dataset
-MAX_TAR_META = 1 << 20  # longest pax/GNU long-name header tarfile may read into memory
-# Bad names and clashes between members: a broken archive, not a server fault.
-_NAME_ERRNOS = {errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.EILSEQ}
-# What the archive modules raise for damaged input (zlib and lzma errors are not OSErrors).
-_READ_ERRORS = (OSError, EOFError, ValueError, NotImplementedError, zlib.error, lzma.LZMAError, tarfile.TarError,
-                zipfile.BadZipFile)  # fmt: skip
-
-
-class ArchiveError(ValueError):
-    """An upload that cannot become a dataset. `code`: invalid_archive, unsafe_archive, dataset_too_large or
-    invalid_dataset; the message names the member or the cause."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int  # uncompressed bytes written, all members together
-    max_files: int  # members (files and folders)
 
 
 def new_dataset_id() -> str:
@@ -66,213 +39,24 @@ def is_dataset_id(name: str) -> bool:
     return re.fullmatch(r"ds_[0-9a-f]+", name) is not None
 
 
-# ---- extraction ---------------------------------------------------------------------------------------------
-def member_parts(name: str) -> list[str]:
-    """The path components of an archive member, or ArchiveError(unsafe_archive) for a name that could land
-    outside the target. Backslashes count as separators: Windows archivers write them."""
-    raw = name.replace("\\", "/")
-    if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
-        raise ArchiveError("unsafe_archive", f"member {name!r} has an absolute path")
-    if "\x00" in raw:
-        raise ArchiveError("unsafe_archive", f"member {name!r} has a NUL byte in its name")
-    parts = [p for p in raw.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ArchiveError("unsafe_archive", f"member {name!r} has a `..` component")
-    return parts
-
-
-class _Writer:
-    """Creates the members under `root`, counting members and bytes written against the limits."""
-
-    def __init__(self, root: Path, limits: Limits) -> None:
-        self.root, self.limits = root.resolve(), limits
-        self.files = self.written = 0
-
-    def target(self, name: str) -> Path | None:
-        """Where a member goes (None: skipped), after counting it and checking its name."""
-        self.files += 1
-        if self.files > self.limits.max_files:
-            raise ArchiveError("dataset_too_large", f"the archive has more than {self.limits.max_files} members")
-        parts = member_parts(name)
-        if not parts or parts[0] in SKIPPED_TOP:
-            return None
-        path = self.root.joinpath(*parts)
-        # No member can create a link, so this only fails for names the checks above missed; kept as the last word.
-        if not path.resolve().is_relative_to(self.root):
-            raise ArchiveError("unsafe_archive", f"member {name!r} resolves outside the dataset folder")
-        return path
-
-    def claim(self, name: str, size: int) -> None:
-        """Refuse early a member whose declared size cannot fit (the real count is in `copy`)."""
-        if self.written + size > self.limits.max_bytes:
-            raise self._too_large(name)
-
-    def _too_large(self, name: str) -> ArchiveError:
-        mb = self.limits.max_bytes / 2**20
-        return ArchiveError("dataset_too_large", f"the extracted dataset exceeds {mb:g} MB (at member {name!r})")
-
-    def mkdir(self, path: Path, name: str) -> None:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise self._bad_name(e, name) from None
-
-    def copy(self, src: IO[bytes], path: Path, name: str) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # "x": a duplicate member is refused rather than silently replacing a file. Closed by the `with` below,
-            # apart so that only creating it maps to a bad-name error.
-            out = open(path, "xb")  # noqa: SIM115
-        except OSError as e:
-            raise self._bad_name(e, name) from None
-        with out:
-            while True:
-                try:
-                    chunk = src.read(CHUNK)
-                except _READ_ERRORS as e:
-                    raise ArchiveError("invalid_archive", f"member {name!r} cannot be read: {e}") from None
-                if not chunk:
-                    return
-                self.written += len(chunk)
-                if self.written > self.limits.max_bytes:
-                    raise self._too_large(name)
-                out.write(chunk)
-
-    @staticmethod
-    def _bad_name(e: OSError, name: str) -> Exception:
-        if e.errno in _NAME_ERRNOS:
-            return ArchiveError("invalid_archive", f"member {name!r} cannot be created: {e.strerror}")
-        return e  # disk full, permissions: the server's problem, not the upload's
-
-
-def _extract_zip(archive: Path, writer: _Writer) -> None:
-    try:
-        zf = zipfile.ZipFile(archive)
-    except _READ_ERRORS as e:
-        raise ArchiveError("invalid_archive", f"not a readable zip archive: {e}") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > writer.limits.max_files:
-            raise ArchiveError("dataset_too_large", f"the archive has {len(infos)} members; at most "
-                                                    f"{writer.limits.max_files} are accepted")  # fmt: skip
-        for info in infos:
-            path = writer.target(info.filename)
-            mode = info.external_attr >> 16
-            kind = stat.S_IFMT(mode) if info.create_system == 3 else 0  # unix attributes only mean something there
-            if kind == stat.S_IFLNK:
-                raise ArchiveError("unsafe_archive", f"member {info.filename!r} is a symbolic link")
-            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise ArchiveError("unsafe_archive", f"member {info.filename!r} is not a regular file or folder")
-            if info.flag_bits & 0x1:
-                raise ArchiveError("invalid_archive", f"member {info.filename!r} is encrypted")
-            if path is None:
-                continue
-            if info.is_dir() or kind == stat.S_IFDIR:
-                writer.mkdir(path, info.filename)
-                continue
-            writer.claim(info.filename, info.file_size)
-            try:
-                src = zf.open(info)
-            except _READ_ERRORS as e:
-                raise ArchiveError("invalid_archive", f"member {info.filename!r} cannot be read: {e}") from None
-            with src:
-                writer.copy(src, path, info.filename)
-
-
-class _GuardedTarInfo(tarfile.TarInfo):
-    """tarfile reads pax and GNU long-name headers whole into memory; a gzip-compressed header claiming
-    gigabytes would be a memory bomb before any member is seen, so such headers are refused first."""
-
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        meta = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                tarfile.SOLARIS_XHDTYPE)  # fmt: skip
-        if self.type in meta and self.size > MAX_TAR_META:
-            raise ArchiveError("invalid_archive", f"a tar extended header of {self.size} bytes is too long")
-        return super()._proc_member(tarfile_)
-
-
-def _extract_tar(archive: Path, writer: _Writer) -> None:
-    try:
-        tf = tarfile.open(archive, "r:*", tarinfo=_GuardedTarInfo)  # noqa: SIM115 (closed by the `with` below)
-    except ArchiveError:
-        raise
-    except _READ_ERRORS as e:
-        raise ArchiveError("invalid_archive", f"not a zip or tar archive ({e})") from None
-    with tf:
-        members = iter(tf)
-        while True:
-            try:
-                member = next(members, None)
-            except ArchiveError:
-                raise
-            except _READ_ERRORS as e:
-                raise ArchiveError("invalid_archive", f"the tar archive is damaged: {e}") from None
-            if member is None:
-                return
-            name = member.name
-            path = writer.target(name)
-            if member.issym() or member.islnk():
-                kind = "symbolic" if member.issym() else "hard"
-                raise ArchiveError("unsafe_archive", f"member {name!r} is a {kind} link (to {member.linkname!r})")
-            if not (member.isreg() or member.isdir()):
-                raise ArchiveError("unsafe_archive", f"member {name!r} is a device, FIFO or other special file")
-            # Skipped members are read past too (decompressed): their declared size counts as well.
-            writer.claim(name, member.size)
-            if path is None:
-                continue
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: the standard library's own checks, as well
-                try:
-                    tarfile.data_filter(member, str(writer.root))
-                except tarfile.FilterError as e:
-                    raise ArchiveError("unsafe_archive", f"member {name!r}: {e}") from None
-            if member.isdir():
-                writer.mkdir(path, name)
-                continue
-            try:
-                src = tf.extractfile(member)
-            except _READ_ERRORS as e:
-                raise ArchiveError("invalid_archive", f"member {name!r} cannot be read: {e}") from None
-            assert src is not None  # a regular file always has data
-            with src:
-                writer.copy(src, path, name)
-
-
-def archive_kind(archive: Path) -> str:
-    """`zip` or `tar` by the content (names lie); ArchiveError(invalid_archive) for anything else."""
-    with open(archive, "rb") as f:
-        head = f.read(4)
-    if head[:2] == b"PK":
-        return "zip"
-    try:
-        with tarfile.open(archive, "r:*", tarinfo=_GuardedTarInfo):
-            return "tar"
-    except ArchiveError:
-        raise
-    except _READ_ERRORS as e:
-        raise ArchiveError("invalid_archive", f"not a zip or tar archive (.zip, .tar, .tar.gz, .tgz): {e}") from None
-
-
-def extract(archive: Path, dest: Path, limits: Limits) -> None:
-    """Extract a zip or tar archive into the folder `dest` (created; it must not exist)."""
-    kind = archive_kind(archive)
-    dest.mkdir(parents=True)
-    writer = _Writer(dest, limits)
-    (_extract_zip if kind == "zip" else _extract_tar)(archive, writer)
-    if writer.files == 0:
-        raise ArchiveError("invalid_archive", "the archive is empty")
-
-
-def unpack(archive: Path, datasets_dir: Path, dataset_id: str, limits: Limits, validate: Callable[[Path], T]) -> T:
-    """Extract `archive` into a staging folder, run `validate` on it (raising to refuse it), then rename it to
-    `datasets_dir / dataset_id`; any failure removes the staging folder, so the dataset is there whole or not
-    at all. Returns what `validate` returned."""
-    dest = datasets_dir / dataset_id
-    with staging_dir(datasets_dir, dataset_id) as staging:
-        root = staging / "files"
-        extract(archive, root, limits)
-        result = validate(root)
-        os.replace(root, dest)  # same filesystem: atomic, and `dest` does not exist yet (fresh id)
-    return result
+def unpack(
+    archive: Path,
+    datasets: DatasetFiles,
+    dataset_id: str,
+    limits: Limits,
+    validate: Callable[[Path, str], T] = lambda path, fmt: None,
+) -> tuple[Path, str, T]:
+    """Extract `archive` into a staging folder, find the dataset in it (`locate`), run `validate(path, format)` on
+    it (raising to refuse it), then publish it as `dataset_id` (`DatasetFiles.publish`); any failure removes the
+    staging folder, so the dataset is there whole or not at all. Returns (its path relative to the dataset's
+    `files/` folder, its format, what `validate` returned)."""
+    with staging_dir(datasets.local_dir, dataset_id) as staging:
+        folder = staging / dataset_id
+        extract(archive, folder / "files", limits)
+        rel, fmt = locate(folder / "files")
+        result = validate(folder / "files" / rel, fmt)
+        datasets.publish(folder, dataset_id, {"rel": rel.as_posix(), "format": fmt})
+    return rel, fmt, result
 
 
 @contextmanager
@@ -330,17 +114,87 @@ def locate(root: Path) -> tuple[Path, str]:
     return base.relative_to(root), "imagefolder"
 
 
-def remove(datasets_dir: Path, dataset_id: str) -> None:
-    """Delete a dataset's files: renamed into staging first (atomic), so a reader never sees half a dataset."""
-    src = datasets_dir / dataset_id
-    if not src.exists():
-        return
-    with staging_dir(datasets_dir, f"deleted-{dataset_id}") as trash:
-        os.replace(src, trash / "files")
-
-
 def disk_usage(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---- on the store ---------------------------------------------------------------------------------------------
+class DatasetFiles:
+    """Uploaded datasets, `datasets/<id>/` on the store: `files/` (the extracted archive) and the completion
+    marker (storage/store.py), written last, which lists every file with its size and modification time and
+    names the dataset's `rel` path inside `files/` and its `format`.
+
+    `local_dir` is where this machine reads them: when the store is a local directory it is the store's own
+    `datasets/` (`remote` is None), read in place; otherwise a copy of each dataset is fetched from `remote` into
+    `local_dir/<id>/` once, when a process on this machine first needs it, and moved into place whole (the marker
+    inside it). File times are restored from the marker, so the dataset's fingerprint, and with it the feature
+    cache key, is the same on every machine."""
+
+    def __init__(self, local_dir: Path, remote: Folder | None = None) -> None:
+        self.local_dir, self.remote = local_dir, remote
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DatasetFiles:
+        remote = None if settings.store_dir is not None else Store(settings.store_location).folder("datasets")
+        return cls(settings.datasets_dir, remote)
+
+    def publish(self, folder: Path, dataset_id: str, info: dict[str, Any]) -> None:
+        """Publish a complete local folder (`files/...`, in this machine's staging area) as `dataset_id`: uploaded
+        to the store with its marker last, then moved into `local_dir` with the marker inside."""
+        local = Store(folder).folder()
+        names = local.files()
+        mtimes = {name: (folder / name).stat().st_mtime_ns for name in names}
+        marker = {"files": names, "mtimes": mtimes, "dataset_id": dataset_id, **info}
+        if self.remote is not None:
+            target = self.remote.child(dataset_id)
+            target.put_tree(folder)
+            target.write_json(MARKER, marker)
+        local.write_json(MARKER, marker)
+        os.replace(folder, self.local_dir / dataset_id)  # same filesystem: atomic, and the id is fresh
+
+    def local(self, dataset_id: str) -> tuple[Path, dict[str, Any]]:
+        """This machine's folder of the dataset and its marker; fetched from the store first if needed.
+        FileNotFoundError for a dataset that is not on the store, Incomplete for one that is not whole."""
+        dest = self.local_dir / dataset_id
+        if (dest / MARKER).is_file():
+            return dest, json.loads((dest / MARKER).read_text())
+        if self.remote is None:
+            raise FileNotFoundError(f"uploaded dataset {dataset_id} is not in the store ({self.local_dir})")
+        remote = self.remote.child(dataset_id)
+        if remote.sealed() is None and not remote.files():
+            raise FileNotFoundError(f"uploaded dataset {dataset_id} is not in the store ({remote.url})")
+        marker = remote.check()
+        with staging_dir(self.local_dir, f"fetch-{dataset_id}") as staging:
+            folder = staging / dataset_id
+            remote.get_tree(folder, sorted(marker["files"]))
+            for name, size in marker["files"].items():
+                path = folder.joinpath(*name.split("/"))
+                if path.stat().st_size != size:
+                    raise Incomplete(f"{remote.url}: {name} arrived with {path.stat().st_size} bytes, not {size}")
+                mtime = marker["mtimes"][name]
+                os.utime(path, ns=(mtime, mtime))
+            (folder / MARKER).write_text(json.dumps(marker))
+            try:
+                os.replace(folder, dest)
+            except OSError:
+                if not (dest / MARKER).is_file():  # else another process on this machine fetched it meanwhile
+                    raise
+        return dest, marker
+
+    def dataset_path(self, dataset_id: str) -> tuple[Path, str]:
+        """The dataset's path on this machine (a folder or a CSV manifest) and its format."""
+        folder, marker = self.local(dataset_id)
+        return folder / "files" / marker["rel"], marker["format"]
+
+    def remove(self, dataset_id: str) -> None:
+        """Delete the dataset from the store (its marker first) and this machine's copy (moved into staging at once,
+        so no reader sees half of it)."""
+        if self.remote is not None:
+            self.remote.child(dataset_id).remove()
+        src = self.local_dir / dataset_id
+        if src.exists():
+            with staging_dir(self.local_dir, f"deleted-{dataset_id}") as trash:
+                os.replace(src, trash / "files")
 
 
 # ---- records ------------------------------------------------------------------------------------------------

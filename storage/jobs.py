@@ -260,8 +260,8 @@ class JobStore:
         return [m for m in models if owner is None or m.get("owner") == owner][:limit]
 
     # ---- worker heartbeats (for /readyz, shard counts and the watchdog) ------------------------------
-    def heartbeat(self, queue: str, worker: str, ttl_s: int = 15) -> None:
-        self.r.set(f"worker:{queue}:{worker}", now(), ex=ttl_s)
+    def heartbeat(self, queue: str, worker: str, ttl_s: float = 15.0) -> None:
+        self.r.set(f"worker:{queue}:{worker}", now(), px=int(ttl_s * 1000))
 
     def worker_alive(self, worker: str) -> bool:
         return any(True for _ in self.r.scan_iter(f"worker:*:{worker}"))

@@ -59,9 +59,21 @@ class Settings(BaseSettings):
         "job fails with the reason.",
     )
     max_worker_losses: int = Field(3, description="A job whose workers died more often than this fails.")
+    heartbeat_ttl_s: float = Field(
+        15.0,
+        gt=0,
+        description="A worker beats every third of this; a worker silent this long is taken for dead and its step "
+        "is requeued.",
+    )
+    store_url: str | None = Field(
+        None,
+        description="Where models, checkpoints and uploaded datasets live (and the feature cache, unless `cache_url` "
+        "is set), so that processes on other machines share them: a local directory, `file:///shared/dir`, or any "
+        "fsspec URL such as `s3://bucket/sidetune` (install s3fs). Unset: the data dir.",
+    )
     cache_url: str | None = Field(
         None,
-        description="Where the feature cache lives when not under the data dir: any fsspec URL, e.g. "
+        description="Where the feature cache lives when not under the store: any fsspec URL, e.g. "
         "`s3://bucket/sidetune-cache` (install s3fs), so extract workers on several machines share it.",
     )
     cache_quota_gb: float | None = Field(
@@ -100,8 +112,23 @@ class Settings(BaseSettings):
         description="Under load, how long a predict request may wait for others to join its batch; a "
         "request that finds the batcher idle runs at once.",
     )
-    predict_max_models: int = Field(
-        16, ge=1, description="Adapted models kept loaded for predict (least recently used out; backbones stay)."
+    predict_memory_mb: float = Field(
+        8192.0,
+        gt=0,
+        description="Weights the inference service keeps loaded (backbones, and each adapted model's own tensors), "
+        "in MB of device memory: least recently used models go first, and a backbone goes with its last model.",
+    )
+    predict_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Serving precision of the backbones and merged models: `auto` takes each backbone's own "
+        "(`backbone.precision`, itself `auto` by default: bf16 on CUDA, fp32 on the CPU); `fp32` or `bf16` for all.",
+    )
+    inference_host: str = Field("127.0.0.1", description="Address the inference service binds to.")
+    inference_port: int = Field(8001, description="Port the inference service binds to.")
+    inference_url: str | None = Field(
+        None,
+        description="Where the API forwards predict requests (`/v1/models/...:predict*`, `/v2/...`). Unset: the "
+        "inference service at inference_host:inference_port (loopback when it binds to all addresses).",
     )
     max_request_mb: float = Field(
         32.0, gt=0, description="Largest request body (MB) the API reads; larger ones get 413. Not dataset uploads."
@@ -152,13 +179,31 @@ class Settings(BaseSettings):
         return self.data_path / "cache"
 
     @property
-    def cache_location(self) -> str:
-        """The feature cache's root: `cache_url`, else the local cache directory."""
-        return self.cache_url or str(self.cache_dir)
+    def store_location(self) -> str:
+        """The store's root (storage/store.py): `store_url`, else the data dir."""
+        return self.store_url or str(self.data_path)
 
     @property
-    def artifacts_dir(self) -> Path:
-        return self.data_path / "artifacts"
+    def store_dir(self) -> Path | None:
+        """The store as a local directory (a plain path or a `file://` URL), or None for a remote store."""
+        location = self.store_location
+        if "://" not in location:
+            return Path(location).expanduser().resolve()
+        if location.startswith("file://"):
+            return Path(location.removeprefix("file://")).expanduser().resolve()
+        return None
+
+    @property
+    def cache_location(self) -> str:
+        """The feature cache's root: `cache_url`, else `cache/` on the store (the data dir's by default)."""
+        if self.cache_url:
+            return self.cache_url
+        return self.store_url.rstrip("/") + "/cache" if self.store_url else str(self.cache_dir)
+
+    @property
+    def artifacts_location(self) -> str:
+        """Models and checkpoints (storage/artifacts.py): `artifacts/` on the store."""
+        return self.store_location.rstrip("/") + "/artifacts"
 
     @property
     def redis_dir(self) -> Path:
@@ -166,15 +211,25 @@ class Settings(BaseSettings):
 
     @property
     def datasets_dir(self) -> Path:
-        """Uploaded datasets (`POST /datasets`), one folder per dataset id."""
-        return self.data_path / "datasets"
+        """Uploaded datasets (`POST /datasets`) as this machine reads them, one folder per dataset id: on the store
+        when the store is a local directory, else this machine's copies of them under the data dir."""
+        store = self.store_dir
+        return (store if store is not None else self.data_path) / "datasets"
 
     @property
     def roots(self) -> list[Path]:
-        # Uploaded datasets stay readable when other roots are configured: a job names one by id, and the API
-        # stores its path (under datasets_dir) in the spec, which the workers check against these roots.
-        roots = [p.expanduser().resolve() for p in self.allowed_roots]
-        return [*roots, self.datasets_dir] if roots else [self.data_path]
+        # Uploaded datasets stay readable when other roots are configured: a job names one by id, and the workers
+        # read it under datasets_dir, which they check against these roots like any dataset path.
+        roots = [p.expanduser().resolve() for p in self.allowed_roots] or [self.data_path]
+        return roots if any(self.datasets_dir.is_relative_to(r) for r in roots) else [*roots, self.datasets_dir]
+
+    @property
+    def inference_location(self) -> str:
+        """The inference service's URL, for the API's forwarding."""
+        if self.inference_url:
+            return self.inference_url.rstrip("/")
+        host = "127.0.0.1" if self.inference_host in ("0.0.0.0", "::", "") else self.inference_host
+        return f"http://{host}:{self.inference_port}"
 
     @property
     def broker_url(self) -> str:

@@ -1,13 +1,19 @@
-"""Shared pytest fixtures: a real Redis server, a small digits ImageFolder, and per-test Settings.
+"""Shared pytest fixtures: a real Redis server, a real S3-compatible server (moto), a small digits ImageFolder, and
+per-test Settings.
 
 Everything runs on CPU without network access: backbones in the tests use timm models with pretrained=False.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services.digits import write_digits
@@ -27,11 +33,87 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A bucket on a real S3-compatible server: moto in server mode, a process on a loopback port for the whole
+    session. The `AWS_*` variables that s3fs (and every process the tests start) read point at it. Yields
+    `s3://<bucket>`; tests take a prefix of their own (`s3_url`)."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "2"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    httpx.get(endpoint, timeout=2)
+                    break
+                except httpx.HTTPError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                    time.sleep(0.1)
+            httpx.put(f"{endpoint}/sidetune-test", timeout=10).raise_for_status()  # create the bucket
+            yield "s3://sidetune-test"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            log.close()
+
+
+@pytest.fixture
+def s3_url(s3_server: str) -> str:
+    """A fresh prefix in the test bucket."""
+    return f"{s3_server}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
 def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """~200 of scikit-learn's digits as PNGs: the ImageFolder is `digits_root / "train"` (10 classes)."""
     root = tmp_path_factory.mktemp("digits")
     write_digits(root, limit=200)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, redis_url: str, digits_root: Path) -> Settings:
+    """Settings whose store holds tests.helpers.MODELS, each trained for an epoch by `train_job` as the train step
+    does (for the serving tests)."""
+    from services.extraction import run_extraction
+    from services.progress import NullReporter
+    from services.training import train_job
+    from storage.artifacts import ArtifactStore
+    from tests.helpers import MODELS, job_spec
+
+    data = tmp_path_factory.mktemp("served")
+    settings = Settings(data_dir=data, redis_url=redis_url, allowed_roots=[data, digits_root.parent], device="cpu")
+    artifacts = ArtifactStore.from_settings(settings)
+    for model_id, (method, mode) in MODELS.items():
+        spec = job_spec(digits_root / "train", method, mode)
+        key = run_extraction(spec, settings, NullReporter())["cache_key"] if spec.needs_cache else None
+        out = train_job(spec, settings, key, NullReporter(), data / "ckpt" / model_id)
+        artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
+    return settings
+
+
+@pytest.fixture(scope="session")
+def images(digits_root: Path) -> list[bytes]:
+    """Ten digits as PNG files, spread over the classes."""
+    import io
+
+    from PIL import Image
+
+    from services.datasets import read_imagefolder
+
+    out = []
+    for p in read_imagefolder(digits_root / "train").paths[::17][:10]:
+        buf = io.BytesIO()
+        Image.open(p).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
 
 
 @pytest.fixture
@@ -43,13 +125,14 @@ def settings(tmp_path: Path, redis_url: str, digits_root: Path) -> Settings:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     """The real topology as processes on loopback: an embedded Redis server, the extract worker, the train
-    worker and the API under uvicorn (worker.launcher.Stack, as `sidetune serve` runs it). Yields
+    worker, the inference service and the API under uvicorn (worker.launcher.Stack, as `sidetune serve` runs it). Yields
     (stack, client); datasets go under `stack.settings.data_path / "datasets"`."""
     from worker.client import Client
     from worker.launcher import Stack
 
     data = tmp_path_factory.mktemp("stack")
-    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(), device="cpu")
+    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
+                        inference_port=free_port(), device="cpu")  # fmt: skip
     write_digits(data / "datasets" / "digits", limit=150)
     with Stack(settings) as running:
         yield running, Client(running.api_url)

@@ -34,8 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings()
     stack = Stack(settings)
-    print(f"starting Redis ({settings.redis_url or 'embedded'}), extract and train workers, API; logs in "
-          f"{stack.log_dir}")  # fmt: skip
+    print(f"starting Redis ({settings.redis_url or 'embedded'}), extract and train workers, the inference service "
+          f"and the API; logs in {stack.log_dir}")  # fmt: skip
     with stack:
         print(f"sidetune is ready at {stack.api_url} (docs: {stack.api_url}/docs); Ctrl-C stops everything")
         try:
@@ -48,23 +48,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_api(args: argparse.Namespace) -> int:
+def _uvicorn(app: str, host: str, port: int) -> int:
     import uvicorn
 
     settings = Settings()
     log = _configure_logging(settings, "INFO")
-    if not settings.api_keys and settings.api_host not in ("127.0.0.1", "localhost", "::1"):
-        log.error("refusing to listen on %s without API keys: set SIDETUNE_API_KEYS", settings.api_host)
+    if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        log.error("refusing to listen on %s without API keys: set SIDETUNE_API_KEYS", host)
         return 2
     if not settings.api_keys:
         log.warning("no API keys configured: listening on loopback only, without authentication")
     # log_config=None keeps our handler: uvicorn's loggers (access lines included) propagate to it.
-    uvicorn.run("api.main:app", host=settings.api_host, port=settings.api_port, log_level="info", log_config=None)
+    uvicorn.run(app, host=host, port=port, log_level="info", log_config=None)
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    settings = Settings()
+    return _uvicorn("api.main:app", settings.api_host, settings.api_port)
+
+
+def cmd_inference(args: argparse.Namespace) -> int:
+    settings = Settings()
+    return _uvicorn("api.inference:app", settings.inference_host, settings.inference_port)
+
+
 def _heartbeat(queues: list[str]) -> None:
-    """Beat every 5 s, and take turns with the other workers running the watchdog (services/watchdog.py)."""
+    """Beat every third of `heartbeat_ttl_s` (5 s), and take turns with the other workers running the watchdog
+    (services/watchdog.py)."""
     import logging
 
     from services import watchdog
@@ -78,8 +89,8 @@ def _heartbeat(queues: list[str]) -> None:
     while True:
         try:
             for q in queues:
-                store.heartbeat(q, worker_name())
-            lock = LeaseLock(store.r, "watchdog", lease_s=10.0)
+                store.heartbeat(q, worker_name(), ttl_s=settings.heartbeat_ttl_s)
+            lock = LeaseLock(store.r, "watchdog", lease_s=2 * settings.heartbeat_ttl_s / 3)
             if lock.acquire():
                 try:
                     for line in watchdog.check(store, settings, lambda job_id, step: requeue_step(app, job_id, step)):
@@ -88,7 +99,7 @@ def _heartbeat(queues: list[str]) -> None:
                     lock.release()
         except Exception as e:  # Redis restarting: the next beat will do
             log.debug("heartbeat failed: %s", e)
-        time.sleep(5)
+        time.sleep(settings.heartbeat_ttl_s / 3)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -285,8 +296,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sidetune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run Redis (embedded unless SIDETUNE_REDIS_URL), both workers and the API")
+    sub.add_parser("serve", help="run Redis (embedded unless SIDETUNE_REDIS_URL), both workers, the inference "
+                   "service and the API")  # fmt: skip
     sub.add_parser("api", help="run the API only (uvicorn)")
+    sub.add_parser("inference", help="run the inference service only (uvicorn; predict v1 and v2)")
     p = sub.add_parser("worker", help="run one Celery worker")
     p.add_argument("--queues", default="extract,train", help="comma-separated: extract, train")
     p.add_argument("--loglevel", default="INFO")
@@ -325,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="embedded stack + digits: a linear probe and a LoSA job, end to end")
     p.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args(argv)
-    handlers = {"serve": cmd_serve, "api": cmd_api, "worker": cmd_worker, "submit": cmd_submit, "jobs": cmd_jobs,
-                "predict": cmd_predict, "report": cmd_report, "params": cmd_params, "plan": cmd_plan,
+    handlers = {"serve": cmd_serve, "api": cmd_api, "inference": cmd_inference, "worker": cmd_worker,
+                "submit": cmd_submit, "jobs": cmd_jobs, "predict": cmd_predict, "report": cmd_report,
+                "params": cmd_params, "plan": cmd_plan,
                 "demo": cmd_demo}  # fmt: skip
     try:
         return handlers[args.command](args)

@@ -1,8 +1,8 @@
 """`sidetune demo`: the embedded stack end to end on real data (scikit-learn's handwritten digits).
 
-Starts Redis, both workers and the API as processes, submits a LoSA job and a linear-probe job on the same
-small timm ViT (the second reads the last block's class token from the first's feature cache, so it runs no
-backbone forward), follows them, predicts the held-out digits over HTTP and prints a table.
+Starts Redis, both workers, the inference service and the API as processes, submits a LoSA job and a linear-probe
+job on the same small timm ViT (the second reads the last block's class token from the first's feature cache, so it
+runs no backbone forward), follows them, predicts the held-out digits over HTTP and prints a table.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def run_demo(epochs: int = 15) -> int:
          "training": {"epochs": epochs}},
     ]  # fmt: skip
     stack = Stack(settings)
-    console.print(f"starting the embedded stack (Redis, extract worker, train worker, API); logs in {stack.log_dir}")
+    console.print(f"starting the embedded stack (Redis, extract worker, train worker, inference service, API); logs "
+                  f"in {stack.log_dir}")  # fmt: skip
     with stack:
         client = Client(stack.api_url)
         console.print(f"API ready at {stack.api_url}")

@@ -1,7 +1,8 @@
 """Datasets: upload an archive (zip or tar) holding an ImageFolder or a CSV manifest; list, read and delete them.
 
-An upload streams to disk (at most `max_upload_mb`), is extracted safely under `data_dir/datasets/<id>/`
-(storage/datasets.py) and checked with the readers the workers use, so a dataset that exists can be trained on.
+An upload streams to disk (at most `max_upload_mb`), is extracted safely into a staging folder, checked with the
+readers the workers use (so a dataset that exists can be trained on) and published to the store
+(`datasets/<id>/`, storage/datasets.py), from which a worker on any machine fetches its own copy.
 A job names it as `dataset.id`; only the key that uploaded it can see, use or delete it. Deleting a dataset that
 a queued or running job still needs is refused (409 `dataset_in_use`); once its jobs have ended it may go (their
 models do not need it).
@@ -24,19 +25,19 @@ from services.spec import JobSpec
 from storage.datasets import (
     STAGING,
     ArchiveError,
+    DatasetFiles,
     DatasetRecords,
     Limits,
     disk_usage,
     is_dataset_id,
-    locate,
     new_dataset_id,
-    remove,
     staging_dir,
     sweep_staging,
     unpack,
 )
 from storage.jobs import TERMINAL, JobStore, NotFound
 from storage.settings import Settings
+from storage.store import Incomplete
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses={401: {"model": ErrorBody}})
 
@@ -74,15 +75,14 @@ def own_dataset(store: JobStore, dataset_id: str, owner: str | None) -> dict:
     return owned(records(store).get, "dataset", dataset_id, owner)
 
 
-def _validate(root: Path) -> dict:
-    """Runs on the staging folder before it is moved into place: the dataset must read as the workers read it."""
-    rel, fmt = locate(root)
+def _validate(path: Path, fmt: str) -> dict:
+    """Runs on the staging folder before it is published: the dataset must read as the workers read it."""
+    root = path.parent if path.is_file() else path
     try:
-        dataset = read_dataset(root / rel, fmt)
+        dataset = read_dataset(path, fmt)
     except DatasetError as e:
         raise ArchiveError("invalid_dataset", str(e).replace(str(root), "<archive>")) from None
-    return {"rel": rel, "format": fmt, "num_images": len(dataset), "classes": dataset.classes,
-            "size_bytes": disk_usage(root)}  # fmt: skip
+    return {"num_images": len(dataset), "classes": dataset.classes, "size_bytes": disk_usage(root)}
 
 
 @router.post(
@@ -97,17 +97,17 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
     `upload_too_large` (over `max_upload_mb`) or `dataset_too_large` (extracted size or member count over the
     limits), 422 `invalid_archive` (not a readable zip/tar), `unsafe_archive` (absolute or `..` names, links,
     devices; the member is named) or `invalid_dataset` (e.g. fewer than 2 classes). Nothing is kept on failure."""
-    datasets_dir = settings.datasets_dir
+    files = DatasetFiles.from_settings(settings)
     dataset_id = new_dataset_id()
-    await run_in_threadpool(sweep_staging, datasets_dir)
-    with staging_dir(datasets_dir, f"upload-{dataset_id}") as tmp:
+    await run_in_threadpool(sweep_staging, files.local_dir)
+    with staging_dir(files.local_dir, f"upload-{dataset_id}") as tmp:
         archive = tmp / "archive"
         upload = await receive_file(request, archive, int(settings.max_upload_mb * 2**20))
         if upload.size == 0:
             raise ApiError(422, "invalid_archive", "the upload is empty: send a zip or tar archive")
         limits = Limits(max_bytes=int(settings.max_dataset_mb * 2**20), max_files=settings.max_dataset_files)
         try:
-            info = await run_in_threadpool(unpack, archive, datasets_dir, dataset_id, limits, _validate)
+            rel, fmt, info = await run_in_threadpool(unpack, archive, files, dataset_id, limits, _validate)
         except ArchiveError as e:
             raise ApiError(STATUS[e.code], e.code, e.message) from None
     record = {
@@ -115,8 +115,8 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
         "object": "dataset",
         "owner": owner,
         "name": upload.name or upload.filename,
-        "format": info["format"],
-        "path": str(datasets_dir / dataset_id / info["rel"]),  # what a job's stored spec reads
+        "format": fmt,
+        "path": str(files.local_dir / dataset_id / "files" / rel),  # where this machine reads it
         "num_images": info["num_images"],
         "classes": info["classes"],
         "size_bytes": info["size_bytes"],
@@ -124,7 +124,7 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
     try:
         return await run_in_threadpool(records(store).add, record)
     except Exception:
-        await run_in_threadpool(remove, datasets_dir, dataset_id)  # unrecorded files would never be deleted
+        await run_in_threadpool(files.remove, dataset_id)  # unrecorded files would never be deleted
         raise
 
 
@@ -154,7 +154,7 @@ def delete_dataset(dataset_id: str, store: StoreDep, settings: SettingsDep, owne
                        f"{', '.join(busy)}; cancel them or wait for them to end")  # fmt: skip
     # The record goes first: a job submitted from now on gets a 404, not a path that is about to vanish.
     records(store).delete(dataset_id)
-    remove(settings.datasets_dir, dataset_id)
+    DatasetFiles.from_settings(settings).remove(dataset_id)
     return Response(status_code=204)
 
 
@@ -175,9 +175,10 @@ def _in_uploads(path: str, settings: Settings) -> bool:
 
 
 def resolve_dataset(spec: JobSpec, store: JobStore, owner: str | None, settings: Settings) -> JobSpec:
-    """The spec with `dataset.id` resolved to the caller's uploaded dataset: its server path and format are put
-    in the spec, so the planner and the workers read a path as for any dataset. A plain path may not reach into
-    uploaded datasets: they belong to one key, and only `dataset.id` checks whose."""
+    """The spec with `dataset.id` resolved to the caller's uploaded dataset: its path on this machine (fetched
+    from the store first if this machine has no copy) and its format are put in the spec, so the planner reads a
+    path as for any dataset (each worker reads its own machine's copy). A plain path may not reach into uploaded
+    datasets: they belong to one key, and only `dataset.id` checks whose."""
     ds = spec.dataset
     if ds.id is None:
         for field, path in (("dataset.path", ds.path), ("backbone.checkpoint", spec.backbone.checkpoint)):
@@ -194,7 +195,11 @@ def resolve_dataset(spec: JobSpec, store: JobStore, owner: str | None, settings:
     if ds.format not in ("auto", record["format"]):
         raise ApiError(422, "invalid_request", f"dataset.format: dataset {ds.id!r} is {record['format']}, "
                        f"not {ds.format}")  # fmt: skip
-    resolved = ds.model_copy(update={"path": record["path"], "format": record["format"]})
+    try:
+        path, fmt = DatasetFiles.from_settings(settings).dataset_path(ds.id)
+    except FileNotFoundError as e:  # recorded, yet not on the store: the store's fault, not the request's
+        raise Incomplete(str(e)) from None
+    resolved = ds.model_copy(update={"path": str(path), "format": fmt})
     return spec.model_copy(update={"dataset": resolved})
 
 

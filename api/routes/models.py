@@ -35,7 +35,7 @@ def get_model(model_id: str, store: StoreDep, owner: OwnerDep) -> dict:
 
 def _file(settings: SettingsDep, model_id: str, name: str, what: str) -> bytes:
     try:
-        return ArtifactStore(settings.artifacts_dir).read_file(model_id, name)
+        return ArtifactStore.from_settings(settings).read_file(model_id, name)
     except FileNotFoundError:
         raise ApiError(404, "not_found", f"model {model_id!r} has no {what}") from None
 

@@ -1,67 +1,87 @@
-"""Predict with an adapted model: JSON with base64 images, or a multipart upload of image files.
+"""Predict with an adapted model (v1): JSON with base64 images, or a multipart upload of image files. Served by the
+inference service (api/inference.py); the API forwards these paths to it (api/routes/forward.py).
 
-The only routes that load torch, and only on first use: the control plane stays light. Requests go through one
-Batcher (services/batching.py), which runs concurrent requests as one backbone pass.
+The routes are async and park no thread while a request waits: images are decoded in a small decoder pool, a cold
+model is loaded in the loader pool (never on the batching thread, so warm models keep answering), and the request
+then awaits its rows of a batch (services/batching.py). `run_model` is shared with the v2 routes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import threading
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, SettingsDep, StoreDep
+from api.deps import OwnerDep, SettingsDep
 from api.errors import ApiError
 from api.routes.models import own_model
-from api.schemas import ErrorBody, PredictRequest, PredictResponse
+from api.schemas import ErrorBody, Instance, PredictRequest, PredictResponse
+from services.datasets import DatasetError
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413)}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 503)}
 router = APIRouter(prefix="/v1/models", tags=["predict"], responses=ERRORS)
 
 
-_create = threading.Lock()  # two first requests at once must not load two Predictors
+async def off_loop(request: Request, pool: str, fn: Callable, *args: Any) -> Any:
+    """`fn(*args)` in one of the app's thread pools (`decoder` or `loader`), awaited."""
+    return await asyncio.get_running_loop().run_in_executor(getattr(request.app.state, pool), fn, *args)
 
 
-def _batcher(request: Request):
-    state = request.app.state
-    if getattr(state, "batcher", None) is None:
-        with _create:
-            if getattr(state, "batcher", None) is None:
-                from services.batching import Batcher  # torch is imported here, on the first prediction
-                from services.inference import Predictor
-
-                state.predictor = Predictor(state.settings)
-                state.batcher = Batcher.from_settings(state.predictor)
-    return state.batcher
+async def own(request: Request, model_id: str, owner: str | None) -> dict:
+    """The model's record, if the caller may use it (404 otherwise); Redis is read off the event loop."""
+    return await run_in_threadpool(own_model, request.app.state.store, model_id, owner)
 
 
-def _run(request: Request, model_id: str, images: list[bytes], limit: int, threshold: float | None = None) -> dict:
-    if len(images) > limit:
-        raise ApiError(413, "too_many_images", f"{len(images)} images; at most {limit} per request")
-    from services.datasets import DatasetError
+async def run_model(request: Request, model_id: str, images: list[Any]) -> tuple[Any, Any]:
+    """(the loaded model, class probabilities [n, classes]) for decoded images. A model not in the store is 503
+    naming it (its record exists); one not whole there is 503 `store_incomplete`, never half-loaded."""
+    predictor, batcher = request.app.state.predictor, request.app.state.batcher
+    model = predictor.cached(model_id)
+    if model is None:
+        try:
+            model = await off_loop(request, "loader", predictor.load, model_id)
+        except FileNotFoundError as e:
+            raise ApiError(503, "model_unavailable", f"model {model_id!r} is registered but not in the store: {e}",
+                           {"Retry-After": "5"}) from None  # fmt: skip
+    return model, await asyncio.wrap_future(batcher.submit(model, images))
 
-    try:
-        predictions = _batcher(request).predict(model_id, images, threshold)
-    except DatasetError as e:
-        raise ApiError(400, "invalid_image", str(e)) from None
-    return {"model_id": model_id, "predictions": predictions}
 
-
-@router.post("/{model_id}:predict", response_model=PredictResponse)
-def predict(model_id: str, body: PredictRequest, request: Request, store: StoreDep, owner: OwnerDep,
-            settings: SettingsDep) -> dict:  # fmt: skip
-    """Classify base64-encoded images: `{"instances": [{"image_b64": "..."}]}`."""
-    own_model(store, model_id, owner)
+def _decode(predictor: Any, instances: list[Instance]) -> list[Any]:
     images = []
-    for i, inst in enumerate(body.instances):
+    for i, inst in enumerate(instances):
         try:
             images.append(base64.b64decode(inst.image_b64, validate=True))
         except (binascii.Error, ValueError):
             raise ApiError(400, "invalid_image", f"instances.{i}.image_b64: not valid base64") from None
-    return _run(request, model_id, images, settings.max_predict_images, body.threshold)
+    return _decoded(predictor, images)
+
+
+def _decoded(predictor: Any, images: list[bytes]) -> list[Any]:
+    try:
+        return predictor.decode(images)
+    except DatasetError as e:
+        raise ApiError(400, "invalid_image", str(e)) from None
+
+
+def _check_count(n: int, limit: int) -> None:
+    if n > limit:
+        raise ApiError(413, "too_many_images", f"{n} images; at most {limit} per request")
+
+
+@router.post("/{model_id}:predict", response_model=PredictResponse)
+async def predict(model_id: str, body: PredictRequest, request: Request, owner: OwnerDep,
+                  settings: SettingsDep) -> dict:  # fmt: skip
+    """Classify base64-encoded images: `{"instances": [{"image_b64": "..."}]}`."""
+    await own(request, model_id, owner)
+    _check_count(len(body.instances), settings.max_predict_images)
+    images = await off_loop(request, "decoder", _decode, request.app.state.predictor, body.instances)
+    model, probs = await run_model(request, model_id, images)
+    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, body.threshold)}
 
 
 @router.post("/{model_id}:predict-files", response_model=PredictResponse)
@@ -69,7 +89,6 @@ async def predict_files(
     model_id: str,
     files: Annotated[list[UploadFile], File(description="Image files (multipart field `files`, repeatable).")],
     request: Request,
-    store: StoreDep,
     owner: OwnerDep,
     settings: SettingsDep,
     threshold: Annotated[
@@ -77,8 +96,9 @@ async def predict_files(
     ] = None,
 ) -> dict:
     """Classify uploaded image files (multipart/form-data)."""
-    own_model(store, model_id, owner)
-    images = [await f.read() for f in files]
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(_run, request, model_id, images, settings.max_predict_images, threshold)
+    await own(request, model_id, owner)
+    _check_count(len(files), settings.max_predict_images)
+    raw = [await f.read() for f in files]
+    images = await off_loop(request, "decoder", _decoded, request.app.state.predictor, raw)
+    model, probs = await run_model(request, model_id, images)
+    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold)}

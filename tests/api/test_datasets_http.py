@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import io
 import tarfile
-import threading
-import time
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -26,6 +22,7 @@ from api.main import create_app
 from services.digits import write_digits
 from storage.datasets import STAGING
 from storage.settings import Settings
+from tests.helpers import serve
 from worker.launcher import free_port
 
 A, B = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
@@ -90,23 +87,6 @@ def small(tmp_path, redis_url) -> Settings:
 @pytest.fixture
 def client(small) -> TestClient:
     return TestClient(create_app(small))
-
-
-@contextmanager
-def serve(settings: Settings) -> Iterator[str]:
-    """The app under uvicorn on a loopback port, in a thread: real HTTP, streamed bodies."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_upload_zip_and_tar_then_a_job_trains_on_it(stack, tmp_path):
@@ -181,7 +161,7 @@ def test_zip_bomb_is_413_and_leaves_nothing(client, small):
 
 def test_upload_over_the_limit_is_cut_off_with_413(small):
     too_big = bytes(3 << 20)  # 3 MB against max_upload_mb 1
-    with serve(small) as url:
+    with serve(create_app(small)) as url:
         r = httpx.post(f"{url}/datasets", files={"file": ("big.zip", too_big)}, timeout=30)
         assert error(r)[:2] == (413, "upload_too_large")
 
@@ -214,6 +194,23 @@ def test_unusable_uploads_are_4xx_naming_the_cause(client, small, data, code, ne
     assert_no_trace(small)
 
 
+def test_an_upload_while_the_store_is_unreachable_is_503_and_leaves_nothing(tmp_path, redis_url, s3_server,
+                                                                              monkeypatch):  # fmt: skip
+    from s3fs import S3FileSystem
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    S3FileSystem.clear_instance_cache()
+    settings = Settings(data_dir=tmp_path / "data", redis_url=redis_url, store_url="s3://down/sidetune")
+    try:
+        r = upload(TestClient(create_app(settings)), zip_bytes(folder()))
+    finally:
+        S3FileSystem.clear_instance_cache()
+    assert error(r)[:2] == (503, "storage_unavailable") and "s3://down/sidetune" in error(r)[2], r.text
+    assert r.headers["retry-after"] == "5"
+    assert_no_trace(settings)
+
+
 def test_multipart_without_a_file_field_is_422(client):
     r = client.post("/datasets", files={"archive": ("ds.zip", zip_bytes(folder()))})
     assert error(r)[:2] == (422, "invalid_request") and "`file`" in error(r)[2]
@@ -235,7 +232,7 @@ def test_datasets_are_private_to_their_key(tmp_path, redis_url):
     status, code, message = error(client.post("/jobs", json=body, headers=B))
     assert (status, code) == (404, "not_found") and "dataset.id" in message
     # nor by its path: uploaded datasets are reached by id only, which checks the key
-    by_path = {**body, "dataset": {"path": str(settings.datasets_dir / ds["id"] / "pets")}}
+    by_path = {**body, "dataset": {"path": str(settings.datasets_dir / ds["id"] / "files" / "pets")}}
     assert error(client.post("/jobs", json=by_path, headers=B))[:2] == (403, "forbidden_path")
     # key A plans it, though the allowed roots leave out the data dir: the uploads folder is always readable
     plan = client.post("/jobs", params={"dry_run": "true"}, json=body, headers=A)

@@ -23,8 +23,8 @@ WRONG = "wrong-KEY-d00d55"
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("logs")
-    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(), device="cpu",
-                        api_keys=KEYS)  # fmt: skip
+    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
+                        inference_port=free_port(), device="cpu", api_keys=KEYS)  # fmt: skip
     write_digits(data / "datasets" / "digits", limit=60)
     with Stack(settings) as running:
         yield running

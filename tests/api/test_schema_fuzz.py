@@ -1,5 +1,6 @@
 """Hostile input: schemathesis generates requests for every operation of the OpenAPI schema (valid and invalid
-bodies, odd paths and headers); none may get a 5xx. Runs in process against the real app and a real Redis.
+bodies, odd paths and headers); none may get a 5xx. Runs in process against the real app and a real Redis; the
+predict operations the API forwards reach a real inference service (uvicorn, in a thread).
 
 Operations are driven through `as_strategy()` and hypothesis directly: schemathesis's pytest fixture loader
 (`from_fixture`) does not work with pytest 9.2.
@@ -15,15 +16,22 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from api.inference import create_inference_app
 from api.main import create_app
 from storage.settings import Settings
+from tests.helpers import serve
 
 
 def test_no_input_gets_a_server_error(tmp_path, redis_url, digits_root):
     # A Redis database of its own: the jobs this creates are queued for no worker and must not reach other tests'.
     app_settings = Settings(data_dir=tmp_path, redis_url=redis_url.rsplit("/", 1)[0] + "/7",
                             allowed_roots=[digits_root.parent], max_request_mb=1)  # fmt: skip
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(app_settings))
+    with serve(create_inference_app(app_settings)) as inference:
+        _fuzz(create_app(app_settings.model_copy(update={"inference_url": inference})))
+
+
+def _fuzz(app) -> None:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     # /readyz answers 503 by design here (no workers run): its status reports the deployment, not the input.
     operations = [op for op in (result.ok() for result in schema.get_all_operations()) if op.path != "/readyz"]
     assert len(operations) >= 8

@@ -8,69 +8,20 @@ timm's)."""
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from services.batching import Batcher
-from services.datasets import DatasetError, read_imagefolder
-from services.extraction import run_extraction
+from services.datasets import DatasetError
 from services.inference import Predictor
-from services.progress import NullReporter
-from services.spec import JobSpec
-from services.training import train_job
-from storage.artifacts import ArtifactStore
 from storage.jobs import JobStore, now
 from storage.settings import Settings
-
-# three side models on one backbone (different layers, so the batch taps their union) and an adapted (merged) one
-MODELS = {
-    "model_losa3": ({"name": "losa", "rank": 4, "layers": 3}, "cache"),
-    "model_losa_all": ({"name": "losa", "rank": 8}, "cache"),
-    "model_linear": ({"name": "linear"}, "cache"),
-    "model_lora": ({"name": "lora", "rank": 4}, "tail"),
-}
-
-
-def job_spec(path: Path, method: dict, mode: str) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path)}, "backbone": {"name": "test_vit", "pretrained": False}, "method": method,
-        "execution": {"mode": mode, **({"tail_blocks": 2} if mode == "tail" else {})},
-        "extraction": {"batch_size": 64}, "training": {"epochs": 1, "batch_size": 32, "lr": 1e-2},
-    })  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, redis_url: str, digits_root: Path) -> Settings:
-    """Settings whose artifact store holds MODELS, each trained for an epoch by `train_job` as the train step does."""
-    data = tmp_path_factory.mktemp("batching")
-    settings = Settings(data_dir=data, redis_url=redis_url, allowed_roots=[data, digits_root.parent], device="cpu")
-    artifacts = ArtifactStore(settings.artifacts_dir)
-    digits = digits_root / "train"
-    for model_id, (method, mode) in MODELS.items():
-        spec = job_spec(digits, method, mode)
-        key = run_extraction(spec, settings, NullReporter())["cache_key"] if spec.needs_cache else None
-        out = train_job(spec, settings, key, NullReporter(), data / "ckpt" / model_id)
-        artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
-    return settings
-
-
-@pytest.fixture(scope="module")
-def images(digits_root: Path) -> list[bytes]:
-    dataset = read_imagefolder(digits_root / "train")
-    out = []
-    for p in dataset.paths[::17][:10]:  # spread over the classes
-        buf = io.BytesIO()
-        Image.open(p).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+from tests.helpers import MODELS
 
 
 class Gate:
@@ -80,7 +31,7 @@ class Gate:
     def __init__(self, predictor: Predictor, model_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[int] = []
         self._open = threading.Event()
-        model = predictor.backbone_of(predictor.load(model_id)).model
+        model = predictor.load(model_id).backbone.model
         original = model.forward_intermediates
 
         def counted(x, *args, **kwargs):
@@ -197,7 +148,7 @@ def test_bad_input_fails_only_its_request(
     results = send_together(batcher, gate, requests)
     batcher.close()
     assert isinstance(results[2], DatasetError) and "instance 1: uploaded image" in str(results[2])
-    # raised by the batcher's thread while loading, handed to that request alone (Predictor.predict raises the same)
+    # raised while loading, before the request joins a batch (Predictor.predict raises the same)
     assert isinstance(results[3], FileNotFoundError)
     reference = Predictor(trained)
     for i in (0, 1, 4):
@@ -221,10 +172,10 @@ def test_a_lone_request_does_not_wait(trained: Settings, images: list[bytes]) ->
     batcher.close()
 
 
-def test_api_predict_goes_through_the_batcher(trained: Settings, images: list[bytes]) -> None:
+def test_the_inference_service_predicts_through_the_batcher(trained: Settings, images: list[bytes]) -> None:
     import base64
 
-    from api.main import create_app
+    from api.inference import create_inference_app
 
     settings = trained.model_copy(update={"predict_max_batch": 8})
     JobStore.from_url(settings.broker_url).register_model({
@@ -232,17 +183,36 @@ def test_api_predict_goes_through_the_batcher(trained: Settings, images: list[by
         "method": "losa", "mode": "cache", "backbone": "test_vit", "classes": [str(i) for i in range(10)],
         "metrics": {},
     })  # fmt: skip
-    app = create_app(settings)
-    client = TestClient(app)
+    app = create_inference_app(settings)
 
     def body(imgs: list[bytes]) -> dict:
         return {"instances": [{"image_b64": base64.b64encode(b).decode()} for b in imgs]}
 
-    r = client.post("/v1/models/model_losa3:predict", json=body(images[:2]))
-    assert r.status_code == 200, r.text
-    assert_same(r.json()["predictions"], Predictor(trained).predict("model_losa3", images[:2]))
-    assert app.state.batcher.max_batch == 8 and app.state.batcher.predictor is app.state.predictor
-    r = client.post("/v1/models/model_losa3:predict", json=body([images[0], b"\x89PNG broken"]))
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
-    assert "instance 1" in r.json()["error"]["message"]
-    app.state.batcher.close()
+    with TestClient(app) as client:  # runs the lifespan: Predictor and Batcher up, then the batcher stopped
+        r = client.post("/v1/models/model_losa3:predict", json=body(images[:2]))
+        assert r.status_code == 200, r.text
+        assert_same(r.json()["predictions"], Predictor(trained).predict("model_losa3", images[:2]))
+        assert app.state.batcher.max_batch == 8 and app.state.batcher.predictor is app.state.predictor
+        r = client.post("/v1/models/model_losa3:predict", json=body([images[0], b"\x89PNG broken"]))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
+        assert "instance 1" in r.json()["error"]["message"]
+        batcher = app.state.batcher
+    assert batcher._closed and (batcher._thread is None or not batcher._thread.is_alive())
+
+
+def test_a_request_whose_caller_went_away_is_dropped(
+    trained: Settings, images: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    predictor = Predictor(trained)
+    batcher = Batcher(predictor, max_batch=64, max_wait_s=0.0)
+    gate = Gate(predictor, "model_losa3", monkeypatch)
+    model, decoded = predictor.load("model_losa3"), predictor.decode(images[:2])
+    first = batcher.submit(model, decoded[:1])
+    wait_for(lambda: len(gate.calls) == 1)
+    gone = batcher.submit(model, decoded)  # queued behind the first batch, then its caller is cancelled
+    assert gone.cancel()
+    gate.open()
+    assert first.result(60).shape == (1, 10)
+    assert batcher.submit(model, decoded[1:]).result(60).shape == (1, 10)  # the batcher lives on
+    assert gate.calls == [1, 1]  # the cancelled request's 2 images never ran
+    batcher.close()

@@ -47,7 +47,7 @@ def test_a_separate_test_set_is_scored_as_predict_scores_it(
     assert report["split"] == "test" and report["images"] == m["test_images"] == len(test)
     assert m["train_images"] + m["val_images"] == len(read_imagefolder(digits_root / "train"))
 
-    ArtifactStore(settings.artifacts_dir).save_model("model_t", out["weights"], out["config"], m)
+    ArtifactStore.from_settings(settings).save_model("model_t", out["weights"], out["config"], m)
     predictions = Predictor(settings).predict("model_t", [png_bytes(p) for p in test.paths])
     served = np.mean([p["label"] == test.classes[y] for p, y in zip(predictions, test.labels, strict=True)])
     assert m["test_accuracy"] == pytest.approx(served, abs=1 / len(test) + 1e-9)  # batches may round differently

@@ -64,7 +64,7 @@ def test_online_losa_needs_no_cache_and_serves(settings: Settings, digits: Path,
     assert not settings.cache_dir.exists() or not any(settings.cache_dir.iterdir())  # nothing was cached
     assert out["config"]["mode"] == "online" and out["config"]["cache_key"] is None
     assert out["metrics"]["val_accuracy"] > 0.2  # chance is 0.1
-    ArtifactStore(settings.artifacts_dir).save_model("model_online", out["weights"], out["config"], out["metrics"])
+    ArtifactStore.from_settings(settings).save_model("model_online", out["weights"], out["config"], out["metrics"])
     preds = Predictor(settings).predict("model_online", [png_bytes(p) for p in read_imagefolder(digits).paths[:3]])
     assert len(preds) == 3 and all(p["label"] in out["config"]["classes"] for p in preds)
 
@@ -106,12 +106,12 @@ def test_adapted_methods_train_and_serve_merged(
         assert out["config"]["tail_blocks"] == 2
         # no frozen backbone weights are stored, only what the method trained (plus its buffers) and the head
         assert not any(k.startswith("vit.patch_embed") for k in out["weights"])
-    ArtifactStore(settings.artifacts_dir).save_model("model_x", out["weights"], out["config"], out["metrics"])
+    ArtifactStore.from_settings(settings).save_model("model_x", out["weights"], out["config"], out["metrics"])
 
     paths = read_imagefolder(digits).paths[:6]
     predictor = Predictor(settings)
     preds = predictor.predict("model_x", [png_bytes(p) for p in paths])
-    backbone = predictor._backbone(out["config"])
+    backbone = predictor.load("model_x").backbone
     images = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths])
     expected = _unmerged_logits(settings, out, images).softmax(-1).numpy()
     classes = out["config"]["classes"]

@@ -1,4 +1,6 @@
-"""Safe extraction of uploaded dataset archives (storage/datasets.py) on real files, and the records in Redis."""
+"""Safe extraction of uploaded dataset archives (storage/archives.py, storage/datasets.py) on real files, their
+publication to the store (a local directory, and a real S3-compatible server from which another machine fetches its
+own copy), and the records in Redis."""
 
 from __future__ import annotations
 
@@ -14,20 +16,19 @@ import pytest
 import redis
 from PIL import Image
 
+from storage.archives import MAX_TAR_META, _Writer
 from storage.datasets import (
-    MAX_TAR_META,
     STAGING,
     ArchiveError,
+    DatasetFiles,
     DatasetRecords,
     Limits,
-    _Writer,
-    locate,
     member_parts,
-    remove,
     sweep_staging,
     unpack,
 )
 from storage.jobs import NotFound
+from storage.store import MARKER, Incomplete, Store
 
 LIMITS = Limits(max_bytes=1 << 20, max_files=100)
 
@@ -73,7 +74,7 @@ def assert_nothing_left(datasets: Path) -> None:
 
 def refused(archive: Path, datasets: Path, code: str, limits: Limits = LIMITS) -> str:
     with pytest.raises(ArchiveError) as info:
-        unpack(archive, datasets, "ds_1", limits, locate)
+        unpack(archive, DatasetFiles(datasets), "ds_1", limits)
     assert info.value.code == code, info.value.message
     assert_nothing_left(datasets)
     return info.value.message
@@ -87,19 +88,23 @@ def test_imagefolder_under_one_top_folder_is_extracted_and_renamed_into_place(tm
     else:
         make_tar(archive, folder(), mode="w:gz" if kind == "tar.gz" else "w")
     datasets = tmp_path / "datasets"
-    rel, fmt = unpack(archive, datasets, "ds_1", LIMITS, locate)
+    rel, fmt, _ = unpack(archive, DatasetFiles(datasets), "ds_1", LIMITS)
     assert (rel, fmt) == (Path("flowers"), "imagefolder")
-    assert sorted(p.name for p in (datasets / "ds_1" / "flowers").iterdir()) == ["daisy", "rose"]
-    assert (datasets / "ds_1" / "flowers" / "rose" / "2.png").read_bytes() == png(80)
-    assert not (datasets / "ds_1" / "__MACOSX").exists()  # macOS resource forks are skipped
+    files = datasets / "ds_1" / "files"
+    assert sorted(p.name for p in (files / "flowers").iterdir()) == ["daisy", "rose"]
+    assert (files / "flowers" / "rose" / "2.png").read_bytes() == png(80)
+    assert not (files / "__MACOSX").exists()  # macOS resource forks are skipped
     assert list((datasets / STAGING).iterdir()) == []
+    marker = Store(datasets / "ds_1").folder().check()  # the completion marker came with it
+    assert marker["rel"] == "flowers" and marker["format"] == "imagefolder" and len(marker["files"]) == 6
 
 
 def test_csv_manifest_at_the_top_is_located(tmp_path):
     members = {**folder("img/"), "labels.csv": b"path,label\nimg/daisy/0.png,daisy\nimg/rose/0.png,rose\n"}
     datasets = tmp_path / "datasets"
-    assert unpack(make_zip(tmp_path / "a.zip", members), datasets, "ds_1", LIMITS, locate) == (
+    assert unpack(make_zip(tmp_path / "a.zip", members), DatasetFiles(datasets), "ds_1", LIMITS)[:2] == (
         Path("labels.csv"), "csv")  # fmt: skip
+    assert DatasetFiles(datasets).dataset_path("ds_1") == (datasets / "ds_1" / "files" / "labels.csv", "csv")
     two = {**members, "more.csv": b"path,label\n"}
     assert "several CSV manifests" in refused(make_zip(tmp_path / "b.zip", two), tmp_path / "d2", "invalid_dataset")
 
@@ -208,20 +213,20 @@ def test_corrupt_member_and_duplicates_are_invalid_archive(tmp_path):
 
 
 def test_failed_validation_leaves_nothing(tmp_path):
-    def validate(root: Path) -> None:
+    def validate(path: Path, fmt: str) -> None:
         raise ArchiveError("invalid_dataset", "only one class")
 
     datasets = tmp_path / "datasets"
     with pytest.raises(ArchiveError, match="only one class"):
-        unpack(make_zip(tmp_path / "a.zip", folder()), datasets, "ds_1", LIMITS, validate)
+        unpack(make_zip(tmp_path / "a.zip", folder()), DatasetFiles(datasets), "ds_1", LIMITS, validate)
     assert_nothing_left(datasets)
 
 
 def test_remove_and_sweep(tmp_path):
     datasets = tmp_path / "datasets"
-    unpack(make_zip(tmp_path / "a.zip", folder()), datasets, "ds_1", LIMITS, locate)
-    remove(datasets, "ds_1")
-    remove(datasets, "ds_1")  # already gone: nothing to do
+    unpack(make_zip(tmp_path / "a.zip", folder()), DatasetFiles(datasets), "ds_1", LIMITS)
+    DatasetFiles(datasets).remove("ds_1")
+    DatasetFiles(datasets).remove("ds_1")  # already gone: nothing to do
     assert_nothing_left(datasets)
     stale, fresh = datasets / STAGING / "stale", datasets / STAGING / "fresh"
     stale.mkdir()
@@ -230,6 +235,33 @@ def test_remove_and_sweep(tmp_path):
     os.utime(stale, (old, old))
     sweep_staging(datasets)
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_dataset_on_s3_is_fetched_once_by_another_machine_with_the_same_fingerprint(tmp_path, s3_url):
+    from services.datasets import read_dataset
+
+    store = Store(s3_url).folder("datasets")
+    uploader = DatasetFiles(tmp_path / "a" / "datasets", store)
+    worker = DatasetFiles(tmp_path / "b" / "datasets", store)
+    unpack(make_zip(tmp_path / "a.zip", folder()), uploader, "ds_1", LIMITS)
+    assert store.child("ds_1").check()["files"]["files/flowers/rose/2.png"] == len(png(80))
+    time.sleep(0.01)  # a fetched copy gets its own files; their times must be restored from the marker
+    path, fmt = worker.dataset_path("ds_1")
+    assert path == tmp_path / "b" / "datasets" / "ds_1" / "files" / "flowers" and fmt == "imagefolder"
+    here, there = read_dataset(uploader.dataset_path("ds_1")[0]), read_dataset(path)
+    assert here.fingerprint == there.fingerprint and here.classes == there.classes == ["daisy", "rose"]
+    assert worker.dataset_path("ds_1")[0] == path  # fetched once: the copy is complete (its marker inside)
+    assert list((tmp_path / "b" / "datasets" / STAGING).iterdir()) == []
+
+    store.child("ds_2").write_bytes("files/x/1.png", png())  # an upload cut off before its marker
+    with pytest.raises(Incomplete, match="ds_2 is incomplete"):
+        worker.dataset_path("ds_2")
+    with pytest.raises(FileNotFoundError, match="ds_3 is not in the store"):
+        worker.dataset_path("ds_3")
+    uploader.remove("ds_1")
+    assert not store.child("ds_1").exists(MARKER) and not (tmp_path / "a" / "datasets" / "ds_1").exists()
+    with pytest.raises(FileNotFoundError):
+        DatasetFiles(tmp_path / "c" / "datasets", store).dataset_path("ds_1")
 
 
 def test_records(redis_url):

@@ -23,7 +23,8 @@ from worker.launcher import Stack, free_port
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("faults")
-    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(), device="cpu")
+    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
+                        inference_port=free_port(), device="cpu")  # fmt: skip
     write_digits(data / "datasets" / "digits", limit=120)
     with Stack(settings) as running:
         yield running, Client(running.api_url), JobStore.from_url(running.redis.url)

@@ -1,0 +1,73 @@
+"""Predict through the API: `/v1/models/{id}:predict`, `:predict-files` and `/v2/...` are forwarded to the inference
+service (`settings.inference_location`), streaming both ways, so one public URL keeps serving every client (the
+CLI, the demo, scripts written against the API) while the inference service runs where the GPU is. The inference
+service checks the API key and the model's owner itself; the API passes the request on as it came (the
+Authorization header included) and the answer back as it left, status and headers included. The API's OpenAPI
+document shows these operations as the inference service documents them (api/main.py).
+
+An inference service that cannot be reached is 503 `inference_unavailable` with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from urllib.parse import quote
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from api.errors import ApiError
+
+router = APIRouter()
+
+# Per-connection headers (RFC 9110 sec. 7.6.1) and the Host of this hop are not forwarded.
+HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
+       "upgrade", "host"}  # fmt: skip
+TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=600.0, pool=600.0)  # a cold load of a large model takes a while
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+
+
+def _client(app: FastAPI) -> httpx.AsyncClient:
+    """One pooled client per event loop (uvicorn runs one; a test client may run several)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        base = app.state.settings.inference_location
+        client = _clients[loop] = httpx.AsyncClient(base_url=base, timeout=TIMEOUT, limits=httpx.Limits(
+            max_connections=256, max_keepalive_connections=64))  # fmt: skip
+    return client
+
+
+async def close_clients() -> None:
+    for client in list(_clients.values()):
+        await client.aclose()
+
+
+async def forward(request: Request) -> StreamingResponse:
+    client = _client(request.app)
+    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+    # The path as it came, still percent-encoded: the decoded one may hold characters a URL cannot.
+    path = request.scope.get("raw_path", b"").decode("latin-1") or quote(request.url.path)
+    try:
+        outgoing = client.build_request(request.method, path, params=request.url.query or None, headers=headers,
+                                        content=request.stream())  # fmt: skip
+    except httpx.InvalidURL as e:
+        raise ApiError(400, "invalid_request", f"the request's URL cannot be forwarded: {e}") from None
+    try:
+        answer = await client.send(outgoing, stream=True)
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
+        raise ApiError(503, "inference_unavailable", f"the inference service at {client.base_url} is unreachable "
+                       f"({type(e).__name__}); retry shortly", {"Retry-After": "5"}) from None  # fmt: skip
+    back = {k: v for k, v in answer.headers.items() if k.lower() not in HOP}
+    return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=back,
+                             background=BackgroundTask(answer.aclose))  # fmt: skip
+
+
+for path in ("/v1/models/{model_id}:predict", "/v1/models/{model_id}:predict-files", "/v2/models/{model_id}/infer"):
+    router.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
+for path in ("/v2", "/v2/{rest:path}"):
+    router.add_api_route(path, forward, methods=["GET"], include_in_schema=False)

@@ -1,0 +1,127 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton REST) on the inference service: health, server and model
+metadata, model readiness, and infer (tensors in api/oip.py), so Triton and KServe clients (tritonclient[http])
+work as they are. Errors answer in the protocol's shape, `{"error": "<message>"}` (api/errors.py). The same API keys
+and owner isolation as the v1 routes: a model of another key does not exist (404).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import OwnerDep, SettingsDep
+from api.errors import ApiError
+from api.oip import HEADER, InferRequest, ProtocolError, encode_response, model_metadata, parse_request
+from api.routes.predict import _decoded, off_loop, own, run_model
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+
+_ERROR = {"content": {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "enum": ["image", "pixels"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["BYTES", "UINT8"]},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "`inputs`: one tensor, `image` (BYTES [N]: base64 image files in JSON, raw bytes with the "
+        "binary extension) or `pixels` (UINT8 [N, H, W, 3]); optional `outputs` (`label`, `probabilities`) and "
+        "`parameters.binary_data_output`. With the binary tensor extension the body is the JSON header, then the "
+        "binary data, and the header `Inference-Header-Content-Length` gives the JSON's length.",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
+                        "outputs": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.get("/health/live", responses={200: {"description": '`{"live": true}`'}})
+async def live() -> dict:
+    """The process is up."""
+    return {"live": True}
+
+
+@router.get("/health/ready", responses={200: {"description": '`{"ready": true}`'}, 503: _ERROR})
+async def ready(request: Request) -> Any:
+    """Ready to serve: the model registry (Redis) answers."""
+    try:
+        ok = await run_in_threadpool(request.app.state.store.ping)
+    except Exception:
+        ok = False
+    return {"ready": True} if ok else JSONResponse({"ready": False}, status_code=503)
+
+
+@router.get("", responses={200: {"description": "Server metadata."}})
+async def server_metadata() -> dict:
+    """The server's name, version and protocol extensions."""
+    return {"name": "sidetune", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+
+@router.get("/models/{model_id}", responses={200: {"description": "Model metadata."}, 401: _ERROR, 404: _ERROR})
+async def metadata(model_id: str, request: Request, owner: OwnerDep) -> dict:
+    """Inputs (`image` BYTES [N], or `pixels` UINT8 [N, H, W, 3]) and outputs (`label` BYTES [N], `probabilities`
+    FP32 [N, C]); `parameters.classes` lists the classes in output order."""
+    return model_metadata(await own(request, model_id, owner))
+
+
+@router.get("/models/{model_id}/ready", responses={200: {"description": "Ready."}, 404: _ERROR, 503: _ERROR})
+async def model_ready(model_id: str, request: Request, owner: OwnerDep) -> dict:
+    """Ready when its artifact is whole on the store (503 naming it otherwise)."""
+    await own(request, model_id, owner)
+    await run_in_threadpool(request.app.state.predictor.artifacts.check_model, model_id)
+    return {"name": model_id, "ready": True}
+
+
+def _images(predictor: Any, infer: InferRequest) -> list[Any]:
+    if infer.input == "image":
+        return _decoded(predictor, infer.images)
+    from PIL import Image
+
+    return [Image.fromarray(np.ascontiguousarray(im), "RGB") for im in infer.images]
+
+
+@router.post(
+    "/models/{model_id}/infer",
+    responses={200: {"description": "`outputs`: `label`, `probabilities`."}, 400: _ERROR, 401: _ERROR, 404: _ERROR,
+               413: _ERROR, 503: _ERROR},
+    openapi_extra=_INFER_BODY,
+)  # fmt: skip
+async def infer(model_id: str, request: Request, owner: OwnerDep, settings: SettingsDep) -> Response:
+    """Classify images: the BYTES input `image` (encoded files) or the UINT8 input `pixels` ([N, H, W, 3])."""
+    await own(request, model_id, owner)
+    body = await request.body()
+    try:
+        parsed = await off_loop(request, "decoder", parse_request, body, request.headers.get(HEADER),
+                                settings.max_predict_images)  # fmt: skip
+    except ProtocolError as e:
+        raise ApiError(400, "invalid_request", str(e)) from None
+    try:
+        images = await off_loop(request, "decoder", _images, request.app.state.predictor, parsed)
+    except ApiError as e:  # an undecodable image: name the input
+        raise ApiError(400, e.code, f"input {parsed.input!r}: {e.message}") from None
+    model, probs = await run_model(request, model_id, images)
+    content, headers = encode_response(model_id, parsed, model.classes, probs)
+    return Response(content, headers=headers)

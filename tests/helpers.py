@@ -1,0 +1,49 @@
+"""Helpers the tests share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+
+from services.spec import JobSpec
+from worker.launcher import free_port
+
+# Served models (the `trained` fixture): three side models on one backbone (different layers, so a batch taps their
+# union) and an adapted (merged) one
+MODELS = {
+    "model_losa3": ({"name": "losa", "rank": 4, "layers": 3}, "cache"),
+    "model_losa_all": ({"name": "losa", "rank": 8}, "cache"),
+    "model_linear": ({"name": "linear"}, "cache"),
+    "model_lora": ({"name": "lora", "rank": 4}, "tail"),
+}
+
+
+def job_spec(path: Path, method: dict, mode: str, **backbone) -> JobSpec:
+    return JobSpec.model_validate({
+        "dataset": {"path": str(path)}, "backbone": {"name": "test_vit", "pretrained": False, **backbone},
+        "method": method, "execution": {"mode": mode, **({"tail_blocks": 2} if mode == "tail" else {})},
+        "extraction": {"batch_size": 64}, "training": {"epochs": 1, "batch_size": 32, "lr": 1e-2},
+    })  # fmt: skip
+
+
+@contextmanager
+def serve(app) -> Iterator[str]:
+    """The app under uvicorn on a loopback port, in a thread (lifespan included): real HTTP, streamed bodies."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        assert thread.is_alive(), "uvicorn exited"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
