@@ -46,10 +46,13 @@ def mean_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
 
 
 def validation_score(targets: np.ndarray, scores: np.ndarray) -> float:
-    """The figure that selects (higher is better): accuracy, or mAP for multi-label targets. `scores`: [n, C]."""
+    """The figure that selects (higher is better): accuracy, or mAP for multi-label targets. `scores` [n, C]: logits
+    or probabilities alike (both figures depend only on the order of the scores). Accuracy is counted directly:
+    scikit-learn's accuracy_score gives the same number (tested) at ~1 ms of input checks per call, which a sweep of
+    64 configurations would pay every epoch."""
     if targets.ndim == 2:
         return mean_average_precision(targets, scores)
-    return float(accuracy_score(targets, scores.argmax(1)))
+    return float(np.mean(scores.argmax(1) == targets)) if len(targets) else float("nan")
 
 
 def choose_threshold(targets: np.ndarray, probs: np.ndarray) -> float:

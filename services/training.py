@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: 
     scores = []
     for logits in all_logits:
         loss = float(objective.plain(torch.from_numpy(logits).to(y.device)[None], y)[0])
-        scores.append((validation_score(targets, objective.probabilities(logits)), loss))
+        scores.append((validation_score(targets, logits), loss))
     return scores
 
 
@@ -127,7 +128,8 @@ def _save_checkpoint(where: Folder | Path, epoch: int, runs: list[Runs], results
         tensors |= {f"best{j}.{k}": v for k, v in res.state.items()}
     meta = [{"score": r.score, "loss": r.loss, "epoch": r.epoch, "history": r.history} for r in results]
     d.write_bytes("checkpoint.safetensors", tensors_to_bytes(tensors))
-    d.write_json("checkpoint.json", {"epoch": epoch, "runs": infos, "results": meta, **log})
+    # compact: it holds every configuration's curve and is rewritten every epoch
+    d.write_bytes("checkpoint.json", json.dumps({"epoch": epoch, "runs": infos, "results": meta, **log}).encode())
 
 
 def _load_checkpoint(where: Folder | Path, runs: list[Runs], results: list[Result]) -> tuple[int, dict] | None:

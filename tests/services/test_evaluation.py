@@ -12,9 +12,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sklearn.metrics import accuracy_score, average_precision_score
 
 from services import methods, plots
-from services.evaluation import choose_threshold, report
+from services.evaluation import choose_threshold, report, validation_score
 from services.methods.apla.config import AplaConfig, default_lr
 from services.methods.linear.config import LinearConfig
 from services.methods.losa.config import LosaConfig
@@ -57,6 +58,15 @@ def test_report_matches_the_known_confusion_matrix() -> None:
     assert "test_top5_accuracy" not in m  # 4 classes: top-5 is always right, so it is not reported
     for row, p, r, f, s in zip(out["per_class"], precision, recall, f1, CONFUSION.sum(1), strict=True):
         assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx((p, r, f, s), abs=1e-5)
+
+
+def test_validation_figures_are_scikit_learns() -> None:
+    rng = np.random.default_rng(0)
+    logits, targets = rng.normal(size=(50, 7)), rng.integers(0, 7, 50)
+    assert validation_score(targets, logits) == accuracy_score(targets, logits.argmax(1))
+    tags = (rng.random((50, 7)) > 0.6).astype(int)
+    probs = 1 / (1 + np.exp(-logits))  # AP depends on the order of the scores only: logits give the same figure
+    assert validation_score(tags, logits) == pytest.approx(average_precision_score(tags, probs, average="macro"))
 
 
 def test_top5_accuracy_by_hand() -> None:

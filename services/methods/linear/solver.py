@@ -80,7 +80,7 @@ def solve_path(
             logits = xv @ w.t()
             folded = w[:, :-1] / sigma
             point = PathPoint(
-                l2=l2, score=validation_score(y_val, objective.probabilities(logits.cpu().numpy())),
+                l2=l2, score=validation_score(y_val, logits.cpu().numpy()),
                 loss=float(objective.plain(logits[None], y_val_t)[0]),
                 iterations=int(opt.state_dict()["state"][0]["n_iter"]), weight=folded.cpu().numpy(),
                 bias=(w[:, -1] - folded @ mu).cpu().numpy(),
