@@ -54,7 +54,8 @@ def spec_for(args: argparse.Namespace, kind: str, k: int, dataset: Path):
         "backbone": {"name": args.backbone, "pretrained": False, "image_size": args.image_size},
         "method": method,
         "extraction": {"batch_size": 64},
-        "training": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": lr, "weight_decay": 0.0},
+        "training": {"epochs": args.linear_epochs if kind == "linear" else args.epochs, "batch_size": args.batch_size,
+                     "lr": lr, "weight_decay": 0.0},
         **({"sweep": sweep} if sweep else {}),
     })  # fmt: skip
 
@@ -105,7 +106,8 @@ def run_row(args: argparse.Namespace, kind: str, k: int, settings, key: str, dat
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, cpu_limit=600)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=5, help="LoSA epochs")
+    p.add_argument("--linear-epochs", type=int, default=30, help="linear-head epochs (a step costs microseconds)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rank", type=int, default=8, help="LoSA rank")
     p.add_argument("--repeats", type=int, default=1, help="rounds; each row reports the median")
@@ -157,7 +159,8 @@ def main() -> None:
             common.put(kv, f"sweep_{slug}_{k}_vs_1", loop_ratio, 2)
             common.put(kv, f"job_{slug}_{k}_vs_1", job_ratio, 2)
     print(f"Sweeps from one cache: {args.backbone} at {args.image_size} px (random init), {args.limit} digits "
-          f"(20% validation, 20% test), {args.epochs} epochs, batch {args.batch_size}, LoSA rank {args.rank}; "
+          f"(20% validation, 20% test), {args.epochs} epochs (linear heads {args.linear_epochs}), batch "
+          f"{args.batch_size}, LoSA rank {args.rank}; "
           f"linear heads lr x weight_decay from {LINEAR_LR} x {LINEAR_WD}, LoSA from {LOSA_LR} x {LOSA_WD}; "
           f"median of {args.repeats} round(s); inputs: {med[('losa', 1)]['inputs']}")  # fmt: skip
     print(common.render(headers, rows))
