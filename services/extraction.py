@@ -46,7 +46,7 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     of an extraction in progress), else a complete entry of the same family that covers what the job reads,
     else the entry this job's extraction will write."""
     root = check_path(spec.dataset.path, settings.roots)
-    dataset = read_dataset(root, spec.dataset.format)
+    dataset = read_dataset(root, spec.dataset.format, spec.dataset.multi_label, spec.dataset.on_corrupt)
     check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
     if dataset.kind == "video" and spec.extraction.decode == "device":
         raise ValueError("extraction.decode 'device' decodes JPEG images on the GPU; videos are decoded by PyAV on "
@@ -86,7 +86,10 @@ def begin_extraction(
     if entry.is_complete:
         return prep
     meta = {**backbone.info(), "dataset_root": str(dataset.root), "dataset_fingerprint": dataset.fingerprint,
-            "classes": dataset.classes}  # fmt: skip
+            "classes": dataset.classes, "skipped_rows": list(dataset.skipped_rows)}  # fmt: skip
+    if dataset.skipped_rows:
+        reporter.event(f"left out {len(dataset.skipped_rows)} manifest rows without a tag (on_corrupt=skip), e.g. "
+                       f"{dataset.skipped_rows[0]}", level="warning")  # fmt: skip
     entry.create(labels=dataset.labels, layers=prep.layers, tokens=prep.tokens, token_count=backbone.tokens,
                  dim=backbone.dim, batch_size=prep.batch_size, meta=meta, codec=spec.extraction.codec,
                  keepbits=spec.extraction.keepbits)  # fmt: skip

@@ -5,6 +5,7 @@ from what was finished (cache batches, training checkpoints).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -26,6 +27,8 @@ from storage.settings import Settings
 from storage.store import Incomplete, StoreUnavailable
 
 log = logging.getLogger("sidetune.pipeline")
+
+PLOTS = ("confusion", "curves")  # the PNGs every model has (services/plots.py), at GET /models/{id}/plots/{name}.png
 
 # Errors whose message is the user's answer; anything else is reported as an internal error.
 USER_ERRORS: dict[type[Exception], str] = {
@@ -269,10 +272,13 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
                     raise CacheError(f"the feature cache entry {key} was evicted before training; submit the job "
                                      "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB")  # fmt: skip
                 out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt)
-            artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
+            files = {"evaluation.json": json.dumps(out["evaluation"], indent=2).encode()}
+            files |= {f"plots/{name}.png": png for name, png in out["plots"].items()}
+            artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"], files)
         artifacts.check_model(model_id)
         config = artifacts.read_json(model_id, "config.json")
         metrics = artifacts.read_json(model_id, "metrics.json")
+        report = artifacts.read_json(model_id, "evaluation.json")
     except Cancelled:
         return _cancelled(store, job_id)
     except Exception as e:
@@ -281,10 +287,13 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         "id": model_id, "object": "model", "created_at": now(), "job_id": job_id, "owner": job.get("owner"),
         "name": spec.name, "method": spec.method.name, "mode": spec.mode, "backbone": spec.backbone.name,
         "video": spec.backbone.video.model_dump() if spec.backbone.video else None, "classes": config["classes"],
-        "metrics": metrics,
+        "multi_label": config.get("multi_label", False), "threshold": config.get("threshold"), "metrics": metrics,
+        "evaluation": {"split": report["split"], "images": report["images"], **report["metrics"]},
+        "plots": sorted(PLOTS),
     })  # fmt: skip
     store.update_job(job_id, lambda j: j.update(status="succeeded", model_id=model_id, finished_at=now(),
                                                 metrics={**j["metrics"], **metrics}))  # fmt: skip
-    store.add_event(job_id, f"succeeded: model {model_id}, val accuracy {metrics['val_accuracy']:.4f}")
+    metric = "val_map" if "val_map" in metrics else "val_accuracy"
+    store.add_event(job_id, f"succeeded: model {model_id}, {metric.replace('_', ' ')} {metrics[metric]:.4f}")
     if settings.checkpoint_retention_h == 0:
         artifacts.drop_checkpoints(job_id)  # else kept for the retention (services/retention.py removes it)

@@ -16,7 +16,7 @@ import binascii
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import OwnerDep, SettingsDep
@@ -132,7 +132,7 @@ async def predict(model_id: str, body: PredictRequest, request: Request, owner: 
         return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
     images = await off_loop(request, "decoder", _decode, request.app.state.predictor, body.instances)
     model, probs = await run_model(request, model_id, images)
-    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
+    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, body.threshold)}
 
 
 @router.post("/{model_id}:predict-files", response_model=PredictResponse)
@@ -145,6 +145,9 @@ async def predict_files(
     request: Request,
     owner: OwnerDep,
     settings: SettingsDep,
+    threshold: Annotated[
+        float | None, Query(ge=0.0, le=1.0, description="Multi-label models: the tag threshold (default: the model's).")
+    ] = None,
 ) -> dict:
     """Classify uploaded image files (multipart/form-data), or video files for a model trained on clips."""
     record = await own(request, model_id, owner)
@@ -156,4 +159,4 @@ async def predict_files(
         return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
     images = await off_loop(request, "decoder", _decoded, request.app.state.predictor, raw)
     model, probs = await run_model(request, model_id, images)
-    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
+    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold)}

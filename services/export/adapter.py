@@ -10,7 +10,7 @@ seeded random initialisation it was trained on) or on one passed in, whose weigh
 
     model = load_adapter("model_...-adapter.zip")  # an nn.Module: images -> logits, in float32 on the CPU
     x = torch.stack([model.transform(image.convert("RGB")) for image in images])
-    probs = model(x).softmax(-1)  # columns: model.classes
+    probs = model(x).softmax(-1)  # columns: model.classes (a multi-label model: model(x).sigmoid())
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class AdapterConfig(BaseModel):
     tail_blocks: int | None = Field(None, description="`tail` mode: the last k blocks were adapted.")
     backbone: BackboneSpec = Field(..., description="The frozen backbone: timm name, weights, image size, video.")
     weights_hash: str = Field(..., description="Hash of the backbone's float32 weights the adapter was trained on.")
-    classes: list[str] = Field(..., description="Class names, in the order of the logits.")
+    classes: list[str] = Field(..., description="Class names (tags, multi-label), in the order of the logits.")
+    multi_label: bool = Field(False, description="Multi-label: a sigmoid per tag, not a softmax over the classes.")
+    threshold: float | None = Field(None, description="Multi-label: the score from which a tag is predicted.")
     preprocessing: dict[str, Any] = Field(
         ..., description="timm's data config of the backbone: input_size, interpolation, crop_pct, crop_mode, mean, "
         "std (each frame of a clip alike)."
@@ -121,6 +123,7 @@ class AdapterModel(nn.Module):
     def __init__(self, module: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
         self.module, self.config, self.classes = module, config, list(config.classes)
+        self.multi_label, self.threshold = config.multi_label, config.threshold
         self.transform = create_transform(**config.preprocessing, is_training=False)  # one image, or one frame
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@ the torch.export-based exporter) with a dynamic batch. Input `pixel_values` floa
 [N, T*3, H, W], the T frames of a clip stacked along the channels); output `logits` float32 [N, classes], whose
 softmax is what predict answers. The metadata (`metadata_props`) holds what a runtime needs besides the graph:
 `classes` (JSON, in output order), `preprocessing` (JSON: input size, interpolation, crop, mean and std, as timm's
-data config), `video` (JSON, the clip sampling) for a video model, `model_id`, `method`, `backbone`, and a
-description of the input and output.
+data config), `video` (JSON, the clip sampling) for a video model, `multi_label` and `threshold` for a multi-label
+one (a sigmoid per tag), `model_id`, `method`, `backbone`, and a description of the input and output.
 
 One file holds the weights inline, so a model over ONNX's 2 GB protobuf limit is refused: export `timm` or `adapter`.
 """
@@ -44,6 +44,10 @@ def metadata(trained: Trained) -> dict[str, str]:
         "logits": f"float32 [N, {len(trained.classes)}]: one logit per class of `classes`; softmax gives predict's "
         "scores",
     }
+    if config.get("multi_label"):
+        props["logits"] = (f"float32 [N, {len(trained.classes)}]: one logit per tag of `classes`; a sigmoid gives "
+                           "predict's scores, and a tag is predicted from `threshold` on")  # fmt: skip
+        props["multi_label"], props["threshold"] = "true", json.dumps(config.get("threshold"))
     if video:
         props["video"] = json.dumps(video)
     return props

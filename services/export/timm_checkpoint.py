@@ -82,6 +82,10 @@ def _check_plain(vit: nn.Module, name: str, num_classes: int, model_args: dict[s
 def _readme(trained: Trained, model_args: dict[str, Any]) -> str:
     name, c = trained.config["backbone"]["name"], len(trained.classes)
     extra = "".join(f", {k}={v!r}" for k, v in model_args.items())
+    scores = "Scores: `logits.softmax(-1)`."
+    if trained.config.get("multi_label"):
+        scores = (f"Multi-label: `logits.sigmoid()` per tag; a tag is predicted from {trained.config.get('threshold')} "
+                  "on (`sidetune.json`).")  # fmt: skip
     return f"""# {trained.model_id}: {trained.config["method"]["name"]} on {name}, {c} classes (a plain timm ViT)
 
 ```python
@@ -97,6 +101,7 @@ transform = timm.data.create_transform(**timm.data.resolve_data_config(pretraine
 classes = config["label_names"]
 # logits = model(torch.stack([transform(image.convert("RGB")) for image in images]))
 ```
+{scores}
 """
 
 
@@ -109,7 +114,8 @@ def write(trained: Trained, folder: Path) -> Path:
     save_for_hf(vit, str(out), model_config={"label_names": trained.classes}, model_args=model_args or None,
                 safe_serialization=True, data_config=dict(trained.backbone.data_config))  # fmt: skip
     (out / "README.md").write_text(_readme(trained, model_args))
-    sidetune = {"model_id": trained.model_id, "method": trained.config["method"], "backbone": spec}
+    sidetune = {"model_id": trained.model_id, "method": trained.config["method"], "backbone": spec,
+                "multi_label": trained.config.get("multi_label", False), "threshold": trained.config.get("threshold")}
     (out / "sidetune.json").write_text(json.dumps(sidetune, indent=2))
     path = folder / "model-timm.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:  # safetensors hardly compress
