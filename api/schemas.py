@@ -78,15 +78,19 @@ class Checkpoint(BaseModel):
     epoch: int | None = Field(
         None, description="The last finished epoch the checkpoint holds (the same for both files of a checkpoint)."
     )
-    best_epoch: int | None = Field(None, description="The epoch whose weights scored best on validation, also held.")
+    best_epoch: int | None = Field(
+        None, description="The epoch whose weights scored best on validation (of a sweep's best configuration); each "
+        "configuration's best weights are held too."
+    )  # fmt: skip
 
 
 class CheckpointList(BaseModel):
     object: Literal["list"] = Field("list", description="Always `list`.")
     data: list[Checkpoint] = Field(
         ..., description="The job's checkpoint files: `checkpoint.safetensors` holds the last epoch's trainable "
-        "weights and optimizer state and the best epoch's weights; `checkpoint.json` says which epochs. Empty once "
-        "removed, or before the first epoch ends."
+        "weights and optimizer state (`runs<i>.*`) and each configuration's best weights (`best<j>.*`); "
+        "`checkpoint.json` says which epochs, with their curves. Empty once removed, before the first epoch ends, "
+        "and for jobs that train no epochs (the L-BFGS linear probe)."
     )  # fmt: skip
     expires_at: float | None = Field(
         None, description="Unix time the checkpoint is removed: the job's end plus SIDETUNE_CHECKPOINT_RETENTION_H; "

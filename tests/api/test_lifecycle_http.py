@@ -20,18 +20,18 @@ from storage.jobs import JobStore, now
 from worker.client import ApiError
 
 
-def linear_job(stack, epochs: int = 1, path=None, **method) -> dict:
+def job_spec(stack, method: str = "linear", epochs: int = 1, path=None, **options) -> dict:
     running, _ = stack
     return {"dataset": {"path": str(path or running.settings.data_path / "datasets" / "digits" / "train")},
-            "backbone": {"name": "test_vit", "pretrained": False}, "method": {"name": "linear", **method},
+            "backbone": {"name": "test_vit", "pretrained": False}, "method": {"name": method, **options},
             "training": {"epochs": epochs}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def finished(stack) -> dict:
-    """A linear probe trained for 2 epochs on the stack."""
+    """A LoSA side network trained for 2 epochs on the stack (checkpointed after each)."""
     _, client = stack
-    job = client.wait(client.submit(linear_job(stack, epochs=2))["id"], timeout_s=300)
+    job = client.wait(client.submit(job_spec(stack, "losa", epochs=2, rank=4))["id"], timeout_s=300)
     assert job["status"] == "succeeded", job["error"]
     return job
 
@@ -59,18 +59,18 @@ def test_export_refusals_name_the_cause(stack, finished) -> None:
     assert (status, code) == (422, "invalid_request") and "format" in message
     assert "'timm', 'onnx' or 'adapter'" in message
 
-    mean = client.wait(client.submit(linear_job(stack, pool="mean"))["id"], timeout_s=300)
+    mean = client.wait(client.submit(job_spec(stack, pool="mean"))["id"], timeout_s=300)
     status, code, message = refused(mean["model_id"], "timm")
     assert (status, code) == (422, "export_unsupported") and "pools `mean`" in message and "onnx" in message
 
     broken = running.settings.data_path / "datasets" / "broken"
     shutil.copytree(running.settings.data_path / "datasets" / "digits" / "train", broken)
     (broken / "3" / "broken.png").write_bytes(b"not a png")
-    failed = client.wait(client.submit(linear_job(stack, path=broken))["id"], timeout_s=120)
+    failed = client.wait(client.submit(job_spec(stack, path=broken))["id"], timeout_s=120)
     status, code, message = refused("model_" + failed["id"].removeprefix("job_"))
     assert (status, code) == (409, "job_failed") and failed["id"] in message and "broken.png" in message
 
-    queued = client.submit(linear_job(stack, epochs=20))
+    queued = client.submit(job_spec(stack, "losa", epochs=20, rank=4))
     status, code, message = refused("model_" + queued["id"].removeprefix("job_"))
     assert (status, code) == (409, "model_not_ready") and "the model is registered when the job succeeds" in message
     with pytest.raises(ApiError) as e:  # a job that has not ended cannot be deleted
