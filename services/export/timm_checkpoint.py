@@ -114,8 +114,13 @@ def write(trained: Trained, folder: Path) -> Path:
     save_for_hf(vit, str(out), model_config={"label_names": trained.classes}, model_args=model_args or None,
                 safe_serialization=True, data_config=dict(trained.backbone.data_config))  # fmt: skip
     (out / "README.md").write_text(_readme(trained, model_args))
-    sidetune = {"model_id": trained.model_id, "method": trained.config["method"], "backbone": spec,
-                "multi_label": trained.config.get("multi_label", False), "threshold": trained.config.get("threshold")}
+    sidetune = {
+        "model_id": trained.model_id,
+        "method": trained.config["method"],
+        "backbone": spec,
+        "multi_label": trained.config.get("multi_label", False),
+        "threshold": trained.config.get("threshold"),
+    }
     (out / "sidetune.json").write_text(json.dumps(sidetune, indent=2))
     path = folder / "model-timm.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:  # safetensors hardly compress
