@@ -161,4 +161,3 @@ def test_with_api_keys_the_page_asks_and_shows_a_401_as_a_message(stack, browser
         for job in (mine, theirs):
             store.set_fields(job["id"], status="cancelled")
             store.delete_job(job["id"])
-
