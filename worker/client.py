@@ -93,6 +93,9 @@ class Client:
     def checkpoints(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}/checkpoints")
 
+    def checkpoint_file(self, job_id: str, name: str, dest: Path) -> Path:
+        return self._download(f"/jobs/{job_id}/checkpoints/{name}", {}, dest, name)
+
     def wait(
         self, job_id: str, on_update: Callable[[dict], None] | None = None, timeout_s: float = 3600, poll_s: float = 0.5
     ) -> dict[str, Any]:
@@ -119,18 +122,22 @@ class Client:
 
     def export(self, model_id: str, fmt: str, dest: Path | None = None) -> Path:
         """Download the model exported as `fmt` to `dest` (default: the server's file name, here); returns the path."""
-        with self.http.stream("GET", f"/models/{model_id}/export", params={"format": fmt}, timeout=None) as r:
+        return self._download(f"/models/{model_id}/export", {"format": fmt}, dest, f"{model_id}.{fmt}")
+
+    def _download(self, path: str, params: dict[str, str], dest: Path | None, fallback: str) -> Path:
+        """Stream a file to `dest` (default: the name the server gives, here), written whole or not at all."""
+        with self.http.stream("GET", path, params=params, timeout=None) as r:
             if r.status_code >= 400:
                 r.read()
             self._check(r)
             found = re.search(r'filename="?([^";]+)"?', r.headers.get("content-disposition", ""))
-            path = Path(dest or (found.group(1) if found else f"{model_id}.{fmt}"))
-            tmp = path.with_name(f".{path.name}.part")
+            out = Path(dest or (found.group(1) if found else fallback))
+            tmp = out.with_name(f".{out.name}.part")
             with open(tmp, "wb") as f:
                 for chunk in r.iter_bytes():
                     f.write(chunk)
-            tmp.replace(path)
-        return path
+            tmp.replace(out)
+        return out
 
     def evaluation(self, model_id: str) -> dict[str, Any]:
         return self._call("GET", f"/models/{model_id}/evaluation")
