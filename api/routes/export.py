@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, SettingsDep
+from api.deps import ModelId, OwnerDep, SettingsDep
 from api.errors import ApiError
 from api.routes.models import own_model_or_why
 from api.schemas import ErrorBody
@@ -42,7 +42,7 @@ _FORMATS = "; ".join(f"`{name}`: {f.description}" for name, f in FORMATS.items()
     },
 )  # fmt: skip
 async def export_model(
-    model_id: str,
+    model_id: ModelId,
     request: Request,
     owner: OwnerDep,
     settings: SettingsDep,

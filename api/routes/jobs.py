@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned
+from api.deps import CeleryDep, JobId, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.routes.datasets import record_use, resolve_dataset
 from api.schemas import CheckpointList, ErrorBody, EventList, Job, JobList, Plan
@@ -149,20 +149,20 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorBody}})
-def get_job(job_id: str, store: StoreDep, owner: OwnerDep) -> dict:
+def get_job(job_id: JobId, store: StoreDep, owner: OwnerDep) -> dict:
     """One job with its status, progress, metrics and error."""
     return own_job(store, job_id, owner)
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses={404: {"model": ErrorBody}})
-def cancel_job(job_id: str, store: StoreDep, owner: OwnerDep) -> dict:
+def cancel_job(job_id: JobId, store: StoreDep, owner: OwnerDep) -> dict:
     """Queued jobs are cancelled at once; running ones stop at their next check (between batches)."""
     own_job(store, job_id, owner)
     return store.request_cancel(job_id)
 
 
 @router.delete("/{job_id}", status_code=204, responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
-def delete_job(job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
+def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
     """Delete a finished job: its record, events and checkpoint. Refused while it is queued or running (409
     `job_not_finished`: cancel it first). Its model, if any, stays (`DELETE /models/{id}` deletes it)."""
     own_job(store, job_id, owner)
@@ -179,7 +179,7 @@ def delete_job(job_id: str, store: StoreDep, settings: SettingsDep, owner: Owner
 
 @router.get("/{job_id}/events", response_model=EventList, responses={404: {"model": ErrorBody}})
 def job_events(
-    job_id: str,
+    job_id: JobId,
     store: StoreDep,
     owner: OwnerDep,
     after: Annotated[int, Query(ge=0, description="Return events with `seq` greater than this.")] = 0,
@@ -192,7 +192,7 @@ def job_events(
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses={404: {"model": ErrorBody}})
-def job_checkpoints(job_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> dict:
+def job_checkpoints(job_id: JobId, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> dict:
     """The job's checkpoint on the store: written after every epoch (a train worker that dies resumes from it), kept
     for SIDETUNE_CHECKPOINT_RETENTION_H after the job ends (`expires_at`), then removed."""
     job = own_job(store, job_id, owner)
@@ -213,7 +213,7 @@ def job_checkpoints(job_id: str, store: StoreDep, settings: SettingsDep, owner: 
                404: {"model": ErrorBody}},
 )  # fmt: skip
 def job_checkpoint_file(
-    job_id: str,
+    job_id: JobId,
     name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]+$", description="A file the listing names.")],
     store: StoreDep,
     settings: SettingsDep,

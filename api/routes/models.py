@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 
-from api.deps import OwnerDep, SettingsDep, StoreDep, owned
+from api.deps import ModelId, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.schemas import ErrorBody, Evaluation, Model, ModelList
 from storage.artifacts import ArtifactStore
@@ -52,13 +52,13 @@ def list_models(
 
 
 @router.get("/{model_id}", response_model=Model, responses={404: {"model": ErrorBody}})
-def get_model(model_id: str, store: StoreDep, owner: OwnerDep) -> dict:
+def get_model(model_id: ModelId, store: StoreDep, owner: OwnerDep) -> dict:
     """One model: method, backbone, classes and metrics."""
     return own_model(store, model_id, owner)
 
 
 @router.delete("/{model_id}", status_code=204, responses={404: {"model": ErrorBody}})
-def delete_model(model_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
+def delete_model(model_id: ModelId, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
     """Delete a model: its record, then its files on the store. Predict and export answer 404 from then on; its job
     stays (its `model_id` cleared, an event says so)."""
     record = own_model(store, model_id, owner)
@@ -80,7 +80,7 @@ def _file(settings: SettingsDep, model_id: str, name: str, what: str) -> bytes:
 
 
 @router.get("/{model_id}/evaluation", response_model=Evaluation, responses={404: {"model": ErrorBody}})
-def get_evaluation(model_id: str, store: StoreDep, owner: OwnerDep, settings: SettingsDep) -> Response:
+def get_evaluation(model_id: ModelId, store: StoreDep, owner: OwnerDep, settings: SettingsDep) -> Response:
     """The selected model's evaluation report (scikit-learn's metrics): on the test split when the job had one
     (`dataset.test_fraction` or `dataset.test`), else on the validation split (`split` says which)."""
     own_model(store, model_id, owner)
@@ -93,7 +93,7 @@ def get_evaluation(model_id: str, store: StoreDep, owner: OwnerDep, settings: Se
     responses={200: {"content": {"image/png": {}}, "description": "The PNG."}, 404: {"model": ErrorBody}},
 )
 def get_plot(
-    model_id: str,
+    model_id: ModelId,
     name: Annotated[str, Path(pattern=r"^[a-z0-9_]+$", description="`curves` or `confusion` (see the model's plots).")],
     store: StoreDep,
     owner: OwnerDep,
