@@ -114,7 +114,8 @@ def test_every_verb_against_the_stack(stack, tmp_path):
     assert cli_json(stack, "datasets", "get", uploaded["id"])["classes"] == ["0", "1"]
     assert run_cli(stack, "datasets", "delete", uploaded["id"]).stdout.strip() == f"deleted {uploaded['id']}"
 
-    queued = json.loads(run_cli(stack, "submit", str(tmp_path / "spec.json"), "--json").stdout)
+    (tmp_path / "long.json").write_text(json.dumps({**spec, "training": {"epochs": 500, "batch_size": 4}}))
+    queued = json.loads(run_cli(stack, "submit", str(tmp_path / "long.json"), "--json").stdout)
     cancelled = cli_json(stack, "jobs", "cancel", queued["id"])
     assert cancelled["cancel_requested"] is True
     assert client.wait(queued["id"], timeout_s=120)["status"] == "cancelled"
