@@ -171,9 +171,11 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         spec = _on_this_machine(spec, settings)
         prep = prepare(spec, settings)
         lock = _cache_lock(store, prep.key, job_id)
-        if prep.entry.is_complete or not acquire_or_wait(
+        # A lock held under this job's token is this step's own, left by a worker that died (its step is requeued
+        # only then): taken over at once rather than after its lease expires.
+        if prep.entry.is_complete or not (lock.adopt() or acquire_or_wait(
             lock, lambda: prep.entry.is_complete, on_wait=_wait_notice(reporter, prep.key)
-        ):
+        )):  # fmt: skip
             return _hit(store, job_id, prep, reporter, t0)
         try:
             _make_room(store, settings, prep, reporter)

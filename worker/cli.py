@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -30,21 +31,34 @@ def _configure_logging(settings: Settings, level: str) -> logging.Logger:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the stack and supervise it until SIGINT (Ctrl-C), SIGTERM or SIGHUP. The handlers are installed
+    explicitly: a `serve` started in the background by a script inherits SIGINT ignored, and Python's default
+    SIGTERM would leave the children running."""
     from worker.launcher import Stack
 
     settings = Settings()
+    _configure_logging(settings, "INFO")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     stack = Stack(settings)
     print(f"starting Redis ({settings.redis_url or 'embedded'}), extract and train workers, the inference service "
-          f"and the API; logs in {stack.log_dir}")  # fmt: skip
-    with stack:
-        print(f"sidetune is ready at {stack.api_url} (docs: {stack.api_url}/docs); Ctrl-C stops everything")
-        try:
-            while all(p.poll() is None for p in stack.procs.values()):
-                time.sleep(0.5)
-            print("a process exited; stopping", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("\nstopping...")
+          f"and the API; logs in {stack.log_dir}", flush=True)  # fmt: skip
+    try:
+        stack.start(stop=stop)
+        if not stop.is_set():
+            print(f"sidetune is ready at {stack.api_url} (docs: {stack.api_url}/docs); Ctrl-C stops everything",
+                  flush=True)  # fmt: skip
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import shutil
-import signal
 import time
 
 import httpx
@@ -93,7 +92,7 @@ def test_every_method_trains_and_predicts_through_the_job_api(stack):
 def test_extraction_shards_run_on_two_extract_workers(stack):
     running, client = stack
     store = JobStore.from_url(running.redis.url)
-    extra = running.spawn("extract-worker-2", "worker", "--queues", "extract")
+    running.spawn("extract-worker-2", "worker", "--queues", "extract")
     try:
         deadline = time.monotonic() + 60
         while store.live_workers().get("extract", 0) < 2 and time.monotonic() < deadline:
@@ -110,9 +109,7 @@ def test_extraction_shards_run_on_two_extract_workers(stack):
         workers = {m.rsplit(" on ", 1)[1] for m in shard_events}
         assert len(workers) == 2, shard_events  # each extract worker wrote its own shards
     finally:
-        extra.send_signal(signal.SIGQUIT)
-        extra.wait(timeout=30)
-        running.procs.pop("extract-worker-2", None)
+        running.retire("extract-worker-2")
 
 
 def test_mode_that_does_not_suit_the_method_is_422(stack):
