@@ -15,12 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
+from services.errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: larger images are rejected, not decoded
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be used; the message names the cause."""
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be used; the message names the cause (the file, the line)."""
+
+    code = "invalid_dataset"
 
 
 @dataclass(frozen=True)

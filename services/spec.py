@@ -8,9 +8,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.errors import UserError
 from services.methods import CONFIGS, METHOD_NAMES, MethodConfig
 
 Mode = Literal["cache", "images", "tail", "online"]
+
+
+class SpecError(UserError, ValueError):
+    """A job spec that cannot run as given (a field that does not suit the backbone or the method); the message names
+    the field. A ValueError too, so that inside a pydantic validator it becomes a validation error (422)."""
+
+    code = "invalid_spec"
 
 
 NO_NUL = r"^[^\x00]*$"  # a file path: no NUL byte (the OS refuses it)
@@ -104,9 +112,9 @@ def select_cached_layers(choice: LayerChoice, num_layers: int) -> list[int]:
     if isinstance(choice, list):
         bad = [i for i in choice if i >= num_layers]
         if bad:
-            raise ValueError(f"extraction.layers {bad} do not exist: the backbone has {num_layers} blocks")
+            raise SpecError(f"extraction.layers {bad} do not exist: the backbone has {num_layers} blocks")
         return sorted(set(choice))
-    raise ValueError(f"cannot select layers from {choice!r}")
+    raise SpecError(f"cannot select layers from {choice!r}")
 
 
 class ExtractionSpec(BaseModel):
@@ -215,7 +223,7 @@ class TrainingSpec(BaseModel):
                 out[key] = value
         for key in ("lr", "weight_decay", "warmup_epochs"):
             if isinstance(out[key], float | int) and out[key] < 0:
-                raise ValueError(f"training.{key} must be >= 0")
+                raise SpecError(f"training.{key} must be >= 0")
         return out
 
 
@@ -256,7 +264,7 @@ class JobSpec(BaseModel):
         """The cached layers the method reads and the token modes it accepts (smallest first)."""
         if self.mode == "tail":
             if not 1 <= self.execution.tail_blocks < num_layers:
-                raise ValueError(f"execution.tail_blocks must be between 1 and {num_layers - 1} for this backbone")
+                raise SpecError(f"execution.tail_blocks must be between 1 and {num_layers - 1} for this backbone")
             return [num_layers - self.execution.tail_blocks - 1], ("all",)
         return self.method.needs(num_layers, global_pool)
 
@@ -268,10 +276,10 @@ class JobSpec(BaseModel):
         layers = needed if choice == "auto" else select_cached_layers(choice, num_layers)
         missing = sorted(set(needed) - set(layers))
         if missing:
-            raise ValueError(f"extraction.layers caches {layers} but {self.method.name} in mode {self.mode} also reads "
+            raise SpecError(f"extraction.layers caches {layers} but {self.method.name} in mode {self.mode} also reads "
                              f"blocks {missing}; add them or use `auto`")  # fmt: skip
         tokens = accepted[0] if self.extraction.tokens == "auto" else self.extraction.tokens
         if tokens not in accepted:
-            raise ValueError(f"extraction.tokens {tokens!r} does not suit {self.method.name} in mode {self.mode} "
+            raise SpecError(f"extraction.tokens {tokens!r} does not suit {self.method.name} in mode {self.mode} "
                              f"(choose {' or '.join(accepted)})")  # fmt: skip
         return layers, tokens
