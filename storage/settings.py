@@ -45,7 +45,11 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(8000, description="Port the API binds to.")
     job_timeout_s: int = Field(
-        48 * 3600, description="Longest a job may run; also the broker's visibility timeout (celery#5935)."
+        48 * 3600,
+        gt=0,
+        description="Longest a step of a job (extraction, training) may run: it is then stopped and the job fails "
+        "`job_timeout`; a step that does not stop within a minute more ends its worker (restarted by its supervisor). "
+        "The broker's visibility timeout is set above it (celery#5935).",
     )
     train_memory_mb: int | None = Field(
         None,

@@ -8,9 +8,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 from storage.settings import Settings
@@ -87,69 +87,36 @@ def cmd_inference(args: argparse.Namespace) -> int:
     return _uvicorn("api.inference:app", settings.inference_host, settings.inference_port)
 
 
-def _heartbeat(queues: list[str]) -> None:
-    """Beat every third of `heartbeat_ttl_s` (5 s), and take turns with the other workers running the watchdog
-    (services/watchdog.py)."""
-    import logging
-
-    from services import watchdog
-    from storage.jobs import JobStore, worker_name
-    from storage.locks import LeaseLock
-    from worker.celery_app import app, requeue_step
-
-    settings = Settings()
-    store = JobStore.from_url(settings.broker_url)
-    log = logging.getLogger("sidetune.watchdog")
-    while True:
-        try:
-            for q in queues:
-                store.heartbeat(q, worker_name(), ttl_s=settings.heartbeat_ttl_s)
-            lock = LeaseLock(store.r, "watchdog", lease_s=2 * settings.heartbeat_ttl_s / 3)
-            if lock.acquire():
-                try:
-                    for line in watchdog.check(store, settings, lambda job_id, step: requeue_step(app, job_id, step)):
-                        log.warning("watchdog: %s", line)
-                finally:
-                    lock.release()
-        except Exception as e:  # Redis restarting: the next beat will do
-            log.debug("heartbeat failed: %s", e)
-        time.sleep(settings.heartbeat_ttl_s / 3)
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
-    from celery.signals import setup_logging, worker_ready
+    """One Celery worker, embedded through Celery's WorkController: our logging only (Celery's is never set up, so
+    every line, its own included, leaves as our JSON or text), no banner, and our signal handlers. SIGTERM, SIGINT and
+    SIGQUIT all stop it at once (Celery's cold shutdown): a step in progress is interrupted and its message returned
+    to the queue, and the next worker resumes it from what was finished. The heartbeat and watchdog run as a bootstep
+    of its consumer (worker/heartbeat.py)."""
+    from celery.exceptions import WorkerTerminate
 
     from worker.celery_app import app
+    from worker.heartbeat import Heartbeat
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     settings = Settings()
-    _configure_logging(settings, args.loglevel)
-    if settings.log_format == "json":
-        import celery.apps.worker
-
-        from storage.logs import json_line
-
-        # Celery's signal handlers write their shutdown notices straight to the terminal: as JSON lines too.
-        celery.apps.worker.safe_say = lambda msg, f=sys.__stderr__: os.write(
-            f.fileno(), (json_line("celery.worker", logging.WARNING, msg) + "\n").encode()
-        )
-
-    # A receiver of `setup_logging` tells Celery to leave logging alone (its handlers, task loggers and stdout
-    # redirection), so its lines go through our root handler too.
-    @setup_logging.connect(weak=False)
-    def _keep_our_logging(loglevel: int | str | None = None, **_: object) -> None:
-        logging.getLogger().setLevel(loglevel or args.loglevel.upper())
-
-    # Heartbeats (what /readyz and `shards: auto` count) start once the worker consumes, not while it boots.
-    @worker_ready.connect(weak=False)
-    def _start_heartbeat(**_: object) -> None:
-        threading.Thread(target=_heartbeat, args=(queues,), daemon=True).start()
-
+    log = _configure_logging(settings, args.loglevel)
+    app.steps["consumer"].add(Heartbeat)
+    name = f"{'+'.join(queues)}@{socket.gethostname()}-{os.getpid()}"
     # The solo pool keeps CUDA in this process (CUDA does not survive a fork) and runs one task at a time.
-    argv = (["--quiet"] if settings.log_format == "json" else []) + ["worker"]  # the startup banner is not JSON
-    app.worker_main([*argv, "-Q", ",".join(queues), "-P", "solo", "-n", f"{'+'.join(queues)}@%h-{os.getpid()}",
-                     "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"])  # fmt: skip
-    return 0
+    worker = app.WorkController(hostname=name, queues=queues, pool_cls="solo", concurrency=1, loglevel=args.loglevel,
+                                without_gossip=True, without_mingle=True)  # fmt: skip
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.warning("worker %s: %s, stopping (a step in progress returns to the queue)", name,
+                    signal.Signals(signum).name)  # fmt: skip
+        raise WorkerTerminate(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, _stop)
+    log.info("worker %s consuming %s", name, ", ".join(queues))
+    worker.start()
+    return worker.exitcode or 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
