@@ -184,7 +184,7 @@ class _TarReader(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0 or n > MAX_READ:
-            raise ArchiveError("invalid_archive", f"a tar extended header of {n} bytes is too long (at most {MAX_READ})")
+            raise ArchiveError("invalid_archive", f"a tar extended header of {n} bytes is too long (max {MAX_READ})")
         data = self.raw.read(n)
         self.count += len(data)
         if self.count > self.limit:
