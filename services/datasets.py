@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from services import images
 from services.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: larger images are rejected, not decoded
 
 
 class DatasetError(UserError, ValueError):
@@ -134,19 +134,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
 
 
-def load_image(source: Path | bytes):
-    """Decode an image to RGB with Pillow, refusing decompression bombs; raises DatasetError naming the cause."""
-    import io
-
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    name = str(source) if isinstance(source, Path) else "uploaded image"
+def load_image(source: Path | bytes, draft: int | None = None):
+    """An RGB PIL image, decoded by the rules of services/images.py; DatasetError naming the file otherwise."""
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
-            im.load()
-            return im.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise DatasetError(f"{name}: image too large ({e})") from e
-    except Exception as e:  # Pillow raises many types for bad bytes
-        raise DatasetError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
+        return images.load_image(source, draft)
+    except images.ImageError as e:
+        raise DatasetError(str(e)) from None

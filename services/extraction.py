@@ -20,6 +20,7 @@ import torch
 
 from services.backbones import Backbone, load_backbone
 from services.datasets import Dataset, check_path, read_dataset
+from services.images import PIXELS
 from services.loading import BatchReader, EncodedReader, decode_on_device, iterate, loader_workers
 from services.progress import Reporter
 from services.spec import JobSpec
@@ -46,7 +47,7 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     dataset = read_dataset(root, spec.dataset.format)
     checkpoint = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
     backbone = load_backbone(spec.backbone, settings.torch_device(), checkpoint)
-    preprocessing = {**backbone.data_config, "decode": spec.extraction.decode}
+    preprocessing = {**backbone.data_config, "decode": spec.extraction.decode, "pixels": PIXELS}
     family = cache_key({"dataset": dataset.fingerprint, "backbone": spec.backbone.name,
                         "weights": backbone.weights_hash, "preprocessing": preprocessing,
                         "precision": backbone.precision})  # fmt: skip

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
         "the device's free memory when training starts, less a fifth of the device (at least 2 GiB) for the rest.",
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
+    max_predict_pixels: int = Field(
+        128_000_000,
+        ge=1,
+        description="Most pixels (width x height, from the headers, before decoding) that one predict request's images "
+        "may hold together; more is refused with 413 `too_many_pixels`. A single image may hold 64 million at most.",
+    )
     predict_max_batch: int = Field(
         32,
         ge=1,

@@ -1,9 +1,11 @@
 """Predict with an adapted model (v1): JSON with base64 images, or a multipart upload of image files. Served by the
 inference service (api/inference.py); the API forwards these paths to it (api/routes/forward.py).
 
-The routes are async and park no thread while a request waits: images are decoded in a small decoder pool, a cold
-model is loaded in the loader pool (never on the batching thread, so warm models keep answering), and the request
-then awaits its rows of a batch (services/batching.py). `run_model` is shared with the v2 routes.
+The routes are async and park no thread while a request waits: a cold model is loaded in the loader pool (never on the
+batching thread, so warm models keep answering), the images' pixels are counted from their headers against the
+request's budget (`max_predict_pixels`, 413 `too_many_pixels`) and they are decoded in a small decoder pool as the
+model's training images were (services/images.py), and the request then awaits its rows of a batch
+(services/batching.py). `run_model` is shared with the v2 routes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import ctypes
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -22,6 +26,9 @@ from api.errors import ApiError
 from api.routes.models import own_model
 from api.schemas import ErrorBody, Instance, PredictRequest, PredictResponse
 from services.datasets import DatasetError
+from services.images import ImageError, TooManyPixels, check_budget, draft_size
+
+TRIM_PIXELS = 16_000_000  # a request that decoded this many pixels hands the freed memory back to the OS
 
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 503)}
 router = APIRouter(prefix="/v1/models", tags=["predict"], responses=ERRORS)
@@ -37,10 +44,10 @@ async def own(request: Request, model_id: str, owner: str | None) -> dict:
     return await run_in_threadpool(own_model, request.app.state.store, model_id, owner)
 
 
-async def run_model(request: Request, model_id: str, images: list[Any]) -> tuple[Any, Any]:
-    """(the loaded model, class probabilities [n, classes]) for decoded images. A model not in the store is 503
-    naming it (its record exists); one not whole there is 503 `store_incomplete`, never half-loaded."""
-    predictor, batcher = request.app.state.predictor, request.app.state.batcher
+async def load_model(request: Request, model_id: str) -> Any:
+    """The loaded model (a cold one loaded in the loader pool). A model not in the store is 503 naming it (its record
+    exists); one not whole there is 503 `store_incomplete`, never half-loaded."""
+    predictor = request.app.state.predictor
     model = predictor.cached(model_id)
     if model is None:
         try:
@@ -48,22 +55,55 @@ async def run_model(request: Request, model_id: str, images: list[Any]) -> tuple
         except FileNotFoundError as e:
             raise ApiError(503, "model_unavailable", f"model {model_id!r} is registered but not in the store: {e}",
                            {"Retry-After": "5"}) from None  # fmt: skip
-    return model, await asyncio.wrap_future(batcher.submit(model, images))
+    return model
 
 
-def _decode(predictor: Any, instances: list[Instance]) -> list[Any]:
+async def run_model(request: Request, model_id: str, images: list[bytes] | list[Any]) -> tuple[Any, Any]:
+    """(the loaded model, class probabilities [n, classes]) for encoded images (bytes: checked against the request's
+    pixel budget from their headers, then decoded as the model's loaders decoded its training images) or decoded
+    ones (PIL images)."""
+    model = await load_model(request, model_id)
+    encoded = bool(images) and isinstance(images[0], bytes | bytearray)
+    if encoded:
+        budget = request.app.state.settings.max_predict_pixels
+        pixels = await off_loop(request, "decoder", _budget, images, budget)
+        images = await off_loop(request, "decoder", _decoded, request.app.state.predictor, images,
+                                draft_size(model.backbone.transform))  # fmt: skip
+    try:
+        return model, await asyncio.wrap_future(request.app.state.batcher.submit(model, images))
+    finally:
+        del images
+        if encoded and pixels >= TRIM_PIXELS:
+            await off_loop(request, "decoder", release_memory)
+
+
+def _budget(images: list[bytes], budget: int) -> int:
+    try:
+        return check_budget(images, budget)
+    except ImageError as e:
+        raise ApiError(e.status if isinstance(e, TooManyPixels) else 400, e.code, str(e)) from None
+
+
+def release_memory() -> None:
+    """Hand the heap pages that a large request's decoded images freed back to the OS: glibc keeps them in its arenas
+    otherwise (a process that once decoded gigabytes would keep them)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _decode(instances: list[Instance]) -> list[bytes]:
     images = []
     for i, inst in enumerate(instances):
         try:
             images.append(base64.b64decode(inst.image_b64, validate=True))
         except (binascii.Error, ValueError):
             raise ApiError(400, "invalid_image", f"instances.{i}.image_b64: not valid base64") from None
-    return _decoded(predictor, images)
+    return images
 
 
-def _decoded(predictor: Any, images: list[bytes]) -> list[Any]:
+def _decoded(predictor: Any, images: list[bytes], draft: int | None = None) -> list[Any]:
     try:
-        return predictor.decode(images)
+        return predictor.decode(images, draft)
     except DatasetError as e:
         raise ApiError(400, "invalid_image", str(e)) from None
 
@@ -79,7 +119,7 @@ async def predict(model_id: str, body: PredictRequest, request: Request, owner: 
     """Classify base64-encoded images: `{"instances": [{"image_b64": "..."}]}`."""
     await own(request, model_id, owner)
     _check_count(len(body.instances), settings.max_predict_images)
-    images = await off_loop(request, "decoder", _decode, request.app.state.predictor, body.instances)
+    images = await off_loop(request, "decoder", _decode, body.instances)
     model, probs = await run_model(request, model_id, images)
     return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
 
@@ -96,6 +136,5 @@ async def predict_files(
     await own(request, model_id, owner)
     _check_count(len(files), settings.max_predict_images)
     raw = [await f.read() for f in files]
-    images = await off_loop(request, "decoder", _decoded, request.app.state.predictor, raw)
-    model, probs = await run_model(request, model_id, images)
+    model, probs = await run_model(request, model_id, raw)
     return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import OwnerDep, SettingsDep
 from api.errors import ApiError
 from api.oip import HEADER, InferRequest, ProtocolError, encode_response, model_metadata, parse_request
-from api.routes.predict import _decoded, off_loop, own, run_model
+from api.routes.predict import off_loop, own, run_model
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -95,9 +95,10 @@ async def model_ready(model_id: str, request: Request, owner: OwnerDep) -> dict:
     return {"name": model_id, "ready": True}
 
 
-def _images(predictor: Any, infer: InferRequest) -> list[Any]:
+def _images(infer: InferRequest) -> list[Any]:
+    """Encoded files as they came (run_model decodes them), or the pixels as RGB images."""
     if infer.input == "image":
-        return _decoded(predictor, infer.images)
+        return list(infer.images)
     from PIL import Image
 
     return [Image.fromarray(np.ascontiguousarray(im), "RGB") for im in infer.images]
@@ -119,9 +120,11 @@ async def infer(model_id: str, request: Request, owner: OwnerDep, settings: Sett
     except ProtocolError as e:
         raise ApiError(400, "invalid_request", str(e)) from None
     try:
-        images = await off_loop(request, "decoder", _images, request.app.state.predictor, parsed)
+        images = await off_loop(request, "decoder", _images, parsed)
+        model, probs = await run_model(request, model_id, images)
     except ApiError as e:  # an undecodable image: name the input
-        raise ApiError(400, e.code, f"input {parsed.input!r}: {e.message}") from None
-    model, probs = await run_model(request, model_id, images)
+        if e.code not in ("invalid_image", "too_many_pixels"):
+            raise
+        raise ApiError(e.status, e.code, f"input {parsed.input!r}: {e.message}") from None
     content, headers = encode_response(model_id, parsed, model.classes, probs)
     return Response(content, headers=headers)
