@@ -12,6 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class Dataset:
     labels: np.ndarray  # int64 class index per sample
     classes: list[str]
     fingerprint: str
+    skipped_rows: tuple[str, ...] = ()  # rows left out: repeated files, missing files under on_corrupt=skip
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -56,45 +58,93 @@ def resolve_format(path: Path, fmt: str) -> str:
     return "csv" if path.is_file() and path.suffix.lower() == ".csv" else "imagefolder"
 
 
-def _fingerprint(root: Path, paths: list[Path], labels: list[str]) -> str:
+def _fingerprint(root: Path, paths: list[Path], labels: list[str], stats: list[os.stat_result]) -> str:
     h = hashlib.sha256()
-    for p, label in zip(paths, labels, strict=True):
-        st = p.stat()
+    for p, label, st in zip(paths, labels, stats, strict=True):
         rel = p.relative_to(root) if p.is_relative_to(root) else p
         h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]
 
 
-def _finish(root: Path, paths: list[Path], names: list[str]) -> Dataset:
-    classes = sorted(set(names))
-    if len(paths) == 0:
+def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], duplicates: str = "drop",
+            skipped: tuple[str, ...] = ()) -> Dataset:  # fmt: skip
+    """The dataset of (path, label) rows, each file once: a file listed again (the same file by device and inode:
+    a repeated row, `./a.png` next to `a.png`, a link to it) is left out with the same label (`duplicates="drop"`,
+    noted in `skipped_rows`) or refused (`"fail"`), and refused with another label. So no file can land in two
+    splits. `where` names each row for the messages (a manifest's line, or the file)."""
+    keep_paths: list[Path] = []
+    keep_names: list[str] = []
+    keep_where: list[str] = []
+    stats: list[os.stat_result] = []
+    seen: dict[tuple[int, int], int] = {}
+    notes = list(skipped)
+    for p, name, at in zip(paths, names, where, strict=True):
+        st = p.stat()
+        first = seen.setdefault((st.st_dev, st.st_ino), len(keep_paths))
+        if first != len(keep_paths):
+            before = keep_where[first]
+            if keep_names[first] != name:
+                raise DatasetError(f"{at}: {p.name} is also {before} with another label ({keep_names[first]!r} vs "
+                                   f"{name!r}); one file cannot be in two classes")  # fmt: skip
+            if duplicates == "fail":
+                raise DatasetError(f"{at}: {p.name} is listed again (first: {before}); remove the repeated rows or set "
+                                   "dataset.duplicates='drop'")  # fmt: skip
+            notes.append(f"{at}: {p.name} repeats {before}, left out")
+            continue
+        keep_paths.append(p)
+        keep_names.append(name)
+        keep_where.append(at)
+        stats.append(st)
+    classes = sorted(set(keep_names))
+    if len(keep_paths) == 0:
         raise DatasetError(f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if len(classes) < 2:
         raise DatasetError(f"dataset {root} has {len(classes)} class; at least 2 are needed")
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[n] for n in names], dtype=np.int64)
-    return Dataset(root, paths, labels, classes, _fingerprint(root, paths, names))
+    labels = np.array([index[n] for n in keep_names], dtype=np.int64)
+    fingerprint = _fingerprint(root, keep_paths, keep_names, stats)
+    return Dataset(root, keep_paths, labels, classes, fingerprint, tuple(notes))
 
 
-def read_imagefolder(root: Path) -> Dataset:
+def _inside(path: Path, roots: list[Path] | None, what: str) -> None:
+    """Refuse a file or folder of the dataset that resolves (links followed) outside the allowed roots."""
+    if roots is None:
+        return
+    real = path.resolve()
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise PermissionError(f"{what} {path} resolves to {real}, outside the allowed roots ({allowed})")
+
+
+def read_imagefolder(root: Path, roots: list[Path] | None = None, duplicates: str = "drop") -> Dataset:
+    """One subfolder per class. With `roots`, every class folder and every linked file must resolve inside them."""
     if not root.is_dir():
         raise DatasetError(f"{root} is not a directory; an ImageFolder dataset has one subfolder per class")
     paths: list[Path] = []
     names: list[str] = []
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        _inside(class_dir, roots, "class folder")
+        # os.walk does not descend into linked folders below the class folder; linked files are checked one by one
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames.sort()
             for f in sorted(filenames):
                 if Path(f).suffix.lower() in IMAGE_SUFFIXES:
-                    paths.append(Path(dirpath) / f)
+                    path = Path(dirpath) / f
+                    if path.is_symlink():
+                        _inside(path, roots, "image")
+                    paths.append(path)
                     names.append(class_dir.name)
-    return _finish(root, paths, names)
+    return _finish(root, paths, names, [str(p) for p in paths], duplicates)
 
 
-def read_csv(manifest: Path) -> Dataset:
+def read_csv(manifest: Path, skip_missing: bool = False, duplicates: str = "drop") -> Dataset:
+    """`path,label` rows, paths relative to the manifest's folder and inside it (links followed). A missing file fails
+    naming its line, or is left out and noted when `skip_missing` (the job's on_corrupt=skip)."""
     root = manifest.parent
     paths: list[Path] = []
     names: list[str] = []
+    where: list[str] = []
+    skipped: list[str] = []
     with open(manifest, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
@@ -108,15 +158,31 @@ def read_csv(manifest: Path) -> Dataset:
             if not p.is_relative_to(root.resolve()):
                 raise DatasetError(f"{manifest} line {line}: {rel!r} points outside the manifest's folder")
             if not p.is_file():
-                raise DatasetError(f"{manifest} line {line}: {rel!r} does not exist")
+                if not skip_missing:
+                    raise DatasetError(f"{manifest} line {line}: {rel!r} does not exist (set dataset.on_corrupt="
+                                       "'skip' to leave missing files out)")  # fmt: skip
+                skipped.append(f"{manifest.name} line {line}: {rel} does not exist, left out")
+                continue
             paths.append(p)
             names.append(label)
-    return _finish(root, paths, names)
+            where.append(f"{manifest.name} line {line}")
+    if not paths and not skipped:
+        raise DatasetError(f"manifest {manifest} has no rows")
+    return _finish(root, paths, names, where, duplicates, tuple(skipped))
 
 
-def read_dataset(path: Path, fmt: str = "auto") -> Dataset:
+def read_dataset(path: Path, fmt: str = "auto", roots: list[Path] | None = None, on_corrupt: str = "fail",
+                 duplicates: str = "drop") -> Dataset:  # fmt: skip
     fmt = resolve_format(path, fmt)
-    return read_csv(path) if fmt == "csv" else read_imagefolder(path)
+    if fmt == "csv":
+        return read_csv(path, on_corrupt == "skip", duplicates)
+    return read_imagefolder(path, roots, duplicates)
+
+
+def read_for_job(dataset: Any, roots: list[Path]) -> Dataset:
+    """The dataset a job spec names, inside the allowed `roots` (its path, and every file it resolves to)."""
+    return read_dataset(check_path(dataset.path, roots), dataset.format, roots, dataset.on_corrupt,
+                        dataset.duplicates)  # fmt: skip
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from services.backbones import Backbone, load_backbone
-from services.datasets import Dataset, check_path, read_dataset
+from services.datasets import Dataset, check_path, read_for_job
 from services.images import PIXELS
 from services.loading import BatchReader, EncodedReader, decode_on_device, iterate, loader_workers
 from services.progress import Reporter
@@ -43,8 +43,7 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     """Read the dataset, create the backbone and find the cache entry (no forward pass): `key` if given (a shard
     of an extraction in progress), else a complete entry of the same family that covers what the job reads,
     else the entry this job's extraction will write."""
-    root = check_path(spec.dataset.path, settings.roots)
-    dataset = read_dataset(root, spec.dataset.format)
+    dataset = read_for_job(spec.dataset, settings.roots)
     checkpoint = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
     backbone = load_backbone(spec.backbone, settings.torch_device(), checkpoint)
     preprocessing = {**backbone.data_config, "decode": spec.extraction.decode, "pixels": PIXELS}

@@ -45,6 +45,15 @@ def fail(store: JobStore, job_id: str, exc: Exception) -> None:
     store.add_event(job_id, f"failed: {message}", level="error")
 
 
+def left_out(reporter: JobReporter, dataset: Any) -> None:
+    """A warning event for the rows of a dataset that were left out (repeated or missing files)."""
+    rows = dataset.skipped_rows
+    if rows:
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        reporter.event(f"{len(rows)} dataset rows left out: {'; '.join(rows[:5])}{more}", level="warning",
+                       data={"left_out": list(rows[:1000])})  # fmt: skip
+
+
 def _cancelled(store: JobStore, job_id: str) -> None:
     store.set_fields(job_id, status="cancelled", finished_at=now())
     store.add_event(job_id, "cancelled", level="warning")
@@ -161,6 +170,7 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         t0 = time.perf_counter()
         spec = _on_this_machine(spec, settings)
         prep = prepare(spec, settings)
+        left_out(reporter, prep.dataset)
         lock = _cache_lock(store, prep.key, job_id)
         # A lock held under this job's token is this step's own, left by a worker that died (its step is requeued
         # only then): taken over at once rather than after its lease expires.

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from services.architectures import Architecture, architecture, forward_flops
-from services.datasets import check_path, read_dataset, stratified_split
+from services.datasets import read_for_job, stratified_split
 from services.spec import JobSpec
 from storage.settings import Settings
 
@@ -237,7 +237,7 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     if spec.dataset.path is None:  # the API resolves `dataset.id` to the uploaded dataset's path before planning
         raise FileNotFoundError(f"dataset.id {spec.dataset.id!r} is an uploaded dataset: plan the job with the API "
                                 "(POST /jobs?dry_run=true)")  # fmt: skip
-    dataset = read_dataset(check_path(spec.dataset.path, settings.roots), spec.dataset.format)
+    dataset = read_for_job(spec.dataset, settings.roots)
     n = len(dataset)
     train_idx, val_idx = stratified_split(dataset.labels, spec.dataset.val_fraction, spec.dataset.split_seed)
     arch = architecture(spec.backbone.name, spec.backbone.image_size)

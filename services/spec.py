@@ -4,10 +4,12 @@ code. Method-specific fields live in each method's config (services/methods/<nam
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.architectures import unsupported_backbone
 from services.errors import UserError
 from services.methods import CONFIGS, METHOD_NAMES, MethodConfig
 
@@ -21,7 +23,8 @@ class SpecError(UserError, ValueError):
     code = "invalid_spec"
 
 
-NO_NUL = r"^[^\x00]*$"  # a file path: no NUL byte (the OS refuses it)
+NO_NUL = r"^[^\x00-\x1f\x7f]*$"  # a file path: no NUL byte (the OS refuses it) nor other control characters
+SEED_MAX = 2**32 - 1  # what every seeded generator accepts (torch.manual_seed fails from 2**64)
 
 
 class DatasetSpec(BaseModel):
@@ -47,11 +50,17 @@ class DatasetSpec(BaseModel):
     val_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Fraction of each class held out for validation (seeded, stratified)."
     )
-    split_seed: int = Field(0, ge=0, description="Seed of the validation split.")
+    split_seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the validation split.")
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail",
-        description="An image that cannot be decoded fails the job (`fail`, naming the file), or is skipped and "
-        "counted (`skip`).",
+        description="An image that cannot be decoded, or a manifest row whose file is missing, fails the job (`fail`, "
+        "naming the file), or is skipped and counted (`skip`).",
+    )
+    duplicates: Literal["drop", "fail"] = Field(
+        "drop",
+        description="A file listed twice (a repeated manifest row, or a link to a file already in the dataset): left "
+        "out with a warning event (`drop`) or the job is refused naming the rows (`fail`). A file listed with two "
+        "labels is always refused. Either way no file is in both the training and the validation split.",
     )
 
     @model_validator(mode="after")
@@ -70,6 +79,15 @@ class BackboneSpec(BaseModel):
         ..., pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200, description="A timm ViT name, e.g. vit_base_patch16_224."
     )
     pretrained: bool = Field(True, description="Load timm's pretrained weights (a tag may follow the name: `.tag`).")
+
+    @field_validator("name")
+    @classmethod
+    def _supported(cls, name: str) -> str:
+        problem = unsupported_backbone(name)
+        if problem:
+            raise SpecError(problem)
+        return name
+
     checkpoint: str | None = Field(
         None, pattern=NO_NUL, description="A local safetensors checkpoint inside an allowed root; overrides "
         "`pretrained`."
@@ -78,7 +96,9 @@ class BackboneSpec(BaseModel):
         None, ge=16, le=1024, description="Input size in pixels; default: the backbone's own (position embeddings "
         "are resampled)."
     )  # fmt: skip
-    init_seed: int = Field(0, ge=0, description="Seed of the random initialisation when no weights are loaded.")
+    init_seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed of the random initialisation when no weights are loaded."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Precision of the frozen backbone's forward where it only runs forward (extraction, `online` mode, "
@@ -196,19 +216,19 @@ class TrainingSpec(BaseModel):
         description="`sgd` (momentum 0.9) or `adamw`; `auto`: the method's default from its paper and official code "
         f"({_defaults('optimizer')}).",
     )
-    lr: float | Literal["auto"] = Field(
+    lr: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = Field(
         "auto", description=f"Peak learning rate; `auto`: the method's default ({_defaults('lr')})."
     )
-    weight_decay: float | Literal["auto"] = Field(
+    weight_decay: Annotated[float, Field(ge=0, le=10)] | Literal["auto"] = Field(
         "auto", description=f"Weight decay; `auto`: the method's default ({_defaults('weight_decay')})."
     )
-    warmup_epochs: float | Literal["auto"] = Field(
+    warmup_epochs: Annotated[float, Field(ge=0, le=10_000)] | Literal["auto"] = Field(
         "auto",
         description="Linear warmup length in epochs before the cosine decay (at most half the run); `auto`: the "
         "method's default "
         f"({_defaults('warmup_epochs')}).",
     )
-    seed: int = Field(0, ge=0, description="Seed of initialisation and batch order.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of initialisation and batch order.")
     compile: bool = Field(
         False,
         description="Run the trained module through `torch.compile` (side networks gain most: many small ops). The "
@@ -237,6 +257,15 @@ class JobSpec(BaseModel):
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec, description="How features are cached.")
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="Where the method's inputs come from.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+
+    @model_validator(mode="after")
+    def _finite(self) -> JobSpec:
+        """Every number finite and every seed in range, in every part of the spec (the methods' configs included):
+        `"inf"` and `"nan"` parse as floats, and a NaN learning rate would "succeed" with a NaN model."""
+        problem = _bad_number(self, "")
+        if problem:
+            raise SpecError(problem)
+        return self
 
     @model_validator(mode="after")
     def _check_mode(self) -> JobSpec:
@@ -283,3 +312,22 @@ class JobSpec(BaseModel):
             raise SpecError(f"extraction.tokens {tokens!r} does not suit {self.method.name} in mode {self.mode} "
                              f"(choose {' or '.join(accepted)})")  # fmt: skip
         return layers, tokens
+
+
+def _bad_number(value: object, path: str) -> str | None:
+    """The first non-finite float or out-of-range seed in a validated spec, as `field: problem`."""
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            problem = _bad_number(getattr(value, name), f"{path}.{name}" if path else name)
+            if problem:
+                return problem
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = _bad_number(item, f"{path}.{i}")
+            if problem:
+                return problem
+    elif isinstance(value, float) and not math.isfinite(value):
+        return f"{path}: must be a finite number, not {value}"
+    elif isinstance(value, int) and not isinstance(value, bool) and path.endswith("seed"):
+        return None if 0 <= value <= SEED_MAX else f"{path}: a seed must be between 0 and {SEED_MAX}"
+    return None

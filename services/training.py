@@ -19,7 +19,8 @@ from torch import nn
 
 from services import methods
 from services.backbones import SplitTransform, load_backbone
-from services.datasets import DatasetError, check_path, read_dataset, stratified_split
+from services.datasets import DatasetError, check_path, read_for_job, stratified_split
+from services.errors import UserError
 from services.loading import loader_workers
 from services.methods.readout import FeatureInfo
 from services.progress import Reporter
@@ -29,6 +30,13 @@ from storage.artifacts import as_folder, tensors_from_bytes, tensors_to_bytes
 from storage.cache import FeatureCache
 from storage.settings import Settings
 from storage.store import Folder
+
+
+class NonFiniteLoss(UserError):
+    """The training loss went NaN or infinite: the job fails and registers no model."""
+
+    code = "non_finite_loss"
+
 
 FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
 
@@ -170,6 +178,9 @@ def fit(
             if step % 20 == 0:
                 reporter.check_cancel()
         train_loss = loss_sum.item() / max(count, 1)
+        if not math.isfinite(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
+            raise NonFiniteLoss(f"the training loss became {train_loss} in epoch {epoch + 1}; lower training.lr "
+                                f"({hp['lr']}) or check the data")  # fmt: skip
         epoch_s = time.perf_counter() - t0
         seconds += epoch_s
         seen += count
@@ -242,7 +253,10 @@ def train_job(
                                "set dataset.on_corrupt='skip' to train without them")  # fmt: skip
         usable = np.flatnonzero(valid)
     else:
-        dataset = read_dataset(check_path(spec.dataset.path, settings.roots), spec.dataset.format)
+        dataset = read_for_job(spec.dataset, settings.roots)
+        if dataset.skipped_rows:
+            reporter.event(f"{len(dataset.skipped_rows)} dataset rows left out: {'; '.join(dataset.skipped_rows[:5])}",
+                           level="warning")  # fmt: skip
         labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
     if mode != "cache":
         ckpt = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
