@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.errors import UserError, classify, internal_message, reference
+from services.errors import KNOWN, UserError, classify, internal_message, reference
 from storage.archives import ArchiveError
-from storage.cache import CacheError
-from storage.store import Incomplete, StoreUnavailable
 
 log = logging.getLogger("sidetune.api")
 
@@ -71,13 +68,6 @@ def install(app: FastAPI) -> None:
         )
         return error_response(request.url.path, exc.status_code, code, str(exc.detail), exc.headers)
 
-    @app.exception_handler(UserError)
-    @app.exception_handler(ArchiveError)
-    @app.exception_handler(redis.ConnectionError)
-    @app.exception_handler(redis.TimeoutError)
-    @app.exception_handler(StoreUnavailable)
-    @app.exception_handler(Incomplete)
-    @app.exception_handler(CacheError)
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         status, code = classify(exc) or (500, "internal_error")
         message = str(exc)
@@ -91,6 +81,8 @@ def install(app: FastAPI) -> None:
         headers = {"Retry-After": "5"} if status == 503 else None
         return error_response(request.url.path, status, code, message, headers)
 
+    for known in (UserError, ArchiveError, *KNOWN):  # every type services/errors.py maps
+        app.add_exception_handler(known, _known)
     app.add_middleware(CatchAll)
 
 

@@ -19,6 +19,7 @@ for JPEGs (8-bit, opaque by nature); every other format is decoded here first.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,12 @@ def _open(source: Path | bytes, name: str) -> Any:
     try:
         return Image.open(source if isinstance(source, Path) else io.BytesIO(source))
     except Exception as e:  # Pillow raises many types for bad bytes
-        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
+        raise ImageError(f"{name}: not a readable image ({_reason(e)})") from e
+
+
+def _reason(e: Exception) -> str:
+    """Pillow's message without the repr of our in-memory buffer (`<_io.BytesIO object at 0x...>`)."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")
 
 
 def _name(source: Path | bytes) -> str:
@@ -152,4 +158,4 @@ def load_image(source: Path | bytes, draft: int | None = None, max_pixels: int =
             im.load()
             return to_rgb(ImageOps.exif_transpose(im))
         except Exception as e:
-            raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
+            raise ImageError(f"{name}: not a readable image ({_reason(e)})") from e

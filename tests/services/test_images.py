@@ -42,6 +42,13 @@ def test_the_pixel_limit_is_exact_and_read_from_the_header() -> None:
     assert time.perf_counter() - t0 < 1.0  # refused from the header, never decoded
 
 
+def test_an_unreadable_image_is_named_without_internals() -> None:
+    with pytest.raises(ImageError) as info:
+        load_image(b"definitely not an image")
+    expected = "uploaded image: not a readable image (UnidentifiedImageError: cannot identify image file)"
+    assert str(info.value) == expected
+
+
 def test_a_request_pixel_budget_counts_headers() -> None:
     images = [encode(Image.new("1", (1000, 1000)), "PNG")] * 3
     assert check_budget(images, 3_000_000) == 3_000_000
