@@ -226,8 +226,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(epochs=args.epochs)
 
 
+EXIT_FAILED = 1  # the job failed or was cancelled (`submit --wait`); the plan does not fit (`plan`)
+EXIT_USAGE = 2  # bad arguments, or a spec file that cannot be read or is invalid
+EXIT_UNREACHABLE = 3  # the API could not be reached, or answered 5xx (a retry later may succeed)
+EXIT_REFUSED = 4  # the API refused the request (4xx: an invalid spec, an unknown id, a missing or wrong API key)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_CODES = """exit codes: 0 success; 1 the job failed (submit --wait) or the plan does not fit (plan); 2 bad arguments
+or spec file; 3 the API is unreachable or answered 5xx; 4 the API refused the request (4xx, e.g. 401 without a valid
+key); 130 interrupted. Errors are one line on stderr naming the cause and the URL."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sidetune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sidetune", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run Redis (embedded unless SIDETUNE_REDIS_URL), both workers, the inference "
                    "service and the API")  # fmt: skip
@@ -272,13 +283,33 @@ def main(argv: list[str] | None = None) -> int:
                 "demo": cmd_demo}  # fmt: skip
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except Exception as e:
+        import httpx
+
         from worker.client import ApiError
 
-        if isinstance(e, ApiError | FileNotFoundError | json.JSONDecodeError):
+        if isinstance(e, httpx.TransportError):  # no answer: refused, timed out, reset
+            where = e.request.url.copy_with(path="/", query=None) if _has_request(e) else "the API"
+            print(f"error: cannot reach the sidetune API at {where} ({type(e).__name__}: {e or 'no answer'}); is "
+                  "`sidetune serve` running there? (--url or SIDETUNE_API_URL)", file=sys.stderr)  # fmt: skip
+            return EXIT_UNREACHABLE
+        if isinstance(e, ApiError):
+            hint = " (give a key with SIDETUNE_API_KEY)" if e.status == 401 else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
+            return EXIT_REFUSED if e.status < 500 else EXIT_UNREACHABLE
+        if isinstance(e, FileNotFoundError | json.JSONDecodeError):
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return EXIT_USAGE
         raise
+
+
+def _has_request(e: Exception) -> bool:
+    try:
+        return e.request is not None  # type: ignore[attr-defined]
+    except RuntimeError:  # httpx raises when the error has no request
+        return False
 
 
 if __name__ == "__main__":
