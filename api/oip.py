@@ -4,6 +4,8 @@ Inputs (exactly one per request):
 - `image`: BYTES `[N]` (or `[N, 1]`), each element an encoded image file (PNG, JPEG, ...). In JSON, each element is
   the image's base64 text; with the binary tensor extension, the raw bytes (4-byte little-endian length + bytes).
 - `pixels`: UINT8 `[N, H, W, 3]`, RGB images; in JSON a flat (row-major) or nested list of integers.
+- `video`: BYTES `[N]` like `image`, each element an encoded video file, for a model trained on clips (its only
+  input).
 Outputs: `label` BYTES `[N]` (class names) and `probabilities` FP32 `[N, C]`, in JSON or, when the request asks for it
 (`parameters.binary_data_output`, or an output's `parameters.binary_data`), as binary data after the JSON header
 (`Inference-Header-Content-Length`), as tritonclient sends and reads by default. Knows nothing of torch.
@@ -21,7 +23,8 @@ from typing import Any
 import numpy as np
 
 HEADER = "inference-header-content-length"
-INPUTS = {"image": ("BYTES", [-1]), "pixels": ("UINT8", [-1, -1, -1, 3])}
+INPUTS = {"image": ("BYTES", [-1]), "pixels": ("UINT8", [-1, -1, -1, 3]), "video": ("BYTES", [-1])}
+IMAGE_INPUTS, VIDEO_INPUTS = ("image", "pixels"), ("video",)
 OUTPUTS = ("label", "probabilities")
 
 
@@ -32,8 +35,8 @@ class ProtocolError(ValueError):
 @dataclass
 class InferRequest:
     id: str | None
-    input: str  # `image` or `pixels`
-    images: list[bytes] | np.ndarray  # encoded files, or uint8 [N, H, W, 3]
+    input: str  # `image`, `pixels` or `video`
+    images: list[bytes] | np.ndarray  # encoded files (images or videos), or uint8 [N, H, W, 3]
     outputs: list[str]
     binary: dict[str, bool]  # per output: binary data or JSON
 
@@ -75,7 +78,8 @@ def _images(tensor: dict[str, Any], binary: bytes | None, max_images: int) -> li
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if name not in INPUTS:
         raise ProtocolError(f"unknown input {name!r}: send `image` (BYTES, encoded files) or `pixels` (UINT8 "
-                            "[N, H, W, 3])")  # fmt: skip
+                            "[N, H, W, 3]), or `video` (BYTES, encoded video files) to a model trained on "
+                            "clips")  # fmt: skip
     expected = INPUTS[name][0]
     if datatype != expected:
         raise ProtocolError(f"input {name!r}: datatype {datatype!r}, expected {expected}")
@@ -84,21 +88,21 @@ def _images(tensor: dict[str, Any], binary: bytes | None, max_images: int) -> li
     n = shape[0] if shape else 0
     if n > max_images:
         raise ProtocolError(f"input {name!r}: {n} images; at most {max_images} per request")
-    if name == "image":
+    if name in ("image", "video"):
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or n == 0:
-            raise ProtocolError(f"input 'image': shape {shape}, expected [N] or [N, 1] with N >= 1")
+            raise ProtocolError(f"input {name!r}: shape {shape}, expected [N] or [N, 1] with N >= 1")
         if binary is not None:
             items = _deserialize_bytes(binary, name)
         else:
             data = tensor.get("data")
             if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-                raise ProtocolError("input 'image': data must be a list of base64 strings (one per image)")
+                raise ProtocolError(f"input {name!r}: data must be a list of base64 strings (one per file)")
             try:
                 items = [base64.b64decode(x, validate=True) for x in data]
             except (binascii.Error, ValueError):
-                raise ProtocolError("input 'image': an element is not valid base64") from None
+                raise ProtocolError(f"input {name!r}: an element is not valid base64") from None
         if len(items) != n:
-            raise ProtocolError(f"input 'image': shape {shape} says {n} images, the data holds {len(items)}")
+            raise ProtocolError(f"input {name!r}: shape {shape} says {n} files, the data holds {len(items)}")
         return items
     if len(shape) != 4 or shape[3] != 3 or min(shape) == 0:
         raise ProtocolError(f"input 'pixels': shape {shape}, expected [N, H, W, 3] with N, H, W >= 1")
@@ -133,7 +137,8 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> In
         raise ProtocolError("the request must be a JSON object with `inputs`")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs) or len(inputs) != 1:
-        raise ProtocolError("`inputs` must hold exactly one tensor: `image` (BYTES) or `pixels` (UINT8)")
+        raise ProtocolError("`inputs` must hold exactly one tensor: `image` (BYTES) or `pixels` (UINT8), or `video` "
+                            "(BYTES)")  # fmt: skip
     chunks = _binary_chunks(raw, inputs)
     images = _images(inputs[0], chunks.get(0), max_images)
 
@@ -189,12 +194,14 @@ def encode_response(model_id: str, request: InferRequest, classes: list[str], pr
 
 
 def model_metadata(record: dict[str, Any]) -> dict[str, Any]:
-    """`GET /v2/models/{id}`: the inputs the model takes and the outputs it gives (N: any number of images)."""
+    """`GET /v2/models/{id}`: the inputs the model takes (a video model: `video` only) and the outputs it gives (N:
+    any number of images or videos)."""
+    names = VIDEO_INPUTS if record.get("video") is not None else IMAGE_INPUTS
     return {
         "name": record["id"],
         "versions": ["1"],
         "platform": "sidetune",
-        "inputs": [{"name": name, "datatype": dt, "shape": shape} for name, (dt, shape) in INPUTS.items()],
+        "inputs": [{"name": name, "datatype": INPUTS[name][0], "shape": INPUTS[name][1]} for name in names],
         "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(record["classes"])]}],
         "parameters": {"classes": record["classes"], "method": record["method"], "backbone": record["backbone"]},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 # The plan of `POST /jobs?dry_run=true`: its schema (every field described) lives with the planner, which the CLI
 # also uses (the CLI must not import the API); re-exported here so the API's bodies are all found in this module.
@@ -78,6 +78,9 @@ class Model(BaseModel):
     method: str = Field(..., description="Adaptation method.")
     mode: str = Field("cache", description="Execution mode it was trained in: cache, images, tail or online.")
     backbone: str = Field(..., description="timm backbone name.")
+    video: dict[str, Any] | None = Field(
+        None, description="A model trained on videos: its clips (`backbone.video`); predict takes videos. Null: images."
+    )
     classes: list[str] = Field(..., description="Class labels, in output order.")
     metrics: dict[str, Any] = Field(..., description="Validation accuracy, parameter counts, timings.")
 
@@ -88,11 +91,25 @@ class ModelList(BaseModel):
 
 
 class Instance(BaseModel):
-    image_b64: str = Field(..., description="An image file (PNG, JPEG, ...) encoded as base64.")
+    image_b64: str | None = Field(None, description="An image file (PNG, JPEG, ...) encoded as base64.")
+    video_b64: str | None = Field(
+        None,
+        description="A video file (mp4, avi, mkv, webm, mov) encoded as base64, for a model trained on videos: decoded "
+        "and sampled into one clip as its training data was. At most SIDETUNE_MAX_PREDICT_VIDEO_MB (413) and "
+        "SIDETUNE_MAX_PREDICT_VIDEO_S seconds (400).",
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> Instance:
+        if (self.image_b64 is None) == (self.video_b64 is None):
+            raise ValueError("give `image_b64` or `video_b64`, one of them")
+        return self
 
 
 class PredictRequest(BaseModel):
-    instances: list[Instance] = Field(..., min_length=1, max_length=256, description="Images to classify.")
+    instances: list[Instance] = Field(
+        ..., min_length=1, max_length=256, description="Images (or videos) to classify, all of one kind."
+    )
 
 
 class Prediction(BaseModel):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from services.video.spec import VideoSpec
+
 # timm's plain ViT sizes: blocks, width, MLP hidden width (fc1 -> fc2 of a GELU MLP).
 _SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (12, 192, 768),
@@ -42,11 +44,18 @@ class Architecture(BaseModel):
     image_size: int = Field(..., description="Input size in pixels (`backbone.image_size` or the model's own).")
     patch_size: int = Field(..., description="Patch size in pixels.")
     mlp_macs: int = Field(..., description="Multiply-accumulates of one block's MLP per token (fc1 + fc2).")
-    global_pool: str = Field(..., description="timm's pooling of the final tokens (`token`: the class token).")
+    global_pool: str = Field(..., description="timm's pooling of the final tokens (`token`: the class token, `avg`: "
+                             "the mean of the patch tokens, a ViViT's).")  # fmt: skip
+    num_frames: int | None = Field(None, description="A ViViT's frames per clip; null for images.")
+    tubelet: int | None = Field(None, description="A ViViT's frames per tubelet; null for images.")
+    temporal_positions: int | None = Field(
+        None, description="A ViViT's temporal positions T' = frames / tubelet; its tokens are T' x S + prefix."
+    )
 
 
-def architecture(name: str, image_size: int | None = None) -> Architecture | None:
-    """The shape of timm ViT `name` at `image_size` (default: its own), or None outside the known families."""
+def architecture(name: str, image_size: int | None = None, video: VideoSpec | None = None) -> Architecture | None:
+    """The shape of timm ViT `name` at `image_size` (default: its own), or of the ViViT of `video` made of it; None
+    outside the known families."""
     base = name.split(".")[0]
     if base == "test_vit":  # timm's test model: 6 blocks, width 64, MLP 192, 160 px
         layers, dim, hidden, mlp_macs, patch, img, prefix = 6, 64, 192, 2 * 64 * 192, 16, 160, 1
@@ -62,20 +71,46 @@ def architecture(name: str, image_size: int | None = None) -> Architecture | Non
     else:
         return None
     img = image_size or img
+    spatial, temporal = (img // patch) ** 2, video.temporal_positions if video else 1
     return Architecture(
-        name=name, num_layers=layers, dim=dim, tokens=(img // patch) ** 2 + prefix, num_prefix_tokens=prefix,
-        image_size=img, patch_size=patch, mlp_macs=mlp_macs, global_pool="token",
+        name=name, num_layers=layers, dim=dim, tokens=temporal * spatial + prefix, num_prefix_tokens=prefix,
+        image_size=img, patch_size=patch, mlp_macs=mlp_macs, global_pool="avg" if video else "token",
+        num_frames=video.num_frames if video else None, tubelet=video.tubelet if video else None,
+        temporal_positions=temporal if video else None,
     )  # fmt: skip
 
 
 def forward_flops(arch: Architecture, images: int) -> float:
     """FLOPs of full backbone forwards (2 per multiply-accumulate): per block and token, qkv and proj (4 D^2)
-    and the MLP; per block, attention scores and their weighted sum (2 T^2 D); and the patch embedding.
-    An upper bound for extraction, which stops after the last block it caches (forward_intermediates' stop_early)."""
+    and the MLP; per block, attention scores and their weighted sum (2 T^2 D); and the patch (ViViT: tubelet)
+    embedding. An upper bound for extraction, which stops after the last block it caches (forward_intermediates'
+    stop_early). `images` counts clips for a ViViT."""
     t, d = arch.tokens, arch.dim
     patches = t - arch.num_prefix_tokens
     block = t * (4 * d * d + arch.mlp_macs) + 2 * t * t * d
-    return 2.0 * images * (arch.num_layers * block + patches * 3 * arch.patch_size**2 * d)
+    return 2.0 * images * (arch.num_layers * block + patches * 3 * (arch.tubelet or 1) * arch.patch_size**2 * d)
+
+
+def parameters(arch: Architecture) -> int:
+    """About the backbone's parameters: per block qkv, proj and the MLP (biases and norms left out), the patch (ViViT:
+    tubelet) embedding and the position embeddings."""
+    d = arch.dim
+    embed = 3 * (arch.tubelet or 1) * arch.patch_size**2 * d + arch.tokens * d
+    return arch.num_layers * (4 * d * d + arch.mlp_macs) + embed
+
+
+ACTIVATION_BYTES_PER_TOKEN_DIM = 34  # a transformer block's saved activations, 16-bit, no attention matrix
+
+
+def backprop_bytes(arch: Architecture, blocks: int, batch: int, every_weight: bool) -> int:
+    """Device memory, roughly, of a training step that backpropagates through the last `blocks` blocks at `batch`:
+    the fp32 weights, gradients and AdamW's two moments of every weight when `every_weight` (full fine-tuning; the
+    adapters of the others are small), and the activations the backward pass keeps, 34 bytes per token, channel and
+    block under bf16 autocast with a memory-efficient attention that keeps no T x T matrix (Korthikanti et al.,
+    "Reducing Activation Recomputation in Large Transformer Models", 2022). An estimate for the planner, within a
+    factor of about 1.5 of what PyTorch's allocator reports."""
+    weights = parameters(arch) * (16 if every_weight else 4)
+    return weights + ACTIVATION_BYTES_PER_TOKEN_DIM * arch.tokens * arch.dim * blocks * batch
 
 
 NAMES_FILE = Path(__file__).with_name("vit_names.txt")

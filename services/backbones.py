@@ -1,6 +1,7 @@
 """Frozen timm ViT backbones: creation (pretrained tag, local safetensors checkpoint, or seeded random init),
 the eval transform from the model's own data config, and per-layer token activations through timm's
-`forward_intermediates` (prefix tokens included), the stable way to tap a ViT's blocks.
+`forward_intermediates` (prefix tokens included), the stable way to tap a ViT's blocks. With `spec.video` the ViT
+becomes an unfactorised ViViT (services/video/backbone.py) that takes clips [B, T*3, H, W].
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ class SplitTransform:
         """uint8 [B, H, W, 3] -> the normalised batch [B, 3, H, W] on `device` in `dtype`: normalised there (a quarter
         of the bytes travel), in float32 as ToTensor and Normalize compute it (bit-equal on the CPU), then cast."""
         images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+        if images.dim() == 5:  # clips [B, T, H, W, 3] -> [B, T*3, H, W], frames stacked along channels
+            b, t, h, w, _ = images.shape
+            x = images.to(device, non_blocking=True).permute(0, 1, 4, 2, 3)
+            x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255).view(b * t, 3, h, w)
+            x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device)).view(b, t * 3, h, w)
+            return x if dtype == torch.float32 else x.to(dtype)
         x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
         x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
         return x if dtype == torch.float32 else x.to(dtype)
@@ -117,7 +124,8 @@ class Backbone:
         return split
 
     def input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """A uint8 batch [B, H, W, 3] from a loader -> the normalised input on the device, in the forward's dtype."""
+        """A uint8 batch [B, H, W, 3] (clips: [B, T, H, W, 3]) from a loader -> the normalised input on the device,
+        in the forward's dtype."""
         return self.split.to_input(images, self.device, self.dtype)
 
     @property
@@ -136,6 +144,11 @@ class Backbone:
     def tokens(self) -> int:
         return self.model.patch_embed.num_patches + self.num_prefix_tokens
 
+    @property
+    def temporal(self) -> int | None:
+        """T', the temporal positions of a ViViT's token grid; None for an image backbone."""
+        return getattr(self.model.patch_embed, "temporal", None)
+
     def info(self) -> dict[str, Any]:
         """What a trainer or predictor needs to know about the activations, JSON-serialisable."""
         return {
@@ -149,6 +162,7 @@ class Backbone:
             "global_pool": self.model.global_pool,
             "norm_eps": float(getattr(self.model.norm, "eps", getattr(self.model.fc_norm, "eps", 1e-6))),
             "data_config": self.data_config,
+            "temporal": self.temporal,
         }
 
     def train_transform(self) -> Any:
@@ -256,13 +270,17 @@ def load_backbone(
             raise BackboneError(
                 f"checkpoint {checkpoint} does not fit {spec.name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+    if spec.video is not None:
+        from services.video.backbone import to_vivit
+
+        model = to_vivit(model, spec.video, spec.name)
     model.eval().requires_grad_(False)
     data_config = resolve_data_config({}, model=model)
     if spec.image_size is not None:
         data_config["input_size"] = (3, spec.image_size, spec.image_size)
     data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
     transform = create_transform(**data_config, is_training=False)
-    digest = weights_hash(model)  # of the fp32 weights, whatever the forward's precision
+    digest = weights_hash(model)  # of the fp32 weights (a ViViT's, inflated), whatever the forward's precision
     dev = torch.device(device)
     precision = resolve_precision(precision or spec.precision, dev)
     return Backbone(spec, model.to(dev, PRECISIONS[precision]), dev, data_config, digest, transform, precision)

@@ -1,4 +1,5 @@
-"""Dataset readers: an ImageFolder directory (one subfolder per class) or a CSV manifest (`path,label`).
+"""Dataset readers: an ImageFolder directory (one subfolder per class) or a CSV manifest (`path,label`), of images
+or of videos (`path,label[,start,end]`, seconds), never both.
 
 A dataset is read into a `Dataset` (sorted sample list and class names) with a fingerprint over its file
 list, sizes and modification times, so a changed dataset gets a new cache entry. Torch-free: the API uses
@@ -20,6 +21,7 @@ from services import images
 from services.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
 
 
 class DatasetError(UserError, ValueError):
@@ -36,6 +38,8 @@ class Dataset:
     classes: list[str]
     fingerprint: str
     skipped_rows: tuple[str, ...] = ()  # rows left out: repeated files, missing files under on_corrupt=skip
+    kind: str = "image"  # or "video"
+    spans: np.ndarray | None = None  # videos of a manifest with start,end: float [N, 2] seconds, NaN where not given
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,52 +62,65 @@ def resolve_format(path: Path, fmt: str) -> str:
     return "csv" if path.is_file() and path.suffix.lower() == ".csv" else "imagefolder"
 
 
-def _fingerprint(root: Path, paths: list[Path], labels: list[str], stats: list[os.stat_result]) -> str:
+def _fingerprint(root: Path, paths: list[Path], labels: list[str], stats: list[os.stat_result],
+                 spans: np.ndarray | None = None) -> str:  # fmt: skip
     h = hashlib.sha256()
-    for p, label, st in zip(paths, labels, stats, strict=True):
+    for i, (p, label, st) in enumerate(zip(paths, labels, stats, strict=True)):
         rel = p.relative_to(root) if p.is_relative_to(root) else p
-        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        span = "" if spans is None else f"\0{spans[i, 0]!r}\0{spans[i, 1]!r}"  # images' fingerprints are unchanged
+        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}{span}\n".encode())
     return h.hexdigest()[:32]
 
 
+def media_kind(paths: list[Path], where: Path) -> str:
+    """`image` or `video` by the files' suffixes; a dataset mixing both is refused."""
+    videos = sum(p.suffix.lower() in VIDEO_SUFFIXES for p in paths)
+    if videos and videos < len(paths):
+        raise DatasetError(f"dataset {where} mixes images ({len(paths) - videos}) and videos ({videos}); a dataset "
+                           "holds one or the other")  # fmt: skip
+    return "video" if videos else "image"
+
+
 def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], duplicates: str = "drop",
-            skipped: tuple[str, ...] = ()) -> Dataset:  # fmt: skip
+            skipped: tuple[str, ...] = (), spans: np.ndarray | None = None) -> Dataset:  # fmt: skip
     """The dataset of (path, label) rows, each file once: a file listed again (the same file by device and inode:
     a repeated row, `./a.png` next to `a.png`, a link to it) is left out with the same label (`duplicates="drop"`,
     noted in `skipped_rows`) or refused (`"fail"`), and refused with another label. So no file can land in two
     splits. `where` names each row for the messages (a manifest's line, or the file)."""
-    keep_paths: list[Path] = []
-    keep_names: list[str] = []
-    keep_where: list[str] = []
+    keep: list[int] = []
     stats: list[os.stat_result] = []
-    seen: dict[tuple[int, int], int] = {}
+    seen: dict[tuple, int] = {}
     notes = list(skipped)
-    for p, name, at in zip(paths, names, where, strict=True):
+    for i, (p, name, at) in enumerate(zip(paths, names, where, strict=True)):
         st = p.stat()
-        first = seen.setdefault((st.st_dev, st.st_ino), len(keep_paths))
-        if first != len(keep_paths):
-            before = keep_where[first]
-            if keep_names[first] != name:
-                raise DatasetError(f"{at}: {p.name} is also {before} with another label ({keep_names[first]!r} vs "
+        span = () if spans is None else (repr(spans[i, 0]), repr(spans[i, 1]))  # clips of one video are distinct
+        first = seen.setdefault((st.st_dev, st.st_ino, *span), i)
+        if first != i:
+            if names[first] != name:
+                raise DatasetError(f"{at}: {p.name} is also {where[first]} with another label ({names[first]!r} vs "
                                    f"{name!r}); one file cannot be in two classes")  # fmt: skip
             if duplicates == "fail":
-                raise DatasetError(f"{at}: {p.name} is listed again (first: {before}); remove the repeated rows or set "
-                                   "dataset.duplicates='drop'")  # fmt: skip
-            notes.append(f"{at}: {p.name} repeats {before}, left out")
+                raise DatasetError(f"{at}: {p.name} is listed again (first: {where[first]}); remove the repeated rows "
+                                   "or set dataset.duplicates='drop'")  # fmt: skip
+            notes.append(f"{at}: {p.name} repeats {where[first]}, left out")
             continue
-        keep_paths.append(p)
-        keep_names.append(name)
-        keep_where.append(at)
+        keep.append(i)
         stats.append(st)
-    classes = sorted(set(keep_names))
-    if len(keep_paths) == 0:
-        raise DatasetError(f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    paths, names = [paths[i] for i in keep], [names[i] for i in keep]
+    spans = spans[keep] if spans is not None else None
+    classes = sorted(set(names))
+    if len(paths) == 0:
+        raise DatasetError(f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
+                           f"({', '.join(sorted(VIDEO_SUFFIXES))})")  # fmt: skip
     if len(classes) < 2:
         raise DatasetError(f"dataset {root} has {len(classes)} class; at least 2 are needed")
+    kind = media_kind(paths, root)
+    if spans is not None and kind != "video":
+        raise DatasetError(f"{root}: `start`/`end` columns apply to videos only")
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[n] for n in keep_names], dtype=np.int64)
-    fingerprint = _fingerprint(root, keep_paths, keep_names, stats)
-    return Dataset(root, keep_paths, labels, classes, fingerprint, tuple(notes))
+    labels = np.array([index[n] for n in names], dtype=np.int64)
+    fingerprint = _fingerprint(root, paths, names, stats, spans)
+    return Dataset(root, paths, labels, classes, fingerprint, tuple(notes), kind, spans)
 
 
 def _inside(path: Path, roots: list[Path] | None, what: str) -> None:
@@ -128,10 +145,10 @@ def read_imagefolder(root: Path, roots: list[Path] | None = None, duplicates: st
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames.sort()
             for f in sorted(filenames):
-                if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                if Path(f).suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
                     path = Path(dirpath) / f
                     if path.is_symlink():
-                        _inside(path, roots, "image")
+                        _inside(path, roots, "file")
                     paths.append(path)
                     names.append(class_dir.name)
     return _finish(root, paths, names, [str(p) for p in paths], duplicates)
@@ -145,10 +162,14 @@ def read_csv(manifest: Path, skip_missing: bool = False, duplicates: str = "drop
     names: list[str] = []
     where: list[str] = []
     skipped: list[str] = []
+    spans: list[tuple[float, float]] = []
     with open(manifest, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise DatasetError(f"{manifest} needs a header with columns `path,label`, got {reader.fieldnames}")
+        timed = {"start", "end"} & set(reader.fieldnames)
+        if len(timed) == 1:
+            raise DatasetError(f"{manifest}: give both `start` and `end` columns (seconds), or neither")
         for line, row in enumerate(reader, start=2):
             rel = (row["path"] or "").strip()
             label = (row["label"] or "").strip()
@@ -166,9 +187,26 @@ def read_csv(manifest: Path, skip_missing: bool = False, duplicates: str = "drop
             paths.append(p)
             names.append(label)
             where.append(f"{manifest.name} line {line}")
+            if timed:
+                spans.append(_span(row, manifest, line))
     if not paths and not skipped:
         raise DatasetError(f"manifest {manifest} has no rows")
-    return _finish(root, paths, names, where, duplicates, tuple(skipped))
+    timing = np.array(spans, dtype=np.float64).reshape(-1, 2) if timed else None
+    return _finish(root, paths, names, where, duplicates, tuple(skipped), timing)
+
+
+def _span(row: dict, manifest: Path, line: int) -> tuple[float, float]:
+    """(start, end) seconds of a manifest row; both empty: the whole video (NaN)."""
+    start, end = (row.get("start") or "").strip(), (row.get("end") or "").strip()
+    if not start and not end:
+        return float("nan"), float("nan")
+    try:
+        a, b = float(start), float(end)
+    except ValueError:
+        raise DatasetError(f"{manifest} line {line}: start {start!r} and end {end!r} must both be seconds") from None
+    if not (0 <= a < b) or not np.isfinite(b):
+        raise DatasetError(f"{manifest} line {line}: need 0 <= start < end, got start {a:g}, end {b:g}")
+    return a, b
 
 
 def read_dataset(path: Path, fmt: str = "auto", roots: list[Path] | None = None, on_corrupt: str = "fail",

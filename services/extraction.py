@@ -23,7 +23,9 @@ from services.datasets import Dataset, check_path, read_for_job
 from services.images import PIXELS
 from services.loading import BatchReader, EncodedReader, decode_on_device, iterate, loader_workers
 from services.progress import Reporter
-from services.spec import JobSpec
+from services.spec import JobSpec, SpecError, extraction_rows
+from services.video.loading import clip_reader, clip_transform, padding_event
+from services.video.spec import check_inputs
 from storage.cache import CacheEntry, FeatureCache, cache_key, pool_tokens
 from storage.cache.writer import ShardWriter
 from storage.settings import Settings
@@ -37,6 +39,7 @@ class Prepared:
     entry: CacheEntry
     layers: list[int]  # the blocks to cache
     tokens: str  # all, cls or mean
+    batch_size: int  # extraction.batch_size resolved (images or clips per forward and shard)
 
 
 def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepared:
@@ -44,25 +47,33 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     of an extraction in progress), else a complete entry of the same family that covers what the job reads,
     else the entry this job's extraction will write."""
     dataset = read_for_job(spec.dataset, settings.roots)
+    check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
+    if dataset.kind == "video" and spec.extraction.decode == "device":
+        raise SpecError("extraction.decode 'device' decodes JPEG images on the GPU; videos are decoded by PyAV on "
+                        "the CPU (use 'cpu')")  # fmt: skip
     checkpoint = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
     backbone = load_backbone(spec.backbone, settings.torch_device(), checkpoint)
     preprocessing = {**backbone.data_config, "decode": spec.extraction.decode, "pixels": PIXELS}
+    if spec.backbone.video is not None:  # frames, tubelet and init are in the weights' hash too; sampling is not
+        preprocessing["video"] = spec.backbone.video.model_dump()
     family = cache_key({"dataset": dataset.fingerprint, "backbone": spec.backbone.name,
                         "weights": backbone.weights_hash, "preprocessing": preprocessing,
                         "precision": backbone.precision})  # fmt: skip
     layers, tokens = spec.cached_layers_and_tokens(backbone.num_layers, backbone.model.global_pool)
+    per_item = len(layers) * (backbone.tokens if tokens == "all" else 1) * backbone.dim * 2
+    rows = extraction_rows(spec.extraction.batch_size, per_item, dataset.kind == "video")
     cache = FeatureCache(settings.cache_location)
     if key is not None:
-        return Prepared(dataset, backbone, key, cache.entry(key), layers, tokens)
+        return Prepared(dataset, backbone, key, cache.entry(key), layers, tokens, rows)
     needed, _ = spec.method_needs(backbone.num_layers, backbone.model.global_pool)
     found = cache.find(family, needed, tokens)
     if found is not None:
-        return Prepared(dataset, backbone, found.key, found, layers, tokens)
+        return Prepared(dataset, backbone, found.key, found, layers, tokens, found.meta.get("batch_size", rows))
     ext = spec.extraction
-    variant = cache_key({"layers": layers, "tokens": tokens, "dtype": "float16", "rows": ext.batch_size,
+    variant = cache_key({"layers": layers, "tokens": tokens, "dtype": "float16", "rows": rows,
                          "codec": ext.codec, "keepbits": ext.keepbits})  # fmt: skip
     key = f"{family}/{variant}"
-    return Prepared(dataset, backbone, key, cache.entry(key), layers, tokens)
+    return Prepared(dataset, backbone, key, cache.entry(key), layers, tokens, rows)
 
 
 def begin_extraction(
@@ -77,7 +88,7 @@ def begin_extraction(
     meta = {**backbone.info(), "dataset_root": str(dataset.root), "dataset_fingerprint": dataset.fingerprint,
             "classes": dataset.classes}  # fmt: skip
     entry.create(labels=dataset.labels, layers=prep.layers, tokens=prep.tokens, token_count=backbone.tokens,
-                 dim=backbone.dim, batch_size=spec.extraction.batch_size, meta=meta, codec=spec.extraction.codec,
+                 dim=backbone.dim, batch_size=prep.batch_size, meta=meta, codec=spec.extraction.codec,
                  keepbits=spec.extraction.keepbits)  # fmt: skip
     if not entry.has_readout:
         entry.save_readout(backbone.readout_tensors())
@@ -133,7 +144,11 @@ def extract_batches(
     n_batches = -(-shape[0] // entry.meta["batch_size"])
     rows = [np.arange(*entry.batch_range(b)) for b in batches]
     skip, on_device = spec.dataset.on_corrupt == "skip", spec.extraction.decode == "device"
-    reader = (EncodedReader if on_device else BatchReader)(dataset.paths, rows, backbone.split.pil, skip)
+    if spec.backbone.video is not None:  # one deterministic clip per video
+        transform = clip_transform(backbone.data_config, backbone.split.pil)
+        reader = clip_reader(dataset, rows, transform, skip, spec.backbone.video)
+    else:
+        reader = (EncodedReader if on_device else BatchReader)(dataset.paths, rows, backbone.split.pil, skip)
     workers = loader_workers(settings, len(dataset))
     writer = ShardWriter(entry, settings.cache_writers)
     host = _HostBuffers(backbone.device, settings.cache_writers + 1)
@@ -153,7 +168,9 @@ def extract_batches(
                 acts, ready, done = host.copy(pool_tokens(feats, tokens, backbone.num_prefix_tokens))
                 forwards += 1
             for msg in batch.errors:
-                reporter.event(f"skipped a corrupt image: {msg}", level="warning")
+                reporter.event(f"skipped a corrupt {dataset.kind}: {msg}", level="warning")
+            if padded := padding_event(batch.notes):
+                reporter.event(padded, level="warning")
             writer.submit(batch_index, acts, batch.valid, ready, done)
             images_done += stop - start
             done_batches = n_batches - total + k + 1  # across every shard, approximately: others write concurrently
@@ -202,10 +219,11 @@ def run_extraction(
         seconds = round(time.perf_counter() - t0, 3)
         return {**base, "cache_hit": True, "backbone_forwards": 0, "extract_seconds": seconds, **entry.summary}
     pending = entry.pending_batches()
-    n_batches = -(-len(prep.dataset) // spec.extraction.batch_size)
+    n_batches = -(-len(prep.dataset) // prep.batch_size)
     if len(pending) < n_batches:
         reporter.event(f"resuming extraction: {n_batches - len(pending)} of {n_batches} batches already cached")
-    reporter.event(f"extracting {len(prep.dataset)} images with {spec.backbone.name} into cache {prep.key}")
+    what = "clips" if prep.dataset.kind == "video" else "images"
+    reporter.event(f"extracting {len(prep.dataset)} {what} with {spec.backbone.name} into cache {prep.key}")
     run = extract_batches(prep, spec, reporter, pending, settings)
     summary = finish_extraction(prep)
     rate = run["images_extracted"] / max(run["seconds"], 1e-9)

@@ -1,4 +1,5 @@
-"""Inference: adapted models loaded from the artifact store, predicting on images in the serving dtype.
+"""Inference: adapted models loaded from the artifact store, predicting on images in the serving dtype, or on videos
+for a model trained on clips (services/video/serving.py decodes them as its training data was).
 
 - Serving dtype: bfloat16 on CUDA, float32 on the CPU (the backbone's `precision`, `auto` by default, unless
   `settings.predict_precision` sets one), for the backbones and the merged models; side models (linear, LoSA: small)
@@ -71,7 +72,8 @@ class LoadedModel:
         self.nbytes = nbytes  # what the model holds beyond its backbone
 
 
-Request = tuple[LoadedModel, torch.Tensor]  # a model and its images, transformed: [n, 3, H, W] on the CPU
+Request = tuple[LoadedModel, torch.Tensor]  # a model and its images, transformed: [n, 3, H, W] on the CPU (clips:
+# [n, T*3, H, W])
 
 
 def _side(module: torch.nn.Module, device_type: str, bf16: bool, features: torch.Tensor) -> torch.Tensor:
@@ -242,9 +244,22 @@ class Predictor:
                 raise DatasetError(f"instance {i}: {e}") from None
         return decoded
 
+    def decode_for(self, model: LoadedModel, items: list[bytes], video: bool | None = None) -> list[Any]:
+        """Encoded inputs as `model` takes them: PIL images, or for a model trained on videos its clips (uint8
+        [T, H, W, 3], sampled as its training clips were); `video` is what the client said it sent (None: as the
+        model expects). A DatasetError names the instance that could not be decoded or does not fit the model."""
+        from services.video.serving import decode_for
+
+        images = partial(self.decode, draft=draft_size(model.backbone.transform))  # as its loaders decoded them
+        return decode_for(model.id, model.config, model.backbone, items, video, images,
+                          self.settings.max_predict_video_s)  # fmt: skip
+
     def inputs(self, model: LoadedModel | str, decoded: list[Any]) -> Request:
-        """Decoded images as the model's backbone's input batch [n, 3, H, W] on the CPU (a model id is loaded)."""
+        """Decoded images as the model's backbone's input batch [n, 3, H, W] on the CPU (a model id is loaded);
+        decoded clips (uint8 arrays) normalised into [n, T*3, H, W]."""
         model = self.load(model) if isinstance(model, str) else model
+        if decoded and isinstance(decoded[0], np.ndarray):
+            return model, model.backbone.split.to_input(np.stack(decoded))
         transform = model.backbone.transform
         return model, torch.stack([transform(im) for im in decoded])
 
@@ -337,7 +352,9 @@ class Predictor:
         probs = self.run([(m, batches[m.backbone_key]) for m in models])
         return {m.id: self.format(m, p) for m, p in zip(models, probs, strict=True)}
 
-    def predict(self, model_id: str, images: list[bytes]) -> list[dict[str, Any]]:
-        """One request on its own (the inference service goes through services.batching.Batcher)."""
-        model, x = self.prepare(model_id, images)
+    def predict(self, model_id: str, images: list[bytes], video: bool | None = None) -> list[dict[str, Any]]:
+        """One request on its own (the inference service goes through services.batching.Batcher); images, or
+        videos for a model trained on clips."""
+        model = self.load(model_id)
+        model, x = self.inputs(model, self.decode_for(model, images, video))
         return self.format(model, self.run([(model, x)])[0])

@@ -8,7 +8,8 @@ soon as the process that iterates it ends (a pidfd), so a SIGKILLed extract or t
 a cancelled or failed run shuts its workers down when its iterator is closed. With `workers == 0` one thread of
 this process decodes one batch ahead instead (what a 2-core machine gets by default: no core is left over).
 
-Batches are uint8 [B, H, W, 3]: a quarter of the bytes of float32 to move between processes and to the device.
+Batches are uint8 [B, H, W, 3] (clips: [B, T, H, W, 3], services/video/loading.py): a quarter of the bytes of
+float32 to move between processes and to the device.
 `to_input` makes the model's float input from them on the device, as ToTensor + Normalize would on the CPU.
 """
 
@@ -56,6 +57,7 @@ class ImageBatch:
     valid: np.ndarray
     errors: list[str] = field(default_factory=list)
     positions: np.ndarray | None = None  # the dataset positions of the rows, as asked
+    notes: list[str] = field(default_factory=list)  # what the job's events should say (e.g. a short video padded)
     orientations: list[int] = field(default_factory=list)  # EncodedReader: the EXIF orientation of each of `images`
 
     def pin_memory(self) -> ImageBatch:
@@ -69,7 +71,8 @@ class ImageBatch:
 
 class BatchReader(torch.utils.data.Dataset):
     """Item k is batch k of `batches` (arrays of indices into `paths`), decoded and put through `pil` (a callable on
-    an RGB PIL image returning an array [H, W, 3]). Picklable: it travels to the loader processes."""
+    an RGB PIL image returning an array [H, W, 3]). Picklable: it travels to the loader processes. A subclass that
+    reads other items (services/video/loading.py: clips) overrides `load`."""
 
     def __init__(self, paths: Sequence[Path], batches: Sequence[np.ndarray], pil: Any, skip_corrupt: bool) -> None:
         self.paths, self.batches, self.pil, self.skip_corrupt = paths, batches, pil, skip_corrupt
@@ -78,25 +81,33 @@ class BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
+    def load(self, i: int) -> tuple[np.ndarray, str | None]:
+        """Item `i` of `paths` as a uint8 array, and a note for the job's events (or None); DatasetError if corrupt."""
+        return np.asarray(self.pil(load_image(self.paths[i], self.draft)), dtype=np.uint8), None
+
     def __getitem__(self, k: int) -> ImageBatch:
         positions = np.asarray(self.batches[k])
         images: list[np.ndarray | None] = []
         errors: list[str] = []
+        notes: list[str] = []
         for i in positions:
             try:
-                images.append(np.asarray(self.pil(load_image(self.paths[i], self.draft)), dtype=np.uint8))
+                image, note = self.load(i)
             except DatasetError as e:
                 if not self.skip_corrupt:
                     # returned, not raised: the DataLoader would wrap it in a traceback of the worker
                     return ImageBatch(None, np.zeros(len(positions), bool), [str(e)], positions)
-                images.append(None)
+                image, note = None, None
                 errors.append(str(e))
+            images.append(image)
+            if note:
+                notes.append(note)
         valid = np.array([im is not None for im in images])
         ok = next((im for im in images if im is not None), None)
         if ok is None:
-            return ImageBatch(None, valid, errors, positions)
+            return ImageBatch(None, valid, errors, positions, notes)
         stacked = np.stack([im if im is not None else np.zeros_like(ok) for im in images])
-        return ImageBatch(torch.from_numpy(stacked), valid, errors, positions)
+        return ImageBatch(torch.from_numpy(stacked), valid, errors, positions, notes)
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -140,7 +151,9 @@ class EncodedReader(BatchReader):
                 items.append(None)
                 errors.append(f"{self.paths[i]}: {e}")
         valid = np.array([it is not None for it in items])
-        return ImageBatch([it for it in items if it is not None] or None, valid, errors, positions, orientations)
+        return ImageBatch(
+            [it for it in items if it is not None] or None, valid, errors, positions, orientations=orientations
+        )
 
 
 def decode_on_device(
@@ -214,7 +227,8 @@ def _context() -> multiprocessing.context.BaseContext:
     """A forkserver: forking this process would copy its threads' state (zarr's event loop, CUDA, locks held by
     other threads); the server is forked once, clean, with torch and Pillow imported, and forks each worker."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision.transforms", "timm.data", "PIL.Image", "services.loading"])
+    ctx.set_forkserver_preload(["torch", "torchvision.transforms", "timm.data", "PIL.Image", "services.loading",
+                                "services.video.loading", "av"])  # fmt: skip
     return ctx
 
 

@@ -72,8 +72,10 @@ def count_parameters(
     image_size: int | None = None,
     tail_blocks: int | None = None,
     num_classes: int = 10,
+    video: dict[str, Any] | None = None,
 ) -> ParamCount:
-    """Count `method` (configured by `options`, the config's fields but `name`) on timm `backbone`.
+    """Count `method` (configured by `options`, the config's fields but `name`) on timm `backbone`, or with
+    `video` (`backbone.video`'s fields, e.g. {"num_frames": 16}) on the ViViT made of it.
 
     `tail_blocks` adapts only the last k blocks (methods with a `tail` mode). Raises ValueError, naming the
     cause, for an unknown backbone or method, an invalid option, or a method that cannot be built that way.
@@ -86,15 +88,25 @@ def count_parameters(
     if tail_blocks is not None and "tail" not in config.modes:
         raise ValueError(f"method {method!r} has no tail mode (its modes: {', '.join(config.modes)})")
     vit = _backbone(backbone, image_size)
+    if video is not None:
+        from services.backbones import BackboneError
+        from services.video.backbone import to_vivit
+        from services.video.spec import VideoSpec
+
+        try:
+            vit = to_vivit(vit, VideoSpec.model_validate(video), backbone)
+        except (BackboneError, ValidationError) as e:
+            raise ValueError(str(e)) from None
     backbone_params = sum(p.numel() for p in vit.parameters())
     num_layers, dim = len(vit.blocks), vit.embed_dim
     tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+    temporal = getattr(vit.patch_embed, "temporal", None)
     with torch.device("meta"):
         if config.kind == "side":
             norm_eps = float(getattr(vit.norm, "eps", getattr(vit.fc_norm, "eps", 1e-6)))
             info = FeatureInfo(
                 num_layers=num_layers, tokens=tokens, dim=dim, num_prefix_tokens=vit.num_prefix_tokens,
-                global_pool=vit.global_pool, norm_eps=norm_eps, num_classes=num_classes, readout={},
+                global_pool=vit.global_pool, norm_eps=norm_eps, num_classes=num_classes, readout={}, temporal=temporal,
             )  # fmt: skip
             model = methods.build(config, info)
         else:

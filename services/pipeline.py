@@ -296,7 +296,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
     store.register_model({
         "id": model_id, "object": "model", "created_at": now(), "job_id": job_id, "owner": job.get("owner"),
         "name": spec.name, "method": spec.method.name, "mode": spec.mode, "backbone": spec.backbone.name,
-        "classes": config["classes"],
+        "video": spec.backbone.video.model_dump() if spec.backbone.video else None, "classes": config["classes"],
         "metrics": metrics,
     })  # fmt: skip
     store.update_job(job_id, lambda j: j.update(status="succeeded", model_id=model_id, finished_at=now(),

@@ -18,8 +18,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from services.architectures import Architecture, architecture, forward_flops
+from services.backprop import backprop_memory
 from services.datasets import read_for_job, stratified_split
 from services.spec import JobSpec
+from services.video.spec import check_inputs
 from storage.settings import Settings
 
 GB = 10**9
@@ -41,7 +43,7 @@ def gb(n: float) -> str:
 
 
 def human_bytes(n: float) -> str:
-    for unit, size in (("GB", GB), ("MB", 10**6), ("kB", 10**3)):
+    for unit, size in (("TB", 10**12), ("GB", GB), ("MB", 10**6), ("kB", 10**3)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
@@ -116,6 +118,17 @@ class Plan(BaseModel):
         None, description="The training split's share (half) of SIDETUNE_GPU_CACHE_MB; null: no cap, the worker "
         "derives it from its device's free memory."
     )  # fmt: skip
+    backprop_memory_bytes: int | None = Field(
+        None,
+        description="Methods trained through the backbone (modes `images` and `tail`): the device memory of a training "
+        "step at `training.batch_size`, roughly (weights, gradients and optimizer state of full fine-tuning, the "
+        "activations the backward pass keeps). Null for the others or a backbone outside the planner's table.",
+    )
+    memory_fits: bool | None = Field(
+        None,
+        description="That estimate fits SIDETUNE_DEVICE_MEMORY_GB; null when the setting is unset or there is no "
+        "estimate. A job with `false` is refused (422 `does_not_fit_memory`).",
+    )
     extraction_flops: float | None = Field(None, description="FLOPs of the backbone forwards over every image.")
     extraction_compute_s: float | None = Field(None, description="Forward time at the assumed throughput.")
     extraction_write_s: float | None = Field(None, description="Cache write time at the assumed disk bandwidth.")
@@ -238,9 +251,10 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         raise FileNotFoundError(f"dataset.id {spec.dataset.id!r} is an uploaded dataset: plan the job with the API "
                                 "(POST /jobs?dry_run=true)")  # fmt: skip
     dataset = read_for_job(spec.dataset, settings.roots)
+    check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
     n = len(dataset)
     train_idx, val_idx = stratified_split(dataset.labels, spec.dataset.val_fraction, spec.dataset.split_seed)
-    arch = architecture(spec.backbone.name, spec.backbone.image_size)
+    arch = architecture(spec.backbone.name, spec.backbone.image_size, spec.backbone.video)
     cpu = settings.device == "cpu"
     tflops = settings.planner_cpu_tflops if cpu else settings.planner_gpu_tflops
     disk = _Disk(settings)
@@ -253,8 +267,18 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         assumed_disk_mb_s=settings.planner_disk_mb_s, train_memory_budget_bytes=settings.train_host_budget_bytes() // 2,
         gpu_budget_bytes=None if settings.gpu_cache_mb is None else settings.gpu_cache_mb * MIB // 2,
     )  # fmt: skip
+    if dataset.kind == "video":
+        notes.append("the dataset holds videos: `images` counts clips, one per video (sizes are per clip)")
+    memory = backprop_memory(spec, arch, settings.device_memory_gb)
+    if memory is not None:
+        base.update(backprop_memory_bytes=memory.need, memory_fits=memory.fits)
+        if memory.fits is False:
+            msg = (f"{memory.reason}: about {gb(memory.need)} of device memory, more than SIDETUNE_DEVICE_MEMORY_GB "
+                   f"({gb(memory.limit)}). Change one of: {_join(memory.remedies)}.")  # fmt: skip
+            return Plan(**base, fits=None if spec.needs_cache else True, message=msg, notes=notes)
     if not spec.needs_cache:
-        msg = f"mode {spec.mode} trains on images and needs no feature cache; nothing is extracted"
+        what = "clips" if dataset.kind == "video" else "images"
+        msg = f"mode {spec.mode} trains on {what} and needs no feature cache; nothing is extracted"
         return Plan(**base, fits=True, message=msg, notes=notes)
     if arch is None:
         msg = (f"the cache size for {spec.backbone.name} is unknown until extraction (the planner knows timm's plain "
@@ -279,7 +303,8 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     fits = expected <= room
     evict_bytes, evict_entries = disk.to_evict(expected) if fits else (0, 0)
 
-    shape = f"{n} images x {len(layers)} layers x {stored} tokens x {arch.dim} x 2 B"
+    items = "clips" if dataset.kind == "video" else "images"
+    shape = f"{n} {items} x {len(layers)} layers x {stored} tokens x {arch.dim} x 2 B"
     if frac is not None:
         shape += f"; about {gb(expected)} with keepbits {spec.extraction.keepbits}, a rough estimate"
     elif spec.extraction.codec != "none":
@@ -296,6 +321,12 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         remedies = _remedies(spec, arch, n, layers, tokens, room, disk, expected)
         msg = (f"the feature cache for this job needs {gb(upper)} ({shape}); {limit}, so at most {gb(room)} can be "
                f"made available. Change one of: {_join(remedies)}.")  # fmt: skip
+    if arch.num_frames:
+        kinetics = human_bytes(240_000 * per_image)
+        notes.append(f"a video cache is large: {human_bytes(per_image)} per clip here (Kinetics-400's 240k clips "
+                     f"would take {kinetics}); layer subsets (method.layers, extraction.layers), a lossy codec "
+                     '(extraction.keepbits) or execution.mode "online" (no cache, the backbone on every step) need '
+                     "less")  # fmt: skip
     notes.append("sizes are for a fresh extraction: a complete cache of the same dataset and weights would be reused "
                  "instead, which the planner does not check (that needs the weights' hash)")  # fmt: skip
     notes.append(f"extraction time assumes {tflops:g} TFLOP/s ({'device cpu' if cpu else 'a GPU'}) and "
@@ -313,15 +344,21 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
 
 def describe(p: Plan) -> str:
     """The plan as readable lines, for `sidetune plan`."""
-    split = f"{p.images} images, {p.classes} classes ({p.train_images} train, {p.val_images} val)"
-    rows = [("job", f"{p.method} on {p.backbone}, mode {p.mode}"), ("dataset", split)]
     a = p.architecture
+    item = "clips" if a is not None and a.num_frames else "images"
+    split = f"{p.images} {item}, {p.classes} classes ({p.train_images} train, {p.val_images} val)"
+    rows = [("job", f"{p.method} on {p.backbone}, mode {p.mode}"), ("dataset", split)]
     if a is not None:
-        rows.append(("backbone", f"{a.num_layers} blocks, {a.tokens} tokens ({a.num_prefix_tokens} prefix), dim "
-                                 f"{a.dim}, {a.image_size} px, patch {a.patch_size}"))  # fmt: skip
+        vivit = f"ViViT of {a.num_frames} frames, tubelet {a.tubelet}, " if a.num_frames else ""
+        rows.append(("backbone", f"{vivit}{a.num_layers} blocks, {a.tokens} tokens ({a.num_prefix_tokens} prefix), "
+                                 f"dim {a.dim}, {a.image_size} px, patch {a.patch_size}"))  # fmt: skip
+    if p.backprop_memory_bytes is not None:
+        verdict = {True: "fits", False: "does NOT fit", None: "not checked"}[p.memory_fits]
+        rows.append(("memory", f"~{gb(p.backprop_memory_bytes)} on the device to train through the backbone "
+                               f"({verdict}: SIDETUNE_DEVICE_MEMORY_GB)"))  # fmt: skip
     if p.cache_bytes is not None:
         rows.append(("cache", f"blocks {_ranges(p.cached_layers or [])}, {p.cached_token_mode} tokens: "
-                              f"{human_bytes(p.bytes_per_image or 0)} per image, {gb(p.cache_bytes)} in all "
+                              f"{human_bytes(p.bytes_per_image or 0)} per {item[:-1]}, {gb(p.cache_bytes)} in all "
                               "(uncompressed, an upper bound)"))  # fmt: skip
         if p.expected_cache_bytes != p.cache_bytes:
             rows.append(("", f"about {gb(p.expected_cache_bytes or 0)} with the lossy codec (a rough estimate)"))
@@ -339,7 +376,7 @@ def describe(p: Plan) -> str:
             where = "in memory, GPU-resident if the worker's device has room"
         gpu = "the device's free memory" if p.gpu_budget_bytes is None else gb(p.gpu_budget_bytes)
         budgets = f"budgets: {gb(p.train_memory_budget_bytes)} in memory, {gpu} on the GPU"
-        rows.append(("training", f"{gb(p.train_feature_bytes)} of features for {p.train_images} images: {where} "
+        rows.append(("training", f"{gb(p.train_feature_bytes)} of features for {p.train_images} {item}: {where} "
                                  f"({budgets})"))  # fmt: skip
     if p.extraction_s is not None:
         rows.append(("extraction", f"~{human_seconds(p.extraction_s)}: {p.extraction_flops or 0:.3g} FLOPs, "

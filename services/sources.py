@@ -2,7 +2,7 @@
 
 - `CacheSource`: cached activations of some layers (modes `cache` and `tail`), held on the device or in host memory
   when they fit the budgets, else read from the cache per batch;
-- `ImageSource`: decoded, transformed images (mode `images`), augmented or not;
+- `ImageSource`: decoded, transformed images or clips (mode `images`), augmented or not;
 - `OnlineSource`: images through the frozen backbone under no_grad on every batch (mode `online`, the LoSA
   paper's way of training, and the baseline the cache is measured against).
 
@@ -16,7 +16,7 @@ batch when the job says `on_corrupt="skip"` (a batch may then come out empty).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -85,7 +85,9 @@ class CacheSource:
 
 
 class ImageSource:
-    """`split` is the transform's loader side (PIL steps) and device side (normalisation), `dtype` the input's."""
+    """`split` is the transform's loader side (PIL steps) and device side (normalisation), `dtype` the input's.
+    `reader` makes the loaders' reader of an epoch's batches (default: images through `split`'s PIL steps; clips:
+    services/video/loading.py)."""
 
     def __init__(
         self,
@@ -96,14 +98,15 @@ class ImageSource:
         device: str = "cpu",
         workers: int = 0,
         dtype: torch.dtype = torch.float32,
+        reader: Callable[[list[np.ndarray]], BatchReader] | None = None,
     ) -> None:
         self.dataset, self.indices, self.split, self.skip_corrupt = dataset, indices, split, skip_corrupt
         self.device, self.workers, self.dtype = torch.device(device), workers, dtype
         self.labels = dataset.labels
+        self.reader = reader or (lambda rows: BatchReader(dataset.paths, rows, split.pil, skip_corrupt))
 
     def iterate(self, batches: Sequence[np.ndarray]) -> Iterator[Batch]:
-        reader = BatchReader(self.dataset.paths, [self.indices[b] for b in batches], self.split.pil,
-                             self.skip_corrupt)  # fmt: skip
+        reader = self.reader([self.indices[b] for b in batches])
         pin = self.device.type == "cuda"
         with contextlib.closing(iterate(reader, self.workers, pin)) as loaded:
             for batch in loaded:

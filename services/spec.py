@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from services.architectures import unsupported_backbone
 from services.errors import UserError
 from services.methods import CONFIGS, METHOD_NAMES, MethodConfig
+from services.video.spec import VideoSpec
 
 Mode = Literal["cache", "images", "tail", "online"]
 
@@ -35,7 +36,8 @@ class DatasetSpec(BaseModel):
         min_length=1,
         pattern=NO_NUL,
         description="Dataset location on the server, inside an allowed root: an ImageFolder directory (one "
-        "subfolder per class) or a CSV manifest with columns `path,label` (paths relative to the CSV). Give this "
+        "subfolder per class) or a CSV manifest with columns `path,label` (paths relative to the CSV), of images or "
+        "of videos (.mp4, .avi, .mkv, .webm, .mov; a manifest may add `start,end` in seconds), not both. Give this "
         "or `id`, not both.",
     )
     id: str | None = Field(
@@ -53,8 +55,8 @@ class DatasetSpec(BaseModel):
     split_seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the validation split.")
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail",
-        description="An image that cannot be decoded, or a manifest row whose file is missing, fails the job (`fail`, "
-        "naming the file), or is skipped and counted (`skip`).",
+        description="An image or video that cannot be decoded, or a manifest row whose file is missing, fails the job "
+        "(`fail`, naming the file), or is skipped and counted (`skip`).",
     )
     duplicates: Literal["drop", "fail"] = Field(
         "drop",
@@ -106,6 +108,12 @@ class BackboneSpec(BaseModel):
         "bench/cache.py reports bf16's relative error against fp32. Methods trained through the backbone (apla, arc, "
         "lora, full) keep fp32 weights under bf16 autocast on a GPU.",
     )
+    video: VideoSpec | None = Field(
+        None,
+        description="For a dataset of videos: run the ViT as an unfactorised ViViT on clips (a tubelet embedding "
+        "inflated from its patch embedding, its position embeddings repeated over time). Every field is part of the "
+        "feature cache's key. None: images.",
+    )
 
 
 class EveryKth(BaseModel):
@@ -140,8 +148,11 @@ def select_cached_layers(choice: LayerChoice, num_layers: int) -> list[int]:
 class ExtractionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(
-        32, ge=1, le=4096, description="Images per backbone forward; also the rows of one cache shard (write unit)."
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        "auto",
+        description="Images (or clips) per backbone forward; also the rows of one cache shard (write unit). `auto`: "
+        "32 images; for clips, as many as fit a shard of about 128 MB of activations (1 to 32: a ViViT-B of 16 "
+        "frames caching every layer takes 28.9 MB a clip, so 4).",
     )
     layers: LayerChoice = Field(
         "auto",
@@ -179,6 +190,16 @@ class ExtractionSpec(BaseModel):
         description="Lossy: round float16 mantissas to this many bits (numcodecs BitRound, of 10) before the codec; "
         "fewer bits compress better at some cost in accuracy (see bench/cache.py). None: exact.",
     )
+
+
+SHARD_BYTES = 128 * 10**6  # what `auto` sizes a batch of clips by
+
+
+def extraction_rows(batch_size: int | str, bytes_per_item: int, video: bool) -> int:
+    """`extraction.batch_size` resolved: as given, else 32 images, or the clips whose activations fill a shard."""
+    if batch_size != "auto":
+        return int(batch_size)
+    return 32 if not video else max(1, min(32, SHARD_BYTES // max(1, bytes_per_item)))
 
 
 class ExecutionSpec(BaseModel):

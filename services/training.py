@@ -26,6 +26,8 @@ from services.methods.readout import FeatureInfo
 from services.progress import Reporter
 from services.sources import CacheSource, ImageSource, OnlineSource, Source
 from services.spec import JobSpec
+from services.video.loading import clip_transform, epoch_reader
+from services.video.spec import check_inputs
 from storage.artifacts import as_folder, tensors_from_bytes, tensors_to_bytes
 from storage.cache import FeatureCache
 from storage.settings import Settings
@@ -254,6 +256,7 @@ def train_job(
         usable = np.flatnonzero(valid)
     else:
         dataset = read_for_job(spec.dataset, settings.roots)
+        check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
         if dataset.skipped_rows:
             reporter.event(f"{len(dataset.skipped_rows)} dataset rows left out: {'; '.join(dataset.skipped_rows[:5])}",
                            level="warning")  # fmt: skip
@@ -293,12 +296,19 @@ def train_job(
         workers = loader_workers(settings, len(train_idx))
         # inputs in the frozen forward's dtype online; fp32 for methods trained through the backbone (autocast)
         dtype = backbone.dtype if mode == "online" else torch.float32
-        train_src = ImageSource(dataset, train_idx, augment, skip, device, workers, dtype)
-        val_src = ImageSource(dataset, val_idx, backbone.split, skip, device, workers, dtype)
+        train_reader = val_reader = None
+        if spec.backbone.video is not None:  # clips: jittered in time (and cropped, flipped with augment) to train
+            video, dc, pil = spec.backbone.video, backbone.data_config, backbone.split.pil
+            augment = backbone.split  # normalisation on the device, as for images; the clips' transform is below
+            train_reader = epoch_reader(dataset, clip_transform(dc, pil, spec.execution.augment), skip, video, True)
+            val_reader = epoch_reader(dataset, clip_transform(dc, pil), skip, video, False)
+        train_src = ImageSource(dataset, train_idx, augment, skip, device, workers, dtype, train_reader)
+        val_src = ImageSource(dataset, val_idx, backbone.split, skip, device, workers, dtype, val_reader)
         if mode == "online":
             train_src = OnlineSource(train_src, backbone, model.input_layers)
             val_src = OnlineSource(val_src, backbone, model.input_layers)
-        where = f"images{' (augmented)' if spec.execution.augment else ''}" + (
+        inputs = "clips (jittered in time)" if spec.backbone.video is not None else "images"
+        where = f"{inputs}{' (augmented)' if spec.execution.augment else ''}" + (
             ", backbone forward every step" if mode == "online" else ", through the backbone"
         )
     reporter.event(
@@ -318,6 +328,7 @@ def train_job(
         "data_config": meta["data_config"],
         "feature_info": {
             **{k: meta[k] for k in FEATURE_KEYS},
+            "temporal": meta.get("temporal"),
             "tokens": meta["tokens"] if tokens == "all" else 1,
             "num_classes": len(classes),
             "token_mode": tokens,

@@ -100,12 +100,26 @@ class Settings(BaseSettings):
         description="Cap on the device memory (MB) that cached features may take for GPU-resident training. Unset: "
         "the device's free memory when training starts, less a fifth of the device (at least 2 GiB) for the rest.",
     )
+    device_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of the training device (GB). The planner estimates the device memory of methods trained "
+        "through the backbone (modes `images`, `tail`; video clips make it large) and refuses a job whose estimate "
+        "exceeds this (422 `does_not_fit_memory`, saying what to change). Unset: estimated, never refused.",
+    )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
     max_predict_pixels: int = Field(
         128_000_000,
         ge=1,
         description="Most pixels (width x height, from the headers, before decoding) that one predict request's images "
         "may hold together; more is refused with 413 `too_many_pixels`. A single image may hold 64 million at most.",
+    )
+    max_predict_video_mb: float = Field(
+        16.0, gt=0, description="Largest video (MB) one predict instance or file may be; larger ones get 413 (the "
+        "whole request is also limited by `max_request_mb`)."
+    )  # fmt: skip
+    max_predict_video_s: float = Field(
+        60.0, gt=0, description="Longest video (seconds) predict decodes; longer ones get 400."
     )
     predict_max_batch: int = Field(
         32,

@@ -184,13 +184,20 @@ def cmd_params(args: argparse.Namespace) -> int:
     for key in ("rank", "layers"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
+    video = None
+    if args.frames is not None:
+        video = {"num_frames": args.frames, "tubelet": args.tubelet}
+    elif args.tubelet != 2:
+        print("error: --tubelet needs --frames", file=sys.stderr)
+        return 2
     try:
         n = count_parameters(args.backbone, args.method, options, image_size=args.image_size,
-                             tail_blocks=args.tail_blocks, num_classes=args.num_classes)  # fmt: skip
+                             tail_blocks=args.tail_blocks, num_classes=args.num_classes, video=video)  # fmt: skip
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"backbone    {n.backbone}: {n.num_layers} blocks, {n.tokens} tokens, dim {n.dim}, "
+    what = f"ViViT of {args.frames} frames, tubelet {args.tubelet}, " if video else ""
+    print(f"backbone    {n.backbone}: {what}{n.num_layers} blocks, {n.tokens} tokens, dim {n.dim}, "
           f"{n.backbone_params:,} parameters")  # fmt: skip
     print(f"method      {n.method} {json.dumps(n.config)}")
     print(f"trainable   {n.side:,} (classifier excluded), of which {n.scalars} single scalars (e.g. per-layer "
@@ -217,13 +224,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(job_plan.model_dump_json(indent=2) if args.json else describe(job_plan))
-    return 1 if job_plan.fits is False else 0
+    return 1 if job_plan.fits is False or job_plan.memory_fits is False else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(epochs=args.epochs)
+    return run_demo(epochs=args.epochs, video=args.video, per_class=args.per_class)
 
 
 EXIT_FAILED = 1  # the job failed or was cancelled (`submit --wait`); the plan does not fit (`plan`)
@@ -269,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tail-blocks", type=int, help="adapt only the last k blocks (methods with a tail mode)")
     p.add_argument("--image-size", type=int, help="input resolution (default: the backbone's)")
     p.add_argument("--num-classes", type=int, default=10, help="classifier size (excluded from the count)")
+    p.add_argument("--frames", type=int, help="count on the ViViT of this many frames made of the backbone (video)")
+    p.add_argument("--tubelet", type=int, default=2, help="frames per tubelet, with --frames (default 2)")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="another config field, JSON value (repeatable)")  # fmt: skip
     p = sub.add_parser("plan", help="a job spec's cache size, quota and memory fit and extraction time (no server); "
@@ -277,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("demo", help="embedded stack + digits: a linear probe and a LoSA job, end to end")
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--video", action="store_true", help="synthetic motion videos and a ViViT instead of digits")
+    p.add_argument("--per-class", type=int, default=40, help="with --video: training videos per class")
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "api": cmd_api, "inference": cmd_inference, "worker": cmd_worker,
                 "submit": cmd_submit, "jobs": cmd_jobs, "predict": cmd_predict, "params": cmd_params, "plan": cmd_plan,

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}  # as services/datasets.py (the client imports no services)
 
 
 class ApiError(RuntimeError):
@@ -68,9 +69,13 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
             time.sleep(poll_s)
 
-    def predict(self, model_id: str, images: list[bytes | Path]) -> list[dict[str, Any]]:
+    def predict(self, model_id: str, images: list[bytes | Path], video: bool | None = None) -> list[dict[str, Any]]:
+        """Classify images, or videos (`video`; None: files named like videos are videos)."""
+        if video is None:
+            video = all(isinstance(i, Path | str) and Path(i).suffix.lower() in VIDEO_SUFFIXES for i in images)
         raw = [Path(i).read_bytes() if isinstance(i, Path | str) else i for i in images]
-        instances = [{"image_b64": base64.b64encode(b).decode()} for b in raw]
+        field = "video_b64" if video else "image_b64"
+        instances = [{field: base64.b64encode(b).decode()} for b in raw]
         return self._call("POST", f"/v1/models/{model_id}:predict", json={"instances": instances})["predictions"]
 
     def ready(self) -> dict[str, Any]:

@@ -95,6 +95,8 @@ def create_job(
     plan = _plan(spec, settings)
     if dry_run:
         return JSONResponse(plan.model_dump(mode="json"))
+    if plan.memory_fits is False:
+        raise ApiError(422, "does_not_fit_memory", plan.message)
     if plan.fits is False:
         # 422, not 413 (the request body is small) nor 507 (a 5xx blames the server and invites a retry): this spec
         # asks for more than the server allows, and only changing the spec (or the quota) helps, as the message says.

@@ -1,11 +1,12 @@
-"""Predict with an adapted model (v1): JSON with base64 images, or a multipart upload of image files. Served by the
-inference service (api/inference.py); the API forwards these paths to it (api/routes/forward.py).
+"""Predict with an adapted model (v1): JSON with base64 images, or a multipart upload of image files; for a model
+trained on videos, base64 videos (`video_b64`) or video files. Served by the inference service (api/inference.py);
+the API forwards these paths to it (api/routes/forward.py).
 
 The routes are async and park no thread while a request waits: a cold model is loaded in the loader pool (never on the
-batching thread, so warm models keep answering), the images' pixels are counted from their headers against the
+batching thread, so warm models keep answering); then the images' pixels are counted from their headers against the
 request's budget (`max_predict_pixels`, 413 `too_many_pixels`) and they are decoded in a small decoder pool as the
-model's training images were (services/images.py), and the request then awaits its rows of a batch
-(services/batching.py). `run_model` is shared with the v2 routes.
+model's training images were (services/images.py; videos as its clips were sampled); the request then awaits its rows
+of a batch (services/batching.py). `run_model` and `run_videos` are shared with the v2 routes.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ async def own(request: Request, model_id: str, owner: str | None) -> dict:
 
 
 async def load_model(request: Request, model_id: str) -> Any:
-    """The loaded model (a cold one loaded in the loader pool). A model not in the store is 503 naming it (its record
-    exists); one not whole there is 503 `store_incomplete`, never half-loaded."""
+    """The loaded model. A model not in the store is 503 naming it (its record exists); one not whole there is 503
+    `store_incomplete`, never half-loaded."""
     predictor = request.app.state.predictor
     model = predictor.cached(model_id)
     if model is None:
@@ -64,16 +65,16 @@ async def run_model(request: Request, model_id: str, images: list[bytes] | list[
     ones (PIL images)."""
     model = await load_model(request, model_id)
     encoded = bool(images) and isinstance(images[0], bytes | bytearray)
+    pixels = 0
     if encoded:
-        budget = request.app.state.settings.max_predict_pixels
-        pixels = await off_loop(request, "decoder", _budget, images, budget)
+        pixels = await off_loop(request, "decoder", _budget, images, request.app.state.settings.max_predict_pixels)
         images = await off_loop(request, "decoder", _decoded, request.app.state.predictor, images,
                                 draft_size(model.backbone.transform))  # fmt: skip
     try:
         return model, await asyncio.wrap_future(request.app.state.batcher.submit(model, images))
     finally:
         del images
-        if encoded and pixels >= TRIM_PIXELS:
+        if pixels >= TRIM_PIXELS:
             await off_loop(request, "decoder", release_memory)
 
 
@@ -91,14 +92,46 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _decode(instances: list[Instance]) -> list[bytes]:
-    images = []
+def check_videos(items: list[bytes], settings: Any, what: str = "instance") -> None:
+    """413 `video_too_large` for a video over SIDETUNE_MAX_PREDICT_VIDEO_MB."""
+    max_mb = settings.max_predict_video_mb
+    for i, data in enumerate(items):
+        if len(data) > max_mb * 2**20:
+            raise ApiError(413, "video_too_large", f"{what} {i}: {len(data) / 2**20:.1f} MB; at most {max_mb:g} MB a "
+                           "video (SIDETUNE_MAX_PREDICT_VIDEO_MB)")  # fmt: skip
+
+
+def _decoded_for(predictor: Any, model: Any, items: list[bytes], video: bool | None) -> list[Any]:
+    try:
+        return predictor.decode_for(model, items, video)
+    except DatasetError as e:
+        from services.video.serving import is_video_model
+
+        raise ApiError(400, "invalid_video" if is_video_model(model.config) else "invalid_image", str(e)) from None
+
+
+async def run_videos(request: Request, model_id: str, items: list[bytes], video: bool | None) -> tuple[Any, Any]:
+    """(the loaded model, class probabilities) for encoded inputs of a model that may take videos: loaded first,
+    then decoded as it takes them (`video`: what the client said it sent; a mismatch is 400)."""
+    model = await load_model(request, model_id)
+    decoded = await off_loop(request, "decoder", _decoded_for, request.app.state.predictor, model, items, video)
+    return model, await asyncio.wrap_future(request.app.state.batcher.submit(model, decoded))
+
+
+def _raw(instances: list[Instance]) -> tuple[list[bytes], bool]:
+    """The instances' bytes and whether they are videos (a request holds one kind)."""
+    video = instances[0].video_b64 is not None
+    items = []
     for i, inst in enumerate(instances):
+        field = "video_b64" if inst.video_b64 is not None else "image_b64"
+        if (field == "video_b64") != video:
+            raise ApiError(400, "invalid_request", f"instances.{i}: one request holds images or videos, not both")
         try:
-            images.append(base64.b64decode(inst.image_b64, validate=True))
+            items.append(base64.b64decode(getattr(inst, field), validate=True))
         except (binascii.Error, ValueError):
-            raise ApiError(400, "invalid_image", f"instances.{i}.image_b64: not valid base64") from None
-    return images
+            raise ApiError(400, "invalid_video" if video else "invalid_image",
+                           f"instances.{i}.{field}: not valid base64") from None  # fmt: skip
+    return items, video
 
 
 def _decoded(predictor: Any, images: list[bytes], draft: int | None = None) -> list[Any]:
@@ -116,10 +149,17 @@ def _check_count(n: int, limit: int) -> None:
 @router.post("/{model_id}:predict", response_model=PredictResponse)
 async def predict(model_id: str, body: PredictRequest, request: Request, owner: OwnerDep,
                   settings: SettingsDep) -> dict:  # fmt: skip
-    """Classify base64-encoded images: `{"instances": [{"image_b64": "..."}]}`."""
-    await own(request, model_id, owner)
+    """Classify base64-encoded images, `{"instances": [{"image_b64": "..."}]}`, or videos for a model trained on
+    clips, `{"instances": [{"video_b64": "..."}]}`."""
+    record = await own(request, model_id, owner)
     _check_count(len(body.instances), settings.max_predict_images)
-    images = await off_loop(request, "decoder", _decode, body.instances)
+    if record.get("video") is not None or any(inst.video_b64 is not None for inst in body.instances):
+        items, video = _raw(body.instances)
+        if video:
+            check_videos(items, settings)
+        model, probs = await run_videos(request, model_id, items, video)
+        return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
+    images = await off_loop(request, "decoder", lambda: _raw(body.instances)[0])
     model, probs = await run_model(request, model_id, images)
     return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
 
@@ -127,14 +167,21 @@ async def predict(model_id: str, body: PredictRequest, request: Request, owner: 
 @router.post("/{model_id}:predict-files", response_model=PredictResponse)
 async def predict_files(
     model_id: str,
-    files: Annotated[list[UploadFile], File(description="Image files (multipart field `files`, repeatable).")],
+    files: Annotated[
+        list[UploadFile],
+        File(description="Image files, or video files for a model trained on clips (multipart field `files`)."),
+    ],
     request: Request,
     owner: OwnerDep,
     settings: SettingsDep,
 ) -> dict:
-    """Classify uploaded image files (multipart/form-data)."""
-    await own(request, model_id, owner)
+    """Classify uploaded image files (multipart/form-data), or video files for a model trained on clips."""
+    record = await own(request, model_id, owner)
     _check_count(len(files), settings.max_predict_images)
     raw = [await f.read() for f in files]
+    if record.get("video") is not None:  # the model's files are videos
+        check_videos(raw, settings, "file")
+        model, probs = await run_videos(request, model_id, raw, None)
+        return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
     model, probs = await run_model(request, model_id, raw)
     return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import OwnerDep, SettingsDep
 from api.errors import ApiError
 from api.oip import HEADER, InferRequest, ProtocolError, encode_response, model_metadata, parse_request
-from api.routes.predict import off_loop, own, run_model
+from api.routes.predict import check_videos, off_loop, own, run_model, run_videos
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -25,7 +25,7 @@ _TENSOR = {
     "type": "object",
     "required": ["name", "shape", "datatype"],
     "properties": {
-        "name": {"type": "string", "enum": ["image", "pixels"]},
+        "name": {"type": "string", "enum": ["image", "pixels", "video"]},
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "datatype": {"type": "string", "enum": ["BYTES", "UINT8"]},
         "parameters": {"type": "object"},
@@ -36,7 +36,8 @@ _INFER_BODY = {
     "requestBody": {
         "required": True,
         "description": "`inputs`: one tensor, `image` (BYTES [N]: base64 image files in JSON, raw bytes with the "
-        "binary extension) or `pixels` (UINT8 [N, H, W, 3]); optional `outputs` (`label`, `probabilities`) and "
+        "binary extension) or `pixels` (UINT8 [N, H, W, 3]), or `video` (BYTES [N]: video files) for a model trained "
+        "on clips; optional `outputs` (`label`, `probabilities`) and "
         "`parameters.binary_data_output`. With the binary tensor extension the body is the JSON header, then the "
         "binary data, and the header `Inference-Header-Content-Length` gives the JSON's length.",
         "content": {
@@ -111,14 +112,30 @@ def _images(infer: InferRequest) -> list[Any]:
     openapi_extra=_INFER_BODY,
 )  # fmt: skip
 async def infer(model_id: str, request: Request, owner: OwnerDep, settings: SettingsDep) -> Response:
-    """Classify images: the BYTES input `image` (encoded files) or the UINT8 input `pixels` ([N, H, W, 3])."""
-    await own(request, model_id, owner)
+    """Classify images: the BYTES input `image` (encoded files) or the UINT8 input `pixels` ([N, H, W, 3]); or
+    videos: the BYTES input `video` (encoded video files), for a model trained on clips."""
+    record = await own(request, model_id, owner)
     body = await request.body()
     try:
         parsed = await off_loop(request, "decoder", parse_request, body, request.headers.get(HEADER),
                                 settings.max_predict_images)  # fmt: skip
     except ProtocolError as e:
         raise ApiError(400, "invalid_request", str(e)) from None
+    video_model = record.get("video") is not None
+    if video_model != (parsed.input == "video"):
+        want = "`video` (video files)" if video_model else "`image` or `pixels`"
+        raise ApiError(400, "invalid_request", f"input {parsed.input!r}: model {model_id} was trained on "
+                       f"{'videos' if video_model else 'images'}; send the input {want}")  # fmt: skip
+    if video_model:
+        check_videos(parsed.images, settings, "element")
+        try:
+            model, probs = await run_videos(request, model_id, parsed.images, True)
+        except ApiError as e:  # an undecodable video: name the input
+            if e.status != 400:
+                raise
+            raise ApiError(400, e.code, f"input 'video': {e.message}") from None
+        content, headers = encode_response(model_id, parsed, model.classes, probs)
+        return Response(content, headers=headers)
     try:
         images = await off_loop(request, "decoder", _images, parsed)
         model, probs = await run_model(request, model_id, images)

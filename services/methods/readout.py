@@ -29,6 +29,7 @@ class FeatureInfo:
     num_classes: int
     readout: dict[str, np.ndarray]
     token_mode: str = "all"  # the tokens the module receives: all of them, or pooled (`cls`, `mean`: tokens == 1)
+    temporal: int | None = None  # video: T', the temporal positions of the token grid (T = prefix + T' x S)
 
     @classmethod
     def from_meta(
@@ -37,7 +38,7 @@ class FeatureInfo:
         keys = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
         tokens = meta["tokens"] if token_mode == "all" else 1
         return cls(**{k: meta[k] for k in keys}, tokens=tokens, num_classes=num_classes, readout=readout,
-                   token_mode=token_mode)  # fmt: skip
+                   token_mode=token_mode, temporal=meta.get("temporal"))  # fmt: skip
 
 
 class Readout(nn.Module):

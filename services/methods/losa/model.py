@@ -84,5 +84,10 @@ class LosaSideNetwork(Classifier):
         return self.head(self.readout(self.refine(feats)))
 
 
-def build(config: LosaConfig, info: FeatureInfo) -> LosaSideNetwork:
+def build(config: LosaConfig, info: FeatureInfo) -> nn.Module:
+    """The image side network, or for a ViViT's tokens (`info.temporal`) the video one of Eq. 6 (video.py)."""
+    if info.temporal is not None and info.token_mode == "all":
+        from services.methods.losa.video import VideoLosaSideNetwork
+
+        return VideoLosaSideNetwork(config, info)
     return LosaSideNetwork(config, info)
