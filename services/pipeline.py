@@ -182,7 +182,7 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
             _make_room(store, settings, prep, reporter)
             locked = _LockedReporter(store, job_id, lock)
             # never more shard tasks than batches to write (1024 shards of 120 images would be 1024 tasks)
-            shards = min(_shard_count(store, spec), -(-len(prep.dataset) // spec.extraction.batch_size))
+            shards = min(_shard_count(store, spec), -(-len(prep.dataset) // prep.batch_size))
             if shards > 1:
                 begin_extraction(spec, settings, locked, prep=prep)
                 store.set_fields(job_id, extract_key=prep.key, extract_shards=shards, extract_started_at=now())

@@ -55,3 +55,18 @@ def test_a_vit_without_class_token_trains_with_mean_pooling(settings, digits_roo
     out = train_job(spec, settings, result["cache_key"], NullReporter(), settings.data_path / "ckpt")
     assert out["config"]["feature_info"]["num_prefix_tokens"] == 0 and out["config"]["input_tokens"] == "mean"
     assert 0.0 <= out["metrics"]["val_accuracy"] <= 1.0
+
+
+def test_pretrained_weights_that_cannot_be_had_fail_at_once() -> None:
+    """Not in the local cache and the hub unreachable (as on this machine): a BackboneError naming the way out within
+    seconds, where the hub's client retried for most of a minute. Where the hub answers, the weights load."""
+    import time
+
+    from services.backbones import BackboneError, load_backbone
+
+    t0 = time.monotonic()
+    try:
+        load_backbone(BackboneSpec(name="vit_tiny_patch16_224", pretrained=True, image_size=32))
+    except BackboneError as e:
+        assert "unreachable" in str(e) and "pretrained: false" in str(e), e
+    assert time.monotonic() - t0 < 15
