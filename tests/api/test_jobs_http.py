@@ -149,11 +149,10 @@ def test_invalid_spec_is_422_naming_the_field(stack, change, field):
     assert body["code"] == "invalid_request" and field in body["message"]
 
 
-def test_unknown_backbone_fails_the_job_naming_it(stack):
-    _, client = stack
-    job = client.wait(client.submit({**spec(stack), "backbone": {"name": "vit_nonexistent_xyz"}})["id"], timeout_s=120)
-    assert job["status"] == "failed"
-    assert job["error"]["code"] == "invalid_backbone" and "vit_nonexistent_xyz" in job["error"]["message"]
+def test_unknown_backbone_is_refused_at_submission_naming_it(stack):
+    r = post(stack, {**spec(stack), "backbone": {"name": "vit_nonexistent_xyz"}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    assert "backbone.name" in r.json()["error"]["message"] and "vit_nonexistent_xyz" in r.json()["error"]["message"]
 
 
 def test_corrupt_image_fails_or_is_skipped_as_the_spec_says(stack):

@@ -48,7 +48,7 @@ def test_a_linked_class_folder_outside_the_roots_is_refused(layout) -> None:
 def test_a_linked_image_outside_the_roots_is_refused_naming_it(layout) -> None:
     root, outside = layout
     (root / "ds" / "a" / "evil.png").symlink_to(outside / "loot" / "0.png")
-    with pytest.raises(PermissionError, match=r"image .*a/evil.png resolves to .*loot/0.png"):
+    with pytest.raises(PermissionError, match=r"file .*a/evil.png resolves to .*loot/0.png"):
         _read(root / "ds", root)
     (root / "ds" / "a" / "evil.png").unlink()
     (root / "ds" / "a" / "passwd.png").symlink_to("/etc/passwd")

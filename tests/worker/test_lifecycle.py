@@ -49,6 +49,9 @@ def eager(settings: Settings, monkeypatch: pytest.MonkeyPatch):
 
     yield use
     tasks._context.cache_clear()
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps instances: one bound to a dead endpoint must not stay
 
 
 def test_a_step_longer_than_job_timeout_is_stopped_and_the_job_fails(eager, digits_root: Path) -> None:

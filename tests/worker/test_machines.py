@@ -26,7 +26,7 @@ from storage.store import Store
 from worker.client import Client
 from worker.launcher import Stack, free_port
 
-EPOCHS = 16
+EPOCHS = 40  # long enough that the kill, after 2 epochs are reported (every 0.5 s at most), lands mid-training
 
 
 class Machines:
