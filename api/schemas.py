@@ -81,8 +81,55 @@ class Model(BaseModel):
     video: dict[str, Any] | None = Field(
         None, description="A model trained on videos: its clips (`backbone.video`); predict takes videos. Null: images."
     )
-    classes: list[str] = Field(..., description="Class labels, in output order.")
-    metrics: dict[str, Any] = Field(..., description="Validation accuracy, parameter counts, timings.")
+    classes: list[str] = Field(..., description="Class labels (tags, for a multi-label model), in output order.")
+    multi_label: bool = Field(False, description="Multi-label: one sigmoid score per tag; predict returns the tags "
+                              "over `threshold`.")  # fmt: skip
+    threshold: float | None = Field(
+        None, description="Multi-label: the score from which a tag is predicted, chosen on validation (best micro-F1)."
+    )
+    metrics: dict[str, Any] = Field(
+        ...,
+        description="Validation figures of the selected model (`val_accuracy`, or `val_map` for multi-label; "
+        "optimistic: they selected it), its test figures (`test_*`, when the job had a test split), parameter "
+        "counts, timings, the per-epoch curve (`history`), and for a sweep every configuration's score and curve "
+        "(`sweep`).",
+    )
+    evaluation: dict[str, Any] | None = Field(
+        None,
+        description="Summary of the evaluation report (`GET /models/{id}/evaluation`): the split it was computed on "
+        "(`test`, or `val` when the job had no test split), its image count and headline figures.",
+    )
+    plots: list[str] = Field(
+        default_factory=list, description="Names of the model's PNG plots: `GET /models/{id}/plots/{name}.png`."
+    )
+
+
+class PerClass(BaseModel):
+    class_: str = Field(..., alias="class", description="Class (or tag) name.")
+    precision: float = Field(..., description="Precision on the split.")
+    recall: float = Field(..., description="Recall on the split.")
+    f1: float = Field(..., description="F1 score on the split.")
+    support: int = Field(..., description="Images of this class (with this tag) in the split.")
+    average_precision: float | None = Field(None, description="Multi-label: the tag's average precision.")
+
+
+class Evaluation(BaseModel):
+    split: Literal["test", "val"] = Field(
+        ..., description="`test`: the held-out test split, seen once; `val`: the validation split (no test split was "
+        "given), which selected the model, so its figures are optimistic."
+    )  # fmt: skip
+    images: int = Field(..., description="Images evaluated.")
+    classes: list[str] = Field(..., description="Class (tag) names, in the order of the confusion matrix.")
+    metrics: dict[str, float] = Field(
+        ..., description="`<split>_accuracy`, `_balanced_accuracy`, `_top5_accuracy` (more than 5 classes), "
+        "`_macro_f1`; multi-label: `<split>_map`, `_micro_f1`, `_macro_f1`. scikit-learn's metrics."
+    )  # fmt: skip
+    per_class: list[PerClass] = Field(..., description="Per class: precision, recall, F1, support.")
+    confusion_matrix: list[Any] = Field(
+        ..., description="Rows: true class, columns: predicted class (counts). Multi-label: per tag "
+        "[[tn, fp], [fn, tp]]."
+    )  # fmt: skip
+    threshold: float | None = Field(None, description="Multi-label: the decision threshold used.")
 
 
 class ModelList(BaseModel):
@@ -110,11 +157,18 @@ class PredictRequest(BaseModel):
     instances: list[Instance] = Field(
         ..., min_length=1, max_length=256, description="Images (or videos) to classify, all of one kind."
     )
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Multi-label models: return the tags scoring at least this (default: the "
+        "model's threshold, chosen on validation). Ignored by single-label models."
+    )  # fmt: skip
 
 
 class Prediction(BaseModel):
-    label: str = Field(..., description="The most likely class.")
-    scores: dict[str, float] = Field(..., description="Probability of every class.")
+    label: str = Field(..., description="The most likely class (multi-label: the highest-scoring tag).")
+    scores: dict[str, float] = Field(
+        ..., description="Probability of every class (multi-label: each tag's own probability, a sigmoid)."
+    )
+    labels: list[str] | None = Field(None, description="Multi-label models: the tags scoring at least the threshold.")
 
 
 class PredictResponse(BaseModel):

@@ -57,6 +57,8 @@ def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
     from services.datasets import read_dataset, stratified_split
     from services.loading import BatchReader, iterate
     from services.methods.readout import FeatureInfo
+    from services.objectives import Objective
+    from services.runs import ModuleRuns
     from services.training import fit
 
     backbone = load_backbone(spec.backbone, args.device)
@@ -72,14 +74,18 @@ def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
     val = ReadyOnline(backbone, images[val_idx], dataset.labels[val_idx], model.input_layers)
     ckpt = checkpoint(args, "online ready")
     shutil.rmtree(ckpt, ignore_errors=True)
-    _, metrics = fit(model, train, val, len(train_idx), len(val_idx), hp, NullReporter(), ckpt, args.device)
+    objective = Objective(dataset.labels[train_idx], len(dataset.classes), device=args.device)
+    _, metrics = fit([ModuleRuns(model, hp, objective, args.device)], [(0, 0)], train, val, len(train_idx),
+                     len(val_idx), hp, objective, NullReporter(), ckpt)  # fmt: skip
     shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
 
 
 def steady_img_s(reporter: NullReporter, images: int) -> float | None:
     """Training images/s over the epochs after the first (which holds a compilation, when there is one)."""
-    seconds = [e["data"]["train_seconds"] for e in reporter.events if e["type"] == "metrics"][1:]
+    seconds = [e["data"]["train_seconds"] for e in reporter.events if e["type"] == "metrics" and "epoch" in e["data"]][
+        1:
+    ]
     return images * len(seconds) / sum(seconds) if seconds else None
 
 

@@ -70,11 +70,11 @@ class Batcher:
             self._cond.notify()
         return pending.result
 
-    def predict(self, model_id: str, images: list[bytes]) -> list[dict[str, Any]]:
+    def predict(self, model_id: str, images: list[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
         """Like `Predictor.predict`, run in a batch with the requests that arrive together with this one."""
         model = self.predictor.load(model_id)  # an unknown model fails this request only
         decoded = self.predictor.decode(images, draft_size(model.backbone.transform))  # so does a DatasetError
-        return self.predictor.format(model, self.submit(model, decoded).result())
+        return self.predictor.format(model, self.submit(model, decoded).result(), threshold)
 
     def close(self) -> None:
         with self._cond:

@@ -26,6 +26,15 @@ class UserError(Exception):
     status = 422
 
 
+class SpecError(UserError, ValueError):
+    """A job spec that cannot run as given (a field that does not suit the backbone, the method or the settings); the
+    message names the field. A ValueError too, so that inside a pydantic validator it becomes a validation error
+    (422). Imported from services/spec.py, where job specs live; defined here so that every module of the spec (the
+    sweeps' too) can raise it."""
+
+    code = "invalid_spec"
+
+
 # Errors of the layers below, by type: (HTTP status, code). First match wins, so subclasses come first.
 KNOWN: dict[type[BaseException], tuple[int, str]] = {
     StoreUnavailable: (503, "storage_unavailable"),

@@ -86,7 +86,11 @@ def begin_extraction(
     if entry.is_complete:
         return prep
     meta = {**backbone.info(), "dataset_root": str(dataset.root), "dataset_fingerprint": dataset.fingerprint,
-            "classes": dataset.classes}  # fmt: skip
+            "classes": dataset.classes, "skipped_rows": list(dataset.skipped_rows)}  # fmt: skip
+    if dataset.skipped_rows:
+        reporter.event(f"left out {len(dataset.skipped_rows)} dataset rows (repeated files; with on_corrupt=skip, "
+                       f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}", level="warning",
+                       data={"left_out": list(dataset.skipped_rows[:1000])})  # fmt: skip
     entry.create(labels=dataset.labels, layers=prep.layers, tokens=prep.tokens, token_count=backbone.tokens,
                  dim=backbone.dim, batch_size=prep.batch_size, meta=meta, codec=spec.extraction.codec,
                  keepbits=spec.extraction.keepbits)  # fmt: skip

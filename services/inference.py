@@ -68,6 +68,8 @@ class LoadedModel:
         self.id, self.module, self.config, self.backbone = model_id, module, config, backbone
         self.classes: list[str] = config["classes"]
         self.kind: str = config.get("kind", "side")
+        self.multi_label: bool = config.get("multi_label", False)
+        self.threshold: float | None = config.get("threshold")
         self.backbone_key = backbone_key  # (name, weights hash, preprocessing, precision)
         self.nbytes = nbytes  # what the model holds beyond its backbone
 
@@ -83,13 +85,24 @@ def _side(module: torch.nn.Module, device_type: str, bf16: bool, features: torch
         return module(features)
 
 
-def format_predictions(model: LoadedModel, probs: np.ndarray) -> list[dict[str, Any]]:
-    """The v1 output: one {"label", "scores"} per image."""
-    return [
+def format_predictions(model: LoadedModel, probs: np.ndarray, threshold: float | None = None) -> list[dict[str, Any]]:
+    """The v1 output: one {"label", "scores"} per image; a multi-label model adds "labels", the tags whose score
+    reaches `threshold` (default: the model's, chosen on validation)."""
+    out = [
         {"label": model.classes[int(p.argmax())],
          "scores": {c: round(float(s), 6) for c, s in zip(model.classes, p, strict=True)}}
         for p in probs
     ]  # fmt: skip
+    if model.multi_label:
+        t = model.threshold if threshold is None else threshold
+        for pred, p in zip(out, probs, strict=True):
+            pred["labels"] = [c for c, s in zip(model.classes, p, strict=True) if s >= t]
+    return out
+
+
+def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Softmax over the classes, or a sigmoid per tag for a multi-label model."""
+    return torch.sigmoid(logits.float()) if multi_label else logits.float().softmax(-1)
 
 
 class Predictor:
@@ -293,11 +306,11 @@ class Predictor:
                         tokens = m.config.get("input_tokens") or "all"  # as the model was trained
                         f = pool_tokens(f.float(), tokens, backbone.num_prefix_tokens)
                         side_model = partial(_side, m.module, backbone.device.type, bf16)
-                        self._apply(side_model, f, requests, [(i, first[i]) for i in idx], out)
+                        self._apply(side_model, f, requests, [(i, first[i]) for i in idx], out, m.multi_label)
                 adapted = [i for i in members if requests[i][0].kind != "side"]
                 for m, idx in self._by_model(requests, adapted).items():
                     x, first = self._stack(requests, idx, backbone.dtype)
-                    self._apply(m.module, x, requests, [(i, first[i]) for i in idx], out)
+                    self._apply(m.module, x, requests, [(i, first[i]) for i in idx], out, m.multi_label)
         return out
 
     def _stack(
@@ -326,12 +339,13 @@ class Predictor:
 
     @staticmethod
     def _apply(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, requests: list[Request],
-               where: list[tuple[int, int]], out: list[np.ndarray]) -> None:  # fmt: skip
+               where: list[tuple[int, int]], out: list[np.ndarray], multi_label: bool = False) -> None:  # fmt: skip
         """Run `module` on the rows of x that the requests in `where` ((request, first row) pairs) own, and hand
         each request its own rows' probabilities."""
         spans = [(i, first, len(requests[i][1])) for i, first in where]
         rows = [r for _, first, n in spans for r in range(first, first + n)]
-        probs = module(x if rows == list(range(len(x))) else x[rows]).float().softmax(-1).cpu().numpy()
+        logits = module(x if rows == list(range(len(x))) else x[rows])
+        probs = probabilities(logits, multi_label).cpu().numpy()
         done = 0
         for i, _, n in spans:
             out[i], done = probs[done : done + n], done + n
@@ -352,9 +366,10 @@ class Predictor:
         probs = self.run([(m, batches[m.backbone_key]) for m in models])
         return {m.id: self.format(m, p) for m, p in zip(models, probs, strict=True)}
 
-    def predict(self, model_id: str, images: list[bytes], video: bool | None = None) -> list[dict[str, Any]]:
+    def predict(self, model_id: str, images: list[bytes], video: bool | None = None,
+                threshold: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
         """One request on its own (the inference service goes through services.batching.Batcher); images, or
-        videos for a model trained on clips."""
+        videos for a model trained on clips; `threshold` overrides a multi-label model's own."""
         model = self.load(model_id)
         model, x = self.inputs(model, self.decode_for(model, images, video))
-        return self.format(model, self.run([(model, x)])[0])
+        return self.format(model, self.run([(model, x)])[0], threshold)

@@ -5,6 +5,7 @@ from what was finished (cache batches, training checkpoints).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -23,6 +24,8 @@ from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
 from storage.settings import Settings
 
 log = logging.getLogger("sidetune.pipeline")
+
+PLOTS = ("confusion", "curves")  # the PNGs every model has (services/plots.py), at GET /models/{id}/plots/{name}.png
 
 
 def model_id_for(job_id: str) -> str:
@@ -43,15 +46,6 @@ def fail(store: JobStore, job_id: str, exc: Exception) -> None:
         log.warning("job %s failed: %s: %s", job_id, code, message)
     store.set_fields(job_id, status="failed", error={"code": code, "message": message}, finished_at=now())
     store.add_event(job_id, f"failed: {message}", level="error")
-
-
-def left_out(reporter: JobReporter, dataset: Any) -> None:
-    """A warning event for the rows of a dataset that were left out (repeated or missing files)."""
-    rows = dataset.skipped_rows
-    if rows:
-        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-        reporter.event(f"{len(rows)} dataset rows left out: {'; '.join(rows[:5])}{more}", level="warning",
-                       data={"left_out": list(rows[:1000])})  # fmt: skip
 
 
 def _cancelled(store: JobStore, job_id: str) -> None:
@@ -170,7 +164,6 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         t0 = time.perf_counter()
         spec = _on_this_machine(spec, settings)
         prep = prepare(spec, settings)
-        left_out(reporter, prep.dataset)
         lock = _cache_lock(store, prep.key, job_id)
         # A lock held under this job's token is this step's own, left by a worker that died (its step is requeued
         # only then): taken over at once rather than after its lease expires.
@@ -283,10 +276,13 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
                     raise CacheError(f"the feature cache entry {key} was evicted before training; submit the job "
                                      "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB")  # fmt: skip
                 out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt)
-            artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
+            files = {"evaluation.json": json.dumps(out["evaluation"], indent=2).encode()}
+            files |= {f"plots/{name}.png": png for name, png in out["plots"].items()}
+            artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"], files)
         artifacts.check_model(model_id)
         config = artifacts.read_json(model_id, "config.json")
         metrics = artifacts.read_json(model_id, "metrics.json")
+        report = artifacts.read_json(model_id, "evaluation.json")
     except Cancelled:
         return _cancelled(store, job_id)
     except TRANSIENT:
@@ -297,9 +293,12 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         "id": model_id, "object": "model", "created_at": now(), "job_id": job_id, "owner": job.get("owner"),
         "name": spec.name, "method": spec.method.name, "mode": spec.mode, "backbone": spec.backbone.name,
         "video": spec.backbone.video.model_dump() if spec.backbone.video else None, "classes": config["classes"],
-        "metrics": metrics,
+        "multi_label": config.get("multi_label", False), "threshold": config.get("threshold"), "metrics": metrics,
+        "evaluation": {"split": report["split"], "images": report["images"], **report["metrics"]},
+        "plots": sorted(PLOTS),
     })  # fmt: skip
     store.update_job(job_id, lambda j: j.update(status="succeeded", model_id=model_id, finished_at=now(),
                                                 metrics={**j["metrics"], **metrics}))  # fmt: skip
-    store.add_event(job_id, f"succeeded: model {model_id}, val accuracy {metrics['val_accuracy']:.4f}")
+    metric = "val_map" if "val_map" in metrics else "val_accuracy"
+    store.add_event(job_id, f"succeeded: model {model_id}, {metric.replace('_', ' ')} {metrics[metric]:.4f}")
     artifacts.drop_checkpoints(job_id)

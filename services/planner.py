@@ -19,8 +19,9 @@ from pydantic import BaseModel, Field
 
 from services.architectures import Architecture, architecture, forward_flops
 from services.backprop import backprop_memory
-from services.datasets import read_for_job, stratified_split
+from services.datasets import check_validation, read_for_job, split
 from services.spec import JobSpec
+from services.sweeps.grid import check_size
 from services.video.spec import check_inputs
 from storage.settings import Settings
 
@@ -67,6 +68,8 @@ class Plan(BaseModel):
     images: int = Field(..., description="Images in the dataset (every file is counted; corrupt ones too).")
     train_images: int = Field(..., description="Images in the training split.")
     val_images: int = Field(..., description="Images in the validation split.")
+    test_images: int = Field(0, description="Images in the test split (`dataset.test_fraction`); 0 without one.")
+    configurations: int = Field(1, description="Configurations the job trains: 1, or the size of its sweep.")
     classes: int = Field(..., description="Classes in the dataset.")
     architecture: Architecture | None = Field(
         None, description="The backbone's shape; null for a backbone outside the planner's table (sizes unknown)."
@@ -250,18 +253,25 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     if spec.dataset.path is None:  # the API resolves `dataset.id` to the uploaded dataset's path before planning
         raise FileNotFoundError(f"dataset.id {spec.dataset.id!r} is an uploaded dataset: plan the job with the API "
                                 "(POST /jobs?dry_run=true)")  # fmt: skip
-    dataset = read_for_job(spec.dataset, settings.roots)
-    check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
+    check_size(spec.sweep, settings.max_sweep_configs)
+    ds = spec.dataset
+    dataset = read_for_job(ds, settings.roots)
+    check_inputs(spec.backbone.video, dataset.kind, ds.path)
     n = len(dataset)
-    train_idx, val_idx = stratified_split(dataset.labels, spec.dataset.val_fraction, spec.dataset.split_seed)
+    train_idx, val_idx, test_idx = split(dataset.labels, ds.val_fraction, ds.test_fraction, ds.split_seed)
+    check_validation(dataset.labels, val_idx, dataset.classes)
     arch = architecture(spec.backbone.name, spec.backbone.image_size, spec.backbone.video)
     cpu = settings.device == "cpu"
     tflops = settings.planner_cpu_tflops if cpu else settings.planner_gpu_tflops
     disk = _Disk(settings)
     notes: list[str] = []
+    if dataset.skipped_rows:
+        notes.append(f"{len(dataset.skipped_rows)} dataset rows are left out (repeated files; with on_corrupt=skip, "
+                     f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}")  # fmt: skip
     base = dict(
         backbone=spec.backbone.name, method=spec.method.name, mode=spec.mode, needs_cache=spec.needs_cache, images=n,
-        train_images=len(train_idx), val_images=len(val_idx), classes=len(dataset.classes), architecture=arch,
+        train_images=len(train_idx), val_images=len(val_idx), test_images=len(test_idx), classes=len(dataset.classes),
+        configurations=spec.sweep.size() if spec.sweep else 1, architecture=arch,
         quota_bytes=disk.quota, free_disk_bytes=disk.free, cache_used_bytes=disk.used,
         cache_evictable_bytes=disk.evictable, available_bytes=disk.space_max(), assumed_tflops=tflops,
         assumed_disk_mb_s=settings.planner_disk_mb_s, train_memory_budget_bytes=settings.train_host_budget_bytes() // 2,
@@ -346,8 +356,11 @@ def describe(p: Plan) -> str:
     """The plan as readable lines, for `sidetune plan`."""
     a = p.architecture
     item = "clips" if a is not None and a.num_frames else "images"
-    split = f"{p.images} {item}, {p.classes} classes ({p.train_images} train, {p.val_images} val)"
+    split = f"{p.images} {item}, {p.classes} classes ({p.train_images} train, {p.val_images} val"
+    split += f", {p.test_images} test)" if p.test_images else ")"
     rows = [("job", f"{p.method} on {p.backbone}, mode {p.mode}"), ("dataset", split)]
+    if p.configurations > 1:
+        rows.append(("sweep", f"{p.configurations} configurations, trained together from one pass per epoch"))
     if a is not None:
         vivit = f"ViViT of {a.num_frames} frames, tubelet {a.tubelet}, " if a.num_frames else ""
         rows.append(("backbone", f"{vivit}{a.num_layers} blocks, {a.tokens} tokens ({a.num_prefix_tokens} prefix), "

@@ -4,7 +4,8 @@
   when they fit the budgets, else read from the cache per batch;
 - `ImageSource`: decoded, transformed images or clips (mode `images`), augmented or not;
 - `OnlineSource`: images through the frozen backbone under no_grad on every batch (mode `online`, the LoSA
-  paper's way of training, and the baseline the cache is measured against).
+  paper's way of training, and the baseline the cache is measured against);
+- `PooledSource`: another source's activations pooled to one token per layer, as a pooled cache holds them.
 
 Every source answers `iterate(batches)`: for each batch of positions (into its indices), `(x, y)` on the device,
 ready for the model. Nothing in it waits for the device: labels travel with their inputs (gathered on the device
@@ -26,7 +27,7 @@ import torch
 from services.backbones import Backbone, SplitTransform
 from services.datasets import Dataset
 from services.loading import BatchReader, iterate
-from storage.cache import CacheEntry
+from storage.cache import CacheEntry, pool_tokens
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), both on the device
 
@@ -128,3 +129,15 @@ class OnlineSource:
             # the backbone here, in the training thread: in a loader thread its OpenMP team and the side network's
             # would share the cores (online LoSA on 2 cores: 206 img/s here, 156-196 there)
             yield (self.backbone.intermediates(x, self.layers) if len(y) else x), y
+
+
+class PooledSource:
+    """Another source's activations pooled to one token per layer (`cls` or `mean`), as a cache of pooled tokens
+    holds them: live activations for a model trained on such a cache (a separate test set)."""
+
+    def __init__(self, source: Source, mode: str, num_prefix_tokens: int) -> None:
+        self.source, self.mode, self.num_prefix_tokens = source, mode, num_prefix_tokens
+
+    def iterate(self, batches: Sequence[np.ndarray]) -> Iterator[Batch]:
+        for x, y in self.source.iterate(batches):
+            yield (pool_tokens(x, self.mode, self.num_prefix_tokens) if len(y) else x), y

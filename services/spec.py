@@ -10,18 +10,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.architectures import unsupported_backbone
-from services.errors import UserError
+from services.errors import SpecError  # noqa: F401 - re-exported: where job specs are, their error is
 from services.methods import CONFIGS, METHOD_NAMES, MethodConfig
+from services.sweeps.grid import SweepSpec, check_sweep
 from services.video.spec import VideoSpec
 
 Mode = Literal["cache", "images", "tail", "online"]
-
-
-class SpecError(UserError, ValueError):
-    """A job spec that cannot run as given (a field that does not suit the backbone or the method); the message names
-    the field. A ValueError too, so that inside a pydantic validator it becomes a validation error (422)."""
-
-    code = "invalid_spec"
 
 
 NO_NUL = r"^[^\x00-\x1f\x7f]*$"  # a file path: no NUL byte (the OS refuses it) nor other control characters
@@ -50,9 +44,38 @@ class DatasetSpec(BaseModel):
         "auto", description="`auto` picks `csv` for a .csv file and `imagefolder` for a directory."
     )
     val_fraction: float = Field(
-        0.2, gt=0.0, lt=1.0, description="Fraction of each class held out for validation (seeded, stratified)."
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of each class held out for validation (seeded, stratified), on which the epoch, the "
+        "sweep configuration and the L2 strength are chosen. Every class needs at least 2 images for one to be "
+        "held out; a job whose validation split would be empty is refused.",
     )
-    split_seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the validation split.")
+    test_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of each class held out as a test split (seeded, stratified, disjoint from "
+        "validation), never seen by training or selection: the selected model is evaluated once on it "
+        "(`GET /models/{id}/evaluation`). 0: no test split. `val_fraction + test_fraction` must be below 1.",
+    )
+    test: str | None = Field(
+        None,
+        min_length=1,
+        pattern=NO_NUL,
+        description="A separate test set on the server (an ImageFolder directory, or a CSV manifest named `*.csv`) "
+        "whose labels are among the training set's classes; instead of `test_fraction`. Its images run through the "
+        "backbone and the selected model once, after training.",
+    )
+    multi_label: bool = Field(
+        False,
+        description="Multi-label classification: the CSV manifest's label column holds `|`-separated tags (e.g. "
+        "`cat|outdoor`), the model has one sigmoid output per tag (binary cross-entropy), validation selects on "
+        "mean average precision, and predict returns the tags over a threshold chosen on validation. A row "
+        "without any tag fails the job naming it, or is skipped and counted with `on_corrupt: skip`. The splits "
+        "are then seeded but not stratified.",
+    )
+    split_seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the validation and test splits.")
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail",
         description="An image or video that cannot be decoded, or a manifest row whose file is missing, fails the job "
@@ -71,6 +94,12 @@ class DatasetSpec(BaseModel):
         # submission with both is refused by the API (api/routes/datasets.py: resolve_dataset).
         if self.path is None and self.id is None:
             raise ValueError("give `dataset.path` (a folder or CSV on the server) or `dataset.id` (an upload)")
+        if self.val_fraction + self.test_fraction >= 1:
+            total = self.val_fraction + self.test_fraction
+            raise ValueError(f"dataset.val_fraction + dataset.test_fraction is {total:g}; it must be below 1 so "
+                             "that images are left to train on")  # fmt: skip
+        if self.test is not None and self.test_fraction > 0:
+            raise ValueError("give `dataset.test` (a separate test set) or `dataset.test_fraction`, not both")
         return self
 
 
@@ -238,7 +267,10 @@ class TrainingSpec(BaseModel):
         f"({_defaults('optimizer')}).",
     )
     lr: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = Field(
-        "auto", description=f"Peak learning rate; `auto`: the method's default ({_defaults('lr')})."
+        "auto",
+        description=f"Peak learning rate; `auto`: the method's default ({_defaults('lr')}). LoSA's 0.05 is the "
+        "paper's value at batch size 512, scaled linearly to the job's batch (0.05 x batch_size / 512); APLA's "
+        "follows its rank as the official configs do (3e-5 at r=8 up to 1e-4 at r=128).",
     )
     weight_decay: Annotated[float, Field(ge=0, le=10)] | Literal["auto"] = Field(
         "auto", description=f"Weight decay; `auto`: the method's default ({_defaults('weight_decay')})."
@@ -249,6 +281,26 @@ class TrainingSpec(BaseModel):
         "method's default "
         f"({_defaults('warmup_epochs')}).",
     )
+    clip_grad_norm: Annotated[float, Field(gt=0)] | None | Literal["auto"] = Field(
+        "auto",
+        description="Clip the gradient's global L2 norm to this value before every step (per configuration in a "
+        "sweep); null: no clipping; `auto`: the method's official code "
+        f"({_defaults('clip_grad_norm')}).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Label smoothing of the training loss (Szegedy et al., CVPR 2016): the target puts this much "
+        "probability mass uniformly over the classes (multi-label: targets become y (1 - e) + e / 2). 0.1 is the "
+        "usual value (e.g. APLA's ImageNet config, DeiT). Validation and test figures use the plain loss.",
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none",
+        description="`balanced`, for unbalanced datasets: each class's loss is weighted by n / (classes x n_c) "
+        "over the training split (scikit-learn's class_weight='balanced'); multi-label: each tag's positives by "
+        "its negatives / positives (BCE pos_weight).",
+    )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of initialisation and batch order.")
     compile: bool = Field(
         False,
@@ -257,11 +309,15 @@ class TrainingSpec(BaseModel):
     )
 
     def resolved(self, defaults: dict) -> dict:
-        """Fill `auto` fields from the method's defaults."""
+        """Fill `auto` fields from the method's defaults. A default learning rate given for a reference batch
+        size (`lr_reference_batch`, e.g. LoSA's 0.05 at 512) is scaled linearly to this job's batch size (Goyal et
+        al. 2017); an explicit `lr` is used as given."""
         out = self.model_dump()
         for key, value in defaults.items():
             if out.get(key) == "auto":
                 out[key] = value
+                if key == "lr" and defaults.get("lr_reference_batch"):
+                    out[key] = value * self.batch_size / defaults["lr_reference_batch"]
         for key in ("lr", "weight_decay", "warmup_epochs"):
             if isinstance(out[key], float | int) and out[key] < 0:
                 raise SpecError(f"training.{key} must be >= 0")
@@ -278,6 +334,13 @@ class JobSpec(BaseModel):
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec, description="How features are cached.")
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="Where the method's inputs come from.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+    sweep: SweepSpec | None = Field(
+        None,
+        description='Train a grid of configurations in this one job, e.g. `{"lr": [0.01, 0.05], "rank": [4, '
+        "16]}` (4 configurations): every configuration sees each mini-batch as it is read (one pass over the cache "
+        "per epoch for the whole grid), the best on validation becomes the job's model, and every configuration's "
+        "curve and score is in the job's metrics (`sweep`). At most SIDETUNE_MAX_SWEEP_CONFIGS configurations.",
+    )
 
     @model_validator(mode="after")
     def _finite(self) -> JobSpec:
@@ -299,7 +362,30 @@ class JobSpec(BaseModel):
             raise ValueError(
                 f"execution.augment needs mode images or online; mode {self.mode!r} trains on fixed cached features"
             )
+        if self.sweep is not None:
+            check_sweep(self.sweep, self.method, self.linear_solver)
         return self
+
+    @property
+    def linear_solver(self) -> str | None:
+        """The linear probe's solver, `auto` resolved (L-BFGS on cached features, SGD online); None for others."""
+        return self.method.resolved_solver(self.mode) if self.method.name == "linear" else None
+
+    def configurations(self) -> list[JobSpec]:
+        """The job itself, or one spec per configuration of its sweep (each validated, so a bad value is named)."""
+        if self.sweep is None:
+            return [self]
+        base = self.model_dump(exclude={"sweep"})
+        specs = []
+        for overrides in self.sweep.configurations():
+            data = {**base, "method": dict(base["method"]), "training": dict(base["training"])}
+            for key, value in overrides.items():
+                data["training" if key in ("lr", "weight_decay") else "method"][key] = value
+            try:
+                specs.append(JobSpec.model_validate(data))
+            except ValueError as e:
+                raise ValueError(f"sweep configuration {overrides}: {e}") from None
+        return specs
 
     @property
     def mode(self) -> Mode:
@@ -316,7 +402,10 @@ class JobSpec(BaseModel):
             if not 1 <= self.execution.tail_blocks < num_layers:
                 raise SpecError(f"execution.tail_blocks must be between 1 and {num_layers - 1} for this backbone")
             return [num_layers - self.execution.tail_blocks - 1], ("all",)
-        return self.method.needs(num_layers, global_pool)
+        # a sweep reads what any of its configurations reads, in a token mode all of them accept
+        needs = [c.method.needs(num_layers, global_pool) for c in self.configurations()]
+        layers = sorted({layer for needed, _ in needs for layer in needed})
+        return layers, tuple(t for t in needs[0][1] if all(t in accepted for _, accepted in needs))
 
     def cached_layers_and_tokens(self, num_layers: int, global_pool: str) -> tuple[list[int], str]:
         """What the extraction step caches for this job: `extraction.layers/tokens`, `auto` resolved to what the
@@ -345,6 +434,11 @@ def _bad_number(value: object, path: str) -> str | None:
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
             problem = _bad_number(item, f"{path}.{i}")
+            if problem:
+                return problem
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            problem = _bad_number(item, f"{path}.{key}")
             if problem:
                 return problem
     elif isinstance(value, float) and not math.isfinite(value):

@@ -1,31 +1,43 @@
 """Training, shared by every method and execution mode: mini-batches from a source (cached features, images,
-or images through the frozen backbone), SGD or AdamW with linear warmup and cosine decay, validation accuracy
-every epoch, the best weights kept.
+or images through the frozen backbone), SGD or AdamW with linear warmup and cosine decay, validation every epoch,
+the best weights kept; then the selected model is evaluated once on the test split.
 
-A checkpoint (current and best trainable weights, optimizer state, epoch) is written after every epoch, so a
-killed train worker resumes from the last finished epoch. Frozen backbone weights are never checkpointed.
+A job trains one configuration, or every configuration of its sweep (services/sweeps/): each mini-batch is read
+once and fed to all of them, and the best on validation becomes the job's model. The linear probe in cache mode
+is solved instead (services/methods/linear/solver.py).
+
+A checkpoint (current and best trainable weights, optimizer state, epoch, curves) is written after every epoch, so
+a killed train worker resumes from the last finished epoch. Frozen backbone weights are never checkpointed.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from services import methods
 from services.backbones import SplitTransform, load_backbone
-from services.datasets import DatasetError, check_path, read_for_job, stratified_split
+from services.datasets import DatasetError, check_path, check_validation, read_for_job, split
 from services.errors import UserError
+from services.evaluation import validation_score
 from services.loading import loader_workers
 from services.methods.readout import FeatureInfo
+from services.objectives import Objective
 from services.progress import Reporter
-from services.sources import CacheSource, ImageSource, OnlineSource, Source
+from services.runs import Runs, autocast, to_numpy, to_torch  # noqa: F401 - to_numpy/to_torch: the tests' helpers
+from services.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source
 from services.spec import JobSpec
+from services.sweeps.grid import check_size
+from services.sweeps.stacked import make_runs
 from services.video.loading import clip_transform, epoch_reader
 from services.video.spec import check_inputs
 from storage.artifacts import as_folder, tensors_from_bytes, tensors_to_bytes
@@ -43,14 +55,6 @@ class NonFiniteLoss(UserError):
 FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
 
 
-def to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
-
-
-def to_torch(state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-
-
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -58,83 +62,120 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _save_checkpoint(where: Folder | Path, epoch: int, model: nn.Module, best: dict, opt: torch.optim.Optimizer,
-                     log: dict):  # fmt: skip
-    d = as_folder(where)  # on the store: a train worker on another machine resumes from it
-    state = {f"model.{k}": v for k, v in to_numpy(model.trainable_state()).items()}
-    state |= {f"best.{k}": v for k, v in best.items()}
-    opt_state = opt.state_dict()
-    for pid, s in opt_state["state"].items():
-        for name, value in s.items():
-            if torch.is_tensor(value):
-                state[f"opt.{pid}.{name}"] = value.detach().cpu().numpy().reshape(value.shape)
-    d.write_bytes("checkpoint.safetensors", tensors_to_bytes(state))
-    scalars = {pid: {k: v for k, v in s.items() if not torch.is_tensor(v)} for pid, s in opt_state["state"].items()}
-    d.write_json(
-        "checkpoint.json",
-        {"epoch": epoch, "param_groups": opt_state["param_groups"], "opt_scalars": scalars, **log},
-    )
-
-
-def _load_checkpoint(where: Folder | Path, model: nn.Module, opt: torch.optim.Optimizer
-                     ) -> tuple[int, dict, dict] | None:  # fmt: skip
-    d = as_folder(where)
-    if not d.exists("checkpoint.json"):
-        return None
-    info = d.read_json("checkpoint.json")
-    state = tensors_from_bytes(d.read_bytes("checkpoint.safetensors"))
-    model.load_trainable(to_torch({k[6:]: v for k, v in state.items() if k.startswith("model.")}))
-    best = {k[5:]: v for k, v in state.items() if k.startswith("best.")}
-    opt_state: dict[int, dict] = {int(pid): dict(s) for pid, s in info["opt_scalars"].items()}
-    for k, v in state.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = torch.from_numpy(np.array(v))
-    opt.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
-    return info["epoch"], best, info
-
-
 def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[s : s + size] for s in range(0, len(order), size)]
 
 
-def evaluate(model: nn.Module, source: Source, n: int, batch_size: int, device: str) -> float:
-    """Accuracy on the `n` items of `source`, counted on the device and read once."""
-    if n == 0:
-        return float("nan")
-    model.eval()
-    correct, seen = torch.zeros((), dtype=torch.int64, device=device), 0
-    with torch.inference_mode(), _autocast(device):
+@dataclass
+class Result:
+    """One configuration's outcome: its best weights on validation, that epoch's figures, its curve."""
+
+    state: dict[str, np.ndarray] = field(repr=False)
+    score: float = -1.0  # val accuracy, or val mAP (multi-label)
+    loss: float = math.inf  # plain validation loss at the best epoch
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def select(results: list[Result]) -> int:
+    """The configuration with the best validation figure; ties: the lower validation loss, then the first."""
+    return max(range(len(results)), key=lambda j: (results[j].score, -results[j].loss, -j))
+
+
+def _inputs(x: torch.Tensor, runs: Runs, layers: list[int] | None) -> torch.Tensor:
+    """The batch as `runs` reads it: its own cached layers out of the union that was read."""
+    if layers is None or runs.input_layers is None or runs.input_layers == layers:
+        return x
+    return x[:, [layers.index(layer) for layer in runs.input_layers]]
+
+
+def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
+            device: str) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
+    """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the labels of their
+    rows (all n, unless images that cannot be decoded are skipped). One read of the device, at the end."""
+    out: list[list[torch.Tensor]] = [[] for r in runs for _ in range(r.count)]
+    labels: list[torch.Tensor] = []
+    for r in runs:
+        r.train(False)
+    with torch.inference_mode():
         for x, y in source.iterate(_batches(np.arange(n), batch_size)):
-            if len(y):
-                correct += (model(x).argmax(1) == y).sum()
-                seen += len(y)
-    return correct.item() / max(seen, 1)
+            if not len(y):
+                continue
+            labels.append(y)
+            j = 0
+            for r in runs:
+                logits = r.logits(_inputs(x, r, layers))
+                for k in range(r.count):
+                    out[j + k].append(logits[k])
+                j += r.count
+    if not labels:
+        return [np.empty((0, 0), np.float32) for _ in out], np.empty(0, np.int64)
+    return [torch.cat(p).cpu().numpy() for p in out], torch.cat(labels).cpu().numpy()
 
 
-def _autocast(device: str):
-    # bfloat16 autocast on a GPU (no loss scaling needed); full precision on the CPU.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
+             objective: Objective) -> list[tuple[float, float]]:  # fmt: skip
+    """(validation figure, plain validation loss) of every configuration."""
+    if n == 0:
+        raise DatasetError("the validation split is empty")  # refused at submission; the cache lost images since
+    all_logits, targets = predict(runs, source, n, batch_size, layers, objective.device)
+    y = objective.targets(targets)
+    scores = []
+    for logits in all_logits:
+        loss = float(objective.plain(torch.from_numpy(logits).to(y.device)[None], y)[0])
+        scores.append((validation_score(targets, logits), loss))
+    return scores
+
+
+def _save_checkpoint(where: Folder | Path, epoch: int, runs: list[Runs], results: list[Result], log: dict) -> None:
+    d = as_folder(where)  # on the store: a train worker on another machine resumes from it
+    tensors, infos = {}, []
+    for i, r in enumerate(runs):
+        t, info = r.checkpoint()
+        tensors |= {f"runs{i}.{k}": v for k, v in t.items()}
+        infos.append(info)
+    for j, res in enumerate(results):
+        tensors |= {f"best{j}.{k}": v for k, v in res.state.items()}
+    meta = [{"score": r.score, "loss": r.loss, "epoch": r.epoch, "history": r.history} for r in results]
+    d.write_bytes("checkpoint.safetensors", tensors_to_bytes(tensors))
+    # compact: it holds every configuration's curve and is rewritten every epoch
+    d.write_bytes("checkpoint.json", json.dumps({"epoch": epoch, "runs": infos, "results": meta, **log}).encode())
+
+
+def _load_checkpoint(where: Folder | Path, runs: list[Runs], results: list[Result]) -> tuple[int, dict] | None:
+    d = as_folder(where)
+    if not d.exists("checkpoint.json"):
+        return None
+    info = d.read_json("checkpoint.json")
+    tensors = tensors_from_bytes(d.read_bytes("checkpoint.safetensors"))
+    for i, r in enumerate(runs):
+        prefix = f"runs{i}."
+        r.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, info["runs"][i])
+    for j, (res, saved) in enumerate(zip(results, info["results"], strict=True)):
+        prefix = f"best{j}."
+        res.state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        res.score, res.loss, res.epoch, res.history = saved["score"], saved["loss"], saved["epoch"], saved["history"]
+    return info["epoch"], info
 
 
 def fit(
-    model: nn.Module,
+    runs: list[Runs],
+    where: list[tuple[int, int]],
     train: Source,
     val: Source,
     n: int,
     n_val: int,
     hp: dict[str, Any],
+    objective: Objective,
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
-    device: str,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The training loop shared by every method and mode, over `n` training and `n_val` validation items of the
-    sources; returns (best weights, metrics)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if hp["optimizer"] == "sgd":
-        opt = torch.optim.SGD(params, lr=hp["lr"], momentum=0.9, weight_decay=hp["weight_decay"])
-    else:
-        opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    layers: list[int] | None = None,
+) -> tuple[list[Result], dict[str, Any]]:
+    """The training loop shared by every method, mode and sweep, over `n` training and `n_val` validation items of
+    the sources: configuration j is `where[j]` = (runs, index in it); every batch is read once for all of them.
+    `layers`: the cached layers the sources read (each Runs takes its own). Returns each configuration's Result and
+    the timings. The loop never waits for the device: losses are summed on it and read once per epoch."""
+    device = objective.device
     bs = min(hp["batch_size"], n)
     steps_per_epoch = -(-n // bs)
     total = steps_per_epoch * hp["epochs"]
@@ -143,78 +184,76 @@ def fit(
         # e.g. ARC's 10 warmup epochs (from 100-epoch runs) in a 10-epoch job would never reach the decay
         reporter.event(f"warmup of {hp['warmup_epochs']} epochs capped at half of this {hp['epochs']}-epoch run")
         warmup = max(1, total // 2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
-    loss_fn = nn.CrossEntropyLoss()
-
-    start_epoch, best_acc, best_epoch, seconds, seen = 0, -1.0, 0, 0.0, 0
-    best = to_numpy(model.trainable_state())
-    resumed = _load_checkpoint(checkpoint_dir, model, opt)
+    results = [Result(state=runs[i].state(k)) for i, k in where]
+    start_epoch, seconds, seen = 0, 0.0, 0
+    resumed = _load_checkpoint(checkpoint_dir, runs, results)
     if resumed:
-        start_epoch, best, log = resumed
-        best_acc, best_epoch, seconds, seen = log["best_acc"], log["best_epoch"], log["seconds"], log["seen"]
-        sched.last_epoch = start_epoch * steps_per_epoch - 1
-        sched.step()
+        start_epoch, log = resumed
+        seconds, seen = log["seconds"], log["seen"]
         reporter.event(f"resumed training from the checkpoint of epoch {start_epoch}")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    forward = torch.compile(model) if hp.get("compile") else model  # shares the parameters: saved as `model`
     first_step_s: float | None = None
+    flat = [j for i, r in enumerate(runs) for k in range(r.count) for j in [where.index((i, k))]]  # runs -> config
+    metric = objective.metric
+    warned: set[int] = set()  # configurations reported as diverged
     for epoch in range(start_epoch, hp["epochs"]):
-        model.train()
+        for r in runs:
+            r.train(True)
         order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
-        # the loss is summed on the device and read once per epoch: no step waits for the device to catch up
-        t0, loss_sum, count = time.perf_counter(), torch.zeros((), device=device), 0
+        t0, count = time.perf_counter(), 0
+        loss_sums = [torch.zeros(r.count, device=device) for r in runs]
         for step, (x, y) in enumerate(train.iterate(_batches(order, bs))):
             if len(y):
-                with _autocast(device):
-                    loss = loss_fn(forward(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach().float() * len(y)
+                y = objective.cast(y)
+                scale = warmup_cosine(epoch * steps_per_epoch + step, warmup, total)
+                for r, sums in zip(runs, loss_sums, strict=True):
+                    sums += r.step(_inputs(x, r, layers), y, scale) * len(y)
                 count += len(y)
                 if first_step_s is None:  # the one step that waits for the device: with compile, it compiles
-                    loss.item()
+                    loss_sums[0].sum().item()
                     first_step_s = time.perf_counter() - t0
-            sched.step()
             if step % 20 == 0:
                 reporter.check_cancel()
-        train_loss = loss_sum.item() / max(count, 1)
-        if not math.isfinite(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
-            raise NonFiniteLoss(f"the training loss became {train_loss} in epoch {epoch + 1}; lower training.lr "
-                                f"({hp['lr']}) or check the data")  # fmt: skip
+        train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
+        diverged = {pos for pos, value in enumerate(train_loss) if not math.isfinite(value)}
+        if len(diverged) == len(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
+            raise NonFiniteLoss(f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
+                                "or check the data")  # fmt: skip
+        if diverged - warned:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
+            reporter.event(f"{len(diverged - warned)} of {len(train_loss)} configurations diverged (non-finite loss) "
+                           f"in epoch {epoch + 1}", level="warning")  # fmt: skip
+            warned |= diverged
         epoch_s = time.perf_counter() - t0
         seconds += epoch_s
         seen += count
-        acc = evaluate(forward, val, n_val, max(bs, 64), device)
-        if acc > best_acc:
-            best_acc, best_epoch, best = acc, epoch + 1, to_numpy(model.trainable_state())
-        metrics = {"epoch": epoch + 1, "train_loss": round(train_loss, 5), "val_accuracy": round(acc, 5),
-                   "train_seconds": round(epoch_s, 3),
-                   "lr": round(sched.get_last_lr()[0], 6)}  # fmt: skip
-        reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: loss {metrics['train_loss']:.4f}, "
-                       f"val acc {acc:.4f}", type="metrics", data=metrics)  # fmt: skip
-        reporter.progress("training", epoch + 1, hp["epochs"], **metrics)
-        log = {"best_acc": best_acc, "best_epoch": best_epoch, "seconds": seconds, "seen": seen}
-        _save_checkpoint(checkpoint_dir, epoch + 1, model, best, opt, log)
+        lr_scale = warmup_cosine(min((epoch + 1) * steps_per_epoch, total) - 1, warmup, total)
+        scores = evaluate(runs, val, n_val, max(bs, 64), layers, objective)
+        for pos, j in enumerate(flat):
+            res, (score, loss) = results[j], scores[pos]
+            lr = float(f"{runs[where[j][0]].base_lrs[where[j][1]] * lr_scale:.4g}")
+            res.history.append({"epoch": epoch + 1, "train_loss": round(train_loss[pos], 5), metric: round(score, 5),
+                                "val_loss": round(loss, 5), "lr": lr, "train_seconds": round(epoch_s, 3)})  # fmt: skip
+            if score > res.score:
+                i, k = where[j]
+                res.state, res.score, res.loss, res.epoch = runs[i].state(k), score, loss, epoch + 1
+        lead = results[select(results)]
+        last = lead.history[-1]
+        label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
+        reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
+                       f"{metric.replace('_', ' ')} {last[metric]:.4f}", type="metrics",
+                       data=last if len(results) == 1 else {**last, "configurations": [
+                           r.history[-1] for r in results]})  # fmt: skip
+        reporter.progress("training", epoch + 1, hp["epochs"], **last)
+        _save_checkpoint(checkpoint_dir, epoch + 1, runs, results, {"seconds": seconds, "seen": seen})
         reporter.check_cancel()
-    metrics = {
-        "val_accuracy": round(best_acc, 5),
-        "best_epoch": best_epoch,
-        "epochs": hp["epochs"],
-        "train_images": int(n),
-        "val_images": int(n_val),
-        "trainable_params": sum(p.numel() for p in params),
-        "side_params": model.side_parameters(),
-        "train_seconds": round(seconds, 3),
-        "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
-        "compiled": bool(hp.get("compile")),
-    }
+    timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
+              "compiled": bool(hp.get("compile"))}  # fmt: skip
     if first_step_s is not None:
-        metrics["first_step_seconds"] = round(first_step_s, 3)
+        timing["first_step_seconds"] = round(first_step_s, 3)
     if device.startswith("cuda"):
-        metrics["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return best, metrics
+        timing["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return results, timing
 
 
 def memory_budgets(settings: Settings, device: str) -> tuple[int, int]:
@@ -231,17 +270,24 @@ def memory_budgets(settings: Settings, device: str) -> tuple[int, int]:
     return host, dev
 
 
-def _split(labels: np.ndarray, usable: np.ndarray, spec: JobSpec) -> tuple[np.ndarray, np.ndarray]:
-    train_pos, val_pos = stratified_split(labels[usable], spec.dataset.val_fraction, spec.dataset.split_seed)
-    return usable[train_pos], usable[val_pos]
+@dataclass
+class Data:
+    """What a job trains from: the cache entry (cache, tail), the dataset (images, online), the backbone (modes
+    that run it), and the labels of every image with the indices that can be used."""
+
+    meta: dict[str, Any]
+    labels: np.ndarray
+    classes: list[str]
+    usable: np.ndarray
+    tokens: str  # the tokens the inputs hold: what the cache holds, else every token
+    skipped_rows: int = 0  # multi-label manifest rows without a tag, left out (on_corrupt=skip)
+    entry: Any = None
+    dataset: Any = None
+    backbone: Any = None
 
 
-def train_job(
-    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Folder | Path
-) -> dict[str, Any]:
-    """Build the job's model and input sources for its execution mode, train; returns {"weights", "config",
-    "metrics"} for the artifact store."""
-    mode, kind, device = spec.mode, type(spec.method).kind, settings.torch_device()
+def _data(spec: JobSpec, settings: Settings, cache_key: str | None) -> Data:
+    mode, device = spec.mode, settings.torch_device()
     entry = backbone = dataset = None
     if spec.needs_cache:
         if not cache_key:
@@ -255,88 +301,288 @@ def train_job(
                                "set dataset.on_corrupt='skip' to train without them")  # fmt: skip
         usable = np.flatnonzero(valid)
     else:
-        dataset = read_for_job(spec.dataset, settings.roots)
-        check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
-        if dataset.skipped_rows:
-            reporter.event(f"{len(dataset.skipped_rows)} dataset rows left out: {'; '.join(dataset.skipped_rows[:5])}",
-                           level="warning")  # fmt: skip
+        ds = spec.dataset
+        dataset = read_for_job(ds, settings.roots)
+        check_inputs(spec.backbone.video, dataset.kind, ds.path)
         labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
-    if mode != "cache":
+    if mode != "cache" or spec.dataset.test:  # a separate test set runs through the backbone, whatever the mode
         ckpt = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
-        # frozen in online mode (its forward's precision); trained through in images and tail modes (fp32 weights)
-        backbone = load_backbone(spec.backbone, device, ckpt, precision=None if mode == "online" else "fp32")
-        meta = backbone.info()
-        if entry is not None and backbone.weights_hash != entry.meta["weights_hash"]:
+        # frozen (its forward's precision, as the cache was written) in cache and online modes; trained through in
+        # images and tail modes (fp32 weights, autocast)
+        precision = None if mode in ("cache", "online") else "fp32"
+        backbone = load_backbone(spec.backbone, device, ckpt, precision=precision)
+        if entry is None:
+            meta = backbone.info()
+        elif backbone.weights_hash != entry.meta["weights_hash"]:
             raise RuntimeError("the backbone's weights changed since the features were cached")
-    train_idx, val_idx = _split(labels, usable, spec)
-    hp = spec.training.resolved(spec.method.training_defaults())
+    tokens = entry.meta["token_mode"] if entry is not None else "all"
+    skipped = len(entry.meta.get("skipped_rows", [])) if entry is not None else len(dataset.skipped_rows)
+    return Data(meta, labels, classes, usable, tokens, skipped, entry, dataset, backbone)
 
-    torch.manual_seed(hp["seed"])
-    tokens = entry.meta["token_mode"] if entry is not None else "all"  # what the cache holds, else live tokens
-    if kind == "side":
-        readout = entry.readout() if mode == "cache" else backbone.readout_tensors()
-        info = FeatureInfo.from_meta(meta, readout, len(classes), tokens)
-        model = methods.build(spec.method, info)
-    else:
-        tail = spec.execution.tail_blocks if mode == "tail" else None
-        model = methods.build(spec.method, backbone.model, len(classes), tail)
-    model = model.to(device)
 
-    if entry is not None:
-        entry.touch()
+def _build(spec: JobSpec, data: Data, vit: torch.nn.Module | None) -> torch.nn.Module:
+    if type(spec.method).kind == "side":
+        readout = data.entry.readout() if spec.mode == "cache" else data.backbone.readout_tensors()
+        info = FeatureInfo.from_meta(data.meta, readout, len(data.classes), data.tokens)
+        return methods.build(spec.method, info)
+    tail = spec.execution.tail_blocks if spec.mode == "tail" else None
+    return methods.build(spec.method, vit, len(data.classes), tail)
+
+
+def _sources(spec: JobSpec, settings: Settings, data: Data, parts: list[np.ndarray], layers: list[int] | None):
+    """One input source per index array of `parts`, and a description of where the inputs come from."""
+    device, mode = settings.torch_device(), spec.mode
+    if data.entry is not None:
         host, dev = memory_budgets(settings, device)
-        layers = model.input_layers
-        train_src = CacheSource(entry, train_idx, labels[train_idx], layers, host // 2, device, dev // 2)
-        val_src = CacheSource(entry, val_idx, labels[val_idx], layers, host // 2, device, dev // 2)
-        where = "cached features " + ("on the GPU" if train_src.on_device else "in memory" if train_src.in_memory
+        sources = [CacheSource(data.entry, idx, data.labels[idx], layers, host // 2, device, dev // 2) for idx in parts]
+        first = sources[0]
+        where = "cached features " + ("on the GPU" if first.on_device else "in memory" if first.in_memory
                                       else "streamed from the cache")  # fmt: skip
-    else:
-        skip = spec.dataset.on_corrupt == "skip"
-        augment = SplitTransform.of(backbone.train_transform()) if spec.execution.augment else backbone.split
-        workers = loader_workers(settings, len(train_idx))
-        # inputs in the frozen forward's dtype online; fp32 for methods trained through the backbone (autocast)
-        dtype = backbone.dtype if mode == "online" else torch.float32
-        train_reader = val_reader = None
-        if spec.backbone.video is not None:  # clips: jittered in time (and cropped, flipped with augment) to train
-            video, dc, pil = spec.backbone.video, backbone.data_config, backbone.split.pil
-            augment = backbone.split  # normalisation on the device, as for images; the clips' transform is below
-            train_reader = epoch_reader(dataset, clip_transform(dc, pil, spec.execution.augment), skip, video, True)
-            val_reader = epoch_reader(dataset, clip_transform(dc, pil), skip, video, False)
-        train_src = ImageSource(dataset, train_idx, augment, skip, device, workers, dtype, train_reader)
-        val_src = ImageSource(dataset, val_idx, backbone.split, skip, device, workers, dtype, val_reader)
-        if mode == "online":
-            train_src = OnlineSource(train_src, backbone, model.input_layers)
-            val_src = OnlineSource(val_src, backbone, model.input_layers)
-        inputs = "clips (jittered in time)" if spec.backbone.video is not None else "images"
-        where = f"{inputs}{' (augmented)' if spec.execution.augment else ''}" + (
-            ", backbone forward every step" if mode == "online" else ", through the backbone"
-        )
-    reporter.event(
-        f"training {spec.method.name} in mode {mode} ({model.side_parameters():,} side parameters) on "
-        f"{len(train_idx)} images, validating on {len(val_idx)}; inputs: {where}",
-        data={"hyperparameters": hp},
+        return sources, where
+    skip = spec.dataset.on_corrupt == "skip"
+    backbone = data.backbone
+    augment = SplitTransform.of(backbone.train_transform()) if spec.execution.augment else backbone.split
+    workers = loader_workers(settings, len(parts[0]))
+    # inputs in the frozen forward's dtype online; fp32 for methods trained through the backbone (autocast)
+    dtype = backbone.dtype if mode == "online" else torch.float32
+    readers = [None] * len(parts)
+    if spec.backbone.video is not None:  # clips: jittered in time (and cropped, flipped with augment) to train
+        augment = backbone.split  # normalisation on the device, as for images; the clips' transform is below
+        readers = [_clip_reader(spec, data.dataset, backbone, train=i == 0) for i in range(len(parts))]
+    sources = [ImageSource(data.dataset, idx, augment if i == 0 else backbone.split, skip, device, workers, dtype,
+                           readers[i]) for i, idx in enumerate(parts)]  # fmt: skip
+    if mode == "online":
+        sources = [OnlineSource(s, backbone, layers) for s in sources]
+    inputs = "clips (jittered in time)" if spec.backbone.video is not None else "images"
+    where = f"{inputs}{' (augmented)' if spec.execution.augment else ''}" + (
+        ", backbone forward every step" if mode == "online" else ", through the backbone"
     )
-    weights, metrics = fit(model, train_src, val_src, len(train_idx), len(val_idx), hp, reporter, checkpoint_dir,
-                           device)  # fmt: skip
+    return sources, where
+
+
+def _clip_reader(spec: JobSpec, dataset: Any, backbone: Any, train: bool):
+    """The loaders' reader of clips: jittered in time (and cropped, flipped with augment) to train, fixed otherwise."""
+    video, dc, pil = spec.backbone.video, backbone.data_config, backbone.split.pil
+    transform = clip_transform(dc, pil, spec.execution.augment) if train else clip_transform(dc, pil)
+    return epoch_reader(dataset, transform, spec.dataset.on_corrupt == "skip", video, train)
+
+
+def _test_set(spec: JobSpec, settings: Settings, data: Data, layers: list[int] | None) -> tuple[Source, np.ndarray]:
+    """`dataset.test`: its images through the backbone (and pooled as the cache pools them), and its labels in the
+    training set's class order."""
+    ds = spec.dataset
+    test = read_for_job(ds, settings.roots, path=ds.test)
+    check_inputs(spec.backbone.video, test.kind, ds.test)
+    unknown = sorted(set(test.classes) - set(data.classes))
+    if unknown:
+        raise DatasetError(f"dataset.test has {'tags' if ds.multi_label else 'classes'} the training set does not "
+                           f"have: {unknown[:5]}")  # fmt: skip
+    order = [data.classes.index(c) for c in test.classes]
+    if test.multi_label:
+        targets = np.zeros((len(test), len(data.classes)), dtype=np.int64)
+        targets[:, order] = test.labels
+    else:
+        targets = np.asarray(order, dtype=np.int64)[test.labels]
+    backbone, device = data.backbone, settings.torch_device()
+    dtype = torch.float32 if layers is None or spec.mode == "tail" else backbone.dtype  # as the model was trained
+    relabelled = dataclasses.replace(test, labels=targets)
+    reader = _clip_reader(spec, relabelled, backbone, train=False) if spec.backbone.video is not None else None
+    source: Source = ImageSource(relabelled, np.arange(len(test)), backbone.split, ds.on_corrupt == "skip", device,
+                                 loader_workers(settings, len(test)), dtype, reader)  # fmt: skip
+    if layers is not None:  # side models and tail mode read activations
+        source = OnlineSource(source, backbone, layers)
+        if data.tokens != "all":
+            source = PooledSource(source, data.tokens, backbone.num_prefix_tokens)
+    return source, targets
+
+
+def _solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models: list[torch.nn.Module],
+                  sources: list[Source], targets: list[np.ndarray], objective: Objective,
+                  reporter: Reporter) -> tuple[list[Result], list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """The L-BFGS linear probe of every configuration (services/methods/linear/solver.py): the pooled features of
+    every distinct pooling from one pass over the cache, then one path over the L2 strengths per pooling (the sweep's
+    `weight_decay` values, the job's own, or the default grid when it is `auto`). Returns one Result per point of
+    the paths, each point's figures and the timings."""
+    from services.methods.linear import solver
+
+    t0 = time.perf_counter()
+    auto = spec.training.weight_decay == "auto" and not (spec.sweep and spec.sweep.weight_decay)
+    grids = [list(solver.L2_GRID) if auto else [h["weight_decay"]] for h in hps]
+    by_pool: dict[str, list[int]] = {}
+    for j, c in enumerate(configs):
+        by_pool.setdefault(c.method.pool, []).append(j)
+    probes = [models[js[0]] for js in by_pool.values()]
+    feats = []
+    for source, y in zip(sources, targets, strict=True):
+        per_probe: list[list[torch.Tensor]] = [[] for _ in probes]
+        with torch.no_grad():  # not inference_mode: the features enter the solver's autograd graph
+            for x, _ in source.iterate(_batches(np.arange(len(y)), 1024)):  # cached rows, in order: all kept
+                for out, probe in zip(per_probe, probes, strict=True):
+                    out.append(probe.features(x))
+        feats.append([torch.cat(f) for f in per_probe])
+    y_train = objective.targets(targets[0])
+    results, points = [], []
+    iterations = 0
+    for p, (pool, js) in enumerate(by_pool.items()):
+        grid = sorted({l2 for j in js for l2 in grids[j]}, reverse=True)
+        path = solver.solve_path(feats[0][p], y_train, feats[1][p], targets[1], grid, objective,
+                                 configs[js[0]].method.max_iter)  # fmt: skip
+        base = {k: v.detach().cpu().numpy() for k, v in probes[p].state_dict().items()}
+        for j in js:
+            for point in (pt for pt in path if pt.l2 in grids[j]):
+                state = {**base, "head.weight": point.weight, "head.bias": point.bias}
+                results.append(Result(state=state, score=point.score, loss=point.loss))
+                points.append(
+                    {
+                        "config": j,
+                        "pool": pool,
+                        "weight_decay": point.l2,
+                        objective.metric: round(point.score, 5),
+                        "val_loss": round(point.loss, 5),
+                        "iterations": point.iterations,
+                    }
+                )
+        iterations += sum(pt.iterations for pt in path)
+        reporter.check_cancel()
+    seconds = time.perf_counter() - t0
+    reporter.event(f"L-BFGS linear probe: {len(points)} L2 strengths solved ({iterations} iterations) in "
+                   f"{seconds:.2f}s", data={"l2_path": points})  # fmt: skip
+    timing = {"train_seconds": round(seconds, 3),
+              "train_images_per_s": round(len(targets[0]) * len(points) / max(seconds, 1e-9), 1)}  # fmt: skip
+    return results, points, timing
+
+
+def train_job(
+    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Folder | Path
+) -> dict[str, Any]:
+    """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train,
+    select on validation, evaluate the selected model once on the test split (else on validation, named so);
+    returns {"weights", "config", "metrics", "evaluation", "plots"} for the artifact store."""
+    from services import evaluation, plots
+
+    check_size(spec.sweep, settings.max_sweep_configs)
+    device, kind, ds = settings.torch_device(), type(spec.method).kind, spec.dataset
+    data = _data(spec, settings, cache_key)
+    if data.dataset is not None and data.dataset.skipped_rows:  # read here (no cache): say what was left out
+        rows = data.dataset.skipped_rows
+        reporter.event(f"left out {len(rows)} dataset rows, e.g. {rows[0]}", level="warning",
+                       data={"left_out": list(rows[:1000])})  # fmt: skip
+    parts = split(data.labels[data.usable], ds.val_fraction, ds.test_fraction, ds.split_seed)
+    train_idx, val_idx, test_idx = (data.usable[p] for p in parts)
+    check_validation(data.labels[data.usable], val_idx, data.classes)
+    configs = spec.configurations()
+    hps = [c.training.resolved(c.method.training_defaults()) for c in configs]
+    hp = hps[0]
+    objective = Objective(data.labels[train_idx], len(data.classes), hp["label_smoothing"], hp["class_weights"],
+                          device)  # fmt: skip
+
+    # every adapted configuration adapts its own copy of the backbone (copied before the first one changes it)
+    vits = [None] * len(configs) if kind == "side" else [data.backbone.model, *(
+        copy.deepcopy(data.backbone.model) for _ in configs[1:])]  # fmt: skip
+    models = []
+    for c, vit in zip(configs, vits, strict=True):
+        torch.manual_seed(hp["seed"])  # each configuration starts as it would in a job of its own
+        models.append(_build(c, data, vit).to(device))
+    layers = sorted({layer for m in models for layer in (m.input_layers or [])}) or None
+    (train_src, val_src), inputs = _sources(spec, settings, data, [train_idx, val_idx], layers)
+    if data.entry is not None:
+        data.entry.touch()
+    what = f"{len(configs)} configurations ({spec.sweep.describe()})" if spec.sweep else spec.method.name
+    reporter.event(
+        f"training {what} in mode {spec.mode} ({models[0].side_parameters():,} side parameters) on {len(train_idx)} "
+        f"images, validating on {len(val_idx)}{f', testing on {len(test_idx)}' if len(test_idx) else ''}; inputs: "
+        f"{inputs}", data={"hyperparameters": hp},
+    )  # fmt: skip
+    y_train, y_val = data.labels[train_idx], data.labels[val_idx]
+    lbfgs = spec.linear_solver == "lbfgs"
+    if lbfgs:
+        results, points, timing = _solve_probes(spec, configs, hps, models, [train_src, val_src], [y_train, y_val],
+                                                objective, reporter)  # fmt: skip
+        owner = [p["config"] for p in points]
+    else:
+        runs, where = make_runs(models, [c.method.model_dump() for c in configs], hps, objective, device)
+        results, timing = fit(runs, where, train_src, val_src, len(y_train), len(y_val), hp, objective, reporter,
+                              checkpoint_dir, layers)  # fmt: skip
+        owner = list(range(len(configs)))
+    chosen = select(results)
+    j = owner[chosen]
+    best, best_hp, model, res = configs[j], dict(hps[j]), models[j], results[chosen]
+    if lbfgs:
+        best_hp["weight_decay"] = points[chosen]["weight_decay"]
+    model.load_trainable(to_torch(res.state))
+    final = make_runs([model], [best.method.model_dump()], [best_hp], objective, device)[0]
+
+    # the selected model, once: the multi-label threshold on validation, the report on the test split
+    threshold = None
+    if objective.multi_label:
+        logits, targets = predict(final, val_src, len(y_val), 256, layers, device)
+        threshold = evaluation.choose_threshold(targets, objective.probabilities(logits[0]))
+    name = "test" if len(test_idx) or ds.test else "val"
+    own = model.input_layers
+    if ds.test:
+        source, targets = _test_set(spec, settings, data, own)
+    elif len(test_idx):
+        source, targets = _sources(spec, settings, data, [test_idx], own)[0][0], data.labels[test_idx]
+    else:
+        source, targets = val_src, y_val
+    logits, targets = predict(final, source, len(targets), 256, own if source is not val_src else layers, device)
+    report = evaluation.report(targets, objective.probabilities(logits[0]), data.classes, name, threshold)
+    reporter.event(f"selected model on the {'test' if name == 'test' else 'validation'} split: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in report["metrics"].items()), type="metrics", data=report["metrics"])  # fmt: skip
+
+    metric = objective.metric
+    metrics: dict[str, Any] = {
+        metric: round(res.score, 5),
+        "val_loss": round(res.loss, 5),
+        "train_images": int(len(train_idx)),
+        "val_images": int(len(val_idx)),
+        "test_images": int(len(targets)) if name == "test" else 0,
+        "skipped_rows": data.skipped_rows,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "side_params": model.side_parameters(),
+        **timing,
+    }
+    if lbfgs:
+        metrics |= {"solver": "lbfgs", "weight_decay": best_hp["weight_decay"],
+                    "iterations": points[chosen]["iterations"], "l2_path": points}  # fmt: skip
+    else:
+        metrics |= {"best_epoch": res.epoch, "epochs": hp["epochs"], "history": res.history}
+    if spec.sweep:
+        overrides = spec.sweep.configurations()
+        entries = [{"config": overrides[owner[i]], metric: round(r.score, 5), "val_loss": round(r.loss, 5),
+                    **({"weight_decay": points[i]["weight_decay"]} if lbfgs else
+                       {"best_epoch": r.epoch, "history": r.history})} for i, r in enumerate(results)]  # fmt: skip
+        metrics |= {"configurations": len(configs), "selected": overrides[j], "sweep": entries}
+    if name == "test":
+        metrics |= report["metrics"]
+
     config = {
-        "method": spec.method.model_dump(),
+        "method": best.method.model_dump(),
         "kind": kind,
-        "mode": mode,
-        "tail_blocks": spec.execution.tail_blocks if mode == "tail" else None,
+        "mode": spec.mode,
+        "tail_blocks": spec.execution.tail_blocks if spec.mode == "tail" else None,
         "backbone": spec.backbone.model_dump(),
-        "weights_hash": meta["weights_hash"],
-        "data_config": meta["data_config"],
+        "weights_hash": data.meta["weights_hash"],
+        "data_config": data.meta["data_config"],
         "feature_info": {
-            **{k: meta[k] for k in FEATURE_KEYS},
-            "temporal": meta.get("temporal"),
-            "tokens": meta["tokens"] if tokens == "all" else 1,
-            "num_classes": len(classes),
-            "token_mode": tokens,
+            **{k: data.meta[k] for k in FEATURE_KEYS},
+            "temporal": data.meta.get("temporal"),
+            "tokens": data.meta["tokens"] if data.tokens == "all" else 1,
+            "num_classes": len(data.classes),
+            "token_mode": data.tokens,
         },
         "input_layers": model.input_layers if kind == "side" else None,
-        "input_tokens": tokens if kind == "side" else None,
-        "classes": classes,
-        "hyperparameters": hp,
-        "cache_key": cache_key if entry is not None else None,
+        "input_tokens": data.tokens if kind == "side" else None,
+        "classes": data.classes,
+        "multi_label": objective.multi_label,
+        "threshold": threshold,
+        "hyperparameters": best_hp,
+        "cache_key": cache_key if data.entry is not None else None,
     }
-    return {"weights": weights, "config": config, "metrics": metrics}
+    return {
+        "weights": res.state,
+        "config": config,
+        "metrics": metrics,
+        "evaluation": report,
+        "plots": plots.for_job(metrics, report, metric),
+    }

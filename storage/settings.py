@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     max_predict_video_s: float = Field(
         60.0, gt=0, description="Longest video (seconds) predict decodes; longer ones get 400."
     )
+    max_sweep_configs: int = Field(
+        64, ge=1, description="Most configurations one job's sweep may train (a larger grid is refused with 422)."
+    )
     predict_max_batch: int = Field(
         32,
         ge=1,

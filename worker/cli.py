@@ -138,19 +138,67 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     from worker.progress_view import console
 
-    table = Table("id", "status", "method", "backbone", "val acc", "model")
+    table = Table("id", "status", "method", "backbone", "val acc/mAP", "test acc/mAP", "model")
     for job in _client(args).jobs(limit=args.limit):
-        acc = job["metrics"].get("val_accuracy")
+        m = job["metrics"]
+        acc, test = m.get("val_accuracy", m.get("val_map")), m.get("test_accuracy", m.get("test_map"))
         table.add_row(job["id"], job["status"], job["spec"]["method"]["name"], job["spec"]["backbone"]["name"],
-                      f"{acc:.4f}" if acc is not None else "", job.get("model_id") or "")  # fmt: skip
+                      f"{acc:.4f}" if acc is not None else "", f"{test:.4f}" if test is not None else "",
+                      job.get("model_id") or "")  # fmt: skip
     console().print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The model's evaluation as tables (scikit-learn's metrics, from the API) and its plots as PNG files."""
+    from rich.table import Table
+
+    from worker.progress_view import console
+
+    client, out = _client(args), console()
+    model, report = client.model(args.model_id), client.evaluation(args.model_id)
+    split = {"test": "the test split", "val": "the validation split (no test split: optimistic, it chose the model)"}
+    out.print(f"{model['id']}: {model['method']} on {model['backbone']}, evaluated on {split[report['split']]}, "
+              f"{report['images']} images")  # fmt: skip
+    table = Table("metric", "value")
+    validation = {k: v for k, v in model["metrics"].items() if k in ("val_accuracy", "val_map", "val_loss")}
+    for key, value in {**validation, **report["metrics"]}.items():
+        table.add_row(key, f"{value:.4f}")
+    out.print(table)
+    per = report["per_class"]
+    table = Table("class", "precision", "recall", "f1", "support", *(["AP"] if "average_precision" in per[0] else []))
+    for row in per:
+        ap = [] if "average_precision" not in row else [f"{row['average_precision'] or 0:.3f}"]
+        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                      str(row["support"]), *ap)  # fmt: skip
+    out.print(table)
+    if not model.get("multi_label") and len(report["classes"]) <= 30:
+        table = Table("true \\ predicted", *report["classes"], title="confusion matrix")
+        for name, row in zip(report["classes"], report["confusion_matrix"], strict=True):
+            table.add_row(name, *(str(v) for v in row))
+        out.print(table)
+    sweep = model["metrics"].get("sweep")
+    if sweep:
+        metric = "val_map" if model.get("multi_label") else "val_accuracy"
+        table = Table("configuration", metric, "val_loss", title=f"sweep: {len(sweep)} configurations")
+        for entry in sorted(sweep, key=lambda e: -e[metric]):
+            mark = " (selected)" if entry["config"] == model["metrics"].get("selected") else ""
+            table.add_row(json.dumps(entry["config"]) + mark, f"{entry[metric]:.4f}", f"{entry['val_loss']:.4f}")
+        out.print(table)
+    folder = Path(args.out or args.model_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in model.get("plots", []):
+        path = folder / f"{name}.png"
+        path.write_bytes(client.plot(args.model_id, name))
+        out.print(f"wrote {path}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     predictions = _client(args).predict(args.model_id, [Path(p) for p in args.images])
     for path, p in zip(args.images, predictions, strict=True):
-        print(f"{path}\t{p['label']}\t{p['scores'][p['label']]:.4f}")
+        tags = f"\t{'|'.join(p['labels'])}" if p.get("labels") is not None else ""
+        print(f"{path}\t{p['label']}\t{p['scores'][p['label']]:.4f}{tags}")
     return 0
 
 
@@ -255,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queues", default="extract,train", help="comma-separated: extract, train")
     p.add_argument("--loglevel", default="INFO")
     for name, help_text in (("submit", "submit a job spec (JSON file)"), ("jobs", "list jobs"),
-                            ("predict", "classify image files with a model")):  # fmt: skip
+                            ("predict", "classify image files with a model"),
+                            ("report", "a model's evaluation as tables, and its plots as PNG files")):  # fmt: skip
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--url", help="API URL (default: SIDETUNE_API_URL or the configured host:port)")
         if name == "submit":
@@ -263,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
         elif name == "jobs":
             p.add_argument("--limit", type=int, default=20)
+        elif name == "report":
+            p.add_argument("model_id")
+            p.add_argument("--out", help="folder for the plots (default: ./MODEL_ID)")
         else:
             p.add_argument("model_id")
             p.add_argument("images", nargs="+")
@@ -290,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=40, help="with --video: training videos per class")
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "api": cmd_api, "inference": cmd_inference, "worker": cmd_worker,
-                "submit": cmd_submit, "jobs": cmd_jobs, "predict": cmd_predict, "params": cmd_params, "plan": cmd_plan,
+                "submit": cmd_submit, "jobs": cmd_jobs, "predict": cmd_predict, "report": cmd_report,
+                "params": cmd_params, "plan": cmd_plan,
                 "demo": cmd_demo}  # fmt: skip
     try:
         return handlers[args.command](args)

@@ -69,14 +69,31 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
             time.sleep(poll_s)
 
-    def predict(self, model_id: str, images: list[bytes | Path], video: bool | None = None) -> list[dict[str, Any]]:
-        """Classify images, or videos (`video`; None: files named like videos are videos)."""
+    def predict(
+        self, model_id: str, images: list[bytes | Path], video: bool | None = None, threshold: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Classify images, or videos (`video`; None: files named like videos are videos); `threshold` overrides a
+        multi-label model's own."""
         if video is None:
             video = all(isinstance(i, Path | str) and Path(i).suffix.lower() in VIDEO_SUFFIXES for i in images)
         raw = [Path(i).read_bytes() if isinstance(i, Path | str) else i for i in images]
         field = "video_b64" if video else "image_b64"
-        instances = [{field: base64.b64encode(b).decode()} for b in raw]
-        return self._call("POST", f"/v1/models/{model_id}:predict", json={"instances": instances})["predictions"]
+        body: dict[str, Any] = {"instances": [{field: base64.b64encode(b).decode()} for b in raw]}
+        if threshold is not None:
+            body["threshold"] = threshold
+        return self._call("POST", f"/v1/models/{model_id}:predict", json=body)["predictions"]
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/models/{model_id}")
+
+    def evaluation(self, model_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/models/{model_id}/evaluation")
+
+    def plot(self, model_id: str, name: str) -> bytes:
+        r = self.http.get(f"/models/{model_id}/plots/{name}.png")
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, r.json())
+        return r.content
 
     def ready(self) -> dict[str, Any]:
         return self._call("GET", "/readyz")

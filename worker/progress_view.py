@@ -28,8 +28,9 @@ def follow(client: Client, job_ids: list[str], poll_s: float = 0.5) -> list[dict
                 prog = job.get("progress") or {}
                 done, total = prog.get("done", 0), max(prog.get("total", 1), 1)
                 status = job["status"]
-                if status == "training" and "val_accuracy" in prog:
-                    status = f"training, val acc {prog['val_accuracy']:.3f}"
+                metric = "val_map" if "val_map" in prog else "val_accuracy"
+                if status == "training" and metric in prog:
+                    status = f"training, {metric.replace('_', ' ')} {prog[metric]:.3f}"
                 elif status == "extracting" and prog.get("stage") == "extracting":
                     status = f"extracting, {prog.get('images', 0)} images"
                 desc = f"{job['spec']['method']['name']} {job_id[-8:]}"

@@ -31,7 +31,9 @@ def own_job(store: JobStore, job_id: str, owner: str | None) -> dict:
 
 def _check_paths(spec: JobSpec, settings: Settings) -> None:
     """Refuse at submission what would certainly fail later: paths outside the roots, or missing."""
-    for field, path in (("dataset.path", spec.dataset.path), ("backbone.checkpoint", spec.backbone.checkpoint)):
+    fields = (("dataset.path", spec.dataset.path), ("dataset.test", spec.dataset.test),
+              ("backbone.checkpoint", spec.backbone.checkpoint))  # fmt: skip
+    for field, path in fields:
         if path is None:
             continue
         try:
@@ -40,8 +42,8 @@ def _check_paths(spec: JobSpec, settings: Settings) -> None:
             raise ApiError(403, "forbidden_path", f"{field}: {e}") from None
         except FileNotFoundError as e:
             raise ApiError(422, "not_found", f"{field}: {e}") from None
-        if field == "dataset.path":
-            fmt = resolve_format(resolved, spec.dataset.format)
+        if field in ("dataset.path", "dataset.test"):
+            fmt = resolve_format(resolved, spec.dataset.format if field == "dataset.path" else "auto")
             if fmt == "imagefolder" and not resolved.is_dir():
                 raise ApiError(422, "invalid_dataset", f"{field}: {path!r} is not a directory (ImageFolder layout)")
             if fmt == "csv" and not resolved.is_file():

@@ -19,7 +19,7 @@ import ctypes
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import OwnerDep, SettingsDep
@@ -161,7 +161,7 @@ async def predict(model_id: str, body: PredictRequest, request: Request, owner: 
         return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
     images = await off_loop(request, "decoder", lambda: _raw(body.instances)[0])
     model, probs = await run_model(request, model_id, images)
-    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
+    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, body.threshold)}
 
 
 @router.post("/{model_id}:predict-files", response_model=PredictResponse)
@@ -174,6 +174,9 @@ async def predict_files(
     request: Request,
     owner: OwnerDep,
     settings: SettingsDep,
+    threshold: Annotated[
+        float | None, Query(ge=0.0, le=1.0, description="Multi-label models: the tag threshold (default: the model's).")
+    ] = None,
 ) -> dict:
     """Classify uploaded image files (multipart/form-data), or video files for a model trained on clips."""
     record = await own(request, model_id, owner)
@@ -184,4 +187,4 @@ async def predict_files(
         model, probs = await run_videos(request, model_id, raw, None)
         return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
     model, probs = await run_model(request, model_id, raw)
-    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
+    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold)}

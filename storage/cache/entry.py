@@ -162,7 +162,8 @@ class CacheEntry:
             "acts", shape=shape, shards=(batch_size, len(layers), stored_tokens, dim),
             chunks=(rows, 1, stored_tokens, dim), dtype="float16", compressors=compressors, fill_value=0,
         )  # fmt: skip
-        g.create_array("labels", data=np.asarray(labels, dtype="int64"), chunks=(max(n, 1),))
+        labels = np.asarray(labels, dtype="int64")  # [n] classes, or [n, tags] 0/1 for multi-label datasets
+        g.create_array("labels", data=labels, chunks=(max(n, 1), *labels.shape[1:]))
         g.create_array("valid", shape=(n,), chunks=(batch_size,), dtype="bool", fill_value=False)
         n_batches = -(-n // batch_size)
         g.create_array("batch_done", shape=(n_batches,), chunks=(1,), dtype="bool", fill_value=False)

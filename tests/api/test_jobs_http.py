@@ -45,7 +45,8 @@ def test_job_end_to_end_then_cache_reuse_and_predict(stack):
 
     events = client.events(first["id"])
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert sum(e["type"] == "metrics" for e in events) == 3  # one per epoch
+    assert sum(e["type"] == "metrics" and "epoch" in e["data"] for e in events) == 3  # one per epoch
+    assert any(e["type"] == "metrics" and "val_accuracy" in e["data"] for e in events[-4:])  # the evaluation's
     assert client.events(first["id"], after=len(events) - 1)[0]["seq"] == len(events)
 
     # a linear probe reads the last block's class token: the LoSA job's cache covers it

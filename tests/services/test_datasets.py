@@ -1,4 +1,5 @@
-"""Dataset readers (ImageFolder, CSV), fingerprints, the stratified split, path checks and image decoding."""
+"""Dataset readers (ImageFolder, CSV, multi-label CSV), fingerprints, the train/validation/test split, path checks
+and image decoding."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from PIL import Image
 from services.datasets import (
     DatasetError,
     check_path,
+    check_validation,
     load_image,
     read_csv,
     read_dataset,
     read_imagefolder,
+    split,
     stratified_split,
 )
 
@@ -135,6 +138,78 @@ def test_stratified_split() -> None:
     np.testing.assert_array_equal(again_train, train)
     others = [stratified_split(labels, 0.2, seed=s)[1] for s in range(8, 14)]
     assert any(not np.array_equal(o, val) for o in others)  # the seed matters
+
+
+def old_stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The validation split before test splits existed, verbatim: jobs without a test split keep their split."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction))
+        n_val = min(max(n_val, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+
+
+def test_train_val_test_split() -> None:
+    labels = np.random.default_rng(0).integers(0, 7, 500)
+    labels[:3] = 9  # a class of three: one each
+    for seed in (0, 3):
+        old = old_stratified_split(labels, 0.2, seed)
+        new = split(labels, 0.2, 0.0, seed)
+        np.testing.assert_array_equal(new[0], old[0])
+        np.testing.assert_array_equal(new[1], old[1])
+        assert len(new[2]) == 0
+    train, val, test = split(labels, 0.2, 0.3, seed=5)
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    assert len(train) + len(val) + len(test) == len(labels)
+    for c in np.unique(labels):  # stratified: each class's share, rounded; at least one each
+        n = int((labels == c).sum())
+        want = (1, 1) if n == 3 else (round(n * 0.2), round(n * 0.3))
+        assert (int((labels[val] == c).sum()), int((labels[test] == c).sum())) == want, c
+    np.testing.assert_array_equal(split(labels, 0.2, 0.3, seed=5)[2], test)  # seeded
+    tags = (np.random.default_rng(1).random((50, 4)) > 0.5).astype(np.int64)
+    train, val, test = split(tags, 0.2, 0.2, seed=0)  # multi-label: seeded, not stratified
+    assert (len(train), len(val), len(test)) == (30, 10, 10)
+
+
+def test_an_empty_validation_split_is_refused_saying_what_to_change() -> None:
+    labels = np.arange(5)  # one image per class
+    _, val, _ = split(labels, 0.2, 0.0, 0)
+    with pytest.raises(DatasetError, match="a class needs at least 2 for one to be held out"):
+        check_validation(labels, val, list("abcde"))
+    check_validation(np.array([0, 0, 1, 1]), split(np.array([0, 0, 1, 1]), 0.2, 0.0, 0)[1], ["a", "b"])
+
+
+def multi_label_csv(tmp_path: Path, rows: list[str]) -> Path:
+    for i in range(len(rows)):
+        png(tmp_path / "img" / f"{i}.png", i)
+    manifest = tmp_path / "tags.csv"
+    manifest.write_text("path,label\n" + "".join(f"img/{i}.png,{tags}\n" for i, tags in enumerate(rows)))
+    return manifest
+
+
+def test_multi_label_csv(tmp_path: Path) -> None:
+    manifest = multi_label_csv(tmp_path, ["cat|outdoor", " dog ", "cat||dog", "outdoor"])
+    ds = read_dataset(manifest, multi_label=True)
+    assert ds.multi_label and ds.classes == ["cat", "dog", "outdoor"]
+    np.testing.assert_array_equal(ds.labels, [[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    single = read_dataset(manifest)
+    assert not single.multi_label and "cat|outdoor" in single.classes
+    assert single.fingerprint != ds.fingerprint  # other labels: another cache entry
+    with pytest.raises(DatasetError, match="multi-label datasets are CSV manifests"):
+        read_dataset(tmp_path / "img", multi_label=True)
+
+
+def test_a_multi_label_row_without_tags_fails_naming_it_or_is_skipped(tmp_path: Path) -> None:
+    manifest = multi_label_csv(tmp_path, ["cat|dog", "|", "dog"])
+    with pytest.raises(DatasetError, match="line 3: empty tag list"):
+        read_dataset(manifest, multi_label=True)
+    ds = read_dataset(manifest, multi_label=True, on_corrupt="skip")
+    assert len(ds) == 2 and ds.skipped_rows == ("tags.csv line 3: empty tag list",)
 
 
 def test_check_path(tmp_path: Path) -> None:

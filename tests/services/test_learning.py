@@ -3,8 +3,10 @@ random-init ViT (no weights can be downloaded here). LoSA must beat the linear p
 far above chance (0.1).
 
 Random features are much weaker than pretrained ones, so the backbone-adapting methods get larger learning rates
-than their papers' defaults (which assume a pretrained backbone and 100 epochs); observed on this setup:
-linear 0.56, LoSA 0.90, APLA 0.59, ARC 0.49, LoRA 0.54, full 0.38.
+than their papers' defaults (which assume a pretrained backbone and 100 epochs), and LoSA its paper's 0.05 at this
+batch of 32 (its default scales 0.05 from batch 512 down to 0.003, too little for 15 epochs of 160 images). The
+linear probe is solved (L-BFGS, L2 chosen on validation). Observed on this setup: linear 0.72, LoSA 0.90, APLA
+0.59, ARC 0.64, LoRA 0.54, full 0.38.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from services.training import train_job
 from storage.settings import Settings
 
 RUNS = {
-    "linear": ({"name": "linear"}, {"epochs": 30, "lr": 0.03}),
-    "losa": ({"name": "losa", "rank": 8}, {"epochs": 15}),
+    "linear": ({"name": "linear"}, {}),
+    "losa": ({"name": "losa", "rank": 8}, {"epochs": 15, "lr": 0.05}),
     "apla": ({"name": "apla", "rank": 16}, {"epochs": 15, "lr": 1e-2}),
     "arc": ({"name": "arc", "rank": 16}, {"epochs": 15, "lr": 1e-2, "warmup_epochs": 1}),
     "lora": ({"name": "lora", "rank": 8}, {"epochs": 15, "lr": 1e-2}),

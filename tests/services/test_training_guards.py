@@ -1,53 +1,56 @@
-"""Training refuses to produce a model from a diverged run: a loss that goes NaN or infinite fails with
-`non_finite_loss` (checked once per epoch), and the numbers that make runs diverge are refused at submission."""
+"""A training loss that goes NaN or infinite fails the job (`non_finite_loss`) and registers no model: a feature cache
+whose activations hold non-finite values (bit rot, a float16 overflow) trains to a NaN loss, which the loop reads once
+per epoch; the job step records the failure and writes no model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-import torch
 
-from services import methods
-from services.methods.linear import Config as LinearConfig
-from services.methods.readout import FeatureInfo
+from services.extraction import run_extraction
+from services.pipeline import model_id_for, train_step
 from services.progress import NullReporter
-from services.training import NonFiniteLoss, fit
+from services.spec import JobSpec
+from services.training import NonFiniteLoss, train_job
+from storage.artifacts import ArtifactStore
+from storage.cache import FeatureCache
+from storage.jobs import JobStore
+from storage.settings import Settings
 
 
-class Features:
-    """A source of ready feature batches [B, 1, T, D] (what a cache source yields), one feature set to `poison`."""
-
-    def __init__(self, n: int, poison: float | None) -> None:
-        rng = np.random.default_rng(0)
-        self.x = torch.from_numpy(rng.normal(size=(n, 1, 5, 8)).astype(np.float32))
-        self.y = torch.from_numpy(rng.integers(0, 3, n))
-        if poison is not None:
-            self.x[3, 0, 0, 1] = poison  # in the class token, which the probe reads
-
-    def iterate(self, batches):
-        for b in batches:
-            yield self.x[torch.from_numpy(b)], self.y[torch.from_numpy(b)]
-
-
-def _model():
-    info = FeatureInfo(num_layers=2, tokens=5, dim=8, num_prefix_tokens=1, global_pool="token", norm_eps=1e-6,
-                       num_classes=3, readout={})  # fmt: skip
-    return methods.build(LinearConfig(), info)
+def _poisoned(settings: Settings, digits_root: Path, value: float) -> tuple[dict, str]:
+    body = {"dataset": {"path": str(digits_root / "train")},
+            "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
+            "method": {"name": "losa", "rank": 2, "layers": 2},
+            "training": {"epochs": 2, "batch_size": 16}}  # fmt: skip
+    key = run_extraction(JobSpec.model_validate(body), settings, NullReporter())["cache_key"]
+    entry = FeatureCache(settings.cache_location).entry(key)
+    for batch in range(-(-len(entry.labels()) // entry.meta["batch_size"])):
+        start, stop = entry.batch_range(batch)
+        acts = entry.read(np.arange(start, stop)).astype(np.float32)
+        acts[:, :, 0, :] = value  # the class token of every image
+        entry.write_batch(batch, acts, np.ones(stop - start, bool))
+    return body, key
 
 
-HP = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0, "batch_size": 8, "epochs": 2, "warmup_epochs": 0,
-      "seed": 0}  # fmt: skip
-
-
-@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-def test_a_non_finite_loss_fails_training_and_saves_nothing(tmp_path, poison) -> None:
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_loss_fails_training(settings: Settings, digits_root: Path, value: float) -> None:
+    body, key = _poisoned(settings, digits_root, value)
     with pytest.raises(NonFiniteLoss, match="training loss became nan in epoch 1") as info:
-        fit(_model(), Features(32, poison), Features(8, None), 32, 8, HP, NullReporter(), tmp_path / "ck", "cpu")
+        train_job(JobSpec.model_validate(body), settings, key, NullReporter(), settings.data_path / "ckpt")
     assert info.value.code == "non_finite_loss"
-    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())  # no checkpoint of a NaN model
 
 
-def test_a_finite_run_trains(tmp_path) -> None:
-    best, metrics = fit(_model(), Features(32, None), Features(8, None), 32, 8, HP, NullReporter(), tmp_path / "ck",
-                        "cpu")  # fmt: skip
-    assert metrics["epochs"] == 2 and all(np.isfinite(v).all() for v in best.values())
+def test_the_job_fails_non_finite_loss_and_registers_no_model(settings: Settings, digits_root: Path) -> None:
+    body, key = _poisoned(settings, digits_root, float("nan"))
+    store = JobStore.from_url(settings.broker_url)
+    job = store.create_job(body)
+    store.set_fields(job["id"], extracted=True, cache_key=key)
+    train_step(store, settings, job["id"])
+    record = store.get_job(job["id"])
+    assert record["status"] == "failed" and record["error"]["code"] == "non_finite_loss", record["error"]
+    assert not ArtifactStore.from_settings(settings).has_model(model_id_for(job["id"]))
+    with pytest.raises(KeyError):
+        store.get_model(model_id_for(job["id"]))

@@ -36,5 +36,6 @@ class ArcConfig(BaseModel):
 
     def training_defaults(self) -> dict:
         # The official VTAB-1k script (vtab_ARC_train.py): AdamW, lr 1e-2, weight decay 0, batch 32, 100 epochs,
-        # cosine schedule after 10 warmup epochs, gradient clipping at 1.0 (its FGVC script: lr 5e-3, wd 1e-2).
-        return {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0, "warmup_epochs": 10.0}
+        # cosine schedule after 10 warmup epochs, gradient norm clipped at 1.0 (`--max_grad_norm`), the head
+        # zero-initialised (`zero_head=True`; Model/ARC_ViT.py); its FGVC script: lr 5e-3, wd 1e-2.
+        return {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0, "warmup_epochs": 10.0, "clip_grad_norm": 1.0}

@@ -111,6 +111,10 @@ class Arc(AdaptedViT):
         for i, block in enumerate(vit.blocks):
             _check_block(i, block)
         super().__init__(vit, num_classes, tail_blocks)
+        # the official code starts the head at zero (`zero_head=True`): the first steps train the adapters from a
+        # neutral classifier instead of a random one
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
         # New parameters live where the backbone does (the meta device when only counting parameters).
         ref = vit.blocks[0].attn.qkv.weight
         self.basis = SharedBasis(dim, config.rank, ref.device, ref.dtype)

@@ -19,5 +19,7 @@ class FullConfig(BaseModel):
     def training_defaults(self) -> dict:
         # DeiT/MAE-style ViT fine-tuning: AdamW, weight decay 0.05, peak lr 5e-4 x batch / 512, which is 6.25e-5 at
         # the default batch of 64; rounded down to 5e-5, since small transfer sets drift from the pretrained
-        # features at higher rates. Warmup keeps the first steps of the random classifier from wrecking them.
-        return {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.05, "warmup_epochs": 1.0}
+        # features at higher rates. Warmup keeps the first steps of the random classifier from wrecking them. No
+        # weight decay on pos_embed, cls_token, norms and biases (timm's no_weight_decay(), as DeiT and MAE train);
+        # DeiT's and MAE's fine-tuning scripts clip no gradients by default.
+        return {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.05, "warmup_epochs": 1.0, "clip_grad_norm": None}

@@ -1,7 +1,10 @@
 """Linear probe: a classifier on the frozen backbone's final representation (after the final norm).
 
 The standard baseline of every adaptation paper (e.g. LoSA, Mercea et al., CVPR 2024, Table 1).
-Trained from the feature cache; needs only the last layer.
+Trained from the feature cache; needs only the last layer. In cache mode the default solver is full-batch L-BFGS
+on standardised features with the L2 strength chosen on validation from a grid (the linear-probe protocol of CLIP,
+Radford et al. 2021, App. A.3): the optimum of the convex problem, as scikit-learn's LogisticRegression finds it
+(services/methods/linear/solver.py). The standardisation is folded into the saved classifier.
 """
 
 from typing import ClassVar, Literal
@@ -23,6 +26,25 @@ class LinearConfig(BaseModel):
         "or `auto` (the backbone's own pooling).",
     )
 
+    solver: Literal["auto", "lbfgs", "sgd"] = Field(
+        "auto",
+        description="`lbfgs`: full-batch L-BFGS (strong Wolfe line search) on standardised features, solved to "
+        "convergence for each L2 strength of a grid (`training.weight_decay` `auto`, or the values of "
+        "`sweep.weight_decay`; an explicit `training.weight_decay` is the one strength), the best chosen on "
+        "validation; `training.lr`, `epochs`, `batch_size` and `optimizer` do not apply. Cache mode only. `sgd`: "
+        "mini-batch training with the `training` settings. `auto`: lbfgs in cache mode, sgd online.",
+    )
+    max_iter: int = Field(
+        1000, ge=1, le=100_000, description="L-BFGS: most iterations per L2 strength (scikit-learn's default is 100)."
+    )
+
+    def resolved_solver(self, mode: str) -> str:
+        if self.solver == "lbfgs" and mode != "cache":
+            raise ValueError("method.solver 'lbfgs' needs execution mode 'cache' (fixed features)")
+        if self.solver != "auto":
+            return self.solver
+        return "lbfgs" if mode == "cache" else "sgd"
+
     def resolved_pool(self, global_pool: str) -> str:
         """`auto` -> the backbone's own pooling (`token` means the class token)."""
         if self.pool != "auto":
@@ -35,4 +57,5 @@ class LinearConfig(BaseModel):
         return [num_layers - 1], (self.resolved_pool(global_pool), "all")
 
     def training_defaults(self) -> dict:
-        return {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 1e-4, "warmup_epochs": 1.0}
+        # The mini-batch (sgd) solver's settings; the L-BFGS solver uses only weight_decay (`auto`: its grid).
+        return {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 1e-4, "warmup_epochs": 1.0, "clip_grad_norm": None}

@@ -16,8 +16,22 @@ class LinearProbe(Classifier):
         self.readout = Readout(info, config.pool)
         self.head = nn.Linear(info.dim, info.num_classes)
 
+    def features(self, feats: torch.Tensor) -> torch.Tensor:
+        """What the head reads: the frozen readout of the last cached layer, [B, D]."""
+        return self.readout(feats[:, -1].float())
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head(self.readout(feats[:, -1].float()))
+        return self.head(self.features(feats))
+
+    def forward_stacked(self, params: dict[str, torch.Tensor], feats: torch.Tensor) -> torch.Tensor:
+        """K heads at once (a sweep, services/sweeps/): `params` "head.weight" [K, C, D] and "head.bias" [K, C];
+        returns logits [K, B, C]. The frozen features are computed once and the K heads applied as one matrix
+        product [B, D] x [D, K C]."""
+        w, b = params["head.weight"], params["head.bias"]
+        with torch.no_grad():
+            features = self.features(feats)
+        logits = torch.addmm(b.flatten(), features, w.flatten(0, 1).t())  # [B, K C]
+        return logits.view(len(features), *b.shape).transpose(0, 1)
 
 
 def build(config: LinearConfig, info: FeatureInfo) -> LinearProbe:

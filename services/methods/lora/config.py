@@ -54,5 +54,5 @@ class LoraMethodConfig(BaseModel):
         # NOAH's VTAB-1k LoRA baseline on ViT-B/16 (Zhang et al. 2022, configs/LoRA/VTAB in its repository):
         # AdamW, weight decay 1e-4, batch 64, cosine with warmup over the first 10% of training (10 of 100 epochs;
         # 1 of our default 10). Its lr sweep is {5e-3, 1e-3}; we take the lower, 1e-3, since we adapt all four
-        # Linears of each block and train 10x shorter by default.
-        return {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0}
+        # Linears of each block and train 10x shorter by default. Its script passes no --clip-grad (default None).
+        return {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1.0, "clip_grad_norm": None}

@@ -83,6 +83,21 @@ class LosaSideNetwork(Classifier):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head(self.readout(self.refine(feats)))
 
+    def forward_stacked(self, params: dict[str, torch.Tensor], feats: torch.Tensor) -> torch.Tensor:
+        """K configurations of this architecture at once (a sweep over lr and weight decay, services/sweeps/):
+        `params` as `named_parameters()` names them, each with a leading axis of K; `feats` [B, L, T, D] shared by
+        all. Returns logits [K, B, C], each equal to the forward of a network with those parameters (tested). Every
+        layer runs as one batched matrix product for the K networks, and the first side layer, whose input z_L +
+        z_l is the same for all, projects it down once (torch.vmap would run decomposed, slower kernels)."""
+        k = params["head.weight"].shape[0]
+        a = feats[:, self._slot[self.input_layers[-1]]].float()  # [B, T, D], shared until the first side layer
+        for i, layer in enumerate(self.side_layers):
+            p = {n: params[f"mixers.{i}.{n}"] for n in ("down.weight", "down.bias", "up.weight", "up.bias", "scale")}
+            a = _stacked_add(a, torch.add(a, feats[:, self._slot[layer]]), p, k, over_tokens=i % 2 == 1)
+        b, t, d = a.shape[1:]
+        pooled = self.readout(a.reshape(k * b, t, d)).view(k, b, d)
+        return torch.baddbmm(params["head.bias"][:, None], pooled, params["head.weight"].transpose(1, 2))
+
 
 def build(config: LosaConfig, info: FeatureInfo) -> nn.Module:
     """The image side network, or for a ViViT's tokens (`info.temporal`) the video one of Eq. 6 (video.py)."""
@@ -91,3 +106,35 @@ def build(config: LosaConfig, info: FeatureInfo) -> nn.Module:
 
         return VideoLosaSideNetwork(config, info)
     return LosaSideNetwork(config, info)
+
+
+def _stacked_add(
+    a: torch.Tensor, x: torch.Tensor, p: dict[str, torch.Tensor], k: int, over_tokens: bool
+) -> torch.Tensor:
+    """`LowRankMLP.add_to` for K stacked parameter sets: a, x [K, B, T, D] or (shared by all K) [B, T, D]."""
+    b, t, d = x.shape[-3:]
+    w_up = torch.cat([p["scale"][:, None, None] * p["up.weight"], p["up.bias"][:, :, None]], dim=2)  # [K, n, r+1]
+    r = p["down.weight"].shape[1]
+    if not over_tokens:
+        if x.dim() == 3:  # shared input: one GEMM projects it down for every configuration
+            h = F.linear(x.reshape(b * t, d), p["down.weight"].flatten(0, 1), p["down.bias"].flatten())
+            h = h.view(b * t, k, r).transpose(0, 1)  # [K, B T, r]
+        else:
+            h = torch.baddbmm(p["down.bias"][:, None], x.reshape(k, b * t, d), p["down.weight"].transpose(1, 2))
+        h = F.pad(F.gelu(h), (0, 1), value=1.0)  # [K, B T, r+1]
+        return _plus_low_rank(a.reshape(-1, b * t, d).expand(k, -1, -1), h, w_up.transpose(1, 2)).view(k, b, t, d)
+    # along tokens: per configuration and image, W [r, T] x [T, D]; the K B products as one batch
+    x = x.expand(k, b, t, d).reshape(k * b, t, d)
+    w_down = p["down.weight"][:, None].expand(k, b, r, t).reshape(k * b, r, t)
+    b_down = p["down.bias"][:, None, :, None].expand(k, b, r, 1).reshape(k * b, r, 1)
+    h = F.pad(F.gelu(torch.baddbmm(b_down, w_down, x)), (0, 0, 0, 1), value=1.0)  # [K B, r+1, D]
+    w_up = w_up[:, None].expand(k, b, t, r + 1).reshape(k * b, t, r + 1)
+    return _plus_low_rank(a.expand(k, b, t, d).reshape(k * b, t, d), w_up, h).view(k, b, t, d)
+
+
+def _plus_low_rank(a: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    """a + m1 @ m2 (batched), in one GEMM; under autocast the product is added to a in float32, so the residual
+    stream keeps its precision."""
+    if torch.is_autocast_enabled(a.device.type):
+        return a + torch.bmm(m1, m2).float()
+    return torch.baddbmm(a, m1, m2)

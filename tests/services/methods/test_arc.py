@@ -38,8 +38,10 @@ def adapters(model: Arc) -> list[ArcAdapter]:
 
 @torch.no_grad()
 def randomize(model: Arc, seed: int = 2) -> None:
-    """Trained-looking scales and biases (they start at zero, which would make merge tests trivial)."""
+    """Trained-looking scales, biases and head (they start at zero, which would make merge tests trivial)."""
     g = torch.Generator().manual_seed(seed)
+    model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=g))
+    model.head.bias.copy_(0.1 * torch.randn(model.head.bias.shape, generator=g))
     for a in adapters(model):
         a.scale.copy_(torch.randn(a.scale.shape, generator=g))
         a.bias.copy_(0.1 * torch.randn(a.bias.shape, generator=g))
@@ -58,7 +60,8 @@ def test_config_defaults_and_validation() -> None:
     config = ArcConfig()
     assert (config.rank, config.dropout) == (50, 0.1)
     assert methods.CONFIGS["arc"] is ArcConfig and ArcConfig.kind == "adapted" and ArcConfig.modes[0] == "images"
-    assert config.training_defaults() == {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0, "warmup_epochs": 10.0}
+    assert config.training_defaults() == {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0, "warmup_epochs": 10.0,
+                                          "clip_grad_norm": 1.0}  # fmt: skip
     for bad in ({"rank": 0}, {"dropout": 1.0}, {"dropout": -0.1}, {"alpha": 1}):
         with pytest.raises(ValidationError):
             ArcConfig(**bad)
@@ -149,10 +152,13 @@ def test_trainable_state_round_trip() -> None:
 def test_gradients_reach_only_u_s_b_and_the_head() -> None:
     model = build(tiny_vit()).train()
     x = images()
-    model(x).square().mean().backward()
-    # at step 0 (s = 0) U gets no gradient: both of its uses are multiplied by s; s, b and the head do
+    (model(x) - 1).square().mean().backward()  # away from the zero output of the zero head
+    # at step 0 the head is zero (as in the official code), so only the head gets a gradient: s and b reach the
+    # output through it, and U through s
+    assert model.head.weight.grad.abs().sum() > 0
+    assert all(torch.count_nonzero(a.scale.grad) == 0 and torch.count_nonzero(a.bias.grad) == 0
+               for a in adapters(model))  # fmt: skip
     assert torch.count_nonzero(model.basis.u_attn.grad) == 0
-    assert all(a.scale.grad.abs().sum() > 0 and a.bias.grad.abs().sum() > 0 for a in adapters(model))
 
     model.zero_grad()
     randomize(model)  # after a step, s != 0

@@ -1,0 +1,96 @@
+"""The linear probe's L-BFGS solver: the optimum of the convex problem, not a few epochs of SGD towards it.
+
+The pooled features (the probe's frozen readout of the cached last layer) are computed in one pass over the cache
+and standardised with the training split's mean and standard deviation. For each L2 strength `l2` of a grid, from
+the strongest to the weakest (each start warm from the previous solution), full-batch L-BFGS with a strong Wolfe
+line search minimises
+
+    mean loss(W x + b) + l2 / 2 * ||W||^2        (the bias is not penalised)
+
+where the loss is the job's objective (cross-entropy, or per-tag binary cross-entropy; label smoothing and class
+weights as configured). That is scikit-learn's LogisticRegression with C = 1 / (l2 * n_train), solved to the same
+criterion: the largest gradient entry below `GRADIENT_TOLERANCE` (scikit-learn's `tol`, which its lbfgs solver
+passes to scipy as `gtol`, on the same mean-loss scale). The strength with the best validation figure wins (ties:
+the lower validation loss). Along the weak end of the path a warm start often meets the criterion at once, so those
+strengths cost next to nothing.
+
+The standardisation is folded into the saved classifier, W' = W / sigma and b' = b - W' mu, so predict and export
+see an ordinary Linear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from services.evaluation import validation_score
+from services.objectives import Objective
+
+# L2 strengths tried when training.weight_decay is `auto`: 10^1 .. 10^-7 in half decades, strongest first (C from
+# about 1e-4 to 1e4 at a thousand training images).
+L2_GRID = tuple(float(f"{10**e:.3g}") for e in np.arange(1.0, -7.01, -0.5))
+GRADIENT_TOLERANCE = 1e-4
+
+
+@dataclass
+class PathPoint:
+    l2: float
+    score: float  # validation accuracy, or mAP (multi-label)
+    loss: float  # plain validation loss
+    iterations: int
+    weight: np.ndarray = field(repr=False)  # [C, D], standardisation folded in
+    bias: np.ndarray = field(repr=False)  # [C]
+
+
+def standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation per feature (a constant feature gets 1, so it stays 0 after centring)."""
+    mu = x.mean(0)
+    sigma = x.std(0, unbiased=False)
+    return mu, torch.where(sigma > 1e-6 * sigma.max().clamp(min=1e-12), sigma, torch.ones_like(sigma))
+
+
+def solve_path(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: np.ndarray,
+    grid: list[float] | tuple[float, ...], objective: Objective, max_iter: int,
+    on_point: Callable[[PathPoint], None] | None = None,
+) -> list[PathPoint]:  # fmt: skip
+    """One PathPoint per strength of `grid`, strongest first. Features: float32 [n, D] on the device."""
+    mu, sigma = standardise(x_train)
+    # one parameter [C, D + 1] against features with a column of ones: the last column is the bias
+    xs = torch.cat([(x_train - mu) / sigma, x_train.new_ones(len(x_train), 1)], dim=1)
+    xv = torch.cat([(x_val - mu) / sigma, x_val.new_ones(len(x_val), 1)], dim=1)
+    w = torch.zeros(objective.num_classes, xs.shape[1], device=xs.device, requires_grad=True)
+    y_val_t = objective.targets(y_val)
+    points: list[PathPoint] = []
+    for l2 in sorted(set(grid), reverse=True):  # strongest first: each solution starts the next
+        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=GRADIENT_TOLERANCE,
+                                tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
+
+        def closure(l2: float = l2, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
+            opt.zero_grad()
+            loss = objective.single(xs @ w.t(), y_train) + l2 / 2 * w[:, :-1].pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            logits = xv @ w.t()
+            folded = w[:, :-1] / sigma
+            point = PathPoint(
+                l2=l2, score=validation_score(y_val, logits.cpu().numpy()),
+                loss=float(objective.plain(logits[None], y_val_t)[0]),
+                iterations=int(opt.state_dict()["state"][0]["n_iter"]), weight=folded.cpu().numpy(),
+                bias=(w[:, -1] - folded @ mu).cpu().numpy(),
+            )  # fmt: skip
+        points.append(point)
+        if on_point is not None:
+            on_point(point)
+    return points
+
+
+def best(points: list[PathPoint]) -> int:
+    """Index of the best validation figure; ties: the lower validation loss, then the earlier point."""
+    return max(range(len(points)), key=lambda i: (np.nan_to_num(points[i].score, nan=-1.0), -points[i].loss, -i))
