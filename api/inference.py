@@ -54,7 +54,7 @@ def create_inference_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.store = JobStore.from_url(settings.broker_url)
+    app.state.store = JobStore.from_url(settings.broker_url, fail_fast=True)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
     for module in (predict, v2, models):

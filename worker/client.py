@@ -16,10 +16,14 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}  # as services/datase
 
 
 class ApiError(RuntimeError):
-    def __init__(self, status: int, body: Any) -> None:
+    """The API answered with an error: `status`, its `code` and message, and the URL asked."""
+
+    def __init__(self, status: int, body: Any, url: str = "") -> None:
         err = body.get("error", {}) if isinstance(body, dict) else {}
-        super().__init__(f"HTTP {status}: {err.get('message', body)}")
-        self.status, self.body = status, body
+        self.status, self.body, self.url = status, body, url
+        self.code = err.get("code") if isinstance(err, dict) else None
+        message = err.get("message", body) if isinstance(err, dict) else err or body
+        super().__init__(f"HTTP {status}{f' from {url}' if url else ''}: {message}")
 
 
 class Client:
@@ -32,7 +36,7 @@ class Client:
         r = self.http.request(method, path, **kwargs)
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
         if r.status_code >= 400:
-            raise ApiError(r.status_code, body)
+            raise ApiError(r.status_code, body, str(r.request.url.copy_with(query=None)))
         return body
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
