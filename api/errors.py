@@ -1,18 +1,20 @@
-"""Every error leaves the API as `{"error": {"code": ..., "message": ...}}` with a 4xx status naming the cause
-(503 `store_unavailable` while Redis is down, `storage_unavailable` while the store of models and datasets is, and
-`store_incomplete` for a model or dataset that is not whole on it)."""
+"""Every error leaves the API as `{"error": {"code": ..., "message": ...}}`: typed errors with the status and code that
+services/errors.py gives them (a 4xx naming the cause; 503 with Retry-After `store_unavailable` while Redis is down,
+`storage_unavailable` while the store of models and datasets is, `store_incomplete` for a model or dataset that is
+not whole on it), anything else 500 `internal_error` with a reference id whose traceback is logged."""
 
 from __future__ import annotations
 
 import logging
 
-import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from storage.store import Incomplete, StoreUnavailable
+from services.errors import KNOWN, UserError, classify, internal_message, reference
+from storage.archives import ArchiveError
 
 log = logging.getLogger("sidetune.api")
 
@@ -66,26 +68,49 @@ def install(app: FastAPI) -> None:
         )
         return error_response(request.url.path, exc.status_code, code, str(exc.detail), exc.headers)
 
-    @app.exception_handler(redis.ConnectionError)
-    @app.exception_handler(redis.TimeoutError)
-    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
-        # The job store retried for about 30 s: Redis is down or restarting, nothing was lost; a retry may succeed.
-        log.warning("redis unavailable on %s %s: %s", request.method, request.url.path, exc)
-        message = "the job store (Redis) is unavailable; retry shortly"
-        return error_response(request.url.path, 503, "store_unavailable", message, {"Retry-After": "5"})
+    async def _known(request: Request, exc: Exception) -> JSONResponse:
+        status, code = classify(exc) or (500, "internal_error")
+        message = str(exc)
+        if code == "store_unavailable":
+            message = "the job store (Redis) is unavailable; retry shortly"
+        elif code == "storage_unavailable":
+            message = f"{exc}; retry shortly"
+        if status >= 500:
+            log.warning("%s on %s %s: %s", code, request.method, request.url.path, exc)
+        # Redis, the store, or a model being written: nothing was lost, and a retry may succeed.
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return error_response(request.url.path, status, code, message, headers)
 
-    @app.exception_handler(StoreUnavailable)
-    async def _storage_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(request.url.path, 503, "storage_unavailable", f"{exc}; retry shortly",
-                              {"Retry-After": "5"})  # fmt: skip
+    for known in (UserError, ArchiveError, *KNOWN):  # every type services/errors.py maps
+        app.add_exception_handler(known, _known)
+    app.add_middleware(CatchAll)
 
-    @app.exception_handler(Incomplete)
-    async def _incomplete(request: Request, exc: Incomplete) -> JSONResponse:
-        # Written last, the marker is missing only while a writer is at work or after one was cut off: retry later.
-        return error_response(request.url.path, 503, "store_incomplete", str(exc), {"Retry-After": "5"})
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request.url.path, 500, "internal_error", f"{type(exc).__name__}: {exc}")
+class CatchAll:
+    """Anything no handler knows is our fault: 500 `internal_error` with a reference id, under which the traceback is
+    logged, and nothing of its internals in the body. Pure ASGI and inside the app's middleware, so the exception
+    stops here: Starlette's outermost error middleware would answer too, but then re-raise it to the server, which
+    drops the connection (the client's next request on it would fail)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            ref = reference()
+            log.exception("internal error %s on %s %s", ref, scope.get("method"), scope.get("path"))
+            if started:  # part of the answer is out: nothing sensible can follow it
+                raise
+            response = error_response(scope["path"], 500, "internal_error", internal_message(ref))
+            await response(scope, receive, send)

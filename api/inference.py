@@ -56,7 +56,7 @@ def create_inference_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.store = JobStore.from_url(settings.broker_url)
+    app.state.store = JobStore.from_url(settings.broker_url, fail_fast=True)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
     for router in (predict.router, v2.router, export.router, models.read_only):

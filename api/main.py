@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
-    app.state.store = JobStore.from_url(settings.broker_url)
+    app.state.store = JobStore.from_url(settings.broker_url, fail_fast=True)
     app.state.celery = make_app(settings)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))

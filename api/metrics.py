@@ -18,7 +18,9 @@ import time
 from collections.abc import Iterator
 from typing import Annotated
 
+from celery import Celery
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from kombu.exceptions import ChannelError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -33,17 +35,16 @@ from worker.celery_app import EXTRACT, TRAIN
 log = logging.getLogger("sidetune.api")
 
 QUEUES = (EXTRACT, TRAIN)
-# kombu's Redis transport keeps a list per queue and one per non-zero priority step (`<queue>\x06\x16<step>`).
-_PRIORITY_LISTS = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 # From a small CPU batch to a large GPU-less one.
 PREDICT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class StoreCollector(Collector):
-    """Gauges read from Redis on each scrape: a few SCARD/LLEN calls and one MGET of the extracting jobs."""
+    """Gauges read from Redis on each scrape: a few SCARD calls, a passive declare per queue and one MGET of the
+    extracting jobs."""
 
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
+    def __init__(self, store: JobStore, celery: Celery) -> None:
+        self.store, self.celery = store, celery
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("sidetune_redis_up", "Whether Redis answered this scrape (the gauges below need it).")
@@ -64,14 +65,9 @@ class StoreCollector(Collector):
         for status, n in self.store.count_by_status().items():
             jobs.add_metric([status], n)
 
-        pipe = r.pipeline(transaction=False)
-        for queue in QUEUES:
-            for suffix in _PRIORITY_LISTS:
-                pipe.llen(queue + suffix)
-        lengths = pipe.execute()
         depth = GaugeMetricFamily("sidetune_queue_depth", "Tasks waiting in each Celery queue.", labels=["queue"])
-        for i, queue in enumerate(QUEUES):
-            depth.add_metric([queue], sum(lengths[i * len(_PRIORITY_LISTS) : (i + 1) * len(_PRIORITY_LISTS)]))
+        for queue, n in queue_depths(self.celery).items():
+            depth.add_metric([queue], n)
 
         live = {queue: 0 for queue in QUEUES} | self.store.live_workers()
         workers = GaugeMetricFamily("sidetune_live_workers", "Workers with a fresh heartbeat, by queue.",
@@ -91,6 +87,21 @@ class StoreCollector(Collector):
             if progress.get("stage") == "extracting" and isinstance(progress.get("images_per_s"), int | float):
                 rate.add_metric([job_id], progress["images_per_s"])
         return [jobs, depth, workers, rate]
+
+
+def queue_depths(celery: Celery) -> dict[str, int]:
+    """Messages waiting in each queue, as the broker counts them: a passive declare (it creates nothing) answers
+    with the count; a queue that was never declared, or is empty on Redis, answers "not found": zero."""
+    depths = {}
+    with celery.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1)
+        channel = conn.default_channel
+        for queue in QUEUES:
+            try:
+                depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+            except ChannelError:
+                depths[queue] = 0
+    return depths
 
 
 def _progress(raw: str | None) -> dict:
@@ -159,7 +170,7 @@ def install(app: FastAPI, job_gauges: bool = True) -> None:
     service measures its requests only)."""
     registry = CollectorRegistry()
     if job_gauges:
-        registry.register(StoreCollector(app.state.store))
+        registry.register(StoreCollector(app.state.store, app.state.celery))
     requests = Counter("sidetune_http_requests", "HTTP requests by method, route template and status.",
                        ["method", "route", "status"], registry=registry)  # fmt: skip
     latency = Histogram("sidetune_predict_latency_seconds", "Predict request latency by route, in seconds.",

@@ -1,10 +1,16 @@
-"""The shapes of timm's plain ViT families without building them (no torch), for the planner and the API: blocks,
-width, tokens, MLP size, by model name. Checked against timm on the meta device in tests/services/test_planner.py.
+"""timm's plain ViTs without building them (no torch), for the spec, the planner and the API: which names sidetune
+supports (`vit_names.txt`, timm's `vision_transformer` and `deit` models: `VisionTransformer`s; those without a class
+token are read with mean pooling, an attention-pooling head is not used), and the shapes of their main families
+(blocks, width, tokens, MLP size), by model name. Checked against timm in tests/services/test_planner.py and
+tests/services/test_backbone_names.py; after a timm upgrade, regenerate the names with
+`python -m services.architectures`.
 """
 
 from __future__ import annotations
 
 import re
+from functools import cache
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -105,3 +111,47 @@ def backprop_bytes(arch: Architecture, blocks: int, batch: int, every_weight: bo
     factor of about 1.5 of what PyTorch's allocator reports."""
     weights = parameters(arch) * (16 if every_weight else 4)
     return weights + ACTIVATION_BYTES_PER_TOKEN_DIM * arch.tokens * arch.dim * blocks * batch
+
+
+NAMES_FILE = Path(__file__).with_name("vit_names.txt")
+
+
+@cache
+def supported_names() -> frozenset[str]:
+    """The timm model names (without pretrained tags) that sidetune supports as backbones."""
+    return frozenset(line.strip() for line in NAMES_FILE.read_text().splitlines() if line.strip())
+
+
+def unsupported_backbone(name: str) -> str | None:
+    """Why `name` (a timm name, optionally `.tag`) cannot be a backbone, or None if it can."""
+    base = name.split(".")[0]
+    if base in supported_names():
+        return None
+    near = sorted(n for n in supported_names() if n.startswith(base.split("_")[0]))[:3]
+    hint = f" (e.g. {', '.join(near)})" if near else " (e.g. vit_base_patch16_224, vit_small_patch14_dinov2)"
+    return (f"backbone {name!r} is not a timm ViT that sidetune supports: it takes the plain ViTs of timm's "
+            f"vision_transformer and deit modules{hint}")  # fmt: skip
+
+
+def timm_vit_names() -> list[str]:
+    """What `vit_names.txt` should hold, from the installed timm (imports torch; builds each model on the meta
+    device): its `vision_transformer` and `deit` models whose final norms are LayerNorms (or none), which is what
+    the readout of services/backbones.py reads."""
+    import timm
+    import torch
+
+    names = []
+    for name in timm.list_models(module=["vision_transformer", "deit"]):
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+        norms = (model.norm, model.fc_norm)
+        if all(isinstance(n, torch.nn.LayerNorm | torch.nn.Identity) for n in norms) and hasattr(
+            model, "forward_intermediates"
+        ):
+            names.append(name)
+    return sorted(names)
+
+
+if __name__ == "__main__":
+    NAMES_FILE.write_text("\n".join(timm_vit_names()) + "\n")
+    print(f"wrote {len(supported_names.__wrapped__())} names to {NAMES_FILE}")

@@ -7,6 +7,7 @@ becomes an unfactorised ViViT (services/video/backbone.py) that takes clips [B, 
 from __future__ import annotations
 
 import hashlib
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,14 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torchvision.transforms import Compose
 
+from services.errors import UserError
 from services.spec import BackboneSpec
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """A backbone that cannot be created or used; the message names the cause."""
+
+    code = "invalid_backbone"
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -186,6 +190,8 @@ class Backbone:
             )  # fmt: skip
         # One copy of each layer into its slot (converting on the way) instead of cat, stack and a cast: the three
         # passes over the activations cost about as much as writing them to the cache.
+        # a ViT without prefix tokens (no class token) gives the spatial tokens alone, not (spatial, prefix) pairs
+        out = [y if isinstance(y, tuple) else (y, y[:, :0]) for y in out]
         spatial, prefix = out[0]
         n_prefix = prefix.shape[1]
         batch, tokens, dim = spatial.shape[0], n_prefix + spatial.shape[1], spatial.shape[2]
@@ -194,6 +200,37 @@ class Backbone:
             stacked[:, i, :n_prefix] = prefix
             stacked[:, i, n_prefix:] = spatial
         return stacked
+
+
+HUB_TIMEOUT_S = 3.0
+
+
+def _weights_source(name: str) -> dict[str, Any]:
+    """Where timm's pretrained weights for `name` come from: the Hugging Face cache if they are in it (loaded from the
+    file, no request to the hub), else the hub if it answers within `HUB_TIMEOUT_S` (timm downloads them); else a
+    BackboneError at once, where the hub's client would retry for most of a minute."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return {}  # weights from a URL or a file of timm's own: timm knows best
+    repo, _, revision = hub_id.partition("@")
+    filename = getattr(cfg, "hf_hub_filename", None)
+    for candidate in [filename] if filename else ["model.safetensors", "pytorch_model.bin"]:
+        cached = try_to_load_from_cache(repo, candidate, revision=revision or None)
+        if isinstance(cached, str):
+            return {"pretrained_cfg_overlay": {"file": cached}}
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_TIMEOUT_S).close()
+    except OSError as e:
+        raise BackboneError(f"cannot load pretrained weights for backbone {name!r}: they are not in the local cache "
+                            f"and the model hub ({endpoint.hostname}) is unreachable ({e}); give `backbone.checkpoint` "
+                            "(a safetensors file on the server) or `pretrained: false`") from None  # fmt: skip
+    return {}
 
 
 def load_backbone(
@@ -209,6 +246,8 @@ def load_backbone(
     if spec.image_size is not None:
         kwargs["img_size"] = spec.image_size
     pretrained = spec.pretrained and checkpoint is None
+    if pretrained:
+        kwargs.update(_weights_source(spec.name))
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)  # pretrained=False models are reproducible, so caches are reused

@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.images import draft_size
 from services.inference import LoadedModel, Predictor
 
 
@@ -71,8 +72,8 @@ class Batcher:
 
     def predict(self, model_id: str, images: list[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
         """Like `Predictor.predict`, run in a batch with the requests that arrive together with this one."""
-        decoded = self.predictor.decode(images)  # a DatasetError fails this request only
-        model = self.predictor.load(model_id)  # so does an unknown model
+        model = self.predictor.load(model_id)  # an unknown model fails this request only
+        decoded = self.predictor.decode(images, draft_size(model.backbone.transform))  # so does a DatasetError
         return self.predictor.format(model, self.submit(model, decoded).result(), threshold)
 
     def close(self) -> None:
@@ -114,6 +115,7 @@ class Batcher:
                     try:
                         requests.append(self.predictor.inputs(p.model, p.images))
                         ready.append(p)
+                        p.images = []  # the decoded images are not needed once transformed: free them now
                     except Exception as e:  # noqa: BLE001 - this request's own failure, raised by its caller
                         p.result.set_exception(e)
                 if ready:

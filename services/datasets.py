@@ -14,16 +14,21 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from services import images
+from services.errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
-MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: larger images are rejected, not decoded
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be used; the message names the cause."""
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be used; the message names the cause (the file, the line)."""
+
+    code = "invalid_dataset"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Dataset:
     labels: np.ndarray  # int64 class index per sample; multi-label: int64 0/1 [samples, classes] (multi-hot)
     classes: list[str]
     fingerprint: str
+    skipped_rows: tuple[str, ...] = ()  # rows left out: repeated files, missing files under on_corrupt=skip
     kind: str = "image"  # or "video"
     spans: np.ndarray | None = None  # videos of a manifest with start,end: float [N, 2] seconds, NaN where not given
     skipped_rows: tuple[str, ...] = ()  # manifest rows left out (multi-label rows without a tag, on_corrupt=skip)
@@ -62,10 +68,10 @@ def resolve_format(path: Path, fmt: str) -> str:
     return "csv" if path.is_file() and path.suffix.lower() == ".csv" else "imagefolder"
 
 
-def _fingerprint(root: Path, paths: list[Path], labels: list[str], spans: np.ndarray | None = None) -> str:
+def _fingerprint(root: Path, paths: list[Path], labels: list[str], stats: list[os.stat_result],
+                 spans: np.ndarray | None = None) -> str:  # fmt: skip
     h = hashlib.sha256()
-    for i, (p, label) in enumerate(zip(paths, labels, strict=True)):
-        st = p.stat()
+    for i, (p, label, st) in enumerate(zip(paths, labels, stats, strict=True)):
         rel = p.relative_to(root) if p.is_relative_to(root) else p
         span = "" if spans is None else f"\0{spans[i, 0]!r}\0{spans[i, 1]!r}"  # images' fingerprints are unchanged
         h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}{span}\n".encode())
@@ -81,14 +87,34 @@ def media_kind(paths: list[Path], where: Path) -> str:
     return "video" if videos else "image"
 
 
-def _finish(
-    root: Path,
-    paths: list[Path],
-    names: list[str],
-    spans: np.ndarray | None = None,
-    multi_label: bool = False,
-    skipped: tuple[str, ...] = (),
-) -> Dataset:
+def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], duplicates: str = "drop",
+            skipped: tuple[str, ...] = (), spans: np.ndarray | None = None, multi_label: bool = False
+            ) -> Dataset:  # fmt: skip
+    """The dataset of (path, label) rows, each file once: a file listed again (the same file by device and inode:
+    a repeated row, `./a.png` next to `a.png`, a link to it) is left out with the same label (`duplicates="drop"`,
+    noted in `skipped_rows`) or refused (`"fail"`), and refused with another label. So no file can land in two
+    splits. `where` names each row for the messages (a manifest's line, or the file)."""
+    keep: list[int] = []
+    stats: list[os.stat_result] = []
+    seen: dict[tuple, int] = {}
+    notes = list(skipped)
+    for i, (p, name, at) in enumerate(zip(paths, names, where, strict=True)):
+        st = p.stat()
+        span = () if spans is None else (repr(spans[i, 0]), repr(spans[i, 1]))  # clips of one video are distinct
+        first = seen.setdefault((st.st_dev, st.st_ino, *span), i)
+        if first != i:
+            if names[first] != name:
+                raise DatasetError(f"{at}: {p.name} is also {where[first]} with another label ({names[first]!r} vs "
+                                   f"{name!r}); one file cannot be in two classes")  # fmt: skip
+            if duplicates == "fail":
+                raise DatasetError(f"{at}: {p.name} is listed again (first: {where[first]}); remove the repeated rows "
+                                   "or set dataset.duplicates='drop'")  # fmt: skip
+            notes.append(f"{at}: {p.name} repeats {where[first]}, left out")
+            continue
+        keep.append(i)
+        stats.append(st)
+    paths, names = [paths[i] for i in keep], [names[i] for i in keep]
+    spans = spans[keep] if spans is not None else None
     tags = [[t.strip() for t in n.split("|") if t.strip()] for n in names] if multi_label else [[n] for n in names]
     classes = sorted({t for row in tags for t in row})
     if len(paths) == 0:
@@ -106,36 +132,55 @@ def _finish(
         for row, row_tags in enumerate(tags):
             labels[row, [index[t] for t in row_tags]] = 1
         # the same manifest read as single-label holds other labels: it must not share a cache entry
-        fingerprint = _fingerprint(root, paths, [f"multi-label:{n}" for n in names], spans)
+        fingerprint = _fingerprint(root, paths, [f"multi-label:{n}" for n in names], stats, spans)
     else:
         labels = np.array([index[row[0]] for row in tags], dtype=np.int64)
-        fingerprint = _fingerprint(root, paths, names, spans)
-    return Dataset(root, paths, labels, classes, fingerprint, kind=kind, spans=spans, skipped_rows=skipped)
+        fingerprint = _fingerprint(root, paths, names, stats, spans)
+    return Dataset(root, paths, labels, classes, fingerprint, kind=kind, spans=spans, skipped_rows=tuple(notes))
 
 
-def read_imagefolder(root: Path) -> Dataset:
+def _inside(path: Path, roots: list[Path] | None, what: str) -> None:
+    """Refuse a file or folder of the dataset that resolves (links followed) outside the allowed roots."""
+    if roots is None:
+        return
+    real = path.resolve()
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise PermissionError(f"{what} {path} resolves to {real}, outside the allowed roots ({allowed})")
+
+
+def read_imagefolder(root: Path, roots: list[Path] | None = None, duplicates: str = "drop") -> Dataset:
+    """One subfolder per class. With `roots`, every class folder and every linked file must resolve inside them."""
     if not root.is_dir():
         raise DatasetError(f"{root} is not a directory; an ImageFolder dataset has one subfolder per class")
     paths: list[Path] = []
     names: list[str] = []
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        _inside(class_dir, roots, "class folder")
+        # os.walk does not descend into linked folders below the class folder; linked files are checked one by one
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames.sort()
             for f in sorted(filenames):
                 if Path(f).suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
-                    paths.append(Path(dirpath) / f)
+                    path = Path(dirpath) / f
+                    if path.is_symlink():
+                        _inside(path, roots, "file")
+                    paths.append(path)
                     names.append(class_dir.name)
-    return _finish(root, paths, names)
+    return _finish(root, paths, names, [str(p) for p in paths], duplicates)
 
 
-def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = False) -> Dataset:
-    """`multi_label`: the label column holds `|`-separated tags; a row without any fails naming its line, or is
-    left out and listed in `skipped_rows` when `skip_bad_rows`."""
+def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = False,
+             duplicates: str = "drop") -> Dataset:  # fmt: skip
+    """`path,label` rows, paths relative to the manifest's folder and inside it (links followed). `multi_label`: the
+    label column holds `|`-separated tags. A row without any tag or whose file is missing fails naming its line, or is
+    left out and listed in `skipped_rows` when `skip_bad_rows` (the job's on_corrupt=skip)."""
     root = manifest.parent
     paths: list[Path] = []
     names: list[str] = []
-    spans: list[tuple[float, float]] = []
+    where: list[str] = []
     skipped: list[str] = []
+    spans: list[tuple[float, float]] = []
     with open(manifest, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
@@ -158,13 +203,20 @@ def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = Fa
             if not p.is_relative_to(root.resolve()):
                 raise DatasetError(f"{manifest} line {line}: {rel!r} points outside the manifest's folder")
             if not p.is_file():
-                raise DatasetError(f"{manifest} line {line}: {rel!r} does not exist")
+                if not skip_bad_rows:
+                    raise DatasetError(f"{manifest} line {line}: {rel!r} does not exist (set dataset.on_corrupt="
+                                       "'skip' to leave missing files out)")  # fmt: skip
+                skipped.append(f"{manifest.name} line {line}: {rel} does not exist, left out")
+                continue
             paths.append(p)
             names.append(label)
+            where.append(f"{manifest.name} line {line}")
             if timed:
                 spans.append(_span(row, manifest, line))
-    spans_array = np.array(spans, dtype=np.float64).reshape(-1, 2) if timed else None
-    return _finish(root, paths, names, spans_array, multi_label, tuple(skipped))
+    if not paths and not skipped:
+        raise DatasetError(f"manifest {manifest} has no rows")
+    timing = np.array(spans, dtype=np.float64).reshape(-1, 2) if timed else None
+    return _finish(root, paths, names, where, duplicates, tuple(skipped), timing, multi_label)
 
 
 def _span(row: dict, manifest: Path, line: int) -> tuple[float, float]:
@@ -181,12 +233,25 @@ def _span(row: dict, manifest: Path, line: int) -> tuple[float, float]:
     return a, b
 
 
-def read_dataset(path: Path, fmt: str = "auto", multi_label: bool = False, on_corrupt: str = "fail") -> Dataset:
+def read_dataset(path: Path, fmt: str = "auto", multi_label: bool = False, on_corrupt: str = "fail",
+                 roots: list[Path] | None = None, duplicates: str = "drop") -> Dataset:  # fmt: skip
+    """With `roots`, every class folder and linked file must resolve inside them (a manifest's rows must lie in its
+    folder anyway)."""
     fmt = resolve_format(path, fmt)
     if multi_label and fmt != "csv":
         raise DatasetError(f"{path}: multi-label datasets are CSV manifests whose label column holds `|`-separated "
                            "tags; an ImageFolder has one class per image")  # fmt: skip
-    return read_csv(path, multi_label, on_corrupt == "skip") if fmt == "csv" else read_imagefolder(path)
+    if fmt == "csv":
+        return read_csv(path, multi_label, on_corrupt == "skip", duplicates)
+    return read_imagefolder(path, roots, duplicates)
+
+
+def read_for_job(dataset: Any, roots: list[Path], path: str | None = None) -> Dataset:
+    """The dataset a job spec names (or its test set at `path`), inside the allowed `roots`: its path, and every file
+    it resolves to."""
+    fmt = dataset.format if path is None else "auto"
+    return read_dataset(check_path(path or dataset.path, roots), fmt, dataset.multi_label, dataset.on_corrupt, roots,
+                        dataset.duplicates)  # fmt: skip
 
 
 def split(
@@ -233,19 +298,9 @@ def check_validation(labels: np.ndarray, val: np.ndarray, classes: list[str]) ->
                        "images (2 or more per class), or submit a dataset with more images per class")  # fmt: skip
 
 
-def load_image(source: Path | bytes):
-    """Decode an image to RGB with Pillow, refusing decompression bombs; raises DatasetError naming the cause."""
-    import io
-
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    name = str(source) if isinstance(source, Path) else "uploaded image"
+def load_image(source: Path | bytes, draft: int | None = None):
+    """An RGB PIL image, decoded by the rules of services/images.py; DatasetError naming the file otherwise."""
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
-            im.load()
-            return im.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise DatasetError(f"{name}: image too large ({e})") from e
-    except Exception as e:  # Pillow raises many types for bad bytes
-        raise DatasetError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
+        return images.load_image(source, draft)
+    except images.ImageError as e:
+        raise DatasetError(str(e)) from None

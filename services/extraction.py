@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from services.backbones import Backbone, load_backbone
-from services.datasets import Dataset, check_path, read_dataset
+from services.datasets import Dataset, check_path, read_for_job
+from services.images import PIXELS
 from services.loading import BatchReader, EncodedReader, decode_on_device, iterate, loader_workers
 from services.progress import Reporter
-from services.spec import JobSpec, extraction_rows
+from services.spec import JobSpec, SpecError, extraction_rows
 from services.video.loading import clip_reader, clip_transform, padding_event
 from services.video.spec import check_inputs
 from storage.cache import CacheEntry, FeatureCache, cache_key, pool_tokens
@@ -45,15 +46,14 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     """Read the dataset, create the backbone and find the cache entry (no forward pass): `key` if given (a shard
     of an extraction in progress), else a complete entry of the same family that covers what the job reads,
     else the entry this job's extraction will write."""
-    root = check_path(spec.dataset.path, settings.roots)
-    dataset = read_dataset(root, spec.dataset.format, spec.dataset.multi_label, spec.dataset.on_corrupt)
+    dataset = read_for_job(spec.dataset, settings.roots)
     check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
     if dataset.kind == "video" and spec.extraction.decode == "device":
-        raise ValueError("extraction.decode 'device' decodes JPEG images on the GPU; videos are decoded by PyAV on "
-                         "the CPU (use 'cpu')")  # fmt: skip
+        raise SpecError("extraction.decode 'device' decodes JPEG images on the GPU; videos are decoded by PyAV on "
+                        "the CPU (use 'cpu')")  # fmt: skip
     checkpoint = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
     backbone = load_backbone(spec.backbone, settings.torch_device(), checkpoint)
-    preprocessing = {**backbone.data_config, "decode": spec.extraction.decode}
+    preprocessing = {**backbone.data_config, "decode": spec.extraction.decode, "pixels": PIXELS}
     if spec.backbone.video is not None:  # frames, tubelet and init are in the weights' hash too; sampling is not
         preprocessing["video"] = spec.backbone.video.model_dump()
     family = cache_key({"dataset": dataset.fingerprint, "backbone": spec.backbone.name,
@@ -88,8 +88,9 @@ def begin_extraction(
     meta = {**backbone.info(), "dataset_root": str(dataset.root), "dataset_fingerprint": dataset.fingerprint,
             "classes": dataset.classes, "skipped_rows": list(dataset.skipped_rows)}  # fmt: skip
     if dataset.skipped_rows:
-        reporter.event(f"left out {len(dataset.skipped_rows)} manifest rows without a tag (on_corrupt=skip), e.g. "
-                       f"{dataset.skipped_rows[0]}", level="warning")  # fmt: skip
+        reporter.event(f"left out {len(dataset.skipped_rows)} dataset rows (repeated files; with on_corrupt=skip, "
+                       f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}", level="warning",
+                       data={"left_out": list(dataset.skipped_rows[:1000])})  # fmt: skip
     entry.create(labels=dataset.labels, layers=prep.layers, tokens=prep.tokens, token_count=backbone.tokens,
                  dim=backbone.dim, batch_size=prep.batch_size, meta=meta, codec=spec.extraction.codec,
                  keepbits=spec.extraction.keepbits)  # fmt: skip

@@ -39,6 +39,7 @@ from pydantic import TypeAdapter
 from services import methods
 from services.backbones import PRECISIONS, Backbone, load_backbone, resolve_precision
 from services.datasets import DatasetError, check_path, load_image
+from services.images import draft_size
 from services.methods.readout import FeatureInfo, Readout
 from services.spec import BackboneSpec
 from storage.artifacts import ArtifactStore
@@ -245,12 +246,13 @@ class Predictor:
         return merged, owned
 
     # ---- predicting ------------------------------------------------------------------------------------------
-    def decode(self, images: list[bytes]) -> list[Any]:
-        """PIL images; a DatasetError names the instance that could not be decoded."""
+    def decode(self, images: list[bytes], draft: int | None = None) -> list[Any]:
+        """PIL images (JPEGs far larger than `draft` decoded at a fraction of their size, as the loaders decode them
+        for training: services/images.py); a DatasetError names the instance that could not be decoded."""
         decoded = []
         for i, data in enumerate(images):
             try:
-                decoded.append(load_image(data))
+                decoded.append(load_image(data, draft))
             except DatasetError as e:
                 raise DatasetError(f"instance {i}: {e}") from None
         return decoded
@@ -261,7 +263,8 @@ class Predictor:
         model expects). A DatasetError names the instance that could not be decoded or does not fit the model."""
         from services.video.serving import decode_for
 
-        return decode_for(model.id, model.config, model.backbone, items, video, self.decode,
+        images = partial(self.decode, draft=draft_size(model.backbone.transform))  # as its loaders decoded them
+        return decode_for(model.id, model.config, model.backbone, items, video, images,
                           self.settings.max_predict_video_s)  # fmt: skip
 
     def inputs(self, model: LoadedModel | str, decoded: list[Any]) -> Request:
@@ -274,8 +277,9 @@ class Predictor:
         return model, torch.stack([transform(im) for im in decoded])
 
     def prepare(self, model_id: str, images: list[bytes]) -> Request:
-        """Decode the images, load the model and transform them into its input batch."""
-        return self.inputs(model_id, self.decode(images))
+        """Load the model, decode the images and transform them into its input batch."""
+        model = self.load(model_id)
+        return self.inputs(model, self.decode(images, draft_size(model.backbone.transform)))
 
     def run(self, requests: list[Request]) -> list[np.ndarray]:
         """Class probabilities [n_i, classes] for each (model, images [n_i, 3, H, W]) request. Per backbone, the
@@ -351,11 +355,14 @@ class Predictor:
     def predict_many(self, model_ids: list[str], images: list[bytes]) -> dict[str, list[dict[str, Any]]]:
         """Decode once, run each distinct backbone once, apply every model; returns predictions per model."""
         models = [self.load(m) for m in model_ids]
-        decoded = self.decode(images)
+        decoded: dict[int | None, list[Any]] = {}  # by draft size, which follows the backbone's resize
         batches: dict[tuple, torch.Tensor] = {}  # one per backbone: their transforms may differ
         for m in models:
             if m.backbone_key not in batches:
-                batches[m.backbone_key] = torch.stack([m.backbone.transform(im) for im in decoded])
+                draft = draft_size(m.backbone.transform)
+                if draft not in decoded:
+                    decoded[draft] = self.decode(images, draft)
+                batches[m.backbone_key] = torch.stack([m.backbone.transform(im) for im in decoded[draft]])
         probs = self.run([(m, batches[m.backbone_key]) for m in models])
         return {m.id: self.format(m, p) for m, p in zip(models, probs, strict=True)}
 

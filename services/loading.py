@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from services.datasets import DatasetError, load_image
+from services.images import MAX_IMAGE_PIXELS, ImageError, draft_size, header, orient
 from storage.settings import Settings
 
 
@@ -57,6 +58,7 @@ class ImageBatch:
     errors: list[str] = field(default_factory=list)
     positions: np.ndarray | None = None  # the dataset positions of the rows, as asked
     notes: list[str] = field(default_factory=list)  # what the job's events should say (e.g. a short video padded)
+    orientations: list[int] = field(default_factory=list)  # EncodedReader: the EXIF orientation of each of `images`
 
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader's pin-memory thread (a documented hook of custom batch types)."""
@@ -74,13 +76,14 @@ class BatchReader(torch.utils.data.Dataset):
 
     def __init__(self, paths: Sequence[Path], batches: Sequence[np.ndarray], pil: Any, skip_corrupt: bool) -> None:
         self.paths, self.batches, self.pil, self.skip_corrupt = paths, batches, pil, skip_corrupt
+        self.draft = draft_size(pil)  # JPEGs far larger than the transform needs are decoded at a fraction of the size
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def load(self, i: int) -> tuple[np.ndarray, str | None]:
         """Item `i` of `paths` as a uint8 array, and a note for the job's events (or None); DatasetError if corrupt."""
-        return np.asarray(self.pil(load_image(self.paths[i])), dtype=np.uint8), None
+        return np.asarray(self.pil(load_image(self.paths[i], self.draft)), dtype=np.uint8), None
 
     def __getitem__(self, k: int) -> ImageBatch:
         positions = np.asarray(self.batches[k])
@@ -110,6 +113,18 @@ class BatchReader(torch.utils.data.Dataset):
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def jpeg_header(data: bytes, path: Path) -> int:
+    """A JPEG's EXIF orientation, after checking its pixel count against the limit that decoding by Pillow enforces
+    (services/images.py), both from its header."""
+    try:
+        pixels, orientation = header(data)
+    except ImageError as e:
+        raise DatasetError(f"{path}: {e}") from None
+    if pixels > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"{path}: image too large ({pixels:,} pixels; at most {MAX_IMAGE_PIXELS:,})")
+    return orientation
+
+
 class EncodedReader(BatchReader):
     """For decoding on the device (`extraction.decode = "device"`): item k holds batch k's JPEG files as their bytes
     (uint8 tensors, decoded later by nvJPEG, batched) and any other image decoded here by Pillow at full size
@@ -119,20 +134,26 @@ class EncodedReader(BatchReader):
         positions = np.asarray(self.batches[k])
         items: list[torch.Tensor | None] = []
         errors: list[str] = []
+        orientations: list[int] = []
         for i in positions:
             try:
                 data = Path(self.paths[i]).read_bytes()
                 if data.startswith(JPEG_MAGIC):
+                    orientation = jpeg_header(data, self.paths[i])  # before the device decodes it
                     items.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                    orientations.append(orientation)
                 else:
                     items.append(torch.from_numpy(np.array(load_image(data), np.uint8)).permute(2, 0, 1))
+                    orientations.append(1)  # upright already
             except (DatasetError, OSError) as e:
                 if not self.skip_corrupt:
                     return ImageBatch(None, np.zeros(len(positions), bool), [f"{self.paths[i]}: {e}"], positions)
                 items.append(None)
                 errors.append(f"{self.paths[i]}: {e}")
         valid = np.array([it is not None for it in items])
-        return ImageBatch([it for it in items if it is not None] or None, valid, errors, positions)
+        return ImageBatch(
+            [it for it in items if it is not None] or None, valid, errors, positions, orientations=orientations
+        )
 
 
 def decode_on_device(
@@ -162,6 +183,8 @@ def decode_on_device(
                     raise DatasetError(message) from None
                 batch.valid[rows[j]] = False
                 batch.errors.append(message)
+    # EXIF orientation applied here on any device (decode_jpeg's own applies on the CPU only), as Pillow applies it
+    decoded = {j: orient(image, batch.orientations[j]) for j, image in decoded.items()}
     resized = {rows[j]: resize(decoded[j] if it.dim() == 1 else it.to(device, non_blocking=True))
                for j, it in enumerate(items) if it.dim() != 1 or j in decoded}  # fmt: skip
     if not resized:

@@ -10,12 +10,10 @@ import logging
 import os
 import socket
 import time
-import traceback
 from contextlib import nullcontext
 from typing import Any
 
-from services.backbones import BackboneError
-from services.datasets import DatasetError
+from services.errors import TRANSIENT, classify, internal_message, reference
 from services.progress import Cancelled, JobReporter
 from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
@@ -24,30 +22,23 @@ from storage.datasets import DatasetFiles
 from storage.jobs import TERMINAL, JobStore, model_id_for, now
 from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
 from storage.settings import Settings
-from storage.store import Incomplete, StoreUnavailable
 
 log = logging.getLogger("sidetune.pipeline")
 
 PLOTS = ("confusion", "curves")  # the PNGs every model has (services/plots.py), at GET /models/{id}/plots/{name}.png
 
-# Errors whose message is the user's answer; anything else is reported as an internal error.
-USER_ERRORS: dict[type[Exception], str] = {
-    DatasetError: "invalid_dataset",
-    FileNotFoundError: "not_found",
-    PermissionError: "forbidden_path",
-    BackboneError: "invalid_backbone",
-    CacheError: "cache_error",
-    StoreUnavailable: "storage_unavailable",
-    Incomplete: "store_incomplete",
-    ValueError: "invalid_value",
-}
 
-
-def _fail(store: JobStore, job_id: str, exc: Exception) -> None:
-    code = next((c for t, c in USER_ERRORS.items() if isinstance(exc, t)), "internal_error")
-    message = str(exc) if code != "internal_error" else f"{type(exc).__name__}: {exc}"
-    if code == "internal_error":
-        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+def fail(store: JobStore, job_id: str, exc: Exception) -> None:
+    """Record the job as failed: a known error with its code and message (services/errors.py), anything else as
+    `internal_error` with a reference id under which the traceback is logged (no internals in the record)."""
+    known = classify(exc)
+    if known is None:
+        ref = reference()
+        log.error("job %s failed: internal error %s", job_id, ref, exc_info=exc)
+        code, message = "internal_error", internal_message(ref)
+    else:
+        code, message = known[1], str(exc)
+        log.warning("job %s failed: %s: %s", job_id, code, message)
     store.set_fields(job_id, status="failed", error={"code": code, "message": message}, finished_at=now())
     store.add_event(job_id, f"failed: {message}", level="error")
 
@@ -169,14 +160,17 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         spec = _on_this_machine(spec, settings)
         prep = prepare(spec, settings)
         lock = _cache_lock(store, prep.key, job_id)
-        if prep.entry.is_complete or not acquire_or_wait(
+        # A lock held under this job's token is this step's own, left by a worker that died (its step is requeued
+        # only then): taken over at once rather than after its lease expires.
+        if prep.entry.is_complete or not (lock.adopt() or acquire_or_wait(
             lock, lambda: prep.entry.is_complete, on_wait=_wait_notice(reporter, prep.key)
-        ):
+        )):  # fmt: skip
             return _hit(store, job_id, prep, reporter, t0)
         try:
             _make_room(store, settings, prep, reporter)
             locked = _LockedReporter(store, job_id, lock)
-            shards = _shard_count(store, spec)
+            # never more shard tasks than batches to write (1024 shards of 120 images would be 1024 tasks)
+            shards = min(_shard_count(store, spec), -(-len(prep.dataset) // prep.batch_size))
             if shards > 1:
                 begin_extraction(spec, settings, locked, prep=prep)
                 store.set_fields(job_id, extract_key=prep.key, extract_shards=shards, extract_started_at=now())
@@ -190,8 +184,10 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         return TRAIN_NEXT if _mark_extracted(store, job_id, cache_key=result["cache_key"], metrics=result) else None
     except Cancelled:
         return _cancelled(store, job_id)
+    except TRANSIENT:
+        raise  # the task retries the step with backoff (worker/tasks.py), failing the job after the last try
     except Exception as e:
-        return _fail(store, job_id, e)
+        return fail(store, job_id, e)
 
 
 def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: int, count: int) -> Next:
@@ -240,9 +236,12 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
     except Cancelled:
         lock.release()
         return _cancelled(store, job_id)
+    except TRANSIENT:
+        lock.release()
+        raise
     except Exception as e:
         lock.release()
-        return _fail(store, job_id, e)
+        return fail(store, job_id, e)
 
 
 def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
@@ -254,7 +253,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
     if job.get("cancel_requested"):
         return _cancelled(store, job_id)
     if not job.get("extracted"):
-        return _fail(store, job_id, RuntimeError("the extraction step did not finish"))
+        return fail(store, job_id, RuntimeError("the extraction step did not finish"))
     artifacts = ArtifactStore.from_settings(settings)
     model_id = model_id_for(job_id)
     store.set_fields(job_id, status="training")
@@ -281,8 +280,10 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         report = artifacts.read_json(model_id, "evaluation.json")
     except Cancelled:
         return _cancelled(store, job_id)
+    except TRANSIENT:
+        raise
     except Exception as e:
-        return _fail(store, job_id, e)
+        return fail(store, job_id, e)
     store.register_model({
         "id": model_id, "object": "model", "created_at": now(), "job_id": job_id, "owner": job.get("owner"),
         "name": spec.name, "method": spec.method.name, "mode": spec.mode, "backbone": spec.backbone.name,

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from services.architectures import Architecture, architecture, forward_flops
 from services.backprop import backprop_memory
-from services.datasets import check_path, check_validation, read_dataset, split
+from services.datasets import check_validation, read_for_job, split
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.video.spec import check_inputs
@@ -255,7 +255,7 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
                                 "(POST /jobs?dry_run=true)")  # fmt: skip
     check_size(spec.sweep, settings.max_sweep_configs)
     ds = spec.dataset
-    dataset = read_dataset(check_path(ds.path, settings.roots), ds.format, ds.multi_label, ds.on_corrupt)
+    dataset = read_for_job(ds, settings.roots)
     check_inputs(spec.backbone.video, dataset.kind, ds.path)
     n = len(dataset)
     train_idx, val_idx, test_idx = split(dataset.labels, ds.val_fraction, ds.test_fraction, ds.split_seed)
@@ -266,8 +266,8 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     disk = _Disk(settings)
     notes: list[str] = []
     if dataset.skipped_rows:
-        notes.append(f"{len(dataset.skipped_rows)} manifest rows without a tag are left out (on_corrupt=skip), e.g. "
-                     f"{dataset.skipped_rows[0]}")  # fmt: skip
+        notes.append(f"{len(dataset.skipped_rows)} dataset rows are left out (repeated files; with on_corrupt=skip, "
+                     f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}")  # fmt: skip
     base = dict(
         backbone=spec.backbone.name, method=spec.method.name, mode=spec.mode, needs_cache=spec.needs_cache, images=n,
         train_images=len(train_idx), val_images=len(val_idx), test_images=len(test_idx), classes=len(dataset.classes),

@@ -4,10 +4,13 @@ code. Method-specific fields live in each method's config (services/methods/<nam
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.architectures import unsupported_backbone
+from services.errors import SpecError  # noqa: F401 - re-exported: where job specs are, their error is
 from services.methods import CONFIGS, METHOD_NAMES, MethodConfig
 from services.sweeps.grid import SweepSpec, check_sweep
 from services.video.spec import VideoSpec
@@ -15,7 +18,8 @@ from services.video.spec import VideoSpec
 Mode = Literal["cache", "images", "tail", "online"]
 
 
-NO_NUL = r"^[^\x00]*$"  # a file path: no NUL byte (the OS refuses it)
+NO_NUL = r"^[^\x00-\x1f\x7f]*$"  # a file path: no NUL byte (the OS refuses it) nor other control characters
+SEED_MAX = 2**32 - 1  # what every seeded generator accepts (torch.manual_seed fails from 2**64)
 
 
 class DatasetSpec(BaseModel):
@@ -58,6 +62,7 @@ class DatasetSpec(BaseModel):
     test: str | None = Field(
         None,
         min_length=1,
+        pattern=NO_NUL,
         description="A separate test set on the server (an ImageFolder directory, or a CSV manifest named `*.csv`) "
         "whose labels are among the training set's classes; instead of `test_fraction`. Its images run through the "
         "backbone and the selected model once, after training.",
@@ -70,11 +75,17 @@ class DatasetSpec(BaseModel):
         "without any tag fails the job naming it, or is skipped and counted with `on_corrupt: skip`. The splits "
         "are then seeded but not stratified.",
     )
-    split_seed: int = Field(0, ge=0, description="Seed of the validation and test splits.")
+    split_seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the validation and test splits.")
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail",
-        description="An image or video that cannot be decoded fails the job (`fail`, naming the file), or is skipped "
-        "and counted (`skip`).",
+        description="An image or video that cannot be decoded, or a manifest row whose file is missing, fails the job "
+        "(`fail`, naming the file), or is skipped and counted (`skip`).",
+    )
+    duplicates: Literal["drop", "fail"] = Field(
+        "drop",
+        description="A file listed twice (a repeated manifest row, or a link to a file already in the dataset): left "
+        "out with a warning event (`drop`) or the job is refused naming the rows (`fail`). A file listed with two "
+        "labels is always refused. Either way no file is in both the training and the validation split.",
     )
 
     @model_validator(mode="after")
@@ -99,6 +110,15 @@ class BackboneSpec(BaseModel):
         ..., pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200, description="A timm ViT name, e.g. vit_base_patch16_224."
     )
     pretrained: bool = Field(True, description="Load timm's pretrained weights (a tag may follow the name: `.tag`).")
+
+    @field_validator("name")
+    @classmethod
+    def _supported(cls, name: str) -> str:
+        problem = unsupported_backbone(name)
+        if problem:
+            raise SpecError(problem)
+        return name
+
     checkpoint: str | None = Field(
         None, pattern=NO_NUL, description="A local safetensors checkpoint inside an allowed root; overrides "
         "`pretrained`."
@@ -107,7 +127,9 @@ class BackboneSpec(BaseModel):
         None, ge=16, le=1024, description="Input size in pixels; default: the backbone's own (position embeddings "
         "are resampled)."
     )  # fmt: skip
-    init_seed: int = Field(0, ge=0, description="Seed of the random initialisation when no weights are loaded.")
+    init_seed: int = Field(
+        0, ge=0, le=SEED_MAX, description="Seed of the random initialisation when no weights are loaded."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Precision of the frozen backbone's forward where it only runs forward (extraction, `online` mode, "
@@ -147,9 +169,9 @@ def select_cached_layers(choice: LayerChoice, num_layers: int) -> list[int]:
     if isinstance(choice, list):
         bad = [i for i in choice if i >= num_layers]
         if bad:
-            raise ValueError(f"extraction.layers {bad} do not exist: the backbone has {num_layers} blocks")
+            raise SpecError(f"extraction.layers {bad} do not exist: the backbone has {num_layers} blocks")
         return sorted(set(choice))
-    raise ValueError(f"cannot select layers from {choice!r}")
+    raise SpecError(f"cannot select layers from {choice!r}")
 
 
 class ExtractionSpec(BaseModel):
@@ -244,16 +266,16 @@ class TrainingSpec(BaseModel):
         description="`sgd` (momentum 0.9) or `adamw`; `auto`: the method's default from its paper and official code "
         f"({_defaults('optimizer')}).",
     )
-    lr: float | Literal["auto"] = Field(
+    lr: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = Field(
         "auto",
         description=f"Peak learning rate; `auto`: the method's default ({_defaults('lr')}). LoSA's 0.05 is the "
         "paper's value at batch size 512, scaled linearly to the job's batch (0.05 x batch_size / 512); APLA's "
         "follows its rank as the official configs do (3e-5 at r=8 up to 1e-4 at r=128).",
     )
-    weight_decay: float | Literal["auto"] = Field(
+    weight_decay: Annotated[float, Field(ge=0, le=10)] | Literal["auto"] = Field(
         "auto", description=f"Weight decay; `auto`: the method's default ({_defaults('weight_decay')})."
     )
-    warmup_epochs: float | Literal["auto"] = Field(
+    warmup_epochs: Annotated[float, Field(ge=0, le=10_000)] | Literal["auto"] = Field(
         "auto",
         description="Linear warmup length in epochs before the cosine decay (at most half the run); `auto`: the "
         "method's default "
@@ -279,7 +301,7 @@ class TrainingSpec(BaseModel):
         "over the training split (scikit-learn's class_weight='balanced'); multi-label: each tag's positives by "
         "its negatives / positives (BCE pos_weight).",
     )
-    seed: int = Field(0, ge=0, description="Seed of initialisation and batch order.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of initialisation and batch order.")
     compile: bool = Field(
         False,
         description="Run the trained module through `torch.compile` (side networks gain most: many small ops). The "
@@ -298,7 +320,7 @@ class TrainingSpec(BaseModel):
                     out[key] = value * self.batch_size / defaults["lr_reference_batch"]
         for key in ("lr", "weight_decay", "warmup_epochs"):
             if isinstance(out[key], float | int) and out[key] < 0:
-                raise ValueError(f"training.{key} must be >= 0")
+                raise SpecError(f"training.{key} must be >= 0")
         return out
 
 
@@ -319,6 +341,15 @@ class JobSpec(BaseModel):
         "per epoch for the whole grid), the best on validation becomes the job's model, and every configuration's "
         "curve and score is in the job's metrics (`sweep`). At most SIDETUNE_MAX_SWEEP_CONFIGS configurations.",
     )
+
+    @model_validator(mode="after")
+    def _finite(self) -> JobSpec:
+        """Every number finite and every seed in range, in every part of the spec (the methods' configs included):
+        `"inf"` and `"nan"` parse as floats, and a NaN learning rate would "succeed" with a NaN model."""
+        problem = _bad_number(self, "")
+        if problem:
+            raise SpecError(problem)
+        return self
 
     @model_validator(mode="after")
     def _check_mode(self) -> JobSpec:
@@ -369,7 +400,7 @@ class JobSpec(BaseModel):
         """The cached layers the method reads and the token modes it accepts (smallest first)."""
         if self.mode == "tail":
             if not 1 <= self.execution.tail_blocks < num_layers:
-                raise ValueError(f"execution.tail_blocks must be between 1 and {num_layers - 1} for this backbone")
+                raise SpecError(f"execution.tail_blocks must be between 1 and {num_layers - 1} for this backbone")
             return [num_layers - self.execution.tail_blocks - 1], ("all",)
         # a sweep reads what any of its configurations reads, in a token mode all of them accept
         needs = [c.method.needs(num_layers, global_pool) for c in self.configurations()]
@@ -384,10 +415,34 @@ class JobSpec(BaseModel):
         layers = needed if choice == "auto" else select_cached_layers(choice, num_layers)
         missing = sorted(set(needed) - set(layers))
         if missing:
-            raise ValueError(f"extraction.layers caches {layers} but {self.method.name} in mode {self.mode} also reads "
+            raise SpecError(f"extraction.layers caches {layers} but {self.method.name} in mode {self.mode} also reads "
                              f"blocks {missing}; add them or use `auto`")  # fmt: skip
         tokens = accepted[0] if self.extraction.tokens == "auto" else self.extraction.tokens
         if tokens not in accepted:
-            raise ValueError(f"extraction.tokens {tokens!r} does not suit {self.method.name} in mode {self.mode} "
+            raise SpecError(f"extraction.tokens {tokens!r} does not suit {self.method.name} in mode {self.mode} "
                              f"(choose {' or '.join(accepted)})")  # fmt: skip
         return layers, tokens
+
+
+def _bad_number(value: object, path: str) -> str | None:
+    """The first non-finite float or out-of-range seed in a validated spec, as `field: problem`."""
+    if isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            problem = _bad_number(getattr(value, name), f"{path}.{name}" if path else name)
+            if problem:
+                return problem
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = _bad_number(item, f"{path}.{i}")
+            if problem:
+                return problem
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            problem = _bad_number(item, f"{path}.{key}")
+            if problem:
+                return problem
+    elif isinstance(value, float) and not math.isfinite(value):
+        return f"{path}: must be a finite number, not {value}"
+    elif isinstance(value, int) and not isinstance(value, bool) and path.endswith("seed"):
+        return None if 0 <= value <= SEED_MAX else f"{path}: a seed must be between 0 and {SEED_MAX}"
+    return None

@@ -26,7 +26,8 @@ import torch
 
 from services import methods
 from services.backbones import SplitTransform, load_backbone
-from services.datasets import DatasetError, check_path, check_validation, read_dataset, split
+from services.datasets import DatasetError, check_path, check_validation, read_for_job, split
+from services.errors import UserError
 from services.evaluation import validation_score
 from services.loading import loader_workers
 from services.methods.readout import FeatureInfo
@@ -43,6 +44,13 @@ from storage.artifacts import as_folder, tensors_from_bytes, tensors_to_bytes
 from storage.cache import FeatureCache
 from storage.settings import Settings
 from storage.store import Folder
+
+
+class NonFiniteLoss(UserError):
+    """The training loss went NaN or infinite: the job fails and registers no model."""
+
+    code = "non_finite_loss"
+
 
 FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
 
@@ -188,6 +196,7 @@ def fit(
     first_step_s: float | None = None
     flat = [j for i, r in enumerate(runs) for k in range(r.count) for j in [where.index((i, k))]]  # runs -> config
     metric = objective.metric
+    warned: set[int] = set()  # configurations reported as diverged
     for epoch in range(start_epoch, hp["epochs"]):
         for r in runs:
             r.train(True)
@@ -207,6 +216,14 @@ def fit(
             if step % 20 == 0:
                 reporter.check_cancel()
         train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
+        diverged = {pos for pos, value in enumerate(train_loss) if not math.isfinite(value)}
+        if len(diverged) == len(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
+            raise NonFiniteLoss(f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
+                                "or check the data")  # fmt: skip
+        if diverged - warned:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
+            reporter.event(f"{len(diverged - warned)} of {len(train_loss)} configurations diverged (non-finite loss) "
+                           f"in epoch {epoch + 1}", level="warning")  # fmt: skip
+            warned |= diverged
         epoch_s = time.perf_counter() - t0
         seconds += epoch_s
         seen += count
@@ -285,7 +302,7 @@ def _data(spec: JobSpec, settings: Settings, cache_key: str | None) -> Data:
         usable = np.flatnonzero(valid)
     else:
         ds = spec.dataset
-        dataset = read_dataset(check_path(ds.path, settings.roots), ds.format, ds.multi_label, ds.on_corrupt)
+        dataset = read_for_job(ds, settings.roots)
         check_inputs(spec.backbone.video, dataset.kind, ds.path)
         labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
     if mode != "cache" or spec.dataset.test:  # a separate test set runs through the backbone, whatever the mode
@@ -354,7 +371,7 @@ def _test_set(spec: JobSpec, settings: Settings, data: Data, layers: list[int] |
     """`dataset.test`: its images through the backbone (and pooled as the cache pools them), and its labels in the
     training set's class order."""
     ds = spec.dataset
-    test = read_dataset(check_path(ds.test, settings.roots), "auto", ds.multi_label, ds.on_corrupt)
+    test = read_for_job(ds, settings.roots, path=ds.test)
     check_inputs(spec.backbone.video, test.kind, ds.test)
     unknown = sorted(set(test.classes) - set(data.classes))
     if unknown:
@@ -446,6 +463,10 @@ def train_job(
     check_size(spec.sweep, settings.max_sweep_configs)
     device, kind, ds = settings.torch_device(), type(spec.method).kind, spec.dataset
     data = _data(spec, settings, cache_key)
+    if data.dataset is not None and data.dataset.skipped_rows:  # read here (no cache): say what was left out
+        rows = data.dataset.skipped_rows
+        reporter.event(f"left out {len(rows)} dataset rows, e.g. {rows[0]}", level="warning",
+                       data={"left_out": list(rows[:1000])})  # fmt: skip
     parts = split(data.labels[data.usable], ds.val_fraction, ds.test_fraction, ds.split_seed)
     train_idx, val_idx, test_idx = (data.usable[p] for p in parts)
     check_validation(data.labels[data.usable], val_idx, data.classes)

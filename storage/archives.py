@@ -8,7 +8,10 @@ Knows nothing of HTTP: failures are `ArchiveError`s with a code the API maps to 
 
 from __future__ import annotations
 
+import bz2
 import errno
+import gzip
+import io
 import lzma
 import re
 import stat
@@ -17,11 +20,12 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 CHUNK = 1 << 20
 SKIPPED_TOP = {"__MACOSX"}  # resource forks that macOS's archiver adds; never part of a dataset
 MAX_TAR_META = 1 << 20  # longest pax/GNU long-name header tarfile may read into memory
+MAX_READ = max(CHUNK, MAX_TAR_META)  # no read of the tar stream is larger (extended headers, data chunks)
 # Bad names and clashes between members: a broken archive, not a server fault.
 _NAME_ERRNOS = {errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.EILSEQ}
 # What the archive modules raise for damaged input (zlib and lzma errors are not OSErrors).
@@ -157,26 +161,70 @@ def _extract_zip(archive: Path, writer: _Writer) -> None:
                 writer.copy(src, path, info.filename)
 
 
-class _GuardedTarInfo(tarfile.TarInfo):
-    """tarfile reads pax and GNU long-name headers whole into memory; a gzip-compressed header claiming
-    gigabytes would be a memory bomb before any member is seen, so such headers are refused first."""
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
 
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        meta = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                tarfile.SOLARIS_XHDTYPE)  # fmt: skip
-        if self.type in meta and self.size > MAX_TAR_META:
-            raise ArchiveError("invalid_archive", f"a tar extended header of {self.size} bytes is too long")
-        return super()._proc_member(tarfile_)
+
+class _TarReader(io.RawIOBase):
+    """The decompressed bytes of a tar archive, as tarfile reads them, counted: a single read larger than `MAX_READ`
+    is refused (tarfile reads a pax or GNU long-name header whole into memory, and a gzip-compressed header may claim
+    gigabytes), and so is reading more than `limit` bytes in all."""
+
+    def __init__(self, archive: Path, limit: int) -> None:
+        with open(archive, "rb") as f:
+            head = f.read(6)
+        opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+        self.raw: IO[bytes] = opener(archive, "rb") if opener else open(archive, "rb")  # noqa: SIM115
+        self.limit, self.count = limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > MAX_READ:
+            raise ArchiveError("invalid_archive", f"a tar extended header of {n} bytes is too long (max {MAX_READ})")
+        data = self.raw.read(n)
+        self.count += len(data)
+        if self.count > self.limit:
+            raise ArchiveError("dataset_too_large", f"the archive holds more than {self.limit} bytes")
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _open_tar(archive: Path, limit: int) -> tarfile.TarFile:
+    reader = _TarReader(archive, limit)
+    try:
+        return tarfile.open(fileobj=reader, mode="r:")
+    except BaseException:
+        reader.close()
+        raise
 
 
 def _extract_tar(archive: Path, writer: _Writer) -> None:
     try:
-        tf = tarfile.open(archive, "r:*", tarinfo=_GuardedTarInfo)  # noqa: SIM115 (closed by the `with` below)
+        # decompressed bytes read: the data (limited by the writer) and a header block or two per member
+        tf = _open_tar(archive, writer.limits.max_bytes + writer.limits.max_files * 2048 + MAX_READ)
     except ArchiveError:
         raise
     except _READ_ERRORS as e:
         raise ArchiveError("invalid_archive", f"not a zip or tar archive ({e})") from None
-    with tf:
+    with tf, tf.fileobj:
         members = iter(tf)
         while True:
             try:
@@ -222,7 +270,7 @@ def archive_kind(archive: Path) -> str:
     if head[:2] == b"PK":
         return "zip"
     try:
-        with tarfile.open(archive, "r:*", tarinfo=_GuardedTarInfo):
+        with _open_tar(archive, 2**40) as tf, tf.fileobj:
             return "tar"
     except ArchiveError:
         raise

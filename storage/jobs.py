@@ -66,12 +66,16 @@ class JobStore:
         self._probe = probe or client
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
-        # Ride out a Redis restart (about 30 s of retries) instead of failing the step that was writing: the
-        # record it writes is what the job's progress depends on.
-        retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=40)
+    def from_url(cls, url: str, fail_fast: bool = False) -> JobStore:
+        """A workers' store rides out a Redis restart (about 30 s of retries) instead of failing the step that was
+        writing: the record it writes is what the job's progress depends on. A `fail_fast` one (the API's) gives up
+        within about a second, so a request gets its 503 at once while Redis is down or restarting."""
+        if fail_fast:
+            retry, timeouts = Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=2), {"socket_connect_timeout": 0.5}
+        else:
+            retry, timeouts = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=40), {}
         errors = [redis.ConnectionError, redis.TimeoutError]
-        client = redis.Redis.from_url(url, decode_responses=True, retry=retry, retry_on_error=errors)
+        client = redis.Redis.from_url(url, decode_responses=True, retry=retry, retry_on_error=errors, **timeouts)
         probe = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
         return cls(client, probe)
 

@@ -2,7 +2,7 @@
 
 Both are leases renewed by a daemon thread every lease/3 while held: a long extraction keeps its lock, and a
 holder that dies (SIGKILL, lost machine) stops renewing, so its lock or pin expires after one lease.
-LeaseLock is redis-py's `redis.lock.Lock` (a random token; Lua compare-and-delete and compare-and-pexpire, so only
+LeaseLock is a Redis key holding its owner's token (SET NX PX; Lua compare-and-delete and compare-and-pexpire, so only
 the owner can release or renew) plus the renewal thread.
 
 Dedup pattern for a step that builds cache entry `key`:
@@ -28,11 +28,20 @@ import uuid
 from collections.abc import Callable
 
 import redis
-from redis.exceptions import LockError
 
 log = logging.getLogger(__name__)
 PIN, EVICTING = "cache-pin:", "cache-evicting:"
 
+# KEYS: lock; ARGV: token. Deletes the lock if the token owns it.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+# KEYS: lock; ARGV: token, lease ms. Renews the lock's lease if the token owns it.
+_EXTEND = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
 # KEYS: pin zset, eviction mark; ARGV: holder, ttl ms. Refused (0) while the entry is being evicted.
 _PIN = """
 if redis.call('exists', KEYS[2]) == 1 then return 0 end
@@ -93,25 +102,28 @@ class _Lease:
 
 
 class LeaseLock(_Lease):
-    """An exclusive lock named `name`, leased for `lease_s` seconds and renewed every lease_s/3 while held."""
+    """An exclusive lock named `name`, leased for `lease_s` seconds and renewed every lease_s/3 while held.
+
+    The lock is a Redis key holding its owner's token, set with SET NX PX; release and renewal are Lua
+    compare-and-delete and compare-and-pexpire scripts, so only the owner can release or renew it (the pattern of
+    the Redis documentation's single-instance lock)."""
 
     def __init__(self, client: redis.Redis, name: str, lease_s: float = 30.0, token: str | None = None) -> None:
         super().__init__(lease_s / 3)
-        # thread_local=False: the renewal thread must see the token that the acquiring thread got.
-        self._lock = client.lock(name, timeout=lease_s, thread_local=False)
-        self._acquired = False
+        self.client, self.name, self.lease_ms = client, name, int(lease_s * 1000)
         # A fixed token (e.g. a job id) lets several processes of one owner share the lock: see `adopt`.
-        self.token = token
-
-    @property
-    def name(self) -> str:
-        return self._lock.name
+        self.token = token or uuid.uuid4().hex
+        self._release = client.register_script(_RELEASE)
+        self._extend = client.register_script(_EXTEND)
+        self._acquired = False
 
     def acquire(self, blocking: bool = False, timeout_s: float | None = None) -> bool:
         """Take the lock if free; with `blocking`, wait for it (up to `timeout_s`). True when taken."""
-        token = self.token.encode() if self.token else None
-        if not self._lock.acquire(blocking=blocking, blocking_timeout=timeout_s, sleep=0.05, token=token):
-            return False
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.client.set(self.name, self.token, nx=True, px=self.lease_ms):
+            if not blocking or (deadline is not None and time.monotonic() > deadline):
+                return False
+            time.sleep(0.05)
         self._acquired = True
         self._start()
         return True
@@ -122,22 +134,13 @@ class LeaseLock(_Lease):
         if not self._acquired:
             return False
         self._acquired = False
-        try:
-            self._lock.release()
-            return True
-        except LockError:  # the lease expired (and maybe another holder took it): leave theirs alone
-            return False
+        # False if the lease expired (and maybe another holder took it): theirs is left alone
+        return bool(self._release(keys=[self.name], args=[self.token]))
 
     def adopt(self) -> bool:
-        """Join a lock that another process of the same owner (same `token`) holds, renewing it from here too;
+        """Join a lock that another process of the same owner (same fixed `token`) holds, renewing it from here too;
         False if it is free or held by another owner."""
-        if not self.token:
-            raise ValueError("only a lock with a fixed token can be adopted")
-        self._lock.local.token = self.token.encode()
-        try:
-            if not self._lock.reacquire():
-                return False
-        except LockError:
+        if not self._renew():
             return False
         self._acquired = True
         self._start()
@@ -152,17 +155,18 @@ class LeaseLock(_Lease):
     @property
     def held(self) -> bool:
         """Whether this object owns the lock in Redis right now."""
-        return self._acquired and self._lock.owned()
+        return self._acquired and self._owner() == self.token
 
     def locked(self) -> bool:
         """Whether anyone holds the lock."""
-        return self._lock.locked()
+        return bool(self.client.exists(self.name))
+
+    def _owner(self) -> str | None:
+        raw = self.client.get(self.name)
+        return raw.decode() if isinstance(raw, bytes) else raw
 
     def _renew(self) -> bool:
-        try:
-            return self._lock.reacquire()
-        except LockError:
-            return False
+        return bool(self._extend(keys=[self.name], args=[self.token, self.lease_ms]))
 
     def __enter__(self) -> LeaseLock:
         """Block until acquired, unless this object holds it already (e.g. after acquire_or_wait)."""

@@ -45,7 +45,11 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(8000, description="Port the API binds to.")
     job_timeout_s: int = Field(
-        48 * 3600, description="Longest a job may run; also the broker's visibility timeout (celery#5935)."
+        48 * 3600,
+        gt=0,
+        description="Longest a step of a job (extraction, training) may run: it is then stopped and the job fails "
+        "`job_timeout`; a step that does not stop within a minute more ends its worker (restarted by its supervisor). "
+        "The broker's visibility timeout is set above it (celery#5935).",
     )
     train_memory_mb: int | None = Field(
         None,
@@ -111,6 +115,12 @@ class Settings(BaseSettings):
         "exceeds this (422 `does_not_fit_memory`, saying what to change). Unset: estimated, never refused.",
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
+    max_predict_pixels: int = Field(
+        128_000_000,
+        ge=1,
+        description="Most pixels (width x height, from the headers, before decoding) that one predict request's images "
+        "may hold together; more is refused with 413 `too_many_pixels`. A single image may hold 64 million at most.",
+    )
     max_predict_video_mb: float = Field(
         16.0, gt=0, description="Largest video (MB) one predict instance or file may be; larger ones get 413 (the "
         "whole request is also limited by `max_request_mb`)."

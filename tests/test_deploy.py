@@ -48,3 +48,46 @@ def test_the_api_image_leaves_out_torch_and_nothing_the_api_imports() -> None:
 
 def _name(requirement: str) -> str:
     return re.split(r"[<>=!~;\[ ]", requirement)[0].lower().replace("_", "-")
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if m := re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", line):
+            pins[_canonical(m[1])] = m[2]
+    return pins
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_lock_pins_every_dependency_at_or_above_its_lower_bound_as_installed() -> None:
+    """requirements.lock holds every dependency (the extras too) at a version >= pyproject's lower bound, and it is
+    what the tests run with: the installed version of each direct dependency is the pinned one."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _pins()
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    for requirement in requirements:
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(\[[^\]]*\])?>=([^,;\s]+)$", requirement)
+        assert m, f"{requirement}: every dependency has a lower bound (name>=version)"
+        name, low = _canonical(m[1]), m[3]
+        assert name in pins, f"{name} is not in requirements.lock: regenerate it (README)"
+        assert Version(pins[name]) >= Version(low), (name, pins[name], low)
+        assert version(name) == pins[name], f"{name} {version(name)} is installed, the lock says {pins[name]}"
+
+
+def test_readme_ci_and_dockerfile_install_from_the_lock() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv")][:2]
+    assert len(commands) == 2 and all("pip install -c requirements.lock -e " in c for c in commands)
+    assert "-m pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'grep -m1 -- "-m pytest" README.md' in ci  # CI runs the README's test command verbatim
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert dockerfile.count("pip install --no-cache-dir -c requirements.lock") == 2
+    assert "requirements.lock" in dockerfile.split("COPY pyproject.toml", 1)[1].splitlines()[0]

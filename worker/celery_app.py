@@ -19,7 +19,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     app = Celery("sidetune", broker=settings.broker_url, include=["worker.tasks"])
     # A late-acked task is redelivered after the visibility timeout; keep it above the longest job so
     # long jobs do not run twice (celery#5935, #3430). Every step is idempotent anyway.
-    transport = {"visibility_timeout": settings.job_timeout_s}
+    # A step is stopped after job_timeout_s, its worker ended a minute later (worker/tasks.py): redelivery comes later.
+    transport = {"visibility_timeout": settings.job_timeout_s + 600}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -7,9 +7,10 @@ import argparse
 import json
 import logging
 import os
+import signal
+import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 from storage.settings import Settings
@@ -23,21 +24,34 @@ def _configure_logging(settings: Settings, level: str) -> logging.Logger:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the stack and supervise it until SIGINT (Ctrl-C), SIGTERM or SIGHUP. The handlers are installed
+    explicitly: a `serve` started in the background by a script inherits SIGINT ignored, and Python's default
+    SIGTERM would leave the children running."""
     from worker.launcher import Stack
 
     settings = Settings()
+    _configure_logging(settings, "INFO")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     stack = Stack(settings)
     print(f"starting Redis ({settings.redis_url or 'embedded'}), extract and train workers, the inference service "
-          f"and the API; logs in {stack.log_dir}")  # fmt: skip
-    with stack:
-        print(f"sidetune is ready at {stack.api_url} (docs: {stack.api_url}/docs); Ctrl-C stops everything")
-        try:
-            while all(p.poll() is None for p in stack.procs.values()):
-                time.sleep(0.5)
-            print("a process exited; stopping", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("\nstopping...")
+          f"and the API; logs in {stack.log_dir}", flush=True)  # fmt: skip
+    try:
+        stack.start(stop=stop)
+        if not stop.is_set():
+            print(f"sidetune is ready at {stack.api_url} (docs: {stack.api_url}/docs); Ctrl-C stops everything",
+                  flush=True)  # fmt: skip
+        while not stop.wait(1.0):
+            pass
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
     return 0
 
 
@@ -66,69 +80,36 @@ def cmd_inference(args: argparse.Namespace) -> int:
     return _uvicorn("api.inference:app", settings.inference_host, settings.inference_port)
 
 
-def _heartbeat(queues: list[str]) -> None:
-    """Beat every third of `heartbeat_ttl_s` (5 s), and take turns with the other workers running the watchdog
-    (services/watchdog.py)."""
-    import logging
-
-    from services import watchdog
-    from storage.jobs import JobStore, worker_name
-    from storage.locks import LeaseLock
-    from worker.celery_app import app, requeue_step
-
-    settings = Settings()
-    store = JobStore.from_url(settings.broker_url)
-    log = logging.getLogger("sidetune.watchdog")
-    while True:
-        try:
-            for q in queues:
-                store.heartbeat(q, worker_name(), ttl_s=settings.heartbeat_ttl_s)
-            lock = LeaseLock(store.r, "watchdog", lease_s=2 * settings.heartbeat_ttl_s / 3)
-            if lock.acquire():
-                try:
-                    for line in watchdog.check(store, settings, lambda job_id, step: requeue_step(app, job_id, step)):
-                        log.warning("watchdog: %s", line)
-                finally:
-                    lock.release()
-        except Exception as e:  # Redis restarting: the next beat will do
-            log.debug("heartbeat failed: %s", e)
-        time.sleep(settings.heartbeat_ttl_s / 3)
-
-
 def cmd_worker(args: argparse.Namespace) -> int:
-    from celery.signals import setup_logging, worker_ready
+    """One Celery worker, embedded through Celery's WorkController: our logging only (Celery's is never set up, so
+    every line, its own included, leaves as our JSON or text), no banner, and our signal handlers. SIGTERM, SIGINT and
+    SIGQUIT all stop it at once (Celery's cold shutdown): a step in progress is interrupted and its message returned
+    to the queue, and the next worker resumes it from what was finished. The heartbeat and watchdog run as a bootstep
+    of its consumer (worker/heartbeat.py)."""
+    from celery.exceptions import WorkerTerminate
 
     from worker.celery_app import app
+    from worker.heartbeat import Heartbeat
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     settings = Settings()
-    _configure_logging(settings, args.loglevel)
-    if settings.log_format == "json":
-        import celery.apps.worker
-
-        from storage.logs import json_line
-
-        # Celery's signal handlers write their shutdown notices straight to the terminal: as JSON lines too.
-        celery.apps.worker.safe_say = lambda msg, f=sys.__stderr__: os.write(
-            f.fileno(), (json_line("celery.worker", logging.WARNING, msg) + "\n").encode()
-        )
-
-    # A receiver of `setup_logging` tells Celery to leave logging alone (its handlers, task loggers and stdout
-    # redirection), so its lines go through our root handler too.
-    @setup_logging.connect(weak=False)
-    def _keep_our_logging(loglevel: int | str | None = None, **_: object) -> None:
-        logging.getLogger().setLevel(loglevel or args.loglevel.upper())
-
-    # Heartbeats (what /readyz and `shards: auto` count) start once the worker consumes, not while it boots.
-    @worker_ready.connect(weak=False)
-    def _start_heartbeat(**_: object) -> None:
-        threading.Thread(target=_heartbeat, args=(queues,), daemon=True).start()
-
+    log = _configure_logging(settings, args.loglevel)
+    app.steps["consumer"].add(Heartbeat)
+    name = f"{'+'.join(queues)}@{socket.gethostname()}-{os.getpid()}"
     # The solo pool keeps CUDA in this process (CUDA does not survive a fork) and runs one task at a time.
-    argv = (["--quiet"] if settings.log_format == "json" else []) + ["worker"]  # the startup banner is not JSON
-    app.worker_main([*argv, "-Q", ",".join(queues), "-P", "solo", "-n", f"{'+'.join(queues)}@%h-{os.getpid()}",
-                     "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"])  # fmt: skip
-    return 0
+    worker = app.WorkController(hostname=name, queues=queues, pool_cls="solo", concurrency=1, loglevel=args.loglevel,
+                                without_gossip=True, without_mingle=True)  # fmt: skip
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.warning("worker %s: %s, stopping (a step in progress returns to the queue)", name,
+                    signal.Signals(signum).name)  # fmt: skip
+        raise WorkerTerminate(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, _stop)
+    log.info("worker %s consuming %s", name, ", ".join(queues))
+    worker.start()
+    return worker.exitcode or 0
 
 
 def _layers(spec: str) -> str | int | list[int]:
@@ -219,12 +200,21 @@ EXAMPLES = """examples:
   sidetune models export model_... --format onnx -o model.onnx
   sidetune report model_...
   every command: sidetune COMMAND --help"""
+EXIT_FAILED = 1  # the job failed or was cancelled (`submit --wait`); the plan does not fit (`plan`)
+EXIT_USAGE = 2  # bad arguments, or a spec file that cannot be read or is invalid
+EXIT_UNREACHABLE = 3  # the API could not be reached, or answered 5xx (a retry later may succeed)
+EXIT_REFUSED = 4  # the API refused the request (4xx: an invalid spec, an unknown id, a missing or wrong API key)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_CODES = """exit codes: 0 success; 1 the job failed (submit --wait) or the plan does not fit (plan); 2 bad arguments
+or spec file; 3 the API is unreachable or answered 5xx; 4 the API refused the request (4xx, e.g. 401 without a valid
+key); 130 interrupted. Errors are one line on stderr naming the cause and the URL."""
 
 
 def main(argv: list[str] | None = None) -> int:
     from worker.commands import ENVIRONMENT, add_parsers
 
-    parser = argparse.ArgumentParser(prog="sidetune", description=__doc__, epilog=f"{EXAMPLES}\n\n{ENVIRONMENT}",
+    parser = argparse.ArgumentParser(prog="sidetune", description=__doc__,
+                                     epilog=f"{EXAMPLES}\n\n{ENVIRONMENT}\n\n{EXIT_CODES}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.set_defaults(url=None, json=False)  # of the commands that talk to the API (worker/commands/)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,13 +263,33 @@ def main(argv: list[str] | None = None) -> int:
     handler = getattr(args, "func", None) or handlers[args.command]
     try:
         return handler(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except Exception as e:
+        import httpx
+
         from worker.client import ApiError
 
-        if isinstance(e, ApiError | FileNotFoundError | json.JSONDecodeError):
+        if isinstance(e, httpx.TransportError):  # no answer: refused, timed out, reset
+            where = e.request.url.copy_with(path="/", query=None) if _has_request(e) else "the API"
+            print(f"error: cannot reach the sidetune API at {where} ({type(e).__name__}: {e or 'no answer'}); is "
+                  "`sidetune serve` running there? (--url or SIDETUNE_URL)", file=sys.stderr)  # fmt: skip
+            return EXIT_UNREACHABLE
+        if isinstance(e, ApiError):
+            hint = " (give a key with SIDETUNE_API_KEY)" if e.status == 401 else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
+            return EXIT_REFUSED if e.status < 500 else EXIT_UNREACHABLE
+        if isinstance(e, FileNotFoundError | json.JSONDecodeError):
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return EXIT_USAGE
         raise
+
+
+def _has_request(e: Exception) -> bool:
+    try:
+        return e.request is not None  # type: ignore[attr-defined]
+    except RuntimeError:  # httpx raises when the error has no request
+        return False
 
 
 if __name__ == "__main__":

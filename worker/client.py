@@ -20,11 +20,14 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}  # as services/datase
 
 
 class ApiError(RuntimeError):
-    def __init__(self, status: int, body: Any) -> None:
+    """The API answered with an error: `status`, its `code` and message, and the URL asked."""
+
+    def __init__(self, status: int, body: Any, url: str = "") -> None:
         err = body.get("error", {}) if isinstance(body, dict) else {}
-        super().__init__(f"HTTP {status}: {err.get('message', body)}")
-        self.status, self.body = status, body
+        self.status, self.body, self.url = status, body, url
         self.code = err.get("code") if isinstance(err, dict) else None
+        message = err.get("message", body) if isinstance(err, dict) else err or body
+        super().__init__(f"HTTP {status}{f' from {url}' if url else ''}: {message}")
 
 
 def default_url() -> str | None:
@@ -41,7 +44,7 @@ class Client:
     def _check(r: httpx.Response) -> httpx.Response:
         if r.status_code >= 400:
             is_json = r.headers.get("content-type", "").startswith("application/json")
-            raise ApiError(r.status_code, r.json() if is_json else r.text)
+            raise ApiError(r.status_code, r.json() if is_json else r.text, str(r.request.url.copy_with(query=None)))
         return r
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:

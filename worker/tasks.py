@@ -1,21 +1,46 @@
 """Celery tasks: parse, call the service step, enqueue what it asks for next. All logic lives in
-services/pipeline.py."""
+services/pipeline.py. Each step runs under `_step`, which records it as running (for the watchdog), bounds its time
+and retries what a retry may cure:
+
+- Time: a step longer than `job_timeout_s` is interrupted (a SIGALRM in this, the worker's main thread, where the
+  solo pool runs tasks: Celery's own time limits need the prefork pool) and the job fails `job_timeout`. A step
+  that does not return even then (stuck in C code) is the hard limit's: the heartbeat bootstep
+  (worker/heartbeat.py) fails the job and ends this worker, which its supervisor starts again.
+- Transient errors (the store or Redis unreachable) are retried with backoff, `RETRIES` times, before the job fails.
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 
-from services.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, train_step
+from celery import Task
+
+from services.errors import TRANSIENT, UserError
+from services.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, fail, train_step
 from storage.jobs import JobStore, worker_name
 from storage.logs import log_context
 from storage.settings import Settings
 from worker.celery_app import TASK_EXTRACT, TASK_EXTRACT_SHARD, TASK_TRAIN, app, enqueue_shards, enqueue_train
 
 log = logging.getLogger("sidetune.pipeline")
+RETRIES = 4  # a transient error is retried after 5, 10, 20 and 40 s; the job fails if the fifth try meets one too
+RETRY_BASE_S = 5.0
+HARD_LIMIT_GRACE_S = 60.0  # after the soft limit, how long a step may still take to stop before its worker is ended
+
+# The step this worker runs now, for the hard time limit: (job id, task, monotonic start) or None.
+current: tuple[str, str, float] | None = None
+
+
+class StepTimeout(UserError):
+    """A step ran longer than `job_timeout_s`."""
+
+    code = "job_timeout"
 
 
 @cache
@@ -39,37 +64,75 @@ def _status(store: JobStore, job_id: str) -> str:
 
 
 @contextmanager
-def _running(store: JobStore, job_id: str, step: dict) -> Iterator[None]:
-    """Recorded while it runs, so the watchdog can requeue it if this worker dies (a SIGKILL skips `finally`).
-    Every log line written meanwhile carries the job id, the step and this worker (storage/logs.py)."""
-    task = step["task"] if "index" not in step else f"{step['task']}[{step['index'] + 1}/{step['count']}]"
-    with log_context(job_id=job_id, task=task, worker=worker_name()):
-        log.info("step %s started", task)
+def _time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise StepTimeout in this thread after `seconds` (main thread only: elsewhere the hard limit alone applies)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _expired(signum: int, _frame: object) -> None:
+        raise StepTimeout(f"{what} ran longer than job_timeout_s ({seconds:.0f} s); raise SIDETUNE_JOB_TIMEOUT_S "
+                          "or make the job smaller")  # fmt: skip
+
+    previous = signal.signal(signal.SIGALRM, _expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextmanager
+def _step(task: Task, job_id: str, step: dict) -> Iterator[None]:
+    """Recorded while it runs, so the watchdog can requeue it if this worker dies (a SIGKILL skips `finally`);
+    bounded in time; retried on transient errors. Every log line written meanwhile carries the job id, the step and
+    this worker (storage/logs.py)."""
+    global current
+    store, settings = _context()
+    name = step["task"] if "index" not in step else f"{step['task']}[{step['index'] + 1}/{step['count']}]"
+    with log_context(job_id=job_id, task=name, worker=worker_name()):
+        log.info("step %s started", name)
         t0 = time.perf_counter()
         store.step_started(job_id, step)
+        current = (job_id, name, time.monotonic())
         try:
-            yield
+            with _time_limit(settings.job_timeout_s, f"step {name}"):
+                yield
+        except StepTimeout as e:  # the alarm rang outside the step's own error handling
+            fail(store, job_id, e)
+        except TRANSIENT as e:
+            retries = task.request.retries
+            if retries >= RETRIES:
+                fail(store, job_id, e)
+                return
+            delay = RETRY_BASE_S * 2**retries
+            log.warning("step %s: %s; retrying in %.0f s (%d/%d)", name, e, delay, retries + 1, RETRIES)
+            store.add_event(job_id, f"{name}: {e}; retrying in {delay:.0f} s ({retries + 1}/{RETRIES})",
+                            level="warning")  # fmt: skip
+            raise task.retry(exc=e, countdown=delay, max_retries=RETRIES) from None
         finally:
+            current = None
             store.step_finished(job_id)
-            log.info("step %s finished in %.2fs; job %s", task, time.perf_counter() - t0, _status(store, job_id))
+            log.info("step %s finished in %.2fs; job %s", name, time.perf_counter() - t0, _status(store, job_id))
 
 
-@app.task(name=TASK_EXTRACT, acks_late=True, reject_on_worker_lost=True)
-def extract(job_id: str) -> None:
+@app.task(name=TASK_EXTRACT, bind=True, acks_late=True, reject_on_worker_lost=True)
+def extract(self: Task, job_id: str) -> None:
     store, settings = _context()
-    with _running(store, job_id, {"task": "extract"}):
+    with _step(self, job_id, {"task": "extract"}):
         _follow(job_id, extract_step(store, settings, job_id))
 
 
-@app.task(name=TASK_EXTRACT_SHARD, acks_late=True, reject_on_worker_lost=True)
-def extract_shard(job_id: str, index: int, count: int) -> None:
+@app.task(name=TASK_EXTRACT_SHARD, bind=True, acks_late=True, reject_on_worker_lost=True)
+def extract_shard(self: Task, job_id: str, index: int, count: int) -> None:
     store, settings = _context()
-    with _running(store, job_id, {"task": "extract_shard", "index": index, "count": count}):
+    with _step(self, job_id, {"task": "extract_shard", "index": index, "count": count}):
         _follow(job_id, extract_shard_step(store, settings, job_id, index, count))
 
 
-@app.task(name=TASK_TRAIN, acks_late=True, reject_on_worker_lost=True)
-def train(job_id: str) -> None:
+@app.task(name=TASK_TRAIN, bind=True, acks_late=True, reject_on_worker_lost=True)
+def train(self: Task, job_id: str) -> None:
     store, settings = _context()
-    with _running(store, job_id, {"task": "train"}):
+    with _step(self, job_id, {"task": "train"}):
         train_step(store, settings, job_id)

@@ -36,7 +36,7 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
     """One pooled client per event loop (uvicorn runs one; a test client may run several)."""
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
-    if client is None:
+    if client is None or client.is_closed:  # closed by an app's shutdown: another app may still run on this loop
         base = app.state.settings.inference_location
         client = _clients[loop] = httpx.AsyncClient(base_url=base, timeout=TIMEOUT, limits=httpx.Limits(
             max_connections=256, max_keepalive_connections=64))  # fmt: skip
@@ -44,8 +44,9 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
 
 
 async def close_clients() -> None:
-    for client in list(_clients.values()):
+    for loop, client in list(_clients.items()):
         await client.aclose()
+        _clients.pop(loop, None)
 
 
 async def forward(request: Request) -> StreamingResponse:

@@ -182,7 +182,7 @@ def job_events(
     job_id: JobId,
     store: StoreDep,
     owner: OwnerDep,
-    after: Annotated[int, Query(ge=0, description="Return events with `seq` greater than this.")] = 0,
+    after: Annotated[int, Query(ge=0, le=2**53, description="Return events with `seq` greater than this.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="Most events returned.")] = 100,
 ) -> dict:
     """Progress messages and per-epoch metrics, oldest first; `has_more` says whether a next page follows."""

@@ -2,10 +2,11 @@
 trained on videos, base64 videos (`video_b64`) or video files. Served by the inference service (api/inference.py);
 the API forwards these paths to it (api/routes/forward.py).
 
-The routes are async and park no thread while a request waits: images are decoded in a small decoder pool, a cold
-model is loaded in the loader pool (never on the batching thread, so warm models keep answering), and the request
-then awaits its rows of a batch (services/batching.py). Videos are decoded after the model is loaded (its config says
-how its clips are sampled), in the decoder pool too. `run_model` and `run_videos` are shared with the v2 routes.
+The routes are async and park no thread while a request waits: a cold model is loaded in the loader pool (never on the
+batching thread, so warm models keep answering); then the images' pixels are counted from their headers against the
+request's budget (`max_predict_pixels`, 413 `too_many_pixels`) and they are decoded in a small decoder pool as the
+model's training images were (services/images.py; videos as its clips were sampled); the request then awaits its rows
+of a batch (services/batching.py). `run_model` and `run_videos` are shared with the v2 routes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import ctypes
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -24,6 +27,9 @@ from api.errors import ApiError
 from api.routes.models import own_model
 from api.schemas import ErrorBody, Instance, PredictRequest, PredictResponse
 from services.datasets import DatasetError
+from services.images import ImageError, TooManyPixels, check_budget, draft_size
+
+TRIM_PIXELS = 16_000_000  # a request that decoded this many pixels hands the freed memory back to the OS
 
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 503)}
 router = APIRouter(prefix="/v1/models", tags=["predict"], responses=ERRORS)
@@ -53,10 +59,37 @@ async def load_model(request: Request, model_id: str) -> Any:
     return model
 
 
-async def run_model(request: Request, model_id: str, images: list[Any]) -> tuple[Any, Any]:
-    """(the loaded model, class probabilities [n, classes]) for decoded images."""
+async def run_model(request: Request, model_id: str, images: list[bytes] | list[Any]) -> tuple[Any, Any]:
+    """(the loaded model, class probabilities [n, classes]) for encoded images (bytes: checked against the request's
+    pixel budget from their headers, then decoded as the model's loaders decoded its training images) or decoded
+    ones (PIL images)."""
     model = await load_model(request, model_id)
-    return model, await asyncio.wrap_future(request.app.state.batcher.submit(model, images))
+    encoded = bool(images) and isinstance(images[0], bytes | bytearray)
+    pixels = 0
+    if encoded:
+        pixels = await off_loop(request, "decoder", _budget, images, request.app.state.settings.max_predict_pixels)
+        images = await off_loop(request, "decoder", _decoded, request.app.state.predictor, images,
+                                draft_size(model.backbone.transform))  # fmt: skip
+    try:
+        return model, await asyncio.wrap_future(request.app.state.batcher.submit(model, images))
+    finally:
+        del images
+        if pixels >= TRIM_PIXELS:
+            await off_loop(request, "decoder", release_memory)
+
+
+def _budget(images: list[bytes], budget: int) -> int:
+    try:
+        return check_budget(images, budget)
+    except ImageError as e:
+        raise ApiError(e.status if isinstance(e, TooManyPixels) else 400, e.code, str(e)) from None
+
+
+def release_memory() -> None:
+    """Hand the heap pages that a large request's decoded images freed back to the OS: glibc keeps them in its arenas
+    otherwise (a process that once decoded gigabytes would keep them)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def check_videos(items: list[bytes], settings: Any, what: str = "instance") -> None:
@@ -101,13 +134,9 @@ def _raw(instances: list[Instance]) -> tuple[list[bytes], bool]:
     return items, video
 
 
-def _decode(predictor: Any, instances: list[Instance]) -> list[Any]:
-    return _decoded(predictor, _raw(instances)[0])
-
-
-def _decoded(predictor: Any, images: list[bytes]) -> list[Any]:
+def _decoded(predictor: Any, images: list[bytes], draft: int | None = None) -> list[Any]:
     try:
-        return predictor.decode(images)
+        return predictor.decode(images, draft)
     except DatasetError as e:
         raise ApiError(400, "invalid_image", str(e)) from None
 
@@ -130,7 +159,7 @@ async def predict(model_id: ModelId, body: PredictRequest, request: Request, own
             check_videos(items, settings)
         model, probs = await run_videos(request, model_id, items, video)
         return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
-    images = await off_loop(request, "decoder", _decode, request.app.state.predictor, body.instances)
+    images = await off_loop(request, "decoder", lambda: _raw(body.instances)[0])
     model, probs = await run_model(request, model_id, images)
     return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, body.threshold)}
 
@@ -157,6 +186,5 @@ async def predict_files(
         check_videos(raw, settings, "file")
         model, probs = await run_videos(request, model_id, raw, None)
         return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
-    images = await off_loop(request, "decoder", _decoded, request.app.state.predictor, raw)
-    model, probs = await run_model(request, model_id, images)
+    model, probs = await run_model(request, model_id, raw)
     return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold)}

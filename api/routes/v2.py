@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ModelId, OwnerDep, SettingsDep
 from api.errors import ApiError
 from api.oip import HEADER, InferRequest, ProtocolError, encode_response, model_metadata, parse_request
-from api.routes.predict import _decoded, check_videos, off_loop, own, run_model, run_videos
+from api.routes.predict import check_videos, off_loop, own, run_model, run_videos
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -96,9 +96,10 @@ async def model_ready(model_id: ModelId, request: Request, owner: OwnerDep) -> d
     return {"name": model_id, "ready": True}
 
 
-def _images(predictor: Any, infer: InferRequest) -> list[Any]:
+def _images(infer: InferRequest) -> list[Any]:
+    """Encoded files as they came (run_model decodes them), or the pixels as RGB images."""
     if infer.input == "image":
-        return _decoded(predictor, infer.images)
+        return list(infer.images)
     from PIL import Image
 
     return [Image.fromarray(np.ascontiguousarray(im), "RGB") for im in infer.images]
@@ -136,9 +137,11 @@ async def infer(model_id: ModelId, request: Request, owner: OwnerDep, settings: 
         content, headers = encode_response(model_id, parsed, model.classes, probs)
         return Response(content, headers=headers)
     try:
-        images = await off_loop(request, "decoder", _images, request.app.state.predictor, parsed)
+        images = await off_loop(request, "decoder", _images, parsed)
+        model, probs = await run_model(request, model_id, images)
     except ApiError as e:  # an undecodable image: name the input
-        raise ApiError(400, e.code, f"input {parsed.input!r}: {e.message}") from None
-    model, probs = await run_model(request, model_id, images)
+        if e.code not in ("invalid_image", "too_many_pixels"):
+            raise
+        raise ApiError(e.status, e.code, f"input {parsed.input!r}: {e.message}") from None
     content, headers = encode_response(model_id, parsed, model.classes, probs)
     return Response(content, headers=headers)

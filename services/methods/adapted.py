@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from services.spec import SpecError
+
 
 class AdaptedViT(nn.Module):
     input_layers: list[int] | None
@@ -27,7 +29,7 @@ class AdaptedViT(nn.Module):
         super().__init__()
         num_layers = len(vit.blocks)
         if tail_blocks is not None and not 1 <= tail_blocks < num_layers:
-            raise ValueError(
+            raise SpecError(
                 f"execution.tail_blocks must be between 1 and {num_layers - 1} for this {num_layers}-block backbone"
             )
         vit.requires_grad_(False)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.spec import SpecError
+
 
 @dataclass(frozen=True)
 class FeatureInfo:
@@ -49,9 +51,9 @@ class Readout(nn.Module):
         if pool == "auto":
             pool = "cls" if info.global_pool == "token" else "mean"
         if pool == "cls" and info.num_prefix_tokens == 0:
-            raise ValueError("pool='cls' needs a class token; this backbone has none (use 'mean')")
+            raise SpecError("pool='cls' needs a class token; this backbone has none (use 'mean')")
         if info.token_mode != "all" and pool != info.token_mode:
-            raise ValueError(f"pool {pool!r} cannot read features cached as the {info.token_mode} token")
+            raise SpecError(f"pool {pool!r} cannot read features cached as the {info.token_mode} token")
         self.pool = pool
         self.pre_pooled = info.token_mode != "all"  # one token per layer, pooled at extraction
         self.num_prefix_tokens = info.num_prefix_tokens

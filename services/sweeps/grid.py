@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.errors import SpecError
+
 TRAINING_KEYS = ("lr", "weight_decay")
 METHOD_KEYS = ("rank", "layers", "pool")
 
@@ -93,4 +95,4 @@ def check_sweep(sweep: SweepSpec, method: BaseModel, solver: str | None) -> None
 
 def check_size(sweep: SweepSpec | None, cap: int) -> None:
     if sweep is not None and sweep.size() > cap:
-        raise ValueError(f"sweep: {sweep.describe()}; at most {cap} are allowed (SIDETUNE_MAX_SWEEP_CONFIGS)")
+        raise SpecError(f"sweep: {sweep.describe()}; at most {cap} are allowed (SIDETUNE_MAX_SWEEP_CONFIGS)")

@@ -241,3 +241,36 @@ def test_the_api_forwards_multipart_predict_files(stack, served) -> None:
     r = httpx.post(f"{running.api_url}/v1/models/{model_id}:predict-files", files=files, timeout=60)
     assert r.status_code == 200 and [p["label"] for p in r.json()["predictions"]] == [p["label"] for p in v1]
     assert r.headers["content-type"] == "application/json"
+
+
+def _png(side: int, mode: str = "RGB") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new(mode, (side, side), 255 if mode == "1" else (120, 30, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_limits_are_enforced_from_headers_and_memory_is_returned(stack, served) -> None:
+    """An image over 64 Mpx is 400 and a request over the pixel budget is 413, both from the headers, without decoding;
+    a large request that is accepted gives its memory back to the OS afterwards."""
+    import psutil
+
+    running, _ = stack
+    model_id, _, _ = served
+    url = f"{running.api_url}/v1/models/{model_id}:predict-files"
+    bomb = _png(10_000, "1")  # 100 Mpx in a few kB: Pillow alone decodes up to 128 Mpx
+    r = httpx.post(url, files=[("files", ("bomb.png", bomb, "image/png"))], timeout=60)
+    assert r.status_code == 400 and "10000x10000 = 100,000,000 pixels" in r.json()["error"]["message"], r.text
+    big = _png(7_000, "1")  # 49 Mpx each: three hold more than the 128 Mpx budget
+    r = httpx.post(url, files=[("files", (f"{i}.png", big, "image/png")) for i in range(3)], timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_pixels", r.text
+
+    inference = psutil.Process(running.procs["inference"].pid)
+    large = _png(6_000)  # 36 Mpx, 108 MB decoded
+    before = inference.memory_info().rss
+    for _ in range(2):
+        r = httpx.post(url, files=[("files", (f"{i}.png", large, "image/png")) for i in range(3)], timeout=120)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 3, r.text
+    grown = (inference.memory_info().rss - before) / 2**20
+    assert grown < 150, f"the inference service kept {grown:.0f} MB after decoding 650 MB of pixels"

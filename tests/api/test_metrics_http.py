@@ -7,6 +7,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from storage.jobs import JobStore
+from storage.settings import Settings
 
 # Another image size than the other stack tests: a cache family of its own, so their cache hits stay theirs.
 BACKBONE = {"name": "test_vit", "pretrained": False, "image_size": 64}
@@ -69,3 +70,19 @@ def test_extraction_rate_of_an_extracting_job(stack):
 
     store.set_fields(job["id"], status="cancelled")
     assert (("job_id", job["id"]),) not in scrape(running).get("sidetune_extract_images_per_second", {})
+
+
+def test_queue_depth_counts_waiting_tasks_of_every_priority_through_the_broker(tmp_path, redis_url) -> None:
+    """Through a passive queue declare (the broker's own count), not the transport's key names: tasks sent with
+    priorities (kept in lists of their own on Redis) count too, and a queue never declared is 0."""
+    from api.metrics import queue_depths
+    from worker.celery_app import EXTRACT, TASK_EXTRACT, TRAIN, make_app
+
+    settings = Settings(data_dir=tmp_path, redis_url=redis_url.rsplit("/", 1)[0] + "/9")  # no worker reads it
+    celery = make_app(settings)
+    assert queue_depths(celery) == {EXTRACT: 0, TRAIN: 0}
+    for priority in (None, 3, 9):
+        celery.signature(TASK_EXTRACT, args=["job_x"], queue=EXTRACT, priority=priority).apply_async()
+    assert queue_depths(celery) == {EXTRACT: 3, TRAIN: 0}
+    with celery.connection_for_write() as conn:
+        conn.default_channel.queue_purge(EXTRACT)

@@ -49,3 +49,35 @@ def _fuzz(app) -> None:
             continue
         except Exception as e:
             raise AssertionError(f"{operation.label} ({mode.value}): {e}") from e
+
+
+def test_stateful_sequences_get_no_server_error(tmp_path, redis_url, digits_root):
+    """Schemathesis's stateful mode: sequences of calls that follow the links between operations (inferred from the
+    schema: a job's, dataset's or model's id from one answer into the next request's path), a bounded number of
+    scenarios and steps; no call of any sequence may get a 5xx."""
+    import hypothesis
+
+    app_settings = Settings(data_dir=tmp_path, redis_url=redis_url.rsplit("/", 1)[0] + "/7",
+                            allowed_roots=[digits_root.parent], max_request_mb=1)  # fmt: skip
+    with serve(create_inference_app(app_settings)) as inference:
+        app = create_app(app_settings.model_copy(update={"inference_url": inference}))
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+        Machine = schema.as_state_machine()  # infers the links from the schema's dependencies, and adds them
+        links = sum(len(v) for v in _transitions(schema).values())
+        assert links >= 4, "no links between operations: the state machine would test single calls only"
+
+        class NoServerErrors(Machine):
+            def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
+                case.validate_response(response, checks=[not_a_server_error], transport_kwargs=kwargs or None)
+
+        bounded = hypothesis.settings(max_examples=15, stateful_step_count=6, deadline=None, database=None,
+                                      suppress_health_check=list(HealthCheck))  # fmt: skip
+        NoServerErrors.run(settings=bounded)
+
+
+def _transitions(schema) -> dict:
+    """The links between operations that the state machine follows, by target operation."""
+    from schemathesis.specs.openapi.stateful import collect_transitions
+
+    operations = [result.ok() for result in schema.get_all_operations()]
+    return {label: entry.incoming for label, entry in collect_transitions(operations).operations.items()}

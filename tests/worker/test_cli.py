@@ -45,7 +45,7 @@ def test_submit_reports_a_bad_spec(stack, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"dataset": {"path": "/etc"}, "backbone": {"name": "test_vit"},
                                                    "method": {"name": "linear"}}))  # fmt: skip
     r = run_cli(stack, "submit", str(tmp_path / "bad.json"))
-    assert r.returncode == 1 and "HTTP 403" in r.stderr and "outside the allowed roots" in r.stderr
+    assert r.returncode == 4 and "HTTP 403" in r.stderr and "outside the allowed roots" in r.stderr
 
 
 def test_params_prints_the_trainable_count_last(capsys):
@@ -152,3 +152,34 @@ def test_every_command_has_help_with_an_example(capsys):
         assert ("--json" in text) == (command[-1] in READS or command == ["plan"]), command
         if command[0] in ("jobs", "models", "datasets", "submit", "predict", "report"):
             assert "SIDETUNE_URL" in text and "SIDETUNE_API_KEY" in text, command
+
+
+def test_an_unreachable_server_is_one_line_naming_the_url(capsys) -> None:
+    from worker.launcher import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["jobs", "--url", url]) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: cannot reach the sidetune API at {url}/"), err
+    assert "Traceback" not in err
+
+
+def test_a_refused_request_is_one_line_with_the_status_and_url(tmp_path, redis_url, capsys, monkeypatch) -> None:
+    from api.main import create_app
+    from storage.settings import Settings
+    from tests.helpers import serve
+
+    app = create_app(Settings(data_dir=tmp_path, redis_url=redis_url, api_keys=["k1"]))
+    with serve(app) as url:
+        monkeypatch.delenv("SIDETUNE_API_KEY", raising=False)
+        assert main(["jobs", "--url", url]) == 4
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: HTTP 401 from {url}/jobs: a valid API key is required"), err
+        assert err.endswith("(give a key with SIDETUNE_API_KEY)") and "\n" not in err, err
+        monkeypatch.setenv("SIDETUNE_API_KEY", "k1")
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"dataset": {"path": "/nowhere"}, "backbone": {"name": "resnet18"},
+                                    "method": {"name": "linear"}}))  # fmt: skip
+        assert main(["submit", str(spec), "--url", url]) == 4
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: HTTP 422 from {url}/jobs: backbone.name:") and "\n" not in err, err

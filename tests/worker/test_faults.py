@@ -38,9 +38,11 @@ def _wait_for(predicate, timeout_s: float = 120.0, every_s: float = 0.05) -> Non
 
 
 def _kill_and_replace(running: Stack, name: str, queue: str) -> None:
-    running.procs[name].send_signal(signal.SIGKILL)
-    running.procs[name].wait()
-    running.spawn(name, "worker", "--queues", queue)
+    """SIGKILL a worker; the stack's supervisor starts a new one."""
+    old = running.procs[name]
+    old.send_signal(signal.SIGKILL)
+    old.wait()
+    _wait_for(lambda: running.procs[name] is not old, timeout_s=30)
 
 
 def _kill_midway(fault_stack, body: dict, worker: str, queue: str, after: int) -> tuple[dict, list[str]]:
@@ -155,14 +157,16 @@ def test_redis_restart_mid_job_loses_nothing(fault_stack) -> None:
 
 
 def test_api_restart_loses_nothing(fault_stack) -> None:
-    """The API process is SIGKILLed while a job runs and started again: the job goes on and is visible."""
+    """The API process is SIGKILLed while a job runs and the supervisor starts it again: the job goes on and is
+    visible."""
     running, client, store = fault_stack
     body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, execution={"mode": "online"},
                  training={"epochs": 4, "batch_size": 16})  # fmt: skip
     job_id = client.submit(body)["id"]
-    running.procs["api"].send_signal(signal.SIGKILL)
-    running.procs["api"].wait()
-    running.spawn("api", "api")
+    api = running.procs["api"]
+    api.send_signal(signal.SIGKILL)
+    api.wait()
+    _wait_for(lambda: running.procs["api"] is not api, timeout_s=30)  # restarted by the supervisor
     running.wait_ready(60)
     job = client.wait(job_id, timeout_s=300)
     assert job["status"] == "succeeded", job["error"]

@@ -26,7 +26,7 @@ from storage.store import Store
 from worker.client import Client
 from worker.launcher import Stack, free_port
 
-EPOCHS = 16
+EPOCHS = 40  # long enough that the kill, after 2 epochs are reported (every 0.5 s at most), lands mid-training
 
 
 class Machines:
@@ -130,9 +130,9 @@ def test_machines_sharing_only_redis_and_the_store(machines: Machines, tmp_path:
     messages = [e["message"] for e in events]
     assert any("stopped (no heartbeat) during training" in m for m in messages), messages
     resumed = [m for m in messages if m.startswith("resumed training from the checkpoint of epoch")]
-    # killed once 2 epochs were reported: the last checkpoint on the store is epoch 2's, or epoch 1's while epoch 2's
-    # was still being written
-    assert resumed and 1 <= int(resumed[0].rsplit(" ", 1)[1]) < EPOCHS, messages
+    # killed once 2 epochs were reported: the last checkpoint on the store is epoch 1's or later (on a quiet machine
+    # training can run ahead of the reports, up to the last epoch whose step was killed before it was marked done)
+    assert resumed and 1 <= int(resumed[0].rsplit(" ", 1)[1]) <= EPOCHS, messages
     assert "step extract started" in machines.log("B") and job_id in machines.log("B")
     assert "step train started" in machines.log("E") and job_id in machines.log("E")
     # the upload went to the store; B read it (a copy of its own from S3; in place on the shared directory) and wrote

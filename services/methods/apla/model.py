@@ -16,6 +16,7 @@ from torch import nn
 
 from services.methods.adapted import AdaptedViT
 from services.methods.apla.config import AplaConfig
+from services.spec import SpecError
 
 
 def choose_rows(num_rows: int, rank: int, subset_seed: int, block: int) -> torch.Tensor:
@@ -80,9 +81,9 @@ class Apla(AdaptedViT):
         for i, block in enumerate(vit.blocks):
             proj = getattr(getattr(block, "attn", None), "proj", None)
             if not isinstance(proj, nn.Linear):
-                raise ValueError(f"APLA needs blocks[i].attn.proj to be an nn.Linear; block {i} has {type(proj)}")
+                raise SpecError(f"APLA needs blocks[i].attn.proj to be an nn.Linear; block {i} has {type(proj)}")
             if config.rank > proj.out_features:
-                raise ValueError(
+                raise SpecError(
                     f"method.rank {config.rank} is larger than the attention projection's {proj.out_features} "
                     f"output rows (block {i}); choose method.rank <= {proj.out_features}"
                 )

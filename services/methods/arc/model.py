@@ -19,6 +19,7 @@ from torch import nn
 
 from services.methods.adapted import AdaptedViT
 from services.methods.arc.config import ArcConfig
+from services.spec import SpecError
 
 
 class SharedBasis(nn.Module):
@@ -96,7 +97,7 @@ def _check_block(index: int, block: nn.Module) -> None:
     except AttributeError:
         ok = False
     if not ok:
-        raise ValueError(
+        raise SpecError(
             f"ARC needs timm pre-norm ViT blocks (norm1 -> attn.qkv, norm2 -> mlp.fc1); block {index} is a "
             f"{type(block).__name__}"
         )
@@ -106,7 +107,7 @@ class Arc(AdaptedViT):
     def __init__(self, config: ArcConfig, vit: nn.Module, num_classes: int, tail_blocks: int | None = None) -> None:
         dim = vit.embed_dim
         if config.rank > dim:
-            raise ValueError(f"method.rank ({config.rank}) must not exceed the backbone's embedding dimension ({dim})")
+            raise SpecError(f"method.rank ({config.rank}) must not exceed the backbone's embedding dimension ({dim})")
         for i, block in enumerate(vit.blocks):
             _check_block(i, block)
         super().__init__(vit, num_classes, tail_blocks)

@@ -6,12 +6,13 @@ from torch import nn
 
 from services.methods.adapted import AdaptedViT
 from services.methods.full.config import FullConfig
+from services.spec import SpecError
 
 
 class FullFineTune(AdaptedViT):
     def __init__(self, vit: nn.Module, num_classes: int, tail_blocks: int | None = None) -> None:
         if tail_blocks is not None:
-            raise ValueError("full fine-tuning trains on images only (mode `images`), not in `tail` mode")
+            raise SpecError("full fine-tuning trains on images only (mode `images`), not in `tail` mode")
         super().__init__(vit, num_classes, tail_blocks)
         self.vit.requires_grad_(True)
 

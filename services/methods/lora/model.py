@@ -13,6 +13,7 @@ from torch import nn
 
 from services.methods.adapted import AdaptedViT
 from services.methods.lora.config import LoraMethodConfig
+from services.spec import SpecError
 
 # config target -> module path inside a timm ViT block
 TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
@@ -40,7 +41,7 @@ class Lora(AdaptedViT):
         found = [name for name, m in self.vit.named_modules() if isinstance(m, LoraLayer)]
         expected = len(self.adapted_blocks) * len(config.targets)
         if len(found) != expected:
-            raise ValueError(
+            raise SpecError(
                 f"LoRA found {len(found)} of the {expected} Linear layers {sorted(config.targets)} it targets in "
                 f"blocks {self.first_block}..{len(self.vit.blocks) - 1}: this backbone's blocks are not timm ViT blocks"
             )

@@ -1,0 +1,67 @@
+"""Typed errors and the one table that maps errors to codes (and HTTP statuses), shared by the API's handlers and
+the job steps' failure records. Torch-free.
+
+A `UserError` is an error whose message is the caller's answer: what was wrong and what to change. Each layer
+defines its own where it belongs (`SpecError` in services/spec.py, `DatasetError` in services/datasets.py,
+`BackboneError` in services/backbones.py, `NonFiniteLoss` in services/training.py), with its `code` and `status`.
+Storage errors (which know nothing of this module) are mapped here. Anything else is a fault of ours:
+`internal_error`, reported with a reference id whose traceback is logged, and nothing of its internals shown.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import redis
+
+from storage.archives import ArchiveError
+from storage.cache import CacheError
+from storage.store import Incomplete, StoreUnavailable
+
+
+class UserError(Exception):
+    """An error the caller can fix; `code` and `status` (for the API) say which kind."""
+
+    code = "invalid_request"
+    status = 422
+
+
+class SpecError(UserError, ValueError):
+    """A job spec that cannot run as given (a field that does not suit the backbone, the method or the settings); the
+    message names the field. A ValueError too, so that inside a pydantic validator it becomes a validation error
+    (422). Imported from services/spec.py, where job specs live; defined here so that every module of the spec (the
+    sweeps' too) can raise it."""
+
+    code = "invalid_spec"
+
+
+# Errors of the layers below, by type: (HTTP status, code). First match wins, so subclasses come first.
+KNOWN: dict[type[BaseException], tuple[int, str]] = {
+    StoreUnavailable: (503, "storage_unavailable"),
+    Incomplete: (503, "store_incomplete"),
+    redis.ConnectionError: (503, "store_unavailable"),
+    redis.TimeoutError: (503, "store_unavailable"),
+    CacheError: (409, "cache_error"),
+    PermissionError: (403, "forbidden_path"),
+    FileNotFoundError: (422, "not_found"),
+}
+# Errors that a retry may cure (a store or Redis restarting): job steps retry them with backoff before failing.
+TRANSIENT = (StoreUnavailable, redis.ConnectionError, redis.TimeoutError)
+
+
+def classify(exc: BaseException) -> tuple[int, str] | None:
+    """(status, code) of a known error, or None for an internal one."""
+    if isinstance(exc, UserError):
+        return exc.status, exc.code
+    if isinstance(exc, ArchiveError):
+        return {"dataset_too_large": 413}.get(exc.code, 422), exc.code
+    return next((known for t, known in KNOWN.items() if isinstance(exc, t)), None)
+
+
+def reference() -> str:
+    """The id an internal error is reported with, and logged under with its traceback."""
+    return uuid.uuid4().hex[:12]
+
+
+def internal_message(ref: str) -> str:
+    return f"an internal error occurred (reference {ref}); the server's log has the details under that reference"

@@ -1,0 +1,91 @@
+"""Errors over real HTTP: a typed error gets its code and status from services/errors.py, anything else a 500
+`internal_error` with a reference id (its traceback logged under it, nothing of its internals in the body) on a
+connection that stays open; query integers out of range are 422; with Redis gone the API answers 503 with
+Retry-After within about a second (not after the workers' 30 s of retries), /metrics says so, and nothing hangs."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import time
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from api.main import create_app
+from services.datasets import DatasetError
+from services.spec import SpecError
+from storage.settings import Settings
+from tests.helpers import serve
+from worker.launcher import free_port
+
+
+def _boom() -> None:
+    raise RuntimeError("secret internals: /etc/passwd at 0xdeadbeef")
+
+
+def _typed(kind: str) -> None:
+    raise {"spec": SpecError("training.lr: must be finite"), "dataset": DatasetError("x.csv line 3: empty")}[kind]
+
+
+@pytest.fixture
+def app(tmp_path, redis_url):
+    app = create_app(Settings(data_dir=tmp_path, redis_url=redis_url))
+    app.add_api_route("/boom", _boom)
+    app.add_api_route("/typed/{kind}", _typed)
+    return app
+
+
+def test_an_internal_error_is_a_500_with_a_reference_and_the_connection_stays_open(app, caplog) -> None:
+    caplog.set_level(logging.ERROR, logger="sidetune.api")
+    with serve(app) as url:
+        u = urlparse(url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        conn.request("GET", "/boom")
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        sock = conn.sock
+        assert r.status == 500 and body["error"]["code"] == "internal_error", body
+        assert "secret" not in json.dumps(body) and "RuntimeError" not in json.dumps(body)
+        ref = body["error"]["message"].split("reference ")[1].split(")")[0]
+        assert any(ref in rec.getMessage() and rec.exc_info for rec in caplog.records)  # the traceback, under the ref
+        assert (r.getheader("connection") or "").lower() != "close"
+        conn.request("GET", "/healthz")  # the same connection serves the next request
+        again = conn.getresponse()
+        assert again.status == 200 and conn.sock is sock
+        again.read()
+        conn.close()
+
+
+def test_typed_errors_map_to_their_codes(app) -> None:
+    with serve(app) as url:
+        r = httpx.get(f"{url}/typed/spec")
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_spec")
+        assert r.json()["error"]["message"] == "training.lr: must be finite"
+        r = httpx.get(f"{url}/typed/dataset")
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_dataset")
+
+
+@pytest.mark.parametrize("after", [2**63 - 2, 2**63, 2**64, -1])
+def test_event_cursors_out_of_range_are_422(app, after) -> None:
+    with serve(app) as url:
+        r = httpx.get(f"{url}/jobs/job_x/events", params={"after": after})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+
+
+def test_with_redis_gone_the_api_answers_503_within_a_second(tmp_path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    with serve(app) as url:
+        for path in ("/jobs", "/jobs/job_x", "/jobs/job_x/events", "/models", "/datasets"):
+            t0 = time.monotonic()
+            r = httpx.get(f"{url}{path}", timeout=30)
+            assert time.monotonic() - t0 < 1.5, (path, time.monotonic() - t0)
+            assert r.status_code == 503 and r.headers["retry-after"], (path, r.text)
+            assert r.json()["error"]["code"] == "store_unavailable"
+        t0 = time.monotonic()
+        r = httpx.get(f"{url}/metrics", timeout=30)
+        assert r.status_code == 200 and "sidetune_redis_up 0.0" in r.text and time.monotonic() - t0 < 3
+        r = httpx.get(f"{url}/readyz", timeout=30)
+        assert r.status_code == 503 and r.json()["redis"] is False
