@@ -55,7 +55,8 @@ def served(trained: Settings, digits_root: Path, videos: Path) -> Settings:
     settings = Settings(data_dir=trained.data_dir, redis_url=trained.redis_url, device="cpu",
                         allowed_roots=[*trained.allowed_roots, videos])  # fmt: skip
     artifacts = ArtifactStore.from_settings(settings)
-    specs = {m: job_spec(digits_root / "train", method, mode) for m, (method, mode) in MORE.items()}
+    # at 64 px (a quarter of the cost of training through the backbone), which also exports a ViT built at another size
+    specs = {m: job_spec(digits_root / "train", method, mode, image_size=64) for m, (method, mode) in MORE.items()}
     for model_id, (method, mode) in VIDEO.items():
         specs[model_id] = JobSpec.model_validate({
             "dataset": {"path": str(videos / "train"), "val_fraction": 0.34}, "backbone": VIDEO_BACKBONE,
