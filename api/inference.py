@@ -1,14 +1,15 @@
 """The inference service: `sidetune inference` (uvicorn `api.inference:app`), the process that predicts, on the GPU.
 
-It serves predict (v1, api/routes/predict.py, and Open Inference Protocol v2, api/routes/v2.py), model metadata
-read-only (`GET /models`, `GET /models/{id}`), `/healthz` and `/metrics`, with the same API keys and owner isolation
-as the API (it reads the same Redis), and loads models from the store (storage/artifacts.py). The API forwards
-`/v1/models/...:predict*` and `/v2/...` here (api/routes/forward.py), so clients may use either URL.
+It serves predict (v1, api/routes/predict.py, and Open Inference Protocol v2, api/routes/v2.py), exports
+(`GET /models/{id}/export`, api/routes/export.py), model metadata read-only (`GET /models`, `GET /models/{id}`),
+`/healthz` and `/metrics`, with the same API keys and owner isolation as the API (it reads the same Redis), and loads
+models from the store (storage/artifacts.py). The API forwards `/v1/models/...:predict*`, `/v2/...` and exports here
+(api/routes/forward.py), so clients may use either URL.
 
 Torch is imported when the app starts (its lifespan builds the Predictor and the Batcher), not when this module is
 imported: the API imports it for its OpenAPI document only. The lifespan stops the batcher cleanly (what is queued
-runs first) and the thread pools: `decoder` (Pillow decoding, one thread per core) and `loader` (cold model loads,
-off the batching thread).
+runs first) and the thread pools: `decoder` (Pillow decoding, one thread per core), `loader` (cold model loads,
+off the batching thread) and `exporter` (one export at a time).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fastapi import FastAPI
 
 from api import errors, metrics
 from api.limits import BodySizeLimit
-from api.routes import health, models, predict, v2
+from api.routes import export, health, models, predict, v2
 from storage.jobs import JobStore
 from storage.settings import Settings
 
@@ -39,12 +40,13 @@ def create_inference_app(settings: Settings | None = None) -> FastAPI:
         app.state.batcher = Batcher.from_settings(app.state.predictor)
         app.state.decoder = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="predict-decoder")
         app.state.loader = ThreadPoolExecutor(2, thread_name_prefix="model-loader")
+        app.state.exporter = ThreadPoolExecutor(1, thread_name_prefix="model-exporter")
         try:
             yield
         finally:
             app.state.batcher.close()
-            app.state.decoder.shutdown(wait=False, cancel_futures=True)
-            app.state.loader.shutdown(wait=False, cancel_futures=True)
+            for pool in (app.state.decoder, app.state.loader, app.state.exporter):
+                pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="sidetune inference",
@@ -57,8 +59,8 @@ def create_inference_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = JobStore.from_url(settings.broker_url, fail_fast=True)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
-    for module in (predict, v2, models):
-        app.include_router(module.router)
+    for router in (predict.router, v2.router, export.router, models.read_only):
+        app.include_router(router)
     app.add_api_route("/healthz", health.healthz, response_model=health.Health, tags=["health"])
     metrics.install(app, job_gauges=False)
     return app

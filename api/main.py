@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api import errors, metrics
 from api.limits import BodySizeLimit
-from api.routes import datasets, forward, health, jobs, models
+from api.routes import datasets, forward, health, jobs, models, ui
 from storage.jobs import JobStore
 from storage.settings import Settings
 from worker.celery_app import make_app
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
     for module in (jobs, datasets, models, forward, health):
         app.include_router(module.router)
+    ui.install(app)  # the web page at /ui
     metrics.install(app)  # /metrics; its middleware is added last, so it is outermost and counts every request
     app.openapi = lambda: _openapi(app, settings)
     return app
@@ -55,7 +56,7 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         served = create_inference_app(settings).openapi()
         for path, operations in served["paths"].items():
-            if path.startswith(("/v1/", "/v2")):
+            if path.startswith(("/v1/", "/v2")) or path.endswith("/export"):
                 schema["paths"][path] = operations
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, component in served.get("components", {}).get("schemas", {}).items():

@@ -67,6 +67,35 @@ class Event(BaseModel):
 class EventList(BaseModel):
     object: Literal["list"] = Field("list", description="Always `list`.")
     data: list[Event] = Field(..., description="Events after `after`, oldest first.")
+    has_more: bool = Field(..., description="More events follow; pass the last `seq` as `after`.")
+
+
+class Checkpoint(BaseModel):
+    name: str = Field(..., description="File name; `GET /jobs/{id}/checkpoints/{name}` downloads it.")
+    size_bytes: int = Field(..., description="Size of the file.")
+    created_at: float | None = Field(None, description="Unix time it was last written (null where the store cannot "
+                                     "tell).")  # fmt: skip
+    epoch: int | None = Field(
+        None, description="The last finished epoch the checkpoint holds (the same for both files of a checkpoint)."
+    )
+    best_epoch: int | None = Field(
+        None, description="The epoch whose weights scored best on validation (of a sweep's best configuration); each "
+        "configuration's best weights are held too."
+    )  # fmt: skip
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[Checkpoint] = Field(
+        ..., description="The job's checkpoint files: `checkpoint.safetensors` holds the last epoch's trainable "
+        "weights and optimizer state (`runs<i>.*`) and each configuration's best weights (`best<j>.*`); "
+        "`checkpoint.json` says which epochs, with their curves. Empty once removed, before the first epoch ends, "
+        "and for jobs that train no epochs (the L-BFGS linear probe)."
+    )  # fmt: skip
+    expires_at: float | None = Field(
+        None, description="Unix time the checkpoint is removed: the job's end plus SIDETUNE_CHECKPOINT_RETENTION_H; "
+        "null while the job runs."
+    )  # fmt: skip
 
 
 class Model(BaseModel):
@@ -196,7 +225,7 @@ class Dataset(BaseModel):
     num_images: int = Field(..., description="Images found (files with an image suffix; not decoded yet).")
     classes: list[str] = Field(..., description="Class labels, sorted.")
     size_bytes: int = Field(..., description="Bytes of the extracted files on the server.")
-    created: float = Field(..., description="Unix time of the upload.")
+    created_at: float = Field(..., description="Unix time of the upload.")
 
 
 class DatasetList(BaseModel):

@@ -19,18 +19,13 @@ from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
 from storage.cache import CacheError, FeatureCache
 from storage.datasets import DatasetFiles
-from storage.jobs import TERMINAL, JobStore, now
+from storage.jobs import TERMINAL, JobStore, model_id_for, now
 from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
 from storage.settings import Settings
 
 log = logging.getLogger("sidetune.pipeline")
 
 PLOTS = ("confusion", "curves")  # the PNGs every model has (services/plots.py), at GET /models/{id}/plots/{name}.png
-
-
-def model_id_for(job_id: str) -> str:
-    """One model per job, with an id derived from the job's, so a repeated train step writes the same model."""
-    return "model_" + job_id.removeprefix("job_")
 
 
 def fail(store: JobStore, job_id: str, exc: Exception) -> None:
@@ -301,4 +296,5 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
                                                 metrics={**j["metrics"], **metrics}))  # fmt: skip
     metric = "val_map" if "val_map" in metrics else "val_accuracy"
     store.add_event(job_id, f"succeeded: model {model_id}, {metric.replace('_', ' ')} {metrics[metric]:.4f}")
-    artifacts.drop_checkpoints(job_id)
+    if settings.checkpoint_retention_h == 0:
+        artifacts.drop_checkpoints(job_id)  # else kept for the retention (services/retention.py removes it)

@@ -4,7 +4,8 @@ and jobs that no worker picks up again within `worker_lost_timeout_s` fail with 
 Celery alone would redeliver a killed worker's late-acked task only after the visibility timeout (as long as
 the longest job, 48 h by default). Every step is idempotent and resumable (cache batches, training
 checkpoints), so handing it back early is safe: the next worker resumes from what was finished. Every worker
-runs this check a few times a minute; a Redis lease lets one of them act at a time.
+runs this check a few times a minute; a Redis lease lets one of them act at a time. The same pass removes expired
+checkpoints (services/retention.py), every few minutes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from services.retention import sweep_checkpoints
 from storage.jobs import TERMINAL, JobStore, NotFound, now
 from storage.settings import Settings
 
@@ -70,4 +72,5 @@ def check(store: JobStore, settings: Settings, requeue: Requeue) -> list[str]:
             _fail(store, job_id, f"its {job['requeued_step']} step lost its worker and no worker took it up again "
                                  f"within {limit:.0f} s; start a worker and resubmit")  # fmt: skip
             done.append(f"{job_id}: failed, no worker within {limit:.0f} s")
+    done += [f"{job_id}: checkpoint removed (retention over)" for job_id in sweep_checkpoints(store, settings)]
     return done

@@ -2,7 +2,8 @@
 
     models/<model_id>/       weights.safetensors, config.json, metrics.json, any further files of the model
                              (`write_file`: an evaluation report, plots/...), and the completion marker last
-    checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/training.py)
+    checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/training.py); kept after the job ends
+                             for `checkpoint_retention_h` (services/retention.py removes them)
 
 Every file is written atomically (a temporary key, then the final one). A model is there once its completion
 marker is: `save_model` writes it after every other file, and `load_model` checks it and every file's size, so a
@@ -126,6 +127,10 @@ class ArtifactStore:
         if d.sealed() is not None:
             d.seal({"model_id": model_id})
 
+    def delete_model(self, model_id: str) -> None:
+        """Remove the model's folder (its marker first: no reader takes what is left for whole). Idempotent."""
+        self.model(model_id).remove()
+
     def read_file(self, model_id: str, name: str) -> bytes:
         """A file of a complete model (FileNotFoundError if it has no such file)."""
         d = self.model(model_id)
@@ -146,3 +151,7 @@ class ArtifactStore:
 
     def drop_checkpoints(self, job_id: str) -> None:
         self.checkpoints(job_id).remove()
+
+    def checkpointed_jobs(self) -> list[str]:
+        """The jobs that have checkpoints on the store."""
+        return sorted({name.split("/")[0] for name in self.root.child("checkpoints").files()})

@@ -207,23 +207,30 @@ class DatasetRecords:
         self.r = client
 
     def add(self, record: dict[str, Any]) -> dict[str, Any]:
-        record.setdefault("created", now())
+        record.setdefault("created_at", now())
         pipe = self.r.pipeline()
         pipe.set(f"dataset:{record['id']}", json.dumps(record))
-        pipe.zadd("datasets", {record["id"]: record["created"]})
+        pipe.zadd("datasets", {record["id"]: record["created_at"]})
         pipe.execute()
+        return record
+
+    @staticmethod
+    def _record(raw: str) -> dict[str, Any]:
+        record = json.loads(raw)
+        if "created" in record:  # recorded before datasets said `created_at`, as jobs and models do
+            record.setdefault("created_at", record.pop("created"))
         return record
 
     def get(self, dataset_id: str) -> dict[str, Any]:
         raw = self.r.get(f"dataset:{dataset_id}")
         if raw is None:
             raise NotFound(dataset_id)
-        return json.loads(raw)
+        return self._record(raw)
 
     def list_datasets(self, limit: int = 100, owner: str | None = None) -> list[dict[str, Any]]:
         """Newest first; with an owner, that owner's only."""
         ids = self.r.zrevrange("datasets", 0, -1)
-        records = [json.loads(raw) for raw in self.r.mget([f"dataset:{i}" for i in ids]) if raw] if ids else []
+        records = [self._record(raw) for raw in self.r.mget([f"dataset:{i}" for i in ids]) if raw] if ids else []
         return [d for d in records if owner is None or d.get("owner") == owner][:limit]
 
     def delete(self, dataset_id: str) -> None:

@@ -28,6 +28,10 @@ class NotFound(KeyError):
     """No record with that id."""
 
 
+class Busy(ValueError):
+    """A job that is still queued or running, where only a finished one will do."""
+
+
 class IdempotencyConflict(ValueError):
     """An idempotency key reused with a different request."""
 
@@ -35,6 +39,16 @@ class IdempotencyConflict(ValueError):
 def new_id(prefix: str) -> str:
     """Ids that sort roughly by creation time (`job_<ms hex><random hex>`)."""
     return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(5).hex()}"
+
+
+def model_id_for(job_id: str) -> str:
+    """One model per job, with an id derived from the job's, so a repeated train step writes the same model."""
+    return "model_" + job_id.removeprefix("job_")
+
+
+def job_id_for(model_id: str) -> str:
+    """The job that trains (or trained) the model of this id."""
+    return "job_" + model_id.removeprefix("model_")
 
 
 def worker_name() -> str:
@@ -229,6 +243,22 @@ class JobStore:
             self.add_event(job_id, "cancelled", level="warning")
         return job
 
+    def delete_job(self, job_id: str) -> dict[str, Any]:
+        """Delete a finished job's record and events (its model, checkpoints and cache entries are not touched);
+        Busy while it is queued or running. Returns the record deleted."""
+
+        def write(pipe: Any, job: dict) -> dict:
+            if job["status"] not in TERMINAL:
+                raise Busy(job["status"])
+            pipe.delete(f"job:{job_id}", f"job:{job_id}:events", f"running:{job_id}")
+            pipe.zrem("jobs", job_id)
+            pipe.srem(f"jobs:status:{job['status']}", job_id)
+            pipe.srem("requeued", job_id)
+            pipe.srem("running", job_id)
+            return job
+
+        return self._job_transaction(job_id, write)
+
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.get_job(job_id).get("cancel_requested"))
 
@@ -251,6 +281,12 @@ class JobStore:
         pipe.zadd("models", {model["id"]: model["created_at"]})
         pipe.execute()
         return model
+
+    def delete_model(self, model_id: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.delete(f"model:{model_id}")
+        pipe.zrem("models", model_id)
+        pipe.execute()
 
     def get_model(self, model_id: str) -> dict[str, Any]:
         raw = self.r.get(f"model:{model_id}")

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         "job fails with the reason.",
     )
     max_worker_losses: int = Field(3, description="A job whose workers died more often than this fails.")
+    checkpoint_retention_h: float = Field(
+        24.0,
+        ge=0,
+        description="Hours a finished job's checkpoint (its last and its best epoch's weights, `GET "
+        "/jobs/{id}/checkpoints`) is kept after the job ends; then it is removed. 0: removed as soon as the job "
+        "succeeds (a failed or cancelled job's within minutes).",
+    )
     heartbeat_ttl_s: float = Field(
         15.0,
         gt=0,

@@ -118,6 +118,14 @@ class Folder:
                 out[name] = int(info["size"])
         return out
 
+    def modified(self, name: str) -> float | None:
+        """Unix time of the file's last write, where the store tells (local files, S3)."""
+        with _reaching(self.url):
+            try:
+                return self.fs.modified(self._key(name)).timestamp()
+            except NotImplementedError:
+                return None
+
     def remove(self) -> None:
         """Delete the folder: its marker first, so no reader takes what is left for whole."""
         with _reaching(self.url):

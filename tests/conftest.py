@@ -6,6 +6,7 @@ Everything runs on CPU without network access: backbones in the tests use timm m
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,15 @@ from services.digits import write_digits
 from storage.redis_server import RedisServer
 from storage.settings import Settings
 from worker.launcher import free_port
+
+
+@pytest.fixture(scope="session")
+def test_artifacts() -> Path:
+    """Where tests leave what a person should look at after a run (screenshots, measured figures):
+    SIDETUNE_TEST_ARTIFACTS, or test-artifacts/ in the repository (ignored by git)."""
+    path = Path(os.environ.get("SIDETUNE_TEST_ARTIFACTS") or Path(__file__).parents[1] / "test-artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""The `sidetune` command line: run the stack (serve, api, worker), talk to it (submit, jobs, predict), and
-the demo."""
+"""The `sidetune` command line: run the stack (serve, api, inference, worker), talk to it (submit, jobs, models,
+datasets, predict, report: worker/commands/), count parameters and plan jobs offline (params, plan), and the demo."""
 
 from __future__ import annotations
 
@@ -14,13 +14,6 @@ import threading
 from pathlib import Path
 
 from storage.settings import Settings
-
-
-def _client(args: argparse.Namespace):
-    from worker.client import Client
-
-    settings = Settings()
-    return Client(args.url or os.environ.get("SIDETUNE_API_URL") or f"http://{settings.api_host}:{settings.api_port}")
 
 
 def _configure_logging(settings: Settings, level: str) -> logging.Logger:
@@ -119,89 +112,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return worker.exitcode or 0
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    client = _client(args)
-    spec = json.loads(Path(args.spec).read_text())
-    job = client.submit(spec)
-    print(f"submitted {job['id']}")
-    if not args.wait:
-        return 0
-    from worker.progress_view import follow
-
-    job = follow(client, [job["id"]])[0]
-    print(json.dumps({k: job[k] for k in ("id", "status", "model_id", "error", "metrics")}, indent=2))
-    return 0 if job["status"] == "succeeded" else 1
-
-
-def cmd_jobs(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from worker.progress_view import console
-
-    table = Table("id", "status", "method", "backbone", "val acc/mAP", "test acc/mAP", "model")
-    for job in _client(args).jobs(limit=args.limit):
-        m = job["metrics"]
-        acc, test = m.get("val_accuracy", m.get("val_map")), m.get("test_accuracy", m.get("test_map"))
-        table.add_row(job["id"], job["status"], job["spec"]["method"]["name"], job["spec"]["backbone"]["name"],
-                      f"{acc:.4f}" if acc is not None else "", f"{test:.4f}" if test is not None else "",
-                      job.get("model_id") or "")  # fmt: skip
-    console().print(table)
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """The model's evaluation as tables (scikit-learn's metrics, from the API) and its plots as PNG files."""
-    from rich.table import Table
-
-    from worker.progress_view import console
-
-    client, out = _client(args), console()
-    model, report = client.model(args.model_id), client.evaluation(args.model_id)
-    split = {"test": "the test split", "val": "the validation split (no test split: optimistic, it chose the model)"}
-    out.print(f"{model['id']}: {model['method']} on {model['backbone']}, evaluated on {split[report['split']]}, "
-              f"{report['images']} images")  # fmt: skip
-    table = Table("metric", "value")
-    validation = {k: v for k, v in model["metrics"].items() if k in ("val_accuracy", "val_map", "val_loss")}
-    for key, value in {**validation, **report["metrics"]}.items():
-        table.add_row(key, f"{value:.4f}")
-    out.print(table)
-    per = report["per_class"]
-    table = Table("class", "precision", "recall", "f1", "support", *(["AP"] if "average_precision" in per[0] else []))
-    for row in per:
-        ap = [] if "average_precision" not in row else [f"{row['average_precision'] or 0:.3f}"]
-        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
-                      str(row["support"]), *ap)  # fmt: skip
-    out.print(table)
-    if not model.get("multi_label") and len(report["classes"]) <= 30:
-        table = Table("true \\ predicted", *report["classes"], title="confusion matrix")
-        for name, row in zip(report["classes"], report["confusion_matrix"], strict=True):
-            table.add_row(name, *(str(v) for v in row))
-        out.print(table)
-    sweep = model["metrics"].get("sweep")
-    if sweep:
-        metric = "val_map" if model.get("multi_label") else "val_accuracy"
-        table = Table("configuration", metric, "val_loss", title=f"sweep: {len(sweep)} configurations")
-        for entry in sorted(sweep, key=lambda e: -e[metric]):
-            mark = " (selected)" if entry["config"] == model["metrics"].get("selected") else ""
-            table.add_row(json.dumps(entry["config"]) + mark, f"{entry[metric]:.4f}", f"{entry['val_loss']:.4f}")
-        out.print(table)
-    folder = Path(args.out or args.model_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in model.get("plots", []):
-        path = folder / f"{name}.png"
-        path.write_bytes(client.plot(args.model_id, name))
-        out.print(f"wrote {path}")
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    predictions = _client(args).predict(args.model_id, [Path(p) for p in args.images])
-    for path, p in zip(args.images, predictions, strict=True):
-        tags = f"\t{'|'.join(p['labels'])}" if p.get("labels") is not None else ""
-        print(f"{path}\t{p['label']}\t{p['scores'][p['label']]:.4f}{tags}")
-    return 0
-
-
 def _layers(spec: str) -> str | int | list[int]:
     """`all`, a count (`4`), or 0-based block indices (`0,5,11`; `5,` is the single index 5)."""
     spec = spec.strip()
@@ -281,6 +191,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(epochs=args.epochs, video=args.video, per_class=args.per_class)
 
 
+EXAMPLES = """examples:
+  sidetune serve                                     # the whole stack on this machine
+  sidetune datasets upload flowers.zip               # -> ds_...
+  sidetune submit spec.json --wait                   # -> job_... and, once it succeeds, model_...
+  sidetune jobs events job_... --follow
+  sidetune predict model_... cat.png
+  sidetune models export model_... --format onnx -o model.onnx
+  sidetune report model_...
+  every command: sidetune COMMAND --help"""
 EXIT_FAILED = 1  # the job failed or was cancelled (`submit --wait`); the plan does not fit (`plan`)
 EXIT_USAGE = 2  # bad arguments, or a spec file that cannot be read or is invalid
 EXIT_UNREACHABLE = 3  # the API could not be reached, or answered 5xx (a retry later may succeed)
@@ -292,35 +211,31 @@ key); 130 interrupted. Errors are one line on stderr naming the cause and the UR
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sidetune", description=__doc__, epilog=EXIT_CODES,
+    from worker.commands import ENVIRONMENT, add_parsers
+
+    parser = argparse.ArgumentParser(prog="sidetune", description=__doc__,
+                                     epilog=f"{EXAMPLES}\n\n{ENVIRONMENT}\n\n{EXIT_CODES}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.set_defaults(url=None, json=False)  # of the commands that talk to the API (worker/commands/)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run Redis (embedded unless SIDETUNE_REDIS_URL), both workers, the inference "
-                   "service and the API")  # fmt: skip
-    sub.add_parser("api", help="run the API only (uvicorn)")
-    sub.add_parser("inference", help="run the inference service only (uvicorn; predict v1 and v2)")
-    p = sub.add_parser("worker", help="run one Celery worker")
+
+    def command(name: str, summary: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+    command("serve", "run Redis (embedded unless SIDETUNE_REDIS_URL), both workers, the inference service and the API",
+            "SIDETUNE_DATA_DIR=/data sidetune serve")  # fmt: skip
+    command("api", "run the API only (uvicorn)", "SIDETUNE_API_KEYS=secret SIDETUNE_API_HOST=0.0.0.0 sidetune api")
+    command("inference", "run the inference service only (uvicorn; predict v1 and v2, exports)",
+            "SIDETUNE_DEVICE=cuda sidetune inference")  # fmt: skip
+    p = command("worker", "run one Celery worker", "sidetune worker --queues extract")
     p.add_argument("--queues", default="extract,train", help="comma-separated: extract, train")
     p.add_argument("--loglevel", default="INFO")
-    for name, help_text in (("submit", "submit a job spec (JSON file)"), ("jobs", "list jobs"),
-                            ("predict", "classify image files with a model"),
-                            ("report", "a model's evaluation as tables, and its plots as PNG files")):  # fmt: skip
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--url", help="API URL (default: SIDETUNE_API_URL or the configured host:port)")
-        if name == "submit":
-            p.add_argument("spec")
-            p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
-        elif name == "jobs":
-            p.add_argument("--limit", type=int, default=20)
-        elif name == "report":
-            p.add_argument("model_id")
-            p.add_argument("--out", help="folder for the plots (default: ./MODEL_ID)")
-        else:
-            p.add_argument("model_id")
-            p.add_argument("images", nargs="+")
+    add_parsers(sub)  # the verbs that talk to the API
     from services.methods import METHOD_NAMES
 
-    p = sub.add_parser("params", help="count a method's trainable parameters on a backbone (meta device, no memory)")
+    p = command("params", "count a method's trainable parameters on a backbone (meta device, no memory)",
+                "sidetune params --backbone vit_base_patch16_224 --method losa --rank 16")  # fmt: skip
     p.add_argument("--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224")
     p.add_argument("--method", required=True, choices=METHOD_NAMES)
     p.add_argument("--rank", type=int, help="the method's rank (methods that have one)")
@@ -332,21 +247,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tubelet", type=int, default=2, help="frames per tubelet, with --frames (default 2)")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="another config field, JSON value (repeatable)")  # fmt: skip
-    p = sub.add_parser("plan", help="a job spec's cache size, quota and memory fit and extraction time (no server); "
-                       "exit code 1 when its cache cannot fit")  # fmt: skip
+    p = command("plan", "a job spec's cache size, quota and memory fit and extraction time, computed here (no "
+                "server; `sidetune submit --dry-run` asks the server); exit code 1 when it cannot fit",
+                "sidetune plan spec.json --json")  # fmt: skip
     p.add_argument("spec", help="job spec (JSON file)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p = sub.add_parser("demo", help="embedded stack + digits: a linear probe and a LoSA job, end to end")
+    p = command("demo", "embedded stack + digits: a linear probe and a LoSA job, end to end",
+                "sidetune demo --epochs 5")  # fmt: skip
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--video", action="store_true", help="synthetic motion videos and a ViViT instead of digits")
     p.add_argument("--per-class", type=int, default=40, help="with --video: training videos per class")
     args = parser.parse_args(argv)
     handlers = {"serve": cmd_serve, "api": cmd_api, "inference": cmd_inference, "worker": cmd_worker,
-                "submit": cmd_submit, "jobs": cmd_jobs, "predict": cmd_predict, "report": cmd_report,
-                "params": cmd_params, "plan": cmd_plan,
-                "demo": cmd_demo}  # fmt: skip
+                "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo}  # fmt: skip
+    handler = getattr(args, "func", None) or handlers[args.command]
     try:
-        return handlers[args.command](args)
+        return handler(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as e:
@@ -357,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, httpx.TransportError):  # no answer: refused, timed out, reset
             where = e.request.url.copy_with(path="/", query=None) if _has_request(e) else "the API"
             print(f"error: cannot reach the sidetune API at {where} ({type(e).__name__}: {e or 'no answer'}); is "
-                  "`sidetune serve` running there? (--url or SIDETUNE_API_URL)", file=sys.stderr)  # fmt: skip
+                  "`sidetune serve` running there? (--url or SIDETUNE_URL)", file=sys.stderr)  # fmt: skip
             return EXIT_UNREACHABLE
         if isinstance(e, ApiError):
             hint = " (give a key with SIDETUNE_API_KEY)" if e.status == 401 else ""

@@ -1,11 +1,15 @@
-"""A small HTTP client for the sidetune API, used by the CLI and the demo."""
+"""A small HTTP client for the sidetune API, used by the CLI and the demo: one method per route.
+
+The URL and key default to SIDETUNE_URL (or SIDETUNE_API_URL) and SIDETUNE_API_KEY.
+"""
 
 from __future__ import annotations
 
 import base64
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +30,30 @@ class ApiError(RuntimeError):
         super().__init__(f"HTTP {status}{f' from {url}' if url else ''}: {message}")
 
 
+def default_url() -> str | None:
+    return os.environ.get("SIDETUNE_URL") or os.environ.get("SIDETUNE_API_URL")
+
+
 class Client:
     def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 120.0) -> None:
         key = api_key or os.environ.get("SIDETUNE_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout_s)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        r = self.http.request(method, path, **kwargs)
-        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+    @staticmethod
+    def _check(r: httpx.Response) -> httpx.Response:
         if r.status_code >= 400:
-            raise ApiError(r.status_code, body, str(r.request.url.copy_with(query=None)))
-        return body
+            is_json = r.headers.get("content-type", "").startswith("application/json")
+            raise ApiError(r.status_code, r.json() if is_json else r.text, str(r.request.url.copy_with(query=None)))
+        return r
 
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = self._check(self.http.request(method, path, **kwargs))
+        if r.status_code == 204:
+            return None
+        return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
+
+    # ---- jobs ------------------------------------------------------------------------------------------------
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/jobs", json=spec)
 
@@ -49,11 +64,40 @@ class Client:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}")
 
-    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        return self._call("GET", "/jobs", params={"limit": limit})["data"]
+    def jobs(self, limit: int = 20, after: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
+        return self._call("GET", "/jobs", params=params)["data"]
 
-    def events(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
-        return self._call("GET", f"/jobs/{job_id}/events", params={"after": after})["data"]
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/jobs/{job_id}/cancel")
+
+    def delete_job(self, job_id: str) -> None:
+        self._call("DELETE", f"/jobs/{job_id}")
+
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        return self._call("GET", f"/jobs/{job_id}/events", params={"after": after, "limit": limit})["data"]
+
+    def event_page(self, job_id: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
+        """One page of events: {"data", "has_more"}."""
+        return self._call("GET", f"/jobs/{job_id}/events", params={"after": after, "limit": limit})
+
+    def follow_events(self, job_id: str, after: int = 0, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
+        """Every event after `after`, as it comes, until the job has ended and its last event was read."""
+        while True:
+            page = self.event_page(job_id, after)
+            for event in page["data"]:
+                after = event["seq"]
+                yield event
+            if not page["has_more"]:
+                if self.job(job_id)["status"] in TERMINAL and not self.event_page(job_id, after)["data"]:
+                    return
+                time.sleep(poll_s)
+
+    def checkpoints(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/jobs/{job_id}/checkpoints")
+
+    def checkpoint_file(self, job_id: str, name: str, dest: Path) -> Path:
+        return self._download(f"/jobs/{job_id}/checkpoints/{name}", {}, dest, name)
 
     def wait(
         self, job_id: str, on_update: Callable[[dict], None] | None = None, timeout_s: float = 3600, poll_s: float = 0.5
@@ -69,6 +113,41 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s}s")
             time.sleep(poll_s)
 
+    # ---- models ----------------------------------------------------------------------------------------------
+    def models(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._call("GET", "/models", params={"limit": limit})["data"]
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/models/{model_id}")
+
+    def delete_model(self, model_id: str) -> None:
+        self._call("DELETE", f"/models/{model_id}")
+
+    def export(self, model_id: str, fmt: str, dest: Path | None = None) -> Path:
+        """Download the model exported as `fmt` to `dest` (default: the server's file name, here); returns the path."""
+        return self._download(f"/models/{model_id}/export", {"format": fmt}, dest, f"{model_id}.{fmt}")
+
+    def _download(self, path: str, params: dict[str, str], dest: Path | None, fallback: str) -> Path:
+        """Stream a file to `dest` (default: the name the server gives, here), written whole or not at all."""
+        with self.http.stream("GET", path, params=params, timeout=None) as r:
+            if r.status_code >= 400:
+                r.read()
+            self._check(r)
+            found = re.search(r'filename="?([^";]+)"?', r.headers.get("content-disposition", ""))
+            out = Path(dest or (found.group(1) if found else fallback))
+            tmp = out.with_name(f".{out.name}.part")
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_bytes():
+                    f.write(chunk)
+            tmp.replace(out)
+        return out
+
+    def evaluation(self, model_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/models/{model_id}/evaluation")
+
+    def plot(self, model_id: str, name: str) -> bytes:
+        return self._check(self.http.get(f"/models/{model_id}/plots/{name}.png")).content
+
     def predict(
         self, model_id: str, images: list[bytes | Path], video: bool | None = None, threshold: float | None = None
     ) -> list[dict[str, Any]]:
@@ -83,17 +162,21 @@ class Client:
             body["threshold"] = threshold
         return self._call("POST", f"/v1/models/{model_id}:predict", json=body)["predictions"]
 
-    def model(self, model_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/models/{model_id}")
+    # ---- datasets --------------------------------------------------------------------------------------------
+    def upload(self, archive: Path, name: str | None = None) -> dict[str, Any]:
+        """Upload a dataset archive (zip or tar), streamed from the file."""
+        with open(archive, "rb") as f:
+            return self._call("POST", "/datasets", files={"file": (Path(archive).name, f)},
+                              data={"name": name} if name else None, timeout=None)  # fmt: skip
 
-    def evaluation(self, model_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/models/{model_id}/evaluation")
+    def datasets(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._call("GET", "/datasets", params={"limit": limit})["data"]
 
-    def plot(self, model_id: str, name: str) -> bytes:
-        r = self.http.get(f"/models/{model_id}/plots/{name}.png")
-        if r.status_code >= 400:
-            raise ApiError(r.status_code, r.json())
-        return r.content
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/datasets/{dataset_id}")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._call("DELETE", f"/datasets/{dataset_id}")
 
     def ready(self) -> dict[str, Any]:
         return self._call("GET", "/readyz")

@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, SettingsDep, StoreDep, owned
+from api.deps import DatasetId, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.schemas import Dataset, DatasetList, ErrorBody
 from api.uploads import receive_file
@@ -137,7 +137,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses={404: {"model": ErrorBody}})
-def get_dataset(dataset_id: str, store: StoreDep, owner: OwnerDep) -> dict:
+def get_dataset(dataset_id: DatasetId, store: StoreDep, owner: OwnerDep) -> dict:
     """One dataset: format, image count and classes."""
     return own_dataset(store, dataset_id, owner)
 
@@ -145,7 +145,7 @@ def get_dataset(dataset_id: str, store: StoreDep, owner: OwnerDep) -> dict:
 @router.delete(
     "/{dataset_id}", status_code=204, responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
 )  # fmt: skip
-def delete_dataset(dataset_id: str, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
+def delete_dataset(dataset_id: DatasetId, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
     """Delete a dataset and its files. Refused (409 `dataset_in_use`) while a job using it is queued or running."""
     own_dataset(store, dataset_id, owner)
     busy = [job_id for job_id in records(store).job_ids(dataset_id) if _active(store, job_id)]

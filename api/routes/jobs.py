@@ -1,21 +1,23 @@
-"""Jobs: submit, read, list, cancel, and follow their events."""
+"""Jobs: submit, read, list, cancel, delete, follow their events, and list and download their checkpoints."""
 
 from __future__ import annotations
 
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import JSONResponse
 
-from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned
+from api.deps import CeleryDep, JobId, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.routes.datasets import record_use, resolve_dataset
-from api.schemas import ErrorBody, EventList, Job, JobList, Plan
+from api.schemas import CheckpointList, ErrorBody, EventList, Job, JobList, Plan
 from services import planner
 from services.datasets import DatasetError, check_path, resolve_format
+from services.retention import expires_at
 from services.spec import JobSpec
-from storage.jobs import IdempotencyConflict, JobStore, NotFound
+from storage.artifacts import ArtifactStore
+from storage.jobs import Busy, IdempotencyConflict, JobStore, NotFound
 from storage.logs import log_context
 from storage.settings import Settings
 from worker.celery_app import enqueue_job
@@ -147,26 +149,82 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorBody}})
-def get_job(job_id: str, store: StoreDep, owner: OwnerDep) -> dict:
+def get_job(job_id: JobId, store: StoreDep, owner: OwnerDep) -> dict:
     """One job with its status, progress, metrics and error."""
     return own_job(store, job_id, owner)
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses={404: {"model": ErrorBody}})
-def cancel_job(job_id: str, store: StoreDep, owner: OwnerDep) -> dict:
+def cancel_job(job_id: JobId, store: StoreDep, owner: OwnerDep) -> dict:
     """Queued jobs are cancelled at once; running ones stop at their next check (between batches)."""
     own_job(store, job_id, owner)
     return store.request_cancel(job_id)
 
 
+@router.delete("/{job_id}", status_code=204, responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
+    """Delete a finished job: its record, events and checkpoint. Refused while it is queued or running (409
+    `job_not_finished`: cancel it first). Its model, if any, stays (`DELETE /models/{id}` deletes it)."""
+    own_job(store, job_id, owner)
+    try:
+        store.delete_job(job_id)
+    except Busy as e:
+        raise ApiError(409, "job_not_finished", f"job {job_id!r} is {e}; cancel it first (POST "
+                       f"/jobs/{job_id}/cancel) or wait for it to end") from None  # fmt: skip
+    except NotFound:  # deleted meanwhile
+        raise ApiError(404, "not_found", f"no job {job_id!r}") from None
+    ArtifactStore.from_settings(settings).drop_checkpoints(job_id)
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/events", response_model=EventList, responses={404: {"model": ErrorBody}})
 def job_events(
-    job_id: str,
+    job_id: JobId,
     store: StoreDep,
     owner: OwnerDep,
     after: Annotated[int, Query(ge=0, le=2**53, description="Return events with `seq` greater than this.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="Most events returned.")] = 100,
 ) -> dict:
-    """Progress messages and per-epoch metrics, oldest first."""
+    """Progress messages and per-epoch metrics, oldest first; `has_more` says whether a next page follows."""
     own_job(store, job_id, owner)
-    return {"object": "list", "data": store.events(job_id, after=after, limit=limit)}
+    events = store.events(job_id, after=after, limit=limit + 1)
+    return {"object": "list", "data": events[:limit], "has_more": len(events) > limit}
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses={404: {"model": ErrorBody}})
+def job_checkpoints(job_id: JobId, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> dict:
+    """The job's checkpoint on the store: written after every epoch (a train worker that dies resumes from it), kept
+    for SIDETUNE_CHECKPOINT_RETENTION_H after the job ends (`expires_at`), then removed."""
+    job = own_job(store, job_id, owner)
+    folder = ArtifactStore.from_settings(settings).checkpoints(job_id)
+    files = folder.files()
+    info = folder.read_json("checkpoint.json") if "checkpoint.json" in files else {}
+    results = info.get("results") or []  # one per configuration (a sweep has several): its best epoch and score
+    best = max(results, key=lambda r: r["score"])["epoch"] if results else None
+    data = [{"name": name, "size_bytes": size, "created_at": folder.modified(name), "epoch": info.get("epoch"),
+             "best_epoch": best} for name, size in sorted(files.items())]  # fmt: skip
+    return {"object": "list", "data": data, "expires_at": expires_at(job, settings)}
+
+
+@router.get(
+    "/{job_id}/checkpoints/{name}",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file."},
+               404: {"model": ErrorBody}},
+)  # fmt: skip
+def job_checkpoint_file(
+    job_id: JobId,
+    name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]+$", description="A file the listing names.")],
+    store: StoreDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+) -> Response:
+    """Download a checkpoint file (safetensors or JSON, as written)."""
+    own_job(store, job_id, owner)
+    folder = ArtifactStore.from_settings(settings).checkpoints(job_id)
+    if name.startswith(".") or name not in folder.files():
+        raise ApiError(404, "not_found", f"job {job_id!r} has no checkpoint file {name!r} (removed after the "
+                       "retention, or never written)")  # fmt: skip
+    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    return Response(folder.read_bytes(name), media_type=media,
+                    headers={"Content-Disposition": f'attachment; filename="{job_id}-{name}"'})  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, SettingsDep
+from api.deps import ModelId, OwnerDep, SettingsDep
 from api.errors import ApiError
 from api.routes.models import own_model
 from api.schemas import ErrorBody, Instance, PredictRequest, PredictResponse
@@ -147,7 +147,7 @@ def _check_count(n: int, limit: int) -> None:
 
 
 @router.post("/{model_id}:predict", response_model=PredictResponse)
-async def predict(model_id: str, body: PredictRequest, request: Request, owner: OwnerDep,
+async def predict(model_id: ModelId, body: PredictRequest, request: Request, owner: OwnerDep,
                   settings: SettingsDep) -> dict:  # fmt: skip
     """Classify base64-encoded images, `{"instances": [{"image_b64": "..."}]}`, or videos for a model trained on
     clips, `{"instances": [{"video_b64": "..."}]}`."""
@@ -166,7 +166,7 @@ async def predict(model_id: str, body: PredictRequest, request: Request, owner: 
 
 @router.post("/{model_id}:predict-files", response_model=PredictResponse)
 async def predict_files(
-    model_id: str,
+    model_id: ModelId,
     files: Annotated[
         list[UploadFile],
         File(description="Image files, or video files for a model trained on clips (multipart field `files`)."),

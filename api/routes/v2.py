@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import OwnerDep, SettingsDep
+from api.deps import ModelId, OwnerDep, SettingsDep
 from api.errors import ApiError
 from api.oip import HEADER, InferRequest, ProtocolError, encode_response, model_metadata, parse_request
 from api.routes.predict import check_videos, off_loop, own, run_model, run_videos
@@ -82,14 +82,14 @@ async def server_metadata() -> dict:
 
 
 @router.get("/models/{model_id}", responses={200: {"description": "Model metadata."}, 401: _ERROR, 404: _ERROR})
-async def metadata(model_id: str, request: Request, owner: OwnerDep) -> dict:
+async def metadata(model_id: ModelId, request: Request, owner: OwnerDep) -> dict:
     """Inputs (`image` BYTES [N], or `pixels` UINT8 [N, H, W, 3]) and outputs (`label` BYTES [N], `probabilities`
     FP32 [N, C]); `parameters.classes` lists the classes in output order."""
     return model_metadata(await own(request, model_id, owner))
 
 
 @router.get("/models/{model_id}/ready", responses={200: {"description": "Ready."}, 404: _ERROR, 503: _ERROR})
-async def model_ready(model_id: str, request: Request, owner: OwnerDep) -> dict:
+async def model_ready(model_id: ModelId, request: Request, owner: OwnerDep) -> dict:
     """Ready when its artifact is whole on the store (503 naming it otherwise)."""
     await own(request, model_id, owner)
     await run_in_threadpool(request.app.state.predictor.artifacts.check_model, model_id)
@@ -111,7 +111,7 @@ def _images(infer: InferRequest) -> list[Any]:
                413: _ERROR, 503: _ERROR},
     openapi_extra=_INFER_BODY,
 )  # fmt: skip
-async def infer(model_id: str, request: Request, owner: OwnerDep, settings: SettingsDep) -> Response:
+async def infer(model_id: ModelId, request: Request, owner: OwnerDep, settings: SettingsDep) -> Response:
     """Classify images: the BYTES input `image` (encoded files) or the UINT8 input `pixels` ([N, H, W, 3]); or
     videos: the BYTES input `video` (encoded video files), for a model trained on clips."""
     record = await own(request, model_id, owner)

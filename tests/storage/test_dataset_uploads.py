@@ -270,7 +270,7 @@ def test_records(redis_url):
     a = records.add({"id": "ds_a1", "owner": "alice", "classes": ["x", "y"]})
     time.sleep(0.01)
     records.add({"id": "ds_b1", "owner": "bob", "classes": ["x", "y"]})
-    assert records.get("ds_a1") == a and a["created"] > 0
+    assert records.get("ds_a1") == a and a["created_at"] > 0
     ids = [d["id"] for d in records.list_datasets(owner="alice")]
     assert ids == ["ds_a1"]
     assert [d["id"] for d in records.list_datasets()][:2] == ["ds_b1", "ds_a1"]

@@ -1,10 +1,13 @@
-"""The `sidetune` CLI against the running stack: submit --wait, jobs, predict; and `params`, offline."""
+"""The `sidetune` CLI against the running stack, as subprocesses: submit --wait, jobs, predict, every verb of jobs,
+models and datasets with --json, report, export; `--help` with an example everywhere; and `params`, offline."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +65,93 @@ def test_params_reports_a_bad_option(capsys):
     assert main(["params", "--backbone", "vit_base_patch16_224", "--method", "linear", "--rank", "4"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "rank" in captured.err and "Extra inputs" in captured.err
+
+
+def cli_json(stack, *args: str):
+    r = run_cli(stack, *args, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_every_verb_against_the_stack(stack, tmp_path):
+    running, client = stack
+    digits = running.settings.data_path / "datasets" / "digits"
+    spec = {"dataset": {"path": str(digits / "train")}, "backbone": {"name": "test_vit", "pretrained": False},
+            "method": {"name": "losa", "rank": 4}, "training": {"epochs": 1}}  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    plan = cli_json(stack, "submit", str(tmp_path / "spec.json"), "--dry-run")
+    assert plan["fits"] is not False and plan["images"] > 0
+
+    job = cli_json(stack, "submit", str(tmp_path / "spec.json"), "--wait")
+    assert job["status"] == "succeeded", job["error"]
+    job_id, model_id = job["id"], job["model_id"]
+    assert job_id in [j["id"] for j in cli_json(stack, "jobs", "list", "--limit", "50")]
+    assert cli_json(stack, "jobs", "get", job_id)["model_id"] == model_id
+    lines = run_cli(stack, "jobs", "events", job_id, "--json").stdout.splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == [e["seq"] for e in client.events(job_id, limit=1000)]
+    followed = run_cli(stack, "jobs", "events", job_id, "--follow", "--after", "2")  # ends: the job has ended
+    assert followed.returncode == 0 and len(followed.stdout.splitlines()) == len(lines) - 2
+    assert {c["name"] for c in cli_json(stack, "jobs", "checkpoints", job_id)["data"]} == {
+        "checkpoint.json", "checkpoint.safetensors"}  # fmt: skip
+
+    assert model_id in [m["id"] for m in cli_json(stack, "models", "list")]
+    assert cli_json(stack, "models", "get", model_id)["job_id"] == job_id
+    exported = run_cli(stack, "models", "export", model_id, "--format", "adapter", "-o", str(tmp_path / "a.zip"))
+    assert exported.returncode == 0 and (tmp_path / "a.zip").stat().st_size > 0 and "wrote" in exported.stdout
+    images = sorted((digits / "holdout").glob("*/*.png"))[:2]
+    predicted = cli_json(stack, "predict", model_id, *map(str, images))
+    assert [p["label"] for p in predicted] == [p["label"] for p in client.predict(model_id, images)]
+    report = cli_json(stack, "report", model_id, "--out", str(tmp_path / "report"))
+    assert report["evaluation"]["split"] in ("test", "val") and all(Path(p).is_file() for p in report["plots"])
+
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as z:
+        for label in ("0", "1"):
+            for p in sorted((digits / "train" / label).glob("*.png"))[:4]:
+                z.write(p, f"{label}/{p.name}")
+    uploaded = cli_json(stack, "datasets", "upload", str(tmp_path / "two.zip"), "--name", "two")
+    assert uploaded["num_images"] == 8 and uploaded["created_at"] > 0
+    assert uploaded["id"] in [d["id"] for d in cli_json(stack, "datasets", "list")]
+    assert cli_json(stack, "datasets", "get", uploaded["id"])["classes"] == ["0", "1"]
+    assert run_cli(stack, "datasets", "delete", uploaded["id"]).stdout.strip() == f"deleted {uploaded['id']}"
+
+    (tmp_path / "long.json").write_text(json.dumps({**spec, "training": {"epochs": 500, "batch_size": 4}}))
+    queued = json.loads(run_cli(stack, "submit", str(tmp_path / "long.json"), "--json").stdout)
+    cancelled = cli_json(stack, "jobs", "cancel", queued["id"])
+    assert cancelled["cancel_requested"] is True
+    assert client.wait(queued["id"], timeout_s=120)["status"] == "cancelled"
+    assert run_cli(stack, "jobs", "delete", queued["id"]).returncode == 0
+    assert run_cli(stack, "models", "delete", model_id).stdout.strip() == f"deleted {model_id}"
+    gone = run_cli(stack, "models", "get", model_id)
+    assert gone.returncode != 0 and "HTTP 404" in gone.stderr and model_id in gone.stderr
+
+
+COMMANDS = [["serve"], ["api"], ["inference"], ["worker"], ["params"], ["plan"], ["demo"], ["submit"], ["predict"],
+            ["report"], *(["jobs", v] for v in ("list", "get", "cancel", "delete", "events", "checkpoints")),
+            *(["models", v] for v in ("list", "get", "delete", "export")),
+            *(["datasets", v] for v in ("upload", "list", "get", "delete")),
+            ["jobs"], ["models"], ["datasets"]]  # fmt: skip
+READS = {"list", "get", "cancel", "events", "checkpoints", "predict", "report", "submit", "upload", "jobs", "models",
+         "datasets"}  # fmt: skip
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    top = _help(capsys)
+    assert "SIDETUNE_URL" in top and "SIDETUNE_API_KEY" in top and "examples:" in top
+    listed = top.split("{", 1)[1].split("}", 1)[0].split(",")  # the commands the top-level help names
+    assert sorted(listed) == sorted({c[0] for c in COMMANDS})
+    for command in COMMANDS:
+        text = _help(capsys, *command)
+        assert "example:" in text or "examples:" in text, command
+        assert ("--json" in text) == (command[-1] in READS or command == ["plan"]), command
+        if command[0] in ("jobs", "models", "datasets", "submit", "predict", "report"):
+            assert "SIDETUNE_URL" in text and "SIDETUNE_API_KEY" in text, command
 
 
 def test_an_unreachable_server_is_one_line_naming_the_url(capsys) -> None:

@@ -143,7 +143,9 @@ def test_machines_sharing_only_redis_and_the_store(machines: Machines, tmp_path:
         assert not (machines.root / name / "datasets").exists() and not (machines.root / name / "cache").exists()
     model_id = job["model_id"]
     assert Store(machines.store_url).folder("artifacts", "models", model_id).check()["files"]["weights.safetensors"]
-    assert not Store(machines.store_url).folder("artifacts", "checkpoints", job_id).files()  # dropped when done
+    # the last checkpoint stays on the store for the retention, listed through A
+    assert Store(machines.store_url).folder("artifacts", "checkpoints", job_id).files()
+    assert {c["name"]: c["epoch"] for c in api.checkpoints(job_id)["data"]}["checkpoint.json"] == EPOCHS
 
     holdout = sorted((tmp_path / "upload" / "holdout").glob("*/*.png"))[:3]
     via_a = api.predict(model_id, holdout)  # forwarded by A to D

@@ -1,0 +1,70 @@
+"""Export: a trained model leaves the service in the format where its users deploy it.
+
+- `timm` (timm_checkpoint.py): the merged ViT (APLA, ARC, LoRA, full; a linear probe whose readout is timm's head) as
+  a plain timm checkpoint, `model.safetensors` and timm's `config.json`, loaded by timm alone.
+- `onnx` (onnx_graph.py): backbone plus merged head or side network as one graph, dynamic batch, class names and
+  preprocessing in its metadata. Every method, video models included.
+- `adapter` (adapter.py): the trained weights alone and a typed config naming backbone, method, classes and
+  preprocessing (PEFT's adapter_config.json in spirit); `load_adapter` rebuilds the model from them.
+
+The inference service runs exports (`GET /models/{id}/export`, api/routes/export.py): they need torch, which the
+API never imports. This module is torch-free (the formats' names and the refusal), each format's module imports torch.
+Every format starts from `model.load_trained`: the model as the service predicts with it, in float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+ExportFormat = Literal["timm", "onnx", "adapter"]
+
+
+@dataclass(frozen=True)
+class Format:
+    module: str  # services/export/<module>.py: `refusal(config)` and `write(trained, folder) -> Path`
+    suffix: str
+    media_type: str
+    description: str
+
+
+FORMATS: dict[str, Format] = {
+    "timm": Format("timm_checkpoint", "-timm.zip", "application/zip", "a plain timm checkpoint: model.safetensors "
+                   "and timm's config.json (APLA, ARC, LoRA, full; linear probes read out by timm's head)"),
+    "onnx": Format("onnx_graph", ".onnx", "application/octet-stream", "one ONNX graph, pixels -> logits, dynamic "
+                   "batch; class names and preprocessing in its metadata (every method)"),
+    "adapter": Format("adapter", "-adapter.zip", "application/zip", "the trained weights (adapter_model.safetensors) "
+                      "and adapter_config.json; rebuilt by services.export.adapter.load_adapter (every method)"),
+}  # fmt: skip
+
+
+class ExportError(ValueError):
+    """The model cannot be exported in that format; the message says why and what to use instead."""
+
+
+def refusal(config: dict[str, Any], fmt: str) -> str | None:
+    """Why the model of this artifact config cannot be exported as `fmt`, or None. Cheap: nothing is loaded."""
+    return importlib.import_module(f"{__name__}.{FORMATS[fmt].module}").refusal(config)
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    filename: str
+    media_type: str
+
+
+def export_model(artifacts: Any, settings: Any, model_id: str, fmt: str, folder: Path) -> Exported:
+    """Write model `model_id` of the artifact store as `fmt` into `folder`; ExportError when it cannot be."""
+    from services.export.model import trained_model
+
+    spec = FORMATS[fmt]
+    weights, config = artifacts.load_model(model_id)
+    reason = refusal(config, fmt)
+    if reason:
+        raise ExportError(reason)
+    trained = trained_model(model_id, weights, config, settings.roots)
+    path = importlib.import_module(f"{__name__}.{spec.module}").write(trained, folder)
+    return Exported(path, f"{model_id}{spec.suffix}", spec.media_type)

@@ -1,0 +1,72 @@
+"""Export as ONNX: the whole model, backbone plus merged head or side network, as one graph (`torch.onnx.export`,
+the torch.export-based exporter) with a dynamic batch. Input `pixel_values` float32 [N, 3, H, W] (a video model's:
+[N, T*3, H, W], the T frames of a clip stacked along the channels); output `logits` float32 [N, classes], whose
+softmax is what predict answers. The metadata (`metadata_props`) holds what a runtime needs besides the graph:
+`classes` (JSON, in output order), `preprocessing` (JSON: input size, interpolation, crop, mean and std, as timm's
+data config), `video` (JSON, the clip sampling) for a video model, `multi_label` and `threshold` for a multi-label
+one (a sigmoid per tag), `model_id`, `method`, `backbone`, and a description of the input and output.
+
+One file holds the weights inline, so a model over ONNX's 2 GB protobuf limit is refused: export `timm` or `adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from services.export import ExportError
+from services.export.model import Trained
+
+MAX_BYTES = 2_000_000_000  # protobuf's limit on one message, less room for the graph
+
+
+def refusal(config: dict[str, Any]) -> str | None:
+    return None  # every method: the side networks are traced with their backbone
+
+
+def metadata(trained: Trained) -> dict[str, str]:
+    config, video = trained.config, trained.config["backbone"].get("video")
+    c, h, w = trained.input_shape
+    layout = (f"float32 [N, {c}, {h}, {w}]: {video['num_frames']} RGB frames of a clip, sampled as `video` says, "
+              "stacked along the channels (frame-major)") if video else f"float32 [N, 3, {h}, {w}]: RGB"  # fmt: skip
+    props = {
+        "model_id": trained.model_id,
+        "classes": json.dumps(trained.classes),
+        "preprocessing": json.dumps(trained.backbone.data_config),
+        "method": json.dumps(config["method"]),
+        "backbone": json.dumps(config["backbone"]),
+        "pixel_values": f"{layout}, each image resized and cropped as `preprocessing` says, scaled to [0, 1], then "
+        "normalised: (x - mean) / std",
+        "logits": f"float32 [N, {len(trained.classes)}]: one logit per class of `classes`; softmax gives predict's "
+        "scores",
+    }
+    if config.get("multi_label"):
+        props["logits"] = (f"float32 [N, {len(trained.classes)}]: one logit per tag of `classes`; a sigmoid gives "
+                           "predict's scores, and a tag is predicted from `threshold` on")  # fmt: skip
+        props["multi_label"], props["threshold"] = "true", json.dumps(config.get("threshold"))
+    if video:
+        props["video"] = json.dumps(video)
+    return props
+
+
+def write(trained: Trained, folder: Path) -> Path:
+    module = trained.module
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in module.state_dict().values()}  # shared ones once
+    if sum(tensors.values()) > MAX_BYTES:
+        raise ExportError(f"the model's {sum(tensors.values()) / 1e9:.1f} GB of weights exceed what one ONNX file "
+                          "holds (2 GB); export `timm` or `adapter`")  # fmt: skip
+    example = torch.randn(2, *trained.input_shape)
+    batch = torch.export.Dim("batch", min=1, max=65_536)
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(module, (example,), input_names=["pixel_values"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch},), dynamo=True, verbose=False)  # fmt: skip
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, metadata(trained))
+    onnx.checker.check_model(proto)
+    path = folder / "model.onnx"
+    onnx.save_model(proto, str(path))
+    return path

@@ -1,0 +1,129 @@
+"""Export as a plain timm checkpoint: a zip of `model.safetensors` and timm's own `config.json` (written by
+`timm.models.save_for_hf`, the Hugging Face Hub layout: architecture, model_args, pretrained_cfg with the
+preprocessing the service used, label_names), and a README with the lines that load it. Without sidetune:
+
+    timm.create_model("local-dir:<unzipped folder>", pretrained=True)
+    timm.create_model(name, pretrained=True, num_classes=C,
+                      pretrained_cfg_overlay={"file": "<folder>/model.safetensors", "num_classes": C})
+
+(`num_classes` goes into the overlay too: timm drops a checkpoint's classifier whose class count differs from its
+pretrained_cfg's.) For the methods that merge into the ViT (APLA, ARC, LoRA, full) and for a linear probe whose readout
+is timm's own head (its pooling is the backbone's); not for LoSA (a side network) nor video models (a ViViT).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import save_for_hf
+from torch import nn
+
+from services.export import ExportError
+from services.export.model import SideClassifier, Trained
+
+TIMM_POOL = {"cls": "token", "mean": "avg"}  # a readout pooling -> the timm global_pool that computes the same
+
+
+def _linear_pool(config: dict[str, Any]) -> str:
+    pool = config["method"].get("pool", "auto")
+    if pool == "auto":
+        pool = "cls" if config["feature_info"]["global_pool"] == "token" else "mean"
+    return pool
+
+
+def refusal(config: dict[str, Any]) -> str | None:
+    name = config["method"]["name"]
+    if config["backbone"].get("video"):
+        return ("a video model runs on a ViViT built from the image ViT (backbone.video), which is not a timm "
+                "architecture; export `onnx` or `adapter`")  # fmt: skip
+    if config.get("kind", "side") != "side":
+        return None
+    if name != "linear":
+        return (f"{name} is a side network on the backbone's activations, not part of a timm ViT; export `onnx` (one "
+                "graph) or `adapter`")  # fmt: skip
+    pool, info = _linear_pool(config), config["feature_info"]
+    if TIMM_POOL.get(pool) != info["global_pool"]:
+        return (f"this linear probe pools `{pool}` while the backbone's timm head pools `{info['global_pool']}`, so "
+                "no timm checkpoint computes it; export `onnx` or `adapter`")  # fmt: skip
+    return None
+
+
+def _linear_vit(trained: Trained) -> nn.Module:
+    """A linear probe as the backbone with its head: timm's norm, pooling and fc_norm are the probe's frozen readout
+    (the same tensors, the same order), so only the classifier is new."""
+    module: SideClassifier = trained.module
+    readout = module.side.readout
+    if readout.pre_pooled and readout.pool == "mean" and readout.norm_weight.numel():
+        raise ExportError("this linear probe reads the mean token pooled before the final norm, which timm's head does "
+                          "not compute; export `onnx` or `adapter`")  # fmt: skip
+    vit = module.vit
+    vit.reset_classifier(len(trained.classes))
+    vit.head.load_state_dict(module.side.head.state_dict())
+    return vit.eval()
+
+
+def _check_plain(vit: nn.Module, name: str, num_classes: int, model_args: dict[str, Any]) -> None:
+    """The state dict must be what timm builds for `name`, key for key and shape for shape: anything the method
+    left behind (a wrapper, an extra buffer) would not load in timm."""
+    with torch.device("meta"):
+        reference = timm.create_model(name, pretrained=False, num_classes=num_classes, **model_args)
+    want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:5]
+        raise RuntimeError(f"the merged model is not a plain {name} (state dicts differ: {diff})")
+
+
+def _readme(trained: Trained, model_args: dict[str, Any]) -> str:
+    name, c = trained.config["backbone"]["name"], len(trained.classes)
+    extra = "".join(f", {k}={v!r}" for k, v in model_args.items())
+    scores = "Scores: `logits.softmax(-1)`."
+    if trained.config.get("multi_label"):
+        scores = (f"Multi-label: `logits.sigmoid()` per tag; a tag is predicted from {trained.config.get('threshold')} "
+                  "on (`sidetune.json`).")  # fmt: skip
+    return f"""# {trained.model_id}: {trained.config["method"]["name"]} on {name}, {c} classes (a plain timm ViT)
+
+```python
+import json, timm, torch
+
+model = timm.create_model("local-dir:.", pretrained=True).eval()  # this folder, unzipped
+# or by name, with the weights file:
+model = timm.create_model("{name}", pretrained=True, num_classes={c}{extra},
+                          pretrained_cfg_overlay={{"file": "model.safetensors", "num_classes": {c}}}).eval()
+
+config = json.load(open("config.json"))
+transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=config["pretrained_cfg"]))
+classes = config["label_names"]
+# logits = model(torch.stack([transform(image.convert("RGB")) for image in images]))
+```
+{scores}
+"""
+
+
+def write(trained: Trained, folder: Path) -> Path:
+    vit = trained.module if trained.config.get("kind", "side") != "side" else _linear_vit(trained)
+    spec = trained.config["backbone"]
+    model_args = {"img_size": spec["image_size"]} if spec.get("image_size") else {}
+    _check_plain(vit, spec["name"], len(trained.classes), model_args)
+    out = folder / "timm"
+    save_for_hf(vit, str(out), model_config={"label_names": trained.classes}, model_args=model_args or None,
+                safe_serialization=True, data_config=dict(trained.backbone.data_config))  # fmt: skip
+    (out / "README.md").write_text(_readme(trained, model_args))
+    sidetune = {
+        "model_id": trained.model_id,
+        "method": trained.config["method"],
+        "backbone": spec,
+        "multi_label": trained.config.get("multi_label", False),
+        "threshold": trained.config.get("threshold"),
+    }
+    (out / "sidetune.json").write_text(json.dumps(sidetune, indent=2))
+    path = folder / "model-timm.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:  # safetensors hardly compress
+        for f in sorted(out.iterdir()):
+            z.write(f, f.name)
+    return path

@@ -1,0 +1,163 @@
+"""The web page at /ui (api/routes/ui.py, api/ui/): its frames served from the package with a strict
+Content-Security-Policy, and in a real headless Chromium (Debian's chromium and chromium-driver, driven by selenium)
+against the stack: the jobs list following a job to the end, the job's events and curves, the model's evaluation and
+a predict whose scores are read from the page; with API keys, the key prompt, a wrong key's 401 shown as a message,
+and only the key's own jobs. Screenshots go to test-artifacts/ui/."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from storage.jobs import JobStore
+from tests.helpers import serve
+
+
+def test_pages_are_frames_from_the_package_with_a_strict_policy(settings) -> None:
+    from api.main import create_app
+
+    with TestClient(create_app(settings)) as http:
+        for path in ("/ui", "/ui/models", "/ui/datasets", "/ui/jobs/job_x", "/ui/models/model_x"):
+            r = http.get(path)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), path
+            assert "default-src 'none'" in r.headers["content-security-policy"]
+            assert "http://" not in r.text and "https://" not in r.text  # nothing fetched from elsewhere
+        assert 'data-job-id="&lt;script&gt;"' in http.get("/ui/jobs/<script>").text  # the id goes in as text
+        assert http.get("/ui/static/ui.js").headers["content-type"].startswith(("text/javascript",
+                                                                                 "application/javascript"))  # fmt: skip
+        css = http.get("/ui/static/ui.css")
+        assert css.status_code == 200 and "url(" not in css.text and "@import" not in css.text
+        assert http.get("/", follow_redirects=False).headers["location"] == "/ui"
+        assert not [p for p in http.get("/openapi.json").json()["paths"] if p.startswith("/ui")]
+
+
+# ---- the browser ---------------------------------------------------------------------------------------------------
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
+                  "--window-size=1280,1800"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    """Headless Chromium through chromedriver; skipped, saying why, where they are not installed."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver, as root; "
+                    ".ci/run installs them)")  # fmt: skip
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = chromium
+    profile = tempfile.mkdtemp(prefix="sidetune-chromium-")
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(driver, condition, timeout_s: float = 120):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(lambda d: condition(d))
+
+
+def css(driver, selector: str) -> list:
+    return driver.find_elements("css selector", selector)
+
+
+def test_follow_a_job_then_predict_in_the_browser(stack, browser, test_artifacts) -> None:
+    running, client = stack
+    shots = test_artifacts / "ui"
+    shots.mkdir(exist_ok=True)
+    digits = running.settings.data_path / "datasets" / "digits"
+    job = client.submit({"dataset": {"path": str(digits / "train")}, "method": {"name": "losa", "rank": 4},
+                         "backbone": {"name": "test_vit", "pretrained": False},
+                         "training": {"epochs": 3, "batch_size": 16}})  # fmt: skip
+
+    browser.get(f"{running.api_url}/ui")
+    row = f'#jobs tr[data-job="{job["id"]}"]'
+    wait_for(browser, lambda d: css(d, row))
+    browser.save_screenshot(str(shots / "jobs-live.png"))
+    wait_for(browser, lambda d: css(d, f'{row}[data-status="succeeded"]'), 300)  # updated in place, no reload
+    browser.save_screenshot(str(shots / "jobs.png"))
+
+    css(browser, f"{row} a")[0].click()
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.loaded") == "done")
+    events = client.events(job["id"], limit=1000)
+    assert len(css(browser, "#events tbody tr")) == len(events)
+    assert css(browser, "#events tbody tr")[-1].text.endswith(events[-1]["message"])
+    assert len(css(browser, "#loss-chart circle.s0")) == 3 == len(css(browser, "#score-chart circle.s0"))  # 3 epochs
+    browser.save_screenshot(str(shots / "job.png"))
+
+    model_id = client.job(job["id"])["model_id"]
+    browser.find_element("id", "model-link").click()
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.loaded") == "done")
+    report = client.evaluation(model_id)
+    shown = {r.get_attribute("data-metric"): float(r.find_element("tag name", "td").text)
+             for r in css(browser, "#evaluation-metrics tr")}  # fmt: skip
+    assert shown == pytest.approx({k: round(v, 4) for k, v in report["metrics"].items()}, abs=1e-9)
+    cells = [[int(td.text) for td in tr.find_elements("tag name", "td")] for tr in css(browser, "#confusion tr")[1:]]
+    assert cells == report["confusion_matrix"]
+    assert len(css(browser, "#plots img")) == len(client.model(model_id)["plots"])
+
+    images = sorted((digits / "holdout").glob("*/*.png"))[:3]
+    browser.find_element("id", "predict-files").send_keys("\n".join(str(p) for p in images))
+    browser.find_element("css selector", "#predict-form button").click()
+    wait_for(browser, lambda d: len(css(d, "#predictions tbody tr")) == 3)
+    expected = client.predict(model_id, images)
+    for tr, path, p in zip(css(browser, "#predictions tbody tr"), images, expected, strict=True):
+        assert tr.get_attribute("data-file") == path.name and tr.get_attribute("data-label") == p["label"]
+        scores = {s.get_attribute("data-class"): float(s.get_attribute("data-score"))
+                  for s in tr.find_elements("css selector", ".score")}  # fmt: skip
+        assert len(scores) == 5 and all(scores[c] == pytest.approx(p["scores"][c], abs=1e-6) for c in scores)
+        assert max(scores, key=scores.get) == p["label"]
+    browser.execute_script("document.getElementById('predict').scrollIntoView()")
+    browser.save_screenshot(str(shots / "model.png"))
+
+
+def test_with_api_keys_the_page_asks_and_shows_a_401_as_a_message(stack, browser, test_artifacts) -> None:
+    running, _ = stack
+    from api.main import create_app
+
+    store = JobStore.from_url(running.redis.url)
+    spec = {"method": {"name": "losa"}, "backbone": {"name": "test_vit"}}
+    mine = store.create_job(spec, owner=hashlib.sha256(b"key-a").hexdigest()[:16])
+    theirs = store.create_job(spec, owner=hashlib.sha256(b"key-b").hexdigest()[:16])
+    settings = running.settings.model_copy(update={"redis_url": running.redis.url, "api_keys": ["key-a", "key-b"]})
+    try:
+        with serve(create_app(settings)) as url:
+            browser.get(f"{url}/ui")
+            wait_for(browser, lambda d: d.find_element("id", "key-form").is_displayed())
+            assert "needs an API key" in browser.find_element("id", "message").text
+            assert not browser.find_element("id", "content").is_displayed()
+
+            browser.find_element("id", "key-input").send_keys("not-a-key\n")
+            wait_for(browser, lambda d: "HTTP 401" in d.find_element("id", "message").text)
+            message = browser.find_element("id", "message").text
+            assert "a valid API key is required" in message and browser.find_element("id", "key-form").is_displayed()
+            assert not css(browser, "#jobs tbody tr")
+            browser.save_screenshot(str(test_artifacts / "ui" / "wrong-key.png"))
+
+            browser.find_element("id", "key-input").send_keys("key-a\n")
+            wait_for(browser, lambda d: css(d, f'#jobs tr[data-job="{mine["id"]}"]'))
+            assert not css(browser, f'#jobs tr[data-job="{theirs["id"]}"]')  # another key's job is not shown
+            assert not browser.find_element("id", "message").is_displayed()
+            browser.save_screenshot(str(test_artifacts / "ui" / "key-a.png"))
+            browser.execute_script("sessionStorage.clear()")
+    finally:
+        for job in (mine, theirs):
+            store.set_fields(job["id"], status="cancelled")
+            store.delete_job(job["id"])

@@ -1,0 +1,151 @@
+"""`sidetune submit` and `sidetune jobs list|get|cancel|delete|events|checkpoints`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from worker.client import TERMINAL
+from worker.commands import Subparsers, client, details, print_json, resource, table, validation, verb
+
+JOB_FIELDS = ("id", "status", "created_at", "started_at", "finished_at", "model_id", "progress", "error", "metrics",
+              "spec")  # fmt: skip
+
+
+def submit(args: argparse.Namespace) -> int:
+    api = client(args)
+    spec = json.loads(Path(args.spec).read_text())
+    if args.dry_run:
+        plan = api.plan(spec)
+        if args.json:
+            print_json(plan)
+        else:
+            print(plan.get("message") or json.dumps(plan, indent=2))
+        return 0
+    job = api.submit(spec)
+    if not args.wait:
+        print_json(job) if args.json else print(f"submitted {job['id']}")
+        return 0
+    if not args.json:
+        from worker.progress_view import follow
+
+        print(f"submitted {job['id']}")
+        job = follow(api, [job["id"]])[0]
+        print(json.dumps({k: job[k] for k in ("id", "status", "model_id", "error", "metrics")}, indent=2))
+    else:
+        job = api.wait(job["id"])
+        print_json(job)
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def list_jobs(args: argparse.Namespace) -> int:
+    jobs = client(args).jobs(limit=args.limit, after=args.after)
+    if args.json:
+        print_json(jobs)
+        return 0
+    table(("id", "status", "method", "backbone", "val acc/mAP", "test acc/mAP", "model", "created"),
+          ((j["id"], j["status"], j["spec"]["method"]["name"], j["spec"]["backbone"]["name"], validation(j["metrics"]),
+            validation({k.replace("test_", "val_"): v for k, v in j["metrics"].items() if k.startswith("test_")}),
+            j.get("model_id"), _time(j["created_at"])) for j in jobs))  # fmt: skip
+    return 0
+
+
+def get_job(args: argparse.Namespace) -> int:
+    job = client(args).job(args.job_id)
+    print_json(job) if args.json else details(job, JOB_FIELDS)
+    return 0
+
+
+def cancel_job(args: argparse.Namespace) -> int:
+    job = client(args).cancel(args.job_id)
+    if args.json:
+        print_json(job)
+    else:
+        print(f"{job['id']}: {job['status']}" + (" (stops at its next check)" if job["status"] not in TERMINAL else ""))
+    return 0
+
+
+def delete_job(args: argparse.Namespace) -> int:
+    client(args).delete_job(args.job_id)
+    print(f"deleted {args.job_id}")
+    return 0
+
+
+def events(args: argparse.Namespace) -> int:
+    api = client(args)
+    stream = api.follow_events(args.job_id, after=args.after) if args.follow else _pages(api, args.job_id, args.after)
+    for event in stream:
+        if args.json:
+            print(json.dumps(event), flush=True)  # one JSON object per line
+        else:
+            print(f"{event['seq']:>4}  {_time(event['created_at'])}  {event['level']:<7}  {event['message']}",
+                  flush=True)  # fmt: skip
+    return 0
+
+
+def _pages(api, job_id: str, after: int):
+    while True:
+        page = api.event_page(job_id, after=after, limit=1000)
+        yield from page["data"]
+        if not page["has_more"]:
+            return
+        after = page["data"][-1]["seq"]
+
+
+def checkpoints(args: argparse.Namespace) -> int:
+    api = client(args)
+    if args.download:
+        path = api.checkpoint_file(args.job_id, args.download, Path(args.output or f"{args.job_id}-{args.download}"))
+        print(f"wrote {path}")
+        return 0
+    listing = api.checkpoints(args.job_id)
+    if args.json:
+        print_json(listing)
+        return 0
+    table(("file", "bytes", "epoch", "best epoch", "written"), ((c["name"], c["size_bytes"], c["epoch"],
+          c["best_epoch"], _time(c["created_at"])) for c in listing["data"]))  # fmt: skip
+    if listing["expires_at"]:
+        print(f"kept until {_time(listing['expires_at'])}")
+    return 0
+
+
+def _time(t: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def add_parsers(sub: Subparsers) -> None:
+    p = verb(sub, "submit", "submit a job spec (a JSON file); with --wait, follow it to its end",
+             "sidetune submit spec.json --wait", submit)  # fmt: skip
+    p.add_argument("spec", help="the job spec, a JSON file (dataset, backbone, method, execution, training)")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit code 1 unless it succeeded")
+    p.add_argument("--dry-run", action="store_true", help="print the server's plan of the spec; create no job")
+
+    jobs = resource(sub, "jobs", "list, read, cancel, delete and follow jobs", [
+        "sidetune jobs                                  # the latest 20", "sidetune jobs get job_0194... --json",
+        "sidetune jobs events job_0194... --follow", "sidetune jobs cancel job_0194...",
+    ], list_jobs, limit=20, after=None)  # fmt: skip
+    p = verb(jobs, "list", "the jobs, newest first (`sidetune jobs` alone does this)", "sidetune jobs list --limit 5",
+             list_jobs)  # fmt: skip
+    p.add_argument("--limit", type=int, default=20, help="most jobs (default 20)")
+    p.add_argument("--after", help="the last job id of the previous page")
+    p = verb(jobs, "get", "one job: status, progress, metrics, error, spec", "sidetune jobs get job_0194...", get_job)
+    p.add_argument("job_id")
+    p = verb(jobs, "cancel", "cancel a job (queued: at once; running: at its next check)",
+             "sidetune jobs cancel job_0194...", cancel_job)  # fmt: skip
+    p.add_argument("job_id")
+    p = verb(jobs, "delete", "delete a finished job, its events and checkpoint (its model stays)",
+             "sidetune jobs delete job_0194...", delete_job, reads=False)  # fmt: skip
+    p.add_argument("job_id")
+    p = verb(jobs, "events", "a job's events (progress messages, per-epoch metrics); --follow until it ends",
+             "sidetune jobs events job_0194... --follow", events)  # fmt: skip
+    p.add_argument("job_id")
+    p.add_argument("--after", type=int, default=0, help="events after this sequence number")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events until the job has ended")
+    p = verb(jobs, "checkpoints", "a job's checkpoint files (kept SIDETUNE_CHECKPOINT_RETENTION_H after it ends)",
+             "sidetune jobs checkpoints job_0194... --download checkpoint.safetensors", checkpoints)  # fmt: skip
+    p.add_argument("job_id")
+    p.add_argument("--download", metavar="NAME", help="download this file instead of listing")
+    p.add_argument("--output", "-o", help="where to write the download (default: JOB_ID-NAME)")

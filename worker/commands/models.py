@@ -1,0 +1,126 @@
+"""`sidetune models list|get|delete|export`, `sidetune predict` and `sidetune report`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from worker.commands import Subparsers, client, details, number, print_json, resource, table, validation, verb
+
+MODEL_FIELDS = ("id", "job_id", "method", "mode", "backbone", "video", "classes", "multi_label", "threshold",
+                "created_at", "evaluation", "plots", "metrics")  # fmt: skip
+
+
+def list_models(args: argparse.Namespace) -> int:
+    models = client(args).models(limit=args.limit)
+    if args.json:
+        print_json(models)
+        return 0
+    table(("id", "method", "backbone", "classes", "val acc/mAP", "test acc/mAP", "job"),
+          ((m["id"], m["method"], m["backbone"], len(m["classes"]), validation(m["metrics"]),
+            number(m["metrics"].get("test_accuracy", m["metrics"].get("test_map"))), m["job_id"])
+           for m in models))  # fmt: skip
+    return 0
+
+
+def get_model(args: argparse.Namespace) -> int:
+    model = client(args).model(args.model_id)
+    print_json(model) if args.json else details(model, MODEL_FIELDS)
+    return 0
+
+
+def delete_model(args: argparse.Namespace) -> int:
+    client(args).delete_model(args.model_id)
+    print(f"deleted {args.model_id}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    path = client(args).export(args.model_id, args.format, Path(args.output) if args.output else None)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    predictions = client(args).predict(args.model_id, [Path(p) for p in args.files], threshold=args.threshold)
+    if args.json:
+        print_json([{"file": f, **p} for f, p in zip(args.files, predictions, strict=True)])
+        return 0
+    for path, p in zip(args.files, predictions, strict=True):
+        tags = f"\t{'|'.join(p['labels'])}" if p.get("labels") is not None else ""
+        print(f"{path}\t{p['label']}\t{p['scores'][p['label']]:.4f}{tags}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """The model's evaluation as tables (scikit-learn's metrics, from the API) and its plots as PNG files."""
+    api = client(args)
+    model, evaluation = api.model(args.model_id), api.evaluation(args.model_id)
+    folder = Path(args.out or args.model_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = []
+    for name in model.get("plots", []):
+        plots.append(folder / f"{name}.png")
+        plots[-1].write_bytes(api.plot(args.model_id, name))
+    if args.json:
+        print_json({"model": model, "evaluation": evaluation, "plots": [str(p) for p in plots]})
+        return 0
+    split = {"test": "the test split", "val": "the validation split (no test split: optimistic, it chose the model)"}
+    print(f"{model['id']}: {model['method']} on {model['backbone']}, evaluated on {split[evaluation['split']]}, "
+          f"{evaluation['images']} images")  # fmt: skip
+    figures = {k: v for k, v in model["metrics"].items() if k in ("val_accuracy", "val_map", "val_loss")}
+    table(("metric", "value"), ((k, f"{v:.4f}") for k, v in {**figures, **evaluation["metrics"]}.items()))
+    per = evaluation["per_class"]
+    ap = "average_precision" in per[0]
+    table(("class", "precision", "recall", "f1", "support", *(["AP"] if ap else [])),
+          ((r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"],
+            *([f"{r['average_precision'] or 0:.3f}"] if ap else [])) for r in per))  # fmt: skip
+    if not model.get("multi_label") and len(evaluation["classes"]) <= 30:
+        table(("true \\ predicted", *evaluation["classes"]), ((name, *row) for name, row in zip(
+            evaluation["classes"], evaluation["confusion_matrix"], strict=True)), title="confusion matrix")  # fmt: skip
+    sweep = model["metrics"].get("sweep")
+    if sweep:
+        metric = "val_map" if model.get("multi_label") else "val_accuracy"
+        selected = model["metrics"].get("selected")
+        table(("configuration", metric, "val_loss"),
+              ((json.dumps(e["config"]) + (" (selected)" if e["config"] == selected else ""), f"{e[metric]:.4f}",
+                f"{e['val_loss']:.4f}") for e in sorted(sweep, key=lambda e: -e[metric])),
+              title=f"sweep: {len(sweep)} configurations")  # fmt: skip
+    for path in plots:
+        print(f"wrote {path}")
+    return 0
+
+
+def add_parsers(sub: Subparsers) -> None:
+    models = resource(sub, "models", "list, read, delete and export adapted models", [
+        "sidetune models", "sidetune models get model_0194... --json",
+        "sidetune models export model_0194... --format timm -o model-timm.zip",
+    ], list_models, limit=100)  # fmt: skip
+    p = verb(models, "list", "the models, newest first (`sidetune models` alone does this)", "sidetune models list",
+             list_models)  # fmt: skip
+    p.add_argument("--limit", type=int, default=100, help="most models (default 100)")
+    p = verb(models, "get", "one model: method, backbone, classes, metrics, evaluation summary",
+             "sidetune models get model_0194...", get_model)  # fmt: skip
+    p.add_argument("model_id")
+    p = verb(models, "delete", "delete a model and its files (predict then answers 404)",
+             "sidetune models delete model_0194...", delete_model, reads=False)  # fmt: skip
+    p.add_argument("model_id")
+    p = verb(models, "export", "download a model as a timm checkpoint, an ONNX graph or an adapter",
+             "sidetune models export model_0194... --format onnx -o model.onnx", export, reads=False)  # fmt: skip
+    p.add_argument("model_id")
+    p.add_argument("--format", required=True, choices=("timm", "onnx", "adapter"),
+                   help="timm: a plain timm checkpoint (APLA, ARC, LoRA, full, timm-headed linear probes); onnx: one "
+                   "graph, every method; adapter: the trained weights and their config, every method")  # fmt: skip
+    p.add_argument("--output", "-o", help="the file to write (default: the server's name, e.g. MODEL_ID.onnx)")
+
+    p = verb(sub, "predict", "classify image (or video) files with a model",
+             "sidetune predict model_0194... cat.png dog.jpg", predict)  # fmt: skip
+    p.add_argument("model_id")
+    p.add_argument("files", nargs="+", help="image files, or video files for a model trained on clips")
+    p.add_argument("--threshold", type=float, help="multi-label models: predict the tags scoring at least this")
+
+    p = verb(sub, "report", "a model's evaluation as tables, and its plots as PNG files",
+             "sidetune report model_0194... --out report/", report)  # fmt: skip
+    p.add_argument("model_id")
+    p.add_argument("--out", help="folder for the plots (default: ./MODEL_ID)")
