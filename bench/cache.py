@@ -144,7 +144,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="extraction and training batch (default: 32 on CPU, 64 on CUDA)")
     p.add_argument("--precision", default="auto", help="the frozen forward's: auto (bf16 on CUDA), fp32, bf16")
     p.add_argument("--loader-workers", default="auto", help="Settings.loader_workers for run_extraction")
-    p.add_argument("--cache-writers", type=int, default=3, help="Settings.cache_writers (shards in flight)")
+    p.add_argument("--cache-writers", type=int, default=6, help="Settings.cache_writers (shards in flight)")
     p.add_argument("--epochs", type=int, default=2, help="LoSA training epochs, every mode")
     p.add_argument("--rank", type=int, default=8, help="LoSA rank")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

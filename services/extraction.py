@@ -21,7 +21,14 @@ import torch
 from services.backbones import Backbone, load_backbone
 from services.datasets import Dataset, check_path, read_for_job
 from services.images import PIXELS
-from services.loading import BatchReader, EncodedReader, decode_on_device, iterate, loader_workers
+from services.loading import (
+    BatchReader,
+    EncodedReader,
+    cpu_threads_beside,
+    decode_on_device,
+    iterate,
+    loader_workers,
+)
 from services.progress import Reporter
 from services.spec import JobSpec, SpecError, extraction_rows
 from services.video.loading import clip_reader, clip_transform, padding_event
@@ -153,12 +160,16 @@ def extract_batches(
         reader = clip_reader(dataset, rows, transform, skip, spec.backbone.video)
     else:
         reader = (EncodedReader if on_device else BatchReader)(dataset.paths, rows, backbone.split.pil, skip)
-    workers = loader_workers(settings, len(dataset))
+    workers = loader_workers(settings, len(dataset), backbone.device)
     writer = ShardWriter(entry, settings.cache_writers)
     host = _HostBuffers(backbone.device, settings.cache_writers + 1)
     forwards, images_done = 0, 0
     t0 = time.perf_counter()
-    with writer, contextlib.closing(iterate(reader, workers, pin_memory=backbone.device.type == "cuda")) as loaded:
+    cpu = backbone.device.type == "cpu"  # a model on the CPU decodes between forwards, on its own threads
+    loading = iterate(
+        reader, workers, pin_memory=backbone.device.type == "cuda", threads=torch.get_num_threads() if cpu else 1
+    )
+    with writer, contextlib.closing(loading) as loaded, cpu_threads_beside(workers, backbone.device):
         for k, (batch_index, batch) in enumerate(zip(batches, loaded, strict=True)):
             start, stop = entry.batch_range(batch_index)
             if on_device:

@@ -20,8 +20,9 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,16 +37,34 @@ from services.images import MAX_IMAGE_PIXELS, ImageError, draft_size, header, or
 from storage.settings import Settings
 
 
-def loader_workers(settings: Settings, images: int) -> int:
+def loader_workers(settings: Settings, images: int, device: torch.device | str = "cuda") -> int:
     """Loader processes for `images` images: `settings.loader_workers`, where `auto` is the cores left after the
     thread that runs the model and the cache writer, and none for fewer than 256 images (starting processes would
-    cost more than decoding them). 0 means a loader thread in this process."""
+    cost more than decoding them). 0 means a loader thread in this process. When the model runs on the CPU too, it
+    is the slower side by far (a ViT forward costs 3-30x a decode per core), so `auto` gives the loaders a quarter
+    of the cores and the forward the rest (`cpu_threads_beside`)."""
     if settings.loader_workers != "auto":
         return int(settings.loader_workers)
     if images < 256:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, cores - 2)
+    return cores // 4 if torch.device(device).type == "cpu" else max(0, cores - 2)
+
+
+@contextmanager
+def cpu_threads_beside(loaders: int, device: torch.device) -> Iterator[None]:
+    """While a model on the CPU runs beside `loaders` loader processes, it runs on the cores they leave: an intra-op
+    thread that a decoder preempts holds up every other one at the next barrier. (Without loader processes, the
+    batches are decoded between forwards instead: `iterate`'s `threads`.)"""
+    if device.type != "cpu" or loaders <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before - loaders))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -85,20 +104,28 @@ class BatchReader(torch.utils.data.Dataset):
         """Item `i` of `paths` as a uint8 array, and a note for the job's events (or None); DatasetError if corrupt."""
         return np.asarray(self.pil(load_image(self.paths[i], self.draft)), dtype=np.uint8), None
 
+    def _try_load(self, i: int) -> tuple[np.ndarray | None, str | None, str | None]:
+        try:
+            return (*self.load(i), None)
+        except DatasetError as e:
+            return None, None, str(e)
+
     def __getitem__(self, k: int) -> ImageBatch:
+        return self.decode(k, map)
+
+    def decode(self, k: int, map_fn: Callable = map) -> ImageBatch:
+        """Batch k, its items loaded through `map_fn` (`map`; or a thread pool's, which decodes them in parallel:
+        Pillow releases the GIL while it decodes and resizes)."""
         positions = np.asarray(self.batches[k])
         images: list[np.ndarray | None] = []
         errors: list[str] = []
         notes: list[str] = []
-        for i in positions:
-            try:
-                image, note = self.load(i)
-            except DatasetError as e:
+        for image, note, error in map_fn(self._try_load, positions):
+            if error is not None:
                 if not self.skip_corrupt:
                     # returned, not raised: the DataLoader would wrap it in a traceback of the worker
-                    return ImageBatch(None, np.zeros(len(positions), bool), [str(e)], positions)
-                image, note = None, None
-                errors.append(str(e))
+                    return ImageBatch(None, np.zeros(len(positions), bool), [error], positions)
+                errors.append(error)
             images.append(image)
             if note:
                 notes.append(note)
@@ -130,7 +157,7 @@ class EncodedReader(BatchReader):
     (uint8 tensors, decoded later by nvJPEG, batched) and any other image decoded here by Pillow at full size
     ([3, H, W] uint8); `images` is a list of those, resized on the device by `decode_on_device`."""
 
-    def __getitem__(self, k: int) -> ImageBatch:
+    def decode(self, k: int, map_fn: Callable = map) -> ImageBatch:  # reading bytes: one thread is enough
         positions = np.asarray(self.batches[k])
         items: list[torch.Tensor | None] = []
         errors: list[str] = []
@@ -232,17 +259,25 @@ def _context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def iterate(reader: BatchReader, workers: int, pin_memory: bool = False) -> Iterator[ImageBatch]:
-    """The reader's batches in order, loaded by `workers` processes (0: one thread, one batch ahead). A corrupt image
-    under `skip_corrupt=False` raises DatasetError naming it, here, with no worker traceback around it."""
-    for batch in _raw(reader, workers, pin_memory):
+def iterate(reader: BatchReader, workers: int, pin_memory: bool = False, threads: int = 1) -> Iterator[ImageBatch]:
+    """The reader's batches in order, loaded by `workers` processes (0: one thread, one batch ahead; or, with
+    `threads` > 1, each batch decoded by that many threads when it is asked for: for a model on the CPU, which then
+    has every core between two batches instead of losing one to a decoder at every barrier of its own threads). A
+    corrupt image under `skip_corrupt=False` raises DatasetError naming it, here, with no worker traceback around it."""
+    for batch in _raw(reader, workers, pin_memory, threads):
         if batch.images is None and not batch.valid.any() and batch.errors and not reader.skip_corrupt:
             raise DatasetError(batch.errors[0])
         yield batch
 
 
-def _raw(reader: BatchReader, workers: int, pin_memory: bool) -> Iterator[ImageBatch]:
+def _raw(reader: BatchReader, workers: int, pin_memory: bool, threads: int) -> Iterator[ImageBatch]:
     if len(reader) == 0:
+        return
+    if workers <= 0 and threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            for k in range(len(reader)):
+                batch = reader.decode(k, pool.map)
+                yield batch.pin_memory() if pin_memory else batch
         return
     if workers <= 0:
         with ThreadPoolExecutor(1) as pool:

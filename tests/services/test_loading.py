@@ -63,28 +63,48 @@ def test_loader_processes_give_the_same_batches_in_order(digits_root: Path, spli
     batches = [order[b] for b in batches_of(len(dataset), 24)]
     inline = list(iterate(BatchReader(dataset.paths, batches, split.pil, False), workers=0))
     parallel = list(iterate(BatchReader(dataset.paths, batches, split.pil, False), workers=2))
-    assert len(parallel) == len(batches)
-    for a, b, rows in zip(inline, parallel, batches, strict=True):
+    threads = list(iterate(BatchReader(dataset.paths, batches, split.pil, False), workers=0, threads=3))
+    assert len(parallel) == len(threads) == len(batches)
+    for a, b, rows in [*zip(inline, parallel, batches, strict=True), *zip(inline, threads, batches, strict=True)]:
         assert b.images.dtype.is_floating_point is False and b.images.shape == (len(rows), 64, 64, 3)
         np.testing.assert_array_equal(a.images.numpy(), b.images.numpy())
         np.testing.assert_array_equal(b.positions, rows)
         assert b.valid.all() and not b.errors
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_corrupt_images_are_skipped_and_named_or_fail_naming_the_file(corrupt, split, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "threads"), [(0, 1), (0, 2), (2, 1)])
+def test_corrupt_images_are_skipped_and_named_or_fail_naming_the_file(corrupt, split, workers, threads) -> None:
     root, bad = corrupt
     dataset = read_imagefolder(root)
     where = dataset.paths.index(bad)
     batches = batches_of(len(dataset), 16)
-    loaded = list(iterate(BatchReader(dataset.paths, batches, split.pil, True), workers))
+    loaded = list(iterate(BatchReader(dataset.paths, batches, split.pil, True), workers, threads=threads))
     valid = np.concatenate([b.valid for b in loaded])
     assert np.flatnonzero(~valid).tolist() == [where]
     errors = [e for b in loaded for e in b.errors]
     assert len(errors) == 1 and errors[0].startswith(f"{bad}: not a readable image")
     with pytest.raises(DatasetError) as err:
-        list(iterate(BatchReader(dataset.paths, batches, split.pil, False), workers))
+        list(iterate(BatchReader(dataset.paths, batches, split.pil, False), workers, threads=threads))
     assert str(bad) in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_a_model_on_the_cpu_keeps_the_cores_its_loaders_leave(monkeypatch) -> None:
+    import torch
+
+    from services.loading import cpu_threads_beside, loader_workers
+    from storage.settings import Settings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    settings = Settings(loader_workers="auto")
+    assert loader_workers(settings, 10_000, "cuda") == 14  # the GPU runs the model: every other core decodes
+    assert loader_workers(settings, 10_000, "cpu") == 4  # the CPU runs it too, and it is the slow side
+    assert loader_workers(settings, 100, "cpu") == 0
+    before = torch.get_num_threads()
+    with cpu_threads_beside(1, torch.device("cpu")):
+        assert torch.get_num_threads() == max(1, before - 1)
+    with cpu_threads_beside(0, torch.device("cpu")):  # decoded between forwards (iterate's threads): all cores
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
 
 
 def test_a_run_stopped_early_shuts_its_loader_processes_down(digits_root: Path, split) -> None:
