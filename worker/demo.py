@@ -29,7 +29,7 @@ VIDEO_SIZE = 64  # the motion videos: 64 px frames, 4 x 4 patches
 # 8 frames, tubelets of 2: 4 temporal positions. Filter inflation: each tubelet sees the mean of its two frames, so a
 # clip and its reversal give the frozen ViViT the same tokens in another order (it is blind to the direction).
 VIDEO = {"num_frames": 8, "tubelet": 2, "init": "filter_inflation"}
-DIGITS_LOSA_LRS = (0.00625, 0.0125, 0.025, 0.05)  # the learning rates the image demo's LoSA job sweeps
+DIGITS_LOSA_LRS = (0.0125, 0.025, 0.05, 0.1)  # the learning rates the image demo's LoSA job sweeps
 
 
 def pretrained_reachable(name: str, timeout_s: float = 3.0) -> bool:
