@@ -92,6 +92,9 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, mem: di
         value = figures[key]
         if value is None:
             verdicts[key] = "not measured"
+        elif key == "train_speedup" and args.backbone != "vit_base_patch16_224":
+            # the target is set for ViT-B/16 at 224 px, whose forward the cache saves; a tiny ViT saves far less
+            verdicts[key] = "target for vit_base_patch16_224 (--backbone vit_base_patch16_224 --image-size 224)"
         else:
             verdicts[key] = "met" if (value >= target if sense == ">=" else value <= target) else "MISSED"
     print("targets (DESIGN.md): " + "; ".join(
@@ -118,7 +121,7 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, mem: di
     kv |= extraction["kv"] | codec_kv | mem_kv
     kv |= {
         "targets_met": ",".join(k for k, v in verdicts.items() if v == "met") or "none",
-        "targets_missed": ",".join(k for k, v in verdicts.items() if v != "met") or "none",
+        "targets_missed": ",".join(k for k, v in verdicts.items() if v in ("MISSED", "not measured")) or "none",
         "backbone": args.backbone,
         "image_size": str(args.image_size),
         "mem_backbone": args.mem_backbone if mem is not None else "none",

@@ -158,7 +158,9 @@ def phase_training(args: argparse.Namespace, res: Results, ext: dict[str, Any]) 
     from services.datasets import read_dataset, stratified_split
     from services.loading import BatchReader, iterate
     from services.methods.readout import FeatureInfo
+    from services.objectives import Objective
     from services.progress import NullReporter
+    from services.runs import ModuleRuns
     from services.training import fit, train_job
 
     t0 = time.perf_counter()
@@ -189,8 +191,9 @@ def phase_training(args: argparse.Namespace, res: Results, ext: dict[str, Any]) 
     model = methods.build(spec.method, info).to(args.device)
     train = ReadyOnline(backbone, images[train_idx], dataset.labels[train_idx], model.input_layers)
     val = ReadyOnline(backbone, images[val_idx], dataset.labels[val_idx], model.input_layers)
-    _, m = fit(model, train, val, len(train_idx), len(val_idx), hp, NullReporter(), args.work / "ckpt" / "online",
-               args.device)  # fmt: skip
+    objective = Objective(dataset.labels[train_idx], len(dataset.classes), device=args.device)
+    _, m = fit([ModuleRuns(model, hp, objective, args.device)], [(0, 0)], train, val, len(train_idx), len(val_idx),
+               hp, objective, NullReporter(), args.work / "ckpt" / "online")  # fmt: skip
     values["online_ready_img_s"] = m["train_images_per_s"]
     values["train_speedup"] = ratio(values["cache_img_s"], values["online_ready_img_s"])
     values["compile_speedup"] = ratio(values["compiled_steady_img_s"], values["cache_steady_img_s"])

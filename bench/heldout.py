@@ -83,7 +83,7 @@ def run_size(args: argparse.Namespace, size: int, settings, dataset) -> dict[str
         common.say(f"{size} px {name}: test {m['test_accuracy']:.4f} in {m['train_seconds']:.2f}s")
         return out | {"key": key}
 
-    linear = job("sidetune linear", spec({"name": "linear"}))
+    linear = job("sidetune linear", spec({"name": "linear"}))  # in a warm process, as a train worker is (warm_up)
     entry = FeatureCache(settings.cache_location).entry(linear["key"])
     labels = entry.labels()
     probe = methods.build(spec({"name": "linear"}).method, FeatureInfo.from_meta(
@@ -112,6 +112,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from services.runs import warm_up
+
+    warm_up()  # as a train worker does when it starts: the first optimizer's one-off import is not a job's cost
     load_start = common.load_average()
     results = {}
     with common.workdir(args.data_dir, "sidetune-heldout-") as work:

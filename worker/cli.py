@@ -107,6 +107,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, _stop)
+    if "train" in queues:  # in the background: the worker takes messages meanwhile, and a job would wait on the import
+        from services.runs import warm_up
+
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     log.info("worker %s consuming %s", name, ", ".join(queues))
     worker.start()
     return worker.exitcode or 0

@@ -96,6 +96,7 @@ class ShardWriter:
 
 def _tensorstore_arrays(entry: CacheEntry) -> tuple[Any, Any, Any]:
     """The entry's `acts`, `valid` and `batch_done` opened for writing with tensorstore (local disks)."""
+
     def open_array(name: str, context: ts.Context) -> Any:
         path = files.join(entry.root, "features.zarr", name) + "/"
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}, "open": True}
