@@ -30,7 +30,7 @@ def checkpoint(args: argparse.Namespace, name: str):
 class ReadyOnline:
     """LoSA's `online` input fed fairly: images decoded, resized and normalised beforehand, held in device memory,
     so each step is the frozen backbone's no_grad forward and nothing else (no decoding, no copies). A Source for
-    services.training.fit."""
+    services.fit.fit."""
 
     def __init__(self, backbone, images, labels, layers: list[int]) -> None:
         import torch
@@ -132,7 +132,7 @@ def report_speed(args: argparse.Namespace, c: dict[str, Any], info: dict, extrac
     print(
         f"(c) LoSA training (rank {args.rank}, all {info['num_layers']} layers), {args.epochs} epochs, batch "
         f"{args.batch_size}, {hp['optimizer']} lr {hp['lr']} wd {hp['weight_decay']} warmup {hp['warmup_epochs']} "
-        "(the paper's settings), same model, loop (services.training.fit) and hyperparameters for every row; img/s = "
+        "(the paper's settings), same model, loop (services.fit.fit) and hyperparameters for every row; img/s = "
         "fit's train_images_per_s (training loop only; validation and setup excluded). The baseline is online LoSA "
         "fed fairly: images decoded beforehand and held in device memory, so it pays the backbone forward only"
     )

@@ -61,7 +61,7 @@ def spec_for(args: argparse.Namespace, kind: str, k: int, dataset: Path):
 
 
 class Counter:
-    """Times services.training.fit and counts CacheEntry.read calls while it runs."""
+    """Times services.fit.fit (as services.training calls it) and counts CacheEntry.read calls while it runs."""
 
     def __init__(self) -> None:
         import services.training as training

@@ -3,7 +3,7 @@ the job steps' failure records. Torch-free.
 
 A `UserError` is an error whose message is the caller's answer: what was wrong and what to change. Each layer
 defines its own where it belongs (`SpecError` in services/spec.py, `DatasetError` in services/datasets.py,
-`BackboneError` in services/backbones.py, `NonFiniteLoss` in services/training.py), with its `code` and `status`.
+`BackboneError` in services/backbones.py, `NonFiniteLoss` in services/fit.py), with its `code` and `status`.
 Storage errors (which know nothing of this module) are mapped here. Anything else is a fault of ours:
 `internal_error`, reported with a reference id whose traceback is logged, and nothing of its internals shown.
 """

@@ -1,4 +1,4 @@
-"""What the training loop (services/training.py: `fit`) trains: `Runs`, a set of K configurations that see the same
+"""What the training loop (services/fit.py: `fit`) trains: `Runs`, a set of K configurations that see the same
 mini-batches. A plain job is one `ModuleRuns` (a module and its torch optimizer); a sweep is several: one
 `ModuleRuns` per configuration that trains through the backbone, and one `StackedRuns` (services/sweeps/stacked.py)
 per side-network architecture, whose configurations are computed together.

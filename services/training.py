@@ -1,23 +1,16 @@
-"""Training, shared by every method and execution mode: mini-batches from a source (cached features, images,
-or images through the frozen backbone), SGD or AdamW with linear warmup and cosine decay, validation every epoch,
-the best weights kept; then the selected model is evaluated once on the test split.
-
-A job trains one configuration, or every configuration of its sweep (services/sweeps/): each mini-batch is read
-once and fed to all of them, and the best on validation becomes the job's model. The linear probe in cache mode
-is solved instead (services/methods/linear/solver.py).
-
-A checkpoint (current and best trainable weights, optimizer state, epoch, curves) is written after every epoch, so
-a killed train worker resumes from the last finished epoch. Frozen backbone weights are never checkpointed.
+"""A job's training, shared by every method and execution mode (`train_job`): the data (cached features, images, or
+images through the frozen backbone), the model or every configuration of its sweep (services/sweeps/), the
+sources of mini-batches, then the loop (services/fit.py: each mini-batch read once for all configurations, the best
+on validation kept) and one evaluation of the selected model on the test split. The linear probe in cache mode is
+solved instead (services/methods/linear/solver.py).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +20,7 @@ import torch
 from services import methods
 from services.backbones import SplitTransform, load_backbone
 from services.datasets import DatasetError, check_path, check_validation, read_for_job, split
-from services.errors import UserError
-from services.evaluation import validation_score
+from services.fit import Result, batches_of, fit, predict, select
 from services.loading import loader_workers
 from services.methods.readout import FeatureInfo
 from services.objectives import Objective
@@ -40,220 +32,11 @@ from services.sweeps.grid import check_size
 from services.sweeps.stacked import make_runs
 from services.video.loading import clip_transform, epoch_reader
 from services.video.spec import check_inputs
-from storage.artifacts import as_folder, tensors_from_bytes, tensors_to_bytes
 from storage.cache import FeatureCache
 from storage.settings import Settings
 from storage.store import Folder
 
-
-class NonFiniteLoss(UserError):
-    """The training loss went NaN or infinite: the job fails and registers no model."""
-
-    code = "non_finite_loss"
-
-
 FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _batches(order: np.ndarray, size: int) -> list[np.ndarray]:
-    return [order[s : s + size] for s in range(0, len(order), size)]
-
-
-@dataclass
-class Result:
-    """One configuration's outcome: its best weights on validation, that epoch's figures, its curve."""
-
-    state: dict[str, np.ndarray] = field(repr=False)
-    score: float = -1.0  # val accuracy, or val mAP (multi-label)
-    loss: float = math.inf  # plain validation loss at the best epoch
-    epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def select(results: list[Result]) -> int:
-    """The configuration with the best validation figure; ties: the lower validation loss, then the first."""
-    return max(range(len(results)), key=lambda j: (results[j].score, -results[j].loss, -j))
-
-
-def _inputs(x: torch.Tensor, runs: Runs, layers: list[int] | None) -> torch.Tensor:
-    """The batch as `runs` reads it: its own cached layers out of the union that was read."""
-    if layers is None or runs.input_layers is None or runs.input_layers == layers:
-        return x
-    return x[:, [layers.index(layer) for layer in runs.input_layers]]
-
-
-def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
-            device: str) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
-    """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the labels of their
-    rows (all n, unless images that cannot be decoded are skipped). One read of the device, at the end."""
-    out: list[list[torch.Tensor]] = [[] for r in runs for _ in range(r.count)]
-    labels: list[torch.Tensor] = []
-    for r in runs:
-        r.train(False)
-    with torch.inference_mode():
-        for x, y in source.iterate(_batches(np.arange(n), batch_size)):
-            if not len(y):
-                continue
-            labels.append(y)
-            j = 0
-            for r in runs:
-                logits = r.logits(_inputs(x, r, layers))
-                for k in range(r.count):
-                    out[j + k].append(logits[k])
-                j += r.count
-    if not labels:
-        return [np.empty((0, 0), np.float32) for _ in out], np.empty(0, np.int64)
-    return [torch.cat(p).cpu().numpy() for p in out], torch.cat(labels).cpu().numpy()
-
-
-def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
-             objective: Objective) -> list[tuple[float, float]]:  # fmt: skip
-    """(validation figure, plain validation loss) of every configuration."""
-    if n == 0:
-        raise DatasetError("the validation split is empty")  # refused at submission; the cache lost images since
-    all_logits, targets = predict(runs, source, n, batch_size, layers, objective.device)
-    y = objective.targets(targets)
-    scores = []
-    for logits in all_logits:
-        loss = float(objective.plain(torch.from_numpy(logits).to(y.device)[None], y)[0])
-        scores.append((validation_score(targets, logits), loss))
-    return scores
-
-
-def _save_checkpoint(where: Folder | Path, epoch: int, runs: list[Runs], results: list[Result], log: dict) -> None:
-    d = as_folder(where)  # on the store: a train worker on another machine resumes from it
-    tensors, infos = {}, []
-    for i, r in enumerate(runs):
-        t, info = r.checkpoint()
-        tensors |= {f"runs{i}.{k}": v for k, v in t.items()}
-        infos.append(info)
-    for j, res in enumerate(results):
-        tensors |= {f"best{j}.{k}": v for k, v in res.state.items()}
-    meta = [{"score": r.score, "loss": r.loss, "epoch": r.epoch, "history": r.history} for r in results]
-    d.write_bytes("checkpoint.safetensors", tensors_to_bytes(tensors))
-    # compact: it holds every configuration's curve and is rewritten every epoch
-    d.write_bytes("checkpoint.json", json.dumps({"epoch": epoch, "runs": infos, "results": meta, **log}).encode())
-
-
-def _load_checkpoint(where: Folder | Path, runs: list[Runs], results: list[Result]) -> tuple[int, dict] | None:
-    d = as_folder(where)
-    if not d.exists("checkpoint.json"):
-        return None
-    info = d.read_json("checkpoint.json")
-    tensors = tensors_from_bytes(d.read_bytes("checkpoint.safetensors"))
-    for i, r in enumerate(runs):
-        prefix = f"runs{i}."
-        r.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, info["runs"][i])
-    for j, (res, saved) in enumerate(zip(results, info["results"], strict=True)):
-        prefix = f"best{j}."
-        res.state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        res.score, res.loss, res.epoch, res.history = saved["score"], saved["loss"], saved["epoch"], saved["history"]
-    return info["epoch"], info
-
-
-def fit(
-    runs: list[Runs],
-    where: list[tuple[int, int]],
-    train: Source,
-    val: Source,
-    n: int,
-    n_val: int,
-    hp: dict[str, Any],
-    objective: Objective,
-    reporter: Reporter,
-    checkpoint_dir: Folder | Path,
-    layers: list[int] | None = None,
-) -> tuple[list[Result], dict[str, Any]]:
-    """The training loop shared by every method, mode and sweep, over `n` training and `n_val` validation items of
-    the sources: configuration j is `where[j]` = (runs, index in it); every batch is read once for all of them.
-    `layers`: the cached layers the sources read (each Runs takes its own). Returns each configuration's Result and
-    the timings. The loop never waits for the device: losses are summed on it and read once per epoch."""
-    device = objective.device
-    bs = min(hp["batch_size"], n)
-    steps_per_epoch = -(-n // bs)
-    total = steps_per_epoch * hp["epochs"]
-    warmup = max(1, round(hp["warmup_epochs"] * steps_per_epoch))
-    if warmup > total // 2 and total > 1:
-        # e.g. ARC's 10 warmup epochs (from 100-epoch runs) in a 10-epoch job would never reach the decay
-        reporter.event(f"warmup of {hp['warmup_epochs']} epochs capped at half of this {hp['epochs']}-epoch run")
-        warmup = max(1, total // 2)
-    results = [Result(state=runs[i].state(k)) for i, k in where]
-    start_epoch, seconds, seen = 0, 0.0, 0
-    resumed = _load_checkpoint(checkpoint_dir, runs, results)
-    if resumed:
-        start_epoch, log = resumed
-        seconds, seen = log["seconds"], log["seen"]
-        reporter.event(f"resumed training from the checkpoint of epoch {start_epoch}")
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    first_step_s: float | None = None
-    flat = [j for i, r in enumerate(runs) for k in range(r.count) for j in [where.index((i, k))]]  # runs -> config
-    metric = objective.metric
-    warned: set[int] = set()  # configurations reported as diverged
-    for epoch in range(start_epoch, hp["epochs"]):
-        for r in runs:
-            r.train(True)
-        order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
-        t0, count = time.perf_counter(), 0
-        loss_sums = [torch.zeros(r.count, device=device) for r in runs]
-        for step, (x, y) in enumerate(train.iterate(_batches(order, bs))):
-            if len(y):
-                y = objective.cast(y)
-                scale = warmup_cosine(epoch * steps_per_epoch + step, warmup, total)
-                for r, sums in zip(runs, loss_sums, strict=True):
-                    sums += r.step(_inputs(x, r, layers), y, scale) * len(y)
-                count += len(y)
-                if first_step_s is None:  # the one step that waits for the device: with compile, it compiles
-                    loss_sums[0].sum().item()
-                    first_step_s = time.perf_counter() - t0
-            if step % 20 == 0:
-                reporter.check_cancel()
-        train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
-        diverged = {pos for pos, value in enumerate(train_loss) if not math.isfinite(value)}
-        if len(diverged) == len(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
-            raise NonFiniteLoss(f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
-                                "or check the data")  # fmt: skip
-        if diverged - warned:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
-            reporter.event(f"{len(diverged - warned)} of {len(train_loss)} configurations diverged (non-finite loss) "
-                           f"in epoch {epoch + 1}", level="warning")  # fmt: skip
-            warned |= diverged
-        epoch_s = time.perf_counter() - t0
-        seconds += epoch_s
-        seen += count
-        lr_scale = warmup_cosine(min((epoch + 1) * steps_per_epoch, total) - 1, warmup, total)
-        scores = evaluate(runs, val, n_val, max(bs, 64), layers, objective)
-        for pos, j in enumerate(flat):
-            res, (score, loss) = results[j], scores[pos]
-            lr = float(f"{runs[where[j][0]].base_lrs[where[j][1]] * lr_scale:.4g}")
-            res.history.append({"epoch": epoch + 1, "train_loss": round(train_loss[pos], 5), metric: round(score, 5),
-                                "val_loss": round(loss, 5), "lr": lr, "train_seconds": round(epoch_s, 3)})  # fmt: skip
-            if score > res.score:
-                i, k = where[j]
-                res.state, res.score, res.loss, res.epoch = runs[i].state(k), score, loss, epoch + 1
-        lead = results[select(results)]
-        last = lead.history[-1]
-        label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
-        reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
-                       f"{metric.replace('_', ' ')} {last[metric]:.4f}", type="metrics",
-                       data=last if len(results) == 1 else {**last, "configurations": [
-                           r.history[-1] for r in results]})  # fmt: skip
-        reporter.progress("training", epoch + 1, hp["epochs"], **last)
-        _save_checkpoint(checkpoint_dir, epoch + 1, runs, results, {"seconds": seconds, "seen": seen})
-        reporter.check_cancel()
-    timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
-              "compiled": bool(hp.get("compile"))}  # fmt: skip
-    if first_step_s is not None:
-        timing["first_step_seconds"] = round(first_step_s, 3)
-    if device.startswith("cuda"):
-        timing["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return results, timing
 
 
 def memory_budgets(settings: Settings, device: str) -> tuple[int, int]:
@@ -416,7 +199,7 @@ def _solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models
     for source, y in zip(sources, targets, strict=True):
         per_probe: list[list[torch.Tensor]] = [[] for _ in probes]
         with torch.no_grad():  # not inference_mode: the features enter the solver's autograd graph
-            for x, _ in source.iterate(_batches(np.arange(len(y)), 1024)):  # cached rows, in order: all kept
+            for x, _ in source.iterate(batches_of(np.arange(len(y)), 1024)):  # cached rows, in order: all kept
                 for out, probe in zip(per_probe, probes, strict=True):
                     out.append(probe.features(x))
         feats.append([torch.cat(f) for f in per_probe])

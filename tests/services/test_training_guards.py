@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from services.extraction import run_extraction
+from services.fit import NonFiniteLoss
 from services.pipeline import model_id_for, train_step
 from services.progress import NullReporter
 from services.spec import JobSpec
-from services.training import NonFiniteLoss, train_job
+from services.training import train_job
 from storage.artifacts import ArtifactStore
 from storage.cache import FeatureCache
 from storage.jobs import JobStore

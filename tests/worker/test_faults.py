@@ -26,6 +26,9 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory):
     settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
                         inference_port=free_port(), device="cpu")  # fmt: skip
     write_digits(data / "datasets" / "digits", limit=120)
+    # the extraction tests' dataset: long enough (270 batches of 2 at 224 px) that a kill after the first progress
+    # reports (every 0.5 s at most) lands mid-extraction even when the loaders and writers keep up with the forward
+    write_digits(data / "datasets" / "digits600", limit=600)
     with Stack(settings) as running:
         yield running, Client(running.api_url), JobStore.from_url(running.redis.url)
 
@@ -57,16 +60,16 @@ def _kill_midway(fault_stack, body: dict, worker: str, queue: str, after: int) -
     return job, [e["message"] for e in client.events(job_id)]
 
 
-def _spec(running: Stack, method: dict, **extra) -> dict:
-    dataset = {"path": str(running.settings.data_path / "datasets" / "digits" / "train")}
+def _spec(running: Stack, method: dict, data: str = "digits", **extra) -> dict:
+    dataset = {"path": str(running.settings.data_path / "datasets" / data / "train")}
     backbone = {"name": "test_vit", "pretrained": False, "image_size": 224}
     return {"dataset": dataset, "backbone": backbone, "method": method, **extra}
 
 
 def test_sigkilled_extract_worker_resumes_and_the_cache_equals_a_clean_run(fault_stack) -> None:
     running = fault_stack[0]
-    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, extraction={"batch_size": 2, "shards": 1},
-                 training={"epochs": 1})  # fmt: skip
+    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, "digits600",
+                 extraction={"batch_size": 2, "shards": 1}, training={"epochs": 1})  # fmt: skip
     job, messages = _kill_midway(fault_stack, body, "extract-worker", "extract", after=3)
     assert any("stopped (no heartbeat) during extraction" in m for m in messages), messages
     assert any("resuming extraction" in m for m in messages), messages
@@ -92,8 +95,8 @@ def test_sigkilled_extract_worker_with_loader_processes_leaves_none_and_resumes_
     monkeypatch.setenv("SIDETUNE_LOADER_WORKERS", "2")
     monkeypatch.setenv("SIDETUNE_CACHE_WRITERS", "3")
     _kill_and_replace(running, "extract-worker", "extract")  # both this worker and its replacement use them
-    body = _spec(running, {"name": "losa", "rank": 4, "layers": 3}, extraction={"batch_size": 2, "shards": 1},
-                 training={"epochs": 1})  # fmt: skip
+    body = _spec(running, {"name": "losa", "rank": 4, "layers": 3}, "digits600",
+                 extraction={"batch_size": 2, "shards": 1}, training={"epochs": 1})  # fmt: skip
     job_id = client.submit(body)["id"]
     _wait_for(lambda: (store.get_job(job_id).get("progress") or {}).get("done", 0) >= 3)
     family = psutil.Process(running.procs["extract-worker"].pid).children(recursive=True)
