@@ -105,12 +105,17 @@ class ImageSource:
         self.device, self.workers, self.dtype = torch.device(device), workers, dtype
         self.labels = dataset.labels
         self.reader = reader or (lambda rows: BatchReader(dataset.paths, rows, split.pil, skip_corrupt))
+        # what the loaders said, for the job's events: corrupt files skipped, short videos padded (each once)
+        self.errors: set[str] = set()
+        self.notes: set[str] = set()
 
     def iterate(self, batches: Sequence[np.ndarray]) -> Iterator[Batch]:
         reader = self.reader([self.indices[b] for b in batches])
         pin = self.device.type == "cuda"
         with contextlib.closing(iterate(reader, self.workers, pin)) as loaded:
             for batch in loaded:
+                self.errors.update(batch.errors)
+                self.notes.update(batch.notes)
                 rows = batch.positions[batch.valid]
                 y = torch.from_numpy(self.labels[rows]).to(self.device)
                 if batch.images is None:
@@ -123,6 +128,7 @@ class ImageSource:
 class OnlineSource:
     def __init__(self, images: ImageSource, backbone: Backbone, layers: list[int]) -> None:
         self.images, self.backbone, self.layers = images, backbone, layers
+        self.errors, self.notes = images.errors, images.notes
 
     def iterate(self, batches: Sequence[np.ndarray]) -> Iterator[Batch]:
         for x, y in self.images.iterate(batches):

@@ -30,7 +30,7 @@ from services.sources import CacheSource, ImageSource, OnlineSource, PooledSourc
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.sweeps.stacked import make_runs
-from services.video.loading import clip_transform, epoch_reader
+from services.video.loading import clip_transform, epoch_reader, padding_event
 from services.video.spec import check_inputs
 from storage.cache import FeatureCache
 from storage.settings import Settings
@@ -141,6 +141,17 @@ def _sources(spec: JobSpec, settings: Settings, data: Data, parts: list[np.ndarr
         ", backbone forward every step" if mode == "online" else ", through the backbone"
     )
     return sources, where
+
+
+def _report_loading(reporter: Reporter, sources: list[Any]) -> None:
+    """What the loaders of image and clip sources met while training (cache sources: the extraction said it)."""
+    errors = sorted(set().union(*(getattr(s, "errors", ()) for s in sources)))
+    notes = sorted(set().union(*(getattr(s, "notes", ()) for s in sources)))
+    if errors:
+        reporter.event(f"skipped {len(errors)} unreadable file(s) while training: " + "; ".join(errors[:5]),
+                       level="warning")  # fmt: skip
+    if padded := padding_event(notes):
+        reporter.event(padded, level="warning")
 
 
 def _clip_reader(spec: JobSpec, dataset: Any, backbone: Any, train: bool):
@@ -287,6 +298,7 @@ def train_job(
         results, timing = fit(runs, where, train_src, val_src, len(y_train), len(y_val), hp, objective, reporter,
                               checkpoint_dir, layers)  # fmt: skip
         owner = list(range(len(configs)))
+    _report_loading(reporter, [train_src, val_src])
     chosen = select(results)
     j = owner[chosen]
     best, best_hp, model, res = configs[j], dict(hps[j]), models[j], results[chosen]

@@ -15,6 +15,7 @@ from services.extraction import run_extraction
 from services.loading import iterate
 from services.progress import NullReporter
 from services.spec import JobSpec
+from services.training import train_job
 from services.video.decoding import ClipTransform, VideoTooLong, read_clip
 from services.video.loading import ClipReader
 from services.video.sampling import clip_indices
@@ -184,3 +185,19 @@ def test_jobs_fail_on_a_corrupt_video_or_skip_it_and_pad_short_ones(tmp_path: Pa
     assert any("skipped a corrupt video" in m and "up_bad.mp4" in m for m in warnings)
     assert any("down_short.mp4: 2 frames, fewer than the 4 a clip needs; padded by repeating frames" in m
                for m in warnings)  # fmt: skip
+
+    # online (no cache): the training loaders meet them, and the job's events say so too
+    online = JobSpec.model_validate(
+        {
+            **spec("skip").model_dump(),
+            "execution": {"mode": "online"},
+            "method": {"name": "losa", "rank": 2, "layers": 1},
+            "training": {"epochs": 1},
+        }
+    )
+    reporter = NullReporter()
+    train_job(online, settings, None, reporter, tmp_path / "ckpt")
+    warnings = [e["message"] for e in reporter.events if e["level"] == "warning"]
+    assert any("skipped 1 unreadable file(s) while training" in m and "up_bad.mp4" in m for m in warnings), warnings
+    assert any("down_short.mp4: 2 frames, fewer than the 4 a clip needs; padded by repeating frames" in m
+               for m in warnings), warnings  # fmt: skip
