@@ -88,7 +88,10 @@ class CacheEntry:
         if self._meta is None:
             if not self.exists:
                 raise CacheError(f"no cache entry at {self.path}")
-            self._meta = dict(self._group().attrs["meta"])
+            meta = self._group().attrs.get("meta")
+            if meta is None:  # written last by create: a crash left the arrays and no metadata
+                raise CacheError(f"cache entry {self.key} was never finished being created")
+            self._meta = dict(meta)
         return dict(self._meta)
 
     @property
@@ -141,7 +144,7 @@ class CacheEntry:
         n = len(labels)
         stored_tokens = token_count if tokens == "all" else 1
         shape = [n, len(layers), stored_tokens, dim]
-        if self.exists:
+        if self.exists and "meta" in self._group().attrs:  # without meta: a crash during create; made again below
             stored = self.meta
             if stored.get("shape") != shape or stored.get("batch_size") != batch_size:
                 raise CacheError(f"cache entry {self.key} exists with another shape; remove it to rebuild")

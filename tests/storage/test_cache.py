@@ -107,6 +107,25 @@ def test_resume_on_a_new_object_sees_only_missing_batches(tmp_path: Path, acts: 
     np.testing.assert_array_equal(CacheEntry(tmp_path / "k").read(), acts)
 
 
+def test_an_entry_whose_creation_was_killed_is_created_again(tmp_path: Path, acts: np.ndarray) -> None:
+    """A worker SIGKILLed inside create() leaves the group and some arrays but no metadata (written last): the next
+    create() makes the entry again instead of failing on the missing metadata, and readers get a CacheError."""
+    import zarr
+
+    half = CacheEntry(tmp_path / "k")
+    half.fs.makedirs(half.root, exist_ok=True)
+    zarr.open_group(str(tmp_path / "k" / "features.zarr"), mode="w").create_array("labels", data=np.arange(N))
+    assert half.exists
+    with pytest.raises(CacheError, match="never finished being created"):
+        CacheEntry(tmp_path / "k").covers([0], "all")
+    entry = make_entry(tmp_path / "k")
+    assert entry.pending_batches() == [0, 1, 2]
+    for b in range(3):
+        write(entry, acts, b)
+    entry.mark_complete({})
+    np.testing.assert_array_equal(CacheEntry(tmp_path / "k").read(), acts)
+
+
 def test_mark_complete_refuses_while_batches_missing(tmp_path: Path, acts: np.ndarray) -> None:
     entry = make_entry(tmp_path / "k")
     write(entry, acts, 0)
