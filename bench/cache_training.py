@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import common
@@ -47,38 +48,50 @@ class ReadyOnline:
             yield self.backbone.intermediates(self.x[idx], self.layers), self.y[idx]
 
 
-def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
-    """LoSA online from ready batches: the model train_job builds for mode online, trained by the same `fit`."""
-    import numpy as np
+def fit_online_ready(backbone, spec, inputs, labels, classes: int, ckpt: Path) -> dict[str, Any]:
+    """LoSA online from ready inputs (decoded images or clips, held in device memory): the model train_job builds for
+    mode online, split as the job splits, trained by the same `fit`. Returns fit's timings and the val accuracy."""
     import torch
 
     from services import methods
-    from services.backbones import load_backbone
-    from services.datasets import read_dataset, stratified_split
-    from services.loading import BatchReader, iterate
+    from services.datasets import stratified_split
+    from services.fit import fit
     from services.methods.readout import FeatureInfo
     from services.objectives import Objective
     from services.runs import ModuleRuns
-    from services.training import fit
+
+    device = str(backbone.device)
+    train_idx, val_idx = stratified_split(labels, spec.dataset.val_fraction, spec.dataset.split_seed)
+    hp = spec.training.resolved(spec.method.training_defaults())
+    torch.manual_seed(hp["seed"])
+    info = FeatureInfo.from_meta(backbone.info(), backbone.readout_tensors(), classes)
+    model = methods.build(spec.method, info).to(device)
+    train = ReadyOnline(backbone, inputs[train_idx], labels[train_idx], model.input_layers)
+    val = ReadyOnline(backbone, inputs[val_idx], labels[val_idx], model.input_layers)
+    objective = Objective(labels[train_idx], classes, device=device)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    results, timing = fit([ModuleRuns(model, hp, objective, device)], [(0, 0)], train, val, len(train_idx),
+                          len(val_idx), hp, objective, NullReporter(), ckpt)  # fmt: skip
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {**timing, "val_accuracy": results[0].score}  # fit's figures are timings; a job adds the scores
+
+
+def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
+    """LoSA online from ready batches of the digits (decoded and resized beforehand)."""
+    import numpy as np
+    import torch
+
+    from services.backbones import load_backbone
+    from services.datasets import read_dataset
+    from services.loading import BatchReader, iterate
 
     backbone = load_backbone(spec.backbone, args.device)
     dataset = read_dataset(args.dataset)
     batches = [np.arange(s, min(len(dataset), s + 64)) for s in range(0, len(dataset), 64)]
     images = torch.cat([b.images for b in iterate(BatchReader(dataset.paths, batches, backbone.split.pil, False), 0)])
-    train_idx, val_idx = stratified_split(dataset.labels, spec.dataset.val_fraction, spec.dataset.split_seed)
-    hp = spec.training.resolved(spec.method.training_defaults())
-    torch.manual_seed(hp["seed"])
-    info = FeatureInfo.from_meta(backbone.info(), backbone.readout_tensors(), len(dataset.classes))
-    model = methods.build(spec.method, info).to(args.device)
-    train = ReadyOnline(backbone, images[train_idx], dataset.labels[train_idx], model.input_layers)
-    val = ReadyOnline(backbone, images[val_idx], dataset.labels[val_idx], model.input_layers)
-    ckpt = checkpoint(args, "online ready")
-    shutil.rmtree(ckpt, ignore_errors=True)
-    objective = Objective(dataset.labels[train_idx], len(dataset.classes), device=args.device)
-    results, timing = fit([ModuleRuns(model, hp, objective, args.device)], [(0, 0)], train, val, len(train_idx),
-                          len(val_idx), hp, objective, NullReporter(), ckpt)  # fmt: skip
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return {**timing, "val_accuracy": results[0].score}  # fit's figures are timings; a job adds the scores
+    return fit_online_ready(
+        backbone, spec, images, dataset.labels, len(dataset.classes), checkpoint(args, "online ready")
+    )
 
 
 def steady_img_s(reporter: NullReporter, images: int) -> float | None:

@@ -25,7 +25,7 @@ from typing import Any
 import cache_extract
 import common
 from cache_extract import decode_rate, disk_mb_s, forward_rate, writer_rate
-from cache_training import ReadyOnline, steady_img_s
+from cache_training import fit_online_ready, steady_img_s
 from common import fmt, median, ratio, render, say
 from photos import write_photos
 
@@ -153,15 +153,11 @@ def phase_training(args: argparse.Namespace, res: Results, ext: dict[str, Any]) 
     """LoSA from the cache (device-resident) against online from ready batches; compile; memory at batch 1."""
     import torch
 
-    from services import methods
     from services.backbones import load_backbone
-    from services.datasets import read_dataset, stratified_split
+    from services.datasets import read_dataset
     from services.loading import BatchReader, iterate
-    from services.methods.readout import FeatureInfo
-    from services.objectives import Objective
     from services.progress import NullReporter
-    from services.runs import ModuleRuns
-    from services.training import fit, train_job
+    from services.training import train_job
 
     t0 = time.perf_counter()
     digits = ext["digits"]
@@ -184,20 +180,11 @@ def phase_training(args: argparse.Namespace, res: Results, ext: dict[str, Any]) 
     n = len(dataset)
     batches = [list(range(s, min(n, s + 256))) for s in range(0, n, 256)]
     images = torch.cat([b.images for b in iterate(BatchReader(dataset.paths, batches, backbone.split.pil, False), 0)])
-    train_idx, val_idx = stratified_split(dataset.labels, 0.2, 0)
-    hp = spec.training.resolved(spec.method.training_defaults())
-    torch.manual_seed(0)
-    info = FeatureInfo.from_meta(backbone.info(), backbone.readout_tensors(), len(dataset.classes))
-    model = methods.build(spec.method, info).to(args.device)
-    train = ReadyOnline(backbone, images[train_idx], dataset.labels[train_idx], model.input_layers)
-    val = ReadyOnline(backbone, images[val_idx], dataset.labels[val_idx], model.input_layers)
-    objective = Objective(dataset.labels[train_idx], len(dataset.classes), device=args.device)
-    _, m = fit([ModuleRuns(model, hp, objective, args.device)], [(0, 0)], train, val, len(train_idx), len(val_idx),
-               hp, objective, NullReporter(), args.work / "ckpt" / "online")  # fmt: skip
+    m = fit_online_ready(backbone, spec, images, dataset.labels, len(dataset.classes), args.work / "ckpt" / "online")
     values["online_ready_img_s"] = m["train_images_per_s"]
     values["train_speedup"] = ratio(values["cache_img_s"], values["online_ready_img_s"])
     values["compile_speedup"] = ratio(values["compiled_steady_img_s"], values["cache_steady_img_s"])
-    del train, val, images, model
+    del images, backbone
     # peak memory at batch size 1 (the paper's convention): cache streamed against online, 1 epoch each
     for mode, memory_mb in (("cache", 0), ("online", None)):
         spec = cache_extract.job_spec(args, "losa", mode, epochs=1, train_batch=1)

@@ -22,7 +22,6 @@ The last line of the output is `key=value` pairs for scripts.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import common
 from cache_extract import forward_rate, writer_rate
-from cache_training import ReadyOnline
+from cache_training import fit_online_ready
 from common import fmt, put, ratio, render, say
 
 KINETICS_CLIPS = 240_000
@@ -98,17 +97,13 @@ def measure_extraction(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
-    """LoSA online from ready clips: the model train_job builds for mode online, trained by the same `fit`."""
+    """LoSA online from ready clips (decoded and sampled beforehand)."""
     import numpy as np
     import torch
 
-    from services import methods
     from services.backbones import load_backbone
-    from services.datasets import read_dataset, stratified_split
+    from services.datasets import read_dataset
     from services.loading import iterate
-    from services.methods.readout import FeatureInfo
-    from services.progress import NullReporter
-    from services.training import fit
     from services.video.loading import clip_reader, clip_transform
 
     backbone = load_backbone(spec.backbone, args.device)
@@ -117,17 +112,8 @@ def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
     reader = clip_reader(dataset, batches, clip_transform(backbone.data_config, backbone.split.pil), False,
                          spec.backbone.video)  # fmt: skip
     clips = torch.cat([b.images for b in iterate(reader, 0)])
-    train_idx, val_idx = stratified_split(dataset.labels, spec.dataset.val_fraction, spec.dataset.split_seed)
-    hp = spec.training.resolved(spec.method.training_defaults())
-    torch.manual_seed(hp["seed"])
-    info = FeatureInfo.from_meta(backbone.info(), backbone.readout_tensors(), len(dataset.classes))
-    model = methods.build(spec.method, info).to(args.device)
-    train = ReadyOnline(backbone, clips[train_idx], dataset.labels[train_idx], model.input_layers)
-    val = ReadyOnline(backbone, clips[val_idx], dataset.labels[val_idx], model.input_layers)
     ckpt = args.work / "checkpoints" / "online-ready"
-    shutil.rmtree(ckpt, ignore_errors=True)
-    _, metrics = fit(model, train, val, len(train_idx), len(val_idx), hp, NullReporter(), ckpt, args.device)
-    return metrics
+    return fit_online_ready(backbone, spec, clips, dataset.labels, len(dataset.classes), ckpt)
 
 
 def measure_training(args: argparse.Namespace, cache_key: str) -> dict[str, Any]:
