@@ -46,33 +46,39 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, lr_scale: float) -> None:
+        # per-configuration factors [K] once per step, then per parameter only operations over its [K, ...] values
         self.steps += 1
         lr = self.lr * lr_scale
         b1, b2 = self.betas
+        if self.kind == "sgd":
+            neg_lr = -lr
+        else:
+            decay, step_size = 1 - lr * self.wd, lr / -(1 - b1**self.steps)
+            bc2_sqrt = math.sqrt(1 - b2**self.steps)
         for name, p in self.params.items():
             g = p.grad
             if g is None:
                 continue
-            lr_k = self._per_config(lr, p)
-            wd_k = self._per_config(self.wd, p) if name in self.decayed else None
+            decayed = name in self.decayed
             if self.kind == "sgd":  # torch.optim.SGD, dampening 0: buf = m buf + (g + wd p); p -= lr buf
-                d = g if wd_k is None else g + wd_k * p
+                d = torch.addcmul(g, p, self._per_config(self.wd, p)) if decayed else g
                 buf = self.buffers.get(name)
                 if buf is None:
                     self.buffers[name] = buf = d.clone()
                 else:
                     buf.mul_(self.momentum).add_(d)
-                p.sub_(lr_k * buf)
+                p.addcmul_(buf, self._per_config(neg_lr, p))
                 continue
             # torch.optim.AdamW: p *= 1 - lr wd; then p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-            if wd_k is not None:
-                p.mul_(1 - lr_k * wd_k)
-            m = self.buffers.setdefault(name, torch.zeros_like(p))
-            v = self.buffers.setdefault(f"{name}.sq", torch.zeros_like(p))
+            if decayed:
+                p.mul_(self._per_config(decay, p))
+            if name not in self.buffers:
+                self.buffers[name], self.buffers[f"{name}.sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            m, v = self.buffers[name], self.buffers[f"{name}.sq"]
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = v.sqrt().div_(math.sqrt(1 - b2**self.steps)).add_(self.eps)
-            p.addcdiv_(m * (lr_k / -(1 - b1**self.steps)), denom)
+            denom = v.sqrt().div_(bc2_sqrt).add_(self.eps)
+            p.addcdiv_(m * self._per_config(step_size, p), denom)
 
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {k: v.detach().cpu().numpy() for k, v in self.buffers.items()}, {"steps": self.steps}
