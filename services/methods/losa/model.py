@@ -58,6 +58,8 @@ class LowRankMLP(nn.Module):
 
 
 class LosaSideNetwork(Classifier):
+    own_activations = True
+
     def __init__(self, config: LosaConfig, info: FeatureInfo) -> None:
         super().__init__()
         self.side_layers = config.select_layers(info.num_layers)
@@ -87,13 +89,15 @@ class LosaSideNetwork(Classifier):
         """K configurations of this architecture at once (a sweep over lr and weight decay, services/sweeps/):
         `params` as `named_parameters()` names them, each with a leading axis of K; `feats` [B, L, T, D] shared by
         all. Returns logits [K, B, C], each equal to the forward of a network with those parameters (tested). Every
-        layer runs as one batched matrix product for the K networks, and the first side layer, whose input z_L +
-        z_l is the same for all, projects it down once (torch.vmap would run decomposed, slower kernels)."""
+        layer runs as one batched matrix product for the K networks, and what the K share is computed once: each
+        side layer projects its input z_l + a down as W z_l + W a, the first term for all K in one product, so z_l
+        is read once per layer instead of added to K residual streams (torch.vmap would run decomposed, slower
+        kernels)."""
         k = params["head.weight"].shape[0]
         a = feats[:, self._slot[self.input_layers[-1]]].float()  # [B, T, D], shared until the first side layer
         for i, layer in enumerate(self.side_layers):
             p = {n: params[f"mixers.{i}.{n}"] for n in ("down.weight", "down.bias", "up.weight", "up.bias", "scale")}
-            a = _stacked_add(a, torch.add(a, feats[:, self._slot[layer]]), p, k, over_tokens=i % 2 == 1)
+            a = _stacked_add(a, feats[:, self._slot[layer]].float(), p, k, over_tokens=i % 2 == 1)
         b, t, d = a.shape[1:]
         pooled = self.readout(a.reshape(k * b, t, d)).view(k, b, d)
         return torch.baddbmm(params["head.bias"][:, None], pooled, params["head.weight"].transpose(1, 2))
@@ -109,27 +113,32 @@ def build(config: LosaConfig, info: FeatureInfo) -> nn.Module:
 
 
 def _stacked_add(
-    a: torch.Tensor, x: torch.Tensor, p: dict[str, torch.Tensor], k: int, over_tokens: bool
+    a: torch.Tensor, z: torch.Tensor, p: dict[str, torch.Tensor], k: int, over_tokens: bool
 ) -> torch.Tensor:
-    """`LowRankMLP.add_to` for K stacked parameter sets: a, x [K, B, T, D] or (shared by all K) [B, T, D]."""
-    b, t, d = x.shape[-3:]
+    """`LowRankMLP.add_to(a, a + z)` for K stacked parameter sets: a [K, B, T, D] or (shared by all K) [B, T, D], z
+    [B, T, D] shared by all K. The down-projection W (a + z) is computed as W z (one product for the K) + W a."""
+    b, t, d = z.shape
     w_up = torch.cat([p["scale"][:, None, None] * p["up.weight"], p["up.bias"][:, :, None]], dim=2)  # [K, n, r+1]
     r = p["down.weight"].shape[1]
     if not over_tokens:
-        if x.dim() == 3:  # shared input: one GEMM projects it down for every configuration
-            h = F.linear(x.reshape(b * t, d), p["down.weight"].flatten(0, 1), p["down.bias"].flatten())
+        w_down = p["down.weight"].flatten(0, 1)  # [K r, D]
+        if a.dim() == 3:  # the first side layer: a is shared too, so W (a + z) is one product for the K
+            h = F.linear((a + z).reshape(b * t, d), w_down, p["down.bias"].flatten())
             h = h.view(b * t, k, r).transpose(0, 1)  # [K, B T, r]
         else:
-            h = torch.baddbmm(p["down.bias"][:, None], x.reshape(k, b * t, d), p["down.weight"].transpose(1, 2))
+            hz = F.linear(z.reshape(b * t, d), w_down, p["down.bias"].flatten()).view(b * t, k, r).transpose(0, 1)
+            h = torch.baddbmm(hz, a.reshape(k, b * t, d), p["down.weight"].transpose(1, 2))  # [K, B T, r]
         h = F.pad(F.gelu(h), (0, 1), value=1.0)  # [K, B T, r+1]
         return _plus_low_rank(a.reshape(-1, b * t, d).expand(k, -1, -1), h, w_up.transpose(1, 2)).view(k, b, t, d)
-    # along tokens: per configuration and image, W [r, T] x [T, D]; the K B products as one batch
-    x = x.expand(k, b, t, d).reshape(k * b, t, d)
+    # along tokens: per configuration and image, W [r, T] x [T, D]; W z_b for the K at once, as [K r, T] x [T, D]
+    hz = torch.baddbmm(p["down.bias"].reshape(1, k * r, 1), p["down.weight"].reshape(1, k * r, t).expand(b, -1, -1),
+                       z)  # [B, K r, D]  # fmt: skip
+    hz = hz.view(b, k, r, d).transpose(0, 1).reshape(k * b, r, d)
     w_down = p["down.weight"][:, None].expand(k, b, r, t).reshape(k * b, r, t)
-    b_down = p["down.bias"][:, None, :, None].expand(k, b, r, 1).reshape(k * b, r, 1)
-    h = F.pad(F.gelu(torch.baddbmm(b_down, w_down, x)), (0, 0, 0, 1), value=1.0)  # [K B, r+1, D]
+    a = a.expand(k, b, t, d).reshape(k * b, t, d)
+    h = F.pad(F.gelu(torch.baddbmm(hz, w_down, a)), (0, 0, 0, 1), value=1.0)  # [K B, r+1, D]
     w_up = w_up[:, None].expand(k, b, t, r + 1).reshape(k * b, t, r + 1)
-    return _plus_low_rank(a.expand(k, b, t, d).reshape(k * b, t, d), w_up, h).view(k, b, t, d)
+    return _plus_low_rank(a, w_up, h).view(k, b, t, d)
 
 
 def _plus_low_rank(a: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,8 @@ class VideoLosaSideNetwork(Classifier):
     """a_0 = z_L; a_l = a_{l-1} + g_l(z_l + a_{l-1}), channel mixing on the 1st, 3rd, ... side layer and Eq. 6 on
     the 2nd, 4th, ...; W_up and b_up start at zero, so step 0 equals the linear probe (mean of patch tokens)."""
 
+    own_activations = True
+
     def __init__(self, config: LosaConfig, info: FeatureInfo) -> None:
         super().__init__()
         self.side_layers = config.select_layers(info.num_layers)
