@@ -88,8 +88,9 @@ class CheckpointList(BaseModel):
     object: Literal["list"] = Field("list", description="Always `list`.")
     data: list[Checkpoint] = Field(
         ..., description="The job's checkpoint files: `checkpoint.safetensors` holds the last epoch's trainable "
-        "weights and optimizer state (`runs<i>.*`) and each configuration's best weights (`best<j>.*`); "
-        "`checkpoint.json` says which epochs, with their curves. Empty once removed, before the first epoch ends, "
+        "weights and optimizer state (`runs<i>.*`), the best weights of their configurations (`best<i>.*`, "
+        "stacked) and every configuration's curve (`history`); `checkpoint.json` summarises it: the epoch, the best "
+        "epoch, and each configuration's best score. Empty once removed, before the first epoch ends, "
         "and for jobs that train no epochs (the L-BFGS linear probe)."
     )  # fmt: skip
     expires_at: float | None = Field(

@@ -55,6 +55,13 @@ def validation_score(targets: np.ndarray, scores: np.ndarray) -> float:
     return float(np.mean(scores.argmax(1) == targets)) if len(targets) else float("nan")
 
 
+def validation_scores(targets: np.ndarray, scores: list[np.ndarray]) -> list[float]:
+    """`validation_score` of several configurations' scores, each [n, C]; accuracies counted for all at once."""
+    if targets.ndim == 2 or not len(targets) or not scores:
+        return [validation_score(targets, s) for s in scores]
+    return (np.stack(scores).argmax(2) == targets).mean(1).tolist()
+
+
 def choose_threshold(targets: np.ndarray, probs: np.ndarray) -> float:
     """The multi-label decision threshold with the best micro-F1 on validation (ties: the one nearest 0.5)."""
     with _quiet():

@@ -7,7 +7,6 @@ never checkpointed. services/training.py prepares what it trains (`train_job`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,14 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from services import checkpoint
 from services.datasets import DatasetError
 from services.errors import UserError
-from services.evaluation import validation_score
+from services.evaluation import validation_scores
 from services.objectives import Objective
 from services.progress import Reporter
 from services.runs import Runs
 from services.sources import Source
-from storage.artifacts import as_folder, tensors_from_bytes, tensors_to_bytes
 from storage.store import Folder
 
 
@@ -72,7 +71,7 @@ def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: l
             device: str) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
     """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the labels of their
     rows (all n, unless images that cannot be decoded are skipped). One read of the device, at the end."""
-    out: list[list[torch.Tensor]] = [[] for r in runs for _ in range(r.count)]
+    out: list[list[torch.Tensor]] = [[] for _ in runs]  # per Runs: [K, B, C] per batch
     labels: list[torch.Tensor] = []
     for r in runs:
         r.train(False)
@@ -81,15 +80,12 @@ def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: l
             if not len(y):
                 continue
             labels.append(y)
-            j = 0
-            for r in runs:
-                logits = r.logits(inputs_for(x, r, layers))
-                for k in range(r.count):
-                    out[j + k].append(logits[k])
-                j += r.count
+            for r, parts in zip(runs, out, strict=True):
+                parts.append(r.logits(inputs_for(x, r, layers)))
     if not labels:
-        return [np.empty((0, 0), np.float32) for _ in out], np.empty(0, np.int64)
-    return [torch.cat(p).cpu().numpy() for p in out], torch.cat(labels).cpu().numpy()
+        return [np.empty((0, 0), np.float32) for r in runs for _ in range(r.count)], np.empty(0, np.int64)
+    stacked = [torch.cat(parts, dim=1).cpu().numpy() for parts in out]
+    return [logits for s in stacked for logits in s], torch.cat(labels).cpu().numpy()
 
 
 def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
@@ -99,42 +95,9 @@ def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: 
         raise DatasetError("the validation split is empty")  # refused at submission; the cache lost images since
     all_logits, targets = predict(runs, source, n, batch_size, layers, objective.device)
     y = objective.targets(targets)
-    scores = []
-    for logits in all_logits:
-        loss = float(objective.plain(torch.from_numpy(logits).to(y.device)[None], y)[0])
-        scores.append((validation_score(targets, logits), loss))
-    return scores
-
-
-def _save_checkpoint(where: Folder | Path, epoch: int, runs: list[Runs], results: list[Result], log: dict) -> None:
-    d = as_folder(where)  # on the store: a train worker on another machine resumes from it
-    tensors, infos = {}, []
-    for i, r in enumerate(runs):
-        t, info = r.checkpoint()
-        tensors |= {f"runs{i}.{k}": v for k, v in t.items()}
-        infos.append(info)
-    for j, res in enumerate(results):
-        tensors |= {f"best{j}.{k}": v for k, v in res.state.items()}
-    meta = [{"score": r.score, "loss": r.loss, "epoch": r.epoch, "history": r.history} for r in results]
-    d.write_bytes("checkpoint.safetensors", tensors_to_bytes(tensors))
-    # compact: it holds every configuration's curve and is rewritten every epoch
-    d.write_bytes("checkpoint.json", json.dumps({"epoch": epoch, "runs": infos, "results": meta, **log}).encode())
-
-
-def _load_checkpoint(where: Folder | Path, runs: list[Runs], results: list[Result]) -> tuple[int, dict] | None:
-    d = as_folder(where)
-    if not d.exists("checkpoint.json"):
-        return None
-    info = d.read_json("checkpoint.json")
-    tensors = tensors_from_bytes(d.read_bytes("checkpoint.safetensors"))
-    for i, r in enumerate(runs):
-        prefix = f"runs{i}."
-        r.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, info["runs"][i])
-    for j, (res, saved) in enumerate(zip(results, info["results"], strict=True)):
-        prefix = f"best{j}."
-        res.state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        res.score, res.loss, res.epoch, res.history = saved["score"], saved["loss"], saved["epoch"], saved["history"]
-    return info["epoch"], info
+    # every configuration at once: a sweep of 32 linear heads evaluates in an epoch of a few milliseconds
+    losses = objective.plain(torch.from_numpy(np.stack(all_logits)).to(y.device), y).tolist()
+    return list(zip(validation_scores(targets, all_logits), losses, strict=True))
 
 
 def fit(
@@ -163,9 +126,14 @@ def fit(
         # e.g. ARC's 10 warmup epochs (from 100-epoch runs) in a 10-epoch job would never reach the decay
         reporter.event(f"warmup of {hp['warmup_epochs']} epochs capped at half of this {hp['epochs']}-epoch run")
         warmup = max(1, total // 2)
-    results = [Result(state=runs[i].state(k)) for i, k in where]
+    # each Runs' configurations' best weights so far, stacked [K, ...]: copied from the live weights, which the next
+    # step changes (on the CPU, `states()` are views of them)
+    best = [{name: np.array(v) for name, v in r.states().items()} for r in runs]
+    results = [Result(state={}) for _ in where]
+    fields = ["epoch", "train_loss", objective.metric, "val_loss", "lr", "train_seconds"]
+    curves = np.full((len(where), hp["epochs"], len(fields)), np.nan)  # the histories, as the checkpoint holds them
     start_epoch, seconds, seen = 0, 0.0, 0
-    resumed = _load_checkpoint(checkpoint_dir, runs, results)
+    resumed = checkpoint.load(checkpoint_dir, runs, best, results, curves, fields)
     if resumed:
         start_epoch, log = resumed
         seconds, seen = log["seconds"], log["seen"]
@@ -176,56 +144,65 @@ def fit(
     flat = [j for i, r in enumerate(runs) for k in range(r.count) for j in [where.index((i, k))]]  # runs -> config
     metric = objective.metric
     warned: set[int] = set()  # configurations reported as diverged
-    for epoch in range(start_epoch, hp["epochs"]):
-        for r in runs:
-            r.train(True)
-        order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
-        t0, count = time.perf_counter(), 0
-        loss_sums = [torch.zeros(r.count, device=device) for r in runs]
-        for step, (x, y) in enumerate(train.iterate(batches_of(order, bs))):
-            if len(y):
-                y = objective.cast(y)
-                scale = warmup_cosine(epoch * steps_per_epoch + step, warmup, total)
-                for r, sums in zip(runs, loss_sums, strict=True):
-                    sums += r.step(inputs_for(x, r, layers), y, scale) * len(y)
-                count += len(y)
-                if first_step_s is None:  # the one step that waits for the device: with compile, it compiles
-                    loss_sums[0].sum().item()
-                    first_step_s = time.perf_counter() - t0
-            if step % 20 == 0:
-                reporter.check_cancel()
-        train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
-        diverged = {pos for pos, value in enumerate(train_loss) if not math.isfinite(value)}
-        if len(diverged) == len(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
-            raise NonFiniteLoss(f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
-                                "or check the data")  # fmt: skip
-        if diverged - warned:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
-            reporter.event(f"{len(diverged - warned)} of {len(train_loss)} configurations diverged (non-finite loss) "
-                           f"in epoch {epoch + 1}", level="warning")  # fmt: skip
-            warned |= diverged
-        epoch_s = time.perf_counter() - t0
-        seconds += epoch_s
-        seen += count
-        lr_scale = warmup_cosine(min((epoch + 1) * steps_per_epoch, total) - 1, warmup, total)
-        scores = evaluate(runs, val, n_val, max(bs, 64), layers, objective)
-        for pos, j in enumerate(flat):
-            res, (score, loss) = results[j], scores[pos]
-            lr = float(f"{runs[where[j][0]].base_lrs[where[j][1]] * lr_scale:.4g}")
-            res.history.append({"epoch": epoch + 1, "train_loss": round(train_loss[pos], 5), metric: round(score, 5),
-                                "val_loss": round(loss, 5), "lr": lr, "train_seconds": round(epoch_s, 3)})  # fmt: skip
-            if score > res.score:
-                i, k = where[j]
-                res.state, res.score, res.loss, res.epoch = runs[i].state(k), score, loss, epoch + 1
-        lead = results[select(results)]
-        last = lead.history[-1]
-        label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
-        reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
-                       f"{metric.replace('_', ' ')} {last[metric]:.4f}", type="metrics",
-                       data=last if len(results) == 1 else {**last, "configurations": [
-                           r.history[-1] for r in results]})  # fmt: skip
-        reporter.progress("training", epoch + 1, hp["epochs"], **last)
-        _save_checkpoint(checkpoint_dir, epoch + 1, runs, results, {"seconds": seconds, "seen": seen})
-        reporter.check_cancel()
+    with checkpoint.Writer() as writer:
+        for epoch in range(start_epoch, hp["epochs"]):
+            for r in runs:
+                r.train(True)
+            order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
+            t0, count = time.perf_counter(), 0
+            loss_sums = [torch.zeros(r.count, device=device) for r in runs]
+            for step, (x, y) in enumerate(train.iterate(batches_of(order, bs))):
+                if len(y):
+                    y = objective.cast(y)
+                    scale = warmup_cosine(epoch * steps_per_epoch + step, warmup, total)
+                    for r, sums in zip(runs, loss_sums, strict=True):
+                        sums += r.step(inputs_for(x, r, layers), y, scale) * len(y)
+                    count += len(y)
+                    if first_step_s is None:  # the one step that waits for the device: with compile, it compiles
+                        loss_sums[0].sum().item()
+                        first_step_s = time.perf_counter() - t0
+                if step % 20 == 0:
+                    reporter.check_cancel()
+            train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
+            diverged = {pos for pos, value in enumerate(train_loss) if not math.isfinite(value)}
+            if len(diverged) == len(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
+                raise NonFiniteLoss(f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
+                                    "or check the data")  # fmt: skip
+            if diverged - warned:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
+                reporter.event(f"{len(diverged - warned)} of {len(train_loss)} configurations diverged (non-finite "
+                               f"loss) in epoch {epoch + 1}", level="warning")  # fmt: skip
+                warned |= diverged
+            epoch_s = time.perf_counter() - t0
+            seconds += epoch_s
+            seen += count
+            lr_scale = warmup_cosine(min((epoch + 1) * steps_per_epoch, total) - 1, warmup, total)
+            scores = evaluate(runs, val, n_val, max(bs, 64), layers, objective)
+            improved: dict[int, list[int]] = {}
+            for pos, j in enumerate(flat):
+                res, (score, loss), (i, k) = results[j], scores[pos], where[j]
+                row = [epoch + 1, round(train_loss[pos], 5), round(score, 5), round(loss, 5),
+                       float(f"{runs[i].base_lrs[k] * lr_scale:.4g}"), round(epoch_s, 3)]  # fmt: skip
+                res.history.append(dict(zip(fields, row, strict=True)))
+                curves[j, epoch] = row
+                if score > res.score:
+                    res.score, res.loss, res.epoch = score, loss, epoch + 1
+                    improved.setdefault(i, []).append(k)
+            for i, ks in improved.items():
+                for name, value in runs[i].states().items():
+                    best[i][name][ks] = value[ks]
+            lead = results[select(results)]
+            last = lead.history[-1]
+            label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
+            reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
+                           f"{metric.replace('_', ' ')} {last[metric]:.4f}", type="metrics",
+                           data=last if len(results) == 1 else {**last, "configurations": [
+                               r.history[-1] for r in results]})  # fmt: skip
+            reporter.progress("training", epoch + 1, hp["epochs"], **last)
+            checkpoint.save(writer, checkpoint_dir, epoch + 1, runs, best, results, curves[:, : epoch + 1], fields,
+                            {"seconds": seconds, "seen": seen})  # fmt: skip
+            reporter.check_cancel()
+    for res, (i, k) in zip(results, where, strict=True):
+        res.state = {name: v[k] for name, v in best[i].items()}
     timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
               "compiled": bool(hp.get("compile"))}  # fmt: skip
     if first_step_s is not None:

@@ -56,6 +56,13 @@ class Objective:
         """The training loss [K] of logits [K, B, C]."""
         return self._loss(logits, y, self.label_smoothing, self.weight)
 
+    def normalizer(self, y: torch.Tensor) -> torch.Tensor:
+        """What the loss of a batch with targets `y` is divided by (its rows, or for class weights the weights of its
+        targets): a batch's loss is the sum over parts of it of each part's loss times its normalizer's share."""
+        if self.weight is not None and not self.multi_label:
+            return self.weight[y].sum()
+        return torch.tensor(float(len(y)), device=y.device)
+
     def single(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss of one configuration's logits [B, C], a scalar: `self(logits[None], y)[0]` in fewer
         operations (the L-BFGS probe evaluates it hundreds of times)."""

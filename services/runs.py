@@ -61,7 +61,9 @@ class Runs(Protocol):
     def train(self, mode: bool) -> None: ...
     def step(self, x: torch.Tensor, y: torch.Tensor, lr_scale: float) -> torch.Tensor: ...  # losses [K], detached
     def logits(self, x: torch.Tensor) -> torch.Tensor: ...  # [K, B, C]
-    def state(self, k: int) -> dict[str, np.ndarray]: ...  # configuration k's weights, as the artifact saves them
+    # every configuration's weights, stacked [K, ...], as the artifact saves them; on the CPU these are views of the
+    # live weights, which the next step changes: copy what you keep
+    def states(self) -> dict[str, np.ndarray]: ...
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
     def restore(self, tensors: dict[str, np.ndarray], info: dict[str, Any]) -> None: ...
 
@@ -111,11 +113,11 @@ class ModuleRuns:
         with autocast(self.device):
             return self.forward(x)[None].float()
 
-    def state(self, k: int = 0) -> dict[str, np.ndarray]:
-        return to_numpy(self.model.trainable_state())
+    def states(self) -> dict[str, np.ndarray]:
+        return {k: v[None] for k, v in to_numpy(self.model.trainable_state()).items()}
 
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        tensors = {f"model.{k}": v for k, v in self.state().items()}
+        tensors = {f"model.{k}": v for k, v in to_numpy(self.model.trainable_state()).items()}
         opt_state = self.opt.state_dict()
         for pid, s in opt_state["state"].items():
             for name, value in s.items():

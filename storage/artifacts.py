@@ -2,7 +2,7 @@
 
     models/<model_id>/       weights.safetensors, config.json, metrics.json, any further files of the model
                              (`write_file`: an evaluation report, plots/...), and the completion marker last
-    checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/training.py); kept after the job ends
+    checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/checkpoint.py); kept after the job ends
                              for `checkpoint_retention_h` (services/retention.py removes them)
 
 Every file is written atomically (a temporary key, then the final one). A model is there once its completion
@@ -22,7 +22,7 @@ from safetensors.numpy import load, load_file, save, save_file
 
 from storage.store import Folder, Incomplete, Store
 
-__all__ = ["ArtifactStore", "Incomplete", "as_folder", "tensors_from_bytes", "tensors_to_bytes"]
+__all__ = ["ArtifactStore", "Incomplete", "as_folder", "metadata_from_bytes", "tensors_from_bytes", "tensors_to_bytes"]
 
 
 def tensors_to_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
@@ -32,6 +32,13 @@ def tensors_to_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | 
 
 def tensors_from_bytes(data: bytes) -> dict[str, np.ndarray]:
     return load(data)
+
+
+def metadata_from_bytes(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file held in memory (safetensors reads it only from files): the format's
+    8-byte little-endian header length, then the JSON header that holds it."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
 
 
 # ---- single local files (tests and benchmarks write these directly) ----------------------------------------------

@@ -199,10 +199,8 @@ def job_checkpoints(job_id: JobId, store: StoreDep, settings: SettingsDep, owner
     folder = ArtifactStore.from_settings(settings).checkpoints(job_id)
     files = folder.files()
     info = folder.read_json("checkpoint.json") if "checkpoint.json" in files else {}
-    results = info.get("results") or []  # one per configuration (a sweep has several): its best epoch and score
-    best = max(results, key=lambda r: r["score"])["epoch"] if results else None
     data = [{"name": name, "size_bytes": size, "created_at": folder.modified(name), "epoch": info.get("epoch"),
-             "best_epoch": best} for name, size in sorted(files.items())]  # fmt: skip
+             "best_epoch": info.get("best_epoch")} for name, size in sorted(files.items())]  # fmt: skip
     return {"object": "list", "data": data, "expires_at": expires_at(job, settings)}
 
 

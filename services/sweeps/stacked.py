@@ -48,15 +48,32 @@ class StackedRuns:
     def train(self, mode: bool) -> None:
         self.template.train(mode)
 
+    def _parts(self, n: int) -> list[slice]:
+        """The batch's rows in micro-batches. K networks that each compute their own activations (LoSA) hold K times
+        one network's: on the CPU, where that spills the caches and every step faults fresh pages in, they run on
+        about 2 B / K rows at a time (8 LoSA networks at batch 64: 17% faster steps, 40% faster evaluation). On a
+        GPU one launch for the whole batch is faster."""
+        if not (self.template.own_activations and self.device == "cpu" and self.count > 2):
+            return [slice(0, n)]
+        rows = max(1, -(-2 * n // self.count))
+        return [slice(s, s + rows) for s in range(0, n, rows)]
+
     def step(self, x: torch.Tensor, y: torch.Tensor, lr_scale: float) -> torch.Tensor:
-        with autocast(self.device):
-            loss = self.objective(self._forward(self.params, x), y)
         self.opt.zero_grad()
-        loss.sum().backward()
+        parts = self._parts(len(y))
+        total = self.objective.normalizer(y) if len(parts) > 1 else None
+        losses = []
+        for part in parts:  # gradients of micro-batches add up to the batch's: each weighted by its share of it
+            with autocast(self.device):
+                loss = self.objective(self._forward(self.params, x[part]), y[part])
+            if total is not None:
+                loss = loss * (self.objective.normalizer(y[part]) / total)
+            loss.sum().backward()
+            losses.append(loss.detach())
         if self.clip:
             self._clip(self.clip)
         self.opt.step(lr_scale)
-        return loss.detach()
+        return torch.stack(losses).sum(0)
 
     @torch.no_grad()
     def _clip(self, max_norm: float) -> None:
@@ -69,13 +86,14 @@ class StackedRuns:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.device):
-            return self._forward(self.params, x).float()
+            return torch.cat([self._forward(self.params, x[part]).float() for part in self._parts(len(x))], dim=1)
 
-    def state(self, k: int) -> dict[str, np.ndarray]:
-        """Configuration k's state dict, as its own module would save it."""
+    def states(self) -> dict[str, np.ndarray]:
+        """The state dict each configuration's own module would save, stacked [K, ...] (frozen buffers repeated)."""
         out = {}
         for name, value in self.template.state_dict().items():
-            out[name] = (self.params[name][k] if name in self.params else value).detach().cpu().numpy()
+            stacked = self.params[name] if name in self.params else value.expand(self.count, *value.shape)
+            out[name] = stacked.detach().cpu().numpy()
         return out
 
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, average_precision_score
 
 from services import methods, plots
-from services.evaluation import choose_threshold, report, validation_score
+from services.evaluation import choose_threshold, report, validation_score, validation_scores
 from services.methods.apla.config import AplaConfig, default_lr
 from services.methods.linear.config import LinearConfig
 from services.methods.losa.config import LosaConfig
@@ -67,6 +67,10 @@ def test_validation_figures_are_scikit_learns() -> None:
     tags = (rng.random((50, 7)) > 0.6).astype(int)
     probs = 1 / (1 + np.exp(-logits))  # AP depends on the order of the scores only: logits give the same figure
     assert validation_score(tags, logits) == pytest.approx(average_precision_score(tags, probs, average="macro"))
+    # a sweep's configurations, scored at once: the same figures
+    sweep = [rng.normal(size=(50, 7)) for _ in range(5)]
+    assert validation_scores(targets, sweep) == [accuracy_score(targets, s.argmax(1)) for s in sweep]
+    assert validation_scores(tags, sweep) == [validation_score(tags, s) for s in sweep]
 
 
 def test_top5_accuracy_by_hand() -> None:

@@ -4,6 +4,7 @@ own), and a sweep job that reads the cache once per epoch for every configuratio
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from services.sweeps.grid import check_size
 from services.sweeps.optim import StackedOptimizer
 from services.sweeps.stacked import StackedRuns, make_runs
 from services.training import train_job
+from storage.artifacts import read_tensors
 from storage.cache import CacheEntry
 from storage.settings import Settings
 
@@ -135,11 +137,12 @@ def test_stacked_configurations_train_as_each_would_alone(method, kind: str) -> 
         t = objective.targets(y)
         losses = stacked.step(x, t, 0.5 + step / 10)
         torch.testing.assert_close(losses, torch.cat([r.step(x, t, 0.5 + step / 10) for r in alone]))
+    ours = stacked.states()
     for k, r in enumerate(alone):
-        ours, theirs = stacked.state(k), r.state()
+        theirs = r.states()
         assert ours.keys() == theirs.keys()
         for name in theirs:
-            np.testing.assert_allclose(ours[name], theirs[name], atol=2e-6, rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(ours[name][k], theirs[name][0], atol=2e-6, rtol=1e-5, err_msg=name)
 
 
 def test_make_runs_stacks_one_architecture_and_keeps_the_order() -> None:
@@ -222,14 +225,23 @@ class CancelAtEpoch(NullReporter):
             raise Cancelled("job")
 
 
+@pytest.mark.parametrize(
+    "grid", [{"lr": [0.01, 0.05], "weight_decay": [0.0, 0.01]}, {"lr": [0.01, 0.05], "rank": [2, 4]}],
+    ids=["one-architecture", "two-architectures"],
+)  # fmt: skip
 def test_an_interrupted_sweep_resumes_from_its_checkpoint(
-    losa_cache: tuple[Settings, str], digits_root: Path, tmp_path: Path
+    losa_cache: tuple[Settings, str], digits_root: Path, tmp_path: Path, grid: dict
 ) -> None:
     settings, key = losa_cache
-    job = spec(digits_root / "train", sweep={"lr": [0.01, 0.05], "weight_decay": [0.0, 0.01]}, epochs=3)
+    job = spec(digits_root / "train", sweep=grid, epochs=3)
     whole = train_job(job, settings, key, NullReporter(), tmp_path / "whole")
     with pytest.raises(Cancelled):
         train_job(job, settings, key, CancelAtEpoch(2), tmp_path / "cut")
+    # what a resume reads is one file; the summary beside it is strict JSON
+    summary = json.loads((tmp_path / "cut" / "checkpoint.json").read_text(), parse_constant=pytest.fail)
+    assert summary["epoch"] == 1 and summary["best_epoch"] == 1 and len(summary["results"]) == 4
+    tensors = read_tensors(tmp_path / "cut" / "checkpoint.safetensors")
+    assert tensors["history"].shape[:2] == (4, 1)
     reporter = NullReporter()
     resumed = train_job(job, settings, key, reporter, tmp_path / "cut")
     assert any("resumed training from the checkpoint of epoch 1" in e["message"] for e in reporter.events)
@@ -237,3 +249,20 @@ def test_an_interrupted_sweep_resumes_from_its_checkpoint(
         assert untimed(ours["history"]) == untimed(theirs["history"]) and ours["config"] == theirs["config"]
     for name, value in whole["weights"].items():
         np.testing.assert_allclose(resumed["weights"][name], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sweep", [None, {"lr": [0.1, 0.3]}], ids=["one-configuration", "sweep"])
+def test_the_model_a_job_returns_is_its_best_epochs(
+    losa_cache: tuple[Settings, str], digits_root: Path, tmp_path: Path, sweep: dict | None
+) -> None:
+    """With no test split, the returned model is evaluated on validation: it must score what its best epoch scored.
+    (On the CPU the weights kept for the best epoch were once views of the live ones, so a job returned its last
+    epoch's weights under its best epoch's score.) Learning rates this high make the later epochs worse."""
+    settings, key = losa_cache
+    job = spec(digits_root / "train", sweep=sweep, epochs=6, lr=0.1, weight_decay=0.0)
+    out = train_job(job, settings, key, NullReporter(), tmp_path / "ckpt")
+    m = out["metrics"]
+    entries = m.get("sweep") or [m]
+    assert any(e["best_epoch"] < len(e["history"]) for e in entries), "no configuration peaked before its last epoch"
+    assert out["evaluation"]["split"] == "val"
+    assert out["evaluation"]["metrics"]["val_accuracy"] == pytest.approx(m["val_accuracy"], abs=1e-5)
