@@ -75,9 +75,12 @@ class Readout(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._norm(x, self.norm_weight, self.norm_bias)
-        # pooled at extraction: the one token left (the final norm then normalises the mean token for `mean`)
-        x = x[:, 0] if self.pool == "cls" or self.pre_pooled else x[:, self.num_prefix_tokens :].mean(dim=1)
+        # pooled at extraction: the one token left (the final norm then normalises the mean token for `mean`); the
+        # class token alone is normalised as it would be among the others (a layer norm is per token)
+        if self.pool == "cls" or self.pre_pooled:
+            x = self._norm(x[:, 0], self.norm_weight, self.norm_bias)
+        else:
+            x = self._norm(x, self.norm_weight, self.norm_bias)[:, self.num_prefix_tokens :].mean(dim=1)
         return self._norm(x, self.fc_norm_weight, self.fc_norm_bias)
 
 
