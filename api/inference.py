@@ -33,8 +33,8 @@ def create_inference_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from services.batching import Batcher  # torch, in the serving process only
-        from services.inference import Predictor
+        from services.serving.batching import Batcher  # torch, in the serving process only
+        from services.serving.inference import Predictor
 
         app.state.predictor = Predictor(settings)
         app.state.batcher = Batcher.from_settings(app.state.predictor)

@@ -1,4 +1,4 @@
-"""Response and request bodies of the API (the job spec itself is services/spec.py). Every field is described
+"""Response and request bodies of the API (the job spec itself is services/spec/). Every field is described
 so the OpenAPI document is the reference."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 # The plan of `POST /jobs?dry_run=true`: its schema (every field described) lives with the planner, which the CLI
 # also uses (the CLI must not import the API); re-exported here so the API's bodies are all found in this module.
 from services.architectures import Architecture  # noqa: F401
-from services.planner import Plan  # noqa: F401
+from services.jobs.planner import Plan  # noqa: F401
 
 
 class ErrorDetail(BaseModel):

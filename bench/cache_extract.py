@@ -1,6 +1,6 @@
 """bench/cache.py, part (a): extraction against its ceiling. Each stage is measured alone, then the whole extraction:
 
-- decode: the production loader (services/loading.py) decoding and resizing every image, no model;
+- decode: the production loader (services/data/loading.py) decoding and resizing every image, no model;
 - forward: the bare forward (`Backbone.intermediates` of the cached layers, float16 out) on batches already normalised
   in device memory;
 - writer: the cache writer (storage/cache/writer.py) writing those activations into a fresh entry, against the raw
@@ -81,7 +81,7 @@ def cores() -> int:
 
 
 def decode_rate(dataset, split, batch_size: int, workers: int) -> float:
-    from services.loading import BatchReader, iterate
+    from services.data.loading import BatchReader, iterate
 
     n = len(dataset)
     batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
@@ -154,10 +154,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from services.backbones import load_backbone
-    from services.datasets import read_dataset
+    from services.data.datasets import read_dataset
+    from services.data.loading import BatchReader, iterate, loader_workers
     from services.extraction import run_extraction
-    from services.loading import BatchReader, iterate, loader_workers
-    from services.progress import NullReporter
+    from services.jobs.progress import NullReporter
     from services.spec import BackboneSpec
 
     device, bs = args.device, args.batch_size

@@ -14,7 +14,7 @@ import common
 from cache_extract import job_spec, settings_for
 from common import MB, MEMORY_ENV, fmt, median, put, ratio, render, say, spread
 
-from services.progress import NullReporter
+from services.jobs.progress import NullReporter
 
 SPEED_RUNS = ["cache", "cache (streamed)", "online (ready batches)"]
 MEM_RUNS = [  # (name, mode, train_memory_mb): the first cache row is the headline
@@ -31,7 +31,7 @@ def checkpoint(args: argparse.Namespace, name: str):
 class ReadyOnline:
     """LoSA's `online` input fed fairly: images decoded, resized and normalised beforehand, held in device memory,
     so each step is the frozen backbone's no_grad forward and nothing else (no decoding, no copies). A Source for
-    services.fit.fit."""
+    services.training.fit.fit."""
 
     def __init__(self, backbone, images, labels, layers: list[int]) -> None:
         import torch
@@ -54,11 +54,11 @@ def fit_online_ready(backbone, spec, inputs, labels, classes: int, ckpt: Path) -
     import torch
 
     from services import methods
-    from services.datasets import stratified_split
-    from services.fit import fit
+    from services.data.datasets import stratified_split
     from services.methods.readout import FeatureInfo
-    from services.objectives import Objective
-    from services.runs import ModuleRuns
+    from services.training.fit import fit
+    from services.training.objectives import Objective
+    from services.training.runs import ModuleRuns
 
     device = str(backbone.device)
     train_idx, val_idx = stratified_split(labels, spec.dataset.val_fraction, spec.dataset.split_seed)
@@ -82,8 +82,8 @@ def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
     import torch
 
     from services.backbones import load_backbone
-    from services.datasets import read_dataset
-    from services.loading import BatchReader, iterate
+    from services.data.datasets import read_dataset
+    from services.data.loading import BatchReader, iterate
 
     backbone = load_backbone(spec.backbone, args.device)
     dataset = read_dataset(args.dataset)
@@ -145,9 +145,9 @@ def report_speed(args: argparse.Namespace, c: dict[str, Any], info: dict, extrac
     print(
         f"(c) LoSA training (rank {args.rank}, all {info['num_layers']} layers), {args.epochs} epochs, batch "
         f"{args.batch_size}, {hp['optimizer']} lr {hp['lr']} wd {hp['weight_decay']} warmup {hp['warmup_epochs']} "
-        "(the paper's settings), same model, loop (services.fit.fit) and hyperparameters for every row; img/s = "
-        "fit's train_images_per_s (training loop only; validation and setup excluded). The baseline is online LoSA "
-        "fed fairly: images decoded beforehand and held in device memory, so it pays the backbone forward only"
+        "(the paper's settings), same model, loop (services.training.fit.fit) and hyperparameters for every row; "
+        "img/s = fit's train_images_per_s (training loop only; validation and setup excluded). The baseline is online "
+        "LoSA fed fairly: images decoded beforehand and held in device memory, so it pays the backbone forward only"
     )
     headers = ["mode", "inputs", "train img/s", "vs online", "train s", "val acc (random init)"]
     online = median(c["online (ready batches)"]["img_s"])
@@ -201,7 +201,7 @@ def mem_child(args: argparse.Namespace) -> dict[str, Any]:
     import zarr  # noqa: F401
 
     import services.methods.losa.model  # noqa: F401
-    import services.training as training
+    import services.training.job as training
 
     cuda = args.device.startswith("cuda")
     settings = settings_for(args, "mem", args.mem_train_memory_mb)

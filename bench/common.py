@@ -57,7 +57,7 @@ def workdir(data_dir: str | None, prefix: str) -> Iterator[Path]:
 
 def write_digits(work: Path, limit: int, name: str = "digits") -> dict[str, int]:
     """scikit-learn's digits under `work/datasets/<name>/{train,holdout}` (see `digits_dir`); returns the counts."""
-    from services.digits import write_digits as write
+    from services.data.digits import write_digits as write
 
     return write(digits_dir(work, name).parent, limit=limit)
 
@@ -77,8 +77,8 @@ def make_settings(data_dir: Path, root: Path, device: str, train_memory_mb: int 
 def train_fresh(spec, settings, cache_key: str | None, checkpoint: Path, reporter=None) -> tuple[dict, str]:
     """`train_job` from scratch (an earlier checkpoint would make it resume); returns its output and its own
     description of the inputs it trained from."""
-    from services.progress import NullReporter
-    from services.training import train_job
+    from services.jobs.progress import NullReporter
+    from services.training.job import train_job
 
     reporter = reporter or NullReporter()
     shutil.rmtree(checkpoint, ignore_errors=True)

@@ -90,10 +90,10 @@ def phase_extraction(args: argparse.Namespace, res: Results) -> dict[str, Any]:
     import torch
 
     from services.backbones import load_backbone
-    from services.datasets import read_dataset
+    from services.data.datasets import read_dataset
+    from services.data.loading import BatchReader, iterate, loader_workers
     from services.extraction import run_extraction
-    from services.loading import BatchReader, iterate, loader_workers
-    from services.progress import NullReporter
+    from services.jobs.progress import NullReporter
     from services.spec import BackboneSpec
 
     t0 = time.perf_counter()
@@ -154,10 +154,10 @@ def phase_training(args: argparse.Namespace, res: Results, ext: dict[str, Any]) 
     import torch
 
     from services.backbones import load_backbone
-    from services.datasets import read_dataset
-    from services.loading import BatchReader, iterate
-    from services.progress import NullReporter
-    from services.training import train_job
+    from services.data.datasets import read_dataset
+    from services.data.loading import BatchReader, iterate
+    from services.jobs.progress import NullReporter
+    from services.training.job import train_job
 
     t0 = time.perf_counter()
     digits = ext["digits"]
@@ -207,10 +207,10 @@ def phase_serving(args: argparse.Namespace, res: Results, ext: dict[str, Any]) -
     import torch
     from PIL import Image
 
-    from services.batching import Batcher
-    from services.inference import Predictor
-    from services.progress import NullReporter
-    from services.training import train_job
+    from services.jobs.progress import NullReporter
+    from services.serving.batching import Batcher
+    from services.serving.inference import Predictor
+    from services.training.job import train_job
     from storage.artifacts import ArtifactStore
 
     t0 = time.perf_counter()

@@ -57,10 +57,10 @@ def run_size(args: argparse.Namespace, size: int, settings, dataset) -> dict[str
     import torch
 
     from services import methods
-    from services.datasets import split
+    from services.data.datasets import split
     from services.extraction import run_extraction
+    from services.jobs.progress import NullReporter
     from services.methods.readout import FeatureInfo
-    from services.progress import NullReporter
     from services.spec import JobSpec
     from storage.cache import FeatureCache
 
@@ -112,14 +112,14 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from services.runs import warm_up
+    from services.training.runs import warm_up
 
     warm_up()  # as a train worker does when it starts: the first optimizer's one-off import is not a job's cost
     load_start = common.load_average()
     results = {}
     with common.workdir(args.data_dir, "sidetune-heldout-") as work:
         args.work = work
-        from services.digits import write_digits
+        from services.data.digits import write_digits
 
         write_digits(work / "datasets" / "digits", holdout_fraction=0.0)  # the jobs hold out their own test split
         settings = common.make_settings(work, work, "cpu")

@@ -87,7 +87,7 @@ def short_inputs(inputs: str) -> str:
 def extract(args: argparse.Namespace) -> dict[str, Any]:
     """The feature cache of every cache and tail row, extracted once: LoSA reads every layer's tokens."""
     from services.extraction import run_extraction
-    from services.progress import NullReporter
+    from services.jobs.progress import NullReporter
     from storage.cache import FeatureCache
 
     config = settings(args)

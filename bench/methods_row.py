@@ -84,7 +84,7 @@ def median_rate(fn: Any, batches: list[Any], device: str) -> float:
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """Train one METHOD/MODE (`--one`), then time its inference. With `--memory-pass`: one epoch for the peak
     memory only (the parent sets MEMORY_ENV), no inference."""
-    from services.inference import Predictor
+    from services.serving.inference import Predictor
     from storage.artifacts import ArtifactStore
 
     method, mode = args.one.split("/")
@@ -130,7 +130,7 @@ def bare_backbone(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from services.backbones import load_backbone
-    from services.datasets import load_image
+    from services.data.datasets import load_image
     from services.spec import BackboneSpec
 
     device = settings(args).torch_device()

@@ -70,7 +70,7 @@ def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], 
     """`--models` LoSA models trained from one feature cache and a LoRA model, saved and registered; returns the LoSA
     ids, the LoRA id and the classes."""
     from services.extraction import run_extraction
-    from services.progress import NullReporter
+    from services.jobs.progress import NullReporter
     from services.spec import JobSpec
     from storage.artifacts import ArtifactStore
 
@@ -113,7 +113,7 @@ def memory(settings, device: str, losa: list[str], merged: str) -> dict:
     model: measured (resident set on the CPU, allocated memory on CUDA) and accounted (its tensors)."""
     import torch
 
-    from services.inference import Predictor
+    from services.serving.inference import Predictor
 
     def used() -> int:
         if device.startswith("cuda"):
@@ -150,8 +150,8 @@ def measure(args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from services.backbones import load_backbone
-    from services.datasets import read_imagefolder
-    from services.inference import Predictor
+    from services.data.datasets import read_imagefolder
+    from services.serving.inference import Predictor
     from services.spec import BackboneSpec
     from storage.jobs import JobStore
     from storage.redis_server import RedisServer

@@ -61,10 +61,11 @@ def spec_for(args: argparse.Namespace, kind: str, k: int, dataset: Path):
 
 
 class Counter:
-    """Times services.fit.fit (as services.training calls it) and counts CacheEntry.read calls while it runs."""
+    """Times services.training.fit.fit (as services.training.job calls it) and counts CacheEntry.read calls while it
+    runs."""
 
     def __init__(self) -> None:
-        import services.training as training
+        import services.training.job as training
         from storage.cache import CacheEntry
 
         self.training, self.entry_cls = training, CacheEntry
@@ -121,7 +122,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_start = common.load_average()
     from services.extraction import run_extraction
-    from services.progress import NullReporter
+    from services.jobs.progress import NullReporter
 
     with common.workdir(args.data_dir, "sidetune-sweep-") as work:
         args.work = work

@@ -57,9 +57,9 @@ def measure_extraction(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from services.data.loading import iterate, loader_workers
     from services.extraction import prepare, run_extraction
-    from services.loading import iterate, loader_workers
-    from services.progress import NullReporter
+    from services.jobs.progress import NullReporter
     from services.video.loading import clip_reader, clip_transform
 
     spec = job_spec(args, "cache")
@@ -102,8 +102,8 @@ def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
     import torch
 
     from services.backbones import load_backbone
-    from services.datasets import read_dataset
-    from services.loading import iterate
+    from services.data.datasets import read_dataset
+    from services.data.loading import iterate
     from services.video.loading import clip_reader, clip_transform
 
     backbone = load_backbone(spec.backbone, args.device)
@@ -127,7 +127,7 @@ def measure_training(args: argparse.Namespace, cache_key: str) -> dict[str, Any]
 
 def report(args: argparse.Namespace, a: dict[str, Any], c: dict[str, Any], load_start: float) -> None:
     from services.architectures import architecture
-    from services.planner import human_bytes
+    from services.jobs.planner import human_bytes
     from services.video.spec import VideoSpec
 
     info, kv = a["info"], {}

@@ -1,7 +1,7 @@
 """timm's plain ViTs without building them (no torch), for the spec, the planner and the API: which names sidetune
 supports (`vit_names.txt`, timm's `vision_transformer` and `deit` models: `VisionTransformer`s; those without a class
 token are read with mean pooling, an attention-pooling head is not used), and the shapes of their main families
-(blocks, width, tokens, MLP size), by model name. Checked against timm in tests/services/test_planner.py and
+(blocks, width, tokens, MLP size), by model name. Checked against timm in tests/services/jobs/test_planner.py and
 tests/services/test_backbone_names.py; after a timm upgrade, regenerate the names with
 `python -m services.architectures`.
 """

@@ -2,8 +2,8 @@
 the job steps' failure records. Torch-free.
 
 A `UserError` is an error whose message is the caller's answer: what was wrong and what to change. Each layer
-defines its own where it belongs (`SpecError` in services/spec.py, `DatasetError` in services/datasets.py,
-`BackboneError` in services/backbones.py, `NonFiniteLoss` in services/fit.py), with its `code` and `status`.
+defines its own where it belongs (`SpecError` in services/spec/, `DatasetError` in services/data/datasets.py,
+`BackboneError` in services/backbones.py, `NonFiniteLoss` in services/training/fit.py), with its `code` and `status`.
 Storage errors (which know nothing of this module) are mapped here. Anything else is a fault of ours:
 `internal_error`, reported with a reference id whose traceback is logged, and nothing of its internals shown.
 """
@@ -29,7 +29,7 @@ class UserError(Exception):
 class SpecError(UserError, ValueError):
     """A job spec that cannot run as given (a field that does not suit the backbone, the method or the settings); the
     message names the field. A ValueError too, so that inside a pydantic validator it becomes a validation error
-    (422). Imported from services/spec.py, where job specs live; defined here so that every module of the spec (the
+    (422). Imported from services/spec/, where job specs live; defined here so that every module of the spec (the
     sweeps' too) can raise it."""
 
     code = "invalid_spec"

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from services.backbones import Backbone, load_backbone
-from services.datasets import Dataset, check_path, read_for_job
-from services.images import PIXELS
-from services.loading import (
+from services.data.datasets import Dataset, check_path, read_for_job
+from services.data.images import PIXELS
+from services.data.loading import (
     BatchReader,
     EncodedReader,
     cpu_threads_beside,
@@ -29,7 +29,7 @@ from services.loading import (
     iterate,
     loader_workers,
 )
-from services.progress import Reporter
+from services.jobs.progress import Reporter
 from services.spec import JobSpec, SpecError, extraction_rows
 from services.video.loading import clip_reader, clip_transform, padding_event
 from services.video.spec import check_inputs
@@ -146,7 +146,7 @@ def extract_batches(
     prep: Prepared, spec: JobSpec, reporter: Reporter, batches: list[int], settings: Settings | None = None
 ) -> dict[str, Any]:
     """Run the backbone on `batches` (indices of the entry's extraction batches) and write each one whole. Loader
-    processes decode ahead (services/loading.py) and the writer writes several batches at once behind the forward
+    processes decode ahead (services/data/loading.py) and the writer writes several batches at once behind the forward
     (storage/cache/writer.py), so the backbone waits on neither while they keep up."""
     settings = settings or Settings()
     entry, backbone, dataset = prep.entry, prep.backbone, prep.dataset

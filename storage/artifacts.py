@@ -2,8 +2,8 @@
 
     models/<model_id>/       weights.safetensors, config.json, metrics.json, any further files of the model
                              (`write_file`: an evaluation report, plots/...), and the completion marker last
-    checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/checkpoint.py); kept after the job ends
-                             for `checkpoint_retention_h` (services/retention.py removes them)
+    checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/training/checkpoint.py); kept after the
+                             job ends for `checkpoint_retention_h` (services/jobs/retention.py removes them)
 
 Every file is written atomically (a temporary key, then the final one). A model is there once its completion
 marker is: `save_model` writes it after every other file, and `load_model` checks it and every file's size, so a

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.digits import write_digits
+from services.data.digits import write_digits
 from storage.redis_server import RedisServer
 from storage.settings import Settings
 from worker.launcher import free_port
@@ -93,8 +93,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, redis_url: str, digits_roo
     """Settings whose store holds tests.helpers.MODELS, each trained for an epoch by `train_job` as the train step
     does (for the serving tests)."""
     from services.extraction import run_extraction
-    from services.progress import NullReporter
-    from services.training import train_job
+    from services.jobs.progress import NullReporter
+    from services.training.job import train_job
     from storage.artifacts import ArtifactStore
     from tests.helpers import MODELS, job_spec
 
@@ -116,7 +116,7 @@ def images(digits_root: Path) -> list[bytes]:
 
     from PIL import Image
 
-    from services.datasets import read_imagefolder
+    from services.data.datasets import read_imagefolder
 
     out = []
     for p in read_imagefolder(digits_root / "train").paths[::17][:10]:

@@ -18,7 +18,8 @@ from worker.launcher import free_port
 MODELS = {
     "model_losa3": ({"name": "losa", "rank": 4, "layers": 3}, "cache"),
     "model_losa_all": ({"name": "losa", "rank": 8}, "cache"),
-    # mini-batch like the others (1 epoch at lr 1e-2); the L-BFGS probe is served in tests/services/test_held_out.py
+    # mini-batch like the others (1 epoch at lr 1e-2); the L-BFGS probe is served in
+    # tests/services/training/test_held_out.py
     "model_linear": ({"name": "linear", "solver": "sgd"}, "cache"),
     "model_lora": ({"name": "lora", "rank": 4}, "tail"),
 }

@@ -108,7 +108,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, _stop)
     if "train" in queues:  # in the background: the worker takes messages meanwhile, and a job would wait on the import
-        from services.runs import warm_up
+        from services.training.runs import warm_up
 
         threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     log.info("worker %s consuming %s", name, ", ".join(queues))
@@ -173,7 +173,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """The plan of a job spec, computed here (no server) under the settings of this environment."""
     from pydantic import ValidationError
 
-    from services.planner import describe, plan
+    from services.jobs.planner import describe, plan
     from services.spec import JobSpec
 
     try:

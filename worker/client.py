@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}  # as services/datasets.py (the client imports no services)
+# as services/data/datasets.py (the client imports no services)
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
 
 
 class ApiError(RuntimeError):

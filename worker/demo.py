@@ -68,7 +68,7 @@ def run_demo(epochs: int = 15, video: bool = False, per_class: int = 40) -> int:
         backbone = {"name": BACKBONE, "pretrained": pretrained, "image_size": VIDEO_SIZE, "video": VIDEO}
         holdout = sorted((root / "holdout").glob("*/*.mp4"))
     else:
-        from services.digits import write_digits
+        from services.data.digits import write_digits
 
         root = settings.data_path / "datasets" / "digits"
         counts = write_digits(root)

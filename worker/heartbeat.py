@@ -2,9 +2,9 @@
 the broker, stopped with it (and restarted with the consumer after a lost broker connection).
 
 Every third of `heartbeat_ttl_s` it beats for each queue the worker consumes (what /readyz, `shards: auto` and the
-watchdog count), takes its turn at the watchdog (services/watchdog.py: a Redis lease lets one worker act at a time),
-and enforces the hard time limit of the step this worker runs (worker/tasks.py): past `job_timeout_s` plus a grace
-period the job fails `job_timeout` and this process ends, so that its supervisor starts a fresh one. Errors (Redis
+watchdog count), takes its turn at the watchdog (services/jobs/watchdog.py: a Redis lease lets one worker act at a
+time), and enforces the hard time limit of the step this worker runs (worker/tasks.py): past `job_timeout_s` plus a
+grace period the job fails `job_timeout` and this process ends, so that its supervisor starts a fresh one. Errors (Redis
 restarting) are logged as warnings, and the next beat tries again.
 """
 
@@ -17,8 +17,8 @@ import time
 
 from celery import bootsteps
 
-from services import watchdog
-from services.pipeline import fail
+from services.jobs import watchdog
+from services.jobs.pipeline import fail
 from storage.jobs import JobStore, worker_name
 from storage.locks import LeaseLock
 from storage.settings import Settings

@@ -1,5 +1,5 @@
 """Celery tasks: parse, call the service step, enqueue what it asks for next. All logic lives in
-services/pipeline.py. Each step runs under `_step`, which records it as running (for the watchdog), bounds its time
+services/jobs/pipeline.py. Each step runs under `_step`, which records it as running (for the watchdog), bounds its time
 and retries what a retry may cure:
 
 - Time: a step longer than `job_timeout_s` is interrupted (a SIGALRM in this, the worker's main thread, where the
@@ -22,7 +22,7 @@ from functools import cache
 from celery import Task
 
 from services.errors import TRANSIENT, UserError
-from services.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, fail, train_step
+from services.jobs.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, fail, train_step
 from storage.jobs import JobStore, worker_name
 from storage.logs import log_context
 from storage.settings import Settings

@@ -20,7 +20,7 @@ from api.deps import DatasetId, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.schemas import Dataset, DatasetList, ErrorBody
 from api.uploads import receive_file
-from services.datasets import DatasetError, read_dataset
+from services.data.datasets import DatasetError, read_dataset
 from services.spec import JobSpec
 from storage.datasets import (
     STAGING,

@@ -12,9 +12,9 @@ from api.deps import CeleryDep, JobId, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.routes.datasets import record_use, resolve_dataset
 from api.schemas import CheckpointList, ErrorBody, EventList, Job, JobList, Plan
-from services import planner
-from services.datasets import DatasetError, check_path, resolve_format
-from services.retention import expires_at
+from services.data.datasets import DatasetError, check_path, resolve_format
+from services.jobs import planner
+from services.jobs.retention import expires_at
 from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
 from storage.jobs import Busy, IdempotencyConflict, JobStore, NotFound

@@ -5,8 +5,8 @@ the API forwards these paths to it (api/routes/forward.py).
 The routes are async and park no thread while a request waits: a cold model is loaded in the loader pool (never on the
 batching thread, so warm models keep answering); then the images' pixels are counted from their headers against the
 request's budget (`max_predict_pixels`, 413 `too_many_pixels`) and they are decoded in a small decoder pool as the
-model's training images were (services/images.py; videos as its clips were sampled); the request then awaits its rows
-of a batch (services/batching.py). `run_model` and `run_videos` are shared with the v2 routes.
+model's training images were (services/data/images.py; videos as its clips were sampled); the request then awaits
+its rows of a batch (services/serving/batching.py). `run_model` and `run_videos` are shared with the v2 routes.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from api.deps import ModelId, OwnerDep, SettingsDep
 from api.errors import ApiError
 from api.routes.models import own_model
 from api.schemas import ErrorBody, Instance, PredictRequest, PredictResponse
-from services.datasets import DatasetError
-from services.images import ImageError, TooManyPixels, check_budget, draft_size
+from services.data.datasets import DatasetError
+from services.data.images import ImageError, TooManyPixels, check_budget, draft_size
 
 TRIM_PIXELS = 16_000_000  # a request that decoded this many pixels hands the freed memory back to the OS
 

@@ -66,7 +66,7 @@ class AdapterConfig(BaseModel):
 
     @classmethod
     def of(cls, model_id: str, config: dict[str, Any]) -> AdapterConfig:
-        """From an artifact's config.json (services/training.py)."""
+        """From an artifact's config.json (services/training/job.py)."""
         fields = {k: config.get(k) for k in cls.model_fields if k in config}
         return cls(model_id=model_id, preprocessing=config["data_config"], **fields)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from services import methods
 from services.backbones import Backbone, load_backbone
-from services.datasets import check_path
+from services.data.datasets import check_path
 from services.methods.readout import FeatureInfo, Readout
 from services.spec import BackboneSpec
 from storage.cache import pool_tokens
@@ -43,7 +43,7 @@ class SideClassifier(nn.Module):
 @dataclass
 class Trained:
     model_id: str
-    config: dict[str, Any]  # the artifact's config.json (services/training.py writes it)
+    config: dict[str, Any]  # the artifact's config.json (services/training/job.py writes it)
     weights: dict[str, np.ndarray]  # the artifact's weights: what the method trained, never the frozen backbone
     backbone: Backbone  # float32, on the CPU; an adapted model's merged ViT is this backbone's model, changed
     module: nn.Module  # images [N, 3, H, W] (clips: [N, T*3, H, W]), normalised -> logits [N, classes]

@@ -4,6 +4,6 @@
 - `stacked.py`: side-network configurations of one architecture trained as one set of stacked tensors (vmap);
 - `optim.py`: SGD and AdamW over such stacked tensors, with a learning rate and weight decay per configuration.
 
-The training loop itself (services/training.py) feeds each mini-batch to every configuration, so the cache is
+The training loop itself (services/training/job.py) feeds each mini-batch to every configuration, so the cache is
 read once per epoch for the whole grid, and selects the best configuration on validation.
 """

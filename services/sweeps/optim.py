@@ -4,7 +4,7 @@ rate and a weight decay per configuration.
 torch.optim takes one lr per parameter group, so K configurations as K groups would hold K separate tensors per
 parameter: K times the per-tensor work of every step (on a CPU, foreach kernels are loops over tensors). Here each
 update is the one torch.optim makes, computed for all K at once with per-configuration factors broadcast over the
-leading axis; tests/services/test_sweeps.py checks it against torch.optim.SGD and AdamW slice by slice.
+leading axis; tests/services/training/test_sweeps.py checks it against torch.optim.SGD and AdamW slice by slice.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ per side layer), else `torch.vmap` over `torch.func.functional_call` with the st
 updates all K (sweeps/optim.py).
 
 `make_runs` groups a sweep's configurations: one `StackedRuns` per side architecture with several configurations,
-a plain `ModuleRuns` (services/runs.py) for any other configuration, adapted backbones included.
+a plain `ModuleRuns` (services/training/runs.py) for any other configuration, adapted backbones included.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from services.objectives import Objective
-from services.runs import ModuleRuns, Runs, autocast, decayed_names
 from services.sweeps.optim import StackedOptimizer
+from services.training.objectives import Objective
+from services.training.runs import ModuleRuns, Runs, autocast, decayed_names
 
 
 class StackedRuns:

@@ -3,7 +3,7 @@
 - `spec.py`: `backbone.video` (frames, tubelet, init, sampling), torch-free so the API validates it;
 - `sampling.py`: which frames of a video make its clip (deterministic for the cache, jittered online);
 - `decoding.py`: a clip as uint8 frames [T, H, W, 3], decoded by PyAV and put through the frames' transform;
-- `loading.py`: `ClipReader`, a batch of clips per item for the loader processes of services/loading.py;
+- `loading.py`: `ClipReader`, a batch of clips per item for the loader processes of services/data/loading.py;
 - `backbone.py`: the tubelet embedding and the ViViT made of a timm VisionTransformer;
 - `planning.py`: clip sizes and memory for the planner (torch-free);
 - `synthetic.py`: the motion dataset of the demo, tests and benchmark.

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from services.datasets import DatasetError
+from services.data.datasets import DatasetError
 from services.video.sampling import clip_indices
 from services.video.spec import VideoSpec
 

@@ -1,4 +1,4 @@
-"""Clips for the loader processes of services/loading.py: `ClipReader` is a `BatchReader` whose item is a batch of
+"""Clips for the loader processes of services/data/loading.py: `ClipReader` is a `BatchReader` whose item is a batch of
 clips, uint8 [B, T, H, W, 3], decoded by PyAV in the loader processes (so decoding scales with the cores) and
 normalised on the device by `SplitTransform.to_input`, as images are. Corrupt videos are handled as corrupt images
 (`on_corrupt`); a video shorter than the clip is padded by repeating frames, with a note for the job's events.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.datasets import Dataset
-from services.loading import BatchReader
+from services.data.datasets import Dataset
+from services.data.loading import BatchReader
 from services.video.decoding import ClipTransform, read_clip
 from services.video.spec import VideoSpec
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from services.datasets import DatasetError
+from services.data.datasets import DatasetError
 from services.video.decoding import read_clip
 from services.video.loading import clip_transform
 from services.video.spec import VideoSpec

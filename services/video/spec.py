@@ -59,7 +59,7 @@ class VideoSpec(BaseModel):
 def check_inputs(video: VideoSpec | None, kind: str, where: str) -> None:
     """A video dataset needs `backbone.video` and an image dataset must not have it; raises DatasetError naming the
     dataset `where` otherwise."""
-    from services.datasets import DatasetError
+    from services.data.datasets import DatasetError
 
     if kind == "video" and video is None:
         raise DatasetError(f"dataset {where} holds videos: set `backbone.video` (e.g. {{\"num_frames\": 16}}) to "

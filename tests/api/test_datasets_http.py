@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
-from services.digits import write_digits
+from services.data.digits import write_digits
 from storage.datasets import STAGING
 from storage.settings import Settings
 from tests.helpers import serve

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from api.main import create_app
-from services.datasets import DatasetError
+from services.data.datasets import DatasetError
 from services.spec import SpecError
 from storage.settings import Settings
 from tests.helpers import serve

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from api.inference import create_inference_app
 from api.main import create_app
-from services.digits import write_digits
+from services.data.digits import write_digits
 from storage.artifacts import ArtifactStore
 from storage.jobs import JobStore, now
 from storage.settings import Settings

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from fastapi.testclient import TestClient
 
-from services.retention import sweep_checkpoints
+from services.jobs.retention import sweep_checkpoints
 from storage.artifacts import ArtifactStore
 from storage.jobs import JobStore, now
 from worker.client import ApiError

@@ -10,7 +10,7 @@ import logging
 import httpx
 import pytest
 
-from services.digits import write_digits
+from services.data.digits import write_digits
 from storage.logs import Redactor, configure_logging, log_context
 from storage.settings import Settings
 from worker.client import Client

@@ -43,8 +43,8 @@ def test_pretrained_tags_are_accepted() -> None:
 
 def test_a_vit_without_class_token_trains_with_mean_pooling(settings, digits_root: Path) -> None:
     from services.extraction import run_extraction
-    from services.progress import NullReporter
-    from services.training import train_job
+    from services.jobs.progress import NullReporter
+    from services.training.job import train_job
 
     spec = JobSpec.model_validate({
         "dataset": {"path": str(digits_root / "train")},

@@ -11,7 +11,7 @@ import torch
 
 from services.backbones import load_backbone, resolve_precision
 from services.extraction import _HostBuffers, run_extraction
-from services.progress import NullReporter
+from services.jobs.progress import NullReporter
 from services.spec import BackboneSpec, JobSpec
 from storage.cache import FeatureCache
 from storage.settings import Settings

@@ -22,10 +22,10 @@ from services.export import ExportError, export_model
 from services.export.adapter import load_adapter
 from services.export.model import trained_model
 from services.extraction import run_extraction
-from services.inference import Predictor, tensor_bytes
-from services.progress import NullReporter
+from services.jobs.progress import NullReporter
+from services.serving.inference import Predictor, tensor_bytes
 from services.spec import JobSpec
-from services.training import train_job
+from services.training.job import train_job
 from services.video.synthetic import write_motion
 from storage.artifacts import ArtifactStore
 from storage.settings import Settings

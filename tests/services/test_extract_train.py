@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from services import methods
-from services.datasets import DatasetError, read_imagefolder
+from services.data.datasets import DatasetError, read_imagefolder
 from services.extraction import prepare, run_extraction
-from services.inference import Predictor
+from services.jobs.progress import Cancelled, NullReporter
 from services.methods.readout import FeatureInfo
-from services.progress import Cancelled, NullReporter
+from services.serving.inference import Predictor
 from services.spec import JobSpec
-from services.training import to_torch, train_job
+from services.training.job import to_torch, train_job
 from storage.artifacts import ArtifactStore
 from storage.cache import CacheEntry, FeatureCache
 from storage.settings import Settings
@@ -268,7 +268,7 @@ def test_cached_activations_are_the_backbones_on_its_own_transform(settings: Set
     """The loader's split transform (PIL steps in its thread, ToTensor + Normalize batched in the model's) and the
     float16 stacking give exactly what the whole eval transform and a float32 forward give, rounded once."""
     from services.backbones import load_backbone
-    from services.datasets import load_image
+    from services.data.datasets import load_image
 
     spec = job_spec(digits, {"name": "losa", "rank": 4})
     entry = entry_of(settings, run_extraction(spec, settings, NullReporter()))

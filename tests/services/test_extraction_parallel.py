@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from services.extraction import run_extraction
-from services.progress import NullReporter
+from services.jobs.progress import NullReporter
 from services.spec import JobSpec
 from storage.cache import FeatureCache
 from storage.settings import Settings

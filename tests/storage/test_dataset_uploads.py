@@ -238,7 +238,7 @@ def test_remove_and_sweep(tmp_path):
 
 
 def test_a_dataset_on_s3_is_fetched_once_by_another_machine_with_the_same_fingerprint(tmp_path, s3_url):
-    from services.datasets import read_dataset
+    from services.data.datasets import read_dataset
 
     store = Store(s3_url).folder("datasets")
     uploader = DatasetFiles(tmp_path / "a" / "datasets", store)

@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from services.digits import write_digits
+from services.data.digits import write_digits
 from storage.cache import FeatureCache
 from storage.jobs import JobStore
 from storage.settings import Settings
@@ -78,7 +78,7 @@ def test_sigkilled_extract_worker_resumes_and_the_cache_equals_a_clean_run(fault
 
     clean = Settings(data_dir=running.settings.data_path / "clean", allowed_roots=running.settings.roots)
     from services.extraction import run_extraction
-    from services.progress import NullReporter
+    from services.jobs.progress import NullReporter
     from services.spec import JobSpec
 
     result = run_extraction(JobSpec.model_validate(body), clean, NullReporter())
@@ -111,7 +111,7 @@ def test_sigkilled_extract_worker_with_loader_processes_leaves_none_and_resumes_
     clean = Settings(data_dir=running.settings.data_path / "clean-loaders", allowed_roots=running.settings.roots,
                      loader_workers=0, cache_writers=1)  # fmt: skip
     from services.extraction import run_extraction
-    from services.progress import NullReporter
+    from services.jobs.progress import NullReporter
     from services.spec import JobSpec
 
     result = run_extraction(JobSpec.model_validate(body), clean, NullReporter())

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from services.datasets import read_imagefolder
-from services.pipeline import extract_step
+from services.data.datasets import read_imagefolder
+from services.jobs.pipeline import extract_step
 from storage.jobs import JobStore
 from storage.settings import Settings
 from worker import tasks

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.digits import write_digits
+from services.data.digits import write_digits
 from storage.jobs import JobStore
 from storage.redis_server import RedisServer
 from storage.settings import Settings

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from services.digits import write_digits
+from services.data.digits import write_digits
 from storage.jobs import JobStore
 from worker.launcher import free_port
 

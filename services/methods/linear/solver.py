@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from services.evaluation import validation_score
-from services.objectives import Objective
+from services.training.evaluation import validation_score
+from services.training.objectives import Objective
 
 # L2 strengths tried when training.weight_decay is `auto`: 10^1 .. 10^-7 in half decades, strongest first (C from
 # about 1e-4 to 1e4 at a thousand training images).

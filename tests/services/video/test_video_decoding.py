@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.datasets import DatasetError, read_dataset
+from services.data.datasets import DatasetError, read_dataset
+from services.data.loading import iterate
 from services.extraction import run_extraction
-from services.loading import iterate
-from services.progress import NullReporter
+from services.jobs.progress import NullReporter
 from services.spec import JobSpec
-from services.training import train_job
+from services.training.job import train_job
 from services.video.decoding import ClipTransform, VideoTooLong, read_clip
 from services.video.loading import ClipReader
 from services.video.sampling import clip_indices

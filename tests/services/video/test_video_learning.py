@@ -18,11 +18,11 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from services.backbones import load_backbone
-from services.datasets import read_dataset, stratified_split
+from services.data.datasets import read_dataset, stratified_split
 from services.extraction import run_extraction
-from services.progress import NullReporter
+from services.jobs.progress import NullReporter
 from services.spec import BackboneSpec, JobSpec
-from services.training import train_job
+from services.training.job import train_job
 from services.video.decoding import read_clip
 from services.video.spec import VideoSpec
 from services.video.synthetic import write_motion

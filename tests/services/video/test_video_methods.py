@@ -15,12 +15,12 @@ from pydantic import TypeAdapter
 
 from services import methods
 from services.backbones import load_backbone
-from services.datasets import DatasetError, read_dataset
+from services.data.datasets import DatasetError, read_dataset
 from services.extraction import run_extraction
-from services.inference import Predictor
-from services.progress import NullReporter
+from services.jobs.progress import NullReporter
+from services.serving.inference import Predictor
 from services.spec import BackboneSpec, JobSpec
-from services.training import to_torch, train_job
+from services.training.job import to_torch, train_job
 from services.video.decoding import read_clip
 from services.video.loading import clip_transform
 from services.video.spec import VideoSpec

@@ -1,0 +1,306 @@
+"""Dataset readers: an ImageFolder directory (one subfolder per class) or a CSV manifest (`path,label`; for
+multi-label classification the label column holds `|`-separated tags), of images or of videos
+(`path,label[,start,end]`, seconds), never both; and the train/validation/test split.
+
+A dataset is read into a `Dataset` (sorted sample list and class names) with a fingerprint over its file
+list, sizes and modification times, so a changed dataset gets a new cache entry. Torch-free: the API uses
+`check_path` to validate a submission.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.data import images
+from services.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be used; the message names the cause (the file, the line)."""
+
+    code = "invalid_dataset"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: Path
+    paths: list[Path]
+    labels: np.ndarray  # int64 class index per sample; multi-label: int64 0/1 [samples, classes] (multi-hot)
+    classes: list[str]
+    fingerprint: str
+    skipped_rows: tuple[str, ...] = ()  # rows left out: repeated files, missing files under on_corrupt=skip
+    kind: str = "image"  # or "video"
+    spans: np.ndarray | None = None  # videos of a manifest with start,end: float [N, 2] seconds, NaN where not given
+    skipped_rows: tuple[str, ...] = ()  # manifest rows left out (multi-label rows without a tag, on_corrupt=skip)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def check_path(path: str | Path, roots: list[Path]) -> Path:
+    """Resolve `path` and require it to exist inside one of `roots` (symlinks resolved first)."""
+    resolved = Path(path).expanduser().resolve()
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise PermissionError(f"dataset path {str(path)!r} is outside the allowed roots ({allowed})")
+    if not resolved.exists():
+        raise FileNotFoundError(f"dataset path {str(path)!r} does not exist")
+    return resolved
+
+
+def resolve_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "csv" if path.is_file() and path.suffix.lower() == ".csv" else "imagefolder"
+
+
+def _fingerprint(root: Path, paths: list[Path], labels: list[str], stats: list[os.stat_result],
+                 spans: np.ndarray | None = None) -> str:  # fmt: skip
+    h = hashlib.sha256()
+    for i, (p, label, st) in enumerate(zip(paths, labels, stats, strict=True)):
+        rel = p.relative_to(root) if p.is_relative_to(root) else p
+        span = "" if spans is None else f"\0{spans[i, 0]!r}\0{spans[i, 1]!r}"  # images' fingerprints are unchanged
+        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}{span}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def media_kind(paths: list[Path], where: Path) -> str:
+    """`image` or `video` by the files' suffixes; a dataset mixing both is refused."""
+    videos = sum(p.suffix.lower() in VIDEO_SUFFIXES for p in paths)
+    if videos and videos < len(paths):
+        raise DatasetError(f"dataset {where} mixes images ({len(paths) - videos}) and videos ({videos}); a dataset "
+                           "holds one or the other")  # fmt: skip
+    return "video" if videos else "image"
+
+
+def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], duplicates: str = "drop",
+            skipped: tuple[str, ...] = (), spans: np.ndarray | None = None, multi_label: bool = False
+            ) -> Dataset:  # fmt: skip
+    """The dataset of (path, label) rows, each file once: a file listed again (the same file by device and inode:
+    a repeated row, `./a.png` next to `a.png`, a link to it) is left out with the same label (`duplicates="drop"`,
+    noted in `skipped_rows`) or refused (`"fail"`), and refused with another label. So no file can land in two
+    splits. `where` names each row for the messages (a manifest's line, or the file)."""
+    keep: list[int] = []
+    stats: list[os.stat_result] = []
+    seen: dict[tuple, int] = {}
+    notes = list(skipped)
+    for i, (p, name, at) in enumerate(zip(paths, names, where, strict=True)):
+        st = p.stat()
+        span = () if spans is None else (repr(spans[i, 0]), repr(spans[i, 1]))  # clips of one video are distinct
+        first = seen.setdefault((st.st_dev, st.st_ino, *span), i)
+        if first != i:
+            if names[first] != name:
+                raise DatasetError(f"{at}: {p.name} is also {where[first]} with another label ({names[first]!r} vs "
+                                   f"{name!r}); one file cannot be in two classes")  # fmt: skip
+            if duplicates == "fail":
+                raise DatasetError(f"{at}: {p.name} is listed again (first: {where[first]}); remove the repeated rows "
+                                   "or set dataset.duplicates='drop'")  # fmt: skip
+            notes.append(f"{at}: {p.name} repeats {where[first]}, left out")
+            continue
+        keep.append(i)
+        stats.append(st)
+    paths, names = [paths[i] for i in keep], [names[i] for i in keep]
+    spans = spans[keep] if spans is not None else None
+    tags = [[t.strip() for t in n.split("|") if t.strip()] for n in names] if multi_label else [[n] for n in names]
+    classes = sorted({t for row in tags for t in row})
+    if len(paths) == 0:
+        raise DatasetError(f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
+                           f"({', '.join(sorted(VIDEO_SUFFIXES))})")  # fmt: skip
+    if len(classes) < 2:
+        raise DatasetError(f"dataset {root} has {len(classes)} {'tag' if multi_label else 'class'}; at least 2 are "
+                           "needed")  # fmt: skip
+    kind = media_kind(paths, root)
+    if spans is not None and kind != "video":
+        raise DatasetError(f"{root}: `start`/`end` columns apply to videos only")
+    index = {c: i for i, c in enumerate(classes)}
+    if multi_label:
+        labels = np.zeros((len(paths), len(classes)), dtype=np.int64)
+        for row, row_tags in enumerate(tags):
+            labels[row, [index[t] for t in row_tags]] = 1
+        # the same manifest read as single-label holds other labels: it must not share a cache entry
+        fingerprint = _fingerprint(root, paths, [f"multi-label:{n}" for n in names], stats, spans)
+    else:
+        labels = np.array([index[row[0]] for row in tags], dtype=np.int64)
+        fingerprint = _fingerprint(root, paths, names, stats, spans)
+    return Dataset(root, paths, labels, classes, fingerprint, kind=kind, spans=spans, skipped_rows=tuple(notes))
+
+
+def _inside(path: Path, roots: list[Path] | None, what: str) -> None:
+    """Refuse a file or folder of the dataset that resolves (links followed) outside the allowed roots."""
+    if roots is None:
+        return
+    real = path.resolve()
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise PermissionError(f"{what} {path} resolves to {real}, outside the allowed roots ({allowed})")
+
+
+def read_imagefolder(root: Path, roots: list[Path] | None = None, duplicates: str = "drop") -> Dataset:
+    """One subfolder per class. With `roots`, every class folder and every linked file must resolve inside them."""
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a directory; an ImageFolder dataset has one subfolder per class")
+    paths: list[Path] = []
+    names: list[str] = []
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        _inside(class_dir, roots, "class folder")
+        # os.walk does not descend into linked folders below the class folder; linked files are checked one by one
+        for dirpath, dirnames, filenames in os.walk(class_dir):
+            dirnames.sort()
+            for f in sorted(filenames):
+                if Path(f).suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+                    path = Path(dirpath) / f
+                    if path.is_symlink():
+                        _inside(path, roots, "file")
+                    paths.append(path)
+                    names.append(class_dir.name)
+    return _finish(root, paths, names, [str(p) for p in paths], duplicates)
+
+
+def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = False,
+             duplicates: str = "drop") -> Dataset:  # fmt: skip
+    """`path,label` rows, paths relative to the manifest's folder and inside it (links followed). `multi_label`: the
+    label column holds `|`-separated tags. A row without any tag or whose file is missing fails naming its line, or is
+    left out and listed in `skipped_rows` when `skip_bad_rows` (the job's on_corrupt=skip)."""
+    root = manifest.parent
+    paths: list[Path] = []
+    names: list[str] = []
+    where: list[str] = []
+    skipped: list[str] = []
+    spans: list[tuple[float, float]] = []
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise DatasetError(f"{manifest} needs a header with columns `path,label`, got {reader.fieldnames}")
+        timed = {"start", "end"} & set(reader.fieldnames)
+        if len(timed) == 1:
+            raise DatasetError(f"{manifest}: give both `start` and `end` columns (seconds), or neither")
+        for line, row in enumerate(reader, start=2):
+            rel = (row["path"] or "").strip()
+            label = (row["label"] or "").strip()
+            if not rel or not label:
+                raise DatasetError(f"{manifest} line {line}: empty path or label")
+            if multi_label and not any(t.strip() for t in label.split("|")):
+                if not skip_bad_rows:
+                    raise DatasetError(f"{manifest} line {line}: empty tag list {label!r} (set dataset.on_corrupt="
+                                       "'skip' to leave such rows out)")  # fmt: skip
+                skipped.append(f"{manifest.name} line {line}: empty tag list")
+                continue
+            p = (root / rel).resolve()
+            if not p.is_relative_to(root.resolve()):
+                raise DatasetError(f"{manifest} line {line}: {rel!r} points outside the manifest's folder")
+            if not p.is_file():
+                if not skip_bad_rows:
+                    raise DatasetError(f"{manifest} line {line}: {rel!r} does not exist (set dataset.on_corrupt="
+                                       "'skip' to leave missing files out)")  # fmt: skip
+                skipped.append(f"{manifest.name} line {line}: {rel} does not exist, left out")
+                continue
+            paths.append(p)
+            names.append(label)
+            where.append(f"{manifest.name} line {line}")
+            if timed:
+                spans.append(_span(row, manifest, line))
+    if not paths and not skipped:
+        raise DatasetError(f"manifest {manifest} has no rows")
+    timing = np.array(spans, dtype=np.float64).reshape(-1, 2) if timed else None
+    return _finish(root, paths, names, where, duplicates, tuple(skipped), timing, multi_label)
+
+
+def _span(row: dict, manifest: Path, line: int) -> tuple[float, float]:
+    """(start, end) seconds of a manifest row; both empty: the whole video (NaN)."""
+    start, end = (row.get("start") or "").strip(), (row.get("end") or "").strip()
+    if not start and not end:
+        return float("nan"), float("nan")
+    try:
+        a, b = float(start), float(end)
+    except ValueError:
+        raise DatasetError(f"{manifest} line {line}: start {start!r} and end {end!r} must both be seconds") from None
+    if not (0 <= a < b) or not np.isfinite(b):
+        raise DatasetError(f"{manifest} line {line}: need 0 <= start < end, got start {a:g}, end {b:g}")
+    return a, b
+
+
+def read_dataset(path: Path, fmt: str = "auto", multi_label: bool = False, on_corrupt: str = "fail",
+                 roots: list[Path] | None = None, duplicates: str = "drop") -> Dataset:  # fmt: skip
+    """With `roots`, every class folder and linked file must resolve inside them (a manifest's rows must lie in its
+    folder anyway)."""
+    fmt = resolve_format(path, fmt)
+    if multi_label and fmt != "csv":
+        raise DatasetError(f"{path}: multi-label datasets are CSV manifests whose label column holds `|`-separated "
+                           "tags; an ImageFolder has one class per image")  # fmt: skip
+    if fmt == "csv":
+        return read_csv(path, multi_label, on_corrupt == "skip", duplicates)
+    return read_imagefolder(path, roots, duplicates)
+
+
+def read_for_job(dataset: Any, roots: list[Path], path: str | None = None) -> Dataset:
+    """The dataset a job spec names (or its test set at `path`), inside the allowed `roots`: its path, and every file
+    it resolves to."""
+    fmt = dataset.format if path is None else "auto"
+    return read_dataset(check_path(path or dataset.path, roots), fmt, dataset.multi_label, dataset.on_corrupt, roots,
+                        dataset.duplicates)  # fmt: skip
+
+
+def split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test), sorted and disjoint. Per class, a seeded shuffle; round(n * val_fraction) go
+    to validation (at least one of any class with two or more samples), then round(n * test_fraction) to test (at
+    least one when test_fraction > 0 and two are left), the rest to training. Without a test split this is the
+    validation split of earlier versions, image for image. Multi-label targets [n, tags]: the same over all
+    samples at once (seeded, not stratified)."""
+    rng = np.random.default_rng(seed)
+    train, val, test = [], [], []
+    groups = [np.arange(len(labels))] if labels.ndim == 2 else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for idx in groups:
+        rng.shuffle(idx)
+        n = len(idx)
+        n_val = min(max(int(round(n * val_fraction)), 1), n - 1) if n >= 2 else 0
+        n_test = 0
+        if test_fraction > 0 and n - n_val >= 2:
+            n_test = min(max(int(round(n * test_fraction)), 1), n - n_val - 1)
+        val.extend(idx[:n_val])
+        test.extend(idx[n_val : n_val + n_test])
+        train.extend(idx[n_val + n_test :])
+    return tuple(np.sort(np.array(part, dtype=np.int64)) for part in (train, val, test))  # type: ignore[return-value]
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of `split` without a test split."""
+    train, val, _ = split(labels, val_fraction, 0.0, seed)
+    return train, val
+
+
+def check_validation(labels: np.ndarray, val: np.ndarray, classes: list[str]) -> None:
+    """Refuse an empty validation split (nothing to select the epoch, the configuration or the L2 strength on),
+    saying what to change."""
+    if len(val):
+        return
+    n = len(labels)
+    if labels.ndim == 2:
+        raise DatasetError(f"the validation split is empty: the dataset has {n} usable image(s); at least 2 are needed "
+                           "(one to train on, one to validate on)")  # fmt: skip
+    raise DatasetError(f"the validation split is empty: each of the {len(classes)} classes has a single usable image "
+                       f"({n} in all), and a class needs at least 2 for one to be held out for validation; add "
+                       "images (2 or more per class), or submit a dataset with more images per class")  # fmt: skip
+
+
+def load_image(source: Path | bytes, draft: int | None = None):
+    """An RGB PIL image, decoded by the rules of services/data/images.py; DatasetError naming the file otherwise."""
+    try:
+        return images.load_image(source, draft)
+    except images.ImageError as e:
+        raise DatasetError(str(e)) from None

@@ -1,0 +1,301 @@
+"""The two steps of a job, as the Celery tasks run them: extract, then train. Each is idempotent (check,
+do, mark done last): a redelivered or repeated step finds its work done and returns, a crashed one resumes
+from what was finished (cache batches, training checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from contextlib import nullcontext
+from typing import Any
+
+from services.errors import TRANSIENT, classify, internal_message, reference
+from services.jobs.progress import Cancelled, JobReporter
+from services.spec import JobSpec
+from storage.artifacts import ArtifactStore
+from storage.cache import CacheError, FeatureCache
+from storage.datasets import DatasetFiles
+from storage.jobs import TERMINAL, JobStore, model_id_for, now
+from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
+from storage.settings import Settings
+
+log = logging.getLogger("sidetune.pipeline")
+
+# the PNGs every model has (services/training/plots.py), at GET /models/{id}/plots/{name}.png
+PLOTS = ("confusion", "curves")
+
+
+def fail(store: JobStore, job_id: str, exc: Exception) -> None:
+    """Record the job as failed: a known error with its code and message (services/errors.py), anything else as
+    `internal_error` with a reference id under which the traceback is logged (no internals in the record)."""
+    known = classify(exc)
+    if known is None:
+        ref = reference()
+        log.error("job %s failed: internal error %s", job_id, ref, exc_info=exc)
+        code, message = "internal_error", internal_message(ref)
+    else:
+        code, message = known[1], str(exc)
+        log.warning("job %s failed: %s: %s", job_id, code, message)
+    store.set_fields(job_id, status="failed", error={"code": code, "message": message}, finished_at=now())
+    store.add_event(job_id, f"failed: {message}", level="error")
+
+
+def _cancelled(store: JobStore, job_id: str) -> None:
+    store.set_fields(job_id, status="cancelled", finished_at=now())
+    store.add_event(job_id, "cancelled", level="warning")
+
+
+def _on_this_machine(spec: JobSpec, settings: Settings) -> JobSpec:
+    """The spec reading an uploaded dataset (`dataset.id`) from this machine's copy of it, fetched from the store
+    the first time (the path the API stored is where the API's machine reads it)."""
+    if spec.dataset.id is None:
+        return spec
+    path, fmt = DatasetFiles.from_settings(settings).dataset_path(spec.dataset.id)
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": str(path), "format": fmt})})
+
+
+# What a step asks the task layer to enqueue next: the train step, n extraction shards, or nothing.
+TRAIN_NEXT = "train"
+Next = str | tuple[str, int] | None
+
+
+def _mark_extracted(store: JobStore, job_id: str, **fields: Any) -> bool:
+    """Set `extracted` once; True for the one caller that flipped it (so the train step is enqueued once)."""
+    flipped = False
+    metrics = fields.pop("metrics", {})
+
+    def change(job: dict) -> None:
+        nonlocal flipped
+        flipped = not job.get("extracted") and job["status"] not in TERMINAL
+        if flipped:
+            job.update(extracted=True, **fields, metrics={**job["metrics"], **metrics})
+
+    store.update_job(job_id, change)
+    return flipped
+
+
+def _shard_count(store: JobStore, spec: JobSpec) -> int:
+    if spec.extraction.shards != "auto":
+        return spec.extraction.shards
+    return max(1, store.live_workers().get("extract", 1))  # one shard per live extract worker
+
+
+class _LockedReporter(JobReporter):
+    """Stops the extraction if its cache lock was lost (Redis unreachable for a whole lease): another job may
+    have taken the entry over, and two writers must never write the same batches."""
+
+    def __init__(self, store: JobStore, job_id: str, lock: LeaseLock) -> None:
+        super().__init__(store, job_id)
+        self.lock = lock
+
+    def check_cancel(self) -> None:
+        super().check_cancel()
+        if self.lock.lost:
+            raise CacheError("lost the lock of the cache entry being written; retry the job")
+
+
+def _cache_lock(store: JobStore, key: str, job_id: str) -> LeaseLock:
+    return LeaseLock(store.r, f"cache-lock:{key}", token=job_id)
+
+
+def _wait_notice(reporter: JobReporter, key: str):
+    said = False
+
+    def on_wait(waited_s: float) -> None:
+        nonlocal said
+        if not said:
+            reporter.event(f"another job is extracting the same cache entry {key}; waiting for it")
+            said = True
+        reporter.check_cancel()
+
+    return on_wait
+
+
+def _make_room(store: JobStore, settings: Settings, prep: Any, reporter: JobReporter) -> None:
+    """Evict least recently used entries (never one in use) so the new entry fits the cache quota."""
+    from services.extraction import planned_bytes
+
+    if settings.cache_quota_gb is None:
+        return
+    need = max(0, planned_bytes(prep) - (prep.entry.nbytes() if prep.entry.exists else 0))
+    evicted = FeatureCache(settings.cache_location).evict(int(settings.cache_quota_gb * 1e9), keep={prep.key},
+                                                     reserve=need, guard=Pins(store.r))  # fmt: skip
+    if evicted:
+        reporter.event(f"evicted {len(evicted)} least recently used cache entries to stay under the quota")
+
+
+def _hit(store: JobStore, job_id: str, prep: Any, reporter: JobReporter, t0: float) -> Next:
+    prep.entry.touch()
+    reporter.event(f"reusing the feature cache {prep.key}: no backbone forward needed", data={"cache": prep.key})
+    hit = {"cache_key": prep.key, "cache_hit": True, "backbone_forwards": 0, "images": len(prep.dataset),
+           "extract_seconds": round(time.perf_counter() - t0, 3), **prep.entry.summary}  # fmt: skip
+    return TRAIN_NEXT if _mark_extracted(store, job_id, cache_key=prep.key, metrics=hit) else None
+
+
+def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
+    """Reuse a covering cache entry, or extract it: in this task (one shard), or split into shard tasks that
+    every extract worker can run (`extraction.shards`). Jobs that need the same entry at the same time extract
+    it once: the first takes its lock, the others wait and reuse it."""
+    from services.extraction import begin_extraction, prepare, run_extraction
+
+    job = store.get_job(job_id)
+    if job["status"] in TERMINAL or job.get("extracted"):
+        return None  # finished, failed, cancelled, or extracted already (a redelivered task)
+    if job.get("cancel_requested"):
+        return _cancelled(store, job_id)
+    try:
+        spec = JobSpec.model_validate(job["spec"])
+        if not spec.needs_cache:
+            store.add_event(job_id, f"mode {spec.mode}: trains on images, no feature cache needed")
+            return TRAIN_NEXT if _mark_extracted(store, job_id, started_at=job.get("started_at") or now()) else None
+        store.set_fields(job_id, status="extracting", started_at=job.get("started_at") or now())
+        if job.get("extract_key"):  # redelivered after splitting: send the shards again (finished ones no-op)
+            return ("shards", job["extract_shards"])
+        store.add_event(job_id, "extraction started")
+        reporter = JobReporter(store, job_id)
+        t0 = time.perf_counter()
+        spec = _on_this_machine(spec, settings)
+        prep = prepare(spec, settings)
+        lock = _cache_lock(store, prep.key, job_id)
+        # A lock held under this job's token is this step's own, left by a worker that died (its step is requeued
+        # only then): taken over at once rather than after its lease expires.
+        if prep.entry.is_complete or not (lock.adopt() or acquire_or_wait(
+            lock, lambda: prep.entry.is_complete, on_wait=_wait_notice(reporter, prep.key)
+        )):  # fmt: skip
+            return _hit(store, job_id, prep, reporter, t0)
+        try:
+            _make_room(store, settings, prep, reporter)
+            locked = _LockedReporter(store, job_id, lock)
+            # never more shard tasks than batches to write (1024 shards of 120 images would be 1024 tasks)
+            shards = min(_shard_count(store, spec), -(-len(prep.dataset) // prep.batch_size))
+            if shards > 1:
+                begin_extraction(spec, settings, locked, prep=prep)
+                store.set_fields(job_id, extract_key=prep.key, extract_shards=shards, extract_started_at=now())
+                reporter.event(f"extracting {len(prep.dataset)} images into cache {prep.key} as {shards} shard "
+                               f"tasks ({len(prep.entry.pending_batches())} batches to write)")  # fmt: skip
+                lock.detach()  # held on for the shard tasks, which adopt and renew it
+                return ("shards", shards)
+            result = run_extraction(spec, settings, locked, prep=prep)
+        finally:
+            lock.release()  # a no-op once detached
+        return TRAIN_NEXT if _mark_extracted(store, job_id, cache_key=result["cache_key"], metrics=result) else None
+    except Cancelled:
+        return _cancelled(store, job_id)
+    except TRANSIENT:
+        raise  # the task retries the step with backoff (worker/tasks.py), failing the job after the last try
+    except Exception as e:
+        return fail(store, job_id, e)
+
+
+def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: int, count: int) -> Next:
+    """Write shard `index` of `count` of the job's cache entry; whichever shard finds every batch written
+    completes the entry and hands the job to the train step."""
+    from services.extraction import begin_extraction, extract_batches, finish_extraction, shard_batches
+
+    job = store.get_job(job_id)
+    if job["status"] in TERMINAL or job.get("extracted"):
+        return None
+    if job.get("cancel_requested"):
+        return _cancelled(store, job_id)
+    lock = _cache_lock(store, job["extract_key"], job_id)
+    try:
+        spec = _on_this_machine(JobSpec.model_validate(job["spec"]), settings)
+        reporter = JobReporter(store, job_id)
+        t0 = time.perf_counter()
+        prep = begin_extraction(spec, settings, reporter, key=job["extract_key"])
+        # Join this job's lock; if its lease lapsed (every shard worker died or stalled), take it again, or wait
+        # for the job that took the entry over in the meantime.
+        complete = lambda: prep.entry.is_complete  # noqa: E731
+        if not complete() and not lock.adopt() and not acquire_or_wait(lock, complete, on_wait=_wait_notice(
+                reporter, prep.key)):  # fmt: skip
+            return _hit(store, job_id, prep, reporter, t0)
+        batches = shard_batches(prep.entry.pending_batches(), index, count)
+        if batches:
+            run = extract_batches(prep, spec, _LockedReporter(store, job_id, lock), batches, settings)
+            store.update_job(job_id, lambda j: j.update(
+                metrics={**j["metrics"], "backbone_forwards": j["metrics"].get("backbone_forwards", 0)
+                         + run["backbone_forwards"]}))  # fmt: skip
+            reporter.event(f"shard {index + 1}/{count}: wrote {len(batches)} batches ({run['images_extracted']} "
+                           f"images) in {run['seconds']:.1f}s on {socket.gethostname()}-{os.getpid()}")  # fmt: skip
+        if prep.entry.pending_batches():
+            lock.detach()  # the shards still writing renew it
+            return None
+        summary = finish_extraction(prep)
+        lock.release()
+        seconds = now() - store.get_job(job_id).get("extract_started_at", now())
+        result = {"cache_key": prep.key, "cache_hit": False, "images": len(prep.dataset),
+                  "extract_seconds": round(seconds, 3), "extract_images_per_s": round(len(prep.dataset) / max(
+                      seconds, 1e-9), 2), **summary}  # fmt: skip
+        if _mark_extracted(store, job_id, cache_key=prep.key, metrics=result):
+            reporter.event(f"extraction complete: {len(prep.dataset)} images in {seconds:.1f}s over {count} shards")
+            return TRAIN_NEXT
+        return None
+    except Cancelled:
+        lock.release()
+        return _cancelled(store, job_id)
+    except TRANSIENT:
+        lock.release()
+        raise
+    except Exception as e:
+        lock.release()
+        return fail(store, job_id, e)
+
+
+def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
+    from services.training.job import train_job
+
+    job = store.get_job(job_id)
+    if job["status"] in TERMINAL:
+        return
+    if job.get("cancel_requested"):
+        return _cancelled(store, job_id)
+    if not job.get("extracted"):
+        return fail(store, job_id, RuntimeError("the extraction step did not finish"))
+    artifacts = ArtifactStore.from_settings(settings)
+    model_id = model_id_for(job_id)
+    store.set_fields(job_id, status="training")
+    store.add_event(job_id, "training started")
+    try:
+        spec = JobSpec.model_validate(job["spec"])
+        if not artifacts.has_model(model_id):
+            if not spec.needs_cache:  # trains on images: read from this machine's copy
+                spec = _on_this_machine(spec, settings)
+            ckpt = artifacts.checkpoints(job_id)
+            key = job.get("cache_key")
+            # Pinned while training reads it, so eviction never removes it underneath.
+            with Pin(store.r, key, holder=job_id) if key else nullcontext() as pin:
+                if key and not (pin.held and FeatureCache(settings.cache_location).entry(key).is_complete):
+                    raise CacheError(f"the feature cache entry {key} was evicted before training; submit the job "
+                                     "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB")  # fmt: skip
+                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt)
+            files = {"evaluation.json": json.dumps(out["evaluation"], indent=2).encode()}
+            files |= {f"plots/{name}.png": png for name, png in out["plots"].items()}
+            artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"], files)
+        artifacts.check_model(model_id)
+        config = artifacts.read_json(model_id, "config.json")
+        metrics = artifacts.read_json(model_id, "metrics.json")
+        report = artifacts.read_json(model_id, "evaluation.json")
+    except Cancelled:
+        return _cancelled(store, job_id)
+    except TRANSIENT:
+        raise
+    except Exception as e:
+        return fail(store, job_id, e)
+    store.register_model({
+        "id": model_id, "object": "model", "created_at": now(), "job_id": job_id, "owner": job.get("owner"),
+        "name": spec.name, "method": spec.method.name, "mode": spec.mode, "backbone": spec.backbone.name,
+        "video": spec.backbone.video.model_dump() if spec.backbone.video else None, "classes": config["classes"],
+        "multi_label": config.get("multi_label", False), "threshold": config.get("threshold"), "metrics": metrics,
+        "evaluation": {"split": report["split"], "images": report["images"], **report["metrics"]},
+        "plots": sorted(PLOTS),
+    })  # fmt: skip
+    store.update_job(job_id, lambda j: j.update(status="succeeded", model_id=model_id, finished_at=now(),
+                                                metrics={**j["metrics"], **metrics}))  # fmt: skip
+    metric = "val_map" if "val_map" in metrics else "val_accuracy"
+    store.add_event(job_id, f"succeeded: model {model_id}, {metric.replace('_', ' ')} {metrics[metric]:.4f}")
+    if settings.checkpoint_retention_h == 0:
+        artifacts.drop_checkpoints(job_id)  # else kept for the retention (services/jobs/retention.py removes it)

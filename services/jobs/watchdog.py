@@ -1,0 +1,76 @@
+"""The watchdog: steps whose worker died (its heartbeat expired: SIGKILL, a lost machine) go back to the queue,
+and jobs that no worker picks up again within `worker_lost_timeout_s` fail with the reason.
+
+Celery alone would redeliver a killed worker's late-acked task only after the visibility timeout (as long as
+the longest job, 48 h by default). Every step is idempotent and resumable (cache batches, training
+checkpoints), so handing it back early is safe: the next worker resumes from what was finished. Every worker
+runs this check a few times a minute; a Redis lease lets one of them act at a time. The same pass removes expired
+checkpoints (services/jobs/retention.py), every few minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from services.jobs.retention import sweep_checkpoints
+from storage.jobs import TERMINAL, JobStore, NotFound, now
+from storage.settings import Settings
+
+Requeue = Callable[[str, dict[str, Any]], None]
+
+
+def _describe(step: dict[str, Any]) -> str:
+    if step["task"] == "extract_shard":
+        return f"extraction shard {step['index'] + 1}/{step['count']}"
+    return {"extract": "extraction", "train": "training"}.get(step["task"], step["task"])
+
+
+def _fail(store: JobStore, job_id: str, message: str) -> None:
+    store.set_fields(job_id, status="failed", error={"code": "worker_lost", "message": message}, finished_at=now())
+    store.add_event(job_id, f"failed: {message}", level="error")
+
+
+def check(store: JobStore, settings: Settings, requeue: Requeue) -> list[str]:
+    """One pass; returns what it did, one line each."""
+    done: list[str] = []
+    for job_id, steps in store.running_steps().items():
+        for worker, step in steps.items():
+            if store.worker_alive(worker) or not store.drop_step(job_id, worker):
+                continue  # alive, or another watchdog handled it
+            try:
+                job = store.get_job(job_id)
+            except NotFound:
+                continue
+            if job["status"] in TERMINAL:
+                continue
+            what = _describe(step)
+            lost = job.get("workers_lost", 0) + 1
+            if lost > settings.max_worker_losses:
+                _fail(store, job_id, f"the workers running this job died {lost} times (last: {worker}, during "
+                                     f"{what}); see their logs")  # fmt: skip
+                done.append(f"{job_id}: failed after {lost} lost workers")
+                continue
+            store.set_fields(job_id, workers_lost=lost, requeued_at=now(), requeued_step=what)
+            store.r.sadd("requeued", job_id)
+            store.add_event(job_id, f"worker {worker} stopped (no heartbeat) during {what}; the step is requeued "
+                                    "and resumes from what was finished", level="warning")  # fmt: skip
+            requeue(job_id, step)
+            done.append(f"{job_id}: {what} requeued from {worker}")
+    running = store.running_steps()
+    for job_id in store.r.smembers("requeued"):
+        try:
+            job = store.get_job(job_id)
+        except NotFound:
+            store.r.srem("requeued", job_id)
+            continue
+        picked_up = job_id in running or job["status"] in TERMINAL or not job.get("requeued_at")
+        if picked_up:
+            store.r.srem("requeued", job_id)
+        elif now() - job["requeued_at"] > (limit := settings.worker_lost_timeout_s):
+            store.r.srem("requeued", job_id)
+            _fail(store, job_id, f"its {job['requeued_step']} step lost its worker and no worker took it up again "
+                                 f"within {limit:.0f} s; start a worker and resubmit")  # fmt: skip
+            done.append(f"{job_id}: failed, no worker within {limit:.0f} s")
+    done += [f"{job_id}: checkpoint removed (retention over)" for job_id in sweep_checkpoints(store, settings)]
+    return done

@@ -1,0 +1,376 @@
+"""Inference: adapted models loaded from the artifact store, predicting on images in the serving dtype, or on videos
+for a model trained on clips (services/video/serving.py decodes them as its training data was).
+
+- Serving dtype: bfloat16 on CUDA, float32 on the CPU (the backbone's `precision`, `auto` by default, unless
+  `settings.predict_precision` sets one), for the backbones and the merged models; side models (linear, LoSA: small)
+  keep float32 weights and run under bfloat16 autocast where the backbone is bfloat16, as in training.
+- One frozen backbone per (name, weights hash, preprocessing) serves every model on it. `run` passes the images of
+  many requests through a backbone once for all side models on it, each reading only its own requests' rows
+  (services/serving/batching.py gathers concurrent requests for it; `predict_many` runs each image once for several
+  models).
+- Adapted models (APLA, ARC, LoRA, full) are merged into a plain ViT at load time, built on a float32 copy on the
+  CPU (the method folds its weights as it did in training). The merged ViT then keeps only the tensors that differ
+  from its backbone's, in the serving dtype: every other parameter IS the backbone's tensor, so a merged model costs
+  what it changed and one backbone forward per image.
+- Loaded weights stay under `settings.predict_memory_mb` (bytes, not a count): least recently used models go first,
+  and a backbone goes once no loaded model uses it.
+- `load` is thread-safe and runs on the caller's thread: the inference service calls it from a loader thread, never
+  from the batching one, so a cold load does not stall warm models; concurrent loads of one model load it once.
+- A backbone's weights are checked against the hash recorded at training time, so a model never silently runs on
+  other weights. A model whose artifact is not whole on the store raises `Incomplete`, and is never half-loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from functools import partial
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import TypeAdapter
+
+from services import methods
+from services.backbones import PRECISIONS, Backbone, load_backbone, resolve_precision
+from services.data.datasets import DatasetError, check_path, load_image
+from services.data.images import draft_size
+from services.methods.readout import FeatureInfo, Readout
+from services.spec import BackboneSpec
+from storage.artifacts import ArtifactStore
+from storage.cache import pool_tokens
+from storage.settings import Settings
+
+log = logging.getLogger("sidetune.inference")
+
+
+def serving_dtype(device: str, precision: str = "auto") -> torch.dtype:
+    """The dtype backbones and merged models are served in: bfloat16 on CUDA and float32 on the CPU for `auto`."""
+    return PRECISIONS[resolve_precision(precision, device)]
+
+
+def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    return chain(module.named_parameters(), module.named_buffers())
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for _, t in _tensors(module))
+
+
+class LoadedModel:
+    def __init__(self, model_id: str, module: torch.nn.Module, config: dict[str, Any], backbone: Backbone,
+                 backbone_key: tuple, nbytes: int) -> None:  # fmt: skip
+        self.id, self.module, self.config, self.backbone = model_id, module, config, backbone
+        self.classes: list[str] = config["classes"]
+        self.kind: str = config.get("kind", "side")
+        self.multi_label: bool = config.get("multi_label", False)
+        self.threshold: float | None = config.get("threshold")
+        self.backbone_key = backbone_key  # (name, weights hash, preprocessing, precision)
+        self.nbytes = nbytes  # what the model holds beyond its backbone
+
+
+Request = tuple[LoadedModel, torch.Tensor]  # a model and its images, transformed: [n, 3, H, W] on the CPU (clips:
+# [n, T*3, H, W])
+
+
+def _side(module: torch.nn.Module, device_type: str, bf16: bool, features: torch.Tensor) -> torch.Tensor:
+    """A side model on float32 features: float32 weights, bfloat16 matmuls where the backbone is bfloat16, as in
+    training."""
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        return module(features)
+
+
+def format_predictions(model: LoadedModel, probs: np.ndarray, threshold: float | None = None) -> list[dict[str, Any]]:
+    """The v1 output: one {"label", "scores"} per image; a multi-label model adds "labels", the tags whose score
+    reaches `threshold` (default: the model's, chosen on validation)."""
+    out = [
+        {"label": model.classes[int(p.argmax())],
+         "scores": {c: round(float(s), 6) for c, s in zip(model.classes, p, strict=True)}}
+        for p in probs
+    ]  # fmt: skip
+    if model.multi_label:
+        t = model.threshold if threshold is None else threshold
+        for pred, p in zip(out, probs, strict=True):
+            pred["labels"] = [c for c, s in zip(model.classes, p, strict=True) if s >= t]
+    return out
+
+
+def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Softmax over the classes, or a sigmoid per tag for a multi-label model."""
+    return torch.sigmoid(logits.float()) if multi_label else logits.float().softmax(-1)
+
+
+class Predictor:
+    """Thread-safe. Keeps models and their backbones loaded within `memory_bytes` (default: the settings')."""
+
+    def __init__(self, settings: Settings, memory_bytes: int | None = None) -> None:
+        self.settings = settings
+        self.artifacts = ArtifactStore.from_settings(settings)
+        self.device = settings.torch_device()
+        self.precision = None if settings.predict_precision == "auto" else settings.predict_precision  # None: spec's
+        self.memory_bytes = memory_bytes or int(settings.predict_memory_mb * 2**20)
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._backbones: dict[tuple, Backbone] = {}  # held: counted against the budget
+        self._alive: weakref.WeakValueDictionary[tuple, Backbone] = weakref.WeakValueDictionary()  # still referenced
+        self._loading: dict[str, Future] = {}
+        self._lock = threading.Lock()  # guards the dicts above; never held while loading
+        self._backbone_lock = threading.Lock()  # one backbone load at a time
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+    def cached(self, model_id: str) -> LoadedModel | None:
+        """The model if it is loaded (marked as just used), without loading it."""
+        with self._lock:
+            model = self._models.get(model_id)
+            if model is not None:
+                self._models.move_to_end(model_id)
+            return model
+
+    def load(self, model_id: str) -> LoadedModel:
+        """The loaded model, loading it on this thread if needed (a concurrent load of it is waited for).
+        FileNotFoundError: no such artifact; storage.store.Incomplete: not whole on the store;
+        StoreUnavailable: the store cannot be reached."""
+        with self._lock:
+            model = self._models.get(model_id)
+            if model is not None:
+                self._models.move_to_end(model_id)
+                return model
+            pending = self._loading.get(model_id)
+            if pending is None:
+                pending = self._loading[model_id] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return pending.result()
+        try:
+            model = self._load(model_id)
+        except BaseException as e:
+            with self._lock:
+                del self._loading[model_id]
+            pending.set_exception(e)
+            raise
+        with self._lock:
+            del self._loading[model_id]
+            self._insert(model)
+        pending.set_result(model)
+        return model
+
+    def _insert(self, model: LoadedModel) -> None:
+        """Add a loaded model and drop least recently used ones (and backbones left unused) to fit the budget."""
+        self._models[model.id] = model
+        self._backbones[model.backbone_key] = model.backbone
+        while self.memory_used() > self.memory_bytes and len(self._models) > 1:
+            _, old = self._models.popitem(last=False)
+            if all(m.backbone_key != old.backbone_key for m in self._models.values()):
+                self._backbones.pop(old.backbone_key, None)
+        if self.memory_used() > self.memory_bytes:
+            log.warning("model %s with its backbone (%.0f MB) alone exceeds predict_memory_mb (%.0f MB)", model.id,
+                        self.memory_used() / 2**20, self.memory_bytes / 2**20)  # fmt: skip
+
+    def memory_used(self) -> int:
+        """Bytes of the weights held: every backbone once, plus each model's own tensors."""
+        return sum(tensor_bytes(b.model) for b in self._backbones.values()) + sum(
+            m.nbytes for m in self._models.values())  # fmt: skip
+
+    def memory(self) -> dict[str, Any]:
+        """What is loaded and what it holds, in bytes."""
+        with self._lock:
+            backbones = {f"{b.spec.name}@{b.data_config['input_size'][-1]}px:{b.weights_hash[:8]}:{b.precision}":
+                         tensor_bytes(b.model) for b in self._backbones.values()}  # fmt: skip
+            return {"models": {m.id: m.nbytes for m in self._models.values()}, "backbones": backbones,
+                    "total": self.memory_used(), "budget": self.memory_bytes}  # fmt: skip
+
+    def _backbone(self, config: dict[str, Any]) -> tuple[tuple, Backbone]:
+        spec = BackboneSpec.model_validate(config["backbone"])
+        precision = resolve_precision(self.precision or spec.precision, self.device)
+        key = (spec.name, config["weights_hash"], str(config["data_config"]), precision)
+        with self._backbone_lock:
+            backbone = self._alive.get(key)
+            if backbone is None:
+                ckpt = check_path(spec.checkpoint, self.settings.roots) if spec.checkpoint else None
+                backbone = load_backbone(spec, self.device, ckpt, precision)  # weights cast to the serving dtype
+                if backbone.weights_hash != config["weights_hash"]:
+                    raise RuntimeError(f"backbone {spec.name} now has other weights than the model was trained on")
+                self._alive[key] = backbone
+            return key, backbone
+
+    def _load(self, model_id: str) -> LoadedModel:
+        weights, config = self.artifacts.load_model(model_id)
+        method_config = TypeAdapter(methods.MethodConfig).validate_python(config["method"])
+        state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+        key, backbone = self._backbone(config)
+        if config.get("kind", "side") == "side":
+            info = FeatureInfo(**config["feature_info"], readout=Readout.tensors_from_state(weights))
+            module = methods.build(method_config, info)
+            module.load_trainable(state)
+            module = module.to(self.device).eval()
+            return LoadedModel(model_id, module, config, backbone, key, tensor_bytes(module))
+        module, nbytes = self._merged(backbone, method_config, config, state)
+        return LoadedModel(model_id, module, config, backbone, key, nbytes)
+
+    def _merged(self, backbone: Backbone, method_config: Any, config: dict[str, Any],
+                state: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, int]:  # fmt: skip
+        """The merged ViT of an adapted model, sharing every tensor it did not change with the backbone; returns it
+        and the bytes of the tensors it owns."""
+        # Build and merge on a float32 CPU copy (methods merge in place), with the backbone's modules deep-copied
+        # but its tensors replaced by float32 copies through deepcopy's memo.
+        memo: dict[int, Any] = {}
+        for _, t in _tensors(backbone.model):
+            cpu = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+            memo[id(t)] = torch.nn.Parameter(cpu, requires_grad=False) if isinstance(t, torch.nn.Parameter) else cpu
+        vit = copy.deepcopy(backbone.model, memo)
+        adapted = methods.build(method_config, vit, len(config["classes"]), config["tail_blocks"])
+        adapted.load_trainable(state)
+        merged = adapted.merge().eval()  # a plain ViT: inference costs one backbone forward
+
+        reference = dict(_tensors(backbone.model))
+        params = {name for name, _ in merged.named_parameters()}
+        owned = 0
+        for name, t in list(_tensors(merged)):
+            ref = reference.get(name)
+            if ref is not None and ref.shape == t.shape and torch.equal(ref.detach().to("cpu", t.dtype), t.detach()):
+                tensor = ref  # unchanged: the backbone's own tensor, on the device in the serving dtype
+            else:
+                tensor = t.detach().to(self.device, backbone.dtype if t.is_floating_point() else t.dtype)
+                owned += tensor.numel() * tensor.element_size()
+            owner_name, _, leaf = name.rpartition(".")
+            owner = merged.get_submodule(owner_name) if owner_name else merged
+            if name in params and not isinstance(tensor, torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            setattr(owner, leaf, tensor)
+        return merged, owned
+
+    # ---- predicting ------------------------------------------------------------------------------------------
+    def decode(self, images: list[bytes], draft: int | None = None) -> list[Any]:
+        """PIL images (JPEGs far larger than `draft` decoded at a fraction of their size, as the loaders decode them
+        for training: services/data/images.py); a DatasetError names the instance that could not be decoded."""
+        decoded = []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(load_image(data, draft))
+            except DatasetError as e:
+                raise DatasetError(f"instance {i}: {e}") from None
+        return decoded
+
+    def decode_for(self, model: LoadedModel, items: list[bytes], video: bool | None = None) -> list[Any]:
+        """Encoded inputs as `model` takes them: PIL images, or for a model trained on videos its clips (uint8
+        [T, H, W, 3], sampled as its training clips were); `video` is what the client said it sent (None: as the
+        model expects). A DatasetError names the instance that could not be decoded or does not fit the model."""
+        from services.video.serving import decode_for
+
+        images = partial(self.decode, draft=draft_size(model.backbone.transform))  # as its loaders decoded them
+        return decode_for(model.id, model.config, model.backbone, items, video, images,
+                          self.settings.max_predict_video_s)  # fmt: skip
+
+    def inputs(self, model: LoadedModel | str, decoded: list[Any]) -> Request:
+        """Decoded images as the model's backbone's input batch [n, 3, H, W] on the CPU (a model id is loaded);
+        decoded clips (uint8 arrays) normalised into [n, T*3, H, W]."""
+        model = self.load(model) if isinstance(model, str) else model
+        if decoded and isinstance(decoded[0], np.ndarray):
+            return model, model.backbone.split.to_input(np.stack(decoded))
+        transform = model.backbone.transform
+        return model, torch.stack([transform(im) for im in decoded])
+
+    def prepare(self, model_id: str, images: list[bytes]) -> Request:
+        """Load the model, decode the images and transform them into its input batch."""
+        model = self.load(model_id)
+        return self.inputs(model, self.decode(images, draft_size(model.backbone.transform)))
+
+    def run(self, requests: list[Request]) -> list[np.ndarray]:
+        """Class probabilities [n_i, classes] for each (model, images [n_i, 3, H, W]) request. Per backbone, the
+        images of all requests for side models go through ONE backbone pass that taps the union of their layers,
+        and each side model reads only its own requests' rows; an adapted model (a merged ViT) runs once on the
+        images of its own requests."""
+        out: list[np.ndarray] = [np.empty(0)] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, (m, _) in enumerate(requests):
+            groups.setdefault(m.backbone_key, []).append(i)
+        with torch.inference_mode():
+            for members in groups.values():
+                backbone = requests[members[0]][0].backbone
+                bf16 = backbone.dtype == torch.bfloat16
+                side = [i for i in members if requests[i][0].kind == "side"]
+                if side:
+                    x, first = self._stack(requests, side, backbone.dtype)
+                    layers = sorted({layer for i in side for layer in requests[i][0].config["input_layers"]})
+                    feats = backbone.intermediates(x, layers)
+                    for m, idx in self._by_model(requests, side).items():
+                        f = feats
+                        if m.config["input_layers"] != layers:
+                            f = f[:, [layers.index(layer) for layer in m.config["input_layers"]]]
+                        tokens = m.config.get("input_tokens") or "all"  # as the model was trained
+                        f = pool_tokens(f.float(), tokens, backbone.num_prefix_tokens)
+                        side_model = partial(_side, m.module, backbone.device.type, bf16)
+                        self._apply(side_model, f, requests, [(i, first[i]) for i in idx], out, m.multi_label)
+                adapted = [i for i in members if requests[i][0].kind != "side"]
+                for m, idx in self._by_model(requests, adapted).items():
+                    x, first = self._stack(requests, idx, backbone.dtype)
+                    self._apply(m.module, x, requests, [(i, first[i]) for i in idx], out, m.multi_label)
+        return out
+
+    def _stack(
+        self, requests: list[Request], idx: list[int], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, dict[int, int]]:
+        """The images of requests `idx` as one batch on the device in `dtype` (the serving dtype), and each request's
+        first row in it. A tensor that several requests share (`predict_many` gives every model the same images) is in
+        the batch once."""
+        parts: list[torch.Tensor] = []
+        start: dict[int, int] = {}
+        rows = 0
+        for i in idx:
+            images = requests[i][1]
+            if id(images) not in start:
+                start[id(images)], rows = rows, rows + len(images)
+                parts.append(images)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return x.to(self.device, dtype), {i: start[id(requests[i][1])] for i in idx}
+
+    @staticmethod
+    def _by_model(requests: list[Request], idx: list[int]) -> dict[LoadedModel, list[int]]:
+        groups: dict[LoadedModel, list[int]] = {}
+        for i in idx:
+            groups.setdefault(requests[i][0], []).append(i)
+        return groups
+
+    @staticmethod
+    def _apply(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, requests: list[Request],
+               where: list[tuple[int, int]], out: list[np.ndarray], multi_label: bool = False) -> None:  # fmt: skip
+        """Run `module` on the rows of x that the requests in `where` ((request, first row) pairs) own, and hand
+        each request its own rows' probabilities."""
+        spans = [(i, first, len(requests[i][1])) for i, first in where]
+        rows = [r for _, first, n in spans for r in range(first, first + n)]
+        logits = module(x if rows == list(range(len(x))) else x[rows])
+        probs = probabilities(logits, multi_label).cpu().numpy()
+        done = 0
+        for i, _, n in spans:
+            out[i], done = probs[done : done + n], done + n
+
+    format = staticmethod(format_predictions)
+
+    def predict_many(self, model_ids: list[str], images: list[bytes]) -> dict[str, list[dict[str, Any]]]:
+        """Decode once, run each distinct backbone once, apply every model; returns predictions per model."""
+        models = [self.load(m) for m in model_ids]
+        decoded: dict[int | None, list[Any]] = {}  # by draft size, which follows the backbone's resize
+        batches: dict[tuple, torch.Tensor] = {}  # one per backbone: their transforms may differ
+        for m in models:
+            if m.backbone_key not in batches:
+                draft = draft_size(m.backbone.transform)
+                if draft not in decoded:
+                    decoded[draft] = self.decode(images, draft)
+                batches[m.backbone_key] = torch.stack([m.backbone.transform(im) for im in decoded[draft]])
+        probs = self.run([(m, batches[m.backbone_key]) for m in models])
+        return {m.id: self.format(m, p) for m, p in zip(models, probs, strict=True)}
+
+    def predict(self, model_id: str, images: list[bytes], video: bool | None = None,
+                threshold: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        """One request on its own (the inference service goes through services.serving.batching.Batcher); images, or
+        videos for a model trained on clips; `threshold` overrides a multi-label model's own."""
+        model = self.load(model_id)
+        model, x = self.inputs(model, self.decode_for(model, images, video))
+        return self.format(model, self.run([(model, x)])[0], threshold)

@@ -1,0 +1,17 @@
+"""The job spec: what a user submits to `POST /jobs`, one module per part (dataset, backbone, extraction, training,
+the job as a whole). Torch-free, so the API validates it without loading ML code. Method-specific fields live in each
+method's config (services/methods/<name>/config.py), the sweep's in services/sweeps/grid.py.
+"""
+
+from services.errors import SpecError
+from services.spec.backbone import BackboneSpec
+from services.spec.dataset import DatasetSpec
+from services.spec.extraction import EveryKth, ExtractionSpec, LastK, LayerChoice, extraction_rows, select_cached_layers
+from services.spec.fields import NO_NUL, SEED_MAX
+from services.spec.job import JobSpec, Mode
+from services.spec.training import ExecutionSpec, TrainingSpec
+
+__all__ = [
+    "NO_NUL", "SEED_MAX", "BackboneSpec", "DatasetSpec", "EveryKth", "ExecutionSpec", "ExtractionSpec", "JobSpec",
+    "LastK", "LayerChoice", "Mode", "SpecError", "TrainingSpec", "extraction_rows", "select_cached_layers",
+]  # fmt: skip

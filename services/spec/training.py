@@ -1,0 +1,105 @@
+"""`execution` and `training` of a job spec: where a method's inputs come from, and the optimisation settings
+(each `auto` resolved from the method's own defaults)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.errors import SpecError
+from services.methods import CONFIGS, METHOD_NAMES
+from services.spec.fields import SEED_MAX
+
+
+class ExecutionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "cache", "images", "tail", "online"] = Field(
+        "auto",
+        description="How the method sees the data. `cache`: from the feature cache, no backbone forward while "
+        "training (linear, losa). `images`: forward and backward through the backbone on images, augmentation "
+        "possible (apla, arc, lora, full). `tail`: only the last `tail_blocks` blocks are adapted, trained from the "
+        "cached input of the first of them, so the frozen prefix never runs (apla, arc, lora). `online`: the "
+        "backbone runs under no_grad on every step, as the LoSA paper trains, which allows augmentation "
+        "(linear, losa). `auto`: the method's first mode (`cache` for linear and losa, `images` for the others).",
+    )
+    tail_blocks: int = Field(2, ge=1, le=1000, description="In `tail` mode, how many final blocks are adapted.")
+    augment: bool = Field(
+        False,
+        description="Random resized crops, flips and colour jitter on training images (`images` and `online` "
+        "modes only: a cache holds fixed features).",
+    )
+
+
+def _defaults(key: str) -> str:
+    """Every method's default for a training field, for the API docs (from the methods' own configs)."""
+    return ", ".join(f"{name} {CONFIGS[name]().training_defaults()[key]}" for name in METHOD_NAMES)
+
+
+class TrainingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1, le=10_000, description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Mini-batch size.")
+    optimizer: Literal["auto", "sgd", "adamw"] = Field(
+        "auto",
+        description="`sgd` (momentum 0.9) or `adamw`; `auto`: the method's default from its paper and official code "
+        f"({_defaults('optimizer')}).",
+    )
+    lr: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = Field(
+        "auto",
+        description=f"Peak learning rate; `auto`: the method's default ({_defaults('lr')}). LoSA's 0.05 is the "
+        "paper's value at batch size 512, scaled linearly to the job's batch (0.05 x batch_size / 512); APLA's "
+        "follows its rank as the official configs do (3e-5 at r=8 up to 1e-4 at r=128).",
+    )
+    weight_decay: Annotated[float, Field(ge=0, le=10)] | Literal["auto"] = Field(
+        "auto", description=f"Weight decay; `auto`: the method's default ({_defaults('weight_decay')})."
+    )
+    warmup_epochs: Annotated[float, Field(ge=0, le=10_000)] | Literal["auto"] = Field(
+        "auto",
+        description="Linear warmup length in epochs before the cosine decay (at most half the run); `auto`: the "
+        "method's default "
+        f"({_defaults('warmup_epochs')}).",
+    )
+    clip_grad_norm: Annotated[float, Field(gt=0)] | None | Literal["auto"] = Field(
+        "auto",
+        description="Clip the gradient's global L2 norm to this value before every step (per configuration in a "
+        "sweep); null: no clipping; `auto`: the method's official code "
+        f"({_defaults('clip_grad_norm')}).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Label smoothing of the training loss (Szegedy et al., CVPR 2016): the target puts this much "
+        "probability mass uniformly over the classes (multi-label: targets become y (1 - e) + e / 2). 0.1 is the "
+        "usual value (e.g. APLA's ImageNet config, DeiT). Validation and test figures use the plain loss.",
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none",
+        description="`balanced`, for unbalanced datasets: each class's loss is weighted by n / (classes x n_c) "
+        "over the training split (scikit-learn's class_weight='balanced'); multi-label: each tag's positives by "
+        "its negatives / positives (BCE pos_weight).",
+    )
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of initialisation and batch order.")
+    compile: bool = Field(
+        False,
+        description="Run the trained module through `torch.compile` (side networks gain most: many small ops). The "
+        "first step then includes the compilation; the job's metrics report it as `first_step_seconds`.",
+    )
+
+    def resolved(self, defaults: dict) -> dict:
+        """Fill `auto` fields from the method's defaults. A default learning rate given for a reference batch
+        size (`lr_reference_batch`, e.g. LoSA's 0.05 at 512) is scaled linearly to this job's batch size (Goyal et
+        al. 2017); an explicit `lr` is used as given."""
+        out = self.model_dump()
+        for key, value in defaults.items():
+            if out.get(key) == "auto":
+                out[key] = value
+                if key == "lr" and defaults.get("lr_reference_batch"):
+                    out[key] = value * self.batch_size / defaults["lr_reference_batch"]
+        for key in ("lr", "weight_decay", "warmup_epochs"):
+            if isinstance(out[key], float | int) and out[key] < 0:
+                raise SpecError(f"training.{key} must be >= 0")
+        return out

@@ -1,0 +1,212 @@
+"""The training loop shared by every method, execution mode and sweep (`fit`): mini-batches from a source, each read
+once for every configuration; SGD or AdamW with linear warmup and cosine decay; validation every epoch with the
+best weights kept per configuration; a checkpoint after every epoch (current and best trainable weights, optimizer
+state, epoch, curves), so a killed train worker resumes from the last finished epoch. Frozen backbone weights are
+never checkpointed. services/training/job.py prepares what it trains (`train_job`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.data.datasets import DatasetError
+from services.data.sources import Source
+from services.errors import UserError
+from services.jobs.progress import Reporter
+from services.training import checkpoint
+from services.training.evaluation import validation_scores
+from services.training.objectives import Objective
+from services.training.runs import Runs
+from storage.store import Folder
+
+
+class NonFiniteLoss(UserError):
+    """The training loss went NaN or infinite: the job fails and registers no model."""
+
+    code = "non_finite_loss"
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batches_of(order: np.ndarray, size: int) -> list[np.ndarray]:
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
+@dataclass
+class Result:
+    """One configuration's outcome: its best weights on validation, that epoch's figures, its curve."""
+
+    state: dict[str, np.ndarray] = field(repr=False)
+    score: float = -1.0  # val accuracy, or val mAP (multi-label)
+    loss: float = math.inf  # plain validation loss at the best epoch
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def select(results: list[Result]) -> int:
+    """The configuration with the best validation figure; ties: the lower validation loss, then the first."""
+    return max(range(len(results)), key=lambda j: (results[j].score, -results[j].loss, -j))
+
+
+def inputs_for(x: torch.Tensor, runs: Runs, layers: list[int] | None) -> torch.Tensor:
+    """The batch as `runs` reads it: its own cached layers out of the union that was read."""
+    if layers is None or runs.input_layers is None or runs.input_layers == layers:
+        return x
+    return x[:, [layers.index(layer) for layer in runs.input_layers]]
+
+
+def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
+            device: str) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
+    """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the labels of their
+    rows (all n, unless images that cannot be decoded are skipped). One read of the device, at the end."""
+    out: list[list[torch.Tensor]] = [[] for _ in runs]  # per Runs: [K, B, C] per batch
+    labels: list[torch.Tensor] = []
+    for r in runs:
+        r.train(False)
+    with torch.inference_mode():
+        for x, y in source.iterate(batches_of(np.arange(n), batch_size)):
+            if not len(y):
+                continue
+            labels.append(y)
+            for r, parts in zip(runs, out, strict=True):
+                parts.append(r.logits(inputs_for(x, r, layers)))
+    if not labels:
+        return [np.empty((0, 0), np.float32) for r in runs for _ in range(r.count)], np.empty(0, np.int64)
+    stacked = [torch.cat(parts, dim=1).cpu().numpy() for parts in out]
+    return [logits for s in stacked for logits in s], torch.cat(labels).cpu().numpy()
+
+
+def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
+             objective: Objective) -> list[tuple[float, float]]:  # fmt: skip
+    """(validation figure, plain validation loss) of every configuration."""
+    if n == 0:
+        raise DatasetError("the validation split is empty")  # refused at submission; the cache lost images since
+    all_logits, targets = predict(runs, source, n, batch_size, layers, objective.device)
+    y = objective.targets(targets)
+    # every configuration at once: a sweep of 32 linear heads evaluates in an epoch of a few milliseconds
+    losses = objective.plain(torch.from_numpy(np.stack(all_logits)).to(y.device), y).tolist()
+    return list(zip(validation_scores(targets, all_logits), losses, strict=True))
+
+
+def fit(
+    runs: list[Runs],
+    where: list[tuple[int, int]],
+    train: Source,
+    val: Source,
+    n: int,
+    n_val: int,
+    hp: dict[str, Any],
+    objective: Objective,
+    reporter: Reporter,
+    checkpoint_dir: Folder | Path,
+    layers: list[int] | None = None,
+) -> tuple[list[Result], dict[str, Any]]:
+    """The training loop shared by every method, mode and sweep, over `n` training and `n_val` validation items of
+    the sources: configuration j is `where[j]` = (runs, index in it); every batch is read once for all of them.
+    `layers`: the cached layers the sources read (each Runs takes its own). Returns each configuration's Result and
+    the timings. The loop never waits for the device: losses are summed on it and read once per epoch."""
+    device = objective.device
+    bs = min(hp["batch_size"], n)
+    steps_per_epoch = -(-n // bs)
+    total = steps_per_epoch * hp["epochs"]
+    warmup = max(1, round(hp["warmup_epochs"] * steps_per_epoch))
+    if warmup > total // 2 and total > 1:
+        # e.g. ARC's 10 warmup epochs (from 100-epoch runs) in a 10-epoch job would never reach the decay
+        reporter.event(f"warmup of {hp['warmup_epochs']} epochs capped at half of this {hp['epochs']}-epoch run")
+        warmup = max(1, total // 2)
+    # each Runs' configurations' best weights so far, stacked [K, ...]: copied from the live weights, which the next
+    # step changes (on the CPU, `states()` are views of them)
+    best = [{name: np.array(v) for name, v in r.states().items()} for r in runs]
+    results = [Result(state={}) for _ in where]
+    fields = ["epoch", "train_loss", objective.metric, "val_loss", "lr", "train_seconds"]
+    curves = np.full((len(where), hp["epochs"], len(fields)), np.nan)  # the histories, as the checkpoint holds them
+    start_epoch, seconds, seen = 0, 0.0, 0
+    resumed = checkpoint.load(checkpoint_dir, runs, best, results, curves, fields)
+    if resumed:
+        start_epoch, log = resumed
+        seconds, seen = log["seconds"], log["seen"]
+        reporter.event(f"resumed training from the checkpoint of epoch {start_epoch}")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    first_step_s: float | None = None
+    flat = [j for i, r in enumerate(runs) for k in range(r.count) for j in [where.index((i, k))]]  # runs -> config
+    metric = objective.metric
+    warned: set[int] = set()  # configurations reported as diverged
+    with checkpoint.Writer() as writer:
+        for epoch in range(start_epoch, hp["epochs"]):
+            for r in runs:
+                r.train(True)
+            order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
+            t0, count = time.perf_counter(), 0
+            loss_sums = [torch.zeros(r.count, device=device) for r in runs]
+            for step, (x, y) in enumerate(train.iterate(batches_of(order, bs))):
+                if len(y):
+                    y = objective.cast(y)
+                    scale = warmup_cosine(epoch * steps_per_epoch + step, warmup, total)
+                    for r, sums in zip(runs, loss_sums, strict=True):
+                        sums += r.step(inputs_for(x, r, layers), y, scale) * len(y)
+                    count += len(y)
+                    if first_step_s is None:  # the one step that waits for the device: with compile, it compiles
+                        loss_sums[0].sum().item()
+                        first_step_s = time.perf_counter() - t0
+                if step % 20 == 0:
+                    reporter.check_cancel()
+            train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
+            diverged = {pos for pos, value in enumerate(train_loss) if not math.isfinite(value)}
+            if len(diverged) == len(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
+                raise NonFiniteLoss(f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
+                                    "or check the data")  # fmt: skip
+            if diverged - warned:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
+                reporter.event(f"{len(diverged - warned)} of {len(train_loss)} configurations diverged (non-finite "
+                               f"loss) in epoch {epoch + 1}", level="warning")  # fmt: skip
+                warned |= diverged
+            epoch_s = time.perf_counter() - t0
+            seconds += epoch_s
+            seen += count
+            lr_scale = warmup_cosine(min((epoch + 1) * steps_per_epoch, total) - 1, warmup, total)
+            scores = evaluate(runs, val, n_val, max(bs, 64), layers, objective)
+            improved: dict[int, list[int]] = {}
+            for pos, j in enumerate(flat):
+                res, (score, loss), (i, k) = results[j], scores[pos], where[j]
+                row = [epoch + 1, round(train_loss[pos], 5), round(score, 5), round(loss, 5),
+                       float(f"{runs[i].base_lrs[k] * lr_scale:.4g}"), round(epoch_s, 3)]  # fmt: skip
+                res.history.append(dict(zip(fields, row, strict=True)))
+                curves[j, epoch] = row
+                if score > res.score:
+                    res.score, res.loss, res.epoch = score, loss, epoch + 1
+                    improved.setdefault(i, []).append(k)
+            for i, ks in improved.items():
+                for name, value in runs[i].states().items():
+                    best[i][name][ks] = value[ks]
+            lead = results[select(results)]
+            last = lead.history[-1]
+            label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
+            reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
+                           f"{metric.replace('_', ' ')} {last[metric]:.4f}", type="metrics",
+                           data=last if len(results) == 1 else {**last, "configurations": [
+                               r.history[-1] for r in results]})  # fmt: skip
+            reporter.progress("training", epoch + 1, hp["epochs"], **last)
+            checkpoint.save(writer, checkpoint_dir, epoch + 1, runs, best, results, curves[:, : epoch + 1], fields,
+                            {"seconds": seconds, "seen": seen})  # fmt: skip
+            reporter.check_cancel()
+    for res, (i, k) in zip(results, where, strict=True):
+        res.state = {name: v[k] for name, v in best[i].items()}
+    timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
+              "compiled": bool(hp.get("compile"))}  # fmt: skip
+    if first_step_s is not None:
+        timing["first_step_seconds"] = round(first_step_s, 3)
+    if device.startswith("cuda"):
+        timing["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return results, timing
