@@ -127,7 +127,7 @@ def measure_training(args: argparse.Namespace, cache_key: str) -> dict[str, Any]
 
 def report(args: argparse.Namespace, a: dict[str, Any], c: dict[str, Any], load_start: float) -> None:
     from services.architectures import architecture
-    from services.jobs.planner import human_bytes
+    from services.jobs.plan_text import human_bytes
     from services.video.spec import VideoSpec
 
     info, kv = a["info"], {}

@@ -173,7 +173,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """The plan of a job spec, computed here (no server) under the settings of this environment."""
     from pydantic import ValidationError
 
-    from services.jobs.planner import describe, plan
+    from services.jobs.plan_text import describe
+    from services.jobs.planner import plan
     from services.spec import JobSpec
 
     try:

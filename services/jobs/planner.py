@@ -1,7 +1,7 @@
 """The planner: what a job will cost before it runs. How large its feature cache is, whether that fits the cache
 quota (after evicting least recently used entries), whether its training features fit in memory and on the GPU,
 and about how long extraction takes. `sidetune plan SPEC.json` prints it, `POST /jobs?dry_run=true` returns it,
-and `POST /jobs` refuses a job whose cache cannot fit, saying what to change.
+and `POST /jobs` refuses a job whose cache cannot fit, saying what to change (plan_text.py: the plan as text).
 
 Torch-free, so the API can plan: the backbone's shape comes from a table of timm's plain ViT families (checked
 against timm in the tests), not from building the model. A backbone outside the table is planned without sizes
@@ -14,18 +14,17 @@ from __future__ import annotations
 import math
 import shutil
 
-import numpy as np
 from pydantic import BaseModel, Field
 
 from services.architectures import Architecture, architecture, forward_flops
 from services.backprop import backprop_memory
 from services.data.datasets import check_validation, read_for_job, split
+from services.jobs.plan_text import GB, gb, human_bytes
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.video.spec import check_inputs
 from storage.settings import Settings
 
-GB = 10**9
 MIB = 2**20
 
 
@@ -37,25 +36,6 @@ def lossy_fraction(codec: str, keepbits: int | None) -> float | None:
     if keepbits is None or codec == "none":
         return None
     return (6 + keepbits) / 16
-
-
-def gb(n: float) -> str:
-    return f"{n / GB:.2f} GB"
-
-
-def human_bytes(n: float) -> str:
-    for unit, size in (("TB", 10**12), ("GB", GB), ("MB", 10**6), ("kB", 10**3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def human_seconds(s: float) -> str:
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
 
 
 class Plan(BaseModel):
@@ -350,64 +330,3 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         extraction_flops=flops, extraction_compute_s=round(compute_s, 3), extraction_write_s=round(write_s, 3),
         extraction_s=round(max(compute_s, write_s), 3), message=msg, notes=notes,
     )  # fmt: skip
-
-
-def describe(p: Plan) -> str:
-    """The plan as readable lines, for `sidetune plan`."""
-    a = p.architecture
-    item = "clips" if a is not None and a.num_frames else "images"
-    split = f"{p.images} {item}, {p.classes} classes ({p.train_images} train, {p.val_images} val"
-    split += f", {p.test_images} test)" if p.test_images else ")"
-    rows = [("job", f"{p.method} on {p.backbone}, mode {p.mode}"), ("dataset", split)]
-    if p.configurations > 1:
-        rows.append(("sweep", f"{p.configurations} configurations, trained together from one pass per epoch"))
-    if a is not None:
-        vivit = f"ViViT of {a.num_frames} frames, tubelet {a.tubelet}, " if a.num_frames else ""
-        rows.append(("backbone", f"{vivit}{a.num_layers} blocks, {a.tokens} tokens ({a.num_prefix_tokens} prefix), "
-                                 f"dim {a.dim}, {a.image_size} px, patch {a.patch_size}"))  # fmt: skip
-    if p.backprop_memory_bytes is not None:
-        verdict = {True: "fits", False: "does NOT fit", None: "not checked"}[p.memory_fits]
-        rows.append(("memory", f"~{gb(p.backprop_memory_bytes)} on the device to train through the backbone "
-                               f"({verdict}: SIDETUNE_DEVICE_MEMORY_GB)"))  # fmt: skip
-    if p.cache_bytes is not None:
-        rows.append(("cache", f"blocks {_ranges(p.cached_layers or [])}, {p.cached_token_mode} tokens: "
-                              f"{human_bytes(p.bytes_per_image or 0)} per {item[:-1]}, {gb(p.cache_bytes)} in all "
-                              "(uncompressed, an upper bound)"))  # fmt: skip
-        if p.expected_cache_bytes != p.cache_bytes:
-            rows.append(("", f"about {gb(p.expected_cache_bytes or 0)} with the lossy codec (a rough estimate)"))
-    quota = "none (the free disk space)" if p.quota_bytes is None else gb(p.quota_bytes)
-    rows.append(("disk", f"quota {quota}; cache uses {gb(p.cache_used_bytes)} ({gb(p.cache_evictable_bytes)} "
-                         f"evictable); {gb(p.free_disk_bytes)} free; available {gb(p.available_bytes)}"))  # fmt: skip
-    verdict = {True: "yes", False: "NO", None: "unknown"}[p.fits]
-    if p.fits and p.evict_entries:
-        verdict += f", after evicting {gb(p.evict_bytes)} ({p.evict_entries} entries)"
-    rows.append(("fits", verdict))
-    if p.train_feature_bytes is not None:
-        where = ("GPU-resident" if p.train_on_gpu else "in memory" if p.train_in_memory
-                 else "streamed from the cache")  # fmt: skip
-        if p.train_on_gpu is None and p.train_in_memory:
-            where = "in memory, GPU-resident if the worker's device has room"
-        gpu = "the device's free memory" if p.gpu_budget_bytes is None else gb(p.gpu_budget_bytes)
-        budgets = f"budgets: {gb(p.train_memory_budget_bytes)} in memory, {gpu} on the GPU"
-        rows.append(("training", f"{gb(p.train_feature_bytes)} of features for {p.train_images} {item}: {where} "
-                                 f"({budgets})"))  # fmt: skip
-    if p.extraction_s is not None:
-        rows.append(("extraction", f"~{human_seconds(p.extraction_s)}: {p.extraction_flops or 0:.3g} FLOPs, "
-                                   f"{human_seconds(p.extraction_compute_s or 0)} at an assumed {p.assumed_tflops:g} "
-                                   f"TFLOP/s; writes {human_seconds(p.extraction_write_s or 0)} at an assumed "
-                                   f"{p.assumed_disk_mb_s:g} MB/s"))  # fmt: skip
-    lines = [f"{k:<11} {v}" for k, v in rows]
-    lines.append(p.message)
-    lines += [f"note: {note}" for note in p.notes]
-    return "\n".join(lines)
-
-
-def _ranges(values: list[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2, 5"."""
-    out, arr = [], np.asarray(sorted(values))
-    if not len(arr):
-        return "none"
-    breaks = np.flatnonzero(np.diff(arr) != 1)
-    for start, stop in zip(np.r_[0, breaks + 1], np.r_[breaks, len(arr) - 1], strict=True):
-        out.append(str(arr[start]) if start == stop else f"{arr[start]}-{arr[stop]}")
-    return ", ".join(out)

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from services.architectures import architecture, forward_flops
-from services.jobs.planner import GB, MIB, describe, plan
+from services.jobs.plan_text import GB, describe
+from services.jobs.planner import MIB, plan
 from services.spec import JobSpec
 from storage.cache import CacheEntry
 from storage.settings import Settings
