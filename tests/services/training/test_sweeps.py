@@ -4,6 +4,7 @@ own), and a sweep job that reads the cache once per epoch for every configuratio
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -113,14 +114,19 @@ def test_stacked_optimizer_is_torch_optim_per_configuration(kind: str) -> None:
         torch.testing.assert_close(stacked["w"][k], separate[k], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", [LosaConfig(rank=4, layers=3, pool="mean"), LinearConfig(solver="sgd")],
-                         ids=["losa", "linear"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "temporal"),
+    [(LosaConfig(rank=4, layers=3, pool="mean"), None), (LinearConfig(solver="sgd"), None),
+     (LosaConfig(rank=4, layers=3, pool="mean"), 3)],
+    ids=["losa", "linear", "video-losa"],
+)  # fmt: skip
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
-def test_stacked_configurations_train_as_each_would_alone(method, kind: str) -> None:
-    """Forward (forward_stacked), per-configuration clipping, no decay on biases/1-D, the optimizer: K stacked
-    configurations end where K separate modules with torch's optimizers end."""
+def test_stacked_configurations_train_as_each_would_alone(method, temporal: int | None, kind: str) -> None:
+    """Forward (forward_stacked, or torch.vmap for the video network), per-configuration clipping, no decay on
+    biases/1-D, the optimizer, LoSA's micro-batches: K stacked configurations end where K separate modules with torch's
+    optimizers end."""
     torch.manual_seed(0)
-    info = feature_info()
+    info = dataclasses.replace(feature_info(), temporal=temporal)  # video: 9 tokens as 3 frames x 3 positions
     models = [methods.build(method, info) for _ in range(3)]
     for m in models:  # away from LoSA's zero up-projections, so that every parameter gets a gradient
         for name, p in m.named_parameters():
