@@ -98,8 +98,9 @@ def save(writer: Writer, where: Folder | Path, epoch: int, runs: list[Runs], bes
 
 def load(where: Folder | Path, runs: list[Runs], best: list[dict[str, np.ndarray]], results: list[Result],
          curves: np.ndarray, fields: list[str]) -> tuple[int, dict[str, Any]] | None:  # fmt: skip
-    """Restore what `save` wrote into `runs`, `best`, `results` and `curves`; (its epoch, its metadata), or None where
-    there is no checkpoint (or one an earlier version wrote: the job trains from the start)."""
+    """Restore what `save` wrote into `runs`, `best`, the figures of `results` and `curves`; (its epoch, its
+    metadata), or None where there is no checkpoint (or one an earlier version wrote: the job trains from the
+    start)."""
     d = as_folder(where)
     if not d.exists(TENSORS):
         return None
@@ -113,10 +114,8 @@ def load(where: Folder | Path, runs: list[Runs], best: list[dict[str, np.ndarray
         r.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["runs"][i])
         for name in best[i]:
             best[i][name][...] = tensors[f"best{i}.{name}"]
-    epoch, history = meta["epoch"], tensors["history"]
-    curves[:, :epoch] = history
-    for j, (res, saved) in enumerate(zip(results, meta["results"], strict=True)):
+    epoch = meta["epoch"]
+    curves[:, :epoch] = tensors["history"]
+    for res, saved in zip(results, meta["results"], strict=True):
         res.score, res.loss, res.epoch = saved["score"], saved["loss"], saved["epoch"]
-        res.history = [{f: (int(v) if f == "epoch" else float(v)) for f, v in zip(fields, row, strict=True)}
-                       for row in history[j]]  # fmt: skip
     return epoch, meta

@@ -55,6 +55,11 @@ class Result:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _row(fields: list[str], values: np.ndarray) -> dict[str, Any]:
+    """An epoch's row of a configuration's curve as its history holds it."""
+    return {f: int(v) if f == "epoch" else float(v) for f, v in zip(fields, values, strict=True)}
+
+
 def select(results: list[Result]) -> int:
     """The configuration with the best validation figure; ties: the lower validation loss, then the first."""
     return max(range(len(results)), key=lambda j: (results[j].score, -results[j].loss, -j))
@@ -131,7 +136,7 @@ def fit(
     best = [{name: np.array(v) for name, v in r.states().items()} for r in runs]
     results = [Result(state={}) for _ in where]
     fields = ["epoch", "train_loss", objective.metric, "val_loss", "lr", "train_seconds"]
-    curves = np.full((len(where), hp["epochs"], len(fields)), np.nan)  # the histories, as the checkpoint holds them
+    curves = np.full((len(where), hp["epochs"], len(fields)), np.nan)  # each configuration's history, row by epoch
     start_epoch, seconds, seen = 0, 0.0, 0
     resumed = checkpoint.load(checkpoint_dir, runs, best, results, curves, fields)
     if resumed:
@@ -180,29 +185,27 @@ def fit(
             improved: dict[int, list[int]] = {}
             for pos, j in enumerate(flat):
                 res, (score, loss), (i, k) = results[j], scores[pos], where[j]
-                row = [epoch + 1, round(train_loss[pos], 5), round(score, 5), round(loss, 5),
-                       float(f"{runs[i].base_lrs[k] * lr_scale:.4g}"), round(epoch_s, 3)]  # fmt: skip
-                res.history.append(dict(zip(fields, row, strict=True)))
-                curves[j, epoch] = row
+                curves[j, epoch] = [epoch + 1, round(train_loss[pos], 5), round(score, 5), round(loss, 5),
+                                    float(f"{runs[i].base_lrs[k] * lr_scale:.4g}"), round(epoch_s, 3)]  # fmt: skip
                 if score > res.score:
                     res.score, res.loss, res.epoch = score, loss, epoch + 1
                     improved.setdefault(i, []).append(k)
             for i, ks in improved.items():
                 for name, value in runs[i].states().items():
                     best[i][name][ks] = value[ks]
-            lead = results[select(results)]
-            last = lead.history[-1]
+            rows = [_row(fields, curves[j, epoch]) for j in range(len(results))]
+            last = rows[select(results)]
             label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
             reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
                            f"{metric.replace('_', ' ')} {last[metric]:.4f}", type="metrics",
-                           data=last if len(results) == 1 else {**last, "configurations": [
-                               r.history[-1] for r in results]})  # fmt: skip
+                           data=last if len(results) == 1 else {**last, "configurations": rows})  # fmt: skip
             reporter.progress("training", epoch + 1, hp["epochs"], **last)
             checkpoint.save(writer, checkpoint_dir, epoch + 1, runs, best, results, curves[:, : epoch + 1], fields,
                             {"seconds": seconds, "seen": seen})  # fmt: skip
             reporter.check_cancel()
-    for res, (i, k) in zip(results, where, strict=True):
+    for j, (res, (i, k)) in enumerate(zip(results, where, strict=True)):
         res.state = {name: v[k] for name, v in best[i].items()}
+        res.history = [_row(fields, values) for values in curves[j]]
     timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
               "compiled": bool(hp.get("compile"))}  # fmt: skip
     if first_step_s is not None:

@@ -56,12 +56,15 @@ class Objective:
         """The training loss [K] of logits [K, B, C]."""
         return self._loss(logits, y, self.label_smoothing, self.weight)
 
-    def normalizer(self, y: torch.Tensor) -> torch.Tensor:
+    def normalizer(self, y: torch.Tensor) -> torch.Tensor | int:
         """What the loss of a batch with targets `y` is divided by (its rows, or for class weights the weights of its
         targets): a batch's loss is the sum over parts of it of each part's loss times its normalizer's share."""
-        if self.weight is not None and not self.multi_label:
-            return self.weight[y].sum()
-        return torch.tensor(float(len(y)), device=y.device)
+        return self._divisor(y, self.weight)
+
+    def _divisor(self, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | int:
+        # torch's weighted mean divides by the weights of the targets, not by the batch size; a multi-label loss is
+        # the mean over rows and tags, so a part's share of it is its share of the rows
+        return weight[y].sum() if weight is not None and not self.multi_label else len(y)
 
     def single(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss of one configuration's logits [B, C], a scalar: `self(logits[None], y)[0]` in fewer
@@ -88,5 +91,4 @@ class Objective:
         # the batch, 3x faster than over the rows of [K * B, C] for K = 32 heads of 10 classes
         per = F.cross_entropy(logits.transpose(1, 2), y.expand(k, b), weight=weight, label_smoothing=smoothing,
                               reduction="none")  # fmt: skip
-        # torch's weighted mean divides by the weights of the targets, not by the batch size
-        return per.sum(1) / (weight[y].sum() if weight is not None else b)
+        return per.sum(1) / self._divisor(y, weight)
