@@ -56,16 +56,20 @@ class RedisServer:
                 log = logfile.read_text()[-2000:] if logfile.exists() else ""
                 raise RuntimeError(f"redis-server exited with {self.process.returncode}: {err}{log}")
             try:
-                if client.ping():
+                # only our own server counts: another one answering on the port (one that a supervisor restarted)
+                # would make this start look good while its process fails to bind
+                if client.info("server")["process_id"] == self.process.pid:
                     return self
             except redis.ConnectionError:
                 pass
             if time.monotonic() > deadline:
-                self.stop()
+                self.process.kill()  # the handle stays: a supervisor sees a failed start, not a deliberate stop
+                self.process.wait()
                 raise RuntimeError(f"redis-server did not answer on {self.url} within {timeout_s}s")
             time.sleep(0.05)
 
     def stop(self) -> None:
+        """Stops it on purpose: a supervisor leaves a stopped server alone (`process` is None) until `start()`."""
         if self.process and self.process.poll() is None:
             self.process.terminate()
             try:

@@ -211,17 +211,17 @@ class Stack:
             log.warning("%s restarted (pid %d)", name, child.proc.pid)
 
     def _check_redis(self) -> None:
-        if self.redis is None:
+        proc = self.redis.process if self.redis else None
+        if proc is None:  # none embedded, or stopped on purpose (RedisServer.stop()): whoever stopped it starts it
+            self._redis_state.restart_at = None  # a restart scheduled as it stopped is void
             return
-        proc = self.redis.process
-        if not self._due("redis", self._redis_state, proc.poll() if proc else 1):
+        if not self._due("redis", self._redis_state, proc.poll()):
             return
         try:
             self.redis.start()  # from the same data dir: the AOF brings back everything acknowledged
-        except Exception as e:
+        except Exception as e:  # the failed process stays in `process`, exited: the next check retries
             self._redis_state.started = time.monotonic()  # counts as a quick exit: the next delay doubles
             self._redis_state.restart_at = None
-            self.redis.process = None
             log.error("redis did not restart: %s", e)
             return
         self._restarted("redis", self._redis_state)
