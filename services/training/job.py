@@ -112,8 +112,11 @@ def _build(spec: JobSpec, data: Data, vit: torch.nn.Module | None) -> torch.nn.M
     return methods.build(spec.method, vit, len(data.classes), tail)
 
 
-def _sources(spec: JobSpec, settings: Settings, data: Data, parts: list[np.ndarray], layers: list[int] | None):
-    """One input source per index array of `parts`, and a description of where the inputs come from."""
+def _sources(
+    spec: JobSpec, settings: Settings, data: Data, parts: list[np.ndarray], layers: list[int] | None, train: bool = True
+):
+    """One input source per index array of `parts`, and a description of where the inputs come from. With `train`
+    the first part is the training split (augmented, clips jittered in time); every other part is read as evaluated."""
     device, mode = settings.torch_device(), spec.mode
     if data.entry is not None:
         host, dev = memory_budgets(settings, device)
@@ -131,9 +134,10 @@ def _sources(spec: JobSpec, settings: Settings, data: Data, parts: list[np.ndarr
     readers = [None] * len(parts)
     if spec.backbone.video is not None:  # clips: jittered in time (and cropped, flipped with augment) to train
         augment = backbone.split  # normalisation on the device, as for images; the clips' transform is below
-        readers = [_clip_reader(spec, data.dataset, backbone, train=i == 0) for i in range(len(parts))]
-    sources = [ImageSource(data.dataset, idx, augment if i == 0 else backbone.split, skip, device, workers, dtype,
-                           readers[i]) for i, idx in enumerate(parts)]  # fmt: skip
+        readers = [_clip_reader(spec, data.dataset, backbone, train=train and i == 0) for i in range(len(parts))]
+    transforms = [augment if train and i == 0 else backbone.split for i in range(len(parts))]
+    sources = [ImageSource(data.dataset, idx, transforms[i], skip, device, workers, dtype, readers[i])
+               for i, idx in enumerate(parts)]  # fmt: skip
     if mode == "online":
         sources = [OnlineSource(s, backbone, layers) for s in sources]
     inputs = "clips (jittered in time)" if spec.backbone.video is not None else "images"
@@ -317,7 +321,7 @@ def train_job(
     if ds.test:
         source, targets = _test_set(spec, settings, data, own)
     elif len(test_idx):
-        source, targets = _sources(spec, settings, data, [test_idx], own)[0][0], data.labels[test_idx]
+        source, targets = _sources(spec, settings, data, [test_idx], own, train=False)[0][0], data.labels[test_idx]
     else:
         source, targets = val_src, y_val
     logits, targets = predict(final, source, len(targets), 256, own if source is not val_src else layers, device)

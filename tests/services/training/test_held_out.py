@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import confusion_matrix
 
-from services.data.datasets import DatasetError, read_imagefolder
+from services.data.datasets import DatasetError, read_imagefolder, split
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
 from services.serving.inference import Predictor
@@ -51,6 +52,27 @@ def test_a_separate_test_set_is_scored_as_predict_scores_it(
     predictions = Predictor(settings).predict("model_t", [png_bytes(p) for p in test.paths])
     served = np.mean([p["label"] == test.classes[y] for p, y in zip(predictions, test.labels, strict=True)])
     assert m["test_accuracy"] == pytest.approx(served, abs=1 / len(test) + 1e-9)  # batches may round differently
+
+
+def test_the_test_split_is_read_as_evaluated_not_augmented(settings: Settings, digits_root: Path, tmp_path: Path):
+    """With `augment` the training split is randomly cropped, flipped and jittered; the test split (like validation)
+    goes through the evaluation transform, so the report's confusion matrix is the one predict gives."""
+    job = JobSpec.model_validate({
+        "dataset": {"path": str(digits_root / "train"), "test_fraction": 0.3},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "losa", "rank": 4, "layers": 2}, "execution": {"mode": "online", "augment": True},
+        "training": {"epochs": 2, "batch_size": 32},
+    })  # fmt: skip
+    out = train_job(job, settings, None, NullReporter(), tmp_path / "ckpt")
+    data = read_imagefolder(digits_root / "train")
+    test_idx = split(data.labels, job.dataset.val_fraction, 0.3, job.dataset.split_seed)[2]
+    assert out["evaluation"]["split"] == "test" and out["evaluation"]["images"] == len(test_idx)
+
+    ArtifactStore.from_settings(settings).save_model("model_aug", out["weights"], out["config"], out["metrics"])
+    predictions = Predictor(settings).predict("model_aug", [png_bytes(data.paths[i]) for i in test_idx])
+    served = confusion_matrix(data.labels[test_idx], [out["config"]["classes"].index(p["label"]) for p in predictions],
+                              labels=range(len(data.classes)))  # fmt: skip
+    assert out["evaluation"]["confusion_matrix"] == served.tolist()
 
 
 def test_a_test_set_with_unknown_classes_fails_naming_them(settings: Settings, digits_root: Path, tmp_path: Path):
