@@ -49,7 +49,9 @@ def validation_score(targets: np.ndarray, scores: np.ndarray) -> float:
     """The figure that selects (higher is better): accuracy, or mAP for multi-label targets. `scores` [n, C]: logits
     or probabilities alike (both figures depend only on the order of the scores). Accuracy is counted directly:
     scikit-learn's accuracy_score gives the same number (tested) at ~1 ms of input checks per call, which a sweep of
-    64 configurations would pay every epoch."""
+    64 configurations would pay every epoch. Non-finite scores (a diverged configuration) score NaN: never selected."""
+    if not np.isfinite(scores).all():
+        return float("nan")
     if targets.ndim == 2:
         return mean_average_precision(targets, scores)
     return float(np.mean(scores.argmax(1) == targets)) if len(targets) else float("nan")
@@ -59,7 +61,9 @@ def validation_scores(targets: np.ndarray, scores: list[np.ndarray]) -> list[flo
     """`validation_score` of several configurations' scores, each [n, C]; accuracies counted for all at once."""
     if targets.ndim == 2 or not len(targets) or not scores:
         return [validation_score(targets, s) for s in scores]
-    return (np.stack(scores).argmax(2) == targets).mean(1).tolist()
+    stacked = np.stack(scores)
+    accuracy = (stacked.argmax(2) == targets).mean(1)
+    return np.where(np.isfinite(stacked).all((1, 2)), accuracy, np.nan).tolist()
 
 
 def choose_threshold(targets: np.ndarray, probs: np.ndarray) -> float:

@@ -61,8 +61,15 @@ def _row(fields: list[str], values: np.ndarray) -> dict[str, Any]:
 
 
 def select(results: list[Result]) -> int:
-    """The configuration with the best validation figure; ties: the lower validation loss, then the first."""
-    return max(range(len(results)), key=lambda j: (results[j].score, -results[j].loss, -j))
+    """The configuration with the best validation figure; ties: the lower validation loss, then the first. A NaN
+    figure ranks last."""
+
+    def key(j: int) -> tuple[float, float, int]:
+        # NaN compares false both ways: left as it is, it would win or lose by its position in the list
+        score, loss = results[j].score, results[j].loss
+        return (score if score == score else -math.inf, -(loss if loss == loss else math.inf), -j)
+
+    return max(range(len(results)), key=key)
 
 
 def inputs_for(x: torch.Tensor, runs: Runs, layers: list[int] | None) -> torch.Tensor:
@@ -187,7 +194,7 @@ def fit(
                 res, (score, loss), (i, k) = results[j], scores[pos], where[j]
                 curves[j, epoch] = [epoch + 1, round(train_loss[pos], 5), round(score, 5), round(loss, 5),
                                     float(f"{runs[i].base_lrs[k] * lr_scale:.4g}"), round(epoch_s, 3)]  # fmt: skip
-                if score > res.score:
+                if score > res.score and pos not in diverged:  # NaN (diverged weights) is never greater
                     res.score, res.loss, res.epoch = score, loss, epoch + 1
                     improved.setdefault(i, []).append(k)
             for i, ks in improved.items():
