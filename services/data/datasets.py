@@ -191,13 +191,14 @@ def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = Fa
         for line, row in enumerate(reader, start=2):
             rel = (row["path"] or "").strip()
             label = (row["label"] or "").strip()
-            if not rel or not label:
-                raise DatasetError(f"{manifest} line {line}: empty path or label")
-            if multi_label and not any(t.strip() for t in label.split("|")):
+            empty = "an empty path" if not rel else (
+                f"an empty tag list {label!r}" if multi_label and not any(t.strip() for t in label.split("|"))
+                else "an empty label" if not label else None)  # fmt: skip
+            if empty:
                 if not skip_bad_rows:
-                    raise DatasetError(f"{manifest} line {line}: empty tag list {label!r} (set dataset.on_corrupt="
-                                       "'skip' to leave such rows out)")  # fmt: skip
-                skipped.append(f"{manifest.name} line {line}: empty tag list")
+                    raise DatasetError(f"{manifest} line {line}: {empty} (set dataset.on_corrupt='skip' to leave such "
+                                       "rows out)")  # fmt: skip
+                skipped.append(f"{manifest.name} line {line}: {empty}, left out")
                 continue
             p = (root / rel).resolve()
             if not p.is_relative_to(root.resolve()):

@@ -110,7 +110,7 @@ def test_a_multi_label_row_without_tags_fails_the_job_naming_it(stack) -> None:
     body = {"dataset": {"path": str(root / "bad_tags.csv"), "multi_label": True}, "backbone": BACKBONE,
             "method": {"name": "linear"}}  # fmt: skip
     r = httpx.post(f"{running.api_url}/jobs", json=body, timeout=30)
-    assert r.status_code == 422 and "line 4: empty tag list" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "line 4: an empty tag list" in r.json()["error"]["message"]
 
 
 def small_dataset(stack, per_class: int) -> Path:

@@ -107,9 +107,13 @@ def test_csv_missing_file_and_empty_label(tmp_path: Path) -> None:
     manifest.write_text("path,label\na.png,x\nnope.png,y\n")
     with pytest.raises(DatasetError, match="'nope.png' does not exist"):
         read_csv(manifest)
-    manifest.write_text("path,label\na.png,\n")
-    with pytest.raises(DatasetError, match="line 2: empty path or label"):
+    png(tmp_path / "b.png")
+    manifest.write_text("path,label\na.png,\n,x\na.png,x\nb.png,y\n")
+    with pytest.raises(DatasetError, match="line 2: an empty label"):
         read_csv(manifest)
+    ds = read_dataset(manifest, on_corrupt="skip")
+    assert len(ds) == 2 and ds.skipped_rows == ("m.csv line 2: an empty label, left out",
+                                                "m.csv line 3: an empty path, left out")  # fmt: skip
 
 
 def test_fingerprint_changes_when_a_file_changes(folder: Path) -> None:
@@ -205,11 +209,12 @@ def test_multi_label_csv(tmp_path: Path) -> None:
 
 
 def test_a_multi_label_row_without_tags_fails_naming_it_or_is_skipped(tmp_path: Path) -> None:
-    manifest = multi_label_csv(tmp_path, ["cat|dog", "|", "dog"])
-    with pytest.raises(DatasetError, match="line 3: empty tag list"):
+    manifest = multi_label_csv(tmp_path, ["cat|dog", "|", "dog", ""])  # an empty cell is an empty tag list too
+    with pytest.raises(DatasetError, match="line 3: an empty tag list '|'"):
         read_dataset(manifest, multi_label=True)
     ds = read_dataset(manifest, multi_label=True, on_corrupt="skip")
-    assert len(ds) == 2 and ds.skipped_rows == ("tags.csv line 3: empty tag list",)
+    assert len(ds) == 2 and ds.skipped_rows == ("tags.csv line 3: an empty tag list '|', left out",
+                                                "tags.csv line 5: an empty tag list '', left out")  # fmt: skip
 
 
 def test_check_path(tmp_path: Path) -> None:
