@@ -9,6 +9,7 @@ configurations is a whole adapted backbone, so only the optimisation settings ar
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,10 +23,11 @@ METHOD_KEYS = ("rank", "layers", "pool")
 class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    lr: list[Annotated[float, Field(gt=0)]] | None = Field(
+    # the bounds of training.lr and training.weight_decay (services/spec/training.py): refused at submission
+    lr: list[Annotated[float, Field(gt=0, le=10)]] | None = Field(
         None, min_length=1, description="Peak learning rates (replace `training.lr`)."
     )
-    weight_decay: list[Annotated[float, Field(ge=0)]] | None = Field(
+    weight_decay: list[Annotated[float, Field(ge=0, le=10)]] | None = Field(
         None,
         min_length=1,
         description="Weight decays (replace `training.weight_decay`); for the L-BFGS linear probe, the L2 "
@@ -47,8 +49,7 @@ class SweepSpec(BaseModel):
         if not grid:
             raise ValueError(f"the sweep is empty: give a list of values for one of {', '.join(self.keys())}")
         for key, values in grid.items():
-            seen = [repr(v) for v in values]
-            twice = sorted({v for v in seen if seen.count(v) > 1})
+            twice = sorted(v for v, n in Counter(map(repr, values)).items() if n > 1)
             if twice:
                 raise ValueError(f"sweep.{key} lists {', '.join(twice)} more than once")
         return self

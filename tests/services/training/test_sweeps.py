@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +65,25 @@ def feature_info(tokens: int = 9, pool_prefix: int = 0) -> FeatureInfo:
         ({"name": "apla"}, {"rank": [4, 8]}, "sweep.rank: method 'apla' trains through the backbone"),
         ({"name": "linear"}, {"lr": [0.1]}, "sweep.lr: the linear probe's L-BFGS solver has no learning rate"),
         ({"name": "losa"}, {"lr": [-1.0]}, "sweep.lr.0"),
+        ({"name": "apla"}, {"lr": [0.1, 100.0]}, "sweep.lr.1\n  Input should be less than or equal to 10"),
+        (
+            {"name": "arc"},
+            {"weight_decay": [100.0]},
+            "sweep.weight_decay.0\n  Input should be less than or equal to 10",
+        ),
     ],
 )
 def test_bad_sweeps_are_refused_naming_the_key(method: dict, sweep: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         spec(method=method, sweep=sweep)
+
+
+def test_a_long_grid_is_refused_in_linear_time() -> None:
+    values = [i * 1e-6 for i in range(1, 50_001)]
+    t0 = time.perf_counter()
+    with pytest.raises(ValidationError, match="sweep.lr lists 1e-06 more than once"):
+        spec(sweep={"lr": [*values, 1e-6]})
+    assert time.perf_counter() - t0 < 5  # the pairwise check took minutes at this length
 
 
 def test_configurations_are_the_grid_and_each_is_validated() -> None:
