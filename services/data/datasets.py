@@ -255,6 +255,23 @@ def read_for_job(dataset: Any, roots: list[Path], path: str | None = None) -> Da
                         dataset.duplicates)  # fmt: skip
 
 
+def read_test_set(dataset: Any, roots: list[Path], classes: list[str]) -> tuple[Dataset, np.ndarray]:
+    """A job's `dataset.test` (inside the allowed `roots`) and its targets in the order of the training set's
+    `classes`: class indices, or [n, tags] for multi-label. DatasetError naming classes (tags) the training set does
+    not have."""
+    test = read_for_job(dataset, roots, path=dataset.test)
+    unknown = sorted(set(test.classes) - set(classes))
+    if unknown:
+        raise DatasetError(f"dataset.test has {'tags' if dataset.multi_label else 'classes'} the training set does "
+                           f"not have: {unknown[:5]}")  # fmt: skip
+    order = [classes.index(c) for c in test.classes]
+    if test.multi_label:
+        targets = np.zeros((len(test), len(classes)), dtype=np.int64)
+        targets[:, order] = test.labels
+        return test, targets
+    return test, np.asarray(order, dtype=np.int64)[test.labels]
+
+
 def split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,6 +314,17 @@ def check_validation(labels: np.ndarray, val: np.ndarray, classes: list[str]) ->
     raise DatasetError(f"the validation split is empty: each of the {len(classes)} classes has a single usable image "
                        f"({n} in all), and a class needs at least 2 for one to be held out for validation; add "
                        "images (2 or more per class), or submit a dataset with more images per class")  # fmt: skip
+
+
+def check_test(labels: np.ndarray, test: np.ndarray, test_fraction: float) -> None:
+    """Refuse a `test_fraction` that leaves no test image (a report would silently fall back to validation)."""
+    if test_fraction == 0 or len(test):
+        return
+    largest = int(len(labels) if labels.ndim == 2 else np.bincount(labels).max())
+    raise DatasetError(f"dataset.test_fraction {test_fraction} leaves no test image: the largest "
+                       f"{'set' if labels.ndim == 2 else 'class'} has {largest} usable image(s), one of which goes to "
+                       "validation and one must stay to train on; add images (3 or more per class), set "
+                       "dataset.test to a separate test set, or leave test_fraction out")  # fmt: skip
 
 
 def load_image(source: Path | bytes, draft: int | None = None):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from services.architectures import Architecture, architecture, forward_flops
 from services.backprop import backprop_memory
-from services.data.datasets import check_validation, read_for_job, split
+from services.data.datasets import check_test, check_validation, read_for_job, read_test_set, split
 from services.jobs.plan_text import GB, gb, human_bytes
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
@@ -240,6 +240,12 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     n = len(dataset)
     train_idx, val_idx, test_idx = split(dataset.labels, ds.val_fraction, ds.test_fraction, ds.split_seed)
     check_validation(dataset.labels, val_idx, dataset.classes)
+    check_test(dataset.labels, test_idx, ds.test_fraction)
+    test_images = len(test_idx)
+    if ds.test:  # read now: a test set the model cannot be scored on fails here, not after training
+        test_set, _ = read_test_set(ds, settings.roots, dataset.classes)
+        check_inputs(spec.backbone.video, test_set.kind, ds.test)
+        test_images = len(test_set)
     arch = architecture(spec.backbone.name, spec.backbone.image_size, spec.backbone.video)
     cpu = settings.device == "cpu"
     tflops = settings.planner_cpu_tflops if cpu else settings.planner_gpu_tflops
@@ -250,7 +256,7 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
                      f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}")  # fmt: skip
     base = dict(
         backbone=spec.backbone.name, method=spec.method.name, mode=spec.mode, needs_cache=spec.needs_cache, images=n,
-        train_images=len(train_idx), val_images=len(val_idx), test_images=len(test_idx), classes=len(dataset.classes),
+        train_images=len(train_idx), val_images=len(val_idx), test_images=test_images, classes=len(dataset.classes),
         configurations=spec.sweep.size() if spec.sweep else 1, architecture=arch,
         quota_bytes=disk.quota, free_disk_bytes=disk.free, cache_used_bytes=disk.used,
         cache_evictable_bytes=disk.evictable, available_bytes=disk.space_max(), assumed_tflops=tflops,

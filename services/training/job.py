@@ -19,7 +19,15 @@ import torch
 
 from services import methods
 from services.backbones import SplitTransform, load_backbone
-from services.data.datasets import DatasetError, check_path, check_validation, read_for_job, split
+from services.data.datasets import (
+    DatasetError,
+    check_path,
+    check_test,
+    check_validation,
+    read_for_job,
+    read_test_set,
+    split,
+)
 from services.data.loading import loader_workers
 from services.data.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source
 from services.jobs.progress import Reporter
@@ -169,18 +177,8 @@ def _test_set(spec: JobSpec, settings: Settings, data: Data, layers: list[int] |
     """`dataset.test`: its images through the backbone (and pooled as the cache pools them), and its labels in the
     training set's class order."""
     ds = spec.dataset
-    test = read_for_job(ds, settings.roots, path=ds.test)
+    test, targets = read_test_set(ds, settings.roots, data.classes)
     check_inputs(spec.backbone.video, test.kind, ds.test)
-    unknown = sorted(set(test.classes) - set(data.classes))
-    if unknown:
-        raise DatasetError(f"dataset.test has {'tags' if ds.multi_label else 'classes'} the training set does not "
-                           f"have: {unknown[:5]}")  # fmt: skip
-    order = [data.classes.index(c) for c in test.classes]
-    if test.multi_label:
-        targets = np.zeros((len(test), len(data.classes)), dtype=np.int64)
-        targets[:, order] = test.labels
-    else:
-        targets = np.asarray(order, dtype=np.int64)[test.labels]
     backbone, device = data.backbone, settings.torch_device()
     dtype = torch.float32 if layers is None or spec.mode == "tail" else backbone.dtype  # as the model was trained
     relabelled = dataclasses.replace(test, labels=targets)
@@ -268,6 +266,7 @@ def train_job(
     parts = split(data.labels[data.usable], ds.val_fraction, ds.test_fraction, ds.split_seed)
     train_idx, val_idx, test_idx = (data.usable[p] for p in parts)
     check_validation(data.labels[data.usable], val_idx, data.classes)
+    check_test(data.labels[data.usable], test_idx, ds.test_fraction)
     configs = spec.configurations()
     hps = [c.training.resolved(c.method.training_defaults()) for c in configs]
     hp = hps[0]

@@ -14,6 +14,7 @@ from sklearn.metrics import confusion_matrix
 
 from services.data.datasets import DatasetError, read_imagefolder, split
 from services.extraction import run_extraction
+from services.jobs.planner import plan
 from services.jobs.progress import NullReporter
 from services.serving.inference import Predictor
 from services.spec import JobSpec
@@ -80,9 +81,14 @@ def test_a_test_set_with_unknown_classes_fails_naming_them(settings: Settings, d
     shutil.copytree(digits_root / "holdout" / "3", other / "three")
     shutil.copytree(digits_root / "holdout" / "4", other / "4")
     job = spec(digits_root / "train", {"name": "linear"}, test=str(other))
+    with pytest.raises(DatasetError, match=r"classes the training set does not have: \['three'\]"):
+        plan(job, settings)  # at submission, before anything is extracted or trained
     key = run_extraction(job, settings, NullReporter())["cache_key"]
     with pytest.raises(DatasetError, match=r"classes the training set does not have: \['three'\]"):
         train_job(job, settings, key, NullReporter(), tmp_path / "ckpt")
+    shutil.rmtree(other / "three")
+    shutil.copytree(digits_root / "holdout" / "5", other / "5")
+    assert plan(job, settings).test_images == len(read_imagefolder(other))
 
 
 def test_an_empty_validation_split_fails_instead_of_returning_untrained_weights(
@@ -97,3 +103,20 @@ def test_an_empty_validation_split_fails_instead_of_returning_untrained_weights(
     key = run_extraction(job, settings, NullReporter())["cache_key"]
     with pytest.raises(DatasetError, match="the validation split is empty: each of the 3 classes has a single"):
         train_job(job, settings, key, NullReporter(), tmp_path / "ckpt")
+
+
+def test_a_test_fraction_that_leaves_no_test_image_is_refused(settings: Settings, digits_root: Path, tmp_path: Path):
+    """Two images per class: one validates, one trains, none is left to test on. Refused when the job is planned
+    (and by the train step), instead of a report on the validation split."""
+    two_each = tmp_path / "two_each"
+    for c in ("0", "1", "2"):
+        (two_each / c).mkdir(parents=True)
+        for first in sorted((digits_root / "train" / c).glob("*.png"))[:2]:
+            shutil.copy(first, two_each / c / first.name)
+    job = spec(two_each, {"name": "linear"}, test_fraction=0.3)
+    with pytest.raises(DatasetError, match="dataset.test_fraction 0.3 leaves no test image: the largest class has 2"):
+        plan(job, settings)
+    key = run_extraction(job, settings, NullReporter())["cache_key"]
+    with pytest.raises(DatasetError, match="leaves no test image"):
+        train_job(job, settings, key, NullReporter(), tmp_path / "ckpt")
+    assert plan(spec(two_each, {"name": "linear"}), settings).test_images == 0  # without test_fraction: planned
