@@ -183,3 +183,33 @@ def test_a_refused_request_is_one_line_with_the_status_and_url(tmp_path, redis_u
         assert main(["submit", str(spec), "--url", url]) == 4
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: HTTP 422 from {url}/jobs: backbone.name:") and "\n" not in err, err
+
+
+def test_the_report_of_an_lbfgs_sweep_names_each_fits_l2_strength(settings, digits_root) -> None:
+    """A linear-probe sweep over `pool` (2 configurations) fits each at every L2 strength of the grid: one row per
+    fit with its strength, and the one fit the job kept marked."""
+    from services.extraction import run_extraction
+    from services.jobs.progress import NullReporter
+    from services.spec import JobSpec
+    from services.training.job import train_job
+    from worker.commands.models import sweep_table
+
+    job = JobSpec.model_validate({
+        "dataset": {"path": str(digits_root / "train")}, "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "linear"}, "sweep": {"pool": ["cls", "mean"], "weight_decay": [1e-4, 1e-2]},
+    })  # fmt: skip
+    key = run_extraction(job, settings, NullReporter())["cache_key"]
+    metrics = train_job(job, settings, key, NullReporter(), settings.data_path / "ckpt_report")["metrics"]
+    title, columns, rows = sweep_table(metrics, multi_label=False)
+    assert title == "sweep: 4 configurations" and columns[1] == "val_accuracy" and len(rows) == 4
+    chosen = [r for r in rows if r[0].endswith(" (selected)")]
+    assert len(chosen) == 1 and json.loads(chosen[0][0].removesuffix(" (selected)")) == {
+        **metrics["selected"], "weight_decay": metrics["weight_decay"]}  # fmt: skip
+    assert [float(r[1]) for r in rows] == sorted((float(r[1]) for r in rows), reverse=True)
+
+    auto = job.model_copy(update={"sweep": job.sweep.model_copy(update={"weight_decay": None})})
+    metrics = train_job(auto, settings, key, NullReporter(), settings.data_path / "ckpt_report2")["metrics"]
+    title, _, rows = sweep_table(metrics, multi_label=False)
+    assert title == f"sweep: 2 configurations, {len(rows)} fits over L2 strengths" and len(rows) > 2
+    assert sum(r[0].endswith(" (selected)") for r in rows) == 1
+    assert all('"weight_decay"' in r[0] for r in rows)

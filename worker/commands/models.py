@@ -79,17 +79,28 @@ def report(args: argparse.Namespace) -> int:
     if not model.get("multi_label") and len(evaluation["classes"]) <= 30:
         table(("true \\ predicted", *evaluation["classes"]), ((name, *row) for name, row in zip(
             evaluation["classes"], evaluation["confusion_matrix"], strict=True)), title="confusion matrix")  # fmt: skip
-    sweep = model["metrics"].get("sweep")
-    if sweep:
-        metric = "val_map" if model.get("multi_label") else "val_accuracy"
-        selected = model["metrics"].get("selected")
-        table(("configuration", metric, "val_loss"),
-              ((json.dumps(e["config"]) + (" (selected)" if e["config"] == selected else ""), f"{e[metric]:.4f}",
-                f"{e['val_loss']:.4f}") for e in sorted(sweep, key=lambda e: -e[metric])),
-              title=f"sweep: {len(sweep)} configurations")  # fmt: skip
+    if model["metrics"].get("sweep"):
+        title, columns, rows = sweep_table(model["metrics"], bool(model.get("multi_label")))
+        table(columns, rows, title=title)
     for path in plots:
         print(f"wrote {path}")
     return 0
+
+
+def sweep_table(metrics: dict, multi_label: bool) -> tuple[str, tuple[str, ...], list[tuple[str, ...]]]:
+    """A job's sweep as (title, columns, rows), best first. The L-BFGS linear probe fits every configuration at each
+    L2 strength of its grid: a row per fit, its L2 strength (`weight_decay`) beside the configuration."""
+    metric = "val_map" if multi_label else "val_accuracy"
+    sweep, n = metrics["sweep"], metrics["configurations"]
+    chosen = (metrics.get("selected"), metrics.get("weight_decay"))
+    rows = []
+    for e in sorted(sweep, key=lambda e: -e[metric]):
+        setting = e["config"] | ({"weight_decay": e["weight_decay"]} if "weight_decay" in e else {})
+        selected = (e["config"], e.get("weight_decay", chosen[1])) == chosen
+        rows.append((json.dumps(setting) + (" (selected)" if selected else ""), f"{e[metric]:.4f}",
+                     f"{e['val_loss']:.4f}"))  # fmt: skip
+    title = f"sweep: {n} configurations" + (f", {len(sweep)} fits over L2 strengths" if len(sweep) != n else "")
+    return title, ("configuration", metric, "val_loss"), rows
 
 
 def add_parsers(sub: Subparsers) -> None:
