@@ -2,7 +2,7 @@
 stratified test split, vit_tiny_patch16_224 (random init) at 64 and 112 px. sidetune's L-BFGS probe (L2 chosen on
 validation) must be within 1 point of LogisticRegression on the same pooled, standardised features with the best C
 chosen on the same validation split, both scored once on the test split; the test figure sidetune reports must be
-what its saved weights give (the standardisation folded into the head). Speed is compared in bench/probe.py.
+what its saved weights give (the standardisation folded into the head). Speed is compared in bench/heldout.py.
 """
 
 from __future__ import annotations
