@@ -211,11 +211,13 @@ class Stack:
             log.warning("%s restarted (pid %d)", name, child.proc.pid)
 
     def _check_redis(self) -> None:
-        proc = self.redis.process if self.redis else None
-        if proc is None:  # none embedded, or stopped on purpose (RedisServer.stop()): whoever stopped it starts it
-            self._redis_state.restart_at = None  # a restart scheduled as it stopped is void
+        # None: none embedded, running, stopped on purpose (whoever stopped it starts it), or being started or stopped
+        code = self.redis.exit_code() if self.redis else None
+        if code is None:
+            self._redis_state.restart_at = None
+            self._redis_state.started = max(self._redis_state.started, self.redis.started_at if self.redis else 0)
             return
-        if not self._due("redis", self._redis_state, proc.poll()):
+        if not self._due("redis", self._redis_state, code):
             return
         try:
             self.redis.start()  # from the same data dir: the AOF brings back everything acknowledged

@@ -56,7 +56,7 @@ def _plan(spec: JobSpec, settings: Settings) -> Plan:
     try:
         return planner.plan(spec, settings)
     except DatasetError as e:
-        raise ApiError(422, "invalid_dataset", f"dataset.path: {e}") from None
+        raise ApiError(422, "invalid_dataset", f"{e.field}: {e}") from None
     except ValueError as e:  # cached layers or tokens that the backbone or the method rule out
         raise ApiError(422, "invalid_request", str(e)) from None
 

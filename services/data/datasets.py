@@ -26,9 +26,14 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
 
 
 class DatasetError(UserError, ValueError):
-    """A dataset that cannot be used; the message names the cause (the file, the line)."""
+    """A dataset that cannot be used; the message names the cause (the file, the line). `field`: the job spec's
+    field it is about (what the API names in a 422)."""
 
     code = "invalid_dataset"
+
+    def __init__(self, message: str, field: str = "dataset.path") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -259,11 +264,14 @@ def read_test_set(dataset: Any, roots: list[Path], classes: list[str]) -> tuple[
     """A job's `dataset.test` (inside the allowed `roots`) and its targets in the order of the training set's
     `classes`: class indices, or [n, tags] for multi-label. DatasetError naming classes (tags) the training set does
     not have."""
-    test = read_for_job(dataset, roots, path=dataset.test)
+    try:
+        test = read_for_job(dataset, roots, path=dataset.test)
+    except DatasetError as e:
+        raise DatasetError(str(e), field="dataset.test") from None
     unknown = sorted(set(test.classes) - set(classes))
     if unknown:
         raise DatasetError(f"dataset.test has {'tags' if dataset.multi_label else 'classes'} the training set does "
-                           f"not have: {unknown[:5]}")  # fmt: skip
+                           f"not have: {unknown[:5]}", field="dataset.test")  # fmt: skip
     order = [classes.index(c) for c in test.classes]
     if test.multi_label:
         targets = np.zeros((len(test), len(classes)), dtype=np.int64)
@@ -316,15 +324,19 @@ def check_validation(labels: np.ndarray, val: np.ndarray, classes: list[str]) ->
                        "images (2 or more per class), or submit a dataset with more images per class")  # fmt: skip
 
 
-def check_test(labels: np.ndarray, test: np.ndarray, test_fraction: float) -> None:
-    """Refuse a `test_fraction` that leaves no test image (a report would silently fall back to validation)."""
+def check_test(labels: np.ndarray, test: np.ndarray, val_fraction: float, test_fraction: float) -> None:
+    """Refuse a `test_fraction` that leaves no test image (a report would silently fall back to validation), naming
+    how many images `split` needs at these fractions for one to be left to test on."""
     if test_fraction == 0 or len(test):
         return
-    largest = int(len(labels) if labels.ndim == 2 else np.bincount(labels).max())
-    raise DatasetError(f"dataset.test_fraction {test_fraction} leaves no test image: the largest "
-                       f"{'set' if labels.ndim == 2 else 'class'} has {largest} usable image(s), one of which goes to "
-                       "validation and one must stay to train on; add images (3 or more per class), set "
-                       "dataset.test to a separate test set, or leave test_fraction out")  # fmt: skip
+    needed = next(n for n in range(3, 10_000) if n - min(max(round(n * val_fraction), 1), n - 1) >= 2)
+    multi = labels.ndim == 2
+    have = int(len(labels) if multi else np.bincount(labels).max())
+    raise DatasetError(f"dataset.test_fraction {test_fraction} leaves no test image: with val_fraction {val_fraction}, "
+                       f"{'the dataset' if multi else 'a class'} needs at least {needed} usable images for one to be "
+                       f"left to test on ({'it has' if multi else 'the largest has'} {have}); add images, set "
+                       "dataset.test to a separate test set, or leave test_fraction out",
+                       field="dataset.test_fraction")  # fmt: skip
 
 
 def load_image(source: Path | bytes, draft: int | None = None):

@@ -240,7 +240,7 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     n = len(dataset)
     train_idx, val_idx, test_idx = split(dataset.labels, ds.val_fraction, ds.test_fraction, ds.split_seed)
     check_validation(dataset.labels, val_idx, dataset.classes)
-    check_test(dataset.labels, test_idx, ds.test_fraction)
+    check_test(dataset.labels, test_idx, ds.val_fraction, ds.test_fraction)
     test_images = len(test_idx)
     if ds.test:  # read now: a test set the model cannot be scored on fails here, not after training
         test_set, _ = read_test_set(ds, settings.roots, dataset.classes)

@@ -266,7 +266,7 @@ def train_job(
     parts = split(data.labels[data.usable], ds.val_fraction, ds.test_fraction, ds.split_seed)
     train_idx, val_idx, test_idx = (data.usable[p] for p in parts)
     check_validation(data.labels[data.usable], val_idx, data.classes)
-    check_test(data.labels[data.usable], test_idx, ds.test_fraction)
+    check_test(data.labels[data.usable], test_idx, ds.val_fraction, ds.test_fraction)
     configs = spec.configurations()
     hps = [c.training.resolved(c.method.training_defaults()) for c in configs]
     hp = hps[0]

@@ -70,3 +70,23 @@ def test_openapi_documents_the_plan(tmp_path, redis_url, digits_root):
     assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Plan")
     assert any(p["name"] == "dry_run" and p["description"] for p in post["parameters"])
     assert all(prop.get("description") for prop in doc["components"]["schemas"]["Plan"]["properties"].values())
+
+
+def test_test_split_problems_are_422_naming_their_field(tmp_path, redis_url, digits_root):
+    """Two images a class leave none to test on; a test set with a class the training set lacks cannot be scored.
+    Both refused at submission, the message starting with the field to change."""
+    for folder, classes, count in (("train", ("0", "1"), 2), ("other", ("0", "7"), 1)):
+        for c in classes:
+            (tmp_path / folder / c).mkdir(parents=True)
+            for p in sorted((digits_root / "train" / c).glob("*.png"))[:count]:
+                (tmp_path / folder / c / p.name).write_bytes(p.read_bytes())
+    client, body = client_for(tmp_path / "data", redis_url, tmp_path)
+    assert client.post("/jobs", params={"dry_run": "true"}, json=body).status_code == 200
+    for dataset, field, message in (
+        ({"test_fraction": 0.3}, "dataset.test_fraction", "leaves no test image"),
+        ({"test": str(tmp_path / "other")}, "dataset.test", "classes the training set does not have: ['7']"),
+    ):
+        r = client.post("/jobs", params={"dry_run": "true"}, json={**body, "dataset": {**body["dataset"], **dataset}})
+        error = r.json()["error"]
+        assert (r.status_code, error["code"]) == (422, "invalid_dataset"), r.text
+        assert error["message"].startswith(f"{field}: ") and message in error["message"]

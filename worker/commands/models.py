@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from worker.commands import Subparsers, client, details, number, print_json, resource, table, validation, verb
@@ -94,7 +95,7 @@ def sweep_table(metrics: dict, multi_label: bool) -> tuple[str, tuple[str, ...],
     sweep, n = metrics["sweep"], metrics["configurations"]
     chosen = (metrics.get("selected"), metrics.get("weight_decay"))
     rows = []
-    for e in sorted(sweep, key=lambda e: -e[metric]):
+    for e in sorted(sweep, key=lambda e: -e[metric] if e[metric] == e[metric] else math.inf):  # NaN (diverged) last
         setting = e["config"] | ({"weight_decay": e["weight_decay"]} if "weight_decay" in e else {})
         selected = (e["config"], e.get("weight_decay", chosen[1])) == chosen
         rows.append((json.dumps(setting) + (" (selected)" if selected else ""), f"{e[metric]:.4f}",

@@ -73,7 +73,9 @@ def test_the_test_split_is_read_as_evaluated_not_augmented(settings: Settings, d
     predictions = Predictor(settings).predict("model_aug", [png_bytes(data.paths[i]) for i in test_idx])
     served = confusion_matrix(data.labels[test_idx], [out["config"]["classes"].index(p["label"]) for p in predictions],
                               labels=range(len(data.classes)))  # fmt: skip
-    assert out["evaluation"]["confusion_matrix"] == served.tolist()
+    # the same predictions, but for at most one image whose top two scores another batching may swap (read through
+    # the training transforms, the two matrices differed by 42: 21 or more of these 60 images changed class)
+    assert np.abs(np.array(out["evaluation"]["confusion_matrix"]) - served).sum() <= 2
 
 
 def test_a_test_set_with_unknown_classes_fails_naming_them(settings: Settings, digits_root: Path, tmp_path: Path):
@@ -114,7 +116,11 @@ def test_a_test_fraction_that_leaves_no_test_image_is_refused(settings: Settings
         for first in sorted((digits_root / "train" / c).glob("*.png"))[:2]:
             shutil.copy(first, two_each / c / first.name)
     job = spec(two_each, {"name": "linear"}, test_fraction=0.3)
-    with pytest.raises(DatasetError, match="dataset.test_fraction 0.3 leaves no test image: the largest class has 2"):
+    with pytest.raises(
+        DatasetError,
+        match=r"test_fraction 0.3 leaves no test image: with val_fraction 0.2, a class "
+        r"needs at least 3 usable images for one to be left to test on \(the largest has 2\)",
+    ):
         plan(job, settings)
     key = run_extraction(job, settings, NullReporter())["cache_key"]
     with pytest.raises(DatasetError, match="leaves no test image"):
