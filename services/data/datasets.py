@@ -329,7 +329,7 @@ def check_test(labels: np.ndarray, test: np.ndarray, val_fraction: float, test_f
     how many images `split` needs at these fractions for one to be left to test on."""
     if test_fraction == 0 or len(test):
         return
-    needed = next(n for n in range(3, 10_000) if n - min(max(round(n * val_fraction), 1), n - 1) >= 2)
+    needed = next((n for n in range(3, 100_000) if n - min(max(round(n * val_fraction), 1), n - 1) >= 2), 100_000)
     multi = labels.ndim == 2
     have = int(len(labels) if multi else np.bincount(labels).max())
     raise DatasetError(f"dataset.test_fraction {test_fraction} leaves no test image: with val_fraction {val_fraction}, "
