@@ -74,6 +74,12 @@ def choose_threshold(targets: np.ndarray, probs: np.ndarray) -> float:
     return float(min((t for t, f in zip(THRESHOLDS, f1, strict=True) if f == best), key=lambda t: abs(t - 0.5)))
 
 
+def _seen(targets: np.ndarray, pred: np.ndarray) -> list[int] | None:
+    """The tags that occur in multi-label `targets` or `pred` (all of them when none does)."""
+    seen = np.flatnonzero(targets.any(0) | pred.any(0)).tolist()
+    return seen or None
+
+
 def _round(x: Any) -> Any:
     return round(float(x), 5)
 
@@ -81,7 +87,9 @@ def _round(x: Any) -> Any:
 def report(targets: np.ndarray, probs: np.ndarray, classes: list[str], split: str,
            threshold: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The evaluation of probabilities `probs` [n, C] (softmax, or sigmoid per tag) against `targets`: summary
-    figures named `<split>_<metric>`, per-class figures, and the confusion matrix."""
+    figures named `<split>_<metric>`, per-class figures (every class), and the confusion matrix. Macro figures
+    average over the classes (tags) that occur in the split or are predicted, scikit-learn's default: a class that
+    is absent and never predicted has no F1, and counting it as 0 would contradict a perfect accuracy."""
     labels = list(range(len(classes)))
     n = len(targets)
     out: dict[str, Any] = {"split": split, "images": int(n), "classes": classes}
@@ -94,7 +102,9 @@ def report(targets: np.ndarray, probs: np.ndarray, classes: list[str], split: st
             out["metrics"] = {
                 f"{split}_map": _round(mean_average_precision(targets, probs)),
                 f"{split}_micro_f1": _round(f1_score(targets, pred, average="micro", zero_division=0)),
-                f"{split}_macro_f1": _round(f1_score(targets, pred, average="macro", zero_division=0)),
+                f"{split}_macro_f1": _round(
+                    f1_score(targets, pred, average="macro", zero_division=0, labels=_seen(targets, pred))
+                ),  # fmt: skip
             }
             out["per_class"] = [
                 {"class": c, "average_precision": None if a is None else _round(a), "precision": _round(pi),
@@ -108,7 +118,7 @@ def report(targets: np.ndarray, probs: np.ndarray, classes: list[str], split: st
         metrics = {
             f"{split}_accuracy": _round(accuracy_score(targets, pred)),
             f"{split}_balanced_accuracy": _round(balanced_accuracy_score(targets, pred)),
-            f"{split}_macro_f1": _round(f1_score(targets, pred, average="macro", labels=labels, zero_division=0)),
+            f"{split}_macro_f1": _round(f1_score(targets, pred, average="macro", zero_division=0)),
         }
         if len(classes) > 5:
             metrics[f"{split}_top5_accuracy"] = _round(top_k_accuracy_score(targets, probs, k=5, labels=labels))

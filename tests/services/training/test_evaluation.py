@@ -55,10 +55,23 @@ def test_report_matches_the_known_confusion_matrix() -> None:
     m = out["metrics"]
     assert m["test_accuracy"] == pytest.approx(12 / 16, abs=1e-5)
     assert m["test_balanced_accuracy"] == pytest.approx(np.mean(recall[:3]), abs=1e-5)  # over the classes present
-    assert m["test_macro_f1"] == pytest.approx(f1.mean(), abs=1e-5)  # scikit-learn averages over every label
+    # over the classes that occur or are predicted (scikit-learn's default): class 3 does neither
+    assert m["test_macro_f1"] == pytest.approx(f1[:3].mean(), abs=1e-5)
     assert "test_top5_accuracy" not in m  # 4 classes: top-5 is always right, so it is not reported
     for row, p, r, f, s in zip(out["per_class"], precision, recall, f1, CONFUSION.sum(1), strict=True):
         assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx((p, r, f, s), abs=1e-5)
+
+
+def test_a_test_split_with_few_of_the_classes_is_averaged_over_those() -> None:
+    """A test set of 2 of 10 classes, all right: macro-F1 1 like accuracy, not 0.2 from 8 classes of F1 0; the
+    per-class table still lists every class (support 0 for the absent ones). A tag absent and never predicted
+    likewise."""
+    targets, probs = from_confusion(np.diag([3, 2] + [0] * 8), classes=10)
+    m = report(targets, probs, [str(i) for i in range(10)], "test")
+    assert m["metrics"]["test_accuracy"] == m["metrics"]["test_macro_f1"] == 1.0 and len(m["per_class"]) == 10
+    tags = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    out = report(tags, np.where(tags == 1, 0.9, 0.1), ["x", "y", "z"], "test", threshold=0.5)
+    assert out["metrics"]["test_macro_f1"] == 1.0
 
 
 def test_validation_figures_are_scikit_learns() -> None:
