@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from services.architectures import Architecture, architecture, forward_flops
 from services.backprop import backprop_memory
-from services.data.datasets import check_test, check_validation, read_for_job, read_test_set, split
+from services.data.datasets import DatasetError, check_test, check_validation, read_for_job, read_test_set, split
 from services.jobs.plan_text import GB, gb, human_bytes
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
@@ -245,6 +245,11 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     if ds.test:  # read now: a test set the model cannot be scored on fails here, not after training
         test_set, _ = read_test_set(ds, settings.roots, dataset.classes)
         check_inputs(spec.backbone.video, test_set.kind, ds.test)
+        shared = sorted(set(test_set.paths) & set(dataset.paths))
+        if shared:  # a test set must be held out: figures on training images would be optimistic
+            raise DatasetError(f"dataset.test shares {len(shared)} of its {len(test_set)} files with dataset.path "
+                               f"(e.g. {shared[0]}); give a test set held out from training, or use "
+                               "dataset.test_fraction", field="dataset.test")  # fmt: skip
         test_images = len(test_set)
     arch = architecture(spec.backbone.name, spec.backbone.image_size, spec.backbone.video)
     cpu = settings.device == "cpu"

@@ -73,8 +73,8 @@ def test_openapi_documents_the_plan(tmp_path, redis_url, digits_root):
 
 
 def test_test_split_problems_are_422_naming_their_field(tmp_path, redis_url, digits_root):
-    """Two images a class leave none to test on; a test set with a class the training set lacks cannot be scored.
-    Both refused at submission, the message starting with the field to change."""
+    """Two images a class leave none to test on; a test set with a class the training set lacks cannot be scored;
+    the training set is no test set. Each refused at submission, the message starting with the field to change."""
     for folder, classes, count in (("train", ("0", "1"), 2), ("other", ("0", "7"), 1)):
         for c in classes:
             (tmp_path / folder / c).mkdir(parents=True)
@@ -85,6 +85,7 @@ def test_test_split_problems_are_422_naming_their_field(tmp_path, redis_url, dig
     for dataset, field, message in (
         ({"test_fraction": 0.3}, "dataset.test_fraction", "leaves no test image"),
         ({"test": str(tmp_path / "other")}, "dataset.test", "classes the training set does not have: ['7']"),
+        ({"test": str(tmp_path / "train")}, "dataset.test", "dataset.test shares 4 of its 4 files with dataset.path"),
     ):
         r = client.post("/jobs", params={"dry_run": "true"}, json={**body, "dataset": {**body["dataset"], **dataset}})
         error = r.json()["error"]
