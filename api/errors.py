@@ -19,6 +19,9 @@ from storage.archives import ArchiveError
 log = logging.getLogger("sidetune.api")
 
 
+MAX_PROBLEMS = 20  # validation problems a 422 lists
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -58,7 +61,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [f"{_field(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
+        errors = exc.errors()
+        problems = [f"{_field(tuple(e['loc']))}: {e['msg']}" for e in errors[:MAX_PROBLEMS]]
+        if len(errors) > MAX_PROBLEMS:  # a list of 100,000 bad values would answer megabytes
+            problems.append(f"and {len(errors) - MAX_PROBLEMS} more")
         return error_response(request.url.path, 422, "invalid_request", "; ".join(problems))
 
     @app.exception_handler(HTTPException)

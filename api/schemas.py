@@ -188,8 +188,9 @@ class PredictRequest(BaseModel):
         ..., min_length=1, max_length=256, description="Images (or videos) to classify, all of one kind."
     )
     threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="Multi-label models: return the tags scoring at least this (default: the "
-        "model's threshold, chosen on validation). Ignored by single-label models."
+        None, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="Multi-label models: return the tags "
+        "scoring at least this (default: the model's threshold, chosen on validation); a number (not a string or a "
+        "boolean). A single-label model refuses it (422)."
     )  # fmt: skip
 
 

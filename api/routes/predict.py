@@ -141,6 +141,12 @@ def _decoded(predictor: Any, images: list[bytes], draft: int | None = None) -> l
         raise ApiError(400, "invalid_image", str(e)) from None
 
 
+def _check_threshold(record: dict, threshold: float | None) -> None:
+    if threshold is not None and not record.get("multi_label"):
+        raise ApiError(422, "invalid_request", f"threshold: model {record['id']!r} is single-label (one class per "
+                       "input, the most probable); a threshold applies to multi-label models only")  # fmt: skip
+
+
 def _check_count(n: int, limit: int) -> None:
     if n > limit:
         raise ApiError(413, "too_many_images", f"{n} images; at most {limit} per request")
@@ -153,12 +159,13 @@ async def predict(model_id: ModelId, body: PredictRequest, request: Request, own
     clips, `{"instances": [{"video_b64": "..."}]}`."""
     record = await own(request, model_id, owner)
     _check_count(len(body.instances), settings.max_predict_images)
+    _check_threshold(record, body.threshold)
     if record.get("video") is not None or any(inst.video_b64 is not None for inst in body.instances):
         items, video = _raw(body.instances)
         if video:
             check_videos(items, settings)
         model, probs = await run_videos(request, model_id, items, video)
-        return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
+        return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, body.threshold)}
     images = await off_loop(request, "decoder", lambda: _raw(body.instances)[0])
     model, probs = await run_model(request, model_id, images)
     return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, body.threshold)}
@@ -175,16 +182,23 @@ async def predict_files(
     owner: OwnerDep,
     settings: SettingsDep,
     threshold: Annotated[
-        float | None, Query(ge=0.0, le=1.0, description="Multi-label models: the tag threshold (default: the model's).")
+        float | None,
+        Query(
+            ge=0.0,
+            le=1.0,
+            allow_inf_nan=False,
+            description="Multi-label models: the tag threshold (default: the model's); single-label ones refuse it.",
+        ),
     ] = None,
 ) -> dict:
     """Classify uploaded image files (multipart/form-data), or video files for a model trained on clips."""
     record = await own(request, model_id, owner)
     _check_count(len(files), settings.max_predict_images)
+    _check_threshold(record, threshold)
     raw = [await f.read() for f in files]
     if record.get("video") is not None:  # the model's files are videos
         check_videos(raw, settings, "file")
         model, probs = await run_videos(request, model_id, raw, None)
-        return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs)}
+        return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold)}
     model, probs = await run_model(request, model_id, raw)
     return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold)}

@@ -3,6 +3,7 @@ what the cache must hold for the method)."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Literal
 
@@ -99,9 +100,25 @@ class JobSpec(BaseModel):
                 raise SpecError(f"execution.tail_blocks must be between 1 and {num_layers - 1} for this backbone")
             return [num_layers - self.execution.tail_blocks - 1], ("all",)
         # a sweep reads what any of its configurations reads, in a token mode all of them accept
-        needs = [c.method.needs(num_layers, global_pool) for c in self.configurations()]
+        configs = self.configurations()
+        self._check_layer_choices(configs, num_layers)
+        needs = [c.method.needs(num_layers, global_pool) for c in configs]
         layers = sorted({layer for needed, _ in needs for layer in needed})
         return layers, tuple(t for t in needs[0][1] if all(t in accepted for _, accepted in needs))
+
+    def _check_layer_choices(self, configs: list[JobSpec], num_layers: int) -> None:
+        """Refuse `sweep.layers` choices that select the same blocks of this backbone (`all` and its block count, a
+        list in two orders): they would train the same configuration twice."""
+        if self.sweep is None or self.sweep.layers is None:
+            return
+        seen: dict[str, dict] = {}
+        for overrides, config in zip(self.sweep.configurations(), configs, strict=True):
+            blocks = config.method.select_layers(num_layers)
+            key = json.dumps({**overrides, "layers": blocks}, sort_keys=True)
+            if key in seen:
+                raise SpecError(f"sweep.layers: {seen[key]['layers']!r} and {overrides['layers']!r} select the same "
+                                f"blocks {blocks} of this backbone; keep one")  # fmt: skip
+            seen[key] = overrides
 
     def cached_layers_and_tokens(self, num_layers: int, global_pool: str) -> tuple[list[int], str]:
         """What the extraction step caches for this job: `extraction.layers/tokens`, `auto` resolved to what the

@@ -24,16 +24,16 @@ class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # the bounds of training.lr and training.weight_decay (services/spec/training.py): refused at submission
-    lr: list[Annotated[float, Field(gt=0, le=10)]] | None = Field(
+    lr: list[Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]] | None = Field(
         None, min_length=1, description="Peak learning rates (replace `training.lr`)."
     )
-    weight_decay: list[Annotated[float, Field(ge=0, le=10)]] | None = Field(
+    weight_decay: list[Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]] | None = Field(
         None,
         min_length=1,
         description="Weight decays (replace `training.weight_decay`); for the L-BFGS linear probe, the L2 "
         "strengths to choose from on validation.",
     )
-    rank: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+    rank: list[Annotated[int, Field(ge=1, le=4096, strict=True)]] | None = Field(
         None, min_length=1, description="Ranks (`method.rank`; losa)."
     )
     layers: list[Literal["all"] | Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=0)]]] | None = Field(

@@ -75,6 +75,16 @@ def test_event_cursors_out_of_range_are_422(app, after) -> None:
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
 
 
+def test_a_body_with_thousands_of_bad_values_gets_a_short_422(app) -> None:
+    body = {"dataset": {"path": "/x"}, "backbone": {"name": "test_vit"}, "method": {"name": "losa"},
+            "sweep": {"lr": [100.0 + i for i in range(10_000)]}}  # fmt: skip
+    with serve(app) as url:
+        r = httpx.post(f"{url}/jobs", json=body, params={"dry_run": "true"}, timeout=30)
+    message = r.json()["error"]["message"]
+    assert r.status_code == 422 and message.startswith("sweep.lr.0: Input should be less than or equal to 10")
+    assert message.endswith("; and 9980 more") and len(r.content) < 3000
+
+
 def test_with_redis_gone_the_api_answers_503_within_a_second(tmp_path) -> None:
     app = create_app(Settings(data_dir=tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     with serve(app) as url:

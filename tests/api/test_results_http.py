@@ -4,6 +4,7 @@ sweep, plots, `sidetune report`, multi-label classification end to end, and the 
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import httpx
@@ -59,6 +60,10 @@ def test_sweep_with_a_test_split_report_and_plots(stack, tmp_path, capsys) -> No
         assert png.content.startswith(b"\x89PNG")
     assert get(stack, f"/models/{done['model_id']}/plots/nothing.png").status_code == 404
     assert get(stack, "/models/model_unknown/evaluation").status_code == 404
+    image = base64.b64encode(sorted((digits(stack) / "holdout").glob("*/*.png"))[0].read_bytes()).decode()
+    r = httpx.post(f"{running.api_url}/v1/models/{done['model_id']}:predict",
+                   json={"instances": [{"image_b64": image}], "threshold": 0.3}, timeout=30)  # fmt: skip
+    assert r.status_code == 422 and "is single-label" in r.json()["error"]["message"]
 
     assert cli(["report", done["model_id"], "--url", running.api_url, "--out", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
@@ -71,7 +76,7 @@ def tags_of(digit: int) -> str:
                     + (["loop"] if digit in (0, 6, 8, 9) else []))  # fmt: skip
 
 
-def test_multi_label_end_to_end(stack) -> None:
+def test_multi_label_end_to_end(stack, tmp_path, capsys) -> None:
     running, client = stack
     root = digits(stack)
     rows = [f"{p.relative_to(root)},{tags_of(int(p.parent.name))}" for p in sorted((root / "train").glob("*/*.png"))]
@@ -99,6 +104,9 @@ def test_multi_label_end_to_end(stack) -> None:
     files = httpx.post(f"{running.api_url}/v1/models/{done['model_id']}:predict-files", params={"threshold": 0.0},
                        files=[("files", ("a.png", images[0].read_bytes(), "image/png"))], timeout=60)  # fmt: skip
     assert files.status_code == 200 and files.json()["predictions"][0]["labels"] == model["classes"]
+    assert cli(["report", done["model_id"], "--url", running.api_url, "--out", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert f"tags predicted at scores >= {model['threshold']:g}" in out and "test_map" in out
 
 
 def test_a_multi_label_row_without_tags_fails_the_job_naming_it(stack) -> None:
@@ -154,6 +162,12 @@ def test_bad_sweeps_and_splits_are_422_naming_the_cause(stack, change: dict, sta
 def test_predict_threshold_is_validated(stack) -> None:
     running, _ = stack
     image = base64.b64encode(b"x").decode()
-    r = httpx.post(f"{running.api_url}/v1/models/model_x:predict",
-                   json={"instances": [{"image_b64": image}], "threshold": 1.5}, timeout=30)  # fmt: skip
-    assert r.status_code == 422 and "threshold" in r.text
+    for value, message in ((1.5, "less than or equal to 1"), ("0.5", "a valid number"), (True, "a valid number"),
+                           (float("nan"), "a finite number")):  # fmt: skip
+        r = httpx.post(f"{running.api_url}/v1/models/model_x:predict",
+                       content=json.dumps({"instances": [{"image_b64": image}], "threshold": value}),
+                       headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+        assert r.status_code == 422 and "threshold" in r.text and message in r.text, (value, r.text)
+    r = httpx.post(f"{running.api_url}/v1/models/model_x:predict-files", params={"threshold": "nan"},
+                   files=[("files", ("a.png", b"x", "image/png"))], timeout=30)  # fmt: skip
+    assert r.status_code == 422 and "a finite number" in r.text

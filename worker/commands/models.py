@@ -70,6 +70,8 @@ def report(args: argparse.Namespace) -> int:
     split = {"test": "the test split", "val": "the validation split (no test split: optimistic, it chose the model)"}
     print(f"{model['id']}: {model['method']} on {model['backbone']}, evaluated on {split[evaluation['split']]}, "
           f"{evaluation['images']} images")  # fmt: skip
+    if evaluation.get("threshold") is not None:
+        print(f"tags predicted at scores >= {evaluation['threshold']:g} (the threshold chosen on validation)")
     figures = {k: v for k, v in model["metrics"].items() if k in ("val_accuracy", "val_map", "val_loss")}
     table(("metric", "value"), ((k, f"{v:.4f}") for k, v in {**figures, **evaluation["metrics"]}.items()))
     per = evaluation["per_class"]

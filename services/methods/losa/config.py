@@ -25,7 +25,8 @@ class LosaConfig(BaseModel):
     layers: Literal["all"] | int | list[int] = Field(
         "all",
         description="Backbone layers the side network reads: `all`, a count n (n evenly spaced layers ending at "
-        "the last, as in the paper's Table 5), or explicit 0-based block indices.",
+        "the last, as in the paper's Table 5; a count above the backbone's blocks reads them all), or explicit "
+        "0-based block indices.",
     )
     pool: Pool = Field("auto", description="Token pooling before the classifier (`cls`, `mean` or `auto`).")
 

@@ -65,6 +65,8 @@ def feature_info(tokens: int = 9, pool_prefix: int = 0) -> FeatureInfo:
         ({"name": "apla"}, {"rank": [4, 8]}, "sweep.rank: method 'apla' trains through the backbone"),
         ({"name": "linear"}, {"lr": [0.1]}, "sweep.lr: the linear probe's L-BFGS solver has no learning rate"),
         ({"name": "losa"}, {"lr": [-1.0]}, "sweep.lr.0"),
+        ({"name": "losa"}, {"lr": [float("nan")]}, "sweep.lr.0\n  Input should be a finite number"),
+        ({"name": "losa"}, {"rank": [True]}, "sweep.rank.0\n  Input should be a valid integer"),
         ({"name": "apla"}, {"lr": [0.1, 100.0]}, "sweep.lr.1\n  Input should be less than or equal to 10"),
         (
             {"name": "arc"},
@@ -100,6 +102,13 @@ def test_configurations_are_the_grid_and_each_is_validated() -> None:
     assert spec(method={"name": "linear"}).cached_layers_and_tokens(6, "token") == ([5], "cls")
     layers = spec(sweep={"layers": [[0], [2]]})
     assert layers.cached_layers_and_tokens(6, "token")[0] == [0, 2, 5]
+    # choices that select the same blocks of a 6-block backbone, and a count beyond it, are refused when planned
+    for same, message in ((["all", 6], r"'all' and 6 select the same blocks \[0, 1, 2, 3, 4, 5\]"),
+                          ([[1, 2], [2, 1]], r"\[1, 2\] and \[2, 1\] select the same blocks \[1, 2\]")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"sweep.layers: {message}"):
+            spec(sweep={"layers": same, "lr": [0.1, 0.2]}).cached_layers_and_tokens(6, "token")
+    with pytest.raises(ValueError, match="sweep.layers: 6 and 999 select the same blocks"):  # a count reads at most all
+        spec(sweep={"layers": [2, 6, 999]}).cached_layers_and_tokens(6, "token")
 
 
 # ------------------------------------------------------------------------------------- stacked = separate
