@@ -215,15 +215,14 @@ class Stack:
         code = self.redis.exit_code() if self.redis else None
         if code is None:
             self._redis_state.restart_at = None
-            self._redis_state.started = max(self._redis_state.started, self.redis.started_at if self.redis else 0)
             return
+        self._redis_state.started = self.redis.started_at  # its last start, by the supervisor or by anyone else
         if not self._due("redis", self._redis_state, code):
             return
         try:
             self.redis.start()  # from the same data dir: the AOF brings back everything acknowledged
-        except Exception as e:  # the failed process stays in `process`, exited: the next check retries
-            self._redis_state.started = time.monotonic()  # counts as a quick exit: the next delay doubles
-            self._redis_state.restart_at = None
+        except Exception as e:  # the failed process stays in `process`, exited: the next check retries, later
+            self._redis_state.restart_at = None  # (its quick exit doubles the delay)
             log.error("redis did not restart: %s", e)
             return
         self._restarted("redis", self._redis_state)

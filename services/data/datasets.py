@@ -280,6 +280,12 @@ def read_test_set(dataset: Any, roots: list[Path], classes: list[str]) -> tuple[
     return test, np.asarray(order, dtype=np.int64)[test.labels]
 
 
+def val_count(n: int, val_fraction: float) -> int:
+    """How many of a class's `n` samples `split` holds out for validation: round(n * val_fraction), at least one
+    when there are two or more, and never all of them."""
+    return min(max(int(round(n * val_fraction)), 1), n - 1) if n >= 2 else 0
+
+
 def split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -294,7 +300,7 @@ def split(
     for idx in groups:
         rng.shuffle(idx)
         n = len(idx)
-        n_val = min(max(int(round(n * val_fraction)), 1), n - 1) if n >= 2 else 0
+        n_val = val_count(n, val_fraction)
         n_test = 0
         if test_fraction > 0 and n - n_val >= 2:
             n_test = min(max(int(round(n * test_fraction)), 1), n - n_val - 1)
@@ -329,7 +335,7 @@ def check_test(labels: np.ndarray, test: np.ndarray, val_fraction: float, test_f
     how many images `split` needs at these fractions for one to be left to test on."""
     if test_fraction == 0 or len(test):
         return
-    needed = next((n for n in range(3, 100_000) if n - min(max(round(n * val_fraction), 1), n - 1) >= 2), 100_000)
+    needed = next((n for n in range(3, 100_000) if n - val_count(n, val_fraction) >= 2), 100_000)
     multi = labels.ndim == 2
     have = int(len(labels) if multi else np.bincount(labels).max())
     raise DatasetError(f"dataset.test_fraction {test_fraction} leaves no test image: with val_fraction {val_fraction}, "
