@@ -27,15 +27,49 @@ def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
-def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
-    """With API keys configured, a valid Bearer token is required; its hash identifies the owner of jobs and
-    models. Without keys the API is open (and `sidetune api` binds to loopback)."""
-    if not settings.api_keys:
-        return None
+def _token(request: Request) -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in settings.api_keys):
-        raise ApiError(401, "unauthorized", "a valid API key is required as `Authorization: Bearer <key>`")
+    return token if scheme.lower() == "bearer" else ""
+
+
+def _one_of(token: str, keys: list[str]) -> bool:
+    # every key compared (no early exit), each in constant time
+    return bool(token) and sum(hmac.compare_digest(token, k) for k in keys) > 0
+
+
+def owner_of(token: str) -> str:
+    """The owner id of a key: its hash, as jobs, models and datasets record it."""
     return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+    """With API keys configured, a valid Bearer token is required (an API key or an admin key); its hash identifies
+    the owner of jobs and models. Without keys the API is open (and `sidetune api` binds to loopback)."""
+    keys = settings.all_keys
+    if not keys:
+        return None
+    token = _token(request)
+    if not _one_of(token, keys):
+        raise ApiError(401, "unauthorized", "a valid API key is required as `Authorization: Bearer <key>`")
+    return owner_of(token)
+
+
+def is_admin(request: Request, settings: Settings) -> bool:
+    """Whether the caller may use operator routes: an admin key, or anyone when the API has no keys at all."""
+    if not settings.all_keys:
+        return True
+    return _one_of(_token(request), settings.admin_keys)
+
+
+def require_admin(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    owner: Annotated[str | None, Depends(get_owner)],
+) -> str | None:
+    """Operator routes: 401 without a valid key, 403 `admin_only` with a key that is not an admin key."""
+    if not is_admin(request, settings):
+        raise ApiError(403, "admin_only", "this route is for operators: it needs a key listed in SIDETUNE_ADMIN_KEYS")
+    return owner
 
 
 def owned(fetch: Callable[[str], dict], kind: str, record_id: str, owner: str | None) -> dict:
@@ -58,3 +92,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 OwnerDep = Annotated[str | None, Depends(get_owner)]
+AdminDep = Annotated[str | None, Depends(require_admin)]

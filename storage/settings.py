@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Accepted Bearer tokens (comma-separated). Empty: no auth.", repr=False
     )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Operator keys (comma-separated): accepted as API keys too, and the only ones allowed on operator "
+        "routes (the feature cache's listing and deletion, per-job figures in `/metrics`). With API keys and no admin "
+        "key, no caller is an operator; with no keys at all the API is open and every caller is.",
+        repr=False,
+    )
     device: str = Field("auto", description="Torch device for workers and inference: auto, cpu, cuda, cuda:N.")
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(8000, description="Port the API binds to.")
@@ -201,10 +208,15 @@ class Settings(BaseSettings):
         "valid key (`Authorization: Bearer <key>`); without keys `/metrics` is open, like the rest of the API.",
     )
 
-    @field_validator("allowed_roots", "api_keys", mode="before")
+    @field_validator("allowed_roots", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @property
+    def all_keys(self) -> list[str]:
+        """Every accepted Bearer token: the API keys and the admin keys."""
+        return [*self.api_keys, *(k for k in self.admin_keys if k not in self.api_keys)]
 
     @cached_property
     def data_path(self) -> Path:

@@ -19,7 +19,7 @@ from storage.settings import Settings
 def _configure_logging(settings: Settings, level: str) -> logging.Logger:
     from storage.logs import configure_logging
 
-    configure_logging(settings.log_format == "json", level=level.upper(), secrets=settings.api_keys)
+    configure_logging(settings.log_format == "json", level=level.upper(), secrets=settings.all_keys)
     return logging.getLogger("sidetune.cli")
 
 
@@ -60,10 +60,10 @@ def _uvicorn(app: str, host: str, port: int) -> int:
 
     settings = Settings()
     log = _configure_logging(settings, "INFO")
-    if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+    if not settings.all_keys and host not in ("127.0.0.1", "localhost", "::1"):
         log.error("refusing to listen on %s without API keys: set SIDETUNE_API_KEYS", host)
         return 2
-    if not settings.api_keys:
+    if not settings.all_keys:
         log.warning("no API keys configured: listening on loopback only, without authentication")
     # log_config=None keeps our handler: uvicorn's loggers (access lines included) propagate to it.
     uvicorn.run(app, host=host, port=port, log_level="info", log_config=None)

@@ -28,7 +28,7 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
 def _page(request: Request, template: str, title: str, **context: str) -> HTMLResponse:
-    keys = bool(request.app.state.settings.api_keys)
+    keys = bool(request.app.state.settings.all_keys)
     page = template.removesuffix(".html")
     response = templates.TemplateResponse(request, template, {"page": page, "title": title, "keys": keys, **context})
     response.headers["Content-Security-Policy"] = CSP
