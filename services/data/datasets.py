@@ -225,7 +225,7 @@ def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = Fa
             if not p.is_relative_to(root.resolve()):
                 raise DatasetError(f"{manifest} line {line}: {rel!r} points outside the manifest's folder")
             if inside is not None:  # before is_file: whether a refused file exists is not told either
-                inside(root / rel, f"{manifest.name} line {line} ({rel!r})")
+                inside(root / rel, f"{manifest.name} line {line}")
             if not p.is_file():
                 if not skip_bad_rows:
                     raise DatasetError(f"{manifest} line {line}: {rel!r} does not exist (set dataset.on_corrupt="
