@@ -94,7 +94,7 @@ class UserPaths:
 
     def check_member(self, field: str, path: Path, what: str, upload: str | None = None) -> None:
         """A file or folder of the dataset at `field` (`what` names it: a class folder, a file, a manifest row),
-        links followed: refused if it reaches a service folder (its target is not named) or leaves the roots."""
+        links followed: refused if it reaches a service folder (the target then goes unnamed) or leaves the roots."""
         real = path.resolve()
         why = self._refusal(real, upload)
         if why == "service":
