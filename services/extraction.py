@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from services.backbones import Backbone, load_backbone
-from services.data.datasets import Dataset, check_path, read_for_job
+from services.data.datasets import Dataset, read_for_job
 from services.data.images import PIXELS
 from services.data.loading import (
     BatchReader,
@@ -30,6 +30,7 @@ from services.data.loading import (
     loader_workers,
 )
 from services.jobs.progress import Reporter
+from services.paths import UserPaths
 from services.spec import JobSpec, SpecError, extraction_rows
 from services.video.loading import clip_reader, clip_transform, padding_event
 from services.video.spec import check_inputs
@@ -53,13 +54,13 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     """Read the dataset, create the backbone and find the cache entry (no forward pass): `key` if given (a shard
     of an extraction in progress), else a complete entry of the same family that covers what the job reads,
     else the entry this job's extraction will write."""
-    dataset = read_for_job(spec.dataset, settings.roots)
+    paths = UserPaths(settings)
+    dataset = read_for_job(spec.dataset, paths)
     check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
     if dataset.kind == "video" and spec.extraction.decode == "device":
         raise SpecError("extraction.decode 'device' decodes JPEG images on the GPU; videos are decoded by PyAV on "
                         "the CPU (use 'cpu')")  # fmt: skip
-    checkpoint = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
-    backbone = load_backbone(spec.backbone, settings.torch_device(), checkpoint)
+    backbone = load_backbone(spec.backbone, settings.torch_device(), paths.checkpoint(spec.backbone))
     preprocessing = {**backbone.data_config, "decode": spec.extraction.decode, "pixels": PIXELS}
     if spec.backbone.video is not None:  # frames, tubelet and init are in the weights' hash too; sampling is not
         preprocessing["video"] = spec.backbone.video.model_dump()

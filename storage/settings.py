@@ -234,12 +234,7 @@ class Settings(BaseSettings):
     @property
     def store_dir(self) -> Path | None:
         """The store as a local directory (a plain path or a `file://` URL), or None for a remote store."""
-        location = self.store_location
-        if "://" not in location:
-            return Path(location).expanduser().resolve()
-        if location.startswith("file://"):
-            return Path(location.removeprefix("file://")).expanduser().resolve()
-        return None
+        return _local_dir(self.store_location)
 
     @property
     def cache_location(self) -> str:
@@ -266,10 +261,21 @@ class Settings(BaseSettings):
 
     @property
     def roots(self) -> list[Path]:
-        # Uploaded datasets stay readable when other roots are configured: a job names one by id, and the workers
-        # read it under datasets_dir, which they check against these roots like any dataset path.
-        roots = [p.expanduser().resolve() for p in self.allowed_roots] or [self.data_path]
-        return roots if any(self.datasets_dir.is_relative_to(r) for r in roots) else [*roots, self.datasets_dir]
+        """Where paths a job names may lie: `allowed_roots`, else the data dir. An uploaded dataset is read through
+        its id wherever the store is (services/paths.py), so the uploads need no root of their own."""
+        return [p.expanduser().resolve() for p in self.allowed_roots] or [self.data_path]
+
+    @property
+    def service_dirs(self) -> list[Path]:
+        """The local folders the service writes, never read as data (services/paths.py refuses a path that is one,
+        lies in one or holds one): under the data dir the feature cache, models and checkpoints, the embedded Redis's
+        files and the logs (worker/launcher.py); the store's models and feature cache, and the feature cache's own
+        location, where they are local directories. The uploads folder (`datasets_dir`) is apart: each upload
+        (`ds_<hex>`) and dot-folder (staging) in it is the service's, and so it is itself, as it holds them; any other
+        folder in it is an operator's dataset, read by path (docker-compose.yml's `/data/datasets/<name>`)."""
+        dirs = [self.cache_dir, self.data_path / "artifacts", self.redis_dir, self.data_path / "logs"]
+        dirs += [d for d in (_local_dir(self.artifacts_location), _local_dir(self.cache_location)) if d is not None]
+        return list(dict.fromkeys(dirs))
 
     @property
     def inference_location(self) -> str:
@@ -298,6 +304,15 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _local_dir(location: str) -> Path | None:
+    """A store or cache location as a local directory (a plain path or a `file://` URL), or None for a remote one."""
+    if "://" not in location:
+        return Path(location).expanduser().resolve()
+    if location.startswith("file://"):
+        return Path(location.removeprefix("file://")).expanduser().resolve()
+    return None
 
 
 def get_settings() -> Settings:

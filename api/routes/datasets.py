@@ -23,13 +23,11 @@ from api.uploads import receive_file
 from services.data.datasets import DatasetError, read_dataset
 from services.spec import JobSpec
 from storage.datasets import (
-    STAGING,
     ArchiveError,
     DatasetFiles,
     DatasetRecords,
     Limits,
     disk_usage,
-    is_dataset_id,
     new_dataset_id,
     staging_dir,
     sweep_staging,
@@ -166,44 +164,42 @@ def _active(store: JobStore, job_id: str) -> bool:
 
 
 # ---- jobs that use a dataset (called by api/routes/jobs.py) ------------------------------------------------------
-def _in_uploads(path: str, settings: Settings) -> bool:
-    resolved = Path(path).expanduser().resolve()
-    if not resolved.is_relative_to(settings.datasets_dir):
-        return False
-    parts = resolved.relative_to(settings.datasets_dir).parts
-    return bool(parts) and (is_dataset_id(parts[0]) or parts[0] == STAGING)
+def _upload_path(dataset_id: str, field: str, store: JobStore, owner: str | None,
+                 settings: Settings) -> tuple[str, str]:  # fmt: skip
+    """Where this machine reads the caller's uploaded dataset `dataset_id` (fetched from the store first if it has
+    no copy), and its format; 404 naming `field` for another key's dataset or none."""
+    try:
+        own_dataset(store, dataset_id, owner)
+    except ApiError:
+        raise ApiError(404, "not_found", f"{field}: no dataset {dataset_id!r}") from None
+    try:
+        path, fmt = DatasetFiles.from_settings(settings).dataset_path(dataset_id)
+    except FileNotFoundError as e:  # recorded, yet not on the store: the store's fault, not the request's
+        raise Incomplete(str(e)) from None
+    return str(path), fmt
 
 
 def resolve_dataset(spec: JobSpec, store: JobStore, owner: str | None, settings: Settings) -> JobSpec:
-    """The spec with `dataset.id` resolved to the caller's uploaded dataset: its path on this machine (fetched
-    from the store first if this machine has no copy) and its format are put in the spec, so the planner reads a
-    path as for any dataset (each worker reads its own machine's copy). A plain path may not reach into uploaded
-    datasets: they belong to one key, and only `dataset.id` checks whose."""
+    """The spec with `dataset.id` (and `dataset.test_id`) resolved to the caller's uploaded datasets: their paths on
+    this machine and the format are put in the spec, so the planner reads a path as for any dataset (each worker reads
+    its own machine's copy). An upload is readable through its id only (services/paths.py refuses its path)."""
     ds = spec.dataset
-    if ds.id is None:
-        for field, path in (("dataset.path", ds.path), ("backbone.checkpoint", spec.backbone.checkpoint)):
-            if path is not None and _in_uploads(path, settings):
-                raise ApiError(403, "forbidden_path", f"{field}: {path!r} lies in an uploaded dataset; name an "
-                               "uploaded dataset by `dataset.id`")  # fmt: skip
-        return spec
-    if ds.path is not None:
-        raise ApiError(422, "invalid_request", "dataset: give `dataset.path` or `dataset.id`, not both")
-    try:
-        record = own_dataset(store, ds.id, owner)
-    except ApiError:
-        raise ApiError(404, "not_found", f"dataset.id: no dataset {ds.id!r}") from None
-    if ds.format not in ("auto", record["format"]):
-        raise ApiError(422, "invalid_request", f"dataset.format: dataset {ds.id!r} is {record['format']}, "
-                       f"not {ds.format}")  # fmt: skip
-    try:
-        path, fmt = DatasetFiles.from_settings(settings).dataset_path(ds.id)
-    except FileNotFoundError as e:  # recorded, yet not on the store: the store's fault, not the request's
-        raise Incomplete(str(e)) from None
-    resolved = ds.model_copy(update={"path": str(path), "format": fmt})
-    return spec.model_copy(update={"dataset": resolved})
+    update: dict = {}
+    if ds.id is not None:
+        if ds.path is not None:
+            raise ApiError(422, "invalid_request", "dataset: give `dataset.path` or `dataset.id`, not both")
+        path, fmt = _upload_path(ds.id, "dataset.id", store, owner, settings)
+        if ds.format not in ("auto", fmt):
+            raise ApiError(422, "invalid_request", f"dataset.format: dataset {ds.id!r} is {fmt}, not {ds.format}")
+        update.update(path=path, format=fmt)
+    if ds.test_id is not None:
+        if ds.test is not None:
+            raise ApiError(422, "invalid_request", "dataset: give `dataset.test` or `dataset.test_id`, not both")
+        update["test"] = _upload_path(ds.test_id, "dataset.test_id", store, owner, settings)[0]
+    return spec.model_copy(update={"dataset": ds.model_copy(update=update)}) if update else spec
 
 
 def record_use(store: JobStore, spec: JobSpec, job_id: str) -> None:
-    """Remember that the job uses its uploaded dataset, so deleting the dataset can check the job's status."""
-    if spec.dataset.id is not None:
-        records(store).add_job(spec.dataset.id, job_id)
+    """Remember that the job uses its uploaded datasets, so deleting one can check the job's status."""
+    for dataset_id in {spec.dataset.id, spec.dataset.test_id} - {None}:
+        records(store).add_job(dataset_id, job_id)

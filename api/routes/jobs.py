@@ -12,9 +12,10 @@ from api.deps import CeleryDep, JobId, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.routes.datasets import record_use, resolve_dataset
 from api.schemas import CheckpointList, ErrorBody, EventList, Job, JobList, Plan
-from services.data.datasets import DatasetError, check_path, resolve_format
+from services.data.datasets import DatasetError, resolve_format
 from services.jobs import planner
 from services.jobs.retention import expires_at
+from services.paths import ForbiddenPath, UserPaths
 from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
 from storage.jobs import Busy, IdempotencyConflict, JobStore, NotFound
@@ -32,20 +33,20 @@ def own_job(store: JobStore, job_id: str, owner: str | None) -> dict:
 
 
 def _check_paths(spec: JobSpec, settings: Settings) -> None:
-    """Refuse at submission what would certainly fail later: paths outside the roots, or missing."""
-    fields = (("dataset.path", spec.dataset.path), ("dataset.test", spec.dataset.test),
-              ("backbone.checkpoint", spec.backbone.checkpoint))  # fmt: skip
-    for field, path in fields:
-        if path is None:
-            continue
+    """Refuse at submission what would certainly fail later: every path field the spec names (services/paths.py:
+    403 for the service's own folders, or outside the allowed roots; 422 if missing), and a dataset of the wrong
+    kind. The planner then reads the datasets under the same rule."""
+    paths = UserPaths(settings)
+    ds = spec.dataset
+    for field, path, upload in spec.server_paths():
         try:
-            resolved = check_path(path, settings.roots)
-        except PermissionError as e:
-            raise ApiError(403, "forbidden_path", f"{field}: {e}") from None
+            resolved = paths.check(field, path, upload)
+        except ForbiddenPath as e:
+            raise ApiError(403, "forbidden_path", str(e)) from None
         except FileNotFoundError as e:
-            raise ApiError(422, "not_found", f"{field}: {e}") from None
+            raise ApiError(422, "not_found", str(e)) from None
         if field in ("dataset.path", "dataset.test"):
-            fmt = resolve_format(resolved, spec.dataset.format if field == "dataset.path" else "auto")
+            fmt = resolve_format(resolved, ds.format if field == "dataset.path" else "auto")
             if fmt == "imagefolder" and not resolved.is_dir():
                 raise ApiError(422, "invalid_dataset", f"{field}: {path!r} is not a directory (ImageFolder layout)")
             if fmt == "csv" and not resolved.is_file():

@@ -3,8 +3,9 @@ multi-label classification the label column holds `|`-separated tags), of images
 (`path,label[,start,end]`, seconds), never both; and the train/validation/test split.
 
 A dataset is read into a `Dataset` (sorted sample list and class names) with a fingerprint over its file
-list, sizes and modification times, so a changed dataset gets a new cache entry. Torch-free: the API uses
-`check_path` to validate a submission.
+list, sizes and modification times, so a changed dataset gets a new cache entry. A job's dataset is read through
+services/paths.py's rule (`read_for_job`): its path, every class folder and linked file, every manifest row. Class names
+that differ only in Unicode form (NFC/NFD) or case are refused: they would print as one class. Torch-free.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,10 @@ import numpy as np
 
 from services.data import images
 from services.errors import UserError
+from services.paths import UserPaths
+
+# Checks a file or folder of the dataset, links followed (UserPaths.check_member bound to a field): (path, what).
+Inside = Callable[[Path, str], None]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
@@ -56,17 +64,6 @@ class Dataset:
         return len(self.paths)
 
 
-def check_path(path: str | Path, roots: list[Path]) -> Path:
-    """Resolve `path` and require it to exist inside one of `roots` (symlinks resolved first)."""
-    resolved = Path(path).expanduser().resolve()
-    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(r) for r in roots)
-        raise PermissionError(f"dataset path {str(path)!r} is outside the allowed roots ({allowed})")
-    if not resolved.exists():
-        raise FileNotFoundError(f"dataset path {str(path)!r} does not exist")
-    return resolved
-
-
 def resolve_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
@@ -92,9 +89,35 @@ def media_kind(paths: list[Path], where: Path) -> str:
     return "video" if videos else "image"
 
 
+def _form(name: str) -> str:
+    return "NFC" if unicodedata.is_normalized("NFC", name) else "NFD" if unicodedata.is_normalized("NFD", name) else \
+        "neither NFC nor NFD"  # fmt: skip
+
+
+def name_clash(a: str, b: str) -> str:
+    """How two names that fold to one differ, each as its repr with code points escaped (what prints alike does not
+    read alike): "'caf\\xe9' (NFC) and 'cafe\\u0301' (NFD) are one name in two Unicode forms"."""
+    if unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b):
+        return f"{ascii(a)} ({_form(a)}) and {ascii(b)} ({_form(b)}) are one name in two Unicode forms"
+    if _form(a) != _form(b):
+        return f"{ascii(a)} ({_form(a)}) and {ascii(b)} ({_form(b)}) differ only in Unicode form and case"
+    return f"{ascii(a)} and {ascii(b)} differ only in case"
+
+
+def check_distinct(names: list[str], what: str) -> None:
+    """Refuse two of `names` (classes, tags) that are one name after Unicode NFC normalisation and case folding: two
+    classes that print the same (and one folder on a case-insensitive or normalising file system)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        first = seen.setdefault(unicodedata.normalize("NFC", name).casefold(), name)
+        if first != name:
+            raise DatasetError(f"{what} {name_clash(first, name)}; rename one (or merge them) so that every class "
+                               "reads differently")  # fmt: skip
+
+
 def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], duplicates: str = "drop",
-            skipped: tuple[str, ...] = (), spans: np.ndarray | None = None, multi_label: bool = False
-            ) -> Dataset:  # fmt: skip
+            skipped: tuple[str, ...] = (), spans: np.ndarray | None = None, multi_label: bool = False,
+            what: str = "class folders") -> Dataset:  # fmt: skip
     """The dataset of (path, label) rows, each file once: a file listed again (the same file by device and inode:
     a repeated row, `./a.png` next to `a.png`, a link to it) is left out with the same label (`duplicates="drop"`,
     noted in `skipped_rows`) or refused (`"fail"`), and refused with another label. So no file can land in two
@@ -122,6 +145,7 @@ def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], d
     spans = spans[keep] if spans is not None else None
     tags = [[t.strip() for t in n.split("|") if t.strip()] for n in names] if multi_label else [[n] for n in names]
     classes = sorted({t for row in tags for t in row})
+    check_distinct(classes, "tags" if multi_label else what)
     if len(paths) == 0:
         raise DatasetError(f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
                            f"({', '.join(sorted(VIDEO_SUFFIXES))})")  # fmt: skip
@@ -144,42 +168,34 @@ def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], d
     return Dataset(root, paths, labels, classes, fingerprint, kind=kind, spans=spans, skipped_rows=tuple(notes))
 
 
-def _inside(path: Path, roots: list[Path] | None, what: str) -> None:
-    """Refuse a file or folder of the dataset that resolves (links followed) outside the allowed roots."""
-    if roots is None:
-        return
-    real = path.resolve()
-    if not any(real == root or real.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(r) for r in roots)
-        raise PermissionError(f"{what} {path} resolves to {real}, outside the allowed roots ({allowed})")
-
-
-def read_imagefolder(root: Path, roots: list[Path] | None = None, duplicates: str = "drop") -> Dataset:
-    """One subfolder per class. With `roots`, every class folder and every linked file must resolve inside them."""
+def read_imagefolder(root: Path, inside: Inside | None = None, duplicates: str = "drop") -> Dataset:
+    """One subfolder per class. With `inside`, every class folder and every linked file is checked by it."""
     if not root.is_dir():
         raise DatasetError(f"{root} is not a directory; an ImageFolder dataset has one subfolder per class")
     paths: list[Path] = []
     names: list[str] = []
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        _inside(class_dir, roots, "class folder")
+        if inside is not None:
+            inside(class_dir, f"class folder {class_dir}")
         # os.walk does not descend into linked folders below the class folder; linked files are checked one by one
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames.sort()
             for f in sorted(filenames):
                 if Path(f).suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
                     path = Path(dirpath) / f
-                    if path.is_symlink():
-                        _inside(path, roots, "file")
+                    if inside is not None and path.is_symlink():
+                        inside(path, f"file {path}")
                     paths.append(path)
                     names.append(class_dir.name)
     return _finish(root, paths, names, [str(p) for p in paths], duplicates)
 
 
-def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = False,
-             duplicates: str = "drop") -> Dataset:  # fmt: skip
-    """`path,label` rows, paths relative to the manifest's folder and inside it (links followed). `multi_label`: the
-    label column holds `|`-separated tags. A row without any tag or whose file is missing fails naming its line, or is
-    left out and listed in `skipped_rows` when `skip_bad_rows` (the job's on_corrupt=skip)."""
+def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = False, duplicates: str = "drop",
+             inside: Inside | None = None) -> Dataset:  # fmt: skip
+    """`path,label` rows, paths relative to the manifest's folder and inside it (links followed), each checked by
+    `inside` if given, before it is looked at. `multi_label`: the label column holds `|`-separated tags. A row without
+    any tag or whose file is missing fails naming its line, or is left out and listed in `skipped_rows` when
+    `skip_bad_rows` (the job's on_corrupt=skip)."""
     root = manifest.parent
     paths: list[Path] = []
     names: list[str] = []
@@ -208,6 +224,8 @@ def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = Fa
             p = (root / rel).resolve()
             if not p.is_relative_to(root.resolve()):
                 raise DatasetError(f"{manifest} line {line}: {rel!r} points outside the manifest's folder")
+            if inside is not None:  # before is_file: whether a refused file exists is not told either
+                inside(root / rel, f"{manifest.name} line {line}")
             if not p.is_file():
                 if not skip_bad_rows:
                     raise DatasetError(f"{manifest} line {line}: {rel!r} does not exist (set dataset.on_corrupt="
@@ -222,7 +240,7 @@ def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = Fa
     if not paths and not skipped:
         raise DatasetError(f"manifest {manifest} has no rows")
     timing = np.array(spans, dtype=np.float64).reshape(-1, 2) if timed else None
-    return _finish(root, paths, names, where, duplicates, tuple(skipped), timing, multi_label)
+    return _finish(root, paths, names, where, duplicates, tuple(skipped), timing, multi_label, "labels")
 
 
 def _span(row: dict, manifest: Path, line: int) -> tuple[float, float]:
@@ -240,38 +258,46 @@ def _span(row: dict, manifest: Path, line: int) -> tuple[float, float]:
 
 
 def read_dataset(path: Path, fmt: str = "auto", multi_label: bool = False, on_corrupt: str = "fail",
-                 roots: list[Path] | None = None, duplicates: str = "drop") -> Dataset:  # fmt: skip
-    """With `roots`, every class folder and linked file must resolve inside them (a manifest's rows must lie in its
-    folder anyway)."""
+                 inside: Inside | None = None, duplicates: str = "drop") -> Dataset:  # fmt: skip
+    """With `inside`, every class folder, linked file and manifest row is checked by it before it is read."""
     fmt = resolve_format(path, fmt)
     if multi_label and fmt != "csv":
         raise DatasetError(f"{path}: multi-label datasets are CSV manifests whose label column holds `|`-separated "
                            "tags; an ImageFolder has one class per image")  # fmt: skip
     if fmt == "csv":
-        return read_csv(path, multi_label, on_corrupt == "skip", duplicates)
-    return read_imagefolder(path, roots, duplicates)
+        return read_csv(path, multi_label, on_corrupt == "skip", duplicates, inside)
+    return read_imagefolder(path, inside, duplicates)
 
 
-def read_for_job(dataset: Any, roots: list[Path], path: str | None = None) -> Dataset:
-    """The dataset a job spec names (or its test set at `path`), inside the allowed `roots`: its path, and every file
-    it resolves to."""
-    fmt = dataset.format if path is None else "auto"
-    return read_dataset(check_path(path or dataset.path, roots), fmt, dataset.multi_label, dataset.on_corrupt, roots,
-                        dataset.duplicates)  # fmt: skip
+def read_for_job(dataset: Any, paths: UserPaths, test: bool = False) -> Dataset:
+    """The dataset a job spec names (`test`: its `dataset.test`) under services/paths.py's rule: its path, and every
+    file it resolves to. Errors name the field."""
+    field = "dataset.test" if test else "dataset.path"
+    upload = dataset.test_id if test else dataset.id
+    path = paths.check(field, dataset.test if test else dataset.path, upload)
+    inside = partial(paths.check_member, field, upload=upload)
+    try:
+        return read_dataset(path, "auto" if test else dataset.format, dataset.multi_label, dataset.on_corrupt, inside,
+                            dataset.duplicates)  # fmt: skip
+    except DatasetError as e:
+        e.field = field
+        raise
 
 
-def read_test_set(dataset: Any, roots: list[Path], classes: list[str]) -> tuple[Dataset, np.ndarray]:
-    """A job's `dataset.test` (inside the allowed `roots`) and its targets in the order of the training set's
+def read_test_set(dataset: Any, paths: UserPaths, classes: list[str]) -> tuple[Dataset, np.ndarray]:
+    """A job's `dataset.test` (under services/paths.py's rule) and its targets in the order of the training set's
     `classes`: class indices, or [n, tags] for multi-label. DatasetError naming classes (tags) the training set does
     not have."""
-    try:
-        test = read_for_job(dataset, roots, path=dataset.test)
-    except DatasetError as e:
-        raise DatasetError(str(e), field="dataset.test") from None
+    test = read_for_job(dataset, paths, test=True)
     unknown = sorted(set(test.classes) - set(classes))
     if unknown:
+        folded = {unicodedata.normalize("NFC", c).casefold(): c for c in classes}
+        near = [name_clash(folded[k], u) for u in unknown[:5] if (k := unicodedata.normalize("NFC", u).casefold())
+                in folded]  # fmt: skip
+        hint = f" ({'; '.join(near)}: spell them as the training set does)" if near else ""
+        listed = ", ".join(ascii(u) for u in unknown[:5])
         raise DatasetError(f"dataset.test has {'tags' if dataset.multi_label else 'classes'} the training set does "
-                           f"not have: {unknown[:5]}", field="dataset.test")  # fmt: skip
+                           f"not have: {listed}{hint}", field="dataset.test")  # fmt: skip
     order = [classes.index(c) for c in test.classes]
     if test.multi_label:
         targets = np.zeros((len(test), len(classes)), dtype=np.int64)

@@ -59,12 +59,13 @@ class Exported:
 def export_model(artifacts: Any, settings: Any, model_id: str, fmt: str, folder: Path) -> Exported:
     """Write model `model_id` of the artifact store as `fmt` into `folder`; ExportError when it cannot be."""
     from services.export.model import trained_model
+    from services.paths import UserPaths
 
     spec = FORMATS[fmt]
     weights, config = artifacts.load_model(model_id)
     reason = refusal(config, fmt)
     if reason:
         raise ExportError(reason)
-    trained = trained_model(model_id, weights, config, settings.roots)
+    trained = trained_model(model_id, weights, config, UserPaths(settings))
     path = importlib.import_module(f"{__name__}.{spec.module}").write(trained, folder)
     return Exported(path, f"{model_id}{spec.suffix}", spec.media_type)

@@ -140,7 +140,7 @@ def load_adapter(path: str | Path, vit: nn.Module | None = None, device: str | t
     config, weights = read_adapter(path)
     artifact = config.artifact_config()
     if vit is None:
-        vit = frozen_backbone(artifact, roots=None).model
+        vit = frozen_backbone(artifact, paths=None).model
     elif weights_hash(vit) != config.weights_hash:
         raise ValueError(f"this {config.backbone.name} has other weights than the adapter was trained on "
                          f"({weights_hash(vit)} instead of {config.weights_hash})")  # fmt: skip

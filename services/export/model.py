@@ -19,8 +19,8 @@ from torch import nn
 
 from services import methods
 from services.backbones import Backbone, load_backbone
-from services.data.datasets import check_path
 from services.methods.readout import FeatureInfo, Readout
+from services.paths import UserPaths
 from services.spec import BackboneSpec
 from storage.cache import pool_tokens
 
@@ -76,13 +76,15 @@ def classifier(config: dict[str, Any], weights: dict[str, np.ndarray], vit: nn.M
     return adapted.merge().eval().requires_grad_(False)
 
 
-def frozen_backbone(config: dict[str, Any], roots: list[Path] | None = None, device: str = "cpu") -> Backbone:
-    """The backbone the model was trained on, in float32 (a checkpoint file must lie under `roots`, unless None); a
-    ValueError if its weights are not the ones the model was trained on."""
+def frozen_backbone(config: dict[str, Any], paths: UserPaths | None = None, device: str = "cpu") -> Backbone:
+    """The backbone the model was trained on, in float32; a ValueError if its weights are not the ones the model was
+    trained on. In the service (`paths`: the server's rule, services/paths.py) its checkpoint file is checked again
+    before it is read: it may have moved into a service folder since training; outside it (an adapter loaded by its
+    user, `paths` None) it is read where it is."""
     spec = BackboneSpec.model_validate(config["backbone"])
     checkpoint = None
     if spec.checkpoint:
-        checkpoint = check_path(spec.checkpoint, roots) if roots is not None else Path(spec.checkpoint).expanduser()
+        checkpoint = paths.checkpoint(spec) if paths is not None else Path(spec.checkpoint).expanduser()
     backbone = load_backbone(spec, device, checkpoint, precision="fp32")
     if backbone.weights_hash != config["weights_hash"]:
         raise ValueError(f"backbone {spec.name} now has other weights than the model was trained on "
@@ -90,6 +92,6 @@ def frozen_backbone(config: dict[str, Any], roots: list[Path] | None = None, dev
     return backbone
 
 
-def trained_model(model_id: str, weights: dict[str, np.ndarray], config: dict[str, Any], roots: list[Path]) -> Trained:
-    backbone = frozen_backbone(config, roots)
+def trained_model(model_id: str, weights: dict[str, np.ndarray], config: dict[str, Any], paths: UserPaths) -> Trained:
+    backbone = frozen_backbone(config, paths)
     return Trained(model_id, config, weights, backbone, classifier(config, weights, backbone.model))

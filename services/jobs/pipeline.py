@@ -50,12 +50,15 @@ def _cancelled(store: JobStore, job_id: str) -> None:
 
 
 def _on_this_machine(spec: JobSpec, settings: Settings) -> JobSpec:
-    """The spec reading an uploaded dataset (`dataset.id`) from this machine's copy of it, fetched from the store
-    the first time (the path the API stored is where the API's machine reads it)."""
-    if spec.dataset.id is None:
-        return spec
-    path, fmt = DatasetFiles.from_settings(settings).dataset_path(spec.dataset.id)
-    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"path": str(path), "format": fmt})})
+    """The spec reading its uploaded datasets (`dataset.id`, `dataset.test_id`) from this machine's copies, fetched
+    from the store the first time (the paths the API stored are where the API's machine reads them)."""
+    ds, files, update = spec.dataset, DatasetFiles.from_settings(settings), {}
+    if ds.id is not None:
+        path, fmt = files.dataset_path(ds.id)
+        update.update(path=str(path), format=fmt)
+    if ds.test_id is not None:
+        update["test"] = str(files.dataset_path(ds.test_id)[0])
+    return spec.model_copy(update={"dataset": ds.model_copy(update=update)}) if update else spec
 
 
 # What a step asks the task layer to enqueue next: the train step, n extraction shards, or nothing.

@@ -20,6 +20,7 @@ from services.architectures import Architecture, architecture, forward_flops
 from services.backprop import backprop_memory
 from services.data.datasets import DatasetError, check_test, check_validation, read_for_job, read_test_set, split
 from services.jobs.plan_text import GB, gb, human_bytes
+from services.paths import UserPaths
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.video.spec import check_inputs
@@ -227,15 +228,16 @@ def _join(items: list[str]) -> str:
 
 
 def plan(spec: JobSpec, settings: Settings) -> Plan:
-    """Plan `spec` under `settings`. Raises PermissionError or FileNotFoundError for a dataset path outside the
-    allowed roots or missing, DatasetError (a ValueError) for an unusable dataset, and ValueError for cached layers
-    or tokens the backbone or method rule out."""
-    if spec.dataset.path is None:  # the API resolves `dataset.id` to the uploaded dataset's path before planning
-        raise FileNotFoundError(f"dataset.id {spec.dataset.id!r} is an uploaded dataset: plan the job with the API "
+    """Plan `spec` under `settings`. Raises ForbiddenPath (a PermissionError, services/paths.py) or FileNotFoundError
+    for a dataset path the caller may not read or that is missing, DatasetError (a ValueError) for an unusable dataset,
+    and ValueError for cached layers or tokens the backbone or method rule out."""
+    ds = spec.dataset
+    if ds.path is None or (ds.test_id is not None and ds.test is None):  # the API resolves upload ids to paths
+        raise FileNotFoundError(f"dataset {ds.id or ds.test_id!r} is an uploaded dataset: plan the job with the API "
                                 "(POST /jobs?dry_run=true)")  # fmt: skip
     check_size(spec.sweep, settings.max_sweep_configs)
-    ds = spec.dataset
-    dataset = read_for_job(ds, settings.roots)
+    paths = UserPaths(settings)
+    dataset = read_for_job(ds, paths)
     check_inputs(spec.backbone.video, dataset.kind, ds.path)
     n = len(dataset)
     train_idx, val_idx, test_idx = split(dataset.labels, ds.val_fraction, ds.test_fraction, ds.split_seed)
@@ -243,7 +245,7 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     check_test(dataset.labels, test_idx, ds.val_fraction, ds.test_fraction)
     test_images = len(test_idx)
     if ds.test:  # read now: a test set the model cannot be scored on fails here, not after training
-        test_set, _ = read_test_set(ds, settings.roots, dataset.classes)
+        test_set, _ = read_test_set(ds, paths, dataset.classes)
         check_inputs(spec.backbone.video, test_set.kind, ds.test)
         shared = sorted(set(test_set.paths) & set(dataset.paths))
         if shared:  # a test set must be held out: figures on training images would be optimistic

@@ -39,9 +39,10 @@ from pydantic import TypeAdapter
 
 from services import methods
 from services.backbones import PRECISIONS, Backbone, load_backbone, resolve_precision
-from services.data.datasets import DatasetError, check_path, load_image
+from services.data.datasets import DatasetError, load_image
 from services.data.images import draft_size
 from services.methods.readout import FeatureInfo, Readout
+from services.paths import UserPaths
 from services.spec import BackboneSpec
 from storage.artifacts import ArtifactStore
 from storage.cache import pool_tokens
@@ -193,7 +194,7 @@ class Predictor:
         with self._backbone_lock:
             backbone = self._alive.get(key)
             if backbone is None:
-                ckpt = check_path(spec.checkpoint, self.settings.roots) if spec.checkpoint else None
+                ckpt = UserPaths(self.settings).checkpoint(spec)  # checked again: the file may have moved
                 backbone = load_backbone(spec, self.device, ckpt, precision)  # weights cast to the serving dtype
                 if backbone.weights_hash != config["weights_hash"]:
                     raise RuntimeError(f"backbone {spec.name} now has other weights than the model was trained on")

@@ -52,7 +52,13 @@ class DatasetSpec(BaseModel):
         pattern=NO_NUL,
         description="A separate test set on the server (an ImageFolder directory, or a CSV manifest named `*.csv`) "
         "whose labels are among the training set's classes; instead of `test_fraction`. Its images run through the "
-        "backbone and the selected model once, after training.",
+        "backbone and the selected model once, after training. An uploaded test set is named by `test_id`.",
+    )
+    test_id: str | None = Field(
+        None,
+        pattern=r"^ds_[0-9a-f]+$",
+        description="An uploaded dataset (`POST /datasets`) of the same API key as the separate test set, instead of "
+        "`test`; the stored spec then shows both, as for `id`.",
     )
     multi_label: bool = Field(
         False,
@@ -85,6 +91,8 @@ class DatasetSpec(BaseModel):
             total = self.val_fraction + self.test_fraction
             raise ValueError(f"dataset.val_fraction + dataset.test_fraction is {total:g}; it must be below 1 so "
                              "that images are left to train on")  # fmt: skip
-        if self.test is not None and self.test_fraction > 0:
-            raise ValueError("give `dataset.test` (a separate test set) or `dataset.test_fraction`, not both")
+        if (self.test is not None or self.test_id is not None) and self.test_fraction > 0:
+            raise ValueError(
+                "give `dataset.test` or `dataset.test_id` (a separate test set) or `dataset.test_fraction`, not both"
+            )
         return self

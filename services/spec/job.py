@@ -39,6 +39,14 @@ class JobSpec(BaseModel):
         "curve and score is in the job's metrics (`sweep`). At most SIDETUNE_MAX_SWEEP_CONFIGS configurations.",
     )
 
+    def server_paths(self) -> list[tuple[str, str, str | None]]:
+        """Every path on the server the spec names, as (field, path, the upload id it was resolved from): what the API
+        checks at submission (services/paths.py). A new path field goes here, and is checked where it is read too."""
+        ds, backbone = self.dataset, self.backbone
+        fields = [("dataset.path", ds.path, ds.id), ("dataset.test", ds.test, ds.test_id),
+                  ("backbone.checkpoint", backbone.checkpoint, None)]  # fmt: skip
+        return [(field, path, upload) for field, path, upload in fields if path is not None]
+
     @model_validator(mode="after")
     def _finite(self) -> JobSpec:
         """Every number finite and every seed in range, in every part of the spec (the methods' configs included):

@@ -21,7 +21,6 @@ from services import methods
 from services.backbones import SplitTransform, load_backbone
 from services.data.datasets import (
     DatasetError,
-    check_path,
     check_test,
     check_validation,
     read_for_job,
@@ -32,6 +31,7 @@ from services.data.loading import loader_workers
 from services.data.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source
 from services.jobs.progress import Reporter
 from services.methods.readout import FeatureInfo
+from services.paths import UserPaths
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.sweeps.stacked import make_runs
@@ -93,11 +93,11 @@ def _data(spec: JobSpec, settings: Settings, cache_key: str | None) -> Data:
         usable = np.flatnonzero(valid)
     else:
         ds = spec.dataset
-        dataset = read_for_job(ds, settings.roots)
+        dataset = read_for_job(ds, UserPaths(settings))
         check_inputs(spec.backbone.video, dataset.kind, ds.path)
         labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
     if mode != "cache" or spec.dataset.test:  # a separate test set runs through the backbone, whatever the mode
-        ckpt = check_path(spec.backbone.checkpoint, settings.roots) if spec.backbone.checkpoint else None
+        ckpt = UserPaths(settings).checkpoint(spec.backbone)  # checked again: the file may have changed
         # frozen (its forward's precision, as the cache was written) in cache and online modes; trained through in
         # images and tail modes (fp32 weights, autocast)
         precision = None if mode in ("cache", "online") else "fp32"
@@ -177,7 +177,7 @@ def _test_set(spec: JobSpec, settings: Settings, data: Data, layers: list[int] |
     """`dataset.test`: its images through the backbone (and pooled as the cache pools them), and its labels in the
     training set's class order."""
     ds = spec.dataset
-    test, targets = read_test_set(ds, settings.roots, data.classes)
+    test, targets = read_test_set(ds, UserPaths(settings), data.classes)
     check_inputs(spec.backbone.video, test.kind, ds.test)
     backbone, device = data.backbone, settings.torch_device()
     dtype = torch.float32 if layers is None or spec.mode == "tail" else backbone.dtype  # as the model was trained

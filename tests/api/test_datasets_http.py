@@ -234,7 +234,7 @@ def test_datasets_are_private_to_their_key(tmp_path, redis_url):
     # nor by its path: uploaded datasets are reached by id only, which checks the key
     by_path = {**body, "dataset": {"path": str(settings.datasets_dir / ds["id"] / "files" / "pets")}}
     assert error(client.post("/jobs", json=by_path, headers=B))[:2] == (403, "forbidden_path")
-    # key A plans it, though the allowed roots leave out the data dir: the uploads folder is always readable
+    # key A plans it, though the allowed roots leave out the data dir: its upload is read through its id
     plan = client.post("/jobs", params={"dry_run": "true"}, json=body, headers=A)
     assert plan.status_code == 200 and plan.json()["classes"] == 2, plan.text
     assert client.delete(f"/datasets/{ds['id']}", headers=A).status_code == 204

@@ -84,7 +84,7 @@ def test_test_split_problems_are_422_naming_their_field(tmp_path, redis_url, dig
     assert client.post("/jobs", params={"dry_run": "true"}, json=body).status_code == 200
     for dataset, field, message in (
         ({"test_fraction": 0.3}, "dataset.test_fraction", "leaves no test image"),
-        ({"test": str(tmp_path / "other")}, "dataset.test", "classes the training set does not have: ['7']"),
+        ({"test": str(tmp_path / "other")}, "dataset.test", "classes the training set does not have: '7'"),
         ({"test": str(tmp_path / "train")}, "dataset.test", "dataset.test shares 4 of its 4 files with dataset.path"),
     ):
         r = client.post("/jobs", params={"dry_run": "true"}, json={**body, "dataset": {**body["dataset"], **dataset}})

@@ -23,6 +23,7 @@ from services.export.adapter import load_adapter
 from services.export.model import trained_model
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
+from services.paths import UserPaths
 from services.serving.inference import Predictor, tensor_bytes
 from services.spec import JobSpec
 from services.training.job import train_job
@@ -96,7 +97,7 @@ def figures(test_artifacts: Path):
 def _torch_logits(served: Settings, model_id: str, x: torch.Tensor) -> np.ndarray:
     weights, config = ArtifactStore.from_settings(served).load_model(model_id)
     with torch.inference_mode():
-        return trained_model(model_id, weights, config, served.roots).module(x).numpy()
+        return trained_model(model_id, weights, config, UserPaths(served)).module(x).numpy()
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

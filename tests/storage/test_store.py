@@ -48,10 +48,12 @@ def test_settings_place_everything_on_the_store(tmp_path: Path) -> None:
     assert local.artifacts_location == f"{tmp_path}/artifacts" and local.datasets_dir == tmp_path / "datasets"
     shared = Settings(data_dir=tmp_path / "a", store_url=f"file://{tmp_path}/shared")
     assert shared.datasets_dir == tmp_path / "shared" / "datasets"  # read in place: every machine mounts it
-    assert shared.datasets_dir in shared.roots and shared.cache_location == f"file://{tmp_path}/shared/cache"
+    assert shared.roots == [tmp_path / "a"] and shared.cache_location == f"file://{tmp_path}/shared/cache"
+    assert {tmp_path / "shared" / "artifacts", tmp_path / "shared" / "cache"} <= set(shared.service_dirs)
     remote = Settings(data_dir=tmp_path / "b", store_url="s3://bucket/sidetune", allowed_roots=[tmp_path / "x"])
     assert remote.store_dir is None and remote.datasets_dir == tmp_path / "b" / "datasets"  # this machine's copies
-    assert remote.roots == [tmp_path / "x", tmp_path / "b" / "datasets"]
+    assert remote.roots == [tmp_path / "x"]  # uploads are read through their ids (services/paths.py)
+    assert remote.service_dirs == [tmp_path / "b" / n for n in ("cache", "artifacts", "redis", "logs")]
     assert remote.artifacts_location == "s3://bucket/sidetune/artifacts"
     assert remote.cache_location == "s3://bucket/sidetune/cache"
 

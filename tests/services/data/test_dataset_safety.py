@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from services.data.datasets import DatasetError, read_dataset, read_for_job, stratified_split
+from services.paths import UserPaths
 from services.spec import DatasetSpec
+from storage.settings import Settings
 
 
 def _images(folder: Path, n: int, start: int = 0) -> list[Path]:
@@ -35,7 +37,8 @@ def layout(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _read(path: Path, root: Path, **spec) -> object:
-    return read_for_job(DatasetSpec(path=str(path), **spec), [root.resolve()])
+    rule = UserPaths(Settings(data_dir=root.parent / "data", allowed_roots=[root]))
+    return read_for_job(DatasetSpec(path=str(path), **spec), rule)
 
 
 def test_a_linked_class_folder_outside_the_roots_is_refused(layout) -> None:

@@ -1,5 +1,5 @@
-"""Dataset readers (ImageFolder, CSV, multi-label CSV), fingerprints, the train/validation/test split, path checks
-and image decoding."""
+"""Dataset readers (ImageFolder, CSV, multi-label CSV), fingerprints, the train/validation/test split, class names
+that collide, and image decoding (path checks: tests/services/test_paths.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from PIL import Image
 
 from services.data.datasets import (
     DatasetError,
-    check_path,
     check_validation,
     load_image,
     read_csv,
@@ -218,21 +217,38 @@ def test_a_multi_label_row_without_tags_fails_naming_it_or_is_skipped(tmp_path: 
                                                 "tags.csv line 5: an empty tag list '', left out")  # fmt: skip
 
 
-def test_check_path(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    (root / "ds").mkdir(parents=True)
-    (tmp_path / "elsewhere").mkdir()
-    assert check_path(root / "ds", [root]) == (root / "ds").resolve()
-    assert check_path(str(root), [root.resolve()]) == root.resolve()
-    with pytest.raises(PermissionError, match="outside the allowed roots"):
-        check_path(tmp_path / "elsewhere", [root])
-    with pytest.raises(PermissionError):
-        check_path(root / ".." / "elsewhere", [root])  # .. is resolved first
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        check_path(root / "missing", [root])
-    (root / "link").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(PermissionError):
-        check_path(root / "link", [root])  # symlinks are resolved before the check
+NFC, NFD = "caf\u00e9", "cafe\u0301"  # one name, two Unicode forms: they print alike
+
+
+def test_class_folders_that_collide_are_refused_naming_both(tmp_path: Path) -> None:
+    for name, (a, b) in {"forms": (NFC, NFD), "case": ("Cat", "cat"), "both": ("CAF\u00c9", NFD)}.items():
+        for i, c in enumerate((a, b)):
+            png(tmp_path / name / c / f"{i}.png")
+        assert len(os.listdir(tmp_path / name)) == 2  # two folders on this file system
+    with pytest.raises(DatasetError) as e:
+        read_imagefolder(tmp_path / "forms")
+    assert str(e.value).startswith(r"class folders 'cafe\u0301' (NFD) and 'caf\xe9' (NFC) are one name in two "
+                                   "Unicode forms; rename one")  # fmt: skip
+    with pytest.raises(DatasetError, match="class folders 'Cat' and 'cat' differ only in case"):
+        read_imagefolder(tmp_path / "case")
+    with pytest.raises(DatasetError, match=re.escape(r"'CAF\xc9' (NFC) and 'cafe\u0301' (NFD) differ only in Unicode")):
+        read_imagefolder(tmp_path / "both")
+
+
+def test_manifest_labels_and_tags_that_collide_are_refused_naming_both(tmp_path: Path) -> None:
+    for i in range(3):
+        png(tmp_path / f"{i}.png", i)
+    (tmp_path / "forms.csv").write_text(f"path,label\n0.png,{NFC}\n1.png,{NFD}\n2.png,tea\n")
+    with pytest.raises(DatasetError, match=re.escape(r"labels 'cafe\u0301' (NFD) and 'caf\xe9' (NFC) are one name")):
+        read_csv(tmp_path / "forms.csv")
+    (tmp_path / "case.csv").write_text("path,label\n0.png,Tea\n1.png,TEA\n2.png,milk\n")
+    with pytest.raises(DatasetError, match="labels 'TEA' and 'Tea' differ only in case"):
+        read_csv(tmp_path / "case.csv")
+    (tmp_path / "tags.csv").write_text(f"path,label\n0.png,{NFC}|milk\n1.png,Milk\n2.png,{NFC}\n")
+    with pytest.raises(DatasetError, match="tags 'Milk' and 'milk' differ only in case"):
+        read_csv(tmp_path / "tags.csv", multi_label=True)
+    (tmp_path / "fine.csv").write_text(f"path,label\n0.png,{NFC}\n1.png,cafe\n2.png,{NFC}\n")  # distinct names
+    assert read_csv(tmp_path / "fine.csv").classes == ["cafe", NFC]
 
 
 def test_load_image() -> None:

@@ -1,0 +1,105 @@
+"""The one rule for every path a job spec names on the server (`dataset.path`, `dataset.test`, `backbone.checkpoint`,
+and any path field to come), and for every file such a path links or lists (class folders, linked files, manifest
+rows): links are followed first, then
+
+- the service's own folders (`Settings.service_dirs`: the feature cache, models and checkpoints, Redis's files,
+  logs; and in the uploads folder each upload and staging folder) are never data: a path that is one, lies in one,
+  or holds one (the data dir itself, the uploads folder) is refused;
+- the one exception is the caller's own upload, named by its id (`dataset.id`, `dataset.test_id`): the API puts its
+  path in the spec after checking the owner, and then only that upload's folder is open to it;
+- any other path must lie under an allowed root (`Settings.roots`).
+
+Refused paths raise `ForbiddenPath` (403 `forbidden_path`) naming the field, and nothing of what lies there: the
+check runs before anything is read, so that no class, file or tensor name of another key's data, nor whether a file
+exists there, can reach an error message. The API checks at submission, the workers again before they read (a stored
+spec, or a folder that changed since, is checked as it is now). Torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from services.errors import UserError
+from storage.datasets import is_dataset_id
+from storage.settings import Settings
+
+
+class ForbiddenPath(UserError, PermissionError):
+    """A path the caller may not read; the message names the field and what to do instead."""
+
+    code = "forbidden_path"
+    status = 403
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UserPaths:
+    """The rule under one `Settings` (its folders resolved once, so a dataset's every file is checked cheaply)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.roots = settings.roots
+        self.service = [d.resolve() for d in settings.service_dirs]
+        self.uploads = settings.datasets_dir.resolve()
+
+    def _is_service(self, real: Path) -> bool:
+        if any(real.is_relative_to(d) or d.is_relative_to(real) for d in self.service):
+            return True
+        if self.uploads.is_relative_to(real):  # the uploads folder, or a folder above it
+            return True
+        if real.is_relative_to(self.uploads):
+            top = real.relative_to(self.uploads).parts[0]
+            return is_dataset_id(top) or top.startswith(".")
+        return False
+
+    def _refusal(self, real: Path, upload: str | None) -> str | None:
+        """Why `real` (resolved) may not be read, or None."""
+        if upload is not None and is_dataset_id(upload) and real.is_relative_to(self.uploads / upload):
+            return None
+        if self._is_service(real):
+            return "service"
+        if not any(real.is_relative_to(root) for root in self.roots):
+            return "outside"
+        return None
+
+    def _advice(self, field: str) -> str:
+        if field == "backbone.checkpoint":
+            return "put the checkpoint file in a folder of its own under an allowed root"
+        by_id = "dataset.test_id" if field == "dataset.test" else "dataset.id"
+        return (f"put the dataset in a folder of its own under an allowed root (e.g. {self.roots[0] / 'mydata'}), or "
+                f"upload it (POST /datasets) and name it by `{by_id}`")  # fmt: skip
+
+    def check(self, field: str, path: str | Path, upload: str | None = None) -> Path:
+        """`path` resolved, if `field` may name it (`upload`: the id the spec names it by); ForbiddenPath if not,
+        FileNotFoundError if it is allowed and missing."""
+        real = Path(path).expanduser().resolve()
+        why = self._refusal(real, upload)
+        if why == "service":
+            raise ForbiddenPath(f"{field}: {str(path)!r} is, holds or lies in one of the service's own folders "
+                                "(uploaded datasets, the feature cache, models and checkpoints, logs, Redis's files), "
+                                f"which are never read as data; {self._advice(field)}", field)  # fmt: skip
+        if why == "outside":
+            allowed = ", ".join(str(r) for r in self.roots)
+            raise ForbiddenPath(f"{field}: {str(path)!r} is outside the allowed roots ({allowed}); "
+                                f"{self._advice(field)}", field)  # fmt: skip
+        if not real.exists():
+            raise FileNotFoundError(f"{field}: {str(path)!r} does not exist")
+        return real
+
+    def checkpoint(self, backbone: Any) -> Path | None:
+        """A backbone spec's `checkpoint` file resolved under the rule, or None without one."""
+        return self.check("backbone.checkpoint", backbone.checkpoint) if backbone.checkpoint else None
+
+    def check_member(self, field: str, path: Path, what: str, upload: str | None = None) -> None:
+        """A file or folder of the dataset at `field` (`what` names it: a class folder, a file, a manifest row),
+        links followed: refused if it reaches a service folder (the target then goes unnamed) or leaves the roots."""
+        real = path.resolve()
+        why = self._refusal(real, upload)
+        if why == "service":
+            raise ForbiddenPath(f"{field}: {what} lies in (or links into) one of the service's own folders, which "
+                                f"are never read as data; {self._advice(field)}", field)  # fmt: skip
+        if why == "outside":
+            allowed = ", ".join(str(r) for r in self.roots)
+            raise ForbiddenPath(f"{field}: {what} resolves to {real}, outside the allowed roots ({allowed})", field)
