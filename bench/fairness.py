@@ -4,9 +4,10 @@ B's job waits (queued -> started, and queued -> training started) and how many o
     python bench/fairness.py                       # its own stack (Redis, workers, API; two keys); A queues 40 jobs
     python bench/fairness.py --jobs 4 --api http://127.0.0.1:8000 --key-a KEY_A --key-b KEY_B   # a running API
 
-The jobs are linear probes of `test_vit` at 32 px on ~150 digits; a first job of A's extracts their feature cache, so
-every job after it is a cache hit: an extract step and a train step of about a second each. Strict FIFO makes B's job
-wait for A's whole backlog at each step; fair scheduling (worker/celery_app.py) for about one job of A's per step.
+The jobs are linear probes (one epoch of SGD) of `test_vit` at 32 px on ~150 digits; a first job of A's extracts their
+feature cache, so every job after it is a cache hit: an extract step and a train step of a few seconds at most. Strict
+FIFO makes B's job wait for A's whole backlog at each step; fair scheduling (worker/celery_app.py) for about one job of
+A's per step.
 The last line: `b_wait_s` (queued -> started), `b_train_wait_s` (queued -> training started), `b_done_s` (queued ->
 succeeded), `a_started_ahead` and `a_trained_ahead` (A's jobs that started, or started training, after B was
 submitted and before B did), `jobs` (A's backlog).
@@ -25,7 +26,8 @@ import common
 
 def spec(data: Path, image_size: int) -> dict:
     return {"dataset": {"path": str(data)}, "backbone": {"name": "test_vit", "pretrained": False,
-            "image_size": image_size}, "method": {"name": "linear"}, "training": {"epochs": 1}}  # fmt: skip
+            "image_size": image_size}, "method": {"name": "linear", "solver": "sgd"},
+            "training": {"epochs": 1}}  # fmt: skip
 
 
 def times(client, job_id: str) -> dict:

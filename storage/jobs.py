@@ -3,7 +3,8 @@
 Job state lives here, not in Celery's result backend, so it survives worker crashes and Redis restarts
 (AOF) and can be read by the API without Celery. Records are JSON strings; updates are optimistic
 transactions (WATCH/MULTI), so a cancel from the API and a status change from a worker never clobber
-each other.
+each other. Each owner's unfinished jobs are a sorted set in submission order: its jobs quota is checked against it in
+the script that records a job, and a job's place in it is its steps' priority (worker/celery_app.py).
 """
 
 from __future__ import annotations
@@ -275,10 +276,15 @@ class JobStore:
             self._active_indexed = True
             return
         for job_id, seq in self.r.zrange("jobs", 0, -1, withscores=True):
-            raw = self.r.get(f"job:{job_id}")
-            job = json.loads(raw) if raw else {"status": "succeeded"}
-            if job["status"] not in TERMINAL:
-                self.r.zadd(_active(job.get("owner")), {job_id: seq}, nx=True)
+
+            def file(pipe: Any, job: dict, job_id: str = job_id, seq: float = seq) -> None:
+                if job["status"] not in TERMINAL:  # read under WATCH: a job ending meanwhile is never filed
+                    pipe.zadd(_active(job.get("owner")), {job_id: seq}, nx=True)
+
+            try:
+                self._job_transaction(job_id, file)
+            except NotFound:  # deleted meanwhile
+                continue
         self.r.set("jobs:active:indexed", 1)
         self._active_indexed = True
 

@@ -99,11 +99,11 @@ class Settings(BaseSettings):
         description="Most disk space the feature cache may use; least recently used entries not in use are evicted "
         "to stay under it, and a job whose cache cannot fit is refused at submission. None: the free disk space.",
     )
-    key_quota_jobs: int | None = Field(
+    key_quota_jobs: int = Field(
         1000,
         ge=1,
         description="Per API key: most jobs queued or running at once; one more is refused with 429 `too_many_jobs` "
-        "and Retry-After (checked atomically with the job's creation). None: unlimited.",
+        "and Retry-After (checked atomically with the job's creation). Generous by default, to bound a runaway client.",
     )
     key_quota_uploads_gb: float | None = Field(
         None,

@@ -57,11 +57,13 @@ def fit_cache(store: JobStore, settings: Settings, prep: Any, owner: str | None,
         return
     limit = round(settings.key_quota_cache_gb * GB)
     cache = FeatureCache(settings.cache_location)
-    evicted = cache.evict(limit, keep={prep.key}, guard=Pins(store.r), owner=who)
-    if evicted:
-        reporter.event(f"evicted {len(evicted)} of this key's least recently used cache entries to stay under "
-                       f"{CACHE_SETTING}")  # fmt: skip
-    used, _ = cache.owner_bytes(who)
+    used, evictable = cache.owner_bytes(who)  # this job's entry included, at its planned size
+    if used - evictable <= limit:  # else evicting would not make it fit: evict nothing
+        evicted = cache.evict(limit, keep={prep.key}, guard=Pins(store.r), owner=who)
+        if evicted:
+            reporter.event(f"evicted {len(evicted)} of this key's least recently used cache entries to stay under "
+                           f"{CACHE_SETTING}")  # fmt: skip
+        used, _ = cache.owner_bytes(who)
     if used > limit:
         if claimed and not prep.entry.exists:  # nothing written: the claim must not count against the key
             cache.remove(prep.key)
