@@ -46,7 +46,7 @@ class QuotaExceeded(Exception):
                  remedy: str = "") -> None:  # fmt: skip
         self.quota, self.setting = quota, setting
         needs = f"; this needs {need}" if need else ""
-        super().__init__(f"{quota} quota of this API key exceeded: {usage} in use of {limit} ({setting}){needs}"
+        super().__init__(f"{quota} quota of this API key exceeded: {usage} of at most {limit} ({setting}){needs}"
                          + (f"; {remedy}" if remedy else ""))  # fmt: skip
 
 
@@ -90,5 +90,6 @@ class Usage:
 
 def _refusal(kind: str, used: int, limit: int, setting: str, need: int | None = None) -> QuotaExceeded:
     what = {UPLOADS: "uploaded datasets", ARTIFACTS: "models"}[kind]
-    return QuotaExceeded(what, human(used), human(limit), setting, need=None if need is None else human(need),
+    needs = None if need is None else human(need)
+    return QuotaExceeded(what, f"{human(used)} in use", human(limit), setting, need=needs,
                          remedy=f"delete some of this key's {what}")  # fmt: skip

@@ -13,6 +13,7 @@ Uploads (SIDETUNE_KEY_QUOTA_UPLOADS_GB) are reserved by the upload route (api/ro
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from services.jobs.planner import Plan
@@ -23,10 +24,13 @@ from storage.locks import Pins
 from storage.quotas import ARTIFACTS, GB, QuotaExceeded, Usage, human, owner_key
 from storage.settings import Settings
 
+log = logging.getLogger("sidetune.pipeline")
+
 CACHE_SETTING = "SIDETUNE_KEY_QUOTA_CACHE_GB"
 ARTIFACTS_SETTING = "SIDETUNE_KEY_QUOTA_ARTIFACTS_GB"
-SMALLER = ("cache less (extraction.layers, extraction.tokens or a lossy codec: POST /jobs?dry_run=true says how much "
-           "each saves), delete the jobs' models that used this key's entries, or ask for a larger quota")  # fmt: skip
+SMALLER = ("cache less (extraction.layers, extraction.tokens or a lossy codec; POST /jobs?dry_run=true gives the "
+           "size), train without a cache (execution.mode), or ask the operator for a larger quota or to remove entries "
+           "this key no longer needs")  # fmt: skip
 
 
 def check_models(store: JobStore, settings: Settings, owner: str | None) -> None:
@@ -42,7 +46,7 @@ def check_submission(plan: Plan, settings: Settings, store: JobStore, owner: str
     limit = round(settings.key_quota_cache_gb * GB)
     used, evictable = FeatureCache(settings.cache_location).owner_bytes(owner_key(owner))
     if plan.expected_cache_bytes > limit - (used - evictable):
-        raise QuotaExceeded("feature cache", f"{human(used)} ({human(evictable)} of it evictable)", human(limit),
+        raise QuotaExceeded("feature cache", f"{human(used)} in use ({human(evictable)} of it evictable)", human(limit),
                             CACHE_SETTING, need=human(plan.expected_cache_bytes), remedy=SMALLER)  # fmt: skip
 
 
@@ -67,10 +71,14 @@ def fit_cache(store: JobStore, settings: Settings, prep: Any, owner: str | None,
     if used > limit:
         if claimed and not prep.entry.exists:  # nothing written: the claim must not count against the key
             cache.remove(prep.key)
-        raise QuotaExceeded("feature cache", f"{human(used)} with this job's entry", human(limit), CACHE_SETTING,
+        raise QuotaExceeded("feature cache", f"{human(used)} in use with this job's entry", human(limit), CACHE_SETTING,
                             remedy=SMALLER)  # fmt: skip
 
 
 def use_cache(prep: Any, owner: str | None) -> None:
-    """Record the job's key as a user of an entry it reuses (it is not charged for it)."""
-    prep.entry.use(owner_key(owner))
+    """Record the job's key as a user of an entry it reuses (it is not charged for it). Best effort: a full disk or a
+    store that blinks here costs the record, never the job."""
+    try:
+        prep.entry.use(owner_key(owner))
+    except OSError as e:
+        log.warning("could not record %s as a user of cache entry %s: %s", owner_key(owner), prep.key, e)

@@ -63,7 +63,7 @@ def test_a_key_whose_models_reached_the_quota_cannot_submit(tmp_path, redis_url,
     assert refused.status_code == 409, refused.text
     error = refused.json()["error"]
     assert error["code"] == "quota_exceeded" and "models quota" in error["message"]
-    assert "1,500 bytes in use of 1,000 bytes" in error["message"]
+    assert "1,500 bytes in use of at most 1,000 bytes" in error["message"]
     assert "SIDETUNE_KEY_QUOTA_ARTIFACTS_GB" in error["message"]
     assert client.post("/jobs", json=job(digits_root), headers=b).status_code == 201
 

@@ -31,9 +31,7 @@ def training_started(client: Client, job_id: str) -> float | None:
 
 def test_b_first_job_starts_among_the_first_after_a_backlog(keyed_api) -> None:
     a, b = Client(keyed_api.api_url, TENANT_KEYS["a"]), Client(keyed_api.api_url, TENANT_KEYS["b"])
-    body = tiny_job(keyed_api)
-    warm = a.wait(a.submit(body)["id"], timeout_s=600)  # the feature cache: every job after it is a cache hit
-    assert warm["status"] == "succeeded", warm["error"]
+    body = tiny_job(keyed_api)  # A's first job extracts the feature cache (if no test did): the others reuse it
     with ThreadPoolExecutor(BACKLOG) as pool:
         backlog = list(pool.map(lambda _: a.submit(body)["id"], range(BACKLOG)))
     mine = b.wait(b.submit(body)["id"], timeout_s=600, poll_s=0.2)
@@ -41,11 +39,12 @@ def test_b_first_job_starts_among_the_first_after_a_backlog(keyed_api) -> None:
         assert mine["status"] == "succeeded", mine["error"]
         trained = training_started(b, mine["id"])
         others = [(a.job(j), training_started(a, j)) for j in backlog]
-        # A's jobs that started (extraction, then training) after B submitted and before B's job did: the one a
-        # worker had just taken at most, where FIFO takes all of A's backlog first
+        # A's jobs that started (extraction, then training) after B submitted and before B's job did, where FIFO
+        # takes all of A's backlog first: at most the step a worker had just taken (its start is recorded a moment
+        # later) and A's first job, which shares the first priority level with B's and was queued before it
         started_ahead = [j["id"] for j, _ in others if mine["created_at"] < (j["started_at"] or 0) < mine["started_at"]]
         trained_ahead = [j["id"] for j, t in others if t and mine["created_at"] < t < trained]
-        assert len(started_ahead) <= 1 and len(trained_ahead) <= 2, (started_ahead, trained_ahead)
+        assert len(started_ahead) <= 2 and len(trained_ahead) <= 2, (started_ahead, trained_ahead)
     finally:
         for job_id in backlog:  # not waited for: the workers drop them as they come
             a.cancel(job_id)
@@ -82,7 +81,7 @@ def test_concurrent_submissions_never_pass_the_jobs_quota(keyed_api) -> None:
         error = refused[0].json()["error"]
         assert error["code"] == "too_many_jobs" and int(refused[0].headers["retry-after"]) > 0
         assert f"{JOBS_QUOTA} jobs queued or running" in error["message"]
-        assert "SIDETUNE_KEY_QUOTA_JOBS" in error["message"] and f"of {JOBS_QUOTA}" in error["message"]
+        assert "SIDETUNE_KEY_QUOTA_JOBS" in error["message"] and f"of at most {JOBS_QUOTA} " in error["message"]
     finally:
         for job_id in admitted + [j["id"] for j in c.jobs(limit=100) if j["status"] == "queued"]:
             c.cancel(job_id)
