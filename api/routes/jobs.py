@@ -19,6 +19,7 @@ from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
 from storage.jobs import Busy, IdempotencyConflict, JobStore, NotFound
 from storage.logs import log_context
+from storage.quotas import TooManyJobs
 from storage.settings import Settings
 from worker.celery_app import enqueue_job
 
@@ -97,6 +98,9 @@ def create_job(
     cannot fit the cache quota, even after evicting every evictable entry, is refused (`cache_over_quota`). Per-key
     quotas: 429 `too_many_jobs` (with Retry-After) when the key has SIDETUNE_KEY_QUOTA_JOBS jobs queued or running,
     409 `quota_exceeded` when its models or its feature cache entries would pass their quota."""
+    limit = settings.key_quota_jobs  # the key's jobs queued or running: checked as the job is recorded (429)
+    if not dry_run and idempotency_key is None and (active := store.active_jobs(owner)) >= limit:
+        raise TooManyJobs(active, limit)  # at once: a flood of submissions is not planned one by one
     spec = resolve_dataset(spec, store, owner, settings)  # `dataset.id` -> the caller's uploaded dataset's path
     _check_paths(spec, settings)
     plan = _plan(spec, settings)
@@ -109,7 +113,6 @@ def create_job(
         # asks for more than the server allows, and only changing the spec (or the quota) helps, as the message says.
         raise ApiError(422, "cache_over_quota", plan.message)
     quotas.check_submission(plan, settings, store, owner)  # the key's models and feature cache (409)
-    limit = settings.key_quota_jobs  # the key's jobs queued or running: checked as the job is recorded (429)
     if idempotency_key is None:
         job = store.create_job(spec.model_dump(mode="json"), owner=owner, limit=limit)
     else:
