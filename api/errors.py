@@ -83,8 +83,11 @@ def install(app: FastAPI) -> None:
             message = f"{exc}; retry shortly"
         if status >= 500:
             log.warning("%s on %s %s: %s", code, request.method, request.url.path, exc)
-        # Redis, the store, or a model being written: nothing was lost, and a retry may succeed.
+        # Redis, the store, or a model being written: nothing was lost, and a retry may succeed; a key's jobs quota
+        # frees up as its jobs end.
         headers = {"Retry-After": "5"} if status == 503 else None
+        if getattr(exc, "retry_after_s", None):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return error_response(request.url.path, status, code, message, headers)
 
     for known in (UserError, ArchiveError, *KNOWN):  # every type services/errors.py maps

@@ -1,7 +1,9 @@
 """Prometheus metrics at `GET /metrics`, and the middleware that measures requests and tags their log lines.
 
 Scraped from Redis at scrape time (so every API replica reports the same numbers): jobs by status, queue depth
-per Celery queue, live workers per queue, and the extraction rate of each extracting job. Measured in this
+per Celery queue, live workers per queue, and the extraction rate summed over the extracting jobs; an admin key's
+scrape (SIDETUNE_ADMIN_KEYS; any caller when the API has no keys) also gets each job's rate by `job_id`. Other keys
+see no job id nor any other per-tenant id: their jobs are no business of each other's. Measured in this
 process (the API, and the inference service, which serves the same `/metrics` without the Redis gauges): requests
 by method, route template and status, and predict latency by route (v1 predict and v2 infer). Route templates, not
 paths, label the series, so ids never multiply them.
@@ -26,7 +28,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import SettingsDep, get_owner
+from api.deps import SettingsDep, get_owner, is_admin
 from api.schemas import ErrorBody
 from storage.jobs import JobStore
 from storage.logs import bind_scope, reset_scope
@@ -60,7 +62,6 @@ class StoreCollector(Collector):
         yield from families
 
     def _families(self) -> list[GaugeMetricFamily]:
-        r = self.store.r
         jobs = GaugeMetricFamily("sidetune_jobs", "Jobs by status.", labels=["status"])
         for status, n in self.store.count_by_status().items():
             jobs.add_metric([status], n)
@@ -77,16 +78,41 @@ class StoreCollector(Collector):
 
         rate = GaugeMetricFamily(
             "sidetune_extract_images_per_second",
-            "Backbone extraction rate of each extracting job, as its latest progress report gives it (with "
-            "shards, the reporting shard's). Sum over job_id for the total.",
-            labels=["job_id"],
+            "Backbone extraction rate summed over the extracting jobs, as their latest progress reports give it (with "
+            "shards, the reporting shard's).",
         )
-        ids = self.store.job_ids_with_status("extracting")
-        for job_id, raw in zip(ids, r.mget([f"job:{i}" for i in ids]) if ids else [], strict=True):
-            progress = _progress(raw)
-            if progress.get("stage") == "extracting" and isinstance(progress.get("images_per_s"), int | float):
-                rate.add_metric([job_id], progress["images_per_s"])
+        rate.add_metric([], sum(extraction_rates(self.store).values()))
         return [jobs, depth, workers, rate]
+
+
+class JobCollector(Collector):
+    """Per-job gauges, for admin keys only: each extracting job's rate by job id."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rate = GaugeMetricFamily("sidetune_job_extract_images_per_second", "Backbone extraction rate of each "
+                                 "extracting job (admin keys only).", labels=["job_id"])  # fmt: skip
+        try:
+            rates = extraction_rates(self.store)
+        except Exception as e:  # as StoreCollector: sidetune_redis_up says so
+            log.warning("metrics: Redis unavailable: %s", e)
+            return
+        for job_id, value in rates.items():
+            rate.add_metric([job_id], value)
+        yield rate
+
+
+def extraction_rates(store: JobStore) -> dict[str, float]:
+    """{job id: images per second} of each extracting job, from its latest progress report (one MGET)."""
+    ids = store.job_ids_with_status("extracting")
+    out = {}
+    for job_id, raw in zip(ids, store.r.mget([f"job:{i}" for i in ids]) if ids else [], strict=True):
+        progress = _progress(raw)
+        if progress.get("stage") == "extracting" and isinstance(progress.get("images_per_s"), int | float):
+            out[job_id] = progress["images_per_s"]
+    return out
 
 
 def queue_depths(celery: Celery) -> dict[str, int]:
@@ -158,10 +184,15 @@ def _scrape_auth(request: Request, settings: SettingsDep) -> None:
         401: {"model": ErrorBody},
     },
 )
-def metrics(request: Request, _: Annotated[None, Depends(_scrape_auth)]) -> Response:
+def metrics(request: Request, settings: SettingsDep, _: Annotated[None, Depends(_scrape_auth)]) -> Response:
     """Prometheus metrics: jobs by status, queue depth, live workers, extraction rate, requests and predict
-    latency. Needs an API key when keys are configured, unless `SIDETUNE_METRICS_PUBLIC=true`."""
-    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+    latency, none with a job id; an admin key's scrape adds each extracting job's rate by `job_id`. Needs an API key
+    when keys are configured, unless `SIDETUNE_METRICS_PUBLIC=true`."""
+    body = generate_latest(request.app.state.metrics_registry)
+    admin = getattr(request.app.state, "admin_metrics_registry", None)
+    if admin is not None and is_admin(request, settings):
+        body += generate_latest(admin)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def install(app: FastAPI, job_gauges: bool = True) -> None:
@@ -171,6 +202,8 @@ def install(app: FastAPI, job_gauges: bool = True) -> None:
     registry = CollectorRegistry()
     if job_gauges:
         registry.register(StoreCollector(app.state.store, app.state.celery))
+        app.state.admin_metrics_registry = CollectorRegistry()
+        app.state.admin_metrics_registry.register(JobCollector(app.state.store))
     requests = Counter("sidetune_http_requests", "HTTP requests by method, route template and status.",
                        ["method", "route", "status"], registry=registry)  # fmt: skip
     latency = Histogram("sidetune_predict_latency_seconds", "Predict request latency by route, in seconds.",

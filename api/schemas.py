@@ -132,6 +132,9 @@ class Model(BaseModel):
     plots: list[str] = Field(
         default_factory=list, description="Names of the model's PNG plots: `GET /models/{id}/plots/{name}.png`."
     )
+    size_bytes: int | None = Field(
+        None, description="Bytes of the model's files, counted against its key's SIDETUNE_KEY_QUOTA_ARTIFACTS_GB."
+    )
 
 
 class PerClass(BaseModel):

@@ -16,6 +16,7 @@ import redis
 
 from storage.archives import ArchiveError
 from storage.cache import CacheError
+from storage.quotas import QuotaExceeded, TooManyJobs
 from storage.store import Incomplete, StoreUnavailable
 
 
@@ -42,6 +43,8 @@ KNOWN: dict[type[BaseException], tuple[int, str]] = {
     redis.ConnectionError: (503, "store_unavailable"),
     redis.TimeoutError: (503, "store_unavailable"),
     CacheError: (409, "cache_error"),
+    TooManyJobs: (429, "too_many_jobs"),  # a key's jobs queued or running: a retry succeeds once one ends
+    QuotaExceeded: (409, "quota_exceeded"),  # a key's bytes: only deleting something of its own helps
     PermissionError: (403, "forbidden_path"),
     FileNotFoundError: (422, "not_found"),
 }

@@ -233,11 +233,13 @@ class DatasetRecords:
         records = [self._record(raw) for raw in self.r.mget([f"dataset:{i}" for i in ids]) if raw] if ids else []
         return [d for d in records if owner is None or d.get("owner") == owner][:limit]
 
-    def delete(self, dataset_id: str) -> None:
+    def delete(self, dataset_id: str) -> bool:
+        """True for the one caller that removed the record."""
         pipe = self.r.pipeline()
-        pipe.delete(f"dataset:{dataset_id}", f"dataset:{dataset_id}:jobs")
+        pipe.delete(f"dataset:{dataset_id}")
+        pipe.delete(f"dataset:{dataset_id}:jobs")
         pipe.zrem("datasets", dataset_id)
-        pipe.execute()
+        return bool(pipe.execute()[0])
 
     def add_job(self, dataset_id: str, job_id: str) -> None:
         self.r.sadd(f"dataset:{dataset_id}:jobs", job_id)

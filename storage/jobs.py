@@ -3,7 +3,8 @@
 Job state lives here, not in Celery's result backend, so it survives worker crashes and Redis restarts
 (AOF) and can be read by the API without Celery. Records are JSON strings; updates are optimistic
 transactions (WATCH/MULTI), so a cancel from the API and a status change from a worker never clobber
-each other.
+each other. Each owner's unfinished jobs are a sorted set in submission order: its jobs quota is checked against it in
+the script that records a job, and a job's place in it is its steps' priority (worker/celery_app.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
+
+from storage.quotas import ARTIFACTS, TooManyJobs, Usage, owner_key
 
 STATUSES = ("queued", "extracting", "training", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -60,10 +63,31 @@ def now() -> float:
     return round(time.time(), 3)
 
 
+def _active(owner: str | None) -> str:
+    """The sorted set of an owner's unfinished jobs, scored by submission order."""
+    return f"jobs:active:{owner_key(owner)}"
+
+
+# KEYS: the record, the listing, the queued set, the owner's unfinished jobs, the sequence; ARGV: the record, its id,
+# the owner's limit (-1: none). Returns {admitted 0/1, the owner's unfinished jobs (before refusing, after admitting)}.
+_CREATE = """
+local active, limit = redis.call('ZCARD', KEYS[4]), tonumber(ARGV[3])
+if limit >= 0 and active >= limit then return {0, active} end
+local seq = redis.call('INCR', KEYS[5])
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], seq, ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[4], seq, ARGV[2])
+return {1, active + 1}
+"""
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, probe: redis.Redis | None = None) -> None:
         self.r = client
         self._probe = probe or client
+        self._create = client.register_script(_CREATE)
+        self._active_indexed = False
 
     @classmethod
     def from_url(cls, url: str, fail_fast: bool = False) -> JobStore:
@@ -80,7 +104,11 @@ class JobStore:
         return cls(client, probe)
 
     # ---- jobs -------------------------------------------------------------------------------------
-    def create_job(self, spec: dict[str, Any], owner: str | None = None, job_id: str | None = None) -> dict[str, Any]:
+    def create_job(
+        self, spec: dict[str, Any], owner: str | None = None, job_id: str | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
+        """Record a queued job. With `limit`, refused (TooManyJobs) when its owner has that many jobs queued or
+        running: counted and written in one script, so concurrent submissions never pass it together."""
         job = {
             "id": job_id or new_id("job"),
             "object": "job",
@@ -95,16 +123,16 @@ class JobStore:
             "model_id": None,
             "cancel_requested": False,
         }
-        seq = self.r.incr("jobs:seq")  # the listing order: ids alone tie within a millisecond
-        pipe = self.r.pipeline()
-        pipe.set(f"job:{job['id']}", json.dumps(job))
-        pipe.zadd("jobs", {job["id"]: seq})
-        pipe.sadd(f"jobs:status:{job['status']}", job["id"])
-        pipe.execute()
+        self._index_active()
+        # "jobs:seq" gives the listing order (ids alone tie within a millisecond) and the owner's queue order
+        keys = [f"job:{job['id']}", "jobs", "jobs:status:queued", _active(owner), "jobs:seq"]
+        admitted, active = self._create(keys=keys, args=[json.dumps(job), job["id"], -1 if limit is None else limit])
+        if not admitted:
+            raise TooManyJobs(active, limit)
         return job
 
     def create_job_once(
-        self, key: str, spec: dict[str, Any], owner: str | None = None, ttl_s: int = 24 * 3600
+        self, key: str, spec: dict[str, Any], owner: str | None = None, ttl_s: int = 24 * 3600, limit: int | None = None
     ) -> tuple[dict[str, Any], bool]:
         """The job this owner created with idempotency `key` (and the same spec) in the last `ttl_s`, or a new
         one; returns (job, created). The key is claimed with SET NX before the job exists, so two concurrent
@@ -113,10 +141,14 @@ class JobStore:
         slot = f"idem:{owner or '-'}:{hashlib.sha256(key.encode()).hexdigest()}"
         job_id = new_id("job")
         if self.r.set(slot, json.dumps({"job": job_id, "spec": digest}), nx=True, ex=ttl_s):
-            return self.create_job(spec, owner, job_id=job_id), True
+            try:
+                return self.create_job(spec, owner, job_id=job_id, limit=limit), True
+            except TooManyJobs:
+                self.r.delete(slot)  # refused: a retry with this key may be admitted later
+                raise
         claim = json.loads(self.r.get(slot) or "null")
         if claim is None:  # expired in between: claim it afresh
-            return self.create_job_once(key, spec, owner, ttl_s)
+            return self.create_job_once(key, spec, owner, ttl_s, limit)
         if claim["spec"] != digest:
             raise IdempotencyConflict(key)
         deadline = time.monotonic() + 5.0
@@ -188,6 +220,8 @@ class JobStore:
             if job["status"] != before:  # the per-status sets that /metrics counts change with the record
                 pipe.srem(f"jobs:status:{before}", job_id)
                 pipe.sadd(f"jobs:status:{job['status']}", job_id)
+                if job["status"] in TERMINAL:  # no longer counts against its owner's quota, nor ahead of its jobs
+                    pipe.zrem(_active(job.get("owner")), job_id)
             return job
 
         return self._job_transaction(job_id, write)
@@ -224,6 +258,36 @@ class JobStore:
                 continue
         self.r.set("jobs:status:indexed", 1)
 
+    # ---- each owner's unfinished jobs (quota, and the order the queues serve them in) ---------------------------
+    def active_jobs(self, owner: str | None) -> int:
+        """How many jobs `owner` has queued or running."""
+        self._index_active()
+        return self.r.zcard(_active(owner))
+
+    def queue_position(self, job_id: str) -> int:
+        """How many of the job's owner's unfinished jobs were submitted before it (0: its owner's first)."""
+        self._index_active()
+        return self.r.zrank(_active(self.get_job(job_id).get("owner")), job_id) or 0
+
+    def _index_active(self) -> None:
+        """Once, for jobs recorded before the owners' sets existed: file each unfinished job under its owner, in
+        submission order."""
+        if self._active_indexed or self.r.exists("jobs:active:indexed"):
+            self._active_indexed = True
+            return
+        for job_id, seq in self.r.zrange("jobs", 0, -1, withscores=True):
+
+            def file(pipe: Any, job: dict, job_id: str = job_id, seq: float = seq) -> None:
+                if job["status"] not in TERMINAL:  # read under WATCH: a job ending meanwhile is never filed
+                    pipe.zadd(_active(job.get("owner")), {job_id: seq}, nx=True)
+
+            try:
+                self._job_transaction(job_id, file)
+            except NotFound:  # deleted meanwhile
+                continue
+        self.r.set("jobs:active:indexed", 1)
+        self._active_indexed = True
+
     def request_cancel(self, job_id: str) -> dict[str, Any]:
         """Queued jobs are cancelled at once; running ones at the task's next check (cooperative)."""
 
@@ -255,6 +319,7 @@ class JobStore:
             pipe.srem(f"jobs:status:{job['status']}", job_id)
             pipe.srem("requeued", job_id)
             pipe.srem("running", job_id)
+            pipe.zrem(_active(job.get("owner")), job_id)
             return job
 
         return self._job_transaction(job_id, write)
@@ -276,17 +341,28 @@ class JobStore:
 
     # ---- models -----------------------------------------------------------------------------------
     def register_model(self, model: dict[str, Any]) -> dict[str, Any]:
+        """Record a model; its `size_bytes` counts against its owner's models quota once (a repeated train step
+        registers the same model again)."""
+        key, blob = f"model:{model['id']}", json.dumps(model)
+        fresh = self.r.set(key, blob, nx=True)
         pipe = self.r.pipeline()
-        pipe.set(f"model:{model['id']}", json.dumps(model))
+        if not fresh:
+            pipe.set(key, blob)
         pipe.zadd("models", {model["id"]: model["created_at"]})
+        if fresh:
+            pipe.hincrby(f"usage:{owner_key(model.get('owner'))}", ARTIFACTS, int(model.get("size_bytes") or 0))
         pipe.execute()
         return model
 
     def delete_model(self, model_id: str) -> None:
+        raw = self.r.get(f"model:{model_id}")
         pipe = self.r.pipeline()
         pipe.delete(f"model:{model_id}")
         pipe.zrem("models", model_id)
-        pipe.execute()
+        deleted, _ = pipe.execute()
+        if deleted and raw:  # the one caller that removed it gives its bytes back
+            model = json.loads(raw)
+            Usage(self.r).add(model.get("owner"), ARTIFACTS, -int(model.get("size_bytes") or 0))
 
     def get_model(self, model_id: str) -> dict[str, Any]:
         raw = self.r.get(f"model:{model_id}")

@@ -99,6 +99,32 @@ class Settings(BaseSettings):
         description="Most disk space the feature cache may use; least recently used entries not in use are evicted "
         "to stay under it, and a job whose cache cannot fit is refused at submission. None: the free disk space.",
     )
+    key_quota_jobs: int = Field(
+        1000,
+        ge=1,
+        description="Per API key: most jobs queued or running at once; one more is refused with 429 `too_many_jobs` "
+        "and Retry-After (checked atomically with the job's creation). Generous by default, to bound a runaway client.",
+    )
+    key_quota_uploads_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Per API key: most bytes of uploaded datasets (as extracted) kept at once; an upload beyond it is "
+        "refused with 409 `quota_exceeded`. None: unlimited.",
+    )
+    key_quota_cache_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Per API key: most bytes of feature cache entries the key's jobs created (an entry counts against "
+        "its creator, not the keys that reuse it). A job evicts the key's own least recently used entries to fit; "
+        "one that cannot fit is refused (409 `quota_exceeded`). None: unlimited.",
+    )
+    key_quota_artifacts_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Per API key: most bytes of models kept. A job is refused at submission (409 `quota_exceeded`) "
+        "and fails before training once the key's models reach it; a job admitted below it may end above it by its "
+        "own model. None: unlimited.",
+    )
     loader_workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = Field(
         "auto",
         description="Processes that decode and resize images for extraction and image-mode training. `auto`: the "

@@ -146,3 +146,31 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     write_digits(data / "datasets" / "digits", limit=150)
     with Stack(settings) as running:
         yield running, Client(running.api_url)
+
+
+# Keys of `keyed_api`: two tenants and a third for the quota test, and an operator.
+TENANT_KEYS = {"a": "tenant-key-a", "b": "tenant-key-b", "c": "tenant-key-c"}
+ADMIN_KEY = "tenant-admin-key"
+JOBS_QUOTA = 6
+
+
+@pytest.fixture(scope="session")
+def keyed_api(stack, tmp_path_factory: pytest.TempPathFactory):
+    """A second API process on `stack`'s Redis, store and workers, with API keys (`TENANT_KEYS`, and `ADMIN_KEY` as
+    an operator's) and a jobs quota of JOBS_QUOTA per key: several tenants on the real topology, without starting
+    another one. Yields its Stack (`api_url`, `settings`)."""
+    from worker.launcher import Stack
+
+    running, _ = stack
+    settings = running.settings.model_copy(update={
+        "redis_url": running.redis.url, "api_port": free_port(), "api_keys": list(TENANT_KEYS.values()),
+        "admin_keys": [ADMIN_KEY], "key_quota_jobs": JOBS_QUOTA,
+    })  # fmt: skip
+    settings.model_fields_set.update({"redis_url", "api_keys", "admin_keys", "key_quota_jobs"})
+    api = Stack(settings, log_dir=tmp_path_factory.mktemp("keyed-api-logs"))
+    api.spawn("api", "api")
+    try:
+        api.wait_ready(120, urls=[f"{api.api_url}/readyz"])
+        yield api
+    finally:
+        api.stop()

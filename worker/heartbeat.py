@@ -54,9 +54,13 @@ class Heartbeat(bootsteps.StartStopStep):
         settings = Settings()
         store = JobStore.from_url(settings.broker_url, fail_fast=True)  # a missed beat waits for the next one
         every = settings.heartbeat_ttl_s / 3
+
+        def requeue(job_id: str, step: dict) -> None:  # at the job's place among its owner's (fairness)
+            requeue_step(app, job_id, step, store.queue_position(job_id))
+
         while True:
             try:
-                beat(store, settings, queues, lambda job_id, step: requeue_step(app, job_id, step))
+                beat(store, settings, queues, requeue)
             except Exception as e:  # Redis restarting, say: the next beat tries again
                 log.warning("heartbeat failed: %s: %s", type(e).__name__, e)
             if self._stop.wait(every):

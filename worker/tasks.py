@@ -50,10 +50,13 @@ def _context() -> tuple[JobStore, Settings]:
 
 
 def _follow(job_id: str, next_step: Next) -> None:
+    if next_step is None:
+        return
+    position = _context()[0].queue_position(job_id)  # fairness between keys (worker/celery_app.py)
     if next_step == TRAIN_NEXT:
-        enqueue_train(app, job_id)
+        enqueue_train(app, job_id, position)
     elif isinstance(next_step, tuple):
-        enqueue_shards(app, job_id, next_step[1])
+        enqueue_shards(app, job_id, next_step[1], position)
 
 
 def _status(store: JobStore, job_id: str) -> str:

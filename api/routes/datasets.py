@@ -34,6 +34,7 @@ from storage.datasets import (
     unpack,
 )
 from storage.jobs import TERMINAL, JobStore, NotFound
+from storage.quotas import UPLOADS, Usage
 from storage.settings import Settings
 from storage.store import Incomplete
 
@@ -41,6 +42,7 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], responses={401: {"mode
 
 # ArchiveError codes -> HTTP status: too big is 413 like the upload limit; a bad archive or dataset is 422.
 STATUS = {"invalid_archive": 422, "unsafe_archive": 422, "invalid_dataset": 422, "dataset_too_large": 413}
+UPLOADS_SETTING = "SIDETUNE_KEY_QUOTA_UPLOADS_GB"
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -87,42 +89,60 @@ def _validate(path: Path, fmt: str) -> dict:
     "",
     status_code=201,
     response_model=Dataset,
-    responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    responses={409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
     openapi_extra=_UPLOAD_BODY,
 )
 async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> dict:
     """Upload a zip or tar archive of an ImageFolder or a CSV manifest. Refused with the cause: 413
     `upload_too_large` (over `max_upload_mb`) or `dataset_too_large` (extracted size or member count over the
     limits), 422 `invalid_archive` (not a readable zip/tar), `unsafe_archive` (absolute or `..` names, links,
-    devices; the member is named) or `invalid_dataset` (e.g. fewer than 2 classes). Nothing is kept on failure."""
+    devices; the member is named) or `invalid_dataset` (e.g. fewer than 2 classes), 409 `quota_exceeded` (the key's
+    uploaded datasets would pass SIDETUNE_KEY_QUOTA_UPLOADS_GB). Nothing is kept on failure."""
     files = DatasetFiles.from_settings(settings)
     dataset_id = new_dataset_id()
+    usage, quota = Usage(store.r), settings.key_quota_uploads_gb
+    usage.check(owner, UPLOADS, quota, UPLOADS_SETTING)  # a key at its quota is refused before the upload is read
+    reserved = 0
+
+    def validate(path: Path, fmt: str) -> dict:
+        nonlocal reserved
+        info = _validate(path, fmt)
+        # before publishing, atomically: concurrent uploads of one key never pass its quota together
+        usage.reserve(owner, UPLOADS, info["size_bytes"], quota, UPLOADS_SETTING)
+        reserved = info["size_bytes"]
+        return info
+
     await run_in_threadpool(sweep_staging, files.local_dir)
-    with staging_dir(files.local_dir, f"upload-{dataset_id}") as tmp:
-        archive = tmp / "archive"
-        upload = await receive_file(request, archive, int(settings.max_upload_mb * 2**20))
-        if upload.size == 0:
-            raise ApiError(422, "invalid_archive", "the upload is empty: send a zip or tar archive")
-        limits = Limits(max_bytes=int(settings.max_dataset_mb * 2**20), max_files=settings.max_dataset_files)
-        try:
-            rel, fmt, info = await run_in_threadpool(unpack, archive, files, dataset_id, limits, _validate)
-        except ArchiveError as e:
-            raise ApiError(STATUS[e.code], e.code, e.message) from None
-    record = {
-        "id": dataset_id,
-        "object": "dataset",
-        "owner": owner,
-        "name": upload.name or upload.filename,
-        "format": fmt,
-        "path": str(files.local_dir / dataset_id / "files" / rel),  # where this machine reads it
-        "num_images": info["num_images"],
-        "classes": info["classes"],
-        "size_bytes": info["size_bytes"],
-    }
     try:
-        return await run_in_threadpool(records(store).add, record)
-    except Exception:
-        await run_in_threadpool(files.remove, dataset_id)  # unrecorded files would never be deleted
+        with staging_dir(files.local_dir, f"upload-{dataset_id}") as tmp:
+            archive = tmp / "archive"
+            upload = await receive_file(request, archive, int(settings.max_upload_mb * 2**20))
+            if upload.size == 0:
+                raise ApiError(422, "invalid_archive", "the upload is empty: send a zip or tar archive")
+            limits = Limits(max_bytes=int(settings.max_dataset_mb * 2**20), max_files=settings.max_dataset_files)
+            try:
+                rel, fmt, info = await run_in_threadpool(unpack, archive, files, dataset_id, limits, validate)
+            except ArchiveError as e:
+                raise ApiError(STATUS[e.code], e.code, e.message) from None
+        record = {
+            "id": dataset_id,
+            "object": "dataset",
+            "owner": owner,
+            "name": upload.name or upload.filename,
+            "format": fmt,
+            "path": str(files.local_dir / dataset_id / "files" / rel),  # where this machine reads it
+            "num_images": info["num_images"],
+            "classes": info["classes"],
+            "size_bytes": info["size_bytes"],
+        }
+        try:
+            return await run_in_threadpool(records(store).add, record)
+        except Exception:
+            await run_in_threadpool(files.remove, dataset_id)  # unrecorded files would never be deleted
+            raise
+    except BaseException:
+        if reserved:  # not kept: its bytes no longer count against the key
+            usage.add(owner, UPLOADS, -reserved)
         raise
 
 
@@ -145,13 +165,14 @@ def get_dataset(dataset_id: DatasetId, store: StoreDep, owner: OwnerDep) -> dict
 )  # fmt: skip
 def delete_dataset(dataset_id: DatasetId, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
     """Delete a dataset and its files. Refused (409 `dataset_in_use`) while a job using it is queued or running."""
-    own_dataset(store, dataset_id, owner)
+    record = own_dataset(store, dataset_id, owner)
     busy = [job_id for job_id in records(store).job_ids(dataset_id) if _active(store, job_id)]
     if busy:
         raise ApiError(409, "dataset_in_use", f"dataset {dataset_id!r} is used by unfinished job(s) "
                        f"{', '.join(busy)}; cancel them or wait for them to end")  # fmt: skip
     # The record goes first: a job submitted from now on gets a 404, not a path that is about to vanish.
-    records(store).delete(dataset_id)
+    if records(store).delete(dataset_id):  # the one caller that removed it gives its bytes back to the key's quota
+        Usage(store.r).add(owner, UPLOADS, -int(record.get("size_bytes") or 0))
     DatasetFiles.from_settings(settings).remove(dataset_id)
     return Response(status_code=204)
 

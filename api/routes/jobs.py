@@ -13,13 +13,14 @@ from api.errors import ApiError
 from api.routes.datasets import record_use, resolve_dataset
 from api.schemas import CheckpointList, ErrorBody, EventList, Job, JobList, Plan
 from services.data.datasets import DatasetError, resolve_format
-from services.jobs import planner
+from services.jobs import planner, quotas
 from services.jobs.retention import expires_at
 from services.paths import ForbiddenPath, UserPaths
 from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
 from storage.jobs import Busy, IdempotencyConflict, JobStore, NotFound
 from storage.logs import log_context
+from storage.quotas import TooManyJobs
 from storage.settings import Settings
 from worker.celery_app import enqueue_job
 
@@ -70,6 +71,7 @@ def _plan(spec: JobSpec, settings: Settings) -> Plan:
         200: {"model": Plan, "description": "`dry_run=true`: the job's plan; no job is created."},
         403: {"model": ErrorBody},
         409: {"model": ErrorBody},
+        429: {"model": ErrorBody, "description": "The key has SIDETUNE_KEY_QUOTA_JOBS jobs queued or running."},
         503: {"model": ErrorBody},
     },
 )
@@ -94,7 +96,12 @@ def create_job(
     ] = None,
 ) -> dict | JSONResponse:
     """Validate and plan the spec, record the job (`queued`) and enqueue extract -> train. A job whose feature cache
-    cannot fit the cache quota, even after evicting every evictable entry, is refused (`cache_over_quota`)."""
+    cannot fit the cache quota, even after evicting every evictable entry, is refused (`cache_over_quota`). Per-key
+    quotas: 429 `too_many_jobs` (with Retry-After) when the key has SIDETUNE_KEY_QUOTA_JOBS jobs queued or running,
+    409 `quota_exceeded` when its models or its feature cache entries would pass their quota."""
+    limit = settings.key_quota_jobs  # the key's jobs queued or running: checked as the job is recorded (429)
+    if not dry_run and idempotency_key is None and (active := store.active_jobs(owner)) >= limit:
+        raise TooManyJobs(active, limit)  # at once: a flood of submissions is not planned one by one
     spec = resolve_dataset(spec, store, owner, settings)  # `dataset.id` -> the caller's uploaded dataset's path
     _check_paths(spec, settings)
     plan = _plan(spec, settings)
@@ -106,11 +113,13 @@ def create_job(
         # 422, not 413 (the request body is small) nor 507 (a 5xx blames the server and invites a retry): this spec
         # asks for more than the server allows, and only changing the spec (or the quota) helps, as the message says.
         raise ApiError(422, "cache_over_quota", plan.message)
+    quotas.check_submission(plan, settings, store, owner)  # the key's models and feature cache (409)
     if idempotency_key is None:
-        job = store.create_job(spec.model_dump(mode="json"), owner=owner)
+        job = store.create_job(spec.model_dump(mode="json"), owner=owner, limit=limit)
     else:
         try:
-            job, created = store.create_job_once(idempotency_key, spec.model_dump(mode="json"), owner=owner)
+            job, created = store.create_job_once(idempotency_key, spec.model_dump(mode="json"), owner=owner,
+                                                 limit=limit)  # fmt: skip
         except IdempotencyConflict:
             raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used with another job spec; "
                            "use a new key for a new job") from None  # fmt: skip
@@ -123,7 +132,7 @@ def create_job(
     record_use(store, spec, job["id"])  # before it runs: deleting its dataset is refused from now on
     store.add_event(job["id"], "job queued")
     try:
-        enqueue_job(celery, job["id"])
+        enqueue_job(celery, job["id"], store.queue_position(job["id"]))
     except Exception as e:
         store.set_fields(job["id"], status="failed", error={"code": "queue_unavailable", "message": str(e)})
         raise ApiError(503, "queue_unavailable", f"could not enqueue the job: {e}") from None

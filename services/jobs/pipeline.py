@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from services.errors import TRANSIENT, classify, internal_message, reference
+from services.jobs import quotas
 from services.jobs.progress import Cancelled, JobReporter
 from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
@@ -131,8 +132,9 @@ def _make_room(store: JobStore, settings: Settings, prep: Any, reporter: JobRepo
         reporter.event(f"evicted {len(evicted)} least recently used cache entries to stay under the quota")
 
 
-def _hit(store: JobStore, job_id: str, prep: Any, reporter: JobReporter, t0: float) -> Next:
+def _hit(store: JobStore, job_id: str, prep: Any, reporter: JobReporter, t0: float, owner: str | None) -> Next:
     prep.entry.touch()
+    quotas.use_cache(prep, owner)
     reporter.event(f"reusing the feature cache {prep.key}: no backbone forward needed", data={"cache": prep.key})
     hit = {"cache_key": prep.key, "cache_hit": True, "backbone_forwards": 0, "images": len(prep.dataset),
            "extract_seconds": round(time.perf_counter() - t0, 3), **prep.entry.summary}  # fmt: skip
@@ -169,8 +171,9 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         if prep.entry.is_complete or not (lock.adopt() or acquire_or_wait(
             lock, lambda: prep.entry.is_complete, on_wait=_wait_notice(reporter, prep.key)
         )):  # fmt: skip
-            return _hit(store, job_id, prep, reporter, t0)
+            return _hit(store, job_id, prep, reporter, t0, job.get("owner"))
         try:
+            quotas.fit_cache(store, settings, prep, job.get("owner"), reporter)  # the key's own cache quota
             _make_room(store, settings, prep, reporter)
             locked = _LockedReporter(store, job_id, lock)
             # never more shard tasks than batches to write (1024 shards of 120 images would be 1024 tasks)
@@ -215,7 +218,7 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
         complete = lambda: prep.entry.is_complete  # noqa: E731
         if not complete() and not lock.adopt() and not acquire_or_wait(lock, complete, on_wait=_wait_notice(
                 reporter, prep.key)):  # fmt: skip
-            return _hit(store, job_id, prep, reporter, t0)
+            return _hit(store, job_id, prep, reporter, t0, job.get("owner"))
         batches = shard_batches(prep.entry.pending_batches(), index, count)
         if batches:
             run = extract_batches(prep, spec, _LockedReporter(store, job_id, lock), batches, settings)
@@ -265,6 +268,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
     try:
         spec = JobSpec.model_validate(job["spec"])
         if not artifacts.has_model(model_id):
+            quotas.check_models(store, settings, job.get("owner"))  # its models may have reached it since submission
             if not spec.needs_cache:  # trains on images: read from this machine's copy
                 spec = _on_this_machine(spec, settings)
             ckpt = artifacts.checkpoints(job_id)
@@ -282,6 +286,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         config = artifacts.read_json(model_id, "config.json")
         metrics = artifacts.read_json(model_id, "metrics.json")
         report = artifacts.read_json(model_id, "evaluation.json")
+        size = sum(artifacts.model(model_id).files().values())  # counts against the key's models quota
     except Cancelled:
         return _cancelled(store, job_id)
     except TRANSIENT:
@@ -294,7 +299,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         "video": spec.backbone.video.model_dump() if spec.backbone.video else None, "classes": config["classes"],
         "multi_label": config.get("multi_label", False), "threshold": config.get("threshold"), "metrics": metrics,
         "evaluation": {"split": report["split"], "images": report["images"], **report["metrics"]},
-        "plots": sorted(PLOTS),
+        "plots": sorted(PLOTS), "size_bytes": size,
     })  # fmt: skip
     store.update_job(job_id, lambda j: j.update(status="succeeded", model_id=model_id, finished_at=now(),
                                                 metrics={**j["metrics"], **metrics}))  # fmt: skip

@@ -13,6 +13,9 @@ on the same data runs no backbone forward. Layout of one entry:
                      `summary` and `complete` last.
     readout.safetensors  the backbone's final norm(s), needed to turn a cached last layer into features.
     last_used        touched by every reader (least-recently-used eviction).
+    owner.json       the API key (its owner id) whose job created the entry, and the bytes it planned: the entry counts
+                     against that key's quota (storage/quotas.py).
+    users/<owner>    an empty file per key whose jobs used the entry.
 
 The interface speaks numpy and hides zarr: callers never import zarr. Arrays are opened inside the
 calling process and never kept across a fork (zarr runs an asyncio loop in a background thread).

@@ -69,8 +69,22 @@ class FeatureCache:
         """Bytes on disk of all entries, complete or not."""
         return sum(e.nbytes() for e in self.entries())
 
+    def created_by(self, owner: str) -> list[CacheEntry]:
+        """The entries `owner` (a key's id, storage.quotas.owner_key) created."""
+        return [e for e in self.entries() if e.creator.get("owner") == owner]
+
+    def owner_bytes(self, owner: str) -> tuple[int, int]:
+        """(bytes charged to `owner`, of which in complete entries that its eviction may remove)."""
+        charged = [(e.charged_bytes(), self._complete(e)) for e in self.created_by(owner)]
+        return sum(n for n, _ in charged), sum(n for n, complete in charged if complete)
+
     def evict(
-        self, max_bytes: int, keep: Collection[str] = (), reserve: int = 0, guard: EvictionGuard | None = None
+        self,
+        max_bytes: int,
+        keep: Collection[str] = (),
+        reserve: int = 0,
+        guard: EvictionGuard | None = None,
+        owner: str | None = None,
     ) -> list[str]:
         """Remove least recently used complete entries until all entries + `reserve` bytes fit in `max_bytes`;
         returns the keys this call removed (possibly not enough to fit: kept, in-use and incomplete entries stay).
@@ -82,14 +96,15 @@ class FeatureCache:
         remove anything twice or by halves. With a `guard` (storage.locks.Pins): evictors take turns across
         processes, so the quota is met exactly, and an entry pinned by any process is skipped, atomically with
         the decision to remove it. Without one, two evictors at once may remove a little more than needed.
+        With `owner` (a key's quota), only the entries that key created count and may go, each as `charged_bytes`.
         """
         for stale in self.fs.glob(files.join(self.root, ".trash-*")):  # left by an evictor that died midway
             self._rm(stale)
         evicted: list[str] = []
         trash: list[str] = []
         with guard if guard is not None else contextlib.nullcontext():
-            entries = self.entries()
-            sizes = {e.key: e.nbytes() for e in entries}
+            entries = self.entries() if owner is None else self.created_by(owner)
+            sizes = {e.key: e.nbytes() if owner is None else e.charged_bytes() for e in entries}
             keep = set(keep)
             candidates = sorted((self._recency(e), e.key) for e in entries if e.key not in keep and self._complete(e))
             for _, key in candidates:

@@ -125,6 +125,46 @@ class CacheEntry:
         except (OSError, NotImplementedError, AttributeError):
             return 0.0
 
+    # ---- owners: the key that created the entry (its bytes count against it) and the keys that used it ----------
+    def claim(self, owner: str, planned_bytes: int) -> bool:
+        """Record `owner` as the creator, with the bytes the entry will take, unless a key created it already (call
+        under the entry's lock); True if this call recorded it. The creator is a user too."""
+        if self.fs.exists(self._file("owner.json")):
+            return False
+        files.write_bytes(self.fs, self._file("owner.json"),
+                          json.dumps({"owner": owner, "planned_bytes": int(planned_bytes)}).encode())  # fmt: skip
+        self.use(owner)
+        return True
+
+    @property
+    def creator(self) -> dict[str, Any]:
+        """`{"owner", "planned_bytes"}` as `claim` recorded them; {} for an entry made before owners were recorded."""
+        try:
+            return json.loads(files.read_bytes(self.fs, self._file("owner.json")))
+        except (OSError, ValueError):
+            return {}
+
+    def use(self, owner: str) -> None:
+        """Record that a job of `owner` read (or will read) this entry."""
+        files.write_bytes(self.fs, self._file(f"users/{owner}"), b"")
+
+    @property
+    def users(self) -> list[str]:
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._file("users"), detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def charged_bytes(self) -> int:
+        """What the entry counts against its creator: its bytes, or while it is incomplete (being written), the
+        bytes planned for it if more."""
+        nbytes = self.nbytes()
+        try:
+            complete = self.is_complete
+        except OSError:  # vanished meanwhile (evicted by another process)
+            return 0
+        return nbytes if complete else max(nbytes, int(self.creator.get("planned_bytes", 0)))
+
     # ---- writing ----------------------------------------------------------------------------------
     def create(
         self,

@@ -150,3 +150,26 @@ def test_two_evictors_at_once_remove_each_entry_once(tmp_path: Path, redis_url: 
         assert len(removed) == 5
     assert cache.total_bytes() <= quota
     assert not list(tmp_path.glob(".trash-*"))
+
+
+def test_a_keys_eviction_removes_only_entries_that_key_created(tmp_path: Path) -> None:
+    """Each entry counts against the key that created it (keys that reuse it are its users); eviction for a key's
+    quota weighs and removes that key's entries only, least recently used first, and never another key's."""
+    cache = FeatureCache(tmp_path)
+    a_old, b_old, a_new = touched_in_order(cache, ["f/a-old", "f/b-old", "g/a-new"])
+    for entry, owner in ((a_old, "a"), (b_old, "b"), (a_new, "a")):
+        assert entry.claim(owner, planned_bytes=1)
+    assert not b_old.claim("a", planned_bytes=1)  # created already: the creator stays
+    b_old.use("a")
+    assert b_old.creator["owner"] == "b" and b_old.users == ["a", "b"]
+    mine = a_old.nbytes() + a_new.nbytes()
+    assert cache.owner_bytes("a") == (mine, mine) and cache.owner_bytes("b") == (b_old.nbytes(), b_old.nbytes())
+
+    writing = cache.entry("h/a-writing")  # claimed, not yet written: counts at its planned size, not evictable
+    assert writing.claim("a", planned_bytes=10**6)
+    assert cache.owner_bytes("a") == (mine + 10**6, mine)
+
+    assert cache.evict(10**6 + a_new.nbytes(), owner="a") == ["f/a-old"]
+    assert cache.evict(0, owner="a") == ["g/a-new"]  # never b's, though it is older than both
+    assert {e.key for e in cache.entries()} == {"f/b-old", "h/a-writing"}
+    assert cache.owner_bytes("b") == (b_old.nbytes(), b_old.nbytes())
