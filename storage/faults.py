@@ -166,7 +166,7 @@ def _named(e: BaseException, package: str, names: set[str]) -> bool:
 def is_store_outage(exc: BaseException) -> bool:
     """Whether `exc` (or what it was raised from) is an error a retry may cure: a lost or refused connection, a
     timeout, or an S3 answer of 5xx or SlowDown. A missing file, refused credentials or a full disk are not."""
-    if full_disk_path(exc) is not None:
+    if full_disk_path(exc) is not None or isinstance(exc, redis.RedisError):  # Redis's are its own (services/errors)
         return False
     for e in _chain(exc):
         if isinstance(e, StoreUnavailable | ConnectionError | TimeoutError):

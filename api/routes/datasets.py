@@ -35,6 +35,7 @@ from storage.datasets import (
     sweep_staging,
     unpack,
 )
+from storage.faults import naming_disk_full
 from storage.jobs import TERMINAL, JobStore, NotFound
 from storage.settings import Settings
 from storage.store import Incomplete
@@ -96,11 +97,16 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
     """Upload a zip or tar archive of an ImageFolder or a CSV manifest. Refused with the cause: 413
     `upload_too_large` (over `max_upload_mb`) or `dataset_too_large` (extracted size or member count over the
     limits), 422 `invalid_archive` (not a readable zip/tar), `unsafe_archive` (absolute or `..` names, links,
-    devices; the member is named) or `invalid_dataset` (e.g. fewer than 2 classes). Nothing is kept on failure."""
+    devices; the member is named) or `invalid_dataset` (e.g. fewer than 2 classes); 507 `disk_full` when the
+    server's disk fills up meanwhile. Nothing is kept on failure."""
     files = DatasetFiles.from_settings(settings)
     dataset_id = new_dataset_id()
     await run_in_threadpool(sweep_staging, files.local_dir)
-    with staging_dir(files.local_dir, f"upload-{dataset_id}") as tmp:
+    length = request.headers.get("content-length", "")
+    with (
+        naming_disk_full(files.local_dir, "an uploaded dataset", int(length) if length.isdigit() else None),
+        staging_dir(files.local_dir, f"upload-{dataset_id}") as tmp,
+    ):
         archive = tmp / "archive"
         upload = await receive_file(request, archive, int(settings.max_upload_mb * 2**20))
         if upload.size == 0:

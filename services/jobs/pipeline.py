@@ -21,7 +21,7 @@ from storage.cache import CacheError, FeatureCache
 from storage.datasets import DatasetFiles
 from storage.faults import DiskFull
 from storage.jobs import TERMINAL, JobStore, model_id_for, now
-from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
+from storage.locks import CACHE_LOCK, LeaseLock, Pin, Pins, acquire_or_wait
 from storage.settings import Settings
 
 log = logging.getLogger("sidetune.pipeline")
@@ -120,7 +120,7 @@ class _LockedReporter(JobReporter):
 
 
 def _cache_lock(store: JobStore, key: str, job_id: str) -> LeaseLock:
-    return LeaseLock(store.r, f"cache-lock:{key}", token=job_id)
+    return LeaseLock(store.r, CACHE_LOCK + key, token=job_id)
 
 
 def _wait_notice(reporter: JobReporter, key: str):
