@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.errors import KNOWN, UserError, classify, internal_message, named, reference
 from storage.archives import ArchiveError
+from storage.faults import refusal_text
 
 log = logging.getLogger("sidetune.api")
 
@@ -88,7 +89,7 @@ def install(app: FastAPI) -> None:
         if code == "store_unavailable":
             message = "the job store (Redis) is unavailable; retry shortly"
         elif code == "store_refuses_writes":
-            message = f"the job store (Redis) refuses writes ({exc}); retry shortly"
+            message = f"the job store (Redis) refuses writes ({refusal_text(exc)}); retry shortly"
         elif code == "storage_unavailable":
             message = f"{exc}; retry shortly"
         if status >= 500:

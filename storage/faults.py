@@ -218,7 +218,8 @@ def store_call(url: str, call: Callable[[], T], what: str = "", need: int | None
 
 
 # ---- Redis ----------------------------------------------------------------------------------------------------------
-_REFUSALS = ("MISCONF", "OOM", "READONLY", "NOREPLICAS")
+# the error's own text, or redis-py's "Command # 2 (SET ...) of pipeline caused error: MISCONF ..."
+_REFUSAL = re.compile(r"(?:^|caused error: )-?(?:MISCONF|OOM|READONLY|NOREPLICAS)\b")
 
 
 def refuses_writes(exc: BaseException) -> bool:
@@ -226,4 +227,10 @@ def refuses_writes(exc: BaseException) -> bool:
     a full disk causes), `OOM` (maxmemory with noeviction), `READONLY` (a replica)."""
     if isinstance(exc, redis.OutOfMemoryError | redis.ReadOnlyError):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).lstrip("-").startswith(_REFUSALS)
+    return isinstance(exc, redis.ResponseError) and _REFUSAL.search(str(exc)) is not None
+
+
+def refusal_text(exc: BaseException) -> str:
+    """Redis's answer as it gave it: redis-py strips the code from the errors it has classes for (`OOM`, `READONLY`)."""
+    prefix = {redis.OutOfMemoryError: "OOM ", redis.ReadOnlyError: "READONLY "}.get(type(exc), "")
+    return prefix + str(exc)

@@ -343,13 +343,14 @@ class JobStore:
 
     def write_refusal(self) -> str | None:
         """Why Redis refuses writes now (its answer: `MISCONF ...` after a failed AOF write or snapshot, `OOM ...`
-        under maxmemory), or None when a write goes through (no retries: for health checks)."""
-        from storage.faults import refuses_writes
+        under maxmemory), or None when a write goes through; a connection error when it does not answer (no retries:
+        for health checks)."""
+        from storage.faults import refusal_text, refuses_writes
 
         try:
             self._probe.set("health:write", now(), px=10_000)
         except redis.ResponseError as e:
             if refuses_writes(e):
-                return str(e)
+                return refusal_text(e)
             raise
         return None
