@@ -207,7 +207,7 @@ def store_call(url: str, call: Callable[[], T], what: str = "", need: int | None
     from storage.store import Incomplete
 
     try:
-        return retrying(call, what or f"the store {url}")
+        return retrying(call, f"{what} on the store {url}" if what else f"the store {url}")
     except (FileNotFoundError, Incomplete, StoreUnavailable, DiskFull):
         raise
     except Exception as e:  # s3fs raises botocore's and aiohttp's own errors, not OSErrors, for a lost endpoint

@@ -81,11 +81,11 @@ class Folder:
                     self.fs.rm_file(tmp)
                 raise
 
-        self._call(write, f"writing {self.url}/{name}", need=len(data))
+        self._call(write, f"writing {name}", need=len(data))
 
     def read_bytes(self, name: str) -> bytes:
         key = self._key(name)
-        return self._call(lambda: self.fs.cat_file(key), f"reading {self.url}/{name}")
+        return self._call(lambda: self.fs.cat_file(key), f"reading {name}")
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
@@ -95,12 +95,12 @@ class Folder:
 
     def exists(self, name: str | None = None) -> bool:
         key = self._key(name) if name else self.path
-        return self._call(lambda: self.fs.exists(key), f"looking up {self.url}/{name or ''}")
+        return self._call(lambda: self.fs.exists(key), f"looking up {name or 'the folder'}")
 
     def files(self) -> dict[str, int]:
         """Every file under the folder (recursively) and its size; temporary keys and the marker left out."""
         try:
-            found = self._call(lambda: self.fs.find(self.path, detail=True), f"listing {self.url}")
+            found = self._call(lambda: self.fs.find(self.path, detail=True), "listing the folder")
         except FileNotFoundError:
             return {}
         out = {}
@@ -122,7 +122,7 @@ class Folder:
             except NotImplementedError:
                 return None
 
-        return self._call(modified, f"reading {self.url}/{name}")
+        return self._call(modified, f"reading {name}")
 
     def remove(self) -> None:
         """Delete the folder: its marker first, so no reader takes what is left for whole."""
@@ -133,7 +133,7 @@ class Folder:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self.path, recursive=True)
 
-        self._call(remove, f"removing {self.url}")
+        self._call(remove, "removing the folder")
 
     # ---- whole folders ----------------------------------------------------------------------------------------
     def seal(self, info: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -169,7 +169,7 @@ class Folder:
         if paths:
             keys = [self._key(p.relative_to(local).as_posix()) for p in paths]
             need = sum(p.stat().st_size for p in paths)
-            self._call(lambda: self.fs.put([str(p) for p in paths], keys), f"uploading to {self.url}", need)
+            self._call(lambda: self.fs.put([str(p) for p in paths], keys), f"uploading {local}", need)
 
     def get_tree(self, local: Path, names: list[str], need: int | None = None) -> None:
         """Download `names` into a local folder (which the caller moves into place once complete); a full local disk
@@ -184,7 +184,7 @@ class Folder:
                 with naming_disk_full(local, f"a copy of {self.url}", need):
                     self.fs.get(keys, [str(d) for d in dests])
 
-            self._call(fetch, f"fetching {self.url} into {local}")
+            self._call(fetch, f"fetching into {local}")
 
 
 class Store:
