@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.errors import KNOWN, UserError, classify, internal_message, named, reference
+from services.errors import KNOWN, UserError, classify, internal_message, reference
 from storage.archives import ArchiveError
-from storage.faults import refusal_text
+from storage.faults import as_disk_full, refusal_text
 
 log = logging.getLogger("sidetune.api")
 
@@ -78,7 +78,7 @@ def install(app: FastAPI) -> None:
         return error_response(request.url.path, exc.status_code, code, str(exc.detail), exc.headers)
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
-        exc = named(exc)  # an OSError(ENOSPC) -> DiskFull, a library's lost connection -> StoreUnavailable
+        exc = as_disk_full(exc) or exc  # an OSError(ENOSPC) no caller named (store errors come named already)
         known = classify(exc)
         if known is None:  # a Redis error or an OSError that is no fault we know: ours
             ref = reference()

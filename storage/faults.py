@@ -183,10 +183,10 @@ def is_store_outage(exc: BaseException) -> bool:
     return False
 
 
-def retrying(call: Callable[[], T], what: str, policy: Policy = IN_CALL) -> T:
-    """`call()`, tried again after a store outage (`is_store_outage`) as `policy` says; the last outage is raised
-    as it came (the caller names it). Anything else is raised at once."""
-    delays = policy.delays()
+def retrying(call: Callable[[], T], what: str, policy: Policy | None = None) -> T:
+    """`call()`, tried again after a store outage (`is_store_outage`) as `policy` (default `IN_CALL`) says; the last
+    outage is raised as it came (the caller names it). Anything else is raised at once."""
+    delays = (policy or IN_CALL).delays()
     while True:
         try:
             return call()
