@@ -252,7 +252,7 @@ class CacheEntryInfo(BaseModel):
 
 
 class CacheList(BaseModel):
-    object: Literal["list"] = "list"
+    object: Literal["list"] = Field("list", description="Always `list`.")
     data: list[CacheEntryInfo] = Field(..., description="Every entry, least recently used first.")
     bytes: int = Field(..., description="Bytes of every entry together.")
     quota_bytes: int | None = Field(None, description="SIDETUNE_CACHE_QUOTA_GB in bytes; null: none.")
