@@ -25,6 +25,7 @@ from celery import Task
 
 from services.errors import UserError, transient
 from services.jobs.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, fail, train_step
+from services.jobs.progress import JobReporter
 from storage.faults import TASK
 from storage.jobs import JobStore, worker_name
 from storage.logs import log_context
@@ -113,8 +114,8 @@ def _step(task: Task, job_id: str, step: dict) -> Iterator[None]:
                 return
             delay = min(TASK.cap_s, RETRY_BASE_S * 2**retries)
             log.warning("step %s: %s; retrying in %.0f s (%d/%d)", name, e, delay, retries + 1, RETRIES)
-            store.add_event(job_id, f"{name}: {e}; retrying in {delay:.0f} s ({retries + 1}/{RETRIES})",
-                            level="warning")  # fmt: skip
+            reporter = JobReporter(store, job_id)  # best effort: Redis may be refusing writes, the retry must go on
+            reporter.event(f"{name}: {e}; retrying in {delay:.0f} s ({retries + 1}/{RETRIES})", level="warning")
             raise task.retry(exc=e, countdown=delay, max_retries=RETRIES) from None
         finally:
             current = None
