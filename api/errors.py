@@ -1,12 +1,14 @@
 """Every error leaves the API as `{"error": {"code": ..., "message": ...}}`: typed errors with the status and code that
 services/errors.py gives them (a 4xx naming the cause; 503 with Retry-After `store_unavailable` while Redis is down,
-`storage_unavailable` while the store of models and datasets is, `store_incomplete` for a model or dataset that is
-not whole on it), anything else 500 `internal_error` with a reference id whose traceback is logged."""
+`store_refuses_writes` while it answers but refuses writes (MISCONF, OOM), `storage_unavailable` while the store of
+models and datasets is unreachable, `store_incomplete` for a model or dataset that is not whole on it; 507
+`disk_full` naming the directory), anything else 500 `internal_error` with a reference id whose traceback is logged."""
 
 from __future__ import annotations
 
 import logging
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.errors import KNOWN, UserError, classify, internal_message, reference
 from storage.archives import ArchiveError
+from storage.faults import as_disk_full, refusal_text
 
 log = logging.getLogger("sidetune.api")
 
@@ -75,10 +78,18 @@ def install(app: FastAPI) -> None:
         return error_response(request.url.path, exc.status_code, code, str(exc.detail), exc.headers)
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
-        status, code = classify(exc) or (500, "internal_error")
+        exc = as_disk_full(exc) or exc  # an OSError(ENOSPC) no caller named (store errors come named already)
+        known = classify(exc)
+        if known is None:  # a Redis error or an OSError that is no fault we know: ours
+            ref = reference()
+            log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
+            return error_response(request.url.path, 500, "internal_error", internal_message(ref))
+        status, code = known
         message = str(exc)
         if code == "store_unavailable":
             message = "the job store (Redis) is unavailable; retry shortly"
+        elif code == "store_refuses_writes":
+            message = f"the job store (Redis) refuses writes ({refusal_text(exc)}); retry shortly"
         elif code == "storage_unavailable":
             message = f"{exc}; retry shortly"
         if status >= 500:
@@ -90,7 +101,9 @@ def install(app: FastAPI) -> None:
             headers = {"Retry-After": str(exc.retry_after_s)}
         return error_response(request.url.path, status, code, message, headers)
 
-    for known in (UserError, ArchiveError, *KNOWN):  # every type services/errors.py maps
+    # every type services/errors.py maps, and those it recognises by their content: Redis refusing writes (a
+    # ResponseError), a full disk (an OSError)
+    for known in (UserError, ArchiveError, *KNOWN, redis.ResponseError, OSError):
         app.add_exception_handler(known, _known)
     app.add_middleware(CatchAll)
 

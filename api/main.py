@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 
 from api import errors, metrics
 from api.limits import BodySizeLimit
-from api.routes import datasets, forward, health, jobs, models, ui
+from api.routes import cache, datasets, forward, health, jobs, models, ui
 from storage.jobs import JobStore
 from storage.settings import Settings
 from worker.celery_app import make_app
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_app(settings)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
-    for module in (jobs, datasets, models, forward, health):
+    for module in (jobs, datasets, models, cache, forward, health):
         app.include_router(module.router)
     ui.install(app)  # the web page at /ui
     metrics.install(app)  # /metrics; its middleware is added last, so it is outermost and counts every request

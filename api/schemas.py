@@ -215,9 +215,15 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
-    status: Literal["ready", "not_ready"] = Field(..., description="`ready` when Redis and both queues have workers.")
+    status: Literal["ready", "not_ready"] = Field(
+        ..., description="`ready` when Redis answers and takes writes and both queues have workers."
+    )
     redis: bool = Field(..., description="Redis answered a ping.")
+    redis_writable: bool = Field(
+        ..., description="Redis took a write (false while it refuses writes: a failed AOF write, `MISCONF`; `OOM`)."
+    )
     workers: dict[str, int] = Field(..., description="Live workers per queue (heartbeats).")
+    reason: str | None = Field(None, description="Why it is not ready; null when it is.")
 
 
 class Dataset(BaseModel):
@@ -236,3 +242,21 @@ class Dataset(BaseModel):
 class DatasetList(BaseModel):
     object: Literal["list"] = Field("list", description="Always `list`.")
     data: list[Dataset] = Field(..., description="Datasets, newest first.")
+
+
+class CacheEntryInfo(BaseModel):
+    key: str = Field(..., description="The entry's key, `<family>/<variant>` (`DELETE /cache/{key}` takes it).")
+    bytes: int = Field(..., description="Bytes it takes on the cache's disk or store.")
+    complete: bool = Field(..., description="Whole and usable; false while being written (or left by a failure).")
+    last_used: float | None = Field(None, description="Unix time a job last read it; null if never read.")
+    pinned_by: list[str] = Field(..., description="Jobs reading it now (it cannot be deleted or evicted meanwhile).")
+    extracting: str | None = Field(None, description="The job writing it now, if any.")
+    meta: dict[str, Any] = Field(default_factory=dict, description="Backbone, layers, tokens and shape, if written.")
+
+
+class CacheList(BaseModel):
+    object: Literal["list"] = Field("list", description="Always `list`.")
+    data: list[CacheEntryInfo] = Field(..., description="Every entry, least recently used first.")
+    bytes: int = Field(..., description="Bytes of every entry together.")
+    quota_bytes: int | None = Field(None, description="SIDETUNE_CACHE_QUOTA_GB in bytes; null: none.")
+    free_disk_bytes: int | None = Field(None, description="Free space on the cache's disk; null on an object store.")

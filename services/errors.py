@@ -4,8 +4,10 @@ the job steps' failure records. Torch-free.
 A `UserError` is an error whose message is the caller's answer: what was wrong and what to change. Each layer
 defines its own where it belongs (`SpecError` in services/spec/, `DatasetError` in services/data/datasets.py,
 `BackboneError` in services/backbones.py, `NonFiniteLoss` in services/training/fit.py), with its `code` and `status`.
-Storage errors (which know nothing of this module) are mapped here. Anything else is a fault of ours:
-`internal_error`, reported with a reference id whose traceback is logged, and nothing of its internals shown.
+Storage errors (which know nothing of this module) are mapped here, and faults of the disk, the store and Redis
+(storage/faults.py): a full disk is `disk_full` (507) wherever it happens, Redis refusing writes 503
+`store_refuses_writes`. Anything else is a fault of ours: `internal_error`, reported with a reference id whose
+traceback is logged, and nothing of its internals shown.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import redis
 
 from storage.archives import ArchiveError
 from storage.cache import CacheError
+from storage.faults import DiskFull, StoreUnavailable, as_disk_full, is_store_outage, refuses_writes
 from storage.quotas import QuotaExceeded, TooManyJobs
-from storage.store import Incomplete, StoreUnavailable
+from storage.store import Incomplete
 
 
 class UserError(Exception):
@@ -38,6 +41,9 @@ class SpecError(UserError, ValueError):
 
 # Errors of the layers below, by type: (HTTP status, code). First match wins, so subclasses come first.
 KNOWN: dict[type[BaseException], tuple[int, str]] = {
+    # 507 Insufficient Storage: the server's disk, not the request, is at fault (a request that alone cannot fit is
+    # refused before it runs: 422 `cache_over_quota`, 413 for uploads over the limits)
+    DiskFull: (507, "disk_full"),
     StoreUnavailable: (503, "storage_unavailable"),
     Incomplete: (503, "store_incomplete"),
     redis.ConnectionError: (503, "store_unavailable"),
@@ -52,13 +58,40 @@ KNOWN: dict[type[BaseException], tuple[int, str]] = {
 TRANSIENT = (StoreUnavailable, redis.ConnectionError, redis.TimeoutError)
 
 
+def transient(exc: BaseException) -> bool:
+    """Whether a retry of the step may cure `exc`: the store or Redis unreachable, or Redis refusing writes (a full
+    disk under its AOF is freed, its memory limit raised)."""
+    return isinstance(exc, TRANSIENT) or refuses_writes(exc)
+
+
+def named(exc: BaseException) -> BaseException:
+    """`exc` as the fault it is: a full disk anywhere -> DiskFull, a store outage from a library (botocore, aiohttp,
+    a reset connection) -> StoreUnavailable (chained to `exc`); anything else unchanged."""
+    if isinstance(exc, DiskFull | StoreUnavailable):
+        return exc
+    full = as_disk_full(exc)
+    if full is not None:
+        full.__cause__ = exc
+        return full
+    if is_store_outage(exc):
+        outage = StoreUnavailable(f"the store is unavailable: {type(exc).__name__}: {exc}")
+        outage.__cause__ = exc
+        return outage
+    return exc
+
+
 def classify(exc: BaseException) -> tuple[int, str] | None:
     """(status, code) of a known error, or None for an internal one."""
     if isinstance(exc, UserError):
         return exc.status, exc.code
     if isinstance(exc, ArchiveError):
         return {"dataset_too_large": 413}.get(exc.code, 422), exc.code
-    return next((known for t, known in KNOWN.items() if isinstance(exc, t)), None)
+    if refuses_writes(exc):
+        return 503, "store_refuses_writes"
+    known = next((known for t, known in KNOWN.items() if isinstance(exc, t)), None)
+    if known is None and as_disk_full(exc) is not None:  # an OSError(ENOSPC) no caller named
+        return KNOWN[DiskFull]
+    return known
 
 
 def reference() -> str:

@@ -36,6 +36,7 @@ from services.video.loading import clip_reader, clip_transform, padding_event
 from services.video.spec import check_inputs
 from storage.cache import CacheEntry, FeatureCache, cache_key, pool_tokens
 from storage.cache.writer import ShardWriter
+from storage.faults import naming_disk_full
 from storage.settings import Settings
 
 
@@ -84,6 +85,14 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     return Prepared(dataset, backbone, key, cache.entry(key), layers, tokens, rows)
 
 
+def writing(prep: Prepared) -> contextlib.AbstractContextManager[None]:
+    """Around the entry's writes: a full disk is DiskFull naming the cache's directory and about how many bytes the
+    entry still needed (its planned size less what is written)."""
+    root = prep.entry.root.removesuffix(prep.key).rstrip("/") or prep.entry.root
+    return naming_disk_full(root, f"the feature cache entry {prep.key}",
+                            lambda: max(0, planned_bytes(prep) - prep.entry.nbytes()))  # fmt: skip
+
+
 def begin_extraction(
     spec: JobSpec, settings: Settings, reporter: Reporter, key: str | None = None, prep: Prepared | None = None
 ) -> Prepared:
@@ -99,11 +108,12 @@ def begin_extraction(
         reporter.event(f"left out {len(dataset.skipped_rows)} dataset rows (repeated files; with on_corrupt=skip, "
                        f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}", level="warning",
                        data={"left_out": list(dataset.skipped_rows[:1000])})  # fmt: skip
-    entry.create(labels=dataset.labels, layers=prep.layers, tokens=prep.tokens, token_count=backbone.tokens,
-                 dim=backbone.dim, batch_size=prep.batch_size, meta=meta, codec=spec.extraction.codec,
-                 keepbits=spec.extraction.keepbits)  # fmt: skip
-    if not entry.has_readout:
-        entry.save_readout(backbone.readout_tensors())
+    with writing(prep):
+        entry.create(labels=dataset.labels, layers=prep.layers, tokens=prep.tokens, token_count=backbone.tokens,
+                     dim=backbone.dim, batch_size=prep.batch_size, meta=meta, codec=spec.extraction.codec,
+                     keepbits=spec.extraction.keepbits)  # fmt: skip
+        if not entry.has_readout:
+            entry.save_readout(backbone.readout_tensors())
     return prep
 
 
@@ -170,7 +180,7 @@ def extract_batches(
     loading = iterate(
         reader, workers, pin_memory=backbone.device.type == "cuda", threads=torch.get_num_threads() if cpu else 1
     )
-    with writer, contextlib.closing(loading) as loaded, cpu_threads_beside(workers, backbone.device):
+    with writing(prep), writer, contextlib.closing(loading) as loaded, cpu_threads_beside(workers, backbone.device):
         for k, (batch_index, batch) in enumerate(zip(batches, loaded, strict=True)):
             start, stop = entry.batch_range(batch_index)
             if on_device:
@@ -205,7 +215,8 @@ def finish_extraction(prep: Prepared) -> dict[str, Any]:
         # From the stored `valid` flags, not one run's list: resumed and sharded runs keep every batch's skips.
         skipped = [str(dataset.paths[i]) for i in np.flatnonzero(~entry.valid())]
         size = entry.nbytes()
-        entry.mark_complete({"skipped": skipped, "bytes": size, "bytes_per_image": size // max(1, len(dataset))})
+        with writing(prep):
+            entry.mark_complete({"skipped": skipped, "bytes": size, "bytes_per_image": size // max(1, len(dataset))})
     entry.touch()
     return entry.summary
 

@@ -166,7 +166,7 @@ class DatasetFiles:
         marker = remote.check()
         with staging_dir(self.local_dir, f"fetch-{dataset_id}") as staging:
             folder = staging / dataset_id
-            remote.get_tree(folder, sorted(marker["files"]))
+            remote.get_tree(folder, sorted(marker["files"]), need=sum(marker["files"].values()))
             for name, size in marker["files"].items():
                 path = folder.joinpath(*name.split("/"))
                 if path.stat().st_size != size:

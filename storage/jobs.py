@@ -416,3 +416,17 @@ class JobStore:
     def ping(self) -> bool:
         """Whether Redis answers now (no retries: for health checks)."""
         return bool(self._probe.ping())
+
+    def write_refusal(self) -> str | None:
+        """Why Redis refuses writes now (its answer: `MISCONF ...` after a failed AOF write or snapshot, `OOM ...`
+        under maxmemory), or None when a write goes through; a connection error when it does not answer (no retries:
+        for health checks)."""
+        from storage.faults import refusal_text, refuses_writes
+
+        try:
+            self._probe.set("health:write", now(), px=10_000)
+        except redis.ResponseError as e:
+            if refuses_writes(e):
+                return refusal_text(e)
+            raise
+        return None

@@ -31,6 +31,7 @@ import redis
 
 log = logging.getLogger(__name__)
 PIN, EVICTING = "cache-pin:", "cache-evicting:"
+CACHE_LOCK = "cache-lock:"  # + an entry's key: the lock of the job extracting it (its token is the job id)
 
 # KEYS: lock; ARGV: token. Deletes the lock if the token owns it.
 _RELEASE = """
@@ -272,6 +273,17 @@ class Pins:
         for k in keys:
             pipe.zcount(k, sec * 1000 + usec // 1000 + 1, "+inf")
         return {k[len(PIN) :] for k, n in zip(keys, pipe.execute(), strict=True) if n}
+
+    def holders(self, key: str) -> list[str]:
+        """Who pins `key` now: the `holder` each live Pin was given (a job id)."""
+        sec, usec = self.client.time()
+        members = self.client.zrangebyscore(PIN + key, sec * 1000 + usec // 1000 + 1, "+inf")
+        return sorted({(m.decode() if isinstance(m, bytes) else m).rsplit(":", 1)[0] for m in members})
+
+    def extracting(self, key: str) -> str | None:
+        """The job that holds `key`'s extraction lock (writing it), if any."""
+        token = self.client.get(CACHE_LOCK + key)
+        return token.decode() if isinstance(token, bytes) else token
 
     def begin_eviction(self, key: str) -> bool:
         """Atomically: if `key` has no live pin, mark it as being evicted (new pins are refused) and return True."""

@@ -2,21 +2,27 @@
 `job_id`, `task` and `worker` while a step of a job runs), or plain text; and API keys scrubbed from every line.
 
 It lives in storage/ (the bottom of the chain api -> worker -> services -> storage) so that every layer can tag
-its lines. The worker's task wrapper binds the job with `log_context`; the API binds the request's ASGI scope
-(`bind_scope`), whose path parameters (`job_id`, `model_id`) are read when a line is written, after routing.
+its lines. Lines go to stderr, which `sidetune serve` points at `<name>.log` under SIDETUNE_LOG_DIR (or leaves as its
+own stderr); a line the log's disk refuses because it is full is kept and written once there is room again
+(`KeepingHandler`), so the traceback behind a reference id outlives a full disk. The worker's task wrapper binds the
+job with `log_context`; the API binds the request's ASGI scope (`bind_scope`), whose path parameters (`job_id`,
+`model_id`) are read when a line is written, after routing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 CONTEXT_FIELDS = ("job_id", "task", "worker", "model_id")
 _context: ContextVar[dict[str, Any] | None] = ContextVar("sidetune_log_context", default=None)
@@ -110,11 +116,78 @@ class TextFormatter(logging.Formatter):
         return self.redact(line)
 
 
+class KeepingHandler(logging.StreamHandler):
+    """Writes each line whole to the stream's file descriptor. A line the disk refuses (ENOSPC, EDQUOT: the log
+    file's disk is full) is kept in memory, at most `keep_bytes` (beyond, the oldest kept lines are dropped and
+    counted), and written before the next line once there is room again, followed by a count of any dropped; so
+    the traceback behind a reference id, logged just as the disk filled up, is not lost."""
+
+    def __init__(self, stream: TextIO, keep_bytes: int = 4 << 20) -> None:
+        super().__init__(stream)
+        self.keep_bytes = keep_bytes
+        self._kept: deque[bytes] = deque()
+        self._kept_bytes = 0
+        self._dropped = 0
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # a stream without a descriptor (a test's capture)
+            self._fd = None
+
+    @property
+    def kept_lines(self) -> int:
+        return len(self._kept)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        if self._fd is None:
+            super().emit(record)
+            return
+        self._keep(line.encode("utf-8", "replace"))
+        try:
+            self.stream.flush()  # what others wrote to the stream goes first
+            self._drain()
+        except Exception:
+            self.handleError(record)
+
+    def _keep(self, data: bytes) -> None:
+        self._kept.append(data)
+        self._kept_bytes += len(data)
+        while self._kept_bytes > self.keep_bytes and len(self._kept) > 2:
+            self._kept_bytes -= len(self._kept[1])  # the first may be written in part: it stays
+            del self._kept[1]
+            self._dropped += 1
+
+    def _drain(self) -> None:
+        while self._kept:
+            data = self._kept[0]
+            try:
+                n = os.write(self._fd, data)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return  # kept for the next line
+                raise
+            self._kept_bytes -= n
+            if n < len(data):
+                self._kept[0] = data[n:]
+                continue
+            self._kept.popleft()
+            if not self._kept and self._dropped:
+                note = logging.LogRecord("sidetune.logs", logging.WARNING, "", 0, "%d log lines were dropped while "
+                                         "the log's disk was full", (self._dropped,), None)  # fmt: skip
+                self._dropped = 0
+                self._keep((self.format(note) + self.terminator).encode("utf-8", "replace"))
+
+
 def configure_logging(json_lines: bool = True, level: int | str = logging.INFO, secrets: Iterable[str] = ()) -> None:
-    """One handler on the root logger, on stderr; every other logger (uvicorn's, Celery's) propagates to it.
+    """One handler on the root logger, on stderr (a `KeepingHandler`); every other logger (uvicorn's, Celery's)
+    propagates to it.
     `secrets`: strings never written (the API keys)."""
     redact = Redactor(secrets)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = KeepingHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(redact) if json_lines else TextFormatter(redact))
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -225,6 +225,14 @@ class Settings(BaseSettings):
     planner_disk_mb_s: float = Field(
         1000.0, gt=0, description="Feature cache write bandwidth (MB/s) the planner assumes."
     )
+    log_dir: str | None = Field(
+        None,
+        description="Where `sidetune serve` (and the demo) writes each process's log, `<name>.log`: a directory, best "
+        "on another disk than the data dir, so that a full data disk does not cut off the tracebacks behind reference "
+        "ids; or `stderr`: every process writes to the supervisor's own stderr (containers, the journal). Unset: "
+        "`<data dir>/logs`. A process whose log's disk is full keeps the lines it could not write (up to 4 MB) and "
+        "writes them once there is room again.",
+    )
     log_format: Literal["json", "text"] = Field(
         "json", description="Log lines of the API and workers: `json` (one object per line, with `job_id`) or `text`."
     )
@@ -247,6 +255,15 @@ class Settings(BaseSettings):
     @cached_property
     def data_path(self) -> Path:
         return self.data_dir.expanduser().resolve()
+
+    @property
+    def log_path(self) -> Path | None:
+        """The directory of the processes' logs (`log_dir`, else `<data dir>/logs`); None: the supervisor's stderr."""
+        if self.log_dir is None or not self.log_dir.strip():
+            return self.data_path / "logs"
+        if self.log_dir.strip().lower() in ("stderr", "-"):
+            return None
+        return Path(self.log_dir).expanduser().resolve()
 
     @property
     def cache_dir(self) -> Path:

@@ -6,8 +6,9 @@ with s3fs installed (endpoint and credentials from the usual `AWS_*` variables).
 Writes are atomic on object stores too: a file goes to a temporary key that is then moved to its final one, so a
 reader never sees half of it; a folder that must be whole (a model, a dataset) gets a completion marker written
 last, listing its files and their sizes, and a reader checks the marker and the sizes before using it
-(`Folder.check`). Errors other than a missing file become `StoreUnavailable` (the API answers 503 with
-Retry-After); knows nothing of HTTP.
+(`Folder.check`). Every operation goes through storage/faults.py's `store_call`: an outage is retried briefly, a full
+disk is `DiskFull` naming the store and the bytes, and other errors than a missing file become `StoreUnavailable`
+(the API answers 503 with Retry-After); knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -17,36 +18,24 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 
 from storage.cache.files import filesystem
+from storage.faults import StoreUnavailable, naming_disk_full, store_call
 
+__all__ = ["MARKER", "Folder", "Incomplete", "Store", "StoreUnavailable"]
+
+T = TypeVar("T")
 MARKER = "_complete.json"
 TMP_PREFIX = ".tmp-"  # temporary keys: never listed as files of a folder
 
 
-class StoreUnavailable(RuntimeError):
-    """The store could not be reached, or failed otherwise than with a missing file; the message names it."""
-
-
 class Incomplete(RuntimeError):
     """A folder that is not whole: no completion marker, or a file it lists is missing or has another size."""
-
-
-@contextlib.contextmanager
-def _reaching(url: str) -> Iterator[None]:
-    """Store calls: a missing file stays FileNotFoundError, anything else (no connection, refused credentials,
-    a full disk) is StoreUnavailable naming the store."""
-    try:
-        yield
-    except (FileNotFoundError, Incomplete):
-        raise
-    except Exception as e:  # s3fs raises botocore's and aiohttp's own errors, not OSErrors, for a lost endpoint
-        raise StoreUnavailable(f"the store {url} is unavailable: {type(e).__name__}: {e}") from e
 
 
 class Folder:
@@ -67,6 +56,9 @@ class Folder:
             raise ValueError(f"bad file name {name!r} in a store folder")
         return posixpath.join(self.path, *parts)
 
+    def _call(self, call: Callable[[], T], what: str, need: int | None = None) -> T:
+        return store_call(self.url, call, what, need)
+
     @property
     def local_path(self) -> Path | None:
         """The folder as a local path, where the store is a local directory."""
@@ -77,20 +69,23 @@ class Folder:
         """Atomic: written under a temporary key in the same folder, then moved to `name`."""
         key = self._key(name)
         head, tail = posixpath.split(key)
-        tmp = posixpath.join(head, f"{TMP_PREFIX}{tail}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        with _reaching(self.url):
+
+        def write() -> None:
+            tmp = posixpath.join(head, f"{TMP_PREFIX}{tail}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             self.fs.makedirs(head, exist_ok=True)
             try:
                 self.fs.pipe_file(tmp, data)
                 self.fs.mv(tmp, key)
             except BaseException:
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # the write's own error is the one to raise
                     self.fs.rm_file(tmp)
                 raise
 
+        self._call(write, f"writing {name}", need=len(data))
+
     def read_bytes(self, name: str) -> bytes:
-        with _reaching(self.url):
-            return self.fs.cat_file(self._key(name))
+        key = self._key(name)
+        return self._call(lambda: self.fs.cat_file(key), f"reading {name}")
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
@@ -99,16 +94,15 @@ class Folder:
         return json.loads(self.read_bytes(name))
 
     def exists(self, name: str | None = None) -> bool:
-        with _reaching(self.url):
-            return self.fs.exists(self._key(name) if name else self.path)
+        key = self._key(name) if name else self.path
+        return self._call(lambda: self.fs.exists(key), f"looking up {name or 'the folder'}")
 
     def files(self) -> dict[str, int]:
         """Every file under the folder (recursively) and its size; temporary keys and the marker left out."""
-        with _reaching(self.url):
-            try:
-                found = self.fs.find(self.path, detail=True)
-            except FileNotFoundError:
-                return {}
+        try:
+            found = self._call(lambda: self.fs.find(self.path, detail=True), "listing the folder")
+        except FileNotFoundError:
+            return {}
         out = {}
         for key, info in found.items():
             if info.get("type") == "directory":
@@ -120,19 +114,26 @@ class Folder:
 
     def modified(self, name: str) -> float | None:
         """Unix time of the file's last write, where the store tells (local files, S3)."""
-        with _reaching(self.url):
+        key = self._key(name)
+
+        def modified() -> float | None:
             try:
-                return self.fs.modified(self._key(name)).timestamp()
+                return self.fs.modified(key).timestamp()
             except NotImplementedError:
                 return None
 
+        return self._call(modified, f"reading {name}")
+
     def remove(self) -> None:
         """Delete the folder: its marker first, so no reader takes what is left for whole."""
-        with _reaching(self.url):
+
+        def remove() -> None:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._key(MARKER))
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self.path, recursive=True)
+
+        self._call(remove, "removing the folder")
 
     # ---- whole folders ----------------------------------------------------------------------------------------
     def seal(self, info: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -166,17 +167,24 @@ class Folder:
         file by file: a folder is only used once its completion marker is written, after this."""
         paths = sorted(p for p in local.rglob("*") if p.is_file())
         if paths:
-            with _reaching(self.url):
-                self.fs.put([str(p) for p in paths], [self._key(p.relative_to(local).as_posix()) for p in paths])
+            keys = [self._key(p.relative_to(local).as_posix()) for p in paths]
+            need = sum(p.stat().st_size for p in paths)
+            self._call(lambda: self.fs.put([str(p) for p in paths], keys), f"uploading {local}", need)
 
-    def get_tree(self, local: Path, names: list[str]) -> None:
-        """Download `names` into a local folder (which the caller moves into place once complete)."""
+    def get_tree(self, local: Path, names: list[str], need: int | None = None) -> None:
+        """Download `names` into a local folder (which the caller moves into place once complete); a full local disk
+        is DiskFull naming `local` (`need`: the bytes of the files, where the caller knows them)."""
         dests = [local.joinpath(*name.split("/")) for name in names]
         for dest in dests:
             dest.parent.mkdir(parents=True, exist_ok=True)
         if names:
-            with _reaching(self.url):
-                self.fs.get([self._key(n) for n in names], [str(d) for d in dests])
+            keys = [self._key(n) for n in names]
+
+            def fetch() -> None:
+                with naming_disk_full(local, f"a copy of {self.url}", need):
+                    self.fs.get(keys, [str(d) for d in dests])
+
+            self._call(fetch, f"fetching into {local}")
 
 
 class Store:

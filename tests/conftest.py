@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -174,3 +174,20 @@ def keyed_api(stack, tmp_path_factory: pytest.TempPathFactory):
         yield api
     finally:
         api.stop()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """A factory of small filesystems to fill: `tmpfs(size_mb)` mounts a fresh tmpfs (tests/disk.py; the test skips
+    where mounting is not permitted), unmounted after the test."""
+    from tests.disk import mount_tmpfs, unmount
+
+    mounted: list[Path] = []
+
+    def make(size_mb: int, name: str = "tmpfs") -> Path:
+        mounted.append(mount_tmpfs(tmp_path / name, size_mb))
+        return mounted[-1]
+
+    yield make
+    for path in mounted:
+        unmount(path)

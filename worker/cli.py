@@ -41,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, _stop)
     stack = Stack(settings)
     print(f"starting Redis ({settings.redis_url or 'embedded'}), extract and train workers, the inference service "
-          f"and the API; logs in {stack.log_dir}", flush=True)  # fmt: skip
+          f"and the API; logs in {stack.logs_where}", flush=True)  # fmt: skip
     try:
         stack.start(stop=stop)
         if not stop.is_set():

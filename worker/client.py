@@ -179,5 +179,12 @@ class Client:
     def delete_dataset(self, dataset_id: str) -> None:
         self._call("DELETE", f"/datasets/{dataset_id}")
 
+    # ---- the feature cache (operators: an admin key) ----------------------------------------------------------------
+    def cache(self) -> dict[str, Any]:
+        return self._call("GET", "/cache")
+
+    def delete_cache_entry(self, key: str) -> None:
+        self._call("DELETE", f"/cache/{key}")
+
     def ready(self) -> dict[str, Any]:
         return self._call("GET", "/readyz")

@@ -90,7 +90,7 @@ def run_demo(epochs: int = 15, video: bool = False, per_class: int = 40) -> int:
     ]  # fmt: skip
     stack = Stack(settings)
     console.print(f"starting the embedded stack (Redis, extract worker, train worker, inference service, API); logs "
-                  f"in {stack.log_dir}")  # fmt: skip
+                  f"in {stack.logs_where}")  # fmt: skip
     with stack:
         client = Client(stack.api_url)
         console.print(f"API ready at {stack.api_url}")

@@ -68,7 +68,7 @@ class _Child:
 class Stack:
     def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
         self.settings = settings
-        self.log_dir = log_dir or settings.data_path / "logs"
+        self.log_dir = log_dir or settings.log_path  # None: the children write to this process's stderr
         self.redis: RedisServer | None = None
         self.children: dict[str, _Child] = {}
         self.restarts: dict[str, int] = {}  # by name, "redis" included: what the supervisor restarted
@@ -112,12 +112,19 @@ class Stack:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
+    @property
+    def logs_where(self) -> str:
+        return str(self.log_dir) if self.log_dir is not None else "this process's stderr"
+
     def _popen(self, name: str, args: tuple[str, ...]) -> subprocess.Popen:
+        command = [sys.executable, "-m", "worker.cli", *args]
+        # Its own session: a terminal's Ctrl-C reaches `serve` alone, which stops the children in order.
+        if self.log_dir is None:  # SIDETUNE_LOG_DIR=stderr: the children inherit this process's stdout and stderr
+            return subprocess.Popen(command, env=self.env(), start_new_session=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own copy of the descriptor
-            # Its own session: a terminal's Ctrl-C reaches `serve` alone, which stops the children in order.
-            return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=self.env(), stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            return subprocess.Popen(command, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # fmt: skip
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         """Start `sidetune <args>` as a child named `name`, supervised once the stack runs (`start`)."""
@@ -156,7 +163,8 @@ class Stack:
         while time.monotonic() < deadline and not (stop and stop.is_set()):
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    tail = (self.log_dir / f"{name}.log").read_text()[-3000:]
+                    log_file = None if self.log_dir is None else self.log_dir / f"{name}.log"
+                    tail = log_file.read_text()[-3000:] if log_file else "(its output went to this process's stderr)"
                     self.stop()
                     raise RuntimeError(f"{name} exited with {describe_exit(proc.returncode)}:\n{tail}")
             try:
@@ -170,7 +178,8 @@ class Stack:
         if stop and stop.is_set():
             return
         self.stop()
-        raise RuntimeError(f"the stack was not ready within {timeout_s}s ({pending[0]}); see logs in {self.log_dir}")
+        raise RuntimeError(f"the stack was not ready within {timeout_s}s ({pending[0]}); see the logs in "
+                           f"{self.logs_where}")  # fmt: skip
 
     # ---- supervision -------------------------------------------------------------------------------------------
     def _supervise(self) -> None:

@@ -6,7 +6,9 @@ and retries what a retry may cure:
   solo pool runs tasks: Celery's own time limits need the prefork pool) and the job fails `job_timeout`. A step
   that does not return even then (stuck in C code) is the hard limit's: the heartbeat bootstep
   (worker/heartbeat.py) fails the job and ends this worker, which its supervisor starts again.
-- Transient errors (the store or Redis unreachable) are retried with backoff, `RETRIES` times, before the job fails.
+- Transient errors (the store or Redis unreachable, Redis refusing writes) are retried with backoff, `RETRIES`
+  times, before the job fails: storage/faults.py's `TASK` policy, the longer half of the one retry policy (store
+  operations retry briefly inside each call first).
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from functools import cache
 
 from celery import Task
 
-from services.errors import TRANSIENT, UserError
+from services.errors import UserError, transient
 from services.jobs.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, fail, train_step
+from services.jobs.progress import JobReporter
+from storage.faults import TASK
 from storage.jobs import JobStore, worker_name
 from storage.logs import log_context
 from storage.settings import Settings
 from worker.celery_app import TASK_EXTRACT, TASK_EXTRACT_SHARD, TASK_TRAIN, app, enqueue_shards, enqueue_train
 
 log = logging.getLogger("sidetune.pipeline")
-RETRIES = 4  # a transient error is retried after 5, 10, 20 and 40 s; the job fails if the fifth try meets one too
-RETRY_BASE_S = 5.0
+RETRIES = TASK.attempts - 1  # after 5, 10, 20 and 40 s; the job fails if the fifth try meets a transient error too
+RETRY_BASE_S = TASK.first_s
 HARD_LIMIT_GRACE_S = 60.0  # after the soft limit, how long a step may still take to stop before its worker is ended
 
 # The step this worker runs now, for the hard time limit: (job id, task, monotonic start) or None.
@@ -104,15 +108,17 @@ def _step(task: Task, job_id: str, step: dict) -> Iterator[None]:
                 yield
         except StepTimeout as e:  # the alarm rang outside the step's own error handling
             fail(store, job_id, e)
-        except TRANSIENT as e:
+        except Exception as e:
+            if not transient(e):
+                raise
             retries = task.request.retries
             if retries >= RETRIES:
                 fail(store, job_id, e)
                 return
-            delay = RETRY_BASE_S * 2**retries
+            delay = min(TASK.cap_s, RETRY_BASE_S * 2**retries)
             log.warning("step %s: %s; retrying in %.0f s (%d/%d)", name, e, delay, retries + 1, RETRIES)
-            store.add_event(job_id, f"{name}: {e}; retrying in {delay:.0f} s ({retries + 1}/{RETRIES})",
-                            level="warning")  # fmt: skip
+            reporter = JobReporter(store, job_id)  # best effort: Redis may be refusing writes, the retry must go on
+            reporter.event(f"{name}: {e}; retrying in {delay:.0f} s ({retries + 1}/{RETRIES})", level="warning")
             raise task.retry(exc=e, countdown=delay, max_retries=RETRIES) from None
         finally:
             current = None

@@ -33,6 +33,7 @@ from storage.datasets import (
     sweep_staging,
     unpack,
 )
+from storage.faults import free_bytes, naming_disk_full
 from storage.jobs import TERMINAL, JobStore, NotFound
 from storage.quotas import UPLOADS, Usage
 from storage.settings import Settings
@@ -89,15 +90,21 @@ def _validate(path: Path, fmt: str) -> dict:
     "",
     status_code=201,
     response_model=Dataset,
-    responses={409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    responses={
+        409: {"model": ErrorBody},
+        413: {"model": ErrorBody},
+        422: {"model": ErrorBody},
+        507: {"model": ErrorBody},
+    },
     openapi_extra=_UPLOAD_BODY,
 )
 async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> dict:
     """Upload a zip or tar archive of an ImageFolder or a CSV manifest. Refused with the cause: 413
     `upload_too_large` (over `max_upload_mb`) or `dataset_too_large` (extracted size or member count over the
     limits), 422 `invalid_archive` (not a readable zip/tar), `unsafe_archive` (absolute or `..` names, links,
-    devices; the member is named) or `invalid_dataset` (e.g. fewer than 2 classes), 409 `quota_exceeded` (the key's
-    uploaded datasets would pass SIDETUNE_KEY_QUOTA_UPLOADS_GB). Nothing is kept on failure."""
+    devices; the member is named) or `invalid_dataset` (e.g. fewer than 2 classes); 409 `quota_exceeded` (the key's
+    uploaded datasets would pass SIDETUNE_KEY_QUOTA_UPLOADS_GB) or `upload_does_not_fit` (an upload larger than the
+    free disk), 507 `disk_full` when the disk fills up meanwhile. Nothing is kept on failure."""
     files = DatasetFiles.from_settings(settings)
     dataset_id = new_dataset_id()
     usage, quota = Usage(store.r), settings.key_quota_uploads_gb
@@ -113,8 +120,17 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
         return info
 
     await run_in_threadpool(sweep_staging, files.local_dir)
+    length = request.headers.get("content-length", "")
+    free = free_bytes(files.local_dir)
+    if length.isdigit() and free is not None and int(length) > free:  # the request itself cannot fit: not the server's
+        raise ApiError(409, "upload_does_not_fit", f"the upload ({int(length) / 1e6:.2f} MB) is larger than the free "
+                       f"space where datasets are staged ({free / 1e6:.2f} MB); upload a smaller archive, or ask the "
+                       "operator to free space")  # fmt: skip
     try:
-        with staging_dir(files.local_dir, f"upload-{dataset_id}") as tmp:
+        with (
+            naming_disk_full(files.local_dir, "an uploaded dataset", int(length) if length.isdigit() else None),
+            staging_dir(files.local_dir, f"upload-{dataset_id}") as tmp,
+        ):
             archive = tmp / "archive"
             upload = await receive_file(request, archive, int(settings.max_upload_mb * 2**20))
             if upload.size == 0:

@@ -19,12 +19,19 @@ async def healthz() -> dict:
 
 @router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
 def readyz(store: StoreDep):
-    """Redis answers and both queues (extract, train) have a live worker."""
+    """Redis answers and takes writes, and both queues (extract, train) have a live worker; `reason` says what is
+    missing."""
+    redis_ok, refusal, workers = False, None, {}
     try:
-        redis_ok = store.ping()
+        refusal = store.write_refusal()  # a write, not a PING: Redis refuses even PING while its disk fails it
+        redis_ok = True
         workers = store.live_workers()
-    except Exception:
-        redis_ok, workers = False, {}
-    ready = redis_ok and workers.get("extract", 0) > 0 and workers.get("train", 0) > 0
-    body = {"status": "ready" if ready else "not_ready", "redis": redis_ok, "workers": workers}
-    return body if ready else JSONResponse(body, status_code=503)
+    except Exception as e:
+        reason = f"Redis is unavailable ({type(e).__name__}: {e})"
+    else:
+        missing = [q for q in ("extract", "train") if workers.get(q, 0) == 0]
+        reason = (f"Redis refuses writes ({refusal})" if refusal
+                  else f"no live {' or '.join(missing)} worker" if missing else None)  # fmt: skip
+    body = {"status": "ready" if reason is None else "not_ready", "redis": redis_ok,
+            "redis_writable": redis_ok and refusal is None, "workers": workers, "reason": reason}  # fmt: skip
+    return body if reason is None else JSONResponse(body, status_code=503)

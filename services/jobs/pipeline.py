@@ -13,15 +13,16 @@ import time
 from contextlib import nullcontext
 from typing import Any
 
-from services.errors import TRANSIENT, classify, internal_message, reference
+from services.errors import classify, internal_message, named, reference, transient
 from services.jobs import quotas
 from services.jobs.progress import Cancelled, JobReporter
 from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
 from storage.cache import CacheError, FeatureCache
 from storage.datasets import DatasetFiles
+from storage.faults import DiskFull
 from storage.jobs import TERMINAL, JobStore, model_id_for, now
-from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
+from storage.locks import CACHE_LOCK, LeaseLock, Pin, Pins, acquire_or_wait
 from storage.settings import Settings
 
 log = logging.getLogger("sidetune.pipeline")
@@ -33,6 +34,7 @@ PLOTS = ("confusion", "curves")
 def fail(store: JobStore, job_id: str, exc: Exception) -> None:
     """Record the job as failed: a known error with its code and message (services/errors.py), anything else as
     `internal_error` with a reference id under which the traceback is logged (no internals in the record)."""
+    exc = named(exc)
     known = classify(exc)
     if known is None:
         ref = reference()
@@ -43,6 +45,20 @@ def fail(store: JobStore, job_id: str, exc: Exception) -> None:
         log.warning("job %s failed: %s: %s", job_id, code, message)
     store.set_fields(job_id, status="failed", error={"code": code, "message": message}, finished_at=now())
     store.add_event(job_id, f"failed: {message}", level="error")
+
+
+def _failed(store: JobStore, job_id: str, exc: Exception) -> None:
+    """A step's error: one a retry may cure (the store or Redis unreachable, Redis refusing writes) is raised for the
+    task to retry the step with backoff (worker/tasks.py), failing the job after the last try; any other fails the
+    job now."""
+    exc = named(exc)
+    if transient(exc):
+        raise exc
+    fail(store, job_id, exc)
+
+
+class _JobEnded(Exception):
+    """Another shard task of the job failed it: this one stops writing."""
 
 
 def _cancelled(store: JobStore, job_id: str) -> None:
@@ -89,21 +105,26 @@ def _shard_count(store: JobStore, spec: JobSpec) -> int:
 
 
 class _LockedReporter(JobReporter):
-    """Stops the extraction if its cache lock was lost (Redis unreachable for a whole lease): another job may
-    have taken the entry over, and two writers must never write the same batches."""
+    """Stops the extraction if its cache lock was lost (Redis unreachable for a whole lease: another job may have
+    taken the entry over, and two writers must never write the same batches), or if another shard task failed the
+    job."""
 
     def __init__(self, store: JobStore, job_id: str, lock: LeaseLock) -> None:
         super().__init__(store, job_id)
         self.lock = lock
 
     def check_cancel(self) -> None:
-        super().check_cancel()
+        job = self.store.get_job(self.job_id)
+        if job.get("cancel_requested"):
+            raise Cancelled(self.job_id)
+        if job["status"] == "failed":  # by another shard task of the job (a full disk, say)
+            raise _JobEnded(self.job_id)
         if self.lock.lost:
             raise CacheError("lost the lock of the cache entry being written; retry the job")
 
 
 def _cache_lock(store: JobStore, key: str, job_id: str) -> LeaseLock:
-    return LeaseLock(store.r, f"cache-lock:{key}", token=job_id)
+    return LeaseLock(store.r, CACHE_LOCK + key, token=job_id)
 
 
 def _wait_notice(reporter: JobReporter, key: str):
@@ -119,17 +140,36 @@ def _wait_notice(reporter: JobReporter, key: str):
     return on_wait
 
 
-def _make_room(store: JobStore, settings: Settings, prep: Any, reporter: JobReporter) -> None:
-    """Evict least recently used entries (never one in use) so the new entry fits the cache quota."""
+def _make_room(store: JobStore, settings: Settings, spec: JobSpec, prep: Any, reporter: JobReporter) -> None:
+    """Evict least recently used entries (never one in use) so the new entry fits the cache quota and the free disk,
+    as the plan promised (storage/cache/eviction.py decides for both). A disk that cannot hold it even then fails the
+    job `disk_full` before anything is written."""
     from services.extraction import planned_bytes
+    from services.jobs.planner import GB, lossy_fraction
 
-    if settings.cache_quota_gb is None:
-        return
-    need = max(0, planned_bytes(prep) - (prep.entry.nbytes() if prep.entry.exists else 0))
-    evicted = FeatureCache(settings.cache_location).evict(int(settings.cache_quota_gb * 1e9), keep={prep.key},
-                                                     reserve=need, guard=Pins(store.r))  # fmt: skip
+    expected = int(planned_bytes(prep) * (lossy_fraction(spec.extraction.codec, spec.extraction.keepbits) or 1.0))
+    need = max(0, expected - (prep.entry.nbytes() if prep.entry.exists else 0))
+    cache = FeatureCache(settings.cache_location)
+    quota = None if settings.cache_quota_gb is None else int(settings.cache_quota_gb * GB)
+    evicted = cache.evict(quota, keep={prep.key}, reserve=need, guard=Pins(store.r))
     if evicted:
-        reporter.event(f"evicted {len(evicted)} least recently used cache entries to stay under the quota")
+        why = "the cache quota and the free disk" if quota is not None else "the free disk"
+        reporter.event(f"evicted {len(evicted)} least recently used cache entries to make room for {prep.key} "
+                       f"within {why}", data={"evicted": evicted})  # fmt: skip
+    free = cache.free_bytes()
+    if free is not None and need > free:
+        raise DiskFull(cache.local_root or cache.root, f"the feature cache entry {prep.key}", need, free)
+
+
+def _give_back(settings: Settings, prep: Any, reporter: JobReporter, exc: Exception) -> None:
+    """After a full disk while this job (holding the entry's lock: no other job writes or reads it) wrote the entry:
+    remove what it wrote, so the space comes back."""
+    if not isinstance(named(exc), DiskFull):
+        return
+    size = prep.entry.nbytes()
+    if FeatureCache(settings.cache_location).discard(prep.key):
+        reporter.event(f"removed the partial cache entry {prep.key} ({size / 1e6:.1f} MB) to give its space back",
+                       level="warning", data={"cache": prep.key, "bytes": size})  # fmt: skip
 
 
 def _hit(store: JobStore, job_id: str, prep: Any, reporter: JobReporter, t0: float, owner: str | None) -> Next:
@@ -174,7 +214,7 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
             return _hit(store, job_id, prep, reporter, t0, job.get("owner"))
         try:
             quotas.fit_cache(store, settings, prep, job.get("owner"), reporter)  # the key's own cache quota
-            _make_room(store, settings, prep, reporter)
+            _make_room(store, settings, spec, prep, reporter)
             locked = _LockedReporter(store, job_id, lock)
             # never more shard tasks than batches to write (1024 shards of 120 images would be 1024 tasks)
             shards = min(_shard_count(store, spec), -(-len(prep.dataset) // prep.batch_size))
@@ -186,15 +226,16 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
                 lock.detach()  # held on for the shard tasks, which adopt and renew it
                 return ("shards", shards)
             result = run_extraction(spec, settings, locked, prep=prep)
+        except Exception as e:
+            _give_back(settings, prep, reporter, e)
+            raise
         finally:
             lock.release()  # a no-op once detached
         return TRAIN_NEXT if _mark_extracted(store, job_id, cache_key=result["cache_key"], metrics=result) else None
     except Cancelled:
         return _cancelled(store, job_id)
-    except TRANSIENT:
-        raise  # the task retries the step with backoff (worker/tasks.py), failing the job after the last try
     except Exception as e:
-        return fail(store, job_id, e)
+        return _failed(store, job_id, e)
 
 
 def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: int, count: int) -> Next:
@@ -221,7 +262,11 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
             return _hit(store, job_id, prep, reporter, t0, job.get("owner"))
         batches = shard_batches(prep.entry.pending_batches(), index, count)
         if batches:
-            run = extract_batches(prep, spec, _LockedReporter(store, job_id, lock), batches, settings)
+            try:
+                run = extract_batches(prep, spec, _LockedReporter(store, job_id, lock), batches, settings)
+            except Exception as e:
+                _give_back(settings, prep, reporter, e)
+                raise
             store.update_job(job_id, lambda j: j.update(
                 metrics={**j["metrics"], "backbone_forwards": j["metrics"].get("backbone_forwards", 0)
                          + run["backbone_forwards"]}))  # fmt: skip
@@ -243,12 +288,12 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
     except Cancelled:
         lock.release()
         return _cancelled(store, job_id)
-    except TRANSIENT:
+    except _JobEnded:
         lock.release()
-        raise
+        return None
     except Exception as e:
         lock.release()
-        return fail(store, job_id, e)
+        return _failed(store, job_id, e)
 
 
 def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
@@ -289,10 +334,8 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         size = sum(artifacts.model(model_id).files().values())  # counts against the key's models quota
     except Cancelled:
         return _cancelled(store, job_id)
-    except TRANSIENT:
-        raise
     except Exception as e:
-        return fail(store, job_id, e)
+        return _failed(store, job_id, e)
     store.register_model({
         "id": model_id, "object": "model", "created_at": now(), "job_id": job_id, "owner": job.get("owner"),
         "name": spec.name, "method": spec.method.name, "mode": spec.mode, "backbone": spec.backbone.name,

@@ -56,8 +56,10 @@ def describe(p: Plan) -> str:
         if p.expected_cache_bytes != p.cache_bytes:
             rows.append(("", f"about {gb(p.expected_cache_bytes or 0)} with the lossy codec (a rough estimate)"))
     quota = "none (the free disk space)" if p.quota_bytes is None else gb(p.quota_bytes)
+    free = "no free-space figure (an object store)" if p.free_disk_bytes is None else f"{gb(p.free_disk_bytes)} free"
+    available = "no limit" if p.available_bytes is None else gb(p.available_bytes)
     rows.append(("disk", f"quota {quota}; cache uses {gb(p.cache_used_bytes)} ({gb(p.cache_evictable_bytes)} "
-                         f"evictable); {gb(p.free_disk_bytes)} free; available {gb(p.available_bytes)}"))  # fmt: skip
+                         f"evictable); {free}; available {available}"))  # fmt: skip
     verdict = {True: "yes", False: "NO", None: "unknown"}[p.fits]
     if p.fits and p.evict_entries:
         verdict += f", after evicting {gb(p.evict_bytes)} ({p.evict_entries} entries)"

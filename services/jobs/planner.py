@@ -12,7 +12,6 @@ the settings are MiB, as the trainer reads them.
 from __future__ import annotations
 
 import math
-import shutil
 
 from pydantic import BaseModel, Field
 
@@ -68,13 +67,19 @@ class Plan(BaseModel):
         "upper bound.",
     )
     quota_bytes: int | None = Field(None, description="The cache quota (SIDETUNE_CACHE_QUOTA_GB); null: none.")
-    free_disk_bytes: int = Field(..., description="Free space on the disk that holds the cache directory.")
+    free_disk_bytes: int | None = Field(
+        ...,
+        description="Free space on the disk that holds the cache (the data dir's, or a local `SIDETUNE_CACHE_URL`'s); "
+        "null for an object store, which has no such figure.",
+    )
     cache_used_bytes: int = Field(..., description="Space the feature cache uses now.")
     cache_evictable_bytes: int = Field(
         ..., description="Of that, complete entries that least-recently-used eviction may remove."
     )
-    available_bytes: int = Field(
-        ..., description="The most the job's cache may take: quota and free disk, after evicting every evictable entry."
+    available_bytes: int | None = Field(
+        ...,
+        description="The most the job's cache may take: quota and free disk, after evicting every evictable entry; "
+        "null when nothing limits it (an object store without a quota).",
     )
     fits: bool | None = Field(
         None,
@@ -128,54 +133,44 @@ class Plan(BaseModel):
 
 
 class _Disk:
-    """The cache directory's state: usage, evictable entries (least recently used first), quota, free space."""
+    """The cache's state: usage, evictable entries (least recently used first), quota, and the free space of the disk
+    that holds it (a local directory or `file://` URL, wherever it is: the data dir's, `SIDETUNE_CACHE_URL`'s);
+    an object store has no free-space figure (`free` None): only the quota limits it there. What eviction would
+    remove is storage/cache/eviction.py's `choose`, which the worker runs before extracting."""
 
     def __init__(self, settings: Settings) -> None:
         from storage.cache import FeatureCache  # zarr, not torch
+        from storage.cache.eviction import Room, candidates
 
-        root = settings.cache_dir
-        self.dir = settings.cache_location
-        if settings.cache_url:  # an object store: no local disk limit, only the quota
-            self.free = 2**62
-        else:
-            probe = root
-            while not probe.exists() and probe != probe.parent:
-                probe = probe.parent
-            self.free = shutil.disk_usage(probe).free
         cache = FeatureCache(settings.cache_location)
-        self.used = cache.total_bytes()
-        self.entries: list[tuple[float, int]] = []  # (recency, bytes) of complete entries, least recently used first
-        for entry in cache.entries():
-            try:  # an incomplete entry is being written (or resumed): in use, never evicted
-                if entry.is_complete:
-                    self.entries.append((entry.last_used or entry.created, entry.nbytes()))
-            except OSError:  # evicted by another process meanwhile
-                continue
-        self.entries.sort()
-        self.evictable = sum(size for _, size in self.entries)
+        self.dir = cache.local_root or settings.cache_location
+        self.free = cache.free_bytes()
+        entries = cache.entries()
+        self.used = sum(e.nbytes() for e in entries)
+        self.candidates = candidates(entries)
+        self.evictable = sum(c.nbytes for c in self.candidates)
         self.quota = None if settings.cache_quota_gb is None else int(settings.cache_quota_gb * GB)
+        self.room = Room(self.used, self.quota, self.free)
 
-    def space_now(self) -> int:
-        room = self.free if self.quota is None else min(self.quota - self.used, self.free)
-        return max(0, room)
+    def space_now(self) -> int | None:
+        """The most a new entry may take without evicting; None: no limit known."""
+        return self.room.available()
 
-    def space_max(self) -> int:
+    def space_max(self) -> int | None:
         """After evicting every evictable entry."""
-        room = self.free + self.evictable
-        return max(0, room if self.quota is None else min(self.quota - self.used + self.evictable, room))
+        return self.room.without(self.evictable).available()
 
     @property
     def quota_limits(self) -> bool:
-        return self.quota is not None and self.quota - self.used <= self.free
+        """The quota, not the disk, is the tighter limit."""
+        return self.quota is not None and (self.free is None or self.quota - self.used <= self.free)
 
     def to_evict(self, nbytes: int) -> tuple[int, int]:
         """(bytes, entries) of least recently used entries to evict so that `nbytes` fit."""
-        need, freed, count = nbytes - self.space_now(), 0, 0
-        for _, size in self.entries:
-            if freed >= need:
-                break
-            freed, count = freed + size, count + 1
-        return (freed, count) if need > 0 else (0, 0)
+        from storage.cache.eviction import choose
+
+        chosen = choose(self.candidates, nbytes, self.room)
+        return sum(c.nbytes for c in chosen), len(chosen)
 
 
 def _remedies(spec: JobSpec, arch: Architecture, n: int, layers: list[int], tokens: str, room: int,
@@ -215,11 +210,12 @@ def _remedies(spec: JobSpec, arch: Architecture, n: int, layers: list[int], toke
         what = "the backbone runs under no_grad on every step" if mode == "online" else "trains through the backbone"
         out.append(f'no cache at all (execution.mode "{mode}": {what})')
     reserved = disk.used - disk.evictable  # entries that cannot be evicted stay
-    if disk.quota is not None and disk.quota_limits and disk.free + disk.evictable >= expected:
+    if disk.quota_limits and (disk.free is None or disk.free + disk.evictable >= expected):
         out.append(f"raise SIDETUNE_CACHE_QUOTA_GB to at least {math.ceil((expected + reserved) / GB * 100) / 100:.2f} "
                    "(GB)")  # fmt: skip
     elif disk.quota is None or not disk.quota_limits:
-        out.append(f"free disk space under {disk.dir} or put SIDETUNE_DATA_DIR on a larger disk")
+        out.append(f"free disk space under {disk.dir}, or put the cache on a larger disk (SIDETUNE_DATA_DIR, or "
+                   "SIDETUNE_CACHE_URL for the cache alone)")  # fmt: skip
     return out
 
 
@@ -303,7 +299,7 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     compute_s = flops / (tflops * 1e12)
     write_s = expected / (settings.planner_disk_mb_s * 1e6)
     room = disk.space_max()
-    fits = expected <= room
+    fits = room is None or expected <= room
     evict_bytes, evict_entries = disk.to_evict(expected) if fits else (0, 0)
 
     items = "clips" if dataset.kind == "video" else "images"
@@ -312,8 +308,13 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         shape += f"; about {gb(expected)} with keepbits {spec.extraction.keepbits}, a rough estimate"
     elif spec.extraction.codec != "none":
         shape += f"; an upper bound, {spec.extraction.codec} compresses it somewhat"
-    limit = (f"the cache quota is {gb(disk.quota)} (SIDETUNE_CACHE_QUOTA_GB)" if disk.quota_limits
-             else f"the disk under {disk.dir} has {gb(disk.free)} free")  # fmt: skip
+    if disk.quota_limits:
+        limit = f"the cache quota is {gb(disk.quota)} (SIDETUNE_CACHE_QUOTA_GB)"
+    elif disk.free is not None:
+        limit = f"the disk under {disk.dir} has {gb(disk.free)} free"
+    else:  # an object store: no free-space figure
+        limit = (f"the cache is on an object store ({disk.dir}), which has no free-space figure: only "
+                 "SIDETUNE_CACHE_QUOTA_GB would limit it, and it is unset")  # fmt: skip
     if disk.used:
         limit += f"; the cache uses {gb(disk.used)}, {gb(disk.evictable)} of it evictable"
     if fits:

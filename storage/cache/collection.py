@@ -1,17 +1,20 @@
-"""All cache entries under one root: lookup of a covering entry, and least-recently-used eviction."""
+"""All cache entries under one root: lookup of a covering entry, least-recently-used eviction (what to evict is
+storage/cache/eviction.py's to choose), removal of one entry, and the free space of the cache's disk."""
 
 from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
-from storage.cache import files
+from storage.cache import eviction, files
 from storage.cache.entry import CacheEntry, CacheError
+from storage.faults import free_bytes
 
 
 class EvictionGuard(Protocol):
@@ -78,54 +81,93 @@ class FeatureCache:
         charged = [(e.charged_bytes(), self._complete(e)) for e in self.created_by(owner)]
         return sum(n for n, _ in charged), sum(n for n, complete in charged if complete)
 
+    @property
+    def local_root(self) -> str | None:
+        """The root as a local directory (a plain path or a `file://` URL), or None on an object store."""
+        return self.root if isinstance(self.fs, LocalFileSystem) else None
+
+    def free_bytes(self) -> int | None:
+        """Free bytes on the disk that holds the cache; None where there is no such figure (an object store)."""
+        return None if self.local_root is None else free_bytes(self.local_root)
+
+    def discard(self, key: str, guard: EvictionGuard | None = None) -> bool:
+        """Remove entry `key` whole (renamed away first, so a reader sees all of it or none), unless `guard` refuses
+        it (in use); True if this call removed it, False if in use or absent."""
+        if guard is not None and not guard.begin_eviction(key):
+            return False
+        try:
+            path = self._to_trash(key)
+        finally:
+            if guard is not None:
+                guard.end_eviction(key)
+        if path is None:
+            return False
+        self._rm(path)
+        return True
+
+    def _to_trash(self, key: str) -> str | None:
+        """Rename the entry to a `.trash-*` name (atomic for readers); None if it is gone already."""
+        path = files.join(self.root, f".trash-{uuid.uuid4().hex}")
+        try:
+            self.fs.mv(files.join(self.root, key), path, recursive=True)
+        except FileNotFoundError:
+            return None
+        return path
+
     def evict(
         self,
-        max_bytes: int,
+        max_bytes: int | None = None,
         keep: Collection[str] = (),
         reserve: int = 0,
         guard: EvictionGuard | None = None,
+        eligible: Callable[[CacheEntry], bool] | None = None,
         owner: str | None = None,
     ) -> list[str]:
-        """Remove least recently used complete entries until all entries + `reserve` bytes fit in `max_bytes`;
-        returns the keys this call removed (possibly not enough to fit: kept, in-use and incomplete entries stay).
+        """Remove least recently used complete entries until `reserve` more bytes fit both `max_bytes` (the quota;
+        None: none) and the free space of the cache's disk (where measurable); returns the keys this call removed
+        (possibly not enough to fit: kept, in-use and incomplete entries stay). What to remove is
+        storage/cache/eviction.py's `choose`, as the planner computes its promise.
 
-        Candidates: complete entries whose key is not in `keep` (pass e.g. the caller's own entry). Incomplete
-        entries are never evicted (an extraction may be writing them). Recency is `last_used` (touch()), or the
-        entry's completion time if it was never touched. Each removal renames the entry to a `.trash-*` name
-        first (atomic: readers see the whole entry or none), then deletes it, so evictors running at once never
-        remove anything twice or by halves. With a `guard` (storage.locks.Pins): evictors take turns across
-        processes, so the quota is met exactly, and an entry pinned by any process is skipped, atomically with
-        the decision to remove it. Without one, two evictors at once may remove a little more than needed.
-        With `owner` (a key's quota), only the entries that key created count and may go, each as `charged_bytes`.
+        Candidates: complete entries whose key is not in `keep` (pass e.g. the caller's own entry) and that
+        `eligible` accepts (default: every one). Incomplete entries are never evicted (an extraction may be writing
+        them). Recency is `last_used` (touch()), or the entry's completion time if it was never touched. Each
+        removal renames the entry to a `.trash-*` name first (atomic: readers see the whole entry or none), then
+        deletes it, so evictors running at once never remove anything twice or by halves. With a `guard`
+        (storage.locks.Pins): evictors take turns across processes, so the quota is met exactly, and an entry pinned
+        by any process is skipped, atomically with the decision to remove it. Without one, two evictors at once may
+        remove a little more than needed.
+        With `owner` (a key's quota, services/jobs/quotas.py), only the entries that key created count and may go,
+        each as its `charged_bytes`, against `max_bytes` alone (the disk is the global call's concern).
         """
         for stale in self.fs.glob(files.join(self.root, ".trash-*")):  # left by an evictor that died midway
             self._rm(stale)
-        evicted: list[str] = []
         trash: list[str] = []
+
+        def remove(candidate: eviction.Candidate) -> bool:
+            if guard is not None and not guard.begin_eviction(candidate.key):
+                return False  # in use
+            try:
+                path = self._to_trash(candidate.key)  # None: another evictor took it meanwhile
+            finally:
+                if guard is not None:
+                    guard.end_eviction(candidate.key)
+            if path is not None:
+                trash.append(path)
+            return path is not None
+
         with guard if guard is not None else contextlib.nullcontext():
-            entries = self.entries() if owner is None else self.created_by(owner)
-            sizes = {e.key: e.nbytes() if owner is None else e.charged_bytes() for e in entries}
-            keep = set(keep)
-            candidates = sorted((self._recency(e), e.key) for e in entries if e.key not in keep and self._complete(e))
-            for _, key in candidates:
-                sizes = {k: n for k, n in sizes.items() if self.fs.isdir(files.join(self.root, k))}  # others' removals
-                if sum(sizes.values()) + reserve <= max_bytes:
-                    break
-                if key not in sizes or (guard is not None and not guard.begin_eviction(key)):
-                    continue  # gone already, or in use
-                path = files.join(self.root, f".trash-{uuid.uuid4().hex}")
-                try:
-                    self.fs.mv(files.join(self.root, key), path, recursive=True)
-                    evicted.append(key)
-                    trash.append(path)
-                except FileNotFoundError:
-                    pass  # another evictor took it meanwhile
-                finally:
-                    if guard is not None:
-                        guard.end_eviction(key)
+            if owner is None:
+                entries = self.entries()
+                room = eviction.Room(sum(e.nbytes() for e in entries), max_bytes, self.free_bytes())
+                ordered = eviction.candidates(entries, keep, eligible)
+            else:
+                entries = self.created_by(owner)
+                room = eviction.Room(sum(e.charged_bytes() for e in entries), max_bytes, None)
+                ordered = eviction.candidates(entries, keep, eligible, size=lambda e: e.charged_bytes())
+            removed = eviction.choose(ordered, reserve, room, remove)
         for path in trash:  # outside the guard: deleting a large entry takes a while
             self._rm(path)
-        return evicted
+        return [c.key for c in removed]
 
     @staticmethod
     def _usable(entry: CacheEntry, layers: list[int], tokens: str) -> bool:
@@ -140,7 +182,3 @@ class FeatureCache:
             return entry.is_complete
         except OSError:  # vanished meanwhile (evicted by another process)
             return False
-
-    @staticmethod
-    def _recency(entry: CacheEntry) -> float:
-        return entry.last_used or entry.created  # the metadata is rewritten by mark_complete

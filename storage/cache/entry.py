@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from storage.cache import files
+
+log = logging.getLogger("sidetune.cache")
 
 CODECS = ("none", "zstd", "blosc")
 TOKEN_MODES = ("all", "cls", "mean")
@@ -107,8 +110,16 @@ class CacheEntry:
         meta = self.meta
         return set(layers) <= set(meta["layers"]) and meta["token_mode"] in (tokens, "all")
 
-    def touch(self) -> None:
-        files.write_bytes(self.fs, self._file("last_used"), str(time.time()).encode())
+    def touch(self) -> bool:
+        """Mark the entry as used now, for least-recently-used eviction. Best effort: a full disk or an unreachable
+        store only makes the entry look older (a warning is logged), never fails the job that reads it."""
+        try:
+            files.write_bytes(self.fs, self._file("last_used"), str(time.time()).encode())
+            return True
+        except Exception as e:  # an OSError (ENOSPC), or an object store's own errors
+            log.warning("could not mark cache entry %s as used (%s: %s); eviction may take it for older than it is",
+                        self.key, type(e).__name__, e)  # fmt: skip
+            return False
 
     @property
     def last_used(self) -> float:

@@ -22,6 +22,7 @@ import tensorstore as ts
 
 from storage.cache import files
 from storage.cache.entry import CacheEntry
+from storage.faults import retrying
 
 
 class ShardWriter:
@@ -62,8 +63,9 @@ class ShardWriter:
                 # as CacheEntry.mark_batch does, through tensorstore (zarr-python's group and array opens cost 5 ms)
                 self._valid[start:stop].write(np.asarray(valid, bool)).result()
                 self._done[batch].write(True).result()
-            else:
-                self.entry.write_batch(batch, np.asarray(acts), valid)
+            else:  # an object store: a lost connection or a 503 is tried again (storage/faults.py's policy)
+                data = np.asarray(acts)
+                retrying(lambda: self.entry.write_batch(batch, data, valid), f"writing cache batch {batch}")
         finally:
             if done is not None:
                 done()

@@ -128,10 +128,10 @@ def test_every_verb_against_the_stack(stack, tmp_path):
 COMMANDS = [["serve"], ["api"], ["inference"], ["worker"], ["params"], ["plan"], ["demo"], ["submit"], ["predict"],
             ["report"], *(["jobs", v] for v in ("list", "get", "cancel", "delete", "events", "checkpoints")),
             *(["models", v] for v in ("list", "get", "delete", "export")),
-            *(["datasets", v] for v in ("upload", "list", "get", "delete")),
-            ["jobs"], ["models"], ["datasets"]]  # fmt: skip
+            *(["datasets", v] for v in ("upload", "list", "get", "delete")), ["cache", "list"], ["cache", "delete"],
+            ["jobs"], ["models"], ["datasets"], ["cache"]]  # fmt: skip
 READS = {"list", "get", "cancel", "events", "checkpoints", "predict", "report", "submit", "upload", "jobs", "models",
-         "datasets"}  # fmt: skip
+         "datasets", "cache"}  # fmt: skip
 
 
 def _help(capsys, *argv: str) -> str:

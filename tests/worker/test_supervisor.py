@@ -187,3 +187,21 @@ def test_sigterm_stops_everything_and_leaves_no_process(serve: Serve) -> None:
           f"0 stack exits")  # fmt: skip
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{serve.api}/healthz", timeout=2)
+
+
+def test_logs_go_to_another_directory_or_to_stderr(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """SIDETUNE_LOG_DIR: each child's log in that directory (off the data disk), or `stderr`: the children write to
+    the supervisor's own stderr (a container's log)."""
+    from storage.settings import Settings
+    from worker.launcher import Stack
+
+    missing = str(tmp_path / "missing.json")
+    elsewhere = Stack(Settings(data_dir=tmp_path / "data", log_dir=str(tmp_path / "logs")))
+    assert elsewhere.log_dir == tmp_path / "logs"
+    assert elsewhere.spawn("plan", "plan", missing).wait(60) == 2
+    assert missing in (tmp_path / "logs" / "plan.log").read_text() and not (tmp_path / "data" / "logs").exists()
+    inherited = Stack(Settings(data_dir=tmp_path / "data", log_dir="stderr"))
+    assert inherited.log_dir is None and inherited.logs_where == "this process's stderr"
+    capfd.readouterr()
+    assert inherited.spawn("plan", "plan", missing).wait(60) == 2
+    assert missing in capfd.readouterr().err

@@ -1,6 +1,6 @@
 """The CLI's verbs that talk to the API, one module per resource as the API's routes are (jobs.py: submit and jobs,
-models.py: models, predict and report, datasets.py), in the habits of gh and kubectl: `sidetune RESOURCE VERB ...`,
-a table for people, `--json` for scripts on every verb that reads, an example in every `--help`.
+models.py: models, predict and report, datasets.py, cache.py), in the habits of gh and kubectl: `sidetune RESOURCE
+VERB ...`, a table for people, `--json` for scripts on every verb that reads, an example in every `--help`.
 
 The API's URL: `--url`, else SIDETUNE_URL (SIDETUNE_API_URL also read), else the configured host and port; the key:
 SIDETUNE_API_KEY. Errors: the API's own message on stderr (worker/cli.py maps them to exit codes).
@@ -107,9 +107,9 @@ def resource(
 
 
 def add_parsers(sub: Subparsers) -> None:
-    from worker.commands import datasets, jobs, models
+    from worker.commands import cache, datasets, jobs, models
 
-    for module in (jobs, models, datasets):
+    for module in (jobs, models, datasets, cache):
         module.add_parsers(sub)
 
 
