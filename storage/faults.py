@@ -219,7 +219,8 @@ def store_call(url: str, call: Callable[[], T], what: str = "", need: int | None
 
 # ---- Redis ----------------------------------------------------------------------------------------------------------
 # the error's own text, or redis-py's "Command # 2 (SET ...) of pipeline caused error: MISCONF ..."
-_REFUSAL = re.compile(r"(?:^|caused error: )-?(?:MISCONF|OOM|READONLY|NOREPLICAS)\b")
+# at the start of Redis's answer, inside a pipeline's ("caused error: ...") or a script's ("@user_script: 5: -MISCONF")
+_REFUSAL = re.compile(r"(?:^|caused error: |@user_script: ?\d+: )-?(?:MISCONF|OOM|READONLY|NOREPLICAS)\b")
 
 
 def refuses_writes(exc: BaseException) -> bool:
