@@ -226,7 +226,8 @@ def _solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models
         base = {k: v.detach().cpu().numpy() for k, v in probes[p].state_dict().items()}
         for j in js:
             for point in (pt for pt in path if pt.l2 in grids[j]):
-                state = {**base, "head.weight": point.weight, "head.bias": point.bias}
+                # only the path's best point kept its classifier, and selection picks among the paths' best
+                state = {} if point.weight is None else {**base, "head.weight": point.weight, "head.bias": point.bias}
                 results.append(Result(state=state, score=point.score, loss=point.loss))
                 points.append(
                     {
@@ -302,7 +303,8 @@ def train_job(
                               checkpoint_dir, layers)  # fmt: skip
         owner = list(range(len(configs)))
     _report_loading(reporter, [train_src, val_src])
-    chosen = select(results)
+    kept = [i for i, r in enumerate(results) if r.state]  # an L-BFGS path keeps its best point's weights only
+    chosen = kept[select([results[i] for i in kept])]
     j = owner[chosen]
     best, best_hp, model, res = configs[j], dict(hps[j]), models[j], results[chosen]
     if lbfgs:

@@ -25,6 +25,7 @@ whatever the class count; a single chunk computes exactly what it always did.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,8 +47,9 @@ class PathPoint:
     score: float  # validation accuracy, or mAP (multi-label)
     loss: float  # plain validation loss
     iterations: int
-    weight: np.ndarray = field(repr=False)  # [C, D], standardisation folded in
-    bias: np.ndarray = field(repr=False)  # [C]
+    # the classifier, standardisation folded in: [C, D] and [C]; None for every point but the path's best
+    weight: np.ndarray | None = field(default=None, repr=False)
+    bias: np.ndarray | None = field(default=None, repr=False)
 
 
 def standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +64,8 @@ def solve_path(
     grid: list[float] | tuple[float, ...], objective: Objective, max_iter: int,
     on_point: Callable[[PathPoint], None] | None = None,
 ) -> list[PathPoint]:  # fmt: skip
-    """One PathPoint per strength of `grid`, strongest first. Features: float32 [n, D] on the device."""
+    """One PathPoint per strength of `grid`, strongest first. Features: float32 [n, D] on the device. Only the best
+    point (`best`) keeps its classifier: a path of 17 strengths over 21,843 classes would hold 17 of them."""
     mu, sigma = standardise(x_train)
     # one parameter [C, D + 1] against features with a column of ones: the last column is the bias
     xs = torch.cat([(x_train - mu) / sigma, x_train.new_ones(len(x_train), 1)], dim=1)
@@ -73,6 +76,7 @@ def solve_path(
     total = objective.normalizer(y_train)
     shares = [objective.normalizer(y_train[rows]) / total for rows in parts] if len(parts) > 1 else []
     points: list[PathPoint] = []
+    kept = 0  # the best point so far, the one that keeps its weights
     for l2 in sorted(set(grid), reverse=True):  # strongest first: each solution starts the next
         opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=GRADIENT_TOLERANCE,
                                 tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
@@ -95,11 +99,13 @@ def solve_path(
         opt.step(closure)
         with torch.no_grad():
             score, loss = _validation(xv, w, y_val, y_val_t, objective)
-            folded = w[:, :-1] / sigma
-            point = PathPoint(
-                l2=l2, score=score, loss=loss, iterations=int(opt.state_dict()["state"][0]["n_iter"]),
-                weight=folded.cpu().numpy(), bias=(w[:, -1] - folded @ mu).cpu().numpy(),
-            )  # fmt: skip
+            point = PathPoint(l2=l2, score=score, loss=loss, iterations=int(opt.state_dict()["state"][0]["n_iter"]))
+            if not points or _rank(point, len(points)) > _rank(points[kept], kept):
+                if points:
+                    points[kept].weight = points[kept].bias = None
+                kept = len(points)
+                folded = w[:, :-1] / sigma
+                point.weight, point.bias = folded.cpu().numpy(), (w[:, -1] - folded @ mu).cpu().numpy()
         points.append(point)
         if on_point is not None:
             on_point(point)
@@ -127,6 +133,13 @@ def _validation(xv: torch.Tensor, w: torch.Tensor, y_val: np.ndarray, y_val_t: t
     return score, float(loss) / len(xv)
 
 
+def _rank(point: PathPoint, i: int) -> tuple[float, float, int]:
+    """Higher is better: the validation figure, then the lower validation loss, then the earlier point; NaN ranks
+    last (fit.select's order, which picks among the points of every path)."""
+    score, loss = point.score, point.loss
+    return (score if score == score else -math.inf, -(loss if loss == loss else math.inf), -i)
+
+
 def best(points: list[PathPoint]) -> int:
-    """Index of the best validation figure; ties: the lower validation loss, then the earlier point."""
-    return max(range(len(points)), key=lambda i: (np.nan_to_num(points[i].score, nan=-1.0), -points[i].loss, -i))
+    """Index of the best point: the one that kept its weights."""
+    return max(range(len(points)), key=lambda i: _rank(points[i], i))

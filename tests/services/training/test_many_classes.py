@@ -5,6 +5,7 @@ count, and the L-BFGS probe solved in chunks of rows against one block."""
 from __future__ import annotations
 
 import io
+import time
 import tracemalloc
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
 
+from services.data.datasets import split, val_count
 from services.methods.linear import solver
 from services.training import evaluation, plots, reports
 from services.training.objectives import Objective
@@ -125,5 +127,25 @@ def test_the_probe_solved_in_chunks_of_rows_matches_one_block(monkeypatch, multi
     assert len(evaluation.row_chunks(120, 7)) == 8
     parts = solver.solve_path(x, objective.targets(y), xv, y_val, [1e-2, 1e-3], objective, 60)
     for a, b in zip(whole, parts, strict=True):
-        np.testing.assert_allclose(b.weight, a.weight, atol=2e-4, rtol=1e-3)
         assert b.score == pytest.approx(a.score, abs=1e-9) and b.loss == pytest.approx(a.loss, rel=1e-4)
+    kept = solver.best(whole)
+    assert solver.best(parts) == kept and [p.weight is None for p in whole] == [i != kept for i in range(2)]
+    np.testing.assert_allclose(parts[kept].weight, whole[kept].weight, atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(parts[kept].bias, whole[kept].bias, atol=2e-4, rtol=1e-3)
+
+
+def test_the_split_of_many_classes_is_one_sort_not_a_pass_per_class() -> None:
+    """Old code: one `labels == c` pass per class, N x C: 300,000 images of 21,843 classes took 17 s (now 1 s)."""
+    labels = np.random.default_rng(9).integers(0, 21843, 300_000)
+    t0 = time.perf_counter()
+    train, val, test = split(labels, 0.1, 0.2, seed=3)
+    assert time.perf_counter() - t0 < 8
+    assert len(train) + len(val) + len(test) == len(labels) and not set(val) & set(test)
+    small = labels[:2000] % 30
+    expected = [np.flatnonzero(small == c) for c in np.unique(small)]
+    rng = np.random.default_rng(3)  # the old definition: a seeded shuffle per class, classes in order
+    val_old = []
+    for idx in expected:
+        rng.shuffle(idx)
+        val_old.extend(idx[: val_count(len(idx), 0.2)])
+    assert np.array_equal(split(small, 0.2, 0.0, seed=3)[1], np.sort(val_old))
