@@ -146,21 +146,48 @@ class PerClass(BaseModel):
     average_precision: float | None = Field(None, description="Multi-label: the tag's average precision.")
 
 
+class SparseConfusion(BaseModel):
+    format: Literal["coo"] = Field("coo", description="Triples: cell (true[i], predicted[i]) holds count[i].")
+    shape: list[int] = Field(..., description="[classes, classes].")
+    true: list[int] = Field(..., description="True class of each cell (an index into the model's `classes`).")
+    predicted: list[int] = Field(..., description="Predicted class of each cell (an index into the model's `classes`).")
+    count: list[int] = Field(..., description="Images in each cell; cells not listed hold none.")
+
+
+class Confusion(BaseModel):
+    true: str = Field(..., description="The true class.")
+    predicted: str = Field(..., description="The class predicted instead.")
+    count: int = Field(..., description="Images of `true` predicted as `predicted`.")
+
+
 class Evaluation(BaseModel):
     split: Literal["test", "val"] = Field(
         ..., description="`test`: the held-out test split, seen once; `val`: the validation split (no test split was "
         "given), which selected the model, so its figures are optimistic."
     )  # fmt: skip
     images: int = Field(..., description="Images evaluated.")
-    classes: list[str] = Field(..., description="Class (tag) names, in the order of the confusion matrix.")
+    offset: int = Field(0, description="The page's first class (row).")
+    limit: int = Field(..., description="Classes (rows) a page holds at most.")
+    total: int = Field(..., description="Classes (tags) in the whole report.")
+    has_more: bool = Field(..., description="Classes after this page: ask for `offset + limit`.")
+    classes: list[str] = Field(..., description="The page's class (tag) names, in the model's order: rows `offset` "
+                               "on of the confusion matrix.")  # fmt: skip
     metrics: dict[str, float] = Field(
         ..., description="`<split>_accuracy`, `_balanced_accuracy`, `_top5_accuracy` (more than 5 classes), "
         "`_macro_f1`; multi-label: `<split>_map`, `_micro_f1`, `_macro_f1`. scikit-learn's metrics."
     )  # fmt: skip
-    per_class: list[PerClass] = Field(..., description="Per class: precision, recall, F1, support.")
-    confusion_matrix: list[Any] = Field(
-        ..., description="Rows: true class, columns: predicted class (counts). Multi-label: per tag "
-        "[[tn, fp], [fn, tp]]."
+    per_class: list[PerClass] = Field(..., description="The page's classes: precision, recall, F1, support.")
+    confusion_matrix: list[Any] | None = Field(
+        None, description="The page's rows of the confusion matrix: rows: true class, columns: predicted class (every "
+        "class; counts); at most 100 classes. Multi-label: per tag [[tn, fp], [fn, tp]], whatever the tag count."
+    )  # fmt: skip
+    confusion: SparseConfusion | None = Field(
+        None, description="Above 100 classes, instead of `confusion_matrix`: the cells that are not zero whose true "
+        "class is on the page."
+    )  # fmt: skip
+    top_confusions: list[Confusion] | None = Field(
+        None, description="Single-label: the 20 most frequent confusions (true -> predicted, off the diagonal) of the "
+        "whole report."
     )  # fmt: skip
     threshold: float | None = Field(None, description="Multi-label: the decision threshold used.")
 
@@ -194,6 +221,10 @@ class PredictRequest(BaseModel):
         None, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="Multi-label models: return the tags "
         "scoring at least this (default: the model's threshold, chosen on validation); a number (not a string or a "
         "boolean). A single-label model refuses it (422)."
+    )  # fmt: skip
+    top_k: int | None = Field(
+        None, ge=1, strict=True, description="Return only the `top_k` highest scores of each instance, highest first "
+        "(default: every class's score, in the model's order)."
     )  # fmt: skip
 
 

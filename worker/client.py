@@ -143,8 +143,25 @@ class Client:
             tmp.replace(out)
         return out
 
-    def evaluation(self, model_id: str) -> dict[str, Any]:
-        return self._call("GET", f"/models/{model_id}/evaluation")
+    def evaluation(self, model_id: str, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """One page of the evaluation report: classes [offset, offset + limit) (the server's default page: 100)."""
+        params = {"offset": offset, **({"limit": limit} if limit else {})}
+        return self._call("GET", f"/models/{model_id}/evaluation", params=params)
+
+    def whole_evaluation(self, model_id: str, page: int = 1000) -> dict[str, Any]:
+        """The whole evaluation report: its pages of `page` classes, joined."""
+        out = self.evaluation(model_id, 0, page)
+        while out["has_more"]:
+            more = self.evaluation(model_id, out["offset"] + len(out["classes"]), page)
+            for key in ("classes", "per_class", "confusion_matrix"):
+                if key in more:
+                    out[key] += more[key]
+            if "confusion" in more:
+                for key in ("true", "predicted", "count"):
+                    out["confusion"][key] += more["confusion"][key]
+            out["has_more"] = more["has_more"]
+        out["limit"] = len(out["classes"])
+        return out
 
     def plot(self, model_id: str, name: str) -> bytes:
         return self._check(self.http.get(f"/models/{model_id}/plots/{name}.png")).content

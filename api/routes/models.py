@@ -3,13 +3,16 @@ serves the reading routes too (`read_only`); exporting a model is its route (api
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
+from fastapi.responses import JSONResponse
 
 from api.deps import ModelId, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.schemas import ErrorBody, Evaluation, Model, ModelList
+from services.training import reports
 from storage.artifacts import ArtifactStore
 from storage.jobs import JobStore, NotFound, job_id_for, now
 
@@ -80,11 +83,23 @@ def _file(settings: SettingsDep, model_id: str, name: str, what: str) -> bytes:
 
 
 @router.get("/{model_id}/evaluation", response_model=Evaluation, responses={404: {"model": ErrorBody}})
-def get_evaluation(model_id: ModelId, store: StoreDep, owner: OwnerDep, settings: SettingsDep) -> Response:
+def get_evaluation(
+    model_id: ModelId,
+    store: StoreDep,
+    owner: OwnerDep,
+    settings: SettingsDep,
+    offset: Annotated[int, Query(ge=0, description="The first class (row) of the page.")] = 0,
+    limit: Annotated[
+        int, Query(ge=1, le=reports.MAX_PAGE, description=f"Classes (rows) on the page; at most {reports.MAX_PAGE}.")
+    ] = reports.PAGE,
+) -> Response:
     """The selected model's evaluation report (scikit-learn's metrics): on the test split when the job had one
-    (`dataset.test_fraction` or `dataset.test`), else on the validation split (`split` says which)."""
+    (`dataset.test_fraction` or `dataset.test`), else on the validation split (`split` says which). Per-class rows
+    come in pages of `limit` classes from `offset` (`has_more` says whether more follow; a model of at most 100
+    classes fits the default page whole); the summary figures and `top_confusions` come with every page."""
     own_model(store, model_id, owner)
-    return Response(_file(settings, model_id, "evaluation.json", "evaluation report"), media_type="application/json")
+    report = json.loads(_file(settings, model_id, "evaluation.json", "evaluation report"))
+    return JSONResponse(reports.page(report, offset, limit))
 
 
 @router.get(

@@ -165,10 +165,11 @@ async def predict(model_id: ModelId, body: PredictRequest, request: Request, own
         if video:
             check_videos(items, settings)
         model, probs = await run_videos(request, model_id, items, video)
-        return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, body.threshold)}
-    images = await off_loop(request, "decoder", lambda: _raw(body.instances)[0])
-    model, probs = await run_model(request, model_id, images)
-    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, body.threshold)}
+    else:
+        images = await off_loop(request, "decoder", lambda: _raw(body.instances)[0])
+        model, probs = await run_model(request, model_id, images)
+    predictions = request.app.state.predictor.format(model, probs, body.threshold, body.top_k)
+    return {"model_id": model_id, "predictions": predictions}
 
 
 @router.post("/{model_id}:predict-files", response_model=PredictResponse)
@@ -190,6 +191,10 @@ async def predict_files(
             description="Multi-label models: the tag threshold (default: the model's); single-label ones refuse it.",
         ),
     ] = None,
+    top_k: Annotated[
+        int | None,
+        Query(ge=1, description="Return only the `top_k` highest scores of each file (default: every class's)."),
+    ] = None,
 ) -> dict:
     """Classify uploaded image files (multipart/form-data), or video files for a model trained on clips."""
     record = await own(request, model_id, owner)
@@ -199,6 +204,6 @@ async def predict_files(
     if record.get("video") is not None:  # the model's files are videos
         check_videos(raw, settings, "file")
         model, probs = await run_videos(request, model_id, raw, None)
-        return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold)}
+        return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold, top_k)}
     model, probs = await run_model(request, model_id, raw)
-    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold)}
+    return {"model_id": model_id, "predictions": request.app.state.predictor.format(model, probs, threshold, top_k)}

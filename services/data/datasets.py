@@ -321,19 +321,29 @@ def split(
     validation split of earlier versions, image for image. Multi-label targets [n, tags]: the same over all
     samples at once (seeded, not stratified)."""
     rng = np.random.default_rng(seed)
-    train, val, test = [], [], []
-    groups = [np.arange(len(labels))] if labels.ndim == 2 else [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    for idx in groups:
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for idx in [np.arange(len(labels))] if labels.ndim == 2 else _by_class(labels):
         rng.shuffle(idx)
         n = len(idx)
         n_val = val_count(n, val_fraction)
         n_test = 0
         if test_fraction > 0 and n - n_val >= 2:
             n_test = min(max(int(round(n * test_fraction)), 1), n - n_val - 1)
-        val.extend(idx[:n_val])
-        test.extend(idx[n_val : n_val + n_test])
-        train.extend(idx[n_val + n_test :])
-    return tuple(np.sort(np.array(part, dtype=np.int64)) for part in (train, val, test))  # type: ignore[return-value]
+        val.append(idx[:n_val])
+        test.append(idx[n_val : n_val + n_test])
+        train.append(idx[n_val + n_test :])
+    return tuple(np.sort(np.concatenate([np.empty(0, np.int64), *part]).astype(np.int64))
+                 for part in (train, val, test))  # type: ignore[return-value]  # fmt: skip
+
+
+def _by_class(labels: np.ndarray) -> list[np.ndarray]:
+    """Each class's indices in ascending order, classes in ascending order: `np.flatnonzero(labels == c)` for each
+    class, from one stable sort (one pass per class is N x C: 21,843 classes of 14 million images would be hours)."""
+    order = np.argsort(labels, kind="stable")
+    _, counts = np.unique(labels, return_counts=True)
+    return np.split(order, np.cumsum(counts)[:-1])
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,6 @@ from what was finished (cache batches, training checkpoints).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -17,6 +16,7 @@ from services.errors import classify, internal_message, named, reference, transi
 from services.jobs import quotas
 from services.jobs.progress import Cancelled, JobReporter
 from services.spec import JobSpec
+from services.training import reports
 from storage.artifacts import ArtifactStore
 from storage.cache import CacheError, FeatureCache
 from storage.datasets import DatasetFiles
@@ -296,6 +296,12 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
         return _failed(store, job_id, e)
 
 
+def model_files(out: dict[str, Any]) -> dict[str, bytes]:
+    """The files saved beside a trained model's weights: its evaluation report and its plots."""
+    return {"evaluation.json": reports.encode(out["evaluation"]),
+            **{f"plots/{name}.png": png for name, png in out["plots"].items()}}  # fmt: skip
+
+
 def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
     from services.training.job import train_job
 
@@ -324,8 +330,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
                     raise CacheError(f"the feature cache entry {key} was evicted before training; submit the job "
                                      "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB")  # fmt: skip
                 out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt)
-            files = {"evaluation.json": json.dumps(out["evaluation"], indent=2).encode()}
-            files |= {f"plots/{name}.png": png for name, png in out["plots"].items()}
+            files = model_files(out)
             artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"], files)
         artifacts.check_model(model_id)
         config = artifacts.read_json(model_id, "config.json")

@@ -87,14 +87,20 @@ def _side(module: torch.nn.Module, device_type: str, bf16: bool, features: torch
         return module(features)
 
 
-def format_predictions(model: LoadedModel, probs: np.ndarray, threshold: float | None = None) -> list[dict[str, Any]]:
-    """The v1 output: one {"label", "scores"} per image; a multi-label model adds "labels", the tags whose score
-    reaches `threshold` (default: the model's, chosen on validation)."""
-    out = [
-        {"label": model.classes[int(p.argmax())],
-         "scores": {c: round(float(s), 6) for c, s in zip(model.classes, p, strict=True)}}
-        for p in probs
-    ]  # fmt: skip
+def _scores(classes: list[str], p: np.ndarray, top_k: int | None) -> dict[str, float]:
+    """Every class's score in the model's order, or the `top_k` highest, highest first."""
+    if top_k is None or top_k >= len(classes):
+        return {c: round(float(s), 6) for c, s in zip(classes, p, strict=True)}
+    best = np.argpartition(-p, top_k - 1)[:top_k]
+    return {classes[i]: round(float(p[i]), 6) for i in best[np.argsort(-p[best], kind="stable")]}
+
+
+def format_predictions(model: LoadedModel, probs: np.ndarray, threshold: float | None = None,
+                       top_k: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """The v1 output: one {"label", "scores"} per image, "scores" holding every class's (or with `top_k` the k
+    highest: a 21,843-class model's every score is about 600 KB of JSON an image); a multi-label model adds
+    "labels", the tags whose score reaches `threshold` (default: the model's, chosen on validation)."""
+    out = [{"label": model.classes[int(p.argmax())], "scores": _scores(model.classes, p, top_k)} for p in probs]
     if model.multi_label:
         t = model.threshold if threshold is None else threshold
         for pred, p in zip(out, probs, strict=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from services.data.sources import Source
 from services.errors import UserError
 from services.jobs.progress import Reporter
 from services.training import checkpoint
-from services.training.evaluation import validation_scores
+from services.training.evaluation import top_k_hits, validation_scores
 from services.training.objectives import Objective
 from services.training.runs import Runs
 from storage.store import Folder
@@ -79,37 +80,96 @@ def inputs_for(x: torch.Tensor, runs: Runs, layers: list[int] | None) -> torch.T
     return x[:, [layers.index(layer) for layer in runs.input_layers]]
 
 
-def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
-            device: str) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
-    """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the labels of their
-    rows (all n, unless images that cannot be decoded are skipped). One read of the device, at the end."""
-    out: list[list[torch.Tensor]] = [[] for _ in runs]  # per Runs: [K, B, C] per batch
-    labels: list[torch.Tensor] = []
+def _each_batch(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
+                each: Callable[[list[torch.Tensor], torch.Tensor], None]) -> None:  # fmt: skip
+    """`each(logits, labels)` for every batch of the first `n` items of `source` (in order) that holds an image:
+    logits [K, B, C] of every Runs, on the device, computed in inference mode."""
     for r in runs:
         r.train(False)
     with torch.inference_mode():
         for x, y in source.iterate(batches_of(np.arange(n), batch_size)):
-            if not len(y):
-                continue
-            labels.append(y)
-            for r, parts in zip(runs, out, strict=True):
-                parts.append(r.logits(inputs_for(x, r, layers)))
+            if len(y):
+                each([r.logits(inputs_for(x, r, layers)) for r in runs], y)
+
+
+def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
+            device: str) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
+    """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the labels of their
+    rows (all n, unless images that cannot be decoded are skipped). One read of the device, at the end. Holds n x C
+    scores per configuration: single-label scoring goes through `evaluate` and `predicted_labels` instead."""
+    out: list[list[torch.Tensor]] = [[] for _ in runs]  # per Runs: [K, B, C] per batch
+    labels: list[torch.Tensor] = []
+
+    def keep(logits: list[torch.Tensor], y: torch.Tensor) -> None:
+        labels.append(y)
+        for parts, part in zip(out, logits, strict=True):
+            parts.append(part)
+
+    _each_batch(runs, source, n, batch_size, layers, keep)
     if not labels:
         return [np.empty((0, 0), np.float32) for r in runs for _ in range(r.count)], np.empty(0, np.int64)
     stacked = [torch.cat(parts, dim=1).cpu().numpy() for parts in out]
     return [logits for s in stacked for logits in s], torch.cat(labels).cpu().numpy()
 
 
+def predicted_labels(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
+                     objective: Objective) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+    """One single-label model's (`runs`: one configuration) evaluation inputs, batch by batch so that the
+    probabilities [n, C] are never held whole: every row's label, predicted class (the most probable) and whether
+    its label is among the 5 most probable classes (None for 5 classes or fewer), as evaluation.report computes
+    them from the probabilities."""
+    labels: list[np.ndarray] = []
+    predicted: list[np.ndarray] = []
+    hits: list[np.ndarray] = []
+    top5 = objective.num_classes > 5
+
+    def score(logits: list[torch.Tensor], y: torch.Tensor) -> None:
+        probs = objective.probabilities(logits[0][0].float().cpu().numpy())
+        labels.append(y.cpu().numpy())
+        predicted.append(probs.argmax(1))
+        if top5:
+            hits.append(top_k_hits(labels[-1], probs, 5))
+
+    _each_batch(runs, source, n, batch_size, layers, score)
+    if not labels:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, bool) if top5 else None
+    return np.concatenate(labels), np.concatenate(predicted), np.concatenate(hits) if top5 else None
+
+
 def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
              objective: Objective) -> list[tuple[float, float]]:  # fmt: skip
-    """(validation figure, plain validation loss) of every configuration."""
+    """(validation figure, plain validation loss) of every configuration. Single-label: accuracy and loss summed
+    batch by batch on the device (never n x C scores on the host; one read of the device, at the end); a
+    configuration with a non-finite score scores NaN, as validation_scores says. Multi-label: mAP ranks each tag's
+    scores over the whole split, so they are kept (the targets are [n, tags] too)."""
     if n == 0:
         raise DatasetError("the validation split is empty")  # refused at submission; the cache lost images since
-    all_logits, targets = predict(runs, source, n, batch_size, layers, objective.device)
-    y = objective.targets(targets)
-    # every configuration at once: a sweep of 32 linear heads evaluates in an epoch of a few milliseconds
-    losses = objective.plain(torch.from_numpy(np.stack(all_logits)).to(y.device), y).tolist()
-    return list(zip(validation_scores(targets, all_logits), losses, strict=True))
+    if objective.multi_label:
+        all_logits, targets = predict(runs, source, n, batch_size, layers, objective.device)
+        y = objective.targets(targets)
+        # every configuration at once: a sweep of 32 linear heads evaluates in an epoch of a few milliseconds
+        losses = objective.plain(torch.from_numpy(np.stack(all_logits)).to(y.device), y).tolist()
+        return list(zip(validation_scores(targets, all_logits), losses, strict=True))
+    count = sum(r.count for r in runs)
+    right = torch.zeros(count, dtype=torch.int64, device=objective.device)
+    loss = torch.zeros(count, device=objective.device)
+    finite = torch.ones(count, dtype=torch.bool, device=objective.device)
+    rows = 0
+
+    def add(logits: list[torch.Tensor], y: torch.Tensor) -> None:
+        nonlocal rows
+        z = torch.cat(logits).float()  # [K, B, C]
+        y = y.to(z.device)
+        right.add_((z.argmax(2) == y).sum(1))
+        loss.add_(objective.plain(z, y) * len(y))
+        finite.logical_and_(torch.isfinite(z).all(2).all(1))
+        rows += len(y)
+
+    _each_batch(runs, source, n, batch_size, layers, add)
+    if not rows:
+        return [(float("nan"), float("nan"))] * count
+    scores = [r / rows if ok else float("nan") for r, ok in zip(right.tolist(), finite.tolist(), strict=True)]
+    return list(zip(scores, (loss / rows).tolist(), strict=True))
 
 
 def fit(

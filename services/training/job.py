@@ -35,7 +35,7 @@ from services.paths import UserPaths
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.sweeps.stacked import make_runs
-from services.training.fit import Result, batches_of, fit, predict, select
+from services.training.fit import Result, batches_of, fit, predict, predicted_labels, select
 from services.training.objectives import Objective
 from services.training.runs import Runs, autocast, to_numpy, to_torch  # noqa: F401 - to_numpy/to_torch: the tests' helpers
 from services.video.loading import clip_transform, epoch_reader, padding_event
@@ -226,7 +226,8 @@ def _solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models
         base = {k: v.detach().cpu().numpy() for k, v in probes[p].state_dict().items()}
         for j in js:
             for point in (pt for pt in path if pt.l2 in grids[j]):
-                state = {**base, "head.weight": point.weight, "head.bias": point.bias}
+                # only the path's best point kept its classifier, and selection picks among the paths' best
+                state = {} if point.weight is None else {**base, "head.weight": point.weight, "head.bias": point.bias}
                 results.append(Result(state=state, score=point.score, loss=point.loss))
                 points.append(
                     {
@@ -302,7 +303,8 @@ def train_job(
                               checkpoint_dir, layers)  # fmt: skip
         owner = list(range(len(configs)))
     _report_loading(reporter, [train_src, val_src])
-    chosen = select(results)
+    kept = [i for i, r in enumerate(results) if r.state]  # an L-BFGS path keeps its best point's weights only
+    chosen = kept[select([results[i] for i in kept])]
     j = owner[chosen]
     best, best_hp, model, res = configs[j], dict(hps[j]), models[j], results[chosen]
     if lbfgs:
@@ -323,8 +325,13 @@ def train_job(
         source, targets = _sources(spec, settings, data, [test_idx], own, train=False)[0][0], data.labels[test_idx]
     else:
         source, targets = val_src, y_val
-    logits, targets = predict(final, source, len(targets), 256, own if source is not val_src else layers, device)
-    report = evaluation.report(targets, objective.probabilities(logits[0]), data.classes, name, threshold)
+    read = own if source is not val_src else layers
+    if objective.multi_label:
+        logits, targets = predict(final, source, len(targets), 256, read, device)
+        report = evaluation.report(targets, objective.probabilities(logits[0]), data.classes, name, threshold)
+    else:  # batch by batch: never the [n, C] probabilities whole
+        targets, pred, top5 = predicted_labels(final, source, len(targets), 256, read, objective)
+        report = evaluation.label_report(targets, pred, top5, data.classes, name)
     reporter.event(f"selected model on the {'test' if name == 'test' else 'validation'} split: " + ", ".join(
         f"{k} {v:.4f}" for k, v in report["metrics"].items()), type="metrics", data=report["metrics"])  # fmt: skip
 

@@ -3,7 +3,12 @@
 - `curves`: training loss, the validation figure and the learning rate per epoch, one line per sweep configuration
   (the selected one drawn bold); for the L-BFGS linear probe, the validation figure against the L2 strength;
 - `confusion`: the evaluation's confusion matrix (rows: true class, columns: predicted), or for multi-label models
-  each tag's true/false positives and negatives.
+  each tag's true/false positives and negatives. Up to `reports.LARGE_CLASSES` classes (tags) every cell is drawn,
+  on a canvas that grows with the classes (at 100: about 5,200 x 4,650 px); above, a summary on a fixed canvas
+  (`SUMMARY_INCHES` at `DPI`: 1,400 x 700 px whatever the class count): the matrix downsampled to at most `MAX_BINS`
+  x `MAX_BINS` bins of consecutive classes, beside a table of the most frequent confusions (multi-label: the tags'
+  outcomes per bin, beside the tags with the most errors). Drawn in full, a 1,000-class matrix asked for a
+  50,200 x 45,150 px canvas (tens of GB).
 
 matplotlib's object API (`Figure`, drawn by its Agg canvas): no pyplot, so no global state and no display needed.
 """
@@ -14,13 +19,27 @@ import io
 from typing import Any
 
 import numpy as np
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from services.training.reports import LARGE_CLASSES, TOP_CONFUSIONS
 
-def _png(fig: Figure) -> bytes:
+DPI = 100
+SUMMARY_INCHES = (14.0, 7.0)
+MAX_BINS = 100
+NAME_CHARS = 36  # class names in the summary's table are cut to this many characters
+
+
+def _png(fig: Figure, tight: bool = True) -> bytes:
+    """The figure as PNG bytes; `tight` crops to what is drawn (the canvas then follows the content), otherwise the
+    canvas is the figure's size exactly."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=DPI, **({"bbox_inches": "tight"} if tight else {}))
     return buf.getvalue()
+
+
+def _name(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "\u2026"
 
 
 def _label(config: dict[str, Any]) -> str:
@@ -61,8 +80,10 @@ def l2_path(points: list[dict[str, Any]], metric: str) -> bytes:
 
 
 def confusion(report: dict[str, Any]) -> bytes:
-    matrix = np.asarray(report["confusion_matrix"])
     classes = report["classes"]
+    if len(classes) > LARGE_CLASSES:
+        return _tag_summary(report) if "confusion_matrix" in report else _confusion_summary(report)
+    matrix = np.asarray(report["confusion_matrix"])
     multi = matrix.ndim == 3  # per tag [[tn, fp], [fn, tp]]
     if multi:
         matrix = matrix.reshape(len(classes), 4)[:, [3, 1, 2, 0]]  # tp, fp, fn, tn
@@ -82,6 +103,77 @@ def confusion(report: dict[str, Any]) -> bytes:
     ax.set_title(f"{'per-tag outcomes' if multi else 'confusion matrix'} on the {report['split']} split "
                  f"({report['images']} images)")  # fmt: skip
     return _png(fig)
+
+
+def _bin_ticks(ax: Any, axis: str, classes: int, bins: int) -> None:
+    """About six ticks along a binned axis, labelled with the index of the first class of their bin."""
+    at = np.unique(np.linspace(0, bins - 1, min(bins, 6)).round().astype(int))
+    labels = [f"{b * classes // bins:,}" for b in at]
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(at, labels)
+
+
+def _table(ax: Any, title: str, columns: list[str], rows: list[list[str]]) -> None:
+    ax.axis("off")
+    ax.set_title(title)
+    if rows:
+        table = ax.table(cellText=rows, colLabels=columns, loc="upper center", cellLoc="left", colLoc="left")
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
+        table.auto_set_column_width(list(range(len(columns))))
+    else:
+        ax.text(0.5, 0.9, "none", ha="center", transform=ax.transAxes)
+
+
+def _confusion_summary(report: dict[str, Any]) -> bytes:
+    """A single-label report of many classes: its sparse matrix summed into bins of consecutive classes (counts on a
+    log scale), beside its most frequent confusions."""
+    n, cells = len(report["classes"]), report["confusion"]
+    bins = min(n, MAX_BINS)
+    true, predicted, count = (np.asarray(cells[k], dtype=np.int64) for k in ("true", "predicted", "count"))
+    binned = np.zeros((bins, bins))
+    np.add.at(binned, (true * bins // n, predicted * bins // n), count)
+    right = int(count[true == predicted].sum())
+    fig = Figure(figsize=SUMMARY_INCHES, layout="constrained")
+    ax, side = fig.subplots(1, 2, width_ratios=[1.15, 1])
+    image = ax.imshow(np.ma.masked_equal(binned, 0), cmap="Blues", interpolation="nearest",
+                      norm=LogNorm(vmin=1, vmax=max(2.0, binned.max())))  # fmt: skip
+    fig.colorbar(image, ax=ax, shrink=0.8, label="images")
+    _bin_ticks(ax, "x", n, bins)
+    _bin_ticks(ax, "y", n, bins)
+    ax.set_xlabel(f"predicted class (index; bins of about {n / bins:.3g} classes)")
+    ax.set_ylabel(f"true class (index; bins of about {n / bins:.3g} classes)")
+    ax.set_title(f"confusion matrix on the {report['split']} split: {report['images']:,} images, {n:,} classes\n"
+                 f"({right:,} on the diagonal; the whole matrix is in evaluation.json)", fontsize=10)  # fmt: skip
+    top = report.get("top_confusions", [])[:TOP_CONFUSIONS]
+    rows = [[_name(c["true"]), _name(c["predicted"]), f"{c['count']:,}"] for c in top]
+    _table(side, f"the {len(rows)} most frequent confusions", ["true class", "predicted as", "images"], rows)
+    return _png(fig, tight=False)
+
+
+def _tag_summary(report: dict[str, Any]) -> bytes:
+    """A multi-label report of many tags: each bin of consecutive tags' share of true/false positives/negatives,
+    beside the tags with the most errors."""
+    names = report["classes"]
+    n = len(names)
+    bins = min(n, MAX_BINS)
+    outcomes = np.asarray(report["confusion_matrix"], dtype=np.int64).reshape(n, 4)[:, [3, 1, 2, 0]]  # tp fp fn tn
+    binned = np.zeros((bins, 4))
+    np.add.at(binned, np.arange(n) * bins // n, outcomes)
+    shares = binned / np.maximum(binned.sum(1, keepdims=True), 1)
+    fig = Figure(figsize=SUMMARY_INCHES, layout="constrained")
+    ax, side = fig.subplots(1, 2, width_ratios=[1.15, 1])
+    image = ax.imshow(shares.T, cmap="Blues", aspect="auto", interpolation="nearest", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the bin's (image, tag) decisions")
+    ax.set_yticks(range(4), ["TP", "FP", "FN", "TN"])
+    _bin_ticks(ax, "x", n, bins)
+    ax.set_xlabel(f"tag (index; bins of about {n / bins:.3g} tags)")
+    ax.set_title(f"per-tag outcomes on the {report['split']} split: {report['images']:,} images, {n:,} tags",
+                 fontsize=10)  # fmt: skip
+    errors = outcomes[:, 1] + outcomes[:, 2]
+    worst = [i for i in np.argsort(-errors, kind="stable")[:TOP_CONFUSIONS] if errors[i] > 0]
+    rows = [[_name(names[i]), *(f"{v:,}" for v in outcomes[i, :3])] for i in worst]
+    _table(side, f"the {len(rows)} tags with the most errors (FP + FN)", ["tag", "TP", "FP", "FN"], rows)
+    return _png(fig, tight=False)
 
 
 def for_job(metrics: dict[str, Any], report: dict[str, Any], metric: str) -> dict[str, bytes]:

@@ -161,3 +161,45 @@ def test_with_api_keys_the_page_asks_and_shows_a_401_as_a_message(stack, browser
         for job in (mine, theirs):
             store.set_fields(job["id"], status="cancelled")
             store.delete_job(job["id"])
+
+
+def test_a_model_of_many_classes_pages_its_per_class_rows(stack, browser, test_artifacts) -> None:
+    """250 classes (a report and a record written as the train step writes them): the page shows 100 per-class rows
+    at a time with previous/next, and the most frequent confusions instead of a table of 62,500 cells."""
+    import numpy as np
+
+    from services.training import evaluation, reports
+    from storage.artifacts import ArtifactStore
+    from storage.jobs import now
+
+    running, _ = stack
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 250, 1000)
+    pred = np.where(rng.random(1000) < 0.6, targets, rng.integers(0, 250, 1000))
+    report = evaluation.label_report(targets, pred, None, [f"class {i:03d}" for i in range(250)], "test")
+    ArtifactStore.from_settings(running.settings).save_model("model_ui_250", {"w": np.zeros(1, np.float32)}, {}, {},
+                                                             {"evaluation.json": reports.encode(report)})  # fmt: skip
+    JobStore.from_url(running.redis.url).register_model({
+        "id": "model_ui_250", "object": "model", "created_at": now(), "job_id": "job_ui_250", "owner": None,
+        "method": "linear", "mode": "cache", "backbone": "test_vit", "classes": report["classes"], "metrics": {},
+        "plots": [],
+    })  # fmt: skip
+    browser.get(f"{running.api_url}/ui/models/model_ui_250")
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.loaded") == "done")
+    # read in one script: the rows are replaced while a page loads (elements found before would go stale)
+    script = "return [...document.querySelectorAll('#per-class tbody tr')].map((tr) => tr.dataset.class)"
+    rows = lambda: browser.execute_script(script)  # noqa: E731
+    assert rows() == report["classes"][:100]
+    assert browser.find_element("id", "per-class-range").text == "classes 1-100 of 250"
+    assert not css(browser, "#confusion tr") and browser.find_element("id", "top-confusions").is_displayed()
+    shown = [[td.text for td in tr.find_elements("tag name", "td")] for tr in css(browser, "#top-confusions tbody tr")]
+    assert shown == [[c["true"], c["predicted"], str(c["count"])] for c in report["top_confusions"]]
+    browser.find_element("id", "per-class-next").click()
+    wait_for(browser, lambda d: rows() == report["classes"][100:200], 30)
+    browser.find_element("id", "per-class-next").click()
+    wait_for(browser, lambda d: rows() == report["classes"][200:], 30)
+    assert not browser.find_element("id", "per-class-next").is_enabled()
+    (test_artifacts / "ui").mkdir(exist_ok=True)
+    browser.save_screenshot(str(test_artifacts / "ui" / "many-classes.png"))
+    browser.find_element("id", "per-class-prev").click()
+    wait_for(browser, lambda d: rows() == report["classes"][100:200], 30)

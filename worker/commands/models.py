@@ -54,10 +54,16 @@ def predict(args: argparse.Namespace) -> int:
     return 0
 
 
+REPORT_ROWS = 20  # per-class rows `sidetune report` prints for a model of more than 100 classes, without --all
+
+
 def report(args: argparse.Namespace) -> int:
-    """The model's evaluation as tables (scikit-learn's metrics, from the API) and its plots as PNG files."""
+    """The model's evaluation as tables (scikit-learn's metrics, from the API) and its plots as PNG files. Up to 100
+    classes every class is printed; above, the first REPORT_ROWS classes and the most frequent confusions, unless
+    `--all` asks for every class."""
     api = client(args)
-    model, evaluation = api.model(args.model_id), api.evaluation(args.model_id)
+    model = api.model(args.model_id)
+    evaluation = api.whole_evaluation(args.model_id) if args.all else api.evaluation(args.model_id)
     folder = Path(args.out or args.model_id)
     folder.mkdir(parents=True, exist_ok=True)
     plots = []
@@ -74,14 +80,20 @@ def report(args: argparse.Namespace) -> int:
         print(f"tags predicted at scores >= {evaluation['threshold']:g} (the threshold chosen on validation)")
     figures = {k: v for k, v in model["metrics"].items() if k in ("val_accuracy", "val_map", "val_loss")}
     table(("metric", "value"), ((k, f"{v:.4f}") for k, v in {**figures, **evaluation["metrics"]}.items()))
-    per = evaluation["per_class"]
+    total = evaluation.get("total", len(evaluation["classes"]))
+    whole = args.all or not evaluation.get("has_more")
+    per = evaluation["per_class"] if whole else evaluation["per_class"][:REPORT_ROWS]
     ap = "average_precision" in per[0]
     table(("class", "precision", "recall", "f1", "support", *(["AP"] if ap else [])),
           ((r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"],
-            *([f"{r['average_precision'] or 0:.3f}"] if ap else [])) for r in per))  # fmt: skip
-    if not model.get("multi_label") and len(evaluation["classes"]) <= 30:
+            *([f"{r['average_precision'] or 0:.3f}"] if ap else [])) for r in per),
+          title=None if whole else f"the first {len(per)} of {total:,} classes (--all prints every class)")  # fmt: skip
+    if not model.get("multi_label") and total <= 30:
         table(("true \\ predicted", *evaluation["classes"]), ((name, *row) for name, row in zip(
             evaluation["classes"], evaluation["confusion_matrix"], strict=True)), title="confusion matrix")  # fmt: skip
+    elif evaluation.get("top_confusions"):
+        table(("true class", "predicted as", "images"), ((c["true"], c["predicted"], c["count"])
+              for c in evaluation["top_confusions"]), title="most frequent confusions")  # fmt: skip
     if model["metrics"].get("sweep"):
         title, columns, rows = sweep_table(model["metrics"], bool(model.get("multi_label")))
         table(columns, rows, title=title)
@@ -138,3 +150,8 @@ def add_parsers(sub: Subparsers) -> None:
              "sidetune report model_0194... --out report/", report)  # fmt: skip
     p.add_argument("model_id")
     p.add_argument("--out", help="folder for the plots (default: ./MODEL_ID)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help=f"every class's row (default: every class up to 100, else the first {REPORT_ROWS})",
+    )

@@ -237,6 +237,7 @@ async function jobPage() {
 }
 
 // ---- a model: summary, predict, evaluation, plots, export -------------------------------------------------------
+// the five highest scores (the request asks for no more: a model may have thousands of classes)
 function scoreBars(scores) {
   const top = Object.entries(scores).sort((a, b) => b[1] - a[1]).slice(0, 5);
   return el("div", { class: "scores" }, ...top.map(([name, value]) => {
@@ -269,7 +270,7 @@ function setUpPredict(id) {
     const body = new FormData();
     for (const file of files) body.append("files", file, file.name);
     try {
-      const result = await (await api(`/v1/models/${encodeURIComponent(id)}:predict-files`, { method: "POST", body })).json();
+      const result = await (await api(`/v1/models/${encodeURIComponent(id)}:predict-files?top_k=5`, { method: "POST", body })).json();
       $("#predictions tbody").replaceChildren(...result.predictions.map((p, i) => el("tr", { "data-file": files[i].name, "data-label": p.label },
         el("td", {}, files[i].name), el("td", { class: "label" }, p.labels ? p.labels.join(", ") || "(none)" : p.label),
         el("td", {}, scoreBars(p.scores)))));
@@ -281,10 +282,36 @@ function setUpPredict(id) {
   });
 }
 
+// the report's per-class rows come in pages (GET /models/{id}/evaluation?offset=&limit=): one page is shown at a time
+const CLASS_PAGE = 100;
+
+function perClassPage(report) {
+  $("#per-class tbody").replaceChildren(...report.per_class.map((c) => el("tr", { "data-class": c.class }, el("td", {}, c.class),
+    el("td", {}, fmt.number(c.precision, 3)), el("td", {}, fmt.number(c.recall, 3)), el("td", {}, fmt.number(c.f1, 3)),
+    el("td", {}, c.support))));
+  const total = report.total ?? report.per_class.length;
+  const offset = report.offset ?? 0;
+  $("#per-class-pager").hidden = offset === 0 && !report.has_more;
+  $("#per-class-range").textContent = `classes ${offset + 1}-${offset + report.per_class.length} of ${total}`;
+  $("#per-class-prev").disabled = offset === 0;
+  $("#per-class-next").disabled = !report.has_more;
+  $("#per-class-pager").dataset.offset = offset;
+}
+
+function setUpPager(id) {
+  const show = async (offset) => {
+    const query = `offset=${Math.max(0, offset)}&limit=${CLASS_PAGE}`;
+    perClassPage(await getJSON(`/models/${encodeURIComponent(id)}/evaluation?${query}`));
+  };
+  const at = () => Number($("#per-class-pager").dataset.offset || 0);
+  $("#per-class-prev").addEventListener("click", () => show(at() - CLASS_PAGE).catch(failed));
+  $("#per-class-next").addEventListener("click", () => show(at() + CLASS_PAGE).catch(failed));
+}
+
 async function evaluationSection(id, model) {
   let report;
   try {
-    report = await getJSON(`/models/${encodeURIComponent(id)}/evaluation`);
+    report = await getJSON(`/models/${encodeURIComponent(id)}/evaluation?limit=${CLASS_PAGE}`);
   } catch (error) {
     if (error.status !== 404) throw error;
     $("#evaluation-split").textContent = "This model has no evaluation report.";
@@ -294,10 +321,9 @@ async function evaluationSection(id, model) {
   $("#evaluation-split").textContent = `Evaluated on ${split}, ${report.images} images.`;
   $("#evaluation-metrics tbody").replaceChildren(...Object.entries(report.metrics).map(([k, v]) =>
     el("tr", { "data-metric": k }, el("th", {}, k.replaceAll("_", " ")), el("td", {}, fmt.number(v)))));
-  $("#per-class tbody").replaceChildren(...report.per_class.map((c) => el("tr", {}, el("td", {}, c.class),
-    el("td", {}, fmt.number(c.precision, 3)), el("td", {}, fmt.number(c.recall, 3)), el("td", {}, fmt.number(c.f1, 3)),
-    el("td", {}, c.support))));
-  if (!model.multi_label) {
+  perClassPage(report);
+  setUpPager(id);
+  if (!model.multi_label && report.confusion_matrix && !report.has_more && report.offset === 0) {
     const most = Math.max(1, ...report.confusion_matrix.flat());
     const cell = (v) => {
       const td = el("td", { title: String(v) }, v);
@@ -308,6 +334,13 @@ async function evaluationSection(id, model) {
     $("#confusion").replaceChildren(
       el("tr", {}, el("th", {}, "true \\ predicted"), ...report.classes.map((c) => el("th", {}, c))),
       ...report.confusion_matrix.map((row, i) => el("tr", {}, el("th", {}, report.classes[i]), ...row.map(cell))));
+  } else if (!model.multi_label) {
+    // too many classes for a table of every cell: the plot below summarises the matrix, the report holds it whole
+    $("#confusion-note").textContent = `${report.total} classes: the plot below summarises the matrix; the most frequent confusions:`;
+    $("#confusion-note").hidden = false;
+    $("#top-confusions tbody").replaceChildren(...(report.top_confusions || []).map((c) => el("tr", {},
+      el("td", {}, c.true), el("td", {}, c.predicted), el("td", {}, c.count))));
+    $("#top-confusions").hidden = false;
   }
   for (const name of model.plots || []) {
     const blob = await (await api(`/models/${encodeURIComponent(id)}/plots/${encodeURIComponent(name)}.png`)).blob();
@@ -343,7 +376,7 @@ async function modelPage() {
     ["method", `${model.method} (${model.mode})`],
     ["backbone", model.backbone],
     ["job", el("a", { href: `/ui/jobs/${encodeURIComponent(model.job_id)}` }, model.job_id)],
-    ["classes", model.classes.join(", ")],
+    ["classes", model.classes.length <= 20 ? model.classes.join(", ") : `${model.classes.length}: ${model.classes.slice(0, 20).join(", ")}, ...`],
     ["validation", validation(model.metrics)],
     ["created", fmt.time(model.created_at)],
     ["input", model.video ? `videos (${model.video.num_frames} frames a clip)` : "images"],

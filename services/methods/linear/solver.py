@@ -16,17 +16,23 @@ strengths cost next to nothing.
 
 The standardisation is folded into the saved classifier, W' = W / sigma and b' = b - W' mu, so predict and export
 see an ordinary Linear.
+
+Full batch need not mean one [n, C] block of logits (21,843 classes x 21,843 images: 1.9 GB, and as much again for
+its gradient): where n x C is large the loss and its gradient are summed over chunks of rows
+(evaluation.row_chunks), each chunk's share weighted as the objective weighs it, so memory stays at one chunk
+whatever the class count; a single chunk computes exactly what it always did.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from services.training.evaluation import validation_score
+from services.training.evaluation import row_chunks, validation_score
 from services.training.objectives import Objective
 
 # L2 strengths tried when training.weight_decay is `auto`: 10^1 .. 10^-7 in half decades, strongest first (C from
@@ -41,8 +47,9 @@ class PathPoint:
     score: float  # validation accuracy, or mAP (multi-label)
     loss: float  # plain validation loss
     iterations: int
-    weight: np.ndarray = field(repr=False)  # [C, D], standardisation folded in
-    bias: np.ndarray = field(repr=False)  # [C]
+    # the classifier, standardisation folded in: [C, D] and [C]; None for every point but the path's best
+    weight: np.ndarray | None = field(default=None, repr=False)
+    bias: np.ndarray | None = field(default=None, repr=False)
 
 
 def standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,40 +64,82 @@ def solve_path(
     grid: list[float] | tuple[float, ...], objective: Objective, max_iter: int,
     on_point: Callable[[PathPoint], None] | None = None,
 ) -> list[PathPoint]:  # fmt: skip
-    """One PathPoint per strength of `grid`, strongest first. Features: float32 [n, D] on the device."""
+    """One PathPoint per strength of `grid`, strongest first. Features: float32 [n, D] on the device. Only the best
+    point (`best`) keeps its classifier: a path of 17 strengths over 21,843 classes would hold 17 of them."""
     mu, sigma = standardise(x_train)
     # one parameter [C, D + 1] against features with a column of ones: the last column is the bias
     xs = torch.cat([(x_train - mu) / sigma, x_train.new_ones(len(x_train), 1)], dim=1)
     xv = torch.cat([(x_val - mu) / sigma, x_val.new_ones(len(x_val), 1)], dim=1)
     w = torch.zeros(objective.num_classes, xs.shape[1], device=xs.device, requires_grad=True)
     y_val_t = objective.targets(y_val)
+    parts = row_chunks(len(xs), objective.num_classes)
+    total = objective.normalizer(y_train)
+    shares = [objective.normalizer(y_train[rows]) / total for rows in parts] if len(parts) > 1 else []
     points: list[PathPoint] = []
+    kept = 0  # the best point so far, the one that keeps its weights
     for l2 in sorted(set(grid), reverse=True):  # strongest first: each solution starts the next
         opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=GRADIENT_TOLERANCE,
                                 tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
 
         def closure(l2: float = l2, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
             opt.zero_grad()
-            loss = objective.single(xs @ w.t(), y_train) + l2 / 2 * w[:, :-1].pow(2).sum()
-            loss.backward()
+            if not shares:
+                loss = objective.single(xs @ w.t(), y_train) + l2 / 2 * w[:, :-1].pow(2).sum()
+                loss.backward()
+                return loss
+            loss = l2 / 2 * w[:, :-1].pow(2).sum()
+            loss.backward()  # each part's gradient adds to w.grad, and its graph is freed before the next part
+            loss = loss.detach()
+            for rows, share in zip(parts, shares, strict=True):
+                part = objective.single(xs[rows] @ w.t(), y_train[rows]) * share
+                part.backward()
+                loss = loss + part.detach()
             return loss
 
         opt.step(closure)
         with torch.no_grad():
-            logits = xv @ w.t()
-            folded = w[:, :-1] / sigma
-            point = PathPoint(
-                l2=l2, score=validation_score(y_val, logits.cpu().numpy()),
-                loss=float(objective.plain(logits[None], y_val_t)[0]),
-                iterations=int(opt.state_dict()["state"][0]["n_iter"]), weight=folded.cpu().numpy(),
-                bias=(w[:, -1] - folded @ mu).cpu().numpy(),
-            )  # fmt: skip
+            score, loss = _validation(xv, w, y_val, y_val_t, objective)
+            point = PathPoint(l2=l2, score=score, loss=loss, iterations=int(opt.state_dict()["state"][0]["n_iter"]))
+            if not points or _rank(point, len(points)) > _rank(points[kept], kept):
+                if points:
+                    points[kept].weight = points[kept].bias = None
+                kept = len(points)
+                folded = w[:, :-1] / sigma
+                point.weight, point.bias = folded.cpu().numpy(), (w[:, -1] - folded @ mu).cpu().numpy()
         points.append(point)
         if on_point is not None:
             on_point(point)
     return points
 
 
+def _validation(xv: torch.Tensor, w: torch.Tensor, y_val: np.ndarray, y_val_t: torch.Tensor,
+                objective: Objective) -> tuple[float, float]:  # fmt: skip
+    """(validation figure, plain validation loss) of the weights `w` on the standardised validation features. A
+    single-label split of many classes is scored chunk by chunk (accuracy and the loss summed over the chunks);
+    mAP ranks every image's scores per tag, so a multi-label split is scored whole (its targets are [n, C] too)."""
+    parts = row_chunks(len(xv), objective.num_classes)
+    if objective.multi_label or len(parts) == 1:
+        logits = xv @ w.t()
+        return validation_score(y_val, logits.cpu().numpy()), float(objective.plain(logits[None], y_val_t)[0])
+    right = torch.zeros((), dtype=torch.int64, device=w.device)
+    loss = torch.zeros((), device=w.device)
+    finite = torch.ones((), dtype=torch.bool, device=w.device)
+    for rows in parts:
+        logits = xv[rows] @ w.t()
+        right += (logits.argmax(1) == y_val_t[rows]).sum()
+        loss += objective.plain(logits[None], y_val_t[rows])[0] * len(logits)
+        finite &= torch.isfinite(logits).all()
+    score = int(right) / len(xv) if bool(finite) else float("nan")  # as validation_score: non-finite scores NaN
+    return score, float(loss) / len(xv)
+
+
+def _rank(point: PathPoint, i: int) -> tuple[float, float, int]:
+    """Higher is better: the validation figure, then the lower validation loss, then the earlier point; NaN ranks
+    last (fit.select's order, which picks among the points of every path)."""
+    score, loss = point.score, point.loss
+    return (score if score == score else -math.inf, -(loss if loss == loss else math.inf), -i)
+
+
 def best(points: list[PathPoint]) -> int:
-    """Index of the best validation figure; ties: the lower validation loss, then the earlier point."""
-    return max(range(len(points)), key=lambda i: (np.nan_to_num(points[i].score, nan=-1.0), -points[i].loss, -i))
+    """Index of the best point: the one that kept its weights."""
+    return max(range(len(points)), key=lambda i: _rank(points[i], i))
