@@ -54,6 +54,11 @@ def _field(loc: tuple) -> str:
     return ".".join(parts) or "request"
 
 
+def _short(exc: Exception, limit: int = 200) -> str:
+    text = str(exc).split("; use sys.set_int_max_str_digits")[0]  # Python's advice is for the server, not the client
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -69,10 +74,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "request_too_large"}.get(
-            exc.status_code, "http_error"
-        )
-        return error_response(request.url.path, exc.status_code, code, str(exc.detail), exc.headers)
+        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
+                                               413: "request_too_large"}.get(exc.status_code, "http_error")  # fmt: skip
+        status, message = exc.status_code, str(exc.detail)
+        if status == 400 and isinstance(exc.__cause__, ValueError):  # FastAPI's "error parsing the body": say why
+            # (an integer literal of more than 4,300 digits, bytes that are not UTF-8), as for other invalid JSON
+            status, code, message = 422, "invalid_request", f"the body is not valid JSON: {_short(exc.__cause__)}"
+        return error_response(request.url.path, status, code, message, exc.headers)
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         status, code = classify(exc) or (500, "internal_error")

@@ -167,7 +167,10 @@ def _active(store: JobStore, job_id: str) -> bool:
 
 # ---- jobs that use a dataset (called by api/routes/jobs.py) ------------------------------------------------------
 def _in_uploads(path: str, settings: Settings) -> bool:
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):  # a loop of links (RuntimeError): no dataset; the path check names the field
+        return False
     if not resolved.is_relative_to(settings.datasets_dir):
         return False
     parts = resolved.relative_to(settings.datasets_dir).parts

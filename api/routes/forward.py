@@ -51,7 +51,8 @@ async def close_clients() -> None:
 
 async def forward(request: Request) -> StreamingResponse:
     client = _client(request.app)
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+    # As bytes: a header value need not be ASCII (latin-1 on the wire), which httpx would refuse to encode as str
+    headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP]
     # The path as it came, still percent-encoded: the decoded one may hold characters a URL cannot.
     path = request.scope.get("raw_path", b"").decode("latin-1") or quote(request.url.path)
     try:
