@@ -173,7 +173,8 @@ def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, float):
-        return f"{value!r}, not a finite number" if not math.isfinite(value) else f"the non-integer number {value!r}"
+        finite = math.isfinite(value)
+        return f"{value!r}, " + ("a number with a fraction or an exponent" if finite else "not a finite number")
     if isinstance(value, str):
         return f"the string {_show(value)}"
     return "null" if value is None else f"a {type(value).__name__}"
