@@ -20,6 +20,7 @@ log = logging.getLogger("sidetune.api")
 
 
 MAX_PROBLEMS = 20  # validation problems a 422 lists
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 when json.loads raised on a body
 
 
 class ApiError(Exception):
@@ -77,8 +78,9 @@ def install(app: FastAPI) -> None:
         code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
                                                413: "request_too_large"}.get(exc.status_code, "http_error")  # fmt: skip
         status, message = exc.status_code, str(exc.detail)
-        if status == 400 and isinstance(exc.__cause__, ValueError):  # FastAPI's "error parsing the body": say why
-            # (an integer literal of more than 4,300 digits, bytes that are not UTF-8), as for other invalid JSON
+        if message == BODY_PARSE_ERROR and isinstance(exc.__cause__, ValueError):
+            # json.loads refused the body (an integer of more than 4,300 digits, bytes that are not UTF-8): say why,
+            # with the status and code of other invalid JSON
             status, code, message = 422, "invalid_request", f"the body is not valid JSON: {_short(exc.__cause__)}"
         return error_response(request.url.path, status, code, message, exc.headers)
 
