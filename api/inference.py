@@ -37,7 +37,7 @@ def create_inference_app(settings: Settings | None = None) -> FastAPI:
         from services.serving.batching import Batcher  # torch, in the serving process only
         from services.serving.inference import Predictor
 
-        app.state.predictor = Predictor(settings)
+        app.state.predictor = Predictor(settings, registered=app.state.store.registered_models)
         app.state.batcher = Batcher.from_settings(app.state.predictor)
         app.state.decoder = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="predict-decoder")
         app.state.loader = ThreadPoolExecutor(2, thread_name_prefix="model-loader")
