@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.errors import KNOWN, UserError, classify, internal_message, reference
@@ -104,9 +105,10 @@ def install(app: FastAPI) -> None:
 
 class CatchAll:
     """Anything no handler knows is our fault: 500 `internal_error` with a reference id, under which the traceback is
-    logged, and nothing of its internals in the body. Pure ASGI and inside the app's middleware, so the exception
-    stops here: Starlette's outermost error middleware would answer too, but then re-raise it to the server, which
-    drops the connection (the client's next request on it would fail)."""
+    logged, and nothing of its internals in the body (a client that went away mid-request is no error of ours: one
+    info line). Pure ASGI and inside the app's middleware, so the exception stops here: Starlette's outermost error
+    middleware would answer too, but then re-raise it to the server, which drops the connection (the client's next
+    request on it would fail)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -123,6 +125,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:  # the client left before its body was read (e.g. the API refused a forwarded one)
+            log.info("client disconnected during %s %s; nothing to answer", scope.get("method"), scope.get("path"))
         except Exception:
             ref = reference()
             log.exception("internal error %s on %s %s", ref, scope.get("method"), scope.get("path"))

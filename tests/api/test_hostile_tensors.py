@@ -9,7 +9,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
+import socket
 import struct
+import time
 
 import httpx
 import numpy as np
@@ -168,6 +171,21 @@ def test_a_hostile_job_or_route_is_a_4xx_naming_the_field(urls, what, method, pa
         request_ = {"json": json.loads(json.dumps(request_["json"]).replace(ROOT, root))}
     r = httpx.request(method, urls["api"] + path, timeout=60, **request_)
     _check(r, status, named.replace(ROOT, root), path)
+
+
+def test_a_client_gone_mid_body_is_no_internal_error(urls, caplog: pytest.LogCaptureFixture) -> None:
+    """The API refusing a forwarded body (too deep) drops its stream to the inference service, which saw the client
+    disconnect mid-body and logged an `internal error` with a traceback for it."""
+    caplog.set_level(logging.INFO, logger="sidetune.api")
+    host, port = urls["inference"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n[[[[".encode())
+    deadline = time.monotonic() + 10
+    while not any("client disconnected" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"client disconnected during POST {INFER}" in m for m in messages), messages
+    assert not any("internal error" in m for m in messages), messages
 
 
 def _check(r: httpx.Response, status: int, named: str, path: str) -> None:
