@@ -293,6 +293,7 @@ def report(per_role: dict[str, list[dict]], args: argparse.Namespace, load: Load
     kv |= {"jobs_succeeded": str(load.jobs["succeeded"]), "jobs_failed": str(load.jobs["failed"]),
            "predicts": str(sum(load.predicts.values())),
            "predict_5xx": str(sum(n for code, n in load.predicts.items() if code.startswith("5"))),
+           "predict_500": str(load.predicts["500"]),  # 503 with Retry-After is the answer while a process restarts
            "kills": str(len(kills)), "pass": str(int(not failures))}  # fmt: skip
     return kv
 
