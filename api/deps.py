@@ -33,8 +33,10 @@ def _token(request: Request) -> str:
 
 
 def _one_of(token: str, keys: list[str]) -> bool:
-    # every key compared (no early exit), each in constant time
-    return bool(token) and sum(hmac.compare_digest(token, k) for k in keys) > 0
+    # every key compared (no early exit), each in constant time; as bytes, since compare_digest refuses a str with
+    # non-ASCII characters: the header's bytes (Starlette decodes them as latin-1) against the key's UTF-8
+    given = token.encode("latin-1")
+    return bool(token) and sum(hmac.compare_digest(given, k.encode()) for k in keys) > 0
 
 
 def owner_of(token: str) -> str:

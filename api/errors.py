@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.errors import KNOWN, UserError, classify, internal_message, reference
@@ -23,6 +24,7 @@ log = logging.getLogger("sidetune.api")
 
 
 MAX_PROBLEMS = 20  # validation problems a 422 lists
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 when json.loads raised on a body
 
 
 class ApiError(Exception):
@@ -57,6 +59,11 @@ def _field(loc: tuple) -> str:
     return ".".join(parts) or "request"
 
 
+def _short(exc: Exception, limit: int = 200) -> str:
+    text = str(exc).split("; use sys.set_int_max_str_digits")[0]  # Python's advice is for the server, not the client
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -72,10 +79,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "request_too_large"}.get(
-            exc.status_code, "http_error"
-        )
-        return error_response(request.url.path, exc.status_code, code, str(exc.detail), exc.headers)
+        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
+                                               413: "request_too_large"}.get(exc.status_code, "http_error")  # fmt: skip
+        status, message = exc.status_code, str(exc.detail)
+        if message == BODY_PARSE_ERROR and isinstance(exc.__cause__, ValueError):
+            # json.loads refused the body (an integer of more than 4,300 digits, bytes that are not UTF-8): say why,
+            # with the status and code of other invalid JSON
+            status, code, message = 422, "invalid_request", f"the body is not valid JSON: {_short(exc.__cause__)}"
+        return error_response(request.url.path, status, code, message, exc.headers)
 
     async def _known(request: Request, exc: Exception) -> JSONResponse:
         exc = as_disk_full(exc) or exc  # an OSError(ENOSPC) no caller named (store errors come named already)
@@ -110,9 +121,10 @@ def install(app: FastAPI) -> None:
 
 class CatchAll:
     """Anything no handler knows is our fault: 500 `internal_error` with a reference id, under which the traceback is
-    logged, and nothing of its internals in the body. Pure ASGI and inside the app's middleware, so the exception
-    stops here: Starlette's outermost error middleware would answer too, but then re-raise it to the server, which
-    drops the connection (the client's next request on it would fail)."""
+    logged, and nothing of its internals in the body (a client that went away mid-request is no error of ours: one
+    info line). Pure ASGI and inside the app's middleware, so the exception stops here: Starlette's outermost error
+    middleware would answer too, but then re-raise it to the server, which drops the connection (the client's next
+    request on it would fail)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -129,6 +141,8 @@ class CatchAll:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:  # the client left before its body was read (e.g. the API refused a forwarded one)
+            log.info("client disconnected during %s %s; nothing to answer", scope.get("method"), scope.get("path"))
         except Exception:
             ref = reference()
             log.exception("internal error %s on %s %s", ref, scope.get("method"), scope.get("path"))

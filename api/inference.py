@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors, metrics
+from api.json_depth import DepthLimit
 from api.limits import BodySizeLimit
 from api.routes import export, health, models, predict, v2
 from storage.jobs import JobStore
@@ -36,7 +37,7 @@ def create_inference_app(settings: Settings | None = None) -> FastAPI:
         from services.serving.batching import Batcher  # torch, in the serving process only
         from services.serving.inference import Predictor
 
-        app.state.predictor = Predictor(settings)
+        app.state.predictor = Predictor(settings, registered=app.state.store.registered_models)
         app.state.batcher = Batcher.from_settings(app.state.predictor)
         app.state.decoder = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="predict-decoder")
         app.state.loader = ThreadPoolExecutor(2, thread_name_prefix="model-loader")
@@ -59,6 +60,7 @@ def create_inference_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = JobStore.from_url(settings.broker_url, fail_fast=True)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
+    app.add_middleware(DepthLimit)  # JSON nested deeper than 64 levels: 422 before a parser recurses
     for router in (predict.router, v2.router, export.router, models.read_only):
         app.include_router(router)
     app.add_api_route("/healthz", health.healthz, response_model=health.Health, tags=["health"])

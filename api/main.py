@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api import errors, metrics
+from api.json_depth import DepthLimit
 from api.limits import BodySizeLimit
 from api.routes import cache, datasets, forward, health, jobs, models, ui
 from storage.jobs import JobStore
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_app(settings)
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
+    app.add_middleware(DepthLimit)  # JSON nested deeper than 64 levels: 422 before a parser recurses
     for module in (jobs, datasets, models, cache, forward, health):
         app.include_router(module.router)
     ui.install(app)  # the web page at /ui

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
+import math
+import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +32,12 @@ OUTPUTS = ("label", "probabilities")
 
 
 class ProtocolError(ValueError):
-    """A request the protocol or the model cannot take; the message names the input or field (HTTP 400)."""
+    """A request the protocol or the model cannot take; the message names the input or field (HTTP 400, or 413
+    `too_many_pixels` for pixels over the request's budget)."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 @dataclass
@@ -44,15 +52,25 @@ class InferRequest:
         return len(self.images)
 
 
+@dataclass
+class Limits:
+    """What one request may hold: images (`max_predict_images`), pixels together (`max_predict_pixels`), and the
+    bytes it came in (which bound the values a JSON tensor can hold)."""
+
+    max_images: int
+    max_pixels: int
+    body_bytes: int
+
+
 def _binary_chunks(raw: bytes, inputs: list[dict[str, Any]]) -> dict[int, bytes]:
     """The binary data of each input that declares `binary_data_size`, in input order after the JSON header."""
     chunks, offset = {}, 0
     for i, tensor in enumerate(inputs):
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _object(tensor, "parameters", f"input {_name(tensor)}").get("binary_data_size")
         if size is None:
             continue
-        if not isinstance(size, int) or size < 0 or offset + size > len(raw):
-            raise ProtocolError(f"input {tensor.get('name')!r}: binary_data_size {size!r} does not fit the body")
+        if not _count(size) or offset + size > len(raw):
+            raise ProtocolError(f"input {_name(tensor)}: binary_data_size {_show(size)} does not fit the body")
         chunks[i], offset = raw[offset : offset + size], offset + size
     if offset != len(raw):
         raise ProtocolError(f"{len(raw) - offset} bytes of binary data after the inputs belong to no input")
@@ -74,23 +92,24 @@ def _deserialize_bytes(data: bytes, name: str) -> list[bytes]:
     return out
 
 
-def _images(tensor: dict[str, Any], binary: bytes | None, max_images: int) -> list[bytes] | np.ndarray:
+def _images(tensor: dict[str, Any], binary: bytes | None, limits: Limits) -> list[bytes] | np.ndarray:
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if name not in INPUTS:
-        raise ProtocolError(f"unknown input {name!r}: send `image` (BYTES, encoded files) or `pixels` (UINT8 "
+    if not isinstance(name, str) or name not in INPUTS:
+        raise ProtocolError(f"unknown input {_show(name)}: send `image` (BYTES, encoded files) or `pixels` (UINT8 "
                             "[N, H, W, 3]), or `video` (BYTES, encoded video files) to a model trained on "
                             "clips")  # fmt: skip
     expected = INPUTS[name][0]
     if datatype != expected:
-        raise ProtocolError(f"input {name!r}: datatype {datatype!r}, expected {expected}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ProtocolError(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-    n = shape[0] if shape else 0
-    if n > max_images:
-        raise ProtocolError(f"input {name!r}: {n} images; at most {max_images} per request")
+        raise ProtocolError(f"input {name!r}: datatype {_show(datatype)}, expected {expected}")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(map(_count, shape)):
+        raise ProtocolError(f"input {name!r}: shape must be a list of 1 to 4 non-negative integers (not booleans), "
+                            f"got {_show(shape)}")  # fmt: skip
+    n = shape[0]
+    if n > limits.max_images:
+        raise ProtocolError(f"input {name!r}: {n} images; at most {limits.max_images} per request")
     if name in ("image", "video"):
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or n == 0:
-            raise ProtocolError(f"input {name!r}: shape {shape}, expected [N] or [N, 1] with N >= 1")
+            raise ProtocolError(f"input {name!r}: shape {_show(shape)}, expected [N] or [N, 1] with N >= 1")
         if binary is not None:
             items = _deserialize_bytes(binary, name)
         else:
@@ -102,37 +121,121 @@ def _images(tensor: dict[str, Any], binary: bytes | None, max_images: int) -> li
             except (binascii.Error, ValueError):
                 raise ProtocolError(f"input {name!r}: an element is not valid base64") from None
         if len(items) != n:
-            raise ProtocolError(f"input {name!r}: shape {shape} says {n} files, the data holds {len(items)}")
+            raise ProtocolError(f"input {name!r}: shape {_show(shape)} says {n} files, the data holds {len(items)}")
         return items
     if len(shape) != 4 or shape[3] != 3 or min(shape) == 0:
-        raise ProtocolError(f"input 'pixels': shape {shape}, expected [N, H, W, 3] with N, H, W >= 1")
-    count = int(np.prod(shape))
+        raise ProtocolError(f"input 'pixels': shape {_show(shape)}, expected [N, H, W, 3] with N, H, W >= 1")
+    # Exact integers, before numpy sees the shape: its int64 product of [1, 2^32, 2^32, 3] wraps to 0.
+    count = math.prod(shape)
     if binary is not None:
         if len(binary) != count:
-            raise ProtocolError(f"input 'pixels': shape {shape} needs {count} bytes, got {len(binary)}")
+            raise ProtocolError(f"input 'pixels': shape {_show(shape)} needs {_show(count)} bytes, got {len(binary)}")
+    elif count > limits.body_bytes // 2 + 1:  # a JSON value takes a digit and a separator at least
+        raise ProtocolError(f"input 'pixels': shape {_show(shape)} says {_show(count)} values; a request of "
+                            f"{limits.body_bytes} bytes holds fewer")  # fmt: skip
+    if (pixels := math.prod(shape[:3])) > limits.max_pixels:
+        raise ProtocolError(f"input 'pixels': shape {_show(shape)} holds {pixels} pixels; at most {limits.max_pixels} "
+                            "per request (SIDETUNE_MAX_PREDICT_PIXELS)", 413, "too_many_pixels")  # fmt: skip
+    if binary is not None:
         return np.frombuffer(binary, np.uint8).reshape(shape)
-    try:
-        values = np.asarray(tensor.get("data"), dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError):
-        raise ProtocolError("input 'pixels': data must be a (flat or nested) list of integers") from None
-    if values.size != count:
-        raise ProtocolError(f"input 'pixels': shape {shape} needs {count} values, got {values.size}")
-    if values.size and (values.min() < 0 or values.max() > 255):
-        raise ProtocolError("input 'pixels': values must lie in 0..255 (UINT8)")
-    return values.astype(np.uint8).reshape(shape)
+    return np.array(_uint8_values(tensor.get("data"), shape, count), dtype=np.uint8).reshape(shape)
 
 
-def parse_request(body: bytes, header_length: str | None, max_images: int) -> InferRequest:
+def _uint8_values(data: Any, shape: list[int], count: int) -> list[int]:
+    """The `count` values of a flat or nested (rectangular) list of integers in 0..255, each checked before numpy
+    converts any: numpy would turn `true` into 1, `"7"` into 7 and 1.5 into 1, and raise OverflowError on 1e30."""
+    what = "input 'pixels': data must be a flat list, or nested lists of equal length, of integers in 0..255 (UINT8)"
+    if not isinstance(data, list):
+        raise ProtocolError(f"{what}; got {_show(data)}")
+    values = data
+    while values and type(values[0]) is list and len(values) <= count:
+        if not all(type(v) is list for v in values) or len(set(map(len, values))) != 1:
+            raise ProtocolError(f"{what}; the nesting is ragged or mixes lists and numbers")
+        values = list(itertools.chain.from_iterable(values))
+    if len(values) != count:
+        got = f"{len(values)}" if len(values) < count else f"more than {count}"
+        raise ProtocolError(f"input 'pixels': shape {_show(shape)} needs {count} values, the data holds {got}")
+    if set(map(type, values)) - {int}:
+        i, v = next((i, v) for i, v in enumerate(values) if type(v) is not int)
+        raise ProtocolError(f"input 'pixels': value {i} is {_kind(v)}; expected an integer in 0..255 (UINT8)")
+    if values and (min(values) < 0 or max(values) > 255):
+        i, v = next((i, v) for i, v in enumerate(values) if not 0 <= v <= 255)
+        raise ProtocolError(f"input 'pixels': value {i} is {_show(v)}; expected an integer in 0..255 (UINT8)")
+    return values
+
+
+def _count(value: Any) -> bool:
+    """A non-negative integer, not a boolean (JSON's `true` is Python's 1)."""
+    return type(value) is int and value >= 0
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, float):
+        finite = math.isfinite(value)
+        return f"{value!r}, " + ("a number with a fraction or an exponent" if finite else "not a finite number")
+    if isinstance(value, str):
+        return f"the string {_show(value)}"
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlist, _REPR.maxdict, _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 8, 4, 3, 60, 60, 40
+
+
+def _show(value: Any) -> str:
+    """repr() of a client's value, cut short (a shape, a string or a number may be megabytes of text; the product of a
+    shape's integers may have more digits than Python prints)."""
+    if type(value) is int and value.bit_length() > 128:
+        return f"an integer of {len(str(value)) if value.bit_length() < 14000 else 'more than 4,300'} digits"
+    if isinstance(value, list) and any(type(v) is int and v.bit_length() > 128 for v in value[:8]):
+        return "[" + ", ".join(map(_show, value[:8])) + (", ...]" if len(value) > 8 else "]")
+    return _REPR.repr(value)
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _name(tensor: dict[str, Any]) -> str:
+    return _show(tensor.get("name"))
+
+
+def _object(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """parent[key] when it is an object (or absent: {}); 400 naming it otherwise."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: `{key}` must be an object, got {_show(value)}")
+    return value
+
+
+def _flag(parent: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = parent.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{where}: `{key}` must be true or false, got {_show(value)}")
+    return value
+
+
+def parse_request(body: bytes, header_length: str | None, max_images: int, max_pixels: int) -> InferRequest:
     """An infer request from its body (JSON, or JSON then binary data when `header_length` is given)."""
+    limits = Limits(max_images, max_pixels, len(body))
     raw = b""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise ProtocolError(f"Inference-Header-Content-Length {header_length!r} does not fit the body")
+        # ASCII digits, and few of them: str.isdigit() takes "²" and int() refuses 5,000 digits
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 18) or int(
+            header_length
+        ) > len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length {_show(header_length)} does not fit the body")
         body, raw = body[: int(header_length)], body[int(header_length) :]
     try:
         request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"the request is not valid JSON: {e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer literal of more than 4,300 digits
+        raise ProtocolError(f"the request is not valid JSON: {_cut(str(e).split('; use sys.')[0])}") from None
+    except RecursionError:  # the apps refuse deep bodies before (api/json_depth.py); a caller without that lands here
+        raise ProtocolError("the request is not valid JSON: it nests arrays and objects too deeply") from None
     if not isinstance(request, dict):
         raise ProtocolError("the request must be a JSON object with `inputs`")
     inputs = request.get("inputs")
@@ -140,10 +243,9 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> In
         raise ProtocolError("`inputs` must hold exactly one tensor: `image` (BYTES) or `pixels` (UINT8), or `video` "
                             "(BYTES)")  # fmt: skip
     chunks = _binary_chunks(raw, inputs)
-    images = _images(inputs[0], chunks.get(0), max_images)
+    images = _images(inputs[0], chunks.get(0), limits)
 
-    params = request.get("parameters") or {}
-    default_binary = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    default_binary = _flag(_object(request, "parameters", "the request"), "binary_data_output", "parameters", False)
     wanted = request.get("outputs")
     if wanted is None:
         outputs, binary = list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary)
@@ -152,13 +254,16 @@ def parse_request(body: bytes, header_length: str | None, max_images: int) -> In
             raise ProtocolError("`outputs` must be a list of {name, parameters} objects")
         outputs, binary = [], {}
         for o in wanted:
-            if o.get("name") not in OUTPUTS:
-                raise ProtocolError(f"unknown output {o.get('name')!r}; the outputs are {', '.join(OUTPUTS)}")
-            outputs.append(o["name"])
-            binary[o["name"]] = bool((o.get("parameters") or {}).get("binary_data", default_binary))
+            name = o.get("name")
+            if not isinstance(name, str) or name not in OUTPUTS:
+                raise ProtocolError(f"unknown output {_show(name)}; the outputs are {', '.join(OUTPUTS)}")
+            outputs.append(name)
+            where = f"output {name!r}"
+            binary[name] = _flag(_object(o, "parameters", where), "binary_data", f"{where} parameters", default_binary)
     request_id = request.get("id")
-    return InferRequest(str(request_id) if request_id is not None else None, inputs[0]["name"], images, outputs,
-                        binary)  # fmt: skip
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(f"`id` must be a string, got {_show(request_id)}")
+    return InferRequest(request_id, inputs[0]["name"], images, outputs, binary)
 
 
 def encode_response(model_id: str, request: InferRequest, classes: list[str], probs: np.ndarray

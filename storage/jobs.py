@@ -364,6 +364,13 @@ class JobStore:
             model = json.loads(raw)
             Usage(self.r).add(model.get("owner"), ARTIFACTS, -int(model.get("size_bytes") or 0))
 
+    def registered_models(self, model_ids: list[str]) -> set[str]:
+        """Which of `model_ids` are registered (not deleted), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for model_id in model_ids:
+            pipe.exists(f"model:{model_id}")
+        return {model_id for model_id, n in zip(model_ids, pipe.execute(), strict=True) if n}
+
     def get_model(self, model_id: str) -> dict[str, Any]:
         raw = self.r.get(f"model:{model_id}")
         if raw is None:

@@ -185,7 +185,8 @@ class Settings(BaseSettings):
         8192.0,
         gt=0,
         description="Weights the inference service keeps loaded (backbones, and each adapted model's own tensors), "
-        "in MB of device memory: least recently used models go first, and a backbone goes with its last model.",
+        "in MB of device memory: least recently used models go first, and a backbone goes with its last model; "
+        "models deleted since are dropped at each load.",
     )
     predict_precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",

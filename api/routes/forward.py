@@ -6,7 +6,8 @@ service checks the API key and the model's owner itself; the API passes the requ
 Authorization header included) and the answer back as it left, status and headers included. The API's OpenAPI
 document shows these operations as the inference service documents them (api/main.py).
 
-An inference service that cannot be reached is 503 `inference_unavailable` with Retry-After.
+An inference service that cannot be reached, or that goes away mid-request (killed, restarting: the connection reset),
+is 503 `inference_unavailable` with Retry-After; one that does not answer within the timeouts 504 `inference_timeout`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ async def close_clients() -> None:
 
 async def forward(request: Request) -> StreamingResponse:
     client = _client(request.app)
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+    # As bytes: a header value need not be ASCII (latin-1 on the wire), which httpx would refuse to encode as str
+    headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in HOP]
     # The path as it came, still percent-encoded: the decoded one may hold characters a URL cannot.
     path = request.scope.get("raw_path", b"").decode("latin-1") or quote(request.url.path)
     try:
@@ -61,8 +63,11 @@ async def forward(request: Request) -> StreamingResponse:
         raise ApiError(400, "invalid_request", f"the request's URL cannot be forwarded: {e}") from None
     try:
         answer = await client.send(outgoing, stream=True)
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:
+    except (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:  # down, or died mid-request
         raise ApiError(503, "inference_unavailable", f"the inference service at {client.base_url} is unreachable "
+                       f"({type(e).__name__}); retry shortly", {"Retry-After": "5"}) from None  # fmt: skip
+    except httpx.TimeoutException as e:
+        raise ApiError(504, "inference_timeout", f"the inference service at {client.base_url} did not answer in time "
                        f"({type(e).__name__}); retry shortly", {"Retry-After": "5"}) from None  # fmt: skip
     back = {k: v for k, v in answer.headers.items() if k.lower() not in HOP}
     return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=back,

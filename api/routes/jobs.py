@@ -46,6 +46,9 @@ def _check_paths(spec: JobSpec, settings: Settings) -> None:
             raise ApiError(403, "forbidden_path", str(e)) from None
         except FileNotFoundError as e:
             raise ApiError(422, "not_found", str(e)) from None
+        except (OSError, RuntimeError) as e:  # a name too long for the filesystem, a loop of links (RuntimeError)
+            why = e.strerror if isinstance(e, OSError) else str(e)
+            raise ApiError(422, "invalid_request", f"{field}: {path[:200]!r} cannot be read: {why}") from None
         if field in ("dataset.path", "dataset.test"):
             fmt = resolve_format(resolved, ds.format if field == "dataset.path" else "auto")
             if fmt == "imagefolder" and not resolved.is_dir():

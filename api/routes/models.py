@@ -109,7 +109,10 @@ def get_evaluation(
 )
 def get_plot(
     model_id: ModelId,
-    name: Annotated[str, Path(pattern=r"^[a-z0-9_]+$", description="`curves` or `confusion` (see the model's plots).")],
+    name: Annotated[
+        str,
+        Path(pattern=r"^[a-z0-9_]+$", max_length=64, description="`curves` or `confusion` (see the model's plots)."),
+    ],
     store: StoreDep,
     owner: OwnerDep,
     settings: SettingsDep,

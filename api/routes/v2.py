@@ -118,9 +118,9 @@ async def infer(model_id: ModelId, request: Request, owner: OwnerDep, settings: 
     body = await request.body()
     try:
         parsed = await off_loop(request, "decoder", parse_request, body, request.headers.get(HEADER),
-                                settings.max_predict_images)  # fmt: skip
+                                settings.max_predict_images, settings.max_predict_pixels)  # fmt: skip
     except ProtocolError as e:
-        raise ApiError(400, "invalid_request", str(e)) from None
+        raise ApiError(e.status, e.code, str(e)) from None
     video_model = record.get("video") is not None
     if video_model != (parsed.input == "video"):
         want = "`video` (video files)" if video_model else "`image` or `pixels`"

@@ -13,7 +13,9 @@ for a model trained on clips (services/video/serving.py decodes them as its trai
   from its backbone's, in the serving dtype: every other parameter IS the backbone's tensor, so a merged model costs
   what it changed and one backbone forward per image.
 - Loaded weights stay under `settings.predict_memory_mb` (bytes, not a count): least recently used models go first,
-  and a backbone goes once no loaded model uses it.
+  and a backbone goes once no loaded model uses it. With `registered` (the inference service passes the job store's),
+  each load also drops the loaded models that were deleted since: no request reaches them again (ids are never
+  reused), yet a soak of jobs deleted as they came saw them fill the budget a few MB a minute.
 - `load` is thread-safe and runs on the caller's thread: the inference service calls it from a loader thread, never
   from the batching one, so a cold load does not stall warm models; concurrent loads of one model load it once.
 - A backbone's weights are checked against the hash recorded at training time, so a model never silently runs on
@@ -116,8 +118,10 @@ def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
 class Predictor:
     """Thread-safe. Keeps models and their backbones loaded within `memory_bytes` (default: the settings')."""
 
-    def __init__(self, settings: Settings, memory_bytes: int | None = None) -> None:
+    def __init__(self, settings: Settings, memory_bytes: int | None = None,
+                 registered: Callable[[list[str]], set[str]] | None = None) -> None:  # fmt: skip
         self.settings = settings
+        self.registered = registered  # which of these model ids still exist
         self.artifacts = ArtifactStore.from_settings(settings)
         self.device = settings.torch_device()
         self.precision = None if settings.predict_precision == "auto" else settings.predict_precision  # None: spec's
@@ -166,6 +170,7 @@ class Predictor:
             del self._loading[model_id]
             self._insert(model)
         pending.set_result(model)
+        self._forget_deleted()
         return model
 
     def _insert(self, model: LoadedModel) -> None:
@@ -173,12 +178,31 @@ class Predictor:
         self._models[model.id] = model
         self._backbones[model.backbone_key] = model.backbone
         while self.memory_used() > self.memory_bytes and len(self._models) > 1:
-            _, old = self._models.popitem(last=False)
-            if all(m.backbone_key != old.backbone_key for m in self._models.values()):
-                self._backbones.pop(old.backbone_key, None)
+            self._drop(next(iter(self._models)))
         if self.memory_used() > self.memory_bytes:
             log.warning("model %s with its backbone (%.0f MB) alone exceeds predict_memory_mb (%.0f MB)", model.id,
                         self.memory_used() / 2**20, self.memory_bytes / 2**20)  # fmt: skip
+
+    def _drop(self, model_id: str) -> None:
+        old = self._models.pop(model_id)
+        if all(m.backbone_key != old.backbone_key for m in self._models.values()):
+            self._backbones.pop(old.backbone_key, None)
+
+    def _forget_deleted(self) -> None:
+        """Drop the loaded models whose records are gone (never a reason to fail the load that called this)."""
+        if self.registered is None:
+            return
+        with self._lock:
+            loaded = list(self._models)
+        try:
+            alive = self.registered(loaded)
+        except Exception as e:  # the registry is unreachable: the next load tries again
+            log.warning("could not check which loaded models were deleted: %s", e)
+            return
+        with self._lock:
+            for model_id in loaded:
+                if model_id not in alive and model_id in self._models:
+                    self._drop(model_id)
 
     def memory_used(self) -> int:
         """Bytes of the weights held: every backbone once, plus each model's own tensors."""

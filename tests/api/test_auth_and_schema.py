@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import httpx
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from storage.settings import Settings
+from tests.helpers import serve
 
 
 def client_for(tmp_path, redis_url, digits_root) -> tuple[TestClient, dict]:
@@ -33,6 +35,15 @@ def test_keys_required_and_jobs_isolated_per_key(tmp_path, redis_url, digits_roo
     assert job["id"] not in [j["id"] for j in client.get("/jobs", headers=b).json()["data"]]
     assert client.post(f"/jobs/{job['id']}/cancel", headers=b).status_code == 404
     assert client.post(f"/jobs/{job['id']}/cancel", headers=a).json()["status"] == "cancelled"  # still queued
+
+
+def test_a_key_of_non_ascii_bytes_is_a_401_and_a_non_ascii_key_works(tmp_path, redis_url):
+    settings = Settings(data_dir=tmp_path, redis_url=redis_url, api_keys=["key-a", "clé"])
+    with serve(create_app(settings)) as url:  # real HTTP: the test client re-encodes header bytes
+        for token in (b"Bearer \xff\xfe", b"Bearer cl\xe9", b"\xff"):  # compare_digest refused non-ASCII text: 500
+            r = httpx.get(f"{url}/jobs", headers={"Authorization": token}, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", r.text
+        assert httpx.get(f"{url}/jobs", headers={"Authorization": "Bearer clé".encode()}, timeout=30).status_code == 200
 
 
 def test_control_plane_imports_no_torch():

@@ -8,6 +8,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
+import struct
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -99,3 +102,31 @@ def test_with_redis_gone_the_api_answers_503_within_a_second(tmp_path) -> None:
         assert r.status_code == 200 and "sidetune_redis_up 0.0" in r.text and time.monotonic() - t0 < 3
         r = httpx.get(f"{url}/readyz", timeout=30)
         assert r.status_code == 503 and r.json()["redis"] is False
+
+
+def test_an_inference_service_that_dies_mid_request_is_a_503(tmp_path, redis_url) -> None:
+    """A soak killed the inference service under load: the API's forwarded request met a reset connection
+    (httpx.ReadError), which was a 500."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def reset_each_connection() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            conn.recv(65536)  # the request arrived; the process dies before it answers (RST, as after SIGKILL)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    threading.Thread(target=reset_each_connection, daemon=True).start()
+    inference = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with serve(create_app(Settings(data_dir=tmp_path, redis_url=redis_url, inference_url=inference))) as url:
+            for path, body in (("/v1/models/model_x:predict", {"instances": [{"image_b64": "AAAA"}]}),
+                               ("/v2/models/model_x/infer", {"inputs": []})):  # fmt: skip
+                r = httpx.post(url + path, json=body, timeout=30)
+                assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+                assert "unreachable (ReadError)" in r.text, r.text
+    finally:
+        listener.close()

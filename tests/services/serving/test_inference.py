@@ -154,3 +154,28 @@ def test_cuda_serving_matches_the_cpu(trained: Settings, images: list[bytes]) ->
         pa = np.array([[p["scores"][c] for c in p["scores"]] for p in cpu.predict(model_id, images)])
         pb = np.array([[p["scores"][c] for c in p["scores"]] for p in gpu.predict(model_id, images)])
         np.testing.assert_allclose(pb, pa, atol=0.05)
+
+
+def test_a_load_drops_the_loaded_models_that_were_deleted(trained: Settings) -> None:
+    """A deleted model is never asked for again (ids are not reused): it must not keep its memory until the budget
+    pushes it out (a soak deleting its jobs as they came saw the inference service grow a few MB a minute)."""
+    from storage.jobs import JobStore, now
+
+    store = JobStore.from_url(trained.broker_url)
+    ids = ("model_losa3", "model_linear", "model_losa_all")
+    for model_id in ids:
+        store.register_model({
+            "id": model_id, "object": "model", "created_at": now(), "job_id": "job_x", "owner": None, "name": None,
+            "method": "losa", "mode": "cache", "backbone": "test_vit", "classes": [str(i) for i in range(10)],
+            "metrics": {},
+        })  # fmt: skip
+    try:
+        predictor = Predictor(trained, registered=store.registered_models)
+        predictor.load("model_losa3")
+        predictor.load("model_linear")
+        store.delete_model("model_losa3")
+        predictor.load("model_losa_all")  # a cold load: the deleted model goes, the others stay
+        assert set(predictor.memory()["models"]) == {"model_linear", "model_losa_all"}
+    finally:
+        for model_id in ids:
+            store.delete_model(model_id)
