@@ -67,7 +67,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after)")
     args = p.parse_args(argv)
     if args.tiny:
-        args.backbone, args.image_size, args.photos, args.digits = "vit_tiny_patch16_224", 64, 64, 128
+        args.backbone, args.image_size, args.photos, args.digits = "test_vit", 32, 32, 64
         args.batch_size, args.epochs, args.serve_requests = 16, 2, 8
     args.loader_workers = args.loader_workers if args.loader_workers == "auto" else int(args.loader_workers)
     args.train_memory_mb, args.limit = None, args.digits

@@ -141,8 +141,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     from worker.launcher import Stack
 
     data = tmp_path_factory.mktemp("stack")
+    # a killed worker (tests/worker/test_supervisor.py) is noticed after heartbeat_ttl_s: 5 s rather than 15
     settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
-                        inference_port=free_port(), device="cpu")  # fmt: skip
+                        inference_port=free_port(), device="cpu", heartbeat_ttl_s=5.0)  # fmt: skip
     write_digits(data / "datasets" / "digits", limit=150)
     with Stack(settings) as running:
         yield running, Client(running.api_url)

@@ -23,8 +23,9 @@ from worker.launcher import Stack, free_port
 @pytest.fixture(scope="module")
 def fault_stack(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("faults")
+    # a dead worker is noticed after heartbeat_ttl_s: 5 s rather than 15 (each test kills one)
     settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
-                        inference_port=free_port(), device="cpu")  # fmt: skip
+                        inference_port=free_port(), device="cpu", heartbeat_ttl_s=5.0)  # fmt: skip
     write_digits(data / "datasets" / "digits", limit=120)
     # the extraction tests' dataset: long enough (270 batches of 2 at 224 px) that a kill after the first progress
     # reports (every 0.5 s at most) lands mid-extraction even when the loaders and writers keep up with the forward
