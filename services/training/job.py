@@ -2,14 +2,13 @@
 images through the frozen backbone), the model or every configuration of its sweep (services/sweeps/), the
 sources of mini-batches, then the loop (services/training/fit.py: each mini-batch read once for all configurations,
 the best on validation kept) and one evaluation of the selected model on the test split. The linear probe in cache mode
-is solved instead (services/methods/linear/solver.py).
+is solved instead, by the standard protocol (services/training/probes.py).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,9 @@ from services.paths import UserPaths
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.sweeps.stacked import make_runs
-from services.training.fit import Result, batches_of, fit, predict, predicted_labels, select
+from services.training.fit import fit, predict, predicted_labels, select
 from services.training.objectives import Objective
+from services.training.probes import solve_probes
 from services.training.runs import Runs, autocast, to_numpy, to_torch  # noqa: F401 - to_numpy/to_torch: the tests' helpers
 from services.video.loading import clip_transform, epoch_reader, padding_event
 from services.video.spec import check_inputs
@@ -192,63 +192,6 @@ def _test_set(spec: JobSpec, settings: Settings, data: Data, layers: list[int] |
     return source, targets
 
 
-def _solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models: list[torch.nn.Module],
-                  sources: list[Source], targets: list[np.ndarray], objective: Objective,
-                  reporter: Reporter) -> tuple[list[Result], list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
-    """The L-BFGS linear probe of every configuration (services/methods/linear/solver.py): the pooled features of
-    every distinct pooling from one pass over the cache, then one path over the L2 strengths per pooling (the sweep's
-    `weight_decay` values, the job's own, or the default grid when it is `auto`). Returns one Result per point of
-    the paths, each point's figures and the timings."""
-    from services.methods.linear import solver
-
-    t0 = time.perf_counter()
-    auto = spec.training.weight_decay == "auto" and not (spec.sweep and spec.sweep.weight_decay)
-    grids = [list(solver.L2_GRID) if auto else [h["weight_decay"]] for h in hps]
-    by_pool: dict[str, list[int]] = {}
-    for j, c in enumerate(configs):
-        by_pool.setdefault(c.method.pool, []).append(j)
-    probes = [models[js[0]] for js in by_pool.values()]
-    feats = []
-    for source, y in zip(sources, targets, strict=True):
-        per_probe: list[list[torch.Tensor]] = [[] for _ in probes]
-        with torch.no_grad():  # not inference_mode: the features enter the solver's autograd graph
-            for x, _ in source.iterate(batches_of(np.arange(len(y)), 1024)):  # cached rows, in order: all kept
-                for out, probe in zip(per_probe, probes, strict=True):
-                    out.append(probe.features(x))
-        feats.append([torch.cat(f) for f in per_probe])
-    y_train = objective.targets(targets[0])
-    results, points = [], []
-    iterations = 0
-    for p, (pool, js) in enumerate(by_pool.items()):
-        grid = sorted({l2 for j in js for l2 in grids[j]}, reverse=True)
-        path = solver.solve_path(feats[0][p], y_train, feats[1][p], targets[1], grid, objective,
-                                 configs[js[0]].method.max_iter)  # fmt: skip
-        base = {k: v.detach().cpu().numpy() for k, v in probes[p].state_dict().items()}
-        for j in js:
-            for point in (pt for pt in path if pt.l2 in grids[j]):
-                # only the path's best point kept its classifier, and selection picks among the paths' best
-                state = {} if point.weight is None else {**base, "head.weight": point.weight, "head.bias": point.bias}
-                results.append(Result(state=state, score=point.score, loss=point.loss))
-                points.append(
-                    {
-                        "config": j,
-                        "pool": pool,
-                        "weight_decay": point.l2,
-                        objective.metric: round(point.score, 5),
-                        "val_loss": round(point.loss, 5),
-                        "iterations": point.iterations,
-                    }
-                )
-        iterations += sum(pt.iterations for pt in path)
-        reporter.check_cancel()
-    seconds = time.perf_counter() - t0
-    reporter.event(f"L-BFGS linear probe: {len(points)} L2 strengths solved ({iterations} iterations) in "
-                   f"{seconds:.2f}s", data={"l2_path": points})  # fmt: skip
-    timing = {"train_seconds": round(seconds, 3),
-              "train_images_per_s": round(len(targets[0]) * len(points) / max(seconds, 1e-9), 1)}  # fmt: skip
-    return results, points, timing
-
-
 def train_job(
     spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Folder | Path
 ) -> dict[str, Any]:
@@ -294,7 +237,7 @@ def train_job(
     y_train, y_val = data.labels[train_idx], data.labels[val_idx]
     lbfgs = spec.linear_solver == "lbfgs"
     if lbfgs:
-        results, points, timing = _solve_probes(spec, configs, hps, models, [train_src, val_src], [y_train, y_val],
+        results, points, timing = solve_probes(spec, configs, hps, models, [train_src, val_src], [y_train, y_val],
                                                 objective, reporter)  # fmt: skip
         owner = [p["config"] for p in points]
     else:
@@ -307,8 +250,8 @@ def train_job(
     chosen = kept[select([results[i] for i in kept])]
     j = owner[chosen]
     best, best_hp, model, res = configs[j], dict(hps[j]), models[j], results[chosen]
-    if lbfgs:
-        best_hp["weight_decay"] = points[chosen]["weight_decay"]
+    if lbfgs:  # the strength the saved weights were solved at (the refit's)
+        best_hp["weight_decay"] = timing["refit"]["weight_decay"]
     model.load_trainable(to_torch(res.state))
     final = make_runs([model], [best.method.model_dump()], [best_hp], objective, device)[0]
 
@@ -349,7 +292,7 @@ def train_job(
     }
     if lbfgs:
         metrics |= {"solver": "lbfgs", "weight_decay": best_hp["weight_decay"],
-                    "iterations": points[chosen]["iterations"], "l2_path": points}  # fmt: skip
+                    "iterations": metrics["refit"]["iterations"], "l2_path": points}  # fmt: skip
     else:
         metrics |= {"best_epoch": res.epoch, "epochs": hp["epochs"], "history": res.history}
     if spec.sweep:

@@ -2,9 +2,12 @@
 
 The standard baseline of every adaptation paper (e.g. LoSA, Mercea et al., CVPR 2024, Table 1).
 Trained from the feature cache; needs only the last layer. In cache mode the default solver is full-batch L-BFGS
-on standardised features with the L2 strength chosen on validation from a grid (the linear-probe protocol of CLIP,
-Radford et al. 2021, App. A.3): the optimum of the convex problem, as scikit-learn's LogisticRegression finds it
-(services/methods/linear/solver.py). The standardisation is folded into the saved classifier.
+on standardised features (the optimum of the convex problem, as scikit-learn's LogisticRegression finds it;
+services/methods/linear/solver.py) by the standard protocol: the L2 strength chosen from a grid by stratified k-fold
+cross-validation over the training and validation images (by the validation split for large jobs), then the model
+refitted on all of them at that strength (scikit-learn's GridSearchCV(refit=True); the CLIP linear-probe protocol,
+Radford et al. 2021, App. A.3, whose final fit also uses the validation images). The standardisation is folded into
+the saved classifier.
 """
 
 from typing import ClassVar, Literal
@@ -30,9 +33,24 @@ class LinearConfig(BaseModel):
         "auto",
         description="`lbfgs`: full-batch L-BFGS (strong Wolfe line search) on standardised features, solved to "
         "convergence for each L2 strength of a grid (`training.weight_decay` `auto`, or the values of "
-        "`sweep.weight_decay`; an explicit `training.weight_decay` is the one strength), the best chosen on "
-        "validation; `training.lr`, `epochs`, `batch_size` and `optimizer` do not apply. Cache mode only. `sgd`: "
+        "`sweep.weight_decay`; an explicit `training.weight_decay` is the one strength), the best chosen by "
+        "cross-validation (`cv_folds`) and refitted on the training and validation images; `training.lr`, "
+        "`epochs`, `batch_size` and `optimizer` do not apply. Cache mode only. `sgd`: "
         "mini-batch training with the `training` settings. `auto`: lbfgs in cache mode, sgd online.",
+    )
+    cv_folds: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="L-BFGS: folds of the stratified cross-validation (seeded by `dataset.split_seed`) that scores "
+        "each L2 strength over the training and validation images together; the best is then refitted on all of "
+        "them. Below 2: the strength is chosen on the validation split (still refitted on training and validation).",
+    )
+    cv_max_images: int = Field(
+        50_000,
+        ge=0,
+        description="L-BFGS: above this many training and validation images the strength is chosen on the "
+        "validation split instead of by cross-validation (k solves per strength), then refitted as well.",
     )
     max_iter: int = Field(
         1000, ge=1, le=100_000, description="L-BFGS: most iterations per L2 strength (scikit-learn's default is 100)."

@@ -1,18 +1,22 @@
 """The linear probe's L-BFGS solver: the optimum of the convex problem, not a few epochs of SGD towards it.
 
 The pooled features (the probe's frozen readout of the cached last layer) are computed in one pass over the cache
-and standardised with the training split's mean and standard deviation. For each L2 strength `l2` of a grid, from
-the strongest to the weakest (each start warm from the previous solution), full-batch L-BFGS with a strong Wolfe
-line search minimises
+and standardised with the mean and standard deviation of the rows being fitted. For each L2 strength `l2` of a
+grid, from the strongest to the weakest (each start warm from the previous solution), full-batch L-BFGS with a
+strong Wolfe line search minimises
 
     mean loss(W x + b) + l2 / 2 * ||W||^2        (the bias is not penalised)
 
 where the loss is the job's objective (cross-entropy, or per-tag binary cross-entropy; label smoothing and class
 weights as configured). That is scikit-learn's LogisticRegression with C = 1 / (l2 * n_train), solved to the same
 criterion: the largest gradient entry below `GRADIENT_TOLERANCE` (scikit-learn's `tol`, which its lbfgs solver
-passes to scipy as `gtol`, on the same mean-loss scale). The strength with the best validation figure wins (ties:
-the lower validation loss). Along the weak end of the path a warm start often meets the criterion at once, so those
-strengths cost next to nothing.
+passes to scipy as `gtol`, on the same mean-loss scale). Along the weak end of the path a warm start often meets the
+criterion at once, so those strengths cost next to nothing.
+
+A path is scored on held-out rows (`solve_path`): by k-fold cross-validation (`cross_validate`, a path per fold,
+each standardised by its own training rows) or on the validation split. The strength with the best held-out figure
+wins (ties: the lower held-out loss), and `refit` solves it once more on every labelled row (services/training/
+probes.py runs the protocol).
 
 The standardisation is folded into the saved classifier, W' = W / sigma and b' = b - W' mu, so predict and export
 see an ordinary Linear.
@@ -26,11 +30,12 @@ whatever the class count; a single chunk computes exactly what it always did.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from sklearn.model_selection import KFold, StratifiedKFold
 
 from services.training.evaluation import row_chunks, validation_score
 from services.training.objectives import Objective
@@ -59,25 +64,20 @@ def standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, torch.where(sigma > 1e-6 * sigma.max().clamp(min=1e-12), sigma, torch.ones_like(sigma))
 
 
-def solve_path(
-    x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: np.ndarray,
-    grid: list[float] | tuple[float, ...], objective: Objective, max_iter: int,
-    on_point: Callable[[PathPoint], None] | None = None,
-) -> list[PathPoint]:  # fmt: skip
-    """One PathPoint per strength of `grid`, strongest first. Features: float32 [n, D] on the device. Only the best
-    point (`best`) keeps its classifier: a path of 17 strengths over 21,843 classes would hold 17 of them."""
-    mu, sigma = standardise(x_train)
-    # one parameter [C, D + 1] against features with a column of ones: the last column is the bias
-    xs = torch.cat([(x_train - mu) / sigma, x_train.new_ones(len(x_train), 1)], dim=1)
-    xv = torch.cat([(x_val - mu) / sigma, x_val.new_ones(len(x_val), 1)], dim=1)
+def _augment(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Standardised features with a column of ones (the last column of the parameter is the bias)."""
+    return torch.cat([(x - mu) / sigma, x.new_ones(len(x), 1)], dim=1)
+
+
+def _path(xs: torch.Tensor, y_train: torch.Tensor, grid: list[float] | tuple[float, ...], objective: Objective,
+          max_iter: int) -> Iterator[tuple[float, torch.Tensor, int]]:  # fmt: skip
+    """(l2, parameter [C, D + 1], iterations) for each strength of `grid`, strongest first, each solve warm-started
+    from the previous one. The parameter is the live tensor: read it before asking for the next strength."""
     w = torch.zeros(objective.num_classes, xs.shape[1], device=xs.device, requires_grad=True)
-    y_val_t = objective.targets(y_val)
     parts = row_chunks(len(xs), objective.num_classes)
     total = objective.normalizer(y_train)
     shares = [objective.normalizer(y_train[rows]) / total for rows in parts] if len(parts) > 1 else []
-    points: list[PathPoint] = []
-    kept = 0  # the best point so far, the one that keeps its weights
-    for l2 in sorted(set(grid), reverse=True):  # strongest first: each solution starts the next
+    for l2 in sorted(set(grid), reverse=True):
         opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=GRADIENT_TOLERANCE,
                                 tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
 
@@ -97,19 +97,99 @@ def solve_path(
             return loss
 
         opt.step(closure)
+        yield l2, w, int(opt.state_dict()["state"][0]["n_iter"])
+
+
+def _fold(w: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier on raw features: the standardisation folded into W and b."""
+    with torch.no_grad():
+        folded = w[:, :-1] / sigma
+        return folded.cpu().numpy(), (w[:, -1] - folded @ mu).cpu().numpy()
+
+
+def solve_path(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: np.ndarray,
+    grid: list[float] | tuple[float, ...], objective: Objective, max_iter: int,
+    on_point: Callable[[PathPoint], None] | None = None, keep: bool = True,
+) -> list[PathPoint]:  # fmt: skip
+    """One PathPoint per strength of `grid`, strongest first, scored on the validation features. Features: float32
+    [n, D] on the device. Only the best point (`best`) keeps its classifier (none with `keep` False): a path of 17
+    strengths over 21,843 classes would hold 17 of them."""
+    mu, sigma = standardise(x_train)
+    xs, xv = _augment(x_train, mu, sigma), _augment(x_val, mu, sigma)
+    y_val_t = objective.targets(y_val)
+    points: list[PathPoint] = []
+    kept = 0  # the best point so far, the one that keeps its weights
+    for l2, w, iterations in _path(xs, y_train, grid, objective, max_iter):
         with torch.no_grad():
             score, loss = _validation(xv, w, y_val, y_val_t, objective)
-            point = PathPoint(l2=l2, score=score, loss=loss, iterations=int(opt.state_dict()["state"][0]["n_iter"]))
-            if not points or _rank(point, len(points)) > _rank(points[kept], kept):
-                if points:
-                    points[kept].weight = points[kept].bias = None
-                kept = len(points)
-                folded = w[:, :-1] / sigma
-                point.weight, point.bias = folded.cpu().numpy(), (w[:, -1] - folded @ mu).cpu().numpy()
+        point = PathPoint(l2=l2, score=score, loss=loss, iterations=iterations)
+        if keep and (not points or rank(point, len(points)) > rank(points[kept], kept)):
+            if points:
+                points[kept].weight = points[kept].bias = None
+            kept = len(points)
+            point.weight, point.bias = _fold(w, mu, sigma)
         points.append(point)
         if on_point is not None:
             on_point(point)
     return points
+
+
+def folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """The held-out rows of each of `k` folds: stratified by class for single-label `labels` (scikit-learn's
+    StratifiedKFold, shuffled with `seed`), plain shuffled folds for multi-label targets [n, C]."""
+    rows = np.zeros(len(labels))
+    splitter = StratifiedKFold(k, shuffle=True, random_state=seed) if labels.ndim == 1 else KFold(
+        k, shuffle=True, random_state=seed)  # fmt: skip
+    return [held for _, held in splitter.split(rows, labels if labels.ndim == 1 else None)]
+
+
+@dataclass
+class CvPoint:
+    """One L2 strength scored by k-fold cross-validation: the mean and spread of its held-out figures."""
+
+    l2: float
+    score: float
+    std: float
+    loss: float
+    iterations: int  # summed over the folds
+    fold_scores: list[float]
+
+
+def cross_validate(x: torch.Tensor, y: torch.Tensor, labels: np.ndarray, held_out: list[np.ndarray],
+                   grid: list[float] | tuple[float, ...], objective: Objective, max_iter: int,
+                   between: Callable[[], None] | None = None) -> list[CvPoint]:  # fmt: skip
+    """Every strength of `grid` (strongest first) scored by cross-validation: for each fold, a path solved on the
+    other folds (standardised by their own statistics) and scored on the fold. `x` [n, D] features, `y` the
+    objective's targets of the same rows, `labels` their labels, `held_out` the folds' rows. A fold's NaN score (a
+    diverged solve) makes the strength's mean NaN, so it is never chosen. `between` runs after each fold (a
+    cancellation check)."""
+    per_l2: dict[float, list[tuple[float, float, int]]] = {}
+    everything = np.arange(len(x))
+    for held in held_out:
+        fit_rows = torch.from_numpy(np.setdiff1d(everything, held)).to(x.device)
+        held_t = torch.from_numpy(held).to(x.device)
+        path = solve_path(x[fit_rows], y[fit_rows], x[held_t], labels[held], grid, objective, max_iter, keep=False)
+        for point in path:
+            per_l2.setdefault(point.l2, []).append((point.score, point.loss, point.iterations))
+        if between is not None:
+            between()
+    out = []
+    for l2 in sorted(per_l2, reverse=True):
+        scores = [s for s, _, _ in per_l2[l2]]
+        out.append(CvPoint(l2=l2, score=float(np.mean(scores)), std=float(np.std(scores)),
+                           loss=float(np.mean([loss for _, loss, _ in per_l2[l2]])),
+                           iterations=sum(i for _, _, i in per_l2[l2]), fold_scores=scores))  # fmt: skip
+    return out
+
+
+def refit(x: torch.Tensor, y: torch.Tensor, l2: float, objective: Objective, max_iter: int,
+          ) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    """The classifier solved on all of `x` at the chosen strength (the protocol's final fit, as scikit-learn's
+    GridSearchCV(refit=True) makes it): (weight [C, D], bias [C], iterations), standardisation folded in."""
+    mu, sigma = standardise(x)
+    ((_, w, iterations),) = _path(_augment(x, mu, sigma), y, [l2], objective, max_iter)
+    return (*_fold(w, mu, sigma), iterations)
 
 
 def _validation(xv: torch.Tensor, w: torch.Tensor, y_val: np.ndarray, y_val_t: torch.Tensor,
@@ -133,7 +213,7 @@ def _validation(xv: torch.Tensor, w: torch.Tensor, y_val: np.ndarray, y_val_t: t
     return score, float(loss) / len(xv)
 
 
-def _rank(point: PathPoint, i: int) -> tuple[float, float, int]:
+def rank(point: PathPoint | CvPoint, i: int) -> tuple[float, float, int]:
     """Higher is better: the validation figure, then the lower validation loss, then the earlier point; NaN ranks
     last (fit.select's order, which picks among the points of every path)."""
     score, loss = point.score, point.loss
@@ -142,4 +222,4 @@ def _rank(point: PathPoint, i: int) -> tuple[float, float, int]:
 
 def best(points: list[PathPoint]) -> int:
     """Index of the best point: the one that kept its weights."""
-    return max(range(len(points)), key=lambda i: _rank(points[i], i))
+    return max(range(len(points)), key=lambda i: rank(points[i], i))
