@@ -51,8 +51,10 @@ def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models:
     held = solver.folds(labels, k, spec.dataset.split_seed) if k else []
     candidates, points = [], []  # (pooling, strength) scored, and their figures
     iterations = 0
+    grids_by_pool = []
     for p, (pool, js) in enumerate(by_pool.items()):
         grid = sorted({l2 for j in js for l2 in grids[j]}, reverse=True)
+        grids_by_pool.append(grid)
         max_iter = configs[js[0]].method.max_iter
         if k:
             scored = solver.cross_validate(feats[p], y_all, labels, held, grid, objective, max_iter,
@@ -69,14 +71,16 @@ def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models:
                                "iterations": point.iterations})  # fmt: skip
         iterations += sum(pt.iterations for pt in scored)
         reporter.check_cancel()
-    chosen = max(range(len(candidates)), key=lambda i: solver.rank(candidates[i][1], i))
+    chosen = solver.choose([point for _, point in candidates])
     p, point = candidates[chosen]
     # the refit keeps the chosen strength per image, scikit-learn's C = 1 / (l2 n), as GridSearchCV(refit=True)
-    # keeps C: l2 n is the penalty against the summed loss, and more images then weigh more against it
+    # keeps C: l2 n is the penalty against the summed loss, and more images then weigh more against it. It follows
+    # the path that scored the strength, from the strongest of the grid down to it.
     fitted = np.mean([len(labels) - len(h) for h in held]) if k else n_train
-    l2 = float(f"{point.l2 * fitted / len(labels):.6g}")
+    path = [float(f"{l2 * fitted / len(labels):.6g}") for l2 in grids_by_pool[p] if l2 >= point.l2]
+    l2 = path[-1]
     t_refit = time.perf_counter()
-    weight, bias, refit_iterations = solver.refit(feats[p], y_all, l2, objective, configs[0].method.max_iter)
+    weight, bias, refit_iterations = solver.refit(feats[p], y_all, path, objective, configs[0].method.max_iter)
     refit_seconds = time.perf_counter() - t_refit
     base = {k: v.detach().cpu().numpy() for k, v in probes[p].state_dict().items()}
     results = [Result(state={**base, "head.weight": weight, "head.bias": bias} if i == chosen else {},

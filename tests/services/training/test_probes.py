@@ -56,11 +56,10 @@ def test_cross_validation_and_refit_agree_with_scikit_learn_grid_search() -> Non
     ours = np.array([p.score for p in cv])
     assert np.abs(ours - theirs).max() <= 0.01, (ours, theirs)
     assert np.allclose([p.std for p in cv], search.cv_results_["std_test_score"], atol=0.01)
-    chosen = max(range(len(cv)), key=lambda i: solver.rank(cv[i], i))
-    assert theirs[chosen] >= theirs.max() - 0.01  # our choice is (one of) theirs
+    assert theirs[solver.choose(cv)] >= theirs.max() - 0.01  # our choice is (one of) theirs
 
     # the refit at their chosen C (the same C on all n rows: l2 = 1 / (C n)) predicts as their refitted estimator
-    weight, bias, _ = solver.refit(xt, y, 1 / (search.best_params_["logisticregression__C"] * n), objective, 1000)
+    weight, bias, _ = solver.refit(xt, y, [1 / (search.best_params_["logisticregression__C"] * n)], objective, 1000)
     fresh, _ = blobs(50, 4, 16, seed=0)
     fresh += np.random.default_rng(1).normal(size=fresh.shape).astype(np.float32)
     probs = torch.softmax(torch.from_numpy(fresh @ weight.T + bias), 1).numpy()
@@ -130,3 +129,12 @@ def test_large_jobs_choose_on_the_validation_split_then_refit(digits_root: Path,
     assert m["refit"]["weight_decay"] == pytest.approx(
         chosen["weight_decay"] * m["train_images"] / m["refit"]["images"], rel=1e-5
     )
+
+
+def test_equal_held_out_figures_choose_the_strongest_and_nan_never_wins() -> None:
+    # along the weak end of a warm-started path the scores tie and the losses differ by noise
+    points = [solver.CvPoint(l2=l2, score=score, std=0.0, loss=loss, iterations=1, fold_scores=[score])
+              for l2, score, loss in ((1.0, 0.90, 0.30), (0.1, float("nan"), 0.1), (0.01, 0.95, 0.2216),
+                                      (0.001, 0.95, 0.2215), (0.0001, 0.95, 0.2214))]  # fmt: skip
+    assert solver.choose(points) == 2
+    assert solver.choose(points[:2]) == 0
