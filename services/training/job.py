@@ -236,9 +236,12 @@ def train_job(
     )  # fmt: skip
     y_train, y_val = data.labels[train_idx], data.labels[val_idx]
     lbfgs = spec.linear_solver == "lbfgs"
+    name = "test" if len(test_idx) or ds.test else "val"
+    held_state = None
     if lbfgs:
-        results, points, timing = solve_probes(spec, configs, hps, models, [train_src, val_src], [y_train, y_val],
-                                                objective, reporter)  # fmt: skip
+        results, points, timing, held_state = solve_probes(
+            spec, configs, hps, models, [train_src, val_src], [y_train, y_val], objective, reporter,
+            held_out=objective.multi_label or name == "val")  # fmt: skip
         owner = [p["config"] for p in points]
     else:
         runs, where = make_runs(models, [c.method.model_dump() for c in configs], hps, objective, device)
@@ -255,12 +258,20 @@ def train_job(
     model.load_trainable(to_torch(res.state))
     final = make_runs([model], [best.method.model_dump()], [best_hp], objective, device)[0]
 
+    # what validation judges has not seen the validation images: the L-BFGS probe's saved model is refitted on them,
+    # so the multi-label threshold and a report on validation come from its fit on the training split alone
+    judge = final
+    if held_state is not None:
+        judged = copy.deepcopy(model)
+        judged.load_trainable(to_torch(held_state))
+        judge = make_runs([judged], [best.method.model_dump()], [best_hp], objective, device)[0]
+        timing["refit"]["validation_judged_by"] = "the fit on the training split at the chosen strength"
+
     # the selected model, once: the multi-label threshold on validation, the report on the test split
     threshold = None
     if objective.multi_label:
-        logits, targets = predict(final, val_src, len(y_val), 256, layers, device)
+        logits, targets = predict(judge, val_src, len(y_val), 256, layers, device)
         threshold = evaluation.choose_threshold(targets, objective.probabilities(logits[0]))
-    name = "test" if len(test_idx) or ds.test else "val"
     own = model.input_layers
     if ds.test:
         source, targets = _test_set(spec, settings, data, own)
@@ -269,11 +280,12 @@ def train_job(
     else:
         source, targets = val_src, y_val
     read = own if source is not val_src else layers
+    scored = judge if source is val_src else final
     if objective.multi_label:
-        logits, targets = predict(final, source, len(targets), 256, read, device)
+        logits, targets = predict(scored, source, len(targets), 256, read, device)
         report = evaluation.report(targets, objective.probabilities(logits[0]), data.classes, name, threshold)
     else:  # batch by batch: never the [n, C] probabilities whole
-        targets, pred, top5 = predicted_labels(final, source, len(targets), 256, read, objective)
+        targets, pred, top5 = predicted_labels(scored, source, len(targets), 256, read, objective)
         report = evaluation.label_report(targets, pred, top5, data.classes, name)
     reporter.event(f"selected model on the {'test' if name == 'test' else 'validation'} split: " + ", ".join(
         f"{k} {v:.4f}" for k, v in report["metrics"].items()), type="metrics", data=report["metrics"])  # fmt: skip

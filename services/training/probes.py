@@ -18,17 +18,23 @@ from services.spec import JobSpec
 from services.training.fit import Result, batches_of
 from services.training.objectives import Objective
 
+# per scored strength a Result, its figures; the timings; the training split's own fit (or None)
+Solved = tuple[list[Result], list[dict[str, Any]], dict[str, Any], dict[str, np.ndarray] | None]
+
 
 def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models: list[torch.nn.Module],
                   sources: list[Source], targets: list[np.ndarray], objective: Objective,
-                  reporter: Reporter) -> tuple[list[Result], list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+                  reporter: Reporter, held_out: bool = False,
+                  ) -> Solved:  # fmt: skip
     """The L-BFGS linear probe of every configuration (services/methods/linear/solver.py) by the standard protocol:
     the pooled features of every distinct pooling from one pass over the cache; each L2 strength (the sweep's
     `weight_decay` values, the job's own, or the default grid when it is `auto`) scored by k-fold cross-validation
     over the training and validation images (by the validation split above `method.cv_max_images`, or with
     `method.cv_folds` below 2); the best strength then refitted on every training and validation image. The test
     split is never read here. Returns one Result per scored strength (only the refitted one has weights), each
-    point's figures, and the timings with the protocol's figures."""
+    point's figures, the timings with the protocol's figures, and with `held_out` the weights of a fit on the
+    training split alone at the chosen strength (what a validation report or threshold may judge: the refit has seen
+    the validation images), else None."""
     t0 = time.perf_counter()
     auto = spec.training.weight_decay == "auto" and not (spec.sweep and spec.sweep.weight_decay)
     grids = [list(solver.L2_GRID) if auto else [h["weight_decay"]] for h in hps]
@@ -83,6 +89,11 @@ def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models:
     weight, bias, refit_iterations = solver.refit(feats[p], y_all, path, objective, configs[0].method.max_iter)
     refit_seconds = time.perf_counter() - t_refit
     base = {k: v.detach().cpu().numpy() for k, v in probes[p].state_dict().items()}
+    held_state = None
+    if held_out:  # the chosen strength on the training rows alone, its C kept as the refit keeps it
+        train_path = [l2 * fitted / n_train for l2 in grids_by_pool[p] if l2 >= point.l2]
+        w, b, _ = solver.refit(feats[p][:n_train], y_all[:n_train], train_path, objective, configs[0].method.max_iter)
+        held_state = {**base, "head.weight": w, "head.bias": b}
     results = [Result(state={**base, "head.weight": weight, "head.bias": bias} if i == chosen else {},
                       score=pt.score, loss=pt.loss) for i, (_, pt) in enumerate(candidates)]  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -105,7 +116,7 @@ def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models:
     timing = {"train_seconds": round(seconds, 3),
               "train_images_per_s": round(n_train * len(points) / max(seconds, 1e-9), 1),
               "selection": selection, "refit": refit}  # fmt: skip
-    return results, points, timing
+    return results, points, timing, held_state
 
 
 def _folds(method: Any, labels: np.ndarray) -> int:

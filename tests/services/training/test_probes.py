@@ -74,9 +74,9 @@ def _noise(paths: list[Path], seed: int) -> None:
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(p)
 
 
-def _job(root: Path, settings: Settings, **method) -> dict:
+def _job(root: Path, settings: Settings, test_fraction: float = 0.3, **method) -> dict:
     spec = JobSpec.model_validate({
-        "dataset": {"path": str(root), "test_fraction": 0.3},
+        "dataset": {"path": str(root), "test_fraction": test_fraction},
         "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
         "method": {"name": "linear", **method},
     })  # fmt: skip
@@ -138,3 +138,18 @@ def test_equal_held_out_figures_choose_the_strongest_and_nan_never_wins() -> Non
                                       (0.001, 0.95, 0.2215), (0.0001, 0.95, 0.2214))]  # fmt: skip
     assert solver.choose(points) == 2
     assert solver.choose(points[:2]) == 0
+
+
+def test_without_a_test_split_the_validation_report_is_of_a_model_that_never_saw_validation(
+    digits_root: Path, tmp_path: Path
+) -> None:
+    """The saved model is refitted on the validation images too; the report on validation must not score it there
+    (it did: a 1,000-class job's report showed one confusion in 1,000 images)."""
+    settings = Settings(data_dir=tmp_path / "data", allowed_roots=[digits_root.parent], device="cpu")
+    out = _job(digits_root / "train", settings, test_fraction=0.0, cv_max_images=50)
+    m, report = out["metrics"], out["evaluation"]
+    assert report["split"] == "val" and m["test_images"] == 0
+    assert "training split" in m["refit"]["validation_judged_by"]
+    # the validation protocol scored the chosen strength with a fit on the training split along the same path: the
+    # report's model is that fit, so its accuracy is the selection's figure
+    assert report["metrics"]["val_accuracy"] == pytest.approx(m["selection"]["score"], abs=1e-4)
