@@ -253,8 +253,8 @@ def train_job(
     chosen = kept[select([results[i] for i in kept])]
     j = owner[chosen]
     best, best_hp, model, res = configs[j], dict(hps[j]), models[j], results[chosen]
-    if lbfgs:  # the strength the saved weights were solved at (the refit's)
-        best_hp["weight_decay"] = timing["refit"]["weight_decay"]
+    if lbfgs:  # the grid's strength, as the sweep names it (the refit's, per image, is in metrics["refit"])
+        best_hp["weight_decay"] = points[chosen]["weight_decay"]
     model.load_trainable(to_torch(res.state))
     final = make_runs([model], [best.method.model_dump()], [best_hp], objective, device)[0]
 

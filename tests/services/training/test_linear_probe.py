@@ -1,5 +1,5 @@
 """The linear probe against scikit-learn on held-out data: all 1,797 of scikit-learn's digits, 30% held out as a
-stratified test split, vit_tiny_patch16_224 (random init) at 64 and 112 px. sidetune's L-BFGS probe (L2 chosen on
+stratified test split, vit_tiny_patch16_224 (random init) at 64 px. sidetune's L-BFGS probe (L2 chosen on
 validation) must be within 1 point of LogisticRegression on the same pooled, standardised features with the best C
 chosen on the same validation split, both scored once on the test split; the test figure sidetune reports must be
 what its saved weights give (the standardisation folded into the head). Speed is compared in bench/heldout.py.
@@ -55,7 +55,7 @@ def _fit(c: float, x: np.ndarray, labels: np.ndarray, train, val) -> tuple[float
     return model.score(x[val], labels[val]), -loss, model
 
 
-@pytest.mark.parametrize("image_size", [64, 112])
+@pytest.mark.parametrize("image_size", [64])  # 112 px too in bench/heldout.py (3 seeds), not in every CI run
 def test_linear_probe_matches_scikit_learn_on_held_out_digits(
     all_digits: Path, tmp_path: Path, image_size: int
 ) -> None:
