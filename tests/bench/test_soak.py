@@ -14,7 +14,7 @@ ROLES = ("api", "inference", "extract-worker", "train-worker", "redis")
 
 
 def test_a_short_soak_samples_every_process_and_follows_a_killed_one(tmp_path: Path) -> None:
-    args = ["--minutes", "0.3", "--window-minutes", "0.1", "--sample-s", "1", "--kill-every", "0.15",
+    args = ["--minutes", "0.24", "--window-minutes", "0.08", "--sample-s", "1", "--kill-every", "0.12",
             "--backbone", "test_vit", "--image-size", "0", "--images", "40", "--bound-pct", "1000",
             "--data-dir", str(tmp_path)]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

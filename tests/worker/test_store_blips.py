@@ -1,5 +1,5 @@
 """A store that blinks, with real processes: the feature cache on a real S3-compatible server (moto) reached through a
-TCP proxy (tests/tcp_proxy.py) that is stopped for 20 s while a job extracts. The writes in flight are retried in the
+TCP proxy (tests/tcp_proxy.py) that is stopped for 8 s while a job extracts. The writes in flight are retried in the
 call, then the step is retried by its task with backoff, and the extraction resumes from the batches already written:
 the job succeeds (it failed before: botocore's EndpointConnectionError was no store outage on the cache path)."""
 
@@ -20,7 +20,7 @@ from tests.tcp_proxy import TcpProxy
 from worker.client import Client
 from worker.launcher import Stack, free_port
 
-BLIP_S = 20.0
+BLIP_S = 8.0  # longer than the in-call tries, so the task retries (5 s, then 10 s); 20 s blips were tried by hand
 
 
 @pytest.fixture(scope="module")
