@@ -200,6 +200,19 @@ def configure_logging(json_lines: bool = True, level: int | str = logging.INFO, 
         logger.handlers.clear()
         logger.propagate = True
     logging.captureWarnings(True)  # warnings become log lines too, not raw stderr
+    sys.unraisablehook = _unraisable  # and so do exceptions Python can only ignore (a __del__, interpreter exit)
+
+
+def _unraisable(info: Any) -> None:
+    """An exception Python ignores (raised in a finalizer, often while the interpreter exits) as one log line, not
+    the raw traceback it would print to stderr in the middle of a JSON log. Best effort: at exit, logging itself may
+    be half torn down, and then the line is dropped rather than printed raw."""
+    try:
+        what = f" in {info.object!r}" if info.object is not None else ""
+        message = f"{info.err_msg or 'Exception ignored'}{what}: {info.exc_type.__name__}: {info.exc_value}"
+        logging.getLogger("sidetune.unraisable").warning(message)
+    except Exception:  # noqa: BLE001 - nothing may escape an unraisable hook
+        pass
 
 
 def json_line(logger: str, level: int, message: str) -> str:

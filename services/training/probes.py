@@ -88,7 +88,7 @@ def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models:
     t_refit = time.perf_counter()
     weight, bias, refit_iterations = solver.refit(feats[p], y_all, path, objective, configs[0].method.max_iter)
     refit_seconds = time.perf_counter() - t_refit
-    base = {k: v.detach().cpu().numpy() for k, v in probes[p].state_dict().items()}
+    base = {name: v.detach().cpu().numpy() for name, v in probes[p].state_dict().items()}
     held_state = None
     if held_out:  # the chosen strength on the training rows alone, its C kept as the refit keeps it
         train_path = [l2 * fitted / n_train for l2 in grids_by_pool[p] if l2 >= point.l2]
