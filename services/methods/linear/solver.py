@@ -230,11 +230,11 @@ def _validation(xv: torch.Tensor, w: torch.Tensor, y_val: np.ndarray, y_val_t: t
     return score, float(loss) / len(xv)
 
 
-def rank(point: PathPoint | CvPoint, i: int) -> tuple[float, float, int]:
+def rank(point: PathPoint, i: int) -> tuple[float, float, int]:
     """Higher is better: the validation figure, then the lower validation loss, then the earlier point; NaN ranks
     last (fit.select's order, which picks among the points of every path)."""
-    score, loss = point.score, point.loss
-    return (score if score == score else -math.inf, -(loss if loss == loss else math.inf), -i)
+    loss = point.loss
+    return (_finite(point.score), -(loss if loss == loss else math.inf), -i)
 
 
 def best(points: list[PathPoint]) -> int:
