@@ -49,7 +49,11 @@ class Plan(BaseModel):
     train_images: int = Field(..., description="Images in the training split.")
     val_images: int = Field(..., description="Images in the validation split.")
     test_images: int = Field(0, description="Images in the test split (`dataset.test_fraction`); 0 without one.")
-    configurations: int = Field(1, description="Configurations the job trains: 1, or the size of its sweep.")
+    configurations: int = Field(
+        1,
+        description="Configurations the job trains: 1, or the size of its grid (its sweep and an automatic "
+        "learning-rate grid).",
+    )
     classes: int = Field(..., description="Classes in the dataset.")
     architecture: Architecture | None = Field(
         None, description="The backbone's shape; null for a backbone outside the planner's table (sizes unknown)."
@@ -231,7 +235,7 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     if ds.path is None or (ds.test_id is not None and ds.test is None):  # the API resolves upload ids to paths
         raise FileNotFoundError(f"dataset {ds.id or ds.test_id!r} is an uploaded dataset: plan the job with the API "
                                 "(POST /jobs?dry_run=true)")  # fmt: skip
-    check_size(spec.sweep, settings.max_sweep_configs)
+    check_size(spec.grid(), settings.max_sweep_configs)
     paths = UserPaths(settings)
     dataset = read_for_job(ds, paths)
     check_inputs(spec.backbone.video, dataset.kind, ds.path)
@@ -260,7 +264,7 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     base = dict(
         backbone=spec.backbone.name, method=spec.method.name, mode=spec.mode, needs_cache=spec.needs_cache, images=n,
         train_images=len(train_idx), val_images=len(val_idx), test_images=test_images, classes=len(dataset.classes),
-        configurations=spec.sweep.size() if spec.sweep else 1, architecture=arch,
+        configurations=grid.size() if (grid := spec.grid()) else 1, architecture=arch,
         quota_bytes=disk.quota, free_disk_bytes=disk.free, cache_used_bytes=disk.used,
         cache_evictable_bytes=disk.evictable, available_bytes=disk.space_max(), assumed_tflops=tflops,
         assumed_disk_mb_s=settings.planner_disk_mb_s, train_memory_budget_bytes=settings.train_host_budget_bytes() // 2,

@@ -76,13 +76,34 @@ class JobSpec(BaseModel):
         """The linear probe's solver, `auto` resolved (L-BFGS on cached features, SGD online); None for others."""
         return self.method.resolved_solver(self.mode) if self.method.name == "linear" else None
 
+    def automatic_lrs(self) -> list[float] | None:
+        """The learning rates an automatic grid trains (a method whose defaults give `lr_grid`, e.g. LoSA, with
+        `training.lr: auto` and no `sweep.lr`): the default rate at the job's batch size times each factor."""
+        defaults = self.method.training_defaults()
+        if self.training.lr != "auto" or "lr_grid" not in defaults or (self.sweep is not None and self.sweep.lr):
+            return None
+        center = self.training.auto_lr(defaults)
+        return [float(f"{center * factor:.4g}") for factor in defaults["lr_grid"]]
+
+    def grid(self) -> SweepSpec | None:
+        """What the job trains: its sweep, with an automatic grid's learning rates as its `lr` axis; None for one
+        configuration."""
+        lrs = self.automatic_lrs()
+        if lrs is None:
+            return self.sweep
+        given = self.sweep.model_dump(exclude_none=True) if self.sweep is not None else {}
+        return SweepSpec.model_validate({**given, "lr": lrs})
+
     def configurations(self) -> list[JobSpec]:
-        """The job itself, or one spec per configuration of its sweep (each validated, so a bad value is named)."""
-        if self.sweep is None:
+        """The job itself, or one spec per configuration of its grid (each validated, so a bad value is named)."""
+        grid = self.grid()
+        if grid is None:
             return [self]
         base = self.model_dump(exclude={"sweep"})
+        if base["training"]["early_termination"] == "auto":
+            base["training"]["early_termination"] = self.automatic_lrs() is not None
         specs = []
-        for overrides in self.sweep.configurations():
+        for overrides in grid.configurations():
             data = {**base, "method": dict(base["method"]), "training": dict(base["training"])}
             for key, value in overrides.items():
                 data["training" if key in ("lr", "weight_decay") else "method"][key] = value
@@ -117,10 +138,11 @@ class JobSpec(BaseModel):
     def _check_layer_choices(self, configs: list[JobSpec], num_layers: int) -> None:
         """Refuse `sweep.layers` choices that select the same blocks of this backbone (`all` and its block count, a
         list in two orders): they would train the same configuration twice."""
-        if self.sweep is None or self.sweep.layers is None:
+        grid = self.grid()
+        if grid is None or grid.layers is None:
             return
         seen: dict[str, dict] = {}
-        for overrides, config in zip(self.sweep.configurations(), configs, strict=True):
+        for overrides, config in zip(grid.configurations(), configs, strict=True):
             blocks = config.method.select_layers(num_layers)
             key = json.dumps({**overrides, "layers": blocks}, sort_keys=True)
             if key in seen:

@@ -40,7 +40,11 @@ def _defaults(key: str) -> str:
 class TrainingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(10, ge=1, le=10_000, description="Passes over the training split.")
+    epochs: Annotated[int, Field(ge=1, le=10_000)] | Literal["auto"] = Field(
+        "auto",
+        description="Passes over the training split; `auto`: 10, and for LoSA enough for 30,000 training samples "
+        "(ceil(30,000 / training images)), between 10 and 100.",
+    )
     batch_size: int = Field(64, ge=1, le=65_536, description="Mini-batch size.")
     optimizer: Literal["auto", "sgd", "adamw"] = Field(
         "auto",
@@ -49,9 +53,10 @@ class TrainingSpec(BaseModel):
     )
     lr: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] = Field(
         "auto",
-        description=f"Peak learning rate; `auto`: the method's default ({_defaults('lr')}). LoSA's 0.05 is the "
-        "paper's value at batch size 512, scaled linearly to the job's batch (0.05 x batch_size / 512); APLA's "
-        "follows its rank as the official configs do (3e-5 at r=8 up to 1e-4 at r=128).",
+        description=f"Peak learning rate; `auto`: the method's default ({_defaults('lr')}). LoSA's is a grid: 0.1 x "
+        "sqrt(batch_size / 64) times 0.25, 0.5, 1 and 2, trained together from each pass over the cache, the best "
+        "on validation kept (with `early_termination`); APLA's follows its rank as the official configs do (3e-5 at "
+        "r=8 up to 1e-4 at r=128).",
     )
     weight_decay: Annotated[float, Field(ge=0, le=10)] | Literal["auto"] = Field(
         "auto", description=f"Weight decay; `auto`: the method's default ({_defaults('weight_decay')})."
@@ -82,6 +87,13 @@ class TrainingSpec(BaseModel):
         "over the training split (scikit-learn's class_weight='balanced'); multi-label: each tag's positives by "
         "its negatives / positives (BCE pos_weight).",
     )
+    early_termination: bool | Literal["auto"] = Field(
+        "auto",
+        description="Successive halving over a sweep's configurations (Jamieson & Talwalkar 2016): after a quarter "
+        "and after half of the epochs, the half with the lower best validation figure so far stops, and is never "
+        "the job's model; the metrics report the configuration-epochs saved. `auto`: on for an automatic grid (LoSA's "
+        "`lr: auto`), off for a sweep you list.",
+    )
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of initialisation and batch order.")
     compile: bool = Field(
         False,
@@ -89,16 +101,37 @@ class TrainingSpec(BaseModel):
         "first step then includes the compilation; the job's metrics report it as `first_step_seconds`.",
     )
 
-    def resolved(self, defaults: dict) -> dict:
-        """Fill `auto` fields from the method's defaults. A default learning rate given for a reference batch
-        size (`lr_reference_batch`, e.g. LoSA's 0.05 at 512) is scaled linearly to this job's batch size (Goyal et
-        al. 2017); an explicit `lr` is used as given."""
+    def auto_lr(self, defaults: dict) -> float:
+        """The method's default learning rate at this job's batch size: given for a reference batch
+        (`lr_reference_batch`), it is scaled linearly (Goyal et al. 2017) or, with `lr_scaling: sqrt`, as the square
+        root of the batch ratio (Krizhevsky 2014; Hoffer et al. 2017)."""
+        lr, ref = defaults["lr"], defaults.get("lr_reference_batch")
+        if not ref:
+            return lr
+        ratio = self.batch_size / ref
+        return lr * (ratio**0.5 if defaults.get("lr_scaling") == "sqrt" else ratio)
+
+    def auto_epochs(self, defaults: dict, train_images: int | None) -> int:
+        """`epochs: auto`: the method's default, or for a method that gives `epoch_samples`, enough epochs for that
+        many training samples, between its default and `max_epochs`."""
+        epochs = defaults.get("epochs", 10)
+        if defaults.get("epoch_samples") and train_images:
+            wanted = -(-defaults["epoch_samples"] // train_images)
+            epochs = min(max(epochs, wanted), defaults.get("max_epochs", wanted))
+        return epochs
+
+    def resolved(self, defaults: dict, train_images: int | None = None) -> dict:
+        """Fill `auto` fields from the method's defaults (the learning rate at this batch size, `auto_lr`; the epochs
+        for `train_images`, `auto_epochs`); an explicit value is used as given. `early_termination: auto` is off
+        here: JobSpec.configurations() turns it on for an automatic grid."""
         out = self.model_dump()
+        if out["epochs"] == "auto":
+            out["epochs"] = self.auto_epochs(defaults, train_images)
+        if out["early_termination"] == "auto":
+            out["early_termination"] = False
         for key, value in defaults.items():
             if out.get(key) == "auto":
-                out[key] = value
-                if key == "lr" and defaults.get("lr_reference_batch"):
-                    out[key] = value * self.batch_size / defaults["lr_reference_batch"]
+                out[key] = self.auto_lr(defaults) if key == "lr" else value
         for key in ("lr", "weight_decay", "warmup_epochs"):
             if isinstance(out[key], float | int) and out[key] < 0:
                 raise SpecError(f"training.{key} must be >= 0")

@@ -80,6 +80,12 @@ class StackedOptimizer:
             denom = v.sqrt().div_(bc2_sqrt).add_(self.eps)
             p.addcdiv_(m * self._per_config(step_size, p), denom)
 
+    def keep(self, params: dict[str, torch.Tensor], ks: torch.Tensor) -> None:
+        """Go on with configurations `ks` only (early termination): `params` are their stacked weights, sliced."""
+        self.params = params
+        self.lr, self.wd = self.lr[ks], self.wd[ks]
+        self.buffers = {name: buf[ks].clone() for name, buf in self.buffers.items()}
+
     def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {k: v.detach().cpu().numpy() for k, v in self.buffers.items()}, {"steps": self.steps}
 

@@ -48,6 +48,15 @@ class StackedRuns:
     def train(self, mode: bool) -> None:
         self.template.train(mode)
 
+    def keep(self, ks: list[int]) -> None:
+        """Go on training configurations `ks` only (services/training/halving.py stopped the others): their weights,
+        optimizer state and learning rates, so that every later step computes len(ks) configurations, not K."""
+        idx = torch.tensor(ks, device=next(iter(self.params.values())).device)
+        self.params = {n: p.detach()[idx].clone().requires_grad_(True) for n, p in self.params.items()}
+        self.opt.keep(self.params, idx)
+        self.base_lrs = [self.base_lrs[k] for k in ks]
+        self.count = len(ks)
+
     def _parts(self, n: int) -> list[slice]:
         """The batch's rows in micro-batches. K networks that each compute their own activations (LoSA) hold K times
         one network's: on the CPU, where that spills the caches and every step faults fresh pages in, they run on

@@ -96,11 +96,10 @@ def save(writer: Writer, where: Folder | Path, epoch: int, runs: list[Runs], bes
                                                              "results": shown}).encode())])  # fmt: skip
 
 
-def load(where: Folder | Path, runs: list[Runs], best: list[dict[str, np.ndarray]], results: list[Result],
-         curves: np.ndarray, fields: list[str]) -> tuple[int, dict[str, Any]] | None:  # fmt: skip
-    """Restore what `save` wrote into `runs`, `best`, the figures of `results` and `curves`; (its epoch, its
-    metadata), or None where there is no checkpoint (or one an earlier version wrote: the job trains from the
-    start)."""
+def read(where: Folder | Path, fields: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The tensors and metadata `save` wrote, or None where there is no checkpoint (or one an earlier version wrote:
+    the job trains from the start). The metadata says which configurations had stopped (`stopped`), which the
+    caller drops from its runs before `restore`."""
     d = as_folder(where)
     if not d.exists(TENSORS):
         return None
@@ -108,7 +107,13 @@ def load(where: Folder | Path, runs: list[Runs], best: list[dict[str, np.ndarray
     meta = json.loads(metadata_from_bytes(data).get("checkpoint", "null"))
     if not isinstance(meta, dict) or meta.get("history_fields") != fields:
         return None
-    tensors = tensors_from_bytes(data)
+    return tensors_from_bytes(data), meta
+
+
+def restore(saved: tuple[dict[str, np.ndarray], dict[str, Any]], runs: list[Runs], best: list[dict[str, np.ndarray]],
+            results: list[Result], curves: np.ndarray) -> int:  # fmt: skip
+    """Restore what `read` returned into `runs`, `best`, the figures of `results` and `curves`; its epoch."""
+    tensors, meta = saved
     for i, r in enumerate(runs):
         prefix = f"runs{i}."
         r.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["runs"][i])
@@ -116,6 +121,6 @@ def load(where: Folder | Path, runs: list[Runs], best: list[dict[str, np.ndarray
             best[i][name][...] = tensors[f"best{i}.{name}"]
     epoch = meta["epoch"]
     curves[:, :epoch] = tensors["history"]
-    for res, saved in zip(results, meta["results"], strict=True):
-        res.score, res.loss, res.epoch = saved["score"], saved["loss"], saved["epoch"]
-    return epoch, meta
+    for res, figures in zip(results, meta["results"], strict=True):
+        res.score, res.loss, res.epoch = figures["score"], figures["loss"], figures["epoch"]
+    return epoch

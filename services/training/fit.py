@@ -21,7 +21,7 @@ from services.data.datasets import DatasetError
 from services.data.sources import Source
 from services.errors import UserError
 from services.jobs.progress import Reporter
-from services.training import checkpoint
+from services.training import checkpoint, halving
 from services.training.evaluation import top_k_hits, validation_scores
 from services.training.objectives import Objective
 from services.training.runs import Runs
@@ -54,6 +54,7 @@ class Result:
     loss: float = math.inf  # plain validation loss at the best epoch
     epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: int | None = None  # the epoch after which early termination stopped it (then `state` is empty)
 
 
 def _row(fields: list[str], values: np.ndarray) -> dict[str, Any]:
@@ -172,9 +173,15 @@ def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: 
     return list(zip(scores, (loss / rows).tolist(), strict=True))
 
 
+def _flat(runs: list[Runs], where: list[tuple[int, int] | None]) -> list[int]:
+    """The configuration of each row of the runs' outputs, in order (runs by runs, then within each)."""
+    at = {w: j for j, w in enumerate(where) if w is not None}
+    return [at[(i, k)] for i, r in enumerate(runs) for k in range(r.count)]
+
+
 def fit(
     runs: list[Runs],
-    where: list[tuple[int, int]],
+    where: list[tuple[int, int] | None],
     train: Source,
     val: Source,
     n: int,
@@ -188,7 +195,9 @@ def fit(
     """The training loop shared by every method, mode and sweep, over `n` training and `n_val` validation items of
     the sources: configuration j is `where[j]` = (runs, index in it); every batch is read once for all of them.
     `layers`: the cached layers the sources read (each Runs takes its own). Returns each configuration's Result and
-    the timings. The loop never waits for the device: losses are summed on it and read once per epoch."""
+    the timings. The loop never waits for the device: losses are summed on it and read once per epoch. With
+    `hp["early_termination"]` and several configurations, the lower half stops at each rung (services/training/
+    halving.py): its Result keeps its figures and curve and no weights."""
     device = objective.device
     bs = min(hp["batch_size"], n)
     steps_per_epoch = -(-n // bs)
@@ -205,15 +214,20 @@ def fit(
     fields = ["epoch", "train_loss", objective.metric, "val_loss", "lr", "train_seconds"]
     curves = np.full((len(where), hp["epochs"], len(fields)), np.nan)  # each configuration's history, row by epoch
     start_epoch, seconds, seen = 0, 0.0, 0
-    resumed = checkpoint.load(checkpoint_dir, runs, best, results, curves, fields)
-    if resumed:
-        start_epoch, log = resumed
+    at = halving.rungs(hp["epochs"]) if hp.get("early_termination") and len(where) > 1 else []
+    stopped: dict[int, int] = {}  # configuration -> the epoch after which it stopped
+    saved = checkpoint.read(checkpoint_dir, fields)
+    if saved:
+        log = saved[1]
+        stopped = {int(j): e for j, e in log.get("stopped", {}).items()}
+        runs, where, best = halving.drop(runs, where, best, set(stopped))
+        start_epoch = checkpoint.restore(saved, runs, best, results, curves)
         seconds, seen = log["seconds"], log["seen"]
         reporter.event(f"resumed training from the checkpoint of epoch {start_epoch}")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     first_step_s: float | None = None
-    flat = [j for i, r in enumerate(runs) for k in range(r.count) for j in [where.index((i, k))]]  # runs -> config
+    flat = _flat(runs, where)  # the configuration of each row of the runs' stacked outputs
     metric = objective.metric
     warned: set[int] = set()  # configurations reported as diverged
     with checkpoint.Writer() as writer:
@@ -240,10 +254,11 @@ def fit(
             if len(diverged) == len(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
                 raise NonFiniteLoss(f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
                                     "or check the data")  # fmt: skip
-            if diverged - warned:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
-                reporter.event(f"{len(diverged - warned)} of {len(train_loss)} configurations diverged (non-finite "
+            new = {flat[pos] for pos in diverged} - warned
+            if new:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
+                reporter.event(f"{len(new)} of {len(train_loss)} configurations diverged (non-finite "
                                f"loss) in epoch {epoch + 1}", level="warning")  # fmt: skip
-                warned |= diverged
+                warned |= new
             epoch_s = time.perf_counter() - t0
             seconds += epoch_s
             seen += count
@@ -260,21 +275,32 @@ def fit(
             for i, ks in improved.items():
                 for name, value in runs[i].states().items():
                     best[i][name][ks] = value[ks]
-            rows = [_row(fields, curves[j, epoch]) for j in range(len(results))]
-            last = rows[select(results)]
+            if epoch + 1 in at:
+                stop = halving.losers({j: (results[j].score, results[j].loss) for j in flat})
+                runs, where, best = halving.drop(runs, where, best, set(stop))
+                stopped |= dict.fromkeys(stop, epoch + 1)
+                flat = _flat(runs, where)
+                reporter.event(f"early termination after epoch {epoch + 1}: {len(stop)} of {len(stop) + len(flat)} "
+                               f"configurations stopped (the lower half on validation), {len(flat)} go on")  # fmt: skip
+            rows = [_row(fields, curves[j, epoch]) for j in range(len(results)) if j not in stopped or
+                    stopped[j] > epoch]  # fmt: skip
+            last = _row(fields, curves[flat[select([results[j] for j in flat])], epoch])
             label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
             reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
                            f"{metric.replace('_', ' ')} {last[metric]:.4f}", type="metrics",
                            data=last if len(results) == 1 else {**last, "configurations": rows})  # fmt: skip
             reporter.progress("training", epoch + 1, hp["epochs"], **last)
             checkpoint.save(writer, checkpoint_dir, epoch + 1, runs, best, results, curves[:, : epoch + 1], fields,
-                            {"seconds": seconds, "seen": seen})  # fmt: skip
+                            {"seconds": seconds, "seen": seen, "stopped": stopped})  # fmt: skip
             reporter.check_cancel()
-    for j, (res, (i, k)) in enumerate(zip(results, where, strict=True)):
-        res.state = {name: v[k] for name, v in best[i].items()}
-        res.history = [_row(fields, values) for values in curves[j]]
+    for j, (res, w) in enumerate(zip(results, where, strict=True)):
+        res.state = {name: v[w[1]] for name, v in best[w[0]].items()} if w is not None else {}
+        res.stopped = stopped.get(j)
+        res.history = [_row(fields, values) for values in curves[j, : stopped.get(j, hp["epochs"])]]
     timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
               "compiled": bool(hp.get("compile"))}  # fmt: skip
+    if at:
+        timing["early_termination"] = halving.report(stopped, len(where), hp["epochs"], at)
     if first_step_s is not None:
         timing["first_step_seconds"] = round(first_step_s, 3)
     if device.startswith("cuda"):

@@ -34,6 +34,7 @@ from services.paths import UserPaths
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.sweeps.stacked import make_runs
+from services.training import halving
 from services.training.fit import fit, predict, predicted_labels, select
 from services.training.objectives import Objective
 from services.training.probes import solve_probes
@@ -200,7 +201,8 @@ def train_job(
     returns {"weights", "config", "metrics", "evaluation", "plots"} for the artifact store."""
     from services.training import evaluation, plots
 
-    check_size(spec.sweep, settings.max_sweep_configs)
+    grid = spec.grid()
+    check_size(grid, settings.max_sweep_configs)
     device, kind, ds = settings.torch_device(), type(spec.method).kind, spec.dataset
     data = _data(spec, settings, cache_key)
     if data.dataset is not None and data.dataset.skipped_rows:  # read here (no cache): say what was left out
@@ -212,7 +214,7 @@ def train_job(
     check_validation(data.labels[data.usable], val_idx, data.classes)
     check_test(data.labels[data.usable], test_idx, ds.val_fraction, ds.test_fraction)
     configs = spec.configurations()
-    hps = [c.training.resolved(c.method.training_defaults()) for c in configs]
+    hps = [c.training.resolved(c.method.training_defaults(), len(train_idx)) for c in configs]
     hp = hps[0]
     objective = Objective(data.labels[train_idx], len(data.classes), hp["label_smoothing"], hp["class_weights"],
                           device)  # fmt: skip
@@ -228,7 +230,10 @@ def train_job(
     (train_src, val_src), inputs = _sources(spec, settings, data, [train_idx, val_idx], layers)
     if data.entry is not None:
         data.entry.touch()
-    what = f"{len(configs)} configurations ({spec.sweep.describe()})" if spec.sweep else spec.method.name
+    what = f"{len(configs)} configurations ({grid.describe()})" if grid else spec.method.name
+    if spec.automatic_lrs():
+        what += ", the learning rates chosen automatically" + (", the lower half stopping at epochs " + ", ".join(
+            map(str, halving.rungs(hp["epochs"]))) if hp["early_termination"] else "")  # fmt: skip
     reporter.event(
         f"training {what} in mode {spec.mode} ({models[0].side_parameters():,} side parameters) on {len(train_idx)} "
         f"images, validating on {len(val_idx)}{f', testing on {len(test_idx)}' if len(test_idx) else ''}; inputs: "
@@ -307,12 +312,18 @@ def train_job(
                     "iterations": metrics["refit"]["iterations"], "l2_path": points}  # fmt: skip
     else:
         metrics |= {"best_epoch": res.epoch, "epochs": hp["epochs"], "history": res.history}
-    if spec.sweep:
-        overrides = spec.sweep.configurations()
+    if grid:
+        overrides = grid.configurations()
         entries = [{"config": overrides[owner[i]], metric: round(r.score, 5), "val_loss": round(r.loss, 5),
                     **({"weight_decay": points[i]["weight_decay"]} if lbfgs else
-                       {"best_epoch": r.epoch, "history": r.history})} for i, r in enumerate(results)]  # fmt: skip
+                       {"best_epoch": r.epoch, "history": r.history}),
+                    **({"stopped_after_epoch": r.stopped} if r.stopped else {})}
+                   for i, r in enumerate(results)]  # fmt: skip
         metrics |= {"configurations": len(configs), "selected": overrides[j], "sweep": entries}
+        if spec.automatic_lrs():
+            d = spec.method.training_defaults()
+            metrics["automatic_lr"] = {"lrs": spec.automatic_lrs(), "rule": f"{d['lr']} x sqrt(batch_size / "
+                                       f"{d['lr_reference_batch']}) x {', '.join(map(str, d['lr_grid']))}"}  # fmt: skip
     if name == "test":
         metrics |= report["metrics"]
 
