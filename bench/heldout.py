@@ -8,13 +8,20 @@ All 1,797 of scikit-learn's digits, vit_tiny_patch16_224 (random init) at each `
 - scikit-learn: `GridSearchCV(StandardScaler + LogisticRegression, C in 1e-3..1e4 (15 values), StratifiedKFold(5),
   refit=True)` on the same pooled features of the same training and validation images (BLAS limited to the torch
   thread count), as a user writes the protocol;
-- LoSA: the default job (`method: losa`, every setting default).
+- LoSA (defaults): the default job (`method: losa`, every setting default: the automatic grid of 4 learning rates
+  with early termination, `epochs: auto`);
+- LoSA (one rate): the same job at the grid's middle rate alone (`training.lr` given: one configuration, the same
+  epochs), the cost the automatic choice is measured against.
+And a video row (`--video-per-class`, 0 skips it): the demo's motion task (`sidetune demo --video`: a square moving
+left, right, up or down, told apart only by the order of frames) on vit_tiny made a ViViT of 8 frames at 64 px, LoSA
+with defaults, scored on separately drawn held-out videos.
 `seconds` is the training alone (sidetune's `train_seconds`, scikit-learn's search and refit); features are
 extracted once per size beforehand (the backbone forward is the same for every row).
 
 Last line: `probe_vs_gridsearch_<px>=` (test accuracy points, sidetune minus scikit-learn, mean over seeds),
 `probe_vs_gridsearch_min_<px>=` (the worst seed), `losa_vs_probe_<px>=` (points, LoSA minus the probe, mean),
-`probe_speedup_<px>=` (scikit-learn seconds / sidetune seconds, mean), `device=`.
+`probe_speedup_<px>=` (scikit-learn seconds / sidetune seconds, mean), `auto_lr_cost_<px>=` (seconds of LoSA's default
+job / seconds of its one rate alone, mean), `video_losa_test=` (held-out accuracy, with the video row), `device=`.
 """
 
 from __future__ import annotations
@@ -90,8 +97,41 @@ def run_size(args: argparse.Namespace, size: int, seed: int, settings, dataset) 
     row = gridsearch(features, labels, np.concatenate([train, val]), test, seed, torch.get_num_threads())
     rows["scikit-learn GridSearchCV"] = row
     common.say(f"{size} px seed {seed} scikit-learn: test {row['test']:.4f} in {row['seconds']:.2f}s")
-    job("LoSA (defaults)", spec({"name": "losa"}))
+    losa = job("LoSA (defaults)", spec({"name": "losa"}))
+    middle = spec({"name": "losa"}).training.auto_lr(losa_defaults())
+    one = spec({"name": "losa"}).model_dump()
+    job("LoSA (one rate)", JobSpec.model_validate({**one, "training": {**one["training"], "lr": middle}}))
+    rows["LoSA (defaults)"]["note"] += f" of {losa['metrics']['automatic_lr']['lrs']}"
     return rows
+
+
+def losa_defaults() -> dict[str, Any]:
+    from services.methods.losa.config import LosaConfig
+
+    return LosaConfig().training_defaults()
+
+
+def video_row(args: argparse.Namespace, settings) -> dict[str, Any]:
+    """LoSA with defaults on the demo's motion videos, scored on held-out videos drawn apart."""
+    from services.extraction import run_extraction
+    from services.jobs.progress import NullReporter
+    from services.spec import JobSpec
+    from services.video.synthetic import write_motion
+
+    root = args.work / "datasets" / "motion"
+    write_motion(root, args.video_per_class, holdout_per_class=max(1, args.video_per_class // 4))
+    spec = JobSpec.model_validate({
+        "dataset": {"path": str(root / "train"), "test": str(root / "holdout")},
+        "backbone": {"name": args.backbone, "pretrained": False, "image_size": 64,
+                     "video": {"num_frames": 8, "tubelet": 2, "init": "filter_inflation"}},
+        "method": {"name": "losa"}, "extraction": {"batch_size": 32},
+    })  # fmt: skip
+    key = run_extraction(spec, settings, NullReporter())["cache_key"]
+    out, _ = common.train_fresh(spec, settings, key, args.work / "ckpt")
+    m = out["metrics"]
+    common.say(f"video LoSA (defaults): test {m['test_accuracy']:.4f} in {m['train_seconds']:.2f}s")
+    return {"val": m["val_accuracy"], "test": m["test_accuracy"], "seconds": m["train_seconds"],
+            "note": f"{m['selected']} of {m['automatic_lr']['lrs']}, {m['epochs']} epochs"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, help="digits written (default: all 1,797)")
     p.add_argument("--threads", type=int, help="torch threads, and scikit-learn's BLAS threads (default: torch's)")
     p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after)")
+    p.add_argument("--video-per-class", type=int, default=40, help="motion videos per class (0: no video row)")
     args = p.parse_args(argv)
     import torch
 
@@ -122,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.sizes:
             results[size] = [run_size(args, size, seed, settings, work / "datasets" / "digits" / "train")
                              for seed in args.seeds]  # fmt: skip
+        video = video_row(args, settings) if args.video_per_class else None
 
     headers = ["px", "model", *(f"test seed {s}" for s in args.seeds), "mean", "seconds", "chosen (seed 0)"]
     table, kv = [], {}
@@ -136,10 +178,17 @@ def main(argv: list[str] | None = None) -> None:
         losa = [100 * (rows["LoSA (defaults)"]["test"] - rows["sidetune linear"]["test"]) for rows in per_seed]
         speed = [common.ratio(rows["scikit-learn GridSearchCV"]["seconds"], rows["sidetune linear"]["seconds"])
                  for rows in per_seed]  # fmt: skip
+        cost = [common.ratio(rows["LoSA (defaults)"]["seconds"], rows["LoSA (one rate)"]["seconds"])
+                for rows in per_seed]  # fmt: skip
         common.put(kv, f"probe_vs_gridsearch_{size}", float(np.mean(gaps)), 2)
         common.put(kv, f"probe_vs_gridsearch_min_{size}", min(gaps), 2)
         common.put(kv, f"losa_vs_probe_{size}", float(np.mean(losa)), 2)
         common.put(kv, f"probe_speedup_{size}", float(np.mean(speed)), 2)
+        common.put(kv, f"auto_lr_cost_{size}", float(np.mean(cost)), 2)
+    if video is not None:
+        table.append(["64", "video: LoSA (defaults)", common.fmt(video["test"], 4), *[""] * (len(args.seeds) - 1),
+                      common.fmt(video["test"], 4), common.fmt(video["seconds"], 2), video["note"]])  # fmt: skip
+        common.put(kv, "video_losa_test", video["test"], 4)
     print(f"Held-out digits ({args.limit or 1797} images; 30% test, 20% validation, stratified, seeds {args.seeds}): "
           f"{args.backbone}, random init; every job with default settings")  # fmt: skip
     print(common.render(headers, table, left=2))

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = command("demo", "embedded stack + digits: a linear probe and a LoSA job, end to end",
                 "sidetune demo --epochs 5")  # fmt: skip
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, help="epochs of every job (default: each method's own; 15 with --video)")
     p.add_argument("--video", action="store_true", help="synthetic motion videos and a ViViT instead of digits")
     p.add_argument("--per-class", type=int, default=40, help="with --video: training videos per class")
     args = parser.parse_args(argv)

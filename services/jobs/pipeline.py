@@ -343,7 +343,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         return _failed(store, job_id, e)
     store.register_model({
         "id": model_id, "object": "model", "created_at": now(), "job_id": job_id, "owner": job.get("owner"),
-        "name": spec.name, "method": spec.method.name, "mode": spec.mode, "backbone": spec.backbone.name,
+        "name": spec.name, "method": config["method"]["name"], "mode": spec.mode, "backbone": spec.backbone.name,
         "video": spec.backbone.video.model_dump() if spec.backbone.video else None, "classes": config["classes"],
         "multi_label": config.get("multi_label", False), "threshold": config.get("threshold"), "metrics": metrics,
         "evaluation": {"split": report["split"], "images": report["images"], **report["metrics"]},

@@ -19,6 +19,8 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Field
 
+from services.methods.auto import AutoConfig
+
 
 def _discover() -> dict[str, type[BaseModel]]:
     configs: dict[str, type[BaseModel]] = {}
@@ -31,7 +33,8 @@ def _discover() -> dict[str, type[BaseModel]]:
 
 CONFIGS = _discover()
 METHOD_NAMES = tuple(sorted(CONFIGS))
-MethodConfig = Annotated[Union[tuple(CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
+# `auto` (services/methods/auto.py) chooses between two methods; it has no model, so it is a job's method only
+MethodConfig = Annotated[Union[(*CONFIGS.values(), AutoConfig)], Field(discriminator="name")]  # noqa: UP007
 
 
 def build(config: BaseModel, *args: Any):

@@ -83,6 +83,9 @@ def check_sweep(sweep: SweepSpec, method: BaseModel, solver: str | None) -> None
     """Refuse keys the method does not have (ValueError naming the key). `solver`: the linear probe's resolved
     solver, else None."""
     name, kind = method.name, type(method).kind
+    if name == "auto":
+        raise ValueError("sweep: method 'auto' chooses by itself (the linear probe's L2 grid, LoSA's learning-rate "
+                         "grid); to sweep settings of your own, name the method")  # fmt: skip
     for key in sweep.grid():
         if key in METHOD_KEYS and kind != "side":
             raise ValueError(f"sweep.{key}: method {name!r} trains through the backbone, so its sweeps take "

@@ -35,6 +35,7 @@ from services.spec import JobSpec
 from services.sweeps.grid import check_size
 from services.sweeps.stacked import make_runs
 from services.training import halving
+from services.training.auto import train_auto
 from services.training.fit import fit, predict, predicted_labels, select
 from services.training.objectives import Objective
 from services.training.probes import solve_probes
@@ -201,6 +202,8 @@ def train_job(
     returns {"weights", "config", "metrics", "evaluation", "plots"} for the artifact store."""
     from services.training import evaluation, plots
 
+    if spec.method.name == "auto":
+        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir)
     grid = spec.grid()
     check_size(grid, settings.max_sweep_configs)
     device, kind, ds = settings.torch_device(), type(spec.method).kind, spec.dataset

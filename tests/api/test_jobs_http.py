@@ -90,6 +90,20 @@ def test_every_method_trains_and_predicts_through_the_job_api(stack):
         assert len(predictions) == 3 and all(abs(sum(p["scores"].values()) - 1) < 1e-3 for p in predictions)
 
 
+def test_method_auto_registers_the_chosen_method_and_predicts(stack):
+    running, client = stack
+    job = client.wait(client.submit(spec(stack, {"name": "auto"}, training={"epochs": 2}))["id"], timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["spec"]["method"] == {"name": "auto"}
+    chosen = job["metrics"]["auto"]["selected"]
+    assert chosen in ("linear", "losa") and [r["method"] for r in job["metrics"]["auto"]["candidates"]] == [
+        "linear", "losa"]  # fmt: skip
+    model = httpx.get(f"{running.api_url}/models/{job['model_id']}").json()
+    assert model["method"] == chosen and model["metrics"]["auto"]["selected"] == chosen
+    predictions = client.predict(job["model_id"], holdout_images(stack, n=2))
+    assert len(predictions) == 2 and all(abs(sum(p["scores"].values()) - 1) < 1e-3 for p in predictions)
+
+
 def test_extraction_shards_run_on_two_extract_workers(stack):
     running, client = stack
     store = JobStore.from_url(running.redis.url)

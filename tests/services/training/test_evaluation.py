@@ -192,9 +192,10 @@ def test_defaults_follow_the_official_code() -> None:
     assert (default_lr(8), default_lr(128), default_lr(2), default_lr(512)) == (3e-5, 1e-4, 3e-5, 1e-4)
     assert 3e-5 < default_lr(32) < 1e-4 and hp({"name": "apla", "rank": 128})["lr"] == 1e-4
     assert AplaConfig().training_defaults()["lr"] == 3e-5
-    # LoSA: 0.05 at the paper's batch of 512, scaled linearly; an explicit lr is kept
-    assert hp({"name": "losa"}, batch_size=512)["lr"] == pytest.approx(0.05)
-    assert hp({"name": "losa"}, batch_size=64)["lr"] == pytest.approx(0.00625)
+    # LoSA: the middle of its automatic grid is 0.1 at batch 64, scaled as the square root of the batch (issue 20: the
+    # paper's 0.05 at 512 scaled linearly starved small batches); an explicit lr is kept
+    assert hp({"name": "losa"}, batch_size=512)["lr"] == pytest.approx(0.1 * 8**0.5)
+    assert hp({"name": "losa"}, batch_size=64)["lr"] == pytest.approx(0.1)
     assert hp({"name": "losa"}, batch_size=64, lr=0.05)["lr"] == 0.05
     # ARC: the head starts at zero, as in the official code
     arc = methods.build(methods.CONFIGS["arc"](rank=4), timm.create_model("test_vit", pretrained=False), 5, None)

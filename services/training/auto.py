@@ -1,0 +1,46 @@
+"""`method: auto` (services/methods/auto.py) trained: the linear probe, then LoSA, each a job of its own with every
+setting default (the job's dataset, backbone, extraction and training fields kept) from the same feature cache, each
+with its own checkpoint folder (a killed train worker resumes LoSA from its last epoch); the better on validation is
+the job's model. The probe's validation figure is its cross-validated score over the training and validation images
+(or the validation split's, for large jobs), LoSA's its best epoch's on the validation split: the figures each
+method's own selection used. A tie keeps the probe, the cheaper model. Both are reported on the test split, which
+no choice reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from services.jobs.progress import Reporter
+from services.spec import JobSpec
+from storage.artifacts import as_folder
+from storage.settings import Settings
+from storage.store import Folder
+
+
+def train_auto(spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter,
+               checkpoint_dir: Folder | Path) -> dict[str, Any]:  # fmt: skip
+    from services.training.job import train_job
+
+    base = spec.model_dump()
+    outs = []
+    for method in spec.method.candidates():
+        candidate = JobSpec.model_validate({**base, "method": method})
+        reporter.event(f"method auto: training {method['name']} from the feature cache")
+        folder = as_folder(checkpoint_dir).child(method["name"])
+        outs.append(train_job(candidate, settings, cache_key, reporter, folder))
+    metric = "val_map" if outs[0]["config"]["multi_label"] else "val_accuracy"
+    test = metric.replace("val_", "test_")
+    best = max(range(len(outs)), key=lambda i: (outs[i]["metrics"][metric], -i))  # a tie: the earlier (the probe)
+    rows = [{"method": out["config"]["method"]["name"], metric: out["metrics"][metric],
+             **({test: out["metrics"][test]} if test in out["metrics"] else {}),
+             "train_seconds": out["metrics"]["train_seconds"]} for out in outs]  # fmt: skip
+    chosen = outs[best]
+    seconds = round(sum(r["train_seconds"] for r in rows), 3)
+    reporter.event(f"method auto: {rows[best]['method']} kept (" + ", ".join(
+        f"{r['method']} {metric.replace('_', ' ')} {r[metric]:.4f}" for r in rows) + ")",
+        data={"candidates": rows})  # fmt: skip
+    chosen["metrics"] = {**chosen["metrics"], "train_seconds": seconds,
+                         "auto": {"selected": rows[best]["method"], "by": metric, "candidates": rows}}  # fmt: skip
+    return chosen
