@@ -11,7 +11,8 @@ All 1,797 of scikit-learn's digits, vit_tiny_patch16_224 (random init) at each `
 - LoSA (defaults): the default job (`method: losa`, every setting default: the automatic grid of 4 learning rates
   with early termination, `epochs: auto`);
 - LoSA (one rate): the same job at the grid's middle rate alone (`training.lr` given: one configuration, the same
-  epochs), the cost the automatic choice is measured against.
+  epochs), the cost the automatic choice is measured against;
+- auto: the default job of `method: auto` (the probe and LoSA's grid from the same cache, the better on validation).
 And a video row (`--video-per-class`, 0 skips it): the demo's motion task (`sidetune demo --video`: a square moving
 left, right, up or down, told apart only by the order of frames) on vit_tiny made a ViViT of 8 frames at 64 px, LoSA
 with defaults, scored on separately drawn held-out videos.
@@ -21,7 +22,9 @@ extracted once per size beforehand (the backbone forward is the same for every r
 Last line: `probe_vs_gridsearch_<px>=` (test accuracy points, sidetune minus scikit-learn, mean over seeds),
 `probe_vs_gridsearch_min_<px>=` (the worst seed), `losa_vs_probe_<px>=` (points, LoSA minus the probe, mean),
 `probe_speedup_<px>=` (scikit-learn seconds / sidetune seconds, mean), `auto_lr_cost_<px>=` (seconds of LoSA's default
-job / seconds of its one rate alone, mean), `video_losa_test=` (held-out accuracy, with the video row), `device=`.
+job / seconds of its one rate alone, mean), `auto_vs_best_<px>=` (points, `auto` minus the better of the probe and LoSA
+on each seed, mean), `auto_cost_<px>=` (seconds of `auto` / seconds of LoSA's default job, mean), `video_losa_test=`
+(held-out accuracy, with the video row), `device=`.
 """
 
 from __future__ import annotations
@@ -102,6 +105,8 @@ def run_size(args: argparse.Namespace, size: int, seed: int, settings, dataset) 
     one = spec({"name": "losa"}).model_dump()
     job("LoSA (one rate)", JobSpec.model_validate({**one, "training": {**one["training"], "lr": middle}}))
     rows["LoSA (defaults)"]["note"] += f" of {losa['metrics']['automatic_lr']['lrs']}"
+    auto = job("auto", spec({"name": "auto"}))
+    rows["auto"]["note"] = f"{auto['metrics']['auto']['selected']} kept"
     return rows
 
 
@@ -185,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         common.put(kv, f"losa_vs_probe_{size}", float(np.mean(losa)), 2)
         common.put(kv, f"probe_speedup_{size}", float(np.mean(speed)), 2)
         common.put(kv, f"auto_lr_cost_{size}", float(np.mean(cost)), 2)
+        best = [100 * (rows["auto"]["test"] - max(rows["sidetune linear"]["test"], rows["LoSA (defaults)"]["test"]))
+                for rows in per_seed]  # fmt: skip
+        common.put(kv, f"auto_vs_best_{size}", float(np.mean(best)), 2)
+        common.put(kv, f"auto_cost_{size}", float(np.mean([common.ratio(rows["auto"]["seconds"],
+                   rows["LoSA (defaults)"]["seconds"]) for rows in per_seed])), 2)  # fmt: skip
     if video is not None:
         table.append(["64", "video: LoSA (defaults)", common.fmt(video["test"], 4), *[""] * (len(args.seeds) - 1),
                       common.fmt(video["test"], 4), common.fmt(video["seconds"], 2), video["note"]])  # fmt: skip

@@ -21,8 +21,10 @@ def test_the_held_out_bench_runs_every_row(tmp_path: Path) -> None:
     lines = r.stdout.strip().splitlines()
     kv = dict(pair.split("=", 1) for pair in lines[-1].split())
     assert set(kv) == {"probe_vs_gridsearch_32", "probe_vs_gridsearch_min_32", "losa_vs_probe_32", "probe_speedup_32",
-                       "auto_lr_cost_32", "video_losa_test", "device"}, kv  # fmt: skip
+                       "auto_lr_cost_32", "auto_vs_best_32", "auto_cost_32", "video_losa_test",
+                       "device"}, kv  # fmt: skip
     assert abs(float(kv["probe_vs_gridsearch_32"])) < 100 and float(kv["probe_speedup_32"]) > 0
     assert float(kv["auto_lr_cost_32"]) > 0 and 0 <= float(kv["video_losa_test"]) <= 1
-    for row in ("sidetune linear", "scikit-learn GridSearchCV", "LoSA (defaults)", "LoSA (one rate)", "video: LoSA"):
+    rows = ("sidetune linear", "scikit-learn GridSearchCV", "LoSA (defaults)", "LoSA (one rate)", "auto", "video: LoSA")
+    for row in rows:
         assert any(row in line for line in lines), r.stdout
