@@ -31,7 +31,7 @@ def cell(args: argparse.Namespace, settings, root, limit: int, batch: int) -> di
             "dataset": {"path": str(root / "train"), "test_fraction": 0.3, "split_seed": args.seed},
             "backbone": {"name": args.backbone, "pretrained": False, "image_size": args.size},
             "method": {"name": "losa"}, "extraction": {"batch_size": 128},
-            "training": {"batch_size": batch, "seed": args.seed},
+            "training": {"batch_size": batch, "seed": args.seed, **({"epochs": args.epochs} if args.epochs else {})},
             **({"sweep": {"lr": sweep}} if sweep else {}),
         })  # fmt: skip
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="epochs of every job (default: auto, as a user who passes nothing)")
     p.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm ViT, random init")
     p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after)")
     args = p.parse_args(argv)
