@@ -20,7 +20,7 @@ def spec(stack, method=None, path=None, **extra):
         "dataset": {"path": str(path or running.settings.data_path / "datasets" / "digits" / "train")},
         "backbone": BACKBONE,
         "method": method or {"name": "linear"},
-        "training": {"epochs": 3},
+        "training": {"epochs": 3, "lr": 0.05},  # one rate: the automatic grid is tested in test_halving.py
         **extra,
     }
 

@@ -24,7 +24,7 @@ def job_spec(stack, method: str = "linear", epochs: int = 1, path=None, **option
     running, _ = stack
     return {"dataset": {"path": str(path or running.settings.data_path / "datasets" / "digits" / "train")},
             "backbone": {"name": "test_vit", "pretrained": False}, "method": {"name": method, **options},
-            "training": {"epochs": epochs}}  # fmt: skip
+            "training": {"epochs": epochs, "lr": 0.05}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

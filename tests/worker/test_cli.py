@@ -24,7 +24,7 @@ def test_submit_wait_then_jobs_and_predict(stack, tmp_path):
     running, _ = stack
     digits = running.settings.data_path / "datasets" / "digits"
     spec = {"name": "cli", "dataset": {"path": str(digits / "train")}, "method": {"name": "linear"},
-            "backbone": {"name": "test_vit", "pretrained": False}, "training": {"epochs": 2}}  # fmt: skip
+            "backbone": {"name": "test_vit", "pretrained": False}, "training": {"epochs": 2, "lr": 0.05}}  # fmt: skip
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     done = run_cli(stack, "submit", str(tmp_path / "spec.json"), "--wait")
     assert done.returncode == 0, done.stderr
@@ -77,7 +77,7 @@ def test_every_verb_against_the_stack(stack, tmp_path):
     running, client = stack
     digits = running.settings.data_path / "datasets" / "digits"
     spec = {"dataset": {"path": str(digits / "train")}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "losa", "rank": 4}, "training": {"epochs": 1}}  # fmt: skip
+            "method": {"name": "losa", "rank": 4}, "training": {"epochs": 1, "lr": 0.05}}  # fmt: skip
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     plan = cli_json(stack, "submit", str(tmp_path / "spec.json"), "--dry-run")
     assert plan["fits"] is not False and plan["images"] > 0

@@ -97,7 +97,7 @@ def test_a_disk_filled_mid_extraction_fails_disk_full_and_a_resubmission_succeed
 def test_a_disk_filled_mid_training_fails_disk_full_and_a_resubmission_succeeds(disk_stack) -> None:
     stack, client, store, data = disk_stack
     pids = {name: p.pid for name, p in stack.procs.items()}
-    body = _spec(data, 64, training={"epochs": 20, "batch_size": 16})
+    body = _spec(data, 64, training={"epochs": 20, "batch_size": 16, "lr": 0.05})
     job_id = client.submit(body)["id"]
     ballast = _fill_once(store, job_id, "training", data)  # its cache is written; a checkpoint follows every epoch
     job = client.wait(job_id, timeout_s=120)

@@ -126,7 +126,7 @@ def _spec(serve: Serve, kind: str, point: str) -> dict:
             "method": {"name": "losa", "rank": 2, "layers": 2}, "extraction": {"batch_size": 2},
             "training": {"epochs": 1, "batch_size": 16}}  # fmt: skip
     if point == "training":  # online: the backbone runs on every step, so training lasts long enough to be hit
-        spec.update(execution={"mode": "online"}, training={"epochs": 3, "batch_size": 8})
+        spec.update(execution={"mode": "online"}, training={"epochs": 3, "batch_size": 8, "lr": 0.05})
     return spec
 
 
