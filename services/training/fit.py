@@ -64,14 +64,8 @@ def _row(fields: list[str], values: np.ndarray) -> dict[str, Any]:
 
 def select(results: list[Result]) -> int:
     """The configuration with the best validation figure; ties: the lower validation loss, then the first. A NaN
-    figure ranks last."""
-
-    def key(j: int) -> tuple[float, float, int]:
-        # NaN compares false both ways: left as it is, it would win or lose by its position in the list
-        score, loss = results[j].score, results[j].loss
-        return (score if score == score else -math.inf, -(loss if loss == loss else math.inf), -j)
-
-    return max(range(len(results)), key=key)
+    figure ranks last (halving.ranking, which early termination ranks by too)."""
+    return max(range(len(results)), key=lambda j: halving.ranking(results[j].score, results[j].loss, j))
 
 
 def inputs_for(x: torch.Tensor, runs: Runs, layers: list[int] | None) -> torch.Tensor:

@@ -24,16 +24,16 @@ def rungs(epochs: int) -> list[int]:
     return sorted({max(1, round(epochs * f)) for f in FRACTIONS} - {epochs})
 
 
+def ranking(score: float, loss: float, j: int) -> tuple[float, float, int]:
+    """How configurations rank, higher first, here and in the job's selection (fit.select): the higher validation
+    figure, then the lower loss, then the earlier configuration. NaN compares false both ways, so it ranks last."""
+    return (score if score == score else -math.inf, -(loss if loss == loss else math.inf), -j)
+
+
 def losers(figures: dict[int, tuple[float, float]]) -> list[int]:
     """Of the configurations still training ({j: (best validation figure, its loss)}), those that stop: the lower
-    half, ranked as the job's selection ranks (higher figure, then lower loss, then the earlier configuration; NaN
-    last)."""
-
-    def key(j: int) -> tuple[float, float, int]:
-        score, loss = figures[j]
-        return (-score if math.isfinite(score) else math.inf, loss if math.isfinite(loss) else math.inf, j)
-
-    order = sorted(figures, key=key)
+    half by `ranking`."""
+    order = sorted(figures, key=lambda j: ranking(*figures[j], j), reverse=True)
     return sorted(order[-(-len(order) // 2) :])
 
 

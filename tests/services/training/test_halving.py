@@ -15,6 +15,7 @@ from services.spec import JobSpec
 from services.training import halving
 from services.training.job import train_job
 from storage.settings import Settings
+from tests.services.training.test_sweeps import CancelAtEpoch, untimed
 
 BACKBONE = {"name": "test_vit", "pretrained": False}
 
@@ -98,20 +99,6 @@ def test_a_stopped_configuration_that_led_is_not_the_model(
     survivor = next(e for e in m["sweep"] if "stopped_after_epoch" not in e)
     assert m["selected"] == survivor["config"]
     assert max(e["val_accuracy"] for e in m["sweep"]) > survivor["val_accuracy"], "the leader was not stopped"
-
-
-class CancelAtEpoch(NullReporter):
-    def __init__(self, epoch: int) -> None:
-        super().__init__()
-        self.epoch = epoch
-
-    def progress(self, stage: str, done: int, total: int, **extra) -> None:
-        if done == self.epoch:
-            raise Cancelled("job")
-
-
-def untimed(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "train_seconds"} for row in history]
 
 
 def test_a_resume_after_a_rung_trains_the_survivors_and_the_grid_is_reproducible(
