@@ -42,8 +42,9 @@ def is_v2(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-def error_response(path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
-                   ) -> JSONResponse:  # fmt: skip
+def error_response(
+    path: str, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """`{"error": {"code", "message"}}`; on `/v2` paths the protocol's `{"error": "<message>"}`, and 400 for a
     request the protocol calls bad (our 422)."""
     if is_v2(path):
@@ -79,8 +80,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
-                                               413: "request_too_large"}.get(exc.status_code, "http_error")  # fmt: skip
+        code = getattr(exc, "code", None) or {
+            404: "not_found",
+            405: "method_not_allowed",
+            401: "unauthorized",
+            413: "request_too_large",
+        }.get(exc.status_code, "http_error")
         status, message = exc.status_code, str(exc.detail)
         if message == BODY_PARSE_ERROR and isinstance(exc.__cause__, ValueError):
             # json.loads refused the body (an integer of more than 4,300 digits, bytes that are not UTF-8): say why,

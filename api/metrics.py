@@ -71,8 +71,9 @@ class StoreCollector(Collector):
             depth.add_metric([queue], n)
 
         live = {queue: 0 for queue in QUEUES} | self.store.live_workers()
-        workers = GaugeMetricFamily("sidetune_live_workers", "Workers with a fresh heartbeat, by queue.",
-                                    labels=["queue"])  # fmt: skip
+        workers = GaugeMetricFamily(
+            "sidetune_live_workers", "Workers with a fresh heartbeat, by queue.", labels=["queue"]
+        )
         for queue, n in sorted(live.items()):
             workers.add_metric([queue], n)
 
@@ -92,8 +93,11 @@ class JobCollector(Collector):
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        rate = GaugeMetricFamily("sidetune_job_extract_images_per_second", "Backbone extraction rate of each "
-                                 "extracting job (admin keys only).", labels=["job_id"])  # fmt: skip
+        rate = GaugeMetricFamily(
+            "sidetune_job_extract_images_per_second",
+            "Backbone extraction rate of each extracting job (admin keys only).",
+            labels=["job_id"],
+        )
         try:
             rates = extraction_rates(self.store)
         except Exception as e:  # as StoreCollector: sidetune_redis_up says so
@@ -204,10 +208,19 @@ def install(app: FastAPI, job_gauges: bool = True) -> None:
         registry.register(StoreCollector(app.state.store, app.state.celery))
         app.state.admin_metrics_registry = CollectorRegistry()
         app.state.admin_metrics_registry.register(JobCollector(app.state.store))
-    requests = Counter("sidetune_http_requests", "HTTP requests by method, route template and status.",
-                       ["method", "route", "status"], registry=registry)  # fmt: skip
-    latency = Histogram("sidetune_predict_latency_seconds", "Predict request latency by route, in seconds.",
-                        ["route"], buckets=PREDICT_BUCKETS, registry=registry)  # fmt: skip
+    requests = Counter(
+        "sidetune_http_requests",
+        "HTTP requests by method, route template and status.",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "sidetune_predict_latency_seconds",
+        "Predict request latency by route, in seconds.",
+        ["route"],
+        buckets=PREDICT_BUCKETS,
+        registry=registry,
+    )
     app.state.metrics_registry = registry
     app.add_middleware(RequestMetrics, requests=requests, predict_latency=latency)
     app.include_router(router)

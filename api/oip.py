@@ -95,15 +95,18 @@ def _deserialize_bytes(data: bytes, name: str) -> list[bytes]:
 def _images(tensor: dict[str, Any], binary: bytes | None, limits: Limits) -> list[bytes] | np.ndarray:
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not isinstance(name, str) or name not in INPUTS:
-        raise ProtocolError(f"unknown input {_show(name)}: send `image` (BYTES, encoded files) or `pixels` (UINT8 "
-                            "[N, H, W, 3]), or `video` (BYTES, encoded video files) to a model trained on "
-                            "clips")  # fmt: skip
+        raise ProtocolError(
+            f"unknown input {_show(name)}: send `image` (BYTES, encoded files) or `pixels` (UINT8 "
+            "[N, H, W, 3]), or `video` (BYTES, encoded video files) to a model trained on "
+            "clips"
+        )
     expected = INPUTS[name][0]
     if datatype != expected:
         raise ProtocolError(f"input {name!r}: datatype {_show(datatype)}, expected {expected}")
     if not isinstance(shape, list) or not 1 <= len(shape) <= 4 or not all(map(_count, shape)):
-        raise ProtocolError(f"input {name!r}: shape must be a list of 1 to 4 non-negative integers (not booleans), "
-                            f"got {_show(shape)}")  # fmt: skip
+        raise ProtocolError(
+            f"input {name!r}: shape must be a list of 1 to 4 non-negative integers (not booleans), got {_show(shape)}"
+        )
     n = shape[0]
     if n > limits.max_images:
         raise ProtocolError(f"input {name!r}: {n} images; at most {limits.max_images} per request")
@@ -131,11 +134,17 @@ def _images(tensor: dict[str, Any], binary: bytes | None, limits: Limits) -> lis
         if len(binary) != count:
             raise ProtocolError(f"input 'pixels': shape {_show(shape)} needs {_show(count)} bytes, got {len(binary)}")
     elif count > limits.body_bytes // 2 + 1:  # a JSON value takes a digit and a separator at least
-        raise ProtocolError(f"input 'pixels': shape {_show(shape)} says {_show(count)} values; a request of "
-                            f"{limits.body_bytes} bytes holds fewer")  # fmt: skip
+        raise ProtocolError(
+            f"input 'pixels': shape {_show(shape)} says {_show(count)} values; a request of "
+            f"{limits.body_bytes} bytes holds fewer"
+        )
     if (pixels := math.prod(shape[:3])) > limits.max_pixels:
-        raise ProtocolError(f"input 'pixels': shape {_show(shape)} holds {pixels} pixels; at most {limits.max_pixels} "
-                            "per request (SIDETUNE_MAX_PREDICT_PIXELS)", 413, "too_many_pixels")  # fmt: skip
+        raise ProtocolError(
+            f"input 'pixels': shape {_show(shape)} holds {pixels} pixels; at most {limits.max_pixels} "
+            "per request (SIDETUNE_MAX_PREDICT_PIXELS)",
+            413,
+            "too_many_pixels",
+        )
     if binary is not None:
         return np.frombuffer(binary, np.uint8).reshape(shape)
     return np.array(_uint8_values(tensor.get("data"), shape, count), dtype=np.uint8).reshape(shape)
@@ -240,8 +249,9 @@ def parse_request(body: bytes, header_length: str | None, max_images: int, max_p
         raise ProtocolError("the request must be a JSON object with `inputs`")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs) or len(inputs) != 1:
-        raise ProtocolError("`inputs` must hold exactly one tensor: `image` (BYTES) or `pixels` (UINT8), or `video` "
-                            "(BYTES)")  # fmt: skip
+        raise ProtocolError(
+            "`inputs` must hold exactly one tensor: `image` (BYTES) or `pixels` (UINT8), or `video` (BYTES)"
+        )
     chunks = _binary_chunks(raw, inputs)
     images = _images(inputs[0], chunks.get(0), limits)
 
@@ -266,8 +276,9 @@ def parse_request(body: bytes, header_length: str | None, max_images: int, max_p
     return InferRequest(request_id, inputs[0]["name"], images, outputs, binary)
 
 
-def encode_response(model_id: str, request: InferRequest, classes: list[str], probs: np.ndarray
-                    ) -> tuple[bytes, dict[str, str]]:  # fmt: skip
+def encode_response(
+    model_id: str, request: InferRequest, classes: list[str], probs: np.ndarray
+) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: JSON, or JSON then the binary outputs (`Inference-Header-Content-Length`)."""
     probs = np.ascontiguousarray(probs, dtype=np.float32)
     labels = [classes[int(i)] for i in probs.argmax(axis=1)]
@@ -307,7 +318,9 @@ def model_metadata(record: dict[str, Any]) -> dict[str, Any]:
         "versions": ["1"],
         "platform": "sidetune",
         "inputs": [{"name": name, "datatype": INPUTS[name][0], "shape": INPUTS[name][1]} for name in names],
-        "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
-                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(record["classes"])]}],
+        "outputs": [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(record["classes"])]},
+        ],
         "parameters": {"classes": record["classes"], "method": record["method"], "backbone": record["backbone"]},
-    }  # fmt: skip
+    }

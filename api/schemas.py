@@ -73,30 +73,34 @@ class EventList(BaseModel):
 class Checkpoint(BaseModel):
     name: str = Field(..., description="File name; `GET /jobs/{id}/checkpoints/{name}` downloads it.")
     size_bytes: int = Field(..., description="Size of the file.")
-    created_at: float | None = Field(None, description="Unix time it was last written (null where the store cannot "
-                                     "tell).")  # fmt: skip
+    created_at: float | None = Field(
+        None, description="Unix time it was last written (null where the store cannot tell)."
+    )
     epoch: int | None = Field(
         None, description="The last finished epoch the checkpoint holds (the same for both files of a checkpoint)."
     )
     best_epoch: int | None = Field(
-        None, description="The epoch whose weights scored best on validation (of a sweep's best configuration); each "
-        "configuration's best weights are held too."
-    )  # fmt: skip
+        None,
+        description="The epoch whose weights scored best on validation (of a sweep's best configuration); each "
+        "configuration's best weights are held too.",
+    )
 
 
 class CheckpointList(BaseModel):
     object: Literal["list"] = Field("list", description="Always `list`.")
     data: list[Checkpoint] = Field(
-        ..., description="The job's checkpoint files: `checkpoint.safetensors` holds the last epoch's trainable "
+        ...,
+        description="The job's checkpoint files: `checkpoint.safetensors` holds the last epoch's trainable "
         "weights and optimizer state (`runs<i>.*`), the best weights of their configurations (`best<i>.*`, "
         "stacked) and every configuration's curve (`history`); `checkpoint.json` summarises it: the epoch, the best "
         "epoch, and each configuration's best score. Empty once removed, before the first epoch ends, "
-        "and for jobs that train no epochs (the L-BFGS linear probe)."
-    )  # fmt: skip
+        "and for jobs that train no epochs (the L-BFGS linear probe).",
+    )
     expires_at: float | None = Field(
-        None, description="Unix time the checkpoint is removed: the job's end plus SIDETUNE_CHECKPOINT_RETENTION_H; "
-        "null while the job runs."
-    )  # fmt: skip
+        None,
+        description="Unix time the checkpoint is removed: the job's end plus SIDETUNE_CHECKPOINT_RETENTION_H; "
+        "null while the job runs.",
+    )
 
 
 class Model(BaseModel):
@@ -112,8 +116,9 @@ class Model(BaseModel):
         None, description="A model trained on videos: its clips (`backbone.video`); predict takes videos. Null: images."
     )
     classes: list[str] = Field(..., description="Class labels (tags, for a multi-label model), in output order.")
-    multi_label: bool = Field(False, description="Multi-label: one sigmoid score per tag; predict returns the tags "
-                              "over `threshold`.")  # fmt: skip
+    multi_label: bool = Field(
+        False, description="Multi-label: one sigmoid score per tag; predict returns the tags over `threshold`."
+    )
     threshold: float | None = Field(
         None, description="Multi-label: the score from which a tag is predicted, chosen on validation (best micro-F1)."
     )
@@ -162,33 +167,39 @@ class Confusion(BaseModel):
 
 class Evaluation(BaseModel):
     split: Literal["test", "val"] = Field(
-        ..., description="`test`: the held-out test split, seen once; `val`: the validation split (no test split was "
-        "given), which selected the model, so its figures are optimistic."
-    )  # fmt: skip
+        ...,
+        description="`test`: the held-out test split, seen once; `val`: the validation split (no test split was "
+        "given), which selected the model, so its figures are optimistic.",
+    )
     images: int = Field(..., description="Images evaluated.")
     offset: int = Field(0, description="The page's first class (row).")
     limit: int = Field(..., description="Classes (rows) a page holds at most.")
     total: int = Field(..., description="Classes (tags) in the whole report.")
     has_more: bool = Field(..., description="Classes after this page: ask for `offset + limit`.")
-    classes: list[str] = Field(..., description="The page's class (tag) names, in the model's order: rows `offset` "
-                               "on of the confusion matrix.")  # fmt: skip
+    classes: list[str] = Field(
+        ..., description="The page's class (tag) names, in the model's order: rows `offset` on of the confusion matrix."
+    )
     metrics: dict[str, float] = Field(
-        ..., description="`<split>_accuracy`, `_balanced_accuracy`, `_top5_accuracy` (more than 5 classes), "
-        "`_macro_f1`; multi-label: `<split>_map`, `_micro_f1`, `_macro_f1`. scikit-learn's metrics."
-    )  # fmt: skip
+        ...,
+        description="`<split>_accuracy`, `_balanced_accuracy`, `_top5_accuracy` (more than 5 classes), "
+        "`_macro_f1`; multi-label: `<split>_map`, `_micro_f1`, `_macro_f1`. scikit-learn's metrics.",
+    )
     per_class: list[PerClass] = Field(..., description="The page's classes: precision, recall, F1, support.")
     confusion_matrix: list[Any] | None = Field(
-        None, description="The page's rows of the confusion matrix: rows: true class, columns: predicted class (every "
-        "class; counts); at most 100 classes. Multi-label: per tag [[tn, fp], [fn, tp]], whatever the tag count."
-    )  # fmt: skip
+        None,
+        description="The page's rows of the confusion matrix: rows: true class, columns: predicted class (every "
+        "class; counts); at most 100 classes. Multi-label: per tag [[tn, fp], [fn, tp]], whatever the tag count.",
+    )
     confusion: SparseConfusion | None = Field(
-        None, description="Above 100 classes, instead of `confusion_matrix`: the cells that are not zero whose true "
-        "class is on the page."
-    )  # fmt: skip
+        None,
+        description="Above 100 classes, instead of `confusion_matrix`: the cells that are not zero whose true "
+        "class is on the page.",
+    )
     top_confusions: list[Confusion] | None = Field(
-        None, description="Single-label: the 20 most frequent confusions (true -> predicted, off the diagonal) of the "
-        "whole report."
-    )  # fmt: skip
+        None,
+        description="Single-label: the 20 most frequent confusions (true -> predicted, off the diagonal) of the "
+        "whole report.",
+    )
     threshold: float | None = Field(None, description="Multi-label: the decision threshold used.")
 
 
@@ -218,14 +229,22 @@ class PredictRequest(BaseModel):
         ..., min_length=1, max_length=256, description="Images (or videos) to classify, all of one kind."
     )
     threshold: float | None = Field(
-        None, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="Multi-label models: return the tags "
+        None,
+        ge=0.0,
+        le=1.0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Multi-label models: return the tags "
         "scoring at least this (default: the model's threshold, chosen on validation); a number (not a string or a "
-        "boolean). A single-label model refuses it (422)."
-    )  # fmt: skip
+        "boolean). A single-label model refuses it (422).",
+    )
     top_k: int | None = Field(
-        None, ge=1, strict=True, description="Return only the `top_k` highest scores of each instance, highest first "
-        "(default: every class's score, in the model's order)."
-    )  # fmt: skip
+        None,
+        ge=1,
+        strict=True,
+        description="Return only the `top_k` highest scores of each instance, highest first "
+        "(default: every class's score, in the model's order).",
+    )
 
 
 class Prediction(BaseModel):

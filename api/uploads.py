@@ -116,8 +116,9 @@ async def receive_file(request: Request, dest: Path, max_bytes: int) -> Upload:
                     parser.write(chunk)
                 parser.finalize()
                 if receiver.files == 0:
-                    raise ApiError(422, "invalid_request", "no `file` field: upload the archive as multipart field "
-                                                           "`file`")  # fmt: skip
+                    raise ApiError(
+                        422, "invalid_request", "no `file` field: upload the archive as multipart field `file`"
+                    )
             else:
                 async for chunk in request.stream():
                     receiver.write(chunk)

@@ -97,9 +97,12 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, mem: di
             verdicts[key] = "target for vit_base_patch16_224 (--backbone vit_base_patch16_224 --image-size 224)"
         else:
             verdicts[key] = "met" if (value >= target if sense == ">=" else value <= target) else "MISSED"
-    print("targets (DESIGN.md): " + "; ".join(
-        f"{k} {fmt(figures[k], 3)} {sense} {target}: {verdicts[k]}" for k, (target, sense) in TARGETS.items()
-    ))  # fmt: skip
+    print(
+        "targets (DESIGN.md): "
+        + "; ".join(
+            f"{k} {fmt(figures[k], 3)} {sense} {target}: {verdicts[k]}" for k, (target, sense) in TARGETS.items()
+        )
+    )
     none = b["losa none"]
     kv: dict[str, str] = {}
     for key, value in figures.items():
@@ -134,8 +137,14 @@ def report(args: argparse.Namespace, a: dict, b: dict, c: dict, d: dict, mem: di
         "wall_s": f"{time.perf_counter() - args.t_start:.0f}",
     }
     # the headline keys last, in the order the issue lists them
-    for key in ("pipeline_efficiency_photos", "pipeline_efficiency_digits", "extract_ratio", "writer_vs_disk",
-                "train_speedup", "train_mem_ratio"):  # fmt: skip
+    for key in (
+        "pipeline_efficiency_photos",
+        "pipeline_efficiency_digits",
+        "extract_ratio",
+        "writer_vs_disk",
+        "train_speedup",
+        "train_mem_ratio",
+    ):
         kv[key] = kv.pop(key)
     common.print_kv(kv)
 
@@ -150,8 +159,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-writers", type=int, default=6, help="Settings.cache_writers (shards in flight)")
     p.add_argument("--epochs", type=int, default=2, help="LoSA training epochs, every mode")
     p.add_argument("--rank", type=int, default=8, help="LoSA rank")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure training.compile (torch.compile of the side network) with and without")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure training.compile (torch.compile of the side network) with and without",
+    )
     p.add_argument("--codec-epochs", type=int, default=10, help="LoSA epochs per codec entry in part (d)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every timed row (median)")
     p.add_argument("--read-batch", type=int, default=64, help="rows per random mini-batch read")
@@ -190,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         counts = common.write_digits(work, args.limit)
         photos = write_photos(work / "datasets" / "photos", args.photos)
         args.datasets = {"photos": photos, "digits": args.dataset}
-        common.say(f"data in {work}: {counts['train']} digits ({counts['holdout']} held out, unused), "
-                   f"{args.photos} photos")  # fmt: skip
+        common.say(
+            f"data in {work}: {counts['train']} digits ({counts['holdout']} held out, unused), {args.photos} photos"
+        )
         a = cache_extract.measure(args)
         b = cache_reads.measure(args, a)
         c = cache_training.measure_speed(args, a)

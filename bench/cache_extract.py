@@ -118,8 +118,17 @@ def writer_rate(args: argparse.Namespace, acts: list, codec: str, keepbits: int 
     entry = FeatureCache(root).entry("stage/writer")
     n = sum(len(a) for a in acts)
     _, layers, tokens, dim = acts[0].shape
-    entry.create(labels=np.zeros(n, np.int64), layers=list(range(layers)), tokens="all", token_count=tokens, dim=dim,
-                 batch_size=len(acts[0]), meta={"num_prefix_tokens": 1}, codec=codec, keepbits=keepbits)  # fmt: skip
+    entry.create(
+        labels=np.zeros(n, np.int64),
+        layers=list(range(layers)),
+        tokens="all",
+        token_count=tokens,
+        dim=dim,
+        batch_size=len(acts[0]),
+        meta={"num_prefix_tokens": 1},
+        codec=codec,
+        keepbits=keepbits,
+    )
     t0 = time.perf_counter()
     with ShardWriter(entry, args.cache_writers) as writer:
         for b, a in enumerate(acts):
@@ -172,8 +181,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         dataset = read_dataset(args.datasets[name])
         n = len(dataset)
         batches = [list(range(s, min(n, s + bs))) for s in range(0, n, bs)]
-        ready = [backbone.input(b.images) for b in iterate(BatchReader(dataset.paths, batches, backbone.split.pil,
-                                                                       False), 0)]  # fmt: skip
+        ready = [
+            backbone.input(b.images) for b in iterate(BatchReader(dataset.paths, batches, backbone.split.pil, False), 0)
+        ]
         for x in ready[:2]:  # warm-up: kernels, allocator, thread pools
             backbone.intermediates(x, all_layers, torch.float16)
         acts = [backbone.intermediates(x, all_layers, torch.float16).cpu().numpy() for x in ready]
@@ -199,16 +209,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             st["writer"].append(rate)
             writer_bytes[name] = written // shards * len(d["acts"])
             st["disk"].append(disk_mb_s(args.work, d["acts"][0].nbytes, shards))
-            say(f"  {name}: decode {st['decode'][-1]:.1f} img/s ({stage_workers} loaders), forward "
-                f"{st['forward'][-1]:.1f} img/s, writer {rate:.1f} img/s, disk {st['disk'][-1]:.0f} MB/s")  # fmt: skip
+            say(
+                f"  {name}: decode {st['decode'][-1]:.1f} img/s ({stage_workers} loaders), forward "
+                f"{st['forward'][-1]:.1f} img/s, writer {rate:.1f} img/s, disk {st['disk'][-1]:.0f} MB/s"
+            )
         for row, name, method, codec, keepbits in EXTRACT_ROWS:
             shutil.rmtree(args.work / "runs" / row.replace(" ", "-"), ignore_errors=True)  # no cache hit
             spec = job_spec(args, method, codec=codec, keepbits=keepbits, dataset=args.datasets[name])
             res = run_extraction(spec, settings_for(args, row), NullReporter())
             assert not res["cache_hit"], res
             ext[row].append(res)
-            say(f"  extract {row}: {res['extract_images_per_s']} img/s ({res['loader_workers']} loader processes, "
-                f"{res['writer']}), {res['bytes_per_image'] / 1024:.1f} KiB/image")  # fmt: skip
+            say(
+                f"  extract {row}: {res['extract_images_per_s']} img/s ({res['loader_workers']} loader processes, "
+                f"{res['writer']}), {res['bytes_per_image'] / 1024:.1f} KiB/image"
+            )
     info = {
         "num_layers": backbone.num_layers,
         "tokens": backbone.tokens,
@@ -265,9 +279,18 @@ def report(args: argparse.Namespace, a: dict[str, Any]) -> dict[str, Any]:
         whole = median([r["extract_images_per_s"] for r in ext[row]])
         eff = ratio(whole, ceiling)
         out[name] = {"efficiency": eff, "extract_ratio": ratio(whole, fwd), "whole": whole}
-        rows.append([name, spread(st["decode"]), spread(st["forward"]), spread(st["writer"]), fmt(ceiling, 1),
-                     spread([r["extract_images_per_s"] for r in ext[row]]), fmt(eff, 3),
-                     fmt(ratio(whole, fwd), 3)])  # fmt: skip
+        rows.append(
+            [
+                name,
+                spread(st["decode"]),
+                spread(st["forward"]),
+                spread(st["writer"]),
+                fmt(ceiling, 1),
+                spread([r["extract_images_per_s"] for r in ext[row]]),
+                fmt(eff, 3),
+                fmt(ratio(whole, fwd), 3),
+            ]
+        )
         put(kv, f"decode_img_s_{name}", dec, 1)
         put(kv, f"forward_img_s_{name}", fwd, 1)
         put(kv, f"writer_img_s_{name}", wri, 1)
@@ -283,8 +306,10 @@ def report(args: argparse.Namespace, a: dict[str, Any]) -> dict[str, Any]:
         f"the disk's raw sequential writes of the same file size, each fsync'd: {disk:,.0f} MB/s "
         f"({spread(stages['digits']['disk'], 0)}); writer_vs_disk {fmt(writer_vs_disk, 3)}"
     )
-    print(f"bf16 forward against fp32, relative error of the activations (all layers, one batch): "
-          f"{a['bf16_rel_error']:.2e}")  # fmt: skip
+    print(
+        f"bf16 forward against fp32, relative error of the activations (all layers, one batch): "
+        f"{a['bf16_rel_error']:.2e}"
+    )
 
     headers = ["row", "img/s", "vs forward (ready)", "bytes/image", "vs raw fp16", "loaders", "writer"]
     rows = []
@@ -293,9 +318,17 @@ def report(args: argparse.Namespace, a: dict[str, Any]) -> dict[str, Any]:
         rate = median([r["extract_images_per_s"] for r in runs])
         bpi = runs[-1]["bytes_per_image"]
         full = info["dim"] * 2 * (1 if method == "linear" else info["num_layers"] * info["tokens"])
-        rows.append([f"extract {row}", spread([r["extract_images_per_s"] for r in runs]),
-                     fmt(ratio(rate, median(stages[name]["forward"])), 2) if method == "losa" else "-",
-                     f"{bpi:,}", fmt(bpi / full, 3), str(runs[-1]["loader_workers"]), runs[-1]["writer"]])  # fmt: skip
+        rows.append(
+            [
+                f"extract {row}",
+                spread([r["extract_images_per_s"] for r in runs]),
+                fmt(ratio(rate, median(stages[name]["forward"])), 2) if method == "losa" else "-",
+                f"{bpi:,}",
+                fmt(bpi / full, 3),
+                str(runs[-1]["loader_workers"]),
+                runs[-1]["writer"],
+            ]
+        )
         slug = row.replace(" ", "_").replace("+", "_")
         put(kv, f"bytes_per_image_{slug}", float(bpi), 0)
     print(render(headers, rows))

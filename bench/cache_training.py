@@ -70,8 +70,18 @@ def fit_online_ready(backbone, spec, inputs, labels, classes: int, ckpt: Path) -
     val = ReadyOnline(backbone, inputs[val_idx], labels[val_idx], model.input_layers)
     objective = Objective(labels[train_idx], classes, device=device)
     shutil.rmtree(ckpt, ignore_errors=True)
-    results, timing = fit([ModuleRuns(model, hp, objective, device)], [(0, 0)], train, val, len(train_idx),
-                          len(val_idx), hp, objective, NullReporter(), ckpt)  # fmt: skip
+    results, timing = fit(
+        [ModuleRuns(model, hp, objective, device)],
+        [(0, 0)],
+        train,
+        val,
+        len(train_idx),
+        len(val_idx),
+        hp,
+        objective,
+        NullReporter(),
+        ckpt,
+    )
     shutil.rmtree(ckpt, ignore_errors=True)
     return {**timing, "val_accuracy": results[0].score}  # fit's figures are timings; a job adds the scores
 
@@ -129,11 +139,15 @@ def measure_speed(args: argparse.Namespace, extraction: dict[str, Any]) -> dict[
         for compiled in (False, True):
             spec = job_spec(args, "losa", "cache", compile=compiled, epochs=max(3, args.epochs))
             reporter = NullReporter()
-            result, _ = common.train_fresh(spec, runs["cache"][1], key, checkpoint(args, f"compile {compiled}"),
-                                           reporter)  # fmt: skip
+            result, _ = common.train_fresh(
+                spec, runs["cache"][1], key, checkpoint(args, f"compile {compiled}"), reporter
+            )
             m = result["metrics"]
-            out["compile"][compiled] = {"steady": steady_img_s(reporter, m["train_images"]),
-                                        "first_step_s": m["first_step_seconds"], "val": m["val_accuracy"]}  # fmt: skip
+            out["compile"][compiled] = {
+                "steady": steady_img_s(reporter, m["train_images"]),
+                "first_step_s": m["first_step_seconds"],
+                "val": m["val_accuracy"],
+            }
             say(f"(c) compile={compiled}: {out['compile'][compiled]}")
     out["hp"] = cache_spec.training.resolved(cache_spec.method.training_defaults())
     return out

@@ -64,12 +64,15 @@ def spec_for(args: argparse.Namespace, root: Path):
 
     large = args.classes_one > args.full_solve
     method = {"name": "linear", **({"max_iter": args.large_max_iter} if large else {})}
-    return JobSpec.model_validate({
-        "dataset": {"path": str(root)},
-        "backbone": {"name": BACKBONE, "pretrained": False, "image_size": args.image_size},
-        "method": method, "extraction": {"batch_size": 256},
-        **({"training": {"weight_decay": 1e-3}} if large else {}),
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(root)},
+            "backbone": {"name": BACKBONE, "pretrained": False, "image_size": args.image_size},
+            "method": method,
+            "extraction": {"batch_size": 256},
+            **({"training": {"weight_decay": 1e-3}} if large else {}),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------- child processes
@@ -123,21 +126,26 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
     out = train_job(spec, settings, args.cache_key, stages, work / "ckpt" / str(args.classes_one))
     stages.end("plot")  # what follows the evaluation in train_job: the metrics, the config and the plots
     files = model_files(out)
-    ArtifactStore.from_settings(settings).save_model(f"model_c{args.classes_one}", out["weights"], out["config"],
-                                                     out["metrics"], files)  # fmt: skip
+    ArtifactStore.from_settings(settings).save_model(
+        f"model_c{args.classes_one}", out["weights"], out["config"], out["metrics"], files
+    )
     stages.end("save")
     peak.stop()
     m = out["metrics"]
     features = (m["train_images"] + m["val_images"]) * out["config"]["feature_info"]["dim"] * 4
     weights = sum(np.asarray(v).nbytes for v in out["weights"].values())
     return {
-        "stages": stages.rows, "baseline_mb": peak.baseline / common.MB,
-        "peak_mb": max(r["peak_mb"] for r in stages.rows.values()), "model_mb": (features + weights) / common.MB,
+        "stages": stages.rows,
+        "baseline_mb": peak.baseline / common.MB,
+        "peak_mb": max(r["peak_mb"] for r in stages.rows.values()),
+        "model_mb": (features + weights) / common.MB,
         "evaluation_bytes": len(files["evaluation.json"]),
         "confusion_px": list(Image.open(io.BytesIO(files["plots/confusion.png"])).size),
-        "val_accuracy": m["val_accuracy"], "weight_decay": m["weight_decay"], "iterations": m["iterations"],
+        "val_accuracy": m["val_accuracy"],
+        "weight_decay": m["weight_decay"],
+        "iterations": m["iterations"],
         "images": m["train_images"] + m["val_images"],
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- parent
@@ -150,44 +158,84 @@ def run_one(args: argparse.Namespace, classes: int) -> dict[str, Any]:
     write_folder(root, classes, args.per_class, args.pixels)
     row: dict[str, Any] = {"classes": classes, "write_s": time.perf_counter() - t0}
     common.say(f"{classes} classes: written in {row['write_s']:.1f}s; extracting")
-    argv = ["--work", str(work), "--classes-one", str(classes), *common.flags(args, ["image_size", "full_solve",
-                                                                                   "large_max_iter"])]  # fmt: skip
+    argv = [
+        "--work",
+        str(work),
+        "--classes-one",
+        str(classes),
+        *common.flags(args, ["image_size", "full_solve", "large_max_iter"]),
+    ]
     ext = common.run_child(__file__, ["--child", "extract", *argv], env=common.MEMORY_ENV)
     if "error" in ext:
         return row | {"error": "extraction: " + "\n".join(ext["log"])}
     common.say(f"{classes} classes: extracted in {ext['seconds']:.1f}s; training")
-    train = common.run_child(__file__, ["--child", "train", "--cache-key", ext["cache_key"], *argv],
-                             env=common.MEMORY_ENV)  # fmt: skip
+    train = common.run_child(
+        __file__, ["--child", "train", "--cache-key", ext["cache_key"], *argv], env=common.MEMORY_ENV
+    )
     if "error" in train:
         return row | {"error": "training: " + "\n".join(train["log"])}
     return row | {"extract": ext, "train": train}
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, load: float) -> None:
-    print(f"bench/classes.py: linear probe, {BACKBONE} (random init) at {args.image_size} px, {args.per_class} "
-          f"images a class of {args.pixels} px; in-process pipeline (extraction and training each in a child "
-          f"process, as the workers run them), CPU; above {args.full_solve} classes one L2 strength (1e-3), "
-          f"L-BFGS max_iter {args.large_max_iter}")  # fmt: skip
+    print(
+        f"bench/classes.py: linear probe, {BACKBONE} (random init) at {args.image_size} px, {args.per_class} "
+        f"images a class of {args.pixels} px; in-process pipeline (extraction and training each in a child "
+        f"process, as the workers run them), CPU; above {args.full_solve} classes one L2 strength (1e-3), "
+        f"L-BFGS max_iter {args.large_max_iter}"
+    )
     ok = [r for r in rows if "error" not in r]
     for r in rows:
         if "error" in r:
             print(f"{r['classes']} classes failed: {r['error']}")
-    seconds = [[f"{r['classes']:,}", f"{r['train']['images']:,}", common.fmt(r["write_s"]),
-                common.fmt(r["extract"]["seconds"]), *(common.fmt(r["train"]["stages"][s]["seconds"]) for s in STAGES),
-                f"{r['train']['weight_decay']:g}", str(r["train"]["iterations"]),
-                common.fmt(r["train"]["val_accuracy"], 3)] for r in ok]  # fmt: skip
+    seconds = [
+        [
+            f"{r['classes']:,}",
+            f"{r['train']['images']:,}",
+            common.fmt(r["write_s"]),
+            common.fmt(r["extract"]["seconds"]),
+            *(common.fmt(r["train"]["stages"][s]["seconds"]) for s in STAGES),
+            f"{r['train']['weight_decay']:g}",
+            str(r["train"]["iterations"]),
+            common.fmt(r["train"]["val_accuracy"], 3),
+        ]
+        for r in ok
+    ]
     print()
     print("seconds per stage")
     print(common.render(["classes", "images", "write", "extract", *STAGES, "l2", "iters", "val_acc"], seconds))
-    memory = [[f"{r['classes']:,}", common.fmt(r["extract"]["peak_mb"], 0), common.fmt(r["train"]["baseline_mb"], 0),
-               *(common.fmt(r["train"]["stages"][s]["peak_mb"], 0) for s in STAGES),
-               common.fmt(r["train"]["peak_mb"], 0), common.fmt(r["train"]["model_mb"], 1),
-               common.fmt(ratio(r), 1), f"{r['train']['evaluation_bytes'] / 1024:,.0f}",
-               "x".join(map(str, r["train"]["confusion_px"]))] for r in ok]  # fmt: skip
+    memory = [
+        [
+            f"{r['classes']:,}",
+            common.fmt(r["extract"]["peak_mb"], 0),
+            common.fmt(r["train"]["baseline_mb"], 0),
+            *(common.fmt(r["train"]["stages"][s]["peak_mb"], 0) for s in STAGES),
+            common.fmt(r["train"]["peak_mb"], 0),
+            common.fmt(r["train"]["model_mb"], 1),
+            common.fmt(ratio(r), 1),
+            f"{r['train']['evaluation_bytes'] / 1024:,.0f}",
+            "x".join(map(str, r["train"]["confusion_px"])),
+        ]
+        for r in ok
+    ]
     print()
     print("peak RSS (MB): the extraction process; the training process after imports (baseline), per stage and overall")
-    print(common.render(["classes", "extract", "baseline", *STAGES, "train peak", "features+weights", "ratio",
-                         "evaluation.json KB", "confusion px"], memory))  # fmt: skip
+    print(
+        common.render(
+            [
+                "classes",
+                "extract",
+                "baseline",
+                *STAGES,
+                "train peak",
+                "features+weights",
+                "ratio",
+                "evaluation.json KB",
+                "confusion px",
+            ],
+            memory,
+        )
+    )
     print()
     print(common.machine_line(load))
     kv: dict[str, str] = {}
@@ -217,8 +265,12 @@ def main() -> int:
     p.add_argument("--per-class", type=int, default=2, help="images a class (default 2: one trains, one validates)")
     p.add_argument("--pixels", type=int, default=16, help="side of the written images (default 16)")
     p.add_argument("--image-size", type=int, default=32, help="backbone input size (default 32: 4 patch tokens)")
-    p.add_argument("--full-solve", type=int, default=1000,
-                   help="up to this many classes the probe is the default job (default 1000)")  # fmt: skip
+    p.add_argument(
+        "--full-solve",
+        type=int,
+        default=1000,
+        help="up to this many classes the probe is the default job (default 1000)",
+    )
     p.add_argument("--large-max-iter", type=int, default=10, help="L-BFGS iterations above --full-solve (default 10)")
     p.add_argument("--data-dir", help="working dir: datasets, cache, models (default: a temporary dir, removed after)")
     p.add_argument("--child", choices=("extract", "train"), help=argparse.SUPPRESS)

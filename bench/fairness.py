@@ -25,17 +25,26 @@ import common
 
 
 def spec(data: Path, image_size: int) -> dict:
-    return {"dataset": {"path": str(data)}, "backbone": {"name": "test_vit", "pretrained": False,
-            "image_size": image_size}, "method": {"name": "linear", "solver": "sgd"},
-            "training": {"epochs": 1}}  # fmt: skip
+    return {
+        "dataset": {"path": str(data)},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": image_size},
+        "method": {"name": "linear", "solver": "sgd"},
+        "training": {"epochs": 1},
+    }
 
 
 def times(client, job_id: str) -> dict:
     """When the job was submitted, started, started training and ended (None: it did not)."""
     job = client.job(job_id)
     trained = [e["created_at"] for e in client.events(job_id, limit=1000) if e["message"] == "training started"]
-    return {"id": job_id, "status": job["status"], "created": job["created_at"], "started": job.get("started_at"),
-            "trained": trained[0] if trained else None, "finished": job.get("finished_at")}  # fmt: skip
+    return {
+        "id": job_id,
+        "status": job["status"],
+        "created": job["created_at"],
+        "started": job.get("started_at"),
+        "trained": trained[0] if trained else None,
+        "finished": job.get("finished_at"),
+    }
 
 
 def scenario(api: str, key_a: str, key_b: str, body: dict, jobs: int, cancel_rest: bool) -> dict:
@@ -68,10 +77,15 @@ def figures(run: dict) -> dict:
         return sum(1 for j in run["a"] if j[key] is not None and b["created"] < j[key] < b[key])
 
     ends = [j["finished"] for j in run["a"] if j["status"] == "succeeded"]
-    return {"b_wait_s": b["started"] - b["created"], "b_train_wait_s": b["trained"] - b["created"],
-            "b_done_s": b["finished"] - b["created"], "a_started_ahead": ahead("started"),
-            "a_trained_ahead": ahead("trained"), "a_succeeded": len(ends),
-            "a_drain_s": max(ends) - b["created"] if ends else None}  # fmt: skip
+    return {
+        "b_wait_s": b["started"] - b["created"],
+        "b_train_wait_s": b["trained"] - b["created"],
+        "b_done_s": b["finished"] - b["created"],
+        "a_started_ahead": ahead("started"),
+        "a_trained_ahead": ahead("trained"),
+        "a_succeeded": len(ends),
+        "a_drain_s": max(ends) - b["created"] if ends else None,
+    }
 
 
 def own_stack(work: Path, keys: tuple[str, str]):
@@ -79,8 +93,14 @@ def own_stack(work: Path, keys: tuple[str, str]):
     from worker.launcher import Stack, free_port
 
     common.write_digits(work, limit=150)
-    settings = Settings(data_dir=work, embedded_redis_port=free_port(), api_port=free_port(),
-                        inference_port=free_port(), device="cpu", api_keys=list(keys))  # fmt: skip
+    settings = Settings(
+        data_dir=work,
+        embedded_redis_port=free_port(),
+        api_port=free_port(),
+        inference_port=free_port(),
+        device="cpu",
+        api_keys=list(keys),
+    )
     return Stack(settings)
 
 
@@ -99,8 +119,9 @@ def main() -> None:
     if args.api:
         if not args.data:
             sys.exit("--api needs --data")
-        run = scenario(args.api, args.key_a, args.key_b, spec(Path(args.data), args.image_size), args.jobs,
-                       args.cancel_rest)  # fmt: skip
+        run = scenario(
+            args.api, args.key_a, args.key_b, spec(Path(args.data), args.image_size), args.jobs, args.cancel_rest
+        )
     else:
         with common.workdir(args.data_dir, "fairness-") as work, own_stack(work, (args.key_a, args.key_b)) as stack:
             body = spec(common.digits_dir(work), args.image_size)
@@ -113,13 +134,18 @@ def main() -> None:
         [f"A's backlog: {f['a_succeeded']} of {args.jobs} succeeded", common.fmt(f["a_drain_s"], 2), "-"],
     ]
     print(common.render(["after B submitted", "seconds", "A's jobs ahead"], rows))
-    print(f"A queued {args.jobs} jobs, then B one; load average {load:.2f} at the start, "
-          f"{common.load_average():.2f} at the end")  # fmt: skip
+    print(
+        f"A queued {args.jobs} jobs, then B one; load average {load:.2f} at the start, "
+        f"{common.load_average():.2f} at the end"
+    )
     kv: dict[str, str] = {}
     for key in ("b_wait_s", "b_train_wait_s", "b_done_s"):
         common.put(kv, key, f[key], 2)
-    kv |= {"a_started_ahead": str(f["a_started_ahead"]), "a_trained_ahead": str(f["a_trained_ahead"]),
-           "jobs": str(args.jobs)}  # fmt: skip
+    kv |= {
+        "a_started_ahead": str(f["a_started_ahead"]),
+        "a_trained_ahead": str(f["a_trained_ahead"]),
+        "jobs": str(args.jobs),
+    }
     common.print_kv(kv)
 
 

@@ -78,8 +78,13 @@ def phase_env(args: argparse.Namespace, res: Results) -> None:
     import torch
 
     t0 = time.perf_counter()
-    env = {"torch": torch.__version__, "device": args.device, "cores": cache_extract.cores(),
-           "backbone": args.backbone, "image_size": args.image_size}  # fmt: skip
+    env = {
+        "torch": torch.__version__,
+        "device": args.device,
+        "cores": cache_extract.cores(),
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+    }
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(args.device)).replace(" ", "_")
     res.phase("env", env, t0)
@@ -111,8 +116,10 @@ def phase_extraction(args: argparse.Namespace, res: Results) -> dict[str, Any]:
         batches = [list(range(s, min(n, s + bs))) for s in range(0, n, bs)]
         decode_rate(dataset, backbone.split, bs, stage_workers)  # warm: forkserver, page cache
         decode = decode_rate(dataset, backbone.split, bs, stage_workers)
-        ready = [backbone.input(b.images) for b in iterate(BatchReader(dataset.paths, batches, backbone.split.pil,
-                                                                       False), stage_workers)]  # fmt: skip
+        ready = [
+            backbone.input(b.images)
+            for b in iterate(BatchReader(dataset.paths, batches, backbone.split.pil, False), stage_workers)
+        ]
         forward_rate(backbone, ready[:2], layers, args.device)  # warm-up
         forward = median([forward_rate(backbone, ready, layers, args.device) for _ in range(3)])
         acts = [backbone.intermediates(x, layers, torch.float16).cpu().numpy() for x in ready]
@@ -124,28 +131,83 @@ def phase_extraction(args: argparse.Namespace, res: Results) -> dict[str, Any]:
         job = cache_extract.job_spec(args, "losa", dataset=root)
         whole = run_extraction(job, cache_extract.settings_for(args, f"extract {name}"), NullReporter())
         ceiling = min(decode, forward, writer) if gpu else 1 / (1 / decode + 1 / forward + 1 / writer)
-        out[name] = {"decode": decode, "forward": forward, "writer": writer, "whole": whole["extract_images_per_s"],
-                     "ceiling": ceiling, "disk_mb_s": disk, "writer_mb_s": writer_mb_s, "key": whole["cache_key"],
-                     "settings": cache_extract.settings_for(args, f"extract {name}")}  # fmt: skip
-        rows.append([name, str(n), fmt(decode, 0), fmt(forward, 0), fmt(writer, 0), fmt(ceiling, 0),
-                     fmt(whole["extract_images_per_s"], 0), fmt(ratio(whole["extract_images_per_s"], ceiling), 3),
-                     fmt(writer_mb_s, 0), fmt(disk, 0)])  # fmt: skip
-    print(render(["dataset", "images", "decode/s", "forward/s", "writer/s", "ceiling", "extract/s", "efficiency",
-                  "writer MB/s", "disk MB/s"], rows))  # fmt: skip
+        out[name] = {
+            "decode": decode,
+            "forward": forward,
+            "writer": writer,
+            "whole": whole["extract_images_per_s"],
+            "ceiling": ceiling,
+            "disk_mb_s": disk,
+            "writer_mb_s": writer_mb_s,
+            "key": whole["cache_key"],
+            "settings": cache_extract.settings_for(args, f"extract {name}"),
+        }
+        rows.append(
+            [
+                name,
+                str(n),
+                fmt(decode, 0),
+                fmt(forward, 0),
+                fmt(writer, 0),
+                fmt(ceiling, 0),
+                fmt(whole["extract_images_per_s"], 0),
+                fmt(ratio(whole["extract_images_per_s"], ceiling), 3),
+                fmt(writer_mb_s, 0),
+                fmt(disk, 0),
+            ]
+        )
+    print(
+        render(
+            [
+                "dataset",
+                "images",
+                "decode/s",
+                "forward/s",
+                "writer/s",
+                "ceiling",
+                "extract/s",
+                "efficiency",
+                "writer MB/s",
+                "disk MB/s",
+            ],
+            rows,
+        )
+    )
     digits = out["digits"]
-    error = cache_extract.bf16_error(args, backbone, backbone.input(next(iterate(BatchReader(
-        read_dataset(args.datasets["digits"]).paths, [list(range(8))], backbone.split.pil, False), 0)).images),
-        layers)  # fmt: skip
-    res.phase("extraction", {
-        "precision": backbone.precision, "loader_workers": workers, "stage_loaders": stage_workers,
-        **{f"{k}_img_s_{name}": out[name][k] for name in args.datasets
-           for k in ("decode", "forward", "writer", "whole")},
-        "pipeline_efficiency_photos": ratio(out["photos"]["whole"], out["photos"]["ceiling"]),
-        "pipeline_efficiency_digits": ratio(digits["whole"], digits["ceiling"]),
-        "extract_ratio": ratio(digits["whole"], digits["forward"]),
-        "writer_vs_disk": ratio(digits["writer_mb_s"], digits["disk_mb_s"]),
-        "bf16_rel_error": error,
-    }, t0)  # fmt: skip
+    error = cache_extract.bf16_error(
+        args,
+        backbone,
+        backbone.input(
+            next(
+                iterate(
+                    BatchReader(
+                        read_dataset(args.datasets["digits"]).paths, [list(range(8))], backbone.split.pil, False
+                    ),
+                    0,
+                )
+            ).images
+        ),
+        layers,
+    )
+    res.phase(
+        "extraction",
+        {
+            "precision": backbone.precision,
+            "loader_workers": workers,
+            "stage_loaders": stage_workers,
+            **{
+                f"{k}_img_s_{name}": out[name][k]
+                for name in args.datasets
+                for k in ("decode", "forward", "writer", "whole")
+            },
+            "pipeline_efficiency_photos": ratio(out["photos"]["whole"], out["photos"]["ceiling"]),
+            "pipeline_efficiency_digits": ratio(digits["whole"], digits["ceiling"]),
+            "extract_ratio": ratio(digits["whole"], digits["forward"]),
+            "writer_vs_disk": ratio(digits["writer_mb_s"], digits["disk_mb_s"]),
+            "bf16_rel_error": error,
+        },
+        t0,
+    )
     return out
 
 
@@ -172,8 +234,11 @@ def phase_training(args: argparse.Namespace, res: Results, ext: dict[str, Any]) 
         values[f"{tag}_img_s"] = m["train_images_per_s"]
         values[f"{tag}_steady_img_s"] = steady_img_s(reporter, m["train_images"])
         values[f"{tag}_first_step_s"] = m["first_step_seconds"]
-        values[f"{tag}_inputs"] = next(e["message"] for e in reporter.events if "inputs: " in e["message"]).split(
-            "inputs: ")[-1].replace(" ", "_")  # fmt: skip
+        values[f"{tag}_inputs"] = (
+            next(e["message"] for e in reporter.events if "inputs: " in e["message"])
+            .split("inputs: ")[-1]
+            .replace(" ", "_")
+        )
     spec = cache_extract.job_spec(args, "losa", "online")
     backbone = load_backbone(spec.backbone, args.device)
     dataset = read_dataset(args.datasets["digits"])
@@ -191,8 +256,13 @@ def phase_training(args: argparse.Namespace, res: Results, ext: dict[str, Any]) 
         settings = digits["settings"].model_copy(update={"train_memory_mb": memory_mb})
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        out = train_job(spec, settings, digits["key"] if mode == "cache" else None, NullReporter(),
-                        args.work / "ckpt" / f"mem-{mode}")  # fmt: skip
+        out = train_job(
+            spec,
+            settings,
+            digits["key"] if mode == "cache" else None,
+            NullReporter(),
+            args.work / "ckpt" / f"mem-{mode}",
+        )
         values[f"mem_mb_{mode}"] = out["metrics"].get("peak_memory_mb", float("nan"))
     values["train_mem_ratio"] = ratio(values["mem_mb_cache"], values["mem_mb_online"])
     res.phase("training", values, t0)
@@ -252,15 +322,28 @@ def phase_serving(args: argparse.Namespace, res: Results, ext: dict[str, Any]) -
     def throughput(models: list[str]) -> float:
         t = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: batcher.predict(models[i % len(models)], [blobs[i % len(blobs)]]),
-                          range(args.serve_requests * 4)))  # fmt: skip
+            list(
+                pool.map(
+                    lambda i: batcher.predict(models[i % len(models)], [blobs[i % len(blobs)]]),
+                    range(args.serve_requests * 4),
+                )
+            )
         return args.serve_requests * 4 / (time.perf_counter() - t)
 
     single, multi = throughput(ids[:1]), throughput(ids)
     batcher.close()
-    res.phase("serving", {"bare_forward_ms": bare, "predict_ms": one, "latency_ratio": ratio(one, bare),
-                          "img_s_1_model": single, "img_s_8_models": multi,
-                          "multi_model_cost_ratio": ratio(single, multi)}, t0)  # fmt: skip
+    res.phase(
+        "serving",
+        {
+            "bare_forward_ms": bare,
+            "predict_ms": one,
+            "latency_ratio": ratio(one, bare),
+            "img_s_1_model": single,
+            "img_s_8_models": multi,
+            "multi_model_cost_ratio": ratio(single, multi),
+        },
+        t0,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

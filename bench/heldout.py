@@ -39,8 +39,9 @@ import numpy as np
 C_GRID = np.logspace(-3, 4, 15)
 
 
-def gridsearch(features: np.ndarray, labels: np.ndarray, fit: np.ndarray, test: np.ndarray, seed: int,
-               threads: int) -> dict[str, Any]:  # fmt: skip
+def gridsearch(
+    features: np.ndarray, labels: np.ndarray, fit: np.ndarray, test: np.ndarray, seed: int, threads: int
+) -> dict[str, Any]:
     """scikit-learn's protocol on the training and validation rows `fit`, scored once on `test`."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -55,8 +56,12 @@ def gridsearch(features: np.ndarray, labels: np.ndarray, fit: np.ndarray, test: 
         search = GridSearchCV(pipe, {"logisticregression__C": C_GRID}, cv=folds, refit=True)
         search.fit(features[fit], labels[fit])
         seconds = time.perf_counter() - t0
-    return {"val": search.best_score_, "test": search.score(features[test], labels[test]), "seconds": seconds,
-            "note": f"C={search.best_params_['logisticregression__C']:.3g}"}  # fmt: skip
+    return {
+        "val": search.best_score_,
+        "test": search.score(features[test], labels[test]),
+        "seconds": seconds,
+        "note": f"C={search.best_params_['logisticregression__C']:.3g}",
+    }
 
 
 def run_size(args: argparse.Namespace, size: int, seed: int, settings, dataset) -> dict[str, dict[str, Any]]:
@@ -71,11 +76,15 @@ def run_size(args: argparse.Namespace, size: int, seed: int, settings, dataset) 
     from storage.cache import FeatureCache
 
     def spec(method: dict) -> JobSpec:
-        return JobSpec.model_validate({
-            "dataset": {"path": str(dataset), "test_fraction": 0.3, "split_seed": seed},
-            "backbone": {"name": args.backbone, "pretrained": False, "image_size": size},
-            "method": method, "training": {"seed": seed}, "extraction": {"batch_size": 128},
-        })  # fmt: skip
+        return JobSpec.model_validate(
+            {
+                "dataset": {"path": str(dataset), "test_fraction": 0.3, "split_seed": seed},
+                "backbone": {"name": args.backbone, "pretrained": False, "image_size": size},
+                "method": method,
+                "training": {"seed": seed},
+                "extraction": {"batch_size": 128},
+            }
+        )
 
     rows: dict[str, dict[str, Any]] = {}
 
@@ -84,16 +93,22 @@ def run_size(args: argparse.Namespace, size: int, seed: int, settings, dataset) 
         out, _ = common.train_fresh(job_spec, settings, key, args.work / "ckpt")
         m = out["metrics"]
         note = m.get("selected") or (f"weight_decay={m['weight_decay']:.3g}" if "l2_path" in m else "")
-        rows[name] = {"val": m["val_accuracy"], "test": m["test_accuracy"], "seconds": m["train_seconds"],
-                      "note": str(note)}  # fmt: skip
+        rows[name] = {
+            "val": m["val_accuracy"],
+            "test": m["test_accuracy"],
+            "seconds": m["train_seconds"],
+            "note": str(note),
+        }
         common.say(f"{size} px seed {seed} {name}: test {m['test_accuracy']:.4f} in {m['train_seconds']:.2f}s")
         return out | {"key": key}
 
     linear = job("sidetune linear", spec({"name": "linear"}))  # in a warm process, as a train worker is (warm_up)
     entry = FeatureCache(settings.cache_location).entry(linear["key"])
     labels = entry.labels()
-    probe = methods.build(spec({"name": "linear"}).method, FeatureInfo.from_meta(
-        entry.meta, entry.readout(), len(entry.meta["classes"]), entry.meta["token_mode"]))  # fmt: skip
+    probe = methods.build(
+        spec({"name": "linear"}).method,
+        FeatureInfo.from_meta(entry.meta, entry.readout(), len(entry.meta["classes"]), entry.meta["token_mode"]),
+    )
     with torch.no_grad():
         features = probe.features(torch.from_numpy(entry.read(None, linear["config"]["input_layers"]))).numpy()
     train, val, test = split(labels, 0.2, 0.3, seed)
@@ -125,18 +140,29 @@ def video_row(args: argparse.Namespace, settings) -> dict[str, Any]:
 
     root = args.work / "datasets" / "motion"
     write_motion(root, args.video_per_class, holdout_per_class=max(1, args.video_per_class // 4))
-    spec = JobSpec.model_validate({
-        "dataset": {"path": str(root / "train"), "test": str(root / "holdout")},
-        "backbone": {"name": args.backbone, "pretrained": False, "image_size": 64,
-                     "video": {"num_frames": 8, "tubelet": 2, "init": "filter_inflation"}},
-        "method": {"name": "losa"}, "extraction": {"batch_size": 32},
-    })  # fmt: skip
+    spec = JobSpec.model_validate(
+        {
+            "dataset": {"path": str(root / "train"), "test": str(root / "holdout")},
+            "backbone": {
+                "name": args.backbone,
+                "pretrained": False,
+                "image_size": 64,
+                "video": {"num_frames": 8, "tubelet": 2, "init": "filter_inflation"},
+            },
+            "method": {"name": "losa"},
+            "extraction": {"batch_size": 32},
+        }
+    )
     key = run_extraction(spec, settings, NullReporter())["cache_key"]
     out, _ = common.train_fresh(spec, settings, key, args.work / "ckpt")
     m = out["metrics"]
     common.say(f"video LoSA (defaults): test {m['test_accuracy']:.4f} in {m['train_seconds']:.2f}s")
-    return {"val": m["val_accuracy"], "test": m["test_accuracy"], "seconds": m["train_seconds"],
-            "note": f"{m['selected']} of {m['automatic_lr']['lrs']}, {m['epochs']} epochs"}  # fmt: skip
+    return {
+        "val": m["val_accuracy"],
+        "test": m["test_accuracy"],
+        "seconds": m["train_seconds"],
+        "note": f"{m['selected']} of {m['automatic_lr']['lrs']}, {m['epochs']} epochs",
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,8 +192,9 @@ def main(argv: list[str] | None = None) -> None:
         write_digits(work / "datasets" / "digits", holdout_fraction=0.0, limit=args.limit)
         settings = common.make_settings(work, work, "cpu")
         for size in args.sizes:
-            results[size] = [run_size(args, size, seed, settings, work / "datasets" / "digits" / "train")
-                             for seed in args.seeds]  # fmt: skip
+            results[size] = [
+                run_size(args, size, seed, settings, work / "datasets" / "digits" / "train") for seed in args.seeds
+            ]
         video = video_row(args, settings) if args.video_per_class else None
 
     headers = ["px", "model", *(f"test seed {s}" for s in args.seeds), "mean", "seconds", "chosen (seed 0)"]
@@ -175,32 +202,64 @@ def main(argv: list[str] | None = None) -> None:
     for size, per_seed in results.items():
         for name in per_seed[0]:
             tests = [rows[name]["test"] for rows in per_seed]
-            table.append([str(size), name, *(common.fmt(t, 4) for t in tests), common.fmt(float(np.mean(tests)), 4),
-                          common.fmt(float(np.mean([rows[name]["seconds"] for rows in per_seed])), 2),
-                          per_seed[0][name]["note"]])  # fmt: skip
-        gaps = [100 * (rows["sidetune linear"]["test"] - rows["scikit-learn GridSearchCV"]["test"])
-                for rows in per_seed]  # fmt: skip
+            table.append(
+                [
+                    str(size),
+                    name,
+                    *(common.fmt(t, 4) for t in tests),
+                    common.fmt(float(np.mean(tests)), 4),
+                    common.fmt(float(np.mean([rows[name]["seconds"] for rows in per_seed])), 2),
+                    per_seed[0][name]["note"],
+                ]
+            )
+        gaps = [
+            100 * (rows["sidetune linear"]["test"] - rows["scikit-learn GridSearchCV"]["test"]) for rows in per_seed
+        ]
         losa = [100 * (rows["LoSA (defaults)"]["test"] - rows["sidetune linear"]["test"]) for rows in per_seed]
-        speed = [common.ratio(rows["scikit-learn GridSearchCV"]["seconds"], rows["sidetune linear"]["seconds"])
-                 for rows in per_seed]  # fmt: skip
-        cost = [common.ratio(rows["LoSA (defaults)"]["seconds"], rows["LoSA (one rate)"]["seconds"])
-                for rows in per_seed]  # fmt: skip
+        speed = [
+            common.ratio(rows["scikit-learn GridSearchCV"]["seconds"], rows["sidetune linear"]["seconds"])
+            for rows in per_seed
+        ]
+        cost = [
+            common.ratio(rows["LoSA (defaults)"]["seconds"], rows["LoSA (one rate)"]["seconds"]) for rows in per_seed
+        ]
         common.put(kv, f"probe_vs_gridsearch_{size}", float(np.mean(gaps)), 2)
         common.put(kv, f"probe_vs_gridsearch_min_{size}", min(gaps), 2)
         common.put(kv, f"losa_vs_probe_{size}", float(np.mean(losa)), 2)
         common.put(kv, f"probe_speedup_{size}", float(np.mean(speed)), 2)
         common.put(kv, f"auto_lr_cost_{size}", float(np.mean(cost)), 2)
-        best = [100 * (rows["auto"]["test"] - max(rows["sidetune linear"]["test"], rows["LoSA (defaults)"]["test"]))
-                for rows in per_seed]  # fmt: skip
+        best = [
+            100 * (rows["auto"]["test"] - max(rows["sidetune linear"]["test"], rows["LoSA (defaults)"]["test"]))
+            for rows in per_seed
+        ]
         common.put(kv, f"auto_vs_best_{size}", float(np.mean(best)), 2)
-        common.put(kv, f"auto_cost_{size}", float(np.mean([common.ratio(rows["auto"]["seconds"],
-                   rows["LoSA (defaults)"]["seconds"]) for rows in per_seed])), 2)  # fmt: skip
+        common.put(
+            kv,
+            f"auto_cost_{size}",
+            float(
+                np.mean(
+                    [common.ratio(rows["auto"]["seconds"], rows["LoSA (defaults)"]["seconds"]) for rows in per_seed]
+                )
+            ),
+            2,
+        )
     if video is not None:
-        table.append(["64", "video: LoSA (defaults)", common.fmt(video["test"], 4), *[""] * (len(args.seeds) - 1),
-                      common.fmt(video["test"], 4), common.fmt(video["seconds"], 2), video["note"]])  # fmt: skip
+        table.append(
+            [
+                "64",
+                "video: LoSA (defaults)",
+                common.fmt(video["test"], 4),
+                *[""] * (len(args.seeds) - 1),
+                common.fmt(video["test"], 4),
+                common.fmt(video["seconds"], 2),
+                video["note"],
+            ]
+        )
         common.put(kv, "video_losa_test", video["test"], 4)
-    print(f"Held-out digits ({args.limit or 1797} images; 30% test, 20% validation, stratified, seeds {args.seeds}): "
-          f"{args.backbone}, random init; every job with default settings")  # fmt: skip
+    print(
+        f"Held-out digits ({args.limit or 1797} images; 30% test, 20% validation, stratified, seeds {args.seeds}): "
+        f"{args.backbone}, random init; every job with default settings"
+    )
     print(common.render(headers, table, left=2))
     print(common.machine_line(load_start))
     common.print_kv({**kv, "device": "cpu"})

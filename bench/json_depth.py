@@ -23,8 +23,13 @@ CHUNK = 65536
 
 def bodies(mb: float) -> dict[str, bytes]:
     n = int(mb * 2**20)
-    pixels = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 1, 3],
-                                     "data": [[[[1, 2, 3]]]] * (n // 15)}]})  # fmt: skip
+    pixels = json.dumps(
+        {
+            "inputs": [
+                {"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [[[[1, 2, 3]]]] * (n // 15)}
+            ]
+        }
+    )
     return {
         "v1 base64 images": json.dumps({"instances": [{"image_b64": "QUJD" * (n // 256)}] * 64}).encode(),
         "v2 nested pixels": pixels.encode(),
@@ -52,8 +57,16 @@ def main() -> None:
         start = time.perf_counter()
         json.loads(body)
         parse = time.perf_counter() - start
-        rows.append([kind, fmt(len(body) / 2**20), fmt(count * 1e3), fmt(len(body) / 2**20 / count, 0),
-                     fmt(parse * 1e3), fmt(100 * count / parse)])  # fmt: skip
+        rows.append(
+            [
+                kind,
+                fmt(len(body) / 2**20),
+                fmt(count * 1e3),
+                fmt(len(body) / 2**20 / count, 0),
+                fmt(parse * 1e3),
+                fmt(100 * count / parse),
+            ]
+        )
         put(kv, f"depth_ms_{kind.replace(' ', '_')}", count * 1e3, 1)
     print(render(["body", "MB", "depth count ms", "MB/s", "json.loads ms", "count / parse %"], rows))
     put(kv, "depth_ms_max", max(float(v) for v in kv.values()), 1)

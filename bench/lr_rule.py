@@ -27,13 +27,20 @@ def cell(args: argparse.Namespace, settings, root, limit: int, batch: int) -> di
     from services.spec import JobSpec
 
     def spec(sweep: list[float] | None = None) -> JobSpec:
-        return JobSpec.model_validate({
-            "dataset": {"path": str(root / "train"), "test_fraction": 0.3, "split_seed": args.seed},
-            "backbone": {"name": args.backbone, "pretrained": False, "image_size": args.size},
-            "method": {"name": "losa"}, "extraction": {"batch_size": 128},
-            "training": {"batch_size": batch, "seed": args.seed, **({"epochs": args.epochs} if args.epochs else {})},
-            **({"sweep": {"lr": sweep}} if sweep else {}),
-        })  # fmt: skip
+        return JobSpec.model_validate(
+            {
+                "dataset": {"path": str(root / "train"), "test_fraction": 0.3, "split_seed": args.seed},
+                "backbone": {"name": args.backbone, "pretrained": False, "image_size": args.size},
+                "method": {"name": "losa"},
+                "extraction": {"batch_size": 128},
+                "training": {
+                    "batch_size": batch,
+                    "seed": args.seed,
+                    **({"epochs": args.epochs} if args.epochs else {}),
+                },
+                **({"sweep": {"lr": sweep}} if sweep else {}),
+            }
+        )
 
     wide = spec(WIDE)  # a sweep you list: early termination off, every rate trained to the end
     key = run_extraction(wide, settings, NullReporter())["cache_key"]
@@ -44,11 +51,20 @@ def cell(args: argparse.Namespace, settings, root, limit: int, batch: int) -> di
     d, _ = common.train_fresh(default, settings, key, args.work / "ckpt")
     grid = default.automatic_lrs()
     best = m["selected"]["lr"]
-    common.say(f"{limit} images, batch {batch}: best {best:g}, grid {grid}, default test "
-               f"{d['metrics']['test_accuracy']:.4f} vs wide {m['test_accuracy']:.4f}")  # fmt: skip
-    return {"vals": vals, "best": best, "grid": grid, "in_grid": any(abs(best - g) / g < 0.02 for g in grid),
-            "epochs": m["epochs"], "wide_test": m["test_accuracy"], "default_test": d["metrics"]["test_accuracy"],
-            "default_lr": d["metrics"]["selected"]["lr"]}  # fmt: skip
+    common.say(
+        f"{limit} images, batch {batch}: best {best:g}, grid {grid}, default test "
+        f"{d['metrics']['test_accuracy']:.4f} vs wide {m['test_accuracy']:.4f}"
+    )
+    return {
+        "vals": vals,
+        "best": best,
+        "grid": grid,
+        "in_grid": any(abs(best - g) / g < 0.02 for g in grid),
+        "epochs": m["epochs"],
+        "wide_test": m["test_accuracy"],
+        "default_test": d["metrics"]["test_accuracy"],
+        "default_lr": d["metrics"]["selected"]["lr"],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,13 +94,34 @@ def main(argv: list[str] | None = None) -> None:
                 c = cell(args, settings, root, limit, batch)
                 cells.append(c)
                 default = f"{common.fmt(c['default_test'], 4)} ({c['default_lr']:g})"
-                rows.append([str(limit), str(batch), str(c["epochs"]), *(common.fmt(v, 3) for v in c["vals"]),
-                             f"{c['best']:g}", f"{c['grid'][0]:g}-{c['grid'][-1]:g}", "yes" if c["in_grid"] else "no",
-                             common.fmt(c["wide_test"], 4), default])  # fmt: skip
-    headers = ["images", "batch", "epochs", *(f"val {lr:g}" for lr in WIDE), "best", "grid", "in grid",
-               "test: wide pick", "test: default (lr)"]  # fmt: skip
-    print(f"LoSA learning rates on digits at {args.size} px ({args.backbone}, random init, 30% test, seed "
-          f"{args.seed}); validation accuracy of each rate of a wide sweep, every rate trained to the end")  # fmt: skip
+                rows.append(
+                    [
+                        str(limit),
+                        str(batch),
+                        str(c["epochs"]),
+                        *(common.fmt(v, 3) for v in c["vals"]),
+                        f"{c['best']:g}",
+                        f"{c['grid'][0]:g}-{c['grid'][-1]:g}",
+                        "yes" if c["in_grid"] else "no",
+                        common.fmt(c["wide_test"], 4),
+                        default,
+                    ]
+                )
+    headers = [
+        "images",
+        "batch",
+        "epochs",
+        *(f"val {lr:g}" for lr in WIDE),
+        "best",
+        "grid",
+        "in grid",
+        "test: wide pick",
+        "test: default (lr)",
+    ]
+    print(
+        f"LoSA learning rates on digits at {args.size} px ({args.backbone}, random init, 30% test, seed "
+        f"{args.seed}); validation accuracy of each rate of a wide sweep, every rate trained to the end"
+    )
     print(common.render(headers, rows, left=2))
     print(common.machine_line(load_start))
     kv: dict[str, str] = {}

@@ -59,11 +59,21 @@ EXTRA_LOSA_OF_BACKBONE, EXTRA_MERGED_OF_BACKBONE = 0.1, 1.05
 def _register(store, model_id: str, out: dict, method: str, mode: str, backbone: str) -> None:
     from storage.jobs import now
 
-    store.register_model({
-        "id": model_id, "object": "model", "created_at": now(), "job_id": f"job_{model_id}", "owner": None,
-        "name": None, "method": method, "mode": mode, "backbone": backbone, "classes": out["config"]["classes"],
-        "metrics": out["metrics"],
-    })  # fmt: skip
+    store.register_model(
+        {
+            "id": model_id,
+            "object": "model",
+            "created_at": now(),
+            "job_id": f"job_{model_id}",
+            "owner": None,
+            "name": None,
+            "method": method,
+            "mode": mode,
+            "backbone": backbone,
+            "classes": out["config"]["classes"],
+            "metrics": out["metrics"],
+        }
+    )
 
 
 def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], str, list[str]]:
@@ -78,10 +88,15 @@ def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], 
     backbone = {"name": args.backbone, "pretrained": False, "image_size": args.image_size}
     ids, key, config = [], None, {}
     for seed in range(args.models):
-        spec = JobSpec.model_validate({
-            "dataset": {"path": str(args.dataset)}, "backbone": backbone, "method": {"name": "losa", "rank": args.rank},
-            "extraction": {"batch_size": 16}, "training": {"epochs": args.epochs, "batch_size": 16, "seed": seed},
-        })  # fmt: skip
+        spec = JobSpec.model_validate(
+            {
+                "dataset": {"path": str(args.dataset)},
+                "backbone": backbone,
+                "method": {"name": "losa", "rank": args.rank},
+                "extraction": {"batch_size": 16},
+                "training": {"epochs": args.epochs, "batch_size": 16, "seed": seed},
+            }
+        )
         if key is None:
             common.say("extracting the features once for every model ...")
             key = run_extraction(spec, settings, NullReporter())["cache_key"]
@@ -91,10 +106,15 @@ def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], 
         _register(store, model_id, out, "losa", "cache", args.backbone)
         ids.append(model_id)
         common.say(f"trained {model_id}: val accuracy {out['metrics']['val_accuracy']:.3f}")
-    spec = JobSpec.model_validate({
-        "dataset": {"path": str(args.dataset)}, "backbone": backbone, "method": {"name": "lora", "rank": 8},
-        "execution": {"mode": "images"}, "training": {"epochs": 1, "batch_size": 16},
-    })  # fmt: skip
+    spec = JobSpec.model_validate(
+        {
+            "dataset": {"path": str(args.dataset)},
+            "backbone": backbone,
+            "method": {"name": "lora", "rank": 8},
+            "execution": {"mode": "images"},
+            "training": {"epochs": 1, "batch_size": 16},
+        }
+    )
     out, _ = common.train_fresh(spec, settings, None, args.work / "ckpt")
     artifacts.save_model("model_bench_lora", out["weights"], out["config"], out["metrics"])
     _register(store, "model_bench_lora", out, "lora", "images", args.backbone)
@@ -170,8 +190,14 @@ def measure(args: argparse.Namespace) -> dict:
     try:
         store = JobStore.from_url(redis.url)
         ids, merged, classes = train_models(args, settings, store)
-        batched = Service(args, redis.url, "inference", "batched", predict_max_batch=args.max_batch,
-                          predict_max_wait_ms=args.max_wait_ms)  # fmt: skip
+        batched = Service(
+            args,
+            redis.url,
+            "inference",
+            "batched",
+            predict_max_batch=args.max_batch,
+            predict_max_wait_ms=args.max_wait_ms,
+        )
         unbatched = Service(args, redis.url, "inference", "unbatched", predict_max_batch=1)
         api = Service(args, redis.url, "api", "api", inference_url=batched.url)
         services = [batched, unbatched, api]
@@ -183,8 +209,9 @@ def measure(args: argparse.Namespace) -> dict:
 
         common.say("memory of the models ...")
         mem = memory(settings, args.device, ids, merged)
-        backbone = load_backbone(BackboneSpec(name=args.backbone, pretrained=False, image_size=args.image_size),
-                                 args.device)  # in the serving precision: bf16 weights on CUDA  # fmt: skip
+        backbone = load_backbone(
+            BackboneSpec(name=args.backbone, pretrained=False, image_size=args.image_size), args.device
+        )  # in the serving precision: bf16 weights on CUDA
         dtype = backbone.dtype
         x = backbone.transform(Image.open(io.BytesIO(pngs[0])).convert("RGB"))[None].to(args.device, dtype)
         predictor = Predictor(settings)
@@ -217,7 +244,7 @@ def measure(args: argparse.Namespace) -> dict:
                 (f"HTTP to inference, {c} clients, 1 model", batched.url, ids[:1], *load),
                 (f"HTTP to inference, {c} clients, {len(ids)} models", batched.url, ids, *load),
                 (f"HTTP to inference, {c} clients, 1 model, batching off", unbatched.url, ids[:1], *load),
-            ]:  # fmt: skip
+            ]:
                 d = drive(url, models, bodies, total, clients)
                 add(name, d["latencies"], total / d["wall_s"], len(d["failures"]))
                 if d["failures"]:
@@ -260,15 +287,23 @@ def report(args: argparse.Namespace, m: dict) -> None:
     table = []
     for name in names:
         lat = np.array(rows[name]["lat"]) * 1000
-        table.append([
-            name, str(len(lat)), fmt(float(np.percentile(lat, 50)), 1), fmt(float(np.percentile(lat, 99)), 1),
-            fmt(np.median(lat) / 1000 / bare_p50, 2), spread(rows[name]["rate"]), str(sum(rows[name]["failures"])),
-        ])  # fmt: skip
+        table.append(
+            [
+                name,
+                str(len(lat)),
+                fmt(float(np.percentile(lat, 50)), 1),
+                fmt(float(np.percentile(lat, 99)), 1),
+                fmt(np.median(lat) / 1000 / bare_p50, 2),
+                spread(rows[name]["rate"]),
+                str(sum(rows[name]["failures"])),
+            ]
+        )
     for service, lat in health["latencies"].items():
         ms = np.array(lat) * 1000
         p50, p99 = (fmt(float(np.percentile(ms, q)), 1) for q in (50, 99))
-        table.append([f"/healthz of the {service} under {args.health_load} predicts", str(len(ms)), p50, p99, "", "",
-                      "0"])  # fmt: skip
+        table.append(
+            [f"/healthz of the {service} under {args.health_load} predicts", str(len(ms)), p50, p99, "", "", "0"]
+        )
     print(common.render(["row", "requests", "p50 ms", "p99 ms", "p50 / bare", "images/s", "failed"], table))
     print(f"(the load: {health['predicts']} predicts in {health['seconds']:.0f}s, {health['failed']} failed)")
 
@@ -334,12 +369,17 @@ def report(args: argparse.Namespace, m: dict) -> None:
         "targets_met": ",".join(k for k, v in met.items() if v) or "none",
         "targets_missed": ",".join(k for k, v in met.items() if not v) or "none",
         "failed": str(sum(sum(r["failures"]) for r in rows.values()) + health["failed"]),
-        "models": str(len(m["models"])), "concurrency": str(args.concurrency), "requests": str(args.requests),
-        "health_load": str(args.health_load), "backbone": args.backbone, "image_size": str(args.image_size),
-        "device": args.device, "dtype": mem["dtype"].removeprefix("torch."),
+        "models": str(len(m["models"])),
+        "concurrency": str(args.concurrency),
+        "requests": str(args.requests),
+        "health_load": str(args.health_load),
+        "backbone": args.backbone,
+        "image_size": str(args.image_size),
+        "device": args.device,
+        "dtype": mem["dtype"].removeprefix("torch."),
         "torch_threads": str(torch.get_num_threads()),
         "wall_s": f"{time.perf_counter() - args.t_start:.0f}",
-    }  # fmt: skip
+    }
     common.print_kv(kv)
 
 

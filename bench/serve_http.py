@@ -26,17 +26,31 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         which = "API" if command == "api" else "INFERENCE"
-        env = os.environ | {
-            "SIDETUNE_REDIS_URL": redis_url, "SIDETUNE_DATA_DIR": str(args.work), "SIDETUNE_DEVICE": args.device,
-            f"SIDETUNE_{which}_HOST": "127.0.0.1", f"SIDETUNE_{which}_PORT": str(self.port),
-            "SIDETUNE_ALLOWED_ROOTS": str(args.work), "PYTHONUNBUFFERED": "1", "SIDETUNE_LOG_FORMAT": "text",
-        } | {f"SIDETUNE_{k.upper()}": str(v) for k, v in overrides.items()}  # fmt: skip
+        env = (
+            os.environ
+            | {
+                "SIDETUNE_REDIS_URL": redis_url,
+                "SIDETUNE_DATA_DIR": str(args.work),
+                "SIDETUNE_DEVICE": args.device,
+                f"SIDETUNE_{which}_HOST": "127.0.0.1",
+                f"SIDETUNE_{which}_PORT": str(self.port),
+                "SIDETUNE_ALLOWED_ROOTS": str(args.work),
+                "PYTHONUNBUFFERED": "1",
+                "SIDETUNE_LOG_FORMAT": "text",
+            }
+            | {f"SIDETUNE_{k.upper()}": str(v) for k, v in overrides.items()}
+        )
         if args.threads:  # torch's intra-op threads in the service, as torch.set_num_threads in this process
             env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         self.log = args.work / f"{command}-{name}.log"
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", command], cwd=common.ROOT, env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", command],
+                cwd=common.ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def wait(self, timeout_s: float = 120.0) -> None:
         import httpx

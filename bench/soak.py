@@ -130,8 +130,13 @@ class Load:
         spec = {"dataset": {"path": str(self.train)}, "backbone": backbone, "training": {"epochs": 2}}
         if i % 2 == 0:
             return {**spec, "method": {"name": "linear"}}
-        return {**spec, "backbone": {**backbone, "init_seed": 0}, "method": {"name": "losa", "rank": 4},
-                "execution": {"mode": "online"}, "training": {"epochs": 1, "batch_size": 32}}  # fmt: skip
+        return {
+            **spec,
+            "backbone": {**backbone, "init_seed": 0},
+            "method": {"name": "losa", "rank": 4},
+            "execution": {"mode": "online"},
+            "training": {"epochs": 1, "batch_size": 32},
+        }
 
     def _note(self, what: str, r: httpx.Response) -> None:
         if len(self.errors) < 20:
@@ -203,24 +208,46 @@ class Load:
             body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(blobs)], "data": blobs}]}
             return client.post(f"/v2/models/{model_id}/infer", json=body)
         raw = b"".join(len(d).to_bytes(4, "little") + d for d in map(base64.b64decode, blobs))
-        head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(blobs)],
-                                       "parameters": {"binary_data_size": len(raw)}}]}).encode()  # fmt: skip
-        return client.post(f"/v2/models/{model_id}/infer", content=head + raw,
-                           headers={"Inference-Header-Content-Length": str(len(head))})  # fmt: skip
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "BYTES",
+                        "shape": [len(blobs)],
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
+                ]
+            }
+        ).encode()
+        return client.post(
+            f"/v2/models/{model_id}/infer",
+            content=head + raw,
+            headers={"Inference-Header-Content-Length": str(len(head))},
+        )
 
 
 def linear_cache_bytes(train: Path, args: argparse.Namespace, data: Path) -> int:
     """What one linear probe's cache entry takes, from `sidetune plan` (its own process: torch stays out of this one,
     which samples the others)."""
-    spec = {"dataset": {"path": str(train)}, "backbone": {"name": args.backbone, "pretrained": False},
-            "method": {"name": "linear"}}  # fmt: skip
+    spec = {
+        "dataset": {"path": str(train)},
+        "backbone": {"name": args.backbone, "pretrained": False},
+        "method": {"name": "linear"},
+    }
     if args.image_size:
         spec["backbone"]["image_size"] = args.image_size
     path = data.parent / "plan.json"
     path.write_text(json.dumps(spec))
     env = {"SIDETUNE_DATA_DIR": str(data), "SIDETUNE_ALLOWED_ROOTS": str(train.parent), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "worker.cli", "plan", str(path), "--json"], cwd=ROOT, check=True,
-                         capture_output=True, text=True, env={**os.environ, **env})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "plan", str(path), "--json"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
     return json.loads(out.stdout)["cache_bytes"]
 
 
@@ -255,8 +282,16 @@ def _pct(a: float, b: float) -> float:
 def report(per_role: dict[str, list[dict]], args: argparse.Namespace, load: Load, kills: list) -> dict[str, str]:
     """Prints the table, the load's counts and the verdict; returns the `key=value` pairs."""
     count = len(per_role[ROLES[0]])
-    headers = ["process", *(f"w{w + 1} RSS MB" for w in range(count)), "max growth %", "w2 to last %", "fds w1",
-               "fds last", "children last", "pids"]  # fmt: skip
+    headers = [
+        "process",
+        *(f"w{w + 1} RSS MB" for w in range(count)),
+        "max growth %",
+        "w2 to last %",
+        "fds w1",
+        "fds last",
+        "children last",
+        "pids",
+    ]
     rows, failures = [], []
     worst_rss, worst_fd = (0.0, "none"), (0.0, "none")
     for role, ws in per_role.items():
@@ -267,34 +302,54 @@ def report(per_role: dict[str, list[dict]], args: argparse.Namespace, load: Load
         most = max((_pct(w["rss"], base["rss"]) for w in seen[1:]), default=0.0)
         later = _pct(last["rss"], seen[1]["rss"]) if len(seen) > 2 else 0.0  # after the warm-up: still growing?
         fd_most = max((w["fds"] - base["fds"] for w in seen[1:]), default=0.0)
-        cells = [f"{w['rss'] / 2**20:,.1f}" + (f" ({_pct(w['rss'], base['rss']):+.1f}%)" if i else "") if w else "-"
-                 for i, w in enumerate(ws)]  # fmt: skip
+        cells = [
+            f"{w['rss'] / 2**20:,.1f}" + (f" ({_pct(w['rss'], base['rss']):+.1f}%)" if i else "") if w else "-"
+            for i, w in enumerate(ws)
+        ]
         pids = {p for w in seen for p in w["pids"]}
-        rows.append([role, *cells, fmt(most), fmt(later), fmt(base["fds"], 0), fmt(last["fds"], 0),
-                     str(last["children"]), str(len(pids))])  # fmt: skip
+        rows.append(
+            [
+                role,
+                *cells,
+                fmt(most),
+                fmt(later),
+                fmt(base["fds"], 0),
+                fmt(last["fds"], 0),
+                str(last["children"]),
+                str(len(pids)),
+            ]
+        )
         worst_rss, worst_fd = max(worst_rss, (most, role)), max(worst_fd, (fd_most, role))
         if most > args.bound_pct and max(w["rss"] - base["rss"] for w in seen) > args.rss_slack_mb * 2**20:
             failures.append(f"{role} RSS grew {most:.1f}%")
         if fd_most > max(args.bound_pct / 100 * base["fds"], args.fd_slack):
             failures.append(f"{role} holds {fd_most:.0f} more descriptors")
     print(render(headers, rows))
-    print(f"RSS and descriptors: the median of each window's second half ({args.window_minutes:g} min windows); "
-          f"growth against window 1. Jobs: {dict(load.jobs)}. Predicts by status: {dict(load.predicts)}. Kills "
-          f"(minute, process): {[(round(t / 60, 1), role) for t, role, _ in kills]}.")  # fmt: skip
+    print(
+        f"RSS and descriptors: the median of each window's second half ({args.window_minutes:g} min windows); "
+        f"growth against window 1. Jobs: {dict(load.jobs)}. Predicts by status: {dict(load.predicts)}. Kills "
+        f"(minute, process): {[(round(t / 60, 1), role) for t, role, _ in kills]}."
+    )
     for line in load.errors[:10]:
         print(f"  {line}")
-    verdict = f"every process within max({args.bound_pct:g}%, {args.rss_slack_mb:g} MB) RSS and " \
-              f"max({args.bound_pct:g}%, {args.fd_slack}) descriptors of its first window"  # fmt: skip
+    verdict = (
+        f"every process within max({args.bound_pct:g}%, {args.rss_slack_mb:g} MB) RSS and "
+        f"max({args.bound_pct:g}%, {args.fd_slack}) descriptors of its first window"
+    )
     print(f"PASS: {verdict}" if not failures else f"FAIL: {verdict}: not so for {'; '.join(failures)}")
     kv = {"minutes": f"{args.minutes:g}", "windows": str(count)}
     put(kv, "max_rss_growth_pct", worst_rss[0], 2)
     kv["max_rss_growth_process"] = worst_rss[1]
     put(kv, "max_fd_growth", worst_fd[0], 0)
-    kv |= {"jobs_succeeded": str(load.jobs["succeeded"]), "jobs_failed": str(load.jobs["failed"]),
-           "predicts": str(sum(load.predicts.values())),
-           "predict_5xx": str(sum(n for code, n in load.predicts.items() if code.startswith("5"))),
-           "predict_500": str(load.predicts["500"]),  # 503 with Retry-After is the answer while a process restarts
-           "kills": str(len(kills)), "pass": str(int(not failures))}  # fmt: skip
+    kv |= {
+        "jobs_succeeded": str(load.jobs["succeeded"]),
+        "jobs_failed": str(load.jobs["failed"]),
+        "predicts": str(sum(load.predicts.values())),
+        "predict_5xx": str(sum(n for code, n in load.predicts.items() if code.startswith("5"))),
+        "predict_500": str(load.predicts["500"]),  # 503 with Retry-After is the answer while a process restarts
+        "kills": str(len(kills)),
+        "pass": str(int(not failures)),
+    }
     return kv
 
 
@@ -305,8 +360,12 @@ def main() -> int:
     p.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--kill-every", type=float, default=0.0, help="minutes between kills (0: none)")
     p.add_argument("--bound-pct", type=float, default=5.0, help="most RSS growth over the first window, percent")
-    p.add_argument("--rss-slack-mb", type=float, default=5.0, help="RSS a process may gain whatever the percentage "
-                   "(Redis's is about 5 MB: a percentage of it is noise)")  # fmt: skip
+    p.add_argument(
+        "--rss-slack-mb",
+        type=float,
+        default=5.0,
+        help="RSS a process may gain whatever the percentage (Redis's is about 5 MB: a percentage of it is noise)",
+    )
     p.add_argument("--fd-slack", type=int, default=10, help="descriptors a process may gain whatever the percentage")
     p.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm ViT, random init")
     p.add_argument("--image-size", type=int, default=48, help="input size (0: the backbone's)")
@@ -326,9 +385,15 @@ def main() -> int:
         train = images_root / "train"
         held_out = [path.read_bytes() for path in sorted((images_root / "holdout").glob("*/*.png"))]
         quota_gb = 2.5 * linear_cache_bytes(train, args, data) / 1e9  # fewer entries than seeds: evictions
-        settings = Settings(data_dir=data, allowed_roots=[images_root], embedded_redis_port=free_port(),
-                            api_port=free_port(), inference_port=free_port(), device="cpu",
-                            cache_quota_gb=quota_gb)  # fmt: skip
+        settings = Settings(
+            data_dir=data,
+            allowed_roots=[images_root],
+            embedded_redis_port=free_port(),
+            api_port=free_port(),
+            inference_port=free_port(),
+            device="cpu",
+            cache_quota_gb=quota_gb,
+        )
         say(f"starting the stack in {data} (cache quota {quota_gb * 1e9 / 1e3:.0f} kB)")
         with Stack(settings) as stack, Load(stack.api_url, args, train, held_out) as load:
             sampler, killer = Sampler(stack), Killer(stack, args.kill_every * 60)

@@ -49,15 +49,21 @@ def spec_for(args: argparse.Namespace, kind: str, k: int, dataset: Path):
     method = {"name": "linear", "solver": "sgd"} if kind == "linear" else {"name": "losa", "rank": args.rank}
     sweep = grids(kind, k)
     lr = (0.1 if kind == "linear" else 0.03) if sweep is None else "auto"
-    return JobSpec.model_validate({
-        "dataset": {"path": str(dataset), "test_fraction": 0.2},
-        "backbone": {"name": args.backbone, "pretrained": False, "image_size": args.image_size},
-        "method": method,
-        "extraction": {"batch_size": 64},
-        "training": {"epochs": args.linear_epochs if kind == "linear" else args.epochs, "batch_size": args.batch_size,
-                     "lr": lr, "weight_decay": 0.0},
-        **({"sweep": sweep} if sweep else {}),
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(dataset), "test_fraction": 0.2},
+            "backbone": {"name": args.backbone, "pretrained": False, "image_size": args.image_size},
+            "method": method,
+            "extraction": {"batch_size": 64},
+            "training": {
+                "epochs": args.linear_epochs if kind == "linear" else args.epochs,
+                "batch_size": args.batch_size,
+                "lr": lr,
+                "weight_decay": 0.0,
+            },
+            **({"sweep": sweep} if sweep else {}),
+        }
+    )
 
 
 class Counter:
@@ -100,8 +106,15 @@ def run_row(args: argparse.Namespace, kind: str, k: int, settings, key: str, dat
         out, inputs = common.train_fresh(spec, settings, key, args.work / "ckpt")
         job_s = time.perf_counter() - t0
     m = out["metrics"]
-    return {"fit_s": counter.fit_s, "job_s": job_s, "reads": counter.reads, "val": m["val_accuracy"],
-            "test": m.get("test_accuracy"), "inputs": inputs, "selected": m.get("selected")}  # fmt: skip
+    return {
+        "fit_s": counter.fit_s,
+        "job_s": job_s,
+        "reads": counter.reads,
+        "val": m["val_accuracy"],
+        "test": m.get("test_accuracy"),
+        "inputs": inputs,
+        "selected": m.get("selected"),
+    }
 
 
 def main() -> None:
@@ -129,8 +142,10 @@ def main() -> None:
         common.write_digits(work, args.limit)
         dataset = common.digits_dir(work)
         settings = common.make_settings(work, work, args.device, args.train_memory_mb)
-        keys = {kind: run_extraction(spec_for(args, kind, 1, dataset), settings, NullReporter())["cache_key"]
-                for kind in ("linear", "losa")}  # fmt: skip
+        keys = {
+            kind: run_extraction(spec_for(args, kind, 1, dataset), settings, NullReporter())["cache_key"]
+            for kind in ("linear", "losa")
+        }
         plan = [("linear", k, settings) for k in (1, 8, 32)] + [("losa", k, settings) for k in (1, 4, 8)]
         if args.streamed:
             streamed = settings.model_copy(update={"train_memory_mb": 0})
@@ -141,29 +156,56 @@ def main() -> None:
                 base = kind.split("-")[0]
                 row = run_row(args, base, k, s, keys[base], dataset)
                 results.setdefault((kind, k), []).append(row)
-                common.say(f"[{r + 1}/{args.repeats}] {kind} K={k}: loop {row['fit_s']:.2f}s, job {row['job_s']:.2f}s, "
-                           f"{row['reads']} cache reads, val acc {row['val']:.3f}")  # fmt: skip
+                common.say(
+                    f"[{r + 1}/{args.repeats}] {kind} K={k}: loop {row['fit_s']:.2f}s, job {row['job_s']:.2f}s, "
+                    f"{row['reads']} cache reads, val acc {row['val']:.3f}"
+                )
 
-    med = {key: {f: common.median([r[f] for r in rows]) for f in ("fit_s", "job_s")} | rows[-1]
-           for key, rows in results.items()}  # fmt: skip
-    headers = ["configurations", "K", "loop s", "loop vs K=1", "job s", "job vs K=1", "cache reads", "best val acc",
-               "test acc", "selected"]  # fmt: skip
+    med = {
+        key: {f: common.median([r[f] for r in rows]) for f in ("fit_s", "job_s")} | rows[-1]
+        for key, rows in results.items()
+    }
+    headers = [
+        "configurations",
+        "K",
+        "loop s",
+        "loop vs K=1",
+        "job s",
+        "job vs K=1",
+        "cache reads",
+        "best val acc",
+        "test acc",
+        "selected",
+    ]
     rows, kv = [], {}
     for (kind, k), m in med.items():
         one = med[(kind, 1)]
         loop_ratio, job_ratio = common.ratio(m["fit_s"], one["fit_s"]), common.ratio(m["job_s"], one["job_s"])
-        rows.append([kind, str(k), common.fmt(m["fit_s"], 2), common.fmt(loop_ratio, 2), common.fmt(m["job_s"], 2),
-                     common.fmt(job_ratio, 2), str(m["reads"]), common.fmt(m["val"], 3), common.fmt(m["test"], 3),
-                     str(m["selected"] or "")])  # fmt: skip
+        rows.append(
+            [
+                kind,
+                str(k),
+                common.fmt(m["fit_s"], 2),
+                common.fmt(loop_ratio, 2),
+                common.fmt(m["job_s"], 2),
+                common.fmt(job_ratio, 2),
+                str(m["reads"]),
+                common.fmt(m["val"], 3),
+                common.fmt(m["test"], 3),
+                str(m["selected"] or ""),
+            ]
+        )
         if k > 1:
             slug = kind.replace("-", "_")
             common.put(kv, f"sweep_{slug}_{k}_vs_1", loop_ratio, 2)
             common.put(kv, f"job_{slug}_{k}_vs_1", job_ratio, 2)
-    print(f"Sweeps from one cache: {args.backbone} at {args.image_size} px (random init), {args.limit} digits "
-          f"(20% validation, 20% test), {args.epochs} epochs (linear heads {args.linear_epochs}), batch "
-          f"{args.batch_size}, LoSA rank {args.rank}; "
-          f"linear heads lr x weight_decay from {LINEAR_LR} x {LINEAR_WD}, LoSA from {LOSA_LR} x {LOSA_WD}; "
-          f"median of {args.repeats} round(s); inputs: {med[('losa', 1)]['inputs']}")  # fmt: skip
+    print(
+        f"Sweeps from one cache: {args.backbone} at {args.image_size} px (random init), {args.limit} digits "
+        f"(20% validation, 20% test), {args.epochs} epochs (linear heads {args.linear_epochs}), batch "
+        f"{args.batch_size}, LoSA rank {args.rank}; "
+        f"linear heads lr x weight_decay from {LINEAR_LR} x {LINEAR_WD}, LoSA from {LOSA_LR} x {LOSA_WD}; "
+        f"median of {args.repeats} round(s); inputs: {med[('losa', 1)]['inputs']}"
+    )
     print(common.render(headers, rows))
     print(
         "loop: the epochs (steps, validation, checkpoint) that K configurations share; job: the whole train step. "

@@ -43,14 +43,21 @@ def loaders(workers: int) -> str:
 def job_spec(args: argparse.Namespace, mode: str, method: str = "losa"):
     from services.spec import JobSpec
 
-    return JobSpec.model_validate({
-        "dataset": {"path": str(args.dataset)},
-        "backbone": {"name": args.backbone, "pretrained": False, "image_size": args.image_size,
-                     "video": {"num_frames": args.frames, "tubelet": args.tubelet}},
-        "method": {"name": method, "rank": args.rank} if method == "losa" else {"name": method},
-        "execution": {"mode": mode}, "extraction": {"batch_size": args.batch_size},
-        "training": {"epochs": args.epochs, "batch_size": args.train_batch_size},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(args.dataset)},
+            "backbone": {
+                "name": args.backbone,
+                "pretrained": False,
+                "image_size": args.image_size,
+                "video": {"num_frames": args.frames, "tubelet": args.tubelet},
+            },
+            "method": {"name": method, "rank": args.rank} if method == "losa" else {"name": method},
+            "execution": {"mode": mode},
+            "extraction": {"batch_size": args.batch_size},
+            "training": {"epochs": args.epochs, "batch_size": args.train_batch_size},
+        }
+    )
 
 
 def measure_extraction(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,8 +87,9 @@ def measure_extraction(args: argparse.Namespace) -> dict[str, Any]:
     say(f"(a) bare forward: {forward:.1f} clips/s")
     with torch.inference_mode():
         acts = [backbone.intermediates(x, layers, torch.float16).cpu().numpy() for x in ready]
-    writer, written = writer_rate(SimpleNamespace(work=args.work, cache_writers=settings.cache_writers), acts, "none",
-                                  None, "video")  # fmt: skip
+    writer, written = writer_rate(
+        SimpleNamespace(work=args.work, cache_writers=settings.cache_writers), acts, "none", None, "video"
+    )
     say(f"(a) writer: {writer:.1f} clips/s")
     del ready, acts, clips
     result = run_extraction(spec, settings, NullReporter())
@@ -91,9 +99,20 @@ def measure_extraction(args: argparse.Namespace) -> dict[str, Any]:
     gpu = args.device.startswith("cuda")
     ceiling = min(stages.values()) if gpu else 1 / sum(1 / r for r in stages.values())
     info = backbone.info()
-    return {"stages": stages, "whole": whole, "ceiling": ceiling, "result": result, "workers": workers,
-            "batch_size": bs, "layers": layers, "info": info, "written": written, "n": n,
-            "params": sum(p.numel() for p in backbone.model.parameters()), "precision": backbone.precision}  # fmt: skip
+    return {
+        "stages": stages,
+        "whole": whole,
+        "ceiling": ceiling,
+        "result": result,
+        "workers": workers,
+        "batch_size": bs,
+        "layers": layers,
+        "info": info,
+        "written": written,
+        "n": n,
+        "params": sum(p.numel() for p in backbone.model.parameters()),
+        "precision": backbone.precision,
+    }
 
 
 def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
@@ -109,8 +128,9 @@ def train_online_ready(args: argparse.Namespace, spec) -> dict[str, Any]:
     backbone = load_backbone(spec.backbone, args.device)
     dataset = read_dataset(args.dataset)
     batches = [np.arange(s, min(len(dataset), s + 16)) for s in range(0, len(dataset), 16)]
-    reader = clip_reader(dataset, batches, clip_transform(backbone.data_config, backbone.split.pil), False,
-                         spec.backbone.video)  # fmt: skip
+    reader = clip_reader(
+        dataset, batches, clip_transform(backbone.data_config, backbone.split.pil), False, spec.backbone.video
+    )
     clips = torch.cat([b.images for b in iterate(reader, 0)])
     ckpt = args.work / "checkpoints" / "online-ready"
     return fit_online_ready(backbone, spec, clips, dataset.labels, len(dataset.classes), ckpt)
@@ -131,46 +151,80 @@ def report(args: argparse.Namespace, a: dict[str, Any], c: dict[str, Any], load_
     from services.video.spec import VideoSpec
 
     info, kv = a["info"], {}
-    print(f"sidetune video benchmark: {args.backbone} at {args.image_size} px as a ViViT of {args.frames} frames, "
-          f"tubelet {args.tubelet} ({info['num_layers']} blocks, {info['tokens']} tokens, D {info['dim']}, "
-          f"{a['params']:,} params, RANDOM INIT), device {args.device}, forward in {a['precision']}")  # fmt: skip
+    print(
+        f"sidetune video benchmark: {args.backbone} at {args.image_size} px as a ViViT of {args.frames} frames, "
+        f"tubelet {args.tubelet} ({info['num_layers']} blocks, {info['tokens']} tokens, D {info['dim']}, "
+        f"{a['params']:,} params, RANDOM INIT), device {args.device}, forward in {a['precision']}"
+    )
     print(common.machine_line(load_start))
-    print(f"data: {a['n']} synthetic motion videos (H.264, 16 frames of {args.size} px); extraction batch "
-          f"{a['batch_size']} clips, {len(a['layers'])} layers, activations stored as float16")  # fmt: skip
+    print(
+        f"data: {a['n']} synthetic motion videos (H.264, 16 frames of {args.size} px); extraction batch "
+        f"{a['batch_size']} clips, {len(a['layers'])} layers, activations stored as float16"
+    )
     print()
     s = a["stages"]
-    rows = [["decode (ClipReader, PyAV)", f"{s['decode']:,.1f}", loaders(a["workers"])],
-            ["bare ViViT forward (ready clips)", f"{s['forward']:,.1f}", "clips already in device memory"],
-            ["cache writer", f"{s['writer']:,.1f}", f"{human_bytes(a['written'])} written"],
-            ["ceiling", f"{a['ceiling']:,.1f}", "slowest stage" if args.device.startswith("cuda")
-             else "1 / sum(1 / stage): the stages share the CPU"],
-            ["run_extraction (whole)", f"{a['whole']:,.1f}", f"{a['result']['extract_seconds']:.1f} s"]]  # fmt: skip
+    rows = [
+        ["decode (ClipReader, PyAV)", f"{s['decode']:,.1f}", loaders(a["workers"])],
+        ["bare ViViT forward (ready clips)", f"{s['forward']:,.1f}", "clips already in device memory"],
+        ["cache writer", f"{s['writer']:,.1f}", f"{human_bytes(a['written'])} written"],
+        [
+            "ceiling",
+            f"{a['ceiling']:,.1f}",
+            "slowest stage" if args.device.startswith("cuda") else "1 / sum(1 / stage): the stages share the CPU",
+        ],
+        ["run_extraction (whole)", f"{a['whole']:,.1f}", f"{a['result']['extract_seconds']:.1f} s"],
+    ]
     print("(a) extraction, clips/s")
     print(render(["stage", "clips/s", "note"], rows, left=1))
     extract_vs_forward, efficiency = ratio(a["whole"], s["forward"]), ratio(a["whole"], a["ceiling"])
     print(f"extract_vs_forward = {fmt(extract_vs_forward, 3)}; pipeline_efficiency = {fmt(efficiency, 3)}")
     if efficiency is not None and efficiency > 1:
-        print("(above 1: the stages did not take turns on the CPU as the ceiling assumes; decoding overlapped the "
-              "forward on a core the forward left idle)")  # fmt: skip
+        print(
+            "(above 1: the stages did not take turns on the CPU as the ceiling assumes; decoding overlapped the "
+            "forward on a core the forward left idle)"
+        )
     print()
     per_clip = a["result"]["bytes"] / a["n"]
     formula = len(a["layers"]) * info["tokens"] * info["dim"] * 2
     vb = architecture("vit_base_patch16_224", None, VideoSpec(num_frames=16))
     vivit_b = vb.num_layers * vb.tokens * vb.dim * 2
     print("(b) bytes per clip")
-    print(render(["cache", "per clip", "formula L x (T'S+1) x D x 2", "Kinetics-400 (240k clips)"], [
-        [f"this run ({len(a['layers'])} layers)", human_bytes(per_clip), human_bytes(formula),
-         human_bytes(per_clip * KINETICS_CLIPS)],
-        ["ViViT-B/16, 16 frames, all 12 layers", "-", human_bytes(vivit_b), human_bytes(vivit_b * KINETICS_CLIPS)],
-    ]))  # fmt: skip
+    print(
+        render(
+            ["cache", "per clip", "formula L x (T'S+1) x D x 2", "Kinetics-400 (240k clips)"],
+            [
+                [
+                    f"this run ({len(a['layers'])} layers)",
+                    human_bytes(per_clip),
+                    human_bytes(formula),
+                    human_bytes(per_clip * KINETICS_CLIPS),
+                ],
+                [
+                    "ViViT-B/16, 16 frames, all 12 layers",
+                    "-",
+                    human_bytes(vivit_b),
+                    human_bytes(vivit_b * KINETICS_CLIPS),
+                ],
+            ],
+        )
+    )
     print()
     cm, om = c["cache"], c["online"]
     speedup = ratio(cm["train_images_per_s"], om["train_images_per_s"])
     print(f"(c) LoSA training (rank {args.rank}, {args.epochs} epochs, batch {args.train_batch_size})")
-    print(render(["inputs", "clips/s", "val acc"], [
-        [f"cache ({c['inputs']})", f"{cm['train_images_per_s']:,.1f}", f"{cm['val_accuracy']:.3f}"],
-        ["online, ready clips in device memory", f"{om['train_images_per_s']:,.1f}", f"{om['val_accuracy']:.3f}"],
-    ]))  # fmt: skip
+    print(
+        render(
+            ["inputs", "clips/s", "val acc"],
+            [
+                [f"cache ({c['inputs']})", f"{cm['train_images_per_s']:,.1f}", f"{cm['val_accuracy']:.3f}"],
+                [
+                    "online, ready clips in device memory",
+                    f"{om['train_images_per_s']:,.1f}",
+                    f"{om['val_accuracy']:.3f}",
+                ],
+            ],
+        )
+    )
     print(f"train_speedup = {fmt(speedup, 2)} (DESIGN target for images: >= 10)")
     print()
     put(kv, "decode_clips_per_s", s["decode"], 1)

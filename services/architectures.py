@@ -44,8 +44,11 @@ class Architecture(BaseModel):
     image_size: int = Field(..., description="Input size in pixels (`backbone.image_size` or the model's own).")
     patch_size: int = Field(..., description="Patch size in pixels.")
     mlp_macs: int = Field(..., description="Multiply-accumulates of one block's MLP per token (fc1 + fc2).")
-    global_pool: str = Field(..., description="timm's pooling of the final tokens (`token`: the class token, `avg`: "
-                             "the mean of the patch tokens, a ViViT's).")  # fmt: skip
+    global_pool: str = Field(
+        ...,
+        description="timm's pooling of the final tokens (`token`: the class token, `avg`: "
+        "the mean of the patch tokens, a ViViT's).",
+    )
     num_frames: int | None = Field(None, description="A ViViT's frames per clip; null for images.")
     tubelet: int | None = Field(None, description="A ViViT's frames per tubelet; null for images.")
     temporal_positions: int | None = Field(
@@ -73,11 +76,19 @@ def architecture(name: str, image_size: int | None = None, video: VideoSpec | No
     img = image_size or img
     spatial, temporal = (img // patch) ** 2, video.temporal_positions if video else 1
     return Architecture(
-        name=name, num_layers=layers, dim=dim, tokens=temporal * spatial + prefix, num_prefix_tokens=prefix,
-        image_size=img, patch_size=patch, mlp_macs=mlp_macs, global_pool="avg" if video else "token",
-        num_frames=video.num_frames if video else None, tubelet=video.tubelet if video else None,
+        name=name,
+        num_layers=layers,
+        dim=dim,
+        tokens=temporal * spatial + prefix,
+        num_prefix_tokens=prefix,
+        image_size=img,
+        patch_size=patch,
+        mlp_macs=mlp_macs,
+        global_pool="avg" if video else "token",
+        num_frames=video.num_frames if video else None,
+        tubelet=video.tubelet if video else None,
         temporal_positions=temporal if video else None,
-    )  # fmt: skip
+    )
 
 
 def forward_flops(arch: Architecture, images: int) -> float:
@@ -129,8 +140,10 @@ def unsupported_backbone(name: str) -> str | None:
         return None
     near = sorted(n for n in supported_names() if n.startswith(base.split("_")[0]))[:3]
     hint = f" (e.g. {', '.join(near)})" if near else " (e.g. vit_base_patch16_224, vit_small_patch14_dinov2)"
-    return (f"backbone {name!r} is not a timm ViT that sidetune supports: it takes the plain ViTs of timm's "
-            f"vision_transformer and deit modules{hint}")  # fmt: skip
+    return (
+        f"backbone {name!r} is not a timm ViT that sidetune supports: it takes the plain ViTs of timm's "
+        f"vision_transformer and deit modules{hint}"
+    )
 
 
 def timm_vit_names() -> list[str]:

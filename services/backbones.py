@@ -38,8 +38,10 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def _layer_norm(module: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
     if isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine:
-        return {f"{prefix}.weight": module.weight.detach().float().cpu().numpy(),
-                f"{prefix}.bias": module.bias.detach().float().cpu().numpy()}  # fmt: skip
+        return {
+            f"{prefix}.weight": module.weight.detach().float().cpu().numpy(),
+            f"{prefix}.bias": module.bias.detach().float().cpu().numpy(),
+        }
     if isinstance(module, torch.nn.Identity):
         return {}
     raise BackboneError(f"unsupported final norm {type(module).__name__}; sidetune supports LayerNorm ViTs")
@@ -170,9 +172,15 @@ class Backbone:
         and normalisation (no AutoAugment or random erasing: small datasets and simple images suffer from them)."""
         dc = self.data_config
         return create_transform(
-            input_size=dc["input_size"], is_training=True, interpolation=dc["interpolation"], mean=dc["mean"],
-            std=dc["std"], scale=(0.5, 1.0), hflip=0.5, color_jitter=0.2,
-        )  # fmt: skip
+            input_size=dc["input_size"],
+            is_training=True,
+            interpolation=dc["interpolation"],
+            mean=dc["mean"],
+            std=dc["std"],
+            scale=(0.5, 1.0),
+            hflip=0.5,
+            color_jitter=0.2,
+        )
 
     def readout_tensors(self) -> dict[str, np.ndarray]:
         """The final norm (before pooling) and fc_norm (after pooling), frozen parts of every head."""
@@ -185,9 +193,14 @@ class Backbone:
         autograd must record. No autocast: the weights are in the forward's precision already."""
         with torch.autocast(self.device.type, enabled=False):  # a caller's autocast must not re-cast the weights
             out = self.model.forward_intermediates(
-                images.to(self.device, self.dtype), indices=layers, norm=False, output_fmt="NLC",
-                intermediates_only=True, return_prefix_tokens=True, stop_early=True,  # no block after the last asked
-            )  # fmt: skip
+                images.to(self.device, self.dtype),
+                indices=layers,
+                norm=False,
+                output_fmt="NLC",
+                intermediates_only=True,
+                return_prefix_tokens=True,
+                stop_early=True,  # no block after the last asked
+            )
         # One copy of each layer into its slot (converting on the way) instead of cat, stack and a cast: the three
         # passes over the activations cost about as much as writing them to the cache.
         # a ViT without prefix tokens (no class token) gives the spatial tokens alone, not (spatial, prefix) pairs
@@ -227,9 +240,11 @@ def _weights_source(name: str) -> dict[str, Any]:
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_TIMEOUT_S).close()
     except OSError as e:
-        raise BackboneError(f"cannot load pretrained weights for backbone {name!r}: they are not in the local cache "
-                            f"and the model hub ({endpoint.hostname}) is unreachable ({e}); give `backbone.checkpoint` "
-                            "(a safetensors file on the server) or `pretrained: false`") from None  # fmt: skip
+        raise BackboneError(
+            f"cannot load pretrained weights for backbone {name!r}: they are not in the local cache "
+            f"and the model hub ({endpoint.hostname}) is unreachable ({e}); give `backbone.checkpoint` "
+            "(a safetensors file on the server) or `pretrained: false`"
+        ) from None
     return {}
 
 

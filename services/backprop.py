@@ -40,12 +40,14 @@ def backprop_memory(spec: JobSpec, arch: Architecture | None, device_memory_gb: 
     fit = (limit - fixed) // per_item
     remedies = [f"training.batch_size {fit}"] if fit >= 1 else []
     if spec.mode == "images" and "tail" in type(spec.method).modes:
-        remedies.append('execution.mode "tail" (only the last execution.tail_blocks blocks are trained, from the '
-                        "cache)")  # fmt: skip
+        remedies.append(
+            'execution.mode "tail" (only the last execution.tail_blocks blocks are trained, from the cache)'
+        )
     if arch.num_frames:
         remedies.append("fewer frames (backbone.video.num_frames) or a larger tubelet")
     remedies.append("a method that never backpropagates through the backbone (losa, linear)")
     clips = f" on {arch.num_frames}-frame clips of {arch.tokens} tokens" if arch.num_frames else ""
-    reason = (f"{spec.method.name} in mode {spec.mode} backpropagates through {blocks} blocks{clips} at batch size "
-              f"{batch}")  # fmt: skip
+    reason = (
+        f"{spec.method.name} in mode {spec.mode} backpropagates through {blocks} blocks{clips} at batch size {batch}"
+    )
     return BackpropMemory(need, False, limit, reason, remedies)

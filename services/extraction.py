@@ -59,15 +59,23 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     dataset = read_for_job(spec.dataset, paths)
     check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
     if dataset.kind == "video" and spec.extraction.decode == "device":
-        raise SpecError("extraction.decode 'device' decodes JPEG images on the GPU; videos are decoded by PyAV on "
-                        "the CPU (use 'cpu')")  # fmt: skip
+        raise SpecError(
+            "extraction.decode 'device' decodes JPEG images on the GPU; videos are decoded by PyAV on "
+            "the CPU (use 'cpu')"
+        )
     backbone = load_backbone(spec.backbone, settings.torch_device(), paths.checkpoint(spec.backbone))
     preprocessing = {**backbone.data_config, "decode": spec.extraction.decode, "pixels": PIXELS}
     if spec.backbone.video is not None:  # frames, tubelet and init are in the weights' hash too; sampling is not
         preprocessing["video"] = spec.backbone.video.model_dump()
-    family = cache_key({"dataset": dataset.fingerprint, "backbone": spec.backbone.name,
-                        "weights": backbone.weights_hash, "preprocessing": preprocessing,
-                        "precision": backbone.precision})  # fmt: skip
+    family = cache_key(
+        {
+            "dataset": dataset.fingerprint,
+            "backbone": spec.backbone.name,
+            "weights": backbone.weights_hash,
+            "preprocessing": preprocessing,
+            "precision": backbone.precision,
+        }
+    )
     layers, tokens = spec.cached_layers_and_tokens(backbone.num_layers, backbone.model.global_pool)
     per_item = len(layers) * (backbone.tokens if tokens == "all" else 1) * backbone.dim * 2
     rows = extraction_rows(spec.extraction.batch_size, per_item, dataset.kind == "video")
@@ -79,8 +87,16 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
     if found is not None:
         return Prepared(dataset, backbone, found.key, found, layers, tokens, found.meta.get("batch_size", rows))
     ext = spec.extraction
-    variant = cache_key({"layers": layers, "tokens": tokens, "dtype": "float16", "rows": rows,
-                         "codec": ext.codec, "keepbits": ext.keepbits})  # fmt: skip
+    variant = cache_key(
+        {
+            "layers": layers,
+            "tokens": tokens,
+            "dtype": "float16",
+            "rows": rows,
+            "codec": ext.codec,
+            "keepbits": ext.keepbits,
+        }
+    )
     key = f"{family}/{variant}"
     return Prepared(dataset, backbone, key, cache.entry(key), layers, tokens, rows)
 
@@ -89,8 +105,9 @@ def writing(prep: Prepared) -> contextlib.AbstractContextManager[None]:
     """Around the entry's writes: a full disk is DiskFull naming the cache's directory and about how many bytes the
     entry still needed (its planned size less what is written)."""
     root = prep.entry.root.removesuffix(prep.key).rstrip("/") or prep.entry.root
-    return naming_disk_full(root, f"the feature cache entry {prep.key}",
-                            lambda: max(0, planned_bytes(prep) - prep.entry.nbytes()))  # fmt: skip
+    return naming_disk_full(
+        root, f"the feature cache entry {prep.key}", lambda: max(0, planned_bytes(prep) - prep.entry.nbytes())
+    )
 
 
 def begin_extraction(
@@ -102,16 +119,32 @@ def begin_extraction(
     entry, backbone, dataset = prep.entry, prep.backbone, prep.dataset
     if entry.is_complete:
         return prep
-    meta = {**backbone.info(), "dataset_root": str(dataset.root), "dataset_fingerprint": dataset.fingerprint,
-            "classes": dataset.classes, "skipped_rows": list(dataset.skipped_rows)}  # fmt: skip
+    meta = {
+        **backbone.info(),
+        "dataset_root": str(dataset.root),
+        "dataset_fingerprint": dataset.fingerprint,
+        "classes": dataset.classes,
+        "skipped_rows": list(dataset.skipped_rows),
+    }
     if dataset.skipped_rows:
-        reporter.event(f"left out {len(dataset.skipped_rows)} dataset rows (repeated files; with on_corrupt=skip, "
-                       f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}", level="warning",
-                       data={"left_out": list(dataset.skipped_rows[:1000])})  # fmt: skip
+        reporter.event(
+            f"left out {len(dataset.skipped_rows)} dataset rows (repeated files; with on_corrupt=skip, "
+            f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}",
+            level="warning",
+            data={"left_out": list(dataset.skipped_rows[:1000])},
+        )
     with writing(prep):
-        entry.create(labels=dataset.labels, layers=prep.layers, tokens=prep.tokens, token_count=backbone.tokens,
-                     dim=backbone.dim, batch_size=prep.batch_size, meta=meta, codec=spec.extraction.codec,
-                     keepbits=spec.extraction.keepbits)  # fmt: skip
+        entry.create(
+            labels=dataset.labels,
+            layers=prep.layers,
+            tokens=prep.tokens,
+            token_count=backbone.tokens,
+            dim=backbone.dim,
+            batch_size=prep.batch_size,
+            meta=meta,
+            codec=spec.extraction.codec,
+            keepbits=spec.extraction.keepbits,
+        )
         if not entry.has_readout:
             entry.save_readout(backbone.readout_tensors())
     return prep
@@ -204,8 +237,13 @@ def extract_batches(
             reporter.progress("extracting", done_batches, n_batches, images=images_done, images_per_s=rate)
             reporter.check_cancel()
     seconds = time.perf_counter() - t0
-    return {"backbone_forwards": forwards, "images_extracted": images_done, "seconds": seconds,
-            "loader_workers": workers, "writer": writer.engine}  # fmt: skip
+    return {
+        "backbone_forwards": forwards,
+        "images_extracted": images_done,
+        "seconds": seconds,
+        "loader_workers": workers,
+        "writer": writer.engine,
+    }
 
 
 def finish_extraction(prep: Prepared) -> dict[str, Any]:
@@ -255,6 +293,13 @@ def run_extraction(
     summary = finish_extraction(prep)
     rate = run["images_extracted"] / max(run["seconds"], 1e-9)
     reporter.event(f"extracted {run['images_extracted']} images in {run['seconds']:.1f}s ({rate:.1f} img/s)")
-    return {**base, "cache_hit": False, "backbone_forwards": run["backbone_forwards"],
-            "extract_seconds": round(time.perf_counter() - t0, 3), "extract_images_per_s": round(rate, 2),
-            "loader_workers": run["loader_workers"], "writer": run["writer"], **summary}  # fmt: skip
+    return {
+        **base,
+        "cache_hit": False,
+        "backbone_forwards": run["backbone_forwards"],
+        "extract_seconds": round(time.perf_counter() - t0, 3),
+        "extract_images_per_s": round(rate, 2),
+        "loader_workers": run["loader_workers"],
+        "writer": run["writer"],
+        **summary,
+    }

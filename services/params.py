@@ -105,9 +105,16 @@ def count_parameters(
         if config.kind == "side":
             norm_eps = float(getattr(vit.norm, "eps", getattr(vit.fc_norm, "eps", 1e-6)))
             info = FeatureInfo(
-                num_layers=num_layers, tokens=tokens, dim=dim, num_prefix_tokens=vit.num_prefix_tokens,
-                global_pool=vit.global_pool, norm_eps=norm_eps, num_classes=num_classes, readout={}, temporal=temporal,
-            )  # fmt: skip
+                num_layers=num_layers,
+                tokens=tokens,
+                dim=dim,
+                num_prefix_tokens=vit.num_prefix_tokens,
+                global_pool=vit.global_pool,
+                norm_eps=norm_eps,
+                num_classes=num_classes,
+                readout={},
+                temporal=temporal,
+            )
             model = methods.build(config, info)
         else:
             model = methods.build(config, vit, num_classes, tail_blocks)
@@ -115,8 +122,15 @@ def count_parameters(
     side = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
     total = sum(p.numel() for p in model.parameters()) + (backbone_params if config.kind == "side" else 0)
     return ParamCount(
-        backbone=backbone, method=method, config=config.model_dump(exclude={"name"}), num_layers=num_layers,
-        tokens=tokens, dim=dim, side=sum(p.numel() for p in side), scalars=sum(1 for p in side if p.numel() == 1),
-        classifier=sum(p.numel() for p in model.head.parameters() if p.requires_grad), backbone_params=backbone_params,
+        backbone=backbone,
+        method=method,
+        config=config.model_dump(exclude={"name"}),
+        num_layers=num_layers,
+        tokens=tokens,
+        dim=dim,
+        side=sum(p.numel() for p in side),
+        scalars=sum(1 for p in side if p.numel() == 1),
+        classifier=sum(p.numel() for p in model.head.parameters() if p.requires_grad),
+        backbone_params=backbone_params,
         total=total,
-    )  # fmt: skip
+    )

@@ -68,8 +68,10 @@ class UserPaths:
         if field == "backbone.checkpoint":
             return "put the checkpoint file in a folder of its own under an allowed root"
         by_id = "dataset.test_id" if field == "dataset.test" else "dataset.id"
-        return (f"put the dataset in a folder of its own under an allowed root (e.g. {self.roots[0] / 'mydata'}), or "
-                f"upload it (POST /datasets) and name it by `{by_id}`")  # fmt: skip
+        return (
+            f"put the dataset in a folder of its own under an allowed root (e.g. {self.roots[0] / 'mydata'}), or "
+            f"upload it (POST /datasets) and name it by `{by_id}`"
+        )
 
     def check(self, field: str, path: str | Path, upload: str | None = None) -> Path:
         """`path` resolved, if `field` may name it (`upload`: the id the spec names it by); ForbiddenPath if not,
@@ -77,13 +79,17 @@ class UserPaths:
         real = Path(path).expanduser().resolve()
         why = self._refusal(real, upload)
         if why == "service":
-            raise ForbiddenPath(f"{field}: {str(path)!r} is, holds or lies in one of the service's own folders "
-                                "(uploaded datasets, the feature cache, models and checkpoints, logs, Redis's files), "
-                                f"which are never read as data; {self._advice(field)}", field)  # fmt: skip
+            raise ForbiddenPath(
+                f"{field}: {str(path)!r} is, holds or lies in one of the service's own folders "
+                "(uploaded datasets, the feature cache, models and checkpoints, logs, Redis's files), "
+                f"which are never read as data; {self._advice(field)}",
+                field,
+            )
         if why == "outside":
             allowed = ", ".join(str(r) for r in self.roots)
-            raise ForbiddenPath(f"{field}: {str(path)!r} is outside the allowed roots ({allowed}); "
-                                f"{self._advice(field)}", field)  # fmt: skip
+            raise ForbiddenPath(
+                f"{field}: {str(path)!r} is outside the allowed roots ({allowed}); {self._advice(field)}", field
+            )
         if not real.exists():
             raise FileNotFoundError(f"{field}: {str(path)!r} does not exist")
         return real
@@ -98,8 +104,11 @@ class UserPaths:
         real = path.resolve()
         why = self._refusal(real, upload)
         if why == "service":
-            raise ForbiddenPath(f"{field}: {what} lies in (or links into) one of the service's own folders, which "
-                                f"are never read as data; {self._advice(field)}", field)  # fmt: skip
+            raise ForbiddenPath(
+                f"{field}: {what} lies in (or links into) one of the service's own folders, which "
+                f"are never read as data; {self._advice(field)}",
+                field,
+            )
         if why == "outside":
             allowed = ", ".join(str(r) for r in self.roots)
             raise ForbiddenPath(f"{field}: {what} resolves to {real}, outside the allowed roots ({allowed})", field)

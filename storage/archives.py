@@ -29,8 +29,16 @@ MAX_READ = max(CHUNK, MAX_TAR_META)  # no read of the tar stream is larger (exte
 # Bad names and clashes between members: a broken archive, not a server fault.
 _NAME_ERRNOS = {errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno.EILSEQ}
 # What the archive modules raise for damaged input (zlib and lzma errors are not OSErrors).
-_READ_ERRORS = (OSError, EOFError, ValueError, NotImplementedError, zlib.error, lzma.LZMAError, tarfile.TarError,
-                zipfile.BadZipFile)  # fmt: skip
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    zlib.error,
+    lzma.LZMAError,
+    tarfile.TarError,
+    zipfile.BadZipFile,
+)
 
 
 class ArchiveError(ValueError):
@@ -135,8 +143,10 @@ def _extract_zip(archive: Path, writer: _Writer) -> None:
     with zf:
         infos = zf.infolist()
         if len(infos) > writer.limits.max_files:
-            raise ArchiveError("dataset_too_large", f"the archive has {len(infos)} members; at most "
-                                                    f"{writer.limits.max_files} are accepted")  # fmt: skip
+            raise ArchiveError(
+                "dataset_too_large",
+                f"the archive has {len(infos)} members; at most {writer.limits.max_files} are accepted",
+            )
         for info in infos:
             path = writer.target(info.filename)
             mode = info.external_attr >> 16

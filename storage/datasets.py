@@ -23,9 +23,21 @@ from storage.jobs import NotFound, new_id, now
 from storage.store import MARKER, Folder, Incomplete, Store
 
 __all__ = [
-    "STAGING", "ArchiveError", "DatasetFiles", "DatasetRecords", "Limits", "disk_usage", "extract", "is_dataset_id",
-    "locate", "member_parts", "new_dataset_id", "staging_dir", "sweep_staging", "unpack",
-]  # fmt: skip
+    "STAGING",
+    "ArchiveError",
+    "DatasetFiles",
+    "DatasetRecords",
+    "Limits",
+    "disk_usage",
+    "extract",
+    "is_dataset_id",
+    "locate",
+    "member_parts",
+    "new_dataset_id",
+    "staging_dir",
+    "sweep_staging",
+    "unpack",
+]
 
 T = TypeVar("T")
 STAGING = ".staging"

@@ -123,8 +123,9 @@ def full_disk_path(exc: BaseException) -> str | None:
     return None
 
 
-def as_disk_full(exc: BaseException, where: str | Path | None = None, what: str = "",
-                 need: int | None = None) -> DiskFull | None:  # fmt: skip
+def as_disk_full(
+    exc: BaseException, where: str | Path | None = None, what: str = "", need: int | None = None
+) -> DiskFull | None:
     """`exc` as a DiskFull naming `where` (default: the file the error names), or None if it is no full disk."""
     for e in _chain(exc):
         if isinstance(e, DiskFull):
@@ -155,8 +156,17 @@ def naming_disk_full(where: str | Path, what: str = "", need: int | Callable[[],
 # ---- the store ------------------------------------------------------------------------------------------------------
 _BOTO_TRANSIENT = {"ConnectionError", "HTTPClientError"}  # botocore: endpoint unreachable, reset, read timeouts
 _AIOHTTP_TRANSIENT = {"ClientConnectionError", "ClientPayloadError", "ServerTimeoutError"}
-_S3_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
-                       "ThrottlingException", "RequestLimitExceeded", "503", "500"}  # fmt: skip
+_S3_TRANSIENT_CODES = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "503",
+    "500",
+}
 
 
 def _named(e: BaseException, package: str, names: set[str]) -> bool:

@@ -30,8 +30,10 @@ _scope: ContextVar[MutableMapping[str, Any] | None] = ContextVar("sidetune_log_s
 
 # A credential after `Bearer`, `Authorization:` or `api_key=`: whatever a line carries, even a key this process
 # does not know (a wrong one), is never written.
-_CREDENTIAL = re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?|\bbearer\s+|"
-                         r"\bapi[_-]?keys?[\"']?\s*[:=]\s*[\"']?)[^\s\"',;)\]}]+")  # fmt: skip
+_CREDENTIAL = re.compile(
+    r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?|\bbearer\s+|"
+    r"\bapi[_-]?keys?[\"']?\s*[:=]\s*[\"']?)[^\s\"',;)\]}]+"
+)
 REDACTED = "[redacted]"
 
 
@@ -176,8 +178,15 @@ class KeepingHandler(logging.StreamHandler):
                 continue
             self._kept.popleft()
             if not self._kept and self._dropped:
-                note = logging.LogRecord("sidetune.logs", logging.WARNING, "", 0, "%d log lines were dropped while "
-                                         "the log's disk was full", (self._dropped,), None)  # fmt: skip
+                note = logging.LogRecord(
+                    "sidetune.logs",
+                    logging.WARNING,
+                    "",
+                    0,
+                    "%d log lines were dropped while the log's disk was full",
+                    (self._dropped,),
+                    None,
+                )
                 self._dropped = 0
                 self._keep((self.format(note) + self.terminator).encode("utf-8", "replace"))
 

@@ -42,12 +42,15 @@ class QuotaExceeded(Exception):
 
     retry_after_s: int | None = None
 
-    def __init__(self, quota: str, usage: str, limit: str, setting: str, need: str | None = None,
-                 remedy: str = "") -> None:  # fmt: skip
+    def __init__(
+        self, quota: str, usage: str, limit: str, setting: str, need: str | None = None, remedy: str = ""
+    ) -> None:
         self.quota, self.setting = quota, setting
         needs = f"; this needs {need}" if need else ""
-        super().__init__(f"{quota} quota of this API key exceeded: {usage} of at most {limit} ({setting}){needs}"
-                         + (f"; {remedy}" if remedy else ""))  # fmt: skip
+        super().__init__(
+            f"{quota} quota of this API key exceeded: {usage} of at most {limit} ({setting}){needs}"
+            + (f"; {remedy}" if remedy else "")
+        )
 
 
 class TooManyJobs(QuotaExceeded):
@@ -56,8 +59,13 @@ class TooManyJobs(QuotaExceeded):
     retry_after_s = 30
 
     def __init__(self, active: int, limit: int) -> None:
-        super().__init__("jobs", f"{active} jobs queued or running", f"{limit}", "SIDETUNE_KEY_QUOTA_JOBS",
-                         remedy="retry once one of them has finished, or cancel one")  # fmt: skip
+        super().__init__(
+            "jobs",
+            f"{active} jobs queued or running",
+            f"{limit}",
+            "SIDETUNE_KEY_QUOTA_JOBS",
+            remedy="retry once one of them has finished, or cancel one",
+        )
 
 
 class Usage:
@@ -91,5 +99,6 @@ class Usage:
 def _refusal(kind: str, used: int, limit: int, setting: str, need: int | None = None) -> QuotaExceeded:
     what = {UPLOADS: "uploaded datasets", ARTIFACTS: "models"}[kind]
     needs = None if need is None else human(need)
-    return QuotaExceeded(what, f"{human(used)} in use", human(limit), setting, need=needs,
-                         remedy=f"delete some of this key's {what}")  # fmt: skip
+    return QuotaExceeded(
+        what, f"{human(used)} in use", human(limit), setting, need=needs, remedy=f"delete some of this key's {what}"
+    )

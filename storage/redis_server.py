@@ -43,15 +43,23 @@ class RedisServer:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             args = [
                 redis_executable(),
-                "--port", str(self.port),
-                "--bind", self.host,
-                "--dir", str(self.data_dir),
-                "--appendonly", "yes",
-                "--appendfsync", "everysec",
-                "--save", "60 1",
-                "--protected-mode", "yes",
-                "--logfile", str(self.data_dir / "redis.log"),
-            ]  # fmt: skip
+                "--port",
+                str(self.port),
+                "--bind",
+                self.host,
+                "--dir",
+                str(self.data_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--save",
+                "60 1",
+                "--protected-mode",
+                "yes",
+                "--logfile",
+                str(self.data_dir / "redis.log"),
+            ]
             # Its own session: a terminal's Ctrl-C goes to whoever started it, who stops it in order.
             proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
             self.process, self.started_at = proc, time.monotonic()

@@ -160,9 +160,11 @@ class Settings(BaseSettings):
         "may hold together; more is refused with 413 `too_many_pixels`. A single image may hold 64 million at most.",
     )
     max_predict_video_mb: float = Field(
-        16.0, gt=0, description="Largest video (MB) one predict instance or file may be; larger ones get 413 (the "
-        "whole request is also limited by `max_request_mb`)."
-    )  # fmt: skip
+        16.0,
+        gt=0,
+        description="Largest video (MB) one predict instance or file may be; larger ones get 413 (the "
+        "whole request is also limited by `max_request_mb`).",
+    )
     max_predict_video_s: float = Field(
         60.0, gt=0, description="Longest video (seconds) predict decodes; longer ones get 400."
     )

@@ -49,11 +49,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     `s3://<bucket>`; tests take a prefix of their own (`s3_url`)."""
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "2"}  # fmt: skip
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "2",
+    }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -142,8 +148,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 
     data = tmp_path_factory.mktemp("stack")
     # a killed worker (tests/worker/test_supervisor.py) is noticed after heartbeat_ttl_s: 5 s rather than 15
-    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
-                        inference_port=free_port(), device="cpu", heartbeat_ttl_s=5.0)  # fmt: skip
+    settings = Settings(
+        data_dir=data,
+        embedded_redis_port=free_port(),
+        api_port=free_port(),
+        inference_port=free_port(),
+        device="cpu",
+        heartbeat_ttl_s=5.0,
+    )
     write_digits(data / "datasets" / "digits", limit=150)
     with Stack(settings) as running:
         yield running, Client(running.api_url)
@@ -163,10 +175,15 @@ def keyed_api(stack, tmp_path_factory: pytest.TempPathFactory):
     from worker.launcher import Stack
 
     running, _ = stack
-    settings = running.settings.model_copy(update={
-        "redis_url": running.redis.url, "api_port": free_port(), "api_keys": list(TENANT_KEYS.values()),
-        "admin_keys": [ADMIN_KEY], "key_quota_jobs": JOBS_QUOTA,
-    })  # fmt: skip
+    settings = running.settings.model_copy(
+        update={
+            "redis_url": running.redis.url,
+            "api_port": free_port(),
+            "api_keys": list(TENANT_KEYS.values()),
+            "admin_keys": [ADMIN_KEY],
+            "key_quota_jobs": JOBS_QUOTA,
+        }
+    )
     settings.model_fields_set.update({"redis_url", "api_keys", "admin_keys", "key_quota_jobs"})
     api = Stack(settings, log_dir=tmp_path_factory.mktemp("keyed-api-logs"))
     api.spawn("api", "api")

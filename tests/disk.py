@@ -14,12 +14,15 @@ import pytest
 def mount_tmpfs(path: Path, size_mb: int) -> Path:
     """Mount a tmpfs of `size_mb` MB at `path` (created); skips the calling test where that is not permitted."""
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True,
-                       text=True)  # fmt: skip
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         why = r.stderr.strip() or "mount failed"
-        pytest.skip(f"a full disk needs a small filesystem: cannot mount a tmpfs at {path} ({why}); run the tests as "
-                    "root with CAP_SYS_ADMIN")  # fmt: skip
+        pytest.skip(
+            f"a full disk needs a small filesystem: cannot mount a tmpfs at {path} ({why}); run the tests as "
+            "root with CAP_SYS_ADMIN"
+        )
     return path
 
 

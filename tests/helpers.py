@@ -26,11 +26,16 @@ MODELS = {
 
 
 def job_spec(path: Path, method: dict, mode: str, **backbone) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path)}, "backbone": {"name": "test_vit", "pretrained": False, **backbone},
-        "method": method, "execution": {"mode": mode, **({"tail_blocks": 2} if mode == "tail" else {})},
-        "extraction": {"batch_size": 64}, "training": {"epochs": 1, "batch_size": 32, "lr": 1e-2},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path)},
+            "backbone": {"name": "test_vit", "pretrained": False, **backbone},
+            "method": method,
+            "execution": {"mode": mode, **({"tail_blocks": 2} if mode == "tail" else {})},
+            "extraction": {"batch_size": 64},
+            "training": {"epochs": 1, "batch_size": 32, "lr": 1e-2},
+        }
+    )
 
 
 @contextmanager

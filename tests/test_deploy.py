@@ -39,8 +39,9 @@ def test_the_api_image_leaves_out_torch_and_nothing_the_api_imports() -> None:
     assert {"torch", "timm", "peft", "onnx"} <= dropped
 
     code = "import sys, json, api.main; api.main.app.openapi(); print(json.dumps(sorted(sys.modules)))"
-    modules = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                        cwd=ROOT).stdout)  # fmt: skip
+    modules = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    )
     dists = packages_distributions()
     imported = {_name(d) for m in modules for d in dists.get(m.split(".")[0], [])}
     assert not imported & dropped, imported & dropped

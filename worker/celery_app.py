@@ -44,7 +44,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             TASK_EXTRACT: {"queue": EXTRACT},
             TASK_EXTRACT_SHARD: {"queue": EXTRACT},
             TASK_TRAIN: {"queue": TRAIN},
-        },  # fmt: skip
+        },
         task_default_queue=TRAIN,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -83,7 +83,8 @@ def requeue_step(celery: Celery, job_id: str, step: dict, position: int = 0) -> 
     if step["task"] == "extract":
         enqueue_job(celery, job_id, position)
     elif step["task"] == "extract_shard":
-        celery.signature(TASK_EXTRACT_SHARD, args=[job_id, step["index"], step["count"]], queue=EXTRACT,
-                         priority=priority(position)).apply_async()  # fmt: skip
+        celery.signature(
+            TASK_EXTRACT_SHARD, args=[job_id, step["index"], step["count"]], queue=EXTRACT, priority=priority(position)
+        ).apply_async()
     else:
         enqueue_train(celery, job_id, position)

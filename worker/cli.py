@@ -40,13 +40,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop)
     stack = Stack(settings)
-    print(f"starting Redis ({settings.redis_url or 'embedded'}), extract and train workers, the inference service "
-          f"and the API; logs in {stack.logs_where}", flush=True)  # fmt: skip
+    print(
+        f"starting Redis ({settings.redis_url or 'embedded'}), extract and train workers, the inference service "
+        f"and the API; logs in {stack.logs_where}",
+        flush=True,
+    )
     try:
         stack.start(stop=stop)
         if not stop.is_set():
-            print(f"sidetune is ready at {stack.api_url} (docs: {stack.api_url}/docs); Ctrl-C stops everything",
-                  flush=True)  # fmt: skip
+            print(
+                f"sidetune is ready at {stack.api_url} (docs: {stack.api_url}/docs); Ctrl-C stops everything",
+                flush=True,
+            )
         while not stop.wait(1.0):
             pass
     finally:
@@ -97,12 +102,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app.steps["consumer"].add(Heartbeat)
     name = f"{'+'.join(queues)}@{socket.gethostname()}-{os.getpid()}"
     # The solo pool keeps CUDA in this process (CUDA does not survive a fork) and runs one task at a time.
-    worker = app.WorkController(hostname=name, queues=queues, pool_cls="solo", concurrency=1, loglevel=args.loglevel,
-                                without_gossip=True, without_mingle=True)  # fmt: skip
+    worker = app.WorkController(
+        hostname=name,
+        queues=queues,
+        pool_cls="solo",
+        concurrency=1,
+        loglevel=args.loglevel,
+        without_gossip=True,
+        without_mingle=True,
+    )
 
     def _stop(signum: int, _frame: object) -> None:
-        log.warning("worker %s: %s, stopping (a step in progress returns to the queue)", name,
-                    signal.Signals(signum).name)  # fmt: skip
+        log.warning(
+            "worker %s: %s, stopping (a step in progress returns to the queue)", name, signal.Signals(signum).name
+        )
         raise WorkerTerminate(0)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -153,17 +166,28 @@ def cmd_params(args: argparse.Namespace) -> int:
         print("error: --tubelet needs --frames", file=sys.stderr)
         return 2
     try:
-        n = count_parameters(args.backbone, args.method, options, image_size=args.image_size,
-                             tail_blocks=args.tail_blocks, num_classes=args.num_classes, video=video)  # fmt: skip
+        n = count_parameters(
+            args.backbone,
+            args.method,
+            options,
+            image_size=args.image_size,
+            tail_blocks=args.tail_blocks,
+            num_classes=args.num_classes,
+            video=video,
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     what = f"ViViT of {args.frames} frames, tubelet {args.tubelet}, " if video else ""
-    print(f"backbone    {n.backbone}: {what}{n.num_layers} blocks, {n.tokens} tokens, dim {n.dim}, "
-          f"{n.backbone_params:,} parameters")  # fmt: skip
+    print(
+        f"backbone    {n.backbone}: {what}{n.num_layers} blocks, {n.tokens} tokens, dim {n.dim}, "
+        f"{n.backbone_params:,} parameters"
+    )
     print(f"method      {n.method} {json.dumps(n.config)}")
-    print(f"trainable   {n.side:,} (classifier excluded), of which {n.scalars} single scalars (e.g. per-layer "
-          f"scales): {n.side - n.scalars:,} without them")  # fmt: skip
+    print(
+        f"trainable   {n.side:,} (classifier excluded), of which {n.scalars} single scalars (e.g. per-layer "
+        f"scales): {n.side - n.scalars:,} without them"
+    )
     print(f"classifier  {n.classifier:,} for {args.num_classes} classes (not counted); model total {n.total:,}")
     print(n.side)
     return 0
@@ -218,29 +242,46 @@ key); 130 interrupted. Errors are one line on stderr naming the cause and the UR
 def main(argv: list[str] | None = None) -> int:
     from worker.commands import ENVIRONMENT, add_parsers
 
-    parser = argparse.ArgumentParser(prog="sidetune", description=__doc__,
-                                     epilog=f"{EXAMPLES}\n\n{ENVIRONMENT}\n\n{EXIT_CODES}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="sidetune",
+        description=__doc__,
+        epilog=f"{EXAMPLES}\n\n{ENVIRONMENT}\n\n{EXIT_CODES}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.set_defaults(url=None, json=False)  # of the commands that talk to the API (worker/commands/)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, summary: str, example: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
-    command("serve", "run Redis (embedded unless SIDETUNE_REDIS_URL), both workers, the inference service and the API",
-            "SIDETUNE_DATA_DIR=/data sidetune serve")  # fmt: skip
+    command(
+        "serve",
+        "run Redis (embedded unless SIDETUNE_REDIS_URL), both workers, the inference service and the API",
+        "SIDETUNE_DATA_DIR=/data sidetune serve",
+    )
     command("api", "run the API only (uvicorn)", "SIDETUNE_API_KEYS=secret SIDETUNE_API_HOST=0.0.0.0 sidetune api")
-    command("inference", "run the inference service only (uvicorn; predict v1 and v2, exports)",
-            "SIDETUNE_DEVICE=cuda sidetune inference")  # fmt: skip
+    command(
+        "inference",
+        "run the inference service only (uvicorn; predict v1 and v2, exports)",
+        "SIDETUNE_DEVICE=cuda sidetune inference",
+    )
     p = command("worker", "run one Celery worker", "sidetune worker --queues extract")
     p.add_argument("--queues", default="extract,train", help="comma-separated: extract, train")
     p.add_argument("--loglevel", default="INFO")
     add_parsers(sub)  # the verbs that talk to the API
     from services.methods import METHOD_NAMES
 
-    p = command("params", "count a method's trainable parameters on a backbone (meta device, no memory)",
-                "sidetune params --backbone vit_base_patch16_224 --method losa --rank 16")  # fmt: skip
+    p = command(
+        "params",
+        "count a method's trainable parameters on a backbone (meta device, no memory)",
+        "sidetune params --backbone vit_base_patch16_224 --method losa --rank 16",
+    )
     p.add_argument("--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224")
     p.add_argument("--method", required=True, choices=METHOD_NAMES)
     p.add_argument("--rank", type=int, help="the method's rank (methods that have one)")
@@ -250,21 +291,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=10, help="classifier size (excluded from the count)")
     p.add_argument("--frames", type=int, help="count on the ViViT of this many frames made of the backbone (video)")
     p.add_argument("--tubelet", type=int, default=2, help="frames per tubelet, with --frames (default 2)")
-    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="another config field, JSON value (repeatable)")  # fmt: skip
-    p = command("plan", "a job spec's cache size, quota and memory fit and extraction time, computed here (no "
-                "server; `sidetune submit --dry-run` asks the server); exit code 1 when it cannot fit",
-                "sidetune plan spec.json --json")  # fmt: skip
+    p.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another config field, JSON value (repeatable)",
+    )
+    p = command(
+        "plan",
+        "a job spec's cache size, quota and memory fit and extraction time, computed here (no "
+        "server; `sidetune submit --dry-run` asks the server); exit code 1 when it cannot fit",
+        "sidetune plan spec.json --json",
+    )
     p.add_argument("spec", help="job spec (JSON file)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p = command("demo", "embedded stack + digits: a linear probe and a LoSA job, end to end",
-                "sidetune demo --epochs 5")  # fmt: skip
+    p = command(
+        "demo", "embedded stack + digits: a linear probe and a LoSA job, end to end", "sidetune demo --epochs 5"
+    )
     p.add_argument("--epochs", type=int, help="epochs of every job (default: each method's own; 15 with --video)")
     p.add_argument("--video", action="store_true", help="synthetic motion videos and a ViViT instead of digits")
     p.add_argument("--per-class", type=int, default=40, help="with --video: training videos per class")
     args = parser.parse_args(argv)
-    handlers = {"serve": cmd_serve, "api": cmd_api, "inference": cmd_inference, "worker": cmd_worker,
-                "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo}  # fmt: skip
+    handlers = {
+        "serve": cmd_serve,
+        "api": cmd_api,
+        "inference": cmd_inference,
+        "worker": cmd_worker,
+        "params": cmd_params,
+        "plan": cmd_plan,
+        "demo": cmd_demo,
+    }
     handler = getattr(args, "func", None) or handlers[args.command]
     try:
         return handler(args)
@@ -277,8 +335,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(e, httpx.TransportError):  # no answer: refused, timed out, reset
             where = e.request.url.copy_with(path="/", query=None) if _has_request(e) else "the API"
-            print(f"error: cannot reach the sidetune API at {where} ({type(e).__name__}: {e or 'no answer'}); is "
-                  "`sidetune serve` running there? (--url or SIDETUNE_URL)", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: cannot reach the sidetune API at {where} ({type(e).__name__}: {e or 'no answer'}); is "
+                "`sidetune serve` running there? (--url or SIDETUNE_URL)",
+                file=sys.stderr,
+            )
             return EXIT_UNREACHABLE
         if isinstance(e, ApiError):
             hint = " (give a key with SIDETUNE_API_KEY)" if e.status == 401 else ""

@@ -184,8 +184,13 @@ class Client:
     def upload(self, archive: Path, name: str | None = None) -> dict[str, Any]:
         """Upload a dataset archive (zip or tar), streamed from the file."""
         with open(archive, "rb") as f:
-            return self._call("POST", "/datasets", files={"file": (Path(archive).name, f)},
-                              data={"name": name} if name else None, timeout=None)  # fmt: skip
+            return self._call(
+                "POST",
+                "/datasets",
+                files={"file": (Path(archive).name, f)},
+                data={"name": name} if name else None,
+                timeout=None,
+            )
 
     def datasets(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._call("GET", "/datasets", params={"limit": limit})["data"]

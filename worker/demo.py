@@ -54,16 +54,19 @@ def run_demo(epochs: int | None = None, video: bool = False, per_class: int = 40
     settings = Settings()
     pretrained = pretrained_reachable(BACKBONE)
     if not pretrained:
-        console.print(f"[yellow]warning: pretrained weights for {BACKBONE} cannot be downloaded here; using a "
-                      "randomly initialised backbone (pretrained=False), so accuracy will be lower than with "
-                      "real weights[/yellow]")  # fmt: skip
+        console.print(
+            f"[yellow]warning: pretrained weights for {BACKBONE} cannot be downloaded here; using a "
+            "randomly initialised backbone (pretrained=False), so accuracy will be lower than with "
+            "real weights[/yellow]"
+        )
     if video:
         from services.video.synthetic import write_motion
 
         root = settings.data_path / "datasets" / "motion"
         counts = write_motion(root, per_class, holdout_per_class=max(1, per_class // 4))
-        console.print(f"motion videos written to {root}: {counts['train']} training videos, {counts['holdout']} "
-                      "held out")  # fmt: skip
+        console.print(
+            f"motion videos written to {root}: {counts['train']} training videos, {counts['holdout']} held out"
+        )
         backbone = {"name": BACKBONE, "pretrained": pretrained, "image_size": VIDEO_SIZE, "video": VIDEO}
         holdout = sorted((root / "holdout").glob("*/*.mp4"))
     else:
@@ -79,14 +82,26 @@ def run_demo(epochs: int | None = None, video: bool = False, per_class: int = 40
     # batches of 16 for 15 epochs keep the video demo to a few minutes on a CPU (the defaults take 100 epochs of 64)
     training = {"batch_size": 16, "epochs": epochs or 15} if video else ({"epochs": epochs} if epochs else {})
     specs = [
-        {"name": "demo-losa", "dataset": dataset, "backbone": backbone, "method": {"name": "losa", "rank": 8},
-         "training": training},
-        {"name": "demo-linear", "dataset": dataset, "backbone": backbone, "method": {"name": "linear"},
-         "training": training},
-    ]  # fmt: skip
+        {
+            "name": "demo-losa",
+            "dataset": dataset,
+            "backbone": backbone,
+            "method": {"name": "losa", "rank": 8},
+            "training": training,
+        },
+        {
+            "name": "demo-linear",
+            "dataset": dataset,
+            "backbone": backbone,
+            "method": {"name": "linear"},
+            "training": training,
+        },
+    ]
     stack = Stack(settings)
-    console.print(f"starting the embedded stack (Redis, extract worker, train worker, inference service, API); logs "
-                  f"in {stack.logs_where}")  # fmt: skip
+    console.print(
+        f"starting the embedded stack (Redis, extract worker, train worker, inference service, API); logs "
+        f"in {stack.logs_where}"
+    )
     with stack:
         client = Client(stack.api_url)
         console.print(f"API ready at {stack.api_url}")
@@ -108,21 +123,37 @@ def run_demo(epochs: int | None = None, video: bool = False, per_class: int = 40
     weights = "pretrained" if pretrained else "random init"
     data = f"ViViT of {VIDEO['num_frames']} frames on motion videos" if video else "digits"
     table = Table(title=f"sidetune demo: {BACKBONE} ({weights}) on {data}")
-    for col in ("method", "trainable params", "val acc", "held-out acc (HTTP)", "extraction s", "training s",
-                "train clips/s" if video else "train img/s", "cache"):  # fmt: skip
+    for col in (
+        "method",
+        "trainable params",
+        "val acc",
+        "held-out acc (HTTP)",
+        "extraction s",
+        "training s",
+        "train clips/s" if video else "train img/s",
+        "cache",
+    ):
         table.add_column(col, justify="right" if col != "method" else "left")
     for job, acc in rows:
         m = job["metrics"]
         method = job["spec"]["method"]["name"]
         if m.get("sweep"):
             method += f" (best of {len(m['sweep'])}: lr {m['selected']['lr']:g})"
-        table.add_row(method, f"{m['trainable_params']:,}", f"{m['val_accuracy']:.4f}",
-                      f"{acc:.4f}", f"{m['extract_seconds']:.1f}", f"{m['train_seconds']:.1f}",
-                      f"{m['train_images_per_s']:,.0f}",
-                      "reused" if m["cache_hit"] else f"extracted ({m['backbone_forwards']} forwards)")  # fmt: skip
+        table.add_row(
+            method,
+            f"{m['trainable_params']:,}",
+            f"{m['val_accuracy']:.4f}",
+            f"{acc:.4f}",
+            f"{m['extract_seconds']:.1f}",
+            f"{m['train_seconds']:.1f}",
+            f"{m['train_images_per_s']:,.0f}",
+            "reused" if m["cache_hit"] else f"extracted ({m['backbone_forwards']} forwards)",
+        )
     console.print(table)
     reused = [job for job, _ in rows if job["metrics"]["cache_hit"]]
     for job in reused:
-        console.print(f"the {job['spec']['method']['name']} job reused the feature cache {job['cache_key']}: "
-                      f"{job['metrics']['backbone_forwards']} backbone forwards")  # fmt: skip
+        console.print(
+            f"the {job['spec']['method']['name']} job reused the feature cache {job['cache_key']}: "
+            f"{job['metrics']['backbone_forwards']} backbone forwards"
+        )
     return 0

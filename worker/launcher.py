@@ -123,8 +123,9 @@ class Stack:
             return subprocess.Popen(command, env=self.env(), start_new_session=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own copy of the descriptor
-            return subprocess.Popen(command, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # fmt: skip
+            return subprocess.Popen(
+                command, env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         """Start `sidetune <args>` as a child named `name`, supervised once the stack runs (`start`)."""
@@ -178,8 +179,9 @@ class Stack:
         if stop and stop.is_set():
             return
         self.stop()
-        raise RuntimeError(f"the stack was not ready within {timeout_s}s ({pending[0]}); see the logs in "
-                           f"{self.logs_where}")  # fmt: skip
+        raise RuntimeError(
+            f"the stack was not ready within {timeout_s}s ({pending[0]}); see the logs in {self.logs_where}"
+        )
 
     # ---- supervision -------------------------------------------------------------------------------------------
     def _supervise(self) -> None:
@@ -205,8 +207,14 @@ class Stack:
             child.quick_exits = child.quick_exits + 1 if ran < STABLE_S else 1
             delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (child.quick_exits - 1))
             child.restart_at = now + delay
-            log.warning("%s exited with %s after %.1f s; restarting it in %.1f s (restart %d)", name,
-                        describe_exit(code), ran, delay, child.restarts + 1)  # fmt: skip
+            log.warning(
+                "%s exited with %s after %.1f s; restarting it in %.1f s (restart %d)",
+                name,
+                describe_exit(code),
+                ran,
+                delay,
+                child.restarts + 1,
+            )
         return now >= child.restart_at
 
     def _restarted(self, name: str, child: _Child) -> None:

@@ -18,8 +18,12 @@ def console() -> Console:
 
 def follow(client: Client, job_ids: list[str], poll_s: float = 0.5) -> list[dict]:
     jobs: dict[str, dict] = {}
-    columns = (TextColumn("{task.description:<34}"), BarColumn(), TextColumn("{task.fields[status]:<34}"),
-               TimeElapsedColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]:<34}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns) as bars:
         tasks = {j: bars.add_task(j, total=1, status="queued") for j in job_ids}
         while True:

@@ -83,8 +83,10 @@ def _time_limit(seconds: float, what: str) -> Iterator[None]:
         return
 
     def _expired(signum: int, _frame: object) -> None:
-        raise StepTimeout(f"{what} ran longer than job_timeout_s ({seconds:.0f} s); raise SIDETUNE_JOB_TIMEOUT_S "
-                          "or make the job smaller")  # fmt: skip
+        raise StepTimeout(
+            f"{what} ran longer than job_timeout_s ({seconds:.0f} s); raise SIDETUNE_JOB_TIMEOUT_S "
+            "or make the job smaller"
+        )
 
     previous = signal.signal(signal.SIGALRM, _expired)
     signal.setitimer(signal.ITIMER_REAL, seconds)

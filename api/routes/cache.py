@@ -15,8 +15,7 @@ from api.schemas import CacheList, ErrorBody
 from storage.cache import CacheEntry, FeatureCache
 from storage.locks import Pins
 
-router = APIRouter(prefix="/cache", tags=["cache"],
-                   responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})  # fmt: skip
+router = APIRouter(prefix="/cache", tags=["cache"], responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})
 
 KEY = re.compile(r"[0-9a-f]{32}/[0-9a-f]{32}")  # storage.cache.cache_key's family/variant
 CacheKey = Annotated[str, Path(description="The entry's key, `<family>/<variant>`, as `GET /cache` lists it.")]
@@ -29,8 +28,15 @@ def _info(entry: CacheEntry, pins: Pins) -> dict:
     except Exception:  # arrays left without metadata by a crash, or removed meanwhile
         complete, meta = False, {}
     shown = {k: meta[k] for k in ("backbone", "layers", "token_mode", "shape", "codec") if k in meta}
-    return {"key": entry.key, "bytes": entry.nbytes(), "complete": complete, "last_used": entry.last_used or None,
-            "pinned_by": pins.holders(entry.key), "extracting": pins.extracting(entry.key), "meta": shown}  # fmt: skip
+    return {
+        "key": entry.key,
+        "bytes": entry.nbytes(),
+        "complete": complete,
+        "last_used": entry.last_used or None,
+        "pinned_by": pins.holders(entry.key),
+        "extracting": pins.extracting(entry.key),
+        "meta": shown,
+    }
 
 
 @router.get("", response_model=CacheList)
@@ -41,8 +47,13 @@ def list_cache(_: AdminDep, settings: SettingsDep, store: StoreDep) -> dict:
     pins = Pins(store.r)
     data = sorted((_info(e, pins) for e in cache.entries()), key=lambda d: (d["last_used"] or 0.0, d["key"]))
     quota = None if settings.cache_quota_gb is None else int(settings.cache_quota_gb * 1e9)
-    return {"object": "list", "data": data, "bytes": sum(d["bytes"] for d in data), "quota_bytes": quota,
-            "free_disk_bytes": cache.free_bytes()}  # fmt: skip
+    return {
+        "object": "list",
+        "data": data,
+        "bytes": sum(d["bytes"] for d in data),
+        "quota_bytes": quota,
+        "free_disk_bytes": cache.free_bytes(),
+    }
 
 
 @router.delete("/{key:path}", status_code=204, responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
@@ -57,6 +68,9 @@ def delete_cache_entry(key: CacheKey, _: AdminDep, settings: SettingsDep, store:
         raise ApiError(404, "not_found", f"no cache entry {key!r}")
     users = pins.holders(key) + [j for j in [pins.extracting(key)] if j]
     if users or not cache.discard(key, pins):
-        raise ApiError(409, "cache_in_use", f"cache entry {key!r} is in use by {', '.join(users) or 'a job'}; "
-                       "delete it once they have ended")  # fmt: skip
+        raise ApiError(
+            409,
+            "cache_in_use",
+            f"cache entry {key!r} is in use by {', '.join(users) or 'a job'}; delete it once they have ended",
+        )
     return Response(status_code=204)

@@ -123,9 +123,13 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
     length = request.headers.get("content-length", "")
     free = free_bytes(files.local_dir)
     if length.isdigit() and free is not None and int(length) > free:  # the request itself cannot fit: not the server's
-        raise ApiError(409, "upload_does_not_fit", f"the upload ({int(length) / 1e6:.2f} MB) is larger than the free "
-                       f"space where datasets are staged ({free / 1e6:.2f} MB); upload a smaller archive, or ask the "
-                       "operator to free space")  # fmt: skip
+        raise ApiError(
+            409,
+            "upload_does_not_fit",
+            f"the upload ({int(length) / 1e6:.2f} MB) is larger than the free "
+            f"space where datasets are staged ({free / 1e6:.2f} MB); upload a smaller archive, or ask the "
+            "operator to free space",
+        )
     try:
         with (
             naming_disk_full(files.local_dir, "an uploaded dataset", int(length) if length.isdigit() else None),
@@ -176,16 +180,18 @@ def get_dataset(dataset_id: DatasetId, store: StoreDep, owner: OwnerDep) -> dict
     return own_dataset(store, dataset_id, owner)
 
 
-@router.delete(
-    "/{dataset_id}", status_code=204, responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}}
-)  # fmt: skip
+@router.delete("/{dataset_id}", status_code=204, responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}})
 def delete_dataset(dataset_id: DatasetId, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
     """Delete a dataset and its files. Refused (409 `dataset_in_use`) while a job using it is queued or running."""
     record = own_dataset(store, dataset_id, owner)
     busy = [job_id for job_id in records(store).job_ids(dataset_id) if _active(store, job_id)]
     if busy:
-        raise ApiError(409, "dataset_in_use", f"dataset {dataset_id!r} is used by unfinished job(s) "
-                       f"{', '.join(busy)}; cancel them or wait for them to end")  # fmt: skip
+        raise ApiError(
+            409,
+            "dataset_in_use",
+            f"dataset {dataset_id!r} is used by unfinished job(s) "
+            f"{', '.join(busy)}; cancel them or wait for them to end",
+        )
     # The record goes first: a job submitted from now on gets a 404, not a path that is about to vanish.
     if records(store).delete(dataset_id):  # the one caller that removed it gives its bytes back to the key's quota
         Usage(store.r).add(owner, UPLOADS, -int(record.get("size_bytes") or 0))
@@ -201,8 +207,9 @@ def _active(store: JobStore, job_id: str) -> bool:
 
 
 # ---- jobs that use a dataset (called by api/routes/jobs.py) ------------------------------------------------------
-def _upload_path(dataset_id: str, field: str, store: JobStore, owner: str | None,
-                 settings: Settings) -> tuple[str, str]:  # fmt: skip
+def _upload_path(
+    dataset_id: str, field: str, store: JobStore, owner: str | None, settings: Settings
+) -> tuple[str, str]:
     """Where this machine reads the caller's uploaded dataset `dataset_id` (fetched from the store first if it has
     no copy), and its format; 404 naming `field` for another key's dataset or none."""
     try:

@@ -33,14 +33,16 @@ _FORMATS = "; ".join(f"`{name}`: {f.description}" for name, f in FORMATS.items()
     "/{model_id}/export",
     response_class=FileResponse,
     responses={
-        200: {"content": {"application/zip": {}, "application/octet-stream": {}}, "description": "The export: a "
-              "zip (`timm`, `adapter`) or an .onnx file, named in Content-Disposition."},
+        200: {
+            "content": {"application/zip": {}, "application/octet-stream": {}},
+            "description": "The export: a zip (`timm`, `adapter`) or an .onnx file, named in Content-Disposition.",
+        },
         404: {"model": ErrorBody},
         409: {"model": ErrorBody, "description": "The model's job failed, was cancelled or has not finished."},
         422: {"model": ErrorBody, "description": "An unknown format, or one this model cannot be exported in."},
         503: {"model": ErrorBody},
     },
-)  # fmt: skip
+)
 async def export_model(
     model_id: ModelId,
     request: Request,
@@ -58,15 +60,24 @@ async def export_model(
     try:
         artifacts = ArtifactStore.from_settings(settings)
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(request.app.state.exporter, export_model, artifacts, settings, model_id, fmt,
-                                         folder)  # fmt: skip
+        out = await loop.run_in_executor(
+            request.app.state.exporter, export_model, artifacts, settings, model_id, fmt, folder
+        )
     except BaseException as e:
         shutil.rmtree(folder, ignore_errors=True)
         if isinstance(e, ExportError):
             raise ApiError(422, "export_unsupported", f"model {model_id!r} cannot be exported as {fmt}: {e}") from None
         if isinstance(e, FileNotFoundError):
-            raise ApiError(503, "model_unavailable", f"model {model_id!r} is registered but not in the store: {e}",
-                           {"Retry-After": "5"}) from None  # fmt: skip
+            raise ApiError(
+                503,
+                "model_unavailable",
+                f"model {model_id!r} is registered but not in the store: {e}",
+                {"Retry-After": "5"},
+            ) from None
         raise
-    return FileResponse(out.path, media_type=out.media_type, filename=out.filename,
-                        background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True))  # fmt: skip
+    return FileResponse(
+        out.path,
+        media_type=out.media_type,
+        filename=out.filename,
+        background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True),
+    )

@@ -26,8 +26,17 @@ from api.errors import ApiError
 router = APIRouter()
 
 # Per-connection headers (RFC 9110 sec. 7.6.1) and the Host of this hop are not forwarded.
-HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding",
-       "upgrade", "host"}  # fmt: skip
+HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+}
 TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=600.0, pool=600.0)  # a cold load of a large model takes a while
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
@@ -39,8 +48,9 @@ def _client(app: FastAPI) -> httpx.AsyncClient:
     client = _clients.get(loop)
     if client is None or client.is_closed:  # closed by an app's shutdown: another app may still run on this loop
         base = app.state.settings.inference_location
-        client = _clients[loop] = httpx.AsyncClient(base_url=base, timeout=TIMEOUT, limits=httpx.Limits(
-            max_connections=256, max_keepalive_connections=64))  # fmt: skip
+        client = _clients[loop] = httpx.AsyncClient(
+            base_url=base, timeout=TIMEOUT, limits=httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        )
     return client
 
 
@@ -57,21 +67,31 @@ async def forward(request: Request) -> StreamingResponse:
     # The path as it came, still percent-encoded: the decoded one may hold characters a URL cannot.
     path = request.scope.get("raw_path", b"").decode("latin-1") or quote(request.url.path)
     try:
-        outgoing = client.build_request(request.method, path, params=request.url.query or None, headers=headers,
-                                        content=request.stream())  # fmt: skip
+        outgoing = client.build_request(
+            request.method, path, params=request.url.query or None, headers=headers, content=request.stream()
+        )
     except httpx.InvalidURL as e:
         raise ApiError(400, "invalid_request", f"the request's URL cannot be forwarded: {e}") from None
     try:
         answer = await client.send(outgoing, stream=True)
     except (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as e:  # down, or died mid-request
-        raise ApiError(503, "inference_unavailable", f"the inference service at {client.base_url} is unreachable "
-                       f"({type(e).__name__}); retry shortly", {"Retry-After": "5"}) from None  # fmt: skip
+        raise ApiError(
+            503,
+            "inference_unavailable",
+            f"the inference service at {client.base_url} is unreachable ({type(e).__name__}); retry shortly",
+            {"Retry-After": "5"},
+        ) from None
     except httpx.TimeoutException as e:
-        raise ApiError(504, "inference_timeout", f"the inference service at {client.base_url} did not answer in time "
-                       f"({type(e).__name__}); retry shortly", {"Retry-After": "5"}) from None  # fmt: skip
+        raise ApiError(
+            504,
+            "inference_timeout",
+            f"the inference service at {client.base_url} did not answer in time ({type(e).__name__}); retry shortly",
+            {"Retry-After": "5"},
+        ) from None
     back = {k: v for k, v in answer.headers.items() if k.lower() not in HOP}
-    return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code, headers=back,
-                             background=BackgroundTask(answer.aclose))  # fmt: skip
+    return StreamingResponse(
+        answer.aiter_raw(), status_code=answer.status_code, headers=back, background=BackgroundTask(answer.aclose)
+    )
 
 
 for path in ("/v1/models/{model_id}:predict", "/v1/models/{model_id}:predict-files", "/v2/models/{model_id}/infer"):

@@ -30,8 +30,18 @@ def readyz(store: StoreDep):
         reason = f"Redis is unavailable ({type(e).__name__}: {e})"
     else:
         missing = [q for q in ("extract", "train") if workers.get(q, 0) == 0]
-        reason = (f"Redis refuses writes ({refusal})" if refusal
-                  else f"no live {' or '.join(missing)} worker" if missing else None)  # fmt: skip
-    body = {"status": "ready" if reason is None else "not_ready", "redis": redis_ok,
-            "redis_writable": redis_ok and refusal is None, "workers": workers, "reason": reason}  # fmt: skip
+        reason = (
+            f"Redis refuses writes ({refusal})"
+            if refusal
+            else f"no live {' or '.join(missing)} worker"
+            if missing
+            else None
+        )
+    body = {
+        "status": "ready" if reason is None else "not_ready",
+        "redis": redis_ok,
+        "redis_writable": redis_ok and refusal is None,
+        "workers": workers,
+        "reason": reason,
+    }
     return body if reason is None else JSONResponse(body, status_code=503)

@@ -121,14 +121,21 @@ def create_job(
         job = store.create_job(spec.model_dump(mode="json"), owner=owner, limit=limit)
     else:
         try:
-            job, created = store.create_job_once(idempotency_key, spec.model_dump(mode="json"), owner=owner,
-                                                 limit=limit)  # fmt: skip
+            job, created = store.create_job_once(
+                idempotency_key, spec.model_dump(mode="json"), owner=owner, limit=limit
+            )
         except IdempotencyConflict:
-            raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used with another job spec; "
-                           "use a new key for a new job") from None  # fmt: skip
+            raise ApiError(
+                409,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with another job spec; use a new key for a new job",
+            ) from None
         except NotFound:
-            raise ApiError(409, "idempotency_in_progress", "a request with this Idempotency-Key is still being "
-                           "processed; retry shortly") from None  # fmt: skip
+            raise ApiError(
+                409,
+                "idempotency_in_progress",
+                "a request with this Idempotency-Key is still being processed; retry shortly",
+            ) from None
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
             return job
@@ -182,8 +189,11 @@ def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep, owner: Own
     try:
         store.delete_job(job_id)
     except Busy as e:
-        raise ApiError(409, "job_not_finished", f"job {job_id!r} is {e}; cancel it first (POST "
-                       f"/jobs/{job_id}/cancel) or wait for it to end") from None  # fmt: skip
+        raise ApiError(
+            409,
+            "job_not_finished",
+            f"job {job_id!r} is {e}; cancel it first (POST /jobs/{job_id}/cancel) or wait for it to end",
+        ) from None
     except NotFound:  # deleted meanwhile
         raise ApiError(404, "not_found", f"no job {job_id!r}") from None
     ArtifactStore.from_settings(settings).drop_checkpoints(job_id)
@@ -212,17 +222,27 @@ def job_checkpoints(job_id: JobId, store: StoreDep, settings: SettingsDep, owner
     folder = ArtifactStore.from_settings(settings).checkpoints(job_id)
     files = folder.files()
     info = folder.read_json("checkpoint.json") if "checkpoint.json" in files else {}
-    data = [{"name": name, "size_bytes": size, "created_at": folder.modified(name), "epoch": info.get("epoch"),
-             "best_epoch": info.get("best_epoch")} for name, size in sorted(files.items())]  # fmt: skip
+    data = [
+        {
+            "name": name,
+            "size_bytes": size,
+            "created_at": folder.modified(name),
+            "epoch": info.get("epoch"),
+            "best_epoch": info.get("best_epoch"),
+        }
+        for name, size in sorted(files.items())
+    ]
     return {"object": "list", "data": data, "expires_at": expires_at(job, settings)}
 
 
 @router.get(
     "/{job_id}/checkpoints/{name}",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file."},
-               404: {"model": ErrorBody}},
-)  # fmt: skip
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The file."},
+        404: {"model": ErrorBody},
+    },
+)
 def job_checkpoint_file(
     job_id: JobId,
     name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]+$", description="A file the listing names.")],
@@ -234,8 +254,14 @@ def job_checkpoint_file(
     own_job(store, job_id, owner)
     folder = ArtifactStore.from_settings(settings).checkpoints(job_id)
     if name.startswith(".") or name not in folder.files():
-        raise ApiError(404, "not_found", f"job {job_id!r} has no checkpoint file {name!r} (removed after the "
-                       "retention, or never written)")  # fmt: skip
+        raise ApiError(
+            404,
+            "not_found",
+            f"job {job_id!r} has no checkpoint file {name!r} (removed after the retention, or never written)",
+        )
     media = "application/json" if name.endswith(".json") else "application/octet-stream"
-    return Response(folder.read_bytes(name), media_type=media,
-                    headers={"Content-Disposition": f'attachment; filename="{job_id}-{name}"'})  # fmt: skip
+    return Response(
+        folder.read_bytes(name),
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-{name}"'},
+    )

@@ -37,13 +37,22 @@ def own_model_or_why(store: JobStore, model_id: str, owner: str | None) -> dict:
             raise
         status, error = job["status"], job.get("error") or {}
         if status == "failed":
-            raise ApiError(409, "job_failed", f"model {model_id!r} does not exist: its job {job['id']} failed "
-                           f"({error.get('code')}: {error.get('message')})") from None  # fmt: skip
+            raise ApiError(
+                409,
+                "job_failed",
+                f"model {model_id!r} does not exist: its job {job['id']} failed "
+                f"({error.get('code')}: {error.get('message')})",
+            ) from None
         if status == "cancelled":
-            raise ApiError(409, "job_cancelled", f"model {model_id!r} does not exist: its job {job['id']} was "
-                           "cancelled") from None  # fmt: skip
-        raise ApiError(409, "model_not_ready", f"model {model_id!r} does not exist yet: its job {job['id']} is "
-                       f"{status}; the model is registered when the job succeeds") from None  # fmt: skip
+            raise ApiError(
+                409, "job_cancelled", f"model {model_id!r} does not exist: its job {job['id']} was cancelled"
+            ) from None
+        raise ApiError(
+            409,
+            "model_not_ready",
+            f"model {model_id!r} does not exist yet: its job {job['id']} is "
+            f"{status}; the model is registered when the job succeeds",
+        ) from None
 
 
 @router.get("", response_model=ModelList)

@@ -54,8 +54,12 @@ async def load_model(request: Request, model_id: str) -> Any:
         try:
             model = await off_loop(request, "loader", predictor.load, model_id)
         except FileNotFoundError as e:
-            raise ApiError(503, "model_unavailable", f"model {model_id!r} is registered but not in the store: {e}",
-                           {"Retry-After": "5"}) from None  # fmt: skip
+            raise ApiError(
+                503,
+                "model_unavailable",
+                f"model {model_id!r} is registered but not in the store: {e}",
+                {"Retry-After": "5"},
+            ) from None
     return model
 
 
@@ -68,8 +72,9 @@ async def run_model(request: Request, model_id: str, images: list[bytes] | list[
     pixels = 0
     if encoded:
         pixels = await off_loop(request, "decoder", _budget, images, request.app.state.settings.max_predict_pixels)
-        images = await off_loop(request, "decoder", _decoded, request.app.state.predictor, images,
-                                draft_size(model.backbone.transform))  # fmt: skip
+        images = await off_loop(
+            request, "decoder", _decoded, request.app.state.predictor, images, draft_size(model.backbone.transform)
+        )
     try:
         return model, await asyncio.wrap_future(request.app.state.batcher.submit(model, images))
     finally:
@@ -97,8 +102,12 @@ def check_videos(items: list[bytes], settings: Any, what: str = "instance") -> N
     max_mb = settings.max_predict_video_mb
     for i, data in enumerate(items):
         if len(data) > max_mb * 2**20:
-            raise ApiError(413, "video_too_large", f"{what} {i}: {len(data) / 2**20:.1f} MB; at most {max_mb:g} MB a "
-                           "video (SIDETUNE_MAX_PREDICT_VIDEO_MB)")  # fmt: skip
+            raise ApiError(
+                413,
+                "video_too_large",
+                f"{what} {i}: {len(data) / 2**20:.1f} MB; at most {max_mb:g} MB a "
+                "video (SIDETUNE_MAX_PREDICT_VIDEO_MB)",
+            )
 
 
 def _decoded_for(predictor: Any, model: Any, items: list[bytes], video: bool | None) -> list[Any]:
@@ -129,8 +138,9 @@ def _raw(instances: list[Instance]) -> tuple[list[bytes], bool]:
         try:
             items.append(base64.b64decode(getattr(inst, field), validate=True))
         except (binascii.Error, ValueError):
-            raise ApiError(400, "invalid_video" if video else "invalid_image",
-                           f"instances.{i}.{field}: not valid base64") from None  # fmt: skip
+            raise ApiError(
+                400, "invalid_video" if video else "invalid_image", f"instances.{i}.{field}: not valid base64"
+            ) from None
     return items, video
 
 
@@ -143,8 +153,12 @@ def _decoded(predictor: Any, images: list[bytes], draft: int | None = None) -> l
 
 def _check_threshold(record: dict, threshold: float | None) -> None:
     if threshold is not None and not record.get("multi_label"):
-        raise ApiError(422, "invalid_request", f"threshold: model {record['id']!r} is single-label (one class per "
-                       "input, the most probable); a threshold applies to multi-label models only")  # fmt: skip
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"threshold: model {record['id']!r} is single-label (one class per "
+            "input, the most probable); a threshold applies to multi-label models only",
+        )
 
 
 def _check_count(n: int, limit: int) -> None:
@@ -153,8 +167,9 @@ def _check_count(n: int, limit: int) -> None:
 
 
 @router.post("/{model_id}:predict", response_model=PredictResponse)
-async def predict(model_id: ModelId, body: PredictRequest, request: Request, owner: OwnerDep,
-                  settings: SettingsDep) -> dict:  # fmt: skip
+async def predict(
+    model_id: ModelId, body: PredictRequest, request: Request, owner: OwnerDep, settings: SettingsDep
+) -> dict:
     """Classify base64-encoded images, `{"instances": [{"image_b64": "..."}]}`, or videos for a model trained on
     clips, `{"instances": [{"video_b64": "..."}]}`."""
     record = await own(request, model_id, owner)

@@ -21,8 +21,10 @@ from fastapi.templating import Jinja2Templates
 
 UI = Path(__file__).resolve().parent.parent / "ui"
 templates = Jinja2Templates(directory=UI / "templates")  # autoescapes: ids from the URL go in as text
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
-       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")  # fmt: skip
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 

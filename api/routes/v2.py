@@ -107,25 +107,42 @@ def _images(infer: InferRequest) -> list[Any]:
 
 @router.post(
     "/models/{model_id}/infer",
-    responses={200: {"description": "`outputs`: `label`, `probabilities`."}, 400: _ERROR, 401: _ERROR, 404: _ERROR,
-               413: _ERROR, 503: _ERROR},
+    responses={
+        200: {"description": "`outputs`: `label`, `probabilities`."},
+        400: _ERROR,
+        401: _ERROR,
+        404: _ERROR,
+        413: _ERROR,
+        503: _ERROR,
+    },
     openapi_extra=_INFER_BODY,
-)  # fmt: skip
+)
 async def infer(model_id: ModelId, request: Request, owner: OwnerDep, settings: SettingsDep) -> Response:
     """Classify images: the BYTES input `image` (encoded files) or the UINT8 input `pixels` ([N, H, W, 3]); or
     videos: the BYTES input `video` (encoded video files), for a model trained on clips."""
     record = await own(request, model_id, owner)
     body = await request.body()
     try:
-        parsed = await off_loop(request, "decoder", parse_request, body, request.headers.get(HEADER),
-                                settings.max_predict_images, settings.max_predict_pixels)  # fmt: skip
+        parsed = await off_loop(
+            request,
+            "decoder",
+            parse_request,
+            body,
+            request.headers.get(HEADER),
+            settings.max_predict_images,
+            settings.max_predict_pixels,
+        )
     except ProtocolError as e:
         raise ApiError(e.status, e.code, str(e)) from None
     video_model = record.get("video") is not None
     if video_model != (parsed.input == "video"):
         want = "`video` (video files)" if video_model else "`image` or `pixels`"
-        raise ApiError(400, "invalid_request", f"input {parsed.input!r}: model {model_id} was trained on "
-                       f"{'videos' if video_model else 'images'}; send the input {want}")  # fmt: skip
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"input {parsed.input!r}: model {model_id} was trained on "
+            f"{'videos' if video_model else 'images'}; send the input {want}",
+        )
     if video_model:
         check_videos(parsed.images, settings, "element")
         try:

@@ -70,8 +70,9 @@ def resolve_format(path: Path, fmt: str) -> str:
     return "csv" if path.is_file() and path.suffix.lower() == ".csv" else "imagefolder"
 
 
-def _fingerprint(root: Path, paths: list[Path], labels: list[str], stats: list[os.stat_result],
-                 spans: np.ndarray | None = None) -> str:  # fmt: skip
+def _fingerprint(
+    root: Path, paths: list[Path], labels: list[str], stats: list[os.stat_result], spans: np.ndarray | None = None
+) -> str:
     h = hashlib.sha256()
     for i, (p, label, st) in enumerate(zip(paths, labels, stats, strict=True)):
         rel = p.relative_to(root) if p.is_relative_to(root) else p
@@ -84,14 +85,21 @@ def media_kind(paths: list[Path], where: Path) -> str:
     """`image` or `video` by the files' suffixes; a dataset mixing both is refused."""
     videos = sum(p.suffix.lower() in VIDEO_SUFFIXES for p in paths)
     if videos and videos < len(paths):
-        raise DatasetError(f"dataset {where} mixes images ({len(paths) - videos}) and videos ({videos}); a dataset "
-                           "holds one or the other")  # fmt: skip
+        raise DatasetError(
+            f"dataset {where} mixes images ({len(paths) - videos}) and videos ({videos}); a dataset "
+            "holds one or the other"
+        )
     return "video" if videos else "image"
 
 
 def _form(name: str) -> str:
-    return "NFC" if unicodedata.is_normalized("NFC", name) else "NFD" if unicodedata.is_normalized("NFD", name) else \
-        "neither NFC nor NFD"  # fmt: skip
+    return (
+        "NFC"
+        if unicodedata.is_normalized("NFC", name)
+        else "NFD"
+        if unicodedata.is_normalized("NFD", name)
+        else "neither NFC nor NFD"
+    )
 
 
 def name_clash(a: str, b: str) -> str:
@@ -111,13 +119,22 @@ def check_distinct(names: list[str], what: str) -> None:
     for name in names:
         first = seen.setdefault(unicodedata.normalize("NFC", name).casefold(), name)
         if first != name:
-            raise DatasetError(f"{what} {name_clash(first, name)}; rename one (or merge them) so that every class "
-                               "reads differently")  # fmt: skip
+            raise DatasetError(
+                f"{what} {name_clash(first, name)}; rename one (or merge them) so that every class reads differently"
+            )
 
 
-def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], duplicates: str = "drop",
-            skipped: tuple[str, ...] = (), spans: np.ndarray | None = None, multi_label: bool = False,
-            what: str = "class folders") -> Dataset:  # fmt: skip
+def _finish(
+    root: Path,
+    paths: list[Path],
+    names: list[str],
+    where: list[str],
+    duplicates: str = "drop",
+    skipped: tuple[str, ...] = (),
+    spans: np.ndarray | None = None,
+    multi_label: bool = False,
+    what: str = "class folders",
+) -> Dataset:
     """The dataset of (path, label) rows, each file once: a file listed again (the same file by device and inode:
     a repeated row, `./a.png` next to `a.png`, a link to it) is left out with the same label (`duplicates="drop"`,
     noted in `skipped_rows`) or refused (`"fail"`), and refused with another label. So no file can land in two
@@ -132,11 +149,15 @@ def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], d
         first = seen.setdefault((st.st_dev, st.st_ino, *span), i)
         if first != i:
             if names[first] != name:
-                raise DatasetError(f"{at}: {p.name} is also {where[first]} with another label ({names[first]!r} vs "
-                                   f"{name!r}); one file cannot be in two classes")  # fmt: skip
+                raise DatasetError(
+                    f"{at}: {p.name} is also {where[first]} with another label ({names[first]!r} vs "
+                    f"{name!r}); one file cannot be in two classes"
+                )
             if duplicates == "fail":
-                raise DatasetError(f"{at}: {p.name} is listed again (first: {where[first]}); remove the repeated rows "
-                                   "or set dataset.duplicates='drop'")  # fmt: skip
+                raise DatasetError(
+                    f"{at}: {p.name} is listed again (first: {where[first]}); remove the repeated rows "
+                    "or set dataset.duplicates='drop'"
+                )
             notes.append(f"{at}: {p.name} repeats {where[first]}, left out")
             continue
         keep.append(i)
@@ -147,11 +168,14 @@ def _finish(root: Path, paths: list[Path], names: list[str], where: list[str], d
     classes = sorted({t for row in tags for t in row})
     check_distinct(classes, "tags" if multi_label else what)
     if len(paths) == 0:
-        raise DatasetError(f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
-                           f"({', '.join(sorted(VIDEO_SUFFIXES))})")  # fmt: skip
+        raise DatasetError(
+            f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
+            f"({', '.join(sorted(VIDEO_SUFFIXES))})"
+        )
     if len(classes) < 2:
-        raise DatasetError(f"dataset {root} has {len(classes)} {'tag' if multi_label else 'class'}; at least 2 are "
-                           "needed")  # fmt: skip
+        raise DatasetError(
+            f"dataset {root} has {len(classes)} {'tag' if multi_label else 'class'}; at least 2 are needed"
+        )
     kind = media_kind(paths, root)
     if spans is not None and kind != "video":
         raise DatasetError(f"{root}: `start`/`end` columns apply to videos only")
@@ -190,8 +214,13 @@ def read_imagefolder(root: Path, inside: Inside | None = None, duplicates: str =
     return _finish(root, paths, names, [str(p) for p in paths], duplicates)
 
 
-def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = False, duplicates: str = "drop",
-             inside: Inside | None = None) -> Dataset:  # fmt: skip
+def read_csv(
+    manifest: Path,
+    multi_label: bool = False,
+    skip_bad_rows: bool = False,
+    duplicates: str = "drop",
+    inside: Inside | None = None,
+) -> Dataset:
     """`path,label` rows, paths relative to the manifest's folder and inside it (links followed), each checked by
     `inside` if given, before it is looked at. `multi_label`: the label column holds `|`-separated tags. A row without
     any tag or whose file is missing fails naming its line, or is left out and listed in `skipped_rows` when
@@ -212,13 +241,22 @@ def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = Fa
         for line, row in enumerate(reader, start=2):
             rel = (row["path"] or "").strip()
             label = (row["label"] or "").strip()
-            empty = "an empty path" if not rel else (
-                f"an empty tag list {label!r}" if multi_label and not any(t.strip() for t in label.split("|"))
-                else "an empty label" if not label else None)  # fmt: skip
+            empty = (
+                "an empty path"
+                if not rel
+                else (
+                    f"an empty tag list {label!r}"
+                    if multi_label and not any(t.strip() for t in label.split("|"))
+                    else "an empty label"
+                    if not label
+                    else None
+                )
+            )
             if empty:
                 if not skip_bad_rows:
-                    raise DatasetError(f"{manifest} line {line}: {empty} (set dataset.on_corrupt='skip' to leave such "
-                                       "rows out)")  # fmt: skip
+                    raise DatasetError(
+                        f"{manifest} line {line}: {empty} (set dataset.on_corrupt='skip' to leave such rows out)"
+                    )
                 skipped.append(f"{manifest.name} line {line}: {empty}, left out")
                 continue
             p = (root / rel).resolve()
@@ -228,8 +266,10 @@ def read_csv(manifest: Path, multi_label: bool = False, skip_bad_rows: bool = Fa
                 inside(root / rel, f"{manifest.name} line {line}")
             if not p.is_file():
                 if not skip_bad_rows:
-                    raise DatasetError(f"{manifest} line {line}: {rel!r} does not exist (set dataset.on_corrupt="
-                                       "'skip' to leave missing files out)")  # fmt: skip
+                    raise DatasetError(
+                        f"{manifest} line {line}: {rel!r} does not exist (set dataset.on_corrupt="
+                        "'skip' to leave missing files out)"
+                    )
                 skipped.append(f"{manifest.name} line {line}: {rel} does not exist, left out")
                 continue
             paths.append(p)
@@ -257,13 +297,21 @@ def _span(row: dict, manifest: Path, line: int) -> tuple[float, float]:
     return a, b
 
 
-def read_dataset(path: Path, fmt: str = "auto", multi_label: bool = False, on_corrupt: str = "fail",
-                 inside: Inside | None = None, duplicates: str = "drop") -> Dataset:  # fmt: skip
+def read_dataset(
+    path: Path,
+    fmt: str = "auto",
+    multi_label: bool = False,
+    on_corrupt: str = "fail",
+    inside: Inside | None = None,
+    duplicates: str = "drop",
+) -> Dataset:
     """With `inside`, every class folder, linked file and manifest row is checked by it before it is read."""
     fmt = resolve_format(path, fmt)
     if multi_label and fmt != "csv":
-        raise DatasetError(f"{path}: multi-label datasets are CSV manifests whose label column holds `|`-separated "
-                           "tags; an ImageFolder has one class per image")  # fmt: skip
+        raise DatasetError(
+            f"{path}: multi-label datasets are CSV manifests whose label column holds `|`-separated "
+            "tags; an ImageFolder has one class per image"
+        )
     if fmt == "csv":
         return read_csv(path, multi_label, on_corrupt == "skip", duplicates, inside)
     return read_imagefolder(path, inside, duplicates)
@@ -277,8 +325,14 @@ def read_for_job(dataset: Any, paths: UserPaths, test: bool = False) -> Dataset:
     path = paths.check(field, dataset.test if test else dataset.path, upload)
     inside = partial(paths.check_member, field, upload=upload)
     try:
-        return read_dataset(path, "auto" if test else dataset.format, dataset.multi_label, dataset.on_corrupt, inside,
-                            dataset.duplicates)  # fmt: skip
+        return read_dataset(
+            path,
+            "auto" if test else dataset.format,
+            dataset.multi_label,
+            dataset.on_corrupt,
+            inside,
+            dataset.duplicates,
+        )
     except DatasetError as e:
         e.field = field
         raise
@@ -292,12 +346,16 @@ def read_test_set(dataset: Any, paths: UserPaths, classes: list[str]) -> tuple[D
     unknown = sorted(set(test.classes) - set(classes))
     if unknown:
         folded = {unicodedata.normalize("NFC", c).casefold(): c for c in classes}
-        near = [name_clash(folded[k], u) for u in unknown[:5] if (k := unicodedata.normalize("NFC", u).casefold())
-                in folded]  # fmt: skip
+        near = [
+            name_clash(folded[k], u) for u in unknown[:5] if (k := unicodedata.normalize("NFC", u).casefold()) in folded
+        ]
         hint = f" ({'; '.join(near)}: spell them as the training set does)" if near else ""
         listed = ", ".join(ascii(u) for u in unknown[:5])
-        raise DatasetError(f"dataset.test has {'tags' if dataset.multi_label else 'classes'} the training set does "
-                           f"not have: {listed}{hint}", field="dataset.test")  # fmt: skip
+        raise DatasetError(
+            f"dataset.test has {'tags' if dataset.multi_label else 'classes'} the training set does "
+            f"not have: {listed}{hint}",
+            field="dataset.test",
+        )
     order = [classes.index(c) for c in test.classes]
     if test.multi_label:
         targets = np.zeros((len(test), len(classes)), dtype=np.int64)
@@ -334,8 +392,9 @@ def split(
         val.append(idx[:n_val])
         test.append(idx[n_val : n_val + n_test])
         train.append(idx[n_val + n_test :])
-    return tuple(np.sort(np.concatenate([np.empty(0, np.int64), *part]).astype(np.int64))
-                 for part in (train, val, test))  # type: ignore[return-value]  # fmt: skip
+    return tuple(
+        np.sort(np.concatenate([np.empty(0, np.int64), *part]).astype(np.int64)) for part in (train, val, test)
+    )  # type: ignore[return-value]
 
 
 def _by_class(labels: np.ndarray) -> list[np.ndarray]:
@@ -359,11 +418,15 @@ def check_validation(labels: np.ndarray, val: np.ndarray, classes: list[str]) ->
         return
     n = len(labels)
     if labels.ndim == 2:
-        raise DatasetError(f"the validation split is empty: the dataset has {n} usable image(s); at least 2 are needed "
-                           "(one to train on, one to validate on)")  # fmt: skip
-    raise DatasetError(f"the validation split is empty: each of the {len(classes)} classes has a single usable image "
-                       f"({n} in all), and a class needs at least 2 for one to be held out for validation; add "
-                       "images (2 or more per class), or submit a dataset with more images per class")  # fmt: skip
+        raise DatasetError(
+            f"the validation split is empty: the dataset has {n} usable image(s); at least 2 are needed "
+            "(one to train on, one to validate on)"
+        )
+    raise DatasetError(
+        f"the validation split is empty: each of the {len(classes)} classes has a single usable image "
+        f"({n} in all), and a class needs at least 2 for one to be held out for validation; add "
+        "images (2 or more per class), or submit a dataset with more images per class"
+    )
 
 
 def check_test(labels: np.ndarray, test: np.ndarray, val_fraction: float, test_fraction: float) -> None:
@@ -374,11 +437,13 @@ def check_test(labels: np.ndarray, test: np.ndarray, val_fraction: float, test_f
     needed = next((n for n in range(3, 100_000) if n - val_count(n, val_fraction) >= 2), 100_000)
     multi = labels.ndim == 2
     have = int(len(labels) if multi else np.bincount(labels).max())
-    raise DatasetError(f"dataset.test_fraction {test_fraction} leaves no test image: with val_fraction {val_fraction}, "
-                       f"{'the dataset' if multi else 'a class'} needs at least {needed} usable images for one to be "
-                       f"left to test on ({'it has' if multi else 'the largest has'} {have}); add images, set "
-                       "dataset.test to a separate test set, or leave test_fraction out",
-                       field="dataset.test_fraction")  # fmt: skip
+    raise DatasetError(
+        f"dataset.test_fraction {test_fraction} leaves no test image: with val_fraction {val_fraction}, "
+        f"{'the dataset' if multi else 'a class'} needs at least {needed} usable images for one to be "
+        f"left to test on ({'it has' if multi else 'the largest has'} {have}); add images, set "
+        "dataset.test to a separate test set, or leave test_fraction out",
+        field="dataset.test_fraction",
+    )
 
 
 def load_image(source: Path | bytes, draft: int | None = None):

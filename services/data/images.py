@@ -108,8 +108,9 @@ def check_budget(images: Iterable[bytes], budget: int) -> int:
         except ImageError as e:
             raise ImageError(f"instance {i}: {e}") from None
     if total > budget:
-        raise TooManyPixels(f"the images hold {total:,} pixels together; at most {budget:,} per request "
-                            "(send fewer or smaller images)")  # fmt: skip
+        raise TooManyPixels(
+            f"the images hold {total:,} pixels together; at most {budget:,} per request (send fewer or smaller images)"
+        )
     return total
 
 

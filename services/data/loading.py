@@ -198,8 +198,9 @@ def decode_on_device(
     encoded = [j for j, it in enumerate(items) if it.dim() == 1]
     decoded: dict[int, torch.Tensor] = {}
     try:
-        decoded = dict(zip(encoded, decode_jpeg([items[j] for j in encoded], mode=ImageReadMode.RGB, device=device),
-                           strict=True))  # fmt: skip
+        decoded = dict(
+            zip(encoded, decode_jpeg([items[j] for j in encoded], mode=ImageReadMode.RGB, device=device), strict=True)
+        )
     except RuntimeError:  # one bad file fails the batched call: decode one by one to name it
         for j in encoded:
             try:
@@ -212,8 +213,11 @@ def decode_on_device(
                 batch.errors.append(message)
     # EXIF orientation applied here on any device (decode_jpeg's own applies on the CPU only), as Pillow applies it
     decoded = {j: orient(image, batch.orientations[j]) for j, image in decoded.items()}
-    resized = {rows[j]: resize(decoded[j] if it.dim() == 1 else it.to(device, non_blocking=True))
-               for j, it in enumerate(items) if it.dim() != 1 or j in decoded}  # fmt: skip
+    resized = {
+        rows[j]: resize(decoded[j] if it.dim() == 1 else it.to(device, non_blocking=True))
+        for j, it in enumerate(items)
+        if it.dim() != 1 or j in decoded
+    }
     if not resized:
         batch.images = None
         return batch
@@ -254,8 +258,17 @@ def _context() -> multiprocessing.context.BaseContext:
     """A forkserver: forking this process would copy its threads' state (zarr's event loop, CUDA, locks held by
     other threads); the server is forked once, clean, with torch and Pillow imported, and forks each worker."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision.transforms", "timm.data", "PIL.Image", "services.data.loading",
-                                "services.video.loading", "av"])  # fmt: skip
+    ctx.set_forkserver_preload(
+        [
+            "torch",
+            "torchvision.transforms",
+            "timm.data",
+            "PIL.Image",
+            "services.data.loading",
+            "services.video.loading",
+            "av",
+        ]
+    )
     return ctx
 
 
@@ -289,9 +302,15 @@ def _raw(reader: BatchReader, workers: int, pin_memory: bool, threads: int) -> I
                 yield batch.pin_memory() if pin_memory else batch
         return
     loader = DataLoader(
-        reader, batch_size=None, shuffle=False, num_workers=min(workers, len(reader)), pin_memory=pin_memory,
-        worker_init_fn=partial(_exit_with, os.getpid()), multiprocessing_context=_context(), prefetch_factor=2,
-    )  # fmt: skip
+        reader,
+        batch_size=None,
+        shuffle=False,
+        num_workers=min(workers, len(reader)),
+        pin_memory=pin_memory,
+        worker_init_fn=partial(_exit_with, os.getpid()),
+        multiprocessing_context=_context(),
+        prefetch_factor=2,
+    )
     batches = iter(loader)
     try:
         yield from batches
@@ -299,8 +318,13 @@ def _raw(reader: BatchReader, workers: int, pin_memory: bool, threads: int) -> I
         del batches  # the DataLoader's iterator shuts its workers down when it is collected
 
 
-def to_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+def to_input(
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> the normalised batch [B, 3, H, W] on `device` in `dtype`, computed in float32 as
     ToTensor + Normalize compute it (bit-equal on the CPU), then cast."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)

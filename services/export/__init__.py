@@ -31,13 +31,27 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "timm": Format("timm_checkpoint", "-timm.zip", "application/zip", "a plain timm checkpoint: model.safetensors "
-                   "and timm's config.json (APLA, ARC, LoRA, full; linear probes read out by timm's head)"),
-    "onnx": Format("onnx_graph", ".onnx", "application/octet-stream", "one ONNX graph, pixels -> logits, dynamic "
-                   "batch; class names and preprocessing in its metadata (every method)"),
-    "adapter": Format("adapter", "-adapter.zip", "application/zip", "the trained weights (adapter_model.safetensors) "
-                      "and adapter_config.json; rebuilt by services.export.adapter.load_adapter (every method)"),
-}  # fmt: skip
+    "timm": Format(
+        "timm_checkpoint",
+        "-timm.zip",
+        "application/zip",
+        "a plain timm checkpoint: model.safetensors "
+        "and timm's config.json (APLA, ARC, LoRA, full; linear probes read out by timm's head)",
+    ),
+    "onnx": Format(
+        "onnx_graph",
+        ".onnx",
+        "application/octet-stream",
+        "one ONNX graph, pixels -> logits, dynamic batch; class names and preprocessing in its metadata (every method)",
+    ),
+    "adapter": Format(
+        "adapter",
+        "-adapter.zip",
+        "application/zip",
+        "the trained weights (adapter_model.safetensors) "
+        "and adapter_config.json; rebuilt by services.export.adapter.load_adapter (every method)",
+    ),
+}
 
 
 class ExportError(ValueError):

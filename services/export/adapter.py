@@ -46,9 +46,10 @@ class AdapterConfig(BaseModel):
     model_id: str = Field(..., description="The model in the service it was exported from.")
     method: MethodConfig = Field(..., description="The method and its configuration (services/methods/<name>).")
     kind: Literal["side", "adapted"] = Field(
-        ..., description="`side`: a side network on the backbone's activations (linear, LoSA); `adapted`: the method "
-        "changes the backbone (APLA, ARC, LoRA, full) and is merged into it."
-    )  # fmt: skip
+        ...,
+        description="`side`: a side network on the backbone's activations (linear, LoSA); `adapted`: the method "
+        "changes the backbone (APLA, ARC, LoRA, full) and is merged into it.",
+    )
     mode: str = Field(..., description="The execution mode it was trained in (cache, online, images, tail).")
     tail_blocks: int | None = Field(None, description="`tail` mode: the last k blocks were adapted.")
     backbone: BackboneSpec = Field(..., description="The frozen backbone: timm name, weights, image size, video.")
@@ -57,9 +58,10 @@ class AdapterConfig(BaseModel):
     multi_label: bool = Field(False, description="Multi-label: a sigmoid per tag, not a softmax over the classes.")
     threshold: float | None = Field(None, description="Multi-label: the score from which a tag is predicted.")
     preprocessing: dict[str, Any] = Field(
-        ..., description="timm's data config of the backbone: input_size, interpolation, crop_pct, crop_mode, mean, "
-        "std (each frame of a clip alike)."
-    )  # fmt: skip
+        ...,
+        description="timm's data config of the backbone: input_size, interpolation, crop_pct, crop_mode, mean, "
+        "std (each frame of a clip alike).",
+    )
     feature_info: dict[str, Any] | None = Field(None, description="Side networks: the activations they read.")
     input_layers: list[int] | None = Field(None, description="Side networks: the backbone blocks they tap.")
     input_tokens: str | None = Field(None, description="Side networks: the tokens of each tap (all, cls, mean).")
@@ -142,7 +144,9 @@ def load_adapter(path: str | Path, vit: nn.Module | None = None, device: str | t
     if vit is None:
         vit = frozen_backbone(artifact, paths=None).model
     elif weights_hash(vit) != config.weights_hash:
-        raise ValueError(f"this {config.backbone.name} has other weights than the adapter was trained on "
-                         f"({weights_hash(vit)} instead of {config.weights_hash})")  # fmt: skip
+        raise ValueError(
+            f"this {config.backbone.name} has other weights than the adapter was trained on "
+            f"({weights_hash(vit)} instead of {config.weights_hash})"
+        )
     vit = vit.float().eval().requires_grad_(False)
     return AdapterModel(classifier(artifact, weights, vit), config).to(device).eval()

@@ -33,8 +33,15 @@ class SideClassifier(nn.Module):
         self.vit, self.side, self.layers, self.tokens = vit, side, list(layers), tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.vit.forward_intermediates(x, indices=self.layers, norm=False, output_fmt="NLC", stop_early=True,
-                                             intermediates_only=True, return_prefix_tokens=True)  # fmt: skip
+        out = self.vit.forward_intermediates(
+            x,
+            indices=self.layers,
+            norm=False,
+            output_fmt="NLC",
+            stop_early=True,
+            intermediates_only=True,
+            return_prefix_tokens=True,
+        )
         # [B, L, T, D], prefix tokens first, as services.backbones.Backbone.intermediates lays the cache out
         feats = torch.stack([torch.cat([prefix, spatial], dim=1) for spatial, prefix in out], dim=1)
         return self.side(pool_tokens(feats, self.tokens, self.vit.num_prefix_tokens))
@@ -87,8 +94,10 @@ def frozen_backbone(config: dict[str, Any], paths: UserPaths | None = None, devi
         checkpoint = paths.checkpoint(spec) if paths is not None else Path(spec.checkpoint).expanduser()
     backbone = load_backbone(spec, device, checkpoint, precision="fp32")
     if backbone.weights_hash != config["weights_hash"]:
-        raise ValueError(f"backbone {spec.name} now has other weights than the model was trained on "
-                         f"({backbone.weights_hash} instead of {config['weights_hash']})")  # fmt: skip
+        raise ValueError(
+            f"backbone {spec.name} now has other weights than the model was trained on "
+            f"({backbone.weights_hash} instead of {config['weights_hash']})"
+        )
     return backbone
 
 

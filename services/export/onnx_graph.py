@@ -31,8 +31,14 @@ def refusal(config: dict[str, Any]) -> str | None:
 def metadata(trained: Trained) -> dict[str, str]:
     config, video = trained.config, trained.config["backbone"].get("video")
     c, h, w = trained.input_shape
-    layout = (f"float32 [N, {c}, {h}, {w}]: {video['num_frames']} RGB frames of a clip, sampled as `video` says, "
-              "stacked along the channels (frame-major)") if video else f"float32 [N, 3, {h}, {w}]: RGB"  # fmt: skip
+    layout = (
+        (
+            f"float32 [N, {c}, {h}, {w}]: {video['num_frames']} RGB frames of a clip, sampled as `video` says, "
+            "stacked along the channels (frame-major)"
+        )
+        if video
+        else f"float32 [N, 3, {h}, {w}]: RGB"
+    )
     props = {
         "model_id": trained.model_id,
         "classes": json.dumps(trained.classes),
@@ -45,8 +51,10 @@ def metadata(trained: Trained) -> dict[str, str]:
         "scores",
     }
     if config.get("multi_label"):
-        props["logits"] = (f"float32 [N, {len(trained.classes)}]: one logit per tag of `classes`; a sigmoid gives "
-                           "predict's scores, and a tag is predicted from `threshold` on")  # fmt: skip
+        props["logits"] = (
+            f"float32 [N, {len(trained.classes)}]: one logit per tag of `classes`; a sigmoid gives "
+            "predict's scores, and a tag is predicted from `threshold` on"
+        )
         props["multi_label"], props["threshold"] = "true", json.dumps(config.get("threshold"))
     if video:
         props["video"] = json.dumps(video)
@@ -57,13 +65,22 @@ def write(trained: Trained, folder: Path) -> Path:
     module = trained.module
     tensors = {t.data_ptr(): t.numel() * t.element_size() for t in module.state_dict().values()}  # shared ones once
     if sum(tensors.values()) > MAX_BYTES:
-        raise ExportError(f"the model's {sum(tensors.values()) / 1e9:.1f} GB of weights exceed what one ONNX file "
-                          "holds (2 GB); export `timm` or `adapter`")  # fmt: skip
+        raise ExportError(
+            f"the model's {sum(tensors.values()) / 1e9:.1f} GB of weights exceed what one ONNX file "
+            "holds (2 GB); export `timm` or `adapter`"
+        )
     example = torch.randn(2, *trained.input_shape)
     batch = torch.export.Dim("batch", min=1, max=65_536)
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.onnx.export(module, (example,), input_names=["pixel_values"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), dynamo=True, verbose=False)  # fmt: skip
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            verbose=False,
+        )
     proto = program.model_proto
     onnx.helper.set_model_props(proto, metadata(trained))
     onnx.checker.check_model(proto)

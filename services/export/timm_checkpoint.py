@@ -39,17 +39,23 @@ def _linear_pool(config: dict[str, Any]) -> str:
 def refusal(config: dict[str, Any]) -> str | None:
     name = config["method"]["name"]
     if config["backbone"].get("video"):
-        return ("a video model runs on a ViViT built from the image ViT (backbone.video), which is not a timm "
-                "architecture; export `onnx` or `adapter`")  # fmt: skip
+        return (
+            "a video model runs on a ViViT built from the image ViT (backbone.video), which is not a timm "
+            "architecture; export `onnx` or `adapter`"
+        )
     if config.get("kind", "side") != "side":
         return None
     if name != "linear":
-        return (f"{name} is a side network on the backbone's activations, not part of a timm ViT; export `onnx` (one "
-                "graph) or `adapter`")  # fmt: skip
+        return (
+            f"{name} is a side network on the backbone's activations, not part of a timm ViT; export `onnx` (one "
+            "graph) or `adapter`"
+        )
     pool, info = _linear_pool(config), config["feature_info"]
     if TIMM_POOL.get(pool) != info["global_pool"]:
-        return (f"this linear probe pools `{pool}` while the backbone's timm head pools `{info['global_pool']}`, so "
-                "no timm checkpoint computes it; export `onnx` or `adapter`")  # fmt: skip
+        return (
+            f"this linear probe pools `{pool}` while the backbone's timm head pools `{info['global_pool']}`, so "
+            "no timm checkpoint computes it; export `onnx` or `adapter`"
+        )
     return None
 
 
@@ -59,8 +65,10 @@ def _linear_vit(trained: Trained) -> nn.Module:
     module: SideClassifier = trained.module
     readout = module.side.readout
     if readout.pre_pooled and readout.pool == "mean" and readout.norm_weight.numel():
-        raise ExportError("this linear probe reads the mean token pooled before the final norm, which timm's head does "
-                          "not compute; export `onnx` or `adapter`")  # fmt: skip
+        raise ExportError(
+            "this linear probe reads the mean token pooled before the final norm, which timm's head does "
+            "not compute; export `onnx` or `adapter`"
+        )
     vit = module.vit
     vit.reset_classifier(len(trained.classes))
     vit.head.load_state_dict(module.side.head.state_dict())
@@ -84,8 +92,10 @@ def _readme(trained: Trained, model_args: dict[str, Any]) -> str:
     extra = "".join(f", {k}={v!r}" for k, v in model_args.items())
     scores = "Scores: `logits.softmax(-1)`."
     if trained.config.get("multi_label"):
-        scores = (f"Multi-label: `logits.sigmoid()` per tag; a tag is predicted from {trained.config.get('threshold')} "
-                  "on (`sidetune.json`).")  # fmt: skip
+        scores = (
+            f"Multi-label: `logits.sigmoid()` per tag; a tag is predicted from {trained.config.get('threshold')} "
+            "on (`sidetune.json`)."
+        )
     return f"""# {trained.model_id}: {trained.config["method"]["name"]} on {name}, {c} classes (a plain timm ViT)
 
 ```python
@@ -111,8 +121,14 @@ def write(trained: Trained, folder: Path) -> Path:
     model_args = {"img_size": spec["image_size"]} if spec.get("image_size") else {}
     _check_plain(vit, spec["name"], len(trained.classes), model_args)
     out = folder / "timm"
-    save_for_hf(vit, str(out), model_config={"label_names": trained.classes}, model_args=model_args or None,
-                safe_serialization=True, data_config=dict(trained.backbone.data_config))  # fmt: skip
+    save_for_hf(
+        vit,
+        str(out),
+        model_config={"label_names": trained.classes},
+        model_args=model_args or None,
+        safe_serialization=True,
+        data_config=dict(trained.backbone.data_config),
+    )
     (out / "README.md").write_text(_readme(trained, model_args))
     sidetune = {
         "model_id": trained.model_id,

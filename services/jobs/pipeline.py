@@ -154,8 +154,10 @@ def _make_room(store: JobStore, settings: Settings, spec: JobSpec, prep: Any, re
     evicted = cache.evict(quota, keep={prep.key}, reserve=need, guard=Pins(store.r))
     if evicted:
         why = "the cache quota and the free disk" if quota is not None else "the free disk"
-        reporter.event(f"evicted {len(evicted)} least recently used cache entries to make room for {prep.key} "
-                       f"within {why}", data={"evicted": evicted})  # fmt: skip
+        reporter.event(
+            f"evicted {len(evicted)} least recently used cache entries to make room for {prep.key} within {why}",
+            data={"evicted": evicted},
+        )
     free = cache.free_bytes()
     if free is not None and need > free:
         raise DiskFull(cache.local_root or cache.root, f"the feature cache entry {prep.key}", need, free)
@@ -168,16 +170,25 @@ def _give_back(settings: Settings, prep: Any, reporter: JobReporter, exc: Except
         return
     size = prep.entry.nbytes()
     if FeatureCache(settings.cache_location).discard(prep.key):
-        reporter.event(f"removed the partial cache entry {prep.key} ({size / 1e6:.1f} MB) to give its space back",
-                       level="warning", data={"cache": prep.key, "bytes": size})  # fmt: skip
+        reporter.event(
+            f"removed the partial cache entry {prep.key} ({size / 1e6:.1f} MB) to give its space back",
+            level="warning",
+            data={"cache": prep.key, "bytes": size},
+        )
 
 
 def _hit(store: JobStore, job_id: str, prep: Any, reporter: JobReporter, t0: float, owner: str | None) -> Next:
     prep.entry.touch()
     quotas.use_cache(prep, owner)
     reporter.event(f"reusing the feature cache {prep.key}: no backbone forward needed", data={"cache": prep.key})
-    hit = {"cache_key": prep.key, "cache_hit": True, "backbone_forwards": 0, "images": len(prep.dataset),
-           "extract_seconds": round(time.perf_counter() - t0, 3), **prep.entry.summary}  # fmt: skip
+    hit = {
+        "cache_key": prep.key,
+        "cache_hit": True,
+        "backbone_forwards": 0,
+        "images": len(prep.dataset),
+        "extract_seconds": round(time.perf_counter() - t0, 3),
+        **prep.entry.summary,
+    }
     return TRAIN_NEXT if _mark_extracted(store, job_id, cache_key=prep.key, metrics=hit) else None
 
 
@@ -208,9 +219,10 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         lock = _cache_lock(store, prep.key, job_id)
         # A lock held under this job's token is this step's own, left by a worker that died (its step is requeued
         # only then): taken over at once rather than after its lease expires.
-        if prep.entry.is_complete or not (lock.adopt() or acquire_or_wait(
-            lock, lambda: prep.entry.is_complete, on_wait=_wait_notice(reporter, prep.key)
-        )):  # fmt: skip
+        if prep.entry.is_complete or not (
+            lock.adopt()
+            or acquire_or_wait(lock, lambda: prep.entry.is_complete, on_wait=_wait_notice(reporter, prep.key))
+        ):
             return _hit(store, job_id, prep, reporter, t0, job.get("owner"))
         try:
             quotas.fit_cache(store, settings, prep, job.get("owner"), reporter)  # the key's own cache quota
@@ -221,8 +233,10 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
             if shards > 1:
                 begin_extraction(spec, settings, locked, prep=prep)
                 store.set_fields(job_id, extract_key=prep.key, extract_shards=shards, extract_started_at=now())
-                reporter.event(f"extracting {len(prep.dataset)} images into cache {prep.key} as {shards} shard "
-                               f"tasks ({len(prep.entry.pending_batches())} batches to write)")  # fmt: skip
+                reporter.event(
+                    f"extracting {len(prep.dataset)} images into cache {prep.key} as {shards} shard "
+                    f"tasks ({len(prep.entry.pending_batches())} batches to write)"
+                )
                 lock.detach()  # held on for the shard tasks, which adopt and renew it
                 return ("shards", shards)
             result = run_extraction(spec, settings, locked, prep=prep)
@@ -257,8 +271,11 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
         # Join this job's lock; if its lease lapsed (every shard worker died or stalled), take it again, or wait
         # for the job that took the entry over in the meantime.
         complete = lambda: prep.entry.is_complete  # noqa: E731
-        if not complete() and not lock.adopt() and not acquire_or_wait(lock, complete, on_wait=_wait_notice(
-                reporter, prep.key)):  # fmt: skip
+        if (
+            not complete()
+            and not lock.adopt()
+            and not acquire_or_wait(lock, complete, on_wait=_wait_notice(reporter, prep.key))
+        ):
             return _hit(store, job_id, prep, reporter, t0, job.get("owner"))
         batches = shard_batches(prep.entry.pending_batches(), index, count)
         if batches:
@@ -267,20 +284,33 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
             except Exception as e:
                 _give_back(settings, prep, reporter, e)
                 raise
-            store.update_job(job_id, lambda j: j.update(
-                metrics={**j["metrics"], "backbone_forwards": j["metrics"].get("backbone_forwards", 0)
-                         + run["backbone_forwards"]}))  # fmt: skip
-            reporter.event(f"shard {index + 1}/{count}: wrote {len(batches)} batches ({run['images_extracted']} "
-                           f"images) in {run['seconds']:.1f}s on {socket.gethostname()}-{os.getpid()}")  # fmt: skip
+            store.update_job(
+                job_id,
+                lambda j: j.update(
+                    metrics={
+                        **j["metrics"],
+                        "backbone_forwards": j["metrics"].get("backbone_forwards", 0) + run["backbone_forwards"],
+                    }
+                ),
+            )
+            reporter.event(
+                f"shard {index + 1}/{count}: wrote {len(batches)} batches ({run['images_extracted']} "
+                f"images) in {run['seconds']:.1f}s on {socket.gethostname()}-{os.getpid()}"
+            )
         if prep.entry.pending_batches():
             lock.detach()  # the shards still writing renew it
             return None
         summary = finish_extraction(prep)
         lock.release()
         seconds = now() - store.get_job(job_id).get("extract_started_at", now())
-        result = {"cache_key": prep.key, "cache_hit": False, "images": len(prep.dataset),
-                  "extract_seconds": round(seconds, 3), "extract_images_per_s": round(len(prep.dataset) / max(
-                      seconds, 1e-9), 2), **summary}  # fmt: skip
+        result = {
+            "cache_key": prep.key,
+            "cache_hit": False,
+            "images": len(prep.dataset),
+            "extract_seconds": round(seconds, 3),
+            "extract_images_per_s": round(len(prep.dataset) / max(seconds, 1e-9), 2),
+            **summary,
+        }
         if _mark_extracted(store, job_id, cache_key=prep.key, metrics=result):
             reporter.event(f"extraction complete: {len(prep.dataset)} images in {seconds:.1f}s over {count} shards")
             return TRAIN_NEXT
@@ -298,8 +328,10 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
 
 def model_files(out: dict[str, Any]) -> dict[str, bytes]:
     """The files saved beside a trained model's weights: its evaluation report and its plots."""
-    return {"evaluation.json": reports.encode(out["evaluation"]),
-            **{f"plots/{name}.png": png for name, png in out["plots"].items()}}  # fmt: skip
+    return {
+        "evaluation.json": reports.encode(out["evaluation"]),
+        **{f"plots/{name}.png": png for name, png in out["plots"].items()},
+    }
 
 
 def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
@@ -327,8 +359,10 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
             # Pinned while training reads it, so eviction never removes it underneath.
             with Pin(store.r, key, holder=job_id) if key else nullcontext() as pin:
                 if key and not (pin.held and FeatureCache(settings.cache_location).entry(key).is_complete):
-                    raise CacheError(f"the feature cache entry {key} was evicted before training; submit the job "
-                                     "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB")  # fmt: skip
+                    raise CacheError(
+                        f"the feature cache entry {key} was evicted before training; submit the job "
+                        "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB"
+                    )
                 out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt)
             files = model_files(out)
             artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"], files)
@@ -341,16 +375,33 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
         return _cancelled(store, job_id)
     except Exception as e:
         return _failed(store, job_id, e)
-    store.register_model({
-        "id": model_id, "object": "model", "created_at": now(), "job_id": job_id, "owner": job.get("owner"),
-        "name": spec.name, "method": config["method"]["name"], "mode": spec.mode, "backbone": spec.backbone.name,
-        "video": spec.backbone.video.model_dump() if spec.backbone.video else None, "classes": config["classes"],
-        "multi_label": config.get("multi_label", False), "threshold": config.get("threshold"), "metrics": metrics,
-        "evaluation": {"split": report["split"], "images": report["images"], **report["metrics"]},
-        "plots": sorted(PLOTS), "size_bytes": size,
-    })  # fmt: skip
-    store.update_job(job_id, lambda j: j.update(status="succeeded", model_id=model_id, finished_at=now(),
-                                                metrics={**j["metrics"], **metrics}))  # fmt: skip
+    store.register_model(
+        {
+            "id": model_id,
+            "object": "model",
+            "created_at": now(),
+            "job_id": job_id,
+            "owner": job.get("owner"),
+            "name": spec.name,
+            "method": config["method"]["name"],
+            "mode": spec.mode,
+            "backbone": spec.backbone.name,
+            "video": spec.backbone.video.model_dump() if spec.backbone.video else None,
+            "classes": config["classes"],
+            "multi_label": config.get("multi_label", False),
+            "threshold": config.get("threshold"),
+            "metrics": metrics,
+            "evaluation": {"split": report["split"], "images": report["images"], **report["metrics"]},
+            "plots": sorted(PLOTS),
+            "size_bytes": size,
+        }
+    )
+    store.update_job(
+        job_id,
+        lambda j: j.update(
+            status="succeeded", model_id=model_id, finished_at=now(), metrics={**j["metrics"], **metrics}
+        ),
+    )
     metric = "val_map" if "val_map" in metrics else "val_accuracy"
     store.add_event(job_id, f"succeeded: model {model_id}, {metric.replace('_', ' ')} {metrics[metric]:.4f}")
     if settings.checkpoint_retention_h == 0:

@@ -43,41 +43,66 @@ def describe(p: Plan) -> str:
         rows.append(("sweep", f"{p.configurations} configurations, trained together from one pass per epoch"))
     if a is not None:
         vivit = f"ViViT of {a.num_frames} frames, tubelet {a.tubelet}, " if a.num_frames else ""
-        rows.append(("backbone", f"{vivit}{a.num_layers} blocks, {a.tokens} tokens ({a.num_prefix_tokens} prefix), "
-                                 f"dim {a.dim}, {a.image_size} px, patch {a.patch_size}"))  # fmt: skip
+        rows.append(
+            (
+                "backbone",
+                f"{vivit}{a.num_layers} blocks, {a.tokens} tokens ({a.num_prefix_tokens} prefix), "
+                f"dim {a.dim}, {a.image_size} px, patch {a.patch_size}",
+            )
+        )
     if p.backprop_memory_bytes is not None:
         verdict = {True: "fits", False: "does NOT fit", None: "not checked"}[p.memory_fits]
-        rows.append(("memory", f"~{gb(p.backprop_memory_bytes)} on the device to train through the backbone "
-                               f"({verdict}: SIDETUNE_DEVICE_MEMORY_GB)"))  # fmt: skip
+        rows.append(
+            (
+                "memory",
+                f"~{gb(p.backprop_memory_bytes)} on the device to train through the backbone "
+                f"({verdict}: SIDETUNE_DEVICE_MEMORY_GB)",
+            )
+        )
     if p.cache_bytes is not None:
-        rows.append(("cache", f"blocks {_ranges(p.cached_layers or [])}, {p.cached_token_mode} tokens: "
-                              f"{human_bytes(p.bytes_per_image or 0)} per {item[:-1]}, {gb(p.cache_bytes)} in all "
-                              "(uncompressed, an upper bound)"))  # fmt: skip
+        rows.append(
+            (
+                "cache",
+                f"blocks {_ranges(p.cached_layers or [])}, {p.cached_token_mode} tokens: "
+                f"{human_bytes(p.bytes_per_image or 0)} per {item[:-1]}, {gb(p.cache_bytes)} in all "
+                "(uncompressed, an upper bound)",
+            )
+        )
         if p.expected_cache_bytes != p.cache_bytes:
             rows.append(("", f"about {gb(p.expected_cache_bytes or 0)} with the lossy codec (a rough estimate)"))
     quota = "none (the free disk space)" if p.quota_bytes is None else gb(p.quota_bytes)
     free = "no free-space figure (an object store)" if p.free_disk_bytes is None else f"{gb(p.free_disk_bytes)} free"
     available = "no limit" if p.available_bytes is None else gb(p.available_bytes)
-    rows.append(("disk", f"quota {quota}; cache uses {gb(p.cache_used_bytes)} ({gb(p.cache_evictable_bytes)} "
-                         f"evictable); {free}; available {available}"))  # fmt: skip
+    rows.append(
+        (
+            "disk",
+            f"quota {quota}; cache uses {gb(p.cache_used_bytes)} ({gb(p.cache_evictable_bytes)} "
+            f"evictable); {free}; available {available}",
+        )
+    )
     verdict = {True: "yes", False: "NO", None: "unknown"}[p.fits]
     if p.fits and p.evict_entries:
         verdict += f", after evicting {gb(p.evict_bytes)} ({p.evict_entries} entries)"
     rows.append(("fits", verdict))
     if p.train_feature_bytes is not None:
-        where = ("GPU-resident" if p.train_on_gpu else "in memory" if p.train_in_memory
-                 else "streamed from the cache")  # fmt: skip
+        where = "GPU-resident" if p.train_on_gpu else "in memory" if p.train_in_memory else "streamed from the cache"
         if p.train_on_gpu is None and p.train_in_memory:
             where = "in memory, GPU-resident if the worker's device has room"
         gpu = "the device's free memory" if p.gpu_budget_bytes is None else gb(p.gpu_budget_bytes)
         budgets = f"budgets: {gb(p.train_memory_budget_bytes)} in memory, {gpu} on the GPU"
-        rows.append(("training", f"{gb(p.train_feature_bytes)} of features for {p.train_images} {item}: {where} "
-                                 f"({budgets})"))  # fmt: skip
+        rows.append(
+            ("training", f"{gb(p.train_feature_bytes)} of features for {p.train_images} {item}: {where} ({budgets})")
+        )
     if p.extraction_s is not None:
-        rows.append(("extraction", f"~{human_seconds(p.extraction_s)}: {p.extraction_flops or 0:.3g} FLOPs, "
-                                   f"{human_seconds(p.extraction_compute_s or 0)} at an assumed {p.assumed_tflops:g} "
-                                   f"TFLOP/s; writes {human_seconds(p.extraction_write_s or 0)} at an assumed "
-                                   f"{p.assumed_disk_mb_s:g} MB/s"))  # fmt: skip
+        rows.append(
+            (
+                "extraction",
+                f"~{human_seconds(p.extraction_s)}: {p.extraction_flops or 0:.3g} FLOPs, "
+                f"{human_seconds(p.extraction_compute_s or 0)} at an assumed {p.assumed_tflops:g} "
+                f"TFLOP/s; writes {human_seconds(p.extraction_write_s or 0)} at an assumed "
+                f"{p.assumed_disk_mb_s:g} MB/s",
+            )
+        )
     lines = [f"{k:<11} {v}" for k, v in rows]
     lines.append(p.message)
     lines += [f"note: {note}" for note in p.notes]

@@ -96,21 +96,25 @@ class Plan(BaseModel):
         None, description="Cached features the training split reads (its layers and tokens), in bytes."
     )
     train_in_memory: bool | None = Field(
-        None, description="They fit the training split's share of the host memory budget: held in RAM, else streamed "
-        "from the cache."
-    )  # fmt: skip
+        None,
+        description="They fit the training split's share of the host memory budget: held in RAM, else streamed "
+        "from the cache.",
+    )
     train_on_gpu: bool | None = Field(
-        None, description="They also fit the training split's share of the device budget: GPU-resident training (on "
-        "a GPU device); null when the budget is only known on the worker's device (no SIDETUNE_GPU_CACHE_MB cap)."
-    )  # fmt: skip
+        None,
+        description="They also fit the training split's share of the device budget: GPU-resident training (on "
+        "a GPU device); null when the budget is only known on the worker's device (no SIDETUNE_GPU_CACHE_MB cap).",
+    )
     train_memory_budget_bytes: int = Field(
-        ..., description="The training split's share (half) of the host budget: half the RAM available here now, "
-        "capped by SIDETUNE_TRAIN_MEMORY_MB."
-    )  # fmt: skip
+        ...,
+        description="The training split's share (half) of the host budget: half the RAM available here now, "
+        "capped by SIDETUNE_TRAIN_MEMORY_MB.",
+    )
     gpu_budget_bytes: int | None = Field(
-        None, description="The training split's share (half) of SIDETUNE_GPU_CACHE_MB; null: no cap, the worker "
-        "derives it from its device's free memory."
-    )  # fmt: skip
+        None,
+        description="The training split's share (half) of SIDETUNE_GPU_CACHE_MB; null: no cap, the worker "
+        "derives it from its device's free memory.",
+    )
     backprop_memory_bytes: int | None = Field(
         None,
         description="Methods trained through the backbone (modes `images` and `tail`): the device memory of a training "
@@ -177,8 +181,9 @@ class _Disk:
         return sum(c.nbytes for c in chosen), len(chosen)
 
 
-def _remedies(spec: JobSpec, arch: Architecture, n: int, layers: list[int], tokens: str, room: int,
-              disk: _Disk, expected: int) -> list[str]:  # fmt: skip
+def _remedies(
+    spec: JobSpec, arch: Architecture, n: int, layers: list[int], tokens: str, room: int, disk: _Disk, expected: int
+) -> list[str]:
     """The changes that would make the cache fit, with the size each gives; only those that apply."""
     needed, accepted = spec.method_needs(arch.num_layers, arch.global_pool)
     stored = arch.tokens if tokens == "all" else 1
@@ -190,36 +195,47 @@ def _remedies(spec: JobSpec, arch: Architecture, n: int, layers: list[int], toke
 
     out = []
     if len(layers) > len(needed):
-        out.append(f'cache only the blocks the method reads (extraction.layers "auto": {len(needed)} layers instead '
-                   f"of {len(layers)}, {size(len(needed))})")  # fmt: skip
+        out.append(
+            f'cache only the blocks the method reads (extraction.layers "auto": {len(needed)} layers instead '
+            f"of {len(layers)}, {size(len(needed))})"
+        )
     if spec.method.name == "losa" and spec.mode == "cache":
         k = int(room // (per_layer * frac))
         if 1 <= k < len(needed):
             auto = "" if spec.extraction.layers == "auto" else ' with extraction.layers "auto"'
-            out.append(f"fewer LoSA side layers (method.layers {k}: {k} blocks evenly spaced, ending at the last, "
-                       f"{size(k)}{auto})")  # fmt: skip
+            out.append(
+                f"fewer LoSA side layers (method.layers {k}: {k} blocks evenly spaced, ending at the last, "
+                f"{size(k)}{auto})"
+            )
     pooled = [a for a in accepted if a != "all"]
     if tokens == "all" and pooled:
-        out.append(f'fewer tokens (extraction.tokens "{pooled[0]}": 1 token per layer instead of {arch.tokens}, '
-                   f"{size(len(layers), 1)})")  # fmt: skip
+        out.append(
+            f'fewer tokens (extraction.tokens "{pooled[0]}": 1 token per layer instead of {arch.tokens}, '
+            f"{size(len(layers), 1)})"
+        )
     upper = n * len(layers) * stored * arch.dim * 2
     bits = min(9, math.floor(16 * room / upper) - 6)  # (6 + keepbits) / 16 of the upper bound must fit
     current = spec.extraction.keepbits
     if bits >= 1 and (current is None or spec.extraction.codec == "none" or bits < current):
         codec = spec.extraction.codec if spec.extraction.codec != "none" else "blosc"
-        out.append(f'a lossy codec (extraction.codec "{codec}" with extraction.keepbits {bits}: about '
-                   f"{gb(upper * (6 + bits) / 16)}, a rough estimate)")  # fmt: skip
+        out.append(
+            f'a lossy codec (extraction.codec "{codec}" with extraction.keepbits {bits}: about '
+            f"{gb(upper * (6 + bits) / 16)}, a rough estimate)"
+        )
     others = [m for m in type(spec.method).modes if m not in ("cache", "tail")]
     for mode in others[:1]:
         what = "the backbone runs under no_grad on every step" if mode == "online" else "trains through the backbone"
         out.append(f'no cache at all (execution.mode "{mode}": {what})')
     reserved = disk.used - disk.evictable  # entries that cannot be evicted stay
     if disk.quota_limits and (disk.free is None or disk.free + disk.evictable >= expected):
-        out.append(f"raise SIDETUNE_CACHE_QUOTA_GB to at least {math.ceil((expected + reserved) / GB * 100) / 100:.2f} "
-                   "(GB)")  # fmt: skip
+        out.append(
+            f"raise SIDETUNE_CACHE_QUOTA_GB to at least {math.ceil((expected + reserved) / GB * 100) / 100:.2f} (GB)"
+        )
     elif disk.quota is None or not disk.quota_limits:
-        out.append(f"free disk space under {disk.dir}, or put the cache on a larger disk (SIDETUNE_DATA_DIR, or "
-                   "SIDETUNE_CACHE_URL for the cache alone)")  # fmt: skip
+        out.append(
+            f"free disk space under {disk.dir}, or put the cache on a larger disk (SIDETUNE_DATA_DIR, or "
+            "SIDETUNE_CACHE_URL for the cache alone)"
+        )
     return out
 
 
@@ -233,8 +249,10 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     and ValueError for cached layers or tokens the backbone or method rule out."""
     ds = spec.dataset
     if ds.path is None or (ds.test_id is not None and ds.test is None):  # the API resolves upload ids to paths
-        raise FileNotFoundError(f"dataset {ds.id or ds.test_id!r} is an uploaded dataset: plan the job with the API "
-                                "(POST /jobs?dry_run=true)")  # fmt: skip
+        raise FileNotFoundError(
+            f"dataset {ds.id or ds.test_id!r} is an uploaded dataset: plan the job with the API "
+            "(POST /jobs?dry_run=true)"
+        )
     check_size(spec.grid(), settings.max_sweep_configs)
     paths = UserPaths(settings)
     dataset = read_for_job(ds, paths)
@@ -249,9 +267,12 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         check_inputs(spec.backbone.video, test_set.kind, ds.test)
         shared = sorted(set(test_set.paths) & set(dataset.paths))
         if shared:  # a test set must be held out: figures on training images would be optimistic
-            raise DatasetError(f"dataset.test shares {len(shared)} of its {len(test_set)} files with dataset.path "
-                               f"(e.g. {shared[0]}); give a test set held out from training, or use "
-                               "dataset.test_fraction", field="dataset.test")  # fmt: skip
+            raise DatasetError(
+                f"dataset.test shares {len(shared)} of its {len(test_set)} files with dataset.path "
+                f"(e.g. {shared[0]}); give a test set held out from training, or use "
+                "dataset.test_fraction",
+                field="dataset.test",
+            )
         test_images = len(test_set)
     arch = architecture(spec.backbone.name, spec.backbone.image_size, spec.backbone.video)
     cpu = settings.device == "cpu"
@@ -259,33 +280,52 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     disk = _Disk(settings)
     notes: list[str] = []
     if dataset.skipped_rows:
-        notes.append(f"{len(dataset.skipped_rows)} dataset rows are left out (repeated files; with on_corrupt=skip, "
-                     f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}")  # fmt: skip
+        notes.append(
+            f"{len(dataset.skipped_rows)} dataset rows are left out (repeated files; with on_corrupt=skip, "
+            f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}"
+        )
     base = dict(
-        backbone=spec.backbone.name, method=spec.method.name, mode=spec.mode, needs_cache=spec.needs_cache, images=n,
-        train_images=len(train_idx), val_images=len(val_idx), test_images=test_images, classes=len(dataset.classes),
-        configurations=grid.size() if (grid := spec.grid()) else 1, architecture=arch,
-        quota_bytes=disk.quota, free_disk_bytes=disk.free, cache_used_bytes=disk.used,
-        cache_evictable_bytes=disk.evictable, available_bytes=disk.space_max(), assumed_tflops=tflops,
-        assumed_disk_mb_s=settings.planner_disk_mb_s, train_memory_budget_bytes=settings.train_host_budget_bytes() // 2,
+        backbone=spec.backbone.name,
+        method=spec.method.name,
+        mode=spec.mode,
+        needs_cache=spec.needs_cache,
+        images=n,
+        train_images=len(train_idx),
+        val_images=len(val_idx),
+        test_images=test_images,
+        classes=len(dataset.classes),
+        configurations=grid.size() if (grid := spec.grid()) else 1,
+        architecture=arch,
+        quota_bytes=disk.quota,
+        free_disk_bytes=disk.free,
+        cache_used_bytes=disk.used,
+        cache_evictable_bytes=disk.evictable,
+        available_bytes=disk.space_max(),
+        assumed_tflops=tflops,
+        assumed_disk_mb_s=settings.planner_disk_mb_s,
+        train_memory_budget_bytes=settings.train_host_budget_bytes() // 2,
         gpu_budget_bytes=None if settings.gpu_cache_mb is None else settings.gpu_cache_mb * MIB // 2,
-    )  # fmt: skip
+    )
     if dataset.kind == "video":
         notes.append("the dataset holds videos: `images` counts clips, one per video (sizes are per clip)")
     memory = backprop_memory(spec, arch, settings.device_memory_gb)
     if memory is not None:
         base.update(backprop_memory_bytes=memory.need, memory_fits=memory.fits)
         if memory.fits is False:
-            msg = (f"{memory.reason}: about {gb(memory.need)} of device memory, more than SIDETUNE_DEVICE_MEMORY_GB "
-                   f"({gb(memory.limit)}). Change one of: {_join(memory.remedies)}.")  # fmt: skip
+            msg = (
+                f"{memory.reason}: about {gb(memory.need)} of device memory, more than SIDETUNE_DEVICE_MEMORY_GB "
+                f"({gb(memory.limit)}). Change one of: {_join(memory.remedies)}."
+            )
             return Plan(**base, fits=None if spec.needs_cache else True, message=msg, notes=notes)
     if not spec.needs_cache:
         what = "clips" if dataset.kind == "video" else "images"
         msg = f"mode {spec.mode} trains on {what} and needs no feature cache; nothing is extracted"
         return Plan(**base, fits=True, message=msg, notes=notes)
     if arch is None:
-        msg = (f"the cache size for {spec.backbone.name} is unknown until extraction (the planner knows timm's plain "
-               "ViT families only); the job is not refused for it")  # fmt: skip
+        msg = (
+            f"the cache size for {spec.backbone.name} is unknown until extraction (the planner knows timm's plain "
+            "ViT families only); the job is not refused for it"
+        )
         return Plan(**base, fits=None, message=msg, notes=notes)
 
     layers, tokens = spec.cached_layers_and_tokens(arch.num_layers, arch.global_pool)
@@ -317,8 +357,10 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
     elif disk.free is not None:
         limit = f"the disk under {disk.dir} has {gb(disk.free)} free"
     else:  # an object store: no free-space figure
-        limit = (f"the cache is on an object store ({disk.dir}), which has no free-space figure: only "
-                 "SIDETUNE_CACHE_QUOTA_GB would limit it, and it is unset")  # fmt: skip
+        limit = (
+            f"the cache is on an object store ({disk.dir}), which has no free-space figure: only "
+            "SIDETUNE_CACHE_QUOTA_GB would limit it, and it is unset"
+        )
     if disk.used:
         limit += f"; the cache uses {gb(disk.used)}, {gb(disk.evictable)} of it evictable"
     if fits:
@@ -327,24 +369,46 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
             msg += f"; fits after evicting {gb(evict_bytes)} ({evict_entries} least recently used entries)"
     else:
         remedies = _remedies(spec, arch, n, layers, tokens, room, disk, expected)
-        msg = (f"the feature cache for this job needs {gb(upper)} ({shape}); {limit}, so at most {gb(room)} can be "
-               f"made available. Change one of: {_join(remedies)}.")  # fmt: skip
+        msg = (
+            f"the feature cache for this job needs {gb(upper)} ({shape}); {limit}, so at most {gb(room)} can be "
+            f"made available. Change one of: {_join(remedies)}."
+        )
     if arch.num_frames:
         kinetics = human_bytes(240_000 * per_image)
-        notes.append(f"a video cache is large: {human_bytes(per_image)} per clip here (Kinetics-400's 240k clips "
-                     f"would take {kinetics}); layer subsets (method.layers, extraction.layers), a lossy codec "
-                     '(extraction.keepbits) or execution.mode "online" (no cache, the backbone on every step) need '
-                     "less")  # fmt: skip
-    notes.append("sizes are for a fresh extraction: a complete cache of the same dataset and weights would be reused "
-                 "instead, which the planner does not check (that needs the weights' hash)")  # fmt: skip
-    notes.append(f"extraction time assumes {tflops:g} TFLOP/s ({'device cpu' if cpu else 'a GPU'}) and "
-                 f"{settings.planner_disk_mb_s:g} MB/s of disk writes; image decoding is not counted")  # fmt: skip
+        notes.append(
+            f"a video cache is large: {human_bytes(per_image)} per clip here (Kinetics-400's 240k clips "
+            f"would take {kinetics}); layer subsets (method.layers, extraction.layers), a lossy codec "
+            '(extraction.keepbits) or execution.mode "online" (no cache, the backbone on every step) need '
+            "less"
+        )
+    notes.append(
+        "sizes are for a fresh extraction: a complete cache of the same dataset and weights would be reused "
+        "instead, which the planner does not check (that needs the weights' hash)"
+    )
+    notes.append(
+        f"extraction time assumes {tflops:g} TFLOP/s ({'device cpu' if cpu else 'a GPU'}) and "
+        f"{settings.planner_disk_mb_s:g} MB/s of disk writes; image decoding is not counted"
+    )
     if settings.device == "auto":
         notes.append("device auto: a GPU is assumed for the time and GPU-resident training")
     return Plan(
-        **base, cached_layers=layers, cached_token_mode=tokens, cached_tokens=stored, bytes_per_image=per_image,
-        cache_bytes=upper, expected_cache_bytes=expected, fits=fits, evict_bytes=evict_bytes,
-        evict_entries=evict_entries, train_feature_bytes=train_bytes, train_in_memory=in_memory, train_on_gpu=on_gpu,
-        extraction_flops=flops, extraction_compute_s=round(compute_s, 3), extraction_write_s=round(write_s, 3),
-        extraction_s=round(max(compute_s, write_s), 3), message=msg, notes=notes,
-    )  # fmt: skip
+        **base,
+        cached_layers=layers,
+        cached_token_mode=tokens,
+        cached_tokens=stored,
+        bytes_per_image=per_image,
+        cache_bytes=upper,
+        expected_cache_bytes=expected,
+        fits=fits,
+        evict_bytes=evict_bytes,
+        evict_entries=evict_entries,
+        train_feature_bytes=train_bytes,
+        train_in_memory=in_memory,
+        train_on_gpu=on_gpu,
+        extraction_flops=flops,
+        extraction_compute_s=round(compute_s, 3),
+        extraction_write_s=round(write_s, 3),
+        extraction_s=round(max(compute_s, write_s), 3),
+        message=msg,
+        notes=notes,
+    )

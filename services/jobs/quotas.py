@@ -28,9 +28,11 @@ log = logging.getLogger("sidetune.pipeline")
 
 CACHE_SETTING = "SIDETUNE_KEY_QUOTA_CACHE_GB"
 ARTIFACTS_SETTING = "SIDETUNE_KEY_QUOTA_ARTIFACTS_GB"
-SMALLER = ("cache less (extraction.layers, extraction.tokens or a lossy codec; POST /jobs?dry_run=true gives the "
-           "size), train without a cache (execution.mode), or ask the operator for a larger quota or to remove entries "
-           "this key no longer needs")  # fmt: skip
+SMALLER = (
+    "cache less (extraction.layers, extraction.tokens or a lossy codec; POST /jobs?dry_run=true gives the "
+    "size), train without a cache (execution.mode), or ask the operator for a larger quota or to remove entries "
+    "this key no longer needs"
+)
 
 
 def check_models(store: JobStore, settings: Settings, owner: str | None) -> None:
@@ -46,8 +48,14 @@ def check_submission(plan: Plan, settings: Settings, store: JobStore, owner: str
     limit = round(settings.key_quota_cache_gb * GB)
     used, evictable = FeatureCache(settings.cache_location).owner_bytes(owner_key(owner))
     if plan.expected_cache_bytes > limit - (used - evictable):
-        raise QuotaExceeded("feature cache", f"{human(used)} in use ({human(evictable)} of it evictable)", human(limit),
-                            CACHE_SETTING, need=human(plan.expected_cache_bytes), remedy=SMALLER)  # fmt: skip
+        raise QuotaExceeded(
+            "feature cache",
+            f"{human(used)} in use ({human(evictable)} of it evictable)",
+            human(limit),
+            CACHE_SETTING,
+            need=human(plan.expected_cache_bytes),
+            remedy=SMALLER,
+        )
 
 
 def fit_cache(store: JobStore, settings: Settings, prep: Any, owner: str | None, reporter: Reporter) -> None:
@@ -65,14 +73,16 @@ def fit_cache(store: JobStore, settings: Settings, prep: Any, owner: str | None,
     if used - evictable <= limit:  # else evicting would not make it fit: evict nothing
         evicted = cache.evict(limit, keep={prep.key}, guard=Pins(store.r), owner=who)
         if evicted:
-            reporter.event(f"evicted {len(evicted)} of this key's least recently used cache entries to stay under "
-                           f"{CACHE_SETTING}")  # fmt: skip
+            reporter.event(
+                f"evicted {len(evicted)} of this key's least recently used cache entries to stay under {CACHE_SETTING}"
+            )
         used, _ = cache.owner_bytes(who)
     if used > limit:
         if claimed and not prep.entry.exists:  # nothing written: the claim must not count against the key
             cache.remove(prep.key)
-        raise QuotaExceeded("feature cache", f"{human(used)} in use with this job's entry", human(limit), CACHE_SETTING,
-                            remedy=SMALLER)  # fmt: skip
+        raise QuotaExceeded(
+            "feature cache", f"{human(used)} in use with this job's entry", human(limit), CACHE_SETTING, remedy=SMALLER
+        )
 
 
 def use_cache(prep: Any, owner: str | None) -> None:

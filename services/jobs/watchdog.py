@@ -47,14 +47,21 @@ def check(store: JobStore, settings: Settings, requeue: Requeue) -> list[str]:
             what = _describe(step)
             lost = job.get("workers_lost", 0) + 1
             if lost > settings.max_worker_losses:
-                _fail(store, job_id, f"the workers running this job died {lost} times (last: {worker}, during "
-                                     f"{what}); see their logs")  # fmt: skip
+                _fail(
+                    store,
+                    job_id,
+                    f"the workers running this job died {lost} times (last: {worker}, during {what}); see their logs",
+                )
                 done.append(f"{job_id}: failed after {lost} lost workers")
                 continue
             store.set_fields(job_id, workers_lost=lost, requeued_at=now(), requeued_step=what)
             store.r.sadd("requeued", job_id)
-            store.add_event(job_id, f"worker {worker} stopped (no heartbeat) during {what}; the step is requeued "
-                                    "and resumes from what was finished", level="warning")  # fmt: skip
+            store.add_event(
+                job_id,
+                f"worker {worker} stopped (no heartbeat) during {what}; the step is requeued "
+                "and resumes from what was finished",
+                level="warning",
+            )
             requeue(job_id, step)
             done.append(f"{job_id}: {what} requeued from {worker}")
     running = store.running_steps()
@@ -69,8 +76,12 @@ def check(store: JobStore, settings: Settings, requeue: Requeue) -> list[str]:
             store.r.srem("requeued", job_id)
         elif now() - job["requeued_at"] > (limit := settings.worker_lost_timeout_s):
             store.r.srem("requeued", job_id)
-            _fail(store, job_id, f"its {job['requeued_step']} step lost its worker and no worker took it up again "
-                                 f"within {limit:.0f} s; start a worker and resubmit")  # fmt: skip
+            _fail(
+                store,
+                job_id,
+                f"its {job['requeued_step']} step lost its worker and no worker took it up again "
+                f"within {limit:.0f} s; start a worker and resubmit",
+            )
             done.append(f"{job_id}: failed, no worker within {limit:.0f} s")
     done += [f"{job_id}: checkpoint removed (retention over)" for job_id in sweep_checkpoints(store, settings)]
     return done

@@ -37,8 +37,14 @@ class FeatureInfo:
     ) -> FeatureInfo:
         keys = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
         tokens = meta["tokens"] if token_mode == "all" else 1
-        return cls(**{k: meta[k] for k in keys}, tokens=tokens, num_classes=num_classes, readout=readout,
-                   token_mode=token_mode, temporal=meta.get("temporal"))  # fmt: skip
+        return cls(
+            **{k: meta[k] for k in keys},
+            tokens=tokens,
+            num_classes=num_classes,
+            readout=readout,
+            token_mode=token_mode,
+            temporal=meta.get("temporal"),
+        )
 
 
 class Readout(nn.Module):

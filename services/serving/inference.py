@@ -67,8 +67,15 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 class LoadedModel:
-    def __init__(self, model_id: str, module: torch.nn.Module, config: dict[str, Any], backbone: Backbone,
-                 backbone_key: tuple, nbytes: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model_id: str,
+        module: torch.nn.Module,
+        config: dict[str, Any],
+        backbone: Backbone,
+        backbone_key: tuple,
+        nbytes: int,
+    ) -> None:
         self.id, self.module, self.config, self.backbone = model_id, module, config, backbone
         self.classes: list[str] = config["classes"]
         self.kind: str = config.get("kind", "side")
@@ -97,8 +104,9 @@ def _scores(classes: list[str], p: np.ndarray, top_k: int | None) -> dict[str, f
     return {classes[i]: round(float(p[i]), 6) for i in best[np.argsort(-p[best], kind="stable")]}
 
 
-def format_predictions(model: LoadedModel, probs: np.ndarray, threshold: float | None = None,
-                       top_k: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def format_predictions(
+    model: LoadedModel, probs: np.ndarray, threshold: float | None = None, top_k: int | None = None
+) -> list[dict[str, Any]]:
     """The v1 output: one {"label", "scores"} per image, "scores" holding every class's (or with `top_k` the k
     highest: a 21,843-class model's every score is about 600 KB of JSON an image); a multi-label model adds
     "labels", the tags whose score reaches `threshold` (default: the model's, chosen on validation)."""
@@ -118,8 +126,12 @@ def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
 class Predictor:
     """Thread-safe. Keeps models and their backbones loaded within `memory_bytes` (default: the settings')."""
 
-    def __init__(self, settings: Settings, memory_bytes: int | None = None,
-                 registered: Callable[[list[str]], set[str]] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        memory_bytes: int | None = None,
+        registered: Callable[[list[str]], set[str]] | None = None,
+    ) -> None:
         self.settings = settings
         self.registered = registered  # which of these model ids still exist
         self.artifacts = ArtifactStore.from_settings(settings)
@@ -180,8 +192,12 @@ class Predictor:
         while self.memory_used() > self.memory_bytes and len(self._models) > 1:
             self._drop(next(iter(self._models)))
         if self.memory_used() > self.memory_bytes:
-            log.warning("model %s with its backbone (%.0f MB) alone exceeds predict_memory_mb (%.0f MB)", model.id,
-                        self.memory_used() / 2**20, self.memory_bytes / 2**20)  # fmt: skip
+            log.warning(
+                "model %s with its backbone (%.0f MB) alone exceeds predict_memory_mb (%.0f MB)",
+                model.id,
+                self.memory_used() / 2**20,
+                self.memory_bytes / 2**20,
+            )
 
     def _drop(self, model_id: str) -> None:
         old = self._models.pop(model_id)
@@ -207,15 +223,24 @@ class Predictor:
     def memory_used(self) -> int:
         """Bytes of the weights held: every backbone once, plus each model's own tensors."""
         return sum(tensor_bytes(b.model) for b in self._backbones.values()) + sum(
-            m.nbytes for m in self._models.values())  # fmt: skip
+            m.nbytes for m in self._models.values()
+        )
 
     def memory(self) -> dict[str, Any]:
         """What is loaded and what it holds, in bytes."""
         with self._lock:
-            backbones = {f"{b.spec.name}@{b.data_config['input_size'][-1]}px:{b.weights_hash[:8]}:{b.precision}":
-                         tensor_bytes(b.model) for b in self._backbones.values()}  # fmt: skip
-            return {"models": {m.id: m.nbytes for m in self._models.values()}, "backbones": backbones,
-                    "total": self.memory_used(), "budget": self.memory_bytes}  # fmt: skip
+            backbones = {
+                f"{b.spec.name}@{b.data_config['input_size'][-1]}px:{b.weights_hash[:8]}:{b.precision}": tensor_bytes(
+                    b.model
+                )
+                for b in self._backbones.values()
+            }
+            return {
+                "models": {m.id: m.nbytes for m in self._models.values()},
+                "backbones": backbones,
+                "total": self.memory_used(),
+                "budget": self.memory_bytes,
+            }
 
     def _backbone(self, config: dict[str, Any]) -> tuple[tuple, Backbone]:
         spec = BackboneSpec.model_validate(config["backbone"])
@@ -245,8 +270,9 @@ class Predictor:
         module, nbytes = self._merged(backbone, method_config, config, state)
         return LoadedModel(model_id, module, config, backbone, key, nbytes)
 
-    def _merged(self, backbone: Backbone, method_config: Any, config: dict[str, Any],
-                state: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, int]:  # fmt: skip
+    def _merged(
+        self, backbone: Backbone, method_config: Any, config: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> tuple[torch.nn.Module, int]:
         """The merged ViT of an adapted model, sharing every tensor it did not change with the backbone; returns it
         and the bytes of the tensors it owns."""
         # Build and merge on a float32 CPU copy (methods merge in place), with the backbone's modules deep-copied
@@ -296,8 +322,9 @@ class Predictor:
         from services.video.serving import decode_for
 
         images = partial(self.decode, draft=draft_size(model.backbone.transform))  # as its loaders decoded them
-        return decode_for(model.id, model.config, model.backbone, items, video, images,
-                          self.settings.max_predict_video_s)  # fmt: skip
+        return decode_for(
+            model.id, model.config, model.backbone, items, video, images, self.settings.max_predict_video_s
+        )
 
     def inputs(self, model: LoadedModel | str, decoded: list[Any]) -> Request:
         """Decoded images as the model's backbone's input batch [n, 3, H, W] on the CPU (a model id is loaded);
@@ -370,8 +397,14 @@ class Predictor:
         return groups
 
     @staticmethod
-    def _apply(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, requests: list[Request],
-               where: list[tuple[int, int]], out: list[np.ndarray], multi_label: bool = False) -> None:  # fmt: skip
+    def _apply(
+        module: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        requests: list[Request],
+        where: list[tuple[int, int]],
+        out: list[np.ndarray],
+        multi_label: bool = False,
+    ) -> None:
         """Run `module` on the rows of x that the requests in `where` ((request, first row) pairs) own, and hand
         each request its own rows' probabilities."""
         spans = [(i, first, len(requests[i][1])) for i, first in where]
@@ -398,8 +431,9 @@ class Predictor:
         probs = self.run([(m, batches[m.backbone_key]) for m in models])
         return {m.id: self.format(m, p) for m, p in zip(models, probs, strict=True)}
 
-    def predict(self, model_id: str, images: list[bytes], video: bool | None = None,
-                threshold: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    def predict(
+        self, model_id: str, images: list[bytes], video: bool | None = None, threshold: float | None = None
+    ) -> list[dict[str, Any]]:
         """One request on its own (the inference service goes through services.serving.batching.Batcher); images, or
         videos for a model trained on clips; `threshold` overrides a multi-label model's own."""
         model = self.load(model_id)

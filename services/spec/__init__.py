@@ -12,6 +12,19 @@ from services.spec.job import JobSpec, Mode
 from services.spec.training import ExecutionSpec, TrainingSpec
 
 __all__ = [
-    "NO_NUL", "SEED_MAX", "BackboneSpec", "DatasetSpec", "EveryKth", "ExecutionSpec", "ExtractionSpec", "JobSpec",
-    "LastK", "LayerChoice", "Mode", "SpecError", "TrainingSpec", "extraction_rows", "select_cached_layers",
-]  # fmt: skip
+    "NO_NUL",
+    "SEED_MAX",
+    "BackboneSpec",
+    "DatasetSpec",
+    "EveryKth",
+    "ExecutionSpec",
+    "ExtractionSpec",
+    "JobSpec",
+    "LastK",
+    "LayerChoice",
+    "Mode",
+    "SpecError",
+    "TrainingSpec",
+    "extraction_rows",
+    "select_cached_layers",
+]

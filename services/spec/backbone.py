@@ -29,13 +29,16 @@ class BackboneSpec(BaseModel):
         return name
 
     checkpoint: str | None = Field(
-        None, pattern=NO_NUL, description="A local safetensors checkpoint inside an allowed root; overrides "
-        "`pretrained`."
-    )  # fmt: skip
+        None,
+        pattern=NO_NUL,
+        description="A local safetensors checkpoint inside an allowed root; overrides `pretrained`.",
+    )
     image_size: int | None = Field(
-        None, ge=16, le=1024, description="Input size in pixels; default: the backbone's own (position embeddings "
-        "are resampled)."
-    )  # fmt: skip
+        None,
+        ge=16,
+        le=1024,
+        description="Input size in pixels; default: the backbone's own (position embeddings are resampled).",
+    )
     init_seed: int = Field(
         0, ge=0, le=SEED_MAX, description="Seed of the random initialisation when no weights are loaded."
     )

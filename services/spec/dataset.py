@@ -89,8 +89,10 @@ class DatasetSpec(BaseModel):
             raise ValueError("give `dataset.path` (a folder or CSV on the server) or `dataset.id` (an upload)")
         if self.val_fraction + self.test_fraction >= 1:
             total = self.val_fraction + self.test_fraction
-            raise ValueError(f"dataset.val_fraction + dataset.test_fraction is {total:g}; it must be below 1 so "
-                             "that images are left to train on")  # fmt: skip
+            raise ValueError(
+                f"dataset.val_fraction + dataset.test_fraction is {total:g}; it must be below 1 so "
+                "that images are left to train on"
+            )
         if (self.test is not None or self.test_id is not None) and self.test_fraction > 0:
             raise ValueError(
                 "give `dataset.test` or `dataset.test_id` (a separate test set) or `dataset.test_fraction`, not both"

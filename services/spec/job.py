@@ -43,8 +43,11 @@ class JobSpec(BaseModel):
         """Every path on the server the spec names, as (field, path, the upload id it was resolved from): what the API
         checks at submission (services/paths.py). A new path field goes here, and is checked where it is read too."""
         ds, backbone = self.dataset, self.backbone
-        fields = [("dataset.path", ds.path, ds.id), ("dataset.test", ds.test, ds.test_id),
-                  ("backbone.checkpoint", backbone.checkpoint, None)]  # fmt: skip
+        fields = [
+            ("dataset.path", ds.path, ds.id),
+            ("dataset.test", ds.test, ds.test_id),
+            ("backbone.checkpoint", backbone.checkpoint, None),
+        ]
         return [(field, path, upload) for field, path, upload in fields if path is not None]
 
     @model_validator(mode="after")
@@ -146,8 +149,10 @@ class JobSpec(BaseModel):
             blocks = config.method.select_layers(num_layers)
             key = json.dumps({**overrides, "layers": blocks}, sort_keys=True)
             if key in seen:
-                raise SpecError(f"sweep.layers: {seen[key]['layers']!r} and {overrides['layers']!r} select the same "
-                                f"blocks {blocks} of this backbone; keep one")  # fmt: skip
+                raise SpecError(
+                    f"sweep.layers: {seen[key]['layers']!r} and {overrides['layers']!r} select the same "
+                    f"blocks {blocks} of this backbone; keep one"
+                )
             seen[key] = overrides
 
     def cached_layers_and_tokens(self, num_layers: int, global_pool: str) -> tuple[list[int], str]:
@@ -158,12 +163,16 @@ class JobSpec(BaseModel):
         layers = needed if choice == "auto" else select_cached_layers(choice, num_layers)
         missing = sorted(set(needed) - set(layers))
         if missing:
-            raise SpecError(f"extraction.layers caches {layers} but {self.method.name} in mode {self.mode} also reads "
-                             f"blocks {missing}; add them or use `auto`")  # fmt: skip
+            raise SpecError(
+                f"extraction.layers caches {layers} but {self.method.name} in mode {self.mode} also reads "
+                f"blocks {missing}; add them or use `auto`"
+            )
         tokens = accepted[0] if self.extraction.tokens == "auto" else self.extraction.tokens
         if tokens not in accepted:
-            raise SpecError(f"extraction.tokens {tokens!r} does not suit {self.method.name} in mode {self.mode} "
-                             f"(choose {' or '.join(accepted)})")  # fmt: skip
+            raise SpecError(
+                f"extraction.tokens {tokens!r} does not suit {self.method.name} in mode {self.mode} "
+                f"(choose {' or '.join(accepted)})"
+            )
         return layers, tokens
 
 

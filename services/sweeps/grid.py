@@ -84,17 +84,23 @@ def check_sweep(sweep: SweepSpec, method: BaseModel, solver: str | None) -> None
     solver, else None."""
     name, kind = method.name, type(method).kind
     if name == "auto":
-        raise ValueError("sweep: method 'auto' chooses by itself (the linear probe's L2 grid, LoSA's learning-rate "
-                         "grid); to sweep settings of your own, name the method")  # fmt: skip
+        raise ValueError(
+            "sweep: method 'auto' chooses by itself (the linear probe's L2 grid, LoSA's learning-rate "
+            "grid); to sweep settings of your own, name the method"
+        )
     for key in sweep.grid():
         if key in METHOD_KEYS and kind != "side":
-            raise ValueError(f"sweep.{key}: method {name!r} trains through the backbone, so its sweeps take "
-                             f"{' and '.join(TRAINING_KEYS)} only")  # fmt: skip
+            raise ValueError(
+                f"sweep.{key}: method {name!r} trains through the backbone, so its sweeps take "
+                f"{' and '.join(TRAINING_KEYS)} only"
+            )
         if key in METHOD_KEYS and key not in type(method).model_fields:
             raise ValueError(f"sweep.{key}: method {name!r} has no field {key!r}")
         if key == "lr" and solver == "lbfgs":
-            raise ValueError("sweep.lr: the linear probe's L-BFGS solver has no learning rate (sweep "
-                             "`weight_decay`, its L2 strength, or set method.solver to 'sgd')")  # fmt: skip
+            raise ValueError(
+                "sweep.lr: the linear probe's L-BFGS solver has no learning rate (sweep "
+                "`weight_decay`, its L2 strength, or set method.solver to 'sgd')"
+            )
 
 
 def check_size(sweep: SweepSpec | None, cap: int) -> None:

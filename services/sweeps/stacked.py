@@ -30,15 +30,23 @@ class StackedRuns:
         self.template, self.count, self.objective, self.device = template, len(models), objective, device
         self.input_layers = template.input_layers
         names = [n for n, p in template.named_parameters() if p.requires_grad]
-        self.params = {n: torch.stack([m.get_parameter(n).detach() for m in models]).requires_grad_(True)
-                       for n in names}  # fmt: skip
+        self.params = {
+            n: torch.stack([m.get_parameter(n).detach() for m in models]).requires_grad_(True) for n in names
+        }
         # the frozen norms of the readout and any frozen parameter: the same in every configuration
-        self.fixed = {**dict(template.named_buffers()),
-                      **{n: p.detach() for n, p in template.named_parameters() if not p.requires_grad}}  # fmt: skip
+        self.fixed = {
+            **dict(template.named_buffers()),
+            **{n: p.detach() for n, p in template.named_parameters() if not p.requires_grad},
+        }
         self.base_lrs = [h["lr"] for h in hps]
         self.clip = hps[0].get("clip_grad_norm")  # a training setting that sweeps do not vary
-        self.opt = StackedOptimizer(self.params, decayed_names(template), hps[0]["optimizer"],
-                                    [h["lr"] for h in hps], [h["weight_decay"] for h in hps])  # fmt: skip
+        self.opt = StackedOptimizer(
+            self.params,
+            decayed_names(template),
+            hps[0]["optimizer"],
+            [h["lr"] for h in hps],
+            [h["weight_decay"] for h in hps],
+        )
         own = getattr(template, "forward_stacked", None)
         self._forward = own if own is not None else torch.vmap(self._one, in_dims=(0, None))
 
@@ -118,9 +126,13 @@ class StackedRuns:
 
 
 def make_runs(
-    models: list[nn.Module], methods: list[dict], hps: list[dict[str, Any]], objective: Objective, device: str,
+    models: list[nn.Module],
+    methods: list[dict],
+    hps: list[dict[str, Any]],
+    objective: Objective,
+    device: str,
     stack: bool = True,
-) -> tuple[list[Runs], list[tuple[int, int]]]:  # fmt: skip
+) -> tuple[list[Runs], list[tuple[int, int]]]:
     """The Runs that train `models` (configuration j: `models[j]`, its method config `methods[j]` and settings
     `hps[j]`), and where configuration j is: (index into the runs, index k within it). Side networks of the same
     method config (one architecture) are stacked when there are several and `stack`; others run on their own."""

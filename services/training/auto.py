@@ -19,8 +19,9 @@ from storage.settings import Settings
 from storage.store import Folder
 
 
-def train_auto(spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter,
-               checkpoint_dir: Folder | Path) -> dict[str, Any]:  # fmt: skip
+def train_auto(
+    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Folder | Path
+) -> dict[str, Any]:
     from services.training.job import train_job
 
     base = spec.model_dump()
@@ -33,14 +34,26 @@ def train_auto(spec: JobSpec, settings: Settings, cache_key: str | None, reporte
     metric = "val_map" if outs[0]["config"]["multi_label"] else "val_accuracy"
     test = metric.replace("val_", "test_")
     best = max(range(len(outs)), key=lambda i: (outs[i]["metrics"][metric], -i))  # a tie: the earlier (the probe)
-    rows = [{"method": out["config"]["method"]["name"], metric: out["metrics"][metric],
-             **({test: out["metrics"][test]} if test in out["metrics"] else {}),
-             "train_seconds": out["metrics"]["train_seconds"]} for out in outs]  # fmt: skip
+    rows = [
+        {
+            "method": out["config"]["method"]["name"],
+            metric: out["metrics"][metric],
+            **({test: out["metrics"][test]} if test in out["metrics"] else {}),
+            "train_seconds": out["metrics"]["train_seconds"],
+        }
+        for out in outs
+    ]
     chosen = outs[best]
     seconds = round(sum(r["train_seconds"] for r in rows), 3)
-    reporter.event(f"method auto: {rows[best]['method']} kept (" + ", ".join(
-        f"{r['method']} {metric.replace('_', ' ')} {r[metric]:.4f}" for r in rows) + ")",
-        data={"candidates": rows})  # fmt: skip
-    chosen["metrics"] = {**chosen["metrics"], "train_seconds": seconds,
-                         "auto": {"selected": rows[best]["method"], "by": metric, "candidates": rows}}  # fmt: skip
+    reporter.event(
+        f"method auto: {rows[best]['method']} kept ("
+        + ", ".join(f"{r['method']} {metric.replace('_', ' ')} {r[metric]:.4f}" for r in rows)
+        + ")",
+        data={"candidates": rows},
+    )
+    chosen["metrics"] = {
+        **chosen["metrics"],
+        "train_seconds": seconds,
+        "auto": {"selected": rows[best]["method"], "by": metric, "candidates": rows},
+    }
     return chosen

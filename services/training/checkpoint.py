@@ -74,8 +74,17 @@ def _write(folder: Folder, files: list[tuple[str, bytes]]) -> None:
         folder.write_bytes(name, data)
 
 
-def save(writer: Writer, where: Folder | Path, epoch: int, runs: list[Runs], best: list[dict[str, np.ndarray]],
-         results: list[Result], curves: np.ndarray, fields: list[str], log: dict[str, Any]) -> None:  # fmt: skip
+def save(
+    writer: Writer,
+    where: Folder | Path,
+    epoch: int,
+    runs: list[Runs],
+    best: list[dict[str, np.ndarray]],
+    results: list[Result],
+    curves: np.ndarray,
+    fields: list[str],
+    log: dict[str, Any],
+) -> None:
     """Checkpoint after `epoch`: `runs`, each one's configurations' best weights `best[i]` ([K, ...]), the figures of
     `results` (configurations in the order of the job) and their `curves` [configurations, epochs, fields]. Serialised
     now (the weights change with the next step), written by `writer`."""
@@ -92,8 +101,13 @@ def save(writer: Writer, where: Folder | Path, epoch: int, runs: list[Runs], bes
     lead = max(figures, key=lambda f: f["score"])
     # strict JSON for any client: a figure not yet defined (no epoch improved, a diverged loss) is null
     shown = [{k: v if math.isfinite(v) else None for k, v in f.items()} for f in figures]
-    writer.put(d, [(TENSORS, data), (SUMMARY, json.dumps({"epoch": epoch, "best_epoch": lead["epoch"],
-                                                             "results": shown}).encode())])  # fmt: skip
+    writer.put(
+        d,
+        [
+            (TENSORS, data),
+            (SUMMARY, json.dumps({"epoch": epoch, "best_epoch": lead["epoch"], "results": shown}).encode()),
+        ],
+    )
 
 
 def read(where: Folder | Path, fields: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -110,8 +124,13 @@ def read(where: Folder | Path, fields: list[str]) -> tuple[dict[str, np.ndarray]
     return tensors_from_bytes(data), meta
 
 
-def restore(saved: tuple[dict[str, np.ndarray], dict[str, Any]], runs: list[Runs], best: list[dict[str, np.ndarray]],
-            results: list[Result], curves: np.ndarray) -> int:  # fmt: skip
+def restore(
+    saved: tuple[dict[str, np.ndarray], dict[str, Any]],
+    runs: list[Runs],
+    best: list[dict[str, np.ndarray]],
+    results: list[Result],
+    curves: np.ndarray,
+) -> int:
     """Restore what `read` returned into `runs`, `best`, the figures of `results` and `curves`; its epoch."""
     tensors, meta = saved
     for i, r in enumerate(runs):

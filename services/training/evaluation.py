@@ -110,8 +110,9 @@ def _round(x: Any) -> Any:
     return round(float(x), 5)
 
 
-def report(targets: np.ndarray, probs: np.ndarray, classes: list[str], split: str,
-           threshold: float | None = None) -> dict[str, Any]:  # fmt: skip
+def report(
+    targets: np.ndarray, probs: np.ndarray, classes: list[str], split: str, threshold: float | None = None
+) -> dict[str, Any]:
     """The evaluation of probabilities `probs` [n, C] (softmax, or sigmoid per tag) against `targets`: summary
     figures named `<split>_<metric>`, per-class figures (every class), and the confusion matrix. Macro figures
     average over the classes (tags) that occur in the split or are predicted, scikit-learn's default: a class that
@@ -131,20 +132,27 @@ def report(targets: np.ndarray, probs: np.ndarray, classes: list[str], split: st
             f"{split}_micro_f1": _round(f1_score(targets, pred, average="micro", zero_division=0)),
             f"{split}_macro_f1": _round(
                 f1_score(targets, pred, average="macro", zero_division=0, labels=_seen(targets, pred))
-            ),  # fmt: skip
+            ),
         }
     out["per_class"] = [
-        {"class": c, "average_precision": None if a is None else _round(a), "precision": _round(pi),
-         "recall": _round(ri), "f1": _round(fi), "support": int(si)}
+        {
+            "class": c,
+            "average_precision": None if a is None else _round(a),
+            "precision": _round(pi),
+            "recall": _round(ri),
+            "f1": _round(fi),
+            "support": int(si),
+        }
         for c, a, pi, ri, fi, si in zip(classes, ap, p, r, f, s, strict=True)
-    ]  # fmt: skip
+    ]
     # per tag [[tn, fp], [fn, tp]]: four counts a tag, however many tags
     out["confusion_matrix"] = multilabel_confusion_matrix(targets, pred, labels=labels).tolist()
     return out
 
 
-def label_report(targets: np.ndarray, pred: np.ndarray, top5: np.ndarray | None, classes: list[str],
-                 split: str) -> dict[str, Any]:  # fmt: skip
+def label_report(
+    targets: np.ndarray, pred: np.ndarray, top5: np.ndarray | None, classes: list[str], split: str
+) -> dict[str, Any]:
     """The single-label report from each image's true class `targets`, predicted class `pred` and whether the true
     class was among the 5 most probable `top5` (None: 5 classes or fewer)."""
     labels = list(range(len(classes)))
@@ -170,7 +178,12 @@ def label_report(targets: np.ndarray, pred: np.ndarray, top5: np.ndarray | None,
     if len(classes) <= LARGE_CLASSES:  # rows: true, columns: predicted
         out["confusion_matrix"] = confusion_matrix(targets, pred, labels=labels).tolist()
     else:
-        out["confusion"] = {"format": "coo", "shape": [len(classes)] * 2, "true": true, "predicted": predicted,
-                            "count": count}  # fmt: skip
+        out["confusion"] = {
+            "format": "coo",
+            "shape": [len(classes)] * 2,
+            "true": true,
+            "predicted": predicted,
+            "count": count,
+        }
     out["top_confusions"] = top_confusions(true, predicted, count, classes)
     return out

@@ -75,8 +75,14 @@ def inputs_for(x: torch.Tensor, runs: Runs, layers: list[int] | None) -> torch.T
     return x[:, [layers.index(layer) for layer in runs.input_layers]]
 
 
-def _each_batch(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
-                each: Callable[[list[torch.Tensor], torch.Tensor], None]) -> None:  # fmt: skip
+def _each_batch(
+    runs: list[Runs],
+    source: Source,
+    n: int,
+    batch_size: int,
+    layers: list[int] | None,
+    each: Callable[[list[torch.Tensor], torch.Tensor], None],
+) -> None:
     """`each(logits, labels)` for every batch of the first `n` items of `source` (in order) that holds an image:
     logits [K, B, C] of every Runs, on the device, computed in inference mode."""
     for r in runs:
@@ -87,8 +93,9 @@ def _each_batch(runs: list[Runs], source: Source, n: int, batch_size: int, layer
                 each([r.logits(inputs_for(x, r, layers)) for r in runs], y)
 
 
-def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
-            device: str) -> tuple[list[np.ndarray], np.ndarray]:  # fmt: skip
+def predict(
+    runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None, device: str
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Logits [n', C] (float32, on the host) of every configuration, each batch read once, and the labels of their
     rows (all n, unless images that cannot be decoded are skipped). One read of the device, at the end. Holds n x C
     scores per configuration: single-label scoring goes through `evaluate` and `predicted_labels` instead."""
@@ -107,8 +114,9 @@ def predict(runs: list[Runs], source: Source, n: int, batch_size: int, layers: l
     return [logits for s in stacked for logits in s], torch.cat(labels).cpu().numpy()
 
 
-def predicted_labels(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
-                     objective: Objective) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+def predicted_labels(
+    runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None, objective: Objective
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One single-label model's (`runs`: one configuration) evaluation inputs, batch by batch so that the
     probabilities [n, C] are never held whole: every row's label, predicted class (the most probable) and whether
     its label is among the 5 most probable classes (None for 5 classes or fewer), as evaluation.report computes
@@ -131,8 +139,9 @@ def predicted_labels(runs: list[Runs], source: Source, n: int, batch_size: int, 
     return np.concatenate(labels), np.concatenate(predicted), np.concatenate(hits) if top5 else None
 
 
-def evaluate(runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None,
-             objective: Objective) -> list[tuple[float, float]]:  # fmt: skip
+def evaluate(
+    runs: list[Runs], source: Source, n: int, batch_size: int, layers: list[int] | None, objective: Objective
+) -> list[tuple[float, float]]:
     """(validation figure, plain validation loss) of every configuration. Single-label: accuracy and loss summed
     batch by batch on the device (never n x C scores on the host; one read of the device, at the end); a
     configuration with a non-finite score scores NaN, as validation_scores says. Multi-label: mAP ranks each tag's
@@ -246,12 +255,16 @@ def fit(
             train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
             diverged = {pos for pos, value in enumerate(train_loss) if not math.isfinite(value)}
             if len(diverged) == len(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
-                raise NonFiniteLoss(f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
-                                    "or check the data")  # fmt: skip
+                raise NonFiniteLoss(
+                    f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
+                    "or check the data"
+                )
             new = {flat[pos] for pos in diverged} - warned
             if new:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
-                reporter.event(f"{len(new)} of {len(train_loss)} configurations diverged (non-finite "
-                               f"loss) in epoch {epoch + 1}", level="warning")  # fmt: skip
+                reporter.event(
+                    f"{len(new)} of {len(train_loss)} configurations diverged (non-finite loss) in epoch {epoch + 1}",
+                    level="warning",
+                )
                 warned |= new
             epoch_s = time.perf_counter() - t0
             seconds += epoch_s
@@ -261,8 +274,14 @@ def fit(
             improved: dict[int, list[int]] = {}
             for pos, j in enumerate(flat):
                 res, (score, loss), (i, k) = results[j], scores[pos], where[j]
-                curves[j, epoch] = [epoch + 1, round(train_loss[pos], 5), round(score, 5), round(loss, 5),
-                                    float(f"{runs[i].base_lrs[k] * lr_scale:.4g}"), round(epoch_s, 3)]  # fmt: skip
+                curves[j, epoch] = [
+                    epoch + 1,
+                    round(train_loss[pos], 5),
+                    round(score, 5),
+                    round(loss, 5),
+                    float(f"{runs[i].base_lrs[k] * lr_scale:.4g}"),
+                    round(epoch_s, 3),
+                ]
                 if score > res.score and pos not in diverged:  # NaN (diverged weights) is never greater
                     res.score, res.loss, res.epoch = score, loss, epoch + 1
                     improved.setdefault(i, []).append(k)
@@ -274,25 +293,43 @@ def fit(
                 runs, where, best = halving.drop(runs, where, best, set(stop))
                 stopped |= dict.fromkeys(stop, epoch + 1)
                 flat = _flat(runs, where)
-                reporter.event(f"early termination after epoch {epoch + 1}: {len(stop)} of {len(stop) + len(flat)} "
-                               f"configurations stopped (the lower half on validation), {len(flat)} go on")  # fmt: skip
-            rows = [_row(fields, curves[j, epoch]) for j in range(len(results)) if j not in stopped or
-                    stopped[j] > epoch]  # fmt: skip
+                reporter.event(
+                    f"early termination after epoch {epoch + 1}: {len(stop)} of {len(stop) + len(flat)} "
+                    f"configurations stopped (the lower half on validation), {len(flat)} go on"
+                )
+            rows = [
+                _row(fields, curves[j, epoch]) for j in range(len(results)) if j not in stopped or stopped[j] > epoch
+            ]
             last = _row(fields, curves[flat[select([results[j] for j in flat])], epoch])
             label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
-            reporter.event(f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
-                           f"{metric.replace('_', ' ')} {last[metric]:.4f}", type="metrics",
-                           data=last if len(results) == 1 else {**last, "configurations": rows})  # fmt: skip
+            reporter.event(
+                f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
+                f"{metric.replace('_', ' ')} {last[metric]:.4f}",
+                type="metrics",
+                data=last if len(results) == 1 else {**last, "configurations": rows},
+            )
             reporter.progress("training", epoch + 1, hp["epochs"], **last)
-            checkpoint.save(writer, checkpoint_dir, epoch + 1, runs, best, results, curves[:, : epoch + 1], fields,
-                            {"seconds": seconds, "seen": seen, "stopped": stopped})  # fmt: skip
+            checkpoint.save(
+                writer,
+                checkpoint_dir,
+                epoch + 1,
+                runs,
+                best,
+                results,
+                curves[:, : epoch + 1],
+                fields,
+                {"seconds": seconds, "seen": seen, "stopped": stopped},
+            )
             reporter.check_cancel()
     for j, (res, w) in enumerate(zip(results, where, strict=True)):
         res.state = {name: v[w[1]] for name, v in best[w[0]].items()} if w is not None else {}
         res.stopped = stopped.get(j)
         res.history = [_row(fields, values) for values in curves[j, : stopped.get(j, hp["epochs"])]]
-    timing = {"train_seconds": round(seconds, 3), "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
-              "compiled": bool(hp.get("compile"))}  # fmt: skip
+    timing = {
+        "train_seconds": round(seconds, 3),
+        "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
+        "compiled": bool(hp.get("compile")),
+    }
     if at:
         timing["early_termination"] = halving.report(stopped, len(where), hp["epochs"], at)
     if first_step_s is not None:

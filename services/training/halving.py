@@ -64,5 +64,10 @@ def report(stopped: dict[int, int], configurations: int, epochs: int, at: list[i
     """What early termination saved: configuration-epochs trained against all of them trained to the end."""
     full = configurations * epochs
     ran = full - sum(epochs - e for e in stopped.values())
-    return {"rungs": at, "stopped": len(stopped), "configuration_epochs": ran, "configuration_epochs_without": full,
-            "saved_fraction": round(1 - ran / full, 4)}  # fmt: skip
+    return {
+        "rungs": at,
+        "stopped": len(stopped),
+        "configuration_epochs": ran,
+        "configuration_epochs_without": full,
+        "saved_fraction": round(1 - ran / full, 4),
+    }

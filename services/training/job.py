@@ -90,8 +90,10 @@ def _data(spec: JobSpec, settings: Settings, cache_key: str | None) -> Data:
         labels, valid, classes = entry.labels(), entry.valid(), meta["classes"]
         if not valid.all() and spec.dataset.on_corrupt == "fail":
             bad = entry.summary.get("skipped", [])[:3]
-            raise DatasetError(f"{int((~valid).sum())} images in the cache could not be decoded (e.g. {bad}); "
-                               "set dataset.on_corrupt='skip' to train without them")  # fmt: skip
+            raise DatasetError(
+                f"{int((~valid).sum())} images in the cache could not be decoded (e.g. {bad}); "
+                "set dataset.on_corrupt='skip' to train without them"
+            )
         usable = np.flatnonzero(valid)
     else:
         ds = spec.dataset
@@ -132,8 +134,9 @@ def _sources(
         host, dev = memory_budgets(settings, device)
         sources = [CacheSource(data.entry, idx, data.labels[idx], layers, host // 2, device, dev // 2) for idx in parts]
         first = sources[0]
-        where = "cached features " + ("on the GPU" if first.on_device else "in memory" if first.in_memory
-                                      else "streamed from the cache")  # fmt: skip
+        where = "cached features " + (
+            "on the GPU" if first.on_device else "in memory" if first.in_memory else "streamed from the cache"
+        )
         return sources, where
     skip = spec.dataset.on_corrupt == "skip"
     backbone = data.backbone
@@ -146,8 +149,10 @@ def _sources(
         augment = backbone.split  # normalisation on the device, as for images; the clips' transform is below
         readers = [_clip_reader(spec, data.dataset, backbone, train=train and i == 0) for i in range(len(parts))]
     transforms = [augment if train and i == 0 else backbone.split for i in range(len(parts))]
-    sources = [ImageSource(data.dataset, idx, transforms[i], skip, device, workers, dtype, readers[i])
-               for i, idx in enumerate(parts)]  # fmt: skip
+    sources = [
+        ImageSource(data.dataset, idx, transforms[i], skip, device, workers, dtype, readers[i])
+        for i, idx in enumerate(parts)
+    ]
     if mode == "online":
         sources = [OnlineSource(s, backbone, layers) for s in sources]
     inputs = "clips (jittered in time)" if spec.backbone.video is not None else "images"
@@ -162,8 +167,9 @@ def _report_loading(reporter: Reporter, sources: list[Any]) -> None:
     errors = sorted(set().union(*(getattr(s, "errors", ()) for s in sources)))
     notes = sorted(set().union(*(getattr(s, "notes", ()) for s in sources)))
     if errors:
-        reporter.event(f"skipped {len(errors)} unreadable file(s) while training: " + "; ".join(errors[:5]),
-                       level="warning")  # fmt: skip
+        reporter.event(
+            f"skipped {len(errors)} unreadable file(s) while training: " + "; ".join(errors[:5]), level="warning"
+        )
     if padded := padding_event(notes):
         reporter.event(padded, level="warning")
 
@@ -185,8 +191,16 @@ def _test_set(spec: JobSpec, settings: Settings, data: Data, layers: list[int] |
     dtype = torch.float32 if layers is None or spec.mode == "tail" else backbone.dtype  # as the model was trained
     relabelled = dataclasses.replace(test, labels=targets)
     reader = _clip_reader(spec, relabelled, backbone, train=False) if spec.backbone.video is not None else None
-    source: Source = ImageSource(relabelled, np.arange(len(test)), backbone.split, ds.on_corrupt == "skip", device,
-                                 loader_workers(settings, len(test)), dtype, reader)  # fmt: skip
+    source: Source = ImageSource(
+        relabelled,
+        np.arange(len(test)),
+        backbone.split,
+        ds.on_corrupt == "skip",
+        device,
+        loader_workers(settings, len(test)),
+        dtype,
+        reader,
+    )
     if layers is not None:  # side models and tail mode read activations
         source = OnlineSource(source, backbone, layers)
         if data.tokens != "all":
@@ -210,8 +224,9 @@ def train_job(
     data = _data(spec, settings, cache_key)
     if data.dataset is not None and data.dataset.skipped_rows:  # read here (no cache): say what was left out
         rows = data.dataset.skipped_rows
-        reporter.event(f"left out {len(rows)} dataset rows, e.g. {rows[0]}", level="warning",
-                       data={"left_out": list(rows[:1000])})  # fmt: skip
+        reporter.event(
+            f"left out {len(rows)} dataset rows, e.g. {rows[0]}", level="warning", data={"left_out": list(rows[:1000])}
+        )
     parts = split(data.labels[data.usable], ds.val_fraction, ds.test_fraction, ds.split_seed)
     train_idx, val_idx, test_idx = (data.usable[p] for p in parts)
     check_validation(data.labels[data.usable], val_idx, data.classes)
@@ -219,12 +234,14 @@ def train_job(
     configs = spec.configurations()
     hps = [c.training.resolved(c.method.training_defaults(), len(train_idx)) for c in configs]
     hp = hps[0]
-    objective = Objective(data.labels[train_idx], len(data.classes), hp["label_smoothing"], hp["class_weights"],
-                          device)  # fmt: skip
+    objective = Objective(data.labels[train_idx], len(data.classes), hp["label_smoothing"], hp["class_weights"], device)
 
     # every adapted configuration adapts its own copy of the backbone (copied before the first one changes it)
-    vits = [None] * len(configs) if kind == "side" else [data.backbone.model, *(
-        copy.deepcopy(data.backbone.model) for _ in configs[1:])]  # fmt: skip
+    vits = (
+        [None] * len(configs)
+        if kind == "side"
+        else [data.backbone.model, *(copy.deepcopy(data.backbone.model) for _ in configs[1:])]
+    )
     models = []
     for c, vit in zip(configs, vits, strict=True):
         torch.manual_seed(hp["seed"])  # each configuration starts as it would in a job of its own
@@ -235,26 +252,39 @@ def train_job(
         data.entry.touch()
     what = f"{len(configs)} configurations ({grid.describe()})" if grid else spec.method.name
     if spec.automatic_lrs():
-        what += ", the learning rates chosen automatically" + (", the lower half stopping at epochs " + ", ".join(
-            map(str, halving.rungs(hp["epochs"]))) if hp["early_termination"] else "")  # fmt: skip
+        what += ", the learning rates chosen automatically" + (
+            ", the lower half stopping at epochs " + ", ".join(map(str, halving.rungs(hp["epochs"])))
+            if hp["early_termination"]
+            else ""
+        )
     reporter.event(
         f"training {what} in mode {spec.mode} ({models[0].side_parameters():,} side parameters) on {len(train_idx)} "
         f"images, validating on {len(val_idx)}{f', testing on {len(test_idx)}' if len(test_idx) else ''}; inputs: "
-        f"{inputs}", data={"hyperparameters": hp},
-    )  # fmt: skip
+        f"{inputs}",
+        data={"hyperparameters": hp},
+    )
     y_train, y_val = data.labels[train_idx], data.labels[val_idx]
     lbfgs = spec.linear_solver == "lbfgs"
     name = "test" if len(test_idx) or ds.test else "val"
     held_state = None
     if lbfgs:
         results, points, timing, held_state = solve_probes(
-            spec, configs, hps, models, [train_src, val_src], [y_train, y_val], objective, reporter,
-            held_out=objective.multi_label or name == "val")  # fmt: skip
+            spec,
+            configs,
+            hps,
+            models,
+            [train_src, val_src],
+            [y_train, y_val],
+            objective,
+            reporter,
+            held_out=objective.multi_label or name == "val",
+        )
         owner = [p["config"] for p in points]
     else:
         runs, where = make_runs(models, [c.method.model_dump() for c in configs], hps, objective, device)
-        results, timing = fit(runs, where, train_src, val_src, len(y_train), len(y_val), hp, objective, reporter,
-                              checkpoint_dir, layers)  # fmt: skip
+        results, timing = fit(
+            runs, where, train_src, val_src, len(y_train), len(y_val), hp, objective, reporter, checkpoint_dir, layers
+        )
         owner = list(range(len(configs)))
     _report_loading(reporter, [train_src, val_src])
     kept = [i for i, r in enumerate(results) if r.state]  # an L-BFGS path keeps its best point's weights only
@@ -295,8 +325,12 @@ def train_job(
     else:  # batch by batch: never the [n, C] probabilities whole
         targets, pred, top5 = predicted_labels(scored, source, len(targets), 256, read, objective)
         report = evaluation.label_report(targets, pred, top5, data.classes, name)
-    reporter.event(f"selected model on the {'test' if name == 'test' else 'validation'} split: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in report["metrics"].items()), type="metrics", data=report["metrics"])  # fmt: skip
+    reporter.event(
+        f"selected model on the {'test' if name == 'test' else 'validation'} split: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()),
+        type="metrics",
+        data=report["metrics"],
+    )
 
     metric = objective.metric
     metrics: dict[str, Any] = {
@@ -311,22 +345,38 @@ def train_job(
         **timing,
     }
     if lbfgs:
-        metrics |= {"solver": "lbfgs", "weight_decay": best_hp["weight_decay"],
-                    "iterations": metrics["refit"]["iterations"], "l2_path": points}  # fmt: skip
+        metrics |= {
+            "solver": "lbfgs",
+            "weight_decay": best_hp["weight_decay"],
+            "iterations": metrics["refit"]["iterations"],
+            "l2_path": points,
+        }
     else:
         metrics |= {"best_epoch": res.epoch, "epochs": hp["epochs"], "history": res.history}
     if grid:
         overrides = grid.configurations()
-        entries = [{"config": overrides[owner[i]], metric: round(r.score, 5), "val_loss": round(r.loss, 5),
-                    **({"weight_decay": points[i]["weight_decay"]} if lbfgs else
-                       {"best_epoch": r.epoch, "history": r.history}),
-                    **({"stopped_after_epoch": r.stopped} if r.stopped else {})}
-                   for i, r in enumerate(results)]  # fmt: skip
+        entries = [
+            {
+                "config": overrides[owner[i]],
+                metric: round(r.score, 5),
+                "val_loss": round(r.loss, 5),
+                **(
+                    {"weight_decay": points[i]["weight_decay"]}
+                    if lbfgs
+                    else {"best_epoch": r.epoch, "history": r.history}
+                ),
+                **({"stopped_after_epoch": r.stopped} if r.stopped else {}),
+            }
+            for i, r in enumerate(results)
+        ]
         metrics |= {"configurations": len(configs), "selected": overrides[j], "sweep": entries}
         if spec.automatic_lrs():
             d = spec.method.training_defaults()
-            metrics["automatic_lr"] = {"lrs": spec.automatic_lrs(), "rule": f"{d['lr']} x sqrt(batch_size / "
-                                       f"{d['lr_reference_batch']}) x {', '.join(map(str, d['lr_grid']))}"}  # fmt: skip
+            metrics["automatic_lr"] = {
+                "lrs": spec.automatic_lrs(),
+                "rule": f"{d['lr']} x sqrt(batch_size / "
+                f"{d['lr_reference_batch']}) x {', '.join(map(str, d['lr_grid']))}",
+            }
     if name == "test":
         metrics |= report["metrics"]
 

@@ -17,9 +17,13 @@ class Objective:
     `class_weights="balanced"` takes its weights."""
 
     def __init__(
-        self, targets: np.ndarray, num_classes: int, label_smoothing: float = 0.0, class_weights: str = "none",
+        self,
+        targets: np.ndarray,
+        num_classes: int,
+        label_smoothing: float = 0.0,
+        class_weights: str = "none",
         device: str = "cpu",
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.multi_label = targets.ndim == 2
         self.num_classes, self.label_smoothing, self.device = num_classes, label_smoothing, device
         self.weight: torch.Tensor | None = None
@@ -89,6 +93,7 @@ class Objective:
             return per.mean(dim=(1, 2))
         # classes on dim 1 ([K, C, B], as for a per-pixel loss): log-softmax over a strided dim runs vectorised over
         # the batch, 3x faster than over the rows of [K * B, C] for K = 32 heads of 10 classes
-        per = F.cross_entropy(logits.transpose(1, 2), y.expand(k, b), weight=weight, label_smoothing=smoothing,
-                              reduction="none")  # fmt: skip
+        per = F.cross_entropy(
+            logits.transpose(1, 2), y.expand(k, b), weight=weight, label_smoothing=smoothing, reduction="none"
+        )
         return per.sum(1) / self._divisor(y, weight)

@@ -52,8 +52,11 @@ def curves(series: list[tuple[str, list[dict[str, Any]]]], metric: str, selected
     axes = fig.subplots(1, 3)
     for i, (label, history) in enumerate(series):
         epochs = [h["epoch"] for h in history]
-        style = {"linewidth": 2.4 if i == selected else 1.0, "alpha": 1.0 if i == selected else 0.6,
-                 "label": label if len(series) <= 12 else None}  # fmt: skip
+        style = {
+            "linewidth": 2.4 if i == selected else 1.0,
+            "alpha": 1.0 if i == selected else 0.6,
+            "label": label if len(series) <= 12 else None,
+        }
         for ax, key in zip(axes, ("train_loss", metric, "lr"), strict=True):
             ax.plot(epochs, [h[key] for h in history], **style)
     for ax, title in zip(axes, ("training loss", metric.replace("_", " "), "learning rate"), strict=True):
@@ -94,14 +97,23 @@ def confusion(report: dict[str, Any]) -> bytes:
     fig.colorbar(image, ax=ax, shrink=0.8)
     if rows <= 40 and cols <= 40:
         for (r, c), value in np.ndenumerate(matrix):
-            ax.text(c, r, str(value), ha="center", va="center", fontsize=7,
-                    color="white" if value > matrix.max() / 2 else "black")  # fmt: skip
+            ax.text(
+                c,
+                r,
+                str(value),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value > matrix.max() / 2 else "black",
+            )
         ax.set_yticks(range(rows), classes)
         ax.set_xticks(range(cols), ["TP", "FP", "FN", "TN"] if multi else classes, rotation=90 if cols > 10 else 0)
     ax.set_ylabel("tag" if multi else "true class")
     ax.set_xlabel("" if multi else "predicted class")
-    ax.set_title(f"{'per-tag outcomes' if multi else 'confusion matrix'} on the {report['split']} split "
-                 f"({report['images']} images)")  # fmt: skip
+    ax.set_title(
+        f"{'per-tag outcomes' if multi else 'confusion matrix'} on the {report['split']} split "
+        f"({report['images']} images)"
+    )
     return _png(fig)
 
 
@@ -135,15 +147,22 @@ def _confusion_summary(report: dict[str, Any]) -> bytes:
     right = int(count[true == predicted].sum())
     fig = Figure(figsize=SUMMARY_INCHES, layout="constrained")
     ax, side = fig.subplots(1, 2, width_ratios=[1.15, 1])
-    image = ax.imshow(np.ma.masked_equal(binned, 0), cmap="Blues", interpolation="nearest",
-                      norm=LogNorm(vmin=1, vmax=max(2.0, binned.max())))  # fmt: skip
+    image = ax.imshow(
+        np.ma.masked_equal(binned, 0),
+        cmap="Blues",
+        interpolation="nearest",
+        norm=LogNorm(vmin=1, vmax=max(2.0, binned.max())),
+    )
     fig.colorbar(image, ax=ax, shrink=0.8, label="images")
     _bin_ticks(ax, "x", n, bins)
     _bin_ticks(ax, "y", n, bins)
     ax.set_xlabel(f"predicted class (index; bins of about {n / bins:.3g} classes)")
     ax.set_ylabel(f"true class (index; bins of about {n / bins:.3g} classes)")
-    ax.set_title(f"confusion matrix on the {report['split']} split: {report['images']:,} images, {n:,} classes\n"
-                 f"({right:,} on the diagonal; the whole matrix is in evaluation.json)", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"confusion matrix on the {report['split']} split: {report['images']:,} images, {n:,} classes\n"
+        f"({right:,} on the diagonal; the whole matrix is in evaluation.json)",
+        fontsize=10,
+    )
     top = report.get("top_confusions", [])[:TOP_CONFUSIONS]
     rows = [[_name(c["true"]), _name(c["predicted"]), f"{c['count']:,}"] for c in top]
     _table(side, f"the {len(rows)} most frequent confusions", ["true class", "predicted as", "images"], rows)
@@ -167,8 +186,9 @@ def _tag_summary(report: dict[str, Any]) -> bytes:
     ax.set_yticks(range(4), ["TP", "FP", "FN", "TN"])
     _bin_ticks(ax, "x", n, bins)
     ax.set_xlabel(f"tag (index; bins of about {n / bins:.3g} tags)")
-    ax.set_title(f"per-tag outcomes on the {report['split']} split: {report['images']:,} images, {n:,} tags",
-                 fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"per-tag outcomes on the {report['split']} split: {report['images']:,} images, {n:,} tags", fontsize=10
+    )
     errors = outcomes[:, 1] + outcomes[:, 2]
     worst = [i for i in np.argsort(-errors, kind="stable")[:TOP_CONFUSIONS] if errors[i] > 0]
     rows = [[_name(names[i]), *(f"{v:,}" for v in outcomes[i, :3])] for i in worst]

@@ -22,10 +22,17 @@ from services.training.objectives import Objective
 Solved = tuple[list[Result], list[dict[str, Any]], dict[str, Any], dict[str, np.ndarray] | None]
 
 
-def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models: list[torch.nn.Module],
-                  sources: list[Source], targets: list[np.ndarray], objective: Objective,
-                  reporter: Reporter, held_out: bool = False,
-                  ) -> Solved:  # fmt: skip
+def solve_probes(
+    spec: JobSpec,
+    configs: list[JobSpec],
+    hps: list[dict],
+    models: list[torch.nn.Module],
+    sources: list[Source],
+    targets: list[np.ndarray],
+    objective: Objective,
+    reporter: Reporter,
+    held_out: bool = False,
+) -> Solved:
     """The L-BFGS linear probe of every configuration (services/methods/linear/solver.py) by the standard protocol:
     the pooled features of every distinct pooling from one pass over the cache; each L2 strength (the sweep's
     `weight_decay` values, the job's own, or the default grid when it is `auto`) scored by k-fold cross-validation
@@ -63,18 +70,34 @@ def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models:
         grids_by_pool.append(grid)
         max_iter = configs[js[0]].method.max_iter
         if k:
-            scored = solver.cross_validate(feats[p], y_all, labels, held, grid, objective, max_iter,
-                                           reporter.check_cancel)  # fmt: skip
+            scored = solver.cross_validate(
+                feats[p], y_all, labels, held, grid, objective, max_iter, reporter.check_cancel
+            )
         else:
-            scored = solver.solve_path(feats[p][:n_train], y_all[:n_train], feats[p][n_train:], targets[1], grid,
-                                       objective, max_iter, keep=False)  # fmt: skip
+            scored = solver.solve_path(
+                feats[p][:n_train],
+                y_all[:n_train],
+                feats[p][n_train:],
+                targets[1],
+                grid,
+                objective,
+                max_iter,
+                keep=False,
+            )
         for j in js:
             for point in (pt for pt in scored if pt.l2 in grids[j]):
                 candidates.append((p, point))
-                points.append({"config": j, "pool": pool, "weight_decay": point.l2,
-                               objective.metric: round(point.score, 5), "val_loss": round(point.loss, 5),
-                               **({"cv_std": round(point.std, 5)} if k else {}),
-                               "iterations": point.iterations})  # fmt: skip
+                points.append(
+                    {
+                        "config": j,
+                        "pool": pool,
+                        "weight_decay": point.l2,
+                        objective.metric: round(point.score, 5),
+                        "val_loss": round(point.loss, 5),
+                        **({"cv_std": round(point.std, 5)} if k else {}),
+                        "iterations": point.iterations,
+                    }
+                )
         iterations += sum(pt.iterations for pt in scored)
         reporter.check_cancel()
     chosen = solver.choose([point for _, point in candidates])
@@ -94,8 +117,14 @@ def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models:
         train_path = [l2 * fitted / n_train for l2 in grids_by_pool[p] if l2 >= point.l2]
         w, b, _ = solver.refit(feats[p][:n_train], y_all[:n_train], train_path, objective, configs[0].method.max_iter)
         held_state = {**base, "head.weight": w, "head.bias": b}
-    results = [Result(state={**base, "head.weight": weight, "head.bias": bias} if i == chosen else {},
-                      score=pt.score, loss=pt.loss) for i, (_, pt) in enumerate(candidates)]  # fmt: skip
+    results = [
+        Result(
+            state={**base, "head.weight": weight, "head.bias": bias} if i == chosen else {},
+            score=pt.score,
+            loss=pt.loss,
+        )
+        for i, (_, pt) in enumerate(candidates)
+    ]
     seconds = time.perf_counter() - t0
     if k:
         how = f"{k}-fold cross-validation over {len(labels)} training and validation images"
@@ -103,19 +132,32 @@ def solve_probes(spec: JobSpec, configs: list[JobSpec], hps: list[dict], models:
     else:
         how = f"the validation split ({len(labels) - n_train} images)"
         figure = f"{point.score:.4f}"
-    selection = {"protocol": "cross-validation" if k else "validation", "folds": k,
-                 "images": len(labels) if k else len(labels) - n_train, "score": round(point.score, 5)}  # fmt: skip
+    selection = {
+        "protocol": "cross-validation" if k else "validation",
+        "folds": k,
+        "images": len(labels) if k else len(labels) - n_train,
+        "score": round(point.score, 5),
+    }
     if k:
         selection |= {"std": round(point.std, 5), "fold_scores": [round(s, 5) for s in point.fold_scores]}
-    refit = {"images": len(labels), "weight_decay": l2, "iterations": refit_iterations,
-             "seconds": round(refit_seconds, 3)}  # fmt: skip
-    reporter.event(f"L-BFGS linear probe: {len(points)} L2 strengths scored by {how} ({iterations} iterations), "
-                   f"best {point.l2:.3g} ({objective.metric} {figure}), refitted at {l2:.3g} on all {len(labels)} "
-                   f"training and validation images ({refit_iterations} iterations) in {seconds:.2f}s",
-                   data={"l2_path": points, "selection": selection, "refit": refit})  # fmt: skip
-    timing = {"train_seconds": round(seconds, 3),
-              "train_images_per_s": round(n_train * len(points) / max(seconds, 1e-9), 1),
-              "selection": selection, "refit": refit}  # fmt: skip
+    refit = {
+        "images": len(labels),
+        "weight_decay": l2,
+        "iterations": refit_iterations,
+        "seconds": round(refit_seconds, 3),
+    }
+    reporter.event(
+        f"L-BFGS linear probe: {len(points)} L2 strengths scored by {how} ({iterations} iterations), "
+        f"best {point.l2:.3g} ({objective.metric} {figure}), refitted at {l2:.3g} on all {len(labels)} "
+        f"training and validation images ({refit_iterations} iterations) in {seconds:.2f}s",
+        data={"l2_path": points, "selection": selection, "refit": refit},
+    )
+    timing = {
+        "train_seconds": round(seconds, 3),
+        "train_images_per_s": round(n_train * len(points) / max(seconds, 1e-9), 1),
+        "selection": selection,
+        "refit": refit,
+    }
     return results, points, timing, held_state
 
 

@@ -26,8 +26,9 @@ PAGE = 100  # classes per page when the request names no `limit`
 MAX_PAGE = 1000
 
 
-def top_confusions(true: list[int], predicted: list[int], count: list[int], classes: list[str],
-                   k: int = TOP_CONFUSIONS) -> list[dict[str, Any]]:  # fmt: skip
+def top_confusions(
+    true: list[int], predicted: list[int], count: list[int], classes: list[str], k: int = TOP_CONFUSIONS
+) -> list[dict[str, Any]]:
     """The `k` most frequent off-diagonal cells of a confusion matrix given as triples (ties: by true class, then
     predicted class), by name."""
     cells = sorted((-n, t, p) for t, p, n in zip(true, predicted, count, strict=True) if t != p)[:k]
@@ -49,8 +50,14 @@ def page(report: dict[str, Any], offset: int = 0, limit: int = PAGE) -> dict[str
     start, end = min(offset, total), min(offset + limit, total)
     rows = ("classes", "per_class", "confusion_matrix", "confusion")
     out = {k: v for k, v in report.items() if k not in rows}
-    out |= {"offset": offset, "limit": limit, "total": total, "has_more": end < total, "classes": classes[start:end],
-            "per_class": report["per_class"][start:end]}  # fmt: skip
+    out |= {
+        "offset": offset,
+        "limit": limit,
+        "total": total,
+        "has_more": end < total,
+        "classes": classes[start:end],
+        "per_class": report["per_class"][start:end],
+    }
     if "confusion_matrix" in report:
         out["confusion_matrix"] = report["confusion_matrix"][start:end]
     if "confusion" in report:

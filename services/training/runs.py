@@ -48,9 +48,10 @@ def decayed_names(model: nn.Module) -> set[str]:
         if callable(getattr(module, "no_weight_decay", None)):
             exempt |= {f"{prefix}.{name}" if prefix else name for name in module.no_weight_decay()}
     return {
-        name for name, p in model.named_parameters()
+        name
+        for name, p in model.named_parameters()
         if p.requires_grad and p.ndim > 1 and not name.endswith(".bias") and name not in exempt
-    }  # fmt: skip
+    }
 
 
 class Runs(Protocol):

@@ -35,9 +35,14 @@ class TubeletEmbed(nn.Module):
         self.temporal = video.temporal_positions
         self.num_patches = self.temporal * self.spatial
         self.proj = nn.Conv3d(
-            conv.in_channels, conv.out_channels, (t, p, q), stride=(t, *conv.stride), bias=conv.bias is not None,
-            device=conv.weight.device, dtype=conv.weight.dtype,
-        )  # fmt: skip
+            conv.in_channels,
+            conv.out_channels,
+            (t, p, q),
+            stride=(t, *conv.stride),
+            bias=conv.bias is not None,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
         with torch.no_grad():
             weight = torch.zeros_like(self.proj.weight)
             if video.init == "central_frame":
@@ -58,8 +63,10 @@ class TubeletEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         if c != 3 * self.num_frames or (h, w) != tuple(self.img_size):
-            raise ValueError(f"a ViViT of {self.num_frames} frames at {tuple(self.img_size)} takes [B, "
-                             f"{3 * self.num_frames}, H, W] clips; got {tuple(x.shape)}")  # fmt: skip
+            raise ValueError(
+                f"a ViViT of {self.num_frames} frames at {tuple(self.img_size)} takes [B, "
+                f"{3 * self.num_frames}, H, W] clips; got {tuple(x.shape)}"
+            )
         x = self.proj(x.view(b, self.num_frames, 3, h, w).transpose(1, 2))  # [B, D, T', H/p, W/p]
         return self.norm(x.flatten(2).transpose(1, 2))
 

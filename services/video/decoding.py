@@ -130,8 +130,15 @@ def read_clip(
         raise DatasetError(f"{name}: not a readable video ({type(e).__name__}: {e})") from None
 
 
-def _read(source: Path | bytes, video: VideoSpec, frames: Frames, rng: np.random.Generator | None,
-          span: tuple[float, float] | None, max_seconds: float | None, name: str) -> Clip:  # fmt: skip
+def _read(
+    source: Path | bytes,
+    video: VideoSpec,
+    frames: Frames,
+    rng: np.random.Generator | None,
+    span: tuple[float, float] | None,
+    max_seconds: float | None,
+    name: str,
+) -> Clip:
     with _open(source) as container:
         if not container.streams.video:
             raise DatasetError(f"{name}: no video stream")

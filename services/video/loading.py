@@ -46,8 +46,10 @@ class ClipReader(BatchReader):
         clip = read_clip(Path(self.paths[i]), self.video, self.pil.for_clip(rng), rng, span)
         note = None
         if clip.padded:
-            note = (f"{self.paths[i]}: {clip.total} frames, fewer than the {self.video.frames_needed} a clip needs; "
-                    "padded by repeating frames")  # fmt: skip
+            note = (
+                f"{self.paths[i]}: {clip.total} frames, fewer than the {self.video.frames_needed} a clip needs; "
+                "padded by repeating frames"
+            )
         return clip.frames, note
 
 
@@ -57,9 +59,13 @@ def clip_transform(data_config: dict, pil, augment: bool = False) -> ClipTransfo
 
 
 def clip_reader(
-    dataset: Dataset, batches: Sequence[np.ndarray], transform: ClipTransform, skip_corrupt: bool, video: VideoSpec,
+    dataset: Dataset,
+    batches: Sequence[np.ndarray],
+    transform: ClipTransform,
+    skip_corrupt: bool,
+    video: VideoSpec,
     seed: int | None = None,
-) -> ClipReader:  # fmt: skip
+) -> ClipReader:
     return ClipReader(dataset.paths, batches, transform, skip_corrupt, video, dataset.spans, seed)
 
 

@@ -24,14 +24,21 @@ def decode_clips(config: dict[str, Any], backbone: Any, items: list[bytes], max_
     the instance that could not be decoded (VideoTooLong: over `max_seconds`)."""
     spec = VideoSpec.model_validate(config["backbone"]["video"])
     frames = clip_transform(backbone.data_config, backbone.split.pil).for_clip(None)
-    return [read_clip(data, spec, frames, max_seconds=max_seconds, name=f"instance {i}").frames
-            for i, data in enumerate(items)]  # fmt: skip
+    return [
+        read_clip(data, spec, frames, max_seconds=max_seconds, name=f"instance {i}").frames
+        for i, data in enumerate(items)
+    ]
 
 
 def decode_for(
-    model_id: str, config: dict[str, Any], backbone: Any, items: list[bytes], video: bool | None,
-    decode_images: Callable[[list[bytes]], list[Any]], max_seconds: float | None,
-) -> list[Any]:  # fmt: skip
+    model_id: str,
+    config: dict[str, Any],
+    backbone: Any,
+    items: list[bytes],
+    video: bool | None,
+    decode_images: Callable[[list[bytes]], list[Any]],
+    max_seconds: float | None,
+) -> list[Any]:
     """Each input as the model takes it: clips for a video model, PIL images otherwise. `video`: what the client
     said it sent (`video_b64`/`video` or `image_b64`/`image`), None when it did not say (files); a mismatch with the
     model is a DatasetError naming it."""
@@ -40,6 +47,7 @@ def decode_for(
             raise DatasetError(f"model {model_id} was trained on images: send images, not videos")
         return decode_images(items)
     if video is False:
-        raise DatasetError(f"model {model_id} was trained on videos: send videos (`video_b64`, the v2 input "
-                           "`video`), not images")  # fmt: skip
+        raise DatasetError(
+            f"model {model_id} was trained on videos: send videos (`video_b64`, the v2 input `video`), not images"
+        )
     return decode_clips(config, backbone, items, max_seconds)

@@ -41,8 +41,9 @@ class VideoSpec(BaseModel):
     @model_validator(mode="after")
     def _whole_tubelets(self) -> VideoSpec:
         if self.num_frames % self.tubelet:
-            raise ValueError(f"video.num_frames ({self.num_frames}) must be a multiple of video.tubelet "
-                             f"({self.tubelet})")  # fmt: skip
+            raise ValueError(
+                f"video.num_frames ({self.num_frames}) must be a multiple of video.tubelet ({self.tubelet})"
+            )
         return self
 
     @property
@@ -62,8 +63,11 @@ def check_inputs(video: VideoSpec | None, kind: str, where: str) -> None:
     from services.data.datasets import DatasetError
 
     if kind == "video" and video is None:
-        raise DatasetError(f"dataset {where} holds videos: set `backbone.video` (e.g. {{\"num_frames\": 16}}) to "
-                           "run the backbone as a ViViT on clips")  # fmt: skip
+        raise DatasetError(
+            f'dataset {where} holds videos: set `backbone.video` (e.g. {{"num_frames": 16}}) to '
+            "run the backbone as a ViViT on clips"
+        )
     if kind == "image" and video is not None:
-        raise DatasetError(f"dataset {where} holds images, but `backbone.video` is set: remove it, or give a dataset "
-                           "of videos")  # fmt: skip
+        raise DatasetError(
+            f"dataset {where} holds images, but `backbone.video` is set: remove it, or give a dataset of videos"
+        )

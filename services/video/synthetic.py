@@ -16,8 +16,13 @@ import numpy as np
 CLASSES = ("down", "left", "right", "up")
 _DIRECTIONS = {"down": (0, 1), "left": (-1, 0), "right": (1, 0), "up": (0, -1)}  # (dx, dy) per frame, in steps
 # codec and pixel format per container: lossless ffv1 in .mkv (exact round trips), common lossy ones elsewhere
-CODECS = {".mp4": ("libx264", "yuv420p"), ".mov": ("libx264", "yuv420p"), ".avi": ("mpeg4", "yuv420p"),
-          ".webm": ("libvpx-vp9", "yuv420p"), ".mkv": ("ffv1", "bgr0")}  # fmt: skip
+CODECS = {
+    ".mp4": ("libx264", "yuv420p"),
+    ".mov": ("libx264", "yuv420p"),
+    ".avi": ("mpeg4", "yuv420p"),
+    ".webm": ("libvpx-vp9", "yuv420p"),
+    ".mkv": ("ffv1", "bgr0"),
+}
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> Path:
@@ -56,9 +61,14 @@ def motion_clip(direction: str, rng: np.random.Generator, frames: int = 16, size
 
 
 def write_motion(
-    root: Path, per_class: int, holdout_per_class: int = 0, frames: int = 16, size: int = 64, seed: int = 0,
+    root: Path,
+    per_class: int,
+    holdout_per_class: int = 0,
+    frames: int = 16,
+    size: int = 64,
+    seed: int = 0,
     suffix: str = ".mp4",
-) -> dict[str, int]:  # fmt: skip
+) -> dict[str, int]:
     """`per_class` videos per class under `root/train/<class>/`, `holdout_per_class` under `root/holdout/<class>/`
     (the same process, other seeds); files that exist are kept. Returns the counts."""
     rng = np.random.default_rng(seed)

@@ -33,5 +33,15 @@ from storage.cache.entry import (
     pool_tokens,
 )
 
-__all__ = ["CHUNK_BYTES", "CODECS", "TOKEN_MODES", "CacheEntry", "CacheError", "EvictionGuard", "FeatureCache",
-           "_rows_per_chunk", "cache_key", "pool_tokens"]  # fmt: skip
+__all__ = [
+    "CHUNK_BYTES",
+    "CODECS",
+    "TOKEN_MODES",
+    "CacheEntry",
+    "CacheError",
+    "EvictionGuard",
+    "FeatureCache",
+    "_rows_per_chunk",
+    "cache_key",
+    "pool_tokens",
+]

@@ -117,8 +117,12 @@ class CacheEntry:
             files.write_bytes(self.fs, self._file("last_used"), str(time.time()).encode())
             return True
         except Exception as e:  # an OSError (ENOSPC), or an object store's own errors
-            log.warning("could not mark cache entry %s as used (%s: %s); eviction may take it for older than it is",
-                        self.key, type(e).__name__, e)  # fmt: skip
+            log.warning(
+                "could not mark cache entry %s as used (%s: %s); eviction may take it for older than it is",
+                self.key,
+                type(e).__name__,
+                e,
+            )
             return False
 
     @property
@@ -142,8 +146,11 @@ class CacheEntry:
         under the entry's lock); True if this call recorded it. The creator is a user too."""
         if self.fs.exists(self._file("owner.json")):
             return False
-        files.write_bytes(self.fs, self._file("owner.json"),
-                          json.dumps({"owner": owner, "planned_bytes": int(planned_bytes)}).encode())  # fmt: skip
+        files.write_bytes(
+            self.fs,
+            self._file("owner.json"),
+            json.dumps({"owner": owner, "planned_bytes": int(planned_bytes)}).encode(),
+        )
         self.use(owner)
         return True
 
@@ -213,18 +220,34 @@ class CacheEntry:
         self.fs.makedirs(self.root, exist_ok=True)
         g = self._group("w")
         g.create_array(
-            "acts", shape=shape, shards=(batch_size, len(layers), stored_tokens, dim),
-            chunks=(rows, 1, stored_tokens, dim), dtype="float16", compressors=compressors, fill_value=0,
-        )  # fmt: skip
+            "acts",
+            shape=shape,
+            shards=(batch_size, len(layers), stored_tokens, dim),
+            chunks=(rows, 1, stored_tokens, dim),
+            dtype="float16",
+            compressors=compressors,
+            fill_value=0,
+        )
         labels = np.asarray(labels, dtype="int64")  # [n] classes, or [n, tags] 0/1 for multi-label datasets
         g.create_array("labels", data=labels, chunks=(max(n, 1), *labels.shape[1:]))
         g.create_array("valid", shape=(n,), chunks=(batch_size,), dtype="bool", fill_value=False)
         n_batches = -(-n // batch_size)
         g.create_array("batch_done", shape=(n_batches,), chunks=(1,), dtype="bool", fill_value=False)
         # Meta last: an entry without meta is treated as absent, so a crash above leaves no half entry.
-        g.attrs.update({"meta": {**meta, "shape": shape, "layers": list(layers), "token_mode": tokens,
-                                 "batch_size": batch_size, "chunk_rows": rows, "codec": codec,
-                                 "keepbits": keepbits}})  # fmt: skip
+        g.attrs.update(
+            {
+                "meta": {
+                    **meta,
+                    "shape": shape,
+                    "layers": list(layers),
+                    "token_mode": tokens,
+                    "batch_size": batch_size,
+                    "chunk_rows": rows,
+                    "codec": codec,
+                    "keepbits": keepbits,
+                }
+            }
+        )
 
     def pending_batches(self) -> list[int]:
         done = self._group()["batch_done"][:]

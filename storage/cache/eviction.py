@@ -67,8 +67,9 @@ def candidates(
         try:  # an incomplete entry is being written (or resumed): in use, never evicted
             if not entry.is_complete:
                 continue
-            out.append(Candidate(entry.key, entry.nbytes() if size is None else size(entry),
-                                 entry.last_used or entry.created))
+            out.append(
+                Candidate(entry.key, entry.nbytes() if size is None else size(entry), entry.last_used or entry.created)
+            )
         except OSError:  # vanished meanwhile (evicted by another process)
             continue
     return sorted(out, key=lambda c: (c.recency, c.key))

@@ -36,8 +36,11 @@ def open_group(fs: fsspec.AbstractFileSystem, path: str, native: bool, mode: str
 
     # zarr runs its own event loop: an async filesystem (s3fs) gets an instance of its own there, since the one the
     # sync calls use is bound to fsspec's loop ("attached to a different loop" otherwise)
-    afs = type(fs)(**{**fs.storage_options, "asynchronous": True}) if fs.async_impl else AsyncFileSystemWrapper(
-        fs, asynchronous=True)  # fmt: skip
+    afs = (
+        type(fs)(**{**fs.storage_options, "asynchronous": True})
+        if fs.async_impl
+        else AsyncFileSystemWrapper(fs, asynchronous=True)
+    )
     return zarr.open_group(FsspecStore(afs, path=path, read_only=mode == "r"), mode=mode)
 
 

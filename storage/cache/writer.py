@@ -41,8 +41,14 @@ class ShardWriter:
     def engine(self) -> str:
         return "tensorstore" if self._acts is not None else "zarr-python"
 
-    def submit(self, batch: int, acts: Any, valid: np.ndarray, ready: Callable[[], None] | None = None,
-               done: Callable[[], None] | None = None) -> None:  # fmt: skip
+    def submit(
+        self,
+        batch: int,
+        acts: Any,
+        valid: np.ndarray,
+        ready: Callable[[], None] | None = None,
+        done: Callable[[], None] | None = None,
+    ) -> None:
         self._raise_failed()
         self._slots.acquire()
         self._futures.append(self._pool.submit(self._write, batch, acts, valid, ready, done))

@@ -14,10 +14,14 @@ from tests.helpers import serve
 
 
 def client_for(tmp_path, redis_url, digits_root) -> tuple[TestClient, dict]:
-    settings = Settings(data_dir=tmp_path, redis_url=redis_url, api_keys=["key-a", "key-b"],
-                        allowed_roots=[digits_root])  # fmt: skip
-    body = {"dataset": {"path": str(digits_root / "train")}, "backbone": {"name": "test_vit"},
-            "method": {"name": "linear"}}  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path, redis_url=redis_url, api_keys=["key-a", "key-b"], allowed_roots=[digits_root]
+    )
+    body = {
+        "dataset": {"path": str(digits_root / "train")},
+        "backbone": {"name": "test_vit"},
+        "method": {"name": "linear"},
+    }
     return TestClient(create_app(settings)), body
 
 
@@ -84,12 +88,19 @@ def test_every_operation_parameter_and_response_is_described(tmp_path, redis_url
         for method, op in operations.items():
             if not op.get("description"):
                 missing.append(f"{method} {path}")
-            missing += [f"{method} {path} {p['name']}" for p in op.get("parameters", [])
-                        if not (p.get("description") or p.get("schema", {}).get("description"))]  # fmt: skip
+            missing += [
+                f"{method} {path} {p['name']}"
+                for p in op.get("parameters", [])
+                if not (p.get("description") or p.get("schema", {}).get("description"))
+            ]
             missing += [f"{method} {path} -> {code}" for code, r in op["responses"].items() if not r.get("description")]
     assert missing == []
     # the lifecycle and export operations are there, as the API forwards or serves them
-    for path, method in (("/models/{model_id}/export", "get"), ("/models/{model_id}", "delete"),
-                         ("/jobs/{job_id}", "delete"), ("/jobs/{job_id}/checkpoints", "get"),
-                         ("/jobs/{job_id}/checkpoints/{name}", "get")):  # fmt: skip
+    for path, method in (
+        ("/models/{model_id}/export", "get"),
+        ("/models/{model_id}", "delete"),
+        ("/jobs/{job_id}", "delete"),
+        ("/jobs/{job_id}/checkpoints", "get"),
+        ("/jobs/{job_id}/checkpoints/{name}", "get"),
+    ):
         assert method in paths[path], (method, path)

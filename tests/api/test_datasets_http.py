@@ -80,8 +80,9 @@ def assert_no_trace(settings: Settings) -> None:
 
 @pytest.fixture
 def small(tmp_path, redis_url) -> Settings:
-    return Settings(data_dir=tmp_path / "data", redis_url=redis_url, max_upload_mb=1, max_dataset_mb=1,
-                    max_dataset_files=50)  # fmt: skip
+    return Settings(
+        data_dir=tmp_path / "data", redis_url=redis_url, max_upload_mb=1, max_dataset_mb=1, max_dataset_files=50
+    )
 
 
 @pytest.fixture
@@ -104,8 +105,12 @@ def test_upload_zip_and_tar_then_a_job_trains_on_it(stack, tmp_path):
     tar = upload(httpx, tar_bytes(folder()), "pets.tgz", url=f"{api}/datasets")
     assert tar.status_code == 201 and tar.json()["classes"] == ["cat", "dog"] and tar.json()["num_images"] == 8
 
-    body = {"dataset": {"id": ds["id"]}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "linear"}, "training": {"epochs": 1}}  # fmt: skip
+    body = {
+        "dataset": {"id": ds["id"]},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "linear"},
+        "training": {"epochs": 1},
+    }
     plan = httpx.post(f"{api}/jobs", params={"dry_run": "true"}, json=body, timeout=60)
     assert plan.status_code == 200 and plan.json()["classes"] == 10, plan.text
     job = client.submit(body)
@@ -125,8 +130,10 @@ def test_upload_zip_and_tar_then_a_job_trains_on_it(stack, tmp_path):
 
 
 def test_csv_manifest_archive(client):
-    members = {**folder("img/"), "labels.csv": b"path,label\n" + b"".join(
-        f"{name},{name.split('/')[1]}\n".encode() for name in folder("img/"))}  # fmt: skip
+    members = {
+        **folder("img/"),
+        "labels.csv": b"path,label\n" + b"".join(f"{name},{name.split('/')[1]}\n".encode() for name in folder("img/")),
+    }
     r = upload(client, tar_bytes(members), "manifest.tar.gz")
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "csv" and r.json()["num_images"] == 8
@@ -194,8 +201,9 @@ def test_unusable_uploads_are_4xx_naming_the_cause(client, small, data, code, ne
     assert_no_trace(small)
 
 
-def test_an_upload_while_the_store_is_unreachable_is_503_and_leaves_nothing(tmp_path, redis_url, s3_server,
-                                                                              monkeypatch):  # fmt: skip
+def test_an_upload_while_the_store_is_unreachable_is_503_and_leaves_nothing(
+    tmp_path, redis_url, s3_server, monkeypatch
+):
     from s3fs import S3FileSystem
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
@@ -217,8 +225,9 @@ def test_multipart_without_a_file_field_is_422(client):
 
 
 def test_datasets_are_private_to_their_key(tmp_path, redis_url):
-    settings = Settings(data_dir=tmp_path, redis_url=redis_url, api_keys=["key-a", "key-b"],
-                        allowed_roots=[tmp_path / "images"])  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path, redis_url=redis_url, api_keys=["key-a", "key-b"], allowed_roots=[tmp_path / "images"]
+    )
     client = TestClient(create_app(settings))
     assert upload(client, zip_bytes(folder())).status_code == 401
     ds = upload(client, zip_bytes(folder()), headers=A).json()
@@ -227,8 +236,11 @@ def test_datasets_are_private_to_their_key(tmp_path, redis_url):
     assert ds["id"] not in [d["id"] for d in client.get("/datasets", headers=B).json()["data"]]
     assert client.delete(f"/datasets/{ds['id']}", headers=B).status_code == 404
 
-    body = {"dataset": {"id": ds["id"]}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "linear"}}  # fmt: skip
+    body = {
+        "dataset": {"id": ds["id"]},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "linear"},
+    }
     status, code, message = error(client.post("/jobs", json=body, headers=B))
     assert (status, code) == (404, "not_found") and "dataset.id" in message
     # nor by its path: uploaded datasets are reached by id only, which checks the key

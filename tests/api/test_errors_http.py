@@ -79,8 +79,12 @@ def test_event_cursors_out_of_range_are_422(app, after) -> None:
 
 
 def test_a_body_with_thousands_of_bad_values_gets_a_short_422(app) -> None:
-    body = {"dataset": {"path": "/x"}, "backbone": {"name": "test_vit"}, "method": {"name": "losa"},
-            "sweep": {"lr": [100.0 + i for i in range(10_000)]}}  # fmt: skip
+    body = {
+        "dataset": {"path": "/x"},
+        "backbone": {"name": "test_vit"},
+        "method": {"name": "losa"},
+        "sweep": {"lr": [100.0 + i for i in range(10_000)]},
+    }
     with serve(app) as url:
         r = httpx.post(f"{url}/jobs", json=body, params={"dry_run": "true"}, timeout=30)
     message = r.json()["error"]["message"]
@@ -123,8 +127,10 @@ def test_an_inference_service_that_dies_mid_request_is_a_503(tmp_path, redis_url
     inference = f"http://127.0.0.1:{listener.getsockname()[1]}"
     try:
         with serve(create_app(Settings(data_dir=tmp_path, redis_url=redis_url, inference_url=inference))) as url:
-            for path, body in (("/v1/models/model_x:predict", {"instances": [{"image_b64": "AAAA"}]}),
-                               ("/v2/models/model_x/infer", {"inputs": []})):  # fmt: skip
+            for path, body in (
+                ("/v1/models/model_x:predict", {"instances": [{"image_b64": "AAAA"}]}),
+                ("/v2/models/model_x/infer", {"inputs": []}),
+            ):
                 r = httpx.post(url + path, json=body, timeout=30)
                 assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
                 assert "unreachable (ReadError)" in r.text, r.text

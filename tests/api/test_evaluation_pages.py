@@ -19,12 +19,22 @@ def save(settings, model_id: str, classes: int, images: int) -> dict:
     targets = rng.integers(0, classes, images)
     pred = np.where(rng.random(images) < 0.6, targets, rng.integers(0, classes, images))
     report = evaluation.label_report(targets, pred, None, [f"class {i}" for i in range(classes)], "test")
-    ArtifactStore.from_settings(settings).save_model(model_id, {"w": np.zeros(1, np.float32)}, {}, {},
-                                                     {"evaluation.json": reports.encode(report)})  # fmt: skip
-    JobStore.from_url(settings.redis_url).register_model({
-        "id": model_id, "object": "model", "created_at": now(), "job_id": f"job_{model_id}", "owner": None,
-        "method": "linear", "backbone": "test_vit", "classes": report["classes"], "metrics": {},
-    })  # fmt: skip
+    ArtifactStore.from_settings(settings).save_model(
+        model_id, {"w": np.zeros(1, np.float32)}, {}, {}, {"evaluation.json": reports.encode(report)}
+    )
+    JobStore.from_url(settings.redis_url).register_model(
+        {
+            "id": model_id,
+            "object": "model",
+            "created_at": now(),
+            "job_id": f"job_{model_id}",
+            "owner": None,
+            "method": "linear",
+            "backbone": "test_vit",
+            "classes": report["classes"],
+            "metrics": {},
+        }
+    )
     return report
 
 

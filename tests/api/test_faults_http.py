@@ -28,8 +28,11 @@ from worker.launcher import free_port
 
 
 def _spec(digits: Path) -> dict:
-    return {"dataset": {"path": str(digits)}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "linear"}}  # fmt: skip
+    return {
+        "dataset": {"path": str(digits)},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "linear"},
+    }
 
 
 def _zip(root: Path) -> bytes:
@@ -99,8 +102,15 @@ def test_redis_at_its_memory_limit_gets_503(tmp_path: Path, digits_root: Path) -
 def _entry(cache: FeatureCache, complete: bool = True) -> str:
     key = f"{uuid.uuid4().hex}/{uuid.uuid4().hex}"
     entry = cache.entry(key)
-    entry.create(labels=np.arange(4) % 2, layers=[0], tokens="all", token_count=2, dim=4, batch_size=4,
-                 meta={"backbone": "test_vit", "num_prefix_tokens": 1})  # fmt: skip
+    entry.create(
+        labels=np.arange(4) % 2,
+        layers=[0],
+        tokens="all",
+        token_count=2,
+        dim=4,
+        batch_size=4,
+        meta={"backbone": "test_vit", "num_prefix_tokens": 1},
+    )
     if complete:
         entry.write_batch(0, np.ones((4, 1, 2, 4), np.float16), np.ones(4, bool))
         entry.mark_complete({})
@@ -152,8 +162,9 @@ def test_operators_list_and_delete_cache_entries(tmp_path: Path, redis_url: str,
             lock.release()
 
 
-def test_an_upload_that_fills_the_disk_is_507_and_one_larger_than_it_409(tmpfs, redis_url: str,
-                                                                         digits_root: Path) -> None:  # fmt: skip
+def test_an_upload_that_fills_the_disk_is_507_and_one_larger_than_it_409(
+    tmpfs, redis_url: str, digits_root: Path
+) -> None:
     """A full disk while a dataset is extracted was a 500; an archive larger than the free space is the request's
     own fault (409), one whose extraction fills the disk the server's (507 `disk_full` naming the directory).
     Nothing is left behind."""

@@ -37,15 +37,18 @@ def api(tmp_path_factory: pytest.TempPathFactory, redis_url: str):
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(allowed / "csv" / f"{i}.png")
     (allowed / "csv" / "missing.csv").write_text("path,label\n0.png,a\n1.png,b\n9.png,b\n")
     (allowed / "csv" / "empty.csv").write_text("path,label\n")
-    settings = Settings(data_dir=root / "data", redis_url=redis_url.rsplit("/", 1)[0] + "/6",
-                        allowed_roots=[allowed])  # fmt: skip
+    settings = Settings(data_dir=root / "data", redis_url=redis_url.rsplit("/", 1)[0] + "/6", allowed_roots=[allowed])
     with serve(create_app(settings)) as url:
         yield url, allowed
 
 
 def _spec(allowed: Path, **changes) -> dict:
-    spec = {"dataset": {"path": str(allowed / "ds")}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "linear"}, "training": {"epochs": 1}}  # fmt: skip
+    spec = {
+        "dataset": {"path": str(allowed / "ds")},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "linear"},
+        "training": {"epochs": 1},
+    }
     spec = copy.deepcopy(spec)
     for dotted, value in changes.items():
         *parents, leaf = dotted.split(".")
@@ -116,6 +119,8 @@ def _check(r: httpx.Response, named: str) -> None:
 
 
 def test_figures() -> None:
-    print(f"\nhostile inputs: {FIGURES['tried']} tried, {FIGURES['refused_4xx']} refused with a clear 4xx, "
-          f"{FIGURES['5xx']} 5xx")  # fmt: skip
+    print(
+        f"\nhostile inputs: {FIGURES['tried']} tried, {FIGURES['refused_4xx']} refused with a clear 4xx, "
+        f"{FIGURES['5xx']} 5xx"
+    )
     assert FIGURES["tried"] == len(JOBS) + len(QUERIES) and FIGURES["5xx"] == 0

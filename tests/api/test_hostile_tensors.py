@@ -43,11 +43,21 @@ def urls(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> dict[str, 
     (root / "loop_b").symlink_to(root / "loop_a")
     port = free_port()
     settings = Settings(data_dir=root, redis_url=redis_url, allowed_roots=[root], inference_port=port, device="cpu")
-    JobStore.from_url(redis_url).register_model({
-        "id": MODEL, "object": "model", "created_at": now(), "job_id": "job_hostile_tensors", "owner": None,
-        "name": None, "method": "linear", "mode": "cache", "backbone": "test_vit", "classes": ["a", "b"],
-        "metrics": {},
-    })  # fmt: skip
+    JobStore.from_url(redis_url).register_model(
+        {
+            "id": MODEL,
+            "object": "model",
+            "created_at": now(),
+            "job_id": "job_hostile_tensors",
+            "owner": None,
+            "name": None,
+            "method": "linear",
+            "mode": "cache",
+            "backbone": "test_vit",
+            "classes": ["a", "b"],
+            "metrics": {},
+        }
+    )
     with serve(create_inference_app(settings)) as inference:
         settings = settings.model_copy(update={"inference_url": inference})
         with serve(create_app(settings)) as api:
@@ -70,8 +80,10 @@ def _binary(name: str, datatype: str, shape: list, blob: bytes, head: bytes | No
     if head is None:
         tensor = {"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(blob)}}
         head = json.dumps({"inputs": [tensor]}).encode()
-    return {"content": head + blob, "headers": {"Inference-Header-Content-Length": str(len(head)),
-                                                "Content-Type": "application/octet-stream"}}  # fmt: skip
+    return {
+        "content": head + blob,
+        "headers": {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"},
+    }
 
 
 def _raw(text: bytes) -> dict:
@@ -82,57 +94,171 @@ PNG = _png()
 ELEMENT = struct.pack("<I", 3) + b"abc"
 # (id, path, request, status, what the message must name); each is sent to the inference service and to the API
 PREDICTS = [
-    ("json shape 2^32 x 2^32", INFER, {"json": _tensor("pixels", "UINT8", [1, 2**32, 2**32, 3], [0])}, 400,
-     "input 'pixels': shape [1, 4294967296, 4294967296, 3] says 55340232221128654848 values"),
-    ("json shape 2^32 x 2^32, no data", INFER, {"json": _tensor("pixels", "UINT8", [1, 2**32, 2**32, 3], [])}, 400,
-     "input 'pixels': shape [1, 4294967296, 4294967296, 3]"),
-    ("json shape 2^62 x 4", INFER, {"json": _tensor("pixels", "UINT8", [1, 2**62, 4, 3], [])}, 400,
-     "input 'pixels': shape [1, 4611686018427387904, 4, 3]"),
-    ("binary shape 2^32 x 2^32", INFER, _binary("pixels", "UINT8", [1, 2**32, 2**32, 3], b""), 400,
-     "input 'pixels': shape [1, 4294967296, 4294967296, 3] needs 55340232221128654848 bytes, got 0"),
-    ("binary shape 2^62 x 4", INFER, _binary("pixels", "UINT8", [1, 2**62, 4, 3], b"\0" * 12), 400,
-     "input 'pixels': shape [1, 4611686018427387904, 4, 3] needs 55340232221128654848 bytes, got 12"),
-    ("json pixel 1e30", INFER, {"json": _tensor("pixels", "UINT8", [1, 1, 1, 3], [1e30, 0, 0])}, 400,
-     "input 'pixels': value 0 is 1e+30, a number with a fraction or an exponent"),
-    ("json pixel 2^64", INFER, {"json": _tensor("pixels", "UINT8", [1, 1, 1, 3], [0, 0, 2**64])}, 400,
-     "input 'pixels': value 2 is 18446744073709551616; expected an integer in 0..255"),
-    ("json pixel NaN", INFER, _raw(b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 1, 3], '
-                                   b'"data": [0, NaN, 0]}]}'), 400, "input 'pixels': value 1 is nan, not a finite"),
-    ("json pixel true", INFER, {"json": _tensor("pixels", "UINT8", [1, 1, 1, 3], [[[[0, True, 0]]]])}, 400,
-     "input 'pixels': value 1 is the boolean true"),
-    ("json pixel string", INFER, {"json": _tensor("pixels", "UINT8", [1, 1, 1, 3], ["7", 0, 0])}, 400,
-     "input 'pixels': value 0 is the string '7'"),
+    (
+        "json shape 2^32 x 2^32",
+        INFER,
+        {"json": _tensor("pixels", "UINT8", [1, 2**32, 2**32, 3], [0])},
+        400,
+        "input 'pixels': shape [1, 4294967296, 4294967296, 3] says 55340232221128654848 values",
+    ),
+    (
+        "json shape 2^32 x 2^32, no data",
+        INFER,
+        {"json": _tensor("pixels", "UINT8", [1, 2**32, 2**32, 3], [])},
+        400,
+        "input 'pixels': shape [1, 4294967296, 4294967296, 3]",
+    ),
+    (
+        "json shape 2^62 x 4",
+        INFER,
+        {"json": _tensor("pixels", "UINT8", [1, 2**62, 4, 3], [])},
+        400,
+        "input 'pixels': shape [1, 4611686018427387904, 4, 3]",
+    ),
+    (
+        "binary shape 2^32 x 2^32",
+        INFER,
+        _binary("pixels", "UINT8", [1, 2**32, 2**32, 3], b""),
+        400,
+        "input 'pixels': shape [1, 4294967296, 4294967296, 3] needs 55340232221128654848 bytes, got 0",
+    ),
+    (
+        "binary shape 2^62 x 4",
+        INFER,
+        _binary("pixels", "UINT8", [1, 2**62, 4, 3], b"\0" * 12),
+        400,
+        "input 'pixels': shape [1, 4611686018427387904, 4, 3] needs 55340232221128654848 bytes, got 12",
+    ),
+    (
+        "json pixel 1e30",
+        INFER,
+        {"json": _tensor("pixels", "UINT8", [1, 1, 1, 3], [1e30, 0, 0])},
+        400,
+        "input 'pixels': value 0 is 1e+30, a number with a fraction or an exponent",
+    ),
+    (
+        "json pixel 2^64",
+        INFER,
+        {"json": _tensor("pixels", "UINT8", [1, 1, 1, 3], [0, 0, 2**64])},
+        400,
+        "input 'pixels': value 2 is 18446744073709551616; expected an integer in 0..255",
+    ),
+    (
+        "json pixel NaN",
+        INFER,
+        _raw(b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [0, NaN, 0]}]}'),
+        400,
+        "input 'pixels': value 1 is nan, not a finite",
+    ),
+    (
+        "json pixel true",
+        INFER,
+        {"json": _tensor("pixels", "UINT8", [1, 1, 1, 3], [[[[0, True, 0]]]])},
+        400,
+        "input 'pixels': value 1 is the boolean true",
+    ),
+    (
+        "json pixel string",
+        INFER,
+        {"json": _tensor("pixels", "UINT8", [1, 1, 1, 3], ["7", 0, 0])},
+        400,
+        "input 'pixels': value 0 is the string '7'",
+    ),
     ("json 100,000 nested [", INFER, _raw(DEEP), 400, "nests arrays and objects deeper than 64 levels"),
-    ("binary header 100,000 nested [", INFER, _binary("image", "BYTES", [1], ELEMENT, head=DEEP), 400,
-     "deeper than 64 levels"),
-    ("json shape [true]", INFER, {"json": _tensor("image", "BYTES", [True], [PNG])}, 400,
-     "input 'image': shape must be a list of 1 to 4 non-negative integers (not booleans), got [True]"),
-    ("binary shape [true]", INFER, _binary("image", "BYTES", [True], ELEMENT), 400,
-     "input 'image': shape must be a list of 1 to 4 non-negative integers (not booleans), got [True]"),
-    ("binary_data_size true", INFER, _binary("image", "BYTES", [1], ELEMENT, head=json.dumps(
-        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": True}}]}
-    ).encode()), 400, "input 'image': binary_data_size True does not fit the body"),  # fmt: skip
-    ("header length '²'", INFER, {"content": b"{}", "headers": {"Inference-Header-Content-Length": b"\xb2"}}, 400,
-     "Inference-Header-Content-Length '²' does not fit the body"),
-    ("header length of 5,000 digits", INFER, {"content": b"{}", "headers": {
-        "Inference-Header-Content-Length": "9" * 5000}}, 400, "Inference-Header-Content-Length '9999"),  # fmt: skip
-    ("integer literal of 5,000 digits", INFER, _raw(b'{"id": ' + b"9" * 5000 + b"}"), 400,
-     "the request is not valid JSON: Exceeds the limit (4300 digits)"),
-    ("parameters 5", INFER, {"json": {**_tensor("image", "BYTES", [1], [PNG]), "parameters": 5}}, 400,
-     "`parameters` must be an object, got 5"),
-    ("output parameters 5", INFER, {"json": {**_tensor("image", "BYTES", [1], [PNG]), "outputs": [
-        {"name": "label", "parameters": 5}]}}, 400, "output 'label': `parameters` must be an object"),  # fmt: skip
+    (
+        "binary header 100,000 nested [",
+        INFER,
+        _binary("image", "BYTES", [1], ELEMENT, head=DEEP),
+        400,
+        "deeper than 64 levels",
+    ),
+    (
+        "json shape [true]",
+        INFER,
+        {"json": _tensor("image", "BYTES", [True], [PNG])},
+        400,
+        "input 'image': shape must be a list of 1 to 4 non-negative integers (not booleans), got [True]",
+    ),
+    (
+        "binary shape [true]",
+        INFER,
+        _binary("image", "BYTES", [True], ELEMENT),
+        400,
+        "input 'image': shape must be a list of 1 to 4 non-negative integers (not booleans), got [True]",
+    ),
+    (
+        "binary_data_size true",
+        INFER,
+        _binary(
+            "image",
+            "BYTES",
+            [1],
+            ELEMENT,
+            head=json.dumps(
+                {
+                    "inputs": [
+                        {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": True}}
+                    ]
+                }
+            ).encode(),
+        ),
+        400,
+        "input 'image': binary_data_size True does not fit the body",
+    ),
+    (
+        "header length '²'",
+        INFER,
+        {"content": b"{}", "headers": {"Inference-Header-Content-Length": b"\xb2"}},
+        400,
+        "Inference-Header-Content-Length '²' does not fit the body",
+    ),
+    (
+        "header length of 5,000 digits",
+        INFER,
+        {"content": b"{}", "headers": {"Inference-Header-Content-Length": "9" * 5000}},
+        400,
+        "Inference-Header-Content-Length '9999",
+    ),
+    (
+        "integer literal of 5,000 digits",
+        INFER,
+        _raw(b'{"id": ' + b"9" * 5000 + b"}"),
+        400,
+        "the request is not valid JSON: Exceeds the limit (4300 digits)",
+    ),
+    (
+        "parameters 5",
+        INFER,
+        {"json": {**_tensor("image", "BYTES", [1], [PNG]), "parameters": 5}},
+        400,
+        "`parameters` must be an object, got 5",
+    ),
+    (
+        "output parameters 5",
+        INFER,
+        {"json": {**_tensor("image", "BYTES", [1], [PNG]), "outputs": [{"name": "label", "parameters": 5}]}},
+        400,
+        "output 'label': `parameters` must be an object",
+    ),
     ("input name a list", INFER, {"json": _tensor(["image"], "BYTES", [1], [PNG])}, 400, "unknown input ['image']"),
     ("v1 100,000 nested [", PREDICT, _raw(DEEP), 422, "nests arrays and objects deeper than 64 levels"),
-    ("v1 threshold 1e30", PREDICT, {"json": {"instances": [{"image_b64": PNG}], "threshold": 1e30}}, 422,
-     "threshold"),
-    ("v1 threshold true", PREDICT, {"json": {"instances": [{"image_b64": PNG}], "threshold": True}}, 422,
-     "threshold"),
-    ("v1 threshold Infinity", PREDICT, _raw(b'{"instances": [{"image_b64": "' + PNG.encode() + b'"}], "threshold": '
-                                            b"Infinity}"), 422, "threshold: Input should be a finite number"),
-    ("v1 integer literal of 5,000 digits", PREDICT, _raw(b'{"instances": [], "threshold": ' + b"9" * 5000 + b"}"),
-     422, "the body is not valid JSON: Exceeds the limit (4300 digits)"),
-]  # fmt: skip
+    ("v1 threshold 1e30", PREDICT, {"json": {"instances": [{"image_b64": PNG}], "threshold": 1e30}}, 422, "threshold"),
+    ("v1 threshold true", PREDICT, {"json": {"instances": [{"image_b64": PNG}], "threshold": True}}, 422, "threshold"),
+    (
+        "v1 threshold Infinity",
+        PREDICT,
+        _raw(b'{"instances": [{"image_b64": "' + PNG.encode() + b'"}], "threshold": Infinity}'),
+        422,
+        "threshold: Input should be a finite number",
+    ),
+    (
+        "v1 integer literal of 5,000 digits",
+        PREDICT,
+        _raw(b'{"instances": [], "threshold": ' + b"9" * 5000 + b"}"),
+        422,
+        "the body is not valid JSON: Exceeds the limit (4300 digits)",
+    ),
+]
 
 
 @pytest.mark.parametrize("via", ["inference", "api"])
@@ -143,8 +269,11 @@ def test_a_hostile_predict_is_a_4xx_naming_the_input(urls, via, what, path, requ
 
 
 def _spec(path: str) -> dict:
-    return {"dataset": {"path": path}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "linear"}}  # fmt: skip
+    return {
+        "dataset": {"path": path},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "linear"},
+    }
 
 
 # (id, method, path, request, status, what the message must name); ROOT is the allowed root
@@ -152,16 +281,40 @@ ROOT = "<root>"
 ROUTES = [
     ("job nested 100,000 deep", "POST", "/jobs", _raw(DEEP), 422, "deeper than 64 levels"),
     # no content type: FastAPI would not parse it as JSON, but the limit does not rely on that
-    ("job objects nested 100,000 deep, no content type", "POST", "/jobs",
-     {"content": b'{"a":' * 100_000 + b"1" + b"}" * 100_000}, 422, "deeper than 64 levels"),
-    ("job path with a name too long for the filesystem", "POST", "/jobs?dry_run=true",
-     {"json": _spec(f"{ROOT}/{'a' * 300}")}, 422, f"dataset.path: '{ROOT}/aaaa"),
-    ("job path a loop of links", "POST", "/jobs?dry_run=true", {"json": _spec(f"{ROOT}/loop_a")}, 422,
-     f"dataset.path: '{ROOT}/loop_a' cannot be read"),
-    ("job body not UTF-8", "POST", "/jobs", _raw(b'{"name": "\xff"}'), 422,
-     "the body is not valid JSON: 'utf-8' codec can't decode byte 0xff"),
+    (
+        "job objects nested 100,000 deep, no content type",
+        "POST",
+        "/jobs",
+        {"content": b'{"a":' * 100_000 + b"1" + b"}" * 100_000},
+        422,
+        "deeper than 64 levels",
+    ),
+    (
+        "job path with a name too long for the filesystem",
+        "POST",
+        "/jobs?dry_run=true",
+        {"json": _spec(f"{ROOT}/{'a' * 300}")},
+        422,
+        f"dataset.path: '{ROOT}/aaaa",
+    ),
+    (
+        "job path a loop of links",
+        "POST",
+        "/jobs?dry_run=true",
+        {"json": _spec(f"{ROOT}/loop_a")},
+        422,
+        f"dataset.path: '{ROOT}/loop_a' cannot be read",
+    ),
+    (
+        "job body not UTF-8",
+        "POST",
+        "/jobs",
+        _raw(b'{"name": "\xff"}'),
+        422,
+        "the body is not valid JSON: 'utf-8' codec can't decode byte 0xff",
+    ),
     ("plot name of 5,000 characters", "GET", f"/models/{MODEL}/plots/{'a' * 5000}.png", {}, 422, "name"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("what", "method", "path", "request_", "status", "named"), ROUTES, ids=[r[0] for r in ROUTES])
@@ -210,6 +363,8 @@ def test_pixels_as_flat_or_nested_lists_are_read_exactly() -> None:
 
 
 def test_figures() -> None:
-    print(f"\nhostile tensors and routes: {FIGURES['tried']} tried, {FIGURES['4xx']} refused with a 4xx naming the "
-          f"input, {FIGURES['5xx']} 5xx")  # fmt: skip
+    print(
+        f"\nhostile tensors and routes: {FIGURES['tried']} tried, {FIGURES['4xx']} refused with a 4xx naming the "
+        f"input, {FIGURES['5xx']} 5xx"
+    )
     assert FIGURES["tried"] == 2 * len(PREDICTS) + len(ROUTES) and FIGURES["5xx"] == 0

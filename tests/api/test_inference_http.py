@@ -37,8 +37,12 @@ def served(stack) -> tuple[str, list[Path], list[dict]]:
     running, client = stack
     root = running.settings.data_path / "datasets" / "digits_v2"
     write_digits(root, limit=80)
-    body = {"dataset": {"path": str(root / "train")}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "linear"}, "training": {"epochs": 2}}  # fmt: skip
+    body = {
+        "dataset": {"path": str(root / "train")},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "linear"},
+        "training": {"epochs": 2},
+    }
     job = client.wait(client.submit(body)["id"], timeout_s=300)
     assert job["status"] == "succeeded", job["error"]
     paths = sorted((root / "holdout").glob("*/*.png"))[:4]
@@ -159,7 +163,8 @@ def test_the_inference_service_checks_keys_and_owners_itself(stack, served) -> N
         r = client.post(url, json=body, headers={"Authorization": "Bearer key-a"})
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] == v1[0]["label"]
         assert client.get("/v2/models/model_of_a", headers={"Authorization": "Bearer key-b"}).json() == {
-            "error": "no model 'model_of_a'"}  # fmt: skip
+            "error": "no model 'model_of_a'"
+        }
         assert client.get("/v2/health/live").json() == {"live": True}  # health needs no key
 
 
@@ -182,8 +187,9 @@ def test_a_cold_load_does_not_stall_a_warm_model_nor_park_threads(stack, served)
             return original(mid)
 
         predictor._load = slow_load
-        cold = threading.Thread(target=lambda: httpx.post(f"{url}/v1/models/model_cold:predict", json=body,
-                                                          timeout=120))  # fmt: skip
+        cold = threading.Thread(
+            target=lambda: httpx.post(f"{url}/v1/models/model_cold:predict", json=body, timeout=120)
+        )
         cold.start()
         time.sleep(0.5)
         t0 = time.perf_counter()
@@ -191,8 +197,10 @@ def test_a_cold_load_does_not_stall_a_warm_model_nor_park_threads(stack, served)
         assert warm.status_code == 200 and time.perf_counter() - t0 < 10  # answered while the cold load waits
 
         # 60 predicts waiting on the cold model hold no thread: a sync route (the model list) still answers
-        waiting = [threading.Thread(target=lambda: httpx.post(f"{url}/v1/models/model_cold:predict", json=body,
-                                                              timeout=120)) for _ in range(60)]  # fmt: skip
+        waiting = [
+            threading.Thread(target=lambda: httpx.post(f"{url}/v1/models/model_cold:predict", json=body, timeout=120))
+            for _ in range(60)
+        ]
         for t in waiting:
             t.start()
         time.sleep(1.0)
@@ -225,8 +233,11 @@ def test_an_unreachable_store_or_inference_service_is_503_with_retry_after(stack
     finally:
         S3FileSystem.clear_instance_cache()
 
-    nowhere = Settings(data_dir=running.settings.data_path, redis_url=running.redis.url,
-                       inference_url=f"http://127.0.0.1:{free_port()}")  # fmt: skip
+    nowhere = Settings(
+        data_dir=running.settings.data_path,
+        redis_url=running.redis.url,
+        inference_url=f"http://127.0.0.1:{free_port()}",
+    )
     with TestClient(create_app(nowhere)) as client:
         r = client.post(f"/v1/models/{model_id}:predict", json=body)
         assert r.status_code == 503 and r.json()["error"]["code"] == "inference_unavailable"

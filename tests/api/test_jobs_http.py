@@ -77,8 +77,10 @@ def test_every_method_trains_and_predicts_through_the_job_api(stack):
         ({"name": "lora", "rank": 4}, {"mode": "images"}),
         ({"name": "full"}, {"mode": "images"}),
     ]
-    ids = [client.submit(spec(stack, method, execution=execution, training={"epochs": 1}))["id"]
-           for method, execution in runs]  # fmt: skip
+    ids = [
+        client.submit(spec(stack, method, execution=execution, training={"epochs": 1}))["id"]
+        for method, execution in runs
+    ]
     paths = holdout_images(stack, n=3)
     for job_id, (method, execution) in zip(ids, runs, strict=True):
         job = client.wait(job_id, timeout_s=300)
@@ -97,7 +99,9 @@ def test_method_auto_registers_the_chosen_method_and_predicts(stack):
     assert job["spec"]["method"] == {"name": "auto"}
     chosen = job["metrics"]["auto"]["selected"]
     assert chosen in ("linear", "losa") and [r["method"] for r in job["metrics"]["auto"]["candidates"]] == [
-        "linear", "losa"]  # fmt: skip
+        "linear",
+        "losa",
+    ]
     model = httpx.get(f"{running.api_url}/models/{job['model_id']}").json()
     assert model["method"] == chosen and model["metrics"]["auto"]["selected"] == chosen
     predictions = client.predict(job["model_id"], holdout_images(stack, n=2))

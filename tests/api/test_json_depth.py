@@ -37,8 +37,9 @@ def deepest(text: bytes) -> int:
 def random_json(rng: random.Random, depth: int) -> object:
     if depth == 0 or rng.random() < 0.2:
         # strings full of what the count must ignore: brackets, quotes, backslashes, runs of them
-        return rng.choice([rng.randint(0, 255), "".join(rng.choice('[]{}"\\ab') for _ in range(rng.randint(0, 12))),
-                           None, True, 1.5])  # fmt: skip
+        return rng.choice(
+            [rng.randint(0, 255), "".join(rng.choice('[]{}"\\ab') for _ in range(rng.randint(0, 12))), None, True, 1.5]
+        )
     if rng.random() < 0.5:
         return [random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))]
     return {"k" + "\\" * rng.randint(0, 3) + "]": random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))}

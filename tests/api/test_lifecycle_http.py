@@ -22,9 +22,12 @@ from worker.client import ApiError
 
 def job_spec(stack, method: str = "linear", epochs: int = 1, path=None, **options) -> dict:
     running, _ = stack
-    return {"dataset": {"path": str(path or running.settings.data_path / "datasets" / "digits" / "train")},
-            "backbone": {"name": "test_vit", "pretrained": False}, "method": {"name": method, **options},
-            "training": {"epochs": epochs, "lr": 0.05}}  # fmt: skip
+    return {
+        "dataset": {"path": str(path or running.settings.data_path / "datasets" / "digits" / "train")},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": method, **options},
+        "training": {"epochs": epochs, "lr": 0.05},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,9 @@ def test_export_through_the_api_and_the_inference_service(stack, finished, tmp_p
     path = client.export(finished["model_id"], "onnx", tmp_path / "m.onnx")
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["classes"]) == [str(i) for i in range(10)] and meta["model_id"] == finished["model_id"]
-    r = httpx.get(f"{running.inference_url}/models/{finished['model_id']}/export", params={"format": "adapter"},
-                  timeout=120)  # fmt: skip
+    r = httpx.get(
+        f"{running.inference_url}/models/{finished['model_id']}/export", params={"format": "adapter"}, timeout=120
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
     assert f'filename="{finished["model_id"]}-adapter.zip"' in r.headers["content-disposition"]
 
@@ -135,7 +139,8 @@ def test_delete_a_model_then_its_job(stack, finished, tmp_path) -> None:
     assert not ArtifactStore.from_settings(running.settings).model(model_id).files()
     job = client.job(finished["id"])
     assert job["model_id"] is None and client.events(finished["id"], after=0, limit=1000)[-1]["message"] == (
-        f"model {model_id} deleted")  # fmt: skip
+        f"model {model_id} deleted"
+    )
     client.delete_job(finished["id"])
     assert finished["id"] not in [j["id"] for j in client.jobs(limit=100)]
 
@@ -148,9 +153,19 @@ def test_another_keys_records_are_404_to_delete(stack) -> None:
     owner_a = hashlib.sha256(b"key-a").hexdigest()[:16]
     job = store.create_job({"method": {"name": "linear"}}, owner=owner_a)
     store.set_fields(job["id"], status="succeeded", finished_at=now())
-    store.register_model({"id": "model_of_key_a", "object": "model", "created_at": now(), "job_id": job["id"],
-                          "owner": owner_a, "method": "linear", "backbone": "test_vit", "classes": [],
-                          "metrics": {}})  # fmt: skip
+    store.register_model(
+        {
+            "id": "model_of_key_a",
+            "object": "model",
+            "created_at": now(),
+            "job_id": job["id"],
+            "owner": owner_a,
+            "method": "linear",
+            "backbone": "test_vit",
+            "classes": [],
+            "metrics": {},
+        }
+    )
     settings = running.settings.model_copy(update={"redis_url": running.redis.url, "api_keys": ["key-a", "key-b"]})
     with TestClient(create_app(settings)) as http:
         b, a = {"Authorization": "Bearer key-b"}, {"Authorization": "Bearer key-a"}

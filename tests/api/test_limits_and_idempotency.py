@@ -14,8 +14,11 @@ from storage.settings import Settings
 
 def make_client(tmp_path, redis_url, digits_root, **overrides) -> tuple[TestClient, dict]:
     settings = Settings(data_dir=tmp_path, redis_url=redis_url, allowed_roots=[digits_root], **overrides)
-    body = {"dataset": {"path": str(digits_root / "train")}, "backbone": {"name": "test_vit"},
-            "method": {"name": "linear"}}  # fmt: skip
+    body = {
+        "dataset": {"path": str(digits_root / "train")},
+        "backbone": {"name": "test_vit"},
+        "method": {"name": "linear"},
+    }
     return TestClient(create_app(settings)), body
 
 

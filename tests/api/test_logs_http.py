@@ -23,8 +23,14 @@ WRONG = "wrong-KEY-d00d55"
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("logs")
-    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
-                        inference_port=free_port(), device="cpu", api_keys=KEYS)  # fmt: skip
+    settings = Settings(
+        data_dir=data,
+        embedded_redis_port=free_port(),
+        api_port=free_port(),
+        inference_port=free_port(),
+        device="cpu",
+        api_keys=KEYS,
+    )
     write_digits(data / "datasets" / "digits", limit=60)
     with Stack(settings) as running:
         yield running
@@ -43,8 +49,12 @@ def test_keys_never_logged_and_lines_carry_the_job_id(keyed_stack):
     running = keyed_stack
     url = running.api_url
     data = running.settings.data_path / "datasets" / "digits"
-    body = {"dataset": {"path": str(data / "train")}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "linear"}, "training": {"epochs": 1}}  # fmt: skip
+    body = {
+        "dataset": {"path": str(data / "train")},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "linear"},
+        "training": {"epochs": 1},
+    }
     # Refused: no key, a wrong key, a malformed header, and /metrics without a key.
     assert httpx.post(f"{url}/jobs", json=body).status_code == 401
     assert httpx.get(f"{url}/jobs", headers={"Authorization": f"Bearer {WRONG}"}).status_code == 401

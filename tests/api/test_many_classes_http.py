@@ -74,9 +74,12 @@ def test_a_1000_class_linear_job_trains_under_a_memory_guard(stack, tmp_path, ca
     root = running.settings.data_path / "datasets" / "classes_1000"
     write_classes(root, CLASSES)
     # one L2 strength and at most 20 L-BFGS iterations, images of one patch: seconds of compute for 2,000 images
-    body = {"dataset": {"path": str(root)}, "method": {"name": "linear", "max_iter": 20},
-            "training": {"weight_decay": 1e-3},
-            "backbone": {"name": "vit_tiny_patch16_224", "pretrained": False, "image_size": 16}}  # fmt: skip
+    body = {
+        "dataset": {"path": str(root)},
+        "method": {"name": "linear", "max_iter": 20},
+        "training": {"weight_decay": 1e-3},
+        "backbone": {"name": "vit_tiny_patch16_224", "pretrained": False, "image_size": 16},
+    }
     with memory_guard(running.procs["train-worker"].pid, 4 * 2**30) as guard:
         job = client.wait(client.submit(body)["id"], timeout_s=300)
     assert job["status"] == "succeeded", job.get("error")

@@ -27,8 +27,12 @@ def scrape(running) -> dict[str, dict[tuple, float]]:
 def test_metrics_after_a_job_and_a_predict(stack):
     running, client = stack
     data = running.settings.data_path / "datasets" / "digits"
-    body = {"dataset": {"path": str(data / "train")}, "backbone": BACKBONE, "method": {"name": "linear"},
-            "training": {"epochs": 1}}  # fmt: skip
+    body = {
+        "dataset": {"path": str(data / "train")},
+        "backbone": BACKBONE,
+        "method": {"name": "linear"},
+        "training": {"epochs": 1},
+    }
     job = client.wait(client.submit(body)["id"], timeout_s=300)
     assert job["status"] == "succeeded", job["error"]
     images = sorted((data / "holdout").glob("*/*.png"))[:2]

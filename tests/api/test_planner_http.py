@@ -13,8 +13,9 @@ from storage.settings import Settings
 
 def client_for(tmp_path, redis_url, digits_root, **settings) -> tuple[TestClient, dict]:
     key = f"key-{uuid.uuid4().hex}"  # a fresh owner: the session's Redis holds other tests' jobs
-    app = create_app(Settings(data_dir=tmp_path, redis_url=redis_url, api_keys=[key], allowed_roots=[digits_root],
-                              **settings))  # fmt: skip
+    app = create_app(
+        Settings(data_dir=tmp_path, redis_url=redis_url, api_keys=[key], allowed_roots=[digits_root], **settings)
+    )
     return TestClient(app, headers={"Authorization": f"Bearer {key}"}), {
         "dataset": {"path": str(digits_root / "train")},
         "backbone": {"name": "test_vit", "pretrained": False},

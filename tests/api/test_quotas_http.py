@@ -22,14 +22,18 @@ def keys() -> tuple[dict, dict]:
 
 def app(tmp_path, redis_url, digits_root, a, b, **quotas) -> TestClient:
     tokens = [h["Authorization"].removeprefix("Bearer ") for h in (a, b)]
-    settings = Settings(data_dir=tmp_path, redis_url=redis_url, allowed_roots=[tmp_path, digits_root], api_keys=tokens,
-                        **quotas)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path, redis_url=redis_url, allowed_roots=[tmp_path, digits_root], api_keys=tokens, **quotas
+    )
     return TestClient(create_app(settings))
 
 
 def job(digits_root) -> dict:
-    return {"dataset": {"path": str(digits_root / "train")}, "backbone": {"name": "test_vit"},
-            "method": {"name": "linear"}}  # fmt: skip
+    return {
+        "dataset": {"path": str(digits_root / "train")},
+        "backbone": {"name": "test_vit"},
+        "method": {"name": "linear"},
+    }
 
 
 def test_uploads_past_a_keys_quota_are_refused_and_deleting_gives_bytes_back(tmp_path, redis_url, digits_root):
@@ -57,8 +61,15 @@ def test_a_key_whose_models_reached_the_quota_cannot_submit(tmp_path, redis_url,
     client = app(tmp_path, redis_url, digits_root, a, b, key_quota_artifacts_gb=1e-6)  # 1,000 bytes
     owner = owner_of(a["Authorization"].removeprefix("Bearer "))
     model_id = f"model_{uuid.uuid4().hex[:22]}"
-    JobStore.from_url(redis_url).register_model({"id": model_id, "owner": owner, "created_at": 1.0, "size_bytes": 1500,
-                                                 "job_id": "job_" + model_id.removeprefix("model_")})  # fmt: skip
+    JobStore.from_url(redis_url).register_model(
+        {
+            "id": model_id,
+            "owner": owner,
+            "created_at": 1.0,
+            "size_bytes": 1500,
+            "job_id": "job_" + model_id.removeprefix("model_"),
+        }
+    )
     refused = client.post("/jobs", json=job(digits_root), headers=a)
     assert refused.status_code == 409, refused.text
     error = refused.json()["error"]

@@ -61,8 +61,11 @@ def test_sweep_with_a_test_split_report_and_plots(stack, tmp_path, capsys) -> No
     assert get(stack, f"/models/{done['model_id']}/plots/nothing.png").status_code == 404
     assert get(stack, "/models/model_unknown/evaluation").status_code == 404
     image = base64.b64encode(sorted((digits(stack) / "holdout").glob("*/*.png"))[0].read_bytes()).decode()
-    r = httpx.post(f"{running.api_url}/v1/models/{done['model_id']}:predict",
-                   json={"instances": [{"image_b64": image}], "threshold": 0.3}, timeout=30)  # fmt: skip
+    r = httpx.post(
+        f"{running.api_url}/v1/models/{done['model_id']}:predict",
+        json={"instances": [{"image_b64": image}], "threshold": 0.3},
+        timeout=30,
+    )
     assert r.status_code == 422 and "is single-label" in r.json()["error"]["message"]
 
     assert cli(["report", done["model_id"], "--url", running.api_url, "--out", str(tmp_path / "plots")]) == 0
@@ -72,8 +75,10 @@ def test_sweep_with_a_test_split_report_and_plots(stack, tmp_path, capsys) -> No
 
 
 def tags_of(digit: int) -> str:
-    return "|".join(["even" if digit % 2 == 0 else "odd", "small" if digit < 5 else "large"]
-                    + (["loop"] if digit in (0, 6, 8, 9) else []))  # fmt: skip
+    return "|".join(
+        ["even" if digit % 2 == 0 else "odd", "small" if digit < 5 else "large"]
+        + (["loop"] if digit in (0, 6, 8, 9) else [])
+    )
 
 
 def test_multi_label_end_to_end(stack, tmp_path, capsys) -> None:
@@ -81,8 +86,11 @@ def test_multi_label_end_to_end(stack, tmp_path, capsys) -> None:
     root = digits(stack)
     rows = [f"{p.relative_to(root)},{tags_of(int(p.parent.name))}" for p in sorted((root / "train").glob("*/*.png"))]
     (root / "tags.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
-    body = {"dataset": {"path": str(root / "tags.csv"), "multi_label": True, "test_fraction": 0.25},
-            "backbone": BACKBONE, "method": {"name": "linear"}}  # fmt: skip
+    body = {
+        "dataset": {"path": str(root / "tags.csv"), "multi_label": True, "test_fraction": 0.25},
+        "backbone": BACKBONE,
+        "method": {"name": "linear"},
+    }
     done = submit_and_wait(stack, body)
     m = done["metrics"]
     assert "val_map" in m and "test_map" in m and "test_micro_f1" in m and m["solver"] == "lbfgs"
@@ -101,8 +109,12 @@ def test_multi_label_end_to_end(stack, tmp_path, capsys) -> None:
         assert p["labels"] == [c for c in model["classes"] if p["scores"][c] >= model["threshold"]]
     everything = client.predict(done["model_id"], images, threshold=0.0)
     assert all(p["labels"] == model["classes"] for p in everything)
-    files = httpx.post(f"{running.api_url}/v1/models/{done['model_id']}:predict-files", params={"threshold": 0.0},
-                       files=[("files", ("a.png", images[0].read_bytes(), "image/png"))], timeout=60)  # fmt: skip
+    files = httpx.post(
+        f"{running.api_url}/v1/models/{done['model_id']}:predict-files",
+        params={"threshold": 0.0},
+        files=[("files", ("a.png", images[0].read_bytes(), "image/png"))],
+        timeout=60,
+    )
     assert files.status_code == 200 and files.json()["predictions"][0]["labels"] == model["classes"]
     assert cli(["report", done["model_id"], "--url", running.api_url, "--out", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
@@ -115,8 +127,11 @@ def test_a_multi_label_row_without_tags_fails_the_job_naming_it(stack) -> None:
     lines = [f"{p.relative_to(root)},{'|' if i == 2 else tags_of(int(p.parent.name))}" for i, p in enumerate(first)]
     (root / "bad_tags.csv").write_text("path,label\n" + "\n".join(lines) + "\n")
     running, _ = stack
-    body = {"dataset": {"path": str(root / "bad_tags.csv"), "multi_label": True}, "backbone": BACKBONE,
-            "method": {"name": "linear"}}  # fmt: skip
+    body = {
+        "dataset": {"path": str(root / "bad_tags.csv"), "multi_label": True},
+        "backbone": BACKBONE,
+        "method": {"name": "linear"},
+    }
     r = httpx.post(f"{running.api_url}/jobs", json=body, timeout=30)
     assert r.status_code == 422 and "line 4: an empty tag list" in r.json()["error"]["message"]
 
@@ -162,12 +177,23 @@ def test_bad_sweeps_and_splits_are_422_naming_the_cause(stack, change: dict, sta
 def test_predict_threshold_is_validated(stack) -> None:
     running, _ = stack
     image = base64.b64encode(b"x").decode()
-    for value, message in ((1.5, "less than or equal to 1"), ("0.5", "a valid number"), (True, "a valid number"),
-                           (float("nan"), "a finite number")):  # fmt: skip
-        r = httpx.post(f"{running.api_url}/v1/models/model_x:predict",
-                       content=json.dumps({"instances": [{"image_b64": image}], "threshold": value}),
-                       headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    for value, message in (
+        (1.5, "less than or equal to 1"),
+        ("0.5", "a valid number"),
+        (True, "a valid number"),
+        (float("nan"), "a finite number"),
+    ):
+        r = httpx.post(
+            f"{running.api_url}/v1/models/model_x:predict",
+            content=json.dumps({"instances": [{"image_b64": image}], "threshold": value}),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        )
         assert r.status_code == 422 and "threshold" in r.text and message in r.text, (value, r.text)
-    r = httpx.post(f"{running.api_url}/v1/models/model_x:predict-files", params={"threshold": "nan"},
-                   files=[("files", ("a.png", b"x", "image/png"))], timeout=30)  # fmt: skip
+    r = httpx.post(
+        f"{running.api_url}/v1/models/model_x:predict-files",
+        params={"threshold": "nan"},
+        files=[("files", ("a.png", b"x", "image/png"))],
+        timeout=30,
+    )
     assert r.status_code == 422 and "a finite number" in r.text

@@ -24,8 +24,12 @@ from tests.helpers import serve
 
 def test_no_input_gets_a_server_error(tmp_path, redis_url, digits_root):
     # A Redis database of its own: the jobs this creates are queued for no worker and must not reach other tests'.
-    app_settings = Settings(data_dir=tmp_path, redis_url=redis_url.rsplit("/", 1)[0] + "/7",
-                            allowed_roots=[digits_root.parent], max_request_mb=1)  # fmt: skip
+    app_settings = Settings(
+        data_dir=tmp_path,
+        redis_url=redis_url.rsplit("/", 1)[0] + "/7",
+        allowed_roots=[digits_root.parent],
+        max_request_mb=1,
+    )
     with serve(create_inference_app(app_settings)) as inference:
         _fuzz(create_app(app_settings.model_copy(update={"inference_url": inference})))
 
@@ -57,8 +61,12 @@ def test_stateful_sequences_get_no_server_error(tmp_path, redis_url, digits_root
     scenarios and steps; no call of any sequence may get a 5xx."""
     import hypothesis
 
-    app_settings = Settings(data_dir=tmp_path, redis_url=redis_url.rsplit("/", 1)[0] + "/7",
-                            allowed_roots=[digits_root.parent], max_request_mb=1)  # fmt: skip
+    app_settings = Settings(
+        data_dir=tmp_path,
+        redis_url=redis_url.rsplit("/", 1)[0] + "/7",
+        allowed_roots=[digits_root.parent],
+        max_request_mb=1,
+    )
     with serve(create_inference_app(app_settings)) as inference:
         app = create_app(app_settings.model_copy(update={"inference_url": inference}))
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
@@ -70,8 +78,13 @@ def test_stateful_sequences_get_no_server_error(tmp_path, redis_url, digits_root
             def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
                 case.validate_response(response, checks=[not_a_server_error], transport_kwargs=kwargs or None)
 
-        bounded = hypothesis.settings(max_examples=15, stateful_step_count=6, deadline=None, database=None,
-                                      suppress_health_check=list(HealthCheck))  # fmt: skip
+        bounded = hypothesis.settings(
+            max_examples=15,
+            stateful_step_count=6,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         NoServerErrors.run(settings=bounded)
 
 

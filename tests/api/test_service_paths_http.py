@@ -50,8 +50,11 @@ def zip_of(members: dict[str, bytes]) -> bytes:
 
 
 def images(classes: tuple[str, ...], n: int, prefix: str = "pets/", start: int = 0) -> dict[str, bytes]:
-    return {f"{prefix}{c}/bprivate{start + i}.png": png(40 * k + 9 * i + start) for k, c in enumerate(classes)
-            for i in range(n)}  # fmt: skip
+    return {
+        f"{prefix}{c}/bprivate{start + i}.png": png(40 * k + 9 * i + start)
+        for k, c in enumerate(classes)
+        for i in range(n)
+    }
 
 
 def upload(url: str, data: bytes, headers: dict) -> httpx.Response:
@@ -83,8 +86,14 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("paths")
-    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
-                        inference_port=free_port(), device="cpu", api_keys=KEYS)  # fmt: skip
+    settings = Settings(
+        data_dir=data,
+        embedded_redis_port=free_port(),
+        api_port=free_port(),
+        inference_port=free_port(),
+        device="cpu",
+        api_keys=KEYS,
+    )
     write_digits(data / "mydata", limit=60)  # A's own dataset in the data dir: train/ and holdout/, 10 classes
     with Stack(settings) as running:
         url = running.api_url
@@ -110,8 +119,9 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         shutil.copytree(data / "mydata" / "train" / "1", data / "linkfile" / "one")
         shutil.copytree(data / "mydata" / "train" / "2", data / "linkfile" / "two")
         (data / "linkfile" / "one" / "evil.png").symlink_to(b_upload / B_CLASSES[1] / "bprivate0.png")
-        (data / "m.csv").write_text(f"path,label\n{b_upload.relative_to(data)}/{B_CLASSES[0]}/bprivate0.png,a\n"
-                                    "mydata/train/1/0001.png,b\n")  # fmt: skip
+        (data / "m.csv").write_text(
+            f"path,label\n{b_upload.relative_to(data)}/{B_CLASSES[0]}/bprivate0.png,a\nmydata/train/1/0001.png,b\n"
+        )
         (data / "alias").symlink_to(data / "datasets" / b["id"])
         (data / "mydata" / "ckpt.safetensors").symlink_to(weights)
         a_upload = data / "datasets" / a["id"] / "files" / "pets"
@@ -148,8 +158,11 @@ def _hostile(w: World) -> list[tuple[str, str, Path | str]]:
 
 
 def _spec(w: World, field: str | None = None, path: Path | str | None = None) -> dict:
-    spec = {"dataset": {"path": str(w.data / "mydata" / "train")}, "backbone": dict(BACKBONE),
-            "method": {"name": "linear"}}  # fmt: skip
+    spec = {
+        "dataset": {"path": str(w.data / "mydata" / "train")},
+        "backbone": dict(BACKBONE),
+        "method": {"name": "linear"},
+    }
     if field is not None:
         part, name = field.split(".")
         spec[part][name] = str(path)
@@ -167,8 +180,9 @@ def test_every_hostile_path_is_refused_at_submission_naming_nothing_of_b(world: 
     for what, field, path in _hostile(world):
         FIGURES["tried"] += 1
         for dry_run in ("false", "true"):
-            r = httpx.post(f"{world.url}/jobs", params={"dry_run": dry_run}, json=_spec(world, field, path),
-                           headers=A, timeout=60)  # fmt: skip
+            r = httpx.post(
+                f"{world.url}/jobs", params={"dry_run": dry_run}, json=_spec(world, field, path), headers=A, timeout=60
+            )
             assert r.status_code == 403, (what, r.text)
             error = r.json()["error"]
             assert error["code"] == "forbidden_path" and error["message"].startswith(f"{field}: "), (what, error)

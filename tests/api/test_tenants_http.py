@@ -21,8 +21,12 @@ BACKLOG = 5  # A's jobs queued ahead of B's; under strict FIFO each of them star
 
 def tiny_job(keyed_api) -> dict:
     data = keyed_api.settings.data_path / "datasets" / "digits" / "train"
-    return {"dataset": {"path": str(data)}, "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
-            "method": {"name": "linear", "solver": "sgd"}, "training": {"epochs": 1}}  # fmt: skip
+    return {
+        "dataset": {"path": str(data)},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
+        "method": {"name": "linear", "solver": "sgd"},
+        "training": {"epochs": 1},
+    }
 
 
 def training_started(client: Client, job_id: str) -> float | None:
@@ -62,8 +66,12 @@ def test_concurrent_submissions_never_pass_the_jobs_quota(keyed_api) -> None:
             time.sleep(0.005)
 
     def submit(_: int) -> httpx.Response:
-        return httpx.post(f"{keyed_api.api_url}/jobs", json=tiny_job(keyed_api), timeout=120,
-                          headers={"Authorization": f"Bearer {TENANT_KEYS['c']}"})  # fmt: skip
+        return httpx.post(
+            f"{keyed_api.api_url}/jobs",
+            json=tiny_job(keyed_api),
+            timeout=120,
+            headers={"Authorization": f"Bearer {TENANT_KEYS['c']}"},
+        )
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -91,8 +99,9 @@ def test_metrics_show_job_ids_to_an_admin_key_only(keyed_api) -> None:
     store = JobStore.from_url(keyed_api.settings.broker_url)
     spec = {"dataset": {"path": "digits"}, "backbone": {"name": "test_vit"}, "method": {"name": "linear"}}
     job = store.create_job(spec, owner="b-owner-id")  # B's job mid-extraction, as a worker leaves its record
-    store.set_fields(job["id"], status="extracting",
-                     progress={"stage": "extracting", "done": 1, "total": 4, "images_per_s": 7.5})  # fmt: skip
+    store.set_fields(
+        job["id"], status="extracting", progress={"stage": "extracting", "done": 1, "total": 4, "images_per_s": 7.5}
+    )
     try:
 
         def scrape(key: str) -> str:

@@ -28,8 +28,11 @@ def test_pages_are_frames_from_the_package_with_a_strict_policy(settings) -> Non
             assert "default-src 'none'" in r.headers["content-security-policy"]
             assert "http://" not in r.text and "https://" not in r.text  # nothing fetched from elsewhere
         assert 'data-job-id="&lt;script&gt;"' in http.get("/ui/jobs/<script>").text  # the id goes in as text
-        assert http.get("/ui/static/ui.js").headers["content-type"].startswith(("text/javascript",
-                                                                                 "application/javascript"))  # fmt: skip
+        assert (
+            http.get("/ui/static/ui.js")
+            .headers["content-type"]
+            .startswith(("text/javascript", "application/javascript"))
+        )
         css = http.get("/ui/static/ui.css")
         assert css.status_code == 200 and "url(" not in css.text and "@import" not in css.text
         assert http.get("/", follow_redirects=False).headers["location"] == "/ui"
@@ -37,9 +40,17 @@ def test_pages_are_frames_from_the_package_with_a_strict_policy(settings) -> Non
 
 
 # ---- the browser ---------------------------------------------------------------------------------------------------
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
-                  "--window-size=1280,1800"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    "--window-size=1280,1800",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +59,10 @@ def browser() -> Iterator:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if not (chromium and driver_path):
-        pytest.skip("Chromium and chromedriver are not installed (apt-get install chromium chromium-driver, as root; "
-                    ".ci/run installs them)")  # fmt: skip
+        pytest.skip(
+            "Chromium and chromedriver are not installed (apt-get install chromium chromium-driver, as root; "
+            ".ci/run installs them)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
@@ -83,9 +96,14 @@ def test_follow_a_job_then_predict_in_the_browser(stack, browser, test_artifacts
     shots = test_artifacts / "ui"
     shots.mkdir(exist_ok=True)
     digits = running.settings.data_path / "datasets" / "digits"
-    job = client.submit({"dataset": {"path": str(digits / "train")}, "method": {"name": "losa", "rank": 4},
-                         "backbone": {"name": "test_vit", "pretrained": False},
-                         "training": {"epochs": 3, "batch_size": 16}})  # fmt: skip
+    job = client.submit(
+        {
+            "dataset": {"path": str(digits / "train")},
+            "method": {"name": "losa", "rank": 4},
+            "backbone": {"name": "test_vit", "pretrained": False},
+            "training": {"epochs": 3, "batch_size": 16},
+        }
+    )
 
     browser.get(f"{running.api_url}/ui")
     row = f'#jobs tr[data-job="{job["id"]}"]'
@@ -106,8 +124,10 @@ def test_follow_a_job_then_predict_in_the_browser(stack, browser, test_artifacts
     browser.find_element("id", "model-link").click()
     wait_for(browser, lambda d: d.execute_script("return document.body.dataset.loaded") == "done")
     report = client.evaluation(model_id)
-    shown = {r.get_attribute("data-metric"): float(r.find_element("tag name", "td").text)
-             for r in css(browser, "#evaluation-metrics tr")}  # fmt: skip
+    shown = {
+        r.get_attribute("data-metric"): float(r.find_element("tag name", "td").text)
+        for r in css(browser, "#evaluation-metrics tr")
+    }
     assert shown == pytest.approx({k: round(v, 4) for k, v in report["metrics"].items()}, abs=1e-9)
     cells = [[int(td.text) for td in tr.find_elements("tag name", "td")] for tr in css(browser, "#confusion tr")[1:]]
     assert cells == report["confusion_matrix"]
@@ -120,8 +140,10 @@ def test_follow_a_job_then_predict_in_the_browser(stack, browser, test_artifacts
     expected = client.predict(model_id, images)
     for tr, path, p in zip(css(browser, "#predictions tbody tr"), images, expected, strict=True):
         assert tr.get_attribute("data-file") == path.name and tr.get_attribute("data-label") == p["label"]
-        scores = {s.get_attribute("data-class"): float(s.get_attribute("data-score"))
-                  for s in tr.find_elements("css selector", ".score")}  # fmt: skip
+        scores = {
+            s.get_attribute("data-class"): float(s.get_attribute("data-score"))
+            for s in tr.find_elements("css selector", ".score")
+        }
         assert len(scores) == 5 and all(scores[c] == pytest.approx(p["scores"][c], abs=1e-6) for c in scores)
         assert max(scores, key=scores.get) == p["label"]
     browser.execute_script("document.getElementById('predict').scrollIntoView()")
@@ -177,13 +199,24 @@ def test_a_model_of_many_classes_pages_its_per_class_rows(stack, browser, test_a
     targets = rng.integers(0, 250, 1000)
     pred = np.where(rng.random(1000) < 0.6, targets, rng.integers(0, 250, 1000))
     report = evaluation.label_report(targets, pred, None, [f"class {i:03d}" for i in range(250)], "test")
-    ArtifactStore.from_settings(running.settings).save_model("model_ui_250", {"w": np.zeros(1, np.float32)}, {}, {},
-                                                             {"evaluation.json": reports.encode(report)})  # fmt: skip
-    JobStore.from_url(running.redis.url).register_model({
-        "id": "model_ui_250", "object": "model", "created_at": now(), "job_id": "job_ui_250", "owner": None,
-        "method": "linear", "mode": "cache", "backbone": "test_vit", "classes": report["classes"], "metrics": {},
-        "plots": [],
-    })  # fmt: skip
+    ArtifactStore.from_settings(running.settings).save_model(
+        "model_ui_250", {"w": np.zeros(1, np.float32)}, {}, {}, {"evaluation.json": reports.encode(report)}
+    )
+    JobStore.from_url(running.redis.url).register_model(
+        {
+            "id": "model_ui_250",
+            "object": "model",
+            "created_at": now(),
+            "job_id": "job_ui_250",
+            "owner": None,
+            "method": "linear",
+            "mode": "cache",
+            "backbone": "test_vit",
+            "classes": report["classes"],
+            "metrics": {},
+            "plots": [],
+        }
+    )
     browser.get(f"{running.api_url}/ui/models/model_ui_250")
     wait_for(browser, lambda d: d.execute_script("return document.body.dataset.loaded") == "done")
     # read in one script: the rows are replaced while a page loads (elements found before would go stale)

@@ -37,9 +37,12 @@ def test_upload_videos_train_and_predict_on_video(stack, tmp_path: Path) -> None
     ds = r.json()
     assert ds["classes"] == ["down", "left", "right", "up"] and ds["num_images"] == 12
 
-    body = {"dataset": {"id": ds["id"], "val_fraction": 0.34},
-            "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32, "video": {"num_frames": 4}},
-            "method": {"name": "losa", "rank": 4}, "training": {"epochs": 2, "batch_size": 4}}  # fmt: skip
+    body = {
+        "dataset": {"id": ds["id"], "val_fraction": 0.34},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32, "video": {"num_frames": 4}},
+        "method": {"name": "losa", "rank": 4},
+        "training": {"epochs": 2, "batch_size": 4},
+    }
     job = client.wait(client.submit(body)["id"], timeout_s=300)
     assert job["status"] == "succeeded", job.get("error")
     assert job["metrics"]["images"] == 12 and job["metrics"]["backbone_forwards"] > 0
@@ -99,8 +102,9 @@ def test_upload_videos_train_and_predict_on_video(stack, tmp_path: Path) -> None
 
 def planner_client(tmp_path: Path, redis_url: str, **settings) -> TestClient:
     key = f"key-{uuid.uuid4().hex}"
-    app = create_app(Settings(data_dir=tmp_path, redis_url=redis_url, api_keys=[key], allowed_roots=[tmp_path],
-                              **settings))  # fmt: skip
+    app = create_app(
+        Settings(data_dir=tmp_path, redis_url=redis_url, api_keys=[key], allowed_roots=[tmp_path], **settings)
+    )
     return TestClient(app, headers={"Authorization": f"Bearer {key}"})
 
 
@@ -124,7 +128,8 @@ def test_plans_of_video_jobs(tmp_path: Path, redis_url: str) -> None:
     message = r.json()["error"]["message"]
     assert "full in mode images backpropagates through 12 blocks on 16-frame clips of 1569 tokens" in message
     assert "training.batch_size" in message and "fewer frames" in message and "losa" in message
-    lora = client.post("/jobs", params={"dry_run": "true"}, json={**body, "method": {"name": "lora"},
-                                                                  "training": {"batch_size": 2}}).json()  # fmt: skip
+    lora = client.post(
+        "/jobs", params={"dry_run": "true"}, json={**body, "method": {"name": "lora"}, "training": {"batch_size": 2}}
+    ).json()
     assert lora["memory_fits"] is True and 0 < lora["backprop_memory_bytes"] < 16e9
     assert client.get("/jobs").json()["data"] == []

@@ -13,9 +13,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_classes_bench_trains_reports_and_measures_120_classes(tmp_path: Path) -> None:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "bench/classes.py", "--classes", "120", "--full-solve", "0",
-                        "--large-max-iter", "3", "--data-dir", str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/classes.py",
+            "--classes",
+            "120",
+            "--full-solve",
+            "0",
+            "--large-max-iter",
+            "3",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     kv = dict(pair.split("=", 1) for pair in r.stdout.strip().splitlines()[-1].split())
     assert kv["failed"] == "0" and kv["confusion_px_120"] == "1400x700"

@@ -15,10 +15,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_fairness_bench_runs_against_a_running_api(keyed_api) -> None:
     data = keyed_api.settings.data_path / "datasets" / "digits" / "train"
-    args = ["--api", keyed_api.api_url, "--key-a", TENANT_KEYS["a"], "--key-b", TENANT_KEYS["b"], "--data", str(data),
-            "--jobs", "1", "--cancel-rest"]  # fmt: skip
-    r = subprocess.run([sys.executable, "bench/fairness.py", *args], cwd=ROOT, capture_output=True, text=True,
-                       env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=600)  # fmt: skip
+    args = [
+        "--api",
+        keyed_api.api_url,
+        "--key-a",
+        TENANT_KEYS["a"],
+        "--key-b",
+        TENANT_KEYS["b"],
+        "--data",
+        str(data),
+        "--jobs",
+        "1",
+        "--cancel-rest",
+    ]
+    r = subprocess.run(
+        [sys.executable, "bench/fairness.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["after", "B", "submitted"] and "B's job: queued -> started" in r.stdout

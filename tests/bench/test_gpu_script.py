@@ -15,11 +15,19 @@ PHASES = ("env", "data", "extraction", "training", "serving")
 def test_every_phase_of_the_gpu_bench_runs_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "gpu.txt"
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "bench/gpu.py", "--device", "cpu", "--tiny", "--out", str(out)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "bench/gpu.py", "--device", "cpu", "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    lines = {line.split()[0].removeprefix("phase="): dict(kv.split("=", 1) for kv in line.split()[1:])
-             for line in out.read_text().splitlines()}  # fmt: skip
+    lines = {
+        line.split()[0].removeprefix("phase="): dict(kv.split("=", 1) for kv in line.split()[1:])
+        for line in out.read_text().splitlines()
+    }
     assert tuple(lines) == PHASES, lines.keys()
     assert float(lines["extraction"]["whole_img_s_digits"]) > 0
     assert float(lines["training"]["train_speedup"]) > 0

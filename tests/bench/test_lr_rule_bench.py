@@ -11,11 +11,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_lr_rule_bench_runs_a_cell(tmp_path: Path) -> None:
-    args = ["--limits", "100", "--batches", "32", "--size", "32", "--epochs", "4", "--backbone", "test_vit",
-            "--data-dir", str(tmp_path)]  # fmt: skip
+    args = [
+        "--limits",
+        "100",
+        "--batches",
+        "32",
+        "--size",
+        "32",
+        "--epochs",
+        "4",
+        "--backbone",
+        "test_vit",
+        "--data-dir",
+        str(tmp_path),
+    ]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "bench/lr_rule.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "bench/lr_rule.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     kv = dict(pair.split("=", 1) for pair in lines[-1].split())

@@ -14,12 +14,30 @@ ROLES = ("api", "inference", "extract-worker", "train-worker", "redis")
 
 
 def test_a_short_soak_samples_every_process_and_follows_a_killed_one(tmp_path: Path) -> None:
-    args = ["--minutes", "0.24", "--window-minutes", "0.08", "--sample-s", "1", "--kill-every", "0.12",
-            "--backbone", "test_vit", "--image-size", "0", "--images", "40", "--bound-pct", "1000",
-            "--data-dir", str(tmp_path)]  # fmt: skip
+    args = [
+        "--minutes",
+        "0.24",
+        "--window-minutes",
+        "0.08",
+        "--sample-s",
+        "1",
+        "--kill-every",
+        "0.12",
+        "--backbone",
+        "test_vit",
+        "--image-size",
+        "0",
+        "--images",
+        "40",
+        "--bound-pct",
+        "1000",
+        "--data-dir",
+        str(tmp_path),
+    ]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "bench/soak.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "bench/soak.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     kv = dict(pair.split("=", 1) for pair in lines[-1].split())

@@ -46,11 +46,14 @@ def test_a_vit_without_class_token_trains_with_mean_pooling(settings, digits_roo
     from services.jobs.progress import NullReporter
     from services.training.job import train_job
 
-    spec = JobSpec.model_validate({
-        "dataset": {"path": str(digits_root / "train")},
-        "backbone": {"name": "vit_base_patch16_siglip_224", "pretrained": False, "image_size": 32},
-        "method": {"name": "linear"}, "training": {"epochs": 1},
-    })  # fmt: skip
+    spec = JobSpec.model_validate(
+        {
+            "dataset": {"path": str(digits_root / "train")},
+            "backbone": {"name": "vit_base_patch16_siglip_224", "pretrained": False, "image_size": 32},
+            "method": {"name": "linear"},
+            "training": {"epochs": 1},
+        }
+    )
     result = run_extraction(spec, settings, NullReporter())
     out = train_job(spec, settings, result["cache_key"], NullReporter(), settings.data_path / "ckpt")
     assert out["config"]["feature_info"]["num_prefix_tokens"] == 0 and out["config"]["input_tokens"] == "mean"

@@ -20,12 +20,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def spec_for(path: Path, precision: str = "auto") -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path)},
-        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 64, "precision": precision},
-        "method": {"name": "losa", "rank": 4},
-        "extraction": {"batch_size": 16},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path)},
+            "backbone": {"name": "test_vit", "pretrained": False, "image_size": 64, "precision": precision},
+            "method": {"name": "losa", "rank": 4},
+            "extraction": {"batch_size": 16},
+        }
+    )
 
 
 def test_precision_auto_is_bf16_on_a_gpu_and_fp32_on_the_cpu() -> None:

@@ -34,10 +34,15 @@ from tests.helpers import job_spec
 
 # Besides the `trained` fixture's models (linear, LoSA, LoRA in tail mode): the other methods that merge, and two
 # video models (a ViViT: LoSA's Eq. 6 side network from the cache, LoRA merged into it).
-MORE = {"model_apla": ({"name": "apla", "rank": 4}, "images"), "model_arc": ({"name": "arc", "rank": 4}, "images"),
-        "model_full": ({"name": "full"}, "images")}  # fmt: skip
-VIDEO = {"model_video_losa": ({"name": "losa", "rank": 4}, "cache"), "model_video_lora": ({"name": "lora", "rank": 2},
-                                                                                          "images")}  # fmt: skip
+MORE = {
+    "model_apla": ({"name": "apla", "rank": 4}, "images"),
+    "model_arc": ({"name": "arc", "rank": 4}, "images"),
+    "model_full": ({"name": "full"}, "images"),
+}
+VIDEO = {
+    "model_video_losa": ({"name": "losa", "rank": 4}, "cache"),
+    "model_video_lora": ({"name": "lora", "rank": 2}, "images"),
+}
 VIDEO_BACKBONE = {"name": "test_vit", "pretrained": False, "image_size": 32, "video": {"num_frames": 4, "tubelet": 2}}
 ALL = ["model_linear", "model_losa_all", "model_lora", *MORE, *VIDEO]
 MERGING = ["model_linear", "model_lora", *MORE]  # a plain timm ViT each (the linear probe: timm's own head)
@@ -53,16 +58,25 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(trained: Settings, digits_root: Path, videos: Path) -> Settings:
     """The `trained` store with the models of MORE and VIDEO added, each trained for an epoch as the train step does."""
-    settings = Settings(data_dir=trained.data_dir, redis_url=trained.redis_url, device="cpu",
-                        allowed_roots=[*trained.allowed_roots, videos])  # fmt: skip
+    settings = Settings(
+        data_dir=trained.data_dir,
+        redis_url=trained.redis_url,
+        device="cpu",
+        allowed_roots=[*trained.allowed_roots, videos],
+    )
     artifacts = ArtifactStore.from_settings(settings)
     # at 64 px (a quarter of the cost of training through the backbone), which also exports a ViT built at another size
     specs = {m: job_spec(digits_root / "train", method, mode, image_size=64) for m, (method, mode) in MORE.items()}
     for model_id, (method, mode) in VIDEO.items():
-        specs[model_id] = JobSpec.model_validate({
-            "dataset": {"path": str(videos / "train"), "val_fraction": 0.34}, "backbone": VIDEO_BACKBONE,
-            "method": method, "execution": {"mode": mode}, "training": {"epochs": 1, "batch_size": 4},
-        })  # fmt: skip
+        specs[model_id] = JobSpec.model_validate(
+            {
+                "dataset": {"path": str(videos / "train"), "val_fraction": 0.34},
+                "backbone": VIDEO_BACKBONE,
+                "method": method,
+                "execution": {"mode": mode},
+                "training": {"epochs": 1, "batch_size": 4},
+            }
+        )
     for model_id, spec in specs.items():
         key = run_extraction(spec, settings, NullReporter())["cache_key"] if spec.needs_cache else None
         out = train_job(spec, settings, key, NullReporter(), settings.data_path / "ckpt" / model_id)
@@ -167,8 +181,13 @@ def test_timm_checkpoints_load_without_sidetune(served, service, images, figures
         out.path.unlink()
     site = sysconfig.get_paths()["purelib"]
     args = [site, str(tmp_path / "images.txt"), *map(str, folders.values())]
-    run = subprocess.run([sys.executable, "-I", "-S", "-c", LOAD_WITH_TIMM_ALONE, *args], capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LOAD_WITH_TIMM_ALONE, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     loaded = json.loads(run.stdout)
     for model_id, folder in folders.items():
@@ -184,11 +203,14 @@ def test_timm_checkpoints_load_without_sidetune(served, service, images, figures
             figures.setdefault(model_id, {})[f"timm_{route}_vs_torch_logits"] = diff
 
 
-@pytest.mark.parametrize(("model_id", "cause"), [
-    ("model_losa_all", "losa is a side network"),
-    ("model_video_losa", "not a timm architecture"),
-    ("model_video_lora", "not a timm architecture"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("model_id", "cause"),
+    [
+        ("model_losa_all", "losa is a side network"),
+        ("model_video_losa", "not a timm architecture"),
+        ("model_video_lora", "not a timm architecture"),
+    ],
+)
 def test_timm_refuses_what_no_timm_checkpoint_computes(model_id, cause, served, tmp_path) -> None:
     with pytest.raises(ExportError, match=cause):
         export_model(ArtifactStore.from_settings(served), served, model_id, "timm", tmp_path)

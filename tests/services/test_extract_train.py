@@ -29,13 +29,15 @@ BACKBONE = {"name": "test_vit", "pretrained": False}
 
 
 def job_spec(path: Path, method: dict | None = None, training: dict | None = None, **dataset) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path), **dataset},
-        "backbone": BACKBONE,
-        "method": method or {"name": "losa", "rank": 4},
-        "extraction": {"batch_size": BATCH},
-        "training": {"epochs": 2, "batch_size": 32, **(training or {})},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path), **dataset},
+            "backbone": BACKBONE,
+            "method": method or {"name": "losa", "rank": 4},
+            "extraction": {"batch_size": BATCH},
+            "training": {"epochs": 2, "batch_size": 32, **(training or {})},
+        }
+    )
 
 
 def train(settings: Settings, spec: JobSpec, entry: CacheEntry, reporter, ckpt: Path, budget_mb: int = 512) -> dict:

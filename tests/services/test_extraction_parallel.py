@@ -18,12 +18,14 @@ from storage.settings import Settings
 
 
 def spec_for(path: Path, **extraction) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path), "on_corrupt": "skip"},
-        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 64},
-        "method": {"name": "losa", "rank": 4},
-        "extraction": {"batch_size": 16, **extraction},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path), "on_corrupt": "skip"},
+            "backbone": {"name": "test_vit", "pretrained": False, "image_size": 64},
+            "method": {"name": "losa", "rank": 4},
+            "extraction": {"batch_size": 16, **extraction},
+        }
+    )
 
 
 @pytest.mark.parametrize("extraction", [{}, {"codec": "zstd", "keepbits": 5}], ids=["none", "zstd+keepbits5"])
@@ -32,8 +34,9 @@ def test_parallel_extraction_is_bit_identical_to_the_single_threaded_path(
 ) -> None:
     spec = spec_for(digits_root / "train", **extraction)
     fast = settings.model_copy(update={"loader_workers": 2, "cache_writers": 4})
-    plain = settings.model_copy(update={"loader_workers": 0, "cache_writers": 1,
-                                        "cache_url": f"file://{tmp_path / 'plain-cache'}"})  # fmt: skip
+    plain = settings.model_copy(
+        update={"loader_workers": 0, "cache_writers": 1, "cache_url": f"file://{tmp_path / 'plain-cache'}"}
+    )
     a = run_extraction(spec, fast, NullReporter())
     b = run_extraction(spec, plain, NullReporter())
     assert (a["loader_workers"], a["writer"]) == (2, "tensorstore")

@@ -17,9 +17,15 @@ from services.spec import JobSpec
 
 def info(num_layers: int, tokens: int, dim: int, num_classes: int = 10, readout: dict | None = None) -> FeatureInfo:
     return FeatureInfo(
-        num_layers=num_layers, tokens=tokens, dim=dim, num_prefix_tokens=1, global_pool="token",
-        norm_eps=1e-6, num_classes=num_classes, readout=readout or {},
-    )  # fmt: skip
+        num_layers=num_layers,
+        tokens=tokens,
+        dim=dim,
+        num_prefix_tokens=1,
+        global_pool="token",
+        norm_eps=1e-6,
+        num_classes=num_classes,
+        readout=readout or {},
+    )
 
 
 def losa_params(num_layers: int, tokens: int, dim: int, rank: int, layers="all") -> int:
@@ -59,8 +65,10 @@ def test_losa_layer_selection() -> None:
 
 def test_losa_at_step_zero_equals_linear_probe() -> None:
     rng = np.random.default_rng(0)
-    readout = {"norm.weight": rng.standard_normal(8).astype(np.float32),
-               "norm.bias": rng.standard_normal(8).astype(np.float32)}  # fmt: skip
+    readout = {
+        "norm.weight": rng.standard_normal(8).astype(np.float32),
+        "norm.bias": rng.standard_normal(8).astype(np.float32),
+    }
     fi = info(num_layers=4, tokens=5, dim=8, num_classes=3, readout=readout)
     torch.manual_seed(0)
     linear = methods.build(LinearConfig(), fi)
@@ -96,8 +104,10 @@ def test_losa_under_bf16_autocast_keeps_the_residual_stream_in_float32() -> None
     equals the linear probe (a fused addmm would round z_L to bf16 at every side layer), and once trained a_L is
     within bf16 rounding of the float32 paper form a + g(x)."""
     rng = np.random.default_rng(0)
-    readout = {"norm.weight": rng.standard_normal(16).astype(np.float32),
-               "norm.bias": rng.standard_normal(16).astype(np.float32)}  # fmt: skip
+    readout = {
+        "norm.weight": rng.standard_normal(16).astype(np.float32),
+        "norm.bias": rng.standard_normal(16).astype(np.float32),
+    }
     fi = info(num_layers=6, tokens=9, dim=16, num_classes=3, readout=readout)
     torch.manual_seed(0)
     linear = methods.build(LinearConfig(), fi)
@@ -126,8 +136,13 @@ def test_losa_under_bf16_autocast_keeps_the_residual_stream_in_float32() -> None
 
 
 def test_readout_uses_the_backbone_norm() -> None:
-    fi = info(num_layers=2, tokens=3, dim=4, num_classes=2,
-              readout={"norm.weight": np.full(4, 2.0, np.float32), "norm.bias": np.ones(4, np.float32)})  # fmt: skip
+    fi = info(
+        num_layers=2,
+        tokens=3,
+        dim=4,
+        num_classes=2,
+        readout={"norm.weight": np.full(4, 2.0, np.float32), "norm.bias": np.ones(4, np.float32)},
+    )
     probe = methods.build(LinearConfig(), fi)
     feats = torch.randn(2, 1, 3, 4)
     normed = torch.nn.functional.layer_norm(feats[:, 0], (4,), eps=1e-6) * 2 + 1

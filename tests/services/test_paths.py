@@ -17,16 +17,38 @@ from storage.settings import Settings
 def data(tmp_path: Path) -> Path:
     """A data dir as the service leaves it, with an operator's dataset in it and in the uploads folder."""
     data = tmp_path / "data"
-    for folder in ("cache/f1/v1", "artifacts/models/model_1", "redis", "logs", "datasets/ds_b0b/files/x",
-                   "datasets/.staging/upload-ds_c0c", "mydata/a", "datasets/digits/a"):  # fmt: skip
+    for folder in (
+        "cache/f1/v1",
+        "artifacts/models/model_1",
+        "redis",
+        "logs",
+        "datasets/ds_b0b/files/x",
+        "datasets/.staging/upload-ds_c0c",
+        "mydata/a",
+        "datasets/digits/a",
+    ):
         (data / folder).mkdir(parents=True)
     (data / "artifacts/models/model_1/weights.safetensors").write_bytes(b"")
     return data
 
 
-SERVICE = ["", "cache", "cache/f1/v1", "artifacts", "artifacts/models", "artifacts/models/model_1/weights.safetensors",
-           "redis", "logs", "datasets", "datasets/ds_b0b", "datasets/ds_b0b/files/x", "datasets/.staging",
-           "datasets/.staging/upload-ds_c0c", "cache/missing", "datasets/ds_b0b/files/missing"]  # fmt: skip
+SERVICE = [
+    "",
+    "cache",
+    "cache/f1/v1",
+    "artifacts",
+    "artifacts/models",
+    "artifacts/models/model_1/weights.safetensors",
+    "redis",
+    "logs",
+    "datasets",
+    "datasets/ds_b0b",
+    "datasets/ds_b0b/files/x",
+    "datasets/.staging",
+    "datasets/.staging/upload-ds_c0c",
+    "cache/missing",
+    "datasets/ds_b0b/files/missing",
+]
 
 
 @pytest.mark.parametrize("rel", SERVICE)
@@ -81,11 +103,18 @@ def test_the_roots_and_links_are_resolved_first(data: Path, tmp_path: Path) -> N
 
 def test_a_local_store_and_cache_elsewhere_are_the_services_too(data: Path, tmp_path: Path) -> None:
     store, cache = tmp_path / "store", tmp_path / "fast" / "cache"
-    settings = Settings(data_dir=data, store_url=f"file://{store}", cache_url=str(cache),
-                        allowed_roots=[tmp_path])  # fmt: skip
+    settings = Settings(data_dir=data, store_url=f"file://{store}", cache_url=str(cache), allowed_roots=[tmp_path])
     paths = UserPaths(settings)
-    for path in (store, store / "artifacts" / "models", store / "datasets", store / "datasets" / "ds_1", cache,
-                 cache.parent, cache / "f1", tmp_path):  # fmt: skip
+    for path in (
+        store,
+        store / "artifacts" / "models",
+        store / "datasets",
+        store / "datasets" / "ds_1",
+        cache,
+        cache.parent,
+        cache / "f1",
+        tmp_path,
+    ):
         with pytest.raises(ForbiddenPath, match="service's own folders"):
             paths.check("dataset.path", path)
     (store / "datasets" / "ds_1" / "files").mkdir(parents=True)
@@ -103,6 +132,7 @@ def test_a_manifest_row_in_a_service_folder_is_refused_before_it_is_looked_at(da
     inside = partial(UserPaths(Settings(data_dir=data)).check_member, "dataset.path")
     with pytest.raises(ForbiddenPath) as e:
         read_dataset(manifest, inside=inside)
-    assert str(e.value).startswith("dataset.path: m.csv line 2 lies in (or links into) one of the service's own "
-                                   "folders")  # fmt: skip
+    assert str(e.value).startswith(
+        "dataset.path: m.csv line 2 lies in (or links into) one of the service's own folders"
+    )
     assert "secret" not in str(e.value) and "does not exist" not in str(e.value)  # missing there: not told either

@@ -19,8 +19,15 @@ def acts() -> np.ndarray:
 
 def make_entry(path: Path, **overrides) -> CacheEntry:
     entry = CacheEntry(path)
-    kwargs = dict(labels=np.arange(N) % 3, layers=list(range(L)), tokens="all", token_count=T, dim=D, batch_size=BS,
-                  meta={"backbone": "x", "num_prefix_tokens": 1})  # fmt: skip
+    kwargs = dict(
+        labels=np.arange(N) % 3,
+        layers=list(range(L)),
+        tokens="all",
+        token_count=T,
+        dim=D,
+        batch_size=BS,
+        meta={"backbone": "x", "num_prefix_tokens": 1},
+    )
     entry.create(**{**kwargs, **overrides})
     return entry
 
@@ -99,8 +106,15 @@ def test_resume_on_a_new_object_sees_only_missing_batches(tmp_path: Path, acts: 
     reopened = CacheEntry(tmp_path / "k")
     assert reopened.exists and not reopened.is_complete
     # create() with the same shape keeps the entry (and its data) so extraction can resume
-    reopened.create(labels=np.arange(N) % 3, layers=list(range(L)), tokens="all", token_count=T, dim=D,
-                    batch_size=BS, meta={"backbone": "x"})  # fmt: skip
+    reopened.create(
+        labels=np.arange(N) % 3,
+        layers=list(range(L)),
+        tokens="all",
+        token_count=T,
+        dim=D,
+        batch_size=BS,
+        meta={"backbone": "x"},
+    )
     assert reopened.pending_batches() == [1]
     write(reopened, acts, 1)
     reopened.mark_complete({})
@@ -142,7 +156,7 @@ def test_mark_complete_refuses_while_batches_missing(tmp_path: Path, acts: np.nd
         {"token_count": T + 1},
         {"batch_size": BS + 1},
         {"labels": np.arange(N + 1)},
-    ],  # fmt: skip
+    ],
     ids=["dim", "layers", "tokens", "batch_size", "rows"],
 )
 def test_create_on_existing_entry_with_other_shape_raises(tmp_path: Path, change: dict) -> None:
@@ -286,8 +300,16 @@ def test_cache_on_an_fsspec_url(tmp_path: Path, acts: np.ndarray, scheme: str) -
     cache = FeatureCache(root)
     assert not cache.native  # zarr's FsspecStore, as for s3://
     entry = cache.entry("fam/v1")
-    entry.create(labels=np.arange(N) % 3, layers=list(range(L)), tokens="all", token_count=T, dim=D,
-                 batch_size=BS, meta={"backbone": "x", "num_prefix_tokens": 1}, codec="zstd")  # fmt: skip
+    entry.create(
+        labels=np.arange(N) % 3,
+        layers=list(range(L)),
+        tokens="all",
+        token_count=T,
+        dim=D,
+        batch_size=BS,
+        meta={"backbone": "x", "num_prefix_tokens": 1},
+        codec="zstd",
+    )
     entry.save_readout({"norm.weight": np.ones(D, np.float32)})
     fill(entry, acts)
     entry.touch()

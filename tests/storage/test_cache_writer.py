@@ -17,8 +17,16 @@ N, L, T, D, BS = 40, 2, 5, 8, 4  # 10 batches
 
 def make_entry(root: str | Path, **kw) -> CacheEntry:
     entry = FeatureCache(root).entry("fam/var")
-    entry.create(labels=np.arange(N) % 2, layers=list(range(L)), tokens="all", token_count=T, dim=D, batch_size=BS,
-                 meta={"num_prefix_tokens": 1}, **kw)  # fmt: skip
+    entry.create(
+        labels=np.arange(N) % 2,
+        layers=list(range(L)),
+        tokens="all",
+        token_count=T,
+        dim=D,
+        batch_size=BS,
+        meta={"num_prefix_tokens": 1},
+        **kw,
+    )
     return entry
 
 

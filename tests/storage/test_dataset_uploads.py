@@ -103,7 +103,9 @@ def test_csv_manifest_at_the_top_is_located(tmp_path):
     members = {**folder("img/"), "labels.csv": b"path,label\nimg/daisy/0.png,daisy\nimg/rose/0.png,rose\n"}
     datasets = tmp_path / "datasets"
     assert unpack(make_zip(tmp_path / "a.zip", members), DatasetFiles(datasets), "ds_1", LIMITS)[:2] == (
-        Path("labels.csv"), "csv")  # fmt: skip
+        Path("labels.csv"),
+        "csv",
+    )
     assert DatasetFiles(datasets).dataset_path("ds_1") == (datasets / "ds_1" / "files" / "labels.csv", "csv")
     two = {**members, "more.csv": b"path,label\n"}
     assert "several CSV manifests" in refused(make_zip(tmp_path / "b.zip", two), tmp_path / "d2", "invalid_dataset")
@@ -134,7 +136,7 @@ def test_member_parts():
         (tarfile.LNKTYPE, "hard link"),
         (tarfile.CHRTYPE, "device"),
         (tarfile.FIFOTYPE, "device"),
-    ],  # fmt: skip
+    ],
 )
 def test_tar_links_and_devices_are_refused(tmp_path, kind, expected):
     info = tarfile.TarInfo("a/link.png")

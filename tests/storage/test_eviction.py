@@ -21,8 +21,15 @@ N, L, T, D, BS = 10, 3, 4, 5, 4
 def make(cache: FeatureCache, key: str, complete: bool = True) -> CacheEntry:
     """A small entry (as tests/storage/test_cache.py makes them), complete unless told otherwise."""
     entry = cache.entry(key)
-    entry.create(labels=np.arange(N) % 3, layers=list(range(L)), tokens="all", token_count=T, dim=D, batch_size=BS,
-                 meta={"backbone": "x", "num_prefix_tokens": 1})  # fmt: skip
+    entry.create(
+        labels=np.arange(N) % 3,
+        layers=list(range(L)),
+        tokens="all",
+        token_count=T,
+        dim=D,
+        batch_size=BS,
+        meta={"backbone": "x", "num_prefix_tokens": 1},
+    )
     acts = np.random.default_rng(0).standard_normal((N, L, T, D)).astype(np.float16)
     for b in range(3):
         start, stop = entry.batch_range(b)

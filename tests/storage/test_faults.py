@@ -31,8 +31,9 @@ def test_a_full_disk_under_the_cache_writer_is_disk_full_naming_the_cache_dir(tm
     from tests.helpers import job_spec
 
     disk = tmpfs(2)
-    settings = Settings(data_dir=disk.parent / "data", cache_url=str(disk / "cache"), device="cpu",
-                        allowed_roots=[digits_root.parent])  # fmt: skip
+    settings = Settings(
+        data_dir=disk.parent / "data", cache_url=str(disk / "cache"), device="cpu", allowed_roots=[digits_root.parent]
+    )
     spec = job_spec(digits_root / "train", {"name": "losa", "rank": 4}, "cache")  # ~15 MB of activations
     spec.extraction.batch_size = 8  # shards of 0.6 MB: the disk fills after a few
     with pytest.raises(DiskFull) as raised:
@@ -61,8 +62,9 @@ def test_the_last_used_marker_is_best_effort(tmpfs, caplog: pytest.LogCaptureFix
 
     disk = tmpfs(1)
     entry = FeatureCache(disk / "cache").entry("f/v")
-    entry.create(labels=np.arange(4), layers=[0], tokens="all", token_count=2, dim=4, batch_size=4,
-                 meta={"num_prefix_tokens": 1})  # fmt: skip
+    entry.create(
+        labels=np.arange(4), layers=[0], tokens="all", token_count=2, dim=4, batch_size=4, meta={"num_prefix_tokens": 1}
+    )
     fill(disk)
     with caplog.at_level(logging.WARNING, logger="sidetune.cache"):
         assert entry.touch() is False  # raised OSError(ENOSPC) before
@@ -101,8 +103,10 @@ def test_log_lines_a_full_disk_refuses_are_written_once_there_is_room(tmpfs) -> 
 def test_as_disk_full_reads_errnos_and_tensorstore_messages(tmp_path: Path) -> None:
     quota = as_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), tmp_path, "an upload", 10)
     assert quota is not None and quota.where == str(tmp_path) and quota.free == shutil.disk_usage(tmp_path).free
-    ts = ValueError('RESOURCE_EXHAUSTED: Error writing local file "/x/cache/f/v/features.zarr/acts/c/1/0/0/0": '
-                    "Failed to write 57380 bytes to file 6: No space left on device [os_error_code='28']")  # fmt: skip
+    ts = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/x/cache/f/v/features.zarr/acts/c/1/0/0/0": '
+        "Failed to write 57380 bytes to file 6: No space left on device [os_error_code='28']"
+    )
     assert as_disk_full(ts).where == "/x/cache/f/v/features.zarr/acts/c/1/0/0/0"
     assert as_disk_full(OSError(errno.EACCES, "denied")) is None
     assert as_disk_full(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
@@ -112,8 +116,9 @@ def test_store_outages_are_told_from_other_errors() -> None:
     from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
     def client_error(code: str, status: int) -> ClientError:
-        return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                           "PutObject")  # fmt: skip
+        return ClientError(
+            {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+        )
 
     assert is_store_outage(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
     assert is_store_outage(ReadTimeoutError(endpoint_url="http://127.0.0.1:1"))

@@ -44,8 +44,12 @@ def doomed_holder(redis_url: str) -> Iterator:
     procs: list[subprocess.Popen] = []
 
     def start(kind: str, key: str, lease_s: float) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER, redis_url, kind, key, str(lease_s)], cwd=REPO,
-                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, redis_url, kind, key, str(lease_s)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         procs.append(proc)
         assert proc.stdout.readline().strip() == "held"
         return proc

@@ -24,8 +24,13 @@ def test_an_exception_python_ignores_is_one_json_line_not_a_raw_traceback() -> N
         "del x\n"
         "import logging; logging.getLogger('t').info('after')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env=os.environ | {"PYTHONPATH": str(ROOT)})  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in r.stderr.splitlines() if line.strip()]
     assert any("raised in a finalizer" in rec["message"] and rec["level"] == "warning" for rec in records), records

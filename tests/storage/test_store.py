@@ -15,7 +15,8 @@ from worker.launcher import free_port
 @pytest.fixture(params=["local", "file", "s3"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return {"local": str(tmp_path / "store"), "file": f"file://{tmp_path}/store"}.get(request.param) or (
-        request.getfixturevalue("s3_url"))  # fmt: skip
+        request.getfixturevalue("s3_url")
+    )
 
 
 def test_folders_write_list_seal_and_remove(url: str, tmp_path: Path) -> None:

@@ -16,15 +16,24 @@ from worker.cli import main
 
 def run_cli(stack, *args: str) -> subprocess.CompletedProcess:
     running, _ = stack
-    return subprocess.run([sys.executable, "-m", "worker.cli", *args, "--url", running.api_url],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args, "--url", running.api_url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_submit_wait_then_jobs_and_predict(stack, tmp_path):
     running, _ = stack
     digits = running.settings.data_path / "datasets" / "digits"
-    spec = {"name": "cli", "dataset": {"path": str(digits / "train")}, "method": {"name": "linear"},
-            "backbone": {"name": "test_vit", "pretrained": False}, "training": {"epochs": 2, "lr": 0.05}}  # fmt: skip
+    spec = {
+        "name": "cli",
+        "dataset": {"path": str(digits / "train")},
+        "method": {"name": "linear"},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "training": {"epochs": 2, "lr": 0.05},
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     done = run_cli(stack, "submit", str(tmp_path / "spec.json"), "--wait")
     assert done.returncode == 0, done.stderr
@@ -42,8 +51,9 @@ def test_submit_wait_then_jobs_and_predict(stack, tmp_path):
 
 
 def test_submit_reports_a_bad_spec(stack, tmp_path):
-    (tmp_path / "bad.json").write_text(json.dumps({"dataset": {"path": "/etc"}, "backbone": {"name": "test_vit"},
-                                                   "method": {"name": "linear"}}))  # fmt: skip
+    (tmp_path / "bad.json").write_text(
+        json.dumps({"dataset": {"path": "/etc"}, "backbone": {"name": "test_vit"}, "method": {"name": "linear"}})
+    )
     r = run_cli(stack, "submit", str(tmp_path / "bad.json"))
     assert r.returncode == 4 and "HTTP 403" in r.stderr and "outside the allowed roots" in r.stderr
 
@@ -76,8 +86,12 @@ def cli_json(stack, *args: str):
 def test_every_verb_against_the_stack(stack, tmp_path):
     running, client = stack
     digits = running.settings.data_path / "datasets" / "digits"
-    spec = {"dataset": {"path": str(digits / "train")}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "losa", "rank": 4}, "training": {"epochs": 1, "lr": 0.05}}  # fmt: skip
+    spec = {
+        "dataset": {"path": str(digits / "train")},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "losa", "rank": 4},
+        "training": {"epochs": 1, "lr": 0.05},
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     plan = cli_json(stack, "submit", str(tmp_path / "spec.json"), "--dry-run")
     assert plan["fits"] is not False and plan["images"] > 0
@@ -92,7 +106,9 @@ def test_every_verb_against_the_stack(stack, tmp_path):
     followed = run_cli(stack, "jobs", "events", job_id, "--follow", "--after", "2")  # ends: the job has ended
     assert followed.returncode == 0 and len(followed.stdout.splitlines()) == len(lines) - 2
     assert {c["name"] for c in cli_json(stack, "jobs", "checkpoints", job_id)["data"]} == {
-        "checkpoint.json", "checkpoint.safetensors"}  # fmt: skip
+        "checkpoint.json",
+        "checkpoint.safetensors",
+    }
 
     assert model_id in [m["id"] for m in cli_json(stack, "models", "list")]
     assert cli_json(stack, "models", "get", model_id)["job_id"] == job_id
@@ -125,13 +141,42 @@ def test_every_verb_against_the_stack(stack, tmp_path):
     assert gone.returncode != 0 and "HTTP 404" in gone.stderr and model_id in gone.stderr
 
 
-COMMANDS = [["serve"], ["api"], ["inference"], ["worker"], ["params"], ["plan"], ["demo"], ["submit"], ["predict"],
-            ["report"], *(["jobs", v] for v in ("list", "get", "cancel", "delete", "events", "checkpoints")),
-            *(["models", v] for v in ("list", "get", "delete", "export")),
-            *(["datasets", v] for v in ("upload", "list", "get", "delete")), ["cache", "list"], ["cache", "delete"],
-            ["jobs"], ["models"], ["datasets"], ["cache"]]  # fmt: skip
-READS = {"list", "get", "cancel", "events", "checkpoints", "predict", "report", "submit", "upload", "jobs", "models",
-         "datasets", "cache"}  # fmt: skip
+COMMANDS = [
+    ["serve"],
+    ["api"],
+    ["inference"],
+    ["worker"],
+    ["params"],
+    ["plan"],
+    ["demo"],
+    ["submit"],
+    ["predict"],
+    ["report"],
+    *(["jobs", v] for v in ("list", "get", "cancel", "delete", "events", "checkpoints")),
+    *(["models", v] for v in ("list", "get", "delete", "export")),
+    *(["datasets", v] for v in ("upload", "list", "get", "delete")),
+    ["cache", "list"],
+    ["cache", "delete"],
+    ["jobs"],
+    ["models"],
+    ["datasets"],
+    ["cache"],
+]
+READS = {
+    "list",
+    "get",
+    "cancel",
+    "events",
+    "checkpoints",
+    "predict",
+    "report",
+    "submit",
+    "upload",
+    "jobs",
+    "models",
+    "datasets",
+    "cache",
+}
 
 
 def _help(capsys, *argv: str) -> str:
@@ -178,8 +223,11 @@ def test_a_refused_request_is_one_line_with_the_status_and_url(tmp_path, redis_u
         assert err.endswith("(give a key with SIDETUNE_API_KEY)") and "\n" not in err, err
         monkeypatch.setenv("SIDETUNE_API_KEY", "k1")
         spec = tmp_path / "spec.json"
-        spec.write_text(json.dumps({"dataset": {"path": "/nowhere"}, "backbone": {"name": "resnet18"},
-                                    "method": {"name": "linear"}}))  # fmt: skip
+        spec.write_text(
+            json.dumps(
+                {"dataset": {"path": "/nowhere"}, "backbone": {"name": "resnet18"}, "method": {"name": "linear"}}
+            )
+        )
         assert main(["submit", str(spec), "--url", url]) == 4
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: HTTP 422 from {url}/jobs: backbone.name:") and "\n" not in err, err
@@ -194,17 +242,23 @@ def test_the_report_of_an_lbfgs_sweep_names_each_fits_l2_strength(settings, digi
     from services.training.job import train_job
     from worker.commands.models import sweep_table
 
-    job = JobSpec.model_validate({
-        "dataset": {"path": str(digits_root / "train")}, "backbone": {"name": "test_vit", "pretrained": False},
-        "method": {"name": "linear"}, "sweep": {"pool": ["cls", "mean"], "weight_decay": [1e-4, 1e-2]},
-    })  # fmt: skip
+    job = JobSpec.model_validate(
+        {
+            "dataset": {"path": str(digits_root / "train")},
+            "backbone": {"name": "test_vit", "pretrained": False},
+            "method": {"name": "linear"},
+            "sweep": {"pool": ["cls", "mean"], "weight_decay": [1e-4, 1e-2]},
+        }
+    )
     key = run_extraction(job, settings, NullReporter())["cache_key"]
     metrics = train_job(job, settings, key, NullReporter(), settings.data_path / "ckpt_report")["metrics"]
     title, columns, rows = sweep_table(metrics, multi_label=False)
     assert title == "sweep: 4 configurations" and columns[1] == "val_accuracy" and len(rows) == 4
     chosen = [r for r in rows if r[0].endswith(" (selected)")]
     assert len(chosen) == 1 and json.loads(chosen[0][0].removesuffix(" (selected)")) == {
-        **metrics["selected"], "weight_decay": metrics["weight_decay"]}  # fmt: skip
+        **metrics["selected"],
+        "weight_decay": metrics["weight_decay"],
+    }
     assert [float(r[1]) for r in rows] == sorted((float(r[1]) for r in rows), reverse=True)
 
     auto = job.model_copy(update={"sweep": job.sweep.model_copy(update={"weight_decay": None})})

@@ -27,8 +27,9 @@ def disk_stack(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("diskfull")
     data = mount_tmpfs(root / "data", 8)
     redis = RedisServer(root / "redis", free_port()).start()
-    settings = Settings(data_dir=data, redis_url=redis.url, api_port=free_port(), device="cpu",
-                        log_dir=str(root / "logs"))  # fmt: skip
+    settings = Settings(
+        data_dir=data, redis_url=redis.url, api_port=free_port(), device="cpu", log_dir=str(root / "logs")
+    )
     write_digits(data / "datasets" / "digits", limit=200)  # 179 images: 1.7 MB of cache at 96 px
     stack = Stack(settings)
     try:
@@ -51,9 +52,12 @@ def _wait_for(predicate, timeout_s: float = 120.0) -> None:
 
 
 def _spec(data: Path, image_size: int, **extra) -> dict:
-    return {"dataset": {"path": str(data / "datasets" / "digits" / "train")},
-            "method": {"name": "losa", "rank": 4, "layers": 2},
-            "backbone": {"name": "test_vit", "pretrained": False, "image_size": image_size}, **extra}  # fmt: skip
+    return {
+        "dataset": {"path": str(data / "datasets" / "digits" / "train")},
+        "method": {"name": "losa", "rank": 4, "layers": 2},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": image_size},
+        **extra,
+    }
 
 
 def _fill_once(store: JobStore, job_id: str, status: str, data: Path, after: int = 0) -> Path:

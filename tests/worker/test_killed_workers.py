@@ -24,8 +24,14 @@ from worker.launcher import Stack, free_port
 def fault_stack(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("faults")
     # a dead worker is noticed after heartbeat_ttl_s: 5 s rather than 15 (each test kills one)
-    settings = Settings(data_dir=data, embedded_redis_port=free_port(), api_port=free_port(),
-                        inference_port=free_port(), device="cpu", heartbeat_ttl_s=5.0)  # fmt: skip
+    settings = Settings(
+        data_dir=data,
+        embedded_redis_port=free_port(),
+        api_port=free_port(),
+        inference_port=free_port(),
+        device="cpu",
+        heartbeat_ttl_s=5.0,
+    )
     write_digits(data / "datasets" / "digits", limit=120)
     # the extraction tests' dataset: long enough (270 batches of 2 at 224 px) that a kill after the first progress
     # reports (every 0.5 s at most) lands mid-extraction even when the loaders and writers keep up with the forward
@@ -69,8 +75,13 @@ def _spec(running: Stack, method: dict, data: str = "digits", **extra) -> dict:
 
 def test_sigkilled_extract_worker_resumes_and_the_cache_equals_a_clean_run(fault_stack) -> None:
     running = fault_stack[0]
-    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, "digits600",
-                 extraction={"batch_size": 2, "shards": 1}, training={"epochs": 1})  # fmt: skip
+    body = _spec(
+        running,
+        {"name": "losa", "rank": 4, "layers": 2},
+        "digits600",
+        extraction={"batch_size": 2, "shards": 1},
+        training={"epochs": 1},
+    )
     job, messages = _kill_midway(fault_stack, body, "extract-worker", "extract", after=3)
     assert any("stopped (no heartbeat) during extraction" in m for m in messages), messages
     assert any("resuming extraction" in m for m in messages), messages
@@ -96,8 +107,13 @@ def test_sigkilled_extract_worker_with_loader_processes_leaves_none_and_resumes_
     monkeypatch.setenv("SIDETUNE_LOADER_WORKERS", "2")
     monkeypatch.setenv("SIDETUNE_CACHE_WRITERS", "3")
     _kill_and_replace(running, "extract-worker", "extract")  # both this worker and its replacement use them
-    body = _spec(running, {"name": "losa", "rank": 4, "layers": 3}, "digits600",
-                 extraction={"batch_size": 2, "shards": 1}, training={"epochs": 1})  # fmt: skip
+    body = _spec(
+        running,
+        {"name": "losa", "rank": 4, "layers": 3},
+        "digits600",
+        extraction={"batch_size": 2, "shards": 1},
+        training={"epochs": 1},
+    )
     job_id = client.submit(body)["id"]
     _wait_for(lambda: (store.get_job(job_id).get("progress") or {}).get("done", 0) >= 3)
     family = psutil.Process(running.procs["extract-worker"].pid).children(recursive=True)
@@ -109,8 +125,12 @@ def test_sigkilled_extract_worker_with_loader_processes_leaves_none_and_resumes_
     messages = [e["message"] for e in client.events(job_id)]
     assert any("resuming extraction" in m for m in messages), messages
 
-    clean = Settings(data_dir=running.settings.data_path / "clean-loaders", allowed_roots=running.settings.roots,
-                     loader_workers=0, cache_writers=1)  # fmt: skip
+    clean = Settings(
+        data_dir=running.settings.data_path / "clean-loaders",
+        allowed_roots=running.settings.roots,
+        loader_workers=0,
+        cache_writers=1,
+    )
     from services.extraction import run_extraction
     from services.jobs.progress import NullReporter
     from services.spec import JobSpec
@@ -124,8 +144,12 @@ def test_sigkilled_extract_worker_with_loader_processes_leaves_none_and_resumes_
 
 def test_sigkilled_train_worker_resumes_from_the_last_checkpoint(fault_stack) -> None:
     running, client, _ = fault_stack
-    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, execution={"mode": "online"},
-                 training={"epochs": 8, "batch_size": 16})  # fmt: skip
+    body = _spec(
+        running,
+        {"name": "losa", "rank": 4, "layers": 2},
+        execution={"mode": "online"},
+        training={"epochs": 8, "batch_size": 16},
+    )
     job, messages = _kill_midway(fault_stack, body, "train-worker", "train", after=2)
     assert any("stopped (no heartbeat) during training" in m for m in messages), messages
     resumed = [m for m in messages if m.startswith("resumed training from the checkpoint of epoch")]
@@ -139,11 +163,19 @@ def test_redis_restart_mid_job_loses_nothing(fault_stack) -> None:
     running, client, store = fault_stack
     done = client.wait(client.submit(_spec(running, {"name": "linear"}, training={"epochs": 1}))["id"])
     assert done["status"] == "succeeded", done["error"]
-    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, execution={"mode": "online"},
-                 training={"epochs": 6, "batch_size": 16})  # fmt: skip
+    body = _spec(
+        running,
+        {"name": "losa", "rank": 4, "layers": 2},
+        execution={"mode": "online"},
+        training={"epochs": 6, "batch_size": 16},
+    )
     job_id = client.submit(body)["id"]
-    _wait_for(lambda: store.get_job(job_id)["status"] == "training" and (store.get_job(job_id).get("progress") or
-                                                                          {}).get("done", 0) >= 1)  # fmt: skip
+    _wait_for(
+        lambda: (
+            store.get_job(job_id)["status"] == "training"
+            and (store.get_job(job_id).get("progress") or {}).get("done", 0) >= 1
+        )
+    )
     events_before = client.events(done["id"])
     running.redis.stop()
     ready = httpx.get(f"{running.api_url}/readyz", timeout=10)
@@ -164,8 +196,12 @@ def test_api_restart_loses_nothing(fault_stack) -> None:
     """The API process is SIGKILLed while a job runs and the supervisor starts it again: the job goes on and is
     visible."""
     running, client, store = fault_stack
-    body = _spec(running, {"name": "losa", "rank": 4, "layers": 2}, execution={"mode": "online"},
-                 training={"epochs": 4, "batch_size": 16})  # fmt: skip
+    body = _spec(
+        running,
+        {"name": "losa", "rank": 4, "layers": 2},
+        execution={"mode": "online"},
+        training={"epochs": 4, "batch_size": 16},
+    )
     job_id = client.submit(body)["id"]
     api = running.procs["api"]
     api.send_signal(signal.SIGKILL)

@@ -23,9 +23,13 @@ from worker.launcher import free_port
 
 
 def _spec(digits: Path, **over) -> dict:
-    spec = {"dataset": {"path": str(digits)}, "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
-            "method": {"name": "losa", "rank": 2, "layers": 2}, "extraction": {"batch_size": 64},
-            "training": {"epochs": 1}}  # fmt: skip
+    spec = {
+        "dataset": {"path": str(digits)},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
+        "method": {"name": "losa", "rank": 2, "layers": 2},
+        "extraction": {"batch_size": 64},
+        "training": {"epochs": 1},
+    }
     return {**spec, **over}
 
 
@@ -42,8 +46,12 @@ def eager(settings: Settings, monkeypatch: pytest.MonkeyPatch):
     """The tasks' settings from the environment, as a worker reads them."""
 
     def use(**env: object) -> JobStore:
-        for k, v in {"SIDETUNE_DATA_DIR": settings.data_dir, "SIDETUNE_REDIS_URL": settings.broker_url,
-                     "SIDETUNE_ALLOWED_ROOTS": ",".join(map(str, settings.allowed_roots)), **env}.items():  # fmt: skip
+        for k, v in {
+            "SIDETUNE_DATA_DIR": settings.data_dir,
+            "SIDETUNE_REDIS_URL": settings.broker_url,
+            "SIDETUNE_ALLOWED_ROOTS": ",".join(map(str, settings.allowed_roots)),
+            **env,
+        }.items():
             monkeypatch.setenv(k, str(v))
         tasks._context.cache_clear()
         return tasks._context()[0]
@@ -104,9 +112,14 @@ def test_a_step_leaves_no_cyclic_garbage_behind(eager, digits_root: Path) -> Non
 
 def test_transient_store_errors_are_retried_then_the_job_fails(eager, digits_root: Path) -> None:
     # The store on S3 behind a port nothing listens on: every call is StoreUnavailable.
-    store = eager(SIDETUNE_STORE_URL="s3://nowhere/x", AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
-                  AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_MAX_ATTEMPTS="1",
-                  AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    store = eager(
+        SIDETUNE_STORE_URL="s3://nowhere/x",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        AWS_ACCESS_KEY_ID="x",
+        AWS_SECRET_ACCESS_KEY="x",
+        AWS_MAX_ATTEMPTS="1",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     job = store.create_job(_spec(digits_root / "train", execution={"mode": "online"}))
     store.set_fields(job["id"], extracted=True)
     tasks.train.apply(args=[job["id"]])  # eagerly: each retry runs at once (a worker waits 5, 10, 20, 40 s)

@@ -38,9 +38,16 @@ class Machines:
         self.stacks: dict[str, Stack] = {}
 
     def settings(self, name: str) -> Settings:
-        return Settings(data_dir=self.root / name, redis_url=self.redis_url, store_url=self.store_url, device="cpu",
-                        api_port=free_port(), inference_port=self.inference_port, heartbeat_ttl_s=2.0,
-                        inference_url=f"http://127.0.0.1:{self.inference_port}")  # fmt: skip
+        return Settings(
+            data_dir=self.root / name,
+            redis_url=self.redis_url,
+            store_url=self.store_url,
+            device="cpu",
+            api_port=free_port(),
+            inference_port=self.inference_port,
+            heartbeat_ttl_s=2.0,
+            inference_url=f"http://127.0.0.1:{self.inference_port}",
+        )
 
     def start(self, name: str, *args: str) -> Stack:
         stack = self.stacks[name] = Stack(self.settings(name))
@@ -99,13 +106,17 @@ def test_machines_sharing_only_redis_and_the_store(machines: Machines, tmp_path:
     api, store = Client(a.api_url), JobStore.from_url(machines.redis_url)
 
     write_digits(tmp_path / "upload", limit=60)
-    r = httpx.post(f"{a.api_url}/datasets", files={"file": ("digits.zip", _zip(tmp_path / "upload" / "train"))},
-                   timeout=60)  # fmt: skip
+    r = httpx.post(
+        f"{a.api_url}/datasets", files={"file": ("digits.zip", _zip(tmp_path / "upload" / "train"))}, timeout=60
+    )
     assert r.status_code == 201, r.text
     dataset = r.json()["id"]
-    body = {"dataset": {"id": dataset}, "backbone": {"name": "test_vit", "pretrained": False, "image_size": 64},
-            "method": {"name": "losa", "rank": 4, "layers": 2},
-            "training": {"epochs": EPOCHS, "batch_size": 4, "lr": 1e-3}}  # fmt: skip
+    body = {
+        "dataset": {"id": dataset},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 64},
+        "method": {"name": "losa", "rank": 4, "layers": 2},
+        "training": {"epochs": EPOCHS, "batch_size": 4, "lr": 1e-3},
+    }
     job_id = api.submit(body)["id"]
 
     def training_on_c_after(epochs: int) -> bool:
@@ -151,7 +162,18 @@ def test_machines_sharing_only_redis_and_the_store(machines: Machines, tmp_path:
     via_a = api.predict(model_id, holdout)  # forwarded by A to D
     via_d = Client(d.inference_url).predict(model_id, holdout)
     assert via_a == via_d and len(via_a) == 3
-    v2 = httpx.post(f"{a.api_url}/v2/models/{model_id}/infer", timeout=60, json={"inputs": [{
-        "name": "image", "datatype": "BYTES", "shape": [len(holdout)],
-        "data": [base64.b64encode(p.read_bytes()).decode() for p in holdout]}]})  # fmt: skip
+    v2 = httpx.post(
+        f"{a.api_url}/v2/models/{model_id}/infer",
+        timeout=60,
+        json={
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "BYTES",
+                    "shape": [len(holdout)],
+                    "data": [base64.b64encode(p.read_bytes()).decode() for p in holdout],
+                }
+            ]
+        },
+    )
     assert v2.status_code == 200 and v2.json()["outputs"][0]["data"] == [p["label"] for p in via_a]

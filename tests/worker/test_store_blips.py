@@ -28,8 +28,13 @@ def blip_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: str):
     root = tmp_path_factory.mktemp("blips")
     proxy = TcpProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])).start()  # to moto
     redis = RedisServer(root / "redis", free_port()).start()
-    settings = Settings(data_dir=root / "data", redis_url=redis.url, api_port=free_port(), device="cpu",
-                        cache_url=f"{s3_server}/{uuid.uuid4().hex[:12]}/cache")  # fmt: skip
+    settings = Settings(
+        data_dir=root / "data",
+        redis_url=redis.url,
+        api_port=free_port(),
+        device="cpu",
+        cache_url=f"{s3_server}/{uuid.uuid4().hex[:12]}/cache",
+    )
     write_digits(root / "data" / "datasets" / "digits", limit=120)  # 108 images: 14 batches of 8
     stack = Stack(settings)
     try:
@@ -48,10 +53,13 @@ def blip_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: str):
 
 def test_a_store_blip_mid_extraction_ends_in_a_succeeded_job(blip_stack) -> None:
     stack, client, store, proxy = blip_stack
-    body = {"dataset": {"path": str(stack.settings.data_path / "datasets" / "digits" / "train")},
-            "backbone": {"name": "test_vit", "pretrained": False, "image_size": 96},
-            "method": {"name": "losa", "rank": 4, "layers": 2}, "extraction": {"batch_size": 8, "shards": 1},
-            "training": {"epochs": 1}}  # fmt: skip
+    body = {
+        "dataset": {"path": str(stack.settings.data_path / "datasets" / "digits" / "train")},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 96},
+        "method": {"name": "losa", "rank": 4, "layers": 2},
+        "extraction": {"batch_size": 8, "shards": 1},
+        "training": {"epochs": 1},
+    }
     job_id = client.submit(body)["id"]
     cache = FeatureCache(stack.settings.cache_location)  # this process reaches moto directly
 

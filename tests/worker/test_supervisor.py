@@ -45,12 +45,21 @@ def _kind(proc: psutil.Process) -> str | None:
 class Serve:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.ports = {"SIDETUNE_EMBEDDED_REDIS_PORT": free_port(), "SIDETUNE_API_PORT": free_port(),
-                      "SIDETUNE_INFERENCE_PORT": free_port()}  # fmt: skip
+        self.ports = {
+            "SIDETUNE_EMBEDDED_REDIS_PORT": free_port(),
+            "SIDETUNE_API_PORT": free_port(),
+            "SIDETUNE_INFERENCE_PORT": free_port(),
+        }
         self.api = f"http://127.0.0.1:{self.ports['SIDETUNE_API_PORT']}"
         self.redis_url = f"redis://127.0.0.1:{self.ports['SIDETUNE_EMBEDDED_REDIS_PORT']}/0"
-        env = {**os.environ, **{k: str(v) for k, v in self.ports.items()}, "SIDETUNE_DATA_DIR": str(root),
-               "SIDETUNE_DEVICE": "cpu", "SIDETUNE_HEARTBEAT_TTL_S": "3", "SIDETUNE_LOG_FORMAT": "text"}  # fmt: skip
+        env = {
+            **os.environ,
+            **{k: str(v) for k, v in self.ports.items()},
+            "SIDETUNE_DATA_DIR": str(root),
+            "SIDETUNE_DEVICE": "cpu",
+            "SIDETUNE_HEARTBEAT_TTL_S": "3",
+            "SIDETUNE_LOG_FORMAT": "text",
+        }
         env.pop("SIDETUNE_REDIS_URL", None)
         # `&` in a non-interactive shell: the background job starts with SIGINT and SIGQUIT ignored, as a script's
         # `sidetune serve &` would. The shell exits at once; serve lives on.
@@ -121,10 +130,13 @@ def test_serve_catches_the_stop_signals_even_when_started_in_the_background(serv
 def _spec(serve: Serve, kind: str, point: str) -> dict:
     # A backbone seed of its own per case: a cache entry nobody has extracted yet, so every job extracts.
     seed = KINDS.index(kind) * len(POINTS) + POINTS.index(point) + 1
-    spec = {"dataset": {"path": str(serve.root / "datasets" / "digits" / "train")},
-            "backbone": {"name": "test_vit", "pretrained": False, "image_size": 64, "init_seed": seed},
-            "method": {"name": "losa", "rank": 2, "layers": 2}, "extraction": {"batch_size": 2},
-            "training": {"epochs": 1, "batch_size": 16}}  # fmt: skip
+    spec = {
+        "dataset": {"path": str(serve.root / "datasets" / "digits" / "train")},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 64, "init_seed": seed},
+        "method": {"name": "losa", "rank": 2, "layers": 2},
+        "extraction": {"batch_size": 2},
+        "training": {"epochs": 1, "batch_size": 16},
+    }
     if point == "training":  # online: the backbone runs on every step, so training lasts long enough to be hit
         spec.update(execution={"mode": "online"}, training={"epochs": 3, "batch_size": 8, "lr": 0.05})
     return spec
@@ -155,8 +167,12 @@ def test_a_child_killed_during_a_job_is_restarted_and_the_job_succeeds(serve: Se
         assert r.status_code in (200, 503) and time.monotonic() - t0 < 1.5, (r.status_code, time.monotonic() - t0)
         if r.status_code == 503:
             assert r.headers["retry-after"] and r.json()["error"]["code"] == "store_unavailable"
-    _wait(lambda: store.get_job(job_id)["status"] in ("succeeded", "failed", "cancelled"), 180, "the job to end",
-          every_s=0.2)  # fmt: skip
+    _wait(
+        lambda: store.get_job(job_id)["status"] in ("succeeded", "failed", "cancelled"),
+        180,
+        "the job to end",
+        every_s=0.2,
+    )
     job = store.get_job(job_id)
     RESULTS[(kind, point)] = job["status"]
     assert job["status"] == "succeeded", (kind, point, status_at_kill, job["error"])
@@ -167,8 +183,17 @@ def test_a_child_killed_during_a_job_is_restarted_and_the_job_succeeds(serve: Se
     if kind == "inference":  # predict through the API reaches the new inference service
         image = next((serve.root / "datasets" / "digits" / "holdout").rglob("*.png")).read_bytes()
         files = [("files", ("x.png", image, "image/png"))]
-        r = _wait(lambda: (r := httpx.post(f"{serve.api}/v1/models/{job['model_id']}:predict-files", files=files,
-                                           timeout=30)).status_code == 200 and r, 60, "predict")  # fmt: skip
+        r = _wait(
+            lambda: (
+                (
+                    r := httpx.post(f"{serve.api}/v1/models/{job['model_id']}:predict-files", files=files, timeout=30)
+                ).status_code
+                == 200
+                and r
+            ),
+            60,
+            "predict",
+        )
         assert r.json()["predictions"][0]["label"] in job_classes(store, job)
 
 
@@ -183,8 +208,10 @@ def test_sigterm_stops_everything_and_leaves_no_process(serve: Serve) -> None:
     serve.proc.wait(60)
     _wait(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family), 30, "no orphans")
     lost = sum(status != "succeeded" for status in RESULTS.values())
-    print(f"\nsupervision: {len(RESULTS)} kills ({len(KINDS)} kinds x {len(POINTS)} points), {lost} jobs lost, "
-          f"0 stack exits")  # fmt: skip
+    print(
+        f"\nsupervision: {len(RESULTS)} kills ({len(KINDS)} kinds x {len(POINTS)} points), {lost} jobs lost, "
+        f"0 stack exits"
+    )
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{serve.api}/healthz", timeout=2)
 

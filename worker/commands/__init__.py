@@ -70,8 +70,13 @@ def verb(
     reads: bool = True,
 ) -> argparse.ArgumentParser:
     """A command that talks to the API: `--url`, `--json` where it reads, and its example in `--help`."""
-    p = parent.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}\n\n{ENVIRONMENT}",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = parent.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=f"example:\n  {example}\n\n{ENVIRONMENT}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(p, reads)
     p.set_defaults(func=func)
     return p
@@ -80,11 +85,18 @@ def verb(
 def _common(p: argparse.ArgumentParser, reads: bool = True) -> None:
     # SUPPRESS: an option left out adds nothing, so `sidetune jobs --url X list` keeps X (argparse copies a nested
     # parser's values over its parent's, defaults included); worker/cli.py sets the defaults once, at the top.
-    p.add_argument("--url", default=argparse.SUPPRESS, help="the API's URL (default: SIDETUNE_URL, else the "
-                   "configured host and port)")  # fmt: skip
+    p.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help="the API's URL (default: SIDETUNE_URL, else the configured host and port)",
+    )
     if reads:
-        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON instead "
-                       "of text (a stream of events: one object per line)")  # fmt: skip
+        p.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="print the API's JSON instead of text (a stream of events: one object per line)",
+        )
 
 
 def resource(
@@ -98,8 +110,13 @@ def resource(
     """`sidetune NAME VERB ...`; `sidetune NAME` alone lists, as `sidetune NAME list` does (`defaults`: that verb's
     option defaults)."""
     lines = "\n".join(f"  {e}" for e in examples)
-    p = sub.add_parser(name, help=summary, description=summary, epilog=f"examples:\n{lines}\n\n{ENVIRONMENT}",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=f"examples:\n{lines}\n\n{ENVIRONMENT}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(p)
     p.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="with no VERB: list at most this many")
     p.set_defaults(func=listing, **defaults)

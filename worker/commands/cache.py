@@ -21,10 +21,19 @@ def list_cache(args: argparse.Namespace) -> int:
         title += f" of a {_mb(listing['quota_bytes'])} quota"
     if listing.get("free_disk_bytes") is not None:
         title += f"; {_mb(listing['free_disk_bytes'])} free on its disk"
-    table(("key", "size", "complete", "in use by"),
-          ((e["key"], _mb(e["bytes"]), "yes" if e["complete"] else "no",
-            ", ".join(e["pinned_by"] + ([e["extracting"]] if e["extracting"] else []))) for e in listing["data"]),
-          title=title)  # fmt: skip
+    table(
+        ("key", "size", "complete", "in use by"),
+        (
+            (
+                e["key"],
+                _mb(e["bytes"]),
+                "yes" if e["complete"] else "no",
+                ", ".join(e["pinned_by"] + ([e["extracting"]] if e["extracting"] else [])),
+            )
+            for e in listing["data"]
+        ),
+        title=title,
+    )
     return 0
 
 
@@ -35,11 +44,29 @@ def delete_entry(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Subparsers) -> None:
-    cache = resource(sub, "cache", "list and delete feature cache entries (operators: an admin key)", [
-        "sidetune cache", "sidetune cache delete 3f2a.../9c1b...",
-    ], list_cache)  # fmt: skip
-    verb(cache, "list", "every entry, least recently used first: size, complete, the jobs using it",
-         "sidetune cache list --json", list_cache)  # fmt: skip
-    p = verb(cache, "delete", "delete an entry (refused while a job reads or writes it)",
-             "sidetune cache delete 3f2a.../9c1b...", delete_entry, reads=False)  # fmt: skip
+    cache = resource(
+        sub,
+        "cache",
+        "list and delete feature cache entries (operators: an admin key)",
+        [
+            "sidetune cache",
+            "sidetune cache delete 3f2a.../9c1b...",
+        ],
+        list_cache,
+    )
+    verb(
+        cache,
+        "list",
+        "every entry, least recently used first: size, complete, the jobs using it",
+        "sidetune cache list --json",
+        list_cache,
+    )
+    p = verb(
+        cache,
+        "delete",
+        "delete an entry (refused while a job reads or writes it)",
+        "sidetune cache delete 3f2a.../9c1b...",
+        delete_entry,
+        reads=False,
+    )
     p.add_argument("key", help="the entry's key, <family>/<variant>, as `sidetune cache` lists it")

@@ -9,8 +9,18 @@ from pathlib import Path
 from worker.client import TERMINAL
 from worker.commands import Subparsers, client, details, print_json, resource, table, validation, verb
 
-JOB_FIELDS = ("id", "status", "created_at", "started_at", "finished_at", "model_id", "progress", "error", "metrics",
-              "spec")  # fmt: skip
+JOB_FIELDS = (
+    "id",
+    "status",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "model_id",
+    "progress",
+    "error",
+    "metrics",
+    "spec",
+)
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -44,10 +54,22 @@ def list_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print_json(jobs)
         return 0
-    table(("id", "status", "method", "backbone", "val acc/mAP", "test acc/mAP", "model", "created"),
-          ((j["id"], j["status"], j["spec"]["method"]["name"], j["spec"]["backbone"]["name"], validation(j["metrics"]),
-            validation({k.replace("test_", "val_"): v for k, v in j["metrics"].items() if k.startswith("test_")}),
-            j.get("model_id"), _time(j["created_at"])) for j in jobs))  # fmt: skip
+    table(
+        ("id", "status", "method", "backbone", "val acc/mAP", "test acc/mAP", "model", "created"),
+        (
+            (
+                j["id"],
+                j["status"],
+                j["spec"]["method"]["name"],
+                j["spec"]["backbone"]["name"],
+                validation(j["metrics"]),
+                validation({k.replace("test_", "val_"): v for k, v in j["metrics"].items() if k.startswith("test_")}),
+                j.get("model_id"),
+                _time(j["created_at"]),
+            )
+            for j in jobs
+        ),
+    )
     return 0
 
 
@@ -79,8 +101,9 @@ def events(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(event), flush=True)  # one JSON object per line
         else:
-            print(f"{event['seq']:>4}  {_time(event['created_at'])}  {event['level']:<7}  {event['message']}",
-                  flush=True)  # fmt: skip
+            print(
+                f"{event['seq']:>4}  {_time(event['created_at'])}  {event['level']:<7}  {event['message']}", flush=True
+            )
     return 0
 
 
@@ -103,8 +126,10 @@ def checkpoints(args: argparse.Namespace) -> int:
     if args.json:
         print_json(listing)
         return 0
-    table(("file", "bytes", "epoch", "best epoch", "written"), ((c["name"], c["size_bytes"], c["epoch"],
-          c["best_epoch"], _time(c["created_at"])) for c in listing["data"]))  # fmt: skip
+    table(
+        ("file", "bytes", "epoch", "best epoch", "written"),
+        ((c["name"], c["size_bytes"], c["epoch"], c["best_epoch"], _time(c["created_at"])) for c in listing["data"]),
+    )
     if listing["expires_at"]:
         print(f"kept until {_time(listing['expires_at'])}")
     return 0
@@ -117,35 +142,76 @@ def _time(t: float | None) -> str:
 
 
 def add_parsers(sub: Subparsers) -> None:
-    p = verb(sub, "submit", "submit a job spec (a JSON file); with --wait, follow it to its end",
-             "sidetune submit spec.json --wait", submit)  # fmt: skip
+    p = verb(
+        sub,
+        "submit",
+        "submit a job spec (a JSON file); with --wait, follow it to its end",
+        "sidetune submit spec.json --wait",
+        submit,
+    )
     p.add_argument("spec", help="the job spec, a JSON file (dataset, backbone, method, execution, training)")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit code 1 unless it succeeded")
     p.add_argument("--dry-run", action="store_true", help="print the server's plan of the spec; create no job")
 
-    jobs = resource(sub, "jobs", "list, read, cancel, delete and follow jobs", [
-        "sidetune jobs                                  # the latest 20", "sidetune jobs get job_0194... --json",
-        "sidetune jobs events job_0194... --follow", "sidetune jobs cancel job_0194...",
-    ], list_jobs, limit=20, after=None)  # fmt: skip
-    p = verb(jobs, "list", "the jobs, newest first (`sidetune jobs` alone does this)", "sidetune jobs list --limit 5",
-             list_jobs)  # fmt: skip
+    jobs = resource(
+        sub,
+        "jobs",
+        "list, read, cancel, delete and follow jobs",
+        [
+            "sidetune jobs                                  # the latest 20",
+            "sidetune jobs get job_0194... --json",
+            "sidetune jobs events job_0194... --follow",
+            "sidetune jobs cancel job_0194...",
+        ],
+        list_jobs,
+        limit=20,
+        after=None,
+    )
+    p = verb(
+        jobs,
+        "list",
+        "the jobs, newest first (`sidetune jobs` alone does this)",
+        "sidetune jobs list --limit 5",
+        list_jobs,
+    )
     p.add_argument("--limit", type=int, default=20, help="most jobs (default 20)")
     p.add_argument("--after", help="the last job id of the previous page")
     p = verb(jobs, "get", "one job: status, progress, metrics, error, spec", "sidetune jobs get job_0194...", get_job)
     p.add_argument("job_id")
-    p = verb(jobs, "cancel", "cancel a job (queued: at once; running: at its next check)",
-             "sidetune jobs cancel job_0194...", cancel_job)  # fmt: skip
+    p = verb(
+        jobs,
+        "cancel",
+        "cancel a job (queued: at once; running: at its next check)",
+        "sidetune jobs cancel job_0194...",
+        cancel_job,
+    )
     p.add_argument("job_id")
-    p = verb(jobs, "delete", "delete a finished job, its events and checkpoint (its model stays)",
-             "sidetune jobs delete job_0194...", delete_job, reads=False)  # fmt: skip
+    p = verb(
+        jobs,
+        "delete",
+        "delete a finished job, its events and checkpoint (its model stays)",
+        "sidetune jobs delete job_0194...",
+        delete_job,
+        reads=False,
+    )
     p.add_argument("job_id")
-    p = verb(jobs, "events", "a job's events (progress messages, per-epoch metrics); --follow until it ends",
-             "sidetune jobs events job_0194... --follow", events)  # fmt: skip
+    p = verb(
+        jobs,
+        "events",
+        "a job's events (progress messages, per-epoch metrics); --follow until it ends",
+        "sidetune jobs events job_0194... --follow",
+        events,
+    )
     p.add_argument("job_id")
     p.add_argument("--after", type=int, default=0, help="events after this sequence number")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events until the job has ended")
-    p = verb(jobs, "checkpoints", "a job's checkpoint files (kept SIDETUNE_CHECKPOINT_RETENTION_H after it ends)",
-             "sidetune jobs checkpoints job_0194... --download checkpoint.safetensors", checkpoints)  # fmt: skip
+    p = verb(
+        jobs,
+        "checkpoints",
+        "a job's checkpoint files (kept SIDETUNE_CHECKPOINT_RETENTION_H after it ends)",
+        "sidetune jobs checkpoints job_0194... --download checkpoint.safetensors",
+        checkpoints,
+    )
     p.add_argument("job_id")
     p.add_argument("--download", metavar="NAME", help="download this file instead of listing")
     p.add_argument("--output", "-o", help="where to write the download (default: JOB_ID-NAME)")

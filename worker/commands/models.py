@@ -9,8 +9,21 @@ from pathlib import Path
 
 from worker.commands import Subparsers, client, details, number, print_json, resource, table, validation, verb
 
-MODEL_FIELDS = ("id", "job_id", "method", "mode", "backbone", "video", "classes", "multi_label", "threshold",
-                "created_at", "evaluation", "plots", "metrics")  # fmt: skip
+MODEL_FIELDS = (
+    "id",
+    "job_id",
+    "method",
+    "mode",
+    "backbone",
+    "video",
+    "classes",
+    "multi_label",
+    "threshold",
+    "created_at",
+    "evaluation",
+    "plots",
+    "metrics",
+)
 
 
 def list_models(args: argparse.Namespace) -> int:
@@ -18,10 +31,21 @@ def list_models(args: argparse.Namespace) -> int:
     if args.json:
         print_json(models)
         return 0
-    table(("id", "method", "backbone", "classes", "val acc/mAP", "test acc/mAP", "job"),
-          ((m["id"], m["method"], m["backbone"], len(m["classes"]), validation(m["metrics"]),
-            number(m["metrics"].get("test_accuracy", m["metrics"].get("test_map"))), m["job_id"])
-           for m in models))  # fmt: skip
+    table(
+        ("id", "method", "backbone", "classes", "val acc/mAP", "test acc/mAP", "job"),
+        (
+            (
+                m["id"],
+                m["method"],
+                m["backbone"],
+                len(m["classes"]),
+                validation(m["metrics"]),
+                number(m["metrics"].get("test_accuracy", m["metrics"].get("test_map"))),
+                m["job_id"],
+            )
+            for m in models
+        ),
+    )
     return 0
 
 
@@ -74,8 +98,10 @@ def report(args: argparse.Namespace) -> int:
         print_json({"model": model, "evaluation": evaluation, "plots": [str(p) for p in plots]})
         return 0
     split = {"test": "the test split", "val": "the validation split (no test split: optimistic, it chose the model)"}
-    print(f"{model['id']}: {model['method']} on {model['backbone']}, evaluated on {split[evaluation['split']]}, "
-          f"{evaluation['images']} images")  # fmt: skip
+    print(
+        f"{model['id']}: {model['method']} on {model['backbone']}, evaluated on {split[evaluation['split']]}, "
+        f"{evaluation['images']} images"
+    )
     if evaluation.get("threshold") is not None:
         print(f"tags predicted at scores >= {evaluation['threshold']:g} (the threshold chosen on validation)")
     figures = {k: v for k, v in model["metrics"].items() if k in ("val_accuracy", "val_map", "val_loss")}
@@ -84,16 +110,33 @@ def report(args: argparse.Namespace) -> int:
     whole = args.all or not evaluation.get("has_more")
     per = evaluation["per_class"] if whole else evaluation["per_class"][:REPORT_ROWS]
     ap = "average_precision" in per[0]
-    table(("class", "precision", "recall", "f1", "support", *(["AP"] if ap else [])),
-          ((r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"],
-            *([f"{r['average_precision'] or 0:.3f}"] if ap else [])) for r in per),
-          title=None if whole else f"the first {len(per)} of {total:,} classes (--all prints every class)")  # fmt: skip
+    table(
+        ("class", "precision", "recall", "f1", "support", *(["AP"] if ap else [])),
+        (
+            (
+                r["class"],
+                f"{r['precision']:.3f}",
+                f"{r['recall']:.3f}",
+                f"{r['f1']:.3f}",
+                r["support"],
+                *([f"{r['average_precision'] or 0:.3f}"] if ap else []),
+            )
+            for r in per
+        ),
+        title=None if whole else f"the first {len(per)} of {total:,} classes (--all prints every class)",
+    )
     if not model.get("multi_label") and total <= 30:
-        table(("true \\ predicted", *evaluation["classes"]), ((name, *row) for name, row in zip(
-            evaluation["classes"], evaluation["confusion_matrix"], strict=True)), title="confusion matrix")  # fmt: skip
+        table(
+            ("true \\ predicted", *evaluation["classes"]),
+            ((name, *row) for name, row in zip(evaluation["classes"], evaluation["confusion_matrix"], strict=True)),
+            title="confusion matrix",
+        )
     elif evaluation.get("top_confusions"):
-        table(("true class", "predicted as", "images"), ((c["true"], c["predicted"], c["count"])
-              for c in evaluation["top_confusions"]), title="most frequent confusions")  # fmt: skip
+        table(
+            ("true class", "predicted as", "images"),
+            ((c["true"], c["predicted"], c["count"]) for c in evaluation["top_confusions"]),
+            title="most frequent confusions",
+        )
     if model["metrics"].get("sweep"):
         title, columns, rows = sweep_table(model["metrics"], bool(model.get("multi_label")))
         table(columns, rows, title=title)
@@ -112,42 +155,87 @@ def sweep_table(metrics: dict, multi_label: bool) -> tuple[str, tuple[str, ...],
     for e in sorted(sweep, key=lambda e: -e[metric] if e[metric] == e[metric] else math.inf):  # NaN (diverged) last
         setting = e["config"] | ({"weight_decay": e["weight_decay"]} if "weight_decay" in e else {})
         selected = (e["config"], e.get("weight_decay", chosen[1])) == chosen
-        rows.append((json.dumps(setting) + (" (selected)" if selected else ""), f"{e[metric]:.4f}",
-                     f"{e['val_loss']:.4f}"))  # fmt: skip
+        rows.append(
+            (json.dumps(setting) + (" (selected)" if selected else ""), f"{e[metric]:.4f}", f"{e['val_loss']:.4f}")
+        )
     title = f"sweep: {n} configurations" + (f", {len(sweep)} fits over L2 strengths" if len(sweep) != n else "")
     return title, ("configuration", metric, "val_loss"), rows
 
 
 def add_parsers(sub: Subparsers) -> None:
-    models = resource(sub, "models", "list, read, delete and export adapted models", [
-        "sidetune models", "sidetune models get model_0194... --json",
-        "sidetune models export model_0194... --format timm -o model-timm.zip",
-    ], list_models, limit=100)  # fmt: skip
-    p = verb(models, "list", "the models, newest first (`sidetune models` alone does this)", "sidetune models list",
-             list_models)  # fmt: skip
+    models = resource(
+        sub,
+        "models",
+        "list, read, delete and export adapted models",
+        [
+            "sidetune models",
+            "sidetune models get model_0194... --json",
+            "sidetune models export model_0194... --format timm -o model-timm.zip",
+        ],
+        list_models,
+        limit=100,
+    )
+    p = verb(
+        models,
+        "list",
+        "the models, newest first (`sidetune models` alone does this)",
+        "sidetune models list",
+        list_models,
+    )
     p.add_argument("--limit", type=int, default=100, help="most models (default 100)")
-    p = verb(models, "get", "one model: method, backbone, classes, metrics, evaluation summary",
-             "sidetune models get model_0194...", get_model)  # fmt: skip
+    p = verb(
+        models,
+        "get",
+        "one model: method, backbone, classes, metrics, evaluation summary",
+        "sidetune models get model_0194...",
+        get_model,
+    )
     p.add_argument("model_id")
-    p = verb(models, "delete", "delete a model and its files (predict then answers 404)",
-             "sidetune models delete model_0194...", delete_model, reads=False)  # fmt: skip
+    p = verb(
+        models,
+        "delete",
+        "delete a model and its files (predict then answers 404)",
+        "sidetune models delete model_0194...",
+        delete_model,
+        reads=False,
+    )
     p.add_argument("model_id")
-    p = verb(models, "export", "download a model as a timm checkpoint, an ONNX graph or an adapter",
-             "sidetune models export model_0194... --format onnx -o model.onnx", export, reads=False)  # fmt: skip
+    p = verb(
+        models,
+        "export",
+        "download a model as a timm checkpoint, an ONNX graph or an adapter",
+        "sidetune models export model_0194... --format onnx -o model.onnx",
+        export,
+        reads=False,
+    )
     p.add_argument("model_id")
-    p.add_argument("--format", required=True, choices=("timm", "onnx", "adapter"),
-                   help="timm: a plain timm checkpoint (APLA, ARC, LoRA, full, timm-headed linear probes); onnx: one "
-                   "graph, every method; adapter: the trained weights and their config, every method")  # fmt: skip
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=("timm", "onnx", "adapter"),
+        help="timm: a plain timm checkpoint (APLA, ARC, LoRA, full, timm-headed linear probes); onnx: one "
+        "graph, every method; adapter: the trained weights and their config, every method",
+    )
     p.add_argument("--output", "-o", help="the file to write (default: the server's name, e.g. MODEL_ID.onnx)")
 
-    p = verb(sub, "predict", "classify image (or video) files with a model",
-             "sidetune predict model_0194... cat.png dog.jpg", predict)  # fmt: skip
+    p = verb(
+        sub,
+        "predict",
+        "classify image (or video) files with a model",
+        "sidetune predict model_0194... cat.png dog.jpg",
+        predict,
+    )
     p.add_argument("model_id")
     p.add_argument("files", nargs="+", help="image files, or video files for a model trained on clips")
     p.add_argument("--threshold", type=float, help="multi-label models: predict the tags scoring at least this")
 
-    p = verb(sub, "report", "a model's evaluation as tables, and its plots as PNG files",
-             "sidetune report model_0194... --out report/", report)  # fmt: skip
+    p = verb(
+        sub,
+        "report",
+        "a model's evaluation as tables, and its plots as PNG files",
+        "sidetune report model_0194... --out report/",
+        report,
+    )
     p.add_argument("model_id")
     p.add_argument("--out", help="folder for the plots (default: ./MODEL_ID)")
     p.add_argument(

@@ -40,8 +40,13 @@ class AplaConfig(BaseModel):
         # warmup of 500 iterations then cosine decay over 100 epochs at batch size 64. The lr goes with the rank:
         # 3e-5 at r=8 (NABirds) and 1e-4 at r=128 (ImageNet); see `default_lr`. Our trainer counts warmup in
         # epochs: 500 iterations at batch 64 are 32k images, about one epoch of a mid-sized dataset.
-        return {"optimizer": "adamw", "lr": default_lr(self.rank), "weight_decay": 1e-5, "warmup_epochs": 1.0,
-                "clip_grad_norm": 1.0}  # fmt: skip
+        return {
+            "optimizer": "adamw",
+            "lr": default_lr(self.rank),
+            "weight_decay": 1e-5,
+            "warmup_epochs": 1.0,
+            "clip_grad_norm": 1.0,
+        }
 
 
 def default_lr(rank: int) -> float:

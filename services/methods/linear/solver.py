@@ -69,8 +69,9 @@ def _augment(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Te
     return torch.cat([(x - mu) / sigma, x.new_ones(len(x), 1)], dim=1)
 
 
-def _path(xs: torch.Tensor, y_train: torch.Tensor, grid: list[float] | tuple[float, ...], objective: Objective,
-          max_iter: int) -> Iterator[tuple[float, torch.Tensor, int]]:  # fmt: skip
+def _path(
+    xs: torch.Tensor, y_train: torch.Tensor, grid: list[float] | tuple[float, ...], objective: Objective, max_iter: int
+) -> Iterator[tuple[float, torch.Tensor, int]]:
     """(l2, parameter [C, D + 1], iterations) for each strength of `grid`, strongest first, each solve warm-started
     from the previous one. The parameter is the live tensor: read it before asking for the next strength."""
     w = torch.zeros(objective.num_classes, xs.shape[1], device=xs.device, requires_grad=True)
@@ -78,8 +79,15 @@ def _path(xs: torch.Tensor, y_train: torch.Tensor, grid: list[float] | tuple[flo
     total = objective.normalizer(y_train)
     shares = [objective.normalizer(y_train[rows]) / total for rows in parts] if len(parts) > 1 else []
     for l2 in sorted(set(grid), reverse=True):
-        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=GRADIENT_TOLERANCE,
-                                tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
+        opt = torch.optim.LBFGS(
+            [w],
+            lr=1.0,
+            max_iter=max_iter,
+            history_size=10,
+            tolerance_grad=GRADIENT_TOLERANCE,
+            tolerance_change=1e-12,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure(l2: float = l2, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
             opt.zero_grad()
@@ -108,10 +116,16 @@ def _fold(w: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> tuple[np.nd
 
 
 def solve_path(
-    x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: np.ndarray,
-    grid: list[float] | tuple[float, ...], objective: Objective, max_iter: int,
-    on_point: Callable[[PathPoint], None] | None = None, keep: bool = True,
-) -> list[PathPoint]:  # fmt: skip
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: np.ndarray,
+    grid: list[float] | tuple[float, ...],
+    objective: Objective,
+    max_iter: int,
+    on_point: Callable[[PathPoint], None] | None = None,
+    keep: bool = True,
+) -> list[PathPoint]:
     """One PathPoint per strength of `grid`, strongest first, scored on the validation features. Features: float32
     [n, D] on the device. Only the best point (`best`) keeps its classifier (none with `keep` False): a path of 17
     strengths over 21,843 classes would hold 17 of them."""
@@ -139,8 +153,11 @@ def folds(labels: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     """The held-out rows of each of `k` folds: stratified by class for single-label `labels` (scikit-learn's
     StratifiedKFold, shuffled with `seed`), plain shuffled folds for multi-label targets [n, C]."""
     rows = np.zeros(len(labels))
-    splitter = StratifiedKFold(k, shuffle=True, random_state=seed) if labels.ndim == 1 else KFold(
-        k, shuffle=True, random_state=seed)  # fmt: skip
+    splitter = (
+        StratifiedKFold(k, shuffle=True, random_state=seed)
+        if labels.ndim == 1
+        else KFold(k, shuffle=True, random_state=seed)
+    )
     return [held for _, held in splitter.split(rows, labels if labels.ndim == 1 else None)]
 
 
@@ -156,9 +173,16 @@ class CvPoint:
     fold_scores: list[float]
 
 
-def cross_validate(x: torch.Tensor, y: torch.Tensor, labels: np.ndarray, held_out: list[np.ndarray],
-                   grid: list[float] | tuple[float, ...], objective: Objective, max_iter: int,
-                   between: Callable[[], None] | None = None) -> list[CvPoint]:  # fmt: skip
+def cross_validate(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    labels: np.ndarray,
+    held_out: list[np.ndarray],
+    grid: list[float] | tuple[float, ...],
+    objective: Objective,
+    max_iter: int,
+    between: Callable[[], None] | None = None,
+) -> list[CvPoint]:
     """Every strength of `grid` (strongest first) scored by cross-validation: for each fold, a path solved on the
     other folds (standardised by their own statistics) and scored on the fold. `x` [n, D] features, `y` the
     objective's targets of the same rows, `labels` their labels, `held_out` the folds' rows. A fold's NaN score (a
@@ -177,14 +201,26 @@ def cross_validate(x: torch.Tensor, y: torch.Tensor, labels: np.ndarray, held_ou
     out = []
     for l2 in sorted(per_l2, reverse=True):
         scores = [s for s, _, _ in per_l2[l2]]
-        out.append(CvPoint(l2=l2, score=float(np.mean(scores)), std=float(np.std(scores)),
-                           loss=float(np.mean([loss for _, loss, _ in per_l2[l2]])),
-                           iterations=sum(i for _, _, i in per_l2[l2]), fold_scores=scores))  # fmt: skip
+        out.append(
+            CvPoint(
+                l2=l2,
+                score=float(np.mean(scores)),
+                std=float(np.std(scores)),
+                loss=float(np.mean([loss for _, loss, _ in per_l2[l2]])),
+                iterations=sum(i for _, _, i in per_l2[l2]),
+                fold_scores=scores,
+            )
+        )
     return out
 
 
-def refit(x: torch.Tensor, y: torch.Tensor, path: list[float], objective: Objective, max_iter: int,
-          ) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+def refit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    path: list[float],
+    objective: Objective,
+    max_iter: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The classifier solved on all of `x` at the chosen strength, the last (weakest) of `path` (the protocol's final
     fit, as scikit-learn's GridSearchCV(refit=True) makes it), reached along the same warm-started path that scored
     it: at weak strengths the problem is nearly flat and a cold start ends elsewhere than the path did (on held-out
@@ -209,8 +245,9 @@ def _finite(score: float) -> float:
     return score if score == score else -math.inf
 
 
-def _validation(xv: torch.Tensor, w: torch.Tensor, y_val: np.ndarray, y_val_t: torch.Tensor,
-                objective: Objective) -> tuple[float, float]:  # fmt: skip
+def _validation(
+    xv: torch.Tensor, w: torch.Tensor, y_val: np.ndarray, y_val_t: torch.Tensor, objective: Objective
+) -> tuple[float, float]:
     """(validation figure, plain validation loss) of the weights `w` on the standardised validation features. A
     single-label split of many classes is scored chunk by chunk (accuracy and the loss summed over the chunks);
     mAP ranks every image's scores per tag, so a multi-label split is scored whole (its targets are [n, C] too)."""

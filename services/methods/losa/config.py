@@ -66,6 +66,16 @@ class LosaConfig(BaseModel):
         # 0.1 x sqrt(batch / 64), trained together from each pass over the cache, the lower half stopped at a quarter
         # and at half of the epochs (services/training/halving.py). `epochs: auto`: enough for 30,000 training
         # samples, between 10 and 100 (on 900 digits 30 epochs gained 1.5 to 3.4 test points over 10).
-        return {"optimizer": "sgd", "lr": 0.1, "lr_reference_batch": 64, "lr_scaling": "sqrt",
-                "lr_grid": (0.25, 0.5, 1.0, 2.0), "epochs": 10, "epoch_samples": 30_000, "max_epochs": 100,
-                "weight_decay": 0.0, "warmup_epochs": 1.0, "clip_grad_norm": None}  # fmt: skip
+        return {
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "lr_reference_batch": 64,
+            "lr_scaling": "sqrt",
+            "lr_grid": (0.25, 0.5, 1.0, 2.0),
+            "epochs": 10,
+            "epoch_samples": 30_000,
+            "max_epochs": 100,
+            "weight_decay": 0.0,
+            "warmup_epochs": 1.0,
+            "clip_grad_norm": None,
+        }

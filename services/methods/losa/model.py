@@ -131,8 +131,9 @@ def _stacked_add(
         h = F.pad(F.gelu(h), (0, 1), value=1.0)  # [K, B T, r+1]
         return _plus_low_rank(a.reshape(-1, b * t, d).expand(k, -1, -1), h, w_up.transpose(1, 2)).view(k, b, t, d)
     # along tokens: per configuration and image, W [r, T] x [T, D]; W z_b for the K at once, as [K r, T] x [T, D]
-    hz = torch.baddbmm(p["down.bias"].reshape(1, k * r, 1), p["down.weight"].reshape(1, k * r, t).expand(b, -1, -1),
-                       z)  # [B, K r, D]  # fmt: skip
+    hz = torch.baddbmm(
+        p["down.bias"].reshape(1, k * r, 1), p["down.weight"].reshape(1, k * r, t).expand(b, -1, -1), z
+    )  # [B, K r, D]
     hz = hz.view(b, k, r, d).transpose(0, 1).reshape(k * b, r, d)
     w_down = p["down.weight"][:, None].expand(k, b, r, t).reshape(k * b, r, t)
     a = a.expand(k, b, t, d).reshape(k * b, t, d)

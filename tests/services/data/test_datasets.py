@@ -112,8 +112,10 @@ def test_csv_missing_file_and_empty_label(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="line 2: an empty label"):
         read_csv(manifest)
     ds = read_dataset(manifest, on_corrupt="skip")
-    assert len(ds) == 2 and ds.skipped_rows == ("m.csv line 2: an empty label, left out",
-                                                "m.csv line 3: an empty path, left out")  # fmt: skip
+    assert len(ds) == 2 and ds.skipped_rows == (
+        "m.csv line 2: an empty label, left out",
+        "m.csv line 3: an empty path, left out",
+    )
 
 
 def test_fingerprint_changes_when_a_file_changes(folder: Path) -> None:
@@ -213,8 +215,10 @@ def test_a_multi_label_row_without_tags_fails_naming_it_or_is_skipped(tmp_path: 
     with pytest.raises(DatasetError, match=re.escape("line 3: an empty tag list '|' (set dataset.on_corrupt='skip'")):
         read_dataset(manifest, multi_label=True)
     ds = read_dataset(manifest, multi_label=True, on_corrupt="skip")
-    assert len(ds) == 2 and ds.skipped_rows == ("tags.csv line 3: an empty tag list '|', left out",
-                                                "tags.csv line 5: an empty tag list '', left out")  # fmt: skip
+    assert len(ds) == 2 and ds.skipped_rows == (
+        "tags.csv line 3: an empty tag list '|', left out",
+        "tags.csv line 5: an empty tag list '', left out",
+    )
 
 
 NFC, NFD = "caf\u00e9", "cafe\u0301"  # one name, two Unicode forms: they print alike
@@ -227,8 +231,10 @@ def test_class_folders_that_collide_are_refused_naming_both(tmp_path: Path) -> N
         assert len(os.listdir(tmp_path / name)) == 2  # two folders on this file system
     with pytest.raises(DatasetError) as e:
         read_imagefolder(tmp_path / "forms")
-    assert str(e.value).startswith(r"class folders 'cafe\u0301' (NFD) and 'caf\xe9' (NFC) are one name in two "
-                                   "Unicode forms; rename one")  # fmt: skip
+    assert str(e.value).startswith(
+        r"class folders 'cafe\u0301' (NFD) and 'caf\xe9' (NFC) are one name in two "
+        "Unicode forms; rename one"
+    )
     with pytest.raises(DatasetError, match="class folders 'Cat' and 'cat' differ only in case"):
         read_imagefolder(tmp_path / "case")
     with pytest.raises(DatasetError, match=re.escape(r"'CAF\xc9' (NFC) and 'cafe\u0301' (NFD) differ only in Unicode")):

@@ -24,9 +24,13 @@ from tests.disk import fill
 def body(digits: Path, image_size: int) -> dict:
     """LoSA on 2 blocks, every token: 179 digits x 2 x ((size/16)^2 + 1) x 64 x 2 B (2.98 MB at 128 px, 4.63 MB
     at 160 px)."""
-    return {"dataset": {"path": str(digits)}, "method": {"name": "losa", "rank": 4, "layers": 2},
-            "backbone": {"name": "test_vit", "pretrained": False, "image_size": image_size},
-            "extraction": {"batch_size": 32}, "training": {"epochs": 1}}  # fmt: skip
+    return {
+        "dataset": {"path": str(digits)},
+        "method": {"name": "losa", "rank": 4, "layers": 2},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": image_size},
+        "extraction": {"batch_size": 32},
+        "training": {"epochs": 1},
+    }
 
 
 @pytest.fixture
@@ -93,8 +97,9 @@ def test_the_planner_measures_a_local_cache_url_on_its_own_disk(on_tmpfs, digits
     assert f"the disk under {disk / 'cache'} has 0.00 GB free" in p.message
 
 
-def test_the_planner_says_an_object_store_has_no_free_space_figure(settings: Settings, s3_url: str,
-                                                                   digits_root: Path) -> None:  # fmt: skip
+def test_the_planner_says_an_object_store_has_no_free_space_figure(
+    settings: Settings, s3_url: str, digits_root: Path
+) -> None:
     s3 = settings.model_copy(update={"cache_url": f"{s3_url}/cache"})
     p = plan(JobSpec.model_validate(body(digits_root / "train", 128)), s3)
     assert p.free_disk_bytes is None and p.available_bytes is None and p.fits is True, p

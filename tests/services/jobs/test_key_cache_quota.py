@@ -15,8 +15,13 @@ from storage.settings import Settings
 
 
 def spec(digits: Path, method: dict) -> dict:
-    return {"dataset": {"path": str(digits)}, "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
-            "method": method, "extraction": {"batch_size": 64}, "training": {"epochs": 1}}  # fmt: skip
+    return {
+        "dataset": {"path": str(digits)},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
+        "method": method,
+        "extraction": {"batch_size": 64},
+        "training": {"epochs": 1},
+    }
 
 
 def extract(store: JobStore, settings: Settings, body: dict, owner: str) -> dict:

@@ -21,9 +21,13 @@ from storage.settings import Settings
 
 
 def spec_dict(digits: Path, **extraction) -> dict:
-    return {"dataset": {"path": str(digits)}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "losa", "rank": 4, "layers": 2}, "extraction": {"batch_size": 32, **extraction},
-            "training": {"epochs": 1}}  # fmt: skip
+    return {
+        "dataset": {"path": str(digits)},
+        "backbone": {"name": "test_vit", "pretrained": False},
+        "method": {"name": "losa", "rank": 4, "layers": 2},
+        "extraction": {"batch_size": 32, **extraction},
+        "training": {"epochs": 1},
+    }
 
 
 @pytest.mark.parametrize("where", ["local", "fsspec"])

@@ -21,10 +21,21 @@ from storage.cache import CacheEntry
 from storage.settings import Settings
 from worker.cli import main
 
-LISTED = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
-          "vit_huge_patch14_224", "vit_giant_patch14_224", "vit_gigantic_patch14_224", "vit_base_patch32_384",
-          "test_vit", "vit_small_patch14_dinov2", "vit_base_patch14_reg4_dinov2", "vit_giant_patch14_dinov2",
-          "vit_large_patch14_clip_336"]  # fmt: skip
+LISTED = [
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "vit_large_patch16_224",
+    "vit_huge_patch14_224",
+    "vit_giant_patch14_224",
+    "vit_gigantic_patch14_224",
+    "vit_base_patch32_384",
+    "test_vit",
+    "vit_small_patch14_dinov2",
+    "vit_base_patch14_reg4_dinov2",
+    "vit_giant_patch14_dinov2",
+    "vit_large_patch14_clip_336",
+]
 # Every timm name the table claims to know, so a new timm cannot silently disagree with it.
 CLAIMED = sorted({n for n in timm.list_models("vit_*") if architecture(n) is not None} - set(LISTED))
 
@@ -34,10 +45,16 @@ def timm_shape(name: str, image_size: int | None = None) -> dict:
     with torch.device("meta"):
         vit = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     fc1, fc2 = vit.blocks[0].mlp.fc1, vit.blocks[0].mlp.fc2
-    return {"num_layers": len(vit.blocks), "dim": vit.embed_dim, "num_prefix_tokens": vit.num_prefix_tokens,
-            "tokens": vit.patch_embed.num_patches + vit.num_prefix_tokens, "global_pool": vit.global_pool,
-            "patch_size": vit.patch_embed.patch_size[0], "image_size": vit.patch_embed.img_size[0],
-            "mlp_macs": fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features}  # fmt: skip
+    return {
+        "num_layers": len(vit.blocks),
+        "dim": vit.embed_dim,
+        "num_prefix_tokens": vit.num_prefix_tokens,
+        "tokens": vit.patch_embed.num_patches + vit.num_prefix_tokens,
+        "global_pool": vit.global_pool,
+        "patch_size": vit.patch_embed.patch_size[0],
+        "image_size": vit.patch_embed.img_size[0],
+        "mlp_macs": fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features,
+    }
 
 
 def table_shape(name: str, image_size: int | None = None) -> dict:
@@ -175,8 +192,15 @@ def test_memory_budgets_decide_where_training_features_live(folder, settings):
 
 def complete_entry(path: Path, rows: int, last_used: float) -> int:
     entry = CacheEntry(path)
-    entry.create(labels=np.zeros(rows, np.int64), layers=[0], tokens="all", token_count=101, dim=64, batch_size=rows,
-                 meta={"num_prefix_tokens": 1})  # fmt: skip
+    entry.create(
+        labels=np.zeros(rows, np.int64),
+        layers=[0],
+        tokens="all",
+        token_count=101,
+        dim=64,
+        batch_size=rows,
+        meta={"num_prefix_tokens": 1},
+    )
     entry.write_batch(0, np.ones((rows, 1, 101, 64), np.float16), np.ones(rows, bool))
     entry.mark_complete({})
     (path / "last_used").write_text(str(last_used))
@@ -188,8 +212,9 @@ def test_existing_entries_are_evicted_least_recently_used_first(folder, settings
     old = complete_entry(cache / "fam" / "old", 100, last_used=1.0)  # 1.29 MB each
     new = complete_entry(cache / "fam" / "new", 100, last_used=2.0)
     busy = CacheEntry(cache / "fam" / "busy")  # being written: not evictable
-    busy.create(labels=np.zeros(10, np.int64), layers=[0], tokens="all", token_count=101, dim=64, batch_size=10,
-                meta={})  # fmt: skip
+    busy.create(
+        labels=np.zeros(10, np.int64), layers=[0], tokens="all", token_count=101, dim=64, batch_size=10, meta={}
+    )
     spec = job(folder, {"name": "losa"})  # 1.86 MB
     p = plan(spec, with_(settings, cache_quota_gb=0.0045))
     assert p.fits is True and p.evict_entries == 0  # 4.5 MB - 2.6 MB used leaves room
@@ -208,8 +233,15 @@ def test_existing_entries_are_evicted_least_recently_used_first(folder, settings
 
 def test_cli_plan_prints_the_plan_and_exits_1_when_it_does_not_fit(folder, tmp_path, monkeypatch, capsys):
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"dataset": {"path": str(folder)}, "backbone": {"name": "vit_base_patch16_224"},
-                                "method": {"name": "losa", "rank": 16}}))  # fmt: skip
+    spec.write_text(
+        json.dumps(
+            {
+                "dataset": {"path": str(folder)},
+                "backbone": {"name": "vit_base_patch16_224"},
+                "method": {"name": "losa", "rank": 16},
+            }
+        )
+    )
     monkeypatch.setenv("SIDETUNE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SIDETUNE_ALLOWED_ROOTS", str(folder.parent))
     assert main(["plan", str(spec)]) == 0

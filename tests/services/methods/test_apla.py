@@ -133,10 +133,14 @@ def test_tail_mode_on_cached_activations() -> None:
     perturb(model)
     x = images()
     with torch.no_grad():
-        (spatial, prefix), = model.vit.forward_intermediates(
-            x, indices=model.input_layers, norm=False, output_fmt="NLC", intermediates_only=True,
+        ((spatial, prefix),) = model.vit.forward_intermediates(
+            x,
+            indices=model.input_layers,
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
             return_prefix_tokens=True,
-        )  # fmt: skip
+        )
         cached = torch.cat([prefix, spatial], dim=1).unsqueeze(1)  # [B, 1, T, D], as the cache holds it
         assert torch.allclose(model(cached), model.vit(x), atol=1e-5)  # the full image forward
 

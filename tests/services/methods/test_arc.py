@@ -60,8 +60,13 @@ def test_config_defaults_and_validation() -> None:
     config = ArcConfig()
     assert (config.rank, config.dropout) == (50, 0.1)
     assert methods.CONFIGS["arc"] is ArcConfig and ArcConfig.kind == "adapted" and ArcConfig.modes[0] == "images"
-    assert config.training_defaults() == {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.0, "warmup_epochs": 10.0,
-                                          "clip_grad_norm": 1.0}  # fmt: skip
+    assert config.training_defaults() == {
+        "optimizer": "adamw",
+        "lr": 1e-2,
+        "weight_decay": 0.0,
+        "warmup_epochs": 10.0,
+        "clip_grad_norm": 1.0,
+    }
     for bad in ({"rank": 0}, {"dropout": 1.0}, {"dropout": -0.1}, {"alpha": 1}):
         with pytest.raises(ValidationError):
             ArcConfig(**bad)
@@ -119,9 +124,13 @@ def test_tail_mode_adapts_the_last_blocks_on_cached_activations() -> None:
     x = images()
     with torch.no_grad():
         spatial, prefix = model.vit.forward_intermediates(
-            x, indices=model.input_layers, norm=False, output_fmt="NLC", intermediates_only=True,
+            x,
+            indices=model.input_layers,
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
             return_prefix_tokens=True,
-        )[0]  # fmt: skip
+        )[0]
         cached = torch.cat([prefix, spatial], dim=1).unsqueeze(1)
         torch.testing.assert_close(model(cached), model.vit(x), atol=1e-5, rtol=1e-5)
         merged = model.merge()
@@ -156,8 +165,9 @@ def test_gradients_reach_only_u_s_b_and_the_head() -> None:
     # at step 0 the head is zero (as in the official code), so only the head gets a gradient: s and b reach the
     # output through it, and U through s
     assert model.head.weight.grad.abs().sum() > 0
-    assert all(torch.count_nonzero(a.scale.grad) == 0 and torch.count_nonzero(a.bias.grad) == 0
-               for a in adapters(model))  # fmt: skip
+    assert all(
+        torch.count_nonzero(a.scale.grad) == 0 and torch.count_nonzero(a.bias.grad) == 0 for a in adapters(model)
+    )
     assert torch.count_nonzero(model.basis.u_attn.grad) == 0
 
     model.zero_grad()

@@ -100,8 +100,11 @@ def test_lora_tail_mode() -> None:
     model = methods.build(LoraMethodConfig(), small_vit(), 5, 2).eval()
     assert model.input_layers == [num_layers - 3]
     adapted = {n for n, m in model.vit.named_modules() if type(m).__module__.startswith("peft")}
-    assert adapted == {f"blocks.{i}.{path}" for i in (num_layers - 2, num_layers - 1)
-                       for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}  # fmt: skip
+    assert adapted == {
+        f"blocks.{i}.{path}"
+        for i in (num_layers - 2, num_layers - 1)
+        for path in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    }
     assert type(model.vit.patch_embed.proj) is nn.Conv2d
     assert model.side_parameters() == lora_params(vit.embed_dim, 3 * vit.embed_dim, 2, 8)
 
@@ -109,9 +112,13 @@ def test_lora_tail_mode() -> None:
     x = images(vit)
     with torch.no_grad():
         spatial, prefix = model.vit.forward_intermediates(
-            x, indices=[num_layers - 3], norm=False, output_fmt="NLC", intermediates_only=True,
+            x,
+            indices=[num_layers - 3],
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
             return_prefix_tokens=True,
-        )[0]  # fmt: skip
+        )[0]
         cached = torch.cat([prefix, spatial], dim=1).unsqueeze(1)  # [B, 1, T, D], as the cache stores it
         from_cache = model(cached)
         model.input_layers = None  # the same weights, run on images
@@ -141,8 +148,15 @@ def test_lora_trainable_state_round_trip() -> None:
 
 def test_lora_config_validation() -> None:
     assert LoraMethodConfig().targets == ["qkv", "proj", "fc1", "fc2"]
-    for bad in ({"targets": []}, {"targets": ["qkv", "qkv"]}, {"targets": ["q"]}, {"rank": 0}, {"dropout": 1.0},
-                {"alpha": 0}, {"scale": 1}):  # fmt: skip
+    for bad in (
+        {"targets": []},
+        {"targets": ["qkv", "qkv"]},
+        {"targets": ["q"]},
+        {"rank": 0},
+        {"dropout": 1.0},
+        {"alpha": 0},
+        {"scale": 1},
+    ):
         with pytest.raises(ValidationError):
             LoraMethodConfig(**bad)
     assert LoraMethodConfig.kind == "adapted" and LoraMethodConfig.modes == ("images", "tail")

@@ -178,11 +178,21 @@ def test_the_inference_service_predicts_through_the_batcher(trained: Settings, i
     from api.inference import create_inference_app
 
     settings = trained.model_copy(update={"predict_max_batch": 8})
-    JobStore.from_url(settings.broker_url).register_model({
-        "id": "model_losa3", "object": "model", "created_at": now(), "job_id": "job_x", "owner": None, "name": None,
-        "method": "losa", "mode": "cache", "backbone": "test_vit", "classes": [str(i) for i in range(10)],
-        "metrics": {},
-    })  # fmt: skip
+    JobStore.from_url(settings.broker_url).register_model(
+        {
+            "id": "model_losa3",
+            "object": "model",
+            "created_at": now(),
+            "job_id": "job_x",
+            "owner": None,
+            "name": None,
+            "method": "losa",
+            "mode": "cache",
+            "backbone": "test_vit",
+            "classes": [str(i) for i in range(10)],
+            "metrics": {},
+        }
+    )
     app = create_inference_app(settings)
 
     def body(imgs: list[bytes]) -> dict:

@@ -38,8 +38,9 @@ def test_a_merged_model_shares_what_it_did_not_change(trained: Settings, images:
     tensors = [*lora.module.named_parameters(), *lora.module.named_buffers()]
     own = {name: t for name, t in tensors if id(t) not in shared}
     first = len(vit.blocks) - 2
-    assert own and all(name.startswith(("head.", *(f"blocks.{i}." for i in range(first, len(vit.blocks)))))
-                       for name in own)  # fmt: skip
+    assert own and all(
+        name.startswith(("head.", *(f"blocks.{i}." for i in range(first, len(vit.blocks))))) for name in own
+    )
     assert lora.module.blocks[0].attn.qkv.weight is vit.blocks[0].attn.qkv.weight  # the very tensor, not a copy
     assert lora.nbytes == sum(t.numel() * t.element_size() for t in own.values()) < tensor_bytes(vit) / 2
     side = predictor.load("model_losa_all")
@@ -164,11 +165,21 @@ def test_a_load_drops_the_loaded_models_that_were_deleted(trained: Settings) -> 
     store = JobStore.from_url(trained.broker_url)
     ids = ("model_losa3", "model_linear", "model_losa_all")
     for model_id in ids:
-        store.register_model({
-            "id": model_id, "object": "model", "created_at": now(), "job_id": "job_x", "owner": None, "name": None,
-            "method": "losa", "mode": "cache", "backbone": "test_vit", "classes": [str(i) for i in range(10)],
-            "metrics": {},
-        })  # fmt: skip
+        store.register_model(
+            {
+                "id": model_id,
+                "object": "model",
+                "created_at": now(),
+                "job_id": "job_x",
+                "owner": None,
+                "name": None,
+                "method": "losa",
+                "mode": "cache",
+                "backbone": "test_vit",
+                "classes": [str(i) for i in range(10)],
+                "metrics": {},
+            }
+        )
     try:
         predictor = Predictor(trained, registered=store.registered_models)
         predictor.load("model_losa3")

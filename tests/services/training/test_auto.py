@@ -14,10 +14,15 @@ from storage.settings import Settings
 
 
 def spec(path: Path | str, **training) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path), "test_fraction": 0.2}, "backbone": {"name": "test_vit", "pretrained": False},
-        "method": {"name": "auto"}, "extraction": {"batch_size": 32}, "training": {"batch_size": 32, **training},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path), "test_fraction": 0.2},
+            "backbone": {"name": "test_vit", "pretrained": False},
+            "method": {"name": "auto"},
+            "extraction": {"batch_size": 32},
+            "training": {"batch_size": 32, **training},
+        }
+    )
 
 
 def test_auto_keeps_the_better_on_validation_and_reports_both(digits_root: Path, tmp_path: Path) -> None:
@@ -45,8 +50,20 @@ def test_auto_keeps_the_better_on_validation_and_reports_both(digits_root: Path,
 
 def test_auto_takes_no_sweep_and_only_the_cache() -> None:
     with pytest.raises(ValueError, match="method 'auto' chooses by itself"):
-        JobSpec.model_validate({"dataset": {"path": "x"}, "backbone": {"name": "test_vit"}, "method": {"name": "auto"},
-                                "sweep": {"lr": [0.1, 0.2]}})  # fmt: skip
+        JobSpec.model_validate(
+            {
+                "dataset": {"path": "x"},
+                "backbone": {"name": "test_vit"},
+                "method": {"name": "auto"},
+                "sweep": {"lr": [0.1, 0.2]},
+            }
+        )
     with pytest.raises(ValueError, match="not available for method 'auto'"):
-        JobSpec.model_validate({"dataset": {"path": "x"}, "backbone": {"name": "test_vit"}, "method": {"name": "auto"},
-                                "execution": {"mode": "online"}})  # fmt: skip
+        JobSpec.model_validate(
+            {
+                "dataset": {"path": "x"},
+                "backbone": {"name": "test_vit"},
+                "method": {"name": "auto"},
+                "execution": {"mode": "online"},
+            }
+        )

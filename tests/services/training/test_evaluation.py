@@ -126,7 +126,8 @@ def test_plots_are_pngs() -> None:
         assert Image.open(io.BytesIO(made[name])).size[0] > 200
     path = [{"pool": "cls", "weight_decay": l2, "val_accuracy": 0.8} for l2 in (1.0, 0.1)]
     assert plots.for_job({"l2_path": path}, report(targets, probs, list("abcd"), "val"), "val_accuracy")[
-        "curves"].startswith(b"\x89PNG")  # fmt: skip
+        "curves"
+    ].startswith(b"\x89PNG")
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -167,8 +168,16 @@ def test_no_weight_decay_on_biases_norms_scales_and_position_embeddings() -> Non
         assert name not in decayed, name
     adapted = methods.build(methods.CONFIGS["full"](), vit, 5, None)
     assert "vit.pos_embed" not in decayed_names(adapted) and "vit.cls_token" not in decayed_names(adapted)
-    info = FeatureInfo(num_layers=2, tokens=5, dim=8, num_prefix_tokens=1, global_pool="token", norm_eps=1e-6,
-                       num_classes=3, readout={})  # fmt: skip
+    info = FeatureInfo(
+        num_layers=2,
+        tokens=5,
+        dim=8,
+        num_prefix_tokens=1,
+        global_pool="token",
+        norm_eps=1e-6,
+        num_classes=3,
+        readout={},
+    )
     assert decayed_names(methods.build(LosaConfig(rank=2), info)) == {
         "mixers.0.down.weight",
         "mixers.0.up.weight",
@@ -181,8 +190,9 @@ def test_no_weight_decay_on_biases_norms_scales_and_position_embeddings() -> Non
 
 def test_defaults_follow_the_official_code() -> None:
     def hp(method: dict, **training) -> dict:
-        spec = JobSpec.model_validate({"dataset": {"path": "x"}, "backbone": {"name": "test_vit"}, "method": method,
-                                       "training": training})  # fmt: skip
+        spec = JobSpec.model_validate(
+            {"dataset": {"path": "x"}, "backbone": {"name": "test_vit"}, "method": method, "training": training}
+        )
         return spec.training.resolved(spec.method.training_defaults())
 
     assert hp({"name": "apla"})["clip_grad_norm"] == 1.0 and hp({"name": "arc"})["clip_grad_norm"] == 1.0
@@ -211,5 +221,6 @@ def test_defaults_follow_the_official_code() -> None:
 )
 def test_split_fractions_are_checked(dataset: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        JobSpec.model_validate({"dataset": {"path": "x", **dataset}, "backbone": {"name": "test_vit"},
-                                "method": {"name": "linear"}})  # fmt: skip
+        JobSpec.model_validate(
+            {"dataset": {"path": "x", **dataset}, "backbone": {"name": "test_vit"}, "method": {"name": "linear"}}
+        )

@@ -21,11 +21,16 @@ BACKBONE = {"name": "test_vit", "pretrained": False}
 
 
 def spec(path: Path | str = "x", sweep: dict | None = None, **training) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path)}, "backbone": BACKBONE, "method": {"name": "losa", "rank": 4},
-        "extraction": {"batch_size": 32}, "training": {"batch_size": 32, **training},
-        **({"sweep": sweep} if sweep is not None else {}),
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path)},
+            "backbone": BACKBONE,
+            "method": {"name": "losa", "rank": 4},
+            "extraction": {"batch_size": 32},
+            "training": {"batch_size": 32, **training},
+            **({"sweep": sweep} if sweep is not None else {}),
+        }
+    )
 
 
 def test_the_automatic_grid_follows_the_batch_and_the_epochs_the_dataset() -> None:
@@ -43,8 +48,10 @@ def test_the_automatic_grid_follows_the_batch_and_the_epochs_the_dataset() -> No
     training, defaults = spec().training, spec().method.training_defaults()
     assert [training.auto_epochs(defaults, n) for n in (8, 80, 900, 3_000, 1_000_000)] == [100, 100, 34, 10, 10]
     linear = JobSpec.model_validate({**spec().model_dump(), "method": {"name": "linear", "solver": "sgd"}})
-    assert linear.automatic_lrs() is None and linear.training.resolved(linear.method.training_defaults(), 900)[
-        "epochs"] == 10  # fmt: skip
+    assert (
+        linear.automatic_lrs() is None
+        and linear.training.resolved(linear.method.training_defaults(), 900)["epochs"] == 10
+    )
 
 
 def test_rungs_and_losers() -> None:
@@ -64,16 +71,22 @@ def cache(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return settings, key
 
 
-def test_stopped_configurations_never_become_the_model(cache: tuple[Settings, str], digits_root: Path,
-                                                       tmp_path: Path) -> None:  # fmt: skip
+def test_stopped_configurations_never_become_the_model(
+    cache: tuple[Settings, str], digits_root: Path, tmp_path: Path
+) -> None:
     settings, key = cache
     reporter = NullReporter()
     out = train_job(spec(digits_root / "train", epochs=4), settings, key, reporter, tmp_path / "ckpt")
     m = out["metrics"]
     assert m["configurations"] == 4 and m["automatic_lr"]["lrs"] == [0.01768, 0.03536, 0.07071, 0.1414]
     # 4 -> 2 after epoch 1 -> 1 after epoch 2: 1 + 1 + 2 + 4 configuration-epochs of 16
-    assert m["early_termination"] == {"rungs": [1, 2], "stopped": 3, "configuration_epochs": 8,
-                                      "configuration_epochs_without": 16, "saved_fraction": 0.5}  # fmt: skip
+    assert m["early_termination"] == {
+        "rungs": [1, 2],
+        "stopped": 3,
+        "configuration_epochs": 8,
+        "configuration_epochs_without": 16,
+        "saved_fraction": 0.5,
+    }
     stopped = [e for e in m["sweep"] if "stopped_after_epoch" in e]
     assert sorted(e["stopped_after_epoch"] for e in stopped) == [1, 1, 2]
     assert all(len(e["history"]) == e["stopped_after_epoch"] for e in stopped)
@@ -81,8 +94,9 @@ def test_stopped_configurations_never_become_the_model(cache: tuple[Settings, st
     assert len(survivor["history"]) == 4 and m["selected"] == survivor["config"]
     assert out["config"]["hyperparameters"]["lr"] == survivor["config"]["lr"]
     assert m["val_accuracy"] == survivor["val_accuracy"]
-    assert any("early termination after epoch 1: 2 of 4 configurations stopped" in e["message"]
-               for e in reporter.events)  # fmt: skip
+    assert any(
+        "early termination after epoch 1: 2 of 4 configurations stopped" in e["message"] for e in reporter.events
+    )
 
 
 def test_a_stopped_configuration_that_led_is_not_the_model(

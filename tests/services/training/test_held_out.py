@@ -24,10 +24,15 @@ from storage.settings import Settings
 
 
 def spec(path: Path, method: dict, **dataset) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path), **dataset}, "backbone": {"name": "test_vit", "pretrained": False},
-        "method": method, "extraction": {"batch_size": 32}, "training": {"epochs": 2, "batch_size": 32},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path), **dataset},
+            "backbone": {"name": "test_vit", "pretrained": False},
+            "method": method,
+            "extraction": {"batch_size": 32},
+            "training": {"epochs": 2, "batch_size": 32},
+        }
+    )
 
 
 def png_bytes(path: Path) -> bytes:
@@ -58,12 +63,15 @@ def test_a_separate_test_set_is_scored_as_predict_scores_it(
 def test_the_test_split_is_read_as_evaluated_not_augmented(settings: Settings, digits_root: Path, tmp_path: Path):
     """With `augment` the training split is randomly cropped, flipped and jittered; the test split (like validation)
     goes through the evaluation transform, so the report's confusion matrix is the one predict gives."""
-    job = JobSpec.model_validate({
-        "dataset": {"path": str(digits_root / "train"), "test_fraction": 0.3},
-        "backbone": {"name": "test_vit", "pretrained": False},
-        "method": {"name": "losa", "rank": 4, "layers": 2}, "execution": {"mode": "online", "augment": True},
-        "training": {"epochs": 2, "batch_size": 32},
-    })  # fmt: skip
+    job = JobSpec.model_validate(
+        {
+            "dataset": {"path": str(digits_root / "train"), "test_fraction": 0.3},
+            "backbone": {"name": "test_vit", "pretrained": False},
+            "method": {"name": "losa", "rank": 4, "layers": 2},
+            "execution": {"mode": "online", "augment": True},
+            "training": {"epochs": 2, "batch_size": 32},
+        }
+    )
     out = train_job(job, settings, None, NullReporter(), tmp_path / "ckpt")
     data = read_imagefolder(digits_root / "train")
     test_idx = split(data.labels, job.dataset.val_fraction, 0.3, job.dataset.split_seed)[2]
@@ -71,8 +79,11 @@ def test_the_test_split_is_read_as_evaluated_not_augmented(settings: Settings, d
 
     ArtifactStore.from_settings(settings).save_model("model_aug", out["weights"], out["config"], out["metrics"])
     predictions = Predictor(settings).predict("model_aug", [png_bytes(data.paths[i]) for i in test_idx])
-    served = confusion_matrix(data.labels[test_idx], [out["config"]["classes"].index(p["label"]) for p in predictions],
-                              labels=range(len(data.classes)))  # fmt: skip
+    served = confusion_matrix(
+        data.labels[test_idx],
+        [out["config"]["classes"].index(p["label"]) for p in predictions],
+        labels=range(len(data.classes)),
+    )
     # the same predictions, but for at most one image whose top two scores another batching may swap (read through
     # the training transforms, the two matrices differed by 42: 21 or more of these 60 images changed class)
     assert np.abs(np.array(out["evaluation"]["confusion_matrix"]) - served).sum() <= 2

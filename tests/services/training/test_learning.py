@@ -37,10 +37,14 @@ def accuracies(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     settings = Settings(data_dir=data, allowed_roots=[digits_root], device="cpu")
     out = {}
     for name, (method, training) in RUNS.items():
-        spec = JobSpec.model_validate({
-            "dataset": {"path": str(digits_root / "train")}, "backbone": {"name": "test_vit", "pretrained": False},
-            "method": method, "training": {"batch_size": 32, **training},
-        })  # fmt: skip
+        spec = JobSpec.model_validate(
+            {
+                "dataset": {"path": str(digits_root / "train")},
+                "backbone": {"name": "test_vit", "pretrained": False},
+                "method": method,
+                "training": {"batch_size": 32, **training},
+            }
+        )
         key = run_extraction(spec, settings, NullReporter())["cache_key"] if spec.needs_cache else None
         out[name] = train_job(spec, settings, key, NullReporter(), data / f"ckpt_{name}")["metrics"]["val_accuracy"]
     return out

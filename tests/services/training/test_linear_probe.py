@@ -60,12 +60,14 @@ def test_linear_probe_matches_scikit_learn_on_held_out_digits(
     all_digits: Path, tmp_path: Path, image_size: int
 ) -> None:
     settings = Settings(data_dir=tmp_path, allowed_roots=[all_digits.parent], device="cpu")
-    spec = JobSpec.model_validate({
-        "dataset": {"path": str(all_digits), "test_fraction": 0.3},
-        "backbone": {"name": "vit_tiny_patch16_224", "pretrained": False, "image_size": image_size},
-        "method": {"name": "linear"},
-        "extraction": {"batch_size": 128},
-    })  # fmt: skip
+    spec = JobSpec.model_validate(
+        {
+            "dataset": {"path": str(all_digits), "test_fraction": 0.3},
+            "backbone": {"name": "vit_tiny_patch16_224", "pretrained": False, "image_size": image_size},
+            "method": {"name": "linear"},
+            "extraction": {"batch_size": 128},
+        }
+    )
     key = run_extraction(spec, settings, NullReporter())["cache_key"]
     out = train_job(spec, settings, key, NullReporter(), tmp_path / "ckpt")
     m = out["metrics"]

@@ -29,11 +29,16 @@ BACKBONE = {"name": "test_vit", "pretrained": False}
 
 
 def job_spec(path: Path, method: dict, mode: str = "auto", epochs: int = 2, **execution) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path)}, "backbone": BACKBONE, "method": method,
-        "execution": {"mode": mode, **execution}, "extraction": {"batch_size": 32},
-        "training": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "optimizer": "adamw", "warmup_epochs": 0},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path)},
+            "backbone": BACKBONE,
+            "method": method,
+            "execution": {"mode": mode, **execution},
+            "extraction": {"batch_size": 32},
+            "training": {"epochs": epochs, "batch_size": 32, "lr": 1e-3, "optimizer": "adamw", "warmup_epochs": 0},
+        }
+    )
 
 
 def png_bytes(path: Path) -> bytes:
@@ -90,7 +95,7 @@ def _unmerged_logits(settings: Settings, out: dict, images: torch.Tensor) -> tor
         ({"name": "apla", "rank": 8}, "tail"),
         ({"name": "arc", "rank": 8}, "tail"),
         ({"name": "lora", "rank": 4}, "tail"),
-    ],  # fmt: skip
+    ],
     ids=["full-images", "apla-tail", "arc-tail", "lora-tail"],
 )
 def test_adapted_methods_train_and_serve_merged(

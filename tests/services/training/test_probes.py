@@ -75,11 +75,13 @@ def _noise(paths: list[Path], seed: int) -> None:
 
 
 def _job(root: Path, settings: Settings, test_fraction: float = 0.3, **method) -> dict:
-    spec = JobSpec.model_validate({
-        "dataset": {"path": str(root), "test_fraction": test_fraction},
-        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
-        "method": {"name": "linear", **method},
-    })  # fmt: skip
+    spec = JobSpec.model_validate(
+        {
+            "dataset": {"path": str(root), "test_fraction": test_fraction},
+            "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
+            "method": {"name": "linear", **method},
+        }
+    )
     key = run_extraction(spec, settings, NullReporter())["cache_key"]
     return train_job(spec, settings, key, NullReporter(), settings.data_dir / "ckpt")
 
@@ -133,9 +135,16 @@ def test_large_jobs_choose_on_the_validation_split_then_refit(digits_root: Path,
 
 def test_equal_held_out_figures_choose_the_strongest_and_nan_never_wins() -> None:
     # along the weak end of a warm-started path the scores tie and the losses differ by noise
-    points = [solver.CvPoint(l2=l2, score=score, std=0.0, loss=loss, iterations=1, fold_scores=[score])
-              for l2, score, loss in ((1.0, 0.90, 0.30), (0.1, float("nan"), 0.1), (0.01, 0.95, 0.2216),
-                                      (0.001, 0.95, 0.2215), (0.0001, 0.95, 0.2214))]  # fmt: skip
+    points = [
+        solver.CvPoint(l2=l2, score=score, std=0.0, loss=loss, iterations=1, fold_scores=[score])
+        for l2, score, loss in (
+            (1.0, 0.90, 0.30),
+            (0.1, float("nan"), 0.1),
+            (0.01, 0.95, 0.2216),
+            (0.001, 0.95, 0.2215),
+            (0.0001, 0.95, 0.2214),
+        )
+    ]
     assert solver.choose(points) == 2
     assert solver.choose(points[:2]) == 0
 

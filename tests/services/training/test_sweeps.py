@@ -36,19 +36,31 @@ HPS = [(0.1, 0.0), (0.03, 0.1), (0.01, 0.5)]  # (lr, weight decay) of three conf
 
 
 def spec(path: Path | str = "x", method: dict | None = None, sweep: dict | None = None, **training) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path)}, "backbone": BACKBONE, "method": method or {"name": "losa", "rank": 4},
-        "extraction": {"batch_size": 32}, "training": {"epochs": 2, "batch_size": 32, **training},
-        **({"sweep": sweep} if sweep is not None else {}),
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path)},
+            "backbone": BACKBONE,
+            "method": method or {"name": "losa", "rank": 4},
+            "extraction": {"batch_size": 32},
+            "training": {"epochs": 2, "batch_size": 32, **training},
+            **({"sweep": sweep} if sweep is not None else {}),
+        }
+    )
 
 
 def feature_info(tokens: int = 9, pool_prefix: int = 0) -> FeatureInfo:
     # no prefix token and mean pooling: every token reaches the loss, so no parameter has an exactly zero gradient
     # (Adam turns a gradient of 1e-12 from another summation order into a full step)
-    return FeatureInfo(num_layers=4, tokens=tokens, dim=16, num_prefix_tokens=pool_prefix, global_pool="avg",
-                       norm_eps=1e-6, num_classes=5, readout={"norm.weight": np.full(16, 1.1, np.float32),
-                                                              "norm.bias": np.zeros(16, np.float32)})  # fmt: skip
+    return FeatureInfo(
+        num_layers=4,
+        tokens=tokens,
+        dim=16,
+        num_prefix_tokens=pool_prefix,
+        global_pool="avg",
+        norm_eps=1e-6,
+        num_classes=5,
+        readout={"norm.weight": np.full(16, 1.1, np.float32), "norm.bias": np.zeros(16, np.float32)},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -92,7 +104,13 @@ def test_configurations_are_the_grid_and_each_is_validated() -> None:
     job = spec(sweep={"lr": [0.01, 0.1], "rank": [2, 4, 8]})
     assert job.sweep.size() == 6 and job.sweep.describe() == "2 lr x 3 rank = 6 configurations"
     assert [(c.training.lr, c.method.rank) for c in job.configurations()] == [
-        (0.01, 2), (0.01, 4), (0.01, 8), (0.1, 2), (0.1, 4), (0.1, 8)]  # fmt: skip
+        (0.01, 2),
+        (0.01, 4),
+        (0.01, 8),
+        (0.1, 2),
+        (0.1, 4),
+        (0.1, 8),
+    ]
     assert spec(method={"name": "linear", "solver": "sgd"}, sweep={"lr": [0.1]}).linear_solver == "sgd"
     with pytest.raises(ValueError, match="at most 4 are allowed"):
         check_size(job.sweep, 4)
@@ -103,8 +121,10 @@ def test_configurations_are_the_grid_and_each_is_validated() -> None:
     layers = spec(sweep={"layers": [[0], [2]]})
     assert layers.cached_layers_and_tokens(6, "token")[0] == [0, 2, 5]
     # choices that select the same blocks of a 6-block backbone, and a count beyond it, are refused when planned
-    for same, message in ((["all", 6], r"'all' and 6 select the same blocks \[0, 1, 2, 3, 4, 5\]"),
-                          ([[1, 2], [2, 1]], r"\[1, 2\] and \[2, 1\] select the same blocks \[1, 2\]")):  # fmt: skip
+    for same, message in (
+        (["all", 6], r"'all' and 6 select the same blocks \[0, 1, 2, 3, 4, 5\]"),
+        ([[1, 2], [2, 1]], r"\[1, 2\] and \[2, 1\] select the same blocks \[1, 2\]"),
+    ):
         with pytest.raises(ValueError, match=f"sweep.layers: {message}"):
             spec(sweep={"layers": same, "lr": [0.1, 0.2]}).cached_layers_and_tokens(6, "token")
     with pytest.raises(ValueError, match="sweep.layers: 6 and 999 select the same blocks"):  # a count reads at most all
@@ -120,9 +140,12 @@ def test_stacked_optimizer_is_torch_optim_per_configuration(kind: str) -> None:
     start = torch.randn(3, 4, 5)
     separate = [start[k].clone().requires_grad_() for k in range(3)]
     decay = {"params": None, "weight_decay": 0.0}
-    opts = [(torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(
-        [{**decay, "params": [p], "weight_decay": wd}], lr=lr, **({"momentum": 0.9} if kind == "sgd" else {}))
-        for p, (lr, wd) in zip(separate, HPS, strict=True)]  # fmt: skip
+    opts = [
+        (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(
+            [{**decay, "params": [p], "weight_decay": wd}], lr=lr, **({"momentum": 0.9} if kind == "sgd" else {})
+        )
+        for p, (lr, wd) in zip(separate, HPS, strict=True)
+    ]
     stacked = {"w": start.clone().requires_grad_()}
     ours = StackedOptimizer(stacked, {"w"}, kind, [lr for lr, _ in HPS], [wd for _, wd in HPS])
     for step in range(6):
@@ -140,10 +163,13 @@ def test_stacked_optimizer_is_torch_optim_per_configuration(kind: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "temporal"),
-    [(LosaConfig(rank=4, layers=3, pool="mean"), None), (LinearConfig(solver="sgd"), None),
-     (LosaConfig(rank=4, layers=3, pool="mean"), 3)],
+    [
+        (LosaConfig(rank=4, layers=3, pool="mean"), None),
+        (LinearConfig(solver="sgd"), None),
+        (LosaConfig(rank=4, layers=3, pool="mean"), 3),
+    ],
     ids=["losa", "linear", "video-losa"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
 def test_stacked_configurations_train_as_each_would_alone(method, temporal: int | None, kind: str) -> None:
     """Forward (forward_stacked, or torch.vmap for the video network), per-configuration clipping, no decay on
@@ -231,8 +257,12 @@ def test_a_sweep_reads_each_batch_once_for_every_configuration(
     # training and validation reads, plus the selected model's evaluation (validation again: no test split)
     assert reads_one == reads.calls == 2 * per_epoch + -(-n_val // 256)
     assert m["configurations"] == 4 and len(m["sweep"]) == 4
-    assert [e["config"] for e in m["sweep"]] == [{"lr": 0.01, "rank": 2}, {"lr": 0.01, "rank": 4},
-                                                 {"lr": 0.05, "rank": 2}, {"lr": 0.05, "rank": 4}]  # fmt: skip
+    assert [e["config"] for e in m["sweep"]] == [
+        {"lr": 0.01, "rank": 2},
+        {"lr": 0.01, "rank": 4},
+        {"lr": 0.05, "rank": 2},
+        {"lr": 0.05, "rank": 4},
+    ]
     assert all(len(e["history"]) == 2 and e["history"][-1]["lr"] >= 0 for e in m["sweep"])
     best = max(m["sweep"], key=lambda e: (e["val_accuracy"], -e["val_loss"]))
     assert m["selected"] == best["config"] and m["val_accuracy"] == best["val_accuracy"]
@@ -256,9 +286,10 @@ class CancelAtEpoch(NullReporter):
 
 
 @pytest.mark.parametrize(
-    "grid", [{"lr": [0.01, 0.05], "weight_decay": [0.0, 0.01]}, {"lr": [0.01, 0.05], "rank": [2, 4]}],
+    "grid",
+    [{"lr": [0.01, 0.05], "weight_decay": [0.0, 0.01]}, {"lr": [0.01, 0.05], "rank": [2, 4]}],
     ids=["one-architecture", "two-architectures"],
-)  # fmt: skip
+)
 def test_an_interrupted_sweep_resumes_from_its_checkpoint(
     losa_cache: tuple[Settings, str], digits_root: Path, tmp_path: Path, grid: dict
 ) -> None:

@@ -29,10 +29,12 @@ from storage.settings import Settings
 
 
 def _poisoned(settings: Settings, digits_root: Path, value: float) -> tuple[dict, str]:
-    body = {"dataset": {"path": str(digits_root / "train")},
-            "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
-            "method": {"name": "losa", "rank": 2, "layers": 2},
-            "training": {"epochs": 2, "batch_size": 16}}  # fmt: skip
+    body = {
+        "dataset": {"path": str(digits_root / "train")},
+        "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32},
+        "method": {"name": "losa", "rank": 2, "layers": 2},
+        "training": {"epochs": 2, "batch_size": 16},
+    }
     key = run_extraction(JobSpec.model_validate(body), settings, NullReporter())["cache_key"]
     entry = FeatureCache(settings.cache_location).entry(key)
     for batch in range(-(-len(entry.labels()) // entry.meta["batch_size"])):
@@ -98,13 +100,22 @@ def test_a_diverged_configuration_of_a_sweep_is_never_selected(tmp_path: Path) -
 
     (xt, yt), (xv, yv) = arrays(400), arrays(200)
     objective = Objective(yt, 2)
-    hp = {"batch_size": 32, "epochs": 3, "warmup_epochs": 0.0, "seed": 0, "optimizer": "sgd", "weight_decay": 0.0,
-          "clip_grad_norm": None, "lr": 1e-3}  # fmt: skip
+    hp = {
+        "batch_size": 32,
+        "epochs": 3,
+        "warmup_epochs": 0.0,
+        "seed": 0,
+        "optimizer": "sgd",
+        "weight_decay": 0.0,
+        "clip_grad_norm": None,
+        "lr": 1e-3,
+    }
     torch.manual_seed(0)
     runs = [ModuleRuns(_Head(), hp, objective, "cpu"), ModuleRuns(_Head(), {**hp, "lr": 1e36}, objective, "cpu")]
     reporter = NullReporter()
-    results, _ = fit(runs, [(0, 0), (1, 0)], _Arrays(xt, yt), _Arrays(xv, yv), 400, 200, hp, objective, reporter,
-                     tmp_path / "ckpt")  # fmt: skip
+    results, _ = fit(
+        runs, [(0, 0), (1, 0)], _Arrays(xt, yt), _Arrays(xv, yv), 400, 200, hp, objective, reporter, tmp_path / "ckpt"
+    )
     assert any("1 of 2 configurations diverged" in e["message"] for e in reporter.events)
     assert select(results) == 0
     assert all(np.isfinite(v).all() for r in results for v in r.state.values())

@@ -46,8 +46,17 @@ def test_fused_mixer_equals_the_reference_form() -> None:
 def info(temporal: int = 4, spatial: int = 9, dim: int = 16, layers: int = 4) -> FeatureInfo:
     rng = np.random.default_rng(0)
     readout = {"norm.weight": rng.normal(1, 0.1, dim).astype(np.float32), "norm.bias": np.zeros(dim, np.float32)}
-    return FeatureInfo(num_layers=layers, tokens=1 + temporal * spatial, dim=dim, num_prefix_tokens=1,
-                       global_pool="avg", norm_eps=1e-6, num_classes=3, readout=readout, temporal=temporal)  # fmt: skip
+    return FeatureInfo(
+        num_layers=layers,
+        tokens=1 + temporal * spatial,
+        dim=dim,
+        num_prefix_tokens=1,
+        global_pool="avg",
+        norm_eps=1e-6,
+        num_classes=3,
+        readout=readout,
+        temporal=temporal,
+    )
 
 
 def test_token_layers_leave_the_class_token_and_step_0_is_the_linear_probe() -> None:

@@ -53,8 +53,7 @@ def test_lossless_round_trip_of_noise_and_sampled_frames(tmp_path: Path) -> None
     strided = read_clip(path, VideoSpec(num_frames=4, tubelet=1, sampling="strided", frame_stride=3), RAW)
     assert np.array_equal(strided.frames, video[[3, 6, 9, 12]])  # a window of 10 frames, centred
     # from bytes, as predict reads uploads
-    assert np.array_equal(read_clip(path.read_bytes(), VideoSpec(num_frames=4, tubelet=1), RAW).frames,
-                          uniform.frames)  # fmt: skip
+    assert np.array_equal(read_clip(path.read_bytes(), VideoSpec(num_frames=4, tubelet=1), RAW).frames, uniform.frames)
 
 
 def test_sampling_indices() -> None:
@@ -74,8 +73,10 @@ def test_sampling_indices() -> None:
         assert np.all(np.diff(s) == 3) and 0 <= s[0] <= 30 - 10
     draws = {tuple(clip_indices(16, 4, "uniform", rng=np.random.default_rng(s))) for s in range(20)}
     assert len(draws) > 10
-    assert np.array_equal(clip_indices(16, 4, "uniform", rng=np.random.default_rng(7)),
-                          clip_indices(16, 4, "uniform", rng=np.random.default_rng(7)))  # fmt: skip
+    assert np.array_equal(
+        clip_indices(16, 4, "uniform", rng=np.random.default_rng(7)),
+        clip_indices(16, 4, "uniform", rng=np.random.default_rng(7)),
+    )
 
 
 def test_augmented_clips_crop_and_flip_every_frame_alike(tmp_path: Path) -> None:
@@ -127,11 +128,11 @@ def test_video_datasets(tmp_path: Path) -> None:
     untimed = tmp_path / "m" / "plain.csv"
     untimed.write_text("path,label\ntrain/up/up_0000.mp4,up\ntrain/left/left_0000.mp4,left\n")
     assert read_dataset(untimed).fingerprint != timed.fingerprint and read_dataset(untimed).spans is None
-    for text, why in [("path,label,start\ntrain/up/up_0000.mp4,up,0\n", "both `start` and `end`"),
-                      ("path,label,start,end\ntrain/up/up_0000.mp4,up,2,1\ntrain/up/up_0001.mp4,down,,\n",
-                       "0 <= start < end"),
-                      ("path,label,start,end\ntrain/up/up_0000.mp4,up,a,1\ntrain/up/up_0001.mp4,down,,\n",
-                       "must both be seconds")]:  # fmt: skip
+    for text, why in [
+        ("path,label,start\ntrain/up/up_0000.mp4,up,0\n", "both `start` and `end`"),
+        ("path,label,start,end\ntrain/up/up_0000.mp4,up,2,1\ntrain/up/up_0001.mp4,down,,\n", "0 <= start < end"),
+        ("path,label,start,end\ntrain/up/up_0000.mp4,up,a,1\ntrain/up/up_0001.mp4,down,,\n", "must both be seconds"),
+    ]:
         manifest.write_text(text)
         with pytest.raises(DatasetError, match=why):
             read_dataset(manifest)
@@ -170,11 +171,13 @@ def test_jobs_fail_on_a_corrupt_video_or_skip_it_and_pad_short_ones(tmp_path: Pa
     settings = Settings(data_dir=tmp_path / "data", allowed_roots=[tmp_path], device="cpu")
 
     def spec(on_corrupt: str) -> JobSpec:
-        return JobSpec.model_validate({
-            "dataset": {"path": str(root), "on_corrupt": on_corrupt},
-            "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32, "video": {"num_frames": 4}},
-            "method": {"name": "linear"},
-        })  # fmt: skip
+        return JobSpec.model_validate(
+            {
+                "dataset": {"path": str(root), "on_corrupt": on_corrupt},
+                "backbone": {"name": "test_vit", "pretrained": False, "image_size": 32, "video": {"num_frames": 4}},
+                "method": {"name": "linear"},
+            }
+        )
 
     with pytest.raises(DatasetError, match="up_bad.mp4: not a readable video"):
         run_extraction(spec("fail"), settings, NullReporter())
@@ -183,8 +186,9 @@ def test_jobs_fail_on_a_corrupt_video_or_skip_it_and_pad_short_ones(tmp_path: Pa
     assert summary["skipped"] == [str(root / "up" / "up_bad.mp4")]
     warnings = [e["message"] for e in reporter.events if e["level"] == "warning"]
     assert any("skipped a corrupt video" in m and "up_bad.mp4" in m for m in warnings)
-    assert any("down_short.mp4: 2 frames, fewer than the 4 a clip needs; padded by repeating frames" in m
-               for m in warnings)  # fmt: skip
+    assert any(
+        "down_short.mp4: 2 frames, fewer than the 4 a clip needs; padded by repeating frames" in m for m in warnings
+    )
 
     # online (no cache): the training loaders meet them, and the job's events say so too
     online = JobSpec.model_validate(
@@ -199,5 +203,6 @@ def test_jobs_fail_on_a_corrupt_video_or_skip_it_and_pad_short_ones(tmp_path: Pa
     train_job(online, settings, None, reporter, tmp_path / "ckpt")
     warnings = [e["message"] for e in reporter.events if e["level"] == "warning"]
     assert any("skipped 1 unreadable file(s) while training" in m and "up_bad.mp4" in m for m in warnings), warnings
-    assert any("down_short.mp4: 2 frames, fewer than the 4 a clip needs; padded by repeating frames" in m
-               for m in warnings), warnings  # fmt: skip
+    assert any(
+        "down_short.mp4: 2 frames, fewer than the 4 a clip needs; padded by repeating frames" in m for m in warnings
+    ), warnings

@@ -53,14 +53,20 @@ def motion(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def accuracies(motion: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     data = tmp_path_factory.mktemp("video-learning")
     settings = Settings(data_dir=data, allowed_roots=[motion.parent], device="cpu")
-    runs = {"losa": ({"name": "losa", "rank": 16}, {"epochs": 15, "lr": 0.2}),
-            "linear": ({"name": "linear"}, {"epochs": 30, "lr": 0.03})}  # fmt: skip
+    runs = {
+        "losa": ({"name": "losa", "rank": 16}, {"epochs": 15, "lr": 0.2}),
+        "linear": ({"name": "linear"}, {"epochs": 30, "lr": 0.03}),
+    }
     out = {}
     for name, (method, training) in runs.items():
-        spec = JobSpec.model_validate({
-            "dataset": {"path": str(motion), "val_fraction": 0.3}, "backbone": {**BACKBONE, "video": VIDEO},
-            "method": method, "training": {"batch_size": 16, **training},
-        })  # fmt: skip
+        spec = JobSpec.model_validate(
+            {
+                "dataset": {"path": str(motion), "val_fraction": 0.3},
+                "backbone": {**BACKBONE, "video": VIDEO},
+                "method": method,
+                "training": {"batch_size": 16, **training},
+            }
+        )
         key = run_extraction(spec, settings, NullReporter())["cache_key"]
         out[name] = train_job(spec, settings, key, NullReporter(), data / name)["metrics"]["val_accuracy"]
     out["frame_averaged"] = frame_averaged(motion)

@@ -39,11 +39,15 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def spec(path: Path, method: dict, mode: str, **execution) -> JobSpec:
-    return JobSpec.model_validate({
-        "dataset": {"path": str(path), "val_fraction": 0.34}, "backbone": BACKBONE, "method": method,
-        "execution": {"mode": mode, **execution},
-        "training": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "optimizer": "adamw", "warmup_epochs": 0},
-    })  # fmt: skip
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": str(path), "val_fraction": 0.34},
+            "backbone": BACKBONE,
+            "method": method,
+            "execution": {"mode": mode, **execution},
+            "training": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "optimizer": "adamw", "warmup_epochs": 0},
+        }
+    )
 
 
 def unmerged_probs(out: dict, clips: torch.Tensor) -> np.ndarray:
@@ -57,16 +61,19 @@ def unmerged_probs(out: dict, clips: torch.Tensor) -> np.ndarray:
         return model(x).softmax(-1).numpy()
 
 
-@pytest.mark.parametrize(("method", "mode", "execution"), [
-    ({"name": "linear"}, "online", {}),
-    ({"name": "losa", "rank": 4}, "online", {"augment": True}),
-    ({"name": "apla", "rank": 4}, "images", {"augment": True}),
-    ({"name": "arc", "rank": 4}, "images", {}),
-    ({"name": "lora", "rank": 2}, "images", {}),
-    ({"name": "full"}, "images", {}),
-    ({"name": "apla", "rank": 4}, "tail", {"tail_blocks": 2}),
-    ({"name": "lora", "rank": 2}, "tail", {"tail_blocks": 2}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("method", "mode", "execution"),
+    [
+        ({"name": "linear"}, "online", {}),
+        ({"name": "losa", "rank": 4}, "online", {"augment": True}),
+        ({"name": "apla", "rank": 4}, "images", {"augment": True}),
+        ({"name": "arc", "rank": 4}, "images", {}),
+        ({"name": "lora", "rank": 2}, "images", {}),
+        ({"name": "full"}, "images", {}),
+        ({"name": "apla", "rank": 4}, "tail", {"tail_blocks": 2}),
+        ({"name": "lora", "rank": 2}, "tail", {"tail_blocks": 2}),
+    ],
+)
 def test_methods_train_on_clips_and_predict_on_video_files(
     settings: Settings, videos: Path, tmp_path: Path, method: dict, mode: str, execution: dict
 ) -> None:

@@ -23,8 +23,9 @@ def image_vit(name: str, size: int = 32) -> torch.nn.Module:
 
 
 def taps(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return model.forward_intermediates(x, indices=[0, 2, 5], norm=False, output_fmt="NLC", intermediates_only=True,
-                                       return_prefix_tokens=True)  # fmt: skip
+    return model.forward_intermediates(
+        x, indices=[0, 2, 5], norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+    )
 
 
 @pytest.mark.parametrize("name", ["test_vit", "vit_tiny_patch16_224"])
@@ -83,13 +84,16 @@ def test_filter_inflation_is_blind_to_temporal_order() -> None:
     assert not torch.allclose(forward, other, atol=1e-2)
 
 
-@pytest.mark.parametrize(("name", "why"), [
-    ("eva02_tiny_patch14_224", "not a plain timm VisionTransformer"),
-    ("vit_base_patch16_rope_224", "not a plain timm VisionTransformer"),
-    ("naflexvit_base_patch16_gap", "not a plain timm VisionTransformer"),
-    ("vit_base_patch16_siglip_gap_224", None),  # a plain ViT (no class token): fine
-    ("vit_small_r26_s32_224", "not a single Conv2d"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("eva02_tiny_patch14_224", "not a plain timm VisionTransformer"),
+        ("vit_base_patch16_rope_224", "not a plain timm VisionTransformer"),
+        ("naflexvit_base_patch16_gap", "not a plain timm VisionTransformer"),
+        ("vit_base_patch16_siglip_gap_224", None),  # a plain ViT (no class token): fine
+        ("vit_small_r26_s32_224", "not a single Conv2d"),
+    ],
+)
 def test_models_a_vivit_cannot_be_made_of_are_refused_by_name(name: str, why: str | None) -> None:
     with torch.device("meta"):
         vit = timm.create_model(name, pretrained=False, num_classes=0)
