@@ -11,7 +11,7 @@ from celery import Celery
 from fastapi import Depends, Path, Request
 
 from api.errors import ApiError
-from storage.jobs import JobStore, NotFound
+from storage.redis import JobStore, NotFound
 from storage.settings import Settings
 
 

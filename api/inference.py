@@ -25,7 +25,7 @@ from api import errors, metrics
 from api.json_depth import DepthLimit
 from api.limits import BodySizeLimit
 from api.routes import export, health, models, predict, v2
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 
 

@@ -15,7 +15,7 @@ from api import errors, metrics
 from api.json_depth import DepthLimit
 from api.limits import BodySizeLimit
 from api.routes import cache, datasets, forward, health, jobs, models, ui
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 from worker.celery_app import make_app
 

@@ -14,7 +14,6 @@ open, like the rest of the API.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -30,8 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import SettingsDep, get_owner, is_admin
 from api.schemas import ErrorBody
-from storage.jobs import JobStore
 from storage.logs import bind_scope, reset_scope
+from storage.redis import JobStore
 from worker.celery_app import EXTRACT, TRAIN
 
 log = logging.getLogger("sidetune.api")
@@ -112,8 +111,8 @@ def extraction_rates(store: JobStore) -> dict[str, float]:
     """{job id: images per second} of each extracting job, from its latest progress report (one MGET)."""
     ids = store.job_ids_with_status("extracting")
     out = {}
-    for job_id, raw in zip(ids, store.r.mget([f"job:{i}" for i in ids]) if ids else [], strict=True):
-        progress = _progress(raw)
+    for job_id, job in zip(ids, store.jobs_many(ids), strict=True):
+        progress = (job or {}).get("progress") or {}
         if progress.get("stage") == "extracting" and isinstance(progress.get("images_per_s"), int | float):
             out[job_id] = progress["images_per_s"]
     return out
@@ -132,10 +131,6 @@ def queue_depths(celery: Celery) -> dict[str, int]:
             except ChannelError:
                 depths[queue] = 0
     return depths
-
-
-def _progress(raw: str | None) -> dict:
-    return (json.loads(raw).get("progress") or {}) if raw else {}
 
 
 class RequestMetrics:

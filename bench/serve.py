@@ -57,7 +57,7 @@ EXTRA_LOSA_OF_BACKBONE, EXTRA_MERGED_OF_BACKBONE = 0.1, 1.05
 
 
 def _register(store, model_id: str, out: dict, method: str, mode: str, backbone: str) -> None:
-    from storage.jobs import now
+    from storage.redis import now
 
     store.register_model(
         {
@@ -173,7 +173,7 @@ def measure(args: argparse.Namespace) -> dict:
     from services.data.datasets import read_imagefolder
     from services.serving.inference import Predictor
     from services.spec import BackboneSpec
-    from storage.jobs import JobStore
+    from storage.redis import JobStore
     from storage.redis_server import RedisServer
     from worker.launcher import free_port
 

@@ -1,7 +1,7 @@
 """Uploaded datasets: an archive extracted safely (storage/archives.py) into a staging folder, published to the
 store only once the caller's validation passed (so a failure leaves nothing half-extracted), each machine's local
-copy of it (`DatasetFiles`), and their records in Redis. Knows nothing of HTTP: failures are `ArchiveError`s with
-a code the API maps to a status.
+copy of it (`DatasetFiles`); their records in Redis are storage/redis/datasets.py's. Knows nothing of HTTP: failures
+are `ArchiveError`s with a code the API maps to a status.
 """
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import redis
-
 from storage.archives import ArchiveError, Limits, extract, member_parts
-from storage.jobs import NotFound, new_id, now
+from storage.redis.records import new_id
 from storage.store import MARKER, Folder, Incomplete, Store
 
 __all__ = [
     "STAGING",
     "ArchiveError",
     "DatasetFiles",
-    "DatasetRecords",
     "Limits",
     "disk_usage",
     "extract",
@@ -207,54 +204,3 @@ class DatasetFiles:
         if src.exists():
             with staging_dir(self.local_dir, f"deleted-{dataset_id}") as trash:
                 os.replace(src, trash / "files")
-
-
-# ---- records ------------------------------------------------------------------------------------------------
-class DatasetRecords:
-    """Dataset records in Redis, next to the jobs and models of `storage.jobs.JobStore` and stored alike: a JSON
-    string per record (`dataset:<id>`), an index ordered by creation (`datasets`), and the jobs that used each
-    dataset (`dataset:<id>:jobs`, so a delete can see whether one still needs it)."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.r = client
-
-    def add(self, record: dict[str, Any]) -> dict[str, Any]:
-        record.setdefault("created_at", now())
-        pipe = self.r.pipeline()
-        pipe.set(f"dataset:{record['id']}", json.dumps(record))
-        pipe.zadd("datasets", {record["id"]: record["created_at"]})
-        pipe.execute()
-        return record
-
-    @staticmethod
-    def _record(raw: str) -> dict[str, Any]:
-        record = json.loads(raw)
-        if "created" in record:  # recorded before datasets said `created_at`, as jobs and models do
-            record.setdefault("created_at", record.pop("created"))
-        return record
-
-    def get(self, dataset_id: str) -> dict[str, Any]:
-        raw = self.r.get(f"dataset:{dataset_id}")
-        if raw is None:
-            raise NotFound(dataset_id)
-        return self._record(raw)
-
-    def list_datasets(self, limit: int = 100, owner: str | None = None) -> list[dict[str, Any]]:
-        """Newest first; with an owner, that owner's only."""
-        ids = self.r.zrevrange("datasets", 0, -1)
-        records = [self._record(raw) for raw in self.r.mget([f"dataset:{i}" for i in ids]) if raw] if ids else []
-        return [d for d in records if owner is None or d.get("owner") == owner][:limit]
-
-    def delete(self, dataset_id: str) -> bool:
-        """True for the one caller that removed the record."""
-        pipe = self.r.pipeline()
-        pipe.delete(f"dataset:{dataset_id}")
-        pipe.delete(f"dataset:{dataset_id}:jobs")
-        pipe.zrem("datasets", dataset_id)
-        return bool(pipe.execute()[0])
-
-    def add_job(self, dataset_id: str, job_id: str) -> None:
-        self.r.sadd(f"dataset:{dataset_id}:jobs", job_id)
-
-    def job_ids(self, dataset_id: str) -> list[str]:
-        return sorted(self.r.smembers(f"dataset:{dataset_id}:jobs"))

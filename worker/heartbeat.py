@@ -19,8 +19,7 @@ from celery import bootsteps
 
 from services.jobs import watchdog
 from services.jobs.pipeline import fail
-from storage.jobs import JobStore, worker_name
-from storage.locks import LeaseLock
+from storage.redis import JobStore, worker_name
 from storage.settings import Settings
 from worker import tasks
 from worker.celery_app import requeue_step
@@ -72,7 +71,7 @@ def beat(store: JobStore, settings: Settings, queues: list[str], requeue: watchd
     for q in queues:
         store.heartbeat(q, worker_name(), ttl_s=settings.heartbeat_ttl_s)
     enforce_hard_limit(store, settings)
-    lock = LeaseLock(store.r, "watchdog", lease_s=2 * settings.heartbeat_ttl_s / 3)
+    lock = store.workers.watchdog_lock(lease_s=2 * settings.heartbeat_ttl_s / 3)
     if lock.acquire():
         try:
             for line in watchdog.check(store, settings, requeue):

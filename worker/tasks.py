@@ -32,8 +32,8 @@ from services.errors import UserError, transient
 from services.jobs.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, fail, train_step
 from services.jobs.progress import JobReporter
 from storage.faults import TASK
-from storage.jobs import JobStore, worker_name
 from storage.logs import log_context
+from storage.redis import JobStore, worker_name
 from storage.settings import Settings
 from worker.celery_app import TASK_EXTRACT, TASK_EXTRACT_SHARD, TASK_TRAIN, app, enqueue_shards, enqueue_train
 

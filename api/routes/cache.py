@@ -13,7 +13,7 @@ from api.deps import AdminDep, SettingsDep, StoreDep
 from api.errors import ApiError
 from api.schemas import CacheList, ErrorBody
 from storage.cache import CacheEntry, FeatureCache
-from storage.locks import Pins
+from storage.redis.locks import Pins
 
 router = APIRouter(prefix="/cache", tags=["cache"], responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}})
 
@@ -44,7 +44,7 @@ def list_cache(_: AdminDep, settings: SettingsDep, store: StoreDep) -> dict:
     """Every entry of the feature cache, least recently used first, with the jobs reading (`pinned_by`) or writing
     (`extracting`) it; the cache's total, quota and free disk."""
     cache = FeatureCache(settings.cache_location)
-    pins = Pins(store.r)
+    pins = store.pins()
     data = sorted((_info(e, pins) for e in cache.entries()), key=lambda d: (d["last_used"] or 0.0, d["key"]))
     quota = None if settings.cache_quota_gb is None else int(settings.cache_quota_gb * 1e9)
     return {
@@ -63,7 +63,7 @@ def delete_cache_entry(key: CacheKey, _: AdminDep, settings: SettingsDep, store:
     if not KEY.fullmatch(key):
         raise ApiError(404, "not_found", f"no cache entry {key!r} (keys look like <32 hex>/<32 hex>)")
     cache = FeatureCache(settings.cache_location)
-    pins = Pins(store.r)
+    pins = store.pins()
     if not cache.fs.isdir(cache.entry(key).root):
         raise ApiError(404, "not_found", f"no cache entry {key!r}")
     users = pins.holders(key) + [j for j in [pins.extracting(key)] if j]

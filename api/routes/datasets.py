@@ -25,7 +25,6 @@ from services.spec import JobSpec
 from storage.datasets import (
     ArchiveError,
     DatasetFiles,
-    DatasetRecords,
     Limits,
     disk_usage,
     new_dataset_id,
@@ -34,8 +33,8 @@ from storage.datasets import (
     unpack,
 )
 from storage.faults import free_bytes, naming_disk_full
-from storage.jobs import TERMINAL, JobStore, NotFound
-from storage.quotas import UPLOADS, Usage
+from storage.quotas import UPLOADS
+from storage.redis import TERMINAL, JobStore, NotFound
 from storage.settings import Settings
 from storage.store import Incomplete
 
@@ -68,12 +67,8 @@ _UPLOAD_BODY = {
 }
 
 
-def records(store: JobStore) -> DatasetRecords:
-    return DatasetRecords(store.r)
-
-
 def own_dataset(store: JobStore, dataset_id: str, owner: str | None) -> dict:
-    return owned(records(store).get, "dataset", dataset_id, owner)
+    return owned(store.datasets.get, "dataset", dataset_id, owner)
 
 
 def _validate(path: Path, fmt: str) -> dict:
@@ -107,7 +102,7 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
     free disk), 507 `disk_full` when the disk fills up meanwhile. Nothing is kept on failure."""
     files = DatasetFiles.from_settings(settings)
     dataset_id = new_dataset_id()
-    usage, quota = Usage(store.r), settings.key_quota_uploads_gb
+    usage, quota = store.usage, settings.key_quota_uploads_gb
     usage.check(owner, UPLOADS, quota, UPLOADS_SETTING)  # a key at its quota is refused before the upload is read
     reserved = 0
 
@@ -156,7 +151,7 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
             "size_bytes": info["size_bytes"],
         }
         try:
-            return await run_in_threadpool(records(store).add, record)
+            return await run_in_threadpool(store.datasets.add, record)
         except Exception:
             await run_in_threadpool(files.remove, dataset_id)  # unrecorded files would never be deleted
             raise
@@ -171,7 +166,7 @@ def list_datasets(
     store: StoreDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=1000, description="Most datasets.")] = 100
 ) -> dict:
     """The caller's datasets, newest first."""
-    return {"object": "list", "data": records(store).list_datasets(limit=limit, owner=owner)}
+    return {"object": "list", "data": store.datasets.list_datasets(limit=limit, owner=owner)}
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses={404: {"model": ErrorBody}})
@@ -184,7 +179,7 @@ def get_dataset(dataset_id: DatasetId, store: StoreDep, owner: OwnerDep) -> dict
 def delete_dataset(dataset_id: DatasetId, store: StoreDep, settings: SettingsDep, owner: OwnerDep) -> Response:
     """Delete a dataset and its files. Refused (409 `dataset_in_use`) while a job using it is queued or running."""
     record = own_dataset(store, dataset_id, owner)
-    busy = [job_id for job_id in records(store).job_ids(dataset_id) if _active(store, job_id)]
+    busy = [job_id for job_id in store.datasets.job_ids(dataset_id) if _active(store, job_id)]
     if busy:
         raise ApiError(
             409,
@@ -193,8 +188,8 @@ def delete_dataset(dataset_id: DatasetId, store: StoreDep, settings: SettingsDep
             f"{', '.join(busy)}; cancel them or wait for them to end",
         )
     # The record goes first: a job submitted from now on gets a 404, not a path that is about to vanish.
-    if records(store).delete(dataset_id):  # the one caller that removed it gives its bytes back to the key's quota
-        Usage(store.r).add(owner, UPLOADS, -int(record.get("size_bytes") or 0))
+    if store.datasets.delete(dataset_id):  # the one caller that removed it gives its bytes back to the key's quota
+        store.usage.add(owner, UPLOADS, -int(record.get("size_bytes") or 0))
     DatasetFiles.from_settings(settings).remove(dataset_id)
     return Response(status_code=204)
 
@@ -246,4 +241,4 @@ def resolve_dataset(spec: JobSpec, store: JobStore, owner: str | None, settings:
 def record_use(store: JobStore, spec: JobSpec, job_id: str) -> None:
     """Remember that the job uses its uploaded datasets, so deleting one can check the job's status."""
     for dataset_id in {spec.dataset.id, spec.dataset.test_id} - {None}:
-        records(store).add_job(dataset_id, job_id)
+        store.datasets.add_job(dataset_id, job_id)

@@ -18,9 +18,9 @@ from services.jobs.retention import expires_at
 from services.paths import ForbiddenPath, UserPaths
 from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
-from storage.jobs import Busy, IdempotencyConflict, JobStore, NotFound
 from storage.logs import log_context
 from storage.quotas import TooManyJobs
+from storage.redis import Busy, IdempotencyConflict, JobStore, NotFound
 from storage.settings import Settings
 from worker.celery_app import enqueue_job
 

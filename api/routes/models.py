@@ -14,7 +14,7 @@ from api.errors import ApiError
 from api.schemas import ErrorBody, Evaluation, Model, ModelList
 from services.training import reports
 from storage.artifacts import ArtifactStore
-from storage.jobs import JobStore, NotFound, job_id_for, now
+from storage.redis import JobStore, NotFound, job_id_for, now
 
 router = APIRouter(prefix="/models", tags=["models"], responses={401: {"model": ErrorBody}})
 

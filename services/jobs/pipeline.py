@@ -21,8 +21,8 @@ from storage.artifacts import ArtifactStore
 from storage.cache import CacheError, FeatureCache
 from storage.datasets import DatasetFiles
 from storage.faults import DiskFull
-from storage.jobs import TERMINAL, JobStore, model_id_for, now
-from storage.locks import CACHE_LOCK, LeaseLock, Pin, Pins, acquire_or_wait
+from storage.redis import TERMINAL, JobStore, model_id_for, now
+from storage.redis.locks import LeaseLock, acquire_or_wait
 from storage.settings import Settings
 
 log = logging.getLogger("sidetune.pipeline")
@@ -123,10 +123,6 @@ class _LockedReporter(JobReporter):
             raise CacheError("lost the lock of the cache entry being written; retry the job")
 
 
-def _cache_lock(store: JobStore, key: str, job_id: str) -> LeaseLock:
-    return LeaseLock(store.r, CACHE_LOCK + key, token=job_id)
-
-
 def _wait_notice(reporter: JobReporter, key: str):
     said = False
 
@@ -151,7 +147,7 @@ def _make_room(store: JobStore, settings: Settings, spec: JobSpec, prep: Any, re
     need = max(0, expected - (prep.entry.nbytes() if prep.entry.exists else 0))
     cache = FeatureCache(settings.cache_location)
     quota = None if settings.cache_quota_gb is None else int(settings.cache_quota_gb * GB)
-    evicted = cache.evict(quota, keep={prep.key}, reserve=need, guard=Pins(store.r))
+    evicted = cache.evict(quota, keep={prep.key}, reserve=need, guard=store.pins())
     if evicted:
         why = "the cache quota and the free disk" if quota is not None else "the free disk"
         reporter.event(
@@ -216,7 +212,7 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         t0 = time.perf_counter()
         spec = _on_this_machine(spec, settings)
         prep = prepare(spec, settings)
-        lock = _cache_lock(store, prep.key, job_id)
+        lock = store.extraction_lock(prep.key, job_id)
         # A lock held under this job's token is this step's own, left by a worker that died (its step is requeued
         # only then): taken over at once rather than after its lease expires.
         if prep.entry.is_complete or not (
@@ -262,7 +258,7 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
         return None
     if job.get("cancel_requested"):
         return _cancelled(store, job_id)
-    lock = _cache_lock(store, job["extract_key"], job_id)
+    lock = store.extraction_lock(job["extract_key"], job_id)
     try:
         spec = _on_this_machine(JobSpec.model_validate(job["spec"]), settings)
         reporter = JobReporter(store, job_id)
@@ -357,7 +353,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
             ckpt = artifacts.checkpoints(job_id)
             key = job.get("cache_key")
             # Pinned while training reads it, so eviction never removes it underneath.
-            with Pin(store.r, key, holder=job_id) if key else nullcontext() as pin:
+            with store.pin(key, holder=job_id) if key else nullcontext() as pin:
                 if key and not (pin.held and FeatureCache(settings.cache_location).entry(key).is_complete):
                     raise CacheError(
                         f"the feature cache entry {key} was evicted before training; submit the job "

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import redis
 
-from storage.jobs import JobStore
+from storage.redis import JobStore
 
 log = logging.getLogger("sidetune.progress")
 

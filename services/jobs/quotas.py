@@ -19,9 +19,8 @@ from typing import Any
 from services.jobs.planner import Plan
 from services.jobs.progress import Reporter
 from storage.cache import FeatureCache
-from storage.jobs import JobStore
-from storage.locks import Pins
-from storage.quotas import ARTIFACTS, GB, QuotaExceeded, Usage, human, owner_key
+from storage.quotas import ARTIFACTS, GB, QuotaExceeded, human, owner_key
+from storage.redis import JobStore
 from storage.settings import Settings
 
 log = logging.getLogger("sidetune.pipeline")
@@ -36,7 +35,7 @@ SMALLER = (
 
 
 def check_models(store: JobStore, settings: Settings, owner: str | None) -> None:
-    Usage(store.r).check(owner, ARTIFACTS, settings.key_quota_artifacts_gb, ARTIFACTS_SETTING)
+    store.usage.check(owner, ARTIFACTS, settings.key_quota_artifacts_gb, ARTIFACTS_SETTING)
 
 
 def check_submission(plan: Plan, settings: Settings, store: JobStore, owner: str | None) -> None:
@@ -71,7 +70,7 @@ def fit_cache(store: JobStore, settings: Settings, prep: Any, owner: str | None,
     cache = FeatureCache(settings.cache_location)
     used, evictable = cache.owner_bytes(who)  # this job's entry included, at its planned size
     if used - evictable <= limit:  # else evicting would not make it fit: evict nothing
-        evicted = cache.evict(limit, keep={prep.key}, guard=Pins(store.r), owner=who)
+        evicted = cache.evict(limit, keep={prep.key}, guard=store.pins(), owner=who)
         if evicted:
             reporter.event(
                 f"evicted {len(evicted)} of this key's least recently used cache entries to stay under {CACHE_SETTING}"

@@ -7,7 +7,7 @@ of jobs that no longer exist. The workers' watchdog pass runs it (services/jobs/
 from __future__ import annotations
 
 from storage.artifacts import ArtifactStore
-from storage.jobs import TERMINAL, JobStore, NotFound, now
+from storage.redis import TERMINAL, JobStore, NotFound, now
 from storage.settings import Settings
 
 EVERY_S = 300
@@ -24,7 +24,7 @@ def expires_at(job: dict, settings: Settings) -> float | None:
 def sweep_checkpoints(store: JobStore, settings: Settings, force: bool = False) -> list[str]:
     """Remove expired checkpoints (unless another worker swept within EVERY_S and not `force`); returns the job ids
     whose checkpoints went."""
-    if not force and not store.r.set("sweep:checkpoints", now(), nx=True, ex=EVERY_S):
+    if not force and not store.workers.claim_checkpoint_sweep(EVERY_S):
         return []
     artifacts, removed = ArtifactStore.from_settings(settings), []
     for job_id in artifacts.checkpointed_jobs():

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from services.jobs.retention import sweep_checkpoints
-from storage.jobs import TERMINAL, JobStore, NotFound, now
+from storage.redis import TERMINAL, JobStore, NotFound, now
 from storage.settings import Settings
 
 Requeue = Callable[[str, dict[str, Any]], None]
@@ -55,7 +55,7 @@ def check(store: JobStore, settings: Settings, requeue: Requeue) -> list[str]:
                 done.append(f"{job_id}: failed after {lost} lost workers")
                 continue
             store.set_fields(job_id, workers_lost=lost, requeued_at=now(), requeued_step=what)
-            store.r.sadd("requeued", job_id)
+            store.workers.mark_requeued(job_id)
             store.add_event(
                 job_id,
                 f"worker {worker} stopped (no heartbeat) during {what}; the step is requeued "
@@ -65,17 +65,17 @@ def check(store: JobStore, settings: Settings, requeue: Requeue) -> list[str]:
             requeue(job_id, step)
             done.append(f"{job_id}: {what} requeued from {worker}")
     running = store.running_steps()
-    for job_id in store.r.smembers("requeued"):
+    for job_id in store.workers.requeued():
         try:
             job = store.get_job(job_id)
         except NotFound:
-            store.r.srem("requeued", job_id)
+            store.workers.settle_requeued(job_id)
             continue
         picked_up = job_id in running or job["status"] in TERMINAL or not job.get("requeued_at")
         if picked_up:
-            store.r.srem("requeued", job_id)
+            store.workers.settle_requeued(job_id)
         elif now() - job["requeued_at"] > (limit := settings.worker_lost_timeout_s):
-            store.r.srem("requeued", job_id)
+            store.workers.settle_requeued(job_id)
             _fail(
                 store,
                 job_id,

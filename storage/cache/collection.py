@@ -18,7 +18,7 @@ from storage.faults import free_bytes
 
 
 class EvictionGuard(Protocol):
-    """What makes eviction safe across processes (storage.locks.Pins): entered around a whole eviction (one
+    """What makes eviction safe across processes (storage.redis.locks.Pins): entered around a whole eviction (one
     evictor at a time); `begin_eviction(key)` atomically refuses a key in use and otherwise keeps new users off
     it until `end_eviction(key)`."""
 
@@ -133,9 +133,9 @@ class FeatureCache:
         them). Recency is `last_used` (touch()), or the entry's completion time if it was never touched. Each
         removal renames the entry to a `.trash-*` name first (atomic: readers see the whole entry or none), then
         deletes it, so evictors running at once never remove anything twice or by halves. With a `guard`
-        (storage.locks.Pins): evictors take turns across processes, so the quota is met exactly, and an entry pinned
-        by any process is skipped, atomically with the decision to remove it. Without one, two evictors at once may
-        remove a little more than needed.
+        (storage.redis.locks.Pins): evictors take turns across processes, so the quota is met exactly, and an entry
+        pinned by any process is skipped, atomically with the decision to remove it. Without one, two evictors at once
+        may remove a little more than needed.
         With `owner` (a key's quota, services/jobs/quotas.py), only the entries that key created count and may go,
         each as its `charged_bytes`, against `max_bytes` alone (the disk is the global call's concern).
         """

@@ -10,7 +10,7 @@ import numpy as np
 from api.main import create_app
 from services.training import evaluation, reports
 from storage.artifacts import ArtifactStore
-from storage.jobs import JobStore, now
+from storage.redis import JobStore, now
 from tests.helpers import serve
 
 

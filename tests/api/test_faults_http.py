@@ -19,7 +19,7 @@ import redis
 
 from api.main import create_app
 from storage.cache import FeatureCache
-from storage.locks import CACHE_LOCK, LeaseLock, Pin
+from storage.redis.locks import CACHE_LOCK, LeaseLock, Pin
 from storage.redis_server import RedisServer
 from storage.settings import Settings
 from tests.disk import fill

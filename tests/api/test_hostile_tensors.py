@@ -22,7 +22,7 @@ from PIL import Image
 from api.inference import create_inference_app
 from api.main import create_app
 from api.oip import ProtocolError, parse_request
-from storage.jobs import JobStore, now
+from storage.redis import JobStore, now
 from storage.settings import Settings
 from tests.helpers import serve
 from worker.launcher import free_port

@@ -24,7 +24,7 @@ from api.inference import create_inference_app
 from api.main import create_app
 from services.data.digits import write_digits
 from storage.artifacts import ArtifactStore
-from storage.jobs import JobStore, now
+from storage.redis import JobStore, now
 from storage.settings import Settings
 from tests.helpers import serve
 from worker.launcher import free_port

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from storage.jobs import JobStore
+from storage.redis import JobStore
 
 BACKBONE = {"name": "test_vit", "pretrained": False}
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from services.jobs.retention import sweep_checkpoints
 from storage.artifacts import ArtifactStore
-from storage.jobs import JobStore, now
+from storage.redis import JobStore, keys, now
 from worker.client import ApiError
 
 
@@ -105,7 +105,7 @@ def test_checkpoints_are_kept_listed_then_swept(stack, finished) -> None:
     store = JobStore.from_url(running.redis.url)
     assert finished["id"] not in sweep_checkpoints(store, running.settings, force=True)  # within the retention
     expired = running.settings.model_copy(update={"checkpoint_retention_h": 0.0})
-    store.r.delete("sweep:checkpoints")
+    store.r.delete(keys.SWEEP_CHECKPOINTS)
     sweep_checkpoints(store, running.settings)  # a sweep (or the workers' watchdog) ran: none for a few minutes
     assert sweep_checkpoints(store, expired) == [] and len(client.checkpoints(finished["id"])["data"]) == 2
     assert finished["id"] in sweep_checkpoints(store, expired, force=True)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 
 # Another image size than the other stack tests: a cache family of its own, so their cache hits stay theirs.

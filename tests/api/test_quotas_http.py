@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from api.deps import owner_of
 from api.main import create_app
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 from tests.api.test_datasets_http import folder, upload, zip_bytes
 

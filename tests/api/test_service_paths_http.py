@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from api.deps import owner_of
 from services.data.digits import write_digits
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 from worker.celery_app import enqueue_job, make_app
 from worker.launcher import Stack, free_port

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from api.deps import owner_of
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from tests.conftest import ADMIN_KEY, JOBS_QUOTA, TENANT_KEYS
 from worker.client import Client
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from tests.helpers import serve
 
 
@@ -192,7 +192,7 @@ def test_a_model_of_many_classes_pages_its_per_class_rows(stack, browser, test_a
 
     from services.training import evaluation, reports
     from storage.artifacts import ArtifactStore
-    from storage.jobs import now
+    from storage.redis import now
 
     running, _ = stack
     rng = np.random.default_rng(0)

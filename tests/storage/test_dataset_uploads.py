@@ -1,6 +1,6 @@
 """Safe extraction of uploaded dataset archives (storage/archives.py, storage/datasets.py) on real files, their
 publication to the store (a local directory, and a real S3-compatible server from which another machine fetches its
-own copy), and the records in Redis."""
+own copy). Their records in Redis: tests/storage/redis/test_datasets.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import redis
 from PIL import Image
 
 from storage.archives import MAX_TAR_META, _Writer
@@ -21,13 +20,11 @@ from storage.datasets import (
     STAGING,
     ArchiveError,
     DatasetFiles,
-    DatasetRecords,
     Limits,
     member_parts,
     sweep_staging,
     unpack,
 )
-from storage.jobs import NotFound
 from storage.store import MARKER, Incomplete, Store
 
 LIMITS = Limits(max_bytes=1 << 20, max_files=100)
@@ -264,23 +261,3 @@ def test_a_dataset_on_s3_is_fetched_once_by_another_machine_with_the_same_finger
     assert not store.child("ds_1").exists(MARKER) and not (tmp_path / "a" / "datasets" / "ds_1").exists()
     with pytest.raises(FileNotFoundError):
         DatasetFiles(tmp_path / "c" / "datasets", store).dataset_path("ds_1")
-
-
-def test_records(redis_url):
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    records = DatasetRecords(client)
-    a = records.add({"id": "ds_a1", "owner": "alice", "classes": ["x", "y"]})
-    time.sleep(0.01)
-    records.add({"id": "ds_b1", "owner": "bob", "classes": ["x", "y"]})
-    assert records.get("ds_a1") == a and a["created_at"] > 0
-    ids = [d["id"] for d in records.list_datasets(owner="alice")]
-    assert ids == ["ds_a1"]
-    assert [d["id"] for d in records.list_datasets()][:2] == ["ds_b1", "ds_a1"]
-    records.add_job("ds_a1", "job_1")
-    records.add_job("ds_a1", "job_1")
-    assert records.job_ids("ds_a1") == ["job_1"]
-    records.delete("ds_a1")
-    with pytest.raises(NotFound):
-        records.get("ds_a1")
-    assert records.job_ids("ds_a1") == [] and "ds_a1" not in [d["id"] for d in records.list_datasets()]
-    records.delete("ds_b1")

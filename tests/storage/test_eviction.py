@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from storage.cache import CacheEntry, FeatureCache
-from storage.locks import Pin, Pins
+from storage.redis.locks import Pin, Pins
 
 N, L, T, D, BS = 10, 3, 4, 5, 4
 

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from storage.jobs import JobStore
-from storage.quotas import ARTIFACTS, UPLOADS, QuotaExceeded, TooManyJobs, Usage
+from storage.quotas import ARTIFACTS, UPLOADS, QuotaExceeded, TooManyJobs
+from storage.redis import JobStore, keys
 
 
 @pytest.fixture
@@ -65,14 +65,14 @@ def test_queue_position_counts_only_the_owners_unfinished_jobs_before(store: Job
 def test_unfinished_jobs_recorded_before_the_sets_existed_are_indexed_once(store: JobStore) -> None:
     jobs = [store.create_job({}, owner="a") for _ in range(3)]
     store.set_fields(jobs[0]["id"], status="succeeded")
-    store.r.delete("jobs:active:a", "jobs:active:indexed")  # as an older version left them
+    store.r.delete(keys.active_jobs("a"), keys.JOBS_ACTIVE_INDEXED)  # as an older version left them
     fresh = JobStore(store.r)
     assert fresh.active_jobs("a") == 2
     assert fresh.queue_position(jobs[2]["id"]) == 1
 
 
 def test_concurrent_uploads_never_pass_the_bytes_quota(store: JobStore) -> None:
-    usage = Usage(store.r)
+    usage = store.usage
 
     def upload(_: int) -> bool:
         try:
@@ -94,7 +94,7 @@ def test_a_model_counts_once_against_its_owner_and_is_given_back_on_delete(store
     model = {"id": "model_1", "owner": "a", "created_at": 1.0, "size_bytes": 1000}
     store.register_model(model)
     store.register_model(model)  # a repeated train step registers it again
-    usage = Usage(store.r)
+    usage = store.usage
     assert usage.get("a", ARTIFACTS) == 1000
     reached = "models quota of this API key exceeded: 1,000 bytes in use of at most 1,000 bytes"
     with pytest.raises(QuotaExceeded, match=reached):

@@ -14,7 +14,7 @@ import pytest
 
 from services.data.digits import write_digits
 from storage.cache import FeatureCache
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.redis_server import RedisServer
 from storage.settings import Settings
 from tests.disk import fill, mount_tmpfs, unmount

@@ -14,7 +14,7 @@ import pytest
 
 from services.data.digits import write_digits
 from storage.cache import FeatureCache
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 from worker.client import Client
 from worker.launcher import Stack, free_port

@@ -15,7 +15,7 @@ import pytest
 
 from services.data.datasets import read_imagefolder
 from services.jobs.pipeline import extract_step
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 from worker import tasks
 from worker.heartbeat import Heartbeat, enforce_hard_limit

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from services.data.digits import write_digits
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.redis_server import RedisServer
 from storage.settings import Settings
 from storage.store import Store

@@ -13,7 +13,7 @@ import pytest
 
 from services.data.digits import write_digits
 from storage.cache import CacheError, FeatureCache
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.redis_server import RedisServer
 from storage.settings import Settings
 from tests.tcp_proxy import TcpProxy

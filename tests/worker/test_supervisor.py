@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from services.data.digits import write_digits
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from worker.launcher import free_port
 
 KINDS = ("redis", "extract-worker", "train-worker", "inference", "api")

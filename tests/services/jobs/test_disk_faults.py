@@ -16,7 +16,7 @@ from services.jobs.planner import plan
 from services.jobs.progress import NullReporter
 from services.spec import JobSpec
 from storage.cache import FeatureCache
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 from tests.disk import fill
 

@@ -10,7 +10,7 @@ from services.extraction import planned_bytes, prepare
 from services.jobs.pipeline import extract_step
 from services.spec import JobSpec
 from storage.cache import FeatureCache
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 
 

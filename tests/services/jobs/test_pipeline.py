@@ -15,8 +15,7 @@ from services.jobs.pipeline import TRAIN_NEXT, extract_shard_step, extract_step,
 from services.jobs.progress import NullReporter
 from services.spec import JobSpec
 from storage.cache import FeatureCache
-from storage.jobs import JobStore
-from storage.locks import Pin
+from storage.redis import JobStore, keys
 from storage.settings import Settings
 
 
@@ -84,7 +83,7 @@ def test_concurrent_jobs_on_one_cache_entry_extract_it_once(settings: Settings, 
     runner = threading.Thread(target=lambda: results.update(a=extract_step(store, settings, first["id"])))
     runner.start()
     deadline = time.monotonic() + 60
-    while not list(store.r.scan_iter("cache-lock:*")) and time.monotonic() < deadline:
+    while not list(store.r.scan_iter(keys.CACHE_LOCK + "*")) and time.monotonic() < deadline:
         time.sleep(0.01)  # the first job holds the entry's lock: the second must wait for it
     results["b"] = extract_step(store, settings, second["id"])
     runner.join()
@@ -113,7 +112,7 @@ def test_quota_evicts_the_least_recently_used_entry_but_never_a_pinned_one(
 
     old = extract(48, None)
     size = cache.entry(old["cache_key"]).nbytes()
-    with Pin(store.r, old["cache_key"], holder="a-reader"):
+    with store.pin(old["cache_key"], holder="a-reader"):
         pinned = extract(64, 1.5 * size / 1e9)  # room for one entry only, but the old one is in use
     assert cache.entry(old["cache_key"]).is_complete
     newer = extract(80, 1.5 * size / 1e9)  # now the two older entries are evictable, least recently used first

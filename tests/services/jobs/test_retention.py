@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from services.jobs.retention import expires_at, sweep_checkpoints
 from storage.artifacts import ArtifactStore
-from storage.jobs import JobStore, now
+from storage.redis import JobStore, now
 from storage.settings import Settings
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import time
 
 from services.jobs import watchdog
-from storage.jobs import JobStore
+from storage.redis import JobStore, keys
 from storage.settings import Settings
 
 
 def _orphan(store: JobStore, worker: str, step: str) -> dict:
     job = store.create_job({"method": {"name": "linear"}})
-    store.r.hset(f"running:{job['id']}", worker, f'{{"task": "{step}"}}')
-    store.r.sadd("running", job["id"])
+    store.r.hset(keys.running(job["id"]), worker, f'{{"task": "{step}"}}')  # as that worker's step_started did
+    store.r.sadd(keys.RUNNING, job["id"])
     return job
 
 

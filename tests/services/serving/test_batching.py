@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from services.data.datasets import DatasetError
 from services.serving.batching import Batcher
 from services.serving.inference import Predictor
-from storage.jobs import JobStore, now
+from storage.redis import JobStore, now
 from storage.settings import Settings
 from tests.helpers import MODELS
 

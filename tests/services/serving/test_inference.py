@@ -160,7 +160,7 @@ def test_cuda_serving_matches_the_cpu(trained: Settings, images: list[bytes]) ->
 def test_a_load_drops_the_loaded_models_that_were_deleted(trained: Settings) -> None:
     """A deleted model is never asked for again (ids are not reused): it must not keep its memory until the budget
     pushes it out (a soak deleting its jobs as they came saw the inference service grow a few MB a minute)."""
-    from storage.jobs import JobStore, now
+    from storage.redis import JobStore, now
 
     store = JobStore.from_url(trained.broker_url)
     ids = ("model_losa3", "model_linear", "model_losa_all")

@@ -24,7 +24,7 @@ from services.training.objectives import Objective
 from services.training.runs import ModuleRuns
 from storage.artifacts import ArtifactStore
 from storage.cache import FeatureCache
-from storage.jobs import JobStore
+from storage.redis import JobStore
 from storage.settings import Settings
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage.jobs import JobStore
+from storage.redis import JobStore, keys
 
 
 @pytest.fixture
@@ -30,6 +30,6 @@ def test_counts_follow_status_changes(store):
 def test_jobs_recorded_before_the_sets_are_indexed_once(store):
     jobs = [store.create_job({}) for _ in range(3)]
     store.set_fields(jobs[0]["id"], status="succeeded")
-    store.r.delete(*(f"jobs:status:{s}" for s in ("queued", "succeeded")))  # as an older version left them
+    store.r.delete(*(keys.jobs_with_status(s) for s in ("queued", "succeeded")))  # as an older version left them
     assert store.count_by_status()["queued"] == 2 and store.count_by_status()["succeeded"] == 1
-    assert store.r.exists("jobs:status:indexed")
+    assert store.r.exists(keys.JOBS_STATUS_INDEXED)

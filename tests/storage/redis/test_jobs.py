@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from storage.jobs import JobStore, NotFound
+from storage.redis import JobStore, NotFound
 
 
 @pytest.fixture

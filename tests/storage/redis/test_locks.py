@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from storage.locks import LeaseLock, Pin, Pins, acquire_or_wait
+from storage.redis.locks import LeaseLock, Pin, Pins, acquire_or_wait
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 HOLDER = """
 import sys, time, redis
-from storage.locks import LeaseLock, Pin
+from storage.redis.locks import LeaseLock, Pin
 r = redis.Redis.from_url(sys.argv[1])
 kind, name, lease = sys.argv[2], sys.argv[3], float(sys.argv[4])
 held = LeaseLock(r, name, lease).acquire() if kind == "lock" else Pin(r, name, "doomed", lease).acquire()

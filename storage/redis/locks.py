@@ -5,18 +5,19 @@ holder that dies (SIGKILL, lost machine) stops renewing, so its lock or pin expi
 LeaseLock is a Redis key holding its owner's token (SET NX PX; Lua compare-and-delete and compare-and-pexpire, so only
 the owner can release or renew) plus the renewal thread.
 
-Dedup pattern for a step that builds cache entry `key`:
-    lock = LeaseLock(r, f"cache-lock:{key}")
+The job store hands them out (storage/redis/store.py), so no caller names a key. Dedup pattern for a step that
+builds cache entry `key`:
+    lock = store.extraction_lock(key, job_id)
     if acquire_or_wait(lock, done=lambda: cache.entry(key).is_complete, on_wait=check_cancel):
         with lock:   # we hold it: build or resume the entry; check `lock.lost` between batches and stop if set
             ...
     # else another job completed the entry while we waited: nothing is held, just use it
 
 Readers pin what they use and check it afterwards (an evictor may have removed it just before the pin):
-    with Pin(r, key, holder=job_id) as pin:   # pin.acquire() is False while the entry is being evicted
+    with store.pin(key, holder=job_id) as pin:   # pin.acquire() is False while the entry is being evicted
         if pin.held and cache.entry(key).is_complete: ...read...   else: treat as a cache miss
-Evictors pass `Pins(r)` as FeatureCache.evict's guard: evictors take turns (lease lock `cache-evict`), and an entry
-is only removed if it has no live pin, atomically (new pins are refused while it is being removed).
+Evictors pass `store.pins()` as FeatureCache.evict's guard: evictors take turns (lease lock `CACHE_EVICT`), and an
+entry is only removed if it has no live pin, atomically (new pins are refused while it is being removed).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from collections.abc import Callable
 
 import redis
 
+from storage.redis.keys import CACHE_EVICT, CACHE_LOCK
+from storage.redis.keys import CACHE_EVICTING as EVICTING
+from storage.redis.keys import CACHE_PIN as PIN
+
 log = logging.getLogger(__name__)
-PIN, EVICTING = "cache-pin:", "cache-evicting:"
-CACHE_LOCK = "cache-lock:"  # + an entry's key: the lock of the job extracting it (its token is the job id)
 
 # KEYS: lock; ARGV: token. Deletes the lock if the token owns it.
 _RELEASE = """
@@ -249,7 +252,7 @@ class Pin(_Lease):
 
 class Pins:
     """The pins of all cache entries, and FeatureCache.evict's guard: entered, it holds the lease lock
-    `cache-evict` (one evictor at a time, across processes); begin_eviction/end_eviction mark one entry."""
+    `CACHE_EVICT` (one evictor at a time, across processes); begin_eviction/end_eviction mark one entry."""
 
     def __init__(self, client: redis.Redis, mark_ttl_s: float = 300.0) -> None:
         self.client = client
@@ -258,7 +261,7 @@ class Pins:
         self._local = threading.local()  # each thread entering this object holds a lock of its own
 
     def __enter__(self) -> Pins:
-        self._local.lock = LeaseLock(self.client, "cache-evict", lease_s=30.0)
+        self._local.lock = LeaseLock(self.client, CACHE_EVICT, lease_s=30.0)
         self._local.lock.acquire(blocking=True)
         return self
 
