@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-# The plan of `POST /jobs?dry_run=true`: its schema (every field described) lives with the planner, which the CLI
-# also uses (the CLI must not import the API); re-exported here so the API's bodies are all found in this module.
+# The plan of `POST /jobs?dry_run=true`: its schema (every field described) lives in services/jobs/plan.py, which the
+# CLI also uses (the CLI must not import the API); re-exported here so the API's bodies are all found in this module.
 from services.architectures import Architecture  # noqa: F401
-from services.jobs.planner import Plan  # noqa: F401
+from services.jobs.plan import Plan  # noqa: F401
 
 
 class ErrorDetail(BaseModel):

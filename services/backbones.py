@@ -18,14 +18,8 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torchvision.transforms import Compose
 
-from services.errors import UserError
+from services.errors import BackboneError
 from services.spec import BackboneSpec
-
-
-class BackboneError(UserError, ValueError):
-    """A backbone that cannot be created or used; the message names the cause."""
-
-    code = "invalid_backbone"
 
 
 def weights_hash(model: torch.nn.Module) -> str:

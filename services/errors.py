@@ -2,8 +2,9 @@
 the job steps' failure records. Torch-free.
 
 A `UserError` is an error whose message is the caller's answer: what was wrong and what to change. Each layer
-defines its own where it belongs (`SpecError` in services/spec/, `DatasetError` in services/data/datasets.py,
-`BackboneError` in services/backbones.py, `NonFiniteLoss` in services/training/fit.py), with its `code` and `status`.
+defines its own where it belongs (`DatasetError` in services/data/datasets.py, `NonFiniteLoss` in
+services/training/fit.py), with its `code` and `status`; those that several modules raise live here (`SpecError`,
+`BackboneError`), so that no module imports another only for its error.
 Storage errors (which know nothing of this module) are mapped here, and faults of the disk, the store and Redis
 (storage/faults.py): a full disk is `disk_full` (507) wherever it happens, Redis refusing writes 503
 `store_refuses_writes`. Anything else is a fault of ours: `internal_error`, reported with a reference id whose
@@ -18,9 +19,15 @@ import redis
 
 from storage.archives import ArchiveError
 from storage.cache import CacheError
-from storage.faults import DiskFull, StoreUnavailable, as_disk_full, is_store_outage, refuses_writes
+from storage.faults import (
+    DiskFull,
+    Incomplete,
+    StoreUnavailable,
+    as_disk_full,
+    is_store_outage,
+    refuses_writes,
+)
 from storage.quotas import QuotaExceeded, TooManyJobs
-from storage.store import Incomplete
 
 
 class UserError(Exception):
@@ -37,6 +44,14 @@ class SpecError(UserError, ValueError):
     sweeps' too) can raise it."""
 
     code = "invalid_spec"
+
+
+class BackboneError(UserError, ValueError):
+    """A backbone that cannot be created or used; the message names the cause. Raised by services/backbones.py and
+    services/video/backbone.py (a ViT that cannot be made a ViViT); defined here, where both can import it without
+    importing each other."""
+
+    code = "invalid_backbone"
 
 
 # Errors of the layers below, by type: (HTTP status, code). First match wins, so subclasses come first.

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from services import methods
+from services.errors import BackboneError
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,6 @@ def count_parameters(
         raise ValueError(f"method {method!r} has no tail mode (its modes: {', '.join(config.modes)})")
     vit = _backbone(backbone, image_size)
     if video is not None:
-        from services.backbones import BackboneError
         from services.video.backbone import to_vivit
         from services.video.spec import VideoSpec
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load, load_file, save, save_file
 
-from storage.store import Folder, Incomplete, Store
+from storage.faults import Incomplete
+from storage.store import Folder, Store
 
 __all__ = ["ArtifactStore", "Incomplete", "as_folder", "metadata_from_bytes", "tensors_from_bytes", "tensors_to_bytes"]
 

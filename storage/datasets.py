@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from storage.archives import ArchiveError, Limits, extract, member_parts
+from storage.faults import Incomplete
 from storage.redis.records import new_id
-from storage.store import MARKER, Folder, Incomplete, Store
+from storage.store import MARKER, Folder, Store
 
 __all__ = [
     "STAGING",

@@ -8,6 +8,8 @@
   (`TASK`, worker/tasks.py); a step resumes from what it finished (cache batches, checkpoints).
 - Redis refusing writes (`MISCONF` after a failed AOF write or snapshot, `OOM` under maxmemory with noeviction,
   `READONLY` on a replica) while it still answers reads: `refuses_writes`.
+- A folder on the store that is not whole (no completion marker, a file missing or of another size): `Incomplete`,
+  raised by storage/store.py's readers; not an outage, so never retried here.
 
 Knows nothing of HTTP (services/errors.py maps these to statuses) and imports neither botocore nor aiohttp: their
 errors are recognised by class name, so this module works where s3fs is not installed.
@@ -31,6 +33,11 @@ import redis
 
 log = logging.getLogger("sidetune.faults")
 T = TypeVar("T")
+
+
+class Incomplete(RuntimeError):
+    """A folder that is not whole: no completion marker, or a file it lists is missing or has another size."""
+
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # tensorstore: `RESOURCE_EXHAUSTED: Error writing local file "<path>": ... [os_error_code='28']`
@@ -214,8 +221,6 @@ def store_call(url: str, call: Callable[[], T], what: str = "", need: int | None
     """One operation on the store at `url`: outages retried (`IN_CALL`); a missing file stays FileNotFoundError;
     a full disk is DiskFull naming the store (`need`: the bytes being written); anything else (an outage that
     lasted, refused credentials) is StoreUnavailable naming the store."""
-    from storage.store import Incomplete
-
     try:
         return retrying(call, f"{what} on the store {url}" if what else f"the store {url}")
     except (FileNotFoundError, Incomplete, StoreUnavailable, DiskFull):

@@ -25,17 +25,13 @@ from typing import Any, TypeVar
 import fsspec
 
 from storage.cache.files import filesystem
-from storage.faults import StoreUnavailable, naming_disk_full, store_call
+from storage.faults import Incomplete, StoreUnavailable, naming_disk_full, store_call
 
 __all__ = ["MARKER", "Folder", "Incomplete", "Store", "StoreUnavailable"]
 
 T = TypeVar("T")
 MARKER = "_complete.json"
 TMP_PREFIX = ".tmp-"  # temporary keys: never listed as files of a folder
-
-
-class Incomplete(RuntimeError):
-    """A folder that is not whole: no completion marker, or a file it lists is missing or has another size."""
 
 
 class Folder:

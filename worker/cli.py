@@ -240,7 +240,8 @@ key); 130 interrupted. Errors are one line on stderr naming the cause and the UR
 
 
 def main(argv: list[str] | None = None) -> int:
-    from worker.commands import ENVIRONMENT, add_parsers
+    from worker.commands import add_parsers
+    from worker.commands.common import ENVIRONMENT
 
     parser = argparse.ArgumentParser(
         prog="sidetune",

@@ -32,11 +32,10 @@ from storage.datasets import (
     sweep_staging,
     unpack,
 )
-from storage.faults import free_bytes, naming_disk_full
+from storage.faults import Incomplete, free_bytes, naming_disk_full
 from storage.quotas import UPLOADS
 from storage.redis import TERMINAL, JobStore, NotFound
 from storage.settings import Settings
-from storage.store import Incomplete
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses={401: {"model": ErrorBody}})
 

@@ -3,12 +3,9 @@ Sizes are decimal (1 GB = 10^9 bytes)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from services.jobs.planner import Plan
+from services.jobs.plan import Plan
 
 GB = 10**9
 

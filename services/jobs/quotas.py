@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from services.jobs.planner import Plan
+from services.jobs.plan import Plan
 from services.jobs.progress import Reporter
 from storage.cache import FeatureCache
 from storage.quotas import ARTIFACTS, GB, QuotaExceeded, human, owner_key

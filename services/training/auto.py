@@ -9,6 +9,7 @@ no choice reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,19 @@ from storage.artifacts import as_folder
 from storage.settings import Settings
 from storage.store import Folder
 
+# services/training/job.py: train_job, which trains each candidate as a job of its own; passed in by it, which
+# dispatches `method: auto` here, so neither module imports the other
+TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder], dict[str, Any]]
+
 
 def train_auto(
-    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Folder | Path
+    spec: JobSpec,
+    settings: Settings,
+    cache_key: str | None,
+    reporter: Reporter,
+    checkpoint_dir: Folder | Path,
+    train_job: TrainJob,
 ) -> dict[str, Any]:
-    from services.training.job import train_job
-
     base = spec.model_dump()
     outs = []
     for method in spec.method.candidates():

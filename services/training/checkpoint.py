@@ -23,16 +23,13 @@ import json
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from services.training.runs import Result, Runs
 from storage.artifacts import as_folder, metadata_from_bytes, tensors_from_bytes, tensors_to_bytes
 from storage.store import Folder
-
-if TYPE_CHECKING:
-    from services.training.fit import Result
-    from services.training.runs import Runs
 
 TENSORS, SUMMARY = "checkpoint.safetensors", "checkpoint.json"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from services.jobs.progress import Reporter
 from services.training import checkpoint, halving
 from services.training.evaluation import top_k_hits, validation_scores
 from services.training.objectives import Objective
-from services.training.runs import Runs
+from services.training.runs import Result, Runs
 from storage.store import Folder
 
 
@@ -43,18 +42,6 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def batches_of(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[s : s + size] for s in range(0, len(order), size)]
-
-
-@dataclass
-class Result:
-    """One configuration's outcome: its best weights on validation, that epoch's figures, its curve."""
-
-    state: dict[str, np.ndarray] = field(repr=False)
-    score: float = -1.0  # val accuracy, or val mAP (multi-label)
-    loss: float = math.inf  # plain validation loss at the best epoch
-    epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    stopped: int | None = None  # the epoch after which early termination stopped it (then `state` is empty)
 
 
 def _row(fields: list[str], values: np.ndarray) -> dict[str, Any]:

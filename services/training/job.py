@@ -217,7 +217,7 @@ def train_job(
     from services.training import evaluation, plots
 
     if spec.method.name == "auto":
-        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir)
+        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir, train_job)
     grid = spec.grid()
     check_size(grid, settings.max_sweep_configs)
     device, kind, ds = settings.torch_device(), type(spec.method).kind, spec.dataset

@@ -15,8 +15,9 @@ from services.data.sources import Source
 from services.jobs.progress import Reporter
 from services.methods.linear import solver
 from services.spec import JobSpec
-from services.training.fit import Result, batches_of
+from services.training.fit import batches_of
 from services.training.objectives import Objective
+from services.training.runs import Result
 
 # per scored strength a Result, its figures; the timings; the training split's own fit (or None)
 Solved = tuple[list[Result], list[dict[str, Any]], dict[str, Any], dict[str, np.ndarray] | None]

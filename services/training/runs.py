@@ -1,7 +1,7 @@
 """What the training loop (services/training/fit.py: `fit`) trains: `Runs`, a set of K configurations that see the same
-mini-batches. A plain job is one `ModuleRuns` (a module and its torch optimizer); a sweep is several: one
-`ModuleRuns` per configuration that trains through the backbone, and one `StackedRuns` (services/sweeps/stacked.py)
-per side-network architecture, whose configurations are computed together.
+mini-batches, and what it returns for each: its `Result`. A plain job is one `ModuleRuns` (a module and its torch
+optimizer); a sweep is several: one `ModuleRuns` per configuration that trains through the backbone, and one
+`StackedRuns` (services/sweeps/stacked.py) per side-network architecture, whose configurations are computed together.
 
 Every Runs applies the same rules: no weight decay on biases, 1-D parameters (norms, scales) and the tokens and
 position embeddings a timm model lists in `no_weight_decay()` (timm's `param_groups_weight_decay` rule, as DeiT, MAE
@@ -11,6 +11,8 @@ the learning rate of step s is the configuration's peak lr times the schedule's 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,6 +20,18 @@ import torch
 from torch import nn
 
 from services.training.objectives import Objective
+
+
+@dataclass
+class Result:
+    """One configuration's outcome: its best weights on validation, that epoch's figures, its curve."""
+
+    state: dict[str, np.ndarray] = field(repr=False)
+    score: float = -1.0  # val accuracy, or val mAP (multi-label)
+    loss: float = math.inf  # plain validation loss at the best epoch
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: int | None = None  # the epoch after which early termination stopped it (then `state` is empty)
 
 
 def warm_up() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from services.errors import BackboneError
 from services.video.spec import VideoSpec
 
 
@@ -75,8 +76,6 @@ def check_plain_vit(vit: nn.Module, name: str) -> None:
     """Raise BackboneError unless `vit` is a timm VisionTransformer that a ViViT can be made of."""
     from timm.layers import PatchEmbed
     from timm.models.vision_transformer import VisionTransformer
-
-    from services.backbones import BackboneError
 
     why = None
     if not isinstance(vit, VisionTransformer):

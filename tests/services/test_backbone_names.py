@@ -65,7 +65,8 @@ def test_pretrained_weights_that_cannot_be_had_fail_at_once() -> None:
     seconds, where the hub's client retried for most of a minute. Where the hub answers, the weights load."""
     import time
 
-    from services.backbones import BackboneError, load_backbone
+    from services.backbones import load_backbone
+    from services.errors import BackboneError
 
     t0 = time.monotonic()
     try:

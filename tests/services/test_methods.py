@@ -10,7 +10,8 @@ from pydantic import TypeAdapter, ValidationError
 from services import methods
 from services.methods.linear.config import LinearConfig
 from services.methods.losa.config import LosaConfig
-from services.methods.losa.model import LosaSideNetwork, LowRankMLP
+from services.methods.losa.mlp import LowRankMLP
+from services.methods.losa.model import LosaSideNetwork
 from services.methods.readout import FeatureInfo
 from services.spec import JobSpec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from worker.commands import Subparsers, client, print_json, resource, table, verb
+from worker.commands.common import Subparsers, client, print_json, resource, table, verb
 
 
 def _mb(n: int | None) -> str:

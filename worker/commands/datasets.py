@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from worker.commands import Subparsers, client, details, print_json, resource, table, verb
+from worker.commands.common import Subparsers, client, details, print_json, resource, table, verb
 
 DATASET_FIELDS = ("id", "name", "format", "num_images", "classes", "size_bytes", "created_at")
 

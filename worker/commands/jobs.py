@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from worker.client import TERMINAL
-from worker.commands import Subparsers, client, details, print_json, resource, table, validation, verb
+from worker.commands.common import Subparsers, client, details, print_json, resource, table, validation, verb
 
 JOB_FIELDS = (
     "id",

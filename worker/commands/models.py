@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from worker.commands import Subparsers, client, details, number, print_json, resource, table, validation, verb
+from worker.commands.common import Subparsers, client, details, number, print_json, resource, table, validation, verb
 
 MODEL_FIELDS = (
     "id",

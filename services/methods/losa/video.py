@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from services.methods.losa.config import LosaConfig
-from services.methods.losa.model import LowRankMLP
+from services.methods.losa.mlp import LowRankMLP
 from services.methods.readout import Classifier, FeatureInfo, Readout
 
 

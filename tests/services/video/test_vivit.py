@@ -11,7 +11,8 @@ import pytest
 import timm
 import torch
 
-from services.backbones import BackboneError, load_backbone
+from services.backbones import load_backbone
+from services.errors import BackboneError
 from services.spec import BackboneSpec
 from services.video.backbone import to_vivit
 from services.video.spec import VideoSpec
