@@ -222,9 +222,3 @@ def _unraisable(info: Any) -> None:
         logging.getLogger("sidetune.unraisable").warning(message)
     except Exception:  # noqa: BLE001 - nothing may escape an unraisable hook
         pass
-
-
-def json_line(logger: str, level: int, message: str) -> str:
-    """One line as the JSON handler writes it, for text that bypasses logging (Celery's signal-handler notices)."""
-    record = logging.LogRecord(logger, level, "", 0, message.strip(), None, None)
-    return JsonFormatter(Redactor()).format(record)

@@ -229,7 +229,6 @@ EXAMPLES = """examples:
   sidetune models export model_... --format onnx -o model.onnx
   sidetune report model_...
   every command: sidetune COMMAND --help"""
-EXIT_FAILED = 1  # the job failed or was cancelled (`submit --wait`); the plan does not fit (`plan`)
 EXIT_USAGE = 2  # bad arguments, or a spec file that cannot be read or is invalid
 EXIT_UNREACHABLE = 3  # the API could not be reached, or answered 5xx (a retry later may succeed)
 EXIT_REFUSED = 4  # the API refused the request (4xx: an invalid spec, an unknown id, a missing or wrong API key)

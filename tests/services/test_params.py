@@ -3,12 +3,10 @@ and the errors for a bad backbone, method or option."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pytest
 
-from services import methods
 from services.params import count_parameters
 
 VIT_B, VIT_G = "vit_base_patch16_224", "vit_giant_patch14_224"
@@ -50,19 +48,12 @@ def test_image_size_changes_the_tokens() -> None:
     assert n.tokens == 24 * 24 + 1
 
 
-def _needs(method: str) -> None:
-    if method not in methods.CONFIGS or importlib.util.find_spec(f"services.methods.{method}.model") is None:
-        pytest.skip(f"method {method!r} is not in this checkout")
-
-
 @pytest.mark.parametrize(("method", "rank", "expected"), [("apla", 8, 73_824), ("arc", 50, 96_432)])
 def test_adapted_methods_vit_b16(method: str, rank: int, expected: int) -> None:
-    _needs(method)
     assert count_parameters(VIT_B, method, {"rank": rank}).side == expected
 
 
 def test_tail_blocks_adapt_only_the_last_blocks() -> None:
-    _needs("apla")
     assert count_parameters(VIT_B, "apla", {"rank": 8}, tail_blocks=2).side == 8 * 769 * 2
 
 
