@@ -72,13 +72,18 @@ def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle (a path whose last module imports its first) for each strongly connected component of more than
-    one module (Tarjan's algorithm, iterative)."""
+    """One cycle (a path whose last module imports its first) for each strongly connected component."""
+    return [_cycle_in(graph, component) for component in components(graph)]
+
+
+def components(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one node: nodes that import each other, directly or not
+    (Tarjan's algorithm, iterative)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
     on_stack: set[str] = set()
-    components: list[set[str]] = []
+    found: list[set[str]] = []
     for start in sorted(graph):
         if start in index:
             continue
@@ -110,8 +115,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                     if member == node:
                         break
                 if len(component) > 1:
-                    components.append(component)
-    return [_cycle_in(graph, component) for component in components]
+                    found.append(component)
+    return found
 
 
 def _cycle_in(graph: dict[str, set[str]], component: set[str]) -> list[str]:
@@ -161,12 +166,16 @@ def test_a_cycle_is_found_and_named() -> None:
 
 def main(root: Path = ROOT) -> None:
     graph = module_graph(root)
-    for package, targets in sorted(package_graph(graph).items()):
+    packages = package_graph(graph)
+    for package, targets in sorted(packages.items()):
         print(f"{package} -> {', '.join(sorted(targets)) or '-'}")
     found = cycles(graph)
     print(f"module cycles: {len(found)}")
     for c in found:
         print("  " + " -> ".join([*c, c[0]]))
+    # between packages a circle is allowed (their modules do not form one), but worth seeing
+    for component in components(packages):
+        print(f"packages that import each other: {', '.join(sorted(component))}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Per-key quotas as submission and the job steps apply them; the counters and errors are storage/quotas.py's.
+"""Per-key quotas as submission and the job steps apply them; the errors are storage/quotas.py's, the counters
+storage/redis/usage.py's.
 
 - Jobs queued or running (SIDETUNE_KEY_QUOTA_JOBS): checked by the job store as it records the job (429).
 - Models (SIDETUNE_KEY_QUOTA_ARTIFACTS_GB): a key whose models reached the quota is refused at submission, and its
