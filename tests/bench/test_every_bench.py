@@ -4,7 +4,9 @@ cache_extract.py, methods_row.py, ...) are covered by theirs."""
 
 from __future__ import annotations
 
-from tests.bench.smoke import ROOT
+import pytest
+
+from tests.bench.smoke import ROOT, Smoke, last_line
 
 # serve.py's smoke test comes with its own step of issue 21
 PENDING = {"serve"}
@@ -24,3 +26,11 @@ def test_every_bench_script_has_a_smoke_flag_and_test() -> None:
         test = ROOT / "tests" / "bench" / f"test_{name}_bench.py"
         assert test.exists(), f"bench/{name}.py has no smoke test {test.relative_to(ROOT)}"
         assert f'run_smoke("{name}.py"' in test.read_text(), f"{test.name} does not run bench/{name}.py --smoke"
+
+
+def test_a_headline_key_missing_or_not_a_finite_number_fails() -> None:
+    run = Smoke("table\n", "", last_line("table\na=1.5 b=nan c=none d=-2\n"))
+    assert run.numbers("a", "d") == {"a": 1.5, "d": -2.0}
+    for key in ("b", "c", "e"):
+        with pytest.raises(AssertionError):
+            run.numbers("a", key)
