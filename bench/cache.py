@@ -3,6 +3,7 @@
     .venv/bin/python bench/cache.py                     # CPU: vit_tiny_patch16_224 at 112 px, 256 photos + 256 digits
     .venv/bin/python bench/cache.py --device cuda       # GPU: vit_base_patch16_224 at 224 px, 2,048 photos + digits
     .venv/bin/python bench/cache.py --no-memory         # skip the vit_base batch-size-1 memory figure
+    .venv/bin/python bench/cache.py --smoke             # seconds: tiny data, every part once (tests/bench/)
 
 (a) Extraction (bench/cache_extract.py), for synthetic 500x375 JPEG photos (bench/photos.py) and 32x32 digit PNGs:
     each stage alone (decoding on every loader, the bare forward on ready batches in device memory, the cache writer
@@ -43,6 +44,27 @@ TARGETS = {  # DESIGN.md, "Targets"; (value, at least or at most)
     "writer_vs_disk": (0.8, ">="),
     "train_speedup": (10.0, ">="),
     "train_mem_ratio": (0.25, "<="),
+}
+
+# --smoke: timm's 6-block test ViT at 32 px on 40 digits and 8 photos, every part once (the memory figure with the
+# same small ViT); torch.compile off (its compilation alone takes a minute on a CPU)
+SMOKE = {
+    "backbone": "test_vit",
+    "image_size": 32,
+    "limit": 40,
+    "photos": 8,
+    "batch_size": 8,
+    "epochs": 1,
+    "codec_epochs": 1,
+    "repeats": 1,
+    "read_batch": 8,
+    "read_batches": 2,
+    "error_rows": 16,
+    "compile": False,
+    "mem_backbone": "test_vit",
+    "mem_image_size": 32,
+    "mem_images": 40,
+    "mem_repeats": 1,
 }
 
 
@@ -180,7 +202,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mem-cache-key", help=argparse.SUPPRESS)
     p.add_argument("--mem-train-memory-mb", type=int, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = common.parse_with_smoke(p, argv, SMOKE)
     gpu = common.resolve_defaults(args, cpu_limit=256)
     args.batch_size = args.batch_size or (64 if gpu else 32)
     args.photos = args.photos or (2048 if gpu else 256)
@@ -212,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         d = cache_codecs.measure(args, a)
         mem = None if args.no_memory else cache_training.measure_memory(args, __file__)
         report(args, a, b, c, d, mem)
-    return 0
+    failed = mem is not None and any("error" in r for runs in mem["children"].values() for r in runs)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def mem_child(args: argparse.Namespace) -> dict[str, Any]:
     import zarr  # noqa: F401
 
     import services.methods.losa.model  # noqa: F401
-    import services.training.job as training
+    import services.training.fit as loop
 
     cuda = args.device.startswith("cuda")
     settings = settings_for(args, "mem", args.mem_train_memory_mb)
@@ -237,22 +237,26 @@ def mem_child(args: argparse.Namespace) -> dict[str, Any]:
     def on_training() -> None:
         peaks["setup"] = sampler.mark()
 
-    evaluate = training.evaluate
+    evaluate = loop.evaluate
 
-    def evaluate_after_training(*a: Any, **kw: Any) -> float:
+    def evaluate_after_training(*a: Any, **kw: Any) -> list[tuple[float, float]]:
         if "train" not in peaks:  # the first validation: the training steps of epoch 1 are done
             peaks["train"] = sampler.mark()
             if cuda:
                 cuda_peak.append(torch.cuda.max_memory_allocated())
         return evaluate(*a, **kw)
 
-    training.evaluate = evaluate_after_training  # fit looks `evaluate` up in its module at call time
+    # fit (services/training/fit.py) validates through its module's `evaluate`, looked up at call time; no event
+    # marks the end of an epoch's steps before validation starts
+    loop.evaluate = evaluate_after_training
     ckpt = args.work / "checkpoints" / f"mem-{args.mem_child}-{args.mem_train_memory_mb}"
     reporter = MarkingReporter(on_training)
-    out, inputs = common.train_fresh(spec, settings, args.mem_cache_key, ckpt, reporter)
+    try:
+        out, inputs = common.train_fresh(spec, settings, args.mem_cache_key, ckpt, reporter)
+    finally:
+        loop.evaluate = evaluate
     peaks["validation"] = sampler.mark()
     sampler.stop()
-    training.evaluate = evaluate
     m = out["metrics"]
     above = {k: (peak - sampler.baseline) / MB for k, peak in peaks.items()}
     result = {

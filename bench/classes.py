@@ -18,7 +18,7 @@ run; `rss_ratio_<C>` = peak above the process's baseline after imports / those b
 vectors the size of the classifier, so about 20+ at large C is its design, not a leak).
 
     python bench/classes.py                        # 1,000 and 21,843 classes (about 15 minutes on 2 CPU cores)
-    python bench/classes.py --classes 120          # seconds (the smoke test)
+    python bench/classes.py --smoke                # seconds: 120 classes (the smoke test)
 
 Last line: `peak_rss_mb_<C>=` (the training process), `extract_peak_rss_mb_<C>=`, `rss_ratio_<C>=`, `seconds_<C>=`
 (extraction and training), `evaluation_kb_<C>=` (evaluation.json), `confusion_px_<C>=` (the plot's canvas).
@@ -259,7 +259,12 @@ def ratio(r: dict[str, Any]) -> float | None:
     return common.ratio(t["peak_mb"] - t["baseline_mb"], t["model_mb"])
 
 
-def main() -> int:
+# --smoke: 120 classes (above reports.LARGE_CLASSES: the sparse report and the summary plot), one L2 strength and 3
+# L-BFGS iterations
+SMOKE = {"classes": "120", "full_solve": 0, "large_max_iter": 3}
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--classes", default="1000,21843", help="comma-separated class counts (default 1000,21843)")
     p.add_argument("--per-class", type=int, default=2, help="images a class (default 2: one trains, one validates)")
@@ -277,7 +282,7 @@ def main() -> int:
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--classes-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cache-key", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = common.parse_with_smoke(p, argv, SMOKE)
     if args.child:
         common.child_result((extract_child if args.child == "extract" else train_child)(args))
         return 0

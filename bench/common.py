@@ -275,6 +275,21 @@ def machine_line(load_start: float) -> str:
 # ------------------------------------------------------------------------------------------------ arguments
 
 
+SMOKE_HELP = (
+    "tiny data, one round: seconds on 2 CPU cores, through the same code path and ending with the same headline keys "
+    "(its test under tests/bench/ runs it so; the figures mean nothing)"
+)
+
+
+def parse_with_smoke(p: argparse.ArgumentParser, argv: list[str] | None, smoke: dict[str, Any]) -> argparse.Namespace:
+    """`p.parse_args(argv)` with `--smoke` added: under it, `smoke` ({dest: value}) replaces the parser's defaults,
+    so a flag given on the command line still wins."""
+    p.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+    if p.parse_known_args(argv)[0].smoke:
+        p.set_defaults(**smoke)
+    return p.parse_args(argv)
+
+
 def add_common_args(p: argparse.ArgumentParser, cpu_limit: int) -> None:
     """--backbone, --image-size, --limit, --device, --data-dir, --train-memory-mb (see `resolve_defaults`)."""
     p.add_argument("--backbone", help="timm ViT (default: vit_tiny_patch16_224 on CPU, vit_base_patch16_224 on CUDA)")

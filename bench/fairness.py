@@ -3,6 +3,7 @@ B's job waits (queued -> started, and queued -> training started) and how many o
 
     python bench/fairness.py                       # its own stack (Redis, workers, API; two keys); A queues 40 jobs
     python bench/fairness.py --jobs 4 --api http://127.0.0.1:8000 --key-a KEY_A --key-b KEY_B   # a running API
+    python bench/fairness.py --smoke               # A queues one job, cancelled once B's is done (the smoke test)
 
 The jobs are linear probes (one epoch of SGD) of `test_vit` at 32 px on ~150 digits; a first job of A's extracts their
 feature cache, so every job after it is a cache hit: an extract step and a train step of a few seconds at most. Strict
@@ -104,7 +105,7 @@ def own_stack(work: Path, keys: tuple[str, str]):
     return Stack(settings)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=40, help="A's backlog (default 40, as the hostile trial queued)")
     p.add_argument("--api", help="a running API (default: start a stack of its own)")
@@ -114,7 +115,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--cancel-rest", action="store_true", help="cancel A's backlog once B's job is done")
     p.add_argument("--data-dir", help="the stack's data dir (default: a temporary one)")
-    args = p.parse_args()
+    # --smoke: A's backlog is one job, cancelled once B's is done (against --api, or a stack of its own)
+    args = common.parse_with_smoke(p, argv, {"jobs": 1, "cancel_rest": True})
     load = common.load_average()
     if args.api:
         if not args.data:

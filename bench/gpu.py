@@ -2,7 +2,7 @@
 memory at batch size 1, bf16 against fp32, torch.compile, and serving latency, on vit_base_patch16_224 at 224 px.
 
     python3 bench/gpu.py --out $OUT/gpu.kv              # on the GPU machine (bench/README.md: wheels, the command)
-    .venv/bin/python bench/gpu.py --device cpu --tiny    # anywhere: the same phases, tiny sizes (keeps it from rotting)
+    .venv/bin/python bench/gpu.py --smoke                # anywhere: the same phases, tiny sizes, on the CPU (its test)
 
 Each phase appends one `phase=<name> key=value ...` line to `--out` (flushed and fsync'd) as soon as it ends, so a run
 cut short by a time limit still reports what it measured; the last line on stdout is every key=value together.
@@ -65,7 +65,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-requests", type=int, default=64)
     p.add_argument("--out", default=os.environ.get("OUT", ".") + "/gpu.kv", help="key=value lines, one per phase")
     p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after)")
-    args = p.parse_args(argv)
+    args = common.parse_with_smoke(p, argv, {"tiny": True, "device": "cpu"})  # --smoke: --tiny on the CPU
     if args.tiny:
         args.backbone, args.image_size, args.photos, args.digits = "test_vit", 32, 32, 64
         args.batch_size, args.epochs, args.serve_requests = 16, 2, 8

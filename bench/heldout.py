@@ -165,6 +165,10 @@ def video_row(args: argparse.Namespace, settings) -> dict[str, Any]:
     }
 
 
+# --smoke: 200 digits at 32 px with timm's 6-block test ViT, one seed, 4 motion videos a class
+SMOKE = {"sizes": [32], "seeds": [0], "backbone": "test_vit", "limit": 200, "video_per_class": 4}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 112])
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch threads, and scikit-learn's BLAS threads (default: torch's)")
     p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after)")
     p.add_argument("--video-per-class", type=int, default=40, help="motion videos per class (0: no video row)")
-    args = p.parse_args(argv)
+    args = common.parse_with_smoke(p, argv, SMOKE)
     import torch
 
     if args.threads:

@@ -3,6 +3,7 @@ request limit) of four kinds, fed in the 64 KiB chunks uvicorn hands over, again
 parse that follows it anyway).
 
     python bench/json_depth.py [--mb 32] [--repeats 3]
+    python bench/json_depth.py --smoke      # half a megabyte, once (the smoke test)
 
 Kinds: a v1 predict of base64 images (few brackets), a v2 `pixels` tensor as nested lists (a bracket every 4
 bytes), a list of short strings holding brackets and escaped quotes, and a body of JSON strings of backslashes.
@@ -14,7 +15,7 @@ import argparse
 import json
 import time
 
-from common import fmt, print_kv, put, render, say
+from common import fmt, parse_with_smoke, print_kv, put, render, say
 
 from api.json_depth import DepthScanner
 
@@ -45,11 +46,11 @@ def scan(body: bytes) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=32.0, help="body size in MB")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs")
-    args = p.parse_args()
+    args = parse_with_smoke(p, argv, {"mb": 0.5, "repeats": 1})
     rows, kv = [], {}
     for kind, body in bodies(args.mb).items():
         say(f"{kind}: {len(body) / 2**20:.1f} MB")

@@ -67,6 +67,10 @@ def cell(args: argparse.Namespace, settings, root, limit: int, batch: int) -> di
     }
 
 
+# --smoke: one cell (100 digits, batch 32) at 32 px with timm's 6-block test ViT, 4 epochs
+SMOKE = {"limits": [100], "batches": [32], "size": 32, "epochs": 4, "backbone": "test_vit"}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--limits", type=int, nargs="+", default=[300, 1797], help="digits per dataset")
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, help="epochs of every job (default: auto, as a user who passes nothing)")
     p.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm ViT, random init")
     p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after)")
-    args = p.parse_args(argv)
+    args = common.parse_with_smoke(p, argv, SMOKE)
     from services.training.runs import warm_up
 
     warm_up()

@@ -278,6 +278,22 @@ def run_all(args: argparse.Namespace) -> int:
     return 1 if final_line(args, rows, results, ref, extraction) else 0
 
 
+# --smoke: timm's 6-block test ViT at 32 px on 40 digits for one epoch, one timed predict call, and a row for each
+# execution mode (each row is a process, whose imports alone take seconds) with the timed run's RSS (no memory pass)
+SMOKE = {
+    "methods": ["losa/cache", "losa/online", "full/images", "lora/tail"],
+    "memory": "rss",
+    "backbone": "test_vit",
+    "image_size": 32,
+    "limit": 40,
+    "epochs": 1,
+    "batch_size": 8,
+    "infer_batch": 8,
+    "infer_batches": 1,
+    "warmup": 1,
+}
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, cpu_limit=600)
@@ -310,7 +326,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--memory-pass", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cache-key", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = common.parse_with_smoke(p, argv, SMOKE)
     unknown = sorted(set(args.methods or []) - set(names.split()))
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {names}")

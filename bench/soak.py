@@ -1,11 +1,12 @@
 """The soak: the `sidetune serve` topology as processes (embedded Redis, extract worker, train worker, inference
 service, API; worker.launcher.Stack, supervised), jobs and predicts kept flowing through its HTTP API for
 `--minutes`, processes optionally killed on a schedule, and every process's RSS and open file descriptors sampled
-(psutil) every `--sample-s` seconds, following a restarted process by its role. Not in CI (tests/bench/test_soak.py
-runs it for seconds).
+(psutil) every `--sample-s` seconds, following a restarted process by its role. Not in CI
+(tests/bench/test_soak_bench.py runs it for seconds).
 
     python bench/soak.py --minutes 60                 # the hour: six 10-minute windows
     python bench/soak.py --minutes 60 --kill-every 10  # and one process SIGKILLed every 10 minutes, in turn
+    python bench/soak.py --smoke                      # 15 seconds, one kill (the smoke test)
 
 The load: one job at a time, alternating a linear probe from the feature cache (its backbone seed cycles through
 `--seeds` values, and the cache quota holds fewer entries than that, so every job extracts and evicts as well) and a
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from common import ROOT, fmt, print_kv, put, render, say, workdir
+from common import ROOT, fmt, parse_with_smoke, print_kv, put, render, say, workdir
 
 from storage.settings import Settings
 from worker.launcher import Stack, free_port
@@ -353,7 +354,21 @@ def report(per_role: dict[str, list[dict]], args: argparse.Namespace, load: Load
     return kv
 
 
-def main() -> int:
+# --smoke: 15 seconds in three windows, one kill, timm's 6-block test ViT on 40 digits; windows of 5 seconds say
+# nothing about growth, so the bound is wide
+SMOKE = {
+    "minutes": 0.24,
+    "window_minutes": 0.08,
+    "sample_s": 1.0,
+    "kill_every": 0.12,
+    "backbone": "test_vit",
+    "image_size": 0,
+    "images": 40,
+    "bound_pct": 1000.0,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=60.0, help="how long the load runs")
     p.add_argument("--window-minutes", type=float, default=10.0, help="report window")
@@ -373,7 +388,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=3, help="backbone seeds the linear probes cycle through")
     p.add_argument("--predict-rate", type=float, default=2.0, help="predict requests a second")
     p.add_argument("--data-dir", help="working dir (default: a temporary one, removed)")
-    args = p.parse_args()
+    args = parse_with_smoke(p, argv, SMOKE)
     window_s, count = args.window_minutes * 60, max(1, round(args.minutes / args.window_minutes))
 
     with workdir(args.data_dir, "sidetune-soak-") as work:

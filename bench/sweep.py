@@ -117,7 +117,20 @@ def run_row(args: argparse.Namespace, kind: str, k: int, settings, key: str, dat
     }
 
 
-def main() -> None:
+# --smoke: timm's 6-block test ViT at 32 px on 60 digits, every row (the streamed ones too) for one epoch (linear
+# heads two)
+SMOKE = {
+    "backbone": "test_vit",
+    "image_size": 32,
+    "limit": 60,
+    "epochs": 1,
+    "linear_epochs": 2,
+    "batch_size": 16,
+    "streamed": True,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, cpu_limit=600)
     p.add_argument("--epochs", type=int, default=5, help="LoSA epochs")
@@ -127,7 +140,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="rounds; each row reports the median")
     p.add_argument("--streamed", action="store_true", help="add LoSA rows with the features streamed from the cache")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    args = p.parse_args()
+    args = common.parse_with_smoke(p, argv, SMOKE)
     gpu = common.resolve_defaults(args, cpu_limit=600)
     import torch
 

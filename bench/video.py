@@ -3,6 +3,7 @@ LoSA trained from the cache against LoSA online fed from ready clips.
 
     .venv/bin/python bench/video.py                  # CPU: vit_tiny_patch16_224 at 64 px, 8 frames, 128 videos
     .venv/bin/python bench/video.py --device cuda    # GPU: vit_base_patch16_224 at 224 px, 16 frames, 512 videos
+    .venv/bin/python bench/video.py --smoke          # seconds: tiny data (tests/bench/)
 
 Data: the synthetic motion videos (services/video/synthetic.py; H.264 in .mp4, 16 frames each at the frame size).
 (a) Extraction: each stage alone, as `run_extraction` runs it: decoding clips (ClipReader on the loader processes
@@ -243,6 +244,10 @@ def report(args: argparse.Namespace, a: dict[str, Any], c: dict[str, Any], load_
     common.print_kv(kv)
 
 
+# --smoke: timm's 6-block test ViT at 32 px, 4 frames, 8 videos, one epoch
+SMOKE = {"backbone": "test_vit", "image_size": 32, "frames": 4, "videos": 8, "epochs": 1, "train_batch_size": 4}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-batch-size", type=int, default=16)
     p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after)")
-    args = p.parse_args(argv)
+    args = common.parse_with_smoke(p, argv, SMOKE)
     if args.device == "auto":
         import torch
 
