@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, model_validator
 # CLI also uses (the CLI must not import the API); re-exported here so the API's bodies are all found in this module.
 from services.architectures import Architecture  # noqa: F401
 from services.jobs.plan import Plan  # noqa: F401
+from services.video.spec import VideoSpec
 
 
 class ErrorDetail(BaseModel):
@@ -104,6 +105,9 @@ class CheckpointList(BaseModel):
 
 
 class Model(BaseModel):
+    """A registered model: what clients need of its manifest (services/models/manifest.py: method, mode, backbone,
+    video, classes, threshold; the train step registers them from it), its metrics and files."""
+
     id: str = Field(..., description="Model id (`model_...`).")
     object: Literal["model"] = Field("model", description="Always `model`.")
     created_at: float = Field(..., description="Unix time of registration.")
@@ -112,7 +116,7 @@ class Model(BaseModel):
     method: str = Field(..., description="Adaptation method.")
     mode: str = Field("cache", description="Execution mode it was trained in: cache, images, tail or online.")
     backbone: str = Field(..., description="timm backbone name.")
-    video: dict[str, Any] | None = Field(
+    video: VideoSpec | None = Field(
         None, description="A model trained on videos: its clips (`backbone.video`); predict takes videos. Null: images."
     )
     classes: list[str] = Field(..., description="Class labels (tags, for a multi-label model), in output order.")

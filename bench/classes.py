@@ -127,12 +127,12 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
     stages.end("plot")  # what follows the evaluation in train_job: the metrics, the config and the plots
     files = model_files(out)
     ArtifactStore.from_settings(settings).save_model(
-        f"model_c{args.classes_one}", out["weights"], out["config"], out["metrics"], files
+        f"model_c{args.classes_one}", out["weights"], out["manifest"], out["metrics"], files
     )
     stages.end("save")
     peak.stop()
     m = out["metrics"]
-    features = (m["train_images"] + m["val_images"]) * out["config"]["feature_info"]["dim"] * 4
+    features = (m["train_images"] + m["val_images"]) * out["manifest"].features.dim * 4
     weights = sum(np.asarray(v).nbytes for v in out["weights"].values())
     return {
         "stages": stages.rows,

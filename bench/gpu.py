@@ -292,7 +292,7 @@ def phase_serving(args: argparse.Namespace, res: Results, ext: dict[str, Any]) -
         spec = cache_extract.job_spec(args, "losa", epochs=1, seed=i)
         out = train_job(spec, settings, digits["key"], NullReporter(), args.work / "ckpt" / f"serve-{i}")
         ids.append(f"model_bench{i}")
-        store.save_model(ids[-1], out["weights"], out["config"], out["metrics"])
+        store.save_model(ids[-1], out["weights"], out["manifest"], out["metrics"])
     paths = sorted(Path(args.datasets["photos"]).glob("*/*.jpg"))[: args.serve_requests]
     blobs = [p.read_bytes() for p in paths]
     predictor = Predictor(settings)

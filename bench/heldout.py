@@ -110,7 +110,7 @@ def run_size(args: argparse.Namespace, size: int, seed: int, settings, dataset) 
         FeatureInfo.from_meta(entry.meta, entry.readout(), len(entry.meta["classes"]), entry.meta["token_mode"]),
     )
     with torch.no_grad():
-        features = probe.features(torch.from_numpy(entry.read(None, linear["config"]["input_layers"]))).numpy()
+        features = probe.features(torch.from_numpy(entry.read(None, linear["manifest"].input_layers))).numpy()
     train, val, test = split(labels, 0.2, 0.3, seed)
     row = gridsearch(features, labels, np.concatenate([train, val]), test, seed, torch.get_num_threads())
     rows["scikit-learn GridSearchCV"] = row

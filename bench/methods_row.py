@@ -106,7 +106,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         return result
 
     model_id = f"bench-{method}-{mode}"
-    ArtifactStore.from_settings(config).save_model(model_id, out["weights"], out["config"], m)
+    ArtifactStore.from_settings(config).save_model(model_id, out["weights"], out["manifest"], m)
     del out
     predictor = Predictor(config)
     for batch in batches[: args.warmup]:  # loads the backbone and the (merged) model, warms the allocator

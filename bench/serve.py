@@ -70,7 +70,7 @@ def _register(store, model_id: str, out: dict, method: str, mode: str, backbone:
             "method": method,
             "mode": mode,
             "backbone": backbone,
-            "classes": out["config"]["classes"],
+            "classes": out["manifest"].classes,
             "metrics": out["metrics"],
         }
     )
@@ -86,7 +86,7 @@ def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], 
 
     artifacts = ArtifactStore.from_settings(settings)
     backbone = {"name": args.backbone, "pretrained": False, "image_size": args.image_size}
-    ids, key, config = [], None, {}
+    ids, key, classes = [], None, []
     for seed in range(args.models):
         spec = JobSpec.model_validate(
             {
@@ -101,8 +101,8 @@ def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], 
             common.say("extracting the features once for every model ...")
             key = run_extraction(spec, settings, NullReporter())["cache_key"]
         out, _ = common.train_fresh(spec, settings, key, args.work / "ckpt")
-        model_id, config = f"model_bench_losa_{seed}", out["config"]
-        artifacts.save_model(model_id, out["weights"], config, out["metrics"])
+        model_id, classes = f"model_bench_losa_{seed}", out["manifest"].classes
+        artifacts.save_model(model_id, out["weights"], out["manifest"], out["metrics"])
         _register(store, model_id, out, "losa", "cache", args.backbone)
         ids.append(model_id)
         common.say(f"trained {model_id}: val accuracy {out['metrics']['val_accuracy']:.3f}")
@@ -116,10 +116,10 @@ def train_models(args: argparse.Namespace, settings, store) -> tuple[list[str], 
         }
     )
     out, _ = common.train_fresh(spec, settings, None, args.work / "ckpt")
-    artifacts.save_model("model_bench_lora", out["weights"], out["config"], out["metrics"])
+    artifacts.save_model("model_bench_lora", out["weights"], out["manifest"], out["metrics"])
     _register(store, "model_bench_lora", out, "lora", "images", args.backbone)
     common.say(f"trained model_bench_lora (merged): val accuracy {out['metrics']['val_accuracy']:.3f}")
-    return ids, "model_bench_lora", config["classes"]
+    return ids, "model_bench_lora", classes
 
 
 def _trim() -> None:

@@ -1,6 +1,7 @@
 """The artifact store, on the store (storage/store.py): one folder per model and one per running job's checkpoints.
 
-    models/<model_id>/       weights.safetensors, config.json, metrics.json, any further files of the model
+    models/<model_id>/       weights.safetensors, config.json (the model's manifest: services/models/manifest.py),
+                             metrics.json, any further files of the model
                              (`write_file`: an evaluation report, plots/...), and the completion marker last
     checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/training/checkpoint.py); kept after the
                              job ends for `checkpoint_retention_h` (services/jobs/retention.py removes them)
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 from safetensors.numpy import load, load_file, save, save_file
 
 from storage.faults import Incomplete
@@ -97,15 +99,16 @@ class ArtifactStore:
         self,
         model_id: str,
         weights: dict[str, np.ndarray],
-        config: dict[str, Any],
+        config: BaseModel | dict[str, Any],
         metrics: dict[str, Any],
         files: dict[str, bytes] | None = None,
     ) -> Folder:
-        """Write the model's files (weights, config, metrics, and `files`: name -> bytes), then its marker."""
+        """Write the model's files (weights, config: its manifest, written as JSON; metrics; and `files`: name ->
+        bytes), then its marker."""
         d = self.model(model_id)
         d.write_bytes("weights.safetensors", tensors_to_bytes(weights))
         d.write_json("metrics.json", metrics)
-        d.write_json("config.json", config)
+        d.write_json("config.json", config.model_dump(mode="json") if isinstance(config, BaseModel) else config)
         for name, data in (files or {}).items():
             d.write_bytes(name, data)
         d.seal({"model_id": model_id})
@@ -123,7 +126,8 @@ class ArtifactStore:
         d.check()
 
     def load_model(self, model_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(weights, config) of a complete model; FileNotFoundError or Incomplete otherwise."""
+        """(weights, config as stored: services.models.manifest.migrate reads it) of a complete model;
+        FileNotFoundError or Incomplete otherwise."""
         self.check_model(model_id)
         d = self.model(model_id)
         return tensors_from_bytes(d.read_bytes("weights.safetensors")), d.read_json("config.json")

@@ -111,7 +111,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, redis_url: str, digits_roo
         spec = job_spec(digits_root / "train", method, mode)
         key = run_extraction(spec, settings, NullReporter())["cache_key"] if spec.needs_cache else None
         out = train_job(spec, settings, key, NullReporter(), data / "ckpt" / model_id)
-        artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
+        artifacts.save_model(model_id, out["weights"], out["manifest"], out["metrics"])
     return settings
 
 

@@ -9,7 +9,8 @@
 
 The inference service runs exports (`GET /models/{id}/export`, api/routes/export.py): they need torch, which the
 API never imports. This module is torch-free (the formats' names and the refusal), each format's module imports torch.
-Every format starts from `model.load_trained`: the model as the service predicts with it, in float32 on the CPU.
+Every format starts from `services.models.loading.load_trained`: the model as the service predicts with it (rebuilt
+by the same loader), in float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from services.models.manifest import Manifest
+
 ExportFormat = Literal["timm", "onnx", "adapter"]
 
 
 @dataclass(frozen=True)
 class Format:
-    module: str  # services/export/<module>.py: `refusal(config)` and `write(trained, folder) -> Path`
+    module: str  # services/export/<module>.py: `refusal(manifest)` and `write(trained, folder) -> Path`
     suffix: str
     media_type: str
     description: str
@@ -58,9 +61,9 @@ class ExportError(ValueError):
     """The model cannot be exported in that format; the message says why and what to use instead."""
 
 
-def refusal(config: dict[str, Any], fmt: str) -> str | None:
-    """Why the model of this artifact config cannot be exported as `fmt`, or None. Cheap: nothing is loaded."""
-    return importlib.import_module(f"{__name__}.{FORMATS[fmt].module}").refusal(config)
+def refusal(manifest: Manifest, fmt: str) -> str | None:
+    """Why the model of this manifest cannot be exported as `fmt`, or None. Cheap: nothing is loaded."""
+    return importlib.import_module(f"{__name__}.{FORMATS[fmt].module}").refusal(manifest)
 
 
 @dataclass(frozen=True)
@@ -72,14 +75,14 @@ class Exported:
 
 def export_model(artifacts: Any, settings: Any, model_id: str, fmt: str, folder: Path) -> Exported:
     """Write model `model_id` of the artifact store as `fmt` into `folder`; ExportError when it cannot be."""
-    from services.export.model import trained_model
+    from services.models.loading import load_trained, read_artifact
     from services.paths import UserPaths
 
     spec = FORMATS[fmt]
-    weights, config = artifacts.load_model(model_id)
-    reason = refusal(config, fmt)
+    artifact = read_artifact(artifacts, model_id)
+    reason = refusal(artifact.manifest, fmt)
     if reason:
         raise ExportError(reason)
-    trained = trained_model(model_id, weights, config, UserPaths(settings))
+    trained = load_trained(artifact, UserPaths(settings))
     path = importlib.import_module(f"{__name__}.{spec.module}").write(trained, folder)
     return Exported(path, f"{model_id}{spec.suffix}", spec.media_type)

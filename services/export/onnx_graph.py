@@ -13,27 +13,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import onnx
 import torch
 
 from services.export import ExportError
-from services.export.model import Trained
+from services.models.loading import Trained
+from services.models.manifest import Manifest
 
 MAX_BYTES = 2_000_000_000  # protobuf's limit on one message, less room for the graph
 
 
-def refusal(config: dict[str, Any]) -> str | None:
+def refusal(manifest: Manifest) -> str | None:
     return None  # every method: the side networks are traced with their backbone
 
 
 def metadata(trained: Trained) -> dict[str, str]:
-    config, video = trained.config, trained.config["backbone"].get("video")
+    manifest, video = trained.manifest, trained.manifest.video
     c, h, w = trained.input_shape
     layout = (
         (
-            f"float32 [N, {c}, {h}, {w}]: {video['num_frames']} RGB frames of a clip, sampled as `video` says, "
+            f"float32 [N, {c}, {h}, {w}]: {video.num_frames} RGB frames of a clip, sampled as `video` says, "
             "stacked along the channels (frame-major)"
         )
         if video
@@ -42,22 +42,22 @@ def metadata(trained: Trained) -> dict[str, str]:
     props = {
         "model_id": trained.model_id,
         "classes": json.dumps(trained.classes),
-        "preprocessing": json.dumps(trained.backbone.data_config),
-        "method": json.dumps(config["method"]),
-        "backbone": json.dumps(config["backbone"]),
+        "preprocessing": json.dumps(manifest.preprocessing.data_config()),
+        "method": manifest.method.model_dump_json(),
+        "backbone": manifest.backbone.model_dump_json(),
         "pixel_values": f"{layout}, each image resized and cropped as `preprocessing` says, scaled to [0, 1], then "
         "normalised: (x - mean) / std",
         "logits": f"float32 [N, {len(trained.classes)}]: one logit per class of `classes`; softmax gives predict's "
         "scores",
     }
-    if config.get("multi_label"):
+    if manifest.multi_label:
         props["logits"] = (
             f"float32 [N, {len(trained.classes)}]: one logit per tag of `classes`; a sigmoid gives "
             "predict's scores, and a tag is predicted from `threshold` on"
         )
-        props["multi_label"], props["threshold"] = "true", json.dumps(config.get("threshold"))
+        props["multi_label"], props["threshold"] = "true", json.dumps(manifest.threshold)
     if video:
-        props["video"] = json.dumps(video)
+        props["video"] = video.model_dump_json()
     return props
 
 

@@ -24,36 +24,37 @@ from timm.models import save_for_hf
 from torch import nn
 
 from services.export import ExportError
-from services.export.model import SideClassifier, Trained
+from services.models.loading import SideClassifier, Trained
+from services.models.manifest import Manifest
 
 TIMM_POOL = {"cls": "token", "mean": "avg"}  # a readout pooling -> the timm global_pool that computes the same
 
 
-def _linear_pool(config: dict[str, Any]) -> str:
-    pool = config["method"].get("pool", "auto")
+def _linear_pool(manifest: Manifest) -> str:
+    pool = manifest.method.pool
     if pool == "auto":
-        pool = "cls" if config["feature_info"]["global_pool"] == "token" else "mean"
+        pool = "cls" if manifest.features.global_pool == "token" else "mean"
     return pool
 
 
-def refusal(config: dict[str, Any]) -> str | None:
-    name = config["method"]["name"]
-    if config["backbone"].get("video"):
+def refusal(manifest: Manifest) -> str | None:
+    name = manifest.method.name
+    if manifest.video is not None:
         return (
             "a video model runs on a ViViT built from the image ViT (backbone.video), which is not a timm "
             "architecture; export `onnx` or `adapter`"
         )
-    if config.get("kind", "side") != "side":
+    if manifest.kind != "side":
         return None
     if name != "linear":
         return (
             f"{name} is a side network on the backbone's activations, not part of a timm ViT; export `onnx` (one "
             "graph) or `adapter`"
         )
-    pool, info = _linear_pool(config), config["feature_info"]
-    if TIMM_POOL.get(pool) != info["global_pool"]:
+    pool, head = _linear_pool(manifest), manifest.features.global_pool
+    if TIMM_POOL.get(pool) != head:
         return (
-            f"this linear probe pools `{pool}` while the backbone's timm head pools `{info['global_pool']}`, so "
+            f"this linear probe pools `{pool}` while the backbone's timm head pools `{head}`, so "
             "no timm checkpoint computes it; export `onnx` or `adapter`"
         )
     return None
@@ -88,15 +89,16 @@ def _check_plain(vit: nn.Module, name: str, num_classes: int, model_args: dict[s
 
 
 def _readme(trained: Trained, model_args: dict[str, Any]) -> str:
-    name, c = trained.config["backbone"]["name"], len(trained.classes)
+    manifest = trained.manifest
+    name, c = manifest.backbone.name, len(trained.classes)
     extra = "".join(f", {k}={v!r}" for k, v in model_args.items())
     scores = "Scores: `logits.softmax(-1)`."
-    if trained.config.get("multi_label"):
+    if manifest.multi_label:
         scores = (
-            f"Multi-label: `logits.sigmoid()` per tag; a tag is predicted from {trained.config.get('threshold')} "
+            f"Multi-label: `logits.sigmoid()` per tag; a tag is predicted from {manifest.threshold} "
             "on (`sidetune.json`)."
         )
-    return f"""# {trained.model_id}: {trained.config["method"]["name"]} on {name}, {c} classes (a plain timm ViT)
+    return f"""# {trained.model_id}: {manifest.method.name} on {name}, {c} classes (a plain timm ViT)
 
 ```python
 import json, timm, torch
@@ -116,10 +118,11 @@ classes = config["label_names"]
 
 
 def write(trained: Trained, folder: Path) -> Path:
-    vit = trained.module if trained.config.get("kind", "side") != "side" else _linear_vit(trained)
-    spec = trained.config["backbone"]
-    model_args = {"img_size": spec["image_size"]} if spec.get("image_size") else {}
-    _check_plain(vit, spec["name"], len(trained.classes), model_args)
+    manifest = trained.manifest
+    vit = trained.module if manifest.kind != "side" else _linear_vit(trained)
+    spec = manifest.backbone
+    model_args = {"img_size": spec.image_size} if spec.image_size else {}
+    _check_plain(vit, spec.name, len(trained.classes), model_args)
     out = folder / "timm"
     save_for_hf(
         vit,
@@ -127,15 +130,15 @@ def write(trained: Trained, folder: Path) -> Path:
         model_config={"label_names": trained.classes},
         model_args=model_args or None,
         safe_serialization=True,
-        data_config=dict(trained.backbone.data_config),
+        data_config=manifest.preprocessing.data_config(),
     )
     (out / "README.md").write_text(_readme(trained, model_args))
     sidetune = {
         "model_id": trained.model_id,
-        "method": trained.config["method"],
-        "backbone": spec,
-        "multi_label": trained.config.get("multi_label", False),
-        "threshold": trained.config.get("threshold"),
+        "method": manifest.method.model_dump(mode="json"),
+        "backbone": spec.model_dump(mode="json"),
+        "multi_label": manifest.multi_label,
+        "threshold": manifest.threshold,
     }
     (out / "sidetune.json").write_text(json.dumps(sidetune, indent=2))
     path = folder / "model-timm.zip"

@@ -15,6 +15,7 @@ from typing import Any
 from services.errors import classify, internal_message, named, reference, transient
 from services.jobs import quotas
 from services.jobs.progress import Cancelled, JobReporter
+from services.models.manifest import Manifest
 from services.spec import JobSpec
 from services.training import reports
 from storage.artifacts import ArtifactStore
@@ -361,9 +362,9 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
                     )
                 out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt)
             files = model_files(out)
-            artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"], files)
+            artifacts.save_model(model_id, out["weights"], out["manifest"], out["metrics"], files)
         artifacts.check_model(model_id)
-        config = artifacts.read_json(model_id, "config.json")
+        manifest = Manifest.from_artifact(artifacts, model_id)
         metrics = artifacts.read_json(model_id, "metrics.json")
         report = artifacts.read_json(model_id, "evaluation.json")
         size = sum(artifacts.model(model_id).files().values())  # counts against the key's models quota
@@ -379,13 +380,13 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
             "job_id": job_id,
             "owner": job.get("owner"),
             "name": spec.name,
-            "method": config["method"]["name"],
-            "mode": spec.mode,
-            "backbone": spec.backbone.name,
-            "video": spec.backbone.video.model_dump() if spec.backbone.video else None,
-            "classes": config["classes"],
-            "multi_label": config.get("multi_label", False),
-            "threshold": config.get("threshold"),
+            "method": manifest.method.name,
+            "mode": manifest.mode,
+            "backbone": manifest.backbone.name,
+            "video": manifest.video.model_dump() if manifest.video else None,
+            "classes": manifest.classes,
+            "multi_label": manifest.multi_label,
+            "threshold": manifest.threshold,
             "metrics": metrics,
             "evaluation": {"split": report["split"], "images": report["images"], **report["metrics"]},
             "plots": sorted(PLOTS),

@@ -8,7 +8,8 @@ for a model trained on clips (services/video/serving.py decodes them as its trai
   many requests through a backbone once for all side models on it, each reading only its own requests' rows
   (services/serving/batching.py gathers concurrent requests for it; `predict_many` runs each image once for several
   models).
-- Adapted models (APLA, ARC, LoRA, full) are merged into a plain ViT at load time, built on a float32 copy on the
+- Models are rebuilt from their artifacts by services/models/loading.py (`load_trained`, as the exporters do).
+  Adapted models (APLA, ARC, LoRA, full) are merged into a plain ViT at load time, built on a float32 copy on the
   CPU (the method folds its weights as it did in training). The merged ViT then keeps only the tensors that differ
   from its backbone's, in the serving dtype: every other parameter IS the backbone's tensor, so a merged model costs
   what it changed and one backbone forward per image.
@@ -19,33 +20,31 @@ for a model trained on clips (services/video/serving.py decodes them as its trai
 - `load` is thread-safe and runs on the caller's thread: the inference service calls it from a loader thread, never
   from the batching one, so a cold load does not stall warm models; concurrent loads of one model load it once.
 - A backbone's weights are checked against the hash recorded at training time, so a model never silently runs on
-  other weights. A model whose artifact is not whole on the store raises `Incomplete`, and is never half-loaded.
+  other weights (`BackboneChanged`, 409). A model whose artifact is not whole on the store raises `Incomplete`, and
+  is never half-loaded.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from functools import partial
+from functools import cached_property, partial
 from itertools import chain
 from typing import Any
 
 import numpy as np
 import torch
-from pydantic import TypeAdapter
 
-from services import methods
-from services.backbones import PRECISIONS, Backbone, load_backbone, resolve_precision
+from services.backbones import PRECISIONS, Backbone, resolve_precision
 from services.data.datasets import DatasetError, load_image
 from services.data.images import draft_size
-from services.methods.readout import FeatureInfo, Readout
+from services.models.loading import load_backbone_for, load_trained, read_artifact
+from services.models.manifest import Manifest
 from services.paths import UserPaths
-from services.spec import BackboneSpec
 from storage.artifacts import ArtifactStore
 from storage.cache import pool_tokens
 from storage.settings import Settings
@@ -71,18 +70,24 @@ class LoadedModel:
         self,
         model_id: str,
         module: torch.nn.Module,
-        config: dict[str, Any],
+        manifest: Manifest,
         backbone: Backbone,
         backbone_key: tuple,
         nbytes: int,
     ) -> None:
-        self.id, self.module, self.config, self.backbone = model_id, module, config, backbone
-        self.classes: list[str] = config["classes"]
-        self.kind: str = config.get("kind", "side")
-        self.multi_label: bool = config.get("multi_label", False)
-        self.threshold: float | None = config.get("threshold")
+        self.id, self.module, self.manifest, self.backbone = model_id, module, manifest, backbone
+        self.classes: list[str] = manifest.classes
+        self.kind: str = manifest.kind
+        self.multi_label: bool = manifest.multi_label
+        self.threshold: float | None = manifest.threshold
         self.backbone_key = backbone_key  # (name, weights hash, preprocessing, precision)
         self.nbytes = nbytes  # what the model holds beyond its backbone
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The manifest as its `config.json` holds it, for the code that still reads it by key (`run`, `decode_for`,
+        api/routes/predict.py); new code reads `manifest`."""
+        return self.manifest.to_dict()
 
 
 Request = tuple[LoadedModel, torch.Tensor]  # a model and its images, transformed: [n, 3, H, W] on the CPU (clips:
@@ -242,50 +247,29 @@ class Predictor:
                 "budget": self.memory_bytes,
             }
 
-    def _backbone(self, config: dict[str, Any]) -> tuple[tuple, Backbone]:
-        spec = BackboneSpec.model_validate(config["backbone"])
-        precision = resolve_precision(self.precision or spec.precision, self.device)
-        key = (spec.name, config["weights_hash"], str(config["data_config"]), precision)
+    def _backbone(self, manifest: Manifest) -> tuple[tuple, Backbone]:
+        precision = resolve_precision(self.precision or manifest.backbone.precision, self.device)
+        key = (manifest.backbone.name, manifest.weights_hash, str(manifest.preprocessing.data_config()), precision)
         with self._backbone_lock:
             backbone = self._alive.get(key)
-            if backbone is None:
-                ckpt = UserPaths(self.settings).checkpoint(spec)  # checked again: the file may have moved
-                backbone = load_backbone(spec, self.device, ckpt, precision)  # weights cast to the serving dtype
-                if backbone.weights_hash != config["weights_hash"]:
-                    raise RuntimeError(f"backbone {spec.name} now has other weights than the model was trained on")
+            if backbone is None:  # its checkpoint file checked again (it may have moved), in the serving dtype
+                backbone = load_backbone_for(manifest, UserPaths(self.settings), self.device, precision)
                 self._alive[key] = backbone
             return key, backbone
 
     def _load(self, model_id: str) -> LoadedModel:
-        weights, config = self.artifacts.load_model(model_id)
-        method_config = TypeAdapter(methods.MethodConfig).validate_python(config["method"])
-        state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-        key, backbone = self._backbone(config)
-        if config.get("kind", "side") == "side":
-            info = FeatureInfo(**config["feature_info"], readout=Readout.tensors_from_state(weights))
-            module = methods.build(method_config, info)
-            module.load_trainable(state)
-            module = module.to(self.device).eval()
-            return LoadedModel(model_id, module, config, backbone, key, tensor_bytes(module))
-        module, nbytes = self._merged(backbone, method_config, config, state)
-        return LoadedModel(model_id, module, config, backbone, key, nbytes)
+        artifact = read_artifact(self.artifacts, model_id)
+        key, backbone = self._backbone(artifact.manifest)
+        trained = load_trained(artifact, backbone=backbone, shared=True)
+        if trained.side is not None:  # run() taps the shared backbone once for every side model on it
+            module = trained.side.to(self.device).eval()
+            return LoadedModel(model_id, module, artifact.manifest, backbone, key, tensor_bytes(module))
+        module, nbytes = self._share(trained.module, backbone)
+        return LoadedModel(model_id, module, artifact.manifest, backbone, key, nbytes)
 
-    def _merged(
-        self, backbone: Backbone, method_config: Any, config: dict[str, Any], state: dict[str, torch.Tensor]
-    ) -> tuple[torch.nn.Module, int]:
-        """The merged ViT of an adapted model, sharing every tensor it did not change with the backbone; returns it
-        and the bytes of the tensors it owns."""
-        # Build and merge on a float32 CPU copy (methods merge in place), with the backbone's modules deep-copied
-        # but its tensors replaced by float32 copies through deepcopy's memo.
-        memo: dict[int, Any] = {}
-        for _, t in _tensors(backbone.model):
-            cpu = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True)
-            memo[id(t)] = torch.nn.Parameter(cpu, requires_grad=False) if isinstance(t, torch.nn.Parameter) else cpu
-        vit = copy.deepcopy(backbone.model, memo)
-        adapted = methods.build(method_config, vit, len(config["classes"]), config["tail_blocks"])
-        adapted.load_trainable(state)
-        merged = adapted.merge().eval()  # a plain ViT: inference costs one backbone forward
-
+    def _share(self, merged: torch.nn.Module, backbone: Backbone) -> tuple[torch.nn.Module, int]:
+        """A merged ViT (float32, on the CPU) on the device, sharing every tensor it did not change with the backbone
+        and holding the others in the serving dtype; returns it and the bytes of the tensors it owns."""
         reference = dict(_tensors(backbone.model))
         params = {name for name, _ in merged.named_parameters()}
         owned = 0

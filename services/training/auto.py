@@ -39,12 +39,12 @@ def train_auto(
         reporter.event(f"method auto: training {method['name']} from the feature cache")
         folder = as_folder(checkpoint_dir).child(method["name"])
         outs.append(train_job(candidate, settings, cache_key, reporter, folder))
-    metric = "val_map" if outs[0]["config"]["multi_label"] else "val_accuracy"
+    metric = "val_map" if outs[0]["manifest"].multi_label else "val_accuracy"
     test = metric.replace("val_", "test_")
     best = max(range(len(outs)), key=lambda i: (outs[i]["metrics"][metric], -i))  # a tie: the earlier (the probe)
     rows = [
         {
-            "method": out["config"]["method"]["name"],
+            "method": out["manifest"].method.name,
             metric: out["metrics"][metric],
             **({test: out["metrics"][test]} if test in out["metrics"] else {}),
             "train_seconds": out["metrics"]["train_seconds"],

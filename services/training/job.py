@@ -30,6 +30,7 @@ from services.data.loading import loader_workers
 from services.data.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source
 from services.jobs.progress import Reporter
 from services.methods.readout import FeatureInfo
+from services.models.manifest import Manifest
 from services.paths import UserPaths
 from services.spec import JobSpec
 from services.sweeps.grid import check_size
@@ -213,7 +214,8 @@ def train_job(
 ) -> dict[str, Any]:
     """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train,
     select on validation, evaluate the selected model once on the test split (else on validation, named so);
-    returns {"weights", "config", "metrics", "evaluation", "plots"} for the artifact store."""
+    returns {"weights", "manifest" (services/models/manifest.py), "metrics", "evaluation", "plots"} for the artifact
+    store."""
     from services.training import evaluation, plots
 
     if spec.method.name == "auto":
@@ -380,32 +382,31 @@ def train_job(
     if name == "test":
         metrics |= report["metrics"]
 
-    config = {
-        "method": best.method.model_dump(),
-        "kind": kind,
-        "mode": spec.mode,
-        "tail_blocks": spec.execution.tail_blocks if spec.mode == "tail" else None,
-        "backbone": spec.backbone.model_dump(),
-        "weights_hash": data.meta["weights_hash"],
-        "data_config": data.meta["data_config"],
-        "feature_info": {
+    manifest = Manifest(
+        method=best.method,
+        kind=kind,
+        mode=spec.mode,
+        tail_blocks=spec.execution.tail_blocks if spec.mode == "tail" else None,
+        backbone=spec.backbone,
+        weights_hash=data.meta["weights_hash"],
+        preprocessing=data.meta["data_config"],
+        features={
             **{k: data.meta[k] for k in FEATURE_KEYS},
             "temporal": data.meta.get("temporal"),
             "tokens": data.meta["tokens"] if data.tokens == "all" else 1,
-            "num_classes": len(data.classes),
             "token_mode": data.tokens,
         },
-        "input_layers": model.input_layers if kind == "side" else None,
-        "input_tokens": data.tokens if kind == "side" else None,
-        "classes": data.classes,
-        "multi_label": objective.multi_label,
-        "threshold": threshold,
-        "hyperparameters": best_hp,
-        "cache_key": cache_key if data.entry is not None else None,
-    }
+        input_layers=model.input_layers if kind == "side" else None,
+        input_tokens=data.tokens if kind == "side" else None,
+        classes=data.classes,
+        multi_label=objective.multi_label,
+        threshold=threshold,
+        hyperparameters=best_hp,
+        cache_key=cache_key if data.entry is not None else None,
+    )
     return {
         "weights": res.state,
-        "config": config,
+        "manifest": manifest,
         "metrics": metrics,
         "evaluation": report,
         "plots": plots.for_job(metrics, report, metric),

@@ -56,7 +56,7 @@ def test_a_vit_without_class_token_trains_with_mean_pooling(settings, digits_roo
     )
     result = run_extraction(spec, settings, NullReporter())
     out = train_job(spec, settings, result["cache_key"], NullReporter(), settings.data_path / "ckpt")
-    assert out["config"]["feature_info"]["num_prefix_tokens"] == 0 and out["config"]["input_tokens"] == "mean"
+    assert out["manifest"].features.num_prefix_tokens == 0 and out["manifest"].input_tokens == "mean"
     assert 0.0 <= out["metrics"]["val_accuracy"] <= 1.0
 
 

@@ -20,9 +20,10 @@ import torch
 
 from services.export import ExportError, export_model
 from services.export.adapter import load_adapter
-from services.export.model import trained_model
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
+from services.models.loading import load_trained, read_artifact
+from services.models.manifest import Manifest
 from services.paths import UserPaths
 from services.serving.inference import Predictor, tensor_bytes
 from services.spec import JobSpec
@@ -80,7 +81,7 @@ def served(trained: Settings, digits_root: Path, videos: Path) -> Settings:
     for model_id, spec in specs.items():
         key = run_extraction(spec, settings, NullReporter())["cache_key"] if spec.needs_cache else None
         out = train_job(spec, settings, key, NullReporter(), settings.data_path / "ckpt" / model_id)
-        artifacts.save_model(model_id, out["weights"], out["config"], out["metrics"])
+        artifacts.save_model(model_id, out["weights"], out["manifest"], out["metrics"])
     return settings
 
 
@@ -109,9 +110,13 @@ def figures(test_artifacts: Path):
 
 
 def _torch_logits(served: Settings, model_id: str, x: torch.Tensor) -> np.ndarray:
-    weights, config = ArtifactStore.from_settings(served).load_model(model_id)
+    artifact = read_artifact(ArtifactStore.from_settings(served), model_id)
     with torch.inference_mode():
-        return trained_model(model_id, weights, config, UserPaths(served)).module(x).numpy()
+        return load_trained(artifact, UserPaths(served)).module(x).numpy()
+
+
+def _manifest(served: Settings, model_id: str) -> Manifest:
+    return Manifest.from_artifact(ArtifactStore.from_settings(served), model_id)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -133,9 +138,9 @@ def test_onnx_reproduces_torch_and_predict(model_id, served, service, figures, t
     assert diff <= 1e-4 and np.abs(one - reference[:1]).max() <= 1e-4
     np.testing.assert_allclose(_softmax(got), probs, atol=1e-5)  # predict's scores, rounded to 6 decimals
     meta = {p.key: p.value for p in onnx.load(str(out.path), load_external_data=False).metadata_props}
-    config = ArtifactStore.from_settings(served).load_model(model_id)[1]
-    assert json.loads(meta["classes"]) == config["classes"] and meta["model_id"] == model_id
-    assert json.loads(meta["preprocessing"]) == config["data_config"]
+    manifest = _manifest(served, model_id)
+    assert json.loads(meta["classes"]) == manifest.classes and meta["model_id"] == model_id
+    assert json.loads(meta["preprocessing"]) == manifest.preprocessing.data_config()
     assert ("video" in meta) == (model_id in VIDEO)
     figures.setdefault(model_id, {})["onnx_vs_torch_logits"] = diff
     figures[model_id]["onnx_vs_predict_probs"] = float(np.abs(_softmax(got) - probs).max())
@@ -194,7 +199,7 @@ def test_timm_checkpoints_load_without_sidetune(served, service, images, figures
         x, probs = service[model_id]
         reference = _torch_logits(served, model_id, x)
         got = loaded[str(folder)]
-        assert got["classes"] == ArtifactStore.from_settings(served).load_model(model_id)[1]["classes"]
+        assert got["classes"] == _manifest(served, model_id).classes
         for route in ("by_name", "local_dir"):
             logits = np.array(got[route], dtype=np.float32)
             diff = float(np.abs(logits - reference).max())
@@ -225,7 +230,7 @@ def test_adapter_rebuilds_the_model(model_id, served, service, figures, tmp_path
         logits = model(x).numpy()
     reference = _torch_logits(served, model_id, x)
     diff = float(np.abs(logits - reference).max())
-    assert diff <= 1e-6 and model.classes == ArtifactStore.from_settings(served).load_model(model_id)[1]["classes"]
+    assert diff <= 1e-6 and model.classes == _manifest(served, model_id).classes
     np.testing.assert_allclose(_softmax(logits), probs, atol=1e-5)
     figures.setdefault(model_id, {})["adapter_vs_torch_logits"] = diff
     with zipfile.ZipFile(out.path) as z:

@@ -111,8 +111,8 @@ def test_extract_then_train(
     assert metrics["train_images"] + metrics["val_images"] == n
     assert metrics["val_accuracy"] > min_accuracy  # chance is 0.1
     assert (metrics["side_params"] > 0) == (method["name"] == "losa")
-    assert out["config"]["classes"] == entry.meta["classes"]
-    assert out["config"]["input_layers"] == ([5] if method["name"] == "linear" else list(range(6)))
+    assert out["manifest"].classes == entry.meta["classes"]
+    assert out["manifest"].input_layers == ([5] if method["name"] == "linear" else list(range(6)))
     # epochs are checkpointed; the linear probe's L-BFGS solve is one quick step, not checkpointed
     assert (tmp_path / "ckpt" / "checkpoint.json").exists() == (method["name"] == "losa")
 
@@ -217,22 +217,22 @@ def test_predictor_round_trip(settings: Settings, digits: Path, tmp_path: Path) 
     entry = entry_of(settings, run_extraction(spec, settings, NullReporter()))
     out = train(settings, spec, entry, NullReporter(), tmp_path / "ckpt", 512)
     artifacts = ArtifactStore.from_settings(settings)
-    artifacts.save_model("model_losa", out["weights"], out["config"], out["metrics"])
+    artifacts.save_model("model_losa", out["weights"], out["manifest"], out["metrics"])
     linear_spec = job_spec(digits, {"name": "linear"}, {"epochs": 2})
     lin = train(settings, linear_spec, entry, NullReporter(), tmp_path / "ckpt_lin", 512)
-    artifacts.save_model("model_linear", lin["weights"], lin["config"], lin["metrics"])
+    artifacts.save_model("model_linear", lin["weights"], lin["manifest"], lin["metrics"])
 
     dataset = read_imagefolder(digits)
     indices = np.arange(0, len(dataset), len(dataset) // 10)[:10]  # spread over the classes
     images = [png_bytes(dataset.paths[i]) for i in indices]
 
     # the same module, applied to the cached (float16) activations of those images
-    classes = out["config"]["classes"]
+    classes = out["manifest"].classes
     module = methods.build(spec.method, FeatureInfo.from_meta(entry.meta, entry.readout(), len(classes)))
     module.load_trainable(to_torch(out["weights"]))
     module.eval()
     with torch.inference_mode():
-        probs = module(torch.from_numpy(entry.read(indices, out["config"]["input_layers"]))).softmax(-1).numpy()
+        probs = module(torch.from_numpy(entry.read(indices, out["manifest"].input_layers))).softmax(-1).numpy()
 
     predictor = Predictor(settings)
     preds = predictor.predict("model_losa", images)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pydantic import TypeAdapter
 
 from services import methods
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
+from services.models.loading import read_artifact
 from services.serving.inference import Predictor, serving_dtype, tensor_bytes
 from services.training.job import train_job
 from storage.artifacts import ArtifactStore, Incomplete
@@ -47,10 +47,10 @@ def test_a_merged_model_shares_what_it_did_not_change(trained: Settings, images:
     assert side.nbytes == tensor_bytes(side.module) and side.backbone is lora.backbone  # one backbone for both
 
     # what a whole merged copy of the backbone predicts (the former way), and the backbone left untouched
-    weights, config = ArtifactStore.from_settings(trained).load_model("model_lora")
-    method = TypeAdapter(methods.MethodConfig).validate_python(config["method"])
-    whole = methods.build(method, copy.deepcopy(vit), len(config["classes"]), config["tail_blocks"])
-    whole.load_trainable({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
+    artifact = read_artifact(ArtifactStore.from_settings(trained), "model_lora")
+    manifest = artifact.manifest
+    whole = methods.build(manifest.method, copy.deepcopy(vit), len(manifest.classes), manifest.tail_blocks)
+    whole.load_trainable({k: torch.from_numpy(np.array(v)) for k, v in artifact.weights.items()})
     merged = whole.merge().eval()
     _, x = predictor.prepare("model_lora", images)
     with torch.inference_mode():
@@ -68,7 +68,7 @@ def other_backbone(trained: Settings, digits_root: Path) -> str:
     spec = job_spec(digits_root / "train", {"name": "linear"}, "cache", image_size=64)
     key = run_extraction(spec, trained, NullReporter())["cache_key"]
     out = train_job(spec, trained, key, NullReporter(), trained.data_path / "ckpt" / "model_linear64")
-    ArtifactStore.from_settings(trained).save_model("model_linear64", out["weights"], out["config"], out["metrics"])
+    ArtifactStore.from_settings(trained).save_model("model_linear64", out["weights"], out["manifest"], out["metrics"])
     return "model_linear64"
 
 

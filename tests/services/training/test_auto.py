@@ -36,14 +36,14 @@ def test_auto_keeps_the_better_on_validation_and_reports_both(digits_root: Path,
     assert [r["method"] for r in rows] == ["linear", "losa"] and m["auto"]["by"] == "val_accuracy"
     # the validation figure chooses (a tie keeps the probe); the test split is reported for both and chooses nothing
     best = max(rows, key=lambda r: (r["val_accuracy"], r["method"] == "linear"))
-    assert m["auto"]["selected"] == best["method"] == out["config"]["method"]["name"]
+    assert m["auto"]["selected"] == best["method"] == out["manifest"].method.name
     assert m["val_accuracy"] == best["val_accuracy"] and m["test_accuracy"] == best["test_accuracy"]
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows)
     assert m["train_seconds"] == pytest.approx(sum(r["train_seconds"] for r in rows), abs=2e-3)
     losa = next(r for r in rows if r["method"] == "losa")
     assert losa["val_accuracy"] > 0
     # one cache for both (LoSA's layers and tokens hold the probe's); each candidate checkpoints in its own folder
-    assert extracted["cache_key"] == out["config"]["cache_key"]
+    assert extracted["cache_key"] == out["manifest"].cache_key
     assert (tmp_path / "ckpt" / "losa" / "checkpoint.safetensors").exists()
     assert any("method auto: " in e["message"] and " kept (" in e["message"] for e in reporter.events)
 

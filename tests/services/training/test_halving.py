@@ -92,7 +92,7 @@ def test_stopped_configurations_never_become_the_model(
     assert all(len(e["history"]) == e["stopped_after_epoch"] for e in stopped)
     survivor = next(e for e in m["sweep"] if "stopped_after_epoch" not in e)
     assert len(survivor["history"]) == 4 and m["selected"] == survivor["config"]
-    assert out["config"]["hyperparameters"]["lr"] == survivor["config"]["lr"]
+    assert out["manifest"].hyperparameters["lr"] == survivor["config"]["lr"]
     assert m["val_accuracy"] == survivor["val_accuracy"]
     assert any(
         "early termination after epoch 1: 2 of 4 configurations stopped" in e["message"] for e in reporter.events

@@ -54,7 +54,7 @@ def test_a_separate_test_set_is_scored_as_predict_scores_it(
     assert report["split"] == "test" and report["images"] == m["test_images"] == len(test)
     assert m["train_images"] + m["val_images"] == len(read_imagefolder(digits_root / "train"))
 
-    ArtifactStore.from_settings(settings).save_model("model_t", out["weights"], out["config"], m)
+    ArtifactStore.from_settings(settings).save_model("model_t", out["weights"], out["manifest"], m)
     predictions = Predictor(settings).predict("model_t", [png_bytes(p) for p in test.paths])
     served = np.mean([p["label"] == test.classes[y] for p, y in zip(predictions, test.labels, strict=True)])
     assert m["test_accuracy"] == pytest.approx(served, abs=1 / len(test) + 1e-9)  # batches may round differently
@@ -77,11 +77,11 @@ def test_the_test_split_is_read_as_evaluated_not_augmented(settings: Settings, d
     test_idx = split(data.labels, job.dataset.val_fraction, 0.3, job.dataset.split_seed)[2]
     assert out["evaluation"]["split"] == "test" and out["evaluation"]["images"] == len(test_idx)
 
-    ArtifactStore.from_settings(settings).save_model("model_aug", out["weights"], out["config"], out["metrics"])
+    ArtifactStore.from_settings(settings).save_model("model_aug", out["weights"], out["manifest"], out["metrics"])
     predictions = Predictor(settings).predict("model_aug", [png_bytes(data.paths[i]) for i in test_idx])
     served = confusion_matrix(
         data.labels[test_idx],
-        [out["config"]["classes"].index(p["label"]) for p in predictions],
+        [out["manifest"].classes.index(p["label"]) for p in predictions],
         labels=range(len(data.classes)),
     )
     # the same predictions, but for at most one image whose top two scores another batching may swap (read through

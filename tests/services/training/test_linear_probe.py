@@ -79,7 +79,7 @@ def test_linear_probe_matches_scikit_learn_on_held_out_digits(
     info = FeatureInfo.from_meta(entry.meta, entry.readout(), 10, entry.meta["token_mode"])
     probe = methods.build(spec.method, info)
     with torch.no_grad():
-        cached = torch.from_numpy(entry.read(None, out["config"]["input_layers"]))
+        cached = torch.from_numpy(entry.read(None, out["manifest"].input_layers))
         features = probe.readout(cached[:, -1].float()).numpy()
     train, val, test = split(labels, 0.2, 0.3, 0)
     assert (m["train_images"], m["val_images"], m["test_images"]) == (len(train), len(val), len(test))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from services import methods
 from services.backbones import load_backbone
@@ -20,7 +20,7 @@ from services.data.datasets import read_imagefolder
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
 from services.serving.inference import Predictor
-from services.spec import BackboneSpec, JobSpec
+from services.spec import JobSpec
 from services.training.job import to_torch, train_job
 from storage.artifacts import ArtifactStore
 from storage.settings import Settings
@@ -67,23 +67,23 @@ def test_online_losa_needs_no_cache_and_serves(settings: Settings, digits: Path,
     out = train_job(spec, settings, None, reporter, tmp_path / "ckpt")
     assert any("backbone forward every step" in e["message"] for e in reporter.events)
     assert not settings.cache_dir.exists() or not any(settings.cache_dir.iterdir())  # nothing was cached
-    assert out["config"]["mode"] == "online" and out["config"]["cache_key"] is None
+    assert out["manifest"].mode == "online" and out["manifest"].cache_key is None
     assert out["metrics"]["val_accuracy"] > 0.2  # chance is 0.1
-    ArtifactStore.from_settings(settings).save_model("model_online", out["weights"], out["config"], out["metrics"])
+    ArtifactStore.from_settings(settings).save_model("model_online", out["weights"], out["manifest"], out["metrics"])
     preds = Predictor(settings).predict("model_online", [png_bytes(p) for p in read_imagefolder(digits).paths[:3]])
-    assert len(preds) == 3 and all(p["label"] in out["config"]["classes"] for p in preds)
+    assert len(preds) == 3 and all(p["label"] in out["manifest"].classes for p in preds)
 
 
 def _unmerged_logits(settings: Settings, out: dict, images: torch.Tensor) -> torch.Tensor:
     """The trained module before merging, rebuilt from the saved weights, on images."""
-    cfg = out["config"]
-    backbone = load_backbone(BackboneSpec.model_validate(cfg["backbone"]))
-    method = TypeAdapter(methods.MethodConfig).validate_python(cfg["method"])
-    model = methods.build(method, copy.deepcopy(backbone.model), len(cfg["classes"]), cfg["tail_blocks"])
+    manifest = out["manifest"]
+    backbone = load_backbone(manifest.backbone)
+    method = manifest.method
+    model = methods.build(method, copy.deepcopy(backbone.model), len(manifest.classes), manifest.tail_blocks)
     model.load_trainable(to_torch(out["weights"]))
     model.eval()
     with torch.inference_mode():
-        if cfg["tail_blocks"] is None:
+        if manifest.tail_blocks is None:
             return model(images)
         return model(backbone.intermediates(images, model.input_layers))
 
@@ -105,13 +105,13 @@ def test_adapted_methods_train_and_serve_merged(
     cache_key = run_extraction(spec, settings, NullReporter())["cache_key"] if spec.needs_cache else None
     reporter = NullReporter()
     out = train_job(spec, settings, cache_key, reporter, tmp_path / "ckpt")
-    assert out["config"]["mode"] == mode and out["config"]["kind"] == "adapted"
+    assert out["manifest"].mode == mode and out["manifest"].kind == "adapted"
     assert out["metrics"]["side_params"] > 0  # learning itself is tested in test_learning.py
     if mode == "tail":
-        assert out["config"]["tail_blocks"] == 2
+        assert out["manifest"].tail_blocks == 2
         # no frozen backbone weights are stored, only what the method trained (plus its buffers) and the head
         assert not any(k.startswith("vit.patch_embed") for k in out["weights"])
-    ArtifactStore.from_settings(settings).save_model("model_x", out["weights"], out["config"], out["metrics"])
+    ArtifactStore.from_settings(settings).save_model("model_x", out["weights"], out["manifest"], out["metrics"])
 
     paths = read_imagefolder(digits).paths[:6]
     predictor = Predictor(settings)
@@ -119,6 +119,6 @@ def test_adapted_methods_train_and_serve_merged(
     backbone = predictor.load("model_x").backbone
     images = torch.stack([backbone.transform(Image.open(p).convert("RGB")) for p in paths])
     expected = _unmerged_logits(settings, out, images).softmax(-1).numpy()
-    classes = out["config"]["classes"]
+    classes = out["manifest"].classes
     got = np.array([[p["scores"][c] for c in classes] for p in preds])
     np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -266,8 +266,8 @@ def test_a_sweep_reads_each_batch_once_for_every_configuration(
     assert all(len(e["history"]) == 2 and e["history"][-1]["lr"] >= 0 for e in m["sweep"])
     best = max(m["sweep"], key=lambda e: (e["val_accuracy"], -e["val_loss"]))
     assert m["selected"] == best["config"] and m["val_accuracy"] == best["val_accuracy"]
-    assert out["config"]["method"]["rank"] == best["config"]["rank"]
-    assert out["config"]["hyperparameters"]["lr"] == best["config"]["lr"]
+    assert out["manifest"].method.rank == best["config"]["rank"]
+    assert out["manifest"].hyperparameters["lr"] == best["config"]["lr"]
     # a configuration of the sweep trains as the same job alone (same initial weights, same batches)
     alone = next(e for e in m["sweep"] if e["config"] == {"lr": 0.05, "rank": 4})
     for ours, theirs in zip(untimed(alone["history"]), untimed(one["metrics"]["history"]), strict=True):

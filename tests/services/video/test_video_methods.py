@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pydantic import TypeAdapter
 
 from services import methods
 from services.backbones import load_backbone
@@ -51,13 +50,13 @@ def spec(path: Path, method: dict, mode: str, **execution) -> JobSpec:
 
 
 def unmerged_probs(out: dict, clips: torch.Tensor) -> np.ndarray:
-    cfg = out["config"]
-    backbone = load_backbone(BackboneSpec.model_validate(cfg["backbone"]))
-    method = TypeAdapter(methods.MethodConfig).validate_python(cfg["method"])
-    model = methods.build(method, copy.deepcopy(backbone.model), len(cfg["classes"]), cfg["tail_blocks"]).eval()
+    manifest = out["manifest"]
+    backbone = load_backbone(manifest.backbone)
+    method = manifest.method
+    model = methods.build(method, copy.deepcopy(backbone.model), len(manifest.classes), manifest.tail_blocks).eval()
     model.load_trainable(to_torch(out["weights"]))
     with torch.inference_mode():
-        x = clips if cfg["tail_blocks"] is None else backbone.intermediates(clips, model.input_layers)
+        x = clips if manifest.tail_blocks is None else backbone.intermediates(clips, model.input_layers)
         return model(x).softmax(-1).numpy()
 
 
@@ -81,17 +80,17 @@ def test_methods_train_on_clips_and_predict_on_video_files(
     key = run_extraction(job, settings, NullReporter())["cache_key"] if job.needs_cache else None
     reporter = NullReporter()
     out = train_job(job, settings, key, reporter, tmp_path / "ckpt")
-    assert out["config"]["mode"] == mode and out["config"]["backbone"]["video"]["num_frames"] == 4
+    assert out["manifest"].mode == mode and out["manifest"].backbone.video.num_frames == 4
     if not job.needs_cache:
         assert any("clips (jittered in time)" in e["message"] for e in reporter.events)
-    ArtifactStore.from_settings(settings).save_model("model_v", out["weights"], out["config"], out["metrics"])
+    ArtifactStore.from_settings(settings).save_model("model_v", out["weights"], out["manifest"], out["metrics"])
     paths = read_dataset(videos).paths[:3]
     predictor = Predictor(settings)
     preds = predictor.predict("model_v", [p.read_bytes() for p in paths], video=True)
-    classes = out["config"]["classes"]
+    classes = out["manifest"].classes
     got = np.array([[p["scores"][c] for c in classes] for p in preds])
     assert got.shape == (3, 4) and np.allclose(got.sum(1), 1, atol=1e-4)
-    if out["config"]["kind"] == "adapted":  # served merged: the same as the trained module on the same clips
+    if out["manifest"].kind == "adapted":  # served merged: the same as the trained module on the same clips
         backbone = load_backbone(BackboneSpec.model_validate(BACKBONE))
         frames = clip_transform(backbone.data_config, backbone.split.pil).for_clip(None)
         clips = np.stack([read_clip(p, VideoSpec(**BACKBONE["video"]), frames).frames for p in paths])
