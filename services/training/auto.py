@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from services.jobs.progress import Reporter
+from services.jobs.resolved import ResolvedJob
 from services.spec import JobSpec
 from storage.artifacts import as_folder
 from storage.settings import Settings
@@ -20,7 +21,12 @@ from storage.store import Folder
 
 
 def train_auto(
-    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Folder | Path
+    spec: JobSpec,
+    settings: Settings,
+    cache_key: str | None,
+    reporter: Reporter,
+    checkpoint_dir: Folder | Path,
+    resolved: ResolvedJob | None = None,
 ) -> dict[str, Any]:
     from services.training.job import train_job
 
@@ -30,7 +36,7 @@ def train_auto(
         candidate = JobSpec.model_validate({**base, "method": method})
         reporter.event(f"method auto: training {method['name']} from the feature cache")
         folder = as_folder(checkpoint_dir).child(method["name"])
-        outs.append(train_job(candidate, settings, cache_key, reporter, folder))
+        outs.append(train_job(candidate, settings, cache_key, reporter, folder, resolved))  # one split for both
     metric = "val_map" if outs[0]["config"]["multi_label"] else "val_accuracy"
     test = metric.replace("val_", "test_")
     best = max(range(len(outs)), key=lambda i: (outs[i]["metrics"][metric], -i))  # a tie: the earlier (the probe)
