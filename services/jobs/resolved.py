@@ -290,7 +290,7 @@ def recorded(
 
 
 def record_weights_hash(store: JobStore, job_id: str, weights_hash: str) -> None:
-    """Record the backbone's weights hash (which only a worker can compute) in the job's resolved job, once."""
+    """Record the backbone's weights hash (only a worker can compute it) in the job's resolved job, unless there."""
 
     def change(record: dict) -> None:
         if record.get("resolved") is not None:
