@@ -13,7 +13,7 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from storage.cache.writer import ShardWriter
 from storage.faults import naming_disk_full
 from storage.settings import Settings
 
+if TYPE_CHECKING:
+    from services.jobs.resolved import ResolvedJob
+
 
 @dataclass
 class Prepared:
@@ -51,10 +54,11 @@ class Prepared:
     batch_size: int  # extraction.batch_size resolved (images or clips per forward and shard)
 
 
-def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepared:
+def prepare(spec: JobSpec, settings: Settings, key: str | None = None, resolved: ResolvedJob | None = None) -> Prepared:
     """Read the dataset, create the backbone and find the cache entry (no forward pass): `key` if given (a shard
     of an extraction in progress), else a complete entry of the same family that covers what the job reads,
-    else the entry this job's extraction will write."""
+    else the entry this job's extraction will write. The layers and tokens to cache are the resolved job's, when it
+    has them (services/jobs/resolved.py)."""
     paths = UserPaths(settings)
     dataset = read_for_job(spec.dataset, paths)
     check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
@@ -76,7 +80,10 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None) -> Prepar
             "precision": backbone.precision,
         }
     )
-    layers, tokens = spec.cached_layers_and_tokens(backbone.num_layers, backbone.model.global_pool)
+    if resolved is not None and resolved.cached_layers is not None:
+        layers, tokens = resolved.cached_layers, resolved.cached_token_mode
+    else:  # a backbone outside the planner's table: known from the model only
+        layers, tokens = spec.cached_layers_and_tokens(backbone.num_layers, backbone.model.global_pool)
     per_item = len(layers) * (backbone.tokens if tokens == "all" else 1) * backbone.dim * 2
     rows = extraction_rows(spec.extraction.batch_size, per_item, dataset.kind == "video")
     cache = FeatureCache(settings.cache_location)
@@ -111,11 +118,16 @@ def writing(prep: Prepared) -> contextlib.AbstractContextManager[None]:
 
 
 def begin_extraction(
-    spec: JobSpec, settings: Settings, reporter: Reporter, key: str | None = None, prep: Prepared | None = None
+    spec: JobSpec,
+    settings: Settings,
+    reporter: Reporter,
+    key: str | None = None,
+    prep: Prepared | None = None,
+    resolved: ResolvedJob | None = None,
 ) -> Prepared:
     """Prepare (unless given) and, unless the entry is complete already, create it (or keep it, to resume) with
     its readout."""
-    prep = prep or prepare(spec, settings, key)
+    prep = prep or prepare(spec, settings, key, resolved)
     entry, backbone, dataset = prep.entry, prep.backbone, prep.dataset
     if entry.is_complete:
         return prep

@@ -5,6 +5,8 @@
                              (`write_file`: an evaluation report, plots/...), and the completion marker last
     checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/training/checkpoint.py); kept after the
                              job ends for `checkpoint_retention_h` (services/jobs/retention.py removes them)
+    jobs/<job_id>/           what of a job's resolved job is too large for its record (services/jobs/resolved.py:
+                             a large dataset's split); removed with the job
 
 Every file is written atomically (a temporary key, then the final one). A model is there once its completion
 marker is: `save_model` writes it after every other file, and `load_model` checks it and every file's size, so a
@@ -164,6 +166,10 @@ class ArtifactStore:
 
     def drop_checkpoints(self, job_id: str) -> None:
         self.checkpoints(job_id).remove()
+
+    # ---- jobs -----------------------------------------------------------------------------------------------
+    def job(self, job_id: str) -> Folder:
+        return self.root.child("jobs", job_id)
 
     def checkpointed_jobs(self) -> list[str]:
         """The jobs that have checkpoints on the store."""

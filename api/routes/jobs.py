@@ -14,6 +14,7 @@ from api.routes.datasets import record_use, resolve_dataset
 from api.schemas import CheckpointList, ErrorBody, EventList, Job, JobList, Plan
 from services.data.datasets import DatasetError, resolve_format
 from services.jobs import planner, quotas
+from services.jobs.resolved import ResolvedJob, save_split
 from services.jobs.retention import expires_at
 from services.paths import ForbiddenPath, UserPaths
 from services.spec import JobSpec
@@ -57,9 +58,9 @@ def _check_paths(spec: JobSpec, settings: Settings) -> None:
                 raise ApiError(422, "invalid_dataset", f"{field}: {path!r} is not a CSV file")
 
 
-def _plan(spec: JobSpec, settings: Settings) -> Plan:
+def _plan(spec: JobSpec, settings: Settings) -> tuple[Plan, ResolvedJob]:
     try:
-        return planner.plan(spec, settings)
+        return planner.plan_job(spec, settings)
     except DatasetError as e:
         raise ApiError(422, "invalid_dataset", f"{e.field}: {e}") from None
     except ValueError as e:  # cached layers or tokens that the backbone or the method rule out
@@ -107,7 +108,7 @@ def create_job(
         raise TooManyJobs(active, limit)  # at once: a flood of submissions is not planned one by one
     spec = resolve_dataset(spec, store, owner, settings)  # `dataset.id` -> the caller's uploaded dataset's path
     _check_paths(spec, settings)
-    plan = _plan(spec, settings)
+    plan, resolved = _plan(spec, settings)
     if dry_run:
         return JSONResponse(plan.model_dump(mode="json"))
     if plan.memory_fits is False:
@@ -117,12 +118,13 @@ def create_job(
         # asks for more than the server allows, and only changing the spec (or the quota) helps, as the message says.
         raise ApiError(422, "cache_over_quota", plan.message)
     quotas.check_submission(plan, settings, store, owner)  # the key's models and feature cache (409)
+    record = resolved.record()  # what the workers read instead of planning again (services/jobs/resolved.py)
     if idempotency_key is None:
-        job = store.create_job(spec.model_dump(mode="json"), owner=owner, limit=limit)
+        job = store.create_job(spec.model_dump(mode="json"), owner=owner, limit=limit, resolved=record)
     else:
         try:
             job, created = store.create_job_once(
-                idempotency_key, spec.model_dump(mode="json"), owner=owner, limit=limit
+                idempotency_key, spec.model_dump(mode="json"), owner=owner, limit=limit, resolved=record
             )
         except IdempotencyConflict:
             raise ApiError(
@@ -141,6 +143,11 @@ def create_job(
             return job
     record_use(store, spec, job["id"])  # before it runs: deleting its dataset is refused from now on
     store.add_event(job["id"], "job queued")
+    try:
+        save_split(settings, job["id"], resolved)  # a large split's codes, in the job's folder
+    except Exception as e:  # the job never runs: failed, not left queued; the error answers (503 for an outage)
+        store.set_fields(job["id"], status="failed", error={"code": "store_unavailable", "message": str(e)})
+        raise
     try:
         enqueue_job(celery, job["id"], store.queue_position(job["id"]))
     except Exception as e:
@@ -196,7 +203,9 @@ def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep, owner: Own
         ) from None
     except NotFound:  # deleted meanwhile
         raise ApiError(404, "not_found", f"no job {job_id!r}") from None
-    ArtifactStore.from_settings(settings).drop_checkpoints(job_id)
+    artifacts = ArtifactStore.from_settings(settings)
+    artifacts.drop_checkpoints(job_id)
+    artifacts.job(job_id).remove()
     return Response(status_code=204)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from services.errors import classify, internal_message, named, reference, transient
 from services.jobs import quotas
 from services.jobs.progress import Cancelled, JobReporter
+from services.jobs.resolved import record_weights_hash, recorded
 from services.models.manifest import Manifest
 from services.spec import JobSpec
 from services.training import reports
@@ -212,7 +213,9 @@ def extract_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         reporter = JobReporter(store, job_id)
         t0 = time.perf_counter()
         spec = _on_this_machine(spec, settings)
-        prep = prepare(spec, settings)
+        resolved = recorded(store, settings, job, lambda: spec)
+        prep = prepare(spec, settings, resolved=resolved)
+        record_weights_hash(store, job_id, prep.backbone.weights_hash)  # the cache key's part only a worker knows
         lock = store.extraction_lock(prep.key, job_id)
         # A lock held under this job's token is this step's own, left by a worker that died (its step is requeued
         # only then): taken over at once rather than after its lease expires.
@@ -264,7 +267,8 @@ def extract_shard_step(store: JobStore, settings: Settings, job_id: str, index: 
         spec = _on_this_machine(JobSpec.model_validate(job["spec"]), settings)
         reporter = JobReporter(store, job_id)
         t0 = time.perf_counter()
-        prep = begin_extraction(spec, settings, reporter, key=job["extract_key"])
+        resolved = recorded(store, settings, job, lambda: spec)
+        prep = begin_extraction(spec, settings, reporter, key=job["extract_key"], resolved=resolved)
         # Join this job's lock; if its lease lapsed (every shard worker died or stalled), take it again, or wait
         # for the job that took the entry over in the meantime.
         complete = lambda: prep.entry.is_complete  # noqa: E731
@@ -351,6 +355,8 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
             quotas.check_models(store, settings, job.get("owner"))  # its models may have reached it since submission
             if not spec.needs_cache:  # trains on images: read from this machine's copy
                 spec = _on_this_machine(spec, settings)
+            # the split and the rest decided at submission; a job recorded before that is resolved now
+            resolved = recorded(store, settings, job, lambda: _on_this_machine(spec, settings), load_split=True)
             ckpt = artifacts.checkpoints(job_id)
             key = job.get("cache_key")
             # Pinned while training reads it, so eviction never removes it underneath.
@@ -360,7 +366,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
                         f"the feature cache entry {key} was evicted before training; submit the job "
                         "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB"
                     )
-                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt)
+                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt, resolved)
             files = model_files(out)
             artifacts.save_model(model_id, out["weights"], out["manifest"], out["metrics"], files)
         artifacts.check_model(model_id)

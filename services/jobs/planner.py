@@ -15,16 +15,12 @@ import math
 
 from services.architectures import Architecture, architecture, forward_flops
 from services.backprop import backprop_memory
-from services.data.datasets import DatasetError, check_test, check_validation, read_for_job, read_test_set, split
+from services.data.datasets import Dataset
 from services.jobs.plan import Plan
 from services.jobs.plan_text import GB, gb, human_bytes
-from services.paths import UserPaths
+from services.jobs.resolved import MIB, ResolvedJob, resolve  # noqa: F401 - MIB: the budgets' unit, as before
 from services.spec import JobSpec
-from services.sweeps.grid import check_size
-from services.video.spec import check_inputs
 from storage.settings import Settings
-
-MIB = 2**20
 
 
 def lossy_fraction(codec: str, keepbits: int | None) -> float | None:
@@ -141,36 +137,22 @@ def _join(items: list[str]) -> str:
 
 
 def plan(spec: JobSpec, settings: Settings) -> Plan:
-    """Plan `spec` under `settings`. Raises ForbiddenPath (a PermissionError, services/paths.py) or FileNotFoundError
-    for a dataset path the caller may not read or that is missing, DatasetError (a ValueError) for an unusable dataset,
-    and ValueError for cached layers or tokens the backbone or method rule out."""
-    ds = spec.dataset
-    if ds.path is None or (ds.test_id is not None and ds.test is None):  # the API resolves upload ids to paths
-        raise FileNotFoundError(
-            f"dataset {ds.id or ds.test_id!r} is an uploaded dataset: plan the job with the API "
-            "(POST /jobs?dry_run=true)"
-        )
-    check_size(spec.grid(), settings.max_sweep_configs)
-    paths = UserPaths(settings)
-    dataset = read_for_job(ds, paths)
-    check_inputs(spec.backbone.video, dataset.kind, ds.path)
+    """Plan `spec` under `settings` (`plan_job`'s plan)."""
+    return plan_job(spec, settings)[0]
+
+
+def plan_job(spec: JobSpec, settings: Settings) -> tuple[Plan, ResolvedJob]:
+    """Resolve `spec` (services/jobs/resolved.py: what the workers then read instead of deciding again) and plan it
+    under `settings`. Raises ForbiddenPath (a PermissionError, services/paths.py) or FileNotFoundError for a dataset
+    path the caller may not read or that is missing, DatasetError (a ValueError) for an unusable dataset, and
+    ValueError for cached layers or tokens the backbone or method rule out."""
+    resolved, dataset = resolve(spec, settings)
+    return _plan(spec, settings, resolved, dataset), resolved
+
+
+def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dataset) -> Plan:
+    """The costs of the resolved job: cache size and fit, memory, extraction time."""
     n = len(dataset)
-    train_idx, val_idx, test_idx = split(dataset.labels, ds.val_fraction, ds.test_fraction, ds.split_seed)
-    check_validation(dataset.labels, val_idx, dataset.classes)
-    check_test(dataset.labels, test_idx, ds.val_fraction, ds.test_fraction)
-    test_images = len(test_idx)
-    if ds.test:  # read now: a test set the model cannot be scored on fails here, not after training
-        test_set, _ = read_test_set(ds, paths, dataset.classes)
-        check_inputs(spec.backbone.video, test_set.kind, ds.test)
-        shared = sorted(set(test_set.paths) & set(dataset.paths))
-        if shared:  # a test set must be held out: figures on training images would be optimistic
-            raise DatasetError(
-                f"dataset.test shares {len(shared)} of its {len(test_set)} files with dataset.path "
-                f"(e.g. {shared[0]}); give a test set held out from training, or use "
-                "dataset.test_fraction",
-                field="dataset.test",
-            )
-        test_images = len(test_set)
     arch = architecture(spec.backbone.name, spec.backbone.image_size, spec.backbone.video)
     cpu = settings.device == "cpu"
     tflops = settings.planner_cpu_tflops if cpu else settings.planner_gpu_tflops
@@ -187,11 +169,11 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         mode=spec.mode,
         needs_cache=spec.needs_cache,
         images=n,
-        train_images=len(train_idx),
-        val_images=len(val_idx),
-        test_images=test_images,
-        classes=len(dataset.classes),
-        configurations=grid.size() if (grid := spec.grid()) else 1,
+        train_images=resolved.split.train,
+        val_images=resolved.split.val,
+        test_images=resolved.test_images,
+        classes=resolved.classes,
+        configurations=resolved.configurations,
         architecture=arch,
         quota_bytes=disk.quota,
         free_disk_bytes=disk.free,
@@ -200,8 +182,8 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         available_bytes=disk.space_max(),
         assumed_tflops=tflops,
         assumed_disk_mb_s=settings.planner_disk_mb_s,
-        train_memory_budget_bytes=settings.train_host_budget_bytes() // 2,
-        gpu_budget_bytes=None if settings.gpu_cache_mb is None else settings.gpu_cache_mb * MIB // 2,
+        train_memory_budget_bytes=resolved.budgets.host_bytes,
+        gpu_budget_bytes=resolved.budgets.gpu_bytes,
     )
     if dataset.kind == "video":
         notes.append("the dataset holds videos: `images` counts clips, one per video (sizes are per clip)")
@@ -225,15 +207,15 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         )
         return Plan(**base, fits=None, message=msg, notes=notes)
 
-    layers, tokens = spec.cached_layers_and_tokens(arch.num_layers, arch.global_pool)
+    layers, tokens = resolved.cached_layers, resolved.cached_token_mode
     needed, _ = spec.method_needs(arch.num_layers, arch.global_pool)
     stored = arch.tokens if tokens == "all" else 1
     per_image = len(layers) * stored * arch.dim * 2
     upper = n * per_image
     frac = lossy_fraction(spec.extraction.codec, spec.extraction.keepbits)
     expected = upper if frac is None else int(upper * frac)
-    train_bytes = len(train_idx) * len(needed) * stored * arch.dim * 2
-    in_memory = train_bytes <= base["train_memory_budget_bytes"]  # as services/training/job.py splits the budgets
+    train_bytes = resolved.split.train * len(needed) * stored * arch.dim * 2
+    in_memory = train_bytes <= base["train_memory_budget_bytes"]
     gpu_budget = base["gpu_budget_bytes"]  # unknown here without a cap: the worker reads its device's free memory
     on_gpu = None if gpu_budget is None and not cpu else (in_memory and not cpu and train_bytes <= gpu_budget)
     flops = forward_flops(arch, n)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from services.jobs.progress import Reporter
+from services.jobs.resolved import ResolvedJob
 from services.spec import JobSpec
 from storage.artifacts import as_folder
 from storage.settings import Settings
@@ -21,7 +22,7 @@ from storage.store import Folder
 
 # services/training/job.py: train_job, which trains each candidate as a job of its own; passed in by it, which
 # dispatches `method: auto` here, so neither module imports the other
-TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder], dict[str, Any]]
+TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None], dict[str, Any]]
 
 
 def train_auto(
@@ -31,6 +32,7 @@ def train_auto(
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
     train_job: TrainJob,
+    resolved: ResolvedJob | None = None,
 ) -> dict[str, Any]:
     base = spec.model_dump()
     outs = []
@@ -38,7 +40,7 @@ def train_auto(
         candidate = JobSpec.model_validate({**base, "method": method})
         reporter.event(f"method auto: training {method['name']} from the feature cache")
         folder = as_folder(checkpoint_dir).child(method["name"])
-        outs.append(train_job(candidate, settings, cache_key, reporter, folder))
+        outs.append(train_job(candidate, settings, cache_key, reporter, folder, resolved))  # one split for both
     metric = "val_map" if outs[0]["manifest"].multi_label else "val_accuracy"
     test = metric.replace("val_", "test_")
     best = max(range(len(outs)), key=lambda i: (outs[i]["metrics"][metric], -i))  # a tie: the earlier (the probe)

@@ -18,17 +18,12 @@ import torch
 
 from services import methods
 from services.backbones import SplitTransform, load_backbone
-from services.data.datasets import (
-    DatasetError,
-    check_test,
-    check_validation,
-    read_for_job,
-    read_test_set,
-    split,
-)
+from services.data.datasets import DatasetError, read_for_job, read_test_set
 from services.data.loading import loader_workers
 from services.data.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source
 from services.jobs.progress import Reporter
+from services.jobs.resolved import ResolvedJob, training_split
+from services.jobs.resolved import memory_budgets as budget_rule
 from services.methods.readout import FeatureInfo
 from services.models.manifest import Manifest
 from services.paths import UserPaths
@@ -51,17 +46,11 @@ FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_e
 
 
 def memory_budgets(settings: Settings, device: str) -> tuple[int, int]:
-    """(host, device) bytes that cached features may take while training: half the RAM available now and the device's
-    free memory less a reserve for the model, activations and the allocator (a fifth of the device or 2 GiB, the
-    larger), each capped by its setting when set."""
-    host = settings.train_host_budget_bytes()
-    if not device.startswith("cuda"):
-        return host, 0
-    free, total = torch.cuda.mem_get_info(torch.device(device))
-    dev = max(0, free - max(total // 5, 2 * 2**30))
-    if settings.gpu_cache_mb is not None:
-        dev = min(dev, settings.gpu_cache_mb * 2**20)
-    return host, dev
+    """(host, device) bytes of cached features each of the training and validation splits may hold: the planner's
+    budget rule (services/jobs/resolved.py) with this machine's memory and this device's."""
+    cuda = device.startswith("cuda")
+    budgets = budget_rule(settings, torch.cuda.mem_get_info(torch.device(device)) if cuda else None)
+    return budgets.host_bytes, (budgets.gpu_bytes or 0) if cuda else 0
 
 
 @dataclass
@@ -133,7 +122,7 @@ def _sources(
     device, mode = settings.torch_device(), spec.mode
     if data.entry is not None:
         host, dev = memory_budgets(settings, device)
-        sources = [CacheSource(data.entry, idx, data.labels[idx], layers, host // 2, device, dev // 2) for idx in parts]
+        sources = [CacheSource(data.entry, idx, data.labels[idx], layers, host, device, dev) for idx in parts]
         first = sources[0]
         where = "cached features " + (
             "on the GPU" if first.on_device else "in memory" if first.in_memory else "streamed from the cache"
@@ -210,16 +199,21 @@ def _test_set(spec: JobSpec, settings: Settings, data: Data, layers: list[int] |
 
 
 def train_job(
-    spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter, checkpoint_dir: Folder | Path
+    spec: JobSpec,
+    settings: Settings,
+    cache_key: str | None,
+    reporter: Reporter,
+    checkpoint_dir: Folder | Path,
+    resolved: ResolvedJob | None = None,
 ) -> dict[str, Any]:
-    """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train,
-    select on validation, evaluate the selected model once on the test split (else on validation, named so);
-    returns {"weights", "manifest" (services/models/manifest.py), "metrics", "evaluation", "plots"} for the artifact
-    store."""
+    """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train
+    on the resolved job's split (drawn here without one), select on validation, evaluate the selected model once on
+    the test split (else on validation, named so); returns {"weights", "manifest" (services/models/manifest.py),
+    "metrics", "evaluation", "plots"} for the artifact store."""
     from services.training import evaluation, plots
 
     if spec.method.name == "auto":
-        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir, train_job)
+        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir, train_job, resolved)
     grid = spec.grid()
     check_size(grid, settings.max_sweep_configs)
     device, kind, ds = settings.torch_device(), type(spec.method).kind, spec.dataset
@@ -229,10 +223,7 @@ def train_job(
         reporter.event(
             f"left out {len(rows)} dataset rows, e.g. {rows[0]}", level="warning", data={"left_out": list(rows[:1000])}
         )
-    parts = split(data.labels[data.usable], ds.val_fraction, ds.test_fraction, ds.split_seed)
-    train_idx, val_idx, test_idx = (data.usable[p] for p in parts)
-    check_validation(data.labels[data.usable], val_idx, data.classes)
-    check_test(data.labels[data.usable], test_idx, ds.val_fraction, ds.test_fraction)
+    train_idx, val_idx, test_idx = training_split(resolved, ds, data.labels, data.usable, data.classes, reporter)
     configs = spec.configurations()
     hps = [c.training.resolved(c.method.training_defaults(), len(train_idx)) for c in configs]
     hp = hps[0]

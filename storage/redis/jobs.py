@@ -59,7 +59,12 @@ class Jobs:
         self._active_indexed = False
 
     def create_job(
-        self, spec: dict[str, Any], owner: str | None = None, job_id: str | None = None, limit: int | None = None
+        self,
+        spec: dict[str, Any],
+        owner: str | None = None,
+        job_id: str | None = None,
+        limit: int | None = None,
+        resolved: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Record a queued job. With `limit`, refused (TooManyJobs) when its owner has that many jobs queued or
         running: counted and written in one script, so concurrent submissions never pass it together."""
@@ -76,6 +81,7 @@ class Jobs:
             "error": None,
             "model_id": None,
             "cancel_requested": False,
+            "resolved": resolved,
         }
         self._index_active()
         # the sequence gives the listing order (ids alone tie within a millisecond) and the owner's queue order
@@ -87,7 +93,13 @@ class Jobs:
         return job
 
     def create_job_once(
-        self, key: str, spec: dict[str, Any], owner: str | None = None, ttl_s: int = 24 * 3600, limit: int | None = None
+        self,
+        key: str,
+        spec: dict[str, Any],
+        owner: str | None = None,
+        ttl_s: int = 24 * 3600,
+        limit: int | None = None,
+        resolved: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """The job this owner created with idempotency `key` (and the same spec) in the last `ttl_s`, or a new
         one; returns (job, created). The key is claimed with SET NX before the job exists, so two concurrent
@@ -97,13 +109,13 @@ class Jobs:
         job_id = new_id("job")
         if self.r.set(slot, json.dumps({"job": job_id, "spec": digest}), nx=True, ex=ttl_s):
             try:
-                return self.create_job(spec, owner, job_id=job_id, limit=limit), True
+                return self.create_job(spec, owner, job_id=job_id, limit=limit, resolved=resolved), True
             except TooManyJobs:
                 self.r.delete(slot)  # refused: a retry with this key may be admitted later
                 raise
         claim = json.loads(self.r.get(slot) or "null")
         if claim is None:  # expired in between: claim it afresh
-            return self.create_job_once(key, spec, owner, ttl_s, limit)
+            return self.create_job_once(key, spec, owner, ttl_s, limit, resolved)
         if claim["spec"] != digest:
             raise IdempotencyConflict(key)
         deadline = time.monotonic() + 5.0

@@ -56,14 +56,25 @@ class JobStore:
 
     # ---- jobs (storage/redis/jobs.py) -------------------------------------------------------------------------------
     def create_job(
-        self, spec: dict[str, Any], owner: str | None = None, job_id: str | None = None, limit: int | None = None
+        self,
+        spec: dict[str, Any],
+        owner: str | None = None,
+        job_id: str | None = None,
+        limit: int | None = None,
+        resolved: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        return self.jobs.create_job(spec, owner, job_id, limit)
+        return self.jobs.create_job(spec, owner, job_id, limit, resolved)
 
     def create_job_once(
-        self, key: str, spec: dict[str, Any], owner: str | None = None, ttl_s: int = 24 * 3600, limit: int | None = None
+        self,
+        key: str,
+        spec: dict[str, Any],
+        owner: str | None = None,
+        ttl_s: int = 24 * 3600,
+        limit: int | None = None,
+        resolved: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        return self.jobs.create_job_once(key, spec, owner, ttl_s, limit)
+        return self.jobs.create_job_once(key, spec, owner, ttl_s, limit, resolved)
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self.jobs.get_job(job_id)

@@ -92,3 +92,41 @@ def test_test_split_problems_are_422_naming_their_field(tmp_path, redis_url, dig
         error = r.json()["error"]
         assert (r.status_code, error["code"]) == (422, "invalid_dataset"), r.text
         assert error["message"].startswith(f"{field}: ") and message in error["message"]
+
+
+def test_a_submitted_job_records_its_resolved_job_and_trains_on_its_split(tmp_path, redis_url, digits_root):
+    """The record carries what the planner resolved (services/jobs/resolved.py), and the workers' steps train on
+    exactly the planner's split: the test images of the model's evaluation are the planner's."""
+    from services.jobs.pipeline import TRAIN_NEXT, extract_step, train_step
+    from services.jobs.resolved import ResolvedJob
+    from storage.artifacts import ArtifactStore
+    from storage.redis import JobStore, model_id_for
+
+    client, body = client_for(tmp_path, redis_url, digits_root)
+    body = {**body, "method": {"name": "linear"}, "dataset": {**body["dataset"], "test_fraction": 0.2}}
+    plan = client.post("/jobs", params={"dry_run": "true"}, json=body).json()
+    r = client.post("/jobs", json=body)
+    assert r.status_code == 201, r.text
+    assert "resolved" not in r.json()  # the record's, not the response's
+    job_id = r.json()["id"]
+    store = JobStore.from_url(redis_url)
+    resolved = ResolvedJob.model_validate(store.get_job(job_id)["resolved"])
+    assert (resolved.split.train, resolved.split.val, resolved.split.test) == (
+        plan["train_images"],
+        plan["val_images"],
+        plan["test_images"],
+    )
+    assert resolved.mode == "cache" and resolved.cached_layers == plan["cached_layers"]
+    assert resolved.cached_token_mode == plan["cached_token_mode"] and resolved.weights_hash is None
+
+    # the workers' steps, in this process, on the API's settings
+    settings = Settings(data_dir=tmp_path, redis_url=redis_url, allowed_roots=[digits_root])
+    assert extract_step(store, settings, job_id) == TRAIN_NEXT
+    train_step(store, settings, job_id)
+    record = store.get_job(job_id)
+    assert record["status"] == "succeeded", record["error"]
+    assert record["resolved"]["weights_hash"]
+    (used,) = [e["data"]["split"] for e in store.events(job_id) if (e.get("data") or {}).get("split")]
+    assert used["parts_sha"] == resolved.split.parts_sha
+    report = ArtifactStore.from_settings(settings).read_json(model_id_for(job_id), "evaluation.json")
+    assert report["split"] == "test" and report["images"] == resolved.split.test
