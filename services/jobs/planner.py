@@ -21,7 +21,7 @@ from services.data.datasets import DatasetError, check_test, check_validation, r
 from services.jobs.plan_text import GB, gb, human_bytes
 from services.paths import UserPaths
 from services.spec import JobSpec
-from services.sweeps.grid import check_size
+from services.spec.sweep import check_size
 from services.video.spec import check_inputs
 from storage.settings import Settings
 

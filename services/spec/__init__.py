@@ -1,6 +1,6 @@
 """The job spec: what a user submits to `POST /jobs`, one module per part (dataset, backbone, extraction, training,
 the job as a whole). Torch-free, so the API validates it without loading ML code. Method-specific fields live in each
-method's config (services/methods/<name>/config.py), the sweep's in services/sweeps/grid.py.
+method's config (services/methods/<name>/config.py), the sweep's in services/spec/sweep.py.
 """
 
 from services.errors import SpecError

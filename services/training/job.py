@@ -1,5 +1,5 @@
 """A job's training, shared by every method and execution mode (`train_job`): the data (cached features, images, or
-images through the frozen backbone), the model or every configuration of its sweep (services/sweeps/), the
+images through the frozen backbone), the model or every configuration of its sweep (services/training/sweeps/), the
 sources of mini-batches, then the loop (services/training/fit.py: each mini-batch read once for all configurations,
 the best on validation kept) and one evaluation of the selected model on the test split. The linear probe in cache mode
 is solved instead, by the standard protocol (services/training/probes.py).
@@ -32,14 +32,14 @@ from services.jobs.progress import Reporter
 from services.methods.readout import FeatureInfo
 from services.paths import UserPaths
 from services.spec import JobSpec
-from services.sweeps.grid import check_size
-from services.sweeps.stacked import make_runs
+from services.spec.sweep import check_size
 from services.training import halving
 from services.training.auto import train_auto
 from services.training.fit import fit, predict, predicted_labels, select
 from services.training.objectives import Objective
 from services.training.probes import solve_probes
 from services.training.runs import Runs, autocast, to_numpy, to_torch  # noqa: F401 - to_numpy/to_torch: the tests' helpers
+from services.training.sweeps.stacked import make_runs
 from services.video.loading import clip_transform, epoch_reader, padding_event
 from services.video.spec import check_inputs
 from storage.cache import FeatureCache

@@ -1,6 +1,6 @@
 """The linear probe of a job by the standard protocol (L-BFGS on the cached, pooled features): every L2 strength of
 the grid scored by stratified k-fold cross-validation over the training and validation images (by the validation
-split for large jobs), the best refitted on all of them. The solver itself is services/methods/linear/solver.py.
+split for large jobs), the best refitted on all of them. The solver itself is services/training/lbfgs.py.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 
 from services.data.sources import Source
 from services.jobs.progress import Reporter
-from services.methods.linear import solver
 from services.spec import JobSpec
+from services.training import lbfgs
 from services.training.fit import Result, batches_of
 from services.training.objectives import Objective
 
@@ -33,7 +33,7 @@ def solve_probes(
     reporter: Reporter,
     held_out: bool = False,
 ) -> Solved:
-    """The L-BFGS linear probe of every configuration (services/methods/linear/solver.py) by the standard protocol:
+    """The L-BFGS linear probe of every configuration (services/training/lbfgs.py) by the standard protocol:
     the pooled features of every distinct pooling from one pass over the cache; each L2 strength (the sweep's
     `weight_decay` values, the job's own, or the default grid when it is `auto`) scored by k-fold cross-validation
     over the training and validation images (by the validation split above `method.cv_max_images`, or with
@@ -44,7 +44,7 @@ def solve_probes(
     the validation images), else None."""
     t0 = time.perf_counter()
     auto = spec.training.weight_decay == "auto" and not (spec.sweep and spec.sweep.weight_decay)
-    grids = [list(solver.L2_GRID) if auto else [h["weight_decay"]] for h in hps]
+    grids = [list(lbfgs.L2_GRID) if auto else [h["weight_decay"]] for h in hps]
     by_pool: dict[str, list[int]] = {}
     for j, c in enumerate(configs):
         by_pool.setdefault(c.method.pool, []).append(j)
@@ -61,7 +61,7 @@ def solve_probes(
     del per_probe
     y_all = objective.targets(labels)
     k = _folds(spec.method, labels)
-    held = solver.folds(labels, k, spec.dataset.split_seed) if k else []
+    held = lbfgs.folds(labels, k, spec.dataset.split_seed) if k else []
     candidates, points = [], []  # (pooling, strength) scored, and their figures
     iterations = 0
     grids_by_pool = []
@@ -70,11 +70,11 @@ def solve_probes(
         grids_by_pool.append(grid)
         max_iter = configs[js[0]].method.max_iter
         if k:
-            scored = solver.cross_validate(
+            scored = lbfgs.cross_validate(
                 feats[p], y_all, labels, held, grid, objective, max_iter, reporter.check_cancel
             )
         else:
-            scored = solver.solve_path(
+            scored = lbfgs.solve_path(
                 feats[p][:n_train],
                 y_all[:n_train],
                 feats[p][n_train:],
@@ -100,7 +100,7 @@ def solve_probes(
                 )
         iterations += sum(pt.iterations for pt in scored)
         reporter.check_cancel()
-    chosen = solver.choose([point for _, point in candidates])
+    chosen = lbfgs.choose([point for _, point in candidates])
     p, point = candidates[chosen]
     # the refit keeps the chosen strength per image, scikit-learn's C = 1 / (l2 n), as GridSearchCV(refit=True)
     # keeps C: l2 n is the penalty against the summed loss, and more images then weigh more against it. It follows
@@ -109,13 +109,13 @@ def solve_probes(
     path = [float(f"{l2 * fitted / len(labels):.6g}") for l2 in grids_by_pool[p] if l2 >= point.l2]
     l2 = path[-1]
     t_refit = time.perf_counter()
-    weight, bias, refit_iterations = solver.refit(feats[p], y_all, path, objective, configs[0].method.max_iter)
+    weight, bias, refit_iterations = lbfgs.refit(feats[p], y_all, path, objective, configs[0].method.max_iter)
     refit_seconds = time.perf_counter() - t_refit
     base = {name: v.detach().cpu().numpy() for name, v in probes[p].state_dict().items()}
     held_state = None
     if held_out:  # the chosen strength on the training rows alone, its C kept as the refit keeps it
         train_path = [l2 * fitted / n_train for l2 in grids_by_pool[p] if l2 >= point.l2]
-        w, b, _ = solver.refit(feats[p][:n_train], y_all[:n_train], train_path, objective, configs[0].method.max_iter)
+        w, b, _ = lbfgs.refit(feats[p][:n_train], y_all[:n_train], train_path, objective, configs[0].method.max_iter)
         held_state = {**base, "head.weight": w, "head.bias": b}
     results = [
         Result(

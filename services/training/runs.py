@@ -1,7 +1,7 @@
 """What the training loop (services/training/fit.py: `fit`) trains: `Runs`, a set of K configurations that see the same
 mini-batches. A plain job is one `ModuleRuns` (a module and its torch optimizer); a sweep is several: one
-`ModuleRuns` per configuration that trains through the backbone, and one `StackedRuns` (services/sweeps/stacked.py)
-per side-network architecture, whose configurations are computed together.
+`ModuleRuns` per configuration that trains through the backbone, and one `StackedRuns`
+(services/training/sweeps/stacked.py) per side-network architecture, whose configurations are computed together.
 
 Every Runs applies the same rules: no weight decay on biases, 1-D parameters (norms, scales) and the tokens and
 position embeddings a timm model lists in `no_weight_decay()` (timm's `param_groups_weight_decay` rule, as DeiT, MAE

@@ -21,12 +21,12 @@ from services.methods.linear.config import LinearConfig
 from services.methods.losa.config import LosaConfig
 from services.methods.readout import FeatureInfo
 from services.spec import JobSpec
-from services.sweeps.grid import check_size
-from services.sweeps.optim import StackedOptimizer
-from services.sweeps.stacked import StackedRuns, make_runs
+from services.spec.sweep import check_size
 from services.training.job import train_job
 from services.training.objectives import Objective
 from services.training.runs import ModuleRuns
+from services.training.sweeps.optim import StackedOptimizer
+from services.training.sweeps.stacked import StackedRuns, make_runs
 from storage.artifacts import read_tensors
 from storage.cache import CacheEntry
 from storage.settings import Settings

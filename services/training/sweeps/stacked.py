@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from services.sweeps.optim import StackedOptimizer
 from services.training.objectives import Objective
 from services.training.runs import ModuleRuns, Runs, autocast, decayed_names
+from services.training.sweeps.optim import StackedOptimizer
 
 
 class StackedRuns:
