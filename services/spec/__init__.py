@@ -9,7 +9,7 @@ from services.spec.dataset import DatasetSpec
 from services.spec.extraction import EveryKth, ExtractionSpec, LastK, LayerChoice, extraction_rows, select_cached_layers
 from services.spec.fields import NO_NUL, SEED_MAX
 from services.spec.job import JobSpec, Mode
-from services.spec.training import ExecutionSpec, TrainingSpec
+from services.spec.training import ExecutionSpec, Hyperparameters, TrainingSpec
 
 __all__ = [
     "NO_NUL",
@@ -19,6 +19,7 @@ __all__ = [
     "EveryKth",
     "ExecutionSpec",
     "ExtractionSpec",
+    "Hyperparameters",
     "JobSpec",
     "LastK",
     "LayerChoice",

@@ -21,6 +21,7 @@ from services.data.datasets import DatasetError
 from services.data.sources import Source
 from services.errors import UserError
 from services.jobs.progress import Reporter
+from services.spec import Hyperparameters
 from services.training import checkpoint, halving
 from services.training.evaluation import top_k_hits, validation_scores
 from services.training.objectives import Objective
@@ -189,7 +190,7 @@ def fit(
     val: Source,
     n: int,
     n_val: int,
-    hp: dict[str, Any],
+    hp: Hyperparameters,
     objective: Objective,
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
@@ -199,25 +200,25 @@ def fit(
     the sources: configuration j is `where[j]` = (runs, index in it); every batch is read once for all of them.
     `layers`: the cached layers the sources read (each Runs takes its own). Returns each configuration's Result and
     the timings. The loop never waits for the device: losses are summed on it and read once per epoch. With
-    `hp["early_termination"]` and several configurations, the lower half stops at each rung (services/training/
+    `hp.early_termination` and several configurations, the lower half stops at each rung (services/training/
     halving.py): its Result keeps its figures and curve and no weights."""
     device = objective.device
-    bs = min(hp["batch_size"], n)
+    bs = min(hp.batch_size, n)
     steps_per_epoch = -(-n // bs)
-    total = steps_per_epoch * hp["epochs"]
-    warmup = max(1, round(hp["warmup_epochs"] * steps_per_epoch))
+    total = steps_per_epoch * hp.epochs
+    warmup = max(1, round(hp.warmup_epochs * steps_per_epoch))
     if warmup > total // 2 and total > 1:
         # e.g. ARC's 10 warmup epochs (from 100-epoch runs) in a 10-epoch job would never reach the decay
-        reporter.event(f"warmup of {hp['warmup_epochs']} epochs capped at half of this {hp['epochs']}-epoch run")
+        reporter.event(f"warmup of {hp.warmup_epochs} epochs capped at half of this {hp.epochs}-epoch run")
         warmup = max(1, total // 2)
     # each Runs' configurations' best weights so far, stacked [K, ...]: copied from the live weights, which the next
     # step changes (on the CPU, `states()` are views of them)
     best = [{name: np.array(v) for name, v in r.states().items()} for r in runs]
     results = [Result(state={}) for _ in where]
     fields = ["epoch", "train_loss", objective.metric, "val_loss", "lr", "train_seconds"]
-    curves = np.full((len(where), hp["epochs"], len(fields)), np.nan)  # each configuration's history, row by epoch
+    curves = np.full((len(where), hp.epochs, len(fields)), np.nan)  # each configuration's history, row by epoch
     start_epoch, seconds, seen = 0, 0.0, 0
-    at = halving.rungs(hp["epochs"]) if hp.get("early_termination") and len(where) > 1 else []
+    at = halving.rungs(hp.epochs) if hp.early_termination and len(where) > 1 else []
     stopped: dict[int, int] = {}  # configuration -> the epoch after which it stopped
     saved = checkpoint.read(checkpoint_dir, fields)
     if saved:
@@ -234,10 +235,10 @@ def fit(
     metric = objective.metric
     warned: set[int] = set()  # configurations reported as diverged
     with checkpoint.Writer() as writer:
-        for epoch in range(start_epoch, hp["epochs"]):
+        for epoch in range(start_epoch, hp.epochs):
             for r in runs:
                 r.train(True)
-            order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
+            order = np.random.default_rng(hp.seed * 100_003 + epoch).permutation(n)
             t0, count = time.perf_counter(), 0
             loss_sums = [torch.zeros(r.count, device=device) for r in runs]
             for step, (x, y) in enumerate(train.iterate(batches_of(order, bs))):
@@ -303,12 +304,12 @@ def fit(
             last = _row(fields, curves[flat[select([results[j] for j in flat])], epoch])
             label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
             reporter.event(
-                f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
+                f"epoch {epoch + 1}/{hp.epochs}: {label}loss {last['train_loss']:.4f}, "
                 f"{metric.replace('_', ' ')} {last[metric]:.4f}",
                 type="metrics",
                 data=last if len(results) == 1 else {**last, "configurations": rows},
             )
-            reporter.progress("training", epoch + 1, hp["epochs"], **last)
+            reporter.progress("training", epoch + 1, hp.epochs, **last)
             checkpoint.save(
                 writer,
                 checkpoint_dir,
@@ -324,14 +325,14 @@ def fit(
     for j, (res, w) in enumerate(zip(results, where, strict=True)):
         res.state = {name: v[w[1]] for name, v in best[w[0]].items()} if w is not None else {}
         res.stopped = stopped.get(j)
-        res.history = [_row(fields, values) for values in curves[j, : stopped.get(j, hp["epochs"])]]
+        res.history = [_row(fields, values) for values in curves[j, : stopped.get(j, hp.epochs)]]
     timing = {
         "train_seconds": round(seconds, 3),
         "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
-        "compiled": bool(hp.get("compile")),
+        "compiled": hp.compile,
     }
     if at:
-        timing["early_termination"] = halving.report(stopped, len(where), hp["epochs"], at)
+        timing["early_termination"] = halving.report(stopped, len(where), hp.epochs, at)
     if first_step_s is not None:
         timing["first_step_seconds"] = round(first_step_s, 3)
     if device.startswith("cuda"):

@@ -234,7 +234,7 @@ def train_job(
     configs = spec.configurations()
     hps = [c.training.resolved(c.method.training_defaults(), len(train_idx)) for c in configs]
     hp = hps[0]
-    objective = Objective(data.labels[train_idx], len(data.classes), hp["label_smoothing"], hp["class_weights"], device)
+    objective = Objective(data.labels[train_idx], len(data.classes), hp.label_smoothing, hp.class_weights, device)
 
     # every adapted configuration adapts its own copy of the backbone (copied before the first one changes it)
     vits = (
@@ -244,7 +244,7 @@ def train_job(
     )
     models = []
     for c, vit in zip(configs, vits, strict=True):
-        torch.manual_seed(hp["seed"])  # each configuration starts as it would in a job of its own
+        torch.manual_seed(hp.seed)  # each configuration starts as it would in a job of its own
         models.append(_build(c, data, vit).to(device))
     layers = sorted({layer for m in models for layer in (m.input_layers or [])}) or None
     (train_src, val_src), inputs = _sources(spec, settings, data, [train_idx, val_idx], layers)
@@ -253,15 +253,15 @@ def train_job(
     what = f"{len(configs)} configurations ({grid.describe()})" if grid else spec.method.name
     if spec.automatic_lrs():
         what += ", the learning rates chosen automatically" + (
-            ", the lower half stopping at epochs " + ", ".join(map(str, halving.rungs(hp["epochs"])))
-            if hp["early_termination"]
+            ", the lower half stopping at epochs " + ", ".join(map(str, halving.rungs(hp.epochs)))
+            if hp.early_termination
             else ""
         )
     reporter.event(
         f"training {what} in mode {spec.mode} ({models[0].side_parameters():,} side parameters) on {len(train_idx)} "
         f"images, validating on {len(val_idx)}{f', testing on {len(test_idx)}' if len(test_idx) else ''}; inputs: "
         f"{inputs}",
-        data={"hyperparameters": hp},
+        data={"hyperparameters": hp.model_dump()},
     )
     y_train, y_val = data.labels[train_idx], data.labels[val_idx]
     lbfgs = spec.linear_solver == "lbfgs"
@@ -290,9 +290,9 @@ def train_job(
     kept = [i for i, r in enumerate(results) if r.state]  # an L-BFGS path keeps its best point's weights only
     chosen = kept[select([results[i] for i in kept])]
     j = owner[chosen]
-    best, best_hp, model, res = configs[j], dict(hps[j]), models[j], results[chosen]
+    best, best_hp, model, res = configs[j], hps[j], models[j], results[chosen]
     if lbfgs:  # the grid's strength, as the sweep names it (the refit's, per image, is in metrics["refit"])
-        best_hp["weight_decay"] = points[chosen]["weight_decay"]
+        best_hp = best_hp.model_copy(update={"weight_decay": points[chosen]["weight_decay"]})
     model.load_trainable(to_torch(res.state))
     final = make_runs([model], [best.method.model_dump()], [best_hp], objective, device)[0]
 
@@ -347,12 +347,12 @@ def train_job(
     if lbfgs:
         metrics |= {
             "solver": "lbfgs",
-            "weight_decay": best_hp["weight_decay"],
+            "weight_decay": best_hp.weight_decay,
             "iterations": metrics["refit"]["iterations"],
             "l2_path": points,
         }
     else:
-        metrics |= {"best_epoch": res.epoch, "epochs": hp["epochs"], "history": res.history}
+        metrics |= {"best_epoch": res.epoch, "epochs": hp.epochs, "history": res.history}
     if grid:
         overrides = grid.configurations()
         entries = [
@@ -400,7 +400,7 @@ def train_job(
         "classes": data.classes,
         "multi_label": objective.multi_label,
         "threshold": threshold,
-        "hyperparameters": best_hp,
+        "hyperparameters": best_hp.model_dump(),
         "cache_key": cache_key if data.entry is not None else None,
     }
     return {

@@ -13,7 +13,7 @@ import torch
 
 from services.data.sources import Source
 from services.jobs.progress import Reporter
-from services.spec import JobSpec
+from services.spec import Hyperparameters, JobSpec
 from services.training import lbfgs
 from services.training.fit import Result, batches_of
 from services.training.objectives import Objective
@@ -25,7 +25,7 @@ Solved = tuple[list[Result], list[dict[str, Any]], dict[str, Any], dict[str, np.
 def solve_probes(
     spec: JobSpec,
     configs: list[JobSpec],
-    hps: list[dict],
+    hps: list[Hyperparameters],
     models: list[torch.nn.Module],
     sources: list[Source],
     targets: list[np.ndarray],
@@ -44,7 +44,7 @@ def solve_probes(
     the validation images), else None."""
     t0 = time.perf_counter()
     auto = spec.training.weight_decay == "auto" and not (spec.sweep and spec.sweep.weight_decay)
-    grids = [list(lbfgs.L2_GRID) if auto else [h["weight_decay"]] for h in hps]
+    grids = [list(lbfgs.L2_GRID) if auto else [h.weight_decay] for h in hps]
     by_pool: dict[str, list[int]] = {}
     for j, c in enumerate(configs):
         by_pool.setdefault(c.method.pool, []).append(j)

@@ -11,13 +11,16 @@ the learning rate of step s is the configuration's peak lr times the schedule's 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from services.training.objectives import Objective
+
+if TYPE_CHECKING:
+    from services.spec import Hyperparameters
 
 
 def warm_up() -> None:
@@ -74,26 +77,26 @@ class ModuleRuns:
 
     count = 1
 
-    def __init__(self, model: nn.Module, hp: dict[str, Any], objective: Objective, device: str) -> None:
+    def __init__(self, model: nn.Module, hp: Hyperparameters, objective: Objective, device: str) -> None:
         self.model, self.objective, self.device = model, objective, device
         self.input_layers = model.input_layers
-        self.clip = hp.get("clip_grad_norm")
+        self.clip = hp.clip_grad_norm
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decayed = decayed_names(model)
         groups = [
-            {"params": [p for n, p in named if n in decayed], "weight_decay": hp["weight_decay"]},
+            {"params": [p for n, p in named if n in decayed], "weight_decay": hp.weight_decay},
             {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
         self.params = [p for _, p in named]
-        if hp["optimizer"] == "sgd":
-            self.opt = torch.optim.SGD(groups, lr=hp["lr"], momentum=0.9)
+        if hp.optimizer == "sgd":
+            self.opt = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9)
         else:
-            self.opt = torch.optim.AdamW(groups, lr=hp["lr"])
-        self.base_lr = hp["lr"]
-        self.base_lrs = [hp["lr"]]
+            self.opt = torch.optim.AdamW(groups, lr=hp.lr)
+        self.base_lr = hp.lr
+        self.base_lrs = [hp.lr]
         # torch.compile (training.compile) shares the module's parameters: the state is still saved from `model`
-        self.forward = torch.compile(model) if hp.get("compile") else model
+        self.forward = torch.compile(model) if hp.compile else model
 
     def train(self, mode: bool) -> None:
         self.model.train(mode)
