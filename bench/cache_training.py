@@ -215,7 +215,7 @@ def mem_child(args: argparse.Namespace) -> dict[str, Any]:
     import zarr  # noqa: F401
 
     import services.methods.losa.model  # noqa: F401
-    import services.training.job as training
+    import services.training.fit as training
 
     cuda = args.device.startswith("cuda")
     settings = settings_for(args, "mem", args.mem_train_memory_mb)
