@@ -63,7 +63,7 @@ def fit_online_ready(backbone, spec, inputs, labels, classes: int, ckpt: Path) -
     device = str(backbone.device)
     train_idx, val_idx = stratified_split(labels, spec.dataset.val_fraction, spec.dataset.split_seed)
     hp = spec.training.resolved(spec.method.training_defaults())
-    torch.manual_seed(hp["seed"])
+    torch.manual_seed(hp.seed)
     info = FeatureInfo.from_meta(backbone.info(), backbone.readout_tensors(), classes)
     model = methods.build(spec.method, info).to(device)
     train = ReadyOnline(backbone, inputs[train_idx], labels[train_idx], model.input_layers)
@@ -149,7 +149,7 @@ def measure_speed(args: argparse.Namespace, extraction: dict[str, Any]) -> dict[
                 "val": m["val_accuracy"],
             }
             say(f"(c) compile={compiled}: {out['compile'][compiled]}")
-    out["hp"] = cache_spec.training.resolved(cache_spec.method.training_defaults())
+    out["hp"] = cache_spec.training.resolved(cache_spec.method.training_defaults()).model_dump()
     return out
 
 

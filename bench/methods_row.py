@@ -119,7 +119,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "train_images_per_s": m["train_images_per_s"],
         "val_accuracy": m["val_accuracy"],
         "infer_images_per_s": round(infer_rate, 2),
-        "hyperparameters": {k: hp[k] for k in ("optimizer", "lr", "weight_decay", "warmup_epochs")},
+        "hyperparameters": {k: getattr(hp, k) for k in ("optimizer", "lr", "weight_decay", "warmup_epochs")},
     }
 
 

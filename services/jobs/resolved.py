@@ -38,7 +38,7 @@ from services.data.datasets import (
 )
 from services.paths import UserPaths
 from services.spec import JobSpec
-from services.sweeps.grid import check_size
+from services.spec.sweep import check_size
 from services.video.spec import check_inputs
 from storage.settings import Settings
 

@@ -97,7 +97,8 @@ class Classifier(nn.Module):
     input_layers: list[int]
     head: nn.Linear
     # whether each configuration of a sweep computes its own [B, T, D] activations (LoSA's residual streams), so K
-    # stacked configurations hold K times one network's (services/sweeps/stacked.py trains those in micro-batches)
+    # stacked configurations hold K times one network's (services/training/sweeps/stacked.py trains those in
+    # micro-batches)
     own_activations: bool = False
 
     def side_parameters(self) -> int:

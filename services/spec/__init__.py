@@ -1,6 +1,6 @@
 """The job spec: what a user submits to `POST /jobs`, one module per part (dataset, backbone, extraction, training,
 the job as a whole). Torch-free, so the API validates it without loading ML code. Method-specific fields live in each
-method's config (services/methods/<name>/config.py), the sweep's in services/sweeps/grid.py.
+method's config (services/methods/<name>/config.py), the sweep's in services/spec/sweep.py.
 """
 
 from services.errors import SpecError
@@ -9,7 +9,7 @@ from services.spec.dataset import DatasetSpec
 from services.spec.extraction import EveryKth, ExtractionSpec, LastK, LayerChoice, extraction_rows, select_cached_layers
 from services.spec.fields import NO_NUL, SEED_MAX
 from services.spec.job import JobSpec, Mode
-from services.spec.training import ExecutionSpec, TrainingSpec
+from services.spec.training import ExecutionSpec, Hyperparameters, TrainingSpec
 
 __all__ = [
     "NO_NUL",
@@ -19,6 +19,7 @@ __all__ = [
     "EveryKth",
     "ExecutionSpec",
     "ExtractionSpec",
+    "Hyperparameters",
     "JobSpec",
     "LastK",
     "LayerChoice",

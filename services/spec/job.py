@@ -15,8 +15,8 @@ from services.spec.backbone import BackboneSpec
 from services.spec.dataset import DatasetSpec
 from services.spec.extraction import ExtractionSpec, select_cached_layers
 from services.spec.fields import SEED_MAX
+from services.spec.sweep import SweepSpec, check_sweep
 from services.spec.training import ExecutionSpec, TrainingSpec
-from services.sweeps.grid import SweepSpec, check_sweep
 
 Mode = Literal["cache", "images", "tail", "online"]
 

@@ -120,7 +120,7 @@ class TrainingSpec(BaseModel):
             epochs = min(max(epochs, wanted), defaults.get("max_epochs", wanted))
         return epochs
 
-    def resolved(self, defaults: dict, train_images: int | None = None) -> dict:
+    def resolved(self, defaults: dict, train_images: int | None = None) -> Hyperparameters:
         """Fill `auto` fields from the method's defaults (the learning rate at this batch size, `auto_lr`; the epochs
         for `train_images`, `auto_epochs`); an explicit value is used as given. `early_termination: auto` is off
         here: JobSpec.configurations() turns it on for an automatic grid."""
@@ -135,4 +135,26 @@ class TrainingSpec(BaseModel):
         for key in ("lr", "weight_decay", "warmup_epochs"):
             if isinstance(out[key], float | int) and out[key] < 0:
                 raise SpecError(f"training.{key} must be >= 0")
-        return out
+        return Hyperparameters.model_validate(out)
+
+
+class Hyperparameters(BaseModel):
+    """One configuration's training settings with every `auto` resolved (`TrainingSpec.resolved`): what the loop,
+    the optimizers and the objective read. Its fields are TrainingSpec's, in the same order, so that `model_dump()`
+    (the job's "hyperparameters" event and the model's config) keeps the keys the API has always shown. The fields
+    that have no method default are TrainingSpec's defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adamw"]
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    clip_grad_norm: float | None
+    label_smoothing: float = 0.0
+    class_weights: Literal["none", "balanced"] = "none"
+    early_termination: bool = False
+    seed: int = 0
+    compile: bool = False

@@ -1,5 +1,6 @@
 """The training loop's checkpoint (services/training/fit.py), written after every epoch to the job's checkpoint folder
-on the store, so a train worker on any machine resumes a killed job from its last finished epoch.
+on the store, so a train worker on any machine resumes a killed job from its last finished epoch: `save` writes the
+loop's state (services/training/state.py: LoopState), `resume` restores it.
 
     checkpoint.safetensors  everything a resume needs, in one atomically written file: each Runs' trainable
                             weights and optimizer state (`runs<i>.*`), the best weights of its configurations
@@ -23,13 +24,15 @@ import json
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from services.training.runs import Result, Runs
 from storage.artifacts import as_folder, metadata_from_bytes, tensors_from_bytes, tensors_to_bytes
 from storage.store import Folder
+
+if TYPE_CHECKING:
+    from services.training.state import LoopState
 
 TENSORS, SUMMARY = "checkpoint.safetensors", "checkpoint.json"
 
@@ -71,46 +74,37 @@ def _write(folder: Folder, files: list[tuple[str, bytes]]) -> None:
         folder.write_bytes(name, data)
 
 
-def save(
-    writer: Writer,
-    where: Folder | Path,
-    epoch: int,
-    runs: list[Runs],
-    best: list[dict[str, np.ndarray]],
-    results: list[Result],
-    curves: np.ndarray,
-    fields: list[str],
-    log: dict[str, Any],
-) -> None:
-    """Checkpoint after `epoch`: `runs`, each one's configurations' best weights `best[i]` ([K, ...]), the figures of
-    `results` (configurations in the order of the job) and their `curves` [configurations, epochs, fields]. Serialised
-    now (the weights change with the next step), written by `writer`."""
-    d = as_folder(where)
-    tensors: dict[str, np.ndarray] = {"history": curves}
+def save(writer: Writer, where: Folder | Path, state: LoopState) -> None:
+    """Checkpoint `state` after its epoch: its runs, each one's configurations' best weights ([K, ...]), the figures
+    of its results (configurations in the order of the job) and their curves. Serialised now (the weights change with
+    the next step), written by `writer`."""
+    tensors: dict[str, np.ndarray] = {"history": state.curves[:, : state.epoch]}
     infos = []
-    for i, r in enumerate(runs):
+    for i, r in enumerate(state.runs):
         t, info = r.checkpoint()
-        tensors |= {f"runs{i}.{k}": v for k, v in t.items()} | {f"best{i}.{k}": v for k, v in best[i].items()}
+        tensors |= {f"runs{i}.{k}": v for k, v in t.items()} | {f"best{i}.{k}": v for k, v in state.best[i].items()}
         infos.append(info)
-    figures = [{"score": r.score, "loss": r.loss, "epoch": r.epoch} for r in results]
-    meta = {"epoch": epoch, "runs": infos, "results": figures, "history_fields": fields, **log}
+    figures = [{"score": r.score, "loss": r.loss, "epoch": r.epoch} for r in state.results]
+    meta = {
+        "epoch": state.epoch,
+        "runs": infos,
+        "results": figures,
+        "history_fields": state.fields,
+        "seconds": state.seconds,
+        "seen": state.seen,
+        "stopped": state.stopped,
+    }
     data = tensors_to_bytes(tensors, metadata={"checkpoint": json.dumps(meta)})
     lead = max(figures, key=lambda f: f["score"])
     # strict JSON for any client: a figure not yet defined (no epoch improved, a diverged loss) is null
     shown = [{k: v if math.isfinite(v) else None for k, v in f.items()} for f in figures]
-    writer.put(
-        d,
-        [
-            (TENSORS, data),
-            (SUMMARY, json.dumps({"epoch": epoch, "best_epoch": lead["epoch"], "results": shown}).encode()),
-        ],
-    )
+    summary = {"epoch": state.epoch, "best_epoch": lead["epoch"], "results": shown}
+    writer.put(as_folder(where), [(TENSORS, data), (SUMMARY, json.dumps(summary).encode())])
 
 
 def read(where: Folder | Path, fields: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """The tensors and metadata `save` wrote, or None where there is no checkpoint (or one an earlier version wrote:
-    the job trains from the start). The metadata says which configurations had stopped (`stopped`), which the
-    caller drops from its runs before `restore`."""
+    the job trains from the start)."""
     d = as_folder(where)
     if not d.exists(TENSORS):
         return None
@@ -121,22 +115,23 @@ def read(where: Folder | Path, fields: list[str]) -> tuple[dict[str, np.ndarray]
     return tensors_from_bytes(data), meta
 
 
-def restore(
-    saved: tuple[dict[str, np.ndarray], dict[str, Any]],
-    runs: list[Runs],
-    best: list[dict[str, np.ndarray]],
-    results: list[Result],
-    curves: np.ndarray,
-) -> int:
-    """Restore what `read` returned into `runs`, `best`, the figures of `results` and `curves`; its epoch."""
+def resume(where: Folder | Path, state: LoopState) -> bool:
+    """Restore the checkpoint in `where` into a fresh `state` (LoopState.start): the configurations that had stopped
+    leave its runs first, as they left them while training, then the runs, best weights, figures, curves and clocks
+    are the checkpoint's. False (state untouched) where there is none to resume from."""
+    saved = read(where, state.fields)
+    if saved is None:
+        return False
     tensors, meta = saved
-    for i, r in enumerate(runs):
+    stopped = {int(j): e for j, e in meta.get("stopped", {}).items()}
+    for epoch in sorted(set(stopped.values())):
+        state.stop({j for j, e in stopped.items() if e == epoch}, epoch)
+    for i, r in enumerate(state.runs):
         prefix = f"runs{i}."
         r.restore({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, meta["runs"][i])
-        for name in best[i]:
-            best[i][name][...] = tensors[f"best{i}.{name}"]
-    epoch = meta["epoch"]
-    curves[:, :epoch] = tensors["history"]
-    for res, figures in zip(results, meta["results"], strict=True):
+        state.best[i] = {name: np.array(tensors[f"best{i}.{name}"]) for name in state.best[i]}
+    state.epoch, state.seconds, state.seen = meta["epoch"], meta["seconds"], meta["seen"]
+    state.curves[:, : state.epoch] = tensors["history"]
+    for res, figures in zip(state.results, meta["results"], strict=True):
         res.score, res.loss, res.epoch = figures["score"], figures["loss"], figures["epoch"]
-    return epoch
+    return True

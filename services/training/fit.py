@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ from services.data.datasets import DatasetError
 from services.data.sources import Source
 from services.errors import UserError
 from services.jobs.progress import Reporter
+from services.spec import Hyperparameters
 from services.training import checkpoint, halving
 from services.training.evaluation import top_k_hits, validation_scores
 from services.training.objectives import Objective
-from services.training.runs import Result, Runs
+from services.training.runs import Runs
+from services.training.state import LoopState, Result, row
 from storage.store import Folder
 
 
@@ -42,11 +45,6 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def batches_of(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[s : s + size] for s in range(0, len(order), size)]
-
-
-def _row(fields: list[str], values: np.ndarray) -> dict[str, Any]:
-    """An epoch's row of a configuration's curve as its history holds it."""
-    return {f: int(v) if f == "epoch" else float(v) for f, v in zip(fields, values, strict=True)}
 
 
 def select(results: list[Result]) -> int:
@@ -163,20 +161,43 @@ def evaluate(
     return list(zip(scores, (loss / rows).tolist(), strict=True))
 
 
-def _flat(runs: list[Runs], where: list[tuple[int, int] | None]) -> list[int]:
-    """The configuration of each row of the runs' outputs, in order (runs by runs, then within each)."""
-    at = {w: j for j, w in enumerate(where) if w is not None}
-    return [at[(i, k)] for i, r in enumerate(runs) for k in range(r.count)]
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warmup then cosine decay over a run's steps (`warmup_cosine`), as factors of each peak lr."""
+
+    batch_size: int
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+    @classmethod
+    def of(cls, hp: Hyperparameters, n: int, reporter: Reporter) -> Schedule:
+        bs = min(hp.batch_size, n)
+        steps_per_epoch = -(-n // bs)
+        total = steps_per_epoch * hp.epochs
+        warmup = max(1, round(hp.warmup_epochs * steps_per_epoch))
+        if warmup > total // 2 and total > 1:
+            # e.g. ARC's 10 warmup epochs (from 100-epoch runs) in a 10-epoch job would never reach the decay
+            reporter.event(f"warmup of {hp.warmup_epochs} epochs capped at half of this {hp.epochs}-epoch run")
+            warmup = max(1, total // 2)
+        return cls(bs, steps_per_epoch, total, warmup)
+
+    def scale(self, epoch: int, step: int) -> float:
+        return warmup_cosine(epoch * self.steps_per_epoch + step, self.warmup, self.total)
+
+    def last_of(self, epoch: int) -> float:
+        """The factor of the epoch's last step (what its curve reports as the lr)."""
+        return warmup_cosine(min((epoch + 1) * self.steps_per_epoch, self.total) - 1, self.warmup, self.total)
 
 
 def fit(
     runs: list[Runs],
-    where: list[tuple[int, int] | None],
+    where: list[tuple[int, int]],
     train: Source,
     val: Source,
     n: int,
     n_val: int,
-    hp: dict[str, Any],
+    hp: Hyperparameters,
     objective: Objective,
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
@@ -186,141 +207,156 @@ def fit(
     the sources: configuration j is `where[j]` = (runs, index in it); every batch is read once for all of them.
     `layers`: the cached layers the sources read (each Runs takes its own). Returns each configuration's Result and
     the timings. The loop never waits for the device: losses are summed on it and read once per epoch. With
-    `hp["early_termination"]` and several configurations, the lower half stops at each rung (services/training/
+    `hp.early_termination` and several configurations, the lower half stops at each rung (services/training/
     halving.py): its Result keeps its figures and curve and no weights."""
-    device = objective.device
-    bs = min(hp["batch_size"], n)
-    steps_per_epoch = -(-n // bs)
-    total = steps_per_epoch * hp["epochs"]
-    warmup = max(1, round(hp["warmup_epochs"] * steps_per_epoch))
-    if warmup > total // 2 and total > 1:
-        # e.g. ARC's 10 warmup epochs (from 100-epoch runs) in a 10-epoch job would never reach the decay
-        reporter.event(f"warmup of {hp['warmup_epochs']} epochs capped at half of this {hp['epochs']}-epoch run")
-        warmup = max(1, total // 2)
-    # each Runs' configurations' best weights so far, stacked [K, ...]: copied from the live weights, which the next
-    # step changes (on the CPU, `states()` are views of them)
-    best = [{name: np.array(v) for name, v in r.states().items()} for r in runs]
-    results = [Result(state={}) for _ in where]
-    fields = ["epoch", "train_loss", objective.metric, "val_loss", "lr", "train_seconds"]
-    curves = np.full((len(where), hp["epochs"], len(fields)), np.nan)  # each configuration's history, row by epoch
-    start_epoch, seconds, seen = 0, 0.0, 0
-    at = halving.rungs(hp["epochs"]) if hp.get("early_termination") and len(where) > 1 else []
-    stopped: dict[int, int] = {}  # configuration -> the epoch after which it stopped
-    saved = checkpoint.read(checkpoint_dir, fields)
-    if saved:
-        log = saved[1]
-        stopped = {int(j): e for j, e in log.get("stopped", {}).items()}
-        runs, where, best = halving.drop(runs, where, best, set(stopped))
-        start_epoch = checkpoint.restore(saved, runs, best, results, curves)
-        seconds, seen = log["seconds"], log["seen"]
-        reporter.event(f"resumed training from the checkpoint of epoch {start_epoch}")
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    first_step_s: float | None = None
-    flat = _flat(runs, where)  # the configuration of each row of the runs' stacked outputs
-    metric = objective.metric
-    warned: set[int] = set()  # configurations reported as diverged
+    schedule = Schedule.of(hp, n, reporter)
+    fields = ["epoch", "train_loss", objective.metric, "val_loss", "lr", "train_seconds"]  # a curve's columns
+    state = LoopState.start(runs, where, fields, hp.epochs)
+    at = halving.rungs(hp.epochs) if hp.early_termination and len(where) > 1 else []
+    if checkpoint.resume(checkpoint_dir, state):
+        reporter.event(f"resumed training from the checkpoint of epoch {state.epoch}")
+    if objective.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(objective.device)
     with checkpoint.Writer() as writer:
-        for epoch in range(start_epoch, hp["epochs"]):
-            for r in runs:
-                r.train(True)
-            order = np.random.default_rng(hp["seed"] * 100_003 + epoch).permutation(n)
-            t0, count = time.perf_counter(), 0
-            loss_sums = [torch.zeros(r.count, device=device) for r in runs]
-            for step, (x, y) in enumerate(train.iterate(batches_of(order, bs))):
-                if len(y):
-                    y = objective.cast(y)
-                    scale = warmup_cosine(epoch * steps_per_epoch + step, warmup, total)
-                    for r, sums in zip(runs, loss_sums, strict=True):
-                        sums += r.step(inputs_for(x, r, layers), y, scale) * len(y)
-                    count += len(y)
-                    if first_step_s is None:  # the one step that waits for the device: with compile, it compiles
-                        loss_sums[0].sum().item()
-                        first_step_s = time.perf_counter() - t0
-                if step % 20 == 0:
-                    reporter.check_cancel()
-            train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()  # the epoch's one read of the device
-            diverged = {pos for pos, value in enumerate(train_loss) if not math.isfinite(value)}
-            if len(diverged) == len(train_loss):  # read once per epoch: a diverged run fails, and no NaN model is saved
-                raise NonFiniteLoss(
-                    f"the training loss became {train_loss[0]} in epoch {epoch + 1}; lower training.lr "
-                    "or check the data"
-                )
-            new = {flat[pos] for pos in diverged} - warned
-            if new:  # a sweep: the others go on; a diverged configuration keeps its best finite epoch
-                reporter.event(
-                    f"{len(new)} of {len(train_loss)} configurations diverged (non-finite loss) in epoch {epoch + 1}",
-                    level="warning",
-                )
-                warned |= new
-            epoch_s = time.perf_counter() - t0
-            seconds += epoch_s
-            seen += count
-            lr_scale = warmup_cosine(min((epoch + 1) * steps_per_epoch, total) - 1, warmup, total)
-            scores = evaluate(runs, val, n_val, max(bs, 64), layers, objective)
-            improved: dict[int, list[int]] = {}
-            for pos, j in enumerate(flat):
-                res, (score, loss), (i, k) = results[j], scores[pos], where[j]
-                curves[j, epoch] = [
-                    epoch + 1,
-                    round(train_loss[pos], 5),
-                    round(score, 5),
-                    round(loss, 5),
-                    float(f"{runs[i].base_lrs[k] * lr_scale:.4g}"),
-                    round(epoch_s, 3),
-                ]
-                if score > res.score and pos not in diverged:  # NaN (diverged weights) is never greater
-                    res.score, res.loss, res.epoch = score, loss, epoch + 1
-                    improved.setdefault(i, []).append(k)
-            for i, ks in improved.items():
-                for name, value in runs[i].states().items():
-                    best[i][name][ks] = value[ks]
+        while state.epoch < hp.epochs:
+            epoch = state.epoch
+            train_loss, epoch_s = _train_epoch(state, train, n, schedule, hp.seed, objective, layers, reporter)
+            diverged = _diverged(state, train_loss, reporter)
+            scores = evaluate(state.runs, val, n_val, max(schedule.batch_size, 64), layers, objective)
+            _record(state, scores, train_loss, diverged, schedule.last_of(epoch), epoch_s)
             if epoch + 1 in at:
-                stop = halving.losers({j: (results[j].score, results[j].loss) for j in flat})
-                runs, where, best = halving.drop(runs, where, best, set(stop))
-                stopped |= dict.fromkeys(stop, epoch + 1)
-                flat = _flat(runs, where)
-                reporter.event(
-                    f"early termination after epoch {epoch + 1}: {len(stop)} of {len(stop) + len(flat)} "
-                    f"configurations stopped (the lower half on validation), {len(flat)} go on"
-                )
-            rows = [
-                _row(fields, curves[j, epoch]) for j in range(len(results)) if j not in stopped or stopped[j] > epoch
-            ]
-            last = _row(fields, curves[flat[select([results[j] for j in flat])], epoch])
-            label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
-            reporter.event(
-                f"epoch {epoch + 1}/{hp['epochs']}: {label}loss {last['train_loss']:.4f}, "
-                f"{metric.replace('_', ' ')} {last[metric]:.4f}",
-                type="metrics",
-                data=last if len(results) == 1 else {**last, "configurations": rows},
-            )
-            reporter.progress("training", epoch + 1, hp["epochs"], **last)
-            checkpoint.save(
-                writer,
-                checkpoint_dir,
-                epoch + 1,
-                runs,
-                best,
-                results,
-                curves[:, : epoch + 1],
-                fields,
-                {"seconds": seconds, "seen": seen, "stopped": stopped},
-            )
+                _halve(state, epoch + 1, reporter)
+            state.epoch = epoch + 1
+            _report_epoch(state, hp.epochs, objective.metric, reporter)
+            checkpoint.save(writer, checkpoint_dir, state)
             reporter.check_cancel()
-    for j, (res, w) in enumerate(zip(results, where, strict=True)):
-        res.state = {name: v[w[1]] for name, v in best[w[0]].items()} if w is not None else {}
-        res.stopped = stopped.get(j)
-        res.history = [_row(fields, values) for values in curves[j, : stopped.get(j, hp["epochs"])]]
-    timing = {
-        "train_seconds": round(seconds, 3),
-        "train_images_per_s": round(seen / max(seconds, 1e-9), 1),
-        "compiled": bool(hp.get("compile")),
+    return state.finish(hp.epochs), _timing(state, hp, at, objective.device)
+
+
+def _train_epoch(
+    state: LoopState,
+    train: Source,
+    n: int,
+    schedule: Schedule,
+    seed: int,
+    objective: Objective,
+    layers: list[int] | None,
+    reporter: Reporter,
+) -> tuple[list[float], float]:
+    """One pass over the training items in the epoch's seeded order, every Runs stepping on each batch; each
+    configuration's mean training loss (the epoch's one read of the device) and the epoch's seconds."""
+    epoch, runs = state.epoch, state.runs
+    for r in runs:
+        r.train(True)
+    order = np.random.default_rng(seed * 100_003 + epoch).permutation(n)
+    t0, count = time.perf_counter(), 0
+    loss_sums = [torch.zeros(r.count, device=objective.device) for r in runs]
+    for step, (x, y) in enumerate(train.iterate(batches_of(order, schedule.batch_size))):
+        if len(y):
+            y = objective.cast(y)
+            scale = schedule.scale(epoch, step)
+            for r, sums in zip(runs, loss_sums, strict=True):
+                sums += r.step(inputs_for(x, r, layers), y, scale) * len(y)
+            count += len(y)
+            if state.first_step_s is None:  # the one step that waits for the device: with compile, it compiles
+                loss_sums[0].sum().item()
+                state.first_step_s = time.perf_counter() - t0
+        if step % 20 == 0:
+            reporter.check_cancel()
+    train_loss = (torch.cat(loss_sums) / max(count, 1)).tolist()
+    epoch_s = time.perf_counter() - t0
+    state.seconds += epoch_s
+    state.seen += count
+    return train_loss, epoch_s
+
+
+def _diverged(state: LoopState, train_loss: list[float], reporter: Reporter) -> set[int]:
+    """The rows whose training loss is not finite. All of them: the job fails, and no NaN model is saved; some (a
+    sweep): the others go on, and a diverged configuration keeps its best finite epoch."""
+    diverged = {pos for pos, value in enumerate(train_loss) if not math.isfinite(value)}
+    if len(diverged) == len(train_loss):
+        raise NonFiniteLoss(
+            f"the training loss became {train_loss[0]} in epoch {state.epoch + 1}; lower training.lr or check the data"
+        )
+    flat = state.flat
+    new = {flat[pos] for pos in diverged} - state.warned
+    if new:
+        reporter.event(
+            f"{len(new)} of {len(train_loss)} configurations diverged (non-finite loss) in epoch {state.epoch + 1}",
+            level="warning",
+        )
+        state.warned |= new
+    return diverged
+
+
+def _record(
+    state: LoopState,
+    scores: list[tuple[float, float]],
+    train_loss: list[float],
+    diverged: set[int],
+    lr_scale: float,
+    epoch_s: float,
+) -> None:
+    """The epoch's row of every configuration's curve; the best figures and weights of those that improved."""
+    epoch = state.epoch
+    improved: dict[int, list[int]] = {}
+    for pos, j in enumerate(state.flat):
+        res, (score, loss), (i, k) = state.results[j], scores[pos], state.where[j]
+        state.curves[j, epoch] = [
+            epoch + 1,
+            round(train_loss[pos], 5),
+            round(score, 5),
+            round(loss, 5),
+            float(f"{state.runs[i].base_lrs[k] * lr_scale:.4g}"),
+            round(epoch_s, 3),
+        ]
+        if score > res.score and pos not in diverged:  # NaN (diverged weights) is never greater
+            res.score, res.loss, res.epoch = score, loss, epoch + 1
+            improved.setdefault(i, []).append(k)
+    state.keep_best(improved)
+
+
+def _halve(state: LoopState, epoch: int, reporter: Reporter) -> None:
+    """Early termination after `epoch`: the lower half of the configurations still training stop."""
+    stop = halving.losers({j: (state.results[j].score, state.results[j].loss) for j in state.flat})
+    state.stop(set(stop), epoch)
+    going = len(state.flat)
+    reporter.event(
+        f"early termination after epoch {epoch}: {len(stop)} of {len(stop) + going} configurations stopped (the "
+        f"lower half on validation), {going} go on"
+    )
+
+
+def _report_epoch(state: LoopState, epochs: int, metric: str, reporter: Reporter) -> None:
+    """The finished epoch's metrics event (the best configuration's row, and every row of a sweep) and progress."""
+    epoch, results, fields = state.epoch - 1, state.results, state.fields
+    rows = [
+        row(fields, state.curves[j, epoch])
+        for j in range(len(results))
+        if j not in state.stopped or state.stopped[j] > epoch
+    ]
+    flat = state.flat
+    last = row(fields, state.curves[flat[select([results[j] for j in flat])], epoch])
+    label = f"best of {len(results)} configurations: " if len(results) > 1 else ""
+    reporter.event(
+        f"epoch {epoch + 1}/{epochs}: {label}loss {last['train_loss']:.4f}, "
+        f"{metric.replace('_', ' ')} {last[metric]:.4f}",
+        type="metrics",
+        data=last if len(results) == 1 else {**last, "configurations": rows},
+    )
+    reporter.progress("training", epoch + 1, epochs, **last)
+
+
+def _timing(state: LoopState, hp: Hyperparameters, at: list[int], device: str) -> dict[str, Any]:
+    timing: dict[str, Any] = {
+        "train_seconds": round(state.seconds, 3),
+        "train_images_per_s": round(state.seen / max(state.seconds, 1e-9), 1),
+        "compiled": hp.compile,
     }
     if at:
-        timing["early_termination"] = halving.report(stopped, len(where), hp["epochs"], at)
-    if first_step_s is not None:
-        timing["first_step_seconds"] = round(first_step_s, 3)
+        timing["early_termination"] = halving.report(state.stopped, len(state.where), hp.epochs, at)
+    if state.first_step_s is not None:
+        timing["first_step_seconds"] = round(state.first_step_s, 3)
     if device.startswith("cuda"):
         timing["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return results, timing
+    return timing

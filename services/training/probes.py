@@ -1,11 +1,12 @@
 """The linear probe of a job by the standard protocol (L-BFGS on the cached, pooled features): every L2 strength of
 the grid scored by stratified k-fold cross-validation over the training and validation images (by the validation
-split for large jobs), the best refitted on all of them. The solver itself is services/methods/linear/solver.py.
+split for large jobs), the best refitted on all of them. The solver itself is services/training/lbfgs.py.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,20 +14,36 @@ import torch
 
 from services.data.sources import Source
 from services.jobs.progress import Reporter
-from services.methods.linear import solver
-from services.spec import JobSpec
+from services.spec import Hyperparameters, JobSpec
+from services.training import lbfgs
 from services.training.fit import batches_of
 from services.training.objectives import Objective
-from services.training.runs import Result
+from services.training.state import Result
+
+Point = lbfgs.PathPoint | lbfgs.CvPoint  # a scored strength: on the validation split, or cross-validated
 
 # per scored strength a Result, its figures; the timings; the training split's own fit (or None)
 Solved = tuple[list[Result], list[dict[str, Any]], dict[str, Any], dict[str, np.ndarray] | None]
 
 
+@dataclass
+class _Rows:
+    """The rows the protocol fits and scores, training rows first, then validation: per pooling their features
+    [n_train + n_val, D] (the splits are views of them), their targets as the objective reads them, their labels;
+    the cross-validation's folds (k = 0: the validation split scores)."""
+
+    feats: list[torch.Tensor]
+    y: torch.Tensor
+    labels: np.ndarray
+    n_train: int
+    k: int
+    held: list[np.ndarray]
+
+
 def solve_probes(
     spec: JobSpec,
     configs: list[JobSpec],
-    hps: list[dict],
+    hps: list[Hyperparameters],
     models: list[torch.nn.Module],
     sources: list[Source],
     targets: list[np.ndarray],
@@ -34,7 +51,7 @@ def solve_probes(
     reporter: Reporter,
     held_out: bool = False,
 ) -> Solved:
-    """The L-BFGS linear probe of every configuration (services/methods/linear/solver.py) by the standard protocol:
+    """The L-BFGS linear probe of every configuration (services/training/lbfgs.py) by the standard protocol:
     the pooled features of every distinct pooling from one pass over the cache; each L2 strength (the sweep's
     `weight_decay` values, the job's own, or the default grid when it is `auto`) scored by k-fold cross-validation
     over the training and validation images (by the validation split above `method.cv_max_images`, or with
@@ -45,45 +62,63 @@ def solve_probes(
     the validation images), else None."""
     t0 = time.perf_counter()
     auto = spec.training.weight_decay == "auto" and not (spec.sweep and spec.sweep.weight_decay)
-    grids = [list(solver.L2_GRID) if auto else [h["weight_decay"]] for h in hps]
+    grids = [list(lbfgs.L2_GRID) if auto else [h.weight_decay] for h in hps]
     by_pool: dict[str, list[int]] = {}
     for j, c in enumerate(configs):
         by_pool.setdefault(c.method.pool, []).append(j)
     probes = [models[js[0]] for js in by_pool.values()]
-    n_train = len(targets[0])
-    labels = np.concatenate(targets)  # training rows first, then validation: the features' order below
+    labels = np.concatenate(targets)  # training rows first, then validation: the features' order
+    k = _folds(spec.method, labels)
+    held = lbfgs.folds(labels, k, spec.dataset.split_seed) if k else []
+    rows = _Rows(_features(probes, sources, targets), objective.targets(labels), labels, len(targets[0]), k, held)
+    candidates, points, paths, iterations = _score(configs, by_pool, grids, rows, objective, reporter)
+    chosen = lbfgs.choose([point for _, point in candidates])
+    p, point = candidates[chosen]
+    max_iter = configs[0].method.max_iter
+    refit, weights, held_state = _refit(rows, p, paths[p], point, probes[p], objective, max_iter, held_out)
+    results = [
+        Result(state=weights if i == chosen else {}, score=pt.score, loss=pt.loss)
+        for i, (_, pt) in enumerate(candidates)
+    ]
+    timing = _report(rows, point, points, iterations, refit, time.perf_counter() - t0, objective, reporter)
+    return results, points, timing, held_state
+
+
+def _features(probes: list[torch.nn.Module], sources: list[Source], targets: list[np.ndarray]) -> list[torch.Tensor]:
+    """Every probe's pooled features of every row of the sources, in order, from one pass over them."""
     per_probe: list[list[torch.Tensor]] = [[] for _ in probes]
     for source, y in zip(sources, targets, strict=True):
         with torch.no_grad():  # not inference_mode: the features enter the solver's autograd graph
             for x, _ in source.iterate(batches_of(np.arange(len(y)), 1024)):  # cached rows, in order: all kept
                 for out, probe in zip(per_probe, probes, strict=True):
                     out.append(probe.features(x))
-    feats = [torch.cat(f) for f in per_probe]  # [n_train + n_val, D] per pooling; the splits are views of it
-    del per_probe
-    y_all = objective.targets(labels)
-    k = _folds(spec.method, labels)
-    held = solver.folds(labels, k, spec.dataset.split_seed) if k else []
-    candidates, points = [], []  # (pooling, strength) scored, and their figures
+    return [torch.cat(f) for f in per_probe]
+
+
+def _score(
+    configs: list[JobSpec],
+    by_pool: dict[str, list[int]],
+    grids: list[list[float]],
+    rows: _Rows,
+    objective: Objective,
+    reporter: Reporter,
+) -> tuple[list[tuple[int, Point]], list[dict[str, Any]], list[list[float]], int]:
+    """Each pooling's L2 path, strongest first, scored on held-out rows: the (pooling, point) candidates of every
+    configuration and their figures, each pooling's path, the iterations spent."""
+    candidates, points, paths = [], [], []
     iterations = 0
-    grids_by_pool = []
+    n_train, k = rows.n_train, rows.k
     for p, (pool, js) in enumerate(by_pool.items()):
         grid = sorted({l2 for j in js for l2 in grids[j]}, reverse=True)
-        grids_by_pool.append(grid)
-        max_iter = configs[js[0]].method.max_iter
+        paths.append(grid)
+        max_iter, x = configs[js[0]].method.max_iter, rows.feats[p]
         if k:
-            scored = solver.cross_validate(
-                feats[p], y_all, labels, held, grid, objective, max_iter, reporter.check_cancel
+            scored = lbfgs.cross_validate(
+                x, rows.y, rows.labels, rows.held, grid, objective, max_iter, reporter.check_cancel
             )
         else:
-            scored = solver.solve_path(
-                feats[p][:n_train],
-                y_all[:n_train],
-                feats[p][n_train:],
-                targets[1],
-                grid,
-                objective,
-                max_iter,
-                keep=False,
+            scored = lbfgs.solve_path(
+                x[:n_train], rows.y[:n_train], x[n_train:], rows.labels[n_train:], grid, objective, max_iter, keep=False
             )
         for j in js:
             for point in (pt for pt in scored if pt.l2 in grids[j]):
@@ -101,32 +136,52 @@ def solve_probes(
                 )
         iterations += sum(pt.iterations for pt in scored)
         reporter.check_cancel()
-    chosen = solver.choose([point for _, point in candidates])
-    p, point = candidates[chosen]
+    return candidates, points, paths, iterations
+
+
+def _refit(
+    rows: _Rows,
+    p: int,
+    grid: list[float],
+    point: Point,
+    probe: torch.nn.Module,
+    objective: Objective,
+    max_iter: int,
+    held_out: bool,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """Pooling p's chosen strength refitted on every row: the refit's figures, its weights, and with `held_out` the
+    weights of the same strength fitted on the training rows alone (else None)."""
+    labels, n_train, x, y = rows.labels, rows.n_train, rows.feats[p], rows.y
     # the refit keeps the chosen strength per image, scikit-learn's C = 1 / (l2 n), as GridSearchCV(refit=True)
     # keeps C: l2 n is the penalty against the summed loss, and more images then weigh more against it. It follows
     # the path that scored the strength, from the strongest of the grid down to it.
-    fitted = np.mean([len(labels) - len(h) for h in held]) if k else n_train
-    path = [float(f"{l2 * fitted / len(labels):.6g}") for l2 in grids_by_pool[p] if l2 >= point.l2]
-    l2 = path[-1]
-    t_refit = time.perf_counter()
-    weight, bias, refit_iterations = solver.refit(feats[p], y_all, path, objective, configs[0].method.max_iter)
-    refit_seconds = time.perf_counter() - t_refit
-    base = {name: v.detach().cpu().numpy() for name, v in probes[p].state_dict().items()}
+    fitted = np.mean([len(labels) - len(h) for h in rows.held]) if rows.k else n_train
+    path = [float(f"{l2 * fitted / len(labels):.6g}") for l2 in grid if l2 >= point.l2]
+    t0 = time.perf_counter()
+    weight, bias, iterations = lbfgs.refit(x, y, path, objective, max_iter)
+    seconds = time.perf_counter() - t0
+    base = {name: v.detach().cpu().numpy() for name, v in probe.state_dict().items()}
     held_state = None
     if held_out:  # the chosen strength on the training rows alone, its C kept as the refit keeps it
-        train_path = [l2 * fitted / n_train for l2 in grids_by_pool[p] if l2 >= point.l2]
-        w, b, _ = solver.refit(feats[p][:n_train], y_all[:n_train], train_path, objective, configs[0].method.max_iter)
+        train_path = [l2 * fitted / n_train for l2 in grid if l2 >= point.l2]
+        w, b, _ = lbfgs.refit(x[:n_train], y[:n_train], train_path, objective, max_iter)
         held_state = {**base, "head.weight": w, "head.bias": b}
-    results = [
-        Result(
-            state={**base, "head.weight": weight, "head.bias": bias} if i == chosen else {},
-            score=pt.score,
-            loss=pt.loss,
-        )
-        for i, (_, pt) in enumerate(candidates)
-    ]
-    seconds = time.perf_counter() - t0
+    refit = {"images": len(labels), "weight_decay": path[-1], "iterations": iterations, "seconds": round(seconds, 3)}
+    return refit, {**base, "head.weight": weight, "head.bias": bias}, held_state
+
+
+def _report(
+    rows: _Rows,
+    point: Point,
+    points: list[dict[str, Any]],
+    iterations: int,
+    refit: dict[str, Any],
+    seconds: float,
+    objective: Objective,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """The protocol's event (the path, the selection, the refit) and the job's timings with its figures."""
+    labels, n_train, k = rows.labels, rows.n_train, rows.k
     if k:
         how = f"{k}-fold cross-validation over {len(labels)} training and validation images"
         figure = f"{point.score:.4f} +- {point.std:.4f}"
@@ -141,25 +196,18 @@ def solve_probes(
     }
     if k:
         selection |= {"std": round(point.std, 5), "fold_scores": [round(s, 5) for s in point.fold_scores]}
-    refit = {
-        "images": len(labels),
-        "weight_decay": l2,
-        "iterations": refit_iterations,
-        "seconds": round(refit_seconds, 3),
-    }
     reporter.event(
         f"L-BFGS linear probe: {len(points)} L2 strengths scored by {how} ({iterations} iterations), "
-        f"best {point.l2:.3g} ({objective.metric} {figure}), refitted at {l2:.3g} on all {len(labels)} "
-        f"training and validation images ({refit_iterations} iterations) in {seconds:.2f}s",
+        f"best {point.l2:.3g} ({objective.metric} {figure}), refitted at {refit['weight_decay']:.3g} on all "
+        f"{len(labels)} training and validation images ({refit['iterations']} iterations) in {seconds:.2f}s",
         data={"l2_path": points, "selection": selection, "refit": refit},
     )
-    timing = {
+    return {
         "train_seconds": round(seconds, 3),
         "train_images_per_s": round(n_train * len(points) / max(seconds, 1e-9), 1),
         "selection": selection,
         "refit": refit,
     }
-    return results, points, timing, held_state
 
 
 def _folds(method: Any, labels: np.ndarray) -> int:

@@ -1,7 +1,7 @@
 """What the training loop (services/training/fit.py: `fit`) trains: `Runs`, a set of K configurations that see the same
-mini-batches, and what it returns for each: its `Result`. A plain job is one `ModuleRuns` (a module and its torch
-optimizer); a sweep is several: one `ModuleRuns` per configuration that trains through the backbone, and one
-`StackedRuns` (services/sweeps/stacked.py) per side-network architecture, whose configurations are computed together.
+mini-batches. A plain job is one `ModuleRuns` (a module and its torch optimizer); a sweep is several: one
+`ModuleRuns` per configuration that trains through the backbone, and one `StackedRuns`
+(services/training/sweeps/stacked.py) per side-network architecture, whose configurations are computed together.
 
 Every Runs applies the same rules: no weight decay on biases, 1-D parameters (norms, scales) and the tokens and
 position embeddings a timm model lists in `no_weight_decay()` (timm's `param_groups_weight_decay` rule, as DeiT, MAE
@@ -11,9 +11,7 @@ the learning rate of step s is the configuration's peak lr times the schedule's 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -21,17 +19,8 @@ from torch import nn
 
 from services.training.objectives import Objective
 
-
-@dataclass
-class Result:
-    """One configuration's outcome: its best weights on validation, that epoch's figures, its curve."""
-
-    state: dict[str, np.ndarray] = field(repr=False)
-    score: float = -1.0  # val accuracy, or val mAP (multi-label)
-    loss: float = math.inf  # plain validation loss at the best epoch
-    epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    stopped: int | None = None  # the epoch after which early termination stopped it (then `state` is empty)
+if TYPE_CHECKING:
+    from services.spec import Hyperparameters
 
 
 def warm_up() -> None:
@@ -88,26 +77,26 @@ class ModuleRuns:
 
     count = 1
 
-    def __init__(self, model: nn.Module, hp: dict[str, Any], objective: Objective, device: str) -> None:
+    def __init__(self, model: nn.Module, hp: Hyperparameters, objective: Objective, device: str) -> None:
         self.model, self.objective, self.device = model, objective, device
         self.input_layers = model.input_layers
-        self.clip = hp.get("clip_grad_norm")
+        self.clip = hp.clip_grad_norm
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decayed = decayed_names(model)
         groups = [
-            {"params": [p for n, p in named if n in decayed], "weight_decay": hp["weight_decay"]},
+            {"params": [p for n, p in named if n in decayed], "weight_decay": hp.weight_decay},
             {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
         self.params = [p for _, p in named]
-        if hp["optimizer"] == "sgd":
-            self.opt = torch.optim.SGD(groups, lr=hp["lr"], momentum=0.9)
+        if hp.optimizer == "sgd":
+            self.opt = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9)
         else:
-            self.opt = torch.optim.AdamW(groups, lr=hp["lr"])
-        self.base_lr = hp["lr"]
-        self.base_lrs = [hp["lr"]]
+            self.opt = torch.optim.AdamW(groups, lr=hp.lr)
+        self.base_lr = hp.lr
+        self.base_lrs = [hp.lr]
         # torch.compile (training.compile) shares the module's parameters: the state is still saved from `model`
-        self.forward = torch.compile(model) if hp.get("compile") else model
+        self.forward = torch.compile(model) if hp.compile else model
 
     def train(self, mode: bool) -> None:
         self.model.train(mode)

@@ -3,7 +3,7 @@
 The standard baseline of every adaptation paper (e.g. LoSA, Mercea et al., CVPR 2024, Table 1).
 Trained from the feature cache; needs only the last layer. In cache mode the default solver is full-batch L-BFGS
 on standardised features (the optimum of the convex problem, as scikit-learn's LogisticRegression finds it;
-services/methods/linear/solver.py) by the standard protocol: the L2 strength chosen from a grid by stratified k-fold
+services/training/lbfgs.py) by the standard protocol: the L2 strength chosen from a grid by stratified k-fold
 cross-validation over the training and validation images (by the validation split for large jobs), then the model
 refitted on all of them at that strength (scikit-learn's GridSearchCV(refit=True); the CLIP linear-probe protocol,
 Radford et al. 2021, App. A.3, whose final fit also uses the validation images). The standardisation is folded into

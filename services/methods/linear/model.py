@@ -24,8 +24,8 @@ class LinearProbe(Classifier):
         return self.head(self.features(feats))
 
     def forward_stacked(self, params: dict[str, torch.Tensor], feats: torch.Tensor) -> torch.Tensor:
-        """K heads at once (a sweep, services/sweeps/): `params` "head.weight" [K, C, D] and "head.bias" [K, C];
-        returns logits [K, B, C]. The frozen features are computed once and the K heads applied as one matrix
+        """K heads at once (a sweep, services/training/sweeps/): `params` "head.weight" [K, C, D] and "head.bias"
+        [K, C]; returns logits [K, B, C]. The frozen features are computed once and the K heads applied as one matrix
         product [B, D] x [D, K C]."""
         w, b = params["head.weight"], params["head.bias"]
         with torch.no_grad():

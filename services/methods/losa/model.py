@@ -46,7 +46,7 @@ class LosaSideNetwork(Classifier):
         return self.head(self.readout(self.refine(feats)))
 
     def forward_stacked(self, params: dict[str, torch.Tensor], feats: torch.Tensor) -> torch.Tensor:
-        """K configurations of this architecture at once (a sweep over lr and weight decay, services/sweeps/):
+        """K configurations of this architecture at once (a sweep over lr and weight decay, services/training/sweeps/):
         `params` as `named_parameters()` names them, each with a leading axis of K; `feats` [B, L, T, D] shared by
         all. Returns logits [K, B, C], each equal to the forward of a network with those parameters (tested). Every
         layer runs as one batched matrix product for the K networks, and what the K share is computed once: each

@@ -25,7 +25,7 @@ from services.jobs.resolved import (
     training_split,
 )
 from services.spec import JobSpec
-from services.training.job import memory_budgets as training_budgets
+from services.training.inputs import memory_budgets as training_budgets
 from storage.redis import JobStore
 from storage.settings import Settings
 from storage.store import Store

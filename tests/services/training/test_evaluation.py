@@ -189,11 +189,11 @@ def test_no_weight_decay_on_biases_norms_scales_and_position_embeddings() -> Non
 
 
 def test_defaults_follow_the_official_code() -> None:
-    def hp(method: dict, **training) -> dict:
+    def hp(method: dict, **training) -> dict:  # as the model's config stores them
         spec = JobSpec.model_validate(
             {"dataset": {"path": "x"}, "backbone": {"name": "test_vit"}, "method": method, "training": training}
         )
-        return spec.training.resolved(spec.method.training_defaults())
+        return spec.training.resolved(spec.method.training_defaults()).model_dump()
 
     assert hp({"name": "apla"})["clip_grad_norm"] == 1.0 and hp({"name": "arc"})["clip_grad_norm"] == 1.0
     assert hp({"name": "losa"})["clip_grad_norm"] is None and hp({"name": "lora"})["clip_grad_norm"] is None

@@ -49,8 +49,7 @@ def test_the_automatic_grid_follows_the_batch_and_the_epochs_the_dataset() -> No
     assert [training.auto_epochs(defaults, n) for n in (8, 80, 900, 3_000, 1_000_000)] == [100, 100, 34, 10, 10]
     linear = JobSpec.model_validate({**spec().model_dump(), "method": {"name": "linear", "solver": "sgd"}})
     assert (
-        linear.automatic_lrs() is None
-        and linear.training.resolved(linear.method.training_defaults(), 900)["epochs"] == 10
+        linear.automatic_lrs() is None and linear.training.resolved(linear.method.training_defaults(), 900).epochs == 10
     )
 
 

@@ -15,8 +15,8 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
 
 from services.data.datasets import split, val_count
-from services.methods.linear import solver
 from services.training import evaluation, plots, reports
+from services.training import lbfgs as solver
 from services.training.objectives import Objective
 
 

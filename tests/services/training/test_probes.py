@@ -1,4 +1,4 @@
-"""The linear probe's protocol (services/training/probes.py, services/methods/linear/solver.py): L2 strengths scored
+"""The linear probe's protocol (services/training/probes.py, services/training/lbfgs.py): L2 strengths scored
 by stratified k-fold cross-validation as scikit-learn's GridSearchCV scores them, the chosen strength refitted on every
 training and validation image (and on nothing else: the test split never enters selection or the refit).
 """
@@ -21,8 +21,8 @@ from threadpoolctl import threadpool_limits
 from services.data.datasets import read_imagefolder, split
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
-from services.methods.linear import solver
 from services.spec import JobSpec
+from services.training import lbfgs as solver
 from services.training.job import train_job
 from services.training.objectives import Objective
 from storage.settings import Settings

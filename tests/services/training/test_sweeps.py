@@ -20,13 +20,13 @@ from services.jobs.progress import Cancelled, NullReporter
 from services.methods.linear.config import LinearConfig
 from services.methods.losa.config import LosaConfig
 from services.methods.readout import FeatureInfo
-from services.spec import JobSpec
-from services.sweeps.grid import check_size
-from services.sweeps.optim import StackedOptimizer
-from services.sweeps.stacked import StackedRuns, make_runs
+from services.spec import Hyperparameters, JobSpec
+from services.spec.sweep import check_size
 from services.training.job import train_job
 from services.training.objectives import Objective
 from services.training.runs import ModuleRuns
+from services.training.sweeps.optim import StackedOptimizer
+from services.training.sweeps.stacked import StackedRuns, make_runs
 from storage.artifacts import read_tensors
 from storage.cache import CacheEntry
 from storage.settings import Settings
@@ -46,6 +46,11 @@ def spec(path: Path | str = "x", method: dict | None = None, sweep: dict | None 
             **({"sweep": sweep} if sweep is not None else {}),
         }
     )
+
+
+def hyperparameters(**given) -> Hyperparameters:
+    """What a Runs reads of a configuration's settings (the loop's own, epochs and warmup, do not matter here)."""
+    return Hyperparameters(epochs=1, warmup_epochs=0.0, **given)
 
 
 def feature_info(tokens: int = 9, pool_prefix: int = 0) -> FeatureInfo:
@@ -182,7 +187,7 @@ def test_stacked_configurations_train_as_each_would_alone(method, temporal: int 
         for name, p in m.named_parameters():
             if "up" in name:
                 torch.nn.init.normal_(p, std=0.2)
-    hps = [{"optimizer": kind, "lr": lr, "weight_decay": wd, "clip_grad_norm": 0.5} for lr, wd in HPS]
+    hps = [hyperparameters(optimizer=kind, lr=lr, weight_decay=wd, clip_grad_norm=0.5) for lr, wd in HPS]
     y = np.random.default_rng(0).integers(0, 5, 8)
     objective = Objective(y, 5, label_smoothing=0.1, class_weights="balanced")
     alone = [ModuleRuns(copy.deepcopy(m), h, objective, "cpu") for m, h in zip(models, hps, strict=True)]
@@ -205,7 +210,7 @@ def test_make_runs_stacks_one_architecture_and_keeps_the_order() -> None:
     info = feature_info()
     methods_ = [LosaConfig(rank=2), LosaConfig(rank=4), LosaConfig(rank=2), LosaConfig(rank=4)]
     models = [methods.build(m, info) for m in methods_]
-    hps = [{"optimizer": "sgd", "lr": lr, "weight_decay": 0.0, "clip_grad_norm": None} for lr in (1, 2, 3, 4)]
+    hps = [hyperparameters(optimizer="sgd", lr=lr, weight_decay=0.0, clip_grad_norm=None) for lr in (1, 2, 3, 4)]
     runs, where = make_runs(models, [m.model_dump() for m in methods_], hps, Objective(np.zeros(2, int), 5), "cpu")
     assert [type(r).__name__ for r in runs] == ["StackedRuns", "StackedRuns"]
     assert where == [(0, 0), (1, 0), (0, 1), (1, 1)]

@@ -16,7 +16,7 @@ from services.extraction import run_extraction
 from services.jobs.pipeline import model_id_for, train_step
 from services.jobs.progress import NullReporter
 from services.methods.readout import Classifier
-from services.spec import JobSpec
+from services.spec import Hyperparameters, JobSpec
 from services.training.evaluation import validation_scores
 from services.training.fit import NonFiniteLoss, fit, select
 from services.training.job import train_job
@@ -100,18 +100,21 @@ def test_a_diverged_configuration_of_a_sweep_is_never_selected(tmp_path: Path) -
 
     (xt, yt), (xv, yv) = arrays(400), arrays(200)
     objective = Objective(yt, 2)
-    hp = {
-        "batch_size": 32,
-        "epochs": 3,
-        "warmup_epochs": 0.0,
-        "seed": 0,
-        "optimizer": "sgd",
-        "weight_decay": 0.0,
-        "clip_grad_norm": None,
-        "lr": 1e-3,
-    }
+    hp = Hyperparameters(
+        batch_size=32,
+        epochs=3,
+        warmup_epochs=0.0,
+        seed=0,
+        optimizer="sgd",
+        weight_decay=0.0,
+        clip_grad_norm=None,
+        lr=1e-3,
+    )
     torch.manual_seed(0)
-    runs = [ModuleRuns(_Head(), hp, objective, "cpu"), ModuleRuns(_Head(), {**hp, "lr": 1e36}, objective, "cpu")]
+    runs = [
+        ModuleRuns(_Head(), hp, objective, "cpu"),
+        ModuleRuns(_Head(), hp.model_copy(update={"lr": 1e36}), objective, "cpu"),
+    ]
     reporter = NullReporter()
     results, _ = fit(
         runs, [(0, 0), (1, 0)], _Arrays(xt, yt), _Arrays(xv, yv), 400, 200, hp, objective, reporter, tmp_path / "ckpt"

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from services.sweeps.optim import StackedOptimizer
+from services.spec import Hyperparameters
 from services.training.objectives import Objective
 from services.training.runs import ModuleRuns, Runs, autocast, decayed_names
+from services.training.sweeps.optim import StackedOptimizer
 
 
 class StackedRuns:
-    def __init__(self, models: list[nn.Module], hps: list[dict[str, Any]], objective: Objective, device: str) -> None:
+    def __init__(self, models: list[nn.Module], hps: list[Hyperparameters], objective: Objective, device: str) -> None:
         template = models[0]
         self.template, self.count, self.objective, self.device = template, len(models), objective, device
         self.input_layers = template.input_layers
@@ -38,14 +39,14 @@ class StackedRuns:
             **dict(template.named_buffers()),
             **{n: p.detach() for n, p in template.named_parameters() if not p.requires_grad},
         }
-        self.base_lrs = [h["lr"] for h in hps]
-        self.clip = hps[0].get("clip_grad_norm")  # a training setting that sweeps do not vary
+        self.base_lrs = [h.lr for h in hps]
+        self.clip = hps[0].clip_grad_norm  # a training setting that sweeps do not vary
         self.opt = StackedOptimizer(
             self.params,
             decayed_names(template),
-            hps[0]["optimizer"],
-            [h["lr"] for h in hps],
-            [h["weight_decay"] for h in hps],
+            hps[0].optimizer,
+            [h.lr for h in hps],
+            [h.weight_decay for h in hps],
         )
         own = getattr(template, "forward_stacked", None)
         self._forward = own if own is not None else torch.vmap(self._one, in_dims=(0, None))
@@ -128,7 +129,7 @@ class StackedRuns:
 def make_runs(
     models: list[nn.Module],
     methods: list[dict],
-    hps: list[dict[str, Any]],
+    hps: list[Hyperparameters],
     objective: Objective,
     device: str,
     stack: bool = True,
