@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from celery import Celery
 from fastapi import Depends, Path, Request
 
 from api.errors import ApiError
-from storage.redis import JobStore, NotFound
+from storage.redis import DatasetRecord, JobRecord, JobStore, ModelRecord, NotFound
 from storage.settings import Settings
 
 
@@ -74,7 +74,10 @@ def require_admin(
     return owner
 
 
-def owned(fetch: Callable[[str], dict], kind: str, record_id: str, owner: str | None) -> dict:
+Owned = TypeVar("Owned", JobRecord, ModelRecord, DatasetRecord)
+
+
+def owned(fetch: Callable[[str], Owned], kind: str, record_id: str, owner: str | None) -> Owned:
     """A job or model record visible to `owner`: records of other keys do not exist for the caller (404)."""
     try:
         record = fetch(record_id)

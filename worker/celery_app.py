@@ -13,9 +13,14 @@ the solo pool it reserves one message, the one it runs (a retried step's countdo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from celery import Celery, group
 
 from storage.settings import Settings
+
+if TYPE_CHECKING:
+    from storage.redis import RunningStep
 
 EXTRACT, TRAIN = "extract", "train"
 LOWEST = 9  # kombu's Redis transport takes priorities 0 (served first) to 9
@@ -78,7 +83,7 @@ def enqueue_train(celery: Celery, job_id: str, position: int = 0) -> None:
     celery.signature(TASK_TRAIN, args=[job_id], queue=TRAIN, priority=priority(position)).apply_async()
 
 
-def requeue_step(celery: Celery, job_id: str, step: dict, position: int = 0) -> None:
+def requeue_step(celery: Celery, job_id: str, step: RunningStep, position: int = 0) -> None:
     """Send a step of a job again (the watchdog, after its worker died); steps are idempotent and resumable."""
     if step["task"] == "extract":
         enqueue_job(celery, job_id, position)

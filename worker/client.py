@@ -11,9 +11,12 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import httpx
+
+if TYPE_CHECKING:  # a type only: the client imports nothing of the server at run time
+    from storage.redis.records import Event
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 # as services/data/datasets.py (the client imports no services)
@@ -29,6 +32,14 @@ class ApiError(RuntimeError):
         self.code = err.get("code") if isinstance(err, dict) else None
         message = err.get("message", body) if isinstance(err, dict) else err or body
         super().__init__(f"HTTP {status}{f' from {url}' if url else ''}: {message}")
+
+
+class EventPage(TypedDict):
+    """One page of `GET /jobs/{id}/events`."""
+
+    object: Literal["list"]
+    data: list[Event]
+    has_more: bool
 
 
 def default_url() -> str | None:
@@ -66,7 +77,7 @@ class Client:
         return self._call("GET", f"/jobs/{job_id}")
 
     def jobs(self, limit: int = 20, after: str | None = None) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
+        params: dict[str, int | str] = {"limit": limit, **({"after": after} if after else {})}
         return self._call("GET", "/jobs", params=params)["data"]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
@@ -75,14 +86,14 @@ class Client:
     def delete_job(self, job_id: str) -> None:
         self._call("DELETE", f"/jobs/{job_id}")
 
-    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[Event]:
         return self._call("GET", f"/jobs/{job_id}/events", params={"after": after, "limit": limit})["data"]
 
-    def event_page(self, job_id: str, after: int = 0, limit: int = 100) -> dict[str, Any]:
+    def event_page(self, job_id: str, after: int = 0, limit: int = 100) -> EventPage:
         """One page of events: {"data", "has_more"}."""
         return self._call("GET", f"/jobs/{job_id}/events", params={"after": after, "limit": limit})
 
-    def follow_events(self, job_id: str, after: int = 0, poll_s: float = 1.0) -> Iterator[dict[str, Any]]:
+    def follow_events(self, job_id: str, after: int = 0, poll_s: float = 1.0) -> Iterator[Event]:
         """Every event after `after`, as it comes, until the job has ended and its last event was read."""
         while True:
             page = self.event_page(job_id, after)

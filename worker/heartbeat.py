@@ -19,7 +19,7 @@ from celery import bootsteps
 
 from services.jobs import watchdog
 from services.jobs.pipeline import fail
-from storage.redis import JobStore, worker_name
+from storage.redis import JobStore, RunningStep, worker_name
 from storage.settings import Settings
 from worker import tasks
 from worker.celery_app import requeue_step
@@ -54,7 +54,7 @@ class Heartbeat(bootsteps.StartStopStep):
         store = JobStore.from_url(settings.broker_url, fail_fast=True)  # a missed beat waits for the next one
         every = settings.heartbeat_ttl_s / 3
 
-        def requeue(job_id: str, step: dict) -> None:  # at the job's place among its owner's (fairness)
+        def requeue(job_id: str, step: RunningStep) -> None:  # at the job's place among its owner's (fairness)
             requeue_step(app, job_id, step, store.queue_position(job_id))
 
         while True:

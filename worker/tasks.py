@@ -33,7 +33,7 @@ from services.jobs.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract
 from services.jobs.progress import JobReporter
 from storage.faults import TASK
 from storage.logs import log_context
-from storage.redis import JobStore, worker_name
+from storage.redis import JobStore, RunningStep, worker_name
 from storage.settings import Settings
 from worker.celery_app import TASK_EXTRACT, TASK_EXTRACT_SHARD, TASK_TRAIN, app, enqueue_shards, enqueue_train
 
@@ -98,7 +98,7 @@ def _time_limit(seconds: float, what: str) -> Iterator[None]:
 
 
 @contextmanager
-def _step(task: Task, job_id: str, step: dict) -> Iterator[None]:
+def _step(task: Task, job_id: str, step: RunningStep) -> Iterator[None]:
     """Recorded while it runs, so the watchdog can requeue it if this worker dies (a SIGKILL skips `finally`);
     bounded in time; retried on transient errors. Every log line written meanwhile carries the job id, the step and
     this worker (storage/logs.py)."""

@@ -34,7 +34,7 @@ from storage.datasets import (
 )
 from storage.faults import Incomplete, free_bytes, naming_disk_full
 from storage.quotas import UPLOADS
-from storage.redis import TERMINAL, JobStore, NotFound
+from storage.redis import TERMINAL, DatasetRecord, JobStore, NotFound
 from storage.settings import Settings
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses={401: {"model": ErrorBody}})
@@ -66,7 +66,7 @@ _UPLOAD_BODY = {
 }
 
 
-def own_dataset(store: JobStore, dataset_id: str, owner: str | None) -> dict:
+def own_dataset(store: JobStore, dataset_id: str, owner: str | None) -> DatasetRecord:
     return owned(store.datasets.get, "dataset", dataset_id, owner)
 
 
@@ -138,7 +138,7 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
                 rel, fmt, info = await run_in_threadpool(unpack, archive, files, dataset_id, limits, validate)
             except ArchiveError as e:
                 raise ApiError(STATUS[e.code], e.code, e.message) from None
-        record = {
+        record: DatasetRecord = {
             "id": dataset_id,
             "object": "dataset",
             "owner": owner,
@@ -169,7 +169,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses={404: {"model": ErrorBody}})
-def get_dataset(dataset_id: DatasetId, store: StoreDep, owner: OwnerDep) -> dict:
+def get_dataset(dataset_id: DatasetId, store: StoreDep, owner: OwnerDep) -> DatasetRecord:
     """One dataset: format, image count and classes."""
     return own_dataset(store, dataset_id, owner)
 

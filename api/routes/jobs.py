@@ -21,7 +21,7 @@ from services.spec import JobSpec
 from storage.artifacts import ArtifactStore
 from storage.logs import log_context
 from storage.quotas import TooManyJobs
-from storage.redis import Busy, IdempotencyConflict, JobStore, NotFound
+from storage.redis import Busy, IdempotencyConflict, JobRecord, JobStore, NotFound
 from storage.settings import Settings
 from worker.celery_app import enqueue_job
 
@@ -30,7 +30,7 @@ log = logging.getLogger("sidetune.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}})
 
 
-def own_job(store: JobStore, job_id: str, owner: str | None) -> dict:
+def own_job(store: JobStore, job_id: str, owner: str | None) -> JobRecord:
     return owned(store.get_job, "job", job_id, owner)
 
 
@@ -176,13 +176,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, responses={404: {"model": ErrorBody}})
-def get_job(job_id: JobId, store: StoreDep, owner: OwnerDep) -> dict:
+def get_job(job_id: JobId, store: StoreDep, owner: OwnerDep) -> JobRecord:
     """One job with its status, progress, metrics and error."""
     return own_job(store, job_id, owner)
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses={404: {"model": ErrorBody}})
-def cancel_job(job_id: JobId, store: StoreDep, owner: OwnerDep) -> dict:
+def cancel_job(job_id: JobId, store: StoreDep, owner: OwnerDep) -> JobRecord:
     """Queued jobs are cancelled at once; running ones stop at their next check (between batches)."""
     own_job(store, job_id, owner)
     return store.request_cancel(job_id)

@@ -14,16 +14,16 @@ from api.errors import ApiError
 from api.schemas import ErrorBody, Evaluation, Model, ModelList
 from services.training import reports
 from storage.artifacts import ArtifactStore
-from storage.redis import JobStore, NotFound, job_id_for, now
+from storage.redis import JobStore, ModelRecord, NotFound, job_id_for, now
 
 router = APIRouter(prefix="/models", tags=["models"], responses={401: {"model": ErrorBody}})
 
 
-def own_model(store: JobStore, model_id: str, owner: str | None) -> dict:
+def own_model(store: JobStore, model_id: str, owner: str | None) -> ModelRecord:
     return owned(store.get_model, "model", model_id, owner)
 
 
-def own_model_or_why(store: JobStore, model_id: str, owner: str | None) -> dict:
+def own_model_or_why(store: JobStore, model_id: str, owner: str | None) -> ModelRecord:
     """The caller's model; for the id of a model that its job has not registered, 409 naming why: the job failed,
     was cancelled, or has not finished (a model's id is its job's: `model_X` comes from `job_X`)."""
     try:
@@ -64,7 +64,7 @@ def list_models(
 
 
 @router.get("/{model_id}", response_model=Model, responses={404: {"model": ErrorBody}})
-def get_model(model_id: ModelId, store: StoreDep, owner: OwnerDep) -> dict:
+def get_model(model_id: ModelId, store: StoreDep, owner: OwnerDep) -> ModelRecord:
     """One model: method, backbone, classes and metrics."""
     return own_model(store, model_id, owner)
 

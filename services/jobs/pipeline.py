@@ -23,7 +23,7 @@ from storage.artifacts import ArtifactStore
 from storage.cache import CacheError, FeatureCache
 from storage.datasets import DatasetFiles
 from storage.faults import DiskFull
-from storage.redis import TERMINAL, JobStore, model_id_for, now
+from storage.redis import TERMINAL, JobRecord, JobStore, model_id_for, now
 from storage.redis.locks import LeaseLock, acquire_or_wait
 from storage.settings import Settings
 
@@ -90,7 +90,7 @@ def _mark_extracted(store: JobStore, job_id: str, **fields: Any) -> bool:
     flipped = False
     metrics = fields.pop("metrics", {})
 
-    def change(job: dict) -> None:
+    def change(job: JobRecord) -> None:
         nonlocal flipped
         flipped = not job.get("extracted") and job["status"] not in TERMINAL
         if flipped:

@@ -44,7 +44,7 @@ from storage.settings import Settings
 
 if TYPE_CHECKING:
     from services.jobs.progress import Reporter
-    from storage.redis import JobStore
+    from storage.redis import JobRecord, JobStore
     from storage.store import Folder
 
 MIB, GIB = 2**20, 2**30
@@ -266,7 +266,7 @@ def save_split(settings: Settings, job_id: str, resolved: ResolvedJob) -> None:
 def recorded(
     store: JobStore,
     settings: Settings,
-    job: dict[str, Any],
+    job: JobRecord,
     local_spec: Callable[[], JobSpec],
     load_split: bool = False,
 ) -> ResolvedJob:
@@ -282,7 +282,7 @@ def recorded(
     resolved, _ = resolve(local_spec(), settings)
     resolved.split.save(folder)  # the codes first: a record never names a file that is not there yet
 
-    def keep_first(record: dict) -> None:
+    def keep_first(record: JobRecord) -> None:
         if record.get("resolved") is None:  # another step may have resolved it meanwhile: the first one stands
             record["resolved"] = resolved.record()
 
@@ -292,7 +292,7 @@ def recorded(
 def record_weights_hash(store: JobStore, job_id: str, weights_hash: str) -> None:
     """Record the backbone's weights hash (only a worker can compute it) in the job's resolved job, unless there."""
 
-    def change(record: dict) -> None:
+    def change(record: JobRecord) -> None:
         if record.get("resolved") is not None:
             record["resolved"]["weights_hash"] = weights_hash
 

@@ -7,13 +7,13 @@ of jobs that no longer exist. The workers' watchdog pass runs it (services/jobs/
 from __future__ import annotations
 
 from storage.artifacts import ArtifactStore
-from storage.redis import TERMINAL, JobStore, NotFound, now
+from storage.redis import TERMINAL, JobRecord, JobStore, NotFound, now
 from storage.settings import Settings
 
 EVERY_S = 300
 
 
-def expires_at(job: dict, settings: Settings) -> float | None:
+def expires_at(job: JobRecord, settings: Settings) -> float | None:
     """When a job's checkpoint is removed: its end plus the retention; None while it runs."""
     if job["status"] not in TERMINAL:
         return None

@@ -11,16 +11,15 @@ checkpoints (services/jobs/retention.py), every few minutes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from services.jobs.retention import sweep_checkpoints
-from storage.redis import TERMINAL, JobStore, NotFound, now
+from storage.redis import TERMINAL, JobStore, NotFound, RunningStep, now
 from storage.settings import Settings
 
-Requeue = Callable[[str, dict[str, Any]], None]
+Requeue = Callable[[str, RunningStep], None]
 
 
-def _describe(step: dict[str, Any]) -> str:
+def _describe(step: RunningStep) -> str:
     if step["task"] == "extract_shard":
         return f"extraction shard {step['index'] + 1}/{step['count']}"
     return {"extract": "extraction", "train": "training"}.get(step["task"], step["task"])

@@ -5,7 +5,18 @@ model registry (models.py), workers' heartbeats and running steps (workers.py), 
 """
 
 from storage.redis.jobs import STATUSES, TERMINAL, Busy, IdempotencyConflict
-from storage.redis.records import NotFound, job_id_for, model_id_for, new_id, now
+from storage.redis.records import (
+    DatasetRecord,
+    Event,
+    JobRecord,
+    ModelRecord,
+    NotFound,
+    RunningStep,
+    job_id_for,
+    model_id_for,
+    new_id,
+    now,
+)
 from storage.redis.store import JobStore
 from storage.redis.workers import worker_name
 
@@ -13,9 +24,14 @@ __all__ = [
     "STATUSES",
     "TERMINAL",
     "Busy",
+    "DatasetRecord",
+    "Event",
     "IdempotencyConflict",
+    "JobRecord",
     "JobStore",
+    "ModelRecord",
     "NotFound",
+    "RunningStep",
     "job_id_for",
     "model_id_for",
     "new_id",

@@ -4,12 +4,11 @@ its size (counted in its owner's uploads quota), and the jobs that used it."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import redis
 
 from storage.redis import keys
-from storage.redis.records import NotFound, now
+from storage.redis.records import DatasetRecord, NotFound, now
 
 
 class DatasetRecords:
@@ -19,7 +18,7 @@ class DatasetRecords:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
 
-    def add(self, record: dict[str, Any]) -> dict[str, Any]:
+    def add(self, record: DatasetRecord) -> DatasetRecord:
         record.setdefault("created_at", now())
         pipe = self.r.pipeline()
         pipe.set(keys.dataset(record["id"]), json.dumps(record))
@@ -28,19 +27,19 @@ class DatasetRecords:
         return record
 
     @staticmethod
-    def _record(raw: str) -> dict[str, Any]:
+    def _record(raw: str) -> DatasetRecord:
         record = json.loads(raw)
         if "created" in record:  # recorded before datasets said `created_at`, as jobs and models do
             record.setdefault("created_at", record.pop("created"))
         return record
 
-    def get(self, dataset_id: str) -> dict[str, Any]:
+    def get(self, dataset_id: str) -> DatasetRecord:
         raw = self.r.get(keys.dataset(dataset_id))
         if raw is None:
             raise NotFound(dataset_id)
         return self._record(raw)
 
-    def list_datasets(self, limit: int = 100, owner: str | None = None) -> list[dict[str, Any]]:
+    def list_datasets(self, limit: int = 100, owner: str | None = None) -> list[DatasetRecord]:
         """Newest first; with an owner, that owner's only."""
         ids = self.r.zrevrange(keys.DATASETS, 0, -1)
         records = [self._record(raw) for raw in self.r.mget([keys.dataset(i) for i in ids]) if raw] if ids else []

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import redis
 
 from storage.redis import keys
-from storage.redis.records import now
+from storage.redis.records import Event, now
 
 
 class Events:
@@ -23,6 +22,6 @@ class Events:
         event = {"created_at": now(), "level": level, "type": type, "message": message, "data": data}
         return self.r.rpush(keys.events(job_id), json.dumps(event))
 
-    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
         raw = self.r.lrange(keys.events(job_id), after, after + limit - 1)
         return [{"seq": after + i + 1, **json.loads(e)} for i, e in enumerate(raw)]

@@ -21,7 +21,7 @@ import redis
 from storage.quotas import TooManyJobs
 from storage.redis import keys
 from storage.redis.events import Events
-from storage.redis.records import NotFound, new_id, now
+from storage.redis.records import JobRecord, NotFound, new_id, now
 
 STATUSES = ("queued", "extracting", "training", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -65,10 +65,10 @@ class Jobs:
         job_id: str | None = None,
         limit: int | None = None,
         resolved: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    ) -> JobRecord:
         """Record a queued job. With `limit`, refused (TooManyJobs) when its owner has that many jobs queued or
         running: counted and written in one script, so concurrent submissions never pass it together."""
-        job = {
+        job: JobRecord = {
             "id": job_id or new_id("job"),
             "object": "job",
             "status": "queued",
@@ -100,7 +100,7 @@ class Jobs:
         ttl_s: int = 24 * 3600,
         limit: int | None = None,
         resolved: dict[str, Any] | None = None,
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[JobRecord, bool]:
         """The job this owner created with idempotency `key` (and the same spec) in the last `ttl_s`, or a new
         one; returns (job, created). The key is claimed with SET NX before the job exists, so two concurrent
         retries create one job. Raises IdempotencyConflict if the key was used with another spec."""
@@ -127,18 +127,18 @@ class Jobs:
                     raise
                 time.sleep(0.05)
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
+    def get_job(self, job_id: str) -> JobRecord:
         raw = self.r.get(keys.job(job_id))
         if raw is None:
             raise NotFound(job_id)
         return json.loads(raw)
 
-    def jobs_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+    def jobs_many(self, job_ids: list[str]) -> list[JobRecord | None]:
         """The records of `job_ids` in one round trip, None for each that does not exist."""
         raws = self.r.mget([keys.job(i) for i in job_ids]) if job_ids else []
         return [None if raw is None else json.loads(raw) for raw in raws]
 
-    def list_jobs(self, limit: int = 20, after: str | None = None, owner: str | None = None) -> list[dict]:
+    def list_jobs(self, limit: int = 20, after: str | None = None, owner: str | None = None) -> list[JobRecord]:
         """Newest first; `after` is the id of the last job of the previous page."""
         start = 0
         if after is not None:
@@ -146,7 +146,7 @@ class Jobs:
             if rank is None:
                 raise NotFound(after)
             start = rank + 1
-        out: list[dict] = []
+        out: list[JobRecord] = []
         while len(out) < limit:
             ids = self.r.zrevrange(keys.JOBS, start, start + limit * 2)
             if not ids:
@@ -161,7 +161,7 @@ class Jobs:
                         break
         return out
 
-    def _job_transaction(self, job_id: str, write: Callable[[Any, dict], Any]) -> Any:
+    def _job_transaction(self, job_id: str, write: Callable[[Any, JobRecord], Any]) -> Any:
         """Read the job's record under WATCH and run `write(pipe, job)`, which queues the writes in a MULTI;
         retried when another client changed the record meanwhile. Returns what `write` returned."""
         key = keys.job(job_id)
@@ -180,10 +180,10 @@ class Jobs:
                 except redis.WatchError:
                     continue
 
-    def update_job(self, job_id: str, change: Callable[[dict], dict | None]) -> dict[str, Any]:
+    def update_job(self, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord:
         """Apply `change` to the stored record atomically; it may edit in place or return a new dict."""
 
-        def write(pipe: Any, job: dict) -> dict:
+        def write(pipe: Any, job: JobRecord) -> JobRecord:
             before = job["status"]
             job = change(job) or job
             job["updated_at"] = now()
@@ -197,7 +197,7 @@ class Jobs:
 
         return self._job_transaction(job_id, write)
 
-    def set_fields(self, job_id: str, **fields: Any) -> dict[str, Any]:
+    def set_fields(self, job_id: str, **fields: Any) -> JobRecord:
         return self.update_job(job_id, lambda job: job.update(fields))
 
     # ---- jobs by status (for /metrics): a set of ids per status, changed in the record's own transaction ----
@@ -216,7 +216,7 @@ class Jobs:
         """Once, for jobs recorded before the sets existed: file each under its status, in a transaction like
         `update_job`'s, so a concurrent status change is never undone."""
 
-        def file(pipe: Any, job: dict) -> None:
+        def file(pipe: Any, job: JobRecord) -> None:
             for status in STATUSES:
                 if status != job["status"]:
                     pipe.srem(keys.jobs_with_status(status), job["id"])
@@ -248,7 +248,7 @@ class Jobs:
             return
         for job_id, seq in self.r.zrange(keys.JOBS, 0, -1, withscores=True):
 
-            def file(pipe: Any, job: dict, job_id: str = job_id, seq: float = seq) -> None:
+            def file(pipe: Any, job: JobRecord, job_id: str = job_id, seq: float = seq) -> None:
                 if job["status"] not in TERMINAL:  # read under WATCH: a job ending meanwhile is never filed
                     pipe.zadd(keys.active_jobs(job.get("owner")), {job_id: seq}, nx=True)
 
@@ -259,12 +259,12 @@ class Jobs:
         self.r.set(keys.JOBS_ACTIVE_INDEXED, 1)
         self._active_indexed = True
 
-    def request_cancel(self, job_id: str) -> dict[str, Any]:
+    def request_cancel(self, job_id: str) -> JobRecord:
         """Queued jobs are cancelled at once; running ones at the task's next check (cooperative)."""
 
         cancelled_now = False
 
-        def change(job: dict) -> None:
+        def change(job: JobRecord) -> None:
             nonlocal cancelled_now
             if job["status"] in TERMINAL:
                 return
@@ -278,11 +278,11 @@ class Jobs:
             self.events.add_event(job_id, "cancelled", level="warning")
         return job
 
-    def delete_job(self, job_id: str) -> dict[str, Any]:
+    def delete_job(self, job_id: str) -> JobRecord:
         """Delete a finished job's record and events (its model, checkpoints and cache entries are not touched);
         Busy while it is queued or running. Returns the record deleted."""
 
-        def write(pipe: Any, job: dict) -> dict:
+        def write(pipe: Any, job: JobRecord) -> JobRecord:
             if job["status"] not in TERMINAL:
                 raise Busy(job["status"])
             pipe.delete(keys.job(job_id), keys.events(job_id), keys.running(job_id))

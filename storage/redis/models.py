@@ -4,13 +4,12 @@ bytes count against its owner's models quota (storage/redis/usage.py) from its r
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import redis
 
 from storage.quotas import ARTIFACTS
 from storage.redis import keys
-from storage.redis.records import NotFound
+from storage.redis.records import ModelRecord, NotFound
 from storage.redis.usage import Usage
 
 
@@ -19,7 +18,7 @@ class Models:
         self.r = client
         self.usage = usage
 
-    def register_model(self, model: dict[str, Any]) -> dict[str, Any]:
+    def register_model(self, model: ModelRecord) -> ModelRecord:
         """Record a model; its `size_bytes` counts against its owner's models quota once (a repeated train step
         registers the same model again)."""
         key, blob = keys.model(model["id"]), json.dumps(model)
@@ -40,7 +39,7 @@ class Models:
         pipe.zrem(keys.MODELS, model_id)
         deleted, _ = pipe.execute()
         if deleted and raw:  # the one caller that removed it gives its bytes back
-            model = json.loads(raw)
+            model: ModelRecord = json.loads(raw)
             self.usage.add(model.get("owner"), ARTIFACTS, -int(model.get("size_bytes") or 0))
 
     def registered_models(self, model_ids: list[str]) -> set[str]:
@@ -50,13 +49,14 @@ class Models:
             pipe.exists(keys.model(model_id))
         return {model_id for model_id, n in zip(model_ids, pipe.execute(), strict=True) if n}
 
-    def get_model(self, model_id: str) -> dict[str, Any]:
+    def get_model(self, model_id: str) -> ModelRecord:
         raw = self.r.get(keys.model(model_id))
         if raw is None:
             raise NotFound(model_id)
         return json.loads(raw)
 
-    def list_models(self, limit: int = 100, owner: str | None = None) -> list[dict[str, Any]]:
+    def list_models(self, limit: int = 100, owner: str | None = None) -> list[ModelRecord]:
         ids = self.r.zrevrange(keys.MODELS, 0, -1)
-        models = [json.loads(raw) for raw in self.r.mget([keys.model(i) for i in ids]) if raw] if ids else []
+        raws = self.r.mget([keys.model(i) for i in ids]) if ids else []
+        models: list[ModelRecord] = [json.loads(raw) for raw in raws if raw]
         return [m for m in models if owner is None or m.get("owner") == owner][:limit]

@@ -1,9 +1,113 @@
-"""What every record in Redis shares: ids that sort by creation time, timestamps, and `NotFound`."""
+"""The records kept in Redis as JSON, typed (`JobRecord`, `ModelRecord`, `DatasetRecord`, `Event`, `RunningStep`),
+and what every record shares: ids that sort by creation time, timestamps, and `NotFound`.
+
+The types are TypedDicts, so a record is the dict `json.loads` returns: they name the fields each owner writes
+today (jobs.py, models.py, datasets.py, events.py, workers.py and the steps in services/jobs/), not a new format.
+Fields only some records have (set as a job runs, or absent from records written by older versions) are NotRequired:
+read them with `.get`.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from typing import Any, Literal, NotRequired, TypedDict
+
+JobStatus = Literal["queued", "extracting", "training", "succeeded", "failed", "cancelled"]
+
+
+class JobError(TypedDict):
+    """Why a job failed: a machine-readable code and a message."""
+
+    code: str
+    message: str
+
+
+class JobRecord(TypedDict):
+    """A job (`job:<id>`): the fields `Jobs.create_job` writes, then those its steps set as it runs."""
+
+    id: str
+    object: Literal["job"]
+    status: JobStatus
+    created_at: float
+    updated_at: float
+    owner: str | None
+    spec: dict[str, Any]  # the JobSpec, dumped (services/spec)
+    # {"stage", "done", "total"} and the stage's own figures (images per second, the epoch's metrics)
+    progress: dict[str, Any] | None
+    metrics: dict[str, Any]  # extraction and training summaries, merged as the steps finish
+    error: JobError | None
+    model_id: str | None
+    cancel_requested: bool
+    resolved: dict[str, Any] | None  # ResolvedJob.record() (services/jobs/resolved.py)
+    # set by the steps (services/jobs/pipeline.py), the watchdog (services/jobs/watchdog.py), a model's deletion
+    started_at: NotRequired[float]
+    finished_at: NotRequired[float]
+    extracted: NotRequired[bool]
+    cache_key: NotRequired[str]
+    extract_key: NotRequired[str]
+    extract_shards: NotRequired[int]
+    extract_started_at: NotRequired[float]
+    requeued_at: NotRequired[float | None]
+    requeued_step: NotRequired[str]
+    workers_lost: NotRequired[int]
+    model_deleted_at: NotRequired[float]
+
+
+class ModelRecord(TypedDict):
+    """A registered model (`model:<id>`), as the train step registers it (services/jobs/pipeline.py)."""
+
+    id: str
+    object: Literal["model"]
+    created_at: float
+    job_id: str
+    owner: str | None
+    name: str | None
+    method: str
+    mode: str
+    backbone: str
+    video: dict[str, Any] | None  # the VideoSpec, dumped; None for an image model
+    classes: list[str]
+    multi_label: bool
+    threshold: float | None
+    metrics: dict[str, Any]  # the model's metrics.json
+    evaluation: dict[str, Any]  # {"split", "images", and the evaluation report's metrics}
+    plots: list[str]
+    size_bytes: int
+
+
+class DatasetRecord(TypedDict):
+    """An uploaded dataset (`dataset:<id>`), as the upload route records it (api/routes/datasets.py)."""
+
+    id: str
+    object: Literal["dataset"]
+    owner: str | None
+    name: str | None
+    format: str
+    path: str
+    num_images: int
+    classes: list[str]
+    size_bytes: int
+    created_at: NotRequired[float]  # set by DatasetRecords.add when the caller did not
+
+
+class Event(TypedDict):
+    """An event of a job's log, as read back: `seq` is its position in the list, not stored with it."""
+
+    seq: int
+    created_at: float
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None
+
+
+class RunningStep(TypedDict):
+    """The step a worker runs for a job (worker/tasks.py): `index` of `count` for an extraction shard."""
+
+    task: Literal["extract", "extract_shard", "train"]
+    index: NotRequired[int]
+    count: NotRequired[int]
 
 
 class NotFound(KeyError):

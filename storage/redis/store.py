@@ -24,7 +24,7 @@ from storage.redis.events import Events
 from storage.redis.jobs import Jobs
 from storage.redis.locks import LeaseLock, Pin, Pins
 from storage.redis.models import Models
-from storage.redis.records import now
+from storage.redis.records import Event, JobRecord, ModelRecord, RunningStep, now
 from storage.redis.usage import Usage
 from storage.redis.workers import Workers
 
@@ -62,7 +62,7 @@ class JobStore:
         job_id: str | None = None,
         limit: int | None = None,
         resolved: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    ) -> JobRecord:
         return self.jobs.create_job(spec, owner, job_id, limit, resolved)
 
     def create_job_once(
@@ -73,22 +73,22 @@ class JobStore:
         ttl_s: int = 24 * 3600,
         limit: int | None = None,
         resolved: dict[str, Any] | None = None,
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[JobRecord, bool]:
         return self.jobs.create_job_once(key, spec, owner, ttl_s, limit, resolved)
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
+    def get_job(self, job_id: str) -> JobRecord:
         return self.jobs.get_job(job_id)
 
-    def jobs_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+    def jobs_many(self, job_ids: list[str]) -> list[JobRecord | None]:
         return self.jobs.jobs_many(job_ids)
 
-    def list_jobs(self, limit: int = 20, after: str | None = None, owner: str | None = None) -> list[dict]:
+    def list_jobs(self, limit: int = 20, after: str | None = None, owner: str | None = None) -> list[JobRecord]:
         return self.jobs.list_jobs(limit, after, owner)
 
-    def update_job(self, job_id: str, change: Callable[[dict], dict | None]) -> dict[str, Any]:
+    def update_job(self, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord:
         return self.jobs.update_job(job_id, change)
 
-    def set_fields(self, job_id: str, **fields: Any) -> dict[str, Any]:
+    def set_fields(self, job_id: str, **fields: Any) -> JobRecord:
         return self.jobs.set_fields(job_id, **fields)
 
     def count_by_status(self) -> dict[str, int]:
@@ -103,10 +103,10 @@ class JobStore:
     def queue_position(self, job_id: str) -> int:
         return self.jobs.queue_position(job_id)
 
-    def request_cancel(self, job_id: str) -> dict[str, Any]:
+    def request_cancel(self, job_id: str) -> JobRecord:
         return self.jobs.request_cancel(job_id)
 
-    def delete_job(self, job_id: str) -> dict[str, Any]:
+    def delete_job(self, job_id: str) -> JobRecord:
         return self.jobs.delete_job(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -118,11 +118,11 @@ class JobStore:
     ) -> int:
         return self.event_log.add_event(job_id, message, level, type, data)
 
-    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
         return self.event_log.events(job_id, after, limit)
 
     # ---- models (storage/redis/models.py) ---------------------------------------------------------------------------
-    def register_model(self, model: dict[str, Any]) -> dict[str, Any]:
+    def register_model(self, model: ModelRecord) -> ModelRecord:
         return self.models.register_model(model)
 
     def delete_model(self, model_id: str) -> None:
@@ -131,10 +131,10 @@ class JobStore:
     def registered_models(self, model_ids: list[str]) -> set[str]:
         return self.models.registered_models(model_ids)
 
-    def get_model(self, model_id: str) -> dict[str, Any]:
+    def get_model(self, model_id: str) -> ModelRecord:
         return self.models.get_model(model_id)
 
-    def list_models(self, limit: int = 100, owner: str | None = None) -> list[dict[str, Any]]:
+    def list_models(self, limit: int = 100, owner: str | None = None) -> list[ModelRecord]:
         return self.models.list_models(limit, owner)
 
     # ---- workers (storage/redis/workers.py) -------------------------------------------------------------------------
@@ -147,13 +147,13 @@ class JobStore:
     def live_workers(self) -> dict[str, int]:
         return self.workers.live_workers()
 
-    def step_started(self, job_id: str, step: dict[str, Any]) -> None:
+    def step_started(self, job_id: str, step: RunningStep) -> None:
         self.workers.step_started(job_id, step)
 
     def step_finished(self, job_id: str) -> None:
         self.workers.step_finished(job_id)
 
-    def running_steps(self) -> dict[str, dict[str, dict[str, Any]]]:
+    def running_steps(self) -> dict[str, dict[str, RunningStep]]:
         return self.workers.running_steps()
 
     def drop_step(self, job_id: str, worker: str) -> bool:

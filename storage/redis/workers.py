@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-from typing import Any
 
 import redis
 
 from storage.redis import keys
 from storage.redis.jobs import Jobs
 from storage.redis.locks import LeaseLock
-from storage.redis.records import now
+from storage.redis.records import RunningStep, now
 
 
 def worker_name() -> str:
@@ -43,7 +42,7 @@ class Workers:
         return counts
 
     # ---- running steps (which worker runs which step of which job; the watchdog requeues dead ones) --------------
-    def step_started(self, job_id: str, step: dict[str, Any]) -> None:
+    def step_started(self, job_id: str, step: RunningStep) -> None:
         self.r.hset(keys.running(job_id), worker_name(), json.dumps(step))
         self.r.sadd(keys.RUNNING, job_id)
         self.jobs.set_fields(job_id, requeued_at=None)  # picked up (again)
@@ -51,9 +50,9 @@ class Workers:
     def step_finished(self, job_id: str) -> None:
         self.r.hdel(keys.running(job_id), worker_name())
 
-    def running_steps(self) -> dict[str, dict[str, dict[str, Any]]]:
+    def running_steps(self) -> dict[str, dict[str, RunningStep]]:
         """{job_id: {worker: step}} of every step in progress."""
-        out: dict[str, dict[str, dict[str, Any]]] = {}
+        out: dict[str, dict[str, RunningStep]] = {}
         for job_id in self.r.smembers(keys.RUNNING):
             steps = self.r.hgetall(keys.running(job_id))
             if steps:
