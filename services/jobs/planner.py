@@ -164,8 +164,7 @@ def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dat
             fits = None if spec.needs_cache else True
             return Plan(**base, fits=fits, message=_memory_message(memory), notes=notes)
     if not spec.needs_cache:
-        what = _items(dataset)
-        msg = f"mode {spec.mode} trains on {what} and needs no feature cache; nothing is extracted"
+        msg = f"mode {spec.mode} trains on {_items(dataset)} and needs no feature cache; nothing is extracted"
         return Plan(**base, fits=True, message=msg, notes=notes)
     if arch is None:
         msg = (
@@ -250,6 +249,7 @@ class _CacheSize:
 
 
 def _cache_size(spec: JobSpec, resolved: ResolvedJob, arch: Architecture, n: int) -> _CacheSize:
+    """The cache of `n` images in the resolved layers and tokens, and its expected size under the codec."""
     layers, tokens = resolved.cached_layers, resolved.cached_token_mode
     stored = arch.tokens if tokens == "all" else 1
     per_image = len(layers) * stored * arch.dim * 2
