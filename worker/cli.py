@@ -11,6 +11,8 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from storage.settings import Settings
@@ -238,7 +240,32 @@ or spec file; 3 the API is unreachable or answered 5xx; 4 the API refused the re
 key); 130 interrupted. Errors are one line on stderr naming the cause and the URL."""
 
 
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "api": cmd_api,
+    "inference": cmd_inference,
+    "worker": cmd_worker,
+    "params": cmd_params,
+    "plan": cmd_plan,
+    "demo": cmd_demo,
+}  # the verbs run here; those that talk to the API carry their handler as `func` (worker/commands/)
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = getattr(args, "func", None) or HANDLERS[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        code = _report(e)
+        if code is None:
+            raise
+        return code
+
+
+def _parser() -> argparse.ArgumentParser:
     from worker.commands import add_parsers
     from worker.commands.common import ENVIRONMENT
 
@@ -250,16 +277,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.set_defaults(url=None, json=False)  # of the commands that talk to the API (worker/commands/)
     sub = parser.add_subparsers(dest="command", required=True)
+    command = partial(_command, sub.add_parser)
+    _add_stack_parsers(command)
+    add_parsers(sub)  # the verbs that talk to the API
+    _add_params_parser(command)
+    _add_offline_parsers(command)
+    return parser
 
-    def command(name: str, summary: str, example: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
-            name,
-            help=summary,
-            description=summary,
-            epilog=f"example:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
 
+Command = Callable[[str, str, str], argparse.ArgumentParser]  # (name, summary, example) -> the verb's parser
+
+
+def _command(
+    add_parser: Callable[..., argparse.ArgumentParser], name: str, summary: str, example: str
+) -> argparse.ArgumentParser:
+    return add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _add_stack_parsers(command: Command) -> None:
+    """The verbs that run the stack or a part of it."""
     command(
         "serve",
         "run Redis (embedded unless SIDETUNE_REDIS_URL), both workers, the inference service and the API",
@@ -274,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p = command("worker", "run one Celery worker", "sidetune worker --queues extract")
     p.add_argument("--queues", default="extract,train", help="comma-separated: extract, train")
     p.add_argument("--loglevel", default="INFO")
-    add_parsers(sub)  # the verbs that talk to the API
+
+
+def _add_params_parser(command: Command) -> None:
     from services.methods import METHOD_NAMES
 
     p = command(
@@ -299,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="another config field, JSON value (repeatable)",
     )
+
+
+def _add_offline_parsers(command: Command) -> None:
+    """The verbs that need no server: plan and demo (which starts its own stack)."""
     p = command(
         "plan",
         "a job spec's cache size, quota and memory fit and extraction time, computed here (no "
@@ -313,42 +361,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="epochs of every job (default: each method's own; 15 with --video)")
     p.add_argument("--video", action="store_true", help="synthetic motion videos and a ViViT instead of digits")
     p.add_argument("--per-class", type=int, default=40, help="with --video: training videos per class")
-    args = parser.parse_args(argv)
-    handlers = {
-        "serve": cmd_serve,
-        "api": cmd_api,
-        "inference": cmd_inference,
-        "worker": cmd_worker,
-        "params": cmd_params,
-        "plan": cmd_plan,
-        "demo": cmd_demo,
-    }
-    handler = getattr(args, "func", None) or handlers[args.command]
-    try:
-        return handler(args)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except Exception as e:
-        import httpx
 
-        from worker.client import ApiError
 
-        if isinstance(e, httpx.TransportError):  # no answer: refused, timed out, reset
-            where = e.request.url.copy_with(path="/", query=None) if _has_request(e) else "the API"
-            print(
-                f"error: cannot reach the sidetune API at {where} ({type(e).__name__}: {e or 'no answer'}); is "
-                "`sidetune serve` running there? (--url or SIDETUNE_URL)",
-                file=sys.stderr,
-            )
-            return EXIT_UNREACHABLE
-        if isinstance(e, ApiError):
-            hint = " (give a key with SIDETUNE_API_KEY)" if e.status == 401 else ""
-            print(f"error: {e}{hint}", file=sys.stderr)
-            return EXIT_REFUSED if e.status < 500 else EXIT_UNREACHABLE
-        if isinstance(e, FileNotFoundError | json.JSONDecodeError):
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
+def _report(e: Exception) -> int | None:
+    """Print an error a user can act on as one line on stderr and return its exit code; None: a bug, raised on."""
+    import httpx
+
+    from worker.client import ApiError
+
+    if isinstance(e, httpx.TransportError):  # no answer: refused, timed out, reset
+        where = e.request.url.copy_with(path="/", query=None) if _has_request(e) else "the API"
+        print(
+            f"error: cannot reach the sidetune API at {where} ({type(e).__name__}: {e or 'no answer'}); is "
+            "`sidetune serve` running there? (--url or SIDETUNE_URL)",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    if isinstance(e, ApiError):
+        hint = " (give a key with SIDETUNE_API_KEY)" if e.status == 401 else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return EXIT_REFUSED if e.status < 500 else EXIT_UNREACHABLE
+    if isinstance(e, FileNotFoundError | json.JSONDecodeError):
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return None
 
 
 def _has_request(e: Exception) -> bool:

@@ -13,8 +13,10 @@ reversal, which the frozen ViViT cannot see (a linear probe stays near 0.5) and 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 from storage.settings import Settings
@@ -49,6 +51,15 @@ def pretrained_reachable(name: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class _DemoData:
+    """The dataset the demo writes: where, the backbone its jobs use, and the held-out files predicted over HTTP."""
+
+    root: Path
+    backbone: dict
+    holdout: list[Path]
+
+
 def run_demo(epochs: int | None = None, video: bool = False, per_class: int = 40) -> int:
     console = wide_console()
     settings = Settings()
@@ -59,6 +70,22 @@ def run_demo(epochs: int | None = None, video: bool = False, per_class: int = 40
             "randomly initialised backbone (pretrained=False), so accuracy will be lower than with "
             "real weights[/yellow]"
         )
+    data = _write_data(console, settings, pretrained, video, per_class)
+    rows = _run_jobs(console, settings, _specs(data, epochs, video), data.holdout, video)
+    if rows is None:
+        return 1
+    console.print(_table(rows, pretrained, video))
+    reused = [job for job, _ in rows if job["metrics"]["cache_hit"]]
+    for job in reused:
+        console.print(
+            f"the {job['spec']['method']['name']} job reused the feature cache {job['cache_key']}: "
+            f"{job['metrics']['backbone_forwards']} backbone forwards"
+        )
+    return 0
+
+
+def _write_data(console: Console, settings: Settings, pretrained: bool, video: bool, per_class: int) -> _DemoData:
+    """Write the motion videos or the digits under the data dir, saying how many."""
     if video:
         from services.video.synthetic import write_motion
 
@@ -68,35 +95,45 @@ def run_demo(epochs: int | None = None, video: bool = False, per_class: int = 40
             f"motion videos written to {root}: {counts['train']} training videos, {counts['holdout']} held out"
         )
         backbone = {"name": BACKBONE, "pretrained": pretrained, "image_size": VIDEO_SIZE, "video": VIDEO}
-        holdout = sorted((root / "holdout").glob("*/*.mp4"))
-    else:
-        from services.data.digits import write_digits
+        return _DemoData(root, backbone, sorted((root / "holdout").glob("*/*.mp4")))
+    from services.data.digits import write_digits
 
-        root = settings.data_path / "datasets" / "digits"
-        counts = write_digits(root)
-        console.print(f"digits written to {root}: {counts['train']} training images, {counts['holdout']} held out")
-        backbone = {"name": BACKBONE, "pretrained": pretrained, "image_size": IMAGE_SIZE}
-        holdout = sorted((root / "holdout").glob("*/*.png"))
-    dataset = {"path": str(root / "train")}
+    root = settings.data_path / "datasets" / "digits"
+    counts = write_digits(root)
+    console.print(f"digits written to {root}: {counts['train']} training images, {counts['holdout']} held out")
+    backbone = {"name": BACKBONE, "pretrained": pretrained, "image_size": IMAGE_SIZE}
+    return _DemoData(root, backbone, sorted((root / "holdout").glob("*/*.png")))
+
+
+def _specs(data: _DemoData, epochs: int | None, video: bool) -> list[dict]:
+    """The two jobs: LoSA, and a linear probe that reads LoSA's feature cache."""
+    dataset = {"path": str(data.root / "train")}
     # every setting default (epochs: auto, LoSA's learning rates: its automatic grid); the 128 training clips at
     # batches of 16 for 15 epochs keep the video demo to a few minutes on a CPU (the defaults take 100 epochs of 64)
     training = {"batch_size": 16, "epochs": epochs or 15} if video else ({"epochs": epochs} if epochs else {})
-    specs = [
+    return [
         {
             "name": "demo-losa",
             "dataset": dataset,
-            "backbone": backbone,
+            "backbone": data.backbone,
             "method": {"name": "losa", "rank": 8},
             "training": training,
         },
         {
             "name": "demo-linear",
             "dataset": dataset,
-            "backbone": backbone,
+            "backbone": data.backbone,
             "method": {"name": "linear"},
             "training": training,
         },
     ]
+
+
+def _run_jobs(
+    console: Console, settings: Settings, specs: list[dict], holdout: list[Path], video: bool
+) -> list[tuple[dict, float]] | None:
+    """Start the embedded stack, run the jobs and predict the held-out files with each model: (job, held-out
+    accuracy) per job; None when a job did not succeed (said on the console)."""
     stack = Stack(settings)
     console.print(
         f"starting the embedded stack (Redis, extract worker, train worker, inference service, API); logs "
@@ -110,16 +147,22 @@ def run_demo(epochs: int | None = None, video: bool = False, per_class: int = 40
         for job in jobs:
             if job["status"] != "succeeded":
                 console.print(f"[red]job {job['id']} {job['status']}: {job.get('error')}[/red]")
-                return 1
-        rows = []
-        for job in jobs:
-            correct = 0
-            for start in range(0, len(holdout), 32):
-                batch = holdout[start : start + 32]
-                for path, p in zip(batch, client.predict(job["model_id"], batch, video=video), strict=True):
-                    correct += p["label"] == Path(path).parent.name
-            rows.append((job, correct / len(holdout)))
+                return None
+        return [(job, _accuracy(client, job["model_id"], holdout, video)) for job in jobs]
 
+
+def _accuracy(client: Client, model_id: str, holdout: list[Path], video: bool) -> float:
+    """The model's accuracy on the held-out files, predicted over HTTP in batches of 32 (the label is the folder)."""
+    correct = 0
+    for start in range(0, len(holdout), 32):
+        batch = holdout[start : start + 32]
+        for path, p in zip(batch, client.predict(model_id, batch, video=video), strict=True):
+            correct += p["label"] == Path(path).parent.name
+    return correct / len(holdout)
+
+
+def _table(rows: list[tuple[dict, float]], pretrained: bool, video: bool) -> Table:
+    """The results: a row per job, its metrics and held-out accuracy."""
     weights = "pretrained" if pretrained else "random init"
     data = f"ViViT of {VIDEO['num_frames']} frames on motion videos" if video else "digits"
     table = Table(title=f"sidetune demo: {BACKBONE} ({weights}) on {data}")
@@ -149,11 +192,4 @@ def run_demo(epochs: int | None = None, video: bool = False, per_class: int = 40
             f"{m['train_images_per_s']:,.0f}",
             "reused" if m["cache_hit"] else f"extracted ({m['backbone_forwards']} forwards)",
         )
-    console.print(table)
-    reused = [job for job, _ in rows if job["metrics"]["cache_hit"]]
-    for job in reused:
-        console.print(
-            f"the {job['spec']['method']['name']} job reused the feature cache {job['cache_key']}: "
-            f"{job['metrics']['backbone_forwards']} backbone forwards"
-        )
-    return 0
+    return table

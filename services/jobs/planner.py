@@ -12,9 +12,10 @@ the settings are MiB, as the trainer reads them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from services.architectures import Architecture, architecture, forward_flops
-from services.backprop import backprop_memory
+from services.backprop import BackpropMemory, backprop_memory
 from services.data.datasets import Dataset
 from services.jobs.plan import Plan
 from services.jobs.plan_text import GB, gb, human_bytes
@@ -152,18 +153,57 @@ def plan_job(spec: JobSpec, settings: Settings) -> tuple[Plan, ResolvedJob]:
 
 def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dataset) -> Plan:
     """The costs of the resolved job: cache size and fit, memory, extraction time."""
-    n = len(dataset)
     arch = architecture(spec.backbone.name, spec.backbone.image_size, spec.backbone.video)
-    cpu = settings.device == "cpu"
-    tflops = settings.planner_cpu_tflops if cpu else settings.planner_gpu_tflops
     disk = _Disk(settings)
+    notes = _dataset_notes(dataset)
+    base = _common_fields(spec, settings, resolved, len(dataset), arch, disk)
+    memory = backprop_memory(spec, arch, settings.device_memory_gb)
+    if memory is not None:
+        base.update(backprop_memory_bytes=memory.need, memory_fits=memory.fits)
+        if memory.fits is False:
+            fits = None if spec.needs_cache else True
+            return Plan(**base, fits=fits, message=_memory_message(memory), notes=notes)
+    if not spec.needs_cache:
+        msg = f"mode {spec.mode} trains on {_items(dataset)} and needs no feature cache; nothing is extracted"
+        return Plan(**base, fits=True, message=msg, notes=notes)
+    if arch is None:
+        msg = (
+            f"the cache size for {spec.backbone.name} is unknown until extraction (the planner knows timm's plain "
+            "ViT families only); the job is not refused for it"
+        )
+        return Plan(**base, fits=None, message=msg, notes=notes)
+    return _cache_plan(spec, settings, resolved, dataset, arch, disk, base, notes)
+
+
+def _tflops(settings: Settings) -> float:
+    """The compute rate extraction time is estimated at: the CPU's on device cpu, else a GPU's."""
+    return settings.planner_cpu_tflops if settings.device == "cpu" else settings.planner_gpu_tflops
+
+
+def _items(dataset: Dataset) -> str:
+    """What the dataset's samples are called in messages."""
+    return "clips" if dataset.kind == "video" else "images"
+
+
+def _dataset_notes(dataset: Dataset) -> list[str]:
+    """The notes on the dataset itself: rows left out, and clips counted as images."""
     notes: list[str] = []
     if dataset.skipped_rows:
         notes.append(
             f"{len(dataset.skipped_rows)} dataset rows are left out (repeated files; with on_corrupt=skip, "
             f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}"
         )
-    base = dict(
+    if dataset.kind == "video":
+        notes.append("the dataset holds videos: `images` counts clips, one per video (sizes are per clip)")
+    return notes
+
+
+def _common_fields(
+    spec: JobSpec, settings: Settings, resolved: ResolvedJob, n: int, arch: Architecture | None, disk: _Disk
+) -> dict[str, object]:
+    """The fields of every plan, whatever its verdict: the job, its dataset and split, the cache's state, the
+    assumed rates and the memory budgets."""
+    return dict(
         backbone=spec.backbone.name,
         method=spec.method.name,
         mode=spec.mode,
@@ -180,104 +220,80 @@ def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dat
         cache_used_bytes=disk.used,
         cache_evictable_bytes=disk.evictable,
         available_bytes=disk.space_max(),
-        assumed_tflops=tflops,
+        assumed_tflops=_tflops(settings),
         assumed_disk_mb_s=settings.planner_disk_mb_s,
         train_memory_budget_bytes=resolved.budgets.host_bytes,
         gpu_budget_bytes=resolved.budgets.gpu_bytes,
     )
-    if dataset.kind == "video":
-        notes.append("the dataset holds videos: `images` counts clips, one per video (sizes are per clip)")
-    memory = backprop_memory(spec, arch, settings.device_memory_gb)
-    if memory is not None:
-        base.update(backprop_memory_bytes=memory.need, memory_fits=memory.fits)
-        if memory.fits is False:
-            msg = (
-                f"{memory.reason}: about {gb(memory.need)} of device memory, more than SIDETUNE_DEVICE_MEMORY_GB "
-                f"({gb(memory.limit)}). Change one of: {_join(memory.remedies)}."
-            )
-            return Plan(**base, fits=None if spec.needs_cache else True, message=msg, notes=notes)
-    if not spec.needs_cache:
-        what = "clips" if dataset.kind == "video" else "images"
-        msg = f"mode {spec.mode} trains on {what} and needs no feature cache; nothing is extracted"
-        return Plan(**base, fits=True, message=msg, notes=notes)
-    if arch is None:
-        msg = (
-            f"the cache size for {spec.backbone.name} is unknown until extraction (the planner knows timm's plain "
-            "ViT families only); the job is not refused for it"
-        )
-        return Plan(**base, fits=None, message=msg, notes=notes)
 
+
+def _memory_message(memory: BackpropMemory) -> str:
+    """Why backpropagation does not fit the device memory, and what would make it fit."""
+    return (
+        f"{memory.reason}: about {gb(memory.need)} of device memory, more than SIDETUNE_DEVICE_MEMORY_GB "
+        f"({gb(memory.limit)}). Change one of: {_join(memory.remedies)}."
+    )
+
+
+@dataclass(frozen=True)
+class _CacheSize:
+    """The feature cache the job would write: what it holds and how large it is."""
+
+    layers: list[int]
+    tokens: str  # the token mode: all, cls or mean
+    stored: int  # tokens stored per layer and image
+    per_image: int  # uncompressed bytes per image
+    upper: int  # uncompressed bytes of the whole cache: an upper bound
+    frac: float | None  # the lossy codec's rough size ratio; None: none
+    expected: int  # the size the fit is judged on
+
+
+def _cache_size(spec: JobSpec, resolved: ResolvedJob, arch: Architecture, n: int) -> _CacheSize:
+    """The cache of `n` images in the resolved layers and tokens, and its expected size under the codec."""
     layers, tokens = resolved.cached_layers, resolved.cached_token_mode
-    needed, _ = spec.method_needs(arch.num_layers, arch.global_pool)
     stored = arch.tokens if tokens == "all" else 1
     per_image = len(layers) * stored * arch.dim * 2
     upper = n * per_image
     frac = lossy_fraction(spec.extraction.codec, spec.extraction.keepbits)
     expected = upper if frac is None else int(upper * frac)
-    train_bytes = resolved.split.train * len(needed) * stored * arch.dim * 2
-    in_memory = train_bytes <= base["train_memory_budget_bytes"]
-    gpu_budget = base["gpu_budget_bytes"]  # unknown here without a cap: the worker reads its device's free memory
+    return _CacheSize(layers, tokens, stored, per_image, upper, frac, expected)
+
+
+def _cache_plan(
+    spec: JobSpec,
+    settings: Settings,
+    resolved: ResolvedJob,
+    dataset: Dataset,
+    arch: Architecture,
+    disk: _Disk,
+    base: dict[str, object],
+    notes: list[str],
+) -> Plan:
+    """The plan of a job that extracts a cache of a known size: its fit, training memory and extraction time."""
+    n = len(dataset)
+    cache = _cache_size(spec, resolved, arch, n)
+    cpu = settings.device == "cpu"
+    needed, _ = spec.method_needs(arch.num_layers, arch.global_pool)
+    train_bytes = resolved.split.train * len(needed) * cache.stored * arch.dim * 2
+    in_memory = train_bytes <= resolved.budgets.host_bytes
+    gpu_budget = resolved.budgets.gpu_bytes  # unknown here without a cap: the worker reads its device's free memory
     on_gpu = None if gpu_budget is None and not cpu else (in_memory and not cpu and train_bytes <= gpu_budget)
     flops = forward_flops(arch, n)
-    compute_s = flops / (tflops * 1e12)
-    write_s = expected / (settings.planner_disk_mb_s * 1e6)
+    compute_s = flops / (_tflops(settings) * 1e12)
+    write_s = cache.expected / (settings.planner_disk_mb_s * 1e6)
     room = disk.space_max()
-    fits = room is None or expected <= room
-    evict_bytes, evict_entries = disk.to_evict(expected) if fits else (0, 0)
-
-    items = "clips" if dataset.kind == "video" else "images"
-    shape = f"{n} {items} x {len(layers)} layers x {stored} tokens x {arch.dim} x 2 B"
-    if frac is not None:
-        shape += f"; about {gb(expected)} with keepbits {spec.extraction.keepbits}, a rough estimate"
-    elif spec.extraction.codec != "none":
-        shape += f"; an upper bound, {spec.extraction.codec} compresses it somewhat"
-    if disk.quota_limits:
-        limit = f"the cache quota is {gb(disk.quota)} (SIDETUNE_CACHE_QUOTA_GB)"
-    elif disk.free is not None:
-        limit = f"the disk under {disk.dir} has {gb(disk.free)} free"
-    else:  # an object store: no free-space figure
-        limit = (
-            f"the cache is on an object store ({disk.dir}), which has no free-space figure: only "
-            "SIDETUNE_CACHE_QUOTA_GB would limit it, and it is unset"
-        )
-    if disk.used:
-        limit += f"; the cache uses {gb(disk.used)}, {gb(disk.evictable)} of it evictable"
-    if fits:
-        msg = f"the feature cache for this job needs {gb(upper)} ({shape}); it fits: {limit}"
-        if evict_entries:
-            msg += f"; fits after evicting {gb(evict_bytes)} ({evict_entries} least recently used entries)"
-    else:
-        remedies = _remedies(spec, arch, n, layers, tokens, room, disk, expected)
-        msg = (
-            f"the feature cache for this job needs {gb(upper)} ({shape}); {limit}, so at most {gb(room)} can be "
-            f"made available. Change one of: {_join(remedies)}."
-        )
-    if arch.num_frames:
-        kinetics = human_bytes(240_000 * per_image)
-        notes.append(
-            f"a video cache is large: {human_bytes(per_image)} per clip here (Kinetics-400's 240k clips "
-            f"would take {kinetics}); layer subsets (method.layers, extraction.layers), a lossy codec "
-            '(extraction.keepbits) or execution.mode "online" (no cache, the backbone on every step) need '
-            "less"
-        )
-    notes.append(
-        "sizes are for a fresh extraction: a complete cache of the same dataset and weights would be reused "
-        "instead, which the planner does not check (that needs the weights' hash)"
-    )
-    notes.append(
-        f"extraction time assumes {tflops:g} TFLOP/s ({'device cpu' if cpu else 'a GPU'}) and "
-        f"{settings.planner_disk_mb_s:g} MB/s of disk writes; image decoding is not counted"
-    )
-    if settings.device == "auto":
-        notes.append("device auto: a GPU is assumed for the time and GPU-resident training")
+    fits = room is None or cache.expected <= room
+    evict_bytes, evict_entries = disk.to_evict(cache.expected) if fits else (0, 0)
+    msg = _cache_message(spec, arch, n, _items(dataset), cache, disk, room, (evict_bytes, evict_entries))
+    notes.extend(_cost_notes(settings, arch, cache.per_image))
     return Plan(
         **base,
-        cached_layers=layers,
-        cached_token_mode=tokens,
-        cached_tokens=stored,
-        bytes_per_image=per_image,
-        cache_bytes=upper,
-        expected_cache_bytes=expected,
+        cached_layers=cache.layers,
+        cached_token_mode=cache.tokens,
+        cached_tokens=cache.stored,
+        bytes_per_image=cache.per_image,
+        cache_bytes=cache.upper,
+        expected_cache_bytes=cache.expected,
         fits=fits,
         evict_bytes=evict_bytes,
         evict_entries=evict_entries,
@@ -291,3 +307,77 @@ def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dat
         message=msg,
         notes=notes,
     )
+
+
+def _shape(spec: JobSpec, arch: Architecture, n: int, items: str, cache: _CacheSize) -> str:
+    """The cache's size as a product, and how a codec changes it."""
+    shape = f"{n} {items} x {len(cache.layers)} layers x {cache.stored} tokens x {arch.dim} x 2 B"
+    if cache.frac is not None:
+        shape += f"; about {gb(cache.expected)} with keepbits {spec.extraction.keepbits}, a rough estimate"
+    elif spec.extraction.codec != "none":
+        shape += f"; an upper bound, {spec.extraction.codec} compresses it somewhat"
+    return shape
+
+
+def _limit(disk: _Disk) -> str:
+    """What limits the cache (the quota, the disk's free space, or nothing on an object store) and what it uses."""
+    if disk.quota_limits:
+        limit = f"the cache quota is {gb(disk.quota)} (SIDETUNE_CACHE_QUOTA_GB)"
+    elif disk.free is not None:
+        limit = f"the disk under {disk.dir} has {gb(disk.free)} free"
+    else:  # an object store: no free-space figure
+        limit = (
+            f"the cache is on an object store ({disk.dir}), which has no free-space figure: only "
+            "SIDETUNE_CACHE_QUOTA_GB would limit it, and it is unset"
+        )
+    if disk.used:
+        limit += f"; the cache uses {gb(disk.used)}, {gb(disk.evictable)} of it evictable"
+    return limit
+
+
+def _cache_message(
+    spec: JobSpec,
+    arch: Architecture,
+    n: int,
+    items: str,
+    cache: _CacheSize,
+    disk: _Disk,
+    room: int | None,
+    evict: tuple[int, int],
+) -> str:
+    """The verdict: the cache fits (after evicting `evict`: bytes, entries), or what to change so that it would."""
+    needs = f"the feature cache for this job needs {gb(cache.upper)} ({_shape(spec, arch, n, items, cache)})"
+    limit = _limit(disk)
+    if room is None or cache.expected <= room:
+        msg = f"{needs}; it fits: {limit}"
+        evict_bytes, evict_entries = evict
+        if evict_entries:
+            msg += f"; fits after evicting {gb(evict_bytes)} ({evict_entries} least recently used entries)"
+        return msg
+    remedies = _remedies(spec, arch, n, cache.layers, cache.tokens, room, disk, cache.expected)
+    return f"{needs}; {limit}, so at most {gb(room)} can be made available. Change one of: {_join(remedies)}."
+
+
+def _cost_notes(settings: Settings, arch: Architecture, per_image: int) -> list[str]:
+    """The notes on a cache's size and extraction time: what they assume and leave out."""
+    notes: list[str] = []
+    if arch.num_frames:
+        kinetics = human_bytes(240_000 * per_image)
+        notes.append(
+            f"a video cache is large: {human_bytes(per_image)} per clip here (Kinetics-400's 240k clips "
+            f"would take {kinetics}); layer subsets (method.layers, extraction.layers), a lossy codec "
+            '(extraction.keepbits) or execution.mode "online" (no cache, the backbone on every step) need '
+            "less"
+        )
+    notes.append(
+        "sizes are for a fresh extraction: a complete cache of the same dataset and weights would be reused "
+        "instead, which the planner does not check (that needs the weights' hash)"
+    )
+    device = "device cpu" if settings.device == "cpu" else "a GPU"
+    notes.append(
+        f"extraction time assumes {_tflops(settings):g} TFLOP/s ({device}) and "
+        f"{settings.planner_disk_mb_s:g} MB/s of disk writes; image decoding is not counted"
+    )
+    if settings.device == "auto":
+        notes.append("device auto: a GPU is assumed for the time and GPU-resident training")
+    return notes
