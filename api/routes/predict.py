@@ -21,7 +21,6 @@ from services.serving.requests import (
     check_models,
     check_one_kind,
     check_threshold,
-    instance_bytes,
     is_video_record,
 )
 
@@ -37,8 +36,7 @@ async def predict(
     clips, `{"instances": [{"video_b64": "..."}]}`."""
     check_count(len(body.instances), settings.max_predict_images)
     check_threshold([record], body.threshold)
-    items, video = await serving.in_decoder(instance_bytes, body.instances)
-    answer = await serving.predict(model_id, items, video)
+    answer = await serving.predict(model_id, body.instances)
     return {"model_id": model_id, "predictions": serving.predictions(answer, body.threshold, body.top_k)}
 
 
@@ -91,8 +89,7 @@ async def predict_many(
     records = [await run_in_threadpool(owned, store.get_model, "model", m, owner) for m in body.models]
     check_threshold(records, body.threshold)
     check_one_kind(records)
-    items, video = await serving.in_decoder(instance_bytes, body.instances)
-    answers = await serving.predict_many(body.models, items, video)
+    answers = await serving.predict_many(body.models, body.instances)
     return {
         "results": [
             {"model_id": a.model.id, "predictions": serving.predictions(a, body.threshold, body.top_k)} for a in answers

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from services.serving import decode
-from services.serving.requests import PredictError, check_videos
+from services.serving.requests import Encoded, PredictError, check_videos, instance_bytes
 from services.serving.threads import ExitingPool
 from storage.settings import Settings
 
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
     from services.serving.batching import Batcher
     from services.serving.inference import LoadedModel, Predictor
+
+
+Items = Sequence[bytes] | Sequence[Encoded]  # encoded files, or v1 instances holding them as base64
 
 
 @dataclass(frozen=True)
@@ -81,34 +84,23 @@ class Serving:
             ) from None
 
     # ---- predicting --------------------------------------------------------------------------------------------
-    async def predict(
-        self, model_id: str, items: list[bytes], video: bool | None = None, what: str = "instance"
-    ) -> Answer:
-        """Encoded files (images, or videos for a model trained on clips) for one model. `video`: what the client
-        said it sent (None: files, whatever the model takes; a mismatch with the model is 400); `what` names an item
-        in errors."""
+    async def predict(self, model_id: str, items: Items, video: bool | None = None, what: str = "instance") -> Answer:
+        """Encoded files (images, or videos for a model trained on clips) for one model: bytes, or v1 instances
+        (base64, decoded in the decoder pool). `video`: what the client said it sent (None: files, whatever the
+        model takes; a mismatch with the model is 400; instances say it themselves); `what` names an item in
+        errors."""
         return (await self.predict_many([model_id], items, video, what))[0]
 
     async def predict_many(
-        self, model_ids: list[str], items: list[bytes], video: bool | None = None, what: str = "instance"
+        self, model_ids: list[str], items: Items, video: bool | None = None, what: str = "instance"
     ) -> list[Answer]:
         """Encoded files for several models (checked by the caller: services/serving/requests.py), decoded once for
-        the models that decode alike; one backbone forward for all the models on it."""
-        if video:
-            check_videos(items, self.settings.max_predict_video_mb, what)
-        models = list(await asyncio.gather(*(self.model(m) for m in model_ids)))
-        pixels = 0
-        if not video and not any(decode.is_video_model(m) for m in models):
-            pixels = await self.in_decoder(decode.pixels, items, self.settings.max_predict_pixels)
-        decoded: dict[Hashable, list[Any]] = {}
-        for m in models:
-            key = decode.decoding(m)
-            if key not in decoded:
-                decoded[key] = await self.in_decoder(
-                    decode.for_model, m, items, video, self.settings.max_predict_video_s
-                )
-        inputs = [decoded[decode.decoding(m)] for m in models]
-        del decoded
+        the models that decode alike; one backbone forward for all the models on it. The request's CPU work (base64,
+        the pixel budget, decoding) is one call in the decoder pool: each hop between threads costs a wake-up."""
+        models = [self.predictor.cached(m) for m in model_ids]
+        if None in models:  # cold ones loaded together
+            models = list(await asyncio.gather(*(self.model(m) for m in model_ids)))
+        inputs, pixels = await self.in_decoder(self._decoded, models, items, video, what)
         try:
             probs = await asyncio.wrap_future(self.batcher.submit_many(models, inputs))
         finally:
@@ -116,6 +108,25 @@ class Serving:
             if pixels >= decode.TRIM_PIXELS:
                 await self.in_decoder(decode.release_memory)
         return [Answer(m, p) for m, p in zip(models, probs, strict=True)]
+
+    def _decoded(
+        self, models: list[LoadedModel], items: Items, video: bool | None, what: str
+    ) -> tuple[list[list[Any]], int]:
+        """Each model's decoded inputs (one list for the models that decode alike) and the pixels the images hold
+        (0 for videos), in the decoder pool: base64 instances decoded, videos' sizes and images' pixels checked."""
+        if items and not isinstance(items[0], bytes | bytearray):
+            items, video = instance_bytes(items)
+        if video:
+            check_videos(items, self.settings.max_predict_video_mb, what)
+        pixels = 0
+        if not video and not any(decode.is_video_model(m) for m in models):
+            pixels = decode.pixels(items, self.settings.max_predict_pixels)
+        decoded: dict[Hashable, list[Any]] = {}
+        for m in models:
+            key = decode.decoding(m)
+            if key not in decoded:
+                decoded[key] = decode.for_model(m, items, video, self.settings.max_predict_video_s)
+        return [decoded[decode.decoding(m)] for m in models], pixels
 
     async def predict_decoded(self, model_id: str, images: list[Any]) -> Answer:
         """Decoded images (PIL, e.g. the v2 `pixels` input) for one model."""
