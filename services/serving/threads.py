@@ -3,11 +3,14 @@ a batch (cold model loads, exports).
 
 Why not a ThreadPoolExecutor: every thread that runs a parallel torch op gets an OpenMP team of its own, which lives
 as long as that thread. libgomp counts the threads of every team in the process, and once they outnumber the cores
-it stops spin-waiting between parallel regions (a few hundred spins, then sleep). A loader thread that once loaded a
-model kept its team for good, and from then on every backbone forward of the batcher ran in that mode: 15-20% slower
-on 2 cores than the same forward in a process with one team (bench/serve.py's latency_ratio 1.29-1.37 came from it).
-A thread of this pool exits once the queue is empty, and its team with it, so the batcher's team is alone again as
-soon as the loads are done. Starting a thread costs about 0.1 ms; a load or an export costs seconds.
+it stops spin-waiting between parallel regions (a hundred spins, then sleep). A loader thread that once loaded a model
+kept its team for good, and from then on every backbone forward of the batcher ran in that mode, unlike the same
+forward in a process with one team (the baseline of bench/serve.py): on idle cores 15-20% slower (the batcher's
+reason to run torch on one thread, services/serving/batching.py), while under heavy load from other processes much
+faster than spinning (measured on 2 shared cores: vit_small 0.3 s against 2.4 s), so the service's latency and the
+baseline's answered to different things. A thread of this pool exits once the queue is empty, and its team with it
+(the process's threads went from 9 to 7), so the batcher's team is alone again as soon as the loads are done.
+Starting a thread costs about 0.1 ms; a load or an export costs seconds.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class ExitingPool(Executor):
                 future.set_exception(e)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """No new work; with `cancel_futures`, the queued work is cancelled (what runs finishes in its thread)."""
+        """No new work; with `cancel_futures`, the queued work is cancelled. Never waits: what runs finishes in its
+        (daemon) thread."""
         with self._lock:
             self._shutdown = True
             queued = list(self._queue) if cancel_futures else []
