@@ -97,9 +97,9 @@ class Serving:
         """Encoded files for several models (checked by the caller: services/serving/requests.py), decoded once for
         the models that decode alike; one backbone forward for all the models on it. The request's CPU work (base64,
         the pixel budget, decoding) is one call in the decoder pool: each hop between threads costs a wake-up."""
-        models = [self.predictor.cached(m) for m in model_ids]
-        if None in models:  # cold ones loaded together
-            models = list(await asyncio.gather(*(self.model(m) for m in model_ids)))
+        # Cold ones one after the other: a backbone of random init (pretrained=False) is seeded through torch's global
+        # generator, which a side model built in another loader thread meanwhile would draw from.
+        models = [await self.model(m) for m in model_ids]
         inputs, pixels = await self.in_decoder(self._decoded, models, items, video, what)
         try:
             probs = await asyncio.wrap_future(self.batcher.submit_many(models, inputs))
