@@ -1,4 +1,5 @@
-"""Dependencies shared by the routes: settings, the job store, the Celery app, and the caller's identity."""
+"""Dependencies shared by the routes: settings, the job store, the Celery app, the caller's identity, the caller's
+model record, and (in the inference service) the serving engine."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Annotated, TypeVar
 
 from celery import Celery
 from fastapi import Depends, Path, Request
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
+from services.serving.engine import Serving
 from storage.redis import DatasetRecord, JobRecord, JobStore, ModelRecord, NotFound
 from storage.settings import Settings
 
@@ -21,6 +24,11 @@ def get_settings(request: Request) -> Settings:
 
 def get_store(request: Request) -> JobStore:
     return request.app.state.store
+
+
+def get_serving(request: Request) -> Serving:
+    """The inference service's serving engine (built by its lifespan: api/inference.py)."""
+    return request.app.state.serving
 
 
 def get_celery(request: Request) -> Celery:
@@ -98,3 +106,12 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 OwnerDep = Annotated[str | None, Depends(get_owner)]
 AdminDep = Annotated[str | None, Depends(require_admin)]
+ServingDep = Annotated[Serving, Depends(get_serving)]
+
+
+async def get_model_record(model_id: ModelId, store: StoreDep, owner: OwnerDep) -> dict:
+    """The record of the model in the path, if the caller may use it (404 otherwise); Redis is read off the loop."""
+    return await run_in_threadpool(owned, store.get_model, "model", model_id, owner)
+
+
+ModelRecordDep = Annotated[dict, Depends(get_model_record)]

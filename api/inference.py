@@ -6,17 +6,16 @@ It serves predict (v1, api/routes/predict.py, and Open Inference Protocol v2, ap
 models from the store (storage/artifacts.py). The API forwards `/v1/models/...:predict*`, `/v2/...` and exports here
 (api/routes/forward.py), so clients may use either URL.
 
-Torch is imported when the app starts (its lifespan builds the Predictor and the Batcher), not when this module is
-imported: the API imports it for its OpenAPI document only. The lifespan stops the batcher cleanly (what is queued
-runs first) and the thread pools: `decoder` (Pillow decoding, one thread per core), `loader` (cold model loads,
-off the batching thread) and `exporter` (one export at a time).
+Torch is imported when the app starts (its lifespan builds the serving engine, services/serving/engine.py: the
+Predictor, the Batcher and the pools of the predict path), not when this module is imported: the API imports it for
+its OpenAPI document only. The lifespan stops the batcher cleanly (what is queued runs first) and the pools:
+`decoder` (Pillow decoding, one thread per core), `loader` (cold model loads, off the batching thread) and `exporter`
+(one export at a time); the last two run torch, in threads that exit when idle (services/serving/threads.py).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -25,6 +24,8 @@ from api import errors, metrics
 from api.json_depth import DepthLimit
 from api.limits import BodySizeLimit
 from api.routes import export, health, models, predict, v2
+from services.serving.engine import Serving
+from services.serving.threads import ExitingPool
 from storage.redis import JobStore
 from storage.settings import Settings
 
@@ -34,20 +35,14 @@ def create_inference_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from services.serving.batching import Batcher  # torch, in the serving process only
-        from services.serving.inference import Predictor
-
-        app.state.predictor = Predictor(settings, registered=app.state.store.registered_models)
-        app.state.batcher = Batcher.from_settings(app.state.predictor)
-        app.state.decoder = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="predict-decoder")
-        app.state.loader = ThreadPoolExecutor(2, thread_name_prefix="model-loader")
-        app.state.exporter = ThreadPoolExecutor(1, thread_name_prefix="model-exporter")
+        app.state.serving = Serving.start(settings, registered=app.state.store.registered_models)  # torch, here only
+        app.state.predictor, app.state.batcher = app.state.serving.predictor, app.state.serving.batcher
+        app.state.exporter = ExitingPool(1, "model-exporter")  # torch work off the batcher: serving/threads.py
         try:
             yield
         finally:
-            app.state.batcher.close()
-            for pool in (app.state.decoder, app.state.loader, app.state.exporter):
-                pool.shutdown(wait=False, cancel_futures=True)
+            app.state.serving.close()
+            app.state.exporter.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="sidetune inference",

@@ -162,7 +162,7 @@ class RequestMetrics:
             seconds = time.perf_counter() - t0
             route = getattr(scope.get("route"), "path", None) or "unmatched"  # set by the router once it matched
             self.requests.labels(scope["method"], route, str(status)).inc()
-            if ":predict" in route or route.endswith("/infer"):
+            if ":predict" in route or route.endswith("/infer") or route == "/v1/predict":
                 self.predict_latency.labels(route).observe(seconds)
             reset_scope(token)
 

@@ -251,6 +251,15 @@ class PredictRequest(BaseModel):
     )
 
 
+class MultiPredictRequest(PredictRequest):
+    models: list[str] = Field(
+        ...,
+        description="The models to answer, by id (at least one, each once, at most SIDETUNE_MAX_PREDICT_MODELS), all "
+        "trained on images or all on videos. The instances are decoded once and pass through each backbone once for "
+        "every model on it.",
+    )
+
+
 class Prediction(BaseModel):
     label: str = Field(..., description="The most likely class (multi-label: the highest-scoring tag).")
     scores: dict[str, float] = Field(
@@ -262,6 +271,10 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model_id: str = Field(..., description="The model that answered.")
     predictions: list[Prediction] = Field(..., description="One per instance, in order.")
+
+
+class MultiPredictResponse(BaseModel):
+    results: list[PredictResponse] = Field(..., description="One per model, in the order of `models`.")
 
 
 class Health(BaseModel):

@@ -153,6 +153,13 @@ class Settings(BaseSettings):
         "exceeds this (422 `does_not_fit_memory`, saying what to change). Unset: estimated, never refused.",
     )
     max_predict_images: int = Field(64, description="Most images accepted by one predict request.")
+    max_predict_models: int = Field(
+        16,
+        ge=1,
+        description="Most models one multi-model predict request (`POST /v1/predict`) may name; more is refused with "
+        "422 `too_many_models`. Each model's output is one score per class per image, and a model on another backbone "
+        "adds a forward.",
+    )
     max_predict_pixels: int = Field(
         128_000_000,
         ge=1,

@@ -1,4 +1,4 @@
-"""Predict and export through the API: `/v1/models/{id}:predict`, `:predict-files`, `/v2/...` and
+"""Predict and export through the API: `/v1/models/{id}:predict`, `:predict-files`, `/v1/predict`, `/v2/...` and
 `/models/{id}/export` are forwarded to the inference service (`settings.inference_location`), streaming both ways,
 so one public URL keeps serving every client (the
 CLI, the demo, scripts written against the API) while the inference service runs where the GPU is. The inference
@@ -94,7 +94,12 @@ async def forward(request: Request) -> StreamingResponse:
     )
 
 
-for path in ("/v1/models/{model_id}:predict", "/v1/models/{model_id}:predict-files", "/v2/models/{model_id}/infer"):
+for path in (
+    "/v1/models/{model_id}:predict",
+    "/v1/models/{model_id}:predict-files",
+    "/v1/predict",
+    "/v2/models/{model_id}/infer",
+):
     router.add_api_route(path, forward, methods=["POST"], include_in_schema=False)
 for path in ("/v2", "/v2/{rest:path}", "/models/{model_id}/export"):
     router.add_api_route(path, forward, methods=["GET"], include_in_schema=False)

@@ -1,7 +1,8 @@
 """Open Inference Protocol v2 (KServe v2 / Triton REST) on the inference service: health, server and model
 metadata, model readiness, and infer (tensors in api/oip.py), so Triton and KServe clients (tritonclient[http])
 work as they are. Errors answer in the protocol's shape, `{"error": "<message>"}` (api/errors.py). The same API keys
-and owner isolation as the v1 routes: a model of another key does not exist (404).
+and owner isolation as the v1 routes: a model of another key does not exist (404). Like the v1 routes, they translate
+HTTP only: the serving engine (services/serving/engine.py) loads, decodes and batches.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ModelId, OwnerDep, SettingsDep
+from api.deps import ModelId, ModelRecordDep, ServingDep, SettingsDep
 from api.errors import ApiError
 from api.oip import HEADER, InferRequest, ProtocolError, encode_response, model_metadata, parse_request
-from api.routes.predict import check_videos, off_loop, own, run_model, run_videos
+from services.serving.engine import Answer, Serving
+from services.serving.requests import PredictError, is_video_record
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -82,27 +84,44 @@ async def server_metadata() -> dict:
 
 
 @router.get("/models/{model_id}", responses={200: {"description": "Model metadata."}, 401: _ERROR, 404: _ERROR})
-async def metadata(model_id: ModelId, request: Request, owner: OwnerDep) -> dict:
+async def metadata(model_id: ModelId, record: ModelRecordDep) -> dict:
     """Inputs (`image` BYTES [N], or `pixels` UINT8 [N, H, W, 3]) and outputs (`label` BYTES [N], `probabilities`
     FP32 [N, C]); `parameters.classes` lists the classes in output order."""
-    return model_metadata(await own(request, model_id, owner))
+    return model_metadata(record)
 
 
 @router.get("/models/{model_id}/ready", responses={200: {"description": "Ready."}, 404: _ERROR, 503: _ERROR})
-async def model_ready(model_id: ModelId, request: Request, owner: OwnerDep) -> dict:
+async def model_ready(model_id: ModelId, record: ModelRecordDep, serving: ServingDep) -> dict:
     """Ready when its artifact is whole on the store (503 naming it otherwise)."""
-    await own(request, model_id, owner)
-    await run_in_threadpool(request.app.state.predictor.artifacts.check_model, model_id)
+    await run_in_threadpool(serving.predictor.artifacts.check_model, model_id)
     return {"name": model_id, "ready": True}
 
 
-def _images(infer: InferRequest) -> list[Any]:
-    """Encoded files as they came (run_model decodes them), or the pixels as RGB images."""
-    if infer.input == "image":
-        return list(infer.images)
+def _pictures(pixels: np.ndarray) -> list[Any]:
+    """The `pixels` input ([N, H, W, 3] uint8) as RGB images."""
     from PIL import Image
 
-    return [Image.fromarray(np.ascontiguousarray(im), "RGB") for im in infer.images]
+    return [Image.fromarray(np.ascontiguousarray(im), "RGB") for im in pixels]
+
+
+async def _answer(serving: Serving, model_id: str, parsed: InferRequest, video_model: bool) -> Answer:
+    """The model's answer to a parsed request; an input it cannot take is a 4xx naming it (`input 'image': ...`)."""
+    if video_model != (parsed.input == "video"):
+        want = "`video` (video files)" if video_model else "`image` or `pixels`"
+        raise ApiError(
+            400,
+            "invalid_request",
+            f"input {parsed.input!r}: model {model_id} was trained on "
+            f"{'videos' if video_model else 'images'}; send the input {want}",
+        )
+    try:
+        if parsed.input == "pixels":
+            return await serving.predict_decoded(model_id, await serving.in_decoder(_pictures, parsed.images))
+        return await serving.predict(model_id, list(parsed.images), video_model, "element")
+    except PredictError as e:  # an undecodable image or video, too many pixels, a video too large: name the input
+        if e.status not in (400, 413):
+            raise
+        raise ApiError(e.status, e.code, f"input {parsed.input!r}: {e}") from None
 
 
 @router.post(
@@ -117,48 +136,18 @@ def _images(infer: InferRequest) -> list[Any]:
     },
     openapi_extra=_INFER_BODY,
 )
-async def infer(model_id: ModelId, request: Request, owner: OwnerDep, settings: SettingsDep) -> Response:
+async def infer(
+    model_id: ModelId, request: Request, record: ModelRecordDep, serving: ServingDep, settings: SettingsDep
+) -> Response:
     """Classify images: the BYTES input `image` (encoded files) or the UINT8 input `pixels` ([N, H, W, 3]); or
     videos: the BYTES input `video` (encoded video files), for a model trained on clips."""
-    record = await own(request, model_id, owner)
     body = await request.body()
     try:
-        parsed = await off_loop(
-            request,
-            "decoder",
-            parse_request,
-            body,
-            request.headers.get(HEADER),
-            settings.max_predict_images,
-            settings.max_predict_pixels,
+        parsed = await serving.in_decoder(
+            parse_request, body, request.headers.get(HEADER), settings.max_predict_images, settings.max_predict_pixels
         )
     except ProtocolError as e:
         raise ApiError(e.status, e.code, str(e)) from None
-    video_model = record.get("video") is not None
-    if video_model != (parsed.input == "video"):
-        want = "`video` (video files)" if video_model else "`image` or `pixels`"
-        raise ApiError(
-            400,
-            "invalid_request",
-            f"input {parsed.input!r}: model {model_id} was trained on "
-            f"{'videos' if video_model else 'images'}; send the input {want}",
-        )
-    if video_model:
-        check_videos(parsed.images, settings, "element")
-        try:
-            model, probs = await run_videos(request, model_id, parsed.images, True)
-        except ApiError as e:  # an undecodable video: name the input
-            if e.status != 400:
-                raise
-            raise ApiError(400, e.code, f"input 'video': {e.message}") from None
-        content, headers = encode_response(model_id, parsed, model.classes, probs)
-        return Response(content, headers=headers)
-    try:
-        images = await off_loop(request, "decoder", _images, parsed)
-        model, probs = await run_model(request, model_id, images)
-    except ApiError as e:  # an undecodable image: name the input
-        if e.code not in ("invalid_image", "too_many_pixels"):
-            raise
-        raise ApiError(e.status, e.code, f"input {parsed.input!r}: {e.message}") from None
-    content, headers = encode_response(model_id, parsed, model.classes, probs)
+    answer = await _answer(serving, model_id, parsed, is_video_record(record))
+    content, headers = encode_response(model_id, parsed, answer.model.classes, answer.probs)
     return Response(content, headers=headers)

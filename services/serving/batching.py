@@ -1,7 +1,8 @@
 """Dynamic micro-batching for predict: concurrent requests are gathered and run as one `Predictor.run`.
 
 One thread per Predictor runs the batches (a device computes one batch at a time anyway). `submit` takes a loaded
-model and decoded images and returns a future: the inference service decodes (Pillow, no torch) and loads the model
+model and decoded images and returns a future (`submit_many`: several models on the same inputs, which share each
+backbone's forward): the inference service decodes (Pillow, no torch) and loads the model
 (a cold load: in a loader thread) before it submits, so a bad image or an unknown model fails that request before it
 joins a batch, and a cold load never stalls the batches of warm models; it awaits the future without parking a
 thread. The batcher's thread does the torch work: it transforms each request's images (a failure there fails that
@@ -30,15 +31,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.data.images import draft_size
-from services.serving.inference import LoadedModel, Predictor
+from services.serving.inference import LoadedModel, Predictor, Request
 
 
 @dataclass(eq=False)
 class _Pending:
-    model: LoadedModel
-    images: list[Any]  # decoded (PIL) images
+    models: list[LoadedModel]
+    inputs: list[list[Any]]  # each model's decoded images (or clips); models that decode alike share one list
+    many: bool  # the result is a list (one array per model), not one array
     arrived: float = field(default_factory=time.monotonic)
-    result: Future = field(default_factory=Future)  # class probabilities [n, classes]
+    result: Future = field(default_factory=Future)  # class probabilities [n, classes] (a list of them: `many`)
+    rows: int = field(init=False)  # the inputs' count: what the request adds to a batch
+
+    def __post_init__(self) -> None:
+        self.rows = len(self.inputs[0])
 
 
 class Batcher:
@@ -59,7 +65,15 @@ class Batcher:
 
     def submit(self, model: LoadedModel, images: list[Any]) -> Future:
         """Queue decoded images for a loaded model; the future gets their class probabilities [n, classes]."""
-        pending = _Pending(model, images)
+        return self._queued(_Pending([model], [images], many=False))
+
+    def submit_many(self, models: list[LoadedModel], inputs: list[list[Any]]) -> Future:
+        """Queue one request for several loaded models: `inputs[i]` are models[i]'s decoded images, the very same
+        list for models that decode alike. Each distinct list is transformed once per backbone, so models on one
+        backbone share its forward (`Predictor.inputs_many`). The future gets one probabilities array per model."""
+        return self._queued(_Pending(models, inputs, many=True))
+
+    def _queued(self, pending: _Pending) -> Future:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the predict batcher is closed")
@@ -94,9 +108,9 @@ class Batcher:
             batch: list[_Pending] = []
             images = 0
             while True:
-                while self._queue and (not batch or images + len(self._queue[0].images) <= self.max_batch):
+                while self._queue and (not batch or images + self._queue[0].rows <= self.max_batch):
                     batch.append(self._queue.popleft())
-                    images += len(batch[-1].images)
+                    images += batch[-1].rows
                 left = deadline - time.monotonic()
                 if self._queue or images >= self.max_batch or left <= 0:  # full (the next one does not fit) or due
                     return batch
@@ -109,19 +123,23 @@ class Batcher:
             # A future whose caller went away (its awaiting task cancelled) is dropped; the others can no longer be
             # cancelled, so setting their result below cannot fail.
             batch = [p for p in batch if p.result.set_running_or_notify_cancel()]
-            ready, requests = [], []
+            ready: list[tuple[_Pending, int]] = []  # each request and where its models' rows start in `requests`
+            requests: list[Request] = []
             try:
                 for p in batch:
                     try:
-                        requests.append(self.predictor.inputs(p.model, p.images))
-                        ready.append(p)
-                        p.images = []  # the decoded images are not needed once transformed: free them now
+                        ready.append((p, len(requests)))
+                        requests += self.predictor.inputs_many(p.models, p.inputs)
+                        p.inputs = []  # the decoded images are not needed once transformed: free them now
                     except Exception as e:  # noqa: BLE001 - this request's own failure, raised by its caller
+                        ready.pop()
                         p.result.set_exception(e)
                 if ready:
-                    for p, probs in zip(ready, self.predictor.run(requests), strict=True):
-                        p.result.set_result(probs)
+                    probs = self.predictor.run(requests)
+                    for p, first in ready:
+                        mine = probs[first : first + len(p.models)]
+                        p.result.set_result(mine if p.many else mine[0])
             except Exception as e:  # noqa: BLE001 - handed to every request of the batch, whose callers raise it
-                for p in ready:
+                for p, _ in ready:
                     if not p.result.done():
                         p.result.set_exception(e)

@@ -319,6 +319,19 @@ class Predictor:
         transform = model.backbone.transform
         return model, torch.stack([transform(im) for im in decoded])
 
+    def inputs_many(self, models: list[LoadedModel], decoded: list[list[Any]]) -> list[Request]:
+        """Each model's input batch, `decoded[i]` being models[i]'s decoded inputs. A list that several models on one
+        backbone share (the very object) is transformed once, and they share the tensor, which `run` then passes
+        through the backbone once for all of them."""
+        batches: dict[tuple, torch.Tensor] = {}
+        out = []
+        for model, inputs in zip(models, decoded, strict=True):
+            key = (model.backbone_key, id(inputs))
+            if key not in batches:
+                batches[key] = self.inputs(model, inputs)[1]
+            out.append((model, batches[key]))
+        return out
+
     def prepare(self, model_id: str, images: list[bytes]) -> Request:
         """Load the model, decode the images and transform them into its input batch."""
         model = self.load(model_id)
@@ -405,14 +418,12 @@ class Predictor:
         """Decode once, run each distinct backbone once, apply every model; returns predictions per model."""
         models = [self.load(m) for m in model_ids]
         decoded: dict[int | None, list[Any]] = {}  # by draft size, which follows the backbone's resize
-        batches: dict[tuple, torch.Tensor] = {}  # one per backbone: their transforms may differ
         for m in models:
-            if m.backbone_key not in batches:
-                draft = draft_size(m.backbone.transform)
-                if draft not in decoded:
-                    decoded[draft] = self.decode(images, draft)
-                batches[m.backbone_key] = torch.stack([m.backbone.transform(im) for im in decoded[draft]])
-        probs = self.run([(m, batches[m.backbone_key]) for m in models])
+            draft = draft_size(m.backbone.transform)
+            if draft not in decoded:
+                decoded[draft] = self.decode(images, draft)
+        inputs = [decoded[draft_size(m.backbone.transform)] for m in models]
+        probs = self.run(self.inputs_many(models, inputs))
         return {m.id: self.format(m, p) for m, p in zip(models, probs, strict=True)}
 
     def predict(

@@ -68,13 +68,23 @@ def export(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    predictions = client(args).predict(args.model_id, [Path(p) for p in args.files], threshold=args.threshold)
+    """One model: a line per file (file, label, score, tags). Several (`model_a,model_b`): one request for all of
+    them, a line per file and model (file, model, label, score, tags); --json: {model: [{file, ...}]}."""
+    model_ids = [m for m in args.model_id.split(",") if m]
+    files = [Path(p) for p in args.files]
+    if len(model_ids) == 1:
+        answers = {model_ids[0]: client(args).predict(model_ids[0], files, threshold=args.threshold)}
+    else:
+        answers = client(args).predict_many(model_ids, files, threshold=args.threshold)
     if args.json:
-        print_json([{"file": f, **p} for f, p in zip(args.files, predictions, strict=True)])
+        by_model = {m: [{"file": f, **p} for f, p in zip(args.files, ps, strict=True)] for m, ps in answers.items()}
+        print_json(by_model if len(model_ids) > 1 else by_model[model_ids[0]])
         return 0
-    for path, p in zip(args.files, predictions, strict=True):
-        tags = f"\t{'|'.join(p['labels'])}" if p.get("labels") is not None else ""
-        print(f"{path}\t{p['label']}\t{p['scores'][p['label']]:.4f}{tags}")
+    for model_id, predictions in answers.items():
+        for path, p in zip(args.files, predictions, strict=True):
+            tags = f"\t{'|'.join(p['labels'])}" if p.get("labels") is not None else ""
+            model = f"{model_id}\t" if len(model_ids) > 1 else ""
+            print(f"{path}\t{model}{p['label']}\t{p['scores'][p['label']]:.4f}{tags}")
     return 0
 
 
@@ -221,11 +231,11 @@ def add_parsers(sub: Subparsers) -> None:
     p = verb(
         sub,
         "predict",
-        "classify image (or video) files with a model",
+        "classify image (or video) files with a model, or with several at once (one request, one decode)",
         "sidetune predict model_0194... cat.png dog.jpg",
         predict,
     )
-    p.add_argument("model_id")
+    p.add_argument("model_id", help="a model id, or several joined by commas: model_a,model_b")
     p.add_argument("files", nargs="+", help="image files, or video files for a model trained on clips")
     p.add_argument("--threshold", type=float, help="multi-label models: predict the tags scoring at least this")
 

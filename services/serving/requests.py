@@ -1,0 +1,111 @@
+"""What a predict request may hold, checked before anything is decoded or loaded, and its inputs' bytes: the counts
+(images, models), a threshold only for multi-label models, videos' sizes, base64 instances of one kind. Torch-free:
+the routes call these on the event loop. Each refusal is a `PredictError` naming the field, with its own status and
+code (services/errors.py maps it for the API)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from services.errors import UserError
+
+
+class PredictError(UserError):
+    """A predict request the service cannot take; the message names the instance, input or field."""
+
+    def __init__(
+        self, message: str, code: str = "invalid_request", status: int = 400, retry_after_s: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code, self.status, self.retry_after_s = code, status, retry_after_s
+
+
+class Encoded(Protocol):
+    """A v1 instance: one of its fields holds the base64 text of a file."""
+
+    image_b64: str | None
+    video_b64: str | None
+
+
+def is_video_record(record: dict[str, Any]) -> bool:
+    """Whether a model's record says it was trained on videos (its inputs are video files)."""
+    return record.get("video") is not None
+
+
+def check_count(n: int, limit: int) -> None:
+    if n > limit:
+        raise PredictError(f"{n} images; at most {limit} per request", "too_many_images", 413)
+
+
+def check_threshold(records: Sequence[dict[str, Any]], threshold: float | None) -> None:
+    """A threshold applies to multi-label models only: 422 naming the first single-label one."""
+    if threshold is None:
+        return
+    for record in records:
+        if not record.get("multi_label"):
+            raise PredictError(
+                f"threshold: model {record['id']!r} is single-label (one class per input, the most probable); a "
+                "threshold applies to multi-label models only",
+                status=422,
+            )
+
+
+def check_models(model_ids: list[str], limit: int) -> None:
+    """The model list of a multi-model predict: at least one, at most `limit`, each once (422 otherwise)."""
+    if not model_ids:
+        raise PredictError("models: the list is empty; name at least one model id", status=422)
+    if len(model_ids) > limit:
+        raise PredictError(
+            f"models: {len(model_ids)} models; at most {limit} per request (SIDETUNE_MAX_PREDICT_MODELS)",
+            "too_many_models",
+            422,
+        )
+    seen: set[str] = set()
+    for i, model_id in enumerate(model_ids):
+        if model_id in seen:
+            raise PredictError(f"models.{i}: {model_id!r} is listed twice; list each model once", status=422)
+        seen.add(model_id)
+
+
+def check_one_kind(records: Sequence[dict[str, Any]]) -> bool:
+    """Whether the models take videos: all of them or none (one request's inputs are decoded once, as one kind);
+    400 naming one of each otherwise."""
+    videos = [r for r in records if is_video_record(r)]
+    if videos and len(videos) != len(records):
+        image = next(r for r in records if not is_video_record(r))
+        raise PredictError(
+            f"models: {videos[0]['id']} was trained on videos and {image['id']} on images; one request's inputs are "
+            "one kind: send the video models and the image models in separate requests"
+        )
+    return bool(videos)
+
+
+def check_videos(items: list[bytes], max_mb: float, what: str = "instance") -> None:
+    """413 `video_too_large` for a video over `max_mb` (SIDETUNE_MAX_PREDICT_VIDEO_MB)."""
+    for i, data in enumerate(items):
+        if len(data) > max_mb * 2**20:
+            raise PredictError(
+                f"{what} {i}: {len(data) / 2**20:.1f} MB; at most {max_mb:g} MB a video "
+                "(SIDETUNE_MAX_PREDICT_VIDEO_MB)",
+                "video_too_large",
+                413,
+            )
+
+
+def instance_bytes(instances: Sequence[Encoded]) -> tuple[list[bytes], bool]:
+    """The instances' bytes and whether they are videos (a request holds one kind)."""
+    video = instances[0].video_b64 is not None
+    items = []
+    for i, inst in enumerate(instances):
+        field = "video_b64" if inst.video_b64 is not None else "image_b64"
+        if (field == "video_b64") != video:
+            raise PredictError(f"instances.{i}: one request holds images or videos, not both")
+        try:
+            items.append(base64.b64decode(getattr(inst, field), validate=True))
+        except (binascii.Error, ValueError):
+            code = "invalid_video" if video else "invalid_image"
+            raise PredictError(f"instances.{i}.{field}: not valid base64", code) from None
+    return items, video
