@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ModelId, ModelRecordDep, OwnerDep, ServingDep, SettingsDep, StoreDep, owned
+from api.deps import ModelId, OwnerDep, ServingDep, SettingsDep, StoreDep, get_model_record, owned
 from api.schemas import ErrorBody, MultiPredictRequest, MultiPredictResponse, PredictRequest, PredictResponse
 from services.serving.requests import (
     check_count,
@@ -30,10 +30,16 @@ router = APIRouter(prefix="/v1", tags=["predict"], responses=ERRORS)
 
 @router.post("/models/{model_id}:predict", response_model=PredictResponse)
 async def predict(
-    model_id: ModelId, body: PredictRequest, record: ModelRecordDep, serving: ServingDep, settings: SettingsDep
+    model_id: ModelId,
+    body: PredictRequest,
+    store: StoreDep,
+    owner: OwnerDep,
+    serving: ServingDep,
+    settings: SettingsDep,
 ) -> dict:
     """Classify base64-encoded images, `{"instances": [{"image_b64": "..."}]}`, or videos for a model trained on
     clips, `{"instances": [{"video_b64": "..."}]}`."""
+    record = await get_model_record(model_id, store, owner)  # after the body's validation: a bad body is 422 first
     check_count(len(body.instances), settings.max_predict_images)
     check_threshold([record], body.threshold)
     answer = await serving.predict(model_id, body.instances)
@@ -47,7 +53,8 @@ async def predict_files(
         list[UploadFile],
         File(description="Image files, or video files for a model trained on clips (multipart field `files`)."),
     ],
-    record: ModelRecordDep,
+    store: StoreDep,
+    owner: OwnerDep,
     serving: ServingDep,
     settings: SettingsDep,
     threshold: Annotated[
@@ -65,6 +72,7 @@ async def predict_files(
     ] = None,
 ) -> dict:
     """Classify uploaded image files (multipart/form-data), or video files for a model trained on clips."""
+    record = await get_model_record(model_id, store, owner)  # after the query's validation: a bad one is 422 first
     check_count(len(files), settings.max_predict_images)
     check_threshold([record], threshold)
     raw = [await f.read() for f in files]
