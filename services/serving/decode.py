@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 from collections.abc import Hashable
 from typing import Any
 
@@ -40,14 +39,14 @@ def images(data: list[bytes], draft: int | None = None) -> list[Any]:
 
 
 def is_video_model(model: Any) -> bool:
-    return model.config["backbone"].get("video") is not None
+    return model.manifest.backbone.video is not None
 
 
 def decoding(model: Any) -> Hashable:
     """What decoding a model's inputs depends on: models with equal keys take the very same decoded inputs (images:
     the draft size, which follows the backbone's resize; clips: the backbone and the clip sampling)."""
     if is_video_model(model):
-        return ("video", model.backbone_key, json.dumps(model.config["backbone"]["video"], sort_keys=True))
+        return ("video", model.backbone_key, model.manifest.backbone.video.model_dump_json())
     return ("image", draft_size(model.backbone.transform))
 
 

@@ -85,8 +85,8 @@ class LoadedModel:
 
     @cached_property
     def config(self) -> dict[str, Any]:
-        """The manifest as its `config.json` holds it, for the code that still reads it by key (`run`, `decode_for`,
-        api/routes/predict.py); new code reads `manifest`."""
+        """The manifest as its `config.json` holds it, for the code that still reads it by key (video decoding,
+        services/video/serving.py); new code reads `manifest`."""
         return self.manifest.to_dict()
 
 
@@ -353,13 +353,13 @@ class Predictor:
                 side = [i for i in members if requests[i][0].kind == "side"]
                 if side:
                     x, first = self._stack(requests, side, backbone.dtype)
-                    layers = sorted({layer for i in side for layer in requests[i][0].config["input_layers"]})
+                    layers = sorted({layer for i in side for layer in requests[i][0].manifest.input_layers})
                     feats = backbone.intermediates(x, layers)
                     for m, idx in self._by_model(requests, side).items():
                         f = feats
-                        if m.config["input_layers"] != layers:
-                            f = f[:, [layers.index(layer) for layer in m.config["input_layers"]]]
-                        tokens = m.config.get("input_tokens") or "all"  # as the model was trained
+                        if m.manifest.input_layers != layers:
+                            f = f[:, [layers.index(layer) for layer in m.manifest.input_layers]]
+                        tokens = m.manifest.input_tokens or "all"  # as the model was trained
                         f = pool_tokens(f.float(), tokens, backbone.num_prefix_tokens)
                         side_model = partial(_side, m.module, backbone.device.type, bf16)
                         self._apply(side_model, f, requests, [(i, first[i]) for i in idx], out, m.multi_label)
