@@ -54,7 +54,7 @@ def fit_online_ready(backbone, spec, inputs, labels, classes: int, ckpt: Path) -
     import torch
 
     from services import methods
-    from services.data.datasets import stratified_split
+    from services.data.splits import stratified_split
     from services.methods.readout import FeatureInfo
     from services.training.fit import fit
     from services.training.objectives import Objective

@@ -68,7 +68,7 @@ def run_size(args: argparse.Namespace, size: int, seed: int, settings, dataset) 
     import torch
 
     from services import methods
-    from services.data.datasets import split
+    from services.data.splits import split
     from services.extraction import run_extraction
     from services.jobs.progress import NullReporter
     from services.methods.readout import FeatureInfo

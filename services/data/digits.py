@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from services.data.datasets import stratified_split
+from services.data.splits import stratified_split
 
 
 def write_digits(root: Path, holdout_fraction: float = 0.1, size: int = 32, limit: int | None = None) -> dict:

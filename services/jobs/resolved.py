@@ -27,15 +27,8 @@ import numpy as np
 from pydantic import BaseModel, Field, PrivateAttr
 
 from services.architectures import architecture
-from services.data.datasets import (
-    Dataset,
-    DatasetError,
-    check_test,
-    check_validation,
-    read_for_job,
-    read_test_set,
-    split,
-)
+from services.data.datasets import Dataset, DatasetError, read_for_job, read_test_set
+from services.data.splits import check_test, check_validation, split
 from services.paths import UserPaths
 from services.spec import JobSpec
 from services.spec.sweep import check_size

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.data.datasets import DatasetError, read_dataset, read_for_job, stratified_split
+from services.data.datasets import DatasetError, read_dataset, read_for_job
+from services.data.splits import stratified_split
 from services.paths import UserPaths
 from services.spec import DatasetSpec
 from storage.settings import Settings

@@ -12,16 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.data.datasets import (
-    DatasetError,
-    check_validation,
-    load_image,
-    read_csv,
-    read_dataset,
-    read_imagefolder,
-    split,
-    stratified_split,
-)
+from services.data.datasets import DatasetError, load_image, read_csv, read_dataset, read_imagefolder
+from services.data.splits import check_validation, split, stratified_split
 
 
 def png(path: Path, value: int = 0) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.data.datasets import split
+from services.data.splits import split
 from services.jobs import resolved as resolved_module
 from services.jobs.pipeline import TRAIN_NEXT, extract_step, train_step
 from services.jobs.planner import MIB, plan_job

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
-from services.data.datasets import DatasetError, read_imagefolder, split
+from services.data.datasets import DatasetError, read_imagefolder
+from services.data.splits import split
 from services.extraction import run_extraction
 from services.jobs.planner import plan
 from services.jobs.progress import NullReporter

@@ -17,8 +17,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from services import methods
-from services.data.datasets import split
 from services.data.digits import write_digits
+from services.data.splits import split
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
 from services.methods.readout import FeatureInfo

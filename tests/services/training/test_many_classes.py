@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
 
-from services.data.datasets import split, val_count
+from services.data.splits import split, val_count
 from services.training import evaluation, plots, reports
 from services.training import lbfgs as solver
 from services.training.objectives import Objective

@@ -18,7 +18,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from services.data.datasets import read_imagefolder, split
+from services.data.datasets import read_imagefolder
+from services.data.splits import split
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
 from services.spec import JobSpec

@@ -18,7 +18,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from services.backbones import load_backbone
-from services.data.datasets import read_dataset, stratified_split
+from services.data.datasets import read_dataset
+from services.data.splits import stratified_split
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
 from services.spec import BackboneSpec, JobSpec
