@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from services.modality import modality_for
 from services.video.spec import VideoSpec
 
 # timm's plain ViT sizes: blocks, width, MLP hidden width (fc1 -> fc2 of a GELU MLP).
@@ -74,20 +75,20 @@ def architecture(name: str, image_size: int | None = None, video: VideoSpec | No
     else:
         return None
     img = image_size or img
-    spatial, temporal = (img // patch) ** 2, video.temporal_positions if video else 1
+    layout = modality_for(video).layout((img // patch) ** 2)
     return Architecture(
         name=name,
         num_layers=layers,
         dim=dim,
-        tokens=temporal * spatial + prefix,
+        tokens=layout.patches + prefix,
         num_prefix_tokens=prefix,
         image_size=img,
         patch_size=patch,
         mlp_macs=mlp_macs,
-        global_pool="avg" if video else "token",
-        num_frames=video.num_frames if video else None,
-        tubelet=video.tubelet if video else None,
-        temporal_positions=temporal if video else None,
+        global_pool=layout.global_pool,
+        num_frames=layout.num_frames,
+        tubelet=layout.tubelet,
+        temporal_positions=layout.temporal_positions,
     )
 
 

@@ -1,7 +1,8 @@
 """Frozen timm ViT backbones: creation (pretrained tag, local safetensors checkpoint, or seeded random init),
 the eval transform from the model's own data config, and per-layer token activations through timm's
-`forward_intermediates` (prefix tokens included), the stable way to tap a ViT's blocks. With `spec.video` the ViT
-becomes an unfactorised ViViT (services/video/backbone.py) that takes clips [B, T*3, H, W].
+`forward_intermediates` (prefix tokens included), the stable way to tap a ViT's blocks. The backbone's modality
+(services/modality/) wraps the ViT: a video's makes it an unfactorised ViViT (services/video/backbone.py) that takes
+clips [B, T*3, H, W]. The eval transform's split between loaders and device is services/data/transforms.py.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import numpy as np
 import timm
 import torch
 from timm.data import create_transform, resolve_data_config
-from torchvision.transforms import Compose
 
+from services.data.transforms import SplitTransform
 from services.errors import BackboneError
+from services.modality import modality_for
 from services.spec import BackboneSpec
 
 
@@ -39,52 +41,6 @@ def _layer_norm(module: torch.nn.Module, prefix: str) -> dict[str, np.ndarray]:
     if isinstance(module, torch.nn.Identity):
         return {}
     raise BackboneError(f"unsupported final norm {type(module).__name__}; sidetune supports LayerNorm ViTs")
-
-
-@dataclass(frozen=True)
-class SplitTransform:
-    """A torchvision transform laid out as timm's `[PIL steps..., ToTensor, Normalize]`, split where torch starts.
-
-    Loader threads run `load` (decode-side PIL steps: resize, crop, flips, jitter; no torch) and the thread that runs
-    the model makes the batch a tensor with `to_input`. Why: torch ops in a second thread start a second OpenMP
-    team, and with more OpenMP threads than cores every forward slows down (vit_tiny on 2 cores: 265 img/s with a
-    torch-free loader thread, 220 with the whole transform in it).
-    """
-
-    pil: Any
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    @classmethod
-    def of(cls, transform: Any) -> SplitTransform | None:
-        """The split, or None for a transform of another layout (then run it whole)."""
-        steps = list(getattr(transform, "transforms", []))
-        if [type(t).__name__ for t in steps[-2:]] not in (["ToTensor", "Normalize"], ["MaybeToTensor", "Normalize"]):
-            return None
-        norm = steps[-1]
-        mean = torch.as_tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.as_tensor(norm.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return cls(Compose(steps[:-2]), mean, std)
-
-    def load(self, image: Any) -> np.ndarray:
-        """An RGB PIL image -> uint8 [H, W, 3] after the PIL steps."""
-        return np.asarray(self.pil(image), dtype=np.uint8)
-
-    def to_input(
-        self, images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """uint8 [B, H, W, 3] -> the normalised batch [B, 3, H, W] on `device` in `dtype`: normalised there (a quarter
-        of the bytes travel), in float32 as ToTensor and Normalize compute it (bit-equal on the CPU), then cast."""
-        images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
-        if images.dim() == 5:  # clips [B, T, H, W, 3] -> [B, T*3, H, W], frames stacked along channels
-            b, t, h, w, _ = images.shape
-            x = images.to(device, non_blocking=True).permute(0, 1, 4, 2, 3)
-            x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255).view(b * t, 3, h, w)
-            x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device)).view(b, t * 3, h, w)
-            return x if dtype == torch.float32 else x.to(dtype)
-        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        x = x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
-        return x if dtype == torch.float32 else x.to(dtype)
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -123,6 +79,11 @@ class Backbone:
         """A uint8 batch [B, H, W, 3] (clips: [B, T, H, W, 3]) from a loader -> the normalised input on the device,
         in the forward's dtype."""
         return self.split.to_input(images, self.device, self.dtype)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the eval transform's square output (each frame of a clip alike)."""
+        return int(self.data_config["input_size"][-1])
 
     @property
     def num_layers(self) -> int:
@@ -279,10 +240,7 @@ def load_backbone(
             raise BackboneError(
                 f"checkpoint {checkpoint} does not fit {spec.name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-    if spec.video is not None:
-        from services.video.backbone import to_vivit
-
-        model = to_vivit(model, spec.video, spec.name)
+    model = modality_for(spec).wrap(model, spec.name)  # a ViViT for clips (services/video/backbone.py)
     model.eval().requires_grad_(False)
     data_config = resolve_data_config({}, model=model)
     if spec.image_size is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.architectures import Architecture, backprop_bytes
+from services.modality import modality_for
 from services.spec import JobSpec
 
 GB = 10**9
@@ -43,11 +44,11 @@ def backprop_memory(spec: JobSpec, arch: Architecture | None, device_memory_gb: 
         remedies.append(
             'execution.mode "tail" (only the last execution.tail_blocks blocks are trained, from the cache)'
         )
-    if arch.num_frames:
-        remedies.append("fewer frames (backbone.video.num_frames) or a larger tubelet")
+    modality = modality_for(spec.backbone)
+    remedies.extend(modality.smaller_items)
     remedies.append("a method that never backpropagates through the backbone (losa, linear)")
-    clips = f" on {arch.num_frames}-frame clips of {arch.tokens} tokens" if arch.num_frames else ""
     reason = (
-        f"{spec.method.name} in mode {spec.mode} backpropagates through {blocks} blocks{clips} at batch size {batch}"
+        f"{spec.method.name} in mode {spec.mode} backpropagates through {blocks} blocks"
+        f"{modality.per_item(arch.tokens)} at batch size {batch}"
     )
     return BackpropMemory(need, False, limit, reason, remedies)

@@ -21,19 +21,12 @@ import torch
 from services.backbones import Backbone, load_backbone
 from services.data.datasets import Dataset, read_for_job
 from services.data.images import PIXELS
-from services.data.loading import (
-    BatchReader,
-    EncodedReader,
-    cpu_threads_beside,
-    decode_on_device,
-    iterate,
-    loader_workers,
-)
+from services.data.loading import cpu_threads_beside, decode_on_device, iterate, loader_workers
 from services.jobs.progress import Reporter
+from services.modality import modality_for
 from services.paths import UserPaths
-from services.spec import JobSpec, SpecError, extraction_rows
-from services.video.loading import clip_reader, clip_transform, padding_event
-from services.video.spec import check_inputs
+from services.spec import JobSpec
+from services.video.loading import padding_event
 from storage.cache import CacheEntry, FeatureCache, cache_key, pool_tokens
 from storage.cache.writer import ShardWriter
 from storage.faults import naming_disk_full
@@ -61,16 +54,16 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None, resolved:
     has them (services/jobs/resolved.py)."""
     paths = UserPaths(settings)
     dataset = read_for_job(spec.dataset, paths)
-    check_inputs(spec.backbone.video, dataset.kind, spec.dataset.path)
-    if dataset.kind == "video" and spec.extraction.decode == "device":
-        raise SpecError(
-            "extraction.decode 'device' decodes JPEG images on the GPU; videos are decoded by PyAV on "
-            "the CPU (use 'cpu')"
-        )
+    modality = modality_for(spec.backbone)
+    modality.check_dataset(dataset.kind, spec.dataset.path)
+    modality.check_decode(spec.extraction.decode)
     backbone = load_backbone(spec.backbone, settings.torch_device(), paths.checkpoint(spec.backbone))
-    preprocessing = {**backbone.data_config, "decode": spec.extraction.decode, "pixels": PIXELS}
-    if spec.backbone.video is not None:  # frames, tubelet and init are in the weights' hash too; sampling is not
-        preprocessing["video"] = spec.backbone.video.model_dump()
+    preprocessing = {
+        **backbone.data_config,
+        "decode": spec.extraction.decode,
+        "pixels": PIXELS,
+        **modality.cache_identity(),
+    }
     family = cache_key(
         {
             "dataset": dataset.fingerprint,
@@ -85,7 +78,7 @@ def prepare(spec: JobSpec, settings: Settings, key: str | None = None, resolved:
     else:  # a backbone outside the planner's table: known from the model only
         layers, tokens = spec.cached_layers_and_tokens(backbone.num_layers, backbone.model.global_pool)
     per_item = len(layers) * (backbone.tokens if tokens == "all" else 1) * backbone.dim * 2
-    rows = extraction_rows(spec.extraction.batch_size, per_item, dataset.kind == "video")
+    rows = modality.extraction_rows(spec.extraction.batch_size, per_item)
     cache = FeatureCache(settings.cache_location)
     if key is not None:
         return Prepared(dataset, backbone, key, cache.entry(key), layers, tokens, rows)
@@ -211,11 +204,7 @@ def extract_batches(
     n_batches = -(-shape[0] // entry.meta["batch_size"])
     rows = [np.arange(*entry.batch_range(b)) for b in batches]
     skip, on_device = spec.dataset.on_corrupt == "skip", spec.extraction.decode == "device"
-    if spec.backbone.video is not None:  # one deterministic clip per video
-        transform = clip_transform(backbone.data_config, backbone.split.pil)
-        reader = clip_reader(dataset, rows, transform, skip, spec.backbone.video)
-    else:
-        reader = (EncodedReader if on_device else BatchReader)(dataset.paths, rows, backbone.split.pil, skip)
+    reader = modality_for(spec.backbone).reader(dataset, rows, backbone, skip, on_device)
     workers = loader_workers(settings, len(dataset), backbone.device)
     writer = ShardWriter(entry, settings.cache_writers)
     host = _HostBuffers(backbone.device, settings.cache_writers + 1)
@@ -299,7 +288,7 @@ def run_extraction(
     n_batches = -(-len(prep.dataset) // prep.batch_size)
     if len(pending) < n_batches:
         reporter.event(f"resuming extraction: {n_batches - len(pending)} of {n_batches} batches already cached")
-    what = "clips" if prep.dataset.kind == "video" else "images"
+    what = modality_for(spec.backbone).items
     reporter.event(f"extracting {len(prep.dataset)} {what} with {spec.backbone.name} into cache {prep.key}")
     run = extract_batches(prep, spec, reporter, pending, settings)
     summary = finish_extraction(prep)

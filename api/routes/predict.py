@@ -21,7 +21,7 @@ from services.serving.requests import (
     check_models,
     check_one_kind,
     check_threshold,
-    is_video_record,
+    record_kind,
 )
 
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 503)}
@@ -76,8 +76,7 @@ async def predict_files(
     check_count(len(files), settings.max_predict_images)
     check_threshold([record], threshold)
     raw = [await f.read() for f in files]
-    video = True if is_video_record(record) else None  # a video model's files are videos
-    answer = await serving.predict(model_id, raw, video, "file")
+    answer = await serving.predict(model_id, raw, record_kind(record), "file")  # a video model's files are videos
     return {"model_id": model_id, "predictions": serving.predictions(answer, threshold, top_k)}
 
 

@@ -17,8 +17,9 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ModelId, ModelRecordDep, ServingDep, SettingsDep
 from api.errors import ApiError
 from api.oip import HEADER, InferRequest, ProtocolError, encode_response, model_metadata, parse_request
+from services.modality.base import Kind
 from services.serving.engine import Answer, Serving
-from services.serving.requests import PredictError, is_video_record
+from services.serving.requests import PredictError, record_kind
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -104,8 +105,9 @@ def _pictures(pixels: np.ndarray) -> list[Any]:
     return [Image.fromarray(np.ascontiguousarray(im), "RGB") for im in pixels]
 
 
-async def _answer(serving: Serving, model_id: str, parsed: InferRequest, video_model: bool) -> Answer:
+async def _answer(serving: Serving, model_id: str, parsed: InferRequest, kind: Kind) -> Answer:
     """The model's answer to a parsed request; an input it cannot take is a 4xx naming it (`input 'image': ...`)."""
+    video_model = kind == "video"
     if video_model != (parsed.input == "video"):
         want = "`video` (video files)" if video_model else "`image` or `pixels`"
         raise ApiError(
@@ -117,7 +119,7 @@ async def _answer(serving: Serving, model_id: str, parsed: InferRequest, video_m
     try:
         if parsed.input == "pixels":
             return await serving.predict_decoded(model_id, await serving.in_decoder(_pictures, parsed.images))
-        return await serving.predict(model_id, list(parsed.images), video_model, "element")
+        return await serving.predict(model_id, list(parsed.images), kind, "element")
     except PredictError as e:  # an undecodable image or video, too many pixels, a video too large: name the input
         if e.status not in (400, 413):
             raise
@@ -148,6 +150,6 @@ async def infer(
         )
     except ProtocolError as e:
         raise ApiError(e.status, e.code, str(e)) from None
-    answer = await _answer(serving, model_id, parsed, is_video_record(record))
+    answer = await _answer(serving, model_id, parsed, record_kind(record))
     content, headers = encode_response(model_id, parsed, answer.model.classes, answer.probs)
     return Response(content, headers=headers)

@@ -24,9 +24,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from services.backbones import Backbone, SplitTransform
+from services.backbones import Backbone
 from services.data.datasets import Dataset
 from services.data.loading import BatchReader, iterate
+from services.data.transforms import SplitTransform
 from storage.cache import CacheEntry, pool_tokens
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), both on the device

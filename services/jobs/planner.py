@@ -20,6 +20,7 @@ from services.data.datasets import Dataset
 from services.jobs.plan import Plan
 from services.jobs.plan_text import GB, gb, human_bytes
 from services.jobs.resolved import MIB, ResolvedJob, resolve  # noqa: F401 - MIB: the budgets' unit, as before
+from services.modality import modality_for
 from services.spec import JobSpec
 from storage.settings import Settings
 
@@ -163,8 +164,9 @@ def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dat
         if memory.fits is False:
             fits = None if spec.needs_cache else True
             return Plan(**base, fits=fits, message=_memory_message(memory), notes=notes)
+    items = modality_for(spec.backbone).items  # what the dataset's samples are called: images, clips
     if not spec.needs_cache:
-        msg = f"mode {spec.mode} trains on {_items(dataset)} and needs no feature cache; nothing is extracted"
+        msg = f"mode {spec.mode} trains on {items} and needs no feature cache; nothing is extracted"
         return Plan(**base, fits=True, message=msg, notes=notes)
     if arch is None:
         msg = (
@@ -178,11 +180,6 @@ def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dat
 def _tflops(settings: Settings) -> float:
     """The compute rate extraction time is estimated at: the CPU's on device cpu, else a GPU's."""
     return settings.planner_cpu_tflops if settings.device == "cpu" else settings.planner_gpu_tflops
-
-
-def _items(dataset: Dataset) -> str:
-    """What the dataset's samples are called in messages."""
-    return "clips" if dataset.kind == "video" else "images"
 
 
 def _dataset_notes(dataset: Dataset) -> list[str]:
@@ -284,7 +281,9 @@ def _cache_plan(
     room = disk.space_max()
     fits = room is None or cache.expected <= room
     evict_bytes, evict_entries = disk.to_evict(cache.expected) if fits else (0, 0)
-    msg = _cache_message(spec, arch, n, _items(dataset), cache, disk, room, (evict_bytes, evict_entries))
+    msg = _cache_message(
+        spec, arch, n, modality_for(spec.backbone).items, cache, disk, room, (evict_bytes, evict_entries)
+    )
     notes.extend(_cost_notes(settings, arch, cache.per_image))
     return Plan(
         **base,

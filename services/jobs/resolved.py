@@ -29,10 +29,10 @@ from pydantic import BaseModel, Field, PrivateAttr
 from services.architectures import architecture
 from services.data.datasets import Dataset, DatasetError, read_for_job, read_test_set
 from services.data.splits import check_test, check_validation, split
+from services.modality import modality_for
 from services.paths import UserPaths
 from services.spec import JobSpec
 from services.spec.sweep import check_size
-from services.video.spec import check_inputs
 from storage.settings import Settings
 
 if TYPE_CHECKING:
@@ -207,12 +207,12 @@ def resolve(spec: JobSpec, settings: Settings) -> tuple[ResolvedJob, Dataset]:
     check_size(grid, settings.max_sweep_configs)
     paths = UserPaths(settings)
     dataset = read_for_job(ds, paths)
-    check_inputs(spec.backbone.video, dataset.kind, ds.path)
+    modality_for(spec.backbone).check_dataset(dataset.kind, ds.path)
     parts = draw_split(dataset.labels, dataset.classes, ds)
     test_images = len(parts[2])
     if ds.test:  # read now: a test set the model cannot be scored on fails here, not after training
         test_set, _ = read_test_set(ds, paths, dataset.classes)
-        check_inputs(spec.backbone.video, test_set.kind, ds.test)
+        modality_for(spec.backbone).check_dataset(test_set.kind, ds.test)
         shared = sorted(set(test_set.paths) & set(dataset.paths))
         if shared:  # a test set must be held out: figures on training images would be optimistic
             raise DatasetError(

@@ -30,8 +30,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.data.images import draft_size
-from services.serving.inference import LoadedModel, Predictor, Request
+from services.serving.inference import Predictor, Request
+from services.serving.loaded import LoadedModel
 
 
 @dataclass(eq=False)
@@ -87,7 +87,7 @@ class Batcher:
     def predict(self, model_id: str, images: list[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
         """Like `Predictor.predict`, run in a batch with the requests that arrive together with this one."""
         model = self.predictor.load(model_id)  # an unknown model fails this request only
-        decoded = self.predictor.decode(images, draft_size(model.backbone.transform))  # so does a DatasetError
+        decoded = self.predictor.decode_for(model, images)  # so does a DatasetError
         return self.predictor.format(model, self.submit(model, decoded).result(), threshold)
 
     def close(self) -> None:

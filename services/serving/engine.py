@@ -20,15 +20,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from services.serving import decode
-from services.serving.requests import Encoded, PredictError, check_videos, instance_bytes
+from services.serving.requests import Encoded, PredictError, instance_bytes
 from services.serving.threads import ExitingPool
 from storage.settings import Settings
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from services.modality.base import Kind
     from services.serving.batching import Batcher
-    from services.serving.inference import LoadedModel, Predictor
+    from services.serving.inference import Predictor
+    from services.serving.loaded import LoadedModel
 
 
 Items = Sequence[bytes] | Sequence[Encoded]  # encoded files, or v1 instances holding them as base64
@@ -84,15 +86,15 @@ class Serving:
             ) from None
 
     # ---- predicting --------------------------------------------------------------------------------------------
-    async def predict(self, model_id: str, items: Items, video: bool | None = None, what: str = "instance") -> Answer:
+    async def predict(self, model_id: str, items: Items, sent: Kind | None = None, what: str = "instance") -> Answer:
         """Encoded files (images, or videos for a model trained on clips) for one model: bytes, or v1 instances
-        (base64, decoded in the decoder pool). `video`: what the client said it sent (None: files, whatever the
+        (base64, decoded in the decoder pool). `sent`: the kind the client said it sent (None: files, whatever the
         model takes; a mismatch with the model is 400; instances say it themselves); `what` names an item in
         errors."""
-        return (await self.predict_many([model_id], items, video, what))[0]
+        return (await self.predict_many([model_id], items, sent, what))[0]
 
     async def predict_many(
-        self, model_ids: list[str], items: Items, video: bool | None = None, what: str = "instance"
+        self, model_ids: list[str], items: Items, sent: Kind | None = None, what: str = "instance"
     ) -> list[Answer]:
         """Encoded files for several models (checked by the caller: services/serving/requests.py), decoded once for
         the models that decode alike; one backbone forward for all the models on it. The request's CPU work (base64,
@@ -100,7 +102,7 @@ class Serving:
         # Cold ones one after the other: a backbone of random init (pretrained=False) is seeded through torch's global
         # generator, which a side model built in another loader thread meanwhile would draw from.
         models = [await self.model(m) for m in model_ids]
-        inputs, pixels = await self.in_decoder(self._decoded, models, items, video, what)
+        inputs, pixels = await self.in_decoder(self._decoded, models, items, sent, what)
         try:
             probs = await asyncio.wrap_future(self.batcher.submit_many(models, inputs))
         finally:
@@ -110,22 +112,18 @@ class Serving:
         return [Answer(m, p) for m, p in zip(models, probs, strict=True)]
 
     def _decoded(
-        self, models: list[LoadedModel], items: Items, video: bool | None, what: str
+        self, models: list[LoadedModel], items: Items, sent: Kind | None, what: str
     ) -> tuple[list[list[Any]], int]:
         """Each model's decoded inputs (one list for the models that decode alike) and the pixels the images hold
         (0 for videos), in the decoder pool: base64 instances decoded, videos' sizes and images' pixels checked."""
         if items and not isinstance(items[0], bytes | bytearray):
-            items, video = instance_bytes(items)
-        if video:
-            check_videos(items, self.settings.max_predict_video_mb, what)
-        pixels = 0
-        if not video and not any(decode.is_video_model(m) for m in models):
-            pixels = decode.pixels(items, self.settings.max_predict_pixels)
+            items, sent = instance_bytes(items)
+        pixels = decode.check(models, items, sent, self.settings, what)
         decoded: dict[Hashable, list[Any]] = {}
         for m in models:
             key = decode.decoding(m)
             if key not in decoded:
-                decoded[key] = decode.for_model(m, items, video, self.settings.max_predict_video_s)
+                decoded[key] = decode.for_model(m, items, self.settings.max_predict_video_s)
         return [decoded[decode.decoding(m)] for m in models], pixels
 
     async def predict_decoded(self, model_id: str, images: list[Any]) -> Answer:

@@ -1,5 +1,5 @@
 """What a predict request may hold, checked before anything is decoded or loaded, and its inputs' bytes: the counts
-(images, models), a threshold only for multi-label models, videos' sizes, base64 instances of one kind. Torch-free:
+(images, models), a threshold only for multi-label models, models of one kind, base64 instances of one kind. Torch-free:
 the routes call these on the event loop. Each refusal is a `PredictError` naming the field, with its own status and
 code (services/errors.py maps it for the API)."""
 
@@ -8,9 +8,13 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from services.errors import UserError
+
+if TYPE_CHECKING:
+    from services.modality.base import Kind
+    from storage.redis.records import ModelRecord
 
 
 class PredictError(UserError):
@@ -30,9 +34,9 @@ class Encoded(Protocol):
     video_b64: str | None
 
 
-def is_video_record(record: dict[str, Any]) -> bool:
-    """Whether a model's record says it was trained on videos (its inputs are video files)."""
-    return record.get("video") is not None
+def record_kind(record: ModelRecord) -> Kind:
+    """What a model's record says it takes: video files for a model trained on clips, images otherwise."""
+    return "image" if record.get("video") is None else "video"
 
 
 def check_count(n: int, limit: int) -> None:
@@ -70,42 +74,34 @@ def check_models(model_ids: list[str], limit: int) -> None:
         seen.add(model_id)
 
 
-def check_one_kind(records: Sequence[dict[str, Any]]) -> bool:
-    """Whether the models take videos: all of them or none (one request's inputs are decoded once, as one kind);
+def check_one_kind(records: Sequence[ModelRecord]) -> Kind:
+    """The kind of input the models take: one for all of them (one request's inputs are decoded once, as one kind);
     400 naming one of each otherwise."""
-    videos = [r for r in records if is_video_record(r)]
-    if videos and len(videos) != len(records):
-        image = next(r for r in records if not is_video_record(r))
+    first: dict[Kind, ModelRecord] = {}
+    for record in records:
+        first.setdefault(record_kind(record), record)
+    if len(first) > 1:
         raise PredictError(
-            f"models: {videos[0]['id']} was trained on videos and {image['id']} on images; one request's inputs are "
-            "one kind: send the video models and the image models in separate requests"
+            f"models: {first['video']['id']} was trained on videos and {first['image']['id']} on images; one "
+            "request's inputs are one kind: send the video models and the image models in separate requests"
         )
-    return bool(videos)
+    return next(iter(first))
 
 
-def check_videos(items: list[bytes], max_mb: float, what: str = "instance") -> None:
-    """413 `video_too_large` for a video over `max_mb` (SIDETUNE_MAX_PREDICT_VIDEO_MB)."""
-    for i, data in enumerate(items):
-        if len(data) > max_mb * 2**20:
-            raise PredictError(
-                f"{what} {i}: {len(data) / 2**20:.1f} MB; at most {max_mb:g} MB a video "
-                "(SIDETUNE_MAX_PREDICT_VIDEO_MB)",
-                "video_too_large",
-                413,
-            )
-
-
-def instance_bytes(instances: Sequence[Encoded]) -> tuple[list[bytes], bool]:
-    """The instances' bytes and whether they are videos (a request holds one kind)."""
-    video = instances[0].video_b64 is not None
+def instance_bytes(instances: Sequence[Encoded]) -> tuple[list[bytes], Kind]:
+    """The instances' bytes and their kind (a request holds one)."""
+    kind = _kind(instances[0])
     items = []
     for i, inst in enumerate(instances):
-        field = "video_b64" if inst.video_b64 is not None else "image_b64"
-        if (field == "video_b64") != video:
+        if _kind(inst) != kind:
             raise PredictError(f"instances.{i}: one request holds images or videos, not both")
+        field = f"{kind}_b64"
         try:
             items.append(base64.b64decode(getattr(inst, field), validate=True))
         except (binascii.Error, ValueError):
-            code = "invalid_video" if video else "invalid_image"
-            raise PredictError(f"instances.{i}.{field}: not valid base64", code) from None
-    return items, video
+            raise PredictError(f"instances.{i}.{field}: not valid base64", f"invalid_{kind}") from None
+    return items, kind
+
+
+def _kind(instance: Encoded) -> Kind:
+    return "image" if instance.video_b64 is None else "video"

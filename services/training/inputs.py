@@ -12,16 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.backbones import SplitTransform, load_backbone
+from services.backbones import load_backbone
 from services.data.datasets import DatasetError, read_for_job, read_test_set
 from services.data.loading import loader_workers
 from services.data.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source
 from services.jobs.progress import Reporter
 from services.jobs.resolved import memory_budgets as budget_rule
+from services.modality import modality_for
 from services.paths import UserPaths
 from services.spec import JobSpec
-from services.video.loading import clip_transform, epoch_reader, padding_event
-from services.video.spec import check_inputs
+from services.video.loading import padding_event
 from storage.cache import FeatureCache
 from storage.settings import Settings
 
@@ -71,7 +71,7 @@ def load_data(spec: JobSpec, settings: Settings, cache_key: str | None, reporter
     else:
         ds = spec.dataset
         dataset = read_for_job(ds, UserPaths(settings))
-        check_inputs(spec.backbone.video, dataset.kind, ds.path)
+        modality_for(spec.backbone).check_dataset(dataset.kind, ds.path)
         labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
     if mode != "cache" or spec.dataset.test:  # a separate test set runs through the backbone, whatever the mode
         ckpt = UserPaths(settings).checkpoint(spec.backbone)  # checked again: the file may have changed
@@ -108,24 +108,17 @@ def sources(
         )
         return sources, where
     skip = spec.dataset.on_corrupt == "skip"
-    backbone = data.backbone
-    augment = SplitTransform.of(backbone.train_transform()) if spec.execution.augment else backbone.split
+    backbone, modality = data.backbone, modality_for(spec.backbone)
     workers = loader_workers(settings, len(parts[0]))
     # inputs in the frozen forward's dtype online; fp32 for methods trained through the backbone (autocast)
     dtype = backbone.dtype if mode == "online" else torch.float32
-    readers = [None] * len(parts)
-    if spec.backbone.video is not None:  # clips: jittered in time (and cropped, flipped with augment) to train
-        augment = backbone.split  # normalisation on the device, as for images; the clips' transform is below
-        readers = [clip_reader(spec, data.dataset, backbone, train=train and i == 0) for i in range(len(parts))]
-    transforms = [augment if train and i == 0 else backbone.split for i in range(len(parts))]
-    sources = [
-        ImageSource(data.dataset, idx, transforms[i], skip, device, workers, dtype, readers[i])
-        for i, idx in enumerate(parts)
-    ]
+    sources = []
+    for i, idx in enumerate(parts):  # the training split augmented (clips also jittered in time), the others as is
+        split, reader = modality.training_reader(data.dataset, backbone, skip, spec.execution.augment, train and i == 0)
+        sources.append(ImageSource(data.dataset, idx, split, skip, device, workers, dtype, reader))
     if mode == "online":
         sources = [OnlineSource(s, backbone, layers) for s in sources]
-    inputs = "clips (jittered in time)" if spec.backbone.video is not None else "images"
-    where = f"{inputs}{' (augmented)' if spec.execution.augment else ''}" + (
+    where = f"{modality.training_inputs}{' (augmented)' if spec.execution.augment else ''}" + (
         ", backbone forward every step" if mode == "online" else ", through the backbone"
     )
     return sources, where
@@ -143,27 +136,21 @@ def report_loading(reporter: Reporter, sources: list[Any]) -> None:
         reporter.event(padded, level="warning")
 
 
-def clip_reader(spec: JobSpec, dataset: Any, backbone: Any, train: bool):
-    """The loaders' reader of clips: jittered in time (and cropped, flipped with augment) to train, fixed otherwise."""
-    video, dc, pil = spec.backbone.video, backbone.data_config, backbone.split.pil
-    transform = clip_transform(dc, pil, spec.execution.augment) if train else clip_transform(dc, pil)
-    return epoch_reader(dataset, transform, spec.dataset.on_corrupt == "skip", video, train)
-
-
 def test_source(spec: JobSpec, settings: Settings, data: Data, layers: list[int] | None) -> tuple[Source, np.ndarray]:
     """`dataset.test`: its images through the backbone (and pooled as the cache pools them), and its labels in the
     training set's class order."""
     ds = spec.dataset
     test, targets = read_test_set(ds, UserPaths(settings), data.classes)
-    check_inputs(spec.backbone.video, test.kind, ds.test)
+    modality = modality_for(spec.backbone)
+    modality.check_dataset(test.kind, ds.test)
     backbone, device = data.backbone, settings.torch_device()
     dtype = torch.float32 if layers is None or spec.mode == "tail" else backbone.dtype  # as the model was trained
     relabelled = dataclasses.replace(test, labels=targets)
-    reader = clip_reader(spec, relabelled, backbone, train=False) if spec.backbone.video is not None else None
+    split, reader = modality.training_reader(relabelled, backbone, ds.on_corrupt == "skip", False, train=False)
     source: Source = ImageSource(
         relabelled,
         np.arange(len(test)),
-        backbone.split,
+        split,
         ds.on_corrupt == "skip",
         device,
         loader_workers(settings, len(test)),

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from services.data.datasets import DatasetError
+from services.errors import UserError
 from services.video.sampling import clip_indices
 from services.video.spec import VideoSpec
 
@@ -29,6 +30,22 @@ Frames = Callable[[Any], np.ndarray]  # an RGB PIL frame -> uint8 [H, W, 3]
 
 class VideoTooLong(DatasetError):
     """A video longer than the caller allows (predict's limit on clip duration)."""
+
+
+class VideoTooLarge(UserError):
+    """A video file larger than the caller allows (predict's limit on a video's size)."""
+
+    code = "video_too_large"
+    status = 413
+
+
+def check_sizes(items: list[bytes], max_mb: float, what: str = "instance") -> None:
+    """VideoTooLarge for a video over `max_mb` (SIDETUNE_MAX_PREDICT_VIDEO_MB), naming it (`what` and its index)."""
+    for i, data in enumerate(items):
+        if len(data) > max_mb * 2**20:
+            raise VideoTooLarge(
+                f"{what} {i}: {len(data) / 2**20:.1f} MB; at most {max_mb:g} MB a video (SIDETUNE_MAX_PREDICT_VIDEO_MB)"
+            )
 
 
 @dataclass

@@ -55,19 +55,3 @@ class VideoSpec(BaseModel):
     def frames_needed(self) -> int:
         """Frames a video needs for a clip without repeated frames."""
         return self.num_frames if self.sampling == "uniform" else (self.num_frames - 1) * self.frame_stride + 1
-
-
-def check_inputs(video: VideoSpec | None, kind: str, where: str) -> None:
-    """A video dataset needs `backbone.video` and an image dataset must not have it; raises DatasetError naming the
-    dataset `where` otherwise."""
-    from services.data.datasets import DatasetError
-
-    if kind == "video" and video is None:
-        raise DatasetError(
-            f'dataset {where} holds videos: set `backbone.video` (e.g. {{"num_frames": 16}}) to '
-            "run the backbone as a ViViT on clips"
-        )
-    if kind == "image" and video is not None:
-        raise DatasetError(
-            f"dataset {where} holds images, but `backbone.video` is set: remove it, or give a dataset of videos"
-        )

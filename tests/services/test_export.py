@@ -25,7 +25,8 @@ from services.jobs.progress import NullReporter
 from services.models.loading import load_trained, read_artifact
 from services.models.manifest import Manifest
 from services.paths import UserPaths
-from services.serving.inference import Predictor, tensor_bytes
+from services.serving.inference import Predictor
+from services.serving.loaded import tensor_bytes
 from services.spec import JobSpec
 from services.training.job import train_job
 from services.video.synthetic import write_motion

@@ -216,7 +216,8 @@ def test_a_request_whose_caller_went_away_is_dropped(
     predictor = Predictor(trained)
     batcher = Batcher(predictor, max_batch=64, max_wait_s=0.0)
     gate = Gate(predictor, "model_losa3", monkeypatch)
-    model, decoded = predictor.load("model_losa3"), predictor.decode(images[:2])
+    model = predictor.load("model_losa3")
+    decoded = predictor.decode_for(model, images[:2])
     first = batcher.submit(model, decoded[:1])
     wait_for(lambda: len(gate.calls) == 1)
     gone = batcher.submit(model, decoded)  # queued behind the first batch, then its caller is cancelled

@@ -17,7 +17,8 @@ from services import methods
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
 from services.models.loading import read_artifact
-from services.serving.inference import Predictor, serving_dtype, tensor_bytes
+from services.serving.inference import Predictor
+from services.serving.loaded import serving_dtype, tensor_bytes
 from services.training.job import train_job
 from storage.artifacts import ArtifactStore, Incomplete
 from storage.settings import Settings

@@ -86,7 +86,7 @@ def test_methods_train_on_clips_and_predict_on_video_files(
     ArtifactStore.from_settings(settings).save_model("model_v", out["weights"], out["manifest"], out["metrics"])
     paths = read_dataset(videos).paths[:3]
     predictor = Predictor(settings)
-    preds = predictor.predict("model_v", [p.read_bytes() for p in paths], video=True)
+    preds = predictor.predict("model_v", [p.read_bytes() for p in paths], sent="video")
     classes = out["manifest"].classes
     got = np.array([[p["scores"][c] for c in classes] for p in preds])
     assert got.shape == (3, 4) and np.allclose(got.sum(1), 1, atol=1e-4)
@@ -96,6 +96,6 @@ def test_methods_train_on_clips_and_predict_on_video_files(
         clips = np.stack([read_clip(p, VideoSpec(**BACKBONE["video"]), frames).frames for p in paths])
         np.testing.assert_allclose(got, unmerged_probs(out, backbone.input(clips)), atol=1e-4)
     with pytest.raises(DatasetError, match="trained on videos: send videos"):
-        predictor.predict("model_v", [paths[0].read_bytes()], video=False)
+        predictor.predict("model_v", [paths[0].read_bytes()], sent="image")
     with pytest.raises(DatasetError, match="instance 0: not a readable video"):
         predictor.predict("model_v", [b"not a video"])
