@@ -109,9 +109,9 @@ AdminDep = Annotated[str | None, Depends(require_admin)]
 ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
-async def get_model_record(model_id: ModelId, store: StoreDep, owner: OwnerDep) -> dict:
+async def get_model_record(model_id: ModelId, store: StoreDep, owner: OwnerDep) -> ModelRecord:
     """The record of the model in the path, if the caller may use it (404 otherwise); Redis is read off the loop."""
     return await run_in_threadpool(owned, store.get_model, "model", model_id, owner)
 
 
-ModelRecordDep = Annotated[dict, Depends(get_model_record)]
+ModelRecordDep = Annotated[ModelRecord, Depends(get_model_record)]

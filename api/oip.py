@@ -21,9 +21,11 @@ import math
 import reprlib
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
+
+from storage.redis import ModelRecord
 
 HEADER = "inference-header-content-length"
 INPUTS = {"image": ("BYTES", [-1]), "pixels": ("UINT8", [-1, -1, -1, 3]), "video": ("BYTES", [-1])}
@@ -38,6 +40,77 @@ class ProtocolError(ValueError):
     def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
         super().__init__(message)
         self.status, self.code = status, code
+
+
+class Parameters(TypedDict, total=False):
+    """A `parameters` object: the keys of the binary tensor extension this server reads (others are ignored)."""
+
+    binary_data_size: int  # an input's: the bytes of its binary data after the JSON header
+    binary_data: bool  # an output's: answer it as binary data
+    binary_data_output: bool  # the request's: every output as binary data, unless the output says otherwise
+
+
+class RequestInput(TypedDict, total=False):
+    """An input tensor of an infer request, as the protocol shapes it. The request is a client's JSON: the parser
+    checks every value before it trusts its type."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters
+    data: list[object]  # BYTES: base64 strings; UINT8: integers, flat or nested (each checked, _uint8_values)
+
+
+class RequestOutput(TypedDict, total=False):
+    name: str
+    parameters: Parameters
+
+
+class InferBody(TypedDict, total=False):
+    """An infer request's JSON (the header, when binary data follows it)."""
+
+    id: str
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput]
+    parameters: Parameters
+
+
+class OutputTensor(TypedDict):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: NotRequired[Parameters]  # binary: its `binary_data_size`
+    data: NotRequired[list[str] | list[float]]  # JSON: labels, or probabilities row-major
+
+
+class InferResponse(TypedDict):
+    model_name: str
+    model_version: str
+    outputs: list[OutputTensor]
+    id: NotRequired[str]  # the request's, when it gave one
+
+
+class TensorMetadata(TypedDict):
+    name: str
+    datatype: str
+    shape: list[int]  # -1: any size
+
+
+class MetadataParameters(TypedDict):
+    classes: list[str]  # in output order
+    method: str
+    backbone: str
+
+
+class ModelMetadata(TypedDict):
+    """`GET /v2/models/{id}`."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: MetadataParameters
 
 
 @dataclass
@@ -62,11 +135,11 @@ class Limits:
     body_bytes: int
 
 
-def _binary_chunks(raw: bytes, inputs: list[dict[str, Any]]) -> dict[int, bytes]:
+def _binary_chunks(raw: bytes, inputs: list[RequestInput]) -> dict[int, bytes]:
     """The binary data of each input that declares `binary_data_size`, in input order after the JSON header."""
     chunks, offset = {}, 0
     for i, tensor in enumerate(inputs):
-        size = _object(tensor, "parameters", f"input {_name(tensor)}").get("binary_data_size")
+        size = _parameters(tensor, f"input {_name(tensor)}").get("binary_data_size")
         if size is None:
             continue
         if not _count(size) or offset + size > len(raw):
@@ -92,7 +165,7 @@ def _deserialize_bytes(data: bytes, name: str) -> list[bytes]:
     return out
 
 
-def _images(tensor: dict[str, Any], binary: bytes | None, limits: Limits) -> list[bytes] | np.ndarray:
+def _images(tensor: RequestInput, binary: bytes | None, limits: Limits) -> list[bytes] | np.ndarray:
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not isinstance(name, str) or name not in INPUTS:
         raise ProtocolError(
@@ -207,21 +280,21 @@ def _cut(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _name(tensor: dict[str, Any]) -> str:
+def _name(tensor: RequestInput) -> str:
     return _show(tensor.get("name"))
 
 
-def _object(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    """parent[key] when it is an object (or absent: {}); 400 naming it otherwise."""
-    value = parent.get(key)
+def _parameters(parent: InferBody | RequestInput | RequestOutput, where: str) -> Parameters:
+    """parent's `parameters` when it is an object (or absent: {}); 400 naming it otherwise."""
+    value = parent.get("parameters")
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ProtocolError(f"{where}: `{key}` must be an object, got {_show(value)}")
+        raise ProtocolError(f"{where}: `parameters` must be an object, got {_show(value)}")
     return value
 
 
-def _flag(parent: dict[str, Any], key: str, where: str, default: bool) -> bool:
+def _flag(parent: Parameters, key: Literal["binary_data", "binary_data_output"], where: str, default: bool) -> bool:
     value = parent.get(key, default)
     if not isinstance(value, bool):
         raise ProtocolError(f"{where}: `{key}` must be true or false, got {_show(value)}")
@@ -240,7 +313,7 @@ def parse_request(body: bytes, header_length: str | None, max_images: int, max_p
             raise ProtocolError(f"Inference-Header-Content-Length {_show(header_length)} does not fit the body")
         body, raw = body[: int(header_length)], body[int(header_length) :]
     try:
-        request = json.loads(body)
+        request: InferBody = json.loads(body)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer literal of more than 4,300 digits
         raise ProtocolError(f"the request is not valid JSON: {_cut(str(e).split('; use sys.')[0])}") from None
     except RecursionError:  # the apps refuse deep bodies before (api/json_depth.py); a caller without that lands here
@@ -255,7 +328,7 @@ def parse_request(body: bytes, header_length: str | None, max_images: int, max_p
     chunks = _binary_chunks(raw, inputs)
     images = _images(inputs[0], chunks.get(0), limits)
 
-    default_binary = _flag(_object(request, "parameters", "the request"), "binary_data_output", "parameters", False)
+    default_binary = _flag(_parameters(request, "the request"), "binary_data_output", "parameters", False)
     wanted = request.get("outputs")
     if wanted is None:
         outputs, binary = list(OUTPUTS), dict.fromkeys(OUTPUTS, default_binary)
@@ -269,7 +342,7 @@ def parse_request(body: bytes, header_length: str | None, max_images: int, max_p
                 raise ProtocolError(f"unknown output {_show(name)}; the outputs are {', '.join(OUTPUTS)}")
             outputs.append(name)
             where = f"output {name!r}"
-            binary[name] = _flag(_object(o, "parameters", where), "binary_data", f"{where} parameters", default_binary)
+            binary[name] = _flag(_parameters(o, where), "binary_data", f"{where} parameters", default_binary)
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(f"`id` must be a string, got {_show(request_id)}")
@@ -286,10 +359,11 @@ def encode_response(
         "label": ("BYTES", [len(labels)], labels),
         "probabilities": ("FP32", list(probs.shape), probs),
     }
-    outputs, blobs = [], []
+    outputs: list[OutputTensor] = []
+    blobs: list[bytes] = []
     for name in request.outputs:
         datatype, shape, value = tensors[name]
-        out: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        out: OutputTensor = {"name": name, "datatype": datatype, "shape": shape}
         if request.binary[name]:
             if datatype == "BYTES":
                 blob = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in value)
@@ -300,7 +374,7 @@ def encode_response(
         else:
             out["data"] = value if datatype == "BYTES" else value.reshape(-1).tolist()
         outputs.append(out)
-    response: dict[str, Any] = {"model_name": model_id, "model_version": "1", "outputs": outputs}
+    response: InferResponse = {"model_name": model_id, "model_version": "1", "outputs": outputs}
     if request.id is not None:
         response["id"] = request.id
     head = json.dumps(response).encode()
@@ -309,7 +383,7 @@ def encode_response(
     return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER: str(len(head))}
 
 
-def model_metadata(record: dict[str, Any]) -> dict[str, Any]:
+def model_metadata(record: ModelRecord) -> ModelMetadata:
     """`GET /v2/models/{id}`: the inputs the model takes (a video model: `video` only) and the outputs it gives (N:
     any number of images or videos)."""
     names = VIDEO_INPUTS if record.get("video") is not None else IMAGE_INPUTS

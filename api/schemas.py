@@ -3,9 +3,10 @@ so the OpenAPI document is the reference."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import TypedDict  # pydantic reads a TypedDict from typing only on Python 3.12 and later
 
 # The plan of `POST /jobs?dry_run=true`: its schema (every field described) lives in services/jobs/plan.py, which the
 # CLI also uses (the CLI must not import the API); re-exported here so the API's bodies are all found in this module.
@@ -28,6 +29,20 @@ class JobError(BaseModel):
     message: str = Field(..., description="Why the job failed.")
 
 
+class Progress(BaseModel):
+    """A running job's stage, as its steps report it (services/jobs/progress.py), with the stage's own figures."""
+
+    model_config = ConfigDict(extra="allow")
+
+    stage: str = Field(..., description="`extracting` or `training`.")
+    done: int = Field(..., description="Steps done: batches extracted, or epochs trained.")
+    total: int = Field(..., description="Steps in the stage.")
+    # the stage's figures, after the three above: extracting `images`, `images_per_s`; training the last epoch's row
+    # (`epoch`, `train_loss`, `val_accuracy` or `val_map`, `val_loss`, `lr`, `train_seconds`); null: not a number
+    # (a diverged loss), as JSON has none
+    __pydantic_extra__: dict[str, int | float | None] = Field(init=False)
+
+
 class Job(BaseModel):
     id: str = Field(..., description="Job id (`job_...`), time-ordered.")
     object: Literal["job"] = Field("job", description="Always `job`.")
@@ -39,7 +54,7 @@ class Job(BaseModel):
     started_at: float | None = Field(None, description="Unix time the first step started.")
     finished_at: float | None = Field(None, description="Unix time the job ended.")
     spec: dict[str, Any] = Field(..., description="The submitted job spec, with defaults filled in.")
-    progress: dict[str, Any] | None = Field(None, description="Current stage, done and total steps.")
+    progress: Progress | None = Field(None, description="Current stage, done and total steps.")
     metrics: dict[str, Any] = Field(..., description="Extraction and training metrics gathered so far.")
     error: JobError | None = Field(None, description="Set when status is `failed`.")
     model_id: str | None = Field(None, description="The adapted model, once the job succeeded.")
@@ -104,6 +119,18 @@ class CheckpointList(BaseModel):
     )
 
 
+class EvaluationSummary(BaseModel):
+    """A model's evaluation in brief: the split, its images, then the report's headline figures."""
+
+    model_config = ConfigDict(extra="allow")
+
+    split: Literal["test", "val"] = Field(..., description="The split the report was computed on.")
+    images: int = Field(..., description="Images evaluated.")
+    # the figures, after the two above: `<split>_accuracy`, `_balanced_accuracy`, `_macro_f1`, `_top5_accuracy` (more
+    # than 5 classes); multi-label `<split>_map`, `_micro_f1`, `_macro_f1`; null: not a number
+    __pydantic_extra__: dict[str, int | float | None] = Field(init=False)
+
+
 class Model(BaseModel):
     """A registered model: what clients need of its manifest (services/models/manifest.py: method, mode, backbone,
     video, classes, threshold; the train step registers them from it), its metrics and files."""
@@ -133,7 +160,7 @@ class Model(BaseModel):
         "counts, timings, the per-epoch curve (`history`), and for a sweep every configuration's score and curve "
         "(`sweep`).",
     )
-    evaluation: dict[str, Any] | None = Field(
+    evaluation: EvaluationSummary | None = Field(
         None,
         description="Summary of the evaluation report (`GET /models/{id}/evaluation`): the split it was computed on "
         "(`test`, or `val` when the job had no test split), its image count and headline figures.",
@@ -311,6 +338,17 @@ class DatasetList(BaseModel):
     data: list[Dataset] = Field(..., description="Datasets, newest first.")
 
 
+class CacheMeta(TypedDict, total=False):
+    """What a complete entry's metadata says of it (empty while it is written); keys in the order api/routes/cache.py
+    writes them."""
+
+    backbone: Annotated[str, Field(description="The backbone's timm name.")]
+    layers: Annotated[list[int], Field(description="The 0-based blocks cached.")]
+    token_mode: Annotated[Literal["all", "cls", "mean"], Field(description="Tokens cached per layer.")]
+    shape: Annotated[list[int], Field(description="The features' shape: [images, layers, tokens, dim].")]
+    codec: Annotated[Literal["none", "zstd", "blosc"], Field(description="The compression of the shards.")]
+
+
 class CacheEntryInfo(BaseModel):
     key: str = Field(..., description="The entry's key, `<family>/<variant>` (`DELETE /cache/{key}` takes it).")
     bytes: int = Field(..., description="Bytes it takes on the cache's disk or store.")
@@ -318,7 +356,7 @@ class CacheEntryInfo(BaseModel):
     last_used: float | None = Field(None, description="Unix time a job last read it; null if never read.")
     pinned_by: list[str] = Field(..., description="Jobs reading it now (it cannot be deleted or evicted meanwhile).")
     extracting: str | None = Field(None, description="The job writing it now, if any.")
-    meta: dict[str, Any] = Field(default_factory=dict, description="Backbone, layers, tokens and shape, if written.")
+    meta: CacheMeta = Field(default_factory=dict, description="Backbone, layers, tokens and shape, if written.")
 
 
 class CacheList(BaseModel):

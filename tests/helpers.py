@@ -54,3 +54,14 @@ def serve(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def keys(view: type) -> set[str]:
+    """Every key a TypedDict names."""
+    return set(view.__required_keys__ | view.__optional_keys__)
+
+
+def shaped(answer: dict, view: type) -> None:
+    """`answer` holds every key the TypedDict `view` requires, and no key it does not name (worker/api_types.py)."""
+    assert view.__required_keys__ <= set(answer), f"{view.__name__} lacks {view.__required_keys__ - set(answer)}"
+    assert set(answer) <= keys(view), f"{view.__name__} does not name {set(answer) - keys(view)}"

@@ -15,6 +15,22 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import httpx
 
+from worker.api_types import (
+    CacheList,
+    CheckpointList,
+    Dataset,
+    Evaluation,
+    Instance,
+    Job,
+    JobSpecBody,
+    Model,
+    ModelPredictions,
+    Plan,
+    PredictBody,
+    Prediction,
+    Ready,
+)
+
 if TYPE_CHECKING:  # a type only: the client imports nothing of the server at run time
     from storage.redis.records import Event
 
@@ -66,21 +82,21 @@ class Client:
         return r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
 
     # ---- jobs ------------------------------------------------------------------------------------------------
-    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def submit(self, spec: JobSpecBody) -> Job:
         return self._call("POST", "/jobs", json=spec)
 
-    def plan(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def plan(self, spec: JobSpecBody) -> Plan:
         """The server's plan of a job spec (`POST /jobs?dry_run=true`): creates no job."""
         return self._call("POST", "/jobs", params={"dry_run": "true"}, json=spec)
 
-    def job(self, job_id: str) -> dict[str, Any]:
+    def job(self, job_id: str) -> Job:
         return self._call("GET", f"/jobs/{job_id}")
 
-    def jobs(self, limit: int = 20, after: str | None = None) -> list[dict[str, Any]]:
+    def jobs(self, limit: int = 20, after: str | None = None) -> list[Job]:
         params: dict[str, int | str] = {"limit": limit, **({"after": after} if after else {})}
         return self._call("GET", "/jobs", params=params)["data"]
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> Job:
         return self._call("POST", f"/jobs/{job_id}/cancel")
 
     def delete_job(self, job_id: str) -> None:
@@ -105,15 +121,15 @@ class Client:
                     return
                 time.sleep(poll_s)
 
-    def checkpoints(self, job_id: str) -> dict[str, Any]:
+    def checkpoints(self, job_id: str) -> CheckpointList:
         return self._call("GET", f"/jobs/{job_id}/checkpoints")
 
     def checkpoint_file(self, job_id: str, name: str, dest: Path) -> Path:
         return self._download(f"/jobs/{job_id}/checkpoints/{name}", {}, dest, name)
 
     def wait(
-        self, job_id: str, on_update: Callable[[dict], None] | None = None, timeout_s: float = 3600, poll_s: float = 0.5
-    ) -> dict[str, Any]:
+        self, job_id: str, on_update: Callable[[Job], None] | None = None, timeout_s: float = 3600, poll_s: float = 0.5
+    ) -> Job:
         deadline = time.monotonic() + timeout_s
         while True:
             job = self.job(job_id)
@@ -126,10 +142,10 @@ class Client:
             time.sleep(poll_s)
 
     # ---- models ----------------------------------------------------------------------------------------------
-    def models(self, limit: int = 100) -> list[dict[str, Any]]:
+    def models(self, limit: int = 100) -> list[Model]:
         return self._call("GET", "/models", params={"limit": limit})["data"]
 
-    def model(self, model_id: str) -> dict[str, Any]:
+    def model(self, model_id: str) -> Model:
         return self._call("GET", f"/models/{model_id}")
 
     def delete_model(self, model_id: str) -> None:
@@ -154,22 +170,25 @@ class Client:
             tmp.replace(out)
         return out
 
-    def evaluation(self, model_id: str, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+    def evaluation(self, model_id: str, offset: int = 0, limit: int | None = None) -> Evaluation:
         """One page of the evaluation report: classes [offset, offset + limit) (the server's default page: 100)."""
         params = {"offset": offset, **({"limit": limit} if limit else {})}
         return self._call("GET", f"/models/{model_id}/evaluation", params=params)
 
-    def whole_evaluation(self, model_id: str, page: int = 1000) -> dict[str, Any]:
+    def whole_evaluation(self, model_id: str, page: int = 1000) -> Evaluation:
         """The whole evaluation report: its pages of `page` classes, joined."""
         out = self.evaluation(model_id, 0, page)
         while out["has_more"]:
             more = self.evaluation(model_id, out["offset"] + len(out["classes"]), page)
-            for key in ("classes", "per_class", "confusion_matrix"):
-                if key in more:
-                    out[key] += more[key]
-            if "confusion" in more:
-                for key in ("true", "predicted", "count"):
-                    out["confusion"][key] += more["confusion"][key]
+            out["classes"] += more["classes"]
+            out["per_class"] += more["per_class"]
+            if "confusion_matrix" in out and "confusion_matrix" in more:
+                out["confusion_matrix"] += more["confusion_matrix"]
+            if "confusion" in out and "confusion" in more:
+                cells, extra = out["confusion"], more["confusion"]
+                cells["true"] += extra["true"]
+                cells["predicted"] += extra["predicted"]
+                cells["count"] += extra["count"]
             out["has_more"] = more["has_more"]
         out["limit"] = len(out["classes"])
         return out
@@ -179,7 +198,7 @@ class Client:
 
     def predict(
         self, model_id: str, images: list[bytes | Path], video: bool | None = None, threshold: float | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[Prediction]:
         """Classify images, or videos (`video`; None: files named like videos are videos); `threshold` overrides a
         multi-label model's own."""
         body = self._instances(images, video)
@@ -193,27 +212,28 @@ class Client:
         images: list[bytes | Path],
         video: bool | None = None,
         threshold: float | None = None,
-    ) -> dict[str, list[dict[str, Any]]]:
+    ) -> dict[str, list[Prediction]]:
         """Classify images (or videos) with several models in one request (`POST /v1/predict`: decoded once, one
         backbone forward for the models on it); each model's predictions, by id, in the order given."""
         body = self._instances(images, video)
         body["models"] = list(model_ids)
         if threshold is not None:
             body["threshold"] = threshold
-        results = self._call("POST", "/v1/predict", json=body)["results"]
+        results: list[ModelPredictions] = self._call("POST", "/v1/predict", json=body)["results"]
         return {r["model_id"]: r["predictions"] for r in results}
 
     @staticmethod
-    def _instances(images: list[bytes | Path], video: bool | None) -> dict[str, Any]:
+    def _instances(images: list[bytes | Path], video: bool | None) -> PredictBody:
         """`{"instances": [...]}` of files or bytes, base64; `video` None: files named like videos are videos."""
         if video is None:
             video = all(isinstance(i, Path | str) and Path(i).suffix.lower() in VIDEO_SUFFIXES for i in images)
         raw = [Path(i).read_bytes() if isinstance(i, Path | str) else i for i in images]
-        field = "video_b64" if video else "image_b64"
-        return {"instances": [{field: base64.b64encode(b).decode()} for b in raw]}
+        encoded = [base64.b64encode(b).decode() for b in raw]
+        instances: list[Instance] = [{"video_b64": e} if video else {"image_b64": e} for e in encoded]
+        return {"instances": instances}
 
     # ---- datasets --------------------------------------------------------------------------------------------
-    def upload(self, archive: Path, name: str | None = None) -> dict[str, Any]:
+    def upload(self, archive: Path, name: str | None = None) -> Dataset:
         """Upload a dataset archive (zip or tar), streamed from the file."""
         with open(archive, "rb") as f:
             return self._call(
@@ -224,21 +244,21 @@ class Client:
                 timeout=None,
             )
 
-    def datasets(self, limit: int = 100) -> list[dict[str, Any]]:
+    def datasets(self, limit: int = 100) -> list[Dataset]:
         return self._call("GET", "/datasets", params={"limit": limit})["data"]
 
-    def dataset(self, dataset_id: str) -> dict[str, Any]:
+    def dataset(self, dataset_id: str) -> Dataset:
         return self._call("GET", f"/datasets/{dataset_id}")
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._call("DELETE", f"/datasets/{dataset_id}")
 
     # ---- the feature cache (operators: an admin key) ----------------------------------------------------------------
-    def cache(self) -> dict[str, Any]:
+    def cache(self) -> CacheList:
         return self._call("GET", "/cache")
 
     def delete_cache_entry(self, key: str) -> None:
         self._call("DELETE", f"/cache/{key}")
 
-    def ready(self) -> dict[str, Any]:
+    def ready(self) -> Ready:
         return self._call("GET", "/readyz")

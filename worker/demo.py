@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from storage.settings import Settings
+from worker.api_types import BackboneBody, DatasetBody, Job, JobSpecBody, TrainingBody, VideoBody
 from worker.client import Client
 from worker.launcher import Stack
 from worker.progress_view import console as wide_console
@@ -30,7 +31,7 @@ IMAGE_SIZE = 112  # the digits are 8x8 scans; 112 px keeps the demo quick on a C
 VIDEO_SIZE = 64  # the motion videos: 64 px frames, 4 x 4 patches
 # 8 frames, tubelets of 2: 4 temporal positions. Filter inflation: each tubelet sees the mean of its two frames, so a
 # clip and its reversal give the frozen ViViT the same tokens in another order (it is blind to the direction).
-VIDEO = {"num_frames": 8, "tubelet": 2, "init": "filter_inflation"}
+VIDEO: VideoBody = {"num_frames": 8, "tubelet": 2, "init": "filter_inflation"}
 
 
 def pretrained_reachable(name: str, timeout_s: float = 3.0) -> bool:
@@ -56,7 +57,7 @@ class _DemoData:
     """The dataset the demo writes: where, the backbone its jobs use, and the held-out files predicted over HTTP."""
 
     root: Path
-    backbone: dict
+    backbone: BackboneBody
     holdout: list[Path]
 
 
@@ -94,7 +95,7 @@ def _write_data(console: Console, settings: Settings, pretrained: bool, video: b
         console.print(
             f"motion videos written to {root}: {counts['train']} training videos, {counts['holdout']} held out"
         )
-        backbone = {"name": BACKBONE, "pretrained": pretrained, "image_size": VIDEO_SIZE, "video": VIDEO}
+        backbone: BackboneBody = {"name": BACKBONE, "pretrained": pretrained, "image_size": VIDEO_SIZE, "video": VIDEO}
         return _DemoData(root, backbone, sorted((root / "holdout").glob("*/*.mp4")))
     from services.data.digits import write_digits
 
@@ -105,12 +106,14 @@ def _write_data(console: Console, settings: Settings, pretrained: bool, video: b
     return _DemoData(root, backbone, sorted((root / "holdout").glob("*/*.png")))
 
 
-def _specs(data: _DemoData, epochs: int | None, video: bool) -> list[dict]:
+def _specs(data: _DemoData, epochs: int | None, video: bool) -> list[JobSpecBody]:
     """The two jobs: LoSA, and a linear probe that reads LoSA's feature cache."""
-    dataset = {"path": str(data.root / "train")}
+    dataset: DatasetBody = {"path": str(data.root / "train")}
     # every setting default (epochs: auto, LoSA's learning rates: its automatic grid); the 128 training clips at
     # batches of 16 for 15 epochs keep the video demo to a few minutes on a CPU (the defaults take 100 epochs of 64)
-    training = {"batch_size": 16, "epochs": epochs or 15} if video else ({"epochs": epochs} if epochs else {})
+    training: TrainingBody = {"batch_size": 16, "epochs": epochs or 15} if video else {}
+    if epochs and not video:
+        training["epochs"] = epochs
     return [
         {
             "name": "demo-losa",
@@ -130,8 +133,8 @@ def _specs(data: _DemoData, epochs: int | None, video: bool) -> list[dict]:
 
 
 def _run_jobs(
-    console: Console, settings: Settings, specs: list[dict], holdout: list[Path], video: bool
-) -> list[tuple[dict, float]] | None:
+    console: Console, settings: Settings, specs: list[JobSpecBody], holdout: list[Path], video: bool
+) -> list[tuple[Job, float]] | None:
     """Start the embedded stack, run the jobs and predict the held-out files with each model: (job, held-out
     accuracy) per job; None when a job did not succeed (said on the console)."""
     stack = Stack(settings)
@@ -161,7 +164,7 @@ def _accuracy(client: Client, model_id: str, holdout: list[Path], video: bool) -
     return correct / len(holdout)
 
 
-def _table(rows: list[tuple[dict, float]], pretrained: bool, video: bool) -> Table:
+def _table(rows: list[tuple[Job, float]], pretrained: bool, video: bool) -> Table:
     """The results: a row per job, its metrics and held-out accuracy."""
     weights = "pretrained" if pretrained else "random init"
     data = f"ViViT of {VIDEO['num_frames']} frames on motion videos" if video else "digits"

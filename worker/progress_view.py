@@ -7,6 +7,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from worker.api_types import Job
 from worker.client import TERMINAL, Client
 
 
@@ -16,8 +17,9 @@ def console() -> Console:
     return c if c.is_terminal else Console(width=200)
 
 
-def follow(client: Client, job_ids: list[str], poll_s: float = 0.5) -> list[dict]:
-    jobs: dict[str, dict] = {}
+def follow(client: Client, job_ids: list[str], poll_s: float = 0.5) -> list[Job]:
+    """Bars for the jobs until every one has ended; the jobs as they ended, in the order given."""
+    jobs: dict[str, Job] = {}
     columns = (
         TextColumn("{task.description:<34}"),
         BarColumn(),

@@ -23,7 +23,8 @@ from storage.redis.locks import CACHE_LOCK, LeaseLock, Pin
 from storage.redis_server import RedisServer
 from storage.settings import Settings
 from tests.disk import fill
-from tests.helpers import serve
+from tests.helpers import serve, shaped
+from worker.api_types import CacheList, CacheMeta
 from worker.launcher import free_port
 
 
@@ -141,6 +142,8 @@ def test_operators_list_and_delete_cache_entries(tmp_path: Path, redis_url: str,
             assert by_key[read]["pinned_by"] == ["job_reader"] and by_key[written]["extracting"] == "job_writer"
             assert by_key[free]["complete"] and not by_key[written]["complete"] and by_key[written]["last_used"] is None
             assert listing["free_disk_bytes"] > 0 and by_key[free]["meta"]["backbone"] == "test_vit"
+            shaped(listing, CacheList)  # the client's types name every key of it (worker/api_types.py)
+            shaped(by_key[free]["meta"], CacheMeta)
 
             for key, who in ((read, "job_reader"), (written, "job_writer")):
                 res = httpx.delete(f"{url}/cache/{key}", headers=admin)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import shaped
+from worker import api_types as views
 from worker.cli import main
 
 
@@ -112,11 +114,21 @@ def test_every_verb_against_the_stack(stack, tmp_path):
 
     assert model_id in [m["id"] for m in cli_json(stack, "models", "list")]
     assert cli_json(stack, "models", "get", model_id)["job_id"] == job_id
+    # the client's types name the keys of the real answers (worker/api_types.py)
+    shaped(client.job(job_id), views.Job)
+    shaped(client.checkpoints(job_id), views.CheckpointList)
+    model = client.model(model_id)
+    shaped(model, views.Model)
+    shaped(model["evaluation"], views.EvaluationSummary)
+    evaluation = client.evaluation(model_id)
+    shaped(evaluation, views.Evaluation)
+    shaped(evaluation["per_class"][0], views.PerClass)
     exported = run_cli(stack, "models", "export", model_id, "--format", "adapter", "-o", str(tmp_path / "a.zip"))
     assert exported.returncode == 0 and (tmp_path / "a.zip").stat().st_size > 0 and "wrote" in exported.stdout
     images = sorted((digits / "holdout").glob("*/*.png"))[:2]
     predicted = cli_json(stack, "predict", model_id, *map(str, images))
     assert [p["label"] for p in predicted] == [p["label"] for p in client.predict(model_id, images)]
+    shaped(client.predict(model_id, images)[0], views.Prediction)
     report = cli_json(stack, "report", model_id, "--out", str(tmp_path / "report"))
     assert report["evaluation"]["split"] in ("test", "val") and all(Path(p).is_file() for p in report["plots"])
 
@@ -126,6 +138,7 @@ def test_every_verb_against_the_stack(stack, tmp_path):
                 z.write(p, f"{label}/{p.name}")
     uploaded = cli_json(stack, "datasets", "upload", str(tmp_path / "two.zip"), "--name", "two")
     assert uploaded["num_images"] == 8 and uploaded["created_at"] > 0
+    shaped(uploaded, views.Dataset)
     assert uploaded["id"] in [d["id"] for d in cli_json(stack, "datasets", "list")]
     assert cli_json(stack, "datasets", "get", uploaded["id"])["classes"] == ["0", "1"]
     assert run_cli(stack, "datasets", "delete", uploaded["id"]).stdout.strip() == f"deleted {uploaded['id']}"

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from storage.settings import Settings
+from worker.api_types import Dataset, Job, Metrics, Model
 from worker.client import Client, default_url
 
 Subparsers = Any  # what ArgumentParser.add_subparsers returns (its class is private to argparse)
@@ -38,7 +39,7 @@ def table(columns: Iterable[str], rows: Iterable[Iterable[Any]], title: str | No
     console().print(t)
 
 
-def details(record: dict[str, Any], fields: Iterable[str]) -> None:
+def details(record: Job | Model | Dataset, fields: Iterable[str]) -> None:
     """One record as `field  value` lines (nested values as compact JSON)."""
     for field in fields:
         value = record.get(field)
@@ -47,12 +48,18 @@ def details(record: dict[str, Any], fields: Iterable[str]) -> None:
             print(f"{field:<14}{shown}")
 
 
-def number(value: Any) -> str:
+def number(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else ""
 
 
-def validation(metrics: dict[str, Any]) -> str:
+def validation(metrics: Metrics) -> str:
+    """The validation figure: accuracy, or mAP for a multi-label model."""
     return number(metrics.get("val_accuracy", metrics.get("val_map")))
+
+
+def held_out(metrics: Metrics) -> str:
+    """The held-out test split's accuracy (or mAP); empty without a test split."""
+    return number(metrics.get("test_accuracy", metrics.get("test_map")))
 
 
 def verb(

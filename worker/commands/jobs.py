@@ -7,7 +7,17 @@ import json
 from pathlib import Path
 
 from worker.client import TERMINAL
-from worker.commands.common import Subparsers, client, details, print_json, resource, table, validation, verb
+from worker.commands.common import (
+    Subparsers,
+    client,
+    details,
+    held_out,
+    print_json,
+    resource,
+    table,
+    validation,
+    verb,
+)
 
 JOB_FIELDS = (
     "id",
@@ -63,7 +73,7 @@ def list_jobs(args: argparse.Namespace) -> int:
                 j["spec"]["method"]["name"],
                 j["spec"]["backbone"]["name"],
                 validation(j["metrics"]),
-                validation({k.replace("test_", "val_"): v for k, v in j["metrics"].items() if k.startswith("test_")}),
+                held_out(j["metrics"]),
                 j.get("model_id"),
                 _time(j["created_at"]),
             )

@@ -7,7 +7,18 @@ import json
 import math
 from pathlib import Path
 
-from worker.commands.common import Subparsers, client, details, number, print_json, resource, table, validation, verb
+from worker.api_types import Metrics, SweepEntry
+from worker.commands.common import (
+    Subparsers,
+    client,
+    details,
+    held_out,
+    print_json,
+    resource,
+    table,
+    validation,
+    verb,
+)
 
 MODEL_FIELDS = (
     "id",
@@ -40,7 +51,7 @@ def list_models(args: argparse.Namespace) -> int:
                 m["backbone"],
                 len(m["classes"]),
                 validation(m["metrics"]),
-                number(m["metrics"].get("test_accuracy", m["metrics"].get("test_map"))),
+                held_out(m["metrics"]),
                 m["job_id"],
             )
             for m in models
@@ -155,24 +166,34 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep_table(metrics: dict, multi_label: bool) -> tuple[str, tuple[str, ...], list[tuple[str, ...]]]:
+def sweep_table(metrics: Metrics, multi_label: bool) -> tuple[str, tuple[str, ...], list[tuple[str, ...]]]:
     """A job's sweep as (title, columns, rows), best first. The L-BFGS linear probe fits every configuration at each
     L2 strength of its grid: a row per fit, its L2 strength (`weight_decay`) beside the configuration."""
     metric = "val_map" if multi_label else "val_accuracy"
     sweep, n = metrics["sweep"], metrics["configurations"]
     chosen = (metrics.get("selected"), metrics.get("weight_decay"))
+
+    def score(e: SweepEntry) -> float:
+        return e["val_map"] if multi_label else e["val_accuracy"]
+
     rows = []
-    for e in sorted(sweep, key=lambda e: -e[metric] if e[metric] == e[metric] else math.inf):  # NaN (diverged) last
+    for e in sorted(sweep, key=lambda e: -score(e) if score(e) == score(e) else math.inf):  # NaN (diverged) last
         setting = e["config"] | ({"weight_decay": e["weight_decay"]} if "weight_decay" in e else {})
         selected = (e["config"], e.get("weight_decay", chosen[1])) == chosen
         rows.append(
-            (json.dumps(setting) + (" (selected)" if selected else ""), f"{e[metric]:.4f}", f"{e['val_loss']:.4f}")
+            (json.dumps(setting) + (" (selected)" if selected else ""), f"{score(e):.4f}", f"{e['val_loss']:.4f}")
         )
     title = f"sweep: {n} configurations" + (f", {len(sweep)} fits over L2 strengths" if len(sweep) != n else "")
     return title, ("configuration", metric, "val_loss"), rows
 
 
 def add_parsers(sub: Subparsers) -> None:
+    _model_parsers(sub)
+    _result_parsers(sub)
+
+
+def _model_parsers(sub: Subparsers) -> None:
+    """`sidetune models list|get|delete|export`."""
     models = resource(
         sub,
         "models",
@@ -228,6 +249,9 @@ def add_parsers(sub: Subparsers) -> None:
     )
     p.add_argument("--output", "-o", help="the file to write (default: the server's name, e.g. MODEL_ID.onnx)")
 
+
+def _result_parsers(sub: Subparsers) -> None:
+    """`sidetune predict` and `sidetune report`: what a model answers and how it was evaluated."""
     p = verb(
         sub,
         "predict",
