@@ -44,7 +44,8 @@ from storage.settings import Settings
 
 if TYPE_CHECKING:
     from services.jobs.progress import Reporter
-    from storage.redis import JobRecord, JobStore, ResolvedRecord
+    from storage.redis import JobRecord, JobStore
+    from storage.specs import ResolvedRecord
     from storage.store import Folder
 
 MIB, GIB = 2**20, 2**30
@@ -198,7 +199,7 @@ class ResolvedJob(BaseModel):
     weights_hash: str | None = Field(None, description="The backbone's weights hash, recorded by the extract step.")
 
     def record(self) -> ResolvedRecord:
-        """As the job record holds it (storage/redis/specs.py: `ResolvedRecord`)."""
+        """As the job record holds it (storage/specs.py: `ResolvedRecord`)."""
         return self.model_dump(mode="json")
 
 

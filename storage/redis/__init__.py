@@ -17,7 +17,6 @@ from storage.redis.records import (
     new_id,
     now,
 )
-from storage.redis.specs import ResolvedRecord, SpecRecord
 from storage.redis.store import JobStore
 from storage.redis.workers import worker_name
 
@@ -32,9 +31,7 @@ __all__ = [
     "JobStore",
     "ModelRecord",
     "NotFound",
-    "ResolvedRecord",
     "RunningStep",
-    "SpecRecord",
     "job_id_for",
     "model_id_for",
     "new_id",

@@ -22,7 +22,7 @@ from storage.quotas import TooManyJobs
 from storage.redis import keys
 from storage.redis.events import Events
 from storage.redis.records import JobRecord, NotFound, new_id, now
-from storage.redis.specs import ResolvedRecord, SpecRecord
+from storage.specs import ResolvedRecord, SpecRecord
 
 STATUSES = ("queued", "extracting", "training", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})

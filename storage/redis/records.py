@@ -4,8 +4,8 @@ and what every record shares: ids that sort by creation time, timestamps, and `N
 The types are TypedDicts, so a record is the dict `json.loads` returns: they name the fields each owner writes
 today (jobs.py, models.py, datasets.py, events.py, workers.py and the steps in services/jobs/), not a new format.
 Fields only some records have (set as a job runs, or absent from records written by older versions) are NotRequired:
-read them with `.get`. The job's spec and resolved job are typed in specs.py. typing_extensions' TypedDict and no
-`from __future__ import annotations`, so that pydantic validates them and NotRequired is seen at run time.
+read them with `.get`. The job's spec and resolved job are typed in storage/specs.py. typing_extensions' TypedDict
+and no `from __future__ import annotations`, so that pydantic validates them and NotRequired is seen at run time.
 """
 
 import os
@@ -14,7 +14,7 @@ from typing import Any, Literal, NotRequired
 
 from typing_extensions import TypedDict
 
-from storage.redis.specs import ResolvedRecord, SpecRecord, VideoRecord
+from storage.specs import ResolvedRecord, SpecRecord, VideoRecord
 
 JobStatus = Literal["queued", "extracting", "training", "succeeded", "failed", "cancelled"]
 

@@ -25,9 +25,9 @@ from storage.redis.jobs import Jobs
 from storage.redis.locks import LeaseLock, Pin, Pins
 from storage.redis.models import Models
 from storage.redis.records import Event, JobRecord, ModelRecord, RunningStep, now
-from storage.redis.specs import ResolvedRecord, SpecRecord
 from storage.redis.usage import Usage
 from storage.redis.workers import Workers
+from storage.specs import ResolvedRecord, SpecRecord
 
 
 class JobStore:

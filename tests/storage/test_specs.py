@@ -1,4 +1,4 @@
-"""The job record's typed spec and resolved job (storage/redis/specs.py) name every field of the models they are the
+"""The job record's typed spec and resolved job (storage/specs.py) name every field of the models they are the
 JSON of (services/spec, services/jobs/resolved.py), and the models' dumps validate against them."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from services.spec import BackboneSpec, DatasetSpec, ExecutionSpec, ExtractionSp
 from services.spec.extraction import EveryKth, LastK
 from services.spec.sweep import SweepSpec
 from services.video.spec import VideoSpec
-from storage.redis import specs
+from storage import specs
 
 PAIRS = [
     (specs.SpecRecord, JobSpec),

@@ -1,8 +1,9 @@
-"""The job spec and the resolved job as a job record holds them: the JSON of `services.spec.JobSpec` and of
-`services.jobs.resolved.ResolvedJob` (`model_dump(mode="json")`), typed part by part.
+"""The job spec and the resolved job as storage holds them: the JSON of `services.spec.JobSpec` and of
+`services.jobs.resolved.ResolvedJob` (`model_dump(mode="json")`), typed part by part. A job record holds both
+(storage/redis/records.py), a cache key a video backbone's `VideoRecord` (storage/cache/meta.py).
 
 Storage sits below services and never imports them, so these TypedDicts describe the dumped form rather than the
-models; `tests/storage/redis/test_record_specs.py` checks that every field of the models is named here with a type its
+models; `tests/storage/test_specs.py` checks that every field of the models is named here with a type its
 dump validates against, so a field added to a spec part fails that test until it is added here. A method's fields
 are those of every method together (`MethodRecord`), `name` telling which apply.
 
