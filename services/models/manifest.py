@@ -22,6 +22,7 @@ from services.errors import UserError
 from services.methods import CONFIGS
 from services.spec import BackboneSpec, Mode
 from services.video.spec import VideoSpec
+from storage.cache.meta import DataConfig
 
 VERSION = 2
 CONFIG_NAME = "config.json"  # the manifest's file in a model's artifact folder
@@ -53,7 +54,7 @@ class Preprocessing(BaseModel):
     mean: tuple[float, ...] = Field(..., description="Per-channel mean subtracted after scaling to [0, 1].")
     std: tuple[float, ...] = Field(..., description="Per-channel standard deviation divided by, after the mean.")
 
-    def data_config(self) -> dict[str, Any]:
+    def data_config(self) -> DataConfig:
         """As timm's data config (lists, as services/backbones.py holds it)."""
         return self.model_dump(mode="json")
 
@@ -107,7 +108,8 @@ class Manifest(BaseModel):
     threshold: float | None = Field(
         None, description="Multi-label: the score from which a tag is predicted (chosen on validation); else None."
     )
-    hyperparameters: dict[str, Any] = Field(
+    # a record of scalars kept as written (services.spec.Hyperparameters dumped, in the keys of its version)
+    hyperparameters: dict[str, float | int | str | bool | None] = Field(
         default_factory=dict, description="The training settings of the selected model, as resolved (a record)."
     )
     cache_key: str | None = Field(None, description="The feature cache entry it trained from, if any (a record).")

@@ -10,7 +10,7 @@ and no `from __future__ import annotations`, so that pydantic validates them and
 
 import os
 import time
-from typing import Any, Literal, NotRequired
+from typing import Any, Literal, NotRequired, Required
 
 from typing_extensions import TypedDict
 
@@ -26,6 +26,25 @@ class JobError(TypedDict):
     message: str
 
 
+class Progress(TypedDict, total=False):
+    """A job's progress (services/jobs/progress.py: `JobReporter.progress`): the stage, its steps done of all, and the
+    stage's own figures: images and their rate while extracting (services/extraction.py), the finished epoch's row
+    while training (services/training/fit.py; `val_accuracy`, or `val_map` for a multi-label job)."""
+
+    stage: Required[Literal["extracting", "training"]]
+    done: Required[int]
+    total: Required[int]
+    images: int
+    images_per_s: float
+    epoch: int
+    train_loss: float
+    val_accuracy: float
+    val_map: float
+    val_loss: float
+    lr: float
+    train_seconds: float
+
+
 class JobRecord(TypedDict):
     """A job (`job:<id>`): the fields `Jobs.create_job` writes, then those its steps set as it runs."""
 
@@ -36,8 +55,7 @@ class JobRecord(TypedDict):
     updated_at: float
     owner: str | None
     spec: SpecRecord  # the JobSpec, dumped (services/spec)
-    # {"stage", "done", "total"} and the stage's own figures (images per second, the epoch's metrics)
-    progress: dict[str, Any] | None
+    progress: Progress | None
     metrics: dict[str, Any]  # extraction and training summaries, merged as the steps finish
     error: JobError | None
     model_id: str | None
