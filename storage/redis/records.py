@@ -61,7 +61,8 @@ class JobRecord(TypedDict):
     model_id: str | None
     cancel_requested: bool
     resolved: ResolvedRecord | None  # ResolvedJob.record() (services/jobs/resolved.py)
-    # set by the steps (services/jobs/pipeline.py), the watchdog (services/jobs/watchdog.py), a model's deletion
+    # set by the steps (services/jobs/extract.py, train.py), the watchdog (services/jobs/watchdog.py), a model's
+    # deletion
     started_at: NotRequired[float]
     finished_at: NotRequired[float]
     extracted: NotRequired[bool]
@@ -76,7 +77,7 @@ class JobRecord(TypedDict):
 
 
 class ModelRecord(TypedDict):
-    """A registered model (`model:<id>`), as the train step registers it (services/jobs/pipeline.py)."""
+    """A registered model (`model:<id>`), as the train step registers it (services/jobs/train.py)."""
 
     id: str
     object: Literal["model"]
