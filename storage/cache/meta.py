@@ -20,10 +20,10 @@ class DataConfig(TypedDict):
 
     input_size: list[int]  # (channels, height, width)
     interpolation: str
-    mean: list[float]
-    std: list[float]
     crop_pct: float
     crop_mode: str
+    mean: list[float]
+    std: list[float]
 
 
 class KeyPreprocessing(DataConfig):

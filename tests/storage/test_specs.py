@@ -1,5 +1,6 @@
-"""The job record's typed spec and resolved job (storage/specs.py) name every field of the models they are the
-JSON of (services/spec, services/jobs/resolved.py), and the models' dumps validate against them."""
+"""The typed JSON that storage holds (storage/specs.py: a job record's spec and resolved job; storage/manifests.py: a
+model's config.json) names every field of the models it is the JSON of (services/spec, services/jobs/resolved.py,
+services/models/manifest.py), and the models' dumps validate against it."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from pydantic import BaseModel, TypeAdapter
 from services.jobs.resolved import MemoryBudgets, ResolvedJob, ResolvedSplit
 from services.methods import CONFIGS
 from services.methods.auto import AutoConfig
+from services.models.manifest import Features, Manifest, Preprocessing
 from services.spec import BackboneSpec, DatasetSpec, ExecutionSpec, ExtractionSpec, JobSpec, TrainingSpec
 from services.spec.extraction import EveryKth, LastK
 from services.spec.sweep import SweepSpec
 from services.video.spec import VideoSpec
-from storage import specs
+from storage import manifests, specs
+from storage.cache.meta import DataConfig
 
 PAIRS = [
     (specs.SpecRecord, JobSpec),
@@ -32,6 +35,9 @@ PAIRS = [
     (specs.ResolvedRecord, ResolvedJob),
     (specs.SplitRecord, ResolvedSplit),
     (specs.BudgetsRecord, MemoryBudgets),
+    (manifests.ManifestRecord, Manifest),
+    (manifests.FeaturesRecord, Features),
+    (DataConfig, Preprocessing),
 ]
 
 
