@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from safetensors.numpy import load, load_file, save, save_file
 
 from storage.faults import Incomplete
+from storage.manifests import ManifestRecord, ManifestV1Record
 from storage.store import Folder, Store
 
 __all__ = ["ArtifactStore", "Incomplete", "as_folder", "metadata_from_bytes", "tensors_from_bytes", "tensors_to_bytes"]
@@ -101,7 +102,7 @@ class ArtifactStore:
         self,
         model_id: str,
         weights: dict[str, np.ndarray],
-        config: BaseModel | dict[str, Any],
+        config: BaseModel | ManifestRecord | ManifestV1Record,
         metrics: dict[str, Any],
         files: dict[str, bytes] | None = None,
     ) -> Folder:
@@ -127,7 +128,7 @@ class ArtifactStore:
             raise FileNotFoundError(f"model {model_id} has no artifact in the store {self.root.url}")
         d.check()
 
-    def load_model(self, model_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def load_model(self, model_id: str) -> tuple[dict[str, np.ndarray], ManifestRecord | ManifestV1Record]:
         """(weights, config as stored: services.models.manifest.migrate reads it) of a complete model;
         FileNotFoundError or Incomplete otherwise."""
         self.check_model(model_id)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from storage.archives import ArchiveError, Limits, extract, member_parts
 from storage.faults import Incomplete
 from storage.redis.records import new_id
-from storage.store import MARKER, Folder, Store
+from storage.store import MARKER, Folder, Marker, MarkerInfo, Store
 
 __all__ = [
     "STAGING",
@@ -148,13 +148,13 @@ class DatasetFiles:
         remote = None if settings.store_dir is not None else Store(settings.store_location).folder("datasets")
         return cls(settings.datasets_dir, remote)
 
-    def publish(self, folder: Path, dataset_id: str, info: dict[str, Any]) -> None:
+    def publish(self, folder: Path, dataset_id: str, info: MarkerInfo) -> None:
         """Publish a complete local folder (`files/...`, in this machine's staging area) as `dataset_id`: uploaded
         to the store with its marker last, then moved into `local_dir` with the marker inside."""
         local = Store(folder).folder()
         names = local.files()
         mtimes = {name: (folder / name).stat().st_mtime_ns for name in names}
-        marker = {"files": names, "mtimes": mtimes, "dataset_id": dataset_id, **info}
+        marker = Marker(files=names, mtimes=mtimes, dataset_id=dataset_id, **info)
         if self.remote is not None:
             target = self.remote.child(dataset_id)
             target.put_tree(folder)
@@ -162,7 +162,7 @@ class DatasetFiles:
         local.write_json(MARKER, marker)
         os.replace(folder, self.local_dir / dataset_id)  # same filesystem: atomic, and the id is fresh
 
-    def local(self, dataset_id: str) -> tuple[Path, dict[str, Any]]:
+    def local(self, dataset_id: str) -> tuple[Path, Marker]:
         """This machine's folder of the dataset and its marker; fetched from the store first if needed.
         FileNotFoundError for a dataset that is not on the store, Incomplete for one that is not whole."""
         dest = self.local_dir / dataset_id

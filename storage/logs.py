@@ -24,8 +24,36 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from typing_extensions import TypedDict
+
 CONTEXT_FIELDS = ("job_id", "task", "worker", "model_id")
-_context: ContextVar[dict[str, Any] | None] = ContextVar("sidetune_log_context", default=None)
+
+
+class LogContext(TypedDict, total=False):
+    """The fields a line is tagged with (CONTEXT_FIELDS): those bound, and the route's path parameters."""
+
+    job_id: str
+    task: str  # the step a worker runs: extract, extract_shard, train
+    worker: str
+    model_id: str
+
+
+class LogLine(LogContext, total=False):
+    """One JSON line (`JsonFormatter`): when, how severe, which logger, what; uvicorn's access lines add the request;
+    a traceback or stack where the record has one."""
+
+    ts: str
+    level: str
+    logger: str
+    message: str
+    method: str
+    path: str
+    status: int
+    exc: str
+    stack: str
+
+
+_context: ContextVar[LogContext | None] = ContextVar("sidetune_log_context", default=None)
 _scope: ContextVar[MutableMapping[str, Any] | None] = ContextVar("sidetune_log_scope", default=None)
 
 # A credential after `Bearer`, `Authorization:` or `api_key=`: whatever a line carries, even a key this process
@@ -38,9 +66,10 @@ REDACTED = "[redacted]"
 
 
 @contextmanager
-def log_context(**fields: Any) -> Iterator[None]:
+def log_context(**fields: str | None) -> Iterator[None]:
     """Tag every line written in this block (and in threads started with a copy of its context)."""
-    token = _context.set({**(_context.get() or {}), **{k: v for k, v in fields.items() if v is not None}})
+    bound = {k: v for k, v in fields.items() if v is not None}
+    token = _context.set(LogContext(**{**(_context.get() or {}), **bound}))  # an inner block's value wins
     try:
         yield
     finally:
@@ -56,8 +85,8 @@ def reset_scope(token: Any) -> None:
     _scope.reset(token)
 
 
-def current_context() -> dict[str, Any]:
-    fields = dict(_context.get() or {})
+def current_context() -> LogContext:
+    fields = LogContext(**(_context.get() or {}))
     scope = _scope.get()
     if scope is not None:  # path parameters exist once the router matched, so they are read per line
         params = scope.get("path_params") or {}
@@ -86,12 +115,12 @@ class JsonFormatter(logging.Formatter):
         self.redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        out = LogLine(
+            ts=datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            level=record.levelname.lower(),
+            logger=record.name,
+            message=record.getMessage(),
+        )
         if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
             # uvicorn's access line: (client, method, path with query, HTTP version, status)
             out.update(method=record.args[1], path=record.args[2], status=record.args[4])

@@ -23,14 +23,33 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
+from typing_extensions import TypedDict
 
 from storage.cache.files import filesystem
 from storage.faults import Incomplete, StoreUnavailable, naming_disk_full, store_call
 
-__all__ = ["MARKER", "Folder", "Incomplete", "Store", "StoreUnavailable"]
+__all__ = ["MARKER", "Folder", "Incomplete", "Marker", "MarkerInfo", "Store", "StoreUnavailable"]
 
 T = TypeVar("T")
 MARKER = "_complete.json"
+
+
+class MarkerInfo(TypedDict, total=False):
+    """What a folder's owner adds to its completion marker."""
+
+    model_id: str  # a model's folder (storage/artifacts.py)
+    dataset_id: str  # an uploaded dataset's (storage/datasets.py), with the four below
+    rel: str  # the dataset's path inside its `files/`
+    format: str  # its format: imagefolder, csv
+    mtimes: dict[str, int]  # each file's modification time (ns), restored on every machine that fetches it
+
+
+class Marker(MarkerInfo):
+    """A whole folder's completion marker (MARKER): every file with its size, and what its owner added."""
+
+    files: dict[str, int]
+
+
 TMP_PREFIX = ".tmp-"  # temporary keys: never listed as files of a folder
 
 
@@ -132,20 +151,20 @@ class Folder:
         self._call(remove, "removing the folder")
 
     # ---- whole folders ----------------------------------------------------------------------------------------
-    def seal(self, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    def seal(self, info: MarkerInfo | None = None) -> Marker:
         """Write the completion marker, last: the folder's files with their sizes, and `info`."""
-        marker = {"files": self.files(), **(info or {})}
+        marker = Marker(files=self.files(), **(info or {}))
         self.write_json(MARKER, marker)
         return marker
 
-    def sealed(self) -> dict[str, Any] | None:
+    def sealed(self) -> Marker | None:
         """The completion marker, or None while the folder is not complete."""
         try:
             return self.read_json(MARKER)
         except FileNotFoundError:
             return None
 
-    def check(self) -> dict[str, Any]:
+    def check(self) -> Marker:
         """The marker, after checking that every file it lists is there with its size; Incomplete otherwise."""
         marker = self.sealed()
         if marker is None:

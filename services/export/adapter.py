@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -27,13 +27,34 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import load as load_tensors
 from timm.data import create_transform
 from torch import nn
+from typing_extensions import TypedDict
 
 from services.models.loading import Artifact, Trained, load_trained
 from services.models.manifest import Manifest, migrate
 from storage.artifacts import tensors_to_bytes
+from storage.cache.meta import DataConfig
+from storage.manifests import ManifestRecord, ManifestV1Record
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 FLAT = ("format", "format_version", "model_id", "preprocessing")  # format 1's own keys, beside the config's
+
+
+class AdapterConfigRecord(TypedDict):
+    """adapter_config.json as written (format 2): `AdapterConfig`'s JSON."""
+
+    format: Literal["sidetune-adapter"]
+    format_version: Literal[2]
+    model_id: str
+    manifest: ManifestRecord
+
+
+class AdapterConfigV1Record(ManifestV1Record, total=False):
+    """adapter_config.json of format 1: an artifact's version 1 config, flat, its `data_config` as `preprocessing`."""
+
+    format: Literal["sidetune-adapter"]
+    format_version: Literal[1]
+    model_id: str
+    preprocessing: DataConfig
 
 
 class AdapterConfig(BaseModel):
@@ -49,10 +70,12 @@ class AdapterConfig(BaseModel):
     manifest: Manifest = Field(..., description="The model's manifest, as the service stores it.")
 
     @classmethod
-    def read(cls, raw: dict[str, Any]) -> AdapterConfig:
+    def read(cls, raw: AdapterConfigRecord | AdapterConfigV1Record) -> AdapterConfig:
         """An adapter_config.json of any format version (format 1's keys are an artifact's version 1 config)."""
         if raw.get("format_version") == 1:
-            config = {k: v for k, v in raw.items() if k not in FLAT} | {"data_config": raw["preprocessing"]}
+            config = ManifestV1Record(
+                **{k: v for k, v in raw.items() if k not in FLAT} | {"data_config": raw["preprocessing"]}
+            )
             return cls(model_id=raw["model_id"], manifest=migrate(config))
         return cls.model_validate(raw)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
@@ -76,7 +75,7 @@ def _linear_vit(trained: Trained) -> nn.Module:
     return vit.eval()
 
 
-def _check_plain(vit: nn.Module, name: str, num_classes: int, model_args: dict[str, Any]) -> None:
+def _check_plain(vit: nn.Module, name: str, num_classes: int, model_args: dict[str, int]) -> None:
     """The state dict must be what timm builds for `name`, key for key and shape for shape: anything the method
     left behind (a wrapper, an extra buffer) would not load in timm."""
     with torch.device("meta"):
@@ -88,7 +87,7 @@ def _check_plain(vit: nn.Module, name: str, num_classes: int, model_args: dict[s
         raise RuntimeError(f"the merged model is not a plain {name} (state dicts differ: {diff})")
 
 
-def _readme(trained: Trained, model_args: dict[str, Any]) -> str:
+def _readme(trained: Trained, model_args: dict[str, int]) -> str:
     manifest = trained.manifest
     name, c = manifest.backbone.name, len(trained.classes)
     extra = "".join(f", {k}={v!r}" for k, v in model_args.items())
@@ -121,7 +120,7 @@ def write(trained: Trained, folder: Path) -> Path:
     manifest = trained.manifest
     vit = trained.module if manifest.kind != "side" else _linear_vit(trained)
     spec = manifest.backbone
-    model_args = {"img_size": spec.image_size} if spec.image_size else {}
+    model_args: dict[str, int] = {"img_size": spec.image_size} if spec.image_size else {}  # timm's create_model's
     _check_plain(vit, spec.name, len(trained.classes), model_args)
     out = folder / "timm"
     save_for_hf(

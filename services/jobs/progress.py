@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import redis
 
 from storage.redis import JobStore
+from storage.redis.records import Progress
 
 log = logging.getLogger("sidetune.progress")
 
@@ -63,7 +64,7 @@ class JobReporter:
             return
         self._last = t
         try:
-            self.store.set_fields(self.job_id, progress={"stage": stage, "done": done, "total": total, **extra})
+            self.store.set_fields(self.job_id, progress=Progress(stage=stage, done=done, total=total, **extra))
         except redis.RedisError as e:
             log.warning("job %s: progress not recorded (%s: %s)", self.job_id, type(e).__name__, e)
 

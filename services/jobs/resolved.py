@@ -38,6 +38,7 @@ from storage.settings import Settings
 if TYPE_CHECKING:
     from services.jobs.progress import Reporter
     from storage.redis import JobRecord, JobStore
+    from storage.specs import ResolvedRecord
     from storage.store import Folder
 
 MIB, GIB = 2**20, 2**30
@@ -190,7 +191,8 @@ class ResolvedJob(BaseModel):
     dataset_fingerprint: str | None = Field(None, description="The dataset's (files, sizes, times, labels).")
     weights_hash: str | None = Field(None, description="The backbone's weights hash, recorded by the extract step.")
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> ResolvedRecord:
+        """As the job record holds it (storage/specs.py: `ResolvedRecord`)."""
         return self.model_dump(mode="json")
 
 

@@ -22,6 +22,8 @@ from services.errors import UserError
 from services.methods import CONFIGS
 from services.spec import BackboneSpec, Mode
 from services.video.spec import VideoSpec
+from storage.cache.meta import DataConfig
+from storage.manifests import FeaturesRecord, ManifestRecord, ManifestV1Record
 
 VERSION = 2
 CONFIG_NAME = "config.json"  # the manifest's file in a model's artifact folder
@@ -53,7 +55,7 @@ class Preprocessing(BaseModel):
     mean: tuple[float, ...] = Field(..., description="Per-channel mean subtracted after scaling to [0, 1].")
     std: tuple[float, ...] = Field(..., description="Per-channel standard deviation divided by, after the mean.")
 
-    def data_config(self) -> dict[str, Any]:
+    def data_config(self) -> DataConfig:
         """As timm's data config (lists, as services/backbones.py holds it)."""
         return self.model_dump(mode="json")
 
@@ -107,7 +109,8 @@ class Manifest(BaseModel):
     threshold: float | None = Field(
         None, description="Multi-label: the score from which a tag is predicted (chosen on validation); else None."
     )
-    hyperparameters: dict[str, Any] = Field(
+    # a record of scalars kept as written (services.spec.Hyperparameters dumped, in the keys of its version)
+    hyperparameters: dict[str, float | int | str | bool | None] = Field(  # storage/manifests.py
         default_factory=dict, description="The training settings of the selected model, as resolved (a record)."
     )
     cache_key: str | None = Field(None, description="The feature cache entry it trained from, if any (a record).")
@@ -131,7 +134,7 @@ class Manifest(BaseModel):
         _, h, w = self.preprocessing.input_size
         return (3 * self.video.num_frames if self.video else 3), h, w
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ManifestRecord:
         """As `config.json` holds it (JSON types)."""
         return self.model_dump(mode="json")
 
@@ -141,12 +144,14 @@ class Manifest(BaseModel):
         return migrate(artifacts.read_json(model_id, CONFIG_NAME))
 
 
-def _from_v1(config: dict[str, Any]) -> dict[str, Any]:
+def _from_v1(config: ManifestV1Record) -> ManifestRecord:
     """Version 1 (no `version`): the defaults its readers applied to keys that older artifacts lack, `data_config`
     as `preprocessing`, `feature_info` as `features` (its class count is the classes')."""
     kind = config.get("kind", "side")
     side = kind == "side"
-    features = {k: v for k, v in config["feature_info"].items() if k != "num_classes"}
+    # every key but the class count, as it is (Features refuses one it does not know; `token_mode`, which the oldest
+    # lack, defaults to `all`)
+    features = FeaturesRecord(**{k: v for k, v in config["feature_info"].items() if k != "num_classes"})
     return {
         "version": 2,
         "method": config["method"],
@@ -167,7 +172,7 @@ def _from_v1(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def migrate(config: dict[str, Any]) -> Manifest:
+def migrate(config: ManifestRecord | ManifestV1Record) -> Manifest:
     """The manifest of a model's `config.json` of any version (ValueError for a layout newer than this code)."""
     version = config.get("version", 1)
     if version == 1:

@@ -18,6 +18,7 @@ from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from storage.cache import files
+from storage.cache.meta import Creator, EntryDescription, EntryMeta, EntrySummary, KeyFamily, KeyVariant
 
 log = logging.getLogger("sidetune.cache")
 
@@ -26,8 +27,8 @@ TOKEN_MODES = ("all", "cls", "mean")
 CHUNK_BYTES = 1 << 20  # the read unit: large enough for sequential disk reads, small enough for random batches
 
 
-def cache_key(parts: dict[str, Any]) -> str:
-    """A stable key for everything that determines the cached activations."""
+def cache_key(parts: KeyFamily | KeyVariant) -> str:
+    """A stable key for everything that determines the cached activations: a family's, or a variant's in it."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -69,7 +70,7 @@ class CacheEntry:
         self.path = Path(self.root)
         self.key = key or self.path.name
         self.features = self.path / "features.zarr"
-        self._meta: dict[str, Any] | None = None  # immutable once written, so read once
+        self._meta: EntryMeta | None = None  # immutable once written, so read once
 
     def _file(self, name: str) -> str:
         return files.join(self.root, name)
@@ -87,19 +88,19 @@ class CacheEntry:
         return self.exists and bool(self._group().attrs.get("complete", False))
 
     @property
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> EntryMeta:
         if self._meta is None:
             if not self.exists:
                 raise CacheError(f"no cache entry at {self.path}")
             meta = self._group().attrs.get("meta")
             if meta is None:  # written last by create: a crash left the arrays and no metadata
                 raise CacheError(f"cache entry {self.key} was never finished being created")
-            self._meta = dict(meta)
-        return dict(self._meta)
+            self._meta = EntryMeta(**meta)
+        return EntryMeta(**self._meta)
 
     @property
-    def summary(self) -> dict[str, Any]:
-        return dict(self._group().attrs.get("summary", {}))
+    def summary(self) -> EntrySummary:
+        return EntrySummary(**self._group().attrs.get("summary", {}))
 
     @property
     def layers(self) -> list[int]:
@@ -155,7 +156,7 @@ class CacheEntry:
         return True
 
     @property
-    def creator(self) -> dict[str, Any]:
+    def creator(self) -> Creator:
         """`{"owner", "planned_bytes"}` as `claim` recorded them; {} for an entry made before owners were recorded."""
         try:
             return json.loads(files.read_bytes(self.fs, self._file("owner.json")))
@@ -193,7 +194,7 @@ class CacheEntry:
         token_count: int,
         dim: int,
         batch_size: int,
-        meta: dict[str, Any],
+        meta: EntryDescription,
         codec: str = "none",
         keepbits: int | None = None,
     ) -> None:
@@ -295,7 +296,7 @@ class CacheEntry:
     def has_readout(self) -> bool:
         return self.fs.exists(self._file("readout.safetensors"))
 
-    def mark_complete(self, summary: dict[str, Any]) -> None:
+    def mark_complete(self, summary: EntrySummary) -> None:
         if self.pending_batches():
             raise CacheError("cannot mark a cache entry complete while batches are missing")
         g = self._group("r+")

@@ -22,6 +22,7 @@ from storage.quotas import TooManyJobs
 from storage.redis import keys
 from storage.redis.events import Events
 from storage.redis.records import JobRecord, NotFound, new_id, now
+from storage.specs import ResolvedRecord, SpecRecord
 
 STATUSES = ("queued", "extracting", "training", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -60,11 +61,11 @@ class Jobs:
 
     def create_job(
         self,
-        spec: dict[str, Any],
+        spec: SpecRecord,
         owner: str | None = None,
         job_id: str | None = None,
         limit: int | None = None,
-        resolved: dict[str, Any] | None = None,
+        resolved: ResolvedRecord | None = None,
     ) -> JobRecord:
         """Record a queued job. With `limit`, refused (TooManyJobs) when its owner has that many jobs queued or
         running: counted and written in one script, so concurrent submissions never pass it together."""
@@ -95,11 +96,11 @@ class Jobs:
     def create_job_once(
         self,
         key: str,
-        spec: dict[str, Any],
+        spec: SpecRecord,
         owner: str | None = None,
         ttl_s: int = 24 * 3600,
         limit: int | None = None,
-        resolved: dict[str, Any] | None = None,
+        resolved: ResolvedRecord | None = None,
     ) -> tuple[JobRecord, bool]:
         """The job this owner created with idempotency `key` (and the same spec) in the last `ttl_s`, or a new
         one; returns (job, created). The key is claimed with SET NX before the job exists, so two concurrent

@@ -4,14 +4,17 @@ and what every record shares: ids that sort by creation time, timestamps, and `N
 The types are TypedDicts, so a record is the dict `json.loads` returns: they name the fields each owner writes
 today (jobs.py, models.py, datasets.py, events.py, workers.py and the steps in services/jobs/), not a new format.
 Fields only some records have (set as a job runs, or absent from records written by older versions) are NotRequired:
-read them with `.get`.
+read them with `.get`. The job's spec and resolved job are typed in storage/specs.py. typing_extensions' TypedDict
+and no `from __future__ import annotations`, so that pydantic validates them and NotRequired is seen at run time.
 """
-
-from __future__ import annotations
 
 import os
 import time
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, Required
+
+from typing_extensions import TypedDict
+
+from storage.specs import ResolvedRecord, SpecRecord, VideoRecord
 
 JobStatus = Literal["queued", "extracting", "training", "succeeded", "failed", "cancelled"]
 
@@ -23,6 +26,25 @@ class JobError(TypedDict):
     message: str
 
 
+class Progress(TypedDict, total=False):
+    """A job's progress (services/jobs/progress.py: `JobReporter.progress`): the stage, its steps done of all, and the
+    stage's own figures: images and their rate while extracting (services/extraction.py), the finished epoch's row
+    while training (services/training/fit.py; `val_accuracy`, or `val_map` for a multi-label job)."""
+
+    stage: Required[Literal["extracting", "training"]]
+    done: Required[int]
+    total: Required[int]
+    images: int
+    images_per_s: float
+    epoch: int
+    train_loss: float
+    val_accuracy: float
+    val_map: float
+    val_loss: float
+    lr: float
+    train_seconds: float
+
+
 class JobRecord(TypedDict):
     """A job (`job:<id>`): the fields `Jobs.create_job` writes, then those its steps set as it runs."""
 
@@ -32,15 +54,15 @@ class JobRecord(TypedDict):
     created_at: float
     updated_at: float
     owner: str | None
-    spec: dict[str, Any]  # the JobSpec, dumped (services/spec)
-    # {"stage", "done", "total"} and the stage's own figures (images per second, the epoch's metrics)
-    progress: dict[str, Any] | None
+    spec: SpecRecord  # the JobSpec, dumped (services/spec)
+    progress: Progress | None
     metrics: dict[str, Any]  # extraction and training summaries, merged as the steps finish
     error: JobError | None
     model_id: str | None
     cancel_requested: bool
-    resolved: dict[str, Any] | None  # ResolvedJob.record() (services/jobs/resolved.py)
-    # set by the steps (services/jobs/pipeline.py), the watchdog (services/jobs/watchdog.py), a model's deletion
+    resolved: ResolvedRecord | None  # ResolvedJob.record() (services/jobs/resolved.py)
+    # set by the steps (services/jobs/extract.py, train.py), the watchdog (services/jobs/watchdog.py), a model's
+    # deletion
     started_at: NotRequired[float]
     finished_at: NotRequired[float]
     extracted: NotRequired[bool]
@@ -55,7 +77,7 @@ class JobRecord(TypedDict):
 
 
 class ModelRecord(TypedDict):
-    """A registered model (`model:<id>`), as the train step registers it (services/jobs/pipeline.py)."""
+    """A registered model (`model:<id>`), as the train step registers it (services/jobs/train.py)."""
 
     id: str
     object: Literal["model"]
@@ -66,7 +88,7 @@ class ModelRecord(TypedDict):
     method: str
     mode: str
     backbone: str
-    video: dict[str, Any] | None  # the VideoSpec, dumped; None for an image model
+    video: VideoRecord | None  # the VideoSpec, dumped; None for an image model
     classes: list[str]
     multi_label: bool
     threshold: float | None

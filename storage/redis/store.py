@@ -27,6 +27,7 @@ from storage.redis.models import Models
 from storage.redis.records import Event, JobRecord, ModelRecord, RunningStep, now
 from storage.redis.usage import Usage
 from storage.redis.workers import Workers
+from storage.specs import ResolvedRecord, SpecRecord
 
 
 class JobStore:
@@ -57,22 +58,22 @@ class JobStore:
     # ---- jobs (storage/redis/jobs.py) -------------------------------------------------------------------------------
     def create_job(
         self,
-        spec: dict[str, Any],
+        spec: SpecRecord,
         owner: str | None = None,
         job_id: str | None = None,
         limit: int | None = None,
-        resolved: dict[str, Any] | None = None,
+        resolved: ResolvedRecord | None = None,
     ) -> JobRecord:
         return self.jobs.create_job(spec, owner, job_id, limit, resolved)
 
     def create_job_once(
         self,
         key: str,
-        spec: dict[str, Any],
+        spec: SpecRecord,
         owner: str | None = None,
         ttl_s: int = 24 * 3600,
         limit: int | None = None,
-        resolved: dict[str, Any] | None = None,
+        resolved: ResolvedRecord | None = None,
     ) -> tuple[JobRecord, bool]:
         return self.jobs.create_job_once(key, spec, owner, ttl_s, limit, resolved)
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from pydantic import TypeAdapter
 
 from services.export import export_model
 from services.export.adapter import load_adapter
@@ -21,6 +22,7 @@ from services.models.manifest import VERSION, BackboneChanged, Manifest, migrate
 from services.paths import UserPaths
 from services.serving.inference import Predictor
 from storage.artifacts import ArtifactStore
+from storage.manifests import ManifestRecord, ManifestV1Record
 from storage.settings import Settings
 
 BACKBONE = {
@@ -119,6 +121,15 @@ def test_the_manifest_round_trips_through_its_json() -> None:
         stored = json.loads(json.dumps(manifest.to_dict()))
         assert stored["version"] == VERSION and "data_config" not in stored and "feature_info" not in stored
         assert migrate(stored) == manifest == Manifest.model_validate_json(manifest.model_dump_json())
+
+
+def test_each_version_of_the_config_is_its_typed_record_storage_names() -> None:
+    """storage/manifests.py: a version 1 config and a version 2 one (`to_dict`) validate unchanged as their records."""
+    for model in ("model_linear", "model_lora"):
+        old = v1_config(model)
+        assert TypeAdapter(ManifestV1Record).validate_python(old) == old
+        new = migrate(old).to_dict()
+        assert TypeAdapter(ManifestRecord).validate_python(new) == new
 
 
 def test_the_oldest_configs_get_the_defaults_their_readers_applied() -> None:
