@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, JsonValue, ValidationError
 
 from services import methods
 from services.errors import BackboneError
@@ -20,7 +19,7 @@ from services.errors import BackboneError
 class ParamCount:
     backbone: str
     method: str
-    config: dict[str, Any]  # the validated method config, defaults included
+    config: dict[str, JsonValue]  # the validated method config, defaults included
     num_layers: int
     tokens: int
     dim: int
@@ -31,7 +30,7 @@ class ParamCount:
     total: int  # every parameter of the model as trained: backbone, method and classifier
 
 
-def _config(method: str, options: dict[str, Any]):
+def _config(method: str, options: dict[str, JsonValue]) -> BaseModel:
     if method not in methods.CONFIGS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(methods.METHOD_NAMES)}")
     if "name" in options:
@@ -53,7 +52,7 @@ def _backbone(name: str, image_size: int | None):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else "see timm.list_models('vit*')"
         raise ValueError(f"unknown backbone {name!r}: not a timm model name; {hint}")
-    kwargs: dict[str, Any] = {"num_classes": 0}
+    kwargs: dict[str, int] = {"num_classes": 0}
     if image_size is not None:
         kwargs["img_size"] = image_size
     try:
@@ -69,11 +68,11 @@ def _backbone(name: str, image_size: int | None):
 def count_parameters(
     backbone: str,
     method: str,
-    options: dict[str, Any],
+    options: dict[str, JsonValue],
     image_size: int | None = None,
     tail_blocks: int | None = None,
     num_classes: int = 10,
-    video: dict[str, Any] | None = None,
+    video: dict[str, JsonValue] | None = None,
 ) -> ParamCount:
     """Count `method` (configured by `options`, the config's fields but `name`) on timm `backbone`, or with
     `video` (`backbone.video`'s fields, e.g. {"num_frames": 16}) on the ViViT made of it.
@@ -124,7 +123,7 @@ def count_parameters(
     return ParamCount(
         backbone=backbone,
         method=method,
-        config=config.model_dump(exclude={"name"}),
+        config=config.model_dump(mode="json", exclude={"name"}),
         num_layers=num_layers,
         tokens=tokens,
         dim=dim,

@@ -9,6 +9,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.methods.defaults import TrainingDefaults
+
 CANDIDATES = ("linear", "losa")  # trained in this order, every setting default
 
 
@@ -33,5 +35,5 @@ class AutoConfig(BaseModel):
 
         return LosaConfig().needs(num_layers, global_pool)
 
-    def training_defaults(self) -> dict:
+    def training_defaults(self) -> TrainingDefaults:
         return {}  # each candidate resolves its own

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,6 +18,16 @@ from services.errors import SpecError
 
 TRAINING_KEYS = ("lr", "weight_decay")
 METHOD_KEYS = ("rank", "layers", "pool")
+
+
+class Overrides(TypedDict, total=False):
+    """One configuration of a grid: the swept keys with its values (a job's metrics name each configuration so)."""
+
+    lr: float
+    weight_decay: float
+    rank: int
+    layers: Literal["all"] | int | list[int]
+    pool: Literal["auto", "cls", "mean"]
 
 
 class SweepSpec(BaseModel):
@@ -73,7 +83,7 @@ class SweepSpec(BaseModel):
         parts = " x ".join(f"{len(v)} {k}" for k, v in self.grid().items())
         return f"{parts} = {self.size()} configurations"
 
-    def configurations(self) -> list[dict[str, Any]]:
+    def configurations(self) -> list[Overrides]:
         """Every combination, as {key: value} overrides, the last key varying fastest."""
         grid = self.grid()
         return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.errors import SpecError
 from services.methods import CONFIGS, METHOD_NAMES
+from services.methods.defaults import TrainingDefaults
 from services.spec.fields import SEED_MAX
 
 
@@ -101,7 +102,7 @@ class TrainingSpec(BaseModel):
         "first step then includes the compilation; the job's metrics report it as `first_step_seconds`.",
     )
 
-    def auto_lr(self, defaults: dict) -> float:
+    def auto_lr(self, defaults: TrainingDefaults) -> float:
         """The method's default learning rate at this job's batch size: given for a reference batch
         (`lr_reference_batch`), it is scaled linearly (Goyal et al. 2017) or, with `lr_scaling: sqrt`, as the square
         root of the batch ratio (Krizhevsky 2014; Hoffer et al. 2017)."""
@@ -111,7 +112,7 @@ class TrainingSpec(BaseModel):
         ratio = self.batch_size / ref
         return lr * (ratio**0.5 if defaults.get("lr_scaling") == "sqrt" else ratio)
 
-    def auto_epochs(self, defaults: dict, train_images: int | None) -> int:
+    def auto_epochs(self, defaults: TrainingDefaults, train_images: int | None) -> int:
         """`epochs: auto`: the method's default, or for a method that gives `epoch_samples`, enough epochs for that
         many training samples, between its default and `max_epochs`."""
         epochs = defaults.get("epochs", 10)
@@ -120,7 +121,7 @@ class TrainingSpec(BaseModel):
             epochs = min(max(epochs, wanted), defaults.get("max_epochs", wanted))
         return epochs
 
-    def resolved(self, defaults: dict, train_images: int | None = None) -> Hyperparameters:
+    def resolved(self, defaults: TrainingDefaults, train_images: int | None = None) -> Hyperparameters:
         """Fill `auto` fields from the method's defaults (the learning rate at this batch size, `auto_lr`; the epochs
         for `train_images`, `auto_epochs`); an explicit value is used as given. `early_termination: auto` is off
         here: JobSpec.configurations() turns it on for an automatic grid."""

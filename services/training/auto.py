@@ -11,18 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from services.jobs.progress import Reporter
 from services.jobs.resolved import ResolvedJob
 from services.spec import JobSpec
+from services.training.metrics import Candidate
+from services.training.package import Trained
 from storage.artifacts import as_folder
 from storage.settings import Settings
 from storage.store import Folder
 
 # services/training/job.py: train_job, which trains each candidate as a job of its own; passed in by it, which
 # dispatches `method: auto` here, so neither module imports the other
-TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None], dict[str, Any]]
+TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None], Trained]
 
 
 def train_auto(
@@ -33,7 +34,7 @@ def train_auto(
     checkpoint_dir: Folder | Path,
     train_job: TrainJob,
     resolved: ResolvedJob | None = None,
-) -> dict[str, Any]:
+) -> Trained:
     base = spec.model_dump()
     outs = []
     for method in spec.method.candidates():
@@ -44,7 +45,7 @@ def train_auto(
     metric = "val_map" if outs[0]["manifest"].multi_label else "val_accuracy"
     test = metric.replace("val_", "test_")
     best = max(range(len(outs)), key=lambda i: (outs[i]["metrics"][metric], -i))  # a tie: the earlier (the probe)
-    rows = [
+    rows: list[Candidate] = [
         {
             "method": out["manifest"].method.name,
             metric: out["metrics"][metric],

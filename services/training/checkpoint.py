@@ -24,7 +24,7 @@ import json
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import numpy as np
 
@@ -32,9 +32,31 @@ from storage.artifacts import as_folder, metadata_from_bytes, tensors_from_bytes
 from storage.store import Folder
 
 if TYPE_CHECKING:
+    from services.training.runs import RunsState
     from services.training.state import LoopState
 
 TENSORS, SUMMARY = "checkpoint.safetensors", "checkpoint.json"
+
+
+class Figures(TypedDict):
+    """A configuration's best validation figures so far and their epoch."""
+
+    score: float
+    loss: float
+    epoch: int
+
+
+class CheckpointMeta(TypedDict):
+    """The checkpoint's metadata (JSON, in the safetensors file's header under "checkpoint"): all that a resume needs
+    besides the tensors."""
+
+    epoch: int
+    runs: list[RunsState]  # each Runs' own (Runs.checkpoint)
+    results: list[Figures]  # per configuration, in the job's order
+    history_fields: list[str]
+    seconds: float
+    seen: int
+    stopped: NotRequired[dict[str, int]]  # configuration (a JSON key: a string) -> the epoch after which it stopped
 
 
 class Writer:
@@ -84,15 +106,15 @@ def save(writer: Writer, where: Folder | Path, state: LoopState) -> None:
         t, info = r.checkpoint()
         tensors |= {f"runs{i}.{k}": v for k, v in t.items()} | {f"best{i}.{k}": v for k, v in state.best[i].items()}
         infos.append(info)
-    figures = [{"score": r.score, "loss": r.loss, "epoch": r.epoch} for r in state.results]
-    meta = {
+    figures: list[Figures] = [{"score": r.score, "loss": r.loss, "epoch": r.epoch} for r in state.results]
+    meta: CheckpointMeta = {
         "epoch": state.epoch,
         "runs": infos,
         "results": figures,
         "history_fields": state.fields,
         "seconds": state.seconds,
         "seen": state.seen,
-        "stopped": state.stopped,
+        "stopped": {str(j): e for j, e in state.stopped.items()},
     }
     data = tensors_to_bytes(tensors, metadata={"checkpoint": json.dumps(meta)})
     lead = max(figures, key=lambda f: f["score"])
@@ -102,7 +124,7 @@ def save(writer: Writer, where: Folder | Path, state: LoopState) -> None:
     writer.put(as_folder(where), [(TENSORS, data), (SUMMARY, json.dumps(summary).encode())])
 
 
-def read(where: Folder | Path, fields: list[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+def read(where: Folder | Path, fields: list[str]) -> tuple[dict[str, np.ndarray], CheckpointMeta] | None:
     """The tensors and metadata `save` wrote, or None where there is no checkpoint (or one an earlier version wrote:
     the job trains from the start)."""
     d = as_folder(where)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -29,7 +28,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from services.training.reports import LARGE_CLASSES, top_confusions
+from services.training.reports import LARGE_CLASSES, ClassFigures, EvaluationReport, top_confusions
 
 # rows x classes of one chunk of an [n, C] array that is computed chunk by chunk (16 MiB of float32)
 CHUNK_ELEMENTS = 2**22
@@ -106,13 +105,13 @@ def _seen(targets: np.ndarray, pred: np.ndarray) -> list[int] | None:
     return seen or None
 
 
-def _round(x: Any) -> Any:
+def _round(x: float) -> float:
     return round(float(x), 5)
 
 
 def report(
     targets: np.ndarray, probs: np.ndarray, classes: list[str], split: str, threshold: float | None = None
-) -> dict[str, Any]:
+) -> EvaluationReport:
     """The evaluation of probabilities `probs` [n, C] (softmax, or sigmoid per tag) against `targets`: summary
     figures named `<split>_<metric>`, per-class figures (every class), and the confusion matrix. Macro figures
     average over the classes (tags) that occur in the split or are predicted, scikit-learn's default: a class that
@@ -121,20 +120,18 @@ def report(
         top5 = top_k_hits(targets, probs, 5) if len(classes) > 5 else None
         return label_report(targets, probs.argmax(1), top5, classes, split)
     labels = list(range(len(classes)))
-    out: dict[str, Any] = {"split": split, "images": int(len(targets)), "classes": classes}
     with _quiet():
         pred = probs >= threshold
         p, r, f, s = precision_recall_fscore_support(targets, pred, average=None, labels=labels, zero_division=0)
         ap = [average_precision_score(targets[:, c], probs[:, c]) if targets[:, c].any() else None for c in labels]
-        out["threshold"] = threshold
-        out["metrics"] = {
+        metrics = {
             f"{split}_map": _round(mean_average_precision(targets, probs)),
             f"{split}_micro_f1": _round(f1_score(targets, pred, average="micro", zero_division=0)),
             f"{split}_macro_f1": _round(
                 f1_score(targets, pred, average="macro", zero_division=0, labels=_seen(targets, pred))
             ),
         }
-    out["per_class"] = [
+    per_class: list[ClassFigures] = [
         {
             "class": c,
             "average_precision": None if a is None else _round(a),
@@ -145,18 +142,24 @@ def report(
         }
         for c, a, pi, ri, fi, si in zip(classes, ap, p, r, f, s, strict=True)
     ]
-    # per tag [[tn, fp], [fn, tp]]: four counts a tag, however many tags
-    out["confusion_matrix"] = multilabel_confusion_matrix(targets, pred, labels=labels).tolist()
-    return out
+    return {
+        "split": split,
+        "images": int(len(targets)),
+        "classes": classes,
+        "threshold": threshold,
+        "metrics": metrics,
+        "per_class": per_class,
+        # per tag [[tn, fp], [fn, tp]]: four counts a tag, however many tags
+        "confusion_matrix": multilabel_confusion_matrix(targets, pred, labels=labels).tolist(),
+    }
 
 
 def label_report(
     targets: np.ndarray, pred: np.ndarray, top5: np.ndarray | None, classes: list[str], split: str
-) -> dict[str, Any]:
+) -> EvaluationReport:
     """The single-label report from each image's true class `targets`, predicted class `pred` and whether the true
     class was among the 5 most probable `top5` (None: 5 classes or fewer)."""
     labels = list(range(len(classes)))
-    out: dict[str, Any] = {"split": split, "images": int(len(targets)), "classes": classes}
     with _quiet():
         p, r, f, s = precision_recall_fscore_support(targets, pred, labels=labels, zero_division=0)
         metrics = {
@@ -167,11 +170,16 @@ def label_report(
         }
         if top5 is not None:
             metrics[f"{split}_top5_accuracy"] = _round(np.mean(top5))
-    out["metrics"] = metrics
-    out["per_class"] = [
-        {"class": c, "precision": _round(pi), "recall": _round(ri), "f1": _round(fi), "support": int(si)}
-        for c, pi, ri, fi, si in zip(classes, p, r, f, s, strict=True)
-    ]
+    out: EvaluationReport = {
+        "split": split,
+        "images": int(len(targets)),
+        "classes": classes,
+        "metrics": metrics,
+        "per_class": [
+            {"class": c, "precision": _round(pi), "recall": _round(ri), "f1": _round(fi), "support": int(si)}
+            for c, pi, ri, fi, si in zip(classes, p, r, f, s, strict=True)
+        ],
+    }
     # the cells that are not zero, as (true, predicted, count): at most one per image
     cells, count = np.unique(targets.astype(np.int64) * len(classes) + pred, return_counts=True)
     true, predicted, count = (cells // len(classes)).tolist(), (cells % len(classes)).tolist(), count.tolist()

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from services.jobs.progress import Reporter
 from services.spec import Hyperparameters
 from services.training import checkpoint, halving
 from services.training.evaluation import top_k_hits, validation_scores
+from services.training.metrics import Timing
 from services.training.objectives import Objective
 from services.training.runs import Runs
 from services.training.state import LoopState, Result, row
@@ -202,7 +202,7 @@ def fit(
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
     layers: list[int] | None = None,
-) -> tuple[list[Result], dict[str, Any]]:
+) -> tuple[list[Result], Timing]:
     """The training loop shared by every method, mode and sweep, over `n` training and `n_val` validation items of
     the sources: configuration j is `where[j]` = (runs, index in it); every batch is read once for all of them.
     `layers`: the cached layers the sources read (each Runs takes its own). Returns each configuration's Result and
@@ -347,8 +347,8 @@ def _report_epoch(state: LoopState, epochs: int, metric: str, reporter: Reporter
     reporter.progress("training", epoch + 1, epochs, **last)
 
 
-def _timing(state: LoopState, hp: Hyperparameters, at: list[int], device: str) -> dict[str, Any]:
-    timing: dict[str, Any] = {
+def _timing(state: LoopState, hp: Hyperparameters, at: list[int], device: str) -> Timing:
+    timing: Timing = {
         "train_seconds": round(state.seconds, 3),
         "train_images_per_s": round(state.seen / max(state.seconds, 1e-9), 1),
         "compiled": hp.compile,

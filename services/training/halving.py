@@ -10,10 +10,10 @@ of 4 costs 4 x 1/4 + 2 x 1/4 + 1 x 1/2 = 2 configurations' training instead of 4
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
+from services.training.metrics import EarlyTermination
 from services.training.runs import Runs
 
 FRACTIONS = (0.25, 0.5)  # of the epochs: where the rungs are
@@ -60,7 +60,7 @@ def drop(
     return out_runs, out_where, out_best
 
 
-def report(stopped: dict[int, int], configurations: int, epochs: int, at: list[int]) -> dict[str, Any]:
+def report(stopped: dict[int, int], configurations: int, epochs: int, at: list[int]) -> EarlyTermination:
     """What early termination saved: configuration-epochs trained against all of them trained to the end."""
     full = configurations * epochs
     ran = full - sum(epochs - e for e in stopped.values())

@@ -1,6 +1,6 @@
 """What a job trains from (`load_data`: the cache entry, the dataset, the backbone) and the sources of its
 mini-batches per execution mode (`sources`: cached features, images, or images through the frozen backbone; a
-separate test set through the backbone, `test_source`).
+separate test set through the backbone, `test_source`), each by what it reads of the job's spec (`Reading`).
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.backbones import load_backbone
-from services.data.datasets import DatasetError, read_for_job, read_test_set
+from services.backbones import Backbone, load_backbone
+from services.data.datasets import Dataset, DatasetError, read_for_job, read_test_set
 from services.data.loading import loader_workers
 from services.data.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source
 from services.jobs.progress import Reporter
 from services.jobs.resolved import memory_budgets as budget_rule
 from services.modality import modality_for
 from services.paths import UserPaths
-from services.spec import JobSpec
+from services.spec import BackboneSpec, DatasetSpec, JobSpec, Mode
 from services.video.loading import padding_event
-from storage.cache import FeatureCache
+from storage.cache import CacheEntry, FeatureCache
 from storage.settings import Settings
 
 
@@ -34,7 +34,32 @@ def memory_budgets(settings: Settings, device: str) -> tuple[int, int]:
     return budgets.host_bytes, (budgets.gpu_bytes or 0) if cuda else 0
 
 
-@dataclass
+@dataclass(frozen=True)
+class Reading:
+    """What reading a job's inputs takes of its spec: the dataset, the backbone, the execution mode (`auto`
+    resolved), the blocks adapted in tail mode (None in the others) and whether training images are augmented."""
+
+    dataset: DatasetSpec
+    backbone: BackboneSpec
+    mode: Mode
+    tail_blocks: int | None
+    augment: bool
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> Reading:
+        tail = spec.execution.tail_blocks if spec.mode == "tail" else None
+        return cls(spec.dataset, spec.backbone, spec.mode, tail, spec.execution.augment)
+
+    @property
+    def needs_cache(self) -> bool:
+        return self.mode in ("cache", "tail")
+
+    @property
+    def skip_corrupt(self) -> bool:
+        return self.dataset.on_corrupt == "skip"
+
+
+@dataclass(frozen=True)
 class Data:
     """What a job trains from: the cache entry (cache, tail), the dataset (images, online), the backbone (modes
     that run it), and the labels of every image with the indices that can be used."""
@@ -45,23 +70,23 @@ class Data:
     usable: np.ndarray
     tokens: str  # the tokens the inputs hold: what the cache holds, else every token
     skipped_rows: int = 0  # multi-label manifest rows without a tag, left out (on_corrupt=skip)
-    entry: Any = None
-    dataset: Any = None
-    backbone: Any = None
+    entry: CacheEntry | None = None
+    dataset: Dataset | None = None
+    backbone: Backbone | None = None
 
 
-def load_data(spec: JobSpec, settings: Settings, cache_key: str | None, reporter: Reporter) -> Data:
+def load_data(reading: Reading, settings: Settings, cache_key: str | None, reporter: Reporter) -> Data:
     """The job's data: the cache entry's labels and the images usable in it (cache and tail modes), else the dataset
     read here (its left-out rows reported); the backbone for every mode that runs it."""
-    mode, device = spec.mode, settings.torch_device()
+    mode, device, ds = reading.mode, settings.torch_device(), reading.dataset
     entry = backbone = dataset = None
-    if spec.needs_cache:
+    if reading.needs_cache:
         if not cache_key:
             raise RuntimeError(f"mode {mode!r} needs the feature cache, and the extraction step left none")
         entry = FeatureCache(settings.cache_location).entry(cache_key)
         meta = entry.meta
         labels, valid, classes = entry.labels(), entry.valid(), meta["classes"]
-        if not valid.all() and spec.dataset.on_corrupt == "fail":
+        if not valid.all() and ds.on_corrupt == "fail":
             bad = entry.summary.get("skipped", [])[:3]
             raise DatasetError(
                 f"{int((~valid).sum())} images in the cache could not be decoded (e.g. {bad}); "
@@ -69,16 +94,15 @@ def load_data(spec: JobSpec, settings: Settings, cache_key: str | None, reporter
             )
         usable = np.flatnonzero(valid)
     else:
-        ds = spec.dataset
         dataset = read_for_job(ds, UserPaths(settings))
-        modality_for(spec.backbone).check_dataset(dataset.kind, ds.path)
+        modality_for(reading.backbone).check_dataset(dataset.kind, ds.path)
         labels, classes, usable = dataset.labels, dataset.classes, np.arange(len(dataset))
-    if mode != "cache" or spec.dataset.test:  # a separate test set runs through the backbone, whatever the mode
-        ckpt = UserPaths(settings).checkpoint(spec.backbone)  # checked again: the file may have changed
+    if mode != "cache" or ds.test:  # a separate test set runs through the backbone, whatever the mode
+        ckpt = UserPaths(settings).checkpoint(reading.backbone)  # checked again: the file may have changed
         # frozen (its forward's precision, as the cache was written) in cache and online modes; trained through in
         # images and tail modes (fp32 weights, autocast)
         precision = None if mode in ("cache", "online") else "fp32"
-        backbone = load_backbone(spec.backbone, device, ckpt, precision=precision)
+        backbone = load_backbone(reading.backbone, device, ckpt, precision=precision)
         if entry is None:
             meta = backbone.info()
         elif backbone.weights_hash != entry.meta["weights_hash"]:
@@ -94,37 +118,44 @@ def load_data(spec: JobSpec, settings: Settings, cache_key: str | None, reporter
 
 
 def sources(
-    spec: JobSpec, settings: Settings, data: Data, parts: list[np.ndarray], layers: list[int] | None, train: bool = True
-):
+    reading: Reading,
+    settings: Settings,
+    data: Data,
+    parts: list[np.ndarray],
+    layers: list[int] | None,
+    train: bool = True,
+) -> tuple[list[Source], str]:
     """One input source per index array of `parts`, and a description of where the inputs come from. With `train`
     the first part is the training split (augmented, clips jittered in time); every other part is read as evaluated."""
-    device, mode = settings.torch_device(), spec.mode
+    device, mode = settings.torch_device(), reading.mode
     if data.entry is not None:
         host, dev = memory_budgets(settings, device)
-        sources = [CacheSource(data.entry, idx, data.labels[idx], layers, host, device, dev) for idx in parts]
+        sources: list[Source] = [
+            CacheSource(data.entry, idx, data.labels[idx], layers, host, device, dev) for idx in parts
+        ]
         first = sources[0]
         where = "cached features " + (
             "on the GPU" if first.on_device else "in memory" if first.in_memory else "streamed from the cache"
         )
         return sources, where
-    skip = spec.dataset.on_corrupt == "skip"
-    backbone, modality = data.backbone, modality_for(spec.backbone)
+    skip = reading.skip_corrupt
+    backbone, modality = data.backbone, modality_for(reading.backbone)
     workers = loader_workers(settings, len(parts[0]))
     # inputs in the frozen forward's dtype online; fp32 for methods trained through the backbone (autocast)
     dtype = backbone.dtype if mode == "online" else torch.float32
     sources = []
     for i, idx in enumerate(parts):  # the training split augmented (clips also jittered in time), the others as is
-        split, reader = modality.training_reader(data.dataset, backbone, skip, spec.execution.augment, train and i == 0)
+        split, reader = modality.training_reader(data.dataset, backbone, skip, reading.augment, train and i == 0)
         sources.append(ImageSource(data.dataset, idx, split, skip, device, workers, dtype, reader))
     if mode == "online":
         sources = [OnlineSource(s, backbone, layers) for s in sources]
-    where = f"{modality.training_inputs}{' (augmented)' if spec.execution.augment else ''}" + (
+    where = f"{modality.training_inputs}{' (augmented)' if reading.augment else ''}" + (
         ", backbone forward every step" if mode == "online" else ", through the backbone"
     )
     return sources, where
 
 
-def report_loading(reporter: Reporter, sources: list[Any]) -> None:
+def report_loading(reporter: Reporter, sources: list[Source]) -> None:
     """What the loaders of image and clip sources met while training (cache sources: the extraction said it)."""
     errors = sorted(set().union(*(getattr(s, "errors", ()) for s in sources)))
     notes = sorted(set().union(*(getattr(s, "notes", ()) for s in sources)))
@@ -136,22 +167,24 @@ def report_loading(reporter: Reporter, sources: list[Any]) -> None:
         reporter.event(padded, level="warning")
 
 
-def test_source(spec: JobSpec, settings: Settings, data: Data, layers: list[int] | None) -> tuple[Source, np.ndarray]:
+def test_source(
+    reading: Reading, settings: Settings, data: Data, layers: list[int] | None
+) -> tuple[Source, np.ndarray]:
     """`dataset.test`: its images through the backbone (and pooled as the cache pools them), and its labels in the
     training set's class order."""
-    ds = spec.dataset
+    ds = reading.dataset
     test, targets = read_test_set(ds, UserPaths(settings), data.classes)
-    modality = modality_for(spec.backbone)
+    modality = modality_for(reading.backbone)
     modality.check_dataset(test.kind, ds.test)
     backbone, device = data.backbone, settings.torch_device()
-    dtype = torch.float32 if layers is None or spec.mode == "tail" else backbone.dtype  # as the model was trained
+    dtype = torch.float32 if layers is None or reading.mode == "tail" else backbone.dtype  # as the model was trained
     relabelled = dataclasses.replace(test, labels=targets)
-    split, reader = modality.training_reader(relabelled, backbone, ds.on_corrupt == "skip", False, train=False)
+    split, reader = modality.training_reader(relabelled, backbone, reading.skip_corrupt, False, train=False)
     source: Source = ImageSource(
         relabelled,
         np.arange(len(test)),
         split,
-        ds.on_corrupt == "skip",
+        reading.skip_corrupt,
         device,
         loader_workers(settings, len(test)),
         dtype,

@@ -5,20 +5,33 @@ job's metrics (the selection, the sweep, the timings, the test figures), the eva
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 from services.models.manifest import Manifest
-from services.spec import JobSpec
+from services.training.metrics import JobMetrics
+from services.training.reports import EvaluationReport
 
 if TYPE_CHECKING:
-    from services.training.inputs import Data
+    import numpy as np
+
+    from services.training.inputs import Data, Reading
     from services.training.stages import Built, Optimised, Report, Selected, Split
 
 FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
 
 
+class Trained(TypedDict):
+    """A job's model as the artifact store saves it (storage/artifacts.py: `save_model`): what `train_job` returns."""
+
+    weights: dict[str, np.ndarray]  # the selected model's trainable state
+    manifest: Manifest  # its `config.json`
+    metrics: JobMetrics  # `metrics.json`
+    evaluation: EvaluationReport  # `evaluation.json`
+    plots: dict[str, bytes]  # `plots/<name>.png`
+
+
 def package(
-    spec: JobSpec,
+    reading: Reading,
     cache_key: str | None,
     data: Data,
     parts: Split,
@@ -26,19 +39,19 @@ def package(
     optimised: Optimised,
     selected: Selected,
     report: Report,
-) -> dict[str, Any]:
-    """{"weights", "manifest" (services/models/manifest.py), "metrics", "evaluation", "plots"} for the artifact
-    store."""
+) -> Trained:
+    """The selected model's weights, manifest (services/models/manifest.py), metrics, evaluation and plots for the
+    artifact store."""
     from services.training import plots  # matplotlib: only once a job has a model to plot
 
-    kind, model = type(spec.method).kind, selected.model
-    job_metrics = metrics(spec, data, parts, built, optimised, selected, report)
+    kind, model = built.grid.kind, selected.model
+    job_metrics = metrics(data, parts, built, optimised, selected, report)
     manifest = Manifest(
-        method=selected.spec.method,
+        method=selected.method,
         kind=kind,
-        mode=spec.mode,
-        tail_blocks=spec.execution.tail_blocks if spec.mode == "tail" else None,
-        backbone=spec.backbone,
+        mode=reading.mode,
+        tail_blocks=reading.tail_blocks,
+        backbone=reading.backbone,
         weights_hash=data.meta["weights_hash"],
         preprocessing=data.meta["data_config"],
         features={
@@ -65,18 +78,17 @@ def package(
 
 
 def metrics(
-    spec: JobSpec,
     data: Data,
     parts: Split,
     built: Built,
     optimised: Optimised,
     selected: Selected,
     report: Report,
-) -> dict[str, Any]:
+) -> JobMetrics:
     """The job's metrics: the selected configuration's validation figures, the sizes, the timings; the L-BFGS path
     or the loop's curve; every configuration of a sweep; the test split's figures."""
     metric, res, model, points = built.objective.metric, selected.result, selected.model, optimised.points
-    out: dict[str, Any] = {
+    out: JobMetrics = {
         metric: round(res.score, 5),
         "val_loss": round(res.loss, 5),
         "train_images": int(len(parts.train)),
@@ -96,8 +108,8 @@ def metrics(
         }
     else:
         out |= {"best_epoch": res.epoch, "epochs": built.hps[0].epochs, "history": res.history}
-    if grid := spec.grid():
-        overrides = grid.configurations()
+    if (grid := built.grid).sweep:
+        overrides = grid.sweep.configurations()
         entries = [
             {
                 "config": overrides[optimised.owner[i]],
@@ -112,14 +124,9 @@ def metrics(
             }
             for i, r in enumerate(optimised.results)
         ]
-        out |= {"configurations": len(built.configs), "selected": overrides[selected.config], "sweep": entries}
-        if spec.automatic_lrs():
-            d = spec.method.training_defaults()
-            out["automatic_lr"] = {
-                "lrs": spec.automatic_lrs(),
-                "rule": f"{d['lr']} x sqrt(batch_size / "
-                f"{d['lr_reference_batch']}) x {', '.join(map(str, d['lr_grid']))}",
-            }
+        out |= {"configurations": len(grid.methods), "selected": overrides[selected.config], "sweep": entries}
+        if grid.automatic_lr:
+            out["automatic_lr"] = grid.automatic_lr
     if report.split == "test":
         out |= report.evaluation["metrics"]
     return out

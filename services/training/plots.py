@@ -16,13 +16,15 @@ matplotlib's object API (`Figure`, drawn by its Agg canvas): no pyplot, so no gl
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from services.training.reports import LARGE_CLASSES, TOP_CONFUSIONS
+from services.spec.sweep import Overrides
+from services.training.metrics import HistoryRow, JobMetrics, L2Point
+from services.training.reports import LARGE_CLASSES, TOP_CONFUSIONS, EvaluationReport
 
 DPI = 100
 SUMMARY_INCHES = (14.0, 7.0)
@@ -42,11 +44,11 @@ def _name(name: str) -> str:
     return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "\u2026"
 
 
-def _label(config: dict[str, Any]) -> str:
+def _label(config: Overrides) -> str:
     return ", ".join(f"{k}={v}" for k, v in config.items())
 
 
-def curves(series: list[tuple[str, list[dict[str, Any]]]], metric: str, selected: int = 0) -> bytes:
+def curves(series: list[tuple[str, list[HistoryRow]]], metric: str, selected: int = 0) -> bytes:
     """`series`: (label, per-epoch history) per configuration; history rows hold train_loss, `metric`, lr."""
     fig = Figure(figsize=(13, 3.8))
     axes = fig.subplots(1, 3)
@@ -68,7 +70,7 @@ def curves(series: list[tuple[str, list[dict[str, Any]]]], metric: str, selected
     return _png(fig)
 
 
-def l2_path(points: list[dict[str, Any]], metric: str) -> bytes:
+def l2_path(points: list[L2Point], metric: str) -> bytes:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for pool in sorted({p["pool"] for p in points}):
@@ -82,7 +84,7 @@ def l2_path(points: list[dict[str, Any]], metric: str) -> bytes:
     return _png(fig)
 
 
-def confusion(report: dict[str, Any]) -> bytes:
+def confusion(report: EvaluationReport) -> bytes:
     classes = report["classes"]
     if len(classes) > LARGE_CLASSES:
         return _tag_summary(report) if "confusion_matrix" in report else _confusion_summary(report)
@@ -117,14 +119,14 @@ def confusion(report: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def _bin_ticks(ax: Any, axis: str, classes: int, bins: int) -> None:
+def _bin_ticks(ax: Axes, axis: str, classes: int, bins: int) -> None:
     """About six ticks along a binned axis, labelled with the index of the first class of their bin."""
     at = np.unique(np.linspace(0, bins - 1, min(bins, 6)).round().astype(int))
     labels = [f"{b * classes // bins:,}" for b in at]
     (ax.set_xticks if axis == "x" else ax.set_yticks)(at, labels)
 
 
-def _table(ax: Any, title: str, columns: list[str], rows: list[list[str]]) -> None:
+def _table(ax: Axes, title: str, columns: list[str], rows: list[list[str]]) -> None:
     ax.axis("off")
     ax.set_title(title)
     if rows:
@@ -136,7 +138,7 @@ def _table(ax: Any, title: str, columns: list[str], rows: list[list[str]]) -> No
         ax.text(0.5, 0.9, "none", ha="center", transform=ax.transAxes)
 
 
-def _confusion_summary(report: dict[str, Any]) -> bytes:
+def _confusion_summary(report: EvaluationReport) -> bytes:
     """A single-label report of many classes: its sparse matrix summed into bins of consecutive classes (counts on a
     log scale), beside its most frequent confusions."""
     n, cells = len(report["classes"]), report["confusion"]
@@ -169,7 +171,7 @@ def _confusion_summary(report: dict[str, Any]) -> bytes:
     return _png(fig, tight=False)
 
 
-def _tag_summary(report: dict[str, Any]) -> bytes:
+def _tag_summary(report: EvaluationReport) -> bytes:
     """A multi-label report of many tags: each bin of consecutive tags' share of true/false positives/negatives,
     beside the tags with the most errors."""
     names = report["classes"]
@@ -196,7 +198,7 @@ def _tag_summary(report: dict[str, Any]) -> bytes:
     return _png(fig, tight=False)
 
 
-def for_job(metrics: dict[str, Any], report: dict[str, Any], metric: str) -> dict[str, bytes]:
+def for_job(metrics: JobMetrics, report: EvaluationReport, metric: str) -> dict[str, bytes]:
     """The PNGs of a finished job, by name."""
     out = {"confusion": confusion(report)}
     if "l2_path" in metrics:

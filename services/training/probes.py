@@ -7,23 +7,37 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from services.data.sources import Source
 from services.jobs.progress import Reporter
+from services.methods.linear.config import LinearConfig
 from services.spec import Hyperparameters, JobSpec
 from services.training import lbfgs
 from services.training.fit import batches_of
+from services.training.metrics import L2Point, Refit, Selection, Timing
 from services.training.objectives import Objective
+from services.training.stages import Optimised
 from services.training.state import Result
 
 Point = lbfgs.PathPoint | lbfgs.CvPoint  # a scored strength: on the validation split, or cross-validated
 
-# per scored strength a Result, its figures; the timings; the training split's own fit (or None)
-Solved = tuple[list[Result], list[dict[str, Any]], dict[str, Any], dict[str, np.ndarray] | None]
+
+@dataclass(frozen=True)
+class L2Search:
+    """What the protocol reads of the job's spec: whether it scores the default grid of L2 strengths
+    (`training.weight_decay: auto` without `sweep.weight_decay`; else each configuration's own strength) and the
+    seed of its folds (`dataset.split_seed`)."""
+
+    default_grid: bool
+    seed: int
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> L2Search:
+        auto = spec.training.weight_decay == "auto" and not (spec.sweep and spec.sweep.weight_decay)
+        return cls(auto, spec.dataset.split_seed)
 
 
 @dataclass
@@ -41,8 +55,8 @@ class _Rows:
 
 
 def solve_probes(
-    spec: JobSpec,
-    configs: list[JobSpec],
+    search: L2Search,
+    configs: list[LinearConfig],
     hps: list[Hyperparameters],
     models: list[torch.nn.Module],
     sources: list[Source],
@@ -50,38 +64,37 @@ def solve_probes(
     objective: Objective,
     reporter: Reporter,
     held_out: bool = False,
-) -> Solved:
-    """The L-BFGS linear probe of every configuration (services/training/lbfgs.py) by the standard protocol:
-    the pooled features of every distinct pooling from one pass over the cache; each L2 strength (the sweep's
-    `weight_decay` values, the job's own, or the default grid when it is `auto`) scored by k-fold cross-validation
-    over the training and validation images (by the validation split above `method.cv_max_images`, or with
-    `method.cv_folds` below 2); the best strength then refitted on every training and validation image. The test
-    split is never read here. Returns one Result per scored strength (only the refitted one has weights), each
+) -> Optimised:
+    """The L-BFGS linear probe of every configuration (`configs`: their method configs; services/training/lbfgs.py)
+    by the standard protocol: the pooled features of every distinct pooling from one pass over the cache; each L2
+    strength (the sweep's `weight_decay` values, the job's own, or the default grid: `search`) scored by k-fold
+    cross-validation over the training and validation images (by the validation split above `method.cv_max_images`,
+    or with `method.cv_folds` below 2); the best strength then refitted on every training and validation image. The
+    test split is never read here. Returns one Result per scored strength (only the refitted one has weights), each
     point's figures, the timings with the protocol's figures, and with `held_out` the weights of a fit on the
     training split alone at the chosen strength (what a validation report or threshold may judge: the refit has seen
-    the validation images), else None."""
+    the validation images)."""
     t0 = time.perf_counter()
-    auto = spec.training.weight_decay == "auto" and not (spec.sweep and spec.sweep.weight_decay)
-    grids = [list(lbfgs.L2_GRID) if auto else [h.weight_decay] for h in hps]
+    grids = [list(lbfgs.L2_GRID) if search.default_grid else [h.weight_decay] for h in hps]
     by_pool: dict[str, list[int]] = {}
     for j, c in enumerate(configs):
-        by_pool.setdefault(c.method.pool, []).append(j)
+        by_pool.setdefault(c.pool, []).append(j)
     probes = [models[js[0]] for js in by_pool.values()]
     labels = np.concatenate(targets)  # training rows first, then validation: the features' order
-    k = _folds(spec.method, labels)
-    held = lbfgs.folds(labels, k, spec.dataset.split_seed) if k else []
+    k = _folds(configs[0], labels)  # the folds' settings: the job's, which a sweep does not vary
+    held = lbfgs.folds(labels, k, search.seed) if k else []
     rows = _Rows(_features(probes, sources, targets), objective.targets(labels), labels, len(targets[0]), k, held)
     candidates, points, paths, iterations = _score(configs, by_pool, grids, rows, objective, reporter)
     chosen = lbfgs.choose([point for _, point in candidates])
     p, point = candidates[chosen]
-    max_iter = configs[0].method.max_iter
+    max_iter = configs[0].max_iter
     refit, weights, held_state = _refit(rows, p, paths[p], point, probes[p], objective, max_iter, held_out)
     results = [
         Result(state=weights if i == chosen else {}, score=pt.score, loss=pt.loss)
         for i, (_, pt) in enumerate(candidates)
     ]
     timing = _report(rows, point, points, iterations, refit, time.perf_counter() - t0, objective, reporter)
-    return results, points, timing, held_state
+    return Optimised(results, timing, [p["config"] for p in points], points, held_state)
 
 
 def _features(probes: list[torch.nn.Module], sources: list[Source], targets: list[np.ndarray]) -> list[torch.Tensor]:
@@ -96,22 +109,24 @@ def _features(probes: list[torch.nn.Module], sources: list[Source], targets: lis
 
 
 def _score(
-    configs: list[JobSpec],
+    configs: list[LinearConfig],
     by_pool: dict[str, list[int]],
     grids: list[list[float]],
     rows: _Rows,
     objective: Objective,
     reporter: Reporter,
-) -> tuple[list[tuple[int, Point]], list[dict[str, Any]], list[list[float]], int]:
+) -> tuple[list[tuple[int, Point]], list[L2Point], list[list[float]], int]:
     """Each pooling's L2 path, strongest first, scored on held-out rows: the (pooling, point) candidates of every
     configuration and their figures, each pooling's path, the iterations spent."""
-    candidates, points, paths = [], [], []
+    candidates: list[tuple[int, Point]] = []
+    points: list[L2Point] = []
+    paths: list[list[float]] = []
     iterations = 0
     n_train, k = rows.n_train, rows.k
     for p, (pool, js) in enumerate(by_pool.items()):
         grid = sorted({l2 for j in js for l2 in grids[j]}, reverse=True)
         paths.append(grid)
-        max_iter, x = configs[js[0]].method.max_iter, rows.feats[p]
+        max_iter, x = configs[js[0]].max_iter, rows.feats[p]
         if k:
             scored = lbfgs.cross_validate(
                 x, rows.y, rows.labels, rows.held, grid, objective, max_iter, reporter.check_cancel
@@ -148,7 +163,7 @@ def _refit(
     objective: Objective,
     max_iter: int,
     held_out: bool,
-) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+) -> tuple[Refit, dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """Pooling p's chosen strength refitted on every row: the refit's figures, its weights, and with `held_out` the
     weights of the same strength fitted on the training rows alone (else None)."""
     labels, n_train, x, y = rows.labels, rows.n_train, rows.feats[p], rows.y
@@ -166,20 +181,25 @@ def _refit(
         train_path = [l2 * fitted / n_train for l2 in grid if l2 >= point.l2]
         w, b, _ = lbfgs.refit(x[:n_train], y[:n_train], train_path, objective, max_iter)
         held_state = {**base, "head.weight": w, "head.bias": b}
-    refit = {"images": len(labels), "weight_decay": path[-1], "iterations": iterations, "seconds": round(seconds, 3)}
+    refit: Refit = {
+        "images": len(labels),
+        "weight_decay": path[-1],
+        "iterations": iterations,
+        "seconds": round(seconds, 3),
+    }
     return refit, {**base, "head.weight": weight, "head.bias": bias}, held_state
 
 
 def _report(
     rows: _Rows,
     point: Point,
-    points: list[dict[str, Any]],
+    points: list[L2Point],
     iterations: int,
-    refit: dict[str, Any],
+    refit: Refit,
     seconds: float,
     objective: Objective,
     reporter: Reporter,
-) -> dict[str, Any]:
+) -> Timing:
     """The protocol's event (the path, the selection, the refit) and the job's timings with its figures."""
     labels, n_train, k = rows.labels, rows.n_train, rows.k
     if k:
@@ -188,7 +208,7 @@ def _report(
     else:
         how = f"the validation split ({len(labels) - n_train} images)"
         figure = f"{point.score:.4f}"
-    selection = {
+    selection: Selection = {
         "protocol": "cross-validation" if k else "validation",
         "folds": k,
         "images": len(labels) if k else len(labels) - n_train,
@@ -210,7 +230,7 @@ def _report(
     }
 
 
-def _folds(method: Any, labels: np.ndarray) -> int:
+def _folds(method: LinearConfig, labels: np.ndarray) -> int:
     """The folds of the linear probe's cross-validation: `method.cv_folds`, at most the images of the largest class
     (scikit-learn's StratifiedKFold needs that many; a rarer class is then missing from some folds) or of the
     split; 0 (the validation protocol) for fewer than 2 or above `method.cv_max_images` images."""

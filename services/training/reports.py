@@ -18,31 +18,96 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_left
-from typing import Any
+from typing import NotRequired, TypedDict
 
 LARGE_CLASSES = 100  # above this many classes (tags): the sparse confusion, the summary plot, pages in the report
 TOP_CONFUSIONS = 20
 PAGE = 100  # classes per page when the request names no `limit`
 MAX_PAGE = 1000
 
+# one class's (tag's) figures; "class" is a keyword, hence the functional form
+ClassFigures = TypedDict(
+    "ClassFigures",
+    {
+        "class": str,
+        "average_precision": NotRequired[float | None],  # multi-label only (None: no positive in the split)
+        "precision": float,
+        "recall": float,
+        "f1": float,
+        "support": int,
+    },
+)
+
+
+class Confusion(TypedDict):
+    """An off-diagonal cell of a single-label confusion matrix, by name."""
+
+    true: str
+    predicted: str
+    count: int
+
+
+class SparseConfusion(TypedDict):
+    """A single-label confusion matrix above LARGE_CLASSES classes: its cells that are not zero, sorted by true class,
+    then predicted class."""
+
+    format: str  # "coo"
+    shape: list[int]  # [classes, classes]
+    true: list[int]
+    predicted: list[int]
+    count: list[int]
+
+
+class EvaluationReport(TypedDict):
+    """`evaluation.json`: the selected model's figures on one split (services/training/evaluation.py)."""
+
+    split: str  # "test" or "val"
+    images: int
+    classes: list[str]
+    threshold: NotRequired[float | None]  # multi-label: the decision threshold chosen on validation
+    metrics: dict[str, float]  # `<split>_<figure>`, e.g. test_accuracy, test_map
+    per_class: list[ClassFigures]
+    # single-label up to LARGE_CLASSES classes: [true][predicted] counts; multi-label: per tag [[tn, fp], [fn, tp]]
+    confusion_matrix: NotRequired[list[list[int]] | list[list[list[int]]]]
+    confusion: NotRequired[SparseConfusion]  # single-label above LARGE_CLASSES classes
+    top_confusions: NotRequired[list[Confusion]]  # single-label
+
+
+class EvaluationPage(TypedDict):
+    """A page of a report (`page`): its summary whole, the per-class rows of classes [offset, offset + limit)."""
+
+    split: str
+    images: int
+    threshold: NotRequired[float | None]
+    metrics: dict[str, float]
+    top_confusions: NotRequired[list[Confusion]]
+    offset: int
+    limit: int
+    total: int
+    has_more: bool
+    classes: list[str]
+    per_class: list[ClassFigures]
+    confusion_matrix: NotRequired[list[list[int]] | list[list[list[int]]]]
+    confusion: NotRequired[SparseConfusion]
+
 
 def top_confusions(
     true: list[int], predicted: list[int], count: list[int], classes: list[str], k: int = TOP_CONFUSIONS
-) -> list[dict[str, Any]]:
+) -> list[Confusion]:
     """The `k` most frequent off-diagonal cells of a confusion matrix given as triples (ties: by true class, then
     predicted class), by name."""
     cells = sorted((-n, t, p) for t, p, n in zip(true, predicted, count, strict=True) if t != p)[:k]
     return [{"true": classes[t], "predicted": classes[p], "count": -n} for n, t, p in cells]
 
 
-def encode(report: dict[str, Any]) -> bytes:
+def encode(report: EvaluationReport) -> bytes:
     """`evaluation.json`'s bytes: indented up to LARGE_CLASSES classes (as before), compact above (an indented
     21,843-class report would be one line per number)."""
     large = len(report["classes"]) > LARGE_CLASSES
     return json.dumps(report, indent=None if large else 2, separators=(",", ":") if large else None).encode()
 
 
-def page(report: dict[str, Any], offset: int = 0, limit: int = PAGE) -> dict[str, Any]:
+def page(report: EvaluationReport, offset: int = 0, limit: int = PAGE) -> EvaluationPage:
     """The report with only the per-class rows of classes [offset, offset + limit), and where it stands: `offset`,
     `limit`, `total` (classes in the report) and `has_more`."""
     classes = report["classes"]

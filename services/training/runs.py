@@ -11,7 +11,7 @@ the learning rate of step s is the configuration's peak lr times the schedule's 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import numpy as np
 import torch
@@ -57,6 +57,16 @@ def decayed_names(model: nn.Module) -> set[str]:
     }
 
 
+class RunsState(TypedDict, total=False):
+    """What a Runs checkpoints beside its tensors (JSON, in the checkpoint's metadata): a ModuleRuns its torch
+    optimizer's parameter groups (each option's value by name, the parameters' ids under `params`) and the scalars of
+    its per-parameter state (by parameter id, as JSON keys are strings); a StackedRuns its optimizer's step count."""
+
+    param_groups: list[dict[str, float | bool | None | list[int] | list[float] | tuple[float, float]]]
+    opt_scalars: dict[str, dict[str, float]]
+    steps: int
+
+
 class Runs(Protocol):
     count: int  # configurations
     input_layers: list[int] | None  # the cached layers they read (None: images)
@@ -68,8 +78,8 @@ class Runs(Protocol):
     # every configuration's weights, stacked [K, ...], as the artifact saves them; on the CPU these are views of the
     # live weights, which the next step changes: copy what you keep
     def states(self) -> dict[str, np.ndarray]: ...
-    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
-    def restore(self, tensors: dict[str, np.ndarray], info: dict[str, Any]) -> None: ...
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], RunsState]: ...
+    def restore(self, tensors: dict[str, np.ndarray], info: RunsState) -> None: ...
 
 
 class ModuleRuns:
@@ -120,19 +130,23 @@ class ModuleRuns:
     def states(self) -> dict[str, np.ndarray]:
         return {k: v[None] for k, v in to_numpy(self.model.trainable_state()).items()}
 
-    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], RunsState]:
         tensors = {f"model.{k}": v for k, v in to_numpy(self.model.trainable_state()).items()}
         opt_state = self.opt.state_dict()
         for pid, s in opt_state["state"].items():
             for name, value in s.items():
                 if torch.is_tensor(value):
                     tensors[f"opt.{pid}.{name}"] = value.detach().cpu().numpy().reshape(value.shape)
-        scalars = {pid: {k: v for k, v in s.items() if not torch.is_tensor(v)} for pid, s in opt_state["state"].items()}
+        scalars = {
+            str(pid): {k: v for k, v in s.items() if not torch.is_tensor(v)} for pid, s in opt_state["state"].items()
+        }
         return tensors, {"param_groups": opt_state["param_groups"], "opt_scalars": scalars}
 
-    def restore(self, tensors: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+    def restore(self, tensors: dict[str, np.ndarray], info: RunsState) -> None:
         self.model.load_trainable(to_torch({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}))
-        opt_state: dict[int, dict] = {int(pid): dict(s) for pid, s in info["opt_scalars"].items()}
+        opt_state: dict[int, dict[str, float | torch.Tensor]] = {
+            int(pid): dict(s) for pid, s in info["opt_scalars"].items()
+        }
         for k, v in tensors.items():
             if k.startswith("opt."):
                 _, pid, name = k.split(".", 2)

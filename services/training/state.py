@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import cast
 
 import numpy as np
 
 from services.training import halving
+from services.training.metrics import HistoryRow
 from services.training.runs import Runs
 
 
@@ -26,13 +27,13 @@ class Result:
     score: float = -1.0  # val accuracy, or val mAP (multi-label)
     loss: float = math.inf  # plain validation loss at the best epoch
     epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[HistoryRow] = field(default_factory=list)
     stopped: int | None = None  # the epoch after which early termination stopped it (then `state` is empty)
 
 
-def row(fields: list[str], values: np.ndarray) -> dict[str, Any]:
-    """An epoch's row of a configuration's curve as its history holds it."""
-    return {f: int(v) if f == "epoch" else float(v) for f, v in zip(fields, values, strict=True)}
+def row(fields: list[str], values: np.ndarray) -> HistoryRow:
+    """An epoch's row of a configuration's curve as its history holds it (`fields`: the loop's, HistoryRow's keys)."""
+    return cast(HistoryRow, {f: int(v) if f == "epoch" else float(v) for f, v in zip(fields, values, strict=True)})
 
 
 @dataclass

@@ -13,6 +13,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.methods.defaults import TrainingDefaults
+
 
 class AplaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -34,7 +36,7 @@ class AplaConfig(BaseModel):
         "block gets the same rows in `images` and `tail` mode. The chosen rows are saved with the model.",
     )
 
-    def training_defaults(self) -> dict:
+    def training_defaults(self) -> TrainingDefaults:
         # The official configs (params/finetune/dinov2/*/vit_b): AdamW, weight decay 1e-5 (none on biases and 1-D
         # parameters: DefaultWrapper.get_params_groups), gradient norm clipped at 1.0 (`grad_clipping`), a linear
         # warmup of 500 iterations then cosine decay over 100 epochs at batch size 64. The lr goes with the rank:

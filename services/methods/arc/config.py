@@ -13,6 +13,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.methods.defaults import TrainingDefaults
+
 
 class ArcConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -34,7 +36,7 @@ class ArcConfig(BaseModel):
         "(official training scripts: 0.1).",
     )
 
-    def training_defaults(self) -> dict:
+    def training_defaults(self) -> TrainingDefaults:
         # The official VTAB-1k script (vtab_ARC_train.py): AdamW, lr 1e-2, weight decay 0, batch 32, 100 epochs,
         # cosine schedule after 10 warmup epochs, gradient norm clipped at 1.0 (`--max_grad_norm`), the head
         # zero-initialised (`zero_head=True`; Model/ARC_ViT.py); its FGVC script: lr 5e-3, wd 1e-2.

@@ -8,6 +8,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.methods.defaults import TrainingDefaults
+
 
 class FullConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -16,7 +18,7 @@ class FullConfig(BaseModel):
 
     name: Literal["full"] = Field("full", description="Method name: full fine-tuning of the backbone.")
 
-    def training_defaults(self) -> dict:
+    def training_defaults(self) -> TrainingDefaults:
         # DeiT/MAE-style ViT fine-tuning: AdamW, weight decay 0.05, peak lr 5e-4 x batch / 512, which is 6.25e-5 at
         # the default batch of 64; rounded down to 5e-5, since small transfer sets drift from the pretrained
         # features at higher rates. Warmup keeps the first steps of the random classifier from wrecking them. No

@@ -14,6 +14,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.methods.defaults import TrainingDefaults
+
 Pool = Literal["auto", "cls", "mean"]
 
 
@@ -74,6 +76,6 @@ class LinearConfig(BaseModel):
         token suffices, so a linear probe never forces a per-layer, per-token cache."""
         return [num_layers - 1], (self.resolved_pool(global_pool), "all")
 
-    def training_defaults(self) -> dict:
+    def training_defaults(self) -> TrainingDefaults:
         # The mini-batch (sgd) solver's settings; the L-BFGS solver uses only weight_decay (`auto`: its grid).
         return {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 1e-4, "warmup_epochs": 1.0, "clip_grad_norm": None}

@@ -13,6 +13,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.methods.defaults import TrainingDefaults
+
 Target = Literal["qkv", "proj", "fc1", "fc2"]
 
 
@@ -50,7 +52,7 @@ class LoraMethodConfig(BaseModel):
             raise ValueError("targets must be distinct")
         return value
 
-    def training_defaults(self) -> dict:
+    def training_defaults(self) -> TrainingDefaults:
         # NOAH's VTAB-1k LoRA baseline on ViT-B/16 (Zhang et al. 2022, configs/LoRA/VTAB in its repository):
         # AdamW, weight decay 1e-4, batch 64, cosine with warmup over the first 10% of training (10 of 100 epochs;
         # 1 of our default 10). Its lr sweep is {5e-3, 1e-3}; we take the lower, 1e-3, since we adapt all four

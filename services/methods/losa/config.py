@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from services.methods.defaults import TrainingDefaults
 from services.methods.linear.config import Pool
 
 
@@ -58,7 +59,7 @@ class LosaConfig(BaseModel):
         """The cached layers it reads (its side layers and the last block, a_0 = z_L), every token (it mixes them)."""
         return sorted(set(self.select_layers(num_layers)) | {num_layers - 1}), ("all",)
 
-    def training_defaults(self) -> dict:
+    def training_defaults(self) -> TrainingDefaults:
         # SGD with momentum 0.9 and a cosine schedule with linear warmup, as the paper trains (Appendix D, Tables 12,
         # 13); no gradient clipping (the paper names none, and there is no official code). The paper's learning rate
         # barely follows its batch (0.05 at 512 on images, 0.04 at 64 on Kinetics), and on held-out digits the best

@@ -10,10 +10,13 @@ leading axis; tests/services/training/test_sweeps.py checks it against torch.opt
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from services.training.runs import RunsState
 
 
 class StackedOptimizer:
@@ -86,10 +89,10 @@ class StackedOptimizer:
         self.lr, self.wd = self.lr[ks], self.wd[ks]
         self.buffers = {name: buf[ks].clone() for name, buf in self.buffers.items()}
 
-    def state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def state(self) -> tuple[dict[str, np.ndarray], RunsState]:
         return {k: v.detach().cpu().numpy() for k, v in self.buffers.items()}, {"steps": self.steps}
 
-    def restore(self, tensors: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+    def restore(self, tensors: dict[str, np.ndarray], info: RunsState) -> None:
         device = self.lr.device
         self.buffers = {k: torch.from_numpy(np.array(v)).to(device) for k, v in tensors.items()}
         self.steps = info["steps"]

@@ -12,16 +12,16 @@ a plain `ModuleRuns` (services/training/runs.py) for any other configuration, ad
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from services.methods import MethodConfig
 from services.spec import Hyperparameters
 from services.training.objectives import Objective
-from services.training.runs import ModuleRuns, Runs, autocast, decayed_names
+from services.training.runs import ModuleRuns, Runs, RunsState, autocast, decayed_names
 from services.training.sweeps.optim import StackedOptimizer
 
 
@@ -114,12 +114,12 @@ class StackedRuns:
             out[name] = stacked.detach().cpu().numpy()
         return out
 
-    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], RunsState]:
         tensors = {f"param.{n}": p.detach().cpu().numpy() for n, p in self.params.items()}
         opt_tensors, info = self.opt.state()
         return tensors | {f"opt.{k}": v for k, v in opt_tensors.items()}, info
 
-    def restore(self, tensors: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+    def restore(self, tensors: dict[str, np.ndarray], info: RunsState) -> None:
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(torch.from_numpy(np.array(tensors[f"param.{name}"])))
@@ -128,7 +128,7 @@ class StackedRuns:
 
 def make_runs(
     models: list[nn.Module],
-    methods: list[dict],
+    methods: list[MethodConfig],
     hps: list[Hyperparameters],
     objective: Objective,
     device: str,
@@ -140,7 +140,7 @@ def make_runs(
     groups: dict[str, list[int]] = {}
     for j, (model, method) in enumerate(zip(models, methods, strict=True)):
         side = hasattr(model, "readout")  # a readout.Classifier, fed activations
-        key = json.dumps(method, sort_keys=True) if side and stack else f"own:{j}"
+        key = json.dumps(method.model_dump(), sort_keys=True) if side and stack else f"own:{j}"
         groups.setdefault(key, []).append(j)
     runs: list[Runs] = []
     where: list[tuple[int, int]] = [(0, 0)] * len(models)

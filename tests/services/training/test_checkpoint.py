@@ -55,7 +55,7 @@ def _state(epochs: int) -> LoopState:
     models = [methods.build(c, feature_info()) for c in configs]
     hps = [hyperparameters(optimizer="sgd", lr=lr, weight_decay=0.0, clip_grad_norm=None) for lr in (1, 2, 3, 4)]
     objective = Objective(np.arange(5), 5)
-    runs, where = make_runs(models, [c.model_dump() for c in configs], hps, objective, "cpu")
+    runs, where = make_runs(models, configs, hps, objective, "cpu")
     return LoopState.start(runs, where, ["epoch", "train_loss", "val_accuracy"], epochs)
 
 

@@ -211,7 +211,7 @@ def test_make_runs_stacks_one_architecture_and_keeps_the_order() -> None:
     methods_ = [LosaConfig(rank=2), LosaConfig(rank=4), LosaConfig(rank=2), LosaConfig(rank=4)]
     models = [methods.build(m, info) for m in methods_]
     hps = [hyperparameters(optimizer="sgd", lr=lr, weight_decay=0.0, clip_grad_norm=None) for lr in (1, 2, 3, 4)]
-    runs, where = make_runs(models, [m.model_dump() for m in methods_], hps, Objective(np.zeros(2, int), 5), "cpu")
+    runs, where = make_runs(models, methods_, hps, Objective(np.zeros(2, int), 5), "cpu")
     assert [type(r).__name__ for r in runs] == ["StackedRuns", "StackedRuns"]
     assert where == [(0, 0), (1, 0), (0, 1), (1, 1)]
     assert [runs[i].base_lrs[k] for i, k in where] == [1, 2, 3, 4]
