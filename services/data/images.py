@@ -144,11 +144,14 @@ def to_rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
-def load_image(source: Path | bytes, draft: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
-    """Decode an image to an RGB PIL image by the rules above; ImageError naming the file or the cause otherwise."""
+def load_image(
+    source: Path | bytes, draft: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None
+) -> Any:
+    """Decode an image to an RGB PIL image by the rules above; ImageError naming the file (or `name`, what the bytes
+    are) or the cause otherwise."""
     from PIL import ImageOps
 
-    name = _name(source)
+    name = name or _name(source)
     with _open(source, name) as im:
         w, h = im.size
         if w * h > max_pixels:

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from services.data.datasets import DatasetError, load_image
+from services.data.formats.samples import Item, ShardMember
 from services.data.images import MAX_IMAGE_PIXELS, ImageError, draft_size, header, orient
 from storage.settings import Settings
 
@@ -89,11 +90,11 @@ class ImageBatch:
 
 
 class BatchReader(torch.utils.data.Dataset):
-    """Item k is batch k of `batches` (arrays of indices into `paths`), decoded and put through `pil` (a callable on
-    an RGB PIL image returning an array [H, W, 3]). Picklable: it travels to the loader processes. A subclass that
-    reads other items (services/video/loading.py: clips) overrides `load`."""
+    """Item k is batch k of `batches` (arrays of indices into `paths`: files, or members of shards), decoded and put
+    through `pil` (a callable on an RGB PIL image returning an array [H, W, 3]). Picklable: it travels to the loader
+    processes. A subclass that reads other items (services/video/loading.py: clips) overrides `load`."""
 
-    def __init__(self, paths: Sequence[Path], batches: Sequence[np.ndarray], pil: Any, skip_corrupt: bool) -> None:
+    def __init__(self, paths: Sequence[Item], batches: Sequence[np.ndarray], pil: Any, skip_corrupt: bool) -> None:
         self.paths, self.batches, self.pil, self.skip_corrupt = paths, batches, pil, skip_corrupt
         self.draft = draft_size(pil)  # JPEGs far larger than the transform needs are decoded at a fraction of the size
 
@@ -140,7 +141,7 @@ class BatchReader(torch.utils.data.Dataset):
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def jpeg_header(data: bytes, path: Path) -> int:
+def jpeg_header(data: bytes, path: Item) -> int:
     """A JPEG's EXIF orientation, after checking its pixel count against the limit that decoding by Pillow enforces
     (services/data/images.py), both from its header."""
     try:
@@ -164,7 +165,8 @@ class EncodedReader(BatchReader):
         orientations: list[int] = []
         for i in positions:
             try:
-                data = Path(self.paths[i]).read_bytes()
+                item = self.paths[i]
+                data = item.read_bytes() if isinstance(item, ShardMember) else Path(item).read_bytes()
                 if data.startswith(JPEG_MAGIC):
                     orientation = jpeg_header(data, self.paths[i])  # before the device decodes it
                     items.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
@@ -184,7 +186,7 @@ class EncodedReader(BatchReader):
 
 
 def decode_on_device(
-    batch: ImageBatch, paths: Sequence[Path], resize: Any, device: torch.device, skip_corrupt: bool
+    batch: ImageBatch, paths: Sequence[Item], resize: Any, device: torch.device, skip_corrupt: bool
 ) -> ImageBatch:
     """An EncodedReader batch -> the uint8 [B, H, W, 3] batch on `device`: JPEGs decoded there in one call, every
     image resized and cropped there by `resize` (the eval transform's torchvision Resize and CenterCrop, which take

@@ -1,4 +1,5 @@
-"""`dataset` of a job spec: where the images (or videos) are, how they are split, what bad files do."""
+"""`dataset` of a job spec: where the images (or videos) are and in which format (an ImageFolder, a CSV manifest,
+WebDataset shards: services/data/formats/), how they are split, what bad files do."""
 
 from __future__ import annotations
 
@@ -6,7 +7,43 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.data.formats.base import MEDIA_KEYS
+from services.data.formats.braces import MAX_SHARDS, PatternError, expand, is_shards
 from services.spec.fields import NO_NUL, SEED_MAX
+
+
+class WebDatasetSpec(BaseModel):
+    """Which files of a WebDataset sample hold its image (or video) and its label. A sample is the consecutive files
+    of a shard sharing a key (the name up to the first dot), each file's extension saying what it holds
+    (WebDataset's convention: https://github.com/webdataset/webdataset#the-webdataset-format)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    media_keys: list[str] = Field(
+        list(MEDIA_KEYS),
+        min_length=1,
+        description="Extensions that hold a sample's image or video, in order of preference (WebDataset's "
+        "`jpg;png` keys): the first a sample has is read.",
+    )
+    label_key: str = Field(
+        "cls",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The extension of the file holding the label: `cls` (WebDataset's class file: a class index, "
+        "or a class name, as text), or `json` (the label is its field `label_field`), or any other text file. "
+        "Multi-label: a JSON list of tags, or `|`-separated tags.",
+    )
+    label_field: str = Field(
+        "label", min_length=1, description="With `label_key: json`, the field of the JSON object holding the label."
+    )
+    classes: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="The class names in the order of their indices: a label that is an integer (or decimal text) "
+        "names `classes[label]`, and a label that is a name must be one of them. Without it, labels are class "
+        "names as written (`3` is the class named '3'). Either way the model's classes are sorted by name, as for "
+        "every format.",
+    )
 
 
 class DatasetSpec(BaseModel):
@@ -17,9 +54,10 @@ class DatasetSpec(BaseModel):
         min_length=1,
         pattern=NO_NUL,
         description="Dataset location on the server, inside an allowed root: an ImageFolder directory (one "
-        "subfolder per class) or a CSV manifest with columns `path,label` (paths relative to the CSV), of images or "
-        "of videos (.mp4, .avi, .mkv, .webm, .mov; a manifest may add `start,end` in seconds), not both. Give this "
-        "or `id`, not both.",
+        "subfolder per class), a CSV manifest with columns `path,label` (paths relative to the CSV), or WebDataset "
+        "tar shards, one or a brace pattern of them (`/data/shards/{000000..000009}.tar`, every shard under an "
+        f"allowed root; at most {MAX_SHARDS:,}), of images or of videos (.mp4, .avi, .mkv, .webm, .mov; a manifest "
+        "may add `start,end` in seconds), not both. Give this or `id`, not both.",
     )
     id: str | None = Field(
         None,
@@ -27,8 +65,15 @@ class DatasetSpec(BaseModel):
         description="An uploaded dataset (`POST /datasets`) of the same API key, instead of `path`; the stored "
         "spec then shows both (the API fills `path` in with the dataset's location).",
     )
-    format: Literal["auto", "imagefolder", "csv"] = Field(
-        "auto", description="`auto` picks `csv` for a .csv file and `imagefolder` for a directory."
+    format: Literal["auto", "imagefolder", "csv", "webdataset"] = Field(
+        "auto",
+        description="`auto` picks `webdataset` for a path ending in `.tar` (a shard, or a pattern of shards), `csv` "
+        "for a .csv file and `imagefolder` for a directory.",
+    )
+    webdataset: WebDatasetSpec | None = Field(
+        None,
+        description="WebDataset shards only: which files of a sample hold its image and its label (defaults: the "
+        "first image or video extension, and the `.cls` file). Applies to `test` too when it is shards.",
     )
     val_fraction: float = Field(
         0.2,
@@ -50,7 +95,8 @@ class DatasetSpec(BaseModel):
         None,
         min_length=1,
         pattern=NO_NUL,
-        description="A separate test set on the server (an ImageFolder directory, or a CSV manifest named `*.csv`) "
+        description="A separate test set on the server (an ImageFolder directory, a CSV manifest named `*.csv`, or "
+        "WebDataset shards ending in `.tar`) "
         "whose labels are among the training set's classes; instead of `test_fraction`. Its images run through the "
         "backbone and the selected model once, after training. An uploaded test set is named by `test_id`.",
     )
@@ -97,4 +143,32 @@ class DatasetSpec(BaseModel):
             raise ValueError(
                 "give `dataset.test` or `dataset.test_id` (a separate test set) or `dataset.test_fraction`, not both"
             )
+        self._check_shards()
         return self
+
+    def _shards(self, test: bool) -> bool:
+        """Whether `path` (`test`: `test`) names WebDataset shards."""
+        path = self.test if test else self.path
+        fmt = "auto" if test else self.format
+        return path is not None and (fmt == "webdataset" or (fmt == "auto" and is_shards(path)))
+
+    def _check_shards(self) -> None:
+        for test, field in ((False, "path"), (True, "test")):
+            if self._shards(test):
+                try:
+                    self.locations(test)
+                except PatternError as e:
+                    raise ValueError(f"dataset.{field}: {e}") from None
+        if self.webdataset is not None and not (self._shards(False) or self._shards(True)):
+            raise ValueError(
+                "dataset.webdataset applies to WebDataset shards (`format: webdataset`, or a path ending in .tar); "
+                "remove it, or name the shards"
+            )
+
+    def locations(self, test: bool = False) -> list[str]:
+        """The server paths `path` (`test`: `test`) names: itself, or each shard of a WebDataset pattern (what the
+        API checks at submission, services/paths.py). PatternError for a malformed pattern."""
+        path = self.test if test else self.path
+        if path is None:
+            return []
+        return expand(path) if self._shards(test) else [path]

@@ -44,8 +44,8 @@ class JobSpec(BaseModel):
         checks at submission (services/paths.py). A new path field goes here, and is checked where it is read too."""
         ds, backbone = self.dataset, self.backbone
         fields = [
-            ("dataset.path", ds.path, ds.id),
-            ("dataset.test", ds.test, ds.test_id),
+            *(("dataset.path", path, ds.id) for path in ds.locations()),  # a pattern of shards: each of them
+            *(("dataset.test", path, ds.test_id) for path in ds.locations(test=True)),
             ("backbone.checkpoint", backbone.checkpoint, None),
         ]
         return [(field, path, upload) for field, path, upload in fields if path is not None]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from services.data.datasets import Dataset
+from services.data.formats.samples import Item, ShardMember, readable
 from services.data.loading import BatchReader
 from services.video.decoding import ClipTransform, read_clip
 from services.video.spec import VideoSpec
@@ -27,7 +28,7 @@ class ClipReader(BatchReader):
 
     def __init__(
         self,
-        paths: Sequence[Path],
+        paths: Sequence[Item],
         batches: Sequence[np.ndarray],
         transform: ClipTransform,
         skip_corrupt: bool,
@@ -43,7 +44,9 @@ class ClipReader(BatchReader):
         span = None
         if self.spans is not None and not np.isnan(self.spans[i]).any():
             span = (float(self.spans[i, 0]), float(self.spans[i, 1]))
-        clip = read_clip(Path(self.paths[i]), self.video, self.pil.for_clip(rng), rng, span)
+        item = self.paths[i]
+        source = readable(item) if isinstance(item, ShardMember) else Path(item)
+        clip = read_clip(source, self.video, self.pil.for_clip(rng), rng, span, name=str(item))
         note = None
         if clip.padded:
             note = (

@@ -1,0 +1,110 @@
+"""CSV manifests: a header with `path,label` (paths relative to the manifest's folder and inside it; for
+multi-label classification the label column holds `|`-separated tags), of images or of videos (`path,label[,start,
+end]`, seconds), one row per sample."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from services.data.formats.base import DatasetFormat, Inside, ReadOptions
+from services.data.formats.samples import Dataset, DatasetError, Item, finish
+
+
+def _empty(rel: str, label: str, multi_label: bool) -> str | None:
+    """What is missing from a row (its path, its label or tags), or None."""
+    if not rel:
+        return "an empty path"
+    if multi_label and not any(t.strip() for t in label.split("|")):
+        return f"an empty tag list {label!r}"
+    return None if label else "an empty label"
+
+
+def read_csv(
+    manifest: Path,
+    multi_label: bool = False,
+    skip_bad_rows: bool = False,
+    duplicates: str = "drop",
+    inside: Inside | None = None,
+) -> Dataset:
+    """`path,label` rows, paths relative to the manifest's folder and inside it (links followed), each checked by
+    `inside` if given, before it is looked at. `multi_label`: the label column holds `|`-separated tags. A row without
+    any tag or whose file is missing fails naming its line, or is left out and listed in `skipped_rows` when
+    `skip_bad_rows` (the job's on_corrupt=skip)."""
+    root = manifest.parent
+    paths: list[Item] = []
+    names: list[str] = []
+    where: list[str] = []
+    skipped: list[str] = []
+    spans: list[tuple[float, float]] = []
+    with open(manifest, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise DatasetError(f"{manifest} needs a header with columns `path,label`, got {reader.fieldnames}")
+        timed = {"start", "end"} & set(reader.fieldnames)
+        if len(timed) == 1:
+            raise DatasetError(f"{manifest}: give both `start` and `end` columns (seconds), or neither")
+        for line, row in enumerate(reader, start=2):
+            rel = (row["path"] or "").strip()
+            label = (row["label"] or "").strip()
+            empty = _empty(rel, label, multi_label)
+            if empty:
+                if not skip_bad_rows:
+                    raise DatasetError(
+                        f"{manifest} line {line}: {empty} (set dataset.on_corrupt='skip' to leave such rows out)"
+                    )
+                skipped.append(f"{manifest.name} line {line}: {empty}, left out")
+                continue
+            p = (root / rel).resolve()
+            if not p.is_relative_to(root.resolve()):
+                raise DatasetError(f"{manifest} line {line}: {rel!r} points outside the manifest's folder")
+            if inside is not None:  # before is_file: whether a refused file exists is not told either
+                inside(root / rel, f"{manifest.name} line {line}")
+            if not p.is_file():
+                if not skip_bad_rows:
+                    raise DatasetError(
+                        f"{manifest} line {line}: {rel!r} does not exist (set dataset.on_corrupt="
+                        "'skip' to leave missing files out)"
+                    )
+                skipped.append(f"{manifest.name} line {line}: {rel} does not exist, left out")
+                continue
+            paths.append(p)
+            names.append(label)
+            where.append(f"{manifest.name} line {line}")
+            if timed:
+                spans.append(_span(row, manifest, line))
+    if not paths and not skipped:
+        raise DatasetError(f"manifest {manifest} has no rows")
+    timing = np.array(spans, dtype=np.float64).reshape(-1, 2) if timed else None
+    return finish(root, paths, names, where, duplicates, tuple(skipped), timing, multi_label, "labels")
+
+
+def _span(row: dict[str, str | None], manifest: Path, line: int) -> tuple[float, float]:
+    """(start, end) seconds of a manifest row; both empty: the whole video (NaN)."""
+    start, end = (row.get("start") or "").strip(), (row.get("end") or "").strip()
+    if not start and not end:
+        return float("nan"), float("nan")
+    try:
+        a, b = float(start), float(end)
+    except ValueError:
+        raise DatasetError(f"{manifest} line {line}: start {start!r} and end {end!r} must both be seconds") from None
+    if not (0 <= a < b) or not np.isfinite(b):
+        raise DatasetError(f"{manifest} line {line}: need 0 <= start < end, got start {a:g}, end {b:g}")
+    return a, b
+
+
+class CsvManifest(DatasetFormat):
+    name = "csv"
+
+    def claims(self, location: str) -> bool:
+        try:  # by the file a link resolves to, as the rule checks it
+            path = Path(location).resolve()
+            return path.suffix.lower() == ".csv" and path.is_file()
+        except (OSError, RuntimeError):  # a name too long, a loop of links: the rule names the problem next
+            return False
+
+    def read(self, location: str, files: list[Path], options: ReadOptions, inside: Inside | None) -> Dataset:
+        (manifest,) = files
+        return read_csv(manifest, options.multi_label, options.skip_bad, options.duplicates, inside)

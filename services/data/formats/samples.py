@@ -1,0 +1,252 @@
+"""What every dataset format builds (`finish`: rows of (item, label) -> `Dataset`), and the rules it applies to every
+format alike: each file once, one label per file, class names that print alike refused, images or videos but not
+both, and the fingerprint over the items (names, sizes, modification times) that keys the feature cache.
+
+An item is a file (`Path`) or a file inside a tar shard (`ShardMember`, read by its offset, never extracted). Both
+answer `name`, `suffix`, `read_bytes()` and `str()`, which names the item in messages. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".webm", ".mov"}
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be used; the message names the cause (the file, the line). `field`: the job spec's
+    field it is about (what the API names in a 422)."""
+
+    code = "invalid_dataset"
+
+    def __init__(self, message: str, field: str = "dataset.path") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ShardMember:
+    """A file inside an uncompressed tar shard: `size` bytes from `offset` (where its data starts). `name` is its
+    name in the shard; `str()` is `<shard>/<name>`, as messages name it."""
+
+    shard: Path
+    member: str
+    offset: int
+    size: int
+
+    @property
+    def name(self) -> str:
+        return Path(self.member).name
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.member).suffix
+
+    def __str__(self) -> str:
+        return f"{self.shard}/{self.member}"
+
+    def read_bytes(self) -> bytes:
+        """The member's bytes; DatasetError if the shard no longer holds them (cut short or replaced since)."""
+        try:
+            with open(self.shard, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.size)
+        except OSError as e:
+            raise DatasetError(f"{self}: the shard cannot be read ({e.strerror or e})") from None
+        if len(data) != self.size:
+            raise DatasetError(f"{self}: the shard ends inside this file ({len(data)} of {self.size} bytes)")
+        return data
+
+
+Item = Path | ShardMember  # one sample's file
+
+
+def readable(item: Item) -> Path | bytes:
+    """What the decoders take (services/data/images.py, services/video/decoding.py): a file, or its bytes."""
+    return item.read_bytes() if isinstance(item, ShardMember) else item
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: Path
+    paths: list[Item]  # each sample's file: a Path, or a ShardMember of a WebDataset shard
+    labels: np.ndarray  # int64 class index per sample; multi-label: int64 0/1 [samples, classes] (multi-hot)
+    classes: list[str]
+    fingerprint: str
+    skipped_rows: tuple[str, ...] = ()  # rows left out: repeated files; under on_corrupt=skip, missing files,
+    # multi-label rows without a tag, samples without a label, truncated shards
+    kind: str = "image"  # or "video": the name of its modality (services/modality/)
+    spans: np.ndarray | None = None  # videos of a manifest with start,end: float [N, 2] seconds, NaN where not given
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    """What tells one item from another (`same`: the file by device and inode, and the member's offset in it) and
+    what says it changed (`size`, `mtime_ns`)."""
+
+    same: tuple[int, ...]
+    size: int
+    mtime_ns: int
+
+
+def _stamp(item: Item, shards: dict[Path, os.stat_result]) -> _Stamp:
+    if isinstance(item, ShardMember):
+        st = shards.get(item.shard)
+        if st is None:  # one stat per shard, not per member
+            st = shards[item.shard] = item.shard.stat()
+        return _Stamp((st.st_dev, st.st_ino, item.offset), item.size, st.st_mtime_ns)
+    st = item.stat()
+    return _Stamp((st.st_dev, st.st_ino), st.st_size, st.st_mtime_ns)
+
+
+def _relative(item: Item, root: Path) -> str:
+    if isinstance(item, ShardMember):
+        shard = item.shard.relative_to(root) if item.shard.is_relative_to(root) else item.shard
+        return f"{shard}/{item.member}"
+    return str(item.relative_to(root) if item.is_relative_to(root) else item)
+
+
+def _fingerprint(
+    root: Path, items: list[Item], labels: list[str], stamps: list[_Stamp], spans: np.ndarray | None = None
+) -> str:
+    h = hashlib.sha256()
+    for i, (item, label, st) in enumerate(zip(items, labels, stamps, strict=True)):
+        span = "" if spans is None else f"\0{spans[i, 0]!r}\0{spans[i, 1]!r}"  # images' fingerprints are unchanged
+        h.update(f"{_relative(item, root)}\0{label}\0{st.size}\0{st.mtime_ns}{span}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def media_kind(paths: list[Item], where: Path) -> str:
+    """`image` or `video` by the files' suffixes; a dataset mixing both is refused."""
+    videos = sum(p.suffix.lower() in VIDEO_SUFFIXES for p in paths)
+    if videos and videos < len(paths):
+        raise DatasetError(
+            f"dataset {where} mixes images ({len(paths) - videos}) and videos ({videos}); a dataset "
+            "holds one or the other"
+        )
+    return "video" if videos else "image"
+
+
+def _form(name: str) -> str:
+    return (
+        "NFC"
+        if unicodedata.is_normalized("NFC", name)
+        else "NFD"
+        if unicodedata.is_normalized("NFD", name)
+        else "neither NFC nor NFD"
+    )
+
+
+def name_clash(a: str, b: str) -> str:
+    """How two names that fold to one differ, each as its repr with code points escaped (what prints alike does not
+    read alike): "'caf\\xe9' (NFC) and 'cafe\\u0301' (NFD) are one name in two Unicode forms"."""
+    if unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b):
+        return f"{ascii(a)} ({_form(a)}) and {ascii(b)} ({_form(b)}) are one name in two Unicode forms"
+    if _form(a) != _form(b):
+        return f"{ascii(a)} ({_form(a)}) and {ascii(b)} ({_form(b)}) differ only in Unicode form and case"
+    return f"{ascii(a)} and {ascii(b)} differ only in case"
+
+
+def check_distinct(names: list[str], what: str) -> None:
+    """Refuse two of `names` (classes, tags) that are one name after Unicode NFC normalisation and case folding: two
+    classes that print the same (and one folder on a case-insensitive or normalising file system)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        first = seen.setdefault(unicodedata.normalize("NFC", name).casefold(), name)
+        if first != name:
+            raise DatasetError(
+                f"{what} {name_clash(first, name)}; rename one (or merge them) so that every class reads differently"
+            )
+
+
+def _each_once(
+    paths: list[Item], names: list[str], where: list[str], duplicates: str, spans: np.ndarray | None, notes: list[str]
+) -> tuple[list[int], list[_Stamp]]:
+    """The rows to keep (each file once) and their stamps; repeated rows noted in `notes` or refused."""
+    keep: list[int] = []
+    stamps: list[_Stamp] = []
+    seen: dict[tuple, int] = {}
+    shards: dict[Path, os.stat_result] = {}
+    for i, (p, name, at) in enumerate(zip(paths, names, where, strict=True)):
+        st = _stamp(p, shards)
+        span = () if spans is None else (repr(spans[i, 0]), repr(spans[i, 1]))  # clips of one video are distinct
+        first = seen.setdefault((*st.same, *span), i)
+        if first != i:
+            if names[first] != name:
+                raise DatasetError(
+                    f"{at}: {p.name} is also {where[first]} with another label ({names[first]!r} vs "
+                    f"{name!r}); one file cannot be in two classes"
+                )
+            if duplicates == "fail":
+                raise DatasetError(
+                    f"{at}: {p.name} is listed again (first: {where[first]}); remove the repeated rows "
+                    "or set dataset.duplicates='drop'"
+                )
+            notes.append(f"{at}: {p.name} repeats {where[first]}, left out")
+            continue
+        keep.append(i)
+        stamps.append(st)
+    return keep, stamps
+
+
+def finish(
+    root: Path,
+    paths: list[Item],
+    names: list[str],
+    where: list[str],
+    duplicates: str = "drop",
+    skipped: tuple[str, ...] = (),
+    spans: np.ndarray | None = None,
+    multi_label: bool = False,
+    what: str = "class folders",
+) -> Dataset:
+    """The dataset of (item, label) rows, each file once: a file listed again (the same file by device and inode:
+    a repeated row, `./a.png` next to `a.png`, a link to it; a shard's member by its offset too) is left out with the
+    same label (`duplicates="drop"`, noted in `skipped_rows`) or refused (`"fail"`), and refused with another label.
+    So no file can land in two splits. `where` names each row for the messages (a manifest's line, or the file)."""
+    notes = list(skipped)
+    keep, stamps = _each_once(paths, names, where, duplicates, spans, notes)
+    paths, names = [paths[i] for i in keep], [names[i] for i in keep]
+    spans = spans[keep] if spans is not None else None
+    tags = [[t.strip() for t in n.split("|") if t.strip()] for n in names] if multi_label else [[n] for n in names]
+    classes = sorted({t for row in tags for t in row})
+    check_distinct(classes, "tags" if multi_label else what)
+    if len(paths) == 0:
+        raise DatasetError(
+            f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
+            f"({', '.join(sorted(VIDEO_SUFFIXES))})"
+        )
+    if len(classes) < 2:
+        raise DatasetError(
+            f"dataset {root} has {len(classes)} {'tag' if multi_label else 'class'}; at least 2 are needed"
+        )
+    kind = media_kind(paths, root)
+    if spans is not None and kind != "video":
+        raise DatasetError(f"{root}: `start`/`end` columns apply to videos only")
+    index = {c: i for i, c in enumerate(classes)}
+    if multi_label:
+        labels = np.zeros((len(paths), len(classes)), dtype=np.int64)
+        for row, row_tags in enumerate(tags):
+            labels[row, [index[t] for t in row_tags]] = 1
+        # the same manifest read as single-label holds other labels: it must not share a cache entry
+        fingerprint = _fingerprint(root, paths, [f"multi-label:{n}" for n in names], stamps, spans)
+    else:
+        labels = np.array([index[row[0]] for row in tags], dtype=np.int64)
+        fingerprint = _fingerprint(root, paths, names, stamps, spans)
+    return Dataset(root, paths, labels, classes, fingerprint, kind=kind, spans=spans, skipped_rows=tuple(notes))

@@ -1,0 +1,224 @@
+"""WebDataset shards: uncompressed tar files, named one by one or by a brace pattern (`shards/{000000..000009}.tar`,
+formats/braces.py), read with the standard `tarfile` by the format's conventions (https://github.com/webdataset/
+webdataset, "The WebDataset Format"): a sample is the consecutive files of a shard that share a key, the file's path
+up to the first dot of its base name; the rest of the name, its extension, says what the file holds. Here a sample's
+image or video is its first file whose extension is among the media keys (`jpg`, `png`, ..., `mp4`, ...), and its
+label is the text of its `.cls` file (a class index, or a class name) or a field of its `.json` file
+(`label_key`, `label_field`; multi-label: a list of tags, or `|`-separated tags).
+
+Samples are not extracted: each is a `ShardMember` (its shard, offset and size), which the loader processes read by
+seeking, so a shard is read twice (listed once, when the job is planned, its labels with it; each image when it is
+decoded) and never copied. A shard cut short (its last sample, or tar's end-of-archive blocks, missing) fails the
+job naming it, or with `on_corrupt: skip` is left out whole and noted, like a sample without its image or label.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.data.formats.base import DatasetFormat, Inside, ReadOptions, WebDatasetOptions
+from services.data.formats.braces import PatternError, expand, is_shards
+from services.data.formats.samples import Dataset, DatasetError, Item, ShardMember, finish
+
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's own split of a name: (dir/key, extension)
+_BLOCK = 512
+MAX_LABEL_BYTES = 1 << 20  # a label file is text; a larger one is not read
+
+
+class ShardError(Exception):
+    """A shard that cannot be read to its end (cut short, compressed, not a tar file)."""
+
+
+@dataclass
+class _Sample:
+    """A sample being gathered: its files by extension, and the label file's bytes once read."""
+
+    key: str
+    files: dict[str, ShardMember] = field(default_factory=dict)
+    label: bytes | None = None
+
+
+def _members(shard: Path, options: WebDatasetOptions) -> Iterator[tuple[str, str, ShardMember, bytes | None]]:
+    """(key, extension, member, the label file's bytes or None) for each regular file of `shard`, in order;
+    ShardError if the shard does not read to its end."""
+    end = 0
+    try:
+        with open(shard, "rb") as f:
+            if f.read(2) == b"\x1f\x8b":
+                raise ShardError("it is gzip-compressed; samples are read in place, so shards must be plain .tar files")
+            size = f.seek(0, os.SEEK_END)
+        with tarfile.open(shard, mode="r:") as tar:
+            for info in tar:
+                end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
+                match = _KEY.match(info.name) if info.isfile() else None
+                if match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                label = None
+                if ext == options.label_key.lower() and info.size <= MAX_LABEL_BYTES:
+                    reader = tar.extractfile(info)
+                    label = reader.read() if reader is not None else None
+                yield key, ext, ShardMember(shard, info.name, info.offset_data, info.size), label
+        with open(shard, "rb") as f:  # tar ends with two zero blocks: without them the shard was cut at a file's end
+            f.seek(end)
+            tail = f.read(2 * _BLOCK)
+    except tarfile.ReadError as e:
+        raise ShardError(f"it is cut short, or is not a tar file (tarfile: {e})") from None
+    except OSError as e:
+        raise ShardError(f"it cannot be read ({e.strerror or e})") from None
+    if end > size or len(tail) < 2 * _BLOCK or tail.strip(b"\0"):
+        raise ShardError("it is cut short (it ends without tar's end-of-archive blocks)")
+
+
+def _samples(shard: Path, options: WebDatasetOptions) -> list[_Sample]:
+    """The samples of `shard`, in order; DatasetError for a key split across the shard."""
+    out: list[_Sample] = []
+    seen: set[str] = set()
+    for key, ext, member, label in _members(shard, options):
+        if not out or out[-1].key != key:
+            if key in seen:
+                raise DatasetError(
+                    f"{shard}: the files of sample {key!r} are not next to each other (a sample's files are "
+                    "consecutive in a WebDataset shard)"
+                )
+            seen.add(key)
+            out.append(_Sample(key))
+        out[-1].files.setdefault(ext, member)
+        if label is not None:
+            out[-1].label = label
+    return out
+
+
+def _name(value: object, options: WebDatasetOptions) -> str:
+    """A label value as a class name: an index into `classes` (an int, or a decimal text when classes are given)
+    or a name (among `classes` when given); ValueError saying what is wrong."""
+    classes = options.classes
+    if isinstance(value, str) and classes is not None and value.strip().isdecimal():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"label {value!r} is neither a class index nor a class name")
+    if isinstance(value, int):
+        if classes is None:
+            return str(value)
+        if not 0 <= value < len(classes):
+            raise ValueError(f"label {value} is not an index of dataset.webdataset.classes ({len(classes)} classes)")
+        return classes[value]
+    name = value.strip()
+    if not name:
+        raise ValueError("the label is empty")
+    if classes is not None and name not in classes:
+        raise ValueError(f"label {name!r} is not one of dataset.webdataset.classes")
+    return name
+
+
+def _label(raw: bytes, options: WebDatasetOptions, multi_label: bool) -> str:
+    """The class name (multi-label: `|`-joined tags) a label file holds; ValueError saying what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"the .{options.label_key} file is not UTF-8 text") from None
+    if options.label_key.lower() == "json":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the .json file is not JSON ({e})") from None
+        if not isinstance(document, dict) or options.label_field not in document:
+            raise ValueError(f"its .json file has no field {options.label_field!r} (dataset.webdataset.label_field)")
+        value = document[options.label_field]
+    else:
+        value = text.strip()
+    if multi_label:
+        tags = value if isinstance(value, list) else value.split("|") if isinstance(value, str) else [value]
+        names = [_name(t, options) for t in tags if not (isinstance(t, str) and not t.strip())]
+        if not names:
+            raise ValueError(f"an empty tag list {value!r}")
+        return "|".join(names)
+    return _name(value, options)
+
+
+def _sample_row(shard: Path, sample: _Sample, options: WebDatasetOptions, multi_label: bool) -> tuple[Item, str]:
+    """A sample's (item, label); ValueError naming what it lacks."""
+    media = next((sample.files[k] for k in options.media_keys if k in sample.files), None)
+    if media is None:
+        raise ValueError(
+            f"no image or video (none of the extensions {', '.join(options.media_keys[:6])}, ...; "
+            f"it has {', '.join(sorted(sample.files))})"
+        )
+    if sample.label is None:
+        raise ValueError(f"no label (no .{options.label_key} file; dataset.webdataset.label_key)")
+    return media, _label(sample.label, options, multi_label)
+
+
+def missing_shards(location: str, shards: list[Path]) -> DatasetError | None:
+    """The error for shards of `location` that do not exist, or None."""
+    missing = [s for s in shards if not s.is_file()]
+    if not missing:
+        return None
+    if len(missing) == len(shards):
+        return DatasetError(f"{location!r} matches no file: none of the {len(shards)} shard(s) it names exists")
+    listed = ", ".join(str(s) for s in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return DatasetError(f"{len(missing)} of the {len(shards)} shards {location!r} names do not exist: {listed}")
+
+
+def read_webdataset(
+    location: str, shards: list[Path], options: ReadOptions | None = None, inside: Inside | None = None
+) -> Dataset:
+    """The samples of `shards` (what `location` names), in shard order then file order. With `inside`, every
+    shard is checked by it before it is looked at."""
+    options = options or ReadOptions()
+    if inside is not None:
+        for shard in shards:
+            inside(shard, f"shard {shard}")
+    if error := missing_shards(location, shards):
+        raise error
+    wds, skip = options.webdataset, options.skip_bad
+    items: list[Item] = []
+    names: list[str] = []
+    where: list[str] = []
+    skipped: list[str] = []
+    for shard in shards:
+        try:
+            samples = _samples(shard, wds)
+        except ShardError as e:
+            if not skip:
+                raise DatasetError(f"shard {shard}: {e} (set dataset.on_corrupt='skip' to leave it out)") from None
+            skipped.append(f"shard {shard.name}: {e}, left out")
+            continue
+        for sample in samples:
+            try:
+                item, name = _sample_row(shard, sample, wds, options.multi_label)
+            except ValueError as e:
+                if not skip:
+                    raise DatasetError(
+                        f"shard {shard} sample {sample.key!r}: {e} (set dataset.on_corrupt='skip' to leave such "
+                        "samples out)"
+                    ) from None
+                skipped.append(f"shard {shard.name} sample {sample.key}: {e}, left out")
+                continue
+            items.append(item)
+            names.append(name)
+            where.append(f"shard {shard.name} sample {sample.key}")
+    root = Path(os.path.commonpath([s.parent for s in shards]))
+    return finish(root, items, names, where, options.duplicates, tuple(skipped), None, options.multi_label, "labels")
+
+
+class WebDataset(DatasetFormat):
+    name = "webdataset"
+
+    def claims(self, location: str) -> bool:
+        return is_shards(location)
+
+    def locations(self, location: str) -> list[str]:
+        try:
+            return expand(location)
+        except PatternError as e:
+            raise DatasetError(str(e)) from None
+
+    def read(self, location: str, files: list[Path], options: ReadOptions, inside: Inside | None) -> Dataset:
+        return read_webdataset(location, files, options, inside)
