@@ -19,12 +19,22 @@ TokenMode = Literal["auto", "all", "cls", "mean"]
 Pool = Literal["auto", "cls", "mean"]
 
 
+class WebDatasetSpecRecord(TypedDict):
+    """`spec.dataset.webdataset` (services/spec/dataset.py: WebDatasetSpec)."""
+
+    media_keys: list[str]
+    label_key: str
+    label_field: str
+    classes: list[str] | None
+
+
 class DatasetSpecRecord(TypedDict):
     """`spec.dataset` (services/spec/dataset.py)."""
 
     path: str | None
     id: str | None
-    format: Literal["auto", "imagefolder", "csv"]
+    format: Literal["auto", "imagefolder", "csv", "webdataset"]
+    webdataset: WebDatasetSpecRecord | None
     val_fraction: float
     test_fraction: float
     test: str | None

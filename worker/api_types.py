@@ -16,12 +16,23 @@ from typing import Literal, NotRequired, Required, TypedDict
 # ---- the job spec (services/spec/): what `POST /jobs` takes, and a job's `spec` with its defaults filled in ----------
 
 
+class WebDatasetBody(TypedDict, total=False):
+    """`dataset.webdataset`: which files of a WebDataset sample hold its image and its label."""
+
+    media_keys: list[str]
+    label_key: str
+    label_field: str
+    classes: list[str] | None
+
+
 class DatasetBody(TypedDict, total=False):
-    """`dataset`: a server path or an uploaded dataset's id, and how it is split."""
+    """`dataset`: a server path (a folder, a CSV manifest, WebDataset shards) or an uploaded dataset's id, and how it
+    is split."""
 
     path: str | None
     id: str | None
-    format: Literal["auto", "imagefolder", "csv"]
+    format: Literal["auto", "imagefolder", "csv", "webdataset"]
+    webdataset: WebDatasetBody | None
     val_fraction: float
     test_fraction: float
     test: str | None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import unicodedata
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from services.data.formats.samples import (
 )
 from services.data.formats.webdataset import WebDataset, read_webdataset
 from services.paths import UserPaths
+
+if TYPE_CHECKING:
+    from services.spec.dataset import DatasetSpec
 
 __all__ = [
     "FORMATS",
@@ -91,7 +94,7 @@ def read_dataset(
     return reader.read(str(path), files, options, inside)
 
 
-def _options(dataset: Any) -> ReadOptions:
+def _options(dataset: DatasetSpec) -> ReadOptions:
     """What a job's `dataset` spec says about reading it."""
     wds = dataset.webdataset
     return ReadOptions(
@@ -109,7 +112,7 @@ def _options(dataset: Any) -> ReadOptions:
     )
 
 
-def read_for_job(dataset: Any, paths: UserPaths, test: bool = False) -> Dataset:
+def read_for_job(dataset: DatasetSpec, paths: UserPaths, test: bool = False) -> Dataset:
     """The dataset a job spec names (`test`: its `dataset.test`) under services/paths.py's rule: every path its
     location names (ForbiddenPath; FileNotFoundError for a missing folder or manifest, a DatasetError listing
     missing shards), and every file it resolves to. Errors name the field."""
@@ -137,7 +140,7 @@ def _checked(paths: UserPaths, field: str, path: str, upload: str | None, severa
         return Path(path)
 
 
-def read_test_set(dataset: Any, paths: UserPaths, classes: list[str]) -> tuple[Dataset, np.ndarray]:
+def read_test_set(dataset: DatasetSpec, paths: UserPaths, classes: list[str]) -> tuple[Dataset, np.ndarray]:
     """A job's `dataset.test` (under services/paths.py's rule) and its targets in the order of the training set's
     `classes`: class indices, or [n, tags] for multi-label. DatasetError naming classes (tags) the training set does
     not have."""

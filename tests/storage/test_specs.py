@@ -15,6 +15,7 @@ from services.methods import CONFIGS
 from services.methods.auto import AutoConfig
 from services.models.manifest import Features, Manifest, Preprocessing
 from services.spec import BackboneSpec, DatasetSpec, ExecutionSpec, ExtractionSpec, JobSpec, TrainingSpec
+from services.spec.dataset import WebDatasetSpec
 from services.spec.extraction import EveryKth, LastK
 from services.spec.sweep import SweepSpec
 from services.video.spec import VideoSpec
@@ -24,6 +25,7 @@ from storage.cache.meta import DataConfig
 PAIRS = [
     (specs.SpecRecord, JobSpec),
     (specs.DatasetSpecRecord, DatasetSpec),
+    (specs.WebDatasetSpecRecord, WebDatasetSpec),
     (specs.BackboneSpecRecord, BackboneSpec),
     (specs.VideoRecord, VideoSpec),
     (specs.ExtractionSpecRecord, ExtractionSpec),
@@ -62,6 +64,11 @@ SPECS = [
         "extraction": {"layers": {"every": 2}, "batch_size": 32, "codec": "zstd", "keepbits": 7},
         "training": {"lr": 0.01, "epochs": 3, "clip_grad_norm": None},
         "sweep": {"rank": [4, 8], "layers": ["all", 2, [0, 1]]},
+    },
+    {
+        "dataset": {"path": "/d/{0..3}.tar", "webdataset": {"label_key": "json", "classes": ["a", "b"]}},
+        "backbone": {"name": "vit_tiny_patch16_224"},
+        "method": {"name": "linear"},
     },
     {
         "dataset": {"path": "/d"},

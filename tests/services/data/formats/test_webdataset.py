@@ -207,3 +207,26 @@ def test_the_spec_names_every_shard_for_the_submission_check(tmp_path: Path) -> 
 
 def test_the_media_keys_cover_every_suffix_the_folders_read() -> None:
     assert {f".{k}" for k in MEDIA_KEYS} == IMAGE_SUFFIXES | VIDEO_SUFFIXES
+
+
+def test_video_samples_read_the_same_clips_as_their_files(tmp_path: Path) -> None:
+    from services.data.loading import iterate
+    from services.video.decoding import ClipTransform
+    from services.video.loading import ClipReader
+    from services.video.spec import VideoSpec
+    from services.video.synthetic import write_motion
+
+    write_motion(tmp_path / "m", 2, frames=6, size=32)
+    folder = read_dataset(tmp_path / "m" / "train")
+    samples = imagefolder_samples(folder.paths, folder.classes, folder.labels.tolist())
+    shards = read_dataset(write_shards(tmp_path / "shards", samples, per_shard=3))
+    assert folder.kind == shards.kind == "video" and shards.classes == folder.classes
+    video, batches = VideoSpec(num_frames=4, tubelet=2), [np.arange(0, 5), np.arange(5, len(folder))]
+
+    def clips(dataset, workers: int) -> list[np.ndarray]:
+        reader = ClipReader(dataset.paths, batches, ClipTransform(pil=np.asarray), False, video)
+        return [b.images.numpy() for b in iterate(reader, workers)]
+
+    want = clips(folder, 0)
+    for got in (clips(shards, 0), clips(shards, 2)):
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
