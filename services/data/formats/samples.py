@@ -33,10 +33,11 @@ class DatasetError(UserError, ValueError):
         self.field = field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class ShardMember:
-    """A file inside an uncompressed tar shard: `size` bytes from `offset` (where its data starts). `name` is its
-    name in the shard; `str()` is `<shard>/<name>`, as messages name it."""
+    """A file inside an uncompressed tar shard: `size` bytes from `offset` (where its data starts). `member` is its
+    name in the shard; `str()` is `<shard>/<member>`, as messages name it. Hashable and ordered, as paths are (the
+    planner sorts the files a test set shares with the training set)."""
 
     shard: Path
     member: str

@@ -62,6 +62,7 @@ def test_the_shards_read_as_the_imagefolder_they_were_written_from(digits_shards
     for i in (0, 77, len(folder) - 1):
         np.testing.assert_array_equal(np.asarray(load_image(shards.paths[i])), np.asarray(load_image(folder.paths[i])))
     assert read_dataset(pattern).fingerprint == shards.fingerprint != folder.fingerprint
+    assert sorted(set(shards.paths) & set(read_dataset(pattern).paths)) == shards.paths  # as the planner compares
 
 
 def test_the_fingerprint_follows_the_shards(tmp_path: Path) -> None:
