@@ -1,8 +1,9 @@
-"""Reading a dataset: the formats (services/data/formats/: ImageFolder, CSV manifests, WebDataset shards; one module
-each behind `DatasetFormat`), the one that `dataset.format` names or `auto` picks, and a job's dataset read through
-services/paths.py's rule (`read_for_job`): every path its location names, then every class folder, linked file,
-manifest row or shard the format reaches. The result is a `Dataset` (formats/samples.py: sorted samples, class
-names, a fingerprint over the items so that a changed dataset gets a new cache entry). Torch-free.
+"""Reading a dataset: the formats (services/data/formats/: ImageFolder, CSV manifests, WebDataset shards, Hugging Face
+datasets; one module each behind `DatasetFormat`), the one that `dataset.format` names or `auto` picks, and a job's
+dataset read through services/paths.py's rule (`read_for_job`): every path its location names, then every class
+folder, linked file, manifest row, shard or Arrow/Parquet file the format reaches. The result is a `Dataset`
+(formats/samples.py: sorted samples, class names, a fingerprint over the items so that a changed dataset gets a new
+cache entry). Torch-free.
 
 `Dataset`, `DatasetError` and the readers of each format are imported from here by the rest of the code.
 """
@@ -17,16 +18,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from services.data import images
-from services.data.formats.base import DatasetFormat, Inside, ReadOptions, WebDatasetOptions
+from services.data.formats.base import DatasetFormat, HuggingFaceOptions, Inside, ReadOptions, WebDatasetOptions
 from services.data.formats.csv_manifest import CsvManifest, read_csv
+from services.data.formats.huggingface import HuggingFace, read_huggingface
 from services.data.formats.imagefolder import ImageFolder, read_imagefolder
 from services.data.formats.samples import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
     Dataset,
     DatasetError,
+    InFile,
     Item,
     ShardMember,
+    TableRow,
     check_distinct,
     media_kind,
     name_clash,
@@ -47,6 +51,7 @@ __all__ = [
     "Inside",
     "Item",
     "ShardMember",
+    "TableRow",
     "check_distinct",
     "format_for",
     "load_image",
@@ -55,14 +60,16 @@ __all__ = [
     "read_csv",
     "read_dataset",
     "read_for_job",
+    "read_huggingface",
     "read_imagefolder",
     "read_test_set",
     "read_webdataset",
     "resolve_format",
 ]
 
-# `auto` asks them in this order: shards by their name, a manifest by its suffix, anything else is a folder
-FORMATS: dict[str, DatasetFormat] = {f.name: f for f in (WebDataset(), CsvManifest(), ImageFolder())}
+# `auto` asks them in this order: shards by their name, a manifest by its suffix, a Hugging Face dataset by its
+# `hf://` id, its save_to_disk files or its Parquet files; anything else is a folder
+FORMATS: dict[str, DatasetFormat] = {f.name: f for f in (WebDataset(), CsvManifest(), HuggingFace(), ImageFolder())}
 
 
 def format_for(location: str | Path, fmt: str = "auto") -> DatasetFormat:
@@ -85,18 +92,25 @@ def read_dataset(
     inside: Inside | None = None,
     duplicates: str = "drop",
     webdataset: WebDatasetOptions | None = None,
+    huggingface: HuggingFaceOptions | None = None,
 ) -> Dataset:
     """The dataset at `path` (a folder, a manifest, a shard or a pattern of shards). With `inside`, every class
     folder, linked file, manifest row and shard is checked by it before it is read."""
     reader = format_for(path, fmt)
-    options = ReadOptions(multi_label, on_corrupt == "skip", duplicates, webdataset or WebDatasetOptions())
+    options = ReadOptions(
+        multi_label,
+        on_corrupt == "skip",
+        duplicates,
+        webdataset or WebDatasetOptions(),
+        huggingface or HuggingFaceOptions(),
+    )
     files = [Path(p) for p in reader.locations(str(path))]
     return reader.read(str(path), files, options, inside)
 
 
 def _options(dataset: DatasetSpec) -> ReadOptions:
     """What a job's `dataset` spec says about reading it."""
-    wds = dataset.webdataset
+    wds, hf = dataset.webdataset, dataset.huggingface
     return ReadOptions(
         dataset.multi_label,
         dataset.on_corrupt == "skip",
@@ -109,6 +123,7 @@ def _options(dataset: DatasetSpec) -> ReadOptions:
             wds.label_field,
             None if wds.classes is None else tuple(wds.classes),
         ),
+        HuggingFaceOptions() if hf is None else HuggingFaceOptions(hf.image_column, hf.label_column, hf.splits),
     )
 
 
@@ -170,7 +185,7 @@ def load_image(source: Item | bytes, draft: int | None = None):
     """An RGB PIL image, decoded by the rules of services/data/images.py; DatasetError naming the file (or the shard
     and its member) otherwise."""
     try:
-        if isinstance(source, ShardMember):
+        if isinstance(source, InFile):
             return images.load_image(readable(source), draft, name=str(source))
         return images.load_image(source, draft)
     except images.ImageError as e:

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from services.data.datasets import DatasetError, load_image
-from services.data.formats.samples import Item, ShardMember
+from services.data.formats.samples import InFile, Item
 from services.data.images import MAX_IMAGE_PIXELS, ImageError, draft_size, header, orient
 from storage.settings import Settings
 
@@ -166,7 +166,7 @@ class EncodedReader(BatchReader):
         for i in positions:
             try:
                 item = self.paths[i]
-                data = item.read_bytes() if isinstance(item, ShardMember) else Path(item).read_bytes()
+                data = item.read_bytes() if isinstance(item, InFile) else Path(item).read_bytes()
                 if data.startswith(JPEG_MAGIC):
                     orientation = jpeg_header(data, self.paths[i])  # before the device decodes it
                     items.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))

@@ -59,6 +59,16 @@ class WebDatasetOptions:
 
 
 @dataclass(frozen=True)
+class HuggingFaceOptions:
+    """Which columns of a Hugging Face dataset hold what, and whether its own splits are the job's
+    (services/spec/dataset.py: `HuggingFaceSpec` documents them)."""
+
+    image_column: str = "image"
+    label_column: str = "label"
+    splits: str = "dataset"
+
+
+@dataclass(frozen=True)
 class ReadOptions:
     """How a job reads its dataset: `multi_label` (labels hold `|`-separated tags), `skip_bad` (on_corrupt=skip:
     a row whose file is missing, a sample without a label, a truncated shard is left out and noted), `duplicates`
@@ -68,6 +78,7 @@ class ReadOptions:
     skip_bad: bool = False
     duplicates: str = "drop"
     webdataset: WebDatasetOptions = field(default_factory=WebDatasetOptions)
+    huggingface: HuggingFaceOptions = field(default_factory=HuggingFaceOptions)
 
 
 class DatasetFormat(ABC):

@@ -2,8 +2,9 @@
 format alike: each file once, one label per file, class names that print alike refused, images or videos but not
 both, and the fingerprint over the items (names, sizes, modification times) that keys the feature cache.
 
-An item is a file (`Path`) or a file inside a tar shard (`ShardMember`, read by its offset, never extracted). Both
-answer `name`, `suffix`, `read_bytes()` and `str()`, which names the item in messages. Torch-free.
+An item is a file (`Path`), a file inside a tar shard (`ShardMember`, read by its offset, never extracted) or a cell of
+an Arrow or Parquet file (`TableRow`, a Hugging Face dataset's image, read in place by formats/tables.py). Each answers
+`name`, `suffix`, `read_bytes()` and `str()`, which names the item in messages. Torch-free.
 """
 
 from __future__ import annotations
@@ -68,12 +69,43 @@ class ShardMember:
         return data
 
 
-Item = Path | ShardMember  # one sample's file
+@dataclass(frozen=True, order=True)
+class TableRow:
+    """The image of row `row` of an Arrow (a `save_to_disk` folder's, or the Hub's download) or Parquet `file`, in
+    its `column` (an Image feature's `bytes`, or a binary column); `stored` is the file name the row records (its
+    suffix tells images from videos), or empty. `str()` is `<file>[<row>]`. Read in place by formats/tables.py, so
+    the loader processes read a Hugging Face dataset's images without any being written out."""
+
+    file: Path
+    row: int
+    column: str
+    stored: str = ""
+
+    @property
+    def name(self) -> str:
+        return Path(self.stored).name or f"row {self.row}"
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.stored).suffix
+
+    def __str__(self) -> str:
+        return f"{self.file}[{self.row}]"
+
+    def read_bytes(self) -> bytes:
+        """The image's bytes; DatasetError if the file no longer holds them."""
+        from services.data.formats.tables import read_cell  # pyarrow, only where a table is read
+
+        return read_cell(self)
+
+
+Item = Path | ShardMember | TableRow  # one sample's file
+InFile = ShardMember | TableRow  # an item that is part of a file, read by its read_bytes()
 
 
 def readable(item: Item) -> Path | bytes:
     """What the decoders take (services/data/images.py, services/video/decoding.py): a file, or its bytes."""
-    return item.read_bytes() if isinstance(item, ShardMember) else item
+    return item.read_bytes() if isinstance(item, InFile) else item
 
 
 @dataclass(frozen=True)
@@ -87,6 +119,8 @@ class Dataset:
     # multi-label rows without a tag, samples without a label, truncated shards
     kind: str = "image"  # or "video": the name of its modality (services/modality/)
     spans: np.ndarray | None = None  # videos of a manifest with start,end: float [N, 2] seconds, NaN where not given
+    parts: np.ndarray | None = None  # the dataset's own split (a Hugging Face dataset's): uint8 per sample, 0 train,
+    # 1 validation, 2 test; None: the job draws it (services/data/splits.py: `split_for`)
 
     @property
     def multi_label(self) -> bool:
@@ -112,6 +146,11 @@ def _stamp(item: Item, shards: dict[Path, os.stat_result]) -> _Stamp:
         if st is None:  # one stat per shard, not per member
             st = shards[item.shard] = item.shard.stat()
         return _Stamp((st.st_dev, st.st_ino, item.offset), item.size, st.st_mtime_ns)
+    if isinstance(item, TableRow):
+        st = shards.get(item.file)
+        if st is None:
+            st = shards[item.file] = item.file.stat()
+        return _Stamp((st.st_dev, st.st_ino, item.row), st.st_size, st.st_mtime_ns)
     st = item.stat()
     return _Stamp((st.st_dev, st.st_ino), st.st_size, st.st_mtime_ns)
 
@@ -120,6 +159,9 @@ def _relative(item: Item, root: Path) -> str:
     if isinstance(item, ShardMember):
         shard = item.shard.relative_to(root) if item.shard.is_relative_to(root) else item.shard
         return f"{shard}/{item.member}"
+    if isinstance(item, TableRow):
+        file = item.file.relative_to(root) if item.file.is_relative_to(root) else item.file
+        return f"{file}[{item.row}]"
     return str(item.relative_to(root) if item.is_relative_to(root) else item)
 
 
@@ -216,17 +258,23 @@ def finish(
     spans: np.ndarray | None = None,
     multi_label: bool = False,
     what: str = "class folders",
+    order: list[str] | None = None,
+    parts: np.ndarray | None = None,
 ) -> Dataset:
     """The dataset of (item, label) rows, each file once: a file listed again (the same file by device and inode:
     a repeated row, `./a.png` next to `a.png`, a link to it; a shard's member by its offset too) is left out with the
     same label (`duplicates="drop"`, noted in `skipped_rows`) or refused (`"fail"`), and refused with another label.
-    So no file can land in two splits. `where` names each row for the messages (a manifest's line, or the file)."""
+    So no file can land in two splits. `where` names each row for the messages (a manifest's line, or the file).
+    The classes are sorted by name, or in `order` (a Hugging Face ClassLabel's names; those without a sample left
+    out); `parts` is the dataset's own split code of each row (formats/samples.py: `Dataset.parts`)."""
     notes = list(skipped)
     keep, stamps = _each_once(paths, names, where, duplicates, spans, notes)
     paths, names = [paths[i] for i in keep], [names[i] for i in keep]
     spans = spans[keep] if spans is not None else None
+    parts = parts[keep] if parts is not None else None
     tags = [[t.strip() for t in n.split("|") if t.strip()] for n in names] if multi_label else [[n] for n in names]
-    classes = sorted({t for row in tags for t in row})
+    present = {t for row in tags for t in row}
+    classes = [c for c in dict.fromkeys(order or ()) if c in present] + sorted(present - set(order or ()))
     check_distinct(classes, "tags" if multi_label else what)
     if len(paths) == 0:
         raise DatasetError(
@@ -241,6 +289,8 @@ def finish(
     if spans is not None and kind != "video":
         raise DatasetError(f"{root}: `start`/`end` columns apply to videos only")
     index = {c: i for i, c in enumerate(classes)}
+    if order is not None:  # the same names in another order are other labels: not the same cache entry
+        names = [f"{n}\0{'|'.join(str(index[t]) for t in row)}" for n, row in zip(names, tags, strict=True)]
     if multi_label:
         labels = np.zeros((len(paths), len(classes)), dtype=np.int64)
         for row, row_tags in enumerate(tags):
@@ -250,4 +300,6 @@ def finish(
     else:
         labels = np.array([index[row[0]] for row in tags], dtype=np.int64)
         fingerprint = _fingerprint(root, paths, names, stamps, spans)
-    return Dataset(root, paths, labels, classes, fingerprint, kind=kind, spans=spans, skipped_rows=tuple(notes))
+    return Dataset(
+        root, paths, labels, classes, fingerprint, kind=kind, spans=spans, skipped_rows=tuple(notes), parts=parts
+    )
