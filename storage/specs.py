@@ -28,13 +28,22 @@ class WebDatasetSpecRecord(TypedDict):
     classes: list[str] | None
 
 
+class HuggingFaceSpecRecord(TypedDict):
+    """`spec.dataset.huggingface` (services/spec/dataset.py: HuggingFaceSpec)."""
+
+    image_column: str
+    label_column: str
+    splits: Literal["dataset", "draw"]
+
+
 class DatasetSpecRecord(TypedDict):
     """`spec.dataset` (services/spec/dataset.py)."""
 
     path: str | None
     id: str | None
-    format: Literal["auto", "imagefolder", "csv", "webdataset"]
+    format: Literal["auto", "imagefolder", "csv", "webdataset", "huggingface"]
     webdataset: WebDatasetSpecRecord | None
+    huggingface: HuggingFaceSpecRecord | None
     val_fraction: float
     test_fraction: float
     test: str | None

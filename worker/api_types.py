@@ -25,14 +25,24 @@ class WebDatasetBody(TypedDict, total=False):
     classes: list[str] | None
 
 
+class HuggingFaceBody(TypedDict, total=False):
+    """`dataset.huggingface`: which columns of a Hugging Face dataset hold its images and labels, and whether its own
+    splits are the job's."""
+
+    image_column: str
+    label_column: str
+    splits: Literal["dataset", "draw"]
+
+
 class DatasetBody(TypedDict, total=False):
-    """`dataset`: a server path (a folder, a CSV manifest, WebDataset shards) or an uploaded dataset's id, and how it
-    is split."""
+    """`dataset`: a server path (a folder, a CSV manifest, WebDataset shards, a Hugging Face dataset or `hf://` id) or
+    an uploaded dataset's id, and how it is split."""
 
     path: str | None
     id: str | None
-    format: Literal["auto", "imagefolder", "csv", "webdataset"]
+    format: Literal["auto", "imagefolder", "csv", "webdataset", "huggingface"]
     webdataset: WebDatasetBody | None
+    huggingface: HuggingFaceBody | None
     val_fraction: float
     test_fraction: float
     test: str | None

@@ -1,5 +1,6 @@
 """The train/validation/test split of a dataset's labels (seeded, stratified per class; multi-label targets split
-over all samples at once), and the refusals of a split that leaves nothing to validate or test on. Torch-free.
+over all samples at once), the split a dataset brings with it (`given_split`: a Hugging Face dataset's own train,
+validation and test splits), and the refusals of a split that leaves nothing to validate or test on. Torch-free.
 """
 
 from __future__ import annotations
@@ -39,6 +40,28 @@ def split(
         train.append(idx[n_val + n_test :])
     return tuple(
         np.sort(np.concatenate([np.empty(0, np.int64), *part]).astype(np.int64)) for part in (train, val, test)
+    )  # type: ignore[return-value]
+
+
+def given_split(
+    codes: np.ndarray, labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test) of a dataset's own split (`codes`: 0 train, 1 validation, 2 test per sample): its
+    validation and test rows as they are; a part it lacks is drawn from its train rows as `split` draws it (seeded,
+    stratified), test only where `test_fraction` asks for one."""
+    pool = np.flatnonzero(codes == 0)
+    val, test = np.flatnonzero(codes == 1), np.flatnonzero(codes == 2)
+    empty = np.empty(0, np.int64)
+    if not len(val):
+        tr, va, te = split(labels[pool], val_fraction, 0.0 if len(test) else test_fraction, seed)
+    elif not len(test) and test_fraction > 0:
+        tr, te, _ = split(labels[pool], test_fraction, 0.0, seed)  # the held-out part drawn is the test split
+        va = empty
+    else:
+        tr, va, te = np.arange(len(pool)), empty, empty
+    return tuple(
+        np.sort(np.concatenate([given, pool[drawn]])).astype(np.int64)
+        for given, drawn in ((empty, tr), (val, va), (test, te))
     )  # type: ignore[return-value]
 
 

@@ -1,7 +1,7 @@
 """The resolved job: what is decided about a job once, when it is planned, so that no step decides it again. The spec,
 its execution mode, the cached layers and token mode (for a backbone the planner's table knows), the number of
-configurations, the train/validation/test split, the training-memory budgets, the dataset's fingerprint, and the
-backbone's weights hash (only a worker can compute it: the extract step records it).
+configurations, the train/validation/test split (drawn, or the dataset's own), the training-memory budgets, the
+dataset's fingerprint, and the backbone's weights hash (only a worker can compute it: the extract step records it).
 
 `resolve` is the one function that builds it: the planner calls it inside `POST /jobs` (services/jobs/planner.py:
 `plan_job`), and a worker calls it for a job recorded before resolved jobs existed (`recorded`). It reads the whole
@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, PrivateAttr
 
 from services.architectures import architecture
 from services.data.datasets import Dataset, DatasetError, read_for_job, read_test_set
-from services.data.splits import check_test, check_validation, split
+from services.data.splits import check_test, check_validation, given_split, split
 from services.modality import modality_for
 from services.paths import UserPaths
 from services.spec import JobSpec
@@ -89,6 +89,26 @@ def draw_split(labels: np.ndarray, classes: list[str], ds: Any) -> tuple[np.ndar
     parts = split(labels, ds.val_fraction, ds.test_fraction, ds.split_seed)
     check_validation(labels, parts[1], classes)
     check_test(labels, parts[2], ds.val_fraction, ds.test_fraction)
+    return parts
+
+
+def dataset_split(dataset: Dataset, ds: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The split of a dataset that brings its own (`Dataset.parts`: a Hugging Face dataset's train, validation and test
+    splits; a part it lacks drawn by `given_split`), else `draw_split`'s. Refused where a test split would come from
+    two places, or where it leaves no validation image."""
+    if dataset.parts is None:
+        return draw_split(dataset.labels, dataset.classes, ds)
+    own_test = bool((dataset.parts == 2).any())
+    if own_test and (ds.test or ds.test_fraction > 0):
+        given = "dataset.test" if ds.test else "dataset.test_fraction"
+        raise DatasetError(
+            f"the dataset has its own test split; leave {given} out, or set dataset.huggingface.splits to 'draw'",
+            field=given,
+        )
+    parts = given_split(dataset.parts, dataset.labels, ds.val_fraction, ds.test_fraction, ds.split_seed)
+    check_validation(dataset.labels, parts[1], dataset.classes)
+    if not own_test:
+        check_test(dataset.labels, parts[2], ds.val_fraction, ds.test_fraction)
     return parts
 
 
@@ -210,7 +230,7 @@ def resolve(spec: JobSpec, settings: Settings) -> tuple[ResolvedJob, Dataset]:
     paths = UserPaths(settings)
     dataset = read_for_job(ds, paths)
     modality_for(spec.backbone).check_dataset(dataset.kind, ds.path)
-    parts = draw_split(dataset.labels, dataset.classes, ds)
+    parts = dataset_split(dataset, ds)
     test_images = len(parts[2])
     if ds.test:  # read now: a test set the model cannot be scored on fails here, not after training
         test_set, _ = read_test_set(ds, paths, dataset.classes)

@@ -1,5 +1,5 @@
 """`dataset` of a job spec: where the images (or videos) are and in which format (an ImageFolder, a CSV manifest,
-WebDataset shards: services/data/formats/), how they are split, what bad files do."""
+WebDataset shards, a Hugging Face dataset: services/data/formats/), how they are split, what bad files do."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.data.formats.base import MEDIA_KEYS
 from services.data.formats.braces import MAX_SHARDS, PatternError, expand, is_shards
+from services.data.formats.huggingface import HUB
 from services.spec.fields import NO_NUL, SEED_MAX
 
 
@@ -46,6 +47,34 @@ class WebDatasetSpec(BaseModel):
     )
 
 
+class HuggingFaceSpec(BaseModel):
+    """Which columns of a Hugging Face dataset hold its images and labels, and whether its own splits are the job's
+    (services/data/formats/huggingface.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_column: str = Field(
+        "image",
+        min_length=1,
+        description="The column holding the images: an `Image` feature (its bytes are read in place; a row holding "
+        "only a file's path reads that file, which must lie under an allowed root) or a binary column.",
+    )
+    label_column: str = Field(
+        "label",
+        min_length=1,
+        description="The column holding the labels: a `ClassLabel` (its names are the classes, in their order), a "
+        "string or integer column (class names as written), or for `multi_label` a list of those "
+        "(`Sequence(ClassLabel)`). A row without a label (null, or a ClassLabel's -1) fails the job naming it, or is "
+        "skipped with `on_corrupt: skip`.",
+    )
+    splits: Literal["dataset", "draw"] = Field(
+        "dataset",
+        description="`dataset`: the dataset's own `train`, `validation` and `test` splits are the job's (a missing "
+        "validation or test split is drawn from `train` by `val_fraction` and `test_fraction`; other splits are "
+        "left out). `draw`: every split is pooled and the job's split drawn from them, as for any format.",
+    )
+
+
 class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -56,7 +85,9 @@ class DatasetSpec(BaseModel):
         description="Dataset location on the server, inside an allowed root: an ImageFolder directory (one "
         "subfolder per class), a CSV manifest with columns `path,label` (paths relative to the CSV), or WebDataset "
         "tar shards, one or a brace pattern of them (`/data/shards/{000000..000009}.tar`, every shard under an "
-        f"allowed root; at most {MAX_SHARDS:,}), of images or of videos (.mp4, .avi, .mkv, .webm, .mov; a manifest "
+        f"allowed root; at most {MAX_SHARDS:,}), a Hugging Face dataset (a `save_to_disk` folder, a Parquet file or "
+        "a folder of Parquet shards, or a Hub id `hf://org/name` where the server reaches the Hub), of images or "
+        "of videos (.mp4, .avi, .mkv, .webm, .mov; a manifest "
         "may add `start,end` in seconds), not both. Give this or `id`, not both.",
     )
     id: str | None = Field(
@@ -65,15 +96,21 @@ class DatasetSpec(BaseModel):
         description="An uploaded dataset (`POST /datasets`) of the same API key, instead of `path`; the stored "
         "spec then shows both (the API fills `path` in with the dataset's location).",
     )
-    format: Literal["auto", "imagefolder", "csv", "webdataset"] = Field(
+    format: Literal["auto", "imagefolder", "csv", "webdataset", "huggingface"] = Field(
         "auto",
         description="`auto` picks `webdataset` for a path ending in `.tar` (a shard, or a pattern of shards), `csv` "
-        "for a .csv file and `imagefolder` for a directory.",
+        "for a .csv file, `huggingface` for `hf://` ids, .parquet files and folders holding a `save_to_disk` "
+        "dataset or Parquet files (at their top or in `data/`), and `imagefolder` for any other directory.",
     )
     webdataset: WebDatasetSpec | None = Field(
         None,
         description="WebDataset shards only: which files of a sample hold its image and its label (defaults: the "
         "first image or video extension, and the `.cls` file). Applies to `test` too when it is shards.",
+    )
+    huggingface: HuggingFaceSpec | None = Field(
+        None,
+        description="Hugging Face datasets only: the image and label columns (defaults: `image`, `label`) and "
+        "whether the dataset's own splits are the job's. Applies to `test` too when it is one (all its rows).",
     )
     val_fraction: float = Field(
         0.2,
@@ -96,7 +133,7 @@ class DatasetSpec(BaseModel):
         min_length=1,
         pattern=NO_NUL,
         description="A separate test set on the server (an ImageFolder directory, a CSV manifest named `*.csv`, or "
-        "WebDataset shards ending in `.tar`) "
+        "WebDataset shards ending in `.tar`, or a Hugging Face dataset) "
         "whose labels are among the training set's classes; instead of `test_fraction`. Its images run through the "
         "backbone and the selected model once, after training. An uploaded test set is named by `test_id`.",
     )
@@ -144,7 +181,17 @@ class DatasetSpec(BaseModel):
                 "give `dataset.test` or `dataset.test_id` (a separate test set) or `dataset.test_fraction`, not both"
             )
         self._check_shards()
+        self._check_huggingface()
         return self
+
+    def _check_huggingface(self) -> None:
+        hub = [f for f, p in (("path", self.path), ("test", self.test)) if p is not None and p.startswith(HUB)]
+        if hub and self.format not in ("auto", "huggingface"):
+            raise ValueError(f"dataset.{hub[0]}: an `hf://` id is a Hugging Face dataset; set format to huggingface")
+        if self.huggingface is not None and self.format not in ("auto", "huggingface"):
+            raise ValueError(
+                f"dataset.huggingface applies to Hugging Face datasets, not to format {self.format!r}; remove it"
+            )
 
     def _shards(self, test: bool) -> bool:
         """Whether `path` (`test`: `test`) names WebDataset shards."""
@@ -166,9 +213,10 @@ class DatasetSpec(BaseModel):
             )
 
     def locations(self, test: bool = False) -> list[str]:
-        """The server paths `path` (`test`: `test`) names: itself, or each shard of a WebDataset pattern (what the
-        API checks at submission, services/paths.py). PatternError for a malformed pattern."""
+        """The server paths `path` (`test`: `test`) names: itself, each shard of a WebDataset pattern, or none for
+        a Hugging Face Hub id (what the API checks at submission, services/paths.py). PatternError for a malformed
+        pattern."""
         path = self.test if test else self.path
-        if path is None:
+        if path is None or path.startswith(HUB):  # a Hub id names nothing on the server
             return []
         return expand(path) if self._shards(test) else [path]

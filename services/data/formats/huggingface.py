@@ -31,7 +31,7 @@ import numpy as np
 
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
 from services.data.formats.samples import Dataset, DatasetError, Item, TableRow, finish
-from services.data.formats.tables import arrow_table, parquet_column
+from services.data.formats.tables import TableError, arrow_table, parquet_column
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -161,6 +161,13 @@ def _label_names(values: list[object], feature: Any, multi: bool) -> list[list[s
 
 def _read_file(rows: _Rows, file: Path, split: str, options: ReadOptions, root: Path, inside: Inside | None) -> None:
     """Add the rows of one Arrow or Parquet file of `split`."""
+    try:
+        _read_rows(rows, file, split, options, root, inside)
+    except TableError as e:
+        raise DatasetError(str(e)) from None
+
+
+def _read_rows(rows: _Rows, file: Path, split: str, options: ReadOptions, root: Path, inside: Inside | None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -94,9 +94,12 @@ class TableRow:
 
     def read_bytes(self) -> bytes:
         """The image's bytes; DatasetError if the file no longer holds them."""
-        from services.data.formats.tables import read_cell  # pyarrow, only where a table is read
+        from services.data.formats.tables import TableError, read_cell  # pyarrow, only where a table is read
 
-        return read_cell(self)
+        try:
+            return read_cell(self.file, self.row, self.column)
+        except TableError as e:
+            raise DatasetError(f"{self}: {e}") from None
 
 
 Item = Path | ShardMember | TableRow  # one sample's file

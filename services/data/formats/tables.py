@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from services.data.formats.samples import DatasetError, TableRow
-
 if TYPE_CHECKING:
     import pyarrow as pa
+
+
+class TableError(Exception):
+    """A file or a row that cannot be read; the message says why (the callers name the file or row)."""
 
 
 def _stamp(file: Path) -> tuple[int, int]:
@@ -45,7 +47,7 @@ def arrow_table(file: Path) -> pa.Table:
     try:
         return _arrow(str(file), _stamp(file))
     except (OSError, ValueError) as e:  # pyarrow's errors are OSError or ValueError subclasses
-        raise DatasetError(f"{file}: not a readable Arrow file ({e})") from None
+        raise TableError(f"{file}: not a readable Arrow file ({e})") from None
 
 
 @lru_cache(maxsize=16)
@@ -70,7 +72,7 @@ def parquet_column(file: Path, column: str) -> pa.ChunkedArray:
     try:
         return pq.read_table(file, columns=[column]).column(0)
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{file}: cannot read column {column!r} ({e})") from None
+        raise TableError(f"{file}: cannot read column {column!r} ({e})") from None
 
 
 def cell_bytes(value: object) -> bytes | None:
@@ -80,26 +82,24 @@ def cell_bytes(value: object) -> bytes | None:
     return value if isinstance(value, bytes) else None
 
 
-def read_cell(row: TableRow) -> bytes:
-    """The bytes of `row`'s image, read in place; DatasetError naming the row if they cannot be."""
+def read_cell(file: Path, row: int, column: str) -> bytes:
+    """The bytes of the image in `column` of row `row` of `file`, read in place; TableError saying why not."""
     try:
-        stamp = _stamp(row.file)
-        if row.file.suffix.lower() == ".parquet":
-            starts = _row_groups(str(row.file), stamp)
-            group = int(np.searchsorted(starts, row.row, side="right")) - 1
+        stamp = _stamp(file)
+        if file.suffix.lower() == ".parquet":
+            starts = _row_groups(str(file), stamp)
+            group = int(np.searchsorted(starts, row, side="right")) - 1
             if not 0 <= group < len(starts) - 1:
-                raise DatasetError(f"{row}: the file has {starts[-1]} rows (it changed since the job was planned)")
-            value = _group(str(row.file), stamp, group, row.column)[row.row - int(starts[group])].as_py()
+                raise TableError(f"the file has {starts[-1]} rows (it changed since the job was planned)")
+            value = _group(str(file), stamp, group, column)[row - int(starts[group])].as_py()
         else:
-            table = _arrow(str(row.file), stamp)
-            if row.row >= table.num_rows:
-                raise DatasetError(f"{row}: the file has {table.num_rows} rows (it changed since the job was planned)")
-            value = table.column(row.column)[row.row].as_py()
+            table = _arrow(str(file), stamp)
+            if row >= table.num_rows:
+                raise TableError(f"the file has {table.num_rows} rows (it changed since the job was planned)")
+            value = table.column(column)[row].as_py()
     except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, DatasetError):
-            raise
-        raise DatasetError(f"{row}: cannot be read ({e})") from None
+        raise TableError(f"cannot be read ({e})") from None
     data = cell_bytes(value)
     if data is None:
-        raise DatasetError(f"{row}: column {row.column!r} holds no image bytes in this row")
+        raise TableError(f"column {column!r} holds no image bytes in this row")
     return data
