@@ -134,7 +134,10 @@ def _parquet_images(file: Path, column: str, schema: pa.Schema) -> tuple[np.ndar
         )
         stats = [meta.row_group(g).column(leaf).statistics for g in range(meta.num_row_groups)]
         if all(s is not None and s.has_null_count and s.null_count == 0 for s in stats):
-            names = parquet_column(file, f"{column}.path").combine_chunks().flatten()[0].to_pylist()
+            names = parquet_column(file, f"{column}.path").combine_chunks()
+            if pa.types.is_struct(names.type):  # pyarrow versions differ: the struct of the one field, or the field
+                names = names.flatten()[0]
+            names = names.to_pylist()
             return np.ones(meta.num_rows, bool), names
     return _images(parquet_column(file, column), file, column)
 
