@@ -16,11 +16,13 @@ RUN useradd --create-home --uid 1000 sidetune \
 
 WORKDIR /app
 
-# The dependencies as a requirements list (the `s3` extra included), at the versions of requirements.lock (the tested
+# The dependencies as a requirements list (the `s3` and `hf` extras included: the API plans jobs on Hugging Face
+# datasets, the workers read them), at the versions of requirements.lock (the tested
 # ones), installed before the source is copied, so editing the source does not reinstall them.
 COPY pyproject.toml requirements.lock ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" > /tmp/requirements.txt
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3'] + p['optional-dependencies']['hf']))" \
+  > /tmp/requirements.txt
 
 
 FROM base AS api
