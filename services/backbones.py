@@ -11,7 +11,7 @@ import hashlib
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import timm
@@ -22,6 +22,7 @@ from services.data.transforms import SplitTransform
 from services.errors import BackboneError
 from services.modality import modality_for
 from services.spec import BackboneSpec
+from storage.cache.meta import DataConfig, EntryDescription
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -58,7 +59,7 @@ class Backbone:
     spec: BackboneSpec
     model: torch.nn.Module
     device: torch.device
-    data_config: dict[str, Any]
+    data_config: DataConfig
     weights_hash: str
     transform: Any = field(repr=False)
     precision: str = "fp32"  # of the frozen forward: the weights are cast once (fp32 weights are hashed)
@@ -106,21 +107,22 @@ class Backbone:
         """T', the temporal positions of a ViViT's token grid; None for an image backbone."""
         return getattr(self.model.patch_embed, "temporal", None)
 
-    def info(self) -> dict[str, Any]:
-        """What a trainer or predictor needs to know about the activations, JSON-serialisable."""
-        return {
-            "backbone": self.spec.name,
-            "weights_hash": self.weights_hash,
-            "precision": self.precision,
-            "num_layers": self.num_layers,
-            "tokens": self.tokens,
-            "dim": self.dim,
-            "num_prefix_tokens": self.num_prefix_tokens,
-            "global_pool": self.model.global_pool,
-            "norm_eps": float(getattr(self.model.norm, "eps", getattr(self.model.fc_norm, "eps", 1e-6))),
-            "data_config": self.data_config,
-            "temporal": self.temporal,
-        }
+    def info(self) -> EntryDescription:
+        """What a trainer or predictor needs to know about the activations, JSON-serialisable (a cache entry's
+        description of its backbone)."""
+        return EntryDescription(
+            backbone=self.spec.name,
+            weights_hash=self.weights_hash,
+            precision=self.precision,
+            num_layers=self.num_layers,
+            tokens=self.tokens,
+            dim=self.dim,
+            num_prefix_tokens=self.num_prefix_tokens,
+            global_pool=self.model.global_pool,
+            norm_eps=float(getattr(self.model.norm, "eps", getattr(self.model.fc_norm, "eps", 1e-6))),
+            data_config=self.data_config,
+            temporal=self.temporal,
+        )
 
     def train_transform(self) -> Any:
         """The augmented training transform: timm's random resized crop, flip and colour jitter at the eval size
@@ -203,6 +205,14 @@ def _weights_source(name: str) -> dict[str, Any]:
     return {}
 
 
+def _data_config(model: torch.nn.Module, image_size: int | None) -> DataConfig:
+    """timm's data config of `model` (at `image_size`, if given), its tuples as lists: as JSON holds it."""
+    config = resolve_data_config({}, model=model)
+    if image_size is not None:
+        config["input_size"] = (3, image_size, image_size)
+    return cast(DataConfig, {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()})
+
+
 def load_backbone(
     spec: BackboneSpec, device: str = "cpu", checkpoint: Path | None = None, precision: str | None = None
 ) -> Backbone:
@@ -242,10 +252,7 @@ def load_backbone(
             )
     model = modality_for(spec).wrap(model, spec.name)  # a ViViT for clips (services/video/backbone.py)
     model.eval().requires_grad_(False)
-    data_config = resolve_data_config({}, model=model)
-    if spec.image_size is not None:
-        data_config["input_size"] = (3, spec.image_size, spec.image_size)
-    data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
+    data_config = _data_config(model, spec.image_size)
     transform = create_transform(**data_config, is_training=False)
     digest = weights_hash(model)  # of the fp32 weights (a ViViT's, inflated), whatever the forward's precision
     dev = torch.device(device)

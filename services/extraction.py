@@ -13,7 +13,7 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from services.paths import UserPaths
 from services.spec import JobSpec
 from services.video.loading import padding_event
 from storage.cache import CacheEntry, FeatureCache, cache_key, pool_tokens
+from storage.cache.meta import EntrySummary
 from storage.cache.writer import ShardWriter
 from storage.faults import naming_disk_full
 from storage.settings import Settings
@@ -191,9 +192,19 @@ class _HostBuffers:
         return host, event.synchronize, lambda: self.free.put(buffer)
 
 
+class BatchesRun(TypedDict):
+    """What one run of `extract_batches` did (a shard's, or the whole extraction's)."""
+
+    backbone_forwards: int
+    images_extracted: int
+    seconds: float
+    loader_workers: int
+    writer: str  # the writer's engine (storage/cache/writer.py)
+
+
 def extract_batches(
     prep: Prepared, spec: JobSpec, reporter: Reporter, batches: list[int], settings: Settings | None = None
-) -> dict[str, Any]:
+) -> BatchesRun:
     """Run the backbone on `batches` (indices of the entry's extraction batches) and write each one whole. Loader
     processes decode ahead (services/data/loading.py) and the writer writes several batches at once behind the forward
     (storage/cache/writer.py), so the backbone waits on neither while they keep up."""
@@ -238,16 +249,16 @@ def extract_batches(
             reporter.progress("extracting", done_batches, n_batches, images=images_done, images_per_s=rate)
             reporter.check_cancel()
     seconds = time.perf_counter() - t0
-    return {
-        "backbone_forwards": forwards,
-        "images_extracted": images_done,
-        "seconds": seconds,
-        "loader_workers": workers,
-        "writer": writer.engine,
-    }
+    return BatchesRun(
+        backbone_forwards=forwards,
+        images_extracted=images_done,
+        seconds=seconds,
+        loader_workers=workers,
+        writer=writer.engine,
+    )
 
 
-def finish_extraction(prep: Prepared) -> dict[str, Any]:
+def finish_extraction(prep: Prepared) -> EntrySummary:
     """Mark a fully written entry complete (idempotent); returns its summary."""
     entry, dataset = prep.entry, prep.dataset
     if not entry.is_complete:

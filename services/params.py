@@ -13,6 +13,8 @@ from pydantic import BaseModel, JsonValue, ValidationError
 
 from services import methods
 from services.errors import BackboneError
+from services.modality import modality_for
+from services.video.spec import VideoSpec
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,10 @@ def count_parameters(
     image_size: int | None = None,
     tail_blocks: int | None = None,
     num_classes: int = 10,
-    video: dict[str, JsonValue] | None = None,
+    video: VideoSpec | None = None,
 ) -> ParamCount:
     """Count `method` (configured by `options`, the config's fields but `name`) on timm `backbone`, or with
-    `video` (`backbone.video`'s fields, e.g. {"num_frames": 16}) on the ViViT made of it.
+    `video` (`backbone.video`) on the ViViT made of it.
 
     `tail_blocks` adapts only the last k blocks (methods with a `tail` mode). Raises ValueError, naming the
     cause, for an unknown backbone or method, an invalid option, or a method that cannot be built that way.
@@ -87,15 +89,10 @@ def count_parameters(
     config = _config(method, options)
     if tail_blocks is not None and "tail" not in config.modes:
         raise ValueError(f"method {method!r} has no tail mode (its modes: {', '.join(config.modes)})")
-    vit = _backbone(backbone, image_size)
-    if video is not None:
-        from services.video.backbone import to_vivit
-        from services.video.spec import VideoSpec
-
-        try:
-            vit = to_vivit(vit, VideoSpec.model_validate(video), backbone)
-        except (BackboneError, ValidationError) as e:
-            raise ValueError(str(e)) from None
+    try:
+        vit = modality_for(video).wrap(_backbone(backbone, image_size), backbone)  # a ViViT for clips
+    except BackboneError as e:
+        raise ValueError(str(e)) from None
     backbone_params = sum(p.numel() for p in vit.parameters())
     num_layers, dim = len(vit.blocks), vit.embed_dim
     tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens

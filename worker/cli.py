@@ -155,19 +155,19 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
+    from services.modality import modality_for
     from services.params import count_parameters
+    from services.video.spec import VideoSpec
 
     options = dict(args.option)
     for key in ("rank", "layers"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
-    video = None
-    if args.frames is not None:
-        video = {"num_frames": args.frames, "tubelet": args.tubelet}
-    elif args.tubelet != 2:
+    if args.frames is None and args.tubelet != 2:
         print("error: --tubelet needs --frames", file=sys.stderr)
         return 2
     try:
+        video = None if args.frames is None else VideoSpec(num_frames=args.frames, tubelet=args.tubelet)
         n = count_parameters(
             args.backbone,
             args.method,
@@ -177,13 +177,12 @@ def cmd_params(args: argparse.Namespace) -> int:
             num_classes=args.num_classes,
             video=video,
         )
-    except ValueError as e:
+    except ValueError as e:  # a ValidationError of the clips' spec too
         print(f"error: {e}", file=sys.stderr)
         return 2
-    what = f"ViViT of {args.frames} frames, tubelet {args.tubelet}, " if video else ""
     print(
-        f"backbone    {n.backbone}: {what}{n.num_layers} blocks, {n.tokens} tokens, dim {n.dim}, "
-        f"{n.backbone_params:,} parameters"
+        f"backbone    {n.backbone}: {modality_for(video).backbone_words()}{n.num_layers} blocks, {n.tokens} tokens, "
+        f"dim {n.dim}, {n.backbone_params:,} parameters"
     )
     print(f"method      {n.method} {json.dumps(n.config)}")
     print(
@@ -201,10 +200,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from services.jobs.plan_text import describe
     from services.jobs.planner import plan
+    from services.modality import modality_for
     from services.spec import JobSpec
 
     try:
-        job_plan = plan(JobSpec.model_validate(json.loads(Path(args.spec).read_text())), Settings())
+        spec = JobSpec.model_validate(json.loads(Path(args.spec).read_text()))
+        job_plan = plan(spec, Settings())
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
         print(f"error: invalid job spec: {problems}", file=sys.stderr)
@@ -212,7 +213,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # DatasetError and JSONDecodeError are ValueErrors; a missing file
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(job_plan.model_dump_json(indent=2) if args.json else describe(job_plan))
+    print(job_plan.model_dump_json(indent=2) if args.json else describe(job_plan, modality_for(spec.backbone)))
     return 1 if job_plan.fits is False or job_plan.memory_fits is False else 0
 
 

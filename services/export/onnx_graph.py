@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from services.export import ExportError
+from services.modality import modality_for
 from services.models.loading import Trained
 from services.models.manifest import Manifest
 
@@ -29,16 +30,10 @@ def refusal(manifest: Manifest) -> str | None:
 
 
 def metadata(trained: Trained) -> dict[str, str]:
-    manifest, video = trained.manifest, trained.manifest.video
-    c, h, w = trained.input_shape
-    layout = (
-        (
-            f"float32 [N, {c}, {h}, {w}]: {video.num_frames} RGB frames of a clip, sampled as `video` says, "
-            "stacked along the channels (frame-major)"
-        )
-        if video
-        else f"float32 [N, 3, {h}, {w}]: RGB"
-    )
+    manifest = trained.manifest
+    modality = modality_for(manifest)
+    _, h, w = trained.input_shape
+    layout = modality.input_layout(h, w)
     props = {
         "model_id": trained.model_id,
         "classes": json.dumps(trained.classes),
@@ -56,9 +51,7 @@ def metadata(trained: Trained) -> dict[str, str]:
             "predict's scores, and a tag is predicted from `threshold` on"
         )
         props["multi_label"], props["threshold"] = "true", json.dumps(manifest.threshold)
-    if video:
-        props["video"] = video.model_dump_json()
-    return props
+    return props | modality.export_metadata()  # a video model's clip sampling
 
 
 def write(trained: Trained, folder: Path) -> Path:

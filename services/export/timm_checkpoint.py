@@ -23,6 +23,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 from services.export import ExportError
+from services.modality import modality_for
 from services.models.loading import SideClassifier, Trained
 from services.models.manifest import Manifest
 
@@ -38,11 +39,8 @@ def _linear_pool(manifest: Manifest) -> str:
 
 def refusal(manifest: Manifest) -> str | None:
     name = manifest.method.name
-    if manifest.video is not None:
-        return (
-            "a video model runs on a ViViT built from the image ViT (backbone.video), which is not a timm "
-            "architecture; export `onnx` or `adapter`"
-        )
+    if (kind_refusal := modality_for(manifest).timm_refusal()) is not None:
+        return kind_refusal  # a video model's ViViT
     if manifest.kind != "side":
         return None
     if name != "linear":

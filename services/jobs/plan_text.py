@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from services.jobs.plan import Plan
+from services.modality import Modality
 
 GB = 10**9
 
@@ -29,21 +30,20 @@ def human_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def describe(p: Plan) -> str:
-    """The plan as readable lines, for `sidetune plan`."""
+def describe(p: Plan, modality: Modality) -> str:
+    """The plan as readable lines, for `sidetune plan` (`modality`: the job's kind of input)."""
     a = p.architecture
-    item = "clips" if a is not None and a.num_frames else "images"
+    item = modality.items
     split = f"{p.images} {item}, {p.classes} classes ({p.train_images} train, {p.val_images} val"
     split += f", {p.test_images} test)" if p.test_images else ")"
     rows = [("job", f"{p.method} on {p.backbone}, mode {p.mode}"), ("dataset", split)]
     if p.configurations > 1:
         rows.append(("sweep", f"{p.configurations} configurations, trained together from one pass per epoch"))
     if a is not None:
-        vivit = f"ViViT of {a.num_frames} frames, tubelet {a.tubelet}, " if a.num_frames else ""
         rows.append(
             (
                 "backbone",
-                f"{vivit}{a.num_layers} blocks, {a.tokens} tokens ({a.num_prefix_tokens} prefix), "
+                f"{modality.backbone_words()}{a.num_layers} blocks, {a.tokens} tokens ({a.num_prefix_tokens} prefix), "
                 f"dim {a.dim}, {a.image_size} px, patch {a.patch_size}",
             )
         )

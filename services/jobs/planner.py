@@ -20,7 +20,7 @@ from services.data.datasets import Dataset
 from services.jobs.plan import Plan
 from services.jobs.plan_text import GB, gb, human_bytes
 from services.jobs.resolved import MIB, ResolvedJob, resolve  # noqa: F401 - MIB: the budgets' unit, as before
-from services.modality import modality_for
+from services.modality import Modality, modality_for
 from services.spec import JobSpec
 from storage.settings import Settings
 
@@ -156,7 +156,8 @@ def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dat
     """The costs of the resolved job: cache size and fit, memory, extraction time."""
     arch = architecture(spec.backbone.name, spec.backbone.image_size, spec.backbone.video)
     disk = _Disk(settings)
-    notes = _dataset_notes(dataset)
+    modality = modality_for(spec.backbone)
+    notes = _dataset_notes(dataset, modality)
     base = _common_fields(spec, settings, resolved, len(dataset), arch, disk)
     memory = backprop_memory(spec, arch, settings.device_memory_gb)
     if memory is not None:
@@ -164,9 +165,8 @@ def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dat
         if memory.fits is False:
             fits = None if spec.needs_cache else True
             return Plan(**base, fits=fits, message=_memory_message(memory), notes=notes)
-    items = modality_for(spec.backbone).items  # what the dataset's samples are called: images, clips
-    if not spec.needs_cache:
-        msg = f"mode {spec.mode} trains on {items} and needs no feature cache; nothing is extracted"
+    if not spec.needs_cache:  # the dataset's samples called what they are: images, clips
+        msg = f"mode {spec.mode} trains on {modality.items} and needs no feature cache; nothing is extracted"
         return Plan(**base, fits=True, message=msg, notes=notes)
     if arch is None:
         msg = (
@@ -182,17 +182,15 @@ def _tflops(settings: Settings) -> float:
     return settings.planner_cpu_tflops if settings.device == "cpu" else settings.planner_gpu_tflops
 
 
-def _dataset_notes(dataset: Dataset) -> list[str]:
-    """The notes on the dataset itself: rows left out, and clips counted as images."""
+def _dataset_notes(dataset: Dataset, modality: Modality) -> list[str]:
+    """The notes on the dataset itself: rows left out, and its kind's (clips counted as images)."""
     notes: list[str] = []
     if dataset.skipped_rows:
         notes.append(
             f"{len(dataset.skipped_rows)} dataset rows are left out (repeated files; with on_corrupt=skip, "
             f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}"
         )
-    if dataset.kind == "video":
-        notes.append("the dataset holds videos: `images` counts clips, one per video (sizes are per clip)")
-    return notes
+    return notes + modality.dataset_notes()  # the kind resolve checked the dataset against
 
 
 def _common_fields(
@@ -267,7 +265,7 @@ def _cache_plan(
     notes: list[str],
 ) -> Plan:
     """The plan of a job that extracts a cache of a known size: its fit, training memory and extraction time."""
-    n = len(dataset)
+    modality, n = modality_for(spec.backbone), len(dataset)
     cache = _cache_size(spec, resolved, arch, n)
     cpu = settings.device == "cpu"
     needed, _ = spec.method_needs(arch.num_layers, arch.global_pool)
@@ -281,10 +279,9 @@ def _cache_plan(
     room = disk.space_max()
     fits = room is None or cache.expected <= room
     evict_bytes, evict_entries = disk.to_evict(cache.expected) if fits else (0, 0)
-    msg = _cache_message(
-        spec, arch, n, modality_for(spec.backbone).items, cache, disk, room, (evict_bytes, evict_entries)
-    )
-    notes.extend(_cost_notes(settings, arch, cache.per_image))
+    msg = _cache_message(spec, arch, n, modality.items, cache, disk, room, (evict_bytes, evict_entries))
+    notes.extend(modality.cache_notes(cache.per_image, human_bytes))
+    notes.extend(_cost_notes(settings))
     return Plan(
         **base,
         cached_layers=cache.layers,
@@ -357,21 +354,12 @@ def _cache_message(
     return f"{needs}; {limit}, so at most {gb(room)} can be made available. Change one of: {_join(remedies)}."
 
 
-def _cost_notes(settings: Settings, arch: Architecture, per_image: int) -> list[str]:
-    """The notes on a cache's size and extraction time: what they assume and leave out."""
-    notes: list[str] = []
-    if arch.num_frames:
-        kinetics = human_bytes(240_000 * per_image)
-        notes.append(
-            f"a video cache is large: {human_bytes(per_image)} per clip here (Kinetics-400's 240k clips "
-            f"would take {kinetics}); layer subsets (method.layers, extraction.layers), a lossy codec "
-            '(extraction.keepbits) or execution.mode "online" (no cache, the backbone on every step) need '
-            "less"
-        )
-    notes.append(
+def _cost_notes(settings: Settings) -> list[str]:
+    """The notes on a cache's size and extraction time: what they assume and leave out (after its kind's)."""
+    notes = [
         "sizes are for a fresh extraction: a complete cache of the same dataset and weights would be reused "
         "instead, which the planner does not check (that needs the weights' hash)"
-    )
+    ]
     device = "device cpu" if settings.device == "cpu" else "a GPU"
     notes.append(
         f"extraction time assumes {_tflops(settings):g} TFLOP/s ({device}) and "

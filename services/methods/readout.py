@@ -8,7 +8,6 @@ but never trained.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.spec import SpecError
+from storage.cache.meta import EntryDescription
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,16 @@ class FeatureInfo:
 
     @classmethod
     def from_meta(
-        cls, meta: dict[str, Any], readout: dict[str, np.ndarray], num_classes: int, token_mode: str = "all"
+        cls, meta: EntryDescription, readout: dict[str, np.ndarray], num_classes: int, token_mode: str = "all"
     ) -> FeatureInfo:
-        keys = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
-        tokens = meta["tokens"] if token_mode == "all" else 1
+        """The features a cache entry's (or a backbone's, `Backbone.info`) description names, read as `token_mode`."""
         return cls(
-            **{k: meta[k] for k in keys},
-            tokens=tokens,
+            num_layers=meta["num_layers"],
+            dim=meta["dim"],
+            num_prefix_tokens=meta["num_prefix_tokens"],
+            global_pool=meta["global_pool"],
+            norm_eps=meta["norm_eps"],
+            tokens=meta["tokens"] if token_mode == "all" else 1,
             num_classes=num_classes,
             readout=readout,
             token_mode=token_mode,

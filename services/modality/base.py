@@ -12,10 +12,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypedDict
 
 from services.data.datasets import DatasetError
 from services.video.spec import VideoSpec
+from storage.specs import VideoRecord
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,6 +57,12 @@ class TokenLayout:
     temporal_positions: int | None = None
 
 
+class CacheIdentity(TypedDict, total=False):
+    """What a kind adds to a cache key's preprocessing (storage/cache/meta.py: `KeyPreprocessing`)."""
+
+    video: VideoRecord  # a video backbone's clips: frames, tubelet, init, sampling
+
+
 class Modality(ABC):
     """One kind of input. `name` is the kind a dataset of it has; `items` what its samples are called in messages;
     `invalid` the error code of a payload of it that cannot be decoded; `video` the clips' spec (None: images)."""
@@ -81,13 +88,32 @@ class Modality(ABC):
     def check_decode(self, decode: str) -> None:
         """Refuse an `extraction.decode` this kind cannot take (SpecError)."""
 
-    def cache_identity(self) -> dict[str, object]:
+    def cache_identity(self) -> CacheIdentity:
         """What the kind adds to a cache entry's preprocessing (its key): nothing for images."""
         return {}
 
-    @abstractmethod
     def extraction_rows(self, batch_size: int | str, bytes_per_item: int) -> int:
-        """Items per extraction batch (and cache shard) for `extraction.batch_size`."""
+        """Items per extraction batch (and cache shard) for `extraction.batch_size`: as given, else `auto_rows`."""
+        return self.auto_rows(bytes_per_item) if batch_size == "auto" else int(batch_size)
+
+    @abstractmethod
+    def auto_rows(self, bytes_per_item: int) -> int:
+        """Items per extraction batch for `extraction.batch_size: auto`, of `bytes_per_item` activations each."""
+
+    # ---- planning --------------------------------------------------------------------------------------------
+    def dataset_notes(self) -> list[str]:
+        """The plan's notes on a dataset of this kind (services/jobs/planner.py): none for images."""
+        return []
+
+    def cache_notes(self, per_item: int, size: Callable[[float], str]) -> list[str]:
+        """The plan's notes on a cache of `per_item` bytes an item (`size` writes bytes for people): none for
+        images."""
+        return []
+
+    def backbone_words(self) -> str:
+        """What the backbone is made into, before its shape in a description ("ViViT of 8 frames, tubelet 2, ");
+        nothing for images."""
+        return ""
 
     # ---- the backbone ----------------------------------------------------------------------------------------
     def wrap(self, vit: Any, name: str) -> Any:
@@ -98,10 +124,29 @@ class Modality(ABC):
     def layout(self, spatial: int) -> TokenLayout:
         """The token layout of a backbone whose image grid has `spatial` patches."""
 
+    @property
+    def channels(self) -> int:
+        """The channels of one input to the backbone: RGB, a clip's frames stacked along them."""
+        return 3
+
     def per_item(self, tokens: int) -> str:
         """What one item is, for messages on a backbone of `tokens` tokens (after a verb: " on 8-frame clips ...");
         nothing for images."""
         return ""
+
+    # ---- exporting -------------------------------------------------------------------------------------------
+    def timm_refusal(self) -> str | None:
+        """Why a model of this kind has no timm checkpoint (services/export/timm_checkpoint.py); None: it may."""
+        return None
+
+    @abstractmethod
+    def input_layout(self, height: int, width: int) -> str:
+        """An input tensor of this kind as an exported graph's metadata describes it."""
+
+    def export_metadata(self) -> dict[str, str]:
+        """What an exported graph's metadata adds for this kind (services/export/onnx_graph.py): nothing for
+        images."""
+        return {}
 
     # ---- reading a dataset -----------------------------------------------------------------------------------
     @abstractmethod

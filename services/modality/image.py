@@ -38,13 +38,14 @@ class Images(Modality):
     def check_decode(self, decode: str) -> None:
         pass  # images are decoded by Pillow in the loaders, or their JPEGs by the GPU's decoder
 
-    def extraction_rows(self, batch_size: int | str, bytes_per_item: int) -> int:
-        from services.spec.extraction import extraction_rows
-
-        return extraction_rows(batch_size, bytes_per_item, False)
+    def auto_rows(self, bytes_per_item: int) -> int:
+        return 32
 
     def layout(self, spatial: int) -> TokenLayout:
         return TokenLayout(patches=spatial, global_pool="token")
+
+    def input_layout(self, height: int, width: int) -> str:
+        return f"float32 [N, 3, {height}, {width}]: RGB"
 
     def reader(
         self, dataset: Dataset, rows: Sequence[np.ndarray], backbone: Frozen, skip_corrupt: bool, on_device: bool

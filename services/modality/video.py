@@ -10,12 +10,15 @@ are checked against the size limit before they are decoded, and against the dura
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from services.errors import SpecError
-from services.modality.base import Frozen, Kind, Modality, Readers, TokenLayout
+from services.modality.base import CacheIdentity, Frozen, Kind, Modality, Readers, TokenLayout
 from services.video.spec import VideoSpec
+from storage.specs import VideoRecord
+
+SHARD_BYTES = 128 * 10**6  # what `extraction.batch_size: auto` sizes a batch of clips by
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,13 +51,26 @@ class Videos(Modality):
                 "(use 'cpu')"
             )
 
-    def cache_identity(self) -> dict[str, object]:
-        return {"video": self.video.model_dump()}  # frames, tubelet and init are in the weights' hash too; sampling not
+    def cache_identity(self) -> CacheIdentity:
+        # frames, tubelet and init are in the weights' hash too; sampling not
+        return {"video": VideoRecord(**self.video.model_dump())}
 
-    def extraction_rows(self, batch_size: int | str, bytes_per_item: int) -> int:
-        from services.spec.extraction import extraction_rows
+    def auto_rows(self, bytes_per_item: int) -> int:
+        """The clips whose activations fill a shard, at most 32."""
+        return max(1, min(32, SHARD_BYTES // max(1, bytes_per_item)))
 
-        return extraction_rows(batch_size, bytes_per_item, True)
+    def dataset_notes(self) -> list[str]:
+        return ["the dataset holds videos: `images` counts clips, one per video (sizes are per clip)"]
+
+    def cache_notes(self, per_item: int, size: Callable[[float], str]) -> list[str]:
+        return [
+            f"a video cache is large: {size(per_item)} per clip here (Kinetics-400's 240k clips would take "
+            f"{size(240_000 * per_item)}); layer subsets (method.layers, extraction.layers), a lossy codec "
+            '(extraction.keepbits) or execution.mode "online" (no cache, the backbone on every step) need less'
+        ]
+
+    def backbone_words(self) -> str:
+        return f"ViViT of {self.video.num_frames} frames, tubelet {self.video.tubelet}, "
 
     def wrap(self, vit: Any, name: str) -> Any:
         from services.video.backbone import to_vivit
@@ -71,8 +87,27 @@ class Videos(Modality):
             temporal_positions=temporal,
         )
 
+    @property
+    def channels(self) -> int:
+        return 3 * self.video.num_frames
+
     def per_item(self, tokens: int) -> str:
         return f" on {self.video.num_frames}-frame clips of {tokens} tokens"
+
+    def timm_refusal(self) -> str | None:
+        return (
+            "a video model runs on a ViViT built from the image ViT (backbone.video), which is not a timm "
+            "architecture; export `onnx` or `adapter`"
+        )
+
+    def input_layout(self, height: int, width: int) -> str:
+        return (
+            f"float32 [N, {self.channels}, {height}, {width}]: {self.video.num_frames} RGB frames of a clip, sampled "
+            "as `video` says, stacked along the channels (frame-major)"
+        )
+
+    def export_metadata(self) -> dict[str, str]:
+        return {"video": self.video.model_dump_json()}
 
     def _frames(self, backbone: Frozen, augment: bool = False) -> ClipTransform:
         """Every frame through the backbone's eval steps, or one random crop and flip for a whole clip."""

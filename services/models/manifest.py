@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.errors import UserError
 from services.methods import CONFIGS
+from services.modality import modality_for
 from services.spec import BackboneSpec, Mode
 from services.video.spec import VideoSpec
 from storage.cache.meta import DataConfig
@@ -132,7 +133,7 @@ class Manifest(BaseModel):
     def input_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one input: 3 x frames channels for a clip (frames stacked along them)."""
         _, h, w = self.preprocessing.input_size
-        return (3 * self.video.num_frames if self.video else 3), h, w
+        return modality_for(self).channels, h, w
 
     def to_dict(self) -> ManifestRecord:
         """As `config.json` holds it (JSON types)."""

@@ -32,6 +32,7 @@ from typing import Any
 
 from services.serving.inference import Predictor, Request
 from services.serving.loaded import LoadedModel
+from services.serving.requests import Prediction
 
 
 @dataclass(eq=False)
@@ -84,7 +85,7 @@ class Batcher:
             self._cond.notify()
         return pending.result
 
-    def predict(self, model_id: str, images: list[bytes], threshold: float | None = None) -> list[dict[str, Any]]:
+    def predict(self, model_id: str, images: list[bytes], threshold: float | None = None) -> list[Prediction]:
         """Like `Predictor.predict`, run in a batch with the requests that arrive together with this one."""
         model = self.predictor.load(model_id)  # an unknown model fails this request only
         decoded = self.predictor.decode_for(model, images)  # so does a DatasetError

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from services.serving import decode
-from services.serving.requests import Encoded, PredictError, instance_bytes
+from services.serving.requests import Encoded, PredictError, Prediction, instance_bytes
 from services.serving.threads import ExitingPool
 from storage.settings import Settings
 
@@ -131,8 +131,6 @@ class Serving:
         model = await self.model(model_id)
         return Answer(model, await asyncio.wrap_future(self.batcher.submit(model, images)))
 
-    def predictions(
-        self, answer: Answer, threshold: float | None = None, top_k: int | None = None
-    ) -> list[dict[str, Any]]:
+    def predictions(self, answer: Answer, threshold: float | None = None, top_k: int | None = None) -> list[Prediction]:
         """The v1 output of an answer: one {"label", "scores"(, "labels")} per input."""
         return self.predictor.format(answer.model, answer.probs, threshold, top_k)

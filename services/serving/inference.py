@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from services.serving.loaded import LoadedModel, ModelCache
+from services.serving.requests import Prediction
 from storage.cache import pool_tokens
 
 if TYPE_CHECKING:
@@ -47,11 +48,11 @@ def _scores(classes: list[str], p: np.ndarray, top_k: int | None) -> dict[str, f
 
 def format_predictions(
     model: LoadedModel, probs: np.ndarray, threshold: float | None = None, top_k: int | None = None
-) -> list[dict[str, Any]]:
+) -> list[Prediction]:
     """The v1 output: one {"label", "scores"} per image, "scores" holding every class's (or with `top_k` the k
     highest: a 21,843-class model's every score is about 600 KB of JSON an image); a multi-label model adds
     "labels", the tags whose score reaches `threshold` (default: the model's, chosen on validation)."""
-    out = [{"label": model.classes[int(p.argmax())], "scores": _scores(model.classes, p, top_k)} for p in probs]
+    out = [Prediction(label=model.classes[int(p.argmax())], scores=_scores(model.classes, p, top_k)) for p in probs]
     if model.multi_label:
         t = model.threshold if threshold is None else threshold
         for pred, p in zip(out, probs, strict=True):
@@ -179,7 +180,7 @@ class Predictor(ModelCache):
 
     format = staticmethod(format_predictions)
 
-    def predict_many(self, model_ids: list[str], images: list[bytes]) -> dict[str, list[dict[str, Any]]]:
+    def predict_many(self, model_ids: list[str], images: list[bytes]) -> dict[str, list[Prediction]]:
         """Decode once, run each distinct backbone once, apply every model; returns predictions per model."""
         models = [self.load(m) for m in model_ids]
         decoded: dict[Hashable, list[Any]] = {}  # by what decoding depends on (images: the draft size)
@@ -193,7 +194,7 @@ class Predictor(ModelCache):
 
     def predict(
         self, model_id: str, images: list[bytes], sent: Kind | None = None, threshold: float | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[Prediction]:
         """One request on its own (the inference service goes through services.serving.batching.Batcher); images, or
         videos for a model trained on clips (`sent`: the kind the client said it sent); `threshold` overrides a
         multi-label model's own."""

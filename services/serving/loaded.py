@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from itertools import chain
-from typing import Any
+from typing import TypedDict
 
 import torch
 
@@ -75,6 +75,16 @@ class LoadedModel:
         self.backbone_key = backbone_key  # (name, weights hash, preprocessing, precision)
         self.nbytes = nbytes  # what the model holds beyond its backbone
         self.modality = modality_for(manifest)  # how its inputs are checked, decoded and batched
+
+
+class Memory(TypedDict):
+    """What a `ModelCache` holds, in bytes: each model's own tensors, each shared backbone's, and all against the
+    budget."""
+
+    models: dict[str, int]  # by model id
+    backbones: dict[str, int]  # by "<name>@<size>px:<weights hash>:<precision>"
+    total: int
+    budget: int
 
 
 class ModelCache:
@@ -180,7 +190,7 @@ class ModelCache:
             m.nbytes for m in self._models.values()
         )
 
-    def memory(self) -> dict[str, Any]:
+    def memory(self) -> Memory:
         """What is loaded and what it holds, in bytes."""
         with self._lock:
             backbones = {
@@ -189,12 +199,12 @@ class ModelCache:
                 )
                 for b in self._backbones.values()
             }
-            return {
-                "models": {m.id: m.nbytes for m in self._models.values()},
-                "backbones": backbones,
-                "total": self.memory_used(),
-                "budget": self.memory_bytes,
-            }
+            return Memory(
+                models={m.id: m.nbytes for m in self._models.values()},
+                backbones=backbones,
+                total=self.memory_used(),
+                budget=self.memory_bytes,
+            )
 
     def _backbone(self, manifest: Manifest) -> tuple[tuple, Backbone]:
         precision = resolve_precision(self.precision or manifest.backbone.precision, self.device)

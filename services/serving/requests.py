@@ -1,14 +1,14 @@
 """What a predict request may hold, checked before anything is decoded or loaded, and its inputs' bytes: the counts
-(images, models), a threshold only for multi-label models, models of one kind, base64 instances of one kind. Torch-free:
-the routes call these on the event loop. Each refusal is a `PredictError` naming the field, with its own status and
-code (services/errors.py maps it for the API)."""
+(images, models), a threshold only for multi-label models, models of one kind, base64 instances of one kind; and what
+one input's answer holds (`Prediction`). Torch-free: the routes call these on the event loop. Each refusal is a
+`PredictError` naming the field, with its own status and code (services/errors.py maps it for the API)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, NotRequired, Protocol, TypedDict
 
 from services.errors import UserError
 
@@ -25,6 +25,14 @@ class PredictError(UserError):
     ) -> None:
         super().__init__(message)
         self.code, self.status, self.retry_after_s = code, status, retry_after_s
+
+
+class Prediction(TypedDict):
+    """One input's v1 answer (services/serving/inference.py: `format_predictions`; api/schemas.py: `Prediction`)."""
+
+    label: str  # the most probable class (multi-label: the highest-scoring tag)
+    scores: dict[str, float]  # by class, in the model's order or the top k's, highest first
+    labels: NotRequired[list[str]]  # multi-label models: the tags scoring at least the threshold
 
 
 class Encoded(Protocol):
@@ -44,7 +52,7 @@ def check_count(n: int, limit: int) -> None:
         raise PredictError(f"{n} images; at most {limit} per request", "too_many_images", 413)
 
 
-def check_threshold(records: Sequence[dict[str, Any]], threshold: float | None) -> None:
+def check_threshold(records: Sequence[ModelRecord], threshold: float | None) -> None:
     """A threshold applies to multi-label models only: 422 naming the first single-label one."""
     if threshold is None:
         return

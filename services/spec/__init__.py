@@ -6,7 +6,7 @@ method's config (services/methods/<name>/config.py), the sweep's in services/spe
 from services.errors import SpecError
 from services.spec.backbone import BackboneSpec
 from services.spec.dataset import DatasetSpec
-from services.spec.extraction import EveryKth, ExtractionSpec, LastK, LayerChoice, extraction_rows, select_cached_layers
+from services.spec.extraction import EveryKth, ExtractionSpec, LastK, LayerChoice, select_cached_layers
 from services.spec.fields import NO_NUL, SEED_MAX
 from services.spec.job import JobSpec, Mode
 from services.spec.training import ExecutionSpec, Hyperparameters, TrainingSpec
@@ -26,6 +26,5 @@ __all__ = [
     "Mode",
     "SpecError",
     "TrainingSpec",
-    "extraction_rows",
     "select_cached_layers",
 ]

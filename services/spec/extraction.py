@@ -83,13 +83,3 @@ class ExtractionSpec(BaseModel):
         description="Lossy: round float16 mantissas to this many bits (numcodecs BitRound, of 10) before the codec; "
         "fewer bits compress better at some cost in accuracy (see bench/cache.py). None: exact.",
     )
-
-
-SHARD_BYTES = 128 * 10**6  # what `auto` sizes a batch of clips by
-
-
-def extraction_rows(batch_size: int | str, bytes_per_item: int, video: bool) -> int:
-    """`extraction.batch_size` resolved: as given, else 32 images, or the clips whose activations fill a shard."""
-    if batch_size != "auto":
-        return int(batch_size)
-    return 32 if not video else max(1, min(32, SHARD_BYTES // max(1, bytes_per_item)))

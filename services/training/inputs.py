@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from services.paths import UserPaths
 from services.spec import BackboneSpec, DatasetSpec, JobSpec, Mode
 from services.video.loading import padding_event
 from storage.cache import CacheEntry, FeatureCache
+from storage.cache.meta import EntryDescription
 from storage.settings import Settings
 
 
@@ -64,7 +64,7 @@ class Data:
     """What a job trains from: the cache entry (cache, tail), the dataset (images, online), the backbone (modes
     that run it), and the labels of every image with the indices that can be used."""
 
-    meta: dict[str, Any]
+    meta: EntryDescription  # the cache entry's (its EntryMeta), else the backbone's own (`Backbone.info`)
     labels: np.ndarray
     classes: list[str]
     usable: np.ndarray

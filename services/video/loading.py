@@ -10,8 +10,9 @@ reproducible whatever the number of loader processes).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from services.data.formats.samples import InFile, Item, readable
 from services.data.loading import BatchReader
 from services.video.decoding import ClipTransform, read_clip
 from services.video.spec import VideoSpec
+from storage.cache.meta import DataConfig
 
 
 class ClipReader(BatchReader):
@@ -56,7 +58,7 @@ class ClipReader(BatchReader):
         return clip.frames, note
 
 
-def clip_transform(data_config: dict, pil, augment: bool = False) -> ClipTransform:
+def clip_transform(data_config: DataConfig, pil: Callable[[Any], Any], augment: bool = False) -> ClipTransform:
     """The backbone's frame transform (its eval PIL steps), or the clip-wide random crop and flip at its size."""
     return ClipTransform(pil, size=int(data_config["input_size"][-1]), augment=augment)
 

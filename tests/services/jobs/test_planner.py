@@ -16,6 +16,7 @@ from PIL import Image
 from services.architectures import architecture, forward_flops
 from services.jobs.plan_text import GB, describe
 from services.jobs.planner import MIB, plan
+from services.modality import modality_for
 from services.spec import JobSpec
 from storage.cache import CacheEntry
 from storage.settings import Settings
@@ -178,7 +179,7 @@ def test_memory_budgets_decide_where_training_features_live(folder, settings):
     assert plan(spec, settings).train_feature_bytes == 18 * 6 * 101 * 64 * 2  # 1.4 MB
     p = plan(spec, settings)  # no caps: half the available RAM; the device budget is the worker's to find out
     assert p.train_in_memory and p.train_on_gpu is None and p.gpu_budget_bytes is None
-    assert "GPU-resident if the worker's device has room" in describe(p)
+    assert "GPU-resident if the worker's device has room" in describe(p, modality_for(spec.backbone))
     p = plan(spec, with_(settings, gpu_cache_mb=8192))  # a cap: the planner judges against it
     assert p.train_in_memory and p.train_on_gpu
     p = plan(spec, with_(settings, gpu_cache_mb=2))  # the split gets half: 1 MiB

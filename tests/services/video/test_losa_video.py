@@ -13,6 +13,7 @@ from services.methods.losa.model import build
 from services.methods.losa.video import SpatioTemporalMixer, VideoLosaSideNetwork
 from services.methods.readout import FeatureInfo
 from services.params import count_parameters
+from services.video.spec import VideoSpec
 
 
 def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -84,7 +85,7 @@ def test_online_features_in_float32_need_no_copy_to_mix() -> None:
 
 @pytest.mark.parametrize(("frames", "rank", "expected"), [(16, 16, 192_762), (32, 64, None)])
 def test_parameter_counts(frames: int, rank: int, expected: int | None) -> None:
-    n = count_parameters("vit_base_patch16_224", "losa", {"rank": rank}, video={"num_frames": frames})
+    n = count_parameters("vit_base_patch16_224", "losa", {"rank": rank}, video=VideoSpec(num_frames=frames))
     d, s, t, r = 768, 196, frames // 2, rank
     channel = 2 * d * r + r + d + 1
     token = (2 * s * r + r + s + 1) + (2 * t * r + r + t + 1)
@@ -101,7 +102,7 @@ def test_table_2_counts_are_about_317_d_above_eq_6() -> None:
     for d, layers, paper in [(1280, 32, 3.61e6), (1408, 40, 4.78e6), (1664, 48, 6.53e6), (1792, 56, 8.03e6)]:
         ours = layers // 2 * ((2 * d * r + r + d + 1) + (2 * s * r + r + s + 1) + (2 * t * r + r + t + 1))
         assert 310 < (paper - ours) / d < 325
-    n = count_parameters("vit_huge_patch14_224", "losa", {"rank": 64}, video={"num_frames": 32})
+    n = count_parameters("vit_huge_patch14_224", "losa", {"rank": 64}, video=VideoSpec(num_frames=32))
     assert n.tokens == 4096 + 1 and n.side == 3_206_448  # ViViT-H: 3.21M by Eq. 6, 3.61M in Table 2
 
 

@@ -129,7 +129,7 @@ def test_load_backbone_builds_the_vivit_and_normalises_clips_as_frames() -> None
 @pytest.mark.parametrize(("name", "frames", "tubelet"), [("vit_base_patch16_224", 16, 2), ("test_vit", 8, 4)])
 def test_planner_shapes_of_vivits_match_the_built_model(name: str, frames: int, tubelet: int) -> None:
     from services.architectures import architecture, forward_flops
-    from services.spec import extraction_rows
+    from services.modality import modality_for
 
     video = VideoSpec(num_frames=frames, tubelet=tubelet)
     with torch.device("meta"):
@@ -144,6 +144,6 @@ def test_planner_shapes_of_vivits_match_the_built_model(name: str, frames: int, 
     conv = vivit.patch_embed.proj
     assert conv.weight[0].numel() == 3 * tubelet * p * p  # the Conv3d's multiply-adds per output
     # `auto` extraction batches: 32 images; clips by bytes (ViViT-B/16, 16 frames, every layer: 28.9 MB -> 4)
-    assert extraction_rows("auto", 12 * 1569 * 768 * 2, video=True) == 4
-    assert extraction_rows("auto", 12 * 197 * 768 * 2, video=False) == 32
-    assert extraction_rows(7, 12 * 1569 * 768 * 2, video=True) == 7
+    assert modality_for(video).extraction_rows("auto", 12 * 1569 * 768 * 2) == 4
+    assert modality_for(None).extraction_rows("auto", 12 * 197 * 768 * 2) == 32
+    assert modality_for(video).extraction_rows(7, 12 * 1569 * 768 * 2) == 7
