@@ -14,7 +14,7 @@ from services.jobs.steps import cancelled, fail, failed, on_this_machine
 from services.models.manifest import Manifest
 from services.spec import JobSpec
 from services.training import reports
-from services.training.package import Trained
+from services.training.package import Packaged
 from storage.artifacts import ArtifactStore
 from storage.cache import CacheError, FeatureCache
 from storage.redis import TERMINAL, JobStore, model_id_for, now
@@ -24,7 +24,7 @@ from storage.settings import Settings
 PLOTS = ("confusion", "curves")
 
 
-def model_files(out: Trained) -> dict[str, bytes]:
+def model_files(out: Packaged) -> dict[str, bytes]:
     """The files saved beside a trained model's weights: its evaluation report and its plots."""
     return {
         "evaluation.json": reports.encode(out["evaluation"]),

@@ -16,14 +16,14 @@ from services.jobs.progress import Reporter
 from services.jobs.resolved import ResolvedJob
 from services.spec import JobSpec
 from services.training.metrics import Candidate
-from services.training.package import Trained
+from services.training.package import Packaged
 from storage.artifacts import as_folder
 from storage.settings import Settings
 from storage.store import Folder
 
 # services/training/job.py: train_job, which trains each candidate as a job of its own; passed in by it, which
 # dispatches `method: auto` here, so neither module imports the other
-TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None], Trained]
+TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None], Packaged]
 
 
 def train_auto(
@@ -34,7 +34,7 @@ def train_auto(
     checkpoint_dir: Folder | Path,
     train_job: TrainJob,
     resolved: ResolvedJob | None = None,
-) -> Trained:
+) -> Packaged:
     base = spec.model_dump()
     outs = []
     for method in spec.method.candidates():

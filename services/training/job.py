@@ -10,7 +10,7 @@ optimise -> Optimised    the loop (services/training/fit.py: each mini-batch rea
                          the best on validation kept), or the linear probe's L-BFGS protocol (probes.py)
 select_model -> Selected the configuration that validation chose, as Runs
 evaluate_model -> Report the selected model once on the test split (else on validation, named so)
-package -> Trained       weights, manifest, metrics, evaluation and plots for the artifact store (package.py)
+package -> Packaged      weights, manifest, metrics, evaluation and plots for the artifact store (package.py)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from services.training.auto import train_auto
 from services.training.fit import fit, predict, predicted_labels, select
 from services.training.inputs import Data, Reading, load_data, report_loading, sources, test_source
 from services.training.objectives import Objective
-from services.training.package import Trained, package
+from services.training.package import Packaged, package
 from services.training.probes import L2Search, solve_probes
 from services.training.runs import Runs, to_numpy, to_torch  # noqa: F401 - to_numpy/to_torch: the tests' helpers
 from services.training.stages import Built, Grid, Inputs, Optimised, Report, Selected, Split
@@ -48,7 +48,7 @@ def train_job(
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
     resolved: ResolvedJob | None = None,
-) -> Trained:
+) -> Packaged:
     """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train
     on the resolved job's split (drawn here without one), select on validation, evaluate the selected model once on
     the test split (else on validation, named so); returns its weights, manifest (services/models/manifest.py),

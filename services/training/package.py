@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 FEATURE_KEYS = ("num_layers", "dim", "num_prefix_tokens", "global_pool", "norm_eps")
 
 
-class Trained(TypedDict):
+class Packaged(TypedDict):
     """A job's model as the artifact store saves it (storage/artifacts.py: `save_model`): what `train_job` returns."""
 
     weights: dict[str, np.ndarray]  # the selected model's trainable state
@@ -39,7 +39,7 @@ def package(
     optimised: Optimised,
     selected: Selected,
     report: Report,
-) -> Trained:
+) -> Packaged:
     """The selected model's weights, manifest (services/models/manifest.py), metrics, evaluation and plots for the
     artifact store."""
     from services.training import plots  # matplotlib: only once a job has a model to plot
