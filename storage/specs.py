@@ -33,7 +33,7 @@ class DatasetSpecRecord(TypedDict):
 
     path: str | None
     id: str | None
-    format: Literal["auto", "imagefolder", "csv", "webdataset"]
+    format: Literal["auto", "imagefolder", "csv", "jsonl", "webdataset"]
     webdataset: WebDatasetSpecRecord | None
     val_fraction: float
     test_fraction: float

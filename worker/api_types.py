@@ -31,7 +31,7 @@ class DatasetBody(TypedDict, total=False):
 
     path: str | None
     id: str | None
-    format: Literal["auto", "imagefolder", "csv", "webdataset"]
+    format: Literal["auto", "imagefolder", "csv", "jsonl", "webdataset"]
     webdataset: WebDatasetBody | None
     val_fraction: float
     test_fraction: float

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from services.data.datasets import Dataset
-from services.data.formats.samples import Item, ShardMember, readable
+from services.data.formats.samples import Item, RemoteFile, ShardMember, readable
 from services.data.loading import BatchReader
 from services.video.decoding import ClipTransform, read_clip
 from services.video.spec import VideoSpec
@@ -45,7 +45,7 @@ class ClipReader(BatchReader):
         if self.spans is not None and not np.isnan(self.spans[i]).any():
             span = (float(self.spans[i, 0]), float(self.spans[i, 1]))
         item = self.paths[i]
-        source = readable(item) if isinstance(item, ShardMember) else Path(item)
+        source = readable(item) if isinstance(item, ShardMember | RemoteFile) else Path(item)
         clip = read_clip(source, self.video, self.pil.for_clip(rng), rng, span, name=str(item))
         note = None
         if clip.padded:
