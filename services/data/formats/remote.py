@@ -95,8 +95,8 @@ def stat_many(urls: Iterable[str], what: str = "object") -> dict[str, ObjectInfo
         by_folder.setdefault(posixpath.dirname(url), []).append(url)
     found: dict[str, ObjectInfo] = {}
     for folder, members in by_folder.items():
-        try:
-            listing = call(folder, what, lambda fs, path: fs.ls(path, detail=True))
+        try:  # named by its first object in messages: the folder is no part of the dataset
+            listing = call(members[0], what, lambda fs, path: fs.ls(posixpath.dirname(path), detail=True))
         except FileNotFoundError:
             continue
         names = {posixpath.basename(str(e["name"]).rstrip("/")): e for e in listing if e.get("type") != "directory"}
