@@ -94,7 +94,7 @@ def stat_many(urls: Iterable[str], what: str = "object") -> dict[str, ObjectInfo
     for url in urls:
         by_folder.setdefault(posixpath.dirname(url), []).append(url)
     found: dict[str, ObjectInfo] = {}
-    for folder, members in by_folder.items():
+    for members in by_folder.values():
         try:  # named by its first object in messages: the folder is no part of the dataset
             listing = call(members[0], what, lambda fs, path: fs.ls(posixpath.dirname(path), detail=True))
         except FileNotFoundError:
