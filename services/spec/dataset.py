@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.data.formats.base import MEDIA_KEYS
 from services.data.formats.braces import MAX_SHARDS, PatternError, expand, is_shards
-from services.data.formats.huggingface import HUB
-from services.data.formats.urls import is_remote, url_problem
+from services.data.formats.huggingface import HUB, IN_A_STORE
+from services.data.formats.urls import is_remote, is_url, url_problem
 from services.spec.fields import NO_NUL, SEED_MAX
 
 
@@ -189,7 +189,7 @@ class DatasetSpec(BaseModel):
                 "give `dataset.test` or `dataset.test_id` (a separate test set) or `dataset.test_fraction`, not both"
             )
         for field, location in (("path", self.path), ("test", self.test)):
-            problem = url_problem(location) if location is not None and is_remote(location) else None
+            problem = url_problem(location) if location is not None and is_url(location) else None
             if problem is not None:  # refused before the spec is stored or shown anywhere, and not repeated
                 raise ValueError(f"dataset.{field}: {problem}")
         self._check_shards()
@@ -200,6 +200,8 @@ class DatasetSpec(BaseModel):
         hub = [f for f, p in (("path", self.path), ("test", self.test)) if p is not None and p.startswith(HUB)]
         if hub and self.format not in ("auto", "huggingface"):
             raise ValueError(f"dataset.{hub[0]}: an `hf://` id is a Hugging Face dataset; set format to huggingface")
+        if self.format == "huggingface" and self.path is not None and is_remote(self.path):
+            raise ValueError(f"dataset.path: {IN_A_STORE}")
         if self.huggingface is not None and self.format not in ("auto", "huggingface"):
             raise ValueError(
                 f"dataset.huggingface applies to Hugging Face datasets, not to format {self.format!r}; remove it"

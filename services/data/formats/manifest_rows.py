@@ -71,6 +71,8 @@ class ManifestRows:
     def _target(self, line: int, rel: str) -> Path | str:
         """The row's file (a local path, resolved) or object (a URL); DatasetError if it leaves the manifest's
         folder or is absolute without the paths rule."""
+        if scheme(rel) == "hf":
+            raise DatasetError(f"{self.manifest} line {line}: a row names a file, not a Hugging Face dataset (hf://)")
         if scheme(rel) is not None:
             if self.inside is None:
                 raise DatasetError(

@@ -1,8 +1,8 @@
 """Dataset locations that are URLs: which are object-store URLs (`s3://`, `gs://`, any fsspec scheme but `file://`,
-which names a local path), and which are refused before anything else looks at them: a URL carrying credentials or
-a query (a signature, a token) would be stored in the job's record and shown in its errors, and `.`/`..` segments
-or empty ones would let a URL read as inside an allowed prefix while naming something else. Pure Python: the job
-spec (services/spec/dataset.py) and services/paths.py use it.
+which names a local path, and `hf://`, a Hugging Face Hub id), and which are refused before anything else looks at
+them: a URL carrying credentials or a query (a signature, a token) would be stored in the job's record and shown in
+its errors, and `.`/`..` segments or empty ones would let a URL read as inside an allowed prefix while naming
+something else. Pure Python: the job spec (services/spec/dataset.py) and services/paths.py use it.
 """
 
 from __future__ import annotations
@@ -19,9 +19,21 @@ def scheme(location: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
-def is_remote(location: str | os.PathLike[str]) -> bool:
-    """Whether `location` is an object-store URL (any scheme but `file://`, which names a local path)."""
+# not object stores: `file://` names a local path, `hf://` a Hugging Face Hub id (formats/huggingface.py loads it
+# through the Hub, so the allowed prefixes do not apply)
+_NOT_STORES = (None, "file", "hf")
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """Whether `location` is a URL other than `file://`: an object-store URL or a Hub id, which `url_problem` checks
+    before the spec is stored."""
     return isinstance(location, str) and scheme(location) not in (None, "file")
+
+
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    """Whether `location` is an object-store URL (any scheme but `file://`, which names a local path, and `hf://`,
+    a Hugging Face Hub id)."""
+    return isinstance(location, str) and scheme(location) not in _NOT_STORES
 
 
 def local_path(location: str) -> str:
