@@ -7,7 +7,12 @@ rows): links are followed first, then
   or holds one (the data dir itself, the uploads folder) is refused;
 - the one exception is the caller's own upload, named by its id (`dataset.id`, `dataset.test_id`): the API puts its
   path in the spec after checking the owner, and then only that upload's folder is open to it;
-- any other path must lie under an allowed root (`Settings.roots`).
+- any other path must lie under an allowed root (`Settings.roots`); a `file://` URL is the path it names.
+
+An object-store URL (`s3://bucket/shards/000000.tar`, a manifest's row `gs://...`) has the twin rule: it must lie
+under an allowed prefix (`Settings.prefixes`, SIDETUNE_ALLOWED_PREFIXES; none by default, so no dataset is read from
+an object store until an operator names where), and is refused outright if it carries credentials, a query or `.`/
+`..` segments (services/data/formats/urls.py), the URL then unnamed in the message.
 
 Refused paths raise `ForbiddenPath` (403 `forbidden_path`) naming the field, and nothing of what lies there: the
 check runs before anything is read, so that no class, file or tensor name of another key's data, nor whether a file
@@ -20,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from services.data.formats.urls import is_remote, local_path, url_problem
 from services.errors import UserError
 from storage.datasets import is_dataset_id
 from storage.settings import Settings
@@ -41,6 +47,7 @@ class UserPaths:
 
     def __init__(self, settings: Settings) -> None:
         self.roots = settings.roots
+        self.prefixes = settings.prefixes
         self.service = [d.resolve() for d in settings.service_dirs]
         self.uploads = settings.datasets_dir.resolve()
 
@@ -76,7 +83,9 @@ class UserPaths:
     def check(self, field: str, path: str | Path, upload: str | None = None) -> Path:
         """`path` resolved, if `field` may name it (`upload`: the id the spec names it by); ForbiddenPath if not,
         FileNotFoundError if it is allowed and missing."""
-        real = Path(path).expanduser().resolve()
+        if is_remote(str(path)):
+            raise ForbiddenPath(f"{field}: an object-store URL where a file on the server is needed", field)
+        real = Path(local_path(str(path))).expanduser().resolve()
         why = self._refusal(real, upload)
         if why == "service":
             raise ForbiddenPath(
@@ -94,14 +103,41 @@ class UserPaths:
             raise FileNotFoundError(f"{field}: {str(path)!r} does not exist")
         return real
 
+    def check_url(self, field: str, url: str, what: str | None = None) -> str:
+        """`url` (an object in a store), if it lies under an allowed prefix; ForbiddenPath if not, or if it carries
+        credentials, a query or `.`/`..` segments (then not repeated). `what` names it inside the dataset (a row)."""
+        where = f"{field}: {what}" if what else field
+        problem = url_problem(url)
+        if problem is not None:
+            raise ForbiddenPath(f"{where}: {problem}", field)
+        scheme, _, rest = url.partition("://")
+        normal = f"{scheme.lower()}://{rest}"
+        if not any(normal.startswith(prefix) for prefix in self.prefixes):
+            allowed = ", ".join(self.prefixes) or "none are set (SIDETUNE_ALLOWED_PREFIXES)"
+            raise ForbiddenPath(
+                f"{where}: {url!r} is outside the allowed object-store prefixes ({allowed}); put the data under one "
+                "of them, or ask the operator to allow its prefix",
+                field,
+            )
+        return normal
+
+    def check_location(self, field: str, location: str, upload: str | None = None) -> Path | str:
+        """A location of the dataset at `field`: an object URL under the prefix rule, else a path under the roots
+        rule (`check`)."""
+        return self.check_url(field, location) if is_remote(location) else self.check(field, location, upload)
+
     def checkpoint(self, backbone: Any) -> Path | None:
         """A backbone spec's `checkpoint` file resolved under the rule, or None without one."""
         return self.check("backbone.checkpoint", backbone.checkpoint) if backbone.checkpoint else None
 
-    def check_member(self, field: str, path: Path, what: str, upload: str | None = None) -> None:
+    def check_member(self, field: str, path: Path | str, what: str, upload: str | None = None) -> None:
         """A file or folder of the dataset at `field` (`what` names it: a class folder, a file, a manifest row),
-        links followed: refused if it reaches a service folder (the target then goes unnamed) or leaves the roots."""
-        real = path.resolve()
+        links followed: refused if it reaches a service folder (the target then goes unnamed) or leaves the roots;
+        an object URL (a manifest's row, a shard) by the prefix rule."""
+        if is_remote(str(path)):
+            self.check_url(field, str(path), what)
+            return
+        real = Path(local_path(str(path))).resolve()
         why = self._refusal(real, upload)
         if why == "service":
             raise ForbiddenPath(

@@ -38,6 +38,15 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Dataset paths must lie under one of these (comma-separated). Empty: the data dir.",
     )
+    allowed_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The object-store twin of `allowed_roots`: URL prefixes (comma-separated, e.g. "
+        "`s3://bucket/datasets/`) under which a dataset, its shards and its manifest's rows may lie (`s3://`, and "
+        "any fsspec URL such as `gs://` with its package installed). Each is a folder: `s3://bucket/data` admits "
+        "`s3://bucket/data/x.tar`, not `s3://bucket/data2/`. Credentials come from the environment or a named profile "
+        "(`AWS_*`, `AWS_PROFILE`; `AWS_ENDPOINT_URL` for an S3-compatible server), never from the URL. Empty: no "
+        "dataset is read from an object store.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Accepted Bearer tokens (comma-separated). Empty: no auth.", repr=False
     )
@@ -252,7 +261,7 @@ class Settings(BaseSettings):
         "valid key (`Authorization: Bearer <key>`); without keys `/metrics` is open, like the rest of the API.",
     )
 
-    @field_validator("allowed_roots", "api_keys", "admin_keys", mode="before")
+    @field_validator("allowed_roots", "allowed_prefixes", "api_keys", "admin_keys", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
@@ -317,6 +326,16 @@ class Settings(BaseSettings):
         """Where paths a job names may lie: `allowed_roots`, else the data dir. An uploaded dataset is read through
         its id wherever the store is (services/paths.py), so the uploads need no root of their own."""
         return [p.expanduser().resolve() for p in self.allowed_roots] or [self.data_path]
+
+    @property
+    def prefixes(self) -> list[str]:
+        """`allowed_prefixes` as folders: the scheme lower-cased, each ending with `/`."""
+        out = []
+        for prefix in self.allowed_prefixes:
+            scheme, sep, rest = prefix.strip().partition("://")
+            if sep and rest.strip("/"):
+                out.append(f"{scheme.lower()}://{rest.rstrip('/')}/")
+        return out
 
     @property
     def service_dirs(self) -> list[Path]:

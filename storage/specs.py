@@ -41,7 +41,7 @@ class DatasetSpecRecord(TypedDict):
 
     path: str | None
     id: str | None
-    format: Literal["auto", "imagefolder", "csv", "webdataset", "huggingface"]
+    format: Literal["auto", "imagefolder", "csv", "jsonl", "webdataset", "huggingface"]
     webdataset: WebDatasetSpecRecord | None
     huggingface: HuggingFaceSpecRecord | None
     val_fraction: float

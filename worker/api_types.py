@@ -35,12 +35,12 @@ class HuggingFaceBody(TypedDict, total=False):
 
 
 class DatasetBody(TypedDict, total=False):
-    """`dataset`: a server path (a folder, a CSV manifest, WebDataset shards, a Hugging Face dataset or `hf://` id) or
-    an uploaded dataset's id, and how it is split."""
+    """`dataset`: a server path (a folder, a CSV or JSONL manifest, WebDataset shards, a Hugging Face dataset or
+    `hf://` id), an object-store URL (shards, a manifest) or an uploaded dataset's id, and how it is split."""
 
     path: str | None
     id: str | None
-    format: Literal["auto", "imagefolder", "csv", "webdataset", "huggingface"]
+    format: Literal["auto", "imagefolder", "csv", "jsonl", "webdataset", "huggingface"]
     webdataset: WebDatasetBody | None
     huggingface: HuggingFaceBody | None
     val_fraction: float

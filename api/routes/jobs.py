@@ -36,13 +36,13 @@ def own_job(store: JobStore, job_id: str, owner: str | None) -> JobRecord:
 
 def _check_paths(spec: JobSpec, settings: Settings) -> None:
     """Refuse at submission what would certainly fail later: every path field the spec names (services/paths.py:
-    403 for the service's own folders, or outside the allowed roots; 422 if missing), and a dataset of the wrong
-    kind. The planner then reads the datasets under the same rule."""
+    403 for the service's own folders, or outside the allowed roots, or an object URL outside the allowed prefixes;
+    422 if missing), and a dataset of the wrong kind. The planner then reads the datasets under the same rule."""
     paths = UserPaths(settings)
     ds = spec.dataset
     for field, path, upload in spec.server_paths():
         try:
-            resolved = paths.check(field, path, upload)
+            resolved = paths.check_location(field, path, upload)
         except ForbiddenPath as e:
             raise ApiError(403, "forbidden_path", str(e)) from None
         except FileNotFoundError as e:
@@ -50,7 +50,7 @@ def _check_paths(spec: JobSpec, settings: Settings) -> None:
         except (OSError, RuntimeError) as e:  # a name too long for the filesystem, a loop of links (RuntimeError)
             why = e.strerror if isinstance(e, OSError) else str(e)
             raise ApiError(422, "invalid_request", f"{field}: {path[:200]!r} cannot be read: {why}") from None
-        if field in ("dataset.path", "dataset.test"):
+        if field in ("dataset.path", "dataset.test") and not isinstance(resolved, str):  # objects: read when planned
             fmt = resolve_format(resolved, ds.format if field == "dataset.path" else "auto")
             if fmt == "imagefolder" and not resolved.is_dir():
                 raise ApiError(422, "invalid_dataset", f"{field}: {path!r} is not a directory (ImageFolder layout)")

@@ -1,9 +1,9 @@
-"""Reading a dataset: the formats (services/data/formats/: ImageFolder, CSV manifests, WebDataset shards, Hugging Face
-datasets; one module each behind `DatasetFormat`), the one that `dataset.format` names or `auto` picks, and a job's
-dataset read through services/paths.py's rule (`read_for_job`): every path its location names, then every class
-folder, linked file, manifest row, shard or Arrow/Parquet file the format reaches. The result is a `Dataset`
-(formats/samples.py: sorted samples, class names, a fingerprint over the items so that a changed dataset gets a new
-cache entry). Torch-free.
+"""Reading a dataset: the formats (services/data/formats/: ImageFolder, CSV and JSONL manifests, WebDataset shards,
+Hugging Face datasets; one module each behind `DatasetFormat`; shards and manifests on the server or in an object
+store), the one that `dataset.format` names or `auto` picks, and a job's dataset read through services/paths.py's
+rule (`read_for_job`): every path its location names, then every class folder, linked file, manifest row, shard or
+Arrow/Parquet file the format reaches. The result is a `Dataset` (formats/samples.py: sorted samples, class names, a
+fingerprint over the items so that a changed dataset gets a new cache entry). Torch-free.
 
 `Dataset`, `DatasetError` and the readers of each format are imported from here by the rest of the code.
 """
@@ -22,6 +22,7 @@ from services.data.formats.base import DatasetFormat, HuggingFaceOptions, Inside
 from services.data.formats.csv_manifest import CsvManifest, read_csv
 from services.data.formats.huggingface import HuggingFace, read_huggingface
 from services.data.formats.imagefolder import ImageFolder, read_imagefolder
+from services.data.formats.jsonl_manifest import JsonlManifest, read_jsonl
 from services.data.formats.samples import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -29,6 +30,7 @@ from services.data.formats.samples import (
     DatasetError,
     InFile,
     Item,
+    RemoteFile,
     ShardMember,
     TableRow,
     check_distinct,
@@ -36,6 +38,7 @@ from services.data.formats.samples import (
     name_clash,
     readable,
 )
+from services.data.formats.urls import is_remote, local_path
 from services.data.formats.webdataset import WebDataset, read_webdataset
 from services.paths import UserPaths
 
@@ -50,6 +53,7 @@ __all__ = [
     "DatasetError",
     "Inside",
     "Item",
+    "RemoteFile",
     "ShardMember",
     "TableRow",
     "check_distinct",
@@ -62,6 +66,7 @@ __all__ = [
     "read_for_job",
     "read_huggingface",
     "read_imagefolder",
+    "read_jsonl",
     "read_test_set",
     "read_webdataset",
     "resolve_format",
@@ -69,14 +74,16 @@ __all__ = [
 
 # `auto` asks them in this order: shards by their name, a manifest by its suffix, a Hugging Face dataset by its
 # `hf://` id, its save_to_disk files or its Parquet files; anything else is a folder
-FORMATS: dict[str, DatasetFormat] = {f.name: f for f in (WebDataset(), CsvManifest(), HuggingFace(), ImageFolder())}
+FORMATS: dict[str, DatasetFormat] = {
+    f.name: f for f in (WebDataset(), CsvManifest(), JsonlManifest(), HuggingFace(), ImageFolder())
+}
 
 
 def format_for(location: str | Path, fmt: str = "auto") -> DatasetFormat:
     """The format `fmt` names (`dataset.format`), or the first that claims `location` for `auto`."""
     if fmt != "auto":
         return FORMATS[fmt]
-    return next(f for f in FORMATS.values() if f.claims(str(location)))
+    return next(f for f in FORMATS.values() if f.claims(local_path(str(location))))
 
 
 def resolve_format(path: Path, fmt: str) -> str:
@@ -104,7 +111,7 @@ def read_dataset(
         webdataset or WebDatasetOptions(),
         huggingface or HuggingFaceOptions(),
     )
-    files = [Path(p) for p in reader.locations(str(path))]
+    files: list[Path | str] = [p if is_remote(p) else Path(local_path(p)) for p in reader.locations(str(path))]
     return reader.read(str(path), files, options, inside)
 
 
@@ -144,15 +151,15 @@ def read_for_job(dataset: DatasetSpec, paths: UserPaths, test: bool = False) -> 
         raise
 
 
-def _checked(paths: UserPaths, field: str, path: str, upload: str | None, several: bool) -> Path:
-    """`path` resolved under the rule; one of `several` that is missing is left to the format to name with the
-    others."""
+def _checked(paths: UserPaths, field: str, path: str, upload: str | None, several: bool) -> Path | str:
+    """`path` resolved under the rule (an object-store URL under the prefix rule, not looked up here); one of
+    `several` that is missing is left to the format to name with the others."""
     try:
-        return paths.check(field, path, upload)
+        return paths.check_location(field, path, upload)
     except FileNotFoundError:
         if not several:
             raise
-        return Path(path)
+        return Path(local_path(path))
 
 
 def read_test_set(dataset: DatasetSpec, paths: UserPaths, classes: list[str]) -> tuple[Dataset, np.ndarray]:

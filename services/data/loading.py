@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from services.data.datasets import DatasetError, load_image
 from services.data.formats.samples import InFile, Item
 from services.data.images import MAX_IMAGE_PIXELS, ImageError, draft_size, header, orient
+from storage.faults import StoreUnavailable
 from storage.settings import Settings
 
 
@@ -79,6 +80,7 @@ class ImageBatch:
     positions: np.ndarray | None = None  # the dataset positions of the rows, as asked
     notes: list[str] = field(default_factory=list)  # what the job's events should say (e.g. a short video padded)
     orientations: list[int] = field(default_factory=list)  # EncodedReader: the EXIF orientation of each of `images`
+    unavailable: str | None = None  # the store holding the items did not answer (after retries): the message
 
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader's pin-memory thread (a documented hook of custom batch types)."""
@@ -112,7 +114,12 @@ class BatchReader(torch.utils.data.Dataset):
             return None, None, str(e)
 
     def __getitem__(self, k: int) -> ImageBatch:
-        return self.decode(k, map)
+        try:
+            return self.decode(k, map)
+        except StoreUnavailable as e:  # an object store's outage: returned, raised by `iterate` as it came
+            return ImageBatch(
+                None, np.zeros(len(self.batches[k]), bool), [], np.asarray(self.batches[k]), [], [], str(e)
+            )
 
     def decode(self, k: int, map_fn: Callable = map) -> ImageBatch:
         """Batch k, its items loaded through `map_fn` (`map`; or a thread pool's, which decodes them in parallel:
@@ -278,8 +285,11 @@ def iterate(reader: BatchReader, workers: int, pin_memory: bool = False, threads
     """The reader's batches in order, loaded by `workers` processes (0: one thread, one batch ahead; or, with
     `threads` > 1, each batch decoded by that many threads when it is asked for: for a model on the CPU, which then
     has every core between two batches instead of losing one to a decoder at every barrier of its own threads). A
-    corrupt image under `skip_corrupt=False` raises DatasetError naming it, here, with no worker traceback around it."""
+    corrupt image under `skip_corrupt=False` raises DatasetError naming it, here, with no worker traceback around it;
+    an object store that does not answer for an item, StoreUnavailable naming it (the step is then retried)."""
     for batch in _raw(reader, workers, pin_memory, threads):
+        if batch.unavailable is not None:
+            raise StoreUnavailable(batch.unavailable)
         if batch.images is None and not batch.valid.any() and batch.errors and not reader.skip_corrupt:
             raise DatasetError(batch.errors[0])
         yield batch

@@ -1,5 +1,6 @@
-"""`dataset` of a job spec: where the images (or videos) are and in which format (an ImageFolder, a CSV manifest,
-WebDataset shards, a Hugging Face dataset: services/data/formats/), how they are split, what bad files do."""
+"""`dataset` of a job spec: where the images (or videos) are and in which format (an ImageFolder, a CSV or JSONL
+manifest, WebDataset shards, a Hugging Face dataset: services/data/formats/; on the server or, for shards and
+manifests, in an object store), how they are split, what bad files do."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.data.formats.base import MEDIA_KEYS
 from services.data.formats.braces import MAX_SHARDS, PatternError, expand, is_shards
-from services.data.formats.huggingface import HUB
+from services.data.formats.huggingface import HUB, IN_A_STORE
+from services.data.formats.urls import is_remote, is_url, url_problem
 from services.spec.fields import NO_NUL, SEED_MAX
 
 
@@ -83,12 +85,16 @@ class DatasetSpec(BaseModel):
         min_length=1,
         pattern=NO_NUL,
         description="Dataset location on the server, inside an allowed root: an ImageFolder directory (one "
-        "subfolder per class), a CSV manifest with columns `path,label` (paths relative to the CSV), or WebDataset "
-        "tar shards, one or a brace pattern of them (`/data/shards/{000000..000009}.tar`, every shard under an "
-        f"allowed root; at most {MAX_SHARDS:,}), a Hugging Face dataset (a `save_to_disk` folder, a Parquet file or "
-        "a folder of Parquet shards, or a Hub id `hf://org/name` where the server reaches the Hub), of images or "
-        "of videos (.mp4, .avi, .mkv, .webm, .mov; a manifest "
-        "may add `start,end` in seconds), not both. Give this or `id`, not both.",
+        "subfolder per class), a CSV manifest with columns `path,label` (paths relative to the CSV), a JSONL manifest "
+        "(`.jsonl`, one object per line with `path` and `label` or `labels`, as Vertex and Azure AutoML write them), "
+        "WebDataset tar shards, one or a brace pattern of them (`/data/shards/{000000..000009}.tar`, every shard under "
+        f"an allowed root; at most {MAX_SHARDS:,}), or a Hugging Face dataset (a `save_to_disk` folder, a Parquet file "
+        "or a folder of Parquet shards, or a Hub id `hf://org/name` where the server reaches the Hub), of images or of "
+        "videos (.mp4, .avi, .mkv, .webm, .mov; a manifest may add `start,end` in seconds), not both. Shards and "
+        "manifests may be in an object store: `s3://bucket/shards/{000000..000009}.tar`, `s3://bucket/train.csv` (any "
+        "fsspec URL; under the allowed prefixes, SIDETUNE_ALLOWED_PREFIXES), read where they are; a manifest's rows "
+        "may be such URLs too, or `file://` paths under the allowed roots. A URL never carries credentials (the "
+        "service has its own). Give this or `id`, not both.",
     )
     id: str | None = Field(
         None,
@@ -96,11 +102,12 @@ class DatasetSpec(BaseModel):
         description="An uploaded dataset (`POST /datasets`) of the same API key, instead of `path`; the stored "
         "spec then shows both (the API fills `path` in with the dataset's location).",
     )
-    format: Literal["auto", "imagefolder", "csv", "webdataset", "huggingface"] = Field(
+    format: Literal["auto", "imagefolder", "csv", "jsonl", "webdataset", "huggingface"] = Field(
         "auto",
         description="`auto` picks `webdataset` for a path ending in `.tar` (a shard, or a pattern of shards), `csv` "
-        "for a .csv file, `huggingface` for `hf://` ids, .parquet files and folders holding a `save_to_disk` "
-        "dataset or Parquet files (at their top or in `data/`), and `imagefolder` for any other directory.",
+        "for a .csv file, `jsonl` for a .jsonl file, `huggingface` for `hf://` ids, .parquet files and folders "
+        "holding a `save_to_disk` dataset or Parquet files (at their top or in `data/`), and `imagefolder` for any "
+        "other directory.",
     )
     webdataset: WebDatasetSpec | None = Field(
         None,
@@ -132,8 +139,9 @@ class DatasetSpec(BaseModel):
         None,
         min_length=1,
         pattern=NO_NUL,
-        description="A separate test set on the server (an ImageFolder directory, a CSV manifest named `*.csv`, or "
-        "WebDataset shards ending in `.tar`, or a Hugging Face dataset) "
+        description="A separate test set on the server (an ImageFolder directory, a CSV manifest named `*.csv`, a "
+        "JSONL manifest named `*.jsonl`, WebDataset shards ending in `.tar`, or a Hugging Face dataset; shards and "
+        "manifests also by URL) "
         "whose labels are among the training set's classes; instead of `test_fraction`. Its images run through the "
         "backbone and the selected model once, after training. An uploaded test set is named by `test_id`.",
     )
@@ -180,6 +188,10 @@ class DatasetSpec(BaseModel):
             raise ValueError(
                 "give `dataset.test` or `dataset.test_id` (a separate test set) or `dataset.test_fraction`, not both"
             )
+        for field, location in (("path", self.path), ("test", self.test)):
+            problem = url_problem(location) if location is not None and is_url(location) else None
+            if problem is not None:  # refused before the spec is stored or shown anywhere, and not repeated
+                raise ValueError(f"dataset.{field}: {problem}")
         self._check_shards()
         self._check_huggingface()
         return self
@@ -188,6 +200,8 @@ class DatasetSpec(BaseModel):
         hub = [f for f, p in (("path", self.path), ("test", self.test)) if p is not None and p.startswith(HUB)]
         if hub and self.format not in ("auto", "huggingface"):
             raise ValueError(f"dataset.{hub[0]}: an `hf://` id is a Hugging Face dataset; set format to huggingface")
+        if self.format == "huggingface" and self.path is not None and is_remote(self.path):
+            raise ValueError(f"dataset.path: {IN_A_STORE}")
         if self.huggingface is not None and self.format not in ("auto", "huggingface"):
             raise ValueError(
                 f"dataset.huggingface applies to Hugging Face datasets, not to format {self.format!r}; remove it"

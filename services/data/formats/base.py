@@ -5,7 +5,8 @@ services/paths.py's rule runs between them, the same for every format:
 
 1. `claims(location)`: whether `dataset.format: auto` picks it for this location;
 2. `locations(location)`: the server paths the location names, each checked by the rule before anything is read
-   (one path; a WebDataset brace pattern names each shard);
+   (one path; a WebDataset brace pattern names each shard; an object-store URL is checked against the allowed
+   prefixes instead of the roots);
 3. `read(location, files, options, inside)`: the samples, from those paths checked and resolved; `inside` checks
    any further file the format reaches (a class folder, a linked file, a manifest's row) before it is looked at.
 
@@ -24,8 +25,9 @@ from typing import ClassVar
 
 from services.data.formats.samples import Dataset
 
-# Checks a file or folder of the dataset, links followed (UserPaths.check_member bound to a field): (path, what).
-Inside = Callable[[Path, str], None]
+# Checks a file or folder of the dataset, links followed, or an object URL (UserPaths.check_member bound to a field):
+# (path or URL, what).
+Inside = Callable[[Path | str, str], None]
 
 # a WebDataset sample's image or video: the first of these extensions it has (WebDataset's `jpg;png;...` keys):
 # every suffix the other formats read, the common ones first
@@ -92,10 +94,11 @@ class DatasetFormat(ABC):
         order, the last one claims everything)."""
 
     def locations(self, location: str) -> list[str]:
-        """The server paths `location` names, each checked by services/paths.py's rule before `read`."""
+        """The server paths (or object-store URLs) `location` names, each checked by services/paths.py's rule
+        before `read`."""
         return [location]
 
     @abstractmethod
-    def read(self, location: str, files: list[Path], options: ReadOptions, inside: Inside | None) -> Dataset:
-        """The dataset at `location`, whose `locations` are `files` (checked, resolved where they exist). A
-        DatasetError names the file, line or sample at fault."""
+    def read(self, location: str, files: list[Path | str], options: ReadOptions, inside: Inside | None) -> Dataset:
+        """The dataset at `location`, whose `locations` are `files` (checked: paths resolved where they exist,
+        object-store URLs as str). A DatasetError names the file, line or sample at fault."""

@@ -1,6 +1,7 @@
-"""CSV manifests: a header with `path,label` (paths relative to the manifest's folder and inside it; for
-multi-label classification the label column holds `|`-separated tags), of images or of videos (`path,label[,start,
-end]`, seconds), one row per sample."""
+"""CSV manifests: a header with `path,label` (paths relative to the manifest's folder and inside it, or URLs:
+`s3://...` under the allowed prefixes, `file://...` under the allowed roots; for multi-label classification the label
+column holds `|`-separated tags), of images or of videos (`path,label[,start,end]`, seconds), one row per sample. The
+manifest itself may be local or in an object store (formats/manifest_rows.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
-from services.data.formats.samples import Dataset, DatasetError, Item, finish
+from services.data.formats.manifest_rows import ManifestRows, open_text
+from services.data.formats.samples import Dataset, DatasetError
+from services.data.formats.urls import is_remote
 
 
 def _empty(rel: str, label: str, multi_label: bool) -> str | None:
@@ -23,23 +26,19 @@ def _empty(rel: str, label: str, multi_label: bool) -> str | None:
 
 
 def read_csv(
-    manifest: Path,
+    manifest: Path | str,
     multi_label: bool = False,
     skip_bad_rows: bool = False,
     duplicates: str = "drop",
     inside: Inside | None = None,
 ) -> Dataset:
-    """`path,label` rows, paths relative to the manifest's folder and inside it (links followed), each checked by
-    `inside` if given, before it is looked at. `multi_label`: the label column holds `|`-separated tags. A row without
-    any tag or whose file is missing fails naming its line, or is left out and listed in `skipped_rows` when
-    `skip_bad_rows` (the job's on_corrupt=skip)."""
-    root = manifest.parent
-    paths: list[Item] = []
-    names: list[str] = []
-    where: list[str] = []
-    skipped: list[str] = []
-    spans: list[tuple[float, float]] = []
-    with open(manifest, newline="") as f:
+    """`path,label` rows, paths relative to the manifest's folder and inside it (links followed), or URLs
+    (formats/manifest_rows.py), each checked by `inside` if given, before it is looked at. The manifest is a local
+    file, or an object-store URL. `multi_label`: the label column holds `|`-separated tags. A row without any tag or
+    whose file is missing fails naming its line, or is left out and listed in `skipped_rows` when `skip_bad_rows`
+    (the job's on_corrupt=skip)."""
+    rows = ManifestRows(manifest, skip_bad_rows, inside)
+    with open_text(manifest) as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
             raise DatasetError(f"{manifest} needs a header with columns `path,label`, got {reader.fieldnames}")
@@ -51,37 +50,13 @@ def read_csv(
             label = (row["label"] or "").strip()
             empty = _empty(rel, label, multi_label)
             if empty:
-                if not skip_bad_rows:
-                    raise DatasetError(
-                        f"{manifest} line {line}: {empty} (set dataset.on_corrupt='skip' to leave such rows out)"
-                    )
-                skipped.append(f"{manifest.name} line {line}: {empty}, left out")
+                rows.bad(line, empty)
                 continue
-            p = (root / rel).resolve()
-            if not p.is_relative_to(root.resolve()):
-                raise DatasetError(f"{manifest} line {line}: {rel!r} points outside the manifest's folder")
-            if inside is not None:  # before is_file: whether a refused file exists is not told either
-                inside(root / rel, f"{manifest.name} line {line}")
-            if not p.is_file():
-                if not skip_bad_rows:
-                    raise DatasetError(
-                        f"{manifest} line {line}: {rel!r} does not exist (set dataset.on_corrupt="
-                        "'skip' to leave missing files out)"
-                    )
-                skipped.append(f"{manifest.name} line {line}: {rel} does not exist, left out")
-                continue
-            paths.append(p)
-            names.append(label)
-            where.append(f"{manifest.name} line {line}")
-            if timed:
-                spans.append(_span(row, manifest, line))
-    if not paths and not skipped:
-        raise DatasetError(f"manifest {manifest} has no rows")
-    timing = np.array(spans, dtype=np.float64).reshape(-1, 2) if timed else None
-    return finish(root, paths, names, where, duplicates, tuple(skipped), timing, multi_label, "labels")
+            rows.add(line, rel, label, _span(row, manifest, line) if timed else None)
+    return rows.dataset(duplicates, multi_label, bool(timed))
 
 
-def _span(row: dict[str, str | None], manifest: Path, line: int) -> tuple[float, float]:
+def _span(row: dict[str, str | None], manifest: Path | str, line: int) -> tuple[float, float]:
     """(start, end) seconds of a manifest row; both empty: the whole video (NaN)."""
     start, end = (row.get("start") or "").strip(), (row.get("end") or "").strip()
     if not start and not end:
@@ -99,12 +74,14 @@ class CsvManifest(DatasetFormat):
     name = "csv"
 
     def claims(self, location: str) -> bool:
+        if is_remote(location):
+            return location.lower().endswith(".csv")
         try:  # by the file a link resolves to, as the rule checks it
             path = Path(location).resolve()
             return path.suffix.lower() == ".csv" and path.is_file()
         except (OSError, RuntimeError):  # a name too long, a loop of links: the rule names the problem next
             return False
 
-    def read(self, location: str, files: list[Path], options: ReadOptions, inside: Inside | None) -> Dataset:
+    def read(self, location: str, files: list[Path | str], options: ReadOptions, inside: Inside | None) -> Dataset:
         (manifest,) = files
         return read_csv(manifest, options.multi_label, options.skip_bad, options.duplicates, inside)

@@ -32,6 +32,7 @@ import numpy as np
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
 from services.data.formats.samples import Dataset, DatasetError, Item, TableRow, finish
 from services.data.formats.tables import TableError, arrow_table, parquet_column
+from services.data.formats.urls import is_remote
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 HUB = "hf://"
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # datasets.Split's names, as our split codes
 EXTRA = "install the `hf` extra on the server: pip install 'sidetune[hf]'"
+IN_A_STORE = (
+    "a Hugging Face dataset is read from the server's disk (a save_to_disk folder, Parquet files) or the Hub "
+    "(`hf://org/name`), not from an object store; copy it under an allowed root, or write it as WebDataset shards"
+)
 _SPLIT_IN_NAME = re.compile(r"^(train|validation|test)(?:[-_.]|$)")
 
 
@@ -247,7 +252,7 @@ def _hub(location: str) -> list[tuple[str, list[Path]]]:
 
 
 def read_huggingface(
-    location: str, files: list[Path], options: ReadOptions | None = None, inside: Inside | None = None
+    location: str, files: list[Path | str], options: ReadOptions | None = None, inside: Inside | None = None
 ) -> Dataset:
     """The dataset at `location` (`files`: its folder or Parquet file, checked; none for a Hub id). With `inside`,
     every Arrow or Parquet file, and every image file a row names, is checked by it before it is read."""
@@ -256,6 +261,8 @@ def read_huggingface(
         root, splits = None, _hub(location)
     else:
         (root,) = files
+        if isinstance(root, str):  # an object-store URL (services/data/formats/urls.py)
+            raise DatasetError(f"{root}: {IN_A_STORE}")
         if saved(root):
             splits = _splits_of_saved(root)
         elif found := parquet_files(root):
@@ -324,6 +331,8 @@ class HuggingFace(DatasetFormat):
     def claims(self, location: str) -> bool:
         if is_hub(location):
             return True
+        if is_remote(location):  # the store is not listed to tell: only a Parquet file's name says so
+            return location.lower().endswith(".parquet")
         try:
             path = Path(location).resolve()
             if path.is_file():
@@ -337,5 +346,5 @@ class HuggingFace(DatasetFormat):
     def locations(self, location: str) -> list[str]:
         return [] if is_hub(location) else [location]
 
-    def read(self, location: str, files: list[Path], options: ReadOptions, inside: Inside | None) -> Dataset:
+    def read(self, location: str, files: list[Path | str], options: ReadOptions, inside: Inside | None) -> Dataset:
         return read_huggingface(location, files, options, inside)

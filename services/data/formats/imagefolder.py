@@ -38,8 +38,13 @@ class ImageFolder(DatasetFormat):
     def claims(self, location: str) -> bool:
         return True  # asked last: what no other format claims is read as a folder
 
-    def read(self, location: str, files: list[Path], options: ReadOptions, inside: Inside | None) -> Dataset:
+    def read(self, location: str, files: list[Path | str], options: ReadOptions, inside: Inside | None) -> Dataset:
         (root,) = files
+        if isinstance(root, str):  # an object-store URL: listing a bucket's folders is no way to read a dataset
+            raise DatasetError(
+                f"{root}: an ImageFolder is read from the server's disk; in an object store, name WebDataset shards "
+                "(`.tar`, a brace pattern) or a manifest (`.csv`, `.jsonl`) whose rows are URLs"
+            )
         if options.multi_label:
             raise DatasetError(
                 f"{root}: multi-label datasets are CSV manifests or WebDataset shards whose labels hold several "

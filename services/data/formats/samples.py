@@ -2,21 +2,22 @@
 format alike: each file once, one label per file, class names that print alike refused, images or videos but not
 both, and the fingerprint over the items (names, sizes, modification times) that keys the feature cache.
 
-An item is a file (`Path`), a file inside a tar shard (`ShardMember`, read by its offset, never extracted) or a cell of
-an Arrow or Parquet file (`TableRow`, a Hugging Face dataset's image, read in place by formats/tables.py). Each answers
+An item is a file (`Path`), a file inside a tar shard (`ShardMember`, read by its offset, never extracted; the shard a
+local path or an object-store URL), a cell of an Arrow or Parquet file (`TableRow`, a Hugging Face dataset's image,
+read in place by formats/tables.py), or an object in a store (`RemoteFile`, a manifest's row `s3://...`). Each answers
 `name`, `suffix`, `read_bytes()` and `str()`, which names the item in messages. Torch-free.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from services.data.formats import remote
 from services.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -38,9 +39,10 @@ class DatasetError(UserError, ValueError):
 class ShardMember:
     """A file inside an uncompressed tar shard: `size` bytes from `offset` (where its data starts). `member` is its
     name in the shard; `str()` is `<shard>/<member>`, as messages name it. Hashable and ordered, as paths are (the
-    planner sorts the files a test set shares with the training set)."""
+    planner sorts the files a test set shares with the training set). `shard` is a local path, or an object-store
+    URL (a str) read by one ranged request per member."""
 
-    shard: Path
+    shard: Path | str
     member: str
     offset: int
     size: int
@@ -57,16 +59,24 @@ class ShardMember:
         return f"{self.shard}/{self.member}"
 
     def read_bytes(self) -> bytes:
-        """The member's bytes; DatasetError if the shard no longer holds them (cut short or replaced since)."""
+        """The member's bytes; DatasetError if the shard no longer holds them (cut short or replaced since); for a
+        shard in an object store, StoreUnavailable naming the shard if the store does not answer (after retries)."""
         try:
-            with open(self.shard, "rb") as f:
-                f.seek(self.offset)
-                data = f.read(self.size)
+            if isinstance(self.shard, str):
+                data = remote.read_range(self.shard, self.offset, self.size, "shard")
+            else:
+                data = _read_range(self.shard, self.offset, self.size)
         except OSError as e:
             raise DatasetError(f"{self}: the shard cannot be read ({e.strerror or e})") from None
         if len(data) != self.size:
             raise DatasetError(f"{self}: the shard ends inside this file ({len(data)} of {self.size} bytes)")
         return data
+
+
+def _read_range(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 @dataclass(frozen=True, order=True)
@@ -102,8 +112,36 @@ class TableRow:
             raise DatasetError(f"{self}: {e}") from None
 
 
-Item = Path | ShardMember | TableRow  # one sample's file
-InFile = ShardMember | TableRow  # an item that is part of a file, read by its read_bytes()
+@dataclass(frozen=True, order=True)
+class RemoteFile:
+    """An object in a store (a manifest's row `s3://bucket/img/1.png`), with the size and version (ETag) it had when
+    the dataset was read."""
+
+    url: str
+    size: int
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
+    def __str__(self) -> str:
+        return self.url
+
+    def read_bytes(self) -> bytes:
+        """The object's bytes; DatasetError if it is gone, StoreUnavailable naming it if the store does not answer."""
+        try:
+            return remote.read_all(self.url, "file")
+        except FileNotFoundError:
+            raise DatasetError(f"{self}: the object no longer exists") from None
+
+
+Item = Path | ShardMember | TableRow | RemoteFile  # one sample's file
+InFile = ShardMember | TableRow | RemoteFile  # an item that is not a local file of its own, read by its read_bytes()
 
 
 def readable(item: Item) -> Path | bytes:
@@ -113,8 +151,9 @@ def readable(item: Item) -> Path | bytes:
 
 @dataclass(frozen=True)
 class Dataset:
-    root: Path
-    paths: list[Item]  # each sample's file: a Path, or a ShardMember of a WebDataset shard
+    root: Path | str  # the folder holding it: a local path, or an object-store URL
+    paths: list[Item]  # each sample's file: a Path, a ShardMember of a WebDataset shard, a TableRow of a Hugging
+    # Face dataset, or a RemoteFile
     labels: np.ndarray  # int64 class index per sample; multi-label: int64 0/1 [samples, classes] (multi-hot)
     classes: list[str]
     fingerprint: str
@@ -135,50 +174,65 @@ class Dataset:
 
 @dataclass(frozen=True)
 class _Stamp:
-    """What tells one item from another (`same`: the file by device and inode, and the member's offset in it) and
-    what says it changed (`size`, `mtime_ns`)."""
+    """What tells one item from another (`same`: the file by device and inode, or the object by its URL, and the
+    member's offset in it) and what says it changed (`size`, `changed`: the modification time in ns, or the object's
+    version)."""
 
-    same: tuple[int, ...]
+    same: tuple[int | str, ...]
     size: int
-    mtime_ns: int
+    changed: str
 
 
-def _stamp(item: Item, shards: dict[Path, os.stat_result]) -> _Stamp:
+def _whole(path: Path | str) -> _Stamp:
+    if isinstance(path, str):
+        info = remote.stat(path, "shard")
+        return _Stamp((path,), info.size, info.version)
+    st = path.stat()
+    return _Stamp((st.st_dev, st.st_ino), st.st_size, str(st.st_mtime_ns))
+
+
+def _stamp(item: Item, shards: dict[Path | str, _Stamp]) -> _Stamp:
+    if isinstance(item, RemoteFile):
+        return _Stamp((item.url,), item.size, item.version)
     if isinstance(item, ShardMember):
-        st = shards.get(item.shard)
-        if st is None:  # one stat per shard, not per member
-            st = shards[item.shard] = item.shard.stat()
-        return _Stamp((st.st_dev, st.st_ino, item.offset), item.size, st.st_mtime_ns)
-    if isinstance(item, TableRow):
-        st = shards.get(item.file)
-        if st is None:
-            st = shards[item.file] = item.file.stat()
-        return _Stamp((st.st_dev, st.st_ino, item.row), st.st_size, st.st_mtime_ns)
-    st = item.stat()
-    return _Stamp((st.st_dev, st.st_ino), st.st_size, st.st_mtime_ns)
+        shard = shards.get(item.shard)
+        if shard is None:  # one stat per shard, not per member
+            shard = shards[item.shard] = _whole(item.shard)
+        return _Stamp((*shard.same, item.offset), item.size, shard.changed)
+    if isinstance(item, TableRow):  # the row by its number in the file; changed with the file
+        table = shards.get(item.file)
+        if table is None:
+            table = shards[item.file] = _whole(item.file)
+        return _Stamp((*table.same, item.row), table.size, table.changed)
+    return _whole(item)
 
 
-def _relative(item: Item, root: Path) -> str:
+def _under(path: Path | str, root: Path | str) -> str:
+    if isinstance(path, str):  # a URL
+        folder = str(root).rstrip("/") + "/"
+        return path.removeprefix(folder)
+    return str(path.relative_to(root) if isinstance(root, Path) and path.is_relative_to(root) else path)
+
+
+def _relative(item: Item, root: Path | str) -> str:
     if isinstance(item, ShardMember):
-        shard = item.shard.relative_to(root) if item.shard.is_relative_to(root) else item.shard
-        return f"{shard}/{item.member}"
+        return f"{_under(item.shard, root)}/{item.member}"
     if isinstance(item, TableRow):
-        file = item.file.relative_to(root) if item.file.is_relative_to(root) else item.file
-        return f"{file}[{item.row}]"
-    return str(item.relative_to(root) if item.is_relative_to(root) else item)
+        return f"{_under(item.file, root)}[{item.row}]"
+    return _under(item.url if isinstance(item, RemoteFile) else item, root)
 
 
 def _fingerprint(
-    root: Path, items: list[Item], labels: list[str], stamps: list[_Stamp], spans: np.ndarray | None = None
+    root: Path | str, items: list[Item], labels: list[str], stamps: list[_Stamp], spans: np.ndarray | None = None
 ) -> str:
     h = hashlib.sha256()
     for i, (item, label, st) in enumerate(zip(items, labels, stamps, strict=True)):
         span = "" if spans is None else f"\0{spans[i, 0]!r}\0{spans[i, 1]!r}"  # images' fingerprints are unchanged
-        h.update(f"{_relative(item, root)}\0{label}\0{st.size}\0{st.mtime_ns}{span}\n".encode())
+        h.update(f"{_relative(item, root)}\0{label}\0{st.size}\0{st.changed}{span}\n".encode())
     return h.hexdigest()[:32]
 
 
-def media_kind(paths: list[Item], where: Path) -> str:
+def media_kind(paths: list[Item], where: Path | str) -> str:
     """`image` or `video` by the files' suffixes; a dataset mixing both is refused."""
     videos = sum(p.suffix.lower() in VIDEO_SUFFIXES for p in paths)
     if videos and videos < len(paths):
@@ -228,7 +282,7 @@ def _each_once(
     keep: list[int] = []
     stamps: list[_Stamp] = []
     seen: dict[tuple, int] = {}
-    shards: dict[Path, os.stat_result] = {}
+    shards: dict[Path | str, _Stamp] = {}
     for i, (p, name, at) in enumerate(zip(paths, names, where, strict=True)):
         st = _stamp(p, shards)
         span = () if spans is None else (repr(spans[i, 0]), repr(spans[i, 1]))  # clips of one video are distinct
@@ -252,7 +306,7 @@ def _each_once(
 
 
 def finish(
-    root: Path,
+    root: Path | str,
     paths: list[Item],
     names: list[str],
     where: list[str],

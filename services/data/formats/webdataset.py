@@ -8,7 +8,12 @@ label is the text of its `.cls` file (a class index, or a class name) or a field
 
 Samples are not extracted: each is a `ShardMember` (its shard, offset and size), which the loader processes read by
 seeking, so a shard is read twice (listed once, when the job is planned, its labels with it; each image when it is
-decoded) and never copied. A shard cut short (its last sample, or tar's end-of-archive blocks, missing) fails the
+decoded) and never copied. Shards in an object store (`s3://bucket/shards/{000000..000009}.tar`, each under an
+allowed prefix) are read the same way through fsspec (formats/remote.py): listed by streaming through the object
+with a read-ahead buffer, each member then read by one ranged request; a store outage is retried, then fails the
+job naming the shard (StoreUnavailable), never taken for a shard cut short.
+
+A shard cut short (its last sample, or tar's end-of-archive blocks, missing) fails the
 job naming it, or with `on_corrupt: skip` is left out whole and noted, like a sample without its image or label.
 """
 
@@ -16,15 +21,23 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
+import fsspec
+
+from services.data.formats import remote
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions, WebDatasetOptions
 from services.data.formats.braces import PatternError, expand, is_shards
 from services.data.formats.samples import Dataset, DatasetError, Item, ShardMember, finish
+from storage.faults import is_store_outage
+
+Shard = Path | str  # a local shard, or an object-store URL
 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's own split of a name: (dir/key, extension)
 _BLOCK = 512
@@ -44,16 +57,18 @@ class _Sample:
     label: bytes | None = None
 
 
-def _members(shard: Path, options: WebDatasetOptions) -> Iterator[tuple[str, str, ShardMember, bytes | None]]:
-    """(key, extension, member, the label file's bytes or None) for each regular file of `shard`, in order;
-    ShardError if the shard does not read to its end."""
+def _members(
+    shard: Shard, f: IO[bytes], options: WebDatasetOptions
+) -> Iterator[tuple[str, str, ShardMember, bytes | None]]:
+    """(key, extension, member, the label file's bytes or None) for each regular file of `shard` (open as `f`), in
+    order; ShardError if the shard does not read to its end. A store outage is raised as it comes."""
     end = 0
     try:
-        with open(shard, "rb") as f:
-            if f.read(2) == b"\x1f\x8b":
-                raise ShardError("it is gzip-compressed; samples are read in place, so shards must be plain .tar files")
-            size = f.seek(0, os.SEEK_END)
-        with tarfile.open(shard, mode="r:") as tar:
+        if f.read(2) == b"\x1f\x8b":
+            raise ShardError("it is gzip-compressed; samples are read in place, so shards must be plain .tar files")
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        with tarfile.open(fileobj=f, mode="r:") as tar:
             for info in tar:
                 end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
                 match = _KEY.match(info.name) if info.isfile() else None
@@ -65,22 +80,23 @@ def _members(shard: Path, options: WebDatasetOptions) -> Iterator[tuple[str, str
                     reader = tar.extractfile(info)
                     label = reader.read() if reader is not None else None
                 yield key, ext, ShardMember(shard, info.name, info.offset_data, info.size), label
-        with open(shard, "rb") as f:  # tar ends with two zero blocks: without them the shard was cut at a file's end
-            f.seek(end)
-            tail = f.read(2 * _BLOCK)
+        f.seek(end)  # tar ends with two zero blocks: without them the shard was cut at a file's end
+        tail = f.read(2 * _BLOCK)
     except tarfile.ReadError as e:
         raise ShardError(f"it is cut short, or is not a tar file (tarfile: {e})") from None
     except OSError as e:
+        if is_store_outage(e):  # aiohttp's lost connections are OSErrors too: not the shard's fault
+            raise
         raise ShardError(f"it cannot be read ({e.strerror or e})") from None
     if end > size or len(tail) < 2 * _BLOCK or tail.strip(b"\0"):
         raise ShardError("it is cut short (it ends without tar's end-of-archive blocks)")
 
 
-def _samples(shard: Path, options: WebDatasetOptions) -> list[_Sample]:
-    """The samples of `shard`, in order; DatasetError for a key split across the shard."""
+def _gather(shard: Shard, f: IO[bytes], options: WebDatasetOptions) -> list[_Sample]:
+    """The samples of `shard` (open as `f`), in order; DatasetError for a key split across the shard."""
     out: list[_Sample] = []
     seen: set[str] = set()
-    for key, ext, member, label in _members(shard, options):
+    for key, ext, member, label in _members(shard, f, options):
         if not out or out[-1].key != key:
             if key in seen:
                 raise DatasetError(
@@ -93,6 +109,23 @@ def _samples(shard: Path, options: WebDatasetOptions) -> list[_Sample]:
         if label is not None:
             out[-1].label = label
     return out
+
+
+def _samples(shard: Shard, options: WebDatasetOptions) -> list[_Sample]:
+    """The samples of `shard`, streamed through once: a local file, or an object read by ranges (an outage retried
+    from the start of the shard, then StoreUnavailable naming it)."""
+    if isinstance(shard, str):
+
+        def listing(fs: fsspec.AbstractFileSystem, path: str) -> list[_Sample]:
+            with remote.open_object(fs, path) as f:
+                return _gather(shard, f, options)
+
+        return remote.call(shard, "shard", listing, keep=(ShardError, DatasetError))
+    try:
+        with open(shard, "rb") as f:
+            return _gather(shard, f, options)
+    except OSError as e:
+        raise ShardError(f"it cannot be read ({e.strerror or e})") from None
 
 
 def _name(value: object, options: WebDatasetOptions) -> str:
@@ -142,7 +175,7 @@ def _label(raw: bytes, options: WebDatasetOptions, multi_label: bool) -> str:
     return _name(value, options)
 
 
-def _sample_row(shard: Path, sample: _Sample, options: WebDatasetOptions, multi_label: bool) -> tuple[Item, str]:
+def _sample_row(shard: Shard, sample: _Sample, options: WebDatasetOptions, multi_label: bool) -> tuple[Item, str]:
     """A sample's (item, label); ValueError naming what it lacks."""
     media = next((sample.files[k] for k in options.media_keys if k in sample.files), None)
     if media is None:
@@ -155,9 +188,12 @@ def _sample_row(shard: Path, sample: _Sample, options: WebDatasetOptions, multi_
     return media, _label(sample.label, options, multi_label)
 
 
-def missing_shards(location: str, shards: list[Path]) -> DatasetError | None:
-    """The error for shards of `location` that do not exist, or None."""
-    missing = [s for s in shards if not s.is_file()]
+def missing_shards(location: str, shards: list[Shard]) -> DatasetError | None:
+    """The error for shards of `location` that do not exist, or None (objects in a store listed a folder at a
+    time)."""
+    urls = [s for s in shards if isinstance(s, str)]
+    found = remote.stat_many(urls, "shard") if urls else {}
+    missing = [s for s in shards if (s not in found if isinstance(s, str) else not s.is_file())]
     if not missing:
         return None
     if len(missing) == len(shards):
@@ -167,7 +203,7 @@ def missing_shards(location: str, shards: list[Path]) -> DatasetError | None:
 
 
 def read_webdataset(
-    location: str, shards: list[Path], options: ReadOptions | None = None, inside: Inside | None = None
+    location: str, shards: list[Shard], options: ReadOptions | None = None, inside: Inside | None = None
 ) -> Dataset:
     """The samples of `shards` (what `location` names), in shard order then file order. With `inside`, every
     shard is checked by it before it is looked at."""
@@ -188,7 +224,7 @@ def read_webdataset(
         except ShardError as e:
             if not skip:
                 raise DatasetError(f"shard {shard}: {e} (set dataset.on_corrupt='skip' to leave it out)") from None
-            skipped.append(f"shard {shard.name}: {e}, left out")
+            skipped.append(f"shard {_base(shard)}: {e}, left out")
             continue
         for sample in samples:
             try:
@@ -199,13 +235,18 @@ def read_webdataset(
                         f"shard {shard} sample {sample.key!r}: {e} (set dataset.on_corrupt='skip' to leave such "
                         "samples out)"
                     ) from None
-                skipped.append(f"shard {shard.name} sample {sample.key}: {e}, left out")
+                skipped.append(f"shard {_base(shard)} sample {sample.key}: {e}, left out")
                 continue
             items.append(item)
             names.append(name)
-            where.append(f"shard {shard.name} sample {sample.key}")
-    root = Path(os.path.commonpath([s.parent for s in shards]))
+            where.append(f"shard {_base(shard)} sample {sample.key}")
+    urls = [s for s in shards if isinstance(s, str)]
+    root = remote.common_folder(urls) if urls else Path(os.path.commonpath([Path(s).parent for s in shards]))
     return finish(root, items, names, where, options.duplicates, tuple(skipped), None, options.multi_label, "labels")
+
+
+def _base(shard: Shard) -> str:
+    return posixpath.basename(shard) if isinstance(shard, str) else shard.name
 
 
 class WebDataset(DatasetFormat):
@@ -220,5 +261,5 @@ class WebDataset(DatasetFormat):
         except PatternError as e:
             raise DatasetError(str(e)) from None
 
-    def read(self, location: str, files: list[Path], options: ReadOptions, inside: Inside | None) -> Dataset:
+    def read(self, location: str, files: list[Path | str], options: ReadOptions, inside: Inside | None) -> Dataset:
         return read_webdataset(location, files, options, inside)
