@@ -17,7 +17,7 @@ from api.routes.jobs import own_job
 from api.schemas import ErrorBody
 from storage.artifacts import ArtifactStore
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], responses={401: {"model": ErrorBody}})
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}})
 
 
 @router.get(

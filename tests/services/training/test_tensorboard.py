@@ -17,6 +17,7 @@ from services.spec import JobSpec
 from services.training.job import train_job
 from services.training.tensorboard import EVENTS
 from storage.settings import Settings
+from storage.store import Store
 from tests.services.training.test_sweeps import CancelAtEpoch
 
 BACKBONE = {"name": "test_vit", "pretrained": False}
@@ -151,3 +152,27 @@ def test_tracking_that_fails_never_fails_the_job(
     assert len(out["metrics"]["history"]) == 2
     stopped = [e for e in reporter.events if "TensorBoard tracking stopped" in e["message"]]
     assert len(stopped) == 1 and stopped[0]["level"] == "warning"
+
+
+def test_runs_on_an_object_store(cache: tuple[Settings, str], digits_root: Path, tmp_path: Path, s3_url: str) -> None:
+    """On s3:// (moto), as on a local store: each run's file copied whole under its fixed name."""
+    settings, key = cache
+    folder = Store(s3_url).folder("jobs", "job_1", "tensorboard")
+    job = spec(digits_root / "train", sweep={"lr": [0.01, 0.05]}, epochs=2)
+    out = train_job(job, settings, key, NullReporter(), tmp_path / "ckpt", None, folder)
+    files = folder.files()
+    assert sorted(files) == sorted([EVENTS, *(f"config_0{j}-lr={lr}/{EVENTS}" for j, lr in enumerate((0.01, 0.05)))])
+    folder.get_tree(tmp_path / "tb", list(files))
+    for j, entry in enumerate(out["metrics"]["sweep"]):
+        check_curve(read(next((tmp_path / "tb").glob(f"config_0{j}-*"))), entry["history"])
+
+
+def test_method_auto_writes_each_candidates_runs(
+    cache: tuple[Settings, str], digits_root: Path, tmp_path: Path
+) -> None:
+    settings, key = cache
+    job = spec(digits_root / "train", method={"name": "auto"}, epochs=1)
+    out = train_job(job, settings, key, NullReporter(), tmp_path / "ckpt", None, tmp_path / "tb")
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["linear", "losa"]
+    assert "l2/val_accuracy" in read(tmp_path / "tb" / "linear").Tags()["scalars"]
+    assert out["metrics"]["auto"]["selected"] in {"linear", "losa"}
