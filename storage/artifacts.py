@@ -6,7 +6,8 @@
     checkpoints/<job_id>/    checkpoint.safetensors, checkpoint.json (services/training/checkpoint.py); kept after the
                              job ends for `checkpoint_retention_h` (services/jobs/retention.py removes them)
     jobs/<job_id>/           what of a job's resolved job is too large for its record (services/jobs/resolved.py:
-                             a large dataset's split); removed with the job
+                             a large dataset's split), and `tensorboard/`: its TensorBoard event files, one run per
+                             configuration (services/training/tensorboard.py); removed with the job
 
 Every file is written atomically (a temporary key, then the final one). A model is there once its completion
 marker is: `save_model` writes it after every other file, and `load_model` checks it and every file's size, so a
@@ -171,6 +172,10 @@ class ArtifactStore:
     # ---- jobs -----------------------------------------------------------------------------------------------
     def job(self, job_id: str) -> Folder:
         return self.root.child("jobs", job_id)
+
+    def tensorboard(self, job_id: str) -> Folder:
+        """The job's TensorBoard runs (GET /jobs/{id}/tensorboard downloads them)."""
+        return self.job(job_id).child("tensorboard")
 
     def checkpointed_jobs(self) -> list[str]:
         """The jobs that have checkpoints on the store."""

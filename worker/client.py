@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -126,6 +127,18 @@ class Client:
 
     def checkpoint_file(self, job_id: str, name: str, dest: Path) -> Path:
         return self._download(f"/jobs/{job_id}/checkpoints/{name}", {}, dest, name)
+
+    def tensorboard(self, job_id: str, folder: Path) -> Path:
+        """Download the job's TensorBoard event files and extract them into `folder` (a run per configuration);
+        returns it."""
+        archive = self._download(f"/jobs/{job_id}/tensorboard", {}, folder.parent / f".{folder.name}.tar.gz", "")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(archive) as tar:
+                tar.extractall(folder, filter="data")  # names inside `folder` only, plain files
+        finally:
+            archive.unlink(missing_ok=True)
+        return folder
 
     def wait(
         self, job_id: str, on_update: Callable[[Job], None] | None = None, timeout_s: float = 3600, poll_s: float = 0.5

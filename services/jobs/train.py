@@ -63,7 +63,8 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
                         f"the feature cache entry {key} was evicted before training; submit the job "
                         "again (it will extract anew), or raise SIDETUNE_CACHE_QUOTA_GB"
                     )
-                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt, resolved)
+                runs = artifacts.tensorboard(job_id)
+                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt, resolved, runs)
             files = model_files(out)
             artifacts.save_model(model_id, out["weights"], out["manifest"], out["metrics"], files)
         artifacts.check_model(model_id)

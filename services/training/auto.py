@@ -23,7 +23,7 @@ from storage.store import Folder
 
 # services/training/job.py: train_job, which trains each candidate as a job of its own; passed in by it, which
 # dispatches `method: auto` here, so neither module imports the other
-TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None], Packaged]
+TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None, Folder | None], Packaged]
 
 
 def train_auto(
@@ -34,14 +34,18 @@ def train_auto(
     checkpoint_dir: Folder | Path,
     train_job: TrainJob,
     resolved: ResolvedJob | None = None,
+    tensorboard: Folder | Path | None = None,
 ) -> Packaged:
+    """Each candidate as a job of its own (its checkpoints and TensorBoard runs in a folder named by its method);
+    the better on validation is the job's model."""
     base = spec.model_dump()
     outs = []
     for method in spec.method.candidates():
         candidate = JobSpec.model_validate({**base, "method": method})
         reporter.event(f"method auto: training {method['name']} from the feature cache")
         folder = as_folder(checkpoint_dir).child(method["name"])
-        outs.append(train_job(candidate, settings, cache_key, reporter, folder, resolved))  # one split for both
+        runs = as_folder(tensorboard).child(method["name"]) if tensorboard is not None else None
+        outs.append(train_job(candidate, settings, cache_key, reporter, folder, resolved, runs))  # one split for both
     metric = "val_map" if outs[0]["manifest"].multi_label else "val_accuracy"
     test = metric.replace("val_", "test_")
     best = max(range(len(outs)), key=lambda i: (outs[i]["metrics"][metric], -i))  # a tie: the earlier (the probe)

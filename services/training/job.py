@@ -37,6 +37,7 @@ from services.training.probes import L2Search, solve_probes
 from services.training.runs import Runs, to_numpy, to_torch  # noqa: F401 - to_numpy/to_torch: the tests' helpers
 from services.training.stages import Built, Grid, Inputs, Optimised, Report, Selected, Split
 from services.training.sweeps.stacked import make_runs
+from services.training.tensorboard import Board
 from storage.settings import Settings
 from storage.store import Folder
 
@@ -48,25 +49,30 @@ def train_job(
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
     resolved: ResolvedJob | None = None,
+    tensorboard: Folder | Path | None = None,
 ) -> Packaged:
     """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train
     on the resolved job's split (drawn here without one), select on validation, evaluate the selected model once on
     the test split (else on validation, named so); returns its weights, manifest (services/models/manifest.py),
-    metrics, evaluation and plots for the artifact store."""
+    metrics, evaluation and plots for the artifact store. With `tensorboard`, the job's TensorBoard runs are written
+    there as it trains (services/training/tensorboard.py)."""
     if spec.method.name == "auto":
-        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir, train_job, resolved)
+        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir, train_job, resolved, tensorboard)
     check_size(spec.grid(), settings.max_sweep_configs)
-    reading, device = Reading.of(spec), settings.torch_device()
-    data = load_data(reading, settings, cache_key, reporter)
-    parts = split_data(spec.dataset, data, resolved, reporter)
-    built = build(Grid.of(spec), reading.tail_blocks, data, parts, device)
-    inputs = prepare_inputs(reading, settings, data, parts, built, reporter)
-    search = L2Search.of(spec) if spec.linear_solver == "lbfgs" else None
-    optimised = optimise(search, data, parts, built, inputs, reporter, checkpoint_dir)
-    report_loading(reporter, [inputs.train, inputs.val])
-    selected = select_model(built, optimised, device)
-    report = evaluate_model(reading, settings, data, parts, built, inputs, selected, reporter)
-    return package(reading, cache_key, data, parts, built, optimised, selected, report)
+    reading, device, grid = Reading.of(spec), settings.torch_device(), Grid.of(spec)
+    with Board.open(tensorboard, grid, reporter) as board:
+        data = load_data(reading, settings, cache_key, reporter)
+        parts = split_data(spec.dataset, data, resolved, reporter)
+        built = build(grid, reading.tail_blocks, data, parts, device)
+        inputs = prepare_inputs(reading, settings, data, parts, built, reporter)
+        search = L2Search.of(spec) if spec.linear_solver == "lbfgs" else None
+        optimised = optimise(search, data, parts, built, inputs, reporter, checkpoint_dir, board)
+        report_loading(reporter, [inputs.train, inputs.val])
+        selected = select_model(built, optimised, device)
+        report = evaluate_model(reading, settings, data, parts, built, inputs, selected, reporter)
+        out = package(reading, cache_key, data, parts, built, optimised, selected, report)
+        board.finish(built, selected.config, out)
+    return out
 
 
 def split_data(dataset: DatasetSpec, data: Data, resolved: ResolvedJob | None, reporter: Reporter) -> Split:
@@ -139,9 +145,10 @@ def optimise(
     inputs: Inputs,
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
+    board: Board | None = None,
 ) -> Optimised:
-    """The linear probe in cache mode (`search`): solved by L-BFGS along its L2 path (probes.py); every other job: the
-    loop."""
+    """The linear probe in cache mode (`search`): solved by L-BFGS along its L2 path (probes.py; `board` takes its
+    path at the end); every other job: the loop, which feeds `board` every epoch."""
     y_train, y_val = data.labels[parts.train], data.labels[parts.val]
     objective = built.objective
     if search is not None:
@@ -159,7 +166,18 @@ def optimise(
     runs, where = make_runs(built.models, built.grid.methods, built.hps, objective, objective.device)
     hp, layers = built.hps[0], built.layers
     results, timing = fit(
-        runs, where, inputs.train, inputs.val, len(y_train), len(y_val), hp, objective, reporter, checkpoint_dir, layers
+        runs,
+        where,
+        inputs.train,
+        inputs.val,
+        len(y_train),
+        len(y_val),
+        hp,
+        objective,
+        reporter,
+        checkpoint_dir,
+        layers,
+        board,
     )
     return Optimised(results, timing, list(range(len(built.hps))))
 

@@ -1,4 +1,4 @@
-"""`sidetune submit` and `sidetune jobs list|get|cancel|delete|events|checkpoints`."""
+"""`sidetune submit` and `sidetune jobs list|get|cancel|delete|events|checkpoints|tensorboard`."""
 
 from __future__ import annotations
 
@@ -145,6 +145,12 @@ def checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def tensorboard(args: argparse.Namespace) -> int:
+    folder = client(args).tensorboard(args.job_id, Path(args.folder))
+    print(f"wrote {folder}; view it with: tensorboard --logdir {folder}")
+    return 0
+
+
 def _time(t: float | None) -> str:
     import time
 
@@ -225,3 +231,17 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument("job_id")
     p.add_argument("--download", metavar="NAME", help="download this file instead of listing")
     p.add_argument("--output", "-o", help="where to write the download (default: JOB_ID-NAME)")
+    _add_tensorboard(jobs)
+
+
+def _add_tensorboard(jobs: Subparsers) -> None:
+    p = verb(
+        jobs,
+        "tensorboard",
+        "a job's TensorBoard event files, extracted into a folder (a run per configuration)",
+        "sidetune jobs tensorboard job_0194... runs/ && tensorboard --logdir runs/",
+        tensorboard,
+        reads=False,
+    )
+    p.add_argument("job_id")
+    p.add_argument("folder", help="where to extract them (created if missing)")
