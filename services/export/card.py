@@ -83,7 +83,7 @@ class ModelFacts:
         elif self.metrics.get("test_images"):
             split, images, named = "test", self.metrics["test_images"], self.metrics
         else:
-            split, images, named = "val", self.metrics["val_images"], self.metrics
+            split, images, named = "val", self.metrics.get("val_images", 0), self.metrics
         prefix = f"{split}_"
         values = {
             k.removeprefix(prefix): float(v)
@@ -97,7 +97,9 @@ def _front_matter(facts: ModelFacts, library: str) -> str:
     manifest, figures = facts.manifest, facts.figures
     split = SPLIT_NAMES[figures.split]
     task = "video-classification" if manifest.video is not None else "image-classification"
-    dataset = f"the job's dataset ({facts.metrics['train_images']} training images, {len(manifest.classes)} classes)"
+    dataset = (
+        f"the job's dataset ({facts.metrics.get('train_images', 0)} training images, {len(manifest.classes)} classes)"
+    )
     results = [
         EvalResult(
             task_type=task,
@@ -175,8 +177,9 @@ A frozen `{backbone.name}` adapted by sidetune with **{method.name}** ({paper}{f
 
 ## Training
 
-{metrics.get("trainable_params", 0):,} trainable parameters ({metrics.get("side_params", 0):,} of them outside the
-backbone), trained on {metrics["train_images"]} images, selected on {metrics["val_images"]} validation images.
+{metrics.get("trainable_params", 0):,} trainable parameters ({metrics.get("side_params", 0):,} outside the classifier,
+the papers' convention), trained on {metrics.get("train_images", 0)} images, selected on {metrics.get("val_images", 0)}
+validation images.
 
 | setting | value |
 |---|---|
