@@ -10,7 +10,8 @@
 The inference service runs exports (`GET /models/{id}/export`, api/routes/export.py): they need torch, which the
 API never imports. This module is torch-free (the formats' names and the refusal), each format's module imports torch.
 Every format starts from `services.models.loading.load_trained`: the model as the service predicts with it (rebuilt
-by the same loader), in float32 on the CPU.
+by the same loader), in float32 on the CPU. Every format carries a model card (card.py: `README.md`, or the ONNX
+graph's `model_card` metadata) built from the model's manifest and its stored figures.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ ExportFormat = Literal["timm", "onnx", "adapter"]
 
 @dataclass(frozen=True)
 class Format:
-    module: str  # services/export/<module>.py: `refusal(manifest)` and `write(trained, folder) -> Path`
+    module: str  # services/export/<module>.py: `refusal(manifest)` and `write(trained, folder, facts) -> Path`
     suffix: str
     media_type: str
     description: str
@@ -75,6 +76,7 @@ class Exported:
 
 def export_model(artifacts: Any, settings: Any, model_id: str, fmt: str, folder: Path) -> Exported:
     """Write model `model_id` of the artifact store as `fmt` into `folder`; ExportError when it cannot be."""
+    from services.export.card import ModelFacts
     from services.models.loading import load_trained, read_artifact
     from services.paths import UserPaths
 
@@ -83,6 +85,7 @@ def export_model(artifacts: Any, settings: Any, model_id: str, fmt: str, folder:
     reason = refusal(artifact.manifest, fmt)
     if reason:
         raise ExportError(reason)
+    facts = ModelFacts.read(artifacts, model_id, artifact.manifest)
     trained = load_trained(artifact, UserPaths(settings))
-    path = importlib.import_module(f"{__name__}.{spec.module}").write(trained, folder)
+    path = importlib.import_module(f"{__name__}.{spec.module}").write(trained, folder, facts)
     return Exported(path, f"{model_id}{spec.suffix}", spec.media_type)

@@ -1,7 +1,8 @@
 """Export as an adapter, in the spirit of PEFT's saved adapters: the trained weights alone
 (`adapter_model.safetensors`: what the method trained and its buffers, never the frozen backbone) and a typed config
 (`adapter_config.json`, `AdapterConfig`: the model's manifest, services/models/manifest.py, which names the backbone,
-the method, the classes and the preprocessing); a zip of both and a README. Every method, video models included.
+the method, the classes and the preprocessing); a zip of both and a README (the model card, card.py). Every method,
+video models included.
 
 `load_adapter` rebuilds the model from them with the service's own loader (services/models/loading.py), on the
 backbone the manifest names (timm's pretrained weights, or the seeded random initialisation it was trained on) or on
@@ -29,6 +30,7 @@ from timm.data import create_transform
 from torch import nn
 from typing_extensions import TypedDict
 
+from services.export.card import ModelFacts, model_card
 from services.models.loading import Artifact, Trained, load_trained
 from services.models.manifest import Manifest, migrate
 from storage.artifacts import tensors_to_bytes
@@ -84,30 +86,27 @@ def refusal(manifest: Manifest) -> str | None:
     return None  # every method
 
 
-def _readme(config: AdapterConfig) -> str:
-    manifest = config.manifest
-    what = f"{manifest.method.name} adapter for {manifest.backbone.name}, {len(manifest.classes)} classes"
-    return f"""# {config.model_id}: {what}
-
-`{WEIGHTS_NAME}` holds only what the method trained; `{CONFIG_NAME}` (the model's manifest) names the backbone, the
-method, the classes and the preprocessing. With sidetune installed:
+def _usage(config: AdapterConfig) -> str:
+    """The card's loading code: sidetune's `load_adapter`."""
+    return f"""`{WEIGHTS_NAME}` holds only what the method trained; `{CONFIG_NAME}` (the model's manifest) names the
+backbone, the method, the classes and the preprocessing. With sidetune installed:
 
 ```python
+import torch
 from services.export.adapter import load_adapter
 
 model = load_adapter("{config.model_id}-adapter.zip")  # or this folder, unzipped
 probs = model(torch.stack([model.transform(image.convert("RGB")) for image in images])).softmax(-1)
-```
-"""
+```"""
 
 
-def write(trained: Trained, folder: Path) -> Path:
+def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
     config = AdapterConfig(model_id=trained.model_id, manifest=trained.manifest)
     path = folder / "model-adapter.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr(CONFIG_NAME, config.model_dump_json(indent=2))
         z.writestr(WEIGHTS_NAME, tensors_to_bytes(trained.weights))
-        z.writestr("README.md", _readme(config))
+        z.writestr("README.md", model_card(facts, "sidetune", _usage(config)))
     return path
 
 

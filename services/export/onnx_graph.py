@@ -4,7 +4,8 @@ the torch.export-based exporter) with a dynamic batch. Input `pixel_values` floa
 softmax is what predict answers. The metadata (`metadata_props`) holds what a runtime needs besides the graph:
 `classes` (JSON, in output order), `preprocessing` (JSON: input size, interpolation, crop, mean and std, as timm's
 data config), `video` (JSON, the clip sampling) for a video model, `multi_label` and `threshold` for a multi-label
-one (a sigmoid per tag), `model_id`, `method`, `backbone`, and a description of the input and output.
+one (a sigmoid per tag), `model_id`, `method`, `backbone`, a description of the input and output, and
+`model_card` (card.py: the README.md the other formats carry).
 
 One file holds the weights inline, so a model over ONNX's 2 GB protobuf limit is refused: export `timm` or `adapter`.
 """
@@ -18,6 +19,7 @@ import onnx
 import torch
 
 from services.export import ExportError
+from services.export.card import ModelFacts, model_card
 from services.modality import modality_for
 from services.models.loading import Trained
 from services.models.manifest import Manifest
@@ -29,7 +31,25 @@ def refusal(manifest: Manifest) -> str | None:
     return None  # every method: the side networks are traced with their backbone
 
 
-def metadata(trained: Trained) -> dict[str, str]:
+def _usage(trained: Trained) -> str:
+    """The card's loading code: onnxruntime, the preprocessing from the graph's metadata."""
+    scores = "logits.sigmoid()" if trained.manifest.multi_label else "logits.softmax(-1)"
+    return f"""One graph, no sidetune needed: input `pixel_values`, output `logits`; the metadata holds `classes` and
+`preprocessing` (timm's data config).
+
+```python
+import json, onnxruntime, timm, torch
+
+session = onnxruntime.InferenceSession("{trained.model_id}.onnx")
+meta = session.get_modelmeta().custom_metadata_map
+transform = timm.data.create_transform(**json.loads(meta["preprocessing"]))
+x = torch.stack([transform(image.convert("RGB")) for image in images]).numpy()
+logits = torch.from_numpy(session.run(None, {{"pixel_values": x}})[0])
+scores = {scores}  # columns: json.loads(meta["classes"])
+```"""
+
+
+def metadata(trained: Trained, facts: ModelFacts) -> dict[str, str]:
     manifest = trained.manifest
     modality = modality_for(manifest)
     _, h, w = trained.input_shape
@@ -44,6 +64,7 @@ def metadata(trained: Trained) -> dict[str, str]:
         "normalised: (x - mean) / std",
         "logits": f"float32 [N, {len(trained.classes)}]: one logit per class of `classes`; softmax gives predict's "
         "scores",
+        "model_card": model_card(facts, "onnx", _usage(trained)),
     }
     if manifest.multi_label:
         props["logits"] = (
@@ -54,7 +75,7 @@ def metadata(trained: Trained) -> dict[str, str]:
     return props | modality.export_metadata()  # a video model's clip sampling
 
 
-def write(trained: Trained, folder: Path) -> Path:
+def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
     module = trained.module
     tensors = {t.data_ptr(): t.numel() * t.element_size() for t in module.state_dict().values()}  # shared ones once
     if sum(tensors.values()) > MAX_BYTES:
@@ -75,7 +96,7 @@ def write(trained: Trained, folder: Path) -> Path:
             verbose=False,
         )
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, metadata(trained))
+    onnx.helper.set_model_props(proto, metadata(trained, facts))
     onnx.checker.check_model(proto)
     path = folder / "model.onnx"
     onnx.save_model(proto, str(path))

@@ -1,6 +1,7 @@
 """Export as a plain timm checkpoint: a zip of `model.safetensors` and timm's own `config.json` (written by
 `timm.models.save_for_hf`, the Hugging Face Hub layout: architecture, model_args, pretrained_cfg with the
-preprocessing the service used, label_names), and a README with the lines that load it. Without sidetune:
+preprocessing the service used, label_names), and a README: the model card (card.py) with the lines that load
+it. Without sidetune:
 
     timm.create_model("local-dir:<unzipped folder>", pretrained=True)
     timm.create_model(name, pretrained=True, num_classes=C,
@@ -23,6 +24,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 from services.export import ExportError
+from services.export.card import ModelFacts, model_card
 from services.modality import modality_for
 from services.models.loading import SideClassifier, Trained
 from services.models.manifest import Manifest
@@ -85,7 +87,8 @@ def _check_plain(vit: nn.Module, name: str, num_classes: int, model_args: dict[s
         raise RuntimeError(f"the merged model is not a plain {name} (state dicts differ: {diff})")
 
 
-def _readme(trained: Trained, model_args: dict[str, int]) -> str:
+def _usage(trained: Trained, model_args: dict[str, int]) -> str:
+    """The card's loading code: timm alone, from this folder or by name with the weights file."""
     manifest = trained.manifest
     name, c = manifest.backbone.name, len(trained.classes)
     extra = "".join(f", {k}={v!r}" for k, v in model_args.items())
@@ -95,13 +98,13 @@ def _readme(trained: Trained, model_args: dict[str, int]) -> str:
             f"Multi-label: `logits.sigmoid()` per tag; a tag is predicted from {manifest.threshold} "
             "on (`sidetune.json`)."
         )
-    return f"""# {trained.model_id}: {manifest.method.name} on {name}, {c} classes (a plain timm ViT)
+    return f"""A plain timm ViT: timm alone loads it, no sidetune needed.
 
 ```python
 import json, timm, torch
 
 model = timm.create_model("local-dir:.", pretrained=True).eval()  # this folder, unzipped
-# or by name, with the weights file:
+# or by name, with the weights file (the image size it was trained at, and the class count):
 model = timm.create_model("{name}", pretrained=True, num_classes={c}{extra},
                           pretrained_cfg_overlay={{"file": "model.safetensors", "num_classes": {c}}}).eval()
 
@@ -110,11 +113,10 @@ transform = timm.data.create_transform(**timm.data.resolve_data_config(pretraine
 classes = config["label_names"]
 # logits = model(torch.stack([transform(image.convert("RGB")) for image in images]))
 ```
-{scores}
-"""
+{scores}"""
 
 
-def write(trained: Trained, folder: Path) -> Path:
+def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
     manifest = trained.manifest
     vit = trained.module if manifest.kind != "side" else _linear_vit(trained)
     spec = manifest.backbone
@@ -129,7 +131,7 @@ def write(trained: Trained, folder: Path) -> Path:
         safe_serialization=True,
         data_config=manifest.preprocessing.data_config(),
     )
-    (out / "README.md").write_text(_readme(trained, model_args))
+    (out / "README.md").write_text(model_card(facts, "timm", _usage(trained, model_args)))
     sidetune = {
         "model_id": trained.model_id,
         "method": manifest.method.model_dump(mode="json"),
