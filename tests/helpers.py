@@ -65,3 +65,15 @@ def shaped(answer: dict, view: type) -> None:
     """`answer` holds every key the TypedDict `view` requires, and no key it does not name (worker/api_types.py)."""
     assert view.__required_keys__ <= set(answer), f"{view.__name__} lacks {view.__required_keys__ - set(answer)}"
     assert set(answer) <= keys(view), f"{view.__name__} does not name {set(answer) - keys(view)}"
+
+
+def plan_now(app, job_id: str) -> dict:
+    """Run a job's plan step here (services/jobs/planning.py), as an extract worker would, on the settings of the API
+    `app` that recorded it; the job's record after it."""
+    from services.jobs.planning import plan_step
+    from storage.redis import JobStore
+
+    settings = app.state.settings
+    store = JobStore.from_url(settings.broker_url)
+    plan_step(store, settings, job_id)
+    return store.get_job(job_id)

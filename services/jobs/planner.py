@@ -164,7 +164,7 @@ def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dat
         base.update(backprop_memory_bytes=memory.need, memory_fits=memory.fits)
         if memory.fits is False:
             fits = None if spec.needs_cache else True
-            return Plan(**base, fits=fits, message=_memory_message(memory), notes=notes)
+            return Plan(**base, fits=fits, message=memory_message(memory), notes=notes)
     if not spec.needs_cache:  # the dataset's samples called what they are: images, clips
         msg = f"mode {spec.mode} trains on {modality.items} and needs no feature cache; nothing is extracted"
         return Plan(**base, fits=True, message=msg, notes=notes)
@@ -222,7 +222,7 @@ def _common_fields(
     )
 
 
-def _memory_message(memory: BackpropMemory) -> str:
+def memory_message(memory: BackpropMemory) -> str:
     """Why backpropagation does not fit the device memory, and what would make it fit."""
     return (
         f"{memory.reason}: about {gb(memory.need)} of device memory, more than SIDETUNE_DEVICE_MEMORY_GB "
