@@ -1,7 +1,8 @@
 """The planner: what a job will cost before it runs. How large its feature cache is, whether that fits the cache
 quota (after evicting least recently used entries), whether its training features fit in memory and on the GPU,
 and about how long extraction takes. `sidetune plan SPEC.json` prints it, `POST /jobs?dry_run=true` returns it,
-and `POST /jobs` refuses a job whose cache cannot fit, saying what to change (plan_text.py: the plan as text).
+and the plan step fails a job whose cache cannot fit, saying what to change (services/jobs/planning.py; plan_text.py:
+the plan as text).
 
 Torch-free, so the API can plan: the backbone's shape comes from a table of timm's plain ViT families (checked
 against timm in the tests), not from building the model. A backbone outside the table is planned without sizes
