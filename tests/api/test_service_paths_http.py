@@ -176,10 +176,11 @@ def _no_foreign_name(w: World, text: str, given: str = "") -> None:
     assert not [name for name in w.foreign if name in text], text
 
 
-# Found only by reading the dataset (a link inside a class folder, a manifest's rows), which the request no longer does:
-# refused by the plan step in a worker (the job fails `forbidden_path`), and by a dry run at once (403).
+# Found only by reading the dataset (a linked class folder or file, a manifest's rows), which the request no longer
+# does: refused by the plan step in a worker (the job fails `forbidden_path`), and by a dry run at once (403).
 READ_BY_PLAN = {
     "a class folder linked into B's upload",
+    "a file linked into B's upload",
     "manifest rows in B's upload",
     "a linked class folder as the test set",
 }
