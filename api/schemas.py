@@ -46,8 +46,8 @@ class Progress(BaseModel):
 class Job(BaseModel):
     id: str = Field(..., description="Job id (`job_...`), time-ordered.")
     object: Literal["job"] = Field("job", description="Always `job`.")
-    status: Literal["queued", "extracting", "training", "succeeded", "failed", "cancelled"] = Field(
-        ..., description="Lifecycle: queued -> extracting -> training -> succeeded | failed | cancelled."
+    status: Literal["planning", "queued", "extracting", "training", "succeeded", "failed", "cancelled"] = Field(
+        ..., description="Lifecycle: planning -> queued -> extracting -> training -> succeeded | failed | cancelled."
     )
     created_at: float = Field(..., description="Unix time of submission.")
     updated_at: float = Field(..., description="Unix time of the last change.")

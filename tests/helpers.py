@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from services.spec import JobSpec
@@ -65,3 +66,33 @@ def shaped(answer: dict, view: type) -> None:
     """`answer` holds every key the TypedDict `view` requires, and no key it does not name (worker/api_types.py)."""
     assert view.__required_keys__ <= set(answer), f"{view.__name__} lacks {view.__required_keys__ - set(answer)}"
     assert set(answer) <= keys(view), f"{view.__name__} does not name {set(answer) - keys(view)}"
+
+
+def plan_now(app, job_id: str) -> dict:
+    """Run a job's plan step here (services/jobs/planning.py), as an extract worker would, on the settings of the API
+    `app` that recorded it; the job's record after it."""
+    from services.jobs.planning import plan_step
+    from storage.redis import JobStore
+
+    settings = app.state.settings
+    store = JobStore.from_url(settings.broker_url)
+    plan_step(store, settings, job_id)
+    return store.get_job(job_id)
+
+
+def plan_failure(api_url: str, body: dict, headers: dict | None = None, timeout_s: float = 120) -> dict:
+    """POST a job that its plan step refuses, on a stack with workers: answered at once (201, `planning`), then failed
+    by the plan step in a worker. Returns the job's error (code and message, as a dry run's 422 carries them)."""
+    r = httpx.post(f"{api_url}/jobs", json=body, headers=headers, timeout=60)
+    assert r.status_code == 201 and r.json()["status"] == "planning", r.text
+    return failed_job(api_url, r.json()["id"], headers, timeout_s)["error"]
+
+
+def failed_job(api_url: str, job_id: str, headers: dict | None = None, timeout_s: float = 120) -> dict:
+    """The job once its plan step has failed it (asserted: failed, not planned)."""
+    deadline = time.monotonic() + timeout_s
+    while (job := httpx.get(f"{api_url}/jobs/{job_id}", headers=headers, timeout=30).json())["status"] == "planning":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert job["status"] == "failed", job
+    return job

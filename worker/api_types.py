@@ -199,7 +199,7 @@ class Metrics(TypedDict, total=False):
     sweep: list[SweepEntry]
 
 
-JobStatus = Literal["queued", "extracting", "training", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["planning", "queued", "extracting", "training", "succeeded", "failed", "cancelled"]
 
 
 class Job(TypedDict):

@@ -1,4 +1,5 @@
-"""The Celery app: Redis broker, queues `extract` and `train`, late acks, and fair scheduling between API keys.
+"""The Celery app: Redis broker, queues `extract` (the plan and extract steps) and `train`, late acks, and fair
+scheduling between API keys.
 
 Imported by the API to enqueue jobs by task name, so it must not import torch or the tasks' code (the
 workers load `worker.tasks` through `include`). Job state lives in the job store, not in a result backend.
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 EXTRACT, TRAIN = "extract", "train"
 LOWEST = 9  # kombu's Redis transport takes priorities 0 (served first) to 9
 TASK_EXTRACT, TASK_EXTRACT_SHARD, TASK_TRAIN = "sidetune.extract", "sidetune.extract_shard", "sidetune.train"
+TASK_PLAN = "sidetune.plan"
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -46,6 +48,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
         task_routes={
+            TASK_PLAN: {"queue": EXTRACT},
             TASK_EXTRACT: {"queue": EXTRACT},
             TASK_EXTRACT_SHARD: {"queue": EXTRACT},
             TASK_TRAIN: {"queue": TRAIN},
@@ -63,6 +66,12 @@ app = make_app()
 def priority(position: int) -> int:
     """The priority of a step whose job has `position` of its owner's unfinished jobs before it (0 is served first)."""
     return max(0, min(position, LOWEST))
+
+
+def enqueue_plan(celery: Celery, job_id: str, position: int = 0) -> None:
+    """The plan step of a job recorded `planning` (on the extract queue: its workers read datasets); it asks for the
+    extract step once the job is planned. `position`: `JobStore.queue_position` of the job (fairness)."""
+    celery.signature(TASK_PLAN, args=[job_id], queue=EXTRACT, priority=priority(position)).apply_async()
 
 
 def enqueue_job(celery: Celery, job_id: str, position: int = 0) -> None:
@@ -85,7 +94,9 @@ def enqueue_train(celery: Celery, job_id: str, position: int = 0) -> None:
 
 def requeue_step(celery: Celery, job_id: str, step: RunningStep, position: int = 0) -> None:
     """Send a step of a job again (the watchdog, after its worker died); steps are idempotent and resumable."""
-    if step["task"] == "extract":
+    if step["task"] == "plan":
+        enqueue_plan(celery, job_id, position)
+    elif step["task"] == "extract":
         enqueue_job(celery, job_id, position)
     elif step["task"] == "extract_shard":
         celery.signature(

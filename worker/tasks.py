@@ -29,13 +29,31 @@ from functools import cache
 from celery import Task
 
 from services.errors import UserError, transient
-from services.jobs.pipeline import TRAIN_NEXT, Next, extract_shard_step, extract_step, fail, train_step
+from services.jobs.pipeline import (
+    EXTRACT_NEXT,
+    TRAIN_NEXT,
+    Next,
+    extract_shard_step,
+    extract_step,
+    fail,
+    plan_step,
+    train_step,
+)
 from services.jobs.progress import JobReporter
 from storage.faults import TASK
 from storage.logs import log_context
 from storage.redis import JobStore, RunningStep, worker_name
 from storage.settings import Settings
-from worker.celery_app import TASK_EXTRACT, TASK_EXTRACT_SHARD, TASK_TRAIN, app, enqueue_shards, enqueue_train
+from worker.celery_app import (
+    TASK_EXTRACT,
+    TASK_EXTRACT_SHARD,
+    TASK_PLAN,
+    TASK_TRAIN,
+    app,
+    enqueue_job,
+    enqueue_shards,
+    enqueue_train,
+)
 
 log = logging.getLogger("sidetune.pipeline")
 RETRIES = TASK.attempts - 1  # after 5, 10, 20 and 40 s; the job fails if the fifth try meets a transient error too
@@ -62,7 +80,9 @@ def _follow(job_id: str, next_step: Next) -> None:
     if next_step is None:
         return
     position = _context()[0].queue_position(job_id)  # fairness between keys (worker/celery_app.py)
-    if next_step == TRAIN_NEXT:
+    if next_step == EXTRACT_NEXT:
+        enqueue_job(app, job_id, position)
+    elif next_step == TRAIN_NEXT:
         enqueue_train(app, job_id, position)
     elif isinstance(next_step, tuple):
         enqueue_shards(app, job_id, next_step[1], position)
@@ -142,6 +162,13 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@app.task(name=TASK_PLAN, bind=True, acks_late=True, reject_on_worker_lost=True)
+def plan(self: Task, job_id: str) -> None:
+    store, settings = _context()
+    with _step(self, job_id, {"task": "plan"}):
+        _follow(job_id, plan_step(store, settings, job_id))
 
 
 @app.task(name=TASK_EXTRACT, bind=True, acks_late=True, reject_on_worker_lost=True)

@@ -12,9 +12,9 @@ from api.deps import CeleryDep, JobId, OwnerDep, SettingsDep, StoreDep, owned
 from api.errors import ApiError
 from api.routes.datasets import record_use, resolve_dataset
 from api.schemas import CheckpointList, ErrorBody, EventList, Job, JobList, Plan
-from services.data.datasets import DatasetError, resolve_format
-from services.jobs import planner, quotas
-from services.jobs.resolved import ResolvedJob, save_split
+from services.data.datasets import resolve_format
+from services.jobs import quotas
+from services.jobs.planning import check_spec, plan_checked
 from services.jobs.retention import expires_at
 from services.paths import ForbiddenPath, UserPaths
 from services.spec import JobSpec
@@ -23,7 +23,7 @@ from storage.logs import log_context
 from storage.quotas import TooManyJobs
 from storage.redis import Busy, IdempotencyConflict, JobRecord, JobStore, NotFound
 from storage.settings import Settings
-from worker.celery_app import enqueue_job
+from worker.celery_app import enqueue_plan
 
 log = logging.getLogger("sidetune.api")
 
@@ -37,7 +37,7 @@ def own_job(store: JobStore, job_id: str, owner: str | None) -> JobRecord:
 def _check_paths(spec: JobSpec, settings: Settings) -> None:
     """Refuse at submission what would certainly fail later: every path field the spec names (services/paths.py:
     403 for the service's own folders, or outside the allowed roots, or an object URL outside the allowed prefixes;
-    422 if missing), and a dataset of the wrong kind. The planner then reads the datasets under the same rule."""
+    422 if missing), and a dataset of the wrong kind. The plan step then reads the datasets under the same rule."""
     paths = UserPaths(settings)
     ds = spec.dataset
     for field, path, upload in spec.server_paths():
@@ -56,15 +56,6 @@ def _check_paths(spec: JobSpec, settings: Settings) -> None:
                 raise ApiError(422, "invalid_dataset", f"{field}: {path!r} is not a directory (ImageFolder layout)")
             if fmt == "csv" and not resolved.is_file():
                 raise ApiError(422, "invalid_dataset", f"{field}: {path!r} is not a CSV file")
-
-
-def _plan(spec: JobSpec, settings: Settings) -> tuple[Plan, ResolvedJob]:
-    try:
-        return planner.plan_job(spec, settings)
-    except DatasetError as e:
-        raise ApiError(422, "invalid_dataset", f"{e.field}: {e}") from None
-    except ValueError as e:  # cached layers or tokens that the backbone or the method rule out
-        raise ApiError(422, "invalid_request", str(e)) from None
 
 
 @router.post(
@@ -99,32 +90,28 @@ def create_job(
         ),
     ] = None,
 ) -> dict | JSONResponse:
-    """Validate and plan the spec, record the job (`queued`) and enqueue extract -> train. A job whose feature cache
-    cannot fit the cache quota, even after evicting every evictable entry, is refused (`cache_over_quota`). Per-key
-    quotas: 429 `too_many_jobs` (with Retry-After) when the key has SIDETUNE_KEY_QUOTA_JOBS jobs queued or running,
-    409 `quota_exceeded` when its models or its feature cache entries would pass their quota."""
+    """Validate the spec and its paths, record the job (`planning`) and enqueue plan -> extract -> train; answers at
+    once whatever the dataset's size. The plan step reads the dataset in a worker: a job it refuses fails with the
+    code and message a dry run answers with (`cache_over_quota`, `does_not_fit_memory`, `invalid_dataset`, ...), shown
+    in `GET /jobs/{id}` and its events. `dry_run=true` plans in the request and returns the plan (422 for those
+    refusals). Per-key quotas: 429 `too_many_jobs` (with Retry-After) when the key has SIDETUNE_KEY_QUOTA_JOBS jobs
+    queued or running, 409 `quota_exceeded` when its models passed their quota (the job fails `quota_exceeded` when
+    its feature cache entry would pass the key's cache quota)."""
     limit = settings.key_quota_jobs  # the key's jobs queued or running: checked as the job is recorded (429)
     if not dry_run and idempotency_key is None and (active := store.active_jobs(owner)) >= limit:
         raise TooManyJobs(active, limit)  # at once: a flood of submissions is not planned one by one
     spec = resolve_dataset(spec, store, owner, settings)  # `dataset.id` -> the caller's uploaded dataset's path
     _check_paths(spec, settings)
-    plan, resolved = _plan(spec, settings)
-    if dry_run:
-        return JSONResponse(plan.model_dump(mode="json"))
-    if plan.memory_fits is False:
-        raise ApiError(422, "does_not_fit_memory", plan.message)
-    if plan.fits is False:
-        # 422, not 413 (the request body is small) nor 507 (a 5xx blames the server and invites a retry): this spec
-        # asks for more than the server allows, and only changing the spec (or the quota) helps, as the message says.
-        raise ApiError(422, "cache_over_quota", plan.message)
-    quotas.check_submission(plan, settings, store, owner)  # the key's models and feature cache (409)
-    record = resolved.record()  # what the workers read instead of planning again (services/jobs/resolved.py)
+    if dry_run:  # see before you submit: planned here, reading the whole dataset
+        return JSONResponse(plan_checked(spec, settings)[0].model_dump(mode="json"))
+    check_spec(spec, settings)  # what the planner refuses without reading the dataset (422, as a dry run answers)
+    quotas.check_models(store, settings, owner)  # the key's models (409); its cache quota needs the plan's size
     if idempotency_key is None:
-        job = store.create_job(spec.model_dump(mode="json"), owner=owner, limit=limit, resolved=record)
+        job = store.create_job(spec.model_dump(mode="json"), owner=owner, limit=limit, status="planning")
     else:
         try:
             job, created = store.create_job_once(
-                idempotency_key, spec.model_dump(mode="json"), owner=owner, limit=limit, resolved=record
+                idempotency_key, spec.model_dump(mode="json"), owner=owner, limit=limit, status="planning"
             )
         except IdempotencyConflict:
             raise ApiError(
@@ -142,19 +129,14 @@ def create_job(
             response.headers["Idempotent-Replayed"] = "true"
             return job
     record_use(store, spec, job["id"])  # before it runs: deleting its dataset is refused from now on
-    store.add_event(job["id"], "job queued")
+    store.add_event(job["id"], "job queued")  # for its plan step, which records the plan
     try:
-        save_split(settings, job["id"], resolved)  # a large split's codes, in the job's folder
-    except Exception as e:  # the job never runs: failed, not left queued; the error answers (503 for an outage)
-        store.set_fields(job["id"], status="failed", error={"code": "store_unavailable", "message": str(e)})
-        raise
-    try:
-        enqueue_job(celery, job["id"], store.queue_position(job["id"]))
+        enqueue_plan(celery, job["id"], store.queue_position(job["id"]))
     except Exception as e:
         store.set_fields(job["id"], status="failed", error={"code": "queue_unavailable", "message": str(e)})
         raise ApiError(503, "queue_unavailable", f"could not enqueue the job: {e}") from None
     with log_context(job_id=job["id"]):
-        log.info("job queued: %s on %s", spec.method.name, spec.backbone.name)
+        log.info("job queued for planning: %s on %s", spec.method.name, spec.backbone.name)
     return job
 
 

@@ -1,7 +1,8 @@
 """The planner: what a job will cost before it runs. How large its feature cache is, whether that fits the cache
 quota (after evicting least recently used entries), whether its training features fit in memory and on the GPU,
 and about how long extraction takes. `sidetune plan SPEC.json` prints it, `POST /jobs?dry_run=true` returns it,
-and `POST /jobs` refuses a job whose cache cannot fit, saying what to change (plan_text.py: the plan as text).
+and the plan step fails a job whose cache cannot fit, saying what to change (services/jobs/planning.py; plan_text.py:
+the plan as text).
 
 Torch-free, so the API can plan: the backbone's shape comes from a table of timm's plain ViT families (checked
 against timm in the tests), not from building the model. A backbone outside the table is planned without sizes
@@ -164,7 +165,7 @@ def _plan(spec: JobSpec, settings: Settings, resolved: ResolvedJob, dataset: Dat
         base.update(backprop_memory_bytes=memory.need, memory_fits=memory.fits)
         if memory.fits is False:
             fits = None if spec.needs_cache else True
-            return Plan(**base, fits=fits, message=_memory_message(memory), notes=notes)
+            return Plan(**base, fits=fits, message=memory_message(memory), notes=notes)
     if not spec.needs_cache:  # the dataset's samples called what they are: images, clips
         msg = f"mode {spec.mode} trains on {modality.items} and needs no feature cache; nothing is extracted"
         return Plan(**base, fits=True, message=msg, notes=notes)
@@ -222,7 +223,7 @@ def _common_fields(
     )
 
 
-def _memory_message(memory: BackpropMemory) -> str:
+def memory_message(memory: BackpropMemory) -> str:
     """Why backpropagation does not fit the device memory, and what would make it fit."""
     return (
         f"{memory.reason}: about {gb(memory.need)} of device memory, more than SIDETUNE_DEVICE_MEMORY_GB "

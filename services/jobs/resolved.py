@@ -3,9 +3,10 @@ its execution mode, the cached layers and token mode (for a backbone the planner
 configurations, the train/validation/test split (drawn, or the dataset's own), the training-memory budgets, the
 dataset's fingerprint, and the backbone's weights hash (only a worker can compute it: the extract step records it).
 
-`resolve` is the one function that builds it: the planner calls it inside `POST /jobs` (services/jobs/planner.py:
-`plan_job`), and a worker calls it for a job recorded before resolved jobs existed (`recorded`). It reads the whole
-dataset, so a worker could equally resolve a large dataset's job outside the request.
+`resolve` is the one function that builds it: the planner calls it (services/jobs/planner.py: `plan_job`) in the plan
+step, in a worker (services/jobs/planning.py), or in the request for a dry run, and a worker calls it for a job
+recorded before resolved jobs existed (`recorded`). It reads the whole dataset, which is why `POST /jobs` leaves it to
+the plan step.
 
 The split is kept as one code per image (0 train, 1 validation, 2 test), zlib-compressed: in the job record when
 small, else in the store under the job (`ArtifactStore.job`: `jobs/<job_id>/split.bin`, written atomically), the

@@ -1,5 +1,5 @@
-"""What every step of a job shares (services/jobs/extract.py, train.py): how a step ends (failed, cancelled, or
-what it asks the task layer to enqueue next) and the spec as this machine reads its uploaded datasets.
+"""What every step of a job shares (services/jobs/planning.py, extract.py, train.py): how a step ends (failed,
+cancelled, or what it asks the task layer to enqueue next) and the spec as this machine reads its uploaded datasets.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def on_this_machine(spec: JobSpec, settings: Settings) -> JobSpec:
     return spec.model_copy(update={"dataset": ds.model_copy(update=update)}) if update else spec
 
 
-# What a step asks the task layer to enqueue next: the train step, n extraction shards, or nothing.
-TRAIN_NEXT = "train"
+# What a step asks the task layer to enqueue next: the extract step (after the plan step), the train step, n extraction
+# shards, or nothing.
+EXTRACT_NEXT, TRAIN_NEXT = "extract", "train"
 Next = str | tuple[str, int] | None

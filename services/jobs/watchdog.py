@@ -22,7 +22,7 @@ Requeue = Callable[[str, RunningStep], None]
 def _describe(step: RunningStep) -> str:
     if step["task"] == "extract_shard":
         return f"extraction shard {step['index'] + 1}/{step['count']}"
-    return {"extract": "extraction", "train": "training"}.get(step["task"], step["task"])
+    return {"plan": "planning", "extract": "extraction", "train": "training"}.get(step["task"], step["task"])
 
 
 def _fail(store: JobStore, job_id: str, message: str) -> None:

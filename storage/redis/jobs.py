@@ -24,7 +24,7 @@ from storage.redis.events import Events
 from storage.redis.records import JobRecord, NotFound, new_id, now
 from storage.specs import ResolvedRecord, SpecRecord
 
-STATUSES = ("queued", "extracting", "training", "succeeded", "failed", "cancelled")
+STATUSES = ("planning", "queued", "extracting", "training", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -36,7 +36,7 @@ class IdempotencyConflict(ValueError):
     """An idempotency key reused with a different request."""
 
 
-# KEYS: the record, the listing, the queued set, the owner's unfinished jobs, the sequence; ARGV: the record, its id,
+# KEYS: the record, the listing, its status's set, the owner's unfinished jobs, the sequence; ARGV: the record, its id,
 # the owner's limit (-1: none). Returns {admitted 0/1, the owner's unfinished jobs (before refusing, after admitting)}.
 _CREATE = """
 local active, limit = redis.call('ZCARD', KEYS[4]), tonumber(ARGV[3])
@@ -66,13 +66,15 @@ class Jobs:
         job_id: str | None = None,
         limit: int | None = None,
         resolved: ResolvedRecord | None = None,
+        status: str = "queued",
     ) -> JobRecord:
-        """Record a queued job. With `limit`, refused (TooManyJobs) when its owner has that many jobs queued or
-        running: counted and written in one script, so concurrent submissions never pass it together."""
+        """Record a job, `queued` (with its `resolved` job) or `planning` (the plan step records it). With `limit`,
+        refused (TooManyJobs) when its owner has that many jobs queued or running: counted and written in one script,
+        so concurrent submissions never pass it together."""
         job: JobRecord = {
             "id": job_id or new_id("job"),
             "object": "job",
-            "status": "queued",
+            "status": status,
             "created_at": now(),
             "updated_at": now(),
             "owner": owner,
@@ -86,8 +88,7 @@ class Jobs:
         }
         self._index_active()
         # the sequence gives the listing order (ids alone tie within a millisecond) and the owner's queue order
-        queued = keys.jobs_with_status("queued")
-        names = [keys.job(job["id"]), keys.JOBS, queued, keys.active_jobs(owner), keys.JOBS_SEQ]
+        names = [keys.job(job["id"]), keys.JOBS, keys.jobs_with_status(status), keys.active_jobs(owner), keys.JOBS_SEQ]
         admitted, active = self._create(keys=names, args=[json.dumps(job), job["id"], -1 if limit is None else limit])
         if not admitted:
             raise TooManyJobs(active, limit)
@@ -101,6 +102,7 @@ class Jobs:
         ttl_s: int = 24 * 3600,
         limit: int | None = None,
         resolved: ResolvedRecord | None = None,
+        status: str = "queued",
     ) -> tuple[JobRecord, bool]:
         """The job this owner created with idempotency `key` (and the same spec) in the last `ttl_s`, or a new
         one; returns (job, created). The key is claimed with SET NX before the job exists, so two concurrent
@@ -110,13 +112,13 @@ class Jobs:
         job_id = new_id("job")
         if self.r.set(slot, json.dumps({"job": job_id, "spec": digest}), nx=True, ex=ttl_s):
             try:
-                return self.create_job(spec, owner, job_id=job_id, limit=limit, resolved=resolved), True
+                return self.create_job(spec, owner, job_id, limit, resolved, status), True
             except TooManyJobs:
                 self.r.delete(slot)  # refused: a retry with this key may be admitted later
                 raise
         claim = json.loads(self.r.get(slot) or "null")
         if claim is None:  # expired in between: claim it afresh
-            return self.create_job_once(key, spec, owner, ttl_s, limit, resolved)
+            return self.create_job_once(key, spec, owner, ttl_s, limit, resolved, status)
         if claim["spec"] != digest:
             raise IdempotencyConflict(key)
         deadline = time.monotonic() + 5.0
@@ -261,7 +263,8 @@ class Jobs:
         self._active_indexed = True
 
     def request_cancel(self, job_id: str) -> JobRecord:
-        """Queued jobs are cancelled at once; running ones at the task's next check (cooperative)."""
+        """Jobs planning or queued are cancelled at once (the plan step, finding it so, never queues it for
+        extraction); running ones at the task's next check (cooperative)."""
 
         cancelled_now = False
 
@@ -270,7 +273,7 @@ class Jobs:
             if job["status"] in TERMINAL:
                 return
             job["cancel_requested"] = True
-            if job["status"] == "queued":
+            if job["status"] in ("planning", "queued"):
                 job["status"] = "cancelled"
                 cancelled_now = True
 

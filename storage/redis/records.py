@@ -16,7 +16,7 @@ from typing_extensions import TypedDict
 
 from storage.specs import ResolvedRecord, SpecRecord, VideoRecord
 
-JobStatus = Literal["queued", "extracting", "training", "succeeded", "failed", "cancelled"]
+JobStatus = Literal["planning", "queued", "extracting", "training", "succeeded", "failed", "cancelled"]
 
 
 class JobError(TypedDict):
@@ -127,7 +127,7 @@ class Event(TypedDict):
 class RunningStep(TypedDict):
     """The step a worker runs for a job (worker/tasks.py): `index` of `count` for an extraction shard."""
 
-    task: Literal["extract", "extract_shard", "train"]
+    task: Literal["plan", "extract", "extract_shard", "train"]
     index: NotRequired[int]
     count: NotRequired[int]
 

@@ -63,8 +63,9 @@ class JobStore:
         job_id: str | None = None,
         limit: int | None = None,
         resolved: ResolvedRecord | None = None,
+        status: str = "queued",
     ) -> JobRecord:
-        return self.jobs.create_job(spec, owner, job_id, limit, resolved)
+        return self.jobs.create_job(spec, owner, job_id, limit, resolved, status)
 
     def create_job_once(
         self,
@@ -74,8 +75,9 @@ class JobStore:
         ttl_s: int = 24 * 3600,
         limit: int | None = None,
         resolved: ResolvedRecord | None = None,
+        status: str = "queued",
     ) -> tuple[JobRecord, bool]:
-        return self.jobs.create_job_once(key, spec, owner, ttl_s, limit, resolved)
+        return self.jobs.create_job_once(key, spec, owner, ttl_s, limit, resolved, status)
 
     def get_job(self, job_id: str) -> JobRecord:
         return self.jobs.get_job(job_id)

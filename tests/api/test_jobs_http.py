@@ -225,7 +225,7 @@ def test_cancel_stops_a_running_job(stack):
     body["training"] = {"epochs": 500}
     job_id = client.submit(body)["id"]
     deadline = time.monotonic() + 120
-    while client.job(job_id)["status"] in ("queued", "extracting") and time.monotonic() < deadline:
+    while client.job(job_id)["status"] in ("planning", "queued", "extracting") and time.monotonic() < deadline:
         time.sleep(0.2)
     r = httpx.post(f"{running.api_url}/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["cancel_requested"] is True

@@ -42,7 +42,7 @@ def test_metrics_after_a_job_and_a_predict(stack):
     assert m["sidetune_redis_up"][()] == 1
     assert m["sidetune_jobs"][(("status", "succeeded"),)] >= 1
     assert set(m["sidetune_jobs"]) == {
-        (("status", s),) for s in ("queued", "extracting", "training", "succeeded", "failed", "cancelled")
+        (("status", s),) for s in ("planning", "queued", "extracting", "training", "succeeded", "failed", "cancelled")
     }
     assert m["sidetune_live_workers"][(("queue", "extract"),)] >= 1
     assert m["sidetune_live_workers"][(("queue", "train"),)] >= 1

@@ -1,5 +1,6 @@
-"""`POST /jobs?dry_run=true` returns the plan and creates no job; `POST /jobs` refuses a job whose feature cache
-cannot fit the quota, with a message that says what to change (the real app in-process, a real Redis)."""
+"""`POST /jobs?dry_run=true` returns the plan and creates no job; `POST /jobs` records the job `planning` and its plan
+step (services/jobs/planning.py, run here in-process on the API's settings) fails a job whose feature cache cannot fit
+the quota, with a message that says what to change (the real app in-process, a real Redis)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from storage.settings import Settings
+from tests.helpers import plan_now
 
 
 def client_for(tmp_path, redis_url, digits_root, **settings) -> tuple[TestClient, dict]:
@@ -43,20 +45,24 @@ def test_dry_run_returns_the_plan_and_creates_no_job(tmp_path, redis_url, digits
 
 def test_a_job_over_the_cache_quota_is_refused_with_what_to_change(tmp_path, redis_url, digits_root):
     client, body = client_for(tmp_path, redis_url, digits_root, cache_quota_gb=0.0005)
-    r = client.post("/jobs", json=body)
-    assert r.status_code == 422
-    error = r.json()["error"]
+    r = client.post("/jobs", json=body)  # answered at once: the plan step refuses it, failing the job
+    assert r.status_code == 201 and r.json()["status"] == "planning", r.text
+    refused = plan_now(client.app, r.json()["id"])
+    assert refused["status"] == "failed" and refused["resolved"] is None
+    error = client.get(f"/jobs/{r.json()['id']}").json()["error"]
     assert error["code"] == "cache_over_quota"
     assert "the feature cache for this job needs" in error["message"] and "Change one of" in error["message"]
     assert "SIDETUNE_CACHE_QUOTA_GB" in error["message"] and 'execution.mode "online"' in error["message"]
-    assert client.get("/jobs").json()["data"] == []
+    events = client.get(f"/jobs/{r.json()['id']}/events").json()["data"]
+    assert events[-1]["level"] == "error" and events[-1]["message"] == f"failed: {error['message']}"
 
-    plan = client.post("/jobs", params={"dry_run": "true"}, json=body).json()
-    assert plan["fits"] is False and plan["message"] == error["message"]
+    plan = client.post("/jobs", params={"dry_run": "true"}, json=body)
+    assert plan.json()["fits"] is False and plan.json()["message"] == error["message"]
 
     # a linear probe caches one pooled token per image: it fits, and is queued
     job = client.post("/jobs", json={**body, "method": {"name": "linear"}})
-    assert job.status_code == 201 and job.json()["status"] == "queued"
+    assert job.status_code == 201 and job.json()["status"] == "planning"
+    assert plan_now(client.app, job.json()["id"])["status"] == "queued"
     assert client.post(f"/jobs/{job.json()['id']}/cancel").json()["status"] == "cancelled"
     # a mode without a cache is never refused for it
     online = client.post("/jobs", json={**body, "execution": {"mode": "online"}})
@@ -110,6 +116,7 @@ def test_a_submitted_job_records_its_resolved_job_and_trains_on_its_split(tmp_pa
     assert "resolved" not in r.json()  # the record's, not the response's
     job_id = r.json()["id"]
     store = JobStore.from_url(redis_url)
+    assert store.get_job(job_id)["resolved"] is None and plan_now(client.app, job_id)["status"] == "queued"
     resolved = ResolvedJob.model_validate(store.get_job(job_id)["resolved"])
     assert (resolved.split.train, resolved.split.val, resolved.split.test) == (
         plan["train_images"],

@@ -1,6 +1,7 @@
 """Per-key byte quotas at the API, with a real Redis: uploaded datasets, models and the feature cache. A request that
-would pass one is refused with 409 `quota_exceeded` naming the quota, the key's usage and the setting; deleting gives
-the bytes back; another key is not affected."""
+would pass one is refused with 409 `quota_exceeded` naming the quota, the key's usage and the setting (a job whose
+cache would pass the key's cache quota fails `quota_exceeded` when its plan step sizes the cache); deleting gives the
+bytes back; another key is not affected."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from api.main import create_app
 from storage.redis import JobStore
 from storage.settings import Settings
 from tests.api.test_datasets_http import folder, upload, zip_bytes
+from tests.helpers import plan_now
 
 
 def keys() -> tuple[dict, dict]:
@@ -82,13 +84,15 @@ def test_a_key_whose_models_reached_the_quota_cannot_submit(tmp_path, redis_url,
     assert client.post("/jobs", json=job(digits_root), headers=a).status_code == 201
 
 
-def test_a_job_whose_cache_cannot_fit_the_keys_quota_is_refused_at_submission(tmp_path, redis_url, digits_root):
+def test_a_job_whose_cache_cannot_fit_the_keys_quota_is_refused_when_planned(tmp_path, redis_url, digits_root):
     a, b = keys()
     client = app(tmp_path, redis_url, digits_root, a, b, key_quota_cache_gb=1e-6)  # 1,000 bytes
     plan = client.post("/jobs?dry_run=true", json=job(digits_root), headers=a).json()
-    refused = client.post("/jobs", json=job(digits_root), headers=a)
-    assert refused.status_code == 409, refused.text
-    error = refused.json()["error"]
+    submitted = client.post("/jobs", json=job(digits_root), headers=a)  # its cache's size needs the plan: the worker's
+    assert submitted.status_code == 201 and submitted.json()["status"] == "planning", submitted.text
+    refused = plan_now(client.app, submitted.json()["id"])
+    assert refused["status"] == "failed", refused
+    error = refused["error"]
     assert error["code"] == "quota_exceeded" and "feature cache quota of this API key exceeded" in error["message"]
     assert f"this needs {plan['expected_cache_bytes']:,} bytes" in error["message"]
     assert "SIDETUNE_KEY_QUOTA_CACHE_GB" in error["message"] and "dry_run" in error["message"]

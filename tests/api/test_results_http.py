@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import plan_failure
 from worker.cli import main as cli
 
 BACKBONE = {"name": "test_vit", "pretrained": False}
@@ -132,8 +133,8 @@ def test_a_multi_label_row_without_tags_fails_the_job_naming_it(stack) -> None:
         "backbone": BACKBONE,
         "method": {"name": "linear"},
     }
-    r = httpx.post(f"{running.api_url}/jobs", json=body, timeout=30)
-    assert r.status_code == 422 and "line 4: an empty tag list" in r.json()["error"]["message"]
+    error = plan_failure(running.api_url, body)  # read by the plan step, in a worker
+    assert error["code"] == "invalid_dataset" and "line 4: an empty tag list" in error["message"]
 
 
 def small_dataset(stack, per_class: int) -> Path:
@@ -156,7 +157,7 @@ def small_dataset(stack, per_class: int) -> Path:
         ({"method": {"name": "apla"}, "sweep": {"rank": [2, 4]}}, 422, "sweeps take lr and weight_decay only"),
         ({"method": {"name": "losa"}, "sweep": {"lr": [0.001 * (i + 1) for i in range(65)]}}, 422, "at most 64"),
         ({"dataset": {"val_fraction": 0.6, "test_fraction": 0.4}}, 422, "must be below 1"),
-        ({"dataset": {"tiny": 1}}, 422, "the validation split is empty"),
+        ({"dataset": {"tiny": 1}}, "failed", "the validation split is empty"),  # the plan step's: it reads the data
     ],
 )
 def test_bad_sweeps_and_splits_are_422_naming_the_cause(stack, change: dict, status: int, needle: str) -> None:
@@ -169,6 +170,9 @@ def test_bad_sweeps_and_splits_are_422_naming_the_cause(stack, change: dict, sta
             body["dataset"].update(value)
         else:
             body[key] = value
+    if status == "failed":  # refused by the plan step, which reads the dataset in a worker: the job fails
+        assert needle in plan_failure(running.api_url, body)["message"]
+        return
     r = httpx.post(f"{running.api_url}/jobs", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert needle in r.text

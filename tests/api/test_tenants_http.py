@@ -91,7 +91,7 @@ def test_concurrent_submissions_never_pass_the_jobs_quota(keyed_api) -> None:
         assert f"{JOBS_QUOTA} jobs queued or running" in error["message"]
         assert "SIDETUNE_KEY_QUOTA_JOBS" in error["message"] and f"of at most {JOBS_QUOTA} " in error["message"]
     finally:
-        for job_id in admitted + [j["id"] for j in c.jobs(limit=100) if j["status"] == "queued"]:
+        for job_id in admitted + [j["id"] for j in c.jobs(limit=100) if j["status"] in ("planning", "queued")]:
             c.cancel(job_id)
 
 

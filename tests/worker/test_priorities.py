@@ -9,7 +9,16 @@ from pathlib import Path
 import kombu
 
 from storage.settings import Settings
-from worker.celery_app import EXTRACT, LOWEST, enqueue_job, enqueue_train, make_app, priority, requeue_step
+from worker.celery_app import (
+    EXTRACT,
+    LOWEST,
+    TASK_PLAN,
+    enqueue_job,
+    enqueue_train,
+    make_app,
+    priority,
+    requeue_step,
+)
 
 
 def test_positions_map_to_levels_and_cap_at_the_lowest() -> None:
@@ -44,3 +53,21 @@ def test_a_worker_takes_the_lowest_position_first(tmp_path: Path, redis_url: str
     # level 0: a0, then b0 (B's first job waits for A's first only); level 1: a1, then the requeued step; then A's
     # backlog in order, its positions 9 and above sharing the lowest level in submission order
     assert taken == ["a0", "b0", "a1", "a1-again", *(f"a{i}" for i in range(2, 12))]
+
+
+def test_a_requeued_plan_step_is_the_plan_task_on_the_extract_queue(tmp_path: Path, redis_url: str) -> None:
+    settings = Settings(data_dir=tmp_path, redis_url=redis_url.rsplit("/", 1)[0] + "/12")  # no worker reads it
+    celery = make_app(settings)
+    with celery.connection_for_write() as conn:
+        conn.default_channel.queue_purge(EXTRACT)
+    requeue_step(celery, "job_planning", {"task": "plan"}, 0)
+    taken: list = []
+    with celery.connection_for_read() as conn:
+
+        def take(body, message) -> None:
+            taken.append((message.headers["task"], body[0]))
+            message.ack()
+
+        with conn.Consumer(kombu.Queue(EXTRACT, routing_key=EXTRACT), callbacks=[take], accept=["json"]):
+            conn.drain_events(timeout=10)
+    assert taken == [(TASK_PLAN, ["job_planning"])]

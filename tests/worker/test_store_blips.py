@@ -73,7 +73,7 @@ def test_a_store_blip_mid_extraction_ends_in_a_succeeded_job(blip_stack) -> None
     deadline = time.monotonic() + 120
     while written() < 2:  # two batches on the store: the rest is written after the blip
         job = store.get_job(job_id)
-        assert time.monotonic() < deadline and job["status"] in ("queued", "extracting"), job
+        assert time.monotonic() < deadline and job["status"] in ("planning", "queued", "extracting"), job
         time.sleep(0.05)
     proxy.stop()
     time.sleep(BLIP_S)

@@ -197,7 +197,7 @@ def add_parsers(sub: Subparsers) -> None:
     p = verb(
         jobs,
         "cancel",
-        "cancel a job (queued: at once; running: at its next check)",
+        "cancel a job (planning or queued: at once; running: at its next check)",
         "sidetune jobs cancel job_0194...",
         cancel_job,
     )

@@ -47,3 +47,15 @@ def test_live_workers_step_is_left_alone_and_repeated_losses_fail_the_job(settin
     record = store.get_job(dead["id"])
     assert dead["id"] not in requeued and record["status"] == "failed"
     assert f"died {settings.max_worker_losses + 1} times" in record["error"]["message"]
+
+
+def test_a_dead_workers_plan_step_is_requeued_like_the_others(settings: Settings) -> None:
+    store = JobStore.from_url(settings.broker_url)
+    job = store.create_job({"method": {"name": "linear"}}, status="planning")
+    store.r.hset(keys.running(job["id"]), "gone-host-4", '{"task": "plan"}')  # as that worker's step_started did
+    store.r.sadd(keys.RUNNING, job["id"])
+    requeued: list = []
+    watchdog.check(store, settings, lambda job_id, step: requeued.append((job_id, step)))
+    assert (job["id"], {"task": "plan"}) in requeued
+    assert store.get_job(job["id"])["status"] == "planning"  # still: the requeued step plans it
+    assert any("stopped (no heartbeat) during planning" in e["message"] for e in store.events(job["id"]))

@@ -21,7 +21,19 @@ def test_counts_follow_status_changes(store):
     store.set_fields(a["id"], status="training")
     store.request_cancel(b["id"])  # queued: cancelled at once
     counts = store.count_by_status()
-    assert counts == {"queued": 0, "extracting": 0, "training": 1, "succeeded": 0, "failed": 0, "cancelled": 1}
+    assert counts == {
+        "planning": 0,  # a status since plans run in the workers: counted like the others
+        "queued": 0,
+        "extracting": 0,
+        "training": 1,
+        "succeeded": 0,
+        "failed": 0,
+        "cancelled": 1,
+    }
+    c = store.create_job({}, status="planning")
+    assert store.count_by_status()["planning"] == 1 and store.job_ids_with_status("planning") == [c["id"]]
+    assert store.request_cancel(c["id"])["status"] == "cancelled"  # planning: cancelled at once, as queued
+    assert store.count_by_status()["planning"] == 0 and store.count_by_status()["cancelled"] == 2
     store.set_fields(a["id"], progress={"stage": "training"})  # no status change: no change in the counts
     assert store.count_by_status()["training"] == 1
     assert store.job_ids_with_status("training") == [a["id"]]
