@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import httpx
 
+from worker.api_spec import JobSpecBody
 from worker.api_types import (
     CacheList,
     CheckpointList,
@@ -23,7 +24,6 @@ from worker.api_types import (
     Evaluation,
     Instance,
     Job,
-    JobSpecBody,
     Model,
     ModelPredictions,
     Plan,

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from storage.settings import Settings
-from worker.api_types import BackboneBody, DatasetBody, Job, JobSpecBody, TrainingBody, VideoBody
+from worker.api_spec import BackboneBody, DatasetBody, JobSpecBody, TrainingBody, VideoBody
+from worker.api_types import Job
 from worker.client import Client
 from worker.launcher import Stack
 from worker.progress_view import console as wide_console

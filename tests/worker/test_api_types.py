@@ -21,6 +21,7 @@ from services.spec.sweep import SweepSpec
 from services.spec.training import ExecutionSpec, TrainingSpec
 from services.video.spec import VideoSpec
 from tests.helpers import keys, shaped
+from worker import api_spec as spec_bodies
 from worker import api_types as client
 
 
@@ -74,12 +75,12 @@ def test_the_summaries_name_the_fields_the_server_declares() -> None:
 @pytest.mark.parametrize(
     ("view", "model"),
     [
-        (client.JobSpecBody, JobSpec),
-        (client.DatasetBody, DatasetSpec),
-        (client.BackboneBody, BackboneSpec),
-        (client.VideoBody, VideoSpec),
-        (client.TrainingBody, TrainingSpec),
-        (client.ExecutionBody, ExecutionSpec),
+        (spec_bodies.JobSpecBody, JobSpec),
+        (spec_bodies.DatasetBody, DatasetSpec),
+        (spec_bodies.BackboneBody, BackboneSpec),
+        (spec_bodies.VideoBody, VideoSpec),
+        (spec_bodies.TrainingBody, TrainingSpec),
+        (spec_bodies.ExecutionBody, ExecutionSpec),
         (client.SweepConfig, SweepSpec),
     ],
     ids=lambda v: getattr(v, "__name__", ""),
@@ -90,8 +91,8 @@ def test_the_spec_the_client_builds_is_one_the_server_takes(view: type, model: t
 
 
 def test_the_method_s_settings_are_a_method_s() -> None:
-    assert client.MethodBody.__required_keys__ == {"name"}
-    assert keys(client.MethodBody) - {"name"} <= fields(CONFIGS["losa"])
+    assert spec_bodies.MethodBody.__required_keys__ == {"name"}
+    assert keys(spec_bodies.MethodBody) - {"name"} <= fields(CONFIGS["losa"])
 
 
 def test_shaped_names_a_missing_or_unknown_key() -> None:
