@@ -14,7 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from api import errors, metrics
 from api.json_depth import DepthLimit
 from api.limits import BodySizeLimit
-from api.routes import cache, datasets, forward, health, jobs, models, tensorboard, ui
+from api.routes import cache, catalog, datasets, forward, health, jobs, models, tensorboard, ui
 from storage.redis import JobStore
 from storage.settings import Settings
 from worker.celery_app import make_app
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_request_mb * 2**20))
     app.add_middleware(DepthLimit)  # JSON nested deeper than 64 levels: 422 before a parser recurses
-    for module in (jobs, tensorboard, datasets, models, cache, forward, health):
+    for module in (jobs, tensorboard, datasets, models, cache, catalog, forward, health):
         app.include_router(module.router)
     ui.install(app)  # the web page at /ui
     metrics.install(app)  # /metrics; its middleware is added last, so it is outermost and counts every request

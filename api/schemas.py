@@ -365,3 +365,21 @@ class CacheList(BaseModel):
     bytes: int = Field(..., description="Bytes of every entry together.")
     quota_bytes: int | None = Field(None, description="SIDETUNE_CACHE_QUOTA_GB in bytes; null: none.")
     free_disk_bytes: int | None = Field(None, description="Free space on the cache's disk; null on an object store.")
+
+
+class MethodInfo(BaseModel):
+    name: str = Field(..., description="The method's name, as a job spec's `method.name`.")
+    kind: Literal["side", "adapted"] = Field(
+        ..., description="`side`: trained on the backbone's activations (cached); `adapted`: trained through it."
+    )
+    modes: list[str] = Field(..., description="The execution modes it runs in; the first is its default.")
+    description: str = Field(..., description="What it trains, in a line.")
+
+
+class Catalog(BaseModel):
+    methods: list[MethodInfo] = Field(..., description="Every method a job may name, `auto` first.")
+    default_method: str = Field("auto", description="The method a new job takes unless told otherwise.")
+    backbones: list[str] = Field(
+        ..., description="The timm ViT names the API accepts as `backbone.name` (a pretrained tag may follow: `.tag`)."
+    )
+    default_backbone: str = Field(..., description="A backbone to start from.")
