@@ -1,13 +1,16 @@
-"""The web page at `/ui`: the jobs with their live progress, a job's events and training curves, the models, a model's
-evaluation (report, confusion matrix, plots), its exports and a predict form, the datasets.
+"""The web page at `/ui`: the jobs with their live progress, a new-job form (a dataset uploaded or chosen, the backbone
+and method, the plan of a dry run, then the job submitted), a comparison of several jobs (curves overlaid, figures side
+by side), a job's events and training curves, the models, a model's evaluation (report, confusion matrix, plots), its
+exports and a predict form, the datasets.
 
-Served by the API from files in the package (api/ui/: Jinja2 templates and one script and one stylesheet; no build
-step, nothing fetched from elsewhere; a Content-Security-Policy allows only this origin). The server renders each
-page's frame (navigation, the ids it shows, whether the server needs a key); the script fills it from the public API
-with the caller's key, so the page sees exactly what that key sees through the API and nothing else: the same owner
-checks, the same 404s. With API keys configured, the page asks for a key and keeps it in the browser's
-sessionStorage (gone when the browser session ends; never in a cookie, so no request carries it unasked); the API's
-401 is shown as a message with the key form, never a blank page.
+Served by the API from files in the package (api/ui/: Jinja2 templates, plain scripts (`ui.js` shared by every
+page, one more for a page that needs more) and one stylesheet; no build step, nothing fetched from elsewhere; a
+Content-Security-Policy allows only this origin). The server renders each page's frame (navigation, the ids it shows,
+whether the server needs a key); the script fills it from the public API with the caller's key, so the page sees
+exactly what that key sees through the API and nothing else: the same owner checks, the same 404s; the new-job form
+uploads, plans and submits through the same API with the same key. With API keys configured, the page asks for a key
+and keeps it in the browser's sessionStorage (gone when the browser session ends; never in a cookie, so no request
+carries it unasked); the API's 401 is shown as a message with the key form, never a blank page.
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ def _page(request: Request, template: str, title: str, **context: str) -> HTMLRe
 @router.get("", response_class=HTMLResponse)
 def jobs_page(request: Request) -> HTMLResponse:
     return _page(request, "jobs.html", "Jobs")
+
+
+@router.get("/jobs/new", response_class=HTMLResponse)  # before /jobs/{job_id}; job ids are `job_...`
+def new_job_page(request: Request) -> HTMLResponse:
+    return _page(request, "new_job.html", "New job")
+
+
+@router.get("/compare", response_class=HTMLResponse)  # the jobs are in the query (`?jobs=a,b`), read by the script
+def compare_page(request: Request) -> HTMLResponse:
+    return _page(request, "compare.html", "Compare jobs")
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)

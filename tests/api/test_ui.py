@@ -2,7 +2,8 @@
 Content-Security-Policy, and in a real headless Chromium (Debian's chromium and chromium-driver, driven by selenium)
 against the stack: the jobs list following a job to the end, the job's events and curves, the model's evaluation and
 a predict whose scores are read from the page; with API keys, the key prompt, a wrong key's 401 shown as a message,
-and only the key's own jobs. Screenshots go to test-artifacts/ui/."""
+and only the key's own jobs; a job started from the new-job form (an archive uploaded, the dry run's plan shown, the
+API's 422 beside the form) and followed to its model; two jobs compared. Screenshots go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -22,7 +24,16 @@ def test_pages_are_frames_from_the_package_with_a_strict_policy(settings) -> Non
     from api.main import create_app
 
     with TestClient(create_app(settings)) as http:
-        for path in ("/ui", "/ui/models", "/ui/datasets", "/ui/jobs/job_x", "/ui/models/model_x"):
+        pages = (
+            "/ui",
+            "/ui/models",
+            "/ui/datasets",
+            "/ui/jobs/job_x",
+            "/ui/models/model_x",
+            "/ui/jobs/new",
+            "/ui/compare",
+        )
+        for path in pages:
             r = http.get(path)
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), path
             assert "default-src 'none'" in r.headers["content-security-policy"]
@@ -178,6 +189,10 @@ def test_with_api_keys_the_page_asks_and_shows_a_401_as_a_message(stack, browser
             assert not css(browser, f'#jobs tr[data-job="{theirs["id"]}"]')  # another key's job is not shown
             assert not browser.find_element("id", "message").is_displayed()
             browser.save_screenshot(str(test_artifacts / "ui" / "key-a.png"))
+            browser.get(f"{url}/ui/jobs/new")  # the form reads the catalog and the datasets with the key
+            wait_for(browser, lambda d: d.execute_script("return document.body.dataset.loaded") == "done", 30)
+            assert browser.find_element("id", "method").get_attribute("value") == "auto"
+            assert not browser.find_element("id", "message").is_displayed()
             browser.execute_script("sessionStorage.clear()")
     finally:
         for job in (mine, theirs):
@@ -236,3 +251,133 @@ def test_a_model_of_many_classes_pages_its_per_class_rows(stack, browser, test_a
     browser.save_screenshot(str(test_artifacts / "ui" / "many-classes.png"))
     browser.find_element("id", "per-class-prev").click()
     wait_for(browser, lambda d: rows() == report["classes"][100:200], 30)
+
+
+# ---- the page does the job: the new-job form, and jobs compared ------------------------------------------------------
+def loaded(driver) -> bool:
+    return driver.execute_script("return document.body.dataset.loaded") == "done"
+
+
+def test_start_a_job_from_the_form_and_follow_it_to_its_model(stack, browser, test_artifacts, tmp_path) -> None:
+    """The form as a user fills it: a 422 of the API shown beside it; then an archive of digits uploaded, the dry
+    run's plan shown, the job submitted with the method preselected (`auto`) and followed to its model."""
+    from selenium.webdriver.support.ui import Select
+
+    running, client = stack
+    digits = running.settings.data_path / "datasets" / "digits"
+    (test_artifacts / "ui").mkdir(exist_ok=True)
+    archive = shutil.make_archive(str(tmp_path / "digits"), "zip", digits / "train")  # a folder per class at the top
+    browser.get(f"{running.api_url}/ui")
+    browser.find_element("id", "new-job").click()
+    wait_for(browser, loaded)
+    method = Select(browser.find_element("id", "method"))
+    assert method.first_selected_option.get_attribute("value") == "auto"
+    catalog = httpx.get(f"{running.api_url}/catalog").json()
+    assert [o.get_attribute("value") for o in method.options] == [m["name"] for m in catalog["methods"]]
+
+    browser.find_element("css selector", 'input[name="source"][value="path"]').click()
+    browser.find_element("id", "dataset-path").send_keys(str(digits / "train"))
+    backbone = browser.find_element("id", "backbone")
+    backbone.clear()
+    backbone.send_keys("resnet50")  # not a ViT: the API's 422, beside the form
+    browser.find_element("id", "plan-button").click()
+    wait_for(browser, lambda d: d.find_element("id", "form-error").is_displayed(), 30)
+    error = browser.find_element("id", "form-error").text
+    assert error.startswith("HTTP 422") and "'resnet50' is not a timm ViT" in error, error
+    assert not browser.find_element("id", "submit-button").is_enabled()
+
+    browser.find_element("css selector", 'input[name="source"][value="upload"]').click()
+    browser.find_element("id", "dataset-file").send_keys(archive)
+    backbone.clear()
+    backbone.send_keys("test_vit")
+    browser.find_element("id", "pretrained").click()  # test_vit has no pretrained weights
+    browser.find_element("id", "epochs").send_keys("2")
+    browser.find_element("id", "job-name").send_keys("digits from the form")
+    browser.find_element("id", "plan-button").click()
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.planned") == "yes", 120)
+    assert not browser.find_element("id", "form-error").is_displayed()
+    uploaded = client.datasets()[0]  # newest first: the form's upload, now the dataset it names
+    assert (
+        Select(browser.find_element("id", "dataset-id")).first_selected_option.get_attribute("value") == uploaded["id"]
+    )
+    plan = client.plan(
+        {
+            "dataset": {"id": uploaded["id"]},
+            "backbone": {"name": "test_vit", "pretrained": False},
+            "method": {"name": "auto"},
+            "training": {"epochs": 2},
+        }
+    )
+    field = lambda name: browser.find_element("css selector", f'#plan-summary dd[data-field="{name}"]').text  # noqa: E731
+    assert field("images").startswith(f"{plan['images']}: {plan['train_images']} training")
+    assert field("classes") == str(plan["classes"]) and field("method").startswith("auto (mode cache)")
+    assert "fits: yes" in field("feature cache") and field("extraction time").endswith("TFLOPS)")
+    assert "of features" in field("training memory")
+    assert browser.find_element("id", "plan-message").text == plan["message"]
+    browser.save_screenshot(str(test_artifacts / "ui" / "new-job-plan.png"))
+
+    browser.find_element("id", "submit-button").click()
+    wait_for(browser, lambda d: "/ui/jobs/job_" in d.current_url, 30)
+    job_id = browser.current_url.rsplit("/", 1)[1]
+    wait_for(browser, loaded, 400)  # followed live until it ended
+    job = client.job(job_id)
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["spec"]["method"]["name"] == "auto" and job["spec"]["dataset"]["id"] == uploaded["id"]
+    assert job["spec"]["name"] == "digits from the form" and job["spec"]["training"]["epochs"] == 2
+    browser.save_screenshot(str(test_artifacts / "ui" / "new-job-followed.png"))
+    browser.find_element("id", "model-link").click()
+    wait_for(browser, loaded)
+    assert browser.current_url.endswith(f"/ui/models/{job['model_id']}")
+    assert len(css(browser, "#evaluation-metrics tr")) == len(client.evaluation(job["model_id"])["metrics"])
+
+
+def test_compare_two_jobs(stack, browser, test_artifacts) -> None:
+    """Two jobs ticked in the list and compared: a row of figures each, both curves drawn in every chart, a link to
+    each model's evaluation."""
+    running, client = stack
+    digits = running.settings.data_path / "datasets" / "digits" / "train"
+    jobs = [
+        client.submit(
+            {
+                "name": f"losa rank {rank}",
+                "dataset": {"path": str(digits), "test_fraction": 0.2},
+                "method": {"name": "losa", "rank": rank},
+                "backbone": {"name": "test_vit", "pretrained": False},
+                "training": {"epochs": epochs, "batch_size": 16},
+            }
+        )
+        for rank, epochs in ((4, 2), (8, 3))
+    ]
+    ids = [j["id"] for j in jobs]
+    (test_artifacts / "ui").mkdir(exist_ok=True)
+    for job_id in ids:
+        assert client.wait(job_id)["status"] == "succeeded"
+    browser.get(f"{running.api_url}/ui")
+    for job_id in ids:
+        wait_for(browser, lambda d, j=job_id: css(d, f'#jobs input[data-compare="{j}"]'))
+        css(browser, f'#jobs input[data-compare="{job_id}"]')[0].click()
+    browser.save_screenshot(str(test_artifacts / "ui" / "jobs-ticked.png"))
+    browser.find_element("id", "compare-button").click()
+    wait_for(browser, lambda d: "/ui/compare?jobs=" in d.current_url and loaded(d), 60)
+
+    rows = css(browser, "#compare tbody tr")
+    assert [r.get_attribute("data-job") for r in rows] == ids
+    for row, job_id in zip(rows, ids, strict=True):
+        job = client.job(job_id)
+        assert row.find_element("css selector", '[data-figure="validation"]').text.endswith(
+            f"{job['metrics']['val_accuracy']:.4f}"
+        )
+        assert row.find_element("css selector", '[data-figure="test"]').text.endswith(
+            f"{job['metrics']['test_accuracy']:.4f}"
+        )
+        link = row.find_element("css selector", "a[data-model]")
+        assert link.get_attribute("href").endswith(f"/ui/models/{job['model_id']}#evaluation")
+    for chart in ("train-loss-chart", "val-loss-chart", "score-chart"):
+        for job_id, epochs in zip(ids, (2, 3), strict=True):
+            line = css(browser, f'#{chart} polyline[data-job="{job_id}"]')
+            assert len(line) == 1 and len(line[0].get_attribute("points").split()) == epochs, chart
+    browser.save_screenshot(str(test_artifacts / "ui" / "compare.png"))
+
+    css(browser, "#compare tbody tr a[data-model]")[0].click()
+    wait_for(browser, loaded)
+    assert css(browser, "#evaluation-metrics tr")

@@ -110,9 +110,40 @@ function fillTable(selector, rows, emptySelector) {
   $(emptySelector).hidden = rows.length > 0;
 }
 
+// the jobs ticked for comparison, kept while the list refreshes under them
+const chosen = new Set();
+const MOST_COMPARED = 6; // the charts' colours
+
+function setUpCompare() {
+  const button = $("#compare-button");
+  button.addEventListener("click", () => {
+    location.href = `/ui/compare?jobs=${[...chosen].map(encodeURIComponent).join(",")}`;
+  });
+  $("#jobs").addEventListener("change", (event) => {
+    const box = event.target;
+    if (!box.matches("input[data-compare]")) return;
+    if (box.checked) chosen.add(box.dataset.compare);
+    else chosen.delete(box.dataset.compare);
+    button.disabled = chosen.size < 2 || chosen.size > MOST_COMPARED;
+    button.textContent = chosen.size > MOST_COMPARED ? `Compare at most ${MOST_COMPARED}` : `Compare selected (${chosen.size})`;
+  });
+}
+
+function compareBox(job) {
+  const box = el("input", { type: "checkbox", "data-compare": job.id, "aria-label": `compare ${job.id}` });
+  box.checked = chosen.has(job.id);
+  return box;
+}
+
 async function jobsPage() {
+  setUpCompare();
+  await jobsList();
+}
+
+async function jobsList() {
   const jobs = (await getJSON("/jobs?limit=100")).data;
   fillTable("#jobs", jobs.map((job) => el("tr", { "data-job": job.id, "data-status": job.status },
+    el("td", {}, compareBox(job)),
     el("td", {}, el("a", { href: `/ui/jobs/${encodeURIComponent(job.id)}` }, job.id)),
     el("td", {}, el("span", { class: `status ${job.status}` }, job.status)),
     el("td", {}, progressBar(job)),
@@ -122,8 +153,7 @@ async function jobsPage() {
     el("td", {}, job.model_id ? el("a", { href: `/ui/models/${encodeURIComponent(job.model_id)}` }, job.model_id) : ""),
     el("td", {}, fmt.time(job.created_at)),
   )), "#jobs-empty");
-  if (jobs.some((job) => !TERMINAL.has(job.status))) setTimeout(() => jobsPage().catch(failed), 1500);
-  else setTimeout(() => jobsPage().catch(failed), 5000);
+  setTimeout(() => jobsList().catch(failed), jobs.some((job) => !TERMINAL.has(job.status)) ? 1500 : 5000);
 }
 
 async function modelsPage() {
@@ -149,8 +179,8 @@ async function datasetsPage() {
 }
 
 // ---- a job: summary, progress, curves, events -----------------------------------------------------------------
-function summary(pairs) {
-  $("#summary").replaceChildren(...pairs.filter(([, v]) => v !== "" && v !== null && v !== undefined)
+function summary(pairs, target = "#summary") {
+  $(target).replaceChildren(...pairs.filter(([, v]) => v !== "" && v !== null && v !== undefined)
     .flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-field": k }, v)]));
 }
 
@@ -162,7 +192,8 @@ function svg(tag, attributes, text) {
   return node;
 }
 
-// One line per series over epochs: [{name, points: [[epoch, value], ...], cls}]
+// One line per series over epochs: [{name, points: [[epoch, value], ...], job (optional: the job it is of)}]
+const COLOURS = 6;
 function chart(target, title, series, fixed) {
   const W = 420, H = 240, left = 48, right = 12, top = 28, bottom = 34;
   const points = series.flatMap((s) => s.points);
@@ -185,20 +216,41 @@ function chart(target, title, series, fixed) {
   series.forEach((s, i) => {
     if (!s.points.length) return;
     const path = s.points.map(([x, y]) => `${X(x).toFixed(1)},${Y(y).toFixed(1)}`).join(" ");
-    target.append(svg("polyline", { points: path, class: `series s${i}`, "data-series": s.name }));
-    for (const [x, y] of s.points) target.append(svg("circle", { cx: X(x), cy: Y(y), r: 3, class: `point s${i}` }));
-    target.append(svg("text", { x: W - right - 4, y: top + 14 * i, class: `legend s${i} end` }, s.name));
+    const colour = `s${i % COLOURS}`;
+    const line = svg("polyline", { points: path, class: `series ${colour}`, "data-series": s.name });
+    if (s.job) line.dataset.job = s.job;
+    target.append(line);
+    for (const [x, y] of s.points) target.append(svg("circle", { cx: X(x), cy: Y(y), r: 3, class: `point ${colour}` }));
+    target.append(svg("text", { x: W - right - 4, y: top + 14 * i, class: `legend ${colour} end` }, s.name));
   });
 }
 
+// a job's curves are its `metrics` events that name an epoch
+const isEpoch = (e) => e.type === "metrics" && e.data && typeof e.data.epoch === "number";
+const selecting = (epochs) => (epochs.some((e) => e.val_map !== undefined) ? "val_map" : "val_accuracy");
+const curve = (epochs, key) => epochs.filter((e) => typeof e[key] === "number").map((e) => [e.epoch, e[key]]);
+
 function curves(epochs) {
-  const metric = epochs.some((e) => e.val_map !== undefined) ? "val_map" : "val_accuracy";
-  const series = (key) => epochs.filter((e) => typeof e[key] === "number").map((e) => [e.epoch, e[key]]);
-  chart($("#loss-chart"), "loss", [{ name: "train loss", points: series("train_loss") },
-    { name: "validation loss", points: series("val_loss") }]);
+  const metric = selecting(epochs);
+  chart($("#loss-chart"), "loss", [{ name: "train loss", points: curve(epochs, "train_loss") },
+    { name: "validation loss", points: curve(epochs, "val_loss") }]);
   chart($("#score-chart"), metric === "val_map" ? "validation mAP" : "validation accuracy",
-    [{ name: metric.replace("_", " "), points: series(metric) }], [0, 1]);
+    [{ name: metric.replace("_", " "), points: curve(epochs, metric) }], [0, 1]);
   $("#curves-empty").hidden = epochs.length > 0;
+}
+
+// a job's events after `after`, every page of them (GET /jobs/{id}/events), each given to `take`; returns the last seq
+async function readEvents(id, after, take) {
+  let more = true;
+  while (more) {
+    const page_ = await getJSON(`/jobs/${encodeURIComponent(id)}/events?after=${after}&limit=500`);
+    for (const e of page_.data) {
+      after = e.seq;
+      take(e);
+    }
+    more = page_.has_more;
+  }
+  return after;
 }
 
 async function jobPage() {
@@ -218,17 +270,11 @@ async function jobPage() {
       ["model", job.model_id ? el("a", { href: `/ui/models/${encodeURIComponent(job.model_id)}`, id: "model-link" }, job.model_id) : ""],
     ]);
     $("#progress").replaceWith(Object.assign(progressBar(job), { id: "progress" }));
-    let more = true;
-    while (more) {
-      const page_ = await getJSON(`/jobs/${encodeURIComponent(id)}/events?after=${state.after}&limit=500`);
-      for (const e of page_.data) {
-        state.after = e.seq;
-        if (e.type === "metrics" && e.data && typeof e.data.epoch === "number") state.epochs.push(e.data);
-        $("#events tbody").append(el("tr", { class: e.level, "data-seq": e.seq }, el("td", {}, e.seq),
-          el("td", {}, fmt.time(e.created_at)), el("td", {}, e.level), el("td", {}, e.message)));
-      }
-      more = page_.has_more;
-    }
+    state.after = await readEvents(id, state.after, (e) => {
+      if (isEpoch(e)) state.epochs.push(e.data);
+      $("#events tbody").append(el("tr", { class: e.level, "data-seq": e.seq }, el("td", {}, e.seq),
+        el("td", {}, fmt.time(e.created_at)), el("td", {}, e.level), el("td", {}, e.message)));
+    });
     curves(state.epochs);
     if (!TERMINAL.has(job.status)) setTimeout(() => tick().catch(failed), 1000);
     else document.body.dataset.loaded = "done"; // every event read after the job ended
@@ -236,157 +282,10 @@ async function jobPage() {
   await tick();
 }
 
-// ---- a model: summary, predict, evaluation, plots, export -------------------------------------------------------
-// the five highest scores (the request asks for no more: a model may have thousands of classes)
-function scoreBars(scores) {
-  const top = Object.entries(scores).sort((a, b) => b[1] - a[1]).slice(0, 5);
-  return el("div", { class: "scores" }, ...top.map(([name, value]) => {
-    const bar = el("span", { class: "bar" });
-    bar.style.width = `${Math.round(value * 100)}%`;
-    return el("div", { class: "score", "data-class": name, "data-score": value },
-      el("span", { class: "name" }, name), el("span", { class: "track" }, bar), el("span", { class: "value" }, value.toFixed(4)));
-  }));
-}
-
-function setUpPredict(id) {
-  const form = $("#predict-form");
-  const input = $("#predict-files");
-  const drop = $("#drop");
-  drop.addEventListener("dragover", (event) => {
-    event.preventDefault();
-    drop.classList.add("over");
-  });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (event) => {
-    event.preventDefault();
-    drop.classList.remove("over");
-    input.files = event.dataTransfer.files;
-    form.requestSubmit();
-  });
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    const files = [...input.files];
-    if (!files.length) return showMessage("Choose or drop image files first.", "info");
-    const body = new FormData();
-    for (const file of files) body.append("files", file, file.name);
-    try {
-      const result = await (await api(`/v1/models/${encodeURIComponent(id)}:predict-files?top_k=5`, { method: "POST", body })).json();
-      $("#predictions tbody").replaceChildren(...result.predictions.map((p, i) => el("tr", { "data-file": files[i].name, "data-label": p.label },
-        el("td", {}, files[i].name), el("td", { class: "label" }, p.labels ? p.labels.join(", ") || "(none)" : p.label),
-        el("td", {}, scoreBars(p.scores)))));
-      $("#predictions").hidden = false;
-      $("#message").hidden = true;
-    } catch (error) {
-      failed(error);
-    }
-  });
-}
-
-// the report's per-class rows come in pages (GET /models/{id}/evaluation?offset=&limit=): one page is shown at a time
-const CLASS_PAGE = 100;
-
-function perClassPage(report) {
-  $("#per-class tbody").replaceChildren(...report.per_class.map((c) => el("tr", { "data-class": c.class }, el("td", {}, c.class),
-    el("td", {}, fmt.number(c.precision, 3)), el("td", {}, fmt.number(c.recall, 3)), el("td", {}, fmt.number(c.f1, 3)),
-    el("td", {}, c.support))));
-  const total = report.total ?? report.per_class.length;
-  const offset = report.offset ?? 0;
-  $("#per-class-pager").hidden = offset === 0 && !report.has_more;
-  $("#per-class-range").textContent = `classes ${offset + 1}-${offset + report.per_class.length} of ${total}`;
-  $("#per-class-prev").disabled = offset === 0;
-  $("#per-class-next").disabled = !report.has_more;
-  $("#per-class-pager").dataset.offset = offset;
-}
-
-function setUpPager(id) {
-  const show = async (offset) => {
-    const query = `offset=${Math.max(0, offset)}&limit=${CLASS_PAGE}`;
-    perClassPage(await getJSON(`/models/${encodeURIComponent(id)}/evaluation?${query}`));
-  };
-  const at = () => Number($("#per-class-pager").dataset.offset || 0);
-  $("#per-class-prev").addEventListener("click", () => show(at() - CLASS_PAGE).catch(failed));
-  $("#per-class-next").addEventListener("click", () => show(at() + CLASS_PAGE).catch(failed));
-}
-
-async function evaluationSection(id, model) {
-  let report;
-  try {
-    report = await getJSON(`/models/${encodeURIComponent(id)}/evaluation?limit=${CLASS_PAGE}`);
-  } catch (error) {
-    if (error.status !== 404) throw error;
-    $("#evaluation-split").textContent = "This model has no evaluation report.";
-    return;
-  }
-  const split = report.split === "test" ? "the held-out test split" : "the validation split (no test split: optimistic, it selected the model)";
-  $("#evaluation-split").textContent = `Evaluated on ${split}, ${report.images} images.`;
-  $("#evaluation-metrics tbody").replaceChildren(...Object.entries(report.metrics).map(([k, v]) =>
-    el("tr", { "data-metric": k }, el("th", {}, k.replaceAll("_", " ")), el("td", {}, fmt.number(v)))));
-  perClassPage(report);
-  setUpPager(id);
-  if (!model.multi_label && report.confusion_matrix && !report.has_more && report.offset === 0) {
-    const most = Math.max(1, ...report.confusion_matrix.flat());
-    const cell = (v) => {
-      const td = el("td", { title: String(v) }, v);
-      td.style.backgroundColor = `rgba(37, 99, 235, ${(v / most) * 0.85})`;
-      if (v / most > 0.5) td.classList.add("dark");
-      return td;
-    };
-    $("#confusion").replaceChildren(
-      el("tr", {}, el("th", {}, "true \\ predicted"), ...report.classes.map((c) => el("th", {}, c))),
-      ...report.confusion_matrix.map((row, i) => el("tr", {}, el("th", {}, report.classes[i]), ...row.map(cell))));
-  } else if (!model.multi_label) {
-    // too many classes for a table of every cell: the plot below summarises the matrix, the report holds it whole
-    $("#confusion-note").textContent = `${report.total} classes: the plot below summarises the matrix; the most frequent confusions:`;
-    $("#confusion-note").hidden = false;
-    $("#top-confusions tbody").replaceChildren(...(report.top_confusions || []).map((c) => el("tr", {},
-      el("td", {}, c.true), el("td", {}, c.predicted), el("td", {}, c.count))));
-    $("#top-confusions").hidden = false;
-  }
-  for (const name of model.plots || []) {
-    const blob = await (await api(`/models/${encodeURIComponent(id)}/plots/${encodeURIComponent(name)}.png`)).blob();
-    $("#plots").append(el("figure", {}, el("img", { src: URL.createObjectURL(blob), alt: `${name} plot`, "data-plot": name }),
-      el("figcaption", {}, name)));
-  }
-}
-
-function setUpExport(id) {
-  for (const button of document.querySelectorAll("#export button")) {
-    button.addEventListener("click", async () => {
-      const format = button.dataset.format;
-      $("#export-status").textContent = `Exporting as ${format}...`;
-      try {
-        const response = await api(`/models/${encodeURIComponent(id)}/export?format=${format}`);
-        const name = /filename="?([^";]+)"?/.exec(response.headers.get("content-disposition") || "")?.[1] || `${id}.${format}`;
-        const link = el("a", { href: URL.createObjectURL(await response.blob()), download: name });
-        link.click();
-        $("#export-status").textContent = `Downloaded ${name}.`;
-      } catch (error) {
-        $("#export-status").textContent = `${format}: ${error.message}`;
-      }
-    });
-  }
-}
-
-async function modelPage() {
-  const id = page.modelId;
-  setUpPredict(id);
-  setUpExport(id);
-  const model = await getJSON(`/models/${encodeURIComponent(id)}`);
-  summary([
-    ["method", `${model.method} (${model.mode})`],
-    ["backbone", model.backbone],
-    ["job", el("a", { href: `/ui/jobs/${encodeURIComponent(model.job_id)}` }, model.job_id)],
-    ["classes", model.classes.length <= 20 ? model.classes.join(", ") : `${model.classes.length}: ${model.classes.slice(0, 20).join(", ")}, ...`],
-    ["validation", validation(model.metrics)],
-    ["created", fmt.time(model.created_at)],
-    ["input", model.video ? `videos (${model.video.num_frames} frames a clip)` : "images"],
-  ]);
-  await evaluationSection(id, model);
-  document.body.dataset.loaded = "done";
-}
-
 // ---- start -----------------------------------------------------------------------------------------------------
-const PAGES = { jobs: jobsPage, job: jobPage, models: modelsPage, model: modelPage, datasets: datasetsPage };
+// the other pages' scripts (model.js, new_job.js, compare.js) add theirs: they run after this one, before the DOM is
+// loaded
+const PAGES = { jobs: jobsPage, job: jobPage, models: modelsPage, datasets: datasetsPage };
 
 document.addEventListener("DOMContentLoaded", () => {
   setUpKey();
