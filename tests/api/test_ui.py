@@ -259,8 +259,9 @@ def loaded(driver) -> bool:
 
 
 def test_start_a_job_from_the_form_and_follow_it_to_its_model(stack, browser, test_artifacts, tmp_path) -> None:
-    """The form as a user fills it: a 422 of the API shown beside it; then an archive of digits uploaded, the dry
-    run's plan shown, the job submitted with the method preselected (`auto`) and followed to its model."""
+    """The form as a user fills it: `auto` preselected, a 422 of the API shown beside it; then an archive of digits
+    uploaded, the dry run's plan shown, the job submitted and followed to its model. The job trains LoSA: `auto` also
+    fits the linear probe's cross-validated L-BFGS path, minutes on a busy CPU, and the form sends either alike."""
     from selenium.webdriver.support.ui import Select
 
     running, client = stack
@@ -293,6 +294,8 @@ def test_start_a_job_from_the_form_and_follow_it_to_its_model(stack, browser, te
     browser.find_element("id", "pretrained").click()  # test_vit has no pretrained weights
     browser.find_element("id", "epochs").send_keys("2")
     browser.find_element("id", "job-name").send_keys("digits from the form")
+    method.select_by_value("losa")
+    assert "LoSA" in browser.find_element("id", "method-description").text
     browser.find_element("id", "plan-button").click()
     wait_for(browser, lambda d: d.execute_script("return document.body.dataset.planned") == "yes", 120)
     assert not browser.find_element("id", "form-error").is_displayed()
@@ -304,13 +307,15 @@ def test_start_a_job_from_the_form_and_follow_it_to_its_model(stack, browser, te
         {
             "dataset": {"id": uploaded["id"]},
             "backbone": {"name": "test_vit", "pretrained": False},
-            "method": {"name": "auto"},
+            "method": {"name": "losa"},
             "training": {"epochs": 2},
         }
     )
     field = lambda name: browser.find_element("css selector", f'#plan-summary dd[data-field="{name}"]').text  # noqa: E731
     assert field("images").startswith(f"{plan['images']}: {plan['train_images']} training")
-    assert field("classes") == str(plan["classes"]) and field("method").startswith("auto (mode cache)")
+    assert field("classes") == str(plan["classes"]) and field("method").startswith(
+        "losa (mode cache), 4 configurations"
+    )
     assert "fits: yes" in field("feature cache") and field("extraction time").endswith("TFLOPS)")
     assert "of features" in field("training memory")
     assert browser.find_element("id", "plan-message").text == plan["message"]
@@ -319,10 +324,10 @@ def test_start_a_job_from_the_form_and_follow_it_to_its_model(stack, browser, te
     browser.find_element("id", "submit-button").click()
     wait_for(browser, lambda d: "/ui/jobs/job_" in d.current_url, 30)
     job_id = browser.current_url.rsplit("/", 1)[1]
-    wait_for(browser, loaded, 400)  # followed live until it ended
+    wait_for(browser, loaded, 300)  # followed live until it ended
     job = client.job(job_id)
     assert job["status"] == "succeeded", job.get("error")
-    assert job["spec"]["method"]["name"] == "auto" and job["spec"]["dataset"]["id"] == uploaded["id"]
+    assert job["spec"]["method"]["name"] == "losa" and job["spec"]["dataset"]["id"] == uploaded["id"]
     assert job["spec"]["name"] == "digits from the form" and job["spec"]["training"]["epochs"] == 2
     browser.save_screenshot(str(test_artifacts / "ui" / "new-job-followed.png"))
     browser.find_element("id", "model-link").click()
