@@ -18,6 +18,7 @@ import base64
 import importlib.metadata
 import importlib.util
 import io
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
         outputs=Schema([ColSpec(DataType.double, c) for c in trained.classes]),
     )
     out = folder / "mlflow"
+    shutil.rmtree(out, ignore_errors=True)  # mlflow writes only into a new folder; the other formats overwrite theirs
     mlflow.pyfunc.save_model(
         path=str(out),
         python_model=str(CODE),
