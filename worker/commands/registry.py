@@ -9,6 +9,7 @@ imported by this verb only.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 import zipfile
 from pathlib import Path
@@ -33,10 +34,8 @@ def register(args: argparse.Namespace) -> int:
             "SIDETUNE_MLFLOW_TRACKING_URI is not set: name the MLflow tracking server whose registry takes the model "
             "(e.g. SIDETUNE_MLFLOW_TRACKING_URI=http://127.0.0.1:5000)"
         )
-    try:
-        import mlflow  # noqa: F401 - the extra, before anything is downloaded
-    except ImportError:
-        raise CommandError("registering needs mlflow on this machine: pip install 'sidetune[mlflow]'") from None
+    if importlib.util.find_spec("mlflow") is None:  # the extra, checked before anything is downloaded
+        raise CommandError("registering needs mlflow on this machine: pip install 'sidetune[mlflow]'")
     _check_reachable(uri)
     with tempfile.TemporaryDirectory(prefix="sidetune-register-") as tmp:
         archive = client(args).export(args.model_id, "mlflow", Path(tmp) / "model-mlflow.zip")
