@@ -255,6 +255,11 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="Log lines of the API and workers: `json` (one object per line, with `job_id`) or `text`."
     )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="An MLflow tracking server (`http://host:5000`, or any URI `mlflow.set_tracking_uri` takes), for "
+        "`sidetune models register` (the model registry). Needs the `mlflow` extra. Unset: MLflow is not used.",
+    )
     metrics_public: bool = Field(
         False,
         description="Serve `/metrics` without an API key. With keys configured and this false, a scrape needs any "

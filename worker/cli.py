@@ -233,7 +233,7 @@ EXAMPLES = """examples:
   sidetune report model_...
   every command: sidetune COMMAND --help"""
 EXIT_USAGE = 2  # bad arguments, or a spec file that cannot be read or is invalid
-EXIT_UNREACHABLE = 3  # the API could not be reached, or answered 5xx (a retry later may succeed)
+EXIT_UNREACHABLE = 3  # the API (or MLflow's server) could not be reached, or answered 5xx (a retry may succeed)
 EXIT_REFUSED = 4  # the API refused the request (4xx: an invalid spec, an unknown id, a missing or wrong API key)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_CODES = """exit codes: 0 success; 1 the job failed (submit --wait) or the plan does not fit (plan); 2 bad arguments
@@ -369,6 +369,7 @@ def _report(e: Exception) -> int | None:
     import httpx
 
     from worker.client import ApiError
+    from worker.commands.common import CommandError
 
     if isinstance(e, httpx.TransportError):  # no answer: refused, timed out, reset
         where = e.request.url.copy_with(path="/", query=None) if _has_request(e) else "the API"
@@ -382,6 +383,9 @@ def _report(e: Exception) -> int | None:
         hint = " (give a key with SIDETUNE_API_KEY)" if e.status == 401 else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return EXIT_REFUSED if e.status < 500 else EXIT_UNREACHABLE
+    if isinstance(e, CommandError):
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE if e.unreachable else EXIT_USAGE
     if isinstance(e, FileNotFoundError | json.JSONDecodeError):
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

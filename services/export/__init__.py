@@ -6,6 +6,9 @@
   preprocessing in its metadata. Every method, video models included.
 - `adapter` (adapter.py): the trained weights alone and a typed config naming backbone, method, classes and
   preprocessing (PEFT's adapter_config.json in spirit); `load_adapter` rebuilds the model from them.
+- `mlflow` (mlflow_model.py): an MLflow model, pyfunc flavour (code: mlflow_pyfunc.py, torch and timm only) around the
+  `timm` export's folder, with a signature (images as base64 strings -> a probability per class) and an input example;
+  the models `timm` takes. Needs the `mlflow` extra in the inference service.
 
 The inference service runs exports (`GET /models/{id}/export`, api/routes/export.py): they need torch, which the
 API never imports. This module is torch-free (the formats' names and the refusal), each format's module imports torch.
@@ -23,7 +26,7 @@ from typing import Any, Literal
 
 from services.models.manifest import Manifest
 
-ExportFormat = Literal["timm", "onnx", "adapter"]
+ExportFormat = Literal["timm", "onnx", "adapter", "mlflow"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,13 @@ FORMATS: dict[str, Format] = {
         "application/zip",
         "the trained weights (adapter_model.safetensors) "
         "and adapter_config.json; rebuilt by services.export.adapter.load_adapter (every method)",
+    ),
+    "mlflow": Format(
+        "mlflow_model",
+        "-mlflow.zip",
+        "application/zip",
+        "an MLflow model (pyfunc; images as base64 strings -> a probability per class) around the timm checkpoint, "
+        "loaded by mlflow.pyfunc.load_model (the models `timm` takes; needs the `mlflow` extra)",
     ),
 }
 

@@ -116,13 +116,15 @@ classes = config["label_names"]
 {scores}"""
 
 
-def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
+def save_timm(trained: Trained, out: Path) -> dict[str, int]:
+    """Write the model as timm's Hub layout into folder `out` (`model.safetensors`, timm's `config.json`) and
+    `sidetune.json`; returns the model arguments timm needs to build it by name (the image size it was trained at).
+    The mlflow export (mlflow_model.py) carries the same folder."""
     manifest = trained.manifest
     vit = trained.module if manifest.kind != "side" else _linear_vit(trained)
     spec = manifest.backbone
     model_args: dict[str, int] = {"img_size": spec.image_size} if spec.image_size else {}  # timm's create_model's
     _check_plain(vit, spec.name, len(trained.classes), model_args)
-    out = folder / "timm"
     save_for_hf(
         vit,
         str(out),
@@ -131,7 +133,6 @@ def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
         safe_serialization=True,
         data_config=manifest.preprocessing.data_config(),
     )
-    (out / "README.md").write_text(model_card(facts, "timm", _usage(trained, model_args)))
     sidetune = {
         "model_id": trained.model_id,
         "method": manifest.method.model_dump(mode="json"),
@@ -140,6 +141,13 @@ def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
         "threshold": manifest.threshold,
     }
     (out / "sidetune.json").write_text(json.dumps(sidetune, indent=2))
+    return model_args
+
+
+def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
+    out = folder / "timm"
+    model_args = save_timm(trained, out)
+    (out / "README.md").write_text(model_card(facts, "timm", _usage(trained, model_args)))
     path = folder / "model-timm.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:  # safetensors hardly compress
         for f in sorted(out.iterdir()):

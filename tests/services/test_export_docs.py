@@ -82,7 +82,7 @@ def _export(settings: Settings, model_id: str, fmt: str, folder: Path) -> Path:
 
 
 def test_the_readme_export_snippets_give_predicts_probabilities(served, paths, figures, tmp_path, monkeypatch) -> None:
-    timm_local, timm_by_name, onnx_block, adapter_block = export_snippets()
+    timm_local, timm_by_name, onnx_block, adapter_block, mlflow_block = export_snippets()
     assert '"model_...-timm"' in timm_local and "img_size=" in timm_by_name
     model_id = "model_test64"
     work = tmp_path / "work"
@@ -91,6 +91,8 @@ def test_the_readme_export_snippets_give_predicts_probabilities(served, paths, f
         z.extractall(work / "model_...-timm")  # the names the snippets use, in the folder they run in
     _export(served, model_id, "onnx", tmp_path).rename(work / "model_....onnx")
     _export(served, model_id, "adapter", tmp_path).rename(work / "model_...-adapter.zip")
+    with zipfile.ZipFile(_export(served, model_id, "mlflow", tmp_path)) as z:
+        z.extractall(work / "model_...-mlflow")
     monkeypatch.chdir(work)
     expected = _predicted(served, model_id, paths)  # rounded to 6 decimals
 
@@ -103,6 +105,7 @@ def test_the_readme_export_snippets_give_predicts_probabilities(served, paths, f
         "timm_local_dir": run(timm_local, timm_ns),
         "onnx": run(onnx_block, {"paths": paths}),
         "adapter": run(adapter_block, {"paths": paths}),
+        "mlflow": run(mlflow_block, {"paths": paths}),
     }
     # the by-name block reloads `model` in the first block's namespace; the first block's last lines score it
     scoring = timm_local[timm_local.index("with torch.inference_mode():") :]
@@ -116,7 +119,7 @@ def test_the_readme_export_snippets_give_predicts_probabilities(served, paths, f
 def _cards(settings: Settings, model_id: str, folder: Path) -> dict[str, str]:
     """Each format's card: README.md in the zips, the ONNX graph's `model_card` metadata."""
     cards = {}
-    for fmt in ("timm", "adapter"):
+    for fmt in ("timm", "adapter", "mlflow"):
         with zipfile.ZipFile(_export(settings, model_id, fmt, folder)) as z:
             cards[fmt] = z.read("README.md").decode()
     meta = {p.key: p.value for p in onnx.load(str(_export(settings, model_id, "onnx", folder))).metadata_props}
@@ -132,7 +135,7 @@ def test_every_export_carries_a_model_card(model_id, served, tmp_path) -> None:
     manifest = json.loads(artifacts.read_file(model_id, "config.json"))
     split = report["split"]
     assert split == ("test" if MODELS[model_id] else "val")
-    libraries = {"timm": "timm", "onnx": "onnx", "adapter": "sidetune"}
+    libraries = {"timm": "timm", "onnx": "onnx", "adapter": "sidetune", "mlflow": "mlflow"}
     for fmt, text in _cards(served, model_id, tmp_path).items():
         card = ModelCard(text)  # huggingface_hub's own parser: front matter and model-index
         data = card.data

@@ -166,7 +166,7 @@ COMMANDS = [
     ["predict"],
     ["report"],
     *(["jobs", v] for v in ("list", "get", "cancel", "delete", "events", "checkpoints")),
-    *(["models", v] for v in ("list", "get", "delete", "export")),
+    *(["models", v] for v in ("list", "get", "delete", "export", "register")),
     *(["datasets", v] for v in ("upload", "list", "get", "delete")),
     ["cache", "list"],
     ["cache", "delete"],

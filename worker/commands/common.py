@@ -16,7 +16,18 @@ Subparsers = Any  # what ArgumentParser.add_subparsers returns (its class is pri
 
 ENVIRONMENT = """environment:
   SIDETUNE_URL       the API's URL (default: http://SIDETUNE_API_HOST:SIDETUNE_API_PORT, 127.0.0.1:8000)
-  SIDETUNE_API_KEY   the API key sent as `Authorization: Bearer <key>` (needed where SIDETUNE_API_KEYS is set)"""
+  SIDETUNE_API_KEY   the API key sent as `Authorization: Bearer <key>` (needed where SIDETUNE_API_KEYS is set)
+  SIDETUNE_MLFLOW_TRACKING_URI  the MLflow tracking server `sidetune models register` registers in"""
+
+
+class CommandError(RuntimeError):
+    """What a verb itself finds wrong (not the API's answer), said as one line on stderr (worker/cli.py): a setting
+    missing or a package not installed (exit 2), or, `unreachable`, a service other than the API not answering (exit
+    3)."""
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 def client(args: argparse.Namespace) -> Client:

@@ -1,4 +1,5 @@
-"""`sidetune models list|get|delete|export`, `sidetune predict` and `sidetune report`."""
+"""`sidetune models list|get|delete|export|register` (register: registry.py), `sidetune predict` and `sidetune
+report`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 from pathlib import Path
 
 from worker.api_types import Metrics, SweepEntry
+from worker.commands import registry
 from worker.commands.common import (
     Subparsers,
     client,
@@ -193,11 +195,11 @@ def add_parsers(sub: Subparsers) -> None:
 
 
 def _model_parsers(sub: Subparsers) -> None:
-    """`sidetune models list|get|delete|export`."""
+    """`sidetune models list|get|delete|export|register`."""
     models = resource(
         sub,
         "models",
-        "list, read, delete and export adapted models",
+        "list, read, delete, export and register adapted models",
         [
             "sidetune models",
             "sidetune models get model_0194... --json",
@@ -234,7 +236,7 @@ def _model_parsers(sub: Subparsers) -> None:
     p = verb(
         models,
         "export",
-        "download a model as a timm checkpoint, an ONNX graph or an adapter",
+        "download a model as a timm checkpoint, an ONNX graph, an adapter or an MLflow model",
         "sidetune models export model_0194... --format onnx -o model.onnx",
         export,
         reads=False,
@@ -243,11 +245,13 @@ def _model_parsers(sub: Subparsers) -> None:
     p.add_argument(
         "--format",
         required=True,
-        choices=("timm", "onnx", "adapter"),
+        choices=("timm", "onnx", "adapter", "mlflow"),
         help="timm: a plain timm checkpoint (APLA, ARC, LoRA, full, timm-headed linear probes); onnx: one "
-        "graph, every method; adapter: the trained weights and their config, every method",
+        "graph, every method; adapter: the trained weights and their config, every method; mlflow: an MLflow "
+        "pyfunc model around the timm checkpoint (the models timm takes)",
     )
     p.add_argument("--output", "-o", help="the file to write (default: the server's name, e.g. MODEL_ID.onnx)")
+    registry.add_parser(models)
 
 
 def _result_parsers(sub: Subparsers) -> None:
