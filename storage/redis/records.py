@@ -66,6 +66,7 @@ class JobRecord(TypedDict):
     started_at: NotRequired[float]
     finished_at: NotRequired[float]
     extracted: NotRequired[bool]
+    handed_off: NotRequired[Literal["extract", "train"]]  # the last next step enqueued (worker/tasks.py, the watchdog)
     cache_key: NotRequired[str]
     extract_key: NotRequired[str]
     extract_shards: NotRequired[int]
