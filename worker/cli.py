@@ -369,6 +369,7 @@ def _report(e: Exception) -> int | None:
     import httpx
 
     from worker.client import ApiError
+    from worker.commands.common import UsageError
 
     if isinstance(e, httpx.TransportError):  # no answer: refused, timed out, reset
         where = e.request.url.copy_with(path="/", query=None) if _has_request(e) else "the API"
@@ -382,7 +383,7 @@ def _report(e: Exception) -> int | None:
         hint = " (give a key with SIDETUNE_API_KEY)" if e.status == 401 else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return EXIT_REFUSED if e.status < 500 else EXIT_UNREACHABLE
-    if isinstance(e, FileNotFoundError | json.JSONDecodeError):
+    if isinstance(e, FileNotFoundError | json.JSONDecodeError | UsageError):
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return None

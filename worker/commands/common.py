@@ -19,6 +19,10 @@ ENVIRONMENT = """environment:
   SIDETUNE_API_KEY   the API key sent as `Authorization: Bearer <key>` (needed where SIDETUNE_API_KEYS is set)"""
 
 
+class UsageError(ValueError):
+    """Options that do not make a request (worker/cli.py: exit code 2, one line)."""
+
+
 def client(args: argparse.Namespace) -> Client:
     settings = Settings()
     return Client(args.url or default_url() or f"http://{settings.api_host}:{settings.api_port}")
