@@ -61,6 +61,8 @@ class JobRecord(TypedDict):
     model_id: str | None
     cancel_requested: bool
     resolved: ResolvedRecord | None  # ResolvedJob.record() (services/jobs/resolved.py)
+    # the dataset's format as the plan step read it (`auto` resolved; services/jobs/planning.py)
+    dataset_format: NotRequired[Literal["imagefolder", "csv", "jsonl", "webdataset", "huggingface"]]
     # set by the steps (services/jobs/extract.py, train.py), the watchdog (services/jobs/watchdog.py), a model's
     # deletion
     started_at: NotRequired[float]
