@@ -15,6 +15,7 @@ import fsspec
 import pytest
 
 from services.data.datasets import read_imagefolder
+from storage.redis import JobStore
 from tests.shards import write_shards
 from worker.cli import _parser, main
 from worker.commands.submit import build_spec
@@ -89,6 +90,9 @@ def test_local_shards_named_by_options_train_a_model(stack) -> None:
     assert dataset["path"] == pattern and dataset["format"] == "webdataset"
     assert dataset["webdataset"]["label_key"] == "json" and dataset["webdataset"]["label_field"] == "digit"
     assert client.model(job["model_id"])["classes"] == read_imagefolder(data / "digits" / "train").classes
+    record = JobStore.from_url(running.settings.broker_url).get_job(job["id"])
+    assert record["dataset_format"] == "webdataset" and job["dataset_format"] == "webdataset"
+    assert record["handed_off"] == "train"  # each hand-off marked once sent (worker/tasks.py)
 
 
 @pytest.fixture(scope="module")
