@@ -54,6 +54,9 @@ class Job(BaseModel):
     started_at: float | None = Field(None, description="Unix time the first step started.")
     finished_at: float | None = Field(None, description="Unix time the job ended.")
     spec: dict[str, Any] = Field(..., description="The submitted job spec, with defaults filled in.")
+    dataset_format: Literal["imagefolder", "csv", "jsonl", "webdataset", "huggingface"] | None = Field(
+        None, description="The format the dataset was read in (`dataset.format`, `auto` resolved), once planned."
+    )
     progress: Progress | None = Field(None, description="Current stage, done and total steps.")
     metrics: dict[str, Any] = Field(..., description="Extraction and training metrics gathered so far.")
     error: JobError | None = Field(None, description="Set when status is `failed`.")

@@ -121,6 +121,7 @@ class Job(TypedDict):
     started_at: float | None
     finished_at: float | None
     spec: JobSpecBody
+    dataset_format: Literal["imagefolder", "csv", "jsonl", "webdataset", "huggingface"] | None
     progress: Progress | None
     metrics: Metrics
     error: JobError | None

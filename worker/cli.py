@@ -383,7 +383,7 @@ def _report(e: Exception) -> int | None:
         hint = " (give a key with SIDETUNE_API_KEY)" if e.status == 401 else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return EXIT_REFUSED if e.status < 500 else EXIT_UNREACHABLE
-    if isinstance(e, CommandError):
+    if isinstance(e, CommandError):  # a UsageError too
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE if e.unreachable else EXIT_USAGE
     if isinstance(e, FileNotFoundError | json.JSONDecodeError):

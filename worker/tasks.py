@@ -42,7 +42,7 @@ from services.jobs.pipeline import (
 from services.jobs.progress import JobReporter
 from storage.faults import TASK
 from storage.logs import log_context
-from storage.redis import JobStore, RunningStep, worker_name
+from storage.redis import JobStore, NotFound, RunningStep, worker_name
 from storage.settings import Settings
 from worker.celery_app import (
     TASK_EXTRACT,
@@ -77,15 +77,22 @@ def _context() -> tuple[JobStore, Settings]:
 
 
 def _follow(job_id: str, next_step: Next) -> None:
+    """Enqueue the step the finished one asks for; a hand-off to the extract or train step is marked on the job once
+    sent (`handed_off`, last), so that the watchdog tells a worker that died before sending it (the job planned or
+    extracted, nothing enqueued: it sends the next step itself) from one that died after (services/jobs/watchdog.py)."""
     if next_step is None:
         return
-    position = _context()[0].queue_position(job_id)  # fairness between keys (worker/celery_app.py)
+    store = _context()[0]
+    position = store.queue_position(job_id)  # fairness between keys (worker/celery_app.py)
     if next_step == EXTRACT_NEXT:
         enqueue_job(app, job_id, position)
     elif next_step == TRAIN_NEXT:
         enqueue_train(app, job_id, position)
     elif isinstance(next_step, tuple):
         enqueue_shards(app, job_id, next_step[1], position)
+    if next_step in (EXTRACT_NEXT, TRAIN_NEXT):
+        with contextlib.suppress(NotFound):  # ended and deleted meanwhile: nothing left to mark
+            store.set_fields(job_id, handed_off=next_step)
 
 
 def _status(store: JobStore, job_id: str) -> str:

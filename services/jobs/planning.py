@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from services.architectures import architecture
 from services.backprop import backprop_memory
-from services.data.datasets import DatasetError
+from services.data.datasets import DatasetError, format_for
 from services.errors import UserError
 from services.jobs import planner, quotas
 from services.jobs.plan import Plan
@@ -74,16 +74,17 @@ def check_fit(plan: Plan) -> None:
         raise PlanRefused("cache_over_quota", plan.message)
 
 
-def _mark_planned(store: JobStore, job_id: str, resolved: ResolvedJob) -> bool:
-    """Record the resolved job and move the job to `queued`, if it is still `planning` (not cancelled, not planned by
-    another delivery of this step); True for the one caller that did."""
+def _mark_planned(store: JobStore, job_id: str, resolved: ResolvedJob, dataset_format: str) -> bool:
+    """Record the resolved job (and the format its dataset was read in, for the page) and move the job to `queued`,
+    if it is still `planning` (not cancelled, not planned by another delivery of this step); True for the one caller
+    that did."""
     flipped = False
 
     def change(job: JobRecord) -> None:
         nonlocal flipped
         flipped = job["status"] == "planning" and not job.get("cancel_requested")
         if flipped:
-            job.update(status="queued", resolved=resolved.record())
+            job.update(status="queued", resolved=resolved.record(), dataset_format=dataset_format)
 
     store.update_job(job_id, change)
     return flipped
@@ -99,14 +100,16 @@ def plan_step(store: JobStore, settings: Settings, job_id: str) -> Next:
         return cancelled(store, job_id)
     try:
         spec = JobSpec.model_validate(job["spec"])
-        plan, resolved = plan_checked(on_this_machine(spec, settings), settings)
+        here = on_this_machine(spec, settings)
+        plan, resolved = plan_checked(here, settings)
         check_fit(plan)
         quotas.check_submission(plan, settings, store, job.get("owner"))  # the key's models and feature cache
         resolved = resolved.model_copy(update={"spec": spec})  # the spec as recorded (the API's paths of uploads)
         if store.get_job(job_id)["status"] in TERMINAL:  # cancelled while reading: nothing written for it
             return None
         save_split(settings, job_id, resolved)  # the codes first: a record never names a file that is not there
-        if not _mark_planned(store, job_id, resolved):
+        dataset_format = format_for(here.dataset.path or "", here.dataset.format).name  # `auto` as it was read
+        if not _mark_planned(store, job_id, resolved, dataset_format):
             return None
         store.add_event(
             job_id,

@@ -6,6 +6,14 @@ the longest job, 48 h by default). Every step is idempotent and resumable (cache
 checkpoints), so handing it back early is safe: the next worker resumes from what was finished. Every worker
 runs this check a few times a minute; a Redis lease lets one of them act at a time. The same pass removes expired
 checkpoints (services/jobs/retention.py), every few minutes.
+
+A worker may die after its step did its work but before it enqueued the next step: the plan step's job recorded
+`queued`, or the extract step's job `extracted`, with nothing in the queue. Sent again, that step would find its work
+done and stop, so the job would wait forever; the watchdog sends the next step instead. It tells the two deaths
+apart by `handed_off`, which the task layer sets once it has enqueued the next step (worker/tasks.py): check, send,
+mark last. A death between the send and the mark sends the next step twice: a second extract step waits on the
+entry's lease and hands on once, a second train step after the first has ended does nothing (two train workers could
+run them at once; the window is one Redis write).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from services.jobs.retention import sweep_checkpoints
-from storage.redis import TERMINAL, JobStore, NotFound, RunningStep, now
+from storage.redis import TERMINAL, JobRecord, JobStore, NotFound, RunningStep, now
 from storage.settings import Settings
 
 Requeue = Callable[[str, RunningStep], None]
@@ -23,6 +31,20 @@ def _describe(step: RunningStep) -> str:
     if step["task"] == "extract_shard":
         return f"extraction shard {step['index'] + 1}/{step['count']}"
     return {"plan": "planning", "extract": "extraction", "train": "training"}.get(step["task"], step["task"])
+
+
+def _next_step(job: JobRecord, step: RunningStep) -> RunningStep | None:
+    """The step to send instead of the dead worker's `step` when that one had done its work but not handed the job
+    on (see above); None when `step` itself is to be sent again. Had the next step been sent and run, it would have
+    left its mark: the extract step `extracted` (or status `extracting`), the train step status `training`."""
+    handed = job.get("handed_off")
+    planned = job["status"] == "queued" and job.get("resolved") is not None and not job.get("extracted")
+    if step["task"] == "plan" and planned and handed is None:
+        return {"task": "extract"}
+    extracted = job.get("extracted") and job["status"] != "training"
+    if step["task"] in ("extract", "extract_shard") and extracted and handed != "train":
+        return {"task": "train"}
+    return None
 
 
 def _fail(store: JobStore, job_id: str, message: str) -> None:
@@ -53,16 +75,19 @@ def check(store: JobStore, settings: Settings, requeue: Requeue) -> list[str]:
                 )
                 done.append(f"{job_id}: failed after {lost} lost workers")
                 continue
-            store.set_fields(job_id, workers_lost=lost, requeued_at=now(), requeued_step=what)
+            following = _next_step(job, step)
+            sent = following or step
+            store.set_fields(job_id, workers_lost=lost, requeued_at=now(), requeued_step=_describe(sent))
             store.workers.mark_requeued(job_id)
-            store.add_event(
-                job_id,
-                f"worker {worker} stopped (no heartbeat) during {what}; the step is requeued "
-                "and resumes from what was finished",
-                level="warning",
-            )
-            requeue(job_id, step)
-            done.append(f"{job_id}: {what} requeued from {worker}")
+            if following is None:
+                message = f"during {what}; the step is requeued and resumes from what was finished"
+            else:
+                message = f"after {what}, before handing the job on; the {_describe(following)} step is enqueued"
+            store.add_event(job_id, f"worker {worker} stopped (no heartbeat) {message}", level="warning")
+            requeue(job_id, sent)
+            if following is not None:
+                store.set_fields(job_id, handed_off=following["task"])  # sent: marked last, as the task layer does
+            done.append(f"{job_id}: {_describe(sent)} requeued from {worker}")
     running = store.running_steps()
     for job_id in store.workers.requeued():
         try:

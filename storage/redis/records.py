@@ -61,11 +61,14 @@ class JobRecord(TypedDict):
     model_id: str | None
     cancel_requested: bool
     resolved: ResolvedRecord | None  # ResolvedJob.record() (services/jobs/resolved.py)
+    # the dataset's format as the plan step read it (`auto` resolved; services/jobs/planning.py)
+    dataset_format: NotRequired[Literal["imagefolder", "csv", "jsonl", "webdataset", "huggingface"]]
     # set by the steps (services/jobs/extract.py, train.py), the watchdog (services/jobs/watchdog.py), a model's
     # deletion
     started_at: NotRequired[float]
     finished_at: NotRequired[float]
     extracted: NotRequired[bool]
+    handed_off: NotRequired[Literal["extract", "train"]]  # the last next step enqueued (worker/tasks.py, the watchdog)
     cache_key: NotRequired[str]
     extract_key: NotRequired[str]
     extract_shards: NotRequired[int]

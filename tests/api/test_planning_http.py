@@ -50,6 +50,7 @@ def test_a_job_answers_planning_then_is_planned_in_a_worker_and_succeeds(stack):
     store = JobStore.from_url(running.settings.broker_url)
     resolved = store.get_job(job_id)["resolved"]
     assert resolved["images"] > 100 and resolved["weights_hash"]  # the plan step's, then the extract step's
+    assert store.get_job(job_id)["handed_off"] == "train"  # each hand-off marked once sent (worker/tasks.py)
 
     # the plan step sent again (a redelivery): the job is planned already, nothing runs or changes
     enqueue_plan(make_app(running.settings), job_id)

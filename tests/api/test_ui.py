@@ -129,6 +129,8 @@ def test_follow_a_job_then_predict_in_the_browser(stack, browser, test_artifacts
     assert len(css(browser, "#events tbody tr")) == len(events)
     assert css(browser, "#events tbody tr")[-1].text.endswith(events[-1]["message"])
     assert len(css(browser, "#loss-chart circle.s0")) == 3 == len(css(browser, "#score-chart circle.s0"))  # 3 epochs
+    shown = browser.find_element("css selector", 'dd[data-field="dataset"]').text
+    assert shown == f"ImageFolder · server: {digits / 'train'}"  # the format the plan step read it in
     browser.save_screenshot(str(shots / "job.png"))
 
     model_id = client.job(job["id"])["model_id"]
@@ -386,3 +388,59 @@ def test_compare_two_jobs(stack, browser, test_artifacts) -> None:
     css(browser, "#compare tbody tr a[data-model]")[0].click()
     wait_for(browser, loaded)
     assert css(browser, "#evaluation-metrics tr")
+def test_each_jobs_dataset_shows_its_kind_and_where_it_lives(stack, browser, test_artifacts) -> None:
+    """Jobs recorded as the API records them, on every kind of source: the list and each job's page name the kind
+    (the format the plan step read, else the one the location implies) and the location: a server path, an upload,
+    a Hub id, an object-store URL (never a URL's credentials or query, even in a record that held them)."""
+    running, _ = stack
+    store = JobStore.from_url(running.redis.url)
+    shards = "s3://bucket/shards/{000000..000009}.tar"
+    sources = {
+        "shards": ({"path": shards}, None, f"WebDataset shards · object store: {shards}"),
+        "manifest": (
+            {"path": "gs://b/train.jsonl", "test": "/data/t.csv"},
+            None,
+            "JSONL manifest · object store: gs://b/train.jsonl",
+        ),
+        "hub": ({"path": "hf://org/name"}, None, "Hugging Face dataset · Hub: org/name"),
+        "upload": ({"id": "ds_0a1b", "path": "/srv/datasets/ds_0a1b"}, "imagefolder", "ImageFolder · upload: ds_0a1b"),
+        "saved": (
+            {"path": "/data/saved", "format": "auto"},
+            "huggingface",
+            "Hugging Face dataset · server: /data/saved",
+        ),
+        "leaky": (
+            {"path": "s3://AKIA:secret@bucket/x.csv?token=t0"},
+            None,
+            "CSV manifest · object store: s3://bucket/x.csv",
+        ),
+    }
+    jobs = {}
+    for name, (dataset, fmt, _) in sources.items():
+        job = store.create_job({"dataset": dataset, "method": {"name": "linear"}, "backbone": {"name": "test_vit"}})
+        if fmt:
+            store.set_fields(job["id"], dataset_format=fmt)
+        jobs[name] = job["id"]
+    try:
+        browser.get(f"{running.api_url}/ui")
+        wait_for(browser, lambda d: all(css(d, f'#jobs tr[data-job="{i}"]') for i in jobs.values()))
+        cell = lambda i: css(browser, f'#jobs tr[data-job="{i}"] td.source span')[0]  # noqa: E731
+        assert cell(jobs["shards"]).text == "WebDataset shards: {000000..000009}.tar"
+        assert cell(jobs["upload"]).text == "ImageFolder: ds_0a1b"
+        assert cell(jobs["shards"]).get_attribute("title") == sources["shards"][2]
+        browser.save_screenshot(str(test_artifacts / "ui" / "sources.png"))
+        for name, job_id in jobs.items():
+            browser.get(f"{running.api_url}/ui/jobs/{job_id}")
+            wait_for(browser, lambda d: d.execute_script("return document.body.dataset.status"))
+            assert browser.find_element("css selector", 'dd[data-field="dataset"]').text == sources[name][2], name
+            assert "secret" not in browser.page_source and "token" not in browser.page_source
+        browser.get(f"{running.api_url}/ui/jobs/{jobs['manifest']}")
+        wait_for(browser, lambda d: css(d, 'dd[data-field="test set"]'))
+        assert (
+            browser.find_element("css selector", 'dd[data-field="test set"]').text
+            == "CSV manifest · server: /data/t.csv"
+        )
+    finally:
+        for job_id in jobs.values():
+            store.set_fields(job_id, status="cancelled")
+            store.delete_job(job_id)

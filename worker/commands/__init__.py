@@ -1,4 +1,4 @@
-"""The CLI's verbs that talk to the API, one module per resource as the API's routes are (jobs.py: submit and jobs,
+"""The CLI's verbs that talk to the API, one module per resource as the API's routes are (submit.py, jobs.py,
 models.py: models, predict and report, datasets.py, cache.py), in the habits of gh and kubectl: `sidetune RESOURCE
 VERB ...`, a table for people, `--json` for scripts on every verb that reads, an example in every `--help`.
 
@@ -8,10 +8,10 @@ SIDETUNE_API_KEY. Errors: the API's own message on stderr (worker/cli.py maps th
 
 from __future__ import annotations
 
-from worker.commands import cache, datasets, jobs, models
+from worker.commands import cache, datasets, jobs, models, submit
 from worker.commands.common import Subparsers
 
 
 def add_parsers(sub: Subparsers) -> None:
-    for module in (jobs, models, datasets, cache):
+    for module in (submit, jobs, models, datasets, cache):
         module.add_parsers(sub)

@@ -30,6 +30,10 @@ class CommandError(RuntimeError):
         self.unreachable = unreachable
 
 
+class UsageError(CommandError):
+    """Options that do not make a request (worker/cli.py: exit code 2, one line)."""
+
+
 def client(args: argparse.Namespace) -> Client:
     settings = Settings()
     return Client(args.url or default_url() or f"http://{settings.api_host}:{settings.api_port}")

@@ -1,4 +1,4 @@
-"""`sidetune submit` and `sidetune jobs list|get|cancel|delete|events|checkpoints|tensorboard`."""
+"""`sidetune jobs list|get|cancel|delete|events|checkpoints|tensorboard` (`sidetune submit`: submit.py)."""
 
 from __future__ import annotations
 
@@ -31,32 +31,6 @@ JOB_FIELDS = (
     "metrics",
     "spec",
 )
-
-
-def submit(args: argparse.Namespace) -> int:
-    api = client(args)
-    spec = json.loads(Path(args.spec).read_text())
-    if args.dry_run:
-        plan = api.plan(spec)
-        if args.json:
-            print_json(plan)
-        else:
-            print(plan.get("message") or json.dumps(plan, indent=2))
-        return 0
-    job = api.submit(spec)
-    if not args.wait:
-        print_json(job) if args.json else print(f"submitted {job['id']}")
-        return 0
-    if not args.json:
-        from worker.progress_view import follow
-
-        print(f"submitted {job['id']}")
-        job = follow(api, [job["id"]])[0]
-        print(json.dumps({k: job[k] for k in ("id", "status", "model_id", "error", "metrics")}, indent=2))
-    else:
-        job = api.wait(job["id"])
-        print_json(job)
-    return 0 if job["status"] == "succeeded" else 1
 
 
 def list_jobs(args: argparse.Namespace) -> int:
@@ -158,17 +132,6 @@ def _time(t: float | None) -> str:
 
 
 def add_parsers(sub: Subparsers) -> None:
-    p = verb(
-        sub,
-        "submit",
-        "submit a job spec (a JSON file); with --wait, follow it to its end",
-        "sidetune submit spec.json --wait",
-        submit,
-    )
-    p.add_argument("spec", help="the job spec, a JSON file (dataset, backbone, method, execution, training)")
-    p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit code 1 unless it succeeded")
-    p.add_argument("--dry-run", action="store_true", help="print the server's plan of the spec; create no job")
-
     jobs = resource(
         sub,
         "jobs",

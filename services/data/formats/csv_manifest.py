@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services.data.formats.base import DatasetFormat, Inside, ReadOptions
-from services.data.formats.manifest_rows import ManifestRows, open_text
+from services.data.formats.base import Inside
+from services.data.formats.manifest_rows import ManifestFormat, ManifestRows, open_text
 from services.data.formats.samples import Dataset, DatasetError
-from services.data.formats.urls import is_remote
 
 
 def _empty(rel: str, label: str, multi_label: bool) -> str | None:
@@ -70,18 +69,11 @@ def _span(row: dict[str, str | None], manifest: Path | str, line: int) -> tuple[
     return a, b
 
 
-class CsvManifest(DatasetFormat):
+class CsvManifest(ManifestFormat):
     name = "csv"
+    suffix = ".csv"
 
-    def claims(self, location: str) -> bool:
-        if is_remote(location):
-            return location.lower().endswith(".csv")
-        try:  # by the file a link resolves to, as the rule checks it
-            path = Path(location).resolve()
-            return path.suffix.lower() == ".csv" and path.is_file()
-        except (OSError, RuntimeError):  # a name too long, a loop of links: the rule names the problem next
-            return False
-
-    def read(self, location: str, files: list[Path | str], options: ReadOptions, inside: Inside | None) -> Dataset:
-        (manifest,) = files
-        return read_csv(manifest, options.multi_label, options.skip_bad, options.duplicates, inside)
+    def read_manifest(
+        self, manifest: Path | str, multi_label: bool, skip_bad_rows: bool, duplicates: str, inside: Inside | None
+    ) -> Dataset:
+        return read_csv(manifest, multi_label, skip_bad_rows, duplicates, inside)

@@ -18,10 +18,9 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from services.data.formats.base import DatasetFormat, Inside, ReadOptions
-from services.data.formats.manifest_rows import ManifestRows, open_text
+from services.data.formats.base import Inside
+from services.data.formats.manifest_rows import ManifestFormat, ManifestRows, open_text
 from services.data.formats.samples import Dataset
-from services.data.formats.urls import is_remote
 
 PATH_KEYS = ("path", "imageGcsUri", "image_url")
 
@@ -88,18 +87,11 @@ def read_jsonl(
     return rows.dataset(duplicates, multi_label, timed=False)
 
 
-class JsonlManifest(DatasetFormat):
+class JsonlManifest(ManifestFormat):
     name = "jsonl"
+    suffix = ".jsonl"
 
-    def claims(self, location: str) -> bool:
-        if is_remote(location):
-            return location.lower().endswith(".jsonl")
-        try:
-            path = Path(location).resolve()
-            return path.suffix.lower() == ".jsonl" and path.is_file()
-        except (OSError, RuntimeError):
-            return False
-
-    def read(self, location: str, files: list[Path | str], options: ReadOptions, inside: Inside | None) -> Dataset:
-        (manifest,) = files
-        return read_jsonl(manifest, options.multi_label, options.skip_bad, options.duplicates, inside)
+    def read_manifest(
+        self, manifest: Path | str, multi_label: bool, skip_bad_rows: bool, duplicates: str, inside: Inside | None
+    ) -> Dataset:
+        return read_jsonl(manifest, multi_label, skip_bad_rows, duplicates, inside)

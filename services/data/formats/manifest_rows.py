@@ -1,5 +1,6 @@
 """What the manifests (CSV: formats/csv_manifest.py; JSONL: formats/jsonl_manifest.py) share: each row's path turned
-into an item and checked, the manifest on the local disk or in an object store.
+into an item and checked, the manifest on the local disk or in an object store, and the format claiming a manifest by
+its suffix (`ManifestFormat`).
 
 A row's path is relative to the manifest's folder and must stay inside it (as ever), or an absolute URL: `file://`
 (a file on the server, under the allowed roots), or an object-store URL (`s3://`, `gs://`, ...: under the allowed
@@ -12,14 +13,15 @@ from __future__ import annotations
 
 import io
 import posixpath
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import ClassVar, TextIO
 
 import numpy as np
 
 from services.data.formats import remote
-from services.data.formats.base import Inside
+from services.data.formats.base import DatasetFormat, Inside, ReadOptions
 from services.data.formats.samples import Dataset, DatasetError, Item, RemoteFile, finish
 from services.data.formats.urls import is_remote, local_path, scheme
 
@@ -130,3 +132,29 @@ class ManifestRows:
 
 
 _MISSING = "to leave missing files out"
+
+
+class ManifestFormat(DatasetFormat):
+    """A manifest format: `auto` picks it for a file (by the file a link resolves to, as the rule checks it) or an
+    object whose name ends in `suffix`; `read_manifest` reads its rows."""
+
+    suffix: ClassVar[str]
+
+    def claims(self, location: str) -> bool:
+        if is_remote(location):
+            return location.lower().endswith(self.suffix)
+        try:
+            path = Path(location).resolve()
+            return path.suffix.lower() == self.suffix and path.is_file()
+        except (OSError, RuntimeError):  # a name too long, a loop of links: the rule names the problem next
+            return False
+
+    def read(self, location: str, files: list[Path | str], options: ReadOptions, inside: Inside | None) -> Dataset:
+        (manifest,) = files
+        return self.read_manifest(manifest, options.multi_label, options.skip_bad, options.duplicates, inside)
+
+    @abstractmethod
+    def read_manifest(
+        self, manifest: Path | str, multi_label: bool, skip_bad_rows: bool, duplicates: str, inside: Inside | None
+    ) -> Dataset:
+        """The manifest's rows as a dataset (read_csv, read_jsonl)."""
