@@ -388,6 +388,8 @@ def test_compare_two_jobs(stack, browser, test_artifacts) -> None:
     css(browser, "#compare tbody tr a[data-model]")[0].click()
     wait_for(browser, loaded)
     assert css(browser, "#evaluation-metrics tr")
+
+
 def test_each_jobs_dataset_shows_its_kind_and_where_it_lives(stack, browser, test_artifacts) -> None:
     """Jobs recorded as the API records them, on every kind of source: the list and each job's page name the kind
     (the format the plan step read, else the one the location implies) and the location: a server path, an upload,
