@@ -293,8 +293,9 @@ class MlflowRuns(Tracker):
             self.client.log_batch(run, params=params[i : i + PARAMS_BATCH])
 
     def _flush(self, force: bool) -> None:
-        """The metrics pending, unless the last were sent under `SYNC_S` seconds ago (`force`: now)."""
-        if self.client is None or not (force or time.monotonic() - self.synced_at >= SYNC_S):
+        """The metrics pending, unless the last were sent under `SYNC_S` seconds ago (`force`: now). The first are
+        sent at once: a job's first epoch shows as it ends."""
+        if self.client is None or not self.pending or not (force or time.monotonic() - self.synced_at >= SYNC_S):
             return
         pending, self.pending = self.pending, {}
         for run, metrics in pending.items():
