@@ -228,13 +228,11 @@ class MlflowRuns(Tracker):
                     self._metric(run, f"l2/{name}", float(point[name]), i)
             self._metric(run, "l2/log10_weight_decay", math.log10(max(point["weight_decay"], 1e-30)), i)
         for run, values in zip(self.ids, best, strict=True):
-            for name, value in values.items():
-                self._metric(run, name, value, 0)
+            if run != self.root:
+                self._figures(run, values)
         if ROOT not in self.names:  # a sweep: its run holds the selected configuration's
             self._params(self.root, hyperparameters(built, selected) | {"configuration": self.names[selected]})
-            for name, value in best[selected].items():
-                self._metric(self.root, name, value, 0)
-        self._outcome(out)
+        self._outcome(out, best[selected])
 
     def chosen(self, out: Packaged, candidates: list[Candidate], by: str) -> None:
         """`method: auto`'s job run: the candidate kept, each one's figures, the chosen model's evaluation and plots."""
@@ -245,17 +243,19 @@ class MlflowRuns(Tracker):
             return
         kept = out["metrics"]["auto"]["selected"]
         self._params(self.root, {"method": "auto", "auto.selected": kept, "auto.by": by})
-        for row in candidates:
-            for name, value in row.items():
-                if isinstance(value, int | float):
-                    self._metric(self.root, f"{row['method']}/{name}", float(value), 0)
-        self._outcome(out)
+        theirs = {
+            f"{row['method']}/{name}": float(value)
+            for row in candidates
+            for name, value in row.items()
+            if isinstance(value, int | float)
+        }
+        self._outcome(out, theirs)
 
-    def _outcome(self, out: Packaged) -> None:
-        """The evaluation's figures on the job's run, and its report, metrics and plots as its artifacts."""
+    def _outcome(self, out: Packaged, values: dict[str, float]) -> None:
+        """The job's run: its figures and the evaluation's (which wins where they share a name: a report on the
+        validation split), and its report, metrics and plots as its artifacts."""
         assert self.client is not None
-        for name, value in out["evaluation"]["metrics"].items():
-            self._metric(self.root, name, float(value), 0)
+        self._figures(self.root, values | {k: float(v) for k, v in out["evaluation"]["metrics"].items()})
         self._flush(force=True)
         with tempfile.TemporaryDirectory(prefix="sidetune-mlflow-") as tmp:
             folder = Path(tmp)
@@ -278,6 +278,11 @@ class MlflowRuns(Tracker):
         self.client, self.pending = None, {}
 
     # ---- sending --------------------------------------------------------------------------------------------------
+    def _figures(self, run: str, values: dict[str, float]) -> None:
+        """A run's figures of the whole job (step 0)."""
+        for name, value in values.items():
+            self._metric(run, name, value, 0)
+
     def _metric(self, run: str, name: str, value: float, step: int) -> None:
         from mlflow.entities import Metric
 

@@ -82,7 +82,10 @@ def test_a_jobs_run_is_on_the_server(tracked: Tracked, mlflow_server: MlflowServ
     history = model["metrics"]["history"]
     assert rest.history(run_id, "train/loss") == [(r["epoch"], pytest.approx(r["train_loss"])) for r in history]
     assert [s for s, _ in rest.history(run_id, "val/accuracy")] == [1, 2]
-    assert run["metrics"]["test_accuracy"] == pytest.approx(model["evaluation"]["test_accuracy"])
+    evaluation = {k: v for k, v in model["evaluation"].items() if k not in ("split", "images")}
+    assert evaluation["val_accuracy"] and model["evaluation"]["split"] == "val"  # no test split: named so
+    assert {k: run["metrics"][k] for k in evaluation} == pytest.approx(evaluation)
+    assert len(rest.history(run_id, "val_accuracy")) == 1  # the report on validation, not beside the best epoch's
     assert {"evaluation.json", "plots/confusion.png", "plots/curves.png"} <= set(rest.artifacts(run_id))
 
 
