@@ -255,15 +255,23 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="Log lines of the API and workers: `json` (one object per line, with `job_id`) or `text`."
     )
-    mlflow_tracking_uri: str | None = Field(
-        None,
-        description="An MLflow tracking server (`http://host:5000`, or any URI `mlflow.set_tracking_uri` takes), for "
-        "`sidetune models register` (the model registry). Needs the `mlflow` extra. Unset: MLflow is not used.",
-    )
     metrics_public: bool = Field(
         False,
         description="Serve `/metrics` without an API key. With keys configured and this false, a scrape needs any "
         "valid key (`Authorization: Bearer <key>`); without keys `/metrics` is open, like the rest of the API.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="An MLflow tracking server (`http://mlflow:5000`, any URI MLflow's client takes) that train "
+        "workers log every job to as it trains: a run per job (a nested run per configuration of a sweep) with its "
+        "hyperparameters, per-epoch curves, evaluation and plots, tagged `sidetune.job_id` and `sidetune.model_id` "
+        "(`pip install -e '.[mlflow]'`; credentials from MLflow's own `MLFLOW_TRACKING_*` variables). A server that "
+        "fails stops the job's tracking, never the job. Also where `sidetune models register` registers models (the "
+        "model registry). Unset: no MLflow.",
+        repr=False,
+    )
+    mlflow_experiment: str = Field(
+        "sidetune", min_length=1, description="The MLflow experiment that jobs' runs go to (created if missing)."
     )
 
     @field_validator("allowed_roots", "allowed_prefixes", "api_keys", "admin_keys", mode="before")

@@ -1,5 +1,5 @@
-"""Shared pytest fixtures: a real Redis server, a real S3-compatible server (moto), a small digits ImageFolder, and
-per-test Settings.
+"""Shared pytest fixtures: a real Redis server, a real S3-compatible server (moto), a real MLflow tracking server, a
+small digits ImageFolder, and per-test Settings.
 
 Everything runs on CPU without network access: backbones in the tests use timm models with pretrained=False.
 """
@@ -20,6 +20,8 @@ import pytest
 from services.data.digits import write_digits
 from storage.redis_server import RedisServer
 from storage.settings import Settings
+from tests.mlflow_server import QUIET as MLFLOW_QUIET
+from tests.mlflow_server import MlflowServer
 from worker.launcher import free_port
 
 
@@ -78,6 +80,21 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.terminate()
             proc.wait(10)
             log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server on a loopback port for the whole session (tests/mlflow_server.py: its runs in
+    SQLite, its artifacts in a folder); its telemetry off in this process and the processes the tests start. Tests
+    keep apart by job id (or an experiment of their own)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in MLFLOW_QUIET.items():
+            mp.setenv(k, v)
+        server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture

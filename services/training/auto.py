@@ -16,6 +16,7 @@ from services.jobs.progress import Reporter
 from services.jobs.resolved import ResolvedJob
 from services.spec import JobSpec
 from services.training.metrics import Candidate
+from services.training.mlflow_runs import MlflowJob, MlflowRuns
 from services.training.package import Packaged
 from storage.artifacts import as_folder
 from storage.settings import Settings
@@ -23,7 +24,9 @@ from storage.store import Folder
 
 # services/training/job.py: train_job, which trains each candidate as a job of its own; passed in by it, which
 # dispatches `method: auto` here, so neither module imports the other
-TrainJob = Callable[[JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None, Folder | None], Packaged]
+TrainJob = Callable[
+    [JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None, Folder | None, MlflowJob | None], Packaged
+]
 
 
 def train_auto(
@@ -35,17 +38,28 @@ def train_auto(
     train_job: TrainJob,
     resolved: ResolvedJob | None = None,
     tensorboard: Folder | Path | None = None,
+    mlflow: MlflowJob | None = None,
 ) -> Packaged:
-    """Each candidate as a job of its own (its checkpoints and TensorBoard runs in a folder named by its method);
-    the better on validation is the job's model."""
+    """Each candidate as a job of its own (its checkpoints and TensorBoard runs in a folder named by its method, its
+    MLflow runs nested in the job's); the better on validation is the job's model."""
     base = spec.model_dump()
-    outs = []
-    for method in spec.method.candidates():
-        candidate = JobSpec.model_validate({**base, "method": method})
-        reporter.event(f"method auto: training {method['name']} from the feature cache")
-        folder = as_folder(checkpoint_dir).child(method["name"])
-        runs = as_folder(tensorboard).child(method["name"]) if tensorboard is not None else None
-        outs.append(train_job(candidate, settings, cache_key, reporter, folder, resolved, runs))  # one split for both
+    with MlflowRuns.open(mlflow, None, reporter) as job_run:
+        outs = []
+        for method in spec.method.candidates():
+            candidate = JobSpec.model_validate({**base, "method": method})
+            reporter.event(f"method auto: training {method['name']} from the feature cache")
+            folder = as_folder(checkpoint_dir).child(method["name"])
+            runs = as_folder(tensorboard).child(method["name"]) if tensorboard is not None else None
+            nested = job_run.candidate(method["name"])
+            # one split for both (`resolved`)
+            outs.append(train_job(candidate, settings, cache_key, reporter, folder, resolved, runs, nested))
+        chosen, rows, metric = choose(outs, reporter)
+        job_run.chosen(chosen, rows, metric)
+    return chosen
+
+
+def choose(outs: list[Packaged], reporter: Reporter) -> tuple[Packaged, list[Candidate], str]:
+    """The better candidate on validation (its metrics say so), each candidate's figures, and the figure that chose."""
     metric = "val_map" if outs[0]["manifest"].multi_label else "val_accuracy"
     test = metric.replace("val_", "test_")
     best = max(range(len(outs)), key=lambda i: (outs[i]["metrics"][metric], -i))  # a tie: the earlier (the probe)
@@ -71,4 +85,4 @@ def train_auto(
         "train_seconds": seconds,
         "auto": {"selected": rows[best]["method"], "by": metric, "candidates": rows},
     }
-    return chosen
+    return chosen, rows, metric

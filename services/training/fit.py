@@ -27,7 +27,7 @@ from services.training.metrics import Timing
 from services.training.objectives import Objective
 from services.training.runs import Runs
 from services.training.state import LoopState, Result, row
-from services.training.tensorboard import Board
+from services.training.tracking import Tracker
 from storage.store import Folder
 
 
@@ -203,23 +203,23 @@ def fit(
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
     layers: list[int] | None = None,
-    board: Board | None = None,
+    tracker: Tracker | None = None,
 ) -> tuple[list[Result], Timing]:
     """The training loop shared by every method, mode and sweep, over `n` training and `n_val` validation items of
     the sources: configuration j is `where[j]` = (runs, index in it); every batch is read once for all of them.
-    `layers`: the cached layers the sources read (each Runs takes its own); `board`: the job's TensorBoard runs, fed
-    the curves' rows as they are recorded. Returns each configuration's Result and the timings. The loop never waits
-    for the device: losses are summed on it and read once per epoch. With `hp.early_termination` and several
-    configurations, the lower half stops at each rung (services/training/halving.py): its Result keeps its figures
-    and curve and no weights."""
+    `layers`: the cached layers the sources read (each Runs takes its own); `tracker`: the job's trackers (TensorBoard,
+    MLflow: tracking.py), fed the curves' rows as they are recorded. Returns each configuration's Result and the
+    timings. The loop never waits for the device: losses are summed on it and read once per epoch. With
+    `hp.early_termination` and several configurations, the lower half stops at each rung
+    (services/training/halving.py): its Result keeps its figures and curve and no weights."""
     schedule = Schedule.of(hp, n, reporter)
     fields = ["epoch", "train_loss", objective.metric, "val_loss", "lr", "train_seconds"]  # a curve's columns
     state = LoopState.start(runs, where, fields, hp.epochs)
     at = halving.rungs(hp.epochs) if hp.early_termination and len(where) > 1 else []
     if checkpoint.resume(checkpoint_dir, state):
         reporter.event(f"resumed training from the checkpoint of epoch {state.epoch}")
-    board = board or Board(reporter)
-    board.record(state)  # after a resume, the epochs its checkpoint kept
+    tracker = tracker or Tracker(reporter)
+    tracker.record(state)  # after a resume, the epochs its checkpoint kept
     if objective.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(objective.device)
     with checkpoint.Writer() as writer:
@@ -233,7 +233,7 @@ def fit(
                 _halve(state, epoch + 1, reporter)
             state.epoch = epoch + 1
             _report_epoch(state, hp.epochs, objective.metric, reporter)
-            board.record(state)
+            tracker.record(state)
             checkpoint.save(writer, checkpoint_dir, state)
             reporter.check_cancel()
     return state.finish(hp.epochs), _timing(state, hp, at, objective.device)

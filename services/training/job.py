@@ -31,6 +31,7 @@ from services.training import evaluation, halving
 from services.training.auto import train_auto
 from services.training.fit import fit, predict, predicted_labels, select
 from services.training.inputs import Data, Reading, load_data, report_loading, sources, test_source
+from services.training.mlflow_runs import MlflowJob, MlflowRuns
 from services.training.objectives import Objective
 from services.training.package import Packaged, package
 from services.training.probes import L2Search, solve_probes
@@ -38,6 +39,7 @@ from services.training.runs import Runs, to_numpy, to_torch  # noqa: F401 - to_n
 from services.training.stages import Built, Grid, Inputs, Optimised, Report, Selected, Split
 from services.training.sweeps.stacked import make_runs
 from services.training.tensorboard import Board
+from services.training.tracking import Tracker, Trackers
 from storage.settings import Settings
 from storage.store import Folder
 
@@ -50,28 +52,32 @@ def train_job(
     checkpoint_dir: Folder | Path,
     resolved: ResolvedJob | None = None,
     tensorboard: Folder | Path | None = None,
+    mlflow: MlflowJob | None = None,
 ) -> Packaged:
     """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train
     on the resolved job's split (drawn here without one), select on validation, evaluate the selected model once on
     the test split (else on validation, named so); returns its weights, manifest (services/models/manifest.py),
     metrics, evaluation and plots for the artifact store. With `tensorboard`, the job's TensorBoard runs are written
-    there as it trains (services/training/tensorboard.py)."""
+    there as it trains (services/training/tensorboard.py); with `mlflow`, its runs go to that MLflow server
+    (services/training/mlflow_runs.py)."""
     if spec.method.name == "auto":
-        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir, train_job, resolved, tensorboard)
+        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir, train_job, resolved, tensorboard, mlflow)
     check_size(spec.grid(), settings.max_sweep_configs)
     reading, device, grid = Reading.of(spec), settings.torch_device(), Grid.of(spec)
-    with Board.open(tensorboard, grid, reporter) as board:
+    trackers = [Board.open(tensorboard, grid, reporter), MlflowRuns.open(mlflow, grid, reporter)]
+    with Trackers(reporter, trackers) as tracker:
         data = load_data(reading, settings, cache_key, reporter)
         parts = split_data(spec.dataset, data, resolved, reporter)
         built = build(grid, reading.tail_blocks, data, parts, device)
+        tracker.begin(built)
         inputs = prepare_inputs(reading, settings, data, parts, built, reporter)
         search = L2Search.of(spec) if spec.linear_solver == "lbfgs" else None
-        optimised = optimise(search, data, parts, built, inputs, reporter, checkpoint_dir, board)
+        optimised = optimise(search, data, parts, built, inputs, reporter, checkpoint_dir, tracker)
         report_loading(reporter, [inputs.train, inputs.val])
         selected = select_model(built, optimised, device)
         report = evaluate_model(reading, settings, data, parts, built, inputs, selected, reporter)
         out = package(reading, cache_key, data, parts, built, optimised, selected, report)
-        board.finish(built, selected.config, out)
+        tracker.finish(built, selected.config, out)
     return out
 
 
@@ -145,10 +151,10 @@ def optimise(
     inputs: Inputs,
     reporter: Reporter,
     checkpoint_dir: Folder | Path,
-    board: Board | None = None,
+    tracker: Tracker | None = None,
 ) -> Optimised:
-    """The linear probe in cache mode (`search`): solved by L-BFGS along its L2 path (probes.py; `board` takes its
-    path at the end); every other job: the loop, which feeds `board` every epoch."""
+    """The linear probe in cache mode (`search`): solved by L-BFGS along its L2 path (probes.py; `tracker` takes its
+    path at the end); every other job: the loop, which feeds `tracker` every epoch."""
     y_train, y_val = data.labels[parts.train], data.labels[parts.val]
     objective = built.objective
     if search is not None:
@@ -177,7 +183,7 @@ def optimise(
         reporter,
         checkpoint_dir,
         layers,
-        board,
+        tracker,
     )
     return Optimised(results, timing, list(range(len(built.hps))))
 

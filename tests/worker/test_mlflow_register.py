@@ -19,16 +19,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.mlflow_server import mlflow_server
+from tests.mlflow_server import MlflowServer
 from worker.launcher import free_port
 
 NAME = "digits-linear"
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory: pytest.TempPathFactory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
-        yield url
+def tracking(mlflow_server: MlflowServer) -> str:
+    """The session's tracking server (tests/conftest.py), whose registry these tests write to."""
+    return mlflow_server.url
 
 
 @pytest.fixture(scope="module")
