@@ -4,6 +4,7 @@ datasets, predict, report: worker/commands/), count parameters and plan jobs off
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -128,6 +129,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
     log.info("worker %s consuming %s", name, ", ".join(queues))
     worker.start()
+    # Leaving: the interpreter's last collection would walk the whole heap (torch, and the compiler stack the warm-up
+    # imported) for seconds, which a stack's stop (and a restart) waited on; frozen objects are not walked.
+    gc.freeze()
     return worker.exitcode or 0
 
 

@@ -161,15 +161,27 @@ def test_parquet_rows_naming_files_read_them_under_the_paths_rule(digits_root: P
         read_for_job(DatasetSpec(path=str(allowed / "paths.parquet")), rule)
 
 
-def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+def _start(code: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-c", code],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
+
+
+def _finish(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return _finish(_start(code, **env))
 
 
 HUB_READ = (
@@ -179,10 +191,12 @@ HUB_READ = (
 
 
 def test_a_hub_id_the_server_cannot_reach_is_a_clear_error(tmp_path: Path) -> None:
+    # side by side: the unreachable endpoint is retried with backoff (huggingface_hub's, about 23 s of waiting)
+    started = _start(HUB_READ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf2"), HF_HUB_OFFLINE="0")
     offline = _run(HUB_READ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    unreachable = _finish(started)
     assert "ERROR hf://sidetune-tests/digits: the Hugging Face Hub dataset" in offline.stdout, offline.stderr
     assert "offline (HF_HUB_OFFLINE is set)" in offline.stdout and "save_to_disk" in offline.stdout
-    unreachable = _run(HUB_READ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf2"), HF_HUB_OFFLINE="0")
     assert "ERROR hf://sidetune-tests/digits: the Hugging Face Hub dataset" in unreachable.stdout, unreachable.stderr
     # a Hub id names no server path: nothing for the rule to check at submission
     assert DatasetSpec(path="hf://sidetune-tests/digits").locations() == []
