@@ -84,11 +84,12 @@ def solve_probes(
     k = _folds(configs[0], labels)  # the folds' settings: the job's, which a sweep does not vary
     held = lbfgs.folds(labels, k, search.seed) if k else []
     rows = _Rows(_features(probes, sources, targets), objective.targets(labels), labels, len(targets[0]), k, held)
-    candidates, points, paths, iterations = _score(configs, by_pool, grids, rows, objective, reporter)
-    chosen = lbfgs.choose([point for _, point in candidates])
-    p, point = candidates[chosen]
-    max_iter = configs[0].max_iter
-    refit, weights, held_state = _refit(rows, p, paths[p], point, probes[p], objective, max_iter, held_out)
+    with lbfgs.threads_for(max(rows.feats, key=torch.Tensor.numel), objective.num_classes):
+        candidates, points, paths, iterations = _score(configs, by_pool, grids, rows, objective, reporter)
+        chosen = lbfgs.choose([point for _, point in candidates])
+        p, point = candidates[chosen]
+        max_iter = configs[0].max_iter
+        refit, weights, held_state = _refit(rows, p, paths[p], point, probes[p], objective, max_iter, held_out)
     results = [
         Result(state=weights if i == chosen else {}, score=pt.score, loss=pt.loss)
         for i, (_, pt) in enumerate(candidates)
