@@ -18,20 +18,20 @@ from storage.redis import DatasetRecord, JobRecord, JobStore, ModelRecord, NotFo
 from storage.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def get_serving(request: Request) -> Serving:
+async def get_serving(request: Request) -> Serving:
     """The inference service's serving engine (built by its lifespan: api/inference.py)."""
     return request.app.state.serving
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
@@ -52,7 +52,7 @@ def owner_of(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:16]
 
 
-def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+async def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
     """With API keys configured, a valid Bearer token is required (an API key or an admin key); its hash identifies
     the owner of jobs and models. Without keys the API is open (and `sidetune api` binds to loopback)."""
     keys = settings.all_keys
@@ -71,7 +71,7 @@ def is_admin(request: Request, settings: Settings) -> bool:
     return _one_of(_token(request), settings.admin_keys)
 
 
-def require_admin(
+async def require_admin(
     request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
     owner: Annotated[str | None, Depends(get_owner)],

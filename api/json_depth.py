@@ -4,8 +4,9 @@ recurse once per level: 100,000 `[` raise RecursionError, which no route expects
 
 `DepthLimit` is pure ASGI, like the body size limit (api/limits.py): it counts the depth of each chunk of the body as
 it arrives, so a route, which reads the whole body before parsing it, never parses one that is too deep. Brackets
-inside strings do not count, and a quote escaped by an odd run of backslashes does not end its string. The count runs
-in C and numpy, never a Python loop per byte: on 32 MB, about 25 ms for base64 images and 200 ms for a `pixels` tensor
+inside strings do not count, and a quote escaped by an odd run of backslashes does not end its string. A body with no
+more brackets than the limit, as predict bodies are, is only counted with bytes.count; others are scanned in C and
+numpy, never a Python loop per byte: on 32 MB, about 25 ms for base64 images and 200 ms for a `pixels` tensor
 as nested lists, less than json.loads of the same body (bench/json_depth.py). What is not JSON is left alone:
 multipart and form bodies (files hold any bytes), dataset uploads (archives), and the binary tensors that follow the
 JSON header of an Open Inference Protocol request. A body that is not valid JSON may be miscounted after its first
@@ -40,18 +41,51 @@ class TooDeep(HTTPException):
 class DepthScanner:
     """The nesting depth of a JSON text fed in chunks; `feed` returns False once it went deeper than `limit`.
 
-    Escaped backslashes and escaped quotes are removed first (bytes.replace, left to right, as a parser reads them; a
-    run of backslashes at the end of a chunk waits for the next one), then numpy keeps the quotes and brackets, and of
-    those counts a bracket when an even number of quotes came before it."""
+    While the brackets fed so far, in strings or not, number at most `limit`, no depth can pass it: the chunks are
+    only counted (bytes.count, a few microseconds for a predict body, where numpy's calls cost a hundred) and kept,
+    as references to the bytes the route reads anyway. Past that, they are scanned exactly: escaped backslashes and
+    escaped quotes are removed first (bytes.replace, left to right, as a parser reads them; a run of backslashes at
+    the end of a chunk waits for the next one), then numpy keeps the quotes and brackets, and of those counts a
+    bracket when an even number of quotes came before it. `release()` drops the kept chunks once the body is whole."""
 
     def __init__(self, limit: int = MAX_DEPTH) -> None:
         self.limit = limit
         self.depth = 0
-        self.deepest = 0
+        self._deepest = 0
         self.in_string = False
         self.held = b""  # a run of backslashes that ended the last chunk
+        self.opens = 0  # brackets fed while counting only
+        self.kept: list[bytes] | None = []  # the chunks fed while counting only; None once scanning
+
+    @property
+    def deepest(self) -> int:
+        """The deepest nesting of what was fed (scanning the kept chunks first)."""
+        self._scan_kept()
+        return self._deepest
 
     def feed(self, data: bytes) -> bool:
+        if self.kept is not None:
+            self.opens += data.count(b"[") + data.count(b"{")
+            self.kept.append(data)
+            if self.opens <= self.limit:
+                return True
+            self._scan_kept()
+            return self._deepest <= self.limit
+        self._scan(data)
+        return self._deepest <= self.limit
+
+    def release(self) -> None:
+        """The body is whole and within the limit: forget the kept chunks (`deepest` is no longer computed)."""
+        if self.kept is not None:
+            self.kept = []
+
+    def _scan_kept(self) -> None:
+        if self.kept is not None:
+            kept, self.kept = self.kept, None
+            for chunk in kept:
+                self._scan(chunk)
+
+    def _scan(self, data: bytes) -> None:
         data = self.held + data
         kept = data.rstrip(b"\\")
         self.held = data[len(kept) :]
@@ -62,7 +96,6 @@ class DepthScanner:
         marks = a[(a == _QUOTE) | (folded == _OPEN) | (folded == _CLOSE)]
         if marks.size:
             self._count(marks)
-        return self.deepest <= self.limit
 
     def _count(self, a: np.ndarray) -> None:
         quotes = a == _QUOTE
@@ -71,7 +104,7 @@ class DepthScanner:
         steps = np.where(a[outside] | 0x20 == _CLOSE, -1, 1)
         if steps.size:
             depths = np.cumsum(steps, dtype=np.int64)
-            self.deepest = max(self.deepest, self.depth + int(depths.max()))
+            self._deepest = max(self._deepest, self.depth + int(depths.max()))
             self.depth += int(depths[-1])
         self.in_string ^= bool(seen[-1] & 1)
 
@@ -107,6 +140,8 @@ class DepthLimit:
                     chunk, left = chunk[:left], max(0, left - len(chunk))
                 if not scanner.feed(chunk):
                     raise TooDeep(422, message(self.max_depth))
+                if not msg.get("more_body", False) or left == 0:
+                    scanner.release()
             return msg
 
         async def tracking_send(msg: Message) -> None:

@@ -170,9 +170,9 @@ class RequestMetrics:
 router = APIRouter(tags=["health"])
 
 
-def _scrape_auth(request: Request, settings: SettingsDep) -> None:
+async def _scrape_auth(request: Request, settings: SettingsDep) -> None:
     if not settings.metrics_public:
-        get_owner(request, settings)  # 401 without a valid key, when keys are configured
+        await get_owner(request, settings)  # 401 without a valid key, when keys are configured
 
 
 @router.get(

@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 
 Items = Sequence[bytes] | Sequence[Encoded]  # encoded files, or v1 instances holding them as base64
 
+# A request this small is checked and decoded on the event loop: a hop to the decoder pool and back costs more than
+# decoding a few small images (tens of microseconds each), and the pixel budget, read from the headers first, bounds
+# what decoding may expand them to. Larger requests, and videos, decode in the pool, off the loop.
+INLINE_BYTES = 64 * 1024
+INLINE_PIXELS = 512 * 512
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -88,7 +94,7 @@ class Serving:
     # ---- predicting --------------------------------------------------------------------------------------------
     async def predict(self, model_id: str, items: Items, sent: Kind | None = None, what: str = "instance") -> Answer:
         """Encoded files (images, or videos for a model trained on clips) for one model: bytes, or v1 instances
-        (base64, decoded in the decoder pool). `sent`: the kind the client said it sent (None: files, whatever the
+        (base64). `sent`: the kind the client said it sent (None: files, whatever the
         model takes; a mismatch with the model is 400; instances say it themselves); `what` names an item in
         errors."""
         return (await self.predict_many([model_id], items, sent, what))[0]
@@ -98,11 +104,11 @@ class Serving:
     ) -> list[Answer]:
         """Encoded files for several models (checked by the caller: services/serving/requests.py), decoded once for
         the models that decode alike; one backbone forward for all the models on it. The request's CPU work (base64,
-        the pixel budget, decoding) is one call in the decoder pool: each hop between threads costs a wake-up."""
+        the pixel budget, decoding) is one call, in the decoder pool or, for a small request, on the loop."""
         # Cold ones one after the other: a backbone of random init (pretrained=False) is seeded through torch's global
         # generator, which a side model built in another loader thread meanwhile would draw from.
         models = [await self.model(m) for m in model_ids]
-        inputs, pixels = await self.in_decoder(self._decoded, models, items, sent, what)
+        inputs, pixels = await self._inputs(models, items, sent, what)
         try:
             probs = await asyncio.wrap_future(self.batcher.submit_many(models, inputs))
         finally:
@@ -111,20 +117,41 @@ class Serving:
                 await self.in_decoder(decode.release_memory)
         return [Answer(m, p) for m, p in zip(models, probs, strict=True)]
 
-    def _decoded(
+    async def _inputs(
         self, models: list[LoadedModel], items: Items, sent: Kind | None, what: str
     ) -> tuple[list[list[Any]], int]:
         """Each model's decoded inputs (one list for the models that decode alike) and the pixels the images hold
-        (0 for videos), in the decoder pool: base64 instances decoded, videos' sizes and images' pixels checked."""
+        (0 for videos): a small request's on the loop, others' in the decoder pool (`INLINE_BYTES` says why)."""
+        if sum(_size(item) for item in items) > INLINE_BYTES:
+            return await self.in_decoder(self._decoded, models, items, sent, what)
+        encoded, pixels = self._checked(models, items, sent, what)
+        if 0 < pixels <= INLINE_PIXELS:
+            return self._decode(models, encoded), pixels
+        return await self.in_decoder(self._decode, models, encoded), pixels
+
+    def _decoded(
+        self, models: list[LoadedModel], items: Items, sent: Kind | None, what: str
+    ) -> tuple[list[list[Any]], int]:
+        """`_inputs`, in one call (the decoder pool's): each hop between threads costs a wake-up."""
+        encoded, pixels = self._checked(models, items, sent, what)
+        return self._decode(models, encoded), pixels
+
+    def _checked(
+        self, models: list[LoadedModel], items: Items, sent: Kind | None, what: str
+    ) -> tuple[list[bytes], int]:
+        """The encoded files (base64 instances decoded) and the pixels the images hold (0 for videos), after the
+        checks of their kind, the videos' sizes and the images' pixel budget."""
         if items and not isinstance(items[0], bytes | bytearray):
             items, sent = instance_bytes(items)
-        pixels = decode.check(models, items, sent, self.settings, what)
+        return list(items), decode.check(models, items, sent, self.settings, what)
+
+    def _decode(self, models: list[LoadedModel], items: list[bytes]) -> list[list[Any]]:
         decoded: dict[Hashable, list[Any]] = {}
         for m in models:
             key = decode.decoding(m)
             if key not in decoded:
                 decoded[key] = decode.for_model(m, items, self.settings.max_predict_video_s)
-        return [decoded[decode.decoding(m)] for m in models], pixels
+        return [decoded[decode.decoding(m)] for m in models]
 
     async def predict_decoded(self, model_id: str, images: list[Any]) -> Answer:
         """Decoded images (PIL, e.g. the v2 `pixels` input) for one model."""
@@ -134,3 +161,9 @@ class Serving:
     def predictions(self, answer: Answer, threshold: float | None = None, top_k: int | None = None) -> list[Prediction]:
         """The v1 output of an answer: one {"label", "scores"(, "labels")} per input."""
         return self.predictor.format(answer.model, answer.probs, threshold, top_k)
+
+
+def _size(item: bytes | Encoded) -> int:
+    if isinstance(item, bytes | bytearray):
+        return len(item)
+    return len(item.image_b64 or item.video_b64 or "")
