@@ -1,7 +1,8 @@
-"""Export a model: `GET /models/{id}/export?format=timm|onnx|adapter|mlflow`, served by the inference service (torch is
-needed: the model is built in float32 on the CPU and written out by services/export/), to which the API forwards the
-path (api/routes/forward.py), so clients use either URL. One export at a time runs, in the `exporter` thread, so
-exports never hold up predict's model loads. The file is written to a temporary folder, streamed, then removed.
+"""Export a model: `GET /models/{id}/export?format=timm|onnx|adapter|mlflow|hf`, served by the inference service
+(torch is needed: the model is built in float32 on the CPU and written out by services/export/), to which the API
+forwards the path (api/routes/forward.py), so clients use either URL. One export at a time runs, in the `exporter`
+thread, so exports never hold up predict's model loads. The file is written to a temporary folder, streamed, then
+removed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ _FORMATS = "; ".join(f"`{name}`: {f.description}" for name, f in FORMATS.items()
     responses={
         200: {
             "content": {"application/zip": {}, "application/octet-stream": {}},
-            "description": "The export: a zip (`timm`, `adapter`, `mlflow`) or an .onnx file, named in "
+            "description": "The export: a zip (`timm`, `adapter`, `mlflow`, `hf`) or an .onnx file, named in "
             "Content-Disposition.",
         },
         404: {"model": ErrorBody},

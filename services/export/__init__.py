@@ -9,6 +9,8 @@
 - `mlflow` (mlflow_model.py): an MLflow model, pyfunc flavour (code: mlflow_pyfunc.py, torch and timm only) around the
   `timm` export's folder, with a signature (images as base64 strings -> a probability per class) and an input example;
   the models `timm` takes. Needs the `mlflow` extra in the inference service.
+- `hf` (hf_folder.py): a folder for `huggingface_hub.upload_folder` (`sidetune models push`): timm's own Hub layout for
+  the models `timm` takes, the adapter layout otherwise; the card as its README.md.
 
 The inference service runs exports (`GET /models/{id}/export`, api/routes/export.py): they need torch, which the
 API never imports. This module is torch-free (the formats' names and the refusal), each format's module imports torch.
@@ -26,7 +28,9 @@ from typing import Any, Literal
 
 from services.models.manifest import Manifest
 
-ExportFormat = Literal["timm", "onnx", "adapter", "mlflow"]
+HUB_REPO_PLACEHOLDER = "OWNER/REPO"  # the `hf` card's repo: named when pushing, after the export is written
+
+ExportFormat = Literal["timm", "onnx", "adapter", "mlflow", "hf"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,14 @@ FORMATS: dict[str, Format] = {
         "application/zip",
         "an MLflow model (pyfunc; images as base64 strings -> a probability per class) around the timm checkpoint, "
         "loaded by mlflow.pyfunc.load_model (the models `timm` takes; needs the `mlflow` extra)",
+    ),
+    "hf": Format(
+        "hf_folder",
+        "-hf.zip",
+        "application/zip",
+        "a Hugging Face Hub model folder for huggingface_hub.upload_folder (`sidetune models push`): timm's Hub "
+        "layout (config.json with label_names and pretrained_cfg, model.safetensors) for the models `timm` takes, "
+        "the adapter layout otherwise; the model card as README.md (every method)",
     ),
 }
 

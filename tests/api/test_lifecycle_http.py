@@ -61,7 +61,7 @@ def test_export_refusals_name_the_cause(stack, finished) -> None:
     assert refused("model_nope") == (404, "not_found", "no model 'model_nope'")
     status, code, message = refused(finished["model_id"], "tflite")
     assert (status, code) == (422, "invalid_request") and "format" in message
-    assert "'timm', 'onnx', 'adapter' or 'mlflow'" in message
+    assert "'timm', 'onnx', 'adapter', 'mlflow' or 'hf'" in message
 
     mean = client.wait(client.submit(job_spec(stack, pool="mean"))["id"], timeout_s=300)
     status, code, message = refused(mean["model_id"], "timm")

@@ -119,7 +119,7 @@ def test_the_readme_export_snippets_give_predicts_probabilities(served, paths, f
 def _cards(settings: Settings, model_id: str, folder: Path) -> dict[str, str]:
     """Each format's card: README.md in the zips, the ONNX graph's `model_card` metadata."""
     cards = {}
-    for fmt in ("timm", "adapter", "mlflow"):
+    for fmt in ("timm", "adapter", "mlflow", "hf"):
         with zipfile.ZipFile(_export(settings, model_id, fmt, folder)) as z:
             cards[fmt] = z.read("README.md").decode()
     meta = {p.key: p.value for p in onnx.load(str(_export(settings, model_id, "onnx", folder))).metadata_props}
@@ -135,7 +135,7 @@ def test_every_export_carries_a_model_card(model_id, served, tmp_path) -> None:
     manifest = json.loads(artifacts.read_file(model_id, "config.json"))
     split = report["split"]
     assert split == ("test" if MODELS[model_id] else "val")
-    libraries = {"timm": "timm", "onnx": "onnx", "adapter": "sidetune", "mlflow": "mlflow"}
+    libraries = {"timm": "timm", "onnx": "onnx", "adapter": "sidetune", "mlflow": "mlflow", "hf": "timm"}
     for fmt, text in _cards(served, model_id, tmp_path).items():
         card = ModelCard(text)  # huggingface_hub's own parser: front matter and model-index
         data = card.data

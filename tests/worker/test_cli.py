@@ -166,7 +166,7 @@ COMMANDS = [
     ["predict"],
     ["report"],
     *(["jobs", v] for v in ("list", "get", "cancel", "delete", "events", "checkpoints")),
-    *(["models", v] for v in ("list", "get", "delete", "export", "register")),
+    *(["models", v] for v in ("list", "get", "delete", "export", "register", "push")),
     *(["datasets", v] for v in ("upload", "list", "get", "delete")),
     ["cache", "list"],
     ["cache", "delete"],

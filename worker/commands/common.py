@@ -17,7 +17,8 @@ Subparsers = Any  # what ArgumentParser.add_subparsers returns (its class is pri
 ENVIRONMENT = """environment:
   SIDETUNE_URL       the API's URL (default: http://SIDETUNE_API_HOST:SIDETUNE_API_PORT, 127.0.0.1:8000)
   SIDETUNE_API_KEY   the API key sent as `Authorization: Bearer <key>` (needed where SIDETUNE_API_KEYS is set)
-  SIDETUNE_MLFLOW_TRACKING_URI  the MLflow tracking server `sidetune models register` registers in"""
+  SIDETUNE_MLFLOW_TRACKING_URI  the MLflow tracking server `sidetune models register` registers in
+  HF_TOKEN, HF_ENDPOINT  the token and the Hub `sidetune models push` uploads with (huggingface_hub's own)"""
 
 
 class CommandError(RuntimeError):

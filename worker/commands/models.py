@@ -1,5 +1,5 @@
-"""`sidetune models list|get|delete|export|register` (register: registry.py), `sidetune predict` and `sidetune
-report`."""
+"""`sidetune models list|get|delete|export|register|push` (register, push: registry.py), `sidetune predict` and
+`sidetune report`."""
 
 from __future__ import annotations
 
@@ -195,11 +195,11 @@ def add_parsers(sub: Subparsers) -> None:
 
 
 def _model_parsers(sub: Subparsers) -> None:
-    """`sidetune models list|get|delete|export|register`."""
+    """`sidetune models list|get|delete|export|register|push`."""
     models = resource(
         sub,
         "models",
-        "list, read, delete, export and register adapted models",
+        "list, read, delete, export, register and push adapted models",
         [
             "sidetune models",
             "sidetune models get model_0194... --json",
@@ -236,7 +236,7 @@ def _model_parsers(sub: Subparsers) -> None:
     p = verb(
         models,
         "export",
-        "download a model as a timm checkpoint, an ONNX graph, an adapter or an MLflow model",
+        "download a model as a timm checkpoint, an ONNX graph, an adapter, an MLflow model or a Hub folder",
         "sidetune models export model_0194... --format onnx -o model.onnx",
         export,
         reads=False,
@@ -245,10 +245,11 @@ def _model_parsers(sub: Subparsers) -> None:
     p.add_argument(
         "--format",
         required=True,
-        choices=("timm", "onnx", "adapter", "mlflow"),
+        choices=("timm", "onnx", "adapter", "mlflow", "hf"),
         help="timm: a plain timm checkpoint (APLA, ARC, LoRA, full, timm-headed linear probes); onnx: one "
         "graph, every method; adapter: the trained weights and their config, every method; mlflow: an MLflow "
-        "pyfunc model around the timm checkpoint (the models timm takes)",
+        "pyfunc model around the timm checkpoint (the models timm takes); hf: a Hugging Face Hub folder (timm's layout "
+        "where timm takes the model, the adapter's otherwise; `sidetune models push` uploads it)",
     )
     p.add_argument("--output", "-o", help="the file to write (default: the server's name, e.g. MODEL_ID.onnx)")
     registry.add_parser(models)
