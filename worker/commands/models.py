@@ -248,7 +248,7 @@ def _model_parsers(sub: Subparsers) -> None:
         choices=("timm", "onnx", "adapter", "mlflow"),
         help="timm: a plain timm checkpoint (APLA, ARC, LoRA, full, timm-headed linear probes); onnx: one "
         "graph, every method; adapter: the trained weights and their config, every method; mlflow: an MLflow "
-        "pyfunc model around the timm checkpoint (the models timm takes)",
+        "pyfunc model running the ONNX graph, every method",
     )
     p.add_argument("--output", "-o", help="the file to write (default: the server's name, e.g. MODEL_ID.onnx)")
     registry.add_parser(models)
