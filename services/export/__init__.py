@@ -6,9 +6,10 @@
   preprocessing in its metadata. Every method, video models included.
 - `adapter` (adapter.py): the trained weights alone and a typed config naming backbone, method, classes and
   preprocessing (PEFT's adapter_config.json in spirit); `load_adapter` rebuilds the model from them.
-- `mlflow` (mlflow_model.py): an MLflow model, pyfunc flavour (code: mlflow_pyfunc.py, torch and timm only) around the
-  `timm` export's folder, with a signature (images as base64 strings -> a probability per class) and an input example;
-  the models `timm` takes. Needs the `mlflow` extra in the inference service.
+- `mlflow` (mlflow_model.py): an MLflow model, pyfunc flavour (code: mlflow_pyfunc.py, onnxruntime and timm's eval
+  transform, no sidetune) around the `onnx` export's graph, with a signature (images, or a video model's clips, as
+  base64 strings -> a probability per class) and an input example. Every method, video models included. Needs the
+  `mlflow` extra in the inference service.
 - `hf` (hf_folder.py): a folder for `huggingface_hub.upload_folder` (`sidetune models push`): timm's own Hub layout for
   the models `timm` takes, the adapter layout otherwise; the card as its README.md.
 
@@ -66,8 +67,8 @@ FORMATS: dict[str, Format] = {
         "mlflow_model",
         "-mlflow.zip",
         "application/zip",
-        "an MLflow model (pyfunc; images as base64 strings -> a probability per class) around the timm checkpoint, "
-        "loaded by mlflow.pyfunc.load_model (the models `timm` takes; needs the `mlflow` extra)",
+        "an MLflow model (pyfunc; images or clips as base64 strings -> a probability per class) running the ONNX graph "
+        "with onnxruntime, loaded by mlflow.pyfunc.load_model (every method; needs the `mlflow` extra)",
     ),
     "hf": Format(
         "hf_folder",

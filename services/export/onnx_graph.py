@@ -7,7 +7,8 @@ data config), `video` (JSON, the clip sampling) for a video model, `multi_label`
 one (a sigmoid per tag), `model_id`, `method`, `backbone`, a description of the input and output, and
 `model_card` (card.py: the README.md the other formats carry).
 
-One file holds the weights inline, so a model over ONNX's 2 GB protobuf limit is refused: export `timm` or `adapter`.
+One file holds the weights inline, so a model over ONNX's 2 GB protobuf limit is refused: export `timm`, `adapter` or
+`mlflow` (whose graph, `save_graph` with `external_data`, keeps its weights in a file beside it).
 """
 
 from __future__ import annotations
@@ -81,13 +82,20 @@ def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
     if sum(tensors.values()) > MAX_BYTES:
         raise ExportError(
             f"the model's {sum(tensors.values()) / 1e9:.1f} GB of weights exceed what one ONNX file "
-            "holds (2 GB); export `timm` or `adapter`"
+            "holds (2 GB); export `timm`, `adapter` or `mlflow` (its graph keeps the weights beside it)"
         )
+    return save_graph(trained, facts, folder / "model.onnx")
+
+
+def save_graph(trained: Trained, facts: ModelFacts, path: Path, external_data: bool = False) -> Path:
+    """Export the model's graph with its metadata to `path`. With `external_data` its weights go to a file beside
+    it (`<name>.data`, found by onnxruntime next to the graph), so no 2 GB limit applies: the mlflow export's folder
+    (mlflow_model.py) holds both."""
     example = torch.randn(2, *trained.input_shape)
     batch = torch.export.Dim("batch", min=1, max=65_536)
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(
-            module,
+            trained.module,
             (example,),
             input_names=["pixel_values"],
             output_names=["logits"],
@@ -97,7 +105,10 @@ def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
         )
     proto = program.model_proto
     onnx.helper.set_model_props(proto, metadata(trained, facts))
-    onnx.checker.check_model(proto)
-    path = folder / "model.onnx"
-    onnx.save_model(proto, str(path))
+    if not external_data:
+        onnx.checker.check_model(proto)
+        onnx.save_model(proto, str(path))
+        return path
+    onnx.save_model(proto, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    onnx.checker.check_model(str(path))  # by path: the checker reads the weights beside the graph
     return path

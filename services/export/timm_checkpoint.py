@@ -118,8 +118,7 @@ classes = config["label_names"]
 
 def save_timm(trained: Trained, out: Path) -> dict[str, int]:
     """Write the model as timm's Hub layout into folder `out` (`model.safetensors`, timm's `config.json`) and
-    `sidetune.json`; returns the model arguments timm needs to build it by name (the image size it was trained at).
-    The mlflow export (mlflow_model.py) carries the same folder."""
+    `sidetune.json`; returns the model arguments timm needs to build it by name (the image size it was trained at)."""
     manifest = trained.manifest
     vit = trained.module if manifest.kind != "side" else _linear_vit(trained)
     spec = manifest.backbone

@@ -248,7 +248,7 @@ def _model_parsers(sub: Subparsers) -> None:
         choices=("timm", "onnx", "adapter", "mlflow", "hf"),
         help="timm: a plain timm checkpoint (APLA, ARC, LoRA, full, timm-headed linear probes); onnx: one "
         "graph, every method; adapter: the trained weights and their config, every method; mlflow: an MLflow "
-        "pyfunc model around the timm checkpoint (the models timm takes); hf: a Hugging Face Hub folder (timm's layout "
+        "pyfunc model running the ONNX graph, every method; hf: a Hugging Face Hub folder (timm's layout "
         "where timm takes the model, the adapter's otherwise; `sidetune models push` uploads it)",
     )
     p.add_argument("--output", "-o", help="the file to write (default: the server's name, e.g. MODEL_ID.onnx)")
