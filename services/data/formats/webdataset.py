@@ -34,7 +34,8 @@ import fsspec
 from services.data.formats import remote
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions, WebDatasetOptions
 from services.data.formats.braces import PatternError, expand, is_shards
-from services.data.formats.samples import Dataset, DatasetError, Item, ShardMember, finish
+from services.data.formats.build import finish
+from services.data.formats.samples import Dataset, DatasetError, Item, ShardMember
 from storage.faults import is_store_outage
 
 Shard = Path | str  # a local shard, or an object-store URL
