@@ -85,6 +85,9 @@ class Stamps:
         changed = self.changed[rows] if isinstance(self.changed, np.ndarray) else [self.changed[i] for i in rows]
         return Stamps(self.same[rows], self.size[rows], changed)
 
+    def take_slice(self, rows: slice) -> Stamps:
+        return Stamps(self.same[rows], self.size[rows], self.changed[rows])
+
     def changed_texts(self) -> list[str]:
         if isinstance(self.changed, np.ndarray):
             return [str(mtime_ns(t)) for t in self.changed.tolist()]
@@ -184,17 +187,20 @@ def fingerprint(
     spans: np.ndarray | None = None,
 ) -> str:
     """A hash of every item's name under `root`, label (`texts[codes[i]]`), size and modification time or version
-    (and span): another dataset, or the same one changed, has another."""
+    (and span): another dataset, or the same one changed, has another. Hashed `_CHUNK` rows at a time, so that no
+    column is ever a list of a million Python objects."""
     h = hashlib.sha256()
-    chunk: list[str] = []
-    rows = zip(_relatives(paths, root), codes.tolist(), st.size.tolist(), st.changed_texts(), strict=True)
-    for i, (rel, code, size, changed) in enumerate(rows):
-        span = "" if spans is None else f"\0{spans[i, 0]!r}\0{spans[i, 1]!r}"  # images' fingerprints are unchanged
-        chunk.append(f"{rel}\0{texts[code]}\0{size}\0{changed}{span}\n")
-        if len(chunk) == _CHUNK:
-            h.update("".join(chunk).encode())
-            chunk.clear()
-    h.update("".join(chunk).encode())
+    names = _relatives(paths, root)
+    for start in range(0, len(codes), _CHUNK):
+        rows = slice(start, start + _CHUNK)
+        chunk = st.take_slice(rows)
+        lines = []
+        for i, (code, size, changed) in enumerate(
+            zip(codes[rows].tolist(), chunk.size.tolist(), chunk.changed_texts(), strict=True), start=start
+        ):
+            span = "" if spans is None else f"\0{spans[i, 0]!r}\0{spans[i, 1]!r}"  # images' fingerprints are unchanged
+            lines.append(f"{next(names)}\0{texts[code]}\0{size}\0{changed}{span}\n")
+        h.update("".join(lines).encode())
     return h.hexdigest()[:32]
 
 

@@ -134,8 +134,12 @@ class FilesBuilder:
         self._stats.extend(stamp(st))
 
     def build(self) -> Files:
-        stats = np.frombuffer(self._stats, dtype=np.uint64).reshape(-1, 4).copy()
-        return Files(bytes(self._names), np.frombuffer(self._ends, dtype=np.int64).copy(), stats)
+        """The column; the builder is empty after (its arrays are the column's, not copied)."""
+        names, ends, stats = bytes(self._names), self._ends, self._stats
+        self._names, self._ends, self._stats = bytearray(), array("q"), array("Q")  # those now are the column's
+        if not len(ends):
+            return Files(b"", np.empty(0, np.int64), np.empty((0, 4), np.uint64))
+        return Files(names, np.frombuffer(ends, dtype=np.int64), np.frombuffer(stats, dtype=np.uint64).reshape(-1, 4))
 
 
 class Labels(Sequence[str]):
