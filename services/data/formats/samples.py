@@ -40,7 +40,7 @@ class ShardMember:
     """A file inside an uncompressed tar shard: `size` bytes from `offset` (where its data starts). `member` is its
     name in the shard; `str()` is `<shard>/<member>`, as messages name it. Hashable and ordered, as paths are (the
     planner sorts the files a test set shares with the training set). `shard` is a local path, or an object-store
-    URL (a str) read by one ranged request per member."""
+    URL (a str): a loader reads a batch's run of members by one ranged request (`read_together`), or one by its own."""
 
     shard: Path | str
     member: str
@@ -147,6 +147,54 @@ InFile = ShardMember | TableRow | RemoteFile  # an item that is not a local file
 def readable(item: Item) -> Path | bytes:
     """What the decoders take (services/data/images.py, services/video/decoding.py): a file, or its bytes."""
     return item.read_bytes() if isinstance(item, InFile) else item
+
+
+RUN_GAP = 1 << 16  # members this close in one shard are read by one request (the bytes between them read too)
+RUN_BYTES = 64 << 20  # the most one request reads
+
+
+def read_together(paths: Sequence[Item], positions: Sequence[int]) -> dict[int, bytes]:
+    """The bytes of the members of shards in an object store among `paths[positions]` (a loader's batch), each run of
+    members close together in one shard read by one ranged request rather than one each: a batch of consecutive
+    samples is one request. By position; a member whose run could not be read whole is left out, for its own
+    `read_bytes()` to name what is wrong; StoreUnavailable if the store does not answer (after retries)."""
+    remote_members = sorted(
+        (item.shard, item.offset, i)
+        for i in positions
+        if isinstance(item := paths[i], ShardMember) and isinstance(item.shard, str)
+    )
+    out: dict[int, bytes] = {}
+    run: list[int] = []
+    for k, (shard, offset, i) in enumerate(remote_members):
+        run.append(i)
+        after = remote_members[k + 1] if k + 1 < len(remote_members) else None
+        end = offset + paths[i].size
+        start = paths[run[0]].offset
+        if (
+            after is None
+            or after[0] != shard
+            or after[1] - end > RUN_GAP
+            or after[1] + paths[after[2]].size - start > RUN_BYTES
+        ):
+            out.update(_read_run(shard, [paths[j] for j in run], run))
+            run = []
+    return out
+
+
+def _read_run(shard: str, members: list[ShardMember], positions: list[int]) -> dict[int, bytes]:
+    if len(members) == 1:
+        return {}  # one member: its own read_bytes() reads it
+    start = members[0].offset
+    try:
+        data = remote.read_range(shard, start, members[-1].offset + members[-1].size - start, "shard")
+    except OSError:
+        return {}
+    out = {}
+    for i, m in zip(positions, members, strict=True):
+        piece = data[m.offset - start : m.offset - start + m.size]
+        if len(piece) == m.size:
+            out[i] = piece
+    return out
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ Samples are not extracted: each is a `ShardMember` (its shard, offset and size),
 seeking, so a shard is read twice (listed once, when the job is planned, its labels with it; each image when it is
 decoded) and never copied. Shards in an object store (`s3://bucket/shards/{000000..000009}.tar`, each under an
 allowed prefix) are read the same way through fsspec (formats/remote.py): listed by streaming through the object
-with a read-ahead buffer, each member then read by one ranged request; a store outage is retried, then fails the
-job naming the shard (StoreUnavailable), never taken for a shard cut short.
+with a read-ahead buffer, a loader's batch of members then read by one ranged request per run of them close together
+in a shard (formats/samples.py: `read_together`); a store outage is retried, then fails the job naming the shard
+(StoreUnavailable), never taken for a shard cut short.
 
 A shard cut short (its last sample, or tar's end-of-archive blocks, missing) fails the
 job naming it, or with `on_corrupt: skip` is left out whole and noted, like a sample without its image or label.
