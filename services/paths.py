@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from services.data.formats.columns import Resolver
 from services.data.formats.urls import is_remote, local_path, url_problem
 from services.errors import UserError
 from storage.datasets import is_dataset_id
@@ -50,24 +51,31 @@ class UserPaths:
         self.prefixes = settings.prefixes
         self.service = [d.resolve() for d in settings.service_dirs]
         self.uploads = settings.datasets_dir.resolve()
+        # as text, for the checks of every file of a dataset: a million rows are a million checks
+        self._roots, self._service, self._uploads = (
+            [str(r) for r in self.roots],
+            list(map(str, self.service)),
+            str(self.uploads),
+        )
+        self._resolver = Resolver()
 
-    def _is_service(self, real: Path) -> bool:
-        if any(real.is_relative_to(d) or d.is_relative_to(real) for d in self.service):
+    def _is_service(self, real: str) -> bool:
+        if any(_within(real, d) or _within(d, real) for d in self._service):
             return True
-        if self.uploads.is_relative_to(real):  # the uploads folder, or a folder above it
+        if _within(self._uploads, real):  # the uploads folder, or a folder above it
             return True
-        if real.is_relative_to(self.uploads):
-            top = real.relative_to(self.uploads).parts[0]
+        if _within(real, self._uploads):
+            top = Path(real).relative_to(self._uploads).parts[0]
             return is_dataset_id(top) or top.startswith(".")
         return False
 
-    def _refusal(self, real: Path, upload: str | None) -> str | None:
+    def _refusal(self, real: str, upload: str | None) -> str | None:
         """Why `real` (resolved) may not be read, or None."""
-        if upload is not None and is_dataset_id(upload) and real.is_relative_to(self.uploads / upload):
+        if upload is not None and is_dataset_id(upload) and _within(real, str(self.uploads / upload)):
             return None
         if self._is_service(real):
             return "service"
-        if not any(real.is_relative_to(root) for root in self.roots):
+        if not any(_within(real, root) for root in self._roots):
             return "outside"
         return None
 
@@ -86,7 +94,7 @@ class UserPaths:
         if is_remote(str(path)):
             raise ForbiddenPath(f"{field}: an object-store URL where a file on the server is needed", field)
         real = Path(local_path(str(path))).expanduser().resolve()
-        why = self._refusal(real, upload)
+        why = self._refusal(str(real), upload)
         if why == "service":
             raise ForbiddenPath(
                 f"{field}: {str(path)!r} is, holds or lies in one of the service's own folders "
@@ -137,7 +145,7 @@ class UserPaths:
         if is_remote(str(path)):
             self.check_url(field, str(path), what)
             return
-        real = Path(local_path(str(path))).resolve()
+        real, _ = self._resolver.resolve(local_path(str(path)))  # each folder resolved once
         why = self._refusal(real, upload)
         if why == "service":
             raise ForbiddenPath(
@@ -148,3 +156,8 @@ class UserPaths:
         if why == "outside":
             allowed = ", ".join(str(r) for r in self.roots)
             raise ForbiddenPath(f"{field}: {what} resolves to {real}, outside the allowed roots ({allowed})", field)
+
+
+def _within(path: str, folder: str) -> bool:
+    """`Path(path).is_relative_to(folder)`, of two resolved paths as text."""
+    return path == folder or path.startswith(folder if folder.endswith("/") else folder + "/")

@@ -188,12 +188,12 @@ def read_test_set(dataset: DatasetSpec, paths: UserPaths, classes: list[str]) ->
     return test, np.asarray(order, dtype=np.int64)[test.labels]
 
 
-def load_image(source: Item | bytes, draft: int | None = None):
+def load_image(source: Item | bytes, draft: int | None = None, data: bytes | None = None):
     """An RGB PIL image, decoded by the rules of services/data/images.py; DatasetError naming the file (or the shard
-    and its member) otherwise."""
+    and its member) otherwise. `data`: the item's bytes, read already (formats/samples.py: `read_together`)."""
     try:
         if isinstance(source, InFile):
-            return images.load_image(readable(source), draft, name=str(source))
+            return images.load_image(readable(source) if data is None else data, draft, name=str(source))
         return images.load_image(source, draft)
     except images.ImageError as e:
         raise DatasetError(str(e)) from None

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from services.data.datasets import DatasetError, load_image
-from services.data.formats.samples import InFile, Item
+from services.data.formats.samples import InFile, Item, read_together
 from services.data.images import MAX_IMAGE_PIXELS, ImageError, draft_size, header, orient
 from storage.faults import StoreUnavailable
 from storage.settings import Settings
@@ -103,13 +103,14 @@ class BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def load(self, i: int) -> tuple[np.ndarray, str | None]:
-        """Item `i` of `paths` as a uint8 array, and a note for the job's events (or None); DatasetError if corrupt."""
-        return np.asarray(self.pil(load_image(self.paths[i], self.draft)), dtype=np.uint8), None
+    def load(self, i: int, data: bytes | None = None) -> tuple[np.ndarray, str | None]:
+        """Item `i` of `paths` as a uint8 array, and a note for the job's events (or None); DatasetError if corrupt.
+        `data`: its bytes, when the batch read them already (`read_together`)."""
+        return np.asarray(self.pil(load_image(self.paths[i], self.draft, data)), dtype=np.uint8), None
 
-    def _try_load(self, i: int) -> tuple[np.ndarray | None, str | None, str | None]:
+    def _try_load(self, i: int, data: bytes | None = None) -> tuple[np.ndarray | None, str | None, str | None]:
         try:
-            return (*self.load(i), None)
+            return (*self.load(i, data), None)
         except DatasetError as e:
             return None, None, str(e)
 
@@ -128,7 +129,8 @@ class BatchReader(torch.utils.data.Dataset):
         images: list[np.ndarray | None] = []
         errors: list[str] = []
         notes: list[str] = []
-        for image, note, error in map_fn(self._try_load, positions):
+        fetched = read_together(self.paths, positions.tolist())  # a shard's run of samples in one request
+        for image, note, error in map_fn(lambda i: self._try_load(i, fetched.get(i)), positions.tolist()):
             if error is not None:
                 if not self.skip_corrupt:
                     # returned, not raised: the DataLoader would wrap it in a traceback of the worker
@@ -170,10 +172,11 @@ class EncodedReader(BatchReader):
         items: list[torch.Tensor | None] = []
         errors: list[str] = []
         orientations: list[int] = []
-        for i in positions:
+        fetched = read_together(self.paths, positions.tolist())
+        for i in positions.tolist():
             try:
                 item = self.paths[i]
-                data = item.read_bytes() if isinstance(item, InFile) else Path(item).read_bytes()
+                data = fetched.get(i) or (item.read_bytes() if isinstance(item, InFile) else Path(item).read_bytes())
                 if data.startswith(JPEG_MAGIC):
                     orientation = jpeg_header(data, self.paths[i])  # before the device decodes it
                     items.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))

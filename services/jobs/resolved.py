@@ -236,7 +236,8 @@ def resolve(spec: JobSpec, settings: Settings) -> tuple[ResolvedJob, Dataset]:
     if ds.test:  # read now: a test set the model cannot be scored on fails here, not after training
         test_set, _ = read_test_set(ds, paths, dataset.classes)
         modality_for(spec.backbone).check_dataset(test_set.kind, ds.test)
-        shared = sorted(set(test_set.paths) & set(dataset.paths))
+        held_out = set(test_set.paths)  # the training set's files one at a time: a million, never a set of them
+        shared = sorted({p for p in dataset.paths if p in held_out})
         if shared:  # a test set must be held out: figures on training images would be optimistic
             raise DatasetError(
                 f"dataset.test shares {len(shared)} of its {len(test_set)} files with dataset.path "

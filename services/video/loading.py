@@ -41,13 +41,13 @@ class ClipReader(BatchReader):
         super().__init__(paths, batches, transform, skip_corrupt)
         self.video, self.spans, self.seed = video, spans, seed
 
-    def load(self, i: int) -> tuple[np.ndarray, str | None]:
+    def load(self, i: int, data: bytes | None = None) -> tuple[np.ndarray, str | None]:
         rng = None if self.seed is None else np.random.default_rng((self.seed, int(i)))
         span = None
         if self.spans is not None and not np.isnan(self.spans[i]).any():
             span = (float(self.spans[i, 0]), float(self.spans[i, 1]))
         item = self.paths[i]
-        source = readable(item) if isinstance(item, InFile) else Path(item)
+        source = data if data is not None else readable(item) if isinstance(item, InFile) else Path(item)
         clip = read_clip(source, self.video, self.pil.for_clip(rng), rng, span, name=str(item))
         note = None
         if clip.padded:

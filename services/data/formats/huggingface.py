@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
-from services.data.formats.samples import Dataset, DatasetError, Item, TableRow, finish
+from services.data.formats.build import finish
+from services.data.formats.samples import Dataset, DatasetError, Item, TableRow
 from services.data.formats.tables import TableError, arrow_table, parquet_column
 from services.data.formats.urls import is_remote
 

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
-from services.data.formats.samples import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Dataset, DatasetError, Item, finish
+from services.data.formats.build import finish
+from services.data.formats.samples import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Dataset, DatasetError, Item
 
 
 def read_imagefolder(root: Path, inside: Inside | None = None, duplicates: str = "drop") -> Dataset:

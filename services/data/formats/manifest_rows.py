@@ -12,9 +12,13 @@ them). Objects are looked up a folder at a time once every row is read, not one 
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from abc import abstractmethod
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar, TextIO
 
@@ -22,7 +26,9 @@ import numpy as np
 
 from services.data.formats import remote
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
-from services.data.formats.samples import Dataset, DatasetError, Item, RemoteFile, finish
+from services.data.formats.build import finish
+from services.data.formats.columns import Files, FilesBuilder, Labels, Lines, Resolver, is_file
+from services.data.formats.samples import Dataset, DatasetError, Item, RemoteFile
 from services.data.formats.urls import is_remote, local_path, scheme
 
 
@@ -34,30 +40,28 @@ def open_text(manifest: Path | str) -> TextIO:
     return open(manifest, newline="")  # noqa: SIM115 - the caller closes it
 
 
-@dataclass(frozen=True)
-class _Row:
-    target: Path | str  # the file, resolved, or the object's URL
-    label: str
-    line: int
-    rel: str  # as the manifest writes it
-    span: tuple[float, float] | None
-
-
 @dataclass
 class ManifestRows:
-    """Rows being gathered from `manifest`: `add` each, then `dataset`."""
+    """Rows being gathered from `manifest`: `add` each, then `dataset`. Kept as columns (formats/columns.py): a
+    local file's resolved path and stat, each row's label index, line and span, so that a manifest of a million rows
+    costs arrays, not a few objects a row; an object's URL (and its row's path) one by one."""
 
     manifest: Path | str
     skip: bool = False
     inside: Inside | None = None
-    rows: list[_Row] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    files: FilesBuilder = field(default_factory=FilesBuilder)
+    labels: Labels = field(default_factory=Labels)
+    lines: array = field(default_factory=lambda: array("q"))
+    spans: array = field(default_factory=lambda: array("d"))
+    objects: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (URL, its path as written)
+    resolver: Resolver = field(default_factory=Resolver)
 
-    @property
+    @cached_property
     def root(self) -> Path | str:
         return remote.parent(self.manifest) if isinstance(self.manifest, str) else self.manifest.parent
 
-    @property
+    @cached_property
     def name(self) -> str:
         return posixpath.basename(self.manifest) if isinstance(self.manifest, str) else self.manifest.name
 
@@ -70,9 +74,9 @@ class ManifestRows:
     def missing(self, line: int, rel: str) -> None:
         self.bad(line, f"{rel} does not exist" if self.skip else f"{rel!r} does not exist", _MISSING)
 
-    def _target(self, line: int, rel: str) -> Path | str:
-        """The row's file (a local path, resolved) or object (a URL); DatasetError if it leaves the manifest's
-        folder or is absolute without the paths rule."""
+    def _target(self, line: int, rel: str) -> tuple[str, os.stat_result | None, bool]:
+        """(the row's file, resolved, and its stat; or the object's URL), and whether it is an object; DatasetError
+        if it leaves the manifest's folder or is absolute without the paths rule."""
         if scheme(rel) == "hf":
             raise DatasetError(f"{self.manifest} line {line}: a row names a file, not a Hugging Face dataset (hf://)")
         if scheme(rel) is not None:
@@ -81,54 +85,90 @@ class ManifestRows:
                     f"{self.manifest} line {line}: a URL row is read only under the allowed roots and prefixes (name "
                     "the manifest by `dataset.path`); an uploaded manifest's rows are paths inside it"
                 )
-            return rel if is_remote(rel) else Path(local_path(rel)).resolve()
+            if is_remote(rel):
+                return rel, None, True
+            return (*self.resolver.resolve(local_path(rel)), False)
         if isinstance(self.manifest, str):
             url = remote.join(self.root, rel)
             if not url.startswith(str(self.root).rstrip("/") + "/"):
                 raise DatasetError(f"{self.manifest} line {line}: {rel!r} points outside the manifest's folder")
-            return url
-        p = (self.root / rel).resolve()
-        if not p.is_relative_to(self.root.resolve()):
+            return url, None, True
+        real, st = self.resolver.resolve(os.path.join(self._root_text, rel))
+        if not _inside_folder(real, self._real_root):
             raise DatasetError(f"{self.manifest} line {line}: {rel!r} points outside the manifest's folder")
-        return p
+        return real, st, False
+
+    @cached_property
+    def _real_root(self) -> str:
+        return str(Path(self.root).resolve())
+
+    @cached_property
+    def _root_text(self) -> str:
+        return str(self.root)
 
     def add(self, line: int, rel: str, label: str, span: tuple[float, float] | None = None) -> None:
         """A row with its path and label (its tags `|`-joined), checked by the rule; a local file missing is named
         now, objects once every row is read (`dataset`)."""
-        target = self._target(line, rel)
+        target, st, is_object = self._target(line, rel)
         if self.inside is not None:  # before is_file: whether a refused file exists is not told either
             relative = scheme(rel) is None and isinstance(self.root, Path)
-            self.inside(self.root / rel if relative else target, f"{self.name} line {line}")
-        if isinstance(target, Path) and not target.is_file():
-            self.missing(line, rel)
-            return
-        self.rows.append(_Row(target, label, line, rel, span))
+            self.inside(
+                self.root / rel if relative else target if is_object else Path(target), f"{self.name} line {line}"
+            )
+        if not is_object:
+            if not is_file(st):
+                self.missing(line, rel)
+                return
+            self.files.add(target, st)
+        else:
+            self.objects[len(self.labels)] = (target, rel)
+        self.labels.append(label)
+        self.lines.append(line)
+        if span is not None:
+            self.spans.extend(span)
 
     def dataset(self, duplicates: str, multi_label: bool, timed: bool) -> Dataset:
         """The dataset of the rows added, objects looked up a folder at a time (a missing one is a bad row)."""
-        urls = [row.target for row in self.rows if isinstance(row.target, str)]
-        found = remote.stat_many(urls, "file") if urls else {}
+        spans = np.frombuffer(self.spans, dtype=np.float64).reshape(-1, 2).copy() if timed else None
+        where = Lines(self.name, self.lines)
+        if not self.objects:
+            items: Sequence[Item] | Files = self.files.build()
+            labels: Sequence[str] = self.labels
+        else:
+            items, labels, where, spans = self._with_objects(spans)
+        if not len(items) and not self.skipped:
+            raise DatasetError(f"manifest {self.manifest} has no rows")
+        return finish(self.root, items, labels, where, duplicates, tuple(self.skipped), spans, multi_label, "labels")
+
+    def _with_objects(self, spans: np.ndarray | None) -> tuple[list[Item], list[str], list[str], np.ndarray | None]:
+        """The rows as lists, in the manifest's order, each object with the size and version its folder's listing
+        gives; a row whose object is missing is a bad row."""
+        found = remote.stat_many([url for url, _ in self.objects.values()], "file")
+        files = iter(self.files.build())
         items: list[Item] = []
         names: list[str] = []
         where: list[str] = []
-        spans: list[tuple[float, float]] = []
-        for row in self.rows:
-            if isinstance(row.target, str):
-                info = found.get(row.target)
+        kept: list[int] = []
+        for row in range(len(self.labels)):
+            line = self.lines[row]
+            if row in self.objects:
+                url, rel = self.objects[row]
+                info = found.get(url)
                 if info is None:
-                    self.missing(row.line, row.rel)
+                    self.missing(line, rel)
                     continue
-                items.append(RemoteFile(row.target, info.size, info.version))
+                items.append(RemoteFile(url, info.size, info.version))
             else:
-                items.append(row.target)
-            names.append(row.label)
-            where.append(f"{self.name} line {row.line}")
-            if row.span is not None:
-                spans.append(row.span)
-        if not items and not self.skipped:
-            raise DatasetError(f"manifest {self.manifest} has no rows")
-        timing = np.array(spans, dtype=np.float64).reshape(-1, 2) if timed else None
-        return finish(self.root, items, names, where, duplicates, tuple(self.skipped), timing, multi_label, "labels")
+                items.append(next(files))
+            names.append(self.labels[row])
+            where.append(f"{self.name} line {line}")
+            kept.append(row)
+        return items, names, where, None if spans is None else spans[kept]
+
+
+def _inside_folder(path: str, folder: str) -> bool:
+    """`Path(path).is_relative_to(folder)` of two resolved paths."""
+    return path == folder or path.startswith(folder if folder.endswith("/") else folder + "/")
 
 
 _MISSING = "to leave missing files out"

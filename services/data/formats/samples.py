@@ -1,6 +1,5 @@
-"""What every dataset format builds (`finish`: rows of (item, label) -> `Dataset`), and the rules it applies to every
-format alike: each file once, one label per file, class names that print alike refused, images or videos but not
-both, and the fingerprint over the items (names, sizes, modification times) that keys the feature cache.
+"""What every dataset format builds (a `Dataset`, through formats/build.py: `finish`), its items, and the rules on
+names and kinds it applies to every format alike: class names that print alike refused, images or videos but not both.
 
 An item is a file (`Path`), a file inside a tar shard (`ShardMember`, read by its offset, never extracted; the shard a
 local path or an object-store URL), a cell of an Arrow or Parquet file (`TableRow`, a Hugging Face dataset's image,
@@ -10,14 +9,15 @@ read in place by formats/tables.py), or an object in a store (`RemoteFile`, a ma
 
 from __future__ import annotations
 
-import hashlib
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from services.data.formats import remote
+from services.data.formats.columns import Files
 from services.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -40,7 +40,7 @@ class ShardMember:
     """A file inside an uncompressed tar shard: `size` bytes from `offset` (where its data starts). `member` is its
     name in the shard; `str()` is `<shard>/<member>`, as messages name it. Hashable and ordered, as paths are (the
     planner sorts the files a test set shares with the training set). `shard` is a local path, or an object-store
-    URL (a str) read by one ranged request per member."""
+    URL (a str): a loader reads a batch's run of members by one ranged request (`read_together`), or one by its own."""
 
     shard: Path | str
     member: str
@@ -149,11 +149,59 @@ def readable(item: Item) -> Path | bytes:
     return item.read_bytes() if isinstance(item, InFile) else item
 
 
+RUN_GAP = 1 << 16  # members this close in one shard are read by one request (the bytes between them read too)
+RUN_BYTES = 64 << 20  # the most one request reads
+
+
+def read_together(paths: Sequence[Item], positions: Sequence[int]) -> dict[int, bytes]:
+    """The bytes of the members of shards in an object store among `paths[positions]` (a loader's batch), each run of
+    members close together in one shard read by one ranged request rather than one each: a batch of consecutive
+    samples is one request. By position; a member whose run could not be read whole is left out, for its own
+    `read_bytes()` to name what is wrong; StoreUnavailable if the store does not answer (after retries)."""
+    remote_members = sorted(
+        (item.shard, item.offset, i)
+        for i in positions
+        if isinstance(item := paths[i], ShardMember) and isinstance(item.shard, str)
+    )
+    out: dict[int, bytes] = {}
+    run: list[int] = []
+    for k, (shard, offset, i) in enumerate(remote_members):
+        run.append(i)
+        after = remote_members[k + 1] if k + 1 < len(remote_members) else None
+        end = offset + paths[i].size
+        start = paths[run[0]].offset
+        if (
+            after is None
+            or after[0] != shard
+            or after[1] - end > RUN_GAP
+            or after[1] + paths[after[2]].size - start > RUN_BYTES
+        ):
+            out.update(_read_run(shard, [paths[j] for j in run], run))
+            run = []
+    return out
+
+
+def _read_run(shard: str, members: list[ShardMember], positions: list[int]) -> dict[int, bytes]:
+    if len(members) == 1:
+        return {}  # one member: its own read_bytes() reads it
+    start = members[0].offset
+    try:
+        data = remote.read_range(shard, start, members[-1].offset + members[-1].size - start, "shard")
+    except OSError:
+        return {}
+    out = {}
+    for i, m in zip(positions, members, strict=True):
+        piece = data[m.offset - start : m.offset - start + m.size]
+        if len(piece) == m.size:
+            out[i] = piece
+    return out
+
+
 @dataclass(frozen=True)
 class Dataset:
     root: Path | str  # the folder holding it: a local path, or an object-store URL
-    paths: list[Item]  # each sample's file: a Path, a ShardMember of a WebDataset shard, a TableRow of a Hugging
-    # Face dataset, or a RemoteFile
+    paths: Sequence[Item]  # each sample's file: a Path, a ShardMember of a WebDataset shard, a TableRow of a Hugging
+    # Face dataset, or a RemoteFile; a list, or local files as a compact column (formats/columns.py: `Files`)
     labels: np.ndarray  # int64 class index per sample; multi-label: int64 0/1 [samples, classes] (multi-hot)
     classes: list[str]
     fingerprint: str
@@ -172,69 +220,10 @@ class Dataset:
         return len(self.paths)
 
 
-@dataclass(frozen=True)
-class _Stamp:
-    """What tells one item from another (`same`: the file by device and inode, or the object by its URL, and the
-    member's offset in it) and what says it changed (`size`, `changed`: the modification time in ns, or the object's
-    version)."""
-
-    same: tuple[int | str, ...]
-    size: int
-    changed: str
-
-
-def _whole(path: Path | str) -> _Stamp:
-    if isinstance(path, str):
-        info = remote.stat(path, "shard")
-        return _Stamp((path,), info.size, info.version)
-    st = path.stat()
-    return _Stamp((st.st_dev, st.st_ino), st.st_size, str(st.st_mtime_ns))
-
-
-def _stamp(item: Item, shards: dict[Path | str, _Stamp]) -> _Stamp:
-    if isinstance(item, RemoteFile):
-        return _Stamp((item.url,), item.size, item.version)
-    if isinstance(item, ShardMember):
-        shard = shards.get(item.shard)
-        if shard is None:  # one stat per shard, not per member
-            shard = shards[item.shard] = _whole(item.shard)
-        return _Stamp((*shard.same, item.offset), item.size, shard.changed)
-    if isinstance(item, TableRow):  # the row by its number in the file; changed with the file
-        table = shards.get(item.file)
-        if table is None:
-            table = shards[item.file] = _whole(item.file)
-        return _Stamp((*table.same, item.row), table.size, table.changed)
-    return _whole(item)
-
-
-def _under(path: Path | str, root: Path | str) -> str:
-    if isinstance(path, str):  # a URL
-        folder = str(root).rstrip("/") + "/"
-        return path.removeprefix(folder)
-    return str(path.relative_to(root) if isinstance(root, Path) and path.is_relative_to(root) else path)
-
-
-def _relative(item: Item, root: Path | str) -> str:
-    if isinstance(item, ShardMember):
-        return f"{_under(item.shard, root)}/{item.member}"
-    if isinstance(item, TableRow):
-        return f"{_under(item.file, root)}[{item.row}]"
-    return _under(item.url if isinstance(item, RemoteFile) else item, root)
-
-
-def _fingerprint(
-    root: Path | str, items: list[Item], labels: list[str], stamps: list[_Stamp], spans: np.ndarray | None = None
-) -> str:
-    h = hashlib.sha256()
-    for i, (item, label, st) in enumerate(zip(items, labels, stamps, strict=True)):
-        span = "" if spans is None else f"\0{spans[i, 0]!r}\0{spans[i, 1]!r}"  # images' fingerprints are unchanged
-        h.update(f"{_relative(item, root)}\0{label}\0{st.size}\0{st.changed}{span}\n".encode())
-    return h.hexdigest()[:32]
-
-
-def media_kind(paths: list[Item], where: Path | str) -> str:
+def media_kind(paths: Sequence[Item], where: Path | str) -> str:
     """`image` or `video` by the files' suffixes; a dataset mixing both is refused."""
-    videos = sum(p.suffix.lower() in VIDEO_SUFFIXES for p in paths)
+    suffixes = paths.suffixes() if isinstance(paths, Files) else (p.suffix for p in paths)
+    videos = sum(s.lower() in VIDEO_SUFFIXES for s in suffixes)
     if videos and videos < len(paths):
         raise DatasetError(
             f"dataset {where} mixes images ({len(paths) - videos}) and videos ({videos}); a dataset "
@@ -273,90 +262,3 @@ def check_distinct(names: list[str], what: str) -> None:
             raise DatasetError(
                 f"{what} {name_clash(first, name)}; rename one (or merge them) so that every class reads differently"
             )
-
-
-def _each_once(
-    paths: list[Item], names: list[str], where: list[str], duplicates: str, spans: np.ndarray | None, notes: list[str]
-) -> tuple[list[int], list[_Stamp]]:
-    """The rows to keep (each file once) and their stamps; repeated rows noted in `notes` or refused."""
-    keep: list[int] = []
-    stamps: list[_Stamp] = []
-    seen: dict[tuple, int] = {}
-    shards: dict[Path | str, _Stamp] = {}
-    for i, (p, name, at) in enumerate(zip(paths, names, where, strict=True)):
-        st = _stamp(p, shards)
-        span = () if spans is None else (repr(spans[i, 0]), repr(spans[i, 1]))  # clips of one video are distinct
-        first = seen.setdefault((*st.same, *span), i)
-        if first != i:
-            if names[first] != name:
-                raise DatasetError(
-                    f"{at}: {p.name} is also {where[first]} with another label ({names[first]!r} vs "
-                    f"{name!r}); one file cannot be in two classes"
-                )
-            if duplicates == "fail":
-                raise DatasetError(
-                    f"{at}: {p.name} is listed again (first: {where[first]}); remove the repeated rows "
-                    "or set dataset.duplicates='drop'"
-                )
-            notes.append(f"{at}: {p.name} repeats {where[first]}, left out")
-            continue
-        keep.append(i)
-        stamps.append(st)
-    return keep, stamps
-
-
-def finish(
-    root: Path | str,
-    paths: list[Item],
-    names: list[str],
-    where: list[str],
-    duplicates: str = "drop",
-    skipped: tuple[str, ...] = (),
-    spans: np.ndarray | None = None,
-    multi_label: bool = False,
-    what: str = "class folders",
-    order: list[str] | None = None,
-    parts: np.ndarray | None = None,
-) -> Dataset:
-    """The dataset of (item, label) rows, each file once: a file listed again (the same file by device and inode:
-    a repeated row, `./a.png` next to `a.png`, a link to it; a shard's member by its offset too) is left out with the
-    same label (`duplicates="drop"`, noted in `skipped_rows`) or refused (`"fail"`), and refused with another label.
-    So no file can land in two splits. `where` names each row for the messages (a manifest's line, or the file).
-    The classes are sorted by name, or in `order` (a Hugging Face ClassLabel's names; those without a sample left
-    out); `parts` is the dataset's own split code of each row (formats/samples.py: `Dataset.parts`)."""
-    notes = list(skipped)
-    keep, stamps = _each_once(paths, names, where, duplicates, spans, notes)
-    paths, names = [paths[i] for i in keep], [names[i] for i in keep]
-    spans = spans[keep] if spans is not None else None
-    parts = parts[keep] if parts is not None else None
-    tags = [[t.strip() for t in n.split("|") if t.strip()] for n in names] if multi_label else [[n] for n in names]
-    present = {t for row in tags for t in row}
-    classes = [c for c in dict.fromkeys(order or ()) if c in present] + sorted(present - set(order or ()))
-    check_distinct(classes, "tags" if multi_label else what)
-    if len(paths) == 0:
-        raise DatasetError(
-            f"dataset {root} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
-            f"({', '.join(sorted(VIDEO_SUFFIXES))})"
-        )
-    if len(classes) < 2:
-        raise DatasetError(
-            f"dataset {root} has {len(classes)} {'tag' if multi_label else 'class'}; at least 2 are needed"
-        )
-    kind = media_kind(paths, root)
-    if spans is not None and kind != "video":
-        raise DatasetError(f"{root}: `start`/`end` columns apply to videos only")
-    index = {c: i for i, c in enumerate(classes)}
-    if order is not None:  # the same names in another order are other labels: not the same cache entry
-        names = [f"{n}\0{'|'.join(str(index[t]) for t in row)}" for n, row in zip(names, tags, strict=True)]
-    if multi_label:
-        labels = np.zeros((len(paths), len(classes)), dtype=np.int64)
-        for row, row_tags in enumerate(tags):
-            labels[row, [index[t] for t in row_tags]] = 1
-        # the same manifest read as single-label holds other labels: it must not share a cache entry
-        fingerprint = _fingerprint(root, paths, [f"multi-label:{n}" for n in names], stamps, spans)
-    else:
-        labels = np.array([index[row[0]] for row in tags], dtype=np.int64)
-        fingerprint = _fingerprint(root, paths, names, stamps, spans)
-    return Dataset(
-        root, paths, labels, classes, fingerprint, kind=kind, spans=spans, skipped_rows=tuple(notes), parts=parts
-    )

@@ -10,8 +10,9 @@ Samples are not extracted: each is a `ShardMember` (its shard, offset and size),
 seeking, so a shard is read twice (listed once, when the job is planned, its labels with it; each image when it is
 decoded) and never copied. Shards in an object store (`s3://bucket/shards/{000000..000009}.tar`, each under an
 allowed prefix) are read the same way through fsspec (formats/remote.py): listed by streaming through the object
-with a read-ahead buffer, each member then read by one ranged request; a store outage is retried, then fails the
-job naming the shard (StoreUnavailable), never taken for a shard cut short.
+with a read-ahead buffer, a loader's batch of members then read by one ranged request per run of them close together
+in a shard (formats/samples.py: `read_together`); a store outage is retried, then fails the job naming the shard
+(StoreUnavailable), never taken for a shard cut short.
 
 A shard cut short (its last sample, or tar's end-of-archive blocks, missing) fails the
 job naming it, or with `on_corrupt: skip` is left out whole and noted, like a sample without its image or label.
@@ -34,7 +35,8 @@ import fsspec
 from services.data.formats import remote
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions, WebDatasetOptions
 from services.data.formats.braces import PatternError, expand, is_shards
-from services.data.formats.samples import Dataset, DatasetError, Item, ShardMember, finish
+from services.data.formats.build import finish
+from services.data.formats.samples import Dataset, DatasetError, Item, ShardMember
 from storage.faults import is_store_outage
 
 Shard = Path | str  # a local shard, or an object-store URL

@@ -1,0 +1,256 @@
+"""Bringing the data where it lives (issue 22's targets), in one run:
+
+1. `POST /jobs` on a CSV manifest of `--rows` distinct files (1,000,000 by default): post_jobs.py's measurement, the
+   API under uvicorn on an embedded Redis, no worker;
+2. planning that manifest as the extract worker does (services/jobs/planning.py: `plan_step`, reading every row,
+   checking and stating every file, the split, the fingerprint, the cache plan), in a child process: its seconds
+   (wall and CPU) and its peak resident memory (the kernel's high-water mark of the whole process, imports included);
+3. extraction of the same `--images` photos (bench/photos.py) from a local ImageFolder and from WebDataset shards in
+   an S3-compatible store (moto in server mode, on loopback), same model, `--rounds` interleaved rounds: images/s of
+   each, whole (reading the dataset, listing the shards, included) and of the batches alone, and the requests the
+   store answered;
+4. the same photos through every source (ImageFolder, CSV, JSONL, WebDataset local and on S3, Hugging Face Parquet
+   and `save_to_disk` where `datasets` is installed): each source's cache entry bit-equal to the ImageFolder's
+   (activations, labels, valid rows).
+
+    python bench/sources.py [--rows 1000000] [--images 512] [--rounds 3]
+    python bench/sources.py --smoke      # 2,000 rows, 24 photos, test_vit at 32 px, one round
+
+Ends with `post_jobs_ms=<median> plan_peak_mb=<MiB> plan_s=<s> wds_s3_vs_local=<ratio> sources_equal=0|1` (the
+issue's targets: under 200 ms, under 1 GB, reported, at least 0.9, 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import child_result, fmt, parse_with_smoke, print_kv, put, render, run_child, say, workdir
+from sources_data import BUCKET, moto_server, upload_shards, write_formats, write_many
+
+KIB = 1024
+
+
+def plan_child(manifest: Path, work: Path) -> None:
+    """In a child process: the plan step of a job on `manifest`, on an embedded Redis; prints its figures."""
+    from services.jobs.planning import plan_step
+    from services.spec import JobSpec
+    from storage.redis import JobStore
+    from storage.redis_server import RedisServer
+    from storage.settings import Settings
+    from worker.launcher import free_port
+
+    redis = RedisServer(work / "redis", free_port()).start()
+    try:
+        settings = Settings(data_dir=work, redis_url=redis.url, allowed_roots=[manifest.parent])
+        store = JobStore.from_url(settings.broker_url)
+        body = {
+            "dataset": {"path": str(manifest)},
+            "backbone": {"name": "vit_base_patch16_224", "pretrained": False},
+            "method": {"name": "linear"},
+        }
+        job = store.create_job(JobSpec.model_validate(body).model_dump(mode="json"), status="planning")
+        base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        plan_step(store, settings, job["id"])
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        record = store.get_job(job["id"])
+    finally:
+        redis.stop()
+    if record["status"] != "queued":
+        raise RuntimeError(f"the plan step left the job {record['status']}: {record.get('error')}")
+    child_result(
+        {
+            "seconds": wall,
+            "cpu_s": cpu,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB,
+            "base_mb": base_kib / KIB,
+            "images": record["resolved"]["images"],
+        }
+    )
+
+
+def post_jobs(manifest: Path, work: Path, repeats: int) -> list[float]:
+    """Milliseconds of each `POST /jobs` on `manifest` (post_jobs.py's measurement)."""
+    from post_jobs import serve, submit_times
+
+    from api.main import create_app
+    from storage.redis_server import RedisServer
+    from storage.settings import Settings
+    from worker.launcher import free_port
+
+    redis = RedisServer(work / "redis", free_port()).start()
+    try:
+        settings = Settings(data_dir=work, redis_url=redis.url, allowed_roots=[manifest.parent])
+        url, server, thread = serve(create_app(settings))
+        try:
+            return [t * 1000 for t in submit_times(url, manifest, repeats)]
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+    finally:
+        redis.stop()
+
+
+def extraction_spec(path: str, args: argparse.Namespace):
+    from services.spec import JobSpec
+
+    return JobSpec.model_validate(
+        {
+            "dataset": {"path": path},
+            "backbone": {"name": args.backbone, "pretrained": False, "image_size": args.image_size},
+            "method": {"name": "linear"},
+            "extraction": {"batch_size": args.batch_size},
+        }
+    )
+
+
+def _requests(log: Path) -> int:
+    """GET requests the store answered so far (moto logs one line each)."""
+    return sum(1 for line in log.read_text(errors="replace").splitlines() if f"GET /{BUCKET}/" in line)
+
+
+def extract_all(sources: dict[str, str], args: argparse.Namespace, bucket: str, log: Path) -> dict[str, Any]:
+    """Each source extracted `args.rounds` times, the order rotated each round: {source: [run, ...]} (a run:
+    run_extraction's answer, its settings and the store's requests during it)."""
+    from common import make_settings
+
+    from services.extraction import run_extraction
+    from services.jobs.progress import NullReporter
+
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sources}
+    names = list(sources)
+    warm = make_settings(args.work / "runs" / "warm-up", args.work, args.device)
+    run_extraction(extraction_spec(sources["imagefolder"], args), warm, NullReporter())  # imports, first forwards
+    pair, rest = ["imagefolder", "wds s3"], [n for n in names if n not in ("imagefolder", "wds s3")]
+    for rnd in range(args.rounds):
+        say(f"extraction, round {rnd + 1}/{args.rounds}")
+        # the target's two side by side, either first in turn: a shared machine's load drifts over minutes
+        order = (pair if rnd % 2 == 0 else pair[::-1]) + rest[rnd % len(rest) :] + rest[: rnd % len(rest)]
+        for name in order:
+            settings = make_settings(args.work / "runs" / f"{name.replace(' ', '-')}-{rnd}", args.work, args.device)
+            settings = settings.model_copy(update={"allowed_prefixes": [bucket]})
+            before = _requests(log)
+            out = run_extraction(extraction_spec(sources[name], args), settings, NullReporter())
+            runs[name].append({**out, "settings": settings, "requests": _requests(log) - before})
+    return runs
+
+
+def same_entries(runs: dict[str, list[dict[str, Any]]]) -> dict[str, bool]:
+    """Whether each source's first entry is bit-equal to the ImageFolder's (activations, labels, valid rows)."""
+    import numpy as np
+
+    from storage.cache import FeatureCache
+
+    def entry(run: dict[str, Any]):
+        return FeatureCache(run["settings"].cache_location).entry(run["cache_key"])
+
+    want = entry(runs["imagefolder"][0])
+    out = {}
+    for name, rows in runs.items():
+        got = entry(rows[0])
+        out[name] = bool(
+            got.is_complete
+            and np.array_equal(got.read(), want.read())
+            and np.array_equal(got.labels(), want.labels())
+            and np.array_equal(got.valid(), want.valid())
+        )
+    return out
+
+
+def sources_table(runs: dict[str, list[dict[str, Any]]], equal: dict[str, bool]) -> tuple[str, float | None]:
+    """The extraction table (medians over the rounds), and WebDataset-on-S3's whole rate over the ImageFolder's: the
+    median over rounds of the ratio of the two runs side by side."""
+    whole = {n: statistics.median(r["images"] / r["extract_seconds"] for r in rows) for n, rows in runs.items()}
+    loop = {n: statistics.median(r["extract_images_per_s"] for r in rows) for n, rows in runs.items()}
+    rows = []
+    for name, rs in runs.items():
+        requests = statistics.median(r["requests"] for r in rs)
+        rows.append(
+            [
+                name,
+                str(rs[0]["images"]),
+                fmt(statistics.median(r["extract_seconds"] for r in rs), 2),
+                fmt(whole[name]),
+                fmt(loop[name]),
+                fmt(whole[name] / whole["imagefolder"], 2),
+                fmt(requests, 0) if name == "wds s3" else "-",
+                "yes" if equal[name] else "NO",
+            ]
+        )
+    headers = ["source", "images", "whole s", "img/s whole", "img/s batches", "vs folder", "GETs", "bit-equal"]
+    # the target's ratio: of the runs side by side in each round, then the median over rounds
+    pairs = zip(runs["imagefolder"], runs["wds s3"], strict=True)  # the same images: seconds' ratio is the rates'
+    ratio = statistics.median(folder["extract_seconds"] / s3["extract_seconds"] for folder, s3 in pairs)
+    return render(headers, rows), ratio
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--plan-child":
+        plan_child(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows (distinct files) of the manifest planned")
+    p.add_argument("--repeats", type=int, default=20, help="POST /jobs timed")
+    p.add_argument("--images", type=int, default=512, help="photos extracted from every source")
+    p.add_argument("--per-shard", type=int, default=128, help="samples per WebDataset shard")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved extraction rounds (medians reported)")
+    p.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm ViT, random init")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=32, help="extraction.batch_size")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after); the manifest is kept")
+    smoke = {"rows": 2000, "repeats": 3, "images": 24, "per_shard": 10, "rounds": 1, "backbone": "test_vit"}
+    args = parse_with_smoke(p, argv, smoke | {"image_size": 32, "batch_size": 8})
+    with workdir(args.data_dir, "sidetune-sources-") as work:
+        args.work = work
+        for old in ("runs", "post", "plan"):  # a kept --data-dir's: entries there would be reused, not extracted
+            shutil.rmtree(work / old, ignore_errors=True)
+        manifest = write_many(work / "datasets" / "many", args.rows)
+        say(f"POST /jobs x {args.repeats} on {args.rows:,} rows")
+        ms = post_jobs(manifest, work / "post", args.repeats)
+        say(f"planning {args.rows:,} rows in a child process")
+        plan = run_child(__file__, ["--plan-child", str(manifest), str(work / "plan")])
+        if "error" in plan:
+            raise RuntimeError(f"the plan child failed: {plan['error']}\n" + "\n".join(plan["log"]))
+        from photos import write_photos
+
+        base = work / "datasets" / "photos"
+        folder = write_photos(base / "train", n=args.images, classes=4)
+        sources = write_formats(base, folder, args.per_shard)
+        log = work / "moto.log"
+        with moto_server(log) as bucket:
+            first = {"imagefolder": sources["imagefolder"], "wds local": sources["wds local"]}
+            sources = first | {"wds s3": upload_shards(sources["wds local"], bucket)} | sources
+            runs = extract_all(sources, args, bucket, log)
+        equal = same_entries(runs)
+    plan_rows = [
+        [f"{args.rows:,}", fmt(statistics.median(ms)), fmt(max(ms))]
+        + [fmt(plan["seconds"], 2), fmt(plan["cpu_s"], 2), fmt(plan["peak_mb"]), fmt(plan["base_mb"])]
+    ]
+    heads = ["rows", "POST /jobs ms", "max ms", "plan s", "plan CPU s", "plan peak MiB", "after imports MiB"]
+    print(render(heads, plan_rows))
+    print()
+    table, ratio = sources_table(runs, equal)
+    print(
+        f"extraction: {args.images} photos, {args.backbone} at {args.image_size} px on {args.device}, median of "
+        f"{args.rounds} round(s); whole = run_extraction (dataset read, shards listed), batches = its loop"
+    )
+    print(table)
+    kv: dict[str, str] = {}
+    put(kv, "post_jobs_ms", statistics.median(ms), 1)
+    put(kv, "plan_peak_mb", plan["peak_mb"], 1)
+    put(kv, "plan_s", plan["seconds"], 2)
+    put(kv, "wds_s3_vs_local", ratio, 3)
+    kv["sources_equal"] = str(int(all(equal.values())))
+    print_kv(kv)
+
+
+if __name__ == "__main__":
+    main()

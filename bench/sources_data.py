@@ -1,0 +1,151 @@
+"""The data bench/sources.py reads: a manifest of many distinct files (planning's load), the same photos in every
+dataset format (ImageFolder, CSV and JSONL manifests, WebDataset shards on the disk and in an S3-compatible store,
+Hugging Face Parquet and `save_to_disk`), and that store: moto in server mode, a process on a loopback port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from common import say
+
+PER_FOLDER = 1000  # files per folder of the many-files manifest
+BUCKET = "sidetune-bench"
+
+
+def write_many(root: Path, rows: int, classes: int = 10) -> Path:
+    """A CSV manifest `root/rows.csv` of `rows` rows, each a distinct empty file `img/<folder>/<i>.png` (planning
+    reads names, links and stats, not pixels; each file its own inode, so none is a repeat). Kept when already
+    there with as many rows."""
+    manifest = root / "rows.csv"
+    done = root / f".rows-{rows}"
+    if done.exists() and manifest.exists():
+        return manifest
+    start = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    with manifest.open("w") as f:
+        f.write("path,label\n")
+        for folder in range(-(-rows // PER_FOLDER)):
+            sub = root / "img" / f"{folder:05d}"
+            sub.mkdir(parents=True, exist_ok=True)
+            lines = []
+            for i in range(folder * PER_FOLDER, min(rows, (folder + 1) * PER_FOLDER)):
+                name = f"{i:07d}.png"
+                os.close(os.open(sub / name, os.O_CREAT | os.O_WRONLY, 0o644))
+                lines.append(f"img/{folder:05d}/{name},class{i % classes}\n")
+            f.writelines(lines)
+    done.touch()
+    say(f"manifest: {rows:,} distinct files written in {time.perf_counter() - start:.1f}s")
+    return manifest
+
+
+def _shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """One uncompressed tar shard by WebDataset's conventions: each sample's files consecutive, `<key>.<ext>`."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+
+
+def write_formats(base: Path, folder: Path, per_shard: int) -> dict[str, str]:
+    """The photos of the ImageFolder `folder` (under `base`) in every local format, in the folder's order:
+    {source: its dataset.path}. Hugging Face's only where `datasets` is installed."""
+    from services.data.datasets import read_imagefolder
+
+    ds = read_imagefolder(folder)
+    rel = [p.relative_to(base).as_posix() for p in ds.paths]
+    names = [ds.classes[i] for i in ds.labels.tolist()]
+    out = {"imagefolder": str(folder)}
+    (base / "rows.csv").write_text("path,label\n" + "".join(f"{r},{n}\n" for r, n in zip(rel, names, strict=True)))
+    out["csv"] = str(base / "rows.csv")
+    lines = (json.dumps({"path": r, "label": n}) + "\n" for r, n in zip(rel, names, strict=True))
+    (base / "rows.jsonl").write_text("".join(lines))
+    out["jsonl"] = str(base / "rows.jsonl")
+    samples = [
+        (f"{n}_{p.stem}", {p.suffix.lstrip(".").lower(): p.read_bytes(), "cls": n.encode()})
+        for p, n in zip(ds.paths, names, strict=True)
+    ]
+    shards = base / "shards"
+    shards.mkdir(exist_ok=True)
+    count = -(-len(samples) // per_shard)
+    for i in range(count):
+        _shard(shards / f"{i:06d}.tar", samples[i * per_shard : (i + 1) * per_shard])
+    out["wds local"] = f"{shards}/{{000000..{count - 1:06d}}}.tar"
+    try:
+        import datasets
+    except ImportError:
+        say("no `datasets` installed: the Hugging Face sources are left out")
+        return out
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=ds.classes)})
+    images = [{"bytes": p.read_bytes(), "path": p.name} for p in ds.paths]
+    table = datasets.Dataset.from_dict({"image": images, "label": ds.labels.tolist()}, features=features)
+    table.to_parquet(str(base / "parquet" / "train.parquet"))
+    table.save_to_disk(str(base / "saved"))
+    out["hf parquet"], out["hf save_to_disk"] = str(base / "parquet"), str(base / "saved")
+    return out
+
+
+@contextlib.contextmanager
+def moto_server(log: Path) -> Iterator[str]:
+    """An S3-compatible server (moto) on loopback, with a bucket; the `AWS_*` variables of this process (and of
+    the loader processes it starts) point at it. Yields `s3://<bucket>`."""
+    import httpx
+
+    from worker.launcher import free_port
+
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    httpx.get(endpoint, timeout=1)
+                    break
+                except httpx.TransportError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"moto did not start (see {log})") from None
+                    time.sleep(0.1)
+            httpx.put(f"{endpoint}/{BUCKET}", timeout=10).raise_for_status()
+            yield f"s3://{BUCKET}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def upload_shards(pattern: str, bucket: str) -> str:
+    """The local shards of `pattern` copied into `bucket`; their pattern there."""
+    import fsspec
+
+    folder, name = pattern.rsplit("/", 1)
+    fs, path = fsspec.core.url_to_fs(f"{bucket}/shards")
+    for shard in sorted(Path(folder).glob("*.tar")):
+        fs.put_file(str(shard), f"{path}/{shard.name}")
+    return f"{bucket}/shards/{name}"
