@@ -72,8 +72,4 @@ def _span(row: dict[str, str | None], manifest: Path | str, line: int) -> tuple[
 class CsvManifest(ManifestFormat):
     name = "csv"
     suffix = ".csv"
-
-    def read_manifest(
-        self, manifest: Path | str, multi_label: bool, skip_bad_rows: bool, duplicates: str, inside: Inside | None
-    ) -> Dataset:
-        return read_csv(manifest, multi_label, skip_bad_rows, duplicates, inside)
+    reader = staticmethod(read_csv)

@@ -90,8 +90,4 @@ def read_jsonl(
 class JsonlManifest(ManifestFormat):
     name = "jsonl"
     suffix = ".jsonl"
-
-    def read_manifest(
-        self, manifest: Path | str, multi_label: bool, skip_bad_rows: bool, duplicates: str, inside: Inside | None
-    ) -> Dataset:
-        return read_jsonl(manifest, multi_label, skip_bad_rows, duplicates, inside)
+    reader = staticmethod(read_jsonl)

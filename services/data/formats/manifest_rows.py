@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import os
 import posixpath
-from abc import abstractmethod
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -176,7 +175,7 @@ _MISSING = "to leave missing files out"
 
 class ManifestFormat(DatasetFormat):
     """A manifest format: `auto` picks it for a file (by the file a link resolves to, as the rule checks it) or an
-    object whose name ends in `suffix`; `read_manifest` reads its rows."""
+    object whose name ends in `suffix`; its `reader` reads its rows."""
 
     suffix: ClassVar[str]
 
@@ -191,10 +190,11 @@ class ManifestFormat(DatasetFormat):
 
     def read(self, location: str, files: list[Path | str], options: ReadOptions, inside: Inside | None) -> Dataset:
         (manifest,) = files
-        return self.read_manifest(manifest, options.multi_label, options.skip_bad, options.duplicates, inside)
+        return self.reader(manifest, options.multi_label, options.skip_bad, options.duplicates, inside)
 
-    @abstractmethod
-    def read_manifest(
-        self, manifest: Path | str, multi_label: bool, skip_bad_rows: bool, duplicates: str, inside: Inside | None
+    @staticmethod
+    def reader(
+        manifest: Path | str, multi_label: bool, skip_bad_rows: bool, duplicates: str, inside: Inside | None
     ) -> Dataset:
-        """The manifest's rows as a dataset (read_csv, read_jsonl)."""
+        """The manifest's rows as a dataset: each format sets its reader (read_csv, read_jsonl)."""
+        raise NotImplementedError
