@@ -35,8 +35,7 @@ def test_compose_runs_the_inference_service_on_the_gpu_and_gives_every_service_t
 def test_the_s3_profile_is_an_object_store_every_service_reads_with_the_same_credentials() -> None:
     """`docker compose --profile s3 up`: MinIO, whose root user is the AWS_* credentials that every sidetune service
     passes through from the host (never written in the file), and the allowed prefixes of object-store datasets.
-    (Checked against the Compose specification's JSON schema by hand: check-jsonschema --builtin-schema
-    vendor.compose-spec docker-compose.yml; the tool is not a dependency.)"""
+    (The whole file is checked against the Compose Specification below.)"""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {n for n, s in services.items() if s.get("profiles") == ["s3"]} == {"minio", "minio-init"}
@@ -52,6 +51,24 @@ def test_the_s3_profile_is_an_object_store_every_service_reads_with_the_same_cre
         assert env["SIDETUNE_ALLOWED_PREFIXES"] == "${SIDETUNE_ALLOWED_PREFIXES:-}", name
         for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
             assert var in env and env[var] is None, (name, var)  # from the host's environment, when set there
+
+
+def _compose_spec_errors(path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema with the Compose Specification's schema, which it vendors (no network needed)."""
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_docker_compose_yml_follows_the_compose_specification(tmp_path: Path) -> None:
+    """No Docker engine runs here, so `docker compose config` cannot check the file; the specification's JSON schema
+    can. A file that breaks it is refused, so the check is not vacuous."""
+    checked = _compose_spec_errors(ROOT / "docker-compose.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    broken = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    broken["services"]["api"]["deploy"] = "one replica"  # deploy is a mapping
+    (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump(broken))
+    refused = _compose_spec_errors(tmp_path / "docker-compose.yml")
+    assert refused.returncode == 1 and "$.services.api.deploy" in refused.stdout, refused.stdout + refused.stderr
 
 
 def test_the_api_image_leaves_out_torch_and_nothing_the_api_imports() -> None:
