@@ -1,8 +1,8 @@
 """What a job's training tells its experiment trackers as it trains (`Tracker`), and what every tracker derives from
 the job: its runs' names, its curves' tags and new epochs, its L2 path, each configuration's hyperparameters and best
-figures. Two trackers: TensorBoard's event files (tensorboard.py: `Board`, every job) and an MLflow server's runs
-(mlflow_runs.py: `MlflowRuns`, with SIDETUNE_MLFLOW_TRACKING_URI); `Trackers` feeds several as one. Each is fed from
-where the job's metrics come from:
+figures. Three trackers: TensorBoard's event files (tensorboard.py: `Board`, every job), an MLflow server's runs
+(mlflow_runs.py: `MlflowRuns`, with SIDETUNE_MLFLOW_TRACKING_URI) and a W&B project's (wandb_logger.py: `WandbRuns`,
+with SIDETUNE_WANDB_PROJECT); `Trackers` feeds several as one. Each is fed from where the job's metrics come from:
 
     begin(built)                  train_job, once the configurations are built: their resolved hyperparameters
     record(state)                 the loop (fit.py), after every epoch and once after a resume: the curves' new rows
