@@ -138,7 +138,8 @@ def test_method_auto_logs_each_candidates_runs(
 
 def kill_service() -> None:
     """W&B's service, the `wandb-core` process that this test's process started, dies."""
-    [service] = [p for p in psutil.Process().children() if p.name() == "wandb-core"]
+    alive = [p for p in psutil.Process().children() if p.status() != psutil.STATUS_ZOMBIE]
+    [service] = [p for p in alive if p.name() == "wandb-core"]
     service.kill()
     service.wait(10)
 
