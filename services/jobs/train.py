@@ -63,6 +63,7 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
 def _train(store: JobStore, settings: Settings, job_id: str) -> None:
     from services.training.job import train_job
     from services.training.mlflow_runs import MlflowJob
+    from services.training.wandb_logger import WandbJob
 
     job = store.get_job(job_id)
     if job["status"] in TERMINAL:
@@ -94,7 +95,8 @@ def _train(store: JobStore, settings: Settings, job_id: str) -> None:
                     )
                 runs = artifacts.tensorboard(job_id)
                 mlflow = MlflowJob.of(settings, job_id, model_id, spec.name, job.get("owner"))
-                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt, resolved, runs, mlflow)
+                wandb = WandbJob.of(settings, job_id, model_id, spec.name, job.get("owner"))
+                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt, resolved, runs, mlflow, wandb)
             files = model_files(out)
             artifacts.save_model(model_id, out["weights"], out["manifest"], out["metrics"], files)
         artifacts.check_model(model_id)
