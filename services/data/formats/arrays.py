@@ -124,13 +124,31 @@ class Stamps:
         return self.changed.tolist() if isinstance(self.changed, Coded) else self.changed
 
 
+_CHUNK = 8192  # array values turned into Python values at a time
+
+
+def values(a: np.ndarray) -> Iterator:
+    """The values of `a` as Python values, a chunk at a time (`a.tolist()` would hold a million of them at once)."""
+    for start in range(0, len(a), _CHUNK):
+        yield from a[start : start + _CHUNK].tolist()
+
+
 def mtime_ns(bits: int) -> int:
     """The modification time a stamp stored as uint64 bits."""
     return bits - (1 << 64) if bits >= 1 << 63 else bits
 
 
 def same_ids(keys: np.ndarray, spans: np.ndarray | None) -> np.ndarray:
-    """Each row's number among the distinct rows of `keys` (uint64 or int64 [n, k]), its span too where given."""
+    """A number for each row of `keys` (uint64 or int64 [n, k]; its span too where given) that rows share exactly
+    when they are equal. Two columns of non-negative numbers that fit one int64 (a small id and an offset, a device
+    and an inode) are that int64, not sorted here: formats/build.py's `each_once` sorts the numbers once."""
+    if spans is None and keys.shape[1] == 2 and len(keys):
+        major, minor = keys[:, 0], keys[:, 1]
+        if (major == major[0]).all() and int(minor.max()) < 1 << 63:  # one device (or file): its inodes (rows)
+            return minor.astype(np.int64)
+        stride = int(minor.max()) + 1
+        if int(major.max()) < (1 << 62) // stride:  # a shard's (file's) id and an offset (row) in it
+            return major.astype(np.int64) * stride + minor.astype(np.int64)
     if spans is not None:
         keys = np.concatenate(
             [keys.view(np.uint64), np.ascontiguousarray(spans, dtype=np.float64).view(np.uint64)], axis=1
@@ -182,7 +200,7 @@ class Texts:
 
     def __iter__(self) -> Iterator[str]:
         start = 0
-        for end in self.ends.tolist():
+        for end in values(self.ends):
             yield self.data[start:end].decode(*_ENCODING)
             start = end
 
@@ -194,7 +212,7 @@ class Texts:
 def take_spans(data: bytes, ends: np.ndarray, rows: np.ndarray) -> tuple[bytes, np.ndarray]:
     """The pieces `rows` of `data` (each ending at `ends`), end to end, and where each ends."""
     starts = np.concatenate([[0], ends[:-1]]) if len(ends) else ends
-    picked = b"".join(data[s:e] for s, e in zip(starts[rows].tolist(), ends[rows].tolist(), strict=True))
+    picked = b"".join(data[s:e] for s, e in zip(values(starts[rows]), values(ends[rows]), strict=True))
     return picked, np.cumsum(ends[rows] - starts[rows], dtype=np.int64)
 
 

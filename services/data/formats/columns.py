@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.data.formats.arrays import Column, Stamps, same_ids, take_spans
+from services.data.formats.arrays import Column, Stamps, same_ids, take_spans, values
 
 
 class Files(Column[Path]):
@@ -51,7 +51,7 @@ class Files(Column[Path]):
 
     def texts(self) -> Iterator[str]:
         start, prefix = 0, self.prefix
-        for end in self.ends.tolist():
+        for end in values(self.ends):
             yield prefix + os.fsdecode(self.names[start:end])
             start = end
 

@@ -48,7 +48,7 @@ IN_A_STORE = (
     "a Hugging Face dataset is read from the server's disk (a save_to_disk folder, Parquet files) or the Hub "
     "(`hf://org/name`), not from an object store; copy it under an allowed root, or write it as WebDataset shards"
 )
-_CHUNK = 65536  # rows turned into Python values at a time
+_CHUNK = 8192  # rows turned into Python values at a time
 _SPLIT_IN_NAME = re.compile(r"^(train|validation|test)(?:[-_.]|$)")
 
 

@@ -14,7 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from services.data.formats.arrays import Coded, Column, Stamps, Texts, TextsBuilder, same_ids, sequence, under, whole
+from services.data.formats.arrays import (
+    Coded,
+    Column,
+    Stamps,
+    Texts,
+    TextsBuilder,
+    same_ids,
+    sequence,
+    under,
+    values,
+    whole,
+)
 from services.data.formats.samples import ShardMember
 
 Shard = Path | str  # a local shard, or an object-store URL
@@ -37,7 +48,7 @@ class Members(Column[ShardMember]):
         return ShardMember(self.shards[self.shard[i]], self.names[i], int(self.offset[i]), int(self.size[i]))
 
     def __iter__(self) -> Iterator[ShardMember]:
-        rows = zip(self.shard.tolist(), self.names, self.offset.tolist(), self.size.tolist(), strict=True)
+        rows = zip(values(self.shard), self.names, values(self.offset), values(self.size), strict=True)
         return (ShardMember(self.shards[s], name, offset, size) for s, name, offset, size in rows)
 
     def take(self, rows: np.ndarray) -> Members:
@@ -57,7 +68,7 @@ class Members(Column[ShardMember]):
 
     def relatives(self, root: Path | str) -> Iterator[str]:
         folders = [under(s, root) for s in self.shards]
-        for s, name in zip(self.shard.tolist(), self.names, strict=True):
+        for s, name in zip(values(self.shard), self.names, strict=True):
             yield f"{folders[s]}/{name}"
 
     def suffixes(self) -> Iterator[str]:

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services.data.formats.arrays import Column, Stamps, Texts, TextsBuilder, same_ids, sequence, under
+from services.data.formats.arrays import Column, Stamps, Texts, TextsBuilder, same_ids, sequence, under, values
 from services.data.formats.columns import stamp
 from services.data.formats.samples import Item, TableRow
-
-_A_FILE = np.uint64(0xFFFF_FFFF_FFFF_FFFF)  # the row number a local file's stamp has: no table's row
 
 
 class TableRows(Column[Item]):
@@ -45,7 +43,7 @@ class TableRows(Column[Item]):
         return TableRow(self.files[self.file[i]], int(self.row[i]), self.column, self.stored[i])
 
     def __iter__(self) -> Iterator[Item]:
-        rows = zip(self.file.tolist(), self.row.tolist(), self.local.tolist(), self.stored, strict=True)
+        rows = zip(values(self.file), values(self.row), values(self.local), self.stored, strict=True)
         return (Path(s) if local else TableRow(self.files[f], r, self.column, s) for f, r, local, s in rows)
 
     def take(self, rows: np.ndarray) -> TableRows:
@@ -56,18 +54,21 @@ class TableRows(Column[Item]):
 
     def stamps(self, spans: np.ndarray | None) -> Stamps:
         """A table's row by its file (device and inode) and number, with its file's size and modification time; a
-        local file by its own: one stat per file."""
-        by_file = np.array([stamp(os.stat(f)) for f in self.files], dtype=np.uint64).reshape(-1, 4)
-        st = by_file[self.file]
-        keys = np.stack([st[:, 0], st[:, 1], self.row.astype(np.uint64)], axis=1)
+        local file by its own (never one of a table's rows): one stat per file."""
+        ids: dict[tuple[int, int], int] = {}
+        by_file = [stamp(os.stat(f)) for f in self.files]
+        file_id = np.array([ids.setdefault((s[0], s[1]), len(ids)) for s in by_file], dtype=np.int64)
+        major, minor = file_id[self.file], self.row + 1  # a local file's "row" is 0
+        size = np.array([s[2] for s in by_file], dtype=np.int64)[self.file]
+        changed = np.array([s[3] for s in by_file], dtype=np.uint64)[self.file]
         for i in np.flatnonzero(self.local).tolist():
-            st[i] = stamp(os.stat(self.stored[i]))
-            keys[i] = (st[i, 0], st[i, 1], _A_FILE)
-        return Stamps(same_ids(keys, spans), st[:, 2].astype(np.int64), st[:, 3])
+            dev, ino, size[i], changed[i] = stamp(os.stat(self.stored[i]))
+            major[i], minor[i] = ids.setdefault((dev, ino), len(ids)), 0
+        return Stamps(same_ids(np.stack([major, minor], axis=1), spans), size, changed)
 
     def relatives(self, root: Path | str) -> Iterator[str]:
         folders = [under(f, root) for f in self.files]
-        rows = zip(self.file.tolist(), self.row.tolist(), self.local.tolist(), self.stored, strict=True)
+        rows = zip(values(self.file), values(self.row), values(self.local), self.stored, strict=True)
         for f, r, local, s in rows:
             yield under(Path(s), root) if local else f"{folders[f]}[{r}]"
 
