@@ -11,14 +11,17 @@ one passed in, whose weights must hash as the manifest says:
     from services.export.adapter import load_adapter
 
     model = load_adapter("model_...-adapter.zip")  # an nn.Module: images -> logits, in float32 on the CPU
-    x = torch.stack([model.transform(image.convert("RGB")) for image in images])
+    x = model.inputs(["image.jpg"])  # image files (a video model's: video files) read as predict reads them
     probs = model(x).softmax(-1)  # columns: model.classes (a multi-label model: model(x).sigmoid())
+
+The card's code (card_code.py's `adapter_folder`) runs that in the unzipped folder.
 """
 
 from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -30,10 +33,14 @@ from timm.data import create_transform
 from torch import nn
 from typing_extensions import TypedDict
 
+from services.data.images import draft_size, load_image
+from services.data.transforms import SplitTransform
 from services.export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from services.export.card import ModelFacts, model_card
+from services.export.card_code import adapter_folder
 from services.models.loading import Artifact, Trained, load_trained
 from services.models.manifest import Manifest, migrate
+from services.video.decoding import read_clip
 from storage.artifacts import tensors_to_bytes
 from storage.cache.meta import DataConfig
 from storage.manifests import ManifestRecord, ManifestV1Record
@@ -88,17 +95,13 @@ def refusal(manifest: Manifest) -> str | None:
 
 
 def _usage(config: AdapterConfig) -> str:
-    """The card's loading code: sidetune's `load_adapter`."""
+    """The card's loading code: sidetune's `load_adapter` on the unzipped folder."""
+    manifest = config.manifest
     return f"""`{WEIGHTS_NAME}` holds only what the method trained; `{CONFIG_NAME}` (the model's manifest) names the
-backbone, the method, the classes and the preprocessing. With sidetune installed:
+backbone, the method, the classes and the preprocessing. With sidetune installed, in the unzipped folder (or
+`load_adapter("{config.model_id}-adapter.zip")` on the zip itself):
 
-```python
-import torch
-from services.export.adapter import load_adapter
-
-model = load_adapter("{config.model_id}-adapter.zip")  # or this folder, unzipped
-probs = model(torch.stack([model.transform(image.convert("RGB")) for image in images])).softmax(-1)
-```"""
+{adapter_folder(manifest.multi_label, manifest.video is not None)}"""
 
 
 def write(trained: Trained, folder: Path, facts: ModelFacts) -> Path:
@@ -123,7 +126,7 @@ def read_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, np.ndarray]
 
 
 class AdapterModel(nn.Module):
-    """A loaded adapter: images (normalised by `transform`) -> logits over `classes`."""
+    """A loaded adapter: images (normalised by `transform`; files read by `inputs`) -> logits over `classes`."""
 
     def __init__(self, module: nn.Module, config: AdapterConfig) -> None:
         super().__init__()
@@ -135,6 +138,19 @@ class AdapterModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+    def inputs(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """The input batch of image files, or a video model's video files, read as predict reads them: an image by
+        services/data/images.py's rules, then `transform`; a video's clip as predict samples it (services/video/
+        decoding.py), each frame through `transform`, the frames stacked along the channels ([N, T*3, H, W])."""
+        video = self.config.manifest.video
+        if video is None:
+            draft = draft_size(self.transform)
+            return torch.stack([self.transform(load_image(Path(p), draft)) for p in paths])
+        split = SplitTransform.of(self.transform)
+        if split is None:
+            raise ValueError(f"the transform {self.transform} is not timm's eval layout (PIL steps, then tensor)")
+        return split.to_input(np.stack([read_clip(Path(p), video, split.load).frames for p in paths]))
 
 
 def load_adapter(path: str | Path, vit: nn.Module | None = None, device: str | torch.device = "cpu") -> AdapterModel:

@@ -29,6 +29,7 @@ from PIL import Image
 
 from services.export import onnx_graph
 from services.export.card import ModelFacts, model_card
+from services.export.card_code import mlflow_folder
 from services.models.loading import Trained
 from services.models.manifest import Manifest
 
@@ -59,13 +60,7 @@ code needs onnxruntime, timm and mlflow{", and PyAV" if column == "video" else "
 with a string column `{column}`, each row {what} in base64; output: a DataFrame with a column per class, in the
 model's order, holding predict's probabilities (`MLmodel` holds the signature).
 
-```python
-import base64, mlflow, pandas as pd
-
-model = mlflow.pyfunc.load_model("{trained.model_id}-mlflow")  # this folder, unzipped; or "models:/NAME/VERSION"
-files = pd.DataFrame({{"{column}": [base64.b64encode(open(p, "rb").read()).decode() for p in paths]}})
-probs = model.predict(files)  # a column per class
-```"""
+{mlflow_folder(column)}"""
 
 
 def _gradient(h: int, w: int, shift: int = 0) -> np.ndarray:

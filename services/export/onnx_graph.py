@@ -21,6 +21,7 @@ import torch
 
 from services.export import ExportError
 from services.export.card import ModelFacts, model_card
+from services.export.card_code import onnx_file
 from services.modality import modality_for
 from services.models.loading import Trained
 from services.models.manifest import Manifest
@@ -33,21 +34,14 @@ def refusal(manifest: Manifest) -> str | None:
 
 
 def _usage(trained: Trained) -> str:
-    """The card's loading code: onnxruntime, the preprocessing from the graph's metadata."""
-    scores = "logits.sigmoid()" if trained.manifest.multi_label else "logits.softmax(-1)"
-    return f"""One graph, no sidetune needed: input `pixel_values`, output `logits`; the metadata holds `classes` and
-`preprocessing` (timm's data config).
+    """The card's loading code: onnxruntime, the preprocessing (and a video model's clip sampling) from the graph's
+    metadata, in the folder the graph was downloaded to under the service's name for it."""
+    manifest = trained.manifest
+    clips = manifest.video is not None
+    return f"""One graph, no sidetune needed: input `pixel_values`, output `logits`; the metadata holds `classes`,
+`preprocessing` (timm's data config){" and `video` (the clip sampling; PyAV decodes the clips here)" if clips else ""}.
 
-```python
-import json, onnxruntime, timm, torch
-
-session = onnxruntime.InferenceSession("{trained.model_id}.onnx")
-meta = session.get_modelmeta().custom_metadata_map
-transform = timm.data.create_transform(**json.loads(meta["preprocessing"]))
-x = torch.stack([transform(image.convert("RGB")) for image in images]).numpy()
-logits = torch.from_numpy(session.run(None, {{"pixel_values": x}})[0])
-scores = {scores}  # columns: json.loads(meta["classes"])
-```"""
+{onnx_file(f"{trained.model_id}.onnx", manifest.multi_label, clips)}"""
 
 
 def metadata(trained: Trained, facts: ModelFacts) -> dict[str, str]:

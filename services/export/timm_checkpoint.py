@@ -25,6 +25,7 @@ from torch import nn
 
 from services.export import ExportError
 from services.export.card import ModelFacts, model_card
+from services.export.card_code import timm_by_name, timm_folder
 from services.export.hf_card import SIDETUNE_NAME, SidetuneJson
 from services.modality import modality_for
 from services.models.loading import SideClassifier, Trained
@@ -89,32 +90,21 @@ def _check_plain(vit: nn.Module, name: str, num_classes: int, model_args: dict[s
 
 
 def _usage(trained: Trained, model_args: dict[str, int]) -> str:
-    """The card's loading code: timm alone, from this folder or by name with the weights file."""
+    """The card's loading code: timm alone, from the unzipped folder; or by name with the weights file."""
     manifest = trained.manifest
-    name, c = manifest.backbone.name, len(trained.classes)
-    extra = "".join(f", {k}={v!r}" for k, v in model_args.items())
-    scores = "Scores: `logits.softmax(-1)`."
+    scores = "Scores: a softmax over the classes."
     if manifest.multi_label:
-        scores = (
-            f"Multi-label: `logits.sigmoid()` per tag; a tag is predicted from {manifest.threshold} "
-            "on (`sidetune.json`)."
-        )
-    return f"""A plain timm ViT: timm alone loads it, no sidetune needed.
+        scores = f"Scores: a sigmoid per tag; a tag is predicted from {manifest.threshold} on (`sidetune.json`)."
+    by_name = timm_by_name(manifest.backbone.name, len(trained.classes), model_args)
+    return f"""A plain timm ViT: timm alone loads it, no sidetune needed, in the unzipped folder:
 
-```python
-import json, timm, torch
+{timm_folder(manifest.multi_label)}
+{scores}
 
-model = timm.create_model("local-dir:.", pretrained=True).eval()  # this folder, unzipped
-# or by name, with the weights file (the image size it was trained at, and the class count):
-model = timm.create_model("{name}", pretrained=True, num_classes={c}{extra},
-                          pretrained_cfg_overlay={{"file": "model.safetensors", "num_classes": {c}}}).eval()
+Or by name with the weights file, at the image size it was trained at (`num_classes` in the overlay too: timm drops a
+classifier whose class count differs from its pretrained config's), in place of the `model = ...` line above:
 
-config = json.load(open("config.json"))
-transform = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=config["pretrained_cfg"]))
-classes = config["label_names"]
-# logits = model(torch.stack([transform(image.convert("RGB")) for image in images]))
-```
-{scores}"""
+{by_name}"""
 
 
 def save_timm(trained: Trained, out: Path) -> dict[str, int]:

@@ -1,15 +1,19 @@
 """What travels with an export: the README's export snippets, run as written (parsed out of README.md, the export
 files named as the snippets name them, `paths` the images) against a model trained at 64 px, not test_vit's own 160,
 each giving predict's probabilities; and the model card every export carries (services/export/card.py), its front
-matter parsed by `huggingface_hub.ModelCard`, its `model-index` the model's evaluation figures. The figures (max abs
-differences of probabilities) are written to test-artifacts/export_docs.json."""
+matter parsed by `huggingface_hub.ModelCard`, its `model-index` the model's evaluation figures, its loading code run as
+written in a fresh Python in the unpacked export (tests/cards.py), the placeholder line given the images, giving
+predict's probabilities in every format. The figures (max abs differences of probabilities) are written to
+test-artifacts/export_docs.json."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import textwrap
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,7 @@ import onnx
 import pytest
 from huggingface_hub import ModelCard
 
-from services.export import export_model
+from services.export import FORMATS, Exported
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
 from services.jobs.train import model_files
@@ -25,6 +29,7 @@ from services.serving.inference import Predictor
 from services.training.job import train_job
 from storage.artifacts import ArtifactStore
 from storage.settings import Settings
+from tests.cards import blocks, exporter, start, unpack
 from tests.helpers import job_spec
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -70,6 +75,11 @@ def figures(test_artifacts: Path):
     (test_artifacts / "export_docs.json").write_text(json.dumps(found, indent=2, sort_keys=True))
 
 
+@pytest.fixture(scope="module")
+def exported(served: Settings, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Exported]:
+    return exporter(served, tmp_path_factory)
+
+
 def _predicted(settings: Settings, model_id: str, paths: list[str]) -> np.ndarray:
     predictor = Predictor(settings)
     classes = predictor.load(model_id).classes
@@ -77,21 +87,19 @@ def _predicted(settings: Settings, model_id: str, paths: list[str]) -> np.ndarra
     return np.array([[a["scores"][c] for c in classes] for a in answers])
 
 
-def _export(settings: Settings, model_id: str, fmt: str, folder: Path) -> Path:
-    return export_model(ArtifactStore.from_settings(settings), settings, model_id, fmt, folder).path
-
-
-def test_the_readme_export_snippets_give_predicts_probabilities(served, paths, figures, tmp_path, monkeypatch) -> None:
+def test_the_readme_export_snippets_give_predicts_probabilities(
+    served, exported, paths, figures, tmp_path, monkeypatch
+) -> None:
     timm_local, timm_by_name, onnx_block, adapter_block, mlflow_block = export_snippets()
     assert '"model_...-timm"' in timm_local and "img_size=" in timm_by_name
     model_id = "model_test64"
     work = tmp_path / "work"
     work.mkdir()
-    with zipfile.ZipFile(_export(served, model_id, "timm", tmp_path)) as z:
+    with zipfile.ZipFile(exported(model_id, "timm").path) as z:
         z.extractall(work / "model_...-timm")  # the names the snippets use, in the folder they run in
-    _export(served, model_id, "onnx", tmp_path).rename(work / "model_....onnx")
-    _export(served, model_id, "adapter", tmp_path).rename(work / "model_...-adapter.zip")
-    with zipfile.ZipFile(_export(served, model_id, "mlflow", tmp_path)) as z:
+    shutil.copy(exported(model_id, "onnx").path, work / "model_....onnx")
+    shutil.copy(exported(model_id, "adapter").path, work / "model_...-adapter.zip")
+    with zipfile.ZipFile(exported(model_id, "mlflow").path) as z:
         z.extractall(work / "model_...-mlflow")
     monkeypatch.chdir(work)
     expected = _predicted(served, model_id, paths)  # rounded to 6 decimals
@@ -116,19 +124,19 @@ def test_the_readme_export_snippets_give_predicts_probabilities(served, paths, f
         assert diff <= 1e-5, (route, diff)
 
 
-def _cards(settings: Settings, model_id: str, folder: Path) -> dict[str, str]:
+def _cards(exported: Callable[[str, str], Exported], model_id: str) -> dict[str, str]:
     """Each format's card: README.md in the zips, the ONNX graph's `model_card` metadata."""
     cards = {}
     for fmt in ("timm", "adapter", "mlflow", "hf"):
-        with zipfile.ZipFile(_export(settings, model_id, fmt, folder)) as z:
+        with zipfile.ZipFile(exported(model_id, fmt).path) as z:
             cards[fmt] = z.read("README.md").decode()
-    meta = {p.key: p.value for p in onnx.load(str(_export(settings, model_id, "onnx", folder))).metadata_props}
+    meta = {p.key: p.value for p in onnx.load(str(exported(model_id, "onnx").path)).metadata_props}
     cards["onnx"] = meta["model_card"]
     return cards
 
 
 @pytest.mark.parametrize("model_id", MODELS)
-def test_every_export_carries_a_model_card(model_id, served, tmp_path) -> None:
+def test_every_export_carries_a_model_card(model_id, served, exported) -> None:
     artifacts = ArtifactStore.from_settings(served)
     report = artifacts.read_json(model_id, "evaluation.json")
     metrics = artifacts.read_json(model_id, "metrics.json")
@@ -136,7 +144,7 @@ def test_every_export_carries_a_model_card(model_id, served, tmp_path) -> None:
     split = report["split"]
     assert split == ("test" if MODELS[model_id] else "val")
     libraries = {"timm": "timm", "onnx": "onnx", "adapter": "sidetune", "mlflow": "mlflow", "hf": "timm"}
-    for fmt, text in _cards(served, model_id, tmp_path).items():
+    for fmt, text in _cards(exported, model_id).items():
         card = ModelCard(text)  # huggingface_hub's own parser: front matter and model-index
         data = card.data
         assert data.library_name == libraries[fmt] and {"sidetune", "linear", "test_vit"} <= set(data.tags)
@@ -153,7 +161,27 @@ def test_every_export_carries_a_model_card(model_id, served, tmp_path) -> None:
         assert all(f"`{c}`" in body for c in manifest["classes"]) and "Intended use and limits" in body
         assert "```python" in body.split("## How to load it", 1)[1]
     # the merged ViT's card loads it at the size it was trained at
-    assert "img_size=64" in _cards(served, model_id, tmp_path)["timm"]
+    assert "img_size=64" in _cards(exported, model_id)["timm"]
+
+
+def test_every_exports_card_code_runs_as_written(exported, served, paths, figures, tmp_path) -> None:
+    """Each format's card's code, run as written in a fresh Python in the unpacked export, its placeholder line given
+    the images, gives predict's probabilities; the `timm` card's second block, the model by name, too, in place of
+    the first block's `model = ...` line as its card says. The formats' runs at once: each is mostly imports."""
+    model_id = "model_test64"
+    runs = {}
+    for fmt in FORMATS:
+        code, *more = blocks(unpack(exported(model_id, fmt), folder := tmp_path / fmt))
+        runs[fmt] = start(code, folder, paths)
+        if fmt == "timm":
+            (by_name,) = more
+            line = re.search(r"^model = timm\.create_model\(.*\n", code, flags=re.M).group(0)
+            runs["timm_by_name"] = start(code.replace(line, by_name), folder, paths)
+    expected = _predicted(served, model_id, paths)  # rounded to 6 decimals
+    for route, run in runs.items():
+        diff = float(np.abs(run.result() - expected).max())
+        figures[f"card_{route}_vs_predict_probs"] = diff
+        assert diff <= 1e-5, (route, diff)
 
 
 def test_every_method_has_its_paper_on_the_card() -> None:

@@ -40,6 +40,7 @@ from services.serving.inference import Predictor
 from services.training.job import train_job
 from storage.artifacts import ArtifactStore
 from storage.settings import Settings
+from tests.cards import given
 from tests.helpers import job_spec
 from worker.commands.registry import hub_folder
 from worker.launcher import free_port
@@ -104,10 +105,10 @@ def _card_code(card: Path) -> str:
 
 
 def _run_card(folder: Path, paths: list[str], monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
-    """The card's code run as written, in the unzipped folder, `paths` the images; its `probs`."""
+    """The card's code run as written, in the unzipped folder, its placeholder line given `paths`; its `probs`."""
     monkeypatch.chdir(folder)
-    namespace: dict = {"paths": paths}
-    exec(compile(_card_code(folder / "README.md"), "README.md", "exec"), namespace)
+    namespace: dict = {}
+    exec(compile(given(_card_code(folder / "README.md"), paths), "README.md", "exec"), namespace)
     return np.asarray(namespace["probs"], dtype=np.float64)
 
 
@@ -172,18 +173,17 @@ def _hub_cache(folder: Path, repo: str, cache: Path) -> None:
 
 
 def _run_from_hub(folder: Path, repo: str, paths: list[str], tmp_path: Path) -> np.ndarray:
-    """The card's code of `folder`, pushed to `repo`, run as written in a fresh Python where huggingface_hub finds
-    the repo in its cache, offline; its `probs`."""
+    """The card's code of `folder`, pushed to `repo`, run as written (its placeholder line given `paths`) in a fresh
+    Python where huggingface_hub finds the repo in its cache, offline; its `probs`."""
     cache = tmp_path / "hub-cache"
     _hub_cache(folder, repo, cache)
-    (script := tmp_path / "card.py").write_text(_card_code(folder / "README.md"))
-    run = "import json, sys; paths = json.loads(sys.argv[2]); exec(open(sys.argv[1]).read()); "
-    run += "print(json.dumps(probs.tolist()))"
+    (script := tmp_path / "card.py").write_text(given(_card_code(folder / "README.md"), paths))
+    run = "import json, sys; exec(open(sys.argv[1]).read()); print(json.dumps(probs.tolist()))"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env |= {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf-home")}
     env["PYTHONPATH"] = str(ROOT)  # the adapter layout's code imports sidetune's load_adapter
     out = subprocess.run(
-        [sys.executable, "-c", run, str(script), json.dumps(paths)],
+        [sys.executable, "-c", run, str(script)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -191,7 +191,7 @@ def _run_from_hub(folder: Path, repo: str, paths: list[str], tmp_path: Path) -> 
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    return np.array(json.loads(out.stdout))
+    return np.array(json.loads(out.stdout.strip().splitlines()[-1]))  # after the lines the code prints
 
 
 @pytest.mark.parametrize("model_id", MODELS)

@@ -4,7 +4,9 @@ where sidetune cannot be imported, answer predict's probabilities (max abs diffe
 test-artifacts/export_mlflow.json) under their signature (a base64 `image` or `video` column in, a column per class
 out), with their input example, requirements and the model card as README.md: a linear probe read out by timm's head,
 LoSA (a side network), a linear probe pooling otherwise than the backbone's head, and two ViViTs (LoSA, a strided
-linear probe) fed mp4 and webm files."""
+linear probe) fed mp4 and webm files. The video models' cards in every format that takes clips (`onnx`, `adapter`,
+`mlflow`, `hf`): their code, run as written on those files, answers predict's probabilities too
+(test-artifacts/export_cards_video.json)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -23,7 +26,7 @@ import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from services.export import export_model, refusal
+from services.export import Exported, refusal
 from services.extraction import run_extraction
 from services.jobs.progress import NullReporter
 from services.jobs.train import model_files
@@ -34,6 +37,7 @@ from services.training.job import train_job
 from services.video.synthetic import write_motion
 from storage.artifacts import ArtifactStore
 from storage.settings import Settings
+from tests.cards import blocks, exporter, start, unpack
 from tests.helpers import job_spec
 
 IMAGE_MODELS = {
@@ -105,8 +109,21 @@ def figures(test_artifacts: Path):
     path.write_text(json.dumps({"mlflow_pyfunc_vs_predict_probs": found}, indent=2, sort_keys=True))
 
 
-def _unzipped(settings: Settings, model_id: str, tmp_path: Path) -> Path:
-    out = export_model(ArtifactStore.from_settings(settings), settings, model_id, "mlflow", tmp_path)
+@pytest.fixture(scope="module")
+def card_figures(test_artifacts: Path):
+    found: dict[str, float] = {}
+    yield found
+    path = test_artifacts / "export_cards_video.json"
+    path.write_text(json.dumps({"card_code_vs_predict_probs": found}, indent=2, sort_keys=True))
+
+
+@pytest.fixture(scope="module")
+def exported(served: Settings, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Exported]:
+    return exporter(served, tmp_path_factory)
+
+
+def _unzipped(exported: Callable[[str, str], Exported], model_id: str, tmp_path: Path) -> Path:
+    out = exported(model_id, "mlflow")
     assert out.filename == f"{model_id}-mlflow.zip" and out.media_type == "application/zip"
     folder = tmp_path / "unzipped"
     with zipfile.ZipFile(out.path) as z:
@@ -130,9 +147,9 @@ print(json.dumps({"columns": list(probs.columns), "probs": probs.to_numpy().toli
 
 @pytest.mark.parametrize("model_id", ALL)
 def test_mlflow_export_loads_without_sidetune_and_gives_predicts_probabilities(
-    model_id, served, inputs, figures, tmp_path
+    model_id, served, exported, inputs, figures, tmp_path
 ) -> None:
-    folder = _unzipped(served, model_id, tmp_path)
+    folder = _unzipped(exported, model_id, tmp_path)
     column = "video" if model_id in VIDEO_MODELS else "image"
     files = inputs[column]
     site = sysconfig.get_paths()["purelib"]
@@ -157,11 +174,11 @@ def test_mlflow_export_loads_without_sidetune_and_gives_predicts_probabilities(
 
 
 @pytest.mark.parametrize("model_id", ["model_linear64", "model_video_losa"])
-def test_mlflow_export_has_its_signature_example_and_card(model_id, served, tmp_path) -> None:
+def test_mlflow_export_has_its_signature_example_and_card(model_id, served, exported, tmp_path) -> None:
     import mlflow
     from mlflow.models import Model
 
-    folder = _unzipped(served, model_id, tmp_path)
+    folder = _unzipped(exported, model_id, tmp_path)
     video = model_id in VIDEO_MODELS
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert {"MLmodel", "README.md", "requirements.txt", "input_example.json"} <= names
@@ -193,6 +210,36 @@ def test_mlflow_export_has_its_signature_example_and_card(model_id, served, tmp_
     assert card.data.library_name == "mlflow" and card.data.model_name == model_id
     usage = card.text.split("## How to load it", 1)[1]
     assert "mlflow.pyfunc.load_model" in usage and f'{{"{column}": ' in usage
+
+
+# A video model's card in every format that takes clips; `onnx` (whose card samples clips itself) for both samplings
+VIDEO_CARDS = [
+    *(("model_video_losa", fmt) for fmt in ("onnx", "adapter", "mlflow", "hf")),
+    ("model_video_linear", "onnx"),
+]
+
+
+def test_video_models_card_code_runs_as_written(served, exported, inputs, card_figures, tmp_path) -> None:
+    """Each card's code, run as written in a fresh Python in the unpacked export (tests/cards.py), its placeholder
+    line given mp4 and webm files, gives predict's probabilities: the clips read and sampled as predict does (`onnx`:
+    PyAV in the card's own code, uniform and strided; `adapter`, `hf`: `AdapterModel.inputs`; `mlflow`: its pyfunc).
+    The cards' runs at once: each is mostly imports."""
+    clips = [str(p) for p in inputs["video"]]
+    runs = {}
+    for model_id, fmt in VIDEO_CARDS:
+        code, *more = blocks(unpack(exported(model_id, fmt), folder := tmp_path / f"{model_id}-{fmt}"))
+        assert not more and 'paths = ["clip.mp4"]' in code
+        runs[model_id, fmt] = start(code, folder, clips)
+    predicted = {}
+    for (model_id, fmt), run in runs.items():
+        if model_id not in predicted:
+            predictor = Predictor(served)
+            classes = predictor.load(model_id).classes
+            answers = predictor.predict(model_id, [Path(p).read_bytes() for p in clips])
+            predicted[model_id] = np.array([[a["scores"][c] for c in classes] for a in answers])  # 6 decimals
+        diff = float(np.abs(run.result() - predicted[model_id]).max())
+        card_figures[f"{fmt} {model_id}"] = diff
+        assert diff <= 1e-5, (model_id, fmt, diff)
 
 
 def test_mlflow_takes_every_model_onnx_takes(served) -> None:
