@@ -130,7 +130,9 @@ def _options(dataset: DatasetSpec) -> ReadOptions:
             wds.label_field,
             None if wds.classes is None else tuple(wds.classes),
         ),
-        HuggingFaceOptions() if hf is None else HuggingFaceOptions(hf.image_column, hf.label_column, hf.splits),
+        HuggingFaceOptions()
+        if hf is None
+        else HuggingFaceOptions(hf.image_column, hf.label_column, hf.splits, hf.revision, hf.config),
     )
 
 

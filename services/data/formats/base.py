@@ -68,6 +68,8 @@ class HuggingFaceOptions:
     image_column: str = "image"
     label_column: str = "label"
     splits: str = "dataset"
+    revision: str | None = None
+    config: str | None = None
 
 
 @dataclass(frozen=True)

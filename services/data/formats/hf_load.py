@@ -87,20 +87,56 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in _YES for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
+def _has_token() -> bool:
+    """Whether the server has a Hugging Face token (HF_TOKEN, or a saved login); the token itself is never read
+    into a message."""
+    from huggingface_hub import get_token
+
+    return get_token() is not None
+
+
+def _gated(e: BaseException) -> bool:
+    """Whether the library refused a gated dataset: huggingface_hub's GatedRepoError, which `load_dataset` turns into
+    a DatasetNotFoundError saying so (and re-raises without its cause)."""
+    from huggingface_hub.errors import GatedRepoError
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, GatedRepoError) or "is a gated dataset" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _why(name: str, e: Exception) -> str:
+    """Why the Hub dataset `name` could not be loaded, in words."""
+    page = f"https://huggingface.co/datasets/{name}"
+    if _gated(e) and not _has_token():
+        return (
+            "it is a gated dataset and the server has no Hugging Face token: set HF_TOKEN in the workers' "
+            f"environment to a token of an account granted access on {page}"
+        )
+    if _gated(e):
+        return f"it is a gated dataset and the server's token has no access to it: ask for access on {page}"
+    cause = "the server is offline (HF_HUB_OFFLINE is set) and has no cached copy" if _offline() else type(e).__name__
+    return f"{cause}: {_line(str(e))}"
+
+
 def load_hub(location: str, options: HuggingFaceOptions) -> Splits:
-    """(split, its Arrow files) of a Hub dataset, downloaded (or found in the cache); DatasetError saying why not,
-    on one line."""
+    """(split, its Arrow files) of a Hub dataset at `options.revision` and `options.config` (the library's defaults
+    where None), downloaded (or found in the cache); DatasetError saying why not, on one line (a gated dataset:
+    whether the server has a token at all)."""
     datasets = library()
     name = location[len(HUB) :].strip("/")
+    asked = [
+        f"{what} {value!r}" for what, value in (("config", options.config), ("revision", options.revision)) if value
+    ]
+    at = f" ({', '.join(asked)})" if asked else ""
     try:
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, options.config, revision=options.revision)
     except Exception as e:  # the library raises many kinds (connection, not found, offline, auth)
-        cause = (
-            "the server is offline (HF_HUB_OFFLINE is set) and has no cached copy" if _offline() else type(e).__name__
-        )
         raise DatasetError(
-            f"{location}: the Hugging Face Hub dataset {name!r} cannot be loaded on this server ({cause}: "
-            f"{_line(str(e))}); "
+            f"{location}: the Hugging Face Hub dataset {name!r}{at} cannot be loaded on this server ({_why(name, e)}); "
             "save it with `save_to_disk` (or its Parquet files) under an allowed root and name that folder instead"
         ) from None
     return _parts(loaded)
