@@ -2,7 +2,7 @@
 #   --target api      the control plane (`sidetune api`), without torch: only the packages the API imports
 #   --target runtime  (the default) the inference service and the workers (`sidetune inference`, `sidetune worker
 #                     --queues extract|train`); torch's PyPI wheels bring their own CUDA libraries, and the host needs
-#                     the NVIDIA driver + Container Toolkit
+#                     the NVIDIA driver + Container Toolkit; the `mlflow` extra too (below)
 # s3fs is in both, for a store on S3 (SIDETUNE_STORE_URL=s3://bucket/prefix).
 FROM python:3.11-slim AS base
 
@@ -42,7 +42,11 @@ CMD ["sidetune", "api"]
 
 
 FROM base AS runtime
-RUN pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
+# The `mlflow` extra as well: the inference service writes `format=mlflow` exports and the train workers track jobs to
+# MLflow (SIDETUNE_MLFLOW_TRACKING_URI); the API imports neither mlflow nor onnxruntime, so its image goes without.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['optional-dependencies']['mlflow']))" >> /tmp/requirements.txt \
+ && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 COPY README.md ./
 COPY api/ api/

@@ -1,4 +1,5 @@
-"""The data bench/sources.py reads: a manifest of many distinct files (planning's load), the same photos in every
+"""The data bench/sources.py reads: many items in each format planning reads (a manifest of distinct files, the same
+files as an ImageFolder, WebDataset shards, Hugging Face Parquet shards: planning's load), the same photos in every
 dataset format (ImageFolder, CSV and JSONL manifests, WebDataset shards on the disk and in an S3-compatible store,
 Hugging Face Parquet and `save_to_disk`), and that store: moto in server mode, a process on a loopback port.
 """
@@ -9,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -46,6 +48,67 @@ def write_many(root: Path, rows: int, classes: int = 10) -> Path:
     done.touch()
     say(f"manifest: {rows:,} distinct files written in {time.perf_counter() - start:.1f}s")
     return manifest
+
+
+def many_folder(manifest: Path) -> Path:
+    """The files of `write_many`'s manifest as an ImageFolder: its `img/` folder, whose `PER_FOLDER` subfolders are
+    the classes (so `rows` of at least 2 x PER_FOLDER give two classes)."""
+    return manifest.parent / "img"
+
+
+def write_many_shards(root: Path, rows: int) -> str:
+    """`rows` WebDataset samples (a few bytes of `.png` and a `.cls` label each) in shards of `PER_FOLDER`, under
+    `root`: their brace pattern. One shard is written and copied (each copy its own inode: other samples, the same
+    keys). Kept when already there with as many rows."""
+    count = -(-rows // PER_FOLDER)
+    pattern = f"{root}/{{000000..{count - 1:06d}}}.tar"
+    done = root / f".rows-{rows}"
+    if done.exists():
+        return pattern
+    start = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    samples = [(f"{i:07d}", {"png": b"\x89PNG\r\n\x1a\n", "cls": str(i % 10).encode()}) for i in range(PER_FOLDER)]
+    _shard(root / "000000.tar", samples)
+    for i in range(1, count):
+        shutil.copyfile(root / "000000.tar", root / f"{i:06d}.tar")
+    if rows % PER_FOLDER:  # the last shard holds the rest
+        _shard(root / f"{count - 1:06d}.tar", samples[: rows % PER_FOLDER])
+    done.touch()
+    say(f"WebDataset: {rows:,} samples in {count} shards written in {time.perf_counter() - start:.1f}s")
+    return pattern
+
+
+def write_many_parquet(root: Path, rows: int, files: int = 10, classes: int = 10) -> Path:
+    """A Hugging Face dataset of `rows` rows in `files` Parquet shards `root/data/train-0000i-of-000nn.parquet` (as
+    `push_to_hub` lays them out: an Image feature, a tiny PNG each, and a ClassLabel), written by pyarrow with the
+    features' schema, in row groups of 1,000 rows. Kept when already there with as many rows."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    done = root / f".rows-{rows}"
+    if done.exists():
+        return root
+    start = time.perf_counter()
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"class{i}" for i in range(classes)])}
+    )
+    png = b"\x89PNG\r\n\x1a\n" + bytes(56)  # planning reads no pixels
+    per = -(-rows // files)
+    for f in range(files):
+        ids = range(f * per, min(rows, (f + 1) * per))
+        image = pa.StructArray.from_arrays(
+            [pa.array([png] * len(ids), pa.binary()), pa.array([f"{i:07d}.png" for i in ids], pa.string())],
+            names=["bytes", "path"],
+        )
+        label = pa.array(np.arange(ids.start, ids.stop, dtype=np.int64) % classes)
+        table = pa.Table.from_arrays([image, label], schema=features.arrow_schema)
+        pq.write_table(table, root / "data" / f"train-{f:05d}-of-{files:05d}.parquet", row_group_size=1000)
+    done.touch()
+    say(f"Parquet: {rows:,} rows in {files} files written in {time.perf_counter() - start:.1f}s")
+    return root
 
 
 def _shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:

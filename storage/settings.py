@@ -278,6 +278,11 @@ class Settings(BaseSettings):
     mlflow_experiment: str = Field(
         "sidetune", min_length=1, description="The MLflow experiment that jobs' runs go to (created if missing)."
     )
+    wandb_project: str | None = Field(
+        None,
+        description="A Weights & Biases project that train workers log every job to, as to MLflow (the `wandb` "
+        "extra; W&B's own `WANDB_*` variables apply: `WANDB_MODE=offline`, `WANDB_DIR`). Unset: no W&B.",
+    )
 
     @field_validator("allowed_roots", "allowed_prefixes", "api_keys", "admin_keys", mode="before")
     @classmethod

@@ -1,9 +1,10 @@
 """docker-compose.yml and the Dockerfile, checked without a Docker engine (none runs here): the topology of
-`sidetune serve`, the store given to every service, the GPU where predictions and workers run, and an API image that
-leaves out torch and nothing the control plane imports."""
+`sidetune serve`, the store given to every service, the GPU where predictions and workers run, an API image that
+leaves out torch and nothing the control plane imports, and a runtime image with the `mlflow` extra."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -35,8 +36,7 @@ def test_compose_runs_the_inference_service_on_the_gpu_and_gives_every_service_t
 def test_the_s3_profile_is_an_object_store_every_service_reads_with_the_same_credentials() -> None:
     """`docker compose --profile s3 up`: MinIO, whose root user is the AWS_* credentials that every sidetune service
     passes through from the host (never written in the file), and the allowed prefixes of object-store datasets.
-    (Checked against the Compose specification's JSON schema by hand: check-jsonschema --builtin-schema
-    vendor.compose-spec docker-compose.yml; the tool is not a dependency.)"""
+    (The whole file is checked against the Compose Specification below.)"""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {n for n, s in services.items() if s.get("profiles") == ["s3"]} == {"minio", "minio-init"}
@@ -54,20 +54,65 @@ def test_the_s3_profile_is_an_object_store_every_service_reads_with_the_same_cre
             assert var in env and env[var] is None, (name, var)  # from the host's environment, when set there
 
 
-def test_the_api_image_leaves_out_torch_and_nothing_the_api_imports() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["s3"]
-    pattern = re.search(r"grep -v -E '([^']+)'", (ROOT / "Dockerfile").read_text()).group(1)
-    dropped = {_name(r) for r in requirements if re.match(pattern, r)}
-    assert {"torch", "timm", "peft", "onnx"} <= dropped
+def _compose_spec_errors(path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema with the Compose Specification's schema, which it vendors (no network needed)."""
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
+
+def test_docker_compose_yml_follows_the_compose_specification(tmp_path: Path) -> None:
+    """No Docker engine runs here, so `docker compose config` cannot check the file; the specification's JSON schema
+    can. A file that breaks it is refused, so the check is not vacuous."""
+    checked = _compose_spec_errors(ROOT / "docker-compose.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    broken = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    broken["services"]["api"]["deploy"] = "one replica"  # deploy is a mapping
+    (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump(broken))
+    refused = _compose_spec_errors(tmp_path / "docker-compose.yml")
+    assert refused.returncode == 1 and "$.services.api.deploy" in refused.stdout, refused.stdout + refused.stderr
+
+
+def _extras(target: str) -> set[str]:
+    """The extras whose requirements the Dockerfile installs in `target`: those its stage names, and the base's."""
+    parts = re.split(r"^FROM \S+ AS (\w+)$", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    stages = dict(zip(parts[1::2], parts[2::2], strict=True))
+    return {
+        e for stage in ("base", target) for e in re.findall(r"\['optional-dependencies'\]\['(\w+)'\]", stages[stage])
+    }
+
+
+@functools.cache
+def _api_imports() -> frozenset[str]:
+    """The distributions whose modules the API loads (its app built, its OpenAPI document made)."""
     code = "import sys, json, api.main; api.main.app.openapi(); print(json.dumps(sorted(sys.modules)))"
     modules = json.loads(
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     )
     dists = packages_distributions()
-    imported = {_name(d) for m in modules for d in dists.get(m.split(".")[0], [])}
-    assert not imported & dropped, imported & dropped
+    return frozenset(_name(d) for m in modules for d in dists.get(m.split(".")[0], []))
+
+
+def test_the_api_image_leaves_out_torch_and_nothing_the_api_imports() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + [r for extra in sorted(_extras("api")) for r in extras[extra]]
+    pattern = re.search(r"grep -v -E '([^']+)'", (ROOT / "Dockerfile").read_text()).group(1)
+    dropped = {_name(r) for r in requirements if re.match(pattern, r)}
+    assert {"torch", "timm", "peft", "onnx"} <= dropped
+    assert not _api_imports() & dropped, _api_imports() & dropped
+
+
+def test_the_runtime_image_has_the_mlflow_extra_and_the_api_image_has_not() -> None:
+    """The inference service writes `format=mlflow` exports and the train workers track to MLflow
+    (SIDETUNE_MLFLOW_TRACKING_URI): the runtime image installs the `mlflow` extra. The API imports neither mlflow nor
+    onnxruntime, so its image installs neither."""
+    assert _extras("runtime") == {"s3", "hf", "mlflow"}
+    assert _extras("api") == {"s3", "hf"}
+    mlflow = {
+        _name(r)
+        for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["mlflow"]
+    }
+    assert mlflow == {"mlflow", "onnxruntime"} and not _api_imports() & mlflow
 
 
 def _name(requirement: str) -> str:

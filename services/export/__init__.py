@@ -29,7 +29,9 @@ from typing import Any, Literal
 
 from services.models.manifest import Manifest
 
-HUB_REPO_PLACEHOLDER = "OWNER/REPO"  # the `hf` card's repo: named when pushing, after the export is written
+HUB_REPO_PLACEHOLDER = "OWNER/REPO"  # the repo a downloaded `hf` card names in its prose; pushing names the real one
+# the adapter layout's files (adapter.py), here torch-free: the `hf` card (hf_card.py) reads and names them
+ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 ExportFormat = Literal["timm", "onnx", "adapter", "mlflow", "hf"]
 

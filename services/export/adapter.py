@@ -30,6 +30,7 @@ from timm.data import create_transform
 from torch import nn
 from typing_extensions import TypedDict
 
+from services.export import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from services.export.card import ModelFacts, model_card
 from services.models.loading import Artifact, Trained, load_trained
 from services.models.manifest import Manifest, migrate
@@ -37,7 +38,7 @@ from storage.artifacts import tensors_to_bytes
 from storage.cache.meta import DataConfig
 from storage.manifests import ManifestRecord, ManifestV1Record
 
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_NAME, WEIGHTS_NAME = ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 FLAT = ("format", "format_version", "model_id", "preprocessing")  # format 1's own keys, beside the config's
 
 

@@ -44,6 +44,7 @@ PAPERS = {
     "full": ("full fine-tuning (the baseline of every adaptation paper)", None),
 }
 SPLIT_NAMES = {"test": "test", "val": "validation"}
+USAGE_HEADING = "## How to load it"  # the card's last section: the format's loading code (hf_card.py rewrites it)
 NOT_FIGURES = ("loss", "images")  # metrics.json's `val_loss`, `test_images`: not figures of the model-index
 
 
@@ -201,7 +202,7 @@ classes, preprocessed exactly as above. It knows no other class, and its figures
 dataset's; on other data (other cameras, domains, resolutions) measure it first. It was evaluated on
 {facts.figures.images} images only; the backbone's own license and limits apply.
 
-## How to load it
+{USAGE_HEADING}
 
 {usage}
 """

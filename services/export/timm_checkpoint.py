@@ -25,6 +25,7 @@ from torch import nn
 
 from services.export import ExportError
 from services.export.card import ModelFacts, model_card
+from services.export.hf_card import SIDETUNE_NAME, SidetuneJson
 from services.modality import modality_for
 from services.models.loading import SideClassifier, Trained
 from services.models.manifest import Manifest
@@ -132,14 +133,14 @@ def save_timm(trained: Trained, out: Path) -> dict[str, int]:
         safe_serialization=True,
         data_config=manifest.preprocessing.data_config(),
     )
-    sidetune = {
+    sidetune: SidetuneJson = {
         "model_id": trained.model_id,
         "method": manifest.method.model_dump(mode="json"),
         "backbone": spec.model_dump(mode="json"),
         "multi_label": manifest.multi_label,
         "threshold": manifest.threshold,
     }
-    (out / "sidetune.json").write_text(json.dumps(sidetune, indent=2))
+    (out / SIDETUNE_NAME).write_text(json.dumps(sidetune, indent=2))
     return model_args
 
 

@@ -1,6 +1,7 @@
 """The train step of a job (queue `train`): train from the pinned cache entry (or images), save the model's artifact
 (its completion marker last), register the model and mark the job succeeded. Idempotent: a repeated step finds the
-model saved and only registers it.
+model saved and only registers it. One at a time: a step sent twice (a worker that died between sending it and marking
+the hand-off, worker/tasks.py; a step requeued from a worker that only seemed dead) waits on the first one's lease.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from services.training import reports
 from services.training.package import Packaged
 from storage.artifacts import ArtifactStore
 from storage.cache import CacheError, FeatureCache
-from storage.redis import TERMINAL, JobStore, model_id_for, now
+from storage.redis import TERMINAL, JobStore, NotFound, model_id_for, now
+from storage.redis.locks import acquire_or_wait
 from storage.settings import Settings
 
 # the PNGs every model has (services/training/plots.py), at GET /models/{id}/plots/{name}.png
@@ -33,8 +35,35 @@ def model_files(out: Packaged) -> dict[str, bytes]:
 
 
 def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
+    """Train the job under its lease. A second step for it waits while the first holds the lease; it returns once the
+    job has ended, or takes over (from the checkpoint) when the first's lease lapses because its worker died."""
+    told = False
+
+    def ended() -> bool:
+        try:
+            return store.get_job(job_id)["status"] in TERMINAL
+        except NotFound:  # deleted meanwhile
+            return True
+
+    def waiting(_waited_s: float) -> None:
+        nonlocal told
+        if not told:
+            store.add_event(job_id, "this job's train step was sent twice: the second waits for the first to end")
+            told = True
+
+    lock = store.train_lock(job_id)
+    if not acquire_or_wait(lock, ended, on_wait=waiting):
+        return
+    try:
+        _train(store, settings, job_id)
+    finally:
+        lock.release()
+
+
+def _train(store: JobStore, settings: Settings, job_id: str) -> None:
     from services.training.job import train_job
     from services.training.mlflow_runs import MlflowJob
+    from services.training.wandb_logger import WandbJob
 
     job = store.get_job(job_id)
     if job["status"] in TERMINAL:
@@ -66,7 +95,8 @@ def train_step(store: JobStore, settings: Settings, job_id: str) -> None:
                     )
                 runs = artifacts.tensorboard(job_id)
                 mlflow = MlflowJob.of(settings, job_id, model_id, spec.name, job.get("owner"))
-                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt, resolved, runs, mlflow)
+                wandb = WandbJob.of(settings, job_id, model_id, spec.name, job.get("owner"))
+                out = train_job(spec, settings, key, JobReporter(store, job_id), ckpt, resolved, runs, mlflow, wandb)
             files = model_files(out)
             artifacts.save_model(model_id, out["weights"], out["manifest"], out["metrics"], files)
         artifacts.check_model(model_id)

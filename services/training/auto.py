@@ -18,6 +18,7 @@ from services.spec import JobSpec
 from services.training.metrics import Candidate
 from services.training.mlflow_runs import MlflowJob, MlflowRuns
 from services.training.package import Packaged
+from services.training.wandb_logger import WandbJob, WandbRuns
 from storage.artifacts import as_folder
 from storage.settings import Settings
 from storage.store import Folder
@@ -25,7 +26,18 @@ from storage.store import Folder
 # services/training/job.py: train_job, which trains each candidate as a job of its own; passed in by it, which
 # dispatches `method: auto` here, so neither module imports the other
 TrainJob = Callable[
-    [JobSpec, Settings, str | None, Reporter, Folder, ResolvedJob | None, Folder | None, MlflowJob | None], Packaged
+    [
+        JobSpec,
+        Settings,
+        str | None,
+        Reporter,
+        Folder,
+        ResolvedJob | None,
+        Folder | None,
+        MlflowJob | None,
+        WandbJob | None,
+    ],
+    Packaged,
 ]
 
 
@@ -39,22 +51,24 @@ def train_auto(
     resolved: ResolvedJob | None = None,
     tensorboard: Folder | Path | None = None,
     mlflow: MlflowJob | None = None,
+    wandb: WandbJob | None = None,
 ) -> Packaged:
     """Each candidate as a job of its own (its checkpoints and TensorBoard runs in a folder named by its method, its
-    MLflow runs nested in the job's); the better on validation is the job's model."""
+    MLflow runs nested in the job's, its W&B runs in the job's group); the better on validation is the job's model."""
     base = spec.model_dump()
-    with MlflowRuns.open(mlflow, None, reporter) as job_run:
+    with MlflowRuns.open(mlflow, None, reporter) as job_run, WandbRuns.open(wandb, None, reporter) as group:
         outs = []
         for method in spec.method.candidates():
             candidate = JobSpec.model_validate({**base, "method": method})
             reporter.event(f"method auto: training {method['name']} from the feature cache")
             folder = as_folder(checkpoint_dir).child(method["name"])
             runs = as_folder(tensorboard).child(method["name"]) if tensorboard is not None else None
-            nested = job_run.candidate(method["name"])
+            nested, grouped = job_run.candidate(method["name"]), group.candidate(method["name"])
             # one split for both (`resolved`)
-            outs.append(train_job(candidate, settings, cache_key, reporter, folder, resolved, runs, nested))
+            outs.append(train_job(candidate, settings, cache_key, reporter, folder, resolved, runs, nested, grouped))
         chosen, rows, metric = choose(outs, reporter)
         job_run.chosen(chosen, rows, metric)
+        group.chosen(chosen, rows, metric)
     return chosen
 
 

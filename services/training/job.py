@@ -40,6 +40,7 @@ from services.training.stages import Built, Grid, Inputs, Optimised, Report, Sel
 from services.training.sweeps.stacked import make_runs
 from services.training.tensorboard import Board
 from services.training.tracking import Tracker, Trackers
+from services.training.wandb_logger import WandbJob, WandbRuns
 from storage.settings import Settings
 from storage.store import Folder
 
@@ -53,18 +54,25 @@ def train_job(
     resolved: ResolvedJob | None = None,
     tensorboard: Folder | Path | None = None,
     mlflow: MlflowJob | None = None,
+    wandb: WandbJob | None = None,
 ) -> Packaged:
     """Build the job's model (one per configuration of its sweep) and input sources for its execution mode, train
     on the resolved job's split (drawn here without one), select on validation, evaluate the selected model once on
     the test split (else on validation, named so); returns its weights, manifest (services/models/manifest.py),
     metrics, evaluation and plots for the artifact store. With `tensorboard`, the job's TensorBoard runs are written
     there as it trains (services/training/tensorboard.py); with `mlflow`, its runs go to that MLflow server
-    (services/training/mlflow_runs.py)."""
+    (services/training/mlflow_runs.py); with `wandb`, to that W&B project (services/training/wandb_logger.py)."""
     if spec.method.name == "auto":
-        return train_auto(spec, settings, cache_key, reporter, checkpoint_dir, train_job, resolved, tensorboard, mlflow)
+        return train_auto(
+            spec, settings, cache_key, reporter, checkpoint_dir, train_job, resolved, tensorboard, mlflow, wandb
+        )
     check_size(spec.grid(), settings.max_sweep_configs)
     reading, device, grid = Reading.of(spec), settings.torch_device(), Grid.of(spec)
-    trackers = [Board.open(tensorboard, grid, reporter), MlflowRuns.open(mlflow, grid, reporter)]
+    trackers = [
+        Board.open(tensorboard, grid, reporter),
+        MlflowRuns.open(mlflow, grid, reporter),
+        WandbRuns.open(wandb, grid, reporter),
+    ]
     with Trackers(reporter, trackers) as tracker:
         data = load_data(reading, settings, cache_key, reporter)
         parts = split_data(spec.dataset, data, resolved, reporter)

@@ -46,8 +46,9 @@ from services.training.tracking import (
     figures,
     finite,
     hyperparameters,
+    l2_points,
+    new_epochs,
     run_names,
-    tag,
 )
 from storage.settings import Settings
 
@@ -206,14 +207,9 @@ class MlflowRuns(Tracker):
     def _record(self, state: LoopState) -> None:
         if self.client is None:
             return
-        for j, run in enumerate(self.ids):
-            for epoch in range(self.written[j], state.epoch):
-                values = state.curves[j, epoch]
-                if math.isnan(values[0]):  # stopped before this epoch
-                    continue
-                for name, value in zip(state.fields[1:], values[1:], strict=True):
-                    self._metric(run, tag(name), float(value), epoch + 1)
-            self.written[j] = max(self.written[j], state.epoch)
+        for j, step, values in new_epochs(state, self.written):
+            for name, value in values.items():
+                self._metric(self.ids[j], name, value, step)
         self._flush(force=False)
 
     def _finish(self, built: Built, selected: int, out: Packaged) -> None:
@@ -221,12 +217,9 @@ class MlflowRuns(Tracker):
             return
         metrics, metric = out["metrics"], built.objective.metric
         best = figures(metrics, metric, len(self.ids))
-        for i, point in enumerate(metrics.get("l2_path", [])):
-            run = self.ids[point["config"]]
-            for name in (metric, "val_loss", "cv_std", "iterations"):
-                if name in point:
-                    self._metric(run, f"l2/{name}", float(point[name]), i)
-            self._metric(run, "l2/log10_weight_decay", math.log10(max(point["weight_decay"], 1e-30)), i)
+        for j, step, values in l2_points(metrics, metric):
+            for name, value in values.items():
+                self._metric(self.ids[j], name, value, step)
         for run, values in zip(self.ids, best, strict=True):
             if run != self.root:
                 self._figures(run, values)

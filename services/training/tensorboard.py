@@ -40,7 +40,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from services.jobs.progress import Reporter
-from services.training.tracking import ROOT, SYNC_S, HParam, Tracker, figures, finite, hyperparameters, run_names, tag
+from services.training.tracking import (
+    ROOT,
+    SYNC_S,
+    HParam,
+    Tracker,
+    figures,
+    finite,
+    hyperparameters,
+    l2_points,
+    new_epochs,
+    run_names,
+)
 from storage.artifacts import as_folder
 from storage.store import Folder
 
@@ -117,15 +128,9 @@ class Board(Tracker):
 
         if self.folder is None:
             return
-        for j, name in enumerate(self.names):
-            for epoch in range(self.written[j], state.epoch):
-                values = state.curves[j, epoch]
-                if math.isnan(values[0]):  # stopped before this epoch
-                    continue
-                for field, value in zip(state.fields[1:], values[1:], strict=True):
-                    if finite(value):  # a diverged configuration's loss: tensorboardX warns of each NaN it writes
-                        self._writer(name).add(scalar(tag(field), float(value)), epoch + 1)
-            self.written[j] = max(self.written[j], state.epoch)
+        for j, step, values in new_epochs(state, self.written):  # finite only: tensorboardX warns of each NaN
+            for name, value in values.items():
+                self._writer(self.names[j]).add(scalar(name, value), step)
         self._sync(force=False)
 
     def _close(self, error: BaseException | None) -> None:
@@ -141,12 +146,9 @@ class Board(Tracker):
         metrics, metric = out["metrics"], built.objective.metric
         best = figures(metrics, metric, len(built.grid.methods))
         evaluation = {k: float(v) for k, v in out["evaluation"]["metrics"].items()}
-        for i, point in enumerate(metrics.get("l2_path", [])):
-            run = self._writer(self.names[point["config"]])
-            for name in (metric, "val_loss", "cv_std", "iterations"):
-                if name in point and finite(point[name]):
-                    run.add(scalar(f"l2/{name}", float(point[name])), i)
-            run.add(scalar("l2/log10_weight_decay", math.log10(max(point["weight_decay"], 1e-30))), i)
+        for j, step, values in l2_points(metrics, metric):
+            for name, value in values.items():
+                self._writer(self.names[j]).add(scalar(name, value), step)
         keys = sorted({k for f in best for k in f} | set(evaluation))
         runs = [(name, j, best[j]) for j, name in enumerate(self.names)]
         if ROOT not in self.names:  # a sweep: the root holds the selected configuration and the evaluation

@@ -1,8 +1,8 @@
 """What a job's training tells its experiment trackers as it trains (`Tracker`), and what every tracker derives from
-the job: its runs' names, its curves' tags, each configuration's hyperparameters and best figures. Two trackers:
-TensorBoard's event files (tensorboard.py: `Board`, every job) and an MLflow server's runs (mlflow_runs.py:
-`MlflowRuns`, with SIDETUNE_MLFLOW_TRACKING_URI); `Trackers` feeds several as one. Each is fed from where the job's
-metrics come from:
+the job: its runs' names, its curves' tags and new epochs, its L2 path, each configuration's hyperparameters and best
+figures. Three trackers: TensorBoard's event files (tensorboard.py: `Board`, every job), an MLflow server's runs
+(mlflow_runs.py: `MlflowRuns`, with SIDETUNE_MLFLOW_TRACKING_URI) and a W&B project's (wandb_logger.py: `WandbRuns`,
+with SIDETUNE_WANDB_PROJECT); `Trackers` feeds several as one. Each is fed from where the job's metrics come from:
 
     begin(built)                  train_job, once the configurations are built: their resolved hyperparameters
     record(state)                 the loop (fit.py), after every epoch and once after a resume: the curves' new rows
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from services.jobs.progress import Reporter
@@ -83,6 +83,29 @@ def figures(metrics: JobMetrics, metric: str, configurations: int) -> list[dict[
         {metric: e.get(metric, math.nan), "val_loss": e["val_loss"], "best_epoch": e.get("best_epoch", 0)}
         for e in entries
     ]
+
+
+def new_epochs(state: LoopState, written: list[int]) -> Iterator[tuple[int, int, dict[str, float]]]:
+    """Each configuration's finished epochs from `written[j]` on, which it then moves past them: (j, the epoch as a
+    step from 1, its figures by tag that are finite); a configuration that early termination stopped has none after
+    it stopped."""
+    for j in range(len(written)):
+        for epoch in range(written[j], state.epoch):
+            values = state.curves[j, epoch]
+            if math.isnan(values[0]):  # stopped before this epoch
+                continue
+            fields = zip(state.fields[1:], values[1:], strict=True)
+            yield j, epoch + 1, {tag(name): float(value) for name, value in fields if finite(value)}
+        written[j] = max(written[j], state.epoch)
+
+
+def l2_points(metrics: JobMetrics, metric: str) -> Iterator[tuple[int, int, dict[str, float]]]:
+    """The L-BFGS probe's L2 path, point by point: (its configuration, its place along the path, its figures that
+    are finite, `l2/...`)."""
+    for i, point in enumerate(metrics.get("l2_path", [])):
+        values = {f"l2/{k}": float(point[k]) for k in (metric, "val_loss", "cv_std", "iterations") if k in point}
+        values["l2/log10_weight_decay"] = math.log10(max(point["weight_decay"], 1e-30))
+        yield point["config"], i, {k: v for k, v in values.items() if finite(v)}
 
 
 def finite(value: float) -> bool:

@@ -95,6 +95,11 @@ def running(job_id: str) -> str:
     return f"running:{job_id}"
 
 
+def train_lock(job_id: str) -> str:
+    """The lease of the worker training a job: one train step of a job runs at a time."""
+    return f"train-lock:{job_id}"
+
+
 # ---- the feature cache's leases (storage/redis/locks.py) -----------------------------------------------------------
 CACHE_LOCK = "cache-lock:"  # + an entry's key: the lock of the job extracting it (its token is the job id)
 CACHE_PIN = "cache-pin:"  # + an entry's key: a sorted set of the holders reading it, scored by expiry

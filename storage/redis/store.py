@@ -162,6 +162,10 @@ class JobStore:
     def drop_step(self, job_id: str, worker: str) -> bool:
         return self.workers.drop_step(job_id, worker)
 
+    def train_lock(self, job_id: str) -> LeaseLock:
+        """The lease of the one train step of job `job_id` that may run (a step sent twice waits on it)."""
+        return LeaseLock(self.r, keys.train_lock(job_id))
+
     # ---- the feature cache's leases (storage/redis/locks.py) --------------------------------------------------------
     def extraction_lock(self, cache_key: str, job_id: str) -> LeaseLock:
         """The lock of the job extracting cache entry `cache_key`; its token is the job id, so the job's shard tasks

@@ -55,7 +55,7 @@ def test_control_plane_imports_no_torch():
         "import sys, api.main\n"
         "api.main.app.openapi()  # the forwarded operations' docs come from the inference app's routes\n"
         "heavy = ('torch', 'timm', 'torchvision', 'peft', 'onnx', 'onnxscript', 'tensorboardX', 'tensorboard',\n"
-        "         'mlflow')\n"
+        "         'mlflow', 'wandb')\n"
         "heavy = [m for m in heavy if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

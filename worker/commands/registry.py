@@ -8,7 +8,7 @@ SIDETUNE_MLFLOW_TRACKING_URI names (tagged with the model's id), and registered 
 service (which writes the export); mlflow is imported by this verb only.
 
 push: the model is exported through the API as `format=hf` (services/export/hf_folder.py: timm's Hub layout, or the
-adapter's, with the model card), the card's placeholder repo replaced by REPO, and uploaded by
+adapter's, with the model card), its card's loading code made to load from REPO (`hub_folder`), and uploaded by
 `huggingface_hub.upload_folder` into the model repo REPO (created if missing), with the token huggingface_hub finds
 (HF_TOKEN, or `hf auth login`'s) and its endpoint (HF_ENDPOINT). A Hub that does not answer is said in one line, before
 anything is exported.
@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from services.export import HUB_REPO_PLACEHOLDER
 from storage.settings import Settings
-from worker.commands.common import CommandError, Subparsers, client, verb
+from worker.commands.common import CommandError, Subparsers, UsageError, client, verb
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -90,7 +89,12 @@ def _register(uri: str, folder: Path, model_id: str, name: str) -> ModelVersion:
 
 def push(args: argparse.Namespace) -> int:
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:  # the repo id goes into the card's code: checked before anything else
+        validate_repo_id(args.repo)
+    except HFValidationError as e:
+        raise UsageError(f"{args.repo!r} is not a Hugging Face repo id (OWNER/NAME): {e}") from None
     api = HfApi()
     _check_hub(api.endpoint)
     if get_token() is None:  # huggingface_hub's own lookup: HF_TOKEN, then the token `hf auth login` saved
@@ -100,14 +104,21 @@ def push(args: argparse.Namespace) -> int:
         )
     with tempfile.TemporaryDirectory(prefix="sidetune-push-") as tmp:
         archive = client(args).export(args.model_id, "hf", Path(tmp) / "model-hf.zip")
-        folder = Path(tmp) / "model"
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(folder)
-        card = folder / "README.md"
-        card.write_text(card.read_text().replace(HUB_REPO_PLACEHOLDER, args.repo))
+        folder = hub_folder(archive, Path(tmp) / "model", args.repo)
         url = _upload(api, folder, args.model_id, args.repo, args.private)
     print(f"pushed {args.model_id} to {url}")
     return 0
+
+
+def hub_folder(archive: Path, folder: Path, repo: str) -> Path:
+    """The `hf` export `archive` unzipped into `folder` as it is uploaded to the Hub repo `repo`: its card's loading
+    code made to load from that repo (services/export/hf_card.py), where the downloaded export's loads from itself."""
+    from services.export.hf_card import name_repo  # huggingface_hub's card types: pushing only
+
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(folder)
+    name_repo(folder, repo)
+    return folder
 
 
 def _check_hub(endpoint: str) -> None:

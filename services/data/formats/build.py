@@ -5,22 +5,22 @@ cache.
 
 What tells items apart and what says they changed is each item's stamp: the file by device and inode, an object by
 its URL, a shard's member by its offset in the shard, a table's row by its number; its size; its modification time or
-version. Local files in a `Files` column (formats/columns.py) are stamped from the stats the column holds and compared
-as arrays, the labels as indices (`Labels`), so a million rows cost arrays, not objects; other items one by one.
-Either way the rows kept, the messages and the fingerprint are the same. Torch-free.
+version. Items in a column (formats/arrays.py: `Column`: local files, shards' members, tables' rows) stamp themselves
+and are compared as arrays, the labels as indices (`Labels`), so a million rows cost arrays, not objects; items in a
+list (a manifest's objects) one by one. Either way the rows kept, the messages and the fingerprint are the same.
+Torch-free.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from services.data.formats import remote
-from services.data.formats.columns import Files, Labels, mtime_ns
+from services.data.formats.arrays import Column, Stamps, Whole, under, whole
+from services.data.formats.columns import Files, Labels
 from services.data.formats.samples import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -37,72 +37,27 @@ from services.data.formats.samples import (
 _CHUNK = 8192  # fingerprint lines hashed at a time
 
 
-@dataclass(frozen=True)
-class _Stamp:
-    """What tells one item from another (`same`: the file by device and inode, or the object by its URL, and the
-    member's offset in it) and what says it changed (`size`, `changed`: the modification time in ns, or the object's
-    version)."""
-
-    same: tuple[int | str, ...]
-    size: int
-    changed: str
-
-
-def _whole(path: Path | str) -> _Stamp:
-    if isinstance(path, str):
-        info = remote.stat(path, "shard")
-        return _Stamp((path,), info.size, info.version)
-    st = path.stat()
-    return _Stamp((st.st_dev, st.st_ino), st.st_size, str(st.st_mtime_ns))
-
-
-def _stamp(item: Item, shards: dict[Path | str, _Stamp]) -> _Stamp:
+def _stamp(item: Item, shards: dict[Path | str, Whole]) -> Whole:
     if isinstance(item, RemoteFile):
-        return _Stamp((item.url,), item.size, item.version)
+        return Whole((item.url,), item.size, item.version)
     if isinstance(item, ShardMember):
         shard = shards.get(item.shard)
         if shard is None:  # one stat per shard, not per member
-            shard = shards[item.shard] = _whole(item.shard)
-        return _Stamp((*shard.same, item.offset), item.size, shard.changed)
+            shard = shards[item.shard] = whole(item.shard)
+        return Whole((*shard.same, item.offset), item.size, shard.changed)
     if isinstance(item, TableRow):  # the row by its number in the file; changed with the file
         table = shards.get(item.file)
         if table is None:
-            table = shards[item.file] = _whole(item.file)
-        return _Stamp((*table.same, item.row), table.size, table.changed)
-    return _whole(item)
+            table = shards[item.file] = whole(item.file)
+        return Whole((*table.same, item.row), table.size, table.changed)
+    return whole(item)
 
 
-@dataclass(frozen=True)
-class Stamps:
-    """Each row's stamp as columns: `same` (rows of one file, and of one span of it, share the number), `size`, and
-    `changed` (a Files column's modification times as uint64 bits, else each item's text)."""
-
-    same: np.ndarray
-    size: np.ndarray
-    changed: np.ndarray | list[str]
-
-    def take(self, rows: np.ndarray) -> Stamps:
-        changed = self.changed[rows] if isinstance(self.changed, np.ndarray) else [self.changed[i] for i in rows]
-        return Stamps(self.same[rows], self.size[rows], changed)
-
-    def take_slice(self, rows: slice) -> Stamps:
-        return Stamps(self.same[rows], self.size[rows], self.changed[rows])
-
-    def changed_texts(self) -> list[str]:
-        if isinstance(self.changed, np.ndarray):
-            return [str(mtime_ns(t)) for t in self.changed.tolist()]
-        return self.changed
-
-
-def stamps(paths: Sequence[Item] | Files, spans: np.ndarray | None) -> Stamps:
-    """The stamps of `paths` (a Files column with its stats); with `spans`, clips of one video are distinct."""
-    if isinstance(paths, Files):
-        keys = paths.stats[:, :2]
-        if spans is not None:
-            keys = np.concatenate([keys, np.ascontiguousarray(spans, dtype=np.float64).view(np.uint64)], axis=1)
-        _, same = np.unique(keys, axis=0, return_inverse=True) if len(keys) else (None, np.empty(0, np.int64))
-        return Stamps(same.reshape(-1), paths.stats[:, 2].astype(np.int64), paths.stats[:, 3])
-    shards: dict[Path | str, _Stamp] = {}
+def stamps(paths: Sequence[Item], spans: np.ndarray | None) -> Stamps:
+    """The stamps of `paths` (a column stamps itself, as arrays); with `spans`, clips of one video are distinct."""
+    if isinstance(paths, Column):
+        return paths.stamps(spans)
+    shards: dict[Path | str, Whole] = {}
     ids: dict[tuple, int] = {}
     same, size, changed = [], [], []
     for i, p in enumerate(paths):
@@ -149,38 +104,24 @@ def each_once(
     return np.flatnonzero(first_of == rows)
 
 
-def _under(path: Path | str, root: Path | str) -> str:
-    if isinstance(path, str):  # a URL
-        folder = str(root).rstrip("/") + "/"
-        return path.removeprefix(folder)
-    return str(path.relative_to(root) if isinstance(root, Path) and path.is_relative_to(root) else path)
-
-
 def _relative(item: Item, root: Path | str) -> str:
     if isinstance(item, ShardMember):
-        return f"{_under(item.shard, root)}/{item.member}"
+        return f"{under(item.shard, root)}/{item.member}"
     if isinstance(item, TableRow):
-        return f"{_under(item.file, root)}[{item.row}]"
-    return _under(item.url if isinstance(item, RemoteFile) else item, root)
+        return f"{under(item.file, root)}[{item.row}]"
+    return under(item.url if isinstance(item, RemoteFile) else item, root)
 
 
-def _relatives(paths: Sequence[Item] | Files, root: Path | str) -> Iterator[str]:
-    """Each item's name under `root`, as `_relative` writes it (a Files column's without building its Paths)."""
-    if not isinstance(paths, Files):
-        yield from (_relative(p, root) for p in paths)
-        return
-    if not isinstance(root, Path):
-        yield from paths.texts()
-        return
-    top = str(root)
-    prefix = top if top.endswith("/") else top + "/"
-    for text in paths.texts():
-        yield text[len(prefix) :] if text.startswith(prefix) else "." if text == top else text
+def _relatives(paths: Sequence[Item], root: Path | str) -> Iterator[str]:
+    """Each item's name under `root`, as `_relative` writes it (a column's without building its items)."""
+    if isinstance(paths, Column):
+        return paths.relatives(root)
+    return (_relative(p, root) for p in paths)
 
 
 def fingerprint(
     root: Path | str,
-    paths: Sequence[Item] | Files,
+    paths: Sequence[Item],
     codes: np.ndarray,
     texts: list[str],
     st: Stamps,
@@ -219,7 +160,7 @@ def _multi_hot(codes: np.ndarray, tags: list[list[int]], n_classes: int) -> np.n
 
 def finish(
     root: Path | str,
-    paths: Sequence[Item] | Files,
+    paths: Sequence[Item],
     names: Sequence[str],
     where: Sequence[str],
     duplicates: str = "drop",
@@ -245,7 +186,7 @@ def finish(
     st = stamps(paths, spans)
     keep = each_once(st.same, codes, texts, paths, where, duplicates, notes)
     if len(keep) < len(codes):
-        paths = paths.take(keep) if isinstance(paths, Files) else [paths[i] for i in keep]
+        paths = paths.take(keep) if isinstance(paths, Column) else [paths[i] for i in keep]
         codes, st = codes[keep], st.take(keep)
         spans = spans[keep] if spans is not None else None
         parts = parts[keep] if parts is not None else None
@@ -277,4 +218,6 @@ def finish(
         first = np.array([row[0] if row else -1 for row in tag_index], dtype=np.int64)
         labels = first[codes] if len(codes) else np.empty(0, np.int64)
     fp = fingerprint(root, paths, codes, texts, st, spans)
+    if isinstance(paths, Files):  # the stats were the fingerprint's: the loader processes need not be sent them
+        paths = paths.without_stats()
     return Dataset(root, paths, labels, classes, fp, kind=kind, spans=spans, skipped_rows=tuple(notes), parts=parts)

@@ -2,8 +2,9 @@
 Python objects (a `Path` and its parts, a label string, a message string: about a kilobyte a row):
 
 - `Files`: local files as one buffer of their encoded names with offsets, and each file's stat where the format took
-  it while reading (one `lstat` a row: formats/manifest_rows.py); a `Sequence[Path]`, so the loaders, the planner and
-  the messages read it as they read a list of paths, and it pickles as two arrays to the loader processes;
+  it while reading (one `lstat` a row: formats/manifest_rows.py, formats/imagefolder.py); a `Column` of `Path`s
+  (formats/arrays.py), so the loaders, the planner and the messages read it as they read a list of paths, and it
+  pickles as two arrays to the loader processes;
 - `Labels`: each row's label as an index into the distinct labels;
 - `Lines`: how messages name a row (`<manifest> line <n>`), made when a message needs it;
 - `Resolver`: `os.path.realpath` of many files under few folders, each folder resolved once and each file by one
@@ -20,18 +21,20 @@ from array import array
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import overload
 
 import numpy as np
 
+from services.data.formats.arrays import Column, Stamps, same_ids, take_spans, values
 
-class Files(Sequence[Path]):
-    """Local files: `names` (each path `os.fsencode`d, end to end) and `ends` (where each ends in it). `stats`:
-    uint64 [n, 4] of (st_dev, st_ino, st_size, st_mtime_ns) of the file a path reaches (links followed), or None
-    until `with_stats` takes them."""
 
-    def __init__(self, names: bytes, ends: np.ndarray, stats: np.ndarray | None = None) -> None:
-        self.names, self.ends, self.stats = names, ends, stats
+class Files(Column[Path]):
+    """Local files: `names` (each path `os.fsencode`d, end to end, after the `prefix` every path starts with: an
+    ImageFolder's folder, written once) and `ends` (where each ends in it). `stats`: uint64 [n, 4] of (st_dev,
+    st_ino, st_size, st_mtime_ns) of the file a path reaches (links followed), or None until `with_stats` takes
+    them."""
+
+    def __init__(self, names: bytes, ends: np.ndarray, stats: np.ndarray | None = None, prefix: str = "") -> None:
+        self.names, self.ends, self.stats, self.prefix = names, ends, stats, prefix
 
     @classmethod
     def of(cls, paths: Sequence[Path | str]) -> Files:
@@ -44,37 +47,24 @@ class Files(Sequence[Path]):
     def text(self, i: int) -> str:
         """Path `i` as a str (what `str(self[i])` is), without building the Path."""
         start = int(self.ends[i - 1]) if i > 0 else 0
-        return os.fsdecode(self.names[start : int(self.ends[i])])
+        return self.prefix + os.fsdecode(self.names[start : int(self.ends[i])])
 
     def texts(self) -> Iterator[str]:
-        start = 0
-        for end in self.ends.tolist():
-            yield os.fsdecode(self.names[start:end])
+        start, prefix = 0, self.prefix
+        for end in values(self.ends):
+            yield prefix + os.fsdecode(self.names[start:end])
             start = end
 
-    @overload
-    def __getitem__(self, i: int) -> Path: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[Path]: ...
-
-    def __getitem__(self, i: int | slice) -> Path | list[Path]:
-        if isinstance(i, slice):
-            return [Path(self.text(k)) for k in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"index {i} out of range for {n} files")
-        return Path(self.text(i % n if i < 0 else int(i)))
+    def item(self, i: int) -> Path:
+        return Path(self.text(i))
 
     def __iter__(self) -> Iterator[Path]:
         return (Path(t) for t in self.texts())
 
     def __eq__(self, other: object) -> bool:  # a list of the same paths is the same column
-        if isinstance(other, Files):
+        if isinstance(other, Files) and other.prefix == self.prefix:
             return self.names == other.names and np.array_equal(self.ends, other.ends)
-        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
-            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
+        return super().__eq__(other)
 
     __hash__ = None  # type: ignore[assignment] - mutable-looking like the list it stands for
 
@@ -85,10 +75,8 @@ class Files(Sequence[Path]):
         """The files at `rows` (ascending indices), with their stats."""
         if len(rows) == len(self):
             return self
-        starts = np.concatenate([[0], self.ends[:-1]]) if len(self) else self.ends
-        names = b"".join(self.names[s:e] for s, e in zip(starts[rows].tolist(), self.ends[rows].tolist(), strict=True))
-        ends = np.cumsum(self.ends[rows] - starts[rows], dtype=np.int64)
-        return Files(names, ends, None if self.stats is None else self.stats[rows])
+        names, ends = take_spans(self.names, self.ends, rows)
+        return Files(names, ends, None if self.stats is None else self.stats[rows], self.prefix)
 
     def with_stats(self) -> Files:
         """These files with the stat of each (links followed, as `Path.stat()`); OSError for one that is gone."""
@@ -97,7 +85,26 @@ class Files(Sequence[Path]):
         stats = np.empty((len(self), 4), dtype=np.uint64)
         for i, text in enumerate(self.texts()):
             stats[i] = stamp(os.stat(text))
-        return Files(self.names, self.ends, stats)
+        return Files(self.names, self.ends, stats, self.prefix)
+
+    def without_stats(self) -> Files:
+        """These files without their stats (what a dataset read keeps: only its fingerprint needed them)."""
+        return Files(self.names, self.ends, None, self.prefix)
+
+    def stamps(self, spans: np.ndarray | None) -> Stamps:
+        """The files by device and inode, their sizes and modification times (from their stats, `with_stats`)."""
+        st = self.with_stats().stats
+        return Stamps(same_ids(st[:, :2], spans), st[:, 2].astype(np.int64), st[:, 3])
+
+    def relatives(self, root: Path | str) -> Iterator[str]:
+        """Each file's name under `root`, as `Path.relative_to` writes it, without building its Path."""
+        if not isinstance(root, Path):
+            yield from self.texts()
+            return
+        top = str(root)
+        prefix = top if top.endswith("/") else top + "/"
+        for text in self.texts():
+            yield text[len(prefix) :] if text.startswith(prefix) else "." if text == top else text
 
     def suffixes(self) -> Iterator[str]:
         """Each file's `Path.suffix`."""
@@ -106,21 +113,35 @@ class Files(Sequence[Path]):
             dot = name.rfind(".")
             yield name[dot:] if 0 < dot < len(name) - 1 else ""
 
+    def where(self) -> FileNames:
+        """How messages name each file: its path."""
+        return FileNames(self)
+
+
+class FileNames(Sequence[str]):
+    """Each file's path as a str: how an ImageFolder's messages name a file."""
+
+    def __init__(self, files: Files) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override] - rows, not slices
+        return self.files.text(i)
+
 
 def stamp(st: os.stat_result) -> tuple[int, int, int, int]:
     """What `Files.stats` holds of a file's stat; the modification time as uint64 bits (a time before 1970 too)."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns & 0xFFFF_FFFF_FFFF_FFFF
 
 
-def mtime_ns(bits: int) -> int:
-    """The modification time `stamp` stored."""
-    return bits - (1 << 64) if bits >= 1 << 63 else bits
-
-
 class FilesBuilder:
-    """`Files` built row by row from resolved paths and their stats, in arrays (no Python object kept a row)."""
+    """`Files` built row by row from resolved paths and their stats, in arrays (no Python object kept a row); every
+    path starts with `prefix` (a folder's path ending in its separator, or nothing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
         self._names = bytearray()
         self._ends = array("q")
         self._stats = array("Q")
@@ -129,7 +150,9 @@ class FilesBuilder:
         return len(self._ends)
 
     def add(self, path: str, st: os.stat_result) -> None:
-        self._names += os.fsencode(path)
+        if not path.startswith(self.prefix):
+            raise ValueError(f"{path!r} does not start with {self.prefix!r}")
+        self._names += os.fsencode(path[len(self.prefix) :])
         self._ends.append(len(self._names))
         self._stats.extend(stamp(st))
 
@@ -138,8 +161,9 @@ class FilesBuilder:
         names, ends, stats = bytes(self._names), self._ends, self._stats
         self._names, self._ends, self._stats = bytearray(), array("q"), array("Q")  # those now are the column's
         if not len(ends):
-            return Files(b"", np.empty(0, np.int64), np.empty((0, 4), np.uint64))
-        return Files(names, np.frombuffer(ends, dtype=np.int64), np.frombuffer(stats, dtype=np.uint64).reshape(-1, 4))
+            return Files(b"", np.empty(0, np.int64), np.empty((0, 4), np.uint64), self.prefix)
+        stats_array = np.frombuffer(stats, dtype=np.uint64).reshape(-1, 4)
+        return Files(names, np.frombuffer(ends, dtype=np.int64), stats_array, self.prefix)
 
 
 class Labels(Sequence[str]):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,9 +35,11 @@ import numpy as np
 
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
 from services.data.formats.build import finish
+from services.data.formats.columns import Labels
 from services.data.formats.hf_load import HUB, Splits, library, load_folder, load_hub, metadata_files
-from services.data.formats.samples import Dataset, DatasetError, Item, TableRow
-from services.data.formats.tables import TableError, arrow_table, parquet_column
+from services.data.formats.samples import Dataset, DatasetError
+from services.data.formats.table_rows import TableRowsBuilder
+from services.data.formats.tables import TableError, arrow_table, parquet_column, parquet_row_groups
 from services.data.formats.urls import is_remote
 
 if TYPE_CHECKING:
@@ -47,6 +50,7 @@ IN_A_STORE = (
     "a Hugging Face dataset is read from the server's disk (a save_to_disk folder, Parquet files) or the Hub "
     "(`hf://org/name`), not from an object store; copy it under an allowed root, or write it as WebDataset shards"
 )
+_CHUNK = 8192  # rows turned into Python values at a time
 _SPLIT_IN_NAME = re.compile(r"^(train|validation|test)(?:[-_.]|$)")
 
 
@@ -70,12 +74,12 @@ def parquet_files(root: Path) -> list[Path]:
 
 @dataclass
 class _Rows:
-    """What is gathered from the files of a dataset: each row's item, label and split code."""
+    """What is gathered from the files of a dataset: each row's item (formats/table_rows.py: a column), label and
+    split code."""
 
-    items: list[Item] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    where: list[str] = field(default_factory=list)
-    codes: list[int] = field(default_factory=list)
+    items: TableRowsBuilder
+    names: Labels = field(default_factory=Labels)
+    codes: array = field(default_factory=lambda: array("B"))
     skipped: list[str] = field(default_factory=list)
     order: list[str] | None = None
 
@@ -95,31 +99,34 @@ def _column(table_columns: list[str], name: str, option: str, where: object) -> 
         )
 
 
-def _images(col: pa.ChunkedArray, where: object, column: str) -> tuple[np.ndarray, list[str | None]]:
-    """For each row: whether it holds the image's bytes, and the file name it records (None without one)."""
+def _images(col: pa.ChunkedArray, where: object, column: str) -> tuple[np.ndarray, pa.ChunkedArray]:
+    """For each row: whether it holds the image's bytes, and the file name it records (null without one)."""
     import pyarrow as pa
 
     has: list[np.ndarray] = []
-    stored: list[str | None] = []
+    stored: list[pa.Array] = []
     for chunk in col.chunks:
         if pa.types.is_struct(chunk.type) and chunk.type.get_field_index("bytes") >= 0:
             children = dict(zip([f.name for f in chunk.type], chunk.flatten(), strict=True))  # parents' nulls applied
             has.append(children["bytes"].is_valid().to_numpy(zero_copy_only=False))
             paths = children.get("path")
-            stored.extend(paths.to_pylist() if paths is not None else [None] * len(chunk))
+            stored.append(
+                paths.cast(pa.large_string()) if paths is not None else pa.nulls(len(chunk), pa.large_string())
+            )
         elif pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
             has.append(chunk.is_valid().to_numpy(zero_copy_only=False))
-            stored.extend([None] * len(chunk))
+            stored.append(pa.nulls(len(chunk), pa.large_string()))
         else:
             raise DatasetError(
                 f"{where}: column {column!r} holds {chunk.type}, not images (an Image feature, or binary); set "
                 "dataset.huggingface.image_column"
             )
-    return (np.concatenate(has) if has else np.zeros(0, bool)), stored
+    return (np.concatenate(has) if has else np.zeros(0, bool)), pa.chunked_array(stored, pa.large_string())
 
 
-def _parquet_images(file: Path, column: str, schema: pa.Schema) -> tuple[np.ndarray, list[str | None]]:
-    """`_images` of a Parquet file, reading only the recorded names where its statistics say every row holds bytes."""
+def _parquet_images(file: Path, column: str, schema: pa.Schema) -> tuple[np.ndarray, pa.ChunkedArray]:
+    """`_images` of a Parquet file, reading only the recorded names where its statistics say every row holds bytes,
+    else a row group at a time (one group's image bytes in memory, not the file's)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -134,9 +141,10 @@ def _parquet_images(file: Path, column: str, schema: pa.Schema) -> tuple[np.ndar
             names = parquet_column(file, f"{column}.path").combine_chunks()
             if pa.types.is_struct(names.type):  # pyarrow versions differ: the struct of the one field, or the field
                 names = names.flatten()[0]
-            names = names.to_pylist()
-            return np.ones(meta.num_rows, bool), names
-    return _images(parquet_column(file, column), file, column)
+            return np.ones(meta.num_rows, bool), pa.chunked_array([names.cast(pa.large_string())])
+    groups = [_images(group, file, column) for group in parquet_row_groups(file, column)]
+    has = np.concatenate([h for h, _ in groups]) if groups else np.zeros(0, bool)
+    return has, pa.chunked_array([c for _, s in groups for c in s.chunks], pa.large_string())
 
 
 def _label_names(values: list[object], feature: Any, multi: bool) -> list[list[str] | None]:
@@ -195,24 +203,49 @@ def _read_rows(rows: _Rows, file: Path, split: str, options: ReadOptions, root: 
     inner = getattr(feature, "feature", feature) if multi else feature
     if getattr(inner, "names", None) is not None and rows.order is None:
         rows.order = list(inner.names)
-    for i, tags in enumerate(_label_names(labels.to_pylist(), feature, multi)):
-        where = f"{split} row {i} ({file.name})"
-        item: Item | None = TableRow(file, i, hf.image_column, stored[i] or "") if has[i] else None
-        if item is None and stored[i]:  # only a file's path: read from that file, under the rule
-            path = Path(stored[i]) if os.path.isabs(stored[i]) else root / stored[i]
-            if inside is not None:
-                inside(path, where)
-            item = path if path.is_file() else None
-        problem = "no image (neither bytes nor an existing file)" if item is None else "no label" if not tags else None
-        if problem:
-            if not options.skip_bad:
-                raise DatasetError(f"{where}: {problem} (set dataset.on_corrupt='skip' to leave such rows out)")
-            rows.skipped.append(f"{where}: {problem}, left out")
-            continue
-        rows.items.append(item)
-        rows.names.append("|".join(tags))
-        rows.where.append(where)
-        rows.codes.append(SPLITS.get(split, 0))
+    rows.items.add_file(file, split)
+    for start in range(0, len(labels), _CHUNK):  # as Python values a chunk at a time: never a million of them
+        tags = _label_names(labels.slice(start, _CHUNK).to_pylist(), feature, multi)
+        for i, (row_tags, name) in enumerate(zip(tags, stored.slice(start, _CHUNK).to_pylist(), strict=True), start):
+            _add_row(rows, i, row_tags, name, bool(has[i]), options, root, inside)
+
+
+def _add_row(
+    rows: _Rows,
+    i: int,
+    tags: list[str] | None,
+    stored: str | None,
+    has: bool,
+    options: ReadOptions,
+    root: Path,
+    inside: Inside | None,
+) -> None:
+    """Row `i` of the file added last: its image's bytes (`has`) or the file it names (`stored`), and its tags."""
+    items = rows.items
+    path = None
+    if not has and stored:  # only a file's path: read from that file, under the rule
+        path = Path(stored) if os.path.isabs(stored) else root / stored
+        if inside is not None:
+            inside(path, _where(items, i))
+        if not path.is_file():
+            path = None
+    problem = "no image (neither bytes nor an existing file)" if not has and path is None else None
+    problem = problem or (None if tags else "no label")
+    if problem:
+        if not options.skip_bad:
+            raise DatasetError(f"{_where(items, i)}: {problem} (set dataset.on_corrupt='skip' to leave such rows out)")
+        rows.skipped.append(f"{_where(items, i)}: {problem}, left out")
+        return
+    if path is not None:
+        items.add(i, str(path), local=True)
+    else:
+        items.add(i, stored or "")
+    rows.names.append("|".join(tags))
+    rows.codes.append(SPLITS.get(items.splits[-1], 0))
+
+
+def _where(items: TableRowsBuilder, i: int) -> str:
+    return f"{items.splits[-1]} row {i} ({items.files[-1].name})"
 
 
 def _splits_of_saved(root: Path) -> Splits:
@@ -271,7 +304,7 @@ def _dataset(
             f"{location} has no `train` split (its splits: {', '.join(names)}); set dataset.huggingface.splits to "
             "'draw' to pool them and draw the job's split"
         )
-    rows = _Rows()
+    rows = _Rows(TableRowsBuilder(options.huggingface.image_column))
     for split, split_files in splits:
         if honour and len(splits) > 1 and split not in SPLITS:
             rows.skipped.append(f"split {split!r}: not train, validation or test, left out")
@@ -285,13 +318,14 @@ def _dataset(
         if (base := _base(root)) is not None
         else Path(os.path.commonpath([f.parent for _, fs in splits for f in fs]))
     )
-    codes = np.asarray(rows.codes, dtype=np.uint8)
+    codes = np.frombuffer(rows.codes, dtype=np.uint8) if len(rows.codes) else np.zeros(0, np.uint8)
     parts = codes if honour and codes.any() else None
+    items = rows.items.build()
     return finish(
         top,
-        rows.items,
+        items,
         rows.names,
-        rows.where,
+        items.where(),
         options.duplicates,
         tuple(rows.skipped),
         None,

@@ -8,15 +8,18 @@ from pathlib import Path
 
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
 from services.data.formats.build import finish
-from services.data.formats.samples import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Dataset, DatasetError, Item
+from services.data.formats.columns import FilesBuilder, Labels
+from services.data.formats.samples import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Dataset, DatasetError
 
 
 def read_imagefolder(root: Path, inside: Inside | None = None, duplicates: str = "drop") -> Dataset:
-    """One subfolder per class. With `inside`, every class folder and every linked file is checked by it."""
+    """One subfolder per class. With `inside`, every class folder and every linked file is checked by it. The files
+    are gathered as a column (formats/columns.py: `Files`, each with the stat its fingerprint takes), so a million
+    cost arrays, not a Path each."""
     if not root.is_dir():
         raise DatasetError(f"{root} is not a directory; an ImageFolder dataset has one subfolder per class")
-    paths: list[Item] = []
-    names: list[str] = []
+    files = FilesBuilder(str(root / "-")[:-1])  # what every path starts with ("" for "."): written once
+    names = Labels()
     for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
         if inside is not None:
             inside(class_dir, f"class folder {class_dir}")
@@ -24,13 +27,17 @@ def read_imagefolder(root: Path, inside: Inside | None = None, duplicates: str =
         for dirpath, dirnames, filenames in os.walk(class_dir):
             dirnames.sort()
             for f in sorted(filenames):
-                if Path(f).suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
-                    path = Path(dirpath) / f
-                    if inside is not None and path.is_symlink():
-                        inside(path, f"file {path}")
-                    paths.append(path)
+                if Path(f).suffix.lower() in MEDIA_SUFFIXES:
+                    path = os.path.join(dirpath, f)  # what str(Path(dirpath) / f) is: dirpath is normalised
+                    if inside is not None and os.path.islink(path):
+                        inside(Path(path), f"file {path}")
+                    files.add(path, os.stat(path))
                     names.append(class_dir.name)
-    return finish(root, paths, names, [str(p) for p in paths], duplicates)
+    paths = files.build()
+    return finish(root, paths, names, paths.where(), duplicates)
+
+
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 
 
 class ImageFolder(DatasetFormat):

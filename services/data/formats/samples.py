@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from services.data.formats import remote
-from services.data.formats.columns import Files
+from services.data.formats.arrays import Column
 from services.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -204,7 +204,8 @@ def _read_run(shard: str, members: list[ShardMember], positions: list[int]) -> d
 class Dataset:
     root: Path | str  # the folder holding it: a local path, or an object-store URL
     paths: Sequence[Item]  # each sample's file: a Path, a ShardMember of a WebDataset shard, a TableRow of a Hugging
-    # Face dataset, or a RemoteFile; a list, or local files as a compact column (formats/columns.py: `Files`)
+    # Face dataset, or a RemoteFile; a list, or a compact column (formats/arrays.py: `Column`: `Files`, `Members`,
+    # `TableRows`)
     labels: np.ndarray  # int64 class index per sample; multi-label: int64 0/1 [samples, classes] (multi-hot)
     classes: list[str]
     fingerprint: str
@@ -225,7 +226,7 @@ class Dataset:
 
 def media_kind(paths: Sequence[Item], where: Path | str) -> str:
     """`image` or `video` by the files' suffixes; a dataset mixing both is refused."""
-    suffixes = paths.suffixes() if isinstance(paths, Files) else (p.suffix for p in paths)
+    suffixes = paths.suffixes() if isinstance(paths, Column) else (p.suffix for p in paths)
     videos = sum(s.lower() in VIDEO_SUFFIXES for s in suffixes)
     if videos and videos < len(paths):
         raise DatasetError(

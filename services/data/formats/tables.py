@@ -12,6 +12,7 @@ process imports it when it plans a job on such a dataset, never at startup. Torc
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,6 +72,18 @@ def parquet_column(file: Path, column: str) -> pa.ChunkedArray:
 
     try:
         return pq.read_table(file, columns=[column]).column(0)
+    except (OSError, ValueError) as e:
+        raise TableError(f"{file}: cannot read column {column!r} ({e})") from None
+
+
+def parquet_row_groups(file: Path, column: str) -> Iterator[pa.ChunkedArray]:
+    """A column of a Parquet file, a row group at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        f = pq.ParquetFile(file)
+        for group in range(f.num_row_groups):
+            yield f.read_row_group(group, columns=[column]).column(0)
     except (OSError, ValueError) as e:
         raise TableError(f"{file}: cannot read column {column!r} ({e})") from None
 

@@ -6,13 +6,13 @@ image or video is its first file whose extension is among the media keys (`jpg`,
 label is the text of its `.cls` file (a class index, or a class name) or a field of its `.json` file
 (`label_key`, `label_field`; multi-label: a list of tags, or `|`-separated tags).
 
-Samples are not extracted: each is a `ShardMember` (its shard, offset and size), which the loader processes read by
-seeking, so a shard is read twice (listed once, when the job is planned, its labels with it; each image when it is
-decoded) and never copied. Shards in an object store (`s3://bucket/shards/{000000..000009}.tar`, each under an
-allowed prefix) are read the same way through fsspec (formats/remote.py): listed by streaming through the object
-with a read-ahead buffer, a loader's batch of members then read by one ranged request per run of them close together
-in a shard (formats/samples.py: `read_together`); a store outage is retried, then fails the job naming the shard
-(StoreUnavailable), never taken for a shard cut short.
+Samples are not extracted: each is a `ShardMember` (its shard, offset and size; a million of them kept as arrays:
+formats/members.py), which the loader processes read by seeking, so a shard is read twice (listed once, when the job is
+planned, its labels with it; each image when it is decoded) and never copied. Shards in an object store
+(`s3://bucket/shards/{000000..000009}.tar`, each under an allowed prefix) are read the same way through fsspec
+(formats/remote.py): listed by streaming through the object with a read-ahead buffer, a loader's batch of members then
+read by one ranged request per run of them close together in a shard (formats/samples.py: `read_together`); a store
+outage is retried, then fails the job naming the shard (StoreUnavailable), never taken for a shard cut short.
 
 A shard cut short (its last sample, or tar's end-of-archive blocks, missing) fails the
 job naming it, or with `on_corrupt: skip` is left out whole and noted, like a sample without its image or label.
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
-import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,13 +42,12 @@ from services.data.formats import remote
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions, WebDatasetOptions
 from services.data.formats.braces import PatternError, expand, is_shards
 from services.data.formats.build import finish
-from services.data.formats.samples import Dataset, DatasetError, Item, ShardMember
+from services.data.formats.columns import Labels
+from services.data.formats.members import KEY, MembersBuilder, Shard, base
+from services.data.formats.samples import Dataset, DatasetError, ShardMember
 from storage.archives import ARCHIVE_HEAD, ArchiveError, BoundedReads, Limits, archive_in
 from storage.faults import is_store_outage
 
-Shard = Path | str  # a local shard, or an object-store URL
-
-_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's own split of a name: (dir/key, extension)
 _BLOCK = 512
 MAX_LABEL_BYTES = 1 << 20  # a label file is text; a larger one is not read
 
@@ -90,7 +87,7 @@ def _members(
                         "archive may hold (SIDETUNE_MAX_DATASET_FILES); write smaller shards"
                     )
                 end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
-                match = _KEY.match(info.name) if info.isfile() else None
+                match = KEY.match(info.name) if info.isfile() else None
                 if match is None:
                     continue
                 key, ext = match.group(1), match.group(2).lower()
@@ -201,7 +198,7 @@ def _label(raw: bytes, options: WebDatasetOptions, multi_label: bool) -> str:
     return _name(value, options)
 
 
-def _sample_row(sample: _Sample, options: ReadOptions) -> tuple[Item, str]:
+def _sample_row(sample: _Sample, options: ReadOptions) -> tuple[ShardMember, str]:
     """A sample's (item, label); ValueError naming what it lacks, or the member that passes the limits."""
     wds, limits = options.webdataset, options.limits
     key = next((k for k in wds.media_keys if k in sample.files), None)
@@ -254,9 +251,8 @@ def read_webdataset(
     if error := missing_shards(location, shards):
         raise error
     wds, skip = options.webdataset, options.skip_bad
-    items: list[Item] = []
-    names: list[str] = []
-    where: list[str] = []
+    items = MembersBuilder()
+    names = Labels()
     skipped: list[str] = []
     for shard in shards:
         try:
@@ -264,7 +260,7 @@ def read_webdataset(
         except ShardError as e:
             if not skip:
                 raise DatasetError(f"shard {shard}: {e} (set dataset.on_corrupt='skip' to leave it out)") from None
-            skipped.append(f"shard {_base(shard)}: {e}, left out")
+            skipped.append(f"shard {base(shard)}: {e}, left out")
             continue
         for sample in samples:
             try:
@@ -275,18 +271,15 @@ def read_webdataset(
                         f"shard {shard} sample {sample.key!r}: {e} (set dataset.on_corrupt='skip' to leave such "
                         "samples out)"
                     ) from None
-                skipped.append(f"shard {_base(shard)} sample {sample.key}: {e}, left out")
+                skipped.append(f"shard {base(shard)} sample {sample.key}: {e}, left out")
                 continue
-            items.append(item)
+            items.add(item)
             names.append(name)
-            where.append(f"shard {_base(shard)} sample {sample.key}")
     urls = [s for s in shards if isinstance(s, str)]
     root = remote.common_folder(urls) if urls else Path(os.path.commonpath([Path(s).parent for s in shards]))
-    return finish(root, items, names, where, options.duplicates, tuple(skipped), None, options.multi_label, "labels")
-
-
-def _base(shard: Shard) -> str:
-    return posixpath.basename(shard) if isinstance(shard, str) else shard.name
+    members = items.build()
+    where = members.where()
+    return finish(root, members, names, where, options.duplicates, tuple(skipped), None, options.multi_label, "labels")
 
 
 class WebDataset(DatasetFormat):

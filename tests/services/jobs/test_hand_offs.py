@@ -7,6 +7,8 @@ heartbeat, and no hand-off marked (worker/tasks.py marks it after sending)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 
 from fastapi.testclient import TestClient
@@ -95,3 +97,32 @@ def test_a_plan_step_killed_while_planning_is_sent_again(settings, digits_root) 
     _died_in(store, job_id, {"task": "plan"})
     assert _watch(store, settings) == [(job_id, {"task": "plan"})]
     assert plan_step(store, settings, job_id) == EXTRACT_NEXT
+
+
+def test_a_train_step_sent_twice_trains_once_and_takes_over_from_a_dead_holder(settings, digits_root) -> None:
+    """A worker that died between sending the train step and marking it leaves the step sent twice (its redelivered
+    extract step sends it again). The second waits on the first's lease: while the first trains it does nothing, and
+    when the first's lease lapses (its worker died: released here without finishing) it trains the job itself."""
+    store, job_id = _submit(settings, digits_root)
+    assert plan_step(store, settings, job_id) == EXTRACT_NEXT
+    assert extract_step(store, settings, job_id) == TRAIN_NEXT
+
+    first = store.train_lock(job_id)  # another worker's train step, training
+    assert first.acquire()
+    second = threading.Thread(target=train_step, args=(store, settings, job_id))
+    second.start()
+    deadline = time.monotonic() + 30
+    while not any("sent twice" in e["message"] for e in store.events(job_id)):
+        assert time.monotonic() < deadline and second.is_alive(), "the second step neither waited nor said so"
+        time.sleep(0.1)
+    assert store.get_job(job_id)["status"] == "extracting"  # it waits: no training of its own meanwhile
+    assert not any(e["message"] == "training started" for e in store.events(job_id))
+    first.release()  # the first worker died: its lease is gone
+    second.join(timeout=120)
+    job = store.get_job(job_id)
+    assert not second.is_alive() and job["status"] == "succeeded", job.get("error")
+
+    train_step(store, settings, job_id)  # a third, after the end: nothing done again
+    started = [e for e in store.events(job_id) if e["message"] == "training started"]
+    assert len(started) == 1
+    assert not store.train_lock(job_id).locked()

@@ -1,0 +1,127 @@
+"""A Hugging Face dataset's rows as a compact column (formats/arrays.py: `Column`): each row's file (an index into
+the dataset's Arrow or Parquet files) and number in arrays, and the file name it records in one buffer, so that a
+million rows cost about 30 bytes each instead of a `TableRow` object (and its strings). A row that records only an
+image file's path (no bytes) is that local file, its path in the same buffer. Items are built when one is asked for
+(a loader reading a row, a message naming it); the column pickles as its arrays to the loader processes. Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from services.data.formats.arrays import Column, Stamps, Texts, TextsBuilder, same_ids, sequence, under, values
+from services.data.formats.columns import stamp
+from services.data.formats.samples import Item, TableRow
+
+
+class TableRows(Column[Item]):
+    """Row i: row `row[i]` of `files[file[i]]`, its image in `column`, recording the name `stored[i]`; where
+    `local[i]`, the local file `stored[i]` instead. `splits[f]` is the split file f was read as (for messages)."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        splits: list[str],
+        column: str,
+        arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+        stored: Texts,
+    ) -> None:
+        self.files, self.splits, self.column, self.stored = files, splits, column, stored
+        self.file, self.row, self.local = arrays
+
+    def __len__(self) -> int:
+        return len(self.file)
+
+    def item(self, i: int) -> Item:
+        if self.local[i]:
+            return Path(self.stored[i])
+        return TableRow(self.files[self.file[i]], int(self.row[i]), self.column, self.stored[i])
+
+    def __iter__(self) -> Iterator[Item]:
+        rows = zip(values(self.file), values(self.row), values(self.local), self.stored, strict=True)
+        return (Path(s) if local else TableRow(self.files[f], r, self.column, s) for f, r, local, s in rows)
+
+    def take(self, rows: np.ndarray) -> TableRows:
+        if len(rows) == len(self):
+            return self
+        arrays = (self.file[rows], self.row[rows], self.local[rows])
+        return TableRows(self.files, self.splits, self.column, arrays, self.stored.take(rows))
+
+    def stamps(self, spans: np.ndarray | None) -> Stamps:
+        """A table's row by its file (device and inode) and number, with its file's size and modification time; a
+        local file by its own (never one of a table's rows): one stat per file."""
+        ids: dict[tuple[int, int], int] = {}
+        by_file = [stamp(os.stat(f)) for f in self.files]
+        file_id = np.array([ids.setdefault((s[0], s[1]), len(ids)) for s in by_file], dtype=np.int64)
+        major, minor = file_id[self.file], self.row + 1  # a local file's "row" is 0
+        size = np.array([s[2] for s in by_file], dtype=np.int64)[self.file]
+        changed = np.array([s[3] for s in by_file], dtype=np.uint64)[self.file]
+        for i in np.flatnonzero(self.local).tolist():
+            dev, ino, size[i], changed[i] = stamp(os.stat(self.stored[i]))
+            major[i], minor[i] = ids.setdefault((dev, ino), len(ids)), 0
+        return Stamps(same_ids(np.stack([major, minor], axis=1), spans), size, changed)
+
+    def relatives(self, root: Path | str) -> Iterator[str]:
+        folders = [under(f, root) for f in self.files]
+        rows = zip(values(self.file), values(self.row), values(self.local), self.stored, strict=True)
+        for f, r, local, s in rows:
+            yield under(Path(s), root) if local else f"{folders[f]}[{r}]"
+
+    def suffixes(self) -> Iterator[str]:
+        return (Path(s).suffix for s in self.stored)
+
+    def where(self) -> Where:
+        """How messages name each row: `<split> row <n> (<file's name>)`."""
+        return Where(self)
+
+
+class Where(Sequence[str]):
+    """`<split> row <n> (<file>)` for each row of a column, made when a message needs it."""
+
+    def __init__(self, rows: TableRows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override] - rows, not slices
+        f = self.rows.file[i]
+        return f"{self.rows.splits[f]} row {self.rows.row[i]} ({self.rows.files[f].name})"
+
+
+class TableRowsBuilder:
+    """`TableRows` gathered file by file (`add_file`), then row by row."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+        self.files: list[Path] = []
+        self.splits: list[str] = []
+        self._file = array("i")
+        self._row = array("q")
+        self._local = array("B")
+        self._stored = TextsBuilder()
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    def add_file(self, file: Path, split: str) -> None:
+        """The file the rows added next are of, read as `split`."""
+        self.files.append(file)
+        self.splits.append(split)
+
+    def add(self, row: int, stored: str, local: bool = False) -> None:
+        """Row `row` of the last file added, recording the name `stored`; or (`local`) the local file `stored`."""
+        self._file.append(len(self.files) - 1)
+        self._row.append(row)
+        self._local.append(local)
+        self._stored.append(stored)
+
+    def build(self) -> TableRows:
+        local = sequence(self._local, np.uint8).astype(bool)
+        arrays = (sequence(self._file, np.int32), sequence(self._row, np.int64), local)
+        return TableRows(self.files, self.splits, self.column, arrays, self._stored.build())
