@@ -58,6 +58,7 @@ class UserPaths:
             str(self.uploads),
         )
         self._resolver = Resolver()
+        self.archive_limits = settings.archive_limits  # what a dataset's archives (WebDataset shards) may hold
 
     def _is_service(self, real: str) -> bool:
         if any(_within(real, d) or _within(d, real) for d in self._service):

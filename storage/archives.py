@@ -1,4 +1,6 @@
-"""Safe extraction of zip and tar archives (uploaded datasets, storage/datasets.py).
+"""Safe extraction of zip and tar archives (uploaded datasets, storage/datasets.py), and the same limits for the tar
+archives read in place (WebDataset shards, services/data/formats/webdataset.py: `BoundedReads`, `Limits`,
+`archive_in`).
 
 An archive is extracted member by member with our own checks, never with `extractall`: absolute names, `..`
 components, links, devices and names that resolve outside the target are refused, and the bytes actually
@@ -54,6 +56,32 @@ class ArchiveError(ValueError):
 class Limits:
     max_bytes: int  # uncompressed bytes written, all members together
     max_files: int  # members (files and folders)
+
+
+# What a member's first bytes say it is, where it is an archive or a compressed stream: (kind, (offset, bytes)...),
+# each long enough that no text file (a label) starts so by chance
+_ARCHIVE_MAGIC: tuple[tuple[str, tuple[tuple[int, bytes], ...]], ...] = (
+    ("zip", ((0, b"PK\x03\x04"),)),
+    ("zip", ((0, b"PK\x05\x06"),)),  # an empty zip
+    ("gzip", ((0, b"\x1f\x8b\x08"),)),
+    ("bzip2", ((0, b"BZh"), (4, b"1AY&SY"))),  # a block's magic after the level digit
+    ("xz", ((0, b"\xfd7zXZ\x00"),)),
+    ("zstd", ((0, b"(\xb5/\xfd"),)),
+    ("7z", ((0, b"7z\xbc\xaf'\x1c"),)),
+    ("rar", ((0, b"Rar!\x1a\x07"),)),
+    ("tar", ((257, b"ustar\x0000"),)),  # POSIX
+    ("tar", ((257, b"ustar  \x00"),)),  # GNU
+)
+ARCHIVE_HEAD = 265  # bytes of a member that `archive_in` reads
+
+
+def archive_in(head: bytes) -> str | None:
+    """The kind of archive (`zip`, `tar`, `gzip`, ...) a file starting with `head` (its first `ARCHIVE_HEAD` bytes,
+    or all of a shorter file) is, by its content; None for anything else (images and videos among them)."""
+    for kind, parts in _ARCHIVE_MAGIC:
+        if all(head[at : at + len(magic)] == magic for at, magic in parts):
+            return kind
+    return None
 
 
 # ---- extraction ---------------------------------------------------------------------------------------------
@@ -174,17 +202,13 @@ def _extract_zip(archive: Path, writer: _Writer) -> None:
 _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
 
 
-class _TarReader(io.RawIOBase):
-    """The decompressed bytes of a tar archive, as tarfile reads them, counted: a single read larger than `MAX_READ`
-    is refused (tarfile reads a pax or GNU long-name header whole into memory, and a gzip-compressed header may claim
-    gigabytes), and so is reading more than `limit` bytes in all."""
+class BoundedReads(io.RawIOBase):
+    """A binary file as tarfile reads it, counted: a single read larger than `MAX_READ` is refused (tarfile reads a
+    pax or GNU long-name header whole into memory, and a header may claim gigabytes), and so is reading more than
+    `limit` bytes in all. `own`: closing this closes `raw` too."""
 
-    def __init__(self, archive: Path, limit: int) -> None:
-        with open(archive, "rb") as f:
-            head = f.read(6)
-        opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
-        self.raw: IO[bytes] = opener(archive, "rb") if opener else open(archive, "rb")  # noqa: SIM115
-        self.limit, self.count = limit, 0
+    def __init__(self, raw: IO[bytes], limit: int = 2**62, own: bool = True) -> None:
+        self.raw, self.limit, self.count, self.own = raw, limit, 0, own
 
     def readable(self) -> bool:
         return True
@@ -213,8 +237,19 @@ class _TarReader(io.RawIOBase):
         return self.raw.tell()
 
     def close(self) -> None:
-        self.raw.close()
+        if self.own:
+            self.raw.close()
         super().close()
+
+
+class _TarReader(BoundedReads):
+    """The decompressed bytes of a tar archive (plain, gzip, bzip2 or xz), read with `BoundedReads`' limits."""
+
+    def __init__(self, archive: Path, limit: int) -> None:
+        with open(archive, "rb") as f:
+            head = f.read(6)
+        opener = next((o for magic, o in _COMPRESSED.items() if head.startswith(magic)), None)
+        super().__init__(opener(archive, "rb") if opener else open(archive, "rb"), limit)  # noqa: SIM115
 
 
 def _open_tar(archive: Path, limit: int) -> tarfile.TarFile:

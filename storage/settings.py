@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from storage.archives import Limits
+
 
 def _split_list(value: object) -> object:
     """Accept `a,b,c` as well as a JSON list for list-valued environment variables."""
@@ -230,10 +232,13 @@ class Settings(BaseSettings):
     max_dataset_mb: float = Field(
         4096.0,
         gt=0,
-        description="Largest uploaded dataset once extracted (MB, bytes actually written, so a zip bomb stops here).",
+        description="Largest uploaded dataset once extracted (MB, bytes actually written, so a zip bomb stops here), "
+        "and largest sample (image or video) in a WebDataset shard.",
     )
     max_dataset_files: int = Field(
-        200_000, ge=1, description="Most members (files and folders) in an uploaded dataset archive."
+        200_000,
+        ge=1,
+        description="Most members (files and folders) in an uploaded dataset archive, and in a WebDataset shard.",
     )
     planner_gpu_tflops: float = Field(
         50.0, gt=0, description="Backbone throughput (TFLOP/s) the planner assumes on a GPU, for extraction time."
@@ -331,6 +336,11 @@ class Settings(BaseSettings):
     @property
     def redis_dir(self) -> Path:
         return self.data_path / "redis"
+
+    @property
+    def archive_limits(self) -> Limits:
+        """What an archive a dataset comes in may hold: an upload (`POST /datasets`), and a WebDataset shard."""
+        return Limits(max_bytes=int(self.max_dataset_mb * 2**20), max_files=self.max_dataset_files)
 
     @property
     def datasets_dir(self) -> Path:

@@ -34,6 +34,8 @@ class HuggingFaceSpecRecord(TypedDict):
     image_column: str
     label_column: str
     splits: Literal["dataset", "draw"]
+    revision: str | None
+    config: str | None
 
 
 class DatasetSpecRecord(TypedDict):

@@ -1,6 +1,7 @@
 """A TCP proxy for the fault tests: it forwards a loopback port to another one (e.g. to the moto S3 server) until it is
 stopped, when it closes its listening socket and every connection (new ones are refused, as from a server that went
-away), and forwards again once started. A few threads; no dependencies."""
+away), and forwards again once started; `peak` counts the most connections open at once. A few threads; no
+dependencies."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.peak = 0  # the most client connections open at once (requests in flight together)
 
     @property
     def url(self) -> str:
@@ -59,6 +61,7 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._conns |= {client, upstream}
+                self.peak = max(self.peak, len(self._conns) // 2)
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 

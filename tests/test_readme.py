@@ -41,7 +41,7 @@ def test_the_dataset_examples_are_valid_specs() -> None:
 
     section = _datasets_section()
     lines = [line for line in section.splitlines() if line.startswith("sidetune submit --dataset ")]
-    assert len(lines) >= 11
+    assert len(lines) >= 13
     kinds = set()
     for line in lines:
         spec = JobSpec.model_validate(build_spec(_parser().parse_args(shlex.split(line)[1:])))
@@ -49,7 +49,7 @@ def test_the_dataset_examples_are_valid_specs() -> None:
     assert ("webdataset", "/data/shards/{000000..000009}.tar") in kinds and ("auto", "hf") in kinds
     block = section.split("```json\n", 1)[1].split("```", 1)[0]
     datasets = [json.loads(line) for line in block.splitlines()]
-    assert len(datasets) == 10
+    assert len(datasets) == 12
     for dataset in datasets:
         JobSpec.model_validate(
             {"dataset": dataset, "backbone": {"name": "vit_base_patch16_224"}, "method": {"name": "auto"}}

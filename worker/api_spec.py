@@ -24,6 +24,8 @@ class HuggingFaceBody(TypedDict, total=False):
     image_column: str
     label_column: str
     splits: Literal["dataset", "draw"]
+    revision: str
+    config: str
 
 
 class DatasetBody(TypedDict, total=False):

@@ -25,7 +25,6 @@ from services.spec import JobSpec
 from storage.datasets import (
     ArchiveError,
     DatasetFiles,
-    Limits,
     disk_usage,
     new_dataset_id,
     staging_dir,
@@ -133,9 +132,10 @@ async def upload_dataset(request: Request, store: StoreDep, settings: SettingsDe
             upload = await receive_file(request, archive, int(settings.max_upload_mb * 2**20))
             if upload.size == 0:
                 raise ApiError(422, "invalid_archive", "the upload is empty: send a zip or tar archive")
-            limits = Limits(max_bytes=int(settings.max_dataset_mb * 2**20), max_files=settings.max_dataset_files)
             try:
-                rel, fmt, info = await run_in_threadpool(unpack, archive, files, dataset_id, limits, validate)
+                rel, fmt, info = await run_in_threadpool(
+                    unpack, archive, files, dataset_id, settings.archive_limits, validate
+                )
             except ArchiveError as e:
                 raise ApiError(STATUS[e.code], e.code, e.message) from None
         record: DatasetRecord = {

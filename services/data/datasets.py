@@ -41,6 +41,7 @@ from services.data.formats.samples import (
 from services.data.formats.urls import is_remote, local_path
 from services.data.formats.webdataset import WebDataset, read_webdataset
 from services.paths import UserPaths
+from storage.archives import Limits
 
 if TYPE_CHECKING:
     from services.spec.dataset import DatasetSpec
@@ -115,8 +116,8 @@ def read_dataset(
     return reader.read(str(path), files, options, inside)
 
 
-def _options(dataset: DatasetSpec) -> ReadOptions:
-    """What a job's `dataset` spec says about reading it."""
+def _options(dataset: DatasetSpec, limits: Limits) -> ReadOptions:
+    """What a job's `dataset` spec says about reading it, under the server's `limits` on archives."""
     wds, hf = dataset.webdataset, dataset.huggingface
     return ReadOptions(
         dataset.multi_label,
@@ -130,7 +131,10 @@ def _options(dataset: DatasetSpec) -> ReadOptions:
             wds.label_field,
             None if wds.classes is None else tuple(wds.classes),
         ),
-        HuggingFaceOptions() if hf is None else HuggingFaceOptions(hf.image_column, hf.label_column, hf.splits),
+        HuggingFaceOptions()
+        if hf is None
+        else HuggingFaceOptions(hf.image_column, hf.label_column, hf.splits, hf.revision, hf.config),
+        limits,
     )
 
 
@@ -145,7 +149,9 @@ def read_for_job(dataset: DatasetSpec, paths: UserPaths, test: bool = False) -> 
         reader = format_for(location, "auto" if test else dataset.format)
         named = reader.locations(location)
         files = [_checked(paths, field, p, upload, several=len(named) > 1) for p in named]
-        return reader.read(location, files, _options(dataset), partial(paths.check_member, field, upload=upload))
+        return reader.read(
+            location, files, _options(dataset, paths.archive_limits), partial(paths.check_member, field, upload=upload)
+        )
     except DatasetError as e:
         e.field = field
         raise

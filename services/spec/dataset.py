@@ -75,6 +75,23 @@ class HuggingFaceSpec(BaseModel):
         "validation or test split is drawn from `train` by `val_fraction` and `test_fraction`; other splits are "
         "left out). `draw`: every split is pooled and the job's split drawn from them, as for any format.",
     )
+    revision: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/+-]*$",
+        description="A Hub id only (`hf://org/name`): the dataset's branch, tag or commit on the Hub (`datasets."
+        "load_dataset`'s `revision`; default: its main branch). A commit hash pins the data, so that a job rerun "
+        "reads the same rows.",
+    )
+    config: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+        description="A Hub id only: the dataset's configuration (subset) name (`datasets.load_dataset`'s `name`; "
+        "default: its only or default one).",
+    )
 
 
 class DatasetSpec(BaseModel):
@@ -205,6 +222,13 @@ class DatasetSpec(BaseModel):
         if self.huggingface is not None and self.format not in ("auto", "huggingface"):
             raise ValueError(
                 f"dataset.huggingface applies to Hugging Face datasets, not to format {self.format!r}; remove it"
+            )
+        hf = self.huggingface
+        asked = [f for f in ("revision", "config") if hf is not None and getattr(hf, f) is not None]
+        if asked and not hub:
+            raise ValueError(
+                f"dataset.huggingface.{asked[0]} applies to a Hub id (`hf://org/name`) only; a dataset on the server "
+                "is read as it is"
             )
 
     def _shards(self, test: bool) -> bool:

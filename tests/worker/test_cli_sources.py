@@ -77,6 +77,12 @@ def test_the_spec_from_options_alone_or_over_a_file(tmp_path: Path, capsys) -> N
     assert "missing --backbone and --method" in capsys.readouterr().err
 
 
+def test_a_hub_ids_revision_and_config_by_options() -> None:
+    args = ["submit", "--dataset", "hf://org/name", "--hf-revision", "v1.0", "--hf-config", "small", *MODEL]
+    spec = build_spec(_parser().parse_args(args))
+    assert spec["dataset"] == {"path": "hf://org/name", "huggingface": {"revision": "v1.0", "config": "small"}}
+
+
 def test_local_shards_named_by_options_train_a_model(stack) -> None:
     running, client = stack
     data = running.settings.data_path / "datasets"

@@ -58,6 +58,10 @@ def _huggingface(args: argparse.Namespace) -> HuggingFaceBody:
         body["label_column"] = args.label_column
     if args.hf_splits:
         body["splits"] = args.hf_splits
+    if args.hf_revision:
+        body["revision"] = args.hf_revision
+    if args.hf_config:
+        body["config"] = args.hf_config
     return body
 
 
@@ -167,6 +171,10 @@ def add_parsers(sub: Subparsers) -> None:
     data.add_argument(
         "--hf-splits", choices=("dataset", "draw"), help="Hugging Face: huggingface.splits (default: dataset)"
     )
+    data.add_argument(
+        "--hf-revision", metavar="REV", help="a Hub id's branch, tag or commit: huggingface.revision (default: main)"
+    )
+    data.add_argument("--hf-config", metavar="NAME", help="a Hub id's configuration: huggingface.config")
     data.add_argument(
         "--media-key",
         action="append",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from services.data.formats.samples import Dataset
+from storage.archives import Limits
 
 # Checks a file or folder of the dataset, links followed, or an object URL (UserPaths.check_member bound to a field):
 # (path or URL, what).
@@ -68,19 +69,23 @@ class HuggingFaceOptions:
     image_column: str = "image"
     label_column: str = "label"
     splits: str = "dataset"
+    revision: str | None = None
+    config: str | None = None
 
 
 @dataclass(frozen=True)
 class ReadOptions:
     """How a job reads its dataset: `multi_label` (labels hold `|`-separated tags), `skip_bad` (on_corrupt=skip:
     a row whose file is missing, a sample without a label, a truncated shard is left out and noted), `duplicates`
-    (`drop` or `fail` a file listed twice), and the options of the formats that have some."""
+    (`drop` or `fail` a file listed twice), the options of the formats that have some, and `limits`: what an archive
+    the dataset is made of may hold (a WebDataset shard; the server's upload limits for a job, none otherwise)."""
 
     multi_label: bool = False
     skip_bad: bool = False
     duplicates: str = "drop"
     webdataset: WebDatasetOptions = field(default_factory=WebDatasetOptions)
     huggingface: HuggingFaceOptions = field(default_factory=HuggingFaceOptions)
+    limits: Limits | None = None
 
 
 class DatasetFormat(ABC):

@@ -1,7 +1,10 @@
 """Hugging Face datasets (https://huggingface.co/docs/datasets): a `save_to_disk` folder (Arrow files, one `Dataset`
 or a `DatasetDict` of splits), Parquet files (one, or a folder of shards as `push_to_hub` and `to_parquet` write them,
-split by their names: `train-00000-of-00004.parquet`, `data/validation/...`), or a Hub id (`hf://org/name`), which
-`datasets.load_dataset` downloads into the server's Hugging Face cache where the Hub is reachable.
+split by their names: `train-00000-of-00004.parquet`, `data/validation/...`), an `imagefolder` with a `metadata.csv`
+or `metadata.jsonl` (its images, possibly in split folders, named by the metadata's `file_name` column), or a Hub id
+(`hf://org/name`). The last two are built by `datasets.load_dataset` (formats/hf_load.py): the Hub's into the
+server's Hugging Face cache where the Hub is reachable, the imagefolder's as Arrow files of paths, its images read
+from their files.
 
 A row's image is its `image_column` (an `Image` feature's bytes, or a binary column), read in place by the loader
 processes (formats/samples.py: `TableRow`; formats/tables.py); a row that records only a file's path (what
@@ -14,9 +17,9 @@ Splits: with `splits: dataset` (the default) a dataset's own `train`, `validatio
 fractions only where the dataset has none; other splits are left out and noted. `splits: draw` pools every split and
 draws as for any format.
 
-An imagefolder without metadata (one folder per class) is read by formats/imagefolder.py, as `datasets` reads it;
-one with `metadata.csv`/`metadata.jsonl` is not read yet. The `datasets` library is the `hf` extra, imported here
-only when such a dataset is read (never when the API starts). Torch-free.
+An imagefolder without metadata (one folder per class) is read by formats/imagefolder.py, as `datasets` reads it.
+The `datasets` library is the `hf` extra, imported here only when such a dataset is read (never when the API
+starts). Torch-free.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
 from services.data.formats.build import finish
 from services.data.formats.columns import Labels
+from services.data.formats.hf_load import HUB, Splits, library, load_folder, load_hub, metadata_files
 from services.data.formats.samples import Dataset, DatasetError
 from services.data.formats.table_rows import TableRowsBuilder
 from services.data.formats.tables import TableError, arrow_table, parquet_column, parquet_row_groups
@@ -41,9 +45,7 @@ from services.data.formats.urls import is_remote
 if TYPE_CHECKING:
     import pyarrow as pa
 
-HUB = "hf://"
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # datasets.Split's names, as our split codes
-EXTRA = "install the `hf` extra on the server: pip install 'sidetune[hf]'"
 IN_A_STORE = (
     "a Hugging Face dataset is read from the server's disk (a save_to_disk folder, Parquet files) or the Hub "
     "(`hf://org/name`), not from an object store; copy it under an allowed root, or write it as WebDataset shards"
@@ -54,17 +56,6 @@ _SPLIT_IN_NAME = re.compile(r"^(train|validation|test)(?:[-_.]|$)")
 
 def is_hub(location: str) -> bool:
     return location.startswith(HUB)
-
-
-def library() -> Any:
-    """The `datasets` module; DatasetError naming the extra where it is not installed."""
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetError(
-            f"Hugging Face datasets are read with the `datasets` library, not installed here; {EXTRA}"
-        ) from None
-    return datasets
 
 
 def saved(root: Path) -> bool:
@@ -257,32 +248,12 @@ def _where(items: TableRowsBuilder, i: int) -> str:
     return f"{items.splits[-1]} row {i} ({items.files[-1].name})"
 
 
-def _splits_of_saved(root: Path) -> list[tuple[str, list[Path]]]:
+def _splits_of_saved(root: Path) -> Splits:
     """(split, its Arrow files) of a `save_to_disk` folder or of the Hub's download (`root`: a `load_dataset` id)."""
     datasets = library()
     loaded = datasets.load_from_disk(str(root))
     parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(str(loaded.split or "train"), loaded)]
     return [(str(name), [Path(c["filename"]) for c in ds.cache_files]) for name, ds in parts]
-
-
-def _hub(location: str) -> list[tuple[str, list[Path]]]:
-    """(split, its Arrow files) of a Hub dataset, downloaded (or found in the cache); DatasetError saying why not."""
-    datasets = library()
-    name = location[len(HUB) :].strip("/")
-    try:
-        loaded = datasets.load_dataset(name)
-    except Exception as e:  # the library raises many kinds (connection, not found, offline, auth)
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or os.environ.get(
-            "HF_DATASETS_OFFLINE", ""
-        ).lower() in ("1", "true", "yes")
-        cause = "the server is offline (HF_HUB_OFFLINE is set) and has no cached copy" if offline else type(e).__name__
-        raise DatasetError(
-            f"{location}: the Hugging Face Hub dataset {name!r} cannot be loaded on this server ({cause}: "
-            f"{str(e)[:300]}); save it with `save_to_disk` (or its Parquet files) under an allowed root and name that "
-            "folder instead"
-        ) from None
-    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("train", loaded)]
-    return [(str(split), [Path(c["filename"]) for c in ds.cache_files]) for split, ds in parts]
 
 
 def read_huggingface(
@@ -291,26 +262,29 @@ def read_huggingface(
     """The dataset at `location` (`files`: its folder or Parquet file, checked; none for a Hub id). With `inside`,
     every Arrow or Parquet file, and every image file a row names, is checked by it before it is read."""
     options = options or ReadOptions()
+    built = True  # the Arrow files are the library's, in its cache: not the user's, so not under the rule
     if is_hub(location):
-        root, splits = None, _hub(location)
+        root, splits = None, load_hub(location, options.huggingface)
     else:
         (root,) = files
         if isinstance(root, str):  # an object-store URL (services/data/formats/urls.py)
             raise DatasetError(f"{root}: {IN_A_STORE}")
         if saved(root):
-            splits = _splits_of_saved(root)
+            splits, built = _splits_of_saved(root), False
+        elif metadata_files(root):
+            splits = load_folder(root, inside)
         elif found := parquet_files(root):
             library()
             splits = {}
             for f in found:
                 splits.setdefault(_split_of(f, root), []).append(f)
-            splits = list(splits.items())
+            splits, built = list(splits.items()), False
         else:
             raise DatasetError(
                 f"{root} is not a Hugging Face dataset: no `dataset_dict.json` or `state.json` (a save_to_disk "
-                "folder) and no .parquet file"
+                "folder), no `metadata.csv` or `metadata.jsonl` (an imagefolder) and no .parquet file"
             )
-    return _dataset(location, root, splits, options, inside if root is not None else None)
+    return _dataset(location, root, splits, options, inside if root is not None else None, built)
 
 
 def _base(root: Path | None) -> Path | None:
@@ -319,8 +293,10 @@ def _base(root: Path | None) -> Path | None:
 
 
 def _dataset(
-    location: str, root: Path | None, splits: list[tuple[str, list[Path]]], options: ReadOptions, inside: Inside | None
+    location: str, root: Path | None, splits: Splits, options: ReadOptions, inside: Inside | None, built: bool
 ) -> Dataset:
+    """The rows of every file of `splits`; with `inside`, each file a row names is checked by it, and each Arrow or
+    Parquet file too unless the library `built` it (in its cache, from files checked)."""
     honour = options.huggingface.splits == "dataset"
     names = [s for s, _ in splits]
     if honour and len(splits) > 1 and "train" not in names:
@@ -334,7 +310,7 @@ def _dataset(
             rows.skipped.append(f"split {split!r}: not train, validation or test, left out")
             continue
         for file in split_files:
-            if inside is not None:
+            if inside is not None and not built:
                 inside(file, f"{split} file {file.name}")
             _read_file(rows, file, split if honour else "train", options, _base(root) or file.parent, inside)
     top = (
@@ -372,9 +348,14 @@ class HuggingFace(DatasetFormat):
             path = Path(location).resolve()
             if path.is_file():
                 return path.suffix.lower() == ".parquet"
-            # a folder of shards as `push_to_hub` (data/) or `to_parquet` lay them out; not deeper, so that
-            # an ImageFolder of a million files is not listed twice
-            return saved(path) or any(path.glob("*.parquet")) or any((path / "data").glob("*.parquet"))
+            # a folder of shards as `push_to_hub` (data/) or `to_parquet` lay them out, or an imagefolder with
+            # metadata; not deeper, so that an ImageFolder of a million files is not listed twice
+            return (
+                saved(path)
+                or any(path.glob("*.parquet"))
+                or any((path / "data").glob("*.parquet"))
+                or bool(metadata_files(path))
+            )
         except (OSError, RuntimeError):
             return False
 

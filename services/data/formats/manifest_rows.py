@@ -11,7 +11,6 @@ them). Objects are looked up a folder at a time once every row is read, not one 
 
 from __future__ import annotations
 
-import io
 import os
 import posixpath
 from array import array
@@ -19,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar, TextIO
+from typing import IO, ClassVar
 
 import numpy as np
 
@@ -31,11 +30,11 @@ from services.data.formats.samples import Dataset, DatasetError, Item, RemoteFil
 from services.data.formats.urls import is_remote, local_path, scheme
 
 
-def open_text(manifest: Path | str) -> TextIO:
-    """The manifest's text: a local file, or an object read whole into memory (a manifest is small beside its
-    images)."""
+def open_text(manifest: Path | str) -> IO[str]:
+    """The manifest's text: a local file, or an object streamed a range at a time (1,000,000 rows are some 60 MB of
+    text, never held whole)."""
     if isinstance(manifest, str):
-        return io.StringIO(remote.read_all(manifest, "manifest").decode("utf-8-sig"), newline="")
+        return remote.open_text(manifest, "manifest")
     return open(manifest, newline="")  # noqa: SIM115 - the caller closes it
 
 

@@ -1,8 +1,9 @@
 """Datasets in an object store: reading objects named by fsspec URLs (`s3://bucket/shards/000000.tar`, `gs://...`),
 for the formats that take them (WebDataset shards, manifests and their rows).
 
-Objects are read where they are, by ranges (a shard is listed by streaming through it, a sample read by its offset
-and size), never copied whole to the local disk. Credentials are the filesystem's own (s3fs: the `AWS_*` variables,
+Objects are read where they are, by ranges (a shard is listed by streaming through it, a manifest read through a
+range at a time, a sample read by its offset and size; a loader's batch of objects fetched together), never copied
+whole to the local disk. Credentials are the filesystem's own (s3fs: the `AWS_*` variables,
 `AWS_PROFILE`, `AWS_ENDPOINT_URL` for an S3-compatible server, as the store uses them: storage/store.py), never
 part of a URL (services/paths.py refuses such URLs before anything is read), and every message built here is
 scrubbed of the secrets the environment holds. A store outage (storage/faults.py: `is_store_outage`) is retried by
@@ -12,12 +13,13 @@ step hands to the task layer to retry the step (`TASK`), so a lasting outage fai
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 
@@ -114,6 +116,58 @@ def read_range(url: str, start: int, size: int, what: str = "object") -> bytes:
 
 def read_all(url: str, what: str = "object") -> bytes:
     return call(url, what, lambda fs, path: fs.cat_file(path))
+
+
+def read_many(urls: Sequence[str], what: str = "object") -> dict[str, bytes]:
+    """The bytes of each of `urls` (a loader's batch of objects), fetched together: one filesystem call per scheme,
+    which an asynchronous filesystem (s3fs, gcsfs) answers with its requests in flight at once, one GET an object
+    (a range from 0: no HEAD for its size). By URL; an object that could not be read (gone, an outage, the call
+    itself failing) is left out, for its own read (`read_all`: retried, then named) to say what is wrong."""
+    by_scheme: dict[str, list[str]] = {}
+    for url in urls:
+        by_scheme.setdefault(url.partition("://")[0], []).append(url)
+    out: dict[str, bytes] = {}
+    for group in by_scheme.values():
+        try:
+            fs = _fs(group[0])[0]
+            got = fs.cat_ranges([_fs(u)[1] for u in group], 0, None, on_error="return")
+        except Exception:  # noqa: BLE001 - whatever it was, each object's own read retries it and names it
+            continue
+        out.update((url, data) for url, data in zip(group, got, strict=True) if isinstance(data, bytes))
+    return out
+
+
+class _Ranges(io.RawIOBase):
+    """An object of `size` bytes read `chunk` bytes at a time (`read_range`: each retried as `call` retries, then
+    StoreUnavailable naming it), so that reading it through holds one chunk in memory, not the object, and costs a
+    request per chunk, however small the reads its reader makes."""
+
+    def __init__(self, url: str, size: int, what: str, chunk: int) -> None:
+        self.url, self.size, self.what, self.chunk = url, size, what, chunk
+        self.pos = 0  # where the next chunk starts
+        self.held, self.at = memoryview(b""), 0  # the chunk read last, and how much of it was given out
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.at >= len(self.held):
+            n = min(self.chunk, self.size - self.pos)
+            data = read_range(self.url, self.pos, n, self.what) if n > 0 else b""
+            # an object cut short since its size was read ends where it ends
+            self.pos = self.pos + len(data) if data else self.size
+            self.held, self.at = memoryview(data), 0
+        k = min(len(buffer), len(self.held) - self.at)
+        buffer[:k] = self.held[self.at : self.at + k]
+        self.at += k
+        return k
+
+
+def open_text(url: str, what: str = "object", chunk: int = 8 << 20) -> IO[str]:
+    """The object's text (UTF-8, a byte-order mark dropped, newlines as written, for `csv`), streamed: one ranged
+    request per `chunk` bytes, each retried; FileNotFoundError if it does not exist."""
+    size = stat(url, what).size
+    return io.TextIOWrapper(io.BufferedReader(_Ranges(url, size, what, chunk)), encoding="utf-8-sig", newline="")
 
 
 def open_object(fs: fsspec.AbstractFileSystem, path: str, block_size: int = 8 << 20) -> IO[bytes]:

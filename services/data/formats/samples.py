@@ -154,16 +154,19 @@ RUN_BYTES = 64 << 20  # the most one request reads
 
 
 def read_together(paths: Sequence[Item], positions: Sequence[int]) -> dict[int, bytes]:
-    """The bytes of the members of shards in an object store among `paths[positions]` (a loader's batch), each run of
-    members close together in one shard read by one ranged request rather than one each: a batch of consecutive
-    samples is one request. By position; a member whose run could not be read whole is left out, for its own
-    `read_bytes()` to name what is wrong; StoreUnavailable if the store does not answer (after retries)."""
+    """The bytes of the items in an object store among `paths[positions]` (a loader's batch): each run of members
+    close together in one shard read by one ranged request rather than one each (a batch of consecutive samples is
+    one request), and the objects of a manifest's URL rows fetched at once (`remote.read_many`), not one after the
+    other. By position; an item that could not be read so is left out, for its own `read_bytes()` to name what is
+    wrong; StoreUnavailable if the store does not answer (after retries)."""
+    objects = {i: item.url for i in positions if isinstance(item := paths[i], RemoteFile)}
+    fetched = remote.read_many(list(objects.values()), "file") if len(objects) > 1 else {}
+    out = {i: fetched[url] for i, url in objects.items() if url in fetched}
     remote_members = sorted(
         (item.shard, item.offset, i)
         for i in positions
         if isinstance(item := paths[i], ShardMember) and isinstance(item.shard, str)
     )
-    out: dict[int, bytes] = {}
     run: list[int] = []
     for k, (shard, offset, i) in enumerate(remote_members):
         run.append(i)

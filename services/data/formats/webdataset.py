@@ -16,6 +16,14 @@ outage is retried, then fails the job naming the shard (StoreUnavailable), never
 
 A shard cut short (its last sample, or tar's end-of-archive blocks, missing) fails the
 job naming it, or with `on_corrupt: skip` is left out whole and noted, like a sample without its image or label.
+
+A shard is an archive, so it gets the limits an uploaded archive has (storage/archives.py; `ReadOptions.limits`, the
+server's SIDETUNE_MAX_DATASET_FILES and SIDETUNE_MAX_DATASET_MB for a job): no read of its tar headers larger than
+`MAX_READ` (a pax header claiming gigabytes), at most `max_files` members (tarfile keeps each member's header in
+memory while listing); and a sample's image or video no larger than `max_bytes` (a loader reads it whole) and not an
+archive itself (zip, tar, gzip, ... by its first bytes: nothing inside a shard is unpacked). A shard over the first
+two fails the job naming it (or is left out), a sample over the last two names its shard and member (or is left
+out). Nothing in a shard is decompressed, so there is no ratio to bound.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from services.data.formats.build import finish
 from services.data.formats.columns import Labels
 from services.data.formats.members import KEY, MembersBuilder, Shard, base
 from services.data.formats.samples import Dataset, DatasetError, ShardMember
+from storage.archives import ARCHIVE_HEAD, ArchiveError, BoundedReads, Limits, archive_in
 from storage.faults import is_store_outage
 
 _BLOCK = 512
@@ -54,33 +63,46 @@ class _Sample:
     key: str
     files: dict[str, ShardMember] = field(default_factory=dict)
     label: bytes | None = None
+    archives: dict[str, str] = field(default_factory=dict)  # a media file's extension -> the archive it is
 
 
 def _members(
-    shard: Shard, f: IO[bytes], options: WebDatasetOptions
-) -> Iterator[tuple[str, str, ShardMember, bytes | None]]:
-    """(key, extension, member, the label file's bytes or None) for each regular file of `shard` (open as `f`), in
-    order; ShardError if the shard does not read to its end. A store outage is raised as it comes."""
+    shard: Shard, f: IO[bytes], options: WebDatasetOptions, limits: Limits | None
+) -> Iterator[tuple[str, str, ShardMember, bytes | None, str | None]]:
+    """(key, extension, member, the label file's bytes or None, the archive a media file is or None) for each
+    regular file of `shard` (open as `f`), in order; ShardError if the shard does not read to its end or passes
+    `limits`' member count or tar's header size. A store outage is raised as it comes."""
     end = 0
+    media = set(options.media_keys)
     try:
         if f.read(2) == b"\x1f\x8b":
             raise ShardError("it is gzip-compressed; samples are read in place, so shards must be plain .tar files")
         size = f.seek(0, os.SEEK_END)
         f.seek(0)
-        with tarfile.open(fileobj=f, mode="r:") as tar:
-            for info in tar:
+        with tarfile.open(fileobj=BoundedReads(f, own=False), mode="r:") as tar:
+            for count, info in enumerate(tar, 1):
+                if limits is not None and count > limits.max_files:
+                    raise ShardError(
+                        f"it has more than {limits.max_files:,} members (at {info.name!r}), more than an uploaded "
+                        "archive may hold (SIDETUNE_MAX_DATASET_FILES); write smaller shards"
+                    )
                 end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
                 match = KEY.match(info.name) if info.isfile() else None
                 if match is None:
                     continue
                 key, ext = match.group(1), match.group(2).lower()
-                label = None
+                label = kind = None
                 if ext == options.label_key.lower() and info.size <= MAX_LABEL_BYTES:
                     reader = tar.extractfile(info)
                     label = reader.read() if reader is not None else None
-                yield key, ext, ShardMember(shard, info.name, info.offset_data, info.size), label
+                elif ext in media:  # its first bytes, from the buffer the listing reads anyway
+                    f.seek(info.offset_data)
+                    kind = archive_in(f.read(min(info.size, ARCHIVE_HEAD)))
+                yield key, ext, ShardMember(shard, info.name, info.offset_data, info.size), label, kind
         f.seek(end)  # tar ends with two zero blocks: without them the shard was cut at a file's end
         tail = f.read(2 * _BLOCK)
+    except ArchiveError as e:
+        raise ShardError(f"{e.message}, more than an uploaded archive may have") from None
     except tarfile.ReadError as e:
         raise ShardError(f"it is cut short, or is not a tar file (tarfile: {e})") from None
     except OSError as e:
@@ -91,11 +113,11 @@ def _members(
         raise ShardError("it is cut short (it ends without tar's end-of-archive blocks)")
 
 
-def _gather(shard: Shard, f: IO[bytes], options: WebDatasetOptions) -> list[_Sample]:
+def _gather(shard: Shard, f: IO[bytes], options: WebDatasetOptions, limits: Limits | None) -> list[_Sample]:
     """The samples of `shard` (open as `f`), in order; DatasetError for a key split across the shard."""
     out: list[_Sample] = []
     seen: set[str] = set()
-    for key, ext, member, label in _members(shard, f, options):
+    for key, ext, member, label, kind in _members(shard, f, options, limits):
         if not out or out[-1].key != key:
             if key in seen:
                 raise DatasetError(
@@ -107,22 +129,24 @@ def _gather(shard: Shard, f: IO[bytes], options: WebDatasetOptions) -> list[_Sam
         out[-1].files.setdefault(ext, member)
         if label is not None:
             out[-1].label = label
+        if kind is not None:
+            out[-1].archives.setdefault(ext, kind)
     return out
 
 
-def _samples(shard: Shard, options: WebDatasetOptions) -> list[_Sample]:
+def _samples(shard: Shard, options: WebDatasetOptions, limits: Limits | None) -> list[_Sample]:
     """The samples of `shard`, streamed through once: a local file, or an object read by ranges (an outage retried
     from the start of the shard, then StoreUnavailable naming it)."""
     if isinstance(shard, str):
 
         def listing(fs: fsspec.AbstractFileSystem, path: str) -> list[_Sample]:
             with remote.open_object(fs, path) as f:
-                return _gather(shard, f, options)
+                return _gather(shard, f, options, limits)
 
         return remote.call(shard, "shard", listing, keep=(ShardError, DatasetError))
     try:
         with open(shard, "rb") as f:
-            return _gather(shard, f, options)
+            return _gather(shard, f, options, limits)
     except OSError as e:
         raise ShardError(f"it cannot be read ({e.strerror or e})") from None
 
@@ -174,19 +198,31 @@ def _label(raw: bytes, options: WebDatasetOptions, multi_label: bool) -> str:
     return _name(value, options)
 
 
-def _sample_row(
-    shard: Shard, sample: _Sample, options: WebDatasetOptions, multi_label: bool
-) -> tuple[ShardMember, str]:
-    """A sample's (item, label); ValueError naming what it lacks."""
-    media = next((sample.files[k] for k in options.media_keys if k in sample.files), None)
-    if media is None:
+def _sample_row(sample: _Sample, options: ReadOptions) -> tuple[ShardMember, str]:
+    """A sample's (item, label); ValueError naming what it lacks, or the member that passes the limits."""
+    wds, limits = options.webdataset, options.limits
+    key = next((k for k in wds.media_keys if k in sample.files), None)
+    if key is None:
         raise ValueError(
-            f"no image or video (none of the extensions {', '.join(options.media_keys[:6])}, ...; "
+            f"no image or video (none of the extensions {', '.join(wds.media_keys[:6])}, ...; "
             f"it has {', '.join(sorted(sample.files))})"
         )
+    media = sample.files[key]
+    if key in sample.archives:
+        raise ValueError(
+            f"its {media.member} is a {sample.archives[key]} archive, not an image or video (an archive inside a "
+            "shard is never unpacked)"
+        )
+    if limits is not None and media.size > limits.max_bytes:
+        raise ValueError(
+            f"its {media.member} is {media.size:,} bytes, more than an uploaded dataset may hold "
+            f"({limits.max_bytes:,} bytes, SIDETUNE_MAX_DATASET_MB)"
+        )
     if sample.label is None:
-        raise ValueError(f"no label (no .{options.label_key} file; dataset.webdataset.label_key)")
-    return media, _label(sample.label, options, multi_label)
+        raise ValueError(f"no label (no .{wds.label_key} file; dataset.webdataset.label_key)")
+    if (kind := archive_in(sample.label[:ARCHIVE_HEAD])) is not None:
+        raise ValueError(f"its .{wds.label_key} file is a {kind} archive, not a label")
+    return media, _label(sample.label, wds, options.multi_label)
 
 
 def missing_shards(location: str, shards: list[Shard]) -> DatasetError | None:
@@ -220,7 +256,7 @@ def read_webdataset(
     skipped: list[str] = []
     for shard in shards:
         try:
-            samples = _samples(shard, wds)
+            samples = _samples(shard, wds, options.limits)
         except ShardError as e:
             if not skip:
                 raise DatasetError(f"shard {shard}: {e} (set dataset.on_corrupt='skip' to leave it out)") from None
@@ -228,7 +264,7 @@ def read_webdataset(
             continue
         for sample in samples:
             try:
-                item, name = _sample_row(shard, sample, wds, options.multi_label)
+                item, name = _sample_row(sample, options)
             except ValueError as e:
                 if not skip:
                     raise DatasetError(
