@@ -9,9 +9,9 @@
    folders of 1,000 files as its classes), WebDataset shards of 1,000 samples, and a Hugging Face dataset of 10
    Parquet shards (tiny images; where `datasets` is installed);
 3. extraction of the same `--images` photos (bench/photos.py) from a local ImageFolder and from WebDataset shards in
-   an S3-compatible store (moto in server mode, on loopback), same model, `--rounds` interleaved rounds: images/s of
-   each, whole (reading the dataset, listing the shards, included) and of the batches alone, and the requests the
-   store answered;
+   an S3-compatible store (moto in server mode, on loopback), same model, `--rounds` interleaved rounds, the fastest of
+   each: images/s, whole (reading the dataset, listing the shards, included) and of the batches alone, and the
+   requests the store answered;
 4. the same photos through every source (ImageFolder, CSV, JSONL, WebDataset local and on S3, Hugging Face Parquet
    and `save_to_disk` where `datasets` is installed): each source's cache entry bit-equal to the ImageFolder's
    (activations, labels, valid rows).
@@ -214,10 +214,11 @@ def same_entries(runs: dict[str, list[dict[str, Any]]]) -> dict[str, bool]:
 
 
 def sources_table(runs: dict[str, list[dict[str, Any]]], equal: dict[str, bool]) -> tuple[str, float | None]:
-    """The extraction table (medians over the rounds), and WebDataset-on-S3's whole rate over the ImageFolder's: the
-    median over rounds of the ratio of the two runs side by side."""
-    whole = {n: statistics.median(r["images"] / r["extract_seconds"] for r in rows) for n, rows in runs.items()}
-    loop = {n: statistics.median(r["extract_images_per_s"] for r in rows) for n, rows in runs.items()}
+    """The extraction table, and WebDataset-on-S3's whole rate over the ImageFolder's. Each source's figure is its
+    fastest round: on a shared machine a run is only ever slowed by others' load, never sped up, so the fastest is the
+    closest to what the source itself costs (timeit's reasoning); medians of rounds there measured the load."""
+    whole = {n: max(r["images"] / r["extract_seconds"] for r in rows) for n, rows in runs.items()}
+    loop = {n: max(r["extract_images_per_s"] for r in rows) for n, rows in runs.items()}
     rows = []
     for name, rs in runs.items():
         requests = statistics.median(r["requests"] for r in rs)
@@ -225,7 +226,7 @@ def sources_table(runs: dict[str, list[dict[str, Any]]], equal: dict[str, bool])
             [
                 name,
                 str(rs[0]["images"]),
-                fmt(statistics.median(r["extract_seconds"] for r in rs), 2),
+                fmt(min(r["extract_seconds"] for r in rs), 2),
                 fmt(whole[name]),
                 fmt(loop[name]),
                 fmt(whole[name] / whole["imagefolder"], 2),
@@ -233,11 +234,8 @@ def sources_table(runs: dict[str, list[dict[str, Any]]], equal: dict[str, bool])
                 "yes" if equal[name] else "NO",
             ]
         )
-    headers = ["source", "images", "whole s", "img/s whole", "img/s batches", "vs folder", "GETs", "bit-equal"]
-    # the target's ratio: of the runs side by side in each round, then the median over rounds
-    pairs = zip(runs["imagefolder"], runs["wds s3"], strict=True)  # the same images: seconds' ratio is the rates'
-    ratio = statistics.median(folder["extract_seconds"] / s3["extract_seconds"] for folder, s3 in pairs)
-    return render(headers, rows), ratio
+    headers = ["source", "images", "best s", "img/s whole", "img/s batches", "vs folder", "GETs", "bit-equal"]
+    return render(headers, rows), whole["wds s3"] / whole["imagefolder"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20, help="POST /jobs timed")
     p.add_argument("--images", type=int, default=512, help="photos extracted from every source")
     p.add_argument("--per-shard", type=int, default=128, help="samples per WebDataset shard")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved extraction rounds (medians reported)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved extraction rounds (the fastest reported)")
     p.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm ViT, random init")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=32, help="extraction.batch_size")
@@ -289,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     table, ratio = sources_table(runs, equal)
     print(
-        f"extraction: {args.images} photos, {args.backbone} at {args.image_size} px on {args.device}, median of "
+        f"extraction: {args.images} photos, {args.backbone} at {args.image_size} px on {args.device}, the fastest of "
         f"{args.rounds} round(s); whole = run_extraction (dataset read, shards listed), batches = its loop"
     )
     print(table)
