@@ -152,6 +152,7 @@ def test_loader_processes_die_with_a_sigkilled_parent(digits_root: Path, tmp_pat
         def gone() -> bool:
             return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in family)
 
-        assert wait_until(gone), [(p.pid, p.status()) for p in family if p.is_running()]
+        # what is asserted is that they go, not how fast: at load 10 on two cores one outlived 15 s once
+        assert wait_until(gone, timeout_s=60), [(p.pid, p.status()) for p in family if p.is_running()]
     finally:
         parent.kill()
