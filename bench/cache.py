@@ -47,7 +47,8 @@ TARGETS = {  # DESIGN.md, "Targets"; (value, at least or at most)
 }
 
 # --smoke: timm's 6-block test ViT at 32 px on 40 digits and 8 photos, every part once (the memory figure with the
-# same small ViT); torch.compile off (its compilation alone takes a minute on a CPU)
+# same small ViT); torch.compile off (its compilation alone takes a minute on a CPU); the decode stage in this process
+# (a forkserver's imports cost more CPU than the rest of the stage: loader processes have tests of their own)
 SMOKE = {
     "backbone": "test_vit",
     "image_size": 32,
@@ -65,6 +66,7 @@ SMOKE = {
     "mem_image_size": 32,
     "mem_images": 40,
     "mem_repeats": 1,
+    "stage_loaders": 0,
 }
 
 
@@ -191,6 +193,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every timed row (median)")
     p.add_argument("--read-batch", type=int, default=64, help="rows per random mini-batch read")
     p.add_argument("--read-batches", type=int, default=5, help="random mini-batches read per round")
+    p.add_argument(
+        "--stage-loaders",
+        type=int,
+        help="loader processes of the decode stage (default: the production count on a GPU, one a core on a CPU)",
+    )
     p.add_argument("--error-rows", type=int, default=256, help="images compared for the codecs' errors")
     p.add_argument("--no-memory", action="store_true", help="skip the batch-size-1 memory figure")
     p.add_argument("--mem-backbone", default="vit_base_patch16_224", help="backbone of the memory figure")

@@ -175,7 +175,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     backbone = load_backbone(spec, device)
     all_layers = list(range(backbone.num_layers))
     prod_workers = loader_workers(settings_for(args, "probe"), 10**6)
-    stage_workers = prod_workers if gpu else max(prod_workers, cores())
+    stage_workers = args.stage_loaders
+    if stage_workers is None:
+        stage_workers = prod_workers if gpu else max(prod_workers, cores())
     data: dict[str, Any] = {}
     for name in DATASETS:
         dataset = read_dataset(args.datasets[name])

@@ -51,7 +51,7 @@ class Results:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    p.add_argument("--tiny", action="store_true", help="vit_tiny at 64 px, few images: every phase, minutes on a CPU")
+    p.add_argument("--tiny", action="store_true", help="test_vit at 32 px, 8 photos, 40 digits: every phase on a CPU")
     p.add_argument("--backbone", default="vit_base_patch16_224")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--photos", type=int, default=2048)
@@ -61,14 +61,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--precision", default="auto")
     p.add_argument("--loader-workers", default="auto")
+    p.add_argument(
+        "--stage-loaders",
+        type=int,
+        help="loader processes of the decode stage (default: the production count on a GPU, one a core on a CPU)",
+    )
     p.add_argument("--cache-writers", type=int, default=4)
     p.add_argument("--serve-requests", type=int, default=64)
     p.add_argument("--out", default=os.environ.get("OUT", ".") + "/gpu.kv", help="key=value lines, one per phase")
     p.add_argument("--data-dir", help="working dir (default: a temporary dir, removed after)")
     args = common.parse_with_smoke(p, argv, {"tiny": True, "device": "cpu"})  # --smoke: --tiny on the CPU
     if args.tiny:
-        args.backbone, args.image_size, args.photos, args.digits = "test_vit", 32, 32, 64
+        args.backbone, args.image_size, args.photos, args.digits = "test_vit", 32, 8, 40
         args.batch_size, args.epochs, args.serve_requests = 16, 2, 8
+        # the decode stage in this process: a forkserver's imports cost more CPU than the rest of the stage
+        args.stage_loaders = 0 if args.stage_loaders is None else args.stage_loaders
     args.loader_workers = args.loader_workers if args.loader_workers == "auto" else int(args.loader_workers)
     args.train_memory_mb, args.limit = None, args.digits
     return args
@@ -107,7 +114,9 @@ def phase_extraction(args: argparse.Namespace, res: Results) -> dict[str, Any]:
     backbone = load_backbone(spec, args.device)
     layers = list(range(backbone.num_layers))
     workers = loader_workers(cache_extract.settings_for(args, "probe"), 10**6)
-    stage_workers = workers if gpu else max(workers, cache_extract.cores())
+    stage_workers = args.stage_loaders
+    if stage_workers is None:
+        stage_workers = workers if gpu else max(workers, cache_extract.cores())
     out: dict[str, Any] = {"precision": backbone.precision, "loader_workers": workers}
     rows = []
     for name, root in args.datasets.items():
