@@ -58,8 +58,10 @@ class HuggingFaceSpec(BaseModel):
     image_column: str = Field(
         "image",
         min_length=1,
-        description="The column holding the images: an `Image` feature (its bytes are read in place; a row holding "
-        "only a file's path reads that file, which must lie under an allowed root) or a binary column.",
+        description="The column holding the images or videos: an `Image` or `Video` feature (its bytes are read in "
+        "place; a row holding only a file's path reads that file, which must lie under an allowed root) or a binary "
+        "column. Left at `image`, a dataset without an `image` column but with a `video` one is read from that. "
+        "Videos are told from images by the names the rows record (`.mp4`, ...), or by a `Video` feature.",
     )
     label_column: str = Field(
         "label",

@@ -10,7 +10,10 @@ reads their footers and label columns, the loaders each row's image with its row
 
 A row's image is its `image_column` (an `Image` feature's bytes, or a binary column), read in place by the loader
 processes (formats/samples.py: `TableRow`; formats/tables.py); a row that records only a file's path (what
-`to_parquet` writes for images loaded from files) is read from that file, which services/paths.py's rule checks. Its
+`to_parquet` writes for images loaded from files) is read from that file, which services/paths.py's rule checks. A
+row's video likewise: a `Video` feature's column (`video`, read where `image_column` is left at `image` and the
+dataset has no such column), its rows clips whatever names they record, or any column whose rows record video names
+(`.mp4`, ...), the dataset then a video one (services/modality/). Its
 label is its `label_column`: a `ClassLabel` (its names are the classes, in their order), a string or integer column
 (names as written), or, for multi-label jobs, a list of those (`Sequence(ClassLabel)`).
 
@@ -158,7 +161,8 @@ def _read_rows(
     datasets, hf = library(), options.huggingface
     columns = _columns(rows, file, options)
     labels, stored, has = columns.labels, columns.stored, columns.has
-    feature = datasets.Features.from_arrow_schema(columns.schema)[hf.label_column]
+    features = datasets.Features.from_arrow_schema(columns.schema)
+    feature, media = features[hf.label_column], features[columns.column]
     multi = pa.types.is_list(labels.type) or pa.types.is_large_list(labels.type)
     if multi and not options.multi_label:
         raise DatasetError(
@@ -168,7 +172,9 @@ def _read_rows(
     inner = getattr(feature, "feature", feature) if multi else feature
     if getattr(inner, "names", None) is not None and rows.order is None:
         rows.order = list(inner.names)
-    rows.items.add_file(file, split, rows.stamp(file))
+    video = getattr(datasets, "Video", None)  # a Video feature's rows are clips whatever names they record
+    rows.items.column = columns.column  # `video` where `image` was left to its default (tables.py: media_column)
+    rows.items.add_file(file, split, rows.stamp(file), video is not None and isinstance(media, video))
     for start in range(0, len(labels), _CHUNK):  # as Python values a chunk at a time: never a million of them
         tags = _label_names(labels.slice(start, _CHUNK).to_pylist(), feature, multi)
         for i, (row_tags, name) in enumerate(zip(tags, stored.slice(start, _CHUNK).to_pylist(), strict=True), start):

@@ -30,13 +30,14 @@ from services.data.formats.arrays import (
 )
 from services.data.formats.columns import stamp
 from services.data.formats.members import base
-from services.data.formats.samples import Item, Table, TableRow
+from services.data.formats.samples import VIDEO_SUFFIXES, Item, Table, TableRow
 
 
 class TableRows(Column[Item]):
     """Row i: row `row[i]` of `files[file[i]]`, its image in `column`, recording the name `stored[i]`; where
     `local[i]`, the local file `stored[i]` instead. `splits[f]` is the split file f was read as (for messages);
-    `objects[f]` the stamp of file f where it is an object in a store (its URL, size and version), None otherwise."""
+    `objects[f]` the stamp of file f where it is an object in a store (its URL, size and version), None otherwise;
+    `videos[f]` whether file f's column is a `Video` feature (its rows are videos whatever names they record)."""
 
     def __init__(
         self,
@@ -46,10 +47,12 @@ class TableRows(Column[Item]):
         arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
         stored: Texts,
         objects: list[Whole | None] | None = None,
+        videos: list[bool] | None = None,
     ) -> None:
         self.files, self.splits, self.column, self.stored = files, splits, column, stored
         self.file, self.row, self.local = arrays
         self.objects = objects or [None] * len(files)
+        self.videos = videos or [False] * len(files)
 
     def __len__(self) -> int:
         return len(self.file)
@@ -67,7 +70,8 @@ class TableRows(Column[Item]):
         if len(rows) == len(self):
             return self
         arrays = (self.file[rows], self.row[rows], self.local[rows])
-        return TableRows(self.files, self.splits, self.column, arrays, self.stored.take(rows), self.objects)
+        stored = self.stored.take(rows)
+        return TableRows(self.files, self.splits, self.column, arrays, stored, self.objects, self.videos)
 
     def stamps(self, spans: np.ndarray | None) -> Stamps:
         """A table's row by its file (device and inode) and number, with its file's size and modification time; a
@@ -102,7 +106,11 @@ class TableRows(Column[Item]):
             yield under(Path(s), root) if local else f"{folders[f]}[{r}]"
 
     def suffixes(self) -> Iterator[str]:
-        return (Path(s).suffix for s in self.stored)
+        """Each row's recorded name's suffix; a row of a `Video` feature recording none of a video's, `.mp4` (the
+        kind is all `media_kind` reads of it: a clip is decoded from its bytes, whatever its container)."""
+        for f, s in zip(values(self.file), self.stored, strict=True):
+            suffix = Path(s).suffix
+            yield ".mp4" if self.videos[f] and suffix.lower() not in VIDEO_SUFFIXES else suffix
 
     def where(self) -> Where:
         """How messages name each row: `<split> row <n> (<file's name>)`."""
@@ -131,6 +139,7 @@ class TableRowsBuilder:
         self.files: list[Table] = []
         self.splits: list[str] = []
         self.objects: list[Whole | None] = []
+        self.videos: list[bool] = []
         self._file = array("i")
         self._row = array("q")
         self._local = array("B")
@@ -139,11 +148,13 @@ class TableRowsBuilder:
     def __len__(self) -> int:
         return len(self._file)
 
-    def add_file(self, file: Table, split: str, stamp: Whole | None = None) -> None:
-        """The file the rows added next are of, read as `split`; `stamp`: an object's in a store."""
+    def add_file(self, file: Table, split: str, stamp: Whole | None = None, video: bool = False) -> None:
+        """The file the rows added next are of, read as `split`; `stamp`: an object's in a store; `video`: its
+        column is a `Video` feature."""
         self.files.append(file)
         self.splits.append(split)
         self.objects.append(stamp)
+        self.videos.append(video)
 
     def add(self, row: int, stored: str, local: bool = False) -> None:
         """Row `row` of the last file added, recording the name `stored`; or (`local`) the local file `stored`."""
@@ -155,4 +166,5 @@ class TableRowsBuilder:
     def build(self) -> TableRows:
         local = sequence(self._local, np.uint8).astype(bool)
         arrays = (sequence(self._file, np.int32), sequence(self._row, np.int64), local)
-        return TableRows(self.files, self.splits, self.column, arrays, self._stored.build(), self.objects)
+        stored = self._stored.build()
+        return TableRows(self.files, self.splits, self.column, arrays, stored, self.objects, self.videos)

@@ -74,13 +74,20 @@ def _group(file: str, stamp: tuple[int, int], group: int, column: str) -> pa.Chu
 
 @dataclass(frozen=True)
 class Columns:
-    """What planning reads of a table: its schema, whether each row holds its image's bytes (`has`), the file name each
-    records (`stored`, null without one) and the label column."""
+    """What planning reads of a table: its schema, the column its images (or videos) are in, whether each row holds
+    their bytes (`has`), the file name each records (`stored`, null without one) and the label column."""
 
     schema: pa.Schema
+    column: str
     has: np.ndarray
     stored: pa.ChunkedArray
     labels: pa.ChunkedArray
+
+
+def media_column(names: list[str], column: str) -> str:
+    """`column`; or, where it is left at `image` and the table has no `image` column but a `video` one (what the
+    `datasets` library names a `Video` feature's column), `video`."""
+    return "video" if column == "image" and "image" not in names and "video" in names else column
 
 
 def check_column(names: list[str], name: str, option: str, where: object) -> None:
@@ -118,10 +125,11 @@ def image_cells(col: pa.ChunkedArray, where: object, column: str) -> tuple[np.nd
 def arrow_columns(file: Path, image_column: str, label_column: str) -> Columns:
     """`Columns` of an Arrow file, memory-mapped."""
     table = arrow_table(file)
+    image_column = media_column(table.schema.names, image_column)
     check_column(table.schema.names, image_column, "image_column", file)
     check_column(table.schema.names, label_column, "label_column", file)
     has, stored = image_cells(table.column(image_column), file, image_column)
-    return Columns(table.schema, has, stored, table.column(label_column))
+    return Columns(table.schema, image_column, has, stored, table.column(label_column))
 
 
 def _no_nulls(meta: pq.FileMetaData, leaf: str) -> bool:
@@ -171,20 +179,21 @@ def parquet_columns(pf: pq.ParquetFile, where: object, image_column: str, label_
 
     try:
         schema = pf.schema_arrow
+        image_column = media_column(schema.names, image_column)
         check_column(schema.names, image_column, "image_column", where)
         check_column(schema.names, label_column, "label_column", where)
         names = _names_only(pf, image_column)
         if names is not None:
             table = pf.read(columns=[label_column, names] if names else [label_column])
             has = np.ones(table.num_rows, bool)
-            return Columns(schema, has, _names(table, image_column), table.column(label_column))
+            return Columns(schema, image_column, has, _names(table, image_column), table.column(label_column))
         groups = [
             image_cells(pf.read_row_group(g, columns=[image_column]).column(0), where, image_column)
             for g in range(pf.num_row_groups)
         ]
         has = np.concatenate([h for h, _ in groups]) if groups else np.zeros(0, bool)
         stored = pa.chunked_array([c for _, s in groups for c in s.chunks], pa.large_string())
-        return Columns(schema, has, stored, pf.read(columns=[label_column]).column(0))
+        return Columns(schema, image_column, has, stored, pf.read(columns=[label_column]).column(0))
     except (OSError, ValueError) as e:
         if is_store_outage(e):
             raise
