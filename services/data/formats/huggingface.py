@@ -44,6 +44,7 @@ from services.data.formats.base import DatasetFormat, Inside, ReadOptions
 from services.data.formats.build import finish
 from services.data.formats.columns import Labels
 from services.data.formats.hf_load import HUB, Splits, library, load_folder, load_hub, metadata_files
+from services.data.formats.left_out import NO_IMAGE, NO_LABEL, SPLIT, Notes
 from services.data.formats.members import base
 from services.data.formats.remote import ObjectInfo
 from services.data.formats.samples import Dataset, DatasetError, Table
@@ -84,7 +85,7 @@ class _Rows:
     items: TableRowsBuilder
     names: Labels = field(default_factory=Labels)
     codes: array = field(default_factory=lambda: array("B"))
-    skipped: list[str] = field(default_factory=list)
+    skipped: Notes = field(default_factory=Notes)
     order: list[str] | None = None
     objects: dict[str, ObjectInfo] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
@@ -208,7 +209,7 @@ def _add_row(
     if problem:
         if not options.skip_bad:
             raise DatasetError(f"{_where(items, i)}: {problem} (set dataset.on_corrupt='skip' to leave such rows out)")
-        rows.skipped.append(f"{_where(items, i)}: {problem}, left out")
+        rows.skipped.add(NO_LABEL if has or path is not None else NO_IMAGE, f"{_where(items, i)}: {problem}, left out")
         return
     if path is not None:
         items.add(i, str(path), local=True)
@@ -303,7 +304,7 @@ def _dataset(
     top = _base(root)
     for split, split_files in splits:
         if honour and len(splits) > 1 and split not in SPLITS:
-            rows.skipped.append(f"split {split!r}: not train, validation or test, left out")
+            rows.skipped.add(SPLIT, f"split {split!r}: not train, validation or test, left out")
             continue
         for file in split_files:
             if inside is not None and not built:
@@ -321,7 +322,7 @@ def _dataset(
         rows.names,
         items.where(),
         options.duplicates,
-        tuple(rows.skipped),
+        rows.skipped.build(),
         None,
         options.multi_label,
         "labels",

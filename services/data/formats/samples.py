@@ -18,6 +18,7 @@ import numpy as np
 
 from services.data.formats import remote
 from services.data.formats.arrays import Column
+from services.data.formats.left_out import LeftOut
 from services.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -218,8 +219,8 @@ class Dataset:
     labels: np.ndarray  # int64 class index per sample; multi-label: int64 0/1 [samples, classes] (multi-hot)
     classes: list[str]
     fingerprint: str
-    skipped_rows: tuple[str, ...] = ()  # rows left out: repeated files; under on_corrupt=skip, missing files,
-    # multi-label rows without a tag, samples without a label, truncated shards
+    left_out: LeftOut = LeftOut()  # rows left out: repeated files; under on_corrupt=skip, missing files,
+    # multi-label rows without a tag, samples without a label, truncated shards (the first notes, a count per kind)
     kind: str = "image"  # or "video": the name of its modality (services/modality/)
     spans: np.ndarray | None = None  # videos of a manifest with start,end: float [N, 2] seconds, NaN where not given
     parts: np.ndarray | None = None  # the dataset's own split (a Hugging Face dataset's): uint8 per sample, 0 train,
@@ -228,6 +229,11 @@ class Dataset:
     @property
     def multi_label(self) -> bool:
         return self.labels.ndim == 2
+
+    @property
+    def skipped_rows(self) -> tuple[str, ...]:
+        """The first notes on the rows left out (`left_out.total` counts them all)."""
+        return self.left_out.notes
 
     def __len__(self) -> int:
         return len(self.paths)
