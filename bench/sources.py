@@ -12,9 +12,10 @@
    an S3-compatible store (moto in server mode, on loopback), same model, `--rounds` interleaved rounds, the fastest of
    each: images/s, whole (reading the dataset, listing the shards, included) and of the batches alone, and the
    requests the store answered;
-4. the same photos through every source (ImageFolder, CSV, JSONL, WebDataset local and on S3, Hugging Face Parquet
-   and `save_to_disk` where `datasets` is installed): each source's cache entry bit-equal to the ImageFolder's
-   (activations, labels, valid rows).
+4. the same photos through every source (ImageFolder, CSV, JSONL, WebDataset local and on S3, a CSV manifest of the
+   photos' S3 URLs, and Hugging Face Parquet, local and on S3, and `save_to_disk`, where `datasets` is installed):
+   each source's cache entry bit-equal to the ImageFolder's (activations, labels, valid rows), with the GET
+   requests the store answered for each source on S3.
 
     python bench/sources.py [--rows 1000000] [--images 512] [--rounds 3]
     python bench/sources.py --smoke      # 2,000 rows, 24 photos, test_vit at 32 px, one round
@@ -41,6 +42,7 @@ from sources_data import (
     many_folder,
     moto_server,
     upload_shards,
+    upload_sources,
     write_formats,
     write_many,
     write_many_parquet,
@@ -230,7 +232,7 @@ def sources_table(runs: dict[str, list[dict[str, Any]]], equal: dict[str, bool])
                 fmt(whole[name]),
                 fmt(loop[name]),
                 fmt(whole[name] / whole["imagefolder"], 2),
-                fmt(requests, 0) if name == "wds s3" else "-",
+                fmt(requests, 0) if name.endswith(" s3") else "-",
                 "yes" if equal[name] else "NO",
             ]
         )
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         log = work / "moto.log"
         with moto_server(log) as bucket:
             first = {"imagefolder": sources["imagefolder"], "wds local": sources["wds local"]}
-            sources = first | {"wds s3": upload_shards(sources["wds local"], bucket)} | sources
+            stored = {"wds s3": upload_shards(sources["wds local"], bucket)} | upload_sources(sources, base, bucket)
+            sources = first | stored | sources
             runs = extract_all(sources, args, bucket, log)
         equal = same_entries(runs)
     heads = ["rows", "POST /jobs ms", "max ms"]

@@ -1,7 +1,8 @@
 """The data bench/sources.py reads: many items in each format planning reads (a manifest of distinct files, the same
 files as an ImageFolder, WebDataset shards, Hugging Face Parquet shards: planning's load), the same photos in every
-dataset format (ImageFolder, CSV and JSONL manifests, WebDataset shards on the disk and in an S3-compatible store,
-Hugging Face Parquet and `save_to_disk`), and that store: moto in server mode, a process on a loopback port.
+dataset format (ImageFolder, CSV and JSONL manifests, WebDataset shards, Hugging Face Parquet and `save_to_disk`; and
+in an S3-compatible store the shards, the photos with a CSV manifest of their URLs, and the Parquet shards), and that
+store: moto in server mode, a process on a loopback port.
 """
 
 from __future__ import annotations
@@ -212,3 +213,24 @@ def upload_shards(pattern: str, bucket: str) -> str:
     for shard in sorted(Path(folder).glob("*.tar")):
         fs.put_file(str(shard), f"{path}/{shard.name}")
     return f"{bucket}/shards/{name}"
+
+
+def upload_sources(sources: dict[str, str], base: Path, bucket: str) -> dict[str, str]:
+    """The sources in the store besides the shards, from the local ones under `base`: the photos with a CSV manifest
+    of their URLs (`csv s3`, the manifest in the store too), and the Hugging Face Parquet shards (`hf parquet s3`,
+    their folder URL) where they were written. {source: its dataset.path}."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{bucket}/photos")
+    lines = (base / "rows.csv").read_text().splitlines()
+    urls = ["path,label"]
+    for line in lines[1:]:
+        rel, label = line.rsplit(",", 1)
+        fs.put_file(str(base / rel), f"{path}/{rel}")
+        urls.append(f"{bucket}/photos/{rel},{label}")
+    fs.pipe_file(f"{path}/urls.csv", ("\n".join(urls) + "\n").encode())
+    out = {"csv s3": f"{bucket}/photos/urls.csv"}
+    if "hf parquet" in sources:
+        fs.put(sources["hf parquet"], f"{path}/parquet", recursive=True)
+        out["hf parquet s3"] = f"{bucket}/photos/parquet/"
+    return out

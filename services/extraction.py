@@ -20,6 +20,7 @@ import torch
 
 from services.backbones import Backbone, load_backbone
 from services.data.datasets import Dataset, read_for_job
+from services.data.formats.left_out import left_out_data
 from services.data.images import PIXELS
 from services.data.loading import cpu_threads_beside, decode_on_device, iterate, loader_workers
 from services.jobs.progress import Reporter
@@ -130,15 +131,11 @@ def begin_extraction(
         "dataset_root": str(dataset.root),
         "dataset_fingerprint": dataset.fingerprint,
         "classes": dataset.classes,
-        "skipped_rows": list(dataset.skipped_rows),
+        "skipped_rows": list(dataset.left_out.notes),  # the first few; `left_out` counts them all
+        "left_out": dict(dataset.left_out.counts),
     }
-    if dataset.skipped_rows:
-        reporter.event(
-            f"left out {len(dataset.skipped_rows)} dataset rows (repeated files; with on_corrupt=skip, "
-            f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}",
-            level="warning",
-            data={"left_out": list(dataset.skipped_rows[:1000])},
-        )
+    if dataset.left_out:
+        reporter.event(dataset.left_out.text(), level="warning", data=left_out_data(dataset.left_out))
     with writing(prep):
         entry.create(
             labels=dataset.labels,

@@ -44,42 +44,55 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+_MOTO_PORT = free_port()  # chosen now: the `AWS_*` variables name it before any process is started
+MOTO_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_MOTO_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_MAX_ATTEMPTS": "2",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _aws_env() -> Iterator[None]:
+    """The `AWS_*` variables that s3fs (and every process the tests start) read, pointing at the moto server's port,
+    set before any test: the loader processes' forkserver (services/data/loading.py), started by the first test that
+    loads with processes, gives its children the environment it started with, so a test reading from the store
+    after it needs the variables from the start. The server itself starts when a test asks for it (`s3_server`)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in MOTO_ENV.items():
+            mp.setenv(k, v)
+        yield
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A bucket on a real S3-compatible server: moto in server mode, a process on a loopback port for the whole
-    session. The `AWS_*` variables that s3fs (and every process the tests start) read point at it. Yields
-    `s3://<bucket>`; tests take a prefix of their own (`s3_url`)."""
-    port = free_port()
+    session, the one the `AWS_*` variables name (`_aws_env`). Yields `s3://<bucket>`; tests take a prefix of their
+    own (`s3_url`)."""
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(_MOTO_PORT)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_MAX_ATTEMPTS": "2",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    httpx.get(endpoint, timeout=2)
-                    break
-                except httpx.HTTPError:
-                    assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                    time.sleep(0.1)
-            httpx.put(f"{endpoint}/sidetune-test", timeout=10).raise_for_status()  # create the bucket
-            yield "s3://sidetune-test"
-        finally:
-            proc.terminate()
-            proc.wait(10)
-            log.close()
+    endpoint = MOTO_ENV["AWS_ENDPOINT_URL"]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(endpoint, timeout=2)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.1)
+        httpx.put(f"{endpoint}/sidetune-test", timeout=10).raise_for_status()  # create the bucket
+        yield "s3://sidetune-test"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 @pytest.fixture(scope="session")

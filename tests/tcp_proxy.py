@@ -1,7 +1,7 @@
 """A TCP proxy for the fault tests: it forwards a loopback port to another one (e.g. to the moto S3 server) until it is
 stopped, when it closes its listening socket and every connection (new ones are refused, as from a server that went
-away), and forwards again once started; `peak` counts the most connections open at once. A few threads; no
-dependencies."""
+away), and forwards again once started; `peak` counts the most connections open at once, `received` the bytes the
+target sent back. A few threads; no dependencies."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class TcpProxy:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.peak = 0  # the most client connections open at once (requests in flight together)
+        self.received = 0  # bytes the target answered with (responses' headers and bodies)
 
     @property
     def url(self) -> str:
@@ -62,13 +63,16 @@ class TcpProxy:
             with self._lock:
                 self._conns |= {client, upstream}
                 self.peak = max(self.peak, len(self._conns) // 2)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, back in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, back), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, back: bool) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
+                if back:
+                    with self._lock:
+                        self.received += len(data)
         except OSError:
             pass
         finally:

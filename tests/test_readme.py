@@ -49,7 +49,7 @@ def test_the_dataset_examples_are_valid_specs() -> None:
     assert ("webdataset", "/data/shards/{000000..000009}.tar") in kinds and ("auto", "hf") in kinds
     block = section.split("```json\n", 1)[1].split("```", 1)[0]
     datasets = [json.loads(line) for line in block.splitlines()]
-    assert len(datasets) == 12
+    assert len(datasets) == 13
     for dataset in datasets:
         JobSpec.model_validate(
             {"dataset": dataset, "backbone": {"name": "vit_base_patch16_224"}, "method": {"name": "auto"}}

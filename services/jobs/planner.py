@@ -186,11 +186,8 @@ def _tflops(settings: Settings) -> float:
 def _dataset_notes(dataset: Dataset, modality: Modality) -> list[str]:
     """The notes on the dataset itself: rows left out, and its kind's (clips counted as images)."""
     notes: list[str] = []
-    if dataset.skipped_rows:
-        notes.append(
-            f"{len(dataset.skipped_rows)} dataset rows are left out (repeated files; with on_corrupt=skip, "
-            f"missing files and rows without a tag), e.g. {dataset.skipped_rows[0]}"
-        )
+    if dataset.left_out:  # how many of each kind, the first of them, and how many more
+        notes.append(dataset.left_out.text())
     return notes + modality.dataset_notes()  # the kind resolve checked the dataset against
 
 

@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.data.formats.base import MEDIA_KEYS
 from services.data.formats.braces import MAX_SHARDS, PatternError, expand, is_shards
-from services.data.formats.huggingface import HUB, IN_A_STORE
-from services.data.formats.urls import is_remote, is_url, url_problem
+from services.data.formats.huggingface import HUB
+from services.data.formats.urls import is_url, url_problem
 from services.spec.fields import NO_NUL, SEED_MAX
 
 
@@ -58,8 +58,10 @@ class HuggingFaceSpec(BaseModel):
     image_column: str = Field(
         "image",
         min_length=1,
-        description="The column holding the images: an `Image` feature (its bytes are read in place; a row holding "
-        "only a file's path reads that file, which must lie under an allowed root) or a binary column.",
+        description="The column holding the images or videos: an `Image` or `Video` feature (its bytes are read in "
+        "place; a row holding only a file's path reads that file, which must lie under an allowed root) or a binary "
+        "column. Left at `image`, a dataset without an `image` column but with a `video` one is read from that. "
+        "Videos are told from images by the names the rows record (`.mp4`, ...), or by a `Video` feature.",
     )
     label_column: str = Field(
         "label",
@@ -107,9 +109,11 @@ class DatasetSpec(BaseModel):
         "WebDataset tar shards, one or a brace pattern of them (`/data/shards/{000000..000009}.tar`, every shard under "
         f"an allowed root; at most {MAX_SHARDS:,}), or a Hugging Face dataset (a `save_to_disk` folder, a Parquet file "
         "or a folder of Parquet shards, or a Hub id `hf://org/name` where the server reaches the Hub), of images or of "
-        "videos (.mp4, .avi, .mkv, .webm, .mov; a manifest may add `start,end` in seconds), not both. Shards and "
-        "manifests may be in an object store: `s3://bucket/shards/{000000..000009}.tar`, `s3://bucket/train.csv` (any "
-        "fsspec URL; under the allowed prefixes, SIDETUNE_ALLOWED_PREFIXES), read where they are; a manifest's rows "
+        "videos (.mp4, .avi, .mkv, .webm, .mov; a manifest may add `start,end` in seconds), not both. Shards, "
+        "manifests and Parquet files may be in an object store: `s3://bucket/shards/{000000..000009}.tar`, "
+        "`s3://bucket/train.csv`, `s3://bucket/ds/` (a folder of Parquet shards: end it with `/`) or "
+        "`s3://bucket/ds/train.parquet` (any fsspec URL; under the allowed prefixes, SIDETUNE_ALLOWED_PREFIXES), read "
+        "where they are; a manifest's rows "
         "may be such URLs too, or `file://` paths under the allowed roots. A URL never carries credentials (the "
         "service has its own). Give this or `id`, not both.",
     )
@@ -123,8 +127,8 @@ class DatasetSpec(BaseModel):
         "auto",
         description="`auto` picks `webdataset` for a path ending in `.tar` (a shard, or a pattern of shards), `csv` "
         "for a .csv file, `jsonl` for a .jsonl file, `huggingface` for `hf://` ids, .parquet files and folders "
-        "holding a `save_to_disk` dataset or Parquet files (at their top or in `data/`), and `imagefolder` for any "
-        "other directory.",
+        "holding a `save_to_disk` dataset or Parquet files (at their top or in `data/`; in an object store, a folder "
+        "URL ending in `/`), and `imagefolder` for any other directory.",
     )
     webdataset: WebDatasetSpec | None = Field(
         None,
@@ -157,8 +161,8 @@ class DatasetSpec(BaseModel):
         min_length=1,
         pattern=NO_NUL,
         description="A separate test set on the server (an ImageFolder directory, a CSV manifest named `*.csv`, a "
-        "JSONL manifest named `*.jsonl`, WebDataset shards ending in `.tar`, or a Hugging Face dataset; shards and "
-        "manifests also by URL) "
+        "JSONL manifest named `*.jsonl`, WebDataset shards ending in `.tar`, or a Hugging Face dataset; shards, "
+        "manifests and Parquet files also by URL) "
         "whose labels are among the training set's classes; instead of `test_fraction`. Its images run through the "
         "backbone and the selected model once, after training. An uploaded test set is named by `test_id`.",
     )
@@ -217,8 +221,6 @@ class DatasetSpec(BaseModel):
         hub = [f for f, p in (("path", self.path), ("test", self.test)) if p is not None and p.startswith(HUB)]
         if hub and self.format not in ("auto", "huggingface"):
             raise ValueError(f"dataset.{hub[0]}: an `hf://` id is a Hugging Face dataset; set format to huggingface")
-        if self.format == "huggingface" and self.path is not None and is_remote(self.path):
-            raise ValueError(f"dataset.path: {IN_A_STORE}")
         if self.huggingface is not None and self.format not in ("auto", "huggingface"):
             raise ValueError(
                 f"dataset.huggingface applies to Hugging Face datasets, not to format {self.format!r}; remove it"

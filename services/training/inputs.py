@@ -13,6 +13,7 @@ import torch
 
 from services.backbones import Backbone, load_backbone
 from services.data.datasets import Dataset, DatasetError, read_for_job, read_test_set
+from services.data.formats.left_out import left_out_count, left_out_data
 from services.data.loading import loader_workers
 from services.data.sources import CacheSource, ImageSource, OnlineSource, PooledSource, Source
 from services.jobs.progress import Reporter
@@ -107,13 +108,10 @@ def load_data(reading: Reading, settings: Settings, cache_key: str | None, repor
             meta = backbone.info()
         elif backbone.weights_hash != entry.meta["weights_hash"]:
             raise RuntimeError("the backbone's weights changed since the features were cached")
-    if dataset is not None and dataset.skipped_rows:  # read here (no cache): say what was left out
-        rows = dataset.skipped_rows
-        reporter.event(
-            f"left out {len(rows)} dataset rows, e.g. {rows[0]}", level="warning", data={"left_out": list(rows[:1000])}
-        )
+    if dataset is not None and dataset.left_out:  # read here (no cache): say what was left out
+        reporter.event(dataset.left_out.text(), level="warning", data=left_out_data(dataset.left_out))
     tokens = entry.meta["token_mode"] if entry is not None else "all"
-    skipped = len(entry.meta.get("skipped_rows", [])) if entry is not None else len(dataset.skipped_rows)
+    skipped = left_out_count(entry.meta) if entry is not None else dataset.left_out.total
     return Data(meta, labels, classes, usable, tokens, skipped, entry, dataset, backbone)
 
 

@@ -73,7 +73,8 @@ class EntryDescription(TypedDict, total=False):
     dataset_root: str
     dataset_fingerprint: str
     classes: list[str]
-    skipped_rows: list[str]
+    skipped_rows: list[str]  # the first notes on the dataset's rows left out (every one, in older entries)
+    left_out: dict[str, int]  # how many rows of each kind were left out (services/data/formats/left_out.py)
 
 
 class EntryMeta(EntryDescription):

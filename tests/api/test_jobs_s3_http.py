@@ -1,8 +1,8 @@
 """A job on WebDataset shards in an object store (a real moto S3 server) over real HTTP against the real processes,
 started with SIDETUNE_ALLOWED_PREFIXES: the job extracts (its loaders reading the shards from the store), trains and
-predicts as on the ImageFolder the shards were written from. A URL outside the prefixes is refused at submission
-(403, as a path outside the allowed roots), and a URL carrying credentials is refused without the secret appearing
-in the answer."""
+predicts as on the ImageFolder the shards were written from. A URL outside the prefixes (shards, or a Hugging Face
+dataset's Parquet files) is refused at submission (403, as a path outside the allowed roots), and a URL carrying
+credentials is refused without the secret appearing in the answer."""
 
 from __future__ import annotations
 
@@ -63,6 +63,9 @@ def test_a_job_on_s3_shards_trains_and_urls_outside_the_prefixes_are_refused(s3_
 
     status, code, message = refused(f"{s3_url}/elsewhere/{{000000..000001}}.tar")
     assert (status, code) == (403, "forbidden_path") and "outside the allowed object-store prefixes" in message
+    for parquet in (f"{s3_url}/elsewhere/ds/", f"{s3_url}/elsewhere/ds/train-00000-of-00001.parquet"):
+        status, code, message = refused(parquet)  # a Hugging Face dataset's Parquet files, as shards
+        assert (status, code) == (403, "forbidden_path") and "outside the allowed object-store prefixes" in message
     status, code, message = refused(f"s3://AKIA:{SECRET}@{s3_url[5:]}/datasets/digits/000000.tar")
     assert status == 422 and "credentials are never taken from a URL" in message and SECRET not in message
 

@@ -8,6 +8,8 @@ resumes from the batches it finished, and the entry is still bit-equal to the fo
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -69,18 +71,31 @@ class StopsTheStore(NullReporter):
             self.proxy.stop()
 
 
+@contextmanager
+def through_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[TcpProxy]:
+    """The store reached through a TcpProxy (which can take it away, and counts the bytes it sends), with a secret
+    in the environment that must never be shown (moto takes any key); s3fs's cached filesystems dropped before and
+    after, so that each reaches the store the way set here."""
+    from s3fs import S3FileSystem
+
+    proxy = TcpProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])).start()
+    with monkeypatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", proxy.url)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+        S3FileSystem.clear_instance_cache()
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
+            S3FileSystem.clear_instance_cache()
+
+
 def test_a_store_outage_fails_naming_the_shard_and_the_extraction_resumes(
     settings: Settings, digits_root: Path, tmp_path: Path, s3_url: str, monkeypatch
 ) -> None:
-    from s3fs import S3FileSystem
-
     pattern = s3_shards(digits_root, tmp_path, s3_url)
-    proxy = TcpProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # moto takes any key: a secret that must not be shown
-    S3FileSystem.clear_instance_cache()
     settings = settings.model_copy(update={"loader_workers": 0, "allowed_prefixes": [s3_url]})
-    try:
+    with through_proxy(monkeypatch) as proxy:
         reporter = StopsTheStore(proxy)
         with pytest.raises(StoreUnavailable, match=r"shard s3://.*/shards/00000\d\.tar: the object store did not") as e:
             run_extraction(spec_for(pattern), settings, reporter)
@@ -89,8 +104,39 @@ def test_a_store_outage_fails_naming_the_shard_and_the_extraction_resumes(
         resumed = NullReporter()
         b = run_extraction(spec_for(pattern), settings, resumed)
         assert any("resuming extraction" in ev["message"] for ev in resumed.events)
-    finally:
-        proxy.stop()
-        S3FileSystem.clear_instance_cache()
+    a = run_extraction(spec_for(str(digits_root / "train")), settings, NullReporter())
+    assert_same_entries(settings, a["cache_key"], b["cache_key"])
+
+
+def s3_parquet(digits_root: Path, tmp_path: Path, s3_url: str) -> str:
+    """The digits as a Hugging Face dataset's Parquet shards (row groups of 20 rows) on the store: its folder URL."""
+    from tests.services.data.formats.test_huggingface import digits_dataset
+
+    ds = digits_dataset(digits_root / "train")
+    for i in range(3):
+        ds.shard(3, i, contiguous=True).to_parquet(tmp_path / "pq" / f"train-{i:05d}-of-00003.parquet", batch_size=20)
+    fs, path = fsspec.core.url_to_fs(f"{s3_url}/pq")
+    fs.put(str(tmp_path / "pq"), path, recursive=True)
+    return f"{s3_url}/pq/"
+
+
+def test_a_store_outage_fails_naming_the_parquet_file_and_the_extraction_resumes(
+    settings: Settings, digits_root: Path, tmp_path: Path, s3_url: str, monkeypatch
+) -> None:
+    pytest.importorskip("datasets")
+    from services.data.formats import store_tables
+
+    folder = s3_parquet(digits_root, tmp_path, s3_url)
+    settings = settings.model_copy(update={"loader_workers": 0, "allowed_prefixes": [s3_url]})
+    with through_proxy(monkeypatch) as proxy:
+        reporter = StopsTheStore(proxy)
+        with pytest.raises(StoreUnavailable, match=r"Parquet file s3://.*/pq/train-0000\d-of-00003\.parquet: the obj"):
+            run_extraction(spec_for(folder), settings, reporter)
+        assert SECRET not in str(reporter.events)
+        proxy.start()
+        store_tables.clear()  # as a fresh loader process: nothing kept from before the outage
+        resumed = NullReporter()
+        b = run_extraction(spec_for(folder), settings, resumed)
+        assert any("resuming extraction" in ev["message"] for ev in resumed.events)
     a = run_extraction(spec_for(str(digits_root / "train")), settings, NullReporter())
     assert_same_entries(settings, a["cache_key"], b["cache_key"])

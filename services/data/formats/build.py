@@ -21,6 +21,7 @@ import numpy as np
 
 from services.data.formats.arrays import Column, Stamps, Whole, under, whole
 from services.data.formats.columns import Files, Labels
+from services.data.formats.left_out import REPEATED, LeftOut, Notes
 from services.data.formats.samples import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -76,7 +77,7 @@ def each_once(
     paths: Sequence[Item],
     where: Sequence[str],
     duplicates: str,
-    notes: list[str],
+    notes: Notes,
 ) -> np.ndarray:
     """The rows to keep (each file once: the first row of each), ascending; each repeated row noted in `notes`, or
     refused (DatasetError) with another label (`codes` index `names`), or at all with `duplicates="fail"`. Rows are
@@ -88,19 +89,19 @@ def each_once(
     _, first, inverse = np.unique(same, return_index=True, return_inverse=True)
     first_of = first[inverse.reshape(-1)]
     for i in np.flatnonzero(first_of != rows).tolist():
-        f, p = int(first_of[i]), paths[i]
+        f = int(first_of[i])
         name, first_name = names[codes[i]], names[codes[f]]
         if first_name != name:
             raise DatasetError(
-                f"{where[i]}: {p.name} is also {where[f]} with another label ({first_name!r} vs "
+                f"{where[i]}: {paths[i].name} is also {where[f]} with another label ({first_name!r} vs "
                 f"{name!r}); one file cannot be in two classes"
             )
         if duplicates == "fail":
             raise DatasetError(
-                f"{where[i]}: {p.name} is listed again (first: {where[f]}); remove the repeated rows "
+                f"{where[i]}: {paths[i].name} is listed again (first: {where[f]}); remove the repeated rows "
                 "or set dataset.duplicates='drop'"
             )
-        notes.append(f"{where[i]}: {p.name} repeats {where[f]}, left out")
+        notes.add(REPEATED, lambda i=i, f=f: f"{where[i]}: {paths[i].name} repeats {where[f]}, left out")
     return np.flatnonzero(first_of == rows)
 
 
@@ -164,7 +165,7 @@ def finish(
     names: Sequence[str],
     where: Sequence[str],
     duplicates: str = "drop",
-    skipped: tuple[str, ...] = (),
+    skipped: LeftOut = LeftOut(),
     spans: np.ndarray | None = None,
     multi_label: bool = False,
     what: str = "class folders",
@@ -173,12 +174,12 @@ def finish(
 ) -> Dataset:
     """The dataset of (item, label) rows, each file once: a file listed again (the same file by device and inode:
     a repeated row, `./a.png` next to `a.png`, a link to it; a shard's member by its offset too) is left out with the
-    same label (`duplicates="drop"`, noted in `skipped_rows`) or refused (`"fail"`), and refused with another label.
-    So no file can land in two splits. `where` names each row for the messages (a manifest's line, or the file).
-    `names` are the labels (a list, or `Labels`). The classes are sorted by name, or in `order` (a Hugging Face
-    ClassLabel's names; those without a sample left out); `parts` is the dataset's own split code of each row
-    (formats/samples.py: `Dataset.parts`)."""
-    notes = list(skipped)
+    same label (`duplicates="drop"`, noted after the rows the format `skipped`: `Dataset.left_out`) or refused
+    (`"fail"`), and refused with another label. So no file can land in two splits. `where` names each row for the
+    messages (a manifest's line, or the file). `names` are the labels (a list, or `Labels`). The classes are sorted
+    by name, or in `order` (a Hugging Face ClassLabel's names; those without a sample left out); `parts` is the
+    dataset's own split code of each row (formats/samples.py: `Dataset.parts`)."""
+    notes = Notes(skipped)
     labels_in = names if isinstance(names, Labels) else Labels.of(names)
     codes, texts = labels_in.codes, labels_in.names
     if isinstance(paths, Files):
@@ -220,4 +221,4 @@ def finish(
     fp = fingerprint(root, paths, codes, texts, st, spans)
     if isinstance(paths, Files):  # the stats were the fingerprint's: the loader processes need not be sent them
         paths = paths.without_stats()
-    return Dataset(root, paths, labels, classes, fp, kind=kind, spans=spans, skipped_rows=tuple(notes), parts=parts)
+    return Dataset(root, paths, labels, classes, fp, kind=kind, spans=spans, left_out=notes.build(), parts=parts)

@@ -4,11 +4,16 @@ split by their names: `train-00000-of-00004.parquet`, `data/validation/...`), an
 or `metadata.jsonl` (its images, possibly in split folders, named by the metadata's `file_name` column), or a Hub id
 (`hf://org/name`). The last two are built by `datasets.load_dataset` (formats/hf_load.py): the Hub's into the
 server's Hugging Face cache where the Hub is reachable, the imagefolder's as Arrow files of paths, its images read
-from their files.
+from their files. Parquet files may be in an object store too (`s3://bucket/ds/`, a folder URL ending in `/`, or
+`s3://bucket/ds/train.parquet`; under the allowed prefixes), read where they are by formats/store_tables.py: planning
+reads their footers and label columns, the loaders each row's image with its row group; such rows hold their bytes.
 
 A row's image is its `image_column` (an `Image` feature's bytes, or a binary column), read in place by the loader
 processes (formats/samples.py: `TableRow`; formats/tables.py); a row that records only a file's path (what
-`to_parquet` writes for images loaded from files) is read from that file, which services/paths.py's rule checks. Its
+`to_parquet` writes for images loaded from files) is read from that file, which services/paths.py's rule checks. A
+row's video likewise: a `Video` feature's column (`video`, read where `image_column` is left at `image` and the
+dataset has no such column), its rows clips whatever names they record, or any column whose rows record video names
+(`.mp4`, ...), the dataset then a video one (services/modality/). Its
 label is its `label_column`: a `ClassLabel` (its names are the classes, in their order), a string or integer column
 (names as written), or, for multi-label jobs, a list of those (`Sequence(ClassLabel)`).
 
@@ -29,27 +34,26 @@ import re
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from services.data.formats import remote
+from services.data.formats.arrays import Whole
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
 from services.data.formats.build import finish
 from services.data.formats.columns import Labels
 from services.data.formats.hf_load import HUB, Splits, library, load_folder, load_hub, metadata_files
-from services.data.formats.samples import Dataset, DatasetError
+from services.data.formats.left_out import NO_IMAGE, NO_LABEL, SPLIT, Notes
+from services.data.formats.members import base
+from services.data.formats.remote import ObjectInfo
+from services.data.formats.samples import Dataset, DatasetError, Table
+from services.data.formats.store_tables import NoParquet, parquet_objects, read_columns, split_path
 from services.data.formats.table_rows import TableRowsBuilder
-from services.data.formats.tables import TableError, arrow_table, parquet_column, parquet_row_groups
+from services.data.formats.tables import Columns, TableError, arrow_columns, parquet_columns
 from services.data.formats.urls import is_remote
 
-if TYPE_CHECKING:
-    import pyarrow as pa
-
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # datasets.Split's names, as our split codes
-IN_A_STORE = (
-    "a Hugging Face dataset is read from the server's disk (a save_to_disk folder, Parquet files) or the Hub "
-    "(`hf://org/name`), not from an object store; copy it under an allowed root, or write it as WebDataset shards"
-)
 _CHUNK = 8192  # rows turned into Python values at a time
 _SPLIT_IN_NAME = re.compile(r"^(train|validation|test)(?:[-_.]|$)")
 
@@ -75,76 +79,32 @@ def parquet_files(root: Path) -> list[Path]:
 @dataclass
 class _Rows:
     """What is gathered from the files of a dataset: each row's item (formats/table_rows.py: a column), label and
-    split code."""
+    split code; for objects in a store, each one's size and ETag from the listing (`objects`) and its version once
+    read (`versions`: formats/store_tables.py's `read_columns`)."""
 
     items: TableRowsBuilder
     names: Labels = field(default_factory=Labels)
     codes: array = field(default_factory=lambda: array("B"))
-    skipped: list[str] = field(default_factory=list)
+    skipped: Notes = field(default_factory=Notes)
     order: list[str] | None = None
+    objects: dict[str, ObjectInfo] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def stamp(self, file: Table) -> Whole | None:
+        """An object's stamp (its URL, size and version); None for a local file, which is stat'ed."""
+        return Whole((file,), self.objects[file].size, self.versions[file]) if isinstance(file, str) else None
 
 
-def _split_of(file: Path, root: Path) -> str:
+def _split_of(file: Table, root: Path | str) -> str:
     """A Parquet shard's split by `datasets`' naming: a folder, or a file name starting with the split's name."""
-    for part in file.relative_to(root).parts if file.is_relative_to(root) else (file.name,):
+    if isinstance(file, str):
+        parts = split_path(file, str(root))
+    else:
+        parts = file.relative_to(root).parts if file.is_relative_to(root) else (file.name,)
+    for part in parts:
         if match := _SPLIT_IN_NAME.match(part):
             return match.group(1)
     return "train"
-
-
-def _column(table_columns: list[str], name: str, option: str, where: object) -> None:
-    if name not in table_columns:
-        raise DatasetError(
-            f"{where} has no column {name!r} (dataset.huggingface.{option}); its columns: {', '.join(table_columns)}"
-        )
-
-
-def _images(col: pa.ChunkedArray, where: object, column: str) -> tuple[np.ndarray, pa.ChunkedArray]:
-    """For each row: whether it holds the image's bytes, and the file name it records (null without one)."""
-    import pyarrow as pa
-
-    has: list[np.ndarray] = []
-    stored: list[pa.Array] = []
-    for chunk in col.chunks:
-        if pa.types.is_struct(chunk.type) and chunk.type.get_field_index("bytes") >= 0:
-            children = dict(zip([f.name for f in chunk.type], chunk.flatten(), strict=True))  # parents' nulls applied
-            has.append(children["bytes"].is_valid().to_numpy(zero_copy_only=False))
-            paths = children.get("path")
-            stored.append(
-                paths.cast(pa.large_string()) if paths is not None else pa.nulls(len(chunk), pa.large_string())
-            )
-        elif pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
-            has.append(chunk.is_valid().to_numpy(zero_copy_only=False))
-            stored.append(pa.nulls(len(chunk), pa.large_string()))
-        else:
-            raise DatasetError(
-                f"{where}: column {column!r} holds {chunk.type}, not images (an Image feature, or binary); set "
-                "dataset.huggingface.image_column"
-            )
-    return (np.concatenate(has) if has else np.zeros(0, bool)), pa.chunked_array(stored, pa.large_string())
-
-
-def _parquet_images(file: Path, column: str, schema: pa.Schema) -> tuple[np.ndarray, pa.ChunkedArray]:
-    """`_images` of a Parquet file, reading only the recorded names where its statistics say every row holds bytes,
-    else a row group at a time (one group's image bytes in memory, not the file's)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    kind = schema.field(column).type
-    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0 and kind.get_field_index("path") >= 0:
-        meta = pq.ParquetFile(file).metadata
-        leaf = next(
-            j for j in range(meta.num_columns) if meta.row_group(0).column(j).path_in_schema == f"{column}.bytes"
-        )
-        stats = [meta.row_group(g).column(leaf).statistics for g in range(meta.num_row_groups)]
-        if all(s is not None and s.has_null_count and s.null_count == 0 for s in stats):
-            names = parquet_column(file, f"{column}.path").combine_chunks()
-            if pa.types.is_struct(names.type):  # pyarrow versions differ: the struct of the one field, or the field
-                names = names.flatten()[0]
-            return np.ones(meta.num_rows, bool), pa.chunked_array([names.cast(pa.large_string())])
-    groups = [_images(group, file, column) for group in parquet_row_groups(file, column)]
-    has = np.concatenate([h for h, _ in groups]) if groups else np.zeros(0, bool)
-    return has, pa.chunked_array([c for _, s in groups for c in s.chunks], pa.large_string())
 
 
 def _label_names(values: list[object], feature: Any, multi: bool) -> list[list[str] | None]:
@@ -167,33 +127,43 @@ def _label_names(values: list[object], feature: Any, multi: bool) -> list[list[s
     return out
 
 
-def _read_file(rows: _Rows, file: Path, split: str, options: ReadOptions, root: Path, inside: Inside | None) -> None:
-    """Add the rows of one Arrow or Parquet file of `split`."""
+def _read_file(
+    rows: _Rows, file: Table, split: str, options: ReadOptions, root: Path | None, inside: Inside | None
+) -> None:
+    """Add the rows of one Arrow or Parquet file of `split` (a local file, or an object in a store)."""
     try:
         _read_rows(rows, file, split, options, root, inside)
     except TableError as e:
         raise DatasetError(str(e)) from None
 
 
-def _read_rows(rows: _Rows, file: Path, split: str, options: ReadOptions, root: Path, inside: Inside | None) -> None:
-    import pyarrow as pa
+def _columns(rows: _Rows, file: Table, options: ReadOptions) -> Columns:
+    """What planning reads of `file` (formats/tables.py: `Columns`); an object's version recorded in `rows`."""
     import pyarrow.parquet as pq
 
+    hf = options.huggingface
+    if isinstance(file, str):
+        columns, rows.versions[file] = read_columns(file, rows.objects[file], hf.image_column, hf.label_column)
+        return columns
+    if file.suffix.lower() != ".parquet":
+        return arrow_columns(file, hf.image_column, hf.label_column)
+    try:
+        pf = pq.ParquetFile(file)
+    except (OSError, ValueError) as e:
+        raise TableError(f"{file}: not a readable Parquet file ({e})") from None
+    return parquet_columns(pf, file, hf.image_column, hf.label_column)
+
+
+def _read_rows(
+    rows: _Rows, file: Table, split: str, options: ReadOptions, root: Path | None, inside: Inside | None
+) -> None:
+    import pyarrow as pa
+
     datasets, hf = library(), options.huggingface
-    if file.suffix.lower() == ".parquet":
-        schema = pq.read_schema(file)
-        _column(schema.names, hf.image_column, "image_column", file)
-        _column(schema.names, hf.label_column, "label_column", file)
-        has, stored = _parquet_images(file, hf.image_column, schema)
-        labels = parquet_column(file, hf.label_column)
-    else:
-        table = arrow_table(file)
-        schema = table.schema
-        _column(schema.names, hf.image_column, "image_column", file)
-        _column(schema.names, hf.label_column, "label_column", file)
-        has, stored = _images(table.column(hf.image_column), file, hf.image_column)
-        labels = table.column(hf.label_column)
-    feature = datasets.Features.from_arrow_schema(schema)[hf.label_column]
+    columns = _columns(rows, file, options)
+    labels, stored, has = columns.labels, columns.stored, columns.has
+    features = datasets.Features.from_arrow_schema(columns.schema)
+    feature, media = features[hf.label_column], features[columns.column]
     multi = pa.types.is_list(labels.type) or pa.types.is_large_list(labels.type)
     if multi and not options.multi_label:
         raise DatasetError(
@@ -203,7 +173,9 @@ def _read_rows(rows: _Rows, file: Path, split: str, options: ReadOptions, root: 
     inner = getattr(feature, "feature", feature) if multi else feature
     if getattr(inner, "names", None) is not None and rows.order is None:
         rows.order = list(inner.names)
-    rows.items.add_file(file, split)
+    video = getattr(datasets, "Video", None)  # a Video feature's rows are clips whatever names they record
+    rows.items.column = columns.column  # `video` where `image` was left to its default (tables.py: media_column)
+    rows.items.add_file(file, split, rows.stamp(file), video is not None and isinstance(media, video))
     for start in range(0, len(labels), _CHUNK):  # as Python values a chunk at a time: never a million of them
         tags = _label_names(labels.slice(start, _CHUNK).to_pylist(), feature, multi)
         for i, (row_tags, name) in enumerate(zip(tags, stored.slice(start, _CHUNK).to_pylist(), strict=True), start):
@@ -217,24 +189,27 @@ def _add_row(
     stored: str | None,
     has: bool,
     options: ReadOptions,
-    root: Path,
+    root: Path | None,
     inside: Inside | None,
 ) -> None:
-    """Row `i` of the file added last: its image's bytes (`has`) or the file it names (`stored`), and its tags."""
+    """Row `i` of the file added last: its image's bytes (`has`) or the file it names (`stored`, under `root`; none
+    for a dataset in a store, whose rows hold their bytes), and its tags."""
     items = rows.items
     path = None
-    if not has and stored:  # only a file's path: read from that file, under the rule
+    if not has and stored and root is not None:  # only a file's path: read from that file, under the rule
         path = Path(stored) if os.path.isabs(stored) else root / stored
         if inside is not None:
             inside(path, _where(items, i))
         if not path.is_file():
             path = None
-    problem = "no image (neither bytes nor an existing file)" if not has and path is None else None
+    problem = None
+    if not has and path is None:
+        problem = "no image (neither bytes nor an existing file)" if root else "no image bytes (a dataset in a store)"
     problem = problem or (None if tags else "no label")
     if problem:
         if not options.skip_bad:
             raise DatasetError(f"{_where(items, i)}: {problem} (set dataset.on_corrupt='skip' to leave such rows out)")
-        rows.skipped.append(f"{_where(items, i)}: {problem}, left out")
+        rows.skipped.add(NO_LABEL if has or path is not None else NO_IMAGE, f"{_where(items, i)}: {problem}, left out")
         return
     if path is not None:
         items.add(i, str(path), local=True)
@@ -245,7 +220,7 @@ def _add_row(
 
 
 def _where(items: TableRowsBuilder, i: int) -> str:
-    return f"{items.splits[-1]} row {i} ({items.files[-1].name})"
+    return f"{items.splits[-1]} row {i} ({base(items.files[-1])})"
 
 
 def _splits_of_saved(root: Path) -> Splits:
@@ -259,41 +234,63 @@ def _splits_of_saved(root: Path) -> Splits:
 def read_huggingface(
     location: str, files: list[Path | str], options: ReadOptions | None = None, inside: Inside | None = None
 ) -> Dataset:
-    """The dataset at `location` (`files`: its folder or Parquet file, checked; none for a Hub id). With `inside`,
-    every Arrow or Parquet file, and every image file a row names, is checked by it before it is read."""
+    """The dataset at `location` (`files`: its folder or Parquet file, checked, or its folder's or Parquet file's URL
+    in an object store; none for a Hub id). With `inside`, every Arrow or Parquet file, and every image file a row
+    names, is checked by it before it is read."""
     options = options or ReadOptions()
     built = True  # the Arrow files are the library's, in its cache: not the user's, so not under the rule
+    objects: dict[str, ObjectInfo] = {}
     if is_hub(location):
         root, splits = None, load_hub(location, options.huggingface)
     else:
         (root,) = files
-        if isinstance(root, str):  # an object-store URL (services/data/formats/urls.py)
-            raise DatasetError(f"{root}: {IN_A_STORE}")
-        if saved(root):
+        if isinstance(root, str):  # an object-store URL (services/data/formats/urls.py): its Parquet objects
+            try:
+                objects = parquet_objects(root)
+            except NoParquet as e:
+                raise DatasetError(str(e)) from None
+            library()
+            splits, built = _by_split(list(objects), root), False
+        elif saved(root):
             splits, built = _splits_of_saved(root), False
         elif metadata_files(root):
             splits = load_folder(root, inside)
         elif found := parquet_files(root):
             library()
-            splits = {}
-            for f in found:
-                splits.setdefault(_split_of(f, root), []).append(f)
-            splits, built = list(splits.items()), False
+            splits, built = _by_split(found, root), False
         else:
             raise DatasetError(
                 f"{root} is not a Hugging Face dataset: no `dataset_dict.json` or `state.json` (a save_to_disk "
                 "folder), no `metadata.csv` or `metadata.jsonl` (an imagefolder) and no .parquet file"
             )
-    return _dataset(location, root, splits, options, inside if root is not None else None, built)
+    rows = _Rows(TableRowsBuilder(options.huggingface.image_column), objects=objects)
+    return _dataset(location, root, splits, options, inside if root is not None else None, built, rows)
 
 
-def _base(root: Path | None) -> Path | None:
-    """The folder a dataset's relative names are under: its folder, or its Parquet file's."""
+def _by_split(found: list[Path] | list[str], root: Path | str) -> Splits:
+    """Parquet files (or objects) by the split their names say."""
+    splits: dict[str, list[Path | str]] = {}
+    for f in found:
+        splits.setdefault(_split_of(f, root), []).append(f)
+    return list(splits.items())
+
+
+def _base(root: Path | str | None) -> Path | str | None:
+    """The folder a dataset's relative names are under: its folder, or its Parquet file's (a folder URL in a
+    store)."""
+    if isinstance(root, str):
+        return root.rstrip("/") if not root.lower().endswith(".parquet") else remote.parent(root)
     return root if root is None or root.is_dir() else root.parent
 
 
 def _dataset(
-    location: str, root: Path | None, splits: Splits, options: ReadOptions, inside: Inside | None, built: bool
+    location: str,
+    root: Path | str | None,
+    splits: Splits,
+    options: ReadOptions,
+    inside: Inside | None,
+    built: bool,
+    rows: _Rows,
 ) -> Dataset:
     """The rows of every file of `splits`; with `inside`, each file a row names is checked by it, and each Arrow or
     Parquet file too unless the library `built` it (in its cache, from files checked)."""
@@ -304,20 +301,18 @@ def _dataset(
             f"{location} has no `train` split (its splits: {', '.join(names)}); set dataset.huggingface.splits to "
             "'draw' to pool them and draw the job's split"
         )
-    rows = _Rows(TableRowsBuilder(options.huggingface.image_column))
+    top = _base(root)
     for split, split_files in splits:
         if honour and len(splits) > 1 and split not in SPLITS:
-            rows.skipped.append(f"split {split!r}: not train, validation or test, left out")
+            rows.skipped.add(SPLIT, f"split {split!r}: not train, validation or test, left out")
             continue
         for file in split_files:
             if inside is not None and not built:
-                inside(file, f"{split} file {file.name}")
-            _read_file(rows, file, split if honour else "train", options, _base(root) or file.parent, inside)
-    top = (
-        base
-        if (base := _base(root)) is not None
-        else Path(os.path.commonpath([f.parent for _, fs in splits for f in fs]))
-    )
+                inside(file, f"{split} file {base(file)}")
+            local = None if isinstance(file, str) else top or file.parent
+            _read_file(rows, file, split if honour else "train", options, local, inside)
+    if top is None:
+        top = Path(os.path.commonpath([f.parent for _, fs in splits for f in fs]))
     codes = np.frombuffer(rows.codes, dtype=np.uint8) if len(rows.codes) else np.zeros(0, np.uint8)
     parts = codes if honour and codes.any() else None
     items = rows.items.build()
@@ -327,7 +322,7 @@ def _dataset(
         rows.names,
         items.where(),
         options.duplicates,
-        tuple(rows.skipped),
+        rows.skipped.build(),
         None,
         options.multi_label,
         "labels",
@@ -342,8 +337,8 @@ class HuggingFace(DatasetFormat):
     def claims(self, location: str) -> bool:
         if is_hub(location):
             return True
-        if is_remote(location):  # the store is not listed to tell: only a Parquet file's name says so
-            return location.lower().endswith(".parquet")
+        if is_remote(location):  # the store is not listed to tell: a Parquet file's name, or a folder's `/`
+            return location.lower().endswith((".parquet", "/"))
         try:
             path = Path(location).resolve()
             if path.is_file():

@@ -26,6 +26,7 @@ from services.data.formats import remote
 from services.data.formats.base import DatasetFormat, Inside, ReadOptions
 from services.data.formats.build import finish
 from services.data.formats.columns import Files, FilesBuilder, Labels, Lines, Resolver, is_file
+from services.data.formats.left_out import MISSING, UNUSABLE, Notes
 from services.data.formats.samples import Dataset, DatasetError, Item, RemoteFile
 from services.data.formats.urls import is_remote, local_path, scheme
 
@@ -47,7 +48,7 @@ class ManifestRows:
     manifest: Path | str
     skip: bool = False
     inside: Inside | None = None
-    skipped: list[str] = field(default_factory=list)
+    skipped: Notes = field(default_factory=Notes)
     files: FilesBuilder = field(default_factory=FilesBuilder)
     labels: Labels = field(default_factory=Labels)
     lines: array = field(default_factory=lambda: array("q"))
@@ -63,14 +64,14 @@ class ManifestRows:
     def name(self) -> str:
         return posixpath.basename(self.manifest) if isinstance(self.manifest, str) else self.manifest.name
 
-    def bad(self, line: int, problem: str, advice: str = "to leave such rows out") -> None:
+    def bad(self, line: int, problem: str, advice: str = "to leave such rows out", kind: str = UNUSABLE) -> None:
         """A row that cannot be used: DatasetError naming its line, or left out and noted under on_corrupt=skip."""
         if not self.skip:
             raise DatasetError(f"{self.manifest} line {line}: {problem} (set dataset.on_corrupt='skip' {advice})")
-        self.skipped.append(f"{self.name} line {line}: {problem}, left out")
+        self.skipped.add(kind, f"{self.name} line {line}: {problem}, left out")
 
     def missing(self, line: int, rel: str) -> None:
-        self.bad(line, f"{rel} does not exist" if self.skip else f"{rel!r} does not exist", _MISSING)
+        self.bad(line, f"{rel} does not exist" if self.skip else f"{rel!r} does not exist", _MISSING, MISSING)
 
     def _target(self, line: int, rel: str) -> tuple[str, os.stat_result | None, bool]:
         """(the row's file, resolved, and its stat; or the object's URL), and whether it is an object; DatasetError
@@ -134,9 +135,10 @@ class ManifestRows:
             labels: Sequence[str] = self.labels
         else:
             items, labels, where, spans = self._with_objects(spans)
-        if not len(items) and not self.skipped:
+        if not len(items) and not len(self.skipped):
             raise DatasetError(f"manifest {self.manifest} has no rows")
-        return finish(self.root, items, labels, where, duplicates, tuple(self.skipped), spans, multi_label, "labels")
+        left_out = self.skipped.build()
+        return finish(self.root, items, labels, where, duplicates, left_out, spans, multi_label, "labels")
 
     def _with_objects(self, spans: np.ndarray | None) -> tuple[list[Item], list[str], list[str], np.ndarray | None]:
         """The rows as lists, in the manifest's order, each object with the size and version its folder's listing

@@ -47,7 +47,7 @@ class ObjectInfo:
     version: str
 
 
-def _info(entry: Mapping[str, object]) -> ObjectInfo:
+def info_of(entry: Mapping[str, object]) -> ObjectInfo:
     version = entry.get("ETag") or entry.get("etag") or entry.get("LastModified") or entry.get("mtime") or ""
     return ObjectInfo(int(entry.get("size") or 0), str(version).strip('"'))
 
@@ -87,7 +87,7 @@ def call(
 
 def stat(url: str, what: str = "object") -> ObjectInfo:
     """The object's size and version; FileNotFoundError if it does not exist."""
-    return call(url, what, lambda fs, path: _info(fs.info(path)))
+    return call(url, what, lambda fs, path: info_of(fs.info(path)))
 
 
 def stat_many(urls: Iterable[str], what: str = "object") -> dict[str, ObjectInfo]:
@@ -105,7 +105,7 @@ def stat_many(urls: Iterable[str], what: str = "object") -> dict[str, ObjectInfo
         for url in members:
             entry = names.get(posixpath.basename(url))
             if entry is not None:
-                found[url] = _info(entry)
+                found[url] = info_of(entry)
     return found
 
 

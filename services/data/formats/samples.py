@@ -18,6 +18,7 @@ import numpy as np
 
 from services.data.formats import remote
 from services.data.formats.arrays import Column
+from services.data.formats.left_out import LeftOut
 from services.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -79,14 +80,18 @@ def _read_range(path: Path, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
+Table = Path | str  # an Arrow or Parquet file: a local path, or an object-store URL (formats/store_tables.py)
+
+
 @dataclass(frozen=True, order=True)
 class TableRow:
     """The image of row `row` of an Arrow (a `save_to_disk` folder's, or the Hub's download) or Parquet `file`, in
     its `column` (an Image feature's `bytes`, or a binary column); `stored` is the file name the row records (its
-    suffix tells images from videos), or empty. `str()` is `<file>[<row>]`. Read in place by formats/tables.py, so
-    the loader processes read a Hugging Face dataset's images without any being written out."""
+    suffix tells images from videos), or empty. `str()` is `<file>[<row>]`. Read in place by formats/tables.py (or,
+    for a Parquet object in a store, by formats/store_tables.py), so the loader processes read a Hugging Face
+    dataset's images without any being written out."""
 
-    file: Path
+    file: Table
     row: int
     column: str
     stored: str = ""
@@ -103,13 +108,18 @@ class TableRow:
         return f"{self.file}[{self.row}]"
 
     def read_bytes(self) -> bytes:
-        """The image's bytes; DatasetError if the file no longer holds them."""
-        from services.data.formats.tables import TableError, read_cell  # pyarrow, only where a table is read
+        """The image's bytes; DatasetError if the file no longer holds them; for an object in a store,
+        StoreUnavailable naming it if the store does not answer (after retries)."""
+        from services.data.formats import store_tables, tables  # pyarrow, only where a table is read
 
         try:
-            return read_cell(self.file, self.row, self.column)
-        except TableError as e:
+            if isinstance(self.file, str):
+                return store_tables.read_cell(self.file, self.row, self.column)
+            return tables.read_cell(self.file, self.row, self.column)
+        except tables.TableError as e:
             raise DatasetError(f"{self}: {e}") from None
+        except FileNotFoundError:
+            raise DatasetError(f"{self}: the object no longer exists") from None
 
 
 @dataclass(frozen=True, order=True)
@@ -209,8 +219,8 @@ class Dataset:
     labels: np.ndarray  # int64 class index per sample; multi-label: int64 0/1 [samples, classes] (multi-hot)
     classes: list[str]
     fingerprint: str
-    skipped_rows: tuple[str, ...] = ()  # rows left out: repeated files; under on_corrupt=skip, missing files,
-    # multi-label rows without a tag, samples without a label, truncated shards
+    left_out: LeftOut = LeftOut()  # rows left out: repeated files; under on_corrupt=skip, missing files,
+    # multi-label rows without a tag, samples without a label, truncated shards (the first notes, a count per kind)
     kind: str = "image"  # or "video": the name of its modality (services/modality/)
     spans: np.ndarray | None = None  # videos of a manifest with start,end: float [N, 2] seconds, NaN where not given
     parts: np.ndarray | None = None  # the dataset's own split (a Hugging Face dataset's): uint8 per sample, 0 train,
@@ -219,6 +229,11 @@ class Dataset:
     @property
     def multi_label(self) -> bool:
         return self.labels.ndim == 2
+
+    @property
+    def skipped_rows(self) -> tuple[str, ...]:
+        """The first notes on the rows left out (`left_out.total` counts them all)."""
+        return self.left_out.notes
 
     def __len__(self) -> int:
         return len(self.paths)

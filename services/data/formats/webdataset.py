@@ -43,6 +43,7 @@ from services.data.formats.base import DatasetFormat, Inside, ReadOptions, WebDa
 from services.data.formats.braces import PatternError, expand, is_shards
 from services.data.formats.build import finish
 from services.data.formats.columns import Labels
+from services.data.formats.left_out import SHARD, UNUSABLE, Notes
 from services.data.formats.members import KEY, MembersBuilder, Shard, base
 from services.data.formats.samples import Dataset, DatasetError, ShardMember
 from storage.archives import ARCHIVE_HEAD, ArchiveError, BoundedReads, Limits, archive_in
@@ -253,14 +254,14 @@ def read_webdataset(
     wds, skip = options.webdataset, options.skip_bad
     items = MembersBuilder()
     names = Labels()
-    skipped: list[str] = []
+    skipped = Notes()
     for shard in shards:
         try:
             samples = _samples(shard, wds, options.limits)
         except ShardError as e:
             if not skip:
                 raise DatasetError(f"shard {shard}: {e} (set dataset.on_corrupt='skip' to leave it out)") from None
-            skipped.append(f"shard {base(shard)}: {e}, left out")
+            skipped.add(SHARD, f"shard {base(shard)}: {e}, left out")
             continue
         for sample in samples:
             try:
@@ -271,7 +272,7 @@ def read_webdataset(
                         f"shard {shard} sample {sample.key!r}: {e} (set dataset.on_corrupt='skip' to leave such "
                         "samples out)"
                     ) from None
-                skipped.append(f"shard {base(shard)} sample {sample.key}: {e}, left out")
+                skipped.add(UNUSABLE, f"shard {base(shard)} sample {sample.key}: {e}, left out")
                 continue
             items.add(item)
             names.append(name)
@@ -279,7 +280,8 @@ def read_webdataset(
     root = remote.common_folder(urls) if urls else Path(os.path.commonpath([Path(s).parent for s in shards]))
     members = items.build()
     where = members.where()
-    return finish(root, members, names, where, options.duplicates, tuple(skipped), None, options.multi_label, "labels")
+    left_out = skipped.build()
+    return finish(root, members, names, where, options.duplicates, left_out, None, options.multi_label, "labels")
 
 
 class WebDataset(DatasetFormat):

@@ -1,7 +1,8 @@
 """The formats of both halves of issue 22 side by side: `auto` picks each by its location, local or in an object store;
 an `hf://` Hub id is no object-store URL (the allowed prefixes never apply to it, though a URL's credentials are still
-refused); a Hugging Face dataset named in an object store is refused with a reason, not read as a local path; a
-manifest row naming a Hub id is refused. No store and no Hub are reached: each refusal comes before any read."""
+refused); a Hugging Face dataset's Parquet files named in an object store are under the prefix rule, not read as a
+local path; a manifest row naming a Hub id is refused. No store and no Hub are reached: each refusal comes before any
+read (tests/services/data/formats/test_hf_store.py reads Parquet files in a store)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pytest
 from pydantic import ValidationError
 
 from services.data.datasets import DatasetError, format_for, read_dataset, read_for_job
-from services.data.formats.huggingface import IN_A_STORE
 from services.data.formats.urls import is_remote, is_url
 from services.paths import ForbiddenPath, UserPaths
 from services.spec.dataset import DatasetSpec
@@ -32,6 +32,7 @@ def test_hub_ids_and_file_urls_are_not_object_store_urls() -> None:
         ("s3://bucket/train.csv", "csv"),
         ("s3://bucket/train.jsonl", "jsonl"),
         ("s3://bucket/data/train-00000-of-00001.parquet", "huggingface"),
+        ("s3://bucket/ds/", "huggingface"),
         ("s3://bucket/folder", "imagefolder"),
         ("hf://org/name", "huggingface"),
         ("{tmp}/shards/{{000000..000009}}.tar", "webdataset"),
@@ -63,17 +64,16 @@ def test_a_hub_id_with_credentials_is_refused_unrepeated() -> None:
     assert "hf_secret" not in e.value.errors()[0]["msg"]  # the message the API answers with
 
 
-def test_a_hugging_face_dataset_in_an_object_store_is_refused_with_a_reason(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="not from an object store"):
-        DatasetSpec(path="s3://bucket/ds/train.parquet", format="huggingface")
-    # `auto` takes a .parquet URL for a Hugging Face dataset, and the format says why it cannot read it
-    url = "s3://bucket/ds/train.parquet"
-    paths = UserPaths(Settings(data_dir=tmp_path, allowed_roots=[tmp_path], allowed_prefixes=["s3://bucket/"]))
-    with pytest.raises(DatasetError) as e:
-        read_for_job(DatasetSpec(path=url), paths)
-    assert str(e.value) == f"{url}: {IN_A_STORE}" and e.value.field == "dataset.path"
-    with pytest.raises(DatasetError, match="not from an object store"):
-        read_dataset("s3://bucket/ds", "huggingface")
+def test_a_hugging_face_dataset_in_an_object_store_is_under_the_prefix_rule(tmp_path: Path) -> None:
+    for url in ("s3://bucket/ds/train.parquet", "s3://bucket/ds/"):
+        spec = DatasetSpec(path=url, format="huggingface")
+        assert spec.locations() == [url]  # what the API checks at submission
+        paths = UserPaths(Settings(data_dir=tmp_path, allowed_roots=[tmp_path], allowed_prefixes=["s3://other/"]))
+        with pytest.raises(ForbiddenPath, match="outside the allowed object-store prefixes"):
+            read_for_job(DatasetSpec(path=url), paths)  # and the worker, before anything is read
+    # not a local path: a URL is never looked for on the server's disk
+    with pytest.raises(ForbiddenPath, match="outside the allowed object-store prefixes"):
+        UserPaths(Settings(data_dir=tmp_path, allowed_roots=[tmp_path])).check_location("dataset.path", "s3://b/x/")
 
 
 def test_a_manifest_row_naming_a_hub_id_is_refused(tmp_path: Path) -> None:
